@@ -1,0 +1,383 @@
+//! The Cloudflare Workers KV adapter: bulk writes, bulk deletes and single reads under
+//! `{base}/accounts/{account}/storage/kv/namespaces/{namespace}` (SPEC section 6), with the
+//! retry rules the exporter depends on.
+
+use std::future::Future;
+use std::time::Duration;
+
+use reqwest::{header, Method, StatusCode, Url};
+use serde::Deserialize;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::plan::Namespace;
+use crate::requests::KvRequest;
+use crate::secrets::{ApiToken, TokenSource};
+
+/// Keys a request did not store or delete, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyFailures {
+    pub keys: Vec<String>,
+    pub reason: String,
+}
+
+/// The KV operations the exporter needs; the Cloudflare REST API is the real one.
+pub trait KvStore: Send + Sync {
+    /// Sends one bulk request, retrying as it may. `Err` lists the keys that did not make it.
+    fn send(
+        &self,
+        request: &KvRequest,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<(), KeyFailures>> + Send;
+
+    /// Reads one value: `None` when there is no such key.
+    fn get(
+        &self,
+        namespace: Namespace,
+        key: &str,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Option<String>, String>> + Send;
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt, for 5xx, 429, timeouts and connection errors.
+    pub max_retries: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+    pub request_timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_retries: 4,
+            base_delay: Duration::from_millis(250),
+            max_delay: Duration::from_secs(8),
+            request_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Exponential backoff with equal jitter: half the step is fixed, half random.
+    fn backoff(&self, retry: u32) -> Duration {
+        let step = self
+            .base_delay
+            .saturating_mul(1u32 << retry.min(16))
+            .min(self.max_delay);
+        let half = step / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CloudflareConfig {
+    pub api_base_url: Url,
+    pub account_id: String,
+    pub settings_namespace_id: String,
+    pub query_config_namespace_id: String,
+}
+
+pub struct CloudflareKv<T> {
+    http: reqwest::Client,
+    config: CloudflareConfig,
+    retry: RetryPolicy,
+    tokens: T,
+    /// The token in use; refetched once when Cloudflare rejects it (a rotation).
+    token: Mutex<Option<ApiToken>>,
+}
+
+/// Cloudflare's response envelope.
+#[derive(Deserialize, Default)]
+struct Envelope {
+    #[serde(default)]
+    success: bool,
+    #[serde(default)]
+    errors: Vec<EnvelopeError>,
+    #[serde(default)]
+    result: Option<BulkResult>,
+}
+
+#[derive(Deserialize)]
+struct EnvelopeError {
+    code: Option<i64>,
+    message: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct BulkResult {
+    #[serde(default)]
+    unsuccessful_keys: Vec<String>,
+}
+
+/// The last answer of a call, after the transport-level retries.
+/// Bodies are kept as text: Cloudflare answers JSON, and our values are UTF-8 JSON.
+struct Answer {
+    status: StatusCode,
+    body: String,
+}
+
+fn describe(status: StatusCode, body: &str) -> String {
+    let envelope: Envelope = serde_json::from_str(body).unwrap_or_default();
+    let errors: Vec<String> = envelope
+        .errors
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e.code.map(|c| c.to_string()).unwrap_or_default(),
+                e.message.as_deref().unwrap_or("")
+            )
+            .trim()
+            .to_owned()
+        })
+        .collect();
+    if errors.is_empty() {
+        format!("HTTP {}", status.as_u16())
+    } else {
+        format!("HTTP {} ({})", status.as_u16(), errors.join("; "))
+    }
+}
+
+fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?;
+    value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+impl<T: TokenSource> CloudflareKv<T> {
+    pub fn new(config: CloudflareConfig, retry: RetryPolicy, tokens: T) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .expect("a TLS backend is compiled in");
+        Self {
+            http,
+            config,
+            retry,
+            tokens,
+            token: Mutex::new(None),
+        }
+    }
+
+    fn namespace_url(&self, namespace: Namespace, tail: &[&str]) -> Url {
+        let namespace_id = match namespace {
+            Namespace::Settings => &self.config.settings_namespace_id,
+            Namespace::QueryConfigs => &self.config.query_config_namespace_id,
+        };
+        let mut url = self.config.api_base_url.clone();
+        url.path_segments_mut()
+            .expect("an http(s) base URL")
+            .pop_if_empty()
+            .extend([
+                "accounts",
+                &self.config.account_id,
+                "storage",
+                "kv",
+                "namespaces",
+            ])
+            .push(namespace_id)
+            .extend(tail);
+        url
+    }
+
+    async fn token(&self, refresh: bool) -> Result<ApiToken, String> {
+        let mut current = self.token.lock().await;
+        match &*current {
+            Some(token) if !refresh => Ok(token.clone()),
+            _ => {
+                let token = self
+                    .tokens
+                    .fetch_token()
+                    .await
+                    .map_err(|e| format!("cannot fetch the Cloudflare API token: {e}"))?;
+                *current = Some(token.clone());
+                Ok(token)
+            }
+        }
+    }
+
+    /// One call with the transport-level rules: retries on 5xx, 429 (honouring
+    /// `Retry-After`), timeouts and connection errors; one token refetch on 401/403. Returns
+    /// the final answer (2xx, 404, other 4xx) or why it gave up.
+    async fn call(
+        &self,
+        method: Method,
+        url: &Url,
+        body: Option<&[u8]>,
+        deadline: Instant,
+    ) -> Result<Answer, String> {
+        let mut retries = 0;
+        let mut refreshed = false;
+        let mut refresh = false;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err("the invocation deadline is near; not sent".into());
+            }
+            let timeout = self.retry.request_timeout.min(deadline - now);
+            let refresh_now = std::mem::take(&mut refresh);
+            let attempt = async {
+                let token = self.token(refresh_now).await?;
+                let mut request = self
+                    .http
+                    .request(method.clone(), url.clone())
+                    .bearer_auth(token.expose())
+                    .timeout(timeout);
+                if let Some(body) = body {
+                    request = request
+                        .header(header::CONTENT_TYPE, "application/json")
+                        .body(body.to_vec());
+                }
+                let response = request.send().await.map_err(|e| transport_error(&e))?;
+                let status = response.status();
+                let wait = retry_after(response.headers());
+                let body = response.text().await.map_err(|e| transport_error(&e))?;
+                Ok::<_, String>((status, wait, body))
+            };
+            let (reason, wait) = match attempt.await {
+                Ok((status, _, _))
+                    if (status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN)
+                        && !refreshed =>
+                {
+                    // A rotated token: fetch the current one once, then try again at once.
+                    tracing::warn!(
+                        status = status.as_u16(),
+                        "Cloudflare rejected the API token; refetching it from Secrets Manager"
+                    );
+                    refreshed = true;
+                    refresh = true;
+                    continue;
+                }
+                Ok((status, wait, body))
+                    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS =>
+                {
+                    (describe(status, &body), wait)
+                }
+                Ok((status, _, body)) => return Ok(Answer { status, body }),
+                Err(reason) => (reason, None),
+            };
+            if retries >= self.retry.max_retries {
+                return Err(format!("{reason}, after {} retries", retries));
+            }
+            let delay = wait.unwrap_or_else(|| self.retry.backoff(retries));
+            if Instant::now() + delay >= deadline {
+                return Err(format!(
+                    "{reason}; stopped retrying to answer before the invocation deadline"
+                ));
+            }
+            retries += 1;
+            tracing::debug!(%reason, retry = retries, delay_ms = delay.as_millis() as u64, "retrying Cloudflare request");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// A bulk request; keys Cloudflare reports in `unsuccessful_keys` are sent again.
+    async fn bulk(&self, request: &KvRequest, deadline: Instant) -> Result<(), KeyFailures> {
+        let namespace = request.namespace();
+        let (url, mut pending_pairs, mut pending_keys) = match request {
+            KvRequest::Put { pairs, .. } => (
+                self.namespace_url(namespace, &["bulk"]),
+                pairs.clone(),
+                vec![],
+            ),
+            KvRequest::Delete { keys, .. } => (
+                self.namespace_url(namespace, &["bulk", "delete"]),
+                vec![],
+                keys.clone(),
+            ),
+        };
+        let method = match request {
+            KvRequest::Put { .. } => Method::PUT,
+            KvRequest::Delete { .. } => Method::POST,
+        };
+        let mut resends = 0;
+        loop {
+            let body = if matches!(request, KvRequest::Put { .. }) {
+                serde_json::to_vec(&pending_pairs)
+            } else {
+                serde_json::to_vec(&pending_keys)
+            }
+            .expect("strings serialize");
+            let keys = || -> Vec<String> {
+                if matches!(request, KvRequest::Put { .. }) {
+                    pending_pairs.iter().map(|p| p.key.clone()).collect()
+                } else {
+                    pending_keys.clone()
+                }
+            };
+            let answer = self
+                .call(method.clone(), &url, Some(&body), deadline)
+                .await
+                .map_err(|reason| KeyFailures {
+                    keys: keys(),
+                    reason,
+                })?;
+            let envelope: Envelope = serde_json::from_str(&answer.body).unwrap_or_default();
+            if !answer.status.is_success() || !envelope.success {
+                return Err(KeyFailures {
+                    keys: keys(),
+                    reason: describe(answer.status, &answer.body),
+                });
+            }
+            let unsuccessful = envelope.result.unwrap_or_default().unsuccessful_keys;
+            if unsuccessful.is_empty() {
+                return Ok(());
+            }
+            let reason = format!(
+                "Cloudflare reported {} unsuccessful keys",
+                unsuccessful.len()
+            );
+            let retry_keys: std::collections::HashSet<&str> =
+                unsuccessful.iter().map(String::as_str).collect();
+            pending_pairs.retain(|p| retry_keys.contains(p.key.as_str()));
+            pending_keys.retain(|k| retry_keys.contains(k.as_str()));
+            let delay = self.retry.backoff(resends);
+            if resends >= self.retry.max_retries || Instant::now() + delay >= deadline {
+                return Err(KeyFailures {
+                    keys: unsuccessful,
+                    reason: format!("{reason}, after {resends} resends"),
+                });
+            }
+            resends += 1;
+            tracing::debug!(%reason, resend = resends, "resending unsuccessful keys");
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+fn transport_error(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "Cloudflare did not answer in time".into()
+    } else if e.is_connect() {
+        "cannot connect to Cloudflare".into()
+    } else {
+        format!("Cloudflare request failed: {e}")
+    }
+}
+
+impl<T: TokenSource> KvStore for CloudflareKv<T> {
+    async fn send(&self, request: &KvRequest, deadline: Instant) -> Result<(), KeyFailures> {
+        self.bulk(request, deadline).await
+    }
+
+    async fn get(
+        &self,
+        namespace: Namespace,
+        key: &str,
+        deadline: Instant,
+    ) -> Result<Option<String>, String> {
+        let url = self.namespace_url(namespace, &["values", key]);
+        let answer = self.call(Method::GET, &url, None, deadline).await?;
+        match answer.status {
+            status if status.is_success() => Ok(Some(answer.body)),
+            StatusCode::NOT_FOUND => Ok(None),
+            status => Err(describe(status, &answer.body)),
+        }
+    }
+}

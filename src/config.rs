@@ -1,0 +1,151 @@
+//! Configuration from the environment (SPEC section 2).
+
+use std::time::Duration;
+
+/// Why the function cannot start. Named after the variable, never its value.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("missing required environment variable {0}")]
+    Missing(&'static str),
+    #[error("environment variable {name} is invalid: {reason}")]
+    Invalid { name: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub settings_table_name: String,
+    pub default_configs_sk: String,
+    pub cloudflare_account_id: String,
+    pub settings_namespace_id: String,
+    pub query_config_namespace_id: String,
+    pub api_token_secret_id: String,
+    pub cloudflare_api_base_url: reqwest::Url,
+    /// May hold `{cell}`, filled per record.
+    pub api_keys_service_url: String,
+    pub default_cell: String,
+    /// How long a fetched API key is reused by warm invocations.
+    pub api_key_cache_ttl: Duration,
+    /// Retrying stops this long before the invocation deadline, so the batch response is sent.
+    pub deadline_margin: Duration,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let required = |name: &'static str| {
+            var(name)
+                .filter(|v| !v.trim().is_empty())
+                .ok_or(ConfigError::Missing(name))
+        };
+        let optional = |name: &'static str, default: &str| {
+            var(name)
+                .filter(|v| !v.trim().is_empty())
+                .unwrap_or_else(|| default.to_owned())
+        };
+        let seconds = |name: &'static str, default: &str| {
+            optional(name, default)
+                .parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map(Duration::from_secs_f64)
+                .ok_or(ConfigError::Invalid {
+                    name,
+                    reason: "expected a number of seconds".into(),
+                })
+        };
+        let url = |name: &'static str, value: String| {
+            reqwest::Url::parse(&value.replace("{cell}", "cell")).map_err(|e| {
+                ConfigError::Invalid {
+                    name,
+                    reason: e.to_string(),
+                }
+            })?;
+            Ok(value)
+        };
+
+        let base = url(
+            "CLOUDFLARE_API_BASE_URL",
+            optional(
+                "CLOUDFLARE_API_BASE_URL",
+                "https://api.cloudflare.com/client/v4",
+            ),
+        )?;
+        Ok(Self {
+            settings_table_name: required("SETTINGS_TABLE_NAME")?,
+            default_configs_sk: optional("DEFAULT_CONFIGS_SK", "DEFAULT_CONFIGS"),
+            cloudflare_account_id: required("CLOUDFLARE_ACCOUNT_ID")?,
+            settings_namespace_id: required("CLOUDFLARE_KV_NAMESPACE_ID")?,
+            query_config_namespace_id: required("CLOUDFLARE_QCFG_NAMESPACE_ID")?,
+            api_token_secret_id: required("CLOUDFLARE_API_TOKEN_SECRET_ID")?,
+            cloudflare_api_base_url: reqwest::Url::parse(&base).expect("validated above"),
+            api_keys_service_url: url("API_KEYS_SERVICE_URL", required("API_KEYS_SERVICE_URL")?)?,
+            default_cell: optional("DEFAULT_CELL", "default"),
+            api_key_cache_ttl: seconds("API_KEY_CACHE_TTL_SECONDS", "60")?,
+            deadline_margin: seconds("DEADLINE_MARGIN_SECONDS", "5")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env() -> HashMap<&'static str, &'static str> {
+        HashMap::from([
+            ("SETTINGS_TABLE_NAME", "dev-EcomIndexSettingsTable"),
+            ("CLOUDFLARE_ACCOUNT_ID", "cf-acct"),
+            ("CLOUDFLARE_KV_NAMESPACE_ID", "ns-settings"),
+            ("CLOUDFLARE_QCFG_NAMESPACE_ID", "ns-qcfg"),
+            ("CLOUDFLARE_API_TOKEN_SECRET_ID", "dev/CloudFlareApiToken"),
+            ("API_KEYS_SERVICE_URL", "https://keys.{cell}.example"),
+        ])
+    }
+
+    fn load(env: &HashMap<&'static str, &'static str>) -> Result<Config, ConfigError> {
+        Config::from_lookup(|name| env.get(name).map(|v| v.to_string()))
+    }
+
+    #[test]
+    fn defaults_fill_the_optional_settings() {
+        let config = load(&env()).unwrap();
+        assert_eq!(config.default_configs_sk, "DEFAULT_CONFIGS");
+        assert_eq!(config.default_cell, "default");
+        assert_eq!(
+            config.cloudflare_api_base_url.as_str(),
+            "https://api.cloudflare.com/client/v4"
+        );
+    }
+
+    #[test]
+    fn a_missing_variable_is_named() {
+        for name in [
+            "SETTINGS_TABLE_NAME",
+            "CLOUDFLARE_ACCOUNT_ID",
+            "CLOUDFLARE_KV_NAMESPACE_ID",
+            "CLOUDFLARE_QCFG_NAMESPACE_ID",
+            "CLOUDFLARE_API_TOKEN_SECRET_ID",
+            "API_KEYS_SERVICE_URL",
+        ] {
+            let mut env = env();
+            env.remove(name);
+            assert_eq!(
+                load(&env).unwrap_err().to_string(),
+                format!("missing required environment variable {name}")
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_url_is_named() {
+        let mut env = env();
+        env.insert("CLOUDFLARE_API_BASE_URL", "not a url");
+        assert!(load(&env)
+            .unwrap_err()
+            .to_string()
+            .starts_with("environment variable CLOUDFLARE_API_BASE_URL is invalid"));
+    }
+}

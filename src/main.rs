@@ -1,0 +1,33 @@
+//! The Lambda binary: configuration and clients once per cold start, then the handler.
+#![recursion_limit = "256"]
+
+use ecom_settings_exporter::build_exporter;
+use ecom_settings_exporter::cloudflare::RetryPolicy;
+use ecom_settings_exporter::config::Config;
+use ecom_settings_exporter::handler::{self, HandlerError};
+use lambda_runtime::{service_fn, LambdaEvent};
+use serde_json::Value;
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    lambda_runtime::tracing::init_default_subscriber();
+    match Config::from_env() {
+        Ok(config) => {
+            let exporter = build_exporter(&config, RetryPolicy::default()).await;
+            let exporter = &exporter;
+            lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
+                handler::handle(exporter, config.deadline_margin, event).await
+            }))
+            .await
+        }
+        Err(error) => {
+            // Keep answering, so every invocation says which setting is missing.
+            tracing::error!("{error}");
+            lambda_runtime::run(service_fn(move |_: LambdaEvent<Value>| {
+                let error = HandlerError::Config(error.clone());
+                async move { Err::<Value, _>(error) }
+            }))
+            .await
+        }
+    }
+}

@@ -1,0 +1,742 @@
+//! Step 3 of the pipeline, pure: decoded records plus what was looked up for them (API keys,
+//! the table's alias references, current KV shop ids) become one KV operation per key.
+//!
+//! Records are applied in stream order, so the last operation on a key wins and earlier ones
+//! are never sent. Each surviving operation is owned by the record that planned it: a record
+//! is exported once every operation it owns has been applied.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::model::{query_config_key, ApiKey, IndexRef, SettingsReference};
+use crate::records::{Change, ChangeRecord, Decoded, PreviousShop};
+
+/// Cloudflare rejects keys over 512 bytes and the names `.` and `..`.
+pub const MAX_KEY_BYTES: usize = 512;
+/// Cloudflare's value limit, 25 MiB.
+pub const MAX_VALUE_BYTES: usize = 25 * 1024 * 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Namespace {
+    /// Index settings, the proxy's `KV` binding.
+    Settings,
+    /// Query-config overrides, the proxy's `KV_QCFG` binding.
+    QueryConfigs,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KvKey {
+    pub namespace: Namespace,
+    pub key: String,
+}
+
+impl KvKey {
+    fn settings(key: impl Into<String>) -> Self {
+        Self {
+            namespace: Namespace::Settings,
+            key: key.into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum KvAction {
+    Put(String),
+    Delete,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedOp {
+    pub action: KvAction,
+    /// Index of the record (in stream order) whose outcome depends on this operation.
+    pub owner: usize,
+}
+
+/// The API keys service is asked once per (cell, account).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccountCell {
+    pub cell: String,
+    pub account: String,
+}
+
+/// A lookup that did not give an answer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LookupError {
+    /// Retrying cannot help (the account has no API key): the record is rejected.
+    Permanent(String),
+    /// Might succeed later: the record is reported for retry.
+    Transient(String),
+}
+
+/// What the records need looked up before they can be planned.
+#[derive(Debug, Default, PartialEq)]
+pub struct Needs {
+    pub api_keys: BTreeSet<AccountCell>,
+    /// A scan of the table for alias targets and shop ids (removes, shop changes).
+    pub references: bool,
+    /// Indexes whose current KV value must tell their shop id (removes from `NEW_IMAGE` streams).
+    pub current_shops: BTreeSet<IndexRef>,
+}
+
+/// The answers to [`Needs`].
+#[derive(Debug, Default)]
+pub struct Lookups {
+    pub api_keys: HashMap<AccountCell, Result<ApiKey, LookupError>>,
+    pub references: Option<Result<Vec<SettingsReference>, String>>,
+    pub current_shops: HashMap<IndexRef, Result<Option<String>, String>>,
+}
+
+/// Where a record ends. `Pending` records become exported or failed by their KV operations.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Pending,
+    Skipped(String),
+    Rejected(String),
+    Failed(String),
+    /// A remove whose keys are kept because live aliases point at the index.
+    Kept {
+        referenced_by: Vec<IndexRef>,
+    },
+}
+
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub ops: BTreeMap<KvKey, PlannedOp>,
+    pub outcomes: Vec<Outcome>,
+    /// Informational remarks per record, for the log.
+    pub notes: Vec<(usize, String)>,
+}
+
+/// Where the shop id an index had before a record comes from.
+#[derive(Clone, Debug, PartialEq)]
+enum ShopSource {
+    Known(Option<String>),
+    /// Only a remove from a `NEW_IMAGE` stream: read it from the index's current KV value.
+    CurrentKv,
+}
+
+/// Earlier records of the batch stand in for old images that a `NEW_IMAGE` stream lacks.
+fn previous_shops(records: &[ChangeRecord]) -> Vec<Option<ShopSource>> {
+    let mut last_in_batch: HashMap<&IndexRef, Option<String>> = HashMap::new();
+    records
+        .iter()
+        .map(|record| match &record.decoded {
+            Decoded::Change(Change::UpsertIndex {
+                settings,
+                previous_shop,
+            }) => {
+                let source = match previous_shop {
+                    PreviousShop::Known(shop) => Some(ShopSource::Known(shop.clone())),
+                    PreviousShop::Unknown => last_in_batch
+                        .get(&settings.index)
+                        .map(|shop| ShopSource::Known(shop.clone())),
+                };
+                last_in_batch.insert(&settings.index, settings.shop_id.clone());
+                source
+            }
+            Decoded::Change(Change::RemoveIndex {
+                index,
+                previous_shop,
+            }) => {
+                let source = match previous_shop {
+                    PreviousShop::Known(shop) => ShopSource::Known(shop.clone()),
+                    PreviousShop::Unknown => match last_in_batch.get(index) {
+                        Some(shop) => ShopSource::Known(shop.clone()),
+                        None => ShopSource::CurrentKv,
+                    },
+                };
+                last_in_batch.insert(index, None);
+                Some(source)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn account_cell(account: &str, cell: Option<&str>, default_cell: &str) -> AccountCell {
+    AccountCell {
+        cell: cell.unwrap_or(default_cell).to_owned(),
+        account: account.to_owned(),
+    }
+}
+
+/// What must be looked up before [`plan`] can run.
+pub fn needs(records: &[ChangeRecord], default_cell: &str) -> Needs {
+    let mut needs = Needs::default();
+    for (record, shop) in records.iter().zip(previous_shops(records)) {
+        match (&record.decoded, shop) {
+            (Decoded::Change(Change::UpsertIndex { settings, .. }), shop) => {
+                needs.api_keys.insert(account_cell(
+                    &settings.index.account,
+                    settings.cell.as_deref(),
+                    default_cell,
+                ));
+                if let Some(ShopSource::Known(Some(old))) = shop {
+                    needs.references |= settings.shop_id.as_ref() != Some(&old);
+                }
+            }
+            (Decoded::Change(Change::RemoveIndex { index, .. }), shop) => {
+                needs.references = true;
+                if shop == Some(ShopSource::CurrentKv) {
+                    needs.current_shops.insert(index.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    needs
+}
+
+/// Turns records and their lookups into one operation per KV key and an outcome per record.
+pub fn plan(records: &[ChangeRecord], lookups: &Lookups, default_cell: &str) -> Plan {
+    let mut plan = Plan::default();
+    for (owner, (record, shop)) in records.iter().zip(previous_shops(records)).enumerate() {
+        let mut ops = Vec::new();
+        let outcome = match &record.decoded {
+            Decoded::Skip(reason) => Outcome::Skipped(reason.clone()),
+            Decoded::Reject(reason) => Outcome::Rejected(reason.clone()),
+            Decoded::Change(change) => {
+                let planner = RecordPlanner {
+                    owner,
+                    lookups,
+                    notes: &mut plan.notes,
+                    ops: &mut ops,
+                };
+                match planner.change(change, shop, default_cell) {
+                    Ok(()) => Outcome::Pending,
+                    Err(outcome) => outcome,
+                }
+            }
+        };
+        let outcome = match (outcome, check_limits(&ops)) {
+            (Outcome::Pending, Err(reason)) => Outcome::Rejected(reason),
+            (outcome, _) => outcome,
+        };
+        if outcome == Outcome::Pending {
+            for (key, action) in ops {
+                if action == KvAction::Delete && check_key(&key.key).is_err() {
+                    continue; // Cloudflare never stored such a key: nothing to delete.
+                }
+                // A later record's operation on the same key replaces this one.
+                plan.ops.insert(key, PlannedOp { action, owner });
+            }
+        }
+        plan.outcomes.push(outcome);
+    }
+    plan
+}
+
+struct RecordPlanner<'a> {
+    owner: usize,
+    lookups: &'a Lookups,
+    notes: &'a mut Vec<(usize, String)>,
+    ops: &'a mut Vec<(KvKey, KvAction)>,
+}
+
+impl<'a> RecordPlanner<'a> {
+    fn change(
+        mut self,
+        change: &Change,
+        shop: Option<ShopSource>,
+        default_cell: &str,
+    ) -> Result<(), Outcome> {
+        match change {
+            Change::UpsertIndex { settings, .. } => {
+                let wanted = account_cell(
+                    &settings.index.account,
+                    settings.cell.as_deref(),
+                    default_cell,
+                );
+                let api_key = match self.lookups.api_keys.get(&wanted) {
+                    Some(Ok(key)) => key,
+                    Some(Err(LookupError::Permanent(reason))) => {
+                        return Err(Outcome::Rejected(reason.clone()))
+                    }
+                    Some(Err(LookupError::Transient(reason))) => {
+                        return Err(Outcome::Failed(reason.clone()))
+                    }
+                    None => return Err(Outcome::Failed("API key was not looked up".into())),
+                };
+                let value = serde_json::to_string(&settings.kv_value(api_key))
+                    .map_err(|e| Outcome::Rejected(format!("cannot serialize settings: {e}")))?;
+                let index_key = KvKey::settings(settings.index.id().0);
+                if let Some(shop_id) = &settings.shop_id {
+                    self.ops
+                        .push((KvKey::settings(shop_id), KvAction::Put(value.clone())));
+                }
+                self.ops.push((index_key, KvAction::Put(value)));
+                if let Some(ShopSource::Known(Some(old))) = shop {
+                    if settings.shop_id.as_ref() != Some(&old) {
+                        self.delete_shop(&settings.index, &old)?;
+                    }
+                }
+                Ok(())
+            }
+            Change::RemoveIndex { index, .. } => {
+                let references = self.references()?;
+                let id = index.id();
+                let referenced_by: Vec<IndexRef> = references
+                    .iter()
+                    .filter(|r| &r.index != index && r.live_targets.contains(&id))
+                    .map(|r| r.index.clone())
+                    .collect();
+                if !referenced_by.is_empty() {
+                    return Err(Outcome::Kept { referenced_by });
+                }
+                self.ops.push((KvKey::settings(id.0), KvAction::Delete));
+                let old_shop = match shop {
+                    Some(ShopSource::Known(shop)) => shop,
+                    Some(ShopSource::CurrentKv) => match self.lookups.current_shops.get(index) {
+                        Some(Ok(shop)) => shop.clone(),
+                        Some(Err(reason)) => {
+                            return Err(Outcome::Failed(format!(
+                                "cannot read the current shop id from KV: {reason}"
+                            )))
+                        }
+                        None => return Err(Outcome::Failed("current shop id was not read".into())),
+                    },
+                    None => None,
+                };
+                if let Some(old) = old_shop {
+                    self.delete_shop(index, &old)?;
+                }
+                Ok(())
+            }
+            Change::UpsertQuery(config) => {
+                let value = serde_json::to_string(&config.kv_value()).map_err(|e| {
+                    Outcome::Rejected(format!("cannot serialize query config: {e}"))
+                })?;
+                self.ops.push((
+                    KvKey {
+                        namespace: Namespace::QueryConfigs,
+                        key: query_config_key(&config.index, &config.query),
+                    },
+                    KvAction::Put(value),
+                ));
+                Ok(())
+            }
+            Change::RemoveQuery { index, query } => {
+                self.ops.push((
+                    KvKey {
+                        namespace: Namespace::QueryConfigs,
+                        key: query_config_key(index, query),
+                    },
+                    KvAction::Delete,
+                ));
+                Ok(())
+            }
+        }
+    }
+
+    fn references(&self) -> Result<&'a [SettingsReference], Outcome> {
+        match &self.lookups.references {
+            Some(Ok(references)) => Ok(references),
+            Some(Err(reason)) => Err(Outcome::Failed(format!(
+                "cannot scan the settings table for aliases and shop ids: {reason}"
+            ))),
+            None => Err(Outcome::Failed("the settings table was not scanned".into())),
+        }
+    }
+
+    /// A shop key another index now claims belongs to that index: it is not deleted.
+    fn delete_shop(&mut self, index: &IndexRef, shop: &str) -> Result<(), Outcome> {
+        let claimed_by = self
+            .references()?
+            .iter()
+            .find(|r| &r.index != index && r.shop_id.as_deref() == Some(shop));
+        match claimed_by {
+            Some(other) => self.notes.push((
+                self.owner,
+                format!(
+                    "shop key `{shop}` kept: index {} claims it now",
+                    other.index
+                ),
+            )),
+            None => self.ops.push((KvKey::settings(shop), KvAction::Delete)),
+        }
+        Ok(())
+    }
+}
+
+/// Keys and values Cloudflare would refuse are never sent: the record is rejected instead.
+fn check_limits(ops: &[(KvKey, KvAction)]) -> Result<(), String> {
+    for (key, action) in ops {
+        if let KvAction::Put(value) = action {
+            check_key(&key.key)?;
+            if value.len() > MAX_VALUE_BYTES {
+                return Err(format!(
+                    "value for key `{}` is {} bytes, over Cloudflare KV's 25 MiB limit",
+                    key.key,
+                    value.len()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn check_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key == "." || key == ".." {
+        return Err(format!("`{key}` is not a valid Cloudflare KV key"));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        let shown: String = key.chars().take(40).collect();
+        return Err(format!(
+            "key `{shown}...` is {} bytes, over Cloudflare KV's {MAX_KEY_BYTES}-byte limit",
+            key.len()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{IndexId, IndexSettings, QueryConfig};
+    use crate::records::decode_record;
+    use serde_json::json;
+
+    const CELL: &str = "default";
+
+    fn index_image(name: &str, shop: Option<&str>) -> serde_json::Value {
+        let mut image = json!({
+            "pk": {"S": "acct-1"}, "sk": {"S": format!("INDEX#{name}")},
+            "index_endpoint": {"S": format!("https://idx/{name}")},
+        });
+        if let Some(shop) = shop {
+            image["shop_id"] = json!({"S": shop});
+        }
+        image
+    }
+
+    fn stream_record(
+        seq: u32,
+        event: &str,
+        sk: &str,
+        new: Option<serde_json::Value>,
+        old: Option<serde_json::Value>,
+    ) -> ChangeRecord {
+        let mut dynamodb = json!({
+            "Keys": {"pk": {"S": "acct-1"}, "sk": {"S": sk}},
+            "SequenceNumber": seq.to_string(), "SizeBytes": 1,
+            "StreamViewType": if old.is_some() { "NEW_AND_OLD_IMAGES" } else { "NEW_IMAGE" },
+        });
+        if let Some(new) = new {
+            dynamodb["NewImage"] = new;
+        }
+        if let Some(old) = old {
+            dynamodb["OldImage"] = old;
+        }
+        decode_record(
+            json!({"eventID": seq.to_string(), "eventName": event, "awsRegion": "eu-west-1", "dynamodb": dynamodb}),
+            "DEFAULT_CONFIGS",
+        )
+    }
+
+    fn upsert(seq: u32, name: &str, shop: Option<&str>) -> ChangeRecord {
+        stream_record(
+            seq,
+            "MODIFY",
+            &format!("INDEX#{name}"),
+            Some(index_image(name, shop)),
+            None,
+        )
+    }
+
+    fn remove(seq: u32, name: &str) -> ChangeRecord {
+        stream_record(seq, "REMOVE", &format!("INDEX#{name}"), None, None)
+    }
+
+    fn key_lookups(records: &[ChangeRecord]) -> Lookups {
+        let needs = needs(records, CELL);
+        Lookups {
+            api_keys: needs
+                .api_keys
+                .into_iter()
+                .map(|ac| {
+                    let key = ApiKey::new(format!("key-{}", ac.account));
+                    (ac, Ok(key))
+                })
+                .collect(),
+            references: needs.references.then(|| Ok(vec![])),
+            current_shops: needs
+                .current_shops
+                .into_iter()
+                .map(|i| (i, Ok(None)))
+                .collect(),
+        }
+    }
+
+    fn put_value(plan: &Plan, key: &str) -> serde_json::Value {
+        match &plan.ops[&KvKey::settings(key)].action {
+            KvAction::Put(value) => serde_json::from_str(value).unwrap(),
+            KvAction::Delete => panic!("{key} is deleted"),
+        }
+    }
+
+    fn keys(plan: &Plan) -> Vec<(&str, bool)> {
+        plan.ops
+            .iter()
+            .map(|(k, op)| (k.key.as_str(), matches!(op.action, KvAction::Put(_))))
+            .collect()
+    }
+
+    #[test]
+    fn an_index_is_written_under_its_shop_and_its_id() {
+        let records = vec![upsert(1, "products", Some("shop-1"))];
+        let plan = plan(&records, &key_lookups(&records), CELL);
+        assert_eq!(keys(&plan), [("acct-1-products", true), ("shop-1", true)]);
+        assert_eq!(
+            put_value(&plan, "shop-1"),
+            put_value(&plan, "acct-1-products")
+        );
+        assert_eq!(put_value(&plan, "shop-1")["marqo_api_key"], "key-acct-1");
+        assert_eq!(plan.outcomes, [Outcome::Pending]);
+    }
+
+    #[test]
+    fn the_last_record_on_a_key_wins_and_owns_it() {
+        let records = vec![
+            upsert(1, "products", None),
+            upsert(2, "products", None),
+            upsert(3, "other", None),
+        ];
+        let mut records = records;
+        if let Decoded::Change(Change::UpsertIndex { settings, .. }) = &mut records[1].decoded {
+            settings.index_url = "https://idx/second".into();
+        }
+        let plan = plan(&records, &key_lookups(&records), CELL);
+        let op = &plan.ops[&KvKey::settings("acct-1-products")];
+        assert_eq!(op.owner, 1);
+        assert_eq!(
+            put_value(&plan, "acct-1-products")["index_url"],
+            "https://idx/second"
+        );
+        assert_eq!(plan.ops.len(), 2);
+    }
+
+    #[test]
+    fn a_remove_after_an_upsert_in_the_batch_deletes_both_keys() {
+        let records = vec![upsert(1, "products", Some("shop-1")), remove(2, "products")];
+        let lookups = key_lookups(&records);
+        assert!(
+            lookups.current_shops.is_empty(),
+            "the batch itself knows the shop"
+        );
+        let plan = plan(&records, &lookups, CELL);
+        assert_eq!(keys(&plan), [("acct-1-products", false), ("shop-1", false)]);
+        assert!(plan.ops.values().all(|op| op.owner == 1));
+    }
+
+    #[test]
+    fn new_image_removes_read_the_shop_from_kv() {
+        let records = vec![remove(1, "products")];
+        let needs = needs(&records, CELL);
+        assert!(needs.references);
+        assert_eq!(
+            needs.current_shops.into_iter().collect::<Vec<_>>(),
+            [IndexRef::new("acct-1", "products")]
+        );
+        let mut lookups = key_lookups(&records);
+        lookups.current_shops.insert(
+            IndexRef::new("acct-1", "products"),
+            Ok(Some("shop-from-kv".into())),
+        );
+        let plan = plan(&records, &lookups, CELL);
+        assert_eq!(
+            keys(&plan),
+            [("acct-1-products", false), ("shop-from-kv", false)]
+        );
+    }
+
+    #[test]
+    fn a_remove_is_kept_while_an_enabled_alias_points_at_it() {
+        let records = vec![remove(1, "products-v1")];
+        let mut lookups = key_lookups(&records);
+        lookups.references = Some(Ok(vec![SettingsReference {
+            index: IndexRef::new("acct-1", "products"),
+            shop_id: None,
+            live_targets: vec![IndexId("acct-1-products-v1".into())],
+        }]));
+        let plan = plan(&records, &lookups, CELL);
+        assert!(plan.ops.is_empty());
+        assert_eq!(
+            plan.outcomes,
+            [Outcome::Kept {
+                referenced_by: vec![IndexRef::new("acct-1", "products")]
+            }]
+        );
+    }
+
+    #[test]
+    fn a_failed_scan_fails_the_remove_instead_of_deleting_unchecked() {
+        let records = vec![remove(1, "products")];
+        let mut lookups = key_lookups(&records);
+        lookups.references = Some(Err("connection refused".into()));
+        let plan = plan(&records, &lookups, CELL);
+        assert!(plan.ops.is_empty());
+        assert!(
+            matches!(&plan.outcomes[0], Outcome::Failed(r) if r.contains("connection refused"))
+        );
+    }
+
+    #[test]
+    fn a_shop_change_deletes_the_old_shop_key_unless_another_index_claims_it() {
+        let old = index_image("products", Some("shop-old"));
+        let records = vec![stream_record(
+            1,
+            "MODIFY",
+            "INDEX#products",
+            Some(index_image("products", Some("shop-new"))),
+            Some(old),
+        )];
+        let needs_scan = needs(&records, CELL);
+        assert!(needs_scan.references);
+        let lookups = key_lookups(&records);
+        let freed = plan(&records, &lookups, CELL);
+        assert_eq!(
+            keys(&freed),
+            [
+                ("acct-1-products", true),
+                ("shop-new", true),
+                ("shop-old", false)
+            ]
+        );
+
+        let mut lookups = key_lookups(&records);
+        lookups.references = Some(Ok(vec![SettingsReference {
+            index: IndexRef::new("acct-1", "products-v2"),
+            shop_id: Some("shop-old".into()),
+            live_targets: vec![],
+        }]));
+        let claimed = plan(&records, &lookups, CELL);
+        assert_eq!(
+            keys(&claimed),
+            [("acct-1-products", true), ("shop-new", true)]
+        );
+        assert_eq!(claimed.notes.len(), 1);
+    }
+
+    #[test]
+    fn api_key_lookups_decide_between_reject_and_retry() {
+        let records = vec![upsert(1, "products", None)];
+        let wanted = AccountCell {
+            cell: CELL.into(),
+            account: "acct-1".into(),
+        };
+        for (error, rejected) in [
+            (LookupError::Permanent("no key".into()), true),
+            (LookupError::Transient("503".into()), false),
+        ] {
+            let lookups = Lookups {
+                api_keys: HashMap::from([(wanted.clone(), Err(error))]),
+                ..Lookups::default()
+            };
+            let plan = plan(&records, &lookups, CELL);
+            assert!(
+                plan.ops.is_empty(),
+                "settings are never written without a key"
+            );
+            assert_eq!(matches!(plan.outcomes[0], Outcome::Rejected(_)), rejected);
+            assert_eq!(matches!(plan.outcomes[0], Outcome::Failed(_)), !rejected);
+        }
+    }
+
+    #[test]
+    fn one_api_key_lookup_per_cell_and_account() {
+        let mut records: Vec<_> = (0..50).map(|i| upsert(i, &format!("i{i}"), None)).collect();
+        let mut celled = index_image("celled", None);
+        celled["cell"] = json!({"S": "eu-2"});
+        records.push(stream_record(
+            99,
+            "INSERT",
+            "INDEX#celled",
+            Some(celled),
+            None,
+        ));
+        let needs = needs(&records, CELL);
+        let cells: Vec<_> = needs.api_keys.iter().map(|a| a.cell.as_str()).collect();
+        assert_eq!(cells, ["default", "eu-2"]);
+    }
+
+    #[test]
+    fn oversized_keys_reject_the_record_and_send_nothing() {
+        let long_shop = "s".repeat(MAX_KEY_BYTES + 1);
+        let records = vec![
+            upsert(1, "products", Some(&long_shop)),
+            upsert(2, "ok", Some(".")),
+        ];
+        let plan = plan(&records, &key_lookups(&records), CELL);
+        assert!(plan.ops.is_empty());
+        assert!(matches!(&plan.outcomes[0], Outcome::Rejected(r) if r.contains("512")));
+        assert!(matches!(&plan.outcomes[1], Outcome::Rejected(r) if r.contains("`.`")));
+    }
+
+    #[test]
+    fn query_configs_go_to_their_own_namespace() {
+        let config = QueryConfig {
+            index: IndexRef::new("acct-1", "products"),
+            query: "chaussures #été".into(),
+            config: crate::model::Document(json!({"boost": 2})),
+        };
+        let records = vec![ChangeRecord {
+            sequence_number: Some("1".into()),
+            index: Some(config.index.clone()),
+            created_at: None,
+            decoded: Decoded::Change(Change::UpsertQuery(config)),
+        }];
+        let plan = plan(&records, &Lookups::default(), CELL);
+        let (key, op) = plan.ops.iter().next().unwrap();
+        assert_eq!(key.namespace, Namespace::QueryConfigs);
+        assert_eq!(
+            key.key,
+            query_config_key(&IndexRef::new("acct-1", "products"), "chaussures #été")
+        );
+        let KvAction::Put(value) = &op.action else {
+            panic!()
+        };
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(value).unwrap(),
+            json!({"schema_version": 1, "system_account_id": "acct-1", "index_name": "products",
+                   "query": "chaussures #été", "config": {"boost": 2}})
+        );
+    }
+
+    #[test]
+    fn skipped_and_rejected_records_cost_nothing() {
+        let records = vec![
+            stream_record(
+                1,
+                "MODIFY",
+                "DEFAULT_CONFIGS",
+                Some(json!({"pk": {"S": "acct-1"}})),
+                None,
+            ),
+            stream_record(
+                2,
+                "MODIFY",
+                "INDEX#broken",
+                Some(json!({"pk": {"S": "acct-1"}})),
+                None,
+            ),
+        ];
+        assert_eq!(needs(&records, CELL), Needs::default());
+        let plan = plan(&records, &Lookups::default(), CELL);
+        assert!(plan.ops.is_empty());
+        assert!(matches!(plan.outcomes[0], Outcome::Skipped(_)));
+        assert!(matches!(&plan.outcomes[1], Outcome::Rejected(r) if r.contains("index_endpoint")));
+    }
+
+    #[test]
+    fn settings_values_match_the_decoded_record() {
+        let records = vec![upsert(1, "products", Some("shop-1"))];
+        let plan = plan(&records, &key_lookups(&records), CELL);
+        let Decoded::Change(Change::UpsertIndex { settings, .. }) = &records[0].decoded else {
+            panic!()
+        };
+        let expected: &IndexSettings = settings;
+        assert_eq!(
+            put_value(&plan, "shop-1"),
+            serde_json::to_value(expected.kv_value(&ApiKey::new("key-acct-1"))).unwrap()
+        );
+    }
+}

@@ -1,0 +1,316 @@
+//! Step 2 of the pipeline: DynamoDB stream records become domain changes, one per record, in
+//! stream order. Nothing here talks to a server.
+
+use aws_lambda_events::dynamodb::{EventRecord, StreamViewType};
+use serde::Deserialize;
+use serde_dynamo::Item;
+
+use crate::model::{shop_id_of, IndexRef, IndexSettings, QueryConfig};
+
+/// What a sort key says a record is (SPEC section 3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SortKey {
+    Index(String),
+    Query { index: String, query: String },
+    DefaultConfigs,
+    Foreign,
+}
+
+impl SortKey {
+    pub fn parse(sk: &str, default_configs_sk: &str) -> Self {
+        if sk == default_configs_sk {
+            return SortKey::DefaultConfigs;
+        }
+        let Some(rest) = sk.strip_prefix("INDEX#") else {
+            return SortKey::Foreign;
+        };
+        // The normalized query is everything after the first `#QUERY#`: it may hold `#` itself.
+        match rest.split_once("#QUERY#") {
+            Some((index, query)) => SortKey::Query {
+                index: index.to_owned(),
+                query: query.to_owned(),
+            },
+            None => SortKey::Index(rest.to_owned()),
+        }
+    }
+}
+
+/// The shop id an index had before this change, when the stream tells us.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PreviousShop {
+    /// From the record's old image (or there was no previous item: an INSERT).
+    Known(Option<String>),
+    /// A `NEW_IMAGE` stream: the old image is not carried.
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    UpsertIndex {
+        settings: Box<IndexSettings>,
+        previous_shop: PreviousShop,
+    },
+    RemoveIndex {
+        index: IndexRef,
+        previous_shop: PreviousShop,
+    },
+    UpsertQuery(QueryConfig),
+    RemoveQuery {
+        index: IndexRef,
+        query: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoded {
+    Change(Change),
+    /// Not for KV, on purpose: default configs and foreign sort keys.
+    Skip(String),
+    /// Permanently invalid: retrying cannot help, a fix of the item emits a new record.
+    Reject(String),
+}
+
+/// One stream record, decoded, with what identifies it in logs and in the batch response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeRecord {
+    pub sequence_number: Option<String>,
+    pub index: Option<IndexRef>,
+    /// `ApproximateCreationDateTime`, seconds since the epoch, for propagation lag.
+    pub created_at: Option<f64>,
+    pub decoded: Decoded,
+}
+
+impl ChangeRecord {
+    pub fn is_change(&self) -> bool {
+        matches!(self.decoded, Decoded::Change(_))
+    }
+}
+
+#[derive(Deserialize)]
+struct Keys {
+    pk: String,
+    sk: String,
+}
+
+/// Decodes one raw record of a `{"Records": [...]}` batch. Never fails: a record that cannot
+/// be read becomes `Decoded::Reject` with the reason.
+pub fn decode_record(raw: serde_json::Value, default_configs_sk: &str) -> ChangeRecord {
+    let sequence_number = raw
+        .pointer("/dynamodb/SequenceNumber")
+        .and_then(|v| v.as_str())
+        .map(str::to_owned);
+    let record: EventRecord = match serde_path_to_error::deserialize(raw) {
+        Ok(record) => record,
+        Err(e) => {
+            return ChangeRecord {
+                sequence_number,
+                index: None,
+                created_at: None,
+                decoded: Decoded::Reject(format!(
+                    "not a DynamoDB stream record: `{}`: {}",
+                    e.path(),
+                    e.inner()
+                )),
+            }
+        }
+    };
+    let created_at = Some(
+        record
+            .change
+            .approximate_creation_date_time
+            .timestamp_millis() as f64
+            / 1000.0,
+    )
+    .filter(|secs| *secs > 0.0);
+    let mut out = ChangeRecord {
+        sequence_number,
+        index: None,
+        created_at,
+        decoded: Decoded::Skip(String::new()),
+    };
+    out.decoded = decode_change(record, default_configs_sk, &mut out.index);
+    out
+}
+
+fn decode_change(
+    record: EventRecord,
+    default_configs_sk: &str,
+    subject: &mut Option<IndexRef>,
+) -> Decoded {
+    let change = record.change;
+    let keys = if change.keys.is_empty() {
+        &change.new_image
+    } else {
+        &change.keys
+    };
+    let Ok(Keys { pk, sk }) = serde_dynamo::from_item::<_, Keys>(keys.clone()) else {
+        return Decoded::Reject("the record's keys must hold string `pk` and `sk`".into());
+    };
+    let (index, query) = match SortKey::parse(&sk, default_configs_sk) {
+        SortKey::DefaultConfigs => {
+            return Decoded::Skip("default configs are never exported".into())
+        }
+        SortKey::Foreign => {
+            return Decoded::Skip(format!("sort key `{sk}` is not an index record"))
+        }
+        SortKey::Index(index) => (index, None),
+        SortKey::Query { index, query } => (index, Some(query)),
+    };
+    if pk.is_empty() || index.is_empty() {
+        return Decoded::Reject(format!(
+            "empty account or index name in pk `{pk}`, sk `{sk}`"
+        ));
+    }
+    let index = IndexRef::new(pk, index);
+    *subject = Some(index.clone());
+
+    let previous_shop = previous_shop(
+        record.event_name.as_str(),
+        change.stream_view_type.as_ref(),
+        &change.old_image,
+    );
+    match (record.event_name.as_str(), query) {
+        ("INSERT" | "MODIFY", query) => {
+            if change.new_image.is_empty() {
+                return Decoded::Reject(
+                    "the record has no NewImage: the stream view type must be NEW_IMAGE or NEW_AND_OLD_IMAGES".into(),
+                );
+            }
+            let image = change.new_image;
+            match query {
+                None => match IndexSettings::from_item(index, image) {
+                    Ok(settings) => Decoded::Change(Change::UpsertIndex {
+                        settings: Box::new(settings),
+                        previous_shop,
+                    }),
+                    Err(e) => Decoded::Reject(e.to_string()),
+                },
+                Some(query) => match QueryConfig::from_item(index, query, image) {
+                    Ok(config) => Decoded::Change(Change::UpsertQuery(config)),
+                    Err(e) => Decoded::Reject(e.to_string()),
+                },
+            }
+        }
+        ("REMOVE", None) => Decoded::Change(Change::RemoveIndex {
+            index,
+            previous_shop,
+        }),
+        ("REMOVE", Some(query)) => Decoded::Change(Change::RemoveQuery { index, query }),
+        (other, _) => Decoded::Reject(format!(
+            "unknown eventName `{other}` (expected INSERT, MODIFY or REMOVE)"
+        )),
+    }
+}
+
+fn previous_shop(
+    event_name: &str,
+    view: Option<&StreamViewType>,
+    old_image: &Item,
+) -> PreviousShop {
+    if event_name == "INSERT" {
+        return PreviousShop::Known(None);
+    }
+    if !old_image.is_empty() {
+        return PreviousShop::Known(shop_id_of(old_image.clone()));
+    }
+    match view {
+        // The stream carries old images, and this one had none: there was no previous item.
+        Some(StreamViewType::NewAndOldImages | StreamViewType::OldImage) => {
+            PreviousShop::Known(None)
+        }
+        _ => PreviousShop::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record(event_name: &str, sk: &str, new_image: serde_json::Value) -> serde_json::Value {
+        json!({
+            "eventID": "1", "eventName": event_name, "eventVersion": "1.1",
+            "eventSource": "aws:dynamodb", "awsRegion": "eu-west-1",
+            "dynamodb": {
+                "ApproximateCreationDateTime": 1700000000.0,
+                "Keys": {"pk": {"S": "acct-1"}, "sk": {"S": sk}},
+                "NewImage": new_image,
+                "SequenceNumber": "100", "SizeBytes": 10, "StreamViewType": "NEW_IMAGE"
+            }
+        })
+    }
+
+    #[test]
+    fn sort_keys_split_at_the_first_query_marker() {
+        assert_eq!(
+            SortKey::parse("INDEX#p#QUERY#a #QUERY# b", "DEFAULT_CONFIGS"),
+            SortKey::Query {
+                index: "p".into(),
+                query: "a #QUERY# b".into()
+            }
+        );
+        assert_eq!(SortKey::parse("INDEX#p", "D"), SortKey::Index("p".into()));
+        assert_eq!(SortKey::parse("D", "D"), SortKey::DefaultConfigs);
+        assert_eq!(SortKey::parse("USER#x", "D"), SortKey::Foreign);
+    }
+
+    #[test]
+    fn default_configs_and_foreign_keys_are_skipped() {
+        let skipped = decode_record(
+            record("MODIFY", "DEFAULT_CONFIGS", json!({})),
+            "DEFAULT_CONFIGS",
+        );
+        assert!(matches!(skipped.decoded, Decoded::Skip(_)));
+        let foreign = decode_record(record("MODIFY", "OTHER#x", json!({})), "DEFAULT_CONFIGS");
+        assert!(matches!(foreign.decoded, Decoded::Skip(_)));
+    }
+
+    #[test]
+    fn new_image_only_removes_do_not_know_the_shop() {
+        let mut raw = record("REMOVE", "INDEX#products", json!(null));
+        raw["dynamodb"].as_object_mut().unwrap().remove("NewImage");
+        let decoded = decode_record(raw, "DEFAULT_CONFIGS");
+        assert_eq!(
+            decoded.decoded,
+            Decoded::Change(Change::RemoveIndex {
+                index: IndexRef::new("acct-1", "products"),
+                previous_shop: PreviousShop::Unknown
+            })
+        );
+        assert_eq!(decoded.sequence_number.as_deref(), Some("100"));
+    }
+
+    #[test]
+    fn old_images_give_the_previous_shop() {
+        let mut raw = record("REMOVE", "INDEX#products", json!(null));
+        raw["dynamodb"]["OldImage"] = json!({"shop_id": {"S": "shop-old"}});
+        raw["dynamodb"]["StreamViewType"] = json!("NEW_AND_OLD_IMAGES");
+        let decoded = decode_record(raw, "DEFAULT_CONFIGS");
+        assert!(matches!(
+            decoded.decoded,
+            Decoded::Change(Change::RemoveIndex { previous_shop: PreviousShop::Known(Some(ref s)), .. }) if s == "shop-old"
+        ));
+    }
+
+    #[test]
+    fn unknown_event_names_and_garbage_are_rejected_with_a_reason() {
+        let odd = decode_record(
+            record("UPSERT", "INDEX#p", json!({"index_endpoint": {"S": "u"}})),
+            "D",
+        );
+        assert!(matches!(odd.decoded, Decoded::Reject(ref r) if r.contains("UPSERT")));
+        let garbage = decode_record(
+            json!({"dynamodb": {"SequenceNumber": "7"}, "eventName": 3}),
+            "D",
+        );
+        assert!(matches!(garbage.decoded, Decoded::Reject(_)));
+        assert_eq!(garbage.sequence_number.as_deref(), Some("7"));
+    }
+
+    #[test]
+    fn modify_without_a_new_image_is_rejected() {
+        let decoded = decode_record(record("MODIFY", "INDEX#p", json!(null)), "D");
+        assert!(matches!(decoded.decoded, Decoded::Reject(ref r) if r.contains("NewImage")));
+        assert_eq!(decoded.index, Some(IndexRef::new("acct-1", "p")));
+    }
+}
