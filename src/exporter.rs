@@ -89,10 +89,10 @@ impl BatchReport {
             let sequence_number = record.sequence_number.as_deref().unwrap_or("?");
             match &record.outcome {
                 RecordOutcome::Rejected(reason) => tracing::error!(
-                    account, index, sequence_number, %reason, "record rejected"
+                    %account, %index, %sequence_number, %reason, "record rejected"
                 ),
                 RecordOutcome::Failed(reason) => tracing::error!(
-                    account, index, sequence_number, %reason, "record failed; reported for retry"
+                    %account, %index, %sequence_number, %reason, "record failed; reported for retry"
                 ),
                 RecordOutcome::Kept { referenced_by } => {
                     let referenced_by = referenced_by
@@ -101,12 +101,12 @@ impl BatchReport {
                         .collect::<Vec<_>>()
                         .join(", ");
                     tracing::warn!(
-                        account, index, sequence_number, %referenced_by,
+                        %account, %index, %sequence_number, %referenced_by,
                         "index removed but its KV keys are kept: live aliases point at it"
                     )
                 }
                 RecordOutcome::Skipped(reason) => {
-                    tracing::debug!(account, index, sequence_number, %reason, "record skipped")
+                    tracing::debug!(%account, %index, %sequence_number, %reason, "record skipped")
                 }
                 RecordOutcome::Exported => {}
             }
@@ -150,8 +150,8 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
         for (owner, note) in &plan.notes {
             let index = records[*owner].index.as_ref();
             tracing::info!(
-                account = index.map(|i| i.account.as_str()).unwrap_or("?"),
-                index = index.map(|i| i.name.as_str()).unwrap_or("?"),
+                account = %index.map(|i| i.account.as_str()).unwrap_or("?"),
+                index = %index.map(|i| i.name.as_str()).unwrap_or("?"),
                 "{note}"
             );
         }

@@ -136,7 +136,16 @@ pub async fn handle<K: KvStore, A: ApiKeySource, T: SettingsTable>(
     event: LambdaEvent<Value>,
 ) -> Result<Value, HandlerError> {
     let deadline = retry_deadline(event.context.deadline(), margin);
-    match Payload::try_from(event.payload)? {
+    route(exporter, event.payload, deadline).await
+}
+
+/// Routes a payload; retrying stops at `deadline`.
+pub async fn route<K: KvStore, A: ApiKeySource, T: SettingsTable>(
+    exporter: &Exporter<K, A, T>,
+    payload: Value,
+    deadline: Instant,
+) -> Result<Value, HandlerError> {
+    match Payload::try_from(payload)? {
         Payload::StreamBatch(records) => {
             let report = exporter.export_stream(records, deadline).await;
             report.log();

@@ -1,0 +1,53 @@
+# ecom-settings-exporter: build, test, lint and deploy.
+# `make test` is self-contained: it creates .venv with moto and starts moto for the tests.
+
+SHELL := bash
+VENV := .venv
+PYTHON ?= python3
+MOTO_VERSION := 5.2.5
+CFN_LINT_VERSION := 1.58.0
+STACK ?= ecom-settings-exporter-dev
+
+.PHONY: all build test unit-test lint fmt venv deploy clean
+
+all: lint test
+
+## Python tools in a local venv: moto for the tests, cfn-lint for the template.
+$(VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check \
+		'moto[server]==$(MOTO_VERSION)' 'cfn-lint==$(CFN_LINT_VERSION)'
+	touch $@
+
+venv: $(VENV)/.installed
+
+## Unit and integration tests (moto on a free port, KV emulator and API-keys stand-in in-process).
+test: venv
+	scripts/with-moto.sh cargo test --workspace --all-targets --locked
+
+## Unit tests only: no moto, no network.
+unit-test:
+	cargo test --workspace --lib --locked
+
+## Lambda artifact for arm64 (cargo-lambda, installed into the venv from PyPI with zig).
+build: venv
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check cargo-lambda ziglang
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo lambda build --release --arm64 --bin ecom-settings-exporter
+
+lint: venv
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+	$(VENV)/bin/cfn-lint template.yaml
+
+fmt:
+	cargo fmt --all
+
+## sam build && sam deploy, with the template's parameters from samconfig or PARAMS="Key=Value ...".
+deploy:
+	sam build
+	sam deploy --stack-name $(STACK) --capabilities CAPABILITY_IAM --resolve-s3 \
+		$(if $(PARAMS),--parameter-overrides $(PARAMS),)
+
+clean:
+	cargo clean
+	rm -rf $(VENV) .aws-sam

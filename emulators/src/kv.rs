@@ -1,0 +1,535 @@
+//! A Cloudflare Workers KV emulator that is strict about what Cloudflare documents: bearer
+//! auth, the bulk limits (10,000 items, under 100 MB), key rules (at most 512 bytes, not `.` or
+//! `..`), the 25 MiB value limit and the `{success, errors, messages, result}` envelope.
+//! Faults can be injected for the next requests: a status, a delay, or a 200 that reports
+//! `unsuccessful_keys`.
+//!
+//! Routes, under `/client/v4/accounts/{account}/storage/kv/namespaces/{namespace}`:
+//! `PUT /bulk`, `POST /bulk/delete`, `GET /values/{key}`, `GET /keys`. Control routes for
+//! manual experiments: `POST /__emulator/faults`, `GET /__emulator/requests`,
+//! `GET /__emulator/namespaces`.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+pub const MAX_BULK_ITEMS: usize = 10_000;
+pub const MAX_BODY_BYTES: usize = 100_000_000;
+pub const MAX_KEY_BYTES: usize = 512;
+pub const MAX_VALUE_BYTES: usize = 25 * 1024 * 1024;
+
+/// Error codes the emulator answers with (Cloudflare's where known).
+pub mod codes {
+    pub const AUTHENTICATION: u32 = 10000;
+    pub const BAD_REQUEST: u32 = 10001;
+    pub const KEY_NOT_FOUND: u32 = 10009;
+    pub const KEY_TOO_LONG: u32 = 10019;
+    pub const VALUE_TOO_LARGE: u32 = 10033;
+    pub const TOO_MANY_ITEMS: u32 = 10026;
+    pub const BODY_TOO_LARGE: u32 = 10014;
+    pub const INJECTED: u32 = 10999;
+}
+
+/// What to do to the next matching data request (bulk write, bulk delete, read, list).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Fault {
+    /// Answer this status with an error envelope, optionally with `Retry-After: {seconds}`.
+    Status {
+        status: u16,
+        #[serde(default)]
+        retry_after: Option<u64>,
+    },
+    /// Wait this long before handling the request normally.
+    Delay { millis: u64 },
+    /// Handle a bulk write or delete, but leave out the first `count` keys and report them
+    /// in `result.unsuccessful_keys`.
+    UnsuccessfulKeys { count: usize },
+}
+
+/// A fault and how many more requests it applies to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InjectedFault {
+    #[serde(flatten)]
+    pub fault: Fault,
+    #[serde(default = "one")]
+    pub times: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// One request the emulator answered, for tests to count calls.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RequestRecord {
+    pub method: String,
+    pub namespace: String,
+    /// `bulk`, `bulk/delete`, `values` or `keys`.
+    pub operation: String,
+    pub items: usize,
+    pub body_bytes: usize,
+    pub status: u16,
+}
+
+/// The emulator's data, faults and request log.
+#[derive(Default)]
+pub struct KvState {
+    /// (account, namespace) -> key -> value.
+    namespaces: HashMap<(String, String), BTreeMap<String, String>>,
+    tokens: HashSet<String>,
+    faults: VecDeque<InjectedFault>,
+    requests: Vec<RequestRecord>,
+}
+
+type Shared = Arc<Mutex<KvState>>;
+
+/// A running emulator; it stops when dropped.
+pub struct KvEmulator {
+    addr: SocketAddr,
+    state: Shared,
+    _server: crate::ServerHandle,
+}
+
+impl KvEmulator {
+    /// Starts on `127.0.0.1:{port}` (0 picks a free port), accepting these bearer tokens.
+    pub async fn start(port: u16, tokens: &[&str]) -> std::io::Result<Self> {
+        let tokens: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
+        let state = new_state(&tokens);
+        let (addr, server) = crate::serve(port, router(state.clone())).await?;
+        Ok(Self {
+            addr,
+            state,
+            _server: server,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What `CLOUDFLARE_API_BASE_URL` should be.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/client/v4", self.addr)
+    }
+
+    pub fn value(&self, account: &str, namespace: &str, key: &str) -> Option<String> {
+        let state = self.state.lock().unwrap();
+        state
+            .namespaces
+            .get(&(account.to_owned(), namespace.to_owned()))?
+            .get(key)
+            .cloned()
+    }
+
+    /// The value parsed as JSON.
+    pub fn json(&self, account: &str, namespace: &str, key: &str) -> Option<Value> {
+        self.value(account, namespace, key)
+            .map(|v| serde_json::from_str(&v).expect("values are JSON"))
+    }
+
+    pub fn keys(&self, account: &str, namespace: &str) -> Vec<String> {
+        let state = self.state.lock().unwrap();
+        state
+            .namespaces
+            .get(&(account.to_owned(), namespace.to_owned()))
+            .map(|ns| ns.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn insert(&self, account: &str, namespace: &str, key: &str, value: &str) {
+        let mut state = self.state.lock().unwrap();
+        state
+            .namespaces
+            .entry((account.to_owned(), namespace.to_owned()))
+            .or_default()
+            .insert(key.to_owned(), value.to_owned());
+    }
+
+    pub fn inject(&self, fault: Fault, times: usize) {
+        self.state
+            .lock()
+            .unwrap()
+            .faults
+            .push_back(InjectedFault { fault, times });
+    }
+
+    /// Replaces the accepted tokens, as a rotation does.
+    pub fn set_tokens(&self, tokens: &[&str]) {
+        self.state.lock().unwrap().tokens = tokens.iter().map(|t| t.to_string()).collect();
+    }
+
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.state.lock().unwrap().requests.clone()
+    }
+}
+
+pub fn router(state: Shared) -> Router {
+    let namespace = "/client/v4/accounts/{account}/storage/kv/namespaces/{namespace}";
+    Router::new()
+        .route(&format!("{namespace}/bulk"), put(bulk_write))
+        .route(&format!("{namespace}/bulk/delete"), post(bulk_delete))
+        .route(&format!("{namespace}/values/{{key}}"), get(read_value))
+        .route(&format!("{namespace}/keys"), get(list_keys))
+        .route("/__emulator/faults", post(add_fault))
+        .route("/__emulator/requests", get(list_requests))
+        .route("/__emulator/namespaces", get(dump))
+        // The emulator checks the 100 MB limit itself, to answer with Cloudflare's envelope.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// A standalone emulator's state, for the binary.
+pub fn new_state(tokens: &[String]) -> Shared {
+    let state: Shared = Arc::default();
+    state.lock().unwrap().tokens = tokens.iter().cloned().collect();
+    state
+}
+
+fn envelope_error(status: StatusCode, code: u32, message: impl Into<String>) -> Response {
+    let body = json!({
+        "success": false,
+        "errors": [{"code": code, "message": message.into()}],
+        "messages": [],
+        "result": null
+    });
+    (status, Json(body)).into_response()
+}
+
+fn envelope_ok(result: Value) -> Response {
+    Json(json!({"success": true, "errors": [], "messages": [], "result": result})).into_response()
+}
+
+struct Call<'a> {
+    state: &'a Shared,
+    method: &'static str,
+    namespace: &'a str,
+    operation: &'static str,
+    body_bytes: usize,
+}
+
+impl Call<'_> {
+    fn record(&self, items: usize, response: Response) -> Response {
+        self.state.lock().unwrap().requests.push(RequestRecord {
+            method: self.method.into(),
+            namespace: self.namespace.into(),
+            operation: self.operation.into(),
+            items,
+            body_bytes: self.body_bytes,
+            status: response.status().as_u16(),
+        });
+        response
+    }
+
+    /// Auth, then any injected fault. `Ok(n)` means: go on, leaving out `n` keys.
+    async fn admit(&self, headers: &HeaderMap) -> Result<usize, Response> {
+        let token = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let authorized = token.is_some_and(|t| self.state.lock().unwrap().tokens.contains(t));
+        if !authorized {
+            return Err(envelope_error(
+                StatusCode::UNAUTHORIZED,
+                codes::AUTHENTICATION,
+                "Authentication error",
+            ));
+        }
+        let fault = {
+            let mut state = self.state.lock().unwrap();
+            let fault = state.faults.front_mut().map(|f| {
+                f.times -= 1;
+                f.fault.clone()
+            });
+            if state.faults.front().is_some_and(|f| f.times == 0) {
+                state.faults.pop_front();
+            }
+            fault
+        };
+        match fault {
+            None => Ok(0),
+            Some(Fault::Delay { millis }) => {
+                tokio::time::sleep(Duration::from_millis(millis)).await;
+                Ok(0)
+            }
+            Some(Fault::UnsuccessfulKeys { count }) => Ok(count),
+            Some(Fault::Status {
+                status,
+                retry_after,
+            }) => {
+                let status =
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                let mut response = envelope_error(status, codes::INJECTED, "injected fault");
+                if let Some(seconds) = retry_after {
+                    response
+                        .headers_mut()
+                        .insert("retry-after", HeaderValue::from(seconds));
+                }
+                Err(response)
+            }
+        }
+    }
+}
+
+fn check_key(key: &str) -> Result<(), Response> {
+    if key.is_empty() || key == "." || key == ".." {
+        return Err(envelope_error(
+            StatusCode::BAD_REQUEST,
+            codes::BAD_REQUEST,
+            format!("Invalid key name: `{key}`"),
+        ));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(envelope_error(
+            StatusCode::BAD_REQUEST,
+            codes::KEY_TOO_LONG,
+            format!("Key names must be at most {MAX_KEY_BYTES} bytes long"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_body(body: &Bytes) -> Result<(), Response> {
+    if body.len() >= MAX_BODY_BYTES {
+        return Err(envelope_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            codes::BODY_TOO_LARGE,
+            "Request body must be less than 100 MB",
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct WritePair {
+    key: String,
+    value: String,
+    #[serde(default)]
+    base64: bool,
+}
+
+async fn bulk_write(
+    State(state): State<Shared>,
+    Path((account, namespace)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let call = Call {
+        state: &state,
+        method: "PUT",
+        namespace: &namespace,
+        operation: "bulk",
+        body_bytes: body.len(),
+    };
+    let leave_out = match call.admit(&headers).await {
+        Ok(n) => n,
+        Err(response) => return call.record(0, response),
+    };
+    let pairs = match check_body(&body).and_then(|()| {
+        serde_json::from_slice::<Vec<WritePair>>(&body).map_err(|e| {
+            envelope_error(
+                StatusCode::BAD_REQUEST,
+                codes::BAD_REQUEST,
+                format!("Invalid request body: expected an array of {{key, value}}: {e}"),
+            )
+        })
+    }) {
+        Ok(pairs) => pairs,
+        Err(response) => return call.record(0, response),
+    };
+    let items = pairs.len();
+    let checked = (|| {
+        if items > MAX_BULK_ITEMS {
+            return Err(envelope_error(
+                StatusCode::BAD_REQUEST,
+                codes::TOO_MANY_ITEMS,
+                format!("A bulk request may hold at most {MAX_BULK_ITEMS} pairs"),
+            ));
+        }
+        for pair in &pairs {
+            check_key(&pair.key)?;
+            let value_bytes = if pair.base64 {
+                pair.value.len() / 4 * 3
+            } else {
+                pair.value.len()
+            };
+            if value_bytes > MAX_VALUE_BYTES {
+                return Err(envelope_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    codes::VALUE_TOO_LARGE,
+                    "Values must be at most 25 MiB",
+                ));
+            }
+        }
+        Ok(())
+    })();
+    if let Err(response) = checked {
+        return call.record(items, response);
+    }
+    let mut unsuccessful = Vec::new();
+    {
+        let mut guard = state.lock().unwrap();
+        let ns = guard
+            .namespaces
+            .entry((account, namespace.clone()))
+            .or_default();
+        for (i, pair) in pairs.into_iter().enumerate() {
+            if i < leave_out {
+                unsuccessful.push(pair.key);
+            } else {
+                ns.insert(pair.key, pair.value);
+            }
+        }
+    }
+    let result = json!({"successful_key_count": items - unsuccessful.len(), "unsuccessful_keys": unsuccessful});
+    call.record(items, envelope_ok(result))
+}
+
+async fn bulk_delete(
+    State(state): State<Shared>,
+    Path((account, namespace)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let call = Call {
+        state: &state,
+        method: "POST",
+        namespace: &namespace,
+        operation: "bulk/delete",
+        body_bytes: body.len(),
+    };
+    let leave_out = match call.admit(&headers).await {
+        Ok(n) => n,
+        Err(response) => return call.record(0, response),
+    };
+    let keys = match check_body(&body).and_then(|()| {
+        serde_json::from_slice::<Vec<String>>(&body).map_err(|e| {
+            envelope_error(
+                StatusCode::BAD_REQUEST,
+                codes::BAD_REQUEST,
+                format!("Invalid request body: expected an array of key names: {e}"),
+            )
+        })
+    }) {
+        Ok(keys) => keys,
+        Err(response) => return call.record(0, response),
+    };
+    let items = keys.len();
+    if items > MAX_BULK_ITEMS {
+        let response = envelope_error(
+            StatusCode::BAD_REQUEST,
+            codes::TOO_MANY_ITEMS,
+            format!("A bulk request may hold at most {MAX_BULK_ITEMS} keys"),
+        );
+        return call.record(items, response);
+    }
+    if let Some(response) = keys.iter().find_map(|k| check_key(k).err()) {
+        return call.record(items, response);
+    }
+    let mut unsuccessful = Vec::new();
+    {
+        let mut guard = state.lock().unwrap();
+        let ns = guard
+            .namespaces
+            .entry((account, namespace.clone()))
+            .or_default();
+        for (i, key) in keys.into_iter().enumerate() {
+            if i < leave_out {
+                unsuccessful.push(key);
+            } else {
+                ns.remove(&key);
+            }
+        }
+    }
+    let result = json!({"successful_key_count": items - unsuccessful.len(), "unsuccessful_keys": unsuccessful});
+    call.record(items, envelope_ok(result))
+}
+
+async fn read_value(
+    State(state): State<Shared>,
+    Path((account, namespace, key)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let call = Call {
+        state: &state,
+        method: "GET",
+        namespace: &namespace,
+        operation: "values",
+        body_bytes: 0,
+    };
+    if let Err(response) = call.admit(&headers).await {
+        return call.record(0, response);
+    }
+    let value = state
+        .lock()
+        .unwrap()
+        .namespaces
+        .get(&(account, namespace.clone()))
+        .and_then(|ns| ns.get(&key).cloned());
+    let response = match value {
+        Some(value) => (StatusCode::OK, value).into_response(),
+        None => envelope_error(
+            StatusCode::NOT_FOUND,
+            codes::KEY_NOT_FOUND,
+            "get: 'key not found'",
+        ),
+    };
+    call.record(1, response)
+}
+
+async fn list_keys(
+    State(state): State<Shared>,
+    Path((account, namespace)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let call = Call {
+        state: &state,
+        method: "GET",
+        namespace: &namespace,
+        operation: "keys",
+        body_bytes: 0,
+    };
+    if let Err(response) = call.admit(&headers).await {
+        return call.record(0, response);
+    }
+    let names: Vec<Value> = state
+        .lock()
+        .unwrap()
+        .namespaces
+        .get(&(account, namespace.clone()))
+        .map(|ns| ns.keys().map(|k| json!({"name": k})).collect())
+        .unwrap_or_default();
+    let count = names.len();
+    // One page holds everything: the emulator is for small local data sets.
+    let body = json!({"success": true, "errors": [], "messages": [], "result": names,
+        "result_info": {"count": count, "cursor": ""}});
+    call.record(count, Json(body).into_response())
+}
+
+async fn add_fault(State(state): State<Shared>, Json(fault): Json<InjectedFault>) -> Response {
+    state.lock().unwrap().faults.push_back(fault);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn list_requests(State(state): State<Shared>) -> Response {
+    Json(state.lock().unwrap().requests.clone()).into_response()
+}
+
+async fn dump(State(state): State<Shared>) -> Response {
+    let state = state.lock().unwrap();
+    let mut out = serde_json::Map::new();
+    for ((account, namespace), values) in &state.namespaces {
+        out.insert(format!("{account}/{namespace}"), json!(values));
+    }
+    Json(Value::Object(out)).into_response()
+}

@@ -1,0 +1,322 @@
+//! What every integration test stands on: its own table (with a stream) and secret in the moto
+//! server that `make test` starts, its own KV emulator and API-keys stand-in, and the exporter
+//! wired to them through its real adapters.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    StreamSpecification, StreamViewType,
+};
+use ecom_emulators::api_keys::ApiKeysStandIn;
+use ecom_emulators::kv::KvEmulator;
+use ecom_emulators::streams::StreamReader;
+use ecom_settings_exporter::cloudflare::RetryPolicy;
+use ecom_settings_exporter::config::Config;
+use ecom_settings_exporter::{build_exporter, LambdaExporter};
+use serde_json::{json, Value};
+
+pub const CF_ACCOUNT: &str = "cf-account";
+pub const SETTINGS_NS: &str = "ns-settings";
+pub const QCFG_NS: &str = "ns-qcfg";
+pub const TOKEN: &str = "cf-token-1";
+pub const REGION: &str = "eu-west-1";
+
+/// Fast enough for tests, and still exercising every retry.
+pub fn fast_retry() -> RetryPolicy {
+    RetryPolicy {
+        max_retries: 3,
+        base_delay: Duration::from_millis(20),
+        max_delay: Duration::from_millis(200),
+        request_timeout: Duration::from_secs(2),
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+pub fn moto_endpoint() -> String {
+    std::env::var("AWS_ENDPOINT_URL")
+        .expect("AWS_ENDPOINT_URL must point at a moto server: run the tests with `make test`")
+}
+
+pub async fn aws() -> aws_config::SdkConfig {
+    moto_endpoint();
+    aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await
+}
+
+pub struct Harness {
+    pub table: String,
+    pub secret_id: String,
+    pub ddb: aws_sdk_dynamodb::Client,
+    pub secrets: aws_sdk_secretsmanager::Client,
+    pub kv: KvEmulator,
+    pub keys: ApiKeysStandIn,
+    pub config: Config,
+    pub exporter: LambdaExporter,
+    stream: StreamReader,
+}
+
+impl Harness {
+    pub async fn new() -> Self {
+        Self::with_view(StreamViewType::NewAndOldImages).await
+    }
+
+    pub async fn with_view(view: StreamViewType) -> Self {
+        let aws = aws().await;
+        let ddb = aws_sdk_dynamodb::Client::new(&aws);
+        let secrets = aws_sdk_secretsmanager::Client::new(&aws);
+        let table = unique("settings");
+        let key = |name: &str, kind| {
+            KeySchemaElement::builder()
+                .attribute_name(name)
+                .key_type(kind)
+                .build()
+                .unwrap()
+        };
+        let attr = |name: &str| {
+            AttributeDefinition::builder()
+                .attribute_name(name)
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .unwrap()
+        };
+        let created = ddb
+            .create_table()
+            .table_name(&table)
+            .key_schema(key("pk", KeyType::Hash))
+            .key_schema(key("sk", KeyType::Range))
+            .attribute_definitions(attr("pk"))
+            .attribute_definitions(attr("sk"))
+            .billing_mode(BillingMode::PayPerRequest)
+            .stream_specification(
+                StreamSpecification::builder()
+                    .stream_enabled(true)
+                    .stream_view_type(view)
+                    .build()
+                    .unwrap(),
+            )
+            .send()
+            .await
+            .expect("create table in moto");
+        let stream_arn = created
+            .table_description
+            .and_then(|t| t.latest_stream_arn)
+            .expect("a stream");
+        let stream = StreamReader::open(
+            aws_sdk_dynamodbstreams::Client::new(&aws),
+            &stream_arn,
+            REGION,
+        )
+        .await
+        .expect("open the stream");
+
+        let secret_id = unique("dev/CloudFlareApiToken");
+        secrets
+            .create_secret()
+            .name(&secret_id)
+            .secret_string(TOKEN)
+            .send()
+            .await
+            .expect("create secret in moto");
+
+        let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+        let keys = ApiKeysStandIn::start(0).await.unwrap();
+        let env = HashMap::from([
+            ("SETTINGS_TABLE_NAME", table.clone()),
+            ("CLOUDFLARE_ACCOUNT_ID", CF_ACCOUNT.to_string()),
+            ("CLOUDFLARE_KV_NAMESPACE_ID", SETTINGS_NS.to_string()),
+            ("CLOUDFLARE_QCFG_NAMESPACE_ID", QCFG_NS.to_string()),
+            ("CLOUDFLARE_API_TOKEN_SECRET_ID", secret_id.clone()),
+            ("CLOUDFLARE_API_BASE_URL", kv.base_url()),
+            ("API_KEYS_SERVICE_URL", keys.url_template()),
+        ]);
+        let config = Config::from_lookup(|name| env.get(name).cloned()).unwrap();
+        let exporter = build_exporter(&config, fast_retry()).await;
+        Self {
+            table,
+            secret_id,
+            ddb,
+            secrets,
+            kv,
+            keys,
+            config,
+            exporter,
+            stream,
+        }
+    }
+
+    /// The environment the Lambda binary needs to talk to this harness.
+    pub fn lambda_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("SETTINGS_TABLE_NAME", self.table.clone()),
+            ("CLOUDFLARE_ACCOUNT_ID", CF_ACCOUNT.into()),
+            ("CLOUDFLARE_KV_NAMESPACE_ID", SETTINGS_NS.into()),
+            ("CLOUDFLARE_QCFG_NAMESPACE_ID", QCFG_NS.into()),
+            ("CLOUDFLARE_API_TOKEN_SECRET_ID", self.secret_id.clone()),
+            ("CLOUDFLARE_API_BASE_URL", self.kv.base_url()),
+            ("API_KEYS_SERVICE_URL", self.keys.url_template()),
+        ]
+    }
+
+    /// Writes an item given in DynamoDB JSON.
+    pub async fn put(&self, item: Value) {
+        let item: HashMap<String, aws_sdk_dynamodb::types::AttributeValue> =
+            serde_dynamo::Item::from(
+                serde_json::from_value::<HashMap<String, serde_dynamo::AttributeValue>>(item)
+                    .unwrap(),
+            )
+            .into();
+        self.ddb
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .expect("put item");
+    }
+
+    pub async fn delete(&self, pk: &str, sk: &str) {
+        use aws_sdk_dynamodb::types::AttributeValue::S;
+        self.ddb
+            .delete_item()
+            .table_name(&self.table)
+            .key("pk", S(pk.into()))
+            .key("sk", S(sk.into()))
+            .send()
+            .await
+            .expect("delete item");
+    }
+
+    /// The stream records written since the last call, in Lambda's event format.
+    pub async fn stream_records(&mut self) -> Vec<Value> {
+        self.stream.read().await.expect("read the stream")
+    }
+
+    /// Runs the stream path on everything the stream holds, like one Lambda invocation.
+    pub async fn export_stream(&mut self) -> Value {
+        let records = self.stream_records().await;
+        assert!(!records.is_empty(), "the stream has new records");
+        self.invoke(json!({ "Records": records })).await
+    }
+
+    /// Calls the handler directly, as the runtime would, with a 60 s deadline.
+    pub async fn invoke(&self, payload: Value) -> Value {
+        self.try_invoke(payload, Duration::from_secs(60))
+            .await
+            .expect("the invocation succeeds")
+    }
+
+    /// `timeout` is how long retries may go on, as the invocation deadline less its margin.
+    pub async fn try_invoke(&self, payload: Value, timeout: Duration) -> Result<Value, String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        ecom_settings_exporter::handler::route(&self.exporter, payload, deadline)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn settings(&self, key: &str) -> Option<Value> {
+        self.kv.json(CF_ACCOUNT, SETTINGS_NS, key)
+    }
+
+    pub fn query_config(&self, key: &str) -> Option<Value> {
+        self.kv.json(CF_ACCOUNT, QCFG_NS, key)
+    }
+
+    /// Data requests the KV emulator answered, by operation.
+    pub fn kv_calls(&self, operation: &str) -> usize {
+        self.kv
+            .requests()
+            .iter()
+            .filter(|r| r.operation == operation)
+            .count()
+    }
+}
+
+/// An index-settings item in DynamoDB JSON.
+pub fn index_item(account: &str, index: &str, shop: Option<&str>) -> Value {
+    let mut item = json!({
+        "pk": {"S": account},
+        "sk": {"S": format!("INDEX#{index}")},
+        "index_endpoint": {"S": format!("https://{account}-{index}.idx.example")},
+    });
+    if let Some(shop) = shop {
+        item["shop_id"] = json!({"S": shop});
+    }
+    item
+}
+
+/// `{"batchItemFailures": [...]}` as a list of sequence numbers.
+pub fn failures(response: &Value) -> Vec<String> {
+    response["batchItemFailures"]
+        .as_array()
+        .expect("a partial batch response")
+        .iter()
+        .map(|f| f["itemIdentifier"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+pub fn sequence_numbers(records: &[Value]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| r["dynamodb"]["SequenceNumber"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Log lines written while a test runs on its (current-thread) runtime.
+#[derive(Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    /// Captures this thread's `tracing` output until the guard is dropped.
+    pub fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        (logs.clone(), tracing::subscriber::set_default(subscriber))
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn matching(&self, needle: &str) -> Vec<String> {
+        self.lines()
+            .into_iter()
+            .filter(|l| l.contains(needle))
+            .collect()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+    fn make_writer(&'a self) -> Logs {
+        self.clone()
+    }
+}

@@ -1,0 +1,417 @@
+//! The stream path end to end: items written to a moto table, its real stream records handed
+//! to the handler, KV checked in the emulator.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+#[tokio::test]
+async fn an_index_lands_under_its_shop_and_its_id_with_the_spec_value() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "marqo-key-1");
+    h.put(json!({
+        "pk": {"S": "acct-1"}, "sk": {"S": "INDEX#products"},
+        "index_endpoint": {"S": "https://acct-1-products.idx.example"},
+        "shop_id": {"S": "shop-1.myshopify.com"},
+        "search_config": {"M": {"limit": {"N": "20"}, "ratio": {"N": "0.25"}, "fields": {"SS": ["title"]}}},
+        "feature_flags": {"M": {"rerank": {"BOOL": true}}},
+        "pixel_id": {"S": "px-1"},
+        "index_aliases": {"M": {
+            "doc_reads": {"M": {"enabled": {"BOOL": true}, "targets": {"L": [
+                {"M": {"index_id": {"S": "acct-1-products-v2"}, "weight": {"N": "1.0"}}}]}}},
+            "doc_writes": {"M": {"enabled": {"BOOL": true}, "targets": {"L": [
+                {"M": {"index_id": {"S": "acct-1-products-v2"}, "internal": {"BOOL": true}}}]}}},
+            "analytics": {"M": {"enabled": {"BOOL": false}}}
+        }},
+        "unrelated": {"S": "ignored"}
+    }))
+    .await;
+
+    let response = h.export_stream().await;
+
+    assert_eq!(response, json!({"batchItemFailures": []}));
+    let expected = json!({
+        "schema_version": 1,
+        "system_account_id": "acct-1",
+        "index_name": "products",
+        "index_id": "acct-1-products",
+        "shop_id": "shop-1.myshopify.com",
+        "marqo_api_key": "marqo-key-1",
+        "index_url": "https://acct-1-products.idx.example",
+        "search_config": {"limit": 20, "ratio": 0.25, "fields": ["title"]},
+        "collections_config": null,
+        "feature_flags": {"rerank": true},
+        "agentic_config": null,
+        "pixel_id": "px-1",
+        "index_aliases": {
+            "doc_reads": {"enabled": true, "targets": [
+                {"index_id": "acct-1-products-v2", "weight": 1.0, "internal": false}]},
+            "analytics": {"enabled": false, "index_id": null, "internal": false}
+        },
+        "query_override_sharding": null
+    });
+    assert_eq!(h.settings("shop-1.myshopify.com"), Some(expected.clone()));
+    assert_eq!(h.settings("acct-1-products"), Some(expected));
+}
+
+#[tokio::test]
+async fn legacy_read_alias_wins_over_index_aliases() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    let mut item = index_item("acct-1", "products", None);
+    item["read_alias"] = json!({"S": "acct-1-products-legacy"});
+    item["index_aliases"] = json!({"M": {"doc_reads": {"M": {"enabled": {"BOOL": true},
+        "targets": {"L": [{"M": {"index_id": {"S": "acct-1-products-new"}, "weight": {"N": "0.5"}}}]}}}}});
+    item["add_docs_config"] =
+        json!({"M": {"index_write_aliases": {"L": [{"S": "acct-1-products-w"}]}}});
+    h.put(item).await;
+
+    h.export_stream().await;
+
+    let aliases = &h.settings("acct-1-products").unwrap()["index_aliases"];
+    assert_eq!(
+        aliases,
+        &json!({
+            "doc_reads": {"enabled": true, "targets": [
+                {"index_id": "acct-1-products-legacy", "weight": 1.0, "internal": false}]},
+            "analytics": null
+        })
+    );
+}
+
+#[tokio::test]
+async fn default_configs_and_foreign_records_are_skipped_without_any_call() {
+    let mut h = Harness::new().await;
+    h.put(json!({"pk": {"S": "acct-1"}, "sk": {"S": "DEFAULT_CONFIGS"}, "index_endpoint": {"S": "x"}}))
+        .await;
+    h.put(json!({"pk": {"S": "acct-1"}, "sk": {"S": "BILLING#2026"}}))
+        .await;
+
+    let response = h.export_stream().await;
+
+    assert_eq!(response, json!({"batchItemFailures": []}));
+    assert!(h.kv.requests().is_empty());
+    assert!(h.keys.calls().is_empty());
+}
+
+#[tokio::test]
+async fn the_last_write_to_a_key_wins_in_one_request() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    for version in 1..=3 {
+        let mut item = index_item("acct-1", "products", Some("shop-1"));
+        item["pixel_id"] = json!({"S": format!("px-v{version}")});
+        h.put(item).await;
+    }
+
+    h.export_stream().await;
+
+    assert_eq!(h.settings("acct-1-products").unwrap()["pixel_id"], "px-v3");
+    assert_eq!(h.settings("shop-1").unwrap()["pixel_id"], "px-v3");
+    let bulk: Vec<_> =
+        h.kv.requests()
+            .into_iter()
+            .filter(|r| r.operation == "bulk")
+            .collect();
+    assert_eq!(bulk.len(), 1);
+    assert_eq!(bulk[0].items, 2, "one pair per key, not per record");
+    assert_eq!(h.keys.calls().len(), 1);
+}
+
+fn qcfg_key(account: &str, index: &str, query: &str) -> String {
+    format!(
+        "qcfg-{account}-{index}-{:x}",
+        Sha256::digest(query.as_bytes())
+    )
+}
+
+#[tokio::test]
+async fn query_configs_with_hashes_and_unicode_reach_their_namespace() {
+    let mut h = Harness::new().await;
+    let queries = ["red #1 shoes", "chaussures été 👟", "a#QUERY#b"];
+    for query in queries {
+        h.put(json!({
+            "pk": {"S": "acct-1"}, "sk": {"S": format!("INDEX#products#QUERY#{query}")},
+            "query_config": {"M": {"pinned": {"L": [{"S": "sku-1"}]}, "boost": {"N": "1.5"}}}
+        }))
+        .await;
+    }
+
+    let response = h.export_stream().await;
+
+    assert_eq!(response, json!({"batchItemFailures": []}));
+    for query in queries {
+        assert_eq!(
+            h.query_config(&qcfg_key("acct-1", "products", query)),
+            Some(json!({
+                "schema_version": 1, "system_account_id": "acct-1", "index_name": "products",
+                "query": query, "config": {"pinned": ["sku-1"], "boost": 1.5}
+            })),
+            "{query}"
+        );
+    }
+    assert!(h.keys.calls().is_empty(), "query configs need no API key");
+    assert!(h.kv.keys(CF_ACCOUNT, SETTINGS_NS).is_empty());
+
+    h.delete("acct-1", "INDEX#products#QUERY#chaussures été 👟")
+        .await;
+    h.export_stream().await;
+    assert_eq!(
+        h.query_config(&qcfg_key("acct-1", "products", "chaussures été 👟")),
+        None
+    );
+    assert_eq!(h.kv.keys(CF_ACCOUNT, QCFG_NS).len(), 2);
+}
+
+/// A stream record as Lambda delivers it, without a table behind it: for batches larger than
+/// moto's stream is quick to produce.
+fn synthetic_record(seq: usize, account: &str, index: &str, shop: Option<&str>) -> Value {
+    json!({
+        "eventID": seq.to_string(), "eventName": "INSERT", "eventVersion": "1.1",
+        "eventSource": "aws:dynamodb", "awsRegion": REGION,
+        "dynamodb": {
+            "ApproximateCreationDateTime": 1.7e9,
+            "Keys": {"pk": {"S": account}, "sk": {"S": format!("INDEX#{index}")}},
+            "NewImage": index_item(account, index, shop),
+            "SequenceNumber": format!("{seq:021}"), "SizeBytes": 100,
+            "StreamViewType": "NEW_AND_OLD_IMAGES"
+        }
+    })
+}
+
+#[tokio::test]
+async fn ten_thousand_records_across_accounts_cost_two_bulk_requests_and_one_key_call_each() {
+    let h = Harness::new().await;
+    let accounts = ["acct-a", "acct-b", "acct-c", "acct-d", "acct-e"];
+    for account in accounts {
+        h.keys.set_key(account, &format!("key-{account}"));
+    }
+    let records: Vec<Value> = (0..10_000)
+        .map(|i| {
+            let account = accounts[i % accounts.len()];
+            synthetic_record(i, account, &format!("idx-{i}"), Some(&format!("shop-{i}")))
+        })
+        .collect();
+
+    let response = h.invoke(json!({ "Records": records })).await;
+
+    assert_eq!(response, json!({"batchItemFailures": []}));
+    let bulk: Vec<_> =
+        h.kv.requests()
+            .into_iter()
+            .filter(|r| r.operation == "bulk")
+            .collect();
+    assert_eq!(
+        bulk.iter().map(|r| r.items).collect::<Vec<_>>(),
+        [10_000, 10_000]
+    );
+    let mut called: Vec<_> = h.keys.calls().into_iter().map(|c| c.account).collect();
+    called.sort();
+    assert_eq!(called, accounts);
+    assert_eq!(h.kv.keys(CF_ACCOUNT, SETTINGS_NS).len(), 20_000);
+    assert_eq!(
+        h.settings("shop-9999").unwrap()["marqo_api_key"],
+        "key-acct-e"
+    );
+}
+
+#[tokio::test]
+async fn a_remove_deletes_both_keys_when_nothing_points_at_the_index() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "old", Some("shop-old"))).await;
+    // Aliases that do not protect: disabled, or pointing elsewhere.
+    let mut front = index_item("acct-1", "front", None);
+    front["index_aliases"] = json!({"M": {
+        "doc_reads": {"M": {"enabled": {"BOOL": false}, "targets": {"L": [
+            {"M": {"index_id": {"S": "acct-1-old"}, "weight": {"N": "1"}}}]}}},
+        "analytics": {"M": {"enabled": {"BOOL": true}, "index_id": {"S": "acct-1-elsewhere"}}}
+    }});
+    h.put(front).await;
+    h.export_stream().await;
+    assert!(h.settings("shop-old").is_some());
+
+    h.delete("acct-1", "INDEX#old").await;
+    let response = h.export_stream().await;
+
+    assert_eq!(response, json!({"batchItemFailures": []}));
+    assert_eq!(h.settings("acct-1-old"), None);
+    assert_eq!(h.settings("shop-old"), None);
+    assert!(h.settings("acct-1-front").is_some());
+}
+
+#[tokio::test]
+async fn a_remove_keeps_the_keys_while_a_live_alias_points_at_the_index() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "v1", Some("shop-v1"))).await;
+    h.put(index_item("acct-1", "v2", None)).await;
+    let mut reader = index_item("acct-1", "products", None);
+    reader["index_aliases"] = json!({"M": {"doc_reads": {"M": {"enabled": {"BOOL": true}, "targets": {"L": [
+        {"M": {"index_id": {"S": "acct-1-v1"}, "weight": {"N": "0.1"}}}]}}}}});
+    h.put(reader).await;
+    let mut legacy = index_item("acct-1", "legacy-front", None);
+    legacy["read_alias"] = json!({"S": "acct-1-v2"});
+    h.put(legacy).await;
+    h.export_stream().await;
+
+    let (logs, _guard) = Logs::capture();
+    h.delete("acct-1", "INDEX#v1").await;
+    h.delete("acct-1", "INDEX#v2").await;
+    let response = h.export_stream().await;
+
+    assert_eq!(response, json!({"batchItemFailures": []}));
+    assert!(h.settings("acct-1-v1").is_some());
+    assert!(h.settings("shop-v1").is_some());
+    assert!(
+        h.settings("acct-1-v2").is_some(),
+        "a legacy read_alias protects too"
+    );
+    let warnings = logs.matching("keys are kept");
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings[0].contains("referenced_by=acct-1-products"),
+        "{}",
+        warnings[0]
+    );
+    assert!(
+        warnings[1].contains("referenced_by=acct-1-legacy-front"),
+        "{}",
+        warnings[1]
+    );
+    assert_eq!(h.kv_calls("bulk/delete"), 0);
+}
+
+#[tokio::test]
+async fn new_image_streams_read_the_shop_from_kv_on_remove() {
+    let mut h = Harness::with_view(aws_sdk_dynamodb::types::StreamViewType::NewImage).await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "products", Some("shop-1")))
+        .await;
+    h.export_stream().await;
+
+    h.delete("acct-1", "INDEX#products").await;
+    let response = h.export_stream().await;
+
+    assert_eq!(response, json!({"batchItemFailures": []}));
+    assert_eq!(h.kv_calls("values"), 1, "one read of the current value");
+    assert_eq!(h.settings("acct-1-products"), None);
+    assert_eq!(h.settings("shop-1"), None);
+}
+
+#[tokio::test]
+async fn a_shop_change_deletes_the_old_shop_key() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "products", Some("shop-a")))
+        .await;
+    h.export_stream().await;
+
+    h.put(index_item("acct-1", "products", Some("shop-b")))
+        .await;
+    h.export_stream().await;
+
+    assert_eq!(h.settings("shop-a"), None);
+    assert_eq!(h.settings("shop-b").unwrap()["shop_id"], "shop-b");
+    assert_eq!(h.settings("acct-1-products").unwrap()["shop_id"], "shop-b");
+}
+
+#[tokio::test]
+async fn a_rejected_record_beside_good_ones_logs_one_line_and_is_not_retried() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "good-1", None)).await;
+    h.put(json!({"pk": {"S": "acct-1"}, "sk": {"S": "INDEX#broken"}, "shop_id": {"S": "s"}}))
+        .await;
+    h.put(index_item("acct-1", "good-2", None)).await;
+    let records = h.stream_records().await;
+    let broken_seq = &sequence_numbers(&records)[1];
+
+    let (logs, _guard) = Logs::capture();
+    let response = h.invoke(json!({ "Records": records })).await;
+
+    assert_eq!(response, json!({"batchItemFailures": []}));
+    assert!(h.settings("acct-1-good-1").is_some());
+    assert!(h.settings("acct-1-good-2").is_some());
+    assert_eq!(h.settings("acct-1-broken"), None);
+    let rejected = logs.matching("record rejected");
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    for part in [
+        "account=acct-1",
+        "index=broken",
+        &format!("sequence_number={broken_seq}"),
+        "index_endpoint",
+    ] {
+        assert!(rejected[0].contains(part), "{part} in {}", rejected[0]);
+    }
+}
+
+#[tokio::test]
+async fn an_account_without_an_api_key_is_rejected_and_never_written() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "products", None)).await;
+    h.put(index_item("acct-nokey", "products", Some("shop-nokey")))
+        .await;
+
+    let (logs, _guard) = Logs::capture();
+    let response = h.export_stream().await;
+
+    assert_eq!(response, json!({"batchItemFailures": []}));
+    assert!(h.settings("acct-1-products").is_some());
+    assert_eq!(h.settings("acct-nokey-products"), None);
+    assert_eq!(h.settings("shop-nokey"), None);
+    let rejected = logs.matching("record rejected");
+    assert_eq!(rejected.len(), 1);
+    assert!(rejected[0].contains("has no API key"), "{}", rejected[0]);
+}
+
+#[tokio::test]
+async fn an_api_keys_outage_reports_that_accounts_records_for_retry() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k1");
+    h.keys.set_key("acct-2", "k2");
+    h.keys.set_behaviour(
+        "acct-2",
+        Some(ecom_emulators::api_keys::Behaviour::Status { status: 503 }),
+    );
+    h.put(index_item("acct-1", "products", None)).await;
+    h.put(index_item("acct-2", "products", None)).await;
+    let records = h.stream_records().await;
+    let seqs = sequence_numbers(&records);
+
+    let response = h.invoke(json!({ "Records": records })).await;
+
+    assert_eq!(failures(&response), [seqs[1].clone()]);
+    assert!(h.settings("acct-1-products").is_some());
+    assert_eq!(
+        h.settings("acct-2-products"),
+        None,
+        "never written without its key"
+    );
+
+    // Lambda retries from the reported record; the service is back.
+    h.keys.set_behaviour("acct-2", None);
+    let retried: Vec<Value> = vec![records[1].clone()];
+    let response = h.invoke(json!({ "Records": retried })).await;
+    assert_eq!(failures(&response), Vec::<String>::new());
+    assert_eq!(
+        h.settings("acct-2-products").unwrap()["marqo_api_key"],
+        "k2"
+    );
+}
+
+#[tokio::test]
+async fn warm_invocations_reuse_the_api_key() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "a", None)).await;
+    h.export_stream().await;
+    h.put(index_item("acct-1", "b", None)).await;
+    h.export_stream().await;
+
+    assert_eq!(h.keys.calls().len(), 1);
+    assert!(h.settings("acct-1-b").is_some());
+}
