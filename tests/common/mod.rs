@@ -156,6 +156,18 @@ impl Harness {
         }
     }
 
+    /// Rebuilds the exporter with one setting changed.
+    pub async fn reconfigure(&mut self, name: &str, value: &str) {
+        let mut env: HashMap<String, String> = self
+            .lambda_env()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        env.insert(name.into(), value.into());
+        self.config = Config::from_lookup(|name| env.get(name).cloned()).unwrap();
+        self.exporter = build_exporter(&self.config, fast_retry()).await;
+    }
+
     /// The environment the Lambda binary needs to talk to this harness.
     pub fn lambda_env(&self) -> Vec<(&'static str, String)> {
         vec![
