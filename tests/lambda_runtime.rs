@@ -1,0 +1,232 @@
+//! The real `ecom-settings-exporter` binary, run as Lambda runs it: it polls a local runtime
+//! API for invocations and posts its answers back.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use ecom_emulators::runtime_api::RuntimeApi;
+use serde_json::{json, Value};
+
+/// The bootstrap process; killed when dropped. Its stdout (the logs) is collected.
+struct Function {
+    child: Child,
+    output: Arc<Mutex<String>>,
+}
+
+impl Function {
+    fn start(runtime: &RuntimeApi, env: &[(&'static str, String)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ecom-settings-exporter"));
+        command
+            .env("AWS_LAMBDA_RUNTIME_API", runtime.endpoint())
+            .env("AWS_LAMBDA_FUNCTION_NAME", "ecom-settings-exporter")
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
+            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+            .env(
+                "AWS_LAMBDA_LOG_GROUP_NAME",
+                "/aws/lambda/ecom-settings-exporter",
+            )
+            .env("AWS_LAMBDA_LOG_STREAM_NAME", "local")
+            .env("AWS_LAMBDA_LOG_FORMAT", "JSON")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().expect("start the bootstrap binary");
+        let output = Arc::new(Mutex::new(String::new()));
+        for mut stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    output
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        Self { child, output }
+    }
+
+    /// The JSON log lines written so far.
+    fn log_lines(&self) -> Vec<Value> {
+        self.output
+            .lock()
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Function {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn the_binary_answers_a_stream_batch_through_the_runtime_api() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "marqo-secret-key");
+    h.put(index_item("acct-1", "products", Some("shop-1")))
+        .await;
+    h.put(json!({"pk": {"S": "acct-1"}, "sk": {"S": "INDEX#broken"}}))
+        .await;
+    let records = h.stream_records().await;
+    let runtime = RuntimeApi::start(0).await.unwrap();
+    let function = Function::start(&runtime, &h.lambda_env());
+
+    let answer = runtime.invoke(json!({ "Records": records }), TIMEOUT).await;
+
+    assert_eq!(
+        answer,
+        Ok(json!({"batchItemFailures": []})),
+        "{}",
+        function.output()
+    );
+    assert_eq!(
+        h.settings("shop-1").unwrap()["marqo_api_key"],
+        "marqo-secret-key"
+    );
+    let lines = function.log_lines();
+    let summary = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "batch done")
+        .unwrap_or_else(|| panic!("a batch line in {}", function.output()));
+    assert_eq!(summary["fields"]["exported"], 1);
+    assert_eq!(summary["fields"]["rejected"], 1);
+    assert_eq!(summary["level"], "INFO");
+    let rejected = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "record rejected")
+        .expect("a rejected line");
+    assert_eq!(rejected["fields"]["index"], "broken");
+    let output = function.output();
+    assert!(
+        !output.contains("marqo-secret-key"),
+        "no API key in the logs"
+    );
+    assert!(!output.contains(TOKEN), "no token in the logs");
+}
+
+#[tokio::test]
+async fn unsupported_payloads_fail_with_what_is_accepted() {
+    let h = Harness::new().await;
+    let runtime = RuntimeApi::start(0).await.unwrap();
+    let _function = Function::start(&runtime, &h.lambda_env());
+
+    let error = runtime
+        .invoke(json!({"hello": "world"}), TIMEOUT)
+        .await
+        .unwrap_err();
+
+    assert_eq!(error["errorType"], "InvalidPayload");
+    let message = error["errorMessage"].as_str().unwrap();
+    assert!(message.contains("{\"Records\": [...]}"), "{message}");
+    assert!(message.contains("\"system_account_id\""), "{message}");
+}
+
+#[tokio::test]
+async fn a_manual_reexport_answers_a_summary_of_the_keys_written() {
+    let h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "products", Some("shop-1")))
+        .await;
+    h.put(
+        json!({"pk": {"S": "acct-1"}, "sk": {"S": "INDEX#products#QUERY#red shoes"},
+                 "query_config": {"M": {"boost": {"N": "2"}}}}),
+    )
+    .await;
+    let runtime = RuntimeApi::start(0).await.unwrap();
+    let function = Function::start(&runtime, &h.lambda_env());
+
+    let answer = runtime
+        .invoke(
+            json!({"system_account_id": "acct-1", "index_name": "products", "include_query_configs": true}),
+            TIMEOUT,
+        )
+        .await;
+
+    let answer = answer.unwrap_or_else(|e| panic!("{e}\n{}", function.output()));
+    assert_eq!(
+        answer["written"]["settings"],
+        json!(["acct-1-products", "shop-1"])
+    );
+    assert_eq!(
+        answer["written"]["query_configs"].as_array().unwrap().len(),
+        1
+    );
+    assert_eq!(answer["keys_written"], 3);
+    assert_eq!(h.settings("shop-1").unwrap()["index_name"], "products");
+    assert_eq!(h.kv.keys(CF_ACCOUNT, QCFG_NS).len(), 1);
+
+    let missing = runtime
+        .invoke(
+            json!({"system_account_id": "acct-1", "index_name": "nope"}),
+            TIMEOUT,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        missing["errorMessage"],
+        "no settings record for account acct-1, index nope"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_setting_fails_every_invocation_naming_it() {
+    let h = Harness::new().await;
+    let env: Vec<_> = h
+        .lambda_env()
+        .into_iter()
+        .filter(|(name, _)| *name != "SETTINGS_TABLE_NAME")
+        .collect();
+    let runtime = RuntimeApi::start(0).await.unwrap();
+    let mut command_env = env;
+    command_env.push(("SETTINGS_TABLE_NAME", String::new()));
+    let function = Function::start(&runtime, &command_env);
+
+    for _ in 0..2 {
+        let error = runtime
+            .invoke(json!({"Records": []}), TIMEOUT)
+            .await
+            .unwrap_err();
+        assert_eq!(error["errorType"], "ConfigError");
+        assert_eq!(
+            error["errorMessage"],
+            "missing required environment variable SETTINGS_TABLE_NAME"
+        );
+    }
+    let lines = function.log_lines();
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l["fields"]["message"]
+                == "missing required environment variable SETTINGS_TABLE_NAME")
+            .count(),
+        1,
+        "one clear line at start: {}",
+        function.output()
+    );
+}
