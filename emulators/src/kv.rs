@@ -196,14 +196,37 @@ pub fn new_state(tokens: &[String]) -> Shared {
     state
 }
 
-fn envelope_error(status: StatusCode, code: u32, message: impl Into<String>) -> Response {
-    let body = json!({
-        "success": false,
-        "errors": [{"code": code, "message": message.into()}],
-        "messages": [],
-        "result": null
-    });
-    (status, Json(body)).into_response()
+/// A Cloudflare-style failure: an HTTP status and one `{code, message}` in the envelope.
+struct ApiError {
+    status: StatusCode,
+    code: u32,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: u32, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(code: u32, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "success": false,
+            "errors": [{"code": self.code, "message": self.message}],
+            "messages": [],
+            "result": null
+        });
+        (self.status, Json(body)).into_response()
+    }
 }
 
 fn envelope_ok(result: Value) -> Response {
@@ -239,11 +262,12 @@ impl Call<'_> {
             .and_then(|v| v.strip_prefix("Bearer "));
         let authorized = token.is_some_and(|t| self.state.lock().unwrap().tokens.contains(t));
         if !authorized {
-            return Err(envelope_error(
+            let error = ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 codes::AUTHENTICATION,
                 "Authentication error",
-            ));
+            );
+            return Err(error.into_response());
         }
         let fault = {
             let mut state = self.state.lock().unwrap();
@@ -269,7 +293,8 @@ impl Call<'_> {
             }) => {
                 let status =
                     StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                let mut response = envelope_error(status, codes::INJECTED, "injected fault");
+                let mut response =
+                    ApiError::new(status, codes::INJECTED, "injected fault").into_response();
                 if let Some(seconds) = retry_after {
                     response
                         .headers_mut()
@@ -279,19 +304,42 @@ impl Call<'_> {
             }
         }
     }
+
+    /// Runs a bulk operation after auth and faults, and records what was answered.
+    async fn bulk(
+        &self,
+        headers: &HeaderMap,
+        body: &Bytes,
+        apply: impl FnOnce(&Bytes, usize) -> Result<(usize, Value), (usize, ApiError)>,
+    ) -> Response {
+        let leave_out = match self.admit(headers).await {
+            Ok(n) => n,
+            Err(response) => return self.record(0, response),
+        };
+        if body.len() >= MAX_BODY_BYTES {
+            let error = ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                codes::BODY_TOO_LARGE,
+                "Request body must be less than 100 MB",
+            );
+            return self.record(0, error.into_response());
+        }
+        match apply(body, leave_out) {
+            Ok((items, result)) => self.record(items, envelope_ok(result)),
+            Err((items, error)) => self.record(items, error.into_response()),
+        }
+    }
 }
 
-fn check_key(key: &str) -> Result<(), Response> {
+fn check_key(key: &str) -> Result<(), ApiError> {
     if key.is_empty() || key == "." || key == ".." {
-        return Err(envelope_error(
-            StatusCode::BAD_REQUEST,
+        return Err(ApiError::bad_request(
             codes::BAD_REQUEST,
             format!("Invalid key name: `{key}`"),
         ));
     }
     if key.len() > MAX_KEY_BYTES {
-        return Err(envelope_error(
-            StatusCode::BAD_REQUEST,
+        return Err(ApiError::bad_request(
             codes::KEY_TOO_LONG,
             format!("Key names must be at most {MAX_KEY_BYTES} bytes long"),
         ));
@@ -299,12 +347,11 @@ fn check_key(key: &str) -> Result<(), Response> {
     Ok(())
 }
 
-fn check_body(body: &Bytes) -> Result<(), Response> {
-    if body.len() >= MAX_BODY_BYTES {
-        return Err(envelope_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            codes::BODY_TOO_LARGE,
-            "Request body must be less than 100 MB",
+fn check_count(items: usize) -> Result<(), ApiError> {
+    if items > MAX_BULK_ITEMS {
+        return Err(ApiError::bad_request(
+            codes::TOO_MANY_ITEMS,
+            format!("A bulk request may hold at most {MAX_BULK_ITEMS} items"),
         ));
     }
     Ok(())
@@ -316,6 +363,44 @@ struct WritePair {
     value: String,
     #[serde(default)]
     base64: bool,
+}
+
+impl WritePair {
+    fn check(&self) -> Result<(), ApiError> {
+        check_key(&self.key)?;
+        let value_bytes = if self.base64 {
+            self.value.len() / 4 * 3
+        } else {
+            self.value.len()
+        };
+        if value_bytes > MAX_VALUE_BYTES {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                codes::VALUE_TOO_LARGE,
+                "Values must be at most 25 MiB",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Stores or removes every item but the first `leave_out`, which are reported unsuccessful.
+fn apply_all<T>(
+    items: Vec<T>,
+    leave_out: usize,
+    key: impl Fn(&T) -> &str,
+    mut apply: impl FnMut(T),
+) -> Value {
+    let total = items.len();
+    let mut unsuccessful = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        if i < leave_out {
+            unsuccessful.push(key(&item).to_owned());
+        } else {
+            apply(item);
+        }
+    }
+    json!({"successful_key_count": total - unsuccessful.len(), "unsuccessful_keys": unsuccessful})
 }
 
 async fn bulk_write(
@@ -331,68 +416,33 @@ async fn bulk_write(
         operation: "bulk",
         body_bytes: body.len(),
     };
-    let leave_out = match call.admit(&headers).await {
-        Ok(n) => n,
-        Err(response) => return call.record(0, response),
-    };
-    let pairs = match check_body(&body).and_then(|()| {
-        serde_json::from_slice::<Vec<WritePair>>(&body).map_err(|e| {
-            envelope_error(
-                StatusCode::BAD_REQUEST,
-                codes::BAD_REQUEST,
-                format!("Invalid request body: expected an array of {{key, value}}: {e}"),
-            )
-        })
-    }) {
-        Ok(pairs) => pairs,
-        Err(response) => return call.record(0, response),
-    };
-    let items = pairs.len();
-    let checked = (|| {
-        if items > MAX_BULK_ITEMS {
-            return Err(envelope_error(
-                StatusCode::BAD_REQUEST,
-                codes::TOO_MANY_ITEMS,
-                format!("A bulk request may hold at most {MAX_BULK_ITEMS} pairs"),
-            ));
-        }
-        for pair in &pairs {
-            check_key(&pair.key)?;
-            let value_bytes = if pair.base64 {
-                pair.value.len() / 4 * 3
-            } else {
-                pair.value.len()
-            };
-            if value_bytes > MAX_VALUE_BYTES {
-                return Err(envelope_error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    codes::VALUE_TOO_LARGE,
-                    "Values must be at most 25 MiB",
-                ));
-            }
-        }
-        Ok(())
-    })();
-    if let Err(response) = checked {
-        return call.record(items, response);
-    }
-    let mut unsuccessful = Vec::new();
-    {
+    call.bulk(&headers, &body, |body, leave_out| {
+        let pairs: Vec<WritePair> = serde_json::from_slice(body).map_err(|e| {
+            let message = format!("Invalid request body: expected an array of {{key, value}}: {e}");
+            (0, ApiError::bad_request(codes::BAD_REQUEST, message))
+        })?;
+        let items = pairs.len();
+        check_count(items).map_err(|e| (items, e))?;
+        pairs
+            .iter()
+            .try_for_each(WritePair::check)
+            .map_err(|e| (items, e))?;
         let mut guard = state.lock().unwrap();
         let ns = guard
             .namespaces
             .entry((account, namespace.clone()))
             .or_default();
-        for (i, pair) in pairs.into_iter().enumerate() {
-            if i < leave_out {
-                unsuccessful.push(pair.key);
-            } else {
-                ns.insert(pair.key, pair.value);
-            }
-        }
-    }
-    let result = json!({"successful_key_count": items - unsuccessful.len(), "unsuccessful_keys": unsuccessful});
-    call.record(items, envelope_ok(result))
+        let result = apply_all(
+            pairs,
+            leave_out,
+            |p| &p.key,
+            |p| {
+                ns.insert(p.key, p.value);
+            },
+        );
+        Ok((items, result))
+    })
+    .await
 }
 
 async fn bulk_delete(
@@ -408,51 +458,32 @@ async fn bulk_delete(
         operation: "bulk/delete",
         body_bytes: body.len(),
     };
-    let leave_out = match call.admit(&headers).await {
-        Ok(n) => n,
-        Err(response) => return call.record(0, response),
-    };
-    let keys = match check_body(&body).and_then(|()| {
-        serde_json::from_slice::<Vec<String>>(&body).map_err(|e| {
-            envelope_error(
-                StatusCode::BAD_REQUEST,
-                codes::BAD_REQUEST,
-                format!("Invalid request body: expected an array of key names: {e}"),
-            )
-        })
-    }) {
-        Ok(keys) => keys,
-        Err(response) => return call.record(0, response),
-    };
-    let items = keys.len();
-    if items > MAX_BULK_ITEMS {
-        let response = envelope_error(
-            StatusCode::BAD_REQUEST,
-            codes::TOO_MANY_ITEMS,
-            format!("A bulk request may hold at most {MAX_BULK_ITEMS} keys"),
-        );
-        return call.record(items, response);
-    }
-    if let Some(response) = keys.iter().find_map(|k| check_key(k).err()) {
-        return call.record(items, response);
-    }
-    let mut unsuccessful = Vec::new();
-    {
+    call.bulk(&headers, &body, |body, leave_out| {
+        let keys: Vec<String> = serde_json::from_slice(body).map_err(|e| {
+            let message = format!("Invalid request body: expected an array of key names: {e}");
+            (0, ApiError::bad_request(codes::BAD_REQUEST, message))
+        })?;
+        let items = keys.len();
+        check_count(items).map_err(|e| (items, e))?;
+        keys.iter()
+            .try_for_each(|k| check_key(k))
+            .map_err(|e| (items, e))?;
         let mut guard = state.lock().unwrap();
         let ns = guard
             .namespaces
             .entry((account, namespace.clone()))
             .or_default();
-        for (i, key) in keys.into_iter().enumerate() {
-            if i < leave_out {
-                unsuccessful.push(key);
-            } else {
-                ns.remove(&key);
-            }
-        }
-    }
-    let result = json!({"successful_key_count": items - unsuccessful.len(), "unsuccessful_keys": unsuccessful});
-    call.record(items, envelope_ok(result))
+        let result = apply_all(
+            keys,
+            leave_out,
+            |k| k,
+            |k| {
+                ns.remove(&k);
+            },
+        );
+        Ok((items, result))
+    })
+    .await
 }
 
 async fn read_value(
@@ -478,11 +509,12 @@ async fn read_value(
         .and_then(|ns| ns.get(&key).cloned());
     let response = match value {
         Some(value) => (StatusCode::OK, value).into_response(),
-        None => envelope_error(
+        None => ApiError::new(
             StatusCode::NOT_FOUND,
             codes::KEY_NOT_FOUND,
             "get: 'key not found'",
-        ),
+        )
+        .into_response(),
     };
     call.record(1, response)
 }

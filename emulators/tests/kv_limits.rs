@@ -1,0 +1,121 @@
+//! The KV emulator holds callers to Cloudflare's documented limits and envelope.
+
+use ecom_emulators::kv::{codes, Fault, KvEmulator};
+use serde_json::{json, Value};
+
+const TOKEN: &str = "t";
+
+async fn put(kv: &KvEmulator, body: Vec<u8>) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .put(format!(
+            "{}/accounts/a/storage/kv/namespaces/ns/bulk",
+            kv.base_url()
+        ))
+        .bearer_auth(TOKEN)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+fn pairs(n: usize, key_len: usize, value_len: usize) -> Vec<u8> {
+    let pairs: Vec<Value> = (0..n)
+        .map(|i| json!({"key": format!("{i:0>key_len$}"), "value": "v".repeat(value_len)}))
+        .collect();
+    serde_json::to_vec(&pairs).unwrap()
+}
+
+fn code(body: &Value) -> u64 {
+    body["errors"][0]["code"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn a_valid_bulk_write_is_stored_and_answered_in_the_envelope() {
+    let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+    let (status, body) = put(&kv, pairs(3, 4, 2)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["success"], true);
+    assert_eq!(body["result"]["successful_key_count"], 3);
+    assert_eq!(kv.value("a", "ns", "0002").as_deref(), Some("vv"));
+}
+
+#[tokio::test]
+async fn more_than_ten_thousand_pairs_are_refused() {
+    let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+    let (status, body) = put(&kv, pairs(10_001, 6, 1)).await;
+    assert_eq!((status, code(&body)), (400, codes::TOO_MANY_ITEMS as u64));
+    assert!(
+        kv.keys("a", "ns").is_empty(),
+        "nothing of a refused request is stored"
+    );
+    assert_eq!(put(&kv, pairs(10_000, 6, 1)).await.0, 200);
+}
+
+#[tokio::test]
+async fn bad_keys_and_large_values_are_refused() {
+    let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+    let (status, body) = put(&kv, pairs(1, 513, 1)).await;
+    assert_eq!((status, code(&body)), (400, codes::KEY_TOO_LONG as u64));
+    for key in [".", "..", ""] {
+        let body = serde_json::to_vec(&json!([{"key": key, "value": "v"}])).unwrap();
+        assert_eq!(put(&kv, body).await.0, 400, "{key:?}");
+    }
+    let (status, body) = put(&kv, pairs(1, 3, 25 * 1024 * 1024 + 1)).await;
+    assert_eq!((status, code(&body)), (413, codes::VALUE_TOO_LARGE as u64));
+    assert_eq!(put(&kv, pairs(1, 512, 25 * 1024 * 1024)).await.0, 200);
+}
+
+#[tokio::test]
+async fn bodies_of_one_hundred_megabytes_are_refused() {
+    let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+    let (status, body) = put(&kv, pairs(5, 3, 20 * 1024 * 1024)).await;
+    assert_eq!((status, code(&body)), (413, codes::BODY_TOO_LARGE as u64));
+}
+
+#[tokio::test]
+async fn requests_without_a_known_token_are_refused() {
+    let kv = KvEmulator::start(0, &["other"]).await.unwrap();
+    let (status, body) = put(&kv, pairs(1, 1, 1)).await;
+    assert_eq!((status, code(&body)), (401, codes::AUTHENTICATION as u64));
+    assert_eq!(body["success"], false);
+}
+
+#[tokio::test]
+async fn missing_keys_read_as_404_with_code_10009() {
+    let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+    let response = reqwest::Client::new()
+        .get(format!(
+            "{}/accounts/a/storage/kv/namespaces/ns/values/a%2Fb",
+            kv.base_url()
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 404);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(code(&body), 10009);
+}
+
+#[tokio::test]
+async fn injected_faults_apply_to_the_next_requests_only() {
+    let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+    kv.inject(
+        Fault::Status {
+            status: 503,
+            retry_after: Some(7),
+        },
+        1,
+    );
+    kv.inject(Fault::UnsuccessfulKeys { count: 1 }, 1);
+    let (status, body) = put(&kv, pairs(2, 1, 1)).await;
+    assert_eq!((status, body["success"].clone()), (503, json!(false)));
+    let (status, body) = put(&kv, pairs(2, 1, 1)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["result"]["unsuccessful_keys"], json!(["0"]));
+    assert_eq!(kv.keys("a", "ns"), ["1"]);
+    assert_eq!(put(&kv, pairs(2, 1, 1)).await.0, 200);
+    assert_eq!(kv.keys("a", "ns"), ["0", "1"]);
+}
