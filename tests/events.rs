@@ -1,0 +1,77 @@
+//! Every sample in `events/` is accepted by the handler and does what its name says, so the
+//! files stay usable with `cargo lambda invoke --data-file`.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn event(name: &str) -> Value {
+    let path = format!("{}/events/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(&path).expect(&path)).expect(&path)
+}
+
+async fn harness() -> Harness {
+    let h = Harness::new().await;
+    h.keys.set_key("acct-1", "sample-key");
+    h
+}
+
+#[tokio::test]
+async fn every_sample_stream_event_is_answered_without_failures() {
+    let names: Vec<String> = std::fs::read_dir(format!("{}/events", env!("CARGO_MANIFEST_DIR")))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("stream-"))
+        .collect();
+    assert!(names.len() >= 8, "{names:?}");
+    for name in names {
+        let h = harness().await;
+        let response = h.invoke(event(&name)).await;
+        assert_eq!(response, json!({"batchItemFailures": []}), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn the_insert_then_shop_change_then_remove_samples_tell_a_story() {
+    let h = harness().await;
+    h.invoke(event("stream-insert.json")).await;
+    assert!(h.settings("shop-1.myshopify.com").is_some());
+
+    h.invoke(event("stream-modify-shop-change.json")).await;
+    assert_eq!(h.settings("shop-1.myshopify.com"), None);
+    assert_eq!(
+        h.settings("acct-1-products").unwrap()["shop_id"],
+        "shop-2.myshopify.com"
+    );
+
+    h.invoke(event("stream-remove-new-and-old-images.json")).await;
+    assert!(h.kv.keys(CF_ACCOUNT, SETTINGS_NS).is_empty());
+}
+
+#[tokio::test]
+async fn the_mixed_sample_writes_two_skips_one_and_rejects_one() {
+    let h = harness().await;
+    let (logs, _guard) = Logs::capture();
+    h.invoke(event("stream-mixed-batch.json")).await;
+
+    assert_eq!(
+        h.kv.keys(CF_ACCOUNT, SETTINGS_NS),
+        ["acct-1-products", "shop-1.myshopify.com"]
+    );
+    assert_eq!(h.kv.keys(CF_ACCOUNT, QCFG_NS).len(), 1);
+    let summary = logs.matching("batch done");
+    assert!(summary[0].contains("exported=2 skipped=1 rejected=1 failed=0"), "{}", summary[0]);
+}
+
+#[tokio::test]
+async fn the_manual_sample_reexports_what_the_table_holds() {
+    let h = harness().await;
+    let insert = event("stream-insert.json");
+    h.put(insert["Records"][0]["dynamodb"]["NewImage"].clone()).await;
+
+    let summary = h.invoke(event("manual-reexport.json")).await;
+
+    assert_eq!(summary["written"]["settings"], json!(["acct-1-products", "shop-1.myshopify.com"]));
+    assert_eq!(h.settings("acct-1-products").unwrap()["marqo_api_key"], "sample-key");
+}
