@@ -32,6 +32,7 @@ unit-test:
 ## Lambda artifact for arm64 (cargo-lambda, installed into the venv from PyPI with zig).
 build: venv
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check cargo-lambda ziglang
+	rustup target add aarch64-unknown-linux-gnu
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo lambda build --release --arm64 --bin ecom-settings-exporter
 
 lint: venv

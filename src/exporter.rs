@@ -269,3 +269,144 @@ fn shop_in_kv_value(value: &str) -> Option<String> {
         .filter(|s| !s.is_empty())
         .map(str::to_owned)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ApiKey, SettingsReference};
+    use crate::plan::{AccountCell, LookupError};
+    use serde_dynamo::Item;
+    use serde_json::json;
+    use std::collections::HashSet;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// KV in memory; keys in `failing` are never stored.
+    #[derive(Default)]
+    struct MemoryKv {
+        values: Mutex<HashMap<String, String>>,
+        failing: HashSet<String>,
+    }
+
+    impl KvStore for MemoryKv {
+        async fn send(&self, request: &KvRequest, _: Instant) -> Result<(), KeyFailures> {
+            let mut values = self.values.lock().unwrap();
+            let mut failed = Vec::new();
+            for key in request.keys() {
+                if self.failing.contains(key) {
+                    failed.push(key.to_owned());
+                    continue;
+                }
+                match request {
+                    KvRequest::Put { pairs, .. } => {
+                        let pair = pairs.iter().find(|p| p.key == key).unwrap();
+                        values.insert(pair.key.clone(), pair.value.clone());
+                    }
+                    KvRequest::Delete { .. } => {
+                        values.remove(key);
+                    }
+                }
+            }
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                Err(KeyFailures {
+                    keys: failed,
+                    reason: "down".into(),
+                })
+            }
+        }
+
+        async fn get(&self, _: Namespace, key: &str, _: Instant) -> Result<Option<String>, String> {
+            Ok(self.values.lock().unwrap().get(key).cloned())
+        }
+    }
+
+    struct SameKey;
+
+    impl ApiKeySource for SameKey {
+        async fn fetch(&self, _: &AccountCell) -> Result<ApiKey, LookupError> {
+            Ok(ApiKey::new("k"))
+        }
+    }
+
+    #[derive(Default)]
+    struct CountingTable {
+        scans: AtomicUsize,
+    }
+
+    impl SettingsTable for CountingTable {
+        async fn settings_references(&self) -> Result<Vec<SettingsReference>, String> {
+            self.scans.fetch_add(1, Ordering::SeqCst);
+            Ok(vec![])
+        }
+        async fn index_settings(&self, _: &IndexRef) -> Result<Option<Item>, String> {
+            Ok(None)
+        }
+        async fn query_configs(&self, _: &IndexRef) -> Result<Vec<(String, Item)>, String> {
+            Ok(vec![])
+        }
+    }
+
+    fn exporter(kv: MemoryKv) -> Exporter<MemoryKv, SameKey, CountingTable> {
+        Exporter {
+            kv,
+            api_keys: ApiKeyCache::new(SameKey, Duration::from_secs(60)),
+            table: CountingTable::default(),
+            options: ExportOptions {
+                default_cell: "default".into(),
+                default_configs_sk: "DEFAULT_CONFIGS".into(),
+            },
+        }
+    }
+
+    fn record(seq: u32, event: &str, index: &str) -> serde_json::Value {
+        let keys = json!({"pk": {"S": "a"}, "sk": {"S": format!("INDEX#{index}")}});
+        let mut dynamodb = json!({"Keys": keys, "SequenceNumber": seq.to_string(), "SizeBytes": 1,
+                                  "StreamViewType": "NEW_IMAGE"});
+        if event != "REMOVE" {
+            let mut image = keys.clone();
+            image["index_endpoint"] = json!({"S": "https://idx"});
+            dynamodb["NewImage"] = image;
+        }
+        json!({"eventID": "e", "eventName": event, "awsRegion": "r", "dynamodb": dynamodb})
+    }
+
+    fn deadline() -> Instant {
+        Instant::now() + Duration::from_secs(10)
+    }
+
+    #[tokio::test]
+    async fn removes_share_one_table_scan_per_batch() {
+        let exporter = exporter(MemoryKv::default());
+        let batch = vec![
+            record(1, "INSERT", "x"),
+            record(2, "REMOVE", "p"),
+            record(3, "REMOVE", "q"),
+            record(4, "REMOVE", "r"),
+        ];
+        let report = exporter.export_stream(batch, deadline()).await;
+        assert_eq!(exporter.table.scans.load(Ordering::SeqCst), 1);
+        assert_eq!(report.count(|o| *o == RecordOutcome::Exported), 4);
+    }
+
+    #[tokio::test]
+    async fn a_kv_failure_fails_only_the_record_owning_the_key() {
+        let kv = MemoryKv {
+            failing: HashSet::from(["a-broken".to_string()]),
+            ..MemoryKv::default()
+        };
+        let exporter = exporter(kv);
+        let batch = vec![
+            record(1, "INSERT", "ok"),
+            record(2, "INSERT", "broken"),
+            // Supersedes record 1's key: record 1 is done once record 3's write lands.
+            record(3, "MODIFY", "ok"),
+        ];
+        let report = exporter.export_stream(batch, deadline()).await;
+        assert_eq!(report.failed_sequence_numbers(), ["2"]);
+        assert_eq!(report.records[0].outcome, RecordOutcome::Exported);
+        assert!(exporter.kv.values.lock().unwrap().contains_key("a-ok"));
+    }
+}

@@ -45,7 +45,8 @@ async fn the_insert_then_shop_change_then_remove_samples_tell_a_story() {
         "shop-2.myshopify.com"
     );
 
-    h.invoke(event("stream-remove-new-and-old-images.json")).await;
+    h.invoke(event("stream-remove-new-and-old-images.json"))
+        .await;
     assert!(h.kv.keys(CF_ACCOUNT, SETTINGS_NS).is_empty());
 }
 
@@ -61,17 +62,28 @@ async fn the_mixed_sample_writes_two_skips_one_and_rejects_one() {
     );
     assert_eq!(h.kv.keys(CF_ACCOUNT, QCFG_NS).len(), 1);
     let summary = logs.matching("batch done");
-    assert!(summary[0].contains("exported=2 skipped=1 rejected=1 failed=0"), "{}", summary[0]);
+    assert!(
+        summary[0].contains("exported=2 skipped=1 rejected=1 failed=0"),
+        "{}",
+        summary[0]
+    );
 }
 
 #[tokio::test]
 async fn the_manual_sample_reexports_what_the_table_holds() {
     let h = harness().await;
     let insert = event("stream-insert.json");
-    h.put(insert["Records"][0]["dynamodb"]["NewImage"].clone()).await;
+    h.put(insert["Records"][0]["dynamodb"]["NewImage"].clone())
+        .await;
 
     let summary = h.invoke(event("manual-reexport.json")).await;
 
-    assert_eq!(summary["written"]["settings"], json!(["acct-1-products", "shop-1.myshopify.com"]));
-    assert_eq!(h.settings("acct-1-products").unwrap()["marqo_api_key"], "sample-key");
+    assert_eq!(
+        summary["written"]["settings"],
+        json!(["acct-1-products", "shop-1.myshopify.com"])
+    );
+    assert_eq!(
+        h.settings("acct-1-products").unwrap()["marqo_api_key"],
+        "sample-key"
+    );
 }
