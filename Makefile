@@ -8,7 +8,7 @@ MOTO_VERSION := 5.2.5
 CFN_LINT_VERSION := 1.58.0
 STACK ?= ecom-settings-exporter-dev
 
-.PHONY: all build test unit-test lint fmt venv deploy clean
+.PHONY: all build test unit-test lint fmt venv tools local deploy clean
 
 all: lint test
 
@@ -21,6 +21,17 @@ $(VENV)/.installed: Makefile
 
 venv: $(VENV)/.installed
 
+## cargo-lambda (and zig, for arm64 builds) from PyPI into the venv.
+$(VENV)/.tools: $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check cargo-lambda ziglang
+	touch $@
+
+tools: $(VENV)/.tools
+
+## The function's peers on this machine (moto, KV emulator, API-keys stand-in); see the README.
+local: venv
+	scripts/local-stack.sh
+
 ## Unit and integration tests (moto on a free port, KV emulator and API-keys stand-in in-process).
 test: venv
 	scripts/with-moto.sh cargo test --workspace --all-targets --locked
@@ -30,8 +41,7 @@ unit-test:
 	cargo test --workspace --lib --locked
 
 ## Lambda artifact for arm64 (cargo-lambda, installed into the venv from PyPI with zig).
-build: venv
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check cargo-lambda ziglang
+build: tools
 	rustup target add aarch64-unknown-linux-gnu
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo lambda build --release --arm64 --bin ecom-settings-exporter
 

@@ -34,6 +34,13 @@ fn parse(
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if matches!(
+        args.first().map(String::as_str),
+        Some("--help" | "-h" | "help")
+    ) {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     let router = match args.first().map(String::as_str) {
         Some("kv") => parse(&args[1..], 8787, "--token").map(|(port, tokens)| {
             let tokens = if tokens.is_empty() {

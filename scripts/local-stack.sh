@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Starts the exporter's peers on this machine and writes .local.env for `cargo lambda watch`:
+#   moto (the settings table with a stream, the token secret) on :5050,
+#   the Cloudflare KV emulator on :8787, the API-keys stand-in on :8788.
+# Ctrl-C stops them all.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+MOTO_PORT=${MOTO_PORT:-5050} KV_PORT=${KV_PORT:-8787} KEYS_PORT=${KEYS_PORT:-8788}
+TABLE=local-EcomIndexSettingsTable SECRET=local/CloudFlareApiToken TOKEN=local-token
+
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+
+cargo build --quiet -p ecom-emulators
+.venv/bin/moto_server -H 127.0.0.1 -p "$MOTO_PORT" >/tmp/ecom-moto.log 2>&1 & pids+=($!)
+target/debug/ecom-emulators kv --port "$KV_PORT" --token "$TOKEN" & pids+=($!)
+target/debug/ecom-emulators api-keys --port "$KEYS_PORT" --key acct-1=local-marqo-key & pids+=($!)
+
+export AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=eu-west-1
+for _ in $(seq 1 100); do curl -sf "$AWS_ENDPOINT_URL/moto-api/" >/dev/null && break; sleep 0.1; done
+.venv/bin/python - "$TABLE" "$SECRET" "$TOKEN" <<'PY'
+import sys, boto3
+table, secret, token = sys.argv[1:]
+ddb = boto3.client("dynamodb")
+ddb.create_table(TableName=table, BillingMode="PAY_PER_REQUEST",
+    KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+    AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}, {"AttributeName": "sk", "AttributeType": "S"}],
+    StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"})
+boto3.client("secretsmanager").create_secret(Name=secret, SecretString=token)
+PY
+
+cat > .local.env <<ENV
+AWS_ENDPOINT_URL=$AWS_ENDPOINT_URL
+AWS_ACCESS_KEY_ID=testing
+AWS_SECRET_ACCESS_KEY=testing
+AWS_REGION=eu-west-1
+SETTINGS_TABLE_NAME=$TABLE
+CLOUDFLARE_ACCOUNT_ID=local-cf-account
+CLOUDFLARE_KV_NAMESPACE_ID=settings
+CLOUDFLARE_QCFG_NAMESPACE_ID=qcfg
+CLOUDFLARE_API_TOKEN_SECRET_ID=$SECRET
+CLOUDFLARE_API_BASE_URL=http://127.0.0.1:$KV_PORT/client/v4
+API_KEYS_SERVICE_URL=http://127.0.0.1:$KEYS_PORT/cells/{cell}
+ENV
+cat <<MSG
+
+Local stack up; settings in .local.env. In another terminal:
+  PATH=\$PWD/.venv/bin:\$PATH cargo lambda watch --env-file .local.env
+  PATH=\$PWD/.venv/bin:\$PATH cargo lambda invoke ecom-settings-exporter --data-file events/stream-insert.json
+  curl -s localhost:$KV_PORT/__emulator/namespaces     # what KV holds
+Ctrl-C here stops everything.
+MSG
+wait
