@@ -18,7 +18,7 @@ cargo build --quiet -p ecom-emulators
 target/debug/ecom-emulators kv --port "$KV_PORT" --token "$TOKEN" & pids+=($!)
 target/debug/ecom-emulators api-keys --port "$KEYS_PORT" --key acct-1=local-marqo-key & pids+=($!)
 
-export AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=eu-west-1
+export AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=eu-west-1 AWS_DEFAULT_REGION=eu-west-1
 for _ in $(seq 1 100); do curl -sf "$AWS_ENDPOINT_URL/moto-api/" >/dev/null && break; sleep 0.1; done
 .venv/bin/python - "$TABLE" "$SECRET" "$TOKEN" <<'PY'
 import sys, boto3

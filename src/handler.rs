@@ -122,12 +122,24 @@ impl TryFrom<Value> for Payload {
     }
 }
 
-/// The instant to stop retrying: the invocation's deadline less a margin to answer in.
+/// Retry budget when the runtime's deadline is unusable.
+const UNKNOWN_DEADLINE_BUDGET: Duration = Duration::from_secs(60);
+
+/// The instant to stop retrying: the invocation's deadline less a margin to answer in. Short
+/// timeouts keep most of their time: the margin is at most a fifth of what is left.
 pub fn retry_deadline(deadline: SystemTime, margin: Duration) -> Instant {
-    let left = deadline
-        .duration_since(SystemTime::now())
-        .unwrap_or(Duration::ZERO);
-    Instant::now() + left.saturating_sub(margin)
+    match deadline.duration_since(SystemTime::now()) {
+        Ok(left) if !left.is_zero() => Instant::now() + left.saturating_sub(margin.min(left / 5)),
+        // Lambda never hands out an invocation that is already late; local runtimes may send a
+        // duration instead of a time (`cargo lambda watch` sends 600000).
+        _ => {
+            tracing::warn!(
+                budget_s = UNKNOWN_DEADLINE_BUDGET.as_secs(),
+                "the invocation deadline is already past: a local runtime? retrying within a fixed budget"
+            );
+            Instant::now() + UNKNOWN_DEADLINE_BUDGET
+        }
+    }
 }
 
 pub async fn handle<K: KvStore, A: ApiKeySource, T: SettingsTable>(
@@ -136,6 +148,10 @@ pub async fn handle<K: KvStore, A: ApiKeySource, T: SettingsTable>(
     event: LambdaEvent<Value>,
 ) -> Result<Value, HandlerError> {
     let deadline = retry_deadline(event.context.deadline(), margin);
+    let retry_budget_ms = deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis() as u64;
+    tracing::debug!(retry_budget_ms, "invocation received");
     route(exporter, event.payload, deadline).await
 }
 
@@ -275,6 +291,25 @@ fn reexport_summary(request: &ReexportRequest, report: &BatchReport) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_margin_shrinks_for_short_timeouts() {
+        let margin = Duration::from_secs(5);
+        let stop = |timeout: Duration| {
+            retry_deadline(SystemTime::now() + timeout, margin).duration_since(Instant::now())
+        };
+        let long = stop(Duration::from_secs(120));
+        assert!(long > Duration::from_millis(114_900) && long <= Duration::from_secs(115));
+        let short = stop(Duration::from_secs(3));
+        assert!(short > Duration::from_millis(2_300) && short <= Duration::from_millis(2_400));
+    }
+
+    #[test]
+    fn a_deadline_in_the_past_gets_a_fixed_budget() {
+        let local = std::time::UNIX_EPOCH + Duration::from_millis(600_000);
+        let budget = retry_deadline(local, Duration::from_secs(5)).duration_since(Instant::now());
+        assert!(budget > Duration::from_secs(59) && budget <= UNKNOWN_DEADLINE_BUDGET);
+    }
 
     #[test]
     fn records_route_to_the_stream_path() {
