@@ -279,51 +279,29 @@ impl<T: TokenSource> CloudflareKv<T> {
 
     /// A bulk request; keys Cloudflare reports in `unsuccessful_keys` are sent again.
     async fn bulk(&self, request: &KvRequest, deadline: Instant) -> Result<(), KeyFailures> {
-        let namespace = request.namespace();
-        let (url, mut pending_pairs, mut pending_keys) = match request {
-            KvRequest::Put { pairs, .. } => (
-                self.namespace_url(namespace, &["bulk"]),
-                pairs.clone(),
-                vec![],
-            ),
-            KvRequest::Delete { keys, .. } => (
-                self.namespace_url(namespace, &["bulk", "delete"]),
-                vec![],
-                keys.clone(),
+        let (method, url) = match request {
+            KvRequest::Put { namespace, .. } => {
+                (Method::PUT, self.namespace_url(*namespace, &["bulk"]))
+            }
+            KvRequest::Delete { namespace, .. } => (
+                Method::POST,
+                self.namespace_url(*namespace, &["bulk", "delete"]),
             ),
         };
-        let method = match request {
-            KvRequest::Put { .. } => Method::PUT,
-            KvRequest::Delete { .. } => Method::POST,
-        };
+        let mut pending = request.clone();
         let mut resends = 0;
         loop {
-            let body = if matches!(request, KvRequest::Put { .. }) {
-                serde_json::to_vec(&pending_pairs)
-            } else {
-                serde_json::to_vec(&pending_keys)
-            }
-            .expect("strings serialize");
-            let keys = || -> Vec<String> {
-                if matches!(request, KvRequest::Put { .. }) {
-                    pending_pairs.iter().map(|p| p.key.clone()).collect()
-                } else {
-                    pending_keys.clone()
-                }
+            let failed = |reason: String| KeyFailures {
+                keys: pending.keys().into_iter().map(str::to_owned).collect(),
+                reason,
             };
             let answer = self
-                .call(method.clone(), &url, Some(&body), deadline)
+                .call(method.clone(), &url, Some(&pending.body()), deadline)
                 .await
-                .map_err(|reason| KeyFailures {
-                    keys: keys(),
-                    reason,
-                })?;
+                .map_err(failed)?;
             let envelope: Envelope = serde_json::from_str(&answer.body).unwrap_or_default();
             if !answer.status.is_success() || !envelope.success {
-                return Err(KeyFailures {
-                    keys: keys(),
-                    reason: describe(answer.status, &answer.body),
-                });
+                return Err(failed(describe(answer.status, &answer.body)));
             }
             let unsuccessful = envelope.result.unwrap_or_default().unsuccessful_keys;
             if unsuccessful.is_empty() {
@@ -333,10 +311,6 @@ impl<T: TokenSource> CloudflareKv<T> {
                 "Cloudflare reported {} unsuccessful keys",
                 unsuccessful.len()
             );
-            let retry_keys: std::collections::HashSet<&str> =
-                unsuccessful.iter().map(String::as_str).collect();
-            pending_pairs.retain(|p| retry_keys.contains(p.key.as_str()));
-            pending_keys.retain(|k| retry_keys.contains(k.as_str()));
             let delay = self.retry.backoff(resends);
             if resends >= self.retry.max_retries || Instant::now() + delay >= deadline {
                 return Err(KeyFailures {
@@ -344,6 +318,7 @@ impl<T: TokenSource> CloudflareKv<T> {
                     reason: format!("{reason}, after {resends} resends"),
                 });
             }
+            pending.retain_keys(&unsuccessful);
             resends += 1;
             tracing::debug!(%reason, resend = resends, "resending unsuccessful keys");
             tokio::time::sleep(delay).await;

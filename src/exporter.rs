@@ -146,8 +146,12 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
         let cell = &self.options.default_cell;
         let needs = plan::needs(&records, cell);
         let (lookups, api_keys) = self.look_up(needs, deadline).await;
-        let plan = plan::plan(&records, &lookups, cell);
-        for (owner, note) in &plan.notes {
+        let plan::Plan {
+            ops,
+            mut outcomes,
+            notes,
+        } = plan::plan(&records, &lookups, cell);
+        for (owner, note) in &notes {
             let index = records[*owner].index.as_ref();
             tracing::info!(
                 account = %index.map(|i| i.account.as_str()).unwrap_or("?"),
@@ -156,7 +160,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
             );
         }
 
-        let requests = requests::requests(&plan.ops);
+        let requests = requests::requests(&ops);
         let failures = self.send_all(&requests, deadline).await;
         let failed_keys: HashMap<(Namespace, &str), &str> = failures
             .iter()
@@ -168,13 +172,12 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
             })
             .collect();
 
-        let mut outcomes = plan.outcomes.clone();
         let mut report = BatchReport {
             kv_requests: requests.len(),
             api_keys,
             ..BatchReport::default()
         };
-        for (key, op) in &plan.ops {
+        for (key, op) in &ops {
             match failed_keys.get(&(key.namespace, key.key.as_str())) {
                 Some(reason) => {
                     if outcomes[op.owner] == Outcome::Pending {

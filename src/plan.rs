@@ -38,10 +38,20 @@ impl KvKey {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub enum KvAction {
     Put(String),
     Delete,
+}
+
+// Settings values carry API keys: `Debug` shows only their size.
+impl std::fmt::Debug for KvAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KvAction::Put(value) => write!(f, "Put({} bytes)", value.len()),
+            KvAction::Delete => f.write_str("Delete"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -699,6 +709,15 @@ mod tests {
             json!({"schema_version": 1, "system_account_id": "acct-1", "index_name": "products",
                    "query": "chaussures #été", "config": {"boost": 2}})
         );
+    }
+
+    #[test]
+    fn plans_never_show_api_keys_in_debug() {
+        let records = vec![upsert(1, "products", Some("shop-1"))];
+        let plan = plan(&records, &key_lookups(&records), CELL);
+        let debug = format!("{plan:?}");
+        assert!(debug.contains("Put("), "{debug}");
+        assert!(!debug.contains("key-acct-1"), "{debug}");
     }
 
     #[test]

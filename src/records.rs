@@ -122,21 +122,17 @@ pub fn decode_record(raw: serde_json::Value, default_configs_sk: &str) -> Change
             / 1000.0,
     )
     .filter(|secs| *secs > 0.0);
-    let mut out = ChangeRecord {
+    let (index, decoded) = decode_change(record, default_configs_sk);
+    ChangeRecord {
         sequence_number,
-        index: None,
+        index,
         created_at,
-        decoded: Decoded::Skip(String::new()),
-    };
-    out.decoded = decode_change(record, default_configs_sk, &mut out.index);
-    out
+        decoded,
+    }
 }
 
-fn decode_change(
-    record: EventRecord,
-    default_configs_sk: &str,
-    subject: &mut Option<IndexRef>,
-) -> Decoded {
+/// The index the record is about (when its keys tell) and what it means.
+fn decode_change(record: EventRecord, default_configs_sk: &str) -> (Option<IndexRef>, Decoded) {
     let change = record.change;
     let keys = if change.keys.is_empty() {
         &change.new_image
@@ -144,32 +140,46 @@ fn decode_change(
         &change.keys
     };
     let Ok(Keys { pk, sk }) = serde_dynamo::from_item::<_, Keys>(keys.clone()) else {
-        return Decoded::Reject("the record's keys must hold string `pk` and `sk`".into());
+        let reason = "the record's keys must hold string `pk` and `sk`";
+        return (None, Decoded::Reject(reason.into()));
     };
     let (index, query) = match SortKey::parse(&sk, default_configs_sk) {
         SortKey::DefaultConfigs => {
-            return Decoded::Skip("default configs are never exported".into())
+            return (
+                None,
+                Decoded::Skip("default configs are never exported".into()),
+            )
         }
         SortKey::Foreign => {
-            return Decoded::Skip(format!("sort key `{sk}` is not an index record"))
+            let reason = format!("sort key `{sk}` is not an index record");
+            return (None, Decoded::Skip(reason));
         }
         SortKey::Index(index) => (index, None),
         SortKey::Query { index, query } => (index, Some(query)),
     };
     if pk.is_empty() || index.is_empty() {
-        return Decoded::Reject(format!(
-            "empty account or index name in pk `{pk}`, sk `{sk}`"
-        ));
+        let reason = format!("empty account or index name in pk `{pk}`, sk `{sk}`");
+        return (None, Decoded::Reject(reason));
     }
     let index = IndexRef::new(pk, index);
-    *subject = Some(index.clone());
+    (
+        Some(index.clone()),
+        decode_image(record.event_name.as_str(), change, index, query),
+    )
+}
 
+fn decode_image(
+    event_name: &str,
+    change: aws_lambda_events::dynamodb::StreamRecord,
+    index: IndexRef,
+    query: Option<String>,
+) -> Decoded {
     let previous_shop = previous_shop(
-        record.event_name.as_str(),
+        event_name,
         change.stream_view_type.as_ref(),
         &change.old_image,
     );
-    match (record.event_name.as_str(), query) {
+    match (event_name, query) {
         ("INSERT" | "MODIFY", query) => {
             if change.new_image.is_empty() {
                 return Decoded::Reject(

@@ -1,7 +1,7 @@
 //! Step 4 of the pipeline, pure: planned operations become as few Cloudflare bulk requests as
 //! the limits allow (10,000 items and under 100 MB a request).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use serde::Serialize;
 
@@ -52,6 +52,24 @@ impl KvRequest {
         match self {
             KvRequest::Put { pairs, .. } => pairs.iter().map(|p| p.key.as_str()).collect(),
             KvRequest::Delete { keys, .. } => keys.iter().map(String::as_str).collect(),
+        }
+    }
+
+    /// The JSON body Cloudflare takes: `[{key, value}]` to write, `[key]` to delete.
+    pub fn body(&self) -> Vec<u8> {
+        match self {
+            KvRequest::Put { pairs, .. } => serde_json::to_vec(pairs),
+            KvRequest::Delete { keys, .. } => serde_json::to_vec(keys),
+        }
+        .expect("strings serialize")
+    }
+
+    /// Keeps only the items whose key is in `keys` (to send again what did not make it).
+    pub fn retain_keys(&mut self, keys: &[String]) {
+        let keep: HashSet<&str> = keys.iter().map(String::as_str).collect();
+        match self {
+            KvRequest::Put { pairs, .. } => pairs.retain(|p| keep.contains(p.key.as_str())),
+            KvRequest::Delete { keys, .. } => keys.retain(|k| keep.contains(k.as_str())),
         }
     }
 

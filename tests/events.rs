@@ -53,7 +53,7 @@ async fn the_insert_then_shop_change_then_remove_samples_tell_a_story() {
 #[tokio::test]
 async fn the_mixed_sample_writes_two_skips_one_and_rejects_one() {
     let h = harness().await;
-    let (logs, _guard) = Logs::capture();
+    let logs = Logs::capture();
     h.invoke(event("stream-mixed-batch.json")).await;
 
     assert_eq!(

@@ -152,7 +152,7 @@ async fn a_client_error_is_not_retried_and_reports_the_records() {
             1,
         );
 
-        let (logs, _guard) = Logs::capture();
+        let logs = Logs::capture();
         let response = h.invoke(json!({ "Records": records.clone() })).await;
 
         assert_eq!(failures(&response), sequence_numbers(&records), "{status}");
@@ -197,7 +197,7 @@ async fn connection_refused_reports_the_records() {
     )
     .await;
 
-    let (logs, _guard) = Logs::capture();
+    let logs = Logs::capture();
     let response = h.invoke(json!({ "Records": records.clone() })).await;
 
     assert_eq!(failures(&response), sequence_numbers(&records));
@@ -277,7 +277,7 @@ async fn values_over_25_mib_are_rejected_and_never_sent() {
                      "SequenceNumber": "1", "SizeBytes": 1, "StreamViewType": "NEW_IMAGE"}
     });
 
-    let (logs, _guard) = Logs::capture();
+    let logs = Logs::capture();
     let response = h.invoke(json!({ "Records": [record] })).await;
 
     assert_eq!(failures(&response), Vec::<String>::new());

@@ -257,7 +257,7 @@ async fn a_remove_keeps_the_keys_while_a_live_alias_points_at_the_index() {
     h.put(legacy).await;
     h.export_stream().await;
 
-    let (logs, _guard) = Logs::capture();
+    let logs = Logs::capture();
     h.delete("acct-1", "INDEX#v1").await;
     h.delete("acct-1", "INDEX#v2").await;
     let response = h.export_stream().await;
@@ -329,7 +329,7 @@ async fn a_rejected_record_beside_good_ones_logs_one_line_and_is_not_retried() {
     let records = h.stream_records().await;
     let broken_seq = &sequence_numbers(&records)[1];
 
-    let (logs, _guard) = Logs::capture();
+    let logs = Logs::capture();
     let response = h.invoke(json!({ "Records": records })).await;
 
     assert_eq!(response, json!({"batchItemFailures": []}));
@@ -356,7 +356,7 @@ async fn an_account_without_an_api_key_is_rejected_and_never_written() {
     h.put(index_item("acct-nokey", "products", Some("shop-nokey")))
         .await;
 
-    let (logs, _guard) = Logs::capture();
+    let logs = Logs::capture();
     let response = h.export_stream().await;
 
     assert_eq!(response, json!({"batchItemFailures": []}));

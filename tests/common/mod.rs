@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::{
@@ -285,27 +284,39 @@ pub fn sequence_numbers(records: &[Value]) -> Vec<String> {
         .collect()
 }
 
-/// Log lines written while a test runs on its (current-thread) runtime.
-#[derive(Clone, Default)]
-pub struct Logs(Arc<Mutex<Vec<u8>>>);
+thread_local! {
+    /// This thread's log output: each test runs on its own thread (current-thread runtime).
+    static THREAD_LOGS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Log lines written by the current test. One global subscriber routes every line to the
+/// writing thread's buffer: thread-local subscribers can miss events when parallel tests race
+/// on `tracing`'s callsite cache.
+pub struct Logs;
 
 impl Logs {
-    /// Captures this thread's `tracing` output until the guard is dropped.
-    pub fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
-        let logs = Logs::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(logs.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::DEBUG)
-            .finish();
-        (logs.clone(), tracing::subscriber::set_default(subscriber))
+    /// Starts capturing (again) for this test's thread.
+    pub fn capture() -> Self {
+        static INSTALL: std::sync::Once = std::sync::Once::new();
+        INSTALL.call_once(|| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(|| ThreadWriter)
+                .with_ansi(false)
+                .with_max_level(tracing::Level::DEBUG)
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+        });
+        THREAD_LOGS.with(|logs| logs.borrow_mut().clear());
+        Logs
     }
 
     pub fn lines(&self) -> Vec<String> {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .map(str::to_owned)
-            .collect()
+        THREAD_LOGS.with(|logs| {
+            String::from_utf8_lossy(&logs.borrow())
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        })
     }
 
     pub fn matching(&self, needle: &str) -> Vec<String> {
@@ -316,19 +327,14 @@ impl Logs {
     }
 }
 
-impl std::io::Write for Logs {
+struct ThreadWriter;
+
+impl std::io::Write for ThreadWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
+        THREAD_LOGS.with(|logs| logs.borrow_mut().extend_from_slice(buf));
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
-    type Writer = Logs;
-    fn make_writer(&'a self) -> Logs {
-        self.clone()
     }
 }
