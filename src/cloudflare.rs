@@ -37,6 +37,14 @@ pub trait KvStore: Send + Sync {
         key: &str,
         deadline: Instant,
     ) -> impl Future<Output = Result<Option<String>, String>> + Send;
+
+    /// Every key of the namespace that starts with `prefix`.
+    fn list_keys(
+        &self,
+        namespace: Namespace,
+        prefix: &str,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Vec<String>, String>> + Send;
 }
 
 #[derive(Debug, Clone)]
@@ -103,6 +111,26 @@ struct Envelope {
 struct EnvelopeError {
     code: Option<i64>,
     message: Option<String>,
+}
+
+/// `GET /keys`: one page of names, and the cursor of the next page ("" at the end).
+#[derive(Deserialize)]
+struct KeyPage {
+    #[serde(default)]
+    result: Vec<KeyName>,
+    #[serde(default)]
+    result_info: Option<ResultInfo>,
+}
+
+#[derive(Deserialize)]
+struct KeyName {
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct ResultInfo {
+    #[serde(default)]
+    cursor: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -353,6 +381,36 @@ impl<T: TokenSource> KvStore for CloudflareKv<T> {
             status if status.is_success() => Ok(Some(answer.body)),
             StatusCode::NOT_FOUND => Ok(None),
             status => Err(describe(status, &answer.body)),
+        }
+    }
+
+    async fn list_keys(
+        &self,
+        namespace: Namespace,
+        prefix: &str,
+        deadline: Instant,
+    ) -> Result<Vec<String>, String> {
+        let mut keys = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let mut url = self.namespace_url(namespace, &["keys"]);
+            url.query_pairs_mut()
+                .append_pair("prefix", prefix)
+                .append_pair("limit", "1000");
+            if !cursor.is_empty() {
+                url.query_pairs_mut().append_pair("cursor", &cursor);
+            }
+            let answer = self.call(Method::GET, &url, None, deadline).await?;
+            if !answer.status.is_success() {
+                return Err(describe(answer.status, &answer.body));
+            }
+            let page: KeyPage = serde_json::from_str(&answer.body)
+                .map_err(|e| format!("unreadable key list from Cloudflare: {e}"))?;
+            keys.extend(page.result.into_iter().map(|k| k.name));
+            match page.result_info.and_then(|i| i.cursor) {
+                Some(next) if !next.is_empty() => cursor = next,
+                _ => return Ok(keys),
+            }
         }
     }
 }

@@ -45,6 +45,14 @@ pub enum RecordOutcome {
     },
 }
 
+/// Records with their lookups done and their KV operations planned, nothing sent yet.
+#[derive(Debug)]
+pub struct Prepared {
+    pub records: Vec<ChangeRecord>,
+    pub plan: plan::Plan,
+    pub api_keys: LookupCounts,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecordReport {
     pub sequence_number: Option<String>,
@@ -143,15 +151,17 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
     }
 
     pub async fn export(&self, records: Vec<ChangeRecord>, deadline: Instant) -> BatchReport {
+        let prepared = self.prepare(records, deadline).await;
+        self.apply(prepared, deadline).await
+    }
+
+    /// Everything but the KV writes: lookups and the plan. A dry run stops here.
+    pub async fn prepare(&self, records: Vec<ChangeRecord>, deadline: Instant) -> Prepared {
         let cell = &self.options.default_cell;
         let needs = plan::needs(&records, cell);
         let (lookups, api_keys) = self.look_up(needs, deadline).await;
-        let plan::Plan {
-            ops,
-            mut outcomes,
-            notes,
-        } = plan::plan(&records, &lookups, cell);
-        for (owner, note) in &notes {
+        let plan = plan::plan(&records, &lookups, cell);
+        for (owner, note) in &plan.notes {
             let index = records[*owner].index.as_ref();
             tracing::info!(
                 account = %index.map(|i| i.account.as_str()).unwrap_or("?"),
@@ -159,8 +169,22 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
                 "{note}"
             );
         }
+        Prepared {
+            records,
+            plan,
+            api_keys,
+        }
+    }
 
-        let requests = requests::requests(&ops);
+    /// Sends the plan's operations and decides every record's outcome.
+    pub async fn apply(&self, prepared: Prepared, deadline: Instant) -> BatchReport {
+        let Prepared {
+            records,
+            plan,
+            api_keys,
+        } = prepared;
+        let mut outcomes = plan.outcomes;
+        let requests = requests::requests(&plan.ops);
         let failures = self.send_all(&requests, deadline).await;
         let failed_keys: HashMap<(Namespace, &str), &str> = failures
             .iter()
@@ -177,7 +201,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
             api_keys,
             ..BatchReport::default()
         };
-        for (key, op) in &ops {
+        for (key, op) in &plan.ops {
             match failed_keys.get(&(key.namespace, key.key.as_str())) {
                 Some(reason) => {
                     if outcomes[op.owner] == Outcome::Pending {
@@ -324,6 +348,20 @@ mod tests {
         async fn get(&self, _: Namespace, key: &str, _: Instant) -> Result<Option<String>, String> {
             Ok(self.values.lock().unwrap().get(key).cloned())
         }
+
+        async fn list_keys(
+            &self,
+            _: Namespace,
+            prefix: &str,
+            _: Instant,
+        ) -> Result<Vec<String>, String> {
+            let values = self.values.lock().unwrap();
+            Ok(values
+                .keys()
+                .filter(|k| k.starts_with(prefix))
+                .cloned()
+                .collect())
+        }
     }
 
     struct SameKey;
@@ -347,8 +385,16 @@ mod tests {
         async fn index_settings(&self, _: &IndexRef) -> Result<Option<Item>, String> {
             Ok(None)
         }
-        async fn query_configs(&self, _: &IndexRef) -> Result<Vec<(String, Item)>, String> {
+        async fn query_configs(&self, _: &IndexRef) -> Result<Vec<Item>, String> {
             Ok(vec![])
+        }
+        async fn page(
+            &self,
+            _: Option<&str>,
+            _: Option<Item>,
+            _: i32,
+        ) -> Result<crate::table::Page, String> {
+            Ok(crate::table::Page::default())
         }
     }
 

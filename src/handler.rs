@@ -5,15 +5,14 @@ use std::time::{Duration, SystemTime};
 
 use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
 use lambda_runtime::{Diagnostic, LambdaEvent};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::api_keys::ApiKeySource;
 use crate::cloudflare::KvStore;
 use crate::exporter::{BatchReport, Exporter, RecordOutcome};
-use crate::model::{IndexRef, IndexSettings, QueryConfig};
-use crate::plan::Namespace;
-use crate::records::{Change, ChangeRecord, Decoded, PreviousShop};
+use crate::manual::{self, BackfillRequest, IndexTarget, ManualRequest};
+use crate::model::IndexRef;
 use crate::table::SettingsTable;
 
 const ACCEPTED: &str =
@@ -24,11 +23,8 @@ const ACCEPTED: &str =
 pub enum HandlerError {
     #[error("unsupported payload: {ACCEPTED}")]
     UnsupportedPayload,
-    #[error("invalid manual re-export: `{field}` {problem}")]
-    InvalidField {
-        field: &'static str,
-        problem: &'static str,
-    },
+    #[error("invalid manual payload: `{field}` {problem}")]
+    InvalidField { field: String, problem: String },
     #[error("no settings record for account {account}, index {index}")]
     NoSuchIndex { account: String, index: String },
     #[error("re-export of account {account}, index {index} failed: {reason}")]
@@ -37,6 +33,8 @@ pub enum HandlerError {
         index: String,
         reason: String,
     },
+    #[error("backfill stopped: {reason}")]
+    BackfillFailed { reason: String },
     #[error("{0}")]
     Config(#[from] crate::config::ConfigError),
     /// A failed stream record without a sequence number cannot be reported alone.
@@ -51,7 +49,9 @@ impl From<HandlerError> for Diagnostic {
                 "InvalidPayload"
             }
             HandlerError::NoSuchIndex { .. } => "NoSuchIndex",
-            HandlerError::ExportFailed { .. } | HandlerError::UnreportableFailure => "ExportFailed",
+            HandlerError::ExportFailed { .. }
+            | HandlerError::BackfillFailed { .. }
+            | HandlerError::UnreportableFailure => "ExportFailed",
             HandlerError::Config(_) => "ConfigError",
         };
         Diagnostic {
@@ -61,17 +61,89 @@ impl From<HandlerError> for Diagnostic {
     }
 }
 
-/// `{"system_account_id", "index_name", "include_query_configs"}`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ReexportRequest {
-    pub index: IndexRef,
-    pub include_query_configs: bool,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
     StreamBatch(Vec<Value>),
-    Reexport(ReexportRequest),
+    Manual(ManualRequest),
+}
+
+/// The fields of a manual payload, checked one by one; each error names its field.
+struct Fields(serde_json::Map<String, Value>);
+
+impl Fields {
+    fn invalid(field: &str, problem: &str) -> HandlerError {
+        HandlerError::InvalidField {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+
+    fn only(&self, allowed: &[&str]) -> Result<(), HandlerError> {
+        match self.0.keys().find(|k| !allowed.contains(&k.as_str())) {
+            Some(unknown) => Err(Self::invalid(
+                unknown,
+                &format!(
+                    "is not a field of this mode (fields: {})",
+                    allowed.join(", ")
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn text(&self, field: &str) -> Result<Option<String>, HandlerError> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if s.is_empty() => Err(Self::invalid(field, "is empty")),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(Self::invalid(field, "must be a string")),
+        }
+    }
+
+    fn required_text(&self, field: &str) -> Result<String, HandlerError> {
+        self.text(field)?
+            .ok_or_else(|| Self::invalid(field, "is required"))
+    }
+
+    fn flag(&self, field: &str) -> Result<bool, HandlerError> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(Self::invalid(field, "must be true or false")),
+        }
+    }
+
+    fn count(
+        &self,
+        field: &str,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<Option<u64>, HandlerError> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => value
+                .as_u64()
+                .filter(|n| range.contains(n))
+                .map(Some)
+                .ok_or_else(|| {
+                    let problem = format!(
+                        "must be a whole number from {} to {}",
+                        range.start(),
+                        range.end()
+                    );
+                    Self::invalid(field, &problem)
+                }),
+        }
+    }
+
+    fn target(&self) -> Result<IndexTarget, HandlerError> {
+        Ok(IndexTarget {
+            index: IndexRef::new(
+                self.required_text("system_account_id")?,
+                self.required_text("index_name")?,
+            ),
+            include_query_configs: self.flag("include_query_configs")?,
+        })
+    }
 }
 
 impl TryFrom<Value> for Payload {
@@ -87,38 +159,72 @@ impl TryFrom<Value> for Payload {
                 _ => Err(HandlerError::UnsupportedPayload),
             };
         }
-        if !fields.contains_key("system_account_id") && !fields.contains_key("index_name") {
-            return Err(HandlerError::UnsupportedPayload);
-        }
-        let text = |field: &'static str| match fields.get(field) {
-            Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
-            Some(Value::String(_)) => Err(HandlerError::InvalidField {
-                field,
-                problem: "is empty",
-            }),
-            Some(_) => Err(HandlerError::InvalidField {
-                field,
-                problem: "must be a string",
-            }),
-            None => Err(HandlerError::InvalidField {
-                field,
-                problem: "is required",
-            }),
+        let fields = Fields(fields);
+        let mode = match fields.text("mode")? {
+            Some(mode) => mode,
+            None if fields.0.contains_key("system_account_id")
+                || fields.0.contains_key("index_name") =>
+            {
+                "reexport".into()
+            }
+            None => return Err(HandlerError::UnsupportedPayload),
         };
-        let include_query_configs = match fields.get("include_query_configs") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => {
-                return Err(HandlerError::InvalidField {
-                    field: "include_query_configs",
-                    problem: "must be true or false",
+        let request = match mode.as_str() {
+            "reexport" => {
+                fields.only(&[
+                    "mode",
+                    "system_account_id",
+                    "index_name",
+                    "include_query_configs",
+                    "dry_run",
+                ])?;
+                ManualRequest::Reexport {
+                    target: fields.target()?,
+                    dry_run: fields.flag("dry_run")?,
+                }
+            }
+            "verify" => {
+                fields.only(&[
+                    "mode",
+                    "system_account_id",
+                    "index_name",
+                    "include_query_configs",
+                    "repair",
+                ])?;
+                ManualRequest::Verify {
+                    target: fields.target()?,
+                    repair: fields.flag("repair")?,
+                }
+            }
+            "backfill" => {
+                fields.only(&[
+                    "mode",
+                    "system_account_id",
+                    "include_query_configs",
+                    "dry_run",
+                    "continuation_token",
+                    "page_size",
+                    "max_records",
+                ])?;
+                ManualRequest::Backfill(BackfillRequest {
+                    account: fields.text("system_account_id")?,
+                    include_query_configs: fields.flag("include_query_configs")?,
+                    dry_run: fields.flag("dry_run")?,
+                    continuation_token: fields.text("continuation_token")?,
+                    page_size: fields.count("page_size", 1..=1000)?.unwrap_or(100) as i32,
+                    max_records: fields
+                        .count("max_records", 1..=u32::MAX as u64)?
+                        .map(|n| n as usize),
                 })
             }
+            _ => {
+                return Err(Fields::invalid(
+                    "mode",
+                    "must be reexport, verify or backfill",
+                ))
+            }
         };
-        Ok(Payload::Reexport(ReexportRequest {
-            index: IndexRef::new(text("system_account_id")?, text("index_name")?),
-            include_query_configs,
-        }))
+        Ok(Payload::Manual(request))
     }
 }
 
@@ -167,7 +273,7 @@ pub async fn route<K: KvStore, A: ApiKeySource, T: SettingsTable>(
             report.log();
             batch_response(&report).map(|r| serde_json::to_value(r).expect("serializable"))
         }
-        Payload::Reexport(request) => reexport(exporter, &request, deadline).await,
+        Payload::Manual(request) => manual::run(exporter, request, deadline).await,
     }
 }
 
@@ -192,105 +298,10 @@ pub fn batch_response(report: &BatchReport) -> Result<DynamoDbEventResponse, Han
     Ok(response)
 }
 
-/// Reads the index's record (and its query configs when asked) and exports them like a batch.
-pub async fn reexport<K: KvStore, A: ApiKeySource, T: SettingsTable>(
-    exporter: &Exporter<K, A, T>,
-    request: &ReexportRequest,
-    deadline: Instant,
-) -> Result<Value, HandlerError> {
-    let index = &request.index;
-    let failed = |reason: String| HandlerError::ExportFailed {
-        account: index.account.clone(),
-        index: index.name.clone(),
-        reason,
-    };
-    let item = exporter
-        .table
-        .index_settings(index)
-        .await
-        .map_err(failed)?
-        .ok_or_else(|| HandlerError::NoSuchIndex {
-            account: index.account.clone(),
-            index: index.name.clone(),
-        })?;
-    let mut records = vec![manual_record(
-        index,
-        IndexSettings::from_item(index.clone(), item).map(|settings| Change::UpsertIndex {
-            settings: Box::new(settings),
-            previous_shop: PreviousShop::Unknown,
-        }),
-    )];
-    if request.include_query_configs {
-        for (query, item) in exporter.table.query_configs(index).await.map_err(failed)? {
-            records.push(manual_record(
-                index,
-                QueryConfig::from_item(index.clone(), query, item).map(Change::UpsertQuery),
-            ));
-        }
-    }
-    let report = exporter.export(records, deadline).await;
-    report.log();
-    if let Some(reason) = report.records.iter().find_map(|r| match &r.outcome {
-        RecordOutcome::Failed(reason) => Some(reason.clone()),
-        _ => None,
-    }) {
-        return Err(failed(reason));
-    }
-    if let RecordOutcome::Rejected(reason) = &report.records[0].outcome {
-        return Err(failed(reason.clone()));
-    }
-    Ok(reexport_summary(request, &report))
-}
-
-fn manual_record(
-    index: &IndexRef,
-    change: Result<Change, crate::model::InvalidRecord>,
-) -> ChangeRecord {
-    ChangeRecord {
-        sequence_number: None,
-        index: Some(index.clone()),
-        created_at: None,
-        decoded: match change {
-            Ok(change) => Decoded::Change(change),
-            Err(e) => Decoded::Reject(e.to_string()),
-        },
-    }
-}
-
-fn reexport_summary(request: &ReexportRequest, report: &BatchReport) -> Value {
-    let keys = |namespace: Namespace| -> Vec<&str> {
-        report
-            .written
-            .iter()
-            .filter(|k| k.namespace == namespace)
-            .map(|k| k.key.as_str())
-            .collect()
-    };
-    let rejected: Vec<Value> = report
-        .records
-        .iter()
-        .filter_map(|r| match &r.outcome {
-            RecordOutcome::Rejected(reason) => Some(json!({ "reason": reason })),
-            _ => None,
-        })
-        .collect();
-    json!({
-        "system_account_id": request.index.account,
-        "index_name": request.index.name,
-        "written": {
-            "settings": keys(Namespace::Settings),
-            "query_configs": keys(Namespace::QueryConfigs),
-        },
-        "keys_written": report.keys_written,
-        "query_configs_exported": report.records.iter().skip(1)
-            .filter(|r| r.outcome == RecordOutcome::Exported).count(),
-        "rejected": rejected,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn the_margin_shrinks_for_short_timeouts() {
@@ -322,27 +333,69 @@ mod tests {
         let ok = Payload::try_from(json!({"system_account_id": "a", "index_name": "i"})).unwrap();
         assert_eq!(
             ok,
-            Payload::Reexport(ReexportRequest {
-                index: IndexRef::new("a", "i"),
-                include_query_configs: false
+            Payload::Manual(ManualRequest::Reexport {
+                target: IndexTarget {
+                    index: IndexRef::new("a", "i"),
+                    include_query_configs: false
+                },
+                dry_run: false
             })
         );
         let err = Payload::try_from(json!({"system_account_id": "a"})).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "invalid manual re-export: `index_name` is required"
+            "invalid manual payload: `index_name` is required"
         );
         let err =
             Payload::try_from(json!({"system_account_id": 3, "index_name": "i"})).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "invalid manual re-export: `system_account_id` must be a string"
+            "invalid manual payload: `system_account_id` must be a string"
         );
         let err = Payload::try_from(
             json!({"system_account_id": "a", "index_name": "i", "include_query_configs": "yes"}),
         )
         .unwrap_err();
         assert!(err.to_string().contains("include_query_configs"));
+    }
+
+    #[test]
+    fn operator_modes_are_parsed_and_typos_are_named() {
+        let verify = Payload::try_from(json!({"mode": "verify", "system_account_id": "a",
+            "index_name": "i", "repair": true}))
+        .unwrap();
+        assert!(matches!(
+            verify,
+            Payload::Manual(ManualRequest::Verify { repair: true, .. })
+        ));
+        let backfill = Payload::try_from(json!({"mode": "backfill", "page_size": 5})).unwrap();
+        assert!(matches!(
+            backfill,
+            Payload::Manual(ManualRequest::Backfill(BackfillRequest {
+                page_size: 5,
+                account: None,
+                ..
+            }))
+        ));
+        let typo = Payload::try_from(json!({"system_account_id": "a", "index_name": "i",
+            "include_query_config": true}))
+        .unwrap_err();
+        assert!(
+            typo.to_string()
+                .starts_with("invalid manual payload: `include_query_config` is not a field"),
+            "{typo}"
+        );
+        let mode = Payload::try_from(json!({"mode": "sync"})).unwrap_err();
+        assert_eq!(
+            mode.to_string(),
+            "invalid manual payload: `mode` must be reexport, verify or backfill"
+        );
+        let size = Payload::try_from(json!({"mode": "backfill", "page_size": 0})).unwrap_err();
+        assert!(
+            size.to_string()
+                .contains("`page_size` must be a whole number from 1 to 1000"),
+            "{size}"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod cloudflare;
 pub mod config;
 pub mod exporter;
 pub mod handler;
+pub mod manual;
 pub mod model;
 pub mod plan;
 pub mod records;

@@ -23,6 +23,16 @@ pub enum Namespace {
     QueryConfigs,
 }
 
+impl Namespace {
+    /// How answers and logs name the namespace.
+    pub fn name(self) -> &'static str {
+        match self {
+            Namespace::Settings => "settings",
+            Namespace::QueryConfigs => "query_configs",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KvKey {
     pub namespace: Namespace,

@@ -212,6 +212,59 @@ fn decode_image(
     }
 }
 
+/// A table item (from `GetItem`, `Query` or `Scan`) as a change, for re-exports and backfills.
+/// Such an export only writes: with no previous image to compare, nothing is deleted.
+pub fn decode_item(
+    item: Item,
+    default_configs_sk: &str,
+    include_query_configs: bool,
+) -> ChangeRecord {
+    let text = |name: &str| match item.get(name) {
+        Some(serde_dynamo::AttributeValue::S(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let record = |index: Option<IndexRef>, decoded| ChangeRecord {
+        sequence_number: None,
+        index,
+        created_at: None,
+        decoded,
+    };
+    let (Some(pk), Some(sk)) = (text("pk"), text("sk")) else {
+        let reason = "the item's keys must hold string `pk` and `sk`";
+        return record(None, Decoded::Reject(reason.into()));
+    };
+    let (name, query) = match SortKey::parse(&sk, default_configs_sk) {
+        SortKey::DefaultConfigs => {
+            return record(
+                None,
+                Decoded::Skip("default configs are never exported".into()),
+            )
+        }
+        SortKey::Foreign => {
+            let reason = format!("sort key `{sk}` is not an index record");
+            return record(None, Decoded::Skip(reason));
+        }
+        SortKey::Query { .. } if !include_query_configs => {
+            let reason = "query configs were not asked for".to_string();
+            return record(None, Decoded::Skip(reason));
+        }
+        SortKey::Index(name) => (name, None),
+        SortKey::Query { index, query } => (index, Some(query)),
+    };
+    let index = IndexRef::new(pk, name);
+    let decoded = match query {
+        None => IndexSettings::from_item(index.clone(), item).map(|settings| Change::UpsertIndex {
+            settings: Box::new(settings),
+            previous_shop: PreviousShop::Unknown,
+        }),
+        Some(query) => QueryConfig::from_item(index.clone(), query, item).map(Change::UpsertQuery),
+    };
+    record(
+        Some(index),
+        decoded.map_or_else(|e| Decoded::Reject(e.to_string()), Decoded::Change),
+    )
+}
+
 fn previous_shop(
     event_name: &str,
     view: Option<&StreamViewType>,
@@ -315,6 +368,42 @@ mod tests {
         );
         assert!(matches!(garbage.decoded, Decoded::Reject(_)));
         assert_eq!(garbage.sequence_number.as_deref(), Some("7"));
+    }
+
+    #[test]
+    fn table_items_decode_like_stream_images() {
+        let item = |sk: &str, extra: serde_json::Value| {
+            let mut item = json!({"pk": {"S": "acct-1"}, "sk": {"S": sk}});
+            item.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            crate::model::item_from_dynamodb_json(item).unwrap()
+        };
+        let settings = decode_item(
+            item("INDEX#p", json!({"index_endpoint": {"S": "u"}})),
+            "D",
+            false,
+        );
+        assert!(matches!(
+            settings.decoded,
+            Decoded::Change(Change::UpsertIndex { .. })
+        ));
+        let query = item("INDEX#p#QUERY#q", json!({"query_config": {"M": {}}}));
+        assert!(matches!(
+            decode_item(query.clone(), "D", false).decoded,
+            Decoded::Skip(_)
+        ));
+        assert!(matches!(
+            decode_item(query, "D", true).decoded,
+            Decoded::Change(Change::UpsertQuery(_))
+        ));
+        assert!(matches!(
+            decode_item(item("D", json!({})), "D", true).decoded,
+            Decoded::Skip(_)
+        ));
+        let broken = decode_item(item("INDEX#p", json!({})), "D", true);
+        assert!(matches!(broken.decoded, Decoded::Reject(ref r) if r.contains("index_endpoint")));
+        assert_eq!(broken.index, Some(IndexRef::new("acct-1", "p")));
     }
 
     #[test]

@@ -20,11 +20,26 @@ pub trait SettingsTable: Send + Sync {
         index: &IndexRef,
     ) -> impl Future<Output = Result<Option<Item>, String>> + Send;
 
-    /// Every `INDEX#{name}#QUERY#...` record of the index, as (normalized query, item).
+    /// Every `INDEX#{name}#QUERY#...` record of the index.
     fn query_configs(
         &self,
         index: &IndexRef,
-    ) -> impl Future<Output = Result<Vec<(String, Item)>, String>> + Send;
+    ) -> impl Future<Output = Result<Vec<Item>, String>> + Send;
+
+    /// One page of the table (of one account's records when `account` is given), from `start`.
+    fn page(
+        &self,
+        account: Option<&str>,
+        start: Option<Item>,
+        limit: i32,
+    ) -> impl Future<Output = Result<Page, String>> + Send;
+}
+
+/// Items of one page and, when there is more, where the next page starts (the table key).
+#[derive(Debug, Default)]
+pub struct Page {
+    pub items: Vec<Item>,
+    pub next: Option<Item>,
 }
 
 pub struct DynamoSettingsTable {
@@ -121,7 +136,7 @@ impl SettingsTable for DynamoSettingsTable {
         Ok(answer.item.map(Item::from))
     }
 
-    async fn query_configs(&self, index: &IndexRef) -> Result<Vec<(String, Item)>, String> {
+    async fn query_configs(&self, index: &IndexRef) -> Result<Vec<Item>, String> {
         let prefix = format!("INDEX#{}#QUERY#", index.name);
         let mut configs = Vec::new();
         let mut start_key = None;
@@ -138,18 +153,56 @@ impl SettingsTable for DynamoSettingsTable {
                 .send()
                 .await
                 .map_err(|e| self.error("Query", e))?;
-            for item in page.items.unwrap_or_default() {
-                let item = Item::from(item);
-                if let Some(query) = string_attribute(&item, "sk")
-                    .and_then(|sk| sk.strip_prefix(&prefix).map(str::to_owned))
-                {
-                    configs.push((query, item));
-                }
-            }
+            configs.extend(page.items.unwrap_or_default().into_iter().map(Item::from));
             match page.last_evaluated_key {
                 Some(key) if !key.is_empty() => start_key = Some(key),
                 _ => return Ok(configs),
             }
         }
+    }
+
+    async fn page(
+        &self,
+        account: Option<&str>,
+        start: Option<Item>,
+        limit: i32,
+    ) -> Result<Page, String> {
+        let start = start.map(|key| key.into());
+        let (items, next) = match account {
+            Some(account) => {
+                let page = self
+                    .client
+                    .query()
+                    .table_name(&self.table_name)
+                    .key_condition_expression("pk = :pk")
+                    .expression_attribute_values(":pk", AttributeValue::S(account.to_owned()))
+                    .set_exclusive_start_key(start)
+                    .limit(limit)
+                    .send()
+                    .await
+                    .map_err(|e| self.error("Query", e))?;
+                (page.items, page.last_evaluated_key)
+            }
+            None => {
+                let page = self
+                    .client
+                    .scan()
+                    .table_name(&self.table_name)
+                    .set_exclusive_start_key(start)
+                    .limit(limit)
+                    .send()
+                    .await
+                    .map_err(|e| self.error("Scan", e))?;
+                (page.items, page.last_evaluated_key)
+            }
+        };
+        Ok(Page {
+            items: items
+                .unwrap_or_default()
+                .into_iter()
+                .map(Item::from)
+                .collect(),
+            next: next.filter(|key| !key.is_empty()).map(Item::from),
+        })
     }
 }

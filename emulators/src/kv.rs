@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -519,9 +519,22 @@ async fn read_value(
     call.record(1, response)
 }
 
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    prefix: String,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    cursor: Option<String>,
+}
+
+/// `GET /keys?prefix&limit&cursor`: names in order, at most `limit` (10 to 1000, default 1000)
+/// a page; the cursor is the last name of the page, "" after the last page.
 async fn list_keys(
     State(state): State<Shared>,
     Path((account, namespace)): Path<(String, String)>,
+    Query(query): Query<ListQuery>,
     headers: HeaderMap,
 ) -> Response {
     let call = Call {
@@ -534,17 +547,39 @@ async fn list_keys(
     if let Err(response) = call.admit(&headers).await {
         return call.record(0, response);
     }
-    let names: Vec<Value> = state
+    let limit = query.limit.unwrap_or(1000);
+    if !(10..=1000).contains(&limit) {
+        let error = ApiError::bad_request(codes::BAD_REQUEST, "limit must be between 10 and 1000");
+        return call.record(0, error.into_response());
+    }
+    let after = query.cursor.unwrap_or_default();
+    let names: Vec<String> = state
         .lock()
         .unwrap()
         .namespaces
         .get(&(account, namespace.clone()))
-        .map(|ns| ns.keys().map(|k| json!({"name": k})).collect())
+        .map(|ns| {
+            ns.keys()
+                .filter(|k| {
+                    k.starts_with(&query.prefix)
+                        && (after.is_empty() || k.as_str() > after.as_str())
+                })
+                .take(limit + 1)
+                .cloned()
+                .collect()
+        })
         .unwrap_or_default();
-    let count = names.len();
-    // One page holds everything: the emulator is for small local data sets.
-    let body = json!({"success": true, "errors": [], "messages": [], "result": names,
-        "result_info": {"count": count, "cursor": ""}});
+    let more = names.len() > limit;
+    let page: Vec<&String> = names.iter().take(limit).collect();
+    let cursor = if more {
+        page.last().map(|k| k.to_string()).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let result: Vec<Value> = page.iter().map(|k| json!({"name": k})).collect();
+    let count = result.len();
+    let body = json!({"success": true, "errors": [], "messages": [], "result": result,
+        "result_info": {"count": count, "cursor": cursor}});
     call.record(count, Json(body).into_response())
 }
 

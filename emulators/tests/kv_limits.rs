@@ -119,3 +119,50 @@ async fn injected_faults_apply_to_the_next_requests_only() {
     assert_eq!(put(&kv, pairs(2, 1, 1)).await.0, 200);
     assert_eq!(kv.keys("a", "ns"), ["0", "1"]);
 }
+
+#[tokio::test]
+async fn key_lists_filter_by_prefix_and_page_with_a_cursor() {
+    let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+    for i in 0..25 {
+        kv.insert("a", "ns", &format!("p-{i:02}"), "v");
+    }
+    kv.insert("a", "ns", "other", "v");
+    let client = reqwest::Client::new();
+    let mut names = Vec::new();
+    let mut cursor = String::new();
+    let mut pages = 0;
+    loop {
+        let body: Value = client
+            .get(format!(
+                "{}/accounts/a/storage/kv/namespaces/ns/keys",
+                kv.base_url()
+            ))
+            .query(&[
+                ("prefix", "p-"),
+                ("limit", "10"),
+                ("cursor", cursor.as_str()),
+            ])
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        pages += 1;
+        names.extend(
+            body["result"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k["name"].as_str().unwrap().to_owned()),
+        );
+        cursor = body["result_info"]["cursor"].as_str().unwrap().to_owned();
+        if cursor.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(names.len(), 25);
+    assert!(names.iter().all(|n| n.starts_with("p-")));
+}
