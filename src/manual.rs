@@ -418,11 +418,13 @@ async fn backfill<K: KvStore, A: ApiKeySource, T: SettingsTable>(
     request: &BackfillRequest,
     deadline: Instant,
 ) -> Result<Value, HandlerError> {
+    // An empty key stands for "from the beginning" (a stop before the first page).
     let mut start = request
         .continuation_token
         .as_deref()
         .map(decode_token)
-        .transpose()?;
+        .transpose()?
+        .filter(|key| !key.is_empty());
     let mut tally = BackfillTally::default();
     // Leave room for the slowest page seen so far, twice over, before starting another.
     let mut slowest_page = Duration::from_secs(2);
@@ -485,7 +487,7 @@ async fn backfill<K: KvStore, A: ApiKeySource, T: SettingsTable>(
         "rejected_records": tally.rejected,
         "failed_records": tally.failed,
         "complete": complete,
-        "continuation_token": if complete { None } else { start.as_ref().map(encode_token) },
+        "continuation_token": (!complete).then(|| encode_token(&start.unwrap_or_default())),
     }))
 }
 

@@ -156,6 +156,14 @@ impl KvEmulator {
             .insert(key.to_owned(), value.to_owned());
     }
 
+    pub fn remove(&self, account: &str, namespace: &str, key: &str) -> Option<String> {
+        let mut state = self.state.lock().unwrap();
+        state
+            .namespaces
+            .get_mut(&(account.to_owned(), namespace.to_owned()))?
+            .remove(key)
+    }
+
     pub fn inject(&self, fault: Fault, times: usize) {
         self.state
             .lock()

@@ -1,0 +1,387 @@
+//! The operator's payloads against moto and the KV emulator: re-export, dry run, verify and
+//! repair, backfill with continuation tokens.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+fn qcfg_key(account: &str, index: &str, query: &str) -> String {
+    format!(
+        "qcfg-{account}-{index}-{:x}",
+        Sha256::digest(query.as_bytes())
+    )
+}
+
+fn query_item(account: &str, index: &str, query: &str) -> Value {
+    json!({"pk": {"S": account}, "sk": {"S": format!("INDEX#{index}#QUERY#{query}")},
+           "query_config": {"M": {"boost": {"N": "2"}}}})
+}
+
+/// acct-1/products with a shop and two query configs, nothing in KV yet.
+async fn products() -> Harness {
+    let h = Harness::new().await;
+    h.keys.set_key("acct-1", "key-1");
+    h.put(index_item("acct-1", "products", Some("shop-1")))
+        .await;
+    h.put(query_item("acct-1", "products", "red shoes")).await;
+    h.put(query_item("acct-1", "products", "été")).await;
+    h
+}
+
+#[tokio::test]
+async fn a_reexport_writes_the_index_and_only_asked_for_query_configs() {
+    let h = products().await;
+
+    let answer = h
+        .invoke(json!({"system_account_id": "acct-1", "index_name": "products"}))
+        .await;
+
+    assert_eq!(
+        answer["written"]["settings"],
+        json!(["acct-1-products", "shop-1"])
+    );
+    assert_eq!(answer["written"]["query_configs"], json!([]));
+    assert!(h.kv.keys(CF_ACCOUNT, QCFG_NS).is_empty());
+
+    let answer = h
+        .invoke(json!({"system_account_id": "acct-1", "index_name": "products", "include_query_configs": true}))
+        .await;
+    assert_eq!(answer["query_configs_exported"], 2);
+    assert_eq!(h.kv.keys(CF_ACCOUNT, QCFG_NS).len(), 2);
+}
+
+#[tokio::test]
+async fn bad_manual_payloads_name_what_is_wrong() {
+    let h = products().await;
+    let missing = h
+        .try_invoke(
+            json!({"system_account_id": "acct-1", "index_name": "nope"}),
+            std::time::Duration::from_secs(10),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(missing, "no settings record for account acct-1, index nope");
+    let empty = h
+        .try_invoke(
+            json!({"system_account_id": "", "index_name": "p"}),
+            std::time::Duration::from_secs(10),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        empty,
+        "invalid manual payload: `system_account_id` is empty"
+    );
+    assert!(h.kv.requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_dry_run_looks_everything_up_writes_nothing_and_masks_the_api_key() {
+    let h = products().await;
+
+    let answer = h
+        .invoke(
+            json!({"system_account_id": "acct-1", "index_name": "products",
+                       "include_query_configs": true, "dry_run": true}),
+        )
+        .await;
+
+    assert_eq!(answer["dry_run"], true);
+    let writes = answer["would_write"].as_array().unwrap();
+    let keys: Vec<&str> = writes.iter().map(|w| w["key"].as_str().unwrap()).collect();
+    assert_eq!(keys.len(), 4, "{keys:?}");
+    assert!(keys.contains(&"shop-1") && keys.contains(&"acct-1-products"));
+    let settings = writes.iter().find(|w| w["key"] == "shop-1").unwrap();
+    assert_eq!(settings["value"]["marqo_api_key"], "<masked>");
+    assert_eq!(
+        settings["value"]["index_url"],
+        "https://acct-1-products.idx.example"
+    );
+    assert!(
+        !answer.to_string().contains("key-1"),
+        "no API key in the answer"
+    );
+    assert_eq!(h.keys.calls().len(), 1, "the API key is looked up");
+    assert!(h.kv.requests().is_empty(), "nothing is sent to KV");
+}
+
+fn statuses(answer: &Value) -> Vec<(String, String)> {
+    answer["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            (
+                k["key"].as_str().unwrap().to_owned(),
+                k["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn verify_finds_each_drift_kind_and_repair_fixes_it() {
+    let h = products().await;
+    let index = json!({"system_account_id": "acct-1", "index_name": "products", "include_query_configs": true});
+    h.invoke(index.clone()).await;
+    // Drift: a stale shop value, a missing index key, a missing and an unexpected query config.
+    let mut stale = h.settings("shop-1").unwrap();
+    stale["index_url"] = json!("https://old.example");
+    h.kv.insert(CF_ACCOUNT, SETTINGS_NS, "shop-1", &stale.to_string());
+    h.kv.remove(CF_ACCOUNT, SETTINGS_NS, "acct-1-products");
+    h.kv.remove(CF_ACCOUNT, QCFG_NS, &qcfg_key("acct-1", "products", "été"));
+    let orphan = qcfg_key("acct-1", "products", "deleted query");
+    h.kv.insert(CF_ACCOUNT, QCFG_NS, &orphan, "{}");
+    let other_index = qcfg_key("acct-1", "products-v2", "x"); // shares the prefix, not the index
+    h.kv.insert(CF_ACCOUNT, QCFG_NS, &other_index, "{}");
+
+    let mut verify = index.clone();
+    verify["mode"] = json!("verify");
+    let answer = h.invoke(verify.clone()).await;
+
+    assert_eq!(answer["in_sync"], false);
+    let found = statuses(&answer);
+    let status = |key: &str| {
+        found
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, s)| s.as_str())
+    };
+    assert_eq!(status("shop-1"), Some("stale"));
+    assert_eq!(status("acct-1-products"), Some("missing"));
+    assert_eq!(
+        status(&qcfg_key("acct-1", "products", "red shoes")),
+        Some("in_sync")
+    );
+    assert_eq!(
+        status(&qcfg_key("acct-1", "products", "été")),
+        Some("missing")
+    );
+    assert_eq!(status(&orphan), Some("unexpected"));
+    assert_eq!(status(&other_index), None);
+    let shop = answer["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key"] == "shop-1")
+        .unwrap();
+    assert_eq!(shop["fields"], json!(["index_url"]));
+    assert_eq!(
+        answer["counts"],
+        json!({"in_sync": 1, "missing": 2, "stale": 1, "unexpected": 1})
+    );
+    assert!(
+        h.kv.value(CF_ACCOUNT, QCFG_NS, &orphan).is_some(),
+        "verify alone changes nothing"
+    );
+
+    verify["repair"] = json!(true);
+    let repaired = h.invoke(verify.clone()).await;
+    assert_eq!(repaired["repaired"]["deleted"], json!([orphan]));
+    assert_eq!(repaired["repaired"]["written"].as_array().unwrap().len(), 3);
+
+    verify["repair"] = json!(false);
+    let after = h.invoke(verify).await;
+    assert_eq!(after["in_sync"], true, "{after}");
+    assert_eq!(
+        h.settings("shop-1").unwrap()["index_url"],
+        "https://acct-1-products.idx.example"
+    );
+    assert!(
+        h.kv.value(CF_ACCOUNT, QCFG_NS, &other_index).is_some(),
+        "another index's key stays"
+    );
+}
+
+/// Invokes a backfill until it says it is complete; returns every answer.
+async fn backfill_to_the_end(h: &Harness, mut payload: Value) -> Vec<Value> {
+    let mut answers = Vec::new();
+    loop {
+        let answer = h.invoke(payload.clone()).await;
+        answers.push(answer.clone());
+        if answer["complete"] == true {
+            assert_eq!(answer["continuation_token"], Value::Null);
+            return answers;
+        }
+        assert!(
+            answers.len() < 20,
+            "a backfill that never completes: {answer}"
+        );
+        payload["continuation_token"] = answer["continuation_token"].clone();
+        assert!(payload["continuation_token"].is_string(), "{answer}");
+    }
+}
+
+fn total(answers: &[Value], field: &str) -> u64 {
+    answers.iter().map(|a| a[field].as_u64().unwrap()).sum()
+}
+
+#[tokio::test]
+async fn a_backfill_resumes_with_its_token_until_the_table_is_exported() {
+    let h = Harness::new().await;
+    for account in ["acct-a", "acct-b"] {
+        h.keys.set_key(account, &format!("key-{account}"));
+        for i in 0..6 {
+            h.put(index_item(
+                account,
+                &format!("idx-{i}"),
+                Some(&format!("shop-{account}-{i}")),
+            ))
+            .await;
+        }
+        h.put(query_item(account, "idx-0", "q")).await;
+    }
+    h.put(json!({"pk": {"S": "acct-a"}, "sk": {"S": "DEFAULT_CONFIGS"}}))
+        .await;
+    h.put(json!({"pk": {"S": "acct-a"}, "sk": {"S": "INDEX#broken"}}))
+        .await;
+
+    let answers = backfill_to_the_end(
+        &h,
+        json!({"mode": "backfill", "page_size": 4, "max_records": 4}),
+    )
+    .await;
+
+    assert!(
+        answers.len() >= 4, // 16 items, 4 a page, one page an invocation
+        "more records than one invocation takes: {}",
+        answers.len()
+    );
+    assert_eq!(total(&answers, "exported"), 12);
+    assert_eq!(
+        total(&answers, "skipped"),
+        3,
+        "default configs and the query configs not asked for"
+    );
+    assert_eq!(total(&answers, "rejected"), 1);
+    let rejected: Vec<&Value> = answers
+        .iter()
+        .flat_map(|a| a["rejected_records"].as_array().unwrap())
+        .collect();
+    assert_eq!(rejected[0]["index_name"], "broken");
+    assert_eq!(h.kv.keys(CF_ACCOUNT, SETTINGS_NS).len(), 24);
+    assert_eq!(
+        h.settings("shop-acct-b-5").unwrap()["marqo_api_key"],
+        "key-acct-b"
+    );
+    assert!(h.kv.keys(CF_ACCOUNT, QCFG_NS).is_empty());
+}
+
+#[tokio::test]
+async fn a_backfill_of_one_account_brings_its_query_configs() {
+    let h = products().await;
+    h.keys.set_key("acct-2", "key-2");
+    h.put(index_item("acct-2", "other", None)).await;
+
+    let answers = backfill_to_the_end(
+        &h,
+        json!({"mode": "backfill", "system_account_id": "acct-1", "include_query_configs": true}),
+    )
+    .await;
+
+    assert_eq!(answers.len(), 1);
+    assert_eq!(answers[0]["exported"], 3);
+    assert_eq!(h.kv.keys(CF_ACCOUNT, QCFG_NS).len(), 2);
+    assert_eq!(h.settings("acct-2-other"), None);
+}
+
+#[tokio::test]
+async fn a_backfill_dry_run_counts_and_writes_nothing() {
+    let h = products().await;
+
+    let answers = backfill_to_the_end(&h, json!({"mode": "backfill", "dry_run": true})).await;
+
+    assert_eq!(answers[0]["keys_to_write"], 2);
+    assert_eq!(answers[0]["exported"], 1);
+    assert!(h.kv.requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_backfill_stops_at_a_failing_page_and_resuming_retries_it() {
+    let h = products().await;
+    h.keys.set_behaviour(
+        "acct-1",
+        Some(ecom_emulators::api_keys::Behaviour::Status { status: 503 }),
+    );
+
+    let first = h.invoke(json!({"mode": "backfill"})).await;
+
+    assert_eq!(first["complete"], false);
+    assert_eq!(first["failed"], 1);
+    assert!(first["failed_records"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("HTTP 503"));
+    assert!(h.kv.keys(CF_ACCOUNT, SETTINGS_NS).is_empty());
+
+    h.keys.set_behaviour("acct-1", None);
+    let resumed = h
+        .invoke(json!({"mode": "backfill", "continuation_token": first["continuation_token"]}))
+        .await;
+    assert_eq!(resumed["complete"], true);
+    assert_eq!(
+        h.kv.keys(CF_ACCOUNT, SETTINGS_NS),
+        ["acct-1-products", "shop-1"]
+    );
+}
+
+#[tokio::test]
+async fn a_foreign_continuation_token_is_refused_by_name() {
+    let h = products().await;
+    let error = h
+        .try_invoke(
+            json!({"mode": "backfill", "continuation_token": "abc"}),
+            std::time::Duration::from_secs(10),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error,
+        "invalid manual payload: `continuation_token` is not a token this function gave out"
+    );
+}
+
+#[tokio::test]
+async fn a_backfill_stops_before_the_deadline_and_resumes_where_it_stopped() {
+    let h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    for i in 0..6 {
+        h.put(index_item("acct-1", &format!("idx-{i}"), None)).await;
+    }
+    h.kv.inject(ecom_emulators::kv::Fault::Delay { millis: 1500 }, 100);
+    let timeout = std::time::Duration::from_secs(6);
+
+    let started = std::time::Instant::now();
+    let first = h
+        .try_invoke(json!({"mode": "backfill", "page_size": 1}), timeout)
+        .await
+        .unwrap();
+
+    assert!(started.elapsed() < timeout, "answered before the deadline");
+    assert_eq!(first["complete"], false);
+    let done_first = first["exported"].as_u64().unwrap();
+    assert!((1..6).contains(&done_first), "{first}");
+    assert_eq!(h.kv.keys(CF_ACCOUNT, SETTINGS_NS).len() as u64, done_first);
+
+    // Too little time for even one page: it stops at once, and its token starts over.
+    let none = h
+        .try_invoke(
+            json!({"mode": "backfill"}),
+            std::time::Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(none["exported"], 0);
+    assert!(none["continuation_token"].is_string());
+
+    let mut rest = backfill_to_the_end(
+        &h,
+        json!({"mode": "backfill", "page_size": 100, "continuation_token": first["continuation_token"]}),
+    )
+    .await;
+    rest.push(first);
+    assert_eq!(total(&rest, "exported"), 6);
+    assert_eq!(h.kv.keys(CF_ACCOUNT, SETTINGS_NS).len(), 6);
+}
