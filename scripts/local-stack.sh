@@ -29,6 +29,11 @@ ddb.create_table(TableName=table, BillingMode="PAY_PER_REQUEST",
     AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}, {"AttributeName": "sk", "AttributeType": "S"}],
     StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"})
 boto3.client("secretsmanager").create_secret(Name=secret, SecretString=token)
+# Sample data for the manual payloads in events/: the index of stream-insert.json and an override.
+import json
+sample = json.load(open("events/stream-insert.json"))["Records"][0]["dynamodb"]["NewImage"]
+ddb.put_item(TableName=table, Item=sample)
+ddb.put_item(TableName=table, Item=json.load(open("events/stream-query-config.json"))["Records"][0]["dynamodb"]["NewImage"])
 PY
 
 cat > .local.env <<ENV
@@ -46,7 +51,7 @@ API_KEYS_SERVICE_URL=http://127.0.0.1:$KEYS_PORT/cells/{cell}
 ENV
 cat <<MSG
 
-Local stack up; settings in .local.env. In another terminal:
+Local stack up (table seeded with acct-1/products); settings in .local.env. In another terminal:
   PATH=\$PWD/.venv/bin:\$PATH cargo lambda watch --env-file .local.env
   PATH=\$PWD/.venv/bin:\$PATH cargo lambda invoke ecom-settings-exporter --data-file events/stream-insert.json
   curl -s localhost:$KV_PORT/__emulator/namespaces     # what KV holds

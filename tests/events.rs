@@ -87,3 +87,21 @@ async fn the_manual_sample_reexports_what_the_table_holds() {
         "sample-key"
     );
 }
+
+#[tokio::test]
+async fn every_sample_manual_payload_is_answered() {
+    let names: Vec<String> = std::fs::read_dir(format!("{}/events", env!("CARGO_MANIFEST_DIR")))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("manual-"))
+        .collect();
+    assert!(names.len() >= 8, "{names:?}");
+    for name in names {
+        let h = harness().await;
+        let insert = event("stream-insert.json");
+        h.put(insert["Records"][0]["dynamodb"]["NewImage"].clone()).await;
+        let answer = h.invoke(event(&name)).await;
+        assert!(answer.is_object(), "{name}: {answer}");
+        assert!(!answer.to_string().contains("sample-key"), "{name} shows no API key");
+    }
+}
