@@ -8,7 +8,7 @@ MOTO_VERSION := 5.2.5
 CFN_LINT_VERSION := 1.58.0
 STACK ?= ecom-settings-exporter-dev
 
-.PHONY: all build test unit-test lint fmt venv tools local deploy clean
+.PHONY: all demo build test unit-test lint fmt venv tools local deploy clean
 
 all: lint test
 
@@ -31,6 +31,11 @@ tools: $(VENV)/.tools
 ## The function's peers on this machine (moto, KV emulator, API-keys stand-in); see the README.
 local: venv
 	scripts/local-stack.sh
+
+## The whole flow on this machine: table, stream, function, KV (see the README).
+demo: venv
+	cargo build --quiet --locked -p ecom-settings-exporter -p ecom-emulators
+	target/debug/ecom-emulators demo
 
 ## Unit and integration tests (moto on a free port, KV emulator and API-keys stand-in in-process).
 test: venv

@@ -99,9 +99,13 @@ async fn every_sample_manual_payload_is_answered() {
     for name in names {
         let h = harness().await;
         let insert = event("stream-insert.json");
-        h.put(insert["Records"][0]["dynamodb"]["NewImage"].clone()).await;
+        h.put(insert["Records"][0]["dynamodb"]["NewImage"].clone())
+            .await;
         let answer = h.invoke(event(&name)).await;
         assert!(answer.is_object(), "{name}: {answer}");
-        assert!(!answer.to_string().contains("sample-key"), "{name} shows no API key");
+        assert!(
+            !answer.to_string().contains("sample-key"),
+            "{name} shows no API key"
+        );
     }
 }

@@ -33,6 +33,8 @@ pub struct KeyCall {
 pub struct ApiKeysState {
     keys: HashMap<String, String>,
     behaviours: HashMap<String, Behaviour>,
+    /// Per account: answer this status to the next n calls.
+    failures: HashMap<String, (u16, usize)>,
     calls: Vec<KeyCall>,
 }
 
@@ -77,6 +79,15 @@ impl ApiKeysStandIn {
         };
     }
 
+    /// The next `times` calls for `account` answer `status`, then it recovers.
+    pub fn fail_next(&self, account: &str, status: u16, times: usize) {
+        self.state
+            .lock()
+            .unwrap()
+            .failures
+            .insert(account.into(), (status, times));
+    }
+
     pub fn calls(&self) -> Vec<KeyCall> {
         self.state.lock().unwrap().calls.clone()
     }
@@ -113,10 +124,16 @@ async fn answer(state: Shared, cell: Option<String>, account: String) -> Respons
             cell,
             account: account.clone(),
         });
-        (
-            s.keys.get(&account).cloned(),
-            s.behaviours.get(&account).cloned(),
-        )
+        let scripted = s
+            .failures
+            .get_mut(&account)
+            .filter(|(_, n)| *n > 0)
+            .map(|(status, n)| {
+                *n -= 1;
+                Behaviour::Status { status: *status }
+            });
+        let behaviour = scripted.or_else(|| s.behaviours.get(&account).cloned());
+        (s.keys.get(&account).cloned(), behaviour)
     };
     match behaviour {
         Some(Behaviour::Status { status }) => {

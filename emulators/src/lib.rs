@@ -3,7 +3,9 @@
 //! injection, an API keys service, and a Lambda runtime API to run the real binary against.
 
 pub mod api_keys;
+pub mod demo;
 pub mod kv;
+pub mod poller;
 pub mod runtime_api;
 pub mod streams;
 

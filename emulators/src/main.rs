@@ -1,4 +1,5 @@
 //! `ecom-emulators kv|api-keys`: run one stand-in in the foreground until Ctrl-C.
+//! `ecom-emulators demo`: the whole flow on this machine (what `make demo` runs).
 
 use std::process::ExitCode;
 
@@ -10,7 +11,80 @@ usage:
         -d '{\"kind\":\"status\",\"status\":503,\"times\":2}'
       (kinds: status {status, retry_after}, delay {millis}, unsuccessful_keys {count})
   ecom-emulators api-keys [--port 8788] [--key ACCOUNT=KEY]...
-      API keys service; API_KEYS_SERVICE_URL=http://127.0.0.1:PORT/cells/{cell}";
+      API keys service; API_KEYS_SERVICE_URL=http://127.0.0.1:PORT/cells/{cell}
+  ecom-emulators demo [--batching-window 2] [--function target/debug/ecom-settings-exporter]
+                      [--moto .venv/bin/moto_server]
+      Table, stream, function and KV on this machine: writes a scenario, times each change
+      until KV shows it, and exits 0 only when KV holds what the table implies.";
+
+async fn demo(args: &[String]) -> ExitCode {
+    let mut options = ecom_emulators::demo::DemoOptions {
+        function_binary: "target/debug/ecom-settings-exporter".into(),
+        moto_endpoint: None,
+        moto_server: ".venv/bin/moto_server".into(),
+        table_name: "demo-EcomIndexSettingsTable".into(),
+        batching_window: std::time::Duration::from_secs(2),
+        function_log: "target/demo/function.log".into(),
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let Some(value) = it.next() else {
+            eprintln!("{flag} needs a value\n{USAGE}");
+            return ExitCode::from(2);
+        };
+        match flag.as_str() {
+            "--function" => options.function_binary = value.into(),
+            "--moto" => options.moto_server = value.into(),
+            "--batching-window" => match value.parse::<f64>() {
+                Ok(s) if s >= 0.0 => {
+                    options.batching_window = std::time::Duration::from_secs_f64(s)
+                }
+                _ => {
+                    eprintln!("--batching-window takes seconds\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
+            other => {
+                eprintln!("unknown flag `{other}`\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    // Ctrl-C or SIGTERM drops the scenario, and with it every process and server it started.
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(e) => {
+                eprintln!("cannot watch for SIGTERM: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    let report = tokio::select! {
+        report = ecom_emulators::demo::run(options) => report,
+        _ = terminate.recv() => {
+            eprintln!("\nterminated; everything the demo started is stopped");
+            return ExitCode::from(143);
+        }
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("\ninterrupted; everything the demo started is stopped");
+            return ExitCode::from(130);
+        }
+    };
+    match report {
+        Ok(report) if report.ok() => {
+            println!("\nDemo passed: KV holds what the table implies.");
+            ExitCode::SUCCESS
+        }
+        Ok(_) => {
+            eprintln!("\nDemo FAILED: see the FAIL lines above and the function log.");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("demo could not run: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 fn parse(
     args: &[String],
@@ -40,6 +114,9 @@ async fn main() -> ExitCode {
     ) {
         println!("{USAGE}");
         return ExitCode::SUCCESS;
+    }
+    if args.first().map(String::as_str) == Some("demo") {
+        return demo(&args[1..]).await;
     }
     let router = match args.first().map(String::as_str) {
         Some("kv") => parse(&args[1..], 8787, "--token").map(|(port, tokens)| {
