@@ -3,6 +3,7 @@
 //! retry rules the exporter depends on.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use reqwest::{header, Method, StatusCode, Url};
@@ -38,6 +39,11 @@ pub trait KvStore: Send + Sync {
         deadline: Instant,
     ) -> impl Future<Output = Result<Option<String>, String>> + Send;
 
+    /// HTTP attempts and retries so far (for metrics); stores without them count nothing.
+    fn counters(&self) -> KvCounters {
+        KvCounters::default()
+    }
+
     /// Every key of the namespace that starts with `prefix`.
     fn list_keys(
         &self,
@@ -45,6 +51,13 @@ pub trait KvStore: Send + Sync {
         prefix: &str,
         deadline: Instant,
     ) -> impl Future<Output = Result<Vec<String>, String>> + Send;
+}
+
+/// Running totals of a KV client; a batch's share is the difference of two readings.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct KvCounters {
+    pub attempts: usize,
+    pub retries: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +107,8 @@ pub struct CloudflareKv<T> {
     tokens: T,
     /// The token in use; refetched once when Cloudflare rejects it (a rotation).
     token: Mutex<Option<ApiToken>>,
+    attempts: AtomicUsize,
+    retries: AtomicUsize,
 }
 
 /// Cloudflare's response envelope.
@@ -190,6 +205,8 @@ impl<T: TokenSource> CloudflareKv<T> {
             retry,
             tokens,
             token: Mutex::new(None),
+            attempts: AtomicUsize::new(0),
+            retries: AtomicUsize::new(0),
         }
     }
 
@@ -250,6 +267,7 @@ impl<T: TokenSource> CloudflareKv<T> {
             }
             let timeout = self.retry.request_timeout.min(deadline - now);
             let refresh_now = std::mem::take(&mut refresh);
+            self.attempts.fetch_add(1, Ordering::Relaxed);
             let attempt = async {
                 let token = self.token(refresh_now).await?;
                 let mut request = self
@@ -300,6 +318,7 @@ impl<T: TokenSource> CloudflareKv<T> {
                 ));
             }
             retries += 1;
+            self.retries.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%reason, retry = retries, delay_ms = delay.as_millis() as u64, "retrying Cloudflare request");
             tokio::time::sleep(delay).await;
         }
@@ -348,6 +367,7 @@ impl<T: TokenSource> CloudflareKv<T> {
             }
             pending.retain_keys(&unsuccessful);
             resends += 1;
+            self.retries.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%reason, resend = resends, "resending unsuccessful keys");
             tokio::time::sleep(delay).await;
         }
@@ -365,6 +385,13 @@ fn transport_error(e: &reqwest::Error) -> String {
 }
 
 impl<T: TokenSource> KvStore for CloudflareKv<T> {
+    fn counters(&self) -> KvCounters {
+        KvCounters {
+            attempts: self.attempts.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+        }
+    }
+
     async fn send(&self, request: &KvRequest, deadline: Instant) -> Result<(), KeyFailures> {
         self.bulk(request, deadline).await
     }

@@ -7,7 +7,7 @@ use futures::StreamExt as _;
 use tokio::time::Instant;
 
 use crate::api_keys::{ApiKeyCache, ApiKeySource, LookupCounts};
-use crate::cloudflare::{KeyFailures, KvStore};
+use crate::cloudflare::{KeyFailures, KvCounters, KvStore};
 use crate::model::IndexRef;
 use crate::plan::{self, KvKey, Lookups, Namespace, Outcome};
 use crate::records::{decode_record, ChangeRecord};
@@ -64,9 +64,13 @@ pub struct RecordReport {
 pub struct BatchReport {
     pub records: Vec<RecordReport>,
     pub kv_requests: usize,
+    /// HTTP attempts beyond the first, resends of unsuccessful keys included.
+    pub kv_retries: usize,
     pub keys_written: usize,
     pub keys_deleted: usize,
     pub api_keys: LookupCounts,
+    /// Seconds from each exported record's `ApproximateCreationDateTime` to its KV write.
+    pub lag_seconds: Vec<f64>,
     /// The keys applied, per namespace, for the manual re-export's summary.
     pub written: Vec<KvKey>,
     pub deleted: Vec<KvKey>,
@@ -127,6 +131,7 @@ impl BatchReport {
             failed = self.count(|o| matches!(o, RecordOutcome::Failed(_))),
             kept = self.count(|o| matches!(o, RecordOutcome::Kept { .. })),
             kv_requests = self.kv_requests,
+            kv_retries = self.kv_retries,
             keys_written = self.keys_written,
             keys_deleted = self.keys_deleted,
             api_key_calls = self.api_keys.calls,
@@ -185,7 +190,13 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
         } = prepared;
         let mut outcomes = plan.outcomes;
         let requests = requests::requests(&plan.ops);
+        let before = self.kv.counters();
         let failures = self.send_all(&requests, deadline).await;
+        let KvCounters { retries, .. } = self.kv.counters();
+        let applied_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
         let failed_keys: HashMap<(Namespace, &str), &str> = failures
             .iter()
             .flat_map(|(namespace, failure)| {
@@ -198,6 +209,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
 
         let mut report = BatchReport {
             kv_requests: requests.len(),
+            kv_retries: retries - before.retries,
             api_keys,
             ..BatchReport::default()
         };
@@ -217,6 +229,13 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
         }
         report.keys_written = report.written.len();
         report.keys_deleted = report.deleted.len();
+        report.lag_seconds = records
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, outcome)| **outcome == Outcome::Pending)
+            .filter_map(|(record, _)| record.created_at)
+            .map(|created| (applied_at - created).max(0.0))
+            .collect();
         report.records = records
             .into_iter()
             .zip(outcomes)

@@ -269,8 +269,10 @@ pub async fn route<K: KvStore, A: ApiKeySource, T: SettingsTable>(
 ) -> Result<Value, HandlerError> {
     match Payload::try_from(payload)? {
         Payload::StreamBatch(records) => {
+            let started = Instant::now();
             let report = exporter.export_stream(records, deadline).await;
             report.log();
+            crate::metrics::emit(&report, started.elapsed());
             batch_response(&report).map(|r| serde_json::to_value(r).expect("serializable"))
         }
         Payload::Manual(request) => manual::run(exporter, request, deadline).await,

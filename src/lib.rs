@@ -11,6 +11,7 @@ pub mod config;
 pub mod exporter;
 pub mod handler;
 pub mod manual;
+pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod records;

@@ -123,6 +123,26 @@ async fn the_binary_answers_a_stream_batch_through_the_runtime_api() {
         .expect("a rejected line");
     assert_eq!(rejected["fields"]["index"], "broken");
     let output = function.output();
+    for line in lines.iter().filter(|l| l.get("level").is_some()) {
+        assert_eq!(
+            line["span"]["requestId"], "req-000001",
+            "request id on every line: {line}"
+        );
+    }
+    let metrics = lines
+        .iter()
+        .find(|l| l.get("_aws").is_some())
+        .unwrap_or_else(|| panic!("an EMF document in {output}"));
+    assert_eq!(metrics["RecordsExported"], 1.0);
+    assert_eq!(metrics["RecordsRejected"], 1.0);
+    assert_eq!(metrics["ApiKeyCalls"], 1.0);
+    assert_eq!(metrics["FunctionName"], "ecom-settings-exporter");
+    assert!(metrics["PropagationLagMax"].as_f64().unwrap() >= 0.0);
+    assert_eq!(
+        lines.iter().filter(|l| l.get("_aws").is_some()).count(),
+        1,
+        "one document per invocation"
+    );
     assert!(
         !output.contains("marqo-secret-key"),
         "no API key in the logs"
