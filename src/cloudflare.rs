@@ -267,9 +267,10 @@ impl<T: TokenSource> CloudflareKv<T> {
             }
             let timeout = self.retry.request_timeout.min(deadline - now);
             let refresh_now = std::mem::take(&mut refresh);
+            // The SDK already retried Secrets Manager: without a token, give up at once.
+            let token = self.token(refresh_now).await?;
             self.attempts.fetch_add(1, Ordering::Relaxed);
             let attempt = async {
-                let token = self.token(refresh_now).await?;
                 let mut request = self
                     .http
                     .request(method.clone(), url.clone())

@@ -25,6 +25,8 @@ pub struct Config {
     pub default_cell: String,
     /// How long a fetched API key is reused by warm invocations.
     pub api_key_cache_ttl: Duration,
+    /// How long one call to the API keys service may take.
+    pub api_keys_timeout: Duration,
     /// Retrying stops this long before the invocation deadline, so the batch response is sent.
     pub deadline_margin: Duration,
 }
@@ -84,6 +86,7 @@ impl Config {
             api_keys_service_url: url("API_KEYS_SERVICE_URL", required("API_KEYS_SERVICE_URL")?)?,
             default_cell: optional("DEFAULT_CELL", "default"),
             api_key_cache_ttl: seconds("API_KEY_CACHE_TTL_SECONDS", "60")?,
+            api_keys_timeout: seconds("API_KEYS_TIMEOUT_SECONDS", "5")?,
             deadline_margin: seconds("DEADLINE_MARGIN_SECONDS", "5")?,
         })
     }

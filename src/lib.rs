@@ -19,8 +19,6 @@ pub mod requests;
 pub mod secrets;
 pub mod table;
 
-use std::time::Duration;
-
 use api_keys::{ApiKeyCache, HttpApiKeys};
 use cloudflare::{CloudflareConfig, CloudflareKv, RetryPolicy};
 use config::Config;
@@ -31,9 +29,6 @@ use table::DynamoSettingsTable;
 /// The exporter wired to the real services.
 pub type LambdaExporter =
     Exporter<CloudflareKv<SecretsManagerToken>, HttpApiKeys, DynamoSettingsTable>;
-
-/// How long the API keys service may take per call.
-const API_KEYS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Builds the clients once per cold start; the AWS SDK reads its usual environment
 /// (`AWS_REGION`, credentials, `AWS_ENDPOINT_URL`).
@@ -55,7 +50,7 @@ pub async fn build_exporter(config: &Config, retry: RetryPolicy) -> LambdaExport
             token,
         ),
         api_keys: ApiKeyCache::new(
-            HttpApiKeys::new(&config.api_keys_service_url, API_KEYS_TIMEOUT),
+            HttpApiKeys::new(&config.api_keys_service_url, config.api_keys_timeout),
             config.api_key_cache_ttl,
         ),
         table: DynamoSettingsTable::new(

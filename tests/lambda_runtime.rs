@@ -3,85 +3,11 @@
 
 mod common;
 
-use std::io::Read;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
 use ecom_emulators::runtime_api::RuntimeApi;
-use serde_json::{json, Value};
-
-/// The bootstrap process; killed when dropped. Its stdout (the logs) is collected.
-struct Function {
-    child: Child,
-    output: Arc<Mutex<String>>,
-}
-
-impl Function {
-    fn start(runtime: &RuntimeApi, env: &[(&'static str, String)]) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_ecom-settings-exporter"));
-        command
-            .env("AWS_LAMBDA_RUNTIME_API", runtime.endpoint())
-            .env("AWS_LAMBDA_FUNCTION_NAME", "ecom-settings-exporter")
-            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
-            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-            .env(
-                "AWS_LAMBDA_LOG_GROUP_NAME",
-                "/aws/lambda/ecom-settings-exporter",
-            )
-            .env("AWS_LAMBDA_LOG_STREAM_NAME", "local")
-            .env("AWS_LAMBDA_LOG_FORMAT", "JSON")
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (name, value) in env {
-            command.env(name, value);
-        }
-        let mut child = command.spawn().expect("start the bootstrap binary");
-        let output = Arc::new(Mutex::new(String::new()));
-        for mut stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let output = output.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 8192];
-                while let Ok(n) = stream.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    output
-                        .lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
-        }
-        Self { child, output }
-    }
-
-    /// The JSON log lines written so far.
-    fn log_lines(&self) -> Vec<Value> {
-        self.output
-            .lock()
-            .unwrap()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    fn output(&self) -> String {
-        self.output.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Function {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 

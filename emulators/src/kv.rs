@@ -172,6 +172,10 @@ impl KvEmulator {
             .push_back(InjectedFault { fault, times });
     }
 
+    pub fn clear_faults(&self) {
+        self.state.lock().unwrap().faults.clear();
+    }
+
     /// Replaces the accepted tokens, as a rotation does.
     pub fn set_tokens(&self, tokens: &[&str]) {
         self.state.lock().unwrap().tokens = tokens.iter().map(|t| t.to_string()).collect();

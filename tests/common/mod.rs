@@ -4,7 +4,10 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::collections::HashMap;
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::{
@@ -13,6 +16,7 @@ use aws_sdk_dynamodb::types::{
 };
 use ecom_emulators::api_keys::ApiKeysStandIn;
 use ecom_emulators::kv::KvEmulator;
+use ecom_emulators::runtime_api::RuntimeApi;
 use ecom_emulators::streams::StreamReader;
 use ecom_settings_exporter::cloudflare::RetryPolicy;
 use ecom_settings_exporter::config::Config;
@@ -336,5 +340,121 @@ impl std::io::Write for ThreadWriter {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// The bootstrap process; killed when dropped. Its stdout (the logs) is collected.
+pub struct Function {
+    child: Child,
+    output: Arc<Mutex<String>>,
+}
+
+impl Function {
+    pub fn start(runtime: &RuntimeApi, env: &[(&'static str, String)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ecom-settings-exporter"));
+        command
+            .env("AWS_LAMBDA_RUNTIME_API", runtime.endpoint())
+            .env("AWS_LAMBDA_FUNCTION_NAME", "ecom-settings-exporter")
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
+            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+            .env(
+                "AWS_LAMBDA_LOG_GROUP_NAME",
+                "/aws/lambda/ecom-settings-exporter",
+            )
+            .env("AWS_LAMBDA_LOG_STREAM_NAME", "local")
+            .env("AWS_LAMBDA_LOG_FORMAT", "JSON")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().expect("start the bootstrap binary");
+        let output = Arc::new(Mutex::new(String::new()));
+        for mut stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    output
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        Self { child, output }
+    }
+
+    /// The JSON log lines written so far.
+    pub fn log_lines(&self) -> Vec<Value> {
+        self.output
+            .lock()
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Function {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP forwarder that can be switched off (connections are dropped at once) and on again:
+/// a peer that is unreachable for a while.
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    up: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    pub async fn start(target: String, up: bool) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(std::sync::atomic::AtomicBool::new(up));
+        let flag = state.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !flag.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self { addr, up: state }
+    }
+
+    /// A proxy in front of the moto server.
+    pub async fn to_moto(up: bool) -> Self {
+        let endpoint = moto_endpoint();
+        Self::start(endpoint.trim_start_matches("http://").to_string(), up).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
     }
 }

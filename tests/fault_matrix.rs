@@ -1,0 +1,495 @@
+//! The fault matrix: one test per fault, each asserting what KV holds and what the batch
+//! response says (nothing lost: written, rejected with a log line, or reported for retry), and
+//! that the function serves the next invocation once the fault is gone. The README lists it.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use ecom_emulators::api_keys::Behaviour;
+use ecom_emulators::kv::Fault;
+use ecom_emulators::runtime_api::RuntimeApi;
+use serde_json::{json, Value};
+
+/// A harness with one index record waiting in the stream.
+async fn one_pending_record() -> (Harness, Vec<Value>) {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "products", Some("shop-1")))
+        .await;
+    let records = h.stream_records().await;
+    (h, records)
+}
+
+fn bulk_statuses(h: &Harness) -> Vec<u16> {
+    h.kv.requests()
+        .iter()
+        .filter(|r| r.operation == "bulk")
+        .map(|r| r.status)
+        .collect()
+}
+
+/// With the fault gone, a new change goes through: the function keeps serving.
+async fn serves_the_next_invocation(h: &mut Harness) {
+    h.kv.clear_faults();
+    h.put(index_item("acct-1", "after-the-fault", None)).await;
+    let records = h.stream_records().await;
+    let response = h.invoke(json!({ "Records": records })).await;
+    assert_eq!(failures(&response), Vec::<String>::new());
+    assert!(h.settings("acct-1-after-the-fault").is_some());
+}
+
+async fn a_transient_status_is_retried_until_it_passes(status: u16) {
+    let (mut h, records) = one_pending_record().await;
+    h.kv.inject(
+        Fault::Status {
+            status,
+            retry_after: None,
+        },
+        2,
+    );
+
+    let response = h.invoke(json!({ "Records": records })).await;
+
+    assert_eq!(failures(&response), Vec::<String>::new(), "{status}");
+    assert!(h.settings("shop-1").is_some(), "{status}");
+    assert_eq!(bulk_statuses(&h), [status, status, 200]);
+    serves_the_next_invocation(&mut h).await;
+}
+
+#[tokio::test]
+async fn kv_500_is_retried() {
+    a_transient_status_is_retried_until_it_passes(500).await;
+}
+
+#[tokio::test]
+async fn kv_502_is_retried() {
+    a_transient_status_is_retried_until_it_passes(502).await;
+}
+
+#[tokio::test]
+async fn kv_503_is_retried() {
+    a_transient_status_is_retried_until_it_passes(503).await;
+}
+
+#[tokio::test]
+async fn kv_524_is_retried() {
+    a_transient_status_is_retried_until_it_passes(524).await;
+}
+
+#[tokio::test]
+async fn kv_errors_that_outlast_the_retries_report_the_records() {
+    let (mut h, records) = one_pending_record().await;
+    h.kv.inject(
+        Fault::Status {
+            status: 503,
+            retry_after: None,
+        },
+        100,
+    );
+
+    let response = h.invoke(json!({ "Records": records.clone() })).await;
+
+    assert_eq!(failures(&response), sequence_numbers(&records));
+    assert_eq!(
+        bulk_statuses(&h).len(),
+        1 + fast_retry().max_retries as usize
+    );
+    assert!(h.kv.keys(CF_ACCOUNT, SETTINGS_NS).is_empty());
+    serves_the_next_invocation(&mut h).await;
+}
+
+#[tokio::test]
+async fn kv_429_waits_as_retry_after_says() {
+    let (mut h, records) = one_pending_record().await;
+    h.kv.inject(
+        Fault::Status {
+            status: 429,
+            retry_after: Some(1),
+        },
+        1,
+    );
+
+    let started = Instant::now();
+    let response = h.invoke(json!({ "Records": records })).await;
+
+    assert_eq!(failures(&response), Vec::<String>::new());
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "waited as told"
+    );
+    assert_eq!(bulk_statuses(&h), [429, 200]);
+    assert!(h.settings("shop-1").is_some());
+    serves_the_next_invocation(&mut h).await;
+}
+
+#[tokio::test]
+async fn kv_429_without_retry_after_backs_off() {
+    let (mut h, records) = one_pending_record().await;
+    h.kv.inject(
+        Fault::Status {
+            status: 429,
+            retry_after: None,
+        },
+        2,
+    );
+
+    let response = h.invoke(json!({ "Records": records })).await;
+
+    assert_eq!(failures(&response), Vec::<String>::new());
+    assert_eq!(bulk_statuses(&h), [429, 429, 200]);
+    serves_the_next_invocation(&mut h).await;
+}
+
+#[tokio::test]
+async fn kv_unsuccessful_keys_are_sent_again() {
+    let (mut h, records) = one_pending_record().await;
+    h.kv.inject(Fault::UnsuccessfulKeys { count: 1 }, 1);
+
+    let response = h.invoke(json!({ "Records": records })).await;
+
+    assert_eq!(failures(&response), Vec::<String>::new());
+    let bulk: Vec<_> =
+        h.kv.requests()
+            .into_iter()
+            .filter(|r| r.operation == "bulk")
+            .collect();
+    assert_eq!(
+        bulk.iter().map(|r| r.items).collect::<Vec<_>>(),
+        [2, 1],
+        "only the missing key again"
+    );
+    assert!(h.settings("shop-1").is_some());
+    assert!(h.settings("acct-1-products").is_some());
+    serves_the_next_invocation(&mut h).await;
+}
+
+#[tokio::test]
+async fn kv_keys_that_stay_unsuccessful_report_their_record() {
+    let (mut h, records) = one_pending_record().await;
+    h.kv.inject(Fault::UnsuccessfulKeys { count: 1 }, 100);
+
+    let response = h.invoke(json!({ "Records": records.clone() })).await;
+
+    assert_eq!(failures(&response), sequence_numbers(&records));
+    serves_the_next_invocation(&mut h).await;
+}
+
+async fn a_client_error_is_not_retried(status: u16) {
+    let (mut h, records) = one_pending_record().await;
+    h.kv.inject(
+        Fault::Status {
+            status,
+            retry_after: None,
+        },
+        1,
+    );
+
+    let logs = Logs::capture();
+    let response = h.invoke(json!({ "Records": records.clone() })).await;
+
+    assert_eq!(failures(&response), sequence_numbers(&records), "{status}");
+    assert_eq!(bulk_statuses(&h), [status]);
+    let failed = logs.matching("record failed");
+    assert_eq!(failed.len(), 1);
+    // The reason quotes Cloudflare's error envelope: its code and message.
+    assert!(
+        failed[0].contains(&format!("HTTP {status} (10999 injected fault)")),
+        "{}",
+        failed[0]
+    );
+    serves_the_next_invocation(&mut h).await;
+}
+
+#[tokio::test]
+async fn kv_400_with_an_error_envelope_is_not_retried() {
+    a_client_error_is_not_retried(400).await;
+}
+
+#[tokio::test]
+async fn kv_413_is_not_retried() {
+    a_client_error_is_not_retried(413).await;
+}
+
+#[tokio::test]
+async fn kv_slower_than_the_client_timeout_is_retried() {
+    let (mut h, records) = one_pending_record().await;
+    let timeout = fast_retry().request_timeout;
+    h.kv.inject(
+        Fault::Delay {
+            millis: timeout.as_millis() as u64 + 1000,
+        },
+        1,
+    );
+
+    let response = h.invoke(json!({ "Records": records })).await;
+
+    assert_eq!(failures(&response), Vec::<String>::new());
+    assert!(h.settings("shop-1").is_some());
+    serves_the_next_invocation(&mut h).await;
+}
+
+#[tokio::test]
+async fn kv_connection_refused_reports_the_records() {
+    let (mut h, records) = one_pending_record().await;
+    let kv_url = h.kv.base_url();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    h.reconfigure(
+        "CLOUDFLARE_API_BASE_URL",
+        &format!("http://{closed}/client/v4"),
+    )
+    .await;
+
+    let logs = Logs::capture();
+    let response = h.invoke(json!({ "Records": records.clone() })).await;
+
+    assert_eq!(failures(&response), sequence_numbers(&records));
+    assert!(logs.matching("record failed")[0].contains("cannot connect to Cloudflare"));
+    h.reconfigure("CLOUDFLARE_API_BASE_URL", &kv_url).await;
+    serves_the_next_invocation(&mut h).await;
+}
+
+#[tokio::test]
+async fn kv_401_after_a_token_rotation_refetches_the_token_once() {
+    let (mut h, records) = one_pending_record().await;
+    h.invoke(json!({ "Records": records })).await; // the first token is now cached
+    h.secrets
+        .put_secret_value()
+        .secret_id(&h.secret_id)
+        .secret_string("cf-token-2")
+        .send()
+        .await
+        .unwrap();
+    h.kv.set_tokens(&["cf-token-2"]);
+    h.put(index_item("acct-1", "products", Some("shop-2")))
+        .await;
+
+    let response = h.export_stream().await;
+
+    assert_eq!(failures(&response), Vec::<String>::new());
+    assert_eq!(h.settings("shop-2").unwrap()["shop_id"], "shop-2");
+    assert_eq!(bulk_statuses(&h), [200, 401, 200]);
+    serves_the_next_invocation(&mut h).await;
+}
+
+#[tokio::test]
+async fn kv_401_with_a_revoked_token_gives_up_after_one_refetch() {
+    let (mut h, records) = one_pending_record().await;
+    h.kv.set_tokens(&["some-other-token"]);
+
+    let response = h.invoke(json!({ "Records": records.clone() })).await;
+
+    assert_eq!(failures(&response), sequence_numbers(&records));
+    assert_eq!(bulk_statuses(&h), [401, 401]);
+    h.kv.set_tokens(&[TOKEN]);
+    serves_the_next_invocation(&mut h).await;
+}
+
+#[tokio::test]
+async fn retries_that_would_outlast_the_deadline_stop_and_report_what_is_left() {
+    let (mut h, records) = one_pending_record().await;
+    h.kv.inject(
+        Fault::Status {
+            status: 503,
+            retry_after: Some(30),
+        },
+        100,
+    );
+
+    let started = Instant::now();
+    let response = h
+        .try_invoke(
+            json!({ "Records": records.clone() }),
+            Duration::from_secs(3),
+        )
+        .await
+        .unwrap();
+
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered before the deadline"
+    );
+    assert_eq!(failures(&response), sequence_numbers(&records));
+    assert_eq!(bulk_statuses(&h), [503]);
+    serves_the_next_invocation(&mut h).await;
+}
+
+async fn an_api_keys_fault_reports_the_record(behaviour: Behaviour, reason: &str) {
+    let (mut h, records) = one_pending_record().await;
+    h.reconfigure("API_KEYS_TIMEOUT_SECONDS", "1").await;
+    h.keys.set_behaviour("acct-1", Some(behaviour));
+
+    let logs = Logs::capture();
+    let response = h.invoke(json!({ "Records": records.clone() })).await;
+
+    assert_eq!(failures(&response), sequence_numbers(&records));
+    assert!(h.kv.requests().is_empty(), "never written without its key");
+    let failed = logs.matching("record failed");
+    assert!(failed[0].contains(reason), "{}", failed[0]);
+    h.keys.set_behaviour("acct-1", None);
+    serves_the_next_invocation(&mut h).await;
+}
+
+#[tokio::test]
+async fn api_keys_500_reports_the_record() {
+    an_api_keys_fault_reports_the_record(Behaviour::Status { status: 500 }, "HTTP 500").await;
+}
+
+#[tokio::test]
+async fn api_keys_timeout_reports_the_record() {
+    an_api_keys_fault_reports_the_record(Behaviour::Delay { millis: 3000 }, "no answer in time")
+        .await;
+}
+
+#[tokio::test]
+async fn api_keys_malformed_json_reports_the_record() {
+    an_api_keys_fault_reports_the_record(Behaviour::Malformed, "answer is not").await;
+}
+
+#[tokio::test]
+async fn api_keys_404_rejects_the_record_with_a_log_line() {
+    let (mut h, records) = one_pending_record().await;
+    h.keys
+        .set_behaviour("acct-1", Some(Behaviour::Status { status: 404 }));
+
+    let logs = Logs::capture();
+    let response = h.invoke(json!({ "Records": records })).await;
+
+    assert_eq!(
+        failures(&response),
+        Vec::<String>::new(),
+        "permanent: not retried"
+    );
+    assert!(h.kv.requests().is_empty());
+    assert_eq!(logs.matching("record rejected").len(), 1);
+    h.keys.set_behaviour("acct-1", None);
+    serves_the_next_invocation(&mut h).await;
+}
+
+const INVOKE: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn secrets_manager_unreachable_at_cold_start_reports_the_batch_then_recovers() {
+    let (mut h, records) = one_pending_record().await;
+    let secrets = Proxy::to_moto(false).await;
+    let runtime = RuntimeApi::start(0).await.unwrap();
+    let mut env = h.lambda_env();
+    env.push(("AWS_ENDPOINT_URL_SECRETS_MANAGER", secrets.url()));
+    env.push(("AWS_MAX_ATTEMPTS", "1".into()));
+    let function = Function::start(&runtime, &env);
+
+    let answer = runtime
+        .invoke(json!({ "Records": records.clone() }), INVOKE)
+        .await;
+
+    let response = answer.unwrap_or_else(|e| panic!("{e}\n{}", function.output()));
+    assert_eq!(failures(&response), sequence_numbers(&records));
+    assert!(h.kv.keys(CF_ACCOUNT, SETTINGS_NS).is_empty());
+    assert!(
+        function
+            .output()
+            .contains("cannot fetch the Cloudflare API token"),
+        "{}",
+        function.output()
+    );
+
+    secrets.set_up(true);
+    let retried = runtime
+        .invoke(json!({ "Records": records }), INVOKE)
+        .await
+        .unwrap();
+    assert_eq!(
+        failures(&retried),
+        Vec::<String>::new(),
+        "{}",
+        function.output()
+    );
+    assert!(h.settings("shop-1").is_some());
+    h.stream_records().await;
+}
+
+#[tokio::test]
+async fn dynamodb_unreachable_during_the_alias_scan_retries_the_remove_never_deletes_unchecked() {
+    let (mut h, records) = one_pending_record().await;
+    h.invoke(json!({ "Records": records })).await;
+    h.delete("acct-1", "INDEX#products").await;
+    let remove = h.stream_records().await;
+    let table = Proxy::to_moto(false).await;
+    let runtime = RuntimeApi::start(0).await.unwrap();
+    let mut env = h.lambda_env();
+    env.push(("AWS_ENDPOINT_URL_DYNAMODB", table.url()));
+    env.push(("AWS_MAX_ATTEMPTS", "1".into()));
+    let function = Function::start(&runtime, &env);
+
+    let response = runtime
+        .invoke(json!({ "Records": remove.clone() }), INVOKE)
+        .await
+        .unwrap();
+
+    assert_eq!(failures(&response), sequence_numbers(&remove));
+    assert!(
+        h.settings("acct-1-products").is_some(),
+        "not deleted unchecked"
+    );
+    assert!(h.settings("shop-1").is_some());
+    assert!(
+        function.output().contains("cannot scan the settings table"),
+        "{}",
+        function.output()
+    );
+
+    table.set_up(true);
+    let retried = runtime
+        .invoke(json!({ "Records": remove }), INVOKE)
+        .await
+        .unwrap();
+    assert_eq!(
+        failures(&retried),
+        Vec::<String>::new(),
+        "{}",
+        function.output()
+    );
+    assert_eq!(h.settings("acct-1-products"), None);
+    assert_eq!(h.settings("shop-1"), None);
+}
+
+#[tokio::test]
+async fn values_over_25_mib_are_rejected_and_never_sent() {
+    let h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    let mut image = index_item("acct-1", "huge", None);
+    image["search_config"] = json!({"M": {"blob": {"S": "x".repeat(25 * 1024 * 1024)}}});
+    let record = json!({
+        "eventID": "1", "eventName": "INSERT", "awsRegion": REGION,
+        "dynamodb": {"Keys": {"pk": {"S": "acct-1"}, "sk": {"S": "INDEX#huge"}}, "NewImage": image,
+                     "SequenceNumber": "1", "SizeBytes": 1, "StreamViewType": "NEW_IMAGE"}
+    });
+
+    let logs = Logs::capture();
+    let response = h.invoke(json!({ "Records": [record] })).await;
+
+    assert_eq!(failures(&response), Vec::<String>::new());
+    assert!(h.kv.requests().is_empty());
+    let rejected = logs.matching("record rejected");
+    assert_eq!(rejected.len(), 1);
+    assert!(rejected[0].contains("25 MiB"), "{}", rejected[0]);
+    assert!(rejected[0].contains("index=huge"), "{}", rejected[0]);
+}
+
+#[tokio::test]
+async fn keys_over_512_bytes_are_rejected_and_never_sent() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "products", Some(&"s".repeat(513))))
+        .await;
+    h.put(index_item("acct-1", "fine", None)).await;
+
+    let response = h.export_stream().await;
+
+    assert_eq!(failures(&response), Vec::<String>::new());
+    assert_eq!(h.kv.keys(CF_ACCOUNT, SETTINGS_NS), ["acct-1-fine"]);
+}
