@@ -8,7 +8,7 @@ MOTO_VERSION := 5.2.5
 CFN_LINT_VERSION := 1.58.0
 STACK ?= ecom-settings-exporter-dev
 
-.PHONY: all demo build test unit-test lint fmt venv tools local deploy clean
+.PHONY: all demo build test unit-test lint fmt fuzz venv tools local deploy clean
 
 all: lint test
 
@@ -44,6 +44,10 @@ test: venv
 ## Unit tests only: no moto, no network.
 unit-test:
 	cargo test --workspace --lib --locked
+
+## Bounded fuzzing of decoding and planning (nightly + cargo-fuzz; FUZZ_SECONDS per target).
+fuzz: venv
+	scripts/fuzz.sh
 
 ## Lambda artifact for arm64 (cargo-lambda, installed into the venv from PyPI with zig).
 build: tools

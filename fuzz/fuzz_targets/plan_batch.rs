@@ -1,0 +1,36 @@
+//! Any batch of records plans without a panic, and the plan keeps its promises: one operation
+//! per key, owned by a record that is pending, and bulk requests within Cloudflare's limits.
+#![no_main]
+
+use ecom_settings_exporter::model::ApiKey;
+use ecom_settings_exporter::plan::{needs, plan, Lookups, Outcome};
+use ecom_settings_exporter::records::decode_record;
+use ecom_settings_exporter::requests::{requests, KvRequest, MAX_BULK_BYTES, MAX_BULK_ITEMS};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(serde_json::Value::Array(raw)) = serde_json::from_slice(data) else {
+        return;
+    };
+    let records: Vec<_> = raw.into_iter().map(|r| decode_record(r, "DEFAULT_CONFIGS")).collect();
+    let needs = needs(&records, "default");
+    let lookups = Lookups {
+        api_keys: needs.api_keys.into_iter().map(|a| (a, Ok(ApiKey::new("fuzz-key")))).collect(),
+        references: needs.references.then(|| Ok(vec![])),
+        current_shops: needs.current_shops.into_iter().map(|i| (i, Ok(Some("fuzz-shop".into())))).collect(),
+    };
+    let plan = plan(&records, &lookups, "default");
+    assert_eq!(plan.outcomes.len(), records.len());
+    for op in plan.ops.values() {
+        assert_eq!(plan.outcomes[op.owner], Outcome::Pending, "owned by a pending record");
+    }
+    let requests = requests(&plan.ops);
+    let sent: usize = requests.iter().map(|r| r.keys().len()).sum();
+    assert_eq!(sent, plan.ops.len(), "every operation is sent once");
+    for request in &requests {
+        assert!(request.keys().len() <= MAX_BULK_ITEMS);
+        if let KvRequest::Put { .. } = request {
+            assert!(request.body().len() < MAX_BULK_BYTES);
+        }
+    }
+});
