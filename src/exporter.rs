@@ -45,6 +45,19 @@ pub enum RecordOutcome {
     },
 }
 
+impl From<Outcome> for RecordOutcome {
+    /// A pending record whose operations were all applied is exported.
+    fn from(outcome: Outcome) -> Self {
+        match outcome {
+            Outcome::Pending => RecordOutcome::Exported,
+            Outcome::Skipped(r) => RecordOutcome::Skipped(r),
+            Outcome::Rejected(r) => RecordOutcome::Rejected(r),
+            Outcome::Failed(r) => RecordOutcome::Failed(r),
+            Outcome::Kept { referenced_by } => RecordOutcome::Kept { referenced_by },
+        }
+    }
+}
+
 /// Records with their lookups done and their KV operations planned, nothing sent yet.
 #[derive(Debug)]
 pub struct Prepared {
@@ -242,13 +255,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
             .map(|(record, outcome)| RecordReport {
                 sequence_number: record.sequence_number,
                 index: record.index,
-                outcome: match outcome {
-                    Outcome::Pending => RecordOutcome::Exported,
-                    Outcome::Skipped(r) => RecordOutcome::Skipped(r),
-                    Outcome::Rejected(r) => RecordOutcome::Rejected(r),
-                    Outcome::Failed(r) => RecordOutcome::Failed(r),
-                    Outcome::Kept { referenced_by } => RecordOutcome::Kept { referenced_by },
-                },
+                outcome: outcome.into(),
             })
             .collect();
         report

@@ -509,13 +509,7 @@ fn dry_report(prepared: Prepared) -> BatchReport {
             .map(|(record, outcome)| crate::exporter::RecordReport {
                 sequence_number: None,
                 index: record.index,
-                outcome: match outcome {
-                    Outcome::Pending => RecordOutcome::Exported,
-                    Outcome::Skipped(r) => RecordOutcome::Skipped(r),
-                    Outcome::Rejected(r) => RecordOutcome::Rejected(r),
-                    Outcome::Failed(r) => RecordOutcome::Failed(r),
-                    Outcome::Kept { referenced_by } => RecordOutcome::Kept { referenced_by },
-                },
+                outcome: outcome.into(),
             })
             .collect(),
         ..BatchReport::default()

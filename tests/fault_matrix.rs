@@ -150,16 +150,7 @@ async fn kv_unsuccessful_keys_are_sent_again() {
     let response = h.invoke(json!({ "Records": records })).await;
 
     assert_eq!(failures(&response), Vec::<String>::new());
-    let bulk: Vec<_> =
-        h.kv.requests()
-            .into_iter()
-            .filter(|r| r.operation == "bulk")
-            .collect();
-    assert_eq!(
-        bulk.iter().map(|r| r.items).collect::<Vec<_>>(),
-        [2, 1],
-        "only the missing key again"
-    );
+    assert_eq!(h.bulk_write_sizes(), [2, 1], "only the missing key again");
     assert!(h.settings("shop-1").is_some());
     assert!(h.settings("acct-1-products").is_some());
     serves_the_next_invocation(&mut h).await;
@@ -372,15 +363,26 @@ async fn api_keys_404_rejects_the_record_with_a_log_line() {
 
 const INVOKE: Duration = Duration::from_secs(30);
 
+/// The binary with one AWS service (`AWS_ENDPOINT_URL_<SERVICE>`) behind a proxy that starts
+/// down; the SDK tries once, so the outage shows at once.
+async fn function_with_an_outage(
+    h: &Harness,
+    service_endpoint: &'static str,
+) -> (RuntimeApi, Function, Proxy) {
+    let proxy = Proxy::to_moto(false).await;
+    let runtime = RuntimeApi::start(0).await.unwrap();
+    let mut env = h.lambda_env();
+    env.push((service_endpoint, proxy.url()));
+    env.push(("AWS_MAX_ATTEMPTS", "1".into()));
+    let function = Function::start(&runtime, &env);
+    (runtime, function, proxy)
+}
+
 #[tokio::test]
 async fn secrets_manager_unreachable_at_cold_start_reports_the_batch_then_recovers() {
     let (mut h, records) = one_pending_record().await;
-    let secrets = Proxy::to_moto(false).await;
-    let runtime = RuntimeApi::start(0).await.unwrap();
-    let mut env = h.lambda_env();
-    env.push(("AWS_ENDPOINT_URL_SECRETS_MANAGER", secrets.url()));
-    env.push(("AWS_MAX_ATTEMPTS", "1".into()));
-    let function = Function::start(&runtime, &env);
+    let (runtime, function, secrets) =
+        function_with_an_outage(&h, "AWS_ENDPOINT_URL_SECRETS_MANAGER").await;
 
     let answer = runtime
         .invoke(json!({ "Records": records.clone() }), INVOKE)
@@ -389,13 +391,9 @@ async fn secrets_manager_unreachable_at_cold_start_reports_the_batch_then_recove
     let response = answer.unwrap_or_else(|e| panic!("{e}\n{}", function.output()));
     assert_eq!(failures(&response), sequence_numbers(&records));
     assert!(h.kv.keys(CF_ACCOUNT, SETTINGS_NS).is_empty());
-    assert!(
-        function
-            .output()
-            .contains("cannot fetch the Cloudflare API token"),
-        "{}",
-        function.output()
-    );
+    function
+        .wait_for("cannot fetch the Cloudflare API token")
+        .await;
 
     secrets.set_up(true);
     let retried = runtime
@@ -418,12 +416,7 @@ async fn dynamodb_unreachable_during_the_alias_scan_retries_the_remove_never_del
     h.invoke(json!({ "Records": records })).await;
     h.delete("acct-1", "INDEX#products").await;
     let remove = h.stream_records().await;
-    let table = Proxy::to_moto(false).await;
-    let runtime = RuntimeApi::start(0).await.unwrap();
-    let mut env = h.lambda_env();
-    env.push(("AWS_ENDPOINT_URL_DYNAMODB", table.url()));
-    env.push(("AWS_MAX_ATTEMPTS", "1".into()));
-    let function = Function::start(&runtime, &env);
+    let (runtime, function, table) = function_with_an_outage(&h, "AWS_ENDPOINT_URL_DYNAMODB").await;
 
     let response = runtime
         .invoke(json!({ "Records": remove.clone() }), INVOKE)
@@ -436,11 +429,7 @@ async fn dynamodb_unreachable_during_the_alias_scan_retries_the_remove_never_del
         "not deleted unchecked"
     );
     assert!(h.settings("shop-1").is_some());
-    assert!(
-        function.output().contains("cannot scan the settings table"),
-        "{}",
-        function.output()
-    );
+    function.wait_for("cannot scan the settings table").await;
 
     table.set_up(true);
     let retried = runtime

@@ -35,6 +35,7 @@ async fn the_binary_answers_a_stream_batch_through_the_runtime_api() {
         h.settings("shop-1").unwrap()["marqo_api_key"],
         "marqo-secret-key"
     );
+    function.wait_for("\"_aws\"").await; // the metrics document comes last
     let lines = function.log_lines();
     let summary = lines
         .iter()
@@ -164,6 +165,9 @@ async fn a_missing_setting_fails_every_invocation_naming_it() {
             "missing required environment variable SETTINGS_TABLE_NAME"
         );
     }
+    function
+        .wait_for("missing required environment variable")
+        .await;
     let lines = function.log_lines();
     assert_eq!(
         lines

@@ -110,13 +110,7 @@ async fn the_last_write_to_a_key_wins_in_one_request() {
 
     assert_eq!(h.settings("acct-1-products").unwrap()["pixel_id"], "px-v3");
     assert_eq!(h.settings("shop-1").unwrap()["pixel_id"], "px-v3");
-    let bulk: Vec<_> =
-        h.kv.requests()
-            .into_iter()
-            .filter(|r| r.operation == "bulk")
-            .collect();
-    assert_eq!(bulk.len(), 1);
-    assert_eq!(bulk[0].items, 2, "one pair per key, not per record");
+    assert_eq!(h.bulk_write_sizes(), [2], "one request, one pair per key");
     assert_eq!(h.keys.calls().len(), 1);
 }
 
@@ -198,15 +192,7 @@ async fn ten_thousand_records_across_accounts_cost_two_bulk_requests_and_one_key
     let response = h.invoke(json!({ "Records": records })).await;
 
     assert_eq!(response, json!({"batchItemFailures": []}));
-    let bulk: Vec<_> =
-        h.kv.requests()
-            .into_iter()
-            .filter(|r| r.operation == "bulk")
-            .collect();
-    assert_eq!(
-        bulk.iter().map(|r| r.items).collect::<Vec<_>>(),
-        [10_000, 10_000]
-    );
+    assert_eq!(h.bulk_write_sizes(), [10_000, 10_000]);
     let mut called: Vec<_> = h.keys.calls().into_iter().map(|c| c.account).collect();
     called.sort();
     assert_eq!(called, accounts);

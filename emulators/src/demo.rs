@@ -11,10 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
-    ScalarAttributeType, StreamSpecification, StreamViewType,
-};
+use aws_sdk_dynamodb::types::{AttributeValue, StreamViewType};
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
@@ -139,48 +136,10 @@ async fn start(options: &DemoOptions) -> Result<Stack, String> {
         .load()
         .await;
     let ddb = aws_sdk_dynamodb::Client::new(&aws);
-    let key = |name: &str, kind| {
-        KeySchemaElement::builder()
-            .attribute_name(name)
-            .key_type(kind)
-            .build()
-            .expect("complete")
-    };
-    let attr = |name: &str| {
-        AttributeDefinition::builder()
-            .attribute_name(name)
-            .attribute_type(ScalarAttributeType::S)
-            .build()
-            .expect("complete")
-    };
     // NEW_IMAGE, as the production stream: removes find the shop id in KV.
-    let created = ddb
-        .create_table()
-        .table_name(&options.table_name)
-        .key_schema(key("pk", KeyType::Hash))
-        .key_schema(key("sk", KeyType::Range))
-        .attribute_definitions(attr("pk"))
-        .attribute_definitions(attr("sk"))
-        .billing_mode(BillingMode::PayPerRequest)
-        .stream_specification(
-            StreamSpecification::builder()
-                .stream_enabled(true)
-                .stream_view_type(StreamViewType::NewImage)
-                .build()
-                .expect("complete"),
-        )
-        .send()
-        .await
-        .map_err(|e| {
-            format!(
-                "create table: {}",
-                aws_sdk_dynamodb::error::DisplayErrorContext(e)
-            )
-        })?;
-    let stream_arn = created
-        .table_description
-        .and_then(|t| t.latest_stream_arn)
-        .ok_or("the table has no stream")?;
+    let stream_arn =
+        crate::streams::create_settings_table(&ddb, &options.table_name, StreamViewType::NewImage)
+            .await?;
     let secret_id = format!("{}/CloudFlareApiToken", options.table_name);
     aws_sdk_secretsmanager::Client::new(&aws)
         .create_secret()

@@ -1,6 +1,10 @@
 //! Reads a DynamoDB stream (moto's, locally) the way Lambda's event source mapping does and
 //! hands out the records in Lambda's `{"Records": [...]}` format.
 
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    StreamSpecification, StreamViewType,
+};
 use aws_sdk_dynamodbstreams::types::{Record, ShardIteratorType};
 use aws_sdk_dynamodbstreams::Client;
 use serde_json::{json, Value};
@@ -14,6 +18,55 @@ pub struct StreamReader {
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Creates a settings table as the spec lays it out (`pk`, `sk`, both strings) with a stream
+/// of the given view type, and answers the stream's ARN.
+pub async fn create_settings_table(
+    client: &aws_sdk_dynamodb::Client,
+    name: &str,
+    view: StreamViewType,
+) -> Result<String, String> {
+    let key = |name: &str, kind| {
+        KeySchemaElement::builder()
+            .attribute_name(name)
+            .key_type(kind)
+            .build()
+            .expect("complete")
+    };
+    let attr = |name: &str| {
+        AttributeDefinition::builder()
+            .attribute_name(name)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .expect("complete")
+    };
+    let stream = StreamSpecification::builder()
+        .stream_enabled(true)
+        .stream_view_type(view)
+        .build()
+        .expect("complete");
+    let created = client
+        .create_table()
+        .table_name(name)
+        .key_schema(key("pk", KeyType::Hash))
+        .key_schema(key("sk", KeyType::Range))
+        .attribute_definitions(attr("pk"))
+        .attribute_definitions(attr("sk"))
+        .billing_mode(BillingMode::PayPerRequest)
+        .stream_specification(stream)
+        .send()
+        .await
+        .map_err(|e| {
+            format!(
+                "create table {name}: {}",
+                aws_sdk_dynamodb::error::DisplayErrorContext(e)
+            )
+        })?;
+    created
+        .table_description
+        .and_then(|t| t.latest_stream_arn)
+        .ok_or_else(|| format!("table {name} has no stream"))
+}
 
 impl StreamReader {
     /// Starts at the beginning of every shard of the stream.

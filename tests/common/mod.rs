@@ -10,10 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-    StreamSpecification, StreamViewType,
-};
+use aws_sdk_dynamodb::types::StreamViewType;
 use ecom_emulators::api_keys::ApiKeysStandIn;
 use ecom_emulators::kv::KvEmulator;
 use ecom_emulators::runtime_api::RuntimeApi;
@@ -80,42 +77,9 @@ impl Harness {
         let ddb = aws_sdk_dynamodb::Client::new(&aws);
         let secrets = aws_sdk_secretsmanager::Client::new(&aws);
         let table = unique("settings");
-        let key = |name: &str, kind| {
-            KeySchemaElement::builder()
-                .attribute_name(name)
-                .key_type(kind)
-                .build()
-                .unwrap()
-        };
-        let attr = |name: &str| {
-            AttributeDefinition::builder()
-                .attribute_name(name)
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .unwrap()
-        };
-        let created = ddb
-            .create_table()
-            .table_name(&table)
-            .key_schema(key("pk", KeyType::Hash))
-            .key_schema(key("sk", KeyType::Range))
-            .attribute_definitions(attr("pk"))
-            .attribute_definitions(attr("sk"))
-            .billing_mode(BillingMode::PayPerRequest)
-            .stream_specification(
-                StreamSpecification::builder()
-                    .stream_enabled(true)
-                    .stream_view_type(view)
-                    .build()
-                    .unwrap(),
-            )
-            .send()
+        let stream_arn = ecom_emulators::streams::create_settings_table(&ddb, &table, view)
             .await
             .expect("create table in moto");
-        let stream_arn = created
-            .table_description
-            .and_then(|t| t.latest_stream_arn)
-            .expect("a stream");
         let stream = StreamReader::open(
             aws_sdk_dynamodbstreams::Client::new(&aws),
             &stream_arn,
@@ -246,6 +210,16 @@ impl Harness {
 
     pub fn query_config(&self, key: &str) -> Option<Value> {
         self.kv.json(CF_ACCOUNT, QCFG_NS, key)
+    }
+
+    /// The number of pairs in each bulk write the KV emulator answered.
+    pub fn bulk_write_sizes(&self) -> Vec<usize> {
+        self.kv
+            .requests()
+            .iter()
+            .filter(|r| r.operation == "bulk")
+            .map(|r| r.items)
+            .collect()
     }
 
     /// Data requests the KV emulator answered, by operation.
@@ -404,6 +378,18 @@ impl Function {
 
     pub fn output(&self) -> String {
         self.output.lock().unwrap().clone()
+    }
+
+    /// The output once it holds `needle` (the answer can arrive before the log is read).
+    pub async fn wait_for(&self, needle: &str) -> String {
+        for _ in 0..100 {
+            let output = self.output();
+            if output.contains(needle) {
+                return output;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no `{needle}` in the function's output: {}", self.output())
     }
 }
 
