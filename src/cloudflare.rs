@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use reqwest::{header, Method, StatusCode, Url};
 use serde::Deserialize;
 use tokio::sync::Mutex;
@@ -254,7 +255,7 @@ impl<T: TokenSource> CloudflareKv<T> {
         &self,
         method: Method,
         url: &Url,
-        body: Option<&[u8]>,
+        body: Option<Bytes>,
         deadline: Instant,
     ) -> Result<Answer, String> {
         let mut retries = 0;
@@ -276,10 +277,11 @@ impl<T: TokenSource> CloudflareKv<T> {
                     .request(method.clone(), url.clone())
                     .bearer_auth(token.expose())
                     .timeout(timeout);
-                if let Some(body) = body {
+                if let Some(body) = &body {
+                    // `Bytes` clones share the buffer: a retry does not copy the body.
                     request = request
                         .header(header::CONTENT_TYPE, "application/json")
-                        .body(body.to_vec());
+                        .body(body.clone());
                 }
                 let response = request.send().await.map_err(|e| transport_error(&e))?;
                 let status = response.status();
@@ -344,7 +346,12 @@ impl<T: TokenSource> CloudflareKv<T> {
                 reason,
             };
             let answer = self
-                .call(method.clone(), &url, Some(&pending.body()), deadline)
+                .call(
+                    method.clone(),
+                    &url,
+                    Some(Bytes::from(pending.body())),
+                    deadline,
+                )
                 .await
                 .map_err(failed)?;
             let envelope: Envelope = serde_json::from_str(&answer.body).unwrap_or_default();
