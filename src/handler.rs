@@ -190,10 +190,12 @@ impl TryFrom<Value> for Payload {
                     "index_name",
                     "include_query_configs",
                     "repair",
+                    "dry_run",
                 ])?;
                 ManualRequest::Verify {
                     target: fields.target()?,
                     repair: fields.flag("repair")?,
+                    dry_run: fields.flag("dry_run")?,
                 }
             }
             "backfill" => {

@@ -43,8 +43,15 @@ pub struct BackfillRequest {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ManualRequest {
-    Reexport { target: IndexTarget, dry_run: bool },
-    Verify { target: IndexTarget, repair: bool },
+    Reexport {
+        target: IndexTarget,
+        dry_run: bool,
+    },
+    Verify {
+        target: IndexTarget,
+        repair: bool,
+        dry_run: bool,
+    },
     Backfill(BackfillRequest),
 }
 
@@ -67,8 +74,19 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
                 Ok(reexport_answer(&target.index, &report))
             }
         }
-        ManualRequest::Verify { target, repair } => {
-            verify(exporter, &target, repair, deadline).await
+        ManualRequest::Verify {
+            target,
+            repair,
+            dry_run,
+        } => {
+            verify(
+                exporter,
+                &target,
+                repair && !dry_run,
+                repair && dry_run,
+                deadline,
+            )
+            .await
         }
         ManualRequest::Backfill(request) => backfill(exporter, &request, deadline).await,
     }
@@ -262,6 +280,7 @@ async fn verify<K: KvStore, A: ApiKeySource, T: SettingsTable>(
     exporter: &Exporter<K, A, T>,
     target: &IndexTarget,
     repair: bool,
+    preview_repair: bool,
     deadline: Instant,
 ) -> Result<Value, HandlerError> {
     let index = &target.index;
@@ -340,7 +359,7 @@ async fn verify<K: KvStore, A: ApiKeySource, T: SettingsTable>(
         "keys": keys,
     });
 
-    if repair {
+    if repair || preview_repair {
         // Only what drifted is sent: missing and stale keys written, unexpected ones deleted.
         prepared
             .plan
@@ -354,6 +373,19 @@ async fn verify<K: KvStore, A: ApiKeySource, T: SettingsTable>(
                 };
                 prepared.plan.ops.insert(key.clone(), delete);
             }
+        }
+        if preview_repair {
+            let (writes, deletes): (Vec<_>, Vec<_>) = prepared
+                .plan
+                .ops
+                .iter()
+                .partition(|(_, op)| matches!(op.action, KvAction::Put(_)));
+            answer["dry_run"] = json!(true);
+            answer["would_repair"] = json!({
+                "written": writes.iter().map(|(k, _)| &k.key).collect::<Vec<_>>(),
+                "deleted": deletes.iter().map(|(k, _)| &k.key).collect::<Vec<_>>(),
+            });
+            return Ok(answer);
         }
         let report = exporter.apply(prepared, deadline).await;
         ensure_exported(index, &report)?;

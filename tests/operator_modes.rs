@@ -178,6 +178,19 @@ async fn verify_finds_each_drift_kind_and_repair_fixes_it() {
     );
 
     verify["repair"] = json!(true);
+    verify["dry_run"] = json!(true);
+    let preview = h.invoke(verify.clone()).await;
+    assert_eq!(preview["would_repair"]["deleted"], json!([orphan]));
+    assert_eq!(
+        preview["would_repair"]["written"].as_array().unwrap().len(),
+        3
+    );
+    assert!(
+        h.kv.value(CF_ACCOUNT, QCFG_NS, &orphan).is_some(),
+        "a dry run repairs nothing"
+    );
+
+    verify["dry_run"] = json!(false);
     let repaired = h.invoke(verify.clone()).await;
     assert_eq!(repaired["repaired"]["deleted"], json!([orphan]));
     assert_eq!(repaired["repaired"]["written"].as_array().unwrap().len(), 3);
