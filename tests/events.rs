@@ -11,6 +11,15 @@ fn event(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(&path).expect(&path)).expect(&path)
 }
 
+/// The names of the files in `events/` that start with `prefix`.
+fn samples(prefix: &str) -> Vec<String> {
+    std::fs::read_dir(format!("{}/events", env!("CARGO_MANIFEST_DIR")))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(prefix))
+        .collect()
+}
+
 async fn harness() -> Harness {
     let h = Harness::new().await;
     h.keys.set_key("acct-1", "sample-key");
@@ -19,11 +28,7 @@ async fn harness() -> Harness {
 
 #[tokio::test]
 async fn every_sample_stream_event_is_answered_without_failures() {
-    let names: Vec<String> = std::fs::read_dir(format!("{}/events", env!("CARGO_MANIFEST_DIR")))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.starts_with("stream-"))
-        .collect();
+    let names = samples("stream-");
     assert!(names.len() >= 8, "{names:?}");
     for name in names {
         let h = harness().await;
@@ -90,11 +95,7 @@ async fn the_manual_sample_reexports_what_the_table_holds() {
 
 #[tokio::test]
 async fn every_sample_manual_payload_is_answered() {
-    let names: Vec<String> = std::fs::read_dir(format!("{}/events", env!("CARGO_MANIFEST_DIR")))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.starts_with("manual-"))
-        .collect();
+    let names = samples("manual-");
     assert!(names.len() >= 8, "{names:?}");
     for name in names {
         let h = harness().await;
