@@ -7,6 +7,8 @@ PYTHON ?= python3
 MOTO_VERSION := 5.2.5
 CFN_LINT_VERSION := 1.58.0
 STACK ?= ecom-settings-exporter-dev
+# Wherever cargo builds (CARGO_TARGET_DIR or a shared target directory included).
+TARGET_DIR = $(shell cargo metadata --format-version 1 --no-deps | $(PYTHON) -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
 .PHONY: all demo build test unit-test lint fmt fuzz venv tools local deploy clean
 
@@ -35,7 +37,7 @@ local: venv
 ## The whole flow on this machine: table, stream, function, KV (see the README).
 demo: venv
 	cargo build --quiet --locked -p ecom-settings-exporter -p ecom-emulators
-	target/debug/ecom-emulators demo
+	$(TARGET_DIR)/debug/ecom-emulators demo --function $(TARGET_DIR)/debug/ecom-settings-exporter
 
 ## Unit and integration tests (moto on a free port, KV emulator and API-keys stand-in in-process).
 test: venv

@@ -14,9 +14,10 @@ cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; w
 trap cleanup EXIT INT TERM
 
 cargo build --quiet -p ecom-emulators
+target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 .venv/bin/moto_server -H 127.0.0.1 -p "$MOTO_PORT" >/tmp/ecom-moto.log 2>&1 & pids+=($!)
-target/debug/ecom-emulators kv --port "$KV_PORT" --token "$TOKEN" & pids+=($!)
-target/debug/ecom-emulators api-keys --port "$KEYS_PORT" --key acct-1=local-marqo-key & pids+=($!)
+"$target_dir"/debug/ecom-emulators kv --port "$KV_PORT" --token "$TOKEN" & pids+=($!)
+"$target_dir"/debug/ecom-emulators api-keys --port "$KEYS_PORT" --key acct-1=local-marqo-key & pids+=($!)
 
 export AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=eu-west-1 AWS_DEFAULT_REGION=eu-west-1
 for _ in $(seq 1 100); do curl -sf "$AWS_ENDPOINT_URL/moto-api/" >/dev/null && break; sleep 0.1; done

@@ -1,4 +1,4 @@
-//! Configuration from the environment (SPEC section 2).
+//! Configuration from the environment (docs/contract.md, "Configuration").
 
 use std::time::Duration;
 

@@ -1,30 +1,46 @@
 //! ecom-settings-exporter: keeps Cloudflare Workers KV in step with the index-settings table.
+//! What it promises is written down in `docs/contract.md`; how to run it, in
+//! `docs/operations.md`.
 //!
-//! The pipeline, one module per step: payload ([`handler`]) -> records ([`records`]) ->
-//! planned KV operations ([`plan`]) -> KV requests ([`requests`], sent by [`cloudflare`]) ->
-//! batch response ([`handler`]). [`exporter`] runs the steps; [`api_keys`], [`cloudflare`],
-//! [`secrets`] and [`table`] are the adapters to the outside, each behind a small trait.
+//! # Layout
+//!
+//! One room per concept; arrows point the only way imports go.
+//!
+//! - [`entry`]: the thin Lambda entry. Routes a payload (stream batch or operator request),
+//!   sets the retry deadline, turns a report into the partial-batch response.
+//! - [`pipeline`]: the stream path, one file per step: [`pipeline::records`] (stream records
+//!   and table items become changes) -> [`pipeline::plan`] (pure: one KV operation per key) ->
+//!   [`pipeline::bulk`] (pure: as few bulk requests as Cloudflare's limits allow) ->
+//!   [`pipeline::exporter`] (looks up, plans, sends, decides each record's outcome).
+//! - [`operator`]: the manual modes, one file each: re-export, verify, backfill. They call the
+//!   exporter through its methods.
+//! - [`report`]: the one `Outcome` enum, the batch report, its log lines and EMF metrics.
+//! - [`ports`]: the traits the core needs from the outside, and `PortError` (transient or
+//!   permanent).
+//! - [`adapters`]: Cloudflare KV, the API keys service, DynamoDB, Secrets Manager; and the
+//!   in-memory fakes the unit tests share. They depend on `domain` and `ports` only.
+//! - [`dynamo`]: DynamoDB's attribute-value format read into the domain.
+//! - [`domain`]: the shared vocabulary (indexes, settings, KV keys and limits, secrets).
+//! - [`config`]: the environment.
+//!
+//! entry -> operator -> pipeline -> report, ports, dynamo -> domain; adapters -> ports -> domain.
 
-pub mod api_keys;
-pub mod cloudflare;
+pub mod adapters;
 pub mod config;
-pub mod exporter;
-pub mod handler;
-pub mod manual;
-pub mod metrics;
-pub mod model;
-pub mod plan;
-pub mod records;
-pub mod requests;
-pub mod secrets;
-pub mod table;
+pub mod domain;
+pub mod dynamo;
+pub mod entry;
+pub mod operator;
+pub mod pipeline;
+pub mod ports;
+pub mod report;
 
-use api_keys::{ApiKeyCache, HttpApiKeys};
-use cloudflare::{CloudflareConfig, CloudflareKv, RetryPolicy};
+use adapters::api_keys::{ApiKeyCache, HttpApiKeys};
+use adapters::cloudflare::{CloudflareConfig, CloudflareKv, RetryPolicy};
+use adapters::dynamodb::DynamoSettingsTable;
+use adapters::secrets_manager::SecretsManagerToken;
 use config::Config;
-use exporter::{ExportOptions, Exporter};
-use secrets::SecretsManagerToken;
-use table::DynamoSettingsTable;
+use pipeline::exporter::{ExportOptions, Exporter};
 
 /// The exporter wired to the real services.
 pub type LambdaExporter =
@@ -38,8 +54,8 @@ pub async fn build_exporter(config: &Config, retry: RetryPolicy) -> LambdaExport
         aws_sdk_secretsmanager::Client::new(&aws),
         &config.api_token_secret_id,
     );
-    Exporter {
-        kv: CloudflareKv::new(
+    Exporter::new(
+        CloudflareKv::new(
             CloudflareConfig {
                 api_base_url: config.cloudflare_api_base_url.clone(),
                 account_id: config.cloudflare_account_id.clone(),
@@ -49,18 +65,18 @@ pub async fn build_exporter(config: &Config, retry: RetryPolicy) -> LambdaExport
             retry,
             token,
         ),
-        api_keys: ApiKeyCache::new(
+        ApiKeyCache::new(
             HttpApiKeys::new(&config.api_keys_service_url, config.api_keys_timeout),
             config.api_key_cache_ttl,
         ),
-        table: DynamoSettingsTable::new(
+        DynamoSettingsTable::new(
             aws_sdk_dynamodb::Client::new(&aws),
             &config.settings_table_name,
             &config.default_configs_sk,
         ),
-        options: ExportOptions {
+        ExportOptions {
             default_cell: config.default_cell.clone(),
             default_configs_sk: config.default_configs_sk.clone(),
         },
-    }
+    )
 }

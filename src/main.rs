@@ -1,10 +1,10 @@
 //! The Lambda binary: configuration and clients once per cold start, then the handler.
 #![recursion_limit = "256"]
 
+use ecom_settings_exporter::adapters::cloudflare::RetryPolicy;
 use ecom_settings_exporter::build_exporter;
-use ecom_settings_exporter::cloudflare::RetryPolicy;
 use ecom_settings_exporter::config::Config;
-use ecom_settings_exporter::handler::{self, HandlerError};
+use ecom_settings_exporter::entry::{self, HandlerError};
 use lambda_runtime::{service_fn, LambdaEvent};
 use serde_json::Value;
 
@@ -16,7 +16,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
             let exporter = build_exporter(&config, RetryPolicy::default()).await;
             let exporter = &exporter;
             lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
-                handler::handle(exporter, config.deadline_margin, event).await
+                entry::handle(exporter, config.deadline_margin, event).await
             }))
             .await
         }

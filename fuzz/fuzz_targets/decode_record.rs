@@ -1,8 +1,9 @@
 //! Any JSON (as a stream record or as a whole payload) decodes or is rejected: never a panic.
 #![no_main]
 
-use ecom_settings_exporter::handler::Payload;
-use ecom_settings_exporter::records::{decode_record, Decoded};
+use ecom_settings_exporter::entry::Payload;
+use ecom_settings_exporter::pipeline::records::decode_record;
+use ecom_settings_exporter::report::Outcome;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -10,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let record = decode_record(value.clone(), "DEFAULT_CONFIGS");
-    if let Decoded::Reject(reason) = &record.decoded {
+    if let Err(Outcome::Rejected(reason)) = &record.decoded {
         assert!(!reason.is_empty(), "a rejection says why");
     }
     let _ = Payload::try_from(value);

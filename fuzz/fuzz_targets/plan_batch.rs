@@ -2,10 +2,12 @@
 //! per key, owned by a record that is pending, and bulk requests within Cloudflare's limits.
 #![no_main]
 
-use ecom_settings_exporter::model::ApiKey;
-use ecom_settings_exporter::plan::{needs, plan, Lookups, Outcome};
-use ecom_settings_exporter::records::decode_record;
-use ecom_settings_exporter::requests::{requests, KvRequest, MAX_BULK_BYTES, MAX_BULK_ITEMS};
+use ecom_settings_exporter::domain::kv::{KvRequest, MAX_BULK_BYTES, MAX_BULK_ITEMS};
+use ecom_settings_exporter::domain::ApiKey;
+use ecom_settings_exporter::pipeline::bulk::requests;
+use ecom_settings_exporter::pipeline::plan::{needs, plan, Lookups};
+use ecom_settings_exporter::pipeline::records::decode_record;
+use ecom_settings_exporter::report::Outcome;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

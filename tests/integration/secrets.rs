@@ -1,15 +1,12 @@
 //! The Cloudflare token and the API keys never show: not in a log line (at debug level, all
 //! crates), not in an error, not in an answer, not in `Debug` output.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use ecom_emulators::kv::Fault;
-use ecom_settings_exporter::model::ApiKey;
-use ecom_settings_exporter::records::decode_record;
-use ecom_settings_exporter::secrets::ApiToken;
+use ecom_settings_exporter::domain::{ApiKey, ApiToken};
+use ecom_settings_exporter::pipeline::records::decode_record;
 use serde_json::json;
 
 const API_KEY: &str = "marqo-api-key-7d1f0c";
@@ -116,7 +113,7 @@ async fn neither_token_nor_api_key_appears_anywhere_but_kv() {
         .await;
     assert!(!prepared.plan.ops.is_empty());
     assert_hidden("Debug of a prepared plan", &format!("{prepared:?}"));
-    let requests = ecom_settings_exporter::requests::requests(&prepared.plan.ops);
+    let requests = ecom_settings_exporter::pipeline::bulk::requests(&prepared.plan.ops);
     assert_hidden("Debug of KV requests", &format!("{requests:?}"));
     let report = h
         .exporter

@@ -1,9 +1,7 @@
 //! The stream path end to end: items written to a moto table, its real stream records handed
 //! to the handler, KV checked in the emulator.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 

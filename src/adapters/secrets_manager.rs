@@ -1,32 +1,7 @@
 //! The Cloudflare API token, kept in Secrets Manager as a bare string.
 
-use std::fmt;
-use std::future::Future;
-
-/// The Cloudflare API token. Only [`ApiToken::expose`] gives it out: never `Debug` or `Display`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ApiToken(String);
-
-impl ApiToken {
-    pub fn new(token: impl Into<String>) -> Self {
-        Self(token.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for ApiToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ApiToken(<redacted>)")
-    }
-}
-
-/// Where the token comes from; fetched at first use and again after a 401/403.
-pub trait TokenSource: Send + Sync {
-    fn fetch_token(&self) -> impl Future<Output = Result<ApiToken, String>> + Send;
-}
+use crate::domain::ApiToken;
+use crate::ports::{PortError, TokenSource};
 
 pub struct SecretsManagerToken {
     client: aws_sdk_secretsmanager::Client,
@@ -43,7 +18,7 @@ impl SecretsManagerToken {
 }
 
 impl TokenSource for SecretsManagerToken {
-    async fn fetch_token(&self) -> Result<ApiToken, String> {
+    async fn fetch_token(&self) -> Result<ApiToken, PortError> {
         let secret = self
             .client
             .get_secret_value()
@@ -51,17 +26,20 @@ impl TokenSource for SecretsManagerToken {
             .send()
             .await
             .map_err(|e| {
-                format!(
+                // The SDK has already retried what it could.
+                PortError::Transient(format!(
                     "secret {}: {}",
                     self.secret_id,
                     aws_sdk_secretsmanager::error::DisplayErrorContext(e)
-                )
+                ))
             })?;
         secret
             .secret_string()
             .map(str::trim)
             .filter(|token| !token.is_empty())
             .map(ApiToken::new)
-            .ok_or_else(|| format!("secret {} has no SecretString", self.secret_id))
+            .ok_or_else(|| {
+                PortError::Permanent(format!("secret {} has no SecretString", self.secret_id))
+            })
     }
 }

@@ -1,9 +1,7 @@
 //! Every sample in `events/` is accepted by the handler and does what its name says, so the
 //! files stay usable with `cargo lambda invoke --data-file`.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 fn event(name: &str) -> Value {

@@ -1,9 +1,7 @@
 //! Malformed stream records are decoded or rejected with one clear log line each, never a
 //! panic, and never at the cost of the good records beside them.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 fn record(seq: u32, event: &str, keys: Value, image: Option<Value>) -> Value {

@@ -1,84 +1,11 @@
 //! Step 4 of the pipeline, pure: planned operations become as few Cloudflare bulk requests as
 //! the limits allow (10,000 items and under 100 MB a request).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
-use serde::Serialize;
-
-use crate::plan::{KvAction, KvKey, Namespace, PlannedOp};
-
-pub const MAX_BULK_ITEMS: usize = 10_000;
-/// Cloudflare: "the entire request size must be less than 100 megabytes".
-pub const MAX_BULK_BYTES: usize = 100_000_000;
-
-/// One element of a bulk write body. The value is the JSON text, sent as a string.
-#[derive(Clone, PartialEq, Serialize)]
-pub struct KvPair {
-    pub key: String,
-    pub value: String,
-}
-
-// Values carry API keys: show only the key and the size.
-impl std::fmt::Debug for KvPair {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "KvPair({:?}, {} bytes)", self.key, self.value.len())
-    }
-}
-
-impl KvPair {
-    /// Bytes this pair adds to a bulk body, the separating comma included.
-    pub fn body_bytes(&self) -> usize {
-        serde_json::to_vec(self)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX / 2)
-            + 1
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum KvRequest {
-    Put {
-        namespace: Namespace,
-        pairs: Vec<KvPair>,
-    },
-    Delete {
-        namespace: Namespace,
-        keys: Vec<String>,
-    },
-}
-
-impl KvRequest {
-    pub fn keys(&self) -> Vec<&str> {
-        match self {
-            KvRequest::Put { pairs, .. } => pairs.iter().map(|p| p.key.as_str()).collect(),
-            KvRequest::Delete { keys, .. } => keys.iter().map(String::as_str).collect(),
-        }
-    }
-
-    /// The JSON body Cloudflare takes: `[{key, value}]` to write, `[key]` to delete.
-    pub fn body(&self) -> Vec<u8> {
-        match self {
-            KvRequest::Put { pairs, .. } => serde_json::to_vec(pairs),
-            KvRequest::Delete { keys, .. } => serde_json::to_vec(keys),
-        }
-        .expect("strings serialize")
-    }
-
-    /// Keeps only the items whose key is in `keys` (to send again what did not make it).
-    pub fn retain_keys(&mut self, keys: &[String]) {
-        let keep: HashSet<&str> = keys.iter().map(String::as_str).collect();
-        match self {
-            KvRequest::Put { pairs, .. } => pairs.retain(|p| keep.contains(p.key.as_str())),
-            KvRequest::Delete { keys, .. } => keys.retain(|k| keep.contains(k.as_str())),
-        }
-    }
-
-    pub fn namespace(&self) -> Namespace {
-        match self {
-            KvRequest::Put { namespace, .. } | KvRequest::Delete { namespace, .. } => *namespace,
-        }
-    }
-}
+use crate::domain::kv::{KvPair, KvRequest, MAX_BULK_BYTES, MAX_BULK_ITEMS};
+use crate::domain::{KvAction, KvKey, Namespace};
+use crate::pipeline::plan::PlannedOp;
 
 /// Splits pairs into bodies of at most [`MAX_BULK_ITEMS`] and under [`MAX_BULK_BYTES`].
 pub fn chunk_pairs(pairs: Vec<KvPair>) -> Vec<Vec<KvPair>> {
@@ -164,14 +91,5 @@ mod tests {
         for chunk in chunks {
             assert!(serde_json::to_vec(&chunk).unwrap().len() < MAX_BULK_BYTES);
         }
-    }
-
-    #[test]
-    fn debug_never_shows_values() {
-        let p = KvPair {
-            key: "k".into(),
-            value: "{\"marqo_api_key\":\"secret\"}".into(),
-        };
-        assert!(!format!("{p:?}").contains("secret"));
     }
 }

@@ -2,11 +2,9 @@
 //! response says (nothing lost: written, rejected with a log line, or reported for retry), and
 //! that the function serves the next invocation once the fault is gone. The README lists it.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use ecom_emulators::api_keys::Behaviour;
 use ecom_emulators::kv::Fault;
 use ecom_emulators::runtime_api::RuntimeApi;

@@ -1,8 +1,7 @@
 //! The Cloudflare Workers KV adapter: bulk writes, bulk deletes and single reads under
-//! `{base}/accounts/{account}/storage/kv/namespaces/{namespace}` (SPEC section 6), with the
-//! retry rules the exporter depends on.
+//! `{base}/accounts/{account}/storage/kv/namespaces/{namespace}`, with the retry rules the
+//! exporter depends on (docs/contract.md, "Cloudflare KV calls").
 
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -12,54 +11,9 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::plan::Namespace;
-use crate::requests::KvRequest;
-use crate::secrets::{ApiToken, TokenSource};
-
-/// Keys a request did not store or delete, and why.
-#[derive(Debug, Clone, PartialEq)]
-pub struct KeyFailures {
-    pub keys: Vec<String>,
-    pub reason: String,
-}
-
-/// The KV operations the exporter needs; the Cloudflare REST API is the real one.
-pub trait KvStore: Send + Sync {
-    /// Sends one bulk request, retrying as it may. `Err` lists the keys that did not make it.
-    fn send(
-        &self,
-        request: &KvRequest,
-        deadline: Instant,
-    ) -> impl Future<Output = Result<(), KeyFailures>> + Send;
-
-    /// Reads one value: `None` when there is no such key.
-    fn get(
-        &self,
-        namespace: Namespace,
-        key: &str,
-        deadline: Instant,
-    ) -> impl Future<Output = Result<Option<String>, String>> + Send;
-
-    /// HTTP attempts and retries so far (for metrics); stores without them count nothing.
-    fn counters(&self) -> KvCounters {
-        KvCounters::default()
-    }
-
-    /// Every key of the namespace that starts with `prefix`.
-    fn list_keys(
-        &self,
-        namespace: Namespace,
-        prefix: &str,
-        deadline: Instant,
-    ) -> impl Future<Output = Result<Vec<String>, String>> + Send;
-}
-
-/// Running totals of a KV client; a batch's share is the difference of two readings.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
-pub struct KvCounters {
-    pub attempts: usize,
-    pub retries: usize,
-}
+use crate::domain::kv::KvRequest;
+use crate::domain::{ApiToken, Namespace};
+use crate::ports::{KeyFailures, KvCounters, KvStore, PortError, TokenSource};
 
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
@@ -232,7 +186,7 @@ impl<T: TokenSource> CloudflareKv<T> {
         url
     }
 
-    async fn token(&self, refresh: bool) -> Result<ApiToken, String> {
+    async fn token(&self, refresh: bool) -> Result<ApiToken, PortError> {
         let mut current = self.token.lock().await;
         match &*current {
             Some(token) if !refresh => Ok(token.clone()),
@@ -241,7 +195,7 @@ impl<T: TokenSource> CloudflareKv<T> {
                     .tokens
                     .fetch_token()
                     .await
-                    .map_err(|e| format!("cannot fetch the Cloudflare API token: {e}"))?;
+                    .map_err(|e| e.context("cannot fetch the Cloudflare API token"))?;
                 *current = Some(token.clone());
                 Ok(token)
             }
@@ -257,14 +211,16 @@ impl<T: TokenSource> CloudflareKv<T> {
         url: &Url,
         body: Option<Bytes>,
         deadline: Instant,
-    ) -> Result<Answer, String> {
+    ) -> Result<Answer, PortError> {
         let mut retries = 0;
         let mut refreshed = false;
         let mut refresh = false;
         loop {
             let now = Instant::now();
             if now >= deadline {
-                return Err("the invocation deadline is near; not sent".into());
+                return Err(PortError::Transient(
+                    "the invocation deadline is near; not sent".into(),
+                ));
             }
             let timeout = self.retry.request_timeout.min(deadline - now);
             let refresh_now = std::mem::take(&mut refresh);
@@ -312,13 +268,15 @@ impl<T: TokenSource> CloudflareKv<T> {
                 Err(reason) => (reason, None),
             };
             if retries >= self.retry.max_retries {
-                return Err(format!("{reason}, after {} retries", retries));
+                return Err(PortError::Transient(format!(
+                    "{reason}, after {retries} retries"
+                )));
             }
             let delay = wait.unwrap_or_else(|| self.retry.backoff(retries));
             if Instant::now() + delay >= deadline {
-                return Err(format!(
+                return Err(PortError::Transient(format!(
                     "{reason}; stopped retrying to answer before the invocation deadline"
-                ));
+                )));
             }
             retries += 1;
             self.retries.fetch_add(1, Ordering::Relaxed);
@@ -341,9 +299,9 @@ impl<T: TokenSource> CloudflareKv<T> {
         let mut pending = request.clone();
         let mut resends = 0;
         loop {
-            let failed = |reason: String| KeyFailures {
+            let failed = |error: PortError| KeyFailures {
                 keys: pending.keys().into_iter().map(str::to_owned).collect(),
-                reason,
+                error,
             };
             let answer = self
                 .call(
@@ -356,7 +314,7 @@ impl<T: TokenSource> CloudflareKv<T> {
                 .map_err(failed)?;
             let envelope: Envelope = serde_json::from_str(&answer.body).unwrap_or_default();
             if !answer.status.is_success() || !envelope.success {
-                return Err(failed(describe(answer.status, &answer.body)));
+                return Err(failed(refused(answer.status, &answer.body)));
             }
             let unsuccessful = envelope.result.unwrap_or_default().unsuccessful_keys;
             if unsuccessful.is_empty() {
@@ -370,7 +328,7 @@ impl<T: TokenSource> CloudflareKv<T> {
             if resends >= self.retry.max_retries || Instant::now() + delay >= deadline {
                 return Err(KeyFailures {
                     keys: unsuccessful,
-                    reason: format!("{reason}, after {resends} resends"),
+                    error: PortError::Transient(format!("{reason}, after {resends} resends")),
                 });
             }
             pending.retain_keys(&unsuccessful);
@@ -379,6 +337,16 @@ impl<T: TokenSource> CloudflareKv<T> {
             tracing::debug!(%reason, resend = resends, "resending unsuccessful keys");
             tokio::time::sleep(delay).await;
         }
+    }
+}
+
+/// A final answer that is not a success: a client error will not change by itself.
+fn refused(status: StatusCode, body: &str) -> PortError {
+    let reason = describe(status, body);
+    if status.is_client_error() {
+        PortError::Permanent(reason)
+    } else {
+        PortError::Transient(reason)
     }
 }
 
@@ -409,13 +377,13 @@ impl<T: TokenSource> KvStore for CloudflareKv<T> {
         namespace: Namespace,
         key: &str,
         deadline: Instant,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<Option<String>, PortError> {
         let url = self.namespace_url(namespace, &["values", key]);
         let answer = self.call(Method::GET, &url, None, deadline).await?;
         match answer.status {
             status if status.is_success() => Ok(Some(answer.body)),
             StatusCode::NOT_FOUND => Ok(None),
-            status => Err(describe(status, &answer.body)),
+            status => Err(refused(status, &answer.body)),
         }
     }
 
@@ -424,7 +392,7 @@ impl<T: TokenSource> KvStore for CloudflareKv<T> {
         namespace: Namespace,
         prefix: &str,
         deadline: Instant,
-    ) -> Result<Vec<String>, String> {
+    ) -> Result<Vec<String>, PortError> {
         let mut keys = Vec::new();
         let mut cursor = String::new();
         loop {
@@ -437,10 +405,11 @@ impl<T: TokenSource> KvStore for CloudflareKv<T> {
             }
             let answer = self.call(Method::GET, &url, None, deadline).await?;
             if !answer.status.is_success() {
-                return Err(describe(answer.status, &answer.body));
+                return Err(refused(answer.status, &answer.body));
             }
-            let page: KeyPage = serde_json::from_str(&answer.body)
-                .map_err(|e| format!("unreadable key list from Cloudflare: {e}"))?;
+            let page: KeyPage = serde_json::from_str(&answer.body).map_err(|e| {
+                PortError::Transient(format!("unreadable key list from Cloudflare: {e}"))
+            })?;
             keys.extend(page.result.into_iter().map(|k| k.name));
             match page.result_info.and_then(|i| i.cursor) {
                 Some(next) if !next.is_empty() => cursor = next,

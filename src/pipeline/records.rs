@@ -1,39 +1,13 @@
-//! Step 2 of the pipeline: DynamoDB stream records become domain changes, one per record, in
-//! stream order. Nothing here talks to a server.
+//! Step 2 of the pipeline: DynamoDB stream records (and table items, for the operator modes)
+//! become domain changes, one per record, in stream order. Nothing here talks to a server.
 
 use aws_lambda_events::dynamodb::{EventRecord, StreamViewType};
 use serde::Deserialize;
 use serde_dynamo::Item;
 
-use crate::model::{shop_id_of, IndexRef, IndexSettings, QueryConfig};
-
-/// What a sort key says a record is (SPEC section 3).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SortKey {
-    Index(String),
-    Query { index: String, query: String },
-    DefaultConfigs,
-    Foreign,
-}
-
-impl SortKey {
-    pub fn parse(sk: &str, default_configs_sk: &str) -> Self {
-        if sk == default_configs_sk {
-            return SortKey::DefaultConfigs;
-        }
-        let Some(rest) = sk.strip_prefix("INDEX#") else {
-            return SortKey::Foreign;
-        };
-        // The normalized query is everything after the first `#QUERY#`: it may hold `#` itself.
-        match rest.split_once("#QUERY#") {
-            Some((index, query)) => SortKey::Query {
-                index: index.to_owned(),
-                query: query.to_owned(),
-            },
-            None => SortKey::Index(rest.to_owned()),
-        }
-    }
-}
+use crate::domain::{IndexRef, IndexSettings, QueryConfig};
+use crate::dynamo::{self, shop_id_of, string_attribute, SortKey};
+use crate::report::Outcome;
 
 /// The shop id an index had before this change, when the stream tells us.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,15 +35,6 @@ pub enum Change {
     },
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum Decoded {
-    Change(Change),
-    /// Not for KV, on purpose: default configs and foreign sort keys.
-    Skip(String),
-    /// Permanently invalid: retrying cannot help, a fix of the item emits a new record.
-    Reject(String),
-}
-
 /// One stream record, decoded, with what identifies it in logs and in the batch response.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChangeRecord {
@@ -77,13 +42,17 @@ pub struct ChangeRecord {
     pub index: Option<IndexRef>,
     /// `ApproximateCreationDateTime`, seconds since the epoch, for propagation lag.
     pub created_at: Option<f64>,
-    pub decoded: Decoded,
+    /// What the record changes, or where it already ended: skipped on purpose (default
+    /// configs, foreign sort keys) or rejected as permanently invalid.
+    pub decoded: Result<Change, Outcome>,
 }
 
-impl ChangeRecord {
-    pub fn is_change(&self) -> bool {
-        matches!(self.decoded, Decoded::Change(_))
-    }
+fn skip(reason: impl Into<String>) -> Result<Change, Outcome> {
+    Err(Outcome::Skipped(reason.into()))
+}
+
+fn reject(reason: impl Into<String>) -> Result<Change, Outcome> {
+    Err(Outcome::Rejected(reason.into()))
 }
 
 #[derive(Deserialize)]
@@ -93,7 +62,7 @@ struct Keys {
 }
 
 /// Decodes one raw record of a `{"Records": [...]}` batch. Never fails: a record that cannot
-/// be read becomes `Decoded::Reject` with the reason.
+/// be read is rejected with the reason.
 pub fn decode_record(raw: serde_json::Value, default_configs_sk: &str) -> ChangeRecord {
     let sequence_number = raw
         .pointer("/dynamodb/SequenceNumber")
@@ -106,7 +75,7 @@ pub fn decode_record(raw: serde_json::Value, default_configs_sk: &str) -> Change
                 sequence_number,
                 index: None,
                 created_at: None,
-                decoded: Decoded::Reject(format!(
+                decoded: reject(format!(
                     "not a DynamoDB stream record: `{}`: {}",
                     e.path(),
                     e.inner()
@@ -132,7 +101,10 @@ pub fn decode_record(raw: serde_json::Value, default_configs_sk: &str) -> Change
 }
 
 /// The index the record is about (when its keys tell) and what it means.
-fn decode_change(record: EventRecord, default_configs_sk: &str) -> (Option<IndexRef>, Decoded) {
+fn decode_change(
+    record: EventRecord,
+    default_configs_sk: &str,
+) -> (Option<IndexRef>, Result<Change, Outcome>) {
     let change = record.change;
     let keys = if change.keys.is_empty() {
         &change.new_image
@@ -141,25 +113,20 @@ fn decode_change(record: EventRecord, default_configs_sk: &str) -> (Option<Index
     };
     let Ok(Keys { pk, sk }) = serde_dynamo::from_item::<_, Keys>(keys.clone()) else {
         let reason = "the record's keys must hold string `pk` and `sk`";
-        return (None, Decoded::Reject(reason.into()));
+        return (None, reject(reason));
     };
     let (index, query) = match SortKey::parse(&sk, default_configs_sk) {
-        SortKey::DefaultConfigs => {
-            return (
-                None,
-                Decoded::Skip("default configs are never exported".into()),
-            )
-        }
+        SortKey::DefaultConfigs => return (None, skip("default configs are never exported")),
         SortKey::Foreign => {
             let reason = format!("sort key `{sk}` is not an index record");
-            return (None, Decoded::Skip(reason));
+            return (None, skip(reason));
         }
         SortKey::Index(index) => (index, None),
         SortKey::Query { index, query } => (index, Some(query)),
     };
     if pk.is_empty() || index.is_empty() {
         let reason = format!("empty account or index name in pk `{pk}`, sk `{sk}`");
-        return (None, Decoded::Reject(reason));
+        return (None, reject(reason));
     }
     let index = IndexRef::new(pk, index);
     (
@@ -173,7 +140,7 @@ fn decode_image(
     change: aws_lambda_events::dynamodb::StreamRecord,
     index: IndexRef,
     query: Option<String>,
-) -> Decoded {
+) -> Result<Change, Outcome> {
     let previous_shop = previous_shop(
         event_name,
         change.stream_view_type.as_ref(),
@@ -182,34 +149,38 @@ fn decode_image(
     match (event_name, query) {
         ("INSERT" | "MODIFY", query) => {
             if change.new_image.is_empty() {
-                return Decoded::Reject(
-                    "the record has no NewImage: the stream view type must be NEW_IMAGE or NEW_AND_OLD_IMAGES".into(),
+                return reject(
+                    "the record has no NewImage: the stream view type must be NEW_IMAGE or NEW_AND_OLD_IMAGES",
                 );
             }
-            let image = change.new_image;
-            match query {
-                None => match IndexSettings::from_item(index, image) {
-                    Ok(settings) => Decoded::Change(Change::UpsertIndex {
-                        settings: Box::new(settings),
-                        previous_shop,
-                    }),
-                    Err(e) => Decoded::Reject(e.to_string()),
-                },
-                Some(query) => match QueryConfig::from_item(index, query, image) {
-                    Ok(config) => Decoded::Change(Change::UpsertQuery(config)),
-                    Err(e) => Decoded::Reject(e.to_string()),
-                },
-            }
+            decode_upsert(index, query, change.new_image, previous_shop)
         }
-        ("REMOVE", None) => Decoded::Change(Change::RemoveIndex {
+        ("REMOVE", None) => Ok(Change::RemoveIndex {
             index,
             previous_shop,
         }),
-        ("REMOVE", Some(query)) => Decoded::Change(Change::RemoveQuery { index, query }),
-        (other, _) => Decoded::Reject(format!(
+        ("REMOVE", Some(query)) => Ok(Change::RemoveQuery { index, query }),
+        (other, _) => reject(format!(
             "unknown eventName `{other}` (expected INSERT, MODIFY or REMOVE)"
         )),
     }
+}
+
+/// An index's new image (its settings, or one of its query configs) as a change.
+fn decode_upsert(
+    index: IndexRef,
+    query: Option<String>,
+    image: Item,
+    previous_shop: PreviousShop,
+) -> Result<Change, Outcome> {
+    let change = match query {
+        None => dynamo::index_settings(index, image).map(|settings| Change::UpsertIndex {
+            settings: Box::new(settings),
+            previous_shop,
+        }),
+        Some(query) => dynamo::query_config(index, query, image).map(Change::UpsertQuery),
+    };
+    change.map_err(|e| Outcome::Rejected(e.to_string()))
 }
 
 /// A table item (from `GetItem`, `Query` or `Scan`) as a change, for re-exports and backfills.
@@ -219,10 +190,7 @@ pub fn decode_item(
     default_configs_sk: &str,
     include_query_configs: bool,
 ) -> ChangeRecord {
-    let text = |name: &str| match item.get(name) {
-        Some(serde_dynamo::AttributeValue::S(s)) => Some(s.clone()),
-        _ => None,
-    };
+    let text = |name: &str| string_attribute(&item, name).map(str::to_owned);
     let record = |index: Option<IndexRef>, decoded| ChangeRecord {
         sequence_number: None,
         index,
@@ -231,38 +199,23 @@ pub fn decode_item(
     };
     let (Some(pk), Some(sk)) = (text("pk"), text("sk")) else {
         let reason = "the item's keys must hold string `pk` and `sk`";
-        return record(None, Decoded::Reject(reason.into()));
+        return record(None, reject(reason));
     };
     let (name, query) = match SortKey::parse(&sk, default_configs_sk) {
-        SortKey::DefaultConfigs => {
-            return record(
-                None,
-                Decoded::Skip("default configs are never exported".into()),
-            )
-        }
+        SortKey::DefaultConfigs => return record(None, skip("default configs are never exported")),
         SortKey::Foreign => {
             let reason = format!("sort key `{sk}` is not an index record");
-            return record(None, Decoded::Skip(reason));
+            return record(None, skip(reason));
         }
         SortKey::Query { .. } if !include_query_configs => {
-            let reason = "query configs were not asked for".to_string();
-            return record(None, Decoded::Skip(reason));
+            return record(None, skip("query configs were not asked for"));
         }
         SortKey::Index(name) => (name, None),
         SortKey::Query { index, query } => (index, Some(query)),
     };
     let index = IndexRef::new(pk, name);
-    let decoded = match query {
-        None => IndexSettings::from_item(index.clone(), item).map(|settings| Change::UpsertIndex {
-            settings: Box::new(settings),
-            previous_shop: PreviousShop::Unknown,
-        }),
-        Some(query) => QueryConfig::from_item(index.clone(), query, item).map(Change::UpsertQuery),
-    };
-    record(
-        Some(index),
-        decoded.map_or_else(|e| Decoded::Reject(e.to_string()), Decoded::Change),
-    )
+    let decoded = decode_upsert(index.clone(), query, item, PreviousShop::Unknown);
+    record(Some(index), decoded)
 }
 
 fn previous_shop(
@@ -304,28 +257,14 @@ mod tests {
     }
 
     #[test]
-    fn sort_keys_split_at_the_first_query_marker() {
-        assert_eq!(
-            SortKey::parse("INDEX#p#QUERY#a #QUERY# b", "DEFAULT_CONFIGS"),
-            SortKey::Query {
-                index: "p".into(),
-                query: "a #QUERY# b".into()
-            }
-        );
-        assert_eq!(SortKey::parse("INDEX#p", "D"), SortKey::Index("p".into()));
-        assert_eq!(SortKey::parse("D", "D"), SortKey::DefaultConfigs);
-        assert_eq!(SortKey::parse("USER#x", "D"), SortKey::Foreign);
-    }
-
-    #[test]
     fn default_configs_and_foreign_keys_are_skipped() {
         let skipped = decode_record(
             record("MODIFY", "DEFAULT_CONFIGS", json!({})),
             "DEFAULT_CONFIGS",
         );
-        assert!(matches!(skipped.decoded, Decoded::Skip(_)));
+        assert!(matches!(skipped.decoded, Err(Outcome::Skipped(_))));
         let foreign = decode_record(record("MODIFY", "OTHER#x", json!({})), "DEFAULT_CONFIGS");
-        assert!(matches!(foreign.decoded, Decoded::Skip(_)));
+        assert!(matches!(foreign.decoded, Err(Outcome::Skipped(_))));
     }
 
     #[test]
@@ -335,7 +274,7 @@ mod tests {
         let decoded = decode_record(raw, "DEFAULT_CONFIGS");
         assert_eq!(
             decoded.decoded,
-            Decoded::Change(Change::RemoveIndex {
+            Ok(Change::RemoveIndex {
                 index: IndexRef::new("acct-1", "products"),
                 previous_shop: PreviousShop::Unknown
             })
@@ -351,7 +290,7 @@ mod tests {
         let decoded = decode_record(raw, "DEFAULT_CONFIGS");
         assert!(matches!(
             decoded.decoded,
-            Decoded::Change(Change::RemoveIndex { previous_shop: PreviousShop::Known(Some(ref s)), .. }) if s == "shop-old"
+            Ok(Change::RemoveIndex { previous_shop: PreviousShop::Known(Some(ref s)), .. }) if s == "shop-old"
         ));
     }
 
@@ -361,12 +300,12 @@ mod tests {
             record("UPSERT", "INDEX#p", json!({"index_endpoint": {"S": "u"}})),
             "D",
         );
-        assert!(matches!(odd.decoded, Decoded::Reject(ref r) if r.contains("UPSERT")));
+        assert!(matches!(odd.decoded, Err(Outcome::Rejected(ref r)) if r.contains("UPSERT")));
         let garbage = decode_record(
             json!({"dynamodb": {"SequenceNumber": "7"}, "eventName": 3}),
             "D",
         );
-        assert!(matches!(garbage.decoded, Decoded::Reject(_)));
+        assert!(matches!(garbage.decoded, Err(Outcome::Rejected(_))));
         assert_eq!(garbage.sequence_number.as_deref(), Some("7"));
     }
 
@@ -377,39 +316,38 @@ mod tests {
             item.as_object_mut()
                 .unwrap()
                 .extend(extra.as_object().unwrap().clone());
-            crate::model::item_from_dynamodb_json(item).unwrap()
+            crate::dynamo::item_from_dynamodb_json(item).unwrap()
         };
         let settings = decode_item(
             item("INDEX#p", json!({"index_endpoint": {"S": "u"}})),
             "D",
             false,
         );
-        assert!(matches!(
-            settings.decoded,
-            Decoded::Change(Change::UpsertIndex { .. })
-        ));
+        assert!(matches!(settings.decoded, Ok(Change::UpsertIndex { .. })));
         let query = item("INDEX#p#QUERY#q", json!({"query_config": {"M": {}}}));
         assert!(matches!(
             decode_item(query.clone(), "D", false).decoded,
-            Decoded::Skip(_)
+            Err(Outcome::Skipped(_))
         ));
         assert!(matches!(
             decode_item(query, "D", true).decoded,
-            Decoded::Change(Change::UpsertQuery(_))
+            Ok(Change::UpsertQuery(_))
         ));
         assert!(matches!(
             decode_item(item("D", json!({})), "D", true).decoded,
-            Decoded::Skip(_)
+            Err(Outcome::Skipped(_))
         ));
         let broken = decode_item(item("INDEX#p", json!({})), "D", true);
-        assert!(matches!(broken.decoded, Decoded::Reject(ref r) if r.contains("index_endpoint")));
+        assert!(
+            matches!(broken.decoded, Err(Outcome::Rejected(ref r)) if r.contains("index_endpoint"))
+        );
         assert_eq!(broken.index, Some(IndexRef::new("acct-1", "p")));
     }
 
     #[test]
     fn modify_without_a_new_image_is_rejected() {
         let decoded = decode_record(record("MODIFY", "INDEX#p", json!(null)), "D");
-        assert!(matches!(decoded.decoded, Decoded::Reject(ref r) if r.contains("NewImage")));
+        assert!(matches!(decoded.decoded, Err(Outcome::Rejected(ref r)) if r.contains("NewImage")));
         assert_eq!(decoded.index, Some(IndexRef::new("acct-1", "p")));
     }
 }

@@ -1,8 +1,7 @@
 //! The API keys service: one key per system account, fetched per (cell, account) and cached
-//! briefly across warm invocations (SPEC section 5).
+//! briefly across warm invocations (docs/contract.md, "The API keys service").
 
 use std::collections::{BTreeSet, HashMap};
-use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -11,18 +10,11 @@ use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::model::ApiKey;
-use crate::plan::{AccountCell, LookupError};
+use crate::domain::ApiKey;
+use crate::ports::{AccountCell, ApiKeySource, LookupCounts, PortError};
 
 /// How many accounts are looked up at once.
 const CONCURRENT_LOOKUPS: usize = 8;
-
-pub trait ApiKeySource: Send + Sync {
-    fn fetch(
-        &self,
-        wanted: &AccountCell,
-    ) -> impl Future<Output = Result<ApiKey, LookupError>> + Send;
-}
 
 /// `GET {API_KEYS_SERVICE_URL with {cell} filled}/accounts/{account}/api-key`.
 pub struct HttpApiKeys {
@@ -63,14 +55,14 @@ struct ApiKeyAnswer {
 }
 
 impl ApiKeySource for HttpApiKeys {
-    async fn fetch(&self, wanted: &AccountCell) -> Result<ApiKey, LookupError> {
+    async fn fetch(&self, wanted: &AccountCell) -> Result<ApiKey, PortError> {
         let transient = |what: String| {
-            LookupError::Transient(format!(
+            PortError::Transient(format!(
                 "API keys service (cell {}) for account {}: {what}",
                 wanted.cell, wanted.account
             ))
         };
-        let url = self.url(wanted).map_err(LookupError::Permanent)?;
+        let url = self.url(wanted).map_err(PortError::Permanent)?;
         let response = self.http.get(url).send().await.map_err(|e| {
             transient(if e.is_timeout() {
                 "no answer in time".into()
@@ -88,20 +80,13 @@ impl ApiKeySource for HttpApiKeys {
                     .map_err(|_| transient("answer is not {\"api_key\": \"...\"}".into()))?;
                 Ok(ApiKey::new(answer.api_key))
             }
-            StatusCode::NOT_FOUND => Err(LookupError::Permanent(format!(
+            StatusCode::NOT_FOUND => Err(PortError::Permanent(format!(
                 "account {} has no API key (404 from the API keys service, cell {})",
                 wanted.account, wanted.cell
             ))),
             status => Err(transient(format!("HTTP {}", status.as_u16()))),
         }
     }
-}
-
-/// What one batch's lookups cost, for the log and metrics.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
-pub struct LookupCounts {
-    pub calls: usize,
-    pub cache_hits: usize,
 }
 
 /// Keys fetched by earlier warm invocations are reused for a short while; failures are not kept.
@@ -133,7 +118,7 @@ impl<S: ApiKeySource> ApiKeyCache<S> {
         &self,
         wanted: BTreeSet<AccountCell>,
     ) -> (
-        HashMap<AccountCell, Result<ApiKey, LookupError>>,
+        HashMap<AccountCell, Result<ApiKey, PortError>>,
         LookupCounts,
     ) {
         let mut answers = HashMap::new();
@@ -176,10 +161,10 @@ mod tests {
     struct Counting(AtomicUsize);
 
     impl ApiKeySource for Counting {
-        async fn fetch(&self, wanted: &AccountCell) -> Result<ApiKey, LookupError> {
+        async fn fetch(&self, wanted: &AccountCell) -> Result<ApiKey, PortError> {
             self.0.fetch_add(1, Ordering::SeqCst);
             if wanted.account == "missing" {
-                Err(LookupError::Permanent("none".into()))
+                Err(PortError::Permanent("none".into()))
             } else {
                 Ok(ApiKey::new(format!("key-{}", wanted.account)))
             }

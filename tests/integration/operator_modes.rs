@@ -1,9 +1,7 @@
 //! The operator's payloads against moto and the KV emulator: re-export, dry run, verify and
 //! repair, backfill with continuation tokens.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 

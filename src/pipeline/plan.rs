@@ -7,84 +7,17 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::model::{query_config_key, ApiKey, IndexRef, SettingsReference};
-use crate::records::{Change, ChangeRecord, Decoded, PreviousShop};
-
-/// Cloudflare rejects keys over 512 bytes and the names `.` and `..`.
-pub const MAX_KEY_BYTES: usize = 512;
-/// Cloudflare's value limit, 25 MiB.
-pub const MAX_VALUE_BYTES: usize = 25 * 1024 * 1024;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Namespace {
-    /// Index settings, the proxy's `KV` binding.
-    Settings,
-    /// Query-config overrides, the proxy's `KV_QCFG` binding.
-    QueryConfigs,
-}
-
-impl Namespace {
-    /// How answers and logs name the namespace.
-    pub fn name(self) -> &'static str {
-        match self {
-            Namespace::Settings => "settings",
-            Namespace::QueryConfigs => "query_configs",
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct KvKey {
-    pub namespace: Namespace,
-    pub key: String,
-}
-
-impl KvKey {
-    fn settings(key: impl Into<String>) -> Self {
-        Self {
-            namespace: Namespace::Settings,
-            key: key.into(),
-        }
-    }
-}
-
-#[derive(Clone, PartialEq)]
-pub enum KvAction {
-    Put(String),
-    Delete,
-}
-
-// Settings values carry API keys: `Debug` shows only their size.
-impl std::fmt::Debug for KvAction {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            KvAction::Put(value) => write!(f, "Put({} bytes)", value.len()),
-            KvAction::Delete => f.write_str("Delete"),
-        }
-    }
-}
+use crate::domain::kv::{check_key, check_put};
+use crate::domain::{ApiKey, IndexRef, KvAction, KvKey, SettingsReference};
+use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
+use crate::ports::{AccountCell, PortError};
+use crate::report::Outcome;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlannedOp {
     pub action: KvAction,
     /// Index of the record (in stream order) whose outcome depends on this operation.
     pub owner: usize,
-}
-
-/// The API keys service is asked once per (cell, account).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AccountCell {
-    pub cell: String,
-    pub account: String,
-}
-
-/// A lookup that did not give an answer.
-#[derive(Clone, Debug, PartialEq)]
-pub enum LookupError {
-    /// Retrying cannot help (the account has no API key): the record is rejected.
-    Permanent(String),
-    /// Might succeed later: the record is reported for retry.
-    Transient(String),
 }
 
 /// What the records need looked up before they can be planned.
@@ -100,22 +33,9 @@ pub struct Needs {
 /// The answers to [`Needs`].
 #[derive(Debug, Default)]
 pub struct Lookups {
-    pub api_keys: HashMap<AccountCell, Result<ApiKey, LookupError>>,
-    pub references: Option<Result<Vec<SettingsReference>, String>>,
-    pub current_shops: HashMap<IndexRef, Result<Option<String>, String>>,
-}
-
-/// Where a record ends. `Pending` records become exported or failed by their KV operations.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Outcome {
-    Pending,
-    Skipped(String),
-    Rejected(String),
-    Failed(String),
-    /// A remove whose keys are kept because live aliases point at the index.
-    Kept {
-        referenced_by: Vec<IndexRef>,
-    },
+    pub api_keys: HashMap<AccountCell, Result<ApiKey, PortError>>,
+    pub references: Option<Result<Vec<SettingsReference>, PortError>>,
+    pub current_shops: HashMap<IndexRef, Result<Option<String>, PortError>>,
 }
 
 #[derive(Debug, Default)]
@@ -140,7 +60,7 @@ fn previous_shops(records: &[ChangeRecord]) -> Vec<Option<ShopSource>> {
     records
         .iter()
         .map(|record| match &record.decoded {
-            Decoded::Change(Change::UpsertIndex {
+            Ok(Change::UpsertIndex {
                 settings,
                 previous_shop,
             }) => {
@@ -153,7 +73,7 @@ fn previous_shops(records: &[ChangeRecord]) -> Vec<Option<ShopSource>> {
                 last_in_batch.insert(&settings.index, settings.shop_id.clone());
                 source
             }
-            Decoded::Change(Change::RemoveIndex {
+            Ok(Change::RemoveIndex {
                 index,
                 previous_shop,
             }) => {
@@ -184,7 +104,7 @@ pub fn needs(records: &[ChangeRecord], default_cell: &str) -> Needs {
     let mut needs = Needs::default();
     for (record, shop) in records.iter().zip(previous_shops(records)) {
         match (&record.decoded, shop) {
-            (Decoded::Change(Change::UpsertIndex { settings, .. }), shop) => {
+            (Ok(Change::UpsertIndex { settings, .. }), shop) => {
                 needs.api_keys.insert(account_cell(
                     &settings.index.account,
                     settings.cell.as_deref(),
@@ -194,7 +114,7 @@ pub fn needs(records: &[ChangeRecord], default_cell: &str) -> Needs {
                     needs.references |= settings.shop_id.as_ref() != Some(&old);
                 }
             }
-            (Decoded::Change(Change::RemoveIndex { index, .. }), shop) => {
+            (Ok(Change::RemoveIndex { index, .. }), shop) => {
                 needs.references = true;
                 if shop == Some(ShopSource::CurrentKv) {
                     needs.current_shops.insert(index.clone());
@@ -212,9 +132,8 @@ pub fn plan(records: &[ChangeRecord], lookups: &Lookups, default_cell: &str) -> 
     for (owner, (record, shop)) in records.iter().zip(previous_shops(records)).enumerate() {
         let mut ops = Vec::new();
         let outcome = match &record.decoded {
-            Decoded::Skip(reason) => Outcome::Skipped(reason.clone()),
-            Decoded::Reject(reason) => Outcome::Rejected(reason.clone()),
-            Decoded::Change(change) => {
+            Err(ended) => ended.clone(),
+            Ok(change) => {
                 let planner = RecordPlanner {
                     owner,
                     lookups,
@@ -268,17 +187,17 @@ impl<'a> RecordPlanner<'a> {
                 );
                 let api_key = match self.lookups.api_keys.get(&wanted) {
                     Some(Ok(key)) => key,
-                    Some(Err(LookupError::Permanent(reason))) => {
+                    Some(Err(PortError::Permanent(reason))) => {
                         return Err(Outcome::Rejected(reason.clone()))
                     }
-                    Some(Err(LookupError::Transient(reason))) => {
+                    Some(Err(PortError::Transient(reason))) => {
                         return Err(Outcome::Failed(reason.clone()))
                     }
                     None => return Err(Outcome::Failed("API key was not looked up".into())),
                 };
                 let value = serde_json::to_string(&settings.kv_value(api_key))
                     .map_err(|e| Outcome::Rejected(format!("cannot serialize settings: {e}")))?;
-                let index_key = KvKey::settings(settings.index.id().0);
+                let index_key = KvKey::index(&settings.index);
                 if let Some(shop_id) = &settings.shop_id {
                     self.ops
                         .push((KvKey::settings(shop_id), KvAction::Put(value.clone())));
@@ -302,7 +221,7 @@ impl<'a> RecordPlanner<'a> {
                 if !referenced_by.is_empty() {
                     return Err(Outcome::Kept { referenced_by });
                 }
-                self.ops.push((KvKey::settings(id.0), KvAction::Delete));
+                self.ops.push((KvKey::index(index), KvAction::Delete));
                 let old_shop = match shop {
                     Some(ShopSource::Known(shop)) => shop,
                     Some(ShopSource::CurrentKv) => match self.lookups.current_shops.get(index) {
@@ -326,22 +245,14 @@ impl<'a> RecordPlanner<'a> {
                     Outcome::Rejected(format!("cannot serialize query config: {e}"))
                 })?;
                 self.ops.push((
-                    KvKey {
-                        namespace: Namespace::QueryConfigs,
-                        key: query_config_key(&config.index, &config.query),
-                    },
+                    KvKey::query_config(&config.index, &config.query),
                     KvAction::Put(value),
                 ));
                 Ok(())
             }
             Change::RemoveQuery { index, query } => {
-                self.ops.push((
-                    KvKey {
-                        namespace: Namespace::QueryConfigs,
-                        key: query_config_key(index, query),
-                    },
-                    KvAction::Delete,
-                ));
+                self.ops
+                    .push((KvKey::query_config(index, query), KvAction::Delete));
                 Ok(())
             }
         }
@@ -381,29 +292,8 @@ impl<'a> RecordPlanner<'a> {
 fn check_limits(ops: &[(KvKey, KvAction)]) -> Result<(), String> {
     for (key, action) in ops {
         if let KvAction::Put(value) = action {
-            check_key(&key.key)?;
-            if value.len() > MAX_VALUE_BYTES {
-                return Err(format!(
-                    "value for key `{}` is {} bytes, over Cloudflare KV's 25 MiB limit",
-                    key.key,
-                    value.len()
-                ));
-            }
+            check_put(&key.key, value)?;
         }
-    }
-    Ok(())
-}
-
-pub fn check_key(key: &str) -> Result<(), String> {
-    if key.is_empty() || key == "." || key == ".." {
-        return Err(format!("`{key}` is not a valid Cloudflare KV key"));
-    }
-    if key.len() > MAX_KEY_BYTES {
-        let shown: String = key.chars().take(40).collect();
-        return Err(format!(
-            "key `{shown}...` is {} bytes, over Cloudflare KV's {MAX_KEY_BYTES}-byte limit",
-            key.len()
-        ));
     }
     Ok(())
 }
@@ -411,8 +301,10 @@ pub fn check_key(key: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{IndexId, IndexSettings, QueryConfig};
-    use crate::records::decode_record;
+    use crate::domain::kv::{query_config_key, MAX_KEY_BYTES};
+    use crate::domain::settings::Document;
+    use crate::domain::{IndexId, IndexSettings, Namespace, QueryConfig};
+    use crate::pipeline::records::decode_record;
     use serde_json::json;
 
     const CELL: &str = "default";
@@ -521,7 +413,7 @@ mod tests {
             upsert(3, "other", None),
         ];
         let mut records = records;
-        if let Decoded::Change(Change::UpsertIndex { settings, .. }) = &mut records[1].decoded {
+        if let Ok(Change::UpsertIndex { settings, .. }) = &mut records[1].decoded {
             settings.index_url = "https://idx/second".into();
         }
         let plan = plan(&records, &key_lookups(&records), CELL);
@@ -591,7 +483,7 @@ mod tests {
     fn a_failed_scan_fails_the_remove_instead_of_deleting_unchecked() {
         let records = vec![remove(1, "products")];
         let mut lookups = key_lookups(&records);
-        lookups.references = Some(Err("connection refused".into()));
+        lookups.references = Some(Err(PortError::Transient("connection refused".into())));
         let plan = plan(&records, &lookups, CELL);
         assert!(plan.ops.is_empty());
         assert!(
@@ -644,8 +536,8 @@ mod tests {
             account: "acct-1".into(),
         };
         for (error, rejected) in [
-            (LookupError::Permanent("no key".into()), true),
-            (LookupError::Transient("503".into()), false),
+            (PortError::Permanent("no key".into()), true),
+            (PortError::Transient("503".into()), false),
         ] {
             let lookups = Lookups {
                 api_keys: HashMap::from([(wanted.clone(), Err(error))]),
@@ -696,13 +588,13 @@ mod tests {
         let config = QueryConfig {
             index: IndexRef::new("acct-1", "products"),
             query: "chaussures #été".into(),
-            config: crate::model::Document(json!({"boost": 2})),
+            config: Document(json!({"boost": 2})),
         };
         let records = vec![ChangeRecord {
             sequence_number: Some("1".into()),
             index: Some(config.index.clone()),
             created_at: None,
-            decoded: Decoded::Change(Change::UpsertQuery(config)),
+            decoded: Ok(Change::UpsertQuery(config)),
         }];
         let plan = plan(&records, &Lookups::default(), CELL);
         let (key, op) = plan.ops.iter().next().unwrap();
@@ -759,7 +651,7 @@ mod tests {
     fn settings_values_match_the_decoded_record() {
         let records = vec![upsert(1, "products", Some("shop-1"))];
         let plan = plan(&records, &key_lookups(&records), CELL);
-        let Decoded::Change(Change::UpsertIndex { settings, .. }) = &records[0].decoded else {
+        let Ok(Change::UpsertIndex { settings, .. }) = &records[0].decoded else {
             panic!()
         };
         let expected: &IndexSettings = settings;

@@ -1,46 +1,13 @@
-//! The settings table in DynamoDB: read for alias-deletion safety (and manual re-exports).
-
-use std::future::Future;
+//! The settings table in DynamoDB: read for alias-deletion safety, manual re-exports and
+//! backfills. Every failure here is transient: the SDK has already retried, and a record that
+//! needs the table is reported for retry.
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use serde_dynamo::Item;
 
-use crate::model::{IndexRef, SettingsReference};
-use crate::records::SortKey;
-
-pub trait SettingsTable: Send + Sync {
-    /// Every index-settings record's shop id and live alias targets (one paginated scan).
-    fn settings_references(
-        &self,
-    ) -> impl Future<Output = Result<Vec<SettingsReference>, String>> + Send;
-
-    /// The `INDEX#{name}` record of an account, if there is one.
-    fn index_settings(
-        &self,
-        index: &IndexRef,
-    ) -> impl Future<Output = Result<Option<Item>, String>> + Send;
-
-    /// Every `INDEX#{name}#QUERY#...` record of the index.
-    fn query_configs(
-        &self,
-        index: &IndexRef,
-    ) -> impl Future<Output = Result<Vec<Item>, String>> + Send;
-
-    /// One page of the table (of one account's records when `account` is given), from `start`.
-    fn page(
-        &self,
-        account: Option<&str>,
-        start: Option<Item>,
-        limit: i32,
-    ) -> impl Future<Output = Result<Page, String>> + Send;
-}
-
-/// Items of one page and, when there is more, where the next page starts (the table key).
-#[derive(Debug, Default)]
-pub struct Page {
-    pub items: Vec<Item>,
-    pub next: Option<Item>,
-}
+use crate::domain::{IndexRef, SettingsReference};
+use crate::dynamo::{settings_reference, string_attribute, SortKey};
+use crate::ports::{Page, PortError, SettingsTable};
 
 pub struct DynamoSettingsTable {
     client: aws_sdk_dynamodb::Client,
@@ -63,24 +30,17 @@ impl DynamoSettingsTable {
 }
 
 impl DynamoSettingsTable {
-    fn error(&self, operation: &str, e: impl std::error::Error) -> String {
-        format!(
+    fn error(&self, operation: &str, e: impl std::error::Error) -> PortError {
+        PortError::Transient(format!(
             "{operation} of table {}: {}",
             self.table_name,
             aws_sdk_dynamodb::error::DisplayErrorContext(e)
-        )
-    }
-}
-
-fn string_attribute(item: &Item, name: &str) -> Option<String> {
-    match item.get(name) {
-        Some(serde_dynamo::AttributeValue::S(s)) => Some(s.clone()),
-        _ => None,
+        ))
     }
 }
 
 impl SettingsTable for DynamoSettingsTable {
-    async fn settings_references(&self) -> Result<Vec<SettingsReference>, String> {
+    async fn settings_references(&self) -> Result<Vec<SettingsReference>, PortError> {
         let mut references = Vec::new();
         let mut start_key = None;
         loop {
@@ -103,11 +63,12 @@ impl SettingsTable for DynamoSettingsTable {
                 else {
                     continue;
                 };
-                let SortKey::Index(name) = SortKey::parse(&sk, &self.default_configs_sk) else {
+                let pk = pk.to_owned();
+                let SortKey::Index(name) = SortKey::parse(sk, &self.default_configs_sk) else {
                     continue;
                 };
                 let index = IndexRef::new(pk, name);
-                match SettingsReference::from_item(index.clone(), item) {
+                match settings_reference(index.clone(), item) {
                     Ok(reference) => references.push(reference),
                     Err(e) => {
                         tracing::warn!(account = %index.account, index = %index.name, reason = %e,
@@ -122,7 +83,7 @@ impl SettingsTable for DynamoSettingsTable {
         }
     }
 
-    async fn index_settings(&self, index: &IndexRef) -> Result<Option<Item>, String> {
+    async fn index_settings(&self, index: &IndexRef) -> Result<Option<Item>, PortError> {
         let answer = self
             .client
             .get_item()
@@ -136,7 +97,7 @@ impl SettingsTable for DynamoSettingsTable {
         Ok(answer.item.map(Item::from))
     }
 
-    async fn query_configs(&self, index: &IndexRef) -> Result<Vec<Item>, String> {
+    async fn query_configs(&self, index: &IndexRef) -> Result<Vec<Item>, PortError> {
         let prefix = format!("INDEX#{}#QUERY#", index.name);
         let mut configs = Vec::new();
         let mut start_key = None;
@@ -166,7 +127,7 @@ impl SettingsTable for DynamoSettingsTable {
         account: Option<&str>,
         start: Option<Item>,
         limit: i32,
-    ) -> Result<Page, String> {
+    ) -> Result<Page, PortError> {
         let start = start.map(|key| key.into());
         let (items, next) = match account {
             Some(account) => {

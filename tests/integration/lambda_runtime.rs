@@ -1,11 +1,9 @@
 //! The real `ecom-settings-exporter` binary, run as Lambda runs it: it polls a local runtime
 //! API for invocations and posts its answers back.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use ecom_emulators::runtime_api::RuntimeApi;
 use serde_json::json;
 

@@ -1,7 +1,6 @@
 //! What every integration test stands on: its own table (with a stream) and secret in the moto
 //! server that `make test` starts, its own KV emulator and API-keys stand-in, and the exporter
 //! wired to them through its real adapters.
-#![allow(dead_code)] // each test binary uses a different part
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -15,7 +14,7 @@ use ecom_emulators::api_keys::ApiKeysStandIn;
 use ecom_emulators::kv::KvEmulator;
 use ecom_emulators::runtime_api::RuntimeApi;
 use ecom_emulators::streams::StreamReader;
-use ecom_settings_exporter::cloudflare::RetryPolicy;
+use ecom_settings_exporter::adapters::cloudflare::RetryPolicy;
 use ecom_settings_exporter::config::Config;
 use ecom_settings_exporter::{build_exporter, LambdaExporter};
 use serde_json::{json, Value};
@@ -199,7 +198,7 @@ impl Harness {
     /// `timeout` is how long retries may go on, as the invocation deadline less its margin.
     pub async fn try_invoke(&self, payload: Value, timeout: Duration) -> Result<Value, String> {
         let deadline = tokio::time::Instant::now() + timeout;
-        ecom_settings_exporter::handler::route(&self.exporter, payload, deadline)
+        ecom_settings_exporter::entry::route(&self.exporter, payload, deadline)
             .await
             .map_err(|e| e.to_string())
     }

@@ -1,0 +1,101 @@
+//! In-memory stand-ins for the unit tests: KV in a map (with keys that always fail), one API
+//! key for every account, and a table that counts its scans.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use serde_dynamo::Item;
+use tokio::time::Instant;
+
+use crate::domain::kv::KvRequest;
+use crate::domain::{ApiKey, IndexRef, Namespace, SettingsReference};
+use crate::ports::{
+    AccountCell, ApiKeySource, KeyFailures, KvStore, Page, PortError, SettingsTable,
+};
+
+/// KV in memory; keys in `failing` are never stored.
+#[derive(Default)]
+pub struct MemoryKv {
+    pub values: Mutex<HashMap<String, String>>,
+    pub failing: HashSet<String>,
+}
+
+impl KvStore for MemoryKv {
+    async fn send(&self, request: &KvRequest, _: Instant) -> Result<(), KeyFailures> {
+        let mut values = self.values.lock().unwrap();
+        let mut failed = Vec::new();
+        for key in request.keys() {
+            if self.failing.contains(key) {
+                failed.push(key.to_owned());
+                continue;
+            }
+            match request {
+                KvRequest::Put { pairs, .. } => {
+                    let pair = pairs.iter().find(|p| p.key == key).unwrap();
+                    values.insert(pair.key.clone(), pair.value.clone());
+                }
+                KvRequest::Delete { .. } => {
+                    values.remove(key);
+                }
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(KeyFailures {
+                keys: failed,
+                error: PortError::Transient("down".into()),
+            })
+        }
+    }
+
+    async fn get(&self, _: Namespace, key: &str, _: Instant) -> Result<Option<String>, PortError> {
+        Ok(self.values.lock().unwrap().get(key).cloned())
+    }
+
+    async fn list_keys(
+        &self,
+        _: Namespace,
+        prefix: &str,
+        _: Instant,
+    ) -> Result<Vec<String>, PortError> {
+        let values = self.values.lock().unwrap();
+        Ok(values
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect())
+    }
+}
+
+/// Every account has the key `k`.
+pub struct SameKey;
+
+impl ApiKeySource for SameKey {
+    async fn fetch(&self, _: &AccountCell) -> Result<ApiKey, PortError> {
+        Ok(ApiKey::new("k"))
+    }
+}
+
+/// An empty table that counts its reference scans.
+#[derive(Default)]
+pub struct CountingTable {
+    pub scans: AtomicUsize,
+}
+
+impl SettingsTable for CountingTable {
+    async fn settings_references(&self) -> Result<Vec<SettingsReference>, PortError> {
+        self.scans.fetch_add(1, Ordering::SeqCst);
+        Ok(vec![])
+    }
+    async fn index_settings(&self, _: &IndexRef) -> Result<Option<Item>, PortError> {
+        Ok(None)
+    }
+    async fn query_configs(&self, _: &IndexRef) -> Result<Vec<Item>, PortError> {
+        Ok(vec![])
+    }
+    async fn page(&self, _: Option<&str>, _: Option<Item>, _: i32) -> Result<Page, PortError> {
+        Ok(Page::default())
+    }
+}

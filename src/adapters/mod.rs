@@ -1,0 +1,8 @@
+//! The outside systems, one file each, behind the traits in [`crate::ports`].
+
+pub mod api_keys;
+pub mod cloudflare;
+pub mod dynamodb;
+#[cfg(test)]
+pub mod memory;
+pub mod secrets_manager;

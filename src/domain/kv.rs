@@ -1,0 +1,233 @@
+//! Cloudflare Workers KV as the proxy reads it: the two namespaces, the keys this function
+//! writes, what it does to a key, and the limits Cloudflare enforces (docs/contract.md, "KV").
+
+use std::collections::HashSet;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::ids::IndexRef;
+
+/// Cloudflare rejects keys over 512 bytes and the names `.` and `..`.
+pub const MAX_KEY_BYTES: usize = 512;
+/// Cloudflare's value limit, 25 MiB.
+pub const MAX_VALUE_BYTES: usize = 25 * 1024 * 1024;
+/// Pairs (or keys) in one bulk write (or delete).
+pub const MAX_BULK_ITEMS: usize = 10_000;
+/// Cloudflare: "the entire request size must be less than 100 megabytes".
+pub const MAX_BULK_BYTES: usize = 100_000_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Namespace {
+    /// Index settings, the proxy's `KV` binding.
+    Settings,
+    /// Query-config overrides, the proxy's `KV_QCFG` binding.
+    QueryConfigs,
+}
+
+impl Namespace {
+    /// How answers and logs name the namespace.
+    pub fn name(self) -> &'static str {
+        match self {
+            Namespace::Settings => "settings",
+            Namespace::QueryConfigs => "query_configs",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KvKey {
+    pub namespace: Namespace,
+    pub key: String,
+}
+
+impl KvKey {
+    pub fn settings(key: impl Into<String>) -> Self {
+        Self {
+            namespace: Namespace::Settings,
+            key: key.into(),
+        }
+    }
+
+    /// An index's own settings key, `{system_account_id}-{index_name}`.
+    pub fn index(index: &IndexRef) -> Self {
+        Self::settings(index.id().0)
+    }
+
+    /// `qcfg-{system_account_id}-{index_name}-{sha256(normalized query) as lower hex}`.
+    pub fn query_config(index: &IndexRef, query: &str) -> Self {
+        Self {
+            namespace: Namespace::QueryConfigs,
+            key: query_config_key(index, query),
+        }
+    }
+}
+
+/// `qcfg-{system_account_id}-{index_name}-{sha256(normalized_query) as lower hex}`.
+pub fn query_config_key(index: &IndexRef, query: &str) -> String {
+    let digest = Sha256::digest(query.as_bytes());
+    format!("{}{:x}", query_config_prefix(index), digest)
+}
+
+/// What every query-config key of the index starts with. Not unique to the index:
+/// `(a-1, x)` and `(a, 1-x)` share it.
+pub fn query_config_prefix(index: &IndexRef) -> String {
+    format!("qcfg-{}-{}-", index.account, index.name)
+}
+
+/// `qcfg-{account}-{index}-` followed by exactly 64 lower-case hex digits.
+pub fn is_query_config_key_of(index: &IndexRef, key: &str) -> bool {
+    key.strip_prefix(&query_config_prefix(index))
+        .is_some_and(|h| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+}
+
+#[derive(Clone, PartialEq)]
+pub enum KvAction {
+    Put(String),
+    Delete,
+}
+
+// Settings values carry API keys: `Debug` shows only their size.
+impl std::fmt::Debug for KvAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KvAction::Put(value) => write!(f, "Put({} bytes)", value.len()),
+            KvAction::Delete => f.write_str("Delete"),
+        }
+    }
+}
+
+/// One element of a bulk write body. The value is the JSON text, sent as a string.
+#[derive(Clone, PartialEq, Serialize)]
+pub struct KvPair {
+    pub key: String,
+    pub value: String,
+}
+
+// Values carry API keys: show only the key and the size.
+impl std::fmt::Debug for KvPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KvPair({:?}, {} bytes)", self.key, self.value.len())
+    }
+}
+
+impl KvPair {
+    /// Bytes this pair adds to a bulk body, the separating comma included.
+    pub fn body_bytes(&self) -> usize {
+        serde_json::to_vec(self)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX / 2)
+            + 1
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum KvRequest {
+    Put {
+        namespace: Namespace,
+        pairs: Vec<KvPair>,
+    },
+    Delete {
+        namespace: Namespace,
+        keys: Vec<String>,
+    },
+}
+
+impl KvRequest {
+    pub fn keys(&self) -> Vec<&str> {
+        match self {
+            KvRequest::Put { pairs, .. } => pairs.iter().map(|p| p.key.as_str()).collect(),
+            KvRequest::Delete { keys, .. } => keys.iter().map(String::as_str).collect(),
+        }
+    }
+
+    /// The JSON body Cloudflare takes: `[{key, value}]` to write, `[key]` to delete.
+    pub fn body(&self) -> Vec<u8> {
+        match self {
+            KvRequest::Put { pairs, .. } => serde_json::to_vec(pairs),
+            KvRequest::Delete { keys, .. } => serde_json::to_vec(keys),
+        }
+        .expect("strings serialize")
+    }
+
+    /// Keeps only the items whose key is in `keys` (to send again what did not make it).
+    pub fn retain_keys(&mut self, keys: &[String]) {
+        let keep: HashSet<&str> = keys.iter().map(String::as_str).collect();
+        match self {
+            KvRequest::Put { pairs, .. } => pairs.retain(|p| keep.contains(p.key.as_str())),
+            KvRequest::Delete { keys, .. } => keys.retain(|k| keep.contains(k.as_str())),
+        }
+    }
+
+    pub fn namespace(&self) -> Namespace {
+        match self {
+            KvRequest::Put { namespace, .. } | KvRequest::Delete { namespace, .. } => *namespace,
+        }
+    }
+}
+
+/// A key Cloudflare would refuse, and why.
+pub fn check_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key == "." || key == ".." {
+        return Err(format!("`{key}` is not a valid Cloudflare KV key"));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        let shown: String = key.chars().take(40).collect();
+        return Err(format!(
+            "key `{shown}...` is {} bytes, over Cloudflare KV's {MAX_KEY_BYTES}-byte limit",
+            key.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A write Cloudflare would refuse, and why.
+pub fn check_put(key: &str, value: &str) -> Result<(), String> {
+    check_key(key)?;
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(format!(
+            "value for key `{key}` is {} bytes, over Cloudflare KV's 25 MiB limit",
+            value.len()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_config_key_is_sha256_of_the_normalized_query() {
+        // sha256("") is well known; the key must use lower-case hex.
+        assert_eq!(
+            query_config_key(&IndexRef::new("acct-1", "products"), ""),
+            "qcfg-acct-1-products-e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+
+    #[test]
+    fn pair_debug_never_shows_values() {
+        let p = KvPair {
+            key: "k".into(),
+            value: "{\"marqo_api_key\":\"secret\"}".into(),
+        };
+        assert!(!format!("{p:?}").contains("secret"));
+    }
+
+    #[test]
+    fn query_config_keys_belong_to_their_own_index_only() {
+        let index = IndexRef::new("a", "p");
+        let hash = "0".repeat(64);
+        assert!(is_query_config_key_of(&index, &format!("qcfg-a-p-{hash}")));
+        assert!(!is_query_config_key_of(
+            &index,
+            &format!("qcfg-a-p-x-{hash}")
+        ));
+        assert!(!is_query_config_key_of(&index, "qcfg-a-p-123"));
+    }
+}

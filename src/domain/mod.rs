@@ -1,0 +1,12 @@
+//! The vocabulary every room shares: indexes, their settings and overrides, KV keys and
+//! limits, and the secrets. Pure data; depends on nothing else in the crate.
+
+pub mod ids;
+pub mod kv;
+pub mod secrets;
+pub mod settings;
+
+pub use ids::{IndexId, IndexRef};
+pub use kv::{KvAction, KvKey, Namespace};
+pub use secrets::{ApiKey, ApiToken};
+pub use settings::{IndexSettings, InvalidRecord, QueryConfig, SettingsReference};

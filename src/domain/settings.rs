@@ -1,0 +1,246 @@
+//! Index settings and query-config overrides as the table holds them, and the values the edge
+//! search proxy reads from KV (docs/contract.md, "The settings table" and "KV values").
+
+use serde::{Deserialize, Serialize};
+
+use super::ids::{IndexId, IndexRef};
+use super::secrets::ApiKey;
+
+/// Version of the KV value layout; the proxy tolerates unknown fields, so additions keep it.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// An opaque document exported as JSON unchanged (decoded from DynamoDB by [`crate::dynamo`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct Document(pub serde_json::Value);
+
+/// `index_aliases.doc_reads`: where the proxy sends search and collection reads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DocReadsAlias {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub targets: Vec<DocReadsTarget>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DocReadsTarget {
+    pub index_id: IndexId,
+    /// Relative to the other enabled targets; a target without one counts as 1.0.
+    #[serde(default = "unit_weight")]
+    pub weight: f64,
+    #[serde(default)]
+    pub internal: bool,
+}
+
+fn unit_weight() -> f64 {
+    1.0
+}
+
+/// `index_aliases.doc_writes`: resolved at write time by the sync service, never sent to KV.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DocWritesAlias {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub targets: Vec<WriteTarget>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WriteTarget {
+    pub index_id: IndexId,
+    #[serde(default)]
+    pub internal: bool,
+}
+
+/// `index_aliases.analytics`: a single alternate index for analytics.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AnalyticsAlias {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub index_id: Option<IndexId>,
+    #[serde(default)]
+    pub internal: bool,
+}
+
+/// The effective aliases of an index, legacy fields already applied.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct IndexAliases {
+    #[serde(default)]
+    pub doc_writes: Option<DocWritesAlias>,
+    #[serde(default)]
+    pub doc_reads: Option<DocReadsAlias>,
+    #[serde(default)]
+    pub analytics: Option<AnalyticsAlias>,
+}
+
+impl IndexAliases {
+    /// The index ids this index routes live traffic to: enabled read targets and an enabled
+    /// analytics target. These are what protect another index's KV keys from deletion.
+    pub fn live_targets(&self) -> impl Iterator<Item = &IndexId> {
+        let reads = self
+            .doc_reads
+            .iter()
+            .filter(|reads| reads.enabled)
+            .flat_map(|reads| reads.targets.iter().map(|t| &t.index_id));
+        let analytics = self
+            .analytics
+            .iter()
+            .filter(|a| a.enabled)
+            .filter_map(|a| a.index_id.as_ref());
+        reads.chain(analytics)
+    }
+
+    /// Applies the legacy fields, which win over `index_aliases` when present.
+    pub fn with_legacy(
+        mut self,
+        read_alias: Option<String>,
+        legacy_writes: Option<Vec<IndexId>>,
+    ) -> Self {
+        if let Some(target) = non_empty(read_alias) {
+            self.doc_reads = Some(DocReadsAlias {
+                enabled: true,
+                targets: vec![DocReadsTarget {
+                    index_id: IndexId(target),
+                    weight: 1.0,
+                    internal: false,
+                }],
+            });
+        }
+        if let Some(ids) = legacy_writes {
+            self.doc_writes = Some(DocWritesAlias {
+                enabled: true,
+                targets: ids
+                    .into_iter()
+                    .map(|index_id| WriteTarget {
+                        index_id,
+                        internal: false,
+                    })
+                    .collect(),
+            });
+        }
+        self
+    }
+}
+
+/// Empty strings mean "not set" for optional string attributes: an empty shop id or alias
+/// cannot name anything.
+pub fn non_empty(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.is_empty())
+}
+
+/// Why a table record cannot be exported. Permanent: the record itself must be fixed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InvalidRecord {
+    #[error("attribute `{0}` is required")]
+    Missing(&'static str),
+    #[error("attribute `{path}`: {message}")]
+    BadAttribute { path: String, message: String },
+    #[error("read alias target `{0}` has a negative or non-finite weight")]
+    BadWeight(IndexId),
+}
+
+/// One index's settings, decoded and with legacy aliases applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IndexSettings {
+    pub index: IndexRef,
+    pub index_url: String,
+    pub shop_id: Option<String>,
+    pub cell: Option<String>,
+    pub search_config: Option<Document>,
+    pub collections_config: Option<Document>,
+    pub feature_flags: Option<Document>,
+    pub agentic_config: Option<Document>,
+    pub query_override_sharding: Option<Document>,
+    pub pixel_id: Option<String>,
+    pub aliases: IndexAliases,
+}
+
+impl IndexSettings {
+    /// The JSON the proxy reads under both of this index's keys.
+    pub fn kv_value<'a>(&'a self, api_key: &'a ApiKey) -> KvSettings<'a> {
+        KvSettings {
+            schema_version: SCHEMA_VERSION,
+            system_account_id: &self.index.account,
+            index_name: &self.index.name,
+            index_id: self.index.id(),
+            shop_id: self.shop_id.as_deref(),
+            marqo_api_key: api_key,
+            index_url: &self.index_url,
+            search_config: self.search_config.as_ref(),
+            collections_config: self.collections_config.as_ref(),
+            feature_flags: self.feature_flags.as_ref(),
+            agentic_config: self.agentic_config.as_ref(),
+            pixel_id: self.pixel_id.as_deref(),
+            index_aliases: KvAliases {
+                doc_reads: self.aliases.doc_reads.as_ref(),
+                analytics: self.aliases.analytics.as_ref(),
+            },
+            query_override_sharding: self.query_override_sharding.as_ref(),
+        }
+    }
+}
+
+/// What one settings record in the table says about other indexes, for removal safety.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SettingsReference {
+    pub index: IndexRef,
+    pub shop_id: Option<String>,
+    pub live_targets: Vec<IndexId>,
+}
+
+/// The value under `{shop_id}` and `{system_account_id}-{index_name}`.
+#[derive(Debug, Serialize)]
+pub struct KvSettings<'a> {
+    pub schema_version: u32,
+    pub system_account_id: &'a str,
+    pub index_name: &'a str,
+    pub index_id: IndexId,
+    pub shop_id: Option<&'a str>,
+    pub marqo_api_key: &'a ApiKey,
+    pub index_url: &'a str,
+    pub search_config: Option<&'a Document>,
+    pub collections_config: Option<&'a Document>,
+    pub feature_flags: Option<&'a Document>,
+    pub agentic_config: Option<&'a Document>,
+    pub pixel_id: Option<&'a str>,
+    pub index_aliases: KvAliases<'a>,
+    pub query_override_sharding: Option<&'a Document>,
+}
+
+/// What the edge needs of the aliases: never `doc_writes`.
+#[derive(Debug, Serialize)]
+pub struct KvAliases<'a> {
+    pub doc_reads: Option<&'a DocReadsAlias>,
+    pub analytics: Option<&'a AnalyticsAlias>,
+}
+
+/// A per-query override: `INDEX#{index}#QUERY#{normalized_query}`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueryConfig {
+    pub index: IndexRef,
+    pub query: String,
+    pub config: Document,
+}
+
+impl QueryConfig {
+    pub fn kv_value(&self) -> KvQueryConfig<'_> {
+        KvQueryConfig {
+            schema_version: SCHEMA_VERSION,
+            system_account_id: &self.index.account,
+            index_name: &self.index.name,
+            query: &self.query,
+            config: &self.config,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct KvQueryConfig<'a> {
+    pub schema_version: u32,
+    pub system_account_id: &'a str,
+    pub index_name: &'a str,
+    pub query: &'a str,
+    pub config: &'a Document,
+}

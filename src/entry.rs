@@ -1,0 +1,193 @@
+//! The thin entry (steps 1 and 5 of the pipeline): the payload decides the route, and the
+//! exporter's report becomes the answer (the partial-batch response, or an operator answer).
+
+use std::time::{Duration, SystemTime};
+
+use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
+use lambda_runtime::{Diagnostic, LambdaEvent};
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::operator::{OperatorError, OperatorRequest};
+use crate::pipeline::exporter::Exporter;
+use crate::ports::{ApiKeySource, KvStore, SettingsTable};
+use crate::report::{BatchReport, Outcome};
+
+const ACCEPTED: &str =
+    "expected a DynamoDB stream batch {\"Records\": [...]} or a manual re-export \
+{\"system_account_id\": \"...\", \"index_name\": \"...\", \"include_query_configs\": false}";
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum HandlerError {
+    #[error("unsupported payload: {ACCEPTED}")]
+    UnsupportedPayload,
+    #[error(transparent)]
+    Operator(#[from] OperatorError),
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    /// A failed stream record without a sequence number cannot be reported alone.
+    #[error("a failed record has no SequenceNumber; failing the whole batch so Lambda retries it")]
+    UnreportableFailure,
+}
+
+impl From<HandlerError> for Diagnostic {
+    fn from(error: HandlerError) -> Self {
+        let error_type = match &error {
+            HandlerError::UnsupportedPayload
+            | HandlerError::Operator(OperatorError::InvalidField { .. }) => "InvalidPayload",
+            HandlerError::Operator(OperatorError::NoSuchIndex { .. }) => "NoSuchIndex",
+            HandlerError::Operator(
+                OperatorError::ExportFailed { .. } | OperatorError::BackfillFailed { .. },
+            )
+            | HandlerError::UnreportableFailure => "ExportFailed",
+            HandlerError::Config(_) => "ConfigError",
+        };
+        Diagnostic {
+            error_type: error_type.into(),
+            error_message: error.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    StreamBatch(Vec<Value>),
+    Operator(OperatorRequest),
+}
+
+impl TryFrom<Value> for Payload {
+    type Error = HandlerError;
+
+    fn try_from(payload: Value) -> Result<Self, HandlerError> {
+        let Value::Object(mut fields) = payload else {
+            return Err(HandlerError::UnsupportedPayload);
+        };
+        if let Some(records) = fields.remove("Records") {
+            return match records {
+                Value::Array(records) => Ok(Payload::StreamBatch(records)),
+                _ => Err(HandlerError::UnsupportedPayload),
+            };
+        }
+        if !OperatorRequest::is_operator_payload(&fields) {
+            return Err(HandlerError::UnsupportedPayload);
+        }
+        Ok(Payload::Operator(OperatorRequest::parse(fields)?))
+    }
+}
+
+/// Retry budget when the runtime's deadline is unusable.
+const UNKNOWN_DEADLINE_BUDGET: Duration = Duration::from_secs(60);
+
+/// The instant to stop retrying: the invocation's deadline less a margin to answer in. Short
+/// timeouts keep most of their time: the margin is at most a fifth of what is left.
+pub fn retry_deadline(deadline: SystemTime, margin: Duration) -> Instant {
+    match deadline.duration_since(SystemTime::now()) {
+        Ok(left) if !left.is_zero() => Instant::now() + left.saturating_sub(margin.min(left / 5)),
+        // Lambda never hands out an invocation that is already late; local runtimes may send a
+        // duration instead of a time (`cargo lambda watch` sends 600000).
+        _ => {
+            tracing::warn!(
+                budget_s = UNKNOWN_DEADLINE_BUDGET.as_secs(),
+                "the invocation deadline is already past: a local runtime? retrying within a fixed budget"
+            );
+            Instant::now() + UNKNOWN_DEADLINE_BUDGET
+        }
+    }
+}
+
+pub async fn handle<K: KvStore, A: ApiKeySource, T: SettingsTable>(
+    exporter: &Exporter<K, A, T>,
+    margin: Duration,
+    event: LambdaEvent<Value>,
+) -> Result<Value, HandlerError> {
+    let deadline = retry_deadline(event.context.deadline(), margin);
+    let retry_budget_ms = deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis() as u64;
+    tracing::debug!(retry_budget_ms, "invocation received");
+    route(exporter, event.payload, deadline).await
+}
+
+/// Routes a payload; retrying stops at `deadline`.
+pub async fn route<K: KvStore, A: ApiKeySource, T: SettingsTable>(
+    exporter: &Exporter<K, A, T>,
+    payload: Value,
+    deadline: Instant,
+) -> Result<Value, HandlerError> {
+    match Payload::try_from(payload)? {
+        Payload::StreamBatch(records) => {
+            let started = Instant::now();
+            let report = exporter.export_stream(records, deadline).await;
+            report.log();
+            crate::report::emit(&report, started.elapsed());
+            batch_response(&report).map(|r| serde_json::to_value(r).expect("serializable"))
+        }
+        Payload::Operator(request) => Ok(request.run(exporter, deadline).await?),
+    }
+}
+
+pub fn batch_response(report: &BatchReport) -> Result<DynamoDbEventResponse, HandlerError> {
+    let unreportable = report
+        .records
+        .iter()
+        .any(|r| matches!(r.outcome, Outcome::Failed(_)) && r.sequence_number.is_none());
+    if unreportable {
+        return Err(HandlerError::UnreportableFailure);
+    }
+    let mut response = DynamoDbEventResponse::default();
+    response.batch_item_failures = report
+        .failed_sequence_numbers()
+        .into_iter()
+        .map(|seq| {
+            let mut failure = DynamoDbBatchItemFailure::default();
+            failure.item_identifier = Some(seq);
+            failure
+        })
+        .collect();
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_margin_shrinks_for_short_timeouts() {
+        let margin = Duration::from_secs(5);
+        let stop = |timeout: Duration| {
+            retry_deadline(SystemTime::now() + timeout, margin).duration_since(Instant::now())
+        };
+        let long = stop(Duration::from_secs(120));
+        assert!(long > Duration::from_millis(114_900) && long <= Duration::from_secs(115));
+        let short = stop(Duration::from_secs(3));
+        assert!(short > Duration::from_millis(2_300) && short <= Duration::from_millis(2_400));
+    }
+
+    #[test]
+    fn a_deadline_in_the_past_gets_a_fixed_budget() {
+        let local = std::time::UNIX_EPOCH + Duration::from_millis(600_000);
+        let budget = retry_deadline(local, Duration::from_secs(5)).duration_since(Instant::now());
+        assert!(budget > Duration::from_secs(59) && budget <= UNKNOWN_DEADLINE_BUDGET);
+    }
+
+    #[test]
+    fn records_route_to_the_stream_path() {
+        let payload = Payload::try_from(json!({"Records": []})).unwrap();
+        assert_eq!(payload, Payload::StreamBatch(vec![]));
+    }
+
+    #[test]
+    fn anything_else_says_what_is_accepted() {
+        for payload in [
+            json!([]),
+            json!({"hello": 1}),
+            json!({"Records": 5}),
+            json!("x"),
+        ] {
+            let err = Payload::try_from(payload).unwrap_err();
+            assert!(err.to_string().contains("{\"Records\": [...]}"), "{err}");
+            assert!(err.to_string().contains("system_account_id"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! `{"mode": "backfill", ...}`: exports every index-settings record (and query configs when
+//! asked), page by page, through the stream path's core. Stops before the deadline, after
+//! `max_records`, or at a page with failures (to be retried), and answers a token to resume from.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_dynamo::Item;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::{flag, OperatorError, Text};
+use crate::domain::{IndexRef, KvAction};
+use crate::pipeline::exporter::{Exporter, Prepared};
+use crate::ports::{ApiKeySource, KvStore, SettingsTable};
+use crate::report::{BatchReport, Outcome, RecordReport};
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackfillRequest {
+    /// Only this account's records, when given.
+    #[serde(default)]
+    pub system_account_id: Option<Text>,
+    #[serde(default, deserialize_with = "flag")]
+    pub include_query_configs: bool,
+    #[serde(default, deserialize_with = "flag")]
+    pub dry_run: bool,
+    /// Where a previous invocation stopped.
+    #[serde(default)]
+    pub continuation_token: Option<Text>,
+    /// Items read from the table per page (and so per export batch).
+    #[serde(default = "default_page_size", deserialize_with = "page_size")]
+    pub page_size: i32,
+    /// Stop after the page that reaches this many items, with a continuation token.
+    #[serde(default, deserialize_with = "max_records")]
+    pub max_records: Option<usize>,
+}
+
+fn default_page_size() -> i32 {
+    100
+}
+
+/// A whole number in `range`; absent or null is `None`.
+fn count<'de, D: Deserializer<'de>>(
+    deserializer: D,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<Option<u64>, D::Error> {
+    match Value::deserialize(deserializer)? {
+        Value::Null => Ok(None),
+        value => value
+            .as_u64()
+            .filter(|n| range.contains(n))
+            .map(Some)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "must be a whole number from {} to {}",
+                    range.start(),
+                    range.end()
+                ))
+            }),
+    }
+}
+
+fn page_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i32, D::Error> {
+    Ok(count(deserializer, 1..=1000)?.map_or(default_page_size(), |n| n as i32))
+}
+
+fn max_records<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<usize>, D::Error> {
+    Ok(count(deserializer, 1..=u32::MAX as u64)?.map(|n| n as usize))
+}
+
+/// The table key where a backfill goes on, handed to the operator as an opaque string.
+fn encode_token(start: &Item) -> String {
+    let json = serde_json::to_vec(start).expect("items serialize");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+}
+
+fn decode_token(token: &str) -> Result<Item, OperatorError> {
+    let invalid = || {
+        OperatorError::invalid(
+            "continuation_token",
+            "is not a token this function gave out",
+        )
+    };
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| invalid())?;
+    serde_json::from_slice(&json).map_err(|_| invalid())
+}
+
+/// A record that did not make it, and why.
+#[derive(Debug, Serialize)]
+pub struct RecordProblem {
+    pub system_account_id: Option<String>,
+    pub index_name: Option<String>,
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Answer {
+    pub mode: &'static str,
+    pub dry_run: bool,
+    pub system_account_id: Option<String>,
+    pub exported: usize,
+    pub skipped: usize,
+    pub rejected: usize,
+    pub failed: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keys_written: Option<usize>,
+    /// A dry run counts what it would write.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keys_to_write: Option<usize>,
+    pub rejected_records: Vec<RecordProblem>,
+    pub failed_records: Vec<RecordProblem>,
+    pub complete: bool,
+    pub continuation_token: Option<String>,
+}
+
+#[derive(Default)]
+struct Tally {
+    items: usize,
+    exported: usize,
+    skipped: usize,
+    rejected: Vec<RecordProblem>,
+    failed: Vec<RecordProblem>,
+    keys_written: usize,
+}
+
+impl Tally {
+    fn count(&mut self, index: Option<&IndexRef>, outcome: &Outcome) {
+        let problem = |reason: &str| RecordProblem {
+            system_account_id: index.map(|i| i.account.clone()),
+            index_name: index.map(|i| i.name.clone()),
+            reason: reason.to_owned(),
+        };
+        match outcome {
+            Outcome::Exported | Outcome::Pending | Outcome::Kept { .. } => self.exported += 1,
+            Outcome::Skipped(_) => self.skipped += 1,
+            Outcome::Rejected(reason) => self.rejected.push(problem(reason)),
+            Outcome::Failed(reason) => self.failed.push(problem(reason)),
+        }
+    }
+}
+
+pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
+    exporter: &Exporter<K, A, T>,
+    request: &BackfillRequest,
+    deadline: Instant,
+) -> Result<Answer, OperatorError> {
+    // An empty key stands for "from the beginning" (a stop before the first page).
+    let mut start = request
+        .continuation_token
+        .as_ref()
+        .map(|token| decode_token(&token.0))
+        .transpose()?
+        .filter(|key| !key.is_empty());
+    let account = request.system_account_id.as_ref().map(|a| a.0.as_str());
+    let mut tally = Tally::default();
+    // Leave room for the slowest page seen so far, twice over, before starting another.
+    let mut slowest_page = Duration::from_secs(2);
+    let complete = loop {
+        if request.max_records.is_some_and(|max| tally.items >= max)
+            || Instant::now() + slowest_page * 2 >= deadline
+        {
+            break false;
+        }
+        let page_started = Instant::now();
+        let page = exporter
+            .table_page(
+                account,
+                start.clone(),
+                request.page_size,
+                request.include_query_configs,
+            )
+            .await
+            .map_err(|e| OperatorError::BackfillFailed {
+                reason: e.to_string(),
+            })?;
+        tally.items += page.records.len();
+        let report = if request.dry_run {
+            dry_report(exporter.prepare(page.records, deadline).await)
+        } else {
+            exporter.export(page.records, deadline).await
+        };
+        report.log();
+        tally.keys_written += report.keys_written;
+        for record in &report.records {
+            tally.count(record.index.as_ref(), &record.outcome);
+        }
+        slowest_page = slowest_page.max(page_started.elapsed());
+        if report
+            .records
+            .iter()
+            .any(|r| matches!(r.outcome, Outcome::Failed(_)))
+        {
+            break false; // the token still points at this page: resuming retries it
+        }
+        match page.next {
+            Some(next) => start = Some(next),
+            None => break true,
+        }
+    };
+    Ok(Answer {
+        mode: "backfill",
+        dry_run: request.dry_run,
+        system_account_id: account.map(str::to_owned),
+        exported: tally.exported,
+        skipped: tally.skipped,
+        rejected: tally.rejected.len(),
+        failed: tally.failed.len(),
+        keys_written: (!request.dry_run).then_some(tally.keys_written),
+        keys_to_write: request.dry_run.then_some(tally.keys_written),
+        rejected_records: tally.rejected,
+        failed_records: tally.failed,
+        complete,
+        continuation_token: (!complete).then(|| encode_token(&start.unwrap_or_default())),
+    })
+}
+
+/// What a dry run's page would have done, as a report (nothing was sent).
+fn dry_report(prepared: Prepared) -> BatchReport {
+    let keys_written = prepared
+        .plan
+        .ops
+        .values()
+        .filter(|op| matches!(op.action, KvAction::Put(_)))
+        .count();
+    BatchReport {
+        keys_written,
+        api_keys: prepared.api_keys,
+        records: prepared
+            .records
+            .into_iter()
+            .zip(prepared.plan.outcomes)
+            .map(|(record, outcome)| RecordReport {
+                sequence_number: None,
+                index: record.index,
+                outcome,
+            })
+            .collect(),
+        ..BatchReport::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn tokens_round_trip_and_bad_ones_are_named() {
+        let start = crate::dynamo::item_from_dynamodb_json(
+            json!({"pk": {"S": "a"}, "sk": {"S": "INDEX#p"}}),
+        )
+        .unwrap();
+        assert_eq!(decode_token(&encode_token(&start)).unwrap(), start);
+        let error = decode_token("not-a-token!").unwrap_err();
+        assert!(error.to_string().contains("continuation_token"), "{error}");
+    }
+}

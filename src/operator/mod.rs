@@ -1,0 +1,351 @@
+//! What operators invoke by hand (docs/operations.md, "Manual modes"): re-export one index or
+//! preview it ([`reexport`]), check an index for drift and repair it ([`verify`]), and export
+//! the whole table page by page ([`backfill`]). Every mode reads the table and goes through
+//! the exporter core's methods: one planner, one KV client.
+//!
+//! Requests are typed: unknown fields are refused, and every error names its field.
+
+pub mod backfill;
+pub mod reexport;
+pub mod verify;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+use tokio::time::Instant;
+
+use crate::domain::{IndexRef, KvKey};
+use crate::pipeline::exporter::{Exporter, Prepared};
+use crate::pipeline::records::ChangeRecord;
+use crate::ports::{ApiKeySource, KvStore, SettingsTable};
+use crate::report::{BatchReport, Outcome};
+
+pub use backfill::BackfillRequest;
+pub use reexport::ReexportRequest;
+pub use verify::VerifyRequest;
+
+/// Why an operator request was refused or did not finish.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum OperatorError {
+    #[error("invalid manual payload: `{field}` {problem}")]
+    InvalidField { field: String, problem: String },
+    #[error("no settings record for account {account}, index {index}")]
+    NoSuchIndex { account: String, index: String },
+    #[error("re-export of account {account}, index {index} failed: {reason}")]
+    ExportFailed {
+        account: String,
+        index: String,
+        reason: String,
+    },
+    #[error("backfill stopped: {reason}")]
+    BackfillFailed { reason: String },
+}
+
+impl OperatorError {
+    fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        OperatorError::InvalidField {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+
+    fn export_failed(index: &IndexRef, reason: impl ToString) -> Self {
+        OperatorError::ExportFailed {
+            account: index.account.clone(),
+            index: index.name.clone(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum OperatorRequest {
+    Reexport(ReexportRequest),
+    Verify(VerifyRequest),
+    Backfill(BackfillRequest),
+}
+
+impl OperatorRequest {
+    /// A payload without `mode` but naming an index is a re-export (the original contract).
+    pub fn is_operator_payload(fields: &Map<String, Value>) -> bool {
+        ["mode", "system_account_id", "index_name"]
+            .iter()
+            .any(|name| fields.contains_key(*name))
+    }
+
+    pub fn parse(mut fields: Map<String, Value>) -> Result<Self, OperatorError> {
+        let mode = match fields.remove("mode") {
+            None | Some(Value::Null) => "reexport".to_owned(),
+            Some(Value::String(mode)) => mode,
+            Some(_) => return Err(OperatorError::invalid("mode", "must be a string")),
+        };
+        let fields = Value::Object(fields);
+        match mode.as_str() {
+            "reexport" => typed(fields).map(OperatorRequest::Reexport),
+            "verify" => typed(fields).map(OperatorRequest::Verify),
+            "backfill" => typed(fields).map(OperatorRequest::Backfill),
+            _ => Err(OperatorError::invalid(
+                "mode",
+                "must be reexport, verify or backfill",
+            )),
+        }
+    }
+
+    pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
+        self,
+        exporter: &Exporter<K, A, T>,
+        deadline: Instant,
+    ) -> Result<Value, OperatorError> {
+        let answer = match self {
+            OperatorRequest::Reexport(request) => {
+                to_value(reexport::run(exporter, &request, deadline).await?)
+            }
+            OperatorRequest::Verify(request) => {
+                to_value(verify::run(exporter, &request, deadline).await?)
+            }
+            OperatorRequest::Backfill(request) => {
+                to_value(backfill::run(exporter, &request, deadline).await?)
+            }
+        };
+        Ok(answer)
+    }
+}
+
+fn to_value(answer: impl Serialize) -> Value {
+    serde_json::to_value(answer).expect("answers serialize")
+}
+
+/// A request struct from the payload's fields, with serde's words turned into the field's name
+/// and what is wrong with it.
+fn typed<R: for<'de> Deserialize<'de>>(fields: Value) -> Result<R, OperatorError> {
+    serde_path_to_error::deserialize(fields).map_err(|e| {
+        let message = e.inner().to_string();
+        let quoted = |prefix: &str| {
+            message
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.split('`').next())
+                .map(str::to_owned)
+        };
+        if let Some(field) = quoted("missing field `") {
+            return OperatorError::invalid(field, "is required");
+        }
+        if let Some(field) = quoted("unknown field `") {
+            let allowed = message
+                .split_once("expected one of ")
+                .map(|(_, names)| names.replace('`', ""))
+                .unwrap_or_default();
+            let problem = format!("is not a field of this mode (fields: mode, {allowed})");
+            return OperatorError::invalid(field, problem);
+        }
+        OperatorError::invalid(e.path().to_string(), message)
+    })
+}
+
+/// A non-empty string field.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Text(pub String);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match Value::deserialize(deserializer)? {
+            Value::String(s) if s.is_empty() => Err(serde::de::Error::custom("is empty")),
+            Value::String(s) => Ok(Text(s)),
+            _ => Err(serde::de::Error::custom("must be a string")),
+        }
+    }
+}
+
+/// A true/false field; absent or null is false.
+fn flag<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    match Value::deserialize(deserializer)? {
+        Value::Bool(b) => Ok(b),
+        Value::Null => Ok(false),
+        _ => Err(serde::de::Error::custom("must be true or false")),
+    }
+}
+
+/// One index, and whether its query-config overrides come along.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexTarget {
+    pub index: IndexRef,
+    pub include_query_configs: bool,
+}
+
+impl IndexTarget {
+    fn new(account: &Text, name: &Text, include_query_configs: bool) -> Self {
+        Self {
+            index: IndexRef::new(&account.0, &name.0),
+            include_query_configs,
+        }
+    }
+
+    /// The index's settings record (it must exist) and, when asked, its query configs.
+    async fn records<K: KvStore, A: ApiKeySource, T: SettingsTable>(
+        &self,
+        exporter: &Exporter<K, A, T>,
+    ) -> Result<Vec<ChangeRecord>, OperatorError> {
+        let index = &self.index;
+        exporter
+            .index_records(index, self.include_query_configs)
+            .await
+            .map_err(|e| OperatorError::export_failed(index, e))?
+            .ok_or_else(|| OperatorError::NoSuchIndex {
+                account: index.account.clone(),
+                index: index.name.clone(),
+            })
+    }
+}
+
+/// The settings record must be exportable, and nothing may be waiting on a failed lookup.
+fn ensure_done<'a>(
+    index: &IndexRef,
+    mut outcomes: impl Iterator<Item = &'a Outcome>,
+) -> Result<(), OperatorError> {
+    let first = outcomes.next();
+    if let Some(Outcome::Rejected(reason)) = first {
+        return Err(OperatorError::export_failed(index, reason));
+    }
+    match first.into_iter().chain(outcomes).find_map(|o| match o {
+        Outcome::Failed(reason) => Some(reason),
+        _ => None,
+    }) {
+        Some(reason) => Err(OperatorError::export_failed(index, reason)),
+        None => Ok(()),
+    }
+}
+
+fn ensure_ready(index: &IndexRef, prepared: &Prepared) -> Result<(), OperatorError> {
+    ensure_done(index, prepared.plan.outcomes.iter())
+}
+
+fn ensure_exported(index: &IndexRef, report: &BatchReport) -> Result<(), OperatorError> {
+    ensure_done(index, report.records.iter().map(|r| &r.outcome))
+}
+
+/// A rejected record, as answers list it.
+#[derive(Debug, Serialize)]
+pub struct Rejected {
+    pub reason: String,
+}
+
+fn rejected<'a>(outcomes: impl Iterator<Item = &'a Outcome>) -> Vec<Rejected> {
+    outcomes
+        .filter_map(|o| match o {
+            Outcome::Rejected(reason) => Some(Rejected {
+                reason: reason.clone(),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Keys written and deleted, by name.
+#[derive(Debug, Default, Serialize)]
+pub struct KeyChanges {
+    pub written: Vec<String>,
+    pub deleted: Vec<String>,
+}
+
+impl KeyChanges {
+    fn of(written: &[KvKey], deleted: &[KvKey]) -> Self {
+        let names = |keys: &[KvKey]| keys.iter().map(|k| k.key.clone()).collect();
+        Self {
+            written: names(written),
+            deleted: names(deleted),
+        }
+    }
+}
+
+/// A KV value as an operator may see it: the API key masked.
+pub fn masked(value: &str) -> Value {
+    let mut value: Value = serde_json::from_str(value).unwrap_or(Value::Null);
+    if let Some(key) = value.get_mut("marqo_api_key").filter(|k| k.is_string()) {
+        *key = Value::String("<masked>".into());
+    }
+    value
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(payload: Value) -> Result<OperatorRequest, OperatorError> {
+        let Value::Object(fields) = payload else {
+            panic!("an object")
+        };
+        OperatorRequest::parse(fields)
+    }
+
+    #[test]
+    fn manual_payloads_are_checked_field_by_field() {
+        let ok = parse(json!({"system_account_id": "a", "index_name": "i"})).unwrap();
+        let OperatorRequest::Reexport(request) = ok else {
+            panic!("a re-export")
+        };
+        assert_eq!(request.target().index, IndexRef::new("a", "i"));
+        assert!(!request.target().include_query_configs && !request.dry_run);
+        let err = parse(json!({"system_account_id": "a"})).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid manual payload: `index_name` is required"
+        );
+        let err = parse(json!({"system_account_id": 3, "index_name": "i"})).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid manual payload: `system_account_id` must be a string"
+        );
+        let err = parse(
+            json!({"system_account_id": "a", "index_name": "i", "include_query_configs": "yes"}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("include_query_configs"));
+    }
+
+    #[test]
+    fn operator_modes_are_parsed_and_typos_are_named() {
+        let verify = parse(json!({"mode": "verify", "system_account_id": "a",
+            "index_name": "i", "repair": true}))
+        .unwrap();
+        assert!(matches!(
+            verify,
+            OperatorRequest::Verify(VerifyRequest { repair: true, .. })
+        ));
+        let backfill = parse(json!({"mode": "backfill", "page_size": 5})).unwrap();
+        assert!(matches!(
+            backfill,
+            OperatorRequest::Backfill(BackfillRequest {
+                page_size: 5,
+                system_account_id: None,
+                ..
+            })
+        ));
+        let typo = parse(json!({"system_account_id": "a", "index_name": "i",
+            "include_query_config": true}))
+        .unwrap_err();
+        assert!(
+            typo.to_string()
+                .starts_with("invalid manual payload: `include_query_config` is not a field"),
+            "{typo}"
+        );
+        let mode = parse(json!({"mode": "sync"})).unwrap_err();
+        assert_eq!(
+            mode.to_string(),
+            "invalid manual payload: `mode` must be reexport, verify or backfill"
+        );
+        let size = parse(json!({"mode": "backfill", "page_size": 0})).unwrap_err();
+        assert!(
+            size.to_string()
+                .contains("`page_size` must be a whole number from 1 to 1000"),
+            "{size}"
+        );
+    }
+
+    #[test]
+    fn masking_hides_only_the_api_key() {
+        let value = masked(r#"{"marqo_api_key": "secret", "index_url": "u"}"#);
+        assert_eq!(
+            value,
+            json!({"marqo_api_key": "<masked>", "index_url": "u"})
+        );
+    }
+}

@@ -1,0 +1,139 @@
+//! The outside world as the core sees it: one small trait per system, and one error type that
+//! says whether trying again can help. Adapters implement these; tests pass fakes.
+
+use std::future::Future;
+
+use serde_dynamo::Item;
+use tokio::time::Instant;
+
+use crate::domain::kv::KvRequest;
+use crate::domain::{ApiKey, ApiToken, IndexRef, Namespace, SettingsReference};
+
+/// Why an outside system did not answer as asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortError {
+    /// Might succeed later: the record is reported for retry.
+    #[error("{0}")]
+    Transient(String),
+    /// Retrying cannot help (the account has no API key): the record is rejected.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl PortError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, PortError::Transient(_))
+    }
+
+    /// The same kind of error with more said in front.
+    pub fn context(self, what: impl std::fmt::Display) -> Self {
+        match self {
+            PortError::Transient(reason) => PortError::Transient(format!("{what}: {reason}")),
+            PortError::Permanent(reason) => PortError::Permanent(format!("{what}: {reason}")),
+        }
+    }
+}
+
+/// Keys a bulk request did not store or delete, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyFailures {
+    pub keys: Vec<String>,
+    pub error: PortError,
+}
+
+/// Running totals of a KV client; a batch's share is the difference of two readings.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct KvCounters {
+    pub attempts: usize,
+    pub retries: usize,
+}
+
+/// The KV operations the exporter needs; the Cloudflare REST API is the real one.
+pub trait KvStore: Send + Sync {
+    /// Sends one bulk request, retrying as it may. `Err` lists the keys that did not make it.
+    fn send(
+        &self,
+        request: &KvRequest,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<(), KeyFailures>> + Send;
+
+    /// Reads one value: `None` when there is no such key.
+    fn get(
+        &self,
+        namespace: Namespace,
+        key: &str,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Option<String>, PortError>> + Send;
+
+    /// Every key of the namespace that starts with `prefix`.
+    fn list_keys(
+        &self,
+        namespace: Namespace,
+        prefix: &str,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Vec<String>, PortError>> + Send;
+
+    /// HTTP attempts and retries so far (for metrics); stores without them count nothing.
+    fn counters(&self) -> KvCounters {
+        KvCounters::default()
+    }
+}
+
+/// The API keys service is asked once per (cell, account).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccountCell {
+    pub cell: String,
+    pub account: String,
+}
+
+pub trait ApiKeySource: Send + Sync {
+    fn fetch(&self, wanted: &AccountCell)
+        -> impl Future<Output = Result<ApiKey, PortError>> + Send;
+}
+
+/// What one batch's API-key lookups cost, for the log and metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct LookupCounts {
+    pub calls: usize,
+    pub cache_hits: usize,
+}
+
+/// Where the Cloudflare token comes from; fetched at first use and again after a 401/403.
+pub trait TokenSource: Send + Sync {
+    fn fetch_token(&self) -> impl Future<Output = Result<ApiToken, PortError>> + Send;
+}
+
+/// Items of one page and, when there is more, where the next page starts (the table key).
+#[derive(Debug, Default)]
+pub struct Page {
+    pub items: Vec<Item>,
+    pub next: Option<Item>,
+}
+
+/// The settings table, read only.
+pub trait SettingsTable: Send + Sync {
+    /// Every index-settings record's shop id and live alias targets (one paginated scan).
+    fn settings_references(
+        &self,
+    ) -> impl Future<Output = Result<Vec<SettingsReference>, PortError>> + Send;
+
+    /// The `INDEX#{name}` record of an account, if there is one.
+    fn index_settings(
+        &self,
+        index: &IndexRef,
+    ) -> impl Future<Output = Result<Option<Item>, PortError>> + Send;
+
+    /// Every `INDEX#{name}#QUERY#...` record of the index.
+    fn query_configs(
+        &self,
+        index: &IndexRef,
+    ) -> impl Future<Output = Result<Vec<Item>, PortError>> + Send;
+
+    /// One page of the table (of one account's records when `account` is given), from `start`.
+    fn page(
+        &self,
+        account: Option<&str>,
+        start: Option<Item>,
+        limit: i32,
+    ) -> impl Future<Output = Result<Page, PortError>> + Send;
+}

@@ -1,0 +1,278 @@
+//! What a batch did, told three ways: the record outcomes the answer is built from, one log
+//! line per record that needs a look (and one per batch), and a CloudWatch metrics document
+//! in the Embedded Metric Format, printed to stdout where Lambda's log pipeline turns it into
+//! metrics (no client, no calls).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Map, Value};
+
+use crate::domain::{IndexRef, KvKey};
+use crate::ports::LookupCounts;
+
+pub const NAMESPACE: &str = "EcomSettingsExporter";
+
+/// Where one record ends. Every record ends in exactly one of these (docs/contract.md,
+/// "Nothing is lost").
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Planned, not yet sent: becomes `Exported` or `Failed` by its KV operations.
+    Pending,
+    /// Its KV writes and deletes are applied (or superseded by a later record of the batch).
+    Exported,
+    /// Not for KV, on purpose: default configs and foreign sort keys.
+    Skipped(String),
+    /// Permanently invalid: retrying cannot help, a fix of the item emits a new record.
+    Rejected(String),
+    /// Reported in `batchItemFailures`: Lambda retries it.
+    Failed(String),
+    /// A remove whose keys stay because live aliases point at the index.
+    Kept { referenced_by: Vec<IndexRef> },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordReport {
+    pub sequence_number: Option<String>,
+    pub index: Option<IndexRef>,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct BatchReport {
+    pub records: Vec<RecordReport>,
+    pub kv_requests: usize,
+    /// HTTP attempts beyond the first, resends of unsuccessful keys included.
+    pub kv_retries: usize,
+    pub keys_written: usize,
+    pub keys_deleted: usize,
+    pub api_keys: LookupCounts,
+    /// Seconds from each exported record's `ApproximateCreationDateTime` to its KV write.
+    pub lag_seconds: Vec<f64>,
+    /// The keys applied, per namespace, for the manual re-export's summary.
+    pub written: Vec<KvKey>,
+    pub deleted: Vec<KvKey>,
+}
+
+impl BatchReport {
+    pub fn count(&self, kind: fn(&Outcome) -> bool) -> usize {
+        self.records.iter().filter(|r| kind(&r.outcome)).count()
+    }
+
+    /// Sequence numbers Lambda must retry, in stream order.
+    pub fn failed_sequence_numbers(&self) -> Vec<String> {
+        self.records
+            .iter()
+            .filter(|r| matches!(r.outcome, Outcome::Failed(_)))
+            .filter_map(|r| r.sequence_number.clone())
+            .collect()
+    }
+
+    /// One line per rejected, failed or kept record, then one line for the batch.
+    pub fn log(&self) {
+        for record in &self.records {
+            let (account, index) = record
+                .index
+                .as_ref()
+                .map(|i| (i.account.as_str(), i.name.as_str()))
+                .unwrap_or(("?", "?"));
+            let sequence_number = record.sequence_number.as_deref().unwrap_or("?");
+            match &record.outcome {
+                Outcome::Rejected(reason) => tracing::error!(
+                    %account, %index, %sequence_number, %reason, "record rejected"
+                ),
+                Outcome::Failed(reason) => tracing::error!(
+                    %account, %index, %sequence_number, %reason, "record failed; reported for retry"
+                ),
+                Outcome::Kept { referenced_by } => {
+                    let referenced_by = referenced_by
+                        .iter()
+                        .map(|i| i.id().0)
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    tracing::warn!(
+                        %account, %index, %sequence_number, %referenced_by,
+                        "index removed but its KV keys are kept: live aliases point at it"
+                    )
+                }
+                Outcome::Skipped(reason) => {
+                    tracing::debug!(%account, %index, %sequence_number, %reason, "record skipped")
+                }
+                Outcome::Exported | Outcome::Pending => {}
+            }
+        }
+        tracing::info!(
+            records = self.records.len(),
+            exported = self.count(|o| matches!(o, Outcome::Exported)),
+            skipped = self.count(|o| matches!(o, Outcome::Skipped(_))),
+            rejected = self.count(|o| matches!(o, Outcome::Rejected(_))),
+            failed = self.count(|o| matches!(o, Outcome::Failed(_))),
+            kept = self.count(|o| matches!(o, Outcome::Kept { .. })),
+            kv_requests = self.kv_requests,
+            kv_retries = self.kv_retries,
+            keys_written = self.keys_written,
+            keys_deleted = self.keys_deleted,
+            api_key_calls = self.api_keys.calls,
+            api_key_cache_hits = self.api_keys.cache_hits,
+            "batch done"
+        );
+    }
+}
+
+/// The metrics of one batch, named as the template's alarms and dashboards use them.
+pub fn emf_document(
+    report: &BatchReport,
+    duration: Duration,
+    function_name: &str,
+    now: SystemTime,
+) -> Value {
+    let count = |kind: fn(&Outcome) -> bool| report.count(kind) as f64;
+    let mut values: Vec<(&str, &str, f64)> = vec![
+        (
+            "RecordsExported",
+            "Count",
+            count(|o| *o == Outcome::Exported),
+        ),
+        (
+            "RecordsSkipped",
+            "Count",
+            count(|o| matches!(o, Outcome::Skipped(_))),
+        ),
+        (
+            "RecordsRejected",
+            "Count",
+            count(|o| matches!(o, Outcome::Rejected(_))),
+        ),
+        (
+            "RecordsFailed",
+            "Count",
+            count(|o| matches!(o, Outcome::Failed(_))),
+        ),
+        (
+            "ProtectedRemoves",
+            "Count",
+            count(|o| matches!(o, Outcome::Kept { .. })),
+        ),
+        ("KvRequests", "Count", report.kv_requests as f64),
+        ("KvRetries", "Count", report.kv_retries as f64),
+        ("ApiKeyCalls", "Count", report.api_keys.calls as f64),
+        (
+            "ApiKeyCacheHits",
+            "Count",
+            report.api_keys.cache_hits as f64,
+        ),
+        (
+            "BatchDuration",
+            "Milliseconds",
+            duration.as_secs_f64() * 1000.0,
+        ),
+    ];
+    // Lag only exists for exported records that carry a creation time.
+    if !report.lag_seconds.is_empty() {
+        let max = report.lag_seconds.iter().cloned().fold(0.0, f64::max);
+        let mean = report.lag_seconds.iter().sum::<f64>() / report.lag_seconds.len() as f64;
+        values.push(("PropagationLagMax", "Milliseconds", max * 1000.0));
+        values.push(("PropagationLagMean", "Milliseconds", mean * 1000.0));
+    }
+    let mut document = Map::new();
+    document.insert(
+        "_aws".into(),
+        json!({
+            "Timestamp": now.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            "CloudWatchMetrics": [{
+                "Namespace": NAMESPACE,
+                "Dimensions": [["FunctionName"]],
+                "Metrics": values.iter().map(|(name, unit, _)| json!({"Name": name, "Unit": unit})).collect::<Vec<_>>(),
+            }],
+        }),
+    );
+    document.insert("FunctionName".into(), function_name.into());
+    for (name, _, value) in values {
+        document.insert(name.into(), json!(value));
+    }
+    Value::Object(document)
+}
+
+/// Prints the batch's metrics document as one stdout line.
+pub fn emit(report: &BatchReport, duration: Duration) {
+    let function_name =
+        std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "local".into());
+    println!(
+        "{}",
+        emf_document(report, duration, &function_name, SystemTime::now())
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(outcome: Outcome) -> RecordReport {
+        RecordReport {
+            sequence_number: Some("1".into()),
+            index: None,
+            outcome,
+        }
+    }
+
+    #[test]
+    fn one_document_declares_and_holds_every_metric() {
+        let report = BatchReport {
+            records: vec![
+                record(Outcome::Exported),
+                record(Outcome::Exported),
+                record(Outcome::Failed("x".into())),
+                record(Outcome::Kept {
+                    referenced_by: vec![],
+                }),
+            ],
+            kv_requests: 2,
+            kv_retries: 3,
+            lag_seconds: vec![1.0, 3.0],
+            ..BatchReport::default()
+        };
+        let doc = emf_document(
+            &report,
+            Duration::from_millis(250),
+            "dev-fn",
+            UNIX_EPOCH + Duration::from_secs(10),
+        );
+        assert_eq!(doc["_aws"]["Timestamp"], 10_000);
+        assert_eq!(doc["_aws"]["CloudWatchMetrics"][0]["Namespace"], NAMESPACE);
+        assert_eq!(doc["FunctionName"], "dev-fn");
+        assert_eq!(doc["RecordsExported"], 2.0);
+        assert_eq!(doc["RecordsFailed"], 1.0);
+        assert_eq!(doc["ProtectedRemoves"], 1.0);
+        assert_eq!(doc["KvRetries"], 3.0);
+        assert_eq!(doc["BatchDuration"], 250.0);
+        assert_eq!(doc["PropagationLagMax"], 3000.0);
+        assert_eq!(doc["PropagationLagMean"], 2000.0);
+        let declared: Vec<&str> = doc["_aws"]["CloudWatchMetrics"][0]["Metrics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["Name"].as_str().unwrap())
+            .collect();
+        for name in &declared {
+            assert!(doc.get(*name).is_some(), "{name} declared and present");
+        }
+        assert_eq!(declared.len(), 12);
+    }
+
+    #[test]
+    fn lag_is_left_out_when_no_record_has_a_creation_time() {
+        let doc = emf_document(
+            &BatchReport::default(),
+            Duration::ZERO,
+            "f",
+            SystemTime::now(),
+        );
+        assert!(doc.get("PropagationLagMax").is_none());
+        assert_eq!(
+            doc["_aws"]["CloudWatchMetrics"][0]["Metrics"]
+                .as_array()
+                .unwrap()
+                .len(),
+            10
+        );
+    }
+}

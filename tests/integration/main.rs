@@ -1,0 +1,14 @@
+//! The integration suite, one binary (one link), one module per area. Each test stands on its
+//! own table and secret in the moto server `make test` starts, its own KV emulator and
+//! API-keys stand-in (`common`).
+
+mod common;
+
+mod bad_input;
+mod demo;
+mod events;
+mod fault_matrix;
+mod lambda_runtime;
+mod operator_modes;
+mod secrets;
+mod stream_export;
