@@ -29,6 +29,8 @@ pub struct Config {
     pub api_keys_timeout: Duration,
     /// Retrying stops this long before the invocation deadline, so the batch response is sent.
     pub deadline_margin: Duration,
+    /// Cloudflare API requests per 5 minutes, per warm container (Cloudflare allows 1,200).
+    pub cloudflare_requests_per_5_minutes: u32,
 }
 
 impl Config {
@@ -88,6 +90,14 @@ impl Config {
             api_key_cache_ttl: seconds("API_KEY_CACHE_TTL_SECONDS", "60")?,
             api_keys_timeout: seconds("API_KEYS_TIMEOUT_SECONDS", "5")?,
             deadline_margin: seconds("DEADLINE_MARGIN_SECONDS", "5")?,
+            cloudflare_requests_per_5_minutes: optional("CLOUDFLARE_REQUESTS_PER_5_MINUTES", "600")
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=1200).contains(n))
+                .ok_or(ConfigError::Invalid {
+                    name: "CLOUDFLARE_REQUESTS_PER_5_MINUTES",
+                    reason: "expected a whole number from 1 to 1200".into(),
+                })?,
         })
     }
 }

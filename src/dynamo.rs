@@ -2,10 +2,8 @@
 //! index settings, query configs and alias references (docs/contract.md, "The settings table").
 
 use std::collections::HashMap;
-use std::fmt;
 
 use base64::Engine as _;
-use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_dynamo::{AttributeValue, Item};
 
@@ -50,79 +48,153 @@ pub fn string_attribute<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
     }
 }
 
-impl<'de> Deserialize<'de> for Document {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(DocumentVisitor).map(Document)
+/// Cloudflare receives numbers exactly as DynamoDB holds them: at most 38 significant digits,
+/// magnitudes from 1E-130 to under 1E+126.
+const MAX_DIGITS: usize = 38;
+const EXPONENTS: std::ops::RangeInclusive<i64> = -130..=125;
+
+/// Checks a DynamoDB number's text: JSON's number grammar, within DynamoDB's range.
+fn check_number(n: &str) -> Result<(), String> {
+    let invalid = || format!("`{n}` is not a number");
+    let unsigned = n.strip_prefix('-').unwrap_or(n);
+    let (mantissa, exponent) = match unsigned.find(['e', 'E']) {
+        Some(at) => (&unsigned[..at], Some(&unsigned[at + 1..])),
+        None => (unsigned, None),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(int) || (int.len() > 1 && int.starts_with('0')) {
+        return Err(invalid());
+    }
+    if mantissa.contains('.') && !digits(frac) {
+        return Err(invalid());
+    }
+    let exponent: i64 = match exponent {
+        None => 0,
+        Some(e) if digits(e.strip_prefix(['+', '-']).unwrap_or(e)) => {
+            e.parse().map_err(|_| invalid())?
+        }
+        Some(_) => return Err(invalid()),
+    };
+    let all: Vec<u8> = int.bytes().chain(frac.bytes()).collect();
+    let Some(first) = all.iter().position(|&b| b != b'0') else {
+        return Ok(()); // zero
+    };
+    let last = all.iter().rposition(|&b| b != b'0').unwrap_or(first);
+    let leading_power = exponent + int.len() as i64 - first as i64 - 1;
+    if last - first + 1 > MAX_DIGITS || !EXPONENTS.contains(&leading_power) {
+        return Err(format!(
+            "number `{n}` is outside DynamoDB's range (38 digits, 1E-130 to 9.99E+125)"
+        ));
+    }
+    Ok(())
+}
+
+/// Writes an attribute value as JSON: numbers verbatim, sets as arrays, binary as base64, map
+/// keys in order. `path` names the attribute in errors.
+fn write_json(value: &AttributeValue, path: &str, out: &mut String) -> Result<(), InvalidRecord> {
+    let bad = |message: String| InvalidRecord::BadAttribute {
+        path: path.to_owned(),
+        message,
+    };
+    let string = |s: &str, out: &mut String| {
+        out.push_str(&serde_json::to_string(s).expect("strings serialize"))
+    };
+    let base64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    match value {
+        AttributeValue::N(n) => {
+            check_number(n).map_err(bad)?;
+            out.push_str(n);
+        }
+        AttributeValue::S(s) => string(s, out),
+        AttributeValue::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        AttributeValue::Null(_) => out.push_str("null"),
+        AttributeValue::B(b) => string(&base64(b), out),
+        AttributeValue::M(map) => {
+            let mut names: Vec<&String> = map.keys().collect();
+            names.sort();
+            out.push('{');
+            for (i, name) in names.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                string(name, out);
+                out.push(':');
+                write_json(&map[name], &format!("{path}.{name}"), out)?;
+            }
+            out.push('}');
+        }
+        AttributeValue::L(list) => {
+            out.push('[');
+            for (i, item) in list.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_json(item, &format!("{path}[{i}]"), out)?;
+            }
+            out.push(']');
+        }
+        AttributeValue::Ss(set) => {
+            out.push('[');
+            for (i, s) in set.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                string(s, out);
+            }
+            out.push(']');
+        }
+        AttributeValue::Ns(set) => {
+            out.push('[');
+            for (i, n) in set.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                check_number(n).map_err(bad)?;
+                out.push_str(n);
+            }
+            out.push(']');
+        }
+        AttributeValue::Bs(set) => {
+            out.push('[');
+            for (i, b) in set.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                string(&base64(b), out);
+            }
+            out.push(']');
+        }
+    }
+    Ok(())
+}
+
+/// Takes an opaque document attribute out of the item; `NULL` or absent is `None`.
+fn take_document(
+    attributes: &mut HashMap<String, AttributeValue>,
+    name: &str,
+) -> Result<Option<Document>, InvalidRecord> {
+    match attributes.remove(name) {
+        None | Some(AttributeValue::Null(_)) => Ok(None),
+        Some(value) => {
+            let mut text = String::new();
+            write_json(&value, name, &mut text)?;
+            let document =
+                Document::from_json_text(text).map_err(|e| InvalidRecord::BadAttribute {
+                    path: name.to_owned(),
+                    message: e.to_string(),
+                })?;
+            Ok(Some(document))
+        }
     }
 }
 
-struct DocumentVisitor;
-
-impl<'de> Visitor<'de> for DocumentVisitor {
-    type Value = serde_json::Value;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("any DynamoDB attribute value")
-    }
-    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
-        Ok(v.into())
-    }
-    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
-        Ok(v.into())
-    }
-    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
-        Ok(v.into())
-    }
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
-        serde_json::Number::from_f64(v)
-            .map(serde_json::Value::Number)
-            .ok_or_else(|| E::custom("number outside the range of a 64-bit float"))
-    }
-    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(v.into())
-    }
-    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-        Ok(v.into())
-    }
-    fn visit_bytes<E>(self, v: &[u8]) -> Result<Self::Value, E> {
-        Ok(base64::engine::general_purpose::STANDARD.encode(v).into())
-    }
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(serde_json::Value::Null)
-    }
-    fn visit_none<E>(self) -> Result<Self::Value, E> {
-        Ok(serde_json::Value::Null)
-    }
-    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_any(self)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
-        while let Some(Document(item)) = seq.next_element()? {
-            items.push(item);
-        }
-        Ok(serde_json::Value::Array(items))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut object = serde_json::Map::new();
-        while let Some((key, Document(value))) = map.next_entry::<String, Document>()? {
-            object.insert(key, value);
-        }
-        Ok(serde_json::Value::Object(object))
-    }
-}
-
-/// The attributes of an index-settings record as stored.
+/// The typed attributes of an index-settings record as stored (documents are taken first).
 #[derive(Deserialize)]
 struct SettingsAttributes {
     index_endpoint: Option<String>,
     shop_id: Option<String>,
     cell: Option<String>,
-    search_config: Option<Document>,
-    collections_config: Option<Document>,
-    feature_flags: Option<Document>,
-    agentic_config: Option<Document>,
-    query_override_sharding: Option<Document>,
     pixel_id: Option<String>,
     index_aliases: Option<IndexAliases>,
     read_alias: Option<String>,
@@ -134,12 +206,38 @@ struct AddDocsConfig {
     index_write_aliases: Option<Vec<IndexId>>,
 }
 
-/// The parts of a settings record that other records' removal depends on.
+/// The parts of a settings record that other records' removal depends on: only `enabled` and
+/// the target ids, so a hand-edited weight cannot switch the protection off.
 #[derive(Deserialize)]
 struct ReferenceAttributes {
-    shop_id: Option<String>,
-    index_aliases: Option<IndexAliases>,
+    index_aliases: Option<ReferenceAliases>,
     read_alias: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ReferenceAliases {
+    doc_reads: Option<ReferenceReads>,
+    analytics: Option<ReferenceAnalytics>,
+}
+
+#[derive(Deserialize)]
+struct ReferenceReads {
+    #[serde(default)]
+    enabled: bool,
+    #[serde(default)]
+    targets: Vec<ReferenceTarget>,
+}
+
+#[derive(Deserialize)]
+struct ReferenceTarget {
+    index_id: IndexId,
+}
+
+#[derive(Deserialize)]
+struct ReferenceAnalytics {
+    #[serde(default)]
+    enabled: bool,
+    index_id: Option<IndexId>,
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(item: Item) -> Result<T, InvalidRecord> {
@@ -153,7 +251,14 @@ fn decode<T: for<'de> Deserialize<'de>>(item: Item) -> Result<T, InvalidRecord> 
 
 /// An `INDEX#{name}` record's attributes as the index's settings.
 pub fn index_settings(index: IndexRef, item: Item) -> Result<IndexSettings, InvalidRecord> {
-    let attrs: SettingsAttributes = decode(item)?;
+    let mut attributes = item.into_inner();
+    let mut document = |name| take_document(&mut attributes, name);
+    let search_config = document("search_config")?;
+    let collections_config = document("collections_config")?;
+    let feature_flags = document("feature_flags")?;
+    let agentic_config = document("agentic_config")?;
+    let query_override_sharding = document("query_override_sharding")?;
+    let attrs: SettingsAttributes = decode(Item::from(attributes))?;
     let index_url =
         non_empty(attrs.index_endpoint).ok_or(InvalidRecord::Missing("index_endpoint"))?;
     let aliases = attrs.index_aliases.unwrap_or_default().with_legacy(
@@ -174,11 +279,11 @@ pub fn index_settings(index: IndexRef, item: Item) -> Result<IndexSettings, Inva
         index_url,
         shop_id: non_empty(attrs.shop_id),
         cell: non_empty(attrs.cell),
-        search_config: attrs.search_config,
-        collections_config: attrs.collections_config,
-        feature_flags: attrs.feature_flags,
-        agentic_config: attrs.agentic_config,
-        query_override_sharding: attrs.query_override_sharding,
+        search_config,
+        collections_config,
+        feature_flags,
+        agentic_config,
+        query_override_sharding,
         pixel_id: attrs.pixel_id,
         aliases,
     })
@@ -194,18 +299,69 @@ pub fn shop_id_of(item: Item) -> Option<String> {
     decode::<Shop>(item).ok().and_then(|s| non_empty(s.shop_id))
 }
 
-/// What a settings record says about other indexes: its shop and live alias targets.
-pub fn settings_reference(index: IndexRef, item: Item) -> Result<SettingsReference, InvalidRecord> {
-    let attrs: ReferenceAttributes = decode(item)?;
-    let aliases = attrs
-        .index_aliases
-        .unwrap_or_default()
-        .with_legacy(attrs.read_alias, None);
-    Ok(SettingsReference {
+/// What a settings record says about other indexes: its shop and live alias targets. Fails
+/// closed: when the aliases cannot be read, every index id the record names protects its index,
+/// and the reason comes back for a warning.
+pub fn settings_reference(
+    index: IndexRef,
+    item: Item,
+) -> (SettingsReference, Option<InvalidRecord>) {
+    let shop_id = shop_id_of(item.clone());
+    let (live_targets, problem) = match decode::<ReferenceAttributes>(item.clone()) {
+        Ok(attrs) => (reference_targets(attrs), None),
+        Err(problem) => (named_index_ids(&item), Some(problem)),
+    };
+    let reference = SettingsReference {
         index,
-        shop_id: non_empty(attrs.shop_id),
-        live_targets: aliases.live_targets().cloned().collect(),
-    })
+        shop_id,
+        live_targets,
+    };
+    (reference, problem)
+}
+
+/// Enabled read targets (the legacy `read_alias` wins) and an enabled analytics target.
+fn reference_targets(attrs: ReferenceAttributes) -> Vec<IndexId> {
+    let (reads, analytics) = attrs
+        .index_aliases
+        .map_or((None, None), |a| (a.doc_reads, a.analytics));
+    let reads: Vec<IndexId> = match non_empty(attrs.read_alias) {
+        Some(legacy) => vec![IndexId(legacy)],
+        None => reads
+            .filter(|r| r.enabled)
+            .map(|r| r.targets.into_iter().map(|t| t.index_id).collect())
+            .unwrap_or_default(),
+    };
+    let analytics = analytics.filter(|a| a.enabled).and_then(|a| a.index_id);
+    reads.into_iter().chain(analytics).collect()
+}
+
+/// Every string under an `index_id` key in `index_aliases`, and `read_alias`: what an
+/// unreadable record might point at.
+fn named_index_ids(item: &Item) -> Vec<IndexId> {
+    fn walk(value: &AttributeValue, under_index_id: bool, found: &mut Vec<IndexId>) {
+        match value {
+            AttributeValue::S(s) if under_index_id && !s.is_empty() => {
+                found.push(IndexId(s.clone()))
+            }
+            AttributeValue::M(map) => {
+                for (name, value) in map {
+                    walk(value, name == "index_id", found);
+                }
+            }
+            AttributeValue::L(list) => list.iter().for_each(|v| walk(v, false, found)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    if let Some(aliases) = item.get("index_aliases") {
+        walk(aliases, false, &mut found);
+    }
+    if let Some(AttributeValue::S(legacy)) = item.get("read_alias") {
+        walk(&AttributeValue::S(legacy.clone()), true, &mut found);
+    }
+    found.sort();
+    found.dedup();
+    found
 }
 
 /// An `INDEX#{name}#QUERY#{query}` record's override.
@@ -214,13 +370,7 @@ pub fn query_config(
     query: String,
     item: Item,
 ) -> Result<QueryConfig, InvalidRecord> {
-    #[derive(Deserialize)]
-    struct Attributes {
-        query_config: Option<Document>,
-    }
-    let attrs: Attributes = decode(item)?;
-    let config = attrs
-        .query_config
+    let config = take_document(&mut item.into_inner(), "query_config")?
         .ok_or(InvalidRecord::Missing("query_config"))?;
     Ok(QueryConfig {
         index,
@@ -393,6 +543,46 @@ mod tests {
     }
 
     #[test]
+    fn numbers_reach_kv_with_every_digit_the_table_holds() {
+        let settings = index_settings(
+            products(),
+            item(json!({
+                "index_endpoint": {"S": "https://idx"},
+                "search_config": {"M": {
+                    "big": {"N": "123456789012345678901234567890"},
+                    "precise": {"N": "0.123456789012345678901234567890123456"},
+                    "small": {"N": "-1.5E-130"},
+                    "set": {"NS": ["1", "99999999999999999999999999999999999999"]}
+                }}
+            })),
+        )
+        .unwrap();
+        assert_eq!(
+            settings.search_config.unwrap().json_text(),
+            r#"{"big":123456789012345678901234567890,"precise":0.123456789012345678901234567890123456,"set":[1,99999999999999999999999999999999999999],"small":-1.5E-130}"#
+        );
+        for outside in [
+            "1234567890123456789012345678901234567890",
+            "1E+126",
+            "1e-131",
+            "01",
+            "1.",
+            "NaN",
+        ] {
+            let err = index_settings(
+                products(),
+                item(json!({"index_endpoint": {"S": "https://idx"},
+                    "feature_flags": {"L": [{"N": outside}]}})),
+            )
+            .unwrap_err();
+            assert!(
+                err.to_string().contains("feature_flags[0]"),
+                "{outside}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn negative_weights_are_rejected() {
         let err = index_settings(
             products(),
@@ -423,7 +613,7 @@ mod tests {
 
     #[test]
     fn references_apply_legacy_precedence_and_only_count_enabled_targets() {
-        let reference = settings_reference(
+        let (reference, problem) = settings_reference(
             IndexRef::new("acct-1", "front"),
             item(json!({
                 "read_alias": {"S": "acct-1-legacy"},
@@ -433,11 +623,45 @@ mod tests {
                     "analytics": {"M": {"enabled": {"BOOL": false}, "index_id": {"S": "acct-1-off"}}}
                 }}
             })),
-        )
-        .unwrap();
+        );
+        assert_eq!(problem, None);
         assert_eq!(
             reference.live_targets,
             vec![IndexId("acct-1-legacy".into())]
+        );
+    }
+
+    #[test]
+    fn an_unreadable_alias_protects_every_index_it_names() {
+        // A hand edit stored a weight as a string: the targets still protect their indexes.
+        let (reference, problem) = settings_reference(
+            IndexRef::new("acct-1", "front"),
+            item(json!({
+                "shop_id": {"S": "shop-1"},
+                "index_aliases": {"M": {
+                    "doc_reads": {"M": {"enabled": {"BOOL": true}, "targets": {"L": [
+                        {"M": {"index_id": {"S": "acct-1-a"}, "weight": {"S": "0.5"}}}]}}}
+                }}
+            })),
+        );
+        assert_eq!(problem, None, "the weight is not read for protection");
+        assert_eq!(reference.live_targets, vec![IndexId("acct-1-a".into())]);
+        assert_eq!(reference.shop_id.as_deref(), Some("shop-1"));
+
+        let (reference, problem) = settings_reference(
+            IndexRef::new("acct-1", "front"),
+            item(json!({
+                "index_aliases": {"M": {
+                    "doc_reads": {"M": {"enabled": {"S": "yes"}, "targets": {"L": [
+                        {"M": {"index_id": {"S": "acct-1-a"}}}]}}},
+                    "analytics": {"M": {"enabled": {"BOOL": false}, "index_id": {"S": "acct-1-b"}}}
+                }}
+            })),
+        );
+        assert!(problem.is_some(), "an unreadable `enabled` is reported");
+        assert_eq!(
+            reference.live_targets,
+            vec![IndexId("acct-1-a".into()), IndexId("acct-1-b".into())]
         );
     }
 

@@ -61,6 +61,7 @@ pub async fn build_exporter(config: &Config, retry: RetryPolicy) -> LambdaExport
                 account_id: config.cloudflare_account_id.clone(),
                 settings_namespace_id: config.settings_namespace_id.clone(),
                 query_config_namespace_id: config.query_config_namespace_id.clone(),
+                requests_per_5_minutes: config.cloudflare_requests_per_5_minutes,
             },
             retry,
             token,

@@ -1,6 +1,7 @@
 //! The outside world as the core sees it: one small trait per system, and one error type that
 //! says whether trying again can help. Adapters implement these; tests pass fakes.
 
+use std::collections::HashMap;
 use std::future::Future;
 
 use serde_dynamo::Item;
@@ -64,6 +65,15 @@ pub trait KvStore: Send + Sync {
         key: &str,
         deadline: Instant,
     ) -> impl Future<Output = Result<Option<String>, PortError>> + Send;
+
+    /// Reads many values with as few requests as Cloudflare allows (100 keys each); an absent
+    /// key reads as `None`.
+    fn get_many(
+        &self,
+        namespace: Namespace,
+        keys: &[String],
+        deadline: Instant,
+    ) -> impl Future<Output = Result<HashMap<String, Option<String>>, PortError>> + Send;
 
     /// Every key of the namespace that starts with `prefix`.
     fn list_keys(

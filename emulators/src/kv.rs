@@ -49,12 +49,21 @@ pub enum Fault {
         status: u16,
         #[serde(default)]
         retry_after: Option<u64>,
+        /// `Retry-After` as an HTTP date this many seconds ahead (RFC 9110's other form).
+        #[serde(default)]
+        retry_after_date: Option<u64>,
+        /// Cloudflare's `retry-after-ms` header.
+        #[serde(default)]
+        retry_after_ms: Option<u64>,
     },
     /// Wait this long before handling the request normally.
     Delay { millis: u64 },
     /// Handle a bulk write or delete, but leave out the first `count` keys and report them
     /// in `result.unsuccessful_keys`.
     UnsuccessfulKeys { count: usize },
+    /// Handle a bulk write or delete in full, but name `count` keys that were not in the
+    /// request in `result.unsuccessful_keys` (seen from Cloudflare's schema-generated mock).
+    ForeignUnsuccessfulKeys { count: usize },
 }
 
 /// A fault and how many more requests it applies to.
@@ -191,6 +200,7 @@ pub fn router(state: Shared) -> Router {
     Router::new()
         .route(&format!("{namespace}/bulk"), put(bulk_write))
         .route(&format!("{namespace}/bulk/delete"), post(bulk_delete))
+        .route(&format!("{namespace}/bulk/get"), post(bulk_get))
         .route(&format!("{namespace}/values/{{key}}"), get(read_value))
         .route(&format!("{namespace}/keys"), get(list_keys))
         .route("/__emulator/faults", post(add_fault))
@@ -266,8 +276,9 @@ impl Call<'_> {
         response
     }
 
-    /// Auth, then any injected fault. `Ok(n)` means: go on, leaving out `n` keys.
-    async fn admit(&self, headers: &HeaderMap) -> Result<usize, Response> {
+    /// Auth, then any injected fault. `Ok(n)` means: go on, leaving out `n` keys (a negative
+    /// `n`: report that many keys that were never sent).
+    async fn admit(&self, headers: &HeaderMap) -> Result<isize, Response> {
         let token = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
@@ -298,10 +309,13 @@ impl Call<'_> {
                 tokio::time::sleep(Duration::from_millis(millis)).await;
                 Ok(0)
             }
-            Some(Fault::UnsuccessfulKeys { count }) => Ok(count),
+            Some(Fault::UnsuccessfulKeys { count }) => Ok(count as isize),
+            Some(Fault::ForeignUnsuccessfulKeys { count }) => Ok(-(count as isize)),
             Some(Fault::Status {
                 status,
                 retry_after,
+                retry_after_date,
+                retry_after_ms,
             }) => {
                 let status =
                     StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -311,6 +325,18 @@ impl Call<'_> {
                     response
                         .headers_mut()
                         .insert("retry-after", HeaderValue::from(seconds));
+                }
+                if let Some(seconds) = retry_after_date {
+                    let at = std::time::SystemTime::now() + Duration::from_secs(seconds);
+                    let date = httpdate::fmt_http_date(at);
+                    response
+                        .headers_mut()
+                        .insert("retry-after", HeaderValue::from_str(&date).unwrap());
+                }
+                if let Some(millis) = retry_after_ms {
+                    response
+                        .headers_mut()
+                        .insert("retry-after-ms", HeaderValue::from(millis));
                 }
                 Err(response)
             }
@@ -322,7 +348,7 @@ impl Call<'_> {
         &self,
         headers: &HeaderMap,
         body: &Bytes,
-        apply: impl FnOnce(&Bytes, usize) -> Result<(usize, Value), (usize, ApiError)>,
+        apply: impl FnOnce(&Bytes, isize) -> Result<(usize, Value), (usize, ApiError)>,
     ) -> Response {
         let leave_out = match self.admit(headers).await {
             Ok(n) => n,
@@ -396,23 +422,26 @@ impl WritePair {
     }
 }
 
-/// Stores or removes every item but the first `leave_out`, which are reported unsuccessful.
+/// Stores or removes every item but the first `leave_out`, which are reported unsuccessful;
+/// a negative `leave_out` applies all and reports that many keys that were never sent.
 fn apply_all<T>(
     items: Vec<T>,
-    leave_out: usize,
+    leave_out: isize,
     key: impl Fn(&T) -> &str,
     mut apply: impl FnMut(T),
 ) -> Value {
     let total = items.len();
     let mut unsuccessful = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
-        if i < leave_out {
+        if (i as isize) < leave_out {
             unsuccessful.push(key(&item).to_owned());
         } else {
             apply(item);
         }
     }
-    json!({"successful_key_count": total - unsuccessful.len(), "unsuccessful_keys": unsuccessful})
+    let successful = total - unsuccessful.len();
+    unsuccessful.extend((0..-leave_out.min(0)).map(|i| format!("never-sent-{i}")));
+    json!({"successful_key_count": successful, "unsuccessful_keys": unsuccessful})
 }
 
 async fn bulk_write(
@@ -529,6 +558,84 @@ async fn read_value(
         .into_response(),
     };
     call.record(1, response)
+}
+
+/// `POST /bulk/get` body: up to 100 keys; `type` and `withMetadata` as Cloudflare takes them.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkGet {
+    keys: Vec<String>,
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default, rename = "withMetadata")]
+    with_metadata: bool,
+}
+
+/// At most 100 keys a request; absent keys read as `null`.
+const MAX_BULK_GET_KEYS: usize = 100;
+
+async fn bulk_get(
+    State(state): State<Shared>,
+    Path((account, namespace)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let call = Call {
+        state: &state,
+        method: "POST",
+        namespace: &namespace,
+        operation: "bulk/get",
+        body_bytes: body.len(),
+    };
+    if let Err(response) = call.admit(&headers).await {
+        return call.record(0, response);
+    }
+    let request: BulkGet = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            let message = format!("Invalid request body: expected {{keys: [...]}}: {e}");
+            let error = ApiError::bad_request(codes::BAD_REQUEST, message);
+            return call.record(0, error.into_response());
+        }
+    };
+    let items = request.keys.len();
+    if items == 0 || items > MAX_BULK_GET_KEYS {
+        let message = format!("keys must hold 1 to {MAX_BULK_GET_KEYS} names");
+        let error = ApiError::bad_request(codes::BAD_REQUEST, message);
+        return call.record(items, error.into_response());
+    }
+    if let Err(error) = request.keys.iter().try_for_each(|k| check_key(k)) {
+        return call.record(items, error.into_response());
+    }
+    let json = match request.kind.as_deref() {
+        None | Some("text") => false,
+        Some("json") => true,
+        Some(other) => {
+            let message = format!("type must be text or json, not {other}");
+            let error = ApiError::bad_request(codes::BAD_REQUEST, message);
+            return call.record(items, error.into_response());
+        }
+    };
+    let guard = state.lock().unwrap();
+    let ns = guard.namespaces.get(&(account, namespace.clone()));
+    let mut values = serde_json::Map::new();
+    for key in request.keys {
+        let value = ns.and_then(|ns| ns.get(&key)).map(|v| {
+            if json {
+                serde_json::from_str(v).unwrap_or(Value::Null)
+            } else {
+                Value::String(v.clone())
+            }
+        });
+        let value = match (value, request.with_metadata) {
+            (None, _) => Value::Null,
+            (Some(v), false) => v,
+            (Some(v), true) => json!({"value": v, "metadata": null, "expiration": null}),
+        };
+        values.insert(key, value);
+    }
+    drop(guard);
+    call.record(items, envelope_ok(json!({ "values": values })))
 }
 
 #[derive(Deserialize)]

@@ -9,7 +9,8 @@ usage:
       Cloudflare KV emulator; CLOUDFLARE_API_BASE_URL=http://127.0.0.1:PORT/client/v4
       Inject faults: curl -X POST localhost:PORT/__emulator/faults \\
         -d '{\"kind\":\"status\",\"status\":503,\"times\":2}'
-      (kinds: status {status, retry_after}, delay {millis}, unsuccessful_keys {count})
+      (kinds: status {status, retry_after, retry_after_date, retry_after_ms}, delay {millis},
+       unsuccessful_keys {count}, foreign_unsuccessful_keys {count})
   ecom-emulators api-keys [--port 8788] [--key ACCOUNT=KEY]...
       API keys service; API_KEYS_SERVICE_URL=http://127.0.0.1:PORT/cells/{cell}
   ecom-emulators demo [--batching-window 2] [--function target/debug/ecom-settings-exporter]

@@ -106,6 +106,8 @@ async fn injected_faults_apply_to_the_next_requests_only() {
         Fault::Status {
             status: 503,
             retry_after: Some(7),
+            retry_after_date: None,
+            retry_after_ms: None,
         },
         1,
     );
@@ -165,4 +167,59 @@ async fn key_lists_filter_by_prefix_and_page_with_a_cursor() {
     assert_eq!(pages, 3);
     assert_eq!(names.len(), 25);
     assert!(names.iter().all(|n| n.starts_with("p-")));
+}
+
+async fn bulk_get(kv: &KvEmulator, body: Value) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/accounts/a/storage/kv/namespaces/ns/bulk/get",
+            kv.base_url()
+        ))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn bulk_get_reads_up_to_a_hundred_keys_with_null_for_absent_ones() {
+    let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+    kv.insert("a", "ns", "k1", r#"{"x":1}"#);
+
+    let (status, body) = bulk_get(&kv, json!({"keys": ["k1", "k2"]})).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["result"]["values"],
+        json!({"k1": "{\"x\":1}", "k2": null})
+    );
+
+    let (_, parsed) = bulk_get(
+        &kv,
+        json!({"keys": ["k1"], "type": "json", "withMetadata": true}),
+    )
+    .await;
+    assert_eq!(parsed["result"]["values"]["k1"]["value"], json!({"x": 1}));
+
+    let many: Vec<String> = (0..101).map(|i| format!("k{i}")).collect();
+    let (status, body) = bulk_get(&kv, json!({ "keys": many })).await;
+    assert_eq!((status, code(&body)), (400, codes::BAD_REQUEST as u64));
+    let (status, _) = bulk_get(&kv, json!({"keys": ["k1"], "extra": 1})).await;
+    assert_eq!(
+        status, 400,
+        "unknown fields are refused, as the schema says"
+    );
+}
+
+#[tokio::test]
+async fn foreign_unsuccessful_keys_name_keys_the_request_never_held() {
+    let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+    kv.inject(Fault::ForeignUnsuccessfulKeys { count: 1 }, 1);
+    let (status, body) = put(&kv, pairs(2, 2, 1)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["result"]["successful_key_count"], 2);
+    assert_eq!(body["result"]["unsuccessful_keys"], json!(["never-sent-0"]));
+    assert_eq!(kv.keys("a", "ns").len(), 2);
 }

@@ -20,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
         api_keys: needs.api_keys.into_iter().map(|a| (a, Ok(ApiKey::new("fuzz-key")))).collect(),
         references: needs.references.then(|| Ok(vec![])),
         current_shops: needs.current_shops.into_iter().map(|i| (i, Ok(Some("fuzz-shop".into())))).collect(),
+        claimers: Default::default(),
     };
     let plan = plan(&records, &lookups, "default");
     assert_eq!(plan.outcomes.len(), records.len());

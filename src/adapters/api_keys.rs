@@ -113,10 +113,12 @@ impl<S: ApiKeySource> ApiKeyCache<S> {
             .map(|(key, _)| key.clone())
     }
 
-    /// One call per (cell, account) not in the cache, a few at a time.
+    /// One call per (cell, account) not in the cache (every one when `fresh`: operators must
+    /// never write a key that was rotated out), a few at a time.
     pub async fn lookup_all(
         &self,
         wanted: BTreeSet<AccountCell>,
+        fresh: bool,
     ) -> (
         HashMap<AccountCell, Result<ApiKey, PortError>>,
         LookupCounts,
@@ -125,7 +127,7 @@ impl<S: ApiKeySource> ApiKeyCache<S> {
         let mut counts = LookupCounts::default();
         let mut missing = Vec::new();
         for account in wanted {
-            match self.cached(&account) {
+            match self.cached(&account).filter(|_| !fresh) {
                 Some(key) => {
                     counts.cache_hits += 1;
                     answers.insert(account, Ok(key));
@@ -184,8 +186,12 @@ mod tests {
     #[tokio::test]
     async fn warm_invocations_reuse_keys_but_not_failures() {
         let cache = ApiKeyCache::new(Counting(AtomicUsize::new(0)), Duration::from_secs(60));
-        let (_, first) = cache.lookup_all(wanted(&["a", "b", "missing"])).await;
-        let (answers, second) = cache.lookup_all(wanted(&["a", "b", "missing"])).await;
+        let (_, first) = cache
+            .lookup_all(wanted(&["a", "b", "missing"]), false)
+            .await;
+        let (answers, second) = cache
+            .lookup_all(wanted(&["a", "b", "missing"]), false)
+            .await;
         assert_eq!(
             first,
             LookupCounts {
@@ -205,10 +211,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn fresh_lookups_skip_the_cache_and_refill_it() {
+        let cache = ApiKeyCache::new(Counting(AtomicUsize::new(0)), Duration::from_secs(60));
+        cache.lookup_all(wanted(&["a"]), false).await;
+        let (_, fresh) = cache.lookup_all(wanted(&["a"]), true).await;
+        assert_eq!(fresh.calls, 1);
+        let (_, cached) = cache.lookup_all(wanted(&["a"]), false).await;
+        assert_eq!(cached.cache_hits, 1);
+        assert_eq!(cache.source.0.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
     async fn expired_keys_are_fetched_again() {
         let cache = ApiKeyCache::new(Counting(AtomicUsize::new(0)), Duration::ZERO);
-        cache.lookup_all(wanted(&["a"])).await;
-        let (_, counts) = cache.lookup_all(wanted(&["a"])).await;
+        cache.lookup_all(wanted(&["a"]), false).await;
+        let (_, counts) = cache.lookup_all(wanted(&["a"]), false).await;
         assert_eq!(counts.calls, 1);
     }
 

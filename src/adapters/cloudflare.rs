@@ -11,7 +11,8 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::domain::kv::KvRequest;
+use super::pacing::Pacer;
+use crate::domain::kv::{KvRequest, MAX_BULK_GET_KEYS};
 use crate::domain::{ApiToken, Namespace};
 use crate::ports::{KeyFailures, KvCounters, KvStore, PortError, TokenSource};
 
@@ -53,6 +54,8 @@ pub struct CloudflareConfig {
     pub account_id: String,
     pub settings_namespace_id: String,
     pub query_config_namespace_id: String,
+    /// Requests this client may make per 5 minutes (Cloudflare allows 1,200 per token).
+    pub requests_per_5_minutes: u32,
 }
 
 pub struct CloudflareKv<T> {
@@ -62,6 +65,7 @@ pub struct CloudflareKv<T> {
     tokens: T,
     /// The token in use; refetched once when Cloudflare rejects it (a rotation).
     token: Mutex<Option<ApiToken>>,
+    pacer: Pacer,
     attempts: AtomicUsize,
     retries: AtomicUsize,
 }
@@ -103,6 +107,17 @@ struct ResultInfo {
     cursor: Option<String>,
 }
 
+/// `POST /bulk/get` with `type: text`: each key's value, `null` when absent.
+#[derive(Deserialize)]
+struct BulkGetAnswer {
+    result: BulkGetResult,
+}
+
+#[derive(Deserialize)]
+struct BulkGetResult {
+    values: std::collections::HashMap<String, Option<String>>,
+}
+
 #[derive(Deserialize, Default)]
 struct BulkResult {
     #[serde(default)]
@@ -138,14 +153,28 @@ fn describe(status: StatusCode, body: &str) -> String {
     }
 }
 
+/// How long the server asks us to wait: Cloudflare's `retry-after-ms`, or `Retry-After` as
+/// seconds or as an HTTP date (both forms RFC 9110 allows).
 fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
-    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?;
-    value
-        .trim()
-        .parse::<f64>()
-        .ok()
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
+    let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
+    let seconds = |value: &str, scale: f64| {
+        value
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(|s| Duration::from_secs_f64(s * scale))
+    };
+    if let Some(wait) = text("retry-after-ms").and_then(|v| seconds(v, 0.001)) {
+        return Some(wait);
+    }
+    let value = text(header::RETRY_AFTER.as_str())?;
+    seconds(value, 1.0).or_else(|| {
+        let at = httpdate::parse_http_date(value).ok()?;
+        Some(
+            at.duration_since(std::time::SystemTime::now())
+                .unwrap_or_default(),
+        )
+    })
 }
 
 impl<T: TokenSource> CloudflareKv<T> {
@@ -156,6 +185,7 @@ impl<T: TokenSource> CloudflareKv<T> {
             .expect("a TLS backend is compiled in");
         Self {
             http,
+            pacer: Pacer::new(config.requests_per_5_minutes),
             config,
             retry,
             tokens,
@@ -222,7 +252,20 @@ impl<T: TokenSource> CloudflareKv<T> {
                     "the invocation deadline is near; not sent".into(),
                 ));
             }
-            let timeout = self.retry.request_timeout.min(deadline - now);
+            if let Err(wait) = self.pacer.acquire(deadline).await {
+                // A lockout (or the budget) outlasts this invocation: spend it waiting rather
+                // than burning one of Lambda's retries at once.
+                tokio::time::sleep_until(deadline).await;
+                return Err(PortError::Transient(format!(
+                    "Cloudflare's rate limit holds requests for {} s more; waited until the invocation deadline",
+                    wait.as_secs()
+                )));
+            }
+            let now = Instant::now();
+            let timeout = self
+                .retry
+                .request_timeout
+                .min(deadline.saturating_duration_since(now));
             let refresh_now = std::mem::take(&mut refresh);
             // The SDK already retried Secrets Manager: without a token, give up at once.
             let token = self.token(refresh_now).await?;
@@ -245,7 +288,7 @@ impl<T: TokenSource> CloudflareKv<T> {
                 let body = response.text().await.map_err(|e| transport_error(&e))?;
                 Ok::<_, String>((status, wait, body))
             };
-            let (reason, wait) = match attempt.await {
+            let (reason, wait, locked_out) = match attempt.await {
                 Ok((status, _, _))
                     if (status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN)
                         && !refreshed =>
@@ -259,13 +302,17 @@ impl<T: TokenSource> CloudflareKv<T> {
                     refresh = true;
                     continue;
                 }
-                Ok((status, wait, body))
-                    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS =>
-                {
-                    (describe(status, &body), wait)
+                Ok((status, wait, body)) if status == StatusCode::TOO_MANY_REQUESTS => {
+                    if let Some(wait) = wait {
+                        self.pacer.block_for(wait).await;
+                    }
+                    (describe(status, &body), wait, true)
+                }
+                Ok((status, wait, body)) if status.is_server_error() => {
+                    (describe(status, &body), wait, false)
                 }
                 Ok((status, _, body)) => return Ok(Answer { status, body }),
-                Err(reason) => (reason, None),
+                Err(reason) => (reason, None, false),
             };
             if retries >= self.retry.max_retries {
                 return Err(PortError::Transient(format!(
@@ -274,6 +321,13 @@ impl<T: TokenSource> CloudflareKv<T> {
             }
             let delay = wait.unwrap_or_else(|| self.retry.backoff(retries));
             if Instant::now() + delay >= deadline {
+                if locked_out {
+                    tokio::time::sleep_until(deadline).await;
+                    return Err(PortError::Transient(format!(
+                        "{reason}; rate limited for {} s, waited until the invocation deadline",
+                        delay.as_secs()
+                    )));
+                }
                 return Err(PortError::Transient(format!(
                     "{reason}; stopped retrying to answer before the invocation deadline"
                 )));
@@ -316,7 +370,19 @@ impl<T: TokenSource> CloudflareKv<T> {
             if !answer.status.is_success() || !envelope.success {
                 return Err(failed(refused(answer.status, &answer.body)));
             }
-            let unsuccessful = envelope.result.unwrap_or_default().unsuccessful_keys;
+            let reported = envelope.result.unwrap_or_default().unsuccessful_keys;
+            let sent: std::collections::HashSet<&str> = pending.keys().into_iter().collect();
+            let (unsuccessful, foreign): (Vec<String>, Vec<String>) = reported
+                .into_iter()
+                .partition(|key| sent.contains(key.as_str()));
+            if !foreign.is_empty() {
+                // Nothing to resend for keys we never sent; say so once.
+                tracing::warn!(
+                    count = foreign.len(),
+                    keys = %foreign.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+                    "Cloudflare reported unsuccessful keys that were not in the request; ignored"
+                );
+            }
             if unsuccessful.is_empty() {
                 return Ok(());
             }
@@ -385,6 +451,34 @@ impl<T: TokenSource> KvStore for CloudflareKv<T> {
             StatusCode::NOT_FOUND => Ok(None),
             status => Err(refused(status, &answer.body)),
         }
+    }
+
+    async fn get_many(
+        &self,
+        namespace: Namespace,
+        keys: &[String],
+        deadline: Instant,
+    ) -> Result<std::collections::HashMap<String, Option<String>>, PortError> {
+        let url = self.namespace_url(namespace, &["bulk", "get"]);
+        let mut values = std::collections::HashMap::with_capacity(keys.len());
+        for chunk in keys.chunks(MAX_BULK_GET_KEYS) {
+            let body = serde_json::to_vec(&serde_json::json!({"keys": chunk, "type": "text"}))
+                .expect("strings serialize");
+            let answer = self
+                .call(Method::POST, &url, Some(Bytes::from(body)), deadline)
+                .await?;
+            if !answer.status.is_success() {
+                return Err(refused(answer.status, &answer.body));
+            }
+            let page: BulkGetAnswer = serde_json::from_str(&answer.body).map_err(|e| {
+                PortError::Transient(format!("unreadable bulk get answer from Cloudflare: {e}"))
+            })?;
+            for key in chunk {
+                let value = page.result.values.get(key).cloned().flatten();
+                values.insert(key.clone(), value);
+            }
+        }
+        Ok(values)
     }
 
     async fn list_keys(

@@ -50,6 +50,8 @@ impl SettingsTable for DynamoSettingsTable {
                 .table_name(&self.table_name)
                 .filter_expression("begins_with(sk, :index) AND NOT contains(sk, :query)")
                 .projection_expression("pk, sk, shop_id, read_alias, index_aliases")
+                // A remove must see every alias written before it.
+                .consistent_read(true)
                 .expression_attribute_values(":index", AttributeValue::S("INDEX#".into()))
                 .expression_attribute_values(":query", AttributeValue::S("#QUERY#".into()))
                 .set_exclusive_start_key(start_key)
@@ -68,13 +70,12 @@ impl SettingsTable for DynamoSettingsTable {
                     continue;
                 };
                 let index = IndexRef::new(pk, name);
-                match settings_reference(index.clone(), item) {
-                    Ok(reference) => references.push(reference),
-                    Err(e) => {
-                        tracing::warn!(account = %index.account, index = %index.name, reason = %e,
-                        "settings record cannot be read for alias safety; it protects nothing")
-                    }
+                let (reference, problem) = settings_reference(index.clone(), item);
+                if let Some(problem) = problem {
+                    tracing::warn!(account = %index.account, index = %index.name, reason = %problem,
+                        "settings record's aliases cannot be read; every index id it names stays protected");
                 }
+                references.push(reference);
             }
             match page.last_evaluated_key {
                 Some(key) if !key.is_empty() => start_key = Some(key),

@@ -54,6 +54,19 @@ impl KvStore for MemoryKv {
         Ok(self.values.lock().unwrap().get(key).cloned())
     }
 
+    async fn get_many(
+        &self,
+        _: Namespace,
+        keys: &[String],
+        _: Instant,
+    ) -> Result<HashMap<String, Option<String>>, PortError> {
+        let values = self.values.lock().unwrap();
+        Ok(keys
+            .iter()
+            .map(|k| (k.clone(), values.get(k).cloned()))
+            .collect())
+    }
+
     async fn list_keys(
         &self,
         _: Namespace,

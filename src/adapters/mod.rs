@@ -5,4 +5,5 @@ pub mod cloudflare;
 pub mod dynamodb;
 #[cfg(test)]
 pub mod memory;
+pub mod pacing;
 pub mod secrets_manager;

@@ -14,6 +14,8 @@ pub const MAX_KEY_BYTES: usize = 512;
 pub const MAX_VALUE_BYTES: usize = 25 * 1024 * 1024;
 /// Pairs (or keys) in one bulk write (or delete).
 pub const MAX_BULK_ITEMS: usize = 10_000;
+/// Keys in one bulk read.
+pub const MAX_BULK_GET_KEYS: usize = 100;
 /// Cloudflare: "the entire request size must be less than 100 megabytes".
 pub const MAX_BULK_BYTES: usize = 100_000_000;
 
@@ -52,6 +54,14 @@ impl KvKey {
     /// An index's own settings key, `{system_account_id}-{index_name}`.
     pub fn index(index: &IndexRef) -> Self {
         Self::settings(index.id().0)
+    }
+
+    /// A key of the query-config namespace, by name.
+    pub fn query_config_named(key: &str) -> Self {
+        Self {
+            namespace: Namespace::QueryConfigs,
+            key: key.to_owned(),
+        }
     }
 
     /// `qcfg-{system_account_id}-{index_name}-{sha256(normalized query) as lower hex}`.

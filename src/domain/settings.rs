@@ -9,10 +9,34 @@ use super::secrets::ApiKey;
 /// Version of the KV value layout; the proxy tolerates unknown fields, so additions keep it.
 pub const SCHEMA_VERSION: u32 = 1;
 
-/// An opaque document exported as JSON unchanged (decoded from DynamoDB by [`crate::dynamo`]).
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+/// An opaque document exported as JSON unchanged, kept as JSON text so that numbers keep
+/// every digit the table holds (decoded from DynamoDB by [`crate::dynamo`]).
+#[derive(Clone, Debug, Serialize)]
 #[serde(transparent)]
-pub struct Document(pub serde_json::Value);
+pub struct Document(Box<serde_json::value::RawValue>);
+
+impl Document {
+    /// JSON text that is known to be valid (written by the decoder).
+    pub fn from_json_text(text: String) -> Result<Self, serde_json::Error> {
+        serde_json::value::RawValue::from_string(text).map(Document)
+    }
+
+    pub fn json_text(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for Document {
+    fn eq(&self, other: &Self) -> bool {
+        self.json_text() == other.json_text()
+    }
+}
+
+impl From<serde_json::Value> for Document {
+    fn from(value: serde_json::Value) -> Self {
+        Document(serde_json::value::to_raw_value(&value).expect("a JSON value serializes"))
+    }
+}
 
 /// `index_aliases.doc_reads`: where the proxy sends search and collection reads.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::{flag, OperatorError, Text};
 use crate::domain::{IndexRef, KvAction};
-use crate::pipeline::exporter::{Exporter, Prepared};
+use crate::pipeline::exporter::{ApiKeys, Exporter, Prepared};
 use crate::ports::{ApiKeySource, KvStore, SettingsTable};
 use crate::report::{BatchReport, Outcome, RecordReport};
 
@@ -179,9 +179,15 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
             })?;
         tally.items += page.records.len();
         let report = if request.dry_run {
-            dry_report(exporter.prepare(page.records, deadline).await)
+            dry_report(
+                exporter
+                    .prepare(page.records, ApiKeys::Fresh, deadline)
+                    .await,
+            )
         } else {
-            exporter.export(page.records, deadline).await
+            exporter
+                .export(page.records, ApiKeys::Fresh, deadline)
+                .await
         };
         report.log();
         tally.keys_written += report.keys_written;

@@ -9,8 +9,8 @@ use tokio::time::Instant;
 
 use super::{ensure_exported, ensure_ready, flag, IndexTarget, KeyChanges, OperatorError, Text};
 use crate::domain::kv::{is_query_config_key_of, query_config_prefix};
-use crate::domain::{KvAction, KvKey, Namespace};
-use crate::pipeline::exporter::Exporter;
+use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
+use crate::pipeline::exporter::{ApiKeys, Exporter};
 use crate::pipeline::plan::PlannedOp;
 use crate::ports::{ApiKeySource, KvStore, SettingsTable};
 
@@ -81,6 +81,17 @@ pub struct Answer {
     pub repaired: Option<KeyChanges>,
 }
 
+/// Whether a query-config value was written for this index.
+fn owned_by(value: &str, index: &IndexRef) -> bool {
+    #[derive(Deserialize)]
+    struct Owner {
+        system_account_id: String,
+        index_name: String,
+    }
+    serde_json::from_str::<Owner>(value)
+        .is_ok_and(|o| o.system_account_id == index.account && o.index_name == index.name)
+}
+
 /// The top-level fields whose values differ (the API key counts as a field, never shown).
 fn stale_fields(expected: &str, actual: &str) -> Option<Vec<String>> {
     let expected: Value = serde_json::from_str(expected).unwrap_or(Value::Null);
@@ -116,7 +127,7 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
     );
     let index = &target.index;
     let records = target.records(exporter).await?;
-    let mut prepared = exporter.prepare(records, deadline).await;
+    let mut prepared = exporter.prepare(records, ApiKeys::Fresh, deadline).await;
     ensure_ready(index, &prepared)?;
 
     let expected: BTreeMap<KvKey, String> = prepared
@@ -155,16 +166,28 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
             .map_err(|e| {
                 OperatorError::export_failed(index, format!("listing query-config keys: {e}"))
             })?;
-        for key in listed
+        // The prefix is shared with other indexes ((a-1, x) and (a, 1-x)): a key is this
+        // index's only when its value says so.
+        let candidates: Vec<String> = listed
             .into_iter()
             .filter(|k| is_query_config_key_of(index, k))
-        {
-            drift
-                .entry(KvKey {
-                    namespace: Namespace::QueryConfigs,
-                    key,
-                })
-                .or_insert(Drift::Unexpected);
+            .filter(|k| !expected.contains_key(&KvKey::query_config_named(k)))
+            .collect();
+        let values = exporter
+            .read_many(Namespace::QueryConfigs, &candidates, deadline)
+            .await
+            .map_err(|e| {
+                OperatorError::export_failed(index, format!("reading query-config keys: {e}"))
+            })?;
+        for key in candidates {
+            if values
+                .get(&key)
+                .cloned()
+                .flatten()
+                .is_some_and(|v| owned_by(&v, index))
+            {
+                drift.insert(KvKey::query_config_named(&key), Drift::Unexpected);
+            }
         }
     }
 
@@ -237,6 +260,14 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_query_config_belongs_to_the_index_its_value_names() {
+        let value = r#"{"schema_version": 1, "system_account_id": "acct", "index_name": "1-x"}"#;
+        assert!(owned_by(value, &IndexRef::new("acct", "1-x")));
+        assert!(!owned_by(value, &IndexRef::new("acct-1", "x")));
+        assert!(!owned_by("not json", &IndexRef::new("acct", "1-x")));
+    }
 
     #[test]
     fn stale_values_name_the_fields_that_differ() {

@@ -30,7 +30,7 @@ pub fn chunk_pairs(pairs: Vec<KvPair>) -> Vec<Vec<KvPair>> {
 }
 
 /// All the requests a plan needs: per namespace, bulk writes and bulk deletes.
-pub fn requests(ops: &BTreeMap<KvKey, PlannedOp>) -> Vec<KvRequest> {
+pub fn requests<'a>(ops: impl IntoIterator<Item = (&'a KvKey, &'a PlannedOp)>) -> Vec<KvRequest> {
     let mut puts: BTreeMap<Namespace, Vec<KvPair>> = BTreeMap::new();
     let mut deletes: BTreeMap<Namespace, Vec<String>> = BTreeMap::new();
     for (key, op) in ops {

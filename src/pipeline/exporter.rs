@@ -1,7 +1,7 @@
 //! The exporter core: looks up what a batch needs, plans it, sends the KV requests and decides
 //! every record's outcome. The stream handler and the manual re-export both go through here.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use futures::StreamExt as _;
 use serde_dynamo::Item;
@@ -10,11 +10,13 @@ use tokio::time::Instant;
 use crate::adapters::api_keys::ApiKeyCache;
 use crate::domain::kv::KvRequest;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
+use crate::dynamo;
 use crate::pipeline::bulk;
 use crate::pipeline::plan::{self, Lookups};
 use crate::pipeline::records::{decode_item, decode_record, ChangeRecord};
 use crate::ports::{
-    ApiKeySource, KeyFailures, KvCounters, KvStore, LookupCounts, PortError, SettingsTable,
+    AccountCell, ApiKeySource, KeyFailures, KvCounters, KvStore, LookupCounts, PortError,
+    SettingsTable,
 };
 use crate::report::{BatchReport, Outcome, RecordReport};
 
@@ -34,6 +36,15 @@ pub struct Exporter<K, A, T> {
     api_keys: ApiKeyCache<A>,
     table: T,
     options: ExportOptions,
+}
+
+/// Whether API keys may come from the short cache across warm invocations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiKeys {
+    /// The stream path: a key fetched a moment ago is reused.
+    Cached,
+    /// The operator modes: always fetched, so a rotated-out key is never written.
+    Fresh,
 }
 
 /// One page of the table, decoded, and where the next one starts.
@@ -71,20 +82,37 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
             .into_iter()
             .map(|r| decode_record(r, &self.options.default_configs_sk))
             .collect();
-        self.export(records, deadline).await
+        self.export(records, ApiKeys::Cached, deadline).await
     }
 
-    pub async fn export(&self, records: Vec<ChangeRecord>, deadline: Instant) -> BatchReport {
-        let prepared = self.prepare(records, deadline).await;
+    pub async fn export(
+        &self,
+        records: Vec<ChangeRecord>,
+        keys: ApiKeys,
+        deadline: Instant,
+    ) -> BatchReport {
+        let prepared = self.prepare(records, keys, deadline).await;
         self.apply(prepared, deadline).await
     }
 
     /// Everything but the KV writes: lookups and the plan. A dry run stops here.
-    pub async fn prepare(&self, records: Vec<ChangeRecord>, deadline: Instant) -> Prepared {
+    pub async fn prepare(
+        &self,
+        records: Vec<ChangeRecord>,
+        keys: ApiKeys,
+        deadline: Instant,
+    ) -> Prepared {
         let cell = &self.options.default_cell;
-        let needs = plan::needs(&records, cell);
-        let (lookups, api_keys) = self.look_up(needs, deadline).await;
-        let plan = plan::plan(&records, &lookups, cell);
+        let (mut lookups, mut api_keys) = self.look_up(&records, keys, deadline).await;
+        let mut plan = plan::plan(&records, &lookups, cell);
+        if !plan.claimers_wanted.is_empty() {
+            // A shop key another index claims is repointed: read those indexes, plan again.
+            let wanted = std::mem::take(&mut plan.claimers_wanted);
+            api_keys = self
+                .look_up_claimers(wanted, &mut lookups, keys, api_keys)
+                .await;
+            plan = plan::plan(&records, &lookups, cell);
+        }
         for (owner, note) in &plan.notes {
             let index = records[*owner].index.as_ref();
             tracing::info!(
@@ -100,7 +128,10 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
         }
     }
 
-    /// Sends the plan's operations and decides every record's outcome.
+    /// Sends the plan's operations and decides every record's outcome. Old shop keys go first:
+    /// an index whose old shop key could not be deleted keeps its own key as it was, so the
+    /// replay of its record still learns the old shop from it (docs/contract.md, "Nothing is
+    /// lost").
     pub async fn apply(&self, prepared: Prepared, deadline: Instant) -> BatchReport {
         let Prepared {
             records,
@@ -108,9 +139,40 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
             api_keys,
         } = prepared;
         let mut outcomes = plan.outcomes;
-        let requests = bulk::requests(&plan.ops);
         let before = self.kv.counters();
-        let failures = self.send_all(&requests, deadline).await;
+        let old_shop_keys: HashSet<&KvKey> = plan.old_shops.iter().map(|(key, _)| key).collect();
+        let first = bulk::requests(
+            plan.ops
+                .iter()
+                .filter(|(key, _)| old_shop_keys.contains(key)),
+        );
+        let mut failures = self.send_all(&first, deadline).await;
+        let failed_deletes: HashSet<(Namespace, &str)> = failures
+            .iter()
+            .flat_map(|(ns, f)| f.keys.iter().map(move |k| (*ns, k.as_str())))
+            .collect();
+        let withheld: HashMap<KvKey, String> = plan
+            .old_shops
+            .iter()
+            .filter(|(shop, _)| failed_deletes.contains(&(shop.namespace, shop.key.as_str())))
+            .map(|(shop, index)| (KvKey::index(index), shop.key.clone()))
+            .collect();
+        let rest = bulk::requests(
+            plan.ops
+                .iter()
+                .filter(|(key, _)| !old_shop_keys.contains(key) && !withheld.contains_key(key)),
+        );
+        failures.extend(self.send_all(&rest, deadline).await);
+        let withheld_error = |shop: &str| {
+            PortError::Transient(format!(
+                "not sent: the old shop key `{shop}` was not deleted, and a retry must still find it here"
+            ))
+        };
+        let withheld_errors: Vec<(KvKey, PortError)> = withheld
+            .iter()
+            .map(|(key, shop)| (key.clone(), withheld_error(shop)))
+            .collect();
+        let requests_sent = first.len() + rest.len();
         let KvCounters { retries, .. } = self.kv.counters();
         let applied_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -124,10 +186,15 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
                     .iter()
                     .map(move |key| ((*namespace, key.as_str()), &failure.error))
             })
+            .chain(
+                withheld_errors
+                    .iter()
+                    .map(|(key, error)| ((key.namespace, key.key.as_str()), error)),
+            )
             .collect();
 
         let mut report = BatchReport {
-            kv_requests: requests.len(),
+            kv_requests: requests_sent,
             kv_retries: retries - before.retries,
             api_keys,
             ..BatchReport::default()
@@ -232,6 +299,19 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
             .await
     }
 
+    /// Reads many values, 100 keys a request; an absent key reads as `None`.
+    pub async fn read_many(
+        &self,
+        namespace: Namespace,
+        keys: &[String],
+        deadline: Instant,
+    ) -> Result<HashMap<String, Option<String>>, PortError> {
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        self.kv.get_many(namespace, keys, deadline).await
+    }
+
     /// Every key of a namespace that starts with `prefix`.
     pub async fn list_keys(
         &self,
@@ -242,9 +322,18 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
         self.kv.list_keys(namespace, prefix, deadline).await
     }
 
-    /// API keys, the table scan and current shop ids, all at once.
-    async fn look_up(&self, needs: plan::Needs, deadline: Instant) -> (Lookups, LookupCounts) {
-        let api_keys = self.api_keys.lookup_all(needs.api_keys);
+    /// API keys, the table scan and current shop ids, all at once; then the scan, if a shop
+    /// read from KV shows that a shop moved.
+    async fn look_up(
+        &self,
+        records: &[ChangeRecord],
+        keys: ApiKeys,
+        deadline: Instant,
+    ) -> (Lookups, LookupCounts) {
+        let needs = plan::needs(records, &self.options.default_cell);
+        let api_keys = self
+            .api_keys
+            .lookup_all(needs.api_keys, keys == ApiKeys::Fresh);
         let references = async {
             if needs.references {
                 Some(self.table.settings_references().await)
@@ -252,24 +341,83 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
                 None
             }
         };
-        let current_shops = futures::stream::iter(needs.current_shops)
-            .map(|index| async move {
-                let key = KvKey::index(&index);
-                let value = self.kv.get(key.namespace, &key.key, deadline).await;
-                (index, value.map(|v| v.and_then(|v| shop_in_kv_value(&v))))
-            })
-            .buffer_unordered(CONCURRENT_KV_REQUESTS)
-            .collect::<HashMap<_, _>>();
+        let current_shops = self.current_shops(needs.current_shops, deadline);
         let ((api_keys, counts), references, current_shops) =
             tokio::join!(api_keys, references, current_shops);
-        (
-            Lookups {
-                api_keys,
-                references,
-                current_shops,
-            },
-            counts,
-        )
+        let mut lookups = Lookups {
+            api_keys,
+            references,
+            current_shops,
+            claimers: HashMap::new(),
+        };
+        if lookups.references.is_none() && plan::shop_moves(records, &lookups) {
+            lookups.references = Some(self.table.settings_references().await);
+        }
+        (lookups, counts)
+    }
+
+    /// The shop ids in the indexes' current KV values, read 100 keys a request.
+    async fn current_shops(
+        &self,
+        indexes: BTreeSet<IndexRef>,
+        deadline: Instant,
+    ) -> HashMap<IndexRef, Result<Option<String>, PortError>> {
+        if indexes.is_empty() {
+            return HashMap::new();
+        }
+        let keys: Vec<String> = indexes.iter().map(|i| KvKey::index(i).key).collect();
+        let values = self.kv.get_many(Namespace::Settings, &keys, deadline).await;
+        indexes
+            .into_iter()
+            .zip(keys)
+            .map(|(index, key)| {
+                let shop = match &values {
+                    Ok(values) => Ok(values
+                        .get(&key)
+                        .cloned()
+                        .flatten()
+                        .and_then(|v| shop_in_kv_value(&v))),
+                    Err(error) => Err(error.clone()),
+                };
+                (index, shop)
+            })
+            .collect()
+    }
+
+    /// Reads the indexes that claim a shop key, and the API keys their values need.
+    async fn look_up_claimers(
+        &self,
+        claimers: BTreeSet<IndexRef>,
+        lookups: &mut Lookups,
+        keys: ApiKeys,
+        mut counts: LookupCounts,
+    ) -> LookupCounts {
+        let read: Vec<_> = futures::stream::iter(claimers)
+            .map(|index| async move {
+                let settings = self.table.index_settings(&index).await.map(|item| {
+                    item.and_then(|item| dynamo::index_settings(index.clone(), item).ok())
+                });
+                (index, settings)
+            })
+            .buffer_unordered(CONCURRENT_KV_REQUESTS)
+            .collect()
+            .await;
+        let cell = &self.options.default_cell;
+        let wanted: BTreeSet<AccountCell> = read
+            .iter()
+            .filter_map(|(_, settings)| settings.as_ref().ok()?.as_ref())
+            .map(|s| plan::account_cell(&s.index.account, s.cell.as_deref(), cell))
+            .filter(|ac| !lookups.api_keys.contains_key(ac))
+            .collect();
+        let (api_keys, more) = self
+            .api_keys
+            .lookup_all(wanted, keys == ApiKeys::Fresh)
+            .await;
+        lookups.api_keys.extend(api_keys);
+        lookups.claimers.extend(read);
+        counts.calls += more.calls;
+        counts.cache_hits += more.cache_hits;
+        counts
     }
 
     async fn send_all(

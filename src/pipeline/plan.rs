@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::domain::kv::{check_key, check_put};
-use crate::domain::{ApiKey, IndexRef, KvAction, KvKey, SettingsReference};
+use crate::domain::{ApiKey, IndexRef, IndexSettings, KvAction, KvKey, SettingsReference};
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::{AccountCell, PortError};
 use crate::report::Outcome;
@@ -26,16 +26,20 @@ pub struct Needs {
     pub api_keys: BTreeSet<AccountCell>,
     /// A scan of the table for alias targets and shop ids (removes, shop changes).
     pub references: bool,
-    /// Indexes whose current KV value must tell their shop id (removes from `NEW_IMAGE` streams).
+    /// Indexes whose current KV value must tell their shop id (removes and modifies from
+    /// `NEW_IMAGE` streams that no earlier record of the batch speaks for).
     pub current_shops: BTreeSet<IndexRef>,
 }
 
-/// The answers to [`Needs`].
+/// The answers to [`Needs`], and to what a first plan asked for (claimers of shop keys).
 #[derive(Debug, Default)]
 pub struct Lookups {
     pub api_keys: HashMap<AccountCell, Result<ApiKey, PortError>>,
     pub references: Option<Result<Vec<SettingsReference>, PortError>>,
     pub current_shops: HashMap<IndexRef, Result<Option<String>, PortError>>,
+    /// The current settings of indexes that claim a shop key another index gave up
+    /// (`None`: no such record any more).
+    pub claimers: HashMap<IndexRef, Result<Option<IndexSettings>, PortError>>,
 }
 
 #[derive(Debug, Default)]
@@ -44,13 +48,18 @@ pub struct Plan {
     pub outcomes: Vec<Outcome>,
     /// Informational remarks per record, for the log.
     pub notes: Vec<(usize, String)>,
+    /// Old shop keys deleted, with the index that gave each up. Until such a delete lands, the
+    /// index's own key keeps its old value: a replay reads the old shop from it.
+    pub old_shops: Vec<(KvKey, IndexRef)>,
+    /// Indexes whose settings must be read (and the plan made again) to repoint a shop key.
+    pub claimers_wanted: BTreeSet<IndexRef>,
 }
 
 /// Where the shop id an index had before a record comes from.
 #[derive(Clone, Debug, PartialEq)]
 enum ShopSource {
     Known(Option<String>),
-    /// Only a remove from a `NEW_IMAGE` stream: read it from the index's current KV value.
+    /// A `NEW_IMAGE` stream: read it from the index's current KV value.
     CurrentKv,
 }
 
@@ -66,9 +75,11 @@ fn previous_shops(records: &[ChangeRecord]) -> Vec<Option<ShopSource>> {
             }) => {
                 let source = match previous_shop {
                     PreviousShop::Known(shop) => Some(ShopSource::Known(shop.clone())),
-                    PreviousShop::Unknown => last_in_batch
-                        .get(&settings.index)
-                        .map(|shop| ShopSource::Known(shop.clone())),
+                    PreviousShop::Unknown => Some(match last_in_batch.get(&settings.index) {
+                        Some(shop) => ShopSource::Known(shop.clone()),
+                        None => ShopSource::CurrentKv,
+                    }),
+                    PreviousShop::NotAsked => None,
                 };
                 last_in_batch.insert(&settings.index, settings.shop_id.clone());
                 source
@@ -79,10 +90,12 @@ fn previous_shops(records: &[ChangeRecord]) -> Vec<Option<ShopSource>> {
             }) => {
                 let source = match previous_shop {
                     PreviousShop::Known(shop) => ShopSource::Known(shop.clone()),
-                    PreviousShop::Unknown => match last_in_batch.get(index) {
-                        Some(shop) => ShopSource::Known(shop.clone()),
-                        None => ShopSource::CurrentKv,
-                    },
+                    PreviousShop::Unknown | PreviousShop::NotAsked => {
+                        match last_in_batch.get(index) {
+                            Some(shop) => ShopSource::Known(shop.clone()),
+                            None => ShopSource::CurrentKv,
+                        }
+                    }
                 };
                 last_in_batch.insert(index, None);
                 Some(source)
@@ -92,7 +105,7 @@ fn previous_shops(records: &[ChangeRecord]) -> Vec<Option<ShopSource>> {
         .collect()
 }
 
-fn account_cell(account: &str, cell: Option<&str>, default_cell: &str) -> AccountCell {
+pub fn account_cell(account: &str, cell: Option<&str>, default_cell: &str) -> AccountCell {
     AccountCell {
         cell: cell.unwrap_or(default_cell).to_owned(),
         account: account.to_owned(),
@@ -110,8 +123,14 @@ pub fn needs(records: &[ChangeRecord], default_cell: &str) -> Needs {
                     settings.cell.as_deref(),
                     default_cell,
                 ));
-                if let Some(ShopSource::Known(Some(old))) = shop {
-                    needs.references |= settings.shop_id.as_ref() != Some(&old);
+                match shop {
+                    Some(ShopSource::Known(Some(old))) => {
+                        needs.references |= settings.shop_id.as_ref() != Some(&old);
+                    }
+                    Some(ShopSource::CurrentKv) => {
+                        needs.current_shops.insert(settings.index.clone());
+                    }
+                    _ => {}
                 }
             }
             (Ok(Change::RemoveIndex { index, .. }), shop) => {
@@ -126,26 +145,42 @@ pub fn needs(records: &[ChangeRecord], default_cell: &str) -> Needs {
     needs
 }
 
+/// Whether a shop id read from KV shows a shop change, so the table must be scanned for who
+/// else claims the old shop (asked once the current shops are known).
+pub fn shop_moves(records: &[ChangeRecord], lookups: &Lookups) -> bool {
+    records
+        .iter()
+        .zip(previous_shops(records))
+        .any(|(record, shop)| match (&record.decoded, shop) {
+            (Ok(Change::UpsertIndex { settings, .. }), Some(ShopSource::CurrentKv)) => {
+                matches!(lookups.current_shops.get(&settings.index),
+                    Some(Ok(Some(old))) if settings.shop_id.as_ref() != Some(old))
+            }
+            _ => false,
+        })
+}
+
 /// Turns records and their lookups into one operation per KV key and an outcome per record.
 pub fn plan(records: &[ChangeRecord], lookups: &Lookups, default_cell: &str) -> Plan {
     let mut plan = Plan::default();
     for (owner, (record, shop)) in records.iter().zip(previous_shops(records)).enumerate() {
-        let mut ops = Vec::new();
+        let mut planner = RecordPlanner {
+            owner,
+            lookups,
+            default_cell,
+            notes: &mut plan.notes,
+            claimers_wanted: &mut plan.claimers_wanted,
+            ops: Vec::new(),
+            old_shops: Vec::new(),
+        };
         let outcome = match &record.decoded {
             Err(ended) => ended.clone(),
-            Ok(change) => {
-                let planner = RecordPlanner {
-                    owner,
-                    lookups,
-                    notes: &mut plan.notes,
-                    ops: &mut ops,
-                };
-                match planner.change(change, shop, default_cell) {
-                    Ok(()) => Outcome::Pending,
-                    Err(outcome) => outcome,
-                }
-            }
+            Ok(change) => match planner.change(change, shop) {
+                Ok(()) => Outcome::Pending,
+                Err(outcome) => outcome,
+            },
         };
+        let RecordPlanner { ops, old_shops, .. } = planner;
         let outcome = match (outcome, check_limits(&ops)) {
             (Outcome::Pending, Err(reason)) => Outcome::Rejected(reason),
             (outcome, _) => outcome,
@@ -158,6 +193,7 @@ pub fn plan(records: &[ChangeRecord], lookups: &Lookups, default_cell: &str) -> 
                 // A later record's operation on the same key replaces this one.
                 plan.ops.insert(key, PlannedOp { action, owner });
             }
+            plan.old_shops.extend(old_shops);
         }
         plan.outcomes.push(outcome);
     }
@@ -167,43 +203,25 @@ pub fn plan(records: &[ChangeRecord], lookups: &Lookups, default_cell: &str) -> 
 struct RecordPlanner<'a> {
     owner: usize,
     lookups: &'a Lookups,
+    default_cell: &'a str,
     notes: &'a mut Vec<(usize, String)>,
-    ops: &'a mut Vec<(KvKey, KvAction)>,
+    claimers_wanted: &'a mut BTreeSet<IndexRef>,
+    ops: Vec<(KvKey, KvAction)>,
+    old_shops: Vec<(KvKey, IndexRef)>,
 }
 
 impl<'a> RecordPlanner<'a> {
-    fn change(
-        mut self,
-        change: &Change,
-        shop: Option<ShopSource>,
-        default_cell: &str,
-    ) -> Result<(), Outcome> {
+    fn change(&mut self, change: &Change, shop: Option<ShopSource>) -> Result<(), Outcome> {
         match change {
             Change::UpsertIndex { settings, .. } => {
-                let wanted = account_cell(
-                    &settings.index.account,
-                    settings.cell.as_deref(),
-                    default_cell,
-                );
-                let api_key = match self.lookups.api_keys.get(&wanted) {
-                    Some(Ok(key)) => key,
-                    Some(Err(PortError::Permanent(reason))) => {
-                        return Err(Outcome::Rejected(reason.clone()))
-                    }
-                    Some(Err(PortError::Transient(reason))) => {
-                        return Err(Outcome::Failed(reason.clone()))
-                    }
-                    None => return Err(Outcome::Failed("API key was not looked up".into())),
-                };
-                let value = serde_json::to_string(&settings.kv_value(api_key))
-                    .map_err(|e| Outcome::Rejected(format!("cannot serialize settings: {e}")))?;
-                let index_key = KvKey::index(&settings.index);
+                let value = self.settings_value(settings)?;
                 if let Some(shop_id) = &settings.shop_id {
                     self.ops
                         .push((KvKey::settings(shop_id), KvAction::Put(value.clone())));
                 }
-                self.ops.push((index_key, KvAction::Put(value)));
-                if let Some(ShopSource::Known(Some(old))) = shop {
+                self.ops
+                    .push((KvKey::index(&settings.index), KvAction::Put(value)));
+                if let Some(old) = self.old_shop(&settings.index, shop)? {
                     if settings.shop_id.as_ref() != Some(&old) {
                         self.delete_shop(&settings.index, &old)?;
                     }
@@ -222,20 +240,7 @@ impl<'a> RecordPlanner<'a> {
                     return Err(Outcome::Kept { referenced_by });
                 }
                 self.ops.push((KvKey::index(index), KvAction::Delete));
-                let old_shop = match shop {
-                    Some(ShopSource::Known(shop)) => shop,
-                    Some(ShopSource::CurrentKv) => match self.lookups.current_shops.get(index) {
-                        Some(Ok(shop)) => shop.clone(),
-                        Some(Err(reason)) => {
-                            return Err(Outcome::Failed(format!(
-                                "cannot read the current shop id from KV: {reason}"
-                            )))
-                        }
-                        None => return Err(Outcome::Failed("current shop id was not read".into())),
-                    },
-                    None => None,
-                };
-                if let Some(old) = old_shop {
+                if let Some(old) = self.old_shop(index, shop)? {
                     self.delete_shop(index, &old)?;
                 }
                 Ok(())
@@ -258,6 +263,44 @@ impl<'a> RecordPlanner<'a> {
         }
     }
 
+    /// The value under an index's keys, with its account's API key.
+    fn settings_value(&self, settings: &IndexSettings) -> Result<String, Outcome> {
+        let wanted = account_cell(
+            &settings.index.account,
+            settings.cell.as_deref(),
+            self.default_cell,
+        );
+        let api_key = match self.lookups.api_keys.get(&wanted) {
+            Some(Ok(key)) => key,
+            Some(Err(PortError::Permanent(reason))) => {
+                return Err(Outcome::Rejected(reason.clone()))
+            }
+            Some(Err(PortError::Transient(reason))) => return Err(Outcome::Failed(reason.clone())),
+            None => return Err(Outcome::Failed("API key was not looked up".into())),
+        };
+        serde_json::to_string(&settings.kv_value(api_key))
+            .map_err(|e| Outcome::Rejected(format!("cannot serialize settings: {e}")))
+    }
+
+    /// The shop the index had before this record: from the stream, or its current KV value.
+    fn old_shop(
+        &self,
+        index: &IndexRef,
+        shop: Option<ShopSource>,
+    ) -> Result<Option<String>, Outcome> {
+        match shop {
+            Some(ShopSource::Known(shop)) => Ok(shop),
+            Some(ShopSource::CurrentKv) => match self.lookups.current_shops.get(index) {
+                Some(Ok(shop)) => Ok(shop.clone()),
+                Some(Err(reason)) => Err(Outcome::Failed(format!(
+                    "cannot read the current shop id from KV: {reason}"
+                ))),
+                None => Err(Outcome::Failed("current shop id was not read".into())),
+            },
+            None => Ok(None),
+        }
+    }
+
     fn references(&self) -> Result<&'a [SettingsReference], Outcome> {
         match &self.lookups.references {
             Some(Ok(references)) => Ok(references),
@@ -268,22 +311,49 @@ impl<'a> RecordPlanner<'a> {
         }
     }
 
-    /// A shop key another index now claims belongs to that index: it is not deleted.
+    /// The index gave up `shop`. Nobody else claims it: deleted. Another index claims it: it
+    /// now holds that index's value, so it never routes to the one that left.
     fn delete_shop(&mut self, index: &IndexRef, shop: &str) -> Result<(), Outcome> {
-        let claimed_by = self
+        let claimer = self
             .references()?
             .iter()
-            .find(|r| &r.index != index && r.shop_id.as_deref() == Some(shop));
-        match claimed_by {
-            Some(other) => self.notes.push((
-                self.owner,
-                format!(
-                    "shop key `{shop}` kept: index {} claims it now",
-                    other.index
-                ),
-            )),
-            None => self.ops.push((KvKey::settings(shop), KvAction::Delete)),
-        }
+            .filter(|r| &r.index != index && r.shop_id.as_deref() == Some(shop))
+            .map(|r| &r.index)
+            .min();
+        let Some(claimer) = claimer else {
+            let key = KvKey::settings(shop);
+            self.ops.push((key.clone(), KvAction::Delete));
+            self.old_shops.push((key, index.clone()));
+            return Ok(());
+        };
+        let note = match self.lookups.claimers.get(claimer) {
+            None => {
+                // A first plan: the claimer's settings are read, and the plan made again.
+                self.claimers_wanted.insert(claimer.clone());
+                return Err(Outcome::Failed(format!(
+                    "index {claimer} claims shop key `{shop}`: its settings were not read"
+                )));
+            }
+            Some(Err(reason)) => {
+                return Err(Outcome::Failed(format!(
+                    "cannot read index {claimer}, which claims shop key `{shop}`: {reason}"
+                )))
+            }
+            Some(Ok(Some(settings))) if settings.shop_id.as_deref() == Some(shop) => {
+                match self.settings_value(settings) {
+                    Ok(value) => {
+                        self.ops.push((KvKey::settings(shop), KvAction::Put(value)));
+                        format!("shop key `{shop}` now serves index {claimer}, which claims it")
+                    }
+                    Err(Outcome::Rejected(reason)) => format!(
+                        "shop key `{shop}` kept: index {claimer} claims it but cannot be exported: {reason}"
+                    ),
+                    Err(outcome) => return Err(outcome),
+                }
+            }
+            Some(Ok(_)) => format!("shop key `{shop}` kept: index {claimer} claimed it"),
+        };
+        self.notes.push((self.owner, note));
         Ok(())
     }
 }
@@ -375,6 +445,7 @@ mod tests {
                 .into_iter()
                 .map(|i| (i, Ok(None)))
                 .collect(),
+            claimers: HashMap::new(),
         }
     }
 
@@ -428,7 +499,14 @@ mod tests {
 
     #[test]
     fn a_remove_after_an_upsert_in_the_batch_deletes_both_keys() {
-        let records = vec![upsert(1, "products", Some("shop-1")), remove(2, "products")];
+        let mut records = vec![upsert(1, "products", Some("shop-1")), remove(2, "products")];
+        records[0] = stream_record(
+            1,
+            "INSERT",
+            "INDEX#products",
+            Some(index_image("products", Some("shop-1"))),
+            None,
+        );
         let lookups = key_lookups(&records);
         assert!(
             lookups.current_shops.is_empty(),
@@ -520,12 +598,81 @@ mod tests {
             shop_id: Some("shop-old".into()),
             live_targets: vec![],
         }]));
+        let first = plan(&records, &lookups, CELL);
+        assert_eq!(
+            first.claimers_wanted.iter().collect::<Vec<_>>(),
+            [&IndexRef::new("acct-1", "products-v2")],
+            "the claimer's settings are asked for"
+        );
+        assert!(matches!(first.outcomes[0], Outcome::Failed(_)));
+
+        let claimer = stream_record(
+            2,
+            "INSERT",
+            "INDEX#products-v2",
+            Some(index_image("products-v2", Some("shop-old"))),
+            None,
+        );
+        let Ok(Change::UpsertIndex { settings, .. }) = claimer.decoded else {
+            panic!("an index")
+        };
+        lookups
+            .claimers
+            .insert(settings.index.clone(), Ok(Some(*settings)));
         let claimed = plan(&records, &lookups, CELL);
         assert_eq!(
             keys(&claimed),
-            [("acct-1-products", true), ("shop-new", true)]
+            [
+                ("acct-1-products", true),
+                ("shop-new", true),
+                ("shop-old", true)
+            ]
         );
+        assert_eq!(put_value(&claimed, "shop-old")["index_name"], "products-v2");
         assert_eq!(claimed.notes.len(), 1);
+        assert_eq!(claimed.outcomes, [Outcome::Pending]);
+    }
+
+    #[test]
+    fn a_modify_from_a_new_image_stream_reads_the_old_shop_from_kv() {
+        let records = vec![
+            upsert(1, "products", Some("shop-new")),
+            upsert(2, "other", None),
+        ];
+        let needs = needs(&records, CELL);
+        assert_eq!(
+            needs.current_shops.len(),
+            2,
+            "one read each, no earlier record speaks"
+        );
+        assert!(!needs.references, "no shop move known yet");
+        let mut lookups = key_lookups(&records);
+        lookups.current_shops.insert(
+            IndexRef::new("acct-1", "products"),
+            Ok(Some("shop-old".into())),
+        );
+        assert!(
+            shop_moves(&records, &lookups),
+            "the read shows a move: scan"
+        );
+        lookups.references = Some(Ok(vec![]));
+        let plan = plan(&records, &lookups, CELL);
+        assert_eq!(
+            keys(&plan),
+            [
+                ("acct-1-other", true),
+                ("acct-1-products", true),
+                ("shop-new", true),
+                ("shop-old", false)
+            ]
+        );
+        assert_eq!(
+            plan.old_shops,
+            [(
+                KvKey::settings("shop-old"),
+                IndexRef::new("acct-1", "products")
+            )]
+        );
     }
 
     #[test]
@@ -588,7 +735,7 @@ mod tests {
         let config = QueryConfig {
             index: IndexRef::new("acct-1", "products"),
             query: "chaussures #été".into(),
-            config: Document(json!({"boost": 2})),
+            config: Document::from(json!({"boost": 2})),
         };
         let records = vec![ChangeRecord {
             sequence_number: Some("1".into()),

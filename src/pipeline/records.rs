@@ -14,8 +14,10 @@ use crate::report::Outcome;
 pub enum PreviousShop {
     /// From the record's old image (or there was no previous item: an INSERT).
     Known(Option<String>),
-    /// A `NEW_IMAGE` stream: the old image is not carried.
+    /// A `NEW_IMAGE` stream: the old image is not carried. The index's current KV value tells.
     Unknown,
+    /// A table item (re-export, backfill): write-only, nothing is deleted.
+    NotAsked,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -214,7 +216,7 @@ pub fn decode_item(
         SortKey::Query { index, query } => (index, Some(query)),
     };
     let index = IndexRef::new(pk, name);
-    let decoded = decode_upsert(index.clone(), query, item, PreviousShop::Unknown);
+    let decoded = decode_upsert(index.clone(), query, item, PreviousShop::NotAsked);
     record(Some(index), decoded)
 }
 

@@ -6,6 +6,7 @@ mod common;
 
 mod bad_input;
 mod demo;
+mod divergence;
 mod events;
 mod fault_matrix;
 mod lambda_runtime;

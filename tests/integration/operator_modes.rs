@@ -131,9 +131,24 @@ async fn verify_finds_each_drift_kind_and_repair_fixes_it() {
     h.kv.remove(CF_ACCOUNT, SETTINGS_NS, "acct-1-products");
     h.kv.remove(CF_ACCOUNT, QCFG_NS, &qcfg_key("acct-1", "products", "été"));
     let orphan = qcfg_key("acct-1", "products", "deleted query");
-    h.kv.insert(CF_ACCOUNT, QCFG_NS, &orphan, "{}");
+    let written_for = |index: &str, query: &str| {
+        json!({"schema_version": 1, "system_account_id": "acct-1", "index_name": index,
+               "query": query, "config": {}})
+        .to_string()
+    };
+    h.kv.insert(
+        CF_ACCOUNT,
+        QCFG_NS,
+        &orphan,
+        &written_for("products", "deleted query"),
+    );
     let other_index = qcfg_key("acct-1", "products-v2", "x"); // shares the prefix, not the index
-    h.kv.insert(CF_ACCOUNT, QCFG_NS, &other_index, "{}");
+    h.kv.insert(
+        CF_ACCOUNT,
+        QCFG_NS,
+        &other_index,
+        &written_for("products-v2", "x"),
+    );
 
     let mut verify = index.clone();
     verify["mode"] = json!("verify");

@@ -34,6 +34,8 @@ async fn neither_token_nor_api_key_appears_anywhere_but_kv() {
         Fault::Status {
             status: 503,
             retry_after: None,
+            retry_after_date: None,
+            retry_after_ms: None,
         },
         1,
     );
@@ -41,6 +43,8 @@ async fn neither_token_nor_api_key_appears_anywhere_but_kv() {
         Fault::Status {
             status: 400,
             retry_after: None,
+            retry_after_date: None,
+            retry_after_ms: None,
         },
         1,
     );
@@ -86,6 +90,8 @@ async fn neither_token_nor_api_key_appears_anywhere_but_kv() {
         Fault::Status {
             status: 400,
             retry_after: None,
+            retry_after_date: None,
+            retry_after_ms: None,
         },
         1,
     );
@@ -108,6 +114,7 @@ async fn neither_token_nor_api_key_appears_anywhere_but_kv() {
         .exporter
         .prepare(
             decoded,
+            ecom_settings_exporter::pipeline::exporter::ApiKeys::Cached,
             tokio::time::Instant::now() + Duration::from_secs(10),
         )
         .await;

@@ -280,7 +280,8 @@ async fn new_image_streams_read_the_shop_from_kv_on_remove() {
     let response = h.export_stream().await;
 
     assert_eq!(response, json!({"batchItemFailures": []}));
-    assert_eq!(h.kv_calls("values"), 1, "one read of the current value");
+    assert_eq!(h.kv_calls("bulk/get"), 1, "one read of the current value");
+    assert_eq!(h.kv_calls("values"), 0);
     assert_eq!(h.settings("acct-1-products"), None);
     assert_eq!(h.settings("shop-1"), None);
 }
