@@ -37,7 +37,9 @@ impl From<HandlerError> for Diagnostic {
             | HandlerError::Operator(OperatorError::InvalidField { .. }) => "InvalidPayload",
             HandlerError::Operator(OperatorError::NoSuchIndex { .. }) => "NoSuchIndex",
             HandlerError::Operator(
-                OperatorError::ExportFailed { .. } | OperatorError::BackfillFailed { .. },
+                OperatorError::ExportFailed { .. }
+                | OperatorError::BackfillFailed { .. }
+                | OperatorError::ReconcileFailed { .. },
             )
             | HandlerError::UnreportableFailure => "ExportFailed",
             HandlerError::Config(_) => "ConfigError",

@@ -42,6 +42,21 @@ pub struct KeyFailures {
     pub error: PortError,
 }
 
+/// A key as listed: its name and the metadata it was written with.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct ListedKey {
+    pub name: String,
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// One page of a key listing; `cursor` is where the next starts (`None` after the last).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KeyPage {
+    pub keys: Vec<ListedKey>,
+    pub cursor: Option<String>,
+}
+
 /// Running totals of a KV client; a batch's share is the difference of two readings.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct KvCounters {
@@ -75,13 +90,39 @@ pub trait KvStore: Send + Sync {
         deadline: Instant,
     ) -> impl Future<Output = Result<HashMap<String, Option<String>>, PortError>> + Send;
 
+    /// One page (up to `limit` names, 10 to 1,000, in order, with their metadata) of the keys
+    /// that start with `prefix`, from `cursor`.
+    fn list_page(
+        &self,
+        namespace: Namespace,
+        prefix: &str,
+        cursor: Option<&str>,
+        limit: u32,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<KeyPage, PortError>> + Send;
+
     /// Every key of the namespace that starts with `prefix`.
     fn list_keys(
         &self,
         namespace: Namespace,
         prefix: &str,
         deadline: Instant,
-    ) -> impl Future<Output = Result<Vec<String>, PortError>> + Send;
+    ) -> impl Future<Output = Result<Vec<String>, PortError>> + Send {
+        async move {
+            let mut keys = Vec::new();
+            let mut cursor = None;
+            loop {
+                let page = self
+                    .list_page(namespace, prefix, cursor.as_deref(), 1000, deadline)
+                    .await?;
+                keys.extend(page.keys.into_iter().map(|k| k.name));
+                match page.cursor {
+                    Some(next) => cursor = Some(next),
+                    None => return Ok(keys),
+                }
+            }
+        }
+    }
 
     /// HTTP attempts and retries so far (for metrics); stores without them count nothing.
     fn counters(&self) -> KvCounters {

@@ -173,6 +173,16 @@ pub fn emf_document(
         values.push(("PropagationLagMax", "Milliseconds", max * 1000.0));
         values.push(("PropagationLagMean", "Milliseconds", mean * 1000.0));
     }
+    metrics_document(&values, function_name, now)
+}
+
+/// An EMF document holding `values` (name, unit, value), in the namespace the template's
+/// alarms and dashboard read.
+pub fn metrics_document(
+    values: &[(&str, &str, f64)],
+    function_name: &str,
+    now: SystemTime,
+) -> Value {
     let mut document = Map::new();
     document.insert(
         "_aws".into(),
@@ -187,18 +197,47 @@ pub fn emf_document(
     );
     document.insert("FunctionName".into(), function_name.into());
     for (name, _, value) in values {
-        document.insert(name.into(), json!(value));
+        document.insert((*name).into(), json!(value));
     }
     Value::Object(document)
 }
 
-/// Prints the batch's metrics document as one stdout line.
-pub fn emit(report: &BatchReport, duration: Duration) {
-    let function_name =
-        std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "local".into());
+fn function_name() -> String {
+    std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "local".into())
+}
+
+/// A reconcile's findings, per class over both namespaces, and what it repaired.
+pub fn reconcile_metrics(
+    classes: &[(&str, usize)],
+    drift: usize,
+    repaired: usize,
+) -> Vec<(String, f64)> {
+    let mut values: Vec<(String, f64)> = classes
+        .iter()
+        .map(|(class, n)| (format!("Reconcile{class}"), *n as f64))
+        .collect();
+    values.push(("ReconcileDriftFound".into(), drift as f64));
+    values.push(("ReconcileRepaired".into(), repaired as f64));
+    values
+}
+
+/// Prints a reconcile's metrics document as one stdout line.
+pub fn emit_reconcile(values: &[(String, f64)]) {
+    let values: Vec<(&str, &str, f64)> = values
+        .iter()
+        .map(|(name, value)| (name.as_str(), "Count", *value))
+        .collect();
     println!(
         "{}",
-        emf_document(report, duration, &function_name, SystemTime::now())
+        metrics_document(&values, &function_name(), SystemTime::now())
+    );
+}
+
+/// Prints the batch's metrics document as one stdout line.
+pub fn emit(report: &BatchReport, duration: Duration) {
+    println!(
+        "{}",
+        emf_document(report, duration, &function_name(), SystemTime::now())
     );
 }
 
@@ -256,6 +295,34 @@ mod tests {
             assert!(doc.get(*name).is_some(), "{name} declared and present");
         }
         assert_eq!(declared.len(), 12);
+    }
+
+    #[test]
+    fn reconcile_metrics_name_each_class_the_drift_and_the_repairs() {
+        let values = reconcile_metrics(&[("Missing", 2), ("Stale", 1)], 3, 3);
+        let names: Vec<&str> = values.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "ReconcileMissing",
+                "ReconcileStale",
+                "ReconcileDriftFound",
+                "ReconcileRepaired"
+            ]
+        );
+        let document = metrics_document(
+            &values
+                .iter()
+                .map(|(n, v)| (n.as_str(), "Count", *v))
+                .collect::<Vec<_>>(),
+            "f",
+            UNIX_EPOCH,
+        );
+        assert_eq!(document["ReconcileDriftFound"], 3.0);
+        assert_eq!(
+            document["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Name"],
+            "ReconcileMissing"
+        );
     }
 
     #[test]

@@ -96,6 +96,8 @@ pub struct RequestRecord {
 pub struct KvState {
     /// (account, namespace) -> key -> value.
     namespaces: HashMap<(String, String), BTreeMap<String, String>>,
+    /// (account, namespace) -> key -> metadata, for keys written with some.
+    metadata: HashMap<(String, String), HashMap<String, Value>>,
     tokens: HashSet<String>,
     faults: VecDeque<InjectedFault>,
     requests: Vec<RequestRecord>,
@@ -156,21 +158,50 @@ impl KvEmulator {
             .unwrap_or_default()
     }
 
+    /// Writes a value as a hand edit would: without metadata.
     pub fn insert(&self, account: &str, namespace: &str, key: &str, value: &str) {
+        self.insert_with_metadata(account, namespace, key, value, None);
+    }
+
+    pub fn insert_with_metadata(
+        &self,
+        account: &str,
+        namespace: &str,
+        key: &str,
+        value: &str,
+        metadata: Option<Value>,
+    ) {
         let mut state = self.state.lock().unwrap();
+        let ns = (account.to_owned(), namespace.to_owned());
         state
             .namespaces
-            .entry((account.to_owned(), namespace.to_owned()))
+            .entry(ns.clone())
             .or_default()
             .insert(key.to_owned(), value.to_owned());
+        let meta = state.metadata.entry(ns).or_default();
+        match metadata {
+            Some(metadata) => meta.insert(key.to_owned(), metadata),
+            None => meta.remove(key),
+        };
+    }
+
+    /// The metadata a key was written with.
+    pub fn metadata(&self, account: &str, namespace: &str, key: &str) -> Option<Value> {
+        let state = self.state.lock().unwrap();
+        state
+            .metadata
+            .get(&(account.to_owned(), namespace.to_owned()))?
+            .get(key)
+            .cloned()
     }
 
     pub fn remove(&self, account: &str, namespace: &str, key: &str) -> Option<String> {
         let mut state = self.state.lock().unwrap();
-        state
-            .namespaces
-            .get_mut(&(account.to_owned(), namespace.to_owned()))?
-            .remove(key)
+        let ns = (account.to_owned(), namespace.to_owned());
+        if let Some(meta) = state.metadata.get_mut(&ns) {
+            meta.remove(key);
+        }
+        state.namespaces.get_mut(&ns)?.remove(key)
     }
 
     pub fn inject(&self, fault: Fault, times: usize) {
@@ -401,7 +432,12 @@ struct WritePair {
     value: String,
     #[serde(default)]
     base64: bool,
+    #[serde(default)]
+    metadata: Option<Value>,
 }
+
+/// Cloudflare: "the metadata ... must not exceed 1024 bytes" (serialized JSON).
+pub const MAX_METADATA_BYTES: usize = 1024;
 
 impl WritePair {
     fn check(&self) -> Result<(), ApiError> {
@@ -416,6 +452,15 @@ impl WritePair {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 codes::VALUE_TOO_LARGE,
                 "Values must be at most 25 MiB",
+            ));
+        }
+        let metadata_bytes = self.metadata.as_ref().map_or(0, |m| {
+            serde_json::to_string(m).map_or(usize::MAX, |s| s.len())
+        });
+        if metadata_bytes > MAX_METADATA_BYTES {
+            return Err(ApiError::bad_request(
+                codes::BAD_REQUEST,
+                format!("Metadata must be at most {MAX_METADATA_BYTES} bytes"),
             ));
         }
         Ok(())
@@ -469,15 +514,23 @@ async fn bulk_write(
             .try_for_each(WritePair::check)
             .map_err(|e| (items, e))?;
         let mut guard = state.lock().unwrap();
-        let ns = guard
-            .namespaces
-            .entry((account, namespace.clone()))
-            .or_default();
+        let KvState {
+            namespaces,
+            metadata,
+            ..
+        } = &mut *guard;
+        let id = (account, namespace.clone());
+        let ns = namespaces.entry(id.clone()).or_default();
+        let meta = metadata.entry(id).or_default();
         let result = apply_all(
             pairs,
             leave_out,
             |p| &p.key,
             |p| {
+                match p.metadata {
+                    Some(m) => meta.insert(p.key.clone(), m),
+                    None => meta.remove(&p.key),
+                };
                 ns.insert(p.key, p.value);
             },
         );
@@ -510,15 +563,20 @@ async fn bulk_delete(
             .try_for_each(|k| check_key(k))
             .map_err(|e| (items, e))?;
         let mut guard = state.lock().unwrap();
-        let ns = guard
-            .namespaces
-            .entry((account, namespace.clone()))
-            .or_default();
+        let KvState {
+            namespaces,
+            metadata,
+            ..
+        } = &mut *guard;
+        let id = (account, namespace.clone());
+        let ns = namespaces.entry(id.clone()).or_default();
+        let meta = metadata.entry(id).or_default();
         let result = apply_all(
             keys,
             leave_out,
             |k| k,
             |k| {
+                meta.remove(&k);
                 ns.remove(&k);
             },
         );
@@ -617,7 +675,9 @@ async fn bulk_get(
         }
     };
     let guard = state.lock().unwrap();
-    let ns = guard.namespaces.get(&(account, namespace.clone()));
+    let id = (account, namespace.clone());
+    let ns = guard.namespaces.get(&id);
+    let meta = guard.metadata.get(&id);
     let mut values = serde_json::Map::new();
     for key in request.keys {
         let value = ns.and_then(|ns| ns.get(&key)).map(|v| {
@@ -630,7 +690,10 @@ async fn bulk_get(
         let value = match (value, request.with_metadata) {
             (None, _) => Value::Null,
             (Some(v), false) => v,
-            (Some(v), true) => json!({"value": v, "metadata": null, "expiration": null}),
+            (Some(v), true) => {
+                let metadata = meta.and_then(|m| m.get(&key)).cloned();
+                json!({"value": v, "metadata": metadata, "expiration": null})
+            }
         };
         values.insert(key, value);
     }
@@ -672,11 +735,12 @@ async fn list_keys(
         return call.record(0, error.into_response());
     }
     let after = query.cursor.unwrap_or_default();
-    let names: Vec<String> = state
-        .lock()
-        .unwrap()
+    let guard = state.lock().unwrap();
+    let id = (account, namespace.clone());
+    let meta = guard.metadata.get(&id);
+    let names: Vec<String> = guard
         .namespaces
-        .get(&(account, namespace.clone()))
+        .get(&id)
         .map(|ns| {
             ns.keys()
                 .filter(|k| {
@@ -695,7 +759,14 @@ async fn list_keys(
     } else {
         String::new()
     };
-    let result: Vec<Value> = page.iter().map(|k| json!({"name": k})).collect();
+    let result: Vec<Value> = page
+        .iter()
+        .map(|k| match meta.and_then(|m| m.get(*k)) {
+            Some(metadata) => json!({"name": k, "metadata": metadata}),
+            None => json!({"name": k}),
+        })
+        .collect();
+    drop(guard);
     let count = result.len();
     let body = json!({"success": true, "errors": [], "messages": [], "result": result,
         "result_info": {"count": count, "cursor": cursor}});

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::pacing::Pacer;
 use crate::domain::kv::{KvRequest, MAX_BULK_GET_KEYS};
 use crate::domain::{ApiToken, Namespace};
-use crate::ports::{KeyFailures, KvCounters, KvStore, PortError, TokenSource};
+use crate::ports::{KeyFailures, KeyPage, KvCounters, KvStore, ListedKey, PortError, TokenSource};
 
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
@@ -89,16 +89,11 @@ struct EnvelopeError {
 
 /// `GET /keys`: one page of names, and the cursor of the next page ("" at the end).
 #[derive(Deserialize)]
-struct KeyPage {
+struct ListAnswer {
     #[serde(default)]
-    result: Vec<KeyName>,
+    result: Vec<ListedKey>,
     #[serde(default)]
     result_info: Option<ResultInfo>,
-}
-
-#[derive(Deserialize)]
-struct KeyName {
-    name: String,
 }
 
 #[derive(Deserialize)]
@@ -481,34 +476,34 @@ impl<T: TokenSource> KvStore for CloudflareKv<T> {
         Ok(values)
     }
 
-    async fn list_keys(
+    async fn list_page(
         &self,
         namespace: Namespace,
         prefix: &str,
+        cursor: Option<&str>,
+        limit: u32,
         deadline: Instant,
-    ) -> Result<Vec<String>, PortError> {
-        let mut keys = Vec::new();
-        let mut cursor = String::new();
-        loop {
-            let mut url = self.namespace_url(namespace, &["keys"]);
-            url.query_pairs_mut()
-                .append_pair("prefix", prefix)
-                .append_pair("limit", "1000");
-            if !cursor.is_empty() {
-                url.query_pairs_mut().append_pair("cursor", &cursor);
-            }
-            let answer = self.call(Method::GET, &url, None, deadline).await?;
-            if !answer.status.is_success() {
-                return Err(refused(answer.status, &answer.body));
-            }
-            let page: KeyPage = serde_json::from_str(&answer.body).map_err(|e| {
-                PortError::Transient(format!("unreadable key list from Cloudflare: {e}"))
-            })?;
-            keys.extend(page.result.into_iter().map(|k| k.name));
-            match page.result_info.and_then(|i| i.cursor) {
-                Some(next) if !next.is_empty() => cursor = next,
-                _ => return Ok(keys),
-            }
+    ) -> Result<KeyPage, PortError> {
+        let mut url = self.namespace_url(namespace, &["keys"]);
+        url.query_pairs_mut()
+            .append_pair("prefix", prefix)
+            .append_pair("limit", &limit.clamp(10, 1000).to_string());
+        if let Some(cursor) = cursor.filter(|c| !c.is_empty()) {
+            url.query_pairs_mut().append_pair("cursor", cursor);
         }
+        let answer = self.call(Method::GET, &url, None, deadline).await?;
+        if !answer.status.is_success() {
+            return Err(refused(answer.status, &answer.body));
+        }
+        let page: ListAnswer = serde_json::from_str(&answer.body).map_err(|e| {
+            PortError::Transient(format!("unreadable key list from Cloudflare: {e}"))
+        })?;
+        Ok(KeyPage {
+            keys: page.result,
+            cursor: page
+                .result_info
+                .and_then(|i| i.cursor)
+                .filter(|c| !c.is_empty()),
+        })
     }
 }

@@ -11,7 +11,8 @@ use tokio::time::Instant;
 use crate::domain::kv::KvRequest;
 use crate::domain::{ApiKey, IndexRef, Namespace, SettingsReference};
 use crate::ports::{
-    AccountCell, ApiKeySource, KeyFailures, KvStore, Page, PortError, SettingsTable,
+    AccountCell, ApiKeySource, KeyFailures, KeyPage, KvStore, ListedKey, Page, PortError,
+    SettingsTable,
 };
 
 /// KV in memory; keys in `failing` are never stored.
@@ -67,18 +68,25 @@ impl KvStore for MemoryKv {
             .collect())
     }
 
-    async fn list_keys(
+    async fn list_page(
         &self,
         _: Namespace,
         prefix: &str,
+        _: Option<&str>,
+        _: u32,
         _: Instant,
-    ) -> Result<Vec<String>, PortError> {
+    ) -> Result<KeyPage, PortError> {
         let values = self.values.lock().unwrap();
-        Ok(values
+        let mut keys: Vec<ListedKey> = values
             .keys()
             .filter(|k| k.starts_with(prefix))
-            .cloned()
-            .collect())
+            .map(|name| ListedKey {
+                name: name.clone(),
+                metadata: None,
+            })
+            .collect();
+        keys.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(KeyPage { keys, cursor: None })
     }
 }
 

@@ -95,9 +95,90 @@ pub fn is_query_config_key_of(index: &IndexRef, key: &str) -> bool {
         })
 }
 
+/// Who wrote a key and what, in Cloudflare's key metadata (at most 1,024 bytes, listed with the
+/// key's name): drift shows by listing keys, without reading values.
+pub const WRITER: &str = "ecom-settings-exporter";
+pub const MAX_METADATA_BYTES: usize = 1024;
+
+/// The first 16 hex digits of the SHA-256 of a value.
+pub fn digest(value: &str) -> String {
+    let hash = Sha256::digest(value.as_bytes());
+    hash[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What the exporter says about a key it wrote (docs/contract.md, "Key metadata").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct KeyMetadata {
+    pub writer: String,
+    pub v: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<String>,
+    pub digest: String,
+}
+
+impl KeyMetadata {
+    pub fn for_value(index: &IndexRef, value: &str) -> Self {
+        Self {
+            writer: WRITER.into(),
+            v: 1,
+            account: Some(index.account.clone()),
+            index: Some(index.name.clone()),
+            digest: digest(value),
+        }
+    }
+
+    /// The JSON sent with the key; names too long for the limit are left out (the value says).
+    pub fn to_json(&self) -> String {
+        let json = serde_json::to_string(self).expect("metadata serializes");
+        if json.len() <= MAX_METADATA_BYTES {
+            return json;
+        }
+        let short = KeyMetadata {
+            account: None,
+            index: None,
+            ..self.clone()
+        };
+        serde_json::to_string(&short).expect("metadata serializes")
+    }
+
+    /// Metadata as listed, if this function wrote it.
+    pub fn ours(listed: Option<&serde_json::Value>) -> Option<Self> {
+        let meta: Self = serde_json::from_value(listed?.clone()).ok()?;
+        (meta.writer == WRITER).then_some(meta)
+    }
+
+    /// The index the key was written for, when the metadata names it.
+    pub fn index_ref(&self) -> Option<IndexRef> {
+        Some(IndexRef::new(self.account.clone()?, self.index.clone()?))
+    }
+}
+
+/// A value to write, and the metadata that goes with it.
+#[derive(Clone, PartialEq)]
+pub struct KvValue {
+    pub text: String,
+    pub metadata: String,
+}
+
+impl KvValue {
+    pub fn new(index: &IndexRef, text: String) -> Self {
+        let metadata = KeyMetadata::for_value(index, &text).to_json();
+        Self { text, metadata }
+    }
+}
+
+impl std::ops::Deref for KvValue {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.text
+    }
+}
+
 #[derive(Clone, PartialEq)]
 pub enum KvAction {
-    Put(String),
+    Put(KvValue),
     Delete,
 }
 
@@ -111,11 +192,14 @@ impl std::fmt::Debug for KvAction {
     }
 }
 
-/// One element of a bulk write body. The value is the JSON text, sent as a string.
-#[derive(Clone, PartialEq, Serialize)]
+/// One element of a bulk write body. The value is the JSON text, sent as a string; the
+/// metadata is JSON, sent as an object.
+#[derive(Clone, Serialize)]
 pub struct KvPair {
     pub key: String,
     pub value: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Box<serde_json::value::RawValue>>,
 }
 
 // Values carry API keys: show only the key and the size.
@@ -135,7 +219,7 @@ impl KvPair {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum KvRequest {
     Put {
         namespace: Namespace,
@@ -221,10 +305,32 @@ mod tests {
     }
 
     #[test]
+    fn metadata_names_the_writer_the_index_and_the_value_digest() {
+        let index = IndexRef::new("acct-1", "products");
+        let value = KvValue::new(&index, "{}".into());
+        let meta: serde_json::Value = serde_json::from_str(&value.metadata).unwrap();
+        assert_eq!(
+            meta,
+            serde_json::json!({"writer": "ecom-settings-exporter", "v": 1, "account": "acct-1",
+                               "index": "products", "digest": "44136fa355b3678a"})
+        );
+        let long = IndexRef::new("a".repeat(600), "b".repeat(600));
+        let short = KvValue::new(&long, "{}".into());
+        assert!(short.metadata.len() <= MAX_METADATA_BYTES);
+        assert!(
+            KeyMetadata::ours(Some(&serde_json::from_str(&short.metadata).unwrap()))
+                .unwrap()
+                .index_ref()
+                .is_none()
+        );
+    }
+
+    #[test]
     fn pair_debug_never_shows_values() {
         let p = KvPair {
             key: "k".into(),
             value: "{\"marqo_api_key\":\"secret\"}".into(),
+            metadata: None,
         };
         assert!(!format!("{p:?}").contains("secret"));
     }

@@ -4,13 +4,12 @@
 
 use std::time::Duration;
 
-use base64::Engine as _;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_dynamo::Item;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::{flag, OperatorError, Text};
+use super::{decode_token, encode_token, flag, OperatorError, Text};
 use crate::domain::{IndexRef, KvAction};
 use crate::pipeline::exporter::{ApiKeys, Exporter, Prepared};
 use crate::ports::{ApiKeySource, KvStore, SettingsTable};
@@ -42,7 +41,7 @@ fn default_page_size() -> i32 {
 }
 
 /// A whole number in `range`; absent or null is `None`.
-fn count<'de, D: Deserializer<'de>>(
+pub(super) fn count<'de, D: Deserializer<'de>>(
     deserializer: D,
     range: std::ops::RangeInclusive<u64>,
 ) -> Result<Option<u64>, D::Error> {
@@ -66,27 +65,10 @@ fn page_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i32, D::Error
     Ok(count(deserializer, 1..=1000)?.map_or(default_page_size(), |n| n as i32))
 }
 
-fn max_records<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<usize>, D::Error> {
+pub(super) fn max_records<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<usize>, D::Error> {
     Ok(count(deserializer, 1..=u32::MAX as u64)?.map(|n| n as usize))
-}
-
-/// The table key where a backfill goes on, handed to the operator as an opaque string.
-fn encode_token(start: &Item) -> String {
-    let json = serde_json::to_vec(start).expect("items serialize");
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
-}
-
-fn decode_token(token: &str) -> Result<Item, OperatorError> {
-    let invalid = || {
-        OperatorError::invalid(
-            "continuation_token",
-            "is not a token this function gave out",
-        )
-    };
-    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .map_err(|_| invalid())?;
-    serde_json::from_slice(&json).map_err(|_| invalid())
 }
 
 /// A record that did not make it, and why.
@@ -152,7 +134,7 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
     let mut start = request
         .continuation_token
         .as_ref()
-        .map(|token| decode_token(&token.0))
+        .map(|token| decode_token::<Item>(&token.0))
         .transpose()?
         .filter(|key| !key.is_empty());
     let account = request.system_account_id.as_ref().map(|a| a.0.as_str());
@@ -260,8 +242,8 @@ mod tests {
             json!({"pk": {"S": "a"}, "sk": {"S": "INDEX#p"}}),
         )
         .unwrap();
-        assert_eq!(decode_token(&encode_token(&start)).unwrap(), start);
-        let error = decode_token("not-a-token!").unwrap_err();
+        assert_eq!(decode_token::<Item>(&encode_token(&start)).unwrap(), start);
+        let error = decode_token::<Item>("not-a-token!").unwrap_err();
         assert!(error.to_string().contains("continuation_token"), "{error}");
     }
 }

@@ -6,6 +6,7 @@
 //! Requests are typed: unknown fields are refused, and every error names its field.
 
 pub mod backfill;
+pub mod reconcile;
 pub mod reexport;
 pub mod verify;
 
@@ -20,6 +21,7 @@ use crate::ports::{ApiKeySource, KvStore, SettingsTable};
 use crate::report::{BatchReport, Outcome};
 
 pub use backfill::BackfillRequest;
+pub use reconcile::ReconcileRequest;
 pub use reexport::ReexportRequest;
 pub use verify::VerifyRequest;
 
@@ -38,6 +40,8 @@ pub enum OperatorError {
     },
     #[error("backfill stopped: {reason}")]
     BackfillFailed { reason: String },
+    #[error("reconcile stopped: {reason}")]
+    ReconcileFailed { reason: String },
 }
 
 impl OperatorError {
@@ -62,6 +66,7 @@ pub enum OperatorRequest {
     Reexport(ReexportRequest),
     Verify(VerifyRequest),
     Backfill(BackfillRequest),
+    Reconcile(ReconcileRequest),
 }
 
 impl OperatorRequest {
@@ -83,9 +88,10 @@ impl OperatorRequest {
             "reexport" => typed(fields).map(OperatorRequest::Reexport),
             "verify" => typed(fields).map(OperatorRequest::Verify),
             "backfill" => typed(fields).map(OperatorRequest::Backfill),
+            "reconcile" => typed(fields).map(OperatorRequest::Reconcile),
             _ => Err(OperatorError::invalid(
                 "mode",
-                "must be reexport, verify or backfill",
+                "must be reexport, verify, backfill or reconcile",
             )),
         }
     }
@@ -104,6 +110,9 @@ impl OperatorRequest {
             }
             OperatorRequest::Backfill(request) => {
                 to_value(backfill::run(exporter, &request, deadline).await?)
+            }
+            OperatorRequest::Reconcile(request) => {
+                to_value(reconcile::run(exporter, &request, deadline).await?)
             }
         };
         Ok(answer)
@@ -138,6 +147,27 @@ fn typed<R: for<'de> Deserialize<'de>>(fields: Value) -> Result<R, OperatorError
         }
         OperatorError::invalid(e.path().to_string(), message)
     })
+}
+
+/// Where a long run goes on, handed to the operator as an opaque string.
+fn encode_token(position: &impl Serialize) -> String {
+    use base64::Engine as _;
+    let json = serde_json::to_vec(position).expect("positions serialize");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+}
+
+fn decode_token<T: for<'de> Deserialize<'de>>(token: &str) -> Result<T, OperatorError> {
+    use base64::Engine as _;
+    let invalid = || {
+        OperatorError::invalid(
+            "continuation_token",
+            "is not a token this function gave out",
+        )
+    };
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| invalid())?;
+    serde_json::from_slice(&json).map_err(|_| invalid())
 }
 
 /// A non-empty string field.
@@ -330,7 +360,7 @@ mod tests {
         let mode = parse(json!({"mode": "sync"})).unwrap_err();
         assert_eq!(
             mode.to_string(),
-            "invalid manual payload: `mode` must be reexport, verify or backfill"
+            "invalid manual payload: `mode` must be reexport, verify, backfill or reconcile"
         );
         let size = parse(json!({"mode": "backfill", "page_size": 0})).unwrap_err();
         assert!(

@@ -37,7 +37,8 @@ pub fn requests<'a>(ops: impl IntoIterator<Item = (&'a KvKey, &'a PlannedOp)>) -
         match &op.action {
             KvAction::Put(value) => puts.entry(key.namespace).or_default().push(KvPair {
                 key: key.key.clone(),
-                value: value.clone(),
+                value: value.text.clone(),
+                metadata: serde_json::value::RawValue::from_string(value.metadata.clone()).ok(),
             }),
             KvAction::Delete => deletes
                 .entry(key.namespace)
@@ -71,6 +72,7 @@ mod tests {
         KvPair {
             key: format!("k{i}"),
             value: "v".repeat(value_len),
+            metadata: None,
         }
     }
 

@@ -9,13 +9,13 @@ use tokio::time::Instant;
 
 use crate::adapters::api_keys::ApiKeyCache;
 use crate::domain::kv::KvRequest;
-use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
+use crate::domain::{IndexRef, KvAction, KvKey, Namespace, SettingsReference};
 use crate::dynamo;
 use crate::pipeline::bulk;
 use crate::pipeline::plan::{self, Lookups};
 use crate::pipeline::records::{decode_item, decode_record, ChangeRecord};
 use crate::ports::{
-    AccountCell, ApiKeySource, KeyFailures, KvCounters, KvStore, LookupCounts, PortError,
+    AccountCell, ApiKeySource, KeyFailures, KeyPage, KvCounters, KvStore, LookupCounts, PortError,
     SettingsTable,
 };
 use crate::report::{BatchReport, Outcome, RecordReport};
@@ -51,6 +51,8 @@ pub enum ApiKeys {
 #[derive(Debug)]
 pub struct TablePage {
     pub records: Vec<ChangeRecord>,
+    /// What the page's settings records say about other indexes (shops, live aliases).
+    pub references: Vec<SettingsReference>,
     pub next: Option<Item>,
 }
 
@@ -265,12 +267,28 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
         include_query_configs: bool,
     ) -> Result<TablePage, PortError> {
         let page = self.table.page(account, start, limit).await?;
+        let references = page
+            .items
+            .iter()
+            .filter_map(|item| {
+                let pk = dynamo::string_attribute(item, "pk")?;
+                let sk = dynamo::string_attribute(item, "sk")?;
+                match dynamo::SortKey::parse(sk, &self.options.default_configs_sk) {
+                    dynamo::SortKey::Index(name) => {
+                        let index = IndexRef::new(pk, name);
+                        Some(dynamo::settings_reference(index, item.clone()).0)
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
         Ok(TablePage {
             records: page
                 .items
                 .into_iter()
                 .map(|item| self.decode_item(item, include_query_configs))
                 .collect(),
+            references,
             next: page.next,
         })
     }
@@ -310,6 +328,24 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
             return Ok(HashMap::new());
         }
         self.kv.get_many(namespace, keys, deadline).await
+    }
+
+    /// One page of a namespace's keys, with their metadata.
+    pub async fn list_page(
+        &self,
+        namespace: Namespace,
+        cursor: Option<&str>,
+        limit: u32,
+        deadline: Instant,
+    ) -> Result<KeyPage, PortError> {
+        self.kv
+            .list_page(namespace, "", cursor, limit, deadline)
+            .await
+    }
+
+    /// Every settings record's shop and live alias targets (one consistent scan).
+    pub async fn settings_references(&self) -> Result<Vec<SettingsReference>, PortError> {
+        self.table.settings_references().await
     }
 
     /// Every key of a namespace that starts with `prefix`.

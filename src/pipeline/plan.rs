@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::domain::kv::{check_key, check_put};
+use crate::domain::kv::{check_key, check_put, KvValue};
 use crate::domain::{ApiKey, IndexRef, IndexSettings, KvAction, KvKey, SettingsReference};
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::{AccountCell, PortError};
@@ -246,9 +246,11 @@ impl<'a> RecordPlanner<'a> {
                 Ok(())
             }
             Change::UpsertQuery(config) => {
-                let value = serde_json::to_string(&config.kv_value()).map_err(|e| {
-                    Outcome::Rejected(format!("cannot serialize query config: {e}"))
-                })?;
+                let value = serde_json::to_string(&config.kv_value())
+                    .map(|text| KvValue::new(&config.index, text))
+                    .map_err(|e| {
+                        Outcome::Rejected(format!("cannot serialize query config: {e}"))
+                    })?;
                 self.ops.push((
                     KvKey::query_config(&config.index, &config.query),
                     KvAction::Put(value),
@@ -264,7 +266,7 @@ impl<'a> RecordPlanner<'a> {
     }
 
     /// The value under an index's keys, with its account's API key.
-    fn settings_value(&self, settings: &IndexSettings) -> Result<String, Outcome> {
+    fn settings_value(&self, settings: &IndexSettings) -> Result<KvValue, Outcome> {
         let wanted = account_cell(
             &settings.index.account,
             settings.cell.as_deref(),
@@ -279,6 +281,7 @@ impl<'a> RecordPlanner<'a> {
             None => return Err(Outcome::Failed("API key was not looked up".into())),
         };
         serde_json::to_string(&settings.kv_value(api_key))
+            .map(|text| KvValue::new(&settings.index, text))
             .map_err(|e| Outcome::Rejected(format!("cannot serialize settings: {e}")))
     }
 
@@ -451,7 +454,7 @@ mod tests {
 
     fn put_value(plan: &Plan, key: &str) -> serde_json::Value {
         match &plan.ops[&KvKey::settings(key)].action {
-            KvAction::Put(value) => serde_json::from_str(value).unwrap(),
+            KvAction::Put(value) => serde_json::from_str(&value.text).unwrap(),
             KvAction::Delete => panic!("{key} is deleted"),
         }
     }
@@ -754,7 +757,7 @@ mod tests {
             panic!()
         };
         assert_eq!(
-            serde_json::from_str::<serde_json::Value>(value).unwrap(),
+            serde_json::from_str::<serde_json::Value>(&value.text).unwrap(),
             json!({"schema_version": 1, "system_account_id": "acct-1", "index_name": "products",
                    "query": "chaussures #été", "config": {"boost": 2}})
         );

@@ -108,3 +108,27 @@ async fn every_sample_manual_payload_is_answered() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_scheduled_reconcile_sample_is_what_the_template_sends_and_is_answered() {
+    let template =
+        std::fs::read_to_string(format!("{}/template.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let input = template
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Input: "))
+        .expect("the schedule's input");
+    let sent: Value = serde_json::from_str(input.trim_matches('\'')).unwrap();
+    assert_eq!(sent, event("scheduled-reconcile.json"));
+
+    let h = harness().await;
+    let insert = event("stream-insert.json");
+    h.put(insert["Records"][0]["dynamodb"]["NewImage"].clone())
+        .await;
+    let answer = h.invoke(sent).await;
+    assert_eq!(answer["complete"], true, "{answer}");
+    assert_eq!(
+        answer["repaired"]["written"], 2,
+        "the index's two keys were missing"
+    );
+    assert!(!answer.to_string().contains("sample-key"));
+}

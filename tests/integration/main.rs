@@ -11,5 +11,6 @@ mod events;
 mod fault_matrix;
 mod lambda_runtime;
 mod operator_modes;
+mod reconcile;
 mod secrets;
 mod stream_export;

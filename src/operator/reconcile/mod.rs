@@ -1,0 +1,412 @@
+//! `{"mode": "reconcile", ...}`: proves KV matches what the table implies, across the whole
+//! fleet (or one account), and with `repair` makes it so (docs/contract.md, "Reconcile").
+//!
+//! One scan of the table gives the implied keys and values (through the planner, so they are
+//! byte for byte what the stream writes). Then each namespace is listed in key order, 1,000
+//! names a request with their metadata, and every key lands in exactly one class. A key's
+//! metadata says who wrote it and the digest of its value, so no value is read unless a key
+//! has no metadata (written by hand, or before metadata) or `deep` asks for it. A run that stops
+//! before the deadline hands out a token: the key range it covered is never covered again.
+
+use std::collections::{BTreeSet, HashSet};
+use std::ops::Bound;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_dynamo::Item;
+use tokio::time::Instant;
+
+mod classify;
+
+pub use classify::ClassCounts;
+use classify::{class_of, live_targets, Class, Implied, Listed};
+
+use super::{decode_token, encode_token, flag, OperatorError, Text};
+use crate::domain::kv::KeyMetadata;
+use crate::domain::{KvAction, KvKey, Namespace};
+use crate::pipeline::exporter::{ApiKeys, Exporter};
+use crate::pipeline::plan::PlannedOp;
+use crate::ports::{ApiKeySource, KvStore, SettingsTable};
+use crate::report::Outcome;
+
+/// Sample keys per class in the answer.
+const SAMPLES: usize = 100;
+/// Items per table page while working out what the table implies.
+const TABLE_PAGE: i32 = 1000;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileRequest {
+    /// Only this account's keys, when given.
+    #[serde(default)]
+    pub system_account_id: Option<Text>,
+    /// Write missing and stale keys, delete orphaned ones.
+    #[serde(default, deserialize_with = "flag")]
+    pub repair: bool,
+    /// Classify (and with `repair`, say what would be repaired), write nothing.
+    #[serde(default, deserialize_with = "flag")]
+    pub dry_run: bool,
+    /// Read every value, to catch hand edits that kept the metadata.
+    #[serde(default, deserialize_with = "flag")]
+    pub deep: bool,
+    #[serde(default)]
+    pub continuation_token: Option<Text>,
+    /// Stop after the list page that reaches this many keys, with a token (to split a run).
+    #[serde(default, deserialize_with = "super::backfill::max_records")]
+    pub max_keys: Option<usize>,
+    /// Keys per list request (10 to 1,000, Cloudflare's range; default 1,000).
+    #[serde(default = "default_list_page", deserialize_with = "list_page_size")]
+    pub page_size: u32,
+}
+
+fn default_list_page() -> u32 {
+    1000
+}
+
+fn list_page_size<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    Ok(super::backfill::count(deserializer, 10..=1000)?.map_or(default_list_page(), |n| n as u32))
+}
+
+/// Where a run goes on: the namespace being listed, the last key classified, the cursor.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Position {
+    namespace: usize,
+    after: Option<String>,
+    cursor: Option<String>,
+}
+
+const NAMESPACES: [Namespace; 2] = [Namespace::Settings, Namespace::QueryConfigs];
+
+#[derive(Debug, Default, Serialize)]
+pub struct Samples {
+    pub missing: Vec<String>,
+    pub stale: Vec<String>,
+    pub orphaned: Vec<String>,
+    pub protected: Vec<String>,
+    pub foreign: Vec<String>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct PerNamespace<T> {
+    pub settings: T,
+    pub query_configs: T,
+}
+
+impl<T> PerNamespace<T> {
+    fn get(&mut self, namespace: Namespace) -> &mut T {
+        match namespace {
+            Namespace::Settings => &mut self.settings,
+            Namespace::QueryConfigs => &mut self.query_configs,
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Repaired {
+    pub written: usize,
+    pub deleted: usize,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Requests {
+    pub table_pages: usize,
+    pub kv_list: usize,
+    pub kv_bulk_get: usize,
+    pub kv_repair: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Answer {
+    pub mode: &'static str,
+    pub system_account_id: Option<String>,
+    pub repair: bool,
+    pub dry_run: bool,
+    pub deep: bool,
+    pub counts: PerNamespace<ClassCounts>,
+    pub samples: PerNamespace<Samples>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repaired: Option<Repaired>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub would_repair: Option<Repaired>,
+    pub requests: Requests,
+    pub complete: bool,
+    pub continuation_token: Option<String>,
+}
+
+pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
+    exporter: &Exporter<K, A, T>,
+    request: &ReconcileRequest,
+    deadline: Instant,
+) -> Result<Answer, OperatorError> {
+    let account = request.system_account_id.as_ref().map(|a| a.0.as_str());
+    let mut position: Position = match &request.continuation_token {
+        Some(token) => decode_token(&token.0)?,
+        None => Position::default(),
+    };
+    let failed = |reason: String| OperatorError::ReconcileFailed { reason };
+    let mut requests = Requests::default();
+    let (implied, prepared) = implied(exporter, account, &mut requests, deadline).await?;
+    let mut implied = implied;
+    if account.is_some() {
+        // Aliases in other accounts protect this one's indexes too.
+        let references = exporter
+            .settings_references()
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        implied.aliased.extend(live_targets(&references));
+    }
+
+    let mut counts = PerNamespace::<ClassCounts>::default();
+    let mut samples = PerNamespace::<Samples>::default();
+    let mut to_write: BTreeSet<KvKey> = BTreeSet::new();
+    let mut to_delete: BTreeSet<KvKey> = BTreeSet::new();
+    let mut classify = |key: &KvKey, class: Class| {
+        *counts.get(key.namespace).slot(class) += 1;
+        let samples = samples.get(key.namespace);
+        let list = match class {
+            Class::InSync => None,
+            Class::Missing => Some(&mut samples.missing),
+            Class::Stale => Some(&mut samples.stale),
+            Class::Orphaned => Some(&mut samples.orphaned),
+            Class::Protected => Some(&mut samples.protected),
+            Class::Foreign => Some(&mut samples.foreign),
+        };
+        if let Some(list) = list.filter(|l| l.len() < SAMPLES) {
+            list.push(key.key.clone());
+        }
+        match class {
+            Class::Missing | Class::Stale => {
+                to_write.insert(key.clone());
+            }
+            Class::Orphaned => {
+                to_delete.insert(key.clone());
+            }
+            _ => {}
+        }
+    };
+
+    // List page by page; leave room for the slowest page, twice over, and for the repair.
+    let mut slowest = Duration::from_secs(2);
+    let mut listed_keys = 0;
+    let complete = loop {
+        let Some(&namespace) = NAMESPACES.get(position.namespace) else {
+            break true;
+        };
+        if request.max_keys.is_some_and(|max| listed_keys >= max)
+            || Instant::now() + slowest * 2 >= deadline
+        {
+            break false;
+        }
+        let started = Instant::now();
+        let page = exporter
+            .list_page(
+                namespace,
+                position.cursor.as_deref(),
+                request.page_size,
+                deadline,
+            )
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        requests.kv_list += 1;
+        listed_keys += page.keys.len();
+        let mut listed: Vec<Listed> = page
+            .keys
+            .into_iter()
+            .map(|k| Listed {
+                key: KvKey {
+                    namespace,
+                    key: k.name,
+                },
+                metadata: KeyMetadata::ours(k.metadata.as_ref()),
+                value: None,
+            })
+            .collect();
+        // Values are read only where metadata cannot tell (or `deep` asks).
+        let unread: Vec<String> = listed
+            .iter()
+            .filter(|l| request.deep || l.metadata.as_ref().and_then(|m| m.index_ref()).is_none())
+            .map(|l| l.key.key.clone())
+            .collect();
+        if !unread.is_empty() {
+            let values = exporter
+                .read_many(namespace, &unread, deadline)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            requests.kv_bulk_get += unread.len().div_ceil(100);
+            for l in &mut listed {
+                l.value = values.get(&l.key.key).cloned().flatten();
+            }
+        }
+        // Implied keys in the range this page covers that were not listed are missing.
+        let last = listed.last().map(|l| l.key.key.clone());
+        let upper = match (&page.cursor, &last) {
+            (Some(_), Some(last)) => Bound::Included(last.clone()),
+            _ => Bound::Unbounded,
+        };
+        let lower = match &position.after {
+            Some(after) => Bound::Excluded(after.clone()),
+            None => Bound::Unbounded,
+        };
+        let seen: HashSet<&str> = listed.iter().map(|l| l.key.key.as_str()).collect();
+        let missing: Vec<KvKey> = implied
+            .values
+            .range((
+                lower.map(|k| KvKey { namespace, key: k }),
+                upper.map(|k| KvKey { namespace, key: k }),
+            ))
+            .map(|(k, _)| k)
+            .filter(|k| k.namespace == namespace && !seen.contains(k.key.as_str()))
+            .cloned()
+            .collect();
+        for key in &missing {
+            classify(key, Class::Missing);
+        }
+        for l in &listed {
+            if let Some(class) = class_of(l, &implied, account, request.deep) {
+                classify(&l.key, class);
+            }
+        }
+        slowest = slowest.max(started.elapsed());
+        match page.cursor {
+            Some(cursor) => {
+                position.after = last;
+                position.cursor = Some(cursor);
+            }
+            None => {
+                position = Position {
+                    namespace: position.namespace + 1,
+                    after: None,
+                    cursor: None,
+                };
+            }
+        }
+    };
+
+    let mut answer = Answer {
+        mode: "reconcile",
+        system_account_id: account.map(str::to_owned),
+        repair: request.repair,
+        dry_run: request.dry_run,
+        deep: request.deep,
+        counts,
+        samples,
+        repaired: None,
+        would_repair: None,
+        requests,
+        complete,
+        continuation_token: (!complete).then(|| encode_token(&position)),
+    };
+    if request.repair {
+        let repair = Repaired {
+            written: to_write.len(),
+            deleted: to_delete.len(),
+        };
+        if request.dry_run {
+            answer.would_repair = Some(repair);
+        } else if repair.written + repair.deleted > 0 {
+            // Through the same planner's values and the same bulk requests as the stream.
+            let mut prepared = prepared;
+            prepared.plan.ops.retain(|key, _| to_write.contains(key));
+            for key in to_delete {
+                let delete = PlannedOp {
+                    action: KvAction::Delete,
+                    owner: 0,
+                };
+                prepared.plan.ops.insert(key, delete);
+            }
+            let report = exporter.apply(prepared, deadline).await;
+            report.log();
+            answer.requests.kv_repair = report.kv_requests;
+            if let Some(reason) = report.records.iter().find_map(|r| match &r.outcome {
+                Outcome::Failed(reason) => Some(reason.clone()),
+                _ => None,
+            }) {
+                return Err(failed(format!("repair did not finish: {reason}")));
+            }
+            answer.repaired = Some(Repaired {
+                written: report.keys_written,
+                deleted: report.keys_deleted,
+            });
+        } else {
+            answer.repaired = Some(repair);
+        }
+    }
+    let (s, q) = (&answer.counts.settings, &answer.counts.query_configs);
+    let classes = [
+        ("InSync", s.in_sync + q.in_sync),
+        ("Missing", s.missing + q.missing),
+        ("Stale", s.stale + q.stale),
+        ("Orphaned", s.orphaned + q.orphaned),
+        ("Protected", s.protected + q.protected),
+        ("Foreign", s.foreign + q.foreign),
+    ];
+    let repaired = answer
+        .repaired
+        .as_ref()
+        .map_or(0, |r| r.written + r.deleted);
+    crate::report::emit_reconcile(&crate::report::reconcile_metrics(
+        &classes,
+        s.drift() + q.drift(),
+        repaired,
+    ));
+    Ok(answer)
+}
+
+/// One scan of the table (or of the account's partition), planned as a re-export would be.
+async fn implied<K: KvStore, A: ApiKeySource, T: SettingsTable>(
+    exporter: &Exporter<K, A, T>,
+    account: Option<&str>,
+    requests: &mut Requests,
+    deadline: Instant,
+) -> Result<(Implied, crate::pipeline::exporter::Prepared), OperatorError> {
+    let failed = |reason: String| OperatorError::ReconcileFailed { reason };
+    let mut records = Vec::new();
+    let mut references = Vec::new();
+    let mut start: Option<Item> = None;
+    loop {
+        let page = exporter
+            .table_page(account, start, TABLE_PAGE, true)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        requests.table_pages += 1;
+        records.extend(page.records);
+        references.extend(page.references);
+        match page.next {
+            Some(next) => start = Some(next),
+            None => break,
+        }
+    }
+    let prepared = exporter.prepare(records, ApiKeys::Fresh, deadline).await;
+    let mut unexportable = HashSet::new();
+    for (record, outcome) in prepared.records.iter().zip(&prepared.plan.outcomes) {
+        match outcome {
+            Outcome::Failed(reason) => {
+                // Without every value, missing and orphaned cannot be told apart.
+                return Err(failed(format!(
+                    "cannot work out what the table implies: {reason}"
+                )));
+            }
+            Outcome::Rejected(_) => {
+                if let Some(index) = &record.index {
+                    unexportable.insert(index.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    let values = prepared
+        .plan
+        .ops
+        .iter()
+        .filter_map(|(key, op)| match &op.action {
+            KvAction::Put(value) => Some((key.clone(), value.clone())),
+            KvAction::Delete => None,
+        })
+        .collect();
+    let implied = Implied {
+        values,
+        aliased: live_targets(&references).collect(),
+        unexportable,
+    };
+    Ok((implied, prepared))
+}

@@ -1,0 +1,246 @@
+//! The scheduled reconcile against moto and the KV emulator: every key in exactly one class,
+//! repair through the stream's planner, dry runs, tokens, and its cost in requests.
+
+use crate::common::*;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+fn qcfg_key(account: &str, index: &str, query: &str) -> String {
+    format!(
+        "qcfg-{account}-{index}-{:x}",
+        Sha256::digest(query.as_bytes())
+    )
+}
+
+fn query_item(account: &str, index: &str, query: &str) -> Value {
+    json!({"pk": {"S": account}, "sk": {"S": format!("INDEX#{index}#QUERY#{query}")},
+           "query_config": {"M": {"boost": {"N": "2"}}}})
+}
+
+async fn backfill(h: &Harness) {
+    let answer = h
+        .invoke(json!({"mode": "backfill", "include_query_configs": true, "page_size": 1000}))
+        .await;
+    assert_eq!(answer["complete"], true, "{answer}");
+    assert_eq!(answer["failed"], 0, "{answer}");
+}
+
+async fn reconcile(h: &Harness, fields: Value) -> Value {
+    let mut payload = json!({"mode": "reconcile"});
+    payload
+        .as_object_mut()
+        .unwrap()
+        .extend(fields.as_object().unwrap().clone());
+    h.invoke(payload).await
+}
+
+fn data_writes(h: &Harness) -> usize {
+    h.kv_calls("bulk") + h.kv_calls("bulk/delete")
+}
+
+/// A fleet exported with metadata, then drifted once in every way.
+async fn drifted() -> Harness {
+    let h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "a", Some("shop-a"))).await;
+    h.put(index_item("acct-1", "b", None)).await;
+    h.put(index_item("acct-1", "gone", Some("shop-gone"))).await;
+    h.put(index_item("acct-1", "v1", None)).await;
+    let mut front = index_item("acct-1", "front", None);
+    front["read_alias"] = json!({"S": "acct-1-v1"});
+    h.put(front).await;
+    h.put(query_item("acct-1", "a", "shoes")).await;
+    h.put(query_item("acct-1", "a", "boots")).await;
+    backfill(&h).await;
+
+    // missing: a key KV lost, and a query config.
+    h.kv.remove(CF_ACCOUNT, SETTINGS_NS, "acct-1-b");
+    h.kv.remove(CF_ACCOUNT, QCFG_NS, &qcfg_key("acct-1", "a", "boots"));
+    // stale: the table changed and no stream record reached KV (two keys: shop and id).
+    let mut changed = index_item("acct-1", "a", Some("shop-a"));
+    changed["pixel_id"] = json!({"S": "px-new"});
+    h.put(changed).await;
+    // orphaned: records removed while the stream was down (two keys).
+    h.delete("acct-1", "INDEX#gone").await;
+    // protected: removed, but `front` still reads from it.
+    h.delete("acct-1", "INDEX#v1").await;
+    // foreign: another system's key.
+    h.kv.insert(CF_ACCOUNT, SETTINGS_NS, "feature-toggle", "on");
+    h
+}
+
+#[tokio::test]
+async fn each_class_is_found_and_a_dry_run_writes_nothing() {
+    let h = drifted().await;
+    let writes_before = data_writes(&h);
+
+    let answer = reconcile(&h, json!({"repair": true, "dry_run": true})).await;
+
+    assert_eq!(
+        answer["counts"]["settings"],
+        json!({"in_sync": 1, "missing": 1, "stale": 2, "orphaned": 2, "protected": 1, "foreign": 1}),
+        "{answer}"
+    );
+    assert_eq!(
+        answer["counts"]["query_configs"],
+        json!({"in_sync": 1, "missing": 1, "stale": 0, "orphaned": 0, "protected": 0, "foreign": 0})
+    );
+    let samples = &answer["samples"]["settings"];
+    assert_eq!(samples["missing"], json!(["acct-1-b"]));
+    assert_eq!(samples["stale"], json!(["acct-1-a", "shop-a"]));
+    assert_eq!(samples["orphaned"], json!(["acct-1-gone", "shop-gone"]));
+    assert_eq!(samples["protected"], json!(["acct-1-v1"]));
+    assert_eq!(samples["foreign"], json!(["feature-toggle"]));
+    assert_eq!(answer["would_repair"], json!({"written": 4, "deleted": 2}));
+    assert_eq!(answer["complete"], true);
+    assert_eq!(data_writes(&h), writes_before, "a dry run writes nothing");
+}
+
+#[tokio::test]
+async fn repair_fixes_drift_keeps_foreign_and_protected_keys_and_a_second_run_is_clean() {
+    let h = drifted().await;
+
+    let answer = reconcile(&h, json!({"repair": true})).await;
+
+    assert_eq!(
+        answer["repaired"],
+        json!({"written": 4, "deleted": 2}),
+        "{answer}"
+    );
+    assert_eq!(h.settings("acct-1-b").unwrap()["index_name"], "b");
+    assert_eq!(h.settings("shop-a").unwrap()["pixel_id"], "px-new");
+    assert!(h.query_config(&qcfg_key("acct-1", "a", "boots")).is_some());
+    assert_eq!(h.settings("acct-1-gone"), None);
+    assert_eq!(h.settings("shop-gone"), None);
+    assert!(h.settings("acct-1-v1").is_some(), "protected by an alias");
+    assert_eq!(
+        h.kv.value(CF_ACCOUNT, SETTINGS_NS, "feature-toggle")
+            .as_deref(),
+        Some("on"),
+        "foreign keys are never touched"
+    );
+    let meta = h.kv.metadata(CF_ACCOUNT, SETTINGS_NS, "shop-a").unwrap();
+    assert_eq!(meta["writer"], "ecom-settings-exporter");
+    assert_eq!(meta["index"], "a");
+
+    let again = reconcile(&h, json!({"repair": true})).await;
+    for namespace in ["settings", "query_configs"] {
+        let counts = &again["counts"][namespace];
+        assert_eq!(
+            (&counts["missing"], &counts["stale"], &counts["orphaned"]),
+            (&json!(0), &json!(0), &json!(0)),
+            "{again}"
+        );
+    }
+    assert_eq!(again["repaired"], json!({"written": 0, "deleted": 0}));
+}
+
+#[tokio::test]
+async fn keys_without_metadata_are_read_and_deep_catches_edits_that_kept_it() {
+    let h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "a", None)).await;
+    h.put(index_item("acct-1", "b", None)).await;
+    backfill(&h).await;
+    // `a` rewritten by hand with the same value but no metadata; `b` edited, metadata kept.
+    let a = h.kv.value(CF_ACCOUNT, SETTINGS_NS, "acct-1-a").unwrap();
+    h.kv.insert(CF_ACCOUNT, SETTINGS_NS, "acct-1-a", &a);
+    let b_meta = h.kv.metadata(CF_ACCOUNT, SETTINGS_NS, "acct-1-b");
+    let mut b = h.settings("acct-1-b").unwrap();
+    b["index_url"] = json!("https://edited.example");
+    h.kv.insert_with_metadata(CF_ACCOUNT, SETTINGS_NS, "acct-1-b", &b.to_string(), b_meta);
+    let reads_before = h.kv_calls("bulk/get");
+
+    let shallow = reconcile(&h, json!({})).await;
+
+    assert_eq!(shallow["counts"]["settings"]["in_sync"], 2, "{shallow}");
+    assert_eq!(
+        h.kv_calls("bulk/get") - reads_before,
+        1,
+        "only `a` needed a read"
+    );
+
+    let deep = reconcile(&h, json!({"deep": true})).await;
+    assert_eq!(deep["counts"]["settings"]["stale"], 1, "{deep}");
+    assert_eq!(deep["samples"]["settings"]["stale"], json!(["acct-1-b"]));
+}
+
+#[tokio::test]
+async fn a_run_resumed_by_its_token_counts_every_key_once() {
+    let h = drifted().await;
+    for i in 0..25 {
+        h.kv.insert(CF_ACCOUNT, SETTINGS_NS, &format!("foreign-{i:02}"), "x");
+    }
+    let whole = reconcile(&h, json!({})).await;
+
+    let mut totals = json!({});
+    let mut payload = json!({"max_keys": 10, "page_size": 10});
+    let mut invocations = 0;
+    loop {
+        let answer = reconcile(&h, payload.clone()).await;
+        invocations += 1;
+        for namespace in ["settings", "query_configs"] {
+            for (class, n) in answer["counts"][namespace].as_object().unwrap() {
+                let total = &mut totals[namespace][class];
+                *total = json!(total.as_u64().unwrap_or(0) + n.as_u64().unwrap());
+            }
+        }
+        if answer["complete"] == true {
+            assert_eq!(answer["continuation_token"], Value::Null);
+            break;
+        }
+        payload["continuation_token"] = answer["continuation_token"].clone();
+        assert!(invocations < 20, "a run ends");
+    }
+
+    assert!(invocations > 2, "the run was split: {invocations}");
+    assert_eq!(totals, whole["counts"]);
+}
+
+#[tokio::test]
+async fn an_account_of_a_thousand_indexes_is_reconciled_with_list_requests_only() {
+    let h = Harness::new().await;
+    h.keys.set_key("acct-big", "k");
+    h.keys.set_key("acct-other", "k2");
+    for i in 0..1000 {
+        h.put(index_item("acct-big", &format!("i{i:04}"), None))
+            .await;
+    }
+    h.put(index_item("acct-other", "x", Some("shop-other")))
+        .await;
+    backfill(&h).await;
+    let calls = |op: &str| h.kv_calls(op);
+    let (lists, reads, values) = (calls("keys"), calls("bulk/get"), calls("values"));
+    let api_key_calls = h.keys.calls().len();
+
+    let answer = reconcile(&h, json!({"system_account_id": "acct-big"})).await;
+
+    assert_eq!(answer["counts"]["settings"]["in_sync"], 1000, "{answer}");
+    assert_eq!(
+        answer["counts"]["settings"]["foreign"], 0,
+        "other accounts are not counted"
+    );
+    assert_eq!(answer["complete"], true);
+    // 1,002 settings keys: two pages; the empty query-config namespace: one.
+    assert_eq!(calls("keys") - lists, 3);
+    assert_eq!(answer["requests"]["kv_list"], 3);
+    assert_eq!(calls("bulk/get") - reads, 0, "no value read");
+    assert_eq!(calls("values") - values, 0);
+    assert_eq!(h.keys.calls().len() - api_key_calls, 1, "one API-keys call");
+}
+
+#[tokio::test]
+async fn reconcile_payloads_are_checked_like_every_operator_payload() {
+    let h = Harness::new().await;
+    let error = h
+        .try_invoke(
+            json!({"mode": "reconcile", "repiar": true}),
+            std::time::Duration::from_secs(10),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        error.starts_with("invalid manual payload: `repiar` is not a field"),
+        "{error}"
+    );
+}
