@@ -244,6 +244,21 @@ pub fn index_item(account: &str, index: &str, shop: Option<&str>) -> Value {
     item
 }
 
+/// A query-config override item in DynamoDB JSON.
+pub fn query_item(account: &str, index: &str, query: &str) -> Value {
+    json!({"pk": {"S": account}, "sk": {"S": format!("INDEX#{index}#QUERY#{query}")},
+           "query_config": {"M": {"boost": {"N": "2"}}}})
+}
+
+/// The KV key of an override, computed here independently of the function.
+pub fn qcfg_key(account: &str, index: &str, query: &str) -> String {
+    use sha2::{Digest, Sha256};
+    format!(
+        "qcfg-{account}-{index}-{:x}",
+        Sha256::digest(query.as_bytes())
+    )
+}
+
 /// `{"batchItemFailures": [...]}` as a list of sequence numbers.
 pub fn failures(response: &Value) -> Vec<String> {
     response["batchItemFailures"]

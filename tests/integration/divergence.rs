@@ -177,11 +177,6 @@ async fn an_alias_that_cannot_be_decoded_still_protects_its_target() {
     assert_eq!(h.kv_calls("bulk/delete"), 0);
 }
 
-fn query_item(account: &str, index: &str, query: &str) -> Value {
-    json!({"pk": {"S": account}, "sk": {"S": format!("INDEX#{index}#QUERY#{query}")},
-           "query_config": {"M": {"boost": {"N": "2"}}}})
-}
-
 #[tokio::test]
 async fn repair_never_deletes_another_index_query_configs() {
     let mut h = Harness::new().await;

@@ -3,19 +3,6 @@
 
 use crate::common::*;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-
-fn qcfg_key(account: &str, index: &str, query: &str) -> String {
-    format!(
-        "qcfg-{account}-{index}-{:x}",
-        Sha256::digest(query.as_bytes())
-    )
-}
-
-fn query_item(account: &str, index: &str, query: &str) -> Value {
-    json!({"pk": {"S": account}, "sk": {"S": format!("INDEX#{index}#QUERY#{query}")},
-           "query_config": {"M": {"boost": {"N": "2"}}}})
-}
 
 /// acct-1/products with a shop and two query configs, nothing in KV yet.
 async fn products() -> Harness {

@@ -3,7 +3,6 @@
 
 use crate::common::*;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 #[tokio::test]
 async fn an_index_lands_under_its_shop_and_its_id_with_the_spec_value() {
@@ -110,13 +109,6 @@ async fn the_last_write_to_a_key_wins_in_one_request() {
     assert_eq!(h.settings("shop-1").unwrap()["pixel_id"], "px-v3");
     assert_eq!(h.bulk_write_sizes(), [2], "one request, one pair per key");
     assert_eq!(h.keys.calls().len(), 1);
-}
-
-fn qcfg_key(account: &str, index: &str, query: &str) -> String {
-    format!(
-        "qcfg-{account}-{index}-{:x}",
-        Sha256::digest(query.as_bytes())
-    )
 }
 
 #[tokio::test]
