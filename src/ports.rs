@@ -180,6 +180,13 @@ pub trait SettingsTable: Send + Sync {
         index: &IndexRef,
     ) -> impl Future<Output = Result<Vec<Item>, PortError>> + Send;
 
+    /// The normalized queries of every override of the index (a consistent, paginated Query of
+    /// `INDEX#{name}#QUERY#`, keys only).
+    fn override_queries(
+        &self,
+        index: &IndexRef,
+    ) -> impl Future<Output = Result<Vec<String>, PortError>> + Send;
+
     /// One page of the table (of one account's records when `account` is given), from `start`.
     fn page(
         &self,

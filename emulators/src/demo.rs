@@ -474,9 +474,13 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport, String> {
         format!("{settings_keys:?}"),
     ));
     let qcfg_keys = stack.kv.keys(CF_ACCOUNT, QCFG_NS);
+    let overrides = qcfg_keys.iter().filter(|k| k.starts_with("qcfg-")).count();
+    let filter = stack
+        .kv
+        .json(CF_ACCOUNT, QCFG_NS, "qfilter-acct-demo-products");
     report.checks.push((
-        "query-config namespace holds the one override".into(),
-        qcfg_keys.len() == 1,
+        "query-config namespace holds the one override and the index's filter of it".into(),
+        overrides == 1 && qcfg_keys.len() == 2 && filter.is_some_and(|f| f["count"] == 1),
         format!("{qcfg_keys:?}"),
     ));
     let invocations = stack.progress.invocations.lock().unwrap().clone();

@@ -64,6 +64,9 @@ pub enum Fault {
     /// Handle a bulk write or delete in full, but name `count` keys that were not in the
     /// request in `result.unsuccessful_keys` (seen from Cloudflare's schema-generated mock).
     ForeignUnsuccessfulKeys { count: usize },
+    /// Handle a bulk write or delete, but leave out the keys that start with `prefix` and
+    /// report them in `result.unsuccessful_keys`.
+    UnsuccessfulKeysStartingWith { prefix: String },
 }
 
 /// A fault and how many more requests it applies to.
@@ -310,6 +313,11 @@ impl Call<'_> {
     /// Auth, then any injected fault. `Ok(n)` means: go on, leaving out `n` keys (a negative
     /// `n`: report that many keys that were never sent).
     async fn admit(&self, headers: &HeaderMap) -> Result<isize, Response> {
+        Ok(self.admit_keys(headers).await?.0)
+    }
+
+    /// As `admit`, and a prefix of keys to leave out.
+    async fn admit_keys(&self, headers: &HeaderMap) -> Result<(isize, Option<String>), Response> {
         let token = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
@@ -335,13 +343,14 @@ impl Call<'_> {
             fault
         };
         match fault {
-            None => Ok(0),
+            None => Ok((0, None)),
             Some(Fault::Delay { millis }) => {
                 tokio::time::sleep(Duration::from_millis(millis)).await;
-                Ok(0)
+                Ok((0, None))
             }
-            Some(Fault::UnsuccessfulKeys { count }) => Ok(count as isize),
-            Some(Fault::ForeignUnsuccessfulKeys { count }) => Ok(-(count as isize)),
+            Some(Fault::UnsuccessfulKeys { count }) => Ok((count as isize, None)),
+            Some(Fault::ForeignUnsuccessfulKeys { count }) => Ok((-(count as isize), None)),
+            Some(Fault::UnsuccessfulKeysStartingWith { prefix }) => Ok((0, Some(prefix))),
             Some(Fault::Status {
                 status,
                 retry_after,
@@ -379,10 +388,10 @@ impl Call<'_> {
         &self,
         headers: &HeaderMap,
         body: &Bytes,
-        apply: impl FnOnce(&Bytes, isize) -> Result<(usize, Value), (usize, ApiError)>,
+        apply: impl FnOnce(&Bytes, LeaveOut) -> Result<(usize, Value), (usize, ApiError)>,
     ) -> Response {
-        let leave_out = match self.admit(headers).await {
-            Ok(n) => n,
+        let leave_out = match self.admit_keys(headers).await {
+            Ok((count, prefix)) => LeaveOut { count, prefix },
             Err(response) => return self.record(0, response),
         };
         if body.len() >= MAX_BODY_BYTES {
@@ -467,25 +476,36 @@ impl WritePair {
     }
 }
 
-/// Stores or removes every item but the first `leave_out`, which are reported unsuccessful;
-/// a negative `leave_out` applies all and reports that many keys that were never sent.
+/// Which keys of a bulk request an injected fault leaves out.
+pub struct LeaveOut {
+    /// The first `count`; a negative count applies all and reports that many never-sent keys.
+    count: isize,
+    /// Keys starting with this.
+    prefix: Option<String>,
+}
+
+/// Stores or removes every item the fault does not leave out; those are reported unsuccessful.
 fn apply_all<T>(
     items: Vec<T>,
-    leave_out: isize,
+    leave_out: LeaveOut,
     key: impl Fn(&T) -> &str,
     mut apply: impl FnMut(T),
 ) -> Value {
     let total = items.len();
     let mut unsuccessful = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
-        if (i as isize) < leave_out {
+        let by_prefix = leave_out
+            .prefix
+            .as_deref()
+            .is_some_and(|p| key(&item).starts_with(p));
+        if (i as isize) < leave_out.count || by_prefix {
             unsuccessful.push(key(&item).to_owned());
         } else {
             apply(item);
         }
     }
     let successful = total - unsuccessful.len();
-    unsuccessful.extend((0..-leave_out.min(0)).map(|i| format!("never-sent-{i}")));
+    unsuccessful.extend((0..-leave_out.count.min(0)).map(|i| format!("never-sent-{i}")));
     json!({"successful_key_count": successful, "unsuccessful_keys": unsuccessful})
 }
 

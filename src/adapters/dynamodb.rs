@@ -39,6 +39,43 @@ impl DynamoSettingsTable {
     }
 }
 
+fn overrides_prefix(index: &IndexRef) -> String {
+    format!("INDEX#{}#QUERY#", index.name)
+}
+
+impl DynamoSettingsTable {
+    /// Every `INDEX#{name}#QUERY#...` item of the index (only `projection`, when given):
+    /// a consistent, paginated Query.
+    async fn overrides(
+        &self,
+        index: &IndexRef,
+        projection: Option<&str>,
+    ) -> Result<Vec<Item>, PortError> {
+        let mut items = Vec::new();
+        let mut start_key = None;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table_name)
+                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+                .expression_attribute_values(":pk", AttributeValue::S(index.account.clone()))
+                .expression_attribute_values(":prefix", AttributeValue::S(overrides_prefix(index)))
+                .set_projection_expression(projection.map(str::to_owned))
+                .consistent_read(true)
+                .set_exclusive_start_key(start_key)
+                .send()
+                .await
+                .map_err(|e| self.error("Query", e))?;
+            items.extend(page.items.unwrap_or_default().into_iter().map(Item::from));
+            match page.last_evaluated_key {
+                Some(key) if !key.is_empty() => start_key = Some(key),
+                _ => return Ok(items),
+            }
+        }
+    }
+}
+
 impl SettingsTable for DynamoSettingsTable {
     async fn settings_references(&self) -> Result<Vec<SettingsReference>, PortError> {
         let mut references = Vec::new();
@@ -99,28 +136,18 @@ impl SettingsTable for DynamoSettingsTable {
     }
 
     async fn query_configs(&self, index: &IndexRef) -> Result<Vec<Item>, PortError> {
-        let prefix = format!("INDEX#{}#QUERY#", index.name);
-        let mut configs = Vec::new();
-        let mut start_key = None;
-        loop {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table_name)
-                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
-                .expression_attribute_values(":pk", AttributeValue::S(index.account.clone()))
-                .expression_attribute_values(":prefix", AttributeValue::S(prefix.clone()))
-                .consistent_read(true)
-                .set_exclusive_start_key(start_key)
-                .send()
-                .await
-                .map_err(|e| self.error("Query", e))?;
-            configs.extend(page.items.unwrap_or_default().into_iter().map(Item::from));
-            match page.last_evaluated_key {
-                Some(key) if !key.is_empty() => start_key = Some(key),
-                _ => return Ok(configs),
-            }
-        }
+        self.overrides(index, None).await
+    }
+
+    async fn override_queries(&self, index: &IndexRef) -> Result<Vec<String>, PortError> {
+        let prefix = overrides_prefix(index);
+        let items = self.overrides(index, Some("sk")).await?;
+        Ok(items
+            .iter()
+            // Everything after the first `#QUERY#` is the query, `#` and all.
+            .filter_map(|item| string_attribute(item, "sk")?.strip_prefix(&prefix))
+            .map(str::to_owned)
+            .collect())
     }
 
     async fn page(

@@ -103,6 +103,7 @@ impl ApiKeySource for SameKey {
 #[derive(Default)]
 pub struct CountingTable {
     pub scans: AtomicUsize,
+    pub override_queries: AtomicUsize,
 }
 
 impl SettingsTable for CountingTable {
@@ -114,6 +115,10 @@ impl SettingsTable for CountingTable {
         Ok(None)
     }
     async fn query_configs(&self, _: &IndexRef) -> Result<Vec<Item>, PortError> {
+        Ok(vec![])
+    }
+    async fn override_queries(&self, _: &IndexRef) -> Result<Vec<String>, PortError> {
+        self.override_queries.fetch_add(1, Ordering::SeqCst);
         Ok(vec![])
     }
     async fn page(&self, _: Option<&str>, _: Option<Item>, _: i32) -> Result<Page, PortError> {

@@ -3,6 +3,7 @@
 
 pub mod ids;
 pub mod kv;
+pub mod qfilter;
 pub mod secrets;
 pub mod settings;
 

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::{decode_token, encode_token, flag, OperatorError, Text};
 use crate::domain::{IndexRef, KvAction};
-use crate::pipeline::exporter::{ApiKeys, Exporter, Prepared};
+use crate::pipeline::exporter::{Exporter, Prepared, Run};
 use crate::ports::{ApiKeySource, KvStore, SettingsTable};
 use crate::report::{BatchReport, Outcome, RecordReport};
 
@@ -163,13 +163,11 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
         let report = if request.dry_run {
             dry_report(
                 exporter
-                    .prepare(page.records, ApiKeys::Fresh, deadline)
+                    .prepare(page.records, Run::BACKFILL, deadline)
                     .await,
             )
         } else {
-            exporter
-                .export(page.records, ApiKeys::Fresh, deadline)
-                .await
+            exporter.export(page.records, Run::BACKFILL, deadline).await
         };
         report.log();
         tally.keys_written += report.keys_written;

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use super::{ensure_exported, ensure_ready, flag, masked, rejected, IndexTarget, OperatorError};
 use super::{Rejected, Text};
 use crate::domain::{KvAction, KvKey, Namespace};
-use crate::pipeline::exporter::{ApiKeys, Exporter};
+use crate::pipeline::exporter::{Exporter, Run};
 use crate::ports::{ApiKeySource, KvStore, SettingsTable};
 use crate::report::Outcome;
 
@@ -97,7 +97,7 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
     let index = &target.index;
     let records = target.records(exporter).await?;
     if request.dry_run {
-        let prepared = exporter.prepare(records, ApiKeys::Fresh, deadline).await;
+        let prepared = exporter.prepare(records, Run::OPERATOR, deadline).await;
         ensure_ready(index, &prepared)?;
         let mut would_write = Vec::new();
         let mut would_delete = Vec::new();
@@ -124,7 +124,7 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
             rejected: rejected(prepared.plan.outcomes.iter()),
         }));
     }
-    let report = exporter.export(records, ApiKeys::Fresh, deadline).await;
+    let report = exporter.export(records, Run::OPERATOR, deadline).await;
     report.log();
     ensure_exported(index, &report)?;
     Ok(Answer::Exported(Exported {

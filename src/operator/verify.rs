@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use super::{ensure_exported, ensure_ready, flag, IndexTarget, KeyChanges, OperatorError, Text};
 use crate::domain::kv::{is_query_config_key_of, query_config_prefix};
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
-use crate::pipeline::exporter::{ApiKeys, Exporter};
+use crate::pipeline::exporter::{Exporter, Run};
 use crate::pipeline::plan::PlannedOp;
 use crate::ports::{ApiKeySource, KvStore, SettingsTable};
 
@@ -127,7 +127,7 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
     );
     let index = &target.index;
     let records = target.records(exporter).await?;
-    let mut prepared = exporter.prepare(records, ApiKeys::Fresh, deadline).await;
+    let mut prepared = exporter.prepare(records, Run::OPERATOR, deadline).await;
     ensure_ready(index, &prepared)?;
 
     let expected: BTreeMap<KvKey, String> = prepared

@@ -9,10 +9,13 @@ use tokio::time::Instant;
 
 use crate::adapters::api_keys::ApiKeyCache;
 use crate::domain::kv::KvRequest;
+use crate::domain::kv::KvValue;
+use crate::domain::qfilter::{filter_key, QueryFilter};
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace, SettingsReference};
 use crate::dynamo;
 use crate::pipeline::bulk;
-use crate::pipeline::plan::{self, Lookups};
+use crate::pipeline::plan::{self, Lookups, PlannedOp};
+use crate::pipeline::records::Change;
 use crate::pipeline::records::{decode_item, decode_record, ChangeRecord};
 use crate::ports::{
     AccountCell, ApiKeySource, KeyFailures, KeyPage, KvCounters, KvStore, LookupCounts, PortError,
@@ -45,6 +48,38 @@ pub enum ApiKeys {
     Cached,
     /// The operator modes: always fetched, so a rotated-out key is never written.
     Fresh,
+}
+
+/// Where an index's override filter learns the index's overrides from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overrides {
+    /// A Query of the table per index (the stream, backfill pages).
+    InTable,
+    /// The batch holds all of them (a re-export or verify with query configs, a reconcile).
+    InBatch,
+}
+
+/// How a batch is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub api_keys: ApiKeys,
+    pub overrides: Overrides,
+}
+
+impl Run {
+    pub const STREAM: Run = Run {
+        api_keys: ApiKeys::Cached,
+        overrides: Overrides::InTable,
+    };
+    /// Operators always get the current API key.
+    pub const OPERATOR: Run = Run {
+        api_keys: ApiKeys::Fresh,
+        overrides: Overrides::InBatch,
+    };
+    pub const BACKFILL: Run = Run {
+        api_keys: ApiKeys::Fresh,
+        overrides: Overrides::InTable,
+    };
 }
 
 /// One page of the table, decoded, and where the next one starts.
@@ -84,16 +119,16 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
             .into_iter()
             .map(|r| decode_record(r, &self.options.default_configs_sk))
             .collect();
-        self.export(records, ApiKeys::Cached, deadline).await
+        self.export(records, Run::STREAM, deadline).await
     }
 
     pub async fn export(
         &self,
         records: Vec<ChangeRecord>,
-        keys: ApiKeys,
+        run: Run,
         deadline: Instant,
     ) -> BatchReport {
-        let prepared = self.prepare(records, keys, deadline).await;
+        let prepared = self.prepare(records, run, deadline).await;
         self.apply(prepared, deadline).await
     }
 
@@ -101,9 +136,10 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
     pub async fn prepare(
         &self,
         records: Vec<ChangeRecord>,
-        keys: ApiKeys,
+        run: Run,
         deadline: Instant,
     ) -> Prepared {
+        let keys = run.api_keys;
         let cell = &self.options.default_cell;
         let (mut lookups, mut api_keys) = self.look_up(&records, keys, deadline).await;
         let mut plan = plan::plan(&records, &lookups, cell);
@@ -115,6 +151,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
                 .await;
             plan = plan::plan(&records, &lookups, cell);
         }
+        self.add_filters(&records, &mut plan, run.overrides).await;
         for (owner, note) in &plan.notes {
             let index = records[*owner].index.as_ref();
             tracing::info!(
@@ -215,6 +252,19 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
                 },
             }
         }
+        for (index, needers) in &plan.filters {
+            let key = filter_key(index);
+            if let Some(error) = failed_keys.get(&(key.namespace, key.key.as_str())) {
+                for &needer in needers {
+                    if outcomes[needer] == Outcome::Pending {
+                        outcomes[needer] = Outcome::Failed(format!(
+                            "query filter `{}` not written: {error}",
+                            key.key
+                        ));
+                    }
+                }
+            }
+        }
         report.keys_written = report.written.len();
         report.keys_deleted = report.deleted.len();
         report.lag_seconds = records
@@ -250,7 +300,8 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
         let Some(item) = self.table.index_settings(index).await? else {
             return Ok(None);
         };
-        let mut records = vec![self.decode_item(item, true)];
+        // With query configs, the settings record stands for all of them (its filter).
+        let mut records = vec![self.decode_item(item, include_query_configs)];
         if include_query_configs {
             let items = self.table.query_configs(index).await?;
             records.extend(items.into_iter().map(|item| self.decode_item(item, true)));
@@ -356,6 +407,61 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
         deadline: Instant,
     ) -> Result<Vec<String>, PortError> {
         self.kv.list_keys(namespace, prefix, deadline).await
+    }
+
+    /// The override filter of every index that needs one, put into the plan beside the
+    /// override keys (so in the same bulk write). Without its overrides, the records that
+    /// need a filter are reported for retry.
+    async fn add_filters(&self, records: &[ChangeRecord], plan: &mut plan::Plan, from: Overrides) {
+        let wanted: Vec<IndexRef> = plan.filters.keys().cloned().collect();
+        let queries: Vec<(IndexRef, Result<Vec<String>, PortError>)> = match from {
+            Overrides::InBatch => wanted
+                .into_iter()
+                .map(|index| {
+                    let queries = records
+                        .iter()
+                        .filter_map(|r| match &r.decoded {
+                            Ok(Change::UpsertQuery(c)) if c.index == index => Some(c.query.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    (index, Ok(queries))
+                })
+                .collect(),
+            Overrides::InTable => {
+                futures::stream::iter(wanted)
+                    .map(|index| async move {
+                        let queries = self.table.override_queries(&index).await;
+                        (index, queries)
+                    })
+                    .buffered(CONCURRENT_KV_REQUESTS)
+                    .collect()
+                    .await
+            }
+        };
+        for (index, queries) in queries {
+            let needers = &plan.filters[&index];
+            match queries {
+                Ok(queries) => {
+                    let filter = QueryFilter::build(&index, queries);
+                    let text = serde_json::to_string(&filter).expect("filters serialize");
+                    let op = PlannedOp {
+                        action: KvAction::Put(KvValue::new(&index, text)),
+                        owner: needers[0],
+                    };
+                    plan.ops.insert(filter_key(&index), op);
+                }
+                Err(e) => {
+                    for &needer in needers {
+                        if plan.outcomes[needer] == Outcome::Pending {
+                            plan.outcomes[needer] = Outcome::Failed(format!(
+                                "cannot read the overrides of index {index} for its filter: {e}"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// API keys, the table scan and current shop ids, all at once; then the scan, if a shop
@@ -535,6 +641,27 @@ mod tests {
         let report = exporter.export_stream(batch, deadline()).await;
         assert_eq!(exporter.table.scans.load(Ordering::SeqCst), 1);
         assert_eq!(report.count(|o| *o == Outcome::Exported), 4);
+    }
+
+    #[tokio::test]
+    async fn one_override_query_per_changed_index_per_batch() {
+        let exporter = exporter(MemoryKv::default());
+        let query = |seq: u32, index: &str, q: &str| {
+            let mut r = record(seq, "INSERT", &format!("{index}#QUERY#{q}"));
+            r["dynamodb"]["NewImage"]["query_config"] = json!({"M": {}});
+            r
+        };
+        let batch = vec![
+            query(1, "p", "a"),
+            query(2, "p", "b"),
+            query(3, "q", "a"),
+            query(4, "p", "c"),
+        ];
+        let report = exporter.export_stream(batch, deadline()).await;
+        assert_eq!(exporter.table.override_queries.load(Ordering::SeqCst), 2);
+        assert_eq!(report.count(|o| *o == Outcome::Exported), 4);
+        let values = exporter.kv.values.lock().unwrap();
+        assert!(values.contains_key("qfilter-a-p") && values.contains_key("qfilter-a-q"));
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::domain::kv::{check_key, check_put, KvValue};
+use crate::domain::qfilter::filter_key;
 use crate::domain::{ApiKey, IndexRef, IndexSettings, KvAction, KvKey, SettingsReference};
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::{AccountCell, PortError};
@@ -53,6 +54,9 @@ pub struct Plan {
     pub old_shops: Vec<(KvKey, IndexRef)>,
     /// Indexes whose settings must be read (and the plan made again) to repoint a shop key.
     pub claimers_wanted: BTreeSet<IndexRef>,
+    /// Indexes whose override filter is rebuilt, with the records (in stream order) that need
+    /// it: if the filter is not written, they are reported for retry.
+    pub filters: BTreeMap<IndexRef, Vec<usize>>,
 }
 
 /// Where the shop id an index had before a record comes from.
@@ -72,6 +76,7 @@ fn previous_shops(records: &[ChangeRecord]) -> Vec<Option<ShopSource>> {
             Ok(Change::UpsertIndex {
                 settings,
                 previous_shop,
+                ..
             }) => {
                 let source = match previous_shop {
                     PreviousShop::Known(shop) => Some(ShopSource::Known(shop.clone())),
@@ -194,6 +199,30 @@ pub fn plan(records: &[ChangeRecord], lookups: &Lookups, default_cell: &str) -> 
                 plan.ops.insert(key, PlannedOp { action, owner });
             }
             plan.old_shops.extend(old_shops);
+            match &record.decoded {
+                Ok(Change::UpsertQuery(config)) => plan
+                    .filters
+                    .entry(config.index.clone())
+                    .or_default()
+                    .push(owner),
+                Ok(Change::RemoveQuery { index, .. }) => {
+                    plan.filters.entry(index.clone()).or_default().push(owner)
+                }
+                Ok(Change::UpsertIndex {
+                    settings,
+                    with_overrides: true,
+                    ..
+                }) => plan
+                    .filters
+                    .entry(settings.index.clone())
+                    .or_default()
+                    .push(owner),
+                // A removed index's filter is deleted with it (below), not rebuilt.
+                Ok(Change::RemoveIndex { index, .. }) => {
+                    plan.filters.remove(index);
+                }
+                _ => {}
+            }
         }
         plan.outcomes.push(outcome);
     }
@@ -240,6 +269,7 @@ impl<'a> RecordPlanner<'a> {
                     return Err(Outcome::Kept { referenced_by });
                 }
                 self.ops.push((KvKey::index(index), KvAction::Delete));
+                self.ops.push((filter_key(index), KvAction::Delete));
                 if let Some(old) = self.old_shop(index, shop)? {
                     self.delete_shop(index, &old)?;
                 }
@@ -516,7 +546,14 @@ mod tests {
             "the batch itself knows the shop"
         );
         let plan = plan(&records, &lookups, CELL);
-        assert_eq!(keys(&plan), [("acct-1-products", false), ("shop-1", false)]);
+        assert_eq!(
+            keys(&plan),
+            [
+                ("acct-1-products", false),
+                ("shop-1", false),
+                ("qfilter-acct-1-products", false)
+            ]
+        );
         assert!(plan.ops.values().all(|op| op.owner == 1));
     }
 
@@ -537,7 +574,11 @@ mod tests {
         let plan = plan(&records, &lookups, CELL);
         assert_eq!(
             keys(&plan),
-            [("acct-1-products", false), ("shop-from-kv", false)]
+            [
+                ("acct-1-products", false),
+                ("shop-from-kv", false),
+                ("qfilter-acct-1-products", false)
+            ]
         );
     }
 

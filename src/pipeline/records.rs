@@ -25,6 +25,9 @@ pub enum Change {
     UpsertIndex {
         settings: Box<IndexSettings>,
         previous_shop: PreviousShop,
+        /// The batch stands for all of the index's overrides (a re-export or backfill with
+        /// query configs): its override filter is written, even when it has none.
+        with_overrides: bool,
     },
     RemoveIndex {
         index: IndexRef,
@@ -155,7 +158,7 @@ fn decode_image(
                     "the record has no NewImage: the stream view type must be NEW_IMAGE or NEW_AND_OLD_IMAGES",
                 );
             }
-            decode_upsert(index, query, change.new_image, previous_shop)
+            decode_upsert(index, query, change.new_image, previous_shop, false)
         }
         ("REMOVE", None) => Ok(Change::RemoveIndex {
             index,
@@ -174,11 +177,13 @@ fn decode_upsert(
     query: Option<String>,
     image: Item,
     previous_shop: PreviousShop,
+    with_overrides: bool,
 ) -> Result<Change, Outcome> {
     let change = match query {
         None => dynamo::index_settings(index, image).map(|settings| Change::UpsertIndex {
             settings: Box::new(settings),
             previous_shop,
+            with_overrides,
         }),
         Some(query) => dynamo::query_config(index, query, image).map(Change::UpsertQuery),
     };
@@ -216,7 +221,13 @@ pub fn decode_item(
         SortKey::Query { index, query } => (index, Some(query)),
     };
     let index = IndexRef::new(pk, name);
-    let decoded = decode_upsert(index.clone(), query, item, PreviousShop::NotAsked);
+    let decoded = decode_upsert(
+        index.clone(),
+        query,
+        item,
+        PreviousShop::NotAsked,
+        include_query_configs,
+    );
     record(Some(index), decoded)
 }
 

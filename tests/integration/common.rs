@@ -244,6 +244,19 @@ pub fn index_item(account: &str, index: &str, shop: Option<&str>) -> Value {
     item
 }
 
+/// The override keys (`qcfg-...`) in the query-config namespace, filters left out.
+pub fn override_keys(h: &Harness) -> Vec<String> {
+    h.kv.keys(CF_ACCOUNT, QCFG_NS)
+        .into_iter()
+        .filter(|k| k.starts_with("qcfg-"))
+        .collect()
+}
+
+/// An index's override filter as KV holds it.
+pub fn filter_of(h: &Harness, account: &str, index: &str) -> Option<Value> {
+    h.query_config(&format!("qfilter-{account}-{index}"))
+}
+
 /// A query-config override item in DynamoDB JSON.
 pub fn query_item(account: &str, index: &str, query: &str) -> Value {
     json!({"pk": {"S": account}, "sk": {"S": format!("INDEX#{index}#QUERY#{query}")},

@@ -63,7 +63,9 @@ async fn the_mixed_sample_writes_two_skips_one_and_rejects_one() {
         h.kv.keys(CF_ACCOUNT, SETTINGS_NS),
         ["acct-1-products", "shop-1.myshopify.com"]
     );
-    assert_eq!(h.kv.keys(CF_ACCOUNT, QCFG_NS).len(), 1);
+    assert_eq!(override_keys(&h).len(), 1);
+    // Rebuilt from the table's overrides, and this fixture's table holds none.
+    assert_eq!(filter_of(&h, "acct-1", "products").unwrap()["count"], 0);
     let summary = logs.matching("batch done");
     assert!(
         summary[0].contains("exported=2 skipped=1 rejected=1 failed=0"),
@@ -127,8 +129,9 @@ async fn the_scheduled_reconcile_sample_is_what_the_template_sends_and_is_answer
     let answer = h.invoke(sent).await;
     assert_eq!(answer["complete"], true, "{answer}");
     assert_eq!(
-        answer["repaired"]["written"], 2,
-        "the index's two keys were missing"
+        answer["repaired"]["written"], 3,
+        "the index's two keys and its (empty) filter were missing"
     );
+    assert_eq!(filter_of(&h, "acct-1", "products").unwrap()["count"], 0);
     assert!(!answer.to_string().contains("sample-key"));
 }

@@ -119,12 +119,15 @@ async fn a_manual_reexport_answers_a_summary_of_the_keys_written() {
         json!(["acct-1-products", "shop-1"])
     );
     assert_eq!(
-        answer["written"]["query_configs"].as_array().unwrap().len(),
-        1
+        answer["written"]["query_configs"],
+        json!([
+            qcfg_key("acct-1", "products", "red shoes"),
+            "qfilter-acct-1-products"
+        ])
     );
-    assert_eq!(answer["keys_written"], 3);
+    assert_eq!(answer["keys_written"], 4);
     assert_eq!(h.settings("shop-1").unwrap()["index_name"], "products");
-    assert_eq!(h.kv.keys(CF_ACCOUNT, QCFG_NS).len(), 1);
+    assert_eq!(override_keys(&h).len(), 1);
 
     let missing = runtime
         .invoke(

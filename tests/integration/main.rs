@@ -11,6 +11,7 @@ mod events;
 mod fault_matrix;
 mod lambda_runtime;
 mod operator_modes;
+mod query_filter;
 mod reconcile;
 mod secrets;
 mod stream_export;

@@ -34,7 +34,8 @@ async fn a_reexport_writes_the_index_and_only_asked_for_query_configs() {
         .invoke(json!({"system_account_id": "acct-1", "index_name": "products", "include_query_configs": true}))
         .await;
     assert_eq!(answer["query_configs_exported"], 2);
-    assert_eq!(h.kv.keys(CF_ACCOUNT, QCFG_NS).len(), 2);
+    assert_eq!(override_keys(&h).len(), 2);
+    assert_eq!(filter_of(&h, "acct-1", "products").unwrap()["count"], 2);
 }
 
 #[tokio::test]
@@ -76,7 +77,8 @@ async fn a_dry_run_looks_everything_up_writes_nothing_and_masks_the_api_key() {
     assert_eq!(answer["dry_run"], true);
     let writes = answer["would_write"].as_array().unwrap();
     let keys: Vec<&str> = writes.iter().map(|w| w["key"].as_str().unwrap()).collect();
-    assert_eq!(keys.len(), 4, "{keys:?}");
+    assert_eq!(keys.len(), 5, "{keys:?}");
+    assert!(keys.contains(&"qfilter-acct-1-products"), "the filter too");
     assert!(keys.contains(&"shop-1") && keys.contains(&"acct-1-products"));
     let settings = writes.iter().find(|w| w["key"] == "shop-1").unwrap();
     assert_eq!(settings["value"]["marqo_api_key"], "<masked>");
@@ -169,8 +171,13 @@ async fn verify_finds_each_drift_kind_and_repair_fixes_it() {
         .unwrap();
     assert_eq!(shop["fields"], json!(["index_url"]));
     assert_eq!(
+        status("qfilter-acct-1-products"),
+        Some("in_sync"),
+        "the filter is checked"
+    );
+    assert_eq!(
         answer["counts"],
-        json!({"in_sync": 1, "missing": 2, "stale": 1, "unexpected": 1})
+        json!({"in_sync": 2, "missing": 2, "stale": 1, "unexpected": 1})
     );
     assert!(
         h.kv.value(CF_ACCOUNT, QCFG_NS, &orphan).is_some(),
@@ -296,7 +303,8 @@ async fn a_backfill_of_one_account_brings_its_query_configs() {
 
     assert_eq!(answers.len(), 1);
     assert_eq!(answers[0]["exported"], 3);
-    assert_eq!(h.kv.keys(CF_ACCOUNT, QCFG_NS).len(), 2);
+    assert_eq!(override_keys(&h).len(), 2);
+    assert_eq!(filter_of(&h, "acct-1", "products").unwrap()["count"], 2);
     assert_eq!(h.settings("acct-2-other"), None);
 }
 

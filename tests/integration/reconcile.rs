@@ -4,12 +4,17 @@
 use crate::common::*;
 use serde_json::{json, Value};
 
+/// Exports the whole table with metadata (and filters), following tokens to the end.
 async fn backfill(h: &Harness) {
-    let answer = h
-        .invoke(json!({"mode": "backfill", "include_query_configs": true, "page_size": 1000}))
-        .await;
-    assert_eq!(answer["complete"], true, "{answer}");
-    assert_eq!(answer["failed"], 0, "{answer}");
+    let mut payload = json!({"mode": "backfill", "include_query_configs": true, "page_size": 1000});
+    loop {
+        let answer = h.invoke(payload.clone()).await;
+        assert_eq!(answer["failed"], 0, "{answer}");
+        if answer["complete"] == true {
+            return;
+        }
+        payload["continuation_token"] = answer["continuation_token"].clone();
+    }
 }
 
 async fn reconcile(h: &Harness, fields: Value) -> Value {
@@ -70,15 +75,18 @@ async fn each_class_is_found_and_a_dry_run_writes_nothing() {
     );
     assert_eq!(
         answer["counts"]["query_configs"],
-        json!({"in_sync": 1, "missing": 1, "stale": 0, "orphaned": 0, "protected": 0, "foreign": 0})
+        json!({"in_sync": 4, "missing": 1, "stale": 0, "orphaned": 1, "protected": 1, "foreign": 0})
     );
+    let samples = &answer["samples"]["query_configs"];
+    assert_eq!(samples["orphaned"], json!(["qfilter-acct-1-gone"]));
+    assert_eq!(samples["protected"], json!(["qfilter-acct-1-v1"]));
     let samples = &answer["samples"]["settings"];
     assert_eq!(samples["missing"], json!(["acct-1-b"]));
     assert_eq!(samples["stale"], json!(["acct-1-a", "shop-a"]));
     assert_eq!(samples["orphaned"], json!(["acct-1-gone", "shop-gone"]));
     assert_eq!(samples["protected"], json!(["acct-1-v1"]));
     assert_eq!(samples["foreign"], json!(["feature-toggle"]));
-    assert_eq!(answer["would_repair"], json!({"written": 4, "deleted": 2}));
+    assert_eq!(answer["would_repair"], json!({"written": 4, "deleted": 3}));
     assert_eq!(answer["complete"], true);
     assert_eq!(data_writes(&h), writes_before, "a dry run writes nothing");
 }
@@ -91,7 +99,7 @@ async fn repair_fixes_drift_keeps_foreign_and_protected_keys_and_a_second_run_is
 
     assert_eq!(
         answer["repaired"],
-        json!({"written": 4, "deleted": 2}),
+        json!({"written": 4, "deleted": 3}),
         "{answer}"
     );
     assert_eq!(h.settings("acct-1-b").unwrap()["index_name"], "b");
@@ -100,6 +108,8 @@ async fn repair_fixes_drift_keeps_foreign_and_protected_keys_and_a_second_run_is
     assert_eq!(h.settings("acct-1-gone"), None);
     assert_eq!(h.settings("shop-gone"), None);
     assert!(h.settings("acct-1-v1").is_some(), "protected by an alias");
+    assert_eq!(filter_of(&h, "acct-1", "gone"), None);
+    assert!(filter_of(&h, "acct-1", "v1").is_some());
     assert_eq!(
         h.kv.value(CF_ACCOUNT, SETTINGS_NS, "feature-toggle")
             .as_deref(),
@@ -208,9 +218,13 @@ async fn an_account_of_a_thousand_indexes_is_reconciled_with_list_requests_only(
         "other accounts are not counted"
     );
     assert_eq!(answer["complete"], true);
-    // 1,002 settings keys: two pages; the empty query-config namespace: one.
-    assert_eq!(calls("keys") - lists, 3);
-    assert_eq!(answer["requests"]["kv_list"], 3);
+    // 1,002 settings keys and 1,001 filters: two pages each.
+    assert_eq!(calls("keys") - lists, 4);
+    assert_eq!(answer["requests"]["kv_list"], 4);
+    assert_eq!(
+        answer["counts"]["query_configs"]["in_sync"], 1000,
+        "the filters"
+    );
     assert_eq!(calls("bulk/get") - reads, 0, "no value read");
     assert_eq!(calls("values") - values, 0);
     assert_eq!(h.keys.calls().len() - api_key_calls, 1, "one API-keys call");

@@ -114,7 +114,7 @@ async fn neither_token_nor_api_key_appears_anywhere_but_kv() {
         .exporter
         .prepare(
             decoded,
-            ecom_settings_exporter::pipeline::exporter::ApiKeys::Cached,
+            ecom_settings_exporter::pipeline::exporter::Run::STREAM,
             tokio::time::Instant::now() + Duration::from_secs(10),
         )
         .await;

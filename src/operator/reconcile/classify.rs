@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::kv::{digest, KeyMetadata, KvValue};
-use crate::domain::{IndexId, IndexRef, KvKey, Namespace, SettingsReference};
+use crate::domain::{IndexId, IndexRef, KvKey, SettingsReference};
 
 /// The class of one key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -114,8 +114,8 @@ pub fn class_of(
     let Some(owner) = owner else {
         return Some(Class::Foreign);
     };
-    let aliased =
-        listed.key.namespace == Namespace::Settings && implied.aliased.contains(&owner.id());
+    // An aliased index keeps all its keys (its overrides and filter too): never deleted unchecked.
+    let aliased = implied.aliased.contains(&owner.id());
     if aliased || implied.unexportable.contains(&owner) {
         return Some(Class::Protected);
     }

@@ -24,7 +24,7 @@ use classify::{class_of, live_targets, Class, Implied, Listed};
 use super::{decode_token, encode_token, flag, OperatorError, Text};
 use crate::domain::kv::KeyMetadata;
 use crate::domain::{KvAction, KvKey, Namespace};
-use crate::pipeline::exporter::{ApiKeys, Exporter};
+use crate::pipeline::exporter::{Exporter, Run};
 use crate::pipeline::plan::PlannedOp;
 use crate::ports::{ApiKeySource, KvStore, SettingsTable};
 use crate::report::Outcome;
@@ -376,7 +376,7 @@ async fn implied<K: KvStore, A: ApiKeySource, T: SettingsTable>(
             None => break,
         }
     }
-    let prepared = exporter.prepare(records, ApiKeys::Fresh, deadline).await;
+    let prepared = exporter.prepare(records, Run::OPERATOR, deadline).await;
     let mut unexportable = HashSet::new();
     for (record, outcome) in prepared.records.iter().zip(&prepared.plan.outcomes) {
         match outcome {
