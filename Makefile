@@ -6,11 +6,13 @@ VENV := .venv
 PYTHON ?= python3
 MOTO_VERSION := 5.2.5
 CFN_LINT_VERSION := 1.58.0
-STACK ?= ecom-settings-exporter-dev
+SAM_CLI_VERSION := 1.170.0
+# samconfig.toml section: dev or prod.
+ENV ?= dev
 # Wherever cargo builds (CARGO_TARGET_DIR or a shared target directory included).
 TARGET_DIR = $(shell cargo metadata --format-version 1 --no-deps | $(PYTHON) -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
-.PHONY: all demo build test unit-test lint fmt fuzz venv tools local deploy clean
+.PHONY: all demo build sam-build test unit-test lint fmt fuzz venv tools sam-cli local deploy clean
 
 all: lint test
 
@@ -29,6 +31,17 @@ $(VENV)/.tools: $(VENV)/.installed
 	touch $@
 
 tools: $(VENV)/.tools
+
+## The SAM CLI from PyPI into the venv (for lint, sam-build and deploy).
+$(VENV)/.sam: $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check 'aws-sam-cli==$(SAM_CLI_VERSION)'
+	touch $@
+
+sam-cli: $(VENV)/.sam
+
+# cargo-lambda and zig are found on the venv's PATH; SAM needs a region even to validate.
+SAM = PATH="$(CURDIR)/$(VENV)/bin:$$PATH" SAM_CLI_TELEMETRY=0 \
+	AWS_DEFAULT_REGION="$${AWS_REGION:-$${AWS_DEFAULT_REGION:-eu-west-1}}" $(VENV)/bin/sam
 
 ## The function's peers on this machine (moto, KV emulator, API-keys stand-in); see the README.
 local: venv
@@ -56,19 +69,23 @@ build: tools
 	rustup target add aarch64-unknown-linux-gnu
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo lambda build --release --arm64 --bin ecom-settings-exporter
 
-lint: venv
+lint: venv sam-cli
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	$(VENV)/bin/cfn-lint template.yaml
+	$(SAM) validate --lint --config-env $(ENV)
 
 fmt:
 	cargo fmt --all
 
-## sam build && sam deploy, with the template's parameters from samconfig or PARAMS="Key=Value ...".
-deploy:
-	sam build
-	sam deploy --stack-name $(STACK) --capabilities CAPABILITY_IAM --resolve-s3 \
-		$(if $(PARAMS),--parameter-overrides $(PARAMS),)
+## The SAM artifact: the arm64 bootstrap under .aws-sam/build/ExporterFunction/.
+sam-build: tools sam-cli
+	rustup target add aarch64-unknown-linux-gnu
+	$(SAM) build --config-env $(ENV)
+
+## sam build, then sam deploy with samconfig.toml's ENV section (confirms the change set in prod).
+deploy: sam-build
+	$(SAM) deploy --config-env $(ENV)
 
 clean:
 	cargo clean

@@ -4,6 +4,7 @@
 
 pub mod api_keys;
 pub mod demo;
+pub mod invoke_api;
 pub mod kv;
 pub mod poller;
 pub mod runtime_api;

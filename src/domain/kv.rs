@@ -75,8 +75,9 @@ impl KvKey {
 
 /// `qcfg-{system_account_id}-{index_name}-{sha256(normalized_query) as lower hex}`.
 pub fn query_config_key(index: &IndexRef, query: &str) -> String {
-    let digest = Sha256::digest(query.as_bytes());
-    format!("{}{:x}", query_config_prefix(index), digest)
+    let mut key = query_config_prefix(index);
+    push_hex(&mut key, &Sha256::digest(query.as_bytes()));
+    key
 }
 
 /// What every query-config key of the index starts with. Not unique to the index:
@@ -100,10 +101,21 @@ pub fn is_query_config_key_of(index: &IndexRef, key: &str) -> bool {
 pub const WRITER: &str = "ecom-settings-exporter";
 pub const MAX_METADATA_BYTES: usize = 1024;
 
+/// Appends bytes as lower-case hex.
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 0xf) as usize] as char);
+    }
+}
+
 /// The first 16 hex digits of the SHA-256 of a value.
 pub fn digest(value: &str) -> String {
-    let hash = Sha256::digest(value.as_bytes());
-    hash[..8].iter().map(|b| format!("{b:02x}")).collect()
+    let mut hex = String::with_capacity(16);
+    push_hex(&mut hex, &Sha256::digest(value.as_bytes())[..8]);
+    hex
 }
 
 /// What the exporter says about a key it wrote (docs/contract.md, "Key metadata").

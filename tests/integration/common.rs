@@ -266,10 +266,11 @@ pub fn query_item(account: &str, index: &str, query: &str) -> Value {
 /// The KV key of an override, computed here independently of the function.
 pub fn qcfg_key(account: &str, index: &str, query: &str) -> String {
     use sha2::{Digest, Sha256};
-    format!(
-        "qcfg-{account}-{index}-{:x}",
-        Sha256::digest(query.as_bytes())
-    )
+    let hash: String = Sha256::digest(query.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("qcfg-{account}-{index}-{hash}")
 }
 
 /// `{"batchItemFailures": [...]}` as a list of sequence numbers.

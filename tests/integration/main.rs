@@ -10,6 +10,7 @@ mod divergence;
 mod events;
 mod fault_matrix;
 mod lambda_runtime;
+mod operator_cli;
 mod operator_modes;
 mod query_filter;
 mod reconcile;

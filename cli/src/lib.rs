@@ -1,0 +1,384 @@
+//! The operator CLI's core: invoke the exporter through the Lambda Invoke API, follow
+//! continuation tokens to the end, keep totals, show progress, stop cleanly on Ctrl-C.
+//! `main.rs` is the argument parsing around it.
+
+use std::fmt::Write as _;
+use std::io::IsTerminal as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use aws_sdk_lambda::primitives::Blob;
+use serde_json::Value;
+
+/// Why a run could not go on.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("cannot invoke {function}: {reason}")]
+    Invoke { function: String, reason: String },
+    #[error("{function} failed ({error_type}): {message}")]
+    Function {
+        function: String,
+        error_type: String,
+        message: String,
+    },
+    #[error("{function} answered something that is not JSON: {reason}")]
+    Answer { function: String, reason: String },
+}
+
+/// Where to reach the function.
+#[derive(Debug, Clone, Default)]
+pub struct Target {
+    pub function_name: String,
+    pub region: Option<String>,
+    pub profile: Option<String>,
+    /// `http://localhost:9000` for `cargo lambda watch`, or a stand-in.
+    pub endpoint_url: Option<String>,
+    /// How long one invocation may take to answer: more than the function's timeout, or the
+    /// client gives up (and the AWS CLI's retry re-invokes a long backfill).
+    pub read_timeout: Duration,
+}
+
+/// The exporter, reached through the Lambda Invoke API.
+pub struct Exporter {
+    client: aws_sdk_lambda::Client,
+    function_name: String,
+}
+
+impl Exporter {
+    pub async fn connect(target: &Target) -> Self {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(region) = &target.region {
+            loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        if let Some(profile) = &target.profile {
+            loader = loader.profile_name(profile);
+        }
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(target.read_timeout)
+            .operation_attempt_timeout(target.read_timeout)
+            .operation_timeout(target.read_timeout)
+            .build();
+        let sdk = loader.timeout_config(timeouts).load().await;
+        // An invocation is never sent twice: a retry would run a page or a repair again.
+        let mut config = aws_sdk_lambda::config::Builder::from(&sdk)
+            .retry_config(aws_config::retry::RetryConfig::disabled());
+        if let Some(url) = &target.endpoint_url {
+            config = config.endpoint_url(url);
+        }
+        Self {
+            client: aws_sdk_lambda::Client::from_conf(config.build()),
+            function_name: target.function_name.clone(),
+        }
+    }
+
+    /// One synchronous invocation; a function error is an error naming its type.
+    pub async fn invoke(&self, payload: &Value) -> Result<Value, CtlError> {
+        let answer = self
+            .client
+            .invoke()
+            .function_name(&self.function_name)
+            .payload(Blob::new(payload.to_string()))
+            .send()
+            .await
+            .map_err(|e| CtlError::Invoke {
+                function: self.function_name.clone(),
+                reason: aws_sdk_lambda::error::DisplayErrorContext(e).to_string(),
+            })?;
+        let body = answer.payload.map(Blob::into_inner).unwrap_or_default();
+        let value: Value = serde_json::from_slice(&body).map_err(|e| CtlError::Answer {
+            function: self.function_name.clone(),
+            reason: e.to_string(),
+        })?;
+        if answer.function_error.is_some() {
+            let text = |name: &str| value[name].as_str().unwrap_or("?").to_owned();
+            return Err(CtlError::Function {
+                function: self.function_name.clone(),
+                error_type: text("errorType"),
+                message: text("errorMessage"),
+            });
+        }
+        Ok(value)
+    }
+}
+
+/// Which long run to follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Backfill,
+    Reconcile,
+}
+
+impl Mode {
+    /// What one answer adds to the totals, by name.
+    fn counters(self) -> &'static [&'static str] {
+        match self {
+            Mode::Backfill => &["exported", "skipped", "rejected", "failed"],
+            Mode::Reconcile => &[
+                "in_sync",
+                "missing",
+                "stale",
+                "orphaned",
+                "protected",
+                "foreign",
+            ],
+        }
+    }
+
+    fn unit(self) -> &'static str {
+        match self {
+            Mode::Backfill => "records",
+            Mode::Reconcile => "keys",
+        }
+    }
+}
+
+/// What a run did, over all its invocations.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Totals {
+    pub counts: Vec<(&'static str, u64)>,
+    pub invocations: usize,
+    pub written: u64,
+    pub deleted: u64,
+    pub complete: bool,
+    /// Where to resume, when the run stopped before the end.
+    pub continuation_token: Option<String>,
+    pub interrupted: bool,
+}
+
+impl Totals {
+    pub fn get(&self, name: &str) -> u64 {
+        self.counts
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0, |(_, v)| *v)
+    }
+
+    fn done(&self) -> u64 {
+        self.counts.iter().map(|(_, v)| v).sum()
+    }
+
+    /// Records failed or rejected: the run did not export everything.
+    pub fn has_problems(&self) -> bool {
+        self.get("failed") > 0 || self.get("rejected") > 0
+    }
+
+    fn add(&mut self, mode: Mode, answer: &Value) {
+        for name in mode.counters() {
+            let n = match mode {
+                Mode::Backfill => answer[name].as_u64().unwrap_or(0),
+                Mode::Reconcile => ["settings", "query_configs"]
+                    .iter()
+                    .map(|ns| answer["counts"][ns][name].as_u64().unwrap_or(0))
+                    .sum(),
+            };
+            match self.counts.iter_mut().find(|(c, _)| c == name) {
+                Some((_, total)) => *total += n,
+                None => self.counts.push((name, n)),
+            }
+        }
+        let changed = |field: &str| {
+            ["repaired", "would_repair"]
+                .iter()
+                .map(|r| answer[r][field].as_u64().unwrap_or(0))
+                .sum::<u64>()
+        };
+        self.written += answer["keys_written"].as_u64().unwrap_or(0)
+            + answer["keys_to_write"].as_u64().unwrap_or(0)
+            + changed("written");
+        self.deleted += changed("deleted");
+    }
+
+    /// One line: the counts by name, then the writes.
+    pub fn summary(&self, mode: Mode) -> String {
+        let mut line = format!("{} {}:", self.done(), mode.unit());
+        for (name, n) in &self.counts {
+            let _ = write!(line, " {name} {n},");
+        }
+        let _ = write!(
+            line,
+            " keys written {}, deleted {}; {} invocations",
+            self.written, self.deleted, self.invocations
+        );
+        line
+    }
+}
+
+/// Shows progress: a live line on a terminal, a plain line per invocation otherwise.
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    started: Instant,
+}
+
+impl Progress {
+    pub fn new(show_bar: bool) -> Self {
+        let bar = (show_bar && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar
+        });
+        Self {
+            bar,
+            started: Instant::now(),
+        }
+    }
+
+    fn update(&self, mode: Mode, totals: &Totals) {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let rate = totals.done() as f64 / elapsed.max(0.001);
+        let line = format!(
+            "{}  {rate:.0} {}/s, {elapsed:.1} s",
+            totals.summary(mode),
+            mode.unit()
+        );
+        match &self.bar {
+            Some(bar) => bar.set_message(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Invokes `payload` again and again, each time with the last answer's token, until the run
+/// is complete or `interrupted` is set (the invocation under way finishes first).
+pub async fn follow(
+    exporter: &Exporter,
+    mode: Mode,
+    mut payload: Value,
+    interrupted: &AtomicBool,
+    progress: &Progress,
+) -> Result<Totals, CtlError> {
+    let mut totals = Totals::default();
+    loop {
+        let answer = exporter.invoke(&payload).await?;
+        totals.invocations += 1;
+        totals.add(mode, &answer);
+        progress.update(mode, &totals);
+        totals.complete = answer["complete"] == Value::Bool(true);
+        totals.continuation_token = answer["continuation_token"].as_str().map(str::to_owned);
+        // A backfill stops at a failing page; going on would only fail it again.
+        let stuck = mode == Mode::Backfill && answer["failed"].as_u64().unwrap_or(0) > 0;
+        if totals.complete || totals.continuation_token.is_none() || stuck {
+            break;
+        }
+        if interrupted.load(Ordering::SeqCst) {
+            totals.interrupted = true;
+            break;
+        }
+        payload["continuation_token"] = Value::String(totals.continuation_token.clone().unwrap());
+    }
+    progress.finish();
+    Ok(totals)
+}
+
+/// A verify answer as a table an operator reads.
+pub fn verify_table(answer: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} / {}: {}",
+        answer["system_account_id"].as_str().unwrap_or("?"),
+        answer["index_name"].as_str().unwrap_or("?"),
+        if answer["in_sync"] == Value::Bool(true) {
+            "in sync"
+        } else {
+            "DRIFT"
+        }
+    );
+    let keys = answer["keys"].as_array().cloned().unwrap_or_default();
+    let width = keys
+        .iter()
+        .map(|k| k["key"].as_str().unwrap_or("").len())
+        .max()
+        .unwrap_or(3)
+        .max(3);
+    let _ = writeln!(
+        out,
+        "{:<13}  {:<width$}  {:<10}  fields",
+        "namespace", "key", "status"
+    );
+    for key in keys {
+        let fields = key["fields"]
+            .as_array()
+            .map(|f| {
+                f.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{:<13}  {:<width$}  {:<10}  {fields}",
+            key["namespace"].as_str().unwrap_or(""),
+            key["key"].as_str().unwrap_or(""),
+            key["status"].as_str().unwrap_or(""),
+        );
+    }
+    for (label, field) in [("repaired", "repaired"), ("would repair", "would_repair")] {
+        if let Some(changes) = answer.get(field) {
+            let _ = writeln!(
+                out,
+                "{label}: written {}, deleted {}",
+                changes["written"].as_array().map_or(0, Vec::len),
+                changes["deleted"].as_array().map_or(0, Vec::len)
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn totals_add_up_backfill_and_reconcile_answers() {
+        let mut backfill = Totals::default();
+        for answer in [
+            json!({"exported": 3, "skipped": 1, "rejected": 0, "failed": 0, "keys_written": 6}),
+            json!({"exported": 2, "skipped": 0, "rejected": 1, "failed": 0, "keys_written": 4}),
+        ] {
+            backfill.add(Mode::Backfill, &answer);
+        }
+        assert_eq!(backfill.get("exported"), 5);
+        assert_eq!(backfill.written, 10);
+        assert!(backfill.has_problems());
+
+        let mut reconcile = Totals::default();
+        reconcile.add(
+            Mode::Reconcile,
+            &json!({"counts": {"settings": {"in_sync": 2, "missing": 1},
+                               "query_configs": {"in_sync": 1}},
+                    "repaired": {"written": 1, "deleted": 0}}),
+        );
+        assert_eq!(reconcile.get("in_sync"), 3);
+        assert_eq!(reconcile.written, 1);
+        assert!(!reconcile.has_problems());
+    }
+
+    #[test]
+    fn a_verify_answer_reads_as_a_table() {
+        let table = verify_table(&json!({
+            "system_account_id": "acct-1", "index_name": "p", "in_sync": false,
+            "keys": [{"namespace": "settings", "key": "shop-1", "status": "stale",
+                      "fields": ["index_url"]}],
+            "repaired": {"written": ["shop-1"], "deleted": []}
+        }));
+        assert!(table.starts_with("acct-1 / p: DRIFT\n"), "{table}");
+        assert!(
+            table.contains("settings       shop-1  stale       index_url"),
+            "{table}"
+        );
+        assert!(
+            table.ends_with("repaired: written 1, deleted 0\n"),
+            "{table}"
+        );
+    }
+}

@@ -1,0 +1,204 @@
+//! `ecom-settings-ctl`: runs the exporter's backfill and reconcile to completion, and verifies
+//! one index, through the Lambda Invoke API (docs/operations.md, "The operator CLI").
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ecom_settings_ctl::{follow, verify_table, Exporter, Mode, Progress, Target};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Operate ecom-settings-exporter: backfill, reconcile, verify"
+)]
+struct Cli {
+    /// The function, e.g. dev-EcomSettingsExporterLambda.
+    #[arg(long, env = "ECOM_EXPORTER_FUNCTION")]
+    function_name: String,
+    #[arg(long)]
+    region: Option<String>,
+    #[arg(long)]
+    profile: Option<String>,
+    /// http://localhost:9000 for `cargo lambda watch`.
+    #[arg(long)]
+    endpoint_url: Option<String>,
+    /// Seconds one invocation may take to answer; keep it above the function's timeout (120).
+    #[arg(long, default_value_t = 960)]
+    read_timeout: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Export the whole table (or one account) to KV, following continuation tokens.
+    Backfill(Backfill),
+    /// Classify every KV key against the table, and repair drift with --repair.
+    Reconcile(Reconcile),
+    /// Compare one index's keys with the table; --repair fixes them.
+    Verify(Verify),
+}
+
+#[derive(Args)]
+struct Common {
+    /// Only this system account.
+    #[arg(long)]
+    account: Option<String>,
+    /// Look everything up, write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Resume where an earlier run stopped.
+    #[arg(long)]
+    continuation_token: Option<String>,
+}
+
+#[derive(Args)]
+struct Backfill {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long)]
+    include_query_configs: bool,
+    /// Table items per page (1 to 1000).
+    #[arg(long)]
+    page_size: Option<u32>,
+}
+
+#[derive(Args)]
+struct Reconcile {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long)]
+    repair: bool,
+    /// Read every value, to catch hand edits that kept their metadata.
+    #[arg(long)]
+    deep: bool,
+}
+
+#[derive(Args)]
+struct Verify {
+    #[arg(long)]
+    account: String,
+    #[arg(long)]
+    index: String,
+    #[arg(long)]
+    include_query_configs: bool,
+    #[arg(long)]
+    repair: bool,
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// The payload fields that are set.
+fn payload(fields: &[(&str, Value)]) -> Value {
+    Value::Object(
+        fields
+            .iter()
+            .filter(|(_, v)| !v.is_null() && *v != Value::Bool(false))
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+    )
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let exporter = Exporter::connect(&Target {
+        function_name: cli.function_name.clone(),
+        region: cli.region,
+        profile: cli.profile,
+        endpoint_url: cli.endpoint_url,
+        read_timeout: Duration::from_secs(cli.read_timeout),
+    })
+    .await;
+    let (mode, request) = match cli.command {
+        Command::Verify(v) => {
+            let request = payload(&[
+                ("mode", json!("verify")),
+                ("system_account_id", json!(v.account)),
+                ("index_name", json!(v.index)),
+                ("include_query_configs", json!(v.include_query_configs)),
+                ("repair", json!(v.repair)),
+                ("dry_run", json!(v.dry_run)),
+            ]);
+            return match exporter.invoke(&request).await {
+                Ok(answer) => {
+                    print!("{}", verify_table(&answer));
+                    // Drift left behind is a finding: say so in the exit code.
+                    let fixed = v.repair && !v.dry_run;
+                    if answer["in_sync"] == json!(true) || fixed {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Command::Backfill(b) => (
+            Mode::Backfill,
+            payload(&[
+                ("mode", json!("backfill")),
+                ("system_account_id", json!(b.common.account)),
+                ("include_query_configs", json!(b.include_query_configs)),
+                ("page_size", json!(b.page_size)),
+                ("dry_run", json!(b.common.dry_run)),
+                ("continuation_token", json!(b.common.continuation_token)),
+            ]),
+        ),
+        Command::Reconcile(r) => (
+            Mode::Reconcile,
+            payload(&[
+                ("mode", json!("reconcile")),
+                ("system_account_id", json!(r.common.account)),
+                ("repair", json!(r.repair)),
+                ("deep", json!(r.deep)),
+                ("dry_run", json!(r.common.dry_run)),
+                ("continuation_token", json!(r.common.continuation_token)),
+            ]),
+        ),
+    };
+
+    // Ctrl-C lets the invocation under way finish, then stops with the token to resume with.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("\ninterrupted: finishing the invocation under way (Ctrl-C again to abort)");
+            flag.store(true, Ordering::SeqCst);
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+    });
+    let progress = Progress::new(true);
+    match follow(&exporter, mode, request, &interrupted, &progress).await {
+        Ok(totals) => {
+            println!("{}", totals.summary(mode));
+            if let Some(token) = totals
+                .continuation_token
+                .as_deref()
+                .filter(|_| !totals.complete)
+            {
+                println!("not complete; resume with --continuation-token {token}");
+            }
+            if totals.interrupted {
+                ExitCode::from(130)
+            } else if totals.has_problems() || !totals.complete {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}

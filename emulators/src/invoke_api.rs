@@ -1,0 +1,88 @@
+//! The Lambda Invoke API (`POST /2015-03-31/functions/{name}/invocations`) in front of a
+//! [`RuntimeApi`]: what the AWS SDK or `aws lambda invoke --endpoint-url` talks to, so the
+//! operator CLI drives the real function binary as it would in AWS.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use serde_json::Value;
+
+use crate::runtime_api::RuntimeApi;
+
+struct InvokeState {
+    runtime: Arc<RuntimeApi>,
+    timeout: Duration,
+    /// Payloads received, in order.
+    payloads: Mutex<Vec<Value>>,
+}
+
+/// A running Invoke API; stops when dropped.
+pub struct InvokeApi {
+    addr: SocketAddr,
+    state: Arc<InvokeState>,
+    _server: crate::ServerHandle,
+}
+
+impl InvokeApi {
+    /// Invocations reach `runtime` with `timeout` as the function's deadline.
+    pub async fn start(runtime: Arc<RuntimeApi>, timeout: Duration) -> std::io::Result<Self> {
+        let state = Arc::new(InvokeState {
+            runtime,
+            timeout,
+            payloads: Mutex::default(),
+        });
+        let router = Router::new()
+            .route("/2015-03-31/functions/{name}/invocations", post(invoke))
+            .with_state(state.clone());
+        let (addr, server) = crate::serve(0, router).await?;
+        Ok(Self {
+            addr,
+            state,
+            _server: server,
+        })
+    }
+
+    /// For `--endpoint-url`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn payloads(&self) -> Vec<Value> {
+        self.state.payloads.lock().unwrap().clone()
+    }
+}
+
+async fn invoke(
+    State(state): State<Arc<InvokeState>>,
+    Path(_name): Path<String>,
+    body: Bytes,
+) -> Response {
+    let payload: Value = match serde_json::from_slice(&body) {
+        Ok(payload) => payload,
+        Err(e) => {
+            let message = format!("Could not parse request body into json: {e}");
+            let body = serde_json::json!({"Type": "User", "message": message});
+            return (StatusCode::BAD_REQUEST, body.to_string()).into_response();
+        }
+    };
+    state.payloads.lock().unwrap().push(payload.clone());
+    match state.runtime.invoke(payload, state.timeout).await {
+        Ok(answer) => (StatusCode::OK, answer.to_string()).into_response(),
+        // A function error is still a 200, flagged in a header, as Lambda answers.
+        Err(error) => {
+            let mut response = (StatusCode::OK, error.to_string()).into_response();
+            response.headers_mut().insert(
+                "x-amz-function-error",
+                HeaderValue::from_static("Unhandled"),
+            );
+            response
+        }
+    }
+}
