@@ -12,7 +12,7 @@ ENV ?= dev
 # Wherever cargo builds (CARGO_TARGET_DIR or a shared target directory included).
 TARGET_DIR = $(shell cargo metadata --format-version 1 --no-deps | $(PYTHON) -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
-.PHONY: all demo build sam-build test unit-test lint fmt fuzz venv tools sam-cli local deploy clean
+.PHONY: all bench demo build sam-build test unit-test lint fmt fuzz venv tools sam-cli local deploy clean
 
 all: lint test
 
@@ -51,6 +51,13 @@ local: venv
 demo: venv
 	cargo build --quiet --locked -p ecom-settings-exporter -p ecom-emulators
 	$(TARGET_DIR)/debug/ecom-emulators demo --function $(TARGET_DIR)/debug/ecom-settings-exporter
+
+## The release binary end to end at 100, 1,000 and 10,000 records, beside the Python reference.
+bench: venv
+	cargo build --quiet --locked --release -p ecom-settings-exporter
+	cargo build --quiet --locked -p ecom-emulators
+	scripts/with-moto.sh $(TARGET_DIR)/debug/ecom-emulators bench \
+		--function $(TARGET_DIR)/release/ecom-settings-exporter --python $(VENV)/bin/python
 
 ## Unit and integration tests (moto on a free port, KV emulator and API-keys stand-in in-process).
 test: venv

@@ -16,9 +16,16 @@ use serde_json::Value;
 
 use crate::runtime_api::RuntimeApi;
 
+/// A scripted function: its answer (`Err`: the error document) to each payload.
+pub type Script = Arc<dyn Fn(Value) -> Result<Value, Value> + Send + Sync>;
+
+enum Backend {
+    Runtime(Arc<RuntimeApi>, Duration),
+    Script(Script, Duration),
+}
+
 struct InvokeState {
-    runtime: Arc<RuntimeApi>,
-    timeout: Duration,
+    backend: Backend,
     /// Payloads received, in order.
     payloads: Mutex<Vec<Value>>,
 }
@@ -33,9 +40,17 @@ pub struct InvokeApi {
 impl InvokeApi {
     /// Invocations reach `runtime` with `timeout` as the function's deadline.
     pub async fn start(runtime: Arc<RuntimeApi>, timeout: Duration) -> std::io::Result<Self> {
+        Self::serve(Backend::Runtime(runtime, timeout)).await
+    }
+
+    /// Answers with `script`, each answer after `delay` (a function that takes its time).
+    pub async fn scripted(script: Script, delay: Duration) -> std::io::Result<Self> {
+        Self::serve(Backend::Script(script, delay)).await
+    }
+
+    async fn serve(backend: Backend) -> std::io::Result<Self> {
         let state = Arc::new(InvokeState {
-            runtime,
-            timeout,
+            backend,
             payloads: Mutex::default(),
         });
         let router = Router::new()
@@ -73,7 +88,14 @@ async fn invoke(
         }
     };
     state.payloads.lock().unwrap().push(payload.clone());
-    match state.runtime.invoke(payload, state.timeout).await {
+    let answer = match &state.backend {
+        Backend::Runtime(runtime, timeout) => runtime.invoke(payload, *timeout).await,
+        Backend::Script(script, delay) => {
+            tokio::time::sleep(*delay).await;
+            script(payload)
+        }
+    };
+    match answer {
         Ok(answer) => (StatusCode::OK, answer.to_string()).into_response(),
         // A function error is still a 200, flagged in a header, as Lambda answers.
         Err(error) => {

@@ -3,6 +3,7 @@
 //! injection, an API keys service, and a Lambda runtime API to run the real binary against.
 
 pub mod api_keys;
+pub mod bench;
 pub mod demo;
 pub mod invoke_api;
 pub mod kv;

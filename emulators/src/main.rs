@@ -16,7 +16,11 @@ usage:
   ecom-emulators demo [--batching-window 2] [--function target/debug/ecom-settings-exporter]
                       [--moto .venv/bin/moto_server]
       Table, stream, function and KV on this machine: writes a scenario, times each change
-      until KV shows it, and exits 0 only when KV holds what the table implies.";
+      until KV shows it, and exits 0 only when KV holds what the table implies.
+  ecom-emulators bench [--function target/release/ecom-settings-exporter] [--sizes 100,1000,10000]
+                       [--python .venv/bin/python]
+      What `make bench` runs (under moto): CPU, wall, peak RSS of the release function per batch
+      size, beside the Python reference of the same work.";
 
 async fn demo(args: &[String]) -> ExitCode {
     let mut options = ecom_emulators::demo::DemoOptions {
@@ -106,6 +110,46 @@ fn parse(
     Ok((port, values))
 }
 
+/// `bench --function PATH [--python .venv/bin/python] [--sizes 100,1000,10000]`
+async fn bench(args: &[String]) -> ExitCode {
+    let mut options = ecom_emulators::bench::BenchOptions {
+        function_binary: "target/release/ecom-settings-exporter".into(),
+        python: ".venv/bin/python".into(),
+        reference: "bench/reference.py".into(),
+        sizes: vec![100, 1_000, 10_000],
+        kv_latency: std::time::Duration::from_millis(50),
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let Some(value) = it.next() else {
+            eprintln!("{flag} needs a value\n{USAGE}");
+            return ExitCode::from(2);
+        };
+        match flag.as_str() {
+            "--function" => options.function_binary = value.into(),
+            "--python" => options.python = value.into(),
+            "--sizes" => match value.split(',').map(str::parse).collect() {
+                Ok(sizes) => options.sizes = sizes,
+                Err(_) => {
+                    eprintln!("--sizes takes numbers like 100,1000\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
+            other => {
+                eprintln!("unknown flag `{other}`\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match ecom_emulators::bench::run(options).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -118,6 +162,9 @@ async fn main() -> ExitCode {
     }
     if args.first().map(String::as_str) == Some("demo") {
         return demo(&args[1..]).await;
+    }
+    if args.first().map(String::as_str) == Some("bench") {
+        return bench(&args[1..]).await;
     }
     let router = match args.first().map(String::as_str) {
         Some("kv") => parse(&args[1..], 8787, "--token").map(|(port, tokens)| {

@@ -29,6 +29,8 @@ struct RuntimeState {
     queue: tokio::sync::Mutex<mpsc::Receiver<Invocation>>,
     waiting: Mutex<HashMap<String, oneshot::Sender<Result<Value, Value>>>>,
     init_error: Mutex<Option<Value>>,
+    /// When the function first asked for an invocation: the end of its cold start.
+    first_poll: Mutex<Option<std::time::Instant>>,
 }
 
 type Shared = Arc<RuntimeState>;
@@ -48,6 +50,7 @@ impl RuntimeApi {
             queue: tokio::sync::Mutex::new(receiver),
             waiting: Mutex::default(),
             init_error: Mutex::default(),
+            first_poll: Mutex::default(),
         });
         let router = Router::new()
             .route("/2018-06-01/runtime/invocation/next", get(next))
@@ -102,12 +105,22 @@ impl RuntimeApi {
         }
     }
 
+    /// When the function first polled for an invocation.
+    pub fn first_poll(&self) -> Option<std::time::Instant> {
+        *self.state.first_poll.lock().unwrap()
+    }
+
     pub fn init_error(&self) -> Option<Value> {
         self.state.init_error.lock().unwrap().clone()
     }
 }
 
 async fn next(State(state): State<Shared>) -> Response {
+    state
+        .first_poll
+        .lock()
+        .unwrap()
+        .get_or_insert_with(std::time::Instant::now);
     let invocation = state.queue.lock().await.recv().await;
     let Some(invocation) = invocation else {
         return StatusCode::GONE.into_response();

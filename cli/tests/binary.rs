@@ -1,0 +1,157 @@
+//! The `ecom-settings-ctl` binary against a scripted function behind the Lambda Invoke API:
+//! tokens followed, totals, exit codes, and Ctrl-C finishing the invocation under way.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ecom_emulators::invoke_api::{InvokeApi, Script};
+use serde_json::{json, Value};
+
+/// A backfill of three pages: tokens `p2` and `p3`, then complete.
+fn three_pages() -> Script {
+    Arc::new(|payload: Value| {
+        let (exported, next) = match payload["continuation_token"].as_str() {
+            None => (10, Some("p2")),
+            Some("p2") => (10, Some("p3")),
+            Some(_) => (5, None),
+        };
+        Ok(
+            json!({"mode": "backfill", "exported": exported, "skipped": 0, "rejected": 0,
+                  "failed": 0, "keys_written": exported * 2, "complete": next.is_none(),
+                  "continuation_token": next}),
+        )
+    })
+}
+
+fn ctl(api: &InvokeApi, args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ecom-settings-ctl"));
+    command
+        .args([
+            "--function-name",
+            "dev-EcomSettingsExporterLambda",
+            "--region",
+            "eu-west-1",
+        ])
+        .args(["--endpoint-url", &api.url()])
+        .args(args)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+#[tokio::test]
+async fn a_backfill_runs_to_completion_and_prints_its_totals() {
+    let api = InvokeApi::scripted(three_pages(), Duration::ZERO)
+        .await
+        .unwrap();
+
+    let output = ctl(&api, &["backfill", "--include-query-configs"])
+        .output()
+        .await
+        .unwrap();
+
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.starts_with("25 records: exported 25, skipped 0, rejected 0, failed 0, keys written 50, deleted 0; 3 invocations"),
+        "{stdout}"
+    );
+    let sent = api.payloads();
+    assert_eq!(
+        sent[0],
+        json!({"mode": "backfill", "include_query_configs": true})
+    );
+    assert_eq!(sent[2]["continuation_token"], "p3");
+    let progress = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        progress.lines().count(),
+        3,
+        "a plain line per invocation off a terminal: {progress}"
+    );
+}
+
+#[tokio::test]
+async fn ctrl_c_finishes_the_invocation_under_way_and_prints_the_token() {
+    let api = InvokeApi::scripted(three_pages(), Duration::from_millis(1500))
+        .await
+        .unwrap();
+    let child = ctl(&api, &["backfill"]).spawn().unwrap();
+    let pid = child.id().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+
+    let output = child.wait_with_output().await.unwrap();
+
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(130), "{stdout}");
+    assert!(
+        stdout.starts_with("10 records: exported 10,"),
+        "the first page finished: {stdout}"
+    );
+    assert!(
+        stdout.contains("resume with --continuation-token p2"),
+        "{stdout}"
+    );
+    assert_eq!(api.payloads().len(), 1, "no new invocation after Ctrl-C");
+}
+
+#[tokio::test]
+async fn failures_and_function_errors_exit_non_zero() {
+    let rejecting: Script = Arc::new(|_| {
+        Ok(
+            json!({"exported": 1, "skipped": 0, "rejected": 1, "failed": 0, "complete": true,
+                  "continuation_token": null}),
+        )
+    });
+    let api = InvokeApi::scripted(rejecting, Duration::ZERO)
+        .await
+        .unwrap();
+    let output = ctl(&api, &["backfill"]).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(1));
+
+    let failing: Script = Arc::new(|_| {
+        Err(
+            json!({"errorType": "InvalidPayload", "errorMessage": "invalid manual payload: `mode` ..."}),
+        )
+    });
+    let api = InvokeApi::scripted(failing, Duration::ZERO).await.unwrap();
+    let output = ctl(&api, &["reconcile", "--repair"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("failed (InvalidPayload): invalid manual payload"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn verify_prints_a_table_and_exits_one_on_drift() {
+    let drift: Script = Arc::new(|payload: Value| {
+        assert_eq!(payload["mode"], "verify");
+        Ok(
+            json!({"system_account_id": "acct-1", "index_name": "p", "in_sync": false,
+                  "keys": [{"namespace": "settings", "key": "acct-1-p", "status": "missing"}]}),
+        )
+    });
+    let api = InvokeApi::scripted(drift, Duration::ZERO).await.unwrap();
+    let output = ctl(&api, &["verify", "--account", "acct-1", "--index", "p"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("acct-1 / p: DRIFT"), "{stdout}");
+    assert!(
+        stdout.contains("settings       acct-1-p  missing"),
+        "{stdout}"
+    );
+}

@@ -1,0 +1,273 @@
+//! `ecom-emulators bench` (what `make bench` runs): the release function binary end to end
+//! behind the runtime API, with the KV emulator (50 ms a request) and the API-keys stand-in in
+//! this process and Secrets Manager in moto. For each batch size it measures the function
+//! process only: CPU time of all its threads (from /proc schedstat, in ns), wall time of the
+//! invocation, peak RSS, and cold start to the first poll; then the Python reference
+//! (`bench/reference.py`: boto3's TypeDeserializer, the value built, json.dumps) on the same
+//! event, and the ratio.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::api_keys::ApiKeysStandIn;
+use crate::kv::{Fault, KvEmulator};
+use crate::runtime_api::RuntimeApi;
+
+pub struct BenchOptions {
+    pub function_binary: PathBuf,
+    pub python: PathBuf,
+    pub reference: PathBuf,
+    pub sizes: Vec<usize>,
+    pub kv_latency: Duration,
+}
+
+const ACCOUNTS: usize = 5;
+const TOKEN: &str = "bench-token";
+
+/// One INSERT record of an index with a realistic settings image (about 870 bytes).
+fn record(i: usize) -> Value {
+    let account = format!("acct-{}", i % ACCOUNTS);
+    let index = format!("index-{i:05}");
+    let image = json!({
+        "pk": {"S": account}, "sk": {"S": format!("INDEX#{index}")},
+        "index_endpoint": {"S": format!("https://{account}-{index}.idx.example.com/indexes/{index}")},
+        "shop_id": {"S": format!("shop-{i:05}.myshopify.com")},
+        "cell": {"S": "default"},
+        "pixel_id": {"S": format!("px-{i:08}")},
+        "search_config": {"M": {
+            "limit": {"N": "20"}, "offset": {"N": "0"}, "ratio": {"N": "0.75"},
+            "searchable_attributes": {"L": [{"S": "title"}, {"S": "description"}]}
+        }},
+        "feature_flags": {"M": {"rerank": {"BOOL": true}, "variants": {"SS": ["a", "b"]}}},
+        "index_aliases": {"M": {
+            "doc_reads": {"M": {"enabled": {"BOOL": true}, "targets": {"L": [
+                {"M": {"index_id": {"S": format!("{account}-{index}")}, "weight": {"N": "1"}}}]}}},
+            "analytics": {"M": {"enabled": {"BOOL": false}, "index_id": {"NULL": true}}}
+        }}
+    });
+    json!({
+        "eventID": format!("{i:032x}"), "eventName": "INSERT", "eventVersion": "1.1",
+        "eventSource": "aws:dynamodb", "awsRegion": "eu-west-1",
+        "dynamodb": {
+            "ApproximateCreationDateTime": 1.7e9,
+            "Keys": {"pk": image["pk"], "sk": image["sk"]},
+            "NewImage": image,
+            "SequenceNumber": format!("{:021}", 100_000_000 + i),
+            "SizeBytes": 800, "StreamViewType": "NEW_AND_OLD_IMAGES"
+        }
+    })
+}
+
+pub fn event(records: usize) -> Value {
+    json!({ "Records": (0..records).map(record).collect::<Vec<_>>() })
+}
+
+/// CPU time of every thread of a process, from the scheduler's own accounting.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Peak resident memory of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Figures {
+    pub records: usize,
+    pub event_bytes: usize,
+    pub cpu_ms: f64,
+    pub wall_ms: f64,
+    pub peak_rss_mib: f64,
+    pub cold_start_ms: f64,
+    pub bulk_writes: usize,
+    pub api_key_calls: usize,
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn rust_figures(options: &BenchOptions, records: usize) -> Result<Figures, String> {
+    let moto = std::env::var("AWS_ENDPOINT_URL").map_err(|_| "AWS_ENDPOINT_URL: run under moto")?;
+    let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let secret_id = format!("bench/CloudFlareApiToken-{}-{records}", std::process::id());
+    aws_sdk_secretsmanager::Client::new(&aws)
+        .create_secret()
+        .name(&secret_id)
+        .secret_string(TOKEN)
+        .send()
+        .await
+        .map_err(|e| format!("secret in moto: {e}"))?;
+    let kv = KvEmulator::start(0, &[TOKEN])
+        .await
+        .map_err(|e| e.to_string())?;
+    kv.inject(
+        Fault::Delay {
+            millis: options.kv_latency.as_millis() as u64,
+        },
+        1_000_000,
+    );
+    let keys = ApiKeysStandIn::start(0).await.map_err(|e| e.to_string())?;
+    for a in 0..ACCOUNTS {
+        keys.set_key(&format!("acct-{a}"), &format!("marqo-key-{a}"));
+    }
+    keys.set_key("acct-warm", "marqo-key-warm");
+    let runtime = Arc::new(RuntimeApi::start(0).await.map_err(|e| e.to_string())?);
+    let payload = event(records);
+    let event_bytes = payload.to_string().len();
+
+    let spawned = Instant::now();
+    let child = Command::new(&options.function_binary)
+        .env("AWS_LAMBDA_RUNTIME_API", runtime.endpoint())
+        .env("AWS_LAMBDA_FUNCTION_NAME", "ecom-settings-exporter")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .env("AWS_LAMBDA_LOG_FORMAT", "JSON")
+        .env("AWS_ENDPOINT_URL", &moto)
+        .env("SETTINGS_TABLE_NAME", "bench-EcomIndexSettingsTable")
+        .env("CLOUDFLARE_ACCOUNT_ID", "cf-bench")
+        .env("CLOUDFLARE_KV_NAMESPACE_ID", "ns-settings")
+        .env("CLOUDFLARE_QCFG_NAMESPACE_ID", "ns-qcfg")
+        .env("CLOUDFLARE_API_TOKEN_SECRET_ID", &secret_id)
+        .env("CLOUDFLARE_API_BASE_URL", kv.base_url())
+        .env("API_KEYS_SERVICE_URL", keys.url_template())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{}: {e}", options.function_binary.display()))?;
+    let child = Killed(child);
+    let pid = child.0.id();
+    let first_poll = loop {
+        if let Some(at) = runtime.first_poll() {
+            break at;
+        }
+        if spawned.elapsed() > Duration::from_secs(10) {
+            return Err("the function never polled the runtime API".into());
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    };
+    let cold_start = first_poll.duration_since(spawned);
+    // A warm container: the token fetched and the clients connected by an earlier batch.
+    let mut warm_up = event(1);
+    warm_up["Records"][0]["dynamodb"]["NewImage"]["pk"] = json!({"S": "acct-warm"});
+    warm_up["Records"][0]["dynamodb"]["Keys"]["pk"] = json!({"S": "acct-warm"});
+    warm_up["Records"][0]["dynamodb"]["NewImage"]["shop_id"] = json!({"S": "shop-warm"});
+    runtime
+        .invoke(warm_up, Duration::from_secs(60))
+        .await
+        .map_err(|e| format!("the warm-up failed: {e}"))?;
+    let bulk_before = kv
+        .requests()
+        .iter()
+        .filter(|r| r.operation == "bulk")
+        .count();
+    let calls_before = keys.calls().len();
+
+    let cpu_before = cpu_ns(pid);
+    let started = Instant::now();
+    let answer = runtime
+        .invoke(payload, Duration::from_secs(120))
+        .await
+        .map_err(|e| format!("the function failed: {e}"))?;
+    let wall = started.elapsed();
+    let cpu = cpu_ns(pid) - cpu_before;
+    if answer != json!({"batchItemFailures": []}) {
+        return Err(format!("unexpected answer: {answer}"));
+    }
+    let written = kv.keys("cf-bench", "ns-settings").len();
+    if written != records * 2 + 2 {
+        return Err(format!(
+            "{written} keys in KV, expected {}",
+            records * 2 + 2
+        ));
+    }
+    Ok(Figures {
+        records,
+        event_bytes,
+        cpu_ms: cpu as f64 / 1e6,
+        wall_ms: wall.as_secs_f64() * 1000.0,
+        peak_rss_mib: peak_rss_kib(pid) as f64 / 1024.0,
+        cold_start_ms: cold_start.as_secs_f64() * 1000.0,
+        bulk_writes: kv
+            .requests()
+            .iter()
+            .filter(|r| r.operation == "bulk")
+            .count()
+            - bulk_before,
+        api_key_calls: keys.calls().len() - calls_before,
+    })
+}
+
+fn python_figures(options: &BenchOptions, records: usize) -> Result<Value, String> {
+    let path =
+        std::env::temp_dir().join(format!("bench-event-{}-{records}.json", std::process::id()));
+    std::fs::write(&path, event(records).to_string()).map_err(|e| e.to_string())?;
+    let output = Command::new(&options.python)
+        .arg(&options.reference)
+        .arg(&path)
+        .output()
+        .map_err(|e| format!("{}: {e}", options.python.display()));
+    let _ = std::fs::remove_file(&path);
+    let output = output?;
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())
+}
+
+/// Runs every size and prints the table; `Err` names what went wrong.
+pub async fn run(options: BenchOptions) -> Result<Vec<(Figures, Value)>, String> {
+    println!(
+        "| records | event | Rust CPU ms (warm) | wall ms | peak RSS MiB | records/s (CPU) | cold start ms | requests | Python CPU ms | wall ms | peak RSS MiB | records/s (CPU) | Python / Rust CPU |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|");
+    let mut all = Vec::new();
+    for &records in &options.sizes {
+        let rust = rust_figures(&options, records).await?;
+        let python = python_figures(&options, records)?;
+        let py_cpu = python["cpu_ms"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "| {} | {:.1} MB | {:.1} | {:.0} | {:.1} | {:.0} | {:.1} | {} bulk writes, {} API-key calls | {:.1} | {:.0} | {:.1} | {:.0} | {:.1}x |",
+            records,
+            rust.event_bytes as f64 / 1e6,
+            rust.cpu_ms,
+            rust.wall_ms,
+            rust.peak_rss_mib,
+            records as f64 / (rust.cpu_ms / 1000.0),
+            rust.cold_start_ms,
+            rust.bulk_writes,
+            rust.api_key_calls,
+            py_cpu,
+            python["wall_ms"].as_f64().unwrap_or(f64::NAN),
+            python["peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
+            records as f64 / (py_cpu / 1000.0),
+            py_cpu / rust.cpu_ms,
+        );
+        all.push((rust, python));
+    }
+    Ok(all)
+}
