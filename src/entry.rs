@@ -5,6 +5,8 @@ use std::time::{Duration, SystemTime};
 
 use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
 use lambda_runtime::{Diagnostic, LambdaEvent};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -51,24 +53,42 @@ impl From<HandlerError> for Diagnostic {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum Payload {
-    StreamBatch(Vec<Value>),
+#[derive(Debug, Clone)]
+pub enum Payload<'a> {
+    /// Each record still as its JSON text: decoded once, straight into its domain types.
+    StreamBatch(Vec<&'a RawValue>),
     Operator(OperatorRequest),
 }
 
-impl TryFrom<Value> for Payload {
-    type Error = HandlerError;
+/// A stream batch's records, borrowed from the payload without building a JSON tree.
+#[derive(Deserialize)]
+struct Batch<'a> {
+    #[serde(borrow, rename = "Records")]
+    records: Option<Vec<&'a RawValue>>,
+}
 
-    fn try_from(payload: Value) -> Result<Self, HandlerError> {
+impl<'a> Payload<'a> {
+    pub fn parse(payload: &'a RawValue) -> Result<Self, HandlerError> {
+        if let Ok(Batch {
+            records: Some(records),
+        }) = serde_json::from_str::<Batch>(payload.get())
+        {
+            return Ok(Payload::StreamBatch(records));
+        }
+        // Operator payloads are small: a JSON tree is fine.
+        let value: Value =
+            serde_json::from_str(payload.get()).map_err(|_| HandlerError::UnsupportedPayload)?;
+        Self::from_value(value)
+    }
+
+    fn from_value(payload: Value) -> Result<Self, HandlerError> {
         let Value::Object(mut fields) = payload else {
             return Err(HandlerError::UnsupportedPayload);
         };
         if let Some(records) = fields.remove("Records") {
-            return match records {
-                Value::Array(records) => Ok(Payload::StreamBatch(records)),
-                _ => Err(HandlerError::UnsupportedPayload),
-            };
+            // An array was taken above: anything else under `Records` is not a batch.
+            let _ = records;
+            return Err(HandlerError::UnsupportedPayload);
         }
         if !OperatorRequest::is_operator_payload(&fields) {
             return Err(HandlerError::UnsupportedPayload);
@@ -100,23 +120,23 @@ pub fn retry_deadline(deadline: SystemTime, margin: Duration) -> Instant {
 pub async fn handle<K: KvStore, A: ApiKeySource, T: SettingsTable>(
     exporter: &Exporter<K, A, T>,
     margin: Duration,
-    event: LambdaEvent<Value>,
+    event: LambdaEvent<Box<RawValue>>,
 ) -> Result<Value, HandlerError> {
     let deadline = retry_deadline(event.context.deadline(), margin);
     let retry_budget_ms = deadline
         .saturating_duration_since(Instant::now())
         .as_millis() as u64;
     tracing::debug!(retry_budget_ms, "invocation received");
-    route(exporter, event.payload, deadline).await
+    route(exporter, &event.payload, deadline).await
 }
 
 /// Routes a payload; retrying stops at `deadline`.
 pub async fn route<K: KvStore, A: ApiKeySource, T: SettingsTable>(
     exporter: &Exporter<K, A, T>,
-    payload: Value,
+    payload: &RawValue,
     deadline: Instant,
 ) -> Result<Value, HandlerError> {
-    match Payload::try_from(payload)? {
+    match Payload::parse(payload)? {
         Payload::StreamBatch(records) => {
             let started = Instant::now();
             let report = exporter.export_stream(records, deadline).await;
@@ -154,6 +174,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn raw(value: Value) -> Box<RawValue> {
+        serde_json::value::to_raw_value(&value).unwrap()
+    }
+
     #[test]
     fn the_margin_shrinks_for_short_timeouts() {
         let margin = Duration::from_secs(5);
@@ -175,8 +199,17 @@ mod tests {
 
     #[test]
     fn records_route_to_the_stream_path() {
-        let payload = Payload::try_from(json!({"Records": []})).unwrap();
-        assert_eq!(payload, Payload::StreamBatch(vec![]));
+        let empty = raw(json!({"Records": []}));
+        assert!(matches!(Payload::parse(&empty).unwrap(), Payload::StreamBatch(r) if r.is_empty()));
+        let two = raw(json!({"Records": [{"a": 1}, {"b": [2]}]}));
+        let Payload::StreamBatch(records) = Payload::parse(&two).unwrap() else {
+            panic!("a stream batch")
+        };
+        assert_eq!(
+            records[1].get(),
+            r#"{"b":[2]}"#,
+            "each record kept as its JSON text"
+        );
     }
 
     #[test]
@@ -187,7 +220,7 @@ mod tests {
             json!({"Records": 5}),
             json!("x"),
         ] {
-            let err = Payload::try_from(payload).unwrap_err();
+            let err = Payload::parse(&raw(payload)).unwrap_err();
             assert!(err.to_string().contains("{\"Records\": [...]}"), "{err}");
             assert!(err.to_string().contains("system_account_id"), "{err}");
         }

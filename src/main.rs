@@ -6,6 +6,7 @@ use ecom_settings_exporter::build_exporter;
 use ecom_settings_exporter::config::Config;
 use ecom_settings_exporter::entry::{self, HandlerError};
 use lambda_runtime::{service_fn, LambdaEvent};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 #[tokio::main]
@@ -15,9 +16,11 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         Ok(config) => {
             let exporter = build_exporter(&config, RetryPolicy::default()).await;
             let exporter = &exporter;
-            lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
-                entry::handle(exporter, config.deadline_margin, event).await
-            }))
+            lambda_runtime::run(service_fn(
+                move |event: LambdaEvent<Box<RawValue>>| async move {
+                    entry::handle(exporter, config.deadline_margin, event).await
+                },
+            ))
             .await
         }
         Err(error) => {

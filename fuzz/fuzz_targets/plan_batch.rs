@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(serde_json::Value::Array(raw)) = serde_json::from_slice(data) else {
         return;
     };
-    let records: Vec<_> = raw.into_iter().map(|r| decode_record(r, "DEFAULT_CONFIGS")).collect();
+    let records: Vec<_> = raw.into_iter().map(|r| decode_record(&r.to_string(), "DEFAULT_CONFIGS")).collect();
     let needs = needs(&records, "default");
     let lookups = Lookups {
         api_keys: needs.api_keys.into_iter().map(|a| (a, Ok(ApiKey::new("fuzz-key")))).collect(),
@@ -34,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(request.keys().len() <= MAX_BULK_ITEMS);
         if let KvRequest::Put { .. } = request {
             assert!(request.body().len() < MAX_BULK_BYTES);
+            assert_eq!(request.pairs().len(), request.keys().len(), "the body holds every key");
         }
     }
 });

@@ -353,12 +353,7 @@ impl<T: TokenSource> CloudflareKv<T> {
                 error,
             };
             let answer = self
-                .call(
-                    method.clone(),
-                    &url,
-                    Some(Bytes::from(pending.body())),
-                    deadline,
-                )
+                .call(method.clone(), &url, Some(pending.body()), deadline)
                 .await
                 .map_err(failed)?;
             let envelope: Envelope = serde_json::from_str(&answer.body).unwrap_or_default();

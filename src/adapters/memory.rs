@@ -26,15 +26,15 @@ impl KvStore for MemoryKv {
     async fn send(&self, request: &KvRequest, _: Instant) -> Result<(), KeyFailures> {
         let mut values = self.values.lock().unwrap();
         let mut failed = Vec::new();
+        let pairs: HashMap<String, String> = request.pairs().into_iter().collect();
         for key in request.keys() {
             if self.failing.contains(key) {
                 failed.push(key.to_owned());
                 continue;
             }
             match request {
-                KvRequest::Put { pairs, .. } => {
-                    let pair = pairs.iter().find(|p| p.key == key).unwrap();
-                    values.insert(pair.key.clone(), pair.value.clone());
+                KvRequest::Put { .. } => {
+                    values.insert(key.to_owned(), pairs[key].clone());
                 }
                 KvRequest::Delete { .. } => {
                     values.remove(key);

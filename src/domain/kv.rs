@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 
+use bytes::Bytes;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -204,38 +205,74 @@ impl std::fmt::Debug for KvAction {
     }
 }
 
-/// One element of a bulk write body. The value is the JSON text, sent as a string; the
-/// metadata is JSON, sent as an object.
-#[derive(Clone, Serialize)]
-pub struct KvPair {
-    pub key: String,
-    pub value: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub metadata: Option<Box<serde_json::value::RawValue>>,
+/// A bulk write body being built: each pair written once, straight into the body, as
+/// `{"key": ..., "value": "<the value's JSON as a string>", "metadata": {...}}`.
+#[derive(Default)]
+pub struct PutBody {
+    bytes: Vec<u8>,
+    /// Each pair's key and where its JSON is in `bytes`.
+    items: Vec<(String, std::ops::Range<usize>)>,
 }
 
-// Values carry API keys: show only the key and the size.
-impl std::fmt::Debug for KvPair {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "KvPair({:?}, {} bytes)", self.key, self.value.len())
+impl PutBody {
+    /// One pair's JSON, to size it before it joins a body.
+    pub fn item(key: &str, value: &KvValue) -> Vec<u8> {
+        let mut item = Vec::with_capacity(value.text.len() + value.metadata.len() + key.len() + 64);
+        item.extend_from_slice(b"{\"key\":");
+        serde_json::to_writer(&mut item, key).expect("strings serialize");
+        item.extend_from_slice(b",\"value\":");
+        serde_json::to_writer(&mut item, &value.text).expect("strings serialize");
+        item.extend_from_slice(b",\"metadata\":");
+        item.extend_from_slice(value.metadata.as_bytes());
+        item.push(b'}');
+        item
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Bytes of the body with this item added (brackets and commas included).
+    pub fn size_with(&self, item: &[u8]) -> usize {
+        self.bytes.len() + item.len() + 3
+    }
+
+    pub fn push(&mut self, key: String, item: &[u8]) {
+        if !self.bytes.is_empty() {
+            self.bytes.push(b',');
+        }
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(item);
+        self.items.push((key, start..self.bytes.len()));
+    }
+
+    fn finish(self) -> (Bytes, Vec<(String, std::ops::Range<usize>)>) {
+        let mut body = Vec::with_capacity(self.bytes.len() + 2);
+        body.push(b'[');
+        body.extend_from_slice(&self.bytes);
+        body.push(b']');
+        // Spans shift by the opening bracket.
+        let items = self
+            .items
+            .into_iter()
+            .map(|(k, r)| (k, r.start + 1..r.end + 1))
+            .collect();
+        (Bytes::from(body), items)
     }
 }
 
-impl KvPair {
-    /// Bytes this pair adds to a bulk body, the separating comma included.
-    pub fn body_bytes(&self) -> usize {
-        serde_json::to_vec(self)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX / 2)
-            + 1
-    }
-}
-
-#[derive(Debug, Clone)]
+/// One Cloudflare bulk request, its body built once: a retry sends the same bytes.
+#[derive(Clone)]
 pub enum KvRequest {
     Put {
         namespace: Namespace,
-        pairs: Vec<KvPair>,
+        body: Bytes,
+        /// Each pair's key and where its JSON is in `body`.
+        items: Vec<(String, std::ops::Range<usize>)>,
     },
     Delete {
         namespace: Namespace,
@@ -243,28 +280,84 @@ pub enum KvRequest {
     },
 }
 
+// Values carry API keys: `Debug` shows the keys and the size, never the body.
+impl std::fmt::Debug for KvRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KvRequest::Put {
+                namespace,
+                body,
+                items,
+            } => write!(
+                f,
+                "Put({namespace:?}, {:?}, {} bytes)",
+                items.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+                body.len()
+            ),
+            KvRequest::Delete { namespace, keys } => write!(f, "Delete({namespace:?}, {keys:?})"),
+        }
+    }
+}
+
 impl KvRequest {
+    pub fn put(namespace: Namespace, body: PutBody) -> Self {
+        let (body, items) = body.finish();
+        KvRequest::Put {
+            namespace,
+            body,
+            items,
+        }
+    }
+
     pub fn keys(&self) -> Vec<&str> {
         match self {
-            KvRequest::Put { pairs, .. } => pairs.iter().map(|p| p.key.as_str()).collect(),
+            KvRequest::Put { items, .. } => items.iter().map(|(k, _)| k.as_str()).collect(),
             KvRequest::Delete { keys, .. } => keys.iter().map(String::as_str).collect(),
         }
     }
 
-    /// The JSON body Cloudflare takes: `[{key, value}]` to write, `[key]` to delete.
-    pub fn body(&self) -> Vec<u8> {
+    /// The JSON body Cloudflare takes: `[{key, value, metadata}]` to write, `[key]` to delete.
+    pub fn body(&self) -> Bytes {
         match self {
-            KvRequest::Put { pairs, .. } => serde_json::to_vec(pairs),
-            KvRequest::Delete { keys, .. } => serde_json::to_vec(keys),
+            KvRequest::Put { body, .. } => body.clone(),
+            KvRequest::Delete { keys, .. } => {
+                Bytes::from(serde_json::to_vec(keys).expect("strings serialize"))
+            }
         }
-        .expect("strings serialize")
+    }
+
+    /// The pairs of a bulk write, read back from its body (for in-memory stores and tests).
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        #[derive(serde::Deserialize)]
+        struct Pair {
+            key: String,
+            value: String,
+        }
+        match self {
+            KvRequest::Put { body, .. } => serde_json::from_slice::<Vec<Pair>>(body)
+                .expect("bodies this code wrote")
+                .into_iter()
+                .map(|p| (p.key, p.value))
+                .collect(),
+            KvRequest::Delete { .. } => Vec::new(),
+        }
     }
 
     /// Keeps only the items whose key is in `keys` (to send again what did not make it).
     pub fn retain_keys(&mut self, keys: &[String]) {
         let keep: HashSet<&str> = keys.iter().map(String::as_str).collect();
         match self {
-            KvRequest::Put { pairs, .. } => pairs.retain(|p| keep.contains(p.key.as_str())),
+            KvRequest::Put {
+                namespace,
+                body,
+                items,
+            } => {
+                let mut kept = PutBody::default();
+                for (key, span) in items.iter().filter(|(k, _)| keep.contains(k.as_str())) {
+                    kept.push(key.clone(), &body[span.clone()]);
+                }
+                *self = KvRequest::put(*namespace, kept);
+            }
             KvRequest::Delete { keys, .. } => keys.retain(|k| keep.contains(k.as_str())),
         }
     }
@@ -338,13 +431,27 @@ mod tests {
     }
 
     #[test]
-    fn pair_debug_never_shows_values() {
-        let p = KvPair {
-            key: "k".into(),
-            value: "{\"marqo_api_key\":\"secret\"}".into(),
-            metadata: None,
-        };
-        assert!(!format!("{p:?}").contains("secret"));
+    fn request_debug_never_shows_values_and_retain_keeps_only_what_is_asked() {
+        let index = IndexRef::new("a", "i");
+        let mut body = PutBody::default();
+        for key in ["k1", "k2"] {
+            let value = KvValue::new(&index, "{\"marqo_api_key\":\"secret\"}".into());
+            body.push(key.into(), &PutBody::item(key, &value));
+        }
+        let mut request = KvRequest::put(Namespace::Settings, body);
+        assert!(!format!("{request:?}").contains("secret"));
+        request.retain_keys(&["k2".to_string()]);
+        assert_eq!(request.keys(), ["k2"]);
+        let pairs = request.pairs();
+        assert_eq!(
+            pairs,
+            [(
+                "k2".to_string(),
+                "{\"marqo_api_key\":\"secret\"}".to_string()
+            )]
+        );
+        let body: serde_json::Value = serde_json::from_slice(&request.body()).unwrap();
+        assert_eq!(body[0]["metadata"]["index"], "i");
     }
 
     #[test]

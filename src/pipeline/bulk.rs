@@ -3,43 +3,27 @@
 
 use std::collections::BTreeMap;
 
-use crate::domain::kv::{KvPair, KvRequest, MAX_BULK_BYTES, MAX_BULK_ITEMS};
+use crate::domain::kv::{KvRequest, PutBody, MAX_BULK_BYTES, MAX_BULK_ITEMS};
 use crate::domain::{KvAction, KvKey, Namespace};
 use crate::pipeline::plan::PlannedOp;
 
-/// Splits pairs into bodies of at most [`MAX_BULK_ITEMS`] and under [`MAX_BULK_BYTES`].
-pub fn chunk_pairs(pairs: Vec<KvPair>) -> Vec<Vec<KvPair>> {
-    let mut chunks = Vec::new();
-    let mut current = Vec::new();
-    let mut bytes = 2; // the brackets
-    for pair in pairs {
-        let size = pair.body_bytes();
-        if !current.is_empty()
-            && (current.len() == MAX_BULK_ITEMS || bytes + size >= MAX_BULK_BYTES)
-        {
-            chunks.push(std::mem::take(&mut current));
-            bytes = 2;
-        }
-        bytes += size;
-        current.push(pair);
-    }
-    if !current.is_empty() {
-        chunks.push(current);
-    }
-    chunks
-}
-
-/// All the requests a plan needs: per namespace, bulk writes and bulk deletes.
+/// All the requests a plan needs: per namespace, bulk writes of at most [`MAX_BULK_ITEMS`]
+/// pairs and under [`MAX_BULK_BYTES`], each pair written once into its body; bulk deletes.
 pub fn requests<'a>(ops: impl IntoIterator<Item = (&'a KvKey, &'a PlannedOp)>) -> Vec<KvRequest> {
-    let mut puts: BTreeMap<Namespace, Vec<KvPair>> = BTreeMap::new();
+    let mut puts: BTreeMap<Namespace, (Vec<KvRequest>, PutBody)> = BTreeMap::new();
     let mut deletes: BTreeMap<Namespace, Vec<String>> = BTreeMap::new();
     for (key, op) in ops {
         match &op.action {
-            KvAction::Put(value) => puts.entry(key.namespace).or_default().push(KvPair {
-                key: key.key.clone(),
-                value: value.text.clone(),
-                metadata: serde_json::value::RawValue::from_string(value.metadata.clone()).ok(),
-            }),
+            KvAction::Put(value) => {
+                let (full, body) = puts.entry(key.namespace).or_default();
+                let item = PutBody::item(&key.key, value);
+                if !body.is_empty()
+                    && (body.len() == MAX_BULK_ITEMS || body.size_with(&item) >= MAX_BULK_BYTES)
+                {
+                    full.push(KvRequest::put(key.namespace, std::mem::take(body)));
+                }
+                body.push(key.key.clone(), &item);
+            }
             KvAction::Delete => deletes
                 .entry(key.namespace)
                 .or_default()
@@ -47,12 +31,11 @@ pub fn requests<'a>(ops: impl IntoIterator<Item = (&'a KvKey, &'a PlannedOp)>) -
         }
     }
     let mut requests = Vec::new();
-    for (namespace, pairs) in puts {
-        requests.extend(
-            chunk_pairs(pairs)
-                .into_iter()
-                .map(|pairs| KvRequest::Put { namespace, pairs }),
-        );
+    for (namespace, (full, last)) in puts {
+        requests.extend(full);
+        if !last.is_empty() {
+            requests.push(KvRequest::put(namespace, last));
+        }
     }
     for (namespace, keys) in deletes {
         // Keys are at most 512 bytes, so 10,000 of them stay far under the size limit.
@@ -67,31 +50,43 @@ pub fn requests<'a>(ops: impl IntoIterator<Item = (&'a KvKey, &'a PlannedOp)>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::kv::KvValue;
+    use crate::domain::IndexRef;
 
-    fn pair(i: usize, value_len: usize) -> KvPair {
-        KvPair {
-            key: format!("k{i}"),
-            value: "v".repeat(value_len),
-            metadata: None,
-        }
+    fn ops(n: usize, value_len: usize) -> BTreeMap<KvKey, PlannedOp> {
+        let index = IndexRef::new("a", "i");
+        (0..n)
+            .map(|i| {
+                let op = PlannedOp {
+                    action: KvAction::Put(KvValue::new(&index, "v".repeat(value_len))),
+                    owner: i,
+                };
+                (KvKey::settings(format!("k{i:05}")), op)
+            })
+            .collect()
+    }
+
+    fn sizes(requests: &[KvRequest]) -> Vec<usize> {
+        requests.iter().map(|r| r.keys().len()).collect()
     }
 
     #[test]
     fn twenty_thousand_small_pairs_make_two_requests() {
-        let chunks = chunk_pairs((0..20_000).map(|i| pair(i, 10)).collect());
-        assert_eq!(
-            chunks.iter().map(Vec::len).collect::<Vec<_>>(),
-            [10_000, 10_000]
-        );
+        let requests = requests(&ops(20_000, 10));
+        assert_eq!(sizes(&requests), [10_000, 10_000]);
+        let body: Vec<serde_json::Value> = serde_json::from_slice(&requests[0].body()).unwrap();
+        assert_eq!(body[0]["key"], "k00000");
+        assert_eq!(body[0]["value"], "vvvvvvvvvv");
+        assert_eq!(body[0]["metadata"]["writer"], "ecom-settings-exporter");
     }
 
     #[test]
     fn bodies_stay_under_one_hundred_megabytes() {
-        // Five 24 MiB values: four fit under 100 MB (decimal), the fifth opens a new request.
-        let chunks = chunk_pairs((0..5).map(|i| pair(i, 24 * 1024 * 1024)).collect());
-        assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), [3, 2]);
-        for chunk in chunks {
-            assert!(serde_json::to_vec(&chunk).unwrap().len() < MAX_BULK_BYTES);
+        // Five 24 MiB values: three fit under 100 MB (decimal) with their JSON, two go next.
+        let requests = requests(&ops(5, 24 * 1024 * 1024));
+        assert_eq!(sizes(&requests), [3, 2]);
+        for request in requests {
+            assert!(request.body().len() < MAX_BULK_BYTES);
         }
     }
 }

@@ -112,12 +112,12 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
     /// Exports the raw records of a `{"Records": [...]}` payload, in stream order.
     pub async fn export_stream(
         &self,
-        raw: Vec<serde_json::Value>,
+        raw: Vec<&serde_json::value::RawValue>,
         deadline: Instant,
     ) -> BatchReport {
         let records = raw
             .into_iter()
-            .map(|r| decode_record(r, &self.options.default_configs_sk))
+            .map(|r| decode_record(r.get(), &self.options.default_configs_sk))
             .collect();
         self.export(records, Run::STREAM, deadline).await
     }
@@ -625,6 +625,19 @@ mod tests {
         json!({"eventID": "e", "eventName": event, "awsRegion": "r", "dynamodb": dynamodb})
     }
 
+    async fn export(
+        exporter: &Exporter<MemoryKv, SameKey, CountingTable>,
+        batch: Vec<serde_json::Value>,
+    ) -> BatchReport {
+        let raw: Vec<Box<serde_json::value::RawValue>> = batch
+            .iter()
+            .map(|r| serde_json::value::to_raw_value(r).unwrap())
+            .collect();
+        exporter
+            .export_stream(raw.iter().map(|r| &**r).collect(), deadline())
+            .await
+    }
+
     fn deadline() -> Instant {
         Instant::now() + Duration::from_secs(10)
     }
@@ -638,7 +651,7 @@ mod tests {
             record(3, "REMOVE", "q"),
             record(4, "REMOVE", "r"),
         ];
-        let report = exporter.export_stream(batch, deadline()).await;
+        let report = export(&exporter, batch).await;
         assert_eq!(exporter.table.scans.load(Ordering::SeqCst), 1);
         assert_eq!(report.count(|o| *o == Outcome::Exported), 4);
     }
@@ -657,7 +670,7 @@ mod tests {
             query(3, "q", "a"),
             query(4, "p", "c"),
         ];
-        let report = exporter.export_stream(batch, deadline()).await;
+        let report = export(&exporter, batch).await;
         assert_eq!(exporter.table.override_queries.load(Ordering::SeqCst), 2);
         assert_eq!(report.count(|o| *o == Outcome::Exported), 4);
         let values = exporter.kv.values.lock().unwrap();
@@ -677,7 +690,7 @@ mod tests {
             // Supersedes record 1's key: record 1 is done once record 3's write lands.
             record(3, "MODIFY", "ok"),
         ];
-        let report = exporter.export_stream(batch, deadline()).await;
+        let report = export(&exporter, batch).await;
         assert_eq!(report.failed_sequence_numbers(), ["2"]);
         assert_eq!(report.records[0].outcome, Outcome::Exported);
         assert!(exporter.kv.values.lock().unwrap().contains_key("a-ok"));

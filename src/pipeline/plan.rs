@@ -442,7 +442,8 @@ mod tests {
             dynamodb["OldImage"] = old;
         }
         decode_record(
-            json!({"eventID": seq.to_string(), "eventName": event, "awsRegion": "eu-west-1", "dynamodb": dynamodb}),
+            &json!({"eventID": seq.to_string(), "eventName": event, "awsRegion": "eu-west-1", "dynamodb": dynamodb})
+                .to_string(),
             "DEFAULT_CONFIGS",
         )
     }

@@ -2,7 +2,6 @@
 //! become domain changes, one per record, in stream order. Nothing here talks to a server.
 
 use aws_lambda_events::dynamodb::{EventRecord, StreamViewType};
-use serde::Deserialize;
 use serde_dynamo::Item;
 
 use crate::domain::{IndexRef, IndexSettings, QueryConfig};
@@ -60,22 +59,21 @@ fn reject(reason: impl Into<String>) -> Result<Change, Outcome> {
     Err(Outcome::Rejected(reason.into()))
 }
 
-#[derive(Deserialize)]
-struct Keys {
-    pk: String,
-    sk: String,
-}
-
 /// Decodes one raw record of a `{"Records": [...]}` batch. Never fails: a record that cannot
 /// be read is rejected with the reason.
-pub fn decode_record(raw: serde_json::Value, default_configs_sk: &str) -> ChangeRecord {
-    let sequence_number = raw
-        .pointer("/dynamodb/SequenceNumber")
-        .and_then(|v| v.as_str())
-        .map(str::to_owned);
-    let record: EventRecord = match serde_path_to_error::deserialize(raw) {
+pub fn decode_record(raw: &str, default_configs_sk: &str) -> ChangeRecord {
+    let mut json = serde_json::Deserializer::from_str(raw);
+    let record: EventRecord = match serde_path_to_error::deserialize(&mut json) {
         Ok(record) => record,
         Err(e) => {
+            // Only a bad record pays for a JSON tree: its sequence number, if it has one.
+            let sequence_number = serde_json::from_str::<serde_json::Value>(raw)
+                .ok()
+                .and_then(|v| {
+                    v.pointer("/dynamodb/SequenceNumber")?
+                        .as_str()
+                        .map(str::to_owned)
+                });
             return ChangeRecord {
                 sequence_number,
                 index: None,
@@ -85,9 +83,10 @@ pub fn decode_record(raw: serde_json::Value, default_configs_sk: &str) -> Change
                     e.path(),
                     e.inner()
                 )),
-            }
+            };
         }
     };
+    let sequence_number = record.change.sequence_number.clone();
     let created_at = Some(
         record
             .change
@@ -116,10 +115,11 @@ fn decode_change(
     } else {
         &change.keys
     };
-    let Ok(Keys { pk, sk }) = serde_dynamo::from_item::<_, Keys>(keys.clone()) else {
+    let (Some(pk), Some(sk)) = (string_attribute(keys, "pk"), string_attribute(keys, "sk")) else {
         let reason = "the record's keys must hold string `pk` and `sk`";
         return (None, reject(reason));
     };
+    let (pk, sk) = (pk.to_owned(), sk.to_owned());
     let (index, query) = match SortKey::parse(&sk, default_configs_sk) {
         SortKey::DefaultConfigs => return (None, skip("default configs are never exported")),
         SortKey::Foreign => {
@@ -255,6 +255,11 @@ fn previous_shop(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Decodes a record given as a JSON value.
+    fn decode_record(raw: serde_json::Value, default_configs_sk: &str) -> ChangeRecord {
+        super::decode_record(&raw.to_string(), default_configs_sk)
+    }
 
     fn record(event_name: &str, sk: &str, new_image: serde_json::Value) -> serde_json::Value {
         json!({

@@ -198,7 +198,9 @@ impl Harness {
     /// `timeout` is how long retries may go on, as the invocation deadline less its margin.
     pub async fn try_invoke(&self, payload: Value, timeout: Duration) -> Result<Value, String> {
         let deadline = tokio::time::Instant::now() + timeout;
-        ecom_settings_exporter::entry::route(&self.exporter, payload, deadline)
+        // As the runtime hands it over: the payload's JSON text.
+        let payload = serde_json::value::to_raw_value(&payload).expect("JSON");
+        ecom_settings_exporter::entry::route(&self.exporter, &payload, deadline)
             .await
             .map_err(|e| e.to_string())
     }

@@ -108,7 +108,7 @@ async fn neither_token_nor_api_key_appears_anywhere_but_kv() {
     // Debug output of everything that carries them.
     let decoded: Vec<_> = records
         .iter()
-        .map(|r| decode_record(r.clone(), "DEFAULT_CONFIGS"))
+        .map(|r| decode_record(&r.to_string(), "DEFAULT_CONFIGS"))
         .collect();
     let prepared = h
         .exporter
