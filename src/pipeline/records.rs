@@ -62,8 +62,12 @@ fn reject(reason: impl Into<String>) -> Result<Change, Outcome> {
 /// Decodes one raw record of a `{"Records": [...]}` batch. Never fails: a record that cannot
 /// be read is rejected with the reason.
 pub fn decode_record(raw: &str, default_configs_sk: &str) -> ChangeRecord {
-    let mut json = serde_json::Deserializer::from_str(raw);
-    let record: EventRecord = match serde_path_to_error::deserialize(&mut json) {
+    // The fast path tracks no path; only a record that fails is read again, to say where.
+    let tracked = || {
+        let mut json = serde_json::Deserializer::from_str(raw);
+        serde_path_to_error::deserialize::<_, EventRecord>(&mut json)
+    };
+    let record: EventRecord = match serde_json::from_str(raw).or_else(|_| tracked()) {
         Ok(record) => record,
         Err(e) => {
             // Only a bad record pays for a JSON tree: its sequence number, if it has one.

@@ -1,0 +1,64 @@
+//! Micro-benchmarks of the pure core on 1,000 realistic stream records (the `make bench`
+//! event): decoding, planning and bulk encoding. `cargo bench --bench pipeline`.
+
+use ecom_settings_exporter::domain::ApiKey;
+use ecom_settings_exporter::pipeline::bulk::requests;
+use ecom_settings_exporter::pipeline::plan::{needs, plan, Lookups};
+use ecom_settings_exporter::pipeline::records::{decode_record, ChangeRecord};
+
+fn main() {
+    divan::main();
+}
+
+const RECORDS: usize = 1_000;
+
+fn raw_records() -> Vec<String> {
+    let event = ecom_emulators::bench::event(RECORDS);
+    event["Records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.to_string())
+        .collect()
+}
+
+fn decoded(raw: &[String]) -> Vec<ChangeRecord> {
+    raw.iter()
+        .map(|r| decode_record(r, "DEFAULT_CONFIGS"))
+        .collect()
+}
+
+fn lookups(records: &[ChangeRecord]) -> Lookups {
+    let needs = needs(records, "default");
+    Lookups {
+        api_keys: needs
+            .api_keys
+            .into_iter()
+            .map(|a| {
+                let key = ApiKey::new(format!("key-{}", a.account));
+                (a, Ok(key))
+            })
+            .collect(),
+        ..Lookups::default()
+    }
+}
+
+#[divan::bench]
+fn decode(bencher: divan::Bencher) {
+    let raw = raw_records();
+    bencher.bench(|| decoded(divan::black_box(&raw)));
+}
+
+#[divan::bench]
+fn plan_batch(bencher: divan::Bencher) {
+    let records = decoded(&raw_records());
+    let lookups = lookups(&records);
+    bencher.bench(|| plan(divan::black_box(&records), &lookups, "default"));
+}
+
+#[divan::bench]
+fn bulk_encoding(bencher: divan::Bencher) {
+    let records = decoded(&raw_records());
+    let planned = plan(&records, &lookups(&records), "default");
+    bencher.bench(|| requests(divan::black_box(&planned.ops)));
+}
