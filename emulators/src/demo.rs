@@ -537,6 +537,14 @@ fn print_kv(stack: &Stack) {
     println!("Cloudflare KV, namespace `{QCFG_NS}` (KV_QCFG):");
     for key in stack.kv.keys(CF_ACCOUNT, QCFG_NS) {
         let value = stack.kv.json(CF_ACCOUNT, QCFG_NS, &key).unwrap_or_default();
+        if key.starts_with("qfilter-") {
+            println!(
+                "  {key}  filter of {} override(s), {} bytes of fingerprints (base64)",
+                value["count"],
+                value["fingerprints"].as_str().map_or(0, str::len)
+            );
+            continue;
+        }
         let short: String = key.chars().take(40).collect();
         println!(
             "  {short}...  query {:?} -> {}",
