@@ -291,12 +291,10 @@ pub fn index_settings(index: IndexRef, item: Item) -> Result<IndexSettings, Inva
 
 /// The shop key an index's record claims, read from an old image. Tolerant: anything
 /// undecodable simply claims no shop.
-pub fn shop_id_of(item: Item) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Shop {
-        shop_id: Option<String>,
-    }
-    decode::<Shop>(item).ok().and_then(|s| non_empty(s.shop_id))
+pub fn shop_id_of(item: &Item) -> Option<String> {
+    string_attribute(item, "shop_id")
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
 }
 
 /// What a settings record says about other indexes: its shop and live alias targets. Fails
@@ -306,7 +304,7 @@ pub fn settings_reference(
     index: IndexRef,
     item: Item,
 ) -> (SettingsReference, Option<InvalidRecord>) {
-    let shop_id = shop_id_of(item.clone());
+    let shop_id = shop_id_of(&item);
     let (live_targets, problem) = match decode::<ReferenceAttributes>(item.clone()) {
         Ok(attrs) => (reference_targets(attrs), None),
         Err(problem) => (named_index_ids(&item), Some(problem)),

@@ -73,14 +73,6 @@ pub trait KvStore: Send + Sync {
         deadline: Instant,
     ) -> impl Future<Output = Result<(), KeyFailures>> + Send;
 
-    /// Reads one value: `None` when there is no such key.
-    fn get(
-        &self,
-        namespace: Namespace,
-        key: &str,
-        deadline: Instant,
-    ) -> impl Future<Output = Result<Option<String>, PortError>> + Send;
-
     /// Reads many values with as few requests as Cloudflare allows (100 keys each); an absent
     /// key reads as `None`.
     fn get_many(

@@ -106,6 +106,20 @@ pub struct KvState {
     requests: Vec<RequestRecord>,
 }
 
+impl KvState {
+    /// One namespace's values and metadata, created empty when new.
+    fn namespace_mut(
+        &mut self,
+        account: String,
+        namespace: String,
+    ) -> (&mut BTreeMap<String, String>, &mut HashMap<String, Value>) {
+        let id = (account, namespace);
+        let values = self.namespaces.entry(id.clone()).or_default();
+        let metadata = self.metadata.entry(id).or_default();
+        (values, metadata)
+    }
+}
+
 type Shared = Arc<Mutex<KvState>>;
 
 /// A running emulator; it stops when dropped.
@@ -175,13 +189,8 @@ impl KvEmulator {
         metadata: Option<Value>,
     ) {
         let mut state = self.state.lock().unwrap();
-        let ns = (account.to_owned(), namespace.to_owned());
-        state
-            .namespaces
-            .entry(ns.clone())
-            .or_default()
-            .insert(key.to_owned(), value.to_owned());
-        let meta = state.metadata.entry(ns).or_default();
+        let (values, meta) = state.namespace_mut(account.to_owned(), namespace.to_owned());
+        values.insert(key.to_owned(), value.to_owned());
         match metadata {
             Some(metadata) => meta.insert(key.to_owned(), metadata),
             None => meta.remove(key),
@@ -534,14 +543,7 @@ async fn bulk_write(
             .try_for_each(WritePair::check)
             .map_err(|e| (items, e))?;
         let mut guard = state.lock().unwrap();
-        let KvState {
-            namespaces,
-            metadata,
-            ..
-        } = &mut *guard;
-        let id = (account, namespace.clone());
-        let ns = namespaces.entry(id.clone()).or_default();
-        let meta = metadata.entry(id).or_default();
+        let (ns, meta) = guard.namespace_mut(account, namespace.clone());
         let result = apply_all(
             pairs,
             leave_out,
@@ -583,14 +585,7 @@ async fn bulk_delete(
             .try_for_each(|k| check_key(k))
             .map_err(|e| (items, e))?;
         let mut guard = state.lock().unwrap();
-        let KvState {
-            namespaces,
-            metadata,
-            ..
-        } = &mut *guard;
-        let id = (account, namespace.clone());
-        let ns = namespaces.entry(id.clone()).or_default();
-        let meta = metadata.entry(id).or_default();
+        let (ns, meta) = guard.namespace_mut(account, namespace.clone());
         let result = apply_all(
             keys,
             leave_out,

@@ -428,21 +428,6 @@ impl<T: TokenSource> KvStore for CloudflareKv<T> {
         self.bulk(request, deadline).await
     }
 
-    async fn get(
-        &self,
-        namespace: Namespace,
-        key: &str,
-        deadline: Instant,
-    ) -> Result<Option<String>, PortError> {
-        let url = self.namespace_url(namespace, &["values", key]);
-        let answer = self.call(Method::GET, &url, None, deadline).await?;
-        match answer.status {
-            status if status.is_success() => Ok(Some(answer.body)),
-            StatusCode::NOT_FOUND => Ok(None),
-            status => Err(refused(status, &answer.body)),
-        }
-    }
-
     async fn get_many(
         &self,
         namespace: Namespace,

@@ -51,10 +51,6 @@ impl KvStore for MemoryKv {
         }
     }
 
-    async fn get(&self, _: Namespace, key: &str, _: Instant) -> Result<Option<String>, PortError> {
-        Ok(self.values.lock().unwrap().get(key).cloned())
-    }
-
     async fn get_many(
         &self,
         _: Namespace,

@@ -1,7 +1,7 @@
 //! `{"mode": "verify", ...}`: compares what KV holds for one index with what the table implies,
 //! and with `repair` writes what is missing or stale and deletes what should not be there.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -139,21 +139,36 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
             KvAction::Delete => None,
         })
         .collect();
-    let reads = exporter
-        .read_values(expected.keys().cloned().collect(), deadline)
-        .await;
+    // One bulk read per namespace (100 keys a request), as everywhere values are read.
+    let mut actual: HashMap<KvKey, Option<String>> = HashMap::new();
+    for namespace in [Namespace::Settings, Namespace::QueryConfigs] {
+        let keys: Vec<String> = expected
+            .keys()
+            .filter(|k| k.namespace == namespace)
+            .map(|k| k.key.clone())
+            .collect();
+        let values = exporter
+            .read_many(namespace, &keys, deadline)
+            .await
+            .map_err(|e| {
+                let what = format!("reading the index's {} keys: {e}", namespace.name());
+                OperatorError::export_failed(index, what)
+            })?;
+        actual.extend(
+            values
+                .into_iter()
+                .map(|(key, value)| (KvKey { namespace, key }, value)),
+        );
+    }
     let mut drift: BTreeMap<KvKey, Drift> = BTreeMap::new();
-    for (key, actual) in reads {
-        let actual = actual.map_err(|e| {
-            OperatorError::export_failed(index, format!("reading KV key `{}`: {e}", key.key))
-        })?;
-        let state = match actual {
+    for key in expected.keys() {
+        let state = match actual.remove(key).flatten() {
             None => Drift::Missing,
             Some(actual) => {
-                stale_fields(&expected[&key], &actual).map_or(Drift::InSync, Drift::Stale)
+                stale_fields(&expected[key], &actual).map_or(Drift::InSync, Drift::Stale)
             }
         };
-        drift.insert(key, state);
+        drift.insert(key.clone(), state);
     }
     if target.include_query_configs {
         let listed = exporter

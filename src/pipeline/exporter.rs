@@ -352,22 +352,6 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
         )
     }
 
-    /// Reads KV values, a few at a time, in the order asked.
-    pub async fn read_values(
-        &self,
-        keys: Vec<KvKey>,
-        deadline: Instant,
-    ) -> Vec<(KvKey, Result<Option<String>, PortError>)> {
-        futures::stream::iter(keys)
-            .map(|key| async move {
-                let value = self.kv.get(key.namespace, &key.key, deadline).await;
-                (key, value)
-            })
-            .buffered(CONCURRENT_KV_REQUESTS)
-            .collect()
-            .await
-    }
-
     /// Reads many values, 100 keys a request; an absent key reads as `None`.
     pub async fn read_many(
         &self,

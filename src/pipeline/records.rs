@@ -244,7 +244,7 @@ fn previous_shop(
         return PreviousShop::Known(None);
     }
     if !old_image.is_empty() {
-        return PreviousShop::Known(shop_id_of(old_image.clone()));
+        return PreviousShop::Known(shop_id_of(old_image));
     }
     match view {
         // The stream carries old images, and this one had none: there was no previous item.

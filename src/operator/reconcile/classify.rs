@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::kv::{digest, KeyMetadata, KvValue};
+use crate::domain::kv::{digest, KeyMetadata};
 use crate::domain::{IndexId, IndexRef, KvKey, SettingsReference};
 
 /// The class of one key.
@@ -54,7 +54,8 @@ impl ClassCounts {
 
 /// What the table implies, and what protects keys it does not imply.
 pub struct Implied {
-    pub values: BTreeMap<KvKey, KvValue>,
+    /// Each implied key and the digest of its value (what its metadata should say).
+    pub digests: BTreeMap<KvKey, String>,
     /// Index ids an enabled read or analytics alias points at.
     pub aliased: HashSet<IndexId>,
     /// Indexes with a record that cannot be exported (rejected): their keys are kept.
@@ -94,13 +95,13 @@ pub fn class_of(
         .as_ref()
         .and_then(|m| m.index_ref())
         .or_else(|| listed.value.as_deref().and_then(owner_in_value));
-    if let Some(expected) = implied.values.get(&listed.key) {
+    if let Some(expected) = implied.digests.get(&listed.key) {
         let actual = match (&listed.metadata, &listed.value) {
             (_, Some(value)) if deep || listed.metadata.is_none() => digest(value),
             (Some(meta), _) => meta.digest.clone(),
             (None, _) => String::new(),
         };
-        return Some(if actual == digest(expected) {
+        return Some(if actual == *expected {
             Class::InSync
         } else {
             Class::Stale

@@ -22,7 +22,7 @@ pub use classify::ClassCounts;
 use classify::{class_of, live_targets, Class, Implied, Listed};
 
 use super::{decode_token, encode_token, flag, OperatorError, Text};
-use crate::domain::kv::KeyMetadata;
+use crate::domain::kv::{digest, KeyMetadata};
 use crate::domain::{KvAction, KvKey, Namespace};
 use crate::pipeline::exporter::{Exporter, Run};
 use crate::pipeline::plan::PlannedOp;
@@ -249,7 +249,7 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
         };
         let seen: HashSet<&str> = listed.iter().map(|l| l.key.key.as_str()).collect();
         let missing: Vec<KvKey> = implied
-            .values
+            .digests
             .range((
                 lower.map(|k| KvKey { namespace, key: k }),
                 upper.map(|k| KvKey { namespace, key: k }),
@@ -394,17 +394,18 @@ async fn implied<K: KvStore, A: ApiKeySource, T: SettingsTable>(
             _ => {}
         }
     }
-    let values = prepared
+    // Digests only: the values themselves stay in the plan, for the repair.
+    let digests = prepared
         .plan
         .ops
         .iter()
         .filter_map(|(key, op)| match &op.action {
-            KvAction::Put(value) => Some((key.clone(), value.clone())),
+            KvAction::Put(value) => Some((key.clone(), digest(value))),
             KvAction::Delete => None,
         })
         .collect();
     let implied = Implied {
-        values,
+        digests,
         aliased: live_targets(&references).collect(),
         unexportable,
     };
