@@ -3,15 +3,18 @@
 
 use std::time::{Duration, SystemTime};
 
-use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
 use lambda_runtime::{Diagnostic, LambdaEvent};
-use serde::Deserialize;
+use std::borrow::Cow;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::operator::{OperatorError, OperatorRequest};
-use crate::pipeline::exporter::Exporter;
+use crate::pipeline::exporter::{Exporter, Run};
+use crate::pipeline::records::{decode_record, ChangeRecord, RecordsSeed};
 use crate::ports::{ApiKeySource, KvStore, SettingsTable};
 use crate::report::{BatchReport, Outcome};
 
@@ -53,10 +56,9 @@ impl From<HandlerError> for Diagnostic {
     }
 }
 
-#[derive(Debug, Clone)]
-pub enum Payload<'a> {
-    /// Each record still as its JSON text: decoded once, straight into its domain types.
-    StreamBatch(Vec<&'a RawValue>),
+#[derive(Debug)]
+pub enum Payload {
+    StreamBatch(Vec<ChangeRecord>),
     Operator(OperatorRequest),
 }
 
@@ -67,13 +69,56 @@ struct Batch<'a> {
     records: Option<Vec<&'a RawValue>>,
 }
 
-impl<'a> Payload<'a> {
-    pub fn parse(payload: &'a RawValue) -> Result<Self, HandlerError> {
+/// Routes on the top-level `Records` key, decoding a batch's records as they are read.
+struct Route<'s>(RecordsSeed<'s>);
+
+impl<'de, 's> DeserializeSeed<'de> for Route<'s> {
+    type Value = Option<Vec<ChangeRecord>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de, 's> Visitor<'de> for Route<'s> {
+    type Value = Option<Vec<ChangeRecord>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut records = None;
+        let mut seed = Some(self.0);
+        while let Some(key) = map.next_key::<Cow<str>>()? {
+            match (&*key, seed.take()) {
+                ("Records", Some(seed)) => records = Some(map.next_value_seed(seed)?),
+                (_, unused) => {
+                    seed = unused;
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(records)
+    }
+}
+
+impl Payload {
+    pub fn parse(payload: &RawValue, default_configs_sk: &str) -> Result<Self, HandlerError> {
+        let seed = RecordsSeed { default_configs_sk };
+        let mut json = serde_json::Deserializer::from_str(payload.get());
+        if let Ok(Some(records)) = Route(seed).deserialize(&mut json) {
+            return Ok(Payload::StreamBatch(records));
+        }
+        // A batch with a malformed record: read again record by record, each with its reason.
         if let Ok(Batch {
             records: Some(records),
         }) = serde_json::from_str::<Batch>(payload.get())
         {
-            return Ok(Payload::StreamBatch(records));
+            let decode = |raw: &RawValue| decode_record(raw.get(), default_configs_sk);
+            return Ok(Payload::StreamBatch(
+                records.into_iter().map(decode).collect(),
+            ));
         }
         // Operator payloads are small: a JSON tree is fine.
         let value: Value =
@@ -136,10 +181,10 @@ pub async fn route<K: KvStore, A: ApiKeySource, T: SettingsTable>(
     payload: &RawValue,
     deadline: Instant,
 ) -> Result<Value, HandlerError> {
-    match Payload::parse(payload)? {
+    match Payload::parse(payload, exporter.default_configs_sk())? {
         Payload::StreamBatch(records) => {
             let started = Instant::now();
-            let report = exporter.export_stream(records, deadline).await;
+            let report = exporter.export(records, Run::STREAM, deadline).await;
             report.log();
             crate::report::emit(&report, started.elapsed());
             batch_response(&report).map(|r| serde_json::to_value(r).expect("serializable"))
@@ -148,7 +193,20 @@ pub async fn route<K: KvStore, A: ApiKeySource, T: SettingsTable>(
     }
 }
 
-pub fn batch_response(report: &BatchReport) -> Result<DynamoDbEventResponse, HandlerError> {
+/// The partial-batch response: Lambda replays the stream from the lowest sequence number listed.
+#[derive(Debug, Default, PartialEq, Serialize)]
+pub struct BatchResponse {
+    #[serde(rename = "batchItemFailures")]
+    pub batch_item_failures: Vec<BatchItemFailure>,
+}
+
+#[derive(Debug, PartialEq, Serialize)]
+pub struct BatchItemFailure {
+    #[serde(rename = "itemIdentifier")]
+    pub item_identifier: String,
+}
+
+pub fn batch_response(report: &BatchReport) -> Result<BatchResponse, HandlerError> {
     let unreportable = report
         .records
         .iter()
@@ -156,17 +214,14 @@ pub fn batch_response(report: &BatchReport) -> Result<DynamoDbEventResponse, Han
     if unreportable {
         return Err(HandlerError::UnreportableFailure);
     }
-    let mut response = DynamoDbEventResponse::default();
-    response.batch_item_failures = report
+    let batch_item_failures = report
         .failed_sequence_numbers()
         .into_iter()
-        .map(|seq| {
-            let mut failure = DynamoDbBatchItemFailure::default();
-            failure.item_identifier = Some(seq);
-            failure
-        })
+        .map(|item_identifier| BatchItemFailure { item_identifier })
         .collect();
-    Ok(response)
+    Ok(BatchResponse {
+        batch_item_failures,
+    })
 }
 
 #[cfg(test)]
@@ -199,17 +254,42 @@ mod tests {
 
     #[test]
     fn records_route_to_the_stream_path() {
-        let empty = raw(json!({"Records": []}));
-        assert!(matches!(Payload::parse(&empty).unwrap(), Payload::StreamBatch(r) if r.is_empty()));
-        let two = raw(json!({"Records": [{"a": 1}, {"b": [2]}]}));
-        let Payload::StreamBatch(records) = Payload::parse(&two).unwrap() else {
+        let parse = |payload: Value| Payload::parse(&raw(payload), "D").unwrap();
+        assert!(matches!(parse(json!({"Records": []})), Payload::StreamBatch(r) if r.is_empty()));
+        let record = |seq: &str| {
+            json!({"eventName": "REMOVE", "dynamodb": {"SequenceNumber": seq,
+                "Keys": {"pk": {"S": "a"}, "sk": {"S": "INDEX#i"}}}})
+        };
+        let Payload::StreamBatch(records) =
+            parse(json!({"other": [1], "Records": [record("1"), record("2")]}))
+        else {
             panic!("a stream batch")
         };
-        assert_eq!(
-            records[1].get(),
-            r#"{"b":[2]}"#,
-            "each record kept as its JSON text"
+        let seqs: Vec<_> = records
+            .iter()
+            .map(|r| r.sequence_number.as_deref())
+            .collect();
+        assert_eq!(seqs, [Some("1"), Some("2")]);
+        assert!(records.iter().all(|r| r.decoded.is_ok()));
+    }
+
+    #[test]
+    fn a_malformed_record_is_rejected_alone() {
+        let payload = json!({"Records": [
+            {"eventName": "REMOVE", "dynamodb": {"SequenceNumber": "1",
+                "Keys": {"pk": {"S": "a"}, "sk": {"S": "INDEX#i"}}}},
+            {"eventName": 7, "dynamodb": {"SequenceNumber": "2"}}
+        ]});
+        let Payload::StreamBatch(records) = Payload::parse(&raw(payload), "D").unwrap() else {
+            panic!("a stream batch")
+        };
+        assert!(records[0].decoded.is_ok());
+        assert!(
+            matches!(&records[1].decoded, Err(Outcome::Rejected(r)) if r.contains("eventName")),
+            "{:?}",
+            records[1].decoded
         );
+        assert_eq!(records[1].sequence_number.as_deref(), Some("2"));
     }
 
     #[test]
@@ -220,7 +300,7 @@ mod tests {
             json!({"Records": 5}),
             json!("x"),
         ] {
-            let err = Payload::parse(&raw(payload)).unwrap_err();
+            let err = Payload::parse(&raw(payload), "D").unwrap_err();
             assert!(err.to_string().contains("{\"Records\": [...]}"), "{err}");
             assert!(err.to_string().contains("system_account_id"), "{err}");
         }

@@ -15,6 +15,6 @@ fuzz_target!(|data: &[u8]| {
         assert!(!reason.is_empty(), "a rejection says why");
     }
     if let Ok(raw) = serde_json::from_str::<Box<serde_json::value::RawValue>>(text) {
-        let _ = Payload::parse(&raw);
+        let _ = Payload::parse(&raw, "DEFAULT_CONFIGS");
     }
 });

@@ -6,7 +6,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use serde_dynamo::Item;
 
 use crate::domain::{IndexRef, SettingsReference};
-use crate::dynamo::{settings_reference, string_attribute, SortKey};
+use crate::dynamo::{settings_reference, string_attribute, Image, SortKey};
 use crate::ports::{Page, PortError, SettingsTable};
 
 pub struct DynamoSettingsTable {
@@ -97,9 +97,8 @@ impl SettingsTable for DynamoSettingsTable {
                 .map_err(|e| self.error("scan", e))?;
             for item in page.items.unwrap_or_default() {
                 let item = Item::from(item);
-                let (Some(pk), Some(sk)) =
-                    (string_attribute(&item, "pk"), string_attribute(&item, "sk"))
-                else {
+                let image = Image::of(&item);
+                let (Some(pk), Some(sk)) = (image.string("pk"), image.string("sk")) else {
                     continue;
                 };
                 let pk = pk.to_owned();
@@ -107,7 +106,7 @@ impl SettingsTable for DynamoSettingsTable {
                     continue;
                 };
                 let index = IndexRef::new(pk, name);
-                let (reference, problem) = settings_reference(index.clone(), item);
+                let (reference, problem) = settings_reference(index.clone(), &image);
                 if let Some(problem) = problem {
                     tracing::warn!(account = %index.account, index = %index.name, reason = %problem,
                         "settings record's aliases cannot be read; every index id it names stays protected");

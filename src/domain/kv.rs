@@ -1,7 +1,9 @@
 //! Cloudflare Workers KV as the proxy reads it: the two namespaces, the keys this function
 //! writes, what it does to a key, and the limits Cloudflare enforces (docs/contract.md, "KV").
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -131,29 +133,36 @@ pub struct KeyMetadata {
     pub digest: String,
 }
 
-impl KeyMetadata {
-    pub fn for_value(index: &IndexRef, value: &str) -> Self {
-        Self {
-            writer: WRITER.into(),
-            v: 1,
-            account: Some(index.account.clone()),
-            index: Some(index.name.clone()),
-            digest: digest(value),
-        }
-    }
+/// [`KeyMetadata`] as written, borrowing the names.
+#[derive(Serialize)]
+struct MetadataOut<'a> {
+    writer: &'a str,
+    v: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<&'a str>,
+    digest: &'a str,
+}
 
-    /// The JSON sent with the key; names too long for the limit are left out (the value says).
-    pub fn to_json(&self) -> String {
-        let json = serde_json::to_string(self).expect("metadata serializes");
+impl KeyMetadata {
+    /// The metadata JSON for a value written for `index`; names too long for the limit are left
+    /// out (the value says).
+    pub fn json_for(index: &IndexRef, value: &str) -> String {
+        let digest = digest(value);
+        let mut meta = MetadataOut {
+            writer: WRITER,
+            v: 1,
+            account: Some(&index.account),
+            index: Some(&index.name),
+            digest: &digest,
+        };
+        let json = serde_json::to_string(&meta).expect("metadata serializes");
         if json.len() <= MAX_METADATA_BYTES {
             return json;
         }
-        let short = KeyMetadata {
-            account: None,
-            index: None,
-            ..self.clone()
-        };
-        serde_json::to_string(&short).expect("metadata serializes")
+        (meta.account, meta.index) = (None, None);
+        serde_json::to_string(&meta).expect("metadata serializes")
     }
 
     /// Metadata as listed, if this function wrote it.
@@ -177,7 +186,7 @@ pub struct KvValue {
 
 impl KvValue {
     pub fn new(index: &IndexRef, text: String) -> Self {
-        let metadata = KeyMetadata::for_value(index, &text).to_json();
+        let metadata = KeyMetadata::json_for(index, &text);
         Self { text, metadata }
     }
 }
@@ -191,8 +200,15 @@ impl std::ops::Deref for KvValue {
 
 #[derive(Clone, PartialEq)]
 pub enum KvAction {
-    Put(KvValue),
+    /// Shared: the same value goes under an index's own key and its shop key.
+    Put(Arc<KvValue>),
     Delete,
+}
+
+impl KvAction {
+    pub fn put(value: KvValue) -> Self {
+        KvAction::Put(Arc::new(value))
+    }
 }
 
 // Settings values carry API keys: `Debug` shows only their size.
@@ -205,27 +221,34 @@ impl std::fmt::Debug for KvAction {
     }
 }
 
-/// A bulk write body being built: each pair written once, straight into the body, as
-/// `{"key": ..., "value": "<the value's JSON as a string>", "metadata": {...}}`.
-#[derive(Default)]
+/// A bulk write body being built, `[{"key": ..., "value": "<the value's JSON as a string>",
+/// "metadata": {...}}, ...]`: each pair written straight into it, and a value that several keys
+/// share (an index's own key and its shop key) escaped only once.
 pub struct PutBody {
     bytes: Vec<u8>,
     /// Each pair's key and where its JSON is in `bytes`.
-    items: Vec<(String, std::ops::Range<usize>)>,
+    items: Vec<(String, Range<usize>)>,
+    /// Where a shared value's `,"value":...,"metadata":...}` already is in `bytes`, by the
+    /// value's address (the values outlive the body being built).
+    written: HashMap<usize, Range<usize>>,
+}
+
+impl Default for PutBody {
+    fn default() -> Self {
+        Self::with_capacity(0)
+    }
 }
 
 impl PutBody {
-    /// One pair's JSON, to size it before it joins a body.
-    pub fn item(key: &str, value: &KvValue) -> Vec<u8> {
-        let mut item = Vec::with_capacity(value.text.len() + value.metadata.len() + key.len() + 64);
-        item.extend_from_slice(b"{\"key\":");
-        serde_json::to_writer(&mut item, key).expect("strings serialize");
-        item.extend_from_slice(b",\"value\":");
-        serde_json::to_writer(&mut item, &value.text).expect("strings serialize");
-        item.extend_from_slice(b",\"metadata\":");
-        item.extend_from_slice(value.metadata.as_bytes());
-        item.push(b'}');
-        item
+    /// A body expected to grow to about `bytes`: reserved once, not doubled as it grows.
+    pub fn with_capacity(bytes: usize) -> Self {
+        let mut body = Vec::with_capacity(bytes.max(2));
+        body.push(b'[');
+        Self {
+            bytes: body,
+            items: Vec::new(),
+            written: HashMap::new(),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -236,32 +259,63 @@ impl PutBody {
         self.items.is_empty()
     }
 
-    /// Bytes of the body with this item added (brackets and commas included).
-    pub fn size_with(&self, item: &[u8]) -> usize {
-        self.bytes.len() + item.len() + 3
+    /// Bytes of the finished body.
+    pub fn size(&self) -> usize {
+        self.bytes.len() + 1
     }
 
-    pub fn push(&mut self, key: String, item: &[u8]) {
-        if !self.bytes.is_empty() {
+    fn start_item(&mut self) -> usize {
+        if !self.items.is_empty() {
             self.bytes.push(b',');
         }
-        let start = self.bytes.len();
-        self.bytes.extend_from_slice(item);
-        self.items.push((key, start..self.bytes.len()));
+        self.bytes.len()
     }
 
-    fn finish(self) -> (Bytes, Vec<(String, std::ops::Range<usize>)>) {
-        let mut body = Vec::with_capacity(self.bytes.len() + 2);
-        body.push(b'[');
-        body.extend_from_slice(&self.bytes);
-        body.push(b']');
-        // Spans shift by the opening bracket.
-        let items = self
-            .items
-            .into_iter()
-            .map(|(k, r)| (k, r.start + 1..r.end + 1))
-            .collect();
-        (Bytes::from(body), items)
+    /// Writes a pair.
+    pub fn push(&mut self, key: &str, value: &Arc<KvValue>) {
+        let start = self.start_item();
+        self.bytes.extend_from_slice(b"{\"key\":");
+        serde_json::to_writer(&mut self.bytes, key).expect("strings serialize");
+        let id = Arc::as_ptr(value) as usize;
+        match self.written.get(&id) {
+            Some(tail) => self.bytes.extend_from_within(tail.clone()),
+            None => {
+                let tail = self.bytes.len();
+                self.bytes.extend_from_slice(b",\"value\":");
+                serde_json::to_writer(&mut self.bytes, &value.text).expect("strings serialize");
+                self.bytes.extend_from_slice(b",\"metadata\":");
+                self.bytes.extend_from_slice(value.metadata.as_bytes());
+                self.bytes.push(b'}');
+                self.written.insert(id, tail..self.bytes.len());
+            }
+        }
+        self.items.push((key.to_owned(), start..self.bytes.len()));
+    }
+
+    /// Copies a pair already written in another body.
+    fn push_written(&mut self, key: &str, item: &[u8]) {
+        let start = self.start_item();
+        self.bytes.extend_from_slice(item);
+        self.items.push((key.to_owned(), start..self.bytes.len()));
+    }
+
+    /// Takes the last pair back out (it made the body too big).
+    pub fn pop(&mut self) {
+        let Some((_, span)) = self.items.pop() else {
+            return;
+        };
+        let cut = if self.items.is_empty() {
+            span.start
+        } else {
+            span.start - 1
+        };
+        self.bytes.truncate(cut);
+        self.written.retain(|_, tail| tail.end <= cut);
+    }
+
+    fn finish(mut self) -> (Bytes, Vec<(String, Range<usize>)>) {
+        self.bytes.push(b']');
+        (Bytes::from(self.bytes), self.items)
     }
 }
 
@@ -272,7 +326,7 @@ pub enum KvRequest {
         namespace: Namespace,
         body: Bytes,
         /// Each pair's key and where its JSON is in `body`.
-        items: Vec<(String, std::ops::Range<usize>)>,
+        items: Vec<(String, Range<usize>)>,
     },
     Delete {
         namespace: Namespace,
@@ -354,7 +408,7 @@ impl KvRequest {
             } => {
                 let mut kept = PutBody::default();
                 for (key, span) in items.iter().filter(|(k, _)| keep.contains(k.as_str())) {
-                    kept.push(key.clone(), &body[span.clone()]);
+                    kept.push_written(key, &body[span.clone()]);
                 }
                 *self = KvRequest::put(*namespace, kept);
             }
@@ -434,9 +488,12 @@ mod tests {
     fn request_debug_never_shows_values_and_retain_keeps_only_what_is_asked() {
         let index = IndexRef::new("a", "i");
         let mut body = PutBody::default();
+        let value = Arc::new(KvValue::new(
+            &index,
+            "{\"marqo_api_key\":\"secret\"}".into(),
+        ));
         for key in ["k1", "k2"] {
-            let value = KvValue::new(&index, "{\"marqo_api_key\":\"secret\"}".into());
-            body.push(key.into(), &PutBody::item(key, &value));
+            body.push(key, &value);
         }
         let mut request = KvRequest::put(Namespace::Settings, body);
         assert!(!format!("{request:?}").contains("secret"));

@@ -9,20 +9,37 @@ use crate::pipeline::plan::PlannedOp;
 
 /// All the requests a plan needs: per namespace, bulk writes of at most [`MAX_BULK_ITEMS`]
 /// pairs and under [`MAX_BULK_BYTES`], each pair written once into its body; bulk deletes.
-pub fn requests<'a>(ops: impl IntoIterator<Item = (&'a KvKey, &'a PlannedOp)>) -> Vec<KvRequest> {
+pub fn requests<'a>(
+    ops: impl IntoIterator<Item = (&'a KvKey, &'a PlannedOp)> + Clone,
+) -> Vec<KvRequest> {
+    // What each namespace's first body will take, reserved up front (escaping at most doubles a
+    // value): growing by doubling would copy and fault in twice the memory.
+    let mut expected: BTreeMap<Namespace, usize> = BTreeMap::new();
+    for (key, op) in ops.clone() {
+        if let KvAction::Put(value) = &op.action {
+            let size = key.key.len() + 2 * value.text.len() + value.metadata.len() + 40;
+            *expected.entry(key.namespace).or_default() += size;
+        }
+    }
     let mut puts: BTreeMap<Namespace, (Vec<KvRequest>, PutBody)> = BTreeMap::new();
     let mut deletes: BTreeMap<Namespace, Vec<String>> = BTreeMap::new();
     for (key, op) in ops {
         match &op.action {
             KvAction::Put(value) => {
-                let (full, body) = puts.entry(key.namespace).or_default();
-                let item = PutBody::item(&key.key, value);
-                if !body.is_empty()
-                    && (body.len() == MAX_BULK_ITEMS || body.size_with(&item) >= MAX_BULK_BYTES)
-                {
+                let (full, body) = puts.entry(key.namespace).or_insert_with(|| {
+                    let expected = expected[&key.namespace].min(MAX_BULK_BYTES);
+                    (Vec::new(), PutBody::with_capacity(expected))
+                });
+                if body.len() == MAX_BULK_ITEMS {
                     full.push(KvRequest::put(key.namespace, std::mem::take(body)));
                 }
-                body.push(key.key.clone(), &item);
+                body.push(&key.key, value);
+                if body.size() >= MAX_BULK_BYTES && body.len() > 1 {
+                    // Too big with this pair: it starts the next request.
+                    body.pop();
+                    full.push(KvRequest::put(key.namespace, std::mem::take(body)));
+                    body.push(&key.key, value);
+                }
             }
             KvAction::Delete => deletes
                 .entry(key.namespace)
@@ -58,7 +75,7 @@ mod tests {
         (0..n)
             .map(|i| {
                 let op = PlannedOp {
-                    action: KvAction::Put(KvValue::new(&index, "v".repeat(value_len))),
+                    action: KvAction::put(KvValue::new(&index, "v".repeat(value_len))),
                     owner: i,
                 };
                 (KvKey::settings(format!("k{i:05}")), op)
@@ -78,6 +95,28 @@ mod tests {
         assert_eq!(body[0]["key"], "k00000");
         assert_eq!(body[0]["value"], "vvvvvvvvvv");
         assert_eq!(body[0]["metadata"]["writer"], "ecom-settings-exporter");
+    }
+
+    #[test]
+    fn keys_sharing_a_value_each_get_the_whole_pair() {
+        let index = IndexRef::new("a", "i");
+        let shared = KvAction::put(KvValue::new(&index, r#"{"q":"\"x\""}"#.into()));
+        let ops: BTreeMap<KvKey, PlannedOp> = ["a-i", "shop-1", "shop-2"]
+            .into_iter()
+            .enumerate()
+            .map(|(owner, key)| {
+                let action = shared.clone();
+                (KvKey::settings(key), PlannedOp { action, owner })
+            })
+            .collect();
+        let requests = requests(&ops);
+        assert_eq!(sizes(&requests), [3]);
+        let body: Vec<serde_json::Value> = serde_json::from_slice(&requests[0].body()).unwrap();
+        for (item, key) in body.iter().zip(["a-i", "shop-1", "shop-2"]) {
+            assert_eq!(item["key"], key);
+            assert_eq!(item["value"], r#"{"q":"\"x\""}"#);
+            assert_eq!(item["metadata"]["index"], "i");
+        }
     }
 
     #[test]

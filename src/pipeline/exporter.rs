@@ -16,7 +16,7 @@ use crate::dynamo;
 use crate::pipeline::bulk;
 use crate::pipeline::plan::{self, Lookups, PlannedOp};
 use crate::pipeline::records::Change;
-use crate::pipeline::records::{decode_item, decode_record, ChangeRecord};
+use crate::pipeline::records::{decode_item, ChangeRecord};
 use crate::ports::{
     AccountCell, ApiKeySource, KeyFailures, KeyPage, KvCounters, KvStore, LookupCounts, PortError,
     SettingsTable,
@@ -110,16 +110,9 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
     }
 
     /// Exports the raw records of a `{"Records": [...]}` payload, in stream order.
-    pub async fn export_stream(
-        &self,
-        raw: Vec<&serde_json::value::RawValue>,
-        deadline: Instant,
-    ) -> BatchReport {
-        let records = raw
-            .into_iter()
-            .map(|r| decode_record(r.get(), &self.options.default_configs_sk))
-            .collect();
-        self.export(records, Run::STREAM, deadline).await
+    /// The sort key of the table's default configs, which are never exported.
+    pub fn default_configs_sk(&self) -> &str {
+        &self.options.default_configs_sk
     }
 
     pub async fn export(
@@ -322,12 +315,13 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
             .items
             .iter()
             .filter_map(|item| {
-                let pk = dynamo::string_attribute(item, "pk")?;
-                let sk = dynamo::string_attribute(item, "sk")?;
+                let image = dynamo::Image::of(item);
+                let pk = image.string("pk")?;
+                let sk = image.string("sk")?;
                 match dynamo::SortKey::parse(sk, &self.options.default_configs_sk) {
                     dynamo::SortKey::Index(name) => {
                         let index = IndexRef::new(pk, name);
-                        Some(dynamo::settings_reference(index, item.clone()).0)
+                        Some(dynamo::settings_reference(index, &image).0)
                     }
                     _ => None,
                 }
@@ -430,7 +424,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
                     let filter = QueryFilter::build(&index, queries);
                     let text = serde_json::to_string(&filter).expect("filters serialize");
                     let op = PlannedOp {
-                        action: KvAction::Put(KvValue::new(&index, text)),
+                        action: KvAction::put(KvValue::new(&index, text)),
                         owner: needers[0],
                     };
                     plan.ops.insert(filter_key(&index), op);
@@ -521,7 +515,9 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
         let read: Vec<_> = futures::stream::iter(claimers)
             .map(|index| async move {
                 let settings = self.table.index_settings(&index).await.map(|item| {
-                    item.and_then(|item| dynamo::index_settings(index.clone(), item).ok())
+                    item.and_then(|item| {
+                        dynamo::index_settings(index.clone(), &dynamo::Image::of(&item)).ok()
+                    })
                 });
                 (index, settings)
             })
@@ -613,13 +609,16 @@ mod tests {
         exporter: &Exporter<MemoryKv, SameKey, CountingTable>,
         batch: Vec<serde_json::Value>,
     ) -> BatchReport {
-        let raw: Vec<Box<serde_json::value::RawValue>> = batch
+        let records = batch
             .iter()
-            .map(|r| serde_json::value::to_raw_value(r).unwrap())
+            .map(|r| {
+                crate::pipeline::records::decode_record(
+                    &r.to_string(),
+                    exporter.default_configs_sk(),
+                )
+            })
             .collect();
-        exporter
-            .export_stream(raw.iter().map(|r| &**r).collect(), deadline())
-            .await
+        exporter.export(records, Run::STREAM, deadline()).await
     }
 
     fn deadline() -> Instant {

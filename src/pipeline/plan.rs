@@ -6,6 +6,7 @@
 //! is exported once every operation it owns has been applied.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use crate::domain::kv::{check_key, check_put, KvValue};
 use crate::domain::qfilter::filter_key;
@@ -243,7 +244,7 @@ impl<'a> RecordPlanner<'a> {
     fn change(&mut self, change: &Change, shop: Option<ShopSource>) -> Result<(), Outcome> {
         match change {
             Change::UpsertIndex { settings, .. } => {
-                let value = self.settings_value(settings)?;
+                let value = Arc::new(self.settings_value(settings)?);
                 if let Some(shop_id) = &settings.shop_id {
                     self.ops
                         .push((KvKey::settings(shop_id), KvAction::Put(value.clone())));
@@ -283,7 +284,7 @@ impl<'a> RecordPlanner<'a> {
                     })?;
                 self.ops.push((
                     KvKey::query_config(&config.index, &config.query),
-                    KvAction::Put(value),
+                    KvAction::put(value),
                 ));
                 Ok(())
             }
@@ -375,7 +376,7 @@ impl<'a> RecordPlanner<'a> {
             Some(Ok(Some(settings))) if settings.shop_id.as_deref() == Some(shop) => {
                 match self.settings_value(settings) {
                     Ok(value) => {
-                        self.ops.push((KvKey::settings(shop), KvAction::Put(value)));
+                        self.ops.push((KvKey::settings(shop), KvAction::put(value)));
                         format!("shop key `{shop}` now serves index {claimer}, which claims it")
                     }
                     Err(Outcome::Rejected(reason)) => format!(

@@ -1,11 +1,12 @@
 //! Step 2 of the pipeline: DynamoDB stream records (and table items, for the operator modes)
 //! become domain changes, one per record, in stream order. Nothing here talks to a server.
 
-use aws_lambda_events::dynamodb::{EventRecord, StreamViewType};
+use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
 use serde_dynamo::Item;
 
 use crate::domain::{IndexRef, IndexSettings, QueryConfig};
-use crate::dynamo::{self, shop_id_of, string_attribute, SortKey};
+use crate::dynamo::{self, Image, OldImage, SortKey, Text};
 use crate::report::Outcome;
 
 /// The shop id an index had before this change, when the stream tells us.
@@ -59,15 +60,74 @@ fn reject(reason: impl Into<String>) -> Result<Change, Outcome> {
     Err(Outcome::Rejected(reason.into()))
 }
 
+/// What the exporter reads of a DynamoDB stream record; everything else is skipped unread.
+/// Strings borrow from the record's JSON text.
+#[derive(Deserialize)]
+struct StreamRecord<'a> {
+    #[serde(rename = "eventName", default, borrow)]
+    event_name: Option<Text<'a>>,
+    #[serde(borrow)]
+    dynamodb: StreamChange<'a>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct StreamChange<'a> {
+    /// Seconds since the epoch.
+    #[serde(default)]
+    approximate_creation_date_time: Option<f64>,
+    #[serde(default, borrow)]
+    keys: Image<'a>,
+    #[serde(default, borrow)]
+    new_image: Image<'a>,
+    #[serde(default)]
+    old_image: OldImage,
+    #[serde(default, borrow)]
+    sequence_number: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    stream_view_type: Option<Text<'a>>,
+}
+
+/// A batch's `Records` array, each record decoded as it is read: one pass over the payload. A
+/// malformed record fails the whole read; the caller then decodes record by record
+/// ([`decode_record`]) so that each gets its own reason.
+pub struct RecordsSeed<'s> {
+    pub default_configs_sk: &'s str,
+}
+
+impl<'de, 's> DeserializeSeed<'de> for RecordsSeed<'s> {
+    type Value = Vec<ChangeRecord>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de, 's> Visitor<'de> for RecordsSeed<'s> {
+    type Value = Vec<ChangeRecord>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of DynamoDB stream records")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut records = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(record) = seq.next_element::<StreamRecord>()? {
+            records.push(change_record(&record, self.default_configs_sk));
+        }
+        Ok(records)
+    }
+}
+
 /// Decodes one raw record of a `{"Records": [...]}` batch. Never fails: a record that cannot
 /// be read is rejected with the reason.
 pub fn decode_record(raw: &str, default_configs_sk: &str) -> ChangeRecord {
     // The fast path tracks no path; only a record that fails is read again, to say where.
     let tracked = || {
         let mut json = serde_json::Deserializer::from_str(raw);
-        serde_path_to_error::deserialize::<_, EventRecord>(&mut json)
+        serde_path_to_error::deserialize::<_, StreamRecord>(&mut json)
     };
-    let record: EventRecord = match serde_json::from_str(raw).or_else(|_| tracked()) {
+    let record: StreamRecord = match serde_json::from_str(raw).or_else(|_| tracked()) {
         Ok(record) => record,
         Err(e) => {
             // Only a bad record pays for a JSON tree: its sequence number, if it has one.
@@ -90,41 +150,41 @@ pub fn decode_record(raw: &str, default_configs_sk: &str) -> ChangeRecord {
             };
         }
     };
-    let sequence_number = record.change.sequence_number.clone();
-    let created_at = Some(
-        record
-            .change
-            .approximate_creation_date_time
-            .timestamp_millis() as f64
-            / 1000.0,
-    )
-    .filter(|secs| *secs > 0.0);
+    change_record(&record, default_configs_sk)
+}
+
+fn change_record(record: &StreamRecord, default_configs_sk: &str) -> ChangeRecord {
+    let change = &record.dynamodb;
     let (index, decoded) = decode_change(record, default_configs_sk);
     ChangeRecord {
-        sequence_number,
+        sequence_number: change
+            .sequence_number
+            .as_ref()
+            .map(|s| s.0.clone().into_owned()),
         index,
-        created_at,
+        created_at: change
+            .approximate_creation_date_time
+            .filter(|secs| *secs > 0.0),
         decoded,
     }
 }
 
 /// The index the record is about (when its keys tell) and what it means.
 fn decode_change(
-    record: EventRecord,
+    record: &StreamRecord,
     default_configs_sk: &str,
 ) -> (Option<IndexRef>, Result<Change, Outcome>) {
-    let change = record.change;
+    let change = &record.dynamodb;
     let keys = if change.keys.is_empty() {
         &change.new_image
     } else {
         &change.keys
     };
-    let (Some(pk), Some(sk)) = (string_attribute(keys, "pk"), string_attribute(keys, "sk")) else {
+    let (Some(pk), Some(sk)) = (keys.string("pk"), keys.string("sk")) else {
         let reason = "the record's keys must hold string `pk` and `sk`";
         return (None, reject(reason));
     };
-    let (pk, sk) = (pk.to_owned(), sk.to_owned());
-    let (index, query) = match SortKey::parse(&sk, default_configs_sk) {
+    let (index, query) = match SortKey::parse(sk, default_configs_sk) {
         SortKey::DefaultConfigs => return (None, skip("default configs are never exported")),
         SortKey::Foreign => {
             let reason = format!("sort key `{sk}` is not an index record");
@@ -138,23 +198,21 @@ fn decode_change(
         return (None, reject(reason));
     }
     let index = IndexRef::new(pk, index);
+    let event_name = record.event_name.as_ref().map_or("", |name| &name.0);
     (
         Some(index.clone()),
-        decode_image(record.event_name.as_str(), change, index, query),
+        decode_image(event_name, change, index, query),
     )
 }
 
 fn decode_image(
     event_name: &str,
-    change: aws_lambda_events::dynamodb::StreamRecord,
+    change: &StreamChange,
     index: IndexRef,
     query: Option<String>,
 ) -> Result<Change, Outcome> {
-    let previous_shop = previous_shop(
-        event_name,
-        change.stream_view_type.as_ref(),
-        &change.old_image,
-    );
+    let view = change.stream_view_type.as_ref().map(|view| &*view.0);
+    let previous_shop = previous_shop(event_name, view, &change.old_image);
     match (event_name, query) {
         ("INSERT" | "MODIFY", query) => {
             if change.new_image.is_empty() {
@@ -162,7 +220,7 @@ fn decode_image(
                     "the record has no NewImage: the stream view type must be NEW_IMAGE or NEW_AND_OLD_IMAGES",
                 );
             }
-            decode_upsert(index, query, change.new_image, previous_shop, false)
+            decode_upsert(index, query, &change.new_image, previous_shop, false)
         }
         ("REMOVE", None) => Ok(Change::RemoveIndex {
             index,
@@ -179,7 +237,7 @@ fn decode_image(
 fn decode_upsert(
     index: IndexRef,
     query: Option<String>,
-    image: Item,
+    image: &Image,
     previous_shop: PreviousShop,
     with_overrides: bool,
 ) -> Result<Change, Outcome> {
@@ -201,7 +259,8 @@ pub fn decode_item(
     default_configs_sk: &str,
     include_query_configs: bool,
 ) -> ChangeRecord {
-    let text = |name: &str| string_attribute(&item, name).map(str::to_owned);
+    let image = Image::of(&item);
+    let text = |name: &str| image.string(name).map(str::to_owned);
     let record = |index: Option<IndexRef>, decoded| ChangeRecord {
         sequence_number: None,
         index,
@@ -228,29 +287,23 @@ pub fn decode_item(
     let decoded = decode_upsert(
         index.clone(),
         query,
-        item,
+        &image,
         PreviousShop::NotAsked,
         include_query_configs,
     );
     record(Some(index), decoded)
 }
 
-fn previous_shop(
-    event_name: &str,
-    view: Option<&StreamViewType>,
-    old_image: &Item,
-) -> PreviousShop {
+fn previous_shop(event_name: &str, view: Option<&str>, old_image: &OldImage) -> PreviousShop {
     if event_name == "INSERT" {
         return PreviousShop::Known(None);
     }
-    if !old_image.is_empty() {
-        return PreviousShop::Known(shop_id_of(old_image));
+    if old_image.present {
+        return PreviousShop::Known(old_image.shop_id.clone());
     }
     match view {
         // The stream carries old images, and this one had none: there was no previous item.
-        Some(StreamViewType::NewAndOldImages | StreamViewType::OldImage) => {
-            PreviousShop::Known(None)
-        }
+        Some("NEW_AND_OLD_IMAGES" | "OLD_IMAGE") => PreviousShop::Known(None),
         _ => PreviousShop::Unknown,
     }
 }

@@ -3,9 +3,14 @@
 
 use std::collections::HashMap;
 
-use base64::Engine as _;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_dynamo::{AttributeValue, Item};
+
+mod image;
+mod json;
+
+pub use image::{Attr, Image, OldImage, Text};
 
 use crate::domain::settings::{non_empty, Document, IndexAliases};
 use crate::domain::{
@@ -40,7 +45,7 @@ impl SortKey {
     }
 }
 
-/// A string attribute of an item, if it is one.
+/// A string attribute of a table item, if it is one.
 pub fn string_attribute<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
     match item.get(name) {
         Some(AttributeValue::S(s)) => Some(s),
@@ -48,137 +53,12 @@ pub fn string_attribute<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
     }
 }
 
-/// Cloudflare receives numbers exactly as DynamoDB holds them: at most 38 significant digits,
-/// magnitudes from 1E-130 to under 1E+126.
-const MAX_DIGITS: usize = 38;
-const EXPONENTS: std::ops::RangeInclusive<i64> = -130..=125;
-
-/// Checks a DynamoDB number's text: JSON's number grammar, within DynamoDB's range.
-fn check_number(n: &str) -> Result<(), String> {
-    let invalid = || format!("`{n}` is not a number");
-    let unsigned = n.strip_prefix('-').unwrap_or(n);
-    let (mantissa, exponent) = match unsigned.find(['e', 'E']) {
-        Some(at) => (&unsigned[..at], Some(&unsigned[at + 1..])),
-        None => (unsigned, None),
-    };
-    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(int) || (int.len() > 1 && int.starts_with('0')) {
-        return Err(invalid());
-    }
-    if mantissa.contains('.') && !digits(frac) {
-        return Err(invalid());
-    }
-    let exponent: i64 = match exponent {
-        None => 0,
-        Some(e) if digits(e.strip_prefix(['+', '-']).unwrap_or(e)) => {
-            e.parse().map_err(|_| invalid())?
-        }
-        Some(_) => return Err(invalid()),
-    };
-    let all: Vec<u8> = int.bytes().chain(frac.bytes()).collect();
-    let Some(first) = all.iter().position(|&b| b != b'0') else {
-        return Ok(()); // zero
-    };
-    let last = all.iter().rposition(|&b| b != b'0').unwrap_or(first);
-    let leading_power = exponent + int.len() as i64 - first as i64 - 1;
-    if last - first + 1 > MAX_DIGITS || !EXPONENTS.contains(&leading_power) {
-        return Err(format!(
-            "number `{n}` is outside DynamoDB's range (38 digits, 1E-130 to 9.99E+125)"
-        ));
-    }
-    Ok(())
-}
-
-/// Writes an attribute value as JSON: numbers verbatim, sets as arrays, binary as base64, map
-/// keys in order. `path` names the attribute in errors.
-fn write_json(value: &AttributeValue, path: &str, out: &mut String) -> Result<(), InvalidRecord> {
-    let bad = |message: String| InvalidRecord::BadAttribute {
-        path: path.to_owned(),
-        message,
-    };
-    let string = |s: &str, out: &mut String| {
-        out.push_str(&serde_json::to_string(s).expect("strings serialize"))
-    };
-    let base64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-    match value {
-        AttributeValue::N(n) => {
-            check_number(n).map_err(bad)?;
-            out.push_str(n);
-        }
-        AttributeValue::S(s) => string(s, out),
-        AttributeValue::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        AttributeValue::Null(_) => out.push_str("null"),
-        AttributeValue::B(b) => string(&base64(b), out),
-        AttributeValue::M(map) => {
-            let mut names: Vec<&String> = map.keys().collect();
-            names.sort();
-            out.push('{');
-            for (i, name) in names.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                string(name, out);
-                out.push(':');
-                write_json(&map[name], &format!("{path}.{name}"), out)?;
-            }
-            out.push('}');
-        }
-        AttributeValue::L(list) => {
-            out.push('[');
-            for (i, item) in list.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_json(item, &format!("{path}[{i}]"), out)?;
-            }
-            out.push(']');
-        }
-        AttributeValue::Ss(set) => {
-            out.push('[');
-            for (i, s) in set.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                string(s, out);
-            }
-            out.push(']');
-        }
-        AttributeValue::Ns(set) => {
-            out.push('[');
-            for (i, n) in set.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                check_number(n).map_err(bad)?;
-                out.push_str(n);
-            }
-            out.push(']');
-        }
-        AttributeValue::Bs(set) => {
-            out.push('[');
-            for (i, b) in set.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                string(&base64(b), out);
-            }
-            out.push(']');
-        }
-    }
-    Ok(())
-}
-
-/// Takes an opaque document attribute out of the item; `NULL` or absent is `None`.
-fn take_document(
-    attributes: &mut HashMap<String, AttributeValue>,
-    name: &str,
-) -> Result<Option<Document>, InvalidRecord> {
-    match attributes.remove(name) {
-        None | Some(AttributeValue::Null(_)) => Ok(None),
+/// An opaque document attribute as JSON; `NULL` or absent is `None`.
+fn document(image: &Image, name: &str) -> Result<Option<Document>, InvalidRecord> {
+    match image.get(name) {
+        None | Some(Attr::Null) => Ok(None),
         Some(value) => {
-            let mut text = String::new();
-            write_json(&value, name, &mut text)?;
+            let text = json::to_json(value, name)?;
             let document =
                 Document::from_json_text(text).map_err(|e| InvalidRecord::BadAttribute {
                     path: name.to_owned(),
@@ -189,16 +69,38 @@ fn take_document(
     }
 }
 
-/// The typed attributes of an index-settings record as stored (documents are taken first).
-#[derive(Deserialize)]
-struct SettingsAttributes {
-    index_endpoint: Option<String>,
-    shop_id: Option<String>,
-    cell: Option<String>,
-    pixel_id: Option<String>,
-    index_aliases: Option<IndexAliases>,
-    read_alias: Option<String>,
-    add_docs_config: Option<AddDocsConfig>,
+/// A string attribute; `NULL` or absent is `None`, any other type is an error.
+fn string_field(image: &Image, name: &str) -> Result<Option<String>, InvalidRecord> {
+    match image.get(name) {
+        None | Some(Attr::Null) => Ok(None),
+        Some(Attr::S(s)) => Ok(Some(s.clone().into_owned())),
+        Some(other) => Err(InvalidRecord::BadAttribute {
+            path: name.to_owned(),
+            message: format!("expected a string (S), found {}", other.type_name()),
+        }),
+    }
+}
+
+/// A structured attribute read as `T` through its plain JSON; `NULL` or absent is `None`.
+fn typed<T: DeserializeOwned>(image: &Image, name: &str) -> Result<Option<T>, InvalidRecord> {
+    let Some(value) = image.get(name).filter(|v| **v != Attr::Null) else {
+        return Ok(None);
+    };
+    let text = json::to_json(value, name)?;
+    if let Ok(value) = serde_json::from_str(&text) {
+        return Ok(Some(value));
+    }
+    // Only a value that fails is read again, to say where.
+    let mut json = serde_json::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize::<_, T>(&mut json)
+        .map(Some)
+        .map_err(|e| InvalidRecord::BadAttribute {
+            path: match e.path().to_string().as_str() {
+                "." => name.to_owned(),
+                inner => format!("{name}.{inner}"),
+            },
+            message: e.inner().to_string(),
+        })
 }
 
 #[derive(Deserialize)]
@@ -208,12 +110,6 @@ struct AddDocsConfig {
 
 /// The parts of a settings record that other records' removal depends on: only `enabled` and
 /// the target ids, so a hand-edited weight cannot switch the protection off.
-#[derive(Deserialize)]
-struct ReferenceAttributes {
-    index_aliases: Option<ReferenceAliases>,
-    read_alias: Option<String>,
-}
-
 #[derive(Deserialize)]
 struct ReferenceAliases {
     doc_reads: Option<ReferenceReads>,
@@ -240,31 +136,24 @@ struct ReferenceAnalytics {
     index_id: Option<IndexId>,
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(item: Item) -> Result<T, InvalidRecord> {
-    let deserializer =
-        serde_dynamo::Deserializer::from_attribute_value(AttributeValue::M(item.into_inner()));
-    serde_path_to_error::deserialize(deserializer).map_err(|e| InvalidRecord::BadAttribute {
-        path: e.path().to_string(),
-        message: e.inner().to_string(),
-    })
-}
-
 /// An `INDEX#{name}` record's attributes as the index's settings.
-pub fn index_settings(index: IndexRef, item: Item) -> Result<IndexSettings, InvalidRecord> {
-    let mut attributes = item.into_inner();
-    let mut document = |name| take_document(&mut attributes, name);
-    let search_config = document("search_config")?;
-    let collections_config = document("collections_config")?;
-    let feature_flags = document("feature_flags")?;
-    let agentic_config = document("agentic_config")?;
-    let query_override_sharding = document("query_override_sharding")?;
-    let attrs: SettingsAttributes = decode(Item::from(attributes))?;
-    let index_url =
-        non_empty(attrs.index_endpoint).ok_or(InvalidRecord::Missing("index_endpoint"))?;
-    let aliases = attrs.index_aliases.unwrap_or_default().with_legacy(
-        attrs.read_alias,
-        attrs.add_docs_config.and_then(|c| c.index_write_aliases),
-    );
+pub fn index_settings(index: IndexRef, image: &Image) -> Result<IndexSettings, InvalidRecord> {
+    let index_url = non_empty(string_field(image, "index_endpoint")?)
+        .ok_or(InvalidRecord::Missing("index_endpoint"))?;
+    let search_config = document(image, "search_config")?;
+    let collections_config = document(image, "collections_config")?;
+    let feature_flags = document(image, "feature_flags")?;
+    let agentic_config = document(image, "agentic_config")?;
+    let query_override_sharding = document(image, "query_override_sharding")?;
+    let shop_id = non_empty(string_field(image, "shop_id")?);
+    let cell = non_empty(string_field(image, "cell")?);
+    let pixel_id = string_field(image, "pixel_id")?;
+    let read_alias = string_field(image, "read_alias")?;
+    let legacy_writes =
+        typed::<AddDocsConfig>(image, "add_docs_config")?.and_then(|c| c.index_write_aliases);
+    let aliases = typed::<IndexAliases>(image, "index_aliases")?
+        .unwrap_or_default()
+        .with_legacy(read_alias, legacy_writes);
     if let Some(reads) = &aliases.doc_reads {
         if let Some(bad) = reads
             .targets
@@ -277,22 +166,23 @@ pub fn index_settings(index: IndexRef, item: Item) -> Result<IndexSettings, Inva
     Ok(IndexSettings {
         index,
         index_url,
-        shop_id: non_empty(attrs.shop_id),
-        cell: non_empty(attrs.cell),
+        shop_id,
+        cell,
         search_config,
         collections_config,
         feature_flags,
         agentic_config,
         query_override_sharding,
-        pixel_id: attrs.pixel_id,
+        pixel_id,
         aliases,
     })
 }
 
 /// The shop key an index's record claims, read from an old image. Tolerant: anything
 /// undecodable simply claims no shop.
-pub fn shop_id_of(item: &Item) -> Option<String> {
-    string_attribute(item, "shop_id")
+pub fn shop_id_of(image: &Image) -> Option<String> {
+    image
+        .string("shop_id")
         .filter(|s| !s.is_empty())
         .map(str::to_owned)
 }
@@ -302,12 +192,14 @@ pub fn shop_id_of(item: &Item) -> Option<String> {
 /// and the reason comes back for a warning.
 pub fn settings_reference(
     index: IndexRef,
-    item: Item,
+    image: &Image,
 ) -> (SettingsReference, Option<InvalidRecord>) {
-    let shop_id = shop_id_of(&item);
-    let (live_targets, problem) = match decode::<ReferenceAttributes>(item.clone()) {
-        Ok(attrs) => (reference_targets(attrs), None),
-        Err(problem) => (named_index_ids(&item), Some(problem)),
+    let shop_id = shop_id_of(image);
+    let read = typed::<ReferenceAliases>(image, "index_aliases")
+        .and_then(|aliases| Ok((aliases, string_field(image, "read_alias")?)));
+    let (live_targets, problem) = match read {
+        Ok((aliases, read_alias)) => (reference_targets(aliases, read_alias), None),
+        Err(problem) => (named_index_ids(image), Some(problem)),
     };
     let reference = SettingsReference {
         index,
@@ -318,11 +210,12 @@ pub fn settings_reference(
 }
 
 /// Enabled read targets (the legacy `read_alias` wins) and an enabled analytics target.
-fn reference_targets(attrs: ReferenceAttributes) -> Vec<IndexId> {
-    let (reads, analytics) = attrs
-        .index_aliases
-        .map_or((None, None), |a| (a.doc_reads, a.analytics));
-    let reads: Vec<IndexId> = match non_empty(attrs.read_alias) {
+fn reference_targets(
+    aliases: Option<ReferenceAliases>,
+    read_alias: Option<String>,
+) -> Vec<IndexId> {
+    let (reads, analytics) = aliases.map_or((None, None), |a| (a.doc_reads, a.analytics));
+    let reads: Vec<IndexId> = match non_empty(read_alias) {
         Some(legacy) => vec![IndexId(legacy)],
         None => reads
             .filter(|r| r.enabled)
@@ -335,27 +228,25 @@ fn reference_targets(attrs: ReferenceAttributes) -> Vec<IndexId> {
 
 /// Every string under an `index_id` key in `index_aliases`, and `read_alias`: what an
 /// unreadable record might point at.
-fn named_index_ids(item: &Item) -> Vec<IndexId> {
-    fn walk(value: &AttributeValue, under_index_id: bool, found: &mut Vec<IndexId>) {
+fn named_index_ids(image: &Image) -> Vec<IndexId> {
+    fn walk(value: &Attr, under_index_id: bool, found: &mut Vec<IndexId>) {
         match value {
-            AttributeValue::S(s) if under_index_id && !s.is_empty() => {
-                found.push(IndexId(s.clone()))
-            }
-            AttributeValue::M(map) => {
-                for (name, value) in map {
+            Attr::S(s) if under_index_id && !s.is_empty() => found.push(IndexId(s.to_string())),
+            Attr::M(map) => {
+                for (name, value) in map.iter() {
                     walk(value, name == "index_id", found);
                 }
             }
-            AttributeValue::L(list) => list.iter().for_each(|v| walk(v, false, found)),
+            Attr::L(list) => list.iter().for_each(|v| walk(v, false, found)),
             _ => {}
         }
     }
     let mut found = Vec::new();
-    if let Some(aliases) = item.get("index_aliases") {
+    if let Some(aliases) = image.get("index_aliases") {
         walk(aliases, false, &mut found);
     }
-    if let Some(AttributeValue::S(legacy)) = item.get("read_alias") {
-        walk(&AttributeValue::S(legacy.clone()), true, &mut found);
+    if let Some(legacy) = image.get("read_alias") {
+        walk(legacy, true, &mut found);
     }
     found.sort();
     found.dedup();
@@ -366,10 +257,9 @@ fn named_index_ids(item: &Item) -> Vec<IndexId> {
 pub fn query_config(
     index: IndexRef,
     query: String,
-    item: Item,
+    image: &Image,
 ) -> Result<QueryConfig, InvalidRecord> {
-    let config = take_document(&mut item.into_inner(), "query_config")?
-        .ok_or(InvalidRecord::Missing("query_config"))?;
+    let config = document(image, "query_config")?.ok_or(InvalidRecord::Missing("query_config"))?;
     Ok(QueryConfig {
         index,
         query,
@@ -389,8 +279,9 @@ mod tests {
     use crate::domain::ApiKey;
     use serde_json::json;
 
-    fn item(json: serde_json::Value) -> Item {
-        item_from_dynamodb_json(json).unwrap()
+    /// An image from DynamoDB JSON (the text lives for the test).
+    fn item(json: serde_json::Value) -> Image<'static> {
+        serde_json::from_str(String::leak(json.to_string())).unwrap()
     }
 
     fn products() -> IndexRef {
@@ -415,7 +306,7 @@ mod tests {
     fn full_record_becomes_the_spec_value() {
         let settings = index_settings(
             products(),
-            item(json!({
+            &item(json!({
                 "pk": {"S": "acct-1"}, "sk": {"S": "INDEX#products"},
                 "index_endpoint": {"S": "https://idx.example/products"},
                 "shop_id": {"S": "shop-1.myshopify.com"},
@@ -462,7 +353,7 @@ mod tests {
     fn legacy_read_alias_replaces_doc_reads() {
         let settings = index_settings(
             products(),
-            item(json!({
+            &item(json!({
                 "index_endpoint": {"S": "https://idx"},
                 "read_alias": {"S": "acct-1-legacy"},
                 "index_aliases": {"M": {"doc_reads": {"M": {"enabled": {"BOOL": false},
@@ -486,7 +377,7 @@ mod tests {
     fn legacy_write_aliases_replace_doc_writes_but_never_reach_kv() {
         let settings = index_settings(
             products(),
-            item(json!({
+            &item(json!({
                 "index_endpoint": {"S": "https://idx"},
                 "add_docs_config": {"M": {"index_write_aliases": {"L": [{"S": "acct-1-a"}, {"S": "acct-1-b"}]}}},
                 "index_aliases": {"M": {"doc_writes": {"M": {"enabled": {"BOOL": false}, "targets": {"L": []}}}}}
@@ -506,7 +397,7 @@ mod tests {
 
     #[test]
     fn missing_endpoint_is_named() {
-        let err = index_settings(products(), item(json!({"shop_id": {"S": "s"}}))).unwrap_err();
+        let err = index_settings(products(), &item(json!({"shop_id": {"S": "s"}}))).unwrap_err();
         assert_eq!(err.to_string(), "attribute `index_endpoint` is required");
     }
 
@@ -514,7 +405,7 @@ mod tests {
     fn wrong_attribute_type_names_the_path() {
         let err = index_settings(
             products(),
-            item(json!({
+            &item(json!({
                 "index_endpoint": {"S": "https://idx"},
                 "index_aliases": {"M": {"doc_reads": {"M": {"enabled": {"S": "yes"}}}}}
             })),
@@ -531,7 +422,7 @@ mod tests {
     fn numbers_outside_f64_are_rejected() {
         let err = index_settings(
             products(),
-            item(json!({
+            &item(json!({
                 "index_endpoint": {"S": "https://idx"},
                 "search_config": {"M": {"huge": {"N": "1e400"}}}
             })),
@@ -544,7 +435,7 @@ mod tests {
     fn numbers_reach_kv_with_every_digit_the_table_holds() {
         let settings = index_settings(
             products(),
-            item(json!({
+            &item(json!({
                 "index_endpoint": {"S": "https://idx"},
                 "search_config": {"M": {
                     "big": {"N": "123456789012345678901234567890"},
@@ -569,7 +460,7 @@ mod tests {
         ] {
             let err = index_settings(
                 products(),
-                item(json!({"index_endpoint": {"S": "https://idx"},
+                &item(json!({"index_endpoint": {"S": "https://idx"},
                     "feature_flags": {"L": [{"N": outside}]}})),
             )
             .unwrap_err();
@@ -584,7 +475,7 @@ mod tests {
     fn negative_weights_are_rejected() {
         let err = index_settings(
             products(),
-            item(json!({
+            &item(json!({
                 "index_endpoint": {"S": "https://idx"},
                 "index_aliases": {"M": {"doc_reads": {"M": {"enabled": {"BOOL": true},
                     "targets": {"L": [{"M": {"index_id": {"S": "x"}, "weight": {"N": "-1"}}}]}}}}}
@@ -598,7 +489,7 @@ mod tests {
     fn empty_strings_mean_not_set() {
         let settings = index_settings(
             products(),
-            item(json!({
+            &item(json!({
                 "index_endpoint": {"S": "https://idx"},
                 "shop_id": {"S": ""}, "read_alias": {"S": ""}, "cell": {"S": ""}
             })),
@@ -613,7 +504,7 @@ mod tests {
     fn references_apply_legacy_precedence_and_only_count_enabled_targets() {
         let (reference, problem) = settings_reference(
             IndexRef::new("acct-1", "front"),
-            item(json!({
+            &item(json!({
                 "read_alias": {"S": "acct-1-legacy"},
                 "index_aliases": {"M": {
                     "doc_reads": {"M": {"enabled": {"BOOL": true}, "targets": {"L": [
@@ -634,7 +525,7 @@ mod tests {
         // A hand edit stored a weight as a string: the targets still protect their indexes.
         let (reference, problem) = settings_reference(
             IndexRef::new("acct-1", "front"),
-            item(json!({
+            &item(json!({
                 "shop_id": {"S": "shop-1"},
                 "index_aliases": {"M": {
                     "doc_reads": {"M": {"enabled": {"BOOL": true}, "targets": {"L": [
@@ -648,7 +539,7 @@ mod tests {
 
         let (reference, problem) = settings_reference(
             IndexRef::new("acct-1", "front"),
-            item(json!({
+            &item(json!({
                 "index_aliases": {"M": {
                     "doc_reads": {"M": {"enabled": {"S": "yes"}, "targets": {"L": [
                         {"M": {"index_id": {"S": "acct-1-a"}}}]}}},
@@ -667,7 +558,7 @@ mod tests {
     fn api_keys_never_show_in_debug() {
         let settings = index_settings(
             products(),
-            item(json!({"index_endpoint": {"S": "https://idx"}})),
+            &item(json!({"index_endpoint": {"S": "https://idx"}})),
         )
         .unwrap();
         let key = ApiKey::new("super-secret-key");
