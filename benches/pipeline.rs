@@ -6,6 +6,10 @@ use ecom_settings_exporter::pipeline::bulk::requests;
 use ecom_settings_exporter::pipeline::plan::{needs, plan, Lookups};
 use ecom_settings_exporter::pipeline::records::{decode_record, ChangeRecord};
 
+// Counts allocations and bytes per step next to the times.
+#[global_allocator]
+static ALLOC: divan::AllocProfiler = divan::AllocProfiler::system();
+
 fn main() {
     divan::main();
 }

@@ -172,16 +172,18 @@ pub async fn handle<K: KvStore, A: ApiKeySource, T: SettingsTable>(
         .saturating_duration_since(Instant::now())
         .as_millis() as u64;
     tracing::debug!(retry_budget_ms, "invocation received");
-    route(exporter, &event.payload, deadline).await
+    route(exporter, event.payload, deadline).await
 }
 
 /// Routes a payload; retrying stops at `deadline`.
 pub async fn route<K: KvStore, A: ApiKeySource, T: SettingsTable>(
     exporter: &Exporter<K, A, T>,
-    payload: &RawValue,
+    payload: Box<RawValue>,
     deadline: Instant,
 ) -> Result<Value, HandlerError> {
-    match Payload::parse(payload, exporter.default_configs_sk())? {
+    let parsed = Payload::parse(&payload, exporter.default_configs_sk())?;
+    drop(payload); // decoded records own what they need: the payload's memory goes back now
+    match parsed {
         Payload::StreamBatch(records) => {
             let started = Instant::now();
             let report = exporter.export(records, Run::STREAM, deadline).await;

@@ -30,14 +30,18 @@ pub fn requests<'a>(
                     let expected = expected[&key.namespace].min(MAX_BULK_BYTES);
                     (Vec::new(), PutBody::with_capacity(expected))
                 });
+                // A full body is the best guess at the size of the next one.
+                let next = |body: &mut PutBody| {
+                    std::mem::replace(body, PutBody::with_capacity(body.size()))
+                };
                 if body.len() == MAX_BULK_ITEMS {
-                    full.push(KvRequest::put(key.namespace, std::mem::take(body)));
+                    full.push(KvRequest::put(key.namespace, next(body)));
                 }
                 body.push(&key.key, value);
                 if body.size() >= MAX_BULK_BYTES && body.len() > 1 {
                     // Too big with this pair: it starts the next request.
                     body.pop();
-                    full.push(KvRequest::put(key.namespace, std::mem::take(body)));
+                    full.push(KvRequest::put(key.namespace, next(body)));
                     body.push(&key.key, value);
                 }
             }

@@ -170,6 +170,18 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
             plan,
             api_keys,
         } = prepared;
+        // From here on a record is only what identifies it: its decoded change is let go.
+        let (records, created_at): (Vec<RecordReport>, Vec<Option<f64>>) = records
+            .into_iter()
+            .map(|record| {
+                let report = RecordReport {
+                    sequence_number: record.sequence_number,
+                    index: record.index,
+                    outcome: Outcome::Pending,
+                };
+                (report, record.created_at)
+            })
+            .unzip();
         let mut outcomes = plan.outcomes;
         let before = self.kv.counters();
         let old_shop_keys: HashSet<&KvKey> = plan.old_shops.iter().map(|(key, _)| key).collect();
@@ -194,6 +206,12 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
                 .iter()
                 .filter(|(key, _)| !old_shop_keys.contains(key) && !withheld.contains_key(key)),
         );
+        // The bodies hold the values now: each key keeps only its owner and whether it is a put.
+        let ops: Vec<(KvKey, usize, bool)> = plan
+            .ops
+            .into_iter()
+            .map(|(key, op)| (key, op.owner, matches!(op.action, KvAction::Put(_))))
+            .collect();
         failures.extend(self.send_all(&rest, deadline).await);
         let withheld_error = |shop: &str| {
             PortError::Transient(format!(
@@ -231,18 +249,16 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
             api_keys,
             ..BatchReport::default()
         };
-        for (key, op) in &plan.ops {
+        for (key, owner, put) in ops {
             match failed_keys.get(&(key.namespace, key.key.as_str())) {
                 Some(reason) => {
-                    if outcomes[op.owner] == Outcome::Pending {
-                        outcomes[op.owner] =
+                    if outcomes[owner] == Outcome::Pending {
+                        outcomes[owner] =
                             Outcome::Failed(format!("KV key `{}`: {reason}", key.key));
                     }
                 }
-                None => match op.action {
-                    KvAction::Put(_) => report.written.push(key.clone()),
-                    KvAction::Delete => report.deleted.push(key.clone()),
-                },
+                None if put => report.written.push(key),
+                None => report.deleted.push(key),
             }
         }
         for (index, needers) in &plan.filters {
@@ -260,24 +276,23 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
         }
         report.keys_written = report.written.len();
         report.keys_deleted = report.deleted.len();
-        report.lag_seconds = records
-            .iter()
+        report.lag_seconds = created_at
+            .into_iter()
             .zip(&outcomes)
             .filter(|(_, outcome)| **outcome == Outcome::Pending)
-            .filter_map(|(record, _)| record.created_at)
+            .filter_map(|(created, _)| created)
             .map(|created| (applied_at - created).max(0.0))
             .collect();
         report.records = records
             .into_iter()
             .zip(outcomes)
             .map(|(record, outcome)| RecordReport {
-                sequence_number: record.sequence_number,
-                index: record.index,
                 // A pending record whose operations were all applied is exported.
                 outcome: match outcome {
                     Outcome::Pending => Outcome::Exported,
                     outcome => outcome,
                 },
+                ..record
             })
             .collect();
         report

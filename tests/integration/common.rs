@@ -200,7 +200,7 @@ impl Harness {
         let deadline = tokio::time::Instant::now() + timeout;
         // As the runtime hands it over: the payload's JSON text.
         let payload = serde_json::value::to_raw_value(&payload).expect("JSON");
-        ecom_settings_exporter::entry::route(&self.exporter, &payload, deadline)
+        ecom_settings_exporter::entry::route(&self.exporter, payload, deadline)
             .await
             .map_err(|e| e.to_string())
     }
