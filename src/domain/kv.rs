@@ -1,6 +1,7 @@
 //! Cloudflare Workers KV as the proxy reads it: the two namespaces, the keys this function
 //! writes, what it does to a key, and the limits Cloudflare enforces (docs/contract.md, "KV").
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
@@ -10,6 +11,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::ids::IndexRef;
+use super::secrets::ApiKey;
+use super::settings::IndexSettings;
 
 /// Cloudflare rejects keys over 512 bytes and the names `.` and `..`.
 pub const MAX_KEY_BYTES: usize = 512;
@@ -116,8 +119,12 @@ fn push_hex(out: &mut String, bytes: &[u8]) {
 
 /// The first 16 hex digits of the SHA-256 of a value.
 pub fn digest(value: &str) -> String {
+    digest_bytes(value.as_bytes())
+}
+
+fn digest_bytes(value: &[u8]) -> String {
     let mut hex = String::with_capacity(16);
-    push_hex(&mut hex, &Sha256::digest(value.as_bytes())[..8]);
+    push_hex(&mut hex, &Sha256::digest(value)[..8]);
     hex
 }
 
@@ -146,16 +153,15 @@ struct MetadataOut<'a> {
 }
 
 impl KeyMetadata {
-    /// The metadata JSON for a value written for `index`; names too long for the limit are left
-    /// out (the value says).
-    pub fn json_for(index: &IndexRef, value: &str) -> String {
-        let digest = digest(value);
+    /// The metadata JSON for a value of `digest` written for `index`; names too long for the
+    /// limit are left out (the value says).
+    pub fn json(index: &IndexRef, digest: &str) -> String {
         let mut meta = MetadataOut {
             writer: WRITER,
             v: 1,
             account: Some(&index.account),
             index: Some(&index.name),
-            digest: &digest,
+            digest,
         };
         let json = serde_json::to_string(&meta).expect("metadata serializes");
         if json.len() <= MAX_METADATA_BYTES {
@@ -177,24 +183,90 @@ impl KeyMetadata {
     }
 }
 
-/// A value to write, and the metadata that goes with it.
+/// A value to write. An index's settings are kept as the decoded record and its account's API
+/// key, and rendered only where they go: straight into a request body, with no copy in between.
 #[derive(Clone, PartialEq)]
-pub struct KvValue {
-    pub text: String,
-    pub metadata: String,
+pub enum KvValue {
+    /// JSON text written as given, for `index`.
+    Text { index: IndexRef, text: String },
+    Settings {
+        settings: Arc<IndexSettings>,
+        api_key: ApiKey,
+    },
 }
 
 impl KvValue {
     pub fn new(index: &IndexRef, text: String) -> Self {
-        let metadata = KeyMetadata::json_for(index, &text);
-        Self { text, metadata }
+        KvValue::Text {
+            index: index.clone(),
+            text,
+        }
     }
-}
 
-impl std::ops::Deref for KvValue {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.text
+    pub fn settings(settings: Arc<IndexSettings>, api_key: ApiKey) -> Self {
+        KvValue::Settings { settings, api_key }
+    }
+
+    /// The index the value was written for (named in the key's metadata).
+    pub fn index(&self) -> &IndexRef {
+        match self {
+            KvValue::Text { index, .. } => index,
+            KvValue::Settings { settings, .. } => &settings.index,
+        }
+    }
+
+    /// Appends the value's JSON text.
+    pub fn render(&self, out: &mut Vec<u8>) {
+        match self {
+            KvValue::Text { text, .. } => out.extend_from_slice(text.as_bytes()),
+            KvValue::Settings { settings, api_key } => {
+                serde_json::to_writer(out, &settings.kv_value(api_key)).expect("values serialize")
+            }
+        }
+    }
+
+    /// The value's JSON text (rendered, for settings).
+    pub fn text(&self) -> Cow<'_, str> {
+        match self {
+            KvValue::Text { text, .. } => Cow::Borrowed(text),
+            KvValue::Settings { .. } => {
+                let mut out = Vec::with_capacity(self.size_hint());
+                self.render(&mut out);
+                Cow::Owned(String::from_utf8(out).expect("JSON text is UTF-8"))
+            }
+        }
+    }
+
+    /// About how many bytes the value takes, without rendering it.
+    pub fn size_hint(&self) -> usize {
+        match self {
+            KvValue::Text { text, .. } => text.len(),
+            KvValue::Settings { settings, api_key } => {
+                settings.size_hint() + api_key.expose().len()
+            }
+        }
+    }
+
+    /// The value's size when it is over Cloudflare's limit. Settings render only when even a
+    /// pessimistic bound (every string escaped six times over) does not fit.
+    pub fn oversize(&self) -> Option<usize> {
+        let bound = match self {
+            KvValue::Text { text, .. } => text.len(),
+            KvValue::Settings { .. } => 6 * self.size_hint(),
+        };
+        if bound <= MAX_VALUE_BYTES {
+            return None;
+        }
+        Some(self.text().len()).filter(|&size| size > MAX_VALUE_BYTES)
+    }
+
+    pub fn digest(&self) -> String {
+        digest(&self.text())
+    }
+
+    /// The metadata sent with the value.
+    pub fn metadata(&self) -> String {
+        KeyMetadata::json(self.index(), &self.digest())
     }
 }
 
@@ -211,11 +283,17 @@ impl KvAction {
     }
 }
 
-// Settings values carry API keys: `Debug` shows only their size.
+// Settings values carry API keys: `Debug` shows only their index and size.
+impl std::fmt::Debug for KvValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KvValue({}, {} bytes)", self.index(), self.text().len())
+    }
+}
+
 impl std::fmt::Debug for KvAction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            KvAction::Put(value) => write!(f, "Put({} bytes)", value.len()),
+            KvAction::Put(value) => write!(f, "Put({} bytes)", value.text().len()),
             KvAction::Delete => f.write_str("Delete"),
         }
     }
@@ -231,6 +309,8 @@ pub struct PutBody {
     /// Where a shared value's `,"value":...,"metadata":...}` already is in `bytes`, by the
     /// value's address (the values outlive the body being built).
     written: HashMap<usize, Range<usize>>,
+    /// Where a value is rendered before it is escaped into `bytes`: reused, never kept.
+    scratch: Vec<u8>,
 }
 
 impl Default for PutBody {
@@ -248,6 +328,7 @@ impl PutBody {
             bytes: body,
             items: Vec::new(),
             written: HashMap::new(),
+            scratch: Vec::new(),
         }
     }
 
@@ -281,10 +362,14 @@ impl PutBody {
             Some(tail) => self.bytes.extend_from_within(tail.clone()),
             None => {
                 let tail = self.bytes.len();
+                self.scratch.clear();
+                value.render(&mut self.scratch);
+                let text = std::str::from_utf8(&self.scratch).expect("JSON text is UTF-8");
                 self.bytes.extend_from_slice(b",\"value\":");
-                serde_json::to_writer(&mut self.bytes, &value.text).expect("strings serialize");
+                serde_json::to_writer(&mut self.bytes, text).expect("strings serialize");
                 self.bytes.extend_from_slice(b",\"metadata\":");
-                self.bytes.extend_from_slice(value.metadata.as_bytes());
+                let metadata = KeyMetadata::json(value.index(), &digest_bytes(&self.scratch));
+                self.bytes.extend_from_slice(metadata.as_bytes());
                 self.bytes.push(b'}');
                 self.written.insert(id, tail..self.bytes.len());
             }
@@ -439,12 +524,11 @@ pub fn check_key(key: &str) -> Result<(), String> {
 }
 
 /// A write Cloudflare would refuse, and why.
-pub fn check_put(key: &str, value: &str) -> Result<(), String> {
+pub fn check_put(key: &str, value: &KvValue) -> Result<(), String> {
     check_key(key)?;
-    if value.len() > MAX_VALUE_BYTES {
+    if let Some(size) = value.oversize() {
         return Err(format!(
-            "value for key `{key}` is {} bytes, over Cloudflare KV's 25 MiB limit",
-            value.len()
+            "value for key `{key}` is {size} bytes, over Cloudflare KV's 25 MiB limit"
         ));
     }
     Ok(())
@@ -467,7 +551,7 @@ mod tests {
     fn metadata_names_the_writer_the_index_and_the_value_digest() {
         let index = IndexRef::new("acct-1", "products");
         let value = KvValue::new(&index, "{}".into());
-        let meta: serde_json::Value = serde_json::from_str(&value.metadata).unwrap();
+        let meta: serde_json::Value = serde_json::from_str(&value.metadata()).unwrap();
         assert_eq!(
             meta,
             serde_json::json!({"writer": "ecom-settings-exporter", "v": 1, "account": "acct-1",
@@ -475,9 +559,9 @@ mod tests {
         );
         let long = IndexRef::new("a".repeat(600), "b".repeat(600));
         let short = KvValue::new(&long, "{}".into());
-        assert!(short.metadata.len() <= MAX_METADATA_BYTES);
+        assert!(short.metadata().len() <= MAX_METADATA_BYTES);
         assert!(
-            KeyMetadata::ours(Some(&serde_json::from_str(&short.metadata).unwrap()))
+            KeyMetadata::ours(Some(&serde_json::from_str(&short.metadata()).unwrap()))
                 .unwrap()
                 .index_ref()
                 .is_none()
@@ -509,6 +593,29 @@ mod tests {
         );
         let body: serde_json::Value = serde_json::from_slice(&request.body()).unwrap();
         assert_eq!(body[0]["metadata"]["index"], "i");
+    }
+
+    #[test]
+    fn settings_over_the_value_limit_are_measured_and_refused() {
+        let huge = serde_json::json!({"synonyms": "w".repeat(MAX_VALUE_BYTES)});
+        let settings = IndexSettings {
+            index: IndexRef::new("a", "i"),
+            index_url: "https://idx".into(),
+            shop_id: None,
+            cell: None,
+            search_config: Some(huge.into()),
+            collections_config: None,
+            feature_flags: None,
+            agentic_config: None,
+            query_override_sharding: None,
+            pixel_id: None,
+            aliases: Default::default(),
+        };
+        let value = KvValue::settings(Arc::new(settings), ApiKey::new("k"));
+        let size = value.oversize().expect("over the limit");
+        assert_eq!(size, value.text().len());
+        let error = check_put("a-i", &value).unwrap_err();
+        assert!(error.contains("over Cloudflare KV's 25 MiB limit"), "{error}");
     }
 
     #[test]

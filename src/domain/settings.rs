@@ -182,6 +182,38 @@ pub struct IndexSettings {
 }
 
 impl IndexSettings {
+    /// About how many bytes the KV value takes (documents and strings, and the fixed layout),
+    /// without rendering it.
+    pub fn size_hint(&self) -> usize {
+        let documents = [
+            &self.search_config,
+            &self.collections_config,
+            &self.feature_flags,
+            &self.agentic_config,
+            &self.query_override_sharding,
+        ];
+        let documents: usize = documents
+            .into_iter()
+            .flatten()
+            .map(|d| d.json_text().len())
+            .sum();
+        let strings = [&self.shop_id, &self.cell, &self.pixel_id]
+            .into_iter()
+            .flatten()
+            .map(String::len)
+            .sum::<usize>()
+            + self.index_url.len()
+            + 2 * (self.index.account.len() + self.index.name.len());
+        let aliases: usize = (self.aliases.doc_reads.iter())
+            .flat_map(|reads| &reads.targets)
+            .map(|t| t.index_id.as_str().len() + 64)
+            .sum::<usize>()
+            + self.aliases.analytics.as_ref().map_or(0, |a| {
+                a.index_id.as_ref().map_or(0, |id| id.as_str().len()) + 64
+            });
+        documents + strings + aliases + 400
+    }
+
     /// The JSON the proxy reads under both of this index's keys.
     pub fn kv_value<'a>(&'a self, api_key: &'a ApiKey) -> KvSettings<'a> {
         KvSettings {

@@ -107,7 +107,7 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
                 KvAction::Put(value) => would_write.push(PreviewWrite {
                     namespace,
                     key: key.key.clone(),
-                    value: masked(value),
+                    value: masked(&value.text()),
                 }),
                 KvAction::Delete => would_delete.push(PreviewDelete {
                     namespace,

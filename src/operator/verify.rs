@@ -135,7 +135,7 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
         .ops
         .iter()
         .filter_map(|(key, op)| match &op.action {
-            KvAction::Put(value) => Some((key.clone(), value.text.clone())),
+            KvAction::Put(value) => Some((key.clone(), value.text().into_owned())),
             KvAction::Delete => None,
         })
         .collect();

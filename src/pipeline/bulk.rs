@@ -17,7 +17,9 @@ pub fn requests<'a>(
     let mut expected: BTreeMap<Namespace, usize> = BTreeMap::new();
     for (key, op) in ops.clone() {
         if let KvAction::Put(value) = &op.action {
-            let size = key.key.len() + 2 * value.text.len() + value.metadata.len() + 40;
+            let index = value.index();
+            let names = index.account.len() + index.name.len();
+            let size = key.key.len() + 2 * value.size_hint() + names + 120;
             *expected.entry(key.namespace).or_default() += size;
         }
     }
@@ -71,8 +73,13 @@ pub fn requests<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::kv::KvValue;
-    use crate::domain::IndexRef;
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use crate::domain::kv::{digest, KvValue};
+    use crate::domain::{ApiKey, IndexRef};
+    use crate::dynamo::{index_settings, Image};
 
     fn ops(n: usize, value_len: usize) -> BTreeMap<KvKey, PlannedOp> {
         let index = IndexRef::new("a", "i");
@@ -121,6 +128,29 @@ mod tests {
             assert_eq!(item["value"], r#"{"q":"\"x\""}"#);
             assert_eq!(item["metadata"]["index"], "i");
         }
+    }
+
+    #[test]
+    fn settings_are_rendered_into_the_body_as_the_proxy_reads_them() {
+        let image = json!({"index_endpoint": {"S": "https://idx/\"q\""},
+            "search_config": {"M": {"limit": {"N": "20"}, "text": {"S": "a\nb"}}}});
+        let image: Image = serde_json::from_str(String::leak(image.to_string())).unwrap();
+        let settings = Arc::new(index_settings(IndexRef::new("a", "i"), &image).unwrap());
+        let key = ApiKey::new("k-1");
+        let expected = serde_json::to_string(&settings.kv_value(&key)).unwrap();
+        let value = KvValue::settings(settings, key);
+        assert_eq!(value.text(), expected);
+        assert!(value.size_hint() >= expected.len(), "the hint is a bound here");
+        assert_eq!(value.oversize(), None);
+        let op = PlannedOp {
+            action: KvAction::put(value),
+            owner: 0,
+        };
+        let ops = BTreeMap::from([(KvKey::settings("a-i"), op)]);
+        let body: Vec<serde_json::Value> =
+            serde_json::from_slice(&requests(&ops)[0].body()).unwrap();
+        assert_eq!(body[0]["value"], expected.as_str());
+        assert_eq!(body[0]["metadata"]["digest"], digest(&expected).as_str());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! every record's outcome. The stream handler and the manual re-export both go through here.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use futures::StreamExt as _;
 use serde_dynamo::Item;
@@ -531,7 +532,9 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
             .map(|index| async move {
                 let settings = self.table.index_settings(&index).await.map(|item| {
                     item.and_then(|item| {
-                        dynamo::index_settings(index.clone(), &dynamo::Image::of(&item)).ok()
+                        dynamo::index_settings(index.clone(), &dynamo::Image::of(&item))
+                            .ok()
+                            .map(Arc::new)
                     })
                 });
                 (index, settings)

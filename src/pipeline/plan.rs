@@ -41,7 +41,7 @@ pub struct Lookups {
     pub current_shops: HashMap<IndexRef, Result<Option<String>, PortError>>,
     /// The current settings of indexes that claim a shop key another index gave up
     /// (`None`: no such record any more).
-    pub claimers: HashMap<IndexRef, Result<Option<IndexSettings>, PortError>>,
+    pub claimers: HashMap<IndexRef, Result<Option<Arc<IndexSettings>>, PortError>>,
 }
 
 #[derive(Debug, Default)]
@@ -297,7 +297,7 @@ impl<'a> RecordPlanner<'a> {
     }
 
     /// The value under an index's keys, with its account's API key.
-    fn settings_value(&self, settings: &IndexSettings) -> Result<KvValue, Outcome> {
+    fn settings_value(&self, settings: &Arc<IndexSettings>) -> Result<KvValue, Outcome> {
         let wanted = account_cell(
             &settings.index.account,
             settings.cell.as_deref(),
@@ -311,9 +311,7 @@ impl<'a> RecordPlanner<'a> {
             Some(Err(PortError::Transient(reason))) => return Err(Outcome::Failed(reason.clone())),
             None => return Err(Outcome::Failed("API key was not looked up".into())),
         };
-        serde_json::to_string(&settings.kv_value(api_key))
-            .map(|text| KvValue::new(&settings.index, text))
-            .map_err(|e| Outcome::Rejected(format!("cannot serialize settings: {e}")))
+        Ok(KvValue::settings(settings.clone(), api_key.clone()))
     }
 
     /// The shop the index had before this record: from the stream, or its current KV value.
@@ -486,7 +484,7 @@ mod tests {
 
     fn put_value(plan: &Plan, key: &str) -> serde_json::Value {
         match &plan.ops[&KvKey::settings(key)].action {
-            KvAction::Put(value) => serde_json::from_str(&value.text).unwrap(),
+            KvAction::Put(value) => serde_json::from_str(&value.text()).unwrap(),
             KvAction::Delete => panic!("{key} is deleted"),
         }
     }
@@ -520,7 +518,7 @@ mod tests {
         ];
         let mut records = records;
         if let Ok(Change::UpsertIndex { settings, .. }) = &mut records[1].decoded {
-            settings.index_url = "https://idx/second".into();
+            Arc::make_mut(settings).index_url = "https://idx/second".into();
         }
         let plan = plan(&records, &key_lookups(&records), CELL);
         let op = &plan.ops[&KvKey::settings("acct-1-products")];
@@ -664,7 +662,7 @@ mod tests {
         };
         lookups
             .claimers
-            .insert(settings.index.clone(), Ok(Some(*settings)));
+            .insert(settings.index.clone(), Ok(Some(settings)));
         let claimed = plan(&records, &lookups, CELL);
         assert_eq!(
             keys(&claimed),
@@ -800,7 +798,7 @@ mod tests {
             panic!()
         };
         assert_eq!(
-            serde_json::from_str::<serde_json::Value>(&value.text).unwrap(),
+            serde_json::from_str::<serde_json::Value>(&value.text()).unwrap(),
             json!({"schema_version": 1, "system_account_id": "acct-1", "index_name": "products",
                    "query": "chaussures #été", "config": {"boost": 2}})
         );

@@ -1,6 +1,8 @@
 //! Step 2 of the pipeline: DynamoDB stream records (and table items, for the operator modes)
 //! become domain changes, one per record, in stream order. Nothing here talks to a server.
 
+use std::sync::Arc;
+
 use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_dynamo::Item;
@@ -23,7 +25,7 @@ pub enum PreviousShop {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     UpsertIndex {
-        settings: Box<IndexSettings>,
+        settings: Arc<IndexSettings>,
         previous_shop: PreviousShop,
         /// The batch stands for all of the index's overrides (a re-export or backfill with
         /// query configs): its override filter is written, even when it has none.
@@ -243,7 +245,7 @@ fn decode_upsert(
 ) -> Result<Change, Outcome> {
     let change = match query {
         None => dynamo::index_settings(index, image).map(|settings| Change::UpsertIndex {
-            settings: Box::new(settings),
+            settings: Arc::new(settings),
             previous_shop,
             with_overrides,
         }),

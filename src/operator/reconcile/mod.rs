@@ -22,7 +22,7 @@ pub use classify::ClassCounts;
 use classify::{class_of, live_targets, Class, Implied, Listed};
 
 use super::{decode_token, encode_token, flag, OperatorError, Text};
-use crate::domain::kv::{digest, KeyMetadata};
+use crate::domain::kv::KeyMetadata;
 use crate::domain::{KvAction, KvKey, Namespace};
 use crate::pipeline::exporter::{Exporter, Run};
 use crate::pipeline::plan::PlannedOp;
@@ -400,7 +400,7 @@ async fn implied<K: KvStore, A: ApiKeySource, T: SettingsTable>(
         .ops
         .iter()
         .filter_map(|(key, op)| match &op.action {
-            KvAction::Put(value) => Some((key.clone(), digest(value))),
+            KvAction::Put(value) => Some((key.clone(), value.digest())),
             KvAction::Delete => None,
         })
         .collect();
