@@ -9,6 +9,7 @@
 //! manual experiments: `POST /__emulator/faults`, `GET /__emulator/requests`,
 //! `GET /__emulator/namespaces`.
 
+use base64::Engine as _;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -458,13 +459,24 @@ struct WritePair {
 pub const MAX_METADATA_BYTES: usize = 1024;
 
 impl WritePair {
+    /// Cloudflare stores what a `base64` value decodes to (this emulator keeps text).
+    fn decode(mut self) -> Result<Self, ApiError> {
+        if self.base64 {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(self.value.as_bytes())
+                .map_err(|e| {
+                    let message = format!("Invalid base64 value for key {}: {e}", self.key);
+                    ApiError::bad_request(codes::BAD_REQUEST, message)
+                })?;
+            self.value = String::from_utf8_lossy(&bytes).into_owned();
+            self.base64 = false;
+        }
+        Ok(self)
+    }
+
     fn check(&self) -> Result<(), ApiError> {
         check_key(&self.key)?;
-        let value_bytes = if self.base64 {
-            self.value.len() / 4 * 3
-        } else {
-            self.value.len()
-        };
+        let value_bytes = self.value.len();
         if value_bytes > MAX_VALUE_BYTES {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -538,6 +550,11 @@ async fn bulk_write(
         })?;
         let items = pairs.len();
         check_count(items).map_err(|e| (items, e))?;
+        let pairs = pairs
+            .into_iter()
+            .map(WritePair::decode)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| (items, e))?;
         pairs
             .iter()
             .try_for_each(WritePair::check)

@@ -42,6 +42,18 @@ async fn a_valid_bulk_write_is_stored_and_answered_in_the_envelope() {
 }
 
 #[tokio::test]
+async fn base64_values_are_stored_decoded_and_bad_base64_is_refused() {
+    let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+    let body = json!([{"key": "k", "value": "eyJ4IjoxfQ==", "base64": true}]);
+    assert_eq!(put(&kv, serde_json::to_vec(&body).unwrap()).await.0, 200);
+    assert_eq!(kv.value("a", "ns", "k").as_deref(), Some(r#"{"x":1}"#));
+    let bad = json!([{"key": "j", "value": "not base64!", "base64": true}]);
+    let (status, answer) = put(&kv, serde_json::to_vec(&bad).unwrap()).await;
+    assert_eq!((status, answer["success"].clone()), (400, json!(false)));
+    assert_eq!(kv.value("a", "ns", "j"), None);
+}
+
+#[tokio::test]
 async fn more_than_ten_thousand_pairs_are_refused() {
     let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
     let (status, body) = put(&kv, pairs(10_001, 6, 1)).await;
