@@ -18,7 +18,7 @@ usage:
       Table, stream, function and KV on this machine: writes a scenario, times each change
       until KV shows it, and exits 0 only when KV holds what the table implies.
   ecom-emulators bench [--function target/release/ecom-settings-exporter] [--sizes 100,1000,10000]
-                       [--python .venv/bin/python]
+                       [--python .venv/bin/python] [--runs 3]
       What `make bench` runs (under moto): CPU, wall, peak RSS of the release function per batch
       size, beside the Python reference of the same work.";
 
@@ -110,7 +110,7 @@ fn parse(
     Ok((port, values))
 }
 
-/// `bench --function PATH [--python .venv/bin/python] [--sizes 100,1000,10000]`
+/// `bench --function PATH [--python .venv/bin/python] [--sizes 100,1000,10000] [--runs 3]`
 async fn bench(args: &[String]) -> ExitCode {
     let mut options = ecom_emulators::bench::BenchOptions {
         function_binary: "target/release/ecom-settings-exporter".into(),
@@ -118,6 +118,7 @@ async fn bench(args: &[String]) -> ExitCode {
         reference: "bench/reference.py".into(),
         sizes: vec![100, 1_000, 10_000],
         kv_latency: std::time::Duration::from_millis(50),
+        runs: 3,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -128,6 +129,13 @@ async fn bench(args: &[String]) -> ExitCode {
         match flag.as_str() {
             "--function" => options.function_binary = value.into(),
             "--python" => options.python = value.into(),
+            "--runs" => match value.parse() {
+                Ok(runs) => options.runs = runs,
+                Err(_) => {
+                    eprintln!("--runs takes a number\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
             "--sizes" => match value.split(',').map(str::parse).collect() {
                 Ok(sizes) => options.sizes = sizes,
                 Err(_) => {

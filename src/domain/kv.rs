@@ -615,7 +615,10 @@ mod tests {
         let size = value.oversize().expect("over the limit");
         assert_eq!(size, value.text().len());
         let error = check_put("a-i", &value).unwrap_err();
-        assert!(error.contains("over Cloudflare KV's 25 MiB limit"), "{error}");
+        assert!(
+            error.contains("over Cloudflare KV's 25 MiB limit"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -140,7 +140,10 @@ mod tests {
         let expected = serde_json::to_string(&settings.kv_value(&key)).unwrap();
         let value = KvValue::settings(settings, key);
         assert_eq!(value.text(), expected);
-        assert!(value.size_hint() >= expected.len(), "the hint is a bound here");
+        assert!(
+            value.size_hint() >= expected.len(),
+            "the hint is a bound here"
+        );
         assert_eq!(value.oversize(), None);
         let op = PlannedOp {
             action: KvAction::put(value),
