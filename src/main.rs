@@ -1,4 +1,6 @@
-//! The Lambda binary: configuration and clients once per cold start, then the handler.
+//! The Lambda binary: configuration and clients once per cold start, then the handler. One
+//! thread: a function instance handles one invocation at a time, and a small batch costs less
+//! without cross-thread wake-ups.
 #![recursion_limit = "256"]
 
 use ecom_settings_exporter::adapters::cloudflare::RetryPolicy;
@@ -9,7 +11,7 @@ use lambda_runtime::{service_fn, LambdaEvent};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_runtime::Error> {
     lambda_runtime::tracing::init_default_subscriber();
     match Config::from_env() {
