@@ -1,10 +1,14 @@
 //! Any JSON (as a stream record or as a whole payload) decodes or is rejected: never a panic.
+//! The one-pass batch read agrees with the record-by-record read, and a stream image with the
+//! same item read from the table.
 #![no_main]
 
+use ecom_settings_exporter::dynamo::Image;
 use ecom_settings_exporter::entry::Payload;
 use ecom_settings_exporter::pipeline::records::decode_record;
 use ecom_settings_exporter::report::Outcome;
 use libfuzzer_sys::fuzz_target;
+use serde_json::value::RawValue;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -14,7 +18,22 @@ fuzz_target!(|data: &[u8]| {
     if let Err(Outcome::Rejected(reason)) = &record.decoded {
         assert!(!reason.is_empty(), "a rejection says why");
     }
-    if let Ok(raw) = serde_json::from_str::<Box<serde_json::value::RawValue>>(text) {
+    if let Ok(raw) = serde_json::from_str::<Box<RawValue>>(text) {
         let _ = Payload::parse(&raw, "DEFAULT_CONFIGS");
+        // The one-pass batch read decodes a record exactly as the record-by-record read does.
+        let batch: Box<RawValue> =
+            serde_json::from_str(&format!("{{\"Records\":[{}]}}", raw.get())).unwrap();
+        let alone = decode_record(raw.get(), "DEFAULT_CONFIGS");
+        match Payload::parse(&batch, "DEFAULT_CONFIGS") {
+            Ok(Payload::StreamBatch(records)) => assert_eq!(records, [alone]),
+            other => panic!("a one-record batch is a stream batch: {other:?}"),
+        }
+    }
+    // A stream image and the same item read from the table are the same attributes.
+    if let (Ok(image), Ok(item)) = (
+        serde_json::from_str::<Image>(text),
+        serde_json::from_str::<serde_dynamo::Item>(text),
+    ) {
+        assert_eq!(image, Image::of(&item));
     }
 });
