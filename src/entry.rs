@@ -1,11 +1,10 @@
 //! The thin entry (steps 1 and 5 of the pipeline): the payload decides the route, and the
 //! exporter's report becomes the answer (the partial-batch response, or an operator answer).
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
 
 use lambda_runtime::{Diagnostic, LambdaEvent};
-use std::borrow::Cow;
-
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -91,12 +90,9 @@ impl<'de, 's> Visitor<'de> for Route<'s> {
         let mut records = None;
         let mut seed = Some(self.0);
         while let Some(key) = map.next_key::<Cow<str>>()? {
-            match (&*key, seed.take()) {
-                ("Records", Some(seed)) => records = Some(map.next_value_seed(seed)?),
-                (_, unused) => {
-                    seed = unused;
-                    map.next_value::<IgnoredAny>()?;
-                }
+            match seed.take_if(|_| key == "Records") {
+                Some(seed) => records = Some(map.next_value_seed(seed)?),
+                None => map.next_value::<IgnoredAny>().map(drop)?,
             }
         }
         Ok(records)

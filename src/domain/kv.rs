@@ -263,11 +263,6 @@ impl KvValue {
     pub fn digest(&self) -> String {
         digest(&self.text())
     }
-
-    /// The metadata sent with the value.
-    pub fn metadata(&self) -> String {
-        KeyMetadata::json(self.index(), &self.digest())
-    }
 }
 
 #[derive(Clone, PartialEq)]
@@ -357,8 +352,10 @@ impl PutBody {
         let start = self.start_item();
         self.bytes.extend_from_slice(b"{\"key\":");
         serde_json::to_writer(&mut self.bytes, key).expect("strings serialize");
+        // Only a value another key also holds can come again: the others skip the map.
+        let shared = Arc::strong_count(value) > 1;
         let id = Arc::as_ptr(value) as usize;
-        match self.written.get(&id) {
+        match shared.then(|| self.written.get(&id)).flatten() {
             Some(tail) => self.bytes.extend_from_within(tail.clone()),
             None => {
                 let tail = self.bytes.len();
@@ -371,7 +368,9 @@ impl PutBody {
                 let metadata = KeyMetadata::json(value.index(), &digest_bytes(&self.scratch));
                 self.bytes.extend_from_slice(metadata.as_bytes());
                 self.bytes.push(b'}');
-                self.written.insert(id, tail..self.bytes.len());
+                if shared {
+                    self.written.insert(id, tail..self.bytes.len());
+                }
             }
         }
         self.items.push((key.to_owned(), start..self.bytes.len()));
@@ -551,7 +550,8 @@ mod tests {
     fn metadata_names_the_writer_the_index_and_the_value_digest() {
         let index = IndexRef::new("acct-1", "products");
         let value = KvValue::new(&index, "{}".into());
-        let meta: serde_json::Value = serde_json::from_str(&value.metadata()).unwrap();
+        let metadata = |value: &KvValue| KeyMetadata::json(value.index(), &value.digest());
+        let meta: serde_json::Value = serde_json::from_str(&metadata(&value)).unwrap();
         assert_eq!(
             meta,
             serde_json::json!({"writer": "ecom-settings-exporter", "v": 1, "account": "acct-1",
@@ -559,9 +559,9 @@ mod tests {
         );
         let long = IndexRef::new("a".repeat(600), "b".repeat(600));
         let short = KvValue::new(&long, "{}".into());
-        assert!(short.metadata().len() <= MAX_METADATA_BYTES);
+        assert!(metadata(&short).len() <= MAX_METADATA_BYTES);
         assert!(
-            KeyMetadata::ours(Some(&serde_json::from_str(&short.metadata()).unwrap()))
+            KeyMetadata::ours(Some(&serde_json::from_str(&metadata(&short)).unwrap()))
                 .unwrap()
                 .index_ref()
                 .is_none()

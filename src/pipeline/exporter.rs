@@ -594,6 +594,7 @@ fn shop_in_kv_value(value: &str) -> Option<String> {
 mod tests {
     use super::*;
     use crate::adapters::memory::{CountingTable, MemoryKv, SameKey};
+    use crate::pipeline::records::decode_record;
     use serde_json::json;
     use std::collections::HashSet;
     use std::sync::atomic::Ordering;
@@ -629,12 +630,7 @@ mod tests {
     ) -> BatchReport {
         let records = batch
             .iter()
-            .map(|r| {
-                crate::pipeline::records::decode_record(
-                    &r.to_string(),
-                    exporter.default_configs_sk(),
-                )
-            })
+            .map(|r| decode_record(&r.to_string(), exporter.default_configs_sk()))
             .collect();
         exporter.export(records, Run::STREAM, deadline()).await
     }

@@ -159,10 +159,7 @@ fn change_record(record: &StreamRecord, default_configs_sk: &str) -> ChangeRecor
     let change = &record.dynamodb;
     let (index, decoded) = decode_change(record, default_configs_sk);
     ChangeRecord {
-        sequence_number: change
-            .sequence_number
-            .as_ref()
-            .map(|s| s.0.clone().into_owned()),
+        sequence_number: change.sequence_number.as_ref().map(|s| s.0.to_string()),
         index,
         created_at: change
             .approximate_creation_date_time
