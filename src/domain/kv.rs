@@ -122,6 +122,33 @@ pub fn digest(value: &str) -> String {
     digest_bytes(value.as_bytes())
 }
 
+/// Appends `text` as a JSON string, as serde_json would write it. A value is JSON text, with a
+/// quote every few bytes: byte by byte into room for the worst case beats copying the runs
+/// between them (serde_json's way). `out` should be a scratch buffer: it is grown to twice the
+/// text first.
+fn push_json_string(out: &mut Vec<u8>, text: &str) {
+    let start = out.len();
+    out.resize(start + text.len() * 2 + 2, 0);
+    let room = &mut out[start..];
+    room[0] = b'"';
+    let mut end = 1;
+    for &byte in text.as_bytes() {
+        if byte == b'"' || byte == b'\\' {
+            room[end] = b'\\';
+            end += 1;
+        } else if byte < 0x20 {
+            // A control character is written longer (`\n`, `\u0001`): rare, left to serde_json.
+            out.truncate(start);
+            serde_json::to_writer(out, text).expect("strings serialize");
+            return;
+        }
+        room[end] = byte;
+        end += 1;
+    }
+    room[end] = b'"';
+    out.truncate(start + end + 1);
+}
+
 fn digest_bytes(value: &[u8]) -> String {
     let mut hex = String::with_capacity(16);
     push_hex(&mut hex, &Sha256::digest(value)[..8]);
@@ -304,8 +331,9 @@ pub struct PutBody {
     /// Where a shared value's `,"value":...,"metadata":...}` already is in `bytes`, by the
     /// value's address (the values outlive the body being built).
     written: HashMap<usize, Range<usize>>,
-    /// Where a value is rendered before it is escaped into `bytes`: reused, never kept.
+    /// Where a value is rendered, then escaped, before it is copied into `bytes`: reused.
     scratch: Vec<u8>,
+    escaped: Vec<u8>,
 }
 
 impl Default for PutBody {
@@ -324,6 +352,7 @@ impl PutBody {
             items: Vec::new(),
             written: HashMap::new(),
             scratch: Vec::new(),
+            escaped: Vec::new(),
         }
     }
 
@@ -363,7 +392,9 @@ impl PutBody {
                 value.render(&mut self.scratch);
                 let text = std::str::from_utf8(&self.scratch).expect("JSON text is UTF-8");
                 self.bytes.extend_from_slice(b",\"value\":");
-                serde_json::to_writer(&mut self.bytes, text).expect("strings serialize");
+                self.escaped.clear();
+                push_json_string(&mut self.escaped, text);
+                self.bytes.extend_from_slice(&self.escaped);
                 self.bytes.extend_from_slice(b",\"metadata\":");
                 let metadata = KeyMetadata::json(value.index(), &digest_bytes(&self.scratch));
                 self.bytes.extend_from_slice(metadata.as_bytes());
@@ -536,6 +567,28 @@ pub fn check_put(key: &str, value: &KvValue) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        let texts = [
+            "",
+            "plain",
+            r#"{"q":"\"x\"","path":"C:\\dir"}"#,
+            "\"\"\\\\",
+            "line\nbreak\ttab\u{1}\u{1f}",
+            "caf\u{e9} \u{1F600} \u{7f}",
+        ];
+        for text in texts {
+            let mut out = b"prefix".to_vec();
+            push_json_string(&mut out, text);
+            let expected = serde_json::to_string(text).unwrap();
+            assert_eq!(
+                std::str::from_utf8(&out[6..]).unwrap(),
+                expected,
+                "{text:?}"
+            );
+        }
+    }
 
     #[test]
     fn query_config_key_is_sha256_of_the_normalized_query() {

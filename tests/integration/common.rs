@@ -199,7 +199,7 @@ impl Harness {
     pub async fn try_invoke(&self, payload: Value, timeout: Duration) -> Result<Value, String> {
         let deadline = tokio::time::Instant::now() + timeout;
         // As the runtime hands it over: the payload's JSON text.
-        let payload = serde_json::value::to_raw_value(&payload).expect("JSON");
+        let payload = serde_json::to_vec(&payload).expect("JSON");
         ecom_settings_exporter::entry::route(&self.exporter, payload, deadline)
             .await
             .map_err(|e| e.to_string())
