@@ -139,7 +139,9 @@ async fn rust_figures(options: &BenchOptions, records: usize) -> Result<Figures,
     for a in 0..ACCOUNTS {
         keys.set_key(&format!("acct-{a}"), &format!("marqo-key-{a}"));
     }
-    keys.set_key("acct-warm", "marqo-key-warm");
+    for a in 0..ACCOUNTS {
+        keys.set_key(&format!("warm-{a}"), &format!("marqo-key-warm-{a}"));
+    }
     let runtime = Arc::new(RuntimeApi::start(0).await.map_err(|e| e.to_string())?);
     let payload = event(records);
     let event_bytes = payload.to_string().len();
@@ -175,11 +177,21 @@ async fn rust_figures(options: &BenchOptions, records: usize) -> Result<Figures,
         tokio::time::sleep(Duration::from_micros(200)).await;
     };
     let cold_start = first_poll.duration_since(spawned);
-    // A warm container: the token fetched and the clients connected by an earlier batch.
-    let mut warm_up = event(1);
-    warm_up["Records"][0]["dynamodb"]["NewImage"]["pk"] = json!({"S": "acct-warm"});
-    warm_up["Records"][0]["dynamodb"]["Keys"]["pk"] = json!({"S": "acct-warm"});
-    warm_up["Records"][0]["dynamodb"]["NewImage"]["shop_id"] = json!({"S": "shop-warm"});
+    // A warm container: the token fetched and the clients connected by an earlier batch, one
+    // of other accounts (their keys are not the ones the measured batch needs) as many as the
+    // measured batch has, so the API-keys client holds a connection for each.
+    let mut warm_up = event(ACCOUNTS);
+    for (a, record) in warm_up["Records"]
+        .as_array_mut()
+        .expect("records")
+        .iter_mut()
+        .enumerate()
+    {
+        let account = json!({"S": format!("warm-{a}")});
+        record["dynamodb"]["NewImage"]["pk"] = account.clone();
+        record["dynamodb"]["Keys"]["pk"] = account;
+        record["dynamodb"]["NewImage"]["shop_id"] = json!({"S": format!("shop-warm-{a}")});
+    }
     runtime
         .invoke(warm_up, Duration::from_secs(60))
         .await
@@ -203,10 +215,10 @@ async fn rust_figures(options: &BenchOptions, records: usize) -> Result<Figures,
         return Err(format!("unexpected answer: {answer}"));
     }
     let written = kv.keys("cf-bench", "ns-settings").len();
-    if written != records * 2 + 2 {
+    if written != (records + ACCOUNTS) * 2 {
         return Err(format!(
             "{written} keys in KV, expected {}",
-            records * 2 + 2
+            (records + ACCOUNTS) * 2
         ));
     }
     Ok(Figures {

@@ -11,6 +11,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::ids::IndexRef;
+use super::json_text::push_json_string;
 use super::secrets::ApiKey;
 use super::settings::IndexSettings;
 
@@ -122,33 +123,6 @@ pub fn digest(value: &str) -> String {
     digest_bytes(value.as_bytes())
 }
 
-/// Appends `text` as a JSON string, as serde_json would write it. A value is JSON text, with a
-/// quote every few bytes: byte by byte into room for the worst case beats copying the runs
-/// between them (serde_json's way). `out` should be a scratch buffer: it is grown to twice the
-/// text first.
-fn push_json_string(out: &mut Vec<u8>, text: &str) {
-    let start = out.len();
-    out.resize(start + text.len() * 2 + 2, 0);
-    let room = &mut out[start..];
-    room[0] = b'"';
-    let mut end = 1;
-    for &byte in text.as_bytes() {
-        if byte == b'"' || byte == b'\\' {
-            room[end] = b'\\';
-            end += 1;
-        } else if byte < 0x20 {
-            // A control character is written longer (`\n`, `\u0001`): rare, left to serde_json.
-            out.truncate(start);
-            serde_json::to_writer(out, text).expect("strings serialize");
-            return;
-        }
-        room[end] = byte;
-        end += 1;
-    }
-    room[end] = b'"';
-    out.truncate(start + end + 1);
-}
-
 fn digest_bytes(value: &[u8]) -> String {
     let mut hex = String::with_capacity(16);
     push_hex(&mut hex, &Sha256::digest(value)[..8]);
@@ -246,9 +220,7 @@ impl KvValue {
     pub fn render(&self, out: &mut Vec<u8>) {
         match self {
             KvValue::Text { text, .. } => out.extend_from_slice(text.as_bytes()),
-            KvValue::Settings { settings, api_key } => {
-                serde_json::to_writer(out, &settings.kv_value(api_key)).expect("values serialize")
-            }
+            KvValue::Settings { settings, api_key } => settings.kv_value(api_key).write_json(out),
         }
     }
 
@@ -567,28 +539,6 @@ pub fn check_put(key: &str, value: &KvValue) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn strings_are_escaped_as_serde_json_escapes_them() {
-        let texts = [
-            "",
-            "plain",
-            r#"{"q":"\"x\"","path":"C:\\dir"}"#,
-            "\"\"\\\\",
-            "line\nbreak\ttab\u{1}\u{1f}",
-            "caf\u{e9} \u{1F600} \u{7f}",
-        ];
-        for text in texts {
-            let mut out = b"prefix".to_vec();
-            push_json_string(&mut out, text);
-            let expected = serde_json::to_string(text).unwrap();
-            assert_eq!(
-                std::str::from_utf8(&out[6..]).unwrap(),
-                expected,
-                "{text:?}"
-            );
-        }
-    }
 
     #[test]
     fn query_config_key_is_sha256_of_the_normalized_query() {

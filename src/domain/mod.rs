@@ -2,6 +2,7 @@
 //! limits, and the secrets. Pure data; depends on nothing else in the crate.
 
 pub mod ids;
+pub mod json_text;
 pub mod kv;
 pub mod qfilter;
 pub mod secrets;
