@@ -5,7 +5,7 @@
 
 use ecom_settings_exporter::dynamo::Image;
 use ecom_settings_exporter::entry::Payload;
-use ecom_settings_exporter::pipeline::records::decode_record;
+use ecom_settings_exporter::pipeline::records::{decode_record, Change};
 use ecom_settings_exporter::report::Outcome;
 use libfuzzer_sys::fuzz_target;
 use serde_json::value::RawValue;
@@ -15,8 +15,27 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let record = decode_record(text, "DEFAULT_CONFIGS");
-    if let Err(Outcome::Rejected(reason)) = &record.decoded {
-        assert!(!reason.is_empty(), "a rejection says why");
+    match &record.decoded {
+        Err(Outcome::Rejected(reason)) => assert!(!reason.is_empty(), "a rejection says why"),
+        // Documents are kept as the decoder wrote them, unparsed: it must write valid JSON.
+        Ok(Change::UpsertIndex { settings, .. }) => {
+            let documents = [
+                &settings.search_config,
+                &settings.collections_config,
+                &settings.feature_flags,
+                &settings.agentic_config,
+                &settings.query_override_sharding,
+            ];
+            for document in documents.into_iter().flatten() {
+                let text = document.json_text();
+                assert!(serde_json::from_str::<&RawValue>(text).is_ok(), "{text}");
+            }
+        }
+        Ok(Change::UpsertQuery(config)) => {
+            let text = config.config.json_text();
+            assert!(serde_json::from_str::<&RawValue>(text).is_ok(), "{text}");
+        }
+        _ => {}
     }
     let _ = Payload::parse(data, "DEFAULT_CONFIGS");
     if let Ok(raw) = serde_json::from_str::<Box<RawValue>>(text) {

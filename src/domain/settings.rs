@@ -12,30 +12,33 @@ pub const SCHEMA_VERSION: u32 = 1;
 
 /// An opaque document exported as JSON unchanged, kept as JSON text so that numbers keep
 /// every digit the table holds (decoded from DynamoDB by [`crate::dynamo`]).
-#[derive(Clone, Debug, Serialize)]
-#[serde(transparent)]
-pub struct Document(Box<serde_json::value::RawValue>);
+#[derive(Clone, Debug, PartialEq)]
+pub struct Document(Box<str>);
 
 impl Document {
-    /// JSON text that is known to be valid (written by the decoder).
-    pub fn from_json_text(text: String) -> Result<Self, serde_json::Error> {
-        serde_json::value::RawValue::from_string(text).map(Document)
+    /// JSON text the decoder wrote, which writes only valid JSON: not parsed again.
+    pub(crate) fn from_json_text(text: String) -> Self {
+        Document(text.into_boxed_str())
     }
 
     pub fn json_text(&self) -> &str {
-        self.0.get()
+        &self.0
     }
 }
 
-impl PartialEq for Document {
-    fn eq(&self, other: &Self) -> bool {
-        self.json_text() == other.json_text()
+/// Written as the JSON text it is. Values are written by hand ([`KvSettings::write_json`]);
+/// this serves query configs and tests.
+impl Serialize for Document {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let raw: &serde_json::value::RawValue =
+            serde_json::from_str(&self.0).map_err(serde::ser::Error::custom)?;
+        raw.serialize(serializer)
     }
 }
 
 impl From<serde_json::Value> for Document {
     fn from(value: serde_json::Value) -> Self {
-        Document(serde_json::value::to_raw_value(&value).expect("a JSON value serializes"))
+        Document(value.to_string().into_boxed_str())
     }
 }
 

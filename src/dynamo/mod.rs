@@ -57,15 +57,7 @@ pub fn string_attribute<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
 fn document(image: &Image, name: &str) -> Result<Option<Document>, InvalidRecord> {
     match image.get(name) {
         None | Some(Attr::Null) => Ok(None),
-        Some(value) => {
-            let text = json::to_json(value, name)?;
-            let document =
-                Document::from_json_text(text).map_err(|e| InvalidRecord::BadAttribute {
-                    path: name.to_owned(),
-                    message: e.to_string(),
-                })?;
-            Ok(Some(document))
-        }
+        Some(value) => Ok(Some(Document::from_json_text(json::to_json(value, name)?))),
     }
 }
 
