@@ -45,17 +45,13 @@ impl Attr<'_> {
     }
 }
 
-/// A map of attributes (an item, an image, or an `M` value), sorted by name: lookups search
-/// it, and documents are written with their keys in order.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// A map of attributes (an item, an image, or an `M` value) in the order they came: an image
+/// is looked up a dozen times and written out rarely, so it is sorted only when written.
+#[derive(Clone, Debug, Default)]
 pub struct Image<'a>(Vec<(Cow<'a, str>, Attr<'a>)>);
 
 impl<'a> Image<'a> {
-    /// Sorts by name; of repeated names the last one stays, as in a JSON object.
-    fn new(mut entries: Vec<(Cow<'a, str>, Attr<'a>)>) -> Self {
-        entries.reverse();
-        entries.sort_by(|a, b| a.0.cmp(&b.0)); // stable: the last of a name comes first
-        entries.dedup_by(|later, first| later.0 == first.0);
+    fn new(entries: Vec<(Cow<'a, str>, Attr<'a>)>) -> Self {
         Image(entries)
     }
 
@@ -68,9 +64,9 @@ impl<'a> Image<'a> {
         )
     }
 
+    /// Of a name given twice the last one counts, as in a JSON object.
     pub fn get(&self, name: &str) -> Option<&Attr<'a>> {
-        let at = self.0.binary_search_by(|(n, _)| (**n).cmp(name)).ok()?;
-        Some(&self.0[at].1)
+        self.0.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v)
     }
 
     /// A string attribute, if it is one.
@@ -85,9 +81,28 @@ impl<'a> Image<'a> {
         self.0.is_empty()
     }
 
-    /// Attributes in name order.
+    /// Attributes in name order, each name once (the last given).
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Attr<'a>)> {
-        self.0.iter().map(|(name, value)| (&**name, value))
+        let entries = &self.0;
+        let in_order = entries.windows(2).all(|w| w[0].0 < w[1].0);
+        let mut order: Vec<usize> = Vec::new();
+        if !in_order {
+            order = (0..entries.len()).rev().collect();
+            order.sort_by(|&a, &b| entries[a].0.cmp(&entries[b].0)); // stable: the last first
+            order.dedup_by(|later, first| entries[*later].0 == entries[*first].0);
+        }
+        let sorted = order.into_iter().map(|i| &entries[i]);
+        let given = entries
+            .iter()
+            .take(if in_order { entries.len() } else { 0 });
+        given.chain(sorted).map(|(name, value)| (&**name, value))
+    }
+}
+
+/// Equal when they hold the same attributes, whatever the order they came in.
+impl PartialEq for Image<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
     }
 }
 
@@ -313,6 +328,12 @@ mod tests {
     fn repeated_names_keep_the_last_and_null_is_empty() {
         let repeated = image(r#"{"a": {"S": "1"}, "a": {"S": "2"}}"#).unwrap();
         assert_eq!(repeated.string("a"), Some("2"));
+        let unsorted = image(r#"{"c": {"N": "1"}, "a": {"S": "1"}, "c": {"N": "2"}}"#).unwrap();
+        let listed: Vec<(&str, &Attr)> = unsorted.iter().collect();
+        assert_eq!(
+            listed,
+            [("a", &Attr::S("1".into())), ("c", &Attr::N("2".into()))]
+        );
         assert!(image("null").unwrap().is_empty());
     }
 

@@ -74,7 +74,7 @@ fn check_number(n: &str) -> Result<(), String> {
 }
 
 fn string(s: &str, out: &mut Vec<u8>) {
-    serde_json::to_writer(out, s).expect("strings serialize");
+    crate::domain::json_text::push_str(out, s);
 }
 
 fn number(n: &str, path: Path, out: &mut Vec<u8>) -> Result<(), InvalidRecord> {
@@ -131,6 +131,17 @@ pub fn write_json(value: &Attr, path: Path, out: &mut Vec<u8>) -> Result<(), Inv
         Attr::Ns(set) => list(set, out, |i, n, out| number(n, Path::Index(&path, i), out))?,
     }
     Ok(())
+}
+
+/// Whether every number in a value is one [`write_json`] accepts.
+pub fn numbers_in_range(value: &Attr) -> bool {
+    match value {
+        Attr::N(n) => check_number(n).is_ok(),
+        Attr::Ns(set) => set.iter().all(|n| check_number(n).is_ok()),
+        Attr::M(map) => map.iter().all(|(_, value)| numbers_in_range(value)),
+        Attr::L(items) => items.iter().all(numbers_in_range),
+        Attr::S(_) | Attr::B(_) | Attr::Bool(_) | Attr::Null | Attr::Ss(_) | Attr::Bs(_) => true,
+    }
 }
 
 /// An attribute as JSON text.

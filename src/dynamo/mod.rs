@@ -7,6 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_dynamo::{AttributeValue, Item};
 
+mod de;
 mod image;
 mod json;
 
@@ -78,11 +79,13 @@ fn typed<T: DeserializeOwned>(image: &Image, name: &str) -> Result<Option<T>, In
     let Some(value) = image.get(name).filter(|v| **v != Attr::Null) else {
         return Ok(None);
     };
-    let text = json::to_json(value, name)?;
-    if let Ok(value) = serde_json::from_str(&text) {
-        return Ok(Some(value));
+    if json::numbers_in_range(value) {
+        if let Ok(value) = T::deserialize(de::AttrDeserializer(value)) {
+            return Ok(Some(value));
+        }
     }
-    // Only a value that fails is read again, to say where.
+    // Only a value that fails is read again, through its JSON text, to say where.
+    let text = json::to_json(value, name)?;
     let mut json = serde_json::Deserializer::from_str(&text);
     serde_path_to_error::deserialize::<_, T>(&mut json)
         .map(Some)
