@@ -11,7 +11,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::ids::IndexRef;
-use super::json_text::push_json_string;
+use super::json_text::{push_json_string, push_str};
 use super::secrets::ApiKey;
 use super::settings::IndexSettings;
 
@@ -141,35 +141,36 @@ pub struct KeyMetadata {
     pub digest: String,
 }
 
-/// [`KeyMetadata`] as written, borrowing the names.
-#[derive(Serialize)]
-struct MetadataOut<'a> {
-    writer: &'a str,
-    v: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    account: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    index: Option<&'a str>,
-    digest: &'a str,
-}
-
 impl KeyMetadata {
     /// The metadata JSON for a value of `digest` written for `index`; names too long for the
     /// limit are left out (the value says).
     pub fn json(index: &IndexRef, digest: &str) -> String {
-        let mut meta = MetadataOut {
-            writer: WRITER,
-            v: 1,
-            account: Some(&index.account),
-            index: Some(&index.name),
-            digest,
-        };
-        let json = serde_json::to_string(&meta).expect("metadata serializes");
-        if json.len() <= MAX_METADATA_BYTES {
-            return json;
+        let mut out = Vec::new();
+        Self::write_json(index, digest, &mut out);
+        String::from_utf8(out).expect("JSON text is UTF-8")
+    }
+
+    /// Appends [`KeyMetadata::json`], written by hand as serde_json would write the
+    /// [`KeyMetadata`] (a test holds them equal): it is written for every value of a batch.
+    pub fn write_json(index: &IndexRef, digest: &str, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(b"{\"writer\":");
+        push_str(out, WRITER);
+        out.extend_from_slice(b",\"v\":1,\"account\":");
+        push_str(out, &index.account);
+        out.extend_from_slice(b",\"index\":");
+        push_str(out, &index.name);
+        out.extend_from_slice(b",\"digest\":");
+        push_str(out, digest);
+        out.push(b'}');
+        if out.len() - start > MAX_METADATA_BYTES {
+            out.truncate(start);
+            out.extend_from_slice(b"{\"writer\":");
+            push_str(out, WRITER);
+            out.extend_from_slice(b",\"v\":1,\"digest\":");
+            push_str(out, digest);
+            out.push(b'}');
         }
-        (meta.account, meta.index) = (None, None);
-        serde_json::to_string(&meta).expect("metadata serializes")
     }
 
     /// Metadata as listed, if this function wrote it.
@@ -352,7 +353,7 @@ impl PutBody {
     pub fn push(&mut self, key: &str, value: &Arc<KvValue>) {
         let start = self.start_item();
         self.bytes.extend_from_slice(b"{\"key\":");
-        serde_json::to_writer(&mut self.bytes, key).expect("strings serialize");
+        push_str(&mut self.bytes, key);
         // Only a value another key also holds can come again: the others skip the map.
         let shared = Arc::strong_count(value) > 1;
         let id = Arc::as_ptr(value) as usize;
@@ -368,8 +369,8 @@ impl PutBody {
                 push_json_string(&mut self.escaped, text);
                 self.bytes.extend_from_slice(&self.escaped);
                 self.bytes.extend_from_slice(b",\"metadata\":");
-                let metadata = KeyMetadata::json(value.index(), &digest_bytes(&self.scratch));
-                self.bytes.extend_from_slice(metadata.as_bytes());
+                let digest = digest_bytes(&self.scratch);
+                KeyMetadata::write_json(value.index(), &digest, &mut self.bytes);
                 self.bytes.push(b'}');
                 if shared {
                     self.written.insert(id, tail..self.bytes.len());
@@ -569,6 +570,28 @@ mod tests {
                 .index_ref()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn metadata_is_written_as_serde_json_writes_it() {
+        let names = [
+            ("acct-1", "products"),
+            ("a\"q\"", "caf\u{e9}\n"),
+            ("a", &*"b".repeat(1_000)),
+        ];
+        for (account, name) in names {
+            let index = IndexRef::new(account, name);
+            let fits = account.len() + name.len() < 900;
+            let expected = KeyMetadata {
+                writer: WRITER.into(),
+                v: 1,
+                account: fits.then(|| account.into()),
+                index: fits.then(|| name.into()),
+                digest: "0123456789abcdef".into(),
+            };
+            let written = KeyMetadata::json(&index, "0123456789abcdef");
+            assert_eq!(written, serde_json::to_string(&expected).unwrap());
+        }
     }
 
     #[test]

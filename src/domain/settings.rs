@@ -308,7 +308,7 @@ impl KvSettings<'_> {
         document(out, b",\"agentic_config\":", self.agentic_config);
         field(out, b",\"pixel_id\":", self.pixel_id);
         out.extend_from_slice(b",\"index_aliases\":");
-        serde_json::to_writer(&mut *out, &self.index_aliases).expect("aliases serialize");
+        self.index_aliases.write_json(out);
         document(
             out,
             b",\"query_override_sharding\":",
@@ -323,6 +323,49 @@ impl KvSettings<'_> {
 pub struct KvAliases<'a> {
     pub doc_reads: Option<&'a DocReadsAlias>,
     pub analytics: Option<&'a AnalyticsAlias>,
+}
+
+impl KvAliases<'_> {
+    /// Appends the aliases as serde_json writes them (in the settings value's test).
+    fn write_json(&self, out: &mut Vec<u8>) {
+        fn flag(out: &mut Vec<u8>, name: &[u8], value: bool) {
+            out.extend_from_slice(name);
+            out.extend_from_slice(if value { b"true" } else { b"false" });
+        }
+        out.extend_from_slice(b"{\"doc_reads\":");
+        match self.doc_reads {
+            None => out.extend_from_slice(b"null"),
+            Some(reads) => {
+                flag(out, b"{\"enabled\":", reads.enabled);
+                out.extend_from_slice(b",\"targets\":[");
+                for (i, target) in reads.targets.iter().enumerate() {
+                    out.extend_from_slice(if i == 0 { b"{" } else { b",{" });
+                    out.extend_from_slice(b"\"index_id\":");
+                    push_str(out, target.index_id.as_str());
+                    out.extend_from_slice(b",\"weight\":");
+                    serde_json::to_writer(&mut *out, &target.weight).expect("numbers serialize");
+                    flag(out, b",\"internal\":", target.internal);
+                    out.push(b'}');
+                }
+                out.extend_from_slice(b"]}");
+            }
+        }
+        out.extend_from_slice(b",\"analytics\":");
+        match self.analytics {
+            None => out.extend_from_slice(b"null"),
+            Some(analytics) => {
+                flag(out, b"{\"enabled\":", analytics.enabled);
+                out.extend_from_slice(b",\"index_id\":");
+                match &analytics.index_id {
+                    Some(id) => push_str(out, id.as_str()),
+                    None => out.extend_from_slice(b"null"),
+                }
+                flag(out, b",\"internal\":", analytics.internal);
+                out.push(b'}');
+            }
+        }
+        out.push(b'}');
+    }
 }
 
 /// A per-query override: `INDEX#{index}#QUERY#{normalized_query}`.
@@ -410,7 +453,33 @@ mod tests {
     #[test]
     fn values_are_written_as_serde_json_writes_them() {
         let key = ApiKey::new("marqo-\"key\"");
-        for settings in [bare(), full()] {
+        let mut two_targets = full();
+        two_targets.aliases.doc_reads = Some(DocReadsAlias {
+            enabled: false,
+            targets: ["a-\"1\"", "a-2"]
+                .into_iter()
+                .zip([1.0, 2.5e-7])
+                .map(|(id, weight)| DocReadsTarget {
+                    index_id: IndexId(id.into()),
+                    weight,
+                    internal: weight > 1e-3,
+                })
+                .collect(),
+        });
+        two_targets.aliases.analytics = Some(AnalyticsAlias {
+            enabled: true,
+            index_id: Some(IndexId("a-3".into())),
+            internal: true,
+        });
+        let mut empty_targets = full();
+        empty_targets
+            .aliases
+            .doc_reads
+            .as_mut()
+            .unwrap()
+            .targets
+            .clear();
+        for settings in [bare(), full(), two_targets, empty_targets] {
             let value = settings.kv_value(&key);
             let mut written = Vec::new();
             value.write_json(&mut written);
