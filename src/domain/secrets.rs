@@ -2,21 +2,28 @@
 //! `Display`, so no log line, error or answer can carry one by accident.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Serialize;
 
-/// A Marqo API key. Serializes as itself (it goes into KV) but never shows in `Debug`.
-#[derive(Clone, PartialEq, Eq, Serialize)]
-#[serde(transparent)]
-pub struct ApiKey(String);
+/// A Marqo API key. Serializes as itself (it goes into KV) but never shows in `Debug`. Shared,
+/// not copied, by every value of its account in a batch.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(Arc<str>);
 
 impl ApiKey {
     pub fn new(key: impl Into<String>) -> Self {
-        Self(key.into())
+        Self(Arc::from(key.into()))
     }
 
     pub fn expose(&self) -> &str {
         &self.0
+    }
+}
+
+impl Serialize for ApiKey {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
     }
 }
 

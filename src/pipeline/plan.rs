@@ -70,7 +70,8 @@ enum ShopSource {
 
 /// Earlier records of the batch stand in for old images that a `NEW_IMAGE` stream lacks.
 fn previous_shops(records: &[ChangeRecord]) -> Vec<Option<ShopSource>> {
-    let mut last_in_batch: HashMap<&IndexRef, Option<String>> = HashMap::new();
+    let mut last_in_batch: HashMap<&IndexRef, Option<&str>> = HashMap::with_capacity(records.len());
+    let known = |shop: Option<&str>| ShopSource::Known(shop.map(str::to_owned));
     records
         .iter()
         .map(|record| match &record.decoded {
@@ -82,12 +83,12 @@ fn previous_shops(records: &[ChangeRecord]) -> Vec<Option<ShopSource>> {
                 let source = match previous_shop {
                     PreviousShop::Known(shop) => Some(ShopSource::Known(shop.clone())),
                     PreviousShop::Unknown => Some(match last_in_batch.get(&settings.index) {
-                        Some(shop) => ShopSource::Known(shop.clone()),
+                        Some(shop) => known(*shop),
                         None => ShopSource::CurrentKv,
                     }),
                     PreviousShop::NotAsked => None,
                 };
-                last_in_batch.insert(&settings.index, settings.shop_id.clone());
+                last_in_batch.insert(&settings.index, settings.shop_id.as_deref());
                 source
             }
             Ok(Change::RemoveIndex {
@@ -98,7 +99,7 @@ fn previous_shops(records: &[ChangeRecord]) -> Vec<Option<ShopSource>> {
                     PreviousShop::Known(shop) => ShopSource::Known(shop.clone()),
                     PreviousShop::Unknown | PreviousShop::NotAsked => {
                         match last_in_batch.get(index) {
-                            Some(shop) => ShopSource::Known(shop.clone()),
+                            Some(shop) => known(*shop),
                             None => ShopSource::CurrentKv,
                         }
                     }
