@@ -13,24 +13,33 @@ pub fn requests<'a>(
     ops: impl IntoIterator<Item = (&'a KvKey, &'a PlannedOp)> + Clone,
 ) -> Vec<KvRequest> {
     // What each namespace's first body will take, reserved up front (escaping at most doubles a
-    // value): growing by doubling would copy and fault in twice the memory.
-    let mut expected: BTreeMap<Namespace, usize> = BTreeMap::new();
+    // value): growing by doubling would copy and fault in twice the memory. A body holds at
+    // most MAX_BULK_ITEMS pairs: reserving for more would map (and fault in) fresh memory for
+    // every batch, past glibc's largest heap allocation.
+    let mut expected: BTreeMap<Namespace, (usize, usize)> = BTreeMap::new();
     for (key, op) in ops.clone() {
         if let KvAction::Put(value) = &op.action {
             let index = value.index();
             let names = index.account.len() + index.name.len();
             let size = key.key.len() + 2 * value.size_hint() + names + 120;
-            *expected.entry(key.namespace).or_default() += size;
+            let (bytes, pairs) = expected.entry(key.namespace).or_default();
+            (*bytes, *pairs) = (*bytes + size, *pairs + 1);
         }
     }
+    let first_body = |namespace: &Namespace| {
+        let (bytes, pairs) = expected[namespace];
+        (bytes / pairs * pairs.min(MAX_BULK_ITEMS)).min(MAX_BULK_BYTES)
+    };
     let mut puts: BTreeMap<Namespace, (Vec<KvRequest>, PutBody)> = BTreeMap::new();
     let mut deletes: BTreeMap<Namespace, Vec<String>> = BTreeMap::new();
     for (key, op) in ops {
         match &op.action {
             KvAction::Put(value) => {
                 let (full, body) = puts.entry(key.namespace).or_insert_with(|| {
-                    let expected = expected[&key.namespace].min(MAX_BULK_BYTES);
-                    (Vec::new(), PutBody::with_capacity(expected))
+                    (
+                        Vec::new(),
+                        PutBody::with_capacity(first_body(&key.namespace)),
+                    )
                 });
                 // A full body is the best guess at the size of the next one.
                 let next = |body: &mut PutBody| {
