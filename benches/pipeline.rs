@@ -2,6 +2,7 @@
 //! event): decoding, planning and bulk encoding. `cargo bench --bench pipeline`.
 
 use ecom_settings_exporter::domain::ApiKey;
+use ecom_settings_exporter::entry::Payload;
 use ecom_settings_exporter::pipeline::bulk::requests;
 use ecom_settings_exporter::pipeline::plan::{needs, plan, Lookups};
 use ecom_settings_exporter::pipeline::records::{decode_record, ChangeRecord};
@@ -47,8 +48,16 @@ fn lookups(records: &[ChangeRecord]) -> Lookups {
     }
 }
 
+/// The whole batch read in one pass, as the handler reads it.
 #[divan::bench]
 fn decode(bencher: divan::Bencher) {
+    let event = ecom_emulators::bench::event(RECORDS).to_string();
+    bencher.bench(|| Payload::parse(divan::black_box(event.as_bytes()), "DEFAULT_CONFIGS"));
+}
+
+/// Record by record, as a batch with a malformed record is read.
+#[divan::bench]
+fn decode_each(bencher: divan::Bencher) {
     let raw = raw_records();
     bencher.bench(|| decoded(divan::black_box(&raw)));
 }
