@@ -28,10 +28,15 @@ pub fn push_json_string(out: &mut Vec<u8>, text: &str) {
     out.truncate(start + end + 1);
 }
 
+/// Whether a string has a character JSON escapes.
+pub fn needs_escape(text: &str) -> bool {
+    text.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\')
+}
+
 /// Appends a short string (a name, an id, a URL) as a JSON string, exactly as serde_json
 /// writes it: copied whole when nothing in it needs escaping, as is almost always the case.
 pub fn push_str(out: &mut Vec<u8>, text: &str) {
-    if text.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+    if needs_escape(text) {
         serde_json::to_writer(out, text).expect("strings serialize");
     } else {
         out.reserve(text.len() + 2);

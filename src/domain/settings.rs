@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::ids::{IndexId, IndexRef};
-use super::json_text::push_str;
+use super::json_text::{needs_escape, push_str};
 use super::secrets::ApiKey;
 
 /// Version of the KV value layout; the proxy tolerates unknown fields, so additions keep it.
@@ -224,7 +224,7 @@ impl IndexSettings {
             schema_version: SCHEMA_VERSION,
             system_account_id: &self.index.account,
             index_name: &self.index.name,
-            index_id: self.index.id(),
+            index_id: &self.index,
             shop_id: self.shop_id.as_deref(),
             marqo_api_key: api_key,
             index_url: &self.index_url,
@@ -256,7 +256,9 @@ pub struct KvSettings<'a> {
     pub schema_version: u32,
     pub system_account_id: &'a str,
     pub index_name: &'a str,
-    pub index_id: IndexId,
+    /// `{system_account_id}-{index_name}`, written out where it goes.
+    #[serde(serialize_with = "index_id")]
+    pub index_id: &'a IndexRef,
     pub shop_id: Option<&'a str>,
     pub marqo_api_key: &'a ApiKey,
     pub index_url: &'a str,
@@ -267,6 +269,10 @@ pub struct KvSettings<'a> {
     pub pixel_id: Option<&'a str>,
     pub index_aliases: KvAliases<'a>,
     pub query_override_sharding: Option<&'a Document>,
+}
+
+fn index_id<S: serde::Serializer>(index: &&IndexRef, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&format_args!("{}-{}", index.account, index.name))
 }
 
 impl KvSettings<'_> {
@@ -294,7 +300,15 @@ impl KvSettings<'_> {
             Some(self.system_account_id),
         );
         field(out, b",\"index_name\":", Some(self.index_name));
-        field(out, b",\"index_id\":", Some(self.index_id.as_str()));
+        out.extend_from_slice(b",\"index_id\":");
+        let IndexRef { account, name } = self.index_id;
+        if needs_escape(account) || needs_escape(name) {
+            push_str(out, self.index_id.id().as_str());
+        } else {
+            for part in [b"\"", account.as_bytes(), b"-", name.as_bytes(), b"\""] {
+                out.extend_from_slice(part);
+            }
+        }
         field(out, b",\"shop_id\":", self.shop_id);
         field(
             out,

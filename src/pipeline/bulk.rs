@@ -7,15 +7,25 @@ use crate::domain::kv::{KvRequest, PutBody, MAX_BULK_BYTES, MAX_BULK_ITEMS};
 use crate::domain::{KvAction, KvKey, Namespace};
 use crate::pipeline::plan::PlannedOp;
 
+/// The room to reserve for the next body of a namespace, out of what its pairs not yet in a
+/// body are expected to take (bytes, pairs).
+fn take_room(left: &mut (usize, usize)) -> usize {
+    let (bytes, pairs) = left;
+    let share = (*pairs).clamp(1, MAX_BULK_ITEMS);
+    let room = (*bytes / (*pairs).max(1) * share).min(*bytes);
+    (*bytes, *pairs) = (*bytes - room, pairs.saturating_sub(share));
+    room.min(MAX_BULK_BYTES)
+}
+
 /// All the requests a plan needs: per namespace, bulk writes of at most [`MAX_BULK_ITEMS`]
 /// pairs and under [`MAX_BULK_BYTES`], each pair written once into its body; bulk deletes.
 pub fn requests<'a>(
     ops: impl IntoIterator<Item = (&'a KvKey, &'a PlannedOp)> + Clone,
 ) -> Vec<KvRequest> {
-    // What each namespace's first body will take, reserved up front (escaping at most doubles a
-    // value): growing by doubling would copy and fault in twice the memory. A body holds at
-    // most MAX_BULK_ITEMS pairs: reserving for more would map (and fault in) fresh memory for
-    // every batch, past glibc's largest heap allocation.
+    // What each body will take, reserved up front (escaping at most doubles a value): growing
+    // by doubling would copy and fault in twice the memory. A body holds at most
+    // MAX_BULK_ITEMS pairs: reserving for more would map (and fault in) fresh memory for every
+    // batch, past glibc's largest heap allocation.
     let mut expected: BTreeMap<Namespace, (usize, usize)> = BTreeMap::new();
     for (key, op) in ops.clone() {
         if let KvAction::Put(value) = &op.action {
@@ -26,24 +36,17 @@ pub fn requests<'a>(
             (*bytes, *pairs) = (*bytes + size, *pairs + 1);
         }
     }
-    let first_body = |namespace: &Namespace| {
-        let (bytes, pairs) = expected[namespace];
-        (bytes / pairs * pairs.min(MAX_BULK_ITEMS)).min(MAX_BULK_BYTES)
-    };
     let mut puts: BTreeMap<Namespace, (Vec<KvRequest>, PutBody)> = BTreeMap::new();
     let mut deletes: BTreeMap<Namespace, Vec<String>> = BTreeMap::new();
     for (key, op) in ops {
         match &op.action {
             KvAction::Put(value) => {
-                let (full, body) = puts.entry(key.namespace).or_insert_with(|| {
-                    (
-                        Vec::new(),
-                        PutBody::with_capacity(first_body(&key.namespace)),
-                    )
-                });
-                // A full body is the best guess at the size of the next one.
-                let next = |body: &mut PutBody| {
-                    std::mem::replace(body, PutBody::with_capacity(body.size()))
+                let left = expected.get_mut(&key.namespace).expect("counted above");
+                let (full, body) = puts
+                    .entry(key.namespace)
+                    .or_insert_with(|| (Vec::new(), PutBody::with_capacity(take_room(left))));
+                let mut next = |body: &mut PutBody| {
+                    std::mem::replace(body, PutBody::with_capacity(take_room(left)))
                 };
                 if body.len() == MAX_BULK_ITEMS {
                     full.push(KvRequest::put(key.namespace, next(body)));
