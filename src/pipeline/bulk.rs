@@ -19,15 +19,17 @@ fn take_room(left: &mut (usize, usize)) -> usize {
 
 /// All the requests a plan needs: per namespace, bulk writes of at most [`MAX_BULK_ITEMS`]
 /// pairs and under [`MAX_BULK_BYTES`], each pair written once into its body; bulk deletes.
-pub fn requests<'a>(
-    ops: impl IntoIterator<Item = (&'a KvKey, &'a PlannedOp)> + Clone,
-) -> Vec<KvRequest> {
+pub fn requests<'a>(ops: impl IntoIterator<Item = (&'a KvKey, &'a PlannedOp)>) -> Vec<KvRequest> {
+    // In the batch's order (a record's keys together, in key order): the decoded records are
+    // read as they lie in memory, and a value shared by two keys is copied while still in cache.
+    let mut ops: Vec<_> = ops.into_iter().collect();
+    ops.sort_by_key(|(_, op)| op.owner);
     // What each body will take, reserved up front (escaping at most doubles a value): growing
     // by doubling would copy and fault in twice the memory. A body holds at most
     // MAX_BULK_ITEMS pairs: reserving for more would map (and fault in) fresh memory for every
     // batch, past glibc's largest heap allocation.
     let mut expected: BTreeMap<Namespace, (usize, usize)> = BTreeMap::new();
-    for (key, op) in ops.clone() {
+    for (key, op) in &ops {
         if let KvAction::Put(value) = &op.action {
             let index = value.index();
             let names = index.account.len() + index.name.len();
@@ -118,6 +120,25 @@ mod tests {
         assert_eq!(body[0]["key"], "k00000");
         assert_eq!(body[0]["value"], "vvvvvvvvvv");
         assert_eq!(body[0]["metadata"]["writer"], "ecom-settings-exporter");
+    }
+
+    #[test]
+    fn pairs_are_written_in_the_batch_order_a_records_keys_together() {
+        let index = IndexRef::new("a", "i");
+        let op = |owner: usize| PlannedOp {
+            action: KvAction::put(KvValue::new(&index, format!("v{owner}"))),
+            owner,
+        };
+        let ops = BTreeMap::from([
+            (KvKey::settings("a-1"), op(1)),
+            (KvKey::settings("a-2"), op(0)),
+            (KvKey::settings("shop-1"), op(1)),
+            (KvKey::settings("shop-2"), op(0)),
+        ]);
+        let requests = requests(&ops);
+        let body: Vec<serde_json::Value> = serde_json::from_slice(&requests[0].body()).unwrap();
+        let keys: Vec<&str> = body.iter().map(|p| p["key"].as_str().unwrap()).collect();
+        assert_eq!(keys, ["a-2", "shop-2", "a-1", "shop-1"]);
     }
 
     #[test]
