@@ -73,5 +73,5 @@ fn plan_batch(bencher: divan::Bencher) {
 fn bulk_encoding(bencher: divan::Bencher) {
     let records = decoded(&raw_records());
     let planned = plan(&records, &lookups(&records), "default");
-    bencher.bench(|| requests(divan::black_box(&planned.ops)));
+    bencher.bench(|| requests(divan::black_box(&planned.ops), Vec::new()));
 }

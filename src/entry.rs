@@ -180,15 +180,19 @@ pub async fn handle<K: KvStore, A: ApiKeySource, T: SettingsTable>(
 /// Routes a payload (its JSON text); retrying stops at `deadline`.
 pub async fn route<K: KvStore, A: ApiKeySource, T: SettingsTable>(
     exporter: &Exporter<K, A, T>,
-    payload: impl AsRef<[u8]>,
+    payload: impl Into<Bytes>,
     deadline: Instant,
 ) -> Result<Value, HandlerError> {
-    let parsed = Payload::parse(payload.as_ref(), exporter.default_configs_sk())?;
-    drop(payload); // decoded records own what they need: the payload's memory goes back now
+    let payload = payload.into();
+    let parsed = Payload::parse(&payload, exporter.default_configs_sk())?;
+    // Decoded records own what they need: the payload's memory takes the first bulk body.
+    let buffer = Vec::from(payload);
     match parsed {
         Payload::StreamBatch(records) => {
             let started = Instant::now();
-            let report = exporter.export(records, Run::STREAM, deadline).await;
+            let report = exporter
+                .export_reusing(records, Run::STREAM, deadline, buffer)
+                .await;
             report.log();
             crate::report::emit(&report, started.elapsed());
             batch_response(&report).map(|r| serde_json::to_value(r).expect("serializable"))

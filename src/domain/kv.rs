@@ -329,6 +329,20 @@ impl PutBody {
         }
     }
 
+    /// A body written into `buffer` (memory already faulted in, such as the event's) when it
+    /// holds at least the unescaped half of `bytes`; otherwise as [`PutBody::with_capacity`].
+    pub fn reusing(mut buffer: Vec<u8>, bytes: usize) -> Self {
+        if buffer.capacity() < bytes / 2 {
+            return Self::with_capacity(bytes);
+        }
+        buffer.clear();
+        buffer.push(b'[');
+        Self {
+            bytes: buffer,
+            ..Self::with_capacity(0)
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.items.len()
     }

@@ -18,8 +18,13 @@ fn take_room(left: &mut (usize, usize)) -> usize {
 }
 
 /// All the requests a plan needs: per namespace, bulk writes of at most [`MAX_BULK_ITEMS`]
-/// pairs and under [`MAX_BULK_BYTES`], each pair written once into its body; bulk deletes.
-pub fn requests<'a>(ops: impl IntoIterator<Item = (&'a KvKey, &'a PlannedOp)>) -> Vec<KvRequest> {
+/// pairs and under [`MAX_BULK_BYTES`], each pair written once into its body; bulk deletes. The
+/// first body is written into `spare` when it is large enough (an empty one never is).
+pub fn requests<'a>(
+    ops: impl IntoIterator<Item = (&'a KvKey, &'a PlannedOp)>,
+    spare: Vec<u8>,
+) -> Vec<KvRequest> {
+    let mut spare = Some(spare);
     // In the batch's order (a record's keys together, in key order): the decoded records are
     // read as they lie in memory, and a value shared by two keys is copied while still in cache.
     let mut ops: Vec<_> = ops.into_iter().collect();
@@ -44,9 +49,14 @@ pub fn requests<'a>(ops: impl IntoIterator<Item = (&'a KvKey, &'a PlannedOp)>) -
         match &op.action {
             KvAction::Put(value) => {
                 let left = expected.get_mut(&key.namespace).expect("counted above");
-                let (full, body) = puts
-                    .entry(key.namespace)
-                    .or_insert_with(|| (Vec::new(), PutBody::with_capacity(take_room(left))));
+                let (full, body) = puts.entry(key.namespace).or_insert_with(|| {
+                    let room = take_room(left);
+                    let body = match spare.take() {
+                        Some(buffer) => PutBody::reusing(buffer, room),
+                        None => PutBody::with_capacity(room),
+                    };
+                    (Vec::new(), body)
+                });
                 let mut next = |body: &mut PutBody| {
                     std::mem::replace(body, PutBody::with_capacity(take_room(left)))
                 };
@@ -114,7 +124,7 @@ mod tests {
 
     #[test]
     fn twenty_thousand_small_pairs_make_two_requests() {
-        let requests = requests(&ops(20_000, 10));
+        let requests = requests(&ops(20_000, 10), Vec::new());
         assert_eq!(sizes(&requests), [10_000, 10_000]);
         let body: Vec<serde_json::Value> = serde_json::from_slice(&requests[0].body()).unwrap();
         assert_eq!(body[0]["key"], "k00000");
@@ -135,10 +145,26 @@ mod tests {
             (KvKey::settings("shop-1"), op(1)),
             (KvKey::settings("shop-2"), op(0)),
         ]);
-        let requests = requests(&ops);
+        let requests = requests(&ops, Vec::new());
         let body: Vec<serde_json::Value> = serde_json::from_slice(&requests[0].body()).unwrap();
         let keys: Vec<&str> = body.iter().map(|p| p["key"].as_str().unwrap()).collect();
         assert_eq!(keys, ["a-2", "shop-2", "a-1", "shop-1"]);
+    }
+
+    #[test]
+    fn the_first_body_is_written_into_a_spare_buffer_large_enough() {
+        let ops = ops(3, 100);
+        let expected = requests(&ops, Vec::new())[0].body();
+        let spare = Vec::with_capacity(4096);
+        let at = spare.as_ptr();
+        let body = requests(&ops, spare)[0].body();
+        assert_eq!(body, expected);
+        assert_eq!(body.as_ptr(), at, "written where the spare buffer was");
+        let small = Vec::with_capacity(16);
+        let at = small.as_ptr();
+        let body = requests(&ops, small)[0].body();
+        assert_eq!(body, expected);
+        assert_ne!(body.as_ptr(), at, "too small to hold the body");
     }
 
     #[test]
@@ -153,7 +179,7 @@ mod tests {
                 (KvKey::settings(key), PlannedOp { action, owner })
             })
             .collect();
-        let requests = requests(&ops);
+        let requests = requests(&ops, Vec::new());
         assert_eq!(sizes(&requests), [3]);
         let body: Vec<serde_json::Value> = serde_json::from_slice(&requests[0].body()).unwrap();
         for (item, key) in body.iter().zip(["a-i", "shop-1", "shop-2"]) {
@@ -184,7 +210,7 @@ mod tests {
         };
         let ops = BTreeMap::from([(KvKey::settings("a-i"), op)]);
         let body: Vec<serde_json::Value> =
-            serde_json::from_slice(&requests(&ops)[0].body()).unwrap();
+            serde_json::from_slice(&requests(&ops, Vec::new())[0].body()).unwrap();
         assert_eq!(body[0]["value"], expected.as_str());
         assert_eq!(body[0]["metadata"]["digest"], digest(&expected).as_str());
     }
@@ -192,7 +218,7 @@ mod tests {
     #[test]
     fn bodies_stay_under_one_hundred_megabytes() {
         // Five 24 MiB values: three fit under 100 MB (decimal) with their JSON, two go next.
-        let requests = requests(&ops(5, 24 * 1024 * 1024));
+        let requests = requests(&ops(5, 24 * 1024 * 1024), Vec::new());
         assert_eq!(sizes(&requests), [3, 2]);
         for request in requests {
             assert!(request.body().len() < MAX_BULK_BYTES);

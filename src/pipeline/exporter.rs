@@ -110,20 +110,33 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
         }
     }
 
-    /// Exports the raw records of a `{"Records": [...]}` payload, in stream order.
     /// The sort key of the table's default configs, which are never exported.
     pub fn default_configs_sk(&self) -> &str {
         &self.options.default_configs_sk
     }
 
+    /// Exports decoded records, in stream order.
     pub async fn export(
         &self,
         records: Vec<ChangeRecord>,
         run: Run,
         deadline: Instant,
     ) -> BatchReport {
+        self.export_reusing(records, run, deadline, Vec::new())
+            .await
+    }
+
+    /// [`Exporter::export`], writing the first bulk body into `buffer` (the event's memory, no
+    /// longer needed: a first large batch then faults in a body's worth less memory).
+    pub async fn export_reusing(
+        &self,
+        records: Vec<ChangeRecord>,
+        run: Run,
+        deadline: Instant,
+        buffer: Vec<u8>,
+    ) -> BatchReport {
         let prepared = self.prepare(records, run, deadline).await;
-        self.apply(prepared, deadline).await
+        self.apply_reusing(prepared, deadline, buffer).await
     }
 
     /// Everything but the KV writes: lookups and the plan. A dry run stops here.
@@ -166,6 +179,15 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
     /// replay of its record still learns the old shop from it (docs/contract.md, "Nothing is
     /// lost").
     pub async fn apply(&self, prepared: Prepared, deadline: Instant) -> BatchReport {
+        self.apply_reusing(prepared, deadline, Vec::new()).await
+    }
+
+    async fn apply_reusing(
+        &self,
+        prepared: Prepared,
+        deadline: Instant,
+        buffer: Vec<u8>,
+    ) -> BatchReport {
         let Prepared {
             records,
             plan,
@@ -190,6 +212,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
             plan.ops
                 .iter()
                 .filter(|(key, _)| old_shop_keys.contains(key)),
+            Vec::new(),
         );
         let mut failures = self.send_all(&first, deadline).await;
         let failed_deletes: HashSet<(Namespace, &str)> = failures
@@ -206,6 +229,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
             plan.ops
                 .iter()
                 .filter(|(key, _)| !old_shop_keys.contains(key) && !withheld.contains_key(key)),
+            buffer,
         );
         // The bodies hold the values now: each key keeps only its owner and whether it is a put.
         let ops: Vec<(KvKey, usize, bool)> = plan
