@@ -185,10 +185,17 @@ pub async fn route<K: KvStore, A: ApiKeySource, T: SettingsTable>(
 ) -> Result<Value, HandlerError> {
     let payload = payload.into();
     let parsed = Payload::parse(&payload, exporter.default_configs_sk())?;
-    // Decoded records own what they need: the payload's memory takes the first bulk body.
-    let buffer = Vec::from(payload);
     match parsed {
         Payload::StreamBatch(records) => {
+            // Decoded records own what they need: the event's memory takes the first bulk
+            // body (only when no one else holds it, or taking it would copy it).
+            let buffer = match payload.is_unique() {
+                true => Vec::from(payload),
+                false => {
+                    drop(payload); // ours goes now; the event when its last holder lets go
+                    Vec::new()
+                }
+            };
             let started = Instant::now();
             let report = exporter
                 .export_reusing(records, Run::STREAM, deadline, buffer)

@@ -156,20 +156,21 @@ impl KeyMetadata {
         let start = out.len();
         out.extend_from_slice(b"{\"writer\":");
         push_str(out, WRITER);
-        out.extend_from_slice(b",\"v\":1,\"account\":");
+        out.extend_from_slice(b",\"v\":1");
+        let names = out.len();
+        out.extend_from_slice(b",\"account\":");
         push_str(out, &index.account);
         out.extend_from_slice(b",\"index\":");
         push_str(out, &index.name);
-        out.extend_from_slice(b",\"digest\":");
-        push_str(out, digest);
-        out.push(b'}');
-        if out.len() - start > MAX_METADATA_BYTES {
-            out.truncate(start);
-            out.extend_from_slice(b"{\"writer\":");
-            push_str(out, WRITER);
-            out.extend_from_slice(b",\"v\":1,\"digest\":");
+        let end = |out: &mut Vec<u8>| {
+            out.extend_from_slice(b",\"digest\":");
             push_str(out, digest);
             out.push(b'}');
+        };
+        end(out);
+        if out.len() - start > MAX_METADATA_BYTES {
+            out.truncate(names);
+            end(out);
         }
     }
 
@@ -318,28 +319,27 @@ impl Default for PutBody {
 impl PutBody {
     /// A body expected to grow to about `bytes`: reserved once, not doubled as it grows.
     pub fn with_capacity(bytes: usize) -> Self {
-        let mut body = Vec::with_capacity(bytes.max(2));
-        body.push(b'[');
-        Self {
-            bytes: body,
-            items: Vec::new(),
-            written: HashMap::new(),
-            scratch: Vec::new(),
-            escaped: Vec::new(),
-        }
+        Self::in_buffer(Vec::with_capacity(bytes.max(2)))
     }
 
     /// A body written into `buffer` (memory already faulted in, such as the event's) when it
     /// holds at least the unescaped half of `bytes`; otherwise as [`PutBody::with_capacity`].
-    pub fn reusing(mut buffer: Vec<u8>, bytes: usize) -> Self {
+    pub fn reusing(buffer: Vec<u8>, bytes: usize) -> Self {
         if buffer.capacity() < bytes / 2 {
             return Self::with_capacity(bytes);
         }
+        Self::in_buffer(buffer)
+    }
+
+    fn in_buffer(mut buffer: Vec<u8>) -> Self {
         buffer.clear();
         buffer.push(b'[');
         Self {
             bytes: buffer,
-            ..Self::with_capacity(0)
+            items: Vec::new(),
+            written: HashMap::new(),
+            scratch: Vec::new(),
+            escaped: Vec::new(),
         }
     }
 

@@ -84,18 +84,18 @@ impl<'a> Image<'a> {
     /// Attributes in name order, each name once (the last given).
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Attr<'a>)> {
         let entries = &self.0;
+        // Already in order (no name twice): listed as given; otherwise through a sorted index.
         let in_order = entries.windows(2).all(|w| w[0].0 < w[1].0);
-        let mut order: Vec<usize> = Vec::new();
-        if !in_order {
-            order = (0..entries.len()).rev().collect();
-            order.sort_by(|&a, &b| entries[a].0.cmp(&entries[b].0)); // stable: the last first
-            order.dedup_by(|later, first| entries[*later].0 == entries[*first].0);
-        }
-        let sorted = order.into_iter().map(|i| &entries[i]);
-        let given = entries
+        let (as_given, mut sorted) = match in_order {
+            true => (&entries[..], Vec::new()),
+            false => (&entries[..0], (0..entries.len()).rev().collect()),
+        };
+        sorted.sort_by(|&a, &b| entries[a].0.cmp(&entries[b].0)); // stable: the last first
+        sorted.dedup_by(|later, first| entries[*later].0 == entries[*first].0);
+        as_given
             .iter()
-            .take(if in_order { entries.len() } else { 0 });
-        given.chain(sorted).map(|(name, value)| (&**name, value))
+            .chain(sorted.into_iter().map(|i| &entries[i]))
+            .map(|(name, value)| (&**name, value))
     }
 }
 
