@@ -2,14 +2,10 @@
 //! exporter's report becomes the answer (the partial-batch response, or an operator answer).
 
 use std::borrow::Cow;
-use std::cell::Cell;
-use std::rc::Rc;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use lambda_runtime::tower::{Layer, Service};
-use lambda_runtime::{Diagnostic, LambdaEvent, LambdaInvocation};
+use lambda_runtime::{Diagnostic, LambdaEvent};
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -205,52 +201,6 @@ pub async fn route<K: KvStore, A: ApiKeySource, T: SettingsTable>(
             batch_response(&report).map(|r| serde_json::to_value(r).expect("serializable"))
         }
         Payload::Operator(request) => Ok(request.run(exporter, deadline).await?),
-    }
-}
-
-/// Hands each invocation's event to the handler as the bytes Lambda sent. lambda_runtime would
-/// otherwise copy and validate the whole event into a `Box<RawValue>` first (10,000 records:
-/// 10 MB, a tenth of the batch's CPU) before the handler reads it once more. The handler takes
-/// the bytes with [`EventBody::take`]; lambda_runtime itself is left `null` to deserialize.
-#[derive(Clone, Default)]
-pub struct EventBody(Rc<Cell<Option<Bytes>>>);
-
-impl EventBody {
-    /// The event of the invocation being handled (empty if taken already).
-    pub fn take(&self) -> Bytes {
-        self.0.take().unwrap_or_default()
-    }
-}
-
-impl<S> Layer<S> for EventBody {
-    type Service = EventBodyService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        EventBodyService {
-            body: self.clone(),
-            inner,
-        }
-    }
-}
-
-pub struct EventBodyService<S> {
-    body: EventBody,
-    inner: S,
-}
-
-impl<S: Service<LambdaInvocation>> Service<LambdaInvocation> for EventBodyService<S> {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut invocation: LambdaInvocation) -> Self::Future {
-        let event = std::mem::replace(&mut invocation.body, Bytes::from_static(b"null"));
-        self.body.0.set(Some(event));
-        self.inner.call(invocation)
     }
 }
 

@@ -6,6 +6,8 @@
 //!
 //! One room per concept; arrows point the only way imports go.
 //!
+//! - [`runtime_api`]: the Lambda runtime-API loop the binary runs: next event, handler,
+//!   answer or error.
 //! - [`entry`]: the thin Lambda entry. Routes a payload (stream batch or operator request),
 //!   sets the retry deadline, turns a report into the partial-batch response.
 //! - [`pipeline`]: the stream path, one file per step: [`pipeline::records`] (stream records
@@ -23,7 +25,8 @@
 //! - [`domain`]: the shared vocabulary (indexes, settings, KV keys and limits, secrets).
 //! - [`config`]: the environment.
 //!
-//! entry -> operator -> pipeline -> report, ports, dynamo -> domain; adapters -> ports -> domain.
+//! runtime_api (on its own); entry -> operator -> pipeline -> report, ports, dynamo -> domain;
+//! adapters -> ports -> domain.
 
 pub mod adapters;
 pub mod config;
@@ -34,6 +37,7 @@ pub mod operator;
 pub mod pipeline;
 pub mod ports;
 pub mod report;
+pub mod runtime_api;
 
 use adapters::api_keys::{ApiKeyCache, HttpApiKeys};
 use adapters::cloudflare::{CloudflareConfig, CloudflareKv, RetryPolicy};

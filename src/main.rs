@@ -7,9 +7,7 @@ use ecom_settings_exporter::adapters::cloudflare::RetryPolicy;
 use ecom_settings_exporter::build_exporter;
 use ecom_settings_exporter::config::Config;
 use ecom_settings_exporter::entry::{self, HandlerError};
-use lambda_runtime::layers::TracingLayer;
-use lambda_runtime::{service_fn, LambdaEvent, Runtime};
-use serde::de::IgnoredAny;
+use ecom_settings_exporter::runtime_api;
 use serde_json::Value;
 
 /// Large buffers (the event, the bulk bodies) come from the heap and stay there: glibc would
@@ -36,24 +34,15 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         Ok(config) => {
             let exporter = build_exporter(&config, RetryPolicy::default()).await;
             let exporter = &exporter;
-            let event_body = entry::EventBody::default();
-            let handler = service_fn(|event: LambdaEvent<IgnoredAny>| {
-                let event = LambdaEvent::new(event_body.take(), event.context);
-                entry::handle(exporter, config.deadline_margin, event)
-            });
-            Runtime::new(handler)
-                .layer(event_body.clone())
-                .layer(TracingLayer::new())
-                .run()
-                .await
+            runtime_api::run(|event| entry::handle(exporter, config.deadline_margin, event)).await
         }
         Err(error) => {
             // Keep answering, so every invocation says which setting is missing.
             tracing::error!("{error}");
-            lambda_runtime::run(service_fn(move |_: LambdaEvent<Value>| {
+            runtime_api::run(move |_| {
                 let error = HandlerError::Config(error.clone());
                 async move { Err::<Value, _>(error) }
-            }))
+            })
             .await
         }
     }
