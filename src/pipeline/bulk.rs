@@ -31,8 +31,7 @@ pub fn requests<'a>(
     ops.sort_by_key(|(_, op)| op.owner);
     // What each body will take, reserved up front (escaping at most doubles a value): growing
     // by doubling would copy and fault in twice the memory. A body holds at most
-    // MAX_BULK_ITEMS pairs: reserving for more would map (and fault in) fresh memory for every
-    // batch, past glibc's largest heap allocation.
+    // MAX_BULK_ITEMS pairs, so it reserves for its own pairs, not for its whole namespace.
     let mut expected: BTreeMap<Namespace, (usize, usize)> = BTreeMap::new();
     for (key, op) in &ops {
         if let KvAction::Put(value) = &op.action {
