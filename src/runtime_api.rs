@@ -54,6 +54,12 @@ where
             .uri(NEXT)
             .body(Body::empty())?;
         let (parts, body) = client.call(next).await?.into_parts();
+        if !parts.status.is_success() {
+            let status = parts.status;
+            return Err(
+                format!("the runtime API answered {status} when asked for the next event").into(),
+            );
+        }
         let request_id = header(&parts.headers, "lambda-runtime-aws-request-id")
             .ok_or("the runtime API sent an event without Lambda-Runtime-Aws-Request-Id")?
             .to_owned();
