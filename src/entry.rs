@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::operator::{OperatorError, OperatorRequest};
 use crate::pipeline::exporter::{Exporter, Run};
-use crate::pipeline::records::{decode_record, ChangeRecord, RecordsSeed};
+use crate::pipeline::records::{decode_record, read_batch, ChangeRecord, RecordsSeed};
 use crate::ports::{ApiKeySource, KvStore, SettingsTable};
 use crate::report::{BatchReport, Outcome};
 
@@ -103,6 +103,9 @@ impl<'de, 's> Visitor<'de> for Route<'s> {
 impl Payload {
     pub fn parse(payload: &[u8], default_configs_sk: &str) -> Result<Self, HandlerError> {
         let payload = std::str::from_utf8(payload).map_err(|_| HandlerError::UnsupportedPayload)?;
+        if let Some(records) = read_batch(payload, default_configs_sk) {
+            return Ok(Payload::StreamBatch(records));
+        }
         let seed = RecordsSeed { default_configs_sk };
         let mut json = serde_json::Deserializer::from_str(payload);
         if let Ok(Some(records)) = Route(seed).deserialize(&mut json) {

@@ -51,7 +51,7 @@ impl Attr<'_> {
 pub struct Image<'a>(Vec<(Cow<'a, str>, Attr<'a>)>);
 
 impl<'a> Image<'a> {
-    fn new(entries: Vec<(Cow<'a, str>, Attr<'a>)>) -> Self {
+    pub(super) fn new(entries: Vec<(Cow<'a, str>, Attr<'a>)>) -> Self {
         Image(entries)
     }
 

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_dynamo::Item;
 
 use crate::domain::{IndexRef, IndexSettings, QueryConfig};
-use crate::dynamo::{self, Image, OldImage, SortKey, Text};
+use crate::dynamo::{self, Image, OldImage, Reader, SortKey, Text};
 use crate::report::Outcome;
 
 /// The shop id an index had before this change, when the stream tells us.
@@ -72,7 +72,7 @@ struct StreamRecord<'a> {
     dynamodb: StreamChange<'a>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(rename_all = "PascalCase")]
 struct StreamChange<'a> {
     /// Seconds since the epoch.
@@ -119,6 +119,81 @@ impl<'de, 's> Visitor<'de> for RecordsSeed<'s> {
         }
         Ok(records)
     }
+}
+
+/// A whole `{"Records": [...]}` payload read by hand ([`Reader`]), each record decoded as it is
+/// read. `None` when anything about it is unusual: the caller then reads it through serde
+/// ([`RecordsSeed`]), which decides and says what is wrong.
+pub fn read_batch(payload: &str, default_configs_sk: &str) -> Option<Vec<ChangeRecord>> {
+    let mut reader = Reader::new(payload);
+    let mut records = None;
+    reader.object(|r, name| {
+        if name != "Records" || records.is_some() {
+            return None;
+        }
+        // Stream records are rarely under 500 bytes.
+        let mut batch = Vec::with_capacity(payload.len() / 500);
+        r.array(|r| {
+            let record = read_stream_record(r)?;
+            batch.push(change_record(&record, default_configs_sk));
+            Some(())
+        })?;
+        records = Some(batch);
+        Some(())
+    })?;
+    reader.end()?;
+    records
+}
+
+/// One record, as serde derives it for [`StreamRecord`]: unknown members skipped, a member
+/// given twice refused.
+fn read_stream_record<'a>(reader: &mut Reader<'a>) -> Option<StreamRecord<'a>> {
+    let (mut event_name, mut dynamodb) = (None, None);
+    reader.object(|r, name| match &*name {
+        "eventName" if event_name.is_none() => {
+            event_name = Some(r.optional_string()?.map(Text));
+            Some(())
+        }
+        "dynamodb" if dynamodb.is_none() => {
+            dynamodb = Some(read_stream_change(r)?);
+            Some(())
+        }
+        "eventName" | "dynamodb" => None,
+        _ => r.skip(),
+    })?;
+    Some(StreamRecord {
+        event_name: event_name.flatten(),
+        dynamodb: dynamodb?,
+    })
+}
+
+fn read_stream_change<'a>(reader: &mut Reader<'a>) -> Option<StreamChange<'a>> {
+    let mut seen = [false; 6];
+    let mut change = StreamChange::default();
+    reader.object(|r, name| {
+        let field = match &*name {
+            "ApproximateCreationDateTime" => 0,
+            "Keys" => 1,
+            "NewImage" => 2,
+            "OldImage" => 3,
+            "SequenceNumber" => 4,
+            "StreamViewType" => 5,
+            _ => return r.skip(),
+        };
+        if std::mem::replace(&mut seen[field], true) {
+            return None;
+        }
+        match field {
+            0 => change.approximate_creation_date_time = r.optional_f64()?,
+            1 => change.keys = r.image()?,
+            2 => change.new_image = r.image()?,
+            3 => change.old_image = r.old_image()?,
+            4 => change.sequence_number = r.optional_string()?.map(Text),
+            _ => change.stream_view_type = r.optional_string()?.map(Text),
+        }
+        Some(())
+    })?;
+    Some(change)
 }
 
 /// Decodes one raw record of a `{"Records": [...]}` batch. Never fails: a record that cannot
@@ -416,6 +491,74 @@ mod tests {
             matches!(broken.decoded, Err(Outcome::Rejected(ref r)) if r.contains("index_endpoint"))
         );
         assert_eq!(broken.index, Some(IndexRef::new("acct-1", "p")));
+    }
+
+    /// Reads `{"Records": [record]}` by hand and, record by record, through serde.
+    fn by_hand_and_by_serde(record: &str) -> (Option<Vec<ChangeRecord>>, ChangeRecord) {
+        let batch = format!("{{\"Records\": [{record}]}}");
+        (read_batch(&batch, "D"), super::decode_record(record, "D"))
+    }
+
+    #[test]
+    fn the_hand_reader_decodes_every_sample_event_as_serde_does() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/events");
+        let mut read = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            let Some(records) = serde_json::from_str::<serde_json::Value>(&text).unwrap()
+                ["Records"]
+                .as_array()
+                .cloned()
+            else {
+                continue;
+            };
+            let one_by_one: Vec<ChangeRecord> = records
+                .iter()
+                .map(|r| super::decode_record(&r.to_string(), "DEFAULT_CONFIGS"))
+                .collect();
+            assert_eq!(read_batch(&text, "DEFAULT_CONFIGS"), Some(one_by_one));
+            read += records.len();
+        }
+        assert!(read >= 10, "{read} sample records");
+    }
+
+    #[test]
+    fn the_hand_reader_agrees_with_serde_or_gives_up() {
+        let mut odd = record(
+            "MODIFY",
+            "INDEX#p",
+            json!({"index_endpoint": {"S": "u\"é"}}),
+        );
+        odd["eventName"] = json!(null);
+        odd["dynamodb"]["ApproximateCreationDateTime"] = json!(null);
+        odd["dynamodb"]["OldImage"] = json!({"shop_id": {"S": "old"}, "x": [1, {"y": null}]});
+        let mut insert = record("INSERT", "INDEX#p", json!({"index_endpoint": {"S": "u"}}));
+        insert["dynamodb"]["ApproximateCreationDateTime"] = json!(1700000000);
+        insert["dynamodb"]["Keys"] = json!(null);
+        let read = [odd.to_string(), insert.to_string()];
+        for record in &read {
+            let (by_hand, by_serde) = by_hand_and_by_serde(record);
+            assert_eq!(by_hand, Some(vec![by_serde]), "{record}");
+        }
+        let given_up = [
+            r#"{"eventName": "INSERT", "eventName": "MODIFY", "dynamodb": {}}"#,
+            r#"{"eventName": "INSERT"}"#,
+            r#"{"dynamodb": {"Keys": {}, "Keys": {}}}"#,
+            r#"{"dynamodb": {"ApproximateCreationDateTime": "1"}}"#,
+            r#"{"dynamodb": {"NewImage": {"a": {"N": 1}}}}"#,
+            r#"["INSERT", {}]"#,
+        ];
+        for record in given_up {
+            let (by_hand, by_serde) = by_hand_and_by_serde(record);
+            assert_eq!(by_hand, None, "{record}");
+            assert!(
+                matches!(by_serde.decoded, Err(Outcome::Rejected(_))),
+                "{record}"
+            );
+        }
+        assert_eq!(read_batch(r#"{"Records": [], "x": 1}"#, "D"), None);
+        assert_eq!(read_batch(r#"{"Records": []} x"#, "D"), None);
+        assert_eq!(read_batch(r#"{"Records": []}"#, "D"), Some(vec![]));
     }
 
     #[test]
