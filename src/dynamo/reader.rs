@@ -15,6 +15,28 @@ use super::image::{Attr, Image, OldImage};
 /// Deeper than this, give up (serde_json itself refuses at 128).
 const MAX_DEPTH: u32 = 100;
 
+/// Where the plain run of string bytes starting at `i` ends: at the first quote, backslash or
+/// control character, or where fewer than eight bytes are left. Eight bytes at a time, with the
+/// usual bit tricks: of the bytes flagged, the lowest is always a true match.
+fn plain_run_end(bytes: &[u8], mut i: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let zero_at = |w: u64| w.wrapping_sub(ONES) & !w;
+    while let Some(chunk) = bytes.get(i..i + 8) {
+        let w = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+        let below_space = w.wrapping_sub(ONES * 0x20) & !w;
+        let hits = (zero_at(w ^ (ONES * u64::from(b'"')))
+            | zero_at(w ^ (ONES * u64::from(b'\\')))
+            | below_space)
+            & HIGHS;
+        if hits != 0 {
+            return i + (hits.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    i
+}
+
 pub struct Reader<'a> {
     text: &'a str,
     at: usize,
@@ -75,6 +97,7 @@ impl<'a> Reader<'a> {
         let mut escaped = false;
         let mut i = start;
         loop {
+            i = plain_run_end(bytes, i);
             match *bytes.get(i)? {
                 b'"' => break,
                 b'\\' => {
@@ -337,6 +360,31 @@ mod tests {
             let (fast, serde) = both::<Image>(text, Reader::image);
             assert_eq!((fast, serde), (None, None), "{text}");
         }
+    }
+
+    #[test]
+    fn plain_runs_end_at_the_first_quote_backslash_or_control() {
+        let cases: [&[u8]; 6] = [
+            b"abcdefghijklmnop\"",
+            b"abcdefgh\\ijklmnop",
+            b"abc\x01defghijklmnop",
+            b"\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\"x",
+            b"a\x1f\"\\aaaaaaaaaa",
+            b"short\"",
+        ];
+        for bytes in cases {
+            let first = bytes
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+                .unwrap();
+            let end = plain_run_end(bytes, 0);
+            // Either the first stop, or a tail of fewer than eight bytes before it.
+            assert!(
+                end == first || (end < first && bytes.len() - end < 8),
+                "{bytes:?}"
+            );
+        }
+        assert_eq!(plain_run_end(b"\x7f\x80\xff abcdefgh", 0), 8);
     }
 
     #[test]
