@@ -18,7 +18,7 @@ usage:
       Table, stream, function and KV on this machine: writes a scenario, times each change
       until KV shows it, and exits 0 only when KV holds what the table implies.
   ecom-emulators bench [--function target/release/ecom-settings-exporter] [--sizes 100,1000,10000]
-                       [--python .venv/bin/python] [--runs 3]
+                       [--python .venv/bin/python] [--runs 5]
       What `make bench` runs (under moto): CPU, wall, peak RSS of the release function per batch
       size, beside the Python reference of the same work.";
 
@@ -110,7 +110,7 @@ fn parse(
     Ok((port, values))
 }
 
-/// `bench --function PATH [--python .venv/bin/python] [--sizes 100,1000,10000] [--runs 3]`
+/// `bench --function PATH [--python .venv/bin/python] [--sizes 100,1000,10000] [--runs 5]`
 async fn bench(args: &[String]) -> ExitCode {
     let mut options = ecom_emulators::bench::BenchOptions {
         function_binary: "target/release/ecom-settings-exporter".into(),
@@ -118,7 +118,7 @@ async fn bench(args: &[String]) -> ExitCode {
         reference: "bench/reference.py".into(),
         sizes: vec![100, 1_000, 10_000],
         kv_latency: std::time::Duration::from_millis(50),
-        runs: 3,
+        runs: 5,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
