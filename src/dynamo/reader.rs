@@ -119,8 +119,8 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// A number's text, checked by serde_json.
-    fn number_text(&mut self) -> Option<&'a str> {
+    /// The bytes a number can be made of, taken unchecked.
+    fn number_run(&mut self) -> Option<&'a str> {
         self.peek()?;
         let start = self.at;
         let rest = &self.bytes()[start..];
@@ -129,7 +129,12 @@ impl<'a> Reader<'a> {
             .position(|b| !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
             .unwrap_or(rest.len());
         self.at += len;
-        let text = &self.text[start..start + len];
+        Some(&self.text[start..start + len])
+    }
+
+    /// A number's text, checked by serde_json.
+    fn number_text(&mut self) -> Option<&'a str> {
+        let text = self.number_run()?;
         serde_json::from_str::<IgnoredAny>(text).ok()?;
         Some(text)
     }
@@ -139,7 +144,7 @@ impl<'a> Reader<'a> {
         if self.null() {
             return Some(None);
         }
-        serde_json::from_str(self.number_text()?).ok().map(Some)
+        serde_json::from_str(self.number_run()?).ok().map(Some)
     }
 
     /// A string, or `null` for none.
@@ -165,39 +170,35 @@ impl<'a> Reader<'a> {
         &mut self,
         mut member: impl FnMut(&mut Self, Cow<'a, str>) -> Option<()>,
     ) -> Option<()> {
-        self.eat(b'{')?;
-        self.nested(|r| {
-            if r.eat(b'}').is_some() {
-                return Some(());
-            }
-            loop {
-                let name = r.string()?;
-                r.eat(b':')?;
-                member(r, name)?;
-                match r.peek()? {
-                    b',' => r.at += 1,
-                    b'}' => {
-                        r.at += 1;
-                        break Some(());
-                    }
-                    _ => return None,
-                }
-            }
+        self.sequence(b'{', b'}', |r| {
+            let name = r.string()?;
+            r.eat(b':')?;
+            member(r, name)
         })
     }
 
     /// An array, each element handed to `element`.
-    pub fn array(&mut self, mut element: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
-        self.eat(b'[')?;
+    pub fn array(&mut self, element: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
+        self.sequence(b'[', b']', element)
+    }
+
+    /// `open`, items separated by commas, `close`: what objects and arrays share.
+    fn sequence(
+        &mut self,
+        open: u8,
+        close: u8,
+        mut item: impl FnMut(&mut Self) -> Option<()>,
+    ) -> Option<()> {
+        self.eat(open)?;
         self.nested(|r| {
-            if r.eat(b']').is_some() {
+            if r.eat(close).is_some() {
                 return Some(());
             }
             loop {
-                element(r)?;
+                item(r)?;
                 match r.peek()? {
                     b',' => r.at += 1,
-                    b']' => {
+                    b if b == close => {
                         r.at += 1;
                         break Some(());
                     }
