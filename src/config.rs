@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::adapters::api_keys::ApiKeysUrl;
+
 /// Why the function cannot start. Named after the variable, never its value.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConfigError {
@@ -20,8 +22,10 @@ pub struct Config {
     pub query_config_namespace_id: String,
     pub api_token_secret_id: String,
     pub cloudflare_api_base_url: reqwest::Url,
-    /// May hold `{cell}`, filled per record.
-    pub api_keys_service_url: String,
+    /// May hold `{cell}` (a host label or a path segment), filled per record.
+    pub api_keys_service_url: ApiKeysUrl,
+    /// The settings table's stream: records from any other source are rejected.
+    pub settings_table_stream_arn: String,
     pub default_cell: String,
     /// How long a fetched API key is reused by warm invocations.
     pub api_key_cache_ttl: Duration,
@@ -61,13 +65,15 @@ impl Config {
                 })
         };
         let url = |name: &'static str, value: String| {
-            reqwest::Url::parse(&value.replace("{cell}", "cell")).map_err(|e| {
-                ConfigError::Invalid {
-                    name,
-                    reason: e.to_string(),
-                }
+            reqwest::Url::parse(&value).map_err(|e| ConfigError::Invalid {
+                name,
+                reason: e.to_string(),
             })?;
             Ok(value)
+        };
+        let api_keys_url = |name: &'static str| {
+            ApiKeysUrl::parse(&required(name)?)
+                .map_err(|reason| ConfigError::Invalid { name, reason })
         };
 
         let base = url(
@@ -85,7 +91,8 @@ impl Config {
             query_config_namespace_id: required("CLOUDFLARE_QCFG_NAMESPACE_ID")?,
             api_token_secret_id: required("CLOUDFLARE_API_TOKEN_SECRET_ID")?,
             cloudflare_api_base_url: reqwest::Url::parse(&base).expect("validated above"),
-            api_keys_service_url: url("API_KEYS_SERVICE_URL", required("API_KEYS_SERVICE_URL")?)?,
+            api_keys_service_url: api_keys_url("API_KEYS_SERVICE_URL")?,
+            settings_table_stream_arn: required("SETTINGS_TABLE_STREAM_ARN")?,
             default_cell: optional("DEFAULT_CELL", "default"),
             api_key_cache_ttl: seconds("API_KEY_CACHE_TTL_SECONDS", "60")?,
             api_keys_timeout: seconds("API_KEYS_TIMEOUT_SECONDS", "5")?,
@@ -115,6 +122,10 @@ mod tests {
             ("CLOUDFLARE_QCFG_NAMESPACE_ID", "ns-qcfg"),
             ("CLOUDFLARE_API_TOKEN_SECRET_ID", "dev/CloudFlareApiToken"),
             ("API_KEYS_SERVICE_URL", "https://keys.{cell}.example"),
+            (
+                "SETTINGS_TABLE_STREAM_ARN",
+                "arn:aws:dynamodb:eu-west-1:1:table/t/stream/2026-01-01T00:00:00.000",
+            ),
         ])
     }
 
@@ -142,6 +153,7 @@ mod tests {
             "CLOUDFLARE_QCFG_NAMESPACE_ID",
             "CLOUDFLARE_API_TOKEN_SECRET_ID",
             "API_KEYS_SERVICE_URL",
+            "SETTINGS_TABLE_STREAM_ARN",
         ] {
             let mut env = env();
             env.remove(name);
@@ -160,5 +172,15 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("environment variable CLOUDFLARE_API_BASE_URL is invalid"));
+    }
+
+    #[test]
+    fn a_cell_placed_anywhere_but_a_host_label_or_path_segment_is_refused() {
+        let mut env = env();
+        env.insert("API_KEYS_SERVICE_URL", "https://keys.example/?cell={cell}");
+        assert!(load(&env)
+            .unwrap_err()
+            .to_string()
+            .starts_with("environment variable API_KEYS_SERVICE_URL is invalid"));
     }
 }

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::operator::{OperatorError, OperatorRequest};
 use crate::pipeline::exporter::{Exporter, Run};
-use crate::pipeline::records::{decode_record, read_batch, ChangeRecord, RecordsSeed};
+use crate::pipeline::records::{decode_record, read_batch, ChangeRecord, Expected, RecordsSeed};
 use crate::ports::{ApiKeySource, KvStore, SettingsTable};
 use crate::report::{BatchReport, Outcome};
 
@@ -101,12 +101,16 @@ impl<'de, 's> Visitor<'de> for Route<'s> {
 }
 
 impl Payload {
-    pub fn parse(payload: &[u8], default_configs_sk: &str) -> Result<Self, HandlerError> {
+    pub fn parse<'s>(
+        payload: &[u8],
+        expected: impl Into<Expected<'s>>,
+    ) -> Result<Self, HandlerError> {
+        let expected = expected.into();
         let payload = std::str::from_utf8(payload).map_err(|_| HandlerError::UnsupportedPayload)?;
-        if let Some(records) = read_batch(payload, default_configs_sk) {
+        if let Some(records) = read_batch(payload, expected) {
             return Ok(Payload::StreamBatch(records));
         }
-        let seed = RecordsSeed { default_configs_sk };
+        let seed = RecordsSeed { expected };
         let mut json = serde_json::Deserializer::from_str(payload);
         if let Ok(Some(records)) = Route(seed).deserialize(&mut json) {
             return Ok(Payload::StreamBatch(records));
@@ -116,7 +120,7 @@ impl Payload {
             records: Some(records),
         }) = serde_json::from_str::<Batch>(payload)
         {
-            let decode = |raw: &RawValue| decode_record(raw.get(), default_configs_sk);
+            let decode = |raw: &RawValue| decode_record(raw.get(), expected);
             return Ok(Payload::StreamBatch(
                 records.into_iter().map(decode).collect(),
             ));
@@ -183,7 +187,7 @@ pub async fn route<K: KvStore, A: ApiKeySource, T: SettingsTable>(
     deadline: Instant,
 ) -> Result<Value, HandlerError> {
     let payload = payload.into();
-    let parsed = Payload::parse(&payload, exporter.default_configs_sk())?;
+    let parsed = Payload::parse(&payload, exporter.expected())?;
     match parsed {
         Payload::StreamBatch(records) => {
             // Decoded records own what they need: the event's memory takes the first bulk

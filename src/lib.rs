@@ -71,7 +71,7 @@ pub async fn build_exporter(config: &Config, retry: RetryPolicy) -> LambdaExport
             token,
         ),
         ApiKeyCache::new(
-            HttpApiKeys::new(&config.api_keys_service_url, config.api_keys_timeout),
+            HttpApiKeys::new(config.api_keys_service_url.clone(), config.api_keys_timeout),
             config.api_key_cache_ttl,
         ),
         DynamoSettingsTable::new(
@@ -82,6 +82,7 @@ pub async fn build_exporter(config: &Config, retry: RetryPolicy) -> LambdaExport
         ExportOptions {
             default_cell: config.default_cell.clone(),
             default_configs_sk: config.default_configs_sk.clone(),
+            stream_arn: Some(config.settings_table_stream_arn.clone()),
         },
     )
 }

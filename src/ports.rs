@@ -36,6 +36,27 @@ impl PortError {
 }
 
 /// Keys a bulk request did not store or delete, and why.
+/// A lookup that stops at the invocation's deadline: what it did not reach by then is a
+/// transient failure (the record is retried), never a wait past the time Lambda gives.
+pub async fn before_deadline<T>(
+    deadline: Instant,
+    what: &str,
+    lookup: impl Future<Output = Result<T, PortError>>,
+) -> Result<T, PortError> {
+    if Instant::now() >= deadline {
+        return Err(PortError::Transient(format!(
+            "{what}: not read, the invocation deadline is near"
+        )));
+    }
+    tokio::time::timeout_at(deadline, lookup)
+        .await
+        .unwrap_or_else(|_| {
+            Err(PortError::Transient(format!(
+                "{what}: stopped at the invocation deadline"
+            )))
+        })
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyFailures {
     pub keys: Vec<String>,

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
 
+use crate::domain::validate::cut;
 use crate::domain::{IndexRef, KvKey};
 use crate::ports::LookupCounts;
 
@@ -70,12 +71,13 @@ impl BatchReport {
     /// One line per rejected, failed or kept record, then one line for the batch.
     pub fn log(&self) {
         for record in &self.records {
+            // Names come from the record: a multi-megabyte one is cut, not logged whole.
             let (account, index) = record
                 .index
                 .as_ref()
-                .map(|i| (i.account.as_str(), i.name.as_str()))
-                .unwrap_or(("?", "?"));
-            let sequence_number = record.sequence_number.as_deref().unwrap_or("?");
+                .map(|i| (cut(&i.account), cut(&i.name)))
+                .unwrap_or(("?".into(), "?".into()));
+            let sequence_number = cut(record.sequence_number.as_deref().unwrap_or("?"));
             match &record.outcome {
                 Outcome::Rejected(reason) => tracing::error!(
                     %account, %index, %sequence_number, %reason, "record rejected"

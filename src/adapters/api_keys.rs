@@ -10,34 +10,70 @@ use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use crate::domain::validate::{cut, is_dns_label, path_segment_problem, shown};
 use crate::domain::ApiKey;
 use crate::ports::{AccountCell, ApiKeySource, LookupCounts, PortError};
 
 /// How many accounts are looked up at once.
 const CONCURRENT_LOOKUPS: usize = 8;
 
-/// `GET {API_KEYS_SERVICE_URL with {cell} filled}/accounts/{account}/api-key`.
-pub struct HttpApiKeys {
-    http: reqwest::Client,
-    url_template: String,
+/// `API_KEYS_SERVICE_URL`: an http(s) URL in which `{cell}` may stand for one whole label of
+/// the host or one whole path segment, and nowhere else. The request always goes to the host
+/// it names: a cell fills a host label only when it is a DNS label, and a path segment only
+/// percent-encoded; the account id is one percent-encoded segment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKeysUrl {
+    template: String,
+    cell_in_host: bool,
 }
 
-impl HttpApiKeys {
-    pub fn new(url_template: impl Into<String>, timeout: Duration) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(Duration::from_secs(3))
-            .build()
-            .expect("a TLS backend is compiled in");
-        Self {
-            http,
-            url_template: url_template.into(),
+/// Stands for `{cell}` while the template is parsed: lower-case, so hosts keep it as it is.
+const CELL: &str = "cell0placeholder0";
+
+impl ApiKeysUrl {
+    pub fn parse(template: &str) -> Result<Self, String> {
+        let url = Url::parse(&template.replace("{cell}", CELL)).map_err(|e| e.to_string())?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("scheme `{}`, not http(s)", url.scheme()));
         }
+        let host = url.host_str().filter(|h| !h.is_empty()).ok_or("no host")?;
+        let whole = |part: &str, separator: char| {
+            part.split(separator)
+                .all(|piece| piece == CELL || !piece.contains(CELL))
+        };
+        let elsewhere = [url.username(), url.password().unwrap_or(""), url.query().unwrap_or("")]
+            .iter()
+            .chain(&[url.fragment().unwrap_or("")])
+            .any(|part| part.contains(CELL));
+        if elsewhere || !whole(host, '.') || !whole(url.path(), '/') {
+            return Err("`{cell}` may stand only for a whole label of the host or a whole path segment".into());
+        }
+        Ok(Self {
+            template: template.to_owned(),
+            cell_in_host: host.contains(CELL),
+        })
     }
 
-    fn url(&self, wanted: &AccountCell) -> Result<Url, String> {
-        let mut url = Url::parse(&self.url_template.replace("{cell}", &wanted.cell))
-            .map_err(|e| format!("API_KEYS_SERVICE_URL for cell {}: {e}", wanted.cell))?;
+    /// `{template with the cell}/accounts/{account}/api-key`, or why the record cannot name one.
+    pub fn for_account(&self, wanted: &AccountCell) -> Result<Url, String> {
+        let cell = &wanted.cell;
+        if self.cell_in_host && !is_dns_label(cell) {
+            return Err(format!(
+                "cell {} is not a DNS label (lower-case letters, digits, hyphens)",
+                shown(cell)
+            ));
+        }
+        for (what, value) in [("cell", cell), ("account id", &wanted.account)] {
+            if let Some(problem) = path_segment_problem(value) {
+                return Err(format!("{what} {problem}"));
+            }
+        }
+        let filled = match self.cell_in_host {
+            true => cell.clone(),
+            false => encoded_segment(cell),
+        };
+        let mut url = Url::parse(&self.template.replace("{cell}", &filled))
+            .map_err(|e| format!("API_KEYS_SERVICE_URL for cell {}: {e}", shown(cell)))?;
         url.path_segments_mut()
             .map_err(|_| "API_KEYS_SERVICE_URL is not an http(s) URL".to_string())?
             .pop_if_empty()
@@ -46,6 +82,32 @@ impl HttpApiKeys {
             .push(&wanted.account)
             .push("api-key");
         Ok(url)
+    }
+}
+
+/// A value percent-encoded as one path segment (`/`, `?`, `#`, `%` and the rest escaped).
+fn encoded_segment(value: &str) -> String {
+    let mut url = Url::parse("http://x/").expect("a valid URL");
+    url.path_segments_mut().expect("http URL").push(value);
+    url.path()[1..].to_owned()
+}
+
+/// `GET {API_KEYS_SERVICE_URL with {cell} filled}/accounts/{account}/api-key`.
+pub struct HttpApiKeys {
+    http: reqwest::Client,
+    url: ApiKeysUrl,
+}
+
+impl HttpApiKeys {
+    pub fn new(url: ApiKeysUrl, timeout: Duration) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(3))
+            // A redirect would send the call elsewhere and take that host's answer as the key.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("a TLS backend is compiled in");
+        Self { http, url }
     }
 }
 
@@ -59,10 +121,13 @@ impl ApiKeySource for HttpApiKeys {
         let transient = |what: String| {
             PortError::Transient(format!(
                 "API keys service (cell {}) for account {}: {what}",
-                wanted.cell, wanted.account
+                cut(&wanted.cell),
+                cut(&wanted.account)
             ))
         };
-        let url = self.url(wanted).map_err(PortError::Permanent)?;
+        let url = self.url.for_account(wanted).map_err(|reason| {
+            PortError::Permanent(format!("no API keys request for this record: {reason}"))
+        })?;
         let response = self.http.get(url).send().await.map_err(|e| {
             transient(if e.is_timeout() {
                 "no answer in time".into()
@@ -82,7 +147,12 @@ impl ApiKeySource for HttpApiKeys {
             }
             StatusCode::NOT_FOUND => Err(PortError::Permanent(format!(
                 "account {} has no API key (404 from the API keys service, cell {})",
-                wanted.account, wanted.cell
+                cut(&wanted.account),
+                cut(&wanted.cell)
+            ))),
+            status if status.is_redirection() => Err(transient(format!(
+                "HTTP {}: a redirect, not followed",
+                status.as_u16()
             ))),
             status => Err(transient(format!("HTTP {}", status.as_u16()))),
         }
@@ -119,6 +189,7 @@ impl<S: ApiKeySource> ApiKeyCache<S> {
         &self,
         wanted: BTreeSet<AccountCell>,
         fresh: bool,
+        deadline: Instant,
     ) -> (
         HashMap<AccountCell, Result<ApiKey, PortError>>,
         LookupCounts,
@@ -138,7 +209,19 @@ impl<S: ApiKeySource> ApiKeyCache<S> {
         counts.calls = missing.len();
         let fetched: Vec<_> = futures::stream::iter(missing)
             .map(|account| async move {
-                let answer = self.source.fetch(&account).await;
+                // Whatever is not answered by the deadline is reported for retry, not waited for.
+                let late = || {
+                    PortError::Transient(format!(
+                        "API keys service (cell {}): no answer before the invocation deadline",
+                        cut(&account.cell)
+                    ))
+                };
+                let answer = match Instant::now() < deadline {
+                    true => tokio::time::timeout_at(deadline, self.source.fetch(&account))
+                        .await
+                        .unwrap_or_else(|_| Err(late())),
+                    false => Err(late()),
+                };
                 (account, answer)
             })
             .buffer_unordered(CONCURRENT_LOOKUPS)
@@ -187,10 +270,10 @@ mod tests {
     async fn warm_invocations_reuse_keys_but_not_failures() {
         let cache = ApiKeyCache::new(Counting(AtomicUsize::new(0)), Duration::from_secs(60));
         let (_, first) = cache
-            .lookup_all(wanted(&["a", "b", "missing"]), false)
+            .lookup_all(wanted(&["a", "b", "missing"]), false, later())
             .await;
         let (answers, second) = cache
-            .lookup_all(wanted(&["a", "b", "missing"]), false)
+            .lookup_all(wanted(&["a", "b", "missing"]), false, later())
             .await;
         assert_eq!(
             first,
@@ -213,10 +296,10 @@ mod tests {
     #[tokio::test]
     async fn fresh_lookups_skip_the_cache_and_refill_it() {
         let cache = ApiKeyCache::new(Counting(AtomicUsize::new(0)), Duration::from_secs(60));
-        cache.lookup_all(wanted(&["a"]), false).await;
-        let (_, fresh) = cache.lookup_all(wanted(&["a"]), true).await;
+        cache.lookup_all(wanted(&["a"]), false, later()).await;
+        let (_, fresh) = cache.lookup_all(wanted(&["a"]), true, later()).await;
         assert_eq!(fresh.calls, 1);
-        let (_, cached) = cache.lookup_all(wanted(&["a"]), false).await;
+        let (_, cached) = cache.lookup_all(wanted(&["a"]), false, later()).await;
         assert_eq!(cached.cache_hits, 1);
         assert_eq!(cache.source.0.load(Ordering::SeqCst), 2);
     }
@@ -224,23 +307,106 @@ mod tests {
     #[tokio::test]
     async fn expired_keys_are_fetched_again() {
         let cache = ApiKeyCache::new(Counting(AtomicUsize::new(0)), Duration::ZERO);
-        cache.lookup_all(wanted(&["a"]), false).await;
-        let (_, counts) = cache.lookup_all(wanted(&["a"]), false).await;
+        cache.lookup_all(wanted(&["a"]), false, later()).await;
+        let (_, counts) = cache.lookup_all(wanted(&["a"]), false, later()).await;
         assert_eq!(counts.calls, 1);
+    }
+
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    fn url(template: &str, cell: &str, account: &str) -> Result<String, String> {
+        let wanted = AccountCell {
+            cell: cell.into(),
+            account: account.into(),
+        };
+        ApiKeysUrl::parse(template)?
+            .for_account(&wanted)
+            .map(String::from)
     }
 
     #[test]
     fn account_ids_are_one_percent_encoded_path_segment() {
-        let keys = HttpApiKeys::new("http://keys.{cell}.local/v1/", Duration::from_secs(1));
-        let url = keys
-            .url(&AccountCell {
-                cell: "eu-1".into(),
-                account: "a/b c".into(),
-            })
-            .unwrap();
         assert_eq!(
-            url.as_str(),
+            url("http://keys.{cell}.local/v1/", "eu-1", "a/b c").unwrap(),
             "http://keys.eu-1.local/v1/accounts/a%2Fb%20c/api-key"
         );
+    }
+
+    #[test]
+    fn a_record_never_steers_the_call_to_another_path_or_host() {
+        let path = "http://keys.internal/cells/{cell}";
+        assert_eq!(
+            url(path, "../../admin/export?all=1#", "acct-1").unwrap(),
+            "http://keys.internal/cells/..%2F..%2Fadmin%2Fexport%3Fall=1%23/accounts/acct-1/api-key"
+        );
+        assert_eq!(
+            url(path, "eu%2F..", "a#b?c").unwrap(),
+            "http://keys.internal/cells/eu%252F../accounts/a%23b%3Fc/api-key"
+        );
+        for (cell, account) in [("..", "a"), (".", "a"), ("", "a"), ("eu", ".."), ("eu", "."),
+            ("eu", ""), ("e\r\nu", "a"), ("eu", "a\nb")]
+        {
+            let error = url(path, cell, account).unwrap_err();
+            assert!(error.contains("path segment") || error.contains("control"), "{error}");
+        }
+        let host = "http://keys.{cell}.internal/v1";
+        assert_eq!(
+            url(host, "eu-1", "a").unwrap(),
+            "http://keys.eu-1.internal/v1/accounts/a/api-key"
+        );
+        for cell in ["x@127.0.0.1:9/#", "a.b", "EU", "-eu", "eu/x", "e u"] {
+            let error = url(host, cell, "a").unwrap_err();
+            assert!(error.contains("not a DNS label"), "{cell}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_template_places_the_cell_only_in_a_whole_label_or_segment() {
+        for good in [
+            "https://keys.{cell}.internal",
+            "http://127.0.0.1:9/cells/{cell}/v1",
+            "https://keys.internal",
+        ] {
+            assert!(ApiKeysUrl::parse(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "https://keys-{cell}.internal",
+            "https://keys.internal/c-{cell}",
+            "https://keys.internal/?cell={cell}",
+            "https://{cell}@keys.internal",
+            "https://keys.internal/#{cell}",
+            "ftp://keys.internal",
+            "not a url",
+        ] {
+            assert!(ApiKeysUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    struct Slow;
+
+    impl ApiKeySource for Slow {
+        async fn fetch(&self, wanted: &AccountCell) -> Result<ApiKey, PortError> {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok(ApiKey::new(format!("key-{}", wanted.account)))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lookups_stop_at_the_deadline_and_report_the_rest_for_retry() {
+        let cache = ApiKeyCache::new(Slow, Duration::from_secs(60));
+        let accounts: Vec<String> = (0..40).map(|i| format!("a{i}")).collect();
+        let accounts: Vec<&str> = accounts.iter().map(String::as_str).collect();
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(2_500);
+        let (answers, _) = cache.lookup_all(wanted(&accounts), true, deadline).await;
+        assert!(started.elapsed() <= Duration::from_millis(2_600), "{:?}", started.elapsed());
+        let late = answers
+            .values()
+            .filter(|a| matches!(a, Err(PortError::Transient(r)) if r.contains("deadline")))
+            .count();
+        // Eight at a time, a second each: two rounds answered before the deadline.
+        assert_eq!((answers.len(), late), (40, 24));
     }
 }

@@ -14,6 +14,7 @@ use super::ids::IndexRef;
 use super::json_text::{push_json_string, push_str};
 use super::secrets::ApiKey;
 use super::settings::IndexSettings;
+use super::validate::shown;
 
 /// Cloudflare rejects keys over 512 bytes and the names `.` and `..`.
 pub const MAX_KEY_BYTES: usize = 512;
@@ -525,16 +526,23 @@ impl KvRequest {
     }
 }
 
-/// A key Cloudflare would refuse, and why.
+/// A key Cloudflare would refuse, and why. Its schema: "at most 512 bytes. All printable,
+/// non-whitespace characters are valid"; `.` and `..` cannot be named in a URL.
 pub fn check_key(key: &str) -> Result<(), String> {
     if key.is_empty() || key == "." || key == ".." {
-        return Err(format!("`{key}` is not a valid Cloudflare KV key"));
+        return Err(format!("{} is not a valid Cloudflare KV key", shown(key)));
     }
     if key.len() > MAX_KEY_BYTES {
-        let shown: String = key.chars().take(40).collect();
+        let start: String = key.chars().take(40).collect();
         return Err(format!(
-            "key `{shown}...` is {} bytes, over Cloudflare KV's {MAX_KEY_BYTES}-byte limit",
+            "key `{start}...` is {} bytes, over Cloudflare KV's {MAX_KEY_BYTES}-byte limit",
             key.len()
+        ));
+    }
+    if key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "key {} holds whitespace or an unprintable character, which Cloudflare KV refuses",
+            shown(key)
         ));
     }
     Ok(())
@@ -633,6 +641,27 @@ mod tests {
         );
         let body: serde_json::Value = serde_json::from_slice(&request.body()).unwrap();
         assert_eq!(body[0]["metadata"]["index"], "i");
+    }
+
+    #[test]
+    fn keys_are_checked_as_cloudflare_schema_states() {
+        for good in ["acct-1-products", "shop-1.myshopify.com", "é/?#%", &"k".repeat(512)] {
+            assert_eq!(check_key(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a b",
+            "a\tb",
+            "a\nb",
+            "a\u{0}b",
+            "a\u{7f}",
+            "a\u{a0}b",
+            &"k".repeat(513),
+        ] {
+            assert!(check_key(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

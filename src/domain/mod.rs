@@ -7,6 +7,7 @@ pub mod kv;
 pub mod qfilter;
 pub mod secrets;
 pub mod settings;
+pub mod validate;
 
 pub use ids::{IndexId, IndexRef};
 pub use kv::{KvAction, KvKey, Namespace};

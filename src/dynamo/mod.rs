@@ -15,6 +15,7 @@ mod reader;
 pub use image::{Attr, Image, OldImage, Text};
 pub use reader::Reader;
 
+use crate::domain::validate::endpoint_problem;
 use crate::domain::settings::{non_empty, Document, IndexAliases};
 use crate::domain::{
     IndexId, IndexRef, IndexSettings, InvalidRecord, QueryConfig, SettingsReference,
@@ -137,6 +138,11 @@ struct ReferenceAnalytics {
 pub fn index_settings(index: IndexRef, image: &Image) -> Result<IndexSettings, InvalidRecord> {
     let index_url = non_empty(string_field(image, "index_endpoint")?)
         .ok_or(InvalidRecord::Missing("index_endpoint"))?;
+    if let Some(message) = endpoint_problem(&index_url) {
+        // The proxy sends searches, with the account's API key, wherever this points.
+        let path = "index_endpoint".into();
+        return Err(InvalidRecord::BadAttribute { path, message });
+    }
     let search_config = document(image, "search_config")?;
     let collections_config = document(image, "collections_config")?;
     let feature_flags = document(image, "feature_flags")?;

@@ -154,6 +154,7 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
                 start.clone(),
                 request.page_size,
                 request.include_query_configs,
+                deadline,
             )
             .await
             .map_err(|e| OperatorError::BackfillFailed {

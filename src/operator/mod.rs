@@ -212,10 +212,11 @@ impl IndexTarget {
     async fn records<K: KvStore, A: ApiKeySource, T: SettingsTable>(
         &self,
         exporter: &Exporter<K, A, T>,
+        deadline: Instant,
     ) -> Result<Vec<ChangeRecord>, OperatorError> {
         let index = &self.index;
         exporter
-            .index_records(index, self.include_query_configs)
+            .index_records(index, self.include_query_configs, deadline)
             .await
             .map_err(|e| OperatorError::export_failed(index, e))?
             .ok_or_else(|| OperatorError::NoSuchIndex {

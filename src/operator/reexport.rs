@@ -95,7 +95,7 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
 ) -> Result<Answer, OperatorError> {
     let target = request.target();
     let index = &target.index;
-    let records = target.records(exporter).await?;
+    let records = target.records(exporter, deadline).await?;
     if request.dry_run {
         let prepared = exporter.prepare(records, Run::OPERATOR, deadline).await;
         ensure_ready(index, &prepared)?;

@@ -126,7 +126,7 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
         request.include_query_configs,
     );
     let index = &target.index;
-    let records = target.records(exporter).await?;
+    let records = target.records(exporter, deadline).await?;
     let mut prepared = exporter.prepare(records, Run::OPERATOR, deadline).await;
     ensure_ready(index, &prepared)?;
 

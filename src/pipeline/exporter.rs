@@ -17,9 +17,9 @@ use crate::dynamo;
 use crate::pipeline::bulk;
 use crate::pipeline::plan::{self, Lookups, PlannedOp};
 use crate::pipeline::records::Change;
-use crate::pipeline::records::{decode_item, ChangeRecord};
+use crate::pipeline::records::{decode_item, ChangeRecord, Expected};
 use crate::ports::{
-    AccountCell, ApiKeySource, KeyFailures, KeyPage, KvCounters, KvStore, LookupCounts, PortError,
+    before_deadline, AccountCell, ApiKeySource, KeyFailures, KeyPage, KvCounters, KvStore, LookupCounts, PortError,
     SettingsTable,
 };
 use crate::report::{BatchReport, Outcome, RecordReport};
@@ -31,6 +31,8 @@ const CONCURRENT_KV_REQUESTS: usize = 4;
 pub struct ExportOptions {
     pub default_cell: String,
     pub default_configs_sk: String,
+    /// The settings table's stream; records from elsewhere are rejected (`None`: any).
+    pub stream_arn: Option<String>,
 }
 
 /// The core with its collaborators. The entry and the operator modes call it through its
@@ -115,6 +117,14 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
         &self.options.default_configs_sk
     }
 
+    /// What a stream record is checked against while it is decoded.
+    pub fn expected(&self) -> Expected<'_> {
+        Expected {
+            default_configs_sk: &self.options.default_configs_sk,
+            stream_arn: self.options.stream_arn.as_deref(),
+        }
+    }
+
     /// Exports decoded records, in stream order.
     pub async fn export(
         &self,
@@ -154,11 +164,12 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
             // A shop key another index claims is repointed: read those indexes, plan again.
             let wanted = std::mem::take(&mut plan.claimers_wanted);
             api_keys = self
-                .look_up_claimers(wanted, &mut lookups, keys, api_keys)
+                .look_up_claimers(wanted, &mut lookups, keys, api_keys, deadline)
                 .await;
             plan = plan::plan(&records, &lookups, cell);
         }
-        self.add_filters(&records, &mut plan, run.overrides).await;
+        self.add_filters(&records, &mut plan, run.overrides, deadline)
+            .await;
         for (owner, note) in &plan.notes {
             let index = records[*owner].index.as_ref();
             tracing::info!(
@@ -329,14 +340,17 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
         &self,
         index: &IndexRef,
         include_query_configs: bool,
+        deadline: Instant,
     ) -> Result<Option<Vec<ChangeRecord>>, PortError> {
-        let Some(item) = self.table.index_settings(index).await? else {
+        let item = before_deadline(deadline, "settings item", self.table.index_settings(index));
+        let Some(item) = item.await? else {
             return Ok(None);
         };
         // With query configs, the settings record stands for all of them (its filter).
         let mut records = vec![self.decode_item(item, include_query_configs)];
         if include_query_configs {
-            let items = self.table.query_configs(index).await?;
+            let items = self.table.query_configs(index);
+            let items = before_deadline(deadline, "query configs", items).await?;
             records.extend(items.into_iter().map(|item| self.decode_item(item, true)));
         }
         Ok(Some(records))
@@ -349,8 +363,10 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
         start: Option<Item>,
         limit: i32,
         include_query_configs: bool,
+        deadline: Instant,
     ) -> Result<TablePage, PortError> {
-        let page = self.table.page(account, start, limit).await?;
+        let page = self.table.page(account, start, limit);
+        let page = before_deadline(deadline, "table page", page).await?;
         let references = page
             .items
             .iter()
@@ -413,8 +429,12 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
     }
 
     /// Every settings record's shop and live alias targets (one consistent scan).
-    pub async fn settings_references(&self) -> Result<Vec<SettingsReference>, PortError> {
-        self.table.settings_references().await
+    pub async fn settings_references(
+        &self,
+        deadline: Instant,
+    ) -> Result<Vec<SettingsReference>, PortError> {
+        let scan = self.table.settings_references();
+        before_deadline(deadline, "settings table scan", scan).await
     }
 
     /// Every key of a namespace that starts with `prefix`.
@@ -430,7 +450,13 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
     /// The override filter of every index that needs one, put into the plan beside the
     /// override keys (so in the same bulk write). Without its overrides, the records that
     /// need a filter are reported for retry.
-    async fn add_filters(&self, records: &[ChangeRecord], plan: &mut plan::Plan, from: Overrides) {
+    async fn add_filters(
+        &self,
+        records: &[ChangeRecord],
+        plan: &mut plan::Plan,
+        from: Overrides,
+        deadline: Instant,
+    ) {
         let wanted: Vec<IndexRef> = plan.filters.keys().cloned().collect();
         let queries: Vec<(IndexRef, Result<Vec<String>, PortError>)> = match from {
             Overrides::InBatch => wanted
@@ -449,7 +475,8 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
             Overrides::InTable => {
                 futures::stream::iter(wanted)
                     .map(|index| async move {
-                        let queries = self.table.override_queries(&index).await;
+                        let queries = self.table.override_queries(&index);
+                        let queries = before_deadline(deadline, "overrides", queries).await;
                         (index, queries)
                     })
                     .buffered(CONCURRENT_KV_REQUESTS)
@@ -493,10 +520,10 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
         let needs = plan::needs(records, &self.options.default_cell);
         let api_keys = self
             .api_keys
-            .lookup_all(needs.api_keys, keys == ApiKeys::Fresh);
+            .lookup_all(needs.api_keys, keys == ApiKeys::Fresh, deadline);
         let references = async {
             if needs.references {
-                Some(self.table.settings_references().await)
+                Some(self.settings_references(deadline).await)
             } else {
                 None
             }
@@ -511,7 +538,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
             claimers: HashMap::new(),
         };
         if lookups.references.is_none() && plan::shop_moves(records, &lookups) {
-            lookups.references = Some(self.table.settings_references().await);
+            lookups.references = Some(self.settings_references(deadline).await);
         }
         (lookups, counts)
     }
@@ -551,10 +578,13 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
         lookups: &mut Lookups,
         keys: ApiKeys,
         mut counts: LookupCounts,
+        deadline: Instant,
     ) -> LookupCounts {
         let read: Vec<_> = futures::stream::iter(claimers)
             .map(|index| async move {
-                let settings = self.table.index_settings(&index).await.map(|item| {
+                let item = self.table.index_settings(&index);
+                let item = before_deadline(deadline, "claimer's settings", item).await;
+                let settings = item.map(|item| {
                     item.and_then(|item| {
                         dynamo::index_settings(index.clone(), &dynamo::Image::of(&item))
                             .ok()
@@ -575,7 +605,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
             .collect();
         let (api_keys, more) = self
             .api_keys
-            .lookup_all(wanted, keys == ApiKeys::Fresh)
+            .lookup_all(wanted, keys == ApiKeys::Fresh, deadline)
             .await;
         lookups.api_keys.extend(api_keys);
         lookups.claimers.extend(read);
@@ -632,6 +662,7 @@ mod tests {
             ExportOptions {
                 default_cell: "default".into(),
                 default_configs_sk: "DEFAULT_CONFIGS".into(),
+                stream_arn: None,
             },
         )
     }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::domain::kv::{check_key, check_put, KvValue};
 use crate::domain::qfilter::filter_key;
+use crate::domain::validate::{index_key_problem, shop_id_problem, shown};
 use crate::domain::{ApiKey, IndexRef, IndexSettings, KvAction, KvKey, SettingsReference};
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::{AccountCell, PortError};
@@ -188,7 +189,11 @@ pub fn plan(records: &[ChangeRecord], lookups: &Lookups, default_cell: &str) -> 
             },
         };
         let RecordPlanner { ops, old_shops, .. } = planner;
-        let outcome = match (outcome, check_limits(&ops)) {
+        let filter = record.decoded.as_ref().ok().and_then(rebuilt_filter);
+        // Every key the record writes is checked before anything is sent, its filter's too:
+        // one key Cloudflare refuses would fail every pair of its request.
+        let limits = check_limits(&ops).and_then(|()| filter.map_or(Ok(()), check_filter_key));
+        let outcome = match (outcome, limits) {
             (Outcome::Pending, Err(reason)) => Outcome::Rejected(reason),
             (outcome, _) => outcome,
         };
@@ -201,34 +206,43 @@ pub fn plan(records: &[ChangeRecord], lookups: &Lookups, default_cell: &str) -> 
                 plan.ops.insert(key, PlannedOp { action, owner });
             }
             plan.old_shops.extend(old_shops);
-            match &record.decoded {
-                Ok(Change::UpsertQuery(config)) => plan
-                    .filters
-                    .entry(config.index.clone())
-                    .or_default()
-                    .push(owner),
-                Ok(Change::RemoveQuery { index, .. }) => {
-                    plan.filters.entry(index.clone()).or_default().push(owner)
-                }
-                Ok(Change::UpsertIndex {
-                    settings,
-                    with_overrides: true,
-                    ..
-                }) => plan
-                    .filters
-                    .entry(settings.index.clone())
-                    .or_default()
-                    .push(owner),
-                // A removed index's filter is deleted with it (below), not rebuilt.
-                Ok(Change::RemoveIndex { index, .. }) => {
-                    plan.filters.remove(index);
-                }
-                _ => {}
+            if let Some(index) = filter {
+                plan.filters.entry(index.clone()).or_default().push(owner);
+            }
+            // A removed index's filter is deleted with it, not rebuilt.
+            if let Ok(Change::RemoveIndex { index, .. }) = &record.decoded {
+                plan.filters.remove(index);
             }
         }
         plan.outcomes.push(outcome);
     }
     plan
+}
+
+/// The index whose override filter a change rebuilds.
+fn rebuilt_filter(change: &Change) -> Option<&IndexRef> {
+    match change {
+        Change::UpsertQuery(config) => Some(&config.index),
+        Change::RemoveQuery { index, .. } => Some(index),
+        Change::UpsertIndex {
+            settings,
+            with_overrides: true,
+            ..
+        } => Some(&settings.index),
+        _ => None,
+    }
+}
+
+fn check_filter_key(index: &IndexRef) -> Result<(), String> {
+    check_key(&filter_key(index).key).map_err(|reason| format!("its query filter: {reason}"))
+}
+
+/// An index's own key may be written or deleted only when it cannot be a shop's key.
+fn check_own_key(index: &IndexRef) -> Result<(), Outcome> {
+    match index_key_problem(&KvKey::index(index).key) {
+        Some(reason) => Err(Outcome::Rejected(reason)),
+        None => Ok(()),
+    }
 }
 
 struct RecordPlanner<'a> {
@@ -245,6 +259,10 @@ impl<'a> RecordPlanner<'a> {
     fn change(&mut self, change: &Change, shop: Option<ShopSource>) -> Result<(), Outcome> {
         match change {
             Change::UpsertIndex { settings, .. } => {
+                check_own_key(&settings.index)?;
+                if let Some(reason) = settings.shop_id.as_deref().and_then(shop_id_problem) {
+                    return Err(Outcome::Rejected(reason));
+                }
                 let value = Arc::new(self.settings_value(settings)?);
                 if let Some(shop_id) = &settings.shop_id {
                     self.ops
@@ -260,6 +278,7 @@ impl<'a> RecordPlanner<'a> {
                 Ok(())
             }
             Change::RemoveIndex { index, .. } => {
+                check_own_key(index)?;
                 let references = self.references()?;
                 let id = index.id();
                 let referenced_by: Vec<IndexRef> = references
@@ -347,6 +366,12 @@ impl<'a> RecordPlanner<'a> {
     /// The index gave up `shop`. Nobody else claims it: deleted. Another index claims it: it
     /// now holds that index's value, so it never routes to the one that left.
     fn delete_shop(&mut self, index: &IndexRef, shop: &str) -> Result<(), Outcome> {
+        if shop_id_problem(shop).is_some() {
+            // Never written as a shop key: it may be another index's key. Left to reconcile.
+            let note = format!("old shop id {} is not a shop key: not deleted", shown(shop));
+            self.notes.push((self.owner, note));
+            return Ok(());
+        }
         let claimer = self
             .references()?
             .iter()
@@ -499,14 +524,14 @@ mod tests {
 
     #[test]
     fn an_index_is_written_under_its_shop_and_its_id() {
-        let records = vec![upsert(1, "products", Some("shop-1"))];
+        let records = vec![upsert(1, "products", Some("shop-1.myshopify.com"))];
         let plan = plan(&records, &key_lookups(&records), CELL);
-        assert_eq!(keys(&plan), [("acct-1-products", true), ("shop-1", true)]);
+        assert_eq!(keys(&plan), [("acct-1-products", true), ("shop-1.myshopify.com", true)]);
         assert_eq!(
-            put_value(&plan, "shop-1"),
+            put_value(&plan, "shop-1.myshopify.com"),
             put_value(&plan, "acct-1-products")
         );
-        assert_eq!(put_value(&plan, "shop-1")["marqo_api_key"], "key-acct-1");
+        assert_eq!(put_value(&plan, "shop-1.myshopify.com")["marqo_api_key"], "key-acct-1");
         assert_eq!(plan.outcomes, [Outcome::Pending]);
     }
 
@@ -533,12 +558,12 @@ mod tests {
 
     #[test]
     fn a_remove_after_an_upsert_in_the_batch_deletes_both_keys() {
-        let mut records = vec![upsert(1, "products", Some("shop-1")), remove(2, "products")];
+        let mut records = vec![upsert(1, "products", Some("shop-1.myshopify.com")), remove(2, "products")];
         records[0] = stream_record(
             1,
             "INSERT",
             "INDEX#products",
-            Some(index_image("products", Some("shop-1"))),
+            Some(index_image("products", Some("shop-1.myshopify.com"))),
             None,
         );
         let lookups = key_lookups(&records);
@@ -551,7 +576,7 @@ mod tests {
             keys(&plan),
             [
                 ("acct-1-products", false),
-                ("shop-1", false),
+                ("shop-1.myshopify.com", false),
                 ("qfilter-acct-1-products", false)
             ]
         );
@@ -570,14 +595,14 @@ mod tests {
         let mut lookups = key_lookups(&records);
         lookups.current_shops.insert(
             IndexRef::new("acct-1", "products"),
-            Ok(Some("shop-from-kv".into())),
+            Ok(Some("shop-from-kv.myshopify.com".into())),
         );
         let plan = plan(&records, &lookups, CELL);
         assert_eq!(
             keys(&plan),
             [
                 ("acct-1-products", false),
-                ("shop-from-kv", false),
+                ("shop-from-kv.myshopify.com", false),
                 ("qfilter-acct-1-products", false)
             ]
         );
@@ -616,12 +641,12 @@ mod tests {
 
     #[test]
     fn a_shop_change_deletes_the_old_shop_key_unless_another_index_claims_it() {
-        let old = index_image("products", Some("shop-old"));
+        let old = index_image("products", Some("shop-old.myshopify.com"));
         let records = vec![stream_record(
             1,
             "MODIFY",
             "INDEX#products",
-            Some(index_image("products", Some("shop-new"))),
+            Some(index_image("products", Some("shop-new.myshopify.com"))),
             Some(old),
         )];
         let needs_scan = needs(&records, CELL);
@@ -632,15 +657,15 @@ mod tests {
             keys(&freed),
             [
                 ("acct-1-products", true),
-                ("shop-new", true),
-                ("shop-old", false)
+                ("shop-new.myshopify.com", true),
+                ("shop-old.myshopify.com", false)
             ]
         );
 
         let mut lookups = key_lookups(&records);
         lookups.references = Some(Ok(vec![SettingsReference {
             index: IndexRef::new("acct-1", "products-v2"),
-            shop_id: Some("shop-old".into()),
+            shop_id: Some("shop-old.myshopify.com".into()),
             live_targets: vec![],
         }]));
         let first = plan(&records, &lookups, CELL);
@@ -655,7 +680,7 @@ mod tests {
             2,
             "INSERT",
             "INDEX#products-v2",
-            Some(index_image("products-v2", Some("shop-old"))),
+            Some(index_image("products-v2", Some("shop-old.myshopify.com"))),
             None,
         );
         let Ok(Change::UpsertIndex { settings, .. }) = claimer.decoded else {
@@ -669,19 +694,106 @@ mod tests {
             keys(&claimed),
             [
                 ("acct-1-products", true),
-                ("shop-new", true),
-                ("shop-old", true)
+                ("shop-new.myshopify.com", true),
+                ("shop-old.myshopify.com", true)
             ]
         );
-        assert_eq!(put_value(&claimed, "shop-old")["index_name"], "products-v2");
+        assert_eq!(put_value(&claimed, "shop-old.myshopify.com")["index_name"], "products-v2");
         assert_eq!(claimed.notes.len(), 1);
         assert_eq!(claimed.outcomes, [Outcome::Pending]);
     }
 
     #[test]
+    fn a_shop_id_naming_another_index_key_rejects_the_record_alone() {
+        // acct-1's item claims acct-2's index key as its shop.
+        let records = vec![
+            upsert(1, "evil", Some("acct-2-products")),
+            upsert(2, "fine", Some("shop-1.myshopify.com")),
+            stream_record(
+                3,
+                "REMOVE",
+                "INDEX#gone",
+                None,
+                Some(index_image("gone", Some("acct-2-products"))),
+            ),
+        ];
+        let mut lookups = key_lookups(&records);
+        lookups.references = Some(Ok(vec![]));
+        let plan = plan(&records, &lookups, CELL);
+        assert!(
+            matches!(&plan.outcomes[0], Outcome::Rejected(r) if r.contains("`acct-2-products`")
+                && r.contains("another index's key")),
+            "{:?}",
+            plan.outcomes[0]
+        );
+        assert_eq!(plan.outcomes[1..], [Outcome::Pending, Outcome::Pending]);
+        assert_eq!(
+            keys(&plan),
+            [
+                ("acct-1-fine", true),
+                ("acct-1-gone", false),
+                ("shop-1.myshopify.com", true),
+                ("qfilter-acct-1-gone", false)
+            ],
+            "acct-2-products is neither written nor deleted"
+        );
+        assert!(plan.notes.iter().any(|(owner, note)| *owner == 2
+            && note.contains("`acct-2-products` is not a shop key")));
+    }
+
+    #[test]
+    fn an_index_key_in_the_form_of_a_shop_key_is_never_written_or_deleted() {
+        let records = vec![
+            upsert(1, "x.myshopify.com", None),
+            remove(2, "y.myshopify.com"),
+        ];
+        let mut lookups = key_lookups(&records);
+        lookups.references = Some(Ok(vec![]));
+        let plan = plan(&records, &lookups, CELL);
+        assert!(plan.ops.is_empty(), "{:?}", plan.ops);
+        assert!(plan
+            .outcomes
+            .iter()
+            .all(|o| matches!(o, Outcome::Rejected(r) if r.contains("form of a shop key"))));
+    }
+
+    #[test]
+    fn a_filter_key_cloudflare_would_refuse_rejects_its_record_before_sending() {
+        // The index key fits in 512 bytes; `qfilter-acct-1-{name}` does not.
+        let name = "p".repeat(500);
+        let upsert = |seq: u32, name: &str| {
+            let Ok(Change::UpsertIndex { settings, .. }) =
+                upsert(seq, name, None).decoded
+            else {
+                panic!("an index")
+            };
+            ChangeRecord {
+                sequence_number: Some(seq.to_string()),
+                index: Some(settings.index.clone()),
+                created_at: None,
+                decoded: Ok(Change::UpsertIndex {
+                    settings,
+                    previous_shop: PreviousShop::NotAsked,
+                    with_overrides: true,
+                }),
+            }
+        };
+        let records = vec![upsert(1, &name), upsert(2, "products")];
+        let plan = plan(&records, &key_lookups(&records), CELL);
+        assert!(
+            matches!(&plan.outcomes[0], Outcome::Rejected(r) if r.contains("query filter") && r.contains("512")),
+            "{:?}",
+            plan.outcomes[0]
+        );
+        assert_eq!(plan.outcomes[1], Outcome::Pending);
+        assert_eq!(keys(&plan), [("acct-1-products", true)]);
+        assert_eq!(plan.filters.keys().collect::<Vec<_>>(), [&IndexRef::new("acct-1", "products")]);
+    }
+
+    #[test]
     fn a_modify_from_a_new_image_stream_reads_the_old_shop_from_kv() {
         let records = vec![
-            upsert(1, "products", Some("shop-new")),
+            upsert(1, "products", Some("shop-new.myshopify.com")),
             upsert(2, "other", None),
         ];
         let needs = needs(&records, CELL);
@@ -694,7 +806,7 @@ mod tests {
         let mut lookups = key_lookups(&records);
         lookups.current_shops.insert(
             IndexRef::new("acct-1", "products"),
-            Ok(Some("shop-old".into())),
+            Ok(Some("shop-old.myshopify.com".into())),
         );
         assert!(
             shop_moves(&records, &lookups),
@@ -707,14 +819,14 @@ mod tests {
             [
                 ("acct-1-other", true),
                 ("acct-1-products", true),
-                ("shop-new", true),
-                ("shop-old", false)
+                ("shop-new.myshopify.com", true),
+                ("shop-old.myshopify.com", false)
             ]
         );
         assert_eq!(
             plan.old_shops,
             [(
-                KvKey::settings("shop-old"),
+                KvKey::settings("shop-old.myshopify.com"),
                 IndexRef::new("acct-1", "products")
             )]
         );
@@ -764,9 +876,9 @@ mod tests {
 
     #[test]
     fn oversized_keys_reject_the_record_and_send_nothing() {
-        let long_shop = "s".repeat(MAX_KEY_BYTES + 1);
+        let long_name = "p".repeat(MAX_KEY_BYTES);
         let records = vec![
-            upsert(1, "products", Some(&long_shop)),
+            upsert(1, &long_name, None),
             upsert(2, "ok", Some(".")),
         ];
         let plan = plan(&records, &key_lookups(&records), CELL);
@@ -807,7 +919,7 @@ mod tests {
 
     #[test]
     fn plans_never_show_api_keys_in_debug() {
-        let records = vec![upsert(1, "products", Some("shop-1"))];
+        let records = vec![upsert(1, "products", Some("shop-1.myshopify.com"))];
         let plan = plan(&records, &key_lookups(&records), CELL);
         let debug = format!("{plan:?}");
         assert!(debug.contains("Put("), "{debug}");
@@ -841,14 +953,14 @@ mod tests {
 
     #[test]
     fn settings_values_match_the_decoded_record() {
-        let records = vec![upsert(1, "products", Some("shop-1"))];
+        let records = vec![upsert(1, "products", Some("shop-1.myshopify.com"))];
         let plan = plan(&records, &key_lookups(&records), CELL);
         let Ok(Change::UpsertIndex { settings, .. }) = &records[0].decoded else {
             panic!()
         };
         let expected: &IndexSettings = settings;
         assert_eq!(
-            put_value(&plan, "shop-1"),
+            put_value(&plan, "shop-1.myshopify.com"),
             serde_json::to_value(expected.kv_value(&ApiKey::new("key-acct-1"))).unwrap()
         );
     }

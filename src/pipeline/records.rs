@@ -7,6 +7,7 @@ use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_dynamo::Item;
 
+use crate::domain::validate::{cut, shown};
 use crate::domain::{IndexRef, IndexSettings, QueryConfig};
 use crate::dynamo::{self, Image, OldImage, Reader, SortKey, Text};
 use crate::report::Outcome;
@@ -62,12 +63,33 @@ fn reject(reason: impl Into<String>) -> Result<Change, Outcome> {
     Err(Outcome::Rejected(reason.into()))
 }
 
+/// What every record of a batch is checked against while it is decoded.
+#[derive(Clone, Copy, Debug)]
+pub struct Expected<'s> {
+    /// Sort key of the default configs, never exported.
+    pub default_configs_sk: &'s str,
+    /// The settings table's stream: a record from any other source is rejected. `None`
+    /// (tests and tools, never the function) accepts any.
+    pub stream_arn: Option<&'s str>,
+}
+
+impl<'s> From<&'s str> for Expected<'s> {
+    fn from(default_configs_sk: &'s str) -> Self {
+        Self {
+            default_configs_sk,
+            stream_arn: None,
+        }
+    }
+}
+
 /// What the exporter reads of a DynamoDB stream record; everything else is skipped unread.
 /// Strings borrow from the record's JSON text.
 #[derive(Deserialize)]
 struct StreamRecord<'a> {
     #[serde(rename = "eventName", default, borrow)]
     event_name: Option<Text<'a>>,
+    #[serde(rename = "eventSourceARN", default, borrow)]
+    event_source_arn: Option<Text<'a>>,
     #[serde(borrow)]
     dynamodb: StreamChange<'a>,
 }
@@ -94,7 +116,7 @@ struct StreamChange<'a> {
 /// malformed record fails the whole read; the caller then decodes record by record
 /// ([`decode_record`]) so that each gets its own reason.
 pub struct RecordsSeed<'s> {
-    pub default_configs_sk: &'s str,
+    pub expected: Expected<'s>,
 }
 
 impl<'de, 's> DeserializeSeed<'de> for RecordsSeed<'s> {
@@ -115,7 +137,7 @@ impl<'de, 's> Visitor<'de> for RecordsSeed<'s> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut records = Vec::with_capacity(seq.size_hint().unwrap_or(0));
         while let Some(record) = seq.next_element::<StreamRecord>()? {
-            records.push(change_record(&record, self.default_configs_sk));
+            records.push(change_record(&record, self.expected));
         }
         Ok(records)
     }
@@ -124,7 +146,11 @@ impl<'de, 's> Visitor<'de> for RecordsSeed<'s> {
 /// A whole `{"Records": [...]}` payload read by hand ([`Reader`]), each record decoded as it is
 /// read. `None` when anything about it is unusual: the caller then reads it through serde
 /// ([`RecordsSeed`]), which decides and says what is wrong.
-pub fn read_batch(payload: &str, default_configs_sk: &str) -> Option<Vec<ChangeRecord>> {
+pub fn read_batch<'s>(
+    payload: &str,
+    expected: impl Into<Expected<'s>>,
+) -> Option<Vec<ChangeRecord>> {
+    let expected = expected.into();
     let mut reader = Reader::new(payload);
     let mut records = None;
     reader.object(|r, name| {
@@ -135,7 +161,7 @@ pub fn read_batch(payload: &str, default_configs_sk: &str) -> Option<Vec<ChangeR
         let mut batch = Vec::with_capacity(payload.len() / 500);
         r.array(|r| {
             let record = read_stream_record(r)?;
-            batch.push(change_record(&record, default_configs_sk));
+            batch.push(change_record(&record, expected));
             Some(())
         })?;
         records = Some(batch);
@@ -148,21 +174,26 @@ pub fn read_batch(payload: &str, default_configs_sk: &str) -> Option<Vec<ChangeR
 /// One record, as serde derives it for [`StreamRecord`]: unknown members skipped, a member
 /// given twice refused.
 fn read_stream_record<'a>(reader: &mut Reader<'a>) -> Option<StreamRecord<'a>> {
-    let (mut event_name, mut dynamodb) = (None, None);
+    let (mut event_name, mut source, mut dynamodb) = (None, None, None);
     reader.object(|r, name| match &*name {
         "eventName" if event_name.is_none() => {
             event_name = Some(r.optional_string()?.map(Text));
+            Some(())
+        }
+        "eventSourceARN" if source.is_none() => {
+            source = Some(r.optional_string()?.map(Text));
             Some(())
         }
         "dynamodb" if dynamodb.is_none() => {
             dynamodb = Some(read_stream_change(r)?);
             Some(())
         }
-        "eventName" | "dynamodb" => None,
+        "eventName" | "eventSourceARN" | "dynamodb" => None,
         _ => r.skip(),
     })?;
     Some(StreamRecord {
         event_name: event_name.flatten(),
+        event_source_arn: source.flatten(),
         dynamodb: dynamodb?,
     })
 }
@@ -198,7 +229,8 @@ fn read_stream_change<'a>(reader: &mut Reader<'a>) -> Option<StreamChange<'a>> {
 
 /// Decodes one raw record of a `{"Records": [...]}` batch. Never fails: a record that cannot
 /// be read is rejected with the reason.
-pub fn decode_record(raw: &str, default_configs_sk: &str) -> ChangeRecord {
+pub fn decode_record<'s>(raw: &str, expected: impl Into<Expected<'s>>) -> ChangeRecord {
+    let expected = expected.into();
     // The fast path tracks no path; only a record that fails is read again, to say where.
     let tracked = || {
         let mut json = serde_json::Deserializer::from_str(raw);
@@ -216,23 +248,26 @@ pub fn decode_record(raw: &str, default_configs_sk: &str) -> ChangeRecord {
                         .map(str::to_owned)
                 });
             return ChangeRecord {
-                sequence_number,
+                sequence_number: sequence_number.map(|s| cut(&s).into_owned()),
                 index: None,
                 created_at: None,
                 decoded: reject(format!(
                     "not a DynamoDB stream record: `{}`: {}",
-                    e.path(),
-                    e.inner()
+                    cut(&e.path().to_string()),
+                    cut(&e.inner().to_string())
                 )),
             };
         }
     };
-    change_record(&record, default_configs_sk)
+    change_record(&record, expected)
 }
 
-fn change_record(record: &StreamRecord, default_configs_sk: &str) -> ChangeRecord {
+fn change_record(record: &StreamRecord, expected: Expected) -> ChangeRecord {
     let change = &record.dynamodb;
-    let (index, decoded) = decode_change(record, default_configs_sk);
+    let (index, decoded) = match from_elsewhere(record, expected) {
+        Some(reason) => (None, reject(reason)),
+        None => decode_change(record, expected.default_configs_sk),
+    };
     ChangeRecord {
         sequence_number: change.sequence_number.as_ref().map(|s| s.0.to_string()),
         index,
@@ -240,6 +275,22 @@ fn change_record(record: &StreamRecord, default_configs_sk: &str) -> ChangeRecor
             .approximate_creation_date_time
             .filter(|secs| *secs > 0.0),
         decoded,
+    }
+}
+
+/// Why a record is not from the settings table's stream, if it is not: anyone allowed to
+/// invoke the function could otherwise forge changes.
+fn from_elsewhere(record: &StreamRecord, expected: Expected) -> Option<String> {
+    let wanted = expected.stream_arn?;
+    match record.event_source_arn.as_ref().map(|arn| &*arn.0) {
+        Some(arn) if arn == wanted => None,
+        Some(arn) => Some(format!(
+            "eventSourceARN {} is not this function's stream ({wanted})",
+            shown(arn)
+        )),
+        None => Some(format!(
+            "the record has no eventSourceARN; only records of {wanted} are exported"
+        )),
     }
 }
 
@@ -261,14 +312,18 @@ fn decode_change(
     let (index, query) = match SortKey::parse(sk, default_configs_sk) {
         SortKey::DefaultConfigs => return (None, skip("default configs are never exported")),
         SortKey::Foreign => {
-            let reason = format!("sort key `{sk}` is not an index record");
+            let reason = format!("sort key {} is not an index record", shown(sk));
             return (None, skip(reason));
         }
         SortKey::Index(index) => (index, None),
         SortKey::Query { index, query } => (index, Some(query)),
     };
     if pk.is_empty() || index.is_empty() {
-        let reason = format!("empty account or index name in pk `{pk}`, sk `{sk}`");
+        let reason = format!(
+            "empty account or index name in pk {}, sk {}",
+            shown(pk),
+            shown(sk)
+        );
         return (None, reject(reason));
     }
     let index = IndexRef::new(pk, index);
@@ -302,7 +357,8 @@ fn decode_image(
         }),
         ("REMOVE", Some(query)) => Ok(Change::RemoveQuery { index, query }),
         (other, _) => reject(format!(
-            "unknown eventName `{other}` (expected INSERT, MODIFY or REMOVE)"
+            "unknown eventName {} (expected INSERT, MODIFY or REMOVE)",
+            shown(other)
         )),
     }
 }
@@ -348,7 +404,7 @@ pub fn decode_item(
     let (name, query) = match SortKey::parse(&sk, default_configs_sk) {
         SortKey::DefaultConfigs => return record(None, skip("default configs are never exported")),
         SortKey::Foreign => {
-            let reason = format!("sort key `{sk}` is not an index record");
+            let reason = format!("sort key {} is not an index record", shown(&sk));
             return record(None, skip(reason));
         }
         SortKey::Query { .. } if !include_query_configs => {
@@ -446,7 +502,7 @@ mod tests {
     #[test]
     fn unknown_event_names_and_garbage_are_rejected_with_a_reason() {
         let odd = decode_record(
-            record("UPSERT", "INDEX#p", json!({"index_endpoint": {"S": "u"}})),
+            record("UPSERT", "INDEX#p", json!({"index_endpoint": {"S": "https://u"}})),
             "D",
         );
         assert!(matches!(odd.decoded, Err(Outcome::Rejected(ref r)) if r.contains("UPSERT")));
@@ -468,7 +524,7 @@ mod tests {
             crate::dynamo::item_from_dynamodb_json(item).unwrap()
         };
         let settings = decode_item(
-            item("INDEX#p", json!({"index_endpoint": {"S": "u"}})),
+            item("INDEX#p", json!({"index_endpoint": {"S": "https://u"}})),
             "D",
             false,
         );
@@ -527,12 +583,12 @@ mod tests {
         let mut odd = record(
             "MODIFY",
             "INDEX#p",
-            json!({"index_endpoint": {"S": "u\"é"}}),
+            json!({"index_endpoint": {"S": "https://u/\"é"}}),
         );
         odd["eventName"] = json!(null);
         odd["dynamodb"]["ApproximateCreationDateTime"] = json!(null);
         odd["dynamodb"]["OldImage"] = json!({"shop_id": {"S": "old"}, "x": [1, {"y": null}]});
-        let mut insert = record("INSERT", "INDEX#p", json!({"index_endpoint": {"S": "u"}}));
+        let mut insert = record("INSERT", "INDEX#p", json!({"index_endpoint": {"S": "https://u"}}));
         insert["dynamodb"]["ApproximateCreationDateTime"] = json!(1700000000);
         insert["dynamodb"]["Keys"] = json!(null);
         let read = [odd.to_string(), insert.to_string()];
@@ -566,5 +622,71 @@ mod tests {
         let decoded = decode_record(record("MODIFY", "INDEX#p", json!(null)), "D");
         assert!(matches!(decoded.decoded, Err(Outcome::Rejected(ref r)) if r.contains("NewImage")));
         assert_eq!(decoded.index, Some(IndexRef::new("acct-1", "p")));
+    }
+
+    #[test]
+    fn records_from_another_source_are_rejected_when_the_stream_is_known() {
+        const OURS: &str = "arn:aws:dynamodb:eu-west-1:1:table/t/stream/1";
+        let expected = Expected {
+            default_configs_sk: "D",
+            stream_arn: Some(OURS),
+        };
+        let image = json!({"index_endpoint": {"S": "https://idx"}});
+        let from = |arn: Option<&str>| {
+            let mut raw = record("INSERT", "INDEX#p", image.clone());
+            if let Some(arn) = arn {
+                raw["eventSourceARN"] = json!(arn);
+            }
+            raw.to_string()
+        };
+        let ours = from(Some(OURS));
+        let forged = from(Some("arn:aws:dynamodb:eu-west-1:666:table/x/stream/1"));
+        let unsigned = from(None);
+        for (raw, accepted) in [(&ours, true), (&forged, false), (&unsigned, false)] {
+            let batch = format!("{{\"Records\": [{raw}]}}");
+            for decoded in [
+                super::decode_record(raw, expected),
+                read_batch(&batch, expected).unwrap().remove(0),
+            ] {
+                assert_eq!(decoded.decoded.is_ok(), accepted, "{raw}: {:?}", decoded.decoded);
+                if !accepted {
+                    assert!(
+                        matches!(&decoded.decoded, Err(Outcome::Rejected(r)) if r.contains("eventSourceARN")),
+                        "{:?}",
+                        decoded.decoded
+                    );
+                    assert_eq!(decoded.sequence_number.as_deref(), Some("100"));
+                }
+            }
+        }
+        // Tests and tools that name no stream accept any source.
+        assert!(super::decode_record(&forged, "D").decoded.is_ok());
+    }
+
+    #[test]
+    fn an_endpoint_that_is_not_an_https_url_rejects_the_record() {
+        for endpoint in ["http://idx.example", "idx.example", "https://user:pw@idx.example"] {
+            let decoded = decode_record(
+                record("INSERT", "INDEX#p", json!({"index_endpoint": {"S": endpoint}})),
+                "D",
+            );
+            assert!(
+                matches!(&decoded.decoded, Err(Outcome::Rejected(r))
+                    if r.contains("index_endpoint") && r.contains("not an https URL")),
+                "{endpoint}: {:?}",
+                decoded.decoded
+            );
+        }
+    }
+
+    #[test]
+    fn a_huge_field_is_cut_in_the_reason() {
+        let huge = "x".repeat(5_000_000);
+        let decoded = decode_record(record("INSERT", &format!("INDEX#{huge}"), json!({"index_endpoint": {"S": huge}})), "D");
+        let Err(Outcome::Rejected(reason)) = decoded.decoded else {
+            panic!("rejected")
+        };
+        assert!(reason.len() < 1_000, "{} bytes", reason.len());
+        assert!(reason.contains("5000015 bytes") || reason.contains("5000000 bytes"), "{reason}");
     }
 }

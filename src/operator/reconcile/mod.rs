@@ -150,7 +150,7 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
     if account.is_some() {
         // Aliases in other accounts protect this one's indexes too.
         let references = exporter
-            .settings_references()
+            .settings_references(deadline)
             .await
             .map_err(|e| failed(e.to_string()))?;
         implied.aliased.extend(live_targets(&references));
@@ -365,7 +365,7 @@ async fn implied<K: KvStore, A: ApiKeySource, T: SettingsTable>(
     let mut start: Option<Item> = None;
     loop {
         let page = exporter
-            .table_page(account, start, TABLE_PAGE, true)
+            .table_page(account, start, TABLE_PAGE, true, deadline)
             .await
             .map_err(|e| failed(e.to_string()))?;
         requests.table_pages += 1;
