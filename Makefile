@@ -7,6 +7,9 @@ PYTHON ?= python3
 MOTO_VERSION := 5.2.5
 CFN_LINT_VERSION := 1.58.0
 SAM_CLI_VERSION := 1.170.0
+# Build tools, pinned: an unpinned install would build what is deployed with whatever is newest.
+CARGO_LAMBDA_VERSION := 1.9.2
+ZIGLANG_VERSION := 0.17.1
 # samconfig.toml section: dev or prod.
 ENV ?= dev
 # Wherever cargo builds (CARGO_TARGET_DIR or a shared target directory included).
@@ -27,7 +30,8 @@ venv: $(VENV)/.installed
 
 ## cargo-lambda (and zig, for arm64 builds) from PyPI into the venv.
 $(VENV)/.tools: $(VENV)/.installed
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check cargo-lambda ziglang
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check \
+		'cargo-lambda==$(CARGO_LAMBDA_VERSION)' 'ziglang==$(ZIGLANG_VERSION)'
 	touch $@
 
 tools: $(VENV)/.tools

@@ -5,7 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${FUZZ_SECONDS:-60}
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
-command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+# Pinned, like every build tool the project installs.
+CARGO_FUZZ_VERSION=0.13.2
+cargo fuzz --version 2>/dev/null | grep -q " $CARGO_FUZZ_VERSION\b" ||
+  cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked
 
 mkdir -p fuzz/corpus/decode_record fuzz/corpus/plan_batch
 .venv/bin/python - <<'PY'

@@ -49,6 +49,8 @@ CLOUDFLARE_QCFG_NAMESPACE_ID=qcfg
 CLOUDFLARE_API_TOKEN_SECRET_ID=$SECRET
 CLOUDFLARE_API_BASE_URL=http://127.0.0.1:$KV_PORT/client/v4
 API_KEYS_SERVICE_URL=http://127.0.0.1:$KEYS_PORT/cells/{cell}
+# The stream the sample events in events/ come from: records of any other source are rejected.
+SETTINGS_TABLE_STREAM_ARN=arn:aws:dynamodb:eu-west-1:123456789012:table/dev-EcomIndexSettingsTable/stream/2026-11-21T00:00:00.000
 ENV
 cat <<MSG
 

@@ -87,12 +87,13 @@ pub struct KvCounters {
 
 /// The KV operations the exporter needs; the Cloudflare REST API is the real one.
 pub trait KvStore: Send + Sync {
-    /// Sends one bulk request, retrying as it may. `Err` lists the keys that did not make it.
+    /// Sends one bulk request, retrying as it may. `Err` lists the keys that did not make it,
+    /// with why: `Permanent` only for a key refused on its own account.
     fn send(
         &self,
         request: &KvRequest,
         deadline: Instant,
-    ) -> impl Future<Output = Result<(), KeyFailures>> + Send;
+    ) -> impl Future<Output = Result<(), Vec<KeyFailures>>> + Send;
 
     /// Reads many values with as few requests as Cloudflare allows (100 keys each); an absent
     /// key reads as `None`.

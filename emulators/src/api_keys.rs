@@ -18,9 +18,17 @@ use serde_json::json;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Behaviour {
-    Status { status: u16 },
-    Delay { millis: u64 },
+    Status {
+        status: u16,
+    },
+    Delay {
+        millis: u64,
+    },
     Malformed,
+    /// A `302` to `location`, which a client must not follow.
+    Redirect {
+        location: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -55,6 +63,10 @@ impl ApiKeysStandIn {
             state,
             _server: server,
         })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// What `API_KEYS_SERVICE_URL` should be.
@@ -142,6 +154,9 @@ async fn answer(state: Shared, cell: Option<String>, account: String) -> Respons
                 .into_response()
         }
         Some(Behaviour::Malformed) => return (StatusCode::OK, "{\"api_key\": ").into_response(),
+        Some(Behaviour::Redirect { location }) => {
+            return (StatusCode::FOUND, [("location", location)]).into_response()
+        }
         Some(Behaviour::Delay { millis }) => {
             tokio::time::sleep(Duration::from_millis(millis)).await
         }

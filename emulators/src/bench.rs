@@ -53,7 +53,7 @@ fn record(i: usize) -> Value {
     });
     json!({
         "eventID": format!("{i:032x}"), "eventName": "INSERT", "eventVersion": "1.1",
-        "eventSource": "aws:dynamodb", "awsRegion": "eu-west-1",
+        "eventSource": "aws:dynamodb", "awsRegion": "eu-west-1", "eventSourceARN": STREAM_ARN,
         "dynamodb": {
             "ApproximateCreationDateTime": 1.7e9,
             "Keys": {"pk": image["pk"], "sk": image["sk"]},
@@ -64,6 +64,10 @@ fn record(i: usize) -> Value {
     })
 }
 
+/// The stream the bench's records come from (the function exports no other).
+const STREAM_ARN: &str =
+    "arn:aws:dynamodb:eu-west-1:123456789012:table/bench-EcomIndexSettingsTable/stream/2026-01-01T00:00:00.000";
+
 /// The same records for other accounts (`{tag}-0` ...) and other shops: new keys in KV, and
 /// API keys not fetched yet.
 fn of_accounts(mut event: Value, tag: &str) -> Value {
@@ -72,7 +76,8 @@ fn of_accounts(mut event: Value, tag: &str) -> Value {
         let account = json!({"S": format!("{tag}-{}", i % ACCOUNTS)});
         record["dynamodb"]["NewImage"]["pk"] = account.clone();
         record["dynamodb"]["Keys"]["pk"] = account;
-        record["dynamodb"]["NewImage"]["shop_id"] = json!({"S": format!("shop-{tag}-{i:05}")});
+        record["dynamodb"]["NewImage"]["shop_id"] =
+            json!({"S": format!("shop-{tag}-{i:05}.myshopify.com")});
     }
     event
 }
@@ -179,6 +184,7 @@ async fn rust_figures(options: &BenchOptions, records: usize) -> Result<Figures,
         .env("CLOUDFLARE_API_TOKEN_SECRET_ID", &secret_id)
         .env("CLOUDFLARE_API_BASE_URL", kv.base_url())
         .env("API_KEYS_SERVICE_URL", keys.url_template())
+        .env("SETTINGS_TABLE_STREAM_ARN", STREAM_ARN)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -189,6 +189,7 @@ async fn start(options: &DemoOptions) -> Result<Stack, String> {
         .env("CLOUDFLARE_API_TOKEN_SECRET_ID", &secret_id)
         .env("CLOUDFLARE_API_BASE_URL", kv.base_url())
         .env("API_KEYS_SERVICE_URL", keys.url_template())
+        .env("SETTINGS_TABLE_STREAM_ARN", &stream_arn)
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
         .stderr(log)
         .kill_on_drop(true)

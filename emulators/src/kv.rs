@@ -56,7 +56,13 @@ pub enum Fault {
         /// Cloudflare's `retry-after-ms` header.
         #[serde(default)]
         retry_after_ms: Option<u64>,
+        /// A `Location` header (with a 3xx: a redirect the client must not follow).
+        #[serde(default)]
+        location: Option<String>,
     },
+    /// Refuse (400, as Cloudflare refuses a key it will not take) the next `times` bulk writes
+    /// or deletes that hold this key, whatever else they hold.
+    RefuseKey { key: String },
     /// Wait this long before handling the request normally.
     Delay { millis: u64 },
     /// Handle a bulk write or delete, but leave out the first `count` keys and report them
@@ -104,10 +110,33 @@ pub struct KvState {
     metadata: HashMap<(String, String), HashMap<String, Value>>,
     tokens: HashSet<String>,
     faults: VecDeque<InjectedFault>,
+    /// Keys whose bulk requests are refused, and how many more times.
+    refused_keys: HashMap<String, usize>,
     requests: Vec<RequestRecord>,
 }
 
 impl KvState {
+    /// Queues a fault; a refused key applies to the requests that hold it, not the next ones.
+    fn add_fault(&mut self, fault: InjectedFault) {
+        match fault.fault {
+            Fault::RefuseKey { key } => {
+                self.refused_keys.insert(key, fault.times);
+            }
+            _ => self.faults.push_back(fault),
+        }
+    }
+
+    /// A 400 naming the first refused key among `keys`, if any (one refusal used up).
+    fn refuse<'k>(&mut self, mut keys: impl Iterator<Item = &'k str>) -> Result<(), ApiError> {
+        let refused = keys.find(|k| self.refused_keys.get(*k).is_some_and(|n| *n > 0));
+        let Some(key) = refused else { return Ok(()) };
+        *self.refused_keys.get_mut(key).expect("found above") -= 1;
+        Err(ApiError::bad_request(
+            codes::BAD_REQUEST,
+            format!("Invalid key name: `{key}` (refused by an injected fault)"),
+        ))
+    }
+
     /// One namespace's values and metadata, created empty when new.
     fn namespace_mut(
         &mut self,
@@ -221,12 +250,13 @@ impl KvEmulator {
         self.state
             .lock()
             .unwrap()
-            .faults
-            .push_back(InjectedFault { fault, times });
+            .add_fault(InjectedFault { fault, times });
     }
 
     pub fn clear_faults(&self) {
-        self.state.lock().unwrap().faults.clear();
+        let mut state = self.state.lock().unwrap();
+        state.faults.clear();
+        state.refused_keys.clear();
     }
 
     /// Replaces the accepted tokens, as a rotation does.
@@ -361,11 +391,13 @@ impl Call<'_> {
             Some(Fault::UnsuccessfulKeys { count }) => Ok((count as isize, None)),
             Some(Fault::ForeignUnsuccessfulKeys { count }) => Ok((-(count as isize), None)),
             Some(Fault::UnsuccessfulKeysStartingWith { prefix }) => Ok((0, Some(prefix))),
+            Some(Fault::RefuseKey { .. }) => Ok((0, None)), // never queued
             Some(Fault::Status {
                 status,
                 retry_after,
                 retry_after_date,
                 retry_after_ms,
+                location,
             }) => {
                 let status =
                     StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -387,6 +419,9 @@ impl Call<'_> {
                     response
                         .headers_mut()
                         .insert("retry-after-ms", HeaderValue::from(millis));
+                }
+                if let Some(location) = location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+                    response.headers_mut().insert("location", location);
                 }
                 Err(response)
             }
@@ -430,6 +465,13 @@ fn check_key(key: &str) -> Result<(), ApiError> {
         return Err(ApiError::bad_request(
             codes::KEY_TOO_LONG,
             format!("Key names must be at most {MAX_KEY_BYTES} bytes long"),
+        ));
+    }
+    // The schema: "All printable, non-whitespace characters are valid."
+    if key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ApiError::bad_request(
+            codes::BAD_REQUEST,
+            format!("Invalid key name: {key:?} holds whitespace or an unprintable character"),
         ));
     }
     Ok(())
@@ -560,6 +602,9 @@ async fn bulk_write(
             .try_for_each(WritePair::check)
             .map_err(|e| (items, e))?;
         let mut guard = state.lock().unwrap();
+        guard
+            .refuse(pairs.iter().map(|p| p.key.as_str()))
+            .map_err(|e| (items, e))?;
         let (ns, meta) = guard.namespace_mut(account, namespace.clone());
         let result = apply_all(
             pairs,
@@ -602,6 +647,9 @@ async fn bulk_delete(
             .try_for_each(|k| check_key(k))
             .map_err(|e| (items, e))?;
         let mut guard = state.lock().unwrap();
+        guard
+            .refuse(keys.iter().map(String::as_str))
+            .map_err(|e| (items, e))?;
         let (ns, meta) = guard.namespace_mut(account, namespace.clone());
         let result = apply_all(
             keys,
@@ -806,7 +854,7 @@ async fn list_keys(
 }
 
 async fn add_fault(State(state): State<Shared>, Json(fault): Json<InjectedFault>) -> Response {
-    state.lock().unwrap().faults.push_back(fault);
+    state.lock().unwrap().add_fault(fault);
     StatusCode::NO_CONTENT.into_response()
 }
 

@@ -41,12 +41,19 @@ impl ApiKeysUrl {
             part.split(separator)
                 .all(|piece| piece == CELL || !piece.contains(CELL))
         };
-        let elsewhere = [url.username(), url.password().unwrap_or(""), url.query().unwrap_or("")]
-            .iter()
-            .chain(&[url.fragment().unwrap_or("")])
-            .any(|part| part.contains(CELL));
+        let elsewhere = [
+            url.username(),
+            url.password().unwrap_or(""),
+            url.query().unwrap_or(""),
+        ]
+        .iter()
+        .chain(&[url.fragment().unwrap_or("")])
+        .any(|part| part.contains(CELL));
         if elsewhere || !whole(host, '.') || !whole(url.path(), '/') {
-            return Err("`{cell}` may stand only for a whole label of the host or a whole path segment".into());
+            return Err(
+                "`{cell}` may stand only for a whole label of the host or a whole path segment"
+                    .into(),
+            );
         }
         Ok(Self {
             template: template.to_owned(),
@@ -345,11 +352,21 @@ mod tests {
             url(path, "eu%2F..", "a#b?c").unwrap(),
             "http://keys.internal/cells/eu%252F../accounts/a%23b%3Fc/api-key"
         );
-        for (cell, account) in [("..", "a"), (".", "a"), ("", "a"), ("eu", ".."), ("eu", "."),
-            ("eu", ""), ("e\r\nu", "a"), ("eu", "a\nb")]
-        {
+        for (cell, account) in [
+            ("..", "a"),
+            (".", "a"),
+            ("", "a"),
+            ("eu", ".."),
+            ("eu", "."),
+            ("eu", ""),
+            ("e\r\nu", "a"),
+            ("eu", "a\nb"),
+        ] {
             let error = url(path, cell, account).unwrap_err();
-            assert!(error.contains("path segment") || error.contains("control"), "{error}");
+            assert!(
+                error.contains("path segment") || error.contains("control"),
+                "{error}"
+            );
         }
         let host = "http://keys.{cell}.internal/v1";
         assert_eq!(
@@ -401,7 +418,11 @@ mod tests {
         let started = Instant::now();
         let deadline = started + Duration::from_millis(2_500);
         let (answers, _) = cache.lookup_all(wanted(&accounts), true, deadline).await;
-        assert!(started.elapsed() <= Duration::from_millis(2_600), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() <= Duration::from_millis(2_600),
+            "{:?}",
+            started.elapsed()
+        );
         let late = answers
             .values()
             .filter(|a| matches!(a, Err(PortError::Transient(r)) if r.contains("deadline")))

@@ -148,34 +148,44 @@ fn describe(status: StatusCode, body: &str) -> String {
     }
 }
 
+/// The longest wait a server can ask for: Cloudflare's lockout lasts 5 minutes, so a longer
+/// `Retry-After` (a year, a date in 9999) is a fault that must not silence a warm container.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
 /// How long the server asks us to wait: Cloudflare's `retry-after-ms`, or `Retry-After` as
-/// seconds or as an HTTP date (both forms RFC 9110 allows).
+/// seconds or as an HTTP date (both forms RFC 9110 allows); at most [`MAX_RETRY_AFTER`].
 fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
     let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
     let seconds = |value: &str, scale: f64| {
-        value
+        let wait = value
             .parse::<f64>()
             .ok()
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(|s| Duration::from_secs_f64(s * scale))
+            .filter(|s| !s.is_nan() && *s >= 0.0)?;
+        // Out of `Duration`'s range (1e20 s, infinity): as long as allowed, never a panic.
+        Some(Duration::try_from_secs_f64(wait * scale).unwrap_or(MAX_RETRY_AFTER))
     };
-    if let Some(wait) = text("retry-after-ms").and_then(|v| seconds(v, 0.001)) {
-        return Some(wait);
-    }
-    let value = text(header::RETRY_AFTER.as_str())?;
-    seconds(value, 1.0).or_else(|| {
-        let at = httpdate::parse_http_date(value).ok()?;
-        Some(
-            at.duration_since(std::time::SystemTime::now())
-                .unwrap_or_default(),
-        )
-    })
+    let wait = match text("retry-after-ms").and_then(|v| seconds(v, 0.001)) {
+        Some(wait) => wait,
+        None => {
+            let value = text(header::RETRY_AFTER.as_str())?;
+            seconds(value, 1.0).or_else(|| {
+                let at = httpdate::parse_http_date(value).ok()?;
+                Some(
+                    at.duration_since(std::time::SystemTime::now())
+                        .unwrap_or_default(),
+                )
+            })?
+        }
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 impl<T: TokenSource> CloudflareKv<T> {
     pub fn new(config: CloudflareConfig, retry: RetryPolicy, tokens: T) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
+            // A redirect would resend the body, API keys inside, to another host.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("a TLS backend is compiled in");
         Self {
@@ -334,8 +344,47 @@ impl<T: TokenSource> CloudflareKv<T> {
         }
     }
 
+    /// A bulk request, split when Cloudflare refuses it (a 4xx), so that one key it will not
+    /// take never fails the rest: each refused part is halved and sent again, within
+    /// [`MAX_SPLIT_REQUESTS`]. A key refused alone while other keys landed is its record's own
+    /// fault (permanent); when nothing landed, every key is reported for retry.
+    async fn split_on_refusal(
+        &self,
+        request: &KvRequest,
+        deadline: Instant,
+    ) -> Result<(), Vec<KeyFailures>> {
+        let mut parts = std::collections::VecDeque::from([request.clone()]);
+        let (mut landed, mut splits) = (false, 0);
+        let (mut failures, mut alone) = (Vec::new(), Vec::new());
+        while let Some(part) = parts.pop_front() {
+            let keys = part.keys().len();
+            match self.bulk(&part, deadline).await {
+                Ok(()) => landed = true,
+                Err(Sent::Refused(failure)) if keys > 1 && splits < MAX_SPLIT_REQUESTS => {
+                    let (first, second) = halves(&part);
+                    parts.extend([first, second]);
+                    splits += 2;
+                    tracing::debug!(keys, error = %failure.error, "Cloudflare refused a bulk request; splitting it");
+                }
+                Err(Sent::Refused(failure)) if keys == 1 => alone.push(failure),
+                Err(Sent::Refused(failure) | Sent::Failed(failure)) => failures.push(failure),
+            }
+        }
+        for KeyFailures { keys, error } in alone {
+            let error = match landed {
+                true => PortError::Permanent(format!("Cloudflare refused this key alone: {error}")),
+                false => error,
+            };
+            failures.push(KeyFailures { keys, error });
+        }
+        match failures.is_empty() {
+            true => Ok(()),
+            false => Err(failures),
+        }
+    }
+
     /// A bulk request; keys Cloudflare reports in `unsuccessful_keys` are sent again.
-    async fn bulk(&self, request: &KvRequest, deadline: Instant) -> Result<(), KeyFailures> {
+    async fn bulk(&self, request: &KvRequest, deadline: Instant) -> Result<(), Sent> {
         let (method, url) = match request {
             KvRequest::Put { namespace, .. } => {
                 (Method::PUT, self.namespace_url(*namespace, &["bulk"]))
@@ -355,10 +404,16 @@ impl<T: TokenSource> CloudflareKv<T> {
             let answer = self
                 .call(method.clone(), &url, Some(pending.body()), deadline)
                 .await
-                .map_err(failed)?;
+                .map_err(|e| Sent::Failed(failed(e)))?;
             let envelope: Envelope = serde_json::from_str(&answer.body).unwrap_or_default();
             if !answer.status.is_success() || !envelope.success {
-                return Err(failed(refused(answer.status, &answer.body)));
+                let failure = failed(refused(answer.status, &answer.body));
+                // A key or a size Cloudflare will not take: worth splitting. Auth, rate
+                // limits and missing namespaces are no single key's fault.
+                return Err(match answer.status.as_u16() {
+                    400 | 413 | 422 => Sent::Refused(failure),
+                    _ => Sent::Failed(failure),
+                });
             }
             let reported = envelope.result.unwrap_or_default().unsuccessful_keys;
             let sent: std::collections::HashSet<&str> = pending.keys().into_iter().collect();
@@ -382,10 +437,10 @@ impl<T: TokenSource> CloudflareKv<T> {
             );
             let delay = self.retry.backoff(resends);
             if resends >= self.retry.max_retries || Instant::now() + delay >= deadline {
-                return Err(KeyFailures {
+                return Err(Sent::Failed(KeyFailures {
                     keys: unsuccessful,
                     error: PortError::Transient(format!("{reason}, after {resends} resends")),
-                });
+                }));
             }
             pending.retain_keys(&unsuccessful);
             resends += 1;
@@ -396,14 +451,39 @@ impl<T: TokenSource> CloudflareKv<T> {
     }
 }
 
-/// A final answer that is not a success: a client error will not change by itself.
+/// How a bulk request ended when not all of it was written.
+enum Sent {
+    /// Cloudflare refused the request (400, 413, 422): one of its keys may be the cause.
+    Refused(KeyFailures),
+    /// Anything else: an outage, a timeout, keys still unsuccessful after resends.
+    Failed(KeyFailures),
+}
+
+/// Split requests one refused request may cost at most (each counts against the rate limit):
+/// enough to isolate a couple of bad keys among 10,000.
+const MAX_SPLIT_REQUESTS: usize = 32;
+
+/// A request's first and second half.
+fn halves(request: &KvRequest) -> (KvRequest, KvRequest) {
+    let keys: Vec<String> = request.keys().into_iter().map(str::to_owned).collect();
+    let (first, second) = keys.split_at(keys.len() / 2);
+    let (mut a, mut b) = (request.clone(), request.clone());
+    a.retain_keys(first);
+    b.retain_keys(second);
+    (a, b)
+}
+
+/// A final answer that is not a success. Transient, a 4xx included: a whole request refused
+/// is more likely a misconfiguration fixed later than a fault of every record in it (a key
+/// refused alone is told apart in [`CloudflareKv::send`]).
 fn refused(status: StatusCode, body: &str) -> PortError {
-    let reason = describe(status, body);
-    if status.is_client_error() {
-        PortError::Permanent(reason)
-    } else {
-        PortError::Transient(reason)
+    if status.is_redirection() {
+        return PortError::Transient(format!(
+            "HTTP {} from Cloudflare: a redirect, not followed",
+            status.as_u16()
+        ));
     }
+    PortError::Transient(describe(status, body))
 }
 
 fn transport_error(e: &reqwest::Error) -> String {
@@ -424,8 +504,8 @@ impl<T: TokenSource> KvStore for CloudflareKv<T> {
         }
     }
 
-    async fn send(&self, request: &KvRequest, deadline: Instant) -> Result<(), KeyFailures> {
-        self.bulk(request, deadline).await
+    async fn send(&self, request: &KvRequest, deadline: Instant) -> Result<(), Vec<KeyFailures>> {
+        self.split_on_refusal(request, deadline).await
     }
 
     async fn get_many(
@@ -485,5 +565,72 @@ impl<T: TokenSource> KvStore for CloudflareKv<T> {
                 .and_then(|i| i.cursor)
                 .filter(|c| !c.is_empty()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> header::HeaderMap {
+        pairs
+            .iter()
+            .map(|(name, value)| {
+                (
+                    header::HeaderName::from_static(name),
+                    header::HeaderValue::from_str(value).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn retry_after_is_read_in_every_form_and_capped_never_panicking() {
+        let wait = |pairs: &[(&'static str, &str)]| retry_after(&headers(pairs));
+        assert_eq!(wait(&[("retry-after", "7")]), Some(Duration::from_secs(7)));
+        assert_eq!(
+            wait(&[("retry-after-ms", "1500"), ("retry-after", "9")]),
+            Some(Duration::from_millis(1500))
+        );
+        let soon = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(30));
+        assert!(wait(&[("retry-after", &soon)]).is_some_and(|w| w <= Duration::from_secs(30)));
+        for huge in [
+            &[("retry-after", "1e20")][..],
+            &[("retry-after-ms", "1e25")],
+            &[("retry-after", "inf")],
+            &[("retry-after", "31536000")],
+            &[("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT")],
+        ] {
+            assert_eq!(wait(huge), Some(MAX_RETRY_AFTER), "{huge:?}");
+        }
+        for nonsense in ["-1", "NaN", "soon", ""] {
+            assert_eq!(wait(&[("retry-after", nonsense)]), None, "{nonsense}");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_half_of_each_step_random() {
+        let policy = RetryPolicy::default();
+        for retry in 0..40 {
+            let step = (policy.base_delay * 2u32.pow(retry.min(16))).min(policy.max_delay);
+            let wait = policy.backoff(retry);
+            assert!(wait >= step / 2 && wait <= step, "{retry}: {wait:?}");
+        }
+    }
+
+    #[test]
+    fn failures_quote_cloudflare_s_envelope_and_never_follow_a_redirect() {
+        let body = r#"{"success": false, "errors": [{"code": 10020, "message": "bad key"}]}"#;
+        assert_eq!(
+            describe(StatusCode::BAD_REQUEST, body),
+            "HTTP 400 (10020 bad key)"
+        );
+        assert_eq!(describe(StatusCode::BAD_GATEWAY, "<html>"), "HTTP 502");
+        let redirect = refused(StatusCode::TEMPORARY_REDIRECT, "");
+        assert!(redirect.is_transient());
+        assert!(
+            redirect.to_string().contains("HTTP 307") && redirect.to_string().contains("redirect")
+        );
+        assert!(refused(StatusCode::BAD_REQUEST, body).is_transient());
     }
 }

@@ -23,7 +23,7 @@ pub struct MemoryKv {
 }
 
 impl KvStore for MemoryKv {
-    async fn send(&self, request: &KvRequest, _: Instant) -> Result<(), KeyFailures> {
+    async fn send(&self, request: &KvRequest, _: Instant) -> Result<(), Vec<KeyFailures>> {
         let mut values = self.values.lock().unwrap();
         let mut failed = Vec::new();
         let pairs: HashMap<String, String> = request.pairs().into_iter().collect();
@@ -44,10 +44,10 @@ impl KvStore for MemoryKv {
         if failed.is_empty() {
             Ok(())
         } else {
-            Err(KeyFailures {
+            Err(vec![KeyFailures {
                 keys: failed,
                 error: PortError::Transient("down".into()),
-            })
+            }])
         }
     }
 

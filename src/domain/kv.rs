@@ -645,7 +645,12 @@ mod tests {
 
     #[test]
     fn keys_are_checked_as_cloudflare_schema_states() {
-        for good in ["acct-1-products", "shop-1.myshopify.com", "é/?#%", &"k".repeat(512)] {
+        for good in [
+            "acct-1-products",
+            "shop-1.myshopify.com",
+            "é/?#%",
+            &"k".repeat(512),
+        ] {
             assert_eq!(check_key(good), Ok(()), "{good}");
         }
         for bad in [

@@ -71,32 +71,39 @@ pub fn endpoint_problem(endpoint: &str) -> Option<String> {
         }
         Ok(_) => return None,
     };
-    Some(format!("{} is not an https URL: {problem}", shown(endpoint)))
+    Some(format!(
+        "{} is not an https URL: {problem}",
+        shown(endpoint)
+    ))
 }
 
-/// A value as messages show it: quoted, cut after [`SHOWN_BYTES`] (on a character boundary)
-/// with its full size, so a multi-megabyte field never fills a log line.
+/// A value as messages show it: quoted and [`cut`].
 pub fn shown(value: &str) -> String {
-    if value.len() <= SHOWN_BYTES {
-        return format!("`{value}`");
-    }
-    let mut end = SHOWN_BYTES;
-    while !value.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("`{}…` ({} bytes)", &value[..end], value.len())
+    format!("`{}`", cut(value))
 }
 
-/// [`shown`] without the quotes, for text that already frames the value.
+/// A value cut to its first [`SHOWN_BYTES`] and last few bytes (on character boundaries), with
+/// its full size between, so a multi-megabyte field never fills a log line and the end of a
+/// message about it ("expected a boolean") is kept.
 pub fn cut(value: &str) -> Cow<'_, str> {
-    if value.len() <= SHOWN_BYTES {
+    const TAIL_BYTES: usize = 60;
+    if value.len() <= SHOWN_BYTES + TAIL_BYTES {
         return Cow::Borrowed(value);
     }
-    let mut end = SHOWN_BYTES;
-    while !value.is_char_boundary(end) {
-        end -= 1;
+    let mut head = SHOWN_BYTES;
+    while !value.is_char_boundary(head) {
+        head -= 1;
     }
-    Cow::Owned(format!("{}… ({} bytes)", &value[..end], value.len()))
+    let mut tail = value.len() - TAIL_BYTES;
+    while !value.is_char_boundary(tail) {
+        tail += 1;
+    }
+    Cow::Owned(format!(
+        "{}… ({} bytes) …{}",
+        &value[..head],
+        value.len(),
+        &value[tail..]
+    ))
 }
 
 #[cfg(test)]
@@ -127,7 +134,10 @@ mod tests {
         for bad in ["", ".", "..", "a\r\nb", "a\tb", "\u{7f}"] {
             assert!(path_segment_problem(bad).is_some(), "{bad:?}");
         }
-        assert!(path_segment_problem("a/b c?d#").is_none(), "encoded, not refused");
+        assert!(
+            path_segment_problem("a/b c?d#").is_none(),
+            "encoded, not refused"
+        );
     }
 
     #[test]
@@ -146,10 +156,13 @@ mod tests {
 
     #[test]
     fn long_values_are_cut_on_a_character_boundary() {
-        let long = "é".repeat(1_000_000);
+        let long = format!("{}!", "é".repeat(1_000_000));
         let shown = shown(&long);
-        assert!(shown.len() < SHOWN_BYTES + 40, "{}", shown.len());
-        assert!(shown.ends_with("(2000000 bytes)"));
+        assert!(shown.len() < SHOWN_BYTES + 100, "{}", shown.len());
+        assert!(
+            shown.contains("(2000001 bytes)") && shown.ends_with("éé!`"),
+            "{shown}"
+        );
         assert_eq!(cut("short"), "short");
     }
 }

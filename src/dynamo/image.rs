@@ -180,8 +180,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Attr<'a> {
                     "N" => Attr::N(map.next_value::<Text>()?.0),
                     "B" => {
                         let text = map.next_value::<Text>()?.0;
-                        base64::engine::general_purpose::STANDARD
-                            .decode(text.as_bytes())
+                        is_base64(&text)
                             .map_err(|e| de::Error::custom(format!("B: not base64: {e}")))?;
                         Attr::B(text)
                     }
@@ -194,7 +193,13 @@ impl<'de: 'a, 'a> Deserialize<'de> for Attr<'a> {
                     "L" => Attr::L(map.next_value()?),
                     "SS" => Attr::Ss(texts(&mut map)?),
                     "NS" => Attr::Ns(texts(&mut map)?),
-                    "BS" => Attr::Bs(texts(&mut map)?),
+                    "BS" => {
+                        let set = texts(&mut map)?;
+                        if let Some(e) = set.iter().find_map(|t| is_base64(t).err()) {
+                            return Err(de::Error::custom(format!("BS: not base64: {e}")));
+                        }
+                        Attr::Bs(set)
+                    }
                     other => {
                         return Err(de::Error::custom(format!(
                             "unknown attribute type `{other}`"
@@ -285,6 +290,13 @@ impl<'de> Deserialize<'de> for OldImage {
     }
 }
 
+/// Binary arrives as base64 text and is written as given: it must be base64.
+pub(crate) fn is_base64(text: &str) -> Result<(), base64::DecodeError> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text.as_bytes())
+        .map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,6 +333,7 @@ mod tests {
         assert!(error(r#"{"a": {"S": "1", "N": "1"}}"#).contains("exactly one type"));
         assert!(error(r#"{"a": {}}"#).contains("needs a type"));
         assert!(error(r#"{"a": {"B": "not base64!"}}"#).contains("not base64"));
+        assert!(error(r#"{"a": {"BS": ["AA==", "not base64!"]}}"#).contains("BS: not base64"));
         assert!(error(r#"{"a": {"S": 1}}"#).contains("expected a string"));
     }
 

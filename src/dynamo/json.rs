@@ -4,6 +4,7 @@
 use std::fmt;
 
 use super::image::Attr;
+use crate::domain::validate::shown;
 use crate::domain::InvalidRecord;
 
 /// Cloudflare receives numbers exactly as DynamoDB holds them: at most 38 significant digits,
@@ -31,7 +32,7 @@ impl fmt::Display for Path<'_> {
 
 /// Checks a DynamoDB number's text: JSON's number grammar, within DynamoDB's range.
 fn check_number(n: &str) -> Result<(), String> {
-    let invalid = || format!("`{n}` is not a number");
+    let invalid = || format!("{} is not a number", shown(n));
     let unsigned = n.strip_prefix('-').unwrap_or(n);
     let (mantissa, exponent) = match unsigned.find(['e', 'E']) {
         Some(at) => (&unsigned[..at], Some(&unsigned[at + 1..])),
@@ -64,10 +65,14 @@ fn check_number(n: &str) -> Result<(), String> {
         return Ok(()); // zero
     };
     let last = (0..count).rfind(|&i| digit_at(i) != b'0').unwrap_or(first);
-    let leading_power = exponent + int.len() as i64 - first as i64 - 1;
+    // Saturating: an exponent near i64's bounds is out of range, never an overflow.
+    let leading_power = exponent
+        .saturating_add(int.len() as i64)
+        .saturating_sub(first as i64 + 1);
     if last - first + 1 > MAX_DIGITS || !EXPONENTS.contains(&leading_power) {
         return Err(format!(
-            "number `{n}` is outside DynamoDB's range (38 digits, 1E-130 to 9.99E+125)"
+            "number {} is outside DynamoDB's range (38 digits, 1E-130 to 9.99E+125)",
+            shown(n)
         ));
     }
     Ok(())
@@ -167,6 +172,28 @@ mod tests {
         }
         assert!(check_number(&"9".repeat(38)).is_ok());
         assert!(check_number(&"9".repeat(39)).is_err());
+    }
+
+    #[test]
+    fn exponents_at_the_bounds_of_i64_are_out_of_range_not_an_overflow() {
+        for extreme in [
+            "1e9223372036854775807",
+            "10e9223372036854775807",
+            "0.01e-9223372036854775808",
+            "1e-9223372036854775808",
+            "1e99999999999999999999",
+        ] {
+            let error = check_number(extreme).unwrap_err();
+            assert!(
+                error.contains("outside") || error.contains("not a number"),
+                "{error}"
+            );
+        }
+        let long = format!("1e{}", "9".repeat(1_000_000));
+        assert!(
+            check_number(&long).unwrap_err().len() < 400,
+            "the number is cut"
+        );
     }
 
     #[test]

@@ -15,8 +15,8 @@ mod reader;
 pub use image::{Attr, Image, OldImage, Text};
 pub use reader::Reader;
 
-use crate::domain::validate::endpoint_problem;
 use crate::domain::settings::{non_empty, Document, IndexAliases};
+use crate::domain::validate::endpoint_problem;
 use crate::domain::{
     IndexId, IndexRef, IndexSettings, InvalidRecord, QueryConfig, SettingsReference,
 };

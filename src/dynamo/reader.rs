@@ -7,10 +7,9 @@
 
 use std::borrow::Cow;
 
-use base64::Engine as _;
 use serde::de::IgnoredAny;
 
-use super::image::{Attr, Image, OldImage};
+use super::image::{is_base64, Attr, Image, OldImage};
 
 /// Deeper than this, give up (serde_json itself refuses at 128).
 const MAX_DEPTH: u32 = 100;
@@ -254,9 +253,7 @@ impl<'a> Reader<'a> {
                 "N" => Attr::N(r.string()?),
                 "B" => {
                     let text = r.string()?;
-                    base64::engine::general_purpose::STANDARD
-                        .decode(text.as_bytes())
-                        .ok()?;
+                    is_base64(&text).ok()?;
                     Attr::B(text)
                 }
                 "BOOL" => match r.peek()? {
@@ -275,7 +272,11 @@ impl<'a> Reader<'a> {
                 }
                 "SS" => Attr::Ss(r.strings()?),
                 "NS" => Attr::Ns(r.strings()?),
-                "BS" => Attr::Bs(r.strings()?),
+                "BS" => {
+                    let set = r.strings()?;
+                    set.iter().try_for_each(|t| is_base64(t).ok())?;
+                    Attr::Bs(set)
+                }
                 _ => return None,
             })
         })?;
@@ -343,6 +344,7 @@ mod tests {
             r#"{"a": {"S": "1", "N": "1"}}"#,
             r#"{"a": {}}"#,
             r#"{"a": {"B": "not base64!"}}"#,
+            r#"{"a": {"BS": ["AA==", "not base64!"]}}"#,
             r#"{"a": {"S": 1}}"#,
             r#"{"a": {"S": null}}"#,
             r#"{"a": {"L": null}}"#,

@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 
+use crate::domain::validate::cut;
 use crate::domain::{IndexRef, KvKey};
 use crate::pipeline::exporter::{Exporter, Prepared};
 use crate::pipeline::records::ChangeRecord;
@@ -45,10 +46,11 @@ pub enum OperatorError {
 }
 
 impl OperatorError {
-    fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Self {
+    /// Names and messages quote the payload: a huge field is cut, not echoed whole.
+    fn invalid(field: impl AsRef<str>, problem: impl AsRef<str>) -> Self {
         OperatorError::InvalidField {
-            field: field.into(),
-            problem: problem.into(),
+            field: cut(field.as_ref()).into_owned(),
+            problem: cut(problem.as_ref()).into_owned(),
         }
     }
 
@@ -369,6 +371,26 @@ mod tests {
                 .contains("`page_size` must be a whole number from 1 to 1000"),
             "{size}"
         );
+    }
+
+    #[test]
+    fn a_huge_field_is_cut_in_the_error() {
+        let huge = "x".repeat(5_000_000);
+        for payload in [
+            json!({"system_account_id": "a", "index_name": "i", "include_query_configs": huge}),
+            json!({"system_account_id": "a", "index_name": "i", huge.clone(): true}),
+            json!({"mode": "verify", "system_account_id": "a", "index_name": 1, "x": huge}),
+        ] {
+            let error = parse(payload).unwrap_err().to_string();
+            assert!(
+                error.len() < 1_000,
+                "{} bytes: {}",
+                error.len(),
+                &error[..300]
+            );
+        }
+        let named = parse(json!({"system_account_id": "a", "index_name": "i", huge: 1}));
+        assert!(named.unwrap_err().to_string().contains("(5000000 bytes)"));
     }
 
     #[test]

@@ -19,8 +19,8 @@ use crate::pipeline::plan::{self, Lookups, PlannedOp};
 use crate::pipeline::records::Change;
 use crate::pipeline::records::{decode_item, ChangeRecord, Expected};
 use crate::ports::{
-    before_deadline, AccountCell, ApiKeySource, KeyFailures, KeyPage, KvCounters, KvStore, LookupCounts, PortError,
-    SettingsTable,
+    before_deadline, AccountCell, ApiKeySource, KeyFailures, KeyPage, KvCounters, KvStore,
+    LookupCounts, PortError, SettingsTable,
 };
 use crate::report::{BatchReport, Outcome, RecordReport};
 
@@ -287,10 +287,9 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
         };
         for (key, owner, put) in ops {
             match failed_keys.get(&(key.namespace, key.key.as_str())) {
-                Some(reason) => {
+                Some(error) => {
                     if outcomes[owner] == Outcome::Pending {
-                        outcomes[owner] =
-                            Outcome::Failed(format!("KV key `{}`: {reason}", key.key));
+                        outcomes[owner] = key_failed(&key.key, error);
                     }
                 }
                 None if put => report.written.push(key),
@@ -302,10 +301,16 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
             if let Some(error) = failed_keys.get(&(key.namespace, key.key.as_str())) {
                 for &needer in needers {
                     if outcomes[needer] == Outcome::Pending {
-                        outcomes[needer] = Outcome::Failed(format!(
-                            "query filter `{}` not written: {error}",
-                            key.key
-                        ));
+                        outcomes[needer] = match error {
+                            PortError::Permanent(reason) => Outcome::Rejected(format!(
+                                "query filter `{}` refused: {reason}",
+                                key.key
+                            )),
+                            PortError::Transient(reason) => Outcome::Failed(format!(
+                                "query filter `{}` not written: {reason}",
+                                key.key
+                            )),
+                        };
                     }
                 }
             }
@@ -621,16 +626,22 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
     ) -> Vec<(Namespace, KeyFailures)> {
         futures::stream::iter(requests)
             .map(|request| async move {
-                self.kv
-                    .send(request, deadline)
-                    .await
-                    .err()
-                    .map(|failure| (request.namespace(), failure))
+                let failures = self.kv.send(request, deadline).await.err();
+                let namespace = request.namespace();
+                futures::stream::iter(failures.into_iter().flatten().map(move |f| (namespace, f)))
             })
             .buffer_unordered(CONCURRENT_KV_REQUESTS)
-            .filter_map(|failure| async move { failure })
+            .flatten()
             .collect()
             .await
+    }
+}
+
+/// A record whose key did not make it: retried, unless Cloudflare refused that key on its own.
+fn key_failed(key: &str, error: &PortError) -> Outcome {
+    match error {
+        PortError::Permanent(reason) => Outcome::Rejected(format!("KV key `{key}`: {reason}")),
+        PortError::Transient(reason) => Outcome::Failed(format!("KV key `{key}`: {reason}")),
     }
 }
 

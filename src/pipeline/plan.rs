@@ -526,12 +526,18 @@ mod tests {
     fn an_index_is_written_under_its_shop_and_its_id() {
         let records = vec![upsert(1, "products", Some("shop-1.myshopify.com"))];
         let plan = plan(&records, &key_lookups(&records), CELL);
-        assert_eq!(keys(&plan), [("acct-1-products", true), ("shop-1.myshopify.com", true)]);
+        assert_eq!(
+            keys(&plan),
+            [("acct-1-products", true), ("shop-1.myshopify.com", true)]
+        );
         assert_eq!(
             put_value(&plan, "shop-1.myshopify.com"),
             put_value(&plan, "acct-1-products")
         );
-        assert_eq!(put_value(&plan, "shop-1.myshopify.com")["marqo_api_key"], "key-acct-1");
+        assert_eq!(
+            put_value(&plan, "shop-1.myshopify.com")["marqo_api_key"],
+            "key-acct-1"
+        );
         assert_eq!(plan.outcomes, [Outcome::Pending]);
     }
 
@@ -558,7 +564,10 @@ mod tests {
 
     #[test]
     fn a_remove_after_an_upsert_in_the_batch_deletes_both_keys() {
-        let mut records = vec![upsert(1, "products", Some("shop-1.myshopify.com")), remove(2, "products")];
+        let mut records = vec![
+            upsert(1, "products", Some("shop-1.myshopify.com")),
+            remove(2, "products"),
+        ];
         records[0] = stream_record(
             1,
             "INSERT",
@@ -698,7 +707,10 @@ mod tests {
                 ("shop-old.myshopify.com", true)
             ]
         );
-        assert_eq!(put_value(&claimed, "shop-old.myshopify.com")["index_name"], "products-v2");
+        assert_eq!(
+            put_value(&claimed, "shop-old.myshopify.com")["index_name"],
+            "products-v2"
+        );
         assert_eq!(claimed.notes.len(), 1);
         assert_eq!(claimed.outcomes, [Outcome::Pending]);
     }
@@ -737,8 +749,9 @@ mod tests {
             ],
             "acct-2-products is neither written nor deleted"
         );
-        assert!(plan.notes.iter().any(|(owner, note)| *owner == 2
-            && note.contains("`acct-2-products` is not a shop key")));
+        assert!(plan.notes.iter().any(
+            |(owner, note)| *owner == 2 && note.contains("`acct-2-products` is not a shop key")
+        ));
     }
 
     #[test]
@@ -762,9 +775,7 @@ mod tests {
         // The index key fits in 512 bytes; `qfilter-acct-1-{name}` does not.
         let name = "p".repeat(500);
         let upsert = |seq: u32, name: &str| {
-            let Ok(Change::UpsertIndex { settings, .. }) =
-                upsert(seq, name, None).decoded
-            else {
+            let Ok(Change::UpsertIndex { settings, .. }) = upsert(seq, name, None).decoded else {
                 panic!("an index")
             };
             ChangeRecord {
@@ -787,7 +798,10 @@ mod tests {
         );
         assert_eq!(plan.outcomes[1], Outcome::Pending);
         assert_eq!(keys(&plan), [("acct-1-products", true)]);
-        assert_eq!(plan.filters.keys().collect::<Vec<_>>(), [&IndexRef::new("acct-1", "products")]);
+        assert_eq!(
+            plan.filters.keys().collect::<Vec<_>>(),
+            [&IndexRef::new("acct-1", "products")]
+        );
     }
 
     #[test]
@@ -877,10 +891,7 @@ mod tests {
     #[test]
     fn oversized_keys_reject_the_record_and_send_nothing() {
         let long_name = "p".repeat(MAX_KEY_BYTES);
-        let records = vec![
-            upsert(1, &long_name, None),
-            upsert(2, "ok", Some(".")),
-        ];
+        let records = vec![upsert(1, &long_name, None), upsert(2, "ok", Some("."))];
         let plan = plan(&records, &key_lookups(&records), CELL);
         assert!(plan.ops.is_empty());
         assert!(matches!(&plan.outcomes[0], Outcome::Rejected(r) if r.contains("512")));

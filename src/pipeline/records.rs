@@ -502,7 +502,11 @@ mod tests {
     #[test]
     fn unknown_event_names_and_garbage_are_rejected_with_a_reason() {
         let odd = decode_record(
-            record("UPSERT", "INDEX#p", json!({"index_endpoint": {"S": "https://u"}})),
+            record(
+                "UPSERT",
+                "INDEX#p",
+                json!({"index_endpoint": {"S": "https://u"}}),
+            ),
             "D",
         );
         assert!(matches!(odd.decoded, Err(Outcome::Rejected(ref r)) if r.contains("UPSERT")));
@@ -588,7 +592,11 @@ mod tests {
         odd["eventName"] = json!(null);
         odd["dynamodb"]["ApproximateCreationDateTime"] = json!(null);
         odd["dynamodb"]["OldImage"] = json!({"shop_id": {"S": "old"}, "x": [1, {"y": null}]});
-        let mut insert = record("INSERT", "INDEX#p", json!({"index_endpoint": {"S": "https://u"}}));
+        let mut insert = record(
+            "INSERT",
+            "INDEX#p",
+            json!({"index_endpoint": {"S": "https://u"}}),
+        );
         insert["dynamodb"]["ApproximateCreationDateTime"] = json!(1700000000);
         insert["dynamodb"]["Keys"] = json!(null);
         let read = [odd.to_string(), insert.to_string()];
@@ -648,7 +656,12 @@ mod tests {
                 super::decode_record(raw, expected),
                 read_batch(&batch, expected).unwrap().remove(0),
             ] {
-                assert_eq!(decoded.decoded.is_ok(), accepted, "{raw}: {:?}", decoded.decoded);
+                assert_eq!(
+                    decoded.decoded.is_ok(),
+                    accepted,
+                    "{raw}: {:?}",
+                    decoded.decoded
+                );
                 if !accepted {
                     assert!(
                         matches!(&decoded.decoded, Err(Outcome::Rejected(r)) if r.contains("eventSourceARN")),
@@ -665,9 +678,17 @@ mod tests {
 
     #[test]
     fn an_endpoint_that_is_not_an_https_url_rejects_the_record() {
-        for endpoint in ["http://idx.example", "idx.example", "https://user:pw@idx.example"] {
+        for endpoint in [
+            "http://idx.example",
+            "idx.example",
+            "https://user:pw@idx.example",
+        ] {
             let decoded = decode_record(
-                record("INSERT", "INDEX#p", json!({"index_endpoint": {"S": endpoint}})),
+                record(
+                    "INSERT",
+                    "INDEX#p",
+                    json!({"index_endpoint": {"S": endpoint}}),
+                ),
                 "D",
             );
             assert!(
@@ -682,11 +703,21 @@ mod tests {
     #[test]
     fn a_huge_field_is_cut_in_the_reason() {
         let huge = "x".repeat(5_000_000);
-        let decoded = decode_record(record("INSERT", &format!("INDEX#{huge}"), json!({"index_endpoint": {"S": huge}})), "D");
+        let decoded = decode_record(
+            record(
+                "INSERT",
+                &format!("INDEX#{huge}"),
+                json!({"index_endpoint": {"S": huge}}),
+            ),
+            "D",
+        );
         let Err(Outcome::Rejected(reason)) = decoded.decoded else {
             panic!("rejected")
         };
         assert!(reason.len() < 1_000, "{} bytes", reason.len());
-        assert!(reason.contains("5000015 bytes") || reason.contains("5000000 bytes"), "{reason}");
+        assert!(
+            reason.contains("5000015 bytes") || reason.contains("5000000 bytes"),
+            "{reason}"
+        );
     }
 }

@@ -56,6 +56,8 @@ pub async fn aws() -> aws_config::SdkConfig {
 
 pub struct Harness {
     pub table: String,
+    /// The table's stream: the function exports records of this source only.
+    pub stream_arn: String,
     pub secret_id: String,
     pub ddb: aws_sdk_dynamodb::Client,
     pub secrets: aws_sdk_secretsmanager::Client,
@@ -106,11 +108,13 @@ impl Harness {
             ("CLOUDFLARE_API_TOKEN_SECRET_ID", secret_id.clone()),
             ("CLOUDFLARE_API_BASE_URL", kv.base_url()),
             ("API_KEYS_SERVICE_URL", keys.url_template()),
+            ("SETTINGS_TABLE_STREAM_ARN", stream_arn.clone()),
         ]);
         let config = Config::from_lookup(|name| env.get(name).cloned()).unwrap();
         let exporter = build_exporter(&config, fast_retry()).await;
         Self {
             table,
+            stream_arn,
             secret_id,
             ddb,
             secrets,
@@ -144,6 +148,7 @@ impl Harness {
             ("CLOUDFLARE_API_TOKEN_SECRET_ID", self.secret_id.clone()),
             ("CLOUDFLARE_API_BASE_URL", self.kv.base_url()),
             ("API_KEYS_SERVICE_URL", self.keys.url_template()),
+            ("SETTINGS_TABLE_STREAM_ARN", self.stream_arn.clone()),
         ]
     }
 
@@ -196,7 +201,19 @@ impl Harness {
     }
 
     /// `timeout` is how long retries may go on, as the invocation deadline less its margin.
-    pub async fn try_invoke(&self, payload: Value, timeout: Duration) -> Result<Value, String> {
+    /// Stream records that name no source get the table's stream, as Lambda stamps each one.
+    pub async fn try_invoke(&self, mut payload: Value, timeout: Duration) -> Result<Value, String> {
+        if let Some(records) = payload.get_mut("Records").and_then(Value::as_array_mut) {
+            for record in records.iter_mut().filter_map(Value::as_object_mut) {
+                let arn = Value::from(self.stream_arn.clone());
+                record.entry("eventSourceARN").or_insert(arn);
+            }
+        }
+        self.invoke_as_sent(payload, timeout).await
+    }
+
+    /// Invokes with the payload exactly as given.
+    pub async fn invoke_as_sent(&self, payload: Value, timeout: Duration) -> Result<Value, String> {
         let deadline = tokio::time::Instant::now() + timeout;
         // As the runtime hands it over: the payload's JSON text.
         let payload = serde_json::to_vec(&payload).expect("JSON");

@@ -24,19 +24,22 @@ fn modify_of(record: &Value, event: &str, seq: usize) -> Value {
 #[tokio::test]
 async fn a_retry_after_a_failed_old_shop_delete_still_deletes_the_old_shop() {
     let mut h = new_image_harness().await;
-    h.put(index_item("acct-1", "p", Some("shop-1"))).await;
+    h.put(index_item("acct-1", "p", Some("shop-1.myshopify.com")))
+        .await;
     h.export_stream().await;
     // One batch: p changes another field (still shop-1), then moves to shop-2.
-    let mut edited = index_item("acct-1", "p", Some("shop-1"));
+    let mut edited = index_item("acct-1", "p", Some("shop-1.myshopify.com"));
     edited["pixel_id"] = json!({"S": "px-2"});
     h.put(edited).await;
-    h.put(index_item("acct-1", "p", Some("shop-2"))).await;
+    h.put(index_item("acct-1", "p", Some("shop-2.myshopify.com")))
+        .await;
     let records = h.stream_records().await;
     assert_eq!(records.len(), 2);
     // The current-shop read passes; the delete of shop-1 (and what follows) fails for good.
     h.kv.inject(Fault::Delay { millis: 0 }, 1);
     h.kv.inject(
         Fault::Status {
+            location: None,
             status: 503,
             retry_after: None,
             retry_after_date: None,
@@ -51,7 +54,7 @@ async fn a_retry_after_a_failed_old_shop_delete_still_deletes_the_old_shop() {
     assert_eq!(failed, sequence_numbers(&records[1..]));
     assert_eq!(
         h.settings("acct-1-p").unwrap()["shop_id"],
-        "shop-1",
+        "shop-1.myshopify.com",
         "the index key keeps the old shop while its delete is owed"
     );
 
@@ -67,27 +70,38 @@ async fn a_retry_after_a_failed_old_shop_delete_still_deletes_the_old_shop() {
 
     assert_eq!(failures(&replay), Vec::<String>::new());
     assert_eq!(
-        h.settings("shop-1"),
+        h.settings("shop-1.myshopify.com"),
         None,
         "the old shop is gone after the retry"
     );
-    assert_eq!(h.settings("shop-2").unwrap()["index_name"], "p");
-    assert_eq!(h.settings("acct-1-p").unwrap()["shop_id"], "shop-2");
+    assert_eq!(
+        h.settings("shop-2.myshopify.com").unwrap()["index_name"],
+        "p"
+    );
+    assert_eq!(
+        h.settings("acct-1-p").unwrap()["shop_id"],
+        "shop-2.myshopify.com"
+    );
 }
 
 #[tokio::test]
 async fn a_shop_that_leaves_an_index_on_a_new_image_stream_loses_its_key() {
     let mut h = new_image_harness().await;
-    h.put(index_item("acct-1", "p", Some("shop-1"))).await;
+    h.put(index_item("acct-1", "p", Some("shop-1.myshopify.com")))
+        .await;
     h.export_stream().await;
     let reads_before = h.kv_calls("bulk/get");
 
-    h.put(index_item("acct-1", "p", Some("shop-2"))).await;
+    h.put(index_item("acct-1", "p", Some("shop-2.myshopify.com")))
+        .await;
     let response = h.export_stream().await;
 
     assert_eq!(failures(&response), Vec::<String>::new());
-    assert_eq!(h.settings("shop-1"), None);
-    assert_eq!(h.settings("shop-2").unwrap()["shop_id"], "shop-2");
+    assert_eq!(h.settings("shop-1.myshopify.com"), None);
+    assert_eq!(
+        h.settings("shop-2.myshopify.com").unwrap()["shop_id"],
+        "shop-2.myshopify.com"
+    );
     assert_eq!(h.kv_calls("bulk/get") - reads_before, 1);
     assert_eq!(h.kv_calls("values"), 0, "no read per key");
 }
@@ -103,7 +117,7 @@ async fn modified_indexes_cost_one_bulk_read_per_hundred() {
             "eventVersion": "1.1", "eventSource": "aws:dynamodb", "awsRegion": REGION,
             "dynamodb": {
                 "Keys": {"pk": {"S": "acct-1"}, "sk": {"S": format!("INDEX#i{i}")}},
-                "NewImage": index_item("acct-1", &format!("i{i}"), Some(&format!("s{i}"))),
+                "NewImage": index_item("acct-1", &format!("i{i}"), Some(&format!("s{i}.myshopify.com"))),
                 "SizeBytes": 100, "StreamViewType": "NEW_IMAGE"
             }
         });
@@ -122,11 +136,16 @@ async fn modified_indexes_cost_one_bulk_read_per_hundred() {
 async fn a_shared_shop_key_moves_to_the_index_that_still_claims_it() {
     let mut h = Harness::new().await;
     h.keys.set_key("acct-1", "k");
-    h.put(index_item("acct-1", "b", Some("shop-s"))).await;
+    h.put(index_item("acct-1", "b", Some("shop-s.myshopify.com")))
+        .await;
     h.export_stream().await;
-    h.put(index_item("acct-1", "a", Some("shop-s"))).await;
+    h.put(index_item("acct-1", "a", Some("shop-s.myshopify.com")))
+        .await;
     h.export_stream().await;
-    assert_eq!(h.settings("shop-s").unwrap()["index_name"], "a");
+    assert_eq!(
+        h.settings("shop-s.myshopify.com").unwrap()["index_name"],
+        "a"
+    );
 
     h.delete("acct-1", "INDEX#a").await;
     let response = h.export_stream().await;
@@ -134,29 +153,42 @@ async fn a_shared_shop_key_moves_to_the_index_that_still_claims_it() {
     assert_eq!(failures(&response), Vec::<String>::new());
     assert_eq!(h.settings("acct-1-a"), None);
     assert_eq!(
-        h.settings("shop-s").unwrap()["index_name"],
+        h.settings("shop-s.myshopify.com").unwrap()["index_name"],
         "b",
         "the shop key now routes to the index that claims it"
     );
 
     // The same when the claiming index's neighbour moves its shop elsewhere.
-    h.put(index_item("acct-1", "c", Some("shop-t"))).await;
-    h.put(index_item("acct-1", "d", Some("shop-t"))).await;
+    h.put(index_item("acct-1", "c", Some("shop-t.myshopify.com")))
+        .await;
+    h.put(index_item("acct-1", "d", Some("shop-t.myshopify.com")))
+        .await;
     h.export_stream().await;
-    assert_eq!(h.settings("shop-t").unwrap()["index_name"], "d");
-    h.put(index_item("acct-1", "d", Some("shop-u"))).await;
+    assert_eq!(
+        h.settings("shop-t.myshopify.com").unwrap()["index_name"],
+        "d"
+    );
+    h.put(index_item("acct-1", "d", Some("shop-u.myshopify.com")))
+        .await;
     let response = h.export_stream().await;
 
     assert_eq!(failures(&response), Vec::<String>::new());
-    assert_eq!(h.settings("shop-t").unwrap()["index_name"], "c");
-    assert_eq!(h.settings("shop-u").unwrap()["index_name"], "d");
+    assert_eq!(
+        h.settings("shop-t.myshopify.com").unwrap()["index_name"],
+        "c"
+    );
+    assert_eq!(
+        h.settings("shop-u.myshopify.com").unwrap()["index_name"],
+        "d"
+    );
 }
 
 #[tokio::test]
 async fn an_alias_that_cannot_be_decoded_still_protects_its_target() {
     let mut h = Harness::new().await;
     h.keys.set_key("acct-1", "k");
-    h.put(index_item("acct-1", "v1", Some("shop-v1"))).await;
+    h.put(index_item("acct-1", "v1", Some("shop-v1.myshopify.com")))
+        .await;
     h.export_stream().await;
     // A hand edit stored a target weight as a string.
     let mut front = index_item("acct-1", "front", None);
@@ -173,7 +205,7 @@ async fn an_alias_that_cannot_be_decoded_still_protects_its_target() {
         h.settings("acct-1-v1").is_some(),
         "kept: an alias points at it"
     );
-    assert!(h.settings("shop-v1").is_some());
+    assert!(h.settings("shop-v1.myshopify.com").is_some());
     assert_eq!(h.kv_calls("bulk/delete"), 0);
 }
 
@@ -231,7 +263,8 @@ async fn operators_export_the_current_api_key_after_a_rotation() {
 
 async fn one_pending(h: &mut Harness) -> Vec<Value> {
     h.keys.set_key("acct-1", "k");
-    h.put(index_item("acct-1", "p", Some("shop-1"))).await;
+    h.put(index_item("acct-1", "p", Some("shop-1.myshopify.com")))
+        .await;
     h.stream_records().await
 }
 
@@ -242,6 +275,7 @@ async fn retry_after_as_an_http_date_or_in_milliseconds_is_honoured() {
         let records = one_pending(&mut h).await;
         h.kv.inject(
             Fault::Status {
+                location: None,
                 status: 429,
                 retry_after: None,
                 retry_after_date: date,
@@ -259,7 +293,7 @@ async fn retry_after_as_an_http_date_or_in_milliseconds_is_honoured() {
             "waited {:?}, told {date:?} s / {millis:?} ms",
             started.elapsed()
         );
-        assert!(h.settings("shop-1").is_some());
+        assert!(h.settings("shop-1.myshopify.com").is_some());
     }
 }
 
@@ -269,6 +303,7 @@ async fn a_rate_limit_lockout_is_waited_out_until_the_deadline_not_hammered() {
     let records = one_pending(&mut h).await;
     h.kv.inject(
         Fault::Status {
+            location: None,
             status: 429,
             retry_after: Some(300),
             retry_after_date: None,
@@ -335,6 +370,6 @@ async fn unsuccessful_keys_that_were_never_sent_are_not_resent() {
 
     assert_eq!(failures(&response), Vec::<String>::new());
     assert_eq!(h.bulk_write_sizes(), [2], "sent once");
-    assert!(h.settings("shop-1").is_some());
+    assert!(h.settings("shop-1.myshopify.com").is_some());
     assert_eq!(logs.matching("not in the request").len(), 1);
 }

@@ -18,8 +18,13 @@ fn samples(prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// The stream every sample names (`make local`'s `.local.env` names it too).
+const SAMPLE_STREAM: &str = "arn:aws:dynamodb:eu-west-1:123456789012:table/dev-EcomIndexSettingsTable/stream/2026-11-21T00:00:00.000";
+
 async fn harness() -> Harness {
-    let h = Harness::new().await;
+    let mut h = Harness::new().await;
+    h.reconfigure("SETTINGS_TABLE_STREAM_ARN", SAMPLE_STREAM)
+        .await;
     h.keys.set_key("acct-1", "sample-key");
     h
 }

@@ -14,8 +14,12 @@ use serde_json::{json, Value};
 async fn one_pending_record() -> (Harness, Vec<Value>) {
     let mut h = Harness::new().await;
     h.keys.set_key("acct-1", "k");
-    h.put(index_item("acct-1", "products", Some("shop-1")))
-        .await;
+    h.put(index_item(
+        "acct-1",
+        "products",
+        Some("shop-1.myshopify.com"),
+    ))
+    .await;
     let records = h.stream_records().await;
     (h, records)
 }
@@ -42,6 +46,7 @@ async fn a_transient_status_is_retried_until_it_passes(status: u16) {
     let (mut h, records) = one_pending_record().await;
     h.kv.inject(
         Fault::Status {
+            location: None,
             status,
             retry_after: None,
             retry_after_date: None,
@@ -53,7 +58,7 @@ async fn a_transient_status_is_retried_until_it_passes(status: u16) {
     let response = h.invoke(json!({ "Records": records })).await;
 
     assert_eq!(failures(&response), Vec::<String>::new(), "{status}");
-    assert!(h.settings("shop-1").is_some(), "{status}");
+    assert!(h.settings("shop-1.myshopify.com").is_some(), "{status}");
     assert_eq!(bulk_statuses(&h), [status, status, 200]);
     serves_the_next_invocation(&mut h).await;
 }
@@ -83,6 +88,7 @@ async fn kv_errors_that_outlast_the_retries_report_the_records() {
     let (mut h, records) = one_pending_record().await;
     h.kv.inject(
         Fault::Status {
+            location: None,
             status: 503,
             retry_after: None,
             retry_after_date: None,
@@ -107,6 +113,7 @@ async fn kv_429_waits_as_retry_after_says() {
     let (mut h, records) = one_pending_record().await;
     h.kv.inject(
         Fault::Status {
+            location: None,
             status: 429,
             retry_after: Some(1),
             retry_after_date: None,
@@ -124,7 +131,7 @@ async fn kv_429_waits_as_retry_after_says() {
         "waited as told"
     );
     assert_eq!(bulk_statuses(&h), [429, 200]);
-    assert!(h.settings("shop-1").is_some());
+    assert!(h.settings("shop-1.myshopify.com").is_some());
     serves_the_next_invocation(&mut h).await;
 }
 
@@ -133,6 +140,7 @@ async fn kv_429_without_retry_after_backs_off() {
     let (mut h, records) = one_pending_record().await;
     h.kv.inject(
         Fault::Status {
+            location: None,
             status: 429,
             retry_after: None,
             retry_after_date: None,
@@ -157,7 +165,7 @@ async fn kv_unsuccessful_keys_are_sent_again() {
 
     assert_eq!(failures(&response), Vec::<String>::new());
     assert_eq!(h.bulk_write_sizes(), [2, 1], "only the missing key again");
-    assert!(h.settings("shop-1").is_some());
+    assert!(h.settings("shop-1.myshopify.com").is_some());
     assert!(h.settings("acct-1-products").is_some());
     serves_the_next_invocation(&mut h).await;
 }
@@ -173,25 +181,31 @@ async fn kv_keys_that_stay_unsuccessful_report_their_record() {
     serves_the_next_invocation(&mut h).await;
 }
 
+/// A refused request is never sent again as it was: it is split in two (one of its keys may
+/// be the cause); when every part is refused too, nothing is a single key's fault and the
+/// records are reported for retry.
 async fn a_client_error_is_not_retried(status: u16) {
     let (mut h, records) = one_pending_record().await;
     h.kv.inject(
         Fault::Status {
+            location: None,
             status,
             retry_after: None,
             retry_after_date: None,
             retry_after_ms: None,
         },
-        1,
+        100,
     );
 
     let logs = Logs::capture();
     let response = h.invoke(json!({ "Records": records.clone() })).await;
+    h.kv.clear_faults();
 
     assert_eq!(failures(&response), sequence_numbers(&records), "{status}");
-    assert_eq!(bulk_statuses(&h), [status]);
+    // The record's two keys: the request, then each half alone.
+    assert_eq!(bulk_statuses(&h), [status, status, status]);
     let failed = logs.matching("record failed");
-    assert_eq!(failed.len(), 1);
+    assert_eq!(failed.len(), 1, "{failed:?}");
     // The reason quotes Cloudflare's error envelope: its code and message.
     assert!(
         failed[0].contains(&format!("HTTP {status} (10999 injected fault)")),
@@ -225,7 +239,7 @@ async fn kv_slower_than_the_client_timeout_is_retried() {
     let response = h.invoke(json!({ "Records": records })).await;
 
     assert_eq!(failures(&response), Vec::<String>::new());
-    assert!(h.settings("shop-1").is_some());
+    assert!(h.settings("shop-1.myshopify.com").is_some());
     serves_the_next_invocation(&mut h).await;
 }
 
@@ -264,13 +278,20 @@ async fn kv_401_after_a_token_rotation_refetches_the_token_once() {
         .await
         .unwrap();
     h.kv.set_tokens(&["cf-token-2"]);
-    h.put(index_item("acct-1", "products", Some("shop-2")))
-        .await;
+    h.put(index_item(
+        "acct-1",
+        "products",
+        Some("shop-2.myshopify.com"),
+    ))
+    .await;
 
     let response = h.export_stream().await;
 
     assert_eq!(failures(&response), Vec::<String>::new());
-    assert_eq!(h.settings("shop-2").unwrap()["shop_id"], "shop-2");
+    assert_eq!(
+        h.settings("shop-2.myshopify.com").unwrap()["shop_id"],
+        "shop-2.myshopify.com"
+    );
     // The old shop key's delete goes first: it meets the rotation, refetches, and goes through.
     let calls: Vec<(String, u16)> =
         h.kv.requests()
@@ -309,6 +330,7 @@ async fn retries_that_would_outlast_the_deadline_stop_and_report_what_is_left() 
     let (mut h, records) = one_pending_record().await;
     h.kv.inject(
         Fault::Status {
+            location: None,
             status: 503,
             retry_after: Some(30),
             retry_after_date: None,
@@ -432,7 +454,7 @@ async fn secrets_manager_unreachable_at_cold_start_reports_the_batch_then_recove
         "{}",
         function.output()
     );
-    assert!(h.settings("shop-1").is_some());
+    assert!(h.settings("shop-1.myshopify.com").is_some());
     h.stream_records().await;
 }
 
@@ -454,7 +476,7 @@ async fn dynamodb_unreachable_during_the_alias_scan_retries_the_remove_never_del
         h.settings("acct-1-products").is_some(),
         "not deleted unchecked"
     );
-    assert!(h.settings("shop-1").is_some());
+    assert!(h.settings("shop-1.myshopify.com").is_some());
     function.wait_for("cannot scan the settings table").await;
 
     table.set_up(true);
@@ -469,7 +491,7 @@ async fn dynamodb_unreachable_during_the_alias_scan_retries_the_remove_never_del
         function.output()
     );
     assert_eq!(h.settings("acct-1-products"), None);
-    assert_eq!(h.settings("shop-1"), None);
+    assert_eq!(h.settings("shop-1.myshopify.com"), None);
 }
 
 #[tokio::test]

@@ -17,8 +17,12 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 async fn the_binary_answers_a_stream_batch_through_the_runtime_api() {
     let mut h = Harness::new().await;
     h.keys.set_key("acct-1", "marqo-secret-key");
-    h.put(index_item("acct-1", "products", Some("shop-1")))
-        .await;
+    h.put(index_item(
+        "acct-1",
+        "products",
+        Some("shop-1.myshopify.com"),
+    ))
+    .await;
     h.put(json!({"pk": {"S": "acct-1"}, "sk": {"S": "INDEX#broken"}}))
         .await;
     let records = h.stream_records().await;
@@ -34,7 +38,7 @@ async fn the_binary_answers_a_stream_batch_through_the_runtime_api() {
         function.output()
     );
     assert_eq!(
-        h.settings("shop-1").unwrap()["marqo_api_key"],
+        h.settings("shop-1.myshopify.com").unwrap()["marqo_api_key"],
         "marqo-secret-key"
     );
     function.wait_for("\"_aws\"").await; // the metrics document comes last
@@ -100,8 +104,12 @@ async fn unsupported_payloads_fail_with_what_is_accepted() {
 async fn a_manual_reexport_answers_a_summary_of_the_keys_written() {
     let h = Harness::new().await;
     h.keys.set_key("acct-1", "k");
-    h.put(index_item("acct-1", "products", Some("shop-1")))
-        .await;
+    h.put(index_item(
+        "acct-1",
+        "products",
+        Some("shop-1.myshopify.com"),
+    ))
+    .await;
     h.put(
         json!({"pk": {"S": "acct-1"}, "sk": {"S": "INDEX#products#QUERY#red shoes"},
                  "query_config": {"M": {"boost": {"N": "2"}}}}),
@@ -120,7 +128,7 @@ async fn a_manual_reexport_answers_a_summary_of_the_keys_written() {
     let answer = answer.unwrap_or_else(|e| panic!("{e}\n{}", function.output()));
     assert_eq!(
         answer["written"]["settings"],
-        json!(["acct-1-products", "shop-1"])
+        json!(["acct-1-products", "shop-1.myshopify.com"])
     );
     assert_eq!(
         answer["written"]["query_configs"],
@@ -130,7 +138,10 @@ async fn a_manual_reexport_answers_a_summary_of_the_keys_written() {
         ])
     );
     assert_eq!(answer["keys_written"], 4);
-    assert_eq!(h.settings("shop-1").unwrap()["index_name"], "products");
+    assert_eq!(
+        h.settings("shop-1.myshopify.com").unwrap()["index_name"],
+        "products"
+    );
     assert_eq!(override_keys(&h).len(), 1);
 
     let missing = runtime

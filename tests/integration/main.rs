@@ -9,6 +9,7 @@ mod demo;
 mod divergence;
 mod events;
 mod fault_matrix;
+mod hostile_input;
 mod lambda_runtime;
 mod operator_cli;
 mod operator_modes;

@@ -8,8 +8,12 @@ use serde_json::{json, Value};
 async fn products() -> Harness {
     let h = Harness::new().await;
     h.keys.set_key("acct-1", "key-1");
-    h.put(index_item("acct-1", "products", Some("shop-1")))
-        .await;
+    h.put(index_item(
+        "acct-1",
+        "products",
+        Some("shop-1.myshopify.com"),
+    ))
+    .await;
     h.put(query_item("acct-1", "products", "red shoes")).await;
     h.put(query_item("acct-1", "products", "été")).await;
     h
@@ -25,7 +29,7 @@ async fn a_reexport_writes_the_index_and_only_asked_for_query_configs() {
 
     assert_eq!(
         answer["written"]["settings"],
-        json!(["acct-1-products", "shop-1"])
+        json!(["acct-1-products", "shop-1.myshopify.com"])
     );
     assert_eq!(answer["written"]["query_configs"], json!([]));
     assert!(h.kv.keys(CF_ACCOUNT, QCFG_NS).is_empty());
@@ -79,8 +83,11 @@ async fn a_dry_run_looks_everything_up_writes_nothing_and_masks_the_api_key() {
     let keys: Vec<&str> = writes.iter().map(|w| w["key"].as_str().unwrap()).collect();
     assert_eq!(keys.len(), 5, "{keys:?}");
     assert!(keys.contains(&"qfilter-acct-1-products"), "the filter too");
-    assert!(keys.contains(&"shop-1") && keys.contains(&"acct-1-products"));
-    let settings = writes.iter().find(|w| w["key"] == "shop-1").unwrap();
+    assert!(keys.contains(&"shop-1.myshopify.com") && keys.contains(&"acct-1-products"));
+    let settings = writes
+        .iter()
+        .find(|w| w["key"] == "shop-1.myshopify.com")
+        .unwrap();
     assert_eq!(settings["value"]["marqo_api_key"], "<masked>");
     assert_eq!(
         settings["value"]["index_url"],
@@ -114,9 +121,14 @@ async fn verify_finds_each_drift_kind_and_repair_fixes_it() {
     let index = json!({"system_account_id": "acct-1", "index_name": "products", "include_query_configs": true});
     h.invoke(index.clone()).await;
     // Drift: a stale shop value, a missing index key, a missing and an unexpected query config.
-    let mut stale = h.settings("shop-1").unwrap();
+    let mut stale = h.settings("shop-1.myshopify.com").unwrap();
     stale["index_url"] = json!("https://old.example");
-    h.kv.insert(CF_ACCOUNT, SETTINGS_NS, "shop-1", &stale.to_string());
+    h.kv.insert(
+        CF_ACCOUNT,
+        SETTINGS_NS,
+        "shop-1.myshopify.com",
+        &stale.to_string(),
+    );
     h.kv.remove(CF_ACCOUNT, SETTINGS_NS, "acct-1-products");
     h.kv.remove(CF_ACCOUNT, QCFG_NS, &qcfg_key("acct-1", "products", "été"));
     let orphan = qcfg_key("acct-1", "products", "deleted query");
@@ -151,7 +163,7 @@ async fn verify_finds_each_drift_kind_and_repair_fixes_it() {
             .find(|(k, _)| k == key)
             .map(|(_, s)| s.as_str())
     };
-    assert_eq!(status("shop-1"), Some("stale"));
+    assert_eq!(status("shop-1.myshopify.com"), Some("stale"));
     assert_eq!(status("acct-1-products"), Some("missing"));
     assert_eq!(
         status(&qcfg_key("acct-1", "products", "red shoes")),
@@ -167,7 +179,7 @@ async fn verify_finds_each_drift_kind_and_repair_fixes_it() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|k| k["key"] == "shop-1")
+        .find(|k| k["key"] == "shop-1.myshopify.com")
         .unwrap();
     assert_eq!(shop["fields"], json!(["index_url"]));
     assert_eq!(
@@ -206,7 +218,7 @@ async fn verify_finds_each_drift_kind_and_repair_fixes_it() {
     let after = h.invoke(verify).await;
     assert_eq!(after["in_sync"], true, "{after}");
     assert_eq!(
-        h.settings("shop-1").unwrap()["index_url"],
+        h.settings("shop-1.myshopify.com").unwrap()["index_url"],
         "https://acct-1-products.idx.example"
     );
     assert!(
@@ -247,7 +259,7 @@ async fn a_backfill_resumes_with_its_token_until_the_table_is_exported() {
             h.put(index_item(
                 account,
                 &format!("idx-{i}"),
-                Some(&format!("shop-{account}-{i}")),
+                Some(&format!("shop-{account}-{i}.myshopify.com")),
             ))
             .await;
         }
@@ -283,7 +295,7 @@ async fn a_backfill_resumes_with_its_token_until_the_table_is_exported() {
     assert_eq!(rejected[0]["index_name"], "broken");
     assert_eq!(h.kv.keys(CF_ACCOUNT, SETTINGS_NS).len(), 24);
     assert_eq!(
-        h.settings("shop-acct-b-5").unwrap()["marqo_api_key"],
+        h.settings("shop-acct-b-5.myshopify.com").unwrap()["marqo_api_key"],
         "key-acct-b"
     );
     assert!(h.kv.keys(CF_ACCOUNT, QCFG_NS).is_empty());
@@ -344,7 +356,7 @@ async fn a_backfill_stops_at_a_failing_page_and_resuming_retries_it() {
     assert_eq!(resumed["complete"], true);
     assert_eq!(
         h.kv.keys(CF_ACCOUNT, SETTINGS_NS),
-        ["acct-1-products", "shop-1"]
+        ["acct-1-products", "shop-1.myshopify.com"]
     );
 }
 

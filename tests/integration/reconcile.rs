@@ -34,9 +34,15 @@ fn data_writes(h: &Harness) -> usize {
 async fn drifted() -> Harness {
     let h = Harness::new().await;
     h.keys.set_key("acct-1", "k");
-    h.put(index_item("acct-1", "a", Some("shop-a"))).await;
+    h.put(index_item("acct-1", "a", Some("shop-a.myshopify.com")))
+        .await;
     h.put(index_item("acct-1", "b", None)).await;
-    h.put(index_item("acct-1", "gone", Some("shop-gone"))).await;
+    h.put(index_item(
+        "acct-1",
+        "gone",
+        Some("shop-gone.myshopify.com"),
+    ))
+    .await;
     h.put(index_item("acct-1", "v1", None)).await;
     let mut front = index_item("acct-1", "front", None);
     front["read_alias"] = json!({"S": "acct-1-v1"});
@@ -49,7 +55,7 @@ async fn drifted() -> Harness {
     h.kv.remove(CF_ACCOUNT, SETTINGS_NS, "acct-1-b");
     h.kv.remove(CF_ACCOUNT, QCFG_NS, &qcfg_key("acct-1", "a", "boots"));
     // stale: the table changed and no stream record reached KV (two keys: shop and id).
-    let mut changed = index_item("acct-1", "a", Some("shop-a"));
+    let mut changed = index_item("acct-1", "a", Some("shop-a.myshopify.com"));
     changed["pixel_id"] = json!({"S": "px-new"});
     h.put(changed).await;
     // orphaned: records removed while the stream was down (two keys).
@@ -82,8 +88,14 @@ async fn each_class_is_found_and_a_dry_run_writes_nothing() {
     assert_eq!(samples["protected"], json!(["qfilter-acct-1-v1"]));
     let samples = &answer["samples"]["settings"];
     assert_eq!(samples["missing"], json!(["acct-1-b"]));
-    assert_eq!(samples["stale"], json!(["acct-1-a", "shop-a"]));
-    assert_eq!(samples["orphaned"], json!(["acct-1-gone", "shop-gone"]));
+    assert_eq!(
+        samples["stale"],
+        json!(["acct-1-a", "shop-a.myshopify.com"])
+    );
+    assert_eq!(
+        samples["orphaned"],
+        json!(["acct-1-gone", "shop-gone.myshopify.com"])
+    );
     assert_eq!(samples["protected"], json!(["acct-1-v1"]));
     assert_eq!(samples["foreign"], json!(["feature-toggle"]));
     assert_eq!(answer["would_repair"], json!({"written": 4, "deleted": 3}));
@@ -103,10 +115,13 @@ async fn repair_fixes_drift_keeps_foreign_and_protected_keys_and_a_second_run_is
         "{answer}"
     );
     assert_eq!(h.settings("acct-1-b").unwrap()["index_name"], "b");
-    assert_eq!(h.settings("shop-a").unwrap()["pixel_id"], "px-new");
+    assert_eq!(
+        h.settings("shop-a.myshopify.com").unwrap()["pixel_id"],
+        "px-new"
+    );
     assert!(h.query_config(&qcfg_key("acct-1", "a", "boots")).is_some());
     assert_eq!(h.settings("acct-1-gone"), None);
-    assert_eq!(h.settings("shop-gone"), None);
+    assert_eq!(h.settings("shop-gone.myshopify.com"), None);
     assert!(h.settings("acct-1-v1").is_some(), "protected by an alias");
     assert_eq!(filter_of(&h, "acct-1", "gone"), None);
     assert!(filter_of(&h, "acct-1", "v1").is_some());
@@ -116,7 +131,9 @@ async fn repair_fixes_drift_keeps_foreign_and_protected_keys_and_a_second_run_is
         Some("on"),
         "foreign keys are never touched"
     );
-    let meta = h.kv.metadata(CF_ACCOUNT, SETTINGS_NS, "shop-a").unwrap();
+    let meta =
+        h.kv.metadata(CF_ACCOUNT, SETTINGS_NS, "shop-a.myshopify.com")
+            .unwrap();
     assert_eq!(meta["writer"], "ecom-settings-exporter");
     assert_eq!(meta["index"], "a");
 
@@ -203,8 +220,12 @@ async fn an_account_of_a_thousand_indexes_is_reconciled_with_list_requests_only(
         h.put(index_item("acct-big", &format!("i{i:04}"), None))
             .await;
     }
-    h.put(index_item("acct-other", "x", Some("shop-other")))
-        .await;
+    h.put(index_item(
+        "acct-other",
+        "x",
+        Some("shop-other.myshopify.com"),
+    ))
+    .await;
     backfill(&h).await;
     let calls = |op: &str| h.kv_calls(op);
     let (lists, reads, values) = (calls("keys"), calls("bulk/get"), calls("values"));

@@ -21,8 +21,12 @@ async fn neither_token_nor_api_key_appears_anywhere_but_kv() {
     let logs = Logs::capture();
     let mut h = Harness::new().await;
     h.keys.set_key("acct-1", API_KEY);
-    h.put(index_item("acct-1", "products", Some("shop-1")))
-        .await;
+    h.put(index_item(
+        "acct-1",
+        "products",
+        Some("shop-1.myshopify.com"),
+    ))
+    .await;
     h.put(json!({"pk": {"S": "acct-1"}, "sk": {"S": "INDEX#broken"}}))
         .await;
     h.put(json!({"pk": {"S": "acct-1"}, "sk": {"S": "INDEX#products#QUERY#q"}, "query_config": {"M": {}}}))
@@ -32,6 +36,7 @@ async fn neither_token_nor_api_key_appears_anywhere_but_kv() {
     let records = h.stream_records().await;
     h.kv.inject(
         Fault::Status {
+            location: None,
             status: 503,
             retry_after: None,
             retry_after_date: None,
@@ -41,6 +46,7 @@ async fn neither_token_nor_api_key_appears_anywhere_but_kv() {
     );
     h.kv.inject(
         Fault::Status {
+            location: None,
             status: 400,
             retry_after: None,
             retry_after_date: None,
@@ -56,8 +62,14 @@ async fn neither_token_nor_api_key_appears_anywhere_but_kv() {
     for answer in [&first, &second, &third] {
         assert_hidden("a batch response", &answer.to_string());
     }
-    assert!(h.settings("shop-1").is_some(), "the key does reach KV");
-    assert_eq!(h.settings("shop-1").unwrap()["marqo_api_key"], API_KEY);
+    assert!(
+        h.settings("shop-1.myshopify.com").is_some(),
+        "the key does reach KV"
+    );
+    assert_eq!(
+        h.settings("shop-1.myshopify.com").unwrap()["marqo_api_key"],
+        API_KEY
+    );
 
     // Every manual mode, and their errors.
     let index = json!({"system_account_id": "acct-1", "index_name": "products", "include_query_configs": true});
@@ -88,12 +100,13 @@ async fn neither_token_nor_api_key_appears_anywhere_but_kv() {
     // A failing re-export's error message.
     h.kv.inject(
         Fault::Status {
+            location: None,
             status: 400,
             retry_after: None,
             retry_after_date: None,
             retry_after_ms: None,
         },
-        1,
+        10,
     );
     let error = h
         .try_invoke(index.clone(), Duration::from_secs(30))

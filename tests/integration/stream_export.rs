@@ -98,7 +98,7 @@ async fn the_last_write_to_a_key_wins_in_one_request() {
     let mut h = Harness::new().await;
     h.keys.set_key("acct-1", "k");
     for version in 1..=3 {
-        let mut item = index_item("acct-1", "products", Some("shop-1"));
+        let mut item = index_item("acct-1", "products", Some("shop-1.myshopify.com"));
         item["pixel_id"] = json!({"S": format!("px-v{version}")});
         h.put(item).await;
     }
@@ -106,7 +106,10 @@ async fn the_last_write_to_a_key_wins_in_one_request() {
     h.export_stream().await;
 
     assert_eq!(h.settings("acct-1-products").unwrap()["pixel_id"], "px-v3");
-    assert_eq!(h.settings("shop-1").unwrap()["pixel_id"], "px-v3");
+    assert_eq!(
+        h.settings("shop-1.myshopify.com").unwrap()["pixel_id"],
+        "px-v3"
+    );
     assert_eq!(h.bulk_write_sizes(), [2], "one request, one pair per key");
     assert_eq!(h.keys.calls().len(), 1);
 }
@@ -175,7 +178,12 @@ async fn ten_thousand_records_across_accounts_cost_two_bulk_requests_and_one_key
     let records: Vec<Value> = (0..10_000)
         .map(|i| {
             let account = accounts[i % accounts.len()];
-            synthetic_record(i, account, &format!("idx-{i}"), Some(&format!("shop-{i}")))
+            synthetic_record(
+                i,
+                account,
+                &format!("idx-{i}"),
+                Some(&format!("shop-{i}.myshopify.com")),
+            )
         })
         .collect();
 
@@ -188,7 +196,7 @@ async fn ten_thousand_records_across_accounts_cost_two_bulk_requests_and_one_key
     assert_eq!(called, accounts);
     assert_eq!(h.kv.keys(CF_ACCOUNT, SETTINGS_NS).len(), 20_000);
     assert_eq!(
-        h.settings("shop-9999").unwrap()["marqo_api_key"],
+        h.settings("shop-9999.myshopify.com").unwrap()["marqo_api_key"],
         "key-acct-e"
     );
 }
@@ -197,7 +205,8 @@ async fn ten_thousand_records_across_accounts_cost_two_bulk_requests_and_one_key
 async fn a_remove_deletes_both_keys_when_nothing_points_at_the_index() {
     let mut h = Harness::new().await;
     h.keys.set_key("acct-1", "k");
-    h.put(index_item("acct-1", "old", Some("shop-old"))).await;
+    h.put(index_item("acct-1", "old", Some("shop-old.myshopify.com")))
+        .await;
     // Aliases that do not protect: disabled, or pointing elsewhere.
     let mut front = index_item("acct-1", "front", None);
     front["index_aliases"] = json!({"M": {
@@ -207,14 +216,14 @@ async fn a_remove_deletes_both_keys_when_nothing_points_at_the_index() {
     }});
     h.put(front).await;
     h.export_stream().await;
-    assert!(h.settings("shop-old").is_some());
+    assert!(h.settings("shop-old.myshopify.com").is_some());
 
     h.delete("acct-1", "INDEX#old").await;
     let response = h.export_stream().await;
 
     assert_eq!(response, json!({"batchItemFailures": []}));
     assert_eq!(h.settings("acct-1-old"), None);
-    assert_eq!(h.settings("shop-old"), None);
+    assert_eq!(h.settings("shop-old.myshopify.com"), None);
     assert!(h.settings("acct-1-front").is_some());
 }
 
@@ -222,7 +231,8 @@ async fn a_remove_deletes_both_keys_when_nothing_points_at_the_index() {
 async fn a_remove_keeps_the_keys_while_a_live_alias_points_at_the_index() {
     let mut h = Harness::new().await;
     h.keys.set_key("acct-1", "k");
-    h.put(index_item("acct-1", "v1", Some("shop-v1"))).await;
+    h.put(index_item("acct-1", "v1", Some("shop-v1.myshopify.com")))
+        .await;
     h.put(index_item("acct-1", "v2", None)).await;
     let mut reader = index_item("acct-1", "products", None);
     reader["index_aliases"] = json!({"M": {"doc_reads": {"M": {"enabled": {"BOOL": true}, "targets": {"L": [
@@ -240,7 +250,7 @@ async fn a_remove_keeps_the_keys_while_a_live_alias_points_at_the_index() {
 
     assert_eq!(response, json!({"batchItemFailures": []}));
     assert!(h.settings("acct-1-v1").is_some());
-    assert!(h.settings("shop-v1").is_some());
+    assert!(h.settings("shop-v1.myshopify.com").is_some());
     assert!(
         h.settings("acct-1-v2").is_some(),
         "a legacy read_alias protects too"
@@ -264,8 +274,12 @@ async fn a_remove_keeps_the_keys_while_a_live_alias_points_at_the_index() {
 async fn new_image_streams_read_the_shop_from_kv_on_remove() {
     let mut h = Harness::with_view(aws_sdk_dynamodb::types::StreamViewType::NewImage).await;
     h.keys.set_key("acct-1", "k");
-    h.put(index_item("acct-1", "products", Some("shop-1")))
-        .await;
+    h.put(index_item(
+        "acct-1",
+        "products",
+        Some("shop-1.myshopify.com"),
+    ))
+    .await;
     h.export_stream().await;
 
     h.delete("acct-1", "INDEX#products").await;
@@ -275,24 +289,38 @@ async fn new_image_streams_read_the_shop_from_kv_on_remove() {
     assert_eq!(h.kv_calls("bulk/get"), 1, "one read of the current value");
     assert_eq!(h.kv_calls("values"), 0);
     assert_eq!(h.settings("acct-1-products"), None);
-    assert_eq!(h.settings("shop-1"), None);
+    assert_eq!(h.settings("shop-1.myshopify.com"), None);
 }
 
 #[tokio::test]
 async fn a_shop_change_deletes_the_old_shop_key() {
     let mut h = Harness::new().await;
     h.keys.set_key("acct-1", "k");
-    h.put(index_item("acct-1", "products", Some("shop-a")))
-        .await;
+    h.put(index_item(
+        "acct-1",
+        "products",
+        Some("shop-a.myshopify.com"),
+    ))
+    .await;
     h.export_stream().await;
 
-    h.put(index_item("acct-1", "products", Some("shop-b")))
-        .await;
+    h.put(index_item(
+        "acct-1",
+        "products",
+        Some("shop-b.myshopify.com"),
+    ))
+    .await;
     h.export_stream().await;
 
-    assert_eq!(h.settings("shop-a"), None);
-    assert_eq!(h.settings("shop-b").unwrap()["shop_id"], "shop-b");
-    assert_eq!(h.settings("acct-1-products").unwrap()["shop_id"], "shop-b");
+    assert_eq!(h.settings("shop-a.myshopify.com"), None);
+    assert_eq!(
+        h.settings("shop-b.myshopify.com").unwrap()["shop_id"],
+        "shop-b.myshopify.com"
+    );
+    assert_eq!(
+        h.settings("acct-1-products").unwrap()["shop_id"],
+        "shop-b.myshopify.com"
+    );
 }
 
 #[tokio::test]
@@ -330,8 +358,12 @@ async fn an_account_without_an_api_key_is_rejected_and_never_written() {
     let mut h = Harness::new().await;
     h.keys.set_key("acct-1", "k");
     h.put(index_item("acct-1", "products", None)).await;
-    h.put(index_item("acct-nokey", "products", Some("shop-nokey")))
-        .await;
+    h.put(index_item(
+        "acct-nokey",
+        "products",
+        Some("shop-nokey.myshopify.com"),
+    ))
+    .await;
 
     let logs = Logs::capture();
     let response = h.export_stream().await;
@@ -339,7 +371,7 @@ async fn an_account_without_an_api_key_is_rejected_and_never_written() {
     assert_eq!(response, json!({"batchItemFailures": []}));
     assert!(h.settings("acct-1-products").is_some());
     assert_eq!(h.settings("acct-nokey-products"), None);
-    assert_eq!(h.settings("shop-nokey"), None);
+    assert_eq!(h.settings("shop-nokey.myshopify.com"), None);
     let rejected = logs.matching("record rejected");
     assert_eq!(rejected.len(), 1);
     assert!(rejected[0].contains("has no API key"), "{}", rejected[0]);

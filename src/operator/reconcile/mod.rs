@@ -307,6 +307,12 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
             // Through the same planner's values and the same bulk requests as the stream.
             let mut prepared = prepared;
             prepared.plan.ops.retain(|key, _| to_write.contains(key));
+            // Indexes left unchecked (logged above) are not this repair's to finish.
+            for outcome in &mut prepared.plan.outcomes {
+                if matches!(outcome, Outcome::Failed(_)) {
+                    *outcome = Outcome::Skipped("left unchecked this pass".into());
+                }
+            }
             for key in to_delete {
                 let delete = PlannedOp {
                     action: KvAction::Delete,
@@ -381,10 +387,12 @@ async fn implied<K: KvStore, A: ApiKeySource, T: SettingsTable>(
     for (record, outcome) in prepared.records.iter().zip(&prepared.plan.outcomes) {
         match outcome {
             Outcome::Failed(reason) => {
-                // Without every value, missing and orphaned cannot be told apart.
-                return Err(failed(format!(
-                    "cannot work out what the table implies: {reason}"
-                )));
+                // One record's outage (its cell's API keys service down) never stops the
+                // fleet's reconcile: its keys are kept as they are and checked next pass.
+                tracing::warn!(index = ?record.index, %reason, "reconcile leaves this index unchecked");
+                if let Some(index) = &record.index {
+                    unexportable.insert(index.clone());
+                }
             }
             Outcome::Rejected(_) => {
                 if let Some(index) = &record.index {
