@@ -2,7 +2,7 @@
 //! exporter's report becomes the answer (the partial-batch response, or an operator answer).
 
 use std::borrow::Cow;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use lambda_runtime::{Diagnostic, LambdaEvent};
@@ -18,9 +18,9 @@ use crate::pipeline::records::{decode_record, read_batch, ChangeRecord, Expected
 use crate::ports::{ApiKeySource, KvStore, SettingsTable};
 use crate::report::{BatchReport, Outcome};
 
-const ACCEPTED: &str =
-    "expected a DynamoDB stream batch {\"Records\": [...]} or a manual re-export \
-{\"system_account_id\": \"...\", \"index_name\": \"...\", \"include_query_configs\": false}";
+const ACCEPTED: &str = "expected a DynamoDB stream batch {\"Records\": [...]}, or an operator \
+payload: a re-export {\"system_account_id\": \"...\", \"index_name\": \"...\"}, or \
+{\"mode\": \"reexport\" | \"verify\" | \"backfill\" | \"reconcile\", ...} (docs/operations.md, \"Manual modes\")";
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum HandlerError {
@@ -150,21 +150,33 @@ impl Payload {
 /// Retry budget when the runtime's deadline is unusable.
 const UNKNOWN_DEADLINE_BUDGET: Duration = Duration::from_secs(60);
 
+/// Deadlines before this (2001) are not times: `cargo lambda watch` sends the function's
+/// timeout in milliseconds (600000) where Lambda sends the epoch milliseconds of the deadline.
+const EARLIEST_DEADLINE: Duration = Duration::from_secs(978_307_200);
+
 /// The instant to stop retrying: the invocation's deadline less a margin to answer in. Short
 /// timeouts keep most of their time: the margin is at most a fifth of what is left.
 pub fn retry_deadline(deadline: SystemTime, margin: Duration) -> Instant {
-    match deadline.duration_since(SystemTime::now()) {
-        Ok(left) if !left.is_zero() => Instant::now() + left.saturating_sub(margin.min(left / 5)),
-        // Lambda never hands out an invocation that is already late; local runtimes may send a
-        // duration instead of a time (`cargo lambda watch` sends 600000).
+    let since_epoch = deadline.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let left = match deadline.duration_since(SystemTime::now()) {
+        Ok(left) if !left.is_zero() => left,
+        _ if !since_epoch.is_zero() && since_epoch < EARLIEST_DEADLINE => {
+            tracing::debug!(
+                timeout_ms = since_epoch.as_millis() as u64,
+                "the runtime sent a timeout, not a deadline (a local runtime): using it as one"
+            );
+            since_epoch
+        }
+        // Lambda never hands out an invocation that is already late.
         _ => {
             tracing::warn!(
                 budget_s = UNKNOWN_DEADLINE_BUDGET.as_secs(),
-                "the invocation deadline is already past: a local runtime? retrying within a fixed budget"
+                "the invocation deadline is already past; retrying within a fixed budget"
             );
-            Instant::now() + UNKNOWN_DEADLINE_BUDGET
+            return Instant::now() + UNKNOWN_DEADLINE_BUDGET;
         }
-    }
+    };
+    Instant::now() + left.saturating_sub(margin.min(left / 5))
 }
 
 pub async fn handle<K: KvStore, A: ApiKeySource, T: SettingsTable>(
@@ -264,9 +276,17 @@ mod tests {
     }
 
     #[test]
-    fn a_deadline_in_the_past_gets_a_fixed_budget() {
-        let local = std::time::UNIX_EPOCH + Duration::from_millis(600_000);
+    fn a_local_runtime_s_timeout_is_taken_as_the_time_left() {
+        // `cargo lambda watch` sends 600000: ten minutes, not a time in 1970.
+        let local = UNIX_EPOCH + Duration::from_millis(600_000);
         let budget = retry_deadline(local, Duration::from_secs(5)).duration_since(Instant::now());
+        assert!(budget > Duration::from_secs(594) && budget <= Duration::from_secs(595));
+    }
+
+    #[test]
+    fn a_deadline_in_the_past_gets_a_fixed_budget() {
+        let late = SystemTime::now() - Duration::from_secs(1);
+        let budget = retry_deadline(late, Duration::from_secs(5)).duration_since(Instant::now());
         assert!(budget > Duration::from_secs(59) && budget <= UNKNOWN_DEADLINE_BUDGET);
     }
 
@@ -318,9 +338,12 @@ mod tests {
             json!({"Records": 5}),
             json!("x"),
         ] {
-            let err = Payload::parse(&raw(payload), "D").unwrap_err();
-            assert!(err.to_string().contains("{\"Records\": [...]}"), "{err}");
-            assert!(err.to_string().contains("system_account_id"), "{err}");
+            let err = Payload::parse(&raw(payload), "D").unwrap_err().to_string();
+            assert!(err.contains("{\"Records\": [...]}"), "{err}");
+            assert!(err.contains("system_account_id"), "{err}");
+            for mode in ["reexport", "verify", "backfill", "reconcile"] {
+                assert!(err.contains(&format!("\"{mode}\"")), "{mode}: {err}");
+            }
         }
     }
 }

@@ -70,6 +70,40 @@ impl BatchReport {
 
     /// One line per rejected, failed or kept record, then one line for the batch.
     pub fn log(&self) {
+        self.log_records();
+        tracing::info!(
+            records = self.records.len(),
+            exported = self.count(|o| matches!(o, Outcome::Exported)),
+            skipped = self.count(|o| matches!(o, Outcome::Skipped(_))),
+            rejected = self.count(|o| matches!(o, Outcome::Rejected(_))),
+            failed = self.count(|o| matches!(o, Outcome::Failed(_))),
+            kept = self.count(|o| matches!(o, Outcome::Kept { .. })),
+            kv_requests = self.kv_requests,
+            kv_retries = self.kv_retries,
+            keys_written = self.keys_written,
+            keys_deleted = self.keys_deleted,
+            api_key_calls = self.api_keys.calls,
+            api_key_cache_hits = self.api_keys.cache_hits,
+            "batch done"
+        );
+    }
+
+    /// A dry run's lines: nothing was sent, so the batch line says what would have been.
+    pub fn log_dry_run(&self) {
+        self.log_records();
+        tracing::info!(
+            records = self.records.len(),
+            would_export = self.count(|o| matches!(o, Outcome::Pending)),
+            skipped = self.count(|o| matches!(o, Outcome::Skipped(_))),
+            rejected = self.count(|o| matches!(o, Outcome::Rejected(_))),
+            failed = self.count(|o| matches!(o, Outcome::Failed(_))),
+            keys_to_write = self.keys_written,
+            api_key_calls = self.api_keys.calls,
+            "dry run done: nothing written"
+        );
+    }
+
+    fn log_records(&self) {
         for record in &self.records {
             // Names come from the record: a multi-megabyte one is cut, not logged whole.
             let (account, index) = record
@@ -102,21 +136,6 @@ impl BatchReport {
                 Outcome::Exported | Outcome::Pending => {}
             }
         }
-        tracing::info!(
-            records = self.records.len(),
-            exported = self.count(|o| matches!(o, Outcome::Exported)),
-            skipped = self.count(|o| matches!(o, Outcome::Skipped(_))),
-            rejected = self.count(|o| matches!(o, Outcome::Rejected(_))),
-            failed = self.count(|o| matches!(o, Outcome::Failed(_))),
-            kept = self.count(|o| matches!(o, Outcome::Kept { .. })),
-            kv_requests = self.kv_requests,
-            kv_retries = self.kv_retries,
-            keys_written = self.keys_written,
-            keys_deleted = self.keys_deleted,
-            api_key_calls = self.api_keys.calls,
-            api_key_cache_hits = self.api_keys.cache_hits,
-            "batch done"
-        );
     }
 }
 

@@ -140,6 +140,8 @@ pub struct Totals {
     pub invocations: usize,
     pub written: u64,
     pub deleted: u64,
+    /// A dry run: `written` and `deleted` are what it would have done.
+    pub dry_run: bool,
     pub complete: bool,
     /// Where to resume, when the run stopped before the end.
     pub continuation_token: Option<String>,
@@ -187,6 +189,7 @@ impl Totals {
             + answer["keys_to_write"].as_u64().unwrap_or(0)
             + changed("written");
         self.deleted += changed("deleted");
+        self.dry_run |= answer["dry_run"] == Value::Bool(true) || !answer["would_repair"].is_null();
     }
 
     /// One line: the counts by name, then the writes.
@@ -195,9 +198,13 @@ impl Totals {
         for (name, n) in &self.counts {
             let _ = write!(line, " {name} {n},");
         }
+        let (written, deleted) = match self.dry_run {
+            true => ("keys to write", "to delete"),
+            false => ("keys written", "deleted"),
+        };
         let _ = write!(
             line,
-            " keys written {}, deleted {}; {} invocations",
+            " {written} {}, {deleted} {}; {} invocations",
             self.written, self.deleted, self.invocations
         );
         line
@@ -361,6 +368,30 @@ mod tests {
         assert_eq!(reconcile.get("in_sync"), 3);
         assert_eq!(reconcile.written, 1);
         assert!(!reconcile.has_problems());
+        assert!(reconcile
+            .summary(Mode::Reconcile)
+            .contains("keys written 1, deleted 0"));
+    }
+
+    #[test]
+    fn dry_runs_say_what_they_would_do() {
+        let mut backfill = Totals::default();
+        backfill.add(
+            Mode::Backfill,
+            &json!({"dry_run": true, "exported": 0, "keys_to_write": 2}),
+        );
+        let line = backfill.summary(Mode::Backfill);
+        assert!(line.contains("keys to write 2, to delete 0"), "{line}");
+        let mut reconcile = Totals::default();
+        reconcile.add(
+            Mode::Reconcile,
+            &json!({"counts": {}, "would_repair": {"written": 0, "deleted": 1}}),
+        );
+        let line = reconcile.summary(Mode::Reconcile);
+        assert!(
+            line.contains("to delete 1") && !line.contains("deleted"),
+            "{line}"
+        );
     }
 
     #[test]

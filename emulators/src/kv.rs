@@ -59,6 +59,9 @@ pub enum Fault {
         /// A `Location` header (with a 3xx: a redirect the client must not follow).
         #[serde(default)]
         location: Option<String>,
+        /// `Retry-After` exactly as given (`1e20`, a date in 9999): what a broken server sends.
+        #[serde(default)]
+        retry_after_raw: Option<String>,
     },
     /// Refuse (400, as Cloudflare refuses a key it will not take) the next `times` bulk writes
     /// or deletes that hold this key, whatever else they hold.
@@ -398,6 +401,7 @@ impl Call<'_> {
                 retry_after_date,
                 retry_after_ms,
                 location,
+                retry_after_raw,
             }) => {
                 let status =
                     StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -419,6 +423,9 @@ impl Call<'_> {
                     response
                         .headers_mut()
                         .insert("retry-after-ms", HeaderValue::from(millis));
+                }
+                if let Some(raw) = retry_after_raw.and_then(|r| HeaderValue::from_str(&r).ok()) {
+                    response.headers_mut().insert("retry-after", raw);
                 }
                 if let Some(location) = location.and_then(|l| HeaderValue::from_str(&l).ok()) {
                     response.headers_mut().insert("location", location);

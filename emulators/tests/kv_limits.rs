@@ -116,6 +116,7 @@ async fn injected_faults_apply_to_the_next_requests_only() {
     let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
     kv.inject(
         Fault::Status {
+            retry_after_raw: None,
             location: None,
             status: 503,
             retry_after: Some(7),

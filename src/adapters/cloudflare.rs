@@ -257,13 +257,12 @@ impl<T: TokenSource> CloudflareKv<T> {
                     "the invocation deadline is near; not sent".into(),
                 ));
             }
-            if let Err(wait) = self.pacer.acquire(deadline).await {
+            if let Err(held) = self.pacer.acquire(deadline).await {
                 // A lockout (or the budget) outlasts this invocation: spend it waiting rather
                 // than burning one of Lambda's retries at once.
                 tokio::time::sleep_until(deadline).await;
                 return Err(PortError::Transient(format!(
-                    "Cloudflare's rate limit holds requests for {} s more; waited until the invocation deadline",
-                    wait.as_secs()
+                    "{held}; waited until the invocation deadline"
                 )));
             }
             let now = Instant::now();

@@ -43,8 +43,9 @@ impl Pacer {
         }
     }
 
-    /// Waits for the next request's turn. `Err` with the wait when it would pass `deadline`.
-    pub async fn acquire(&self, deadline: Instant) -> Result<(), Duration> {
+    /// Waits for the next request's turn. `Err` says how long, and who holds it, when the wait
+    /// would pass `deadline`.
+    pub async fn acquire(&self, deadline: Instant) -> Result<(), Held> {
         let mut bucket = self.state.lock().await;
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(bucket.refilled);
@@ -55,12 +56,16 @@ impl Pacer {
         if bucket.tokens < 1.0 {
             wait = self.interval.mul_f64(1.0 - bucket.tokens);
         }
-        if let Some(until) = bucket.blocked_until {
-            wait = wait.max(until.saturating_duration_since(now));
+        let lockout = bucket
+            .blocked_until
+            .map_or(Duration::ZERO, |until| until.saturating_duration_since(now));
+        if now + wait.max(lockout) >= deadline {
+            return Err(match lockout > wait {
+                true => Held::Lockout(lockout),
+                false => Held::Budget(wait),
+            });
         }
-        if now + wait >= deadline {
-            return Err(wait);
-        }
+        let wait = wait.max(lockout);
         bucket.tokens -= 1.0;
         // Holding the lock while waiting keeps requests in line.
         tokio::time::sleep(wait).await;
@@ -72,6 +77,40 @@ impl Pacer {
         let until = Instant::now() + wait;
         let mut bucket = self.state.lock().await;
         bucket.blocked_until = Some(bucket.blocked_until.map_or(until, |b| b.max(until)));
+    }
+}
+
+/// Why a request cannot go before the deadline, and for how long more.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Held {
+    /// This container's own budget (`CLOUDFLARE_REQUESTS_PER_5_MINUTES`) is spent for now.
+    Budget(Duration),
+    /// Cloudflare answered 429 and asked us to wait.
+    Lockout(Duration),
+}
+
+impl Held {
+    pub fn wait(self) -> Duration {
+        match self {
+            Held::Budget(wait) | Held::Lockout(wait) => wait,
+        }
+    }
+}
+
+impl std::fmt::Display for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Held::Budget(wait) => write!(
+                f,
+                "this container's request pacer (CLOUDFLARE_REQUESTS_PER_5_MINUTES) holds requests for {:.1} s more",
+                wait.as_secs_f64()
+            ),
+            Held::Lockout(wait) => write!(
+                f,
+                "Cloudflare's rate limit (a 429's Retry-After) holds requests for {:.1} s more",
+                wait.as_secs_f64()
+            ),
+        }
     }
 }
 
@@ -104,9 +143,27 @@ mod tests {
         pacer.block_for(Duration::from_secs(300)).await;
         let soon = Instant::now() + Duration::from_secs(10);
         let refused = pacer.acquire(soon).await.unwrap_err();
-        assert!(refused > Duration::from_secs(299), "{refused:?}");
+        assert!(matches!(refused, Held::Lockout(_)), "{refused:?}");
+        assert!(refused.wait() > Duration::from_secs(299), "{refused:?}");
+        assert!(
+            refused.to_string().starts_with("Cloudflare's rate limit"),
+            "{refused}"
+        );
         let later = Instant::now() + Duration::from_secs(400);
         pacer.acquire(later).await.unwrap();
         assert!(Instant::now() + Duration::from_secs(100) >= later);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_for_the_own_budget_names_the_pacer_and_the_real_wait() {
+        let pacer = Pacer::new(1); // one request per 5 minutes
+        let deadline = Instant::now() + Duration::from_secs(10);
+        pacer.acquire(deadline).await.unwrap();
+        let held = pacer.acquire(deadline).await.unwrap_err();
+        assert!(matches!(held, Held::Budget(_)), "{held:?}");
+        assert_eq!(
+            held.to_string(),
+            "this container's request pacer (CLOUDFLARE_REQUESTS_PER_5_MINUTES) holds requests for 300.0 s more"
+        );
     }
 }

@@ -170,7 +170,10 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
         } else {
             exporter.export(page.records, Run::BACKFILL, deadline).await
         };
-        report.log();
+        match request.dry_run {
+            true => report.log_dry_run(),
+            false => report.log(),
+        }
         tally.keys_written += report.keys_written;
         for record in &report.records {
             tally.count(record.index.as_ref(), &record.outcome);

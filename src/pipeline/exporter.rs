@@ -24,6 +24,9 @@ use crate::ports::{
 };
 use crate::report::{BatchReport, Outcome, RecordReport};
 
+/// DynamoDB Streams keeps a record this long; no real record is older when it is exported.
+const STREAM_RETENTION_SECONDS: f64 = 24.0 * 3600.0;
+
 /// How many KV requests (bulk or single reads) are in flight at once.
 const CONCURRENT_KV_REQUESTS: usize = 4;
 
@@ -323,6 +326,8 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
             .filter(|(_, outcome)| **outcome == Outcome::Pending)
             .filter_map(|(created, _)| created)
             .map(|created| (applied_at - created).max(0.0))
+            // A stream keeps records 24 hours: an older time is a hand-made event's, not a lag.
+            .filter(|lag| *lag <= STREAM_RETENTION_SECONDS)
             .collect();
         report.records = records
             .into_iter()
@@ -757,5 +762,22 @@ mod tests {
         assert_eq!(report.failed_sequence_numbers(), ["2"]);
         assert_eq!(report.records[0].outcome, Outcome::Exported);
         assert!(exporter.kv.values.lock().unwrap().contains_key("a-ok"));
+    }
+
+    #[tokio::test]
+    async fn lag_counts_only_times_a_stream_could_hold() {
+        let exporter = exporter(MemoryKv::default());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let mut recent = record(1, "INSERT", "recent");
+        recent["dynamodb"]["ApproximateCreationDateTime"] = json!(now - 5.0);
+        let mut sample = record(2, "INSERT", "sample");
+        sample["dynamodb"]["ApproximateCreationDateTime"] = json!(1_735_689_600.0); // 2025
+        let report = export(&exporter, vec![recent, sample]).await;
+        assert_eq!(report.count(|o| *o == Outcome::Exported), 2);
+        assert_eq!(report.lag_seconds.len(), 1, "{:?}", report.lag_seconds);
+        assert!((4.0..60.0).contains(&report.lag_seconds[0]));
     }
 }

@@ -39,6 +39,7 @@ async fn a_retry_after_a_failed_old_shop_delete_still_deletes_the_old_shop() {
     h.kv.inject(Fault::Delay { millis: 0 }, 1);
     h.kv.inject(
         Fault::Status {
+            retry_after_raw: None,
             location: None,
             status: 503,
             retry_after: None,
@@ -275,6 +276,7 @@ async fn retry_after_as_an_http_date_or_in_milliseconds_is_honoured() {
         let records = one_pending(&mut h).await;
         h.kv.inject(
             Fault::Status {
+                retry_after_raw: None,
                 location: None,
                 status: 429,
                 retry_after: None,
@@ -303,6 +305,7 @@ async fn a_rate_limit_lockout_is_waited_out_until_the_deadline_not_hammered() {
     let records = one_pending(&mut h).await;
     h.kv.inject(
         Fault::Status {
+            retry_after_raw: None,
             location: None,
             status: 429,
             retry_after: Some(300),

@@ -46,6 +46,7 @@ async fn a_transient_status_is_retried_until_it_passes(status: u16) {
     let (mut h, records) = one_pending_record().await;
     h.kv.inject(
         Fault::Status {
+            retry_after_raw: None,
             location: None,
             status,
             retry_after: None,
@@ -88,6 +89,7 @@ async fn kv_errors_that_outlast_the_retries_report_the_records() {
     let (mut h, records) = one_pending_record().await;
     h.kv.inject(
         Fault::Status {
+            retry_after_raw: None,
             location: None,
             status: 503,
             retry_after: None,
@@ -113,6 +115,7 @@ async fn kv_429_waits_as_retry_after_says() {
     let (mut h, records) = one_pending_record().await;
     h.kv.inject(
         Fault::Status {
+            retry_after_raw: None,
             location: None,
             status: 429,
             retry_after: Some(1),
@@ -140,6 +143,7 @@ async fn kv_429_without_retry_after_backs_off() {
     let (mut h, records) = one_pending_record().await;
     h.kv.inject(
         Fault::Status {
+            retry_after_raw: None,
             location: None,
             status: 429,
             retry_after: None,
@@ -188,6 +192,7 @@ async fn a_client_error_is_not_retried(status: u16) {
     let (mut h, records) = one_pending_record().await;
     h.kv.inject(
         Fault::Status {
+            retry_after_raw: None,
             location: None,
             status,
             retry_after: None,
@@ -330,6 +335,7 @@ async fn retries_that_would_outlast_the_deadline_stop_and_report_what_is_left() 
     let (mut h, records) = one_pending_record().await;
     h.kv.inject(
         Fault::Status {
+            retry_after_raw: None,
             location: None,
             status: 503,
             retry_after: Some(30),

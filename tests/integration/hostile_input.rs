@@ -136,6 +136,7 @@ async fn a_redirect_from_cloudflare_is_not_followed() {
     );
     h.kv.inject(
         Fault::Status {
+            retry_after_raw: None,
             status: 307,
             location: Some(location),
             retry_after: None,
@@ -161,11 +162,12 @@ async fn a_retry_after_beyond_any_lockout_is_answered_not_a_panic() {
     let mut h = harness().await;
     h.kv.inject(
         Fault::Status {
+            retry_after_raw: Some("1e20".into()),
             status: 429,
             location: None,
             retry_after: None,
             retry_after_date: None,
-            retry_after_ms: Some(u64::MAX),
+            retry_after_ms: None,
         },
         1,
     );

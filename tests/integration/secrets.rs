@@ -36,6 +36,7 @@ async fn neither_token_nor_api_key_appears_anywhere_but_kv() {
     let records = h.stream_records().await;
     h.kv.inject(
         Fault::Status {
+            retry_after_raw: None,
             location: None,
             status: 503,
             retry_after: None,
@@ -46,6 +47,7 @@ async fn neither_token_nor_api_key_appears_anywhere_but_kv() {
     );
     h.kv.inject(
         Fault::Status {
+            retry_after_raw: None,
             location: None,
             status: 400,
             retry_after: None,
@@ -100,6 +102,7 @@ async fn neither_token_nor_api_key_appears_anywhere_but_kv() {
     // A failing re-export's error message.
     h.kv.inject(
         Fault::Status {
+            retry_after_raw: None,
             location: None,
             status: 400,
             retry_after: None,
