@@ -7,6 +7,7 @@ use std::io::IsTerminal as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use aws_sdk_lambda::config::Credentials;
 use aws_sdk_lambda::primitives::Blob;
 use serde_json::Value;
 
@@ -36,6 +37,21 @@ pub struct Target {
     /// How long one invocation may take to answer: more than the function's timeout, or the
     /// client gives up (and the AWS CLI's retry re-invokes a long backfill).
     pub read_timeout: Duration,
+    /// The local stack (`make local`): fake credentials, the region of `.local.env` (or
+    /// eu-west-1), and `http://127.0.0.1:9000` unless `endpoint_url` says otherwise.
+    pub local: bool,
+}
+
+/// Where `cargo lambda watch` and `ecom-emulators invoke` listen by default.
+pub const LOCAL_ENDPOINT: &str = "http://127.0.0.1:9000";
+
+/// `AWS_REGION` from `.local.env` in the working directory, if it has one.
+fn local_region() -> Option<String> {
+    let env = std::fs::read_to_string(".local.env").ok()?;
+    env.lines()
+        .find_map(|line| line.trim().strip_prefix("AWS_REGION="))
+        .map(|region| region.trim().to_owned())
+        .filter(|region| !region.is_empty())
 }
 
 /// The exporter, reached through the Lambda Invoke API.
@@ -47,8 +63,17 @@ pub struct Exporter {
 impl Exporter {
     pub async fn connect(target: &Target) -> Self {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-        if let Some(region) = &target.region {
-            loader = loader.region(aws_config::Region::new(region.clone()));
+        let mut region = target.region.clone();
+        if target.local {
+            // The local Invoke API checks no signature; the SDK still wants something to sign.
+            let credentials = Credentials::new("testing", "testing", None, None, "local stack");
+            loader = loader.credentials_provider(credentials);
+            region = region
+                .or_else(local_region)
+                .or(Some("eu-west-1".into()));
+        }
+        if let Some(region) = region {
+            loader = loader.region(aws_config::Region::new(region));
         }
         if let Some(profile) = &target.profile {
             loader = loader.profile_name(profile);
@@ -63,7 +88,12 @@ impl Exporter {
         // An invocation is never sent twice: a retry would run a page or a repair again.
         let mut config = aws_sdk_lambda::config::Builder::from(&sdk)
             .retry_config(aws_config::retry::RetryConfig::disabled());
-        if let Some(url) = &target.endpoint_url {
+        let endpoint = match (&target.endpoint_url, target.local) {
+            (Some(url), _) => Some(url.as_str()),
+            (None, true) => Some(LOCAL_ENDPOINT),
+            (None, false) => None,
+        };
+        if let Some(url) = endpoint {
             config = config.endpoint_url(url);
         }
         Self {
@@ -81,9 +111,17 @@ impl Exporter {
             .payload(Blob::new(payload.to_string()))
             .send()
             .await
-            .map_err(|e| CtlError::Invoke {
-                function: self.function_name.clone(),
-                reason: aws_sdk_lambda::error::DisplayErrorContext(e).to_string(),
+            .map_err(|e| {
+                // `cargo lambda watch` answers a function error as a bare HTTP 500 whose body is
+                // the error document: it is still the function's error, with its type.
+                let document = e.raw_response().and_then(|r| r.body().bytes());
+                match document.and_then(|body| self.function_error(body)) {
+                    Some(error) => error,
+                    None => CtlError::Invoke {
+                        function: self.function_name.clone(),
+                        reason: aws_sdk_lambda::error::DisplayErrorContext(e).to_string(),
+                    },
+                }
             })?;
         let body = answer.payload.map(Blob::into_inner).unwrap_or_default();
         let value: Value = serde_json::from_slice(&body).map_err(|e| CtlError::Answer {
@@ -99,6 +137,17 @@ impl Exporter {
             });
         }
         Ok(value)
+    }
+
+    /// A function's error document (`{"errorType", "errorMessage"}`), if `body` is one.
+    fn function_error(&self, body: &[u8]) -> Option<CtlError> {
+        let value: Value = serde_json::from_slice(body).ok()?;
+        let text = |name: &str| value[name].as_str().map(str::to_owned);
+        Some(CtlError::Function {
+            function: self.function_name.clone(),
+            error_type: text("errorType")?,
+            message: text("errorMessage").unwrap_or_default(),
+        })
     }
 }
 

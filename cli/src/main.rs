@@ -23,9 +23,13 @@ struct Cli {
     region: Option<String>,
     #[arg(long)]
     profile: Option<String>,
-    /// http://localhost:9000 for `cargo lambda watch`.
+    /// The Invoke API to call instead of AWS's (with --local: http://127.0.0.1:9000).
     #[arg(long)]
     endpoint_url: Option<String>,
+    /// The local stack (`make local`, then `cargo lambda watch` or `ecom-emulators invoke`):
+    /// fake credentials, the region of ./.local.env, http://127.0.0.1:9000.
+    #[arg(long)]
+    local: bool,
     /// Seconds one invocation may take to answer; keep it above the function's timeout (120).
     #[arg(long, default_value_t = 960)]
     read_timeout: u64,
@@ -112,6 +116,7 @@ async fn main() -> ExitCode {
         profile: cli.profile,
         endpoint_url: cli.endpoint_url,
         read_timeout: Duration::from_secs(cli.read_timeout),
+        local: cli.local,
     })
     .await;
     let (mode, request) = match cli.command {

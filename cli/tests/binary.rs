@@ -155,3 +155,55 @@ async fn verify_prints_a_table_and_exits_one_on_drift() {
         "{stdout}"
     );
 }
+
+#[tokio::test]
+async fn a_function_error_shows_its_type_however_the_invoke_api_answered_it() {
+    let no_index: Script = Arc::new(|_| {
+        Err(json!({"errorType": "NoSuchIndex",
+                   "errorMessage": "no settings record for account acct-1, index nope"}))
+    });
+    for cargo_lambda in [false, true] {
+        let api = InvokeApi::scripted(no_index.clone(), Duration::ZERO)
+            .await
+            .unwrap();
+        if cargo_lambda {
+            api.errors_as_cargo_lambda(); // HTTP 500, no X-Amz-Function-Error
+        }
+        let output = ctl(&api, &["verify", "--account", "acct-1", "--index", "nope"])
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{cargo_lambda}: {stderr}");
+        assert!(
+            stderr.contains("failed (NoSuchIndex): no settings record for account acct-1"),
+            "{cargo_lambda}: {stderr}"
+        );
+        assert_eq!(api.payloads().len(), 1, "invoked once, never retried");
+    }
+}
+
+#[tokio::test]
+async fn local_needs_no_credentials_or_region_from_the_shell() {
+    let api = InvokeApi::scripted(three_pages(), Duration::ZERO)
+        .await
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("ctl-local-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(".local.env"), "AWS_REGION=eu-west-1\n").unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ecom-settings-ctl"))
+        .args(["--function-name", "ecom-settings-exporter", "--local"])
+        .args(["--endpoint-url", &api.url(), "backfill"])
+        .current_dir(&dir)
+        .env_clear()
+        .env("HOME", &dir)
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .output()
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.starts_with("25 records"), "{stdout}");
+}

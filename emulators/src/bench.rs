@@ -150,6 +150,8 @@ async fn rust_figures(options: &BenchOptions, records: usize) -> Result<Figures,
     let kv = KvEmulator::start(0, &[TOKEN])
         .await
         .map_err(|e| e.to_string())?;
+    kv.create_namespace("ns-settings");
+    kv.create_namespace("ns-qcfg");
     kv.inject(
         Fault::Delay {
             millis: options.kv_latency.as_millis() as u64,

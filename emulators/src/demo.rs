@@ -157,6 +157,8 @@ async fn start(options: &DemoOptions) -> Result<Stack, String> {
     let kv = KvEmulator::start(0, &[TOKEN])
         .await
         .map_err(|e| e.to_string())?;
+    kv.create_namespace(SETTINGS_NS);
+    kv.create_namespace(QCFG_NS);
     let keys = ApiKeysStandIn::start(0).await.map_err(|e| e.to_string())?;
     keys.set_key(ACCOUNT, API_KEY);
     let runtime = Arc::new(RuntimeApi::start(0).await.map_err(|e| e.to_string())?);

@@ -28,6 +28,8 @@ struct InvokeState {
     backend: Backend,
     /// Payloads received, in order.
     payloads: Mutex<Vec<Value>>,
+    /// Answer a function error as `cargo lambda watch` does: HTTP 500, no error header.
+    errors_as_cargo_lambda: std::sync::atomic::AtomicBool,
 }
 
 /// A running Invoke API; stops when dropped.
@@ -40,23 +42,39 @@ pub struct InvokeApi {
 impl InvokeApi {
     /// Invocations reach `runtime` with `timeout` as the function's deadline.
     pub async fn start(runtime: Arc<RuntimeApi>, timeout: Duration) -> std::io::Result<Self> {
-        Self::serve(Backend::Runtime(runtime, timeout)).await
+        Self::start_on(0, runtime, timeout).await
+    }
+
+    /// As [`InvokeApi::start`], on `127.0.0.1:{port}` (0: a free port).
+    pub async fn start_on(
+        port: u16,
+        runtime: Arc<RuntimeApi>,
+        timeout: Duration,
+    ) -> std::io::Result<Self> {
+        Self::serve(port, Backend::Runtime(runtime, timeout)).await
     }
 
     /// Answers with `script`, each answer after `delay` (a function that takes its time).
     pub async fn scripted(script: Script, delay: Duration) -> std::io::Result<Self> {
-        Self::serve(Backend::Script(script, delay)).await
+        Self::serve(0, Backend::Script(script, delay)).await
     }
 
-    async fn serve(backend: Backend) -> std::io::Result<Self> {
+    /// From now on, answers a function error as `cargo lambda watch` does.
+    pub fn errors_as_cargo_lambda(&self) {
+        let flag = &self.state.errors_as_cargo_lambda;
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    async fn serve(port: u16, backend: Backend) -> std::io::Result<Self> {
         let state = Arc::new(InvokeState {
             backend,
             payloads: Mutex::default(),
+            errors_as_cargo_lambda: Default::default(),
         });
         let router = Router::new()
             .route("/2015-03-31/functions/{name}/invocations", post(invoke))
             .with_state(state.clone());
-        let (addr, server) = crate::serve(0, router).await?;
+        let (addr, server) = crate::serve(port, router).await?;
         Ok(Self {
             addr,
             state,
@@ -97,6 +115,9 @@ async fn invoke(
     };
     match answer {
         Ok(answer) => (StatusCode::OK, answer.to_string()).into_response(),
+        Err(error) if state.errors_as_cargo_lambda.load(std::sync::atomic::Ordering::SeqCst) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response()
+        }
         // A function error is still a 200, flagged in a header, as Lambda answers.
         Err(error) => {
             let mut response = (StatusCode::OK, error.to_string()).into_response();

@@ -4,8 +4,12 @@
 //! Faults can be injected for the next requests: a status, a delay, or a 200 that reports
 //! `unsuccessful_keys`.
 //!
-//! Routes, under `/client/v4/accounts/{account}/storage/kv/namespaces/{namespace}`:
-//! `PUT /bulk`, `POST /bulk/delete`, `GET /values/{key}`, `GET /keys`. Control routes for
+//! Routes, under `/client/v4/accounts/{account}/storage/kv/namespaces/{namespace}` (only
+//! namespaces created with [`KvEmulator::create_namespace`] exist; others answer 404):
+//! `PUT /bulk`, `POST /bulk/delete`, `POST /bulk/get`, `GET /values/{key}` (raw bytes,
+//! `application/octet-stream`), `GET /metadata/{key}`, `GET /keys` (opaque cursors, only the
+//! ones it handed out taken back). `expiration` / `expiration_ttl` are checked (60 s at least)
+//! and honoured. The schema's other endpoints answer 501 in the envelope. Control routes for
 //! manual experiments: `POST /__emulator/faults`, `GET /__emulator/requests`,
 //! `GET /__emulator/namespaces`.
 
@@ -38,6 +42,10 @@ pub mod codes {
     pub const VALUE_TOO_LARGE: u32 = 10033;
     pub const TOO_MANY_ITEMS: u32 = 10026;
     pub const BODY_TOO_LARGE: u32 = 10014;
+    pub const NAMESPACE_NOT_FOUND: u32 = 10013;
+    pub const BAD_EXPIRATION: u32 = 10016;
+    pub const BAD_CURSOR: u32 = 10017;
+    pub const NOT_EMULATED: u32 = 10998;
     pub const INJECTED: u32 = 10999;
 }
 
@@ -115,6 +123,12 @@ pub struct KvState {
     faults: VecDeque<InjectedFault>,
     /// Keys whose bulk requests are refused, and how many more times.
     refused_keys: HashMap<String, usize>,
+    /// Namespace ids that exist: any other answers 404, as Cloudflare does.
+    known_namespaces: HashSet<String>,
+    /// (account, namespace) -> key -> when it expires (seconds since the epoch).
+    expirations: HashMap<(String, String), HashMap<String, u64>>,
+    /// Cursors this emulator handed out: any other is refused.
+    cursors: HashSet<String>,
     requests: Vec<RequestRecord>,
 }
 
@@ -138,6 +152,27 @@ impl KvState {
             codes::BAD_REQUEST,
             format!("Invalid key name: `{key}` (refused by an injected fault)"),
         ))
+    }
+
+    /// Makes these namespaces exist (the binary's `--namespace`).
+    pub fn create_namespaces(&mut self, ids: &[String]) {
+        self.known_namespaces.extend(ids.iter().cloned());
+    }
+
+    /// Forgets the namespace's keys whose expiration has passed.
+    fn purge_expired(&mut self, id: &(String, String)) {
+        let now = epoch_seconds();
+        let Some(expiring) = self.expirations.get_mut(id) else { return };
+        let gone: Vec<String> = expiring
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in gone {
+            expiring.remove(&key);
+            self.namespaces.get_mut(id).map(|ns| ns.remove(&key));
+            self.metadata.get_mut(id).map(|m| m.remove(&key));
+        }
     }
 
     /// One namespace's values and metadata, created empty when new.
@@ -177,6 +212,11 @@ impl KvEmulator {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Makes a namespace exist: requests to any other answer 404.
+    pub fn create_namespace(&self, id: &str) {
+        self.state.lock().unwrap().known_namespaces.insert(id.into());
     }
 
     /// What `CLOUDFLARE_API_BASE_URL` should be.
@@ -275,10 +315,14 @@ impl KvEmulator {
 pub fn router(state: Shared) -> Router {
     let namespace = "/client/v4/accounts/{account}/storage/kv/namespaces/{namespace}";
     Router::new()
-        .route(&format!("{namespace}/bulk"), put(bulk_write))
+        .route(&format!("{namespace}/bulk"), put(bulk_write).delete(not_emulated))
         .route(&format!("{namespace}/bulk/delete"), post(bulk_delete))
         .route(&format!("{namespace}/bulk/get"), post(bulk_get))
-        .route(&format!("{namespace}/values/{{key}}"), get(read_value))
+        .route(
+            &format!("{namespace}/values/{{key}}"),
+            get(read_value).put(not_emulated).delete(not_emulated),
+        )
+        .route(&format!("{namespace}/metadata/{{key}}"), get(read_metadata))
         .route(&format!("{namespace}/keys"), get(list_keys))
         .route("/__emulator/faults", post(add_fault))
         .route("/__emulator/requests", get(list_requests))
@@ -372,6 +416,11 @@ impl Call<'_> {
                 codes::AUTHENTICATION,
                 "Authentication error",
             );
+            return Err(error.into_response());
+        }
+        if !self.state.lock().unwrap().known_namespaces.contains(self.namespace) {
+            let message = "namespace not found";
+            let error = ApiError::new(StatusCode::NOT_FOUND, codes::NAMESPACE_NOT_FOUND, message);
             return Err(error.into_response());
         }
         let fault = {
@@ -502,6 +551,19 @@ struct WritePair {
     base64: bool,
     #[serde(default)]
     metadata: Option<Value>,
+    /// Seconds since the epoch, at least 60 from now.
+    #[serde(default)]
+    expiration: Option<u64>,
+    /// Seconds from now, at least 60.
+    #[serde(default)]
+    expiration_ttl: Option<u64>,
+}
+
+fn epoch_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
 }
 
 /// Cloudflare: "the metadata ... must not exceed 1024 bytes" (serialized JSON).
@@ -523,8 +585,25 @@ impl WritePair {
         Ok(self)
     }
 
+    /// When the pair expires, as Cloudflare takes `expiration` and `expiration_ttl`.
+    fn expires_at(&self) -> Result<Option<u64>, ApiError> {
+        let now = epoch_seconds();
+        let bad = |message: String| Err(ApiError::bad_request(codes::BAD_EXPIRATION, message));
+        match (self.expiration_ttl, self.expiration) {
+            (Some(ttl), _) if ttl < 60 => bad(format!(
+                "Invalid expiration_ttl of {ttl}. Expiration TTL must be at least 60."
+            )),
+            (Some(ttl), _) => Ok(Some(now + ttl)),
+            (None, Some(at)) if at < now + 60 => bad(format!(
+                "Invalid expiration of {at}. Expiration times must be at least 60 seconds in the future."
+            )),
+            (None, at) => Ok(at),
+        }
+    }
+
     fn check(&self) -> Result<(), ApiError> {
         check_key(&self.key)?;
+        self.expires_at()?;
         let value_bytes = self.value.len();
         if value_bytes > MAX_VALUE_BYTES {
             return Err(ApiError::new(
@@ -612,12 +691,18 @@ async fn bulk_write(
         guard
             .refuse(pairs.iter().map(|p| p.key.as_str()))
             .map_err(|e| (items, e))?;
+        let id = (account.clone(), namespace.clone());
+        let mut expirations = guard.expirations.remove(&id).unwrap_or_default();
         let (ns, meta) = guard.namespace_mut(account, namespace.clone());
         let result = apply_all(
             pairs,
             leave_out,
             |p| &p.key,
             |p| {
+                match p.expires_at().ok().flatten() {
+                    Some(at) => expirations.insert(p.key.clone(), at),
+                    None => expirations.remove(&p.key),
+                };
                 match p.metadata {
                     Some(m) => meta.insert(p.key.clone(), m),
                     None => meta.remove(&p.key),
@@ -625,6 +710,7 @@ async fn bulk_write(
                 ns.insert(p.key, p.value);
             },
         );
+        guard.expirations.insert(id, expirations);
         Ok((items, result))
     })
     .await
@@ -687,14 +773,18 @@ async fn read_value(
     if let Err(response) = call.admit(&headers).await {
         return call.record(0, response);
     }
-    let value = state
-        .lock()
-        .unwrap()
-        .namespaces
-        .get(&(account, namespace.clone()))
-        .and_then(|ns| ns.get(&key).cloned());
+    let value = {
+        let mut guard = state.lock().unwrap();
+        let id = (account, namespace.clone());
+        guard.purge_expired(&id);
+        guard.namespaces.get(&id).and_then(|ns| ns.get(&key).cloned())
+    };
     let response = match value {
-        Some(value) => (StatusCode::OK, value).into_response(),
+        // Cloudflare answers the raw bytes as `application/octet-stream`.
+        Some(value) => {
+            let octets = [("content-type", "application/octet-stream")];
+            (StatusCode::OK, octets, value).into_response()
+        }
         None => ApiError::new(
             StatusCode::NOT_FOUND,
             codes::KEY_NOT_FOUND,
@@ -703,6 +793,45 @@ async fn read_value(
         .into_response(),
     };
     call.record(1, response)
+}
+
+/// `GET /metadata/{key}`: the key's metadata in the envelope (`null` without any), or 404.
+async fn read_metadata(
+    State(state): State<Shared>,
+    Path((account, namespace, key)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let call = Call {
+        state: &state,
+        method: "GET",
+        namespace: &namespace,
+        operation: "metadata",
+        body_bytes: 0,
+    };
+    if let Err(response) = call.admit(&headers).await {
+        return call.record(0, response);
+    }
+    let found = {
+        let mut guard = state.lock().unwrap();
+        let id = (account, namespace.clone());
+        guard.purge_expired(&id);
+        let exists = guard.namespaces.get(&id).is_some_and(|ns| ns.contains_key(&key));
+        exists.then(|| guard.metadata.get(&id).and_then(|m| m.get(&key)).cloned())
+    };
+    let response = match found {
+        Some(metadata) => envelope_ok(metadata.unwrap_or(Value::Null)),
+        None => ApiError::new(StatusCode::NOT_FOUND, codes::KEY_NOT_FOUND, "get: 'key not found'")
+            .into_response(),
+    };
+    call.record(1, response)
+}
+
+/// Endpoints of the schema this emulator does not serve (the exporter never calls them):
+/// refused in Cloudflare's envelope, never a bare 404/405.
+async fn not_emulated() -> Response {
+    let message = "not emulated: this emulator serves bulk write, bulk delete, bulk get, \
+                   list keys, read value and read metadata";
+    ApiError::new(StatusCode::NOT_IMPLEMENTED, codes::NOT_EMULATED, message).into_response()
 }
 
 /// `POST /bulk/get` body: up to 100 keys; `type` and `withMetadata` as Cloudflare takes them.
@@ -761,10 +890,12 @@ async fn bulk_get(
             return call.record(items, error.into_response());
         }
     };
-    let guard = state.lock().unwrap();
+    let mut guard = state.lock().unwrap();
     let id = (account, namespace.clone());
+    guard.purge_expired(&id);
     let ns = guard.namespaces.get(&id);
     let meta = guard.metadata.get(&id);
+    let expiring = guard.expirations.get(&id);
     let mut values = serde_json::Map::new();
     for key in request.keys {
         let value = ns.and_then(|ns| ns.get(&key)).map(|v| {
@@ -774,12 +905,19 @@ async fn bulk_get(
                 Value::String(v.clone())
             }
         });
+        // The schema: plain values are never null (a missing key is left out); with
+        // metadata, a missing key is null and `expiration` is there only when set.
         let value = match (value, request.with_metadata) {
-            (None, _) => Value::Null,
+            (None, false) => continue,
+            (None, true) => Value::Null,
             (Some(v), false) => v,
             (Some(v), true) => {
                 let metadata = meta.and_then(|m| m.get(&key)).cloned();
-                json!({"value": v, "metadata": metadata, "expiration": null})
+                let mut entry = json!({"value": v, "metadata": metadata});
+                if let Some(at) = expiring.and_then(|e| e.get(&key)) {
+                    entry["expiration"] = json!(at);
+                }
+                entry
             }
         };
         values.insert(key, value);
@@ -821,10 +959,21 @@ async fn list_keys(
         let error = ApiError::bad_request(codes::BAD_REQUEST, "limit must be between 10 and 1000");
         return call.record(0, error.into_response());
     }
-    let after = query.cursor.unwrap_or_default();
-    let guard = state.lock().unwrap();
+    let mut guard = state.lock().unwrap();
+    let after = match query.cursor.filter(|c| !c.is_empty()) {
+        None => String::new(),
+        Some(cursor) if guard.cursors.contains(&cursor) => {
+            let name = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&cursor);
+            String::from_utf8(name.unwrap_or_default()).unwrap_or_default()
+        }
+        Some(_) => {
+            drop(guard);
+            let error = ApiError::bad_request(codes::BAD_CURSOR, "Invalid cursor");
+            return call.record(0, error.into_response());
+        }
+    };
     let id = (account, namespace.clone());
-    let meta = guard.metadata.get(&id);
+    guard.purge_expired(&id);
     let names: Vec<String> = guard
         .namespaces
         .get(&id)
@@ -841,16 +990,27 @@ async fn list_keys(
         .unwrap_or_default();
     let more = names.len() > limit;
     let page: Vec<&String> = names.iter().take(limit).collect();
-    let cursor = if more {
-        page.last().map(|k| k.to_string()).unwrap_or_default()
-    } else {
-        String::new()
+    // Opaque, as Cloudflare's are; only the ones handed out are taken back.
+    let cursor = match page.last().filter(|_| more) {
+        Some(last) => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(last),
+        None => String::new(),
     };
+    if !cursor.is_empty() {
+        guard.cursors.insert(cursor.clone());
+    }
+    let meta = guard.metadata.get(&id);
+    let expiring = guard.expirations.get(&id);
     let result: Vec<Value> = page
         .iter()
-        .map(|k| match meta.and_then(|m| m.get(*k)) {
-            Some(metadata) => json!({"name": k, "metadata": metadata}),
-            None => json!({"name": k}),
+        .map(|k| {
+            let mut row = json!({"name": k});
+            if let Some(metadata) = meta.and_then(|m| m.get(*k)) {
+                row["metadata"] = metadata.clone();
+            }
+            if let Some(at) = expiring.and_then(|e| e.get(*k)) {
+                row["expiration"] = json!(at);
+            }
+            row
         })
         .collect();
     drop(guard);
@@ -860,9 +1020,23 @@ async fn list_keys(
     call.record(count, Json(body).into_response())
 }
 
-async fn add_fault(State(state): State<Shared>, Json(fault): Json<InjectedFault>) -> Response {
-    state.lock().unwrap().add_fault(fault);
-    StatusCode::NO_CONTENT.into_response()
+/// `POST /__emulator/faults`: the body is read as JSON whatever its `Content-Type` (a plain
+/// `curl -d` sends a form type), and the answer says what was set, or why nothing was.
+async fn add_fault(State(state): State<Shared>, body: Bytes) -> Response {
+    match serde_json::from_slice::<InjectedFault>(&body) {
+        Ok(fault) => {
+            let set = json!({"set": fault});
+            state.lock().unwrap().add_fault(fault);
+            (StatusCode::OK, Json(set)).into_response()
+        }
+        Err(e) => {
+            let message = format!(
+                "no fault set: {e} (kinds: status, delay, unsuccessful_keys, \
+                 foreign_unsuccessful_keys, unsuccessful_keys_starting_with, refuse_key)"
+            );
+            (StatusCode::BAD_REQUEST, Json(json!({"error": message}))).into_response()
+        }
+    }
 }
 
 async fn list_requests(State(state): State<Shared>) -> Response {

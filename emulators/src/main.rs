@@ -1,18 +1,26 @@
 //! `ecom-emulators kv|api-keys`: run one stand-in in the foreground until Ctrl-C.
+//! `ecom-emulators invoke`: the Lambda Invoke API in front of the function binary.
 //! `ecom-emulators demo`: the whole flow on this machine (what `make demo` runs).
 
 use std::process::ExitCode;
 
 const USAGE: &str = "\
 usage:
-  ecom-emulators kv [--port 8787] [--token TOKEN]...
+  ecom-emulators kv [--port 8787] [--token TOKEN]... [--namespace ID]... (default: settings, qcfg)
       Cloudflare KV emulator; CLOUDFLARE_API_BASE_URL=http://127.0.0.1:PORT/client/v4
-      Inject faults: curl -X POST localhost:PORT/__emulator/faults \\
-        -d '{\"kind\":\"status\",\"status\":503,\"times\":2}'
-      (kinds: status {status, retry_after, retry_after_date, retry_after_ms}, delay {millis},
-       unsuccessful_keys {count}, foreign_unsuccessful_keys {count})
+      Inject faults: curl -s localhost:PORT/__emulator/faults \\
+        -d '{\"kind\":\"status\",\"status\":503,\"times\":2}'     (answers what it set)
+      (kinds: status {status, retry_after, retry_after_date, retry_after_ms, retry_after_raw,
+       location}, delay {millis}, unsuccessful_keys {count}, foreign_unsuccessful_keys {count},
+       unsuccessful_keys_starting_with {prefix}, refuse_key {key}; `times`, default 1)
   ecom-emulators api-keys [--port 8788] [--key ACCOUNT=KEY]...
       API keys service; API_KEYS_SERVICE_URL=http://127.0.0.1:PORT/cells/{cell}
+  ecom-emulators invoke [--port 9000] [--function target/debug/ecom-settings-exporter]
+                        [--env-file .local.env] [--timeout 120]
+      The Lambda Invoke API on 127.0.0.1:PORT in front of the function binary (started with the
+      env file's settings, its log on this terminal): the target of `ecom-settings-ctl --local`
+      and of `aws lambda invoke --endpoint-url http://127.0.0.1:PORT`. Function errors are
+      answered as Lambda does (200 with X-Amz-Function-Error).
   ecom-emulators demo [--batching-window 2] [--function target/debug/ecom-settings-exporter]
                       [--moto .venv/bin/moto_server]
       Table, stream, function and KV on this machine: writes a scenario, times each change
@@ -110,6 +118,30 @@ fn parse(
     Ok((port, values))
 }
 
+/// `kv [--port 8787] [--token T]... [--namespace ID]...`: defaults `local-token`, and the
+/// namespaces `.local.env` names (`settings`, `qcfg`).
+fn parse_kv(args: &[String]) -> Result<(u16, Vec<String>, Vec<String>), String> {
+    let mut port = 8787;
+    let (mut tokens, mut namespaces) = (Vec::new(), Vec::new());
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or(format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--port" => port = value.parse().map_err(|_| format!("bad port `{value}`"))?,
+            "--token" => tokens.push(value.clone()),
+            "--namespace" => namespaces.push(value.clone()),
+            other => return Err(format!("unknown flag `{other}`")),
+        }
+    }
+    if tokens.is_empty() {
+        tokens.push("local-token".into());
+    }
+    if namespaces.is_empty() {
+        namespaces = vec!["settings".into(), "qcfg".into()];
+    }
+    Ok((port, tokens, namespaces))
+}
+
 /// `bench --function PATH [--python .venv/bin/python] [--sizes 100,1000,10000] [--runs 5]`
 async fn bench(args: &[String]) -> ExitCode {
     let mut options = ecom_emulators::bench::BenchOptions {
@@ -158,6 +190,87 @@ async fn bench(args: &[String]) -> ExitCode {
     }
 }
 
+/// `invoke`: the function binary behind a runtime API, and the Invoke API in front of it.
+async fn invoke(args: &[String]) -> ExitCode {
+    let mut port = 9000;
+    let mut function = "target/debug/ecom-settings-exporter".to_string();
+    let mut env_file = ".local.env".to_string();
+    let mut timeout = std::time::Duration::from_secs(120);
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let Some(value) = it.next() else {
+            eprintln!("{flag} needs a value\n{USAGE}");
+            return ExitCode::from(2);
+        };
+        let parsed = match flag.as_str() {
+            "--port" => value.parse().map(|p| port = p).is_ok(),
+            "--function" => {
+                function = value.clone();
+                true
+            }
+            "--env-file" => {
+                env_file = value.clone();
+                true
+            }
+            "--timeout" => value
+                .parse()
+                .map(|s| timeout = std::time::Duration::from_secs(s))
+                .is_ok(),
+            _ => false,
+        };
+        if !parsed {
+            eprintln!("bad flag or value: {flag} {value}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    }
+    let env = match std::fs::read_to_string(&env_file) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("cannot read {env_file} ({e}): run `make local` first, or give --env-file");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match ecom_emulators::runtime_api::RuntimeApi::start(0).await {
+        Ok(runtime) => std::sync::Arc::new(runtime),
+        Err(e) => {
+            eprintln!("cannot start the runtime API: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut command = tokio::process::Command::new(&function);
+    command
+        .env("AWS_LAMBDA_RUNTIME_API", runtime.endpoint())
+        .env("AWS_LAMBDA_FUNCTION_NAME", "ecom-settings-exporter")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .kill_on_drop(true);
+    for (name, value) in env.lines().filter_map(|l| l.trim().split_once('=')) {
+        if !name.starts_with('#') {
+            command.env(name.trim(), value.trim());
+        }
+    }
+    let _function = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!("cannot start {function} ({e}): build it with `cargo build`");
+            return ExitCode::FAILURE;
+        }
+    };
+    let api = ecom_emulators::invoke_api::InvokeApi::start_on(port, runtime, timeout).await;
+    let _api = match api {
+        Ok(api) => api,
+        Err(e) => {
+            eprintln!("cannot listen on 127.0.0.1:{port}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "Lambda Invoke API on http://127.0.0.1:{port} in front of {function} ({env_file}); Ctrl-C stops both"
+    );
+    let _ = tokio::signal::ctrl_c().await;
+    ExitCode::SUCCESS
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -168,27 +281,30 @@ async fn main() -> ExitCode {
         println!("{USAGE}");
         return ExitCode::SUCCESS;
     }
+    // `ecom-emulators kv --help`: the usage, not "--help needs a value".
+    if args.iter().skip(1).any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     if args.first().map(String::as_str) == Some("demo") {
         return demo(&args[1..]).await;
     }
     if args.first().map(String::as_str) == Some("bench") {
         return bench(&args[1..]).await;
     }
+    if args.first().map(String::as_str) == Some("invoke") {
+        return invoke(&args[1..]).await;
+    }
     let router = match args.first().map(String::as_str) {
-        Some("kv") => parse(&args[1..], 8787, "--token").map(|(port, tokens)| {
-            let tokens = if tokens.is_empty() {
-                vec!["local-token".to_string()]
-            } else {
-                tokens
-            };
+        Some("kv") => parse_kv(&args[1..]).map(|(port, tokens, namespaces)| {
             println!(
-                "KV emulator on http://127.0.0.1:{port}/client/v4, tokens: {}",
-                tokens.len()
+                "KV emulator on http://127.0.0.1:{port}/client/v4, tokens: {}, namespaces: {}",
+                tokens.len(),
+                namespaces.join(", ")
             );
-            (
-                port,
-                ecom_emulators::kv::router(ecom_emulators::kv::new_state(&tokens)),
-            )
+            let state = ecom_emulators::kv::new_state(&tokens);
+            state.lock().unwrap().create_namespaces(&namespaces);
+            (port, ecom_emulators::kv::router(state))
         }),
         Some("api-keys") => parse(&args[1..], 8788, "--key").and_then(|(port, keys)| {
             let keys = keys

@@ -20,6 +20,13 @@ async fn put(kv: &KvEmulator, body: Vec<u8>) -> (u16, Value) {
     (status, response.json().await.unwrap())
 }
 
+/// An emulator with the one namespace these tests use, `ns`.
+async fn emulator(tokens: &[&str]) -> KvEmulator {
+    let kv = KvEmulator::start(0, tokens).await.unwrap();
+    kv.create_namespace("ns");
+    kv
+}
+
 fn pairs(n: usize, key_len: usize, value_len: usize) -> Vec<u8> {
     let pairs: Vec<Value> = (0..n)
         .map(|i| json!({"key": format!("{i:0>key_len$}"), "value": "v".repeat(value_len)}))
@@ -33,7 +40,7 @@ fn code(body: &Value) -> u64 {
 
 #[tokio::test]
 async fn a_valid_bulk_write_is_stored_and_answered_in_the_envelope() {
-    let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+    let kv = emulator(&[TOKEN]).await;
     let (status, body) = put(&kv, pairs(3, 4, 2)).await;
     assert_eq!(status, 200);
     assert_eq!(body["success"], true);
@@ -43,7 +50,7 @@ async fn a_valid_bulk_write_is_stored_and_answered_in_the_envelope() {
 
 #[tokio::test]
 async fn base64_values_are_stored_decoded_and_bad_base64_is_refused() {
-    let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+    let kv = emulator(&[TOKEN]).await;
     let body = json!([{"key": "k", "value": "eyJ4IjoxfQ==", "base64": true}]);
     assert_eq!(put(&kv, serde_json::to_vec(&body).unwrap()).await.0, 200);
     assert_eq!(kv.value("a", "ns", "k").as_deref(), Some(r#"{"x":1}"#));
@@ -55,7 +62,7 @@ async fn base64_values_are_stored_decoded_and_bad_base64_is_refused() {
 
 #[tokio::test]
 async fn more_than_ten_thousand_pairs_are_refused() {
-    let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+    let kv = emulator(&[TOKEN]).await;
     let (status, body) = put(&kv, pairs(10_001, 6, 1)).await;
     assert_eq!((status, code(&body)), (400, codes::TOO_MANY_ITEMS as u64));
     assert!(
@@ -67,7 +74,7 @@ async fn more_than_ten_thousand_pairs_are_refused() {
 
 #[tokio::test]
 async fn bad_keys_and_large_values_are_refused() {
-    let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+    let kv = emulator(&[TOKEN]).await;
     let (status, body) = put(&kv, pairs(1, 513, 1)).await;
     assert_eq!((status, code(&body)), (400, codes::KEY_TOO_LONG as u64));
     for key in [".", "..", ""] {
@@ -81,14 +88,14 @@ async fn bad_keys_and_large_values_are_refused() {
 
 #[tokio::test]
 async fn bodies_of_one_hundred_megabytes_are_refused() {
-    let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+    let kv = emulator(&[TOKEN]).await;
     let (status, body) = put(&kv, pairs(5, 3, 20 * 1024 * 1024)).await;
     assert_eq!((status, code(&body)), (413, codes::BODY_TOO_LARGE as u64));
 }
 
 #[tokio::test]
 async fn requests_without_a_known_token_are_refused() {
-    let kv = KvEmulator::start(0, &["other"]).await.unwrap();
+    let kv = emulator(&["other"]).await;
     let (status, body) = put(&kv, pairs(1, 1, 1)).await;
     assert_eq!((status, code(&body)), (401, codes::AUTHENTICATION as u64));
     assert_eq!(body["success"], false);
@@ -96,7 +103,7 @@ async fn requests_without_a_known_token_are_refused() {
 
 #[tokio::test]
 async fn missing_keys_read_as_404_with_code_10009() {
-    let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+    let kv = emulator(&[TOKEN]).await;
     let response = reqwest::Client::new()
         .get(format!(
             "{}/accounts/a/storage/kv/namespaces/ns/values/a%2Fb",
@@ -113,7 +120,7 @@ async fn missing_keys_read_as_404_with_code_10009() {
 
 #[tokio::test]
 async fn injected_faults_apply_to_the_next_requests_only() {
-    let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+    let kv = emulator(&[TOKEN]).await;
     kv.inject(
         Fault::Status {
             retry_after_raw: None,
@@ -138,7 +145,7 @@ async fn injected_faults_apply_to_the_next_requests_only() {
 
 #[tokio::test]
 async fn key_lists_filter_by_prefix_and_page_with_a_cursor() {
-    let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+    let kv = emulator(&[TOKEN]).await;
     for i in 0..25 {
         kv.insert("a", "ns", &format!("p-{i:02}"), "v");
     }
@@ -199,16 +206,14 @@ async fn bulk_get(kv: &KvEmulator, body: Value) -> (u16, Value) {
 }
 
 #[tokio::test]
-async fn bulk_get_reads_up_to_a_hundred_keys_with_null_for_absent_ones() {
-    let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+async fn bulk_get_reads_up_to_a_hundred_keys_leaving_absent_ones_out() {
+    let kv = emulator(&[TOKEN]).await;
     kv.insert("a", "ns", "k1", r#"{"x":1}"#);
 
+    // The schema's values are strings, numbers, booleans or objects, never null.
     let (status, body) = bulk_get(&kv, json!({"keys": ["k1", "k2"]})).await;
     assert_eq!(status, 200);
-    assert_eq!(
-        body["result"]["values"],
-        json!({"k1": "{\"x\":1}", "k2": null})
-    );
+    assert_eq!(body["result"]["values"], json!({"k1": "{\"x\":1}"}));
 
     let (_, parsed) = bulk_get(
         &kv,
@@ -229,11 +234,170 @@ async fn bulk_get_reads_up_to_a_hundred_keys_with_null_for_absent_ones() {
 
 #[tokio::test]
 async fn foreign_unsuccessful_keys_name_keys_the_request_never_held() {
-    let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+    let kv = emulator(&[TOKEN]).await;
     kv.inject(Fault::ForeignUnsuccessfulKeys { count: 1 }, 1);
     let (status, body) = put(&kv, pairs(2, 2, 1)).await;
     assert_eq!(status, 200);
     assert_eq!(body["result"]["successful_key_count"], 2);
     assert_eq!(body["result"]["unsuccessful_keys"], json!(["never-sent-0"]));
     assert_eq!(kv.keys("a", "ns").len(), 2);
+}
+
+#[tokio::test]
+async fn the_documented_fault_curl_works_as_written_and_says_what_it_set() {
+    let kv = emulator(&[TOKEN]).await;
+    let url = format!("http://{}/__emulator/faults", kv.addr());
+    // `curl -d` sends `application/x-www-form-urlencoded`.
+    let form = "application/x-www-form-urlencoded";
+    let answer = reqwest::Client::new()
+        .post(&url)
+        .header("content-type", form)
+        .body(r#"{"kind": "status", "status": 503, "times": 2}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 200);
+    let set: Value = answer.json().await.unwrap();
+    assert_eq!(set["set"]["status"], 503);
+    assert_eq!(set["set"]["times"], 2);
+    for expected in [503, 503, 200] {
+        assert_eq!(put(&kv, pairs(1, 1, 1)).await.0, expected);
+    }
+    let refused = reqwest::Client::new()
+        .post(&url)
+        .header("content-type", form)
+        .body(r#"{"kind": "sttaus"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 400);
+    let error: Value = refused.json().await.unwrap();
+    assert!(error["error"].as_str().unwrap().starts_with("no fault set"));
+}
+
+#[tokio::test]
+async fn keys_with_whitespace_or_unprintable_characters_are_refused_as_cloudflare_does() {
+    let kv = emulator(&[TOKEN]).await;
+    for key in ["a b", "a\tb", "a\u{0}b", "a\u{a0}b"] {
+        let body = serde_json::to_vec(&json!([{"key": key, "value": "v"}])).unwrap();
+        let (status, body) = put(&kv, body).await;
+        assert_eq!(status, 400, "{key:?}: {body}");
+    }
+}
+
+/// Cloudflare's published schema of the KV endpoints (`shared/` beside the repository).
+fn schema() -> Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/cloudflare/kv-openapi.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect(path)).unwrap()
+}
+
+async fn call(
+    kv: &KvEmulator,
+    method: reqwest::Method,
+    tail: &str,
+    body: Option<Value>,
+) -> reqwest::Response {
+    let url = format!("{}/accounts/a/storage/kv/namespaces/{tail}", kv.base_url());
+    let mut request = reqwest::Client::new().request(method, url).bearer_auth(TOKEN);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    request.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn an_unknown_namespace_answers_404_in_the_envelope() {
+    let kv = emulator(&[TOKEN]).await;
+    let answer = call(&kv, reqwest::Method::GET, "other/keys", None).await;
+    assert_eq!(answer.status().as_u16(), 404);
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!((body["success"].as_bool(), code(&body)), (Some(false), 10013));
+}
+
+#[tokio::test]
+async fn values_are_read_back_as_octets_and_bulk_gets_follow_the_schema() {
+    let kv = emulator(&[TOKEN]).await;
+    let pairs = json!([{"key": "k", "value": "{\"a\":1}", "metadata": {"m": 1}}]);
+    assert_eq!(put(&kv, serde_json::to_vec(&pairs).unwrap()).await.0, 200);
+    let raw = call(&kv, reqwest::Method::GET, "ns/values/k", None).await;
+    assert_eq!(raw.headers()["content-type"], "application/octet-stream");
+    assert_eq!(raw.text().await.unwrap(), "{\"a\":1}");
+
+    // The schema's plain values are never null: a missing key is left out.
+    let schemas = &schema()["components"]["schemas"];
+    let plain = &schemas["workers-kv_bulk-get-result"]["properties"]["values"];
+    assert!(plain["additionalProperties"].get("nullable").is_none());
+    let keys = json!({"keys": ["k", "missing"], "type": "text"});
+    let answer = call(&kv, reqwest::Method::POST, "ns/bulk/get", Some(keys)).await;
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["result"]["values"], json!({"k": "{\"a\":1}"}));
+    // With metadata each entry is nullable, and `expiration` is a number when present.
+    let with_meta = &schemas["workers-kv_bulk-get-result-with-metadata"]["properties"]["values"];
+    assert_eq!(with_meta["additionalProperties"]["nullable"], true);
+    let keys = json!({"keys": ["k", "missing"], "withMetadata": true});
+    let answer = call(&kv, reqwest::Method::POST, "ns/bulk/get", Some(keys)).await;
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(
+        body["result"]["values"],
+        json!({"k": {"value": "{\"a\":1}", "metadata": {"m": 1}}, "missing": null})
+    );
+
+    let meta = call(&kv, reqwest::Method::GET, "ns/metadata/k", None).await;
+    assert_eq!(meta.json::<Value>().await.unwrap()["result"], json!({"m": 1}));
+    let gone = call(&kv, reqwest::Method::GET, "ns/metadata/missing", None).await;
+    assert_eq!(gone.status().as_u16(), 404);
+}
+
+#[tokio::test]
+async fn expirations_are_checked_and_shown() {
+    let kv = emulator(&[TOKEN]).await;
+    let short = json!([{"key": "k", "value": "v", "expiration_ttl": 30}]);
+    let (status, body) = put(&kv, serde_json::to_vec(&short).unwrap()).await;
+    assert_eq!((status, code(&body)), (400, 10016), "{body}");
+    let past = json!([{"key": "k", "value": "v", "expiration": 1000}]);
+    assert_eq!(put(&kv, serde_json::to_vec(&past).unwrap()).await.0, 400);
+    let fine = json!([{"key": "k", "value": "v", "expiration_ttl": 120}]);
+    assert_eq!(put(&kv, serde_json::to_vec(&fine).unwrap()).await.0, 200);
+    let listed: Value = call(&kv, reqwest::Method::GET, "ns/keys", None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(listed["result"][0]["expiration"].as_u64().unwrap() > 1_700_000_000);
+}
+
+#[tokio::test]
+async fn cursors_are_opaque_and_only_handed_out_ones_are_taken() {
+    let kv = emulator(&[TOKEN]).await;
+    assert_eq!(put(&kv, pairs(15, 3, 1)).await.0, 200);
+    let first: Value = call(&kv, reqwest::Method::GET, "ns/keys?limit=10", None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let cursor = first["result_info"]["cursor"].as_str().unwrap().to_owned();
+    assert!(!cursor.is_empty() && cursor != "009", "opaque: {cursor}");
+    let next: Value = call(&kv, reqwest::Method::GET, &format!("ns/keys?limit=10&cursor={cursor}"), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(next["result"].as_array().unwrap().len(), 5);
+    let forged = call(&kv, reqwest::Method::GET, "ns/keys?cursor=009", None).await;
+    assert_eq!(forged.status().as_u16(), 400);
+}
+
+#[tokio::test]
+async fn endpoints_not_emulated_refuse_in_the_envelope() {
+    let kv = emulator(&[TOKEN]).await;
+    for (method, tail) in [
+        (reqwest::Method::PUT, "ns/values/k"),
+        (reqwest::Method::DELETE, "ns/values/k"),
+        (reqwest::Method::DELETE, "ns/bulk"),
+    ] {
+        let answer = call(&kv, method.clone(), tail, None).await;
+        assert_eq!(answer.status().as_u16(), 501, "{method} {tail}");
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(body["success"], false, "{method} {tail}");
+    }
 }

@@ -99,6 +99,8 @@ impl Harness {
             .expect("create secret in moto");
 
         let kv = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+        kv.create_namespace(SETTINGS_NS);
+        kv.create_namespace(QCFG_NS);
         let keys = ApiKeysStandIn::start(0).await.unwrap();
         let env = HashMap::from([
             ("SETTINGS_TABLE_NAME", table.clone()),

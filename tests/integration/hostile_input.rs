@@ -130,6 +130,7 @@ async fn a_redirect_from_the_api_keys_service_is_not_followed() {
 async fn a_redirect_from_cloudflare_is_not_followed() {
     let mut h = harness().await;
     let elsewhere = KvEmulator::start(0, &[TOKEN]).await.unwrap();
+    elsewhere.create_namespace(SETTINGS_NS);
     let location = format!(
         "{}/accounts/{CF_ACCOUNT}/storage/kv/namespaces/{SETTINGS_NS}/bulk",
         elsewhere.base_url()
