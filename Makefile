@@ -10,6 +10,7 @@ SAM_CLI_VERSION := 1.170.0
 # Build tools, pinned: an unpinned install would build what is deployed with whatever is newest.
 CARGO_LAMBDA_VERSION := 1.9.2
 ZIGLANG_VERSION := 0.17.1
+AWSCLI_VERSION := 1.46.3
 # samconfig.toml section: dev or prod.
 ENV ?= dev
 # Wherever cargo builds (CARGO_TARGET_DIR or a shared target directory included).
@@ -28,10 +29,10 @@ $(VENV)/.installed: Makefile
 
 venv: $(VENV)/.installed
 
-## cargo-lambda (and zig, for arm64 builds) from PyPI into the venv.
+## cargo-lambda (and zig, for arm64 builds) and the AWS CLI (v1) from PyPI into the venv.
 $(VENV)/.tools: $(VENV)/.installed
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check \
-		'cargo-lambda==$(CARGO_LAMBDA_VERSION)' 'ziglang==$(ZIGLANG_VERSION)'
+		'cargo-lambda==$(CARGO_LAMBDA_VERSION)' 'ziglang==$(ZIGLANG_VERSION)' 'awscli==$(AWSCLI_VERSION)'
 	touch $@
 
 tools: $(VENV)/.tools

@@ -16,7 +16,8 @@ trap cleanup EXIT INT TERM
 cargo build --quiet -p ecom-emulators
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 .venv/bin/moto_server -H 127.0.0.1 -p "$MOTO_PORT" >/tmp/ecom-moto.log 2>&1 & pids+=($!)
-"$target_dir"/debug/ecom-emulators kv --port "$KV_PORT" --token "$TOKEN" & pids+=($!)
+"$target_dir"/debug/ecom-emulators kv --port "$KV_PORT" --token "$TOKEN" \
+  --namespace settings --namespace qcfg & pids+=($!)
 "$target_dir"/debug/ecom-emulators api-keys --port "$KEYS_PORT" --key acct-1=local-marqo-key & pids+=($!)
 
 export AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=eu-west-1 AWS_DEFAULT_REGION=eu-west-1
@@ -57,6 +58,7 @@ cat <<MSG
 Local stack up (table seeded with acct-1/products); settings in .local.env. In another terminal:
   PATH=\$PWD/.venv/bin:\$PATH cargo lambda watch --env-file .local.env
   PATH=\$PWD/.venv/bin:\$PATH cargo lambda invoke ecom-settings-exporter --data-file events/stream-insert.json
+  cargo run -p ecom-settings-ctl -- --function-name ecom-settings-exporter --local reconcile
   curl -s localhost:$KV_PORT/__emulator/namespaces     # what KV holds
 Ctrl-C here stops everything.
 MSG

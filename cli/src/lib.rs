@@ -68,9 +68,7 @@ impl Exporter {
             // The local Invoke API checks no signature; the SDK still wants something to sign.
             let credentials = Credentials::new("testing", "testing", None, None, "local stack");
             loader = loader.credentials_provider(credentials);
-            region = region
-                .or_else(local_region)
-                .or(Some("eu-west-1".into()));
+            region = region.or_else(local_region).or(Some("eu-west-1".into()));
         }
         if let Some(region) = region {
             loader = loader.region(aws_config::Region::new(region));
@@ -217,6 +215,11 @@ impl Totals {
     fn add(&mut self, mode: Mode, answer: &Value) {
         for name in mode.counters() {
             let n = match mode {
+                // A dry run's answer says what it would export.
+                Mode::Backfill if *name == "exported" => ["exported", "would_export"]
+                    .iter()
+                    .map(|f| answer[f].as_u64().unwrap_or(0))
+                    .sum(),
                 Mode::Backfill => answer[name].as_u64().unwrap_or(0),
                 Mode::Reconcile => ["settings", "query_configs"]
                     .iter()
@@ -245,6 +248,10 @@ impl Totals {
     pub fn summary(&self, mode: Mode) -> String {
         let mut line = format!("{} {}:", self.done(), mode.unit());
         for (name, n) in &self.counts {
+            let name = match (*name, self.dry_run) {
+                ("exported", true) => "would export",
+                (name, _) => name,
+            };
             let _ = write!(line, " {name} {n},");
         }
         let (written, deleted) = match self.dry_run {
@@ -427,9 +434,10 @@ mod tests {
         let mut backfill = Totals::default();
         backfill.add(
             Mode::Backfill,
-            &json!({"dry_run": true, "exported": 0, "keys_to_write": 2}),
+            &json!({"dry_run": true, "would_export": 1, "keys_to_write": 2}),
         );
         let line = backfill.summary(Mode::Backfill);
+        assert!(line.contains("would export 1,"), "{line}");
         assert!(line.contains("keys to write 2, to delete 0"), "{line}");
         let mut reconcile = Totals::default();
         reconcile.add(

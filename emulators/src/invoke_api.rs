@@ -115,7 +115,11 @@ async fn invoke(
     };
     match answer {
         Ok(answer) => (StatusCode::OK, answer.to_string()).into_response(),
-        Err(error) if state.errors_as_cargo_lambda.load(std::sync::atomic::Ordering::SeqCst) => {
+        Err(error)
+            if state
+                .errors_as_cargo_lambda
+                .load(std::sync::atomic::Ordering::SeqCst) =>
+        {
             (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response()
         }
         // A function error is still a 200, flagged in a header, as Lambda answers.

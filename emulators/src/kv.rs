@@ -162,7 +162,9 @@ impl KvState {
     /// Forgets the namespace's keys whose expiration has passed.
     fn purge_expired(&mut self, id: &(String, String)) {
         let now = epoch_seconds();
-        let Some(expiring) = self.expirations.get_mut(id) else { return };
+        let Some(expiring) = self.expirations.get_mut(id) else {
+            return;
+        };
         let gone: Vec<String> = expiring
             .iter()
             .filter(|(_, at)| **at <= now)
@@ -216,7 +218,11 @@ impl KvEmulator {
 
     /// Makes a namespace exist: requests to any other answer 404.
     pub fn create_namespace(&self, id: &str) {
-        self.state.lock().unwrap().known_namespaces.insert(id.into());
+        self.state
+            .lock()
+            .unwrap()
+            .known_namespaces
+            .insert(id.into());
     }
 
     /// What `CLOUDFLARE_API_BASE_URL` should be.
@@ -315,7 +321,10 @@ impl KvEmulator {
 pub fn router(state: Shared) -> Router {
     let namespace = "/client/v4/accounts/{account}/storage/kv/namespaces/{namespace}";
     Router::new()
-        .route(&format!("{namespace}/bulk"), put(bulk_write).delete(not_emulated))
+        .route(
+            &format!("{namespace}/bulk"),
+            put(bulk_write).delete(not_emulated),
+        )
         .route(&format!("{namespace}/bulk/delete"), post(bulk_delete))
         .route(&format!("{namespace}/bulk/get"), post(bulk_get))
         .route(
@@ -418,7 +427,13 @@ impl Call<'_> {
             );
             return Err(error.into_response());
         }
-        if !self.state.lock().unwrap().known_namespaces.contains(self.namespace) {
+        if !self
+            .state
+            .lock()
+            .unwrap()
+            .known_namespaces
+            .contains(self.namespace)
+        {
             let message = "namespace not found";
             let error = ApiError::new(StatusCode::NOT_FOUND, codes::NAMESPACE_NOT_FOUND, message);
             return Err(error.into_response());
@@ -777,7 +792,10 @@ async fn read_value(
         let mut guard = state.lock().unwrap();
         let id = (account, namespace.clone());
         guard.purge_expired(&id);
-        guard.namespaces.get(&id).and_then(|ns| ns.get(&key).cloned())
+        guard
+            .namespaces
+            .get(&id)
+            .and_then(|ns| ns.get(&key).cloned())
     };
     let response = match value {
         // Cloudflare answers the raw bytes as `application/octet-stream`.
@@ -815,13 +833,20 @@ async fn read_metadata(
         let mut guard = state.lock().unwrap();
         let id = (account, namespace.clone());
         guard.purge_expired(&id);
-        let exists = guard.namespaces.get(&id).is_some_and(|ns| ns.contains_key(&key));
+        let exists = guard
+            .namespaces
+            .get(&id)
+            .is_some_and(|ns| ns.contains_key(&key));
         exists.then(|| guard.metadata.get(&id).and_then(|m| m.get(&key)).cloned())
     };
     let response = match found {
         Some(metadata) => envelope_ok(metadata.unwrap_or(Value::Null)),
-        None => ApiError::new(StatusCode::NOT_FOUND, codes::KEY_NOT_FOUND, "get: 'key not found'")
-            .into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            codes::KEY_NOT_FOUND,
+            "get: 'key not found'",
+        )
+        .into_response(),
     };
     call.record(1, response)
 }

@@ -287,7 +287,10 @@ async fn keys_with_whitespace_or_unprintable_characters_are_refused_as_cloudflar
 
 /// Cloudflare's published schema of the KV endpoints (`shared/` beside the repository).
 fn schema() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/cloudflare/kv-openapi.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/cloudflare/kv-openapi.json"
+    );
     serde_json::from_str(&std::fs::read_to_string(path).expect(path)).unwrap()
 }
 
@@ -298,7 +301,9 @@ async fn call(
     body: Option<Value>,
 ) -> reqwest::Response {
     let url = format!("{}/accounts/a/storage/kv/namespaces/{tail}", kv.base_url());
-    let mut request = reqwest::Client::new().request(method, url).bearer_auth(TOKEN);
+    let mut request = reqwest::Client::new()
+        .request(method, url)
+        .bearer_auth(TOKEN);
     if let Some(body) = body {
         request = request.json(&body);
     }
@@ -311,7 +316,10 @@ async fn an_unknown_namespace_answers_404_in_the_envelope() {
     let answer = call(&kv, reqwest::Method::GET, "other/keys", None).await;
     assert_eq!(answer.status().as_u16(), 404);
     let body: Value = answer.json().await.unwrap();
-    assert_eq!((body["success"].as_bool(), code(&body)), (Some(false), 10013));
+    assert_eq!(
+        (body["success"].as_bool(), code(&body)),
+        (Some(false), 10013)
+    );
 }
 
 #[tokio::test]
@@ -343,7 +351,10 @@ async fn values_are_read_back_as_octets_and_bulk_gets_follow_the_schema() {
     );
 
     let meta = call(&kv, reqwest::Method::GET, "ns/metadata/k", None).await;
-    assert_eq!(meta.json::<Value>().await.unwrap()["result"], json!({"m": 1}));
+    assert_eq!(
+        meta.json::<Value>().await.unwrap()["result"],
+        json!({"m": 1})
+    );
     let gone = call(&kv, reqwest::Method::GET, "ns/metadata/missing", None).await;
     assert_eq!(gone.status().as_u16(), 404);
 }
@@ -377,11 +388,16 @@ async fn cursors_are_opaque_and_only_handed_out_ones_are_taken() {
         .unwrap();
     let cursor = first["result_info"]["cursor"].as_str().unwrap().to_owned();
     assert!(!cursor.is_empty() && cursor != "009", "opaque: {cursor}");
-    let next: Value = call(&kv, reqwest::Method::GET, &format!("ns/keys?limit=10&cursor={cursor}"), None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let next: Value = call(
+        &kv,
+        reqwest::Method::GET,
+        &format!("ns/keys?limit=10&cursor={cursor}"),
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     assert_eq!(next["result"].as_array().unwrap().len(), 5);
     let forged = call(&kv, reqwest::Method::GET, "ns/keys?cursor=009", None).await;
     assert_eq!(forged.status().as_u16(), 400);

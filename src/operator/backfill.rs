@@ -84,7 +84,11 @@ pub struct Answer {
     pub mode: &'static str,
     pub dry_run: bool,
     pub system_account_id: Option<String>,
-    pub exported: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exported: Option<usize>,
+    /// A dry run counts what it would export.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub would_export: Option<usize>,
     pub skipped: usize,
     pub rejected: usize,
     pub failed: usize,
@@ -195,7 +199,8 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
         mode: "backfill",
         dry_run: request.dry_run,
         system_account_id: account.map(str::to_owned),
-        exported: tally.exported,
+        exported: (!request.dry_run).then_some(tally.exported),
+        would_export: request.dry_run.then_some(tally.exported),
         skipped: tally.skipped,
         rejected: tally.rejected.len(),
         failed: tally.failed.len(),

@@ -7,6 +7,7 @@ mod common;
 mod bad_input;
 mod demo;
 mod divergence;
+mod docs_examples;
 mod events;
 mod fault_matrix;
 mod hostile_input;

@@ -327,7 +327,12 @@ async fn a_backfill_dry_run_counts_and_writes_nothing() {
     let answers = backfill_to_the_end(&h, json!({"mode": "backfill", "dry_run": true})).await;
 
     assert_eq!(answers[0]["keys_to_write"], 2);
-    assert_eq!(answers[0]["exported"], 1);
+    assert_eq!(answers[0]["would_export"], 1);
+    assert_eq!(
+        answers[0].get("exported"),
+        None,
+        "a dry run exports nothing"
+    );
     assert!(h.kv.requests().is_empty());
 }
 
