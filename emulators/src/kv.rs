@@ -441,7 +441,7 @@ impl Call<'_> {
         let fault = {
             let mut state = self.state.lock().unwrap();
             let fault = state.faults.front_mut().map(|f| {
-                f.times -= 1;
+                f.times = f.times.saturating_sub(1);
                 f.fault.clone()
             });
             if state.faults.front().is_some_and(|f| f.times == 0) {
@@ -1049,6 +1049,10 @@ async fn list_keys(
 /// `curl -d` sends a form type), and the answer says what was set, or why nothing was.
 async fn add_fault(State(state): State<Shared>, body: Bytes) -> Response {
     match serde_json::from_slice::<InjectedFault>(&body) {
+        Ok(fault) if fault.times == 0 => {
+            let error = json!({"error": "no fault set: `times` must be at least 1"});
+            (StatusCode::BAD_REQUEST, Json(error)).into_response()
+        }
         Ok(fault) => {
             let set = json!({"set": fault});
             state.lock().unwrap().add_fault(fault);

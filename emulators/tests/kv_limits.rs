@@ -273,6 +273,14 @@ async fn the_documented_fault_curl_works_as_written_and_says_what_it_set() {
     assert_eq!(refused.status().as_u16(), 400);
     let error: Value = refused.json().await.unwrap();
     assert!(error["error"].as_str().unwrap().starts_with("no fault set"));
+    let never = reqwest::Client::new()
+        .post(&url)
+        .body(r#"{"kind": "delay", "millis": 1, "times": 0}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(never.status().as_u16(), 400);
+    assert_eq!(put(&kv, pairs(1, 1, 1)).await.0, 200, "still serving");
 }
 
 #[tokio::test]
