@@ -30,6 +30,10 @@ ddb.create_table(TableName=table, BillingMode="PAY_PER_REQUEST",
     KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
     AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}, {"AttributeName": "sk", "AttributeType": "S"}],
     StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"})
+# The function's own ledger table (the scheduled reconcile keeps its passes there).
+ddb.create_table(TableName=table + "-ledger", BillingMode="PAY_PER_REQUEST",
+    KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+    AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}, {"AttributeName": "sk", "AttributeType": "S"}])
 boto3.client("secretsmanager").create_secret(Name=secret, SecretString=token)
 # Sample data for the manual payloads in events/: the index of stream-insert.json and an override.
 import json
@@ -44,6 +48,7 @@ AWS_ACCESS_KEY_ID=testing
 AWS_SECRET_ACCESS_KEY=testing
 AWS_REGION=eu-west-1
 SETTINGS_TABLE_NAME=$TABLE
+LEDGER_TABLE_NAME=$TABLE-ledger
 CLOUDFLARE_ACCOUNT_ID=local-cf-account
 CLOUDFLARE_KV_NAMESPACE_ID=settings
 CLOUDFLARE_QCFG_NAMESPACE_ID=qcfg

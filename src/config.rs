@@ -35,6 +35,10 @@ pub struct Config {
     pub deadline_margin: Duration,
     /// Cloudflare API requests per 5 minutes, per warm container (Cloudflare allows 1,200).
     pub cloudflare_requests_per_5_minutes: u32,
+    /// The function's own table (the export ledger); a scheduled reconcile needs it.
+    pub ledger_table_name: Option<String>,
+    /// How often a scheduled reconcile starts a new full pass.
+    pub reconcile_every: Duration,
 }
 
 impl Config {
@@ -104,6 +108,16 @@ impl Config {
                 .ok_or(ConfigError::Invalid {
                     name: "CLOUDFLARE_REQUESTS_PER_5_MINUTES",
                     reason: "expected a whole number from 1 to 1200".into(),
+                })?,
+            ledger_table_name: var("LEDGER_TABLE_NAME").filter(|v| !v.trim().is_empty()),
+            reconcile_every: optional("RECONCILE_EVERY_HOURS", "6")
+                .parse::<u64>()
+                .ok()
+                .filter(|h| (1..=168).contains(h))
+                .map(|h| Duration::from_secs(h * 3600))
+                .ok_or(ConfigError::Invalid {
+                    name: "RECONCILE_EVERY_HOURS",
+                    reason: "expected a whole number of hours from 1 to 168".into(),
                 })?,
         })
     }

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use crate::operator::{OperatorError, OperatorRequest};
 use crate::pipeline::exporter::{Exporter, Run};
 use crate::pipeline::records::{decode_record, read_batch, ChangeRecord, Expected, RecordsSeed};
-use crate::ports::{ApiKeySource, KvStore, SettingsTable};
+use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
 use crate::report::{BatchReport, Outcome};
 
 const ACCEPTED: &str = "expected a DynamoDB stream batch {\"Records\": [...]}, or an operator \
@@ -179,8 +179,8 @@ pub fn retry_deadline(deadline: SystemTime, margin: Duration) -> Instant {
     Instant::now() + left.saturating_sub(margin.min(left / 5))
 }
 
-pub async fn handle<K: KvStore, A: ApiKeySource, T: SettingsTable>(
-    exporter: &Exporter<K, A, T>,
+pub async fn handle<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
+    exporter: &Exporter<K, A, T, L>,
     margin: Duration,
     event: LambdaEvent<Bytes>,
 ) -> Result<Value, HandlerError> {
@@ -193,8 +193,8 @@ pub async fn handle<K: KvStore, A: ApiKeySource, T: SettingsTable>(
 }
 
 /// Routes a payload (its JSON text); retrying stops at `deadline`.
-pub async fn route<K: KvStore, A: ApiKeySource, T: SettingsTable>(
-    exporter: &Exporter<K, A, T>,
+pub async fn route<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
+    exporter: &Exporter<K, A, T, L>,
     payload: impl Into<Bytes>,
     deadline: Instant,
 ) -> Result<Value, HandlerError> {

@@ -42,13 +42,14 @@ pub mod runtime_api;
 use adapters::api_keys::{ApiKeyCache, HttpApiKeys};
 use adapters::cloudflare::{CloudflareConfig, CloudflareKv, RetryPolicy};
 use adapters::dynamodb::DynamoSettingsTable;
+use adapters::ledger::DynamoLedger;
 use adapters::secrets_manager::SecretsManagerToken;
 use config::Config;
 use pipeline::exporter::{ExportOptions, Exporter};
 
 /// The exporter wired to the real services.
 pub type LambdaExporter =
-    Exporter<CloudflareKv<SecretsManagerToken>, HttpApiKeys, DynamoSettingsTable>;
+    Exporter<CloudflareKv<SecretsManagerToken>, HttpApiKeys, DynamoSettingsTable, DynamoLedger>;
 
 /// Builds the clients once per cold start; the AWS SDK reads its usual environment
 /// (`AWS_REGION`, credentials, `AWS_ENDPOINT_URL`).
@@ -58,7 +59,7 @@ pub async fn build_exporter(config: &Config, retry: RetryPolicy) -> LambdaExport
         aws_sdk_secretsmanager::Client::new(&aws),
         &config.api_token_secret_id,
     );
-    Exporter::new(
+    Exporter::with_ledger(
         CloudflareKv::new(
             CloudflareConfig {
                 api_base_url: config.cloudflare_api_base_url.clone(),
@@ -79,7 +80,12 @@ pub async fn build_exporter(config: &Config, retry: RetryPolicy) -> LambdaExport
             &config.settings_table_name,
             &config.default_configs_sk,
         ),
+        DynamoLedger::new(
+            aws_sdk_dynamodb::Client::new(&aws),
+            config.ledger_table_name.clone(),
+        ),
         ExportOptions {
+            reconcile_every: config.reconcile_every,
             default_cell: config.default_cell.clone(),
             default_configs_sk: config.default_configs_sk.clone(),
             stream_arn: Some(config.settings_table_stream_arn.clone()),

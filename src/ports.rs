@@ -209,3 +209,58 @@ pub trait SettingsTable: Send + Sync {
         limit: i32,
     ) -> impl Future<Output = Result<Page, PortError>> + Send;
 }
+
+/// Where a scheduled reconcile stands, kept between invocations (times in seconds since the
+/// epoch). `version` grows by one with every save: a save names the version it read.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReconcileProgress {
+    pub version: u64,
+    /// Where the pass under way goes on; `None` between passes.
+    pub token: Option<String>,
+    pub pass_started_at: Option<u64>,
+    /// Drift found so far by the pass under way (missing + stale + orphaned).
+    pub pass_drift: u64,
+    pub last_full_pass_at: Option<u64>,
+    /// Drift the last full pass found.
+    pub last_pass_drift: u64,
+    /// An invocation holds the pass until then; another one leaves it alone.
+    pub lease_until: Option<u64>,
+}
+
+/// The function's own table (the export ledger, docs/contract.md): for now, where a scheduled
+/// reconcile keeps its progress.
+pub trait Ledger: Send + Sync {
+    fn reconcile_progress(
+        &self,
+    ) -> impl Future<Output = Result<Option<ReconcileProgress>, PortError>> + Send;
+
+    /// Saves `progress` if the stored one is still at `expected` (`None`: none stored yet).
+    /// `Ok(false)`: another invocation saved first, and nothing was written.
+    fn save_reconcile_progress(
+        &self,
+        progress: &ReconcileProgress,
+        expected: Option<u64>,
+    ) -> impl Future<Output = Result<bool, PortError>> + Send;
+}
+
+/// No ledger table: what needs one fails, saying so.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoLedger;
+
+impl Ledger for NoLedger {
+    async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {
+        Err(no_ledger())
+    }
+
+    async fn save_reconcile_progress(
+        &self,
+        _: &ReconcileProgress,
+        _: Option<u64>,
+    ) -> Result<bool, PortError> {
+        Err(no_ledger())
+    }
+}
+
+fn no_ledger() -> PortError {
+    PortError::Permanent("no ledger table is configured (LEDGER_TABLE_NAME)".into())
+}

@@ -21,6 +21,45 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// Creates a settings table as the spec lays it out (`pk`, `sk`, both strings) with a stream
 /// of the given view type, and answers the stream's ARN.
+/// The exporter's own ledger table as the template declares it: `pk`, `sk` strings,
+/// on demand, no stream.
+pub async fn create_ledger_table(
+    client: &aws_sdk_dynamodb::Client,
+    name: &str,
+) -> Result<(), String> {
+    let key = |name: &str, kind| {
+        KeySchemaElement::builder()
+            .attribute_name(name)
+            .key_type(kind)
+            .build()
+            .expect("complete")
+    };
+    let attr = |name: &str| {
+        AttributeDefinition::builder()
+            .attribute_name(name)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .expect("complete")
+    };
+    client
+        .create_table()
+        .table_name(name)
+        .key_schema(key("pk", KeyType::Hash))
+        .key_schema(key("sk", KeyType::Range))
+        .attribute_definitions(attr("pk"))
+        .attribute_definitions(attr("sk"))
+        .billing_mode(BillingMode::PayPerRequest)
+        .send()
+        .await
+        .map(drop)
+        .map_err(|e| {
+            format!(
+                "create table {name}: {}",
+                aws_sdk_dynamodb::error::DisplayErrorContext(e)
+            )
+        })
+}
+
 pub async fn create_settings_table(
     client: &aws_sdk_dynamodb::Client,
     name: &str,

@@ -3,6 +3,7 @@
 pub mod api_keys;
 pub mod cloudflare;
 pub mod dynamodb;
+pub mod ledger;
 #[cfg(test)]
 pub mod memory;
 pub mod pacing;

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::{decode_token, encode_token, flag, OperatorError, Text};
 use crate::domain::{IndexRef, KvAction};
 use crate::pipeline::exporter::{Exporter, Prepared, Run};
-use crate::ports::{ApiKeySource, KvStore, SettingsTable};
+use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
 use crate::report::{BatchReport, Outcome, RecordReport};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -129,8 +129,8 @@ impl Tally {
     }
 }
 
-pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
-    exporter: &Exporter<K, A, T>,
+pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
+    exporter: &Exporter<K, A, T, L>,
     request: &BackfillRequest,
     deadline: Instant,
 ) -> Result<Answer, OperatorError> {

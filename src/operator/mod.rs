@@ -18,7 +18,7 @@ use crate::domain::validate::cut;
 use crate::domain::{IndexRef, KvKey};
 use crate::pipeline::exporter::{Exporter, Prepared};
 use crate::pipeline::records::ChangeRecord;
-use crate::ports::{ApiKeySource, KvStore, SettingsTable};
+use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
 use crate::report::{BatchReport, Outcome};
 
 pub use backfill::BackfillRequest;
@@ -47,7 +47,7 @@ pub enum OperatorError {
 
 impl OperatorError {
     /// Names and messages quote the payload: a huge field is cut, not echoed whole.
-    fn invalid(field: impl AsRef<str>, problem: impl AsRef<str>) -> Self {
+    pub(crate) fn invalid(field: impl AsRef<str>, problem: impl AsRef<str>) -> Self {
         OperatorError::InvalidField {
             field: cut(field.as_ref()).into_owned(),
             problem: cut(problem.as_ref()).into_owned(),
@@ -98,9 +98,9 @@ impl OperatorRequest {
         }
     }
 
-    pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
+    pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
         self,
-        exporter: &Exporter<K, A, T>,
+        exporter: &Exporter<K, A, T, L>,
         deadline: Instant,
     ) -> Result<Value, OperatorError> {
         let answer = match self {
@@ -112,6 +112,9 @@ impl OperatorRequest {
             }
             OperatorRequest::Backfill(request) => {
                 to_value(backfill::run(exporter, &request, deadline).await?)
+            }
+            OperatorRequest::Reconcile(request) if request.scheduled => {
+                to_value(reconcile::scheduled::run(exporter, &request, deadline).await?)
             }
             OperatorRequest::Reconcile(request) => {
                 to_value(reconcile::run(exporter, &request, deadline).await?)
@@ -211,9 +214,9 @@ impl IndexTarget {
     }
 
     /// The index's settings record (it must exist) and, when asked, its query configs.
-    async fn records<K: KvStore, A: ApiKeySource, T: SettingsTable>(
+    async fn records<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
         &self,
-        exporter: &Exporter<K, A, T>,
+        exporter: &Exporter<K, A, T, L>,
         deadline: Instant,
     ) -> Result<Vec<ChangeRecord>, OperatorError> {
         let index = &self.index;

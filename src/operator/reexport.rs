@@ -9,7 +9,7 @@ use super::{ensure_exported, ensure_ready, flag, masked, rejected, IndexTarget, 
 use super::{Rejected, Text};
 use crate::domain::{KvAction, KvKey, Namespace};
 use crate::pipeline::exporter::{Exporter, Run};
-use crate::ports::{ApiKeySource, KvStore, SettingsTable};
+use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
 use crate::report::Outcome;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -88,8 +88,8 @@ fn names_in(keys: &[KvKey], namespace: Namespace) -> Vec<String> {
         .collect()
 }
 
-pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
-    exporter: &Exporter<K, A, T>,
+pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
+    exporter: &Exporter<K, A, T, L>,
     request: &ReexportRequest,
     deadline: Instant,
 ) -> Result<Answer, OperatorError> {

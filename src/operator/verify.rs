@@ -12,7 +12,7 @@ use crate::domain::kv::{is_query_config_key_of, query_config_prefix};
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::pipeline::exporter::{Exporter, Run};
 use crate::pipeline::plan::PlannedOp;
-use crate::ports::{ApiKeySource, KvStore, SettingsTable};
+use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -115,8 +115,8 @@ fn stale_fields(expected: &str, actual: &str) -> Option<Vec<String>> {
     )
 }
 
-pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
-    exporter: &Exporter<K, A, T>,
+pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
+    exporter: &Exporter<K, A, T, L>,
     request: &VerifyRequest,
     deadline: Instant,
 ) -> Result<Answer, OperatorError> {

@@ -19,8 +19,8 @@ use crate::pipeline::plan::{self, Lookups, PlannedOp};
 use crate::pipeline::records::Change;
 use crate::pipeline::records::{decode_item, ChangeRecord, Expected};
 use crate::ports::{
-    before_deadline, AccountCell, ApiKeySource, KeyFailures, KeyPage, KvCounters, KvStore,
-    LookupCounts, PortError, SettingsTable,
+    before_deadline, AccountCell, ApiKeySource, KeyFailures, KeyPage, KvCounters, KvStore, Ledger,
+    LookupCounts, NoLedger, PortError, ReconcileProgress, SettingsTable,
 };
 use crate::report::{BatchReport, Outcome, RecordReport};
 
@@ -32,6 +32,8 @@ const CONCURRENT_KV_REQUESTS: usize = 4;
 
 #[derive(Debug, Clone)]
 pub struct ExportOptions {
+    /// How often a scheduled reconcile starts a new full pass.
+    pub reconcile_every: std::time::Duration,
     pub default_cell: String,
     pub default_configs_sk: String,
     /// The settings table's stream; records from elsewhere are rejected (`None`: any).
@@ -40,10 +42,11 @@ pub struct ExportOptions {
 
 /// The core with its collaborators. The entry and the operator modes call it through its
 /// methods only.
-pub struct Exporter<K, A, T> {
+pub struct Exporter<K, A, T, L = NoLedger> {
     kv: K,
     api_keys: ApiKeyCache<A>,
     table: T,
+    ledger: L,
     options: ExportOptions,
 }
 
@@ -106,18 +109,57 @@ pub struct Prepared {
 }
 
 impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
+    /// The core without a ledger table (what needs one fails, saying so).
     pub fn new(kv: K, api_keys: ApiKeyCache<A>, table: T, options: ExportOptions) -> Self {
+        Self::with_ledger(kv, api_keys, table, NoLedger, options)
+    }
+}
+
+impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T, L> {
+    pub fn with_ledger(
+        kv: K,
+        api_keys: ApiKeyCache<A>,
+        table: T,
+        ledger: L,
+        options: ExportOptions,
+    ) -> Self {
         Self {
             kv,
             api_keys,
             table,
+            ledger,
             options,
         }
+    }
+
+    /// Where a scheduled reconcile stands (a consistent read of the ledger).
+    pub async fn reconcile_progress(
+        &self,
+        deadline: Instant,
+    ) -> Result<Option<ReconcileProgress>, PortError> {
+        let read = self.ledger.reconcile_progress();
+        before_deadline(deadline, "reconcile progress", read).await
+    }
+
+    /// Saves a scheduled reconcile's progress if nobody saved since `expected`.
+    pub async fn save_reconcile_progress(
+        &self,
+        progress: &ReconcileProgress,
+        expected: Option<u64>,
+        deadline: Instant,
+    ) -> Result<bool, PortError> {
+        let save = self.ledger.save_reconcile_progress(progress, expected);
+        before_deadline(deadline, "reconcile progress", save).await
     }
 
     /// The sort key of the table's default configs, which are never exported.
     pub fn default_configs_sk(&self) -> &str {
         &self.options.default_configs_sk
+    }
+
+    /// How often a scheduled reconcile starts a new full pass.
+    pub fn reconcile_every(&self) -> std::time::Duration {
+        self.options.reconcile_every
     }
 
     /// What a stream record is checked against while it is decoded.
@@ -676,6 +718,7 @@ mod tests {
             ApiKeyCache::new(SameKey, Duration::from_secs(60)),
             CountingTable::default(),
             ExportOptions {
+                reconcile_every: Duration::from_secs(6 * 3600),
                 default_cell: "default".into(),
                 default_configs_sk: "DEFAULT_CONFIGS".into(),
                 stream_arn: None,

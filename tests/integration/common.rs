@@ -56,6 +56,8 @@ pub async fn aws() -> aws_config::SdkConfig {
 
 pub struct Harness {
     pub table: String,
+    /// The function's own ledger table.
+    pub ledger: String,
     /// The table's stream: the function exports records of this source only.
     pub stream_arn: String,
     pub secret_id: String,
@@ -81,6 +83,10 @@ impl Harness {
         let stream_arn = ecom_emulators::streams::create_settings_table(&ddb, &table, view)
             .await
             .expect("create table in moto");
+        let ledger = format!("{table}-ledger");
+        ecom_emulators::streams::create_ledger_table(&ddb, &ledger)
+            .await
+            .expect("create the ledger table in moto");
         let stream = StreamReader::open(
             aws_sdk_dynamodbstreams::Client::new(&aws),
             &stream_arn,
@@ -111,11 +117,13 @@ impl Harness {
             ("CLOUDFLARE_API_BASE_URL", kv.base_url()),
             ("API_KEYS_SERVICE_URL", keys.url_template()),
             ("SETTINGS_TABLE_STREAM_ARN", stream_arn.clone()),
+            ("LEDGER_TABLE_NAME", ledger.clone()),
         ]);
         let config = Config::from_lookup(|name| env.get(name).cloned()).unwrap();
         let exporter = build_exporter(&config, fast_retry()).await;
         Self {
             table,
+            ledger,
             stream_arn,
             secret_id,
             ddb,
@@ -151,6 +159,7 @@ impl Harness {
             ("CLOUDFLARE_API_BASE_URL", self.kv.base_url()),
             ("API_KEYS_SERVICE_URL", self.keys.url_template()),
             ("SETTINGS_TABLE_STREAM_ARN", self.stream_arn.clone()),
+            ("LEDGER_TABLE_NAME", self.ledger.clone()),
         ]
     }
 

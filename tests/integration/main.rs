@@ -16,5 +16,6 @@ mod operator_cli;
 mod operator_modes;
 mod query_filter;
 mod reconcile;
+mod scheduled_reconcile;
 mod secrets;
 mod stream_export;

@@ -17,6 +17,7 @@ use serde_dynamo::Item;
 use tokio::time::Instant;
 
 mod classify;
+pub mod scheduled;
 
 pub use classify::ClassCounts;
 use classify::{class_of, live_targets, Class, Implied, Listed};
@@ -26,7 +27,7 @@ use crate::domain::kv::KeyMetadata;
 use crate::domain::{KvAction, KvKey, Namespace};
 use crate::pipeline::exporter::{Exporter, Run};
 use crate::pipeline::plan::PlannedOp;
-use crate::ports::{ApiKeySource, KvStore, SettingsTable};
+use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
 use crate::report::Outcome;
 
 /// Sample keys per class in the answer.
@@ -57,6 +58,9 @@ pub struct ReconcileRequest {
     /// Keys per list request (10 to 1,000, Cloudflare's range; default 1,000).
     #[serde(default = "default_list_page", deserialize_with = "list_page_size")]
     pub page_size: u32,
+    /// The schedule's run: full passes kept in the ledger table ([`scheduled`]).
+    #[serde(default, deserialize_with = "flag")]
+    pub scheduled: bool,
 }
 
 fn default_list_page() -> u32 {
@@ -133,8 +137,8 @@ pub struct Answer {
     pub continuation_token: Option<String>,
 }
 
-pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
-    exporter: &Exporter<K, A, T>,
+pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
+    exporter: &Exporter<K, A, T, L>,
     request: &ReconcileRequest,
     deadline: Instant,
 ) -> Result<Answer, OperatorError> {
@@ -350,17 +354,30 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable>(
         .repaired
         .as_ref()
         .map_or(0, |r| r.written + r.deleted);
-    crate::report::emit_reconcile(&crate::report::reconcile_metrics(
-        &classes,
-        s.drift() + q.drift(),
+    let checked: usize = classes.iter().map(|(_, n)| n).sum();
+    tracing::info!(
+        complete = answer.complete,
+        keys_checked = checked,
+        missing = s.missing + q.missing,
+        stale = s.stale + q.stale,
+        orphaned = s.orphaned + q.orphaned,
+        protected = s.protected + q.protected,
         repaired,
+        "reconcile done"
+    );
+    let mut metrics = crate::report::reconcile_metrics(&classes, s.drift() + q.drift(), repaired);
+    metrics.push(("ReconcileKeysChecked".into(), checked as f64));
+    metrics.push((
+        "ReconcileComplete".into(),
+        f64::from(u8::from(answer.complete)),
     ));
+    crate::report::emit_reconcile(&metrics);
     Ok(answer)
 }
 
 /// One scan of the table (or of the account's partition), planned as a re-export would be.
-async fn implied<K: KvStore, A: ApiKeySource, T: SettingsTable>(
-    exporter: &Exporter<K, A, T>,
+async fn implied<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
+    exporter: &Exporter<K, A, T, L>,
     account: Option<&str>,
     requests: &mut Requests,
     deadline: Instant,
