@@ -175,8 +175,21 @@ pub struct Page {
     pub next: Option<Item>,
 }
 
+/// What the settings table was asked so far, for answers, tests and the scale benchmark.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct TableCounters {
+    /// Queries of one index's overrides (for its filter, or a re-export).
+    pub override_queries: usize,
+    /// Scans for alias targets and shop claims.
+    pub reference_scans: usize,
+}
+
 /// The settings table, read only.
 pub trait SettingsTable: Send + Sync {
+    fn counters(&self) -> TableCounters {
+        TableCounters::default()
+    }
+
     /// Every index-settings record's shop id and live alias targets (one paginated scan).
     fn settings_references(
         &self,

@@ -7,12 +7,15 @@ use serde_dynamo::Item;
 
 use crate::domain::{IndexRef, SettingsReference};
 use crate::dynamo::{settings_reference, string_attribute, Image, SortKey};
-use crate::ports::{Page, PortError, SettingsTable};
+use crate::ports::{Page, PortError, SettingsTable, TableCounters};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub struct DynamoSettingsTable {
     client: aws_sdk_dynamodb::Client,
     table_name: String,
     default_configs_sk: String,
+    override_queries: AtomicUsize,
+    reference_scans: AtomicUsize,
 }
 
 impl DynamoSettingsTable {
@@ -25,6 +28,8 @@ impl DynamoSettingsTable {
             client,
             table_name: table_name.into(),
             default_configs_sk: default_configs_sk.into(),
+            override_queries: AtomicUsize::new(0),
+            reference_scans: AtomicUsize::new(0),
         }
     }
 }
@@ -77,7 +82,15 @@ impl DynamoSettingsTable {
 }
 
 impl SettingsTable for DynamoSettingsTable {
+    fn counters(&self) -> TableCounters {
+        TableCounters {
+            override_queries: self.override_queries.load(Ordering::Relaxed),
+            reference_scans: self.reference_scans.load(Ordering::Relaxed),
+        }
+    }
+
     async fn settings_references(&self) -> Result<Vec<SettingsReference>, PortError> {
+        self.reference_scans.fetch_add(1, Ordering::Relaxed);
         let mut references = Vec::new();
         let mut start_key = None;
         loop {
@@ -139,6 +152,7 @@ impl SettingsTable for DynamoSettingsTable {
     }
 
     async fn override_queries(&self, index: &IndexRef) -> Result<Vec<String>, PortError> {
+        self.override_queries.fetch_add(1, Ordering::Relaxed);
         let prefix = overrides_prefix(index);
         let items = self.overrides(index, Some("sk")).await?;
         Ok(items

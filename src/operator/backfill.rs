@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use super::{decode_token, encode_token, flag, OperatorError, Text};
 use crate::domain::{IndexRef, KvAction};
 use crate::pipeline::exporter::{Exporter, Prepared, Run};
+use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
 use crate::report::{BatchReport, Outcome, RecordReport};
 
@@ -114,6 +115,18 @@ struct Tally {
 }
 
 impl Tally {
+    /// Counts a batch's records; whether any failed (the backfill then stops).
+    fn add(&mut self, report: &BatchReport) -> bool {
+        self.keys_written += report.keys_written;
+        for record in &report.records {
+            self.count(record.index.as_ref(), &record.outcome);
+        }
+        report
+            .records
+            .iter()
+            .any(|r| matches!(r.outcome, Outcome::Failed(_)))
+    }
+
     fn count(&mut self, index: Option<&IndexRef>, outcome: &Outcome) {
         let problem = |reason: &str| RecordProblem {
             system_account_id: index.map(|i| i.account.clone()),
@@ -129,13 +142,132 @@ impl Tally {
     }
 }
 
+/// Exports (or, in a dry run, plans) one batch, and logs it.
+async fn send<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
+    exporter: &Exporter<K, A, T, L>,
+    dry_run: bool,
+    records: Vec<ChangeRecord>,
+    run: Run,
+    deadline: Instant,
+) -> BatchReport {
+    let report = match dry_run {
+        true => dry_report(exporter.prepare(records, run, deadline).await),
+        false => exporter.export(records, run, deadline).await,
+    };
+    match dry_run {
+        true => report.log_dry_run(),
+        false => report.log(),
+    }
+    report
+}
+
+/// An index's records held back until its run (its settings item, then its overrides, in sort
+/// key order) ends: a run cut by a page end goes out with the next page. So each index's filter
+/// is built from the overrides the scan itself read, with no Query per index.
+struct Runs {
+    with_overrides: bool,
+    held: Vec<(ChangeRecord, Item)>,
+    /// An index whose run outgrew [`MAX_HELD`], or may have begun before this invocation: its
+    /// filter is built from a Query of the table instead.
+    queried: Option<IndexRef>,
+    /// The key of the last record sent: where a resumed backfill starts.
+    resume: Option<Item>,
+    /// Whether no run has closed yet in this invocation.
+    first: bool,
+    /// Whether this invocation sent anything.
+    sent_any: bool,
+}
+
+/// Records of one index held back at most; past it, the index's filter comes from a Query.
+const MAX_HELD: usize = 5_000;
+
+impl Runs {
+    fn new(with_overrides: bool, resume: Option<Item>) -> Self {
+        Self {
+            with_overrides,
+            held: Vec::new(),
+            queried: None,
+            resume,
+            first: true,
+            sent_any: false,
+        }
+    }
+
+    /// The page's records whose runs are closed (all of them at the end of the table), and how
+    /// to export them.
+    fn take_closed(
+        &mut self,
+        records: Vec<ChangeRecord>,
+        keys: Vec<Item>,
+        last_page: bool,
+    ) -> (Vec<(ChangeRecord, Item)>, Run) {
+        if !self.with_overrides {
+            return (records.into_iter().zip(keys).collect(), Run::BACKFILL);
+        }
+        let mut closed = Vec::new();
+        for (record, key) in records.into_iter().zip(keys) {
+            let held_index = self.held.first().and_then(|(r, _)| r.index.as_ref());
+            if record.index.is_some() && record.index.as_ref() == held_index {
+                self.held.push((record, key));
+                continue;
+            }
+            self.close(&mut closed);
+            match record.index.is_some() {
+                true => self.held.push((record, key)),
+                false => closed.push((record, key)),
+            }
+        }
+        if last_page || self.held.len() > MAX_HELD {
+            if !last_page {
+                self.queried = self.held.first().and_then(|(r, _)| r.index.clone());
+            }
+            self.close(&mut closed);
+        }
+        let queried = |(record, _): &(ChangeRecord, Item)| {
+            self.queried.is_some() && record.index == self.queried
+        };
+        let run = match closed.iter().any(queried) {
+            true => Run::BACKFILL,
+            false => Run::BACKFILL_FROM_SCAN,
+        };
+        (closed, run)
+    }
+
+    /// When an invocation must stop having sent nothing, the run it holds, to send anyway
+    /// (its filter from a Query): so every invocation advances the backfill.
+    fn take_stuck(&mut self) -> Option<(Vec<(ChangeRecord, Item)>, Run)> {
+        if self.sent_any || self.held.is_empty() {
+            return None;
+        }
+        self.queried = self.held[0].0.index.clone();
+        Some((std::mem::take(&mut self.held), Run::BACKFILL))
+    }
+
+    /// The held run is over: it joins the batch.
+    fn close(&mut self, closed: &mut Vec<(ChangeRecord, Item)>) {
+        if self.held.is_empty() {
+            return;
+        }
+        // A resumed backfill's first run may have begun before its token (a run that outgrew
+        // MAX_HELD): without its settings record in hand, its filter comes from a Query.
+        let starts_mid_run = self.first
+            && self.resume.is_some()
+            && !matches!(self.held[0].0.decoded, Ok(Change::UpsertIndex { .. }));
+        if starts_mid_run {
+            self.queried = self.held[0].0.index.clone();
+        }
+        self.first = false;
+        closed.append(&mut self.held);
+    }
+}
+
 pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
     exporter: &Exporter<K, A, T, L>,
     request: &BackfillRequest,
     deadline: Instant,
 ) -> Result<Answer, OperatorError> {
     // An empty key stands for "from the beginning" (a stop before the first page).
-    let mut start = request
+    let start = request
         .continuation_token
         .as_ref()
         .map(|token| decode_token::<Item>(&token.0))
@@ -143,19 +275,31 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
         .filter(|key| !key.is_empty());
     let account = request.system_account_id.as_ref().map(|a| a.0.as_str());
     let mut tally = Tally::default();
+    let mut runs = Runs::new(request.include_query_configs, start.clone());
+    let mut scan_at = start;
     // Leave room for the slowest page seen so far, twice over, before starting another.
     let mut slowest_page = Duration::from_secs(2);
     let complete = loop {
-        if request.max_records.is_some_and(|max| tally.items >= max)
-            || Instant::now() + slowest_page * 2 >= deadline
-        {
+        let out_of_time = Instant::now() + slowest_page * 2 >= deadline;
+        if out_of_time || request.max_records.is_some_and(|max| tally.items >= max) {
+            // A backfill always advances: a run still held when nothing was sent yet goes
+            // out now, its filter from a Query.
+            if let Some((batch, run)) = runs.take_stuck() {
+                let sent_to = batch.last().map(|(_, key)| key.clone());
+                let records = batch.into_iter().map(|(record, _)| record).collect();
+                let report = send(exporter, request.dry_run, records, run, deadline).await;
+                let failed = tally.add(&report);
+                if !failed {
+                    runs.resume = sent_to;
+                }
+            }
             break false;
         }
         let page_started = Instant::now();
         let page = exporter
             .table_page(
                 account,
-                start.clone(),
+                scan_at.clone(),
                 request.page_size,
                 request.include_query_configs,
                 deadline,
@@ -165,36 +309,25 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
                 reason: e.to_string(),
             })?;
         tally.items += page.records.len();
-        let report = if request.dry_run {
-            dry_report(
-                exporter
-                    .prepare(page.records, Run::BACKFILL, deadline)
-                    .await,
-            )
-        } else {
-            exporter.export(page.records, Run::BACKFILL, deadline).await
-        };
-        match request.dry_run {
-            true => report.log_dry_run(),
-            false => report.log(),
-        }
-        tally.keys_written += report.keys_written;
-        for record in &report.records {
-            tally.count(record.index.as_ref(), &record.outcome);
-        }
+        let last_page = page.next.is_none();
+        let (batch, run) = runs.take_closed(page.records, page.keys, last_page);
+        let sent_to = batch.last().map(|(_, key)| key.clone());
+        let records = batch.into_iter().map(|(record, _)| record).collect();
+        let report = send(exporter, request.dry_run, records, run, deadline).await;
         slowest_page = slowest_page.max(page_started.elapsed());
-        if report
-            .records
-            .iter()
-            .any(|r| matches!(r.outcome, Outcome::Failed(_)))
-        {
-            break false; // the token still points at this page: resuming retries it
+        if tally.add(&report) {
+            break false; // the token still points before this batch: resuming retries it
+        }
+        if sent_to.is_some() {
+            runs.sent_any = true;
+            runs.resume = sent_to;
         }
         match page.next {
-            Some(next) => start = Some(next),
+            Some(next) => scan_at = Some(next),
             None => break true,
         }
     };
+    let start = runs.resume;
     Ok(Answer {
         mode: "backfill",
         dry_run: request.dry_run,

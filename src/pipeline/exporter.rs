@@ -20,7 +20,7 @@ use crate::pipeline::records::Change;
 use crate::pipeline::records::{decode_item, ChangeRecord, Expected};
 use crate::ports::{
     before_deadline, AccountCell, ApiKeySource, KeyFailures, KeyPage, KvCounters, KvStore, Ledger,
-    LookupCounts, NoLedger, PortError, ReconcileProgress, SettingsTable,
+    LookupCounts, NoLedger, PortError, ReconcileProgress, SettingsTable, TableCounters,
 };
 use crate::report::{BatchReport, Outcome, RecordReport};
 
@@ -89,12 +89,19 @@ impl Run {
         api_keys: ApiKeys::Fresh,
         overrides: Overrides::InTable,
     };
+    /// A backfill batch that holds every override of its indexes, read by the scan itself.
+    pub const BACKFILL_FROM_SCAN: Run = Run {
+        api_keys: ApiKeys::Fresh,
+        overrides: Overrides::InBatch,
+    };
 }
 
 /// One page of the table, decoded, and where the next one starts.
 #[derive(Debug)]
 pub struct TablePage {
     pub records: Vec<ChangeRecord>,
+    /// Each record's item key (`pk`, `sk`): where a backfill can resume after it.
+    pub keys: Vec<Item>,
     /// What the page's settings records say about other indexes (shops, live aliases).
     pub references: Vec<SettingsReference>,
     pub next: Option<Item>,
@@ -160,6 +167,11 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
     /// How often a scheduled reconcile starts a new full pass.
     pub fn reconcile_every(&self) -> std::time::Duration {
         self.options.reconcile_every
+    }
+
+    /// What the settings table was asked so far.
+    pub fn table_counters(&self) -> TableCounters {
+        self.table.counters()
     }
 
     /// What a stream record is checked against while it is decoded.
@@ -435,7 +447,9 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
                 }
             })
             .collect();
+        let keys = page.items.iter().map(item_key).collect();
         Ok(TablePage {
+            keys,
             records: page
                 .items
                 .into_iter()
@@ -682,6 +696,17 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             .collect()
             .await
     }
+}
+
+/// An item's table key (`pk`, `sk`), as DynamoDB takes it for `ExclusiveStartKey`.
+fn item_key(item: &Item) -> Item {
+    let mut key = std::collections::HashMap::new();
+    for name in ["pk", "sk"] {
+        if let Some(value) = item.get(name) {
+            key.insert(name.to_owned(), value.clone());
+        }
+    }
+    Item::from(key)
 }
 
 /// A record whose key did not make it: retried, unless Cloudflare refused that key on its own.

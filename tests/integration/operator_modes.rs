@@ -423,3 +423,75 @@ async fn a_backfill_stops_before_the_deadline_and_resumes_where_it_stopped() {
     assert_eq!(total(&rest, "exported"), 6);
     assert_eq!(h.kv.keys(CF_ACCOUNT, SETTINGS_NS).len(), 6);
 }
+
+/// Two accounts of six indexes, index `i` with `i % 4` overrides.
+async fn indexes_with_overrides() -> (Harness, Vec<(String, String, usize)>) {
+    let h = Harness::new().await;
+    let mut expected = Vec::new();
+    for account in ["acct-a", "acct-b"] {
+        h.keys.set_key(account, "k");
+        for i in 0..6 {
+            let index = format!("idx-{i}");
+            h.put(index_item(account, &index, None)).await;
+            for q in 0..i % 4 {
+                h.put(query_item(account, &index, &format!("query {q}")))
+                    .await;
+            }
+            expected.push((account.to_owned(), index, i % 4));
+        }
+    }
+    (h, expected)
+}
+
+fn filters_hold_every_override(h: &Harness, expected: &[(String, String, usize)]) {
+    for (account, index, overrides) in expected {
+        let filter = filter_of(h, account, index).unwrap_or_else(|| panic!("{account}/{index}"));
+        assert_eq!(
+            filter["count"], *overrides as u64,
+            "{account}/{index}: {filter}"
+        );
+    }
+    let total: usize = expected.iter().map(|(_, _, n)| n).sum();
+    assert_eq!(override_keys(h).len(), total);
+}
+
+#[tokio::test]
+async fn a_backfill_builds_each_filter_from_the_scan_without_a_query_per_index() {
+    let (h, expected) = indexes_with_overrides().await;
+
+    // Three items a page: runs of an index and its overrides are cut by page ends.
+    let answers = backfill_to_the_end(
+        &h,
+        json!({"mode": "backfill", "include_query_configs": true, "page_size": 3}),
+    )
+    .await;
+
+    assert_eq!(answers.len(), 1);
+    filters_hold_every_override(&h, &expected);
+    assert_eq!(h.exporter.table_counters().override_queries, 0);
+    for (account, index, _) in &expected {
+        let verify = h
+            .invoke(
+                json!({"mode": "verify", "system_account_id": account, "index_name": index,
+                           "include_query_configs": true}),
+            )
+            .await;
+        assert_eq!(verify["in_sync"], true, "{verify}");
+    }
+}
+
+#[tokio::test]
+async fn a_backfill_resumed_between_pages_still_writes_complete_filters_and_always_advances() {
+    let (h, expected) = indexes_with_overrides().await;
+
+    // Two items a page and an invocation: an index's run spans invocations.
+    let answers = backfill_to_the_end(
+        &h,
+        json!({"mode": "backfill", "include_query_configs": true, "page_size": 2, "max_records": 2}),
+    )
+    .await;
+
+    assert!(answers.len() > 3, "{}", answers.len());
+    filters_hold_every_override(&h, &expected);
+    assert_eq!(total(&answers, "failed"), 0);
+}
