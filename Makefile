@@ -16,7 +16,7 @@ ENV ?= dev
 # Wherever cargo builds (CARGO_TARGET_DIR or a shared target directory included).
 TARGET_DIR = $(shell cargo metadata --format-version 1 --no-deps | $(PYTHON) -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
-.PHONY: all bench demo build sam-build test unit-test lint fmt fuzz venv tools sam-cli local deploy clean
+.PHONY: all bench scale demo build sam-build test unit-test lint fmt fuzz venv tools sam-cli local deploy clean
 
 all: lint test
 
@@ -63,6 +63,13 @@ bench: venv
 	cargo build --quiet --locked -p ecom-emulators
 	scripts/with-moto.sh $(TARGET_DIR)/debug/ecom-emulators bench \
 		--function $(TARGET_DIR)/release/ecom-settings-exporter --python $(VENV)/bin/python
+
+## What each path costs at 1,000, 5,000 and 20,000 indexes, against moto (minutes; docs/scale.md).
+scale: venv
+	cargo build --quiet --locked --release -p ecom-settings-exporter
+	cargo build --quiet --locked -p ecom-emulators
+	$(VENV)/bin/python scripts/scale.py --function $(TARGET_DIR)/release/ecom-settings-exporter \
+		--emulators $(TARGET_DIR)/debug/ecom-emulators $(if $(SIZES),--sizes $(SIZES))
 
 ## Unit and integration tests (moto on a free port, KV emulator and API-keys stand-in in-process).
 test: venv

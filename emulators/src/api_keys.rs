@@ -40,6 +40,8 @@ pub struct KeyCall {
 #[derive(Default)]
 pub struct ApiKeysState {
     keys: HashMap<String, String>,
+    /// The key of every account not in `keys` (a fleet too large to list), if any.
+    default_key: Option<String>,
     behaviours: HashMap<String, Behaviour>,
     /// Per account: answer this status to the next n calls.
     failures: HashMap<String, (u16, usize)>,
@@ -118,6 +120,11 @@ pub fn new_state(keys: &[(String, String)]) -> Shared {
     state
 }
 
+/// Every account not named in `keys` gets `key` (the binary's `--default-key`).
+pub fn set_default_key(state: &Shared, key: Option<String>) {
+    state.lock().unwrap().default_key = key;
+}
+
 async fn with_cell(
     State(state): State<Shared>,
     Path((cell, account)): Path<(String, String)>,
@@ -145,7 +152,8 @@ async fn answer(state: Shared, cell: Option<String>, account: String) -> Respons
                 Behaviour::Status { status: *status }
             });
         let behaviour = scripted.or_else(|| s.behaviours.get(&account).cloned());
-        (s.keys.get(&account).cloned(), behaviour)
+        let key = s.keys.get(&account).or(s.default_key.as_ref()).cloned();
+        (key, behaviour)
     };
     match behaviour {
         Some(Behaviour::Status { status }) => {

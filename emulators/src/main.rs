@@ -13,7 +13,7 @@ usage:
       (kinds: status {status, retry_after, retry_after_date, retry_after_ms, retry_after_raw,
        location}, delay {millis}, unsuccessful_keys {count}, foreign_unsuccessful_keys {count},
        unsuccessful_keys_starting_with {prefix}, refuse_key {key}; `times`, default 1)
-  ecom-emulators api-keys [--port 8788] [--key ACCOUNT=KEY]...
+  ecom-emulators api-keys [--port 8788] [--key ACCOUNT=KEY]... (ACCOUNT `*`: every other account)
       API keys service; API_KEYS_SERVICE_URL=http://127.0.0.1:PORT/cells/{cell}
   ecom-emulators invoke [--port 9000] [--function target/debug/ecom-settings-exporter]
                         [--env-file .local.env] [--timeout 120]
@@ -307,6 +307,7 @@ async fn main() -> ExitCode {
             (port, ecom_emulators::kv::router(state))
         }),
         Some("api-keys") => parse(&args[1..], 8788, "--key").and_then(|(port, keys)| {
+            // `--key *=KEY`: every account not named gets KEY (a fleet too large to list).
             let keys = keys
                 .iter()
                 .map(|k| {
@@ -319,10 +320,10 @@ async fn main() -> ExitCode {
                 "API keys service on http://127.0.0.1:{port}/cells/{{cell}}, {} accounts",
                 keys.len()
             );
-            Ok((
-                port,
-                ecom_emulators::api_keys::router(ecom_emulators::api_keys::new_state(&keys)),
-            ))
+            let default = keys.iter().find(|(a, _)| a == "*").map(|(_, k)| k.clone());
+            let state = ecom_emulators::api_keys::new_state(&keys);
+            ecom_emulators::api_keys::set_default_key(&state, default);
+            Ok((port, ecom_emulators::api_keys::router(state)))
         }),
         _ => Err(USAGE.to_string()),
     };

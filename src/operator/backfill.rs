@@ -29,9 +29,13 @@ pub struct BackfillRequest {
     /// Where a previous invocation stopped.
     #[serde(default)]
     pub continuation_token: Option<Text>,
-    /// Items read from the table per page (and so per export batch).
+    /// Items read from the table per page.
     #[serde(default = "default_page_size", deserialize_with = "page_size")]
     pub page_size: i32,
+    /// Records sent per export batch (pages are gathered until then): bulk requests close to
+    /// Cloudflare's 10,000 pairs spend the shared request budget sparingly.
+    #[serde(default = "default_batch_records", deserialize_with = "batch_records")]
+    pub batch_records: usize,
     /// Stop after the page that reaches this many items, with a continuation token.
     #[serde(default, deserialize_with = "max_records")]
     pub max_records: Option<usize>,
@@ -39,6 +43,15 @@ pub struct BackfillRequest {
 
 fn default_page_size() -> i32 {
     100
+}
+
+/// About 8,000 pairs: an index's two keys, or an override's one, each.
+fn default_batch_records() -> usize {
+    4_000
+}
+
+fn batch_records<'de, D: Deserializer<'de>>(deserializer: D) -> Result<usize, D::Error> {
+    Ok(count(deserializer, 1..=5_000)?.map_or(default_batch_records(), |n| n as usize))
 }
 
 /// A whole number in `range`; absent or null is `None`.
@@ -140,6 +153,51 @@ impl Tally {
             Outcome::Failed(reason) => self.failed.push(problem(reason)),
         }
     }
+}
+
+/// Closed runs gathered from pages until a batch is full.
+#[derive(Default)]
+struct Gathered {
+    records: Vec<(ChangeRecord, Item)>,
+    /// Some index among them has its filter built from a Query.
+    needs_query: bool,
+}
+
+impl Gathered {
+    fn add(&mut self, mut records: Vec<(ChangeRecord, Item)>, run: Run) {
+        self.needs_query |= run == Run::BACKFILL && !records.is_empty();
+        self.records.append(&mut records);
+    }
+}
+
+/// Sends what was gathered; whether every record went through (the backfill goes on).
+async fn flush<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
+    exporter: &Exporter<K, A, T, L>,
+    request: &BackfillRequest,
+    gathered: &mut Gathered,
+    runs: &mut Runs,
+    tally: &mut Tally,
+    deadline: Instant,
+) -> bool {
+    let Gathered {
+        records,
+        needs_query,
+    } = std::mem::take(gathered);
+    let Some(sent_to) = records.last().map(|(_, key)| key.clone()) else {
+        return true;
+    };
+    let run = match needs_query || !request.include_query_configs {
+        true => Run::BACKFILL,
+        false => Run::BACKFILL_FROM_SCAN,
+    };
+    let records = records.into_iter().map(|(record, _)| record).collect();
+    let report = send(exporter, request.dry_run, records, run, deadline).await;
+    if tally.add(&report) {
+        return false;
+    }
+    runs.sent_any = true;
+    runs.resume = Some(sent_to);
+    true
 }
 
 /// Exports (or, in a dry run, plans) one batch, and logs it.
@@ -279,18 +337,35 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
     let mut scan_at = start;
     // Leave room for the slowest page seen so far, twice over, before starting another.
     let mut slowest_page = Duration::from_secs(2);
+    // Leave room for the slowest send seen so far too: gathered records go out before a stop.
+    let mut slowest_send = Duration::ZERO;
+    let mut gathered = Gathered::default();
     let complete = loop {
-        let out_of_time = Instant::now() + slowest_page * 2 >= deadline;
+        let out_of_time = Instant::now() + slowest_page * 2 + slowest_send >= deadline;
         if out_of_time || request.max_records.is_some_and(|max| tally.items >= max) {
-            // A backfill always advances: a run still held when nothing was sent yet goes
-            // out now, its filter from a Query.
-            if let Some((batch, run)) = runs.take_stuck() {
-                let sent_to = batch.last().map(|(_, key)| key.clone());
-                let records = batch.into_iter().map(|(record, _)| record).collect();
-                let report = send(exporter, request.dry_run, records, run, deadline).await;
-                let failed = tally.add(&report);
-                if !failed {
-                    runs.resume = sent_to;
+            if flush(
+                exporter,
+                request,
+                &mut gathered,
+                &mut runs,
+                &mut tally,
+                deadline,
+            )
+            .await
+            {
+                // A backfill always advances: a run still held when nothing was sent yet
+                // goes out now, its filter from a Query.
+                if let Some((stuck, run)) = runs.take_stuck() {
+                    gathered.add(stuck, run);
+                    flush(
+                        exporter,
+                        request,
+                        &mut gathered,
+                        &mut runs,
+                        &mut tally,
+                        deadline,
+                    )
+                    .await;
                 }
             }
             break false;
@@ -310,17 +385,25 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
             })?;
         tally.items += page.records.len();
         let last_page = page.next.is_none();
-        let (batch, run) = runs.take_closed(page.records, page.keys, last_page);
-        let sent_to = batch.last().map(|(_, key)| key.clone());
-        let records = batch.into_iter().map(|(record, _)| record).collect();
-        let report = send(exporter, request.dry_run, records, run, deadline).await;
+        let (closed, run) = runs.take_closed(page.records, page.keys, last_page);
+        gathered.add(closed, run);
         slowest_page = slowest_page.max(page_started.elapsed());
-        if tally.add(&report) {
-            break false; // the token still points before this batch: resuming retries it
-        }
-        if sent_to.is_some() {
-            runs.sent_any = true;
-            runs.resume = sent_to;
+        if gathered.records.len() >= request.batch_records || last_page {
+            let send_started = Instant::now();
+            // A failure stops here: the token still points before this batch.
+            if !flush(
+                exporter,
+                request,
+                &mut gathered,
+                &mut runs,
+                &mut tally,
+                deadline,
+            )
+            .await
+            {
+                break false;
+            }
+            slowest_send = slowest_send.max(send_started.elapsed());
         }
         match page.next {
             Some(next) => scan_at = Some(next),

@@ -393,7 +393,10 @@ async fn a_backfill_stops_before_the_deadline_and_resumes_where_it_stopped() {
 
     let started = std::time::Instant::now();
     let first = h
-        .try_invoke(json!({"mode": "backfill", "page_size": 1}), timeout)
+        .try_invoke(
+            json!({"mode": "backfill", "page_size": 1, "batch_records": 1}),
+            timeout,
+        )
         .await
         .unwrap();
 
@@ -494,4 +497,20 @@ async fn a_backfill_resumed_between_pages_still_writes_complete_filters_and_alwa
     assert!(answers.len() > 3, "{}", answers.len());
     filters_hold_every_override(&h, &expected);
     assert_eq!(total(&answers, "failed"), 0);
+}
+
+#[tokio::test]
+async fn a_backfill_gathers_pages_into_bulk_requests_near_cloudflare_s_limit() {
+    let (h, expected) = indexes_with_overrides().await;
+
+    let answers = backfill_to_the_end(
+        &h,
+        json!({"mode": "backfill", "include_query_configs": true, "page_size": 5}),
+    )
+    .await;
+
+    assert_eq!(answers.len(), 1);
+    filters_hold_every_override(&h, &expected);
+    // 36 items in 8 pages, one batch: one bulk write per namespace.
+    assert_eq!(h.kv_calls("bulk"), 2, "{:?}", h.bulk_write_sizes());
 }

@@ -1,0 +1,317 @@
+"""`make scale`: what each path costs as the fleet grows, measured against moto.
+
+moto runs in this process behind a WSGI middleware that counts DynamoDB requests and the items
+they read (Scan/Query `ScannedCount`, GetItem, BatchGetItem). The KV emulator and the API-keys
+stand-in run as `ecom-emulators` processes; the release function runs behind `ecom-emulators
+invoke` (the Lambda Invoke API over the runtime API), restarted for each path so its peak memory
+is that path's. For each fleet size N (indexes, 4 per account, one override each, items of about
+1 KB) it measures:
+
+- stream: one batch holding one REMOVE (NEW_AND_OLD_IMAGES);
+- backfill: `{"mode": "backfill", "include_query_configs": true}` followed to the end;
+- reconcile: `{"mode": "reconcile"}` over the whole fleet followed to the end (read only);
+- verify: one index with `--overrides` overrides, `include_query_configs`.
+
+and prints items read, DynamoDB requests, KV requests, invocations, function CPU (user + system),
+peak RSS and wall seconds. Not part of `make test`: N = 20,000 takes minutes.
+"""
+
+import argparse
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+import boto3
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
+from werkzeug.serving import make_server
+
+REGION = "eu-west-1"
+TOKEN = "scale-token"
+STREAM_ARN = "arn:aws:dynamodb:eu-west-1:123456789012:table/scale/stream/2026-01-01T00:00:00.000"
+
+
+class Counting:
+    """DynamoDB requests and the items they read, as the function's requests reach moto."""
+
+    def __init__(self, app):
+        self.app = app
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.items = 0
+        self.by_operation = {}
+
+    def snapshot(self):
+        with self.lock:
+            return self.requests, self.items, dict(self.by_operation)
+
+    def __call__(self, environ, start_response):
+        target = environ.get("HTTP_X_AMZ_TARGET", "")
+        if not target.startswith("DynamoDB_"):
+            return self.app(environ, start_response)
+        operation = target.split(".")[-1]
+        body = b"".join(self.app(environ, start_response))
+        read = 0
+        try:
+            answer = json.loads(body or b"{}")
+            if "ScannedCount" in answer:
+                read = answer["ScannedCount"]
+            elif operation == "GetItem":
+                read = 1 if "Item" in answer else 0
+            elif operation == "BatchGetItem":
+                read = sum(len(v) for v in answer.get("Responses", {}).values())
+        except ValueError:
+            pass
+        with self.lock:
+            self.requests += 1
+            self.items += read
+            self.by_operation[operation] = self.by_operation.get(operation, 0) + 1
+        return [body]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto():
+    counting = Counting(DomainDispatcherApplication(create_backend_app))
+    port = free_port()
+    server = make_server("127.0.0.1", port, counting, True, request_handler=MotoRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{port}", counting, server
+
+
+def wait_for(url, seconds=30):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} never answered")
+
+
+def seed(ddb, table, ledger, n, verify_overrides):
+    for name, stream in ((table, True), (ledger, False)):
+        spec = dict(
+            TableName=name,
+            BillingMode="PAY_PER_REQUEST",
+            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}, {"AttributeName": "sk", "AttributeType": "S"}],
+        )
+        if stream:
+            spec["StreamSpecification"] = {"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"}
+        ddb.create_table(**spec)
+    padding = "x" * 700  # items of about 1 KB, as the issue measured
+
+    def index(account, i):
+        return {
+            "pk": {"S": account},
+            "sk": {"S": f"INDEX#idx-{i}"},
+            "index_endpoint": {"S": f"https://{account}-idx-{i}.idx.example"},
+            "shop_id": {"S": f"{account}-shop-{i}.myshopify.com"},
+            "search_config": {"M": {"limit": {"N": "20"}, "note": {"S": padding}}},
+        }
+
+    def override(account, i, q):
+        return {
+            "pk": {"S": account},
+            "sk": {"S": f"INDEX#idx-{i}#QUERY#query {q}"},
+            "query_config": {"M": {"boost": {"N": "2"}}},
+        }
+
+    items = []
+    for i in range(n):
+        account = f"acct-{i // 4:06d}"
+        items += [index(account, i % 4), override(account, i % 4, 0)]
+    items += [override("acct-000000", 0, q) for q in range(1, verify_overrides)]
+    for start in range(0, len(items), 25):
+        requests = [{"PutRequest": {"Item": item}} for item in items[start : start + 25]]
+        pending = {table: requests}
+        while pending:
+            pending = ddb.batch_write_item(RequestItems=pending).get("UnprocessedItems") or None
+
+
+class Function:
+    """The release binary behind `ecom-emulators invoke`: invoked, measured, stopped."""
+
+    def __init__(self, emulators, binary, env_file):
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [emulators, "invoke", "--port", str(self.port), "--function", binary,
+             "--env-file", env_file, "--timeout", "120"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.url = f"http://127.0.0.1:{self.port}/2015-03-31/functions/f/invocations"
+        deadline = time.time() + 30
+        self.pid = None
+        while time.time() < deadline and self.pid is None:
+            children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.process.pid)],
+                                      capture_output=True, text=True).stdout.split()
+            self.pid = int(children[0]) if children else None
+            time.sleep(0.05)
+        if self.pid is None:
+            raise SystemExit("the function did not start")
+
+    def invoke(self, payload):
+        for _ in range(100):
+            try:
+                request = urllib.request.Request(self.url, data=json.dumps(payload).encode(), method="POST")
+                with urllib.request.urlopen(request, timeout=200) as answer:
+                    return json.loads(answer.read())
+            except ConnectionError:
+                time.sleep(0.1)
+            except urllib.error.URLError as e:
+                if not isinstance(e.reason, ConnectionRefusedError):
+                    raise
+                time.sleep(0.1)
+        raise SystemExit("the Invoke API never answered")
+
+    def cpu_seconds(self):
+        fields = open(f"/proc/{self.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mib(self):
+        for line in open(f"/proc/{self.pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def follow(function, payload):
+    """Invokes until `complete`, passing the token on; the number of invocations."""
+    invocations = 0
+    while True:
+        answer = function.invoke(payload)
+        invocations += 1
+        if "errorType" in answer:
+            raise SystemExit(f"{payload}: {answer}")
+        if answer.get("complete", True) or invocations > 500:
+            return invocations
+        payload = dict(payload, continuation_token=answer["continuation_token"])
+
+
+def kv_requests(kv_port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{kv_port}/__emulator/requests") as answer:
+        return len(json.loads(answer.read()))
+
+
+def remove_record(account, i):
+    keys = {"pk": {"S": account}, "sk": {"S": f"INDEX#idx-{i}"}}
+    old = dict(keys, shop_id={"S": f"{account}-shop-{i}.myshopify.com"},
+               index_endpoint={"S": "https://x.idx.example"})
+    return {"Records": [{
+        "eventID": "1", "eventName": "REMOVE", "eventVersion": "1.1", "eventSource": "aws:dynamodb",
+        "awsRegion": REGION, "eventSourceARN": STREAM_ARN,
+        "dynamodb": {"ApproximateCreationDateTime": time.time(), "Keys": keys, "OldImage": old,
+                     "SequenceNumber": "900000000000000000001", "SizeBytes": 100,
+                     "StreamViewType": "NEW_AND_OLD_IMAGES"},
+    }]}
+
+
+def measure(name, n, counting, kv_port, emulators, binary, env_file, run):
+    function = Function(emulators, binary, env_file)
+    function.invoke({"mode": "verify", "system_account_id": "warm", "index_name": "up"})  # cold start
+    requests0, items0, ops0 = counting.snapshot()
+    kv0, cpu0, started = kv_requests(kv_port), function.cpu_seconds(), time.time()
+    invocations = run(function)
+    seconds = time.time() - started
+    requests1, items1, ops1 = counting.snapshot()
+    row = {
+        "path": name, "n": n, "items_read": items1 - items0, "ddb_requests": requests1 - requests0,
+        "ddb_by_operation": {k: v - ops0.get(k, 0) for k, v in ops1.items() if v != ops0.get(k, 0)},
+        "kv_requests": kv_requests(kv_port) - kv0, "invocations": invocations,
+        "cpu_s": round(function.cpu_seconds() - cpu0, 3), "peak_rss_mib": round(function.peak_rss_mib(), 1),
+        "seconds": round(seconds, 2),
+    }
+    function.stop()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main():
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per moto request otherwise
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--function", default="target/release/ecom-settings-exporter")
+    parser.add_argument("--emulators", default="target/debug/ecom-emulators")
+    parser.add_argument("--sizes", default="1000,5000,20000")
+    parser.add_argument("--overrides", type=int, default=1000, help="overrides of the verified index")
+    parser.add_argument("--out", default="target/scale/results.json")
+    args = parser.parse_args()
+
+    endpoint, counting, server = start_moto()
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION=REGION,
+                      AWS_DEFAULT_REGION=REGION)
+    ddb = boto3.client("dynamodb", endpoint_url=endpoint)
+    boto3.client("secretsmanager", endpoint_url=endpoint).create_secret(Name="scale/token", SecretString=TOKEN)
+    kv_port, keys_port = free_port(), free_port()
+    peers = [
+        subprocess.Popen([args.emulators, "kv", "--port", str(kv_port), "--token", TOKEN,
+                          "--namespace", "settings", "--namespace", "qcfg"], stdout=subprocess.DEVNULL),
+        subprocess.Popen([args.emulators, "api-keys", "--port", str(keys_port), "--key", "*=scale-key"],
+                         stdout=subprocess.DEVNULL),
+    ]
+    rows = []
+    try:
+        wait_for(f"http://127.0.0.1:{kv_port}/__emulator/requests")
+        for n in [int(s) for s in args.sizes.split(",")]:
+            table = f"scale-{n}"
+            started = time.time()
+            seed(ddb, table, table + "-ledger", n, args.overrides)
+            print(f"# N = {n}: seeded {2 * n + args.overrides - 1} items in {time.time() - started:.0f} s",
+                  file=sys.stderr, flush=True)
+            env = tempfile.NamedTemporaryFile("w", suffix=".env", delete=False)
+            env.write("\n".join([
+                f"AWS_ENDPOINT_URL={endpoint}", "AWS_ACCESS_KEY_ID=testing", "AWS_SECRET_ACCESS_KEY=testing",
+                f"AWS_REGION={REGION}", f"SETTINGS_TABLE_NAME={table}", f"LEDGER_TABLE_NAME={table}-ledger",
+                "CLOUDFLARE_ACCOUNT_ID=scale", "CLOUDFLARE_KV_NAMESPACE_ID=settings",
+                "CLOUDFLARE_QCFG_NAMESPACE_ID=qcfg", "CLOUDFLARE_API_TOKEN_SECRET_ID=scale/token",
+                f"CLOUDFLARE_API_BASE_URL=http://127.0.0.1:{kv_port}/client/v4",
+                f"API_KEYS_SERVICE_URL=http://127.0.0.1:{keys_port}/cells/{{cell}}",
+                f"SETTINGS_TABLE_STREAM_ARN={STREAM_ARN}", "CLOUDFLARE_REQUESTS_PER_5_MINUTES=1200",
+                "AWS_LAMBDA_LOG_LEVEL=WARN",
+            ]) + "\n")
+            env.close()
+            common = (counting, kv_port, args.emulators, args.function, env.name)
+            paths = [
+                ("backfill", lambda f: follow(f, {"mode": "backfill", "include_query_configs": True})),
+                ("stream REMOVE", lambda f: (f.invoke(remove_record("acct-000001", 1)), 1)[1]),
+                ("reconcile", lambda f: follow(f, {"mode": "reconcile"})),
+                ("verify", lambda f: (f.invoke({"mode": "verify", "system_account_id": "acct-000000",
+                                                "index_name": "idx-0", "include_query_configs": True}), 1)[1]),
+            ]
+            for name, run in paths:
+                rows.append(measure(name, n, *common, run))
+            os.unlink(env.name)
+    finally:
+        for peer in peers:
+            peer.terminate()
+        server.shutdown()
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    json.dump(rows, open(args.out, "w"), indent=1)
+    print("\n| path | N | items read | DynamoDB requests | KV requests | invocations | CPU s | peak RSS MiB | seconds |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['path']} | {r['n']:,} | {r['items_read']:,} | {r['ddb_requests']:,} | {r['kv_requests']:,} | "
+              f"{r['invocations']} | {r['cpu_s']} | {r['peak_rss_mib']} | {r['seconds']} |")
+
+
+if __name__ == "__main__":
+    main()
