@@ -1,4 +1,4 @@
-//! The Cloudflare Workers KV adapter: bulk writes, bulk deletes and single reads under
+//! The Cloudflare Workers KV adapter: bulk writes, bulk deletes, bulk reads and listing under
 //! `{base}/accounts/{account}/storage/kv/namespaces/{namespace}`, with the retry rules the
 //! exporter depends on (docs/contract.md, "Cloudflare KV calls").
 

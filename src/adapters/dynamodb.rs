@@ -2,13 +2,14 @@
 //! backfills. Every failure here is transient: the SDK has already retried, and a record that
 //! needs the table is reported for retry.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use aws_sdk_dynamodb::types::AttributeValue;
 use serde_dynamo::Item;
 
 use crate::domain::{IndexRef, SettingsReference};
 use crate::dynamo::{settings_reference, string_attribute, Image, SortKey};
 use crate::ports::{Page, PortError, SettingsTable, TableCounters};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub struct DynamoSettingsTable {
     client: aws_sdk_dynamodb::Client,
