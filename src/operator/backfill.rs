@@ -170,36 +170,6 @@ impl Gathered {
     }
 }
 
-/// Sends what was gathered; whether every record went through (the backfill goes on).
-async fn flush<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
-    exporter: &Exporter<K, A, T, L>,
-    request: &BackfillRequest,
-    gathered: &mut Gathered,
-    runs: &mut Runs,
-    tally: &mut Tally,
-    deadline: Instant,
-) -> bool {
-    let Gathered {
-        records,
-        needs_query,
-    } = std::mem::take(gathered);
-    let Some(sent_to) = records.last().map(|(_, key)| key.clone()) else {
-        return true;
-    };
-    let run = match needs_query || !request.include_query_configs {
-        true => Run::BACKFILL,
-        false => Run::BACKFILL_FROM_SCAN,
-    };
-    let records = records.into_iter().map(|(record, _)| record).collect();
-    let report = send(exporter, request.dry_run, records, run, deadline).await;
-    if tally.add(&report) {
-        return false;
-    }
-    runs.sent_any = true;
-    runs.resume = Some(sent_to);
-    true
-}
-
 /// Exports (or, in a dry run, plans) one batch, and logs it.
 async fn send<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
     exporter: &Exporter<K, A, T, L>,
@@ -332,42 +302,26 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
         .transpose()?
         .filter(|key| !key.is_empty());
     let account = request.system_account_id.as_ref().map(|a| a.0.as_str());
-    let mut tally = Tally::default();
-    let mut runs = Runs::new(request.include_query_configs, start.clone());
+    let mut pass = Pass {
+        exporter,
+        request,
+        deadline,
+        tally: Tally::default(),
+        runs: Runs::new(request.include_query_configs, start.clone()),
+        gathered: Gathered::default(),
+    };
     let mut scan_at = start;
-    // Leave room for the slowest page seen so far, twice over, before starting another.
-    let mut slowest_page = Duration::from_secs(2);
-    // Leave room for the slowest send seen so far too: gathered records go out before a stop.
-    let mut slowest_send = Duration::ZERO;
-    let mut gathered = Gathered::default();
+    // Leave room for the slowest page seen so far, twice over, and for the slowest send
+    // (gathered records go out before a stop), before reading another page.
+    let (mut slowest_page, mut slowest_send) = (Duration::from_secs(2), Duration::ZERO);
     let complete = loop {
         let out_of_time = Instant::now() + slowest_page * 2 + slowest_send >= deadline;
-        if out_of_time || request.max_records.is_some_and(|max| tally.items >= max) {
-            if flush(
-                exporter,
-                request,
-                &mut gathered,
-                &mut runs,
-                &mut tally,
-                deadline,
-            )
-            .await
-            {
-                // A backfill always advances: a run still held when nothing was sent yet
-                // goes out now, its filter from a Query.
-                if let Some((stuck, run)) = runs.take_stuck() {
-                    gathered.add(stuck, run);
-                    flush(
-                        exporter,
-                        request,
-                        &mut gathered,
-                        &mut runs,
-                        &mut tally,
-                        deadline,
-                    )
-                    .await;
-                }
-            }
+        if out_of_time
+            || request
+                .max_records
+                .is_some_and(|max| pass.tally.items >= max)
+        {
+            pass.stop().await;
             break false;
         }
         let page_started = Instant::now();
@@ -383,24 +337,15 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
             .map_err(|e| OperatorError::BackfillFailed {
                 reason: e.to_string(),
             })?;
-        tally.items += page.records.len();
+        pass.tally.items += page.records.len();
         let last_page = page.next.is_none();
-        let (closed, run) = runs.take_closed(page.records, page.keys, last_page);
-        gathered.add(closed, run);
+        let (closed, run) = pass.runs.take_closed(page.records, page.keys, last_page);
+        pass.gathered.add(closed, run);
         slowest_page = slowest_page.max(page_started.elapsed());
-        if gathered.records.len() >= request.batch_records || last_page {
+        if pass.gathered.records.len() >= request.batch_records || last_page {
             let send_started = Instant::now();
             // A failure stops here: the token still points before this batch.
-            if !flush(
-                exporter,
-                request,
-                &mut gathered,
-                &mut runs,
-                &mut tally,
-                deadline,
-            )
-            .await
-            {
+            if !pass.flush().await {
                 break false;
             }
             slowest_send = slowest_send.max(send_started.elapsed());
@@ -410,23 +355,75 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
             None => break true,
         }
     };
-    let start = runs.resume;
-    Ok(Answer {
-        mode: "backfill",
-        dry_run: request.dry_run,
-        system_account_id: account.map(str::to_owned),
-        exported: (!request.dry_run).then_some(tally.exported),
-        would_export: request.dry_run.then_some(tally.exported),
-        skipped: tally.skipped,
-        rejected: tally.rejected.len(),
-        failed: tally.failed.len(),
-        keys_written: (!request.dry_run).then_some(tally.keys_written),
-        keys_to_write: request.dry_run.then_some(tally.keys_written),
-        rejected_records: tally.rejected,
-        failed_records: tally.failed,
-        complete,
-        continuation_token: (!complete).then(|| encode_token(&start.unwrap_or_default())),
-    })
+    Ok(pass.answer(account, complete))
+}
+
+/// One invocation's backfill: what it sent, what it holds, what it gathered.
+struct Pass<'a, K, A, T, L> {
+    exporter: &'a Exporter<K, A, T, L>,
+    request: &'a BackfillRequest,
+    deadline: Instant,
+    tally: Tally,
+    runs: Runs,
+    gathered: Gathered,
+}
+
+impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Pass<'_, K, A, T, L> {
+    /// Sends what was gathered; whether every record went through (the backfill goes on).
+    async fn flush(&mut self) -> bool {
+        let Gathered {
+            records,
+            needs_query,
+        } = std::mem::take(&mut self.gathered);
+        let Some(sent_to) = records.last().map(|(_, key)| key.clone()) else {
+            return true;
+        };
+        let run = match needs_query || !self.request.include_query_configs {
+            true => Run::BACKFILL,
+            false => Run::BACKFILL_FROM_SCAN,
+        };
+        let records = records.into_iter().map(|(record, _)| record).collect();
+        let dry_run = self.request.dry_run;
+        let report = send(self.exporter, dry_run, records, run, self.deadline).await;
+        if self.tally.add(&report) {
+            return false;
+        }
+        self.runs.sent_any = true;
+        self.runs.resume = Some(sent_to);
+        true
+    }
+
+    /// Before stopping: what was gathered goes out, and, when nothing was sent yet, the run
+    /// still held too (its filter from a Query): every invocation advances the backfill.
+    async fn stop(&mut self) {
+        if self.flush().await {
+            if let Some((stuck, run)) = self.runs.take_stuck() {
+                self.gathered.add(stuck, run);
+                self.flush().await;
+            }
+        }
+    }
+
+    fn answer(self, account: Option<&str>, complete: bool) -> Answer {
+        let (tally, dry_run) = (self.tally, self.request.dry_run);
+        Answer {
+            mode: "backfill",
+            dry_run,
+            system_account_id: account.map(str::to_owned),
+            exported: (!dry_run).then_some(tally.exported),
+            would_export: dry_run.then_some(tally.exported),
+            skipped: tally.skipped,
+            rejected: tally.rejected.len(),
+            failed: tally.failed.len(),
+            keys_written: (!dry_run).then_some(tally.keys_written),
+            keys_to_write: dry_run.then_some(tally.keys_written),
+            rejected_records: tally.rejected,
+            failed_records: tally.failed,
+            complete,
+            continuation_token: (!complete)
+                .then(|| encode_token(&self.runs.resume.unwrap_or_default())),
+        }
+    }
 }
 
 /// What a dry run's page would have done, as a report (nothing was sent).
