@@ -501,4 +501,83 @@ mod tests {
             assert_eq!(String::from_utf8(written).unwrap(), expected);
         }
     }
+
+    /// The 25 MiB check trusts `size_hint`: a value never renders to more than six times it
+    /// (every byte escaped as `\u00XX`), whichever rendered field is large (`cell` is not
+    /// rendered). A field the hint forgot would break that.
+    #[test]
+    fn the_size_hint_bounds_the_rendered_value_whichever_field_is_large() {
+        let huge = "\u{1}".repeat(100_000);
+        let document = || Some(Document::from(json!({"k": huge})));
+        let id = || IndexId(huge.clone());
+        type Grow<'a> = Box<dyn Fn(&mut IndexSettings) + 'a>;
+        let fields: Vec<(&str, Grow)> = vec![
+            ("account", Box::new(|s| s.index.account = huge.clone())),
+            ("name", Box::new(|s| s.index.name = huge.clone())),
+            ("index_url", Box::new(|s| s.index_url = huge.clone())),
+            ("shop_id", Box::new(|s| s.shop_id = Some(huge.clone()))),
+            ("pixel_id", Box::new(|s| s.pixel_id = Some(huge.clone()))),
+            (
+                "search_config",
+                Box::new(move |s| s.search_config = document()),
+            ),
+            (
+                "collections_config",
+                Box::new(move |s| s.collections_config = document()),
+            ),
+            (
+                "feature_flags",
+                Box::new(move |s| s.feature_flags = document()),
+            ),
+            (
+                "agentic_config",
+                Box::new(move |s| s.agentic_config = document()),
+            ),
+            (
+                "query_override_sharding",
+                Box::new(move |s| s.query_override_sharding = document()),
+            ),
+            (
+                "doc_reads",
+                Box::new(move |s| {
+                    let target = DocReadsTarget {
+                        index_id: id(),
+                        weight: 1.0,
+                        internal: false,
+                    };
+                    s.aliases.doc_reads = Some(DocReadsAlias {
+                        enabled: true,
+                        targets: vec![target],
+                    })
+                }),
+            ),
+            (
+                "analytics",
+                Box::new(move |s| {
+                    s.aliases.analytics = Some(AnalyticsAlias {
+                        enabled: true,
+                        index_id: Some(id()),
+                        internal: false,
+                    })
+                }),
+            ),
+        ];
+        let key = ApiKey::new("k");
+        for (field, grow) in fields {
+            let mut settings = bare();
+            grow(&mut settings);
+            let mut rendered = Vec::new();
+            settings.kv_value(&key).write_json(&mut rendered);
+            assert!(
+                rendered.len() > 100_000,
+                "{field}: the large field is rendered"
+            );
+            assert!(
+                rendered.len() <= 6 * (settings.size_hint() + key.expose().len()),
+                "{field}: {} bytes rendered, hint {}",
+                rendered.len(),
+                settings.size_hint()
+            );
+        }
+    }
 }
