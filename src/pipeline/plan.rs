@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::domain::kv::{check_key, check_put, KvValue};
 use crate::domain::qfilter::filter_key;
-use crate::domain::validate::{index_key_problem, shop_id_problem, shown};
+use crate::domain::validate::{index_key_problem, shop_id_problem, shown, SHOP_DOMAIN};
 use crate::domain::{ApiKey, IndexRef, IndexSettings, KvAction, KvKey, SettingsReference};
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::{AccountCell, PortError};
@@ -239,6 +239,12 @@ fn check_filter_key(index: &IndexRef) -> Result<(), String> {
 
 /// An index's own key may be written or deleted only when it cannot be a shop's key.
 fn check_own_key(index: &IndexRef) -> Result<(), Outcome> {
+    // `{account}-{name}` can end with the shop suffix only if the name ends with it, or is a
+    // tail of it: anything else needs no key built (this runs for every settings record).
+    let name = index.name.as_str();
+    if !name.ends_with(SHOP_DOMAIN) && !SHOP_DOMAIN.ends_with(name) {
+        return Ok(());
+    }
     match index_key_problem(&KvKey::index(index).key) {
         Some(reason) => Err(Outcome::Rejected(reason)),
         None => Ok(()),
