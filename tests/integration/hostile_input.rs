@@ -347,3 +347,31 @@ async fn a_cell_whose_api_keys_service_always_fails_never_stops_the_fleet_s_reco
     assert_eq!(h.settings("acct-2-products"), acct_2, "kept as it was");
     assert_eq!(logs.matching("leaves this index unchecked").len(), 1);
 }
+
+#[test]
+fn every_build_tool_the_project_installs_is_pinned_to_a_version() {
+    let makefile = include_str!("../../Makefile");
+    let fuzz = include_str!("../../scripts/fuzz.sh");
+    // A `pip install` goes on over continuation lines; every package it names has `==`.
+    let joined = makefile.replace("\\\n", " ");
+    let installs: Vec<&str> = joined
+        .lines()
+        .filter(|l| l.contains("pip install"))
+        .collect();
+    assert!(installs.len() >= 3, "{installs:?}");
+    for line in installs {
+        let packages = line
+            .split_whitespace()
+            .skip_while(|w| *w != "install")
+            .skip(1)
+            .filter(|w| !w.starts_with('-'));
+        for package in packages {
+            assert!(package.contains("=="), "unpinned `{package}` in: {line}");
+        }
+    }
+    let cargo_install = fuzz
+        .lines()
+        .find(|l| l.contains("cargo install"))
+        .expect("fuzz.sh installs cargo-fuzz");
+    assert!(cargo_install.contains("--version"), "{cargo_install}");
+}
