@@ -274,6 +274,7 @@ impl Ledger for NoLedger {
     }
 }
 
-fn no_ledger() -> PortError {
+/// What needs the ledger answers when none is configured.
+pub fn no_ledger() -> PortError {
     PortError::Permanent("no ledger table is configured (LEDGER_TABLE_NAME)".into())
 }

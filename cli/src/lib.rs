@@ -127,12 +127,11 @@ impl Exporter {
             reason: e.to_string(),
         })?;
         if answer.function_error.is_some() {
-            let text = |name: &str| value[name].as_str().unwrap_or("?").to_owned();
-            return Err(CtlError::Function {
+            return Err(self.function_error(&body).unwrap_or(CtlError::Function {
                 function: self.function_name.clone(),
-                error_type: text("errorType"),
-                message: text("errorMessage"),
-            });
+                error_type: "?".into(),
+                message: "?".into(),
+            }));
         }
         Ok(value)
     }

@@ -803,14 +803,19 @@ async fn read_value(
             let octets = [("content-type", "application/octet-stream")];
             (StatusCode::OK, octets, value).into_response()
         }
-        None => ApiError::new(
-            StatusCode::NOT_FOUND,
-            codes::KEY_NOT_FOUND,
-            "get: 'key not found'",
-        )
-        .into_response(),
+        None => key_not_found(),
     };
     call.record(1, response)
+}
+
+/// Cloudflare's answer for a key it does not hold.
+fn key_not_found() -> Response {
+    let error = ApiError::new(
+        StatusCode::NOT_FOUND,
+        codes::KEY_NOT_FOUND,
+        "get: 'key not found'",
+    );
+    error.into_response()
 }
 
 /// `GET /metadata/{key}`: the key's metadata in the envelope (`null` without any), or 404.
@@ -841,12 +846,7 @@ async fn read_metadata(
     };
     let response = match found {
         Some(metadata) => envelope_ok(metadata.unwrap_or(Value::Null)),
-        None => ApiError::new(
-            StatusCode::NOT_FOUND,
-            codes::KEY_NOT_FOUND,
-            "get: 'key not found'",
-        )
-        .into_response(),
+        None => key_not_found(),
     };
     call.record(1, response)
 }

@@ -21,50 +21,37 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// Creates a settings table as the spec lays it out (`pk`, `sk`, both strings) with a stream
 /// of the given view type, and answers the stream's ARN.
+pub async fn create_settings_table(
+    client: &aws_sdk_dynamodb::Client,
+    name: &str,
+    view: StreamViewType,
+) -> Result<String, String> {
+    let stream = StreamSpecification::builder()
+        .stream_enabled(true)
+        .stream_view_type(view)
+        .build()
+        .expect("complete");
+    create_table(client, name, Some(stream))
+        .await?
+        .and_then(|t| t.latest_stream_arn)
+        .ok_or_else(|| format!("table {name} has no stream"))
+}
+
 /// The exporter's own ledger table as the template declares it: `pk`, `sk` strings,
 /// on demand, no stream.
 pub async fn create_ledger_table(
     client: &aws_sdk_dynamodb::Client,
     name: &str,
 ) -> Result<(), String> {
-    let key = |name: &str, kind| {
-        KeySchemaElement::builder()
-            .attribute_name(name)
-            .key_type(kind)
-            .build()
-            .expect("complete")
-    };
-    let attr = |name: &str| {
-        AttributeDefinition::builder()
-            .attribute_name(name)
-            .attribute_type(ScalarAttributeType::S)
-            .build()
-            .expect("complete")
-    };
-    client
-        .create_table()
-        .table_name(name)
-        .key_schema(key("pk", KeyType::Hash))
-        .key_schema(key("sk", KeyType::Range))
-        .attribute_definitions(attr("pk"))
-        .attribute_definitions(attr("sk"))
-        .billing_mode(BillingMode::PayPerRequest)
-        .send()
-        .await
-        .map(drop)
-        .map_err(|e| {
-            format!(
-                "create table {name}: {}",
-                aws_sdk_dynamodb::error::DisplayErrorContext(e)
-            )
-        })
+    create_table(client, name, None).await.map(drop)
 }
 
-pub async fn create_settings_table(
+/// A table keyed by `pk` and `sk` (strings), on demand, with a stream when asked.
+async fn create_table(
     client: &aws_sdk_dynamodb::Client,
     name: &str,
-    view: StreamViewType,
-) -> Result<String, String> {
+    stream: Option<StreamSpecification>,
+) -> Result<Option<aws_sdk_dynamodb::types::TableDescription>, String> {
     let key = |name: &str, kind| {
         KeySchemaElement::builder()
             .attribute_name(name)
@@ -79,11 +66,6 @@ pub async fn create_settings_table(
             .build()
             .expect("complete")
     };
-    let stream = StreamSpecification::builder()
-        .stream_enabled(true)
-        .stream_view_type(view)
-        .build()
-        .expect("complete");
     let created = client
         .create_table()
         .table_name(name)
@@ -92,7 +74,7 @@ pub async fn create_settings_table(
         .attribute_definitions(attr("pk"))
         .attribute_definitions(attr("sk"))
         .billing_mode(BillingMode::PayPerRequest)
-        .stream_specification(stream)
+        .set_stream_specification(stream)
         .send()
         .await
         .map_err(|e| {
@@ -101,10 +83,7 @@ pub async fn create_settings_table(
                 aws_sdk_dynamodb::error::DisplayErrorContext(e)
             )
         })?;
-    created
-        .table_description
-        .and_then(|t| t.latest_stream_arn)
-        .ok_or_else(|| format!("table {name} has no stream"))
+    Ok(created.table_description)
 }
 
 impl StreamReader {

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::domain::validate::{cut, is_dns_label, path_segment_problem, shown};
 use crate::domain::ApiKey;
-use crate::ports::{AccountCell, ApiKeySource, LookupCounts, PortError};
+use crate::ports::{before_deadline, AccountCell, ApiKeySource, LookupCounts, PortError};
 
 /// How many accounts are looked up at once.
 const CONCURRENT_LOOKUPS: usize = 8;
@@ -217,18 +217,8 @@ impl<S: ApiKeySource> ApiKeyCache<S> {
         let fetched: Vec<_> = futures::stream::iter(missing)
             .map(|account| async move {
                 // Whatever is not answered by the deadline is reported for retry, not waited for.
-                let late = || {
-                    PortError::Transient(format!(
-                        "API keys service (cell {}): no answer before the invocation deadline",
-                        cut(&account.cell)
-                    ))
-                };
-                let answer = match Instant::now() < deadline {
-                    true => tokio::time::timeout_at(deadline, self.source.fetch(&account))
-                        .await
-                        .unwrap_or_else(|_| Err(late())),
-                    false => Err(late()),
-                };
+                let what = format!("API keys service (cell {})", cut(&account.cell));
+                let answer = before_deadline(deadline, &what, self.source.fetch(&account)).await;
                 (account, answer)
             })
             .buffer_unordered(CONCURRENT_LOOKUPS)

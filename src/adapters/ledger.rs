@@ -9,7 +9,7 @@ use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use crate::ports::{Ledger, PortError, ReconcileProgress};
+use crate::ports::{no_ledger, Ledger, PortError, ReconcileProgress};
 
 const PROGRESS_PK: &str = "reconcile";
 const PROGRESS_SK: &str = "progress";
@@ -26,9 +26,7 @@ impl DynamoLedger {
     }
 
     fn table(&self) -> Result<&str, PortError> {
-        self.table_name.as_deref().ok_or_else(|| {
-            PortError::Permanent("no ledger table is configured (LEDGER_TABLE_NAME)".into())
-        })
+        self.table_name.as_deref().ok_or_else(no_ledger)
     }
 
     fn error(&self, operation: &str, e: impl std::error::Error) -> PortError {
