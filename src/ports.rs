@@ -7,7 +7,7 @@ use std::future::Future;
 use serde_dynamo::Item;
 use tokio::time::Instant;
 
-use crate::domain::kv::KvRequest;
+use crate::domain::kv::{KvKey, KvRequest};
 use crate::domain::{ApiKey, ApiToken, IndexRef, Namespace, SettingsReference};
 
 /// Why an outside system did not answer as asked.
@@ -240,9 +240,55 @@ pub struct ReconcileProgress {
     pub lease_until: Option<u64>,
 }
 
-/// The function's own table (the export ledger, docs/contract.md): for now, where a scheduled
-/// reconcile keeps its progress.
+/// A writer's word that it is about to write a KV key (docs/contract.md, "Concurrent
+/// writers"): the last claim of a key names the last writer that may still be writing it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    /// Unique to one writer's run.
+    pub token: String,
+    /// The ledger's clock when the writer began reading what it writes (see [`Ledger::tick`]).
+    pub epoch: u64,
+}
+
+/// The function's own table (the export ledger, docs/contract.md): the claims writers take on
+/// KV keys, and where a scheduled reconcile keeps its progress.
 pub trait Ledger: Send + Sync {
+    /// Whether a ledger table is configured: without one, writers take no claims.
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    /// Moves the ledger's clock on and answers the new time: an operator ticks before it reads
+    /// the table, so a claim stamped with this time or later was taken by a writer that began
+    /// after it (a clock in DynamoDB: no two machines' clocks are compared).
+    fn tick(&self) -> impl Future<Output = Result<u64, PortError>> + Send;
+
+    /// The ledger's clock now (consistent read; 0 before the first tick).
+    fn time(&self) -> impl Future<Output = Result<u64, PortError>> + Send;
+
+    /// Claims every key, whoever held it (the stream, whose records are the newest word on
+    /// their items). Answers the keys that could not be claimed, with why.
+    fn claim_all(
+        &self,
+        keys: &[KvKey],
+        claim: &Claim,
+    ) -> impl Future<Output = Vec<(KvKey, PortError)>> + Send;
+
+    /// The current claim of each key that has one (consistent reads).
+    fn claims(
+        &self,
+        keys: &[KvKey],
+    ) -> impl Future<Output = Result<HashMap<KvKey, Claim>, PortError>> + Send;
+
+    /// Claims `key` only if its claim is still the one read (`None`: none). `Ok(false)`:
+    /// another writer claimed it since, and nothing was written.
+    fn claim_if(
+        &self,
+        key: &KvKey,
+        read: Option<&str>,
+        claim: &Claim,
+    ) -> impl Future<Output = Result<bool, PortError>> + Send;
+
     fn reconcile_progress(
         &self,
     ) -> impl Future<Output = Result<Option<ReconcileProgress>, PortError>> + Send;
@@ -261,6 +307,30 @@ pub trait Ledger: Send + Sync {
 pub struct NoLedger;
 
 impl Ledger for NoLedger {
+    fn enabled(&self) -> bool {
+        false
+    }
+
+    async fn tick(&self) -> Result<u64, PortError> {
+        Err(no_ledger())
+    }
+
+    async fn time(&self) -> Result<u64, PortError> {
+        Err(no_ledger())
+    }
+
+    async fn claim_all(&self, keys: &[KvKey], _: &Claim) -> Vec<(KvKey, PortError)> {
+        keys.iter().map(|k| (k.clone(), no_ledger())).collect()
+    }
+
+    async fn claims(&self, _: &[KvKey]) -> Result<HashMap<KvKey, Claim>, PortError> {
+        Err(no_ledger())
+    }
+
+    async fn claim_if(&self, _: &KvKey, _: Option<&str>, _: &Claim) -> Result<bool, PortError> {
+        Err(no_ledger())
+    }
+
     async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {
         Err(no_ledger())
     }

@@ -52,6 +52,13 @@ pub struct BatchReport {
     /// The keys applied, per namespace, for the manual re-export's summary.
     pub written: Vec<KvKey>,
     pub deleted: Vec<KvKey>,
+    /// Keys an operator did not write: another writer claimed them during its run.
+    pub left: Vec<KvKey>,
+    pub keys_left: usize,
+    /// An operator's keys claimed by another writer while it wrote them (its value may have
+    /// landed last): the owning record's position and, for a repair's delete, the index the
+    /// key was written for. Written again from a new read before the report is final.
+    pub lost: Vec<(KvKey, usize, Option<IndexRef>)>,
 }
 
 impl BatchReport {
@@ -82,6 +89,7 @@ impl BatchReport {
             kv_retries = self.kv_retries,
             keys_written = self.keys_written,
             keys_deleted = self.keys_deleted,
+            keys_left = self.keys_left,
             api_key_calls = self.api_keys.calls,
             api_key_cache_hits = self.api_keys.cache_hits,
             "batch done"

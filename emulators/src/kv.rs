@@ -10,7 +10,8 @@
 //! `application/octet-stream`), `GET /metadata/{key}`, `GET /keys` (opaque cursors, only the
 //! ones it handed out taken back). `expiration` / `expiration_ttl` are checked (60 s at least)
 //! and honoured. The schema's other endpoints answer 501 in the envelope. Control routes for
-//! manual experiments: `POST /__emulator/faults`, `GET /__emulator/requests`,
+//! manual experiments: `POST /__emulator/faults` (a `hold` kind stops matching requests until
+//! `POST /__emulator/release`), `GET /__emulator/requests`,
 //! `GET /__emulator/namespaces`.
 
 use base64::Engine as _;
@@ -85,6 +86,24 @@ pub enum Fault {
     /// Handle a bulk write or delete, but leave out the keys that start with `prefix` and
     /// report them in `result.unsuccessful_keys`.
     UnsuccessfulKeysStartingWith { prefix: String },
+    /// Hold the next `times` requests of this operation (`bulk`, `bulk/delete`, `bulk/get`,
+    /// `keys`, `values`, `metadata`), and with `key` only requests whose body names that key,
+    /// until `POST /__emulator/release`: a writer stopped between two steps, to force a race.
+    /// A held write lands when released.
+    Hold {
+        operation: String,
+        #[serde(default)]
+        key: Option<String>,
+    },
+}
+
+/// A hold waiting for its requests.
+#[derive(Debug, Clone)]
+struct HoldRule {
+    operation: String,
+    /// The key as it appears in a JSON body (quoted).
+    key: Option<String>,
+    times: usize,
 }
 
 /// A fault and how many more requests it applies to.
@@ -130,6 +149,11 @@ pub struct KvState {
     /// Cursors this emulator handed out: any other is refused.
     cursors: HashSet<String>,
     requests: Vec<RequestRecord>,
+    holds: Vec<HoldRule>,
+    /// Requests waiting on a hold now.
+    held: usize,
+    /// Grows with every release: a held request goes on once it changes.
+    releases: u64,
 }
 
 impl KvState {
@@ -139,6 +163,11 @@ impl KvState {
             Fault::RefuseKey { key } => {
                 self.refused_keys.insert(key, fault.times);
             }
+            Fault::Hold { operation, key } => self.holds.push(HoldRule {
+                operation,
+                key: key.map(|k| Value::from(k).to_string()),
+                times: fault.times,
+            }),
             _ => self.faults.push_back(fault),
         }
     }
@@ -302,6 +331,25 @@ impl KvEmulator {
             .add_fault(InjectedFault { fault, times });
     }
 
+    /// Holds the next request of `operation` (naming `key`, when given) until [`Self::release`].
+    pub fn hold(&self, operation: &str, key: Option<&str>) {
+        let fault = Fault::Hold {
+            operation: operation.into(),
+            key: key.map(str::to_owned),
+        };
+        self.inject(fault, 1);
+    }
+
+    /// How many requests wait on a hold now.
+    pub fn held(&self) -> usize {
+        self.state.lock().unwrap().held
+    }
+
+    /// Lets every held request go on (in the order they go on from here, not guaranteed).
+    pub fn release(&self) {
+        release(&self.state);
+    }
+
     pub fn clear_faults(&self) {
         let mut state = self.state.lock().unwrap();
         state.faults.clear();
@@ -334,6 +382,7 @@ pub fn router(state: Shared) -> Router {
         .route(&format!("{namespace}/metadata/{{key}}"), get(read_metadata))
         .route(&format!("{namespace}/keys"), get(list_keys))
         .route("/__emulator/faults", post(add_fault))
+        .route("/__emulator/release", post(release_held))
         .route("/__emulator/requests", get(list_requests))
         .route("/__emulator/namespaces", get(dump))
         // The emulator checks the 100 MB limit itself, to answer with Cloudflare's envelope.
@@ -394,6 +443,32 @@ struct Call<'a> {
 }
 
 impl Call<'_> {
+    /// Waits while a hold matches this request (polled: the emulator is for tests).
+    async fn wait_if_held(&self, body: &[u8]) {
+        let generation = {
+            let mut state = self.state.lock().unwrap();
+            let body = String::from_utf8_lossy(body);
+            let rule = state.holds.iter().position(|rule| {
+                rule.operation == self.operation
+                    && rule
+                        .key
+                        .as_ref()
+                        .is_none_or(|key| body.contains(key.as_str()))
+            });
+            let Some(rule) = rule else { return };
+            state.holds[rule].times -= 1;
+            if state.holds[rule].times == 0 {
+                state.holds.remove(rule);
+            }
+            state.held += 1;
+            state.releases
+        };
+        while self.state.lock().unwrap().releases == generation {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.state.lock().unwrap().held -= 1;
+    }
+
     fn record(&self, items: usize, response: Response) -> Response {
         self.state.lock().unwrap().requests.push(RequestRecord {
             method: self.method.into(),
@@ -458,7 +533,7 @@ impl Call<'_> {
             Some(Fault::UnsuccessfulKeys { count }) => Ok((count as isize, None)),
             Some(Fault::ForeignUnsuccessfulKeys { count }) => Ok((-(count as isize), None)),
             Some(Fault::UnsuccessfulKeysStartingWith { prefix }) => Ok((0, Some(prefix))),
-            Some(Fault::RefuseKey { .. }) => Ok((0, None)), // never queued
+            Some(Fault::RefuseKey { .. } | Fault::Hold { .. }) => Ok((0, None)), // never queued
             Some(Fault::Status {
                 status,
                 retry_after,
@@ -506,6 +581,7 @@ impl Call<'_> {
         body: &Bytes,
         apply: impl FnOnce(&Bytes, LeaveOut) -> Result<(usize, Value), (usize, ApiError)>,
     ) -> Response {
+        self.wait_if_held(body).await;
         let leave_out = match self.admit_keys(headers).await {
             Ok((count, prefix)) => LeaveOut { count, prefix },
             Err(response) => return self.record(0, response),
@@ -785,6 +861,8 @@ async fn read_value(
         operation: "values",
         body_bytes: 0,
     };
+    call.wait_if_held(Value::from(key.as_str()).to_string().as_bytes())
+        .await;
     if let Err(response) = call.admit(&headers).await {
         return call.record(0, response);
     }
@@ -831,6 +909,8 @@ async fn read_metadata(
         operation: "metadata",
         body_bytes: 0,
     };
+    call.wait_if_held(Value::from(key.as_str()).to_string().as_bytes())
+        .await;
     if let Err(response) = call.admit(&headers).await {
         return call.record(0, response);
     }
@@ -886,6 +966,7 @@ async fn bulk_get(
         operation: "bulk/get",
         body_bytes: body.len(),
     };
+    call.wait_if_held(&body).await;
     if let Err(response) = call.admit(&headers).await {
         return call.record(0, response);
     }
@@ -976,6 +1057,7 @@ async fn list_keys(
         operation: "keys",
         body_bytes: 0,
     };
+    call.wait_if_held(b"").await;
     if let Err(response) = call.admit(&headers).await {
         return call.record(0, response);
     }
@@ -1061,11 +1143,23 @@ async fn add_fault(State(state): State<Shared>, body: Bytes) -> Response {
         Err(e) => {
             let message = format!(
                 "no fault set: {e} (kinds: status, delay, unsuccessful_keys, \
-                 foreign_unsuccessful_keys, unsuccessful_keys_starting_with, refuse_key)"
+                 foreign_unsuccessful_keys, unsuccessful_keys_starting_with, refuse_key, hold)"
             );
             (StatusCode::BAD_REQUEST, Json(json!({"error": message}))).into_response()
         }
     }
+}
+
+fn release(state: &Shared) -> usize {
+    let mut state = state.lock().unwrap();
+    state.releases += 1;
+    state.holds.clear();
+    state.held
+}
+
+/// `POST /__emulator/release`: every held request goes on; the answer says how many.
+async fn release_held(State(state): State<Shared>) -> Response {
+    Json(json!({"released": release(&state)})).into_response()
 }
 
 async fn list_requests(State(state): State<Shared>) -> Response {

@@ -1,7 +1,9 @@
 //! The export ledger, the function's own DynamoDB table (`LEDGER_TABLE_NAME`; `pk`, `sk`
-//! strings). For now it holds one item, where a scheduled reconcile stands
-//! (`pk = "reconcile"`, `sk = "progress"`); every write is conditional on the version read, so
-//! two invocations never both take a pass.
+//! strings). It holds a claim per KV key the function writes (`pk = "kv#{namespace}#{key}"`,
+//! `sk = "claim"`: `token`, `epoch`, `expires_at` for the table's TTL), the clock claims are
+//! stamped with (`pk = sk = "clock"`, `time`), and where a scheduled
+//! reconcile stands (`pk = "reconcile"`, `sk = "progress"`); progress writes are conditional
+//! on the version read, so two invocations never both take a pass.
 
 use std::collections::HashMap;
 
@@ -9,10 +11,27 @@ use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use crate::ports::{no_ledger, Ledger, PortError, ReconcileProgress};
+use aws_sdk_dynamodb::operation::put_item::PutItemError as ClaimError;
+use aws_sdk_dynamodb::types::{KeysAndAttributes, PutRequest, WriteRequest};
+use futures::StreamExt as _;
+
+use crate::domain::{KvKey, Namespace};
+use crate::ports::{no_ledger, Claim, Ledger, PortError, ReconcileProgress};
 
 const PROGRESS_PK: &str = "reconcile";
 const PROGRESS_SK: &str = "progress";
+const CLAIM_SK: &str = "claim";
+const CLOCK: &str = "clock";
+/// A claim matters while a writer that read before it may still be running (one invocation,
+/// 15 minutes at most); the table's TTL forgets it two days later.
+const CLAIM_KEPT_SECONDS: u64 = 2 * 24 * 3600;
+/// DynamoDB's limits per BatchWriteItem and BatchGetItem call.
+const WRITE_BATCH: usize = 25;
+const GET_BATCH: usize = 100;
+/// Batch calls in flight at once.
+const CONCURRENT_CALLS: usize = 8;
+/// Tries for the items a batch call leaves unprocessed (throttling).
+const UNPROCESSED_TRIES: u32 = 5;
 
 pub struct DynamoLedger {
     client: aws_sdk_dynamodb::Client,
@@ -83,7 +102,243 @@ fn item_of(progress: &ReconcileProgress) -> HashMap<String, AttributeValue> {
     item
 }
 
+fn claim_pk(key: &KvKey) -> String {
+    format!("kv#{}#{}", key.namespace.name(), key.key)
+}
+
+fn key_of_pk(pk: &str) -> Option<KvKey> {
+    let rest = pk.strip_prefix("kv#")?;
+    let (namespace, key) = rest.split_once('#')?;
+    let namespace = match namespace {
+        "settings" => Namespace::Settings,
+        "query_configs" => Namespace::QueryConfigs,
+        _ => return None,
+    };
+    Some(KvKey {
+        namespace,
+        key: key.to_owned(),
+    })
+}
+
+fn table_key(pk: String, sk: &str) -> HashMap<String, AttributeValue> {
+    HashMap::from([
+        ("pk".to_owned(), AttributeValue::S(pk)),
+        ("sk".to_owned(), AttributeValue::S(sk.to_owned())),
+    ])
+}
+
+fn claim_item(key: &KvKey, claim: &Claim) -> HashMap<String, AttributeValue> {
+    let mut item = table_key(claim_pk(key), CLAIM_SK);
+    item.insert("token".into(), AttributeValue::S(claim.token.clone()));
+    item.insert("epoch".into(), AttributeValue::N(claim.epoch.to_string()));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let expires = now + CLAIM_KEPT_SECONDS;
+    item.insert("expires_at".into(), AttributeValue::N(expires.to_string()));
+    item
+}
+
+fn claim_of(item: &HashMap<String, AttributeValue>) -> Option<(KvKey, Claim)> {
+    let key = key_of_pk(item.get("pk")?.as_s().ok()?)?;
+    let claim = Claim {
+        token: text(item, "token")?,
+        epoch: number(item, "epoch").unwrap_or_default(),
+    };
+    Some((key, claim))
+}
+
+impl DynamoLedger {
+    /// One BatchWriteItem of at most 25 claims, its unprocessed items tried again.
+    async fn put_claims(
+        &self,
+        table: &str,
+        keys: &[KvKey],
+        claim: &Claim,
+    ) -> Result<(), PortError> {
+        let mut requests: Vec<WriteRequest> = keys
+            .iter()
+            .map(|key| {
+                let put = PutRequest::builder().set_item(Some(claim_item(key, claim)));
+                WriteRequest::builder()
+                    .put_request(put.build().expect("an item is set"))
+                    .build()
+            })
+            .collect();
+        for attempt in 0..UNPROCESSED_TRIES {
+            if attempt > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+            }
+            let answer = self
+                .client
+                .batch_write_item()
+                .request_items(table, std::mem::take(&mut requests))
+                .send()
+                .await
+                .map_err(|e| self.error("BatchWriteItem", e))?;
+            requests = answer
+                .unprocessed_items
+                .and_then(|mut left| left.remove(table))
+                .unwrap_or_default();
+            if requests.is_empty() {
+                return Ok(());
+            }
+        }
+        Err(PortError::Transient(format!(
+            "BatchWriteItem of the ledger table {table}: {} claims left unprocessed",
+            requests.len()
+        )))
+    }
+
+    /// One consistent BatchGetItem of at most 100 claims, its unprocessed keys tried again.
+    async fn get_claims(
+        &self,
+        table: &str,
+        keys: &[KvKey],
+    ) -> Result<Vec<(KvKey, Claim)>, PortError> {
+        let mut wanted: Vec<HashMap<String, AttributeValue>> = keys
+            .iter()
+            .map(|key| table_key(claim_pk(key), CLAIM_SK))
+            .collect();
+        let mut found = Vec::new();
+        for attempt in 0..UNPROCESSED_TRIES {
+            if attempt > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+            }
+            let request = KeysAndAttributes::builder()
+                .set_keys(Some(std::mem::take(&mut wanted)))
+                .consistent_read(true)
+                .build()
+                .expect("keys are set");
+            let answer = self
+                .client
+                .batch_get_item()
+                .request_items(table, request)
+                .send()
+                .await
+                .map_err(|e| self.error("BatchGetItem", e))?;
+            let items = answer.responses.and_then(|mut r| r.remove(table));
+            found.extend(items.unwrap_or_default().iter().filter_map(claim_of));
+            wanted = answer
+                .unprocessed_keys
+                .and_then(|mut left| left.remove(table))
+                .map(|k| k.keys)
+                .unwrap_or_default();
+            if wanted.is_empty() {
+                return Ok(found);
+            }
+        }
+        Err(PortError::Transient(format!(
+            "BatchGetItem of the ledger table {table}: {} claims left unread",
+            wanted.len()
+        )))
+    }
+}
+
 impl Ledger for DynamoLedger {
+    fn enabled(&self) -> bool {
+        self.table_name.is_some()
+    }
+
+    async fn tick(&self) -> Result<u64, PortError> {
+        let answer = self
+            .client
+            .update_item()
+            .table_name(self.table()?)
+            .set_key(Some(table_key(CLOCK.into(), CLOCK)))
+            .update_expression("ADD #time :one")
+            .expression_attribute_names("#time", "time")
+            .expression_attribute_values(":one", AttributeValue::N("1".into()))
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::UpdatedNew)
+            .send()
+            .await
+            .map_err(|e| self.error("UpdateItem", e))?;
+        let time = answer.attributes.as_ref().and_then(|a| number(a, "time"));
+        time.ok_or_else(|| PortError::Transient("the ledger's clock answered no time".into()))
+    }
+
+    async fn time(&self) -> Result<u64, PortError> {
+        let answer = self
+            .client
+            .get_item()
+            .table_name(self.table()?)
+            .set_key(Some(table_key(CLOCK.into(), CLOCK)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| self.error("GetItem", e))?;
+        Ok(answer
+            .item
+            .as_ref()
+            .and_then(|i| number(i, "time"))
+            .unwrap_or(0))
+    }
+
+    async fn claim_all(&self, keys: &[KvKey], claim: &Claim) -> Vec<(KvKey, PortError)> {
+        let table = match self.table() {
+            Ok(table) => table,
+            Err(e) => return keys.iter().map(|k| (k.clone(), e.clone())).collect(),
+        };
+        // Owned chunks: borrowed ones make this future's lifetimes too general to be `Send`.
+        let chunks: Vec<Vec<KvKey>> = keys.chunks(WRITE_BATCH).map(<[KvKey]>::to_vec).collect();
+        let failed: Vec<Vec<(KvKey, PortError)>> = futures::stream::iter(chunks)
+            .map(|chunk: Vec<KvKey>| async move {
+                match self.put_claims(table, &chunk, claim).await {
+                    Ok(()) => Vec::new(),
+                    Err(e) => chunk.into_iter().map(|k| (k, e.clone())).collect(),
+                }
+            })
+            .buffer_unordered(CONCURRENT_CALLS)
+            .collect()
+            .await;
+        failed.into_iter().flatten().collect()
+    }
+
+    async fn claims(&self, keys: &[KvKey]) -> Result<HashMap<KvKey, Claim>, PortError> {
+        let table = self.table()?;
+        let chunks: Vec<Vec<KvKey>> = keys.chunks(GET_BATCH).map(<[KvKey]>::to_vec).collect();
+        let pages: Vec<Result<Vec<(KvKey, Claim)>, PortError>> = futures::stream::iter(chunks)
+            .map(|chunk: Vec<KvKey>| async move { self.get_claims(table, &chunk).await })
+            .buffer_unordered(CONCURRENT_CALLS)
+            .collect()
+            .await;
+        let mut claims = HashMap::with_capacity(keys.len());
+        for page in pages {
+            claims.extend(page?);
+        }
+        Ok(claims)
+    }
+
+    async fn claim_if(
+        &self,
+        key: &KvKey,
+        read: Option<&str>,
+        claim: &Claim,
+    ) -> Result<bool, PortError> {
+        let put = self
+            .client
+            .put_item()
+            .table_name(self.table()?)
+            .set_item(Some(claim_item(key, claim)));
+        let put = match read {
+            None => put.condition_expression("attribute_not_exists(pk)"),
+            Some(token) => put
+                .condition_expression("#token = :read")
+                .expression_attribute_names("#token", "token")
+                .expression_attribute_values(":read", AttributeValue::S(token.to_owned())),
+        };
+        match put.send().await {
+            Ok(_) => Ok(true),
+            Err(SdkError::ServiceError(e))
+                if matches!(e.err(), ClaimError::ConditionalCheckFailedException(_)) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(self.error("PutItem", e)),
+        }
+    }
+
     async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {
         let answer = self
             .client

@@ -176,11 +176,12 @@ async fn send<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
     dry_run: bool,
     records: Vec<ChangeRecord>,
     run: Run,
+    read_since: u64,
     deadline: Instant,
 ) -> BatchReport {
     let report = match dry_run {
         true => dry_report(exporter.prepare(records, run, deadline).await),
-        false => exporter.export(records, run, deadline).await,
+        false => (exporter.export_read_at(records, run, read_since, deadline)).await,
     };
     match dry_run {
         true => report.log_dry_run(),
@@ -305,6 +306,8 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
     let mut pass = Pass {
         exporter,
         request,
+        // Before the first page: keys another writer claims after it are left to them.
+        read_since: exporter.begin_reading().await,
         deadline,
         tally: Tally::default(),
         runs: Runs::new(request.include_query_configs, start.clone()),
@@ -362,6 +365,8 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
 struct Pass<'a, K, A, T, L> {
     exporter: &'a Exporter<K, A, T, L>,
     request: &'a BackfillRequest,
+    /// When this invocation began reading the table (ms since the epoch).
+    read_since: u64,
     deadline: Instant,
     tally: Tally,
     runs: Runs,
@@ -384,7 +389,8 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Pass<'_, K, A, T,
         };
         let records = records.into_iter().map(|(record, _)| record).collect();
         let dry_run = self.request.dry_run;
-        let report = send(self.exporter, dry_run, records, run, self.deadline).await;
+        let since = self.read_since;
+        let report = send(self.exporter, dry_run, records, run, since, self.deadline).await;
         if self.tally.add(&report) {
             return false;
         }

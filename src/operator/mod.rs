@@ -279,6 +279,9 @@ fn rejected<'a>(outcomes: impl Iterator<Item = &'a Outcome>) -> Vec<Rejected> {
 pub struct KeyChanges {
     pub written: Vec<String>,
     pub deleted: Vec<String>,
+    /// Keys not repaired: another writer wrote them during this run (theirs is newer).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub left_to_other_writers: Vec<String>,
 }
 
 impl KeyChanges {
@@ -287,6 +290,7 @@ impl KeyChanges {
         Self {
             written: names(written),
             deleted: names(deleted),
+            left_to_other_writers: Vec::new(),
         }
     }
 }

@@ -40,6 +40,9 @@ pub struct Exported {
     pub index_name: String,
     pub written: WrittenKeys,
     pub keys_written: usize,
+    /// Keys not written: another writer wrote them during this run (theirs is newer).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub left_to_other_writers: Vec<String>,
     pub query_configs_exported: usize,
     pub rejected: Vec<Rejected>,
 }
@@ -95,6 +98,8 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
 ) -> Result<Answer, OperatorError> {
     let target = request.target();
     let index = &target.index;
+    // Keys another writer claims from now on are left to it (docs/contract.md).
+    let read_since = exporter.begin_reading().await;
     let records = target.records(exporter, deadline).await?;
     if request.dry_run {
         let prepared = exporter.prepare(records, Run::OPERATOR, deadline).await;
@@ -124,7 +129,7 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
             rejected: rejected(prepared.plan.outcomes.iter()),
         }));
     }
-    let report = exporter.export(records, Run::OPERATOR, deadline).await;
+    let report = (exporter.export_read_at(records, Run::OPERATOR, read_since, deadline)).await;
     report.log();
     ensure_exported(index, &report)?;
     Ok(Answer::Exported(Exported {
@@ -135,6 +140,7 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
             query_configs: names_in(&report.written, Namespace::QueryConfigs),
         },
         keys_written: report.keys_written,
+        left_to_other_writers: report.left.iter().map(|k| k.key.clone()).collect(),
         query_configs_exported: report
             .records
             .iter()

@@ -11,7 +11,6 @@ use super::{ensure_exported, ensure_ready, flag, IndexTarget, KeyChanges, Operat
 use crate::domain::kv::{is_query_config_key_of, query_config_prefix};
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::pipeline::exporter::{Exporter, Run};
-use crate::pipeline::plan::PlannedOp;
 use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -126,6 +125,8 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
         request.include_query_configs,
     );
     let index = &target.index;
+    // Keys another writer claims from now on are left to it (docs/contract.md).
+    let read_since = exporter.begin_reading().await;
     let records = target.records(exporter, deadline).await?;
     let mut prepared = exporter.prepare(records, Run::OPERATOR, deadline).await;
     ensure_ready(index, &prepared)?;
@@ -163,6 +164,8 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
     let mut drift: BTreeMap<KvKey, Drift> = BTreeMap::new();
     for key in expected.keys() {
         let state = match actual.remove(key).flatten() {
+            // No filter says what an empty one says: the index has no overrides.
+            None if prepared.plan.empty_filters.contains(key) => Drift::InSync,
             None => Drift::Missing,
             Some(actual) => {
                 stale_fields(&expected[key], &actual).map_or(Drift::InSync, Drift::Stale)
@@ -242,33 +245,27 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
     }
 
     // Only what drifted is sent: missing and stale keys written, unexpected ones deleted.
-    prepared
-        .plan
-        .ops
-        .retain(|key, _| matches!(drift.get(key), Some(Drift::Missing | Drift::Stale(_))));
-    for (key, state) in &drift {
-        if *state == Drift::Unexpected {
-            let delete = PlannedOp {
-                action: KvAction::Delete,
-                owner: 0,
-            };
-            prepared.plan.ops.insert(key.clone(), delete);
-        }
-    }
+    let writes: BTreeSet<KvKey> = (drift.iter())
+        .filter(|(_, state)| matches!(state, Drift::Missing | Drift::Stale(_)))
+        .map(|(key, _)| key.clone())
+        .collect();
+    let deletes: Vec<(KvKey, Option<IndexRef>)> = (drift.iter())
+        .filter(|(_, state)| **state == Drift::Unexpected)
+        .map(|(key, _)| (key.clone(), Some(index.clone())))
+        .collect();
     if request.dry_run {
-        let (writes, deletes): (Vec<_>, Vec<_>) = prepared
-            .plan
-            .ops
-            .keys()
-            .cloned()
-            .partition(|key| matches!(prepared.plan.ops[key].action, KvAction::Put(_)));
+        let writes: Vec<KvKey> = writes.into_iter().collect();
+        let deletes: Vec<KvKey> = deletes.into_iter().map(|(key, _)| key).collect();
         answer.dry_run = Some(true);
         answer.would_repair = Some(KeyChanges::of(&writes, &deletes));
         return Ok(answer);
     }
-    let report = exporter.apply(prepared, deadline).await;
+    prepared.read_epoch = Some(read_since);
+    let report = exporter.repair(prepared, &writes, deletes, deadline).await;
     ensure_exported(index, &report)?;
-    answer.repaired = Some(KeyChanges::of(&report.written, &report.deleted));
+    let mut repaired = KeyChanges::of(&report.written, &report.deleted);
+    repaired.left_to_other_writers = report.left.iter().map(|k| k.key.clone()).collect();
+    answer.repaired = Some(repaired);
     Ok(answer)
 }
 

@@ -24,6 +24,8 @@ use crate::ports::{
 };
 use crate::report::{BatchReport, Outcome, RecordReport};
 
+mod claims;
+
 /// DynamoDB Streams keeps a record this long; no real record is older when it is exported.
 const STREAM_RETENTION_SECONDS: f64 = 24.0 * 3600.0;
 
@@ -76,6 +78,11 @@ pub struct Run {
 }
 
 impl Run {
+    /// The stream's run: its records are the newest word on their items.
+    pub fn is_stream(self) -> bool {
+        self.api_keys == ApiKeys::Cached
+    }
+
     pub const STREAM: Run = Run {
         api_keys: ApiKeys::Cached,
         overrides: Overrides::InTable,
@@ -113,6 +120,15 @@ pub struct Prepared {
     pub records: Vec<ChangeRecord>,
     pub plan: plan::Plan,
     pub api_keys: LookupCounts,
+    pub run: Run,
+    /// An operator's ledger time from before it read the records
+    /// ([`Exporter::begin_reading`]): keys claimed since are left to their writers. `None`:
+    /// taken when sending (an operator that read the table before should set it).
+    pub read_epoch: Option<u64>,
+    /// The stream's filters: their claims as read before their overrides were.
+    filter_reads: HashMap<KvKey, Option<String>>,
+    /// Keys a repair deletes, with the index whose key each one was.
+    delete_owners: HashMap<KvKey, IndexRef>,
 }
 
 impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
@@ -203,7 +219,59 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
         buffer: Vec<u8>,
     ) -> BatchReport {
         let prepared = self.prepare(records, run, deadline).await;
-        self.apply_reusing(prepared, deadline, buffer).await
+        let mut report = self.apply_reusing(prepared, deadline, buffer).await;
+        self.write_lost_again(&mut report, deadline).await;
+        report
+    }
+
+    /// [`Exporter::export`] for an operator that read `records` from the table at
+    /// ledger time `read_epoch` ([`Exporter::begin_reading`]).
+    pub async fn export_read_at(
+        &self,
+        records: Vec<ChangeRecord>,
+        run: Run,
+        read_epoch: u64,
+        deadline: Instant,
+    ) -> BatchReport {
+        let mut prepared = self.prepare(records, run, deadline).await;
+        prepared.read_epoch = Some(read_epoch);
+        self.apply(prepared, deadline).await
+    }
+
+    /// A repair (verify, reconcile): of the planned operations only the keys in `writes`, and
+    /// the `deletes` (each with the index it was written for, when known), under the claims
+    /// every operator takes: a key another writer claimed since the table was read is left to
+    /// it, and a key claimed while this one wrote it is read again and written once more.
+    pub async fn repair(
+        &self,
+        mut prepared: Prepared,
+        writes: &BTreeSet<KvKey>,
+        deletes: Vec<(KvKey, Option<IndexRef>)>,
+        deadline: Instant,
+    ) -> BatchReport {
+        prepared.plan.ops.retain(|key, _| writes.contains(key));
+        if !deletes.is_empty() {
+            // An orphaned key has no table record: the deletes get a record of their own.
+            let owner = prepared.records.len();
+            prepared.records.push(ChangeRecord {
+                sequence_number: None,
+                index: None,
+                created_at: None,
+                decoded: Err(Outcome::Skipped("a repair's deletes".into())),
+            });
+            prepared.plan.outcomes.push(Outcome::Pending);
+            for (key, index) in deletes {
+                if let Some(index) = index {
+                    prepared.delete_owners.insert(key.clone(), index);
+                }
+                let delete = PlannedOp {
+                    action: KvAction::Delete,
+                    owner,
+                };
+                prepared.plan.ops.insert(key, delete);
+            }
+        }
+        self.apply(prepared, deadline).await
     }
 
     /// Everything but the KV writes: lookups and the plan. A dry run stops here.
@@ -225,8 +293,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
                 .await;
             plan = plan::plan(&records, &lookups, cell);
         }
-        self.add_filters(&records, &mut plan, run.overrides, deadline)
-            .await;
+        let filter_reads = self.add_filters(&records, &mut plan, run, deadline).await;
         for (owner, note) in &plan.notes {
             let index = records[*owner].index.as_ref();
             tracing::info!(
@@ -239,6 +306,10 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             records,
             plan,
             api_keys,
+            run,
+            read_epoch: None,
+            filter_reads,
+            delete_owners: HashMap::new(),
         }
     }
 
@@ -247,7 +318,9 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
     /// replay of its record still learns the old shop from it (docs/contract.md, "Nothing is
     /// lost").
     pub async fn apply(&self, prepared: Prepared, deadline: Instant) -> BatchReport {
-        self.apply_reusing(prepared, deadline, Vec::new()).await
+        let mut report = self.apply_reusing(prepared, deadline, Vec::new()).await;
+        self.write_lost_again(&mut report, deadline).await;
+        report
     }
 
     async fn apply_reusing(
@@ -260,6 +333,10 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             records,
             plan,
             api_keys,
+            run,
+            read_epoch,
+            filter_reads,
+            delete_owners,
         } = prepared;
         // From here on a record is only what identifies it: its decoded change is let go.
         let (records, created_at): (Vec<RecordReport>, Vec<Option<f64>>) = records
@@ -275,14 +352,36 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             .unzip();
         let mut outcomes = plan.outcomes;
         let before = self.kv.counters();
+        let guard = self
+            .claim(
+                plan.ops.keys().cloned().collect(),
+                run,
+                read_epoch,
+                &filter_reads,
+            )
+            .await;
+        // Keys not claimed are not sent: refused ones fail their records, left ones are
+        // another writer's.
+        let held_back: HashSet<&KvKey> = (guard.refused.iter().map(|(k, _)| k))
+            .chain(&guard.left)
+            .collect();
         let old_shop_keys: HashSet<&KvKey> = plan.old_shops.iter().map(|(key, _)| key).collect();
         let first = bulk::requests(
             plan.ops
                 .iter()
-                .filter(|(key, _)| old_shop_keys.contains(key)),
+                .filter(|(key, _)| old_shop_keys.contains(key) && !held_back.contains(key)),
             Vec::new(),
         );
-        let mut failures = self.send_all(&first, deadline).await;
+        let mut failures: Vec<(Namespace, KeyFailures)> = (guard.refused.iter())
+            .map(|(key, error)| {
+                let failure = KeyFailures {
+                    keys: vec![key.key.clone()],
+                    error: error.clone(),
+                };
+                (key.namespace, failure)
+            })
+            .collect();
+        failures.extend(self.send_all(&first, deadline).await);
         let failed_deletes: HashSet<(Namespace, &str)> = failures
             .iter()
             .flat_map(|(ns, f)| f.keys.iter().map(move |k| (*ns, k.as_str())))
@@ -296,7 +395,8 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
         let rest = bulk::requests(
             plan.ops
                 .iter()
-                .filter(|(key, _)| !old_shop_keys.contains(key) && !withheld.contains_key(key)),
+                .filter(|(key, _)| !old_shop_keys.contains(key) && !withheld.contains_key(key))
+                .filter(|(key, _)| !held_back.contains(key)),
             buffer,
         );
         // The bodies hold the values now: each key keeps only its owner and whether it is a put.
@@ -316,6 +416,19 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             .map(|(key, shop)| (key.clone(), withheld_error(shop)))
             .collect();
         let requests_sent = first.len() + rest.len();
+        let not_applied: HashSet<(Namespace, &str)> = (failures.iter())
+            .flat_map(|(ns, f)| f.keys.iter().map(move |k| (*ns, k.as_str())))
+            .chain(withheld.keys().map(|k| (k.namespace, k.key.as_str())))
+            .collect();
+        let applied: HashSet<&KvKey> = (ops.iter().map(|(key, _, _)| key))
+            .filter(|k| !held_back.contains(k) && !not_applied.contains(&(k.namespace, &k.key)))
+            .collect();
+        let lost: HashSet<KvKey> = self.lost(&guard, &applied).await.into_iter().collect();
+        // The stream's filters: replayed, the record reads the overrides again.
+        let lost_error = PortError::Transient(
+            "another writer claimed this key while this batch wrote it: retried".into(),
+        );
+        let stream_lost = lost.iter().filter(|_| run.is_stream());
         let KvCounters { retries, .. } = self.kv.counters();
         let applied_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -334,6 +447,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
                     .iter()
                     .map(|(key, error)| ((key.namespace, key.key.as_str()), error)),
             )
+            .chain(stream_lost.map(|key| ((key.namespace, key.key.as_str()), &lost_error)))
             .collect();
 
         let mut report = BatchReport {
@@ -343,6 +457,23 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             ..BatchReport::default()
         };
         for (key, owner, put) in ops {
+            if guard.left.contains(&key) {
+                if outcomes[owner] == Outcome::Pending {
+                    let reason = format!(
+                        "KV key `{}`: another writer wrote it during this run; left to it",
+                        key.key
+                    );
+                    outcomes[owner] = Outcome::Skipped(reason);
+                }
+                report.left.push(key);
+                continue;
+            }
+            if !run.is_stream() && lost.contains(&key) {
+                // Perhaps landed after the other writer's: written again from a new read.
+                let owner_index = delete_owners.get(&key).cloned();
+                report.lost.push((key, owner, owner_index));
+                continue;
+            }
             match failed_keys.get(&(key.namespace, key.key.as_str())) {
                 Some(error) => {
                     if outcomes[owner] == Outcome::Pending {
@@ -374,6 +505,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
         }
         report.keys_written = report.written.len();
         report.keys_deleted = report.deleted.len();
+        report.keys_left = report.left.len();
         report.lag_seconds = created_at
             .into_iter()
             .zip(&outcomes)
@@ -520,11 +652,37 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
         &self,
         records: &[ChangeRecord],
         plan: &mut plan::Plan,
-        from: Overrides,
+        run: Run,
         deadline: Instant,
-    ) {
+    ) -> HashMap<KvKey, Option<String>> {
         let wanted: Vec<IndexRef> = plan.filters.keys().cloned().collect();
-        let queries: Vec<(IndexRef, Result<Vec<String>, PortError>)> = match from {
+        let mut filter_reads = HashMap::new();
+        if run.is_stream() && self.ledger.enabled() && !wanted.is_empty() {
+            // Read before the overrides: a writer that claims a filter after this read may
+            // have seen an override this batch's Query misses, and then this claim fails.
+            let keys: Vec<KvKey> = wanted.iter().map(filter_key).collect();
+            match self.read_claims(&keys).await {
+                Ok(mut read) => {
+                    filter_reads = keys
+                        .into_iter()
+                        .map(|k| {
+                            let token = read.remove(&k).map(|c| c.token);
+                            (k, token)
+                        })
+                        .collect();
+                }
+                Err(e) => {
+                    for needer in plan.filters.values().flatten() {
+                        if plan.outcomes[*needer] == Outcome::Pending {
+                            plan.outcomes[*needer] =
+                                Outcome::Failed(format!("cannot read the filter's claim: {e}"));
+                        }
+                    }
+                    return filter_reads;
+                }
+            }
+        }
+        let queries: Vec<(IndexRef, Result<Vec<String>, PortError>)> = match run.overrides {
             Overrides::InBatch => wanted
                 .into_iter()
                 .map(|index| {
@@ -555,6 +713,9 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             match queries {
                 Ok(queries) => {
                     let filter = QueryFilter::build(&index, queries);
+                    if filter.count == 0 {
+                        plan.empty_filters.insert(filter_key(&index));
+                    }
                     let text = serde_json::to_string(&filter).expect("filters serialize");
                     let op = PlannedOp {
                         action: KvAction::put(KvValue::new(&index, text)),
@@ -573,6 +734,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
                 }
             }
         }
+        filter_reads
     }
 
     /// API keys, the table scan and current shop ids, all at once; then the scan, if a shop

@@ -59,6 +59,9 @@ pub struct Plan {
     /// Indexes whose override filter is rebuilt, with the records (in stream order) that need
     /// it: if the filter is not written, they are reported for retry.
     pub filters: BTreeMap<IndexRef, Vec<usize>>,
+    /// Filters of indexes without overrides: KV may hold them with `count` 0 or not at all,
+    /// which say the same (docs/contract.md, "Query-override filter").
+    pub empty_filters: std::collections::HashSet<KvKey>,
 }
 
 /// Where the shop id an index had before a record comes from.

@@ -5,6 +5,7 @@
 mod common;
 
 mod bad_input;
+mod concurrent_writers;
 mod demo;
 mod divergence;
 mod docs_examples;

@@ -8,7 +8,7 @@
 //! has no metadata (written by hand, or before metadata) or `deep` asks for it. A run that stops
 //! before the deadline hands out a token: the key range it covered is never covered again.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::ops::Bound;
 use std::time::Duration;
 
@@ -24,9 +24,8 @@ use classify::{class_of, live_targets, Class, Implied, Listed};
 
 use super::{decode_token, encode_token, flag, OperatorError, Text};
 use crate::domain::kv::KeyMetadata;
-use crate::domain::{KvAction, KvKey, Namespace};
+use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::pipeline::exporter::{Exporter, Run};
-use crate::pipeline::plan::PlannedOp;
 use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
 use crate::report::Outcome;
 
@@ -109,6 +108,13 @@ impl<T> PerNamespace<T> {
 pub struct Repaired {
     pub written: usize,
     pub deleted: usize,
+    /// Drift not repaired: another writer wrote the key during this run (checked next pass).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub left_to_other_writers: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -149,6 +155,8 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
     };
     let failed = |reason: String| OperatorError::ReconcileFailed { reason };
     let mut requests = Requests::default();
+    // Keys another writer claims from now on are left to it (docs/contract.md).
+    let read_since = exporter.begin_reading().await;
     let (implied, prepared) = implied(exporter, account, &mut requests, deadline).await?;
     let mut implied = implied;
     if account.is_some() {
@@ -163,8 +171,8 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
     let mut counts = PerNamespace::<ClassCounts>::default();
     let mut samples = PerNamespace::<Samples>::default();
     let mut to_write: BTreeSet<KvKey> = BTreeSet::new();
-    let mut to_delete: BTreeSet<KvKey> = BTreeSet::new();
-    let mut classify = |key: &KvKey, class: Class| {
+    let mut to_delete: BTreeMap<KvKey, Option<IndexRef>> = BTreeMap::new();
+    let mut classify = |key: &KvKey, class: Class, owner: Option<IndexRef>| {
         *counts.get(key.namespace).slot(class) += 1;
         let samples = samples.get(key.namespace);
         let list = match class {
@@ -183,7 +191,7 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
                 to_write.insert(key.clone());
             }
             Class::Orphaned => {
-                to_delete.insert(key.clone());
+                to_delete.insert(key.clone(), owner);
             }
             _ => {}
         }
@@ -260,14 +268,18 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
             ))
             .map(|(k, _)| k)
             .filter(|k| k.namespace == namespace && !seen.contains(k.key.as_str()))
+            // No filter says what an empty one says: the index has no overrides.
+            .filter(|k| !prepared.plan.empty_filters.contains(*k))
             .cloned()
             .collect();
         for key in &missing {
-            classify(key, Class::Missing);
+            classify(key, Class::Missing, None);
         }
         for l in &listed {
             if let Some(class) = class_of(l, &implied, account, request.deep) {
-                classify(&l.key, class);
+                // The index the key was written for: a lost delete is checked against it.
+                let owner = l.metadata.as_ref().and_then(|m| m.index_ref());
+                classify(&l.key, class, owner);
             }
         }
         slowest = slowest.max(started.elapsed());
@@ -304,27 +316,24 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
         let repair = Repaired {
             written: to_write.len(),
             deleted: to_delete.len(),
+            left_to_other_writers: 0,
         };
         if request.dry_run {
             answer.would_repair = Some(repair);
         } else if repair.written + repair.deleted > 0 {
             // Through the same planner's values and the same bulk requests as the stream.
             let mut prepared = prepared;
-            prepared.plan.ops.retain(|key, _| to_write.contains(key));
+            prepared.read_epoch = Some(read_since);
             // Indexes left unchecked (logged above) are not this repair's to finish.
             for outcome in &mut prepared.plan.outcomes {
                 if matches!(outcome, Outcome::Failed(_)) {
                     *outcome = Outcome::Skipped("left unchecked this pass".into());
                 }
             }
-            for key in to_delete {
-                let delete = PlannedOp {
-                    action: KvAction::Delete,
-                    owner: 0,
-                };
-                prepared.plan.ops.insert(key, delete);
-            }
-            let report = exporter.apply(prepared, deadline).await;
+            let deletes = to_delete.into_iter().collect();
+            let report = exporter
+                .repair(prepared, &to_write, deletes, deadline)
+                .await;
             report.log();
             answer.requests.kv_repair = report.kv_requests;
             if let Some(reason) = report.records.iter().find_map(|r| match &r.outcome {
@@ -336,6 +345,7 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
             answer.repaired = Some(Repaired {
                 written: report.keys_written,
                 deleted: report.keys_deleted,
+                left_to_other_writers: report.keys_left,
             });
         } else {
             answer.repaired = Some(repair);

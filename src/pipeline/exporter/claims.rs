@@ -1,0 +1,283 @@
+//! Claims on KV keys, taken in the ledger around every KV write so that concurrent writers
+//! never undo each other (docs/contract.md, "Concurrent writers").
+//!
+//! The stream claims each key it is about to write, whoever held it: its record is the newest
+//! word on its item. An override filter depends on other items, so the stream reads the
+//! filter's claim before it reads the overrides and claims it only if nobody claimed since.
+//! An operator (re-export, verify, backfill, reconcile) ticks the ledger's clock before it
+//! reads the table and leaves alone every key claimed at that time or later (that writer began
+//! after it: its news may be newer), claims the rest only if their claims are still as read,
+//! and reads them back after writing: a key claimed since lost a race, and its value is read
+//! again and written once more.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::{BuildHasher as _, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::StreamExt as _;
+
+use tokio::time::Instant;
+
+use super::{Exporter, Run};
+use crate::domain::{IndexRef, KvAction, KvKey};
+use crate::ports::{ApiKeySource, Claim, KvStore, Ledger, PortError, SettingsTable};
+use crate::report::{BatchReport, Outcome};
+
+/// Conditional claims in flight at once.
+const CONCURRENT_CLAIMS: usize = 16;
+
+/// Milliseconds since the epoch (seeds tokens; never compared across writers).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// A claim no other writer's can equal (random per process, counted within it), stamped with
+/// the ledger time `epoch`.
+fn new_claim(epoch: u64) -> Claim {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let seed = *SEED.get_or_init(|| RandomState::new().hash_one(now_ms()));
+    let count = NEXT.fetch_add(1, Ordering::Relaxed);
+    Claim {
+        token: format!("{seed:016x}-{count}"),
+        epoch,
+    }
+}
+
+/// What the claims decided before anything was sent.
+#[derive(Debug, Default)]
+pub struct Guard {
+    pub claim: Option<Claim>,
+    /// Not sent: the claim could not be taken (the ledger failed, or, for the stream's
+    /// filters, another writer claimed it while the overrides were read).
+    pub refused: Vec<(KvKey, PortError)>,
+    /// Not sent: another writer claimed it during this operator's run; it is theirs.
+    pub left: HashSet<KvKey>,
+    /// Claimed on a condition: read back after the write.
+    pub to_check: Vec<KvKey>,
+}
+
+impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T, L> {
+    /// Claims the keys about to be written, as `run` claims them (nothing without a ledger).
+    pub(super) async fn claim(
+        &self,
+        keys: Vec<KvKey>,
+        run: Run,
+        read_epoch: Option<u64>,
+        filter_reads: &HashMap<KvKey, Option<String>>,
+    ) -> Guard {
+        if !self.ledger.enabled() || keys.is_empty() {
+            return Guard::default();
+        }
+        if run.is_stream() {
+            return self.claim_for_stream(keys, filter_reads).await;
+        }
+        let since = match read_epoch {
+            Some(epoch) => epoch,
+            None => self.begin_reading().await,
+        };
+        self.claim_for_operator(keys, since).await
+    }
+
+    /// An operator's first step, before it reads the table: the ledger time from which another
+    /// writer's claims are newer than what it reads. If the clock cannot be read, every
+    /// claimed key counts as newer (0): the operator then writes only keys nobody claimed.
+    pub async fn begin_reading(&self) -> u64 {
+        if !self.ledger.enabled() {
+            return 0;
+        }
+        self.ledger.tick().await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "the ledger's clock did not tick; claimed keys are left alone");
+            0
+        })
+    }
+
+    /// An operator's lost keys, written once more from a new read of their indexes. A key
+    /// the new read does not imply, or that another writer claimed since, is theirs; one
+    /// lost again fails its record (the operator runs again, or the next reconcile pass).
+    pub(super) async fn write_lost_again(&self, report: &mut BatchReport, deadline: Instant) {
+        let lost = std::mem::take(&mut report.lost);
+        if lost.is_empty() {
+            return;
+        }
+        let since = self.begin_reading().await;
+        let owners: BTreeSet<IndexRef> = (lost.iter())
+            .filter_map(|(_, at, owner)| {
+                owner.clone().or_else(|| report.records[*at].index.clone())
+            })
+            .collect();
+        let mut records = Vec::new();
+        for index in owners {
+            match self.index_records(&index, true, deadline).await {
+                Ok(found) => records.extend(found.into_iter().flatten()),
+                Err(e) => {
+                    tracing::warn!(%index, error = %e, "index not read again after a lost race")
+                }
+            }
+        }
+        let mut prepared = self.prepare(records, Run::OPERATOR, deadline).await;
+        prepared.read_epoch = Some(since);
+        let wanted: HashSet<&KvKey> = lost.iter().map(|(key, _, _)| key).collect();
+        (prepared.plan.ops)
+            .retain(|key, op| wanted.contains(key) && matches!(op.action, KvAction::Put(_)));
+        let planned: HashSet<KvKey> = prepared.plan.ops.keys().cloned().collect();
+        let again = self.apply_reusing(prepared, deadline, Vec::new()).await;
+        report.kv_requests += again.kv_requests;
+        for (key, at, _) in lost {
+            let outcome = &mut report.records[at].outcome;
+            if again.written.contains(&key) {
+                report.written.push(key);
+            } else if !planned.contains(&key) || again.left.contains(&key) {
+                if *outcome == Outcome::Exported {
+                    let reason = format!(
+                        "KV key `{}`: another writer wrote it during this run; left to it",
+                        key.key
+                    );
+                    *outcome = Outcome::Skipped(reason);
+                }
+                report.left.push(key);
+            } else if !matches!(outcome, Outcome::Failed(_) | Outcome::Rejected(_)) {
+                *outcome = Outcome::Failed(format!(
+                    "KV key `{}`: other writers kept claiming it while this run wrote it; run again",
+                    key.key
+                ));
+            }
+        }
+        report.keys_written = report.written.len();
+        report.keys_left = report.left.len();
+    }
+
+    /// The current claims of `keys` (a stream batch reads its filters' before their overrides).
+    pub(super) async fn read_claims(
+        &self,
+        keys: &[KvKey],
+    ) -> Result<HashMap<KvKey, Claim>, PortError> {
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        self.ledger.claims(keys).await
+    }
+
+    /// The stream's claims: every key at once, filters only if unclaimed since `filter_reads`.
+    pub(super) async fn claim_for_stream(
+        &self,
+        keys: Vec<KvKey>,
+        filter_reads: &HashMap<KvKey, Option<String>>,
+    ) -> Guard {
+        let claim = match self.ledger.time().await {
+            Ok(epoch) => new_claim(epoch),
+            Err(e) => {
+                let refused = keys.into_iter().map(|k| (k, e.clone())).collect();
+                return Guard {
+                    refused,
+                    ..Guard::default()
+                };
+            }
+        };
+        let (filters, own): (Vec<KvKey>, Vec<KvKey>) =
+            keys.into_iter().partition(|k| filter_reads.contains_key(k));
+        let mut guard = Guard {
+            refused: self.ledger.claim_all(&own, &claim).await,
+            ..Guard::default()
+        };
+        let conditional = filters.into_iter().map(|key| {
+            let read = filter_reads[&key].clone();
+            (key, read)
+        });
+        for (key, answer) in self.claim_each(conditional, &claim).await {
+            match answer {
+                Ok(true) => guard.to_check.push(key),
+                Ok(false) => {
+                    let reason = format!(
+                        "another writer wrote the filter `{}` while this batch read its overrides",
+                        key.key
+                    );
+                    guard.refused.push((key, PortError::Transient(reason)));
+                }
+                Err(e) => guard.refused.push((key, e)),
+            }
+        }
+        guard.claim = Some(claim);
+        guard
+    }
+
+    /// An operator's claims: keys claimed at ledger time `since` or later are left to
+    /// whoever claimed them (they began after this operator read the table).
+    pub(super) async fn claim_for_operator(&self, keys: Vec<KvKey>, since: u64) -> Guard {
+        let claim = new_claim(since);
+        let mut guard = Guard::default();
+        let current = match self.read_claims(&keys).await {
+            Ok(current) => current,
+            Err(e) => {
+                guard.refused = keys.into_iter().map(|k| (k, e.clone())).collect();
+                return guard;
+            }
+        };
+        let mut conditional = Vec::with_capacity(keys.len());
+        for key in keys {
+            match current.get(&key) {
+                Some(c) if c.epoch >= since => {
+                    guard.left.insert(key);
+                }
+                read => {
+                    let read = read.map(|c| c.token.clone());
+                    conditional.push((key, read));
+                }
+            }
+        }
+        for (key, answer) in self.claim_each(conditional.into_iter(), &claim).await {
+            match answer {
+                Ok(true) => guard.to_check.push(key),
+                Ok(false) => {
+                    guard.left.insert(key);
+                }
+                Err(e) => guard.refused.push((key, e)),
+            }
+        }
+        guard.claim = Some(claim);
+        guard
+    }
+
+    /// Claims each key if its claim is still the one read.
+    async fn claim_each(
+        &self,
+        keys: impl Iterator<Item = (KvKey, Option<String>)> + Send,
+        claim: &Claim,
+    ) -> Vec<(KvKey, Result<bool, PortError>)> {
+        futures::stream::iter(keys)
+            .map(|(key, read)| async move {
+                let answer = self.ledger.claim_if(&key, read.as_deref(), claim).await;
+                (key, answer)
+            })
+            .buffer_unordered(CONCURRENT_CLAIMS)
+            .collect()
+            .await
+    }
+
+    /// The keys of `guard.to_check` that were sent and are claimed by someone else now: the
+    /// other writer may have written before this one's write landed. Unreadable counts as lost.
+    pub(super) async fn lost(&self, guard: &Guard, sent: &HashSet<&KvKey>) -> Vec<KvKey> {
+        let (Some(claim), false) = (&guard.claim, guard.to_check.is_empty()) else {
+            return Vec::new();
+        };
+        let written: Vec<KvKey> = guard
+            .to_check
+            .iter()
+            .filter(|k| sent.contains(k))
+            .cloned()
+            .collect();
+        match self.read_claims(&written).await {
+            Ok(now) => written
+                .into_iter()
+                .filter(|k| now.get(k).is_none_or(|c| c.token != claim.token))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "claims not read back after writing; taken as lost");
+                written
+            }
+        }
+    }
+}

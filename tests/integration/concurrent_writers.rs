@@ -1,0 +1,217 @@
+//! Two writers at once (issue 22): each test runs two function processes (the bootstrap
+//! binary behind its own runtime API) on one table and ledger (moto) and one KV emulator, and
+//! forces the race by holding one writer's KV request in the emulator while the other writes.
+//! What must hold: no writer replaces a value with one computed from an older table state, a
+//! new key is never deleted because a snapshot predates it, and a filter never ends without an
+//! override the table holds (docs/contract.md, "Concurrent writers").
+
+use std::time::Duration;
+
+use ecom_emulators::runtime_api::RuntimeApi;
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A function process with its own runtime API, sharing the harness's peers.
+struct Writer {
+    runtime: RuntimeApi,
+    function: Function,
+}
+
+impl Writer {
+    async fn start(h: &Harness) -> Self {
+        let runtime = RuntimeApi::start(0).await.unwrap();
+        let function = Function::start(&runtime, &h.lambda_env());
+        Self { runtime, function }
+    }
+
+    async fn invoke(&self, payload: Value) -> Value {
+        let answer = self.runtime.invoke(payload, TIMEOUT).await;
+        answer.unwrap_or_else(|e| panic!("{e}: {}", self.function.output()))
+    }
+}
+
+/// Waits until the emulator holds a request.
+async fn until_held(h: &Harness) {
+    for _ in 0..400 {
+        if h.kv.held() > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no request was held");
+}
+
+fn endpoint_of(h: &Harness, key: &str) -> Option<String> {
+    h.settings(key)
+        .map(|v| v["index_url"].as_str().unwrap_or_default().to_owned())
+}
+
+fn changed(account: &str, index: &str) -> Value {
+    let mut item = index_item(account, index, None);
+    item["index_endpoint"] = json!({"S": "https://changed.idx.example"});
+    item
+}
+
+fn filter_queries(h: &Harness, account: &str, index: &str) -> usize {
+    filter_of(h, account, index).expect("a filter")["count"]
+        .as_u64()
+        .unwrap_or_default() as usize
+}
+
+#[tokio::test]
+async fn a_reconcile_repair_leaves_what_the_stream_wrote_while_it_ran() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct", "marqo-key");
+    for index in ["kept", "changed", "removed"] {
+        h.put(index_item("acct", index, None)).await;
+    }
+    h.export_stream().await;
+    let reconcile = Writer::start(&h).await;
+    let stream = Writer::start(&h).await;
+
+    // The reconcile reads the table, then its first key listing is held.
+    h.kv.hold("keys", None);
+    let run = reconcile.invoke(json!({"mode": "reconcile", "repair": true}));
+    let race = async {
+        until_held(&h).await;
+        h.put(index_item("acct", "new", None)).await;
+        h.put(changed("acct", "changed")).await;
+        h.delete("acct", "INDEX#removed").await;
+        h.put(query_item("acct", "kept", "shoes")).await;
+        let records = h.stream_records().await;
+        let answer = stream.invoke(json!({ "Records": records })).await;
+        assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+        h.kv.release();
+    };
+    let (answer, ()) = tokio::join!(run, race);
+
+    // Each key the stream wrote is drift to the reconcile's older snapshot, and left alone.
+    assert_eq!(answer["repaired"]["written"], 0, "{answer}");
+    assert_eq!(answer["repaired"]["deleted"], 0, "{answer}");
+    assert!(
+        answer["repaired"]["left_to_other_writers"].as_u64() >= Some(4),
+        "{answer}"
+    );
+    assert!(h.settings("acct-new").is_some(), "the new index is kept");
+    assert_eq!(
+        endpoint_of(&h, "acct-changed").as_deref(),
+        Some("https://changed.idx.example")
+    );
+    assert!(h.settings("acct-removed").is_none(), "never written back");
+    assert!(h.query_config(&qcfg_key("acct", "kept", "shoes")).is_some());
+    assert_eq!(filter_queries(&h, "acct", "kept"), 1);
+    // The next pass finds nothing to do.
+    let next = reconcile
+        .invoke(json!({"mode": "reconcile", "repair": true}))
+        .await;
+    assert_eq!(next["repaired"]["written"], 0, "{next}");
+    assert_eq!(next["repaired"]["deleted"], 0, "{next}");
+}
+
+#[tokio::test]
+async fn a_verify_repair_keeps_an_override_added_while_it_ran() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct", "marqo-key");
+    h.put(index_item("acct", "shoes", None)).await;
+    h.put(query_item("acct", "shoes", "boots")).await;
+    h.export_stream().await;
+    let verify = Writer::start(&h).await;
+    let stream = Writer::start(&h).await;
+
+    // The verify reads the table, then its read of KV is held.
+    h.kv.hold("bulk/get", None);
+    let run = verify.invoke(json!({"mode": "verify", "system_account_id": "acct",
+        "index_name": "shoes", "include_query_configs": true, "repair": true}));
+    let race = async {
+        until_held(&h).await;
+        h.put(query_item("acct", "shoes", "sandals")).await;
+        let records = h.stream_records().await;
+        let answer = stream.invoke(json!({ "Records": records })).await;
+        assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+        h.kv.release();
+    };
+    let (answer, ()) = tokio::join!(run, race);
+
+    let sandals = qcfg_key("acct", "shoes", "sandals");
+    assert_eq!(answer["repaired"]["deleted"], json!([]), "{answer}");
+    let left = answer["repaired"]["left_to_other_writers"].to_string();
+    assert!(left.contains(&sandals), "{answer}");
+    assert!(h.query_config(&sandals).is_some(), "the new override stays");
+    assert_eq!(filter_queries(&h, "acct", "shoes"), 2);
+}
+
+#[tokio::test]
+async fn a_reexport_that_lands_after_the_stream_writes_the_newer_settings_again() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct", "marqo-key");
+    h.put(index_item("acct", "shoes", None)).await;
+    h.export_stream().await;
+    let reexport = Writer::start(&h).await;
+    let stream = Writer::start(&h).await;
+
+    // The re-export reads the table, claims the key, then its write is held.
+    h.kv.hold("bulk", Some("acct-shoes"));
+    let run = reexport.invoke(json!({"system_account_id": "acct", "index_name": "shoes"}));
+    let race = async {
+        until_held(&h).await;
+        h.put(changed("acct", "shoes")).await;
+        let records = h.stream_records().await;
+        let answer = stream.invoke(json!({ "Records": records })).await;
+        assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+        assert_eq!(
+            endpoint_of(&h, "acct-shoes").as_deref(),
+            Some("https://changed.idx.example")
+        );
+        h.kv.release();
+    };
+    let (answer, ()) = tokio::join!(run, race);
+
+    // The held write landed last with the old settings; the re-export saw it lost the key
+    // and wrote it again from a new read.
+    assert_eq!(answer["keys_written"], 1, "{answer}");
+    assert_eq!(
+        endpoint_of(&h, "acct-shoes").as_deref(),
+        Some("https://changed.idx.example")
+    );
+}
+
+#[tokio::test]
+async fn two_batches_writing_one_filter_end_with_every_override() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct", "marqo-key");
+    h.put(index_item("acct", "shoes", None)).await;
+    h.export_stream().await;
+    let first = Writer::start(&h).await;
+    let second = Writer::start(&h).await;
+
+    // The first batch reads the overrides (one), then its write of the filter is held.
+    h.put(query_item("acct", "shoes", "boots")).await;
+    let older = h.stream_records().await;
+    h.kv.hold("bulk", Some("qfilter-acct-shoes"));
+    let run = first.invoke(json!({ "Records": older.clone() }));
+    let race = async {
+        until_held(&h).await;
+        // The second batch adds an override and writes the filter with both.
+        h.put(query_item("acct", "shoes", "sandals")).await;
+        let newer = h.stream_records().await;
+        let answer = second.invoke(json!({ "Records": newer })).await;
+        assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+        assert_eq!(filter_queries(&h, "acct", "shoes"), 2);
+        h.kv.release();
+    };
+    let (answer, ()) = tokio::join!(run, race);
+
+    // The older filter landed last: its batch is told to retry, and the replay rebuilds it.
+    assert_eq!(failures(&answer), sequence_numbers(&older), "{answer}");
+    assert_eq!(
+        filter_queries(&h, "acct", "shoes"),
+        1,
+        "the older write landed"
+    );
+    let replay = first.invoke(json!({ "Records": older })).await;
+    assert_eq!(failures(&replay), Vec::<String>::new(), "{replay}");
+    assert_eq!(filter_queries(&h, "acct", "shoes"), 2);
+}
