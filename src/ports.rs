@@ -250,8 +250,34 @@ pub struct Claim {
     pub epoch: u64,
 }
 
+/// What the ledger knows of an index's references to other keys: the shop key its settings
+/// hold and the index ids its live aliases point at, as its last exported record left them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IndexRefs {
+    pub shop: Option<String>,
+    pub targets: std::collections::BTreeSet<String>,
+    /// The index's record was removed: it references nothing.
+    pub removed: bool,
+}
+
+/// An index's references as recorded before (`None`: never) and as they are now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefsChange {
+    pub index: IndexRef,
+    pub old: Option<IndexRefs>,
+    pub new: IndexRefs,
+}
+
+/// Who is asked for: the indexes whose live aliases point at an index id, or that claim a shop.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Referred {
+    Alias(String),
+    Shop(String),
+}
+
 /// The function's own table (the export ledger, docs/contract.md): the claims writers take on
-/// KV keys, and where a scheduled reconcile keeps its progress.
+/// KV keys, each index's references (and who references an index id or a shop), and where a
+/// scheduled reconcile keeps its progress.
 pub trait Ledger: Send + Sync {
     /// Whether a ledger table is configured: without one, writers take no claims.
     fn enabled(&self) -> bool {
@@ -265,6 +291,40 @@ pub trait Ledger: Send + Sync {
 
     /// The ledger's clock now (consistent read; 0 before the first tick).
     fn time(&self) -> impl Future<Output = Result<u64, PortError>> + Send;
+
+    /// Whether every index's references were recorded (a full backfill completed): only
+    /// then can a missing referrer be taken to mean none.
+    fn references_complete(&self) -> impl Future<Output = Result<bool, PortError>> + Send;
+
+    fn mark_references_complete(&self) -> impl Future<Output = Result<(), PortError>> + Send;
+
+    /// The recorded references of these indexes (consistent reads); absent: never recorded.
+    fn index_refs(
+        &self,
+        indexes: &[IndexRef],
+    ) -> impl Future<Output = Result<HashMap<IndexRef, IndexRefs>, PortError>> + Send;
+
+    /// The indexes recorded as referring to `referred` (consistent; may hold stale entries,
+    /// which a reader checks against [`Ledger::index_refs`]).
+    fn referrers(
+        &self,
+        referred: &Referred,
+    ) -> impl Future<Output = Result<Vec<IndexRef>, PortError>> + Send;
+
+    /// Records each index's new references (the stream's, which replace what is recorded;
+    /// `old`: what was read before), all indexes at once.
+    fn record_refs(
+        &self,
+        changes: &[RefsChange],
+    ) -> impl Future<Output = Result<(), PortError>> + Send;
+
+    /// Records an index's references only if none are recorded yet (`Ok(false)`: some were):
+    /// an operator's, read from the table before the stream's newer word may have landed.
+    fn seed_refs(
+        &self,
+        index: &IndexRef,
+        refs: &IndexRefs,
+    ) -> impl Future<Output = Result<bool, PortError>> + Send;
 
     /// Claims every key, whoever held it (the stream, whose records are the newest word on
     /// their items). Answers the keys that could not be claimed, with why.
@@ -316,6 +376,30 @@ impl Ledger for NoLedger {
     }
 
     async fn time(&self) -> Result<u64, PortError> {
+        Err(no_ledger())
+    }
+
+    async fn references_complete(&self) -> Result<bool, PortError> {
+        Ok(false)
+    }
+
+    async fn mark_references_complete(&self) -> Result<(), PortError> {
+        Err(no_ledger())
+    }
+
+    async fn index_refs(&self, _: &[IndexRef]) -> Result<HashMap<IndexRef, IndexRefs>, PortError> {
+        Err(no_ledger())
+    }
+
+    async fn referrers(&self, _: &Referred) -> Result<Vec<IndexRef>, PortError> {
+        Err(no_ledger())
+    }
+
+    async fn record_refs(&self, _: &[RefsChange]) -> Result<(), PortError> {
+        Err(no_ledger())
+    }
+
+    async fn seed_refs(&self, _: &IndexRef, _: &IndexRefs) -> Result<bool, PortError> {
         Err(no_ledger())
     }
 

@@ -95,6 +95,17 @@ pub enum Fault {
         #[serde(default)]
         key: Option<String>,
     },
+    /// Reads (values, metadata, bulk get, listings) answer what KV held when this was set,
+    /// until `POST /__emulator/release`: Cloudflare's reads are only eventually consistent
+    /// (up to 60 s). Writes land as usual.
+    StaleReads,
+}
+
+/// What reads answer while [`Fault::StaleReads`] holds.
+#[derive(Debug, Clone, Default)]
+struct Snapshot {
+    namespaces: HashMap<(String, String), BTreeMap<String, String>>,
+    metadata: HashMap<(String, String), HashMap<String, Value>>,
 }
 
 /// A hold waiting for its requests.
@@ -154,6 +165,7 @@ pub struct KvState {
     held: usize,
     /// Grows with every release: a held request goes on once it changes.
     releases: u64,
+    stale: Option<Snapshot>,
 }
 
 impl KvState {
@@ -162,6 +174,12 @@ impl KvState {
         match fault.fault {
             Fault::RefuseKey { key } => {
                 self.refused_keys.insert(key, fault.times);
+            }
+            Fault::StaleReads => {
+                self.stale = Some(Snapshot {
+                    namespaces: self.namespaces.clone(),
+                    metadata: self.metadata.clone(),
+                });
             }
             Fault::Hold { operation, key } => self.holds.push(HoldRule {
                 operation,
@@ -181,6 +199,21 @@ impl KvState {
             codes::BAD_REQUEST,
             format!("Invalid key name: `{key}` (refused by an injected fault)"),
         ))
+    }
+
+    /// A namespace's values as reads see them (stale while [`Fault::StaleReads`] holds).
+    fn read_values(&self, id: &(String, String)) -> Option<&BTreeMap<String, String>> {
+        match &self.stale {
+            Some(snapshot) => snapshot.namespaces.get(id),
+            None => self.namespaces.get(id),
+        }
+    }
+
+    fn read_metadata(&self, id: &(String, String)) -> Option<&HashMap<String, Value>> {
+        match &self.stale {
+            Some(snapshot) => snapshot.metadata.get(id),
+            None => self.metadata.get(id),
+        }
     }
 
     /// Makes these namespaces exist (the binary's `--namespace`).
@@ -348,6 +381,11 @@ impl KvEmulator {
     /// Lets every held request go on (in the order they go on from here, not guaranteed).
     pub fn release(&self) {
         release(&self.state);
+    }
+
+    /// Reads answer what KV holds now until [`Self::release`] (writes still land).
+    pub fn stale_reads(&self) {
+        self.inject(Fault::StaleReads, 1);
     }
 
     pub fn clear_faults(&self) {
@@ -533,7 +571,8 @@ impl Call<'_> {
             Some(Fault::UnsuccessfulKeys { count }) => Ok((count as isize, None)),
             Some(Fault::ForeignUnsuccessfulKeys { count }) => Ok((-(count as isize), None)),
             Some(Fault::UnsuccessfulKeysStartingWith { prefix }) => Ok((0, Some(prefix))),
-            Some(Fault::RefuseKey { .. } | Fault::Hold { .. }) => Ok((0, None)), // never queued
+            // Never queued.
+            Some(Fault::RefuseKey { .. } | Fault::Hold { .. } | Fault::StaleReads) => Ok((0, None)),
             Some(Fault::Status {
                 status,
                 retry_after,
@@ -870,10 +909,7 @@ async fn read_value(
         let mut guard = state.lock().unwrap();
         let id = (account, namespace.clone());
         guard.purge_expired(&id);
-        guard
-            .namespaces
-            .get(&id)
-            .and_then(|ns| ns.get(&key).cloned())
+        guard.read_values(&id).and_then(|ns| ns.get(&key).cloned())
     };
     let response = match value {
         // Cloudflare answers the raw bytes as `application/octet-stream`.
@@ -919,10 +955,9 @@ async fn read_metadata(
         let id = (account, namespace.clone());
         guard.purge_expired(&id);
         let exists = guard
-            .namespaces
-            .get(&id)
+            .read_values(&id)
             .is_some_and(|ns| ns.contains_key(&key));
-        exists.then(|| guard.metadata.get(&id).and_then(|m| m.get(&key)).cloned())
+        exists.then(|| guard.read_metadata(&id).and_then(|m| m.get(&key)).cloned())
     };
     let response = match found {
         Some(metadata) => envelope_ok(metadata.unwrap_or(Value::Null)),
@@ -999,8 +1034,8 @@ async fn bulk_get(
     let mut guard = state.lock().unwrap();
     let id = (account, namespace.clone());
     guard.purge_expired(&id);
-    let ns = guard.namespaces.get(&id);
-    let meta = guard.metadata.get(&id);
+    let ns = guard.read_values(&id);
+    let meta = guard.read_metadata(&id);
     let expiring = guard.expirations.get(&id);
     let mut values = serde_json::Map::new();
     for key in request.keys {
@@ -1082,8 +1117,7 @@ async fn list_keys(
     let id = (account, namespace.clone());
     guard.purge_expired(&id);
     let names: Vec<String> = guard
-        .namespaces
-        .get(&id)
+        .read_values(&id)
         .map(|ns| {
             ns.keys()
                 .filter(|k| {
@@ -1105,7 +1139,7 @@ async fn list_keys(
     if !cursor.is_empty() {
         guard.cursors.insert(cursor.clone());
     }
-    let meta = guard.metadata.get(&id);
+    let meta = guard.read_metadata(&id);
     let expiring = guard.expirations.get(&id);
     let result: Vec<Value> = page
         .iter()
@@ -1143,7 +1177,7 @@ async fn add_fault(State(state): State<Shared>, body: Bytes) -> Response {
         Err(e) => {
             let message = format!(
                 "no fault set: {e} (kinds: status, delay, unsuccessful_keys, \
-                 foreign_unsuccessful_keys, unsuccessful_keys_starting_with, refuse_key, hold)"
+                 foreign_unsuccessful_keys, unsuccessful_keys_starting_with, refuse_key, hold, stale_reads)"
             );
             (StatusCode::BAD_REQUEST, Json(json!({"error": message}))).into_response()
         }
@@ -1154,6 +1188,7 @@ fn release(state: &Shared) -> usize {
     let mut state = state.lock().unwrap();
     state.releases += 1;
     state.holds.clear();
+    state.stale = None;
     state.held
 }
 

@@ -15,8 +15,11 @@ use aws_sdk_dynamodb::operation::put_item::PutItemError as ClaimError;
 use aws_sdk_dynamodb::types::{KeysAndAttributes, PutRequest, WriteRequest};
 use futures::StreamExt as _;
 
-use crate::domain::{KvKey, Namespace};
-use crate::ports::{no_ledger, Claim, Ledger, PortError, ReconcileProgress};
+use crate::domain::{IndexRef, KvKey, Namespace};
+use crate::ports::{no_ledger, Claim, IndexRefs, Ledger, PortError, ReconcileProgress};
+use crate::ports::{Referred, RefsChange};
+
+mod refs;
 
 const PROGRESS_PK: &str = "reconcile";
 const PROGRESS_SK: &str = "progress";
@@ -150,22 +153,12 @@ fn claim_of(item: &HashMap<String, AttributeValue>) -> Option<(KvKey, Claim)> {
 }
 
 impl DynamoLedger {
-    /// One BatchWriteItem of at most 25 claims, its unprocessed items tried again.
-    async fn put_claims(
+    /// One BatchWriteItem of at most 25 requests, its unprocessed items tried again.
+    async fn write_batch(
         &self,
         table: &str,
-        keys: &[KvKey],
-        claim: &Claim,
+        mut requests: Vec<WriteRequest>,
     ) -> Result<(), PortError> {
-        let mut requests: Vec<WriteRequest> = keys
-            .iter()
-            .map(|key| {
-                let put = PutRequest::builder().set_item(Some(claim_item(key, claim)));
-                WriteRequest::builder()
-                    .put_request(put.build().expect("an item is set"))
-                    .build()
-            })
-            .collect();
         for attempt in 0..UNPROCESSED_TRIES {
             if attempt > 0 {
                 tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
@@ -186,21 +179,33 @@ impl DynamoLedger {
             }
         }
         Err(PortError::Transient(format!(
-            "BatchWriteItem of the ledger table {table}: {} claims left unprocessed",
+            "BatchWriteItem of the ledger table {table}: {} items left unprocessed",
             requests.len()
         )))
     }
 
-    /// One consistent BatchGetItem of at most 100 claims, its unprocessed keys tried again.
-    async fn get_claims(
+    /// Any number of writes, 25 a call, some calls at once.
+    async fn write_all(&self, requests: Vec<WriteRequest>) -> Result<(), PortError> {
+        let table = self.table()?;
+        let mut chunks = Vec::new();
+        let mut requests = requests.into_iter().peekable();
+        while requests.peek().is_some() {
+            chunks.push(requests.by_ref().take(WRITE_BATCH).collect::<Vec<_>>());
+        }
+        let answers: Vec<Result<(), PortError>> = futures::stream::iter(chunks)
+            .map(|chunk| self.write_batch(table, chunk))
+            .buffer_unordered(CONCURRENT_CALLS)
+            .collect()
+            .await;
+        answers.into_iter().collect()
+    }
+
+    /// One consistent BatchGetItem of at most 100 keys, its unprocessed keys tried again.
+    async fn get_batch(
         &self,
         table: &str,
-        keys: &[KvKey],
-    ) -> Result<Vec<(KvKey, Claim)>, PortError> {
-        let mut wanted: Vec<HashMap<String, AttributeValue>> = keys
-            .iter()
-            .map(|key| table_key(claim_pk(key), CLAIM_SK))
-            .collect();
+        mut wanted: Vec<HashMap<String, AttributeValue>>,
+    ) -> Result<Vec<HashMap<String, AttributeValue>>, PortError> {
         let mut found = Vec::new();
         for attempt in 0..UNPROCESSED_TRIES {
             if attempt > 0 {
@@ -218,8 +223,12 @@ impl DynamoLedger {
                 .send()
                 .await
                 .map_err(|e| self.error("BatchGetItem", e))?;
-            let items = answer.responses.and_then(|mut r| r.remove(table));
-            found.extend(items.unwrap_or_default().iter().filter_map(claim_of));
+            found.extend(
+                answer
+                    .responses
+                    .and_then(|mut r| r.remove(table))
+                    .unwrap_or_default(),
+            );
             wanted = answer
                 .unprocessed_keys
                 .and_then(|mut left| left.remove(table))
@@ -230,10 +239,40 @@ impl DynamoLedger {
             }
         }
         Err(PortError::Transient(format!(
-            "BatchGetItem of the ledger table {table}: {} claims left unread",
+            "BatchGetItem of the ledger table {table}: {} items left unread",
             wanted.len()
         )))
     }
+
+    /// Any number of consistent reads, 100 keys a call, some calls at once.
+    async fn get_all(
+        &self,
+        keys: Vec<HashMap<String, AttributeValue>>,
+    ) -> Result<Vec<HashMap<String, AttributeValue>>, PortError> {
+        let table = self.table()?;
+        let mut chunks = Vec::new();
+        let mut keys = keys.into_iter().peekable();
+        while keys.peek().is_some() {
+            chunks.push(keys.by_ref().take(GET_BATCH).collect::<Vec<_>>());
+        }
+        let pages: Vec<Result<Vec<_>, PortError>> = futures::stream::iter(chunks)
+            .map(|chunk| self.get_batch(table, chunk))
+            .buffer_unordered(CONCURRENT_CALLS)
+            .collect()
+            .await;
+        let mut items = Vec::new();
+        for page in pages {
+            items.extend(page?);
+        }
+        Ok(items)
+    }
+}
+
+fn put_request(item: HashMap<String, AttributeValue>) -> WriteRequest {
+    let put = PutRequest::builder().set_item(Some(item));
+    WriteRequest::builder()
+        .put_request(put.build().expect("an item is set"))
+        .build()
 }
 
 impl Ledger for DynamoLedger {
@@ -275,39 +314,56 @@ impl Ledger for DynamoLedger {
             .unwrap_or(0))
     }
 
+    async fn references_complete(&self) -> Result<bool, PortError> {
+        self.get_references_complete().await
+    }
+
+    async fn mark_references_complete(&self) -> Result<(), PortError> {
+        self.put_references_complete().await
+    }
+
+    async fn index_refs(
+        &self,
+        indexes: &[IndexRef],
+    ) -> Result<HashMap<IndexRef, IndexRefs>, PortError> {
+        self.get_index_refs(indexes).await
+    }
+
+    async fn referrers(&self, referred: &Referred) -> Result<Vec<IndexRef>, PortError> {
+        self.query_referrers(referred).await
+    }
+
+    async fn record_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
+        self.put_all_refs(changes).await
+    }
+
+    async fn seed_refs(&self, index: &IndexRef, refs: &IndexRefs) -> Result<bool, PortError> {
+        self.put_refs_if_absent(index, refs).await
+    }
+
     async fn claim_all(&self, keys: &[KvKey], claim: &Claim) -> Vec<(KvKey, PortError)> {
-        let table = match self.table() {
-            Ok(table) => table,
-            Err(e) => return keys.iter().map(|k| (k.clone(), e.clone())).collect(),
-        };
-        // Owned chunks: borrowed ones make this future's lifetimes too general to be `Send`.
-        let chunks: Vec<Vec<KvKey>> = keys.chunks(WRITE_BATCH).map(<[KvKey]>::to_vec).collect();
-        let failed: Vec<Vec<(KvKey, PortError)>> = futures::stream::iter(chunks)
-            .map(|chunk: Vec<KvKey>| async move {
-                match self.put_claims(table, &chunk, claim).await {
-                    Ok(()) => Vec::new(),
-                    Err(e) => chunk.into_iter().map(|k| (k, e.clone())).collect(),
-                }
-            })
-            .buffer_unordered(CONCURRENT_CALLS)
-            .collect()
-            .await;
-        failed.into_iter().flatten().collect()
+        // One failed call fails the keys of every call: the records are retried together.
+        let puts = keys
+            .iter()
+            .map(|key| put_request(claim_item(key, claim)))
+            .collect();
+        match self.write_all(puts).await {
+            Ok(()) => Vec::new(),
+            Err(e) => keys.iter().map(|k| (k.clone(), e.clone())).collect(),
+        }
     }
 
     async fn claims(&self, keys: &[KvKey]) -> Result<HashMap<KvKey, Claim>, PortError> {
-        let table = self.table()?;
-        let chunks: Vec<Vec<KvKey>> = keys.chunks(GET_BATCH).map(<[KvKey]>::to_vec).collect();
-        let pages: Vec<Result<Vec<(KvKey, Claim)>, PortError>> = futures::stream::iter(chunks)
-            .map(|chunk: Vec<KvKey>| async move { self.get_claims(table, &chunk).await })
-            .buffer_unordered(CONCURRENT_CALLS)
-            .collect()
-            .await;
-        let mut claims = HashMap::with_capacity(keys.len());
-        for page in pages {
-            claims.extend(page?);
-        }
-        Ok(claims)
+        let wanted = keys
+            .iter()
+            .map(|key| table_key(claim_pk(key), CLAIM_SK))
+            .collect();
+        Ok(self
+            .get_all(wanted)
+            .await?
+            .iter()
+            .filter_map(claim_of)
+            .collect())
     }
 
     async fn claim_if(

@@ -358,6 +358,13 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
             None => break true,
         }
     };
+    // Every index's references are in the ledger now: batches stop scanning the table.
+    let full = complete && account.is_none() && !request.dry_run && pass.tally.failed.is_empty();
+    if full {
+        if let Err(e) = exporter.mark_references_complete(deadline).await {
+            tracing::warn!(error = %e, "references not marked complete; batches still scan");
+        }
+    }
     Ok(pass.answer(account, complete))
 }
 

@@ -19,12 +19,14 @@ use crate::pipeline::plan::{self, Lookups, PlannedOp};
 use crate::pipeline::records::Change;
 use crate::pipeline::records::{decode_item, ChangeRecord, Expected};
 use crate::ports::{
-    before_deadline, AccountCell, ApiKeySource, KeyFailures, KeyPage, KvCounters, KvStore, Ledger,
-    LookupCounts, NoLedger, PortError, ReconcileProgress, SettingsTable, TableCounters,
+    before_deadline, AccountCell, ApiKeySource, IndexRefs, KeyFailures, KeyPage, KvCounters,
+    KvStore, Ledger, LookupCounts, NoLedger, PortError, ReconcileProgress, SettingsTable,
+    TableCounters,
 };
 use crate::report::{BatchReport, Outcome, RecordReport};
 
 mod claims;
+mod references;
 
 /// DynamoDB Streams keeps a record this long; no real record is older when it is exported.
 const STREAM_RETENTION_SECONDS: f64 = 24.0 * 3600.0;
@@ -75,6 +77,8 @@ pub enum Overrides {
 pub struct Run {
     pub api_keys: ApiKeys,
     pub overrides: Overrides,
+    /// Keeps each index's references in the ledger (the stream; a backfill fills them in).
+    pub records_references: bool,
 }
 
 impl Run {
@@ -86,20 +90,24 @@ impl Run {
     pub const STREAM: Run = Run {
         api_keys: ApiKeys::Cached,
         overrides: Overrides::InTable,
+        records_references: true,
     };
     /// Operators always get the current API key.
     pub const OPERATOR: Run = Run {
         api_keys: ApiKeys::Fresh,
         overrides: Overrides::InBatch,
+        records_references: false,
     };
     pub const BACKFILL: Run = Run {
         api_keys: ApiKeys::Fresh,
         overrides: Overrides::InTable,
+        records_references: true,
     };
     /// A backfill batch that holds every override of its indexes, read by the scan itself.
     pub const BACKFILL_FROM_SCAN: Run = Run {
         api_keys: ApiKeys::Fresh,
         overrides: Overrides::InBatch,
+        records_references: true,
     };
 }
 
@@ -129,6 +137,8 @@ pub struct Prepared {
     filter_reads: HashMap<KvKey, Option<String>>,
     /// Keys a repair deletes, with the index whose key each one was.
     delete_owners: HashMap<KvKey, IndexRef>,
+    /// The batch's indexes' references as the ledger recorded them, when the run keeps them.
+    known_refs: Option<HashMap<IndexRef, IndexRefs>>,
 }
 
 impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
@@ -283,7 +293,17 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
     ) -> Prepared {
         let keys = run.api_keys;
         let cell = &self.options.default_cell;
-        let (mut lookups, mut api_keys) = self.look_up(&records, keys, deadline).await;
+        let recorded = match run.records_references && self.ledger.enabled() {
+            true => self.look_up_recorded(&records, run, deadline).await,
+            false => None,
+        };
+        let (mut lookups, mut api_keys, known_refs) = match recorded {
+            Some((lookups, counts, known)) => (lookups, counts, Some(known)),
+            None => {
+                let (lookups, counts) = self.look_up(&records, keys, deadline).await;
+                (lookups, counts, None)
+            }
+        };
         let mut plan = plan::plan(&records, &lookups, cell);
         if !plan.claimers_wanted.is_empty() {
             // A shop key another index claims is repointed: read those indexes, plan again.
@@ -310,6 +330,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             read_epoch: None,
             filter_reads,
             delete_owners: HashMap::new(),
+            known_refs,
         }
     }
 
@@ -337,7 +358,9 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             read_epoch,
             filter_reads,
             delete_owners,
+            known_refs,
         } = prepared;
+        let left_refs = known_refs.as_ref().map(|_| references::left_by(&records));
         // From here on a record is only what identifies it: its decoded change is let go.
         let (records, created_at): (Vec<RecordReport>, Vec<Option<f64>>) = records
             .into_iter()
@@ -502,6 +525,9 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
                     }
                 }
             }
+        }
+        if let (Some(left), Some(known)) = (left_refs, &known_refs) {
+            (self.record_references(left, known, &mut outcomes, run.is_stream())).await;
         }
         report.keys_written = report.written.len();
         report.keys_deleted = report.deleted.len();

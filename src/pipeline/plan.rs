@@ -13,7 +13,7 @@ use crate::domain::qfilter::filter_key;
 use crate::domain::validate::{index_key_problem, shop_id_problem, shown, SHOP_DOMAIN};
 use crate::domain::{ApiKey, IndexRef, IndexSettings, KvAction, KvKey, SettingsReference};
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
-use crate::ports::{AccountCell, PortError};
+use crate::ports::{AccountCell, PortError, Referred};
 use crate::report::Outcome;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -169,6 +169,42 @@ pub fn shop_moves(records: &[ChangeRecord], lookups: &Lookups) -> bool {
             }
             _ => false,
         })
+}
+
+/// What a batch asks the ledger instead of scanning the table: who aliases each index it
+/// removes, and who claims each shop an index gives up (asked once the current shops are known).
+pub fn reference_questions(records: &[ChangeRecord], lookups: &Lookups) -> BTreeSet<Referred> {
+    let mut asked = BTreeSet::new();
+    for (record, shop) in records.iter().zip(previous_shops(records)) {
+        let Ok(change) = &record.decoded else {
+            continue;
+        };
+        let index = match change {
+            Change::UpsertIndex { settings, .. } => &settings.index,
+            Change::RemoveIndex { index, .. } => index,
+            _ => continue,
+        };
+        let old = match shop {
+            Some(ShopSource::Known(old)) => old,
+            Some(ShopSource::CurrentKv) => match lookups.current_shops.get(index) {
+                Some(Ok(old)) => old.clone(),
+                _ => None,
+            },
+            None => None,
+        };
+        match change {
+            Change::UpsertIndex { settings, .. } => {
+                if let Some(old) = old.filter(|old| settings.shop_id.as_ref() != Some(old)) {
+                    asked.insert(Referred::Shop(old));
+                }
+            }
+            _ => {
+                asked.insert(Referred::Alias(index.id().0));
+                asked.extend(old.map(Referred::Shop));
+            }
+        }
+    }
+    asked
 }
 
 /// Turns records and their lookups into one operation per KV key and an outcome per record.

@@ -13,6 +13,7 @@ mod events;
 mod fault_matrix;
 mod hostile_input;
 mod lambda_runtime;
+mod ledger_references;
 mod operator_cli;
 mod operator_modes;
 mod query_filter;

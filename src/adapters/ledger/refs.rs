@@ -1,0 +1,217 @@
+//! Each index's references in the ledger (docs/contract.md, "Concurrent writers"): what its
+//! last exported record left (`pk = "ref#{index}"`, `sk = "ref"`: `shop`, `targets`, `removed`),
+//! and, for lookups by key instead of a table scan, one item per reference the other way round
+//! (`pk = "shop#{shop_id}"` or `"alias#{target index id}"`, `sk = "{index}"`). An index is
+//! written `{length of account}:{account}#{index}` in keys, so no two indexes share one; items
+//! name it in `account` and `index` too.
+
+use std::collections::{BTreeSet, HashMap};
+
+use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::operation::put_item::PutItemError;
+use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, WriteRequest};
+
+use super::{number, put_request, table_key, text, DynamoLedger, CLAIM_KEPT_SECONDS};
+use crate::domain::IndexRef;
+use crate::ports::{IndexRefs, PortError, Referred, RefsChange};
+
+const REF_SK: &str = "ref";
+const META_PK: &str = "meta";
+const META_SK: &str = "references";
+
+fn index_key(index: &IndexRef) -> String {
+    format!("{}:{}#{}", index.account.len(), index.account, index.name)
+}
+
+fn ref_key(index: &IndexRef) -> HashMap<String, AttributeValue> {
+    table_key(format!("ref#{}", index_key(index)), REF_SK)
+}
+
+fn referred_pk(referred: &Referred) -> String {
+    match referred {
+        Referred::Alias(id) => format!("alias#{id}"),
+        Referred::Shop(shop) => format!("shop#{shop}"),
+    }
+}
+
+fn named(
+    mut item: HashMap<String, AttributeValue>,
+    index: &IndexRef,
+) -> HashMap<String, AttributeValue> {
+    item.insert("account".into(), AttributeValue::S(index.account.clone()));
+    item.insert("index".into(), AttributeValue::S(index.name.clone()));
+    item
+}
+
+fn index_of(item: &HashMap<String, AttributeValue>) -> Option<IndexRef> {
+    Some(IndexRef::new(text(item, "account")?, text(item, "index")?))
+}
+
+/// What an index refers to, each a key of the items the other way round.
+fn referred(refs: &IndexRefs) -> BTreeSet<Referred> {
+    let shops = refs.shop.iter().cloned().map(Referred::Shop);
+    let aliases = refs.targets.iter().cloned().map(Referred::Alias);
+    shops.chain(aliases).collect()
+}
+
+fn ref_item(index: &IndexRef, refs: &IndexRefs) -> HashMap<String, AttributeValue> {
+    let mut item = named(ref_key(index), index);
+    if let Some(shop) = &refs.shop {
+        item.insert("shop".into(), AttributeValue::S(shop.clone()));
+    }
+    if !refs.targets.is_empty() {
+        let targets = refs.targets.iter().cloned().collect();
+        item.insert("targets".into(), AttributeValue::Ss(targets));
+    }
+    if refs.removed {
+        item.insert("removed".into(), AttributeValue::Bool(true));
+        // A removed index's entry only has to outlive writers that read before the remove.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        let expires = (now + CLAIM_KEPT_SECONDS).to_string();
+        item.insert("expires_at".into(), AttributeValue::N(expires));
+    }
+    item
+}
+
+fn refs_of(item: &HashMap<String, AttributeValue>) -> IndexRefs {
+    IndexRefs {
+        shop: text(item, "shop"),
+        targets: item
+            .get("targets")
+            .and_then(|t| t.as_ss().ok())
+            .map(|t| t.iter().cloned().collect())
+            .unwrap_or_default(),
+        removed: item.get("removed").and_then(|r| r.as_bool().ok()).copied() == Some(true),
+    }
+}
+
+impl DynamoLedger {
+    pub(super) async fn get_references_complete(&self) -> Result<bool, PortError> {
+        let answer = self
+            .client
+            .get_item()
+            .table_name(self.table()?)
+            .set_key(Some(table_key(META_PK.into(), META_SK)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| self.error("GetItem", e))?;
+        Ok(answer.item.as_ref().and_then(|i| number(i, "complete")) == Some(1))
+    }
+
+    pub(super) async fn put_references_complete(&self) -> Result<(), PortError> {
+        let mut item = table_key(META_PK.into(), META_SK);
+        item.insert("complete".into(), AttributeValue::N("1".into()));
+        self.client
+            .put_item()
+            .table_name(self.table()?)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| self.error("PutItem", e))?;
+        Ok(())
+    }
+
+    pub(super) async fn get_index_refs(
+        &self,
+        indexes: &[IndexRef],
+    ) -> Result<HashMap<IndexRef, IndexRefs>, PortError> {
+        let keys = indexes.iter().map(ref_key).collect();
+        let items = self.get_all(keys).await?;
+        Ok(items
+            .iter()
+            .filter_map(|item| Some((index_of(item)?, refs_of(item))))
+            .collect())
+    }
+
+    pub(super) async fn query_referrers(
+        &self,
+        referred: &Referred,
+    ) -> Result<Vec<IndexRef>, PortError> {
+        let mut found = Vec::new();
+        let mut start = None;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(self.table()?)
+                .key_condition_expression("pk = :pk")
+                .expression_attribute_values(":pk", AttributeValue::S(referred_pk(referred)))
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| self.error("Query", e))?;
+            found.extend(page.items().iter().filter_map(index_of));
+            match page.last_evaluated_key {
+                Some(key) if !key.is_empty() => start = Some(key),
+                _ => return Ok(found),
+            }
+        }
+    }
+
+    /// New items the other way round first, then the indexes' own, then the stale ones go: a
+    /// reader that finds an index's references finds every item pointing back. Each step is
+    /// one BatchWriteItem per 25 items, for every index at once.
+    pub(super) async fn put_all_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
+        let (mut added, mut own, mut gone) = (Vec::new(), Vec::new(), Vec::new());
+        for RefsChange { index, old, new } in changes {
+            let before = old.as_ref().map(referred).unwrap_or_default();
+            let after = referred(new);
+            added.extend(
+                after
+                    .difference(&before)
+                    .map(|r| put_request(back(r, index))),
+            );
+            own.push(put_request(ref_item(index, new)));
+            gone.extend(before.difference(&after).map(|r| delete_request(r, index)));
+        }
+        self.write_all(added).await?;
+        self.write_all(own).await?;
+        self.write_all(gone).await
+    }
+
+    /// As [`Self::put_all_refs`] for one index, its own item only if it has none yet.
+    pub(super) async fn put_refs_if_absent(
+        &self,
+        index: &IndexRef,
+        refs: &IndexRefs,
+    ) -> Result<bool, PortError> {
+        let back_items = referred(refs)
+            .iter()
+            .map(|r| put_request(back(r, index)))
+            .collect();
+        self.write_all(back_items).await?;
+        let put = self
+            .client
+            .put_item()
+            .table_name(self.table()?)
+            .set_item(Some(ref_item(index, refs)))
+            .condition_expression("attribute_not_exists(pk)");
+        match put.send().await {
+            Ok(_) => Ok(true),
+            Err(SdkError::ServiceError(e))
+                if matches!(e.err(), PutItemError::ConditionalCheckFailedException(_)) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(self.error("PutItem", e)),
+        }
+    }
+}
+
+/// The item naming `index` under what it refers to.
+fn back(referred: &Referred, index: &IndexRef) -> HashMap<String, AttributeValue> {
+    named(table_key(referred_pk(referred), &index_key(index)), index)
+}
+
+fn delete_request(referred: &Referred, index: &IndexRef) -> WriteRequest {
+    let key = table_key(referred_pk(referred), &index_key(index));
+    let delete = DeleteRequest::builder().set_key(Some(key));
+    WriteRequest::builder()
+        .delete_request(delete.build().expect("a key is set"))
+        .build()
+}

@@ -1,0 +1,243 @@
+//! What other indexes a batch must know about (who aliases a removed index, who claims a shop
+//! an index gives up), from the ledger's records of each index's references instead of a scan
+//! of the whole table once those records are complete; and the records kept up to date
+//! (docs/contract.md, "Concurrent writers" and "References in the ledger").
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use futures::StreamExt as _;
+use tokio::time::Instant;
+
+use super::{Exporter, Run};
+use crate::domain::{IndexRef, IndexSettings, SettingsReference};
+use crate::pipeline::plan::{self, Lookups};
+use crate::pipeline::records::{Change, ChangeRecord};
+use crate::ports::{before_deadline, ApiKeySource, IndexRefs, KvStore, Ledger, LookupCounts};
+use crate::ports::{PortError, RefsChange, SettingsTable};
+use crate::report::Outcome;
+
+/// Ledger Queries in flight at once.
+const CONCURRENT_QUERIES: usize = 8;
+
+/// The references a settings record leaves: its shop and its live alias targets.
+fn refs_of(settings: &IndexSettings) -> IndexRefs {
+    IndexRefs {
+        shop: settings.shop_id.clone(),
+        targets: settings
+            .aliases
+            .live_targets()
+            .map(|t| t.0.clone())
+            .collect(),
+        removed: false,
+    }
+}
+
+fn removed() -> IndexRefs {
+    IndexRefs {
+        removed: true,
+        ..IndexRefs::default()
+    }
+}
+
+/// Each settings record's index and the references it leaves (`None` for other records).
+pub(super) fn left_by(records: &[ChangeRecord]) -> Vec<Option<(IndexRef, IndexRefs)>> {
+    (records.iter())
+        .map(|record| match &record.decoded {
+            Ok(Change::UpsertIndex { settings, .. }) => {
+                Some((settings.index.clone(), refs_of(settings)))
+            }
+            Ok(Change::RemoveIndex { index, .. }) => Some((index.clone(), removed())),
+            _ => None,
+        })
+        .collect()
+}
+
+impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T, L> {
+    /// After a full backfill that recorded every index's references: from now on a batch asks
+    /// the ledger who refers to what, instead of scanning the table.
+    pub async fn mark_references_complete(&self, deadline: Instant) -> Result<(), PortError> {
+        if !self.ledger.enabled() {
+            return Ok(());
+        }
+        let mark = self.ledger.mark_references_complete();
+        before_deadline(deadline, "ledger references", mark).await
+    }
+
+    /// The lookups of a run that keeps references in the ledger: the batch's indexes' recorded
+    /// references first (their old shops, without a KV read), then API keys, and who else
+    /// refers to what the batch removes or gives up. `None` when the ledger could not be read:
+    /// the caller looks up as without one.
+    pub(super) async fn look_up_recorded(
+        &self,
+        records: &[ChangeRecord],
+        run: Run,
+        deadline: Instant,
+    ) -> Option<(Lookups, LookupCounts, HashMap<IndexRef, IndexRefs>)> {
+        let indexes: Vec<IndexRef> = (left_by(records).into_iter().flatten())
+            .map(|(index, _)| index)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let read = self.ledger.index_refs(&indexes);
+        let known = match before_deadline(deadline, "recorded references", read).await {
+            Ok(known) => known,
+            Err(e) => {
+                tracing::warn!(error = %e, "recorded references not read; looked up as without them");
+                return None;
+            }
+        };
+        let needs = plan::needs(records, &self.options.default_cell);
+        let fresh = run.api_keys == super::ApiKeys::Fresh;
+        let api_keys = self.api_keys.lookup_all(needs.api_keys, fresh, deadline);
+        let unrecorded: BTreeSet<IndexRef> = (needs.current_shops.iter())
+            .filter(|index| !known.contains_key(*index))
+            .cloned()
+            .collect();
+        let read_shops = self.current_shops(unrecorded, deadline);
+        let ((api_keys, counts), mut current_shops) = tokio::join!(api_keys, read_shops);
+        for index in needs.current_shops {
+            if let Some(refs) = known.get(&index) {
+                let shop = refs.shop.clone().filter(|_| !refs.removed);
+                current_shops.insert(index, Ok(shop));
+            }
+        }
+        let mut lookups = Lookups {
+            api_keys,
+            references: None,
+            current_shops,
+            claimers: HashMap::new(),
+        };
+        if needs.references || plan::shop_moves(records, &lookups) {
+            lookups.references = Some(self.references(records, &lookups, deadline).await);
+        }
+        Some((lookups, counts, known))
+    }
+
+    /// From the ledger once its records are complete (a Query per removed index and per shop
+    /// given up), else from a scan of the table.
+    async fn references(
+        &self,
+        records: &[ChangeRecord],
+        lookups: &Lookups,
+        deadline: Instant,
+    ) -> Result<Vec<SettingsReference>, PortError> {
+        let complete = self.ledger.references_complete();
+        if !before_deadline(deadline, "ledger references", complete).await? {
+            return self.settings_references(deadline).await;
+        }
+        let asked = plan::reference_questions(records, lookups);
+        let answers: Vec<Result<Vec<IndexRef>, PortError>> = futures::stream::iter(asked)
+            .map(|referred| async move {
+                let query = self.ledger.referrers(&referred);
+                before_deadline(deadline, "ledger references", query).await
+            })
+            .buffer_unordered(CONCURRENT_QUERIES)
+            .collect()
+            .await;
+        let mut candidates = BTreeSet::new();
+        for answer in answers {
+            candidates.extend(answer?);
+        }
+        // An entry the other way round may be stale: each candidate's own record decides.
+        let candidates: Vec<IndexRef> = candidates.into_iter().collect();
+        let read = self.ledger.index_refs(&candidates);
+        let recorded = before_deadline(deadline, "ledger references", read).await?;
+        let mut references: BTreeMap<IndexRef, SettingsReference> = (recorded.into_iter())
+            .filter(|(_, refs)| !refs.removed)
+            .map(|(index, refs)| {
+                let reference = SettingsReference {
+                    index: index.clone(),
+                    shop_id: refs.shop,
+                    live_targets: refs
+                        .targets
+                        .into_iter()
+                        .map(crate::domain::IndexId)
+                        .collect(),
+                };
+                (index, reference)
+            })
+            .collect();
+        // The batch's own records are newer than what the ledger holds.
+        for record in records {
+            match &record.decoded {
+                Ok(Change::UpsertIndex { settings, .. }) => {
+                    let reference = SettingsReference {
+                        index: settings.index.clone(),
+                        shop_id: settings.shop_id.clone(),
+                        live_targets: settings.aliases.live_targets().cloned().collect(),
+                    };
+                    references.insert(settings.index.clone(), reference);
+                }
+                Ok(Change::RemoveIndex { index, .. }) => {
+                    references.remove(index);
+                }
+                _ => {}
+            }
+        }
+        Ok(references.into_values().collect())
+    }
+
+    /// After the KV writes: each index's references as its last applied record left them,
+    /// unless a record of the index failed (its replay records them). The stream's records are
+    /// the newest word and replace what is recorded; an operator's only fill what is missing.
+    /// A record whose references the stream could not record is retried.
+    pub(super) async fn record_references(
+        &self,
+        left: Vec<Option<(IndexRef, IndexRefs)>>,
+        known: &HashMap<IndexRef, IndexRefs>,
+        outcomes: &mut [Outcome],
+        stream: bool,
+    ) {
+        let mut by_index: BTreeMap<IndexRef, (Vec<usize>, Option<IndexRefs>, bool)> =
+            BTreeMap::new();
+        for (at, entry) in left.into_iter().enumerate() {
+            let Some((index, refs)) = entry else { continue };
+            let (positions, last, failed) = by_index.entry(index).or_default();
+            positions.push(at);
+            match &outcomes[at] {
+                Outcome::Failed(_) => *failed = true,
+                // Pending: every operation applied (it becomes exported).
+                Outcome::Pending | Outcome::Exported | Outcome::Kept { .. } => *last = Some(refs),
+                _ => {}
+            }
+        }
+        let changed: Vec<(Vec<usize>, RefsChange)> = (by_index.into_iter())
+            .filter_map(|(index, (positions, last, failed))| {
+                let new = last.filter(|_| !failed)?;
+                let old = known.get(&index).cloned();
+                let needed = if stream {
+                    old.as_ref() != Some(&new)
+                } else {
+                    old.is_none()
+                };
+                needed.then_some((positions, RefsChange { index, old, new }))
+            })
+            .collect();
+        if changed.is_empty() {
+            return;
+        }
+        if !stream {
+            // An operator's read of the table may be older than what the stream recorded.
+            futures::stream::iter(&changed)
+                .for_each_concurrent(CONCURRENT_QUERIES, |(_, change)| async move {
+                    if let Err(e) = self.ledger.seed_refs(&change.index, &change.new).await {
+                        tracing::warn!(index = %change.index, error = %e, "references not recorded in the ledger");
+                    }
+                })
+                .await;
+            return;
+        }
+        let changes: Vec<RefsChange> = changed.iter().map(|(_, c)| c.clone()).collect();
+        if let Err(e) = self.ledger.record_refs(&changes).await {
+            for at in changed.into_iter().flat_map(|(positions, _)| positions) {
+                if matches!(
+                    outcomes[at],
+                    Outcome::Pending | Outcome::Exported | Outcome::Kept { .. }
+                ) {
+                    let reason = format!("its references were not recorded in the ledger: {e}");
+                    outcomes[at] = Outcome::Failed(reason);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Each index's references in the ledger (docs/contract.md, "References in the ledger"): a
+//! `NEW_IMAGE` stream learns an index's old shop from them, never from an eventually
+//! consistent KV read, and once a full backfill recorded every index, a batch that removes an
+//! index or moves a shop asks the ledger who refers to it instead of scanning the table.
+
+use aws_sdk_dynamodb::types::StreamViewType;
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+const SHOP_A: &str = "shop-a.myshopify.com";
+const SHOP_B: &str = "shop-b.myshopify.com";
+
+fn aliasing(account: &str, index: &str, target: &str) -> Value {
+    let mut item = index_item(account, index, None);
+    item["index_aliases"] = json!({"M": {"doc_reads": {"M": {"enabled": {"BOOL": true},
+        "targets": {"L": [{"M": {"index_id": {"S": target}, "weight": {"N": "1"}}}]}}}}});
+    item
+}
+
+fn scans(h: &Harness) -> usize {
+    h.exporter.table_counters().reference_scans
+}
+
+#[tokio::test]
+async fn a_new_image_remove_deletes_the_old_shop_key_while_kv_reads_are_stale() {
+    let mut h = Harness::with_view(StreamViewType::NewImage).await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "products", Some(SHOP_A))).await;
+    h.export_stream().await;
+    // From here reads answer what KV held before the move: the index under shop A.
+    h.kv.stale_reads();
+    h.put(index_item("acct-1", "products", Some(SHOP_B))).await;
+    let moved = h.export_stream().await;
+    assert_eq!(failures(&moved), Vec::<String>::new(), "{moved}");
+    assert!(h.settings(SHOP_B).is_some() && h.settings(SHOP_A).is_none());
+
+    h.delete("acct-1", "INDEX#products").await;
+    let removed = h.export_stream().await;
+
+    assert_eq!(failures(&removed), Vec::<String>::new(), "{removed}");
+    assert_eq!(h.kv_calls("bulk/get"), 0, "no shop read from KV");
+    assert_eq!(h.settings("acct-1-products"), None);
+    assert_eq!(h.settings(SHOP_B), None, "the shop it had last is gone");
+}
+
+#[tokio::test]
+async fn an_index_exported_before_the_ledger_still_finds_its_old_shop_in_kv() {
+    let mut h = Harness::with_view(StreamViewType::NewImage).await;
+    h.keys.set_key("acct-1", "k");
+    let ledger = h.ledger.clone();
+    h.reconfigure("LEDGER_TABLE_NAME", "").await;
+    h.put(index_item("acct-1", "products", Some(SHOP_A))).await;
+    h.export_stream().await;
+    h.reconfigure("LEDGER_TABLE_NAME", &ledger).await;
+
+    h.delete("acct-1", "INDEX#products").await;
+    let removed = h.export_stream().await;
+
+    assert_eq!(failures(&removed), Vec::<String>::new(), "{removed}");
+    assert_eq!(
+        h.kv_calls("bulk/get"),
+        1,
+        "no references recorded: read from KV"
+    );
+    assert_eq!(h.settings(SHOP_A), None);
+}
+
+#[tokio::test]
+async fn after_a_full_backfill_removes_and_shop_moves_ask_the_ledger_not_the_table() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.keys.set_key("acct-2", "k");
+    // Written before any export: only the backfill records their references.
+    h.put(index_item("acct-1", "target", None)).await;
+    h.put(aliasing("acct-2", "front", "acct-1-target")).await;
+    h.put(index_item("acct-1", "plain", None)).await;
+    h.put(index_item("acct-1", "leaving", Some(SHOP_A))).await;
+    h.put(index_item("acct-2", "staying", Some(SHOP_A))).await;
+    h.stream_records().await;
+    let backfill = h.invoke(json!({"mode": "backfill"})).await;
+    assert_eq!(backfill["complete"], true, "{backfill}");
+
+    // Before the backfill completed nothing was known; now a remove needs no scan.
+    h.delete("acct-1", "INDEX#target").await;
+    h.delete("acct-1", "INDEX#plain").await;
+    let removed = h.export_stream().await;
+    assert_eq!(failures(&removed), Vec::<String>::new(), "{removed}");
+    assert!(
+        h.settings("acct-1-target").is_some(),
+        "aliased by acct-2-front: kept"
+    );
+    assert_eq!(h.settings("acct-1-plain"), None);
+
+    // `leaving` gives shop A up; `staying` claims it, so the key now serves `staying`.
+    h.put(index_item("acct-1", "leaving", Some(SHOP_B))).await;
+    let moved = h.export_stream().await;
+    assert_eq!(failures(&moved), Vec::<String>::new(), "{moved}");
+    assert_eq!(h.settings(SHOP_A).unwrap()["index_name"], "staying");
+    assert_eq!(h.settings(SHOP_B).unwrap()["index_name"], "leaving");
+    assert_eq!(scans(&h), 0, "no scan of the table");
+
+    // The alias goes away (the stream records that): the target can be removed now.
+    h.put(index_item("acct-2", "front", None)).await;
+    h.export_stream().await;
+    h.put(index_item("acct-1", "target", None)).await;
+    h.delete("acct-1", "INDEX#target").await;
+    h.export_stream().await;
+    assert_eq!(h.settings("acct-1-target"), None);
+    assert_eq!(scans(&h), 0);
+}
+
+#[tokio::test]
+async fn until_a_full_backfill_a_remove_still_scans_the_table() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "target", None)).await;
+    h.put(aliasing("acct-1", "front", "acct-1-target")).await;
+    h.export_stream().await;
+
+    h.delete("acct-1", "INDEX#target").await;
+    h.export_stream().await;
+
+    assert_eq!(scans(&h), 1);
+    assert!(h.settings("acct-1-target").is_some(), "aliased: kept");
+}
