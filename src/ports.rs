@@ -248,6 +248,8 @@ pub struct Claim {
     pub token: String,
     /// The ledger's clock when the writer began reading what it writes (see [`Ledger::tick`]).
     pub epoch: u64,
+    /// The index whose value the writer puts under the key (`None`: it deletes the key).
+    pub owner: Option<IndexRef>,
 }
 
 /// What the ledger knows of an index's references to other keys: the shop key its settings
@@ -330,7 +332,7 @@ pub trait Ledger: Send + Sync {
     /// their items). Answers the keys that could not be claimed, with why.
     fn claim_all(
         &self,
-        keys: &[KvKey],
+        keys: &[(KvKey, Option<IndexRef>)],
         claim: &Claim,
     ) -> impl Future<Output = Vec<(KvKey, PortError)>> + Send;
 
@@ -340,11 +342,12 @@ pub trait Ledger: Send + Sync {
         keys: &[KvKey],
     ) -> impl Future<Output = Result<HashMap<KvKey, Claim>, PortError>> + Send;
 
-    /// Claims `key` only if its claim is still the one read (`None`: none). `Ok(false)`:
-    /// another writer claimed it since, and nothing was written.
+    /// Claims `key` (for `owner`'s value; `None`: a delete) only if its claim is still the one
+    /// read (`None`: none). `Ok(false)`: another writer claimed it since; nothing was written.
     fn claim_if(
         &self,
         key: &KvKey,
+        owner: Option<&IndexRef>,
         read: Option<&str>,
         claim: &Claim,
     ) -> impl Future<Output = Result<bool, PortError>> + Send;
@@ -403,15 +406,25 @@ impl Ledger for NoLedger {
         Err(no_ledger())
     }
 
-    async fn claim_all(&self, keys: &[KvKey], _: &Claim) -> Vec<(KvKey, PortError)> {
-        keys.iter().map(|k| (k.clone(), no_ledger())).collect()
+    async fn claim_all(
+        &self,
+        keys: &[(KvKey, Option<IndexRef>)],
+        _: &Claim,
+    ) -> Vec<(KvKey, PortError)> {
+        keys.iter().map(|(k, _)| (k.clone(), no_ledger())).collect()
     }
 
     async fn claims(&self, _: &[KvKey]) -> Result<HashMap<KvKey, Claim>, PortError> {
         Err(no_ledger())
     }
 
-    async fn claim_if(&self, _: &KvKey, _: Option<&str>, _: &Claim) -> Result<bool, PortError> {
+    async fn claim_if(
+        &self,
+        _: &KvKey,
+        _: Option<&IndexRef>,
+        _: Option<&str>,
+        _: &Claim,
+    ) -> Result<bool, PortError> {
         Err(no_ledger())
     }
 

@@ -130,8 +130,19 @@ fn table_key(pk: String, sk: &str) -> HashMap<String, AttributeValue> {
     ])
 }
 
-fn claim_item(key: &KvKey, claim: &Claim) -> HashMap<String, AttributeValue> {
+fn claim_item(
+    key: &KvKey,
+    owner: Option<&IndexRef>,
+    claim: &Claim,
+) -> HashMap<String, AttributeValue> {
     let mut item = table_key(claim_pk(key), CLAIM_SK);
+    if let Some(owner) = owner {
+        item.insert(
+            "owner_account".into(),
+            AttributeValue::S(owner.account.clone()),
+        );
+        item.insert("owner_index".into(), AttributeValue::S(owner.name.clone()));
+    }
     item.insert("token".into(), AttributeValue::S(claim.token.clone()));
     item.insert("epoch".into(), AttributeValue::N(claim.epoch.to_string()));
     let now = std::time::SystemTime::now()
@@ -148,6 +159,9 @@ fn claim_of(item: &HashMap<String, AttributeValue>) -> Option<(KvKey, Claim)> {
     let claim = Claim {
         token: text(item, "token")?,
         epoch: number(item, "epoch").unwrap_or_default(),
+        owner: text(item, "owner_account")
+            .zip(text(item, "owner_index"))
+            .map(|(account, index)| IndexRef::new(account, index)),
     };
     Some((key, claim))
 }
@@ -341,15 +355,18 @@ impl Ledger for DynamoLedger {
         self.put_refs_if_absent(index, refs).await
     }
 
-    async fn claim_all(&self, keys: &[KvKey], claim: &Claim) -> Vec<(KvKey, PortError)> {
+    async fn claim_all(
+        &self,
+        keys: &[(KvKey, Option<IndexRef>)],
+        claim: &Claim,
+    ) -> Vec<(KvKey, PortError)> {
         // One failed call fails the keys of every call: the records are retried together.
-        let puts = keys
-            .iter()
-            .map(|key| put_request(claim_item(key, claim)))
+        let puts = (keys.iter())
+            .map(|(key, owner)| put_request(claim_item(key, owner.as_ref(), claim)))
             .collect();
         match self.write_all(puts).await {
             Ok(()) => Vec::new(),
-            Err(e) => keys.iter().map(|k| (k.clone(), e.clone())).collect(),
+            Err(e) => keys.iter().map(|(k, _)| (k.clone(), e.clone())).collect(),
         }
     }
 
@@ -369,6 +386,7 @@ impl Ledger for DynamoLedger {
     async fn claim_if(
         &self,
         key: &KvKey,
+        owner: Option<&IndexRef>,
         read: Option<&str>,
         claim: &Claim,
     ) -> Result<bool, PortError> {
@@ -376,7 +394,7 @@ impl Ledger for DynamoLedger {
             .client
             .put_item()
             .table_name(self.table()?)
-            .set_item(Some(claim_item(key, claim)));
+            .set_item(Some(claim_item(key, owner, claim)));
         let put = match read {
             None => put.condition_expression("attribute_not_exists(pk)"),
             Some(token) => put

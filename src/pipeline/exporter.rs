@@ -12,6 +12,7 @@ use crate::adapters::api_keys::ApiKeyCache;
 use crate::domain::kv::KvRequest;
 use crate::domain::kv::KvValue;
 use crate::domain::qfilter::{filter_key, QueryFilter};
+use crate::domain::validate;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace, SettingsReference};
 use crate::dynamo;
 use crate::pipeline::bulk;
@@ -27,6 +28,8 @@ use crate::report::{BatchReport, Outcome, RecordReport};
 
 mod claims;
 mod references;
+
+use claims::{Planned, StreamReads};
 
 /// DynamoDB Streams keeps a record this long; no real record is older when it is exported.
 const STREAM_RETENTION_SECONDS: f64 = 24.0 * 3600.0;
@@ -133,8 +136,8 @@ pub struct Prepared {
     /// ([`Exporter::begin_reading`]): keys claimed since are left to their writers. `None`:
     /// taken when sending (an operator that read the table before should set it).
     pub read_epoch: Option<u64>,
-    /// The stream's filters: their claims as read before their overrides were.
-    filter_reads: HashMap<KvKey, Option<String>>,
+    /// The stream's claims of derived keys, read before what they depend on.
+    reads: StreamReads,
     /// Keys a repair deletes, with the index whose key each one was.
     delete_owners: HashMap<KvKey, IndexRef>,
     /// The batch's indexes' references as the ledger recorded them, when the run keeps them.
@@ -304,6 +307,11 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
                 (lookups, counts, None)
             }
         };
+        let mut reads = StreamReads::default();
+        if run.is_stream() && self.ledger.enabled() {
+            // Before the claimers' settings are read (below): see claims.rs.
+            reads.shops = self.read_shop_claims(&records, &lookups).await;
+        }
         let mut plan = plan::plan(&records, &lookups, cell);
         if !plan.claimers_wanted.is_empty() {
             // A shop key another index claims is repointed: read those indexes, plan again.
@@ -313,7 +321,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
                 .await;
             plan = plan::plan(&records, &lookups, cell);
         }
-        let filter_reads = self.add_filters(&records, &mut plan, run, deadline).await;
+        reads.filters = self.add_filters(&records, &mut plan, run, deadline).await;
         for (owner, note) in &plan.notes {
             let index = records[*owner].index.as_ref();
             tracing::info!(
@@ -328,7 +336,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             api_keys,
             run,
             read_epoch: None,
-            filter_reads,
+            reads,
             delete_owners: HashMap::new(),
             known_refs,
         }
@@ -356,7 +364,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             api_keys,
             run,
             read_epoch,
-            filter_reads,
+            reads,
             delete_owners,
             known_refs,
         } = prepared;
@@ -375,18 +383,26 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             .unzip();
         let mut outcomes = plan.outcomes;
         let before = self.kv.counters();
-        let guard = self
-            .claim(
-                plan.ops.keys().cloned().collect(),
-                run,
-                read_epoch,
-                &filter_reads,
-            )
-            .await;
+        let planned = (plan.ops.iter())
+            .map(|(key, op)| Planned {
+                key: key.clone(),
+                value_of: match &op.action {
+                    KvAction::Put(value) => Some(value.index().clone()),
+                    KvAction::Delete => None,
+                },
+                record_of: records[op.owner].index.clone(),
+            })
+            .collect();
+        let guard = self.claim(planned, run, read_epoch, &reads).await;
+        for (key, note) in &guard.dropped {
+            tracing::info!(key = %validate::cut(&key.key), "{note}");
+        }
+        let dropped: HashSet<&KvKey> = guard.dropped.iter().map(|(k, _)| k).collect();
         // Keys not claimed are not sent: refused ones fail their records, left ones are
-        // another writer's.
+        // another writer's, dropped ones another index's now.
         let held_back: HashSet<&KvKey> = (guard.refused.iter().map(|(k, _)| k))
             .chain(&guard.left)
+            .chain(dropped.iter().copied())
             .collect();
         let old_shop_keys: HashSet<&KvKey> = plan.old_shops.iter().map(|(key, _)| key).collect();
         let first = bulk::requests(
@@ -480,6 +496,9 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             ..BatchReport::default()
         };
         for (key, owner, put) in ops {
+            if dropped.contains(&key) {
+                continue;
+            }
             if guard.left.contains(&key) {
                 if outcomes[owner] == Outcome::Pending {
                     let reason = format!(

@@ -215,3 +215,85 @@ async fn two_batches_writing_one_filter_end_with_every_override() {
     assert_eq!(failures(&replay), Vec::<String>::new(), "{replay}");
     assert_eq!(filter_queries(&h, "acct", "shoes"), 2);
 }
+
+#[tokio::test]
+async fn an_old_shop_delete_that_lands_after_another_index_took_the_shop_is_undone() {
+    const SHOP: &str = "shop-s.myshopify.com";
+    let mut h = Harness::new().await;
+    for account in ["acct-1", "acct-2"] {
+        h.keys.set_key(account, "marqo-key");
+    }
+    h.put(index_item("acct-1", "leaving", Some(SHOP))).await;
+    h.put(index_item(
+        "acct-2",
+        "arriving",
+        Some("shop-x.myshopify.com"),
+    ))
+    .await;
+    h.export_stream().await;
+    let first = Writer::start(&h).await;
+    let second = Writer::start(&h).await;
+
+    // `leaving` gives the shop up; nobody claims it yet, so its delete is sent, and held.
+    h.put(index_item(
+        "acct-1",
+        "leaving",
+        Some("shop-t.myshopify.com"),
+    ))
+    .await;
+    let older = h.stream_records().await;
+    h.kv.hold("bulk/delete", Some(SHOP));
+    let run = first.invoke(json!({ "Records": older.clone() }));
+    let race = async {
+        until_held(&h).await;
+        // Another shard: `arriving` takes the shop and writes its key.
+        h.put(index_item("acct-2", "arriving", Some(SHOP))).await;
+        let newer = h.stream_records().await;
+        let answer = second.invoke(json!({ "Records": newer })).await;
+        assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+        assert_eq!(h.settings(SHOP).unwrap()["index_name"], "arriving");
+        h.kv.release();
+    };
+    let (answer, ()) = tokio::join!(run, race);
+
+    // The delete landed last: its batch is told to retry, and the replay gives the key back.
+    assert_eq!(failures(&answer), sequence_numbers(&older), "{answer}");
+    assert_eq!(h.settings(SHOP), None, "the older delete landed");
+    let replay = first.invoke(json!({ "Records": older })).await;
+    assert_eq!(failures(&replay), Vec::<String>::new(), "{replay}");
+    assert_eq!(h.settings(SHOP).unwrap()["index_name"], "arriving");
+    assert_eq!(
+        h.settings("shop-t.myshopify.com").unwrap()["index_name"],
+        "leaving"
+    );
+}
+
+#[tokio::test]
+async fn a_shop_key_another_index_wrote_since_is_not_deleted_by_the_index_that_left() {
+    const SHOP: &str = "shop-s.myshopify.com";
+    let mut h = Harness::new().await;
+    for account in ["acct-1", "acct-2"] {
+        h.keys.set_key(account, "marqo-key");
+    }
+    h.put(index_item("acct-1", "leaving", Some(SHOP))).await;
+    h.export_stream().await;
+    // `arriving` took the shop and was exported; the record of `leaving` giving it up comes
+    // later (another shard, behind), and by then the table says nobody else claims it.
+    h.put(index_item("acct-2", "arriving", Some(SHOP))).await;
+    h.export_stream().await;
+    h.put(index_item(
+        "acct-1",
+        "leaving",
+        Some("shop-t.myshopify.com"),
+    ))
+    .await;
+    let late = h.stream_records().await;
+    h.put(index_item("acct-2", "arriving", None)).await;
+    h.stream_records().await; // not yet exported
+
+    let answer = h.invoke(json!({ "Records": late })).await;
+
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+    // The key holds `arriving`'s value, written after `leaving` last wrote it: left to it.
+    assert_eq!(h.settings(SHOP).unwrap()["index_name"], "arriving");
+}

@@ -39,9 +39,9 @@ async fn a_new_image_remove_deletes_the_old_shop_key_while_kv_reads_are_stale() 
     let removed = h.export_stream().await;
 
     assert_eq!(failures(&removed), Vec::<String>::new(), "{removed}");
-    assert_eq!(h.kv_calls("bulk/get"), 0, "no shop read from KV");
-    assert_eq!(h.settings("acct-1-products"), None);
     assert_eq!(h.settings(SHOP_B), None, "the shop it had last is gone");
+    assert_eq!(h.settings("acct-1-products"), None);
+    assert_eq!(h.kv_calls("bulk/get"), 0, "no shop read from KV");
 }
 
 #[tokio::test]

@@ -20,7 +20,9 @@ use tokio::time::Instant;
 
 use super::{Exporter, Run};
 use crate::domain::{IndexRef, KvAction, KvKey};
-use crate::ports::{ApiKeySource, Claim, KvStore, Ledger, PortError, SettingsTable};
+use crate::pipeline::plan::{self, Lookups};
+use crate::pipeline::records::ChangeRecord;
+use crate::ports::{ApiKeySource, Claim, KvStore, Ledger, PortError, Referred, SettingsTable};
 use crate::report::{BatchReport, Outcome};
 
 /// Conditional claims in flight at once.
@@ -44,6 +46,38 @@ fn new_claim(epoch: u64) -> Claim {
     Claim {
         token: format!("{seed:016x}-{count}"),
         epoch,
+        owner: None,
+    }
+}
+
+/// One planned operation as claims see it.
+#[derive(Debug)]
+pub struct Planned {
+    pub key: KvKey,
+    /// The index whose value is put (`None`: a delete).
+    pub value_of: Option<IndexRef>,
+    /// The index of the record that planned it.
+    pub record_of: Option<IndexRef>,
+}
+
+/// What a stream batch read of claims before reading what its derived keys depend on.
+#[derive(Debug, Default)]
+pub struct StreamReads {
+    /// Filters: their claims' tokens, read before the overrides.
+    pub filters: HashMap<KvKey, Option<String>>,
+    /// Shop keys an index gives up: their claims, read before the claimers' settings.
+    pub shops: HashMap<KvKey, Result<Option<Claim>, PortError>>,
+}
+
+/// Whether a shop key an index gave up may still be deleted or repointed by it: nobody wrote
+/// it since the index did (or it was deleted), or the claimer's own value is what it holds.
+fn gives_up(read: Option<&Claim>, op: &Planned) -> bool {
+    let Some(read) = read else { return true };
+    match &read.owner {
+        None => true,
+        Some(writer) => {
+            Some(writer) == op.record_of.as_ref() || Some(writer) == op.value_of.as_ref()
+        }
     }
 }
 
@@ -58,28 +92,30 @@ pub struct Guard {
     pub left: HashSet<KvKey>,
     /// Claimed on a condition: read back after the write.
     pub to_check: Vec<KvKey>,
+    /// Not sent, on purpose, with why: a shop key another index's value holds now.
+    pub dropped: Vec<(KvKey, String)>,
 }
 
 impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T, L> {
     /// Claims the keys about to be written, as `run` claims them (nothing without a ledger).
     pub(super) async fn claim(
         &self,
-        keys: Vec<KvKey>,
+        ops: Vec<Planned>,
         run: Run,
         read_epoch: Option<u64>,
-        filter_reads: &HashMap<KvKey, Option<String>>,
+        reads: &StreamReads,
     ) -> Guard {
-        if !self.ledger.enabled() || keys.is_empty() {
+        if !self.ledger.enabled() || ops.is_empty() {
             return Guard::default();
         }
         if run.is_stream() {
-            return self.claim_for_stream(keys, filter_reads).await;
+            return self.claim_for_stream(ops, reads).await;
         }
         let since = match read_epoch {
             Some(epoch) => epoch,
             None => self.begin_reading().await,
         };
-        self.claim_for_operator(keys, since).await
+        self.claim_for_operator(ops, since).await
     }
 
     /// An operator's first step, before it reads the table: the ledger time from which another
@@ -150,6 +186,30 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
         report.keys_left = report.left.len();
     }
 
+    /// The claims of the shop keys the batch's indexes give up, read before the settings of
+    /// whoever else claims those shops are (a failed read refuses those keys later).
+    pub(super) async fn read_shop_claims(
+        &self,
+        records: &[ChangeRecord],
+        lookups: &Lookups,
+    ) -> HashMap<KvKey, Result<Option<Claim>, PortError>> {
+        let keys: Vec<KvKey> = (plan::reference_questions(records, lookups).into_iter())
+            .filter_map(|asked| match asked {
+                Referred::Shop(shop) => Some(KvKey::settings(shop)),
+                Referred::Alias(_) => None,
+            })
+            .collect();
+        match self.read_claims(&keys).await {
+            Ok(mut read) => (keys.into_iter())
+                .map(|k| {
+                    let claim = read.remove(&k);
+                    (k, Ok(claim))
+                })
+                .collect(),
+            Err(e) => keys.into_iter().map(|k| (k, Err(e.clone()))).collect(),
+        }
+    }
+
     /// The current claims of `keys` (a stream batch reads its filters' before their overrides).
     pub(super) async fn read_claims(
         &self,
@@ -161,38 +221,57 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
         self.ledger.claims(keys).await
     }
 
-    /// The stream's claims: every key at once, filters only if unclaimed since `filter_reads`.
-    pub(super) async fn claim_for_stream(
-        &self,
-        keys: Vec<KvKey>,
-        filter_reads: &HashMap<KvKey, Option<String>>,
-    ) -> Guard {
+    /// The stream's claims: its records' own keys at once, whoever held them; keys derived
+    /// from other items (filters, shop keys an index gives up) only if unclaimed since read.
+    pub(super) async fn claim_for_stream(&self, ops: Vec<Planned>, reads: &StreamReads) -> Guard {
         let claim = match self.ledger.time().await {
             Ok(epoch) => new_claim(epoch),
             Err(e) => {
-                let refused = keys.into_iter().map(|k| (k, e.clone())).collect();
+                let refused = ops.into_iter().map(|op| (op.key, e.clone())).collect();
                 return Guard {
                     refused,
                     ..Guard::default()
                 };
             }
         };
-        let (filters, own): (Vec<KvKey>, Vec<KvKey>) =
-            keys.into_iter().partition(|k| filter_reads.contains_key(k));
-        let mut guard = Guard {
-            refused: self.ledger.claim_all(&own, &claim).await,
-            ..Guard::default()
-        };
-        let conditional = filters.into_iter().map(|key| {
-            let read = filter_reads[&key].clone();
-            (key, read)
-        });
-        for (key, answer) in self.claim_each(conditional, &claim).await {
+        let mut guard = Guard::default();
+        let (mut own, mut conditional) = (Vec::new(), Vec::new());
+        for op in ops {
+            if let Some(read) = reads.filters.get(&op.key) {
+                conditional.push((op.key, op.value_of, read.clone()));
+                continue;
+            }
+            let derived = op.value_of.is_none() || op.value_of != op.record_of;
+            let shop = reads.shops.get(&op.key).filter(|_| derived);
+            let Some(read) = shop else {
+                own.push((op.key, op.value_of));
+                continue;
+            };
+            match read {
+                Err(e) => guard.refused.push((op.key, e.clone())),
+                Ok(read) if gives_up(read.as_ref(), &op) => {
+                    conditional.push((op.key, op.value_of, read.as_ref().map(|c| c.token.clone())))
+                }
+                Ok(read) => {
+                    let writer = read.as_ref().and_then(|c| c.owner.as_ref());
+                    let note = format!(
+                        "shop key `{}` was written for index {} since: left to it",
+                        op.key.key,
+                        writer.map_or("?".into(), |w| w.to_string())
+                    );
+                    guard.dropped.push((op.key, note));
+                }
+            }
+        }
+        guard
+            .refused
+            .extend(self.ledger.claim_all(&own, &claim).await);
+        for (key, answer) in self.claim_each(conditional.into_iter(), &claim).await {
             match answer {
                 Ok(true) => guard.to_check.push(key),
                 Ok(false) => {
                     let reason = format!(
-                        "another writer wrote the filter `{}` while this batch read its overrides",
+                        "another writer wrote `{}` while this batch read what it depends on",
                         key.key
                     );
                     guard.refused.push((key, PortError::Transient(reason)));
@@ -206,9 +285,10 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
 
     /// An operator's claims: keys claimed at ledger time `since` or later are left to
     /// whoever claimed them (they began after this operator read the table).
-    pub(super) async fn claim_for_operator(&self, keys: Vec<KvKey>, since: u64) -> Guard {
+    pub(super) async fn claim_for_operator(&self, ops: Vec<Planned>, since: u64) -> Guard {
         let claim = new_claim(since);
         let mut guard = Guard::default();
+        let keys: Vec<KvKey> = ops.iter().map(|op| op.key.clone()).collect();
         let current = match self.read_claims(&keys).await {
             Ok(current) => current,
             Err(e) => {
@@ -216,15 +296,15 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
                 return guard;
             }
         };
-        let mut conditional = Vec::with_capacity(keys.len());
-        for key in keys {
-            match current.get(&key) {
+        let mut conditional = Vec::with_capacity(ops.len());
+        for op in ops {
+            match current.get(&op.key) {
                 Some(c) if c.epoch >= since => {
-                    guard.left.insert(key);
+                    guard.left.insert(op.key);
                 }
                 read => {
                     let read = read.map(|c| c.token.clone());
-                    conditional.push((key, read));
+                    conditional.push((op.key, op.value_of, read));
                 }
             }
         }
@@ -241,15 +321,16 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
         guard
     }
 
-    /// Claims each key if its claim is still the one read.
+    /// Claims each key (for its value's index) if its claim is still the one read.
     async fn claim_each(
         &self,
-        keys: impl Iterator<Item = (KvKey, Option<String>)> + Send,
+        keys: impl Iterator<Item = (KvKey, Option<IndexRef>, Option<String>)> + Send,
         claim: &Claim,
     ) -> Vec<(KvKey, Result<bool, PortError>)> {
         futures::stream::iter(keys)
-            .map(|(key, read)| async move {
-                let answer = self.ledger.claim_if(&key, read.as_deref(), claim).await;
+            .map(|(key, owner, read)| async move {
+                let (owner, read) = (owner.as_ref(), read.as_deref());
+                let answer = self.ledger.claim_if(&key, owner, read, claim).await;
                 (key, answer)
             })
             .buffer_unordered(CONCURRENT_CLAIMS)
