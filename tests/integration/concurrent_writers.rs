@@ -297,3 +297,59 @@ async fn a_shop_key_another_index_wrote_since_is_not_deleted_by_the_index_that_l
     // The key holds `arriving`'s value, written after `leaving` last wrote it: left to it.
     assert_eq!(h.settings(SHOP).unwrap()["index_name"], "arriving");
 }
+
+#[tokio::test]
+async fn a_repoint_that_lands_after_the_claimer_s_own_write_is_written_again() {
+    const SHOP: &str = "shop-s.myshopify.com";
+    let mut h = Harness::new().await;
+    for account in ["acct-1", "acct-2"] {
+        h.keys.set_key(account, "marqo-key");
+    }
+    h.put(index_item("acct-1", "leaving", Some(SHOP))).await;
+    h.export_stream().await;
+    h.put(index_item("acct-2", "claimer", Some(SHOP))).await;
+    h.export_stream().await;
+    let first = Writer::start(&h).await;
+    let second = Writer::start(&h).await;
+
+    // `leaving` gives the shop up: the key is repointed to `claimer`, read now; held.
+    h.put(index_item(
+        "acct-1",
+        "leaving",
+        Some("shop-t.myshopify.com"),
+    ))
+    .await;
+    let older = h.stream_records().await;
+    h.kv.hold("bulk", Some(SHOP));
+    let run = first.invoke(json!({ "Records": older.clone() }));
+    let race = async {
+        until_held(&h).await;
+        // `claimer` changes, and its own batch writes the shop key with the newer settings.
+        let mut newer_item = changed("acct-2", "claimer");
+        newer_item["shop_id"] = json!({"S": SHOP});
+        h.put(newer_item).await;
+        let newer = h.stream_records().await;
+        let answer = second.invoke(json!({ "Records": newer })).await;
+        assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+        assert_eq!(
+            endpoint_of(&h, SHOP).as_deref(),
+            Some("https://changed.idx.example")
+        );
+        h.kv.release();
+    };
+    let (answer, ()) = tokio::join!(run, race);
+
+    // The repoint with the older settings landed last; the replay writes the newer ones.
+    assert_eq!(failures(&answer), sequence_numbers(&older), "{answer}");
+    assert_eq!(
+        endpoint_of(&h, SHOP).as_deref(),
+        Some("https://acct-2-claimer.idx.example"),
+        "the older repoint landed"
+    );
+    let replay = first.invoke(json!({ "Records": older })).await;
+    assert_eq!(failures(&replay), Vec::<String>::new(), "{replay}");
+    assert_eq!(
+        endpoint_of(&h, SHOP).as_deref(),
+        Some("https://changed.idx.example")
+    );
+}

@@ -266,3 +266,32 @@ async fn reconcile_payloads_are_checked_like_every_operator_payload() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn a_fleet_the_stream_exported_is_not_drift() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    // One index never had an override (the stream writes it no filter), one has one.
+    h.put(index_item("acct-1", "plain", Some("shop-1.myshopify.com")))
+        .await;
+    h.put(index_item("acct-1", "tuned", None)).await;
+    h.put(query_item("acct-1", "tuned", "shoes")).await;
+    h.export_stream().await;
+    assert_eq!(filter_of(&h, "acct-1", "plain"), None);
+
+    let answer = reconcile(&h, json!({})).await;
+
+    for namespace in ["settings", "query_configs"] {
+        let counts = &answer["counts"][namespace];
+        for class in ["missing", "stale", "orphaned"] {
+            assert_eq!(counts[class], 0, "{namespace} {class}: {answer}");
+        }
+    }
+    let verify = h
+        .invoke(
+            json!({"mode": "verify", "system_account_id": "acct-1", "index_name": "plain",
+                       "include_query_configs": true}),
+        )
+        .await;
+    assert_eq!(verify["in_sync"], true, "{verify}");
+}
