@@ -728,19 +728,21 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             }
         }
         let queries: Vec<(IndexRef, Result<Vec<String>, PortError>)> = match run.overrides {
-            Overrides::InBatch => wanted
-                .into_iter()
-                .map(|index| {
-                    let queries = records
-                        .iter()
-                        .filter_map(|r| match &r.decoded {
-                            Ok(Change::UpsertQuery(c)) if c.index == index => Some(c.query.clone()),
-                            _ => None,
-                        })
-                        .collect();
-                    (index, Ok(queries))
-                })
-                .collect(),
+            Overrides::InBatch => {
+                // Grouped in one pass: a reconcile's batch is the whole fleet.
+                let mut by_index: HashMap<&IndexRef, Vec<String>> = HashMap::new();
+                for record in records {
+                    if let Ok(Change::UpsertQuery(c)) = &record.decoded {
+                        by_index.entry(&c.index).or_default().push(c.query.clone());
+                    }
+                }
+                (wanted.into_iter())
+                    .map(|index| {
+                        let queries = by_index.remove(&index).unwrap_or_default();
+                        (index, Ok(queries))
+                    })
+                    .collect()
+            }
             Overrides::InTable => {
                 futures::stream::iter(wanted)
                     .map(|index| async move {
