@@ -8,10 +8,10 @@
 use std::collections::HashMap;
 
 use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::operation::put_item::builders::PutItemFluentBuilder;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use aws_sdk_dynamodb::operation::put_item::PutItemError as ClaimError;
 use aws_sdk_dynamodb::types::{KeysAndAttributes, PutRequest, WriteRequest};
 use futures::StreamExt as _;
 
@@ -145,13 +145,17 @@ fn claim_item(
     }
     item.insert("token".into(), AttributeValue::S(claim.token.clone()));
     item.insert("epoch".into(), AttributeValue::N(claim.epoch.to_string()));
+    item.insert("expires_at".into(), expires_at());
+    item
+}
+
+/// When the table's TTL may forget an item written now: [`CLAIM_KEPT_SECONDS`] later.
+fn expires_at() -> AttributeValue {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
-    let expires = now + CLAIM_KEPT_SECONDS;
-    item.insert("expires_at".into(), AttributeValue::N(expires.to_string()));
-    item
+    AttributeValue::N((now + CLAIM_KEPT_SECONDS).to_string())
 }
 
 fn claim_of(item: &HashMap<String, AttributeValue>) -> Option<(KvKey, Claim)> {
@@ -167,6 +171,37 @@ fn claim_of(item: &HashMap<String, AttributeValue>) -> Option<(KvKey, Claim)> {
 }
 
 impl DynamoLedger {
+    /// One item, read consistently (`None`: there is none).
+    async fn get_one(
+        &self,
+        pk: &str,
+        sk: &str,
+    ) -> Result<Option<HashMap<String, AttributeValue>>, PortError> {
+        let answer = self
+            .client
+            .get_item()
+            .table_name(self.table()?)
+            .set_key(Some(table_key(pk.to_owned(), sk)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| self.error("GetItem", e))?;
+        Ok(answer.item)
+    }
+
+    /// Sends a conditional put: `Ok(false)` when its condition failed and nothing was written.
+    async fn put_if(&self, put: PutItemFluentBuilder) -> Result<bool, PortError> {
+        match put.send().await {
+            Ok(_) => Ok(true),
+            Err(SdkError::ServiceError(e))
+                if matches!(e.err(), PutItemError::ConditionalCheckFailedException(_)) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(self.error("PutItem", e)),
+        }
+    }
+
     /// One BatchWriteItem of at most 25 requests, its unprocessed items tried again.
     async fn write_batch(
         &self,
@@ -312,20 +347,8 @@ impl Ledger for DynamoLedger {
     }
 
     async fn time(&self) -> Result<u64, PortError> {
-        let answer = self
-            .client
-            .get_item()
-            .table_name(self.table()?)
-            .set_key(Some(table_key(CLOCK.into(), CLOCK)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| self.error("GetItem", e))?;
-        Ok(answer
-            .item
-            .as_ref()
-            .and_then(|i| number(i, "time"))
-            .unwrap_or(0))
+        let clock = self.get_one(CLOCK, CLOCK).await?;
+        Ok(clock.as_ref().and_then(|i| number(i, "time")).unwrap_or(0))
     }
 
     async fn references_complete(&self) -> Result<bool, PortError> {
@@ -402,29 +425,12 @@ impl Ledger for DynamoLedger {
                 .expression_attribute_names("#token", "token")
                 .expression_attribute_values(":read", AttributeValue::S(token.to_owned())),
         };
-        match put.send().await {
-            Ok(_) => Ok(true),
-            Err(SdkError::ServiceError(e))
-                if matches!(e.err(), ClaimError::ConditionalCheckFailedException(_)) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(self.error("PutItem", e)),
-        }
+        self.put_if(put).await
     }
 
     async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {
-        let answer = self
-            .client
-            .get_item()
-            .table_name(self.table()?)
-            .key("pk", AttributeValue::S(PROGRESS_PK.into()))
-            .key("sk", AttributeValue::S(PROGRESS_SK.into()))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| self.error("GetItem", e))?;
-        Ok(answer.item.as_ref().map(progress_of))
+        let item = self.get_one(PROGRESS_PK, PROGRESS_SK).await?;
+        Ok(item.as_ref().map(progress_of))
     }
 
     async fn save_reconcile_progress(
@@ -443,14 +449,6 @@ impl Ledger for DynamoLedger {
                 .condition_expression("version = :read")
                 .expression_attribute_values(":read", AttributeValue::N(version.to_string())),
         };
-        match put.send().await {
-            Ok(_) => Ok(true),
-            Err(SdkError::ServiceError(e))
-                if matches!(e.err(), PutItemError::ConditionalCheckFailedException(_)) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(self.error("PutItem", e)),
-        }
+        self.put_if(put).await
     }
 }

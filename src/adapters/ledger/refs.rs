@@ -7,11 +7,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use aws_sdk_dynamodb::error::SdkError;
-use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, WriteRequest};
 
-use super::{number, put_request, table_key, text, DynamoLedger, CLAIM_KEPT_SECONDS};
+use super::{expires_at, number, put_request, table_key, text, DynamoLedger};
 use crate::domain::IndexRef;
 use crate::ports::{IndexRefs, PortError, Referred, RefsChange};
 
@@ -66,12 +64,7 @@ fn ref_item(index: &IndexRef, refs: &IndexRefs) -> HashMap<String, AttributeValu
     if refs.removed {
         item.insert("removed".into(), AttributeValue::Bool(true));
         // A removed index's entry only has to outlive writers that read before the remove.
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default();
-        let expires = (now + CLAIM_KEPT_SECONDS).to_string();
-        item.insert("expires_at".into(), AttributeValue::N(expires));
+        item.insert("expires_at".into(), expires_at());
     }
     item
 }
@@ -90,16 +83,8 @@ fn refs_of(item: &HashMap<String, AttributeValue>) -> IndexRefs {
 
 impl DynamoLedger {
     pub(super) async fn get_references_complete(&self) -> Result<bool, PortError> {
-        let answer = self
-            .client
-            .get_item()
-            .table_name(self.table()?)
-            .set_key(Some(table_key(META_PK.into(), META_SK)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| self.error("GetItem", e))?;
-        Ok(answer.item.as_ref().and_then(|i| number(i, "complete")) == Some(1))
+        let meta = self.get_one(META_PK, META_SK).await?;
+        Ok(meta.as_ref().and_then(|i| number(i, "complete")) == Some(1))
     }
 
     pub(super) async fn put_references_complete(&self) -> Result<(), PortError> {
@@ -191,15 +176,7 @@ impl DynamoLedger {
             .table_name(self.table()?)
             .set_item(Some(ref_item(index, refs)))
             .condition_expression("attribute_not_exists(pk)");
-        match put.send().await {
-            Ok(_) => Ok(true),
-            Err(SdkError::ServiceError(e))
-                if matches!(e.err(), PutItemError::ConditionalCheckFailedException(_)) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(self.error("PutItem", e)),
-        }
+        self.put_if(put).await
     }
 }
 
