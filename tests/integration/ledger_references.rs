@@ -124,3 +124,17 @@ async fn until_a_full_backfill_a_remove_still_scans_the_table() {
     assert_eq!(scans(&h), 1);
     assert!(h.settings("acct-1-target").is_some(), "aliased: kept");
 }
+
+#[tokio::test]
+async fn an_alias_target_no_key_could_have_is_not_recorded_and_stalls_nothing() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    // DynamoDB refuses a partition key over 2,048 bytes: `alias#{target}` could not be written.
+    h.put(aliasing("acct-1", "front", &"x".repeat(3_000))).await;
+    h.put(index_item("acct-1", "plain", None)).await;
+
+    let answer = h.export_stream().await;
+
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+    assert!(h.settings("acct-1-front").is_some() && h.settings("acct-1-plain").is_some());
+}

@@ -9,6 +9,7 @@ use futures::StreamExt as _;
 use tokio::time::Instant;
 
 use super::{Exporter, Run};
+use crate::domain::kv::check_key;
 use crate::domain::{IndexRef, IndexSettings, SettingsReference};
 use crate::pipeline::plan::{self, Lookups};
 use crate::pipeline::records::{Change, ChangeRecord};
@@ -19,15 +20,16 @@ use crate::report::Outcome;
 /// Ledger Queries in flight at once.
 const CONCURRENT_QUERIES: usize = 8;
 
-/// The references a settings record leaves: its shop and its live alias targets.
+/// The references a settings record leaves: its shop and its live alias targets. A target no
+/// KV key could be (empty, over 512 bytes, unprintable) protects nothing and is left out: its
+/// `alias#{target}` item could not be written, and one record would fail its whole batch.
 fn refs_of(settings: &IndexSettings) -> IndexRefs {
+    let targets = (settings.aliases.live_targets())
+        .filter(|t| check_key(&t.0).is_ok())
+        .map(|t| t.0.clone());
     IndexRefs {
         shop: settings.shop_id.clone(),
-        targets: settings
-            .aliases
-            .live_targets()
-            .map(|t| t.0.clone())
-            .collect(),
+        targets: targets.collect(),
         removed: false,
     }
 }
