@@ -201,6 +201,12 @@ pub trait SettingsTable: Send + Sync {
         index: &IndexRef,
     ) -> impl Future<Output = Result<Option<Item>, PortError>> + Send;
 
+    /// Which of `indexes` have a settings record, and each one's shop (consistent reads).
+    fn index_shops(
+        &self,
+        indexes: &[IndexRef],
+    ) -> impl Future<Output = Result<HashMap<IndexRef, Option<String>>, PortError>> + Send;
+
     /// Every `INDEX#{name}#QUERY#...` record of the index.
     fn query_configs(
         &self,
@@ -250,6 +256,18 @@ pub struct Claim {
     pub epoch: u64,
     /// The index whose value the writer puts under the key (`None`: it deletes the key).
     pub owner: Option<IndexRef>,
+    /// The digest of the value put (the key metadata's); `None` for a delete, or when KV is
+    /// not known to hold it (the write failed, or a reconcile found KV differs).
+    pub digest: Option<String>,
+}
+
+/// A key a writer is about to write: whose value goes under it and that value's digest
+/// (`None` for both: a delete).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyClaim {
+    pub key: KvKey,
+    pub owner: Option<IndexRef>,
+    pub digest: Option<String>,
 }
 
 /// What the ledger knows of an index's references to other keys: the shop key its settings
@@ -332,7 +350,7 @@ pub trait Ledger: Send + Sync {
     /// their items). Answers the keys that could not be claimed, with why.
     fn claim_all(
         &self,
-        keys: &[(KvKey, Option<IndexRef>)],
+        keys: &[KeyClaim],
         claim: &Claim,
     ) -> impl Future<Output = Vec<(KvKey, PortError)>> + Send;
 
@@ -342,14 +360,32 @@ pub trait Ledger: Send + Sync {
         keys: &[KvKey],
     ) -> impl Future<Output = Result<HashMap<KvKey, Claim>, PortError>> + Send;
 
-    /// Claims `key` (for `owner`'s value; `None`: a delete) only if its claim is still the one
-    /// read (`None`: none). `Ok(false)`: another writer claimed it since; nothing was written.
+    /// Claims a key only if its claim is still the one read (`None`: none). `Ok(false)`:
+    /// another writer claimed it since; nothing was written.
     fn claim_if(
         &self,
-        key: &KvKey,
-        owner: Option<&IndexRef>,
+        key: &KeyClaim,
         read: Option<&str>,
         claim: &Claim,
+    ) -> impl Future<Output = Result<bool, PortError>> + Send;
+
+    /// The claims of a namespace's keys after `after` up to `upto` (either end open), in key
+    /// order: what the ledger says KV holds there, to compare with a page of KV's listing.
+    fn claims_between(
+        &self,
+        namespace: Namespace,
+        after: Option<&str>,
+        upto: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<(String, Claim)>, PortError>> + Send;
+
+    /// Sets (or, `None`, removes) the digest of a key's claim if the claim is still `token`'s:
+    /// KV was found to hold that value (or not to hold the claimed one). `Ok(false)`: claimed
+    /// since, nothing written.
+    fn set_digest(
+        &self,
+        key: &KvKey,
+        token: &str,
+        digest: Option<&str>,
     ) -> impl Future<Output = Result<bool, PortError>> + Send;
 
     fn reconcile_progress(
@@ -406,25 +442,28 @@ impl Ledger for NoLedger {
         Err(no_ledger())
     }
 
-    async fn claim_all(
-        &self,
-        keys: &[(KvKey, Option<IndexRef>)],
-        _: &Claim,
-    ) -> Vec<(KvKey, PortError)> {
-        keys.iter().map(|(k, _)| (k.clone(), no_ledger())).collect()
+    async fn claim_all(&self, keys: &[KeyClaim], _: &Claim) -> Vec<(KvKey, PortError)> {
+        keys.iter().map(|k| (k.key.clone(), no_ledger())).collect()
     }
 
     async fn claims(&self, _: &[KvKey]) -> Result<HashMap<KvKey, Claim>, PortError> {
         Err(no_ledger())
     }
 
-    async fn claim_if(
+    async fn claim_if(&self, _: &KeyClaim, _: Option<&str>, _: &Claim) -> Result<bool, PortError> {
+        Err(no_ledger())
+    }
+
+    async fn claims_between(
         &self,
-        _: &KvKey,
-        _: Option<&IndexRef>,
+        _: Namespace,
         _: Option<&str>,
-        _: &Claim,
-    ) -> Result<bool, PortError> {
+        _: Option<&str>,
+    ) -> Result<Vec<(String, Claim)>, PortError> {
+        Err(no_ledger())
+    }
+
+    async fn set_digest(&self, _: &KvKey, _: &str, _: Option<&str>) -> Result<bool, PortError> {
         Err(no_ledger())
     }
 

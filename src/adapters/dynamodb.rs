@@ -2,13 +2,14 @@
 //! backfills. Every failure here is transient: the SDK has already retried, and a record that
 //! needs the table is reported for retry.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
 use serde_dynamo::Item;
 
 use crate::domain::{IndexRef, SettingsReference};
-use crate::dynamo::{settings_reference, string_attribute, Image, SortKey};
+use crate::dynamo::{settings_reference, shop_id_of, string_attribute, Image, SortKey};
 use crate::ports::{Page, PortError, SettingsTable, TableCounters};
 
 pub struct DynamoSettingsTable {
@@ -43,6 +44,20 @@ impl DynamoSettingsTable {
             aws_sdk_dynamodb::error::DisplayErrorContext(e)
         ))
     }
+}
+
+/// DynamoDB's limit per BatchGetItem call, and tries for the keys a call leaves unprocessed.
+const GET_BATCH: usize = 100;
+const UNPROCESSED_TRIES: u32 = 5;
+
+fn settings_key(index: &IndexRef) -> HashMap<String, AttributeValue> {
+    HashMap::from([
+        ("pk".to_owned(), AttributeValue::S(index.account.clone())),
+        (
+            "sk".to_owned(),
+            AttributeValue::S(format!("INDEX#{}", index.name)),
+        ),
+    ])
 }
 
 fn overrides_prefix(index: &IndexRef) -> String {
@@ -148,6 +163,62 @@ impl SettingsTable for DynamoSettingsTable {
         Ok(answer.item.map(Item::from))
     }
 
+    async fn index_shops(
+        &self,
+        indexes: &[IndexRef],
+    ) -> Result<HashMap<IndexRef, Option<String>>, PortError> {
+        let mut found = HashMap::new();
+        for chunk in indexes.chunks(GET_BATCH) {
+            let mut keys: Vec<_> = chunk.iter().map(settings_key).collect();
+            for attempt in 0..UNPROCESSED_TRIES {
+                if keys.is_empty() {
+                    break;
+                }
+                if attempt > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+                }
+                let wanted = KeysAndAttributes::builder()
+                    .set_keys(Some(std::mem::take(&mut keys)))
+                    .projection_expression("pk, sk, shop_id")
+                    .consistent_read(true)
+                    .build()
+                    .expect("keys are set");
+                let answer = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&self.table_name, wanted)
+                    .send()
+                    .await
+                    .map_err(|e| self.error("BatchGetItem", e))?;
+                let items = answer
+                    .responses
+                    .and_then(|mut r| r.remove(&self.table_name));
+                for item in items.unwrap_or_default() {
+                    let item = Item::from(item);
+                    let image = Image::of(&item);
+                    let (Some(pk), Some(sk)) = (image.string("pk"), image.string("sk")) else {
+                        continue;
+                    };
+                    if let Some(name) = sk.strip_prefix("INDEX#") {
+                        found.insert(IndexRef::new(pk, name), shop_id_of(&image));
+                    }
+                }
+                keys = (answer.unprocessed_keys)
+                    .and_then(|mut left| left.remove(&self.table_name))
+                    .map(|k| k.keys)
+                    .unwrap_or_default();
+            }
+            if !keys.is_empty() {
+                return Err(PortError::Transient(format!(
+                    "BatchGetItem of table {}: {} items left unread",
+                    self.table_name,
+                    keys.len()
+                )));
+            }
+        }
+        Ok(found)
+    }
+
     async fn query_configs(&self, index: &IndexRef) -> Result<Vec<Item>, PortError> {
         self.overrides(index, None).await
     }
@@ -179,6 +250,9 @@ impl SettingsTable for DynamoSettingsTable {
                     .table_name(&self.table_name)
                     .key_condition_expression("pk = :pk")
                     .expression_attribute_values(":pk", AttributeValue::S(account.to_owned()))
+                    // Operators' claims assume the table read is at least as new as the
+                    // ledger time they took before it (docs/contract.md).
+                    .consistent_read(true)
                     .set_exclusive_start_key(start)
                     .limit(limit)
                     .send()
@@ -191,6 +265,7 @@ impl SettingsTable for DynamoSettingsTable {
                     .client
                     .scan()
                     .table_name(&self.table_name)
+                    .consistent_read(true)
                     .set_exclusive_start_key(start)
                     .limit(limit)
                     .send()

@@ -1,9 +1,8 @@
 //! The export ledger, the function's own DynamoDB table (`LEDGER_TABLE_NAME`; `pk`, `sk`
-//! strings). It holds a claim per KV key the function writes (`pk = "kv#{namespace}#{key}"`,
-//! `sk = "claim"`: `token`, `epoch`, `expires_at` for the table's TTL), the clock claims are
-//! stamped with (`pk = sk = "clock"`, `time`), and where a scheduled
-//! reconcile stands (`pk = "reconcile"`, `sk = "progress"`); progress writes are conditional
-//! on the version read, so two invocations never both take a pass.
+//! strings). It holds a claim per KV key the function writes ([`claims`]), each index's
+//! references ([`refs`]), the clock claims are stamped with (`pk = sk = "clock"`, `time`), and
+//! where a scheduled reconcile stands (`pk = "reconcile"`, `sk = "progress"`); progress writes
+//! are conditional on the version read, so two invocations never both take a pass.
 
 use std::collections::HashMap;
 
@@ -16,17 +15,17 @@ use aws_sdk_dynamodb::types::{KeysAndAttributes, PutRequest, WriteRequest};
 use futures::StreamExt as _;
 
 use crate::domain::{IndexRef, KvKey, Namespace};
-use crate::ports::{no_ledger, Claim, IndexRefs, Ledger, PortError, ReconcileProgress};
+use crate::ports::{no_ledger, Claim, IndexRefs, KeyClaim, Ledger, PortError, ReconcileProgress};
 use crate::ports::{Referred, RefsChange};
 
+mod claims;
 mod refs;
 
 const PROGRESS_PK: &str = "reconcile";
 const PROGRESS_SK: &str = "progress";
-const CLAIM_SK: &str = "claim";
 const CLOCK: &str = "clock";
-/// A claim matters while a writer that read before it may still be running (one invocation,
-/// 15 minutes at most); the table's TTL forgets it two days later.
+/// A delete's claim matters while a writer that read before it may still be running (one
+/// invocation, 15 minutes at most); the table's TTL forgets it two days later.
 const CLAIM_KEPT_SECONDS: u64 = 2 * 24 * 3600;
 /// DynamoDB's limits per BatchWriteItem and BatchGetItem call.
 const WRITE_BATCH: usize = 25;
@@ -105,48 +104,11 @@ fn item_of(progress: &ReconcileProgress) -> HashMap<String, AttributeValue> {
     item
 }
 
-fn claim_pk(key: &KvKey) -> String {
-    format!("kv#{}#{}", key.namespace.name(), key.key)
-}
-
-fn key_of_pk(pk: &str) -> Option<KvKey> {
-    let rest = pk.strip_prefix("kv#")?;
-    let (namespace, key) = rest.split_once('#')?;
-    let namespace = match namespace {
-        "settings" => Namespace::Settings,
-        "query_configs" => Namespace::QueryConfigs,
-        _ => return None,
-    };
-    Some(KvKey {
-        namespace,
-        key: key.to_owned(),
-    })
-}
-
 fn table_key(pk: String, sk: &str) -> HashMap<String, AttributeValue> {
     HashMap::from([
         ("pk".to_owned(), AttributeValue::S(pk)),
         ("sk".to_owned(), AttributeValue::S(sk.to_owned())),
     ])
-}
-
-fn claim_item(
-    key: &KvKey,
-    owner: Option<&IndexRef>,
-    claim: &Claim,
-) -> HashMap<String, AttributeValue> {
-    let mut item = table_key(claim_pk(key), CLAIM_SK);
-    if let Some(owner) = owner {
-        item.insert(
-            "owner_account".into(),
-            AttributeValue::S(owner.account.clone()),
-        );
-        item.insert("owner_index".into(), AttributeValue::S(owner.name.clone()));
-    }
-    item.insert("token".into(), AttributeValue::S(claim.token.clone()));
-    item.insert("epoch".into(), AttributeValue::N(claim.epoch.to_string()));
-    item.insert("expires_at".into(), expires_at());
-    item
 }
 
 /// When the table's TTL may forget an item written now: [`CLAIM_KEPT_SECONDS`] later.
@@ -156,18 +118,6 @@ fn expires_at() -> AttributeValue {
         .map(|d| d.as_secs())
         .unwrap_or_default();
     AttributeValue::N((now + CLAIM_KEPT_SECONDS).to_string())
-}
-
-fn claim_of(item: &HashMap<String, AttributeValue>) -> Option<(KvKey, Claim)> {
-    let key = key_of_pk(item.get("pk")?.as_s().ok()?)?;
-    let claim = Claim {
-        token: text(item, "token")?,
-        epoch: number(item, "epoch").unwrap_or_default(),
-        owner: text(item, "owner_account")
-            .zip(text(item, "owner_index"))
-            .map(|(account, index)| IndexRef::new(account, index)),
-    };
-    Some((key, claim))
 }
 
 impl DynamoLedger {
@@ -378,54 +328,39 @@ impl Ledger for DynamoLedger {
         self.put_refs_if_absent(index, refs).await
     }
 
-    async fn claim_all(
-        &self,
-        keys: &[(KvKey, Option<IndexRef>)],
-        claim: &Claim,
-    ) -> Vec<(KvKey, PortError)> {
-        // One failed call fails the keys of every call: the records are retried together.
-        let puts = (keys.iter())
-            .map(|(key, owner)| put_request(claim_item(key, owner.as_ref(), claim)))
-            .collect();
-        match self.write_all(puts).await {
-            Ok(()) => Vec::new(),
-            Err(e) => keys.iter().map(|(k, _)| (k.clone(), e.clone())).collect(),
-        }
+    async fn claim_all(&self, keys: &[KeyClaim], claim: &Claim) -> Vec<(KvKey, PortError)> {
+        self.put_claims(keys, claim).await
     }
 
     async fn claims(&self, keys: &[KvKey]) -> Result<HashMap<KvKey, Claim>, PortError> {
-        let wanted = keys
-            .iter()
-            .map(|key| table_key(claim_pk(key), CLAIM_SK))
-            .collect();
-        Ok(self
-            .get_all(wanted)
-            .await?
-            .iter()
-            .filter_map(claim_of)
-            .collect())
+        self.get_claims(keys).await
     }
 
     async fn claim_if(
         &self,
-        key: &KvKey,
-        owner: Option<&IndexRef>,
+        key: &KeyClaim,
         read: Option<&str>,
         claim: &Claim,
     ) -> Result<bool, PortError> {
-        let put = self
-            .client
-            .put_item()
-            .table_name(self.table()?)
-            .set_item(Some(claim_item(key, owner, claim)));
-        let put = match read {
-            None => put.condition_expression("attribute_not_exists(pk)"),
-            Some(token) => put
-                .condition_expression("#token = :read")
-                .expression_attribute_names("#token", "token")
-                .expression_attribute_values(":read", AttributeValue::S(token.to_owned())),
-        };
-        self.put_if(put).await
+        self.put_claim_if(key, read, claim).await
+    }
+
+    async fn claims_between(
+        &self,
+        namespace: Namespace,
+        after: Option<&str>,
+        upto: Option<&str>,
+    ) -> Result<Vec<(String, Claim)>, PortError> {
+        self.query_claims_between(namespace, after, upto).await
+    }
+
+    async fn set_digest(
+        &self,
+        key: &KvKey,
+        token: &str,
+        digest: Option<&str>,
+    ) -> Result<bool, PortError> {
+        self.update_digest(key, token, digest).await
     }
 
     async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {

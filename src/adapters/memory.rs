@@ -110,6 +110,12 @@ impl SettingsTable for CountingTable {
     async fn index_settings(&self, _: &IndexRef) -> Result<Option<Item>, PortError> {
         Ok(None)
     }
+    async fn index_shops(
+        &self,
+        _: &[IndexRef],
+    ) -> Result<std::collections::HashMap<IndexRef, Option<String>>, PortError> {
+        Ok(Default::default())
+    }
     async fn query_configs(&self, _: &IndexRef) -> Result<Vec<Item>, PortError> {
         Ok(vec![])
     }

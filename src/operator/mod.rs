@@ -103,21 +103,24 @@ impl OperatorRequest {
         exporter: &Exporter<K, A, T, L>,
         deadline: Instant,
     ) -> Result<Value, OperatorError> {
+        // Each mode's future is boxed: they are large (the whole-fleet modes most), and a
+        // stream batch's future, which holds this one's place, should not carry them.
         let answer = match self {
             OperatorRequest::Reexport(request) => {
-                to_value(reexport::run(exporter, &request, deadline).await?)
+                to_value(Box::pin(reexport::run(exporter, &request, deadline)).await?)
             }
             OperatorRequest::Verify(request) => {
-                to_value(verify::run(exporter, &request, deadline).await?)
+                to_value(Box::pin(verify::run(exporter, &request, deadline)).await?)
             }
             OperatorRequest::Backfill(request) => {
-                to_value(backfill::run(exporter, &request, deadline).await?)
+                to_value(Box::pin(backfill::run(exporter, &request, deadline)).await?)
             }
             OperatorRequest::Reconcile(request) if request.scheduled => {
-                to_value(reconcile::scheduled::run(exporter, &request, deadline).await?)
+                let run = reconcile::scheduled::run(exporter, &request, deadline);
+                to_value(Box::pin(run).await?)
             }
             OperatorRequest::Reconcile(request) => {
-                to_value(reconcile::run(exporter, &request, deadline).await?)
+                to_value(Box::pin(reconcile::run(exporter, &request, deadline)).await?)
             }
         };
         Ok(answer)

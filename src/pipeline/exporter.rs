@@ -189,6 +189,11 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
     }
 
     /// The sort key of the table's default configs, which are never exported.
+    /// Whether a ledger table is configured (claims, references, segmented reconcile).
+    pub fn keeps_ledger(&self) -> bool {
+        self.ledger.enabled()
+    }
+
     pub fn default_configs_sk(&self) -> &str {
         &self.options.default_configs_sk
     }
@@ -383,6 +388,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             .unzip();
         let mut outcomes = plan.outcomes;
         let before = self.kv.counters();
+        let claimed = self.ledger.enabled();
         let planned = (plan.ops.iter())
             .map(|(key, op)| Planned {
                 key: key.clone(),
@@ -391,6 +397,10 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
                     KvAction::Delete => None,
                 },
                 record_of: records[op.owner].index.clone(),
+                digest: match &op.action {
+                    KvAction::Put(value) if claimed => Some(value.digest()),
+                    _ => None,
+                },
             })
             .collect();
         let guard = self.claim(planned, run, read_epoch, &reads).await;
@@ -595,6 +605,30 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             records.extend(items.into_iter().map(|item| self.decode_item(item, true)));
         }
         Ok(Some(records))
+    }
+
+    /// Which of `indexes` have a settings record, and each one's shop.
+    pub async fn index_shops(
+        &self,
+        indexes: &[IndexRef],
+        deadline: Instant,
+    ) -> Result<HashMap<IndexRef, Option<String>>, PortError> {
+        if indexes.is_empty() {
+            return Ok(HashMap::new());
+        }
+        before_deadline(deadline, "settings items", self.table.index_shops(indexes)).await
+    }
+
+    /// The KV keys of the index's overrides, from a keys-only Query of the table.
+    pub async fn override_keys(
+        &self,
+        index: &IndexRef,
+        deadline: Instant,
+    ) -> Result<HashSet<String>, PortError> {
+        let queries = self.table.override_queries(index);
+        let queries = before_deadline(deadline, "override queries", queries).await?;
+        let key = |query: &String| crate::domain::kv::query_config_key(index, query);
+        Ok(queries.iter().map(key).collect())
     }
 
     /// One page of the table (one account's records when given), decoded.

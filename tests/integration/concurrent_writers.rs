@@ -72,8 +72,11 @@ async fn a_reconcile_repair_leaves_what_the_stream_wrote_while_it_ran() {
     let reconcile = Writer::start(&h).await;
     let stream = Writer::start(&h).await;
 
-    // The reconcile reads the table, then its first key listing is held.
-    h.kv.hold("keys", None);
+    // KV lost two keys, so the reconcile reads them from KV once it has read the table: that
+    // read is held while the stream writes.
+    h.kv.remove(CF_ACCOUNT, SETTINGS_NS, "acct-changed");
+    h.kv.remove(CF_ACCOUNT, SETTINGS_NS, "acct-removed");
+    h.kv.hold("bulk/get", None);
     let run = reconcile.invoke(json!({"mode": "reconcile", "repair": true}));
     let race = async {
         until_held(&h).await;
@@ -88,13 +91,19 @@ async fn a_reconcile_repair_leaves_what_the_stream_wrote_while_it_ran() {
     };
     let (answer, ()) = tokio::join!(run, race);
 
-    // Each key the stream wrote is drift to the reconcile's older snapshot, and left alone.
+    // Both keys, and the filter `kept` had none of (so it was read too), are drift to the
+    // reconcile's older snapshot, and the stream wrote them since: left alone.
     assert_eq!(answer["repaired"]["written"], 0, "{answer}");
     assert_eq!(answer["repaired"]["deleted"], 0, "{answer}");
-    assert!(
-        answer["repaired"]["left_to_other_writers"].as_u64() >= Some(4),
-        "{answer}"
+    assert_eq!(
+        answer["samples"]["settings"]["stale"],
+        json!(["acct-changed"])
     );
+    assert_eq!(
+        answer["samples"]["settings"]["missing"],
+        json!(["acct-removed"])
+    );
+    assert_eq!(answer["repaired"]["left_to_other_writers"], 3, "{answer}");
     assert!(h.settings("acct-new").is_some(), "the new index is kept");
     assert_eq!(
         endpoint_of(&h, "acct-changed").as_deref(),
@@ -109,6 +118,46 @@ async fn a_reconcile_repair_leaves_what_the_stream_wrote_while_it_ran() {
         .await;
     assert_eq!(next["repaired"]["written"], 0, "{next}");
     assert_eq!(next["repaired"]["deleted"], 0, "{next}");
+}
+
+#[tokio::test]
+async fn a_reconcile_delete_landing_after_the_index_came_back_is_undone() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct", "marqo-key");
+    h.put(index_item("acct", "back", None)).await;
+    h.export_stream().await;
+    // Removed while the stream was down: its key is an orphan to the reconcile.
+    h.delete("acct", "INDEX#back").await;
+    let _ = h.stream_records().await;
+    let reconcile = Writer::start(&h).await;
+    let stream = Writer::start(&h).await;
+
+    // The reconcile's delete is held; meanwhile the index comes back and the stream writes it.
+    h.kv.hold("bulk/delete", Some("acct-back"));
+    let run = reconcile.invoke(json!({"mode": "reconcile", "repair": true}));
+    let race = async {
+        until_held(&h).await;
+        h.put(changed("acct", "back")).await;
+        let records = h.stream_records().await;
+        let answer = stream.invoke(json!({ "Records": records })).await;
+        assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+        assert!(h.settings("acct-back").is_some());
+        h.kv.release();
+    };
+    let (answer, ()) = tokio::join!(run, race);
+
+    // The delete landed last, lost its claim to the stream's, and the key was written again
+    // from the table as it is now.
+    assert_eq!(
+        answer["samples"]["settings"]["orphaned"],
+        json!(["acct-back"]),
+        "{answer}"
+    );
+    assert_eq!(
+        endpoint_of(&h, "acct-back").as_deref(),
+        Some("https://changed.idx.example"),
+        "{answer}"
+    );
 }
 
 #[tokio::test]

@@ -295,3 +295,86 @@ async fn a_fleet_the_stream_exported_is_not_drift() {
         .await;
     assert_eq!(verify["in_sync"], true, "{verify}");
 }
+
+#[tokio::test]
+async fn a_write_kv_refused_is_stale_to_the_next_pass_though_its_claim_names_the_new_value() {
+    let h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "a", None)).await;
+    backfill(&h).await;
+    // The table changes and a re-export claims the key for the new value, but KV refuses it.
+    let mut changed = index_item("acct-1", "a", None);
+    changed["pixel_id"] = json!({"S": "px-new"});
+    h.put(changed).await;
+    h.kv.inject(
+        ecom_emulators::kv::Fault::RefuseKey {
+            key: "acct-1-a".into(),
+        },
+        1,
+    );
+    let refused = h
+        .try_invoke(
+            json!({"mode": "reexport", "system_account_id": "acct-1", "index_name": "a"}),
+            std::time::Duration::from_secs(10),
+        )
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_ne!(h.settings("acct-1-a").unwrap()["pixel_id"], "px-new");
+
+    let answer = reconcile(&h, json!({})).await;
+
+    assert_eq!(
+        answer["samples"]["settings"]["stale"],
+        json!(["acct-1-a"]),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn a_healthy_fleet_s_pass_reads_no_value_and_each_table_record_about_once() {
+    let h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    for i in 0..30 {
+        let index = format!("i{i:02}");
+        h.put(index_item("acct-1", &index, None)).await;
+        h.put(query_item("acct-1", &index, "shoes")).await;
+    }
+    backfill(&h).await;
+    let (reads, writes, lists) = (h.kv_calls("bulk/get"), data_writes(&h), h.kv_calls("keys"));
+
+    let mut payload = json!({"max_keys": 20, "page_size": 10});
+    let (mut in_sync, mut pages, mut invocations) = (0, 0, 0);
+    loop {
+        let answer = reconcile(&h, payload.clone()).await;
+        invocations += 1;
+        for namespace in ["settings", "query_configs"] {
+            let counts = &answer["counts"][namespace];
+            in_sync += counts["in_sync"].as_u64().unwrap();
+            for class in ["missing", "stale", "orphaned", "protected", "foreign"] {
+                assert_eq!(counts[class], 0, "{namespace} {class}: {answer}");
+            }
+        }
+        pages += answer["requests"]["table_pages"].as_u64().unwrap();
+        if answer["complete"] == true {
+            break;
+        }
+        payload["continuation_token"] = answer["continuation_token"].clone();
+        assert!(invocations < 30, "a pass ends");
+    }
+
+    // 30 index keys, 30 filters, 30 query configs: each checked once, against the ledger.
+    assert_eq!(in_sync, 90);
+    assert!(invocations > 4, "the pass was split: {invocations}");
+    assert_eq!(h.kv_calls("bulk/get") - reads, 0, "no value read");
+    assert_eq!(data_writes(&h) - writes, 0, "nothing written");
+    assert_eq!(
+        h.kv_calls("keys") - lists,
+        9,
+        "90 keys listed once, 10 a page"
+    );
+    // 60 table records in pieces of about 20: a handful of pages, not a scan per invocation.
+    assert!(
+        pages <= 6,
+        "{pages} table pages over {invocations} invocations"
+    );
+}

@@ -78,7 +78,7 @@ struct Owner {
     index_name: String,
 }
 
-fn owner_in_value(value: &str) -> Option<IndexRef> {
+pub fn owner_in_value(value: &str) -> Option<IndexRef> {
     let owner: Owner = serde_json::from_str(value).ok()?;
     Some(IndexRef::new(owner.system_account_id, owner.index_name))
 }

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 mod classify;
 pub mod scheduled;
+mod segments;
 
 pub use classify::ClassCounts;
 use classify::{class_of, live_targets, Class, Implied, Listed};
@@ -89,6 +90,31 @@ pub struct Samples {
     pub foreign: Vec<String>,
 }
 
+/// What a run found: each class's count and samples, per namespace.
+#[derive(Debug, Default)]
+struct Found {
+    counts: PerNamespace<ClassCounts>,
+    samples: PerNamespace<Samples>,
+}
+
+impl Found {
+    fn add(&mut self, key: &KvKey, class: Class) {
+        *self.counts.get(key.namespace).slot(class) += 1;
+        let samples = self.samples.get(key.namespace);
+        let list = match class {
+            Class::InSync => None,
+            Class::Missing => Some(&mut samples.missing),
+            Class::Stale => Some(&mut samples.stale),
+            Class::Orphaned => Some(&mut samples.orphaned),
+            Class::Protected => Some(&mut samples.protected),
+            Class::Foreign => Some(&mut samples.foreign),
+        };
+        if let Some(list) = list.filter(|l| l.len() < SAMPLES) {
+            list.push(key.key.clone());
+        }
+    }
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct PerNamespace<T> {
     pub settings: T,
@@ -149,6 +175,12 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
     deadline: Instant,
 ) -> Result<Answer, OperatorError> {
     let account = request.system_account_id.as_ref().map(|a| a.0.as_str());
+    if account.is_none() && exporter.keeps_ledger() {
+        // Boxed: only one of the two ways is taken, and each future is large.
+        let answer = Box::pin(segments::run(exporter, request, deadline)).await?;
+        report(&answer);
+        return Ok(answer);
+    }
     let mut position: Position = match &request.continuation_token {
         Some(token) => decode_token(&token.0)?,
         None => Position::default(),
@@ -168,24 +200,11 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
         implied.aliased.extend(live_targets(&references));
     }
 
-    let mut counts = PerNamespace::<ClassCounts>::default();
-    let mut samples = PerNamespace::<Samples>::default();
+    let mut found = Found::default();
     let mut to_write: BTreeSet<KvKey> = BTreeSet::new();
     let mut to_delete: BTreeMap<KvKey, Option<IndexRef>> = BTreeMap::new();
     let mut classify = |key: &KvKey, class: Class, owner: Option<IndexRef>| {
-        *counts.get(key.namespace).slot(class) += 1;
-        let samples = samples.get(key.namespace);
-        let list = match class {
-            Class::InSync => None,
-            Class::Missing => Some(&mut samples.missing),
-            Class::Stale => Some(&mut samples.stale),
-            Class::Orphaned => Some(&mut samples.orphaned),
-            Class::Protected => Some(&mut samples.protected),
-            Class::Foreign => Some(&mut samples.foreign),
-        };
-        if let Some(list) = list.filter(|l| l.len() < SAMPLES) {
-            list.push(key.key.clone());
-        }
+        found.add(key, class);
         match class {
             Class::Missing | Class::Stale => {
                 to_write.insert(key.clone());
@@ -304,8 +323,8 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
         repair: request.repair,
         dry_run: request.dry_run,
         deep: request.deep,
-        counts,
-        samples,
+        counts: found.counts,
+        samples: found.samples,
         repaired: None,
         would_repair: None,
         requests,
@@ -351,6 +370,12 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
             answer.repaired = Some(repair);
         }
     }
+    report(&answer);
+    Ok(answer)
+}
+
+/// One log line and one metrics document per invocation.
+fn report(answer: &Answer) {
     let (s, q) = (&answer.counts.settings, &answer.counts.query_configs);
     let classes = [
         ("InSync", s.in_sync + q.in_sync),
@@ -382,7 +407,6 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
         f64::from(u8::from(answer.complete)),
     ));
     crate::report::emit_reconcile(&metrics);
-    Ok(answer)
 }
 
 /// One scan of the table (or of the account's partition), planned as a re-export would be.

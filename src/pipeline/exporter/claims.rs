@@ -19,10 +19,11 @@ use futures::StreamExt as _;
 use tokio::time::Instant;
 
 use super::{Exporter, Run};
-use crate::domain::{IndexRef, KvAction, KvKey};
+use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::pipeline::plan::{self, Lookups};
 use crate::pipeline::records::ChangeRecord;
-use crate::ports::{ApiKeySource, Claim, KvStore, Ledger, PortError, Referred, SettingsTable};
+use crate::ports::{before_deadline, SettingsTable};
+use crate::ports::{ApiKeySource, Claim, KeyClaim, KvStore, Ledger, PortError, Referred};
 use crate::report::{BatchReport, Outcome};
 
 /// Conditional claims in flight at once.
@@ -47,6 +48,7 @@ fn new_claim(epoch: u64) -> Claim {
         token: format!("{seed:016x}-{count}"),
         epoch,
         owner: None,
+        digest: None,
     }
 }
 
@@ -58,6 +60,18 @@ pub struct Planned {
     pub value_of: Option<IndexRef>,
     /// The index of the record that planned it.
     pub record_of: Option<IndexRef>,
+    /// The digest of the value put (`None`: a delete).
+    pub digest: Option<String>,
+}
+
+impl Planned {
+    fn claim(self) -> KeyClaim {
+        KeyClaim {
+            key: self.key,
+            owner: self.value_of,
+            digest: self.digest,
+        }
+    }
 }
 
 /// What a stream batch read of claims before reading what its derived keys depend on.
@@ -210,15 +224,61 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
         }
     }
 
-    /// The current claims of `keys` (a stream batch reads its filters' before their overrides).
-    pub(super) async fn read_claims(
-        &self,
-        keys: &[KvKey],
-    ) -> Result<HashMap<KvKey, Claim>, PortError> {
+    /// The current claims of `keys` (a stream batch reads its filters' before their overrides;
+    /// a reconcile compares them with what the table implies).
+    pub async fn read_claims(&self, keys: &[KvKey]) -> Result<HashMap<KvKey, Claim>, PortError> {
         if keys.is_empty() {
             return Ok(HashMap::new());
         }
         self.ledger.claims(keys).await
+    }
+
+    /// The claims of a namespace's keys in `(after, upto]`, in key order: what the ledger says
+    /// KV holds there.
+    pub async fn claims_between(
+        &self,
+        namespace: Namespace,
+        after: Option<&str>,
+        upto: Option<&str>,
+        deadline: Instant,
+    ) -> Result<Vec<(String, Claim)>, PortError> {
+        let query = self.ledger.claims_between(namespace, after, upto);
+        before_deadline(deadline, "ledger claims", query).await
+    }
+
+    /// KV was found holding `digest` for `owner` under `key`: the claim read (`None`: none)
+    /// says so from now on, unless someone claimed the key since.
+    pub async fn confirm_value(
+        &self,
+        key: &KvKey,
+        read: Option<&Claim>,
+        owner: &IndexRef,
+        digest: &str,
+        epoch: u64,
+    ) {
+        let answer = match read {
+            Some(read) => self.ledger.set_digest(key, &read.token, Some(digest)).await,
+            None => {
+                let write = KeyClaim {
+                    key: key.clone(),
+                    owner: Some(owner.clone()),
+                    digest: Some(digest.to_owned()),
+                };
+                self.ledger.claim_if(&write, None, &new_claim(epoch)).await
+            }
+        };
+        if let Err(e) = answer {
+            let key = crate::domain::validate::cut(&key.key);
+            tracing::warn!(%key, error = %e, "the ledger does not know the value KV holds");
+        }
+    }
+
+    /// KV was found not holding what the claim `token` names: the claim stops naming it.
+    pub async fn forget_value(&self, key: &KvKey, token: &str) {
+        if let Err(e) = self.ledger.set_digest(key, token, None).await {
+            let key = crate::domain::validate::cut(&key.key);
+            tracing::warn!(%key, error = %e, "the claim of a key KV lacks still names its value");
+        }
     }
 
     /// The stream's claims: its records' own keys at once, whoever held them; keys derived
@@ -238,19 +298,21 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
         let (mut own, mut conditional) = (Vec::new(), Vec::new());
         for op in ops {
             if let Some(read) = reads.filters.get(&op.key) {
-                conditional.push((op.key, op.value_of, read.clone()));
+                let read = read.clone();
+                conditional.push((op.claim(), read));
                 continue;
             }
             let derived = op.value_of.is_none() || op.value_of != op.record_of;
             let shop = reads.shops.get(&op.key).filter(|_| derived);
             let Some(read) = shop else {
-                own.push((op.key, op.value_of));
+                own.push(op.claim());
                 continue;
             };
             match read {
                 Err(e) => guard.refused.push((op.key, e.clone())),
                 Ok(read) if gives_up(read.as_ref(), &op) => {
-                    conditional.push((op.key, op.value_of, read.as_ref().map(|c| c.token.clone())))
+                    let read = read.as_ref().map(|c| c.token.clone());
+                    conditional.push((op.claim(), read))
                 }
                 Ok(read) => {
                     let writer = read.as_ref().and_then(|c| c.owner.as_ref());
@@ -304,7 +366,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
                 }
                 read => {
                     let read = read.map(|c| c.token.clone());
-                    conditional.push((op.key, op.value_of, read));
+                    conditional.push((op.claim(), read));
                 }
             }
         }
@@ -321,17 +383,16 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
         guard
     }
 
-    /// Claims each key (for its value's index) if its claim is still the one read.
+    /// Claims each key if its claim is still the one read.
     async fn claim_each(
         &self,
-        keys: impl Iterator<Item = (KvKey, Option<IndexRef>, Option<String>)> + Send,
+        keys: impl Iterator<Item = (KeyClaim, Option<String>)> + Send,
         claim: &Claim,
     ) -> Vec<(KvKey, Result<bool, PortError>)> {
         futures::stream::iter(keys)
-            .map(|(key, owner, read)| async move {
-                let (owner, read) = (owner.as_ref(), read.as_deref());
-                let answer = self.ledger.claim_if(&key, owner, read, claim).await;
-                (key, answer)
+            .map(|(key, read)| async move {
+                let answer = self.ledger.claim_if(&key, read.as_deref(), claim).await;
+                (key.key, answer)
             })
             .buffer_unordered(CONCURRENT_CLAIMS)
             .collect()

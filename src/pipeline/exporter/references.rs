@@ -14,7 +14,7 @@ use crate::domain::{IndexRef, IndexSettings, SettingsReference};
 use crate::pipeline::plan::{self, Lookups};
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{before_deadline, ApiKeySource, IndexRefs, KvStore, Ledger, LookupCounts};
-use crate::ports::{PortError, RefsChange, SettingsTable};
+use crate::ports::{PortError, Referred, RefsChange, SettingsTable};
 use crate::report::Outcome;
 
 /// Ledger Queries in flight at once.
@@ -128,36 +128,9 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             return self.settings_references(deadline).await;
         }
         let asked = plan::reference_questions(records, lookups);
-        let answers: Vec<Result<Vec<IndexRef>, PortError>> = futures::stream::iter(asked)
-            .map(|referred| async move {
-                let query = self.ledger.referrers(&referred);
-                before_deadline(deadline, "ledger references", query).await
-            })
-            .buffer_unordered(CONCURRENT_QUERIES)
-            .collect()
-            .await;
-        let mut candidates = BTreeSet::new();
-        for answer in answers {
-            candidates.extend(answer?);
-        }
-        // An entry the other way round may be stale: each candidate's own record decides.
-        let candidates: Vec<IndexRef> = candidates.into_iter().collect();
-        let read = self.ledger.index_refs(&candidates);
-        let recorded = before_deadline(deadline, "ledger references", read).await?;
-        let mut references: BTreeMap<IndexRef, SettingsReference> = (recorded.into_iter())
-            .filter(|(_, refs)| !refs.removed)
-            .map(|(index, refs)| {
-                let reference = SettingsReference {
-                    index: index.clone(),
-                    shop_id: refs.shop,
-                    live_targets: refs
-                        .targets
-                        .into_iter()
-                        .map(crate::domain::IndexId)
-                        .collect(),
-                };
-                (index, reference)
-            })
+        let recorded = self.recorded_referrers(asked.into_iter().collect(), deadline);
+        let mut references: BTreeMap<IndexRef, SettingsReference> = (recorded.await?.into_iter())
+            .map(|r| (r.index.clone(), r))
             .collect();
         // The batch's own records are newer than what the ledger holds.
         for record in records {
@@ -177,6 +150,54 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             }
         }
         Ok(references.into_values().collect())
+    }
+
+    /// The references of every index that may refer to what is `asked` (an alias target, a
+    /// shop): from the ledger once its records are complete (a Query per question, each
+    /// candidate's own record deciding), else every index's, from a scan of the table.
+    pub async fn referrers_of(
+        &self,
+        asked: Vec<Referred>,
+        deadline: Instant,
+    ) -> Result<Vec<SettingsReference>, PortError> {
+        let complete = self.ledger.references_complete();
+        if !before_deadline(deadline, "ledger references", complete).await? {
+            return self.settings_references(deadline).await;
+        }
+        self.recorded_referrers(asked, deadline).await
+    }
+
+    async fn recorded_referrers(
+        &self,
+        asked: Vec<Referred>,
+        deadline: Instant,
+    ) -> Result<Vec<SettingsReference>, PortError> {
+        let answers: Vec<Result<Vec<IndexRef>, PortError>> = futures::stream::iter(asked)
+            .map(|referred| async move {
+                let query = self.ledger.referrers(&referred);
+                before_deadline(deadline, "ledger references", query).await
+            })
+            .buffer_unordered(CONCURRENT_QUERIES)
+            .collect()
+            .await;
+        let mut candidates = BTreeSet::new();
+        for answer in answers {
+            candidates.extend(answer?);
+        }
+        // An entry the other way round may be stale: each candidate's own record decides.
+        let candidates: Vec<IndexRef> = candidates.into_iter().collect();
+        let read = self.ledger.index_refs(&candidates);
+        let recorded = before_deadline(deadline, "ledger references", read).await?;
+        Ok((recorded.into_iter())
+            .filter(|(_, refs)| !refs.removed)
+            .map(|(index, refs)| SettingsReference {
+                index,
+                shop_id: refs.shop,
+                live_targets: (refs.targets.into_iter())
+                    .map(crate::domain::IndexId)
+                    .collect(),
+            })
+            .collect())
     }
 
     /// After the KV writes: each index's references as its last applied record left them,
