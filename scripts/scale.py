@@ -165,6 +165,7 @@ class Function:
             time.sleep(0.05)
         if self.pid is None:
             raise SystemExit("the function did not start")
+        self.slowest = 0.0  # the longest invocation followed, in seconds
 
     def invoke(self, payload):
         for _ in range(100):
@@ -199,7 +200,9 @@ def follow(function, payload):
     """Invokes until `complete`, passing the token on; the number of invocations."""
     invocations = 0
     while True:
+        started = time.time()
         answer = function.invoke(payload)
+        function.slowest = max(function.slowest, time.time() - started)
         invocations += 1
         if "errorType" in answer:
             raise SystemExit(f"{payload}: {answer}")
@@ -239,7 +242,7 @@ def measure(name, n, counting, kv_port, emulators, binary, env_file, run):
         "ddb_by_operation": {k: v - ops0.get(k, 0) for k, v in ops1.items() if v != ops0.get(k, 0)},
         "kv_requests": kv_requests(kv_port) - kv0, "invocations": invocations,
         "cpu_s": round(function.cpu_seconds() - cpu0, 3), "peak_rss_mib": round(function.peak_rss_mib(), 1),
-        "seconds": round(seconds, 2),
+        "seconds": round(seconds, 2), "slowest_invocation_s": round(function.slowest or seconds, 2),
     }
     function.stop()
     print(json.dumps(row), flush=True)
@@ -294,6 +297,8 @@ def main():
                 ("backfill", lambda f: follow(f, {"mode": "backfill", "include_query_configs": True})),
                 ("stream REMOVE", lambda f: (f.invoke(remove_record("acct-000001", 1)), 1)[1]),
                 ("reconcile", lambda f: follow(f, {"mode": "reconcile"})),
+                # Two passes in one warm process: peak memory stays that of one piece.
+                ("reconcile x2 (warm)", lambda f: follow(f, {"mode": "reconcile"}) + follow(f, {"mode": "reconcile"})),
                 ("verify", lambda f: (f.invoke({"mode": "verify", "system_account_id": "acct-000000",
                                                 "index_name": "idx-0", "include_query_configs": True}), 1)[1]),
             ]
@@ -306,11 +311,24 @@ def main():
         server.shutdown()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     json.dump(rows, open(args.out, "w"), indent=1)
-    print("\n| path | N | items read | DynamoDB requests | KV requests | invocations | CPU s | peak RSS MiB | seconds |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| path | N | items read | DynamoDB requests | KV requests | invocations | CPU s | peak RSS MiB "
+          "| seconds | slowest invocation s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['path']} | {r['n']:,} | {r['items_read']:,} | {r['ddb_requests']:,} | {r['kv_requests']:,} | "
-              f"{r['invocations']} | {r['cpu_s']} | {r['peak_rss_mib']} | {r['seconds']} |")
+              f"{r['invocations']} | {r['cpu_s']} | {r['peak_rss_mib']} | {r['seconds']} | "
+              f"{r['slowest_invocation_s']} |")
+    plot(rows)
+
+
+def plot(rows):
+    """Items read per path as N grows, on a log scale: a flat bar does not grow with the fleet."""
+    import math
+    top = max((r["items_read"] for r in rows), default=1) or 1
+    print("\nitems read (log scale)")
+    for r in rows:
+        width = int(40 * math.log10(1 + r["items_read"]) / math.log10(1 + top))
+        print(f"{r['path']:>20} {r['n']:>7,} |{'#' * width} {r['items_read']:,}")
 
 
 if __name__ == "__main__":
