@@ -1,7 +1,7 @@
 //! The outside world as the core sees it: one small trait per system, and one error type that
 //! says whether trying again can help. Adapters implement these; tests pass fakes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 
 use serde_dynamo::Item;
@@ -207,11 +207,20 @@ pub trait SettingsTable: Send + Sync {
         indexes: &[IndexRef],
     ) -> impl Future<Output = Result<HashMap<IndexRef, Option<String>>, PortError>> + Send;
 
-    /// Every `INDEX#{name}#QUERY#...` record of the index.
+    /// Which of these overrides (index, query) have a record (consistent reads).
+    fn overrides_exist(
+        &self,
+        overrides: &[(IndexRef, String)],
+    ) -> impl Future<Output = Result<HashSet<(IndexRef, String)>, PortError>> + Send;
+
+    /// The index's `INDEX#{name}#QUERY#...` records after `start`, `limit` at most, in sort key
+    /// order (a consistent Query); `next` is where the rest begins.
     fn query_configs(
         &self,
         index: &IndexRef,
-    ) -> impl Future<Output = Result<Vec<Item>, PortError>> + Send;
+        start: Option<Item>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Page, PortError>> + Send;
 
     /// The normalized queries of every override of the index (a consistent, paginated Query of
     /// `INDEX#{name}#QUERY#`, keys only).
@@ -259,6 +268,9 @@ pub struct Claim {
     /// The digest of the value put (the key metadata's); `None` for a delete, or when KV is
     /// not known to hold it (the write failed, or a reconcile found KV differs).
     pub digest: Option<String>,
+    /// For a query config's key: the override's query (its table item is
+    /// `INDEX#{index}#QUERY#{query}`), so a reconcile checks it with a read by key.
+    pub query: Option<String>,
 }
 
 /// A key a writer is about to write: whose value goes under it and that value's digest
@@ -268,6 +280,8 @@ pub struct KeyClaim {
     pub key: KvKey,
     pub owner: Option<IndexRef>,
     pub digest: Option<String>,
+    /// A query config's: its override's query.
+    pub query: Option<String>,
 }
 
 /// What the ledger knows of an index's references to other keys: the shop key its settings

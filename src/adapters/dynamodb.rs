@@ -2,7 +2,7 @@
 //! backfills. Every failure here is transient: the SDK has already retried, and a record that
 //! needs the table is reported for retry.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
@@ -50,13 +50,10 @@ impl DynamoSettingsTable {
 const GET_BATCH: usize = 100;
 const UNPROCESSED_TRIES: u32 = 5;
 
-fn settings_key(index: &IndexRef) -> HashMap<String, AttributeValue> {
+fn item_key(pk: &str, sk: &str) -> HashMap<String, AttributeValue> {
     HashMap::from([
-        ("pk".to_owned(), AttributeValue::S(index.account.clone())),
-        (
-            "sk".to_owned(),
-            AttributeValue::S(format!("INDEX#{}", index.name)),
-        ),
+        ("pk".to_owned(), AttributeValue::S(pk.to_owned())),
+        ("sk".to_owned(), AttributeValue::S(sk.to_owned())),
     ])
 }
 
@@ -65,6 +62,56 @@ fn overrides_prefix(index: &IndexRef) -> String {
 }
 
 impl DynamoSettingsTable {
+    /// The items of these keys (`pk`, `sk`) that exist, `projection` only: consistent
+    /// BatchGetItems of 100 keys, unprocessed keys tried again.
+    async fn get_many(
+        &self,
+        keys: Vec<(String, String)>,
+        projection: &str,
+    ) -> Result<Vec<Item>, PortError> {
+        let mut found = Vec::new();
+        for chunk in keys.chunks(GET_BATCH) {
+            let mut keys: Vec<_> = chunk.iter().map(|(pk, sk)| item_key(pk, sk)).collect();
+            for attempt in 0..UNPROCESSED_TRIES {
+                if keys.is_empty() {
+                    break;
+                }
+                if attempt > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+                }
+                let wanted = KeysAndAttributes::builder()
+                    .set_keys(Some(std::mem::take(&mut keys)))
+                    .projection_expression(projection)
+                    .consistent_read(true)
+                    .build()
+                    .expect("keys are set");
+                let answer = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&self.table_name, wanted)
+                    .send()
+                    .await
+                    .map_err(|e| self.error("BatchGetItem", e))?;
+                let items = answer
+                    .responses
+                    .and_then(|mut r| r.remove(&self.table_name));
+                found.extend(items.unwrap_or_default().into_iter().map(Item::from));
+                keys = (answer.unprocessed_keys)
+                    .and_then(|mut left| left.remove(&self.table_name))
+                    .map(|k| k.keys)
+                    .unwrap_or_default();
+            }
+            if !keys.is_empty() {
+                return Err(PortError::Transient(format!(
+                    "BatchGetItem of table {}: {} items left unread",
+                    self.table_name,
+                    keys.len()
+                )));
+            }
+        }
+        Ok(found)
+    }
+
     /// Every `INDEX#{name}#QUERY#...` item of the index (only `projection`, when given):
     /// a consistent, paginated Query.
     async fn overrides(
@@ -167,60 +214,71 @@ impl SettingsTable for DynamoSettingsTable {
         &self,
         indexes: &[IndexRef],
     ) -> Result<HashMap<IndexRef, Option<String>>, PortError> {
-        let mut found = HashMap::new();
-        for chunk in indexes.chunks(GET_BATCH) {
-            let mut keys: Vec<_> = chunk.iter().map(settings_key).collect();
-            for attempt in 0..UNPROCESSED_TRIES {
-                if keys.is_empty() {
-                    break;
-                }
-                if attempt > 0 {
-                    tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
-                }
-                let wanted = KeysAndAttributes::builder()
-                    .set_keys(Some(std::mem::take(&mut keys)))
-                    .projection_expression("pk, sk, shop_id")
-                    .consistent_read(true)
-                    .build()
-                    .expect("keys are set");
-                let answer = self
-                    .client
-                    .batch_get_item()
-                    .request_items(&self.table_name, wanted)
-                    .send()
-                    .await
-                    .map_err(|e| self.error("BatchGetItem", e))?;
-                let items = answer
-                    .responses
-                    .and_then(|mut r| r.remove(&self.table_name));
-                for item in items.unwrap_or_default() {
-                    let item = Item::from(item);
-                    let image = Image::of(&item);
-                    let (Some(pk), Some(sk)) = (image.string("pk"), image.string("sk")) else {
-                        continue;
-                    };
-                    if let Some(name) = sk.strip_prefix("INDEX#") {
-                        found.insert(IndexRef::new(pk, name), shop_id_of(&image));
-                    }
-                }
-                keys = (answer.unprocessed_keys)
-                    .and_then(|mut left| left.remove(&self.table_name))
-                    .map(|k| k.keys)
-                    .unwrap_or_default();
-            }
-            if !keys.is_empty() {
-                return Err(PortError::Transient(format!(
-                    "BatchGetItem of table {}: {} items left unread",
-                    self.table_name,
-                    keys.len()
-                )));
-            }
-        }
-        Ok(found)
+        let keys = indexes
+            .iter()
+            .map(|i| (i.account.clone(), format!("INDEX#{}", i.name)));
+        let items = self.get_many(keys.collect(), "pk, sk, shop_id").await?;
+        Ok((items.iter())
+            .filter_map(|item| {
+                let image = Image::of(item);
+                let name = image.string("sk")?.strip_prefix("INDEX#")?;
+                let index = IndexRef::new(image.string("pk")?, name);
+                Some((index, shop_id_of(&image)))
+            })
+            .collect())
     }
 
-    async fn query_configs(&self, index: &IndexRef) -> Result<Vec<Item>, PortError> {
-        self.overrides(index, None).await
+    async fn overrides_exist(
+        &self,
+        overrides: &[(IndexRef, String)],
+    ) -> Result<HashSet<(IndexRef, String)>, PortError> {
+        let sk = |index: &IndexRef, query: &str| format!("{}{query}", overrides_prefix(index));
+        let keys = overrides
+            .iter()
+            .map(|(i, query)| (i.account.clone(), sk(i, query)));
+        let items = self.get_many(keys.collect(), "pk, sk").await?;
+        let found: HashSet<(&str, &str)> = (items.iter())
+            .filter_map(|item| Some((string_attribute(item, "pk")?, string_attribute(item, "sk")?)))
+            .collect();
+        Ok((overrides.iter())
+            .filter(|(i, query)| found.contains(&(i.account.as_str(), sk(i, query).as_str())))
+            .cloned()
+            .collect())
+    }
+
+    async fn query_configs(
+        &self,
+        index: &IndexRef,
+        start: Option<Item>,
+        limit: usize,
+    ) -> Result<Page, PortError> {
+        let mut items = Vec::new();
+        let mut start_key = start.map(|key| key.into());
+        loop {
+            let left = i32::try_from(limit - items.len()).unwrap_or(i32::MAX);
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table_name)
+                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+                .expression_attribute_values(":pk", AttributeValue::S(index.account.clone()))
+                .expression_attribute_values(":prefix", AttributeValue::S(overrides_prefix(index)))
+                .consistent_read(true)
+                .set_exclusive_start_key(start_key)
+                .set_limit((limit != usize::MAX).then_some(left))
+                .send()
+                .await
+                .map_err(|e| self.error("Query", e))?;
+            items.extend(page.items.unwrap_or_default().into_iter().map(Item::from));
+            let next = page.last_evaluated_key.filter(|key| !key.is_empty());
+            match next {
+                Some(key) if items.len() < limit => start_key = Some(key),
+                next => {
+                    let next = next.map(Item::from);
+                    return Ok(Page { items, next });
+                }
+            }
+        }
     }
 
     async fn override_queries(&self, index: &IndexRef) -> Result<Vec<String>, PortError> {

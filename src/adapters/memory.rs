@@ -116,8 +116,19 @@ impl SettingsTable for CountingTable {
     ) -> Result<std::collections::HashMap<IndexRef, Option<String>>, PortError> {
         Ok(Default::default())
     }
-    async fn query_configs(&self, _: &IndexRef) -> Result<Vec<Item>, PortError> {
-        Ok(vec![])
+    async fn overrides_exist(
+        &self,
+        _: &[(IndexRef, String)],
+    ) -> Result<std::collections::HashSet<(IndexRef, String)>, PortError> {
+        Ok(Default::default())
+    }
+    async fn query_configs(
+        &self,
+        _: &IndexRef,
+        _: Option<Item>,
+        _: usize,
+    ) -> Result<Page, PortError> {
+        Ok(Page::default())
     }
     async fn override_queries(&self, _: &IndexRef) -> Result<Vec<String>, PortError> {
         self.override_queries.fetch_add(1, Ordering::SeqCst);

@@ -11,12 +11,13 @@ pub mod reexport;
 pub mod verify;
 
 use serde::{Deserialize, Deserializer, Serialize};
+use serde_dynamo::Item;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 
 use crate::domain::validate::cut;
 use crate::domain::{IndexRef, KvKey};
-use crate::pipeline::exporter::{Exporter, Prepared};
+use crate::pipeline::exporter::{Exporter, Overrides, Prepared, Run};
 use crate::pipeline::records::ChangeRecord;
 use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
 use crate::report::{BatchReport, Outcome};
@@ -215,22 +216,74 @@ impl IndexTarget {
             include_query_configs,
         }
     }
+}
 
-    /// The index's settings record (it must exist) and, when asked, its query configs.
-    async fn records<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
+/// Records of one index worked on in one go: its settings record (first) and a run of its query
+/// configs.
+pub struct Piece {
+    pub records: Vec<ChangeRecord>,
+    /// Where the index's next query configs begin (`None`: this piece holds the last).
+    pub next: Option<Item>,
+    /// How to plan it: a piece without every query config gets its filter from a Query.
+    pub run: Run,
+}
+
+/// Query configs in one piece of a re-export or verify: an index with more goes on in pieces,
+/// each within an invocation, with a token.
+pub const PIECE_RECORDS: usize = 5_000;
+
+impl IndexTarget {
+    /// The piece after `start` (`None`: the first, with the settings record, which must exist).
+    async fn piece<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
         &self,
         exporter: &Exporter<K, A, T, L>,
+        start: Option<Item>,
+        limit: usize,
         deadline: Instant,
-    ) -> Result<Vec<ChangeRecord>, OperatorError> {
+    ) -> Result<Piece, OperatorError> {
         let index = &self.index;
-        exporter
-            .index_records(index, self.include_query_configs, deadline)
-            .await
-            .map_err(|e| OperatorError::export_failed(index, e))?
-            .ok_or_else(|| OperatorError::NoSuchIndex {
+        let failed = |e| OperatorError::export_failed(index, e);
+        let first = start.is_none();
+        let mut records = Vec::new();
+        if first {
+            let with_configs = self.include_query_configs;
+            let settings = exporter.settings_record(index, with_configs, deadline);
+            let settings = settings.await.map_err(failed)?;
+            records.push(settings.ok_or_else(|| OperatorError::NoSuchIndex {
                 account: index.account.clone(),
                 index: index.name.clone(),
-            })
+            })?);
+        }
+        if !self.include_query_configs {
+            let run = Run::OPERATOR;
+            return Ok(Piece {
+                records,
+                next: None,
+                run,
+            });
+        }
+        let page = exporter.query_configs(index, start, limit.max(1), deadline);
+        let (configs, next) = page.await.map_err(failed)?;
+        records.extend(configs);
+        let run = match first && next.is_none() {
+            true => Run::OPERATOR,
+            false => Run {
+                overrides: Overrides::InTable,
+                ..Run::OPERATOR
+            },
+        };
+        Ok(Piece { records, next, run })
+    }
+}
+
+/// A piece after the first plans the index's filter again (its query configs need it): the
+/// first piece, which has the settings record, owns it.
+fn leave_filter_to_first_piece(prepared: &mut Prepared, index: &IndexRef, first: bool) {
+    if !first {
+        prepared
+            .plan
+            .ops
+            .remove(&crate::domain::qfilter::filter_key(index));
     }
 }
 
@@ -288,6 +341,13 @@ pub struct KeyChanges {
 }
 
 impl KeyChanges {
+    fn add(&mut self, more: KeyChanges) {
+        self.written.extend(more.written);
+        self.deleted.extend(more.deleted);
+        self.left_to_other_writers
+            .extend(more.left_to_other_writers);
+    }
+
     fn of(written: &[KvKey], deleted: &[KvKey]) -> Self {
         let names = |keys: &[KvKey]| keys.iter().map(|k| k.key.clone()).collect();
         Self {

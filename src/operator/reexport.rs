@@ -5,12 +5,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
 
+use super::{decode_token, encode_token, leave_filter_to_first_piece, PIECE_RECORDS};
 use super::{ensure_exported, ensure_ready, flag, masked, rejected, IndexTarget, OperatorError};
 use super::{Rejected, Text};
 use crate::domain::{KvAction, KvKey, Namespace};
-use crate::pipeline::exporter::{Exporter, Run};
+use crate::pipeline::exporter::{Exporter, Prepared};
 use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
+use crate::report::BatchReport;
 use crate::report::Outcome;
+use serde_dynamo::Item;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,6 +24,12 @@ pub struct ReexportRequest {
     pub include_query_configs: bool,
     #[serde(default, deserialize_with = "flag")]
     pub dry_run: bool,
+    /// Where a re-export of many query configs goes on.
+    #[serde(default)]
+    pub continuation_token: Option<Text>,
+    /// Query configs per invocation: it stops after one piece of this many, with a token.
+    #[serde(default, deserialize_with = "super::backfill::max_records")]
+    pub max_records: Option<usize>,
 }
 
 impl ReexportRequest {
@@ -45,6 +54,10 @@ pub struct Exported {
     pub left_to_other_writers: Vec<String>,
     pub query_configs_exported: usize,
     pub rejected: Vec<Rejected>,
+    /// `false`: the index's query configs go on with the token (each invocation a piece).
+    pub complete: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub continuation_token: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -62,6 +75,9 @@ pub struct Preview {
     pub would_write: Vec<PreviewWrite>,
     pub would_delete: Vec<PreviewDelete>,
     pub rejected: Vec<Rejected>,
+    pub complete: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub continuation_token: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -98,55 +114,133 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
 ) -> Result<Answer, OperatorError> {
     let target = request.target();
     let index = &target.index;
+    let mut start: Option<Item> = match &request.continuation_token {
+        Some(token) => Some(decode_token(&token.0)?),
+        None => None,
+    };
     // Keys another writer claims from now on are left to it (docs/contract.md).
     let read_since = exporter.begin_reading().await;
-    let records = target.records(exporter, deadline).await?;
-    if request.dry_run {
-        let prepared = exporter.prepare(records, Run::OPERATOR, deadline).await;
-        ensure_ready(index, &prepared)?;
-        let mut would_write = Vec::new();
-        let mut would_delete = Vec::new();
+    // An index whose query configs need several pieces goes on with a token; no invocation
+    // works past half the time it has.
+    let began = Instant::now();
+    let stop_at = began + deadline.saturating_duration_since(began) / 2;
+    let limit = request.max_records.unwrap_or(PIECE_RECORDS);
+    let mut answer = Answer::new(request);
+    loop {
+        let first = start.is_none();
+        let piece = target
+            .piece(exporter, start.take(), limit, deadline)
+            .await?;
+        let mut prepared = exporter.prepare(piece.records, piece.run, deadline).await;
+        leave_filter_to_first_piece(&mut prepared, index, first);
+        if request.dry_run {
+            ensure_ready(index, &prepared)?;
+            answer.preview(&prepared);
+        } else {
+            prepared.read_epoch = Some(read_since);
+            let report = exporter.apply(prepared, deadline).await;
+            report.log();
+            ensure_exported(index, &report)?;
+            answer.exported(&report, first);
+        }
+        let Some(next) = piece.next else {
+            return Ok(answer.finish(None));
+        };
+        if request.max_records.is_some() || Instant::now() >= stop_at {
+            return Ok(answer.finish(Some(encode_token(&next))));
+        }
+        start = Some(next);
+    }
+}
+
+impl Answer {
+    fn new(request: &ReexportRequest) -> Self {
+        let (account, name) = (
+            request.system_account_id.0.clone(),
+            request.index_name.0.clone(),
+        );
+        match request.dry_run {
+            true => Answer::Preview(Preview {
+                dry_run: true,
+                system_account_id: account,
+                index_name: name,
+                would_write: Vec::new(),
+                would_delete: Vec::new(),
+                rejected: Vec::new(),
+                complete: true,
+                continuation_token: None,
+            }),
+            false => Answer::Exported(Exported {
+                system_account_id: account,
+                index_name: name,
+                written: WrittenKeys {
+                    settings: Vec::new(),
+                    query_configs: Vec::new(),
+                },
+                keys_written: 0,
+                left_to_other_writers: Vec::new(),
+                query_configs_exported: 0,
+                rejected: Vec::new(),
+                complete: true,
+                continuation_token: None,
+            }),
+        }
+    }
+
+    fn preview(&mut self, prepared: &Prepared) {
+        let Answer::Preview(preview) = self else {
+            return;
+        };
         for (key, op) in &prepared.plan.ops {
             let namespace = key.namespace.name();
             match &op.action {
-                KvAction::Put(value) => would_write.push(PreviewWrite {
+                KvAction::Put(value) => preview.would_write.push(PreviewWrite {
                     namespace,
                     key: key.key.clone(),
                     value: masked(&value.text()),
                 }),
-                KvAction::Delete => would_delete.push(PreviewDelete {
+                KvAction::Delete => preview.would_delete.push(PreviewDelete {
                     namespace,
                     key: key.key.clone(),
                 }),
             }
         }
-        return Ok(Answer::Preview(Preview {
-            dry_run: true,
-            system_account_id: index.account.clone(),
-            index_name: index.name.clone(),
-            would_write,
-            would_delete,
-            rejected: rejected(prepared.plan.outcomes.iter()),
-        }));
+        preview
+            .rejected
+            .extend(rejected(prepared.plan.outcomes.iter()));
     }
-    let report = (exporter.export_read_at(records, Run::OPERATOR, read_since, deadline)).await;
-    report.log();
-    ensure_exported(index, &report)?;
-    Ok(Answer::Exported(Exported {
-        system_account_id: index.account.clone(),
-        index_name: index.name.clone(),
-        written: WrittenKeys {
-            settings: names_in(&report.written, Namespace::Settings),
-            query_configs: names_in(&report.written, Namespace::QueryConfigs),
-        },
-        keys_written: report.keys_written,
-        left_to_other_writers: report.left.iter().map(|k| k.key.clone()).collect(),
-        query_configs_exported: report
-            .records
-            .iter()
-            .skip(1)
-            .filter(|r| r.outcome == Outcome::Exported)
-            .count(),
-        rejected: rejected(report.records.iter().map(|r| &r.outcome)),
-    }))
+
+    fn exported(&mut self, report: &BatchReport, first: bool) {
+        let Answer::Exported(exported) = self else {
+            return;
+        };
+        let written = &mut exported.written;
+        written
+            .settings
+            .extend(names_in(&report.written, Namespace::Settings));
+        written
+            .query_configs
+            .extend(names_in(&report.written, Namespace::QueryConfigs));
+        exported.keys_written += report.keys_written;
+        exported
+            .left_to_other_writers
+            .extend(report.left.iter().map(|k| k.key.clone()));
+        // The first piece begins with the settings record.
+        let configs = report.records.iter().skip(usize::from(first));
+        exported.query_configs_exported +=
+            configs.filter(|r| r.outcome == Outcome::Exported).count();
+        exported
+            .rejected
+            .extend(rejected(report.records.iter().map(|r| &r.outcome)));
+    }
+
+    fn finish(mut self, token: Option<String>) -> Self {
+        let (complete, continuation_token) = match &mut self {
+            Answer::Exported(e) => (&mut e.complete, &mut e.continuation_token),
+            Answer::Preview(p) => (&mut p.complete, &mut p.continuation_token),
+        };
+        *complete = token.is_none();
+        *continuation_token = token;
+        self
+    }
 }

@@ -1,17 +1,19 @@
 //! `{"mode": "verify", ...}`: compares what KV holds for one index with what the table implies,
 //! and with `repair` writes what is missing or stale and deletes what should not be there.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
 
+use super::{decode_token, encode_token, leave_filter_to_first_piece, PIECE_RECORDS};
 use super::{ensure_exported, ensure_ready, flag, IndexTarget, KeyChanges, OperatorError, Text};
 use crate::domain::kv::{is_query_config_key_of, query_config_prefix};
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
-use crate::pipeline::exporter::{Exporter, Run};
+use crate::pipeline::exporter::{Exporter, Prepared};
 use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
+use serde_dynamo::Item;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,6 +27,12 @@ pub struct VerifyRequest {
     /// With `repair`: say what would be repaired, write nothing.
     #[serde(default, deserialize_with = "flag")]
     pub dry_run: bool,
+    /// Where a verify of many query configs goes on.
+    #[serde(default)]
+    pub continuation_token: Option<Text>,
+    /// Query configs per invocation: it stops after one piece of this many, with a token.
+    #[serde(default, deserialize_with = "super::backfill::max_records")]
+    pub max_records: Option<usize>,
 }
 
 /// How a KV key compares with what the table implies.
@@ -78,6 +86,10 @@ pub struct Answer {
     pub would_repair: Option<KeyChanges>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repaired: Option<KeyChanges>,
+    /// `false`: the index's query configs go on with the token (each invocation a piece).
+    pub complete: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub continuation_token: Option<String>,
 }
 
 /// Whether a query-config value was written for this index.
@@ -124,79 +136,145 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
         &request.index_name,
         request.include_query_configs,
     );
-    let index = &target.index;
+    let mut start: Option<Item> = match &request.continuation_token {
+        Some(token) => Some(decode_token(&token.0)?),
+        None => None,
+    };
     // Keys another writer claims from now on are left to it (docs/contract.md).
     let read_since = exporter.begin_reading().await;
-    let records = target.records(exporter, deadline).await?;
-    let mut prepared = exporter.prepare(records, Run::OPERATOR, deadline).await;
-    ensure_ready(index, &prepared)?;
-
-    let expected: BTreeMap<KvKey, String> = prepared
-        .plan
-        .ops
-        .iter()
-        .filter_map(|(key, op)| match &op.action {
-            KvAction::Put(value) => Some((key.clone(), value.text().into_owned())),
-            KvAction::Delete => None,
-        })
-        .collect();
-    // One bulk read per namespace (100 keys a request), as everywhere values are read.
-    let mut actual: HashMap<KvKey, Option<String>> = HashMap::new();
-    for namespace in [Namespace::Settings, Namespace::QueryConfigs] {
-        let keys: Vec<String> = expected
-            .keys()
-            .filter(|k| k.namespace == namespace)
-            .map(|k| k.key.clone())
-            .collect();
-        let values = exporter
-            .read_many(namespace, &keys, deadline)
-            .await
-            .map_err(|e| {
-                let what = format!("reading the index's {} keys: {e}", namespace.name());
-                OperatorError::export_failed(index, what)
-            })?;
-        actual.extend(
-            values
-                .into_iter()
-                .map(|(key, value)| (KvKey { namespace, key }, value)),
-        );
-    }
-    let mut drift: BTreeMap<KvKey, Drift> = BTreeMap::new();
-    for key in expected.keys() {
-        let state = match actual.remove(key).flatten() {
-            // No filter says what an empty one says: the index has no overrides.
-            None if prepared.plan.empty_filters.contains(key) => Drift::InSync,
-            None => Drift::Missing,
-            Some(actual) => {
-                stale_fields(&expected[key], &actual).map_or(Drift::InSync, Drift::Stale)
-            }
+    // An index whose query configs need several pieces goes on with a token; no invocation
+    // works past half the time it has.
+    let began = Instant::now();
+    let stop_at = began + deadline.saturating_duration_since(began) / 2;
+    let limit = request.max_records.unwrap_or(PIECE_RECORDS);
+    let mut answer = Answer::new(&target.index);
+    loop {
+        let first = start.is_none();
+        let piece = target
+            .piece(exporter, start.take(), limit, deadline)
+            .await?;
+        let whole = first && piece.next.is_none();
+        let last = piece.next.is_none();
+        let mut prepared = exporter.prepare(piece.records, piece.run, deadline).await;
+        leave_filter_to_first_piece(&mut prepared, &target.index, first);
+        ensure_ready(&target.index, &prepared)?;
+        let mut check = Check::new(&target, &prepared);
+        check.compare(exporter, &prepared, deadline).await?;
+        if last && target.include_query_configs {
+            check.unexpected(exporter, whole, deadline).await?;
+        }
+        answer.add(&check.drift);
+        if request.repair {
+            prepared.read_epoch = Some(read_since);
+            answer
+                .repair(exporter, request, prepared, &check.drift, deadline)
+                .await?;
+        }
+        let Some(next) = piece.next else {
+            return Ok(answer.finish(None));
         };
-        drift.insert(key.clone(), state);
+        if request.max_records.is_some() || Instant::now() >= stop_at {
+            return Ok(answer.finish(Some(encode_token(&next))));
+        }
+        start = Some(next);
     }
-    if target.include_query_configs {
-        let listed = exporter
-            .list_keys(
-                Namespace::QueryConfigs,
-                &query_config_prefix(index),
-                deadline,
-            )
+}
+
+/// One piece's keys compared: what the table implies for them, and how KV differs.
+struct Check<'a> {
+    index: &'a IndexRef,
+    expected: BTreeMap<KvKey, String>,
+    drift: BTreeMap<KvKey, Drift>,
+}
+
+impl<'a> Check<'a> {
+    fn new(target: &'a IndexTarget, prepared: &Prepared) -> Self {
+        let expected = (prepared.plan.ops.iter())
+            .filter_map(|(key, op)| match &op.action {
+                KvAction::Put(value) => Some((key.clone(), value.text().into_owned())),
+                KvAction::Delete => None,
+            })
+            .collect();
+        Self {
+            index: &target.index,
+            expected,
+            drift: BTreeMap::new(),
+        }
+    }
+
+    /// Each expected key against KV: one bulk read per namespace (100 keys a request).
+    async fn compare<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
+        &mut self,
+        exporter: &Exporter<K, A, T, L>,
+        prepared: &Prepared,
+        deadline: Instant,
+    ) -> Result<(), OperatorError> {
+        let index = self.index;
+        let mut actual: HashMap<KvKey, Option<String>> = HashMap::new();
+        for namespace in [Namespace::Settings, Namespace::QueryConfigs] {
+            let keys: Vec<String> = (self.expected.keys())
+                .filter(|k| k.namespace == namespace)
+                .map(|k| k.key.clone())
+                .collect();
+            let values = exporter
+                .read_many(namespace, &keys, deadline)
+                .await
+                .map_err(|e| {
+                    let what = format!("reading the index's {} keys: {e}", namespace.name());
+                    OperatorError::export_failed(index, what)
+                })?;
+            actual.extend(
+                values
+                    .into_iter()
+                    .map(|(key, value)| (KvKey { namespace, key }, value)),
+            );
+        }
+        for (key, expected) in &self.expected {
+            let state = match actual.remove(key).flatten() {
+                // No filter says what an empty one says: the index has no overrides.
+                None if prepared.plan.empty_filters.contains(key) => Drift::InSync,
+                None => Drift::Missing,
+                Some(actual) => stale_fields(expected, &actual).map_or(Drift::InSync, Drift::Stale),
+            };
+            self.drift.insert(key.clone(), state);
+        }
+        Ok(())
+    }
+
+    /// Query-config keys of the index that no query config implies. `whole`: this piece
+    /// expects every one; else they come from a keys-only Query of the table.
+    async fn unexpected<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
+        &mut self,
+        exporter: &Exporter<K, A, T, L>,
+        whole: bool,
+        deadline: Instant,
+    ) -> Result<(), OperatorError> {
+        let index = self.index;
+        let failed = |what: &str, e| OperatorError::export_failed(index, format!("{what}: {e}"));
+        let implied: Option<HashSet<String>> = match whole {
+            true => None,
+            false => Some(
+                (exporter.override_keys(index, deadline).await)
+                    .map_err(|e| failed("reading the index's overrides", e))?,
+            ),
+        };
+        let prefix = query_config_prefix(index);
+        let listed = exporter.list_keys(Namespace::QueryConfigs, &prefix, deadline);
+        let listed = listed
             .await
-            .map_err(|e| {
-                OperatorError::export_failed(index, format!("listing query-config keys: {e}"))
-            })?;
+            .map_err(|e| failed("listing query-config keys", e))?;
         // The prefix is shared with other indexes ((a-1, x) and (a, 1-x)): a key is this
         // index's only when its value says so.
         let candidates: Vec<String> = listed
             .into_iter()
             .filter(|k| is_query_config_key_of(index, k))
-            .filter(|k| !expected.contains_key(&KvKey::query_config_named(k)))
+            .filter(|k| !self.expected.contains_key(&KvKey::query_config_named(k)))
+            .filter(|k| implied.as_ref().is_none_or(|implied| !implied.contains(k)))
             .collect();
-        let values = exporter
-            .read_many(Namespace::QueryConfigs, &candidates, deadline)
+        let values = exporter.read_many(Namespace::QueryConfigs, &candidates, deadline);
+        let values = values
             .await
-            .map_err(|e| {
-                OperatorError::export_failed(index, format!("reading query-config keys: {e}"))
-            })?;
+            .map_err(|e| failed("reading query-config keys", e))?;
         for key in candidates {
             if values
                 .get(&key)
@@ -204,22 +282,40 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
                 .flatten()
                 .is_some_and(|v| owned_by(&v, index))
             {
-                drift.insert(KvKey::query_config_named(&key), Drift::Unexpected);
+                (self.drift).insert(KvKey::query_config_named(&key), Drift::Unexpected);
             }
+        }
+        Ok(())
+    }
+}
+
+impl Answer {
+    fn new(index: &IndexRef) -> Self {
+        Answer {
+            system_account_id: index.account.clone(),
+            index_name: index.name.clone(),
+            in_sync: true,
+            counts: DriftCounts::default(),
+            keys: Vec::new(),
+            dry_run: None,
+            would_repair: None,
+            repaired: None,
+            complete: true,
+            continuation_token: None,
         }
     }
 
-    let mut counts = DriftCounts::default();
-    let keys = drift
-        .iter()
-        .map(|(key, state)| {
+    fn add(&mut self, drift: &BTreeMap<KvKey, Drift>) {
+        for (key, state) in drift {
+            let counts = &mut self.counts;
             *match state {
                 Drift::InSync => &mut counts.in_sync,
                 Drift::Missing => &mut counts.missing,
                 Drift::Stale(_) => &mut counts.stale,
                 Drift::Unexpected => &mut counts.unexpected,
             } += 1;
-            KeyState {
+            self.in_sync &= *state == Drift::InSync;
+            self.keys.push(KeyState {
                 namespace: key.namespace.name(),
                 key: key.key.clone(),
                 status: state.name(),
@@ -227,46 +323,51 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
                     Drift::Stale(fields) => Some(fields.clone()),
                     _ => None,
                 },
-            }
-        })
-        .collect();
-    let mut answer = Answer {
-        system_account_id: index.account.clone(),
-        index_name: index.name.clone(),
-        in_sync: drift.values().all(|d| *d == Drift::InSync),
-        counts,
-        keys,
-        dry_run: None,
-        would_repair: None,
-        repaired: None,
-    };
-    if !request.repair {
-        return Ok(answer);
+            });
+        }
     }
 
-    // Only what drifted is sent: missing and stale keys written, unexpected ones deleted.
-    let writes: BTreeSet<KvKey> = (drift.iter())
-        .filter(|(_, state)| matches!(state, Drift::Missing | Drift::Stale(_)))
-        .map(|(key, _)| key.clone())
-        .collect();
-    let deletes: Vec<(KvKey, Option<IndexRef>)> = (drift.iter())
-        .filter(|(_, state)| **state == Drift::Unexpected)
-        .map(|(key, _)| (key.clone(), Some(index.clone())))
-        .collect();
-    if request.dry_run {
-        let writes: Vec<KvKey> = writes.into_iter().collect();
-        let deletes: Vec<KvKey> = deletes.into_iter().map(|(key, _)| key).collect();
-        answer.dry_run = Some(true);
-        answer.would_repair = Some(KeyChanges::of(&writes, &deletes));
-        return Ok(answer);
+    /// Only what drifted is sent: missing and stale keys written, unexpected ones deleted.
+    async fn repair<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
+        &mut self,
+        exporter: &Exporter<K, A, T, L>,
+        request: &VerifyRequest,
+        prepared: Prepared,
+        drift: &BTreeMap<KvKey, Drift>,
+        deadline: Instant,
+    ) -> Result<(), OperatorError> {
+        let index = IndexRef::new(&self.system_account_id, &self.index_name);
+        let writes: BTreeSet<KvKey> = (drift.iter())
+            .filter(|(_, state)| matches!(state, Drift::Missing | Drift::Stale(_)))
+            .map(|(key, _)| key.clone())
+            .collect();
+        let deletes: Vec<(KvKey, Option<IndexRef>)> = (drift.iter())
+            .filter(|(_, state)| **state == Drift::Unexpected)
+            .map(|(key, _)| (key.clone(), Some(index.clone())))
+            .collect();
+        if request.dry_run {
+            let writes: Vec<KvKey> = writes.into_iter().collect();
+            let deletes: Vec<KvKey> = deletes.into_iter().map(|(key, _)| key).collect();
+            self.dry_run = Some(true);
+            let changes = self.would_repair.get_or_insert_with(KeyChanges::default);
+            changes.add(KeyChanges::of(&writes, &deletes));
+            return Ok(());
+        }
+        let report = exporter.repair(prepared, &writes, deletes, deadline).await;
+        ensure_exported(&index, &report)?;
+        let mut repaired = KeyChanges::of(&report.written, &report.deleted);
+        repaired.left_to_other_writers = report.left.iter().map(|k| k.key.clone()).collect();
+        self.repaired
+            .get_or_insert_with(KeyChanges::default)
+            .add(repaired);
+        Ok(())
     }
-    prepared.read_epoch = Some(read_since);
-    let report = exporter.repair(prepared, &writes, deletes, deadline).await;
-    ensure_exported(index, &report)?;
-    let mut repaired = KeyChanges::of(&report.written, &report.deleted);
-    repaired.left_to_other_writers = report.left.iter().map(|k| k.key.clone()).collect();
-    answer.repaired = Some(repaired);
-    Ok(answer)
+
+    fn finish(mut self, token: Option<String>) -> Self {
+        self.complete = token.is_none();
+        self.continuation_token = token;
+        self
+    }
 }
 
 #[cfg(test)]

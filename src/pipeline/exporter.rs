@@ -374,6 +374,11 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             known_refs,
         } = prepared;
         let left_refs = known_refs.as_ref().map(|_| references::left_by(&records));
+        let claimed = self.ledger.enabled();
+        // A query config's claim names its override's query (a reconcile reads it by key).
+        let queries: Vec<Option<(String, String)>> = (records.iter())
+            .map(|record| record.query_config().filter(|_| claimed))
+            .collect();
         // From here on a record is only what identifies it: its decoded change is let go.
         let (records, created_at): (Vec<RecordReport>, Vec<Option<f64>>) = records
             .into_iter()
@@ -388,7 +393,6 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             .unzip();
         let mut outcomes = plan.outcomes;
         let before = self.kv.counters();
-        let claimed = self.ledger.enabled();
         let planned = (plan.ops.iter())
             .map(|(key, op)| Planned {
                 key: key.clone(),
@@ -401,6 +405,9 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
                     KvAction::Put(value) if claimed => Some(value.digest()),
                     _ => None,
                 },
+                query: (queries[op.owner].as_ref())
+                    .filter(|(own, _)| *own == key.key)
+                    .map(|(_, query)| query.clone()),
             })
             .collect();
         let guard = self.claim(planned, run, read_epoch, &reads).await;
@@ -593,18 +600,56 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
         include_query_configs: bool,
         deadline: Instant,
     ) -> Result<Option<Vec<ChangeRecord>>, PortError> {
-        let item = before_deadline(deadline, "settings item", self.table.index_settings(index));
-        let Some(item) = item.await? else {
+        let settings = self.settings_record(index, include_query_configs, deadline);
+        let Some(settings) = settings.await? else {
             return Ok(None);
         };
-        // With query configs, the settings record stands for all of them (its filter).
-        let mut records = vec![self.decode_item(item, include_query_configs)];
+        let mut records = vec![settings];
         if include_query_configs {
-            let items = self.table.query_configs(index);
-            let items = before_deadline(deadline, "query configs", items).await?;
-            records.extend(items.into_iter().map(|item| self.decode_item(item, true)));
+            let mut start = None;
+            loop {
+                let (page, next) = self
+                    .query_configs(index, start, usize::MAX, deadline)
+                    .await?;
+                records.extend(page);
+                match next {
+                    Some(next) => start = Some(next),
+                    None => break,
+                }
+            }
         }
         Ok(Some(records))
+    }
+
+    /// The index's settings record as a change (`None`: the table has none). With query
+    /// configs, it stands for all of them (it needs their filter).
+    pub async fn settings_record(
+        &self,
+        index: &IndexRef,
+        include_query_configs: bool,
+        deadline: Instant,
+    ) -> Result<Option<ChangeRecord>, PortError> {
+        let item = before_deadline(deadline, "settings item", self.table.index_settings(index));
+        let item = item.await?;
+        Ok(item.map(|item| self.decode_item(item, include_query_configs)))
+    }
+
+    /// The index's query-config records after `start`, `limit` at most, and where the rest
+    /// begins.
+    pub async fn query_configs(
+        &self,
+        index: &IndexRef,
+        start: Option<Item>,
+        limit: usize,
+        deadline: Instant,
+    ) -> Result<(Vec<ChangeRecord>, Option<Item>), PortError> {
+        let page = self.table.query_configs(index, start, limit);
+        let page = before_deadline(deadline, "query configs", page).await?;
+        let records = page
+            .items
+            .into_iter()
+            .map(|item| self.decode_item(item, true));
+        Ok((records.collect(), page.next))
     }
 
     /// Which of `indexes` have a settings record, and each one's shop.
@@ -617,6 +662,19 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             return Ok(HashMap::new());
         }
         before_deadline(deadline, "settings items", self.table.index_shops(indexes)).await
+    }
+
+    /// Which of these overrides (index, query) the table holds.
+    pub async fn overrides_exist(
+        &self,
+        overrides: &[(IndexRef, String)],
+        deadline: Instant,
+    ) -> Result<HashSet<(IndexRef, String)>, PortError> {
+        if overrides.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let read = self.table.overrides_exist(overrides);
+        before_deadline(deadline, "override items", read).await
     }
 
     /// The KV keys of the index's overrides, from a keys-only Query of the table.

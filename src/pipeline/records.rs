@@ -55,6 +55,19 @@ pub struct ChangeRecord {
     pub decoded: Result<Change, Outcome>,
 }
 
+impl ChangeRecord {
+    /// An override's KV key and query, when the record is one.
+    pub fn query_config(&self) -> Option<(String, String)> {
+        match &self.decoded {
+            Ok(Change::UpsertQuery(config)) => {
+                let key = crate::domain::kv::query_config_key(&config.index, &config.query);
+                Some((key, config.query.clone()))
+            }
+            _ => None,
+        }
+    }
+}
+
 fn skip(reason: impl Into<String>) -> Result<Change, Outcome> {
     Err(Outcome::Skipped(reason.into()))
 }

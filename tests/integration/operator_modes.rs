@@ -514,3 +514,81 @@ async fn a_backfill_gathers_pages_into_bulk_requests_near_cloudflare_s_limit() {
     // 36 items in 8 pages, one batch: one bulk write per namespace.
     assert_eq!(h.kv_calls("bulk"), 2, "{:?}", h.bulk_write_sizes());
 }
+
+/// Follows a re-export or verify's tokens to the end; every answer.
+async fn in_pieces(h: &Harness, mut payload: Value) -> Vec<Value> {
+    let mut answers = Vec::new();
+    loop {
+        let answer = h.invoke(payload.clone()).await;
+        answers.push(answer.clone());
+        match answer["continuation_token"].as_str() {
+            Some(token) => payload["continuation_token"] = json!(token),
+            None => {
+                assert_eq!(answer["complete"], true, "{answer}");
+                return answers;
+            }
+        }
+        assert!(answers.len() < 20, "it ends");
+    }
+}
+
+#[tokio::test]
+async fn an_index_with_more_query_configs_than_a_piece_is_reexported_and_verified_in_pieces() {
+    let h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "big", None)).await;
+    let queries: Vec<String> = (0..12).map(|i| format!("query {i:02}")).collect();
+    for query in &queries {
+        h.put(query_item("acct-1", "big", query)).await;
+    }
+
+    let payload = json!({"system_account_id": "acct-1", "index_name": "big",
+                         "include_query_configs": true, "max_records": 5});
+    let exported = in_pieces(&h, payload.clone()).await;
+
+    // 12 query configs, 5 a piece: three invocations, each writing its own.
+    assert_eq!(exported.len(), 3, "{exported:#?}");
+    assert_eq!(total(&exported, "query_configs_exported"), 12);
+    for query in &queries {
+        assert!(
+            h.query_config(&qcfg_key("acct-1", "big", query)).is_some(),
+            "{query}"
+        );
+    }
+    // Each piece's filter comes from the table, so it holds every override.
+    assert_eq!(filter_of(&h, "acct-1", "big").unwrap()["count"], 12);
+    assert_eq!(h.settings("acct-1-big").unwrap()["index_name"], "big");
+
+    // Two query configs lost, one left over from a removed override: found piece by piece.
+    h.kv.remove(CF_ACCOUNT, QCFG_NS, &qcfg_key("acct-1", "big", &queries[1]));
+    h.kv.remove(CF_ACCOUNT, QCFG_NS, &qcfg_key("acct-1", "big", &queries[9]));
+    h.delete("acct-1", &format!("INDEX#big#QUERY#{}", queries[11]))
+        .await;
+    let mut verify = payload.clone();
+    verify["mode"] = json!("verify");
+    verify["repair"] = json!(true);
+    let answers = in_pieces(&h, verify.clone()).await;
+    let counts = |answers: &[Value], class: &str| -> u64 {
+        answers
+            .iter()
+            .map(|a| a["counts"][class].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(answers.len(), 3, "{answers:#?}");
+    assert_eq!(counts(&answers, "missing"), 2, "{answers:#?}");
+    assert_eq!(counts(&answers, "unexpected"), 1, "{answers:#?}");
+    assert!(h
+        .query_config(&qcfg_key("acct-1", "big", &queries[9]))
+        .is_some());
+    assert!(h
+        .query_config(&qcfg_key("acct-1", "big", &queries[11]))
+        .is_none());
+
+    let again = in_pieces(&h, verify).await;
+    assert!(again.iter().all(|a| a["in_sync"] == true), "{again:#?}");
+    assert_eq!(
+        counts(&again, "in_sync"),
+        13,
+        "11 query configs, the index and its filter"
+    );
+}

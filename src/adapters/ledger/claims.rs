@@ -52,6 +52,9 @@ pub(super) fn claim_item(write: &KeyClaim, claim: &Claim) -> HashMap<String, Att
     if let Some(digest) = &write.digest {
         item.insert("digest".into(), s(digest));
     }
+    if let Some(query) = &write.query {
+        item.insert("query".into(), s(query));
+    }
     item.insert("token".into(), s(&claim.token));
     item.insert("epoch".into(), AttributeValue::N(claim.epoch.to_string()));
     if write.owner.is_none() {
@@ -75,6 +78,7 @@ pub(super) fn claim_of(item: &HashMap<String, AttributeValue>) -> Option<(KvKey,
             .zip(text(item, "owner_index"))
             .map(|(account, index)| IndexRef::new(account, index)),
         digest: text(item, "digest"),
+        query: text(item, "query"),
     };
     Some((key, claim))
 }
@@ -223,5 +227,40 @@ impl DynamoLedger {
         let wanted = keys.iter().map(claim_key).collect();
         let items = self.get_all(wanted).await?;
         Ok(items.iter().filter_map(claim_of).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_s_bucket_is_the_first_hex_digit_of_its_sha256_as_the_runbook_computes_it() {
+        // printf %s acct-1-products | sha256sum | cut -c1
+        let key = KvKey::settings("acct-1-products".to_owned());
+        assert_eq!(claim_pk(&key), "kv#settings#d");
+        let item = claim_item(
+            &KeyClaim {
+                key: key.clone(),
+                owner: Some(IndexRef::new("acct-1", "products")),
+                digest: Some("0123456789abcdef".into()),
+                query: None,
+            },
+            &Claim {
+                token: "t".into(),
+                epoch: 7,
+                owner: None,
+                digest: None,
+                query: None,
+            },
+        );
+        assert!(
+            !item.contains_key("expires_at"),
+            "a live value's claim is kept"
+        );
+        let (read_key, read) = claim_of(&item).unwrap();
+        assert_eq!(read_key, key);
+        assert_eq!(read.digest.as_deref(), Some("0123456789abcdef"));
+        assert_eq!(read.owner, Some(IndexRef::new("acct-1", "products")));
     }
 }

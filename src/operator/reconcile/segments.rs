@@ -40,6 +40,8 @@ const MAX_HELD: usize = 5_000;
 const TABLE_PAGE: usize = 1_000;
 /// Table Queries (an owner's overrides) in flight at once.
 const CONCURRENT_QUERIES: usize = 8;
+/// Ledger writes (claims learning or forgetting a digest) in flight at once.
+const CONCURRENT_WRITES: usize = 16;
 /// The table step.
 const TABLE_STEP: usize = NAMESPACES.len();
 
@@ -213,9 +215,17 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Pass<'_, K, A, T,
     ) -> Result<(), OperatorError> {
         let mut claims: HashMap<String, Claim> = claims.into_iter().collect();
         let held = self.held(namespace, keys).await?;
-        let orphans = self.not_implied(&held).await?;
+        // A query config's claim names its override's query: checked with a read by key.
+        let queries: HashMap<&KvKey, &str> = (held.iter())
+            .filter_map(|k| {
+                let claim = claims.get(&k.key.key)?;
+                let query = claim.query.as_deref().filter(|_| claim.owner == k.owner)?;
+                Some((&k.key, query))
+            })
+            .collect();
+        let orphans = self.not_implied(&held, &queries).await?;
         let protected = self.aliased(orphans.values()).await?;
-        let mut deletes = Vec::new();
+        let (mut deletes, mut forget) = (Vec::new(), Vec::new());
         for key in &held {
             let claim = claims.remove(&key.key.key);
             match (&key.owner, orphans.get(&key.key)) {
@@ -232,15 +242,20 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Pass<'_, K, A, T,
             // The table step trusts a claim that names a value only if KV holds it.
             if let Some(claim) = claim.filter(|c| c.digest.as_ref() != Some(&key.digest)) {
                 if claim.digest.is_some() {
-                    self.exporter.forget_value(&key.key, &claim.token).await;
+                    forget.push((key.key.clone(), claim.token));
                 }
             }
         }
         // Claims naming a value KV does not hold at all: lost behind the function's back.
         for (key, claim) in claims.into_iter().filter(|(_, c)| c.digest.is_some()) {
-            let key = KvKey { namespace, key };
-            self.exporter.forget_value(&key, &claim.token).await;
+            forget.push((KvKey { namespace, key }, claim.token));
         }
+        let exporter = self.exporter;
+        futures::stream::iter(&forget)
+            .for_each_concurrent(CONCURRENT_WRITES, |(key, token)| {
+                exporter.forget_value(key, token)
+            })
+            .await;
         self.repair(None, BTreeSet::new(), deletes).await
     }
 
@@ -248,6 +263,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Pass<'_, K, A, T,
     async fn not_implied(
         &mut self,
         held: &[Held],
+        queries: &HashMap<&KvKey, &str>,
     ) -> Result<HashMap<KvKey, IndexRef>, OperatorError> {
         let (exporter, deadline) = (self.exporter, self.deadline);
         let owners: BTreeSet<IndexRef> = held.iter().filter_map(|k| k.owner.clone()).collect();
@@ -256,11 +272,20 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Pass<'_, K, A, T,
             .index_shops(&owners, deadline)
             .await
             .map_err(failed)?;
-        // Overrides are read only for owners with query-config keys on this page.
-        let queried: BTreeSet<&IndexRef> = (held.iter())
+        let config_keys = (held.iter())
             .filter(|k| k.key.namespace == Namespace::QueryConfigs)
-            .filter_map(|k| k.owner.as_ref().filter(|o| k.key != filter_key(o)))
+            .filter_map(|k| Some((k, k.owner.as_ref().filter(|o| k.key != filter_key(o))?)));
+        let (by_query, by_owner): (Vec<_>, Vec<_>) =
+            config_keys.partition(|(k, _)| queries.contains_key(&k.key));
+        let asked: Vec<(IndexRef, String)> = (by_query.iter())
+            .map(|(k, owner)| ((*owner).clone(), queries[&k.key].to_owned()))
             .collect();
+        let found = exporter
+            .overrides_exist(&asked, deadline)
+            .await
+            .map_err(failed)?;
+        // A key whose claim names no query (written before claims did): its owner's overrides.
+        let queried: BTreeSet<&IndexRef> = by_owner.into_iter().map(|(_, owner)| owner).collect();
         let overrides: Vec<Result<(IndexRef, HashSet<String>), _>> = futures::stream::iter(queried)
             .map(|owner| async move {
                 let keys = exporter.override_keys(owner, deadline).await?;
@@ -283,9 +308,10 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Pass<'_, K, A, T,
                 Namespace::Settings if key.key == KvKey::index(owner) => exists,
                 Namespace::Settings => shops.get(owner) == Some(&Some(key.key.key.clone())),
                 Namespace::QueryConfigs if key.key == filter_key(owner) => exists,
-                Namespace::QueryConfigs => {
-                    (override_keys.get(owner)).is_some_and(|keys| keys.contains(&key.key.key))
-                }
+                Namespace::QueryConfigs => match queries.get(&key.key) {
+                    Some(query) => found.contains(&(owner.clone(), (*query).to_owned())),
+                    None => (override_keys.get(owner)).is_some_and(|k| k.contains(&key.key.key)),
+                },
             };
             if implied {
                 continue;
@@ -437,6 +463,10 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Pass<'_, K, A, T,
                 KvAction::Delete => None,
             })
             .collect();
+        // Each query config's query, for its claim.
+        let queries: HashMap<String, String> = (prepared.records.iter())
+            .filter_map(ChangeRecord::query_config)
+            .collect();
         let keys: Vec<KvKey> = implied.iter().map(|(k, _, _)| k.clone()).collect();
         let claims = exporter.read_claims(&keys).await.map_err(failed)?;
         let mut suspects = Vec::new();
@@ -450,14 +480,19 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Pass<'_, K, A, T,
         }
         let in_kv = self.read_suspects(&suspects).await?;
         let contested = self.contested_shops(&suspects, &in_kv).await?;
+        let mut confirm = Vec::new();
         let mut to_write = BTreeSet::new();
         for (key, digest, owner, claim) in suspects {
             let class = match in_kv.get(&key) {
                 Some(held) if *held == digest => {
-                    let read = claim.as_ref();
-                    exporter
-                        .confirm_value(&key, read, &owner, &digest, self.read_since)
-                        .await;
+                    let query = queries.get(&key.key).cloned();
+                    confirm.push((
+                        key.clone(),
+                        claim.clone(),
+                        owner.clone(),
+                        query,
+                        digest.clone(),
+                    ));
                     Class::InSync
                 }
                 Some(_) if contested.contains(&key) => Class::InSync,
@@ -471,6 +506,13 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Pass<'_, K, A, T,
                 to_write.insert(key);
             }
         }
+        let since = self.read_since;
+        futures::stream::iter(&confirm)
+            .for_each_concurrent(CONCURRENT_WRITES, |(key, read, owner, query, digest)| {
+                let owner = (owner, query.as_deref());
+                exporter.confirm_value(key, read.as_ref(), owner, digest, since)
+            })
+            .await;
         self.repair(Some(prepared), to_write, Vec::new()).await
     }
 

@@ -49,6 +49,7 @@ fn new_claim(epoch: u64) -> Claim {
         epoch,
         owner: None,
         digest: None,
+        query: None,
     }
 }
 
@@ -62,6 +63,8 @@ pub struct Planned {
     pub record_of: Option<IndexRef>,
     /// The digest of the value put (`None`: a delete).
     pub digest: Option<String>,
+    /// A query config's: its override's query.
+    pub query: Option<String>,
 }
 
 impl Planned {
@@ -70,6 +73,7 @@ impl Planned {
             key: self.key,
             owner: self.value_of,
             digest: self.digest,
+            query: self.query,
         }
     }
 }
@@ -252,7 +256,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
         &self,
         key: &KvKey,
         read: Option<&Claim>,
-        owner: &IndexRef,
+        (owner, query): (&IndexRef, Option<&str>),
         digest: &str,
         epoch: u64,
     ) {
@@ -263,6 +267,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
                     key: key.clone(),
                     owner: Some(owner.clone()),
                     digest: Some(digest.to_owned()),
+                    query: query.map(str::to_owned),
                 };
                 self.ledger.claim_if(&write, None, &new_claim(epoch)).await
             }
