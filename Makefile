@@ -69,7 +69,8 @@ scale: venv
 	cargo build --quiet --locked --release -p ecom-settings-exporter
 	cargo build --quiet --locked -p ecom-emulators
 	$(VENV)/bin/python scripts/scale.py --function $(TARGET_DIR)/release/ecom-settings-exporter \
-		--emulators $(TARGET_DIR)/debug/ecom-emulators $(if $(SIZES),--sizes $(SIZES))
+		--emulators $(TARGET_DIR)/debug/ecom-emulators $(if $(SIZES),--sizes $(SIZES)) \
+		$(if $(SKIP),--skip "$(SKIP)")
 
 ## Unit and integration tests (moto on a free port, KV emulator and API-keys stand-in in-process).
 test: venv

@@ -257,6 +257,7 @@ def main():
     parser.add_argument("--sizes", default="1000,5000,20000")
     parser.add_argument("--overrides", type=int, default=1000, help="overrides of the verified index")
     parser.add_argument("--out", default="target/scale/results.json")
+    parser.add_argument("--skip", default="", help="paths to leave out, comma-separated (e.g. 'reconcile x2 (warm)')")
     args = parser.parse_args()
 
     endpoint, counting, server = start_moto()
@@ -303,7 +304,8 @@ def main():
                                                 "index_name": "idx-0", "include_query_configs": True}), 1)[1]),
             ]
             for name, run in paths:
-                rows.append(measure(name, n, *common, run))
+                if name not in args.skip.split(","):
+                    rows.append(measure(name, n, *common, run))
             os.unlink(env.name)
     finally:
         for peer in peers:
