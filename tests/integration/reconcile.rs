@@ -378,3 +378,40 @@ async fn a_healthy_fleet_s_pass_reads_no_value_and_each_table_record_about_once(
         "{pages} table pages over {invocations} invocations"
     );
 }
+
+#[tokio::test]
+async fn metadata_naming_an_index_no_table_could_hold_is_foreign_and_stalls_nothing() {
+    let h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "a", None)).await;
+    h.put(index_item("acct-1", "gone", None)).await;
+    backfill(&h).await;
+    h.delete("acct-1", "INDEX#gone").await;
+    // Hand-written metadata: an empty account (no DynamoDB key can be empty), and a name of
+    // 3,000 bytes (over DynamoDB's key limits), beside an orphan of a real index.
+    for (key, account, index) in [
+        ("hand-1", "", "a"),
+        ("hand-2", "acct-1", &*"x".repeat(3000)),
+    ] {
+        let meta = json!({"writer": "ecom-settings-exporter", "v": 1, "account": account,
+                          "index": index, "digest": "0000000000000000"});
+        h.kv.insert_with_metadata(CF_ACCOUNT, SETTINGS_NS, key, "{}", Some(meta));
+    }
+
+    let answer = reconcile(&h, json!({"repair": true})).await;
+
+    assert_eq!(answer["complete"], true, "{answer}");
+    assert_eq!(
+        answer["samples"]["settings"]["foreign"],
+        json!(["hand-1", "hand-2"]),
+        "{answer}"
+    );
+    assert_eq!(
+        answer["samples"]["settings"]["orphaned"],
+        json!(["acct-1-gone"])
+    );
+    assert_eq!(
+        h.kv.value(CF_ACCOUNT, SETTINGS_NS, "hand-1").as_deref(),
+        Some("{}")
+    );
+}

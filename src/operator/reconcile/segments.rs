@@ -117,6 +117,14 @@ struct Pass<'a, K, A, T, L> {
     repaired: Repaired,
 }
 
+/// Whether the function could have written a key for this index (metadata and values are
+/// input: a name no table item could have would fail the page's reads by key, every pass).
+fn could_be_written(index: &IndexRef) -> bool {
+    !index.account.is_empty()
+        && !index.name.is_empty()
+        && crate::domain::kv::check_key(&KvKey::index(index).key).is_ok()
+}
+
 /// A listed key with who it was written for and the digest of what it holds.
 struct Held {
     key: KvKey,
@@ -195,7 +203,8 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Pass<'_, K, A, T,
             .map(|(key, meta)| {
                 let value = values.remove(&key).flatten();
                 let owner = (meta.as_ref().and_then(|m| m.index_ref()))
-                    .or_else(|| value.as_deref().and_then(owner_in_value));
+                    .or_else(|| value.as_deref().and_then(owner_in_value))
+                    .filter(could_be_written);
                 let digest = match (value, meta) {
                     (Some(value), _) => digest(&value),
                     (None, Some(meta)) => meta.digest,
