@@ -47,8 +47,59 @@ impl DynamoSettingsTable {
 }
 
 /// DynamoDB's limit per BatchGetItem call, and tries for the keys a call leaves unprocessed.
-const GET_BATCH: usize = 100;
-const UNPROCESSED_TRIES: u32 = 5;
+pub(crate) const GET_BATCH: usize = 100;
+pub(crate) const UNPROCESSED_TRIES: u32 = 5;
+
+/// One consistent BatchGetItem of at most 100 keys of `table` (its name, and how errors name
+/// it), its unprocessed keys tried again: the settings table's and the ledger's.
+pub(crate) async fn batch_get(
+    client: &aws_sdk_dynamodb::Client,
+    (table, named): (&str, &str),
+    mut wanted: Vec<HashMap<String, AttributeValue>>,
+    projection: Option<&str>,
+) -> Result<Vec<HashMap<String, AttributeValue>>, PortError> {
+    let mut found = Vec::new();
+    for attempt in 0..UNPROCESSED_TRIES {
+        if wanted.is_empty() {
+            return Ok(found);
+        }
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+        }
+        let request = KeysAndAttributes::builder()
+            .set_keys(Some(std::mem::take(&mut wanted)))
+            .set_projection_expression(projection.map(str::to_owned))
+            .consistent_read(true)
+            .build()
+            .expect("keys are set");
+        let answer = client
+            .batch_get_item()
+            .request_items(table, request)
+            .send()
+            .await
+            .map_err(|e| {
+                let e = aws_sdk_dynamodb::error::DisplayErrorContext(e);
+                PortError::Transient(format!("BatchGetItem of {named}: {e}"))
+            })?;
+        found.extend(
+            answer
+                .responses
+                .and_then(|mut r| r.remove(table))
+                .unwrap_or_default(),
+        );
+        wanted = (answer.unprocessed_keys)
+            .and_then(|mut left| left.remove(table))
+            .map(|k| k.keys)
+            .unwrap_or_default();
+    }
+    match wanted.is_empty() {
+        true => Ok(found),
+        false => Err(PortError::Transient(format!(
+            "BatchGetItem of {named}: {} items left unread",
+            wanted.len()
+        ))),
+    }
+}
 
 fn item_key(pk: &str, sk: &str) -> HashMap<String, AttributeValue> {
     HashMap::from([
@@ -63,65 +114,40 @@ fn overrides_prefix(index: &IndexRef) -> String {
 
 impl DynamoSettingsTable {
     /// The items of these keys (`pk`, `sk`) that exist, `projection` only: consistent
-    /// BatchGetItems of 100 keys, unprocessed keys tried again.
+    /// BatchGetItems of 100 keys.
     async fn get_many(
         &self,
         keys: Vec<(String, String)>,
         projection: &str,
     ) -> Result<Vec<Item>, PortError> {
         let mut found = Vec::new();
+        let table = format!("table {}", self.table_name);
         for chunk in keys.chunks(GET_BATCH) {
-            let mut keys: Vec<_> = chunk.iter().map(|(pk, sk)| item_key(pk, sk)).collect();
-            for attempt in 0..UNPROCESSED_TRIES {
-                if keys.is_empty() {
-                    break;
-                }
-                if attempt > 0 {
-                    tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
-                }
-                let wanted = KeysAndAttributes::builder()
-                    .set_keys(Some(std::mem::take(&mut keys)))
-                    .projection_expression(projection)
-                    .consistent_read(true)
-                    .build()
-                    .expect("keys are set");
-                let answer = self
-                    .client
-                    .batch_get_item()
-                    .request_items(&self.table_name, wanted)
-                    .send()
-                    .await
-                    .map_err(|e| self.error("BatchGetItem", e))?;
-                let items = answer
-                    .responses
-                    .and_then(|mut r| r.remove(&self.table_name));
-                found.extend(items.unwrap_or_default().into_iter().map(Item::from));
-                keys = (answer.unprocessed_keys)
-                    .and_then(|mut left| left.remove(&self.table_name))
-                    .map(|k| k.keys)
-                    .unwrap_or_default();
-            }
-            if !keys.is_empty() {
-                return Err(PortError::Transient(format!(
-                    "BatchGetItem of table {}: {} items left unread",
-                    self.table_name,
-                    keys.len()
-                )));
-            }
+            let keys = chunk.iter().map(|(pk, sk)| item_key(pk, sk)).collect();
+            let items = batch_get(
+                &self.client,
+                (&self.table_name, &table),
+                keys,
+                Some(projection),
+            );
+            found.extend(items.await?.into_iter().map(Item::from));
         }
         Ok(found)
     }
 
-    /// Every `INDEX#{name}#QUERY#...` item of the index (only `projection`, when given):
-    /// a consistent, paginated Query.
+    /// The index's `INDEX#{name}#QUERY#...` items after `start`, `limit` at most (only
+    /// `projection`, when given): a consistent Query, page after page.
     async fn overrides(
         &self,
         index: &IndexRef,
         projection: Option<&str>,
-    ) -> Result<Vec<Item>, PortError> {
+        start: Option<Item>,
+        limit: usize,
+    ) -> Result<Page, PortError> {
         let mut items = Vec::new();
-        let mut start_key = None;
+        let mut start_key = start.map(|key| key.into());
         loop {
+            let left = i32::try_from(limit - items.len()).unwrap_or(i32::MAX);
             let page = self
                 .client
                 .query()
@@ -132,13 +158,17 @@ impl DynamoSettingsTable {
                 .set_projection_expression(projection.map(str::to_owned))
                 .consistent_read(true)
                 .set_exclusive_start_key(start_key)
+                .set_limit((limit != usize::MAX).then_some(left))
                 .send()
                 .await
                 .map_err(|e| self.error("Query", e))?;
             items.extend(page.items.unwrap_or_default().into_iter().map(Item::from));
-            match page.last_evaluated_key {
-                Some(key) if !key.is_empty() => start_key = Some(key),
-                _ => return Ok(items),
+            match page.last_evaluated_key.filter(|key| !key.is_empty()) {
+                Some(key) if items.len() < limit => start_key = Some(key),
+                next => {
+                    let next = next.map(Item::from);
+                    return Ok(Page { items, next });
+                }
             }
         }
     }
@@ -252,39 +282,16 @@ impl SettingsTable for DynamoSettingsTable {
         start: Option<Item>,
         limit: usize,
     ) -> Result<Page, PortError> {
-        let mut items = Vec::new();
-        let mut start_key = start.map(|key| key.into());
-        loop {
-            let left = i32::try_from(limit - items.len()).unwrap_or(i32::MAX);
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table_name)
-                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
-                .expression_attribute_values(":pk", AttributeValue::S(index.account.clone()))
-                .expression_attribute_values(":prefix", AttributeValue::S(overrides_prefix(index)))
-                .consistent_read(true)
-                .set_exclusive_start_key(start_key)
-                .set_limit((limit != usize::MAX).then_some(left))
-                .send()
-                .await
-                .map_err(|e| self.error("Query", e))?;
-            items.extend(page.items.unwrap_or_default().into_iter().map(Item::from));
-            let next = page.last_evaluated_key.filter(|key| !key.is_empty());
-            match next {
-                Some(key) if items.len() < limit => start_key = Some(key),
-                next => {
-                    let next = next.map(Item::from);
-                    return Ok(Page { items, next });
-                }
-            }
-        }
+        self.overrides(index, None, start, limit).await
     }
 
     async fn override_queries(&self, index: &IndexRef) -> Result<Vec<String>, PortError> {
         self.override_queries.fetch_add(1, Ordering::Relaxed);
         let prefix = overrides_prefix(index);
-        let items = self.overrides(index, Some("sk")).await?;
+        let items = self
+            .overrides(index, Some("sk"), None, usize::MAX)
+            .await?
+            .items;
         Ok(items
             .iter()
             // Everything after the first `#QUERY#` is the query, `#` and all.

@@ -11,12 +11,14 @@ use aws_sdk_dynamodb::operation::put_item::builders::PutItemFluentBuilder;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use aws_sdk_dynamodb::types::{KeysAndAttributes, PutRequest, WriteRequest};
+use aws_sdk_dynamodb::types::{PutRequest, WriteRequest};
 use futures::StreamExt as _;
 
 use crate::domain::{IndexRef, KvKey, Namespace};
 use crate::ports::{no_ledger, Claim, IndexRefs, KeyClaim, Ledger, PortError, ReconcileProgress};
 use crate::ports::{Referred, RefsChange};
+
+use super::dynamodb::{GET_BATCH, UNPROCESSED_TRIES};
 
 mod claims;
 mod refs;
@@ -27,13 +29,10 @@ const CLOCK: &str = "clock";
 /// A delete's claim matters while a writer that read before it may still be running (one
 /// invocation, 15 minutes at most); the table's TTL forgets it two days later.
 const CLAIM_KEPT_SECONDS: u64 = 2 * 24 * 3600;
-/// DynamoDB's limits per BatchWriteItem and BatchGetItem call.
+/// DynamoDB's limit per BatchWriteItem call.
 const WRITE_BATCH: usize = 25;
-const GET_BATCH: usize = 100;
 /// Batch calls in flight at once.
 const CONCURRENT_CALLS: usize = 8;
-/// Tries for the items a batch call leaves unprocessed (throttling).
-const UNPROCESSED_TRIES: u32 = 5;
 
 pub struct DynamoLedger {
     client: aws_sdk_dynamodb::Client,
@@ -203,44 +202,10 @@ impl DynamoLedger {
     async fn get_batch(
         &self,
         table: &str,
-        mut wanted: Vec<HashMap<String, AttributeValue>>,
+        wanted: Vec<HashMap<String, AttributeValue>>,
     ) -> Result<Vec<HashMap<String, AttributeValue>>, PortError> {
-        let mut found = Vec::new();
-        for attempt in 0..UNPROCESSED_TRIES {
-            if attempt > 0 {
-                tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
-            }
-            let request = KeysAndAttributes::builder()
-                .set_keys(Some(std::mem::take(&mut wanted)))
-                .consistent_read(true)
-                .build()
-                .expect("keys are set");
-            let answer = self
-                .client
-                .batch_get_item()
-                .request_items(table, request)
-                .send()
-                .await
-                .map_err(|e| self.error("BatchGetItem", e))?;
-            found.extend(
-                answer
-                    .responses
-                    .and_then(|mut r| r.remove(table))
-                    .unwrap_or_default(),
-            );
-            wanted = answer
-                .unprocessed_keys
-                .and_then(|mut left| left.remove(table))
-                .map(|k| k.keys)
-                .unwrap_or_default();
-            if wanted.is_empty() {
-                return Ok(found);
-            }
-        }
-        Err(PortError::Transient(format!(
-            "BatchGetItem of the ledger table {table}: {} items left unread",
-            wanted.len()
-        )))
+        let named = format!("the ledger table {table}");
+        super::dynamodb::batch_get(&self.client, (table, &named), wanted, None).await
     }
 
     /// Any number of consistent reads, 100 keys a call, some calls at once.

@@ -376,8 +376,11 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
         let left_refs = known_refs.as_ref().map(|_| references::left_by(&records));
         let claimed = self.ledger.enabled();
         // A query config's claim names its override's query (a reconcile reads it by key).
-        let queries: Vec<Option<(String, String)>> = (records.iter())
-            .map(|record| record.query_config().filter(|_| claimed))
+        let queries: Vec<Option<String>> = (records.iter())
+            .map(|record| match &record.decoded {
+                Ok(Change::UpsertQuery(config)) if claimed => Some(config.query.clone()),
+                _ => None,
+            })
             .collect();
         // From here on a record is only what identifies it: its decoded change is let go.
         let (records, created_at): (Vec<RecordReport>, Vec<Option<f64>>) = records
@@ -405,9 +408,8 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
                     KvAction::Put(value) if claimed => Some(value.digest()),
                     _ => None,
                 },
-                query: (queries[op.owner].as_ref())
-                    .filter(|(own, _)| *own == key.key)
-                    .map(|(_, query)| query.clone()),
+                // An override's record plans its own key and its index's filter (`qfilter-`).
+                query: (queries[op.owner].clone()).filter(|_| key.key.starts_with("qcfg-")),
             })
             .collect();
         let guard = self.claim(planned, run, read_epoch, &reads).await;
