@@ -17,6 +17,7 @@ mod ledger_references;
 mod operator_cli;
 mod operator_modes;
 mod query_filter;
+mod readme_map;
 mod reconcile;
 mod scheduled_reconcile;
 mod secrets;

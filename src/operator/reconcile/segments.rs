@@ -452,13 +452,10 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Pass<'_, K, A, T,
         }
         let (exporter, deadline) = (self.exporter, self.deadline);
         let mut prepared = exporter.prepare(records, run, deadline).await;
+        // One cell's outage never stops the fleet's pass: checked next pass.
+        prepared.leave_failed_unchecked();
         let mut kept = Vec::new();
-        for (record, outcome) in prepared.records.iter().zip(&mut prepared.plan.outcomes) {
-            if let Outcome::Failed(reason) = outcome {
-                // One cell's outage never stops the fleet's pass: checked next pass.
-                tracing::warn!(index = ?record.index, %reason, "reconcile leaves this index unchecked");
-                *outcome = Outcome::Skipped("left unchecked this pass".into());
-            }
+        for (record, outcome) in prepared.records.iter().zip(&prepared.plan.outcomes) {
             if matches!(outcome, Outcome::Skipped(_) | Outcome::Rejected(_)) {
                 kept.extend(keys_of(record));
             }

@@ -1,0 +1,346 @@
+//! Sending a prepared batch: its keys claimed, old shop keys deleted first, the rest sent in as
+//! few bulk requests as Cloudflare's limits allow, and every record's outcome decided from what
+//! became of its keys (docs/contract.md, "Nothing is lost").
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use futures::StreamExt as _;
+use tokio::time::Instant;
+
+use super::claims::{Guard, Planned};
+use super::{references, Exporter, Prepared, Run, CONCURRENT_KV_REQUESTS};
+use crate::domain::kv::KvRequest;
+use crate::domain::qfilter::filter_key;
+use crate::domain::validate;
+use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
+use crate::pipeline::bulk;
+use crate::pipeline::plan::{Plan, PlannedOp};
+use crate::pipeline::records::{Change, ChangeRecord};
+use crate::ports::SettingsTable;
+use crate::ports::{ApiKeySource, KeyFailures, KvCounters, KvStore, Ledger, PortError};
+use crate::report::{BatchReport, Outcome, RecordReport};
+
+/// DynamoDB Streams keeps a record this long; no real record is older when it is exported.
+const STREAM_RETENTION_SECONDS: f64 = 24.0 * 3600.0;
+
+/// What became of the planned keys once their requests were sent.
+struct Sent {
+    requests: usize,
+    /// Each planned key, its owner and whether it was a put (the bodies hold the values).
+    keys: Vec<(KvKey, usize, bool)>,
+    /// Keys that did not land, and why: a refused claim, a failed request, an index key held
+    /// back because its old shop key was not deleted, a stream key another writer took.
+    failed: HashMap<KvKey, PortError>,
+    /// An operator's keys another writer claimed while it wrote them: written again later.
+    lost: HashSet<KvKey>,
+}
+
+impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T, L> {
+    pub(super) async fn apply_reusing(
+        &self,
+        prepared: Prepared,
+        deadline: Instant,
+        buffer: Vec<u8>,
+    ) -> BatchReport {
+        let Prepared {
+            records,
+            plan,
+            api_keys,
+            run,
+            read_epoch,
+            reads,
+            delete_owners,
+            known_refs,
+        } = prepared;
+        let left_refs = known_refs.as_ref().map(|_| references::left_by(&records));
+        let planned = self.planned(&records, &plan);
+        let (records, created_at) = identities(records);
+        let before = self.kv.counters();
+        let guard = self.claim(planned, run, read_epoch, &reads).await;
+        for (key, note) in &guard.dropped {
+            tracing::info!(key = %validate::cut(&key.key), "{note}");
+        }
+        let Plan {
+            ops,
+            mut outcomes,
+            old_shops,
+            filters,
+            ..
+        } = plan;
+        let sent = self.send_claimed(ops, &old_shops, &guard, deadline, buffer);
+        let mut sent = sent.await;
+        self.find_lost(&mut sent, &guard, run).await;
+        let KvCounters { retries, .. } = self.kv.counters();
+        let applied_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        let mut report = BatchReport {
+            kv_requests: sent.requests,
+            kv_retries: retries - before.retries,
+            api_keys,
+            ..BatchReport::default()
+        };
+        let failed = sent.settle_keys(&mut report, &mut outcomes, &guard, run, &delete_owners);
+        settle_filters(&filters, &failed, &mut outcomes);
+        if let (Some(left), Some(known)) = (left_refs, &known_refs) {
+            (self.record_references(left, known, &mut outcomes, run.is_stream())).await;
+        }
+        finish(report, records, outcomes, created_at, applied_at)
+    }
+
+    /// What each planned key's claim names: whose value it holds, its digest and, for an
+    /// override, the override's query (a reconcile reads it by key).
+    fn planned(&self, records: &[ChangeRecord], plan: &Plan) -> Vec<Planned> {
+        let claimed = self.ledger.enabled();
+        let queries: Vec<Option<&String>> = (records.iter())
+            .map(|record| match &record.decoded {
+                Ok(Change::UpsertQuery(config)) if claimed => Some(&config.query),
+                _ => None,
+            })
+            .collect();
+        (plan.ops.iter())
+            .map(|(key, op)| Planned {
+                key: key.clone(),
+                value_of: match &op.action {
+                    KvAction::Put(value) => Some(value.index().clone()),
+                    KvAction::Delete => None,
+                },
+                record_of: records[op.owner].index.clone(),
+                digest: match &op.action {
+                    KvAction::Put(value) if claimed => Some(value.digest()),
+                    _ => None,
+                },
+                // An override's record plans its own key and its index's filter (`qfilter-`).
+                query: (queries[op.owner].cloned()).filter(|_| key.key.starts_with("qcfg-")),
+            })
+            .collect()
+    }
+
+    /// Sends what was claimed, old shop keys first: an index whose old shop key was not
+    /// deleted keeps its own key as it was, so the replay of its record still learns the old
+    /// shop from it. Keys not claimed are not sent: refused ones fail their records, left ones
+    /// are another writer's, dropped ones another index's now.
+    async fn send_claimed(
+        &self,
+        ops: BTreeMap<KvKey, PlannedOp>,
+        old_shops: &[(KvKey, IndexRef)],
+        guard: &Guard,
+        deadline: Instant,
+        buffer: Vec<u8>,
+    ) -> Sent {
+        let held_back = held_back(guard);
+        let old_shop_keys: HashSet<&KvKey> = old_shops.iter().map(|(key, _)| key).collect();
+        let sendable = |key: &KvKey| !held_back.contains(key);
+        let first = (ops.iter()).filter(|(key, _)| old_shop_keys.contains(key) && sendable(key));
+        let first = bulk::requests(first, Vec::new());
+        let mut failed: HashMap<KvKey, PortError> = guard.refused.iter().cloned().collect();
+        absorb(&mut failed, self.send_all(&first, deadline).await);
+        let withheld: HashMap<KvKey, String> = (old_shops.iter())
+            .filter(|(shop, _)| failed.contains_key(shop))
+            .map(|(shop, index)| (KvKey::index(index), shop.key.clone()))
+            .collect();
+        let rest = (ops.iter())
+            .filter(|(key, _)| !old_shop_keys.contains(key) && !withheld.contains_key(*key))
+            .filter(|(key, _)| sendable(key));
+        let rest = bulk::requests(rest, buffer);
+        // The bodies hold the values now: each key keeps only its owner and whether it is a put.
+        let keys: Vec<(KvKey, usize, bool)> = (ops.into_iter())
+            .map(|(key, op)| (key, op.owner, matches!(op.action, KvAction::Put(_))))
+            .collect();
+        absorb(&mut failed, self.send_all(&rest, deadline).await);
+        for (key, shop) in withheld {
+            let error = PortError::Transient(format!(
+                "not sent: the old shop key `{shop}` was not deleted, and a retry must still find it here"
+            ));
+            failed.insert(key, error);
+        }
+        Sent {
+            requests: first.len() + rest.len(),
+            keys,
+            failed,
+            lost: HashSet::new(),
+        }
+    }
+
+    /// The keys another writer claimed while these were written (read back from the ledger).
+    /// The stream's are retried: replayed, the record reads its overrides again.
+    async fn find_lost(&self, sent: &mut Sent, guard: &Guard, run: Run) {
+        let held_back = held_back(guard);
+        let applied: HashSet<&KvKey> = (sent.keys.iter().map(|(key, _, _)| key))
+            .filter(|key| !held_back.contains(*key) && !sent.failed.contains_key(*key))
+            .collect();
+        sent.lost = self.lost(guard, &applied).await.into_iter().collect();
+        if run.is_stream() {
+            for key in &sent.lost {
+                let error = "another writer claimed this key while this batch wrote it: retried";
+                sent.failed
+                    .insert(key.clone(), PortError::Transient(error.into()));
+            }
+        }
+    }
+
+    async fn send_all(
+        &self,
+        requests: &[KvRequest],
+        deadline: Instant,
+    ) -> Vec<(Namespace, KeyFailures)> {
+        futures::stream::iter(requests)
+            .map(|request| async move {
+                let failures = self.kv.send(request, deadline).await.err();
+                let namespace = request.namespace();
+                futures::stream::iter(failures.into_iter().flatten().map(move |f| (namespace, f)))
+            })
+            .buffer_unordered(CONCURRENT_KV_REQUESTS)
+            .flatten()
+            .collect()
+            .await
+    }
+}
+
+impl Sent {
+    /// Each planned key's fate, into the report and its owner's outcome; what failed, for the
+    /// filters.
+    fn settle_keys(
+        self,
+        report: &mut BatchReport,
+        outcomes: &mut [Outcome],
+        guard: &Guard,
+        run: Run,
+        delete_owners: &HashMap<KvKey, IndexRef>,
+    ) -> HashMap<KvKey, PortError> {
+        let dropped: HashSet<&KvKey> = guard.dropped.iter().map(|(k, _)| k).collect();
+        for (key, owner, put) in self.keys {
+            if dropped.contains(&key) {
+                continue;
+            }
+            if guard.left.contains(&key) {
+                if outcomes[owner] == Outcome::Pending {
+                    let reason = format!(
+                        "KV key `{}`: another writer wrote it during this run; left to it",
+                        key.key
+                    );
+                    outcomes[owner] = Outcome::Skipped(reason);
+                }
+                report.left.push(key);
+                continue;
+            }
+            if !run.is_stream() && self.lost.contains(&key) {
+                // Perhaps landed after the other writer's: written again from a new read.
+                let owner_index = delete_owners.get(&key).cloned();
+                report.lost.push((key, owner, owner_index));
+                continue;
+            }
+            match self.failed.get(&key) {
+                Some(error) => {
+                    if outcomes[owner] == Outcome::Pending {
+                        outcomes[owner] = key_failed(&key.key, error);
+                    }
+                }
+                None if put => report.written.push(key),
+                None => report.deleted.push(key),
+            }
+        }
+        self.failed
+    }
+}
+
+/// Keys not sent on purpose: refused claims, keys left to other writers, dropped shop keys.
+fn held_back(guard: &Guard) -> HashSet<KvKey> {
+    (guard.refused.iter().map(|(key, _)| key))
+        .chain(&guard.left)
+        .chain(guard.dropped.iter().map(|(key, _)| key))
+        .cloned()
+        .collect()
+}
+
+/// From here on a record is only what identifies it: its decoded change is let go.
+fn identities(records: Vec<ChangeRecord>) -> (Vec<RecordReport>, Vec<Option<f64>>) {
+    (records.into_iter())
+        .map(|record| {
+            let report = RecordReport {
+                sequence_number: record.sequence_number,
+                index: record.index,
+                outcome: Outcome::Pending,
+            };
+            (report, record.created_at)
+        })
+        .unzip()
+}
+
+fn absorb(failed: &mut HashMap<KvKey, PortError>, failures: Vec<(Namespace, KeyFailures)>) {
+    for (namespace, failure) in failures {
+        for key in failure.keys {
+            failed.insert(KvKey { namespace, key }, failure.error.clone());
+        }
+    }
+}
+
+/// A filter not written fails every record that needed it: retried, or rejected when
+/// Cloudflare refused it.
+fn settle_filters(
+    filters: &BTreeMap<IndexRef, Vec<usize>>,
+    failed: &HashMap<KvKey, PortError>,
+    outcomes: &mut [Outcome],
+) {
+    if failed.is_empty() {
+        return;
+    }
+    for (index, needers) in filters {
+        let key = filter_key(index);
+        let Some(error) = failed.get(&key) else {
+            continue;
+        };
+        for &needer in needers {
+            if outcomes[needer] == Outcome::Pending {
+                outcomes[needer] = match error {
+                    PortError::Permanent(reason) => {
+                        Outcome::Rejected(format!("query filter `{}` refused: {reason}", key.key))
+                    }
+                    PortError::Transient(reason) => {
+                        Outcome::Failed(format!("query filter `{}` not written: {reason}", key.key))
+                    }
+                };
+            }
+        }
+    }
+}
+
+/// The report's counts, lags and outcomes: a pending record whose operations were all applied
+/// is exported.
+fn finish(
+    mut report: BatchReport,
+    records: Vec<RecordReport>,
+    outcomes: Vec<Outcome>,
+    created_at: Vec<Option<f64>>,
+    applied_at: f64,
+) -> BatchReport {
+    report.keys_written = report.written.len();
+    report.keys_deleted = report.deleted.len();
+    report.keys_left = report.left.len();
+    report.lag_seconds = (created_at.into_iter().zip(&outcomes))
+        .filter(|(_, outcome)| **outcome == Outcome::Pending)
+        .filter_map(|(created, _)| created)
+        .map(|created| (applied_at - created).max(0.0))
+        // A stream keeps records 24 hours: an older time is a hand-made event's, not a lag.
+        .filter(|lag| *lag <= STREAM_RETENTION_SECONDS)
+        .collect();
+    report.records = (records.into_iter().zip(outcomes))
+        .map(|(record, outcome)| RecordReport {
+            outcome: match outcome {
+                Outcome::Pending => Outcome::Exported,
+                outcome => outcome,
+            },
+            ..record
+        })
+        .collect();
+    report
+}
+
+/// A record whose key did not make it: retried, unless Cloudflare refused that key on its own.
+fn key_failed(key: &str, error: &PortError) -> Outcome {
+    match error {
+        PortError::Permanent(reason) => Outcome::Rejected(format!("KV key `{key}`: {reason}")),
+        PortError::Transient(reason) => Outcome::Failed(format!("KV key `{key}`: {reason}")),
+    }
+}

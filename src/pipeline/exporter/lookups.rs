@@ -1,0 +1,230 @@
+//! What a batch must know before it is planned: API keys, other indexes' references and
+//! current shops, the indexes that claim a shop key, and each index's override filter.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use futures::StreamExt as _;
+use tokio::time::Instant;
+
+use super::{ApiKeys, Exporter, Overrides, Run, CONCURRENT_KV_REQUESTS};
+use crate::domain::kv::KvValue;
+use crate::domain::qfilter::{filter_key, QueryFilter};
+use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
+use crate::dynamo;
+use crate::pipeline::plan::{self, Lookups, PlannedOp};
+use crate::pipeline::records::{Change, ChangeRecord};
+use crate::ports::{before_deadline, AccountCell, ApiKeySource, KvStore, Ledger, LookupCounts};
+use crate::ports::{PortError, SettingsTable};
+use crate::report::Outcome;
+
+impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T, L> {
+    /// The override filter of every index that needs one, put into the plan beside the
+    /// override keys (so in the same bulk write). Without its overrides, the records that
+    /// need a filter are reported for retry.
+    pub(super) async fn add_filters(
+        &self,
+        records: &[ChangeRecord],
+        plan: &mut plan::Plan,
+        run: Run,
+        deadline: Instant,
+    ) -> HashMap<KvKey, Option<String>> {
+        let wanted: Vec<IndexRef> = plan.filters.keys().cloned().collect();
+        let mut filter_reads = HashMap::new();
+        if run.is_stream() && self.ledger.enabled() && !wanted.is_empty() {
+            // Read before the overrides: a writer that claims a filter after this read may
+            // have seen an override this batch's Query misses, and then this claim fails.
+            let keys: Vec<KvKey> = wanted.iter().map(filter_key).collect();
+            match self.read_claims(&keys).await {
+                Ok(mut read) => {
+                    filter_reads = keys
+                        .into_iter()
+                        .map(|k| {
+                            let token = read.remove(&k).map(|c| c.token);
+                            (k, token)
+                        })
+                        .collect();
+                }
+                Err(e) => {
+                    for needer in plan.filters.values().flatten() {
+                        if plan.outcomes[*needer] == Outcome::Pending {
+                            plan.outcomes[*needer] =
+                                Outcome::Failed(format!("cannot read the filter's claim: {e}"));
+                        }
+                    }
+                    return filter_reads;
+                }
+            }
+        }
+        let queries: Vec<(IndexRef, Result<Vec<String>, PortError>)> = match run.overrides {
+            Overrides::InBatch => {
+                // Grouped in one pass: a reconcile's batch is the whole fleet.
+                let mut by_index: HashMap<&IndexRef, Vec<String>> = HashMap::new();
+                for record in records {
+                    if let Ok(Change::UpsertQuery(c)) = &record.decoded {
+                        by_index.entry(&c.index).or_default().push(c.query.clone());
+                    }
+                }
+                (wanted.into_iter())
+                    .map(|index| {
+                        let queries = by_index.remove(&index).unwrap_or_default();
+                        (index, Ok(queries))
+                    })
+                    .collect()
+            }
+            Overrides::InTable => {
+                futures::stream::iter(wanted)
+                    .map(|index| async move {
+                        let queries = self.table.override_queries(&index);
+                        let queries = before_deadline(deadline, "overrides", queries).await;
+                        (index, queries)
+                    })
+                    .buffered(CONCURRENT_KV_REQUESTS)
+                    .collect()
+                    .await
+            }
+        };
+        for (index, queries) in queries {
+            let needers = &plan.filters[&index];
+            match queries {
+                Ok(queries) => {
+                    let filter = QueryFilter::build(&index, queries);
+                    if filter.count == 0 {
+                        plan.empty_filters.insert(filter_key(&index));
+                    }
+                    let text = serde_json::to_string(&filter).expect("filters serialize");
+                    let op = PlannedOp {
+                        action: KvAction::put(KvValue::new(&index, text)),
+                        owner: needers[0],
+                    };
+                    plan.ops.insert(filter_key(&index), op);
+                }
+                Err(e) => {
+                    for &needer in needers {
+                        if plan.outcomes[needer] == Outcome::Pending {
+                            plan.outcomes[needer] = Outcome::Failed(format!(
+                                "cannot read the overrides of index {index} for its filter: {e}"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        filter_reads
+    }
+
+    /// API keys, the table scan and current shop ids, all at once; then the scan, if a shop
+    /// read from KV shows that a shop moved.
+    pub(super) async fn look_up(
+        &self,
+        records: &[ChangeRecord],
+        keys: ApiKeys,
+        deadline: Instant,
+    ) -> (Lookups, LookupCounts) {
+        let needs = plan::needs(records, &self.options.default_cell);
+        let api_keys = self
+            .api_keys
+            .lookup_all(needs.api_keys, keys == ApiKeys::Fresh, deadline);
+        let references = async {
+            if needs.references {
+                Some(self.settings_references(deadline).await)
+            } else {
+                None
+            }
+        };
+        let current_shops = self.current_shops(needs.current_shops, deadline);
+        let ((api_keys, counts), references, current_shops) =
+            tokio::join!(api_keys, references, current_shops);
+        let mut lookups = Lookups {
+            api_keys,
+            references,
+            current_shops,
+            claimers: HashMap::new(),
+        };
+        if lookups.references.is_none() && plan::shop_moves(records, &lookups) {
+            lookups.references = Some(self.settings_references(deadline).await);
+        }
+        (lookups, counts)
+    }
+
+    /// The shop ids in the indexes' current KV values, read 100 keys a request.
+    pub(super) async fn current_shops(
+        &self,
+        indexes: BTreeSet<IndexRef>,
+        deadline: Instant,
+    ) -> HashMap<IndexRef, Result<Option<String>, PortError>> {
+        if indexes.is_empty() {
+            return HashMap::new();
+        }
+        let keys: Vec<String> = indexes.iter().map(|i| KvKey::index(i).key).collect();
+        let values = self.kv.get_many(Namespace::Settings, &keys, deadline).await;
+        indexes
+            .into_iter()
+            .zip(keys)
+            .map(|(index, key)| {
+                let shop = match &values {
+                    Ok(values) => Ok(values
+                        .get(&key)
+                        .cloned()
+                        .flatten()
+                        .and_then(|v| shop_in_kv_value(&v))),
+                    Err(error) => Err(error.clone()),
+                };
+                (index, shop)
+            })
+            .collect()
+    }
+
+    /// Reads the indexes that claim a shop key, and the API keys their values need.
+    pub(super) async fn look_up_claimers(
+        &self,
+        claimers: BTreeSet<IndexRef>,
+        lookups: &mut Lookups,
+        keys: ApiKeys,
+        mut counts: LookupCounts,
+        deadline: Instant,
+    ) -> LookupCounts {
+        let read: Vec<_> = futures::stream::iter(claimers)
+            .map(|index| async move {
+                let item = self.table.index_settings(&index);
+                let item = before_deadline(deadline, "claimer's settings", item).await;
+                let settings = item.map(|item| {
+                    item.and_then(|item| {
+                        dynamo::index_settings(index.clone(), &dynamo::Image::of(&item))
+                            .ok()
+                            .map(Arc::new)
+                    })
+                });
+                (index, settings)
+            })
+            .buffer_unordered(CONCURRENT_KV_REQUESTS)
+            .collect()
+            .await;
+        let cell = &self.options.default_cell;
+        let wanted: BTreeSet<AccountCell> = read
+            .iter()
+            .filter_map(|(_, settings)| settings.as_ref().ok()?.as_ref())
+            .map(|s| plan::account_cell(&s.index.account, s.cell.as_deref(), cell))
+            .filter(|ac| !lookups.api_keys.contains_key(ac))
+            .collect();
+        let (api_keys, more) = self
+            .api_keys
+            .lookup_all(wanted, keys == ApiKeys::Fresh, deadline)
+            .await;
+        lookups.api_keys.extend(api_keys);
+        lookups.claimers.extend(read);
+        counts.calls += more.calls;
+        counts.cache_hits += more.cache_hits;
+        counts
+    }
+}
+
+/// The shop id in a settings value as this function wrote it; anything else claims none.
+fn shop_in_kv_value(value: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(value).ok()?;
+    value
+        .get("shop_id")?
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}

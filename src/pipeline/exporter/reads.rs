@@ -1,0 +1,217 @@
+//! What the operator modes read through the exporter: table items decoded as the stream's
+//! records are, table pages, KV values and key listings, each stopped at the deadline.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_dynamo::Item;
+use tokio::time::Instant;
+
+use super::{Exporter, TablePage};
+use crate::domain::{IndexRef, Namespace, SettingsReference};
+use crate::dynamo;
+use crate::pipeline::records::{decode_item, ChangeRecord};
+use crate::ports::SettingsTable;
+use crate::ports::{before_deadline, ApiKeySource, KeyPage, KvStore, Ledger, PortError};
+
+impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T, L> {
+    /// The index's settings record as a change (`None`: the table has no such record) and,
+    /// when asked, its query configs.
+    pub async fn index_records(
+        &self,
+        index: &IndexRef,
+        include_query_configs: bool,
+        deadline: Instant,
+    ) -> Result<Option<Vec<ChangeRecord>>, PortError> {
+        let settings = self.settings_record(index, include_query_configs, deadline);
+        let Some(settings) = settings.await? else {
+            return Ok(None);
+        };
+        let mut records = vec![settings];
+        if include_query_configs {
+            let mut start = None;
+            loop {
+                let (page, next) = self
+                    .query_configs(index, start, usize::MAX, deadline)
+                    .await?;
+                records.extend(page);
+                match next {
+                    Some(next) => start = Some(next),
+                    None => break,
+                }
+            }
+        }
+        Ok(Some(records))
+    }
+
+    /// The index's settings record as a change (`None`: the table has none). With query
+    /// configs, it stands for all of them (it needs their filter).
+    pub async fn settings_record(
+        &self,
+        index: &IndexRef,
+        include_query_configs: bool,
+        deadline: Instant,
+    ) -> Result<Option<ChangeRecord>, PortError> {
+        let item = before_deadline(deadline, "settings item", self.table.index_settings(index));
+        let item = item.await?;
+        Ok(item.map(|item| self.decode_item(item, include_query_configs)))
+    }
+
+    /// The index's query-config records after `start`, `limit` at most, and where the rest
+    /// begins.
+    pub async fn query_configs(
+        &self,
+        index: &IndexRef,
+        start: Option<Item>,
+        limit: usize,
+        deadline: Instant,
+    ) -> Result<(Vec<ChangeRecord>, Option<Item>), PortError> {
+        let page = self.table.query_configs(index, start, limit);
+        let page = before_deadline(deadline, "query configs", page).await?;
+        let records = page
+            .items
+            .into_iter()
+            .map(|item| self.decode_item(item, true));
+        Ok((records.collect(), page.next))
+    }
+
+    /// Which of `indexes` have a settings record, and each one's shop.
+    pub async fn index_shops(
+        &self,
+        indexes: &[IndexRef],
+        deadline: Instant,
+    ) -> Result<HashMap<IndexRef, Option<String>>, PortError> {
+        if indexes.is_empty() {
+            return Ok(HashMap::new());
+        }
+        before_deadline(deadline, "settings items", self.table.index_shops(indexes)).await
+    }
+
+    /// Which of these overrides (index, query) the table holds.
+    pub async fn overrides_exist(
+        &self,
+        overrides: &[(IndexRef, String)],
+        deadline: Instant,
+    ) -> Result<HashSet<(IndexRef, String)>, PortError> {
+        if overrides.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let read = self.table.overrides_exist(overrides);
+        before_deadline(deadline, "override items", read).await
+    }
+
+    /// The KV keys of the index's overrides, from a keys-only Query of the table.
+    pub async fn override_keys(
+        &self,
+        index: &IndexRef,
+        deadline: Instant,
+    ) -> Result<HashSet<String>, PortError> {
+        let queries = self.table.override_queries(index);
+        let queries = before_deadline(deadline, "override queries", queries).await?;
+        let key = |query: &String| crate::domain::kv::query_config_key(index, query);
+        Ok(queries.iter().map(key).collect())
+    }
+
+    /// One page of the table (one account's records when given), decoded.
+    pub async fn table_page(
+        &self,
+        account: Option<&str>,
+        start: Option<Item>,
+        limit: i32,
+        include_query_configs: bool,
+        deadline: Instant,
+    ) -> Result<TablePage, PortError> {
+        let page = self.table.page(account, start, limit);
+        let page = before_deadline(deadline, "table page", page).await?;
+        let references = page
+            .items
+            .iter()
+            .filter_map(|item| {
+                let image = dynamo::Image::of(item);
+                let pk = image.string("pk")?;
+                let sk = image.string("sk")?;
+                match dynamo::SortKey::parse(sk, &self.options.default_configs_sk) {
+                    dynamo::SortKey::Index(name) => {
+                        let index = IndexRef::new(pk, name);
+                        Some(dynamo::settings_reference(index, &image).0)
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        let keys = page.items.iter().map(item_key).collect();
+        Ok(TablePage {
+            keys,
+            records: page
+                .items
+                .into_iter()
+                .map(|item| self.decode_item(item, include_query_configs))
+                .collect(),
+            references,
+            next: page.next,
+        })
+    }
+
+    fn decode_item(&self, item: Item, include_query_configs: bool) -> ChangeRecord {
+        decode_item(
+            item,
+            &self.options.default_configs_sk,
+            include_query_configs,
+        )
+    }
+
+    /// Reads many values, 100 keys a request; an absent key reads as `None`.
+    pub async fn read_many(
+        &self,
+        namespace: Namespace,
+        keys: &[String],
+        deadline: Instant,
+    ) -> Result<HashMap<String, Option<String>>, PortError> {
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        self.kv.get_many(namespace, keys, deadline).await
+    }
+
+    /// One page of a namespace's keys, with their metadata.
+    pub async fn list_page(
+        &self,
+        namespace: Namespace,
+        cursor: Option<&str>,
+        limit: u32,
+        deadline: Instant,
+    ) -> Result<KeyPage, PortError> {
+        self.kv
+            .list_page(namespace, "", cursor, limit, deadline)
+            .await
+    }
+
+    /// Every settings record's shop and live alias targets (one consistent scan).
+    pub async fn settings_references(
+        &self,
+        deadline: Instant,
+    ) -> Result<Vec<SettingsReference>, PortError> {
+        let scan = self.table.settings_references();
+        before_deadline(deadline, "settings table scan", scan).await
+    }
+
+    /// Every key of a namespace that starts with `prefix`.
+    pub async fn list_keys(
+        &self,
+        namespace: Namespace,
+        prefix: &str,
+        deadline: Instant,
+    ) -> Result<Vec<String>, PortError> {
+        self.kv.list_keys(namespace, prefix, deadline).await
+    }
+}
+
+/// An item's table key (`pk`, `sk`), as DynamoDB takes it for `ExclusiveStartKey`.
+fn item_key(item: &Item) -> Item {
+    let mut key = std::collections::HashMap::new();
+    for name in ["pk", "sk"] {
+        if let Some(value) = item.get(name) {
+            key.insert(name.to_owned(), value.clone());
+        }
+    }
+    Item::from(key)
+}

@@ -1,0 +1,67 @@
+//! The map stays true: every source file of the function is on the README's room table, and
+//! every module the crate root declares is on its "Layout".
+
+use std::path::{Path, PathBuf};
+
+const README: &str = include_str!("../../README.md");
+const LIB: &str = include_str!("../../src/lib.rs");
+
+fn sources(dir: &Path, found: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("src/ is readable") {
+        let path = entry.expect("an entry of src/").path();
+        if path.is_dir() {
+            sources(&path, found);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            found.push(path);
+        }
+    }
+}
+
+/// The table's rows: a file is named by its path, or by its name in a row naming its folder.
+fn on_the_map(rows: &[&str], path: &str) -> bool {
+    let (folder, name) = path.rsplit_once('/').expect("a path under src/");
+    rows.iter().any(|row| {
+        row.contains(&format!("`{path}`"))
+            || (row.contains(&format!("`{folder}/")) && (name == "mod.rs" || row.contains(name)))
+    })
+}
+
+#[test]
+fn every_source_file_is_on_the_readme_s_map() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    sources(&root.join("src"), &mut files);
+    let rows: Vec<&str> = (README.lines()).filter(|l| l.starts_with("| ")).collect();
+    let missing: Vec<String> = files
+        .iter()
+        .map(|f| {
+            f.strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .replace('\\', "/")
+        })
+        .filter(|path| !on_the_map(&rows, path))
+        .collect();
+    assert!(files.len() > 40, "the walk found the sources");
+    assert!(
+        missing.is_empty(),
+        "add these to the README's room table: {missing:?}"
+    );
+}
+
+#[test]
+fn every_module_of_the_crate_root_is_on_its_layout() {
+    let layout: String = (LIB.lines()).take_while(|l| l.starts_with("//!")).collect();
+    let modules: Vec<&str> = (LIB.lines())
+        .filter_map(|l| {
+            l.strip_prefix("pub mod ")
+                .or_else(|| l.strip_prefix("mod "))
+        })
+        .map(|l| l.trim_end_matches(';'))
+        .collect();
+    assert!(modules.len() >= 8, "the crate root declares its modules");
+    let missing: Vec<&&str> = (modules.iter())
+        .filter(|m| !layout.contains(&format!("[`{m}`]")))
+        .collect();
+    assert!(missing.is_empty(), "lib.rs's Layout lacks {missing:?}");
+}
