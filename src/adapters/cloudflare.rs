@@ -1,20 +1,21 @@
 //! The Cloudflare Workers KV adapter: bulk writes, bulk deletes, bulk reads and listing under
 //! `{base}/accounts/{account}/storage/kv/namespaces/{namespace}`, with the retry rules the
-//! exporter depends on (docs/contract.md, "Cloudflare KV calls").
+//! exporter depends on (docs/contract.md, "Cloudflare KV calls"). Here: the client, one call
+//! with its retries, the token and the pacing; `bulk.rs` the bulk requests (resends, splits);
+//! `wire.rs` Cloudflare's envelope and headers read.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use reqwest::{header, Method, StatusCode, Url};
-use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::pacing::Pacer;
 use crate::domain::kv::{KvRequest, MAX_BULK_GET_KEYS};
 use crate::domain::{ApiToken, Namespace};
-use crate::ports::{KeyFailures, KeyPage, KvCounters, KvStore, ListedKey, PortError, TokenSource};
+use crate::ports::{KeyFailures, KeyPage, KvCounters, KvStore, PortError, TokenSource};
 
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
@@ -70,55 +71,6 @@ pub struct CloudflareKv<T> {
     retries: AtomicUsize,
 }
 
-/// Cloudflare's response envelope.
-#[derive(Deserialize, Default)]
-struct Envelope {
-    #[serde(default)]
-    success: bool,
-    #[serde(default)]
-    errors: Vec<EnvelopeError>,
-    #[serde(default)]
-    result: Option<BulkResult>,
-}
-
-#[derive(Deserialize)]
-struct EnvelopeError {
-    code: Option<i64>,
-    message: Option<String>,
-}
-
-/// `GET /keys`: one page of names, and the cursor of the next page ("" at the end).
-#[derive(Deserialize)]
-struct ListAnswer {
-    #[serde(default)]
-    result: Vec<ListedKey>,
-    #[serde(default)]
-    result_info: Option<ResultInfo>,
-}
-
-#[derive(Deserialize)]
-struct ResultInfo {
-    #[serde(default)]
-    cursor: Option<String>,
-}
-
-/// `POST /bulk/get` with `type: text`: each key's value, `null` when absent.
-#[derive(Deserialize)]
-struct BulkGetAnswer {
-    result: BulkGetResult,
-}
-
-#[derive(Deserialize)]
-struct BulkGetResult {
-    values: std::collections::HashMap<String, Option<String>>,
-}
-
-#[derive(Deserialize, Default)]
-struct BulkResult {
-    #[serde(default)]
-    unsuccessful_keys: Vec<String>,
-}
-
 /// The last answer of a call, after the transport-level retries.
 /// Bodies are kept as text: Cloudflare answers JSON, and our values are UTF-8 JSON.
 struct Answer {
@@ -126,59 +78,12 @@ struct Answer {
     body: String,
 }
 
-fn describe(status: StatusCode, body: &str) -> String {
-    let envelope: Envelope = serde_json::from_str(body).unwrap_or_default();
-    let errors: Vec<String> = envelope
-        .errors
-        .iter()
-        .map(|e| {
-            format!(
-                "{} {}",
-                e.code.map(|c| c.to_string()).unwrap_or_default(),
-                e.message.as_deref().unwrap_or("")
-            )
-            .trim()
-            .to_owned()
-        })
-        .collect();
-    if errors.is_empty() {
-        format!("HTTP {}", status.as_u16())
-    } else {
-        format!("HTTP {} ({})", status.as_u16(), errors.join("; "))
-    }
-}
+mod bulk;
+mod wire;
 
-/// The longest wait a server can ask for: Cloudflare's lockout lasts 5 minutes, so a longer
-/// `Retry-After` (a year, a date in 9999) is a fault that must not silence a warm container.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
-
-/// How long the server asks us to wait: Cloudflare's `retry-after-ms`, or `Retry-After` as
-/// seconds or as an HTTP date (both forms RFC 9110 allows); at most [`MAX_RETRY_AFTER`].
-fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
-    let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
-    let seconds = |value: &str, scale: f64| {
-        let wait = value
-            .parse::<f64>()
-            .ok()
-            .filter(|s| !s.is_nan() && *s >= 0.0)?;
-        // Out of `Duration`'s range (1e20 s, infinity): as long as allowed, never a panic.
-        Some(Duration::try_from_secs_f64(wait * scale).unwrap_or(MAX_RETRY_AFTER))
-    };
-    let wait = match text("retry-after-ms").and_then(|v| seconds(v, 0.001)) {
-        Some(wait) => wait,
-        None => {
-            let value = text(header::RETRY_AFTER.as_str())?;
-            seconds(value, 1.0).or_else(|| {
-                let at = httpdate::parse_http_date(value).ok()?;
-                Some(
-                    at.duration_since(std::time::SystemTime::now())
-                        .unwrap_or_default(),
-                )
-            })?
-        }
-    };
-    Some(wait.min(MAX_RETRY_AFTER))
-}
+pub use wire::MAX_RETRY_AFTER;
+use wire::{describe, refused, retry_after, transport_error};
+use wire::{BulkGetAnswer, ListAnswer};
 
 impl<T: TokenSource> CloudflareKv<T> {
     pub fn new(config: CloudflareConfig, retry: RetryPolicy, tokens: T) -> Self {
@@ -247,251 +152,158 @@ impl<T: TokenSource> CloudflareKv<T> {
         body: Option<Bytes>,
         deadline: Instant,
     ) -> Result<Answer, PortError> {
-        let mut retries = 0;
-        let mut refreshed = false;
-        let mut refresh = false;
+        let (mut retries, mut refreshed, mut refresh) = (0, false, false);
         loop {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(PortError::Transient(
-                    "the invocation deadline is near; not sent".into(),
-                ));
-            }
-            if let Err(held) = self.pacer.acquire(deadline).await {
-                // A lockout (or the budget) outlasts this invocation: spend it waiting rather
-                // than burning one of Lambda's retries at once.
-                tokio::time::sleep_until(deadline).await;
-                return Err(PortError::Transient(format!(
-                    "{held}; waited until the invocation deadline"
-                )));
-            }
-            let now = Instant::now();
-            let timeout = self
-                .retry
-                .request_timeout
-                .min(deadline.saturating_duration_since(now));
-            let refresh_now = std::mem::take(&mut refresh);
+            self.budget(deadline).await?;
             // The SDK already retried Secrets Manager: without a token, give up at once.
-            let token = self.token(refresh_now).await?;
-            self.attempts.fetch_add(1, Ordering::Relaxed);
-            let attempt = async {
-                let mut request = self
-                    .http
-                    .request(method.clone(), url.clone())
-                    .bearer_auth(token.expose())
-                    .timeout(timeout);
-                if let Some(body) = &body {
-                    // `Bytes` clones share the buffer: a retry does not copy the body.
-                    request = request
-                        .header(header::CONTENT_TYPE, "application/json")
-                        .body(body.clone());
-                }
-                let response = request.send().await.map_err(|e| transport_error(&e))?;
-                let status = response.status();
-                let wait = retry_after(response.headers());
-                let body = response.text().await.map_err(|e| transport_error(&e))?;
-                Ok::<_, String>((status, wait, body))
-            };
-            let (reason, wait, locked_out) = match attempt.await {
-                Ok((status, _, _))
-                    if (status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN)
-                        && !refreshed =>
-                {
+            let token = self.token(std::mem::take(&mut refresh)).await?;
+            let attempt = self.attempt(&method, url, body.as_ref(), &token, deadline);
+            let retry = match attempt.await {
+                Attempt::Rejected(status, _) if !refreshed => {
                     // A rotated token: fetch the current one once, then try again at once.
                     tracing::warn!(
                         status = status.as_u16(),
                         "Cloudflare rejected the API token; refetching it from Secrets Manager"
                     );
-                    refreshed = true;
-                    refresh = true;
+                    (refreshed, refresh) = (true, true);
                     continue;
                 }
-                Ok((status, wait, body)) if status == StatusCode::TOO_MANY_REQUESTS => {
-                    if let Some(wait) = wait {
-                        self.pacer.block_for(wait).await;
-                    }
-                    (describe(status, &body), wait, true)
-                }
-                Ok((status, wait, body)) if status.is_server_error() => {
-                    (describe(status, &body), wait, false)
-                }
-                Ok((status, _, body)) => return Ok(Answer { status, body }),
-                Err(reason) => (reason, None, false),
+                Attempt::Rejected(status, body) => return Ok(Answer { status, body }),
+                Attempt::Answered(answer) => return Ok(answer),
+                Attempt::Retry(retry) => retry,
             };
-            if retries >= self.retry.max_retries {
-                return Err(PortError::Transient(format!(
-                    "{reason}, after {retries} retries"
-                )));
-            }
-            let delay = wait.unwrap_or_else(|| self.retry.backoff(retries));
-            if Instant::now() + delay >= deadline {
-                if locked_out {
-                    tokio::time::sleep_until(deadline).await;
-                    return Err(PortError::Transient(format!(
-                        "{reason}; rate limited for {} s, waited until the invocation deadline",
-                        delay.as_secs()
-                    )));
-                }
-                return Err(PortError::Transient(format!(
-                    "{reason}; stopped retrying to answer before the invocation deadline"
-                )));
-            }
+            let delay = self.delay_before_retry(retry, retries, deadline).await?;
             retries += 1;
             self.retries.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%reason, retry = retries, delay_ms = delay.as_millis() as u64, "retrying Cloudflare request");
             tokio::time::sleep(delay).await;
         }
     }
 
-    /// A bulk request, split when Cloudflare refuses it (a 4xx), so that one key it will not
-    /// take never fails the rest: each refused part is halved and sent again, within
-    /// [`MAX_SPLIT_REQUESTS`]. A key refused alone while other keys landed is its record's own
-    /// fault (permanent); when nothing landed, every key is reported for retry.
-    async fn split_on_refusal(
+    /// Waits for the request budget; past the deadline, or locked out beyond it, gives up.
+    async fn budget(&self, deadline: Instant) -> Result<(), PortError> {
+        if Instant::now() >= deadline {
+            return Err(PortError::Transient(
+                "the invocation deadline is near; not sent".into(),
+            ));
+        }
+        if let Err(held) = self.pacer.acquire(deadline).await {
+            // A lockout (or the budget) outlasts this invocation: spend it waiting rather
+            // than burning one of Lambda's retries at once.
+            tokio::time::sleep_until(deadline).await;
+            return Err(PortError::Transient(format!(
+                "{held}; waited until the invocation deadline"
+            )));
+        }
+        Ok(())
+    }
+
+    /// One HTTP attempt, and what it calls for.
+    async fn attempt(
         &self,
-        request: &KvRequest,
+        method: &Method,
+        url: &Url,
+        body: Option<&Bytes>,
+        token: &ApiToken,
         deadline: Instant,
-    ) -> Result<(), Vec<KeyFailures>> {
-        let mut parts = std::collections::VecDeque::from([request.clone()]);
-        let (mut landed, mut splits) = (false, 0);
-        let (mut failures, mut alone) = (Vec::new(), Vec::new());
-        while let Some(part) = parts.pop_front() {
-            let keys = part.keys().len();
-            match self.bulk(&part, deadline).await {
-                Ok(()) => landed = true,
-                Err(Sent::Refused(failure)) if keys > 1 && splits < MAX_SPLIT_REQUESTS => {
-                    let (first, second) = halves(&part);
-                    parts.extend([first, second]);
-                    splits += 2;
-                    tracing::debug!(keys, error = %failure.error, "Cloudflare refused a bulk request; splitting it");
-                }
-                Err(Sent::Refused(failure)) if keys == 1 => alone.push(failure),
-                Err(Sent::Refused(failure) | Sent::Failed(failure)) => failures.push(failure),
-            }
+    ) -> Attempt {
+        let timeout =
+            (self.retry.request_timeout).min(deadline.saturating_duration_since(Instant::now()));
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+        let mut request = (self.http.request(method.clone(), url.clone()))
+            .bearer_auth(token.expose())
+            .timeout(timeout);
+        if let Some(body) = body {
+            // `Bytes` clones share the buffer: a retry does not copy the body.
+            request = request
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(body.clone());
         }
-        for KeyFailures { keys, error } in alone {
-            let error = match landed {
-                true => PortError::Permanent(format!("Cloudflare refused this key alone: {error}")),
-                false => error,
-            };
-            failures.push(KeyFailures { keys, error });
-        }
-        match failures.is_empty() {
-            true => Ok(()),
-            false => Err(failures),
-        }
-    }
-
-    /// A bulk request; keys Cloudflare reports in `unsuccessful_keys` are sent again.
-    async fn bulk(&self, request: &KvRequest, deadline: Instant) -> Result<(), Sent> {
-        let (method, url) = match request {
-            KvRequest::Put { namespace, .. } => {
-                (Method::PUT, self.namespace_url(*namespace, &["bulk"]))
-            }
-            KvRequest::Delete { namespace, .. } => (
-                Method::POST,
-                self.namespace_url(*namespace, &["bulk", "delete"]),
-            ),
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(e) => return Attempt::Retry(Retry::after(transport_error(&e), None)),
         };
-        let mut pending = request.clone();
-        let mut resends = 0;
-        loop {
-            let failed = |error: PortError| KeyFailures {
-                keys: pending.keys().into_iter().map(str::to_owned).collect(),
-                error,
-            };
-            let answer = self
-                .call(method.clone(), &url, Some(pending.body()), deadline)
-                .await
-                .map_err(|e| Sent::Failed(failed(e)))?;
-            let envelope: Envelope = serde_json::from_str(&answer.body).unwrap_or_default();
-            if !answer.status.is_success() || !envelope.success {
-                let failure = failed(refused(answer.status, &answer.body));
-                // A key or a size Cloudflare will not take: worth splitting. Auth, rate
-                // limits and missing namespaces are no single key's fault.
-                return Err(match answer.status.as_u16() {
-                    400 | 413 | 422 => Sent::Refused(failure),
-                    _ => Sent::Failed(failure),
-                });
+        let status = response.status();
+        let wait = retry_after(response.headers());
+        let body = match response.text().await {
+            Ok(body) => body,
+            Err(e) => return Attempt::Retry(Retry::after(transport_error(&e), None)),
+        };
+        match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Attempt::Rejected(status, body),
+            StatusCode::TOO_MANY_REQUESTS => {
+                if let Some(wait) = wait {
+                    self.pacer.block_for(wait).await;
+                }
+                let retry = Retry::after(describe(status, &body), wait);
+                Attempt::Retry(Retry {
+                    locked_out: true,
+                    ..retry
+                })
             }
-            let reported = envelope.result.unwrap_or_default().unsuccessful_keys;
-            let sent: std::collections::HashSet<&str> = pending.keys().into_iter().collect();
-            let (unsuccessful, foreign): (Vec<String>, Vec<String>) = reported
-                .into_iter()
-                .partition(|key| sent.contains(key.as_str()));
-            if !foreign.is_empty() {
-                // Nothing to resend for keys we never sent; say so once.
-                tracing::warn!(
-                    count = foreign.len(),
-                    keys = %foreign.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
-                    "Cloudflare reported unsuccessful keys that were not in the request; ignored"
-                );
+            _ if status.is_server_error() => {
+                Attempt::Retry(Retry::after(describe(status, &body), wait))
             }
-            if unsuccessful.is_empty() {
-                return Ok(());
-            }
-            let reason = format!(
-                "Cloudflare reported {} unsuccessful keys",
-                unsuccessful.len()
-            );
-            let delay = self.retry.backoff(resends);
-            if resends >= self.retry.max_retries || Instant::now() + delay >= deadline {
-                return Err(Sent::Failed(KeyFailures {
-                    keys: unsuccessful,
-                    error: PortError::Transient(format!("{reason}, after {resends} resends")),
-                }));
-            }
-            pending.retain_keys(&unsuccessful);
-            resends += 1;
-            self.retries.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%reason, resend = resends, "resending unsuccessful keys");
-            tokio::time::sleep(delay).await;
+            _ => Attempt::Answered(Answer { status, body }),
         }
     }
-}
 
-/// How a bulk request ended when not all of it was written.
-enum Sent {
-    /// Cloudflare refused the request (400, 413, 422): one of its keys may be the cause.
-    Refused(KeyFailures),
-    /// Anything else: an outage, a timeout, keys still unsuccessful after resends.
-    Failed(KeyFailures),
-}
-
-/// Split requests one refused request may cost at most (each counts against the rate limit):
-/// enough to isolate a couple of bad keys among 10,000.
-const MAX_SPLIT_REQUESTS: usize = 32;
-
-/// A request's first and second half.
-fn halves(request: &KvRequest) -> (KvRequest, KvRequest) {
-    let keys: Vec<String> = request.keys().into_iter().map(str::to_owned).collect();
-    let (first, second) = keys.split_at(keys.len() / 2);
-    let (mut a, mut b) = (request.clone(), request.clone());
-    a.retain_keys(first);
-    b.retain_keys(second);
-    (a, b)
-}
-
-/// A final answer that is not a success. Transient, a 4xx included: a whole request refused
-/// is more likely a misconfiguration fixed later than a fault of every record in it (a key
-/// refused alone is told apart in [`CloudflareKv::send`]).
-fn refused(status: StatusCode, body: &str) -> PortError {
-    if status.is_redirection() {
-        return PortError::Transient(format!(
-            "HTTP {} from Cloudflare: a redirect, not followed",
-            status.as_u16()
-        ));
+    /// How long to wait before retrying, or why not to: out of retries, or the wait would
+    /// outlast the invocation (a lockout is then waited out, so Lambda's retry comes after it).
+    async fn delay_before_retry(
+        &self,
+        retry: Retry,
+        retries: u32,
+        deadline: Instant,
+    ) -> Result<Duration, PortError> {
+        let reason = retry.reason;
+        if retries >= self.retry.max_retries {
+            return Err(PortError::Transient(format!(
+                "{reason}, after {retries} retries"
+            )));
+        }
+        let delay = retry.wait.unwrap_or_else(|| self.retry.backoff(retries));
+        if Instant::now() + delay >= deadline {
+            if retry.locked_out {
+                tokio::time::sleep_until(deadline).await;
+                return Err(PortError::Transient(format!(
+                    "{reason}; rate limited for {} s, waited until the invocation deadline",
+                    delay.as_secs()
+                )));
+            }
+            return Err(PortError::Transient(format!(
+                "{reason}; stopped retrying to answer before the invocation deadline"
+            )));
+        }
+        tracing::debug!(%reason, retry = retries + 1, delay_ms = delay.as_millis() as u64, "retrying Cloudflare request");
+        Ok(delay)
     }
-    PortError::Transient(describe(status, body))
 }
 
-fn transport_error(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "Cloudflare did not answer in time".into()
-    } else if e.is_connect() {
-        "cannot connect to Cloudflare".into()
-    } else {
-        format!("Cloudflare request failed: {e}")
+/// What one HTTP attempt calls for.
+enum Attempt {
+    /// A final answer: 2xx, 404, any other 4xx.
+    Answered(Answer),
+    /// 401 or 403: the token may have been rotated.
+    Rejected(StatusCode, String),
+    /// A 5xx, a 429, a timeout or a connection error.
+    Retry(Retry),
+}
+
+struct Retry {
+    reason: String,
+    /// What the server asked for (`Retry-After`); otherwise the policy's backoff.
+    wait: Option<Duration>,
+    /// A 429: the wait is Cloudflare's lockout.
+    locked_out: bool,
+}
+
+impl Retry {
+    fn after(reason: String, wait: Option<Duration>) -> Self {
+        Self {
+            reason,
+            wait,
+            locked_out: false,
+        }
     }
 }
 
@@ -571,42 +383,6 @@ impl<T: TokenSource> KvStore for CloudflareKv<T> {
 mod tests {
     use super::*;
 
-    fn headers(pairs: &[(&'static str, &str)]) -> header::HeaderMap {
-        pairs
-            .iter()
-            .map(|(name, value)| {
-                (
-                    header::HeaderName::from_static(name),
-                    header::HeaderValue::from_str(value).unwrap(),
-                )
-            })
-            .collect()
-    }
-
-    #[test]
-    fn retry_after_is_read_in_every_form_and_capped_never_panicking() {
-        let wait = |pairs: &[(&'static str, &str)]| retry_after(&headers(pairs));
-        assert_eq!(wait(&[("retry-after", "7")]), Some(Duration::from_secs(7)));
-        assert_eq!(
-            wait(&[("retry-after-ms", "1500"), ("retry-after", "9")]),
-            Some(Duration::from_millis(1500))
-        );
-        let soon = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(30));
-        assert!(wait(&[("retry-after", &soon)]).is_some_and(|w| w <= Duration::from_secs(30)));
-        for huge in [
-            &[("retry-after", "1e20")][..],
-            &[("retry-after-ms", "1e25")],
-            &[("retry-after", "inf")],
-            &[("retry-after", "31536000")],
-            &[("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT")],
-        ] {
-            assert_eq!(wait(huge), Some(MAX_RETRY_AFTER), "{huge:?}");
-        }
-        for nonsense in ["-1", "NaN", "soon", ""] {
-            assert_eq!(wait(&[("retry-after", nonsense)]), None, "{nonsense}");
-        }
-    }
-
     #[test]
     fn backoff_grows_to_its_cap_with_half_of_each_step_random() {
         let policy = RetryPolicy::default();
@@ -615,21 +391,5 @@ mod tests {
             let wait = policy.backoff(retry);
             assert!(wait >= step / 2 && wait <= step, "{retry}: {wait:?}");
         }
-    }
-
-    #[test]
-    fn failures_quote_cloudflare_s_envelope_and_never_follow_a_redirect() {
-        let body = r#"{"success": false, "errors": [{"code": 10020, "message": "bad key"}]}"#;
-        assert_eq!(
-            describe(StatusCode::BAD_REQUEST, body),
-            "HTTP 400 (10020 bad key)"
-        );
-        assert_eq!(describe(StatusCode::BAD_GATEWAY, "<html>"), "HTTP 502");
-        let redirect = refused(StatusCode::TEMPORARY_REDIRECT, "");
-        assert!(redirect.is_transient());
-        assert!(
-            redirect.to_string().contains("HTTP 307") && redirect.to_string().contains("redirect")
-        );
-        assert!(refused(StatusCode::BAD_REQUEST, body).is_transient());
     }
 }
