@@ -17,13 +17,17 @@ fn sources(dir: &Path, found: &mut Vec<PathBuf>) {
     }
 }
 
-/// The table's rows: a file is named by its path, or by its name in a row naming its folder.
+/// The table's rows: a file is named by its path, or by its path below a folder that its row
+/// names (`segments/listed.rs` in the row of `src/operator/reconcile/`).
 fn on_the_map(rows: &[&str], path: &str) -> bool {
-    let (folder, name) = path.rsplit_once('/').expect("a path under src/");
-    rows.iter().any(|row| {
-        row.contains(&format!("`{path}`"))
-            || (row.contains(&format!("`{folder}/")) && (name == "mod.rs" || row.contains(name)))
-    })
+    let named = |row: &str| {
+        path.match_indices('/').any(|(at, _)| {
+            let (folder, rest) = (&path[..at], &path[at + 1..]);
+            row.contains(&format!("`{folder}/")) && (rest == "mod.rs" || row.contains(rest))
+        })
+    };
+    rows.iter()
+        .any(|row| row.contains(&format!("`{path}`")) || named(row))
 }
 
 #[test]

@@ -1,0 +1,314 @@
+//! Step 2 of a pass: the table against the ledger. The table read in pieces (an index's records
+//! kept together), each planned as a re-export, and every implied key's digest compared with
+//! its claim; only a key whose claim does not name the implied value is read from KV.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use futures::StreamExt as _;
+use serde_dynamo::Item;
+use tokio::time::Instant;
+
+use super::{failed, Pass, Position, CONCURRENT_WRITES, MAX_HELD, TABLE_PAGE};
+use crate::domain::kv::digest;
+use crate::domain::qfilter::filter_key;
+use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
+use crate::operator::reconcile::classify::Class;
+use crate::operator::reconcile::NAMESPACES;
+use crate::operator::OperatorError;
+use crate::pipeline::exporter::{Overrides, Run};
+use crate::pipeline::records::{Change, ChangeRecord};
+use crate::ports::{ApiKeySource, Claim, KvStore, Ledger, SettingsTable};
+use crate::report::Outcome;
+
+impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Pass<'_, K, A, T, L> {
+    /// The table's records after `table_at`, until `limit` records (an index's kept whole) or
+    /// the table's end, compared with the ledger.
+    pub(super) async fn table_piece(
+        &mut self,
+        position: &mut Position,
+        limit: usize,
+        stop_at: Instant,
+    ) -> Result<usize, OperatorError> {
+        let querying =
+            (position.querying.clone()).map(|(account, name)| IndexRef::new(account, name));
+        let mut pieces = Pieces::new(querying);
+        let mut scan_at = position.table_at.clone();
+        let end = loop {
+            let size = TABLE_PAGE.min(limit.max(1)) as i32;
+            let page = self
+                .exporter
+                .table_page(None, scan_at, size, true, self.deadline);
+            let page = page.await.map_err(failed)?;
+            self.requests.table_pages += 1;
+            for (record, key) in page.records.into_iter().zip(page.keys) {
+                pieces.add(record, key);
+            }
+            scan_at = page.next;
+            if scan_at.is_none() {
+                pieces.close();
+                break true;
+            }
+            if pieces.held.len() > MAX_HELD {
+                pieces.outgrown();
+            }
+            if pieces.closed() >= limit || Instant::now() >= stop_at {
+                break false;
+            }
+        };
+        let compared = pieces.closed();
+        let Pieces {
+            whole,
+            queried,
+            closed_at,
+            querying,
+            ..
+        } = pieces;
+        self.compare_implied(whole, Run::OPERATOR).await?;
+        let run = Run {
+            overrides: Overrides::InTable,
+            ..Run::OPERATOR
+        };
+        self.compare_implied(queried, run).await?;
+        if closed_at.is_some() {
+            position.table_at = closed_at;
+        }
+        position.querying = querying.map(|i| (i.account, i.name));
+        if end {
+            position.step += 1;
+        }
+        Ok(compared)
+    }
+
+    /// Plans the records as a re-export would and compares each implied key with its claim;
+    /// keys whose claim does not name the implied value are read from KV.
+    async fn compare_implied(
+        &mut self,
+        records: Vec<ChangeRecord>,
+        run: Run,
+    ) -> Result<(), OperatorError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let (exporter, deadline) = (self.exporter, self.deadline);
+        let mut prepared = exporter.prepare(records, run, deadline).await;
+        // One cell's outage never stops the fleet's pass: checked next pass.
+        prepared.leave_failed_unchecked();
+        let mut kept = Vec::new();
+        for (record, outcome) in prepared.records.iter().zip(&prepared.plan.outcomes) {
+            if matches!(outcome, Outcome::Skipped(_) | Outcome::Rejected(_)) {
+                kept.extend(keys_of(record));
+            }
+        }
+        // A key another record of the index implies is compared below, not kept.
+        kept.retain(|key| !prepared.plan.ops.contains_key(key));
+        self.count_kept(kept).await?;
+        let implied: Vec<(KvKey, String, IndexRef)> = (prepared.plan.ops.iter())
+            .filter_map(|(key, op)| match &op.action {
+                KvAction::Put(value) => Some((key.clone(), value.digest(), value.index().clone())),
+                KvAction::Delete => None,
+            })
+            .collect();
+        // Each query config's query, for its claim.
+        let queries: HashMap<String, String> = (prepared.records.iter())
+            .filter_map(ChangeRecord::query_config)
+            .collect();
+        let keys: Vec<KvKey> = implied.iter().map(|(k, _, _)| k.clone()).collect();
+        let claims = exporter.read_claims(&keys).await.map_err(failed)?;
+        let mut suspects = Vec::new();
+        for (key, digest, owner) in implied {
+            match claims.get(&key) {
+                Some(claim) if claim.digest.as_ref() == Some(&digest) => {
+                    self.found.add(&key, Class::InSync)
+                }
+                claim => suspects.push((key, digest, owner, claim.cloned())),
+            }
+        }
+        let in_kv = self.read_suspects(&suspects).await?;
+        let contested = self.contested_shops(&suspects, &in_kv).await?;
+        let mut confirm = Vec::new();
+        let mut to_write = BTreeSet::new();
+        for (key, digest, owner, claim) in suspects {
+            let class = match in_kv.get(&key) {
+                Some(held) if *held == digest => {
+                    let query = queries.get(&key.key).cloned();
+                    confirm.push((
+                        key.clone(),
+                        claim.clone(),
+                        owner.clone(),
+                        query,
+                        digest.clone(),
+                    ));
+                    Class::InSync
+                }
+                Some(_) if contested.contains(&key) => Class::InSync,
+                // No filter says what an empty one says: the index has no overrides.
+                None if prepared.plan.empty_filters.contains(&key) => continue,
+                None => Class::Missing,
+                Some(_) => Class::Stale,
+            };
+            self.found.add(&key, class);
+            if class != Class::InSync {
+                to_write.insert(key);
+            }
+        }
+        let since = self.read_since;
+        futures::stream::iter(&confirm)
+            .for_each_concurrent(CONCURRENT_WRITES, |(key, read, owner, query, digest)| {
+                let owner = (owner, query.as_deref());
+                exporter.confirm_value(key, read.as_ref(), owner, digest, since)
+            })
+            .await;
+        self.repair(Some(prepared), to_write, Vec::new()).await
+    }
+
+    /// The keys of indexes this pass cannot export (rejected, or left unchecked) are kept as
+    /// they are: those the ledger says KV holds count as protected.
+    async fn count_kept(&mut self, keys: Vec<KvKey>) -> Result<(), OperatorError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let claims = self.exporter.read_claims(&keys).await.map_err(failed)?;
+        for key in keys {
+            if claims.get(&key).is_some_and(|c| c.digest.is_some()) {
+                self.found.add(&key, Class::Protected);
+            }
+        }
+        Ok(())
+    }
+
+    /// The digest of what KV holds under each suspect key (absent: not there).
+    async fn read_suspects(
+        &mut self,
+        suspects: &[(KvKey, String, IndexRef, Option<Claim>)],
+    ) -> Result<HashMap<KvKey, String>, OperatorError> {
+        let mut held = HashMap::new();
+        for namespace in NAMESPACES {
+            let keys: Vec<String> = (suspects.iter())
+                .filter(|(k, ..)| k.namespace == namespace)
+                .map(|(k, ..)| k.key.clone())
+                .collect();
+            if keys.is_empty() {
+                continue;
+            }
+            let values = self.exporter.read_many(namespace, &keys, self.deadline);
+            let values = values.await.map_err(failed)?;
+            self.requests.kv_bulk_get += keys.len().div_ceil(100);
+            for (key, value) in values {
+                if let Some(value) = value {
+                    held.insert(KvKey { namespace, key }, digest(&value));
+                }
+            }
+        }
+        Ok(held)
+    }
+
+    /// Shop keys that hold, as claimed, the value of another index that claims the shop too:
+    /// several indexes claim it, and the one written last keeps it (not drift).
+    async fn contested_shops(
+        &mut self,
+        suspects: &[(KvKey, String, IndexRef, Option<Claim>)],
+        in_kv: &HashMap<KvKey, String>,
+    ) -> Result<HashSet<KvKey>, OperatorError> {
+        let others: Vec<(&KvKey, &IndexRef)> = (suspects.iter())
+            .filter(|(key, _, owner, _)| {
+                key.namespace == Namespace::Settings && *key != KvKey::index(owner)
+            })
+            .filter_map(|(key, _, owner, claim)| {
+                let claim = claim.as_ref()?;
+                let other = claim.owner.as_ref().filter(|o| *o != owner)?;
+                (claim.digest.is_some() && claim.digest.as_ref() == in_kv.get(key))
+                    .then_some((key, other))
+            })
+            .collect();
+        if others.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let indexes: Vec<IndexRef> = others.iter().map(|(_, o)| (*o).clone()).collect();
+        let shops = self.exporter.index_shops(&indexes, self.deadline);
+        let shops = shops.await.map_err(failed)?;
+        Ok((others.into_iter())
+            .filter(|(key, other)| shops.get(*other) == Some(&Some(key.key.clone())))
+            .map(|(key, _)| key.clone())
+            .collect())
+    }
+}
+
+/// The keys a settings record's index has whatever its values: its own, its filter's, and
+/// its shop's when the record could be read.
+fn keys_of(record: &ChangeRecord) -> Vec<KvKey> {
+    let Some(index) = &record.index else {
+        return Vec::new();
+    };
+    let mut keys = vec![KvKey::index(index), filter_key(index)];
+    match &record.decoded {
+        Ok(Change::UpsertIndex { settings, .. }) => {
+            keys.extend(settings.shop_id.clone().map(KvKey::settings))
+        }
+        Ok(_) => return Vec::new(),
+        Err(_) => {}
+    }
+    keys
+}
+
+/// The table's records as read, gathered into whole runs of one index each.
+struct Pieces {
+    /// The run being read: it may go on in the next page.
+    held: Vec<(ChangeRecord, Item)>,
+    /// Closed runs, compared with their filters built from the records themselves.
+    whole: Vec<ChangeRecord>,
+    /// Runs of the index in `querying`, compared with its filter from a Query.
+    queried: Vec<ChangeRecord>,
+    querying: Option<IndexRef>,
+    /// The key of the last record closed: where the next piece starts.
+    closed_at: Option<Item>,
+}
+
+impl Pieces {
+    fn new(querying: Option<IndexRef>) -> Self {
+        Self {
+            held: Vec::new(),
+            whole: Vec::new(),
+            queried: Vec::new(),
+            querying,
+            closed_at: None,
+        }
+    }
+
+    fn add(&mut self, record: ChangeRecord, key: Item) {
+        let held_index = self.held.first().and_then(|(r, _)| r.index.as_ref());
+        if record.index.is_none() || record.index.as_ref() != held_index {
+            self.close();
+        }
+        self.held.push((record, key));
+    }
+
+    /// The held run is over (or must go as it is).
+    fn close(&mut self) {
+        let Some((_, last)) = self.held.last() else {
+            return;
+        };
+        self.closed_at = Some(last.clone());
+        let records: Vec<ChangeRecord> = (std::mem::take(&mut self.held).into_iter())
+            .map(|(record, _)| record)
+            .collect();
+        if records
+            .first()
+            .is_some_and(|r| r.index.is_some() && r.index == self.querying)
+        {
+            self.queried.extend(records);
+        } else {
+            self.whole.extend(records);
+        }
+    }
+
+    /// The held run outgrew [`MAX_HELD`]: it goes now, and the rest of its index's records
+    /// go with a filter from a Query.
+    fn outgrown(&mut self) {
+        self.querying = self.held.first().and_then(|(r, _)| r.index.clone());
+        self.close();
+    }
+
+    fn closed(&self) -> usize {
+        self.whole.len() + self.queried.len()
+    }
+}

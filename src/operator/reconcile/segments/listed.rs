@@ -1,0 +1,279 @@
+//! Step 1 of a pass: KV against the ledger. A namespace's listing, page by page, beside the
+//! ledger's claims of the same key range: orphans (their table record gone), keys protected by
+//! an alias, foreign keys, and claims that KV contradicts.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use futures::StreamExt as _;
+
+use super::{failed, Pass, Position, CONCURRENT_QUERIES, CONCURRENT_WRITES};
+use crate::domain::kv::{digest, KeyMetadata};
+use crate::domain::qfilter::filter_key;
+use crate::domain::{IndexRef, KvKey, Namespace};
+use crate::operator::reconcile::classify::{live_targets, owner_in_value, Class};
+use crate::operator::reconcile::NAMESPACES;
+use crate::operator::OperatorError;
+use crate::ports::{ApiKeySource, Claim, KvStore, Ledger, ListedKey, Referred, SettingsTable};
+
+/// Whether the function could have written a key for this index (metadata and values are
+/// input: a name no table item could have would fail the page's reads by key, every pass).
+fn could_be_written(index: &IndexRef) -> bool {
+    !index.account.is_empty()
+        && !index.name.is_empty()
+        && crate::domain::kv::check_key(&KvKey::index(index).key).is_ok()
+}
+
+/// A listed key with who it was written for and the digest of what it holds.
+struct Held {
+    key: KvKey,
+    owner: Option<IndexRef>,
+    digest: String,
+}
+
+impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Pass<'_, K, A, T, L> {
+    /// One page of a namespace's listing, compared with the ledger's claims of its range.
+    pub(super) async fn list_page(
+        &mut self,
+        position: &mut Position,
+    ) -> Result<usize, OperatorError> {
+        let (exporter, deadline) = (self.exporter, self.deadline);
+        let namespace = NAMESPACES[position.step];
+        let (cursor, size) = (position.cursor.as_deref(), self.request.page_size);
+        let page = exporter.list_page(namespace, cursor, size, deadline);
+        let page = page.await.map_err(failed)?;
+        self.requests.kv_list += 1;
+        let last = page.keys.last().map(|k| k.name.clone());
+        let claims = match (&page.cursor, &last) {
+            (Some(_), None) => Vec::new(),
+            // The last page's range is open: claims past KV's last key name lost keys too.
+            (Some(_), Some(last)) => {
+                let after = position.after.as_deref();
+                let claims = exporter.claims_between(namespace, after, Some(last), deadline);
+                claims.await.map_err(failed)?
+            }
+            (None, _) => {
+                let after = position.after.as_deref();
+                let claims = exporter.claims_between(namespace, after, None, deadline);
+                claims.await.map_err(failed)?
+            }
+        };
+        let listed = page.keys.len();
+        self.compare_listed(namespace, page.keys, claims).await?;
+        match page.cursor {
+            Some(cursor) => {
+                position.after = last;
+                position.cursor = Some(cursor);
+            }
+            None => {
+                position.step += 1;
+                position.after = None;
+                position.cursor = None;
+            }
+        }
+        Ok(listed)
+    }
+
+    /// What each listed key holds and for whom: from its metadata, or its value where the
+    /// metadata cannot tell (or `deep` asks).
+    async fn held(
+        &mut self,
+        namespace: Namespace,
+        keys: Vec<ListedKey>,
+    ) -> Result<Vec<Held>, OperatorError> {
+        let deep = self.request.deep;
+        let listed: Vec<(String, Option<KeyMetadata>)> = (keys.into_iter())
+            .map(|k| (k.name, KeyMetadata::ours(k.metadata.as_ref())))
+            .collect();
+        let unread: Vec<String> = (listed.iter())
+            .filter(|(_, meta)| deep || meta.as_ref().and_then(|m| m.index_ref()).is_none())
+            .map(|(key, _)| key.clone())
+            .collect();
+        let mut values = HashMap::new();
+        if !unread.is_empty() {
+            let read = self.exporter.read_many(namespace, &unread, self.deadline);
+            values = read.await.map_err(failed)?;
+            self.requests.kv_bulk_get += unread.len().div_ceil(100);
+        }
+        Ok((listed.into_iter())
+            .map(|(key, meta)| {
+                let value = values.remove(&key).flatten();
+                let owner = (meta.as_ref().and_then(|m| m.index_ref()))
+                    .or_else(|| value.as_deref().and_then(owner_in_value))
+                    .filter(could_be_written);
+                let digest = match (value, meta) {
+                    (Some(value), _) => digest(&value),
+                    (None, Some(meta)) => meta.digest,
+                    (None, None) => String::new(),
+                };
+                let key = KvKey { namespace, key };
+                Held { key, owner, digest }
+            })
+            .collect())
+    }
+
+    async fn compare_listed(
+        &mut self,
+        namespace: Namespace,
+        keys: Vec<ListedKey>,
+        claims: Vec<(String, Claim)>,
+    ) -> Result<(), OperatorError> {
+        let mut claims: HashMap<String, Claim> = claims.into_iter().collect();
+        let held = self.held(namespace, keys).await?;
+        // A query config's claim names its override's query: checked with a read by key.
+        let queries: HashMap<&KvKey, &str> = (held.iter())
+            .filter_map(|k| {
+                let claim = claims.get(&k.key.key)?;
+                let query = claim.query.as_deref().filter(|_| claim.owner == k.owner)?;
+                Some((&k.key, query))
+            })
+            .collect();
+        let orphans = self.not_implied(&held, &queries).await?;
+        let protected = self.aliased(orphans.values()).await?;
+        let (mut deletes, mut forget) = (Vec::new(), Vec::new());
+        for key in &held {
+            let claim = claims.remove(&key.key.key);
+            match (&key.owner, orphans.get(&key.key)) {
+                (None, _) => self.found.add(&key.key, Class::Foreign),
+                (Some(owner), Some(_)) if protected.contains(owner) => {
+                    self.found.add(&key.key, Class::Protected)
+                }
+                (Some(owner), Some(_)) => {
+                    self.found.add(&key.key, Class::Orphaned);
+                    deletes.push((key.key.clone(), Some(owner.clone())));
+                }
+                (Some(_), None) => {}
+            }
+            // The table step trusts a claim that names a value only if KV holds it.
+            if let Some(claim) = claim.filter(|c| c.digest.as_ref() != Some(&key.digest)) {
+                if claim.digest.is_some() {
+                    forget.push((key.key.clone(), claim.token));
+                }
+            }
+        }
+        // Claims naming a value KV does not hold at all: lost behind the function's back.
+        for (key, claim) in claims.into_iter().filter(|(_, c)| c.digest.is_some()) {
+            forget.push((KvKey { namespace, key }, claim.token));
+        }
+        let exporter = self.exporter;
+        futures::stream::iter(&forget)
+            .for_each_concurrent(CONCURRENT_WRITES, |(key, token)| {
+                exporter.forget_value(key, token)
+            })
+            .await;
+        self.repair(None, BTreeSet::new(), deletes).await
+    }
+
+    /// The listed keys no table record implies any more, with the index each was written for.
+    async fn not_implied(
+        &mut self,
+        held: &[Held],
+        queries: &HashMap<&KvKey, &str>,
+    ) -> Result<HashMap<KvKey, IndexRef>, OperatorError> {
+        let (exporter, deadline) = (self.exporter, self.deadline);
+        let owners: BTreeSet<IndexRef> = held.iter().filter_map(|k| k.owner.clone()).collect();
+        let owners: Vec<IndexRef> = owners.into_iter().collect();
+        let shops = exporter
+            .index_shops(&owners, deadline)
+            .await
+            .map_err(failed)?;
+        let config_keys = (held.iter())
+            .filter(|k| k.key.namespace == Namespace::QueryConfigs)
+            .filter_map(|k| Some((k, k.owner.as_ref().filter(|o| k.key != filter_key(o))?)));
+        let (by_query, by_owner): (Vec<_>, Vec<_>) =
+            config_keys.partition(|(k, _)| queries.contains_key(&k.key));
+        let asked: Vec<(IndexRef, String)> = (by_query.iter())
+            .map(|(k, owner)| ((*owner).clone(), queries[&k.key].to_owned()))
+            .collect();
+        let found = exporter
+            .overrides_exist(&asked, deadline)
+            .await
+            .map_err(failed)?;
+        // A key whose claim names no query (written before claims did): its owner's overrides.
+        let queried: BTreeSet<&IndexRef> = by_owner.into_iter().map(|(_, owner)| owner).collect();
+        let overrides: Vec<Result<(IndexRef, HashSet<String>), _>> = futures::stream::iter(queried)
+            .map(|owner| async move {
+                let keys = exporter.override_keys(owner, deadline).await?;
+                Ok::<_, crate::ports::PortError>((owner.clone(), keys))
+            })
+            .buffer_unordered(CONCURRENT_QUERIES)
+            .collect()
+            .await;
+        let mut override_keys = HashMap::new();
+        for answer in overrides {
+            let (owner, keys) = answer.map_err(failed)?;
+            override_keys.insert(owner, keys);
+        }
+        let mut gone = HashMap::new();
+        let mut shops_asked = Vec::new();
+        for key in held {
+            let Some(owner) = &key.owner else { continue };
+            let exists = shops.contains_key(owner);
+            let implied = match key.key.namespace {
+                Namespace::Settings if key.key == KvKey::index(owner) => exists,
+                Namespace::Settings => shops.get(owner) == Some(&Some(key.key.key.clone())),
+                Namespace::QueryConfigs if key.key == filter_key(owner) => exists,
+                Namespace::QueryConfigs => match queries.get(&key.key) {
+                    Some(query) => found.contains(&(owner.clone(), (*query).to_owned())),
+                    None => (override_keys.get(owner)).is_some_and(|k| k.contains(&key.key.key)),
+                },
+            };
+            if implied {
+                continue;
+            }
+            if key.key.namespace == Namespace::Settings && key.key != KvKey::index(owner) {
+                shops_asked.push(key.key.key.clone());
+            }
+            gone.insert(key.key.clone(), owner.clone());
+        }
+        // A shop key its writer gave up may be another index's now (the table step writes it).
+        for shop in self.claimed_shops(shops_asked).await? {
+            gone.remove(&KvKey::settings(shop));
+        }
+        Ok(gone)
+    }
+
+    /// Of these shops, those some index's settings record claims now.
+    async fn claimed_shops(&mut self, shops: Vec<String>) -> Result<Vec<String>, OperatorError> {
+        if shops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (exporter, deadline) = (self.exporter, self.deadline);
+        let asked = shops.iter().cloned().map(Referred::Shop).collect();
+        let references = exporter
+            .referrers_of(asked, deadline)
+            .await
+            .map_err(failed)?;
+        let wanted: HashSet<&String> = shops.iter().collect();
+        let candidates: Vec<IndexRef> = (references.iter())
+            .filter(|r| r.shop_id.as_ref().is_some_and(|s| wanted.contains(s)))
+            .map(|r| r.index.clone())
+            .collect();
+        // The ledger's references may lag the table: the table's records decide.
+        let current = exporter.index_shops(&candidates, deadline);
+        let current = current.await.map_err(failed)?;
+        Ok(current
+            .into_values()
+            .flatten()
+            .filter(|s| wanted.contains(s))
+            .collect())
+    }
+
+    /// Of these indexes, those an enabled read or analytics alias points at.
+    async fn aliased<'i>(
+        &mut self,
+        indexes: impl Iterator<Item = &'i IndexRef>,
+    ) -> Result<HashSet<IndexRef>, OperatorError> {
+        let indexes: BTreeSet<&IndexRef> = indexes.collect();
+        if indexes.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let asked = indexes.iter().map(|i| Referred::Alias(i.id().0)).collect();
+        let references = self.exporter.referrers_of(asked, self.deadline);
+        let references = references.await.map_err(failed)?;
+        let targets: HashSet<_> = live_targets(&references).collect();
+        Ok((indexes.into_iter())
+            .filter(|i| targets.contains(&i.id()))
+            .cloned()
+            .collect())
+    }
+}
