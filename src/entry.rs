@@ -1,20 +1,17 @@
 //! The thin entry (steps 1 and 5 of the pipeline): the payload decides the route, and the
 //! exporter's report becomes the answer (the partial-batch response, or an operator answer).
 
-use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use lambda_runtime::{Diagnostic, LambdaEvent};
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
+use serde::Serialize;
 use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::operator::{OperatorError, OperatorRequest};
 use crate::pipeline::exporter::{Exporter, Run};
-use crate::pipeline::records::{decode_record, read_batch, ChangeRecord, Expected, RecordsSeed};
+use crate::pipeline::records::{decode_batch, ChangeRecord, Expected};
 use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
 use crate::report::{BatchReport, Outcome};
 
@@ -62,44 +59,6 @@ pub enum Payload {
     Operator(OperatorRequest),
 }
 
-/// A stream batch's records, borrowed from the payload without building a JSON tree.
-#[derive(Deserialize)]
-struct Batch<'a> {
-    #[serde(borrow, rename = "Records")]
-    records: Option<Vec<&'a RawValue>>,
-}
-
-/// Routes on the top-level `Records` key, decoding a batch's records as they are read.
-struct Route<'s>(RecordsSeed<'s>);
-
-impl<'de, 's> DeserializeSeed<'de> for Route<'s> {
-    type Value = Option<Vec<ChangeRecord>>;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_map(self)
-    }
-}
-
-impl<'de, 's> Visitor<'de> for Route<'s> {
-    type Value = Option<Vec<ChangeRecord>>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut records = None;
-        let mut seed = Some(self.0);
-        while let Some(key) = map.next_key::<Cow<str>>()? {
-            match seed.take_if(|_| key == "Records") {
-                Some(seed) => records = Some(map.next_value_seed(seed)?),
-                None => map.next_value::<IgnoredAny>().map(drop)?,
-            }
-        }
-        Ok(records)
-    }
-}
-
 impl Payload {
     pub fn parse<'s>(
         payload: &[u8],
@@ -107,23 +66,8 @@ impl Payload {
     ) -> Result<Self, HandlerError> {
         let expected = expected.into();
         let payload = std::str::from_utf8(payload).map_err(|_| HandlerError::UnsupportedPayload)?;
-        if let Some(records) = read_batch(payload, expected) {
+        if let Some(records) = decode_batch(payload, expected) {
             return Ok(Payload::StreamBatch(records));
-        }
-        let seed = RecordsSeed { expected };
-        let mut json = serde_json::Deserializer::from_str(payload);
-        if let Ok(Some(records)) = Route(seed).deserialize(&mut json) {
-            return Ok(Payload::StreamBatch(records));
-        }
-        // A batch with a malformed record: read again record by record, each with its reason.
-        if let Ok(Batch {
-            records: Some(records),
-        }) = serde_json::from_str::<Batch>(payload)
-        {
-            let decode = |raw: &RawValue| decode_record(raw.get(), expected);
-            return Ok(Payload::StreamBatch(
-                records.into_iter().map(decode).collect(),
-            ));
         }
         // Operator payloads are small: a JSON tree is fine.
         let value: Value =

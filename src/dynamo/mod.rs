@@ -11,6 +11,7 @@ mod de;
 mod image;
 mod json;
 mod reader;
+pub mod stream;
 
 pub use image::{Attr, Image, OldImage, Text};
 pub use reader::Reader;

@@ -3,13 +3,12 @@
 
 use std::sync::Arc;
 
-use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
-use serde::Deserialize;
 use serde_dynamo::Item;
 
-use crate::domain::validate::{cut, shown};
+use crate::domain::validate::shown;
 use crate::domain::{IndexRef, IndexSettings, QueryConfig};
-use crate::dynamo::{self, Image, OldImage, Reader, SortKey, Text};
+use crate::dynamo::stream::{self, BadRecord, StreamChange, StreamRecord};
+use crate::dynamo::{self, Image, OldImage, SortKey};
 use crate::report::Outcome;
 
 /// The shop id an index had before this change, when the stream tells us.
@@ -95,184 +94,32 @@ impl<'s> From<&'s str> for Expected<'s> {
     }
 }
 
-/// What the exporter reads of a DynamoDB stream record; everything else is skipped unread.
-/// Strings borrow from the record's JSON text.
-#[derive(Deserialize)]
-struct StreamRecord<'a> {
-    #[serde(rename = "eventName", default, borrow)]
-    event_name: Option<Text<'a>>,
-    #[serde(rename = "eventSourceARN", default, borrow)]
-    event_source_arn: Option<Text<'a>>,
-    #[serde(borrow)]
-    dynamodb: StreamChange<'a>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "PascalCase")]
-struct StreamChange<'a> {
-    /// Seconds since the epoch.
-    #[serde(default)]
-    approximate_creation_date_time: Option<f64>,
-    #[serde(default, borrow)]
-    keys: Image<'a>,
-    #[serde(default, borrow)]
-    new_image: Image<'a>,
-    #[serde(default)]
-    old_image: OldImage,
-    #[serde(default, borrow)]
-    sequence_number: Option<Text<'a>>,
-    #[serde(default, borrow)]
-    stream_view_type: Option<Text<'a>>,
-}
-
-/// A batch's `Records` array, each record decoded as it is read: one pass over the payload. A
-/// malformed record fails the whole read; the caller then decodes record by record
-/// ([`decode_record`]) so that each gets its own reason.
-pub struct RecordsSeed<'s> {
-    pub expected: Expected<'s>,
-}
-
-impl<'de, 's> DeserializeSeed<'de> for RecordsSeed<'s> {
-    type Value = Vec<ChangeRecord>;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_seq(self)
-    }
-}
-
-impl<'de, 's> Visitor<'de> for RecordsSeed<'s> {
-    type Value = Vec<ChangeRecord>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("an array of DynamoDB stream records")
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut records = Vec::with_capacity(seq.size_hint().unwrap_or(0));
-        while let Some(record) = seq.next_element::<StreamRecord>()? {
-            records.push(change_record(&record, self.expected));
-        }
-        Ok(records)
-    }
-}
-
-/// A whole `{"Records": [...]}` payload read by hand ([`Reader`]), each record decoded as it is
-/// read. `None` when anything about it is unusual: the caller then reads it through serde
-/// ([`RecordsSeed`]), which decides and says what is wrong.
-pub fn read_batch<'s>(
+/// A stream batch's records as changes, in stream order, each decoded as it is read (`None`:
+/// the payload is not a stream batch). How the batch is read is `dynamo::stream`'s business.
+pub fn decode_batch<'s>(
     payload: &str,
     expected: impl Into<Expected<'s>>,
 ) -> Option<Vec<ChangeRecord>> {
     let expected = expected.into();
-    let mut reader = Reader::new(payload);
-    let mut records = None;
-    reader.object(|r, name| {
-        if name != "Records" || records.is_some() {
-            return None;
-        }
-        // Stream records are rarely under 500 bytes.
-        let mut batch = Vec::with_capacity(payload.len() / 500);
-        r.array(|r| {
-            let record = read_stream_record(r)?;
-            batch.push(change_record(&record, expected));
-            Some(())
-        })?;
-        records = Some(batch);
-        Some(())
-    })?;
-    reader.end()?;
-    records
-}
-
-/// One record, as serde derives it for [`StreamRecord`]: unknown members skipped, a member
-/// given twice refused.
-fn read_stream_record<'a>(reader: &mut Reader<'a>) -> Option<StreamRecord<'a>> {
-    let (mut event_name, mut source, mut dynamodb) = (None, None, None);
-    reader.object(|r, name| match &*name {
-        "eventName" if event_name.is_none() => {
-            event_name = Some(r.optional_string()?.map(Text));
-            Some(())
-        }
-        "eventSourceARN" if source.is_none() => {
-            source = Some(r.optional_string()?.map(Text));
-            Some(())
-        }
-        "dynamodb" if dynamodb.is_none() => {
-            dynamodb = Some(read_stream_change(r)?);
-            Some(())
-        }
-        "eventName" | "eventSourceARN" | "dynamodb" => None,
-        _ => r.skip(),
-    })?;
-    Some(StreamRecord {
-        event_name: event_name.flatten(),
-        event_source_arn: source.flatten(),
-        dynamodb: dynamodb?,
-    })
-}
-
-fn read_stream_change<'a>(reader: &mut Reader<'a>) -> Option<StreamChange<'a>> {
-    let mut seen = [false; 6];
-    let mut change = StreamChange::default();
-    reader.object(|r, name| {
-        let field = match &*name {
-            "ApproximateCreationDateTime" => 0,
-            "Keys" => 1,
-            "NewImage" => 2,
-            "OldImage" => 3,
-            "SequenceNumber" => 4,
-            "StreamViewType" => 5,
-            _ => return r.skip(),
-        };
-        if std::mem::replace(&mut seen[field], true) {
-            return None;
-        }
-        match field {
-            0 => change.approximate_creation_date_time = r.optional_f64()?,
-            1 => change.keys = r.image()?,
-            2 => change.new_image = r.image()?,
-            3 => change.old_image = r.old_image()?,
-            4 => change.sequence_number = r.optional_string()?.map(Text),
-            _ => change.stream_view_type = r.optional_string()?.map(Text),
-        }
-        Some(())
-    })?;
-    Some(change)
+    stream::read_stream_batch(payload, |record| from_stream(record, expected))
 }
 
 /// Decodes one raw record of a `{"Records": [...]}` batch. Never fails: a record that cannot
 /// be read is rejected with the reason.
 pub fn decode_record<'s>(raw: &str, expected: impl Into<Expected<'s>>) -> ChangeRecord {
-    let expected = expected.into();
-    // The fast path tracks no path; only a record that fails is read again, to say where.
-    let tracked = || {
-        let mut json = serde_json::Deserializer::from_str(raw);
-        serde_path_to_error::deserialize::<_, StreamRecord>(&mut json)
-    };
-    let record: StreamRecord = match serde_json::from_str(raw).or_else(|_| tracked()) {
-        Ok(record) => record,
-        Err(e) => {
-            // Only a bad record pays for a JSON tree: its sequence number, if it has one.
-            let sequence_number = serde_json::from_str::<serde_json::Value>(raw)
-                .ok()
-                .and_then(|v| {
-                    v.pointer("/dynamodb/SequenceNumber")?
-                        .as_str()
-                        .map(str::to_owned)
-                });
-            return ChangeRecord {
-                sequence_number: sequence_number.map(|s| cut(&s).into_owned()),
-                index: None,
-                created_at: None,
-                decoded: reject(format!(
-                    "not a DynamoDB stream record: `{}`: {}",
-                    cut(&e.path().to_string()),
-                    cut(&e.inner().to_string())
-                )),
-            };
-        }
-    };
-    change_record(&record, expected)
+    from_stream(stream::read_stream_record(raw), expected.into())
+}
+
+fn from_stream(record: Result<StreamRecord, BadRecord>, expected: Expected) -> ChangeRecord {
+    match record {
+        Ok(record) => change_record(&record, expected),
+        Err(bad) => ChangeRecord {
+            sequence_number: bad.sequence_number,
+            index: None,
+            created_at: None,
+            decoded: reject(bad.reason),
+        },
+    }
 }
 
 fn change_record(record: &StreamRecord, expected: Expected) -> ChangeRecord {
@@ -564,6 +411,15 @@ mod tests {
             matches!(broken.decoded, Err(Outcome::Rejected(ref r)) if r.contains("index_endpoint"))
         );
         assert_eq!(broken.index, Some(IndexRef::new("acct-1", "p")));
+    }
+
+    /// A batch read by the hand-written reader alone.
+    fn read_batch<'s>(
+        payload: &str,
+        expected: impl Into<Expected<'s>>,
+    ) -> Option<Vec<ChangeRecord>> {
+        let expected = expected.into();
+        stream::read_by_hand(payload, |record| from_stream(record, expected))
     }
 
     /// Reads `{"Records": [record]}` by hand and, record by record, through serde.

@@ -1,0 +1,255 @@
+//! A DynamoDB stream batch (`{"Records": [...]}`, as Lambda hands it over) read into stream
+//! records, every way it can be read, in this one room: the hand-written [`Reader`] over the
+//! whole batch (one pass, no serde calls); serde in one pass when the reader gives up; then
+//! record by record, so that a malformed record is refused alone, saying where it went wrong.
+//! Each record goes to the caller as soon as it is read: the batch is only ever held as what
+//! the caller makes of it. The record's shape is written twice, as serde derives it and as the
+//! reader reads it; tests in `pipeline/records.rs` hold the two equal.
+
+use std::borrow::Cow;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{Image, OldImage, Reader, Text};
+use crate::domain::validate::cut;
+
+/// What the exporter reads of a DynamoDB stream record; everything else is skipped unread.
+/// Strings borrow from the record's JSON text.
+#[derive(Deserialize)]
+pub struct StreamRecord<'a> {
+    #[serde(rename = "eventName", default, borrow)]
+    pub event_name: Option<Text<'a>>,
+    #[serde(rename = "eventSourceARN", default, borrow)]
+    pub event_source_arn: Option<Text<'a>>,
+    #[serde(borrow)]
+    pub dynamodb: StreamChange<'a>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+pub struct StreamChange<'a> {
+    /// Seconds since the epoch.
+    #[serde(default)]
+    pub approximate_creation_date_time: Option<f64>,
+    #[serde(default, borrow)]
+    pub keys: Image<'a>,
+    #[serde(default, borrow)]
+    pub new_image: Image<'a>,
+    #[serde(default)]
+    pub old_image: OldImage,
+    #[serde(default, borrow)]
+    pub sequence_number: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    pub stream_view_type: Option<Text<'a>>,
+}
+
+/// A record that is not a DynamoDB stream record: why, and its sequence number if it has one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadRecord {
+    pub sequence_number: Option<String>,
+    pub reason: String,
+}
+
+/// A stream batch's records, each handed to `each` as it is read, in stream order. `None`:
+/// the payload is not a stream batch (no `Records` array).
+pub fn read_stream_batch<T>(
+    payload: &str,
+    each: impl Fn(Result<StreamRecord, BadRecord>) -> T,
+) -> Option<Vec<T>> {
+    if let Some(records) = read_by_hand(payload, &each) {
+        return Some(records);
+    }
+    let mut json = serde_json::Deserializer::from_str(payload);
+    if let Ok(Some(records)) = Route(RecordsSeed { each: &each }).deserialize(&mut json) {
+        return Some(records);
+    }
+    // A batch with a malformed record: read again record by record, each with its reason.
+    let batch = serde_json::from_str::<Batch>(payload).ok()?;
+    let records = batch.records?.into_iter();
+    Some(
+        records
+            .map(|raw| each(read_stream_record(raw.get())))
+            .collect(),
+    )
+}
+
+/// One record read through serde. Never panics: a record that cannot be read says where.
+pub fn read_stream_record(raw: &str) -> Result<StreamRecord<'_>, BadRecord> {
+    // The fast path tracks no path; only a record that fails is read again, to say where.
+    let tracked = || {
+        let mut json = serde_json::Deserializer::from_str(raw);
+        serde_path_to_error::deserialize::<_, StreamRecord>(&mut json)
+    };
+    serde_json::from_str(raw)
+        .or_else(|_| tracked())
+        .map_err(|e| {
+            // Only a bad record pays for a JSON tree: its sequence number, if it has one.
+            let sequence_number =
+                (serde_json::from_str::<serde_json::Value>(raw).ok()).and_then(|v| {
+                    Some(cut(v.pointer("/dynamodb/SequenceNumber")?.as_str()?).into_owned())
+                });
+            let reason = format!(
+                "not a DynamoDB stream record: `{}`: {}",
+                cut(&e.path().to_string()),
+                cut(&e.inner().to_string())
+            );
+            BadRecord {
+                sequence_number,
+                reason,
+            }
+        })
+}
+
+/// The whole batch read by hand, each record handed on as it is read. `None` when anything
+/// about it is unusual: [`read_stream_batch`] then reads it through serde, which decides and
+/// says what is wrong.
+pub fn read_by_hand<T>(
+    payload: &str,
+    each: impl Fn(Result<StreamRecord, BadRecord>) -> T,
+) -> Option<Vec<T>> {
+    let mut reader = Reader::new(payload);
+    let mut records = None;
+    reader.object(|r, name| {
+        if name != "Records" || records.is_some() {
+            return None;
+        }
+        // Stream records are rarely under 500 bytes.
+        let mut batch = Vec::with_capacity(payload.len() / 500);
+        r.array(|r| {
+            batch.push(each(Ok(read_record_by_hand(r)?)));
+            Some(())
+        })?;
+        records = Some(batch);
+        Some(())
+    })?;
+    reader.end()?;
+    records
+}
+
+/// One record, as serde derives it for [`StreamRecord`]: unknown members skipped, a member
+/// given twice refused.
+fn read_record_by_hand<'a>(reader: &mut Reader<'a>) -> Option<StreamRecord<'a>> {
+    let (mut event_name, mut source, mut dynamodb) = (None, None, None);
+    reader.object(|r, name| match &*name {
+        "eventName" if event_name.is_none() => {
+            event_name = Some(r.optional_string()?.map(Text));
+            Some(())
+        }
+        "eventSourceARN" if source.is_none() => {
+            source = Some(r.optional_string()?.map(Text));
+            Some(())
+        }
+        "dynamodb" if dynamodb.is_none() => {
+            dynamodb = Some(read_change_by_hand(r)?);
+            Some(())
+        }
+        "eventName" | "eventSourceARN" | "dynamodb" => None,
+        _ => r.skip(),
+    })?;
+    Some(StreamRecord {
+        event_name: event_name.flatten(),
+        event_source_arn: source.flatten(),
+        dynamodb: dynamodb?,
+    })
+}
+
+fn read_change_by_hand<'a>(reader: &mut Reader<'a>) -> Option<StreamChange<'a>> {
+    let mut seen = [false; 6];
+    let mut change = StreamChange::default();
+    reader.object(|r, name| {
+        let field = match &*name {
+            "ApproximateCreationDateTime" => 0,
+            "Keys" => 1,
+            "NewImage" => 2,
+            "OldImage" => 3,
+            "SequenceNumber" => 4,
+            "StreamViewType" => 5,
+            _ => return r.skip(),
+        };
+        if std::mem::replace(&mut seen[field], true) {
+            return None;
+        }
+        match field {
+            0 => change.approximate_creation_date_time = r.optional_f64()?,
+            1 => change.keys = r.image()?,
+            2 => change.new_image = r.image()?,
+            3 => change.old_image = r.old_image()?,
+            4 => change.sequence_number = r.optional_string()?.map(Text),
+            _ => change.stream_view_type = r.optional_string()?.map(Text),
+        }
+        Some(())
+    })?;
+    Some(change)
+}
+
+/// A stream batch's records, borrowed from the payload without building a JSON tree.
+#[derive(Deserialize)]
+struct Batch<'a> {
+    #[serde(borrow, rename = "Records")]
+    records: Option<Vec<&'a RawValue>>,
+}
+
+/// Routes on the top-level `Records` key, reading a batch's records as they come.
+struct Route<'e, F>(RecordsSeed<'e, F>);
+
+impl<'de, T, F: Fn(Result<StreamRecord, BadRecord>) -> T> DeserializeSeed<'de> for Route<'_, F> {
+    type Value = Option<Vec<T>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de, T, F: Fn(Result<StreamRecord, BadRecord>) -> T> Visitor<'de> for Route<'_, F> {
+    type Value = Option<Vec<T>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut records = None;
+        let mut seed = Some(self.0);
+        while let Some(key) = map.next_key::<Cow<str>>()? {
+            match seed.take_if(|_| key == "Records") {
+                Some(seed) => records = Some(map.next_value_seed(seed)?),
+                None => map.next_value::<IgnoredAny>().map(drop)?,
+            }
+        }
+        Ok(records)
+    }
+}
+
+/// A batch's `Records` array, each record handed on as it is read: one pass over the payload.
+/// A malformed record fails the whole read; [`read_stream_batch`] then reads record by record.
+struct RecordsSeed<'e, F> {
+    each: &'e F,
+}
+
+impl<'de, T, F: Fn(Result<StreamRecord, BadRecord>) -> T> DeserializeSeed<'de>
+    for RecordsSeed<'_, F>
+{
+    type Value = Vec<T>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de, T, F: Fn(Result<StreamRecord, BadRecord>) -> T> Visitor<'de> for RecordsSeed<'_, F> {
+    type Value = Vec<T>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of DynamoDB stream records")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut records = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(record) = seq.next_element::<StreamRecord>()? {
+            records.push((self.each)(Ok(record)));
+        }
+        Ok(records)
+    }
+}
