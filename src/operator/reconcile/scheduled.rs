@@ -98,17 +98,7 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
             return Err(error);
         }
     };
-    let drift = (answer.counts.settings.drift() + answer.counts.query_configs.drift()) as u64;
-    progress.pass_drift += drift;
-    if answer.complete {
-        progress.last_full_pass_at = Some(now());
-        progress.last_pass_drift = progress.pass_drift;
-        progress.token = None;
-        progress.pass_started_at = None;
-        progress.pass_drift = 0;
-    } else {
-        progress.token = answer.continuation_token.clone();
-    }
+    advance(&mut progress, &answer);
     progress.lease_until = None;
     progress.version = leased + 1;
     let saved = exporter
@@ -125,6 +115,22 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
         last_pass_drift: progress.last_pass_drift,
         reconcile: Some(answer),
     })
+}
+
+/// The pass moved on by what this run covered: its drift added, and either its token kept or,
+/// when complete, the pass closed.
+fn advance(progress: &mut ReconcileProgress, answer: &super::Answer) {
+    let drift = (answer.counts.settings.drift() + answer.counts.query_configs.drift()) as u64;
+    progress.pass_drift += drift;
+    if answer.complete {
+        progress.last_full_pass_at = Some(now());
+        progress.last_pass_drift = progress.pass_drift;
+        progress.token = None;
+        progress.pass_started_at = None;
+        progress.pass_drift = 0;
+    } else {
+        progress.token = answer.continuation_token.clone();
+    }
 }
 
 /// Why this run leaves the pass alone, if it does.

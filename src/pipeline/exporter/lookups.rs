@@ -34,29 +34,48 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
         if run.is_stream() && self.ledger.enabled() && !wanted.is_empty() {
             // Read before the overrides: a writer that claims a filter after this read may
             // have seen an override this batch's Query misses, and then this claim fails.
-            let keys: Vec<KvKey> = wanted.iter().map(filter_key).collect();
-            match self.read_claims(&keys).await {
-                Ok(mut read) => {
-                    filter_reads = keys
-                        .into_iter()
-                        .map(|k| {
-                            let token = read.remove(&k).map(|c| c.token);
-                            (k, token)
-                        })
-                        .collect();
-                }
+            match self.filter_claims(&wanted).await {
+                Ok(read) => filter_reads = read,
                 Err(e) => {
+                    let reason = format!("cannot read the filter's claim: {e}");
                     for needer in plan.filters.values().flatten() {
-                        if plan.outcomes[*needer] == Outcome::Pending {
-                            plan.outcomes[*needer] =
-                                Outcome::Failed(format!("cannot read the filter's claim: {e}"));
-                        }
+                        fail_pending(&mut plan.outcomes, *needer, &reason);
                     }
                     return filter_reads;
                 }
             }
         }
-        let queries: Vec<(IndexRef, Result<Vec<String>, PortError>)> = match run.overrides {
+        for (index, queries) in self.override_queries(records, wanted, run, deadline).await {
+            plan_filter(plan, index, queries);
+        }
+        filter_reads
+    }
+
+    /// Each filter key's claim token, as the ledger holds it now.
+    async fn filter_claims(
+        &self,
+        indexes: &[IndexRef],
+    ) -> Result<HashMap<KvKey, Option<String>>, PortError> {
+        let keys: Vec<KvKey> = indexes.iter().map(filter_key).collect();
+        let mut read = self.read_claims(&keys).await?;
+        Ok((keys.into_iter())
+            .map(|k| {
+                let token = read.remove(&k).map(|c| c.token);
+                (k, token)
+            })
+            .collect())
+    }
+
+    /// The queries of each index's overrides: from the batch when it holds them all, else a
+    /// Query of the table per index.
+    async fn override_queries(
+        &self,
+        records: &[ChangeRecord],
+        wanted: Vec<IndexRef>,
+        run: Run,
+        deadline: Instant,
+    ) -> Vec<(IndexRef, Result<Vec<String>, PortError>)> {
+        match run.overrides {
             Overrides::InBatch => {
                 // Grouped in one pass: a reconcile's batch is the whole fleet.
                 let mut by_index: HashMap<&IndexRef, Vec<String>> = HashMap::new();
@@ -83,34 +102,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
                     .collect()
                     .await
             }
-        };
-        for (index, queries) in queries {
-            let needers = &plan.filters[&index];
-            match queries {
-                Ok(queries) => {
-                    let filter = QueryFilter::build(&index, queries);
-                    if filter.count == 0 {
-                        plan.empty_filters.insert(filter_key(&index));
-                    }
-                    let text = serde_json::to_string(&filter).expect("filters serialize");
-                    let op = PlannedOp {
-                        action: KvAction::put(KvValue::new(&index, text)),
-                        owner: needers[0],
-                    };
-                    plan.ops.insert(filter_key(&index), op);
-                }
-                Err(e) => {
-                    for &needer in needers {
-                        if plan.outcomes[needer] == Outcome::Pending {
-                            plan.outcomes[needer] = Outcome::Failed(format!(
-                                "cannot read the overrides of index {index} for its filter: {e}"
-                            ));
-                        }
-                    }
-                }
-            }
         }
-        filter_reads
     }
 
     /// API keys, the table scan and current shop ids, all at once; then the scan, if a shop
@@ -227,4 +219,36 @@ fn shop_in_kv_value(value: &str) -> Option<String> {
         .as_str()
         .filter(|s| !s.is_empty())
         .map(str::to_owned)
+}
+
+/// The index's filter planned from its overrides' queries, owned by its first needer; without
+/// them, every record that needed it is reported for retry.
+fn plan_filter(plan: &mut plan::Plan, index: IndexRef, queries: Result<Vec<String>, PortError>) {
+    let needers = &plan.filters[&index];
+    match queries {
+        Ok(queries) => {
+            let filter = QueryFilter::build(&index, queries);
+            if filter.count == 0 {
+                plan.empty_filters.insert(filter_key(&index));
+            }
+            let text = serde_json::to_string(&filter).expect("filters serialize");
+            let op = PlannedOp {
+                action: KvAction::put(KvValue::new(&index, text)),
+                owner: needers[0],
+            };
+            plan.ops.insert(filter_key(&index), op);
+        }
+        Err(e) => {
+            let reason = format!("cannot read the overrides of index {index} for its filter: {e}");
+            for &needer in needers {
+                fail_pending(&mut plan.outcomes, needer, &reason);
+            }
+        }
+    }
+}
+
+fn fail_pending(outcomes: &mut [Outcome], record: usize, reason: &str) {
+    if outcomes[record] == Outcome::Pending {
+        outcomes[record] = Outcome::Failed(reason.to_owned());
+    }
 }
