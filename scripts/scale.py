@@ -237,7 +237,8 @@ def follow(function, payload):
         answer = function.invoke(payload)
         function.slowest = max(function.slowest, time.time() - started)
         invocations += 1
-        if "errorType" in answer:
+        # A function error, or the Invoke API's own word (a timeout) instead of an answer.
+        if not isinstance(answer, dict) or "errorType" in answer:
             raise SystemExit(f"{payload}: {answer}")
         if answer.get("complete", True) or invocations > 500:
             return invocations
