@@ -234,10 +234,10 @@ impl<T: TokenSource> CloudflareKv<T> {
                 if let Some(wait) = wait {
                     self.pacer.block_for(wait).await;
                 }
-                let retry = Retry::after(describe(status, &body), wait);
                 Attempt::Retry(Retry {
+                    reason: describe(status, &body),
+                    wait,
                     locked_out: true,
-                    ..retry
                 })
             }
             _ if status.is_server_error() => {

@@ -11,7 +11,7 @@ use serde_dynamo::Item;
 use tokio::time::Instant;
 
 use super::classify::{class_of, live_targets, Class, Implied, Listed};
-use super::{Answer, Found, ReconcileRequest, Repaired, Requests, NAMESPACES};
+use super::{failed, Answer, Found, ReconcileRequest, Repaired, Requests, NAMESPACES};
 use crate::domain::kv::KeyMetadata;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::operator::{decode_token, encode_token, OperatorError};
@@ -50,12 +50,6 @@ impl Sweep {
             }
             _ => {}
         }
-    }
-}
-
-fn failed(reason: impl ToString) -> OperatorError {
-    OperatorError::ReconcileFailed {
-        reason: reason.to_string(),
     }
 }
 

@@ -153,6 +153,13 @@ pub struct Answer {
     pub continuation_token: Option<String>,
 }
 
+/// A reconcile that cannot go on, and why.
+fn failed(reason: impl std::fmt::Display) -> OperatorError {
+    OperatorError::ReconcileFailed {
+        reason: reason.to_string(),
+    }
+}
+
 pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
     exporter: &Exporter<K, A, T, L>,
     request: &ReconcileRequest,

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_dynamo::Item;
 use tokio::time::Instant;
 
-use super::{Answer, Found, ReconcileRequest, Repaired, Requests, NAMESPACES};
+use super::{failed, Answer, Found, ReconcileRequest, Repaired, Requests, NAMESPACES};
 use crate::domain::{IndexRef, KvKey};
 use crate::operator::{decode_token, encode_token, OperatorError};
 use crate::pipeline::exporter::{Exporter, Run};
@@ -116,12 +116,6 @@ struct Pass<'a, K, A, T, L> {
     found: Found,
     requests: Requests,
     repaired: Repaired,
-}
-
-fn failed(reason: impl std::fmt::Display) -> OperatorError {
-    OperatorError::ReconcileFailed {
-        reason: reason.to_string(),
-    }
 }
 
 impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Pass<'_, K, A, T, L> {

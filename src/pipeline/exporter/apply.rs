@@ -166,9 +166,10 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
     /// The keys another writer claimed while these were written (read back from the ledger).
     /// The stream's are retried: replayed, the record reads its overrides again.
     async fn find_lost(&self, sent: &mut Sent, guard: &Guard, run: Run) {
-        let held_back = held_back(guard);
-        let applied: HashSet<&KvKey> = (sent.keys.iter().map(|(key, _, _)| key))
-            .filter(|key| !held_back.contains(*key) && !sent.failed.contains_key(*key))
+        // Only keys claimed on a condition are read back: planned keys, never held back, sent
+        // unless their request failed (or they were withheld, which counts as failed).
+        let applied: HashSet<&KvKey> = (guard.to_check.iter())
+            .filter(|key| !sent.failed.contains_key(*key))
             .collect();
         sent.lost = self.lost(guard, &applied).await.into_iter().collect();
         if run.is_stream() {

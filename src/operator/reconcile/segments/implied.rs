@@ -8,11 +8,12 @@ use futures::StreamExt as _;
 use serde_dynamo::Item;
 use tokio::time::Instant;
 
-use super::{failed, Pass, Position, CONCURRENT_WRITES, MAX_HELD, TABLE_PAGE};
+use super::{Pass, Position, CONCURRENT_WRITES, MAX_HELD, TABLE_PAGE};
 use crate::domain::kv::digest;
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::operator::reconcile::classify::Class;
+use crate::operator::reconcile::failed;
 use crate::operator::reconcile::NAMESPACES;
 use crate::operator::OperatorError;
 use crate::pipeline::exporter::{Overrides, Run};

@@ -6,11 +6,12 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use futures::StreamExt as _;
 
-use super::{failed, Pass, Position, CONCURRENT_QUERIES, CONCURRENT_WRITES};
+use super::{Pass, Position, CONCURRENT_QUERIES, CONCURRENT_WRITES};
 use crate::domain::kv::{digest, KeyMetadata};
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvKey, Namespace};
 use crate::operator::reconcile::classify::{live_targets, owner_in_value, Class};
+use crate::operator::reconcile::failed;
 use crate::operator::reconcile::NAMESPACES;
 use crate::operator::OperatorError;
 use crate::ports::{ApiKeySource, Claim, KvStore, Ledger, ListedKey, Referred, SettingsTable};
