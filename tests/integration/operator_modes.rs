@@ -427,6 +427,65 @@ async fn a_backfill_stops_before_the_deadline_and_resumes_where_it_stopped() {
     assert_eq!(h.kv.keys(CF_ACCOUNT, SETTINGS_NS).len(), 6);
 }
 
+/// A backfill whose ledger takes each claim slowly (a busy table) stops at its deadline with
+/// its batch's records reported and a token before them, never past the function's timeout;
+/// resumed when the ledger is quick again, it finishes the table.
+#[tokio::test]
+async fn a_backfill_whose_ledger_claims_slowly_answers_before_its_deadline_and_resumes() {
+    let h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    let shop = |i: usize| format!("shop-{i}.myshopify.com");
+    for i in 0..40 {
+        let index = format!("idx-{i}");
+        h.put(index_item("acct-1", &index, Some(&shop(i)))).await;
+    }
+    // The function only reads the settings table: its PutItems are the ledger's claims and
+    // references, each held two seconds (16 claims in flight: 80 keys take 10 s).
+    let lag = std::time::Duration::from_secs(2);
+    let ledger = LaggingProxy::to_moto("DynamoDB_20120810.PutItem", lag).await;
+    let runtime = ecom_emulators::runtime_api::RuntimeApi::start(0)
+        .await
+        .unwrap();
+    let mut env = h.lambda_env();
+    env.push(("AWS_ENDPOINT_URL_DYNAMODB", ledger.url()));
+    let function = Function::start(&runtime, &env);
+    let invoke = |payload: Value, seconds: u64| {
+        let timeout = std::time::Duration::from_secs(seconds);
+        let answer = runtime.invoke(payload, timeout);
+        async {
+            answer
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", function.output()))
+        }
+    };
+
+    let started = std::time::Instant::now();
+    let first = invoke(json!({"mode": "backfill"}), 8).await;
+
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "{first}"
+    );
+    assert_eq!(first["complete"], false, "{first}");
+    assert!(first["failed"].as_u64().unwrap() > 0, "{first}");
+    let reasons = first["failed_records"].to_string();
+    assert!(reasons.contains("deadline"), "{reasons}");
+    assert!(first["continuation_token"].is_string(), "{first}");
+
+    ledger.set_lag(std::time::Duration::ZERO);
+    let mut payload =
+        json!({"mode": "backfill", "continuation_token": first["continuation_token"]});
+    let mut answer = invoke(payload.clone(), 60).await;
+    while answer["complete"] == false {
+        payload["continuation_token"] = answer["continuation_token"].clone();
+        answer = invoke(payload.clone(), 60).await;
+    }
+    assert_eq!(answer["failed"], 0, "{answer}");
+    for i in 0..40 {
+        assert!(h.settings(&shop(i)).is_some(), "{}", shop(i));
+    }
+}
+
 /// Two accounts of six indexes, index `i` with `i % 4` overrides.
 async fn indexes_with_overrides() -> (Harness, Vec<(String, String, usize)>) {
     let h = Harness::new().await;

@@ -56,7 +56,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
         let planned = self.planned(&records, &plan);
         let (records, created_at) = identities(records);
         let before = self.kv.counters();
-        let guard = self.claim(planned, run, read_epoch, &reads).await;
+        let guard = self.claim(planned, run, read_epoch, &reads, deadline).await;
         for (key, note) in &guard.dropped {
             tracing::info!(key = %validate::cut(&key.key), "{note}");
         }
@@ -69,7 +69,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
         } = plan;
         let sent = self.send_claimed(ops, &old_shops, &guard, deadline, buffer);
         let mut sent = sent.await;
-        self.find_lost(&mut sent, &guard, run).await;
+        self.find_lost(&mut sent, &guard, run, deadline).await;
         let KvCounters { retries, .. } = self.kv.counters();
         let applied_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -84,7 +84,8 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
         let failed = sent.settle_keys(&mut report, &mut outcomes, &guard, run, &delete_owners);
         settle_filters(&filters, &failed, &mut outcomes);
         if let (Some(left), Some(known)) = (left_refs, &known_refs) {
-            (self.record_references(left, known, &mut outcomes, run.is_stream())).await;
+            let stream = run.is_stream();
+            (self.record_references(left, known, &mut outcomes, stream, deadline)).await;
         }
         finish(report, records, outcomes, created_at, applied_at)
     }
@@ -165,13 +166,15 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
 
     /// The keys another writer claimed while these were written (read back from the ledger).
     /// The stream's are retried: replayed, the record reads its overrides again.
-    async fn find_lost(&self, sent: &mut Sent, guard: &Guard, run: Run) {
+    async fn find_lost(&self, sent: &mut Sent, guard: &Guard, run: Run, deadline: Instant) {
         // Only keys claimed on a condition are read back: planned keys, never held back, sent
         // unless their request failed (or they were withheld, which counts as failed).
         let applied: HashSet<&KvKey> = (guard.to_check.iter())
             .filter(|key| !sent.failed.contains_key(*key))
             .collect();
-        sent.lost = self.lost(guard, &applied).await.into_iter().collect();
+        sent.lost = (self.lost(guard, &applied, deadline).await)
+            .into_iter()
+            .collect();
         if run.is_stream() {
             for key in &sent.lost {
                 let error = "another writer claimed this key while this batch wrote it: retried";

@@ -99,6 +99,12 @@ fn gives_up(read: Option<&Claim>, op: &Planned) -> bool {
     }
 }
 
+/// Lost keys written once more: those the new read planned, and what became of them.
+struct WrittenAgain {
+    planned: HashSet<KvKey>,
+    report: BatchReport,
+}
+
 /// What the claims decided before anything was sent.
 #[derive(Debug, Default)]
 pub struct Guard {
@@ -122,18 +128,19 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
         run: Run,
         read_epoch: Option<u64>,
         reads: &StreamReads,
+        deadline: Instant,
     ) -> Guard {
         if !self.ledger.enabled() || ops.is_empty() {
             return Guard::default();
         }
         if run.is_stream() {
-            return self.claim_for_stream(ops, reads).await;
+            return self.claim_for_stream(ops, reads, deadline).await;
         }
         let since = match read_epoch {
             Some(epoch) => epoch,
             None => self.begin_reading().await,
         };
-        self.claim_for_operator(ops, since).await
+        self.claim_for_operator(ops, since, deadline).await
     }
 
     /// An operator's first step, before it reads the table: the ledger time from which another
@@ -151,40 +158,28 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
 
     /// An operator's lost keys, written once more from a new read of their indexes. A key
     /// the new read does not imply, or that another writer claimed since, is theirs; one
-    /// lost again fails its record (the operator runs again, or the next reconcile pass).
+    /// lost again, or whose index could not be read again, fails its record (the operator
+    /// runs again, or the next reconcile pass).
     pub(super) async fn write_lost_again(&self, report: &mut BatchReport, deadline: Instant) {
         let lost = std::mem::take(&mut report.lost);
         if lost.is_empty() {
             return;
         }
-        let since = self.begin_reading().await;
         let owners: BTreeSet<IndexRef> = (lost.iter())
             .filter_map(|(_, at, owner)| {
                 owner.clone().or_else(|| report.records[*at].index.clone())
             })
             .collect();
-        let mut records = Vec::new();
-        for index in owners {
-            match self.index_records(&index, true, deadline).await {
-                Ok(found) => records.extend(found.into_iter().flatten()),
-                Err(e) => {
-                    tracing::warn!(%index, error = %e, "index not read again after a lost race")
-                }
-            }
-        }
-        let mut prepared = self.prepare(records, Run::OPERATOR, deadline).await;
-        prepared.read_epoch = Some(since);
-        let wanted: HashSet<&KvKey> = lost.iter().map(|(key, _, _)| key).collect();
-        (prepared.plan.ops)
-            .retain(|key, op| wanted.contains(key) && matches!(op.action, KvAction::Put(_)));
-        let planned: HashSet<KvKey> = prepared.plan.ops.keys().cloned().collect();
-        let again = self.apply_reusing(prepared, deadline, Vec::new()).await;
-        report.kv_requests += again.kv_requests;
-        for (key, at, _) in lost {
+        let (again, unread) = self.read_and_write_again(owners, &lost, deadline).await;
+        report.kv_requests += again.report.kv_requests;
+        for (key, at, owner) in lost {
+            let owner = owner.or_else(|| report.records[at].index.clone());
             let outcome = &mut report.records[at].outcome;
-            if again.written.contains(&key) {
+            let unread = owner.is_none_or(|owner| unread.contains(&owner));
+            if again.report.written.contains(&key) {
                 report.written.push(key);
-            } else if !planned.contains(&key) || again.left.contains(&key) {
+            } else if !unread && (!again.planned.contains(&key) || again.report.left.contains(&key))
+            {
                 if *outcome == Outcome::Exported {
                     let reason = format!(
                         "KV key `{}`: another writer wrote it during this run; left to it",
@@ -194,14 +189,56 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
                 }
                 report.left.push(key);
             } else if !matches!(outcome, Outcome::Failed(_) | Outcome::Rejected(_)) {
-                *outcome = Outcome::Failed(format!(
-                    "KV key `{}`: other writers kept claiming it while this run wrote it; run again",
-                    key.key
-                ));
+                let why = match unread {
+                    true => "its index could not be read again after another writer claimed it",
+                    false => "other writers kept claiming it while this run wrote it",
+                };
+                *outcome = Outcome::Failed(format!("KV key `{}`: {why}; run again", key.key));
             }
         }
         report.keys_written = report.written.len();
         report.keys_left = report.left.len();
+    }
+
+    /// Reads `owners` again and writes the `lost` keys their new read implies; answers what
+    /// was written and the indexes not read (or not prepared) again.
+    async fn read_and_write_again(
+        &self,
+        owners: BTreeSet<IndexRef>,
+        lost: &[(KvKey, usize, Option<IndexRef>)],
+        deadline: Instant,
+    ) -> (WrittenAgain, HashSet<IndexRef>) {
+        if Instant::now() >= deadline {
+            tracing::warn!("lost keys not written again: the invocation deadline is near");
+            let nothing = WrittenAgain {
+                planned: HashSet::new(),
+                report: BatchReport::default(),
+            };
+            return (nothing, owners.into_iter().collect());
+        }
+        let since = self.begin_reading().await;
+        let (mut records, mut unread) = (Vec::new(), HashSet::new());
+        for index in owners {
+            match self.index_records(&index, true, deadline).await {
+                Ok(found) => records.extend(found.into_iter().flatten()),
+                Err(e) => {
+                    tracing::warn!(%index, error = %e, "index not read again after a lost race");
+                    unread.insert(index);
+                }
+            }
+        }
+        let mut prepared = self.prepare(records, Run::OPERATOR, deadline).await;
+        prepared.read_epoch = Some(since);
+        let failed = (prepared.records.iter().zip(&prepared.plan.outcomes))
+            .filter(|(_, outcome)| matches!(outcome, Outcome::Failed(_)))
+            .filter_map(|(record, _)| record.index.clone());
+        unread.extend(failed);
+        let wanted: HashSet<&KvKey> = lost.iter().map(|(key, _, _)| key).collect();
+        (prepared.plan.ops)
+            .retain(|key, op| wanted.contains(key) && matches!(op.action, KvAction::Put(_)));
+        let planned: HashSet<KvKey> = prepared.plan.ops.keys().cloned().collect();
+        let report = self.apply_reusing(prepared, deadline, Vec::new()).await;
+        (WrittenAgain { planned, report }, unread)
     }
 
     /// The claims of the shop keys the batch's indexes give up, read before the settings of
@@ -288,8 +325,13 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
 
     /// The stream's claims: its records' own keys at once, whoever held them; keys derived
     /// from other items (filters, shop keys an index gives up) only if unclaimed since read.
-    pub(super) async fn claim_for_stream(&self, ops: Vec<Planned>, reads: &StreamReads) -> Guard {
-        let claim = match self.ledger.time().await {
+    pub(super) async fn claim_for_stream(
+        &self,
+        ops: Vec<Planned>,
+        reads: &StreamReads,
+        deadline: Instant,
+    ) -> Guard {
+        let claim = match before_deadline(deadline, "ledger time", self.ledger.time()).await {
             Ok(epoch) => new_claim(epoch),
             Err(e) => {
                 let refused = ops.into_iter().map(|op| (op.key, e.clone())).collect();
@@ -332,8 +374,9 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
         }
         guard
             .refused
-            .extend(self.ledger.claim_all(&own, &claim).await);
-        for (key, answer) in self.claim_each(conditional.into_iter(), &claim).await {
+            .extend(self.claim_all(own, &claim, deadline).await);
+        let conditional = conditional.into_iter();
+        for (key, answer) in self.claim_each(conditional, &claim, deadline).await {
             match answer {
                 Ok(true) => guard.to_check.push(key),
                 Ok(false) => {
@@ -352,11 +395,17 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
 
     /// An operator's claims: keys claimed at ledger time `since` or later are left to
     /// whoever claimed them (they began after this operator read the table).
-    pub(super) async fn claim_for_operator(&self, ops: Vec<Planned>, since: u64) -> Guard {
+    pub(super) async fn claim_for_operator(
+        &self,
+        ops: Vec<Planned>,
+        since: u64,
+        deadline: Instant,
+    ) -> Guard {
         let claim = new_claim(since);
         let mut guard = Guard::default();
         let keys: Vec<KvKey> = ops.iter().map(|op| op.key.clone()).collect();
-        let current = match self.read_claims(&keys).await {
+        let current = before_deadline(deadline, "ledger claims", self.read_claims(&keys));
+        let current = match current.await {
             Ok(current) => current,
             Err(e) => {
                 guard.refused = keys.into_iter().map(|k| (k, e.clone())).collect();
@@ -375,7 +424,8 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
                 }
             }
         }
-        for (key, answer) in self.claim_each(conditional.into_iter(), &claim).await {
+        let conditional = conditional.into_iter();
+        for (key, answer) in self.claim_each(conditional, &claim, deadline).await {
             match answer {
                 Ok(true) => guard.to_check.push(key),
                 Ok(false) => {
@@ -388,15 +438,34 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
         guard
     }
 
-    /// Claims each key if its claim is still the one read.
+    /// Claims every key, whoever held it; answers those not claimed. Keys not claimed by
+    /// the deadline are not sent: their records are retried, never held past the timeout.
+    async fn claim_all(
+        &self,
+        keys: Vec<KeyClaim>,
+        claim: &Claim,
+        deadline: Instant,
+    ) -> Vec<(KvKey, PortError)> {
+        let claimed = self.ledger.claim_all(&keys, claim);
+        let claimed = before_deadline(deadline, "ledger claims", async { Ok(claimed.await) });
+        claimed.await.unwrap_or_else(|e| {
+            // Some may have landed, as when a KV write fails after its claim: the retry rewrites.
+            keys.into_iter().map(|k| (k.key, e.clone())).collect()
+        })
+    }
+
+    /// Claims each key if its claim is still the one read; one not claimed by the deadline
+    /// answers a transient error (its record is retried).
     async fn claim_each(
         &self,
         keys: impl Iterator<Item = (KeyClaim, Option<String>)> + Send,
         claim: &Claim,
+        deadline: Instant,
     ) -> Vec<(KvKey, Result<bool, PortError>)> {
         futures::stream::iter(keys)
             .map(|(key, read)| async move {
-                let answer = self.ledger.claim_if(&key, read.as_deref(), claim).await;
+                let claimed = self.ledger.claim_if(&key, read.as_deref(), claim);
+                let answer = before_deadline(deadline, "ledger claim", claimed).await;
                 (key.key, answer)
             })
             .buffer_unordered(CONCURRENT_CLAIMS)
@@ -406,7 +475,12 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
 
     /// The keys of `guard.to_check` that were sent and are claimed by someone else now: the
     /// other writer may have written before this one's write landed. Unreadable counts as lost.
-    pub(super) async fn lost(&self, guard: &Guard, sent: &HashSet<&KvKey>) -> Vec<KvKey> {
+    pub(super) async fn lost(
+        &self,
+        guard: &Guard,
+        sent: &HashSet<&KvKey>,
+        deadline: Instant,
+    ) -> Vec<KvKey> {
         let (Some(claim), false) = (&guard.claim, guard.to_check.is_empty()) else {
             return Vec::new();
         };
@@ -416,7 +490,8 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             .filter(|k| sent.contains(k))
             .cloned()
             .collect();
-        match self.read_claims(&written).await {
+        let read_back = before_deadline(deadline, "ledger claims", self.read_claims(&written));
+        match read_back.await {
             Ok(now) => written
                 .into_iter()
                 .filter(|k| now.get(k).is_none_or(|c| c.token != claim.token))

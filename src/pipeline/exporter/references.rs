@@ -203,13 +203,14 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
     /// After the KV writes: each index's references as its last applied record left them,
     /// unless a record of the index failed (its replay records them). The stream's records are
     /// the newest word and replace what is recorded; an operator's only fill what is missing.
-    /// A record whose references the stream could not record is retried.
+    /// A record whose references could not be recorded (by the deadline) is retried.
     pub(super) async fn record_references(
         &self,
         left: Vec<Option<(IndexRef, IndexRefs)>>,
         known: &HashMap<IndexRef, IndexRefs>,
         outcomes: &mut [Outcome],
         stream: bool,
+        deadline: Instant,
     ) {
         let mut by_index: BTreeMap<IndexRef, (Vec<usize>, Option<IndexRefs>, bool)> =
             BTreeMap::new();
@@ -239,20 +240,31 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
         if changed.is_empty() {
             return;
         }
-        if !stream {
-            // An operator's read of the table may be older than what the stream recorded.
-            futures::stream::iter(&changed)
-                .for_each_concurrent(CONCURRENT_QUERIES, |(_, change)| async move {
-                    if let Err(e) = self.ledger.seed_refs(&change.index, &change.new).await {
-                        tracing::warn!(index = %change.index, error = %e, "references not recorded in the ledger");
-                    }
+        let recorded: Vec<(Vec<usize>, Result<(), PortError>)> = if stream {
+            let changes: Vec<RefsChange> = changed.iter().map(|(_, c)| c.clone()).collect();
+            let record = self.ledger.record_refs(&changes);
+            let answer = before_deadline(deadline, "ledger references", record).await;
+            (changed.into_iter())
+                .map(|(positions, _)| (positions, answer.clone()))
+                .collect()
+        } else {
+            // An operator's read of the table may be older than what the stream recorded: it
+            // only fills what is missing.
+            futures::stream::iter(changed)
+                .map(|(positions, change)| async move {
+                    let seed = self.ledger.seed_refs(&change.index, &change.new);
+                    let answer = before_deadline(deadline, "ledger references", seed).await;
+                    (positions, answer.map(|_| ()))
                 })
-                .await;
-            return;
-        }
-        let changes: Vec<RefsChange> = changed.iter().map(|(_, c)| c.clone()).collect();
-        if let Err(e) = self.ledger.record_refs(&changes).await {
-            for at in changed.into_iter().flat_map(|(positions, _)| positions) {
+                .buffer_unordered(CONCURRENT_QUERIES)
+                .collect()
+                .await
+        };
+        // A batch that asks the ledger who refers to what must find these: not recorded, the
+        // record is retried (and a backfill does not mark the references complete).
+        for (positions, answer) in recorded {
+            let Err(e) = answer else { continue };
+            for at in positions {
                 if matches!(
                     outcomes[at],
                     Outcome::Pending | Outcome::Exported | Outcome::Kept { .. }
