@@ -1,9 +1,10 @@
 //! Micro-benchmarks of the pure core on 1,000 realistic stream records (the `make bench`
 //! event): decoding, planning and bulk encoding. `cargo bench --bench pipeline`.
 
+use ecom_settings_exporter::adapters::cloudflare::encode::requests;
 use ecom_settings_exporter::domain::ApiKey;
+use ecom_settings_exporter::domain::{KvAction, KvKey};
 use ecom_settings_exporter::entry::Payload;
-use ecom_settings_exporter::pipeline::bulk::requests;
 use ecom_settings_exporter::pipeline::plan::{needs, plan, Lookups};
 use ecom_settings_exporter::pipeline::records::{decode_record, ChangeRecord};
 
@@ -73,5 +74,13 @@ fn plan_batch(bencher: divan::Bencher) {
 fn bulk_encoding(bencher: divan::Bencher) {
     let records = decoded(&raw_records());
     let planned = plan(&records, &lookups(&records), "default");
-    bencher.bench(|| requests(divan::black_box(&planned.ops), Vec::new()));
+    let mut ops: Vec<(&KvKey, &_)> = planned.ops.iter().collect();
+    ops.sort_by_key(|(_, op)| op.owner);
+    let ops: Vec<(KvKey, KvAction)> = (ops.into_iter())
+        .map(|(key, op)| (key.clone(), op.action.clone()))
+        .collect();
+    // The operations in the batch's order, as the exporter hands them to the store.
+    bencher
+        .with_inputs(|| ops.clone())
+        .bench_values(|ops| requests(divan::black_box(ops), Vec::new()));
 }

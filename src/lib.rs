@@ -12,14 +12,14 @@
 //!   sets the retry deadline, turns a report into the partial-batch response.
 //! - [`pipeline`]: the stream path, one file per step: [`pipeline::records`] (stream records
 //!   and table items become changes) -> [`pipeline::plan`] (pure: one KV operation per key) ->
-//!   [`pipeline::bulk`] (pure: as few bulk requests as Cloudflare's limits allow) ->
-//!   [`pipeline::exporter`] (looks up, plans, sends, decides each record's outcome).
+//!   [`pipeline::exporter`] (looks up, plans, hands the operations to the KV store, decides
+//!   each record's outcome). How operations become requests is the store adapter's.
 //! - [`operator`]: the manual modes, one file each: re-export, verify, backfill, reconcile (and
 //!   its scheduled passes). They call the exporter through its methods.
 //! - [`report`]: the one `Outcome` enum, the batch report, its log lines and EMF metrics.
 //! - [`ports`]: the traits the core needs from the outside, and `PortError` (transient or
 //!   permanent).
-//! - [`adapters`]: Cloudflare KV (and its pacing), the API keys service, the settings table, the
+//! - [`adapters`]: Cloudflare KV (its bulk requests' encoding, pacing), the API keys service, the settings table, the
 //!   function's own ledger table, Secrets Manager; and the in-memory fakes the unit tests share.
 //! - [`dynamo`]: DynamoDB's attribute-value format read into the domain.
 //! - [`domain`]: the shared vocabulary (indexes, settings, KV keys and limits, secrets).

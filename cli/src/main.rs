@@ -120,41 +120,7 @@ async fn main() -> ExitCode {
     })
     .await;
     let (mode, request) = match cli.command {
-        Command::Verify(v) => {
-            let request = payload(&[
-                ("mode", json!("verify")),
-                ("system_account_id", json!(v.account)),
-                ("index_name", json!(v.index)),
-                ("include_query_configs", json!(v.include_query_configs)),
-                ("repair", json!(v.repair)),
-                ("dry_run", json!(v.dry_run)),
-            ]);
-            // An index with many query configs is verified in pieces: each answer's table is
-            // printed, and its token asks for the next.
-            let mut request = request;
-            let mut in_sync = true;
-            loop {
-                let answer = match exporter.invoke(&request).await {
-                    Ok(answer) => answer,
-                    Err(e) => {
-                        eprintln!("{e}");
-                        return ExitCode::from(2);
-                    }
-                };
-                print!("{}", verify_table(&answer));
-                in_sync &= answer["in_sync"] == json!(true);
-                match answer["continuation_token"].as_str() {
-                    Some(token) => request["continuation_token"] = json!(token),
-                    None => break,
-                }
-            }
-            // Drift left behind is a finding: say so in the exit code.
-            let fixed = v.repair && !v.dry_run;
-            return match in_sync || fixed {
-                true => ExitCode::SUCCESS,
-                false => ExitCode::from(1),
-            };
-        }
+        Command::Verify(v) => return verify(&exporter, &v).await,
         Command::Backfill(b) => (
             Mode::Backfill,
             payload(&[
@@ -178,19 +144,7 @@ async fn main() -> ExitCode {
             ]),
         ),
     };
-
-    // Ctrl-C lets the invocation under way finish, then stops with the token to resume with.
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let flag = interrupted.clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("\ninterrupted: finishing the invocation under way (Ctrl-C again to abort)");
-            flag.store(true, Ordering::SeqCst);
-            if tokio::signal::ctrl_c().await.is_ok() {
-                std::process::exit(130);
-            }
-        }
-    });
+    let interrupted = stop_on_ctrl_c();
     let progress = Progress::new(true);
     match follow(&exporter, mode, request, &interrupted, &progress).await {
         Ok(totals) => {
@@ -215,4 +169,55 @@ async fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Verifies one index, printing each answer's table. An index with many query configs is
+/// verified in pieces: each answer's token asks for the next. Drift left behind is a finding:
+/// the exit code says so.
+async fn verify(exporter: &Exporter, v: &Verify) -> ExitCode {
+    let mut request = payload(&[
+        ("mode", json!("verify")),
+        ("system_account_id", json!(v.account)),
+        ("index_name", json!(v.index)),
+        ("include_query_configs", json!(v.include_query_configs)),
+        ("repair", json!(v.repair)),
+        ("dry_run", json!(v.dry_run)),
+    ]);
+    let mut in_sync = true;
+    loop {
+        let answer = match exporter.invoke(&request).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+        };
+        print!("{}", verify_table(&answer));
+        in_sync &= answer["in_sync"] == json!(true);
+        match answer["continuation_token"].as_str() {
+            Some(token) => request["continuation_token"] = json!(token),
+            None => break,
+        }
+    }
+    match in_sync || (v.repair && !v.dry_run) {
+        true => ExitCode::SUCCESS,
+        false => ExitCode::from(1),
+    }
+}
+
+/// Ctrl-C lets the invocation under way finish, then stops with the token to resume with; a
+/// second one aborts.
+fn stop_on_ctrl_c() -> Arc<AtomicBool> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("\ninterrupted: finishing the invocation under way (Ctrl-C again to abort)");
+            flag.store(true, Ordering::SeqCst);
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+    });
+    interrupted
 }

@@ -1,8 +1,8 @@
 //! The Cloudflare Workers KV adapter: bulk writes, bulk deletes, bulk reads and listing under
 //! `{base}/accounts/{account}/storage/kv/namespaces/{namespace}`, with the retry rules the
 //! exporter depends on (docs/contract.md, "Cloudflare KV calls"). Here: the client, one call
-//! with its retries, the token and the pacing; `bulk.rs` the bulk requests (resends, splits);
-//! `wire.rs` Cloudflare's envelope and headers read.
+//! with its retries, the token and the pacing; `encode.rs` planned operations as bulk requests;
+//! `bulk.rs` their sending (resends, splits); `wire.rs` Cloudflare's envelope and headers read.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -13,9 +13,9 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::pacing::Pacer;
-use crate::domain::kv::{KvRequest, MAX_BULK_GET_KEYS};
+use crate::domain::kv::KvOp;
 use crate::domain::{ApiToken, Namespace};
-use crate::ports::{KeyFailures, KeyPage, KvCounters, KvStore, PortError, TokenSource};
+use crate::ports::{Applied, KeyPage, KvCounters, KvStore, PortError, TokenSource};
 
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
@@ -79,7 +79,10 @@ struct Answer {
 }
 
 mod bulk;
+pub mod encode;
 mod wire;
+
+use encode::MAX_BULK_GET_KEYS;
 
 pub use wire::MAX_RETRY_AFTER;
 use wire::{describe, refused, retry_after, transport_error};
@@ -315,8 +318,12 @@ impl<T: TokenSource> KvStore for CloudflareKv<T> {
         }
     }
 
-    async fn send(&self, request: &KvRequest, deadline: Instant) -> Result<(), Vec<KeyFailures>> {
-        self.split_on_refusal(request, deadline).await
+    async fn apply(&self, ops: Vec<KvOp>, spare: Vec<u8>, deadline: Instant) -> Applied {
+        let requests = encode::requests(ops, spare);
+        Applied {
+            requests: requests.len(),
+            failed: self.send_all(requests, deadline).await,
+        }
     }
 
     async fn get_many(

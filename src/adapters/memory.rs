@@ -8,11 +8,9 @@ use std::sync::Mutex;
 use serde_dynamo::Item;
 use tokio::time::Instant;
 
-use crate::domain::kv::KvRequest;
-use crate::domain::{ApiKey, IndexRef, Namespace, SettingsReference};
+use crate::domain::{ApiKey, IndexRef, KvAction, KvOp, Namespace, SettingsReference};
 use crate::ports::{
-    AccountCell, ApiKeySource, KeyFailures, KeyPage, KvStore, ListedKey, Page, PortError,
-    SettingsTable,
+    AccountCell, ApiKeySource, Applied, KeyPage, KvStore, ListedKey, Page, PortError, SettingsTable,
 };
 
 /// KV in memory; keys in `failing` are never stored.
@@ -23,31 +21,26 @@ pub struct MemoryKv {
 }
 
 impl KvStore for MemoryKv {
-    async fn send(&self, request: &KvRequest, _: Instant) -> Result<(), Vec<KeyFailures>> {
+    async fn apply(&self, ops: Vec<KvOp>, _: Vec<u8>, _: Instant) -> Applied {
         let mut values = self.values.lock().unwrap();
         let mut failed = Vec::new();
-        let pairs: HashMap<String, String> = request.pairs().into_iter().collect();
-        for key in request.keys() {
-            if self.failing.contains(key) {
-                failed.push(key.to_owned());
+        // As a bulk store would send them: one request per namespace and kind.
+        let requests: HashSet<(Namespace, bool)> = (ops.iter())
+            .map(|(key, action)| (key.namespace, matches!(action, KvAction::Put(_))))
+            .collect();
+        for (key, action) in ops {
+            if self.failing.contains(&key.key) {
+                failed.push((key, PortError::Transient("down".into())));
                 continue;
             }
-            match request {
-                KvRequest::Put { .. } => {
-                    values.insert(key.to_owned(), pairs[key].clone());
-                }
-                KvRequest::Delete { .. } => {
-                    values.remove(key);
-                }
-            }
+            match action {
+                KvAction::Put(value) => values.insert(key.key, value.text().into_owned()),
+                KvAction::Delete => values.remove(&key.key),
+            };
         }
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(vec![KeyFailures {
-                keys: failed,
-                error: PortError::Transient("down".into()),
-            }])
+        Applied {
+            requests: requests.len(),
+            failed,
         }
     }
 

@@ -1,17 +1,16 @@
-//! Cloudflare Workers KV as the proxy reads it: the two namespaces, the keys this function
-//! writes, what it does to a key, and the limits Cloudflare enforces (docs/contract.md, "KV").
+//! Workers KV as the proxy reads it: the two namespaces, the keys this function writes, what it
+//! does to a key, the values and their metadata, and what KV accepts of a key and a value
+//! (docs/contract.md, "KV"). How operations travel (Cloudflare's bulk requests and their
+//! limits) is the store adapter's: `adapters/cloudflare/encode.rs`.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
-use std::ops::Range;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::ids::IndexRef;
-use super::json_text::{push_json_string, push_str};
+use super::json_text::push_str;
 use super::secrets::ApiKey;
 use super::settings::IndexSettings;
 use super::validate::shown;
@@ -20,12 +19,6 @@ use super::validate::shown;
 pub const MAX_KEY_BYTES: usize = 512;
 /// Cloudflare's value limit, 25 MiB.
 pub const MAX_VALUE_BYTES: usize = 25 * 1024 * 1024;
-/// Pairs (or keys) in one bulk write (or delete).
-pub const MAX_BULK_ITEMS: usize = 10_000;
-/// Keys in one bulk read.
-pub const MAX_BULK_GET_KEYS: usize = 100;
-/// Cloudflare: "the entire request size must be less than 100 megabytes".
-pub const MAX_BULK_BYTES: usize = 100_000_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Namespace {
@@ -124,7 +117,8 @@ pub fn digest(value: &str) -> String {
     digest_bytes(value.as_bytes())
 }
 
-fn digest_bytes(value: &[u8]) -> String {
+/// The digest of a value already rendered as bytes.
+pub fn digest_bytes(value: &[u8]) -> String {
     let mut hex = String::with_capacity(16);
     push_hex(&mut hex, &Sha256::digest(value)[..8]);
     hex
@@ -274,6 +268,9 @@ pub enum KvAction {
     Delete,
 }
 
+/// A key and what to do with it: what the exporter hands the KV store.
+pub type KvOp = (KvKey, KvAction);
+
 impl KvAction {
     pub fn put(value: KvValue) -> Self {
         KvAction::Put(Arc::new(value))
@@ -292,236 +289,6 @@ impl std::fmt::Debug for KvAction {
         match self {
             KvAction::Put(value) => write!(f, "Put({} bytes)", value.text().len()),
             KvAction::Delete => f.write_str("Delete"),
-        }
-    }
-}
-
-/// A bulk write body being built, `[{"key": ..., "value": "<the value's JSON as a string>",
-/// "metadata": {...}}, ...]`: each pair written straight into it, and a value that several keys
-/// share (an index's own key and its shop key) escaped only once.
-pub struct PutBody {
-    bytes: Vec<u8>,
-    /// Each pair's key and where its JSON is in `bytes`.
-    items: Vec<(String, Range<usize>)>,
-    /// Where a shared value's `,"value":...,"metadata":...}` already is in `bytes`, by the
-    /// value's address (the values outlive the body being built).
-    written: HashMap<usize, Range<usize>>,
-    /// Where a value is rendered, then escaped, before it is copied into `bytes`: reused.
-    scratch: Vec<u8>,
-    escaped: Vec<u8>,
-}
-
-impl Default for PutBody {
-    fn default() -> Self {
-        Self::with_capacity(0)
-    }
-}
-
-impl PutBody {
-    /// A body expected to grow to about `bytes`: reserved once, not doubled as it grows.
-    pub fn with_capacity(bytes: usize) -> Self {
-        Self::in_buffer(Vec::with_capacity(bytes.max(2)))
-    }
-
-    /// A body written into `buffer` (memory already faulted in, such as the event's) when it
-    /// holds at least the unescaped half of `bytes`; otherwise as [`PutBody::with_capacity`].
-    pub fn reusing(buffer: Vec<u8>, bytes: usize) -> Self {
-        if buffer.capacity() < bytes / 2 {
-            return Self::with_capacity(bytes);
-        }
-        Self::in_buffer(buffer)
-    }
-
-    fn in_buffer(mut buffer: Vec<u8>) -> Self {
-        buffer.clear();
-        buffer.push(b'[');
-        Self {
-            bytes: buffer,
-            items: Vec::new(),
-            written: HashMap::new(),
-            scratch: Vec::new(),
-            escaped: Vec::new(),
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.items.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
-    }
-
-    /// Bytes of the finished body.
-    pub fn size(&self) -> usize {
-        self.bytes.len() + 1
-    }
-
-    fn start_item(&mut self) -> usize {
-        if !self.items.is_empty() {
-            self.bytes.push(b',');
-        }
-        self.bytes.len()
-    }
-
-    /// Writes a pair.
-    pub fn push(&mut self, key: &str, value: &Arc<KvValue>) {
-        let start = self.start_item();
-        self.bytes.extend_from_slice(b"{\"key\":");
-        push_str(&mut self.bytes, key);
-        // Only a value another key also holds can come again: the others skip the map.
-        let shared = Arc::strong_count(value) > 1;
-        let id = Arc::as_ptr(value) as usize;
-        match shared.then(|| self.written.get(&id)).flatten() {
-            Some(tail) => self.bytes.extend_from_within(tail.clone()),
-            None => {
-                let tail = self.bytes.len();
-                self.scratch.clear();
-                value.render(&mut self.scratch);
-                let text = std::str::from_utf8(&self.scratch).expect("JSON text is UTF-8");
-                self.bytes.extend_from_slice(b",\"value\":");
-                self.escaped.clear();
-                push_json_string(&mut self.escaped, text);
-                self.bytes.extend_from_slice(&self.escaped);
-                self.bytes.extend_from_slice(b",\"metadata\":");
-                let digest = digest_bytes(&self.scratch);
-                KeyMetadata::write_json(value.index(), &digest, &mut self.bytes);
-                self.bytes.push(b'}');
-                if shared {
-                    self.written.insert(id, tail..self.bytes.len());
-                }
-            }
-        }
-        self.items.push((key.to_owned(), start..self.bytes.len()));
-    }
-
-    /// Copies a pair already written in another body.
-    fn push_written(&mut self, key: &str, item: &[u8]) {
-        let start = self.start_item();
-        self.bytes.extend_from_slice(item);
-        self.items.push((key.to_owned(), start..self.bytes.len()));
-    }
-
-    /// Takes the last pair back out (it made the body too big).
-    pub fn pop(&mut self) {
-        let Some((_, span)) = self.items.pop() else {
-            return;
-        };
-        let cut = if self.items.is_empty() {
-            span.start
-        } else {
-            span.start - 1
-        };
-        self.bytes.truncate(cut);
-        self.written.retain(|_, tail| tail.end <= cut);
-    }
-
-    fn finish(mut self) -> (Bytes, Vec<(String, Range<usize>)>) {
-        self.bytes.push(b']');
-        (Bytes::from(self.bytes), self.items)
-    }
-}
-
-/// One Cloudflare bulk request, its body built once: a retry sends the same bytes.
-#[derive(Clone)]
-pub enum KvRequest {
-    Put {
-        namespace: Namespace,
-        body: Bytes,
-        /// Each pair's key and where its JSON is in `body`.
-        items: Vec<(String, Range<usize>)>,
-    },
-    Delete {
-        namespace: Namespace,
-        keys: Vec<String>,
-    },
-}
-
-// Values carry API keys: `Debug` shows the keys and the size, never the body.
-impl std::fmt::Debug for KvRequest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            KvRequest::Put {
-                namespace,
-                body,
-                items,
-            } => write!(
-                f,
-                "Put({namespace:?}, {:?}, {} bytes)",
-                items.iter().map(|(k, _)| k).collect::<Vec<_>>(),
-                body.len()
-            ),
-            KvRequest::Delete { namespace, keys } => write!(f, "Delete({namespace:?}, {keys:?})"),
-        }
-    }
-}
-
-impl KvRequest {
-    pub fn put(namespace: Namespace, body: PutBody) -> Self {
-        let (body, items) = body.finish();
-        KvRequest::Put {
-            namespace,
-            body,
-            items,
-        }
-    }
-
-    pub fn keys(&self) -> Vec<&str> {
-        match self {
-            KvRequest::Put { items, .. } => items.iter().map(|(k, _)| k.as_str()).collect(),
-            KvRequest::Delete { keys, .. } => keys.iter().map(String::as_str).collect(),
-        }
-    }
-
-    /// The JSON body Cloudflare takes: `[{key, value, metadata}]` to write, `[key]` to delete.
-    pub fn body(&self) -> Bytes {
-        match self {
-            KvRequest::Put { body, .. } => body.clone(),
-            KvRequest::Delete { keys, .. } => {
-                Bytes::from(serde_json::to_vec(keys).expect("strings serialize"))
-            }
-        }
-    }
-
-    /// The pairs of a bulk write, read back from its body (for in-memory stores and tests).
-    pub fn pairs(&self) -> Vec<(String, String)> {
-        #[derive(serde::Deserialize)]
-        struct Pair {
-            key: String,
-            value: String,
-        }
-        match self {
-            KvRequest::Put { body, .. } => serde_json::from_slice::<Vec<Pair>>(body)
-                .expect("bodies this code wrote")
-                .into_iter()
-                .map(|p| (p.key, p.value))
-                .collect(),
-            KvRequest::Delete { .. } => Vec::new(),
-        }
-    }
-
-    /// Keeps only the items whose key is in `keys` (to send again what did not make it).
-    pub fn retain_keys(&mut self, keys: &[String]) {
-        let keep: HashSet<&str> = keys.iter().map(String::as_str).collect();
-        match self {
-            KvRequest::Put {
-                namespace,
-                body,
-                items,
-            } => {
-                let mut kept = PutBody::default();
-                for (key, span) in items.iter().filter(|(k, _)| keep.contains(k.as_str())) {
-                    kept.push_written(key, &body[span.clone()]);
-                }
-                *self = KvRequest::put(*namespace, kept);
-            }
-            KvRequest::Delete { keys, .. } => keys.retain(|k| keep.contains(k.as_str())),
-        }
-    }
-
-    pub fn namespace(&self) -> Namespace {
-        match self {
-            KvRequest::Put { namespace, .. } | KvRequest::Delete { namespace, .. } => *namespace,
         }
     }
 }
@@ -619,33 +386,6 @@ mod tests {
             let written = KeyMetadata::json(&index, "0123456789abcdef");
             assert_eq!(written, serde_json::to_string(&expected).unwrap());
         }
-    }
-
-    #[test]
-    fn request_debug_never_shows_values_and_retain_keeps_only_what_is_asked() {
-        let index = IndexRef::new("a", "i");
-        let mut body = PutBody::default();
-        let value = Arc::new(KvValue::new(
-            &index,
-            "{\"marqo_api_key\":\"secret\"}".into(),
-        ));
-        for key in ["k1", "k2"] {
-            body.push(key, &value);
-        }
-        let mut request = KvRequest::put(Namespace::Settings, body);
-        assert!(!format!("{request:?}").contains("secret"));
-        request.retain_keys(&["k2".to_string()]);
-        assert_eq!(request.keys(), ["k2"]);
-        let pairs = request.pairs();
-        assert_eq!(
-            pairs,
-            [(
-                "k2".to_string(),
-                "{\"marqo_api_key\":\"secret\"}".to_string()
-            )]
-        );
-        let body: serde_json::Value = serde_json::from_slice(&request.body()).unwrap();
-        assert_eq!(body[0]["metadata"]["index"], "i");
     }
 
     #[test]

@@ -10,6 +10,6 @@ pub mod settings;
 pub mod validate;
 
 pub use ids::{IndexId, IndexRef};
-pub use kv::{KvAction, KvKey, Namespace};
+pub use kv::{KvAction, KvKey, KvOp, Namespace};
 pub use secrets::{ApiKey, ApiToken};
 pub use settings::{IndexSettings, InvalidRecord, QueryConfig, SettingsReference};

@@ -1,6 +1,5 @@
-//! The stream path, one file per step: records -> plan -> bulk requests, run by the exporter.
+//! The stream path, one file per step: records -> plan -> the KV store, run by the exporter.
 
-pub mod bulk;
 pub mod exporter;
 pub mod plan;
 pub mod records;

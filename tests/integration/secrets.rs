@@ -136,7 +136,10 @@ async fn neither_token_nor_api_key_appears_anywhere_but_kv() {
         .await;
     assert!(!prepared.plan.ops.is_empty());
     assert_hidden("Debug of a prepared plan", &format!("{prepared:?}"));
-    let requests = ecom_settings_exporter::pipeline::bulk::requests(&prepared.plan.ops, Vec::new());
+    let ops = (prepared.plan.ops.iter())
+        .map(|(key, op)| (key.clone(), op.action.clone()))
+        .collect();
+    let requests = ecom_settings_exporter::adapters::cloudflare::encode::requests(ops, Vec::new());
     assert_hidden("Debug of KV requests", &format!("{requests:?}"));
     let report = h
         .exporter

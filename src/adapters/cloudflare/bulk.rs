@@ -1,17 +1,53 @@
-//! Bulk writes and deletes: keys Cloudflare reports unsuccessful sent again, and a request it
-//! refuses split in halves, so that one key it will not take never fails the rest.
+//! Bulk writes and deletes sent, a few at a time: keys Cloudflare reports unsuccessful sent
+//! again, and a request it refuses split in halves, so that one key it will not take never
+//! fails the rest.
 
 use std::sync::atomic::Ordering;
 
+use futures::StreamExt as _;
 use reqwest::Method;
 use tokio::time::Instant;
 
+use super::encode::KvRequest;
 use super::wire::{refused, Envelope};
 use super::CloudflareKv;
-use crate::domain::kv::KvRequest;
-use crate::ports::{KeyFailures, PortError, TokenSource};
+use crate::domain::KvKey;
+use crate::ports::{PortError, TokenSource};
+
+/// Keys a bulk request did not store or delete, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct KeyFailures {
+    pub keys: Vec<String>,
+    pub error: PortError,
+}
+
+/// Bulk requests of one batch in flight at once.
+const CONCURRENT_REQUESTS: usize = 4;
 
 impl<T: TokenSource> CloudflareKv<T> {
+    /// A batch's requests, a few at a time; the keys that did not land, and why.
+    pub(super) async fn send_all(
+        &self,
+        requests: Vec<KvRequest>,
+        deadline: Instant,
+    ) -> Vec<(KvKey, PortError)> {
+        futures::stream::iter(requests)
+            .map(|request| async move {
+                let failures = self.split_on_refusal(&request, deadline).await.err();
+                let namespace = request.namespace();
+                let failed = failures.into_iter().flatten().flat_map(move |failure| {
+                    let error = failure.error;
+                    (failure.keys.into_iter())
+                        .map(move |key| (KvKey { namespace, key }, error.clone()))
+                });
+                futures::stream::iter(failed)
+            })
+            .buffer_unordered(CONCURRENT_REQUESTS)
+            .flatten()
+            .collect()
+            .await
+    }
+
     /// A bulk request, split when Cloudflare refuses it (a 4xx), so that one key it will not
     /// take never fails the rest: each refused part is halved and sent again, within
     /// [`MAX_SPLIT_REQUESTS`]. A key refused alone while other keys landed is its record's own

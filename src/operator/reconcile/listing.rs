@@ -75,24 +75,7 @@ pub(super) async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger
         empty_filters: &prepared.plan.empty_filters,
         deadline,
     };
-    let mut sweep = Sweep::default();
-    // Page by page; leave room for the slowest page, twice over, and for the repair.
-    let mut slowest = Duration::from_secs(2);
-    let mut listed_keys = 0;
-    let complete = loop {
-        let Some(&namespace) = NAMESPACES.get(position.namespace) else {
-            break true;
-        };
-        if request.max_keys.is_some_and(|max| listed_keys >= max)
-            || Instant::now() + slowest * 2 >= deadline
-        {
-            break false;
-        }
-        let started = Instant::now();
-        let page = listing.page(namespace, &mut position, &mut sweep, &mut requests);
-        listed_keys += page.await?;
-        slowest = slowest.max(started.elapsed());
-    };
+    let (sweep, complete) = listing.sweep(&mut position, &mut requests).await?;
     let Sweep {
         found,
         to_write,
@@ -175,6 +158,32 @@ struct Listing<'a, K, A, T, L> {
 }
 
 impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Listing<'_, K, A, T, L> {
+    /// Lists page by page from `position`, leaving room for the slowest page, twice over, and
+    /// for the repair; what was found, and whether the listing reached its end.
+    async fn sweep(
+        &self,
+        position: &mut Position,
+        requests: &mut Requests,
+    ) -> Result<(Sweep, bool), OperatorError> {
+        let mut sweep = Sweep::default();
+        let mut slowest = Duration::from_secs(2);
+        let mut listed_keys = 0;
+        loop {
+            let Some(&namespace) = NAMESPACES.get(position.namespace) else {
+                return Ok((sweep, true));
+            };
+            if (self.request.max_keys).is_some_and(|max| listed_keys >= max)
+                || Instant::now() + slowest * 2 >= self.deadline
+            {
+                return Ok((sweep, false));
+            }
+            let started = Instant::now();
+            let page = self.page(namespace, position, &mut sweep, requests);
+            listed_keys += page.await?;
+            slowest = slowest.max(started.elapsed());
+        }
+    }
+
     /// Lists and classifies one page of `namespace` from `position`, moves `position` past
     /// it, and answers how many keys it listed.
     async fn page(

@@ -1,23 +1,20 @@
-//! Sending a prepared batch: its keys claimed, old shop keys deleted first, the rest sent in as
-//! few bulk requests as Cloudflare's limits allow, and every record's outcome decided from what
-//! became of its keys (docs/contract.md, "Nothing is lost").
+//! Sending a prepared batch: its keys claimed, old shop keys deleted first, the rest handed to
+//! the KV store in the batch's order, and every record's outcome decided from what became of
+//! its keys (docs/contract.md, "Nothing is lost").
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use futures::StreamExt as _;
 use tokio::time::Instant;
 
 use super::claims::{Guard, Planned};
-use super::{references, Exporter, Prepared, Run, CONCURRENT_KV_REQUESTS};
-use crate::domain::kv::KvRequest;
+use super::{references, Exporter, Prepared, Run};
 use crate::domain::qfilter::filter_key;
 use crate::domain::validate;
-use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
-use crate::pipeline::bulk;
+use crate::domain::{IndexRef, KvAction, KvKey, KvOp};
 use crate::pipeline::plan::{Plan, PlannedOp};
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::SettingsTable;
-use crate::ports::{ApiKeySource, KeyFailures, KvCounters, KvStore, Ledger, PortError};
+use crate::ports::{ApiKeySource, KvCounters, KvStore, Ledger, PortError};
 use crate::report::{BatchReport, Outcome, RecordReport};
 
 /// DynamoDB Streams keeps a record this long; no real record is older when it is exported.
@@ -132,24 +129,22 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
     ) -> Sent {
         let held_back = held_back(guard);
         let old_shop_keys: HashSet<&KvKey> = old_shops.iter().map(|(key, _)| key).collect();
-        let sendable = |key: &KvKey| !held_back.contains(key);
-        let first = (ops.iter()).filter(|(key, _)| old_shop_keys.contains(key) && sendable(key));
-        let first = bulk::requests(first, Vec::new());
+        let first = (ops.iter())
+            .filter(|(key, _)| old_shop_keys.contains(key) && !held_back.contains(*key))
+            .map(|(key, op)| (key.clone(), op.action.clone()))
+            .collect();
         let mut failed: HashMap<KvKey, PortError> = guard.refused.iter().cloned().collect();
-        absorb(&mut failed, self.send_all(&first, deadline).await);
+        let first = self.kv.apply(first, Vec::new(), deadline).await;
+        failed.extend(first.failed);
         let withheld: HashMap<KvKey, String> = (old_shops.iter())
             .filter(|(shop, _)| failed.contains_key(shop))
             .map(|(shop, index)| (KvKey::index(index), shop.key.clone()))
             .collect();
-        let rest = (ops.iter())
-            .filter(|(key, _)| !old_shop_keys.contains(key) && !withheld.contains_key(*key))
-            .filter(|(key, _)| sendable(key));
-        let rest = bulk::requests(rest, buffer);
-        // The bodies hold the values now: each key keeps only its owner and whether it is a put.
-        let keys: Vec<(KvKey, usize, bool)> = (ops.into_iter())
-            .map(|(key, op)| (key, op.owner, matches!(op.action, KvAction::Put(_))))
-            .collect();
-        absorb(&mut failed, self.send_all(&rest, deadline).await);
+        let (keys, rest) = in_batch_order(ops, |key| {
+            !old_shop_keys.contains(key) && !withheld.contains_key(key) && !held_back.contains(key)
+        });
+        let rest = self.kv.apply(rest, buffer, deadline).await;
+        failed.extend(rest.failed);
         for (key, shop) in withheld {
             let error = PortError::Transient(format!(
                 "not sent: the old shop key `{shop}` was not deleted, and a retry must still find it here"
@@ -157,7 +152,7 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             failed.insert(key, error);
         }
         Sent {
-            requests: first.len() + rest.len(),
+            requests: first.requests + rest.requests,
             keys,
             failed,
             lost: HashSet::new(),
@@ -182,23 +177,6 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
                     .insert(key.clone(), PortError::Transient(error.into()));
             }
         }
-    }
-
-    async fn send_all(
-        &self,
-        requests: &[KvRequest],
-        deadline: Instant,
-    ) -> Vec<(Namespace, KeyFailures)> {
-        futures::stream::iter(requests)
-            .map(|request| async move {
-                let failures = self.kv.send(request, deadline).await.err();
-                let namespace = request.namespace();
-                futures::stream::iter(failures.into_iter().flatten().map(move |f| (namespace, f)))
-            })
-            .buffer_unordered(CONCURRENT_KV_REQUESTS)
-            .flatten()
-            .collect()
-            .await
     }
 }
 
@@ -272,12 +250,24 @@ fn identities(records: Vec<ChangeRecord>) -> (Vec<RecordReport>, Vec<Option<f64>
         .unzip()
 }
 
-fn absorb(failed: &mut HashMap<KvKey, PortError>, failures: Vec<(Namespace, KeyFailures)>) {
-    for (namespace, failure) in failures {
-        for key in failure.keys {
-            failed.insert(KvKey { namespace, key }, failure.error.clone());
-        }
-    }
+/// Each planned key (in key order) with its owner and whether it is a put, and the operations
+/// `send` keeps, in the batch's order (a record's keys together, in key order): the decoded
+/// records are read as they lie in memory, and a value shared by two keys is copied while
+/// still in cache.
+fn in_batch_order(
+    ops: BTreeMap<KvKey, PlannedOp>,
+    send: impl Fn(&KvKey) -> bool,
+) -> (Vec<(KvKey, usize, bool)>, Vec<KvOp>) {
+    let keys = (ops.iter())
+        .map(|(key, op)| (key.clone(), op.owner, matches!(op.action, KvAction::Put(_))))
+        .collect();
+    let mut ops: Vec<(KvKey, PlannedOp)> = ops.into_iter().collect();
+    ops.sort_by_key(|(_, op)| op.owner);
+    let sent = (ops.into_iter())
+        .filter(|(key, _)| send(key))
+        .map(|(key, op)| (key, op.action))
+        .collect();
+    (keys, sent)
 }
 
 /// A filter not written fails every record that needed it: retried, or rejected when
@@ -346,5 +336,45 @@ fn key_failed(key: &str, error: &PortError) -> Outcome {
     match error {
         PortError::Permanent(reason) => Outcome::Rejected(format!("KV key `{key}`: {reason}")),
         PortError::Transient(reason) => Outcome::Failed(format!("KV key `{key}`: {reason}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::kv::KvValue;
+
+    #[test]
+    fn operations_go_to_the_store_in_the_batch_order_and_every_key_is_kept_for_its_outcome() {
+        let index = IndexRef::new("a", "i");
+        let op = |owner: usize, put: bool| PlannedOp {
+            action: match put {
+                true => KvAction::put(KvValue::new(&index, format!("v{owner}"))),
+                false => KvAction::Delete,
+            },
+            owner,
+        };
+        let ops = BTreeMap::from([
+            (KvKey::settings("a-1"), op(1, true)),
+            (KvKey::settings("a-2"), op(0, true)),
+            (KvKey::settings("held"), op(0, true)),
+            (KvKey::settings("shop-1"), op(1, false)),
+            (KvKey::settings("shop-2"), op(0, true)),
+        ]);
+        let (keys, sent) = in_batch_order(ops, |key| key.key != "held");
+        let names = |keys: Vec<&KvKey>| keys.iter().map(|k| k.key.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            names(sent.iter().map(|(key, _)| key).collect()),
+            ["a-2", "shop-2", "a-1", "shop-1"]
+        );
+        assert_eq!(
+            names(keys.iter().map(|(key, _, _)| key).collect()),
+            ["a-1", "a-2", "held", "shop-1", "shop-2"]
+        );
+        let owners_and_puts: Vec<(usize, bool)> = keys.iter().map(|(_, o, p)| (*o, *p)).collect();
+        assert_eq!(
+            owners_and_puts,
+            [(1, true), (0, true), (0, true), (1, false), (0, true)]
+        );
     }
 }
