@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_dynamo::Item;
-use serde_json::Value;
 use tokio::time::Instant;
 
-use super::{decode_token, encode_token, flag, OperatorError, Text};
+use super::fields::{count, decode_token, encode_token, flag, max_records};
+use super::{OperatorError, Text};
 use crate::domain::{IndexRef, KvAction};
 use crate::pipeline::exporter::{Exporter, Prepared, Run};
 use crate::pipeline::records::{Change, ChangeRecord};
@@ -54,35 +54,8 @@ fn batch_records<'de, D: Deserializer<'de>>(deserializer: D) -> Result<usize, D:
     Ok(count(deserializer, 1..=5_000)?.map_or(default_batch_records(), |n| n as usize))
 }
 
-/// A whole number in `range`; absent or null is `None`.
-pub(super) fn count<'de, D: Deserializer<'de>>(
-    deserializer: D,
-    range: std::ops::RangeInclusive<u64>,
-) -> Result<Option<u64>, D::Error> {
-    match Value::deserialize(deserializer)? {
-        Value::Null => Ok(None),
-        value => value
-            .as_u64()
-            .filter(|n| range.contains(n))
-            .map(Some)
-            .ok_or_else(|| {
-                serde::de::Error::custom(format!(
-                    "must be a whole number from {} to {}",
-                    range.start(),
-                    range.end()
-                ))
-            }),
-    }
-}
-
 fn page_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i32, D::Error> {
     Ok(count(deserializer, 1..=1000)?.map_or(default_page_size(), |n| n as i32))
-}
-
-pub(super) fn max_records<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<usize>, D::Error> {
-    Ok(count(deserializer, 1..=u32::MAX as u64)?.map(|n| n as usize))
 }
 
 /// A record that did not make it, and why.

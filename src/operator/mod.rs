@@ -6,11 +6,12 @@
 //! Requests are typed: unknown fields are refused, and every error names its field.
 
 pub mod backfill;
+mod fields;
 pub mod reconcile;
 pub mod reexport;
 pub mod verify;
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::Serialize;
 use serde_dynamo::Item;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
@@ -23,6 +24,8 @@ use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
 use crate::report::{BatchReport, Outcome};
 
 pub use backfill::BackfillRequest;
+pub use fields::Text;
+use fields::{decode_token, encode_token, flag, typed};
 pub use reconcile::ReconcileRequest;
 pub use reexport::ReexportRequest;
 pub use verify::VerifyRequest;
@@ -130,76 +133,6 @@ impl OperatorRequest {
 
 fn to_value(answer: impl Serialize) -> Value {
     serde_json::to_value(answer).expect("answers serialize")
-}
-
-/// A request struct from the payload's fields, with serde's words turned into the field's name
-/// and what is wrong with it.
-fn typed<R: for<'de> Deserialize<'de>>(fields: Value) -> Result<R, OperatorError> {
-    serde_path_to_error::deserialize(fields).map_err(|e| {
-        let message = e.inner().to_string();
-        let quoted = |prefix: &str| {
-            message
-                .strip_prefix(prefix)
-                .and_then(|rest| rest.split('`').next())
-                .map(str::to_owned)
-        };
-        if let Some(field) = quoted("missing field `") {
-            return OperatorError::invalid(field, "is required");
-        }
-        if let Some(field) = quoted("unknown field `") {
-            let allowed = message
-                .split_once("expected one of ")
-                .map(|(_, names)| names.replace('`', ""))
-                .unwrap_or_default();
-            let problem = format!("is not a field of this mode (fields: mode, {allowed})");
-            return OperatorError::invalid(field, problem);
-        }
-        OperatorError::invalid(e.path().to_string(), message)
-    })
-}
-
-/// Where a long run goes on, handed to the operator as an opaque string.
-fn encode_token(position: &impl Serialize) -> String {
-    use base64::Engine as _;
-    let json = serde_json::to_vec(position).expect("positions serialize");
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
-}
-
-fn decode_token<T: for<'de> Deserialize<'de>>(token: &str) -> Result<T, OperatorError> {
-    use base64::Engine as _;
-    let invalid = || {
-        OperatorError::invalid(
-            "continuation_token",
-            "is not a token this function gave out",
-        )
-    };
-    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .map_err(|_| invalid())?;
-    serde_json::from_slice(&json).map_err(|_| invalid())
-}
-
-/// A non-empty string field.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Text(pub String);
-
-impl<'de> Deserialize<'de> for Text {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        match Value::deserialize(deserializer)? {
-            Value::String(s) if s.is_empty() => Err(serde::de::Error::custom("is empty")),
-            Value::String(s) => Ok(Text(s)),
-            _ => Err(serde::de::Error::custom("must be a string")),
-        }
-    }
-}
-
-/// A true/false field; absent or null is false.
-fn flag<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
-    match Value::deserialize(deserializer)? {
-        Value::Bool(b) => Ok(b),
-        Value::Null => Ok(false),
-        _ => Err(serde::de::Error::custom("must be true or false")),
-    }
 }
 
 /// One index, and whether its query-config overrides come along.

@@ -28,7 +28,7 @@ pub struct ReexportRequest {
     #[serde(default)]
     pub continuation_token: Option<Text>,
     /// Query configs per invocation: it stops after one piece of this many, with a token.
-    #[serde(default, deserialize_with = "super::backfill::max_records")]
+    #[serde(default, deserialize_with = "super::fields::max_records")]
     pub max_records: Option<usize>,
 }
 

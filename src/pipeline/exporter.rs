@@ -19,6 +19,7 @@ use crate::report::{BatchReport, Outcome};
 mod apply;
 mod claims;
 mod lookups;
+mod lost;
 mod reads;
 mod references;
 

@@ -45,7 +45,7 @@ pub struct ReconcileRequest {
     #[serde(default)]
     pub continuation_token: Option<Text>,
     /// Stop after the list page that reaches this many keys, with a token (to split a run).
-    #[serde(default, deserialize_with = "super::backfill::max_records")]
+    #[serde(default, deserialize_with = "crate::operator::fields::max_records")]
     pub max_keys: Option<usize>,
     /// Keys per list request (10 to 1,000, Cloudflare's range; default 1,000).
     #[serde(default = "default_list_page", deserialize_with = "list_page_size")]
@@ -60,7 +60,8 @@ fn default_list_page() -> u32 {
 }
 
 fn list_page_size<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
-    Ok(super::backfill::count(deserializer, 10..=1000)?.map_or(default_list_page(), |n| n as u32))
+    Ok(crate::operator::fields::count(deserializer, 10..=1000)?
+        .map_or(default_list_page(), |n| n as u32))
 }
 
 const NAMESPACES: [Namespace; 2] = [Namespace::Settings, Namespace::QueryConfigs];

@@ -8,9 +8,9 @@
 //! reads the table and leaves alone every key claimed at that time or later (that writer began
 //! after it: its news may be newer), claims the rest only if their claims are still as read,
 //! and reads them back after writing: a key claimed since lost a race, and its value is read
-//! again and written once more.
+//! again and written once more (`lost.rs`).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher as _, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -19,12 +19,11 @@ use futures::StreamExt as _;
 use tokio::time::Instant;
 
 use super::{Exporter, Run};
-use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
+use crate::domain::{IndexRef, KvKey, Namespace};
 use crate::pipeline::plan::{self, Lookups};
 use crate::pipeline::records::ChangeRecord;
 use crate::ports::{before_deadline, SettingsTable};
 use crate::ports::{ApiKeySource, Claim, KeyClaim, KvStore, Ledger, PortError, Referred};
-use crate::report::{BatchReport, Outcome};
 
 /// Conditional claims in flight at once.
 const CONCURRENT_CLAIMS: usize = 16;
@@ -99,12 +98,6 @@ fn gives_up(read: Option<&Claim>, op: &Planned) -> bool {
     }
 }
 
-/// Lost keys written once more: those the new read planned, and what became of them.
-struct WrittenAgain {
-    planned: HashSet<KvKey>,
-    report: BatchReport,
-}
-
 /// What the claims decided before anything was sent.
 #[derive(Debug, Default)]
 pub struct Guard {
@@ -154,91 +147,6 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             tracing::warn!(error = %e, "the ledger's clock did not tick; claimed keys are left alone");
             0
         })
-    }
-
-    /// An operator's lost keys, written once more from a new read of their indexes. A key
-    /// the new read does not imply, or that another writer claimed since, is theirs; one
-    /// lost again, or whose index could not be read again, fails its record (the operator
-    /// runs again, or the next reconcile pass).
-    pub(super) async fn write_lost_again(&self, report: &mut BatchReport, deadline: Instant) {
-        let lost = std::mem::take(&mut report.lost);
-        if lost.is_empty() {
-            return;
-        }
-        let owners: BTreeSet<IndexRef> = (lost.iter())
-            .filter_map(|(_, at, owner)| {
-                owner.clone().or_else(|| report.records[*at].index.clone())
-            })
-            .collect();
-        let (again, unread) = self.read_and_write_again(owners, &lost, deadline).await;
-        report.kv_requests += again.report.kv_requests;
-        for (key, at, owner) in lost {
-            let owner = owner.or_else(|| report.records[at].index.clone());
-            let outcome = &mut report.records[at].outcome;
-            let unread = owner.is_none_or(|owner| unread.contains(&owner));
-            if again.report.written.contains(&key) {
-                report.written.push(key);
-            } else if !unread && (!again.planned.contains(&key) || again.report.left.contains(&key))
-            {
-                if *outcome == Outcome::Exported {
-                    let reason = format!(
-                        "KV key `{}`: another writer wrote it during this run; left to it",
-                        key.key
-                    );
-                    *outcome = Outcome::Skipped(reason);
-                }
-                report.left.push(key);
-            } else if !matches!(outcome, Outcome::Failed(_) | Outcome::Rejected(_)) {
-                let why = match unread {
-                    true => "its index could not be read again after another writer claimed it",
-                    false => "other writers kept claiming it while this run wrote it",
-                };
-                *outcome = Outcome::Failed(format!("KV key `{}`: {why}; run again", key.key));
-            }
-        }
-        report.keys_written = report.written.len();
-        report.keys_left = report.left.len();
-    }
-
-    /// Reads `owners` again and writes the `lost` keys their new read implies; answers what
-    /// was written and the indexes not read (or not prepared) again.
-    async fn read_and_write_again(
-        &self,
-        owners: BTreeSet<IndexRef>,
-        lost: &[(KvKey, usize, Option<IndexRef>)],
-        deadline: Instant,
-    ) -> (WrittenAgain, HashSet<IndexRef>) {
-        if Instant::now() >= deadline {
-            tracing::warn!("lost keys not written again: the invocation deadline is near");
-            let nothing = WrittenAgain {
-                planned: HashSet::new(),
-                report: BatchReport::default(),
-            };
-            return (nothing, owners.into_iter().collect());
-        }
-        let since = self.begin_reading().await;
-        let (mut records, mut unread) = (Vec::new(), HashSet::new());
-        for index in owners {
-            match self.index_records(&index, true, deadline).await {
-                Ok(found) => records.extend(found.into_iter().flatten()),
-                Err(e) => {
-                    tracing::warn!(%index, error = %e, "index not read again after a lost race");
-                    unread.insert(index);
-                }
-            }
-        }
-        let mut prepared = self.prepare(records, Run::OPERATOR, deadline).await;
-        prepared.read_epoch = Some(since);
-        let failed = (prepared.records.iter().zip(&prepared.plan.outcomes))
-            .filter(|(_, outcome)| matches!(outcome, Outcome::Failed(_)))
-            .filter_map(|(record, _)| record.index.clone());
-        unread.extend(failed);
-        let wanted: HashSet<&KvKey> = lost.iter().map(|(key, _, _)| key).collect();
-        (prepared.plan.ops)
-            .retain(|key, op| wanted.contains(key) && matches!(op.action, KvAction::Put(_)));
-        let planned: HashSet<KvKey> = prepared.plan.ops.keys().cloned().collect();
-        let report = self.apply_reusing(prepared, deadline, Vec::new()).await;
-        (WrittenAgain { planned, report }, unread)
     }
 
     /// The claims of the shop keys the batch's indexes give up, read before the settings of
