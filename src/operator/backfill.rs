@@ -9,7 +9,7 @@ use serde_dynamo::Item;
 use tokio::time::Instant;
 
 use super::fields::{count, decode_token, encode_token, flag, max_records};
-use super::{OperatorError, Text};
+use super::{NonEmpty, OperatorError};
 use crate::domain::{IndexRef, KvAction};
 use crate::pipeline::exporter::{Exporter, Prepared, Run};
 use crate::pipeline::records::{Change, ChangeRecord};
@@ -21,14 +21,14 @@ use crate::report::{BatchReport, Outcome, RecordReport};
 pub struct BackfillRequest {
     /// Only this account's records, when given.
     #[serde(default)]
-    pub system_account_id: Option<Text>,
+    pub system_account_id: Option<NonEmpty>,
     #[serde(default, deserialize_with = "flag")]
     pub include_query_configs: bool,
     #[serde(default, deserialize_with = "flag")]
     pub dry_run: bool,
     /// Where a previous invocation stopped.
     #[serde(default)]
-    pub continuation_token: Option<Text>,
+    pub continuation_token: Option<NonEmpty>,
     /// Items read from the table per page.
     #[serde(default = "default_page_size", deserialize_with = "page_size")]
     pub page_size: i32,

@@ -8,7 +8,9 @@ use serde_json::Value;
 use super::OperatorError;
 
 /// A request struct from the payload's fields, with serde's words turned into the field's name
-/// and what is wrong with it.
+/// and what is wrong with it. serde gives a missing or unknown field only in its message: the
+/// message is read here, and `operator::tests` (`manual_payloads_are_checked_field_by_field`,
+/// `operator_modes_are_parsed_and_typos_are_named`) fail if serde ever words it otherwise.
 pub(super) fn typed<R: for<'de> Deserialize<'de>>(fields: Value) -> Result<R, OperatorError> {
     serde_path_to_error::deserialize(fields).map_err(|e| {
         let message = e.inner().to_string();
@@ -54,15 +56,15 @@ pub(super) fn decode_token<T: for<'de> Deserialize<'de>>(token: &str) -> Result<
     serde_json::from_slice(&json).map_err(|_| invalid())
 }
 
-/// A non-empty string field.
+/// A non-empty string field (a name or a token as the operator typed it).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Text(pub String);
+pub struct NonEmpty(pub String);
 
-impl<'de> Deserialize<'de> for Text {
+impl<'de> Deserialize<'de> for NonEmpty {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         match Value::deserialize(deserializer)? {
             Value::String(s) if s.is_empty() => Err(serde::de::Error::custom("is empty")),
-            Value::String(s) => Ok(Text(s)),
+            Value::String(s) => Ok(NonEmpty(s)),
             _ => Err(serde::de::Error::custom("must be a string")),
         }
     }

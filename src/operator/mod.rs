@@ -24,7 +24,7 @@ use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
 use crate::report::{BatchReport, Outcome};
 
 pub use backfill::BackfillRequest;
-pub use fields::Text;
+pub use fields::NonEmpty;
 use fields::{decode_token, encode_token, flag, typed};
 pub use reconcile::ReconcileRequest;
 pub use reexport::ReexportRequest;
@@ -143,7 +143,7 @@ pub struct IndexTarget {
 }
 
 impl IndexTarget {
-    fn new(account: &Text, name: &Text, include_query_configs: bool) -> Self {
+    fn new(account: &NonEmpty, name: &NonEmpty, include_query_configs: bool) -> Self {
         Self {
             index: IndexRef::new(&account.0, &name.0),
             include_query_configs,

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 
 use super::{decode_token, encode_token, leave_filter_to_first_piece, PIECE_RECORDS};
 use super::{ensure_exported, ensure_ready, flag, masked, rejected, IndexTarget, OperatorError};
-use super::{Rejected, Text};
+use super::{NonEmpty, Rejected};
 use crate::domain::{KvAction, KvKey, Namespace};
 use crate::pipeline::exporter::{Exporter, Prepared};
 use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
@@ -18,15 +18,15 @@ use serde_dynamo::Item;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReexportRequest {
-    pub system_account_id: Text,
-    pub index_name: Text,
+    pub system_account_id: NonEmpty,
+    pub index_name: NonEmpty,
     #[serde(default, deserialize_with = "flag")]
     pub include_query_configs: bool,
     #[serde(default, deserialize_with = "flag")]
     pub dry_run: bool,
     /// Where a re-export of many query configs goes on.
     #[serde(default)]
-    pub continuation_token: Option<Text>,
+    pub continuation_token: Option<NonEmpty>,
     /// Query configs per invocation: it stops after one piece of this many, with a token.
     #[serde(default, deserialize_with = "super::fields::max_records")]
     pub max_records: Option<usize>,

@@ -8,7 +8,9 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::{decode_token, encode_token, leave_filter_to_first_piece, PIECE_RECORDS};
-use super::{ensure_exported, ensure_ready, flag, IndexTarget, KeyChanges, OperatorError, Text};
+use super::{
+    ensure_exported, ensure_ready, flag, IndexTarget, KeyChanges, NonEmpty, OperatorError,
+};
 use crate::domain::kv::{is_query_config_key_of, query_config_prefix};
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::pipeline::exporter::{Exporter, Prepared};
@@ -18,8 +20,8 @@ use serde_dynamo::Item;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyRequest {
-    pub system_account_id: Text,
-    pub index_name: Text,
+    pub system_account_id: NonEmpty,
+    pub index_name: NonEmpty,
     #[serde(default, deserialize_with = "flag")]
     pub include_query_configs: bool,
     #[serde(default, deserialize_with = "flag")]
@@ -29,7 +31,7 @@ pub struct VerifyRequest {
     pub dry_run: bool,
     /// Where a verify of many query configs goes on.
     #[serde(default)]
-    pub continuation_token: Option<Text>,
+    pub continuation_token: Option<NonEmpty>,
     /// Query configs per invocation: it stops after one piece of this many, with a token.
     #[serde(default, deserialize_with = "super::fields::max_records")]
     pub max_records: Option<usize>,

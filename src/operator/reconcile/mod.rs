@@ -20,7 +20,7 @@ mod segments;
 use classify::Class;
 pub use classify::ClassCounts;
 
-use super::{flag, OperatorError, Text};
+use super::{flag, NonEmpty, OperatorError};
 use crate::domain::{KvKey, Namespace};
 use crate::pipeline::exporter::Exporter;
 use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
@@ -32,7 +32,7 @@ const SAMPLES: usize = 100;
 pub struct ReconcileRequest {
     /// Only this account's keys, when given.
     #[serde(default)]
-    pub system_account_id: Option<Text>,
+    pub system_account_id: Option<NonEmpty>,
     /// Write missing and stale keys, delete orphaned ones.
     #[serde(default, deserialize_with = "flag")]
     pub repair: bool,
@@ -43,7 +43,7 @@ pub struct ReconcileRequest {
     #[serde(default, deserialize_with = "flag")]
     pub deep: bool,
     #[serde(default)]
-    pub continuation_token: Option<Text>,
+    pub continuation_token: Option<NonEmpty>,
     /// Stop after the list page that reaches this many keys, with a token (to split a run).
     #[serde(default, deserialize_with = "crate::operator::fields::max_records")]
     pub max_keys: Option<usize>,

@@ -11,7 +11,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::{Answer, ReconcileRequest};
-use crate::operator::{OperatorError, Text};
+use crate::operator::{NonEmpty, OperatorError};
 use crate::pipeline::exporter::Exporter;
 use crate::ports::{ApiKeySource, KvStore, Ledger, ReconcileProgress, SettingsTable};
 
@@ -84,7 +84,7 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
 
     let mut pass = request.clone();
     pass.scheduled = false;
-    pass.continuation_token = progress.token.clone().map(Text);
+    pass.continuation_token = progress.token.clone().map(NonEmpty);
     let work_until = deadline.checked_sub(SAVE_MARGIN).unwrap_or(deadline);
     let answer = match super::run(exporter, &pass, work_until).await {
         Ok(answer) => answer,
