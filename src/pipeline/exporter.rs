@@ -25,7 +25,7 @@ mod references;
 
 use claims::StreamReads;
 
-/// How many KV requests (bulk or single reads) are in flight at once.
+/// How many KV reads (bulk reads, listings) are in flight at once; the store sends its writes.
 const CONCURRENT_KV_REQUESTS: usize = 4;
 
 #[derive(Debug, Clone)]

@@ -284,7 +284,8 @@ impl KvRequest {
         }
     }
 
-    /// The pairs of a bulk write, read back from its body (for in-memory stores and tests).
+    /// The pairs of a bulk write, read back from its body (for tests).
+    #[cfg(test)]
     pub fn pairs(&self) -> Vec<(String, String)> {
         #[derive(serde::Deserialize)]
         struct Pair {
