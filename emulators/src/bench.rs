@@ -134,8 +134,16 @@ impl Drop for Killed {
     }
 }
 
-async fn rust_figures(options: &BenchOptions, records: usize) -> Result<Figures, String> {
-    let moto = std::env::var("AWS_ENDPOINT_URL").map_err(|_| "AWS_ENDPOINT_URL: run under moto")?;
+/// The function's peers for one run: KV (each request delayed as a real edge would be), the
+/// API-keys stand-in with every account the batches name, the runtime API, the token's secret.
+struct Peers {
+    kv: KvEmulator,
+    keys: ApiKeysStandIn,
+    runtime: Arc<RuntimeApi>,
+    secret_id: String,
+}
+
+async fn peers(options: &BenchOptions) -> Result<Peers, String> {
     let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -152,12 +160,8 @@ async fn rust_figures(options: &BenchOptions, records: usize) -> Result<Figures,
         .map_err(|e| e.to_string())?;
     kv.create_namespace("ns-settings");
     kv.create_namespace("ns-qcfg");
-    kv.inject(
-        Fault::Delay {
-            millis: options.kv_latency.as_millis() as u64,
-        },
-        1_000_000,
-    );
+    let millis = options.kv_latency.as_millis() as u64;
+    kv.inject(Fault::Delay { millis }, 1_000_000);
     let keys = ApiKeysStandIn::start(0).await.map_err(|e| e.to_string())?;
     for a in 0..ACCOUNTS {
         keys.set_key(&format!("acct-{a}"), &format!("marqo-key-{a}"));
@@ -168,41 +172,67 @@ async fn rust_figures(options: &BenchOptions, records: usize) -> Result<Figures,
         }
     }
     let runtime = Arc::new(RuntimeApi::start(0).await.map_err(|e| e.to_string())?);
-    let payload = event(records);
-    let event_bytes = payload.to_string().len();
+    Ok(Peers {
+        kv,
+        keys,
+        runtime,
+        secret_id,
+    })
+}
 
+/// The function binary behind the runtime API, and how long it took to first ask for work.
+async fn start_function(
+    options: &BenchOptions,
+    peers: &Peers,
+    moto: &str,
+) -> Result<(Killed, Duration), String> {
     let spawned = Instant::now();
     let child = Command::new(&options.function_binary)
-        .env("AWS_LAMBDA_RUNTIME_API", runtime.endpoint())
+        .env("AWS_LAMBDA_RUNTIME_API", peers.runtime.endpoint())
         .env("AWS_LAMBDA_FUNCTION_NAME", "ecom-settings-exporter")
         .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
         .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
         .env("AWS_LAMBDA_LOG_FORMAT", "JSON")
-        .env("AWS_ENDPOINT_URL", &moto)
+        .env("AWS_ENDPOINT_URL", moto)
         .env("SETTINGS_TABLE_NAME", "bench-EcomIndexSettingsTable")
         .env("CLOUDFLARE_ACCOUNT_ID", "cf-bench")
         .env("CLOUDFLARE_KV_NAMESPACE_ID", "ns-settings")
         .env("CLOUDFLARE_QCFG_NAMESPACE_ID", "ns-qcfg")
-        .env("CLOUDFLARE_API_TOKEN_SECRET_ID", &secret_id)
-        .env("CLOUDFLARE_API_BASE_URL", kv.base_url())
-        .env("API_KEYS_SERVICE_URL", keys.url_template())
+        .env("CLOUDFLARE_API_TOKEN_SECRET_ID", &peers.secret_id)
+        .env("CLOUDFLARE_API_BASE_URL", peers.kv.base_url())
+        .env("API_KEYS_SERVICE_URL", peers.keys.url_template())
         .env("SETTINGS_TABLE_STREAM_ARN", STREAM_ARN)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("{}: {e}", options.function_binary.display()))?;
     let child = Killed(child);
-    let pid = child.0.id();
-    let first_poll = loop {
-        if let Some(at) = runtime.first_poll() {
-            break at;
+    loop {
+        if let Some(at) = peers.runtime.first_poll() {
+            return Ok((child, at.duration_since(spawned)));
         }
         if spawned.elapsed() > Duration::from_secs(10) {
             return Err("the function never polled the runtime API".into());
         }
         tokio::time::sleep(Duration::from_micros(200)).await;
-    };
-    let cold_start = first_poll.duration_since(spawned);
+    }
+}
+
+fn bulk_writes(kv: &KvEmulator) -> usize {
+    kv.requests()
+        .iter()
+        .filter(|r| r.operation == "bulk")
+        .count()
+}
+
+async fn rust_figures(options: &BenchOptions, records: usize) -> Result<Figures, String> {
+    let moto = std::env::var("AWS_ENDPOINT_URL").map_err(|_| "AWS_ENDPOINT_URL: run under moto")?;
+    let peers = peers(options).await?;
+    let (kv, keys, runtime) = (&peers.kv, &peers.keys, &peers.runtime);
+    let payload = event(records);
+    let event_bytes = payload.to_string().len();
+    let (child, cold_start) = start_function(options, &peers, &moto).await?;
+    let pid = child.0.id();
     // A warm container: the token fetched and the clients connected by an earlier batch, one
     // of other accounts (their keys are not the ones the measured batch needs) as many as the
     // measured batch has, so the API-keys client holds a connection for each.
@@ -211,12 +241,7 @@ async fn rust_figures(options: &BenchOptions, records: usize) -> Result<Figures,
         .invoke(warm_up, Duration::from_secs(60))
         .await
         .map_err(|e| format!("the warm-up failed: {e}"))?;
-    let bulk_before = kv
-        .requests()
-        .iter()
-        .filter(|r| r.operation == "bulk")
-        .count();
-    let calls_before = keys.calls().len();
+    let (bulk_before, calls_before) = (bulk_writes(kv), keys.calls().len());
 
     let cpu_before = cpu_ns(pid);
     let started = Instant::now();
@@ -230,18 +255,11 @@ async fn rust_figures(options: &BenchOptions, records: usize) -> Result<Figures,
         return Err(format!("unexpected answer: {answer}"));
     }
     let written = kv.keys("cf-bench", "ns-settings").len();
-    if written != (records + ACCOUNTS) * 2 {
-        return Err(format!(
-            "{written} keys in KV, expected {}",
-            (records + ACCOUNTS) * 2
-        ));
+    let expected = (records + ACCOUNTS) * 2;
+    if written != expected {
+        return Err(format!("{written} keys in KV, expected {expected}"));
     }
-    let bulk_writes = kv
-        .requests()
-        .iter()
-        .filter(|r| r.operation == "bulk")
-        .count()
-        - bulk_before;
+    let bulk_writes = bulk_writes(kv) - bulk_before;
     let api_key_calls = keys.calls().len() - calls_before;
 
     let again = of_accounts(event(records), "again");

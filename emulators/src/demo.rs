@@ -4,24 +4,17 @@
 //! to the table; each change is timed until KV shows it; at the end the function's own `verify`
 //! mode must find KV in sync with the table.
 
+mod stack;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_dynamodb::types::{AttributeValue, StreamViewType};
+use aws_sdk_dynamodb::types::AttributeValue;
 use serde_json::{json, Value};
-use tokio::process::{Child, Command};
-use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::api_keys::ApiKeysStandIn;
-use crate::kv::KvEmulator;
-use crate::poller::{Poller, PollerConfig, Progress};
-use crate::runtime_api::RuntimeApi;
-use crate::streams::StreamReader;
+use stack::{s, start, Stack};
 
 const ACCOUNT: &str = "acct-demo";
 const API_KEY: &str = "demo-marqo-key-5f2c9a";
@@ -65,178 +58,23 @@ impl DemoReport {
     pub fn ok(&self) -> bool {
         self.steps.iter().all(|s| s.propagation.is_some()) && self.checks.iter().all(|c| c.1)
     }
-}
 
-/// A child process that is killed when the demo ends, however it ends.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.start_kill();
-    }
-}
-
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free port: {e}"))
-}
-
-async fn start_moto(server: &PathBuf) -> Result<(String, Process), String> {
-    let port = free_port()?;
-    let child = Command::new(server)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("cannot start {} (run `make venv`): {e}", server.display()))?;
-    let process = Process(child);
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Ok((format!("http://127.0.0.1:{port}"), process));
+    /// Prints and keeps how long a step's change took to reach KV (`None`: it never did).
+    fn step(&mut self, title: &str, propagation: Option<Duration>) {
+        match propagation {
+            Some(d) => println!("  ok    {title:<62} {:>6.2} s", d.as_secs_f64()),
+            None => println!(
+                "  FAIL  {title:<62} not in KV after {} s",
+                STEP_TIMEOUT.as_secs()
+            ),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let title = title.into();
+        self.steps.push(StepReport { title, propagation });
     }
-    Err("moto did not start within 10 s".into())
-}
 
-struct Stack {
-    ddb: aws_sdk_dynamodb::Client,
-    kv: KvEmulator,
-    keys: ApiKeysStandIn,
-    runtime: Arc<RuntimeApi>,
-    progress: Arc<Progress>,
-    table: String,
-    /// Stream records written so far (one per table write).
-    writes: usize,
-    _function: Process,
-    _moto: Option<Process>,
-    stop: watch::Sender<bool>,
-}
-
-async fn start(options: &DemoOptions) -> Result<Stack, String> {
-    let (endpoint, moto) = match &options.moto_endpoint {
-        Some(endpoint) => (endpoint.clone(), None),
-        None => {
-            let (endpoint, process) = start_moto(&options.moto_server).await?;
-            (endpoint, Some(process))
-        }
-    };
-    let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(&endpoint)
-        .region(aws_config::Region::new(REGION))
-        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
-            "testing", "testing", None, None, "demo",
-        ))
-        .load()
-        .await;
-    let ddb = aws_sdk_dynamodb::Client::new(&aws);
-    // NEW_IMAGE, as the production stream: removes find the shop id in KV.
-    let stream_arn =
-        crate::streams::create_settings_table(&ddb, &options.table_name, StreamViewType::NewImage)
-            .await?;
-    let secret_id = format!("{}/CloudFlareApiToken", options.table_name);
-    aws_sdk_secretsmanager::Client::new(&aws)
-        .create_secret()
-        .name(&secret_id)
-        .secret_string(TOKEN)
-        .send()
-        .await
-        .map_err(|e| {
-            format!(
-                "create secret: {}",
-                aws_sdk_secretsmanager::error::DisplayErrorContext(e)
-            )
-        })?;
-
-    let kv = KvEmulator::start(0, &[TOKEN])
-        .await
-        .map_err(|e| e.to_string())?;
-    kv.create_namespace(SETTINGS_NS);
-    kv.create_namespace(QCFG_NS);
-    let keys = ApiKeysStandIn::start(0).await.map_err(|e| e.to_string())?;
-    keys.set_key(ACCOUNT, API_KEY);
-    let runtime = Arc::new(RuntimeApi::start(0).await.map_err(|e| e.to_string())?);
-
-    if let Some(dir) = options.function_log.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    fn check(&mut self, what: &str, held: bool, detail: String) {
+        self.checks.push((what.into(), held, detail));
     }
-    let log = std::fs::File::create(&options.function_log).map_err(|e| e.to_string())?;
-    let function = Command::new(&options.function_binary)
-        .env("AWS_LAMBDA_RUNTIME_API", runtime.endpoint())
-        .env(
-            "AWS_LAMBDA_FUNCTION_NAME",
-            "demo-EcomSettingsExporterLambda",
-        )
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        .env(
-            "AWS_LAMBDA_LOG_GROUP_NAME",
-            "/aws/lambda/demo-EcomSettingsExporterLambda",
-        )
-        .env("AWS_LAMBDA_LOG_STREAM_NAME", "demo")
-        .env("AWS_ENDPOINT_URL", &endpoint)
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_REGION", REGION)
-        .env("SETTINGS_TABLE_NAME", &options.table_name)
-        .env("CLOUDFLARE_ACCOUNT_ID", CF_ACCOUNT)
-        .env("CLOUDFLARE_KV_NAMESPACE_ID", SETTINGS_NS)
-        .env("CLOUDFLARE_QCFG_NAMESPACE_ID", QCFG_NS)
-        .env("CLOUDFLARE_API_TOKEN_SECRET_ID", &secret_id)
-        .env("CLOUDFLARE_API_BASE_URL", kv.base_url())
-        .env("API_KEYS_SERVICE_URL", keys.url_template())
-        .env("SETTINGS_TABLE_STREAM_ARN", &stream_arn)
-        .stdout(log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", options.function_binary.display()))?;
-
-    let reader = StreamReader::open(
-        aws_sdk_dynamodbstreams::Client::new(&aws),
-        &stream_arn,
-        REGION,
-    )
-    .await
-    .map_err(|e| format!("open the stream: {e}"))?;
-    let poller = Poller::new(
-        reader,
-        runtime.clone(),
-        PollerConfig {
-            batching_window: options.batching_window,
-            retry_delay: Duration::from_millis(500),
-            ..PollerConfig::default()
-        },
-    );
-    let progress = poller.progress();
-    let (stop, stopped) = watch::channel(false);
-    tokio::spawn(async move {
-        if let Err(e) = poller.run(stopped).await {
-            eprintln!("poller stopped: {e}");
-        }
-    });
-    Ok(Stack {
-        ddb,
-        kv,
-        keys,
-        runtime,
-        progress,
-        table: options.table_name.clone(),
-        writes: 0,
-        _function: Process(function),
-        _moto: moto,
-        stop,
-    })
-}
-
-fn s(value: &str) -> AttributeValue {
-    AttributeValue::S(value.into())
 }
 
 fn index_item(name: &str, shop: Option<&str>) -> HashMap<String, AttributeValue> {
@@ -275,62 +113,6 @@ fn read_alias_to(target: &str) -> AttributeValue {
     )]))
 }
 
-impl Stack {
-    async fn put(&mut self, item: HashMap<String, AttributeValue>) -> Result<(), String> {
-        self.ddb
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(item))
-            .send()
-            .await
-            .map_err(|e| {
-                format!(
-                    "put item: {}",
-                    aws_sdk_dynamodb::error::DisplayErrorContext(e)
-                )
-            })?;
-        self.writes += 1;
-        Ok(())
-    }
-
-    async fn delete(&mut self, sk: &str) -> Result<(), String> {
-        self.ddb
-            .delete_item()
-            .table_name(&self.table)
-            .key("pk", s(ACCOUNT))
-            .key("sk", s(sk))
-            .send()
-            .await
-            .map_err(|e| {
-                format!(
-                    "delete item: {}",
-                    aws_sdk_dynamodb::error::DisplayErrorContext(e)
-                )
-            })?;
-        self.writes += 1;
-        Ok(())
-    }
-
-    fn settings(&self, key: &str) -> Option<Value> {
-        self.kv.json(CF_ACCOUNT, SETTINGS_NS, key)
-    }
-
-    /// Waits until every table write so far went through the function and `holds` is true.
-    async fn propagated(
-        &self,
-        started: Instant,
-        holds: impl Fn(&Stack) -> bool,
-    ) -> Option<Duration> {
-        while started.elapsed() < STEP_TIMEOUT {
-            if self.progress.done.load(Ordering::SeqCst) >= self.writes && holds(self) {
-                return Some(started.elapsed());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        None
-    }
-}
-
 fn doc_reads_target(value: &Value) -> Option<&str> {
     value["index_aliases"]["doc_reads"]["targets"][0]["index_id"].as_str()
 }
@@ -346,169 +128,12 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport, String> {
         options.batching_window.as_secs_f64()
     );
     let mut report = DemoReport::default();
-    let mut step = |title: &str, propagation: Option<Duration>| {
-        match propagation {
-            Some(d) => println!("  ok    {title:<62} {:>6.2} s", d.as_secs_f64()),
-            None => println!(
-                "  FAIL  {title:<62} not in KV after {} s",
-                STEP_TIMEOUT.as_secs()
-            ),
-        }
-        report.steps.push(StepReport {
-            title: title.into(),
-            propagation,
-        });
-    };
     println!("Scenario (time from the table write until KV shows it):");
-
-    // 1. An index with a shop id; the API keys service fails once, so Lambda retries.
-    stack.keys.fail_next(ACCOUNT, 503, 1);
-    let t = Instant::now();
-    stack
-        .put(index_item("products", Some("demo-shop.myshopify.com")))
-        .await?;
-    let d = stack
-        .propagated(t, |s| {
-            s.settings("demo-shop.myshopify.com").is_some()
-                && s.settings("acct-demo-products").is_some()
-        })
-        .await;
-    step(
-        "index `products` with shop `demo-shop.myshopify.com` (1 retry)",
-        d,
-    );
-
-    // 2. A read alias cut over to a new index.
-    let t = Instant::now();
-    stack.put(index_item("products-v2", None)).await?;
-    let mut cut_over = index_item("products", Some("demo-shop.myshopify.com"));
-    cut_over.insert(
-        "index_aliases".into(),
-        read_alias_to("acct-demo-products-v2"),
-    );
-    stack.put(cut_over).await?;
-    let d = stack
-        .propagated(t, |s| {
-            s.settings("demo-shop.myshopify.com")
-                .is_some_and(|v| doc_reads_target(&v) == Some("acct-demo-products-v2"))
-                && s.settings("acct-demo-products-v2").is_some()
-        })
-        .await;
-    step("reads of `products` cut over to `products-v2`", d);
-
-    // 3. A query-config override.
-    let t = Instant::now();
-    let mut query = HashMap::from([
-        ("pk".to_string(), s(ACCOUNT)),
-        ("sk".to_string(), s("INDEX#products#QUERY#running shoes")),
-    ]);
-    query.insert(
-        "query_config".into(),
-        AttributeValue::M(HashMap::from([(
-            "pinned".to_string(),
-            AttributeValue::L(vec![s("sku-trail-42"), s("sku-road-7")]),
-        )])),
-    );
-    stack.put(query).await?;
-    let d = stack
-        .propagated(t, |s| !s.kv.keys(CF_ACCOUNT, QCFG_NS).is_empty())
-        .await;
-    step("query override for `running shoes`", d);
-
-    // 4. An index removed while a live alias still points at it: its keys stay.
-    let t = Instant::now();
-    stack.delete("INDEX#products-v2").await?;
-    let d = stack
-        .propagated(t, |s| s.settings("acct-demo-products-v2").is_some())
-        .await;
-    step(
-        "`products-v2` removed, kept in KV: `products` reads from it",
-        d,
-    );
-
-    // 5. An index removed freely: both keys go (the shop id is read from KV: NEW_IMAGE stream).
-    let t = Instant::now();
-    stack
-        .put(index_item(
-            "old-campaign",
-            Some("old-campaign.myshopify.com"),
-        ))
-        .await?;
-    let d = stack
-        .propagated(t, |s| s.settings("old-campaign.myshopify.com").is_some())
-        .await;
-    step("index `old-campaign` with its own shop", d);
-    let t = Instant::now();
-    stack.delete("INDEX#old-campaign").await?;
-    let d = stack
-        .propagated(t, |s| {
-            s.settings("acct-demo-old-campaign").is_none()
-                && s.settings("old-campaign.myshopify.com").is_none()
-        })
-        .await;
-    step("`old-campaign` removed: both its keys deleted", d);
-
-    // What the table implies, checked by the function itself, and what must be gone or kept.
-    let verify = stack
-        .runtime
-        .invoke(
-            json!({"mode": "verify", "system_account_id": ACCOUNT, "index_name": "products", "include_query_configs": true}),
-            Duration::from_secs(30),
-        )
-        .await;
-    let (in_sync, detail) = match &verify {
-        Ok(answer) => (answer["in_sync"] == true, answer["counts"].to_string()),
-        Err(error) => (false, error.to_string()),
-    };
-    report.checks.push((
-        "verify `products`: KV matches the table".into(),
-        in_sync,
-        detail,
-    ));
-    let expected_settings = [
-        "acct-demo-products",
-        "acct-demo-products-v2",
-        "demo-shop.myshopify.com",
-    ];
-    let settings_keys = stack.kv.keys(CF_ACCOUNT, SETTINGS_NS);
-    report.checks.push((
-        "settings namespace holds exactly the live and the protected index".into(),
-        settings_keys == expected_settings,
-        format!("{settings_keys:?}"),
-    ));
-    let qcfg_keys = stack.kv.keys(CF_ACCOUNT, QCFG_NS);
-    let overrides = qcfg_keys.iter().filter(|k| k.starts_with("qcfg-")).count();
-    let filter = stack
-        .kv
-        .json(CF_ACCOUNT, QCFG_NS, "qfilter-acct-demo-products");
-    report.checks.push((
-        "query-config namespace holds the one override and the index's filter of it".into(),
-        overrides == 1 && qcfg_keys.len() == 2 && filter.is_some_and(|f| f["count"] == 1),
-        format!("{qcfg_keys:?}"),
-    ));
-    let invocations = stack.progress.invocations.lock().unwrap().clone();
-    report.invocations = invocations.len();
-    report.retried_invocations = invocations
-        .iter()
-        .filter(|i| i.retry_from.is_some())
-        .count();
-    report.checks.push((
-        "the failed API-key call was retried through batchItemFailures".into(),
-        report.retried_invocations >= 1,
-        format!(
-            "{} invocations, {} resumed from a reported record",
-            report.invocations, report.retried_invocations
-        ),
-    ));
-    let leaked = std::fs::read_to_string(&options.function_log)
-        .map(|log| log.contains(API_KEY) || log.contains(TOKEN))
-        .unwrap_or(true);
-    report.checks.push((
-        "no API key or token in the function's log".into(),
-        !leaked,
-        options.function_log.display().to_string(),
-    ));
-
+    write_indexes(&mut stack, &mut report).await?;
+    remove_indexes(&mut stack, &mut report).await?;
+    check_with_verify(&stack, &mut report).await;
+    check_namespaces(&stack, &mut report);
+    check_retries_and_log(&stack, &options, &mut report);
     print_kv(&stack);
     println!("\nChecks:");
     for (what, ok, detail) in &report.checks {
@@ -516,6 +141,137 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport, String> {
     }
     let _ = stack.stop.send(true);
     Ok(report)
+}
+
+/// Steps 1-3: an index with a shop id (through one retry), a read alias cut over, a query
+/// override.
+async fn write_indexes(stack: &mut Stack, report: &mut DemoReport) -> Result<(), String> {
+    // The API keys service fails once, so Lambda retries.
+    stack.keys.fail_next(ACCOUNT, 503, 1);
+    let t = Instant::now();
+    let shop = "demo-shop.myshopify.com";
+    stack.put(index_item("products", Some(shop))).await?;
+    let d = stack
+        .propagated(t, |s| {
+            s.settings(shop).is_some() && s.settings("acct-demo-products").is_some()
+        })
+        .await;
+    report.step(&format!("index `products` with shop `{shop}` (1 retry)"), d);
+
+    let t = Instant::now();
+    stack.put(index_item("products-v2", None)).await?;
+    let mut cut_over = index_item("products", Some(shop));
+    let alias = read_alias_to("acct-demo-products-v2");
+    cut_over.insert("index_aliases".into(), alias);
+    stack.put(cut_over).await?;
+    let d = stack
+        .propagated(t, |s| {
+            s.settings(shop)
+                .is_some_and(|v| doc_reads_target(&v) == Some("acct-demo-products-v2"))
+                && s.settings("acct-demo-products-v2").is_some()
+        })
+        .await;
+    report.step("reads of `products` cut over to `products-v2`", d);
+
+    let t = Instant::now();
+    let pinned = AttributeValue::L(vec![s("sku-trail-42"), s("sku-road-7")]);
+    let query = HashMap::from([
+        ("pk".to_string(), s(ACCOUNT)),
+        ("sk".to_string(), s("INDEX#products#QUERY#running shoes")),
+        (
+            "query_config".to_string(),
+            AttributeValue::M(HashMap::from([("pinned".to_string(), pinned)])),
+        ),
+    ]);
+    stack.put(query).await?;
+    let d = stack
+        .propagated(t, |s| !s.kv.keys(CF_ACCOUNT, QCFG_NS).is_empty())
+        .await;
+    report.step("query override for `running shoes`", d);
+    Ok(())
+}
+
+/// Steps 4-5: an index removed while a live alias points at it (its keys stay), then one
+/// removed freely (both its keys go; the shop id is read from KV: a NEW_IMAGE stream).
+async fn remove_indexes(stack: &mut Stack, report: &mut DemoReport) -> Result<(), String> {
+    let t = Instant::now();
+    stack.delete("INDEX#products-v2").await?;
+    let d = stack
+        .propagated(t, |s| s.settings("acct-demo-products-v2").is_some())
+        .await;
+    let title = "`products-v2` removed, kept in KV: `products` reads from it";
+    report.step(title, d);
+
+    let t = Instant::now();
+    let shop = "old-campaign.myshopify.com";
+    stack.put(index_item("old-campaign", Some(shop))).await?;
+    let d = stack.propagated(t, |s| s.settings(shop).is_some()).await;
+    report.step("index `old-campaign` with its own shop", d);
+    let t = Instant::now();
+    stack.delete("INDEX#old-campaign").await?;
+    let d = stack
+        .propagated(t, |s| {
+            s.settings("acct-demo-old-campaign").is_none() && s.settings(shop).is_none()
+        })
+        .await;
+    report.step("`old-campaign` removed: both its keys deleted", d);
+    Ok(())
+}
+
+/// What the table implies, checked by the function's own `verify` mode.
+async fn check_with_verify(stack: &Stack, report: &mut DemoReport) {
+    let request = json!({"mode": "verify", "system_account_id": ACCOUNT,
+        "index_name": "products", "include_query_configs": true});
+    let verify = stack.runtime.invoke(request, Duration::from_secs(30)).await;
+    let (in_sync, detail) = match &verify {
+        Ok(answer) => (answer["in_sync"] == true, answer["counts"].to_string()),
+        Err(error) => (false, error.to_string()),
+    };
+    report.check("verify `products`: KV matches the table", in_sync, detail);
+}
+
+/// What must be gone from KV or kept in it.
+fn check_namespaces(stack: &Stack, report: &mut DemoReport) {
+    let expected_settings = [
+        "acct-demo-products",
+        "acct-demo-products-v2",
+        "demo-shop.myshopify.com",
+    ];
+    let settings_keys = stack.kv.keys(CF_ACCOUNT, SETTINGS_NS);
+    report.check(
+        "settings namespace holds exactly the live and the protected index",
+        settings_keys == expected_settings,
+        format!("{settings_keys:?}"),
+    );
+    let qcfg_keys = stack.kv.keys(CF_ACCOUNT, QCFG_NS);
+    let overrides = qcfg_keys.iter().filter(|k| k.starts_with("qcfg-")).count();
+    let filter = (stack.kv).json(CF_ACCOUNT, QCFG_NS, "qfilter-acct-demo-products");
+    report.check(
+        "query-config namespace holds the one override and the index's filter of it",
+        overrides == 1 && qcfg_keys.len() == 2 && filter.is_some_and(|f| f["count"] == 1),
+        format!("{qcfg_keys:?}"),
+    );
+}
+
+/// The failed API-key call came back through `batchItemFailures`; no secret reached the log.
+fn check_retries_and_log(stack: &Stack, options: &DemoOptions, report: &mut DemoReport) {
+    let invocations = stack.progress.invocations.lock().unwrap().clone();
+    report.invocations = invocations.len();
+    report.retried_invocations = (invocations.iter())
+        .filter(|i| i.retry_from.is_some())
+        .count();
+    let detail = format!(
+        "{} invocations, {} resumed from a reported record",
+        report.invocations, report.retried_invocations
+    );
+    let retried = report.retried_invocations >= 1;
+    let what = "the failed API-key call was retried through batchItemFailures";
+    report.check(what, retried, detail);
+    let leaked = std::fs::read_to_string(&options.function_log)
+        .map(|log| log.contains(API_KEY) || log.contains(TOKEN))
+        .unwrap_or(true);
+    let log = options.function_log.display().to_string();
+    report.check("no API key or token in the function's log", !leaked, log);
 }
 
 /// KV as the edge sees it, API keys masked.

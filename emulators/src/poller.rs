@@ -148,26 +148,20 @@ impl Poller {
             given_up: 0,
         };
         let retry_at = match answer {
-            Ok(response) => {
-                let failed: Vec<&str> = response["batchItemFailures"]
-                    .as_array()
-                    .map(|f| {
-                        f.iter()
-                            .filter_map(|f| f["itemIdentifier"].as_str())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                // Lambda resumes from the lowest reported record; stream order is batch order.
-                batch
-                    .iter()
-                    .position(|r| sequence_number(r).is_some_and(|s| failed.contains(&s)))
-            }
+            Ok(response) => first_reported(&batch, &response),
             Err(error) => {
                 invocation.error = Some(error);
                 Some(0)
             }
         };
-        let checkpoint = retry_at.unwrap_or(batch.len());
+        self.settle(invocation, retry_at);
+        Ok(true)
+    }
+
+    /// Checkpoints the batch up to the record to retry from (all of it when none), gives up the
+    /// head after too many retries, and sets when the next invocation is due.
+    fn settle(&mut self, mut invocation: Invocation, retry_at: Option<usize>) {
+        let checkpoint = retry_at.unwrap_or(invocation.records);
         self.pending.drain(..checkpoint);
         invocation.checkpointed = checkpoint;
         if checkpoint > 0 {
@@ -199,6 +193,20 @@ impl Poller {
         } else {
             Some(Instant::now() + self.config.batching_window)
         };
-        Ok(true)
     }
+}
+
+/// Where Lambda resumes: the lowest record the answer reports (stream order is batch order).
+fn first_reported(batch: &[Value], response: &Value) -> Option<usize> {
+    let failed: Vec<&str> = response["batchItemFailures"]
+        .as_array()
+        .map(|f| {
+            f.iter()
+                .filter_map(|f| f["itemIdentifier"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    batch
+        .iter()
+        .position(|r| sequence_number(r).is_some_and(|s| failed.contains(&s)))
 }

@@ -5,6 +5,7 @@
 mod common;
 
 mod bad_input;
+mod code_shape;
 mod concurrent_writers;
 mod demo;
 mod divergence;
