@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use crate::operator::{OperatorError, OperatorRequest};
 use crate::pipeline::exporter::{Exporter, Run};
 use crate::pipeline::records::{decode_batch, ChangeRecord, Expected};
-use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
+use crate::ports::Ports;
 use crate::report::{BatchReport, Outcome};
 
 const ACCEPTED: &str = "expected a DynamoDB stream batch {\"Records\": [...]}, or an operator \
@@ -123,8 +123,8 @@ pub fn retry_deadline(deadline: SystemTime, margin: Duration) -> Instant {
     Instant::now() + left.saturating_sub(margin.min(left / 5))
 }
 
-pub async fn handle<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
-    exporter: &Exporter<K, A, T, L>,
+pub async fn handle<P: Ports>(
+    exporter: &Exporter<P>,
     margin: Duration,
     event: LambdaEvent<Bytes>,
 ) -> Result<Value, HandlerError> {
@@ -137,8 +137,8 @@ pub async fn handle<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
 }
 
 /// Routes a payload (its JSON text); retrying stops at `deadline`.
-pub async fn route<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
-    exporter: &Exporter<K, A, T, L>,
+pub async fn route<P: Ports>(
+    exporter: &Exporter<P>,
     payload: impl Into<Bytes>,
     deadline: Instant,
 ) -> Result<Value, HandlerError> {

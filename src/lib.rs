@@ -17,10 +17,11 @@
 //! - [`operator`]: the manual modes, one file each: re-export, verify, backfill, reconcile (and
 //!   its scheduled passes). They call the exporter through its methods.
 //! - [`report`]: the one `Outcome` enum, the batch report, its log lines and EMF metrics.
-//! - [`ports`]: the traits the core needs from the outside, and `PortError` (transient or
-//!   permanent).
-//! - [`adapters`]: Cloudflare KV (its bulk requests' encoding, pacing), the API keys service, the settings table, the
-//!   function's own ledger table, Secrets Manager; and the in-memory fakes the unit tests share.
+//! - [`ports`]: the traits the core needs from the outside, `Ports` (the four an exporter holds,
+//!   as one type parameter: `Exporter<P: Ports>`), and `PortError` (transient or permanent).
+//! - [`adapters`]: Cloudflare KV (its bulk requests' encoding, pacing), the API keys service,
+//!   the settings table, the function's own ledger table, Secrets Manager; and the in-memory
+//!   fakes the unit tests share.
 //! - [`dynamo`]: DynamoDB's attribute-value format read into the domain.
 //! - [`domain`]: the shared vocabulary (indexes, settings, KV keys and limits, secrets).
 //! - [`config`]: the environment.
@@ -48,8 +49,12 @@ use config::Config;
 use pipeline::exporter::{ExportOptions, Exporter};
 
 /// The exporter wired to the real services.
-pub type LambdaExporter =
-    Exporter<CloudflareKv<SecretsManagerToken>, HttpApiKeys, DynamoSettingsTable, DynamoLedger>;
+pub type LambdaExporter = Exporter<(
+    CloudflareKv<SecretsManagerToken>,
+    HttpApiKeys,
+    DynamoSettingsTable,
+    DynamoLedger,
+)>;
 
 /// Builds the clients once per cold start; the AWS SDK reads its usual environment
 /// (`AWS_REGION`, credentials, `AWS_ENDPOINT_URL`).

@@ -196,6 +196,22 @@ pub struct TableCounters {
     pub reference_scans: usize,
 }
 
+/// The four peers an exporter works with, named as one type so that whatever takes an exporter
+/// writes `P: Ports` instead of four bounds. Any four adapters, as a tuple in this order.
+pub trait Ports {
+    type Kv: KvStore;
+    type ApiKeys: ApiKeySource;
+    type Table: SettingsTable;
+    type Ledger: Ledger;
+}
+
+impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Ports for (K, A, T, L) {
+    type Kv = K;
+    type ApiKeys = A;
+    type Table = T;
+    type Ledger = L;
+}
+
 /// The settings table, read only.
 pub trait SettingsTable: Send + Sync {
     fn counters(&self) -> TableCounters {

@@ -13,7 +13,7 @@ use super::{NonEmpty, OperatorError};
 use crate::domain::{IndexRef, KvAction};
 use crate::pipeline::exporter::{Exporter, Prepared, Run};
 use crate::pipeline::records::{Change, ChangeRecord};
-use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
+use crate::ports::Ports;
 use crate::report::{BatchReport, Outcome, RecordReport};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -144,8 +144,8 @@ impl Gathered {
 }
 
 /// Exports (or, in a dry run, plans) one batch, and logs it.
-async fn send<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
-    exporter: &Exporter<K, A, T, L>,
+async fn send<P: Ports>(
+    exporter: &Exporter<P>,
     dry_run: bool,
     records: Vec<ChangeRecord>,
     run: Run,
@@ -263,8 +263,8 @@ impl Runs {
     }
 }
 
-pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
-    exporter: &Exporter<K, A, T, L>,
+pub async fn run<P: Ports>(
+    exporter: &Exporter<P>,
     request: &BackfillRequest,
     deadline: Instant,
 ) -> Result<Answer, OperatorError> {
@@ -342,8 +342,8 @@ pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
 }
 
 /// One invocation's backfill: what it sent, what it holds, what it gathered.
-struct Pass<'a, K, A, T, L> {
-    exporter: &'a Exporter<K, A, T, L>,
+struct Pass<'a, P: Ports> {
+    exporter: &'a Exporter<P>,
     request: &'a BackfillRequest,
     /// When this invocation began reading the table (ms since the epoch).
     read_since: u64,
@@ -353,7 +353,7 @@ struct Pass<'a, K, A, T, L> {
     gathered: Gathered,
 }
 
-impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Pass<'_, K, A, T, L> {
+impl<P: Ports> Pass<'_, P> {
     /// Sends what was gathered; whether every record went through (the backfill goes on).
     async fn flush(&mut self) -> bool {
         let Gathered {

@@ -20,7 +20,7 @@ use crate::domain::validate::cut;
 use crate::domain::{IndexRef, KvKey};
 use crate::pipeline::exporter::{Exporter, Overrides, Prepared, Run};
 use crate::pipeline::records::ChangeRecord;
-use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
+use crate::ports::Ports;
 use crate::report::{BatchReport, Outcome};
 
 pub use backfill::BackfillRequest;
@@ -102,9 +102,9 @@ impl OperatorRequest {
         }
     }
 
-    pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
+    pub async fn run<P: Ports>(
         self,
-        exporter: &Exporter<K, A, T, L>,
+        exporter: &Exporter<P>,
         deadline: Instant,
     ) -> Result<Value, OperatorError> {
         // Each mode's future is boxed: they are large (the whole-fleet modes most), and a
@@ -167,9 +167,9 @@ pub const PIECE_RECORDS: usize = 5_000;
 
 impl IndexTarget {
     /// The piece after `start` (`None`: the first, with the settings record, which must exist).
-    async fn piece<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
+    async fn piece<P: Ports>(
         &self,
-        exporter: &Exporter<K, A, T, L>,
+        exporter: &Exporter<P>,
         start: Option<Item>,
         limit: usize,
         deadline: Instant,

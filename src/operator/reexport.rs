@@ -10,7 +10,7 @@ use super::{ensure_exported, ensure_ready, flag, masked, rejected, IndexTarget, 
 use super::{NonEmpty, Rejected};
 use crate::domain::{KvAction, KvKey, Namespace};
 use crate::pipeline::exporter::{Exporter, Prepared};
-use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
+use crate::ports::Ports;
 use crate::report::BatchReport;
 use crate::report::Outcome;
 use serde_dynamo::Item;
@@ -107,8 +107,8 @@ fn names_in(keys: &[KvKey], namespace: Namespace) -> Vec<String> {
         .collect()
 }
 
-pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
-    exporter: &Exporter<K, A, T, L>,
+pub async fn run<P: Ports>(
+    exporter: &Exporter<P>,
     request: &ReexportRequest,
     deadline: Instant,
 ) -> Result<Answer, OperatorError> {

@@ -14,7 +14,7 @@ use super::{
 use crate::domain::kv::{is_query_config_key_of, query_config_prefix};
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::pipeline::exporter::{Exporter, Prepared};
-use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
+use crate::ports::Ports;
 use serde_dynamo::Item;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -128,8 +128,8 @@ fn stale_fields(expected: &str, actual: &str) -> Option<Vec<String>> {
     )
 }
 
-pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
-    exporter: &Exporter<K, A, T, L>,
+pub async fn run<P: Ports>(
+    exporter: &Exporter<P>,
     request: &VerifyRequest,
     deadline: Instant,
 ) -> Result<Answer, OperatorError> {
@@ -205,9 +205,9 @@ impl<'a> Check<'a> {
     }
 
     /// Each expected key against KV: one bulk read per namespace (100 keys a request).
-    async fn compare<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
+    async fn compare<P: Ports>(
         &mut self,
-        exporter: &Exporter<K, A, T, L>,
+        exporter: &Exporter<P>,
         prepared: &Prepared,
         deadline: Instant,
     ) -> Result<(), OperatorError> {
@@ -245,9 +245,9 @@ impl<'a> Check<'a> {
 
     /// Query-config keys of the index that no query config implies. `whole`: this piece
     /// expects every one; else they come from a keys-only Query of the table.
-    async fn unexpected<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
+    async fn unexpected<P: Ports>(
         &mut self,
-        exporter: &Exporter<K, A, T, L>,
+        exporter: &Exporter<P>,
         whole: bool,
         deadline: Instant,
     ) -> Result<(), OperatorError> {
@@ -330,9 +330,9 @@ impl Answer {
     }
 
     /// Only what drifted is sent: missing and stale keys written, unexpected ones deleted.
-    async fn repair<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
+    async fn repair<P: Ports>(
         &mut self,
-        exporter: &Exporter<K, A, T, L>,
+        exporter: &Exporter<P>,
         request: &VerifyRequest,
         prepared: Prepared,
         drift: &BTreeMap<KvKey, Drift>,

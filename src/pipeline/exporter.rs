@@ -12,7 +12,7 @@ use crate::pipeline::plan::{self, PlannedOp};
 use crate::pipeline::records::{ChangeRecord, Expected};
 use crate::ports::{
     before_deadline, ApiKeySource, IndexRefs, KvStore, Ledger, LookupCounts, NoLedger, PortError,
-    ReconcileProgress, SettingsTable, TableCounters,
+    Ports, ReconcileProgress, SettingsTable, TableCounters,
 };
 use crate::report::{BatchReport, Outcome};
 
@@ -40,11 +40,11 @@ pub struct ExportOptions {
 
 /// The core with its collaborators. The entry and the operator modes call it through its
 /// methods only.
-pub struct Exporter<K, A, T, L = NoLedger> {
-    kv: K,
-    api_keys: ApiKeyCache<A>,
-    table: T,
-    ledger: L,
+pub struct Exporter<P: Ports> {
+    kv: P::Kv,
+    api_keys: ApiKeyCache<P::ApiKeys>,
+    table: P::Table,
+    ledger: P::Ledger,
     options: ExportOptions,
 }
 
@@ -152,14 +152,14 @@ impl Prepared {
     }
 }
 
-impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<K, A, T> {
+impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<(K, A, T, NoLedger)> {
     /// The core without a ledger table (what needs one fails, saying so).
     pub fn new(kv: K, api_keys: ApiKeyCache<A>, table: T, options: ExportOptions) -> Self {
-        Self::with_ledger(kv, api_keys, table, NoLedger, options)
+        Exporter::with_ledger(kv, api_keys, table, NoLedger, options)
     }
 }
 
-impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T, L> {
+impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<(K, A, T, L)> {
     pub fn with_ledger(
         kv: K,
         api_keys: ApiKeyCache<A>,
@@ -175,7 +175,9 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T,
             options,
         }
     }
+}
 
+impl<P: Ports> Exporter<P> {
     /// Where a scheduled reconcile stands (a consistent read of the ledger).
     pub async fn reconcile_progress(
         &self,
@@ -376,7 +378,7 @@ mod tests {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
 
-    fn exporter(kv: MemoryKv) -> Exporter<MemoryKv, SameKey, CountingTable> {
+    fn exporter(kv: MemoryKv) -> Exporter<(MemoryKv, SameKey, CountingTable, NoLedger)> {
         Exporter::new(
             kv,
             ApiKeyCache::new(SameKey, Duration::from_secs(60)),
@@ -403,7 +405,7 @@ mod tests {
     }
 
     async fn export(
-        exporter: &Exporter<MemoryKv, SameKey, CountingTable>,
+        exporter: &Exporter<(MemoryKv, SameKey, CountingTable, NoLedger)>,
         batch: Vec<serde_json::Value>,
     ) -> BatchReport {
         let records = batch

@@ -16,7 +16,7 @@ use crate::domain::kv::KeyMetadata;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::operator::{decode_token, encode_token, OperatorError};
 use crate::pipeline::exporter::{Exporter, Prepared, Run};
-use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
+use crate::ports::Ports;
 use crate::report::Outcome;
 
 /// Items per table page while working out what the table implies.
@@ -53,8 +53,8 @@ impl Sweep {
     }
 }
 
-pub(super) async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
-    exporter: &Exporter<K, A, T, L>,
+pub(super) async fn run<P: Ports>(
+    exporter: &Exporter<P>,
     request: &ReconcileRequest,
     account: Option<&str>,
     deadline: Instant,
@@ -120,8 +120,8 @@ pub(super) async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger
 
 /// Writes the missing and stale keys and deletes the orphans, through the same planner's
 /// values and the same bulk requests as the stream; answers what it did and its requests.
-async fn repair_drift<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
-    exporter: &Exporter<K, A, T, L>,
+async fn repair_drift<P: Ports>(
+    exporter: &Exporter<P>,
     prepared: Prepared,
     to_write: BTreeSet<KvKey>,
     deletes: Vec<(KvKey, Option<IndexRef>)>,
@@ -147,8 +147,8 @@ async fn repair_drift<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
 
 /// One account's (or, without a ledger, the fleet's) keys listed against what the table
 /// implies.
-struct Listing<'a, K, A, T, L> {
-    exporter: &'a Exporter<K, A, T, L>,
+struct Listing<'a, P: Ports> {
+    exporter: &'a Exporter<P>,
     request: &'a ReconcileRequest,
     account: Option<&'a str>,
     implied: &'a Implied,
@@ -157,7 +157,7 @@ struct Listing<'a, K, A, T, L> {
     deadline: Instant,
 }
 
-impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Listing<'_, K, A, T, L> {
+impl<P: Ports> Listing<'_, P> {
     /// Lists page by page from `position`, leaving room for the slowest page, twice over, and
     /// for the repair; what was found, and whether the listing reached its end.
     async fn sweep(
@@ -291,8 +291,8 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Listing<'_, K, A,
 }
 
 /// One scan of the table (or of the account's partition), planned as a re-export would be.
-async fn implied<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
-    exporter: &Exporter<K, A, T, L>,
+async fn implied<P: Ports>(
+    exporter: &Exporter<P>,
     account: Option<&str>,
     requests: &mut Requests,
     deadline: Instant,

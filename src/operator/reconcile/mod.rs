@@ -23,7 +23,7 @@ pub use classify::ClassCounts;
 use super::{flag, NonEmpty, OperatorError};
 use crate::domain::{KvKey, Namespace};
 use crate::pipeline::exporter::Exporter;
-use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
+use crate::ports::Ports;
 
 /// Sample keys per class in the answer.
 const SAMPLES: usize = 100;
@@ -161,8 +161,8 @@ fn failed(reason: impl std::fmt::Display) -> OperatorError {
     }
 }
 
-pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
-    exporter: &Exporter<K, A, T, L>,
+pub async fn run<P: Ports>(
+    exporter: &Exporter<P>,
     request: &ReconcileRequest,
     deadline: Instant,
 ) -> Result<Answer, OperatorError> {

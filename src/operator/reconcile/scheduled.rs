@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::{Answer, ReconcileRequest};
 use crate::operator::{NonEmpty, OperatorError};
 use crate::pipeline::exporter::Exporter;
-use crate::ports::{ApiKeySource, KvStore, Ledger, ReconcileProgress, SettingsTable};
+use crate::ports::{Ports, ReconcileProgress};
 
 /// Kept for saving the progress after the pass's work: the run itself stops this much earlier.
 const SAVE_MARGIN: Duration = Duration::from_secs(3);
@@ -39,8 +39,8 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-pub async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
-    exporter: &Exporter<K, A, T, L>,
+pub async fn run<P: Ports>(
+    exporter: &Exporter<P>,
     request: &ReconcileRequest,
     deadline: Instant,
 ) -> Result<ScheduledAnswer, OperatorError> {

@@ -28,7 +28,7 @@ use super::{failed, Answer, Found, ReconcileRequest, Repaired, Requests, NAMESPA
 use crate::domain::{IndexRef, KvKey};
 use crate::operator::{decode_token, encode_token, OperatorError};
 use crate::pipeline::exporter::{Exporter, Run};
-use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
+use crate::ports::Ports;
 use crate::report::Outcome;
 
 mod implied;
@@ -63,8 +63,8 @@ struct Position {
     querying: Option<(String, String)>,
 }
 
-pub(super) async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger>(
-    exporter: &Exporter<K, A, T, L>,
+pub(super) async fn run<P: Ports>(
+    exporter: &Exporter<P>,
     request: &ReconcileRequest,
     deadline: Instant,
 ) -> Result<Answer, OperatorError> {
@@ -107,8 +107,8 @@ pub(super) async fn run<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger
 }
 
 /// One invocation's share of a pass.
-struct Pass<'a, K, A, T, L> {
-    exporter: &'a Exporter<K, A, T, L>,
+struct Pass<'a, P: Ports> {
+    exporter: &'a Exporter<P>,
     request: &'a ReconcileRequest,
     /// The ledger time taken before anything was read: keys claimed since are left alone.
     read_since: u64,
@@ -118,7 +118,7 @@ struct Pass<'a, K, A, T, L> {
     repaired: Repaired,
 }
 
-impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Pass<'_, K, A, T, L> {
+impl<P: Ports> Pass<'_, P> {
     /// Writes `writes` of the prepared plan and makes `deletes` (or, in a dry run, counts them).
     async fn repair(
         &mut self,

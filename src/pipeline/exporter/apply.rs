@@ -13,8 +13,7 @@ use crate::domain::validate;
 use crate::domain::{IndexRef, KvAction, KvKey, KvOp};
 use crate::pipeline::plan::{Plan, PlannedOp};
 use crate::pipeline::records::{Change, ChangeRecord};
-use crate::ports::SettingsTable;
-use crate::ports::{ApiKeySource, KvCounters, KvStore, Ledger, PortError};
+use crate::ports::{KvCounters, KvStore, Ledger, PortError, Ports};
 use crate::report::{BatchReport, Outcome, RecordReport};
 
 /// DynamoDB Streams keeps a record this long; no real record is older when it is exported.
@@ -32,7 +31,7 @@ struct Sent {
     lost: HashSet<KvKey>,
 }
 
-impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T, L> {
+impl<P: Ports> Exporter<P> {
     pub(super) async fn apply_reusing(
         &self,
         prepared: Prepared,

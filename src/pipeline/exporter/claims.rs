@@ -22,8 +22,8 @@ use super::{Exporter, Run};
 use crate::domain::{IndexRef, KvKey, Namespace};
 use crate::pipeline::plan::{self, Lookups};
 use crate::pipeline::records::ChangeRecord;
-use crate::ports::{before_deadline, SettingsTable};
-use crate::ports::{ApiKeySource, Claim, KeyClaim, KvStore, Ledger, PortError, Referred};
+use crate::ports::{before_deadline, Ports};
+use crate::ports::{Claim, KeyClaim, Ledger, PortError, Referred};
 
 /// Conditional claims in flight at once.
 const CONCURRENT_CLAIMS: usize = 16;
@@ -113,7 +113,7 @@ pub struct Guard {
     pub dropped: Vec<(KvKey, String)>,
 }
 
-impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T, L> {
+impl<P: Ports> Exporter<P> {
     /// Claims the keys about to be written, as `run` claims them (nothing without a ledger).
     pub(super) async fn claim(
         &self,

@@ -14,11 +14,11 @@ use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::dynamo;
 use crate::pipeline::plan::{self, Lookups, PlannedOp};
 use crate::pipeline::records::{Change, ChangeRecord};
-use crate::ports::{before_deadline, AccountCell, ApiKeySource, KvStore, Ledger, LookupCounts};
+use crate::ports::{before_deadline, AccountCell, KvStore, Ledger, LookupCounts, Ports};
 use crate::ports::{PortError, SettingsTable};
 use crate::report::Outcome;
 
-impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T, L> {
+impl<P: Ports> Exporter<P> {
     /// The override filter of every index that needs one, put into the plan beside the
     /// override keys (so in the same bulk write). Without its overrides, the records that
     /// need a filter are reported for retry.

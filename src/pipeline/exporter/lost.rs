@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use super::{Exporter, Run};
 use crate::domain::{IndexRef, KvAction, KvKey};
-use crate::ports::{ApiKeySource, KvStore, Ledger, SettingsTable};
+use crate::ports::Ports;
 use crate::report::{BatchReport, Outcome};
 
 /// Lost keys written once more: those the new read planned, and what became of them.
@@ -17,7 +17,7 @@ struct WrittenAgain {
     report: BatchReport,
 }
 
-impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T, L> {
+impl<P: Ports> Exporter<P> {
     /// An operator's lost keys, written once more from a new read of their indexes. A key
     /// the new read does not imply, or that another writer claimed since, is theirs; one
     /// lost again, or whose index could not be read again, fails its record (the operator

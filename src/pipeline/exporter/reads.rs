@@ -11,9 +11,9 @@ use crate::domain::{IndexRef, Namespace, SettingsReference};
 use crate::dynamo;
 use crate::pipeline::records::{decode_item, ChangeRecord};
 use crate::ports::SettingsTable;
-use crate::ports::{before_deadline, ApiKeySource, KeyPage, KvStore, Ledger, PortError};
+use crate::ports::{before_deadline, KeyPage, KvStore, PortError, Ports};
 
-impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T, L> {
+impl<P: Ports> Exporter<P> {
     /// The index's settings record as a change (`None`: the table has no such record) and,
     /// when asked, its query configs.
     pub async fn index_records(

@@ -13,8 +13,8 @@ use crate::domain::kv::check_key;
 use crate::domain::{IndexRef, IndexSettings, SettingsReference};
 use crate::pipeline::plan::{self, Lookups};
 use crate::pipeline::records::{Change, ChangeRecord};
-use crate::ports::{before_deadline, ApiKeySource, IndexRefs, KvStore, Ledger, LookupCounts};
-use crate::ports::{PortError, Referred, RefsChange, SettingsTable};
+use crate::ports::{before_deadline, IndexRefs, Ledger, LookupCounts, Ports};
+use crate::ports::{PortError, Referred, RefsChange};
 use crate::report::Outcome;
 
 /// Ledger Queries in flight at once.
@@ -54,7 +54,7 @@ pub(super) fn left_by(records: &[ChangeRecord]) -> Vec<Option<(IndexRef, IndexRe
         .collect()
 }
 
-impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<K, A, T, L> {
+impl<P: Ports> Exporter<P> {
     /// After a full backfill that recorded every index's references: from now on a batch asks
     /// the ledger who refers to what, instead of scanning the table.
     pub async fn mark_references_complete(&self, deadline: Instant) -> Result<(), PortError> {

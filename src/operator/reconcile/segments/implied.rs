@@ -18,10 +18,10 @@ use crate::operator::reconcile::NAMESPACES;
 use crate::operator::OperatorError;
 use crate::pipeline::exporter::{Overrides, Run};
 use crate::pipeline::records::{Change, ChangeRecord};
-use crate::ports::{ApiKeySource, Claim, KvStore, Ledger, SettingsTable};
+use crate::ports::{Claim, Ports};
 use crate::report::Outcome;
 
-impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Pass<'_, K, A, T, L> {
+impl<P: Ports> Pass<'_, P> {
     /// The table's records after `table_at`, until `limit` records (an index's kept whole) or
     /// the table's end, compared with the ledger.
     pub(super) async fn table_piece(

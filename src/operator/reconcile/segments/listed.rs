@@ -14,7 +14,7 @@ use crate::operator::reconcile::classify::{live_targets, owner_in_value, Class};
 use crate::operator::reconcile::failed;
 use crate::operator::reconcile::NAMESPACES;
 use crate::operator::OperatorError;
-use crate::ports::{ApiKeySource, Claim, KvStore, Ledger, ListedKey, Referred, SettingsTable};
+use crate::ports::{Claim, ListedKey, Ports, Referred};
 
 /// Whether the function could have written a key for this index (metadata and values are
 /// input: a name no table item could have would fail the page's reads by key, every pass).
@@ -31,7 +31,7 @@ struct Held {
     digest: String,
 }
 
-impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Pass<'_, K, A, T, L> {
+impl<P: Ports> Pass<'_, P> {
     /// One page of a namespace's listing, compared with the ledger's claims of its range.
     pub(super) async fn list_page(
         &mut self,
