@@ -28,13 +28,19 @@
 //!
 //! runtime_api (on its own); entry -> operator -> pipeline -> report, ports, dynamo -> domain;
 //! adapters -> ports -> domain.
+//!
+//! Public is what the binary, the integration tests, the benches and the fuzz targets use (and
+//! the ports, the seam a new adapter plugs into); the rest is `pub(crate)`.
+
+// The Layout above names every room, public or not.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod adapters;
 pub mod config;
 pub mod domain;
 pub mod dynamo;
 pub mod entry;
-pub mod operator;
+pub(crate) mod operator;
 pub mod pipeline;
 pub mod ports;
 pub mod report;

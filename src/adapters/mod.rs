@@ -1,10 +1,10 @@
 //! The outside systems, one file each, behind the traits in [`crate::ports`].
 
-pub mod api_keys;
+pub(crate) mod api_keys;
 pub mod cloudflare;
-pub mod dynamodb;
-pub mod ledger;
+pub(crate) mod dynamodb;
+pub(crate) mod ledger;
 #[cfg(test)]
-pub mod memory;
-pub mod pacing;
-pub mod secrets_manager;
+pub(crate) mod memory;
+pub(crate) mod pacing;
+pub(crate) mod secrets_manager;

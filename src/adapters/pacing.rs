@@ -89,14 +89,6 @@ pub enum Held {
     Lockout(Duration),
 }
 
-impl Held {
-    pub fn wait(self) -> Duration {
-        match self {
-            Held::Budget(wait) | Held::Lockout(wait) => wait,
-        }
-    }
-}
-
 impl std::fmt::Display for Held {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -143,8 +135,10 @@ mod tests {
         pacer.block_for(Duration::from_secs(300)).await;
         let soon = Instant::now() + Duration::from_secs(10);
         let refused = pacer.acquire(soon).await.unwrap_err();
-        assert!(matches!(refused, Held::Lockout(_)), "{refused:?}");
-        assert!(refused.wait() > Duration::from_secs(299), "{refused:?}");
+        let Held::Lockout(wait) = refused else {
+            panic!("a lockout, not {refused:?}")
+        };
+        assert!(wait > Duration::from_secs(299), "{refused:?}");
         assert!(
             refused.to_string().starts_with("Cloudflare's rate limit"),
             "{refused}"

@@ -1,13 +1,13 @@
 //! The vocabulary every room shares: indexes, their settings and overrides, KV keys and
 //! limits, and the secrets. Pure data; depends on nothing else in the crate.
 
-pub mod ids;
-pub mod json_text;
-pub mod kv;
+pub(crate) mod ids;
+pub(crate) mod json_text;
+pub(crate) mod kv;
 pub mod qfilter;
-pub mod secrets;
-pub mod settings;
-pub mod validate;
+pub(crate) mod secrets;
+pub(crate) mod settings;
+pub(crate) mod validate;
 
 pub use ids::{IndexId, IndexRef};
 pub use kv::{KvAction, KvKey, KvOp, Namespace};

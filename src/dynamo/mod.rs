@@ -11,7 +11,7 @@ mod de;
 mod image;
 mod json;
 mod reader;
-pub mod stream;
+pub(crate) mod stream;
 
 pub use image::{Attr, Image, OldImage, Text};
 pub use reader::Reader;

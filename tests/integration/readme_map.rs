@@ -58,8 +58,9 @@ fn every_module_of_the_crate_root_is_on_its_layout() {
     let layout: String = (LIB.lines()).take_while(|l| l.starts_with("//!")).collect();
     let modules: Vec<&str> = (LIB.lines())
         .filter_map(|l| {
-            l.strip_prefix("pub mod ")
-                .or_else(|| l.strip_prefix("mod "))
+            (l.strip_prefix("pub mod ")
+                .or_else(|| l.strip_prefix("pub(crate) mod ")))
+            .or_else(|| l.strip_prefix("mod "))
         })
         .map(|l| l.trim_end_matches(';'))
         .collect();

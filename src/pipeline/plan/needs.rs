@@ -90,7 +90,7 @@ pub fn account_cell(account: &str, cell: Option<&str>, default_cell: &str) -> Ac
     }
 }
 
-/// What must be looked up before [`plan`] can run.
+/// What must be looked up before [`super::plan`] can run.
 pub fn needs(records: &[ChangeRecord], default_cell: &str) -> Needs {
     let mut needs = Needs::default();
     for (record, shop) in records.iter().zip(previous_shops(records)) {
