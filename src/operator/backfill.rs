@@ -280,7 +280,7 @@ pub async fn run<P: Ports>(
         exporter,
         request,
         // Before the first page: keys another writer claims after it are left to them.
-        read_since: exporter.begin_reading().await,
+        read_since: exporter.begin_reading(deadline).await,
         deadline,
         tally: Tally::default(),
         runs: Runs::new(request.include_query_configs, start.clone()),

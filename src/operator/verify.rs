@@ -143,7 +143,7 @@ pub async fn run<P: Ports>(
         None => None,
     };
     // Keys another writer claims from now on are left to it (docs/contract.md).
-    let read_since = exporter.begin_reading().await;
+    let read_since = exporter.begin_reading(deadline).await;
     // An index whose query configs need several pieces goes on with a token; no invocation
     // works past half the time it has.
     let began = Instant::now();

@@ -494,6 +494,57 @@ async fn a_backfill_whose_ledger_claims_slowly_answers_before_its_deadline_and_r
     }
 }
 
+/// An operator's first step ticks the ledger's clock (an UpdateItem): a clock that does not
+/// answer is given up at the deadline like every other ledger write, not waited on past it.
+#[tokio::test]
+async fn a_reexport_whose_ledger_clock_hangs_answers_before_its_deadline() {
+    let h = products().await;
+    // The function's only UpdateItem before it claims is the clock's tick.
+    let lag = std::time::Duration::from_secs(30);
+    let ledger = LaggingProxy::to_moto("DynamoDB_20120810.UpdateItem", lag).await;
+    let runtime = ecom_emulators::runtime_api::RuntimeApi::start(0)
+        .await
+        .unwrap();
+    let mut env = h.lambda_env();
+    env.push(("AWS_ENDPOINT_URL_DYNAMODB", ledger.url()));
+    let function = Function::start(&runtime, &env);
+    let request = json!({"system_account_id": "acct-1", "index_name": "products"});
+
+    let started = std::time::Instant::now();
+    let first = runtime
+        .invoke(request.clone(), std::time::Duration::from_secs(8))
+        .await;
+
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "{first:?}"
+    );
+    // Not "Task timed out": the function's own answer, naming the deadline.
+    let error = first.expect_err("nothing can be exported once the deadline has passed");
+    assert_eq!(error["errorType"], "ExportFailed", "{error}");
+    let message = error["errorMessage"].as_str().unwrap_or_default();
+    assert!(message.contains("invocation deadline"), "{error}");
+    let logs = function.output();
+    assert!(
+        logs.contains("ledger clock: stopped at the invocation deadline"),
+        "{logs}"
+    );
+    assert!(h.settings("acct-1-products").is_none());
+
+    ledger.set_lag(std::time::Duration::ZERO);
+    let answer = runtime
+        .invoke(request, std::time::Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", function.output()));
+    let written = &answer["written"]["settings"];
+    assert_eq!(
+        written,
+        &json!(["acct-1-products", "shop-1.myshopify.com"]),
+        "{answer}"
+    );
+    assert!(h.settings("acct-1-products").is_some());
+}
+
 /// Two accounts of six indexes, index `i` with `i % 4` overrides.
 async fn indexes_with_overrides() -> (Harness, Vec<(String, String, usize)>) {
     let h = Harness::new().await;

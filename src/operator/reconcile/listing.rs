@@ -65,7 +65,7 @@ pub(super) async fn run<P: Ports>(
     };
     let mut requests = Requests::default();
     // Keys another writer claims from now on are left to it (docs/contract.md).
-    let read_since = exporter.begin_reading().await;
+    let read_since = exporter.begin_reading(deadline).await;
     let (implied, prepared) = implied(exporter, account, &mut requests, deadline).await?;
     let listing = Listing {
         exporter,

@@ -78,7 +78,7 @@ pub(super) async fn run<P: Ports>(
     let mut pass = Pass {
         exporter,
         request,
-        read_since: exporter.begin_reading().await,
+        read_since: exporter.begin_reading(deadline).await,
         deadline,
         found: Found::default(),
         requests: Requests::default(),

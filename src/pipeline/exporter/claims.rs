@@ -131,7 +131,7 @@ impl<P: Ports> Exporter<P> {
         }
         let since = match read_epoch {
             Some(epoch) => epoch,
-            None => self.begin_reading().await,
+            None => self.begin_reading(deadline).await,
         };
         self.claim_for_operator(ops, since, deadline).await
     }
@@ -139,11 +139,13 @@ impl<P: Ports> Exporter<P> {
     /// An operator's first step, before it reads the table: the ledger time from which another
     /// writer's claims are newer than what it reads. If the clock cannot be read, every
     /// claimed key counts as newer (0): the operator then writes only keys nobody claimed.
-    pub async fn begin_reading(&self) -> u64 {
+    /// The tick is a ledger write, bounded by the deadline as every other.
+    pub async fn begin_reading(&self, deadline: Instant) -> u64 {
         if !self.ledger.enabled() {
             return 0;
         }
-        self.ledger.tick().await.unwrap_or_else(|e| {
+        let tick = before_deadline(deadline, "ledger clock", self.ledger.tick()).await;
+        tick.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "the ledger's clock did not tick; claimed keys are left alone");
             0
         })

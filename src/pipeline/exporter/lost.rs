@@ -70,6 +70,7 @@ impl<P: Ports> Exporter<P> {
         lost: &[(KvKey, usize, Option<IndexRef>)],
         deadline: Instant,
     ) -> (WrittenAgain, HashSet<IndexRef>) {
+        // One line for them all, rather than a failed read per index.
         if Instant::now() >= deadline {
             tracing::warn!("lost keys not written again: the invocation deadline is near");
             let nothing = WrittenAgain {
@@ -78,7 +79,7 @@ impl<P: Ports> Exporter<P> {
             };
             return (nothing, owners.into_iter().collect());
         }
-        let since = self.begin_reading().await;
+        let since = self.begin_reading(deadline).await;
         let (mut records, mut unread) = (Vec::new(), HashSet::new());
         for index in owners {
             match self.index_records(&index, true, deadline).await {
