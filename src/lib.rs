@@ -26,8 +26,9 @@
 //! - [`domain`]: the shared vocabulary (indexes, settings, KV keys and limits, secrets).
 //! - [`config`]: the environment.
 //!
-//! runtime_api (on its own); entry -> operator -> pipeline -> report, ports, dynamo -> domain;
-//! adapters -> ports -> domain.
+//! runtime_api (on its own); entry -> config -> adapters -> ports, dynamo;
+//! entry -> operator -> pipeline -> report -> ports -> domain; pipeline -> dynamo -> domain.
+//! (A room may import what its arrows reach; `tests/integration/code_shape.rs` holds this.)
 //!
 //! Public is what the binary, the integration tests, the benches and the fuzz targets use (and
 //! the ports, the seam a new adapter plugs into); the rest is `pub(crate)`.
@@ -46,12 +47,13 @@ pub mod ports;
 pub mod report;
 pub mod runtime_api;
 
-use adapters::api_keys::{ApiKeyCache, HttpApiKeys};
+use adapters::api_keys::HttpApiKeys;
 use adapters::cloudflare::{CloudflareConfig, CloudflareKv, RetryPolicy};
 use adapters::dynamodb::DynamoSettingsTable;
 use adapters::ledger::DynamoLedger;
 use adapters::secrets_manager::SecretsManagerToken;
 use config::Config;
+use pipeline::api_key_cache::ApiKeyCache;
 use pipeline::exporter::{ExportOptions, Exporter};
 
 /// The exporter wired to the real services.

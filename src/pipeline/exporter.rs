@@ -6,8 +6,8 @@ use std::collections::{BTreeSet, HashMap};
 use serde_dynamo::Item;
 use tokio::time::Instant;
 
-use crate::adapters::api_keys::ApiKeyCache;
 use crate::domain::{IndexRef, KvAction, KvKey, SettingsReference};
+use crate::pipeline::api_key_cache::ApiKeyCache;
 use crate::pipeline::plan::{self, PlannedOp};
 use crate::pipeline::records::{ChangeRecord, Expected};
 use crate::ports::{

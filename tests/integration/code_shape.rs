@@ -1,8 +1,13 @@
-//! The house's size rule holds: no function over 80 lines and no module over 450 lines before
-//! its tests, in the function, the CLI and the stand-ins alike. Counted on the text with its
-//! comments, strings and character literals blanked, so a `{` inside them does not count.
+//! The house's rules hold. Size: no function over 80 lines and no module over 450 lines before
+//! its tests, in the function, the CLI and the stand-ins alike. Imports: each room of the crate
+//! imports only what the arrows in `lib.rs`'s Layout reach, and those arrows have no cycle.
+//! Counted on the text with its comments, strings and character literals blanked, so a `{` or a
+//! `crate::` inside them does not count.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+
+const LIB: &str = include_str!("../../src/lib.rs");
 
 const MAX_FUNCTION_LINES: usize = 80;
 const MAX_MODULE_LINES: usize = 450;
@@ -192,4 +197,124 @@ type Pointer = fn(u8) -> u8;
         "    step();\n".repeat(MAX_FUNCTION_LINES)
     );
     assert_eq!(function_lengths(&blanked(&long)), [("long".into(), 82)]);
+}
+
+/// The arrows of `lib.rs`'s Layout ("a -> b, c -> d; ..."): each room and the rooms it may
+/// import directly.
+fn documented_arrows() -> BTreeMap<String, BTreeSet<String>> {
+    let layout: String = (LIB.lines())
+        .filter_map(|l| l.strip_prefix("//!"))
+        .skip_while(|l| !l.contains("(on its own)"))
+        .take_while(|l| !l.trim_start().starts_with('('))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut arrows: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for chain in layout.replace("(on its own)", "").split(';') {
+        let rooms: Vec<Vec<String>> = (chain.trim_end_matches('.').split("->"))
+            .map(|group| group.split(',').map(|r| r.trim().to_string()).collect())
+            .collect();
+        for room in rooms.iter().flatten() {
+            arrows.entry(room.clone()).or_default();
+        }
+        for pair in rooms.windows(2) {
+            for from in &pair[0] {
+                arrows
+                    .get_mut(from)
+                    .unwrap()
+                    .extend(pair[1].iter().cloned());
+            }
+        }
+    }
+    arrows
+}
+
+/// Every room `from` reaches through the arrows; `None` when `from` reaches itself (a cycle).
+fn reachable(arrows: &BTreeMap<String, BTreeSet<String>>, from: &str) -> Option<BTreeSet<String>> {
+    let mut seen = BTreeSet::new();
+    let mut next: Vec<&String> = arrows[from].iter().collect();
+    while let Some(room) = next.pop() {
+        if room == from {
+            return None;
+        }
+        if seen.insert(room.clone()) {
+            next.extend(arrows.get(room).into_iter().flatten());
+        }
+    }
+    Some(seen)
+}
+
+/// Each room's file or folder under `src/` and the rooms its code (not its tests) names.
+fn actual_imports(root: &Path) -> BTreeMap<String, BTreeSet<String>> {
+    let mut files = Vec::new();
+    sources(&root.join("src"), &mut files);
+    let mut imports: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for file in files {
+        let relative = file.strip_prefix(root.join("src")).unwrap();
+        let first = relative
+            .components()
+            .next()
+            .unwrap()
+            .as_os_str()
+            .to_string_lossy();
+        let room = first.trim_end_matches(".rs").to_string();
+        if room == "lib" || room == "main" {
+            continue; // the crate root wires every room; the binary uses the crate
+        }
+        let code = std::fs::read_to_string(&file).expect("a source file is text");
+        let code = blanked(before_tests(&code));
+        let named = code.match_indices("crate::").map(|(at, _)| {
+            let rest = &code[at + "crate::".len()..];
+            rest.chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect::<String>()
+        });
+        let entry = imports.entry(room.clone()).or_default();
+        entry.extend(named.filter(|other| !other.is_empty() && *other != room));
+    }
+    imports
+}
+
+#[test]
+fn each_room_imports_only_what_the_layout_s_arrows_reach_and_they_have_no_cycle() {
+    let arrows = documented_arrows();
+    let modules: Vec<&str> = (LIB.lines())
+        .filter_map(|l| {
+            l.strip_prefix("pub mod ")
+                .or_else(|| l.strip_prefix("pub(crate) mod "))
+        })
+        .map(|l| l.trim_end_matches(';'))
+        .collect();
+    assert!(modules.len() >= 8, "the crate root declares its modules");
+    let unplaced: Vec<&&str> = modules
+        .iter()
+        .filter(|m| !arrows.contains_key(**m))
+        .collect();
+    assert!(unplaced.is_empty(), "the Layout's arrows lack {unplaced:?}");
+    let mut broken = Vec::new();
+    for (room, imported) in actual_imports(Path::new(env!("CARGO_MANIFEST_DIR"))) {
+        let allowed = reachable(&arrows, &room)
+            .unwrap_or_else(|| panic!("the Layout's arrows run in a cycle through {room}"));
+        broken.extend(
+            (imported.iter())
+                .filter(|other| !allowed.contains(*other))
+                .map(|other| format!("{room} imports {other}")),
+        );
+    }
+    assert!(broken.is_empty(), "against lib.rs's arrows: {broken:?}");
+}
+
+#[test]
+fn the_arrows_are_read_as_written() {
+    let arrows = documented_arrows();
+    let reach = |room: &str| reachable(&arrows, room).unwrap();
+    assert!(arrows["runtime_api"].is_empty());
+    assert!(reach("entry").contains("domain"));
+    assert!(reach("adapters").contains("domain"));
+    assert!(!reach("adapters").contains("pipeline"));
+    assert!(!reach("domain").contains("ports"));
+    let cyclic = BTreeMap::from([
+        ("a".to_string(), BTreeSet::from(["b".to_string()])),
+        ("b".to_string(), BTreeSet::from(["a".to_string()])),
+    ]);
+    assert_eq!(reachable(&cyclic, "a"), None);
 }
