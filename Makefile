@@ -89,11 +89,11 @@ build: tools
 	rustup target add aarch64-unknown-linux-gnu
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo lambda build --release --arm64 --bin ecom-settings-exporter
 
+## fmt, clippy, the template. The fuzz targets are their own workspace (nightly for `make fuzz`)
+## but compile on stable: checked here so they never fall behind the library's API again.
 lint: venv sam-cli
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
-	# The fuzz targets are their own workspace (nightly for `make fuzz`), but they compile on
-	# stable: checked here so they never fall behind the library's API again.
 	cargo check --quiet --manifest-path fuzz/Cargo.toml --bins --locked
 	$(VENV)/bin/cfn-lint template.yaml
 	$(SAM) validate --lint --config-env $(ENV)
