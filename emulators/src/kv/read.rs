@@ -13,70 +13,67 @@ use super::call::{check_key, envelope_ok, key_not_found, ApiError, Call};
 use super::state::KvState;
 use super::{codes, Shared};
 
+/// `GET /values/{key}`: the raw bytes, or 404.
 pub(super) async fn read_value(
     State(state): State<Shared>,
-    Path((account, namespace, key)): Path<(String, String, String)>,
+    Path(path): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let call = Call {
-        state: &state,
-        method: "GET",
-        namespace: &namespace,
-        operation: "values",
-        body_bytes: 0,
-    };
-    call.wait_if_held(Value::from(key.as_str()).to_string().as_bytes())
-        .await;
-    if let Err(response) = call.admit(&headers).await {
-        return call.record(0, response);
-    }
-    let value = {
-        let mut guard = state.lock().unwrap();
-        let id = (account, namespace.clone());
-        guard.purge_expired(&id);
-        guard.read_values(&id).and_then(|ns| ns.get(&key).cloned())
-    };
-    let response = match value {
-        // Cloudflare answers the raw bytes as `application/octet-stream`.
-        Some(value) => {
-            let octets = [("content-type", "application/octet-stream")];
-            (StatusCode::OK, octets, value).into_response()
+    read_one(&state, path, &headers, "values", |state, id, key| {
+        match state.read_values(id).and_then(|ns| ns.get(key)) {
+            // Cloudflare answers the raw bytes as `application/octet-stream`.
+            Some(value) => {
+                let octets = [("content-type", "application/octet-stream")];
+                (StatusCode::OK, octets, value.clone()).into_response()
+            }
+            None => key_not_found(),
         }
-        None => key_not_found(),
-    };
-    call.record(1, response)
+    })
+    .await
 }
 
 /// `GET /metadata/{key}`: the key's metadata in the envelope (`null` without any), or 404.
 pub(super) async fn read_metadata(
     State(state): State<Shared>,
-    Path((account, namespace, key)): Path<(String, String, String)>,
+    Path(path): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Response {
+    read_one(&state, path, &headers, "metadata", |state, id, key| {
+        if !state.read_values(id).is_some_and(|ns| ns.contains_key(key)) {
+            return key_not_found();
+        }
+        let metadata = state.read_metadata(id).and_then(|m| m.get(key)).cloned();
+        envelope_ok(metadata.unwrap_or(Value::Null))
+    })
+    .await
+}
+
+/// A read of one key: held and admitted like any request, the namespace's expired keys
+/// purged, then `answer` from what reads see; recorded as one item.
+async fn read_one(
+    state: &Shared,
+    (account, namespace, key): (String, String, String),
+    headers: &HeaderMap,
+    operation: &'static str,
+    answer: impl FnOnce(&KvState, &(String, String), &str) -> Response,
+) -> Response {
     let call = Call {
-        state: &state,
+        state,
         method: "GET",
         namespace: &namespace,
-        operation: "metadata",
+        operation,
         body_bytes: 0,
     };
     call.wait_if_held(Value::from(key.as_str()).to_string().as_bytes())
         .await;
-    if let Err(response) = call.admit(&headers).await {
+    if let Err(response) = call.admit(headers).await {
         return call.record(0, response);
     }
-    let found = {
+    let response = {
         let mut guard = state.lock().unwrap();
         let id = (account, namespace.clone());
         guard.purge_expired(&id);
-        let exists = guard
-            .read_values(&id)
-            .is_some_and(|ns| ns.contains_key(&key));
-        exists.then(|| guard.read_metadata(&id).and_then(|m| m.get(&key)).cloned())
-    };
-    let response = match found {
-        Some(metadata) => envelope_ok(metadata.unwrap_or(Value::Null)),
-        None => key_not_found(),
+        answer(&guard, &id, &key)
     };
     call.record(1, response)
 }
