@@ -19,7 +19,7 @@ fn main() {
 const RECORDS: usize = 1_000;
 
 fn raw_records() -> Vec<String> {
-    let event = ecom_emulators::bench::event(RECORDS);
+    let event = ecom_emulators::bench::event("acct", RECORDS, ecom_emulators::bench::Kind::Insert);
     event["Records"]
         .as_array()
         .unwrap()
@@ -52,7 +52,8 @@ fn lookups(records: &[ChangeRecord]) -> Lookups {
 /// The whole batch read in one pass, as the handler reads it.
 #[divan::bench]
 fn decode(bencher: divan::Bencher) {
-    let event = ecom_emulators::bench::event(RECORDS).to_string();
+    let event = ecom_emulators::bench::event("acct", RECORDS, ecom_emulators::bench::Kind::Insert)
+        .to_string();
     bencher.bench(|| Payload::parse(divan::black_box(event.as_bytes()), "DEFAULT_CONFIGS"));
 }
 

@@ -196,6 +196,7 @@ impl KvEmulator {
         let mut state = self.state.lock().unwrap();
         state.faults.clear();
         state.refused_keys.clear();
+        state.latencies.clear();
     }
 
     /// Replaces the accepted tokens, as a rotation does.

@@ -5,6 +5,7 @@
 pub mod api_keys;
 pub mod bench;
 pub mod demo;
+pub mod dynamo_proxy;
 pub mod invoke_api;
 pub mod kv;
 pub mod poller;

@@ -12,7 +12,8 @@ usage:
         -d '{\"kind\":\"status\",\"status\":503,\"times\":2}'     (answers what it set)
       (kinds: status {status, retry_after, retry_after_date, retry_after_ms, retry_after_raw,
        location}, delay {millis}, unsuccessful_keys {count}, foreign_unsuccessful_keys {count},
-       unsuccessful_keys_starting_with {prefix}, refuse_key {key}; `times`, default 1)
+       unsuccessful_keys_starting_with {prefix}, refuse_key {key}; `times`, default 1;
+       latency {operation, millis}: every `keys`, `bulk`, ... request waits, until cleared)
   ecom-emulators api-keys [--port 8788] [--key ACCOUNT=KEY]... (ACCOUNT `*`: every other account)
       API keys service; API_KEYS_SERVICE_URL=http://127.0.0.1:PORT/cells/{cell}
   ecom-emulators invoke [--port 9000] [--function target/debug/ecom-settings-exporter]
@@ -25,10 +26,12 @@ usage:
                       [--moto .venv/bin/moto_server]
       Table, stream, function and KV on this machine: writes a scenario, times each change
       until KV shows it, and exits 0 only when KV holds what the table implies.
-  ecom-emulators bench [--function target/release/ecom-settings-exporter] [--sizes 100,1000,10000]
-                       [--python .venv/bin/python] [--runs 5]
-      What `make bench` runs (under moto): CPU, wall, peak RSS of the release function per batch
-      size, beside the Python reference of the same work.";
+  ecom-emulators bench [--function target/release/ecom-settings-exporter] [--sizes 100,1000,5000]
+                       [--dynamo-latencies 0,5,10] [--python .venv/bin/python] [--runs 3]
+      What `make bench` runs (under moto): the release function as deployed (ledger on), its
+      DynamoDB calls through a proxy adding each latency; INSERT, MODIFY and shop-move batches
+      of each size: CPU, wall, peak RSS, DynamoDB requests, units and round trips, beside the
+      Python reference of the same work; and a ledger-off row for comparison.";
 
 async fn demo(args: &[String]) -> ExitCode {
     let mut options = ecom_emulators::demo::DemoOptions {
@@ -148,9 +151,10 @@ async fn bench(args: &[String]) -> ExitCode {
         function_binary: "target/release/ecom-settings-exporter".into(),
         python: ".venv/bin/python".into(),
         reference: "bench/reference.py".into(),
-        sizes: vec![100, 1_000, 10_000],
+        sizes: vec![100, 1_000, 5_000],
         kv_latency: std::time::Duration::from_millis(50),
-        runs: 5,
+        dynamo_latencies_ms: vec![0, 5, 10],
+        runs: 3,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -165,6 +169,13 @@ async fn bench(args: &[String]) -> ExitCode {
                 Ok(runs) => options.runs = runs,
                 Err(_) => {
                     eprintln!("--runs takes a number\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
+            "--dynamo-latencies" => match value.split(',').map(str::parse).collect() {
+                Ok(ms) => options.dynamo_latencies_ms = ms,
+                Err(_) => {
+                    eprintln!("--dynamo-latencies takes milliseconds like 0,5,10\n{USAGE}");
                     return ExitCode::from(2);
                 }
             },

@@ -56,6 +56,8 @@ pub(super) struct Call<'a> {
     pub(super) namespace: &'a str,
     pub(super) operation: &'static str,
     pub(super) body_bytes: usize,
+    /// When the request came in (before any hold or delay).
+    pub(super) received: std::time::Instant,
 }
 
 impl Call<'_> {
@@ -93,6 +95,7 @@ impl Call<'_> {
             items,
             body_bytes: self.body_bytes,
             status: response.status().as_u16(),
+            received: self.received,
         });
         response
     }
@@ -110,6 +113,16 @@ impl Call<'_> {
     ) -> Result<(isize, Option<String>), Response> {
         self.authorize(headers)
             .map_err(IntoResponse::into_response)?;
+        let latency = self
+            .state
+            .lock()
+            .unwrap()
+            .latencies
+            .get(self.operation)
+            .copied();
+        if let Some(millis) = latency {
+            tokio::time::sleep(Duration::from_millis(millis)).await;
+        }
         match self.next_fault() {
             None => Ok((0, None)),
             Some(Fault::Delay { millis }) => {
@@ -120,7 +133,12 @@ impl Call<'_> {
             Some(Fault::ForeignUnsuccessfulKeys { count }) => Ok((-(count as isize), None)),
             Some(Fault::UnsuccessfulKeysStartingWith { prefix }) => Ok((0, Some(prefix))),
             // Never queued.
-            Some(Fault::RefuseKey { .. } | Fault::Hold { .. } | Fault::StaleReads) => Ok((0, None)),
+            Some(
+                Fault::RefuseKey { .. }
+                | Fault::Hold { .. }
+                | Fault::StaleReads
+                | Fault::Latency { .. },
+            ) => Ok((0, None)),
             Some(status @ Fault::Status { .. }) => Err(injected_status(status)),
         }
     }

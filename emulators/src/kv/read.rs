@@ -58,6 +58,7 @@ async fn read_one(
     answer: impl FnOnce(&KvState, &(String, String), &str) -> Response,
 ) -> Response {
     let call = Call {
+        received: std::time::Instant::now(),
         state,
         method: "GET",
         namespace: &namespace,
@@ -99,6 +100,7 @@ pub(super) async fn bulk_get(
     body: Bytes,
 ) -> Response {
     let call = Call {
+        received: std::time::Instant::now(),
         state: &state,
         method: "POST",
         namespace: &namespace,
@@ -190,6 +192,7 @@ pub(super) async fn list_keys(
     headers: HeaderMap,
 ) -> Response {
     let call = Call {
+        received: std::time::Instant::now(),
         state: &state,
         method: "GET",
         namespace: &namespace,

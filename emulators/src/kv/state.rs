@@ -35,6 +35,10 @@ pub enum Fault {
     RefuseKey { key: String },
     /// Wait this long before handling the request normally.
     Delay { millis: u64 },
+    /// Every request of this operation (`keys`, `bulk`, ...) waits this long, until the faults
+    /// are cleared (`times` does not apply): a slow part of KV, such as a large namespace's
+    /// listing.
+    Latency { operation: String, millis: u64 },
     /// Handle a bulk write or delete, but leave out the first `count` keys and report them
     /// in `result.unsuccessful_keys`.
     UnsuccessfulKeys { count: usize },
@@ -98,6 +102,9 @@ pub struct RequestRecord {
     pub items: usize,
     pub body_bytes: usize,
     pub status: u16,
+    /// When the request came in, before any injected delay or hold.
+    #[serde(skip)]
+    pub received: std::time::Instant,
 }
 
 /// The emulator's data, faults and request log.
@@ -109,6 +116,8 @@ pub struct KvState {
     pub(super) metadata: HashMap<(String, String), HashMap<String, Value>>,
     pub(super) tokens: HashSet<String>,
     pub(super) faults: VecDeque<InjectedFault>,
+    /// Operation -> how long each of its requests waits.
+    pub(super) latencies: HashMap<String, u64>,
     /// Keys whose bulk requests are refused, and how many more times.
     pub(super) refused_keys: HashMap<String, usize>,
     /// Namespace ids that exist: any other answers 404, as Cloudflare does.
@@ -138,6 +147,9 @@ impl KvState {
                     namespaces: self.namespaces.clone(),
                     metadata: self.metadata.clone(),
                 });
+            }
+            Fault::Latency { operation, millis } => {
+                self.latencies.insert(operation, millis);
             }
             Fault::Hold { operation, key } => self.holds.push(HoldRule {
                 operation,

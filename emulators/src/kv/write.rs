@@ -128,6 +128,7 @@ pub(super) async fn bulk_write(
     body: Bytes,
 ) -> Response {
     let call = Call {
+        received: std::time::Instant::now(),
         state: &state,
         method: "PUT",
         namespace: &namespace,
@@ -186,6 +187,7 @@ pub(super) async fn bulk_delete(
     body: Bytes,
 ) -> Response {
     let call = Call {
+        received: std::time::Instant::now(),
         state: &state,
         method: "POST",
         namespace: &namespace,

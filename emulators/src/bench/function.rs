@@ -1,0 +1,270 @@
+//! One function process of the bench and what it is measured by: the release binary behind the
+//! runtime API, configured as the template deploys it (the ledger table set, unless a
+//! ledger-off row is asked for), its DynamoDB calls through the proxy in front of moto.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::records::{self, Kind, ACCOUNTS, STREAM_ARN};
+use super::BenchOptions;
+use crate::api_keys::ApiKeysStandIn;
+use crate::dynamo_proxy::{round_trips_in_sequence, DynamoCall, DynamoProxy};
+use crate::kv::{Fault, KvEmulator, RequestRecord};
+use crate::runtime_api::RuntimeApi;
+
+const TOKEN: &str = "bench-token";
+pub const CF_ACCOUNT: &str = "cf-bench";
+pub const SETTINGS_NS: &str = "ns-settings";
+
+/// How the function is configured and what DynamoDB costs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Setup {
+    pub ledger: bool,
+    pub dynamo_latency_ms: u64,
+}
+
+/// What one batch cost the function.
+#[derive(Clone, Debug)]
+pub struct Measured {
+    pub kind: Kind,
+    pub records: usize,
+    pub event_bytes: usize,
+    pub cpu_ms: f64,
+    pub wall_ms: f64,
+    /// The process's peak RSS so far.
+    pub peak_rss_mib: f64,
+    pub calls: Vec<DynamoCall>,
+    pub round_trips: usize,
+    pub kv_requests: usize,
+    /// Records the function reported for retry (`batchItemFailures`).
+    pub failed: usize,
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The function's peers for one process: KV (each request delayed as a real edge would be),
+/// the API-keys stand-in, the runtime API, the tables and the token's secret in moto, and the
+/// proxy the function reaches DynamoDB through.
+pub struct Function {
+    kv: KvEmulator,
+    _keys: ApiKeysStandIn,
+    runtime: Arc<RuntimeApi>,
+    proxy: DynamoProxy,
+    ddb: aws_sdk_dynamodb::Client,
+    table: String,
+    tag: String,
+    process: Option<Killed>,
+}
+
+fn unique(what: &str) -> String {
+    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{what}-{}-{run}", std::process::id())
+}
+
+impl Function {
+    /// Starts the peers and the function; with the ledger, runs the migration's backfill first
+    /// (references complete, as after the first deploy's runbook step).
+    pub async fn start(options: &BenchOptions, setup: Setup) -> Result<Self, String> {
+        let moto =
+            std::env::var("AWS_ENDPOINT_URL").map_err(|_| "AWS_ENDPOINT_URL: run under moto")?;
+        let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let ddb = aws_sdk_dynamodb::Client::new(&aws);
+        let secret_id = unique("bench/CloudFlareApiToken");
+        aws_sdk_secretsmanager::Client::new(&aws)
+            .create_secret()
+            .name(&secret_id)
+            .secret_string(TOKEN)
+            .send()
+            .await
+            .map_err(|e| format!("secret in moto: {e}"))?;
+        let table = unique("bench-EcomIndexSettingsTable");
+        crate::streams::create_ledger_table(&ddb, &table).await?;
+        let ledger = format!("{table}-ledger");
+        crate::streams::create_ledger_table(&ddb, &ledger).await?;
+        let kv = KvEmulator::start(0, &[TOKEN])
+            .await
+            .map_err(|e| e.to_string())?;
+        kv.create_namespace(SETTINGS_NS);
+        kv.create_namespace("ns-qcfg");
+        let millis = options.kv_latency.as_millis() as u64;
+        kv.inject(Fault::Delay { millis }, usize::MAX);
+        let keys = ApiKeysStandIn::start(0).await.map_err(|e| e.to_string())?;
+        let runtime = Arc::new(RuntimeApi::start(0).await.map_err(|e| e.to_string())?);
+        let proxy = DynamoProxy::start(&moto).await.map_err(|e| e.to_string())?;
+        proxy.set_latency(Duration::from_millis(setup.dynamo_latency_ms));
+        let tag = unique("acct");
+        for a in 0..ACCOUNTS {
+            keys.set_key(&format!("{tag}-{a}"), "marqo-key-bench");
+            keys.set_key(&format!("{tag}-warm-{a}"), "marqo-key-warm");
+        }
+        let mut function = Self {
+            kv,
+            _keys: keys,
+            runtime,
+            proxy,
+            ddb,
+            table,
+            tag,
+            process: None,
+        };
+        let ledger = setup.ledger.then_some(ledger.as_str());
+        function.spawn(options, &secret_id, ledger)?;
+        function.migrate_and_warm_up(setup.ledger).await?;
+        Ok(function)
+    }
+
+    fn spawn(
+        &mut self,
+        options: &BenchOptions,
+        secret: &str,
+        ledger: Option<&str>,
+    ) -> Result<(), String> {
+        let mut command = Command::new(&options.function_binary);
+        command
+            .env("AWS_LAMBDA_RUNTIME_API", self.runtime.endpoint())
+            .env("AWS_LAMBDA_FUNCTION_NAME", "ecom-settings-exporter")
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
+            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+            .env("AWS_LAMBDA_LOG_FORMAT", "JSON")
+            .env("AWS_ENDPOINT_URL", self.proxy.endpoint())
+            .env("SETTINGS_TABLE_NAME", &self.table)
+            .env("CLOUDFLARE_ACCOUNT_ID", CF_ACCOUNT)
+            .env("CLOUDFLARE_KV_NAMESPACE_ID", SETTINGS_NS)
+            .env("CLOUDFLARE_QCFG_NAMESPACE_ID", "ns-qcfg")
+            .env("CLOUDFLARE_API_TOKEN_SECRET_ID", secret)
+            .env("CLOUDFLARE_API_BASE_URL", self.kv.base_url())
+            .env("API_KEYS_SERVICE_URL", self._keys.url_template())
+            .env("SETTINGS_TABLE_STREAM_ARN", STREAM_ARN)
+            .env_remove("LEDGER_TABLE_NAME")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(ledger) = ledger {
+            command.env("LEDGER_TABLE_NAME", ledger);
+        }
+        let child = command
+            .spawn()
+            .map_err(|e| format!("{}: {e}", options.function_binary.display()))?;
+        self.process = Some(Killed(child));
+        Ok(())
+    }
+
+    /// The migration's backfill (ledger on), then a warm container: the token fetched and the
+    /// clients connected by a batch of other indexes of the same accounts.
+    async fn migrate_and_warm_up(&self, ledger: bool) -> Result<(), String> {
+        if ledger {
+            let answer = self.invoke(json!({"mode": "backfill"})).await?;
+            if answer["complete"] != json!(true) {
+                return Err(format!("the migration's backfill: {answer}"));
+            }
+        }
+        let warm = format!("{}-warm", self.tag);
+        records::put_items(&self.ddb, &self.table, &warm, ACCOUNTS, Kind::Insert).await?;
+        let answer = self
+            .invoke(records::event(&warm, ACCOUNTS, Kind::Insert))
+            .await?;
+        if answer != json!({"batchItemFailures": []}) {
+            return Err(format!("the warm-up: {answer}"));
+        }
+        Ok(())
+    }
+
+    /// Invokes with the template's timeout (`Timeout: 120`).
+    async fn invoke(&self, payload: Value) -> Result<Value, String> {
+        self.runtime
+            .invoke(payload, Duration::from_secs(120))
+            .await
+            .map_err(|e| format!("the function failed: {e}"))
+    }
+
+    /// The table first changed as `kind` changes it, then its stream batch sent and measured.
+    pub async fn batch(&self, records: usize, kind: Kind) -> Result<Measured, String> {
+        let pid = self.process.as_ref().map_or(0, |p| p.0.id());
+        records::put_items(&self.ddb, &self.table, &self.tag, records, kind).await?;
+        let event = records::event(&self.tag, records, kind);
+        let event_bytes = event.to_string().len();
+        let (calls_before, kv_before) = (self.proxy.calls().len(), self.kv.requests().len());
+        let cpu_before = cpu_ns(pid);
+        let started = Instant::now();
+        let answer = self.invoke(event).await?;
+        let wall = started.elapsed();
+        let cpu = cpu_ns(pid) - cpu_before;
+        let failed = answer["batchItemFailures"].as_array().map(Vec::len);
+        let failed = failed.ok_or_else(|| format!("{} batch: {answer}", kind.name()))?;
+        let calls = self.proxy.calls().split_off(calls_before);
+        Ok(Measured {
+            kind,
+            records,
+            event_bytes,
+            cpu_ms: cpu as f64 / 1e6,
+            wall_ms: wall.as_secs_f64() * 1000.0,
+            peak_rss_mib: peak_rss_kib(pid) as f64 / 1024.0,
+            round_trips: round_trips_in_sequence(&calls),
+            calls,
+            kv_requests: self.kv.requests().len() - kv_before,
+            failed,
+        })
+    }
+
+    /// One MODIFY of a warm index: the DynamoDB round trips it waits for before its KV write.
+    pub async fn one_modify_round_trips(&self) -> Result<usize, String> {
+        let warm = format!("{}-warm", self.tag);
+        records::put_items(&self.ddb, &self.table, &warm, 1, Kind::Modify).await?;
+        let (calls_before, kv_before) = (self.proxy.calls().len(), self.kv.requests().len());
+        let answer = self.invoke(records::event(&warm, 1, Kind::Modify)).await?;
+        if answer != json!({"batchItemFailures": []}) {
+            return Err(format!("one MODIFY: {answer}"));
+        }
+        let kv: Vec<RequestRecord> = self.kv.requests().split_off(kv_before);
+        let first_write = kv
+            .iter()
+            .filter(|r| r.operation == "bulk")
+            .map(|r| r.received)
+            .min();
+        let first_write = first_write.ok_or("one MODIFY wrote nothing")?;
+        let calls = self.proxy.calls().split_off(calls_before);
+        let before: Vec<DynamoCall> = calls
+            .into_iter()
+            .filter(|c| c.ended <= first_write)
+            .collect();
+        Ok(round_trips_in_sequence(&before))
+    }
+
+    pub fn settings_keys(&self) -> usize {
+        self.kv.keys(CF_ACCOUNT, SETTINGS_NS).len()
+    }
+}
+
+/// CPU time of every thread of a process, from the scheduler's own accounting.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Peak resident memory of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
