@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use crate::common::*;
+use ecom_emulators::dynamo_proxy::{DynamoFault, DynamoProxy};
 use ecom_emulators::kv::Fault;
+use ecom_emulators::runtime_api::RuntimeApi;
 use ecom_settings_exporter::build_exporter;
 use serde_json::{json, Value};
 
@@ -158,4 +160,111 @@ async fn a_scheduled_run_refuses_a_token_or_an_account_of_its_own() {
             "{error}"
         );
     }
+}
+
+/// What the schedule sends, run after run.
+const SCHEDULE: &str = r#"{"mode": "reconcile", "repair": true, "scheduled": true}"#;
+
+/// A few hundred indexes (a fifth with an override), exported, and one key lost from KV.
+async fn fleet_with_a_lost_key() -> Harness {
+    let h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    for i in 0..300 {
+        let index = format!("i{i:03}");
+        h.put(index_item("acct-1", &index, None)).await;
+        if i % 5 == 0 {
+            h.put(query_item("acct-1", &index, "running shoes")).await;
+        }
+    }
+    let backfill = h
+        .invoke(json!({"mode": "backfill", "include_query_configs": true}))
+        .await;
+    assert_eq!(backfill["complete"], true, "{backfill}");
+    h.kv.remove(CF_ACCOUNT, SETTINGS_NS, "acct-1-i123");
+    h
+}
+
+/// Sends the schedule's payload to the real binary, each run with 12 s (a short deadline:
+/// 9.6 s to work once the margin is taken), until a run completes the pass; every run must
+/// answer.
+async fn scheduled_until_complete(runtime: &RuntimeApi, function: &Function) -> Vec<Value> {
+    let mut runs = Vec::new();
+    loop {
+        let payload = serde_json::from_str(SCHEDULE).unwrap();
+        let answer = runtime.invoke(payload, Duration::from_secs(12)).await;
+        let answer = answer.unwrap_or_else(|error| {
+            panic!(
+                "run {} failed: {error}\n{}",
+                runs.len() + 1,
+                function.output()
+            )
+        });
+        assert_eq!(answer["ran"], true, "{answer}");
+        runs.push(answer.clone());
+        if answer["complete"] == true {
+            return runs;
+        }
+        assert!(runs.len() < 8, "the pass never completes: {runs:#?}");
+    }
+}
+
+/// The pass found and repaired the lost key, and each run that stopped early said why.
+fn the_pass_repaired_the_lost_key(h: &Harness, runs: &[Value], function: &Function) {
+    let done = runs.last().unwrap();
+    assert_eq!(done["last_pass_drift"], 1, "{done}");
+    assert!(h.settings("acct-1-i123").is_some(), "the lost key repaired");
+    let stops = function
+        .output()
+        .matches("reconcile stopped before the end")
+        .count();
+    assert_eq!(
+        stops,
+        runs.len() - 1,
+        "one line for each run that stopped early"
+    );
+}
+
+#[tokio::test]
+async fn a_pass_whose_kv_listing_is_slow_hands_on_its_place_and_completes() {
+    let h = fleet_with_a_lost_key().await;
+    // A large or slow namespace: every listing page answers after 5 s.
+    let slow = Fault::Latency {
+        operation: "keys".into(),
+        millis: 5_000,
+    };
+    h.kv.inject(slow, 1);
+    let runtime = RuntimeApi::start(0).await.unwrap();
+    let function = Function::start(&runtime, &h.lambda_env());
+
+    let runs = scheduled_until_complete(&runtime, &function).await;
+
+    assert!(
+        runs.len() > 1,
+        "the pass needs several runs here: {runs:#?}"
+    );
+    the_pass_repaired_the_lost_key(&h, &runs, &function);
+}
+
+#[tokio::test]
+async fn a_pass_whose_ledger_is_slow_hands_on_its_place_and_completes() {
+    let h = fleet_with_a_lost_key().await;
+    let ledger = DynamoProxy::start(&moto_endpoint()).await.unwrap();
+    // Every call to the ledger table answers after 0.5 s.
+    let slow = DynamoFault::Delay(Duration::from_millis(500));
+    ledger.inject(None, Some("-ledger"), slow, usize::MAX);
+    let runtime = RuntimeApi::start(0).await.unwrap();
+    let mut env = h.lambda_env();
+    env.push(("AWS_ENDPOINT_URL_DYNAMODB", ledger.endpoint().to_owned()));
+    let function = Function::start(&runtime, &env);
+
+    let runs = scheduled_until_complete(&runtime, &function).await;
+
+    the_pass_repaired_the_lost_key(&h, &runs, &function);
+    let ledger_calls = ledger.calls().into_iter();
+    assert!(
+        ledger_calls
+            .filter(|c| c.tables.iter().any(|t| t.ends_with("-ledger")))
+            .count()
+            > 0
+    );
 }

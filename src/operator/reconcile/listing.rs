@@ -11,7 +11,8 @@ use serde_dynamo::Item;
 use tokio::time::Instant;
 
 use super::classify::{class_of, live_targets, Class, Implied, Listed};
-use super::{failed, Answer, Found, ReconcileRequest, Repaired, Requests, NAMESPACES};
+use super::{failed, log_stop, piece_size, Answer, Found, ReconcileRequest, Repaired};
+use super::{Requests, MAX_SHRINK, NAMESPACES};
 use crate::domain::kv::KeyMetadata;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::operator::{decode_token, encode_token, OperatorError};
@@ -28,10 +29,14 @@ struct Position {
     namespace: usize,
     after: Option<String>,
     cursor: Option<String>,
+    /// How many times pages were halved because a run ran out of time (kept for the rest of
+    /// the run's tokens).
+    #[serde(default)]
+    shrink: u32,
 }
 
 /// What a run found so far, and what its repair would do.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Sweep {
     found: Found,
     to_write: BTreeSet<KvKey>,
@@ -63,7 +68,11 @@ pub(super) async fn run<P: Ports>(
         Some(token) => decode_token(&token.0)?,
         None => Position::default(),
     };
+    let started_at = position.clone();
     let mut requests = Requests::default();
+    // The listing takes half the time at most: the rest is the repair's.
+    let started = Instant::now();
+    let stop_at = started + deadline.saturating_duration_since(started) / 2;
     // Keys another writer claims from now on are left to it (docs/contract.md).
     let read_since = exporter.begin_reading(deadline).await;
     let (implied, prepared) = implied(exporter, account, &mut requests, deadline).await?;
@@ -74,6 +83,7 @@ pub(super) async fn run<P: Ports>(
         implied: &implied,
         empty_filters: &prepared.plan.empty_filters,
         deadline,
+        stop_at,
     };
     let (sweep, complete) = listing.sweep(&mut position, &mut requests).await?;
     let Sweep {
@@ -107,15 +117,43 @@ pub(super) async fn run<P: Ports>(
             let mut prepared = prepared;
             prepared.read_epoch = Some(read_since);
             let deletes = to_delete.into_iter().collect();
-            let repair = repair_drift(exporter, prepared, to_write, deletes, deadline);
-            let (repaired, requests) = repair.await?;
-            answer.repaired = Some(repaired);
-            answer.requests.kv_repair = requests;
+            let repair = repair_drift(exporter, prepared, to_write, deletes, deadline).await;
+            let again = Position {
+                shrink: (position.shrink + 1).min(MAX_SHRINK),
+                ..started_at
+            };
+            put_repair(&mut answer, repair, again, stop_at)?;
         } else {
             answer.repaired = Some(repair);
         }
     }
     Ok(answer)
+}
+
+/// The repair's outcome in the answer; a repair the deadline cut once the listing's half of the
+/// time was spent answers `again` (where the run started, pages halved): the next run finds
+/// that drift again.
+fn put_repair(
+    answer: &mut Answer,
+    repair: Result<(Repaired, usize), OperatorError>,
+    again: Position,
+    stop_at: Instant,
+) -> Result<(), OperatorError> {
+    match repair {
+        Ok((repaired, requests)) => {
+            answer.repaired = Some(repaired);
+            answer.requests.kv_repair = requests;
+            Ok(())
+        }
+        Err(error) if Instant::now() >= stop_at => {
+            let why = format!("time ran out in the repair, taken again smaller next: {error}");
+            log_stop("repair", &why);
+            answer.complete = false;
+            answer.continuation_token = Some(encode_token(&again));
+            Ok(())
+        }
+        Err(error) => Err(error),
+    }
 }
 
 /// Writes the missing and stale keys and deletes the orphans, through the same planner's
@@ -155,6 +193,8 @@ struct Listing<'a, P: Ports> {
     /// No filter says what an empty one says: the index has no overrides.
     empty_filters: &'a HashSet<KvKey>,
     deadline: Instant,
+    /// No page is started after this (the rest of the time is the repair's).
+    stop_at: Instant,
 }
 
 impl<P: Ports> Listing<'_, P> {
@@ -166,20 +206,32 @@ impl<P: Ports> Listing<'_, P> {
         requests: &mut Requests,
     ) -> Result<(Sweep, bool), OperatorError> {
         let mut sweep = Sweep::default();
-        let mut slowest = Duration::from_secs(2);
-        let mut listed_keys = 0;
+        let (mut slowest, mut pages, mut listed_keys) = (Duration::ZERO, 0, 0);
         loop {
             let Some(&namespace) = NAMESPACES.get(position.namespace) else {
                 return Ok((sweep, true));
             };
-            if (self.request.max_keys).is_some_and(|max| listed_keys >= max)
-                || Instant::now() + slowest * 2 >= self.deadline
-            {
+            if (self.request.max_keys).is_some_and(|max| listed_keys >= max) {
+                log_stop("listing", "max_keys reached");
                 return Ok((sweep, false));
             }
-            let started = Instant::now();
-            let page = self.page(namespace, position, &mut sweep, requests);
-            listed_keys += page.await?;
+            // Every run takes one page at least (so each advances), then none it cannot finish.
+            if pages > 0 && Instant::now() + slowest * 2 >= self.stop_at {
+                log_stop("listing", "the next page would not fit in the time left");
+                return Ok((sweep, false));
+            }
+            let (started, before) = (Instant::now(), sweep.clone());
+            pages += 1;
+            match self.page(namespace, position, &mut sweep, requests).await {
+                Ok(listed) => listed_keys += listed,
+                Err(error) if Instant::now() >= self.stop_at => {
+                    position.shrink = (position.shrink + 1).min(MAX_SHRINK);
+                    let why = format!("time ran out in a page, taken again smaller next: {error}");
+                    log_stop("listing", &why);
+                    return Ok((before, false));
+                }
+                Err(error) => return Err(error),
+            }
             slowest = slowest.max(started.elapsed());
         }
     }
@@ -195,7 +247,8 @@ impl<P: Ports> Listing<'_, P> {
     ) -> Result<usize, OperatorError> {
         let (request, deadline) = (self.request, self.deadline);
         let cursor = position.cursor.as_deref();
-        let page = (self.exporter).list_page(namespace, cursor, request.page_size, deadline);
+        let size = piece_size(request.page_size as usize, position.shrink, 10) as u32;
+        let page = (self.exporter).list_page(namespace, cursor, size, deadline);
         let page = page.await.map_err(failed)?;
         requests.kv_list += 1;
         let listed_keys = page.keys.len();
@@ -231,11 +284,13 @@ impl<P: Ports> Listing<'_, P> {
                 namespace: position.namespace,
                 after: last,
                 cursor: Some(cursor),
+                shrink: position.shrink,
             },
             None => Position {
                 namespace: position.namespace + 1,
                 after: None,
                 cursor: None,
+                shrink: position.shrink,
             },
         };
         Ok(listed_keys)

@@ -66,7 +66,7 @@ fn list_page_size<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u
 
 const NAMESPACES: [Namespace; 2] = [Namespace::Settings, Namespace::QueryConfigs];
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Clone, Serialize)]
 pub struct Samples {
     pub missing: Vec<String>,
     pub stale: Vec<String>,
@@ -76,7 +76,7 @@ pub struct Samples {
 }
 
 /// What a run found: each class's count and samples, per namespace.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Found {
     counts: PerNamespace<ClassCounts>,
     samples: PerNamespace<Samples>,
@@ -100,7 +100,7 @@ impl Found {
     }
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Clone, Serialize)]
 pub struct PerNamespace<T> {
     pub settings: T,
     pub query_configs: T,
@@ -152,6 +152,25 @@ pub struct Answer {
     pub requests: Requests,
     pub complete: bool,
     pub continuation_token: Option<String>,
+}
+
+/// Each time a piece runs out of time, the rest of the pass takes pieces half as large (a list
+/// page, a table piece), down to 1/2^6 of them: a piece that overruns is made smaller until it
+/// fits, so the runs advance (docs/contract.md, "Reconcile").
+const MAX_SHRINK: u32 = 6;
+
+/// A piece of `full` (keys or records) made smaller `shrink` times, never below `least`.
+fn piece_size(full: usize, shrink: u32, least: usize) -> usize {
+    (full >> shrink.min(MAX_SHRINK)).max(least)
+}
+
+/// Why a run stops before the end of what it was asked, logged once.
+fn log_stop(step: &str, why: &str) {
+    tracing::info!(
+        step,
+        why,
+        "reconcile stopped before the end; the next invocation goes on from here"
+    );
 }
 
 /// A reconcile that cannot go on, and why.

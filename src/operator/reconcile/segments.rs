@@ -24,7 +24,8 @@ use serde::{Deserialize, Serialize};
 use serde_dynamo::Item;
 use tokio::time::Instant;
 
-use super::{failed, Answer, Found, ReconcileRequest, Repaired, Requests, NAMESPACES};
+use super::{failed, log_stop, piece_size, Answer, Found, ReconcileRequest, Repaired};
+use super::{Requests, MAX_SHRINK, NAMESPACES};
 use crate::domain::{IndexRef, KvKey};
 use crate::operator::{decode_token, encode_token, OperatorError};
 use crate::pipeline::exporter::{Exporter, Run};
@@ -61,6 +62,20 @@ struct Position {
     /// Query.
     #[serde(default)]
     querying: Option<(String, String)>,
+    /// How many times pieces were halved because one ran out of time (for the rest of the
+    /// pass: a piece size that fits is kept).
+    #[serde(default)]
+    shrink: u32,
+}
+
+impl Position {
+    fn step_name(&self) -> &'static str {
+        match self.step {
+            TABLE_STEP => "table",
+            0 => "listing settings",
+            _ => "listing query configs",
+        }
+    }
 }
 
 pub(super) async fn run<P: Ports>(
@@ -84,23 +99,36 @@ pub(super) async fn run<P: Ports>(
         requests: Requests::default(),
         repaired: Repaired::default(),
     };
-    let (mut slowest, mut checked) = (Duration::from_secs(2), 0);
+    let (mut slowest, mut checked, mut pieces) = (Duration::ZERO, 0, 0);
     let complete = loop {
         if position.step > TABLE_STEP {
             break true;
         }
         let max = request.max_keys.unwrap_or(usize::MAX);
-        if checked >= max || Instant::now() + slowest * 2 >= stop_at {
+        if checked >= max {
+            log_stop(position.step_name(), "max_keys reached");
+            break false;
+        }
+        // Every run takes one piece at least (so each advances), then none it cannot finish.
+        if pieces > 0 && Instant::now() + slowest * 2 >= stop_at {
+            log_stop(
+                position.step_name(),
+                "the next piece would not fit in the time left",
+            );
             break false;
         }
         let piece_started = Instant::now();
-        checked += match position.step {
-            TABLE_STEP => {
-                let limit = CHUNK_RECORDS.min(max - checked);
-                pass.table_piece(&mut position, limit, stop_at).await?
+        pieces += 1;
+        match pass.piece(&mut position, max - checked, stop_at).await {
+            Ok(done) => checked += done,
+            Err(error) if Instant::now() >= stop_at => {
+                position.shrink = (position.shrink + 1).min(MAX_SHRINK);
+                let why = format!("time ran out in a piece, taken again smaller next: {error}");
+                log_stop(position.step_name(), &why);
+                break false;
             }
-            _ => pass.list_page(&mut position).await?,
-        };
+            Err(error) => return Err(error),
+        }
         slowest = slowest.max(piece_started.elapsed());
     };
     Ok(pass.answer(complete, (!complete).then(|| encode_token(&position))))
@@ -119,6 +147,31 @@ struct Pass<'a, P: Ports> {
 }
 
 impl<P: Ports> Pass<'_, P> {
+    /// One piece from `position` (a list page, or up to `max` table records), moving
+    /// `position` past it; what it found is kept only if it finished.
+    async fn piece(
+        &mut self,
+        position: &mut Position,
+        max: usize,
+        stop_at: Instant,
+    ) -> Result<usize, OperatorError> {
+        let found = self.found.clone();
+        let done = match position.step {
+            TABLE_STEP => {
+                let limit = piece_size(CHUNK_RECORDS, position.shrink, 1).min(max);
+                self.table_piece(position, limit, stop_at).await
+            }
+            _ => {
+                let size = piece_size(self.request.page_size as usize, position.shrink, 10);
+                self.list_page(position, size as u32).await
+            }
+        };
+        if done.is_err() {
+            self.found = found;
+        }
+        done
+    }
+
     /// Writes `writes` of the prepared plan and makes `deletes` (or, in a dry run, counts them).
     async fn repair(
         &mut self,

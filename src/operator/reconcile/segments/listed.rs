@@ -36,10 +36,11 @@ impl<P: Ports> Pass<'_, P> {
     pub(super) async fn list_page(
         &mut self,
         position: &mut Position,
+        size: u32,
     ) -> Result<usize, OperatorError> {
         let (exporter, deadline) = (self.exporter, self.deadline);
         let namespace = NAMESPACES[position.step];
-        let (cursor, size) = (position.cursor.as_deref(), self.request.page_size);
+        let cursor = position.cursor.as_deref();
         let page = exporter.list_page(namespace, cursor, size, deadline);
         let page = page.await.map_err(failed)?;
         self.requests.kv_list += 1;
