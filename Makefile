@@ -57,7 +57,8 @@ demo: venv
 	cargo build --quiet --locked -p ecom-settings-exporter -p ecom-emulators
 	$(TARGET_DIR)/debug/ecom-emulators demo --function $(TARGET_DIR)/debug/ecom-settings-exporter
 
-## The release binary end to end at 100, 1,000 and 10,000 records, beside the Python reference.
+## The release binary as deployed (ledger on, DynamoDB through a proxy at +0, +5, +10 ms) at 100,
+## 1,000 and 5,000 records, beside the Python reference (docs/performance.md).
 bench: venv
 	cargo build --quiet --locked --release -p ecom-settings-exporter
 	cargo build --quiet --locked -p ecom-emulators
@@ -72,9 +73,12 @@ scale: venv
 		--emulators $(TARGET_DIR)/debug/ecom-emulators $(if $(SIZES),--sizes $(SIZES)) \
 		$(if $(SKIP),--skip "$(SKIP)")
 
-## Unit and integration tests (moto on a free port, KV emulator and API-keys stand-in in-process).
+## Unit and integration tests (moto on a free port, KV emulator and API-keys stand-in in-process),
+## then every AWS call the function made in them checked against the role the template gives it.
 test: venv
-	scripts/with-moto.sh cargo test --workspace --all-targets --locked
+	AWS_CALLS_RECORDING=$(CURDIR)/target/aws-calls.jsonl \
+		scripts/with-moto.sh cargo test --workspace --all-targets --locked
+	$(VENV)/bin/python scripts/check-permissions.py target/aws-calls.jsonl template.yaml
 
 ## Unit tests only: no moto, no network.
 unit-test:

@@ -8,6 +8,13 @@ moto="$here/.venv/bin/moto_server"
 
 port=$("$here/.venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 log=$(mktemp -t moto.XXXXXX.log)
+# AWS_CALLS_RECORDING=FILE: moto records every request it answers there (moto's recorder), for
+# scripts/check-permissions.py.
+if [ -n "${AWS_CALLS_RECORDING:-}" ]; then
+  mkdir -p "$(dirname "$AWS_CALLS_RECORDING")"
+  : >"$AWS_CALLS_RECORDING"
+  export MOTO_ENABLE_RECORDING=True MOTO_RECORDER_FILEPATH="$AWS_CALLS_RECORDING"
+fi
 "$moto" -H 127.0.0.1 -p "$port" >"$log" 2>&1 &
 moto_pid=$!
 trap 'kill $moto_pid 2>/dev/null || true; wait $moto_pid 2>/dev/null || true; rm -f "$log"' EXIT INT TERM

@@ -65,9 +65,15 @@ pub type LambdaExporter = Exporter<(
 )>;
 
 /// Builds the clients once per cold start; the AWS SDK reads its usual environment
-/// (`AWS_REGION`, credentials, `AWS_ENDPOINT_URL`).
+/// (`AWS_REGION`, credentials, `AWS_ENDPOINT_URL`). Every AWS call names the function in its
+/// user agent (`app/ecom-settings-exporter`), so the calls it makes can be told from others'
+/// (the test suite checks each against the role's policy).
 pub async fn build_exporter(config: &Config, retry: RetryPolicy) -> LambdaExporter {
-    let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let app = aws_config::AppName::new("ecom-settings-exporter").expect("a valid app name");
+    let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .app_name(app)
+        .load()
+        .await;
     let token = SecretsManagerToken::new(
         aws_sdk_secretsmanager::Client::new(&aws),
         &config.api_token_secret_id,
