@@ -136,6 +136,32 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// Records that cannot be prepared: each one not already decided fails for `error`
+    /// (reported for retry when it is transient), and nothing is sent.
+    fn none_sent(records: Vec<ChangeRecord>, run: Run, error: PortError) -> Self {
+        let reason = error.to_string();
+        let outcomes = (records.iter())
+            .map(|record| match &record.decoded {
+                Err(ended) => ended.clone(),
+                Ok(_) if error.is_transient() => Outcome::Failed(reason.clone()),
+                Ok(_) => Outcome::Rejected(reason.clone()),
+            })
+            .collect();
+        Prepared {
+            records,
+            plan: plan::Plan {
+                outcomes,
+                ..plan::Plan::default()
+            },
+            api_keys: LookupCounts::default(),
+            run,
+            read_epoch: None,
+            reads: StreamReads::default(),
+            delete_owners: HashMap::new(),
+            known_refs: None,
+        }
+    }
+
     /// A reconcile's records whose lookups failed (their cell's API keys service down) are left
     /// for the next pass instead of failing this one: logged, skipped, and their indexes
     /// returned (their keys are kept as they are).
@@ -312,7 +338,11 @@ impl<P: Ports> Exporter<P> {
         let keys = run.api_keys;
         let cell = &self.options.default_cell;
         let recorded = match run.records_references && self.ledger.enabled() {
-            true => self.look_up_recorded(&records, run, deadline).await,
+            true => match self.look_up_recorded(&records, run, deadline).await {
+                Ok(recorded) => Some(recorded),
+                // Nothing could then be recorded: the batch is retried, never exported without.
+                Err(error) => return Prepared::none_sent(records, run, error),
+            },
             false => None,
         };
         let (mut lookups, mut api_keys, known_refs) = match recorded {

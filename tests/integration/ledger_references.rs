@@ -138,3 +138,63 @@ async fn an_alias_target_no_key_could_have_is_not_recorded_and_stalls_nothing() 
     assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
     assert!(h.settings("acct-1-front").is_some() && h.settings("acct-1-plain").is_some());
 }
+
+/// The ledger's first read of a batch (the indexes' recorded references) fails past the SDK's
+/// retries: the batch is reported for retry, never exported without its references. So an alias
+/// added in that batch is recorded on the replay, and a later REMOVE of its target keeps the
+/// keys the edge reads through it.
+#[tokio::test]
+async fn a_batch_whose_references_cannot_be_read_is_retried_and_its_alias_still_protects() {
+    use ecom_emulators::dynamo_proxy::{DynamoFault, DynamoProxy};
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "products", Some(SHOP_A))).await;
+    h.export_stream().await;
+    let migrated = h.invoke(json!({"mode": "backfill"})).await;
+    assert_eq!(migrated["complete"], true, "{migrated}");
+    let ledger = DynamoProxy::start(&moto_endpoint()).await.unwrap();
+    let runtime = ecom_emulators::runtime_api::RuntimeApi::start(0)
+        .await
+        .unwrap();
+    let mut env = h.lambda_env();
+    env.push(("AWS_ENDPOINT_URL_DYNAMODB", ledger.endpoint().to_owned()));
+    let function = Function::start(&runtime, &env);
+    let invoke = |records: Vec<Value>| {
+        let batch = json!({"Records": records});
+        runtime.invoke(batch, std::time::Duration::from_secs(30))
+    };
+
+    // The alias is added while the ledger answers its reads with errors; the batch is sent
+    // as Lambda sends it, again from the lowest record reported.
+    h.put(aliasing("acct-2", "storefront", "acct-1-products"))
+        .await;
+    h.keys.set_key("acct-2", "k2");
+    let records = h.stream_records().await;
+    let failing = DynamoFault::Fail {
+        status: 500,
+        error_type: "InternalServerError".into(),
+    };
+    ledger.inject(Some("BatchGetItem"), Some("-ledger"), failing, 3);
+    let mut answers = vec![invoke(records.clone()).await.expect("an answer")];
+    while let Some(lowest) = failures(answers.last().unwrap()).first().cloned() {
+        assert!(answers.len() < 3, "{answers:?}");
+        let at = sequence_numbers(&records).iter().position(|s| *s == lowest);
+        let replay = records[at.expect("a record of the batch")..].to_vec();
+        answers.push(invoke(replay).await.expect("an answer"));
+    }
+
+    // The target is removed: the alias keeps its keys.
+    h.delete("acct-1", "INDEX#products").await;
+    let removed = invoke(h.stream_records().await).await.expect("an answer");
+    assert_eq!(failures(&removed), Vec::<String>::new(), "{removed}");
+    assert!(
+        h.settings("acct-1-products").is_some(),
+        "an alias reads it: kept\n{}",
+        function.output()
+    );
+    assert_eq!(
+        failures(&answers[0]),
+        sequence_numbers(&records),
+        "the batch was retried: {answers:?}"
+    );
+}

@@ -67,27 +67,21 @@ impl<P: Ports> Exporter<P> {
 
     /// The lookups of a run that keeps references in the ledger: the batch's indexes' recorded
     /// references first (their old shops, without a KV read), then API keys, and who else
-    /// refers to what the batch removes or gives up. `None` when the ledger could not be read:
-    /// the caller looks up as without one.
+    /// refers to what the batch removes or gives up. An error when the ledger could not be read:
+    /// without what it recorded, nothing the batch changes could be recorded either.
     pub(super) async fn look_up_recorded(
         &self,
         records: &[ChangeRecord],
         run: Run,
         deadline: Instant,
-    ) -> Option<(Lookups, LookupCounts, HashMap<IndexRef, IndexRefs>)> {
+    ) -> Result<(Lookups, LookupCounts, HashMap<IndexRef, IndexRefs>), PortError> {
         let indexes: Vec<IndexRef> = (left_by(records).into_iter().flatten())
             .map(|(index, _)| index)
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
         let read = self.ledger.index_refs(&indexes);
-        let known = match before_deadline(deadline, "recorded references", read).await {
-            Ok(known) => known,
-            Err(e) => {
-                tracing::warn!(error = %e, "recorded references not read; looked up as without them");
-                return None;
-            }
-        };
+        let known = before_deadline(deadline, "recorded references", read).await?;
         let needs = plan::needs(records, &self.options.default_cell);
         let fresh = run.api_keys == super::ApiKeys::Fresh;
         let api_keys = self.api_keys.lookup_all(needs.api_keys, fresh, deadline);
@@ -112,7 +106,7 @@ impl<P: Ports> Exporter<P> {
         if needs.references || plan::shop_moves(records, &lookups) {
             lookups.references = Some(self.references(records, &lookups, deadline).await);
         }
-        Some((lookups, counts, known))
+        Ok((lookups, counts, known))
     }
 
     /// From the ledger once its records are complete (a Query per removed index and per shop
