@@ -2,7 +2,8 @@
 //! work), after a latency it can set, and logged with its operation, tables, timing and
 //! estimated capacity units. Chosen calls can be delayed, failed or held until released, so a
 //! test forces a race or a slow ledger past the SDK's retries, and a bench measures what a
-//! batch costs in DynamoDB requests and round trips.
+//! batch costs in DynamoDB requests and round trips. Like DynamoDB (and unlike moto), it refuses a
+//! key over DynamoDB's size limits.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -182,7 +183,14 @@ async fn forward(
     let tables = tables_of(&request);
     let latency = state.latency_micros.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_micros(latency)).await;
-    let answer = match next_fault(&state, &operation, &tables) {
+    let fault = match oversized_key(&request) {
+        true => Some(DynamoFault::Fail {
+            status: 400,
+            error_type: "ValidationException".into(),
+        }),
+        false => next_fault(&state, &operation, &tables),
+    };
+    let answer = match fault {
         Some(DynamoFault::Fail { status, error_type }) => Err((status, error_type)),
         Some(DynamoFault::Delay(delay)) => {
             tokio::time::sleep(delay).await;
@@ -278,6 +286,35 @@ fn failure(status: u16, error_type: &str) -> (StatusCode, HeaderMap, Bytes) {
     });
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (status, headers, Bytes::from(body.to_string()))
+}
+
+/// Whether the request names a key DynamoDB refuses: a partition key (`pk`) over 2,048 bytes or
+/// a sort key (`sk`) over 1,024 (moto does not check), in a key, an item, a batch's keys and
+/// items, or a Query's `:pk`.
+fn oversized_key(request: &Value) -> bool {
+    let too_long = |key: &Value| {
+        let length = |name: &str| key[name]["S"].as_str().map_or(0, str::len);
+        length("pk") > 2048 || length("sk") > 1024
+    };
+    let batch = request["RequestItems"]
+        .as_object()
+        .into_iter()
+        .flat_map(|t| t.values());
+    let batch_keys = batch.flat_map(|table| {
+        let gets = table["Keys"].as_array().into_iter().flatten();
+        let writes = table
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|r| [&r["PutRequest"]["Item"], &r["DeleteRequest"]["Key"]]);
+        gets.chain(writes)
+    });
+    let query_pk = request["ExpressionAttributeValues"][":pk"]["S"].as_str();
+    [&request["Key"], &request["Item"]]
+        .into_iter()
+        .chain(batch_keys)
+        .any(too_long)
+        || query_pk.is_some_and(|pk| pk.len() > 2048)
 }
 
 fn tables_of(request: &Value) -> Vec<String> {
@@ -403,5 +440,19 @@ mod tests {
             partitions_written("BatchWriteItem", &batch),
             vec!["a".to_string()]
         );
+    }
+
+    #[test]
+    fn keys_dynamodb_refuses_are_refused() {
+        let long = "x".repeat(2049);
+        let get = serde_json::json!({"RequestItems": {"t": {"Keys": [{"pk": {"S": long}}]}}});
+        assert!(oversized_key(&get));
+        let put = serde_json::json!({"Item": {"pk": {"S": "a"}, "sk": {"S": "y".repeat(1025)}}});
+        assert!(oversized_key(&put));
+        let pk = "x".repeat(2049);
+        let query = serde_json::json!({"ExpressionAttributeValues": {":pk": {"S": pk}}});
+        assert!(oversized_key(&query));
+        let fine = serde_json::json!({"Key": {"pk": {"S": "x".repeat(2048)}, "sk": {"S": "s"}}});
+        assert!(!oversized_key(&fine));
     }
 }

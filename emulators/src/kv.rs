@@ -11,7 +11,8 @@
 //! ones it handed out taken back). `expiration` / `expiration_ttl` are checked (60 s at least)
 //! and honoured. The schema's other endpoints answer 501 in the envelope. Control routes for
 //! manual experiments: `POST /__emulator/faults` (a `hold` kind stops matching requests until
-//! `POST /__emulator/release`), `GET /__emulator/requests`,
+//! `POST /__emulator/release`), `GET` and `DELETE /__emulator/faults` (what is left, or clear
+//! it), `GET /__emulator/requests`,
 //! `GET /__emulator/namespaces`.
 
 mod call;
@@ -29,7 +30,7 @@ use axum::Router;
 use serde_json::Value;
 
 use call::not_emulated;
-use control::{add_fault, dump, list_requests, release, release_held};
+use control::{add_fault, clear_faults, dump, list_faults, list_requests, release, release_held};
 use read::{bulk_get, list_keys, read_metadata, read_value};
 pub use state::{Fault, InjectedFault, KvState, RequestRecord};
 pub use write::MAX_METADATA_BYTES;
@@ -193,10 +194,7 @@ impl KvEmulator {
     }
 
     pub fn clear_faults(&self) {
-        let mut state = self.state.lock().unwrap();
-        state.faults.clear();
-        state.refused_keys.clear();
-        state.latencies.clear();
+        self.state.lock().unwrap().clear_faults();
     }
 
     /// Replaces the accepted tokens, as a rotation does.
@@ -224,7 +222,10 @@ pub fn router(state: Shared) -> Router {
         )
         .route(&format!("{namespace}/metadata/{{key}}"), get(read_metadata))
         .route(&format!("{namespace}/keys"), get(list_keys))
-        .route("/__emulator/faults", post(add_fault))
+        .route(
+            "/__emulator/faults",
+            post(add_fault).get(list_faults).delete(clear_faults),
+        )
         .route("/__emulator/release", post(release_held))
         .route("/__emulator/requests", get(list_requests))
         .route("/__emulator/namespaces", get(dump))

@@ -559,3 +559,26 @@ impl LaggingProxy {
         self.lag_ms.store(lag.as_millis() as u64, Ordering::SeqCst);
     }
 }
+
+/// The real binary behind a runtime API, its DynamoDB calls through the project's DynamoDB proxy
+/// (which slows, fails or holds chosen calls, and refuses keys DynamoDB refuses).
+pub struct ProxiedFunction {
+    pub dynamodb: ecom_emulators::dynamo_proxy::DynamoProxy,
+    pub runtime: RuntimeApi,
+    pub function: Function,
+}
+
+pub async fn behind_a_dynamodb_proxy(h: &Harness) -> ProxiedFunction {
+    let dynamodb = ecom_emulators::dynamo_proxy::DynamoProxy::start(&moto_endpoint())
+        .await
+        .unwrap();
+    let runtime = RuntimeApi::start(0).await.unwrap();
+    let mut env = h.lambda_env();
+    env.push(("AWS_ENDPOINT_URL_DYNAMODB", dynamodb.endpoint().to_owned()));
+    let function = Function::start(&runtime, &env);
+    ProxiedFunction {
+        dynamodb,
+        runtime,
+        function,
+    }
+}

@@ -145,20 +145,18 @@ async fn an_alias_target_no_key_could_have_is_not_recorded_and_stalls_nothing() 
 /// keys the edge reads through it.
 #[tokio::test]
 async fn a_batch_whose_references_cannot_be_read_is_retried_and_its_alias_still_protects() {
-    use ecom_emulators::dynamo_proxy::{DynamoFault, DynamoProxy};
+    use ecom_emulators::dynamo_proxy::DynamoFault;
     let mut h = Harness::new().await;
     h.keys.set_key("acct-1", "k");
     h.put(index_item("acct-1", "products", Some(SHOP_A))).await;
     h.export_stream().await;
     let migrated = h.invoke(json!({"mode": "backfill"})).await;
     assert_eq!(migrated["complete"], true, "{migrated}");
-    let ledger = DynamoProxy::start(&moto_endpoint()).await.unwrap();
-    let runtime = ecom_emulators::runtime_api::RuntimeApi::start(0)
-        .await
-        .unwrap();
-    let mut env = h.lambda_env();
-    env.push(("AWS_ENDPOINT_URL_DYNAMODB", ledger.endpoint().to_owned()));
-    let function = Function::start(&runtime, &env);
+    let ProxiedFunction {
+        dynamodb: ledger,
+        runtime,
+        function,
+    } = behind_a_dynamodb_proxy(&h).await;
     let invoke = |records: Vec<Value>| {
         let batch = json!({"Records": records});
         runtime.invoke(batch, std::time::Duration::from_secs(30))
@@ -197,4 +195,53 @@ async fn a_batch_whose_references_cannot_be_read_is_retried_and_its_alias_still_
         sequence_numbers(&records),
         "the batch was retried: {answers:?}"
     );
+}
+
+/// A stream record is input: a REMOVE naming an account of 2,040 bytes (no KV key could be its
+/// index's, and `ref#{index}` is over DynamoDB's 2,048-byte partition key) is rejected alone,
+/// touching no ledger item; the batch's other records are exported and nothing is reported for
+/// retry, so the shard never stalls on it (the DynamoDB proxy refuses oversized keys, as
+/// DynamoDB does and moto does not).
+#[tokio::test]
+async fn a_remove_whose_index_no_key_could_have_is_rejected_alone() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    let migrated = h.invoke(json!({"mode": "backfill"})).await;
+    assert_eq!(migrated["complete"], true, "{migrated}");
+    let ProxiedFunction {
+        dynamodb,
+        runtime,
+        function,
+    } = behind_a_dynamodb_proxy(&h).await;
+
+    h.put(index_item("acct-1", "plain", None)).await;
+    let mut records = h.stream_records().await;
+    let account = json!({"S": "a".repeat(2_040)});
+    let mut hostile = records[0].clone();
+    hostile["eventName"] = json!("REMOVE");
+    let change = hostile["dynamodb"].as_object_mut().unwrap();
+    change.remove("NewImage");
+    change.insert(
+        "Keys".into(),
+        json!({"pk": account, "sk": {"S": "INDEX#x"}}),
+    );
+    change.insert("SequenceNumber".into(), json!("99999999999999999999"));
+    records.push(hostile);
+    let batch = json!({"Records": records});
+
+    let answer = runtime
+        .invoke(batch, std::time::Duration::from_secs(30))
+        .await;
+
+    let answer = answer.expect("an answer");
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+    assert!(h.settings("acct-1-plain").is_some());
+    let log = function.wait_for("record rejected").await;
+    assert!(log.contains("not a KV key"), "{log}");
+    let refused = dynamodb
+        .calls()
+        .into_iter()
+        .filter(|c| c.status == 400)
+        .count();
+    assert_eq!(refused, 0, "no call named the hostile index");
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::common::*;
-use ecom_emulators::dynamo_proxy::{DynamoFault, DynamoProxy};
+use ecom_emulators::dynamo_proxy::DynamoFault;
 use ecom_emulators::kv::Fault;
 use ecom_emulators::runtime_api::RuntimeApi;
 use ecom_settings_exporter::build_exporter;
@@ -248,14 +248,14 @@ async fn a_pass_whose_kv_listing_is_slow_hands_on_its_place_and_completes() {
 #[tokio::test]
 async fn a_pass_whose_ledger_is_slow_hands_on_its_place_and_completes() {
     let h = fleet_with_a_lost_key().await;
-    let ledger = DynamoProxy::start(&moto_endpoint()).await.unwrap();
+    let ProxiedFunction {
+        dynamodb: ledger,
+        runtime,
+        function,
+    } = behind_a_dynamodb_proxy(&h).await;
     // Every call to the ledger table answers after 0.5 s.
     let slow = DynamoFault::Delay(Duration::from_millis(500));
     ledger.inject(None, Some("-ledger"), slow, usize::MAX);
-    let runtime = RuntimeApi::start(0).await.unwrap();
-    let mut env = h.lambda_env();
-    env.push(("AWS_ENDPOINT_URL_DYNAMODB", ledger.endpoint().to_owned()));
-    let function = Function::start(&runtime, &env);
 
     let runs = scheduled_until_complete(&runtime, &function).await;
 

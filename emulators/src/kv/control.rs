@@ -26,11 +26,22 @@ pub(super) async fn add_fault(State(state): State<Shared>, body: Bytes) -> Respo
         Err(e) => {
             let message = format!(
                 "no fault set: {e} (kinds: status, delay, unsuccessful_keys, \
-                 foreign_unsuccessful_keys, unsuccessful_keys_starting_with, refuse_key, hold, stale_reads)"
+                 foreign_unsuccessful_keys, unsuccessful_keys_starting_with, refuse_key, hold, stale_reads, \
+                 latency)"
             );
             (StatusCode::BAD_REQUEST, Json(json!({"error": message}))).into_response()
         }
     }
+}
+
+/// `GET /__emulator/faults`: every fault still waiting for requests.
+pub(super) async fn list_faults(State(state): State<Shared>) -> Response {
+    Json(state.lock().unwrap().faults_left()).into_response()
+}
+
+/// `DELETE /__emulator/faults`: forgets them all; answers how many there were.
+pub(super) async fn clear_faults(State(state): State<Shared>) -> Response {
+    Json(json!({"cleared": state.lock().unwrap().clear_faults()})).into_response()
 }
 
 pub(super) fn release(state: &Shared) -> usize {

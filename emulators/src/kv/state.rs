@@ -160,6 +160,30 @@ impl KvState {
         }
     }
 
+    /// Every fault still waiting for requests, as `GET /__emulator/faults` shows them.
+    pub(super) fn faults_left(&self) -> serde_json::Value {
+        serde_json::json!({
+            "queued": self.faults,
+            "refused_keys": self.refused_keys,
+            "latencies": self.latencies,
+            "holds": self.holds.iter().map(|h| serde_json::json!({
+                "operation": h.operation, "key": h.key, "times": h.times,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Forgets every fault not yet used (requests already held stay held until released);
+    /// answers how many there were.
+    pub(super) fn clear_faults(&mut self) -> usize {
+        let count =
+            self.faults.len() + self.refused_keys.len() + self.latencies.len() + self.holds.len();
+        self.faults.clear();
+        self.refused_keys.clear();
+        self.latencies.clear();
+        self.holds.clear();
+        count
+    }
+
     /// A 400 naming the first refused key among `keys`, if any (one refusal used up).
     pub(super) fn refuse<'k>(
         &mut self,
