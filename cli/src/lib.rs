@@ -192,7 +192,15 @@ pub struct Totals {
     /// Where to resume, when the run stopped before the end.
     pub continuation_token: Option<String>,
     pub interrupted: bool,
+    /// Keys a reconcile found missing, stale or orphaned (the answers' samples, at most
+    /// [`DRIFTED_SHOWN`]), each with its class.
+    pub drifted: Vec<(String, &'static str)>,
+    /// The drift was repaired (`--repair`, not a dry run).
+    pub repaired: bool,
 }
+
+/// Drifted keys a reconcile prints at most.
+pub const DRIFTED_SHOWN: usize = 20;
 
 impl Totals {
     pub fn get(&self, name: &str) -> u64 {
@@ -209,6 +217,48 @@ impl Totals {
     /// Records failed or rejected: the run did not export everything.
     pub fn has_problems(&self) -> bool {
         self.get("failed") > 0 || self.get("rejected") > 0
+    }
+
+    /// Keys a reconcile found missing, stale or orphaned.
+    pub fn drift(&self) -> u64 {
+        self.get("missing") + self.get("stale") + self.get("orphaned")
+    }
+
+    /// Drift found and not repaired: what the exit code of every mode reports.
+    pub fn drift_left(&self) -> bool {
+        self.drift() > 0 && !self.repaired
+    }
+
+    /// The drifted keys found (up to [`DRIFTED_SHOWN`]) and, when left, how to repair them.
+    pub fn drift_report(&self, repair_command: &str) -> String {
+        let mut out = String::new();
+        for (key, class) in &self.drifted {
+            let _ = writeln!(out, "  {class:<8} {key}");
+        }
+        if self.drift() > self.drifted.len() as u64 {
+            let more = self.drift() - self.drifted.len() as u64;
+            let _ = writeln!(out, "  ... and {more} more");
+        }
+        if self.drift_left() {
+            let _ = writeln!(out, "repair them with: {repair_command}");
+        }
+        out
+    }
+
+    fn add_drifted(&mut self, answer: &Value) {
+        for class in ["missing", "stale", "orphaned"] {
+            for ns in ["settings", "query_configs"] {
+                let keys = answer["samples"][ns][class]
+                    .as_array()
+                    .into_iter()
+                    .flatten();
+                for key in keys.filter_map(Value::as_str) {
+                    if self.drifted.len() < DRIFTED_SHOWN {
+                        self.drifted.push((key.to_owned(), class));
+                    }
+                }
+            }
+        }
     }
 
     fn add(&mut self, mode: Mode, answer: &Value) {
@@ -241,6 +291,10 @@ impl Totals {
             + changed("written");
         self.deleted += changed("deleted");
         self.dry_run |= answer["dry_run"] == Value::Bool(true) || !answer["would_repair"].is_null();
+        if mode == Mode::Reconcile {
+            self.add_drifted(answer);
+            self.repaired |= !answer["repaired"].is_null();
+        }
     }
 
     /// One line: the counts by name, then the writes.

@@ -149,6 +149,7 @@ async fn main() -> ExitCode {
     match follow(&exporter, mode, request, &interrupted, &progress).await {
         Ok(totals) => {
             println!("{}", totals.summary(mode));
+            print!("{}", totals.drift_report(&repair_command()));
             if let Some(token) = totals
                 .continuation_token
                 .as_deref()
@@ -158,7 +159,7 @@ async fn main() -> ExitCode {
             }
             if totals.interrupted {
                 ExitCode::from(130)
-            } else if totals.has_problems() || !totals.complete {
+            } else if totals.has_problems() || totals.drift_left() || !totals.complete {
                 ExitCode::from(1)
             } else {
                 ExitCode::SUCCESS
@@ -169,6 +170,17 @@ async fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// This command again with `--repair` (and without `--dry-run`).
+fn repair_command() -> String {
+    let args = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--dry-run" && a != "--repair");
+    let mut command = vec!["ecom-settings-ctl".to_owned()];
+    command.extend(args);
+    command.push("--repair".into());
+    command.join(" ")
 }
 
 /// Verifies one index, printing each answer's table. An index with many query configs is

@@ -207,3 +207,51 @@ async fn local_needs_no_credentials_or_region_from_the_shell() {
     assert_eq!(output.status.code(), Some(0), "{stdout}{stderr}");
     assert!(stdout.starts_with("25 records"), "{stdout}");
 }
+
+/// A reconcile's answer finding two keys missing, repaired when asked.
+fn drift_of_two() -> Script {
+    Arc::new(|payload: Value| {
+        assert_eq!(payload["mode"], "reconcile");
+        let repaired = payload["repair"] == true;
+        let mut answer = json!({"mode": "reconcile", "repair": repaired, "complete": true,
+            "counts": {"settings": {"in_sync": 8, "missing": 2, "stale": 0, "orphaned": 0,
+                                    "protected": 0, "foreign": 0}, "query_configs": {}},
+            "samples": {"settings": {"missing": ["acct-1-a", "shop-a.myshopify.com"]},
+                        "query_configs": {}},
+            "continuation_token": null});
+        if repaired {
+            answer["repaired"] = json!({"written": 2, "deleted": 0});
+        }
+        Ok(answer)
+    })
+}
+
+#[tokio::test]
+async fn a_reconcile_that_finds_drift_names_the_keys_and_the_repair_and_exits_one() {
+    let api = InvokeApi::scripted(drift_of_two(), Duration::ZERO)
+        .await
+        .unwrap();
+
+    let found = ctl(&api, &["reconcile"]).output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&found.stdout);
+    assert_eq!(found.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("  missing  acct-1-a\n"), "{stdout}");
+    assert!(
+        stdout.contains("  missing  shop-a.myshopify.com\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "repair them with: ecom-settings-ctl --function-name dev-EcomSettingsExporterLambda"
+        ) && stdout.trim_end().ends_with("reconcile --repair"),
+        "{stdout}"
+    );
+
+    let repaired = ctl(&api, &["reconcile", "--repair"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&repaired.stdout);
+    assert_eq!(repaired.status.code(), Some(0), "{stdout}");
+    assert!(!stdout.contains("repair them with"), "{stdout}");
+}
