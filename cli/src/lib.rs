@@ -14,8 +14,14 @@ use serde_json::Value;
 /// Why a run could not go on.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
+    /// `reason` says in one line what is wrong and what to do; `detail` is the SDK's own account
+    /// (printed with `--verbose`).
     #[error("cannot invoke {function}: {reason}")]
-    Invoke { function: String, reason: String },
+    Invoke {
+        function: String,
+        reason: String,
+        detail: String,
+    },
     #[error("{function} failed ({error_type}): {message}")]
     Function {
         function: String,
@@ -58,6 +64,8 @@ fn local_region() -> Option<String> {
 pub struct Exporter {
     client: aws_sdk_lambda::Client,
     function_name: String,
+    /// The Invoke API called instead of AWS's, if any.
+    endpoint: Option<String>,
 }
 
 impl Exporter {
@@ -97,6 +105,7 @@ impl Exporter {
         Self {
             client: aws_sdk_lambda::Client::from_conf(config.build()),
             function_name: target.function_name.clone(),
+            endpoint: endpoint.map(str::to_owned),
         }
     }
 
@@ -115,10 +124,14 @@ impl Exporter {
                 let document = e.raw_response().and_then(|r| r.body().bytes());
                 match document.and_then(|body| self.function_error(body)) {
                     Some(error) => error,
-                    None => CtlError::Invoke {
-                        function: self.function_name.clone(),
-                        reason: aws_sdk_lambda::error::DisplayErrorContext(e).to_string(),
-                    },
+                    None => {
+                        let detail = aws_sdk_lambda::error::DisplayErrorContext(&e).to_string();
+                        CtlError::Invoke {
+                            function: self.function_name.clone(),
+                            reason: self.what_to_do(&e, &detail),
+                            detail,
+                        }
+                    }
                 }
             })?;
         let body = answer.payload.map(Blob::into_inner).unwrap_or_default();
@@ -134,6 +147,30 @@ impl Exporter {
             }));
         }
         Ok(value)
+    }
+
+    /// What went wrong in one line, and what to do about it.
+    fn what_to_do<E, R>(
+        &self,
+        error: &aws_sdk_lambda::error::SdkError<E, R>,
+        detail: &str,
+    ) -> String {
+        let endpoint = self.endpoint.as_deref().unwrap_or("AWS Lambda");
+        match error {
+            _ if detail.contains("credential") => "no AWS credentials were found: set a profile \
+                (--profile or AWS_PROFILE) or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or use \
+                --local for the local stack"
+                .into(),
+            aws_sdk_lambda::error::SdkError::DispatchFailure(_) => format!(
+                "nothing answers at {endpoint}: start the local stack (`make local`, then \
+                 `cargo lambda watch` or `ecom-emulators invoke`), or check --endpoint-url, \
+                 --region and the network (--verbose shows the SDK's error)"
+            ),
+            aws_sdk_lambda::error::SdkError::TimeoutError(_) => format!(
+                "{endpoint} did not answer within --read-timeout (--verbose shows the SDK's error)"
+            ),
+            _ => format!("{} (--verbose shows the SDK's error)", first_line(detail)),
+        }
     }
 
     /// A function's error document (`{"errorType", "errorMessage"}`), if `body` is one.
@@ -447,6 +484,12 @@ pub fn verify_table(answer: &Value) -> String {
         }
     }
     out
+}
+
+/// The SDK's message up to its first parenthesis or line end: its own words, not its `Debug`.
+fn first_line(detail: &str) -> &str {
+    let end = detail.find(['(', '\n']).unwrap_or(detail.len());
+    detail[..end].trim_end_matches([' ', ':'])
 }
 
 #[cfg(test)]

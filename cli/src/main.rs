@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use ecom_settings_ctl::{follow, verify_table, Exporter, Mode, Progress, Target};
+use ecom_settings_ctl::{follow, verify_table, CtlError, Exporter, Mode, Progress, Target};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -33,6 +33,9 @@ struct Cli {
     /// Seconds one invocation may take to answer; keep it above the function's timeout (120).
     #[arg(long, default_value_t = 960)]
     read_timeout: u64,
+    /// On an error invoking the function, also print the AWS SDK's own account of it.
+    #[arg(long)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -110,6 +113,7 @@ fn payload(fields: &[(&str, Value)]) -> Value {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let verbose = cli.verbose;
     let exporter = Exporter::connect(&Target {
         function_name: cli.function_name.clone(),
         region: cli.region,
@@ -120,7 +124,7 @@ async fn main() -> ExitCode {
     })
     .await;
     let (mode, request) = match cli.command {
-        Command::Verify(v) => return verify(&exporter, &v).await,
+        Command::Verify(v) => return verify(&exporter, &v, verbose).await,
         Command::Backfill(b) => (
             Mode::Backfill,
             payload(&[
@@ -166,9 +170,17 @@ async fn main() -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("{e}");
+            report(&e, verbose);
             ExitCode::from(2)
         }
+    }
+}
+
+/// The error in one line; with `--verbose`, the SDK's own account of it too.
+fn report(error: &CtlError, verbose: bool) {
+    eprintln!("{error}");
+    if let (CtlError::Invoke { detail, .. }, true) = (error, verbose) {
+        eprintln!("{detail}");
     }
 }
 
@@ -186,7 +198,7 @@ fn repair_command() -> String {
 /// Verifies one index, printing each answer's table. An index with many query configs is
 /// verified in pieces: each answer's token asks for the next. Drift left behind is a finding:
 /// the exit code says so.
-async fn verify(exporter: &Exporter, v: &Verify) -> ExitCode {
+async fn verify(exporter: &Exporter, v: &Verify, verbose: bool) -> ExitCode {
     let mut request = payload(&[
         ("mode", json!("verify")),
         ("system_account_id", json!(v.account)),
@@ -200,7 +212,7 @@ async fn verify(exporter: &Exporter, v: &Verify) -> ExitCode {
         let answer = match exporter.invoke(&request).await {
             Ok(answer) => answer,
             Err(e) => {
-                eprintln!("{e}");
+                report(&e, verbose);
                 return ExitCode::from(2);
             }
         };

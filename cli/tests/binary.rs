@@ -255,3 +255,38 @@ async fn a_reconcile_that_finds_drift_names_the_keys_and_the_repair_and_exits_on
     assert_eq!(repaired.status.code(), Some(0), "{stdout}");
     assert!(!stdout.contains("repair them with"), "{stdout}");
 }
+
+#[tokio::test]
+async fn nothing_listening_says_what_to_do_in_one_line_and_the_sdk_only_when_verbose() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let run = |verbose: bool| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ecom-settings-ctl"));
+        command
+            .args(["--function-name", "f", "--local", "--endpoint-url", &url])
+            .args(verbose.then_some("--verbose"))
+            .args(["backfill"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    };
+
+    let output = run(false).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("nothing answers at {url}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("make local"), "{stderr}");
+    assert!(!stderr.contains("DispatchFailure"), "{stderr}");
+
+    let verbose = run(true).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&verbose.stderr);
+    assert!(
+        stderr.lines().count() > 1,
+        "the SDK's account follows: {stderr}"
+    );
+}
