@@ -16,9 +16,13 @@ ENV ?= dev
 # Wherever cargo builds (CARGO_TARGET_DIR or a shared target directory included).
 TARGET_DIR = $(shell cargo metadata --format-version 1 --no-deps | $(PYTHON) -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
-.PHONY: all bench scale demo build sam-build test unit-test lint fmt fuzz venv tools sam-cli local deploy clean
+.PHONY: all prerequisites bench scale demo build sam-build test unit-test lint fmt fuzz venv tools sam-cli local deploy clean
 
 all: lint test
+
+## What the machine needs beside the project's files: one line for each missing, with how to get it.
+prerequisites:
+	@PYTHON=$(PYTHON) scripts/prerequisites.sh
 
 ## Python tools in a local venv: moto for the tests, cfn-lint for the template.
 $(VENV)/.installed: Makefile
@@ -49,12 +53,12 @@ SAM = PATH="$(CURDIR)/$(VENV)/bin:$$PATH" SAM_CLI_TELEMETRY=0 \
 	AWS_DEFAULT_REGION="$${AWS_REGION:-$${AWS_DEFAULT_REGION:-eu-west-1}}" $(VENV)/bin/sam
 
 ## The function's peers on this machine (moto, KV emulator, API-keys stand-in); see the README.
-local: venv
+local: prerequisites venv
 	scripts/local-stack.sh
 
 ## The whole flow on this machine: table, stream, function, KV (see the README).
-demo: venv
-	cargo build --quiet --locked -p ecom-settings-exporter -p ecom-emulators
+demo: prerequisites venv
+	cargo build --locked -p ecom-settings-exporter -p ecom-emulators
 	$(TARGET_DIR)/debug/ecom-emulators demo --function $(TARGET_DIR)/debug/ecom-settings-exporter
 
 ## The release binary as deployed (ledger on, DynamoDB through a proxy at +0, +5, +10 ms) at 100,
@@ -75,7 +79,7 @@ scale: venv
 
 ## Unit and integration tests (moto on a free port, KV emulator and API-keys stand-in in-process),
 ## then every AWS call the function made in them checked against the role the template gives it.
-test: venv
+test: prerequisites venv
 	AWS_CALLS_RECORDING=$(CURDIR)/target/aws-calls.jsonl \
 		scripts/with-moto.sh cargo test --workspace --all-targets --locked
 	$(VENV)/bin/python scripts/check-permissions.py target/aws-calls.jsonl template.yaml

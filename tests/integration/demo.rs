@@ -24,3 +24,46 @@ async fn the_demo_scenario_reaches_kv_and_verifies_in_sync() {
     assert!(report.retried_invocations >= 1, "{report:#?}");
     let _ = std::fs::remove_file(log);
 }
+
+/// `make demo`, `make test` and `make local` first check the machine: on one without a C
+/// compiler or curl, each is named on its own line with how to get it, and the make stops.
+#[test]
+fn a_machine_without_a_c_compiler_is_told_what_to_install() {
+    let bin = std::env::temp_dir().join(format!("ecom-prereq-{}", std::process::id()));
+    std::fs::create_dir_all(&bin).unwrap();
+    let python = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .unwrap();
+    let python = String::from_utf8(python.stdout).unwrap();
+    let which = |tool: &str| {
+        let found = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .unwrap();
+        String::from_utf8(found.stdout).unwrap().trim().to_owned()
+    };
+    // Only what the check itself runs with, and cargo and Python: no cc, gcc or curl.
+    for (name, path) in [
+        ("python3", python.trim().to_owned()),
+        ("cargo", which("cargo")),
+        ("bash", which("bash")),
+        ("env", which("env")),
+    ] {
+        let _ = std::os::unix::fs::symlink(path, bin.join(name));
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/prerequisites.sh");
+    let checked = std::process::Command::new(bin.join("bash"))
+        .arg(script)
+        .env("PATH", &bin)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&bin);
+
+    let said = String::from_utf8_lossy(&checked.stderr);
+    assert_eq!(checked.status.code(), Some(1), "{said}");
+    let lines: Vec<&str> = said.lines().collect();
+    assert_eq!(lines.len(), 2, "one line each: {said}");
+    assert!(lines[0].contains("a C compiler") && lines[0].contains("apt-get install gcc"));
+    assert!(lines[1].contains("curl") && lines[1].contains("apt-get install curl"));
+}
