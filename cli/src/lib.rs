@@ -364,9 +364,15 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// On a terminal, indicatif's spinner with its own count, rate and elapsed time (ticking
+    /// while an invocation runs); elsewhere one line per invocation.
     pub fn new(show_bar: bool) -> Self {
         let bar = (show_bar && std::io::stderr().is_terminal()).then(|| {
-            let bar = indicatif::ProgressBar::new_spinner();
+            let style = indicatif::ProgressStyle::with_template(
+                "{spinner} {human_pos} {msg} done ({per_sec}), {elapsed} elapsed, invocation under way",
+            )
+            .expect("a valid template");
+            let bar = indicatif::ProgressBar::new_spinner().with_style(style);
             bar.enable_steady_tick(Duration::from_millis(120));
             bar
         });
@@ -377,16 +383,22 @@ impl Progress {
     }
 
     fn update(&self, mode: Mode, totals: &Totals) {
-        let elapsed = self.started.elapsed().as_secs_f64();
-        let rate = totals.done() as f64 / elapsed.max(0.001);
-        let line = format!(
-            "{}  {rate:.0} {}/s, {elapsed:.1} s",
-            totals.summary(mode),
-            mode.unit()
-        );
         match &self.bar {
-            Some(bar) => bar.set_message(line),
-            None => eprintln!("{line}"),
+            Some(bar) => {
+                bar.set_message(mode.unit());
+                bar.set_position(totals.done());
+            }
+            // Off a terminal: progress only; the totals are printed once, at the end.
+            None => {
+                let elapsed = self.started.elapsed().as_secs_f64();
+                let rate = totals.done() as f64 / elapsed.max(0.001);
+                eprintln!(
+                    "invocation {}: {} {} done, {rate:.0}/s, {elapsed:.1} s elapsed",
+                    totals.invocations,
+                    totals.done(),
+                    mode.unit()
+                );
+            }
         }
     }
 

@@ -71,6 +71,18 @@ async fn a_backfill_runs_to_completion_and_prints_its_totals() {
         3,
         "a plain line per invocation off a terminal: {progress}"
     );
+    assert!(
+        progress
+            .lines()
+            .nth(2)
+            .unwrap()
+            .starts_with("invocation 3: 25 records done, "),
+        "{progress}"
+    );
+    assert!(
+        !progress.contains("exported"),
+        "the totals once, at the end: {progress}"
+    );
 }
 
 #[tokio::test]
