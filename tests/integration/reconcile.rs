@@ -418,3 +418,51 @@ async fn metadata_naming_an_index_no_table_could_hold_is_foreign_and_stalls_noth
         Some("{}")
     );
 }
+
+/// An alias routes by index id, never through a shop key: once an aliased index is removed,
+/// reconcile keeps its own key (the alias reads it) but its shop key is orphaned and repaired
+/// away, whole fleet and one account alike.
+#[tokio::test]
+async fn an_aliased_removed_index_keeps_its_own_key_but_not_its_shop_key() {
+    for scope in [json!({}), json!({"system_account_id": "acct-1"})] {
+        let mut h = Harness::new().await;
+        h.keys.set_key("acct-1", "k");
+        h.put(index_item("acct-1", "old", Some("shop-old.myshopify.com")))
+            .await;
+        let mut reader = index_item("acct-1", "front", None);
+        reader["index_aliases"] = json!({"M": {"doc_reads": {"M": {"enabled": {"BOOL": true},
+            "targets": {"L": [{"M": {"index_id": {"S": "acct-1-old"}}}]}}}}});
+        h.put(reader).await;
+        h.export_stream().await;
+        backfill(&h).await;
+        h.delete("acct-1", "INDEX#old").await;
+        h.export_stream().await;
+        assert!(
+            h.settings("shop-old.myshopify.com").is_some(),
+            "the stream kept it"
+        );
+
+        let mut fields = json!({"repair": true});
+        fields
+            .as_object_mut()
+            .unwrap()
+            .extend(scope.as_object().unwrap().clone());
+        let answer = reconcile(&h, fields).await;
+
+        let samples = &answer["samples"]["settings"];
+        assert_eq!(
+            samples["orphaned"],
+            json!(["shop-old.myshopify.com"]),
+            "{answer}"
+        );
+        assert_eq!(samples["protected"], json!(["acct-1-old"]), "{answer}");
+        assert!(
+            h.settings("shop-old.myshopify.com").is_none(),
+            "{scope}: deleted"
+        );
+        assert!(
+            h.settings("acct-1-old").is_some(),
+            "{scope}: the alias reads it"
+        );
+    }
+}

@@ -115,8 +115,9 @@ pub fn class_of(
     let Some(owner) = owner else {
         return Some(Class::Foreign);
     };
-    // An aliased index keeps all its keys (its overrides and filter too): never deleted unchecked.
-    let aliased = implied.aliased.contains(&owner.id());
+    // An aliased index keeps the keys an alias reads (its own key, overrides and filter: all by
+    // index id, never its shop key): never deleted unchecked.
+    let aliased = implied.aliased.contains(&owner.id()) && listed.key.read_by_id();
     if aliased || implied.unexportable.contains(&owner) {
         return Some(Class::Protected);
     }

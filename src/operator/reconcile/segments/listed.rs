@@ -136,7 +136,7 @@ impl<P: Ports> Pass<'_, P> {
             let claim = claims.remove(&key.key.key);
             match (&key.owner, orphans.get(&key.key)) {
                 (None, _) => self.found.add(&key.key, Class::Foreign),
-                (Some(owner), Some(_)) if protected.contains(owner) => {
+                (Some(owner), Some(_)) if protected.contains(owner) && key.key.read_by_id() => {
                     self.found.add(&key.key, Class::Protected)
                 }
                 (Some(owner), Some(_)) => {
