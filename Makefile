@@ -16,7 +16,7 @@ ENV ?= dev
 # Wherever cargo builds (CARGO_TARGET_DIR or a shared target directory included).
 TARGET_DIR = $(shell cargo metadata --format-version 1 --no-deps | $(PYTHON) -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
-.PHONY: all prerequisites bench scale demo build sam-build test unit-test lint fmt fuzz venv tools sam-cli local deploy clean
+.PHONY: all prerequisites bins bench scale demo build sam-build test unit-test lint fmt fuzz venv tools sam-cli local deploy clean
 
 all: lint test
 
@@ -52,13 +52,17 @@ sam-cli: $(VENV)/.sam
 SAM = PATH="$(CURDIR)/$(VENV)/bin:$$PATH" SAM_CLI_TELEMETRY=0 \
 	AWS_DEFAULT_REGION="$${AWS_REGION:-$${AWS_DEFAULT_REGION:-eu-west-1}}" $(VENV)/bin/sam
 
+## Every binary of the workspace (the function, the stand-ins, the CLI) in one debug build: the
+## demo, the local stack and the CLI share it, so the AWS SDK compiles once.
+bins:
+	cargo build --locked --workspace --bins
+
 ## The function's peers on this machine (moto, KV emulator, API-keys stand-in); see the README.
-local: prerequisites venv
+local: prerequisites venv bins
 	scripts/local-stack.sh
 
 ## The whole flow on this machine: table, stream, function, KV (see the README).
-demo: prerequisites venv
-	cargo build --locked -p ecom-settings-exporter -p ecom-emulators
+demo: prerequisites venv bins
 	$(TARGET_DIR)/debug/ecom-emulators demo --function $(TARGET_DIR)/debug/ecom-settings-exporter
 
 ## The release binary as deployed (ledger on, DynamoDB through a proxy at +0, +5, +10 ms) at 100,

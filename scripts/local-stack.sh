@@ -13,7 +13,8 @@ pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 
-cargo build --quiet -p ecom-emulators
+# The same build as `make bins` (every binary, one feature set): nothing to do after it.
+cargo build --locked --workspace --bins
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 .venv/bin/moto_server -H 127.0.0.1 -p "$MOTO_PORT" >/tmp/ecom-moto.log 2>&1 & pids+=($!)
 "$target_dir"/debug/ecom-emulators kv --port "$KV_PORT" --token "$TOKEN" \
@@ -61,9 +62,10 @@ ENV
 cat <<MSG
 
 Local stack up (table seeded with acct-1/products); settings in .local.env. In another terminal:
-  PATH=\$PWD/.venv/bin:\$PATH cargo lambda watch --env-file .local.env
-  PATH=\$PWD/.venv/bin:\$PATH cargo lambda invoke ecom-settings-exporter --data-file events/stream-insert.json
-  cargo run -p ecom-settings-ctl -- --function-name ecom-settings-exporter --local reconcile
+  $target_dir/debug/ecom-emulators invoke --env-file .local.env     # the function on :9000
+and in a third:
+  curl -s localhost:9000/2015-03-31/functions/ecom-settings-exporter/invocations -d @events/stream-insert.json
+  $target_dir/debug/ecom-settings-ctl --function-name ecom-settings-exporter --local reconcile
   curl -s localhost:$KV_PORT/__emulator/namespaces     # what KV holds
 Ctrl-C here stops everything.
 MSG
