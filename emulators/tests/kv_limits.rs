@@ -431,29 +431,26 @@ async fn faults_left_can_be_listed_and_cleared_so_none_outlive_an_experiment() {
     let kv = emulator(&[TOKEN]).await;
     let url = format!("http://{}/__emulator/faults", kv.addr());
     let client = reqwest::Client::new();
+    let answer = |request: reqwest::RequestBuilder| async {
+        let response = request.send().await.unwrap();
+        response.json::<Value>().await.unwrap()
+    };
     let set = r#"{"kind": "status", "status": 503, "times": 10}"#;
-    client.post(&url).body(set).send().await.unwrap();
+    answer(client.post(&url).body(set)).await;
     let latency = r#"{"kind": "latency", "operation": "keys", "millis": 100}"#;
-    client.post(&url).body(latency).send().await.unwrap();
+    answer(client.post(&url).body(latency)).await;
     // One request uses one of the ten.
     let (status, _) = put(&kv, pairs(1, 3, 3)).await;
     assert_eq!(status, 503);
 
-    let left: Value = client.get(&url).send().await.unwrap().json().await.unwrap();
+    let left = answer(client.get(&url)).await;
     assert_eq!(left["queued"][0]["times"], 9, "{left}");
     assert_eq!(left["latencies"]["keys"], 100, "{left}");
-    let cleared: Value = client
-        .delete(&url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cleared = answer(client.delete(&url)).await;
     assert_eq!(cleared["cleared"], 2, "{cleared}");
 
     let (status, _) = put(&kv, pairs(1, 3, 3)).await;
     assert_eq!(status, 200, "no fault left");
-    let left: Value = client.get(&url).send().await.unwrap().json().await.unwrap();
+    let left = answer(client.get(&url)).await;
     assert_eq!(left["queued"], json!([]), "{left}");
 }

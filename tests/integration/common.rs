@@ -503,63 +503,6 @@ impl Proxy {
     }
 }
 
-/// A TCP forwarder in front of moto that holds each request naming `operation` (its
-/// `X-Amz-Target`, say `DynamoDB_20120810.PutItem`) for a while before passing it on: a
-/// service that answers one kind of call slowly. The lag can be changed at any time.
-pub struct LaggingProxy {
-    pub addr: std::net::SocketAddr,
-    lag_ms: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl LaggingProxy {
-    pub async fn to_moto(operation: &'static str, lag: Duration) -> Self {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let target = moto_endpoint().trim_start_matches("http://").to_string();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let lag_ms = Arc::new(std::sync::atomic::AtomicU64::new(lag.as_millis() as u64));
-        let shared = lag_ms.clone();
-        tokio::spawn(async move {
-            while let Ok((inbound, _)) = listener.accept().await {
-                let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else {
-                    continue;
-                };
-                let lag_ms = shared.clone();
-                let (mut from_client, mut to_client) = inbound.into_split();
-                let (mut from_moto, mut to_moto) = outbound.into_split();
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut from_moto, &mut to_client).await;
-                });
-                tokio::spawn(async move {
-                    let mut buffer = vec![0; 64 * 1024];
-                    while let Ok(n) = from_client.read(&mut buffer).await {
-                        let chunk = &buffer[..n];
-                        let named = chunk
-                            .windows(operation.len())
-                            .any(|w| w == operation.as_bytes());
-                        let lag = lag_ms.load(Ordering::SeqCst);
-                        if named && lag > 0 {
-                            tokio::time::sleep(Duration::from_millis(lag)).await;
-                        }
-                        if n == 0 || to_moto.write_all(chunk).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        Self { addr, lag_ms }
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    pub fn set_lag(&self, lag: Duration) {
-        self.lag_ms.store(lag.as_millis() as u64, Ordering::SeqCst);
-    }
-}
-
 /// The real binary behind a runtime API, its DynamoDB calls through the project's DynamoDB proxy
 /// (which slows, fails or holds chosen calls, and refuses keys DynamoDB refuses).
 pub struct ProxiedFunction {

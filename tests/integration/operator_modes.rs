@@ -442,8 +442,7 @@ async fn a_backfill_whose_ledger_claims_slowly_answers_before_its_deadline_and_r
     // The function only reads the settings table: its PutItems are the ledger's claims and
     // references, each held two seconds (16 claims in flight: 80 keys take 10 s).
     let lag = std::time::Duration::from_secs(2);
-    let (ledger, runtime, function) =
-        behind_a_lagging_ledger(&h, "DynamoDB_20120810.PutItem", lag).await;
+    let (ledger, runtime, function) = behind_a_lagging_ledger(&h, "PutItem", lag).await;
     let invoke = |payload: Value, seconds: u64| {
         let timeout = std::time::Duration::from_secs(seconds);
         let answer = runtime.invoke(payload, timeout);
@@ -467,7 +466,7 @@ async fn a_backfill_whose_ledger_claims_slowly_answers_before_its_deadline_and_r
     assert!(reasons.contains("deadline"), "{reasons}");
     assert!(first["continuation_token"].is_string(), "{first}");
 
-    ledger.set_lag(std::time::Duration::ZERO);
+    ledger.clear_faults();
     // Claims the first invocation gave up on are still held by the proxy: they land within
     // the lag (a resume racing one loses its key to it: contract, "Windows that remain").
     tokio::time::sleep(lag + std::time::Duration::from_millis(500)).await;
@@ -496,8 +495,7 @@ async fn a_reexport_whose_ledger_clock_hangs_answers_before_its_deadline() {
     let h = products().await;
     // The function's only UpdateItem before it claims is the clock's tick.
     let lag = std::time::Duration::from_secs(30);
-    let (ledger, runtime, function) =
-        behind_a_lagging_ledger(&h, "DynamoDB_20120810.UpdateItem", lag).await;
+    let (ledger, runtime, function) = behind_a_lagging_ledger(&h, "UpdateItem", lag).await;
     let request = json!({"system_account_id": "acct-1", "index_name": "products"});
 
     let started = std::time::Instant::now();
@@ -521,7 +519,7 @@ async fn a_reexport_whose_ledger_clock_hangs_answers_before_its_deadline() {
     );
     assert!(h.settings("acct-1-products").is_none());
 
-    ledger.set_lag(std::time::Duration::ZERO);
+    ledger.clear_faults();
     let answer = runtime
         .invoke(request, std::time::Duration::from_secs(30))
         .await
@@ -535,26 +533,26 @@ async fn a_reexport_whose_ledger_clock_hangs_answers_before_its_deadline() {
     assert!(h.settings("acct-1-products").is_some());
 }
 
-/// The real binary behind a runtime API, its DynamoDB requests through a proxy that holds
-/// each request of `operation` for `lag` (the ledger's writes: the function only reads the
-/// settings table).
+/// The real binary behind a runtime API, its DynamoDB requests through the DynamoDB proxy,
+/// which holds each call of `operation` for `lag` (the ledger's writes: the function only reads
+/// the settings table) until its faults are cleared.
 async fn behind_a_lagging_ledger(
     h: &Harness,
-    operation: &'static str,
+    operation: &str,
     lag: std::time::Duration,
 ) -> (
-    LaggingProxy,
+    ecom_emulators::dynamo_proxy::DynamoProxy,
     ecom_emulators::runtime_api::RuntimeApi,
     Function,
 ) {
-    let ledger = LaggingProxy::to_moto(operation, lag).await;
-    let runtime = ecom_emulators::runtime_api::RuntimeApi::start(0)
-        .await
-        .unwrap();
-    let mut env = h.lambda_env();
-    env.push(("AWS_ENDPOINT_URL_DYNAMODB", ledger.url()));
-    let function = Function::start(&runtime, &env);
-    (ledger, runtime, function)
+    let ProxiedFunction {
+        dynamodb,
+        runtime,
+        function,
+    } = behind_a_dynamodb_proxy(h).await;
+    let slow = ecom_emulators::dynamo_proxy::DynamoFault::Delay(lag);
+    dynamodb.inject(Some(operation), None, slow, usize::MAX);
+    (dynamodb, runtime, function)
 }
 
 /// Two accounts of six indexes, index `i` with `i % 4` overrides.

@@ -57,7 +57,7 @@ impl Drop for Killed {
 /// proxy the function reaches DynamoDB through.
 pub struct Function {
     kv: KvEmulator,
-    _keys: ApiKeysStandIn,
+    keys: ApiKeysStandIn,
     runtime: Arc<RuntimeApi>,
     proxy: DynamoProxy,
     ddb: aws_sdk_dynamodb::Client,
@@ -110,7 +110,7 @@ impl Function {
         }
         let mut function = Self {
             kv,
-            _keys: keys,
+            keys,
             runtime,
             proxy,
             ddb,
@@ -144,7 +144,7 @@ impl Function {
             .env("CLOUDFLARE_QCFG_NAMESPACE_ID", "ns-qcfg")
             .env("CLOUDFLARE_API_TOKEN_SECRET_ID", secret)
             .env("CLOUDFLARE_API_BASE_URL", self.kv.base_url())
-            .env("API_KEYS_SERVICE_URL", self._keys.url_template())
+            .env("API_KEYS_SERVICE_URL", self.keys.url_template())
             .env("SETTINGS_TABLE_STREAM_ARN", STREAM_ARN)
             .env_remove("LEDGER_TABLE_NAME")
             .stdout(Stdio::null())

@@ -11,8 +11,8 @@ use serde_dynamo::Item;
 use tokio::time::Instant;
 
 use super::classify::{class_of, live_targets, Class, Implied, Listed};
-use super::{failed, log_stop, piece_size, Answer, Found, ReconcileRequest, Repaired};
-use super::{Requests, MAX_SHRINK, NAMESPACES};
+use super::{failed, hand_on, log_stop, piece_size, Answer, Found, ReconcileRequest};
+use super::{Repaired, Requests, NAMESPACES};
 use crate::domain::kv::KeyMetadata;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::operator::{decode_token, encode_token, OperatorError};
@@ -119,7 +119,7 @@ pub(super) async fn run<P: Ports>(
             let deletes = to_delete.into_iter().collect();
             let repair = repair_drift(exporter, prepared, to_write, deletes, deadline).await;
             let again = Position {
-                shrink: (position.shrink + 1).min(MAX_SHRINK),
+                shrink: position.shrink,
                 ..started_at
             };
             put_repair(&mut answer, repair, again, stop_at)?;
@@ -136,24 +136,21 @@ pub(super) async fn run<P: Ports>(
 fn put_repair(
     answer: &mut Answer,
     repair: Result<(Repaired, usize), OperatorError>,
-    again: Position,
+    mut again: Position,
     stop_at: Instant,
 ) -> Result<(), OperatorError> {
     match repair {
         Ok((repaired, requests)) => {
             answer.repaired = Some(repaired);
             answer.requests.kv_repair = requests;
-            Ok(())
         }
-        Err(error) if Instant::now() >= stop_at => {
-            let why = format!("time ran out in the repair, taken again smaller next: {error}");
-            log_stop("repair", &why);
+        Err(error) => {
+            hand_on(error, stop_at, "repair", &mut again.shrink)?;
             answer.complete = false;
             answer.continuation_token = Some(encode_token(&again));
-            Ok(())
         }
-        Err(error) => Err(error),
     }
+    Ok(())
 }
 
 /// Writes the missing and stale keys and deletes the orphans, through the same planner's
@@ -224,13 +221,10 @@ impl<P: Ports> Listing<'_, P> {
             pages += 1;
             match self.page(namespace, position, &mut sweep, requests).await {
                 Ok(listed) => listed_keys += listed,
-                Err(error) if Instant::now() >= self.stop_at => {
-                    position.shrink = (position.shrink + 1).min(MAX_SHRINK);
-                    let why = format!("time ran out in a page, taken again smaller next: {error}");
-                    log_stop("listing", &why);
+                Err(error) => {
+                    hand_on(error, self.stop_at, "listing", &mut position.shrink)?;
                     return Ok((before, false));
                 }
-                Err(error) => return Err(error),
             }
             slowest = slowest.max(started.elapsed());
         }

@@ -173,6 +173,23 @@ fn log_stop(step: &str, why: &str) {
     );
 }
 
+/// A piece that failed once the run's half of the time (`stop_at`) was spent ran out of time:
+/// it is handed on (logged, and pieces halved from here on: `shrink`); any other failure stands.
+fn hand_on(
+    error: OperatorError,
+    stop_at: Instant,
+    step: &str,
+    shrink: &mut u32,
+) -> Result<(), OperatorError> {
+    if Instant::now() < stop_at {
+        return Err(error);
+    }
+    *shrink = (*shrink + 1).min(MAX_SHRINK);
+    let why = format!("time ran out in a piece, taken again smaller next: {error}");
+    log_stop(step, &why);
+    Ok(())
+}
+
 /// A reconcile that cannot go on, and why.
 fn failed(reason: impl std::fmt::Display) -> OperatorError {
     OperatorError::ReconcileFailed {

@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use serde_dynamo::Item;
 use tokio::time::Instant;
 
-use super::{failed, log_stop, piece_size, Answer, Found, ReconcileRequest, Repaired};
-use super::{Requests, MAX_SHRINK, NAMESPACES};
+use super::{failed, hand_on, log_stop, piece_size, Answer, Found, ReconcileRequest};
+use super::{Repaired, Requests, NAMESPACES};
 use crate::domain::{IndexRef, KvKey};
 use crate::operator::{decode_token, encode_token, OperatorError};
 use crate::pipeline::exporter::{Exporter, Run};
@@ -121,13 +121,11 @@ pub(super) async fn run<P: Ports>(
         pieces += 1;
         match pass.piece(&mut position, max - checked, stop_at).await {
             Ok(done) => checked += done,
-            Err(error) if Instant::now() >= stop_at => {
-                position.shrink = (position.shrink + 1).min(MAX_SHRINK);
-                let why = format!("time ran out in a piece, taken again smaller next: {error}");
-                log_stop(position.step_name(), &why);
+            Err(error) => {
+                let step = position.step_name();
+                hand_on(error, stop_at, step, &mut position.shrink)?;
                 break false;
             }
-            Err(error) => return Err(error),
         }
         slowest = slowest.max(piece_started.elapsed());
     };
