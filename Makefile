@@ -7,6 +7,8 @@ PYTHON ?= python3
 MOTO_VERSION := 5.2.5
 CFN_LINT_VERSION := 1.58.0
 SAM_CLI_VERSION := 1.170.0
+# The translator SAM_CLI_VERSION uses.
+SAM_TRANSLATOR_VERSION := 1.115.0
 # Build tools, pinned: an unpinned install would build what is deployed with whatever is newest.
 CARGO_LAMBDA_VERSION := 1.9.2
 ZIGLANG_VERSION := 0.17.1
@@ -16,20 +18,29 @@ ENV ?= dev
 # Wherever cargo builds (CARGO_TARGET_DIR or a shared target directory included).
 TARGET_DIR = $(shell cargo metadata --format-version 1 --no-deps | $(PYTHON) -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
-.PHONY: all prerequisites bins bench scale demo build sam-build test unit-test lint fmt fuzz venv tools sam-cli local deploy clean
+.PHONY: all prerequisites edge deploy-check bins bench scale demo build sam-build test unit-test lint fmt fuzz venv tools sam-cli local deploy clean
 
 all: lint test
 
 ## What the machine needs beside the project's files: one line for each missing, with how to get it.
 prerequisites:
-	@PYTHON=$(PYTHON) scripts/prerequisites.sh
+	@PYTHON=$(PYTHON) scripts/prerequisites.sh $(if $(filter test,$(MAKECMDGOALS)),test)
 
-## Python tools in a local venv: moto for the tests, cfn-lint for the template.
+## Python tools in a local venv: moto for the tests, cfn-lint for the template, SAM's translator
+## for the deploy check.
 $(VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check \
-		'moto[server]==$(MOTO_VERSION)' 'cfn-lint==$(CFN_LINT_VERSION)'
+		'moto[server]==$(MOTO_VERSION)' 'cfn-lint==$(CFN_LINT_VERSION)' \
+		'aws-sam-translator==$(SAM_TRANSLATOR_VERSION)'
 	touch $@
+
+## The edge Worker's runtime (Miniflare with workerd, esbuild, zod), pinned by proxy/package-lock.json.
+proxy/node_modules/.installed: proxy/package.json proxy/package-lock.json
+	npm ci --prefix proxy --no-audit --no-fund --loglevel=error
+	touch $@
+
+edge: proxy/node_modules/.installed
 
 venv: $(VENV)/.installed
 
@@ -62,7 +73,7 @@ local: prerequisites venv bins
 	scripts/local-stack.sh
 
 ## The whole flow on this machine: table, stream, function, KV (see the README).
-demo: prerequisites venv bins
+demo: prerequisites venv bins $(if $(shell command -v npm),edge)
 	$(TARGET_DIR)/debug/ecom-emulators demo --function $(TARGET_DIR)/debug/ecom-settings-exporter
 
 ## The release binary as deployed (ledger on, DynamoDB through a proxy at +0, +5, +10 ms) at 100,
@@ -81,12 +92,21 @@ scale: venv
 		--emulators $(TARGET_DIR)/debug/ecom-emulators $(if $(SIZES),--sizes $(SIZES)) \
 		$(if $(SKIP),--skip "$(SKIP)")
 
-## Unit and integration tests (moto on a free port, KV emulator and API-keys stand-in in-process),
-## then every AWS call the function made in them checked against the role the template gives it.
-test: prerequisites venv
+## Unit and integration tests (moto on a free port, KV emulator and API-keys stand-in in-process,
+## the edge Worker in workerd), then every AWS call the function made in them checked against the
+## role the template gives it, then the template deployed to moto (deploy-check).
+test: prerequisites venv edge
 	AWS_CALLS_RECORDING=$(CURDIR)/target/aws-calls.jsonl \
 		scripts/with-moto.sh cargo test --workspace --all-targets --locked
 	$(VENV)/bin/python scripts/check-permissions.py target/aws-calls.jsonl template.yaml
+	$(MAKE) --no-print-directory deploy-check
+
+## template.yaml translated, checked, created in moto's CloudFormation, and the function run as the
+## stack configures it (scripts/deploy-check.py, about 10 s), with the debug binaries the tests (or
+## make bins) built.
+deploy-check: venv
+	scripts/with-moto.sh $(VENV)/bin/python scripts/deploy-check.py \
+		--function $(TARGET_DIR)/debug/ecom-settings-exporter --emulators $(TARGET_DIR)/debug/ecom-emulators
 
 ## Unit tests only: no moto, no network.
 unit-test:

@@ -134,6 +134,7 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport, String> {
     check_with_verify(&stack, &mut report).await;
     check_namespaces(&stack, &mut report);
     check_retries_and_log(&stack, &options, &mut report);
+    check_at_the_edge(&stack, &mut report);
     print_kv(&stack);
     println!("\nChecks:");
     for (what, ok, detail) in &report.checks {
@@ -272,6 +273,62 @@ fn check_retries_and_log(stack: &Stack, options: &DemoOptions, report: &mut Demo
         .unwrap_or(true);
     let log = options.function_log.display().to_string();
     report.check("no API key or token in the function's log", !leaked, log);
+}
+
+/// The edge's own reading, when node and the Worker's runtime are here (`make edge`): a Worker
+/// in workerd reads every key through its KV bindings (`proxy/edge/check.mjs`), resolves the
+/// demo shop and finds its override through the filter.
+fn check_at_the_edge(stack: &Stack, report: &mut DemoReport) {
+    let installed = std::path::Path::new("proxy/node_modules/miniflare").exists();
+    if !installed {
+        println!(
+            "\n(The edge Worker is not installed: `make edge` with node and npm adds that check.)"
+        );
+        return;
+    }
+    let dump = |namespace| {
+        let keys = stack.kv.keys(CF_ACCOUNT, namespace).into_iter();
+        let values =
+            keys.filter_map(|k| Some((k.clone(), stack.kv.value(CF_ACCOUNT, namespace, &k)?)));
+        values.collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let file = std::env::temp_dir().join(format!("demo-edge-{}.json", std::process::id()));
+    let namespaces = json!({"KV": dump(SETTINGS_NS), "KV_QCFG": dump(QCFG_NS)});
+    let answer = std::fs::write(&file, namespaces.to_string())
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            let out = std::process::Command::new("node")
+                .args(["proxy/edge/check.mjs", &file.display().to_string(), "1000"])
+                .output()
+                .map_err(|e| e.to_string())?;
+            serde_json::from_slice::<Value>(&out.stdout)
+                .map_err(|_| String::from_utf8_lossy(&out.stderr).into_owned())
+        });
+    let _ = std::fs::remove_file(&file);
+    let (held, detail) = match answer {
+        Ok(report) => {
+            let search = &report["searches"][0];
+            let held = report["schema_errors"] == json!([])
+                && report["unresolved"] == json!([])
+                && report["false_negatives"] == json!([])
+                && search["shop"] == "demo-shop.myshopify.com"
+                && search["index_id"] == "acct-demo-products"
+                && search["override"] == search["expected"]
+                && search["override"] != Value::Null;
+            let detail = format!(
+                "{} keys parsed; {} -> {}, {:?} -> {}",
+                report["settings_read"],
+                search["shop"],
+                search["index_id"],
+                search["q"],
+                search["override"]
+            );
+            (held, detail)
+        }
+        Err(error) => (false, error),
+    };
+    let what = "the edge Worker (workerd) reads the shop's settings and finds its override";
+    report.check(what, held, detail);
 }
 
 /// KV as the edge sees it, API keys masked.

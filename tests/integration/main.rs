@@ -10,6 +10,7 @@ mod concurrent_writers;
 mod demo;
 mod divergence;
 mod docs_examples;
+mod edge_worker;
 mod events;
 mod fault_matrix;
 mod hostile_input;

@@ -1,0 +1,342 @@
+"""The template, deployed: `template.yaml` translated by aws-sam-translator (what `sam deploy`
+sends to CloudFormation), checked where moto cannot check it, created as a stack in moto's
+CloudFormation, and the function run as the stack configures it.
+
+1. Translate (offline, as `sam deploy` does; CodeUri points at an artifact in moto's S3).
+2. Check the translated JSON for what moto drops or cannot run: the ledger's TTL attribute, point
+   in time recovery and encryption; the function's JSON logs in its own group; the stream's event
+   source mapping (partial-batch responses, bisect, the failed-records queue, the `live` alias);
+   the schedule's input (`events/scheduled-reconcile.json`); every alarm naming a metric the
+   function emits or Lambda's own.
+3. Create the settings table and its stream first (another stack owns them), then the stack,
+   with three resource types moto 5.2.5 lacks taken out after step 2 checked them (the alias: the
+   mapping then names the function; the alarms; the Logs query definitions).
+4. Read the function's configuration back from moto's Lambda (its environment as the stack set
+   it), point only the outside world (Cloudflare, the API keys service) at the stand-ins, run the
+   function binary behind the Invoke API and send it a stream event of the stack's table, then the
+   schedule's input as moto's EventBridge rule holds it: the records land in KV and the ledger the
+   stack created holds the pass.
+
+Usage (moto on AWS_ENDPOINT_URL, e.g. under scripts/with-moto.sh):
+  python scripts/deploy-check.py --function target/debug/ecom-settings-exporter \
+      --emulators target/debug/ecom-emulators
+Prints one line per check and `N passed, N failed`; exit 1 on a failure.
+"""
+import argparse
+import copy
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import zipfile
+
+import boto3
+from cfnlint.decode import cfn_yaml
+from samtranslator.translator.transform import transform
+
+STACK = "deploy-check"
+ENV = "ci"
+SETTINGS_TABLE = "ci-EcomIndexSettingsTable"
+SECRET = "ci/CloudFlareApiToken"
+TOKEN = "deploy-check-token"
+ARTIFACTS = "deploy-check-artifacts"
+# Resource types moto 5.2.5's CloudFormation does not create: checked on the JSON, then left out.
+NOT_IN_MOTO = {"AWS::Lambda::Alias", "AWS::CloudWatch::Alarm", "AWS::Logs::QueryDefinition"}
+# Metrics the function emits (src/report.rs) and the AWS ones the alarms may watch.
+OWN_NAMESPACE = "EcomSettingsExporter"
+
+
+class Checks:
+    def __init__(self):
+        self.passed = self.failed = 0
+
+    def check(self, ok, what, detail=""):
+        if ok:
+            self.passed += 1
+            print(f"ok    {what}")
+        else:
+            self.failed += 1
+            print(f"FAIL  {what}{': ' + detail if detail else ''}")
+        return ok
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def translate(template_path, parameters):
+    with open(template_path) as f:
+        template = cfn_yaml.loads(f.read())
+    template = json.loads(json.dumps(template))  # plain dicts, as SAM reads JSON
+    template["Resources"]["ExporterFunction"]["Properties"]["CodeUri"] = f"s3://{ARTIFACTS}/function.zip"
+
+    class NoManagedPolicies:
+        def load(self):
+            return {}
+
+    return transform(template, parameters, NoManagedPolicies())
+
+
+def of_type(resources, kind):
+    return {name: r for name, r in resources.items() if r["Type"] == kind}
+
+
+def check_translated(checks, cfn, emitted_metrics):
+    resources = cfn["Resources"]
+    ledger = resources["LedgerTable"]["Properties"]
+    ttl = ledger.get("TimeToLiveSpecification", {})
+    checks.check(ttl == {"AttributeName": "expires_at", "Enabled": True},
+                 "ledger table: TTL on expires_at", json.dumps(ttl))
+    checks.check(ledger.get("PointInTimeRecoverySpecification", {}).get("PointInTimeRecoveryEnabled") is True,
+                 "ledger table: point-in-time recovery")
+    checks.check(ledger.get("SSESpecification", {}).get("SSEEnabled") is True, "ledger table: encrypted")
+    checks.check(ledger.get("BillingMode") == "PAY_PER_REQUEST", "ledger table: on demand")
+
+    function = resources["ExporterFunction"]["Properties"]
+    logging = function.get("LoggingConfig", {})
+    checks.check(logging.get("LogFormat") == "JSON" and logging.get("LogGroup") == {"Ref": "ExporterLogGroup"},
+                 "function: JSON logs in its own log group", json.dumps(logging))
+    env = function["Environment"]["Variables"]
+    checks.check(env.get("LEDGER_TABLE_NAME") == {"Ref": "LedgerTable"}, "function: LEDGER_TABLE_NAME is the stack's ledger")
+
+    aliases = of_type(resources, "AWS::Lambda::Alias")
+    live = [name for name, a in aliases.items() if a["Properties"]["Name"] == "live"]
+    checks.check(len(live) == 1, "function: a `live` alias on a published version")
+    mappings = list(of_type(resources, "AWS::Lambda::EventSourceMapping").values())
+    mapping = mappings[0]["Properties"] if len(mappings) == 1 else {}
+    checks.check(len(mappings) == 1 and mapping.get("FunctionName") == {"Ref": live[0] if live else None},
+                 "stream: one event source mapping, invoking the `live` alias")
+    checks.check(mapping.get("FunctionResponseTypes") == ["ReportBatchItemFailures"]
+                 and mapping.get("BisectBatchOnFunctionError") is True
+                 and mapping.get("StartingPosition") == "LATEST",
+                 "stream: partial-batch responses, bisect on error, from LATEST")
+    destination = mapping.get("DestinationConfig", {}).get("OnFailure", {}).get("Destination")
+    checks.check(destination == {"Fn::GetAtt": ["FailedRecordsQueue", "Arn"]},
+                 "stream: records given up go to the failed-records queue", json.dumps(destination))
+
+    rules = list(of_type(resources, "AWS::Events::Rule").values())
+    with open("events/scheduled-reconcile.json") as f:
+        expected_input = json.load(f)
+    targets = [t for r in rules for t in r["Properties"].get("Targets", [])]
+    inputs = [json.loads(t["Input"]) for t in targets if "Input" in t]
+    checks.check(inputs == [expected_input], "schedule: its input is events/scheduled-reconcile.json", json.dumps(inputs))
+    target_arns = [t.get("Arn") for t in targets]
+    checks.check(target_arns == [{"Ref": live[0] if live else None}], "schedule: invokes the `live` alias",
+                 json.dumps(target_arns))
+
+    for name, alarm in of_type(resources, "AWS::CloudWatch::Alarm").items():
+        props = alarm["Properties"]
+        namespace, metric = props["Namespace"], props["MetricName"]
+        known = metric in emitted_metrics if namespace == OWN_NAMESPACE else namespace in ("AWS/Lambda", "AWS/SQS")
+        checks.check(known, f"alarm {name}: watches {namespace}/{metric}, a metric that exists")
+    return live[0] if live else None
+
+
+def without_what_moto_lacks(cfn, alias):
+    """The template moto can create: where the alias is named, the function's ARN is."""
+    cfn = copy.deepcopy(cfn)
+    cfn["Resources"] = {n: r for n, r in cfn["Resources"].items() if r["Type"] not in NOT_IN_MOTO}
+
+    def swap(node):
+        if isinstance(node, dict):
+            if node == {"Ref": alias}:
+                return {"Fn::GetAtt": ["ExporterFunction", "Arn"]}
+            return {k: swap(v) for k, v in node.items() if not (k == "DependsOn" and v == alias)}
+        if isinstance(node, list):
+            return [swap(v) for v in node]
+        return node
+
+    return swap(cfn)
+
+
+def settings_table(ddb):
+    ddb.create_table(
+        TableName=SETTINGS_TABLE, BillingMode="PAY_PER_REQUEST",
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"},
+                              {"AttributeName": "sk", "AttributeType": "S"}],
+        StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"})
+    return ddb.describe_table(TableName=SETTINGS_TABLE)["Table"]["LatestStreamArn"]
+
+
+def create_stack(cfn, parameters):
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=ARTIFACTS, CreateBucketConfiguration={"LocationConstraint": os.environ["AWS_REGION"]})
+    artifact = io.BytesIO()
+    with zipfile.ZipFile(artifact, "w") as z:
+        # moto keeps the code, never runs it: the function binary itself runs below.
+        z.writestr("bootstrap", "#!/bin/sh\n")
+    s3.put_object(Bucket=ARTIFACTS, Key="function.zip", Body=artifact.getvalue())
+    cloudformation = boto3.client("cloudformation")
+    cloudformation.create_stack(
+        StackName=STACK, TemplateBody=json.dumps(cfn), Capabilities=["CAPABILITY_IAM"],
+        Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()])
+    for _ in range(100):
+        stack = cloudformation.describe_stacks(StackName=STACK)["Stacks"][0]
+        if not stack["StackStatus"].endswith("IN_PROGRESS"):
+            break
+        time.sleep(0.1)
+    resources = cloudformation.describe_stack_resources(StackName=STACK)["StackResources"]
+    return stack, {r["LogicalResourceId"]: r for r in resources}
+
+
+def wait_for_url(url, process):
+    for _ in range(300):
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing answers at {url}")
+
+
+def post(url, payload):
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=150) as answer:
+        return answer.headers.get("X-Amz-Function-Error"), json.loads(answer.read() or b"null")
+
+
+def run_as_configured(checks, args, function_name, configured, stream_arn, ledger_table, schedule_input):
+    """The function binary with the environment moto's Lambda holds, the outside world stood in."""
+    kv_port, keys_port, invoke_port = free_port(), free_port(), free_port()
+    env = dict(configured)
+    env["CLOUDFLARE_API_BASE_URL"] = f"http://127.0.0.1:{kv_port}/client/v4"
+    env["API_KEYS_SERVICE_URL"] = f"http://127.0.0.1:{keys_port}/cells/{{cell}}"
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
+        env[name] = os.environ[name]
+    processes = []
+    try:
+        kv = subprocess.Popen([args.emulators, "kv", "--port", str(kv_port), "--token", TOKEN,
+                               "--namespace", configured["CLOUDFLARE_KV_NAMESPACE_ID"],
+                               "--namespace", configured["CLOUDFLARE_QCFG_NAMESPACE_ID"]],
+                              stdout=subprocess.DEVNULL)
+        processes.append(kv)
+        keys = subprocess.Popen([args.emulators, "api-keys", "--port", str(keys_port), "--key", "*=deploy-check-key"],
+                                stdout=subprocess.DEVNULL)
+        processes.append(keys)
+        with tempfile.NamedTemporaryFile("w", suffix=".env", delete=False) as env_file:
+            env_file.write("".join(f"{k}={v}\n" for k, v in env.items()))
+        log = open(os.path.join(tempfile.gettempdir(), "deploy-check-function.log"), "w")
+        invoke = subprocess.Popen([args.emulators, "invoke", "--port", str(invoke_port), "--function", args.function,
+                                   "--env-file", env_file.name, "--timeout", str(args.timeout)],
+                                  stdout=log, stderr=subprocess.STDOUT)
+        processes.append(invoke)
+        wait_for_url(f"http://127.0.0.1:{kv_port}/__emulator/namespaces", kv)
+        wait_for_url(f"http://127.0.0.1:{invoke_port}/", invoke)
+        url = f"http://127.0.0.1:{invoke_port}/2015-03-31/functions/{function_name}/invocations"
+
+        with open("events/stream-insert.json") as f:
+            event = json.load(f)
+        for record in event["Records"]:
+            record["eventSourceARN"] = stream_arn
+        error, answer = post(url, event)
+        checks.check(error is None and answer == {"batchItemFailures": []},
+                     "invoked with a stream event of the stack's table: every record exported", json.dumps(answer))
+        image = event["Records"][0]["dynamodb"]["NewImage"]
+        shop, index_id = image["shop_id"]["S"], f"{image['pk']['S']}-{image['sk']['S'].removeprefix('INDEX#')}"
+        namespace = f"{configured['CLOUDFLARE_ACCOUNT_ID']}/{configured['CLOUDFLARE_KV_NAMESPACE_ID']}"
+        held = json.load(urllib.request.urlopen(f"http://127.0.0.1:{kv_port}/__emulator/namespaces"))
+        value = json.loads(held.get(namespace, {}).get(shop, "null"))
+        checks.check(isinstance(value, dict) and value.get("index_id") == index_id,
+                     f"KV namespace `{namespace}`: the shop key `{shop}` holds `{index_id}`", json.dumps(held)[:300])
+
+        error, answer = post(url, schedule_input)
+        checks.check(error is None and isinstance(answer, dict) and answer.get("scheduled") is True
+                     and answer.get("ran") is True,
+                     "invoked with the schedule's input: a scheduled reconcile ran", json.dumps(answer)[:300])
+        ddb = boto3.client("dynamodb")
+        progress = ddb.get_item(TableName=ledger_table, Key={"pk": {"S": "reconcile"}, "sk": {"S": "progress"}},
+                                ConsistentRead=True).get("Item")
+        checks.check(progress is not None, f"the stack's ledger table `{ledger_table}` holds the reconcile's pass")
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=10)
+
+
+def emitted_metrics():
+    """Every capitalised string literal of src/: the metric names the function emits among them."""
+    names = set()
+    for root, _, files in os.walk("src"):
+        for name in files:
+            with open(os.path.join(root, name)) as f:
+                names.update(re.findall(r'"([A-Z][A-Za-z]+)"', f.read()))
+    return names
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--function", required=True)
+    parser.add_argument("--emulators", required=True)
+    parser.add_argument("--timeout", type=int, default=120)
+    args = parser.parse_args()
+    for binary in (args.function, args.emulators):
+        if not os.access(binary, os.X_OK):
+            print(f"deploy-check: {binary} is not built: run `make bins` (make test builds it too)")
+            return 1
+    checks = Checks()
+    # boto3 (and so the translator) reads the region from AWS_DEFAULT_REGION.
+    os.environ.setdefault("AWS_DEFAULT_REGION", os.environ["AWS_REGION"])
+
+    stream_arn = settings_table(boto3.client("dynamodb"))
+    boto3.client("secretsmanager").create_secret(Name=SECRET, SecretString=TOKEN)
+    parameters = {
+        "Environment": ENV,
+        "SettingsTableName": SETTINGS_TABLE,
+        "SettingsTableStreamArn": stream_arn,
+        "CloudflareAccountId": "deploy-check-account",
+        "CloudflareKvNamespaceId": "settings",
+        "CloudflareQcfgNamespaceId": "qcfg",
+        "CloudflareApiTokenSecretId": SECRET,
+        "ApiKeysServiceUrl": "https://api-keys.invalid/cells/{cell}",
+    }
+    started = time.monotonic()
+    cfn = translate("template.yaml", parameters)
+    checks.check("Transform" not in cfn, f"template.yaml translated ({time.monotonic() - started:.1f} s)")
+    alias = check_translated(checks, cfn, emitted_metrics())
+
+    stack, resources = create_stack(without_what_moto_lacks(cfn, alias), parameters)
+    checks.check(stack["StackStatus"] == "CREATE_COMPLETE", f"stack created in moto ({len(resources)} resources)",
+                 stack.get("StackStatusReason", stack["StackStatus"]))
+    if stack["StackStatus"] != "CREATE_COMPLETE":
+        return finish(checks)
+
+    function_name = resources["ExporterFunction"]["PhysicalResourceId"]
+    configuration = boto3.client("lambda").get_function_configuration(FunctionName=function_name)
+    configured = configuration["Environment"]["Variables"]
+    ledger_table = resources["LedgerTable"]["PhysicalResourceId"]
+    checks.check(configured.get("LEDGER_TABLE_NAME") == ledger_table == f"{ENV}-EcomSettingsExporterLedger",
+                 f"function `{function_name}`: its ledger is the table the stack made", json.dumps(configured)[:300])
+    keys = boto3.client("dynamodb").describe_table(TableName=ledger_table)["Table"]["KeySchema"]
+    checks.check(sorted((k["AttributeName"], k["KeyType"]) for k in keys) == [("pk", "HASH"), ("sk", "RANGE")],
+                 "ledger table: pk / sk")
+    mappings = boto3.client("lambda").list_event_source_mappings()["EventSourceMappings"]
+    checks.check([(m["EventSourceArn"], m["FunctionArn"]) for m in mappings] == [(stream_arn, configuration["FunctionArn"])],
+                 "event source mapping from the table's stream to the function", json.dumps(mappings, default=str)[:400])
+    events = boto3.client("events")
+    rule = next(r for r in resources.values() if r["ResourceType"] == "AWS::Events::Rule")["PhysicalResourceId"]
+    target = events.list_targets_by_rule(Rule=rule)["Targets"][0]
+    run_as_configured(checks, args, function_name, configured, stream_arn, ledger_table, json.loads(target["Input"]))
+    return finish(checks)
+
+
+def finish(checks):
+    print(f"deploy-check: {checks.passed} passed, {checks.failed} failed")
+    return 1 if checks.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
