@@ -229,6 +229,15 @@ pub trait SettingsTable: Send + Sync {
         index: &IndexRef,
     ) -> impl Future<Output = Result<Option<Item>, PortError>> + Send;
 
+    /// Every record of `account` from `INDEX#{first}` through the overrides of `INDEX#{last}`,
+    /// in sort key order (a consistent, paginated Query): a run of indexes read at once.
+    fn index_range(
+        &self,
+        account: &str,
+        first: &str,
+        last: &str,
+    ) -> impl Future<Output = Result<Vec<Item>, PortError>> + Send;
+
     /// Which of `indexes` have a settings record, and each one's shop (consistent reads).
     fn index_shops(
         &self,

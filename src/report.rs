@@ -38,6 +38,17 @@ pub struct RecordReport {
     pub outcome: Outcome,
 }
 
+/// A key an operator wrote or deleted: its record's position, the index whose key it is (for a
+/// repair's delete, the index it was written for), and the digest of the value put (`None`:
+/// deleted).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Landed {
+    pub key: KvKey,
+    pub record: usize,
+    pub index: Option<IndexRef>,
+    pub digest: Option<String>,
+}
+
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct BatchReport {
     pub records: Vec<RecordReport>,
@@ -52,13 +63,9 @@ pub struct BatchReport {
     /// The keys applied, per namespace, for the manual re-export's summary.
     pub written: Vec<KvKey>,
     pub deleted: Vec<KvKey>,
-    /// Keys an operator did not write: another writer claimed them during its run.
-    pub left: Vec<KvKey>,
-    pub keys_left: usize,
-    /// An operator's keys claimed by another writer while it wrote them (its value may have
-    /// landed last): the owning record's position and, for a repair's delete, the index the
-    /// key was written for. Written again from a new read before the report is final.
-    pub lost: Vec<(KvKey, usize, Option<IndexRef>)>,
+    /// An operator's keys that landed, checked against the table as it is after the write
+    /// before the report is final (docs/contract.md, "Concurrent writers").
+    pub landed: Vec<Landed>,
 }
 
 impl BatchReport {
@@ -89,7 +96,6 @@ impl BatchReport {
             kv_retries = self.kv_retries,
             keys_written = self.keys_written,
             keys_deleted = self.keys_deleted,
-            keys_left = self.keys_left,
             api_key_calls = self.api_keys.calls,
             api_key_cache_hits = self.api_keys.cache_hits,
             "batch done"

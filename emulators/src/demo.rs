@@ -316,7 +316,7 @@ fn check_at_the_edge(stack: &Stack, report: &mut DemoReport) {
                 && search["override"] == search["expected"]
                 && search["override"] != Value::Null;
             let detail = format!(
-                "{} keys parsed; {} -> {}, {:?} -> {}",
+                "{} keys parsed; {} -> {}, {} -> {}",
                 report["settings_read"],
                 search["shop"],
                 search["index_id"],

@@ -240,6 +240,45 @@ impl SettingsTable for DynamoSettingsTable {
         Ok(answer.item.map(Item::from))
     }
 
+    async fn index_range(
+        &self,
+        account: &str,
+        first: &str,
+        last: &str,
+    ) -> Result<Vec<Item>, PortError> {
+        // Every sort key that begins with `INDEX#{last}` follows it in one run: past that run
+        // (or past the account), the range is read.
+        let last = format!("INDEX#{last}");
+        let mut items = Vec::new();
+        let mut start = None;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table_name)
+                .key_condition_expression("pk = :pk AND sk >= :first")
+                .expression_attribute_values(":pk", AttributeValue::S(account.to_owned()))
+                .expression_attribute_values(":first", AttributeValue::S(format!("INDEX#{first}")))
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| self.error("Query", e))?;
+            for item in page.items.unwrap_or_default() {
+                let item = Item::from(item);
+                let sk = string_attribute(&item, "sk").unwrap_or_default();
+                if sk > last.as_str() && !sk.starts_with(&last) {
+                    return Ok(items);
+                }
+                items.push(item);
+            }
+            match page.last_evaluated_key {
+                Some(key) => start = Some(key),
+                None => return Ok(items),
+            }
+        }
+    }
+
     async fn index_shops(
         &self,
         indexes: &[IndexRef],

@@ -1,7 +1,6 @@
 //! The export ledger, the function's own DynamoDB table (`LEDGER_TABLE_NAME`; `pk`, `sk`
 //! strings). It holds a claim per KV key the function writes ([`claims`]), each index's
-//! references ([`refs`]), the clock claims are stamped with (`pk = sk = "clock"`, `time`), and
-//! where a scheduled reconcile stands (`pk = "reconcile"`, `sk = "progress"`); progress writes
+//! references ([`refs`]), and where a scheduled reconcile stands (`pk = "reconcile"`, `sk = "progress"`); progress writes
 //! are conditional on the version read, so two invocations never both take a pass.
 
 use std::collections::HashMap;
@@ -25,7 +24,6 @@ mod refs;
 
 const PROGRESS_PK: &str = "reconcile";
 const PROGRESS_SK: &str = "progress";
-const CLOCK: &str = "clock";
 /// A delete's claim matters while a writer that read before it may still be running (one
 /// invocation, 15 minutes at most); the table's TTL forgets it two days later.
 const CLAIM_KEPT_SECONDS: u64 = 2 * 24 * 3600;
@@ -242,28 +240,6 @@ fn put_request(item: HashMap<String, AttributeValue>) -> WriteRequest {
 impl Ledger for DynamoLedger {
     fn enabled(&self) -> bool {
         self.table_name.is_some()
-    }
-
-    async fn tick(&self) -> Result<u64, PortError> {
-        let answer = self
-            .client
-            .update_item()
-            .table_name(self.table()?)
-            .set_key(Some(table_key(CLOCK.into(), CLOCK)))
-            .update_expression("ADD #time :one")
-            .expression_attribute_names("#time", "time")
-            .expression_attribute_values(":one", AttributeValue::N("1".into()))
-            .return_values(aws_sdk_dynamodb::types::ReturnValue::UpdatedNew)
-            .send()
-            .await
-            .map_err(|e| self.error("UpdateItem", e))?;
-        let time = answer.attributes.as_ref().and_then(|a| number(a, "time"));
-        time.ok_or_else(|| PortError::Transient("the ledger's clock answered no time".into()))
-    }
-
-    async fn time(&self) -> Result<u64, PortError> {
-        let clock = self.get_one(CLOCK, CLOCK).await?;
-        Ok(clock.as_ref().and_then(|i| number(i, "time")).unwrap_or(0))
     }
 
     async fn references_complete(&self) -> Result<bool, PortError> {

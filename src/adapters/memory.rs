@@ -103,6 +103,9 @@ impl SettingsTable for CountingTable {
     async fn index_settings(&self, _: &IndexRef) -> Result<Option<Item>, PortError> {
         Ok(None)
     }
+    async fn index_range(&self, _: &str, _: &str, _: &str) -> Result<Vec<Item>, PortError> {
+        Ok(vec![])
+    }
     async fn index_shops(
         &self,
         _: &[IndexRef],

@@ -149,12 +149,11 @@ async fn send<P: Ports>(
     dry_run: bool,
     records: Vec<ChangeRecord>,
     run: Run,
-    read_since: u64,
     deadline: Instant,
 ) -> BatchReport {
     let report = match dry_run {
         true => dry_report(exporter.prepare(records, run, deadline).await),
-        false => (exporter.export_read_at(records, run, read_since, deadline)).await,
+        false => exporter.export(records, run, deadline).await,
     };
     match dry_run {
         true => report.log_dry_run(),
@@ -279,8 +278,6 @@ pub async fn run<P: Ports>(
     let mut pass = Pass {
         exporter,
         request,
-        // Before the first page: keys another writer claims after it are left to them.
-        read_since: exporter.begin_reading(deadline).await,
         deadline,
         tally: Tally::default(),
         runs: Runs::new(request.include_query_configs, start.clone()),
@@ -345,8 +342,6 @@ pub async fn run<P: Ports>(
 struct Pass<'a, P: Ports> {
     exporter: &'a Exporter<P>,
     request: &'a BackfillRequest,
-    /// When this invocation began reading the table (ms since the epoch).
-    read_since: u64,
     deadline: Instant,
     tally: Tally,
     runs: Runs,
@@ -369,8 +364,7 @@ impl<P: Ports> Pass<'_, P> {
         };
         let records = records.into_iter().map(|(record, _)| record).collect();
         let dry_run = self.request.dry_run;
-        let since = self.read_since;
-        let report = send(self.exporter, dry_run, records, run, since, self.deadline).await;
+        let report = send(self.exporter, dry_run, records, run, self.deadline).await;
         if self.tally.add(&report) {
             return false;
         }

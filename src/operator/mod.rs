@@ -268,17 +268,12 @@ fn rejected<'a>(outcomes: impl Iterator<Item = &'a Outcome>) -> Vec<Rejected> {
 pub struct KeyChanges {
     pub written: Vec<String>,
     pub deleted: Vec<String>,
-    /// Keys not repaired: another writer wrote them during this run (theirs is newer).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub left_to_other_writers: Vec<String>,
 }
 
 impl KeyChanges {
     fn add(&mut self, more: KeyChanges) {
         self.written.extend(more.written);
         self.deleted.extend(more.deleted);
-        self.left_to_other_writers
-            .extend(more.left_to_other_writers);
     }
 
     fn of(written: &[KvKey], deleted: &[KvKey]) -> Self {
@@ -286,7 +281,6 @@ impl KeyChanges {
         Self {
             written: names(written),
             deleted: names(deleted),
-            left_to_other_writers: Vec::new(),
         }
     }
 }

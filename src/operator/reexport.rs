@@ -49,9 +49,6 @@ pub struct Exported {
     pub index_name: String,
     pub written: WrittenKeys,
     pub keys_written: usize,
-    /// Keys not written: another writer wrote them during this run (theirs is newer).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub left_to_other_writers: Vec<String>,
     pub query_configs_exported: usize,
     pub rejected: Vec<Rejected>,
     /// `false`: the index's query configs go on with the token (each invocation a piece).
@@ -118,8 +115,6 @@ pub async fn run<P: Ports>(
         Some(token) => Some(decode_token(&token.0)?),
         None => None,
     };
-    // Keys another writer claims from now on are left to it (docs/contract.md).
-    let read_since = exporter.begin_reading(deadline).await;
     // An index whose query configs need several pieces goes on with a token; no invocation
     // works past half the time it has.
     let began = Instant::now();
@@ -137,7 +132,6 @@ pub async fn run<P: Ports>(
             ensure_ready(index, &prepared)?;
             answer.preview(&prepared);
         } else {
-            prepared.read_epoch = Some(read_since);
             let report = exporter.apply(prepared, deadline).await;
             report.log();
             ensure_exported(index, &report)?;
@@ -178,7 +172,6 @@ impl Answer {
                     query_configs: Vec::new(),
                 },
                 keys_written: 0,
-                left_to_other_writers: Vec::new(),
                 query_configs_exported: 0,
                 rejected: Vec::new(),
                 complete: true,
@@ -222,9 +215,6 @@ impl Answer {
             .query_configs
             .extend(names_in(&report.written, Namespace::QueryConfigs));
         exported.keys_written += report.keys_written;
-        exported
-            .left_to_other_writers
-            .extend(report.left.iter().map(|k| k.key.clone()));
         // The first piece begins with the settings record.
         let configs = report.records.iter().skip(usize::from(first));
         exported.query_configs_exported +=

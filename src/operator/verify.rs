@@ -142,8 +142,6 @@ pub async fn run<P: Ports>(
         Some(token) => Some(decode_token(&token.0)?),
         None => None,
     };
-    // Keys another writer claims from now on are left to it (docs/contract.md).
-    let read_since = exporter.begin_reading(deadline).await;
     // An index whose query configs need several pieces goes on with a token; no invocation
     // works past half the time it has.
     let began = Instant::now();
@@ -167,7 +165,6 @@ pub async fn run<P: Ports>(
         }
         answer.add(&check.drift);
         if request.repair {
-            prepared.read_epoch = Some(read_since);
             answer
                 .repair(exporter, request, prepared, &check.drift, deadline)
                 .await?;
@@ -357,8 +354,7 @@ impl Answer {
         }
         let report = exporter.repair(prepared, &writes, deletes, deadline).await;
         ensure_exported(&index, &report)?;
-        let mut repaired = KeyChanges::of(&report.written, &report.deleted);
-        repaired.left_to_other_writers = report.left.iter().map(|k| k.key.clone()).collect();
+        let repaired = KeyChanges::of(&report.written, &report.deleted);
         self.repaired
             .get_or_insert_with(KeyChanges::default)
             .add(repaired);

@@ -18,8 +18,8 @@ use crate::report::{BatchReport, Outcome};
 
 mod apply;
 mod claims;
+mod converge;
 mod lookups;
-mod lost;
 mod reads;
 mod references;
 
@@ -123,10 +123,6 @@ pub struct Prepared {
     pub plan: plan::Plan,
     pub api_keys: LookupCounts,
     pub run: Run,
-    /// An operator's ledger time from before it read the records
-    /// ([`Exporter::begin_reading`]): keys claimed since are left to their writers. `None`:
-    /// taken when sending (an operator that read the table before should set it).
-    pub read_epoch: Option<u64>,
     /// The stream's claims of derived keys, read before what they depend on.
     reads: StreamReads,
     /// Keys a repair deletes, with the index whose key each one was.
@@ -155,7 +151,6 @@ impl Prepared {
             },
             api_keys: LookupCounts::default(),
             run,
-            read_epoch: None,
             reads: StreamReads::default(),
             delete_owners: HashMap::new(),
             known_refs: None,
@@ -274,28 +269,14 @@ impl<P: Ports> Exporter<P> {
     ) -> BatchReport {
         let prepared = self.prepare(records, run, deadline).await;
         let mut report = self.apply_reusing(prepared, deadline, buffer).await;
-        self.write_lost_again(&mut report, deadline).await;
+        self.converge(&mut report, deadline).await;
         report
-    }
-
-    /// [`Exporter::export`] for an operator that read `records` from the table at
-    /// ledger time `read_epoch` ([`Exporter::begin_reading`]).
-    pub async fn export_read_at(
-        &self,
-        records: Vec<ChangeRecord>,
-        run: Run,
-        read_epoch: u64,
-        deadline: Instant,
-    ) -> BatchReport {
-        let mut prepared = self.prepare(records, run, deadline).await;
-        prepared.read_epoch = Some(read_epoch);
-        self.apply(prepared, deadline).await
     }
 
     /// A repair (verify, reconcile): of the planned operations only the keys in `writes`, and
     /// the `deletes` (each with the index it was written for, when known), under the claims
-    /// every operator takes: a key another writer claimed since the table was read is left to
-    /// it, and a key claimed while this one wrote it is read again and written once more.
+    /// every operator takes: a key another writer claimed while this one wrote it is
+    /// recomputed from the table as it is now and written again.
     pub async fn repair(
         &self,
         mut prepared: Prepared,
@@ -380,7 +361,6 @@ impl<P: Ports> Exporter<P> {
             plan,
             api_keys,
             run,
-            read_epoch: None,
             reads,
             delete_owners: HashMap::new(),
             known_refs,
@@ -393,7 +373,7 @@ impl<P: Ports> Exporter<P> {
     /// lost").
     pub async fn apply(&self, prepared: Prepared, deadline: Instant) -> BatchReport {
         let mut report = self.apply_reusing(prepared, deadline, Vec::new()).await;
-        self.write_lost_again(&mut report, deadline).await;
+        self.converge(&mut report, deadline).await;
         report
     }
 }
@@ -408,7 +388,8 @@ mod tests {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
 
-    fn exporter(kv: MemoryKv) -> Exporter<(MemoryKv, SameKey, CountingTable, NoLedger)> {
+    /// The core over in-memory KV, one API key and an empty table (shared with `converge`).
+    pub(super) fn exporter(kv: MemoryKv) -> Exporter<(MemoryKv, SameKey, CountingTable, NoLedger)> {
         Exporter::new(
             kv,
             ApiKeyCache::new(SameKey, Duration::from_secs(60)),

@@ -1,6 +1,5 @@
 //! The function's own table as the core sees it: claims on KV keys, each index's references,
-//! the clock operators tick, and a scheduled reconcile's progress (docs/contract.md,
-//! "Concurrent writers").
+//! and a scheduled reconcile's progress (docs/contract.md, "Concurrent writers").
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -30,10 +29,8 @@ pub struct ReconcileProgress {
 /// writers"): the last claim of a key names the last writer that may still be writing it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claim {
-    /// Unique to one writer's run.
+    /// Unique to one writer's run: a read-back that finds another token finds another writer.
     pub token: String,
-    /// The ledger's clock when the writer began reading what it writes (see [`Ledger::tick`]).
-    pub epoch: u64,
     /// The index whose value the writer puts under the key (`None`: it deletes the key).
     pub owner: Option<IndexRef>,
     /// The digest of the value put (the key metadata's); `None` for a delete, or when KV is
@@ -88,14 +85,6 @@ pub trait Ledger: Send + Sync {
     fn enabled(&self) -> bool {
         true
     }
-
-    /// Moves the ledger's clock on and answers the new time: an operator ticks before it reads
-    /// the table, so a claim stamped with this time or later was taken by a writer that began
-    /// after it (a clock in DynamoDB: no two machines' clocks are compared).
-    fn tick(&self) -> impl Future<Output = Result<u64, PortError>> + Send;
-
-    /// The ledger's clock now (consistent read; 0 before the first tick).
-    fn time(&self) -> impl Future<Output = Result<u64, PortError>> + Send;
 
     /// Whether every index's references were recorded (a full backfill completed): only
     /// then can a missing referrer be taken to mean none.
@@ -193,14 +182,6 @@ pub struct NoLedger;
 impl Ledger for NoLedger {
     fn enabled(&self) -> bool {
         false
-    }
-
-    async fn tick(&self) -> Result<u64, PortError> {
-        Err(no_ledger())
-    }
-
-    async fn time(&self) -> Result<u64, PortError> {
-        Err(no_ledger())
     }
 
     async fn references_complete(&self) -> Result<bool, PortError> {

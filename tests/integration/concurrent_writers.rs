@@ -91,10 +91,9 @@ async fn a_reconcile_repair_leaves_what_the_stream_wrote_while_it_ran() {
     };
     let (answer, ()) = tokio::join!(run, race);
 
-    // Both keys, and the filter `kept` had none of (so it was read too), are drift to the
-    // reconcile's older snapshot, and the stream wrote them since: left alone.
-    assert_eq!(answer["repaired"]["written"], 0, "{answer}");
-    assert_eq!(answer["repaired"]["deleted"], 0, "{answer}");
+    // Both keys, and the filter `kept` had none of, are drift to the reconcile's older
+    // snapshot; its repairs landed after the stream's writes, and its check of what it wrote
+    // against the table as it is now wrote the stream's values back (deleted the removed one).
     assert_eq!(
         answer["samples"]["settings"]["stale"],
         json!(["acct-changed"])
@@ -103,7 +102,10 @@ async fn a_reconcile_repair_leaves_what_the_stream_wrote_while_it_ran() {
         answer["samples"]["settings"]["missing"],
         json!(["acct-removed"])
     );
-    assert_eq!(answer["repaired"]["left_to_other_writers"], 3, "{answer}");
+    assert!(
+        answer["repaired"].get("left_to_other_writers").is_none(),
+        "{answer}"
+    );
     assert!(h.settings("acct-new").is_some(), "the new index is kept");
     assert_eq!(
         endpoint_of(&h, "acct-changed").as_deref(),
@@ -184,11 +186,14 @@ async fn a_verify_repair_keeps_an_override_added_while_it_ran() {
     };
     let (answer, ()) = tokio::join!(run, race);
 
+    // Its repair deleted `sandals` as unexpected to its older snapshot (the delete landed
+    // after the stream's write), then found the override in the table and wrote it back.
     let sandals = qcfg_key("acct", "shoes", "sandals");
-    assert_eq!(answer["repaired"]["deleted"], json!([]), "{answer}");
-    let left = answer["repaired"]["left_to_other_writers"].to_string();
-    assert!(left.contains(&sandals), "{answer}");
-    assert!(h.query_config(&sandals).is_some(), "the new override stays");
+    assert_eq!(answer["in_sync"], false, "{answer}");
+    assert!(
+        h.query_config(&sandals).is_some(),
+        "the new override stays: {answer}"
+    );
     assert_eq!(filter_queries(&h, "acct", "shoes"), 2);
 }
 
@@ -218,8 +223,8 @@ async fn a_reexport_that_lands_after_the_stream_writes_the_newer_settings_again(
     };
     let (answer, ()) = tokio::join!(run, race);
 
-    // The held write landed last with the old settings; the re-export saw it lost the key
-    // and wrote it again from a new read.
+    // The held write landed last with the old settings; the re-export's check against the
+    // table as it is now wrote the newer settings again.
     assert_eq!(answer["keys_written"], 1, "{answer}");
     assert_eq!(
         endpoint_of(&h, "acct-shoes").as_deref(),
@@ -401,4 +406,34 @@ async fn a_repoint_that_lands_after_the_claimer_s_own_write_is_written_again() {
         endpoint_of(&h, SHOP).as_deref(),
         Some("https://changed.idx.example")
     );
+}
+
+#[tokio::test]
+async fn a_reexport_that_lands_after_the_index_was_removed_deletes_it_again() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct", "marqo-key");
+    h.put(index_item("acct", "gone", None)).await;
+    h.export_stream().await;
+    let reexport = Writer::start(&h).await;
+    let stream = Writer::start(&h).await;
+
+    // The re-export read the index; its write is held while the index is removed and the
+    // stream deletes its key.
+    h.kv.hold("bulk", Some("acct-gone"));
+    let run = reexport.invoke(json!({"system_account_id": "acct", "index_name": "gone"}));
+    let race = async {
+        until_held(&h).await;
+        h.delete("acct", "INDEX#gone").await;
+        let records = h.stream_records().await;
+        let answer = stream.invoke(json!({ "Records": records })).await;
+        assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+        assert!(h.settings("acct-gone").is_none());
+        h.kv.release();
+    };
+    let (answer, ()) = tokio::join!(run, race);
+
+    // The older write landed last; the check against the table found no index, and deleted
+    // the key again: a removed index is not served.
+    assert!(h.settings("acct-gone").is_none(), "written back: {answer}");
+    assert_eq!(answer["keys_written"], 0, "{answer}");
 }

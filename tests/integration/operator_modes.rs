@@ -488,14 +488,14 @@ async fn a_backfill_whose_ledger_claims_slowly_answers_before_its_deadline_and_r
     }
 }
 
-/// An operator's first step ticks the ledger's clock (an UpdateItem): a clock that does not
-/// answer is given up at the deadline like every other ledger write, not waited on past it.
+/// An operator claims its keys before it writes them (a BatchWriteItem): claims that do not
+/// answer are given up at the deadline like every other ledger write, not waited on past it.
 #[tokio::test]
-async fn a_reexport_whose_ledger_clock_hangs_answers_before_its_deadline() {
+async fn a_reexport_whose_ledger_claims_hang_answers_before_its_deadline() {
     let h = products().await;
-    // The function's only UpdateItem before it claims is the clock's tick.
+    // A re-export's only ledger writes are its claims.
     let lag = std::time::Duration::from_secs(30);
-    let (ledger, runtime, function) = behind_a_lagging_ledger(&h, "UpdateItem", lag).await;
+    let (ledger, runtime, function) = behind_a_lagging_ledger(&h, "BatchWriteItem", lag).await;
     let request = json!({"system_account_id": "acct-1", "index_name": "products"});
 
     let started = std::time::Instant::now();
@@ -514,7 +514,7 @@ async fn a_reexport_whose_ledger_clock_hangs_answers_before_its_deadline() {
     assert!(message.contains("invocation deadline"), "{error}");
     let logs = function.output();
     assert!(
-        logs.contains("ledger clock: stopped at the invocation deadline"),
+        logs.contains("ledger claims: stopped at the invocation deadline"),
         "{logs}"
     );
     assert!(h.settings("acct-1-products").is_none());

@@ -204,7 +204,9 @@ async fn scheduled_until_complete(runtime: &RuntimeApi, function: &Function) -> 
         if answer["complete"] == true {
             return runs;
         }
-        assert!(runs.len() < 8, "the pass never completes: {runs:#?}");
+        // Alone, 2 or 3 runs; beside the suite's heavy tests on 2 cores each run gets less
+        // done. A pass that never advances (the failure this guards) never completes at all.
+        assert!(runs.len() < 16, "the pass never completes: {runs:#?}");
     }
 }
 

@@ -1,7 +1,6 @@
 //! Claims on KV keys in the ledger (docs/contract.md, "Concurrent writers"): one item per key,
-//! `pk = "kv#{namespace}#{bucket}"`, `sk = "{key}"`, holding the last writer's `token`, the
-//! ledger time it began reading (`epoch`), whose value it put (`owner_account`, `owner_index`;
-//! none for a delete) and that value's `digest`. A claim on a live value is kept for good: the
+//! `pk = "kv#{namespace}#{bucket}"`, `sk = "{key}"`, holding the last writer's `token`, whose
+//! value it put (`owner_account`, `owner_index`; none for a delete) and that value's `digest`. A claim on a live value is kept for good: the
 //! claims are the ledger's record of what KV holds, listed in key order beside KV's own listing
 //! by a reconcile. A delete's claim is forgotten by the table's TTL two days later. The bucket
 //! (the first hex digit of the key's SHA-256) spreads a batch's writes over 16 partitions;
@@ -15,7 +14,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use futures::StreamExt as _;
 use sha2::{Digest as _, Sha256};
 
-use super::{expires_at, number, put_request, table_key, text, DynamoLedger};
+use super::{expires_at, put_request, table_key, text, DynamoLedger};
 use crate::domain::{IndexRef, KvKey, Namespace};
 use crate::ports::{Claim, KeyClaim, PortError};
 
@@ -56,7 +55,6 @@ pub(super) fn claim_item(write: &KeyClaim, claim: &Claim) -> HashMap<String, Att
         item.insert("query".into(), s(query));
     }
     item.insert("token".into(), s(&claim.token));
-    item.insert("epoch".into(), AttributeValue::N(claim.epoch.to_string()));
     if write.owner.is_none() {
         // A delete's claim matters while a writer that read before it may still run.
         item.insert("expires_at".into(), expires_at());
@@ -73,7 +71,6 @@ pub(super) fn claim_of(item: &HashMap<String, AttributeValue>) -> Option<(KvKey,
     };
     let claim = Claim {
         token: text(item, "token")?,
-        epoch: number(item, "epoch").unwrap_or_default(),
         owner: text(item, "owner_account")
             .zip(text(item, "owner_index"))
             .map(|(account, index)| IndexRef::new(account, index)),
@@ -248,7 +245,6 @@ mod tests {
             },
             &Claim {
                 token: "t".into(),
-                epoch: 7,
                 owner: None,
                 digest: None,
                 query: None,

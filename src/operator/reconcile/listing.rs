@@ -73,8 +73,6 @@ pub(super) async fn run<P: Ports>(
     // The listing takes half the time at most: the rest is the repair's.
     let started = Instant::now();
     let stop_at = started + deadline.saturating_duration_since(started) / 2;
-    // Keys another writer claims from now on are left to it (docs/contract.md).
-    let read_since = exporter.begin_reading(deadline).await;
     let (implied, prepared) = implied(exporter, account, &mut requests, deadline).await?;
     let listing = Listing {
         exporter,
@@ -109,13 +107,10 @@ pub(super) async fn run<P: Ports>(
         let repair = Repaired {
             written: to_write.len(),
             deleted: to_delete.len(),
-            left_to_other_writers: 0,
         };
         if request.dry_run {
             answer.would_repair = Some(repair);
         } else if repair.written + repair.deleted > 0 {
-            let mut prepared = prepared;
-            prepared.read_epoch = Some(read_since);
             let deletes = to_delete.into_iter().collect();
             let repair = repair_drift(exporter, prepared, to_write, deletes, deadline).await;
             let again = Position {
@@ -175,7 +170,6 @@ async fn repair_drift<P: Ports>(
     let repaired = Repaired {
         written: report.keys_written,
         deleted: report.keys_deleted,
-        left_to_other_writers: report.keys_left,
     };
     Ok((repaired, report.kv_requests))
 }

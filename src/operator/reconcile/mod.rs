@@ -119,13 +119,6 @@ impl<T> PerNamespace<T> {
 pub struct Repaired {
     pub written: usize,
     pub deleted: usize,
-    /// Drift not repaired: another writer wrote the key during this run (checked next pass).
-    #[serde(skip_serializing_if = "is_zero")]
-    pub left_to_other_writers: usize,
-}
-
-fn is_zero(n: &usize) -> bool {
-    *n == 0
 }
 
 #[derive(Debug, Default, Serialize)]

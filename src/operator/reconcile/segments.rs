@@ -93,7 +93,6 @@ pub(super) async fn run<P: Ports>(
     let mut pass = Pass {
         exporter,
         request,
-        read_since: exporter.begin_reading(deadline).await,
         deadline,
         found: Found::default(),
         requests: Requests::default(),
@@ -136,8 +135,6 @@ pub(super) async fn run<P: Ports>(
 struct Pass<'a, P: Ports> {
     exporter: &'a Exporter<P>,
     request: &'a ReconcileRequest,
-    /// The ledger time taken before anything was read: keys claimed since are left alone.
-    read_since: u64,
     deadline: Instant,
     found: Found,
     requests: Requests,
@@ -186,17 +183,15 @@ impl<P: Ports> Pass<'_, P> {
             return Ok(());
         }
         let (exporter, deadline) = (self.exporter, self.deadline);
-        let mut prepared = match prepared {
+        let prepared = match prepared {
             Some(prepared) => prepared,
             None => exporter.prepare(Vec::new(), Run::OPERATOR, deadline).await,
         };
-        prepared.read_epoch = Some(self.read_since);
         let report = exporter.repair(prepared, &writes, deletes, deadline).await;
         report.log();
         self.requests.kv_repair += report.kv_requests;
         self.repaired.written += report.keys_written;
         self.repaired.deleted += report.keys_deleted;
-        self.repaired.left_to_other_writers += report.keys_left;
         match report.records.iter().find_map(|r| match &r.outcome {
             Outcome::Failed(reason) => Some(reason.clone()),
             _ => None,
@@ -223,7 +218,6 @@ impl<P: Ports> Pass<'_, P> {
                 .map(|r| Repaired {
                     written: r.written,
                     deleted: r.deleted,
-                    left_to_other_writers: 0,
                 }),
             repaired: repaired.filter(|_| !request.dry_run),
             requests: self.requests,

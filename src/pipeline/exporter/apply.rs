@@ -7,14 +7,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use tokio::time::Instant;
 
 use super::claims::{Guard, Planned};
-use super::{references, Exporter, Prepared, Run};
+use super::{references, Exporter, Prepared};
 use crate::domain::qfilter::filter_key;
 use crate::domain::validate;
 use crate::domain::{IndexRef, KvAction, KvKey, KvOp};
 use crate::pipeline::plan::{Plan, PlannedOp};
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{KvCounters, KvStore, Ledger, PortError, Ports};
-use crate::report::{BatchReport, Outcome, RecordReport};
+use crate::report::{BatchReport, Landed, Outcome, RecordReport};
 
 /// DynamoDB Streams keeps a record this long; no real record is older when it is exported.
 const STREAM_RETENTION_SECONDS: f64 = 24.0 * 3600.0;
@@ -27,8 +27,9 @@ struct Sent {
     /// Keys that did not land, and why: a refused claim, a failed request, an index key held
     /// back because its old shop key was not deleted, a stream key another writer took.
     failed: HashMap<KvKey, PortError>,
-    /// An operator's keys another writer claimed while it wrote them: written again later.
-    lost: HashSet<KvKey>,
+    /// An operator's keys: the digest of each value put (`None`: a delete), to be checked
+    /// against the table once they landed.
+    digests: Option<HashMap<KvKey, Option<String>>>,
 }
 
 impl<P: Ports> Exporter<P> {
@@ -43,7 +44,6 @@ impl<P: Ports> Exporter<P> {
             plan,
             api_keys,
             run,
-            read_epoch,
             reads,
             delete_owners,
             known_refs,
@@ -52,7 +52,7 @@ impl<P: Ports> Exporter<P> {
         let planned = self.planned(&records, &plan);
         let (records, created_at) = identities(records);
         let before = self.kv.counters();
-        let guard = self.claim(planned, run, read_epoch, &reads, deadline).await;
+        let guard = self.claim(planned, run, &reads, deadline).await;
         for (key, note) in &guard.dropped {
             tracing::info!(key = %validate::cut(&key.key), "{note}");
         }
@@ -63,9 +63,13 @@ impl<P: Ports> Exporter<P> {
             filters,
             ..
         } = plan;
+        let digests = (!run.is_stream()).then(|| digests(&ops));
         let sent = self.send_claimed(ops, &old_shops, &guard, deadline, buffer);
-        let mut sent = sent.await;
-        self.find_lost(&mut sent, &guard, run, deadline).await;
+        let mut sent = Sent {
+            digests,
+            ..sent.await
+        };
+        self.find_lost(&mut sent, &guard, deadline).await;
         let KvCounters { retries, .. } = self.kv.counters();
         let applied_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -77,7 +81,7 @@ impl<P: Ports> Exporter<P> {
             api_keys,
             ..BatchReport::default()
         };
-        let failed = sent.settle_keys(&mut report, &mut outcomes, &guard, run, &delete_owners);
+        let failed = sent.settle_keys(&mut report, &mut outcomes, &guard, &delete_owners);
         settle_filters(&filters, &failed, &mut outcomes);
         if let (Some(left), Some(known)) = (left_refs, &known_refs) {
             let stream = run.is_stream();
@@ -116,8 +120,8 @@ impl<P: Ports> Exporter<P> {
 
     /// Sends what was claimed, old shop keys first: an index whose old shop key was not
     /// deleted keeps its own key as it was, so the replay of its record still learns the old
-    /// shop from it. Keys not claimed are not sent: refused ones fail their records, left ones
-    /// are another writer's, dropped ones another index's now.
+    /// shop from it. Keys not claimed are not sent: refused ones fail their records, dropped
+    /// ones are another index's now.
     async fn send_claimed(
         &self,
         ops: BTreeMap<KvKey, PlannedOp>,
@@ -154,27 +158,21 @@ impl<P: Ports> Exporter<P> {
             requests: first.requests + rest.requests,
             keys,
             failed,
-            lost: HashSet::new(),
+            digests: None,
         }
     }
 
-    /// The keys another writer claimed while these were written (read back from the ledger).
-    /// The stream's are retried: replayed, the record reads its overrides again.
-    async fn find_lost(&self, sent: &mut Sent, guard: &Guard, run: Run, deadline: Instant) {
+    /// The stream's derived keys another writer claimed while these were written (read back
+    /// from the ledger) are retried: replayed, the record reads what they depend on again.
+    async fn find_lost(&self, sent: &mut Sent, guard: &Guard, deadline: Instant) {
         // Only keys claimed on a condition are read back: planned keys, never held back, sent
         // unless their request failed (or they were withheld, which counts as failed).
         let applied: HashSet<&KvKey> = (guard.to_check.iter())
             .filter(|key| !sent.failed.contains_key(*key))
             .collect();
-        sent.lost = (self.lost(guard, &applied, deadline).await)
-            .into_iter()
-            .collect();
-        if run.is_stream() {
-            for key in &sent.lost {
-                let error = "another writer claimed this key while this batch wrote it: retried";
-                sent.failed
-                    .insert(key.clone(), PortError::Transient(error.into()));
-            }
+        for key in self.lost(guard, &applied, deadline).await {
+            let error = "another writer claimed this key while this batch wrote it: retried";
+            sent.failed.insert(key, PortError::Transient(error.into()));
         }
     }
 }
@@ -187,7 +185,6 @@ impl Sent {
         report: &mut BatchReport,
         outcomes: &mut [Outcome],
         guard: &Guard,
-        run: Run,
         delete_owners: &HashMap<KvKey, IndexRef>,
     ) -> HashMap<KvKey, PortError> {
         let dropped: HashSet<&KvKey> = guard.dropped.iter().map(|(k, _)| k).collect();
@@ -195,22 +192,13 @@ impl Sent {
             if dropped.contains(&key) {
                 continue;
             }
-            if guard.left.contains(&key) {
-                if outcomes[owner] == Outcome::Pending {
-                    let reason = format!(
-                        "KV key `{}`: another writer wrote it during this run; left to it",
-                        key.key
-                    );
-                    outcomes[owner] = Outcome::Skipped(reason);
-                }
-                report.left.push(key);
-                continue;
-            }
-            if !run.is_stream() && self.lost.contains(&key) {
-                // Perhaps landed after the other writer's: written again from a new read.
-                let owner_index = delete_owners.get(&key).cloned();
-                report.lost.push((key, owner, owner_index));
-                continue;
+            if let (Some(digests), false) = (&self.digests, self.failed.contains_key(&key)) {
+                report.landed.push(Landed {
+                    key: key.clone(),
+                    record: owner,
+                    index: delete_owners.get(&key).cloned(),
+                    digest: digests.get(&key).cloned().flatten(),
+                });
             }
             match self.failed.get(&key) {
                 Some(error) => {
@@ -226,10 +214,19 @@ impl Sent {
     }
 }
 
-/// Keys not sent on purpose: refused claims, keys left to other writers, dropped shop keys.
+/// The digest of each value put (`None`: a delete).
+fn digests(ops: &BTreeMap<KvKey, PlannedOp>) -> HashMap<KvKey, Option<String>> {
+    (ops.iter())
+        .map(|(key, op)| match &op.action {
+            KvAction::Put(value) => (key.clone(), Some(value.digest())),
+            KvAction::Delete => (key.clone(), None),
+        })
+        .collect()
+}
+
+/// Keys not sent on purpose: refused claims, dropped shop keys.
 fn held_back(guard: &Guard) -> HashSet<KvKey> {
     (guard.refused.iter().map(|(key, _)| key))
-        .chain(&guard.left)
         .chain(guard.dropped.iter().map(|(key, _)| key))
         .cloned()
         .collect()
@@ -310,7 +307,6 @@ fn finish(
 ) -> BatchReport {
     report.keys_written = report.written.len();
     report.keys_deleted = report.deleted.len();
-    report.keys_left = report.left.len();
     report.lag_seconds = (created_at.into_iter().zip(&outcomes))
         .filter(|(_, outcome)| **outcome == Outcome::Pending)
         .filter_map(|(created, _)| created)

@@ -4,11 +4,10 @@
 //! The stream claims each key it is about to write, whoever held it: its record is the newest
 //! word on its item. An override filter depends on other items, so the stream reads the
 //! filter's claim before it reads the overrides and claims it only if nobody claimed since.
-//! An operator (re-export, verify, backfill, reconcile) ticks the ledger's clock before it
-//! reads the table and leaves alone every key claimed at that time or later (that writer began
-//! after it: its news may be newer), claims the rest only if their claims are still as read,
-//! and reads them back after writing: a key claimed since lost a race, and its value is read
-//! again and written once more (`lost.rs`).
+//! An operator (re-export, verify, backfill, reconcile) claims every key it writes, whoever
+//! held it, and reads the claims back after writing: a key another writer claimed meanwhile may
+//! hold that writer's value or this one's older one, so it is recomputed from the table as it is
+//! now and written again (`converge.rs`).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher as _, RandomState};
@@ -36,16 +35,14 @@ fn now_ms() -> u64 {
         .unwrap_or_default()
 }
 
-/// A claim no other writer's can equal (random per process, counted within it), stamped with
-/// the ledger time `epoch`.
-fn new_claim(epoch: u64) -> Claim {
+/// A claim no other writer's can equal (random per process, counted within it).
+fn new_claim() -> Claim {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let seed = *SEED.get_or_init(|| RandomState::new().hash_one(now_ms()));
     let count = NEXT.fetch_add(1, Ordering::Relaxed);
     Claim {
         token: format!("{seed:016x}-{count}"),
-        epoch,
         owner: None,
         digest: None,
         query: None,
@@ -105,8 +102,6 @@ pub struct Guard {
     /// Not sent: the claim could not be taken (the ledger failed, or, for the stream's
     /// filters, another writer claimed it while the overrides were read).
     pub refused: Vec<(KvKey, PortError)>,
-    /// Not sent: another writer claimed it during this operator's run; it is theirs.
-    pub left: HashSet<KvKey>,
     /// Claimed on a condition: read back after the write.
     pub to_check: Vec<KvKey>,
     /// Not sent, on purpose, with why: a shop key another index's value holds now.
@@ -119,7 +114,6 @@ impl<P: Ports> Exporter<P> {
         &self,
         ops: Vec<Planned>,
         run: Run,
-        read_epoch: Option<u64>,
         reads: &StreamReads,
         deadline: Instant,
     ) -> Guard {
@@ -129,26 +123,7 @@ impl<P: Ports> Exporter<P> {
         if run.is_stream() {
             return self.claim_for_stream(ops, reads, deadline).await;
         }
-        let since = match read_epoch {
-            Some(epoch) => epoch,
-            None => self.begin_reading(deadline).await,
-        };
-        self.claim_for_operator(ops, since, deadline).await
-    }
-
-    /// An operator's first step, before it reads the table: the ledger time from which another
-    /// writer's claims are newer than what it reads. If the clock cannot be read, every
-    /// claimed key counts as newer (0): the operator then writes only keys nobody claimed.
-    /// The tick is a ledger write, bounded by the deadline as every other.
-    pub async fn begin_reading(&self, deadline: Instant) -> u64 {
-        if !self.ledger.enabled() {
-            return 0;
-        }
-        let tick = before_deadline(deadline, "ledger clock", self.ledger.tick()).await;
-        tick.unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "the ledger's clock did not tick; claimed keys are left alone");
-            0
-        })
+        self.claim_for_operator(ops, deadline).await
     }
 
     /// The claims of the shop keys the batch's indexes give up, read before the settings of
@@ -205,7 +180,6 @@ impl<P: Ports> Exporter<P> {
         read: Option<&Claim>,
         (owner, query): (&IndexRef, Option<&str>),
         digest: &str,
-        epoch: u64,
     ) {
         let answer = match read {
             Some(read) => self.ledger.set_digest(key, &read.token, Some(digest)).await,
@@ -216,7 +190,7 @@ impl<P: Ports> Exporter<P> {
                     digest: Some(digest.to_owned()),
                     query: query.map(str::to_owned),
                 };
-                self.ledger.claim_if(&write, None, &new_claim(epoch)).await
+                self.ledger.claim_if(&write, None, &new_claim()).await
             }
         };
         if let Err(e) = answer {
@@ -241,16 +215,7 @@ impl<P: Ports> Exporter<P> {
         reads: &StreamReads,
         deadline: Instant,
     ) -> Guard {
-        let claim = match before_deadline(deadline, "ledger time", self.ledger.time()).await {
-            Ok(epoch) => new_claim(epoch),
-            Err(e) => {
-                let refused = ops.into_iter().map(|op| (op.key, e.clone())).collect();
-                return Guard {
-                    refused,
-                    ..Guard::default()
-                };
-            }
-        };
+        let claim = new_claim();
         let mut guard = Guard::default();
         let (mut own, mut conditional) = (Vec::new(), Vec::new());
         for op in ops {
@@ -303,49 +268,16 @@ impl<P: Ports> Exporter<P> {
         guard
     }
 
-    /// An operator's claims: keys claimed at ledger time `since` or later are left to
-    /// whoever claimed them (they began after this operator read the table).
-    pub(super) async fn claim_for_operator(
-        &self,
-        ops: Vec<Planned>,
-        since: u64,
-        deadline: Instant,
-    ) -> Guard {
-        let claim = new_claim(since);
-        let mut guard = Guard::default();
-        let keys: Vec<KvKey> = ops.iter().map(|op| op.key.clone()).collect();
-        let current = before_deadline(deadline, "ledger claims", self.read_claims(&keys));
-        let current = match current.await {
-            Ok(current) => current,
-            Err(e) => {
-                guard.refused = keys.into_iter().map(|k| (k, e.clone())).collect();
-                return guard;
-            }
-        };
-        let mut conditional = Vec::with_capacity(ops.len());
-        for op in ops {
-            match current.get(&op.key) {
-                Some(c) if c.epoch >= since => {
-                    guard.left.insert(op.key);
-                }
-                read => {
-                    let read = read.map(|c| c.token.clone());
-                    conditional.push((op.claim(), read));
-                }
-            }
+    /// An operator's claims: every key, whoever held it (what it wrote is then checked
+    /// against the table, `converge.rs`).
+    async fn claim_for_operator(&self, ops: Vec<Planned>, deadline: Instant) -> Guard {
+        let claim = new_claim();
+        let keys: Vec<KeyClaim> = ops.into_iter().map(Planned::claim).collect();
+        Guard {
+            refused: self.claim_all(keys, &claim, deadline).await,
+            claim: Some(claim),
+            ..Guard::default()
         }
-        let conditional = conditional.into_iter();
-        for (key, answer) in self.claim_each(conditional, &claim, deadline).await {
-            match answer {
-                Ok(true) => guard.to_check.push(key),
-                Ok(false) => {
-                    guard.left.insert(key);
-                }
-                Err(e) => guard.refused.push((key, e)),
-            }
-        }
-        guard.claim = Some(claim);
-        guard
     }
 
     /// Claims every key, whoever held it; answers those not claimed. Keys not claimed by

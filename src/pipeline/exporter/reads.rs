@@ -28,19 +28,56 @@ impl<P: Ports> Exporter<P> {
         };
         let mut records = vec![settings];
         if include_query_configs {
-            let mut start = None;
-            loop {
-                let (page, next) = self
-                    .query_configs(index, start, usize::MAX, deadline)
-                    .await?;
-                records.extend(page);
-                match next {
-                    Some(next) => start = Some(next),
-                    None => break,
-                }
-            }
+            records.extend(self.all_query_configs(index, deadline).await?);
         }
         Ok(Some(records))
+    }
+
+    /// Every query-config record of the index, page after page.
+    pub async fn all_query_configs(
+        &self,
+        index: &IndexRef,
+        deadline: Instant,
+    ) -> Result<Vec<ChangeRecord>, PortError> {
+        let (mut records, mut start) = (Vec::new(), None);
+        loop {
+            let (page, next) = self
+                .query_configs(index, start, usize::MAX, deadline)
+                .await?;
+            records.extend(page);
+            match next {
+                Some(next) => start = Some(next),
+                None => return Ok(records),
+            }
+        }
+    }
+
+    /// The records of a run of an account's indexes, `first` to `last` by name, their
+    /// overrides included, read at once: each index that has a settings record, with it first
+    /// (the overrides of an index without one are not its: it is gone).
+    pub(super) async fn index_run(
+        &self,
+        account: &str,
+        (first, last): (&str, &str),
+        deadline: Instant,
+    ) -> Result<HashMap<IndexRef, Vec<ChangeRecord>>, PortError> {
+        let read = self.table.index_range(account, first, last);
+        let items = before_deadline(deadline, "index run", read).await?;
+        let mut indexes: HashMap<IndexRef, Vec<ChangeRecord>> = HashMap::new();
+        for item in items {
+            let settings =
+                dynamo::string_attribute(&item, "sk").is_some_and(|sk| !sk.contains("#QUERY#"));
+            let record = self.decode_item(item, true);
+            let Some(index) = record.index.clone() else {
+                continue;
+            };
+            match indexes.get_mut(&index) {
+                Some(records) => records.push(record),
+                None if settings => drop(indexes.insert(index, vec![record])),
+                None => {}
+            }
+        }
+        Ok(indexes)
     }
 
     /// The index's settings record as a change (`None`: the table has none). With query
@@ -151,7 +188,7 @@ impl<P: Ports> Exporter<P> {
         })
     }
 
-    fn decode_item(&self, item: Item, include_query_configs: bool) -> ChangeRecord {
+    pub(super) fn decode_item(&self, item: Item, include_query_configs: bool) -> ChangeRecord {
         decode_item(
             item,
             &self.options.default_configs_sk,

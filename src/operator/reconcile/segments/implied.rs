@@ -152,11 +152,10 @@ impl<P: Ports> Pass<'_, P> {
                 to_write.insert(key);
             }
         }
-        let since = self.read_since;
         futures::stream::iter(&confirm)
             .for_each_concurrent(CONCURRENT_WRITES, |(key, read, owner, query, digest)| {
                 let owner = (owner, query.as_deref());
-                exporter.confirm_value(key, read.as_ref(), owner, digest, since)
+                exporter.confirm_value(key, read.as_ref(), owner, digest)
             })
             .await;
         self.repair(Some(prepared), to_write, Vec::new()).await

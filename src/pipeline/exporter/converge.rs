@@ -1,0 +1,485 @@
+//! An operator's keys, checked against the table as it is once they landed (docs/contract.md,
+//! "Concurrent writers"). Another writer (the stream, another operator) may have changed the
+//! table after this operator read it and written KV before this operator's older value landed.
+//! So every key an operator wrote is recomputed from a new consistent read, as if its index had
+//! just changed, and written again where it differs, until a read finds nothing to change.
+//! Nothing is left to another writer on trust: whatever the table says now, the key gets.
+
+use std::collections::{BTreeMap, HashMap};
+
+use futures::StreamExt as _;
+use tokio::time::Instant;
+
+use super::{Exporter, Prepared, Run};
+use crate::domain::kv::query_config_prefix;
+use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
+use crate::pipeline::plan::PlannedOp;
+use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
+use crate::ports::{PortError, Ports};
+use crate::report::{BatchReport, Landed, Outcome};
+
+/// Rounds that may write again; one more read after them only checks.
+const ROUNDS: usize = 3;
+/// Accounts read again at once.
+const CONCURRENT_READS: usize = 8;
+/// From this many indexes of one account on, they are read again as one run of the table.
+const RUN_OF_INDEXES: usize = 10;
+
+/// One index's landed keys (each with the original record it belongs to), and the index as
+/// the table holds it now (`None`: no settings record any more).
+struct Recheck {
+    keys: Vec<(Landed, usize)>,
+    records: Option<Vec<ChangeRecord>>,
+}
+
+impl<P: Ports> Exporter<P> {
+    /// Checks the report's landed keys against the table and writes again what differs, round
+    /// after round; a key that still differs after the last round, or whose index cannot be
+    /// read again, fails its record (the operator runs again, or the next reconcile pass).
+    pub(super) async fn converge(&self, report: &mut BatchReport, deadline: Instant) {
+        let mut landed: Vec<(Landed, usize)> = (std::mem::take(&mut report.landed).into_iter())
+            .map(|landed| {
+                let at = landed.record;
+                (landed, at)
+            })
+            .collect();
+        let mut last: BTreeMap<KvKey, bool> = BTreeMap::new();
+        for round in 0..=ROUNDS {
+            if landed.is_empty() {
+                break;
+            }
+            let may_write = round < ROUNDS;
+            let again = self.check(landed, may_write, report, deadline).await;
+            let Some((again, originals)) = again else {
+                break;
+            };
+            report.kv_requests += again.kv_requests;
+            last.extend(again.written.iter().map(|key| (key.clone(), true)));
+            last.extend(again.deleted.iter().map(|key| (key.clone(), false)));
+            landed = (again.landed.into_iter())
+                .map(|landed| {
+                    let at = originals[&landed.key];
+                    (landed, at)
+                })
+                .collect();
+        }
+        // A key written again ends as its last write left it.
+        report.written.retain(|key| !last.contains_key(key));
+        report.deleted.retain(|key| !last.contains_key(key));
+        for (key, put) in last {
+            match put {
+                true => report.written.push(key),
+                false => report.deleted.push(key),
+            }
+        }
+        report.keys_written = report.written.len();
+        report.keys_deleted = report.deleted.len();
+    }
+
+    /// One round: the landed keys' indexes read again and planned as changes; the keys whose
+    /// plan differs from what landed are written (or, `may_write` false, fail their records).
+    /// Answers what the writes did, with each key's original record, when there were any.
+    async fn check(
+        &self,
+        landed: Vec<(Landed, usize)>,
+        may_write: bool,
+        report: &mut BatchReport,
+        deadline: Instant,
+    ) -> Option<(BatchReport, HashMap<KvKey, usize>)> {
+        let mut by_index: BTreeMap<IndexRef, Recheck> = BTreeMap::new();
+        for (landed, at) in landed {
+            // A key with no index to read (a repair's delete of an unknown writer's) stays.
+            let Some(index) = (landed.index.clone()).or_else(|| report.records[at].index.clone())
+            else {
+                continue;
+            };
+            let recheck = by_index.entry(index).or_insert_with(|| Recheck {
+                keys: Vec::new(),
+                records: None,
+            });
+            recheck.keys.push((landed, at));
+        }
+        let by_index = self.read_again(by_index, report, deadline).await;
+        let (prepared, landed) = self.plan_again(by_index, deadline).await;
+        let mut prepared = prepared?;
+        let originals: HashMap<KvKey, usize> = (landed.iter())
+            .map(|(landed, at)| (landed.key.clone(), *at))
+            .collect();
+        let differ = differing(&prepared, &landed, report);
+        prepared.plan.ops.retain(|key, _| differ.contains_key(key));
+        if prepared.plan.ops.is_empty() {
+            return None;
+        }
+        if !may_write {
+            for (key, at) in differ {
+                let why = format!(
+                    "KV key `{}`: other writers kept changing it; run again",
+                    key.key
+                );
+                fail(&mut report.records[at].outcome, why);
+            }
+            return None;
+        }
+        let again = self.apply_reusing(prepared, deadline, Vec::new()).await;
+        for key in differ.keys() {
+            let landed = (again.written.iter().chain(&again.deleted)).any(|k| k == key);
+            if !landed {
+                let why = format!(
+                    "KV key `{}`: not written again after the table changed",
+                    key.key
+                );
+                fail(&mut report.records[originals[key]].outcome, why);
+            }
+        }
+        Some((again, originals))
+    }
+
+    /// Each index as the table holds it now; an index that cannot be read fails the records of
+    /// its keys. An account's indexes are read as one run of the table when there are many (a
+    /// backfill's page), else one by one, with their overrides where one of their override keys
+    /// (or their filter) landed.
+    async fn read_again(
+        &self,
+        by_index: BTreeMap<IndexRef, Recheck>,
+        report: &mut BatchReport,
+        deadline: Instant,
+    ) -> Vec<(IndexRef, Recheck)> {
+        let mut by_account: BTreeMap<String, Vec<(IndexRef, Recheck)>> = BTreeMap::new();
+        for (index, recheck) in by_index {
+            by_account
+                .entry(index.account.clone())
+                .or_default()
+                .push((index, recheck));
+        }
+        let reads = (by_account.into_values()).map(|indexes| self.read_account(indexes, deadline));
+        let reads: Vec<_> = futures::stream::iter(reads)
+            .buffer_unordered(CONCURRENT_READS)
+            .collect()
+            .await;
+        let mut found = Vec::new();
+        for (index, mut recheck, read) in reads.into_iter().flatten() {
+            match read {
+                Ok(records) => {
+                    recheck.records = records;
+                    found.push((index, recheck));
+                }
+                Err(e) => fail_all(report, &recheck, &e),
+            }
+        }
+        found
+    }
+
+    /// One account's indexes (in name order), each with what the table holds of it now.
+    async fn read_account(
+        &self,
+        indexes: Vec<(IndexRef, Recheck)>,
+        deadline: Instant,
+    ) -> Vec<(
+        IndexRef,
+        Recheck,
+        Result<Option<Vec<ChangeRecord>>, PortError>,
+    )> {
+        if indexes.len() >= RUN_OF_INDEXES {
+            let (first, last) = (&indexes[0].0, &indexes[indexes.len() - 1].0);
+            let run = (
+                first.account.as_str(),
+                (first.name.as_str(), last.name.as_str()),
+            );
+            return match self.index_run(run.0, run.1, deadline).await {
+                Ok(mut run) => (indexes.into_iter())
+                    .map(|(index, recheck)| {
+                        let records = run.remove(&index);
+                        (index, recheck, Ok(records))
+                    })
+                    .collect(),
+                Err(e) => (indexes.into_iter())
+                    .map(|(index, recheck)| (index, recheck, Err(e.clone())))
+                    .collect(),
+            };
+        }
+        let mut read = Vec::with_capacity(indexes.len());
+        for (index, recheck) in indexes {
+            let overrides = (recheck.keys.iter())
+                .any(|(landed, _)| landed.key.namespace == Namespace::QueryConfigs);
+            let records = self.index_records(&index, overrides, deadline).await;
+            read.push((index, recheck, records));
+        }
+        read
+    }
+
+    /// The indexes read again, planned as changes (`None`: nothing to plan), with the landed
+    /// keys they decide.
+    async fn plan_again(
+        &self,
+        by_index: Vec<(IndexRef, Recheck)>,
+        deadline: Instant,
+    ) -> (Option<Prepared>, Vec<(Landed, usize)>) {
+        let mut records = Vec::new();
+        let mut firsts = Vec::new();
+        let mut landed = Vec::new();
+        for (index, recheck) in by_index {
+            firsts.push((index.clone(), records.len(), recheck.records.is_some()));
+            records.extend(as_changes(&index, &recheck));
+            landed.extend(recheck.keys);
+        }
+        if records.is_empty() {
+            return (None, landed);
+        }
+        let mut prepared = self.prepare(records, Run::OPERATOR, deadline).await;
+        let deletes = removed_overrides(&prepared.plan.ops, &landed, &firsts);
+        prepared.plan.ops.extend(deletes);
+        (Some(prepared), landed)
+    }
+}
+
+/// The landed keys whose new plan differs from what landed (with their original records); a
+/// key the new plan does not name stays as it is when its index is kept for an alias (or was
+/// skipped on purpose), and fails its record when its index could not be planned.
+fn differing(
+    prepared: &Prepared,
+    landed: &[(Landed, usize)],
+    report: &mut BatchReport,
+) -> BTreeMap<KvKey, usize> {
+    let mut differ = BTreeMap::new();
+    for (landed, at) in landed {
+        let Some(op) = prepared.plan.ops.get(&landed.key) else {
+            continue;
+        };
+        let digest = match &op.action {
+            KvAction::Put(value) => Some(value.digest()),
+            KvAction::Delete => None,
+        };
+        match &prepared.plan.outcomes[op.owner] {
+            Outcome::Failed(why) | Outcome::Rejected(why) => {
+                fail(&mut report.records[*at].outcome, why.clone())
+            }
+            _ if digest != landed.digest => {
+                differ.insert(landed.key.clone(), *at);
+            }
+            _ => {}
+        }
+    }
+    differ
+}
+
+/// The index as the table holds it now, as changes that decide each landed key: a shop key the
+/// index no longer holds is its previous shop (deleted, or given to whoever claims it now), and
+/// an index without a settings record is removed (its keys kept while an alias reads it).
+fn as_changes(index: &IndexRef, recheck: &Recheck) -> Vec<ChangeRecord> {
+    let own = KvKey::index(index);
+    let current_shop = (recheck.records.iter().flatten()).find_map(|r| match &r.decoded {
+        Ok(Change::UpsertIndex { settings, .. }) => settings.shop_id.clone(),
+        _ => None,
+    });
+    let given_up = (recheck.keys.iter())
+        .map(|(landed, _)| &landed.key)
+        .find(|key| {
+            key.namespace == Namespace::Settings
+                && **key != own
+                && Some(&key.key) != current_shop.as_ref()
+        })
+        .map(|key| key.key.clone());
+    let Some(records) = &recheck.records else {
+        let remove = Change::RemoveIndex {
+            index: index.clone(),
+            previous_shop: PreviousShop::Known(given_up),
+        };
+        return vec![ChangeRecord {
+            sequence_number: None,
+            index: Some(index.clone()),
+            created_at: None,
+            decoded: Ok(remove),
+        }];
+    };
+    let mut records = records.clone();
+    for record in &mut records {
+        if let (Ok(Change::UpsertIndex { previous_shop, .. }), Some(shop)) =
+            (&mut record.decoded, &given_up)
+        {
+            *previous_shop = PreviousShop::Known(Some(shop.clone()));
+        }
+    }
+    records
+}
+
+/// Landed override keys the new plan does not name: the new read holds every override of the
+/// index, so theirs is gone and the key is deleted; unless the index is gone too and kept for
+/// an alias (the plan does not delete its own key), which keeps its overrides as well.
+fn removed_overrides(
+    ops: &BTreeMap<KvKey, PlannedOp>,
+    landed: &[(Landed, usize)],
+    firsts: &[(IndexRef, usize, bool)],
+) -> Vec<(KvKey, PlannedOp)> {
+    (landed.iter().map(|(landed, _)| &landed.key))
+        .filter(|key| key.key.starts_with("qcfg-") && !ops.contains_key(*key))
+        .filter_map(|key| {
+            let (index, first, live) = (firsts.iter())
+                .find(|(index, _, _)| key.key.starts_with(&query_config_prefix(index)))?;
+            let own = ops.get(&KvKey::index(index)).map(|op| &op.action);
+            let delete = PlannedOp {
+                action: KvAction::Delete,
+                owner: *first,
+            };
+            (*live || matches!(own, Some(KvAction::Delete))).then(|| (key.clone(), delete))
+        })
+        .collect()
+}
+
+/// Every key of an index that could not be read again fails its record: retried.
+fn fail_all(report: &mut BatchReport, recheck: &Recheck, error: &PortError) {
+    for (landed, at) in &recheck.keys {
+        let why = format!(
+            "KV key `{}`: its index could not be read again after writing: {error}",
+            landed.key.key
+        );
+        fail(&mut report.records[*at].outcome, why);
+    }
+}
+
+fn fail(outcome: &mut Outcome, why: String) {
+    if !matches!(outcome, Outcome::Failed(_) | Outcome::Rejected(_)) {
+        *outcome = Outcome::Failed(why);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::memory::MemoryKv;
+    use crate::pipeline::exporter::tests::exporter;
+    use crate::pipeline::records::decode_record;
+    use serde_json::json;
+    use std::time::Duration;
+
+    fn insert(index: &str, shop: Option<&str>) -> ChangeRecord {
+        let keys = json!({"pk": {"S": "a"}, "sk": {"S": format!("INDEX#{index}")}});
+        let mut image = keys.clone();
+        image["index_endpoint"] = json!({"S": "https://idx"});
+        if let Some(shop) = shop {
+            image["shop_id"] = json!({"S": shop});
+        }
+        let record = json!({"eventID": "e", "eventName": "INSERT", "awsRegion": "r",
+            "dynamodb": {"Keys": keys, "NewImage": image, "SequenceNumber": "1", "SizeBytes": 1,
+                         "StreamViewType": "NEW_IMAGE"}});
+        decode_record(&record.to_string(), "DEFAULT_CONFIGS")
+    }
+
+    fn landed(key: KvKey) -> (Landed, usize) {
+        let landed = Landed {
+            key,
+            record: 0,
+            index: None,
+            digest: None,
+        };
+        (landed, 0)
+    }
+
+    fn previous_shop(record: &ChangeRecord) -> Option<PreviousShop> {
+        match &record.decoded {
+            Ok(Change::UpsertIndex { previous_shop, .. }) => Some(previous_shop.clone()),
+            Ok(Change::RemoveIndex { previous_shop, .. }) => Some(previous_shop.clone()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn each_landed_key_is_decided_by_the_index_as_the_table_holds_it_now() {
+        let index = IndexRef::new("a", "i");
+        let shop = |s: &str| KvKey::settings(s);
+        let known = |s: Option<&str>| Some(PreviousShop::Known(s.map(str::to_owned)));
+        // (the index now, its keys that landed, what decides them)
+        let cases = [
+            // Still at its shop: written as it is, nothing given up.
+            (
+                Some("s"),
+                vec![KvKey::index(&index), shop("s")],
+                known(None),
+                false,
+            ),
+            // Moved from `s` to `t`: `s` is its previous shop (deleted, or its claimer's).
+            (
+                Some("t"),
+                vec![KvKey::index(&index), shop("s")],
+                known(Some("s")),
+                false,
+            ),
+            // Gone from the table: removed, with the shop key it had.
+            (
+                None,
+                vec![KvKey::index(&index), shop("s")],
+                known(Some("s")),
+                true,
+            ),
+            (None, vec![KvKey::index(&index)], known(None), true),
+        ];
+        for (now, keys, expected, removed) in cases {
+            let recheck = Recheck {
+                keys: keys.into_iter().map(landed).collect(),
+                records: (now.is_some() || !removed).then(|| vec![insert("i", now)]),
+            };
+            let changes = as_changes(&index, &recheck);
+            assert_eq!(changes.len(), 1);
+            let is_remove = matches!(changes[0].decoded, Ok(Change::RemoveIndex { .. }));
+            assert_eq!(is_remove, removed, "{now:?}");
+            assert_eq!(previous_shop(&changes[0]), expected, "{now:?}");
+        }
+    }
+
+    #[test]
+    fn an_override_key_no_longer_planned_is_deleted_unless_its_removed_index_is_kept() {
+        let index = IndexRef::new("a", "i");
+        let qcfg = KvKey::query_config(&index, "shoes");
+        let delete = |owner| PlannedOp {
+            action: KvAction::Delete,
+            owner,
+        };
+        let landed = [landed(qcfg.clone())];
+        // (the index still has a settings record, the plan for its own key, a delete planned)
+        let cases = [
+            (true, None, true),
+            (false, Some(delete(0)), true),
+            // Removed, but kept for an alias: its overrides stay too.
+            (false, None, false),
+        ];
+        for (live, own, deleted) in cases {
+            let ops: BTreeMap<KvKey, PlannedOp> = own
+                .into_iter()
+                .map(|op| (KvKey::index(&index), op))
+                .collect();
+            let firsts = [(index.clone(), 0, live)];
+            let deletes = removed_overrides(&ops, &landed, &firsts);
+            assert_eq!(deletes.len(), usize::from(deleted), "{live}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_operator_s_write_of_an_index_the_table_no_longer_holds_is_deleted_again() {
+        // The table (empty) no longer holds the index the operator read a moment ago.
+        let exporter = exporter(MemoryKv::default());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let records = vec![insert("gone", Some("shop-1.myshopify.com"))];
+
+        let report = exporter.export(records, Run::OPERATOR, deadline).await;
+
+        assert!(exporter.kv.values.lock().unwrap().is_empty());
+        let mut deleted: Vec<&str> = report.deleted.iter().map(|k| k.key.as_str()).collect();
+        deleted.sort();
+        assert_eq!(deleted, ["a-gone", "shop-1.myshopify.com"]);
+        assert_eq!(report.keys_written, 0);
+        assert_eq!(report.records[0].outcome, Outcome::Exported);
+    }
+
+    #[tokio::test]
+    async fn the_stream_s_own_keys_are_not_checked_against_the_table() {
+        // Its record is the newest word on the item: a later change is a later record.
+        let exporter = exporter(MemoryKv::default());
+        let deadline = Instant::now() + Duration::from_secs(10);
+
+        let report = exporter
+            .export(vec![insert("new", None)], Run::STREAM, deadline)
+            .await;
+
+        assert!(exporter.kv.values.lock().unwrap().contains_key("a-new"));
+        assert_eq!(report.keys_written, 1);
+    }
+}
