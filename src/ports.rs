@@ -223,6 +223,13 @@ pub trait SettingsTable: Send + Sync {
         &self,
     ) -> impl Future<Output = Result<Vec<SettingsReference>, PortError>> + Send;
 
+    /// What the settings records of `indexes` say about other indexes (their shops and live
+    /// aliases), for those that have a record (consistent reads, 100 a call).
+    fn index_references(
+        &self,
+        indexes: &[IndexRef],
+    ) -> impl Future<Output = Result<Vec<SettingsReference>, PortError>> + Send;
+
     /// The `INDEX#{name}` record of an account, if there is one.
     fn index_settings(
         &self,

@@ -112,6 +112,17 @@ fn overrides_prefix(index: &IndexRef) -> String {
     format!("INDEX#{}#QUERY#", index.name)
 }
 
+/// What a settings record says about other indexes; a record whose aliases cannot be read
+/// names every index id it holds (fail closed), with a warning.
+fn reference_of(index: IndexRef, image: &Image) -> SettingsReference {
+    let (reference, problem) = settings_reference(index.clone(), image);
+    if let Some(problem) = problem {
+        tracing::warn!(account = %index.account, index = %index.name, reason = %problem,
+            "settings record's aliases cannot be read; every index id it names stays protected");
+    }
+    reference
+}
+
 impl DynamoSettingsTable {
     /// The items of these keys (`pk`, `sk`) that exist, `projection` only: consistent
     /// BatchGetItems of 100 keys.
@@ -211,19 +222,34 @@ impl SettingsTable for DynamoSettingsTable {
                 let SortKey::Index(name) = SortKey::parse(sk, &self.default_configs_sk) else {
                     continue;
                 };
-                let index = IndexRef::new(pk, name);
-                let (reference, problem) = settings_reference(index.clone(), &image);
-                if let Some(problem) = problem {
-                    tracing::warn!(account = %index.account, index = %index.name, reason = %problem,
-                        "settings record's aliases cannot be read; every index id it names stays protected");
-                }
-                references.push(reference);
+                references.push(reference_of(IndexRef::new(pk, name), &image));
             }
             match page.last_evaluated_key {
                 Some(key) if !key.is_empty() => start_key = Some(key),
                 _ => return Ok(references),
             }
         }
+    }
+
+    async fn index_references(
+        &self,
+        indexes: &[IndexRef],
+    ) -> Result<Vec<SettingsReference>, PortError> {
+        let keys = indexes
+            .iter()
+            .map(|i| (i.account.clone(), format!("INDEX#{}", i.name)));
+        let projection = "pk, sk, shop_id, read_alias, index_aliases";
+        let items = self.get_many(keys.collect(), projection).await?;
+        Ok((indexes.iter())
+            .filter_map(|index| {
+                let sk = format!("INDEX#{}", index.name);
+                let item = items.iter().find(|item| {
+                    string_attribute(item, "pk") == Some(&index.account)
+                        && string_attribute(item, "sk") == Some(&sk)
+                })?;
+                Some(reference_of(index.clone(), &Image::of(item)))
+            })
+            .collect())
     }
 
     async fn index_settings(&self, index: &IndexRef) -> Result<Option<Item>, PortError> {

@@ -100,6 +100,9 @@ impl SettingsTable for CountingTable {
         self.scans.fetch_add(1, Ordering::SeqCst);
         Ok(vec![])
     }
+    async fn index_references(&self, _: &[IndexRef]) -> Result<Vec<SettingsReference>, PortError> {
+        Ok(vec![])
+    }
     async fn index_settings(&self, _: &IndexRef) -> Result<Option<Item>, PortError> {
         Ok(None)
     }

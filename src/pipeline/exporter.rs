@@ -23,8 +23,6 @@ mod lookups;
 mod reads;
 mod references;
 
-use claims::StreamReads;
-
 /// How many KV reads (bulk reads, listings) are in flight at once; the store sends its writes.
 const CONCURRENT_KV_REQUESTS: usize = 4;
 
@@ -123,8 +121,6 @@ pub struct Prepared {
     pub plan: plan::Plan,
     pub api_keys: LookupCounts,
     pub run: Run,
-    /// The stream's claims of derived keys, read before what they depend on.
-    reads: StreamReads,
     /// Keys a repair deletes, with the index whose key each one was.
     delete_owners: HashMap<KvKey, IndexRef>,
     /// The batch's indexes' references as the ledger recorded them, when the run keeps them.
@@ -151,7 +147,6 @@ impl Prepared {
             },
             api_keys: LookupCounts::default(),
             run,
-            reads: StreamReads::default(),
             delete_owners: HashMap::new(),
             known_refs: None,
         }
@@ -269,7 +264,7 @@ impl<P: Ports> Exporter<P> {
     ) -> BatchReport {
         let prepared = self.prepare(records, run, deadline).await;
         let mut report = self.apply_reusing(prepared, deadline, buffer).await;
-        self.converge(&mut report, deadline).await;
+        self.converge(&mut report, run, deadline).await;
         report
     }
 
@@ -333,11 +328,6 @@ impl<P: Ports> Exporter<P> {
                 (lookups, counts, None)
             }
         };
-        let mut reads = StreamReads::default();
-        if run.is_stream() && self.ledger.enabled() {
-            // Before the claimers' settings are read (below): see claims.rs.
-            reads.shops = self.read_shop_claims(&records, &lookups).await;
-        }
         let mut plan = plan::plan(&records, &lookups, cell);
         if !plan.claimers_wanted.is_empty() {
             // A shop key another index claims is repointed: read those indexes, plan again.
@@ -347,7 +337,7 @@ impl<P: Ports> Exporter<P> {
                 .await;
             plan = plan::plan(&records, &lookups, cell);
         }
-        reads.filters = self.add_filters(&records, &mut plan, run, deadline).await;
+        self.add_filters(&records, &mut plan, run, deadline).await;
         for (owner, note) in &plan.notes {
             let index = records[*owner].index.as_ref();
             tracing::info!(
@@ -361,7 +351,6 @@ impl<P: Ports> Exporter<P> {
             plan,
             api_keys,
             run,
-            reads,
             delete_owners: HashMap::new(),
             known_refs,
         }
@@ -372,8 +361,9 @@ impl<P: Ports> Exporter<P> {
     /// replay of its record still learns the old shop from it (docs/contract.md, "Nothing is
     /// lost").
     pub async fn apply(&self, prepared: Prepared, deadline: Instant) -> BatchReport {
+        let run = prepared.run;
         let mut report = self.apply_reusing(prepared, deadline, Vec::new()).await;
-        self.converge(&mut report, deadline).await;
+        self.converge(&mut report, run, deadline).await;
         report
     }
 }

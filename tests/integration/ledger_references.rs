@@ -245,3 +245,80 @@ async fn a_remove_whose_index_no_key_could_have_is_rejected_alone() {
         .count();
     assert_eq!(refused, 0, "no call named the hostile index");
 }
+
+/// A `NEW_IMAGE` batch writes an index with a shop, then removes it; the remove fails (who
+/// aliases the index cannot be looked up, past the SDK's retries) while the write lands. Lambda
+/// replays from the remove: the index's references must say what the records before it left
+/// (the shop), or the replayed remove, which learns the old shop from them, leaves the shop key
+/// serving a removed index.
+#[tokio::test]
+async fn a_replayed_remove_deletes_the_shop_an_applied_record_of_its_batch_wrote() {
+    use ecom_emulators::dynamo_proxy::DynamoFault;
+    let mut h = Harness::with_view(StreamViewType::NewImage).await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "products", None)).await;
+    h.export_stream().await;
+    let ProxiedFunction {
+        dynamodb,
+        runtime,
+        function,
+    } = behind_a_dynamodb_proxy(&h).await;
+    let invoke = |records: Vec<Value>| {
+        let batch = json!({"Records": records});
+        runtime.invoke(batch, std::time::Duration::from_secs(30))
+    };
+
+    h.put(index_item("acct-1", "products", Some(SHOP_A))).await;
+    h.delete("acct-1", "INDEX#products").await;
+    let records = h.stream_records().await;
+    assert_eq!(records.len(), 2);
+    // The references are not complete (no backfill): the remove scans the table for aliases.
+    let failing = DynamoFault::Fail {
+        status: 500,
+        error_type: "InternalServerError".into(),
+    };
+    dynamodb.inject(Some("Scan"), None, failing, 3);
+    let mut answers = vec![invoke(records.clone()).await.expect("an answer")];
+    while let Some(lowest) = failures(answers.last().unwrap()).first().cloned() {
+        assert!(answers.len() < 3, "{answers:?}");
+        let at = sequence_numbers(&records).iter().position(|s| *s == lowest);
+        let replay = records[at.expect("a record of the batch")..].to_vec();
+        answers.push(invoke(replay).await.expect("an answer"));
+    }
+
+    assert_eq!(answers.len(), 2, "the remove failed once: {answers:?}");
+    assert_eq!(failures(&answers[0]), sequence_numbers(&records[1..]));
+    assert!(h.settings("acct-1-products").is_none());
+    assert!(
+        h.settings(SHOP_A).is_none(),
+        "the shop key of a removed index\n{}",
+        function.output()
+    );
+}
+
+/// The ledger's references are candidates, and the table decides: an alias dropped while its
+/// stream record was lost (given up after its maximum age) no longer protects its old target,
+/// whose keys a remove then deletes (before, the stale reference protected them for good).
+#[tokio::test]
+async fn an_alias_dropped_without_its_record_no_longer_protects_its_target() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "target", Some(SHOP_A))).await;
+    h.put(aliasing("acct-1", "reader", "acct-1-target")).await;
+    h.export_stream().await;
+    let migrated = h.invoke(json!({"mode": "backfill"})).await;
+    assert_eq!(migrated["complete"], true, "{migrated}");
+    // The alias goes; its stream record never reaches the function.
+    h.put(index_item("acct-1", "reader", None)).await;
+    let _lost = h.stream_records().await;
+
+    h.delete("acct-1", "INDEX#target").await;
+    let removed = h.export_stream().await;
+
+    assert_eq!(failures(&removed), Vec::<String>::new(), "{removed}");
+    assert!(
+        h.settings("acct-1-target").is_none(),
+        "no alias reads it now"
+    );
+    assert!(h.settings(SHOP_A).is_none());
+}

@@ -6,14 +6,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tokio::time::Instant;
 
-use super::claims::{Guard, Planned};
-use super::{references, Exporter, Prepared};
+use super::claims::Guard;
+use super::{references, Exporter, Prepared, Run};
 use crate::domain::qfilter::filter_key;
-use crate::domain::validate;
 use crate::domain::{IndexRef, KvAction, KvKey, KvOp};
 use crate::pipeline::plan::{Plan, PlannedOp};
 use crate::pipeline::records::{Change, ChangeRecord};
-use crate::ports::{KvCounters, KvStore, Ledger, PortError, Ports};
+use crate::ports::{KeyClaim, KvCounters, KvStore, Ledger, PortError, Ports};
 use crate::report::{BatchReport, Landed, Outcome, RecordReport};
 
 /// DynamoDB Streams keeps a record this long; no real record is older when it is exported.
@@ -27,9 +26,9 @@ struct Sent {
     /// Keys that did not land, and why: a refused claim, a failed request, an index key held
     /// back because its old shop key was not deleted, a stream key another writer took.
     failed: HashMap<KvKey, PortError>,
-    /// An operator's keys: the digest of each value put (`None`: a delete), to be checked
-    /// against the table once they landed.
-    digests: Option<HashMap<KvKey, Option<String>>>,
+    /// The keys to check against the table once they landed (`converge.rs`): each with the
+    /// index whose key it is, when known, and the digest of the value put (`None`: a delete).
+    checked: HashMap<KvKey, (Option<IndexRef>, Option<String>)>,
 }
 
 impl<P: Ports> Exporter<P> {
@@ -44,7 +43,6 @@ impl<P: Ports> Exporter<P> {
             plan,
             api_keys,
             run,
-            reads,
             delete_owners,
             known_refs,
         } = prepared;
@@ -52,10 +50,7 @@ impl<P: Ports> Exporter<P> {
         let planned = self.planned(&records, &plan);
         let (records, created_at) = identities(records);
         let before = self.kv.counters();
-        let guard = self.claim(planned, run, &reads, deadline).await;
-        for (key, note) in &guard.dropped {
-            tracing::info!(key = %validate::cut(&key.key), "{note}");
-        }
+        let guard = self.claim(planned, deadline).await;
         let Plan {
             ops,
             mut outcomes,
@@ -63,13 +58,17 @@ impl<P: Ports> Exporter<P> {
             filters,
             ..
         } = plan;
-        let digests = (!run.is_stream()).then(|| digests(&ops));
+        let derived = Derived {
+            records: &records,
+            old_shops: &old_shops,
+            filters: &filters,
+        };
+        let checked = checked(&ops, run, &delete_owners, derived);
         let sent = self.send_claimed(ops, &old_shops, &guard, deadline, buffer);
-        let mut sent = Sent {
-            digests,
+        let sent = Sent {
+            checked,
             ..sent.await
         };
-        self.find_lost(&mut sent, &guard, deadline).await;
         let KvCounters { retries, .. } = self.kv.counters();
         let applied_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -81,7 +80,7 @@ impl<P: Ports> Exporter<P> {
             api_keys,
             ..BatchReport::default()
         };
-        let failed = sent.settle_keys(&mut report, &mut outcomes, &guard, &delete_owners);
+        let failed = sent.settle_keys(&mut report, &mut outcomes);
         settle_filters(&filters, &failed, &mut outcomes);
         if let (Some(left), Some(known)) = (left_refs, &known_refs) {
             let stream = run.is_stream();
@@ -92,7 +91,7 @@ impl<P: Ports> Exporter<P> {
 
     /// What each planned key's claim names: whose value it holds, its digest and, for an
     /// override, the override's query (a reconcile reads it by key).
-    fn planned(&self, records: &[ChangeRecord], plan: &Plan) -> Vec<Planned> {
+    fn planned(&self, records: &[ChangeRecord], plan: &Plan) -> Vec<KeyClaim> {
         let claimed = self.ledger.enabled();
         let queries: Vec<Option<&String>> = (records.iter())
             .map(|record| match &record.decoded {
@@ -101,13 +100,12 @@ impl<P: Ports> Exporter<P> {
             })
             .collect();
         (plan.ops.iter())
-            .map(|(key, op)| Planned {
+            .map(|(key, op)| KeyClaim {
                 key: key.clone(),
-                value_of: match &op.action {
+                owner: match &op.action {
                     KvAction::Put(value) => Some(value.index().clone()),
                     KvAction::Delete => None,
                 },
-                record_of: records[op.owner].index.clone(),
                 digest: match &op.action {
                     KvAction::Put(value) if claimed => Some(value.digest()),
                     _ => None,
@@ -120,8 +118,7 @@ impl<P: Ports> Exporter<P> {
 
     /// Sends what was claimed, old shop keys first: an index whose old shop key was not
     /// deleted keeps its own key as it was, so the replay of its record still learns the old
-    /// shop from it. Keys not claimed are not sent: refused ones fail their records, dropped
-    /// ones are another index's now.
+    /// shop from it. Keys not claimed are not sent: their records fail.
     async fn send_claimed(
         &self,
         ops: BTreeMap<KvKey, PlannedOp>,
@@ -158,21 +155,7 @@ impl<P: Ports> Exporter<P> {
             requests: first.requests + rest.requests,
             keys,
             failed,
-            digests: None,
-        }
-    }
-
-    /// The stream's derived keys another writer claimed while these were written (read back
-    /// from the ledger) are retried: replayed, the record reads what they depend on again.
-    async fn find_lost(&self, sent: &mut Sent, guard: &Guard, deadline: Instant) {
-        // Only keys claimed on a condition are read back: planned keys, never held back, sent
-        // unless their request failed (or they were withheld, which counts as failed).
-        let applied: HashSet<&KvKey> = (guard.to_check.iter())
-            .filter(|key| !sent.failed.contains_key(*key))
-            .collect();
-        for key in self.lost(guard, &applied, deadline).await {
-            let error = "another writer claimed this key while this batch wrote it: retried";
-            sent.failed.insert(key, PortError::Transient(error.into()));
+            checked: HashMap::new(),
         }
     }
 }
@@ -184,20 +167,16 @@ impl Sent {
         self,
         report: &mut BatchReport,
         outcomes: &mut [Outcome],
-        guard: &Guard,
-        delete_owners: &HashMap<KvKey, IndexRef>,
     ) -> HashMap<KvKey, PortError> {
-        let dropped: HashSet<&KvKey> = guard.dropped.iter().map(|(k, _)| k).collect();
         for (key, owner, put) in self.keys {
-            if dropped.contains(&key) {
-                continue;
-            }
-            if let (Some(digests), false) = (&self.digests, self.failed.contains_key(&key)) {
+            if let (Some((index, digest)), false) =
+                (self.checked.get(&key), self.failed.contains_key(&key))
+            {
                 report.landed.push(Landed {
                     key: key.clone(),
                     record: owner,
-                    index: delete_owners.get(&key).cloned(),
-                    digest: digests.get(&key).cloned().flatten(),
+                    index: index.clone(),
+                    digest: digest.clone(),
                 });
             }
             match self.failed.get(&key) {
@@ -214,22 +193,54 @@ impl Sent {
     }
 }
 
-/// The digest of each value put (`None`: a delete).
-fn digests(ops: &BTreeMap<KvKey, PlannedOp>) -> HashMap<KvKey, Option<String>> {
-    (ops.iter())
-        .map(|(key, op)| match &op.action {
-            KvAction::Put(value) => (key.clone(), Some(value.digest())),
-            KvAction::Delete => (key.clone(), None),
+/// What a stream batch derived from other items than its records: the old shop keys it
+/// deletes, the shop keys it gives another index's value, the filters it built from a Query.
+struct Derived<'a> {
+    records: &'a [RecordReport],
+    old_shops: &'a [(KvKey, IndexRef)],
+    filters: &'a BTreeMap<IndexRef, Vec<usize>>,
+}
+
+/// The keys to check against the table once they landed: all of an operator's (it read the
+/// table before another writer may have changed it); of the stream's, those its records do not
+/// own (`Derived`). Each with the index whose key it is (for a shop key given to another index,
+/// the index that gave it up) and the digest put (`None`: a delete).
+fn checked(
+    ops: &BTreeMap<KvKey, PlannedOp>,
+    run: Run,
+    delete_owners: &HashMap<KvKey, IndexRef>,
+    derived: Derived,
+) -> HashMap<KvKey, (Option<IndexRef>, Option<String>)> {
+    let digest = |op: &PlannedOp| match &op.action {
+        KvAction::Put(value) => Some(value.digest()),
+        KvAction::Delete => None,
+    };
+    if !run.is_stream() {
+        return (ops.iter())
+            .map(|(key, op)| (key.clone(), (delete_owners.get(key).cloned(), digest(op))))
+            .collect();
+    }
+    let given = (ops.iter()).filter_map(|(key, op)| {
+        let KvAction::Put(value) = &op.action else {
+            return None;
+        };
+        let record = derived.records[op.owner].index.as_ref()?;
+        (value.index() != record).then(|| (key.clone(), record.clone()))
+    });
+    let filters = (derived.filters.keys()).map(|index| (filter_key(index), index.clone()));
+    (derived.old_shops.iter().cloned())
+        .chain(given)
+        .chain(filters)
+        .filter_map(|(key, index)| {
+            let op = ops.get(&key)?;
+            Some((key, (Some(index), digest(op))))
         })
         .collect()
 }
 
-/// Keys not sent on purpose: refused claims, dropped shop keys.
+/// Keys not sent: their claims were refused.
 fn held_back(guard: &Guard) -> HashSet<KvKey> {
-    (guard.refused.iter().map(|(key, _)| key))
-        .chain(guard.dropped.iter().map(|(key, _)| key))
-        .cloned()
-        .collect()
+    guard.refused.iter().map(|(key, _)| key.clone()).collect()
 }
 
 /// From here on a record is only what identifies it: its decoded change is let go.

@@ -1,9 +1,9 @@
-//! An operator's keys, checked against the table as it is once they landed (docs/contract.md,
-//! "Concurrent writers"). Another writer (the stream, another operator) may have changed the
-//! table after this operator read it and written KV before this operator's older value landed.
-//! So every key an operator wrote is recomputed from a new consistent read, as if its index had
-//! just changed, and written again where it differs, until a read finds nothing to change.
-//! Nothing is left to another writer on trust: whatever the table says now, the key gets.
+//! Keys computed from items their writer does not own, checked against the table as it is once
+//! they landed (docs/contract.md, "Concurrent writers"): every key an operator wrote (it read the
+//! table before another writer may have changed it and written KV), and the stream's derived
+//! keys (filters built from a Query, shop keys an index gave up). Each is recomputed from a new
+//! consistent read, as if its index had just changed, and written again where it differs, until
+//! a read finds nothing to change. Nothing is left to another writer on trust.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -26,17 +26,31 @@ const CONCURRENT_READS: usize = 8;
 const RUN_OF_INDEXES: usize = 10;
 
 /// One index's landed keys (each with the original record it belongs to), and the index as
-/// the table holds it now (`None`: no settings record any more).
+/// the table holds it now.
 struct Recheck {
     keys: Vec<(Landed, usize)>,
-    records: Option<Vec<ChangeRecord>>,
+    now: Now,
+}
+
+/// What the table holds of an index now: whether it has a settings record, and its records
+/// (its overrides too, when they were read).
+#[derive(Default)]
+struct Now {
+    settings: bool,
+    records: Vec<ChangeRecord>,
 }
 
 impl<P: Ports> Exporter<P> {
     /// Checks the report's landed keys against the table and writes again what differs, round
     /// after round; a key that still differs after the last round, or whose index cannot be
     /// read again, fails its record (the operator runs again, or the next reconcile pass).
-    pub(super) async fn converge(&self, report: &mut BatchReport, deadline: Instant) {
+    pub(super) async fn converge(&self, report: &mut BatchReport, run: Run, deadline: Instant) {
+        // Planned as an operator plans (every override in the batch), its API keys as the run
+        // got them (the stream's from the short cache).
+        let run = Run {
+            api_keys: run.api_keys,
+            ..Run::OPERATOR
+        };
         let mut landed: Vec<(Landed, usize)> = (std::mem::take(&mut report.landed).into_iter())
             .map(|landed| {
                 let at = landed.record;
@@ -49,7 +63,7 @@ impl<P: Ports> Exporter<P> {
                 break;
             }
             let may_write = round < ROUNDS;
-            let again = self.check(landed, may_write, report, deadline).await;
+            let again = self.check(landed, (run, may_write), report, deadline).await;
             let Some((again, originals)) = again else {
                 break;
             };
@@ -82,7 +96,7 @@ impl<P: Ports> Exporter<P> {
     async fn check(
         &self,
         landed: Vec<(Landed, usize)>,
-        may_write: bool,
+        (run, may_write): (Run, bool),
         report: &mut BatchReport,
         deadline: Instant,
     ) -> Option<(BatchReport, HashMap<KvKey, usize>)> {
@@ -95,12 +109,12 @@ impl<P: Ports> Exporter<P> {
             };
             let recheck = by_index.entry(index).or_insert_with(|| Recheck {
                 keys: Vec::new(),
-                records: None,
+                now: Now::default(),
             });
             recheck.keys.push((landed, at));
         }
         let by_index = self.read_again(by_index, report, deadline).await;
-        let (prepared, landed) = self.plan_again(by_index, deadline).await;
+        let (prepared, landed) = self.plan_again(by_index, run, deadline).await;
         let mut prepared = prepared?;
         let originals: HashMap<KvKey, usize> = (landed.iter())
             .map(|(landed, at)| (landed.key.clone(), *at))
@@ -159,8 +173,8 @@ impl<P: Ports> Exporter<P> {
         let mut found = Vec::new();
         for (index, mut recheck, read) in reads.into_iter().flatten() {
             match read {
-                Ok(records) => {
-                    recheck.records = records;
+                Ok(now) => {
+                    recheck.now = now;
                     found.push((index, recheck));
                 }
                 Err(e) => fail_all(report, &recheck, &e),
@@ -174,22 +188,15 @@ impl<P: Ports> Exporter<P> {
         &self,
         indexes: Vec<(IndexRef, Recheck)>,
         deadline: Instant,
-    ) -> Vec<(
-        IndexRef,
-        Recheck,
-        Result<Option<Vec<ChangeRecord>>, PortError>,
-    )> {
+    ) -> Vec<(IndexRef, Recheck, Result<Now, PortError>)> {
         if indexes.len() >= RUN_OF_INDEXES {
             let (first, last) = (&indexes[0].0, &indexes[indexes.len() - 1].0);
-            let run = (
-                first.account.as_str(),
-                (first.name.as_str(), last.name.as_str()),
-            );
-            return match self.index_run(run.0, run.1, deadline).await {
+            let names = (first.name.as_str(), last.name.as_str());
+            return match self.index_run(&first.account, names, deadline).await {
                 Ok(mut run) => (indexes.into_iter())
                     .map(|(index, recheck)| {
-                        let records = run.remove(&index);
-                        (index, recheck, Ok(records))
+                        let (settings, records) = run.remove(&index).unwrap_or_default();
+                        (index, recheck, Ok(Now { settings, records }))
                     })
                     .collect(),
                 Err(e) => (indexes.into_iter())
@@ -201,10 +208,30 @@ impl<P: Ports> Exporter<P> {
         for (index, recheck) in indexes {
             let overrides = (recheck.keys.iter())
                 .any(|(landed, _)| landed.key.namespace == Namespace::QueryConfigs);
-            let records = self.index_records(&index, overrides, deadline).await;
-            read.push((index, recheck, records));
+            let now = self.index_now(&index, overrides, deadline).await;
+            read.push((index, recheck, now));
         }
         read
+    }
+
+    /// An index's settings record and, when asked, its overrides (read even when the settings
+    /// record is gone: a filter is built from the overrides the table holds).
+    async fn index_now(
+        &self,
+        index: &IndexRef,
+        overrides: bool,
+        deadline: Instant,
+    ) -> Result<Now, PortError> {
+        let settings = self.settings_record(index, overrides, deadline).await?;
+        let mut now = Now {
+            settings: settings.is_some(),
+            records: settings.into_iter().collect(),
+        };
+        if overrides {
+            now.records
+                .extend(self.all_query_configs(index, deadline).await?);
+        }
+        Ok(now)
     }
 
     /// The indexes read again, planned as changes (`None`: nothing to plan), with the landed
@@ -212,20 +239,21 @@ impl<P: Ports> Exporter<P> {
     async fn plan_again(
         &self,
         by_index: Vec<(IndexRef, Recheck)>,
+        run: Run,
         deadline: Instant,
     ) -> (Option<Prepared>, Vec<(Landed, usize)>) {
         let mut records = Vec::new();
         let mut firsts = Vec::new();
         let mut landed = Vec::new();
         for (index, recheck) in by_index {
-            firsts.push((index.clone(), records.len(), recheck.records.is_some()));
+            firsts.push((index.clone(), records.len(), recheck.now.settings));
             records.extend(as_changes(&index, &recheck));
             landed.extend(recheck.keys);
         }
         if records.is_empty() {
             return (None, landed);
         }
-        let mut prepared = self.prepare(records, Run::OPERATOR, deadline).await;
+        let mut prepared = self.prepare(records, run, deadline).await;
         let deletes = removed_overrides(&prepared.plan.ops, &landed, &firsts);
         prepared.plan.ops.extend(deletes);
         (Some(prepared), landed)
@@ -267,7 +295,7 @@ fn differing(
 /// an index without a settings record is removed (its keys kept while an alias reads it).
 fn as_changes(index: &IndexRef, recheck: &Recheck) -> Vec<ChangeRecord> {
     let own = KvKey::index(index);
-    let current_shop = (recheck.records.iter().flatten()).find_map(|r| match &r.decoded {
+    let current_shop = (recheck.now.records.iter()).find_map(|r| match &r.decoded {
         Ok(Change::UpsertIndex { settings, .. }) => settings.shop_id.clone(),
         _ => None,
     });
@@ -279,19 +307,24 @@ fn as_changes(index: &IndexRef, recheck: &Recheck) -> Vec<ChangeRecord> {
                 && Some(&key.key) != current_shop.as_ref()
         })
         .map(|key| key.key.clone());
-    let Some(records) = &recheck.records else {
+    let mut records = recheck.now.records.clone();
+    let settings_keys = (recheck.keys.iter()).any(|(l, _)| l.key.namespace == Namespace::Settings);
+    if !recheck.now.settings && settings_keys {
+        // Removed: its settings keys go. Its filter follows the overrides left of it, as the
+        // stream's does (they come after the remove, the last word on it).
         let remove = Change::RemoveIndex {
             index: index.clone(),
             previous_shop: PreviousShop::Known(given_up),
         };
-        return vec![ChangeRecord {
+        let remove = ChangeRecord {
             sequence_number: None,
             index: Some(index.clone()),
             created_at: None,
             decoded: Ok(remove),
-        }];
-    };
-    let mut records = records.clone();
+        };
+        records.insert(0, remove);
+        return records;
+    }
     for record in &mut records {
         if let (Ok(Change::UpsertIndex { previous_shop, .. }), Some(shop)) =
             (&mut record.decoded, &given_up)
@@ -415,7 +448,13 @@ mod tests {
         for (now, keys, expected, removed) in cases {
             let recheck = Recheck {
                 keys: keys.into_iter().map(landed).collect(),
-                records: (now.is_some() || !removed).then(|| vec![insert("i", now)]),
+                now: match removed {
+                    false => Now {
+                        settings: true,
+                        records: vec![insert("i", now)],
+                    },
+                    true => Now::default(),
+                },
             };
             let changes = as_changes(&index, &recheck);
             assert_eq!(changes.len(), 1);

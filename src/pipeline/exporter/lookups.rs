@@ -14,7 +14,7 @@ use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::dynamo;
 use crate::pipeline::plan::{self, Lookups, PlannedOp};
 use crate::pipeline::records::{Change, ChangeRecord};
-use crate::ports::{before_deadline, AccountCell, KvStore, Ledger, LookupCounts, Ports};
+use crate::ports::{before_deadline, AccountCell, KvStore, LookupCounts, Ports};
 use crate::ports::{PortError, SettingsTable};
 use crate::report::Outcome;
 
@@ -28,42 +28,11 @@ impl<P: Ports> Exporter<P> {
         plan: &mut plan::Plan,
         run: Run,
         deadline: Instant,
-    ) -> HashMap<KvKey, Option<String>> {
+    ) {
         let wanted: Vec<IndexRef> = plan.filters.keys().cloned().collect();
-        let mut filter_reads = HashMap::new();
-        if run.is_stream() && self.ledger.enabled() && !wanted.is_empty() {
-            // Read before the overrides: a writer that claims a filter after this read may
-            // have seen an override this batch's Query misses, and then this claim fails.
-            match self.filter_claims(&wanted).await {
-                Ok(read) => filter_reads = read,
-                Err(e) => {
-                    let reason = format!("cannot read the filter's claim: {e}");
-                    for needer in plan.filters.values().flatten() {
-                        fail_pending(&mut plan.outcomes, *needer, &reason);
-                    }
-                    return filter_reads;
-                }
-            }
-        }
         for (index, queries) in self.override_queries(records, wanted, run, deadline).await {
             plan_filter(plan, index, queries);
         }
-        filter_reads
-    }
-
-    /// Each filter key's claim token, as the ledger holds it now.
-    async fn filter_claims(
-        &self,
-        indexes: &[IndexRef],
-    ) -> Result<HashMap<KvKey, Option<String>>, PortError> {
-        let keys: Vec<KvKey> = indexes.iter().map(filter_key).collect();
-        let mut read = self.read_claims(&keys).await?;
-        Ok((keys.into_iter())
-            .map(|k| {
-                let token = read.remove(&k).map(|c| c.token);
-                (k, token)
-            })
-            .collect())
     }
 
     /// The queries of each index's overrides: from the batch when it holds them all, else a
@@ -117,24 +86,18 @@ impl<P: Ports> Exporter<P> {
         let api_keys = self
             .api_keys
             .lookup_all(needs.api_keys, keys == ApiKeys::Fresh, deadline);
-        let references = async {
-            if needs.references {
-                Some(self.settings_references(deadline).await)
-            } else {
-                None
-            }
-        };
         let current_shops = self.current_shops(needs.current_shops, deadline);
-        let ((api_keys, counts), references, current_shops) =
-            tokio::join!(api_keys, references, current_shops);
+        let ((api_keys, counts), current_shops) = tokio::join!(api_keys, current_shops);
         let mut lookups = Lookups {
             api_keys,
-            references,
+            references: None,
             current_shops,
             claimers: HashMap::new(),
         };
-        if lookups.references.is_none() && plan::shop_moves(records, &lookups) {
-            lookups.references = Some(self.settings_references(deadline).await);
+        // Who aliases what is removed, who claims a shop given up: the ledger's candidates
+        // checked against the table once its references are complete, else a scan.
+        if needs.references || plan::shop_moves(records, &lookups) {
+            lookups.references = Some(self.references(records, &lookups, deadline).await);
         }
         (lookups, counts)
     }

@@ -52,29 +52,25 @@ impl<P: Ports> Exporter<P> {
         }
     }
 
-    /// The records of a run of an account's indexes, `first` to `last` by name, their
-    /// overrides included, read at once: each index that has a settings record, with it first
-    /// (the overrides of an index without one are not its: it is gone).
+    /// The records of a run of an account's indexes, `first` to `last` by name, read at once:
+    /// each index's settings record (if it has one: the flag) and its overrides.
     pub(super) async fn index_run(
         &self,
         account: &str,
         (first, last): (&str, &str),
         deadline: Instant,
-    ) -> Result<HashMap<IndexRef, Vec<ChangeRecord>>, PortError> {
+    ) -> Result<HashMap<IndexRef, (bool, Vec<ChangeRecord>)>, PortError> {
         let read = self.table.index_range(account, first, last);
         let items = before_deadline(deadline, "index run", read).await?;
-        let mut indexes: HashMap<IndexRef, Vec<ChangeRecord>> = HashMap::new();
+        let mut indexes: HashMap<IndexRef, (bool, Vec<ChangeRecord>)> = HashMap::new();
         for item in items {
-            let settings =
-                dynamo::string_attribute(&item, "sk").is_some_and(|sk| !sk.contains("#QUERY#"));
+            let sk = dynamo::string_attribute(&item, "sk").unwrap_or_default();
+            let settings = !sk.contains("#QUERY#");
             let record = self.decode_item(item, true);
-            let Some(index) = record.index.clone() else {
-                continue;
-            };
-            match indexes.get_mut(&index) {
-                Some(records) => records.push(record),
-                None if settings => drop(indexes.insert(index, vec![record])),
-                None => {}
+            if let Some(index) = record.index.clone() {
+                let entry = indexes.entry(index).or_default();
+                entry.0 |= settings;
+                entry.1.push(record);
             }
         }
         Ok(indexes)

@@ -13,7 +13,7 @@ use crate::domain::kv::check_key;
 use crate::domain::{IndexRef, IndexSettings, SettingsReference};
 use crate::pipeline::plan::{self, Lookups};
 use crate::pipeline::records::{Change, ChangeRecord};
-use crate::ports::{before_deadline, IndexRefs, Ledger, LookupCounts, Ports};
+use crate::ports::{before_deadline, IndexRefs, Ledger, LookupCounts, Ports, SettingsTable};
 use crate::ports::{PortError, Referred, RefsChange};
 use crate::report::Outcome;
 
@@ -111,14 +111,16 @@ impl<P: Ports> Exporter<P> {
 
     /// From the ledger once its records are complete (a Query per removed index and per shop
     /// given up), else from a scan of the table.
-    async fn references(
+    pub(super) async fn references(
         &self,
         records: &[ChangeRecord],
         lookups: &Lookups,
         deadline: Instant,
     ) -> Result<Vec<SettingsReference>, PortError> {
         let complete = self.ledger.references_complete();
-        if !before_deadline(deadline, "ledger references", complete).await? {
+        if !self.ledger.enabled()
+            || !before_deadline(deadline, "ledger references", complete).await?
+        {
             return self.settings_references(deadline).await;
         }
         let asked = plan::reference_questions(records, lookups);
@@ -178,26 +180,20 @@ impl<P: Ports> Exporter<P> {
         for answer in answers {
             candidates.extend(answer?);
         }
-        // An entry the other way round may be stale: each candidate's own record decides.
+        // The ledger names candidates (a superset, possibly stale); each one's settings record
+        // in the table decides: an alias dropped, or a record gone, no longer counts.
         let candidates: Vec<IndexRef> = candidates.into_iter().collect();
-        let read = self.ledger.index_refs(&candidates);
-        let recorded = before_deadline(deadline, "ledger references", read).await?;
-        Ok((recorded.into_iter())
-            .filter(|(_, refs)| !refs.removed)
-            .map(|(index, refs)| SettingsReference {
-                index,
-                shop_id: refs.shop,
-                live_targets: (refs.targets.into_iter())
-                    .map(crate::domain::IndexId)
-                    .collect(),
-            })
-            .collect())
+        let read = self.table.index_references(&candidates);
+        before_deadline(deadline, "candidates' settings", read).await
     }
 
-    /// After the KV writes: each index's references as its last applied record left them,
-    /// unless a record of the index failed (its replay records them). The stream's records are
-    /// the newest word and replace what is recorded; an operator's only fill what is missing.
-    /// A record whose references could not be recorded (by the deadline) is retried.
+    /// After the KV writes: each index's references as its last applied record left them. For
+    /// the stream, as of the batch's first failed record, where Lambda's replay starts: what the
+    /// records before it left (they are not sent again), never what a record the replay sends
+    /// again left, so the replay finds the references it starts from. An operator's index with a
+    /// failed record is not recorded (its rerun records it). The stream's records are the newest
+    /// word and replace what is recorded; an operator's only fill what is missing. A record
+    /// whose references could not be recorded (by the deadline) is retried.
     pub(super) async fn record_references(
         &self,
         left: Vec<Option<(IndexRef, IndexRefs)>>,
@@ -208,7 +204,11 @@ impl<P: Ports> Exporter<P> {
     ) {
         let mut by_index: BTreeMap<IndexRef, (Vec<usize>, Option<IndexRefs>, bool)> =
             BTreeMap::new();
-        for (at, entry) in left.into_iter().enumerate() {
+        let replayed_from = (outcomes.iter())
+            .position(|o| matches!(o, Outcome::Failed(_)))
+            .filter(|_| stream)
+            .unwrap_or(outcomes.len());
+        for (at, entry) in left.into_iter().enumerate().take(replayed_from) {
             let Some((index, refs)) = entry else { continue };
             let (positions, last, failed) = by_index.entry(index).or_default();
             positions.push(at);
