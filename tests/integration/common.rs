@@ -25,6 +25,13 @@ pub const QCFG_NS: &str = "ns-qcfg";
 pub const TOKEN: &str = "cf-token-1";
 pub const REGION: &str = "eu-west-1";
 
+/// Tests that time invocations against short deadlines, and the few that load both cores for
+/// a minute, take this in turn: on a 2-core machine the one starves the other's deadlines.
+pub async fn heavy_or_timed() -> tokio::sync::MutexGuard<'static, ()> {
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    TURN.lock().await
+}
+
 /// Fast enough for tests, and still exercising every retry.
 pub fn fast_retry() -> RetryPolicy {
     RetryPolicy {

@@ -216,6 +216,7 @@ async fn a_run_resumed_by_its_token_counts_every_key_once() {
 
 #[tokio::test]
 async fn an_account_of_a_thousand_indexes_is_reconciled_with_list_requests_only() {
+    let _turn = heavy_or_timed().await;
     let h = Harness::new().await;
     h.keys.set_key("acct-big", "k");
     h.keys.set_key("acct-other", "k2");

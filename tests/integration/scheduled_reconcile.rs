@@ -228,6 +228,7 @@ fn the_pass_repaired_the_lost_key(h: &Harness, runs: &[Value], function: &Functi
 
 #[tokio::test]
 async fn a_pass_whose_kv_listing_is_slow_hands_on_its_place_and_completes() {
+    let _turn = heavy_or_timed().await;
     let h = fleet_with_a_lost_key().await;
     // A large or slow namespace: every listing page answers after 5 s.
     let slow = Fault::Latency {
@@ -249,6 +250,7 @@ async fn a_pass_whose_kv_listing_is_slow_hands_on_its_place_and_completes() {
 
 #[tokio::test]
 async fn a_pass_whose_ledger_is_slow_hands_on_its_place_and_completes() {
+    let _turn = heavy_or_timed().await;
     let h = fleet_with_a_lost_key().await;
     let ProxiedFunction {
         dynamodb: ledger,

@@ -170,6 +170,7 @@ fn synthetic_record(seq: usize, account: &str, index: &str, shop: Option<&str>) 
 
 #[tokio::test]
 async fn ten_thousand_records_across_accounts_cost_two_bulk_requests_and_one_key_call_each() {
+    let _turn = heavy_or_timed().await;
     let h = Harness::new().await;
     let accounts = ["acct-a", "acct-b", "acct-c", "acct-d", "acct-e"];
     for account in accounts {
