@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tokio::time::Instant;
 
-use super::claims::Guard;
 use super::{references, Exporter, Prepared, Run};
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvAction, KvKey, KvOp};
@@ -50,7 +49,7 @@ impl<P: Ports> Exporter<P> {
         let planned = self.planned(&records, &plan);
         let (records, created_at) = identities(records);
         let before = self.kv.counters();
-        let guard = self.claim(planned, deadline).await;
+        let refused = self.claim(planned, deadline).await;
         let Plan {
             ops,
             mut outcomes,
@@ -64,7 +63,7 @@ impl<P: Ports> Exporter<P> {
             filters: &filters,
         };
         let checked = checked(&ops, run, &delete_owners, derived);
-        let sent = self.send_claimed(ops, &old_shops, &guard, deadline, buffer);
+        let sent = self.send_claimed(ops, &old_shops, refused, deadline, buffer);
         let sent = Sent {
             checked,
             ..sent.await
@@ -123,25 +122,24 @@ impl<P: Ports> Exporter<P> {
         &self,
         ops: BTreeMap<KvKey, PlannedOp>,
         old_shops: &[(KvKey, IndexRef)],
-        guard: &Guard,
+        refused: HashMap<KvKey, PortError>,
         deadline: Instant,
         buffer: Vec<u8>,
     ) -> Sent {
-        let held_back = held_back(guard);
         let old_shop_keys: HashSet<&KvKey> = old_shops.iter().map(|(key, _)| key).collect();
         let first = (ops.iter())
-            .filter(|(key, _)| old_shop_keys.contains(key) && !held_back.contains(*key))
+            .filter(|(key, _)| old_shop_keys.contains(key) && !refused.contains_key(*key))
             .map(|(key, op)| (key.clone(), op.action.clone()))
             .collect();
-        let mut failed: HashMap<KvKey, PortError> = guard.refused.iter().cloned().collect();
         let first = self.kv.apply(first, Vec::new(), deadline).await;
+        let mut failed = refused;
         failed.extend(first.failed);
         let withheld: HashMap<KvKey, String> = (old_shops.iter())
             .filter(|(shop, _)| failed.contains_key(shop))
             .map(|(shop, index)| (KvKey::index(index), shop.key.clone()))
             .collect();
         let (keys, rest) = in_batch_order(ops, |key| {
-            !old_shop_keys.contains(key) && !withheld.contains_key(key) && !held_back.contains(key)
+            !old_shop_keys.contains(key) && !withheld.contains_key(key) && !failed.contains_key(key)
         });
         let rest = self.kv.apply(rest, buffer, deadline).await;
         failed.extend(rest.failed);
@@ -236,11 +234,6 @@ fn checked(
             Some((key, (Some(index), digest(op))))
         })
         .collect()
-}
-
-/// Keys not sent: their claims were refused.
-fn held_back(guard: &Guard) -> HashSet<KvKey> {
-    guard.refused.iter().map(|(key, _)| key.clone()).collect()
 }
 
 /// From here on a record is only what identifies it: its decoded change is let go.

@@ -36,18 +36,17 @@ fn new_claim() -> Claim {
     }
 }
 
-/// What the claims decided before anything was sent: the keys that could not be claimed (the
-/// ledger failed, or the deadline came first) are not sent, and their records are retried.
-#[derive(Debug, Default)]
-pub struct Guard {
-    pub refused: Vec<(KvKey, PortError)>,
-}
-
 impl<P: Ports> Exporter<P> {
-    /// Claims the keys about to be written, whoever held them (nothing without a ledger).
-    pub(super) async fn claim(&self, keys: Vec<KeyClaim>, deadline: Instant) -> Guard {
+    /// Claims the keys about to be written, whoever held them (nothing without a ledger), and
+    /// answers those that could not be claimed (the ledger failed, or the deadline came first):
+    /// they are not sent, and their records are retried.
+    pub(super) async fn claim(
+        &self,
+        keys: Vec<KeyClaim>,
+        deadline: Instant,
+    ) -> HashMap<KvKey, PortError> {
         if !self.ledger.enabled() || keys.is_empty() {
-            return Guard::default();
+            return HashMap::new();
         }
         let claim = new_claim();
         let claimed = self.ledger.claim_all(&keys, &claim);
@@ -56,11 +55,10 @@ impl<P: Ports> Exporter<P> {
             // Some may have landed, as when a KV write fails after its claim: the retry rewrites.
             keys.into_iter().map(|k| (k.key, e.clone())).collect()
         });
-        Guard { refused }
+        refused.into_iter().collect()
     }
 
-    /// The current claims of `keys` (a stream batch reads its filters' before their overrides;
-    /// a reconcile compares them with what the table implies).
+    /// The current claims of `keys` (a reconcile compares them with what the table implies).
     pub async fn read_claims(&self, keys: &[KvKey]) -> Result<HashMap<KvKey, Claim>, PortError> {
         if keys.is_empty() {
             return Ok(HashMap::new());
