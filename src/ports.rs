@@ -1,7 +1,7 @@
 //! The outside world as the core sees it: one small trait per system, and one error type that
 //! says whether trying again can help. Adapters implement these; tests pass fakes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 
 use serde_dynamo::Item;
@@ -9,10 +9,7 @@ use tokio::time::Instant;
 
 mod ledger;
 
-pub use ledger::{
-    no_ledger, Claim, IndexRefs, KeyClaim, Ledger, NoLedger, ReconcileProgress, Referred,
-    RefsChange,
-};
+pub use ledger::{no_ledger, IndexRefs, Ledger, NoLedger, ReconcileProgress, Referred, RefsChange};
 
 use crate::domain::kv::{KvKey, KvOp};
 use crate::domain::{ApiKey, ApiToken, IndexRef, Namespace, SettingsReference};
@@ -250,12 +247,6 @@ pub trait SettingsTable: Send + Sync {
         &self,
         indexes: &[IndexRef],
     ) -> impl Future<Output = Result<HashMap<IndexRef, Option<String>>, PortError>> + Send;
-
-    /// Which of these overrides (index, query) have a record (consistent reads).
-    fn overrides_exist(
-        &self,
-        overrides: &[(IndexRef, String)],
-    ) -> impl Future<Output = Result<HashSet<(IndexRef, String)>, PortError>> + Send;
 
     /// The index's `INDEX#{name}#QUERY#...` records after `start`, `limit` at most, in sort key
     /// order (a consistent Query); `next` is where the rest begins.

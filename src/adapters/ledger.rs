@@ -1,6 +1,5 @@
 //! The export ledger, the function's own DynamoDB table (`LEDGER_TABLE_NAME`; `pk`, `sk`
-//! strings). It holds a claim per KV key the function writes ([`claims`]), each index's
-//! references ([`refs`]), and where a scheduled reconcile stands (`pk = "reconcile"`, `sk = "progress"`); progress writes
+//! strings). It holds each index's references ([`refs`]), and where a scheduled reconcile stands (`pk = "reconcile"`, `sk = "progress"`); progress writes
 //! are conditional on the version read, so two invocations never both take a pass.
 
 use std::collections::HashMap;
@@ -13,20 +12,19 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_dynamodb::types::{PutRequest, WriteRequest};
 use futures::StreamExt as _;
 
-use crate::domain::{IndexRef, KvKey, Namespace};
-use crate::ports::{no_ledger, Claim, IndexRefs, KeyClaim, Ledger, PortError, ReconcileProgress};
+use crate::domain::IndexRef;
+use crate::ports::{no_ledger, IndexRefs, Ledger, PortError, ReconcileProgress};
 use crate::ports::{Referred, RefsChange};
 
 use super::dynamodb::{GET_BATCH, UNPROCESSED_TRIES};
 
-mod claims;
 mod refs;
 
 const PROGRESS_PK: &str = "reconcile";
 const PROGRESS_SK: &str = "progress";
-/// A delete's claim matters while a writer that read before it may still be running (one
-/// invocation, 15 minutes at most); the table's TTL forgets it two days later.
-const CLAIM_KEPT_SECONDS: u64 = 2 * 24 * 3600;
+/// A removed index's references matter while a writer that read before the remove may still
+/// be running (one invocation, 15 minutes at most); the table's TTL forgets them two days later.
+const REMOVED_KEPT_SECONDS: u64 = 2 * 24 * 3600;
 /// DynamoDB's limit per BatchWriteItem call.
 const WRITE_BATCH: usize = 25;
 /// Batch calls in flight at once.
@@ -108,13 +106,13 @@ fn table_key(pk: String, sk: &str) -> HashMap<String, AttributeValue> {
     ])
 }
 
-/// When the table's TTL may forget an item written now: [`CLAIM_KEPT_SECONDS`] later.
+/// When the table's TTL may forget an item written now: [`REMOVED_KEPT_SECONDS`] later.
 fn expires_at() -> AttributeValue {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
-    AttributeValue::N((now + CLAIM_KEPT_SECONDS).to_string())
+    AttributeValue::N((now + REMOVED_KEPT_SECONDS).to_string())
 }
 
 impl DynamoLedger {
@@ -261,47 +259,16 @@ impl Ledger for DynamoLedger {
         self.query_referrers(referred).await
     }
 
+    async fn point_back(&self, items: &[(IndexRef, Referred)]) -> Result<(), PortError> {
+        self.put_back_items(items).await
+    }
+
     async fn record_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
         self.put_all_refs(changes).await
     }
 
     async fn seed_refs(&self, index: &IndexRef, refs: &IndexRefs) -> Result<bool, PortError> {
         self.put_refs_if_absent(index, refs).await
-    }
-
-    async fn claim_all(&self, keys: &[KeyClaim], claim: &Claim) -> Vec<(KvKey, PortError)> {
-        self.put_claims(keys, claim).await
-    }
-
-    async fn claims(&self, keys: &[KvKey]) -> Result<HashMap<KvKey, Claim>, PortError> {
-        self.get_claims(keys).await
-    }
-
-    async fn claim_if(
-        &self,
-        key: &KeyClaim,
-        read: Option<&str>,
-        claim: &Claim,
-    ) -> Result<bool, PortError> {
-        self.put_claim_if(key, read, claim).await
-    }
-
-    async fn claims_between(
-        &self,
-        namespace: Namespace,
-        after: Option<&str>,
-        upto: Option<&str>,
-    ) -> Result<Vec<(String, Claim)>, PortError> {
-        self.query_claims_between(namespace, after, upto).await
-    }
-
-    async fn set_digest(
-        &self,
-        key: &KvKey,
-        token: &str,
-        digest: Option<&str>,
-    ) -> Result<bool, PortError> {
-        self.update_digest(key, token, digest).await
     }
 
     async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {

@@ -17,7 +17,6 @@ use crate::ports::{
 use crate::report::{BatchReport, Outcome};
 
 mod apply;
-mod claims;
 mod converge;
 mod lookups;
 mod reads;

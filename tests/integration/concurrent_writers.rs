@@ -424,3 +424,75 @@ async fn a_reexport_that_lands_after_the_index_was_removed_deletes_it_again() {
     assert!(h.settings("acct-gone").is_none(), "written back: {answer}");
     assert_eq!(answer["keys_written"], 0, "{answer}");
 }
+
+/// `arriving` takes a shop on one shard while `leaving` gives it up on another, and the
+/// ledger is slow to answer `arriving`'s writes. Its keys cannot land before the ledger names
+/// it as the shop's claimer, so `leaving`, which finds no claimer, deletes the key before
+/// `arriving` writes it, never after (with the references recorded after the KV writes, the
+/// delete landed last and the shop was gone for good).
+#[tokio::test]
+async fn a_shop_taken_while_another_index_gives_it_up_ends_with_its_new_claimer() {
+    use ecom_emulators::dynamo_proxy::DynamoFault;
+    const SHOP: &str = "shop-s.myshopify.com";
+    let mut h = Harness::new().await;
+    for account in ["acct-1", "acct-2"] {
+        h.keys.set_key(account, "marqo-key");
+    }
+    h.put(index_item("acct-1", "leaving", Some(SHOP))).await;
+    h.put(index_item(
+        "acct-2",
+        "arriving",
+        Some("shop-x.myshopify.com"),
+    ))
+    .await;
+    h.export_stream().await;
+    let migrated = h.invoke(json!({"mode": "backfill"})).await;
+    assert_eq!(migrated["complete"], true, "{migrated}");
+    let ProxiedFunction {
+        dynamodb: ledger,
+        runtime,
+        function,
+    } = behind_a_dynamodb_proxy(&h).await;
+    let other = Writer::start(&h).await;
+
+    h.put(index_item("acct-2", "arriving", Some(SHOP))).await;
+    let taking = h.stream_records().await;
+    ledger.inject(
+        Some("BatchWriteItem"),
+        Some("-ledger"),
+        DynamoFault::Hold,
+        usize::MAX,
+    );
+    let run = runtime.invoke(json!({ "Records": taking }), TIMEOUT);
+    let race = async {
+        for _ in 0..400 {
+            if ledger.held() > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(ledger.held() > 0, "{}", function.output());
+        // Another shard: `leaving` gives the shop up; the ledger names no other claimer yet.
+        h.put(index_item(
+            "acct-1",
+            "leaving",
+            Some("shop-t.myshopify.com"),
+        ))
+        .await;
+        let giving = h.stream_records().await;
+        let answer = other.invoke(json!({ "Records": giving })).await;
+        assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+        ledger.clear_faults();
+        ledger.release();
+    };
+    let (answer, ()) = tokio::join!(run, race);
+
+    let answer = answer.expect("an answer");
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+    assert_eq!(
+        h.settings(SHOP).map(|s| s["index_name"].clone()),
+        Some(json!("arriving")),
+        "{}",
+        function.output()
+    );
+}

@@ -322,3 +322,40 @@ async fn an_alias_dropped_without_its_record_no_longer_protects_its_target() {
     );
     assert!(h.settings(SHOP_A).is_none());
 }
+
+/// The stream records its indexes' references in the ledger (a BatchWriteItem): writes that
+/// do not answer are given up at the deadline like every other ledger call, never waited on
+/// past it, and the batch's records are reported for retry, exported on the replay.
+#[tokio::test]
+async fn a_batch_whose_reference_writes_hang_answers_before_its_deadline() {
+    use ecom_emulators::dynamo_proxy::DynamoFault;
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "products", Some(SHOP_A))).await;
+    let records = h.stream_records().await;
+    let ProxiedFunction {
+        dynamodb: ledger,
+        runtime,
+        function,
+    } = behind_a_dynamodb_proxy(&h).await;
+    let hang = DynamoFault::Delay(std::time::Duration::from_secs(30));
+    ledger.inject(Some("BatchWriteItem"), Some("-ledger"), hang, usize::MAX);
+    let batch = json!({"Records": records});
+
+    let started = std::time::Instant::now();
+    let first = runtime.invoke(batch.clone(), std::time::Duration::from_secs(8));
+    let first = first.await.expect("the function's own answer");
+
+    assert!(started.elapsed() < std::time::Duration::from_secs(8));
+    assert_eq!(failures(&first), sequence_numbers(&records), "{first}");
+    // The line is written before the answer; its pipe may be read a moment after it.
+    function
+        .wait_for("ledger references: stopped at the invocation deadline")
+        .await;
+
+    ledger.clear_faults();
+    let replay = runtime.invoke(batch, std::time::Duration::from_secs(30));
+    let replay = replay.await.expect("an answer");
+    assert_eq!(failures(&replay), Vec::<String>::new(), "{replay}");
+    assert!(h.settings(SHOP_A).is_some(), "{}", function.output());
+}

@@ -5,7 +5,7 @@
 //! written `{length of account}:{account}#{index}` in keys, so no two indexes share one; items
 //! name it in `account` and `index` too.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, WriteRequest};
 
@@ -43,13 +43,6 @@ fn named(
 
 fn index_of(item: &HashMap<String, AttributeValue>) -> Option<IndexRef> {
     Some(IndexRef::new(text(item, "account")?, text(item, "index")?))
-}
-
-/// What an index refers to, each a key of the items the other way round.
-fn referred(refs: &IndexRefs) -> BTreeSet<Referred> {
-    let shops = refs.shop.iter().cloned().map(Referred::Shop);
-    let aliases = refs.targets.iter().cloned().map(Referred::Alias);
-    shops.chain(aliases).collect()
 }
 
 fn ref_item(index: &IndexRef, refs: &IndexRefs) -> HashMap<String, AttributeValue> {
@@ -138,38 +131,44 @@ impl DynamoLedger {
         }
     }
 
-    /// New items the other way round first, then the indexes' own, then the stale ones go: a
-    /// reader that finds an index's references finds every item pointing back. Each step is
-    /// one BatchWriteItem per 25 items, for every index at once.
+    /// The items naming each index under what it refers to, 25 a BatchWriteItem.
+    pub(super) async fn put_back_items(
+        &self,
+        items: &[(IndexRef, Referred)],
+    ) -> Result<(), PortError> {
+        let puts = items.iter().map(|(index, r)| put_request(back(r, index)));
+        self.write_all(puts.collect()).await
+    }
+
+    /// The indexes' own items, then the items pointing back that they no longer name: a
+    /// reader that finds an index's references finds every item pointing back (those were
+    /// added before the writes). Each step is one BatchWriteItem per 25 items.
     pub(super) async fn put_all_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
-        let (mut added, mut own, mut gone) = (Vec::new(), Vec::new(), Vec::new());
-        for RefsChange { index, old, new } in changes {
-            let before = old.as_ref().map(referred).unwrap_or_default();
-            let after = referred(new);
-            added.extend(
-                after
-                    .difference(&before)
-                    .map(|r| put_request(back(r, index))),
-            );
+        let (mut own, mut gone) = (Vec::new(), Vec::new());
+        for RefsChange {
+            index,
+            pointing,
+            new,
+        } in changes
+        {
             own.push(put_request(ref_item(index, new)));
-            gone.extend(before.difference(&after).map(|r| delete_request(r, index)));
+            let after = new.referred();
+            gone.extend(
+                pointing
+                    .difference(&after)
+                    .map(|r| delete_request(r, index)),
+            );
         }
-        self.write_all(added).await?;
         self.write_all(own).await?;
         self.write_all(gone).await
     }
 
-    /// As [`Self::put_all_refs`] for one index, its own item only if it has none yet.
+    /// An index's own item, only if it has none yet.
     pub(super) async fn put_refs_if_absent(
         &self,
         index: &IndexRef,
         refs: &IndexRefs,
     ) -> Result<bool, PortError> {
-        let back_items = referred(refs)
-            .iter()
-            .map(|r| put_request(back(r, index)))
-            .collect();
-        self.write_all(back_items).await?;
         let put = self
             .client
             .put_item()

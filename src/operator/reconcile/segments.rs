@@ -1,18 +1,14 @@
-//! The whole fleet's reconcile with the ledger, in pieces that each fit well inside one
-//! invocation, whatever the fleet's size (docs/contract.md, "Reconcile"). A pass goes over
-//! everything twice, holding one page at a time:
-//! 1. **KV against the ledger.** Each namespace is listed in key order, 1,000 keys a request,
-//!    beside the ledger's claims of the same key range. A key whose table record is gone is
-//!    orphaned (or protected by an alias); a key the exporter did not write is foreign; where
-//!    KV and the claim disagree (a key lost or edited behind the function's back, a write that
-//!    failed), the claim stops naming a value.
-//! 2. **The table against the ledger.** The table is read page by page (an index's records
-//!    kept together), planned as a re-export, and each implied key's digest compared with its
-//!    claim. Only a key whose claim does not name the implied value is read from KV: in sync,
-//!    missing or stale.
+//! The whole fleet's reconcile, in pieces that each fit well inside one invocation, whatever
+//! the fleet's size (docs/contract.md, "Reconcile"). A pass goes over everything twice,
+//! holding one page at a time:
+//! 1. **KV against the table.** Each namespace is listed in key order, 1,000 keys a request.
+//!    A key whose table record is gone is orphaned (or protected by an alias); a key the
+//!    exporter did not write is foreign.
+//! 2. **The table against KV.** The table is read page by page (an index's records kept
+//!    together), planned as a re-export, and each implied key's digest compared with what KV
+//!    holds (read in bulk, 100 keys a request): in sync, missing or stale.
 //!
-//! So a healthy fleet costs list requests and DynamoDB reads, no KV value reads, and each
-//! key is counted once: implied keys by the table step, the others by the listing.
+//! Each key is counted once: implied keys by the table step, the others by the listing.
 //!
 //! Here: the pass's position and token, one invocation's share of it, the repair and the
 //! answer; step 1 in `segments/listed.rs`, step 2 in `segments/implied.rs`.
@@ -42,18 +38,14 @@ const MAX_HELD: usize = 5_000;
 const TABLE_PAGE: usize = 1_000;
 /// Table Queries (an owner's overrides) in flight at once.
 const CONCURRENT_QUERIES: usize = 8;
-/// Ledger writes (claims learning or forgetting a digest) in flight at once.
-const CONCURRENT_WRITES: usize = 16;
 /// The table step.
 const TABLE_STEP: usize = NAMESPACES.len();
 
-/// Where a pass goes on: listing namespace `step` (after `after`, from `cursor`), or, at
+/// Where a pass goes on: listing namespace `step` (from `cursor`), or, at
 /// [`TABLE_STEP`], reading the table after `table_at`.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Position {
     step: usize,
-    #[serde(default)]
-    after: Option<String>,
     #[serde(default)]
     cursor: Option<String>,
     #[serde(default)]

@@ -1,4 +1,4 @@
-//! Sending a prepared batch: its keys claimed, old shop keys deleted first, the rest handed to
+//! Sending a prepared batch: old shop keys deleted first, the rest handed to
 //! the KV store in the batch's order, and every record's outcome decided from what became of
 //! its keys (docs/contract.md, "Nothing is lost").
 
@@ -10,8 +10,8 @@ use super::{references, Exporter, Prepared, Run};
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvAction, KvKey, KvOp};
 use crate::pipeline::plan::{Plan, PlannedOp};
-use crate::pipeline::records::{Change, ChangeRecord};
-use crate::ports::{KeyClaim, KvCounters, KvStore, Ledger, PortError, Ports};
+use crate::pipeline::records::ChangeRecord;
+use crate::ports::{KvCounters, KvStore, PortError, Ports};
 use crate::report::{BatchReport, Landed, Outcome, RecordReport};
 
 /// DynamoDB Streams keeps a record this long; no real record is older when it is exported.
@@ -22,8 +22,8 @@ struct Sent {
     requests: usize,
     /// Each planned key, its owner and whether it was a put (the bodies hold the values).
     keys: Vec<(KvKey, usize, bool)>,
-    /// Keys that did not land, and why: a refused claim, a failed request, an index key held
-    /// back because its old shop key was not deleted, a stream key another writer took.
+    /// Keys that did not land, and why: a failed request, or an index key held back because
+    /// its old shop key was not deleted.
     failed: HashMap<KvKey, PortError>,
     /// The keys to check against the table once they landed (`converge.rs`): each with the
     /// index whose key it is, when known, and the digest of the value put (`None`: a delete).
@@ -46,10 +46,8 @@ impl<P: Ports> Exporter<P> {
             known_refs,
         } = prepared;
         let left_refs = known_refs.as_ref().map(|_| references::left_by(&records));
-        let planned = self.planned(&records, &plan);
         let (records, created_at) = identities(records);
         let before = self.kv.counters();
-        let refused = self.claim(planned, deadline).await;
         let Plan {
             ops,
             mut outcomes,
@@ -63,7 +61,15 @@ impl<P: Ports> Exporter<P> {
             filters: &filters,
         };
         let checked = checked(&ops, run, &delete_owners, derived);
-        let sent = self.send_claimed(ops, &old_shops, refused, deadline, buffer);
+        let mut added = HashMap::new();
+        if let (Some(left), Some(known)) = (&left_refs, &known_refs) {
+            let point = self.point_back(left, known, run.is_stream(), deadline);
+            match point.await {
+                Ok(pointed) => added = pointed,
+                Err(e) => return not_sent(records, outcomes, created_at, api_keys, &e),
+            }
+        }
+        let sent = self.send(ops, &old_shops, deadline, buffer);
         let sent = Sent {
             checked,
             ..sent.await
@@ -83,57 +89,29 @@ impl<P: Ports> Exporter<P> {
         settle_filters(&filters, &failed, &mut outcomes);
         if let (Some(left), Some(known)) = (left_refs, &known_refs) {
             let stream = run.is_stream();
-            (self.record_references(left, known, &mut outcomes, stream, deadline)).await;
+            let refs = (known, &added);
+            (self.record_references(left, refs, &mut outcomes, stream, deadline)).await;
         }
         finish(report, records, outcomes, created_at, applied_at)
     }
 
-    /// What each planned key's claim names: whose value it holds, its digest and, for an
-    /// override, the override's query (a reconcile reads it by key).
-    fn planned(&self, records: &[ChangeRecord], plan: &Plan) -> Vec<KeyClaim> {
-        let claimed = self.ledger.enabled();
-        let queries: Vec<Option<&String>> = (records.iter())
-            .map(|record| match &record.decoded {
-                Ok(Change::UpsertQuery(config)) if claimed => Some(&config.query),
-                _ => None,
-            })
-            .collect();
-        (plan.ops.iter())
-            .map(|(key, op)| KeyClaim {
-                key: key.clone(),
-                owner: match &op.action {
-                    KvAction::Put(value) => Some(value.index().clone()),
-                    KvAction::Delete => None,
-                },
-                digest: match &op.action {
-                    KvAction::Put(value) if claimed => Some(value.digest()),
-                    _ => None,
-                },
-                // An override's record plans its own key and its index's filter (`qfilter-`).
-                query: (queries[op.owner].cloned()).filter(|_| key.key.starts_with("qcfg-")),
-            })
-            .collect()
-    }
-
-    /// Sends what was claimed, old shop keys first: an index whose old shop key was not
+    /// Sends the planned keys, old shop keys first: an index whose old shop key was not
     /// deleted keeps its own key as it was, so the replay of its record still learns the old
-    /// shop from it. Keys not claimed are not sent: their records fail.
-    async fn send_claimed(
+    /// shop from it.
+    async fn send(
         &self,
         ops: BTreeMap<KvKey, PlannedOp>,
         old_shops: &[(KvKey, IndexRef)],
-        refused: HashMap<KvKey, PortError>,
         deadline: Instant,
         buffer: Vec<u8>,
     ) -> Sent {
         let old_shop_keys: HashSet<&KvKey> = old_shops.iter().map(|(key, _)| key).collect();
         let first = (ops.iter())
-            .filter(|(key, _)| old_shop_keys.contains(key) && !refused.contains_key(*key))
+            .filter(|(key, _)| old_shop_keys.contains(key))
             .map(|(key, op)| (key.clone(), op.action.clone()))
             .collect();
         let first = self.kv.apply(first, Vec::new(), deadline).await;
-        let mut failed = refused;
-        failed.extend(first.failed);
+        let mut failed: HashMap<KvKey, PortError> = first.failed.into_iter().collect();
         let withheld: HashMap<KvKey, String> = (old_shops.iter())
             .filter(|(shop, _)| failed.contains_key(shop))
             .map(|(shop, index)| (KvKey::index(index), shop.key.clone()))
@@ -298,6 +276,27 @@ fn settle_filters(
             }
         }
     }
+}
+
+/// Nothing of the batch was sent: the items pointing back at its indexes could not be added
+/// (a reader could miss a referrer whose keys landed), so every pending record is retried.
+fn not_sent(
+    records: Vec<RecordReport>,
+    mut outcomes: Vec<Outcome>,
+    created_at: Vec<Option<f64>>,
+    api_keys: crate::ports::LookupCounts,
+    error: &PortError,
+) -> BatchReport {
+    for outcome in outcomes.iter_mut().filter(|o| **o == Outcome::Pending) {
+        *outcome = Outcome::Failed(format!(
+            "not sent: its references could not be recorded in the ledger: {error}"
+        ));
+    }
+    let report = BatchReport {
+        api_keys,
+        ..BatchReport::default()
+    };
+    finish(report, records, outcomes, created_at, 0.0)
 }
 
 /// The report's counts, lags and outcomes: a pending record whose operations were all applied

@@ -187,17 +187,55 @@ impl<P: Ports> Exporter<P> {
         before_deadline(deadline, "candidates' settings", read).await
     }
 
+    /// Before the KV writes: the items pointing back at each index for every reference its
+    /// records leave that the ledger does not record yet, so a batch that asks who claims a
+    /// shop or aliases an index finds a referrer as soon as its keys can land. The stream adds
+    /// what each of its records leaves (a superset of what any replay point leaves); an
+    /// operator only for an index with nothing recorded (it only seeds). Answers what was
+    /// added, per index.
+    pub(super) async fn point_back(
+        &self,
+        left: &[Option<(IndexRef, IndexRefs)>],
+        known: &HashMap<IndexRef, IndexRefs>,
+        stream: bool,
+        deadline: Instant,
+    ) -> Result<HashMap<IndexRef, BTreeSet<Referred>>, PortError> {
+        let mut added: HashMap<IndexRef, BTreeSet<Referred>> = HashMap::new();
+        for (index, refs) in left.iter().flatten() {
+            let recorded = known.get(index);
+            if !stream && recorded.is_some() {
+                continue;
+            }
+            let before = recorded.map(IndexRefs::referred).unwrap_or_default();
+            let new = refs.referred().into_iter().filter(|r| !before.contains(r));
+            added.entry(index.clone()).or_default().extend(new);
+        }
+        let items: Vec<(IndexRef, Referred)> = (added.iter())
+            .flat_map(|(index, referred)| referred.iter().map(|r| (index.clone(), r.clone())))
+            .collect();
+        if !items.is_empty() {
+            let put = self.ledger.point_back(&items);
+            before_deadline(deadline, "ledger references", put).await?;
+        }
+        Ok(added)
+    }
+
     /// After the KV writes: each index's references as its last applied record left them. For
     /// the stream, as of the batch's first failed record, where Lambda's replay starts: what the
     /// records before it left (they are not sent again), never what a record the replay sends
-    /// again left, so the replay finds the references it starts from. An operator's index with a
-    /// failed record is not recorded (its rerun records it). The stream's records are the newest
-    /// word and replace what is recorded; an operator's only fill what is missing. A record
-    /// whose references could not be recorded (by the deadline) is retried.
+    /// again left, so the replay finds the references it starts from; the items pointing back
+    /// that those references no longer name (recorded before, or added before the writes) go.
+    /// An operator's index with a failed record is not recorded (its rerun records it). The
+    /// stream's records are the newest word and replace what is recorded; an operator's only
+    /// fill what is missing. A record whose references could not be recorded (by the
+    /// deadline) is retried.
     pub(super) async fn record_references(
         &self,
         left: Vec<Option<(IndexRef, IndexRefs)>>,
-        known: &HashMap<IndexRef, IndexRefs>,
+        (known, added): (
+            &HashMap<IndexRef, IndexRefs>,
+            &HashMap<IndexRef, BTreeSet<Referred>>,
+        ),
         outcomes: &mut [Outcome],
         stream: bool,
         deadline: Instant,
@@ -222,13 +260,20 @@ impl<P: Ports> Exporter<P> {
         let changed: Vec<(Vec<usize>, RefsChange)> = (by_index.into_iter())
             .filter_map(|(index, (positions, last, failed))| {
                 let new = last.filter(|_| !failed)?;
-                let old = known.get(&index).cloned();
+                let old = known.get(&index);
+                let mut pointing = old.map(IndexRefs::referred).unwrap_or_default();
+                pointing.extend(added.get(&index).into_iter().flatten().cloned());
                 let needed = if stream {
-                    old.as_ref() != Some(&new)
+                    old != Some(&new) || pointing != new.referred()
                 } else {
                     old.is_none()
                 };
-                needed.then_some((positions, RefsChange { index, old, new }))
+                let change = RefsChange {
+                    index,
+                    pointing,
+                    new,
+                };
+                needed.then_some((positions, change))
             })
             .collect();
         if changed.is_empty() {
@@ -254,18 +299,22 @@ impl<P: Ports> Exporter<P> {
                 .collect()
                 .await
         };
-        // A batch that asks the ledger who refers to what must find these: not recorded, the
-        // record is retried (and a backfill does not mark the references complete).
-        for (positions, answer) in recorded {
-            let Err(e) = answer else { continue };
-            for at in positions {
-                if matches!(
-                    outcomes[at],
-                    Outcome::Pending | Outcome::Exported | Outcome::Kept { .. }
-                ) {
-                    let reason = format!("its references were not recorded in the ledger: {e}");
-                    outcomes[at] = Outcome::Failed(reason);
-                }
+        fail_unrecorded(recorded, outcomes);
+    }
+}
+
+/// A batch that asks the ledger who refers to what must find these: a record whose
+/// references were not recorded is retried (and a backfill does not mark them complete).
+fn fail_unrecorded(recorded: Vec<(Vec<usize>, Result<(), PortError>)>, outcomes: &mut [Outcome]) {
+    for (positions, answer) in recorded {
+        let Err(e) = answer else { continue };
+        for at in positions {
+            if matches!(
+                outcomes[at],
+                Outcome::Pending | Outcome::Exported | Outcome::Kept { .. }
+            ) {
+                let reason = format!("its references were not recorded in the ledger: {e}");
+                outcomes[at] = Outcome::Failed(reason);
             }
         }
     }

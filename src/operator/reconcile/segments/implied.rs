@@ -1,29 +1,28 @@
-//! Step 2 of a pass: the table against the ledger. The table read in pieces (an index's records
-//! kept together), each planned as a re-export, and every implied key's digest compared with
-//! its claim; only a key whose claim does not name the implied value is read from KV.
+//! Step 2 of a pass: the table against KV. The table read in pieces (an index's records kept
+//! together), each planned as a re-export, and every implied key's digest compared with what
+//! KV holds (read in bulk).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use futures::StreamExt as _;
 use serde_dynamo::Item;
 use tokio::time::Instant;
 
-use super::{Pass, Position, CONCURRENT_WRITES, MAX_HELD, TABLE_PAGE};
+use super::{Pass, Position, MAX_HELD, TABLE_PAGE};
 use crate::domain::kv::digest;
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
-use crate::operator::reconcile::classify::Class;
+use crate::operator::reconcile::classify::{owner_in_value, Class};
 use crate::operator::reconcile::failed;
 use crate::operator::reconcile::NAMESPACES;
 use crate::operator::OperatorError;
 use crate::pipeline::exporter::{Overrides, Run};
 use crate::pipeline::records::{Change, ChangeRecord};
-use crate::ports::{Claim, Ports};
+use crate::ports::Ports;
 use crate::report::Outcome;
 
 impl<P: Ports> Pass<'_, P> {
     /// The table's records after `table_at`, until `limit` records (an index's kept whole) or
-    /// the table's end, compared with the ledger.
+    /// the table's end, compared with KV.
     pub(super) async fn table_piece(
         &mut self,
         position: &mut Position,
@@ -80,8 +79,8 @@ impl<P: Ports> Pass<'_, P> {
         Ok(compared)
     }
 
-    /// Plans the records as a re-export would and compares each implied key with its claim;
-    /// keys whose claim does not name the implied value are read from KV.
+    /// Plans the records as a re-export would and compares each implied key with what KV
+    /// holds.
     async fn compare_implied(
         &mut self,
         records: Vec<ChangeRecord>,
@@ -109,39 +108,14 @@ impl<P: Ports> Pass<'_, P> {
                 KvAction::Delete => None,
             })
             .collect();
-        // Each query config's query, for its claim.
-        let queries: HashMap<String, String> = (prepared.records.iter())
-            .filter_map(ChangeRecord::query_config)
-            .collect();
-        let keys: Vec<KvKey> = implied.iter().map(|(k, _, _)| k.clone()).collect();
-        let claims = exporter.read_claims(&keys).await.map_err(failed)?;
-        let mut suspects = Vec::new();
-        for (key, digest, owner) in implied {
-            match claims.get(&key) {
-                Some(claim) if claim.digest.as_ref() == Some(&digest) => {
-                    self.found.add(&key, Class::InSync)
-                }
-                claim => suspects.push((key, digest, owner, claim.cloned())),
-            }
-        }
-        let in_kv = self.read_suspects(&suspects).await?;
-        let contested = self.contested_shops(&suspects, &in_kv).await?;
-        let mut confirm = Vec::new();
+        let keys: Vec<&KvKey> = implied.iter().map(|(key, ..)| key).collect();
+        let in_kv = self.read_held(keys).await?;
+        let shared = self.shared_shops(&implied, &in_kv).await?;
         let mut to_write = BTreeSet::new();
-        for (key, digest, owner, claim) in suspects {
+        for (key, digest, _) in implied {
             let class = match in_kv.get(&key) {
-                Some(held) if *held == digest => {
-                    let query = queries.get(&key.key).cloned();
-                    confirm.push((
-                        key.clone(),
-                        claim.clone(),
-                        owner.clone(),
-                        query,
-                        digest.clone(),
-                    ));
-                    Class::InSync
-                }
-                Some(_) if contested.contains(&key) => Class::InSync,
+                Some(held) if held.digest == digest => Class::InSync,
+                Some(_) if shared.contains(&key) => Class::InSync,
                 // No filter says what an empty one says: the index has no overrides.
                 None if prepared.plan.empty_filters.contains(&key) => continue,
                 None => Class::Missing,
@@ -152,40 +126,31 @@ impl<P: Ports> Pass<'_, P> {
                 to_write.insert(key);
             }
         }
-        futures::stream::iter(&confirm)
-            .for_each_concurrent(CONCURRENT_WRITES, |(key, read, owner, query, digest)| {
-                let owner = (owner, query.as_deref());
-                exporter.confirm_value(key, read.as_ref(), owner, digest)
-            })
-            .await;
         self.repair(Some(prepared), to_write, Vec::new()).await
     }
 
     /// The keys of indexes this pass cannot export (rejected, or left unchecked) are kept as
-    /// they are: those the ledger says KV holds count as protected.
+    /// they are: those KV holds count as protected.
     async fn count_kept(&mut self, keys: Vec<KvKey>) -> Result<(), OperatorError> {
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let claims = self.exporter.read_claims(&keys).await.map_err(failed)?;
+        let held = self.read_held(keys.iter().collect()).await?;
         for key in keys {
-            if claims.get(&key).is_some_and(|c| c.digest.is_some()) {
+            if held.contains_key(&key) {
                 self.found.add(&key, Class::Protected);
             }
         }
         Ok(())
     }
 
-    /// The digest of what KV holds under each suspect key (absent: not there).
-    async fn read_suspects(
+    /// What KV holds under each key (absent: not there), read in bulk (100 keys a request).
+    async fn read_held(
         &mut self,
-        suspects: &[(KvKey, String, IndexRef, Option<Claim>)],
-    ) -> Result<HashMap<KvKey, String>, OperatorError> {
+        keys: Vec<&KvKey>,
+    ) -> Result<HashMap<KvKey, Held>, OperatorError> {
         let mut held = HashMap::new();
         for namespace in NAMESPACES {
-            let keys: Vec<String> = (suspects.iter())
-                .filter(|(k, ..)| k.namespace == namespace)
-                .map(|(k, ..)| k.key.clone())
+            let keys: Vec<String> = (keys.iter())
+                .filter(|k| k.namespace == namespace)
+                .map(|k| k.key.clone())
                 .collect();
             if keys.is_empty() {
                 continue;
@@ -195,29 +160,30 @@ impl<P: Ports> Pass<'_, P> {
             self.requests.kv_bulk_get += keys.len().div_ceil(100);
             for (key, value) in values {
                 if let Some(value) = value {
-                    held.insert(KvKey { namespace, key }, digest(&value));
+                    let digest = digest(&value);
+                    let owner = owner_in_value(&value);
+                    held.insert(KvKey { namespace, key }, Held { digest, owner });
                 }
             }
         }
         Ok(held)
     }
 
-    /// Shop keys that hold, as claimed, the value of another index that claims the shop too:
-    /// several indexes claim it, and the one written last keeps it (not drift).
-    async fn contested_shops(
+    /// Shop keys that hold the value of another index whose table record claims the shop
+    /// too: several indexes claim it, and the one written last keeps it (not drift; that
+    /// index's own piece compares the value).
+    async fn shared_shops(
         &mut self,
-        suspects: &[(KvKey, String, IndexRef, Option<Claim>)],
-        in_kv: &HashMap<KvKey, String>,
+        implied: &[(KvKey, String, IndexRef)],
+        in_kv: &HashMap<KvKey, Held>,
     ) -> Result<HashSet<KvKey>, OperatorError> {
-        let others: Vec<(&KvKey, &IndexRef)> = (suspects.iter())
-            .filter(|(key, _, owner, _)| {
+        let others: Vec<(&KvKey, &IndexRef)> = (implied.iter())
+            .filter(|(key, _, owner)| {
                 key.namespace == Namespace::Settings && *key != KvKey::index(owner)
             })
-            .filter_map(|(key, _, owner, claim)| {
-                let claim = claim.as_ref()?;
-                let other = claim.owner.as_ref().filter(|o| *o != owner)?;
-                (claim.digest.is_some() && claim.digest.as_ref() == in_kv.get(key))
-                    .then_some((key, other))
+            .filter_map(|(key, _, owner)| {
+                let other = in_kv.get(key)?.owner.as_ref().filter(|o| *o != owner)?;
+                Some((key, other))
             })
             .collect();
         if others.is_empty() {
@@ -231,6 +197,12 @@ impl<P: Ports> Pass<'_, P> {
             .map(|(key, _)| key.clone())
             .collect())
     }
+}
+
+/// What KV holds under a key: its value's digest, and the index the value names.
+struct Held {
+    digest: String,
+    owner: Option<IndexRef>,
 }
 
 /// The keys a settings record's index has whatever its values: its own, its filter's, and

@@ -1,20 +1,19 @@
-//! Step 1 of a pass: KV against the ledger. A namespace's listing, page by page, beside the
-//! ledger's claims of the same key range: orphans (their table record gone), keys protected by
-//! an alias, foreign keys, and claims that KV contradicts.
+//! Step 1 of a pass: KV against the table. A namespace's listing, page by page: orphans (their
+//! table record gone), keys protected by an alias, and foreign keys.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use futures::StreamExt as _;
 
-use super::{Pass, Position, CONCURRENT_QUERIES, CONCURRENT_WRITES};
-use crate::domain::kv::{digest, KeyMetadata};
+use super::{Pass, Position, CONCURRENT_QUERIES};
+use crate::domain::kv::KeyMetadata;
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvKey, Namespace};
 use crate::operator::reconcile::classify::{live_targets, owner_in_value, Class};
 use crate::operator::reconcile::failed;
 use crate::operator::reconcile::NAMESPACES;
 use crate::operator::OperatorError;
-use crate::ports::{Claim, ListedKey, Ports, Referred};
+use crate::ports::{ListedKey, Ports, Referred};
 
 /// Whether the function could have written a key for this index (metadata and values are
 /// input: a name no table item could have would fail the page's reads by key, every pass).
@@ -24,15 +23,14 @@ fn could_be_written(index: &IndexRef) -> bool {
         && crate::domain::kv::check_key(&KvKey::index(index).key).is_ok()
 }
 
-/// A listed key with who it was written for and the digest of what it holds.
+/// A listed key with who it was written for.
 struct Held {
     key: KvKey,
     owner: Option<IndexRef>,
-    digest: String,
 }
 
 impl<P: Ports> Pass<'_, P> {
-    /// One page of a namespace's listing, compared with the ledger's claims of its range.
+    /// One page of a namespace's listing, compared with the table.
     pub(super) async fn list_page(
         &mut self,
         position: &mut Position,
@@ -44,50 +42,33 @@ impl<P: Ports> Pass<'_, P> {
         let page = exporter.list_page(namespace, cursor, size, deadline);
         let page = page.await.map_err(failed)?;
         self.requests.kv_list += 1;
-        let last = page.keys.last().map(|k| k.name.clone());
-        let claims = match (&page.cursor, &last) {
-            (Some(_), None) => Vec::new(),
-            // The last page's range is open: claims past KV's last key name lost keys too.
-            (Some(_), Some(last)) => {
-                let after = position.after.as_deref();
-                let claims = exporter.claims_between(namespace, after, Some(last), deadline);
-                claims.await.map_err(failed)?
-            }
-            (None, _) => {
-                let after = position.after.as_deref();
-                let claims = exporter.claims_between(namespace, after, None, deadline);
-                claims.await.map_err(failed)?
-            }
-        };
         let listed = page.keys.len();
-        self.compare_listed(namespace, page.keys, claims).await?;
+        self.compare_listed(namespace, page.keys).await?;
         match page.cursor {
-            Some(cursor) => {
-                position.after = last;
-                position.cursor = Some(cursor);
-            }
+            Some(cursor) => position.cursor = Some(cursor),
             None => {
                 position.step += 1;
-                position.after = None;
                 position.cursor = None;
             }
         }
         Ok(listed)
     }
 
-    /// What each listed key holds and for whom: from its metadata, or its value where the
-    /// metadata cannot tell (or `deep` asks).
+    /// Who each listed key was written for: from its metadata, or its value where the
+    /// metadata cannot tell (the table step reads every value it compares anyway).
     async fn held(
         &mut self,
         namespace: Namespace,
         keys: Vec<ListedKey>,
     ) -> Result<Vec<Held>, OperatorError> {
-        let deep = self.request.deep;
-        let listed: Vec<(String, Option<KeyMetadata>)> = (keys.into_iter())
-            .map(|k| (k.name, KeyMetadata::ours(k.metadata.as_ref())))
+        let listed: Vec<(String, Option<IndexRef>)> = (keys.into_iter())
+            .map(|k| {
+                let owner = KeyMetadata::ours(k.metadata.as_ref()).and_then(|m| m.index_ref());
+                (k.name, owner)
+            })
             .collect();
         let unread: Vec<String> = (listed.iter())
-            .filter(|(_, meta)| deep || meta.as_ref().and_then(|m| m.index_ref()).is_none())
+            .filter(|(_, owner)| owner.is_none())
             .map(|(key, _)| key.clone())
             .collect();
         let mut values = HashMap::new();
@@ -97,18 +78,12 @@ impl<P: Ports> Pass<'_, P> {
             self.requests.kv_bulk_get += unread.len().div_ceil(100);
         }
         Ok((listed.into_iter())
-            .map(|(key, meta)| {
+            .map(|(key, owner)| {
                 let value = values.remove(&key).flatten();
-                let owner = (meta.as_ref().and_then(|m| m.index_ref()))
-                    .or_else(|| value.as_deref().and_then(owner_in_value))
+                let owner = (owner.or_else(|| value.as_deref().and_then(owner_in_value)))
                     .filter(could_be_written);
-                let digest = match (value, meta) {
-                    (Some(value), _) => digest(&value),
-                    (None, Some(meta)) => meta.digest,
-                    (None, None) => String::new(),
-                };
                 let key = KvKey { namespace, key };
-                Held { key, owner, digest }
+                Held { key, owner }
             })
             .collect())
     }
@@ -117,23 +92,12 @@ impl<P: Ports> Pass<'_, P> {
         &mut self,
         namespace: Namespace,
         keys: Vec<ListedKey>,
-        claims: Vec<(String, Claim)>,
     ) -> Result<(), OperatorError> {
-        let mut claims: HashMap<String, Claim> = claims.into_iter().collect();
         let held = self.held(namespace, keys).await?;
-        // A query config's claim names its override's query: checked with a read by key.
-        let queries: HashMap<&KvKey, &str> = (held.iter())
-            .filter_map(|k| {
-                let claim = claims.get(&k.key.key)?;
-                let query = claim.query.as_deref().filter(|_| claim.owner == k.owner)?;
-                Some((&k.key, query))
-            })
-            .collect();
-        let orphans = self.not_implied(&held, &queries).await?;
+        let orphans = self.not_implied(&held).await?;
         let protected = self.aliased(orphans.values()).await?;
-        let (mut deletes, mut forget) = (Vec::new(), Vec::new());
+        let mut deletes = Vec::new();
         for key in &held {
-            let claim = claims.remove(&key.key.key);
             match (&key.owner, orphans.get(&key.key)) {
                 (None, _) => self.found.add(&key.key, Class::Foreign),
                 (Some(owner), Some(_)) if protected.contains(owner) && key.key.read_by_id() => {
@@ -145,23 +109,7 @@ impl<P: Ports> Pass<'_, P> {
                 }
                 (Some(_), None) => {}
             }
-            // The table step trusts a claim that names a value only if KV holds it.
-            if let Some(claim) = claim.filter(|c| c.digest.as_ref() != Some(&key.digest)) {
-                if claim.digest.is_some() {
-                    forget.push((key.key.clone(), claim.token));
-                }
-            }
         }
-        // Claims naming a value KV does not hold at all: lost behind the function's back.
-        for (key, claim) in claims.into_iter().filter(|(_, c)| c.digest.is_some()) {
-            forget.push((KvKey { namespace, key }, claim.token));
-        }
-        let exporter = self.exporter;
-        futures::stream::iter(&forget)
-            .for_each_concurrent(CONCURRENT_WRITES, |(key, token)| {
-                exporter.forget_value(key, token)
-            })
-            .await;
         self.repair(None, BTreeSet::new(), deletes).await
     }
 
@@ -169,7 +117,6 @@ impl<P: Ports> Pass<'_, P> {
     async fn not_implied(
         &mut self,
         held: &[Held],
-        queries: &HashMap<&KvKey, &str>,
     ) -> Result<HashMap<KvKey, IndexRef>, OperatorError> {
         let (exporter, deadline) = (self.exporter, self.deadline);
         let owners: BTreeSet<IndexRef> = held.iter().filter_map(|k| k.owner.clone()).collect();
@@ -178,20 +125,11 @@ impl<P: Ports> Pass<'_, P> {
             .index_shops(&owners, deadline)
             .await
             .map_err(failed)?;
-        let config_keys = (held.iter())
+        // A query config's key is a hash of its query: its owner's overrides are listed.
+        let queried: BTreeSet<&IndexRef> = (held.iter())
             .filter(|k| k.key.namespace == Namespace::QueryConfigs)
-            .filter_map(|k| Some((k, k.owner.as_ref().filter(|o| k.key != filter_key(o))?)));
-        let (by_query, by_owner): (Vec<_>, Vec<_>) =
-            config_keys.partition(|(k, _)| queries.contains_key(&k.key));
-        let asked: Vec<(IndexRef, String)> = (by_query.iter())
-            .map(|(k, owner)| ((*owner).clone(), queries[&k.key].to_owned()))
+            .filter_map(|k| k.owner.as_ref().filter(|o| k.key != filter_key(o)))
             .collect();
-        let found = exporter
-            .overrides_exist(&asked, deadline)
-            .await
-            .map_err(failed)?;
-        // A key whose claim names no query (written before claims did): its owner's overrides.
-        let queried: BTreeSet<&IndexRef> = by_owner.into_iter().map(|(_, owner)| owner).collect();
         let overrides: Vec<Result<(IndexRef, HashSet<String>), _>> = futures::stream::iter(queried)
             .map(|owner| async move {
                 let keys = exporter.override_keys(owner, deadline).await?;
@@ -214,10 +152,9 @@ impl<P: Ports> Pass<'_, P> {
                 Namespace::Settings if key.key == KvKey::index(owner) => exists,
                 Namespace::Settings => shops.get(owner) == Some(&Some(key.key.key.clone())),
                 Namespace::QueryConfigs if key.key == filter_key(owner) => exists,
-                Namespace::QueryConfigs => match queries.get(&key.key) {
-                    Some(query) => found.contains(&(owner.clone(), (*query).to_owned())),
-                    None => (override_keys.get(owner)).is_some_and(|k| k.contains(&key.key.key)),
-                },
+                Namespace::QueryConfigs => {
+                    (override_keys.get(owner)).is_some_and(|k| k.contains(&key.key.key))
+                }
             };
             if implied {
                 continue;
