@@ -35,8 +35,8 @@ pub struct Config {
     pub deadline_margin: Duration,
     /// Cloudflare API requests per 5 minutes, per warm container (Cloudflare allows 1,200).
     pub cloudflare_requests_per_5_minutes: u32,
-    /// The function's own table (the export ledger); a scheduled reconcile needs it.
-    pub ledger_table_name: Option<String>,
+    /// The function's own table (the export ledger: references, a scheduled reconcile's pass).
+    pub ledger_table_name: String,
     /// How often a scheduled reconcile starts a new full pass.
     pub reconcile_every: Duration,
 }
@@ -109,7 +109,7 @@ impl Config {
                     name: "CLOUDFLARE_REQUESTS_PER_5_MINUTES",
                     reason: "expected a whole number from 1 to 1200".into(),
                 })?,
-            ledger_table_name: var("LEDGER_TABLE_NAME").filter(|v| !v.trim().is_empty()),
+            ledger_table_name: required("LEDGER_TABLE_NAME")?,
             reconcile_every: optional("RECONCILE_EVERY_HOURS", "6")
                 .parse::<u64>()
                 .ok()
@@ -136,6 +136,7 @@ mod tests {
             ("CLOUDFLARE_QCFG_NAMESPACE_ID", "ns-qcfg"),
             ("CLOUDFLARE_API_TOKEN_SECRET_ID", "dev/CloudFlareApiToken"),
             ("API_KEYS_SERVICE_URL", "https://keys.{cell}.example"),
+            ("LEDGER_TABLE_NAME", "dev-EcomSettingsExporterLedger"),
             (
                 "SETTINGS_TABLE_STREAM_ARN",
                 "arn:aws:dynamodb:eu-west-1:1:table/t/stream/2026-01-01T00:00:00.000",
@@ -168,6 +169,7 @@ mod tests {
             "CLOUDFLARE_API_TOKEN_SECRET_ID",
             "API_KEYS_SERVICE_URL",
             "SETTINGS_TABLE_STREAM_ARN",
+            "LEDGER_TABLE_NAME",
         ] {
             let mut env = env();
             env.remove(name);

@@ -78,7 +78,7 @@ pub async fn build_exporter(config: &Config, retry: RetryPolicy) -> LambdaExport
         aws_sdk_secretsmanager::Client::new(&aws),
         &config.api_token_secret_id,
     );
-    Exporter::with_ledger(
+    Exporter::new(
         CloudflareKv::new(
             CloudflareConfig {
                 api_base_url: config.cloudflare_api_base_url.clone(),

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 mod ledger;
 
-pub use ledger::{no_ledger, IndexRefs, Ledger, NoLedger, ReconcileProgress, Referred, RefsChange};
+pub use ledger::{IndexRefs, Ledger, ReconcileProgress, Referred, RefsChange};
 
 use crate::domain::kv::{KvKey, KvOp};
 use crate::domain::{ApiKey, ApiToken, IndexRef, Namespace, SettingsReference};

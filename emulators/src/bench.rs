@@ -6,8 +6,8 @@
 //! batch to one process and measures the process: CPU of all its threads (from /proc
 //! schedstat), wall time, peak RSS, DynamoDB requests by operation, their estimated read and
 //! write units and the round trips in sequence; then the Python reference
-//! (`bench/reference.py`) on the same event. A row with the ledger off is printed for
-//! comparison, labelled so: the template never deploys it.
+//! (`bench/reference.py`) on the same event. The function refuses to start without its
+//! ledger, so there is no other configuration to measure.
 
 mod function;
 mod records;
@@ -29,7 +29,7 @@ pub struct BenchOptions {
     pub reference: PathBuf,
     pub sizes: Vec<usize>,
     pub kv_latency: Duration,
-    /// Latencies DynamoDB is measured at, the ledger on; the last also with the ledger off.
+    /// Latencies DynamoDB is measured at.
     pub dynamo_latencies_ms: Vec<u64>,
     /// Runs of each setup and size (a fresh function process each), alternated: the table
     /// shows the run with the median CPU.
@@ -97,19 +97,11 @@ fn python_cpu_ms(options: &BenchOptions, records: usize, kind: Kind) -> Result<f
 }
 
 fn setups(options: &BenchOptions) -> Vec<Setup> {
-    let mut setups: Vec<Setup> = (options.dynamo_latencies_ms.iter())
+    (options.dynamo_latencies_ms.iter())
         .map(|&ms| Setup {
-            ledger: true,
             dynamo_latency_ms: ms,
         })
-        .collect();
-    if let Some(&ms) = options.dynamo_latencies_ms.last() {
-        setups.push(Setup {
-            ledger: false,
-            dynamo_latency_ms: ms,
-        });
-    }
-    setups
+        .collect()
 }
 
 /// The measured processes of every setup and size, runs alternated between setups.
@@ -160,13 +152,8 @@ fn print_setup(
     sizes: Vec<(usize, Vec<Process>)>,
     python: &BTreeMap<(usize, Kind), f64>,
 ) {
-    let ledger = if setup.ledger {
-        "as deployed (ledger on, references complete)"
-    } else {
-        "ledger off (not deployed by the template; for comparison)"
-    };
     println!(
-        "\n{ledger}, DynamoDB at +{} ms a request (through the proxy, on moto), KV at {} ms, median of {} runs by CPU:\n",
+        "\nAs deployed (ledger on, references complete), DynamoDB at +{} ms a request (through the proxy, on moto), KV at {} ms, median of {} runs by CPU:\n",
         setup.dynamo_latency_ms,
         options.kv_latency.as_millis(),
         options.runs.max(1)

@@ -13,7 +13,7 @@ use aws_sdk_dynamodb::types::{PutRequest, WriteRequest};
 use futures::StreamExt as _;
 
 use crate::domain::IndexRef;
-use crate::ports::{no_ledger, IndexRefs, Ledger, PortError, ReconcileProgress};
+use crate::ports::{IndexRefs, Ledger, PortError, ReconcileProgress};
 use crate::ports::{Referred, RefsChange};
 
 use super::dynamodb::{GET_BATCH, UNPROCESSED_TRIES};
@@ -32,23 +32,18 @@ const CONCURRENT_CALLS: usize = 8;
 
 pub struct DynamoLedger {
     client: aws_sdk_dynamodb::Client,
-    /// `None`: not configured; what needs the ledger fails, saying so.
-    table_name: Option<String>,
+    table_name: String,
 }
 
 impl DynamoLedger {
-    pub fn new(client: aws_sdk_dynamodb::Client, table_name: Option<String>) -> Self {
+    pub fn new(client: aws_sdk_dynamodb::Client, table_name: String) -> Self {
         Self { client, table_name }
-    }
-
-    fn table(&self) -> Result<&str, PortError> {
-        self.table_name.as_deref().ok_or_else(no_ledger)
     }
 
     fn error(&self, operation: &str, e: impl std::error::Error) -> PortError {
         PortError::Transient(format!(
             "{operation} of the ledger table {}: {}",
-            self.table_name.as_deref().unwrap_or("?"),
+            self.table_name,
             aws_sdk_dynamodb::error::DisplayErrorContext(e)
         ))
     }
@@ -125,7 +120,7 @@ impl DynamoLedger {
         let answer = self
             .client
             .get_item()
-            .table_name(self.table()?)
+            .table_name(&self.table_name)
             .set_key(Some(table_key(pk.to_owned(), sk)))
             .consistent_read(true)
             .send()
@@ -180,7 +175,7 @@ impl DynamoLedger {
 
     /// Any number of writes, 25 a call, some calls at once.
     async fn write_all(&self, requests: Vec<WriteRequest>) -> Result<(), PortError> {
-        let table = self.table()?;
+        let table = &self.table_name;
         let mut chunks = Vec::new();
         let mut requests = requests.into_iter().peekable();
         while requests.peek().is_some() {
@@ -209,7 +204,7 @@ impl DynamoLedger {
         &self,
         keys: Vec<HashMap<String, AttributeValue>>,
     ) -> Result<Vec<HashMap<String, AttributeValue>>, PortError> {
-        let table = self.table()?;
+        let table = &self.table_name;
         let mut chunks = Vec::new();
         let mut keys = keys.into_iter().peekable();
         while keys.peek().is_some() {
@@ -236,10 +231,6 @@ fn put_request(item: HashMap<String, AttributeValue>) -> WriteRequest {
 }
 
 impl Ledger for DynamoLedger {
-    fn enabled(&self) -> bool {
-        self.table_name.is_some()
-    }
-
     async fn references_complete(&self) -> Result<bool, PortError> {
         self.get_references_complete().await
     }
@@ -284,7 +275,7 @@ impl Ledger for DynamoLedger {
         let put = self
             .client
             .put_item()
-            .table_name(self.table()?)
+            .table_name(&self.table_name)
             .set_item(Some(item_of(progress)));
         let put = match expected {
             None => put.condition_expression("attribute_not_exists(pk)"),

@@ -1,8 +1,8 @@
 //! In-memory stand-ins for the unit tests: KV in a map (with keys that always fail), one API
-//! key for every account, and a table that counts its scans.
+//! key for every account, a table that counts its scans, and the ledger.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use serde_dynamo::Item;
@@ -10,7 +10,8 @@ use tokio::time::Instant;
 
 use crate::domain::{ApiKey, IndexRef, KvAction, KvOp, Namespace, SettingsReference};
 use crate::ports::{
-    AccountCell, ApiKeySource, Applied, KeyPage, KvStore, ListedKey, Page, PortError, SettingsTable,
+    AccountCell, ApiKeySource, Applied, IndexRefs, KeyPage, KvStore, Ledger, ListedKey, Page,
+    PortError, ReconcileProgress, Referred, RefsChange, SettingsTable,
 };
 
 /// KV in memory; keys in `failing` are never stored.
@@ -129,5 +130,88 @@ impl SettingsTable for CountingTable {
     }
     async fn page(&self, _: Option<&str>, _: Option<Item>, _: i32) -> Result<Page, PortError> {
         Ok(Page::default())
+    }
+}
+
+/// The ledger in memory, kept as the DynamoDB one keeps it: each index's references, the items
+/// pointing back (referred, referrer), whether the references are complete, and a reconcile's
+/// progress.
+#[derive(Default)]
+pub struct MemoryLedger {
+    pub refs: Mutex<HashMap<IndexRef, IndexRefs>>,
+    pub back: Mutex<BTreeSet<(Referred, IndexRef)>>,
+    pub complete: AtomicBool,
+    pub progress: Mutex<Option<ReconcileProgress>>,
+}
+
+impl Ledger for MemoryLedger {
+    async fn references_complete(&self) -> Result<bool, PortError> {
+        Ok(self.complete.load(Ordering::SeqCst))
+    }
+
+    async fn mark_references_complete(&self) -> Result<(), PortError> {
+        self.complete.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn index_refs(
+        &self,
+        indexes: &[IndexRef],
+    ) -> Result<HashMap<IndexRef, IndexRefs>, PortError> {
+        let refs = self.refs.lock().unwrap();
+        Ok((indexes.iter())
+            .filter_map(|index| Some((index.clone(), refs.get(index)?.clone())))
+            .collect())
+    }
+
+    async fn referrers(&self, referred: &Referred) -> Result<Vec<IndexRef>, PortError> {
+        let back = self.back.lock().unwrap();
+        Ok((back.iter())
+            .filter(|(r, _)| r == referred)
+            .map(|(_, index)| index.clone())
+            .collect())
+    }
+
+    async fn point_back(&self, items: &[(IndexRef, Referred)]) -> Result<(), PortError> {
+        let mut back = self.back.lock().unwrap();
+        back.extend(items.iter().map(|(index, r)| (r.clone(), index.clone())));
+        Ok(())
+    }
+
+    async fn record_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
+        let (mut refs, mut back) = (self.refs.lock().unwrap(), self.back.lock().unwrap());
+        for change in changes {
+            refs.insert(change.index.clone(), change.new.clone());
+            for gone in change.pointing.difference(&change.new.referred()) {
+                back.remove(&(gone.clone(), change.index.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn seed_refs(&self, index: &IndexRef, new: &IndexRefs) -> Result<bool, PortError> {
+        let mut refs = self.refs.lock().unwrap();
+        if refs.contains_key(index) {
+            return Ok(false);
+        }
+        refs.insert(index.clone(), new.clone());
+        Ok(true)
+    }
+
+    async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {
+        Ok(self.progress.lock().unwrap().clone())
+    }
+
+    async fn save_reconcile_progress(
+        &self,
+        progress: &ReconcileProgress,
+        expected: Option<u64>,
+    ) -> Result<bool, PortError> {
+        let mut saved = self.progress.lock().unwrap();
+        if saved.as_ref().map(|p| p.version) != expected {
+            return Ok(false);
+        }
+        *saved = Some(progress.clone());
+        Ok(true)
     }
 }

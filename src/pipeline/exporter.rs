@@ -11,8 +11,8 @@ use crate::pipeline::api_key_cache::ApiKeyCache;
 use crate::pipeline::plan::{self, PlannedOp};
 use crate::pipeline::records::{ChangeRecord, Expected};
 use crate::ports::{
-    before_deadline, ApiKeySource, IndexRefs, KvStore, Ledger, LookupCounts, NoLedger, PortError,
-    Ports, ReconcileProgress, SettingsTable, TableCounters,
+    before_deadline, ApiKeySource, IndexRefs, KvStore, Ledger, LookupCounts, PortError, Ports,
+    ReconcileProgress, SettingsTable, TableCounters,
 };
 use crate::report::{BatchReport, Outcome};
 
@@ -167,15 +167,8 @@ impl Prepared {
     }
 }
 
-impl<K: KvStore, A: ApiKeySource, T: SettingsTable> Exporter<(K, A, T, NoLedger)> {
-    /// The core without a ledger table (what needs one fails, saying so).
-    pub fn new(kv: K, api_keys: ApiKeyCache<A>, table: T, options: ExportOptions) -> Self {
-        Exporter::with_ledger(kv, api_keys, table, NoLedger, options)
-    }
-}
-
 impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Exporter<(K, A, T, L)> {
-    pub fn with_ledger(
+    pub fn new(
         kv: K,
         api_keys: ApiKeyCache<A>,
         table: T,
@@ -214,11 +207,6 @@ impl<P: Ports> Exporter<P> {
     }
 
     /// The sort key of the table's default configs, which are never exported.
-    /// Whether a ledger table is configured (claims, references, segmented reconcile).
-    pub fn keeps_ledger(&self) -> bool {
-        self.ledger.enabled()
-    }
-
     pub fn default_configs_sk(&self) -> &str {
         &self.options.default_configs_sk
     }
@@ -312,7 +300,7 @@ impl<P: Ports> Exporter<P> {
     ) -> Prepared {
         let keys = run.api_keys;
         let cell = &self.options.default_cell;
-        let recorded = match run.records_references && self.ledger.enabled() {
+        let recorded = match run.records_references {
             true => match self.look_up_recorded(&records, run, deadline).await {
                 Ok(recorded) => Some(recorded),
                 // Nothing could then be recorded: the batch is retried, never exported without.
@@ -370,7 +358,7 @@ impl<P: Ports> Exporter<P> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapters::memory::{CountingTable, MemoryKv, SameKey};
+    use crate::adapters::memory::{CountingTable, MemoryKv, MemoryLedger, SameKey};
     use crate::pipeline::records::decode_record;
     use serde_json::json;
     use std::collections::HashSet;
@@ -378,11 +366,14 @@ mod tests {
     use std::time::Duration;
 
     /// The core over in-memory KV, one API key and an empty table (shared with `converge`).
-    pub(super) fn exporter(kv: MemoryKv) -> Exporter<(MemoryKv, SameKey, CountingTable, NoLedger)> {
+    pub(super) fn exporter(
+        kv: MemoryKv,
+    ) -> Exporter<(MemoryKv, SameKey, CountingTable, MemoryLedger)> {
         Exporter::new(
             kv,
             ApiKeyCache::new(SameKey, Duration::from_secs(60)),
             CountingTable::default(),
+            MemoryLedger::default(),
             ExportOptions {
                 reconcile_every: Duration::from_secs(6 * 3600),
                 default_cell: "default".into(),
@@ -405,7 +396,7 @@ mod tests {
     }
 
     async fn export(
-        exporter: &Exporter<(MemoryKv, SameKey, CountingTable, NoLedger)>,
+        exporter: &Exporter<(MemoryKv, SameKey, CountingTable, MemoryLedger)>,
         batch: Vec<serde_json::Value>,
     ) -> BatchReport {
         let records = batch

@@ -64,11 +64,6 @@ pub enum Referred {
 /// (and who references an index id or a shop), and where a scheduled reconcile keeps its
 /// progress.
 pub trait Ledger: Send + Sync {
-    /// Whether a ledger table is configured: without one, no references are kept.
-    fn enabled(&self) -> bool {
-        true
-    }
-
     /// Whether every index's references were recorded (a full backfill completed): only
     /// then can a missing referrer be taken to mean none.
     fn references_complete(&self) -> impl Future<Output = Result<bool, PortError>> + Send;
@@ -122,59 +117,4 @@ pub trait Ledger: Send + Sync {
         progress: &ReconcileProgress,
         expected: Option<u64>,
     ) -> impl Future<Output = Result<bool, PortError>> + Send;
-}
-
-/// No ledger table: what needs one fails, saying so.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NoLedger;
-
-impl Ledger for NoLedger {
-    fn enabled(&self) -> bool {
-        false
-    }
-
-    async fn references_complete(&self) -> Result<bool, PortError> {
-        Ok(false)
-    }
-
-    async fn mark_references_complete(&self) -> Result<(), PortError> {
-        Err(no_ledger())
-    }
-
-    async fn index_refs(&self, _: &[IndexRef]) -> Result<HashMap<IndexRef, IndexRefs>, PortError> {
-        Err(no_ledger())
-    }
-
-    async fn referrers(&self, _: &Referred) -> Result<Vec<IndexRef>, PortError> {
-        Err(no_ledger())
-    }
-
-    async fn point_back(&self, _: &[(IndexRef, Referred)]) -> Result<(), PortError> {
-        Err(no_ledger())
-    }
-
-    async fn record_refs(&self, _: &[RefsChange]) -> Result<(), PortError> {
-        Err(no_ledger())
-    }
-
-    async fn seed_refs(&self, _: &IndexRef, _: &IndexRefs) -> Result<bool, PortError> {
-        Err(no_ledger())
-    }
-
-    async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {
-        Err(no_ledger())
-    }
-
-    async fn save_reconcile_progress(
-        &self,
-        _: &ReconcileProgress,
-        _: Option<u64>,
-    ) -> Result<bool, PortError> {
-        Err(no_ledger())
-    }
-}
-
-/// What needs the ledger answers when none is configured.
-pub fn no_ledger() -> PortError {
-    PortError::Permanent("no ledger table is configured (LEDGER_TABLE_NAME)".into())
 }

@@ -48,11 +48,14 @@ async fn a_new_image_remove_deletes_the_old_shop_key_while_kv_reads_are_stale() 
 async fn an_index_exported_before_the_ledger_still_finds_its_old_shop_in_kv() {
     let mut h = Harness::with_view(StreamViewType::NewImage).await;
     h.keys.set_key("acct-1", "k");
-    let ledger = h.ledger.clone();
-    h.reconfigure("LEDGER_TABLE_NAME", "").await;
     h.put(index_item("acct-1", "products", Some(SHOP_A))).await;
     h.export_stream().await;
-    h.reconfigure("LEDGER_TABLE_NAME", &ledger).await;
+    // The upgrade to a version with a ledger: a new, empty one, which records nothing of it.
+    let fresh = format!("{}-upgraded", h.ledger);
+    ecom_emulators::streams::create_ledger_table(&h.ddb, &fresh)
+        .await
+        .expect("create the ledger table in moto");
+    h.reconfigure("LEDGER_TABLE_NAME", &fresh).await;
 
     h.delete("acct-1", "INDEX#products").await;
     let removed = h.export_stream().await;

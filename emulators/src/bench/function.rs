@@ -1,6 +1,6 @@
 //! One function process of the bench and what it is measured by: the release binary behind the
-//! runtime API, configured as the template deploys it (the ledger table set, unless a
-//! ledger-off row is asked for), its DynamoDB calls through the proxy in front of moto.
+//! runtime API, configured as the template deploys it (the ledger table set), its DynamoDB
+//! calls through the proxy in front of moto.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -22,7 +22,6 @@ pub const SETTINGS_NS: &str = "ns-settings";
 /// How the function is configured and what DynamoDB costs it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Setup {
-    pub ledger: bool,
     pub dynamo_latency_ms: u64,
 }
 
@@ -73,7 +72,7 @@ fn unique(what: &str) -> String {
 }
 
 impl Function {
-    /// Starts the peers and the function; with the ledger, runs the migration's backfill first
+    /// Starts the peers and the function; runs the migration's backfill first
     /// (references complete, as after the first deploy's runbook step).
     pub async fn start(options: &BenchOptions, setup: Setup) -> Result<Self, String> {
         let moto =
@@ -118,18 +117,12 @@ impl Function {
             tag,
             process: None,
         };
-        let ledger = setup.ledger.then_some(ledger.as_str());
-        function.spawn(options, &secret_id, ledger)?;
-        function.migrate_and_warm_up(setup.ledger).await?;
+        function.spawn(options, &secret_id, &ledger)?;
+        function.migrate_and_warm_up().await?;
         Ok(function)
     }
 
-    fn spawn(
-        &mut self,
-        options: &BenchOptions,
-        secret: &str,
-        ledger: Option<&str>,
-    ) -> Result<(), String> {
+    fn spawn(&mut self, options: &BenchOptions, secret: &str, ledger: &str) -> Result<(), String> {
         let mut command = Command::new(&options.function_binary);
         command
             .env("AWS_LAMBDA_RUNTIME_API", self.runtime.endpoint())
@@ -146,12 +139,9 @@ impl Function {
             .env("CLOUDFLARE_API_BASE_URL", self.kv.base_url())
             .env("API_KEYS_SERVICE_URL", self.keys.url_template())
             .env("SETTINGS_TABLE_STREAM_ARN", STREAM_ARN)
-            .env_remove("LEDGER_TABLE_NAME")
+            .env("LEDGER_TABLE_NAME", ledger)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        if let Some(ledger) = ledger {
-            command.env("LEDGER_TABLE_NAME", ledger);
-        }
         let child = command
             .spawn()
             .map_err(|e| format!("{}: {e}", options.function_binary.display()))?;
@@ -159,14 +149,12 @@ impl Function {
         Ok(())
     }
 
-    /// The migration's backfill (ledger on), then a warm container: the token fetched and the
-    /// clients connected by a batch of other indexes of the same accounts.
-    async fn migrate_and_warm_up(&self, ledger: bool) -> Result<(), String> {
-        if ledger {
-            let answer = self.invoke(json!({"mode": "backfill"})).await?;
-            if answer["complete"] != json!(true) {
-                return Err(format!("the migration's backfill: {answer}"));
-            }
+    /// The migration's backfill, then a warm container: the token fetched and the clients
+    /// connected by a batch of other indexes of the same accounts.
+    async fn migrate_and_warm_up(&self) -> Result<(), String> {
+        let answer = self.invoke(json!({"mode": "backfill"})).await?;
+        if answer["complete"] != json!(true) {
+            return Err(format!("the migration's backfill: {answer}"));
         }
         let warm = format!("{}-warm", self.tag);
         records::put_items(&self.ddb, &self.table, &warm, ACCOUNTS, Kind::Insert).await?;

@@ -87,8 +87,8 @@ async fn moto(options: &DemoOptions) -> Result<(String, Option<Process>), String
     }
 }
 
-/// The settings table with its NEW_IMAGE stream (as production: removes find the shop id in
-/// KV) and the Cloudflare token's secret. Answers the stream's ARN and the secret's id.
+/// The settings table with its NEW_IMAGE stream, the function's ledger table, and the
+/// Cloudflare token's secret. Answers the stream's ARN and the secret's id.
 async fn table_and_secret(
     aws: &aws_config::SdkConfig,
     ddb: &aws_sdk_dynamodb::Client,
@@ -96,6 +96,7 @@ async fn table_and_secret(
 ) -> Result<(String, String), String> {
     let stream_arn =
         crate::streams::create_settings_table(ddb, table, StreamViewType::NewImage).await?;
+    crate::streams::create_ledger_table(ddb, &format!("{table}-ledger")).await?;
     let secret_id = format!("{table}/CloudFlareApiToken");
     aws_sdk_secretsmanager::Client::new(aws)
         .create_secret()
@@ -146,6 +147,10 @@ fn start_function(options: &DemoOptions, peers: &Peers) -> Result<Process, Strin
         .env("CLOUDFLARE_API_BASE_URL", peers.kv.base_url())
         .env("API_KEYS_SERVICE_URL", peers.keys.url_template())
         .env("SETTINGS_TABLE_STREAM_ARN", peers.stream_arn)
+        .env(
+            "LEDGER_TABLE_NAME",
+            format!("{}-ledger", options.table_name),
+        )
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
         .stderr(log)
         .kill_on_drop(true)

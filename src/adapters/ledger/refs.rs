@@ -85,7 +85,7 @@ impl DynamoLedger {
         item.insert("complete".into(), AttributeValue::N("1".into()));
         self.client
             .put_item()
-            .table_name(self.table()?)
+            .table_name(&self.table_name)
             .set_item(Some(item))
             .send()
             .await
@@ -115,7 +115,7 @@ impl DynamoLedger {
             let page = self
                 .client
                 .query()
-                .table_name(self.table()?)
+                .table_name(&self.table_name)
                 .key_condition_expression("pk = :pk")
                 .expression_attribute_values(":pk", AttributeValue::S(referred_pk(referred)))
                 .consistent_read(true)
@@ -172,7 +172,7 @@ impl DynamoLedger {
         let put = self
             .client
             .put_item()
-            .table_name(self.table()?)
+            .table_name(&self.table_name)
             .set_item(Some(ref_item(index, refs)))
             .condition_expression("attribute_not_exists(pk)");
         self.put_if(put).await

@@ -1,6 +1,6 @@
-//! Reconcile by listing: one account's keys (or the whole fleet's, where no ledger is kept)
-//! listed page by page against what one scan of the table implies, each key classified once,
-//! and the drift repaired through the exporter (docs/contract.md, "Reconcile").
+//! Reconcile by listing: one account's keys listed page by page against what one scan of its
+//! partition implies, each key classified once, and the drift repaired through the exporter
+//! (docs/contract.md, "Reconcile").
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::ops::Bound;
@@ -174,8 +174,7 @@ async fn repair_drift<P: Ports>(
     Ok((repaired, report.kv_requests))
 }
 
-/// One account's (or, without a ledger, the fleet's) keys listed against what the table
-/// implies.
+/// One account's keys listed against what the table implies.
 struct Listing<'a, P: Ports> {
     exporter: &'a Exporter<P>,
     request: &'a ReconcileRequest,

@@ -58,9 +58,6 @@ impl<P: Ports> Exporter<P> {
     /// After a full backfill that recorded every index's references: from now on a batch asks
     /// the ledger who refers to what, instead of scanning the table.
     pub async fn mark_references_complete(&self, deadline: Instant) -> Result<(), PortError> {
-        if !self.ledger.enabled() {
-            return Ok(());
-        }
         let mark = self.ledger.mark_references_complete();
         before_deadline(deadline, "ledger references", mark).await
     }
@@ -118,9 +115,7 @@ impl<P: Ports> Exporter<P> {
         deadline: Instant,
     ) -> Result<Vec<SettingsReference>, PortError> {
         let complete = self.ledger.references_complete();
-        if !self.ledger.enabled()
-            || !before_deadline(deadline, "ledger references", complete).await?
-        {
+        if !before_deadline(deadline, "ledger references", complete).await? {
             return self.settings_references(deadline).await;
         }
         let asked = plan::reference_questions(records, lookups);
@@ -317,5 +312,157 @@ fn fail_unrecorded(recorded: Vec<(Vec<usize>, Result<(), PortError>)>, outcomes:
                 outcomes[at] = Outcome::Failed(reason);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::memory::MemoryKv;
+    use crate::pipeline::exporter::tests::exporter;
+    use crate::pipeline::records::decode_record;
+    use serde_json::json;
+    use std::time::Duration;
+
+    /// A NEW_IMAGE record of index `name` of account `a`, with its shop and an alias target.
+    fn upsert(name: &str, shop: Option<&str>, target: Option<&str>) -> ChangeRecord {
+        let keys = json!({"pk": {"S": "a"}, "sk": {"S": format!("INDEX#{name}")}});
+        let mut image = keys.clone();
+        image["index_endpoint"] = json!({"S": "https://idx"});
+        if let Some(shop) = shop {
+            image["shop_id"] = json!({"S": shop});
+        }
+        if let Some(target) = target {
+            let targets = json!({"L": [{"M": {"index_id": {"S": target}, "weight": {"N": "1"}}}]});
+            image["index_aliases"] = json!({"M": {"doc_reads": {"M": {
+                "enabled": {"BOOL": true}, "targets": targets}}}});
+        }
+        let record = json!({"eventID": "e", "eventName": "MODIFY", "awsRegion": "r",
+            "dynamodb": {"Keys": keys, "NewImage": image, "SequenceNumber": "1", "SizeBytes": 1,
+                         "StreamViewType": "NEW_IMAGE"}});
+        decode_record(&record.to_string(), "DEFAULT_CONFIGS")
+    }
+
+    fn index(name: &str) -> IndexRef {
+        IndexRef::new("a", name)
+    }
+
+    fn shop(name: &str) -> Referred {
+        Referred::Shop(format!("{name}.myshopify.com"))
+    }
+
+    fn at_shop(name: &str) -> IndexRefs {
+        IndexRefs {
+            shop: Some(format!("{name}.myshopify.com")),
+            ..IndexRefs::default()
+        }
+    }
+
+    fn deadline() -> Instant {
+        Instant::now() + Duration::from_secs(10)
+    }
+
+    #[tokio::test]
+    async fn before_its_writes_the_stream_points_back_for_every_record_and_an_operator_only_seeds()
+    {
+        let cases: [(bool, Vec<(Referred, IndexRef)>); 2] = [
+            // The stream: every record's references the ledger lacks, `p`'s superset included.
+            (
+                true,
+                vec![
+                    (Referred::Alias("a-t".into()), index("p")),
+                    (shop("b"), index("p")),
+                    (shop("c"), index("p")),
+                    (shop("q"), index("q")),
+                ],
+            ),
+            // An operator: only what an index without recorded references leaves.
+            (false, vec![(shop("q"), index("q"))]),
+        ];
+        for (stream, expected) in cases {
+            let e = exporter(MemoryKv::default());
+            let known = HashMap::from([(index("p"), at_shop("a"))]);
+            let records = [
+                upsert("p", Some("b.myshopify.com"), None),
+                upsert("p", Some("c.myshopify.com"), Some("a-t")),
+                upsert("q", Some("q.myshopify.com"), None),
+            ];
+            let left = left_by(&records);
+
+            let added = e.point_back(&left, &known, stream, deadline()).await;
+
+            let back: Vec<_> = e.ledger.back.lock().unwrap().iter().cloned().collect();
+            let mut expected = expected;
+            expected.sort();
+            assert_eq!(back, expected, "stream: {stream}");
+            let added: usize = added.unwrap().values().map(BTreeSet::len).sum();
+            assert_eq!(added, expected.len());
+        }
+    }
+
+    #[tokio::test]
+    async fn the_stream_records_what_its_first_failed_record_starts_from_and_drops_what_no_longer_points(
+    ) {
+        let e = exporter(MemoryKv::default());
+        let known = HashMap::from([(index("p"), at_shop("a"))]);
+        e.ledger
+            .back
+            .lock()
+            .unwrap()
+            .insert((shop("a"), index("p")));
+        let records = [
+            upsert("p", Some("b.myshopify.com"), None),
+            upsert("p", Some("c.myshopify.com"), None),
+            upsert("q", Some("q.myshopify.com"), None),
+        ];
+        let left = left_by(&records);
+        let added = e.point_back(&left, &known, true, deadline()).await.unwrap();
+        // The second record failed: Lambda replays from it, so `q`'s record is sent again too.
+        let mut outcomes = vec![
+            Outcome::Pending,
+            Outcome::Failed("KV down".into()),
+            Outcome::Pending,
+        ];
+
+        let refs = (&known, &added);
+        (e.record_references(left, refs, &mut outcomes, true, deadline())).await;
+
+        let recorded = e.ledger.refs.lock().unwrap().clone();
+        assert_eq!(recorded, HashMap::from([(index("p"), at_shop("b"))]));
+        let back: Vec<_> = e.ledger.back.lock().unwrap().iter().cloned().collect();
+        // `c` and `q` were added before the writes: `c` goes with `p`'s record, `q` waits for
+        // the replay, which adds it again (a superset costs a candidate read, never a miss).
+        assert_eq!(
+            back,
+            [(shop("b"), index("p")), (shop("q"), index("q"))],
+            "`a` and `c` no longer point at `p`"
+        );
+        assert_eq!(outcomes[0], Outcome::Pending);
+    }
+
+    #[tokio::test]
+    async fn an_operator_seeds_only_an_index_with_nothing_recorded() {
+        let e = exporter(MemoryKv::default());
+        let known = HashMap::from([(index("p"), at_shop("a"))]);
+        let records = [
+            upsert("p", Some("b.myshopify.com"), None),
+            upsert("q", Some("q.myshopify.com"), None),
+        ];
+        let left = left_by(&records);
+        let added = e
+            .point_back(&left, &known, false, deadline())
+            .await
+            .unwrap();
+        let mut outcomes = vec![Outcome::Pending, Outcome::Pending];
+
+        let refs = (&known, &added);
+        (e.record_references(left, refs, &mut outcomes, false, deadline())).await;
+
+        let recorded = e.ledger.refs.lock().unwrap().clone();
+        assert_eq!(
+            recorded,
+            HashMap::from([(index("q"), at_shop("q"))]),
+            "`p`'s recorded references are the stream's word, newer than the operator's read"
+        );
     }
 }
