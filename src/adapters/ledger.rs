@@ -250,6 +250,13 @@ impl Ledger for DynamoLedger {
         self.query_referrers(referred).await
     }
 
+    async fn pointing(
+        &self,
+        items: &[(IndexRef, Referred)],
+    ) -> Result<Vec<(IndexRef, Referred)>, PortError> {
+        self.get_back_items(items).await
+    }
+
     async fn point_back(&self, items: &[(IndexRef, Referred)]) -> Result<(), PortError> {
         self.put_back_items(items).await
     }

@@ -172,6 +172,17 @@ impl Ledger for MemoryLedger {
             .collect())
     }
 
+    async fn pointing(
+        &self,
+        items: &[(IndexRef, Referred)],
+    ) -> Result<Vec<(IndexRef, Referred)>, PortError> {
+        let back = self.back.lock().unwrap();
+        Ok((items.iter())
+            .filter(|(index, r)| back.contains(&(r.clone(), index.clone())))
+            .cloned()
+            .collect())
+    }
+
     async fn point_back(&self, items: &[(IndexRef, Referred)]) -> Result<(), PortError> {
         let mut back = self.back.lock().unwrap();
         back.extend(items.iter().map(|(index, r)| (r.clone(), index.clone())));

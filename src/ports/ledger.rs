@@ -90,6 +90,12 @@ pub trait Ledger: Send + Sync {
         items: &[(IndexRef, Referred)],
     ) -> impl Future<Output = Result<(), PortError>> + Send;
 
+    /// Which of these items pointing back exist (consistent reads).
+    fn pointing(
+        &self,
+        items: &[(IndexRef, Referred)],
+    ) -> impl Future<Output = Result<Vec<(IndexRef, Referred)>, PortError>> + Send;
+
     /// Records each index's new references (the stream's, which replace what is recorded),
     /// then deletes the items pointing back that they no longer name, all indexes at once.
     fn record_refs(

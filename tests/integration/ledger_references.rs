@@ -362,3 +362,34 @@ async fn a_batch_whose_reference_writes_hang_answers_before_its_deadline() {
     assert_eq!(failures(&replay), Vec::<String>::new(), "{replay}");
     assert!(h.settings(SHOP_A).is_some(), "{}", function.output());
 }
+
+/// Class 2, the other direction: an alias added while its stream record was lost (given up
+/// after its maximum age) is missing from the ledger. The next reconcile pass adds what the
+/// table names, so a later REMOVE of its target keeps the keys the edge reads through it
+/// (before, the target's keys were deleted: no referrer recorded, the references complete).
+#[tokio::test]
+async fn an_alias_whose_record_was_lost_protects_its_target_after_the_next_reconcile() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.keys.set_key("acct-2", "k2");
+    h.put(index_item("acct-1", "products", Some(SHOP_A))).await;
+    h.export_stream().await;
+    let migrated = h.invoke(json!({"mode": "backfill"})).await;
+    assert_eq!(migrated["complete"], true, "{migrated}");
+    h.put(aliasing("acct-2", "storefront", "acct-1-products"))
+        .await;
+    let lost = h.stream_records().await;
+    assert_eq!(lost.len(), 1);
+
+    let pass = h.invoke(json!({"mode": "reconcile", "repair": true})).await;
+    assert_eq!(pass["complete"], true, "{pass}");
+    assert!(h.settings("acct-2-storefront").is_some(), "{pass}");
+
+    h.delete("acct-1", "INDEX#products").await;
+    let removed = h.export_stream().await;
+    assert_eq!(failures(&removed), Vec::<String>::new(), "{removed}");
+    assert!(
+        h.settings("acct-1-products").is_some(),
+        "an alias reads it: kept"
+    );
+}

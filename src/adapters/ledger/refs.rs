@@ -140,6 +140,22 @@ impl DynamoLedger {
         self.write_all(puts.collect()).await
     }
 
+    /// Which of these items pointing back exist.
+    pub(super) async fn get_back_items(
+        &self,
+        items: &[(IndexRef, Referred)],
+    ) -> Result<Vec<(IndexRef, Referred)>, PortError> {
+        let key_of = |(index, r): &(IndexRef, Referred)| (referred_pk(r), index_key(index));
+        let asked: HashMap<(String, String), &(IndexRef, Referred)> =
+            items.iter().map(|item| (key_of(item), item)).collect();
+        let keys = asked.keys().map(|(pk, sk)| table_key(pk.clone(), sk)).collect();
+        let found = self.get_all(keys).await?;
+        Ok((found.iter())
+            .filter_map(|item| asked.get(&(text(item, "pk")?, text(item, "sk")?)))
+            .map(|item| (*item).clone())
+            .collect())
+    }
+
     /// The indexes' own items, then the items pointing back that they no longer name: a
     /// reader that finds an index's references finds every item pointing back (those were
     /// added before the writes). Each step is one BatchWriteItem per 25 items.

@@ -215,6 +215,35 @@ impl<P: Ports> Exporter<P> {
         Ok(added)
     }
 
+    /// The ledger's own repair (a reconcile's table step): the items pointing back for every
+    /// reference the table's records name that the ledger lacks (a stream record lost, a
+    /// write that failed) are added. Nothing is deleted or replaced: the table was read before
+    /// the stream's newer word may have landed, and an extra item costs a candidate read,
+    /// never a wrong answer. Answers how many were added.
+    pub async fn add_missing_references(
+        &self,
+        records: &[ChangeRecord],
+        deadline: Instant,
+    ) -> Result<usize, PortError> {
+        let named: BTreeSet<(IndexRef, Referred)> = (left_by(records).into_iter().flatten())
+            .flat_map(|(index, refs)| refs.referred().into_iter().map(move |r| (index.clone(), r)))
+            .collect();
+        if named.is_empty() {
+            return Ok(0);
+        }
+        let named: Vec<(IndexRef, Referred)> = named.into_iter().collect();
+        let read = self.ledger.pointing(&named);
+        let found: BTreeSet<_> = (before_deadline(deadline, "ledger references", read).await?)
+            .into_iter()
+            .collect();
+        let missing: Vec<_> = named.into_iter().filter(|n| !found.contains(n)).collect();
+        if !missing.is_empty() {
+            let put = self.ledger.point_back(&missing);
+            before_deadline(deadline, "ledger references", put).await?;
+        }
+        Ok(missing.len())
+    }
+
     /// After the KV writes: each index's references as its last applied record left them. For
     /// the stream, as of the batch's first failed record, where Lambda's replay starts: what the
     /// records before it left (they are not sent again), never what a record the replay sends

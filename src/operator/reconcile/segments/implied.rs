@@ -91,6 +91,11 @@ impl<P: Ports> Pass<'_, P> {
         }
         let (exporter, deadline) = (self.exporter, self.deadline);
         let mut prepared = exporter.prepare(records, run, deadline).await;
+        let added = exporter.add_missing_references(&prepared.records, deadline);
+        let added = added.await.map_err(failed)?;
+        if added > 0 {
+            tracing::warn!(added, "the ledger lacked references the table names: added");
+        }
         // One cell's outage never stops the fleet's pass: checked next pass.
         prepared.leave_failed_unchecked();
         let mut kept = Vec::new();
