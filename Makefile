@@ -81,7 +81,7 @@ demo: prerequisites venv bins $(if $(shell command -v npm),edge)
 bench: venv
 	cargo build --quiet --locked --release -p ecom-settings-exporter
 	cargo build --quiet --locked -p ecom-emulators
-	scripts/with-moto.sh $(TARGET_DIR)/debug/ecom-emulators bench \
+	MOTO_PARTITION_QUERIES=1 scripts/with-moto.sh $(TARGET_DIR)/debug/ecom-emulators bench \
 		--function $(TARGET_DIR)/release/ecom-settings-exporter --python $(VENV)/bin/python
 
 ## What each path costs at 1,000, 5,000 and 20,000 indexes, against moto (minutes; docs/scale.md).

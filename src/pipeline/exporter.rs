@@ -300,21 +300,12 @@ impl<P: Ports> Exporter<P> {
     ) -> Prepared {
         let keys = run.api_keys;
         let cell = &self.options.default_cell;
-        let recorded = match run.records_references {
-            true => match self.look_up_recorded(&records, run, deadline).await {
-                Ok(recorded) => Some(recorded),
+        let (mut lookups, mut api_keys, known_refs) =
+            match self.look_up(&records, run, deadline).await {
+                Ok(looked_up) => looked_up,
                 // Nothing could then be recorded: the batch is retried, never exported without.
                 Err(error) => return Prepared::none_sent(records, run, error),
-            },
-            false => None,
-        };
-        let (mut lookups, mut api_keys, known_refs) = match recorded {
-            Some((lookups, counts, known)) => (lookups, counts, Some(known)),
-            None => {
-                let (lookups, counts) = self.look_up(&records, keys, deadline).await;
-                (lookups, counts, None)
-            }
-        };
+            };
         let mut plan = plan::plan(&records, &lookups, cell);
         if !plan.claimers_wanted.is_empty() {
             // A shop key another index claims is repointed: read those indexes, plan again.

@@ -148,7 +148,10 @@ impl DynamoLedger {
         let key_of = |(index, r): &(IndexRef, Referred)| (referred_pk(r), index_key(index));
         let asked: HashMap<(String, String), &(IndexRef, Referred)> =
             items.iter().map(|item| (key_of(item), item)).collect();
-        let keys = asked.keys().map(|(pk, sk)| table_key(pk.clone(), sk)).collect();
+        let keys = asked
+            .keys()
+            .map(|(pk, sk)| table_key(pk.clone(), sk))
+            .collect();
         let found = self.get_all(keys).await?;
         Ok((found.iter())
             .filter_map(|item| asked.get(&(text(item, "pk")?, text(item, "sk")?)))

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures::StreamExt as _;
 use tokio::time::Instant;
 
-use super::{ApiKeys, Exporter, Overrides, Run, CONCURRENT_KV_REQUESTS};
+use super::{references, ApiKeys, Exporter, Overrides, Run, CONCURRENT_KV_REQUESTS};
 use crate::domain::kv::KvValue;
 use crate::domain::qfilter::{filter_key, QueryFilter};
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
@@ -15,7 +15,7 @@ use crate::dynamo;
 use crate::pipeline::plan::{self, Lookups, PlannedOp};
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{before_deadline, AccountCell, KvStore, LookupCounts, Ports};
-use crate::ports::{PortError, SettingsTable};
+use crate::ports::{IndexRefs, Ledger, PortError, SettingsTable};
 use crate::report::Outcome;
 
 impl<P: Ports> Exporter<P> {
@@ -74,20 +74,48 @@ impl<P: Ports> Exporter<P> {
         }
     }
 
-    /// API keys, the table scan and current shop ids, all at once; then the scan, if a shop
-    /// read from KV shows that a shop moved.
+    /// What a batch needs before planning: its indexes' recorded references when the run keeps
+    /// them (their old shops without a KV read, and what to record) beside the API keys; the
+    /// current shops of the other indexes from KV; then who else refers to what the batch
+    /// removes or gives up. An error when the ledger could not be read: without what it
+    /// recorded, nothing the batch changes could be recorded either.
     pub(super) async fn look_up(
         &self,
         records: &[ChangeRecord],
-        keys: ApiKeys,
+        run: Run,
         deadline: Instant,
-    ) -> (Lookups, LookupCounts) {
+    ) -> Result<(Lookups, LookupCounts, Option<HashMap<IndexRef, IndexRefs>>), PortError> {
         let needs = plan::needs(records, &self.options.default_cell);
-        let api_keys = self
-            .api_keys
-            .lookup_all(needs.api_keys, keys == ApiKeys::Fresh, deadline);
-        let current_shops = self.current_shops(needs.current_shops, deadline);
-        let ((api_keys, counts), current_shops) = tokio::join!(api_keys, current_shops);
+        let fresh = run.api_keys == ApiKeys::Fresh;
+        let api_keys = self.api_keys.lookup_all(needs.api_keys, fresh, deadline);
+        let known = async {
+            if !run.records_references {
+                return Ok(None);
+            }
+            let indexes: BTreeSet<IndexRef> = (references::left_by(records).into_iter())
+                .flatten()
+                .map(|(index, _)| index)
+                .collect();
+            let indexes: Vec<IndexRef> = indexes.into_iter().collect();
+            let read = self.ledger.index_refs(&indexes);
+            before_deadline(deadline, "recorded references", read)
+                .await
+                .map(Some)
+        };
+        let ((api_keys, counts), known) = tokio::join!(api_keys, known);
+        let known = known?;
+        let recorded = |index: &IndexRef| known.as_ref().and_then(|k| k.get(index));
+        let unrecorded: BTreeSet<IndexRef> = (needs.current_shops.iter())
+            .filter(|index| recorded(index).is_none())
+            .cloned()
+            .collect();
+        let mut current_shops = self.current_shops(unrecorded, deadline).await;
+        for index in needs.current_shops {
+            if let Some(refs) = recorded(&index) {
+                let shop = refs.shop.clone().filter(|_| !refs.removed);
+                current_shops.insert(index, Ok(shop));
+            }
+        }
         let mut lookups = Lookups {
             api_keys,
             references: None,
@@ -99,7 +127,7 @@ impl<P: Ports> Exporter<P> {
         if needs.references || plan::shop_moves(records, &lookups) {
             lookups.references = Some(self.references(records, &lookups, deadline).await);
         }
-        (lookups, counts)
+        Ok((lookups, counts, known))
     }
 
     /// The shop ids in the indexes' current KV values, read 100 keys a request.

@@ -8,12 +8,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use futures::StreamExt as _;
 use tokio::time::Instant;
 
-use super::{Exporter, Run};
+use super::Exporter;
 use crate::domain::kv::check_key;
 use crate::domain::{IndexRef, IndexSettings, SettingsReference};
 use crate::pipeline::plan::{self, Lookups};
 use crate::pipeline::records::{Change, ChangeRecord};
-use crate::ports::{before_deadline, IndexRefs, Ledger, LookupCounts, Ports, SettingsTable};
+use crate::ports::{before_deadline, IndexRefs, Ledger, Ports, SettingsTable};
 use crate::ports::{PortError, Referred, RefsChange};
 use crate::report::Outcome;
 
@@ -60,50 +60,6 @@ impl<P: Ports> Exporter<P> {
     pub async fn mark_references_complete(&self, deadline: Instant) -> Result<(), PortError> {
         let mark = self.ledger.mark_references_complete();
         before_deadline(deadline, "ledger references", mark).await
-    }
-
-    /// The lookups of a run that keeps references in the ledger: the batch's indexes' recorded
-    /// references first (their old shops, without a KV read), then API keys, and who else
-    /// refers to what the batch removes or gives up. An error when the ledger could not be read:
-    /// without what it recorded, nothing the batch changes could be recorded either.
-    pub(super) async fn look_up_recorded(
-        &self,
-        records: &[ChangeRecord],
-        run: Run,
-        deadline: Instant,
-    ) -> Result<(Lookups, LookupCounts, HashMap<IndexRef, IndexRefs>), PortError> {
-        let indexes: Vec<IndexRef> = (left_by(records).into_iter().flatten())
-            .map(|(index, _)| index)
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let read = self.ledger.index_refs(&indexes);
-        let known = before_deadline(deadline, "recorded references", read).await?;
-        let needs = plan::needs(records, &self.options.default_cell);
-        let fresh = run.api_keys == super::ApiKeys::Fresh;
-        let api_keys = self.api_keys.lookup_all(needs.api_keys, fresh, deadline);
-        let unrecorded: BTreeSet<IndexRef> = (needs.current_shops.iter())
-            .filter(|index| !known.contains_key(*index))
-            .cloned()
-            .collect();
-        let read_shops = self.current_shops(unrecorded, deadline);
-        let ((api_keys, counts), mut current_shops) = tokio::join!(api_keys, read_shops);
-        for index in needs.current_shops {
-            if let Some(refs) = known.get(&index) {
-                let shop = refs.shop.clone().filter(|_| !refs.removed);
-                current_shops.insert(index, Ok(shop));
-            }
-        }
-        let mut lookups = Lookups {
-            api_keys,
-            references: None,
-            current_shops,
-            claimers: HashMap::new(),
-        };
-        if needs.references || plan::shop_moves(records, &lookups) {
-            lookups.references = Some(self.references(records, &lookups, deadline).await);
-        }
-        Ok((lookups, counts, known))
     }
 
     /// From the ledger once its records are complete (a Query per removed index and per shop
