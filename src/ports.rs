@@ -1,7 +1,7 @@
 //! The outside world as the core sees it: one small trait per system, and one error type that
 //! says whether trying again can help. Adapters implement these; tests pass fakes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 
 use serde_dynamo::Item;
@@ -247,6 +247,12 @@ pub trait SettingsTable: Send + Sync {
         &self,
         indexes: &[IndexRef],
     ) -> impl Future<Output = Result<HashMap<IndexRef, Option<String>>, PortError>> + Send;
+
+    /// Which of these overrides (index, query) have a record (consistent reads).
+    fn overrides_exist(
+        &self,
+        overrides: &[(IndexRef, String)],
+    ) -> impl Future<Output = Result<HashSet<(IndexRef, String)>, PortError>> + Send;
 
     /// The index's `INDEX#{name}#QUERY#...` records after `start`, `limit` at most, in sort key
     /// order (a consistent Query); `next` is where the rest begins.

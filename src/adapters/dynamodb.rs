@@ -2,7 +2,7 @@
 //! backfills. Every failure here is transient: the SDK has already retried, and a record that
 //! needs the table is reported for retry.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
@@ -320,6 +320,24 @@ impl SettingsTable for DynamoSettingsTable {
                 let index = IndexRef::new(image.string("pk")?, name);
                 Some((index, shop_id_of(&image)))
             })
+            .collect())
+    }
+
+    async fn overrides_exist(
+        &self,
+        overrides: &[(IndexRef, String)],
+    ) -> Result<HashSet<(IndexRef, String)>, PortError> {
+        let sk = |index: &IndexRef, query: &str| format!("{}{query}", overrides_prefix(index));
+        let keys = overrides
+            .iter()
+            .map(|(i, query)| (i.account.clone(), sk(i, query)));
+        let items = self.get_many(keys.collect(), "pk, sk").await?;
+        let found: HashSet<(&str, &str)> = (items.iter())
+            .filter_map(|item| Some((string_attribute(item, "pk")?, string_attribute(item, "sk")?)))
+            .collect();
+        Ok((overrides.iter())
+            .filter(|(i, query)| found.contains(&(i.account.as_str(), sk(i, query).as_str())))
+            .cloned()
             .collect())
     }
 

@@ -116,6 +116,12 @@ impl SettingsTable for CountingTable {
     ) -> Result<std::collections::HashMap<IndexRef, Option<String>>, PortError> {
         Ok(Default::default())
     }
+    async fn overrides_exist(
+        &self,
+        _: &[(IndexRef, String)],
+    ) -> Result<std::collections::HashSet<(IndexRef, String)>, PortError> {
+        Ok(Default::default())
+    }
     async fn query_configs(
         &self,
         _: &IndexRef,

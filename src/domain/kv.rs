@@ -140,6 +140,9 @@ pub struct KeyMetadata {
     pub account: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index: Option<String>,
+    /// An override's query (its table item is `INDEX#{index}#QUERY#{query}`), when it fits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
     pub digest: String,
 }
 
@@ -150,13 +153,13 @@ impl KeyMetadata {
     #[cfg(test)]
     pub fn json(index: &IndexRef, digest: &str) -> String {
         let mut out = Vec::new();
-        Self::write_json(index, digest, &mut out);
+        Self::write_json(index, None, digest, &mut out);
         String::from_utf8(out).expect("JSON text is UTF-8")
     }
 
     /// Appends [`KeyMetadata::json`], written by hand as serde_json would write the
     /// [`KeyMetadata`] (a test holds them equal): it is written for every value of a batch.
-    pub fn write_json(index: &IndexRef, digest: &str, out: &mut Vec<u8>) {
+    pub fn write_json(index: &IndexRef, query: Option<&str>, digest: &str, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(b"{\"writer\":");
         push_str(out, WRITER);
@@ -166,12 +169,22 @@ impl KeyMetadata {
         push_str(out, &index.account);
         out.extend_from_slice(b",\"index\":");
         push_str(out, &index.name);
+        let named = out.len();
         let end = |out: &mut Vec<u8>| {
             out.extend_from_slice(b",\"digest\":");
             push_str(out, digest);
             out.push(b'}');
         };
+        if let Some(query) = query {
+            out.extend_from_slice(b",\"query\":");
+            push_str(out, query);
+        }
         end(out);
+        // Over the limit: the query goes first, then the names (the value names its index).
+        if out.len() - start > MAX_METADATA_BYTES {
+            out.truncate(named);
+            end(out);
+        }
         if out.len() - start > MAX_METADATA_BYTES {
             out.truncate(names);
             end(out);
@@ -194,8 +207,13 @@ impl KeyMetadata {
 /// key, and rendered only where they go: straight into a request body, with no copy in between.
 #[derive(Clone, PartialEq)]
 pub enum KvValue {
-    /// JSON text written as given, for `index`.
-    Text { index: IndexRef, text: String },
+    /// JSON text written as given, for `index` (an override's: `query`, named in the key's
+    /// metadata so a reconcile checks the override by key).
+    Text {
+        index: IndexRef,
+        text: String,
+        query: Option<String>,
+    },
     Settings {
         settings: Arc<IndexSettings>,
         api_key: ApiKey,
@@ -207,6 +225,24 @@ impl KvValue {
         KvValue::Text {
             index: index.clone(),
             text,
+            query: None,
+        }
+    }
+
+    /// An override's value: its query goes into the key's metadata when it fits.
+    pub fn query_config(index: &IndexRef, query: &str, text: String) -> Self {
+        KvValue::Text {
+            index: index.clone(),
+            text,
+            query: Some(query.to_owned()),
+        }
+    }
+
+    /// The override's query, for an override's value.
+    pub fn query(&self) -> Option<&str> {
+        match self {
+            KvValue::Text { query, .. } => query.as_deref(),
+            KvValue::Settings { .. } => None,
         }
     }
 
@@ -382,18 +418,26 @@ mod tests {
             ("a\"q\"", "caf\u{e9}\n"),
             ("a", &*"b".repeat(1_000)),
         ];
+        let long_query = "q".repeat(950);
         for (account, name) in names {
-            let index = IndexRef::new(account, name);
-            let fits = account.len() + name.len() < 900;
-            let expected = KeyMetadata {
-                writer: WRITER.into(),
-                v: 1,
-                account: fits.then(|| account.into()),
-                index: fits.then(|| name.into()),
-                digest: "0123456789abcdef".into(),
-            };
-            let written = KeyMetadata::json(&index, "0123456789abcdef");
-            assert_eq!(written, serde_json::to_string(&expected).unwrap());
+            for query in [None, Some("running \"shoes\""), Some(long_query.as_str())] {
+                let index = IndexRef::new(account, name);
+                let fits = account.len() + name.len() < 900;
+                let query_fits = fits && query.is_some_and(|q| q.len() < 900);
+                let expected = KeyMetadata {
+                    writer: WRITER.into(),
+                    v: 1,
+                    account: fits.then(|| account.into()),
+                    index: fits.then(|| name.into()),
+                    query: query.filter(|_| query_fits).map(str::to_owned),
+                    digest: "0123456789abcdef".into(),
+                };
+                let mut written = Vec::new();
+                KeyMetadata::write_json(&index, query, "0123456789abcdef", &mut written);
+                let written = String::from_utf8(written).unwrap();
+                assert_eq!(written, serde_json::to_string(&expected).unwrap());
+                assert!(written.len() <= MAX_METADATA_BYTES);
+            }
         }
     }
 

@@ -184,7 +184,7 @@ impl<'a> RecordPlanner<'a> {
             }
             Change::UpsertQuery(config) => {
                 let value = serde_json::to_string(&config.kv_value())
-                    .map(|text| KvValue::new(&config.index, text))
+                    .map(|text| KvValue::query_config(&config.index, &config.query, text))
                     .map_err(|e| {
                         Outcome::Rejected(format!("cannot serialize query config: {e}"))
                     })?;

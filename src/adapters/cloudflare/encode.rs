@@ -186,7 +186,7 @@ impl PutBody {
                 self.bytes.extend_from_slice(&self.escaped);
                 self.bytes.extend_from_slice(b",\"metadata\":");
                 let digest = digest_bytes(&self.scratch);
-                KeyMetadata::write_json(value.index(), &digest, &mut self.bytes);
+                KeyMetadata::write_json(value.index(), value.query(), &digest, &mut self.bytes);
                 self.bytes.push(b'}');
                 if shared {
                     self.written.insert(id, tail..self.bytes.len());

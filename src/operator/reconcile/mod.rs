@@ -1,19 +1,16 @@
 //! `{"mode": "reconcile", ...}`: proves KV matches what the table implies, across the whole
 //! fleet (or one account), and with `repair` makes it so (docs/contract.md, "Reconcile").
 //!
-//! Here: the request, the answer and its log line, and the choice between two ways, each in
-//! its own file. [`segments`] takes the whole fleet in pieces (KV listed against the table,
-//! then the table read once against KV); [`listing`] takes one account by listing its keys
-//! against one scan of its partition. Either way a
-//! key's metadata says who wrote it and the digest of its value, every key lands in exactly one
-//! class ([`classify`]), and a run that stops before the deadline hands out a token: the range
-//! it covered is never covered again. [`scheduled`] keeps the schedule's passes.
+//! Here: the request, the answer and its log line. [`segments`] takes the pass in pieces (KV
+//! listed against the table, then the table, or the account's partition, read against KV);
+//! every key lands in exactly one class ([`classify`]), and a run that stops before the
+//! deadline hands out a token: the range it covered is never covered again. [`scheduled`]
+//! keeps the schedule's passes.
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 mod classify;
-mod listing;
 pub mod scheduled;
 mod segments;
 
@@ -195,12 +192,7 @@ pub async fn run<P: Ports>(
     request: &ReconcileRequest,
     deadline: Instant,
 ) -> Result<Answer, OperatorError> {
-    let account = request.system_account_id.as_ref().map(|a| a.0.as_str());
-    // Boxed: only one of the two ways is taken, and each future is large.
-    let answer = match account {
-        None => Box::pin(segments::run(exporter, request, deadline)).await?,
-        Some(_) => Box::pin(listing::run(exporter, request, account, deadline)).await?,
-    };
+    let answer = Box::pin(segments::run(exporter, request, deadline)).await?;
     report(&answer);
     Ok(answer)
 }

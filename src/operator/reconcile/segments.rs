@@ -1,5 +1,5 @@
-//! The whole fleet's reconcile, in pieces that each fit well inside one invocation, whatever
-//! the fleet's size (docs/contract.md, "Reconcile"). A pass goes over everything twice,
+//! The reconcile of the whole fleet, or of one account, in pieces that each fit well inside
+//! one invocation, whatever the fleet's size (docs/contract.md, "Reconcile"). A pass goes over everything twice,
 //! holding one page at a time:
 //! 1. **KV against the table.** Each namespace is listed in key order, 1,000 keys a request.
 //!    A key whose table record is gone is orphaned (or protected by an alias); a key the
@@ -85,6 +85,7 @@ pub(super) async fn run<P: Ports>(
     let mut pass = Pass {
         exporter,
         request,
+        account: request.system_account_id.as_ref().map(|a| a.0.as_str()),
         deadline,
         found: Found::default(),
         requests: Requests::default(),
@@ -127,6 +128,8 @@ pub(super) async fn run<P: Ports>(
 struct Pass<'a, P: Ports> {
     exporter: &'a Exporter<P>,
     request: &'a ReconcileRequest,
+    /// One account's keys only (its partition read, other accounts' keys not counted).
+    account: Option<&'a str>,
     deadline: Instant,
     found: Found,
     requests: Requests,
@@ -198,7 +201,7 @@ impl<P: Ports> Pass<'_, P> {
         let repaired = request.repair.then_some(self.repaired);
         Answer {
             mode: "reconcile",
-            system_account_id: None,
+            system_account_id: self.account.map(str::to_owned),
             repair: request.repair,
             dry_run: request.dry_run,
             deep: request.deep,

@@ -119,6 +119,19 @@ impl<P: Ports> Exporter<P> {
         before_deadline(deadline, "settings items", self.table.index_shops(indexes)).await
     }
 
+    /// Which of these overrides (index, query) the table holds.
+    pub async fn overrides_exist(
+        &self,
+        overrides: &[(IndexRef, String)],
+        deadline: Instant,
+    ) -> Result<HashSet<(IndexRef, String)>, PortError> {
+        if overrides.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let read = self.table.overrides_exist(overrides);
+        before_deadline(deadline, "override items", read).await
+    }
+
     /// The KV keys of the index's overrides, from a keys-only Query of the table.
     pub async fn override_keys(
         &self,

@@ -37,7 +37,7 @@ impl<P: Ports> Pass<'_, P> {
             let size = TABLE_PAGE.min(limit.max(1)) as i32;
             let page = self
                 .exporter
-                .table_page(None, scan_at, size, true, self.deadline);
+                .table_page(self.account, scan_at, size, true, self.deadline);
             let page = page.await.map_err(failed)?;
             self.requests.table_pages += 1;
             for (record, key) in page.records.into_iter().zip(page.keys) {

@@ -23,10 +23,12 @@ fn could_be_written(index: &IndexRef) -> bool {
         && crate::domain::kv::check_key(&KvKey::index(index).key).is_ok()
 }
 
-/// A listed key with who it was written for.
+/// A listed key with who it was written for (and, for an override's, its query when the
+/// metadata names it).
 struct Held {
     key: KvKey,
     owner: Option<IndexRef>,
+    query: Option<String>,
 }
 
 impl<P: Ports> Pass<'_, P> {
@@ -61,14 +63,11 @@ impl<P: Ports> Pass<'_, P> {
         namespace: Namespace,
         keys: Vec<ListedKey>,
     ) -> Result<Vec<Held>, OperatorError> {
-        let listed: Vec<(String, Option<IndexRef>)> = (keys.into_iter())
-            .map(|k| {
-                let owner = KeyMetadata::ours(k.metadata.as_ref()).and_then(|m| m.index_ref());
-                (k.name, owner)
-            })
+        let listed: Vec<(String, Option<KeyMetadata>)> = (keys.into_iter())
+            .map(|k| (k.name, KeyMetadata::ours(k.metadata.as_ref())))
             .collect();
         let unread: Vec<String> = (listed.iter())
-            .filter(|(_, owner)| owner.is_none())
+            .filter(|(_, meta)| meta.as_ref().and_then(KeyMetadata::index_ref).is_none())
             .map(|(key, _)| key.clone())
             .collect();
         let mut values = HashMap::new();
@@ -78,12 +77,14 @@ impl<P: Ports> Pass<'_, P> {
             self.requests.kv_bulk_get += unread.len().div_ceil(100);
         }
         Ok((listed.into_iter())
-            .map(|(key, owner)| {
+            .map(|(key, meta)| {
                 let value = values.remove(&key).flatten();
-                let owner = (owner.or_else(|| value.as_deref().and_then(owner_in_value)))
+                let named = meta.as_ref().and_then(KeyMetadata::index_ref);
+                let owner = (named.or_else(|| value.as_deref().and_then(owner_in_value)))
                     .filter(could_be_written);
+                let query = meta.and_then(|m| m.query);
                 let key = KvKey { namespace, key };
-                Held { key, owner }
+                Held { key, owner, query }
             })
             .collect())
     }
@@ -93,7 +94,11 @@ impl<P: Ports> Pass<'_, P> {
         namespace: Namespace,
         keys: Vec<ListedKey>,
     ) -> Result<(), OperatorError> {
-        let held = self.held(namespace, keys).await?;
+        let mut held = self.held(namespace, keys).await?;
+        if let Some(account) = self.account {
+            // Another account's key, or one whose owner cannot be told, is not this run's.
+            held.retain(|k| k.owner.as_ref().is_some_and(|o| o.account == account));
+        }
         let orphans = self.not_implied(&held).await?;
         let protected = self.aliased(orphans.values()).await?;
         let mut deletes = Vec::new();
@@ -125,11 +130,23 @@ impl<P: Ports> Pass<'_, P> {
             .index_shops(&owners, deadline)
             .await
             .map_err(failed)?;
-        // A query config's key is a hash of its query: its owner's overrides are listed.
-        let queried: BTreeSet<&IndexRef> = (held.iter())
+        // A query config's key is a hash of its query: checked by key when its metadata names
+        // the query (and the key is that query's), else against its owner's overrides listed.
+        let config_keys = (held.iter())
             .filter(|k| k.key.namespace == Namespace::QueryConfigs)
-            .filter_map(|k| k.owner.as_ref().filter(|o| k.key != filter_key(o)))
+            .filter_map(|k| Some((k, k.owner.as_ref().filter(|o| k.key != filter_key(o))?)));
+        let named = |k: &Held, owner: &IndexRef| {
+            let query = k.query.as_deref()?;
+            (KvKey::query_config(owner, query) == k.key).then(|| (owner.clone(), query.to_owned()))
+        };
+        let (by_query, by_owner): (Vec<_>, Vec<_>) =
+            config_keys.partition(|(k, owner)| named(k, owner).is_some());
+        let asked: Vec<(IndexRef, String)> = (by_query.iter())
+            .filter_map(|(k, owner)| named(k, owner))
             .collect();
+        let found = exporter.overrides_exist(&asked, deadline);
+        let found = found.await.map_err(failed)?;
+        let queried: BTreeSet<&IndexRef> = by_owner.into_iter().map(|(_, owner)| owner).collect();
         let overrides: Vec<Result<(IndexRef, HashSet<String>), _>> = futures::stream::iter(queried)
             .map(|owner| async move {
                 let keys = exporter.override_keys(owner, deadline).await?;
@@ -152,9 +169,10 @@ impl<P: Ports> Pass<'_, P> {
                 Namespace::Settings if key.key == KvKey::index(owner) => exists,
                 Namespace::Settings => shops.get(owner) == Some(&Some(key.key.key.clone())),
                 Namespace::QueryConfigs if key.key == filter_key(owner) => exists,
-                Namespace::QueryConfigs => {
-                    (override_keys.get(owner)).is_some_and(|k| k.contains(&key.key.key))
-                }
+                Namespace::QueryConfigs => match named(key, owner) {
+                    Some(asked) => found.contains(&asked),
+                    None => (override_keys.get(owner)).is_some_and(|k| k.contains(&key.key.key)),
+                },
             };
             if implied {
                 continue;
