@@ -51,7 +51,7 @@ async fn an_index_exported_before_the_ledger_still_finds_its_old_shop_in_kv() {
     h.put(index_item("acct-1", "products", Some(SHOP_A))).await;
     h.export_stream().await;
     // The upgrade to a version with a ledger: a new, empty one, which records nothing of it.
-    let fresh = format!("{}-upgraded", h.ledger);
+    let fresh = format!("{}-upgraded-ledger", h.table);
     ecom_emulators::streams::create_ledger_table(&h.ddb, &fresh)
         .await
         .expect("create the ledger table in moto");
