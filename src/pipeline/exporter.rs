@@ -256,9 +256,9 @@ impl<P: Ports> Exporter<P> {
     }
 
     /// A repair (verify, reconcile): of the planned operations only the keys in `writes`, and
-    /// the `deletes` (each with the index it was written for, when known), under the claims
-    /// every operator takes: a key another writer claimed while this one wrote it is
-    /// recomputed from the table as it is now and written again.
+    /// the `deletes` (each with the index it was written for, when known), checked as every
+    /// operator's writes are: a key whose index changed while this one wrote it is recomputed
+    /// from the table as it is now and written again.
     pub async fn repair(
         &self,
         mut prepared: Prepared,

@@ -311,12 +311,12 @@ async fn a_fleet_the_stream_exported_is_not_drift() {
 }
 
 #[tokio::test]
-async fn a_write_kv_refused_is_stale_to_the_next_pass_though_its_claim_names_the_new_value() {
+async fn a_write_kv_refused_is_stale_to_the_next_pass() {
     let h = Harness::new().await;
     h.keys.set_key("acct-1", "k");
     h.put(index_item("acct-1", "a", None)).await;
     backfill(&h).await;
-    // The table changes and a re-export claims the key for the new value, but KV refuses it.
+    // The table changes and a re-export writes the key's new value, but KV refuses it.
     let mut changed = index_item("acct-1", "a", None);
     changed["pixel_id"] = json!({"S": "px-new"});
     h.put(changed).await;
