@@ -28,7 +28,8 @@ const RUN_OF_INDEXES: usize = 10;
 /// One index's landed keys (each with the original record it belongs to), and the index as
 /// the table holds it now.
 struct Recheck {
-    keys: Vec<(Landed, usize)>,
+    /// Each with `record` the position of its original record in the batch.
+    keys: Vec<Landed>,
     now: Now,
 }
 
@@ -51,12 +52,7 @@ impl<P: Ports> Exporter<P> {
             api_keys: run.api_keys,
             ..Run::OPERATOR
         };
-        let mut landed: Vec<(Landed, usize)> = (std::mem::take(&mut report.landed).into_iter())
-            .map(|landed| {
-                let at = landed.record;
-                (landed, at)
-            })
-            .collect();
+        let mut landed = std::mem::take(&mut report.landed);
         let mut last: BTreeMap<KvKey, bool> = BTreeMap::new();
         for round in 0..=ROUNDS {
             if landed.is_empty() {
@@ -70,10 +66,11 @@ impl<P: Ports> Exporter<P> {
             report.kv_requests += again.kv_requests;
             last.extend(again.written.iter().map(|key| (key.clone(), true)));
             last.extend(again.deleted.iter().map(|key| (key.clone(), false)));
+            // Each key's record is its original one, not the one of the write again.
             landed = (again.landed.into_iter())
-                .map(|landed| {
-                    let at = originals[&landed.key];
-                    (landed, at)
+                .map(|landed| Landed {
+                    record: originals[&landed.key],
+                    ..landed
                 })
                 .collect();
         }
@@ -95,29 +92,29 @@ impl<P: Ports> Exporter<P> {
     /// Answers what the writes did, with each key's original record, when there were any.
     async fn check(
         &self,
-        landed: Vec<(Landed, usize)>,
+        landed: Vec<Landed>,
         (run, may_write): (Run, bool),
         report: &mut BatchReport,
         deadline: Instant,
     ) -> Option<(BatchReport, HashMap<KvKey, usize>)> {
         let mut by_index: BTreeMap<IndexRef, Recheck> = BTreeMap::new();
-        for (landed, at) in landed {
+        for landed in landed {
             // A key with no index to read (a repair's delete of an unknown writer's) stays.
-            let Some(index) = (landed.index.clone()).or_else(|| report.records[at].index.clone())
-            else {
+            let index = landed.index.clone();
+            let Some(index) = index.or_else(|| report.records[landed.record].index.clone()) else {
                 continue;
             };
             let recheck = by_index.entry(index).or_insert_with(|| Recheck {
                 keys: Vec::new(),
                 now: Now::default(),
             });
-            recheck.keys.push((landed, at));
+            recheck.keys.push(landed);
         }
         let by_index = self.read_again(by_index, report, deadline).await;
         let (prepared, landed) = self.plan_again(by_index, run, deadline).await;
         let mut prepared = prepared?;
         let originals: HashMap<KvKey, usize> = (landed.iter())
-            .map(|(landed, at)| (landed.key.clone(), *at))
+            .map(|landed| (landed.key.clone(), landed.record))
             .collect();
         let differ = differing(&prepared, &landed, report);
         prepared.plan.ops.retain(|key, _| differ.contains_key(key));
@@ -206,8 +203,8 @@ impl<P: Ports> Exporter<P> {
         }
         let mut read = Vec::with_capacity(indexes.len());
         for (index, recheck) in indexes {
-            let overrides = (recheck.keys.iter())
-                .any(|(landed, _)| landed.key.namespace == Namespace::QueryConfigs);
+            let overrides =
+                (recheck.keys.iter()).any(|landed| landed.key.namespace == Namespace::QueryConfigs);
             let now = self.index_now(&index, overrides, deadline).await;
             read.push((index, recheck, now));
         }
@@ -241,7 +238,7 @@ impl<P: Ports> Exporter<P> {
         by_index: Vec<(IndexRef, Recheck)>,
         run: Run,
         deadline: Instant,
-    ) -> (Option<Prepared>, Vec<(Landed, usize)>) {
+    ) -> (Option<Prepared>, Vec<Landed>) {
         let mut records = Vec::new();
         let mut firsts = Vec::new();
         let mut landed = Vec::new();
@@ -265,11 +262,11 @@ impl<P: Ports> Exporter<P> {
 /// skipped on purpose), and fails its record when its index could not be planned.
 fn differing(
     prepared: &Prepared,
-    landed: &[(Landed, usize)],
+    landed: &[Landed],
     report: &mut BatchReport,
 ) -> BTreeMap<KvKey, usize> {
     let mut differ = BTreeMap::new();
-    for (landed, at) in landed {
+    for landed in landed {
         let Some(op) = prepared.plan.ops.get(&landed.key) else {
             continue;
         };
@@ -279,10 +276,10 @@ fn differing(
         };
         match &prepared.plan.outcomes[op.owner] {
             Outcome::Failed(why) | Outcome::Rejected(why) => {
-                fail(&mut report.records[*at].outcome, why.clone())
+                fail(&mut report.records[landed.record].outcome, why.clone())
             }
             _ if digest != landed.digest => {
-                differ.insert(landed.key.clone(), *at);
+                differ.insert(landed.key.clone(), landed.record);
             }
             _ => {}
         }
@@ -300,7 +297,7 @@ fn as_changes(index: &IndexRef, recheck: &Recheck) -> Vec<ChangeRecord> {
         _ => None,
     });
     let given_up = (recheck.keys.iter())
-        .map(|(landed, _)| &landed.key)
+        .map(|landed| &landed.key)
         .find(|key| {
             key.namespace == Namespace::Settings
                 && **key != own
@@ -308,7 +305,7 @@ fn as_changes(index: &IndexRef, recheck: &Recheck) -> Vec<ChangeRecord> {
         })
         .map(|key| key.key.clone());
     let mut records = recheck.now.records.clone();
-    let settings_keys = (recheck.keys.iter()).any(|(l, _)| l.key.namespace == Namespace::Settings);
+    let settings_keys = (recheck.keys.iter()).any(|l| l.key.namespace == Namespace::Settings);
     if !recheck.now.settings && settings_keys {
         // Removed: its settings keys go. Its filter follows the overrides left of it, as the
         // stream's does (they come after the remove, the last word on it).
@@ -340,10 +337,10 @@ fn as_changes(index: &IndexRef, recheck: &Recheck) -> Vec<ChangeRecord> {
 /// an alias (the plan does not delete its own key), which keeps its overrides as well.
 fn removed_overrides(
     ops: &BTreeMap<KvKey, PlannedOp>,
-    landed: &[(Landed, usize)],
+    landed: &[Landed],
     firsts: &[(IndexRef, usize, bool)],
 ) -> Vec<(KvKey, PlannedOp)> {
-    (landed.iter().map(|(landed, _)| &landed.key))
+    (landed.iter().map(|landed| &landed.key))
         .filter(|key| key.key.starts_with("qcfg-") && !ops.contains_key(*key))
         .filter_map(|key| {
             let (index, first, live) = (firsts.iter())
@@ -360,12 +357,12 @@ fn removed_overrides(
 
 /// Every key of an index that could not be read again fails its record: retried.
 fn fail_all(report: &mut BatchReport, recheck: &Recheck, error: &PortError) {
-    for (landed, at) in &recheck.keys {
+    for landed in &recheck.keys {
         let why = format!(
             "KV key `{}`: its index could not be read again after writing: {error}",
             landed.key.key
         );
-        fail(&mut report.records[*at].outcome, why);
+        fail(&mut report.records[landed.record].outcome, why);
     }
 }
 
@@ -397,14 +394,13 @@ mod tests {
         decode_record(&record.to_string(), "DEFAULT_CONFIGS")
     }
 
-    fn landed(key: KvKey) -> (Landed, usize) {
-        let landed = Landed {
+    fn landed(key: KvKey) -> Landed {
+        Landed {
             key,
             record: 0,
             index: None,
             digest: None,
-        };
-        (landed, 0)
+        }
     }
 
     fn previous_shop(record: &ChangeRecord) -> Option<PreviousShop> {
