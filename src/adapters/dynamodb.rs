@@ -108,6 +108,21 @@ fn item_key(pk: &str, sk: &str) -> HashMap<String, AttributeValue> {
     ])
 }
 
+/// The least string above every string that begins with `prefix`, in DynamoDB's order (UTF-8
+/// bytes, which keeps the order of code points): its last character made the next one.
+/// `None` when there is none (only `char::MAX` left).
+fn after_prefix(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32);
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
 fn overrides_prefix(index: &IndexRef) -> String {
     format!("INDEX#{}#QUERY#", index.name)
 }
@@ -272,19 +287,26 @@ impl SettingsTable for DynamoSettingsTable {
         first: &str,
         last: &str,
     ) -> Result<Vec<Item>, PortError> {
-        // Every sort key that begins with `INDEX#{last}` follows it in one run: past that run
-        // (or past the account), the range is read.
+        // Every sort key that begins with `INDEX#{last}` follows it in one run, and sorts
+        // before `after_prefix` of it: past that run (or past the account), the range is read.
         let last = format!("INDEX#{last}");
+        let upper = after_prefix(&last);
         let mut items = Vec::new();
         let mut start = None;
         loop {
-            let page = self
+            let query = self
                 .client
                 .query()
                 .table_name(&self.table_name)
-                .key_condition_expression("pk = :pk AND sk >= :first")
                 .expression_attribute_values(":pk", AttributeValue::S(account.to_owned()))
-                .expression_attribute_values(":first", AttributeValue::S(format!("INDEX#{first}")))
+                .expression_attribute_values(":first", AttributeValue::S(format!("INDEX#{first}")));
+            let query = match &upper {
+                Some(upper) => query
+                    .key_condition_expression("pk = :pk AND sk BETWEEN :first AND :upper")
+                    .expression_attribute_values(":upper", AttributeValue::S(upper.clone())),
+                None => query.key_condition_expression("pk = :pk AND sk >= :first"),
+            };
+            let page = query
                 .consistent_read(true)
                 .set_exclusive_start_key(start)
                 .send()
@@ -412,5 +434,30 @@ impl SettingsTable for DynamoSettingsTable {
                 .collect(),
             next: next.filter(|key| !key.is_empty()).map(Item::from),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bound_after_a_prefix_is_above_every_key_that_begins_with_it() {
+        let cases = [
+            ("INDEX#products", Some("INDEX#productt")),
+            ("INDEX#caf\u{e9}", Some("INDEX#caf\u{ea}")),
+            ("INDEX#a\u{d7ff}", Some("INDEX#a\u{e000}")),
+            ("INDEX#a\u{10ffff}", Some("INDEX#b")),
+            ("\u{10ffff}", None),
+        ];
+        for (prefix, bound) in cases {
+            let after = after_prefix(prefix);
+            assert_eq!(after.as_deref(), bound, "{prefix:?}");
+            if let Some(after) = after {
+                for key in [prefix.to_owned(), format!("{prefix}#QUERY#\u{10ffff}z")] {
+                    assert!(key.as_bytes() < after.as_bytes(), "{key:?} < {after:?}");
+                }
+            }
+        }
     }
 }

@@ -211,24 +211,28 @@ impl<P: Ports> Exporter<P> {
         read
     }
 
-    /// An index's settings record and, when asked, its overrides (read even when the settings
-    /// record is gone: a filter is built from the overrides the table holds).
+    /// An index's settings record (a GetItem) or, when asked, it and its overrides (one Query
+    /// of the index's run, read even when the settings record is gone: a filter is built from
+    /// the overrides the table holds).
     async fn index_now(
         &self,
         index: &IndexRef,
         overrides: bool,
         deadline: Instant,
     ) -> Result<Now, PortError> {
-        let settings = self.settings_record(index, overrides, deadline).await?;
-        let mut now = Now {
+        if overrides {
+            let name = index.name.as_str();
+            let mut run = self
+                .index_run(&index.account, (name, name), deadline)
+                .await?;
+            let (settings, records) = run.remove(index).unwrap_or_default();
+            return Ok(Now { settings, records });
+        }
+        let settings = self.settings_record(index, false, deadline).await?;
+        Ok(Now {
             settings: settings.is_some(),
             records: settings.into_iter().collect(),
-        };
-        if overrides {
-            now.records
-                .extend(self.all_query_configs(index, deadline).await?);
-        }
-        Ok(now)
+        })
     }
 
     /// The indexes read again, planned as changes (`None`: nothing to plan), with the landed
