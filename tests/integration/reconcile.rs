@@ -435,6 +435,39 @@ async fn metadata_naming_an_index_no_table_could_hold_is_foreign_and_stalls_noth
     );
 }
 
+/// A shop key whose value was rewritten by hand to name an index no table item could have (an
+/// account of 3,000 bytes, over DynamoDB's key limits: the DynamoDB proxy refuses it as
+/// DynamoDB does) is stale to the table step, like any other edit: the value is input, and a
+/// read by that name would fail the piece on every pass.
+#[tokio::test]
+async fn a_shop_value_naming_an_index_no_table_could_hold_is_stale_and_stalls_nothing() {
+    let h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    let shop = "shop-a.myshopify.com";
+    h.put(index_item("acct-1", "a", Some(shop))).await;
+    backfill(&h).await;
+    let meta = h.kv.metadata(CF_ACCOUNT, SETTINGS_NS, shop);
+    let account = "x".repeat(3000);
+    let hostile = json!({"schema_version": 1, "system_account_id": account, "index_name": "a"});
+    h.kv.insert_with_metadata(CF_ACCOUNT, SETTINGS_NS, shop, &hostile.to_string(), meta);
+    let proxied = behind_a_dynamodb_proxy(&h).await;
+    let pass = json!({"mode": "reconcile", "repair": true});
+
+    let answer = proxied
+        .runtime
+        .invoke(pass, std::time::Duration::from_secs(60));
+    let answer = answer.await;
+
+    let answer = answer.unwrap_or_else(|e| panic!("{e}\n{}", proxied.function.output()));
+    assert_eq!(answer["complete"], true, "{answer}");
+    assert_eq!(
+        answer["samples"]["settings"]["stale"],
+        json!([shop]),
+        "{answer}"
+    );
+    assert_eq!(h.settings(shop).unwrap()["index_name"], "a");
+}
+
 /// An alias routes by index id, never through a shop key: once an aliased index is removed,
 /// reconcile keeps its own key (the alias reads it) but its shop key is orphaned and repaired
 /// away, whole fleet and one account alike.

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{IndexId, IndexRef, SettingsReference};
+use crate::domain::{IndexId, IndexRef, KvKey, SettingsReference};
 
 /// The class of one key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -61,6 +61,14 @@ struct Owner {
 pub fn owner_in_value(value: &str) -> Option<IndexRef> {
     let owner: Owner = serde_json::from_str(value).ok()?;
     Some(IndexRef::new(owner.system_account_id, owner.index_name))
+}
+
+/// Whether the function could have written a key for this index (metadata and values are
+/// input: a name no table item could have would fail a piece's reads by key, every pass).
+pub fn could_be_written(index: &IndexRef) -> bool {
+    !index.account.is_empty()
+        && !index.name.is_empty()
+        && crate::domain::kv::check_key(&KvKey::index(index).key).is_ok()
 }
 
 pub fn live_targets(references: &[SettingsReference]) -> impl Iterator<Item = IndexId> + '_ {

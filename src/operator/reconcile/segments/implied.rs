@@ -11,7 +11,7 @@ use super::{Pass, Position, MAX_HELD, TABLE_PAGE};
 use crate::domain::kv::digest;
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
-use crate::operator::reconcile::classify::{owner_in_value, Class};
+use crate::operator::reconcile::classify::{could_be_written, owner_in_value, Class};
 use crate::operator::reconcile::failed;
 use crate::operator::reconcile::NAMESPACES;
 use crate::operator::OperatorError;
@@ -166,7 +166,7 @@ impl<P: Ports> Pass<'_, P> {
             for (key, value) in values {
                 if let Some(value) = value {
                     let digest = digest(&value);
-                    let owner = owner_in_value(&value);
+                    let owner = owner_in_value(&value).filter(could_be_written);
                     held.insert(KvKey { namespace, key }, Held { digest, owner });
                 }
             }

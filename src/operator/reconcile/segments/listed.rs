@@ -9,19 +9,11 @@ use super::{Pass, Position, CONCURRENT_QUERIES};
 use crate::domain::kv::KeyMetadata;
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvKey, Namespace};
-use crate::operator::reconcile::classify::{live_targets, owner_in_value, Class};
+use crate::operator::reconcile::classify::{could_be_written, live_targets, owner_in_value, Class};
 use crate::operator::reconcile::failed;
 use crate::operator::reconcile::NAMESPACES;
 use crate::operator::OperatorError;
 use crate::ports::{ListedKey, Ports, Referred};
-
-/// Whether the function could have written a key for this index (metadata and values are
-/// input: a name no table item could have would fail the page's reads by key, every pass).
-fn could_be_written(index: &IndexRef) -> bool {
-    !index.account.is_empty()
-        && !index.name.is_empty()
-        && crate::domain::kv::check_key(&KvKey::index(index).key).is_ok()
-}
 
 /// A listed key with who it was written for (and, for an override's, its query when the
 /// metadata names it).
