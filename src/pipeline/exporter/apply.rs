@@ -117,7 +117,7 @@ impl<P: Ports> Exporter<P> {
             .map(|(shop, index)| (KvKey::index(index), shop.key.clone()))
             .collect();
         let (keys, rest) = in_batch_order(ops, |key| {
-            !old_shop_keys.contains(key) && !withheld.contains_key(key) && !failed.contains_key(key)
+            !old_shop_keys.contains(key) && !withheld.contains_key(key)
         });
         let rest = self.kv.apply(rest, buffer, deadline).await;
         failed.extend(rest.failed);

@@ -127,18 +127,20 @@ impl<P: Ports> Pass<'_, P> {
         let config_keys = (held.iter())
             .filter(|k| k.key.namespace == Namespace::QueryConfigs)
             .filter_map(|k| Some((k, k.owner.as_ref().filter(|o| k.key != filter_key(o))?)));
-        let named = |k: &Held, owner: &IndexRef| {
-            let query = k.query.as_deref()?;
-            (KvKey::query_config(owner, query) == k.key).then(|| (owner.clone(), query.to_owned()))
-        };
-        let (by_query, by_owner): (Vec<_>, Vec<_>) =
-            config_keys.partition(|(k, owner)| named(k, owner).is_some());
-        let asked: Vec<(IndexRef, String)> = (by_query.iter())
-            .filter_map(|(k, owner)| named(k, owner))
-            .collect();
+        let (mut named, mut queried) = (HashMap::new(), BTreeSet::new());
+        for (k, owner) in config_keys {
+            match k.query.as_deref() {
+                Some(query) if KvKey::query_config(owner, query) == k.key => {
+                    named.insert(&k.key, (owner.clone(), query.to_owned()));
+                }
+                _ => {
+                    queried.insert(owner);
+                }
+            }
+        }
+        let asked: Vec<(IndexRef, String)> = named.values().cloned().collect();
         let found = exporter.overrides_exist(&asked, deadline);
         let found = found.await.map_err(failed)?;
-        let queried: BTreeSet<&IndexRef> = by_owner.into_iter().map(|(_, owner)| owner).collect();
         let overrides: Vec<Result<(IndexRef, HashSet<String>), _>> = futures::stream::iter(queried)
             .map(|owner| async move {
                 let keys = exporter.override_keys(owner, deadline).await?;
@@ -161,8 +163,8 @@ impl<P: Ports> Pass<'_, P> {
                 Namespace::Settings if key.key == KvKey::index(owner) => exists,
                 Namespace::Settings => shops.get(owner) == Some(&Some(key.key.key.clone())),
                 Namespace::QueryConfigs if key.key == filter_key(owner) => exists,
-                Namespace::QueryConfigs => match named(key, owner) {
-                    Some(asked) => found.contains(&asked),
+                Namespace::QueryConfigs => match named.get(&key.key) {
+                    Some(asked) => found.contains(asked),
                     None => (override_keys.get(owner)).is_some_and(|k| k.contains(&key.key.key)),
                 },
             };
