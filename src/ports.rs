@@ -227,6 +227,13 @@ pub trait SettingsTable: Send + Sync {
         indexes: &[IndexRef],
     ) -> impl Future<Output = Result<Vec<SettingsReference>, PortError>> + Send;
 
+    /// The items with these keys (`pk`, `sk`) that exist, whole (consistent reads, 100 a call,
+    /// several calls at once): what the stream's records are about, as the table holds it now.
+    fn items(
+        &self,
+        keys: &[(String, String)],
+    ) -> impl Future<Output = Result<Vec<Item>, PortError>> + Send;
+
     /// The `INDEX#{name}` record of an account, if there is one.
     fn index_settings(
         &self,

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
+use aws_sdk_dynamodb::types::AttributeValue;
 use serde_dynamo::Item;
 
 use crate::domain::{IndexRef, SettingsReference};
@@ -46,60 +46,9 @@ impl DynamoSettingsTable {
     }
 }
 
-/// DynamoDB's limit per BatchGetItem call, and tries for the keys a call leaves unprocessed.
-pub(crate) const GET_BATCH: usize = 100;
-pub(crate) const UNPROCESSED_TRIES: u32 = 5;
+mod batch;
 
-/// One consistent BatchGetItem of at most 100 keys of `table` (its name, and how errors name
-/// it), its unprocessed keys tried again: the settings table's and the ledger's.
-pub(crate) async fn batch_get(
-    client: &aws_sdk_dynamodb::Client,
-    (table, named): (&str, &str),
-    mut wanted: Vec<HashMap<String, AttributeValue>>,
-    projection: Option<&str>,
-) -> Result<Vec<HashMap<String, AttributeValue>>, PortError> {
-    let mut found = Vec::new();
-    for attempt in 0..UNPROCESSED_TRIES {
-        if wanted.is_empty() {
-            return Ok(found);
-        }
-        if attempt > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
-        }
-        let request = KeysAndAttributes::builder()
-            .set_keys(Some(std::mem::take(&mut wanted)))
-            .set_projection_expression(projection.map(str::to_owned))
-            .consistent_read(true)
-            .build()
-            .expect("keys are set");
-        let answer = client
-            .batch_get_item()
-            .request_items(table, request)
-            .send()
-            .await
-            .map_err(|e| {
-                let e = aws_sdk_dynamodb::error::DisplayErrorContext(e);
-                PortError::Transient(format!("BatchGetItem of {named}: {e}"))
-            })?;
-        found.extend(
-            answer
-                .responses
-                .and_then(|mut r| r.remove(table))
-                .unwrap_or_default(),
-        );
-        wanted = (answer.unprocessed_keys)
-            .and_then(|mut left| left.remove(table))
-            .map(|k| k.keys)
-            .unwrap_or_default();
-    }
-    match wanted.is_empty() {
-        true => Ok(found),
-        false => Err(PortError::Transient(format!(
-            "BatchGetItem of {named}: {} items left unread",
-            wanted.len()
-        ))),
-    }
-}
+pub(crate) use batch::{get_all, UNPROCESSED_TRIES};
 
 fn item_key(pk: &str, sk: &str) -> HashMap<String, AttributeValue> {
     HashMap::from([
@@ -139,26 +88,16 @@ fn reference_of(index: IndexRef, image: &Image) -> SettingsReference {
 }
 
 impl DynamoSettingsTable {
-    /// The items of these keys (`pk`, `sk`) that exist, `projection` only: consistent
-    /// BatchGetItems of 100 keys.
+    /// The items of these keys (`pk`, `sk`) that exist (`projection` only, when given).
     async fn get_many(
         &self,
         keys: Vec<(String, String)>,
-        projection: &str,
+        projection: Option<&str>,
     ) -> Result<Vec<Item>, PortError> {
-        let mut found = Vec::new();
         let table = format!("table {}", self.table_name);
-        for chunk in keys.chunks(GET_BATCH) {
-            let keys = chunk.iter().map(|(pk, sk)| item_key(pk, sk)).collect();
-            let items = batch_get(
-                &self.client,
-                (&self.table_name, &table),
-                keys,
-                Some(projection),
-            );
-            found.extend(items.await?.into_iter().map(Item::from));
-        }
-        Ok(found)
+        let keys = keys.iter().map(|(pk, sk)| item_key(pk, sk)).collect();
+        let items = get_all(&self.client, (&self.table_name, &table), keys, projection);
+        Ok(items.await?.into_iter().map(Item::from).collect())
     }
 
     /// The index's `INDEX#{name}#QUERY#...` items after `start`, `limit` at most (only
@@ -254,7 +193,7 @@ impl SettingsTable for DynamoSettingsTable {
             .iter()
             .map(|i| (i.account.clone(), format!("INDEX#{}", i.name)));
         let projection = "pk, sk, shop_id, read_alias, index_aliases";
-        let items = self.get_many(keys.collect(), projection).await?;
+        let items = self.get_many(keys.collect(), Some(projection)).await?;
         Ok((indexes.iter())
             .filter_map(|index| {
                 let sk = format!("INDEX#{}", index.name);
@@ -265,6 +204,10 @@ impl SettingsTable for DynamoSettingsTable {
                 Some(reference_of(index.clone(), &Image::of(item)))
             })
             .collect())
+    }
+
+    async fn items(&self, keys: &[(String, String)]) -> Result<Vec<Item>, PortError> {
+        self.get_many(keys.to_vec(), None).await
     }
 
     async fn index_settings(&self, index: &IndexRef) -> Result<Option<Item>, PortError> {
@@ -334,7 +277,9 @@ impl SettingsTable for DynamoSettingsTable {
         let keys = indexes
             .iter()
             .map(|i| (i.account.clone(), format!("INDEX#{}", i.name)));
-        let items = self.get_many(keys.collect(), "pk, sk, shop_id").await?;
+        let items = self
+            .get_many(keys.collect(), Some("pk, sk, shop_id"))
+            .await?;
         Ok((items.iter())
             .filter_map(|item| {
                 let image = Image::of(item);
@@ -353,7 +298,7 @@ impl SettingsTable for DynamoSettingsTable {
         let keys = overrides
             .iter()
             .map(|(i, query)| (i.account.clone(), sk(i, query)));
-        let items = self.get_many(keys.collect(), "pk, sk").await?;
+        let items = self.get_many(keys.collect(), Some("pk, sk")).await?;
         let found: HashSet<(&str, &str)> = (items.iter())
             .filter_map(|item| Some((string_attribute(item, "pk")?, string_attribute(item, "sk")?)))
             .collect();

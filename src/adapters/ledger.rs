@@ -16,7 +16,7 @@ use crate::domain::IndexRef;
 use crate::ports::{IndexRefs, Ledger, PortError, ReconcileProgress};
 use crate::ports::{Referred, RefsChange};
 
-use super::dynamodb::{GET_BATCH, UNPROCESSED_TRIES};
+use super::dynamodb::UNPROCESSED_TRIES;
 
 mod refs;
 
@@ -189,37 +189,14 @@ impl DynamoLedger {
         answers.into_iter().collect()
     }
 
-    /// One consistent BatchGetItem of at most 100 keys, its unprocessed keys tried again.
-    async fn get_batch(
-        &self,
-        table: &str,
-        wanted: Vec<HashMap<String, AttributeValue>>,
-    ) -> Result<Vec<HashMap<String, AttributeValue>>, PortError> {
-        let named = format!("the ledger table {table}");
-        super::dynamodb::batch_get(&self.client, (table, &named), wanted, None).await
-    }
-
     /// Any number of consistent reads, 100 keys a call, some calls at once.
     async fn get_all(
         &self,
         keys: Vec<HashMap<String, AttributeValue>>,
     ) -> Result<Vec<HashMap<String, AttributeValue>>, PortError> {
         let table = &self.table_name;
-        let mut chunks = Vec::new();
-        let mut keys = keys.into_iter().peekable();
-        while keys.peek().is_some() {
-            chunks.push(keys.by_ref().take(GET_BATCH).collect::<Vec<_>>());
-        }
-        let pages: Vec<Result<Vec<_>, PortError>> = futures::stream::iter(chunks)
-            .map(|chunk| self.get_batch(table, chunk))
-            .buffer_unordered(CONCURRENT_CALLS)
-            .collect()
-            .await;
-        let mut items = Vec::new();
-        for page in pages {
-            items.extend(page?);
-        }
-        Ok(items)
+        let named = format!("the ledger table {table}");
+        super::dynamodb::get_all(&self.client, (table, &named), keys, None).await
     }
 }
 

@@ -89,11 +89,14 @@ impl ApiKeySource for SameKey {
     }
 }
 
-/// An empty table that counts its reference scans.
+/// A table that counts its reference scans and holds only the items given (the ones the
+/// stream's records are about).
 #[derive(Default)]
 pub struct CountingTable {
     pub scans: AtomicUsize,
     pub override_queries: AtomicUsize,
+    /// The items `items` finds, by (`pk`, `sk`).
+    pub items: Mutex<HashMap<(String, String), Item>>,
 }
 
 impl SettingsTable for CountingTable {
@@ -103,6 +106,13 @@ impl SettingsTable for CountingTable {
     }
     async fn index_references(&self, _: &[IndexRef]) -> Result<Vec<SettingsReference>, PortError> {
         Ok(vec![])
+    }
+    async fn items(&self, keys: &[(String, String)]) -> Result<Vec<Item>, PortError> {
+        let items = self.items.lock().unwrap();
+        Ok(keys
+            .iter()
+            .filter_map(|key| items.get(key).cloned())
+            .collect())
     }
     async fn index_settings(&self, _: &IndexRef) -> Result<Option<Item>, PortError> {
         Ok(None)

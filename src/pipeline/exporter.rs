@@ -300,12 +300,13 @@ impl<P: Ports> Exporter<P> {
     ) -> Prepared {
         let keys = run.api_keys;
         let cell = &self.options.default_cell;
-        let (mut lookups, mut api_keys, known_refs) =
-            match self.look_up(&records, run, deadline).await {
-                Ok(looked_up) => looked_up,
-                // Nothing could then be recorded: the batch is retried, never exported without.
-                Err(error) => return Prepared::none_sent(records, run, error),
-            };
+        let (records, known_refs) = match self.first_reads(records, run, deadline).await {
+            Ok(read) => read,
+            // Nothing could then be recorded: the batch is retried, never exported without.
+            Err((records, error)) => return Prepared::none_sent(records, run, error),
+        };
+        let (mut lookups, mut api_keys) =
+            (self.look_up(&records, known_refs.as_ref(), run, deadline)).await;
         let mut plan = plan::plan(&records, &lookups, cell);
         if !plan.claimers_wanted.is_empty() {
             // A shop key another index claims is repointed: read those indexes, plan again.
@@ -390,11 +391,30 @@ mod tests {
         exporter: &Exporter<(MemoryKv, SameKey, CountingTable, MemoryLedger)>,
         batch: Vec<serde_json::Value>,
     ) -> BatchReport {
+        table_after(&exporter.table, &batch);
         let records = batch
             .iter()
             .map(|r| decode_record(&r.to_string(), exporter.default_configs_sk()))
             .collect();
         exporter.export(records, Run::STREAM, deadline()).await
+    }
+
+    /// The table as the stream's records leave it: each one's new image, or none after a REMOVE.
+    pub(super) fn table_after(table: &CountingTable, batch: &[serde_json::Value]) {
+        let mut items = table.items.lock().unwrap();
+        for record in batch {
+            let change = &record["dynamodb"];
+            let key = |name: &str| change["Keys"][name]["S"].as_str().unwrap().to_owned();
+            let key = (key("pk"), key("sk"));
+            match record["eventName"].as_str() {
+                Some("REMOVE") => items.remove(&key),
+                _ => {
+                    let image = change["NewImage"].clone();
+                    let item = crate::dynamo::item_from_dynamodb_json(image).unwrap();
+                    items.insert(key, item)
+                }
+            };
+        }
     }
 
     fn deadline() -> Instant {
@@ -453,6 +473,38 @@ mod tests {
         assert_eq!(report.failed_sequence_numbers(), ["2"]);
         assert_eq!(report.records[0].outcome, Outcome::Exported);
         assert!(exporter.kv.values.lock().unwrap().contains_key("a-ok"));
+    }
+
+    #[tokio::test]
+    async fn a_record_exports_its_item_as_the_table_holds_it_now() {
+        let exporter = exporter(MemoryKv::default());
+        exporter
+            .kv
+            .values
+            .lock()
+            .unwrap()
+            .insert("a-gone".into(), "{}".into());
+        let batch = vec![record(1, "INSERT", "changed"), record(2, "MODIFY", "gone")];
+        table_after(&exporter.table, &batch);
+        {
+            // Since the records: one item changed again, the other was removed.
+            let mut items = exporter.table.items.lock().unwrap();
+            let changed = ("a".to_owned(), "INDEX#changed".to_owned());
+            let item = items.get_mut(&changed).unwrap();
+            let endpoint = serde_dynamo::AttributeValue::S("https://newer".into());
+            item.insert("index_endpoint".into(), endpoint);
+            items.remove(&("a".to_owned(), "INDEX#gone".to_owned()));
+        }
+        let records = (batch.iter())
+            .map(|r| decode_record(&r.to_string(), exporter.default_configs_sk()))
+            .collect();
+
+        let report = exporter.export(records, Run::STREAM, deadline()).await;
+
+        assert_eq!(report.count(|o| *o == Outcome::Exported), 2);
+        let values = exporter.kv.values.lock().unwrap();
+        assert!(values["a-changed"].contains("https://newer"), "{values:?}");
+        assert!(!values.contains_key("a-gone"), "{values:?}");
     }
 
     #[tokio::test]

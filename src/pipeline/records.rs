@@ -68,6 +68,57 @@ impl ChangeRecord {
     }
 }
 
+impl ChangeRecord {
+    /// The item (`pk`, `sk`) a decoded record is about.
+    pub fn item_key(&self) -> Option<(String, String)> {
+        let (index, query) = self.decoded.as_ref().ok()?.subject();
+        let sk = match query {
+            None => format!("INDEX#{}", index.name),
+            Some(query) => format!("INDEX#{}#QUERY#{query}", index.name),
+        };
+        Some((index.account.clone(), sk))
+    }
+
+    /// The record as its item is now (`None`: the table no longer holds it). The stream says
+    /// which item changed and which shop its index had; what is exported comes from the table,
+    /// so a record read late (a replay, an old payload sent by hand) never writes old values.
+    pub fn as_now(self, item: Option<&Item>) -> ChangeRecord {
+        let Ok(change) = &self.decoded else {
+            return self;
+        };
+        let (index, query) = change.subject();
+        let (index, query) = (index.clone(), query.map(str::to_owned));
+        let previous_shop = match change {
+            Change::UpsertIndex { previous_shop, .. }
+            | Change::RemoveIndex { previous_shop, .. } => previous_shop.clone(),
+            _ => PreviousShop::Known(None),
+        };
+        let decoded = match (item, query) {
+            (Some(item), query) => {
+                decode_upsert(index, query, &Image::of(item), previous_shop, false)
+            }
+            (None, None) => Ok(Change::RemoveIndex {
+                index,
+                previous_shop,
+            }),
+            (None, Some(query)) => Ok(Change::RemoveQuery { index, query }),
+        };
+        ChangeRecord { decoded, ..self }
+    }
+}
+
+impl Change {
+    /// The index the change is about, and the override's query when it is one.
+    fn subject(&self) -> (&IndexRef, Option<&str>) {
+        match self {
+            Change::UpsertIndex { settings, .. } => (&settings.index, None),
+            Change::RemoveIndex { index, .. } => (index, None),
+            Change::UpsertQuery(config) => (&config.index, Some(&config.query)),
+            Change::RemoveQuery { index, query } => (index, Some(query)),
+        }
+    }
+}
+
 fn skip(reason: impl Into<String>) -> Result<Change, Outcome> {
     Err(Outcome::Skipped(reason.into()))
 }

@@ -2,7 +2,7 @@
 //! server that `make test` starts, its own KV emulator and API-keys stand-in, and the exporter
 //! wired to them through its real adapters.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -185,6 +185,66 @@ impl Harness {
             .send()
             .await
             .expect("put item");
+    }
+
+    /// The table as a batch of stream records leaves it (each item's last record: its new
+    /// image, or none after a REMOVE), for records made without a table behind them: the
+    /// function exports an item as the table holds it. BatchWriteItems, so 10,000 take seconds;
+    /// they go to the table's stream too.
+    pub async fn seed_table(&self, records: &[Value]) {
+        use aws_sdk_dynamodb::types::{DeleteRequest, PutRequest, WriteRequest};
+        use futures::StreamExt as _;
+        let mut last: BTreeMap<(String, String), Option<Value>> = BTreeMap::new();
+        for record in records {
+            let change = &record["dynamodb"];
+            let key = |name: &str| change["Keys"][name]["S"].as_str().map(str::to_owned);
+            let (Some(pk), Some(sk)) = (key("pk"), key("sk")) else {
+                continue;
+            };
+            let image = match record["eventName"].as_str() {
+                Some("INSERT" | "MODIFY") => Some(change["NewImage"].clone()),
+                _ => None,
+            };
+            last.insert((pk, sk), image);
+        }
+        let attributes = |item: Value| -> HashMap<String, aws_sdk_dynamodb::types::AttributeValue> {
+            let item: HashMap<String, serde_dynamo::AttributeValue> =
+                serde_json::from_value(item).unwrap();
+            serde_dynamo::Item::from(item).into()
+        };
+        let requests: Vec<WriteRequest> = (last.into_iter())
+            .map(|((pk, sk), image)| match image {
+                Some(image) => WriteRequest::builder()
+                    .put_request(
+                        PutRequest::builder()
+                            .set_item(Some(attributes(image)))
+                            .build()
+                            .unwrap(),
+                    )
+                    .build(),
+                None => {
+                    let key = attributes(json!({"pk": {"S": pk}, "sk": {"S": sk}}));
+                    WriteRequest::builder()
+                        .delete_request(
+                            DeleteRequest::builder().set_key(Some(key)).build().unwrap(),
+                        )
+                        .build()
+                }
+            })
+            .collect();
+        let chunks: Vec<Vec<WriteRequest>> = requests.chunks(25).map(<[_]>::to_vec).collect();
+        futures::stream::iter(chunks)
+            .map(|chunk| async move {
+                let written = self
+                    .ddb
+                    .batch_write_item()
+                    .request_items(&self.table, chunk);
+                let answer = written.send().await.expect("seed the table");
+                assert!(answer.unprocessed_items.unwrap_or_default().is_empty());
+            })
+            .buffer_unordered(8)
+            .collect::<Vec<()>>()
+            .await;
     }
 
     pub async fn delete(&self, pk: &str, sk: &str) {

@@ -126,6 +126,7 @@ async fn modified_indexes_cost_one_bulk_read_per_hundred() {
         record = modify_of(&record, record["eventName"].as_str().unwrap(), i);
         records.push(record);
     }
+    h.seed_table(&records).await;
 
     let response = h.invoke(json!({ "Records": records })).await;
 

@@ -43,34 +43,44 @@ async fn every_sample_stream_event_is_answered_without_failures() {
 #[tokio::test]
 async fn the_insert_then_shop_change_then_remove_samples_tell_a_story() {
     let h = harness().await;
-    h.invoke(event("stream-insert.json")).await;
+    // Each sample exports its item as the table holds it: the table first, as its change left it.
+    let invoke = |name: &'static str| {
+        let h = &h;
+        async move {
+            let sample = event(name);
+            h.seed_table(sample["Records"].as_array().unwrap()).await;
+            h.invoke(sample).await
+        }
+    };
+    invoke("stream-insert.json").await;
     assert!(h.settings("shop-1.myshopify.com").is_some());
 
-    h.invoke(event("stream-modify-shop-change.json")).await;
+    invoke("stream-modify-shop-change.json").await;
     assert_eq!(h.settings("shop-1.myshopify.com"), None);
     assert_eq!(
         h.settings("acct-1-products").unwrap()["shop_id"],
         "shop-2.myshopify.com"
     );
 
-    h.invoke(event("stream-remove-new-and-old-images.json"))
-        .await;
+    invoke("stream-remove-new-and-old-images.json").await;
     assert!(h.kv.keys(CF_ACCOUNT, SETTINGS_NS).is_empty());
 }
 
 #[tokio::test]
 async fn the_mixed_sample_writes_two_skips_one_and_rejects_one() {
     let h = harness().await;
+    let sample = event("stream-mixed-batch.json");
+    h.seed_table(sample["Records"].as_array().unwrap()).await;
     let logs = Logs::capture();
-    h.invoke(event("stream-mixed-batch.json")).await;
+    h.invoke(sample).await;
 
     assert_eq!(
         h.kv.keys(CF_ACCOUNT, SETTINGS_NS),
         ["acct-1-products", "shop-1.myshopify.com"]
     );
     assert_eq!(override_keys(&h).len(), 1);
-    // Rebuilt from the table's overrides, and this fixture's table holds none.
-    assert_eq!(filter_of(&h, "acct-1", "products").unwrap()["count"], 0);
+    // Rebuilt from the table's overrides: the sample's one.
+    assert_eq!(filter_of(&h, "acct-1", "products").unwrap()["count"], 1);
     let summary = logs.matching("batch done");
     assert!(
         summary[0].contains("exported=2 skipped=1 rejected=1 failed=0"),

@@ -152,8 +152,8 @@ async fn query_configs_with_hashes_and_unicode_reach_their_namespace() {
     assert_eq!(override_keys(&h).len(), 2);
 }
 
-/// A stream record as Lambda delivers it, without a table behind it: for batches larger than
-/// moto's stream is quick to produce.
+/// A stream record as Lambda delivers it, made here: for batches larger than moto's stream is
+/// quick to produce (the table is given its items with `seed_table`).
 fn synthetic_record(seq: usize, account: &str, index: &str, shop: Option<&str>) -> Value {
     json!({
         "eventID": seq.to_string(), "eventName": "INSERT", "eventVersion": "1.1",
@@ -187,6 +187,7 @@ async fn ten_thousand_records_across_accounts_cost_two_bulk_requests_and_one_key
             )
         })
         .collect();
+    h.seed_table(&records).await;
 
     let response = h.invoke(json!({ "Records": records })).await;
 
@@ -200,6 +201,36 @@ async fn ten_thousand_records_across_accounts_cost_two_bulk_requests_and_one_key
         h.settings("shop-9999.myshopify.com").unwrap()["marqo_api_key"],
         "key-acct-e"
     );
+}
+
+/// A record exports its item as the table holds it: an old batch sent again (a replay, an
+/// `aws lambda invoke` of a saved payload) writes no old value and brings back no removed index.
+#[tokio::test]
+async fn an_old_batch_sent_again_writes_the_table_as_it_is_now() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    let mut first = index_item("acct-1", "products", Some("shop-1.myshopify.com"));
+    first["pixel_id"] = json!({"S": "px-1"});
+    h.put(first).await;
+    h.put(index_item("acct-1", "gone", Some("shop-g.myshopify.com")))
+        .await;
+    let old = h.stream_records().await;
+    let mut newer = index_item("acct-1", "products", Some("shop-1.myshopify.com"));
+    newer["pixel_id"] = json!({"S": "px-2"});
+    h.put(newer).await;
+    h.delete("acct-1", "INDEX#gone").await;
+    h.export_stream().await;
+
+    let response = h.invoke(json!({ "Records": old })).await;
+
+    assert_eq!(response, json!({"batchItemFailures": []}));
+    assert_eq!(h.settings("acct-1-products").unwrap()["pixel_id"], "px-2");
+    assert_eq!(
+        h.settings("shop-1.myshopify.com").unwrap()["pixel_id"],
+        "px-2"
+    );
+    assert_eq!(h.settings("acct-1-gone"), None);
+    assert_eq!(h.settings("shop-g.myshopify.com"), None);
 }
 
 #[tokio::test]

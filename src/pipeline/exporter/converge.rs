@@ -513,10 +513,17 @@ mod tests {
         // Its record is the newest word on the item: a later change is a later record.
         let exporter = exporter(MemoryKv::default());
         let deadline = Instant::now() + Duration::from_secs(10);
+        let record = insert("new", None);
+        let (key, image) = (
+            record.item_key().unwrap(),
+            json!({"pk": {"S": "a"},
+            "sk": {"S": "INDEX#new"}, "index_endpoint": {"S": "https://idx"}}),
+        );
+        let item = crate::dynamo::item_from_dynamodb_json(image).unwrap();
+        exporter.table.items.lock().unwrap().insert(key, item);
 
-        let report = exporter
-            .export(vec![insert("new", None)], Run::STREAM, deadline)
-            .await;
+        // The table's `index_settings` finds nothing: a check would delete the key.
+        let report = exporter.export(vec![record], Run::STREAM, deadline).await;
 
         assert!(exporter.kv.values.lock().unwrap().contains_key("a-new"));
         assert_eq!(report.keys_written, 1);

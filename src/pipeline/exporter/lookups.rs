@@ -5,6 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use futures::StreamExt as _;
+use serde_dynamo::Item;
 use tokio::time::Instant;
 
 use super::{references, ApiKeys, Exporter, Overrides, Run, CONCURRENT_KV_REQUESTS};
@@ -16,6 +17,9 @@ use crate::pipeline::plan::{self, Lookups, PlannedOp};
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{before_deadline, AccountCell, KvStore, LookupCounts, Ports};
 use crate::ports::{IndexRefs, Ledger, PortError, SettingsTable};
+
+/// Each index's references as the ledger recorded them.
+pub(super) type Known = HashMap<IndexRef, IndexRefs>;
 use crate::report::Outcome;
 
 impl<P: Ports> Exporter<P> {
@@ -74,25 +78,31 @@ impl<P: Ports> Exporter<P> {
         }
     }
 
-    /// What a batch needs before planning: its indexes' recorded references when the run keeps
-    /// them (their old shops without a KV read, and what to record) beside the API keys; the
-    /// current shops of the other indexes from KV; then who else refers to what the batch
-    /// removes or gives up. An error when the ledger could not be read: without what it
-    /// recorded, nothing the batch changes could be recorded either.
-    pub(super) async fn look_up(
+    /// A batch's first reads, together: for the stream, its records as their items are now
+    /// (`records::as_now`); when the run keeps references, what the ledger recorded for its
+    /// indexes (their old shops without a KV read, and what to record). An error when either
+    /// could not be read: nothing of the batch is then sent.
+    pub(super) async fn first_reads(
         &self,
-        records: &[ChangeRecord],
+        records: Vec<ChangeRecord>,
         run: Run,
         deadline: Instant,
-    ) -> Result<(Lookups, LookupCounts, Option<HashMap<IndexRef, IndexRefs>>), PortError> {
-        let needs = plan::needs(records, &self.options.default_cell);
-        let fresh = run.api_keys == ApiKeys::Fresh;
-        let api_keys = self.api_keys.lookup_all(needs.api_keys, fresh, deadline);
+    ) -> Result<(Vec<ChangeRecord>, Option<Known>), (Vec<ChangeRecord>, PortError)> {
+        let now = async {
+            if !run.is_stream() {
+                return Ok(None);
+            }
+            let keys: BTreeSet<(String, String)> =
+                records.iter().filter_map(ChangeRecord::item_key).collect();
+            let keys: Vec<_> = keys.into_iter().collect();
+            let items = before_deadline(deadline, "the records' items", self.table.items(&keys));
+            Ok(Some(items.await?))
+        };
         let known = async {
             if !run.records_references {
                 return Ok(None);
             }
-            let indexes: BTreeSet<IndexRef> = (references::left_by(records).into_iter())
+            let indexes: BTreeSet<IndexRef> = (references::left_by(&records).into_iter())
                 .flatten()
                 .map(|(index, _)| index)
                 .collect();
@@ -102,9 +112,46 @@ impl<P: Ports> Exporter<P> {
                 .await
                 .map(Some)
         };
-        let ((api_keys, counts), known) = tokio::join!(api_keys, known);
-        let known = known?;
-        let recorded = |index: &IndexRef| known.as_ref().and_then(|k| k.get(index));
+        let (items, known) = match tokio::join!(now, known) {
+            (Ok(items), Ok(known)) => (items, known),
+            (Err(error), _) | (_, Err(error)) => return Err((records, error)),
+        };
+        let Some(items) = items else {
+            return Ok((records, known));
+        };
+        let items: HashMap<(String, String), Item> = (items.into_iter())
+            .filter_map(|item| {
+                let key = dynamo::string_attribute(&item, "pk")?.to_owned();
+                let sk = dynamo::string_attribute(&item, "sk")?.to_owned();
+                Some(((key, sk), item))
+            })
+            .collect();
+        let records = (records.into_iter())
+            .map(|record| {
+                let item = record.item_key().and_then(|key| items.get(&key));
+                record.as_now(item)
+            })
+            .collect();
+        Ok((records, known))
+    }
+
+    /// What a batch needs before planning, beside what the ledger recorded (`known`): API
+    /// keys; the current shops of the other indexes from KV; then who else refers to what the
+    /// batch removes or gives up.
+    pub(super) async fn look_up(
+        &self,
+        records: &[ChangeRecord],
+        known: Option<&Known>,
+        run: Run,
+        deadline: Instant,
+    ) -> (Lookups, LookupCounts) {
+        let needs = plan::needs(records, &self.options.default_cell);
+        let fresh = run.api_keys == ApiKeys::Fresh;
+        let (api_keys, counts) = self
+            .api_keys
+            .lookup_all(needs.api_keys, fresh, deadline)
+            .await;
+        let recorded = |index: &IndexRef| known.and_then(|k| k.get(index));
         let unrecorded: BTreeSet<IndexRef> = (needs.current_shops.iter())
             .filter(|index| recorded(index).is_none())
             .cloned()
@@ -127,7 +174,7 @@ impl<P: Ports> Exporter<P> {
         if needs.references || plan::shop_moves(records, &lookups) {
             lookups.references = Some(self.references(records, &lookups, deadline).await);
         }
-        Ok((lookups, counts, known))
+        (lookups, counts)
     }
 
     /// The shop ids in the indexes' current KV values, read 100 keys a request.
