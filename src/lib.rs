@@ -27,7 +27,7 @@
 //! - [`config`]: the environment.
 //!
 //! runtime_api (on its own); entry -> config -> adapters -> ports, dynamo;
-//! entry -> operator -> pipeline -> report -> ports -> domain; pipeline -> dynamo -> domain.
+//! entry -> operator -> pipeline -> report -> ports -> dynamo -> domain; pipeline -> dynamo.
 //! (A room may import what its arrows reach; `tests/integration/code_shape.rs` holds this.)
 //!
 //! Public is what the binary, the integration tests, the benches and the fuzz targets use (and
@@ -95,7 +95,7 @@ pub async fn build_exporter(config: &Config, retry: RetryPolicy) -> LambdaExport
             config.api_key_cache_ttl,
         ),
         DynamoSettingsTable::new(
-            aws_sdk_dynamodb::Client::new(&aws),
+            &aws,
             &config.settings_table_name,
             &config.default_configs_sk,
         ),

@@ -13,6 +13,7 @@ pub use ledger::{IndexRefs, Ledger, ReconcileProgress, Referred, RefsChange};
 
 use crate::domain::kv::{KvKey, KvOp};
 use crate::domain::{ApiKey, ApiToken, IndexRef, Namespace, SettingsReference};
+use crate::dynamo::Image;
 
 /// Why an outside system did not answer as asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -227,12 +228,14 @@ pub trait SettingsTable: Send + Sync {
         indexes: &[IndexRef],
     ) -> impl Future<Output = Result<Vec<SettingsReference>, PortError>> + Send;
 
-    /// The items with these keys (`pk`, `sk`) that exist, whole (consistent reads, 100 a call,
-    /// several calls at once): what the stream's records are about, as the table holds it now.
+    /// The items with these keys (`pk`, `sk`) that exist, whole, each handed to `each` as it is
+    /// read (consistent reads, 100 a call, several calls at once): what the stream's records are
+    /// about, as the table holds it now.
     fn items(
         &self,
         keys: &[(String, String)],
-    ) -> impl Future<Output = Result<Vec<Item>, PortError>> + Send;
+        each: impl FnMut(&Image<'_>) + Send,
+    ) -> impl Future<Output = Result<(), PortError>> + Send;
 
     /// The `INDEX#{name}` record of an account, if there is one.
     fn index_settings(

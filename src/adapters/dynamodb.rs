@@ -14,6 +14,8 @@ use crate::ports::{Page, PortError, SettingsTable, TableCounters};
 
 pub struct DynamoSettingsTable {
     client: aws_sdk_dynamodb::Client,
+    /// The stream's items, read without the SDK (`items.rs`).
+    items: ItemReader,
     table_name: String,
     default_configs_sk: String,
     override_queries: AtomicUsize,
@@ -22,12 +24,13 @@ pub struct DynamoSettingsTable {
 
 impl DynamoSettingsTable {
     pub fn new(
-        client: aws_sdk_dynamodb::Client,
+        aws: &aws_config::SdkConfig,
         table_name: impl Into<String>,
         default_configs_sk: impl Into<String>,
     ) -> Self {
         Self {
-            client,
+            client: aws_sdk_dynamodb::Client::new(aws),
+            items: ItemReader::new(aws),
             table_name: table_name.into(),
             default_configs_sk: default_configs_sk.into(),
             override_queries: AtomicUsize::new(0),
@@ -47,8 +50,10 @@ impl DynamoSettingsTable {
 }
 
 mod batch;
+mod items;
 
 pub(crate) use batch::{get_all, UNPROCESSED_TRIES};
+use items::ItemReader;
 
 fn item_key(pk: &str, sk: &str) -> HashMap<String, AttributeValue> {
     HashMap::from([
@@ -206,8 +211,15 @@ impl SettingsTable for DynamoSettingsTable {
             .collect())
     }
 
-    async fn items(&self, keys: &[(String, String)]) -> Result<Vec<Item>, PortError> {
-        self.get_many(keys.to_vec(), None).await
+    async fn items(
+        &self,
+        keys: &[(String, String)],
+        mut each: impl FnMut(&Image<'_>) + Send,
+    ) -> Result<(), PortError> {
+        let items = self
+            .items
+            .get_all(&self.table_name, keys.to_vec(), &mut each);
+        items.await
     }
 
     async fn index_settings(&self, index: &IndexRef) -> Result<Option<Item>, PortError> {

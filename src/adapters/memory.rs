@@ -9,6 +9,7 @@ use serde_dynamo::Item;
 use tokio::time::Instant;
 
 use crate::domain::{ApiKey, IndexRef, KvAction, KvOp, Namespace, SettingsReference};
+use crate::dynamo::Image;
 use crate::ports::{
     AccountCell, ApiKeySource, Applied, IndexRefs, KeyPage, KvStore, Ledger, ListedKey, Page,
     PortError, ReconcileProgress, Referred, RefsChange, SettingsTable,
@@ -107,12 +108,16 @@ impl SettingsTable for CountingTable {
     async fn index_references(&self, _: &[IndexRef]) -> Result<Vec<SettingsReference>, PortError> {
         Ok(vec![])
     }
-    async fn items(&self, keys: &[(String, String)]) -> Result<Vec<Item>, PortError> {
-        let items = self.items.lock().unwrap();
-        Ok(keys
-            .iter()
-            .filter_map(|key| items.get(key).cloned())
-            .collect())
+    async fn items(
+        &self,
+        keys: &[(String, String)],
+        mut each: impl FnMut(&Image<'_>) + Send,
+    ) -> Result<(), PortError> {
+        let items = self.items.lock().unwrap().clone();
+        for item in keys.iter().filter_map(|key| items.get(key)) {
+            each(&Image::of(item));
+        }
+        Ok(())
     }
     async fn index_settings(&self, _: &IndexRef) -> Result<Option<Item>, PortError> {
         Ok(None)

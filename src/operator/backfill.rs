@@ -13,7 +13,7 @@ use super::{NonEmpty, OperatorError};
 use crate::domain::{IndexRef, KvAction};
 use crate::pipeline::exporter::{Exporter, Prepared, Run};
 use crate::pipeline::records::{Change, ChangeRecord};
-use crate::ports::Ports;
+use crate::ports::{PortError, Ports};
 use crate::report::{BatchReport, Outcome, RecordReport};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -262,6 +262,12 @@ impl Runs {
     }
 }
 
+fn backfill_failed(error: PortError) -> OperatorError {
+    OperatorError::BackfillFailed {
+        reason: error.to_string(),
+    }
+}
+
 pub async fn run<P: Ports>(
     exporter: &Exporter<P>,
     request: &BackfillRequest,
@@ -307,9 +313,12 @@ pub async fn run<P: Ports>(
                 deadline,
             )
             .await
-            .map_err(|e| OperatorError::BackfillFailed {
-                reason: e.to_string(),
-            })?;
+            .map_err(backfill_failed)?;
+        if !request.dry_run {
+            let named = page.rejected_references();
+            let added = exporter.add_missing_references(&named, deadline);
+            added.await.map_err(backfill_failed)?;
+        }
         pass.tally.items += page.records.len();
         let last_page = page.next.is_none();
         let (closed, run) = pass.runs.take_closed(page.records, page.keys, last_page);

@@ -79,10 +79,11 @@ impl ChangeRecord {
         Some((index.account.clone(), sk))
     }
 
-    /// The record as its item is now (`None`: the table no longer holds it). The stream says
-    /// which item changed and which shop its index had; what is exported comes from the table,
-    /// so a record read late (a replay, an old payload sent by hand) never writes old values.
-    pub fn as_now(self, item: Option<&Item>) -> ChangeRecord {
+    /// The record as its item is now (`now`: the item as the table holds it, decoded by
+    /// [`decode_now`]; `None`: the table no longer holds it). The stream says which item changed
+    /// and which shop its index had; what is exported comes from the table, so a record read
+    /// late (a replay, an old payload sent by hand) never writes old values.
+    pub fn as_now(self, now: Option<&Result<Change, Outcome>>) -> ChangeRecord {
         let Ok(change) = &self.decoded else {
             return self;
         };
@@ -93,10 +94,14 @@ impl ChangeRecord {
             | Change::RemoveIndex { previous_shop, .. } => previous_shop.clone(),
             _ => PreviousShop::Known(None),
         };
-        let decoded = match (item, query) {
-            (Some(item), query) => {
-                decode_upsert(index, query, &Image::of(item), previous_shop, false)
-            }
+        let decoded = match (now, query) {
+            (Some(Ok(Change::UpsertIndex { settings, .. })), _) => Ok(Change::UpsertIndex {
+                settings: settings.clone(),
+                previous_shop,
+                with_overrides: false,
+            }),
+            // An override's config, or why the item is rejected.
+            (Some(now), _) => now.clone(),
             (None, None) => Ok(Change::RemoveIndex {
                 index,
                 previous_shop,
@@ -307,7 +312,30 @@ pub fn decode_item(
     default_configs_sk: &str,
     include_query_configs: bool,
 ) -> ChangeRecord {
-    let image = Image::of(&item);
+    decode_table_image(&Image::of(&item), default_configs_sk, include_query_configs)
+}
+
+/// A table item a stream record is about, read for [`ChangeRecord::as_now`]: its key and what
+/// it holds (`None` without string keys).
+pub fn decode_now(
+    image: &Image,
+    default_configs_sk: &str,
+) -> Option<((String, String), Result<Change, Outcome>)> {
+    let key = (
+        image.string("pk")?.to_owned(),
+        image.string("sk")?.to_owned(),
+    );
+    Some((
+        key,
+        decode_table_image(image, default_configs_sk, true).decoded,
+    ))
+}
+
+fn decode_table_image(
+    image: &Image,
+    default_configs_sk: &str,
+    include_query_configs: bool,
+) -> ChangeRecord {
     let text = |name: &str| image.string(name).map(str::to_owned);
     let record = |index: Option<IndexRef>, decoded| ChangeRecord {
         sequence_number: None,
@@ -335,7 +363,7 @@ pub fn decode_item(
     let decoded = decode_upsert(
         index.clone(),
         query,
-        &image,
+        image,
         PreviousShop::NotAsked,
         include_query_configs,
     );

@@ -397,3 +397,51 @@ async fn an_alias_whose_record_was_lost_protects_its_target_after_the_next_recon
         "an alias reads it: kept"
     );
 }
+
+/// An alias exported before the ledger existed, its record invalid since (rejected, so its KV
+/// value still routes through the alias): the migration's backfill records what its raw item
+/// names, so a later REMOVE of the target keeps the keys the edge reads through it (before, the
+/// backfill recorded only the indexes it exported, and the target's keys were deleted).
+#[tokio::test]
+async fn an_alias_rejected_since_its_export_protects_its_target_after_the_migration() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.keys.set_key("acct-2", "k2");
+    h.put(index_item("acct-1", "products", None)).await;
+    h.put(aliasing("acct-2", "storefront", "acct-1-products"))
+        .await;
+    h.export_stream().await;
+    forget_the_ledger(&h).await;
+    let mut invalid = aliasing("acct-2", "storefront", "acct-1-products");
+    invalid["index_endpoint"] = json!({"S": "http://not-https.example"});
+    h.put(invalid).await;
+    let rejected = h.export_stream().await;
+    assert_eq!(failures(&rejected), Vec::<String>::new());
+    assert!(h.settings("acct-2-storefront").is_some(), "left as it was");
+
+    let migrated = h.invoke(json!({"mode": "backfill"})).await;
+    assert_eq!(migrated["complete"], true, "{migrated}");
+    h.delete("acct-1", "INDEX#products").await;
+    let removed = h.export_stream().await;
+
+    assert_eq!(failures(&removed), Vec::<String>::new(), "{removed}");
+    assert_eq!(scans(&h), 0, "the ledger was asked");
+    assert!(
+        h.settings("acct-1-products").is_some(),
+        "the rejected alias's KV value reads it: kept"
+    );
+}
+
+/// Every item of the ledger deleted: the function as it was before the ledger existed.
+async fn forget_the_ledger(h: &Harness) {
+    let items = h.ddb.scan().table_name(&h.ledger).send().await.unwrap();
+    for item in items.items.unwrap_or_default() {
+        let key = [("pk", &item["pk"]), ("sk", &item["sk"])];
+        let key = key.map(|(name, value)| (name.to_owned(), value.clone()));
+        (h.ddb.delete_item().table_name(&h.ledger))
+            .set_key(Some(key.into_iter().collect()))
+            .send()
+            .await
+            .unwrap();
+    }
+}

@@ -24,3 +24,4 @@ mod reconcile;
 mod scheduled_reconcile;
 mod secrets;
 mod stream_export;
+mod table_items;

@@ -8,10 +8,10 @@ use futures::StreamExt as _;
 use crate::ports::PortError;
 
 /// DynamoDB's limit per BatchGetItem call, and tries for the keys a call leaves unprocessed.
-const GET_BATCH: usize = 100;
+pub(super) const GET_BATCH: usize = 100;
 pub(crate) const UNPROCESSED_TRIES: u32 = 5;
 /// BatchGetItems in flight at once.
-const CONCURRENT_GETS: usize = 8;
+pub(super) const CONCURRENT_GETS: usize = 8;
 
 /// One consistent BatchGetItem of at most 100 keys of `table` (its name, and how errors name
 /// it), its unprocessed keys tried again: the settings table's and the ledger's.

@@ -5,7 +5,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use futures::StreamExt as _;
-use serde_dynamo::Item;
 use tokio::time::Instant;
 
 use super::{references, ApiKeys, Exporter, Overrides, Run, CONCURRENT_KV_REQUESTS};
@@ -14,7 +13,7 @@ use crate::domain::qfilter::{filter_key, QueryFilter};
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::dynamo;
 use crate::pipeline::plan::{self, Lookups, PlannedOp};
-use crate::pipeline::records::{Change, ChangeRecord};
+use crate::pipeline::records::{self, Change, ChangeRecord};
 use crate::ports::{before_deadline, AccountCell, KvStore, LookupCounts, Ports};
 use crate::ports::{IndexRefs, Ledger, PortError, SettingsTable};
 
@@ -95,8 +94,13 @@ impl<P: Ports> Exporter<P> {
             let keys: BTreeSet<(String, String)> =
                 records.iter().filter_map(ChangeRecord::item_key).collect();
             let keys: Vec<_> = keys.into_iter().collect();
-            let items = before_deadline(deadline, "the records' items", self.table.items(&keys));
-            Ok(Some(items.await?))
+            let mut now = HashMap::with_capacity(keys.len());
+            let sk = &self.options.default_configs_sk;
+            let read = self.table.items(&keys, |image| {
+                now.extend(records::decode_now(image, sk));
+            });
+            before_deadline(deadline, "the records' items", read).await?;
+            Ok(Some(now))
         };
         let known = async {
             if !run.records_references {
@@ -112,23 +116,16 @@ impl<P: Ports> Exporter<P> {
                 .await
                 .map(Some)
         };
-        let (items, known) = match tokio::join!(now, known) {
-            (Ok(items), Ok(known)) => (items, known),
+        let (now, known) = match tokio::join!(now, known) {
+            (Ok(now), Ok(known)) => (now, known),
             (Err(error), _) | (_, Err(error)) => return Err((records, error)),
         };
-        let Some(items) = items else {
+        let Some(now) = now else {
             return Ok((records, known));
         };
-        let items: HashMap<(String, String), Item> = (items.into_iter())
-            .filter_map(|item| {
-                let key = dynamo::string_attribute(&item, "pk")?.to_owned();
-                let sk = dynamo::string_attribute(&item, "sk")?.to_owned();
-                Some(((key, sk), item))
-            })
-            .collect();
         let records = (records.into_iter())
             .map(|record| {
-                let item = record.item_key().and_then(|key| items.get(&key));
+                let item = record.item_key().and_then(|key| now.get(&key));
                 record.as_now(item)
             })
             .collect();

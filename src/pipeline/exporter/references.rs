@@ -9,7 +9,8 @@ use futures::StreamExt as _;
 use tokio::time::Instant;
 
 use super::Exporter;
-use crate::domain::kv::check_key;
+use crate::domain::kv::{check_key, KvKey};
+use crate::domain::validate::shop_id_problem;
 use crate::domain::{IndexRef, IndexSettings, SettingsReference};
 use crate::pipeline::plan::{self, Lookups};
 use crate::pipeline::records::{Change, ChangeRecord};
@@ -32,6 +33,21 @@ fn refs_of(settings: &IndexSettings) -> IndexRefs {
         targets: targets.collect(),
         removed: false,
     }
+}
+
+/// What a settings item's raw reference names that a ledger item can stand for: its shop when
+/// it is a shop key, its targets that are KV keys; nothing when its index's own key is not one
+/// (no key of it was ever written, and its items could be over DynamoDB's key limits).
+fn named_by(reference: &SettingsReference) -> impl Iterator<Item = Referred> + '_ {
+    let index_key = KvKey::index(&reference.index).key;
+    let valid = check_key(&index_key).is_ok();
+    let shop = (reference.shop_id.iter())
+        .filter(move |shop| valid && shop_id_problem(shop).is_none())
+        .map(|shop| Referred::Shop(shop.clone()));
+    let targets = (reference.live_targets.iter())
+        .filter(move |target| valid && check_key(&target.0).is_ok())
+        .map(|target| Referred::Alias(target.0.clone()));
+    shop.chain(targets)
 }
 
 fn removed() -> IndexRefs {
@@ -171,18 +187,20 @@ impl<P: Ports> Exporter<P> {
         Ok(added)
     }
 
-    /// The ledger's own repair (a reconcile's table step): the items pointing back for every
-    /// reference the table's records name that the ledger lacks (a stream record lost, a
-    /// write that failed) are added. Nothing is deleted or replaced: the table was read before
-    /// the stream's newer word may have landed, and an extra item costs a candidate read,
-    /// never a wrong answer. Answers how many were added.
+    /// The ledger's own repair (a reconcile's table step, a backfill's rejected items): the
+    /// items pointing back for what each settings item names (`references`, read from the raw
+    /// items, fail closed: a record rejected as invalid still names what its KV value, written
+    /// when it was valid, may route to) that the ledger lacks (a stream record lost, a write
+    /// that failed, an index exported before the ledger) are added. Nothing is deleted or
+    /// replaced: the table was read before the stream's newer word may have landed, and an
+    /// extra item costs a candidate read, never a wrong answer. Answers how many were added.
     pub async fn add_missing_references(
         &self,
-        records: &[ChangeRecord],
+        references: &[SettingsReference],
         deadline: Instant,
     ) -> Result<usize, PortError> {
-        let named: BTreeSet<(IndexRef, Referred)> = (left_by(records).into_iter().flatten())
-            .flat_map(|(index, refs)| refs.referred().into_iter().map(move |r| (index.clone(), r)))
+        let named: BTreeSet<(IndexRef, Referred)> = (references.iter())
+            .flat_map(|r| named_by(r).map(move |referred| (r.index.clone(), referred)))
             .collect();
         if named.is_empty() {
             return Ok(0);

@@ -40,6 +40,13 @@ impl<P: Ports> Pass<'_, P> {
                 .table_page(self.account, scan_at, size, true, self.deadline);
             let page = page.await.map_err(failed)?;
             self.requests.table_pages += 1;
+            let added = self
+                .exporter
+                .add_missing_references(&page.references, self.deadline);
+            let added = added.await.map_err(failed)?;
+            if added > 0 {
+                tracing::warn!(added, "the ledger lacked references the table names: added");
+            }
             for (record, key) in page.records.into_iter().zip(page.keys) {
                 pieces.add(record, key);
             }
@@ -91,11 +98,6 @@ impl<P: Ports> Pass<'_, P> {
         }
         let (exporter, deadline) = (self.exporter, self.deadline);
         let mut prepared = exporter.prepare(records, run, deadline).await;
-        let added = exporter.add_missing_references(&prepared.records, deadline);
-        let added = added.await.map_err(failed)?;
-        if added > 0 {
-            tracing::warn!(added, "the ledger lacked references the table names: added");
-        }
         // One cell's outage never stops the fleet's pass: checked next pass.
         prepared.leave_failed_unchecked();
         let mut kept = Vec::new();

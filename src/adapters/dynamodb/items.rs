@@ -1,0 +1,331 @@
+//! The stream's items read without the SDK: consistent BatchGetItems signed with SigV4 as the
+//! SDK signs them (`aws-sigv4`), each answer read by the stream's own reader (`dynamo::reader`,
+//! serde when it gives up), so reading a batch's items costs about what reading its records
+//! does. Through the SDK each item became a `HashMap` of `AttributeValue`s and then a copy of
+//! it: about 45 ms of CPU per 1,000 items (docs/performance.md). The SDK's configuration still
+//! decides the region, the credentials and the endpoint; `tests/integration/table_items.rs`
+//! holds this path equal to the SDK's.
+
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
+use aws_credential_types::Credentials;
+use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
+use aws_sigv4::sign::v4;
+use futures::StreamExt as _;
+use serde::Deserialize;
+
+use super::batch::{CONCURRENT_GETS, GET_BATCH, UNPROCESSED_TRIES};
+use crate::dynamo::{Image, Reader};
+use crate::ports::PortError;
+
+/// Attempts of one request that failed on the way or was throttled (the SDK's standard three).
+const ATTEMPTS: u32 = 3;
+/// Credentials are fetched again this long before they expire.
+const CREDENTIALS_MARGIN: Duration = Duration::from_secs(300);
+
+pub struct ItemReader {
+    http: reqwest::Client,
+    endpoint: String,
+    region: String,
+    credentials: Option<SharedCredentialsProvider>,
+    cached: Mutex<Option<Credentials>>,
+}
+
+/// A BatchGetItem's answer: the items found and the keys left for another call.
+#[derive(Deserialize)]
+struct Answer<'a> {
+    #[serde(borrow, rename = "Responses", default)]
+    responses: std::collections::HashMap<String, Vec<Image<'a>>>,
+    #[serde(borrow, rename = "UnprocessedKeys", default)]
+    unprocessed: std::collections::HashMap<String, Unprocessed<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Unprocessed<'a> {
+    #[serde(borrow, rename = "Keys", default)]
+    keys: Vec<Image<'a>>,
+}
+
+impl ItemReader {
+    /// Where and as whom the SDK configured by `aws` would call DynamoDB (`AWS_REGION`, its
+    /// credentials chain, `AWS_ENDPOINT_URL_DYNAMODB` or `AWS_ENDPOINT_URL`).
+    pub fn new(aws: &aws_config::SdkConfig) -> Self {
+        let region = aws
+            .region()
+            .map_or("us-east-1".to_owned(), |r| r.to_string());
+        let endpoint = (std::env::var("AWS_ENDPOINT_URL_DYNAMODB").ok())
+            .or_else(|| aws.endpoint_url().map(str::to_owned))
+            .unwrap_or_else(|| format!("https://dynamodb.{region}.amazonaws.com"));
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(10))
+            .user_agent(user_agent(aws))
+            .build()
+            .expect("a TLS client");
+        ItemReader {
+            http,
+            endpoint,
+            region,
+            credentials: aws.credentials_provider(),
+            cached: Mutex::new(None),
+        }
+    }
+
+    /// The items of `keys` in `table` that exist, each handed to `each` as read: 100 keys a
+    /// request, several at once, the keys an answer leaves unprocessed asked again.
+    pub async fn get_all(
+        &self,
+        table: &str,
+        mut keys: Vec<(String, String)>,
+        each: &mut (impl FnMut(&Image<'_>) + Send),
+    ) -> Result<(), PortError> {
+        for attempt in 0..UNPROCESSED_TRIES {
+            if keys.is_empty() {
+                return Ok(());
+            }
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+            }
+            let requests: Vec<String> = keys.chunks(GET_BATCH).map(|c| request(table, c)).collect();
+            let mut answers = futures::stream::iter(requests)
+                .map(|body| self.post(table, body))
+                .buffer_unordered(CONCURRENT_GETS);
+            keys = Vec::new();
+            while let Some(answer) = answers.next().await {
+                let left = read_answer(&answer?, table, each).ok_or_else(|| {
+                    PortError::Transient(format!(
+                        "BatchGetItem of table {table}: an answer not understood"
+                    ))
+                })?;
+                keys.extend(left);
+            }
+        }
+        match keys.is_empty() {
+            true => Ok(()),
+            false => Err(PortError::Transient(format!(
+                "BatchGetItem of table {table}: {} items left unread",
+                keys.len()
+            ))),
+        }
+    }
+
+    /// One signed BatchGetItem, tried again when it failed on the way, DynamoDB failed or
+    /// throttled it: its answer's text.
+    async fn post(&self, table: &str, body: String) -> Result<String, PortError> {
+        let failed =
+            |what: String| PortError::Transient(format!("BatchGetItem of table {table}: {what}"));
+        let mut last = String::new();
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                let jitter = fastrand::u64(0..50);
+                tokio::time::sleep(Duration::from_millis((50 << attempt) + jitter)).await;
+            }
+            let request = self.signed(body.clone()).await.map_err(failed)?;
+            let answer = match self.http.execute(request).await {
+                Ok(answer) => answer,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            let status = answer.status();
+            let text = answer.text().await.unwrap_or_default();
+            if status.is_success() {
+                return Ok(text);
+            }
+            last = format!("HTTP {status}: {}", crate::domain::validate::cut(&text));
+            if !(status.is_server_error()
+                || text.contains("Throttl")
+                || text.contains("LimitExceeded"))
+            {
+                return Err(failed(last));
+            }
+        }
+        Err(failed(last))
+    }
+
+    /// The request, signed with SigV4 for `dynamodb` in the configured region.
+    async fn signed(&self, body: String) -> Result<reqwest::Request, String> {
+        let credentials = self.credentials().await?;
+        let identity = credentials.into();
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(&self.region)
+            .name("dynamodb")
+            .time(SystemTime::now())
+            .settings(SigningSettings::default())
+            .build()
+            .map_err(|e| format!("signing: {e}"))?
+            .into();
+        let mut request = http::Request::post(&self.endpoint)
+            .header("content-type", "application/x-amz-json-1.0")
+            .header("x-amz-target", "DynamoDB_20120810.BatchGetItem")
+            .body(body)
+            .map_err(|e| e.to_string())?;
+        let headers = request.headers().iter();
+        let headers = headers.map(|(name, value)| (name.as_str(), value.to_str().unwrap_or("")));
+        let signable = SignableRequest::new(
+            "POST",
+            &self.endpoint,
+            headers,
+            SignableBody::Bytes(request.body().as_bytes()),
+        )
+        .and_then(|signable| sign(signable, &params))
+        .map_err(|e| format!("signing: {e}"))?;
+        let (instructions, _) = signable.into_parts();
+        instructions.apply_to_request_http1x(&mut request);
+        reqwest::Request::try_from(request).map_err(|e| e.to_string())
+    }
+
+    /// The configured credentials, fetched again shortly before they expire.
+    async fn credentials(&self) -> Result<Credentials, String> {
+        let fresh = |c: &Credentials| {
+            c.expiry()
+                .is_none_or(|at| at > SystemTime::now() + CREDENTIALS_MARGIN)
+        };
+        if let Some(cached) = self.cached.lock().expect("not poisoned").clone() {
+            if fresh(&cached) {
+                return Ok(cached);
+            }
+        }
+        let provider = (self.credentials.as_ref()).ok_or("no AWS credentials configured")?;
+        let credentials =
+            (provider.provide_credentials().await).map_err(|e| format!("AWS credentials: {e}"))?;
+        *self.cached.lock().expect("not poisoned") = Some(credentials.clone());
+        Ok(credentials)
+    }
+}
+
+/// The SDK's application name in the user agent, as the SDK's own calls carry it (the test
+/// suite tells the function's calls by it).
+fn user_agent(aws: &aws_config::SdkConfig) -> String {
+    let app = aws
+        .app_name()
+        .map(|app| format!(" app/{app}"))
+        .unwrap_or_default();
+    format!("ecom-settings-exporter{app}")
+}
+
+/// The request's JSON: the keys, read consistently.
+fn request(table: &str, keys: &[(String, String)]) -> String {
+    let keys: Vec<serde_json::Value> = (keys.iter())
+        .map(|(pk, sk)| serde_json::json!({"pk": {"S": pk}, "sk": {"S": sk}}))
+        .collect();
+    let items = serde_json::json!({ table: {"Keys": keys, "ConsistentRead": true} });
+    serde_json::json!({ "RequestItems": items }).to_string()
+}
+
+/// Hands each item of an answer to `each` and answers the keys left unprocessed; `None` when
+/// the answer is not a BatchGetItem's. Read by hand, through serde when the reader gives up.
+fn read_answer(
+    text: &str,
+    table: &str,
+    each: &mut impl FnMut(&Image<'_>),
+) -> Option<Vec<(String, String)>> {
+    let answer = read_by_hand(text).or_else(|| serde_json::from_str::<Answer>(text).ok())?;
+    for (_, items) in answer.responses.iter().filter(|(name, _)| *name == table) {
+        items.iter().for_each(&mut *each);
+    }
+    let left = answer
+        .unprocessed
+        .get(table)
+        .map_or(&[][..], |u| &u.keys[..]);
+    let key = |image: &Image| {
+        Some((
+            image.string("pk")?.to_owned(),
+            image.string("sk")?.to_owned(),
+        ))
+    };
+    left.iter().map(key).collect()
+}
+
+/// The answer as the stream's reader reads it: `Responses` and `UnprocessedKeys`, anything else
+/// skipped.
+fn read_by_hand(text: &str) -> Option<Answer<'_>> {
+    let mut reader = Reader::new(text);
+    let mut answer = Answer {
+        responses: Default::default(),
+        unprocessed: Default::default(),
+    };
+    reader.object(|r, name| match &*name {
+        "Responses" => r.object(|r, table| {
+            let mut items = Vec::new();
+            r.array(|r| {
+                items.push(r.image()?);
+                Some(())
+            })?;
+            answer.responses.insert(table.into_owned(), items);
+            Some(())
+        }),
+        "UnprocessedKeys" => r.object(|r, table| {
+            let mut keys = Vec::new();
+            r.object(|r, name| match &*name {
+                "Keys" => r.array(|r| {
+                    keys.push(r.image()?);
+                    Some(())
+                }),
+                _ => r.skip(),
+            })?;
+            answer
+                .unprocessed
+                .insert(table.into_owned(), Unprocessed { keys });
+            Some(())
+        }),
+        _ => r.skip(),
+    })?;
+    reader.end()?;
+    Some(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ANSWER: &str = r#"{"Responses": {"other": [{"pk": {"S": "x"}, "sk": {"S": "y"}}],
+        "settings": [{"pk": {"S": "a"}, "sk": {"S": "INDEX#i"}, "n": {"N": "1E+2"},
+                      "m": {"M": {"s": {"S": "\"é\u00e9\n"}, "b": {"B": "AA=="}}}},
+                     {"pk": {"S": "a"}, "sk": {"S": "INDEX#j"}, "l": {"L": [{"NULL": true}]}}]},
+        "UnprocessedKeys": {"settings": {"Keys": [{"pk": {"S": "a"}, "sk": {"S": "INDEX#k"}}],
+                                         "ConsistentRead": true}},
+        "ConsumedCapacity": []}"#;
+
+    #[test]
+    fn an_answer_hands_over_the_table_s_items_and_its_unprocessed_keys() {
+        let mut seen = Vec::new();
+        let left = read_answer(ANSWER, "settings", &mut |image: &Image| {
+            seen.push(image.string("sk").unwrap().to_owned());
+        });
+        assert_eq!(seen, ["INDEX#i", "INDEX#j"]);
+        assert_eq!(left, Some(vec![("a".into(), "INDEX#k".into())]));
+        assert_eq!(read_answer("<html>", "settings", &mut |_: &Image| ()), None);
+    }
+
+    #[test]
+    fn the_hand_reader_reads_an_answer_as_serde_does() {
+        let by_hand = read_by_hand(ANSWER).expect("read by hand");
+        let by_serde: Answer = serde_json::from_str(ANSWER).unwrap();
+        let shown = |a: &Answer| {
+            let mut tables: Vec<_> = a.responses.iter().map(|t| format!("{t:?}")).collect();
+            tables.sort();
+            let left: Vec<_> = a
+                .unprocessed
+                .iter()
+                .map(|(t, u)| format!("{t} {:?}", u.keys))
+                .collect();
+            (tables, left)
+        };
+        assert_eq!(shown(&by_hand), shown(&by_serde));
+    }
+
+    #[test]
+    fn a_request_asks_for_each_key_consistently() {
+        let keys = [("a\"".to_owned(), "INDEX#é".to_owned())];
+        let request: serde_json::Value = serde_json::from_str(&request("t", &keys)).unwrap();
+        let expected = serde_json::json!({"RequestItems": {"t": {"ConsistentRead": true,
+            "Keys": [{"pk": {"S": "a\""}, "sk": {"S": "INDEX#é"}}]}}});
+        assert_eq!(request, expected);
+    }
+}
