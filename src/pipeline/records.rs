@@ -12,6 +12,10 @@ use crate::dynamo::stream::{self, BadRecord, StreamChange, StreamRecord};
 use crate::dynamo::{self, Image, OldImage, SortKey};
 use crate::report::Outcome;
 
+/// DynamoDB's limit on a sort key. A partition key (the account) is bounded by the index's own
+/// KV key (512 bytes), far below its 2,048.
+const MAX_SORT_KEY_BYTES: usize = 1024;
+
 /// The shop id an index had before this change, when the stream tells us.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PreviousShop {
@@ -248,6 +252,15 @@ fn decode_change(
     // touches nothing, no ledger item included (its keys there could be over DynamoDB's limits).
     if let Err(why) = check_key(&KvKey::index(&index).key) {
         let reason = format!("the index id is not a KV key Cloudflare accepts ({why})");
+        return (None, reject(reason));
+    }
+    // Nor an item no table could hold (only a forged record names one): the batch's read of its
+    // records' items would be refused whole.
+    if sk.len() > MAX_SORT_KEY_BYTES {
+        let reason = format!(
+            "sort key {} is over DynamoDB's 1,024 bytes: no table item has it",
+            shown(sk)
+        );
         return (None, reject(reason));
     }
     let event_name = record.event_name.as_ref().map_or("", |name| &name.0);

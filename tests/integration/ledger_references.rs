@@ -445,3 +445,42 @@ async fn forget_the_ledger(h: &Harness) {
             .unwrap();
     }
 }
+
+/// A record naming an override whose sort key no table item could have (over DynamoDB's 1,024
+/// bytes: only a forged record can) is rejected as it is read: the batch's read of its records'
+/// items never names it, so the other records are exported and the shard never stalls (the
+/// DynamoDB proxy refuses oversized keys, as DynamoDB does).
+#[tokio::test]
+async fn a_record_whose_item_no_table_could_hold_is_rejected_alone() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    let ProxiedFunction {
+        dynamodb,
+        runtime,
+        function,
+    } = behind_a_dynamodb_proxy(&h).await;
+    h.put(index_item("acct-1", "plain", None)).await;
+    let mut records = h.stream_records().await;
+    let mut hostile = records[0].clone();
+    let sk = json!({"S": format!("INDEX#plain#QUERY#{}", "q".repeat(1_100))});
+    hostile["dynamodb"]["Keys"]["sk"] = sk.clone();
+    hostile["dynamodb"]["NewImage"]["sk"] = sk;
+    hostile["dynamodb"]["NewImage"]["query_config"] = json!({"M": {}});
+    hostile["dynamodb"]["SequenceNumber"] = json!("99999999999999999999");
+    records.push(hostile);
+
+    let answer = runtime
+        .invoke(
+            json!({"Records": records}),
+            std::time::Duration::from_secs(30),
+        )
+        .await;
+
+    let answer = answer.expect("an answer");
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+    assert!(h.settings("acct-1-plain").is_some());
+    let log = function.wait_for("record rejected").await;
+    assert!(log.contains("1,024 bytes"), "{log}");
+    let refused = (dynamodb.calls().into_iter()).filter(|c| c.status == 400);
+    assert_eq!(refused.count(), 0, "no call named the hostile item");
+}
