@@ -233,7 +233,7 @@ pub trait SettingsTable: Send + Sync {
     /// about, as the table holds it now.
     fn items(
         &self,
-        keys: &[(String, String)],
+        keys: Vec<(String, String)>,
         each: impl FnMut(&Image<'_>) + Send,
     ) -> impl Future<Output = Result<(), PortError>> + Send;
 

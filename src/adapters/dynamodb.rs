@@ -213,13 +213,10 @@ impl SettingsTable for DynamoSettingsTable {
 
     async fn items(
         &self,
-        keys: &[(String, String)],
+        keys: Vec<(String, String)>,
         mut each: impl FnMut(&Image<'_>) + Send,
     ) -> Result<(), PortError> {
-        let items = self
-            .items
-            .get_all(&self.table_name, keys.to_vec(), &mut each);
-        items.await
+        self.items.get_all(&self.table_name, keys, &mut each).await
     }
 
     async fn index_settings(&self, index: &IndexRef) -> Result<Option<Item>, PortError> {

@@ -110,7 +110,7 @@ impl SettingsTable for CountingTable {
     }
     async fn items(
         &self,
-        keys: &[(String, String)],
+        keys: Vec<(String, String)>,
         mut each: impl FnMut(&Image<'_>) + Send,
     ) -> Result<(), PortError> {
         let items = self.items.lock().unwrap().clone();

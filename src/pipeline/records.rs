@@ -70,9 +70,7 @@ impl ChangeRecord {
             _ => None,
         }
     }
-}
 
-impl ChangeRecord {
     /// The item (`pk`, `sk`) a decoded record is about.
     pub fn item_key(&self) -> Option<(String, String)> {
         let (index, query) = self.decoded.as_ref().ok()?.subject();

@@ -87,16 +87,20 @@ impl<P: Ports> Exporter<P> {
         run: Run,
         deadline: Instant,
     ) -> Result<(Vec<ChangeRecord>, Option<Known>), (Vec<ChangeRecord>, PortError)> {
+        // Each record's item, once: asked for, then looked up.
+        let item_keys: Vec<Option<(String, String)>> = match run.is_stream() {
+            true => records.iter().map(ChangeRecord::item_key).collect(),
+            false => Vec::new(),
+        };
         let now = async {
             if !run.is_stream() {
                 return Ok(None);
             }
-            let keys: BTreeSet<(String, String)> =
-                records.iter().filter_map(ChangeRecord::item_key).collect();
-            let keys: Vec<_> = keys.into_iter().collect();
+            let keys: BTreeSet<&(String, String)> = item_keys.iter().flatten().collect();
+            let keys: Vec<(String, String)> = keys.into_iter().cloned().collect();
             let mut now = HashMap::with_capacity(keys.len());
             let sk = &self.options.default_configs_sk;
-            let read = self.table.items(&keys, |image| {
+            let read = self.table.items(keys, |image| {
                 now.extend(records::decode_now(image, sk));
             });
             before_deadline(deadline, "the records' items", read).await?;
@@ -123,11 +127,8 @@ impl<P: Ports> Exporter<P> {
         let Some(now) = now else {
             return Ok((records, known));
         };
-        let records = (records.into_iter())
-            .map(|record| {
-                let item = record.item_key().and_then(|key| now.get(&key));
-                record.as_now(item)
-            })
+        let records = (records.into_iter().zip(item_keys))
+            .map(|(record, key)| record.as_now(key.and_then(|key| now.get(&key))))
             .collect();
         Ok((records, known))
     }
