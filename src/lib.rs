@@ -99,10 +99,7 @@ pub async fn build_exporter(config: &Config, retry: RetryPolicy) -> LambdaExport
             &config.settings_table_name,
             &config.default_configs_sk,
         ),
-        DynamoLedger::new(
-            aws_sdk_dynamodb::Client::new(&aws),
-            config.ledger_table_name.clone(),
-        ),
+        DynamoLedger::new(&aws, config.ledger_table_name.clone()),
         ExportOptions {
             reconcile_every: config.reconcile_every,
             default_cell: config.default_cell.clone(),

@@ -14,8 +14,8 @@ use crate::ports::{Page, PortError, SettingsTable, TableCounters};
 
 pub struct DynamoSettingsTable {
     client: aws_sdk_dynamodb::Client,
-    /// The stream's items, read without the SDK (`items.rs`).
-    items: ItemReader,
+    /// The stream's items, read without the SDK (`raw.rs`).
+    items: RawDynamo,
     table_name: String,
     default_configs_sk: String,
     override_queries: AtomicUsize,
@@ -30,7 +30,7 @@ impl DynamoSettingsTable {
     ) -> Self {
         Self {
             client: aws_sdk_dynamodb::Client::new(aws),
-            items: ItemReader::new(aws),
+            items: RawDynamo::new(aws),
             table_name: table_name.into(),
             default_configs_sk: default_configs_sk.into(),
             override_queries: AtomicUsize::new(0),
@@ -50,10 +50,10 @@ impl DynamoSettingsTable {
 }
 
 mod batch;
-mod items;
+mod raw;
 
-pub(crate) use batch::{get_all, UNPROCESSED_TRIES};
-use items::ItemReader;
+use batch::get_all;
+pub(crate) use raw::{Answered, RawDynamo};
 
 fn item_key(pk: &str, sk: &str) -> HashMap<String, AttributeValue> {
     HashMap::from([

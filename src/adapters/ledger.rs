@@ -1,22 +1,20 @@
 //! The export ledger, the function's own DynamoDB table (`LEDGER_TABLE_NAME`; `pk`, `sk`
-//! strings). It holds each index's references ([`refs`]), and where a scheduled reconcile stands (`pk = "reconcile"`, `sk = "progress"`); progress writes
-//! are conditional on the version read, so two invocations never both take a pass.
+//! strings). It holds each index's references ([`refs`]), and where a scheduled reconcile
+//! stands (`pk = "reconcile"`, `sk = "progress"`); progress writes are conditional on the
+//! version read, so two invocations never both take a pass. Every call is on the stream's
+//! path or beside it, so every call goes through DynamoDB's JSON API without the SDK
+//! (`dynamodb/raw.rs`); items are written as DynamoDB's JSON straight from the domain's types.
 
 use std::collections::HashMap;
 
-use aws_sdk_dynamodb::error::SdkError;
-use aws_sdk_dynamodb::operation::put_item::builders::PutItemFluentBuilder;
-use aws_sdk_dynamodb::operation::put_item::PutItemError;
-use aws_sdk_dynamodb::types::AttributeValue;
-
-use aws_sdk_dynamodb::types::{PutRequest, WriteRequest};
-use futures::StreamExt as _;
+use serde::Serialize;
+use serde_json::{json, Value};
 
 use crate::domain::IndexRef;
 use crate::ports::{IndexRefs, Ledger, PortError, ReconcileProgress};
 use crate::ports::{Referred, RefsChange};
 
-use super::dynamodb::UNPROCESSED_TRIES;
+use super::dynamodb::{Answered, RawDynamo};
 
 mod refs;
 
@@ -25,39 +23,108 @@ const PROGRESS_SK: &str = "progress";
 /// A removed index's references matter while a writer that read before the remove may still
 /// be running (one invocation, 15 minutes at most); the table's TTL forgets them two days later.
 const REMOVED_KEPT_SECONDS: u64 = 2 * 24 * 3600;
-/// DynamoDB's limit per BatchWriteItem call.
-const WRITE_BATCH: usize = 25;
-/// Batch calls in flight at once.
-const CONCURRENT_CALLS: usize = 8;
 
 pub struct DynamoLedger {
-    client: aws_sdk_dynamodb::Client,
+    dynamo: RawDynamo,
     table_name: String,
 }
 
 impl DynamoLedger {
-    pub fn new(client: aws_sdk_dynamodb::Client, table_name: String) -> Self {
-        Self { client, table_name }
-    }
-
-    fn error(&self, operation: &str, e: impl std::error::Error) -> PortError {
-        PortError::Transient(format!(
-            "{operation} of the ledger table {}: {}",
-            self.table_name,
-            aws_sdk_dynamodb::error::DisplayErrorContext(e)
-        ))
+    /// The ledger where and as whom the SDK configured by `aws` would call DynamoDB.
+    pub fn new(aws: &aws_config::SdkConfig, table_name: String) -> Self {
+        let dynamo = RawDynamo::new(aws);
+        Self { dynamo, table_name }
     }
 }
 
-fn number(item: &HashMap<String, AttributeValue>, name: &str) -> Option<u64> {
-    item.get(name)?.as_n().ok()?.parse().ok()
+/// An attribute of an item read as DynamoDB's JSON, as a number.
+fn number(item: &Value, name: &str) -> Option<u64> {
+    item.get(name)?.get("N")?.as_str()?.parse().ok()
 }
 
-fn text(item: &HashMap<String, AttributeValue>, name: &str) -> Option<String> {
-    item.get(name)?.as_s().ok().cloned()
+/// An attribute of an item read as DynamoDB's JSON, as a string.
+fn text(item: &Value, name: &str) -> Option<String> {
+    Some(item.get(name)?.get("S")?.as_str()?.to_owned())
 }
 
-fn progress_of(item: &HashMap<String, AttributeValue>) -> ReconcileProgress {
+/// One attribute value as DynamoDB's JSON writes it (`{"S": "..."}`, ...).
+#[derive(Serialize)]
+enum Attribute {
+    S(String),
+    N(String),
+    #[serde(rename = "SS")]
+    Ss(Vec<String>),
+    #[serde(rename = "BOOL")]
+    Bool(bool),
+}
+
+fn n(value: u64) -> Attribute {
+    Attribute::N(value.to_string())
+}
+
+/// An item or a key to write, its attributes in the order given: written straight to JSON
+/// text (a `serde_json::Value` per item cost a batch of 1,000 indexes some 20 MiB).
+#[derive(Default)]
+struct Item(Vec<(&'static str, Attribute)>);
+
+impl Item {
+    fn key(pk: String, sk: &str) -> Self {
+        Item(vec![
+            ("pk", Attribute::S(pk)),
+            ("sk", Attribute::S(sk.to_owned())),
+        ])
+    }
+
+    fn with(mut self, name: &'static str, value: Attribute) -> Self {
+        self.0.push((name, value));
+        self
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Serialize for Item {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(name, value)| (name, value)))
+    }
+}
+
+/// One request of a BatchWriteItem.
+#[derive(Serialize)]
+enum WriteRequest {
+    PutRequest {
+        #[serde(rename = "Item")]
+        item: Item,
+    },
+    DeleteRequest {
+        #[serde(rename = "Key")]
+        key: Item,
+    },
+}
+
+fn put_request(item: Item) -> String {
+    serde_json::to_string(&WriteRequest::PutRequest { item }).expect("an item is JSON")
+}
+
+fn delete_request(key: Item) -> String {
+    serde_json::to_string(&WriteRequest::DeleteRequest { key }).expect("a key is JSON")
+}
+
+/// A PutItem's request, on a condition when one is given.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct PutItem<'a> {
+    table_name: &'a str,
+    item: Item,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    condition_expression: Option<&'a str>,
+    #[serde(skip_serializing_if = "Item::is_empty")]
+    expression_attribute_values: Item,
+}
+
+fn progress_of(item: &Value) -> ReconcileProgress {
     ReconcileProgress {
         version: number(item, "version").unwrap_or_default(),
         token: text(item, "token"),
@@ -69,15 +136,11 @@ fn progress_of(item: &HashMap<String, AttributeValue>) -> ReconcileProgress {
     }
 }
 
-fn item_of(progress: &ReconcileProgress) -> HashMap<String, AttributeValue> {
-    let n = |v: u64| AttributeValue::N(v.to_string());
-    let mut item = HashMap::from([
-        ("pk".to_owned(), AttributeValue::S(PROGRESS_PK.into())),
-        ("sk".to_owned(), AttributeValue::S(PROGRESS_SK.into())),
-        ("version".to_owned(), n(progress.version)),
-        ("pass_drift".to_owned(), n(progress.pass_drift)),
-        ("last_pass_drift".to_owned(), n(progress.last_pass_drift)),
-    ]);
+fn item_of(progress: &ReconcileProgress) -> Item {
+    let mut item = Item::key(PROGRESS_PK.to_owned(), PROGRESS_SK)
+        .with("version", n(progress.version))
+        .with("pass_drift", n(progress.pass_drift))
+        .with("last_pass_drift", n(progress.last_pass_drift));
     let optional = [
         ("pass_started_at", progress.pass_started_at),
         ("last_full_pass_at", progress.last_full_pass_at),
@@ -85,126 +148,77 @@ fn item_of(progress: &ReconcileProgress) -> HashMap<String, AttributeValue> {
     ];
     for (name, value) in optional {
         if let Some(value) = value {
-            item.insert(name.to_owned(), n(value));
+            item = item.with(name, n(value));
         }
     }
     if let Some(token) = &progress.token {
-        item.insert("token".to_owned(), AttributeValue::S(token.clone()));
+        item = item.with("token", Attribute::S(token.clone()));
     }
     item
 }
 
-fn table_key(pk: String, sk: &str) -> HashMap<String, AttributeValue> {
-    HashMap::from([
-        ("pk".to_owned(), AttributeValue::S(pk)),
-        ("sk".to_owned(), AttributeValue::S(sk.to_owned())),
-    ])
-}
-
 /// When the table's TTL may forget an item written now: [`REMOVED_KEPT_SECONDS`] later.
-fn expires_at() -> AttributeValue {
+fn expires_at() -> Attribute {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
-    AttributeValue::N((now + REMOVED_KEPT_SECONDS).to_string())
+    n(now + REMOVED_KEPT_SECONDS)
 }
 
 impl DynamoLedger {
     /// One item, read consistently (`None`: there is none).
-    async fn get_one(
-        &self,
-        pk: &str,
-        sk: &str,
-    ) -> Result<Option<HashMap<String, AttributeValue>>, PortError> {
-        let answer = self
-            .client
-            .get_item()
-            .table_name(&self.table_name)
-            .set_key(Some(table_key(pk.to_owned(), sk)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| self.error("GetItem", e))?;
-        Ok(answer.item)
+    async fn get_one(&self, pk: &str, sk: &str) -> Result<Option<Value>, PortError> {
+        let table = &self.table_name;
+        let key = Item::key(pk.to_owned(), sk);
+        let body = json!({"TableName": table, "Key": key, "ConsistentRead": true});
+        let answer = self.dynamo.post("GetItem", table, body.to_string()).await?;
+        let mut answer: Value = serde_json::from_str(&answer)
+            .map_err(|_| PortError::Transient(format!("GetItem of table {table}: not JSON")))?;
+        Ok(answer.get_mut("Item").map(Value::take))
     }
 
-    /// Sends a conditional put: `Ok(false)` when its condition failed and nothing was written.
-    async fn put_if(&self, put: PutItemFluentBuilder) -> Result<bool, PortError> {
-        match put.send().await {
-            Ok(_) => Ok(true),
-            Err(SdkError::ServiceError(e))
-                if matches!(e.err(), PutItemError::ConditionalCheckFailedException(_)) =>
-            {
+    /// Puts `item`, on `condition` (an expression and its values) when one is given: `Ok(false)`
+    /// when the condition failed and nothing was written.
+    async fn put(&self, item: Item, condition: Option<(&str, Item)>) -> Result<bool, PortError> {
+        let table = &self.table_name;
+        let (condition_expression, expression_attribute_values) = match condition {
+            Some((expression, values)) => (Some(expression), values),
+            None => (None, Item::default()),
+        };
+        let put = PutItem {
+            table_name: table,
+            item,
+            condition_expression,
+            expression_attribute_values,
+        };
+        let body = serde_json::to_string(&put).expect("an item is JSON");
+        match self.dynamo.call("PutItem", table, body).await? {
+            Answered::Ok(_) => Ok(true),
+            Answered::Refused { status: 400, text } if text.contains("ConditionalCheckFailed") => {
                 Ok(false)
             }
-            Err(e) => Err(self.error("PutItem", e)),
+            Answered::Refused { status, text } => Err(PortError::Transient(format!(
+                "PutItem of table {table}: HTTP {status}: {}",
+                crate::domain::validate::cut(&text)
+            ))),
         }
     }
 
-    /// One BatchWriteItem of at most 25 requests, its unprocessed items tried again.
-    async fn write_batch(
-        &self,
-        table: &str,
-        mut requests: Vec<WriteRequest>,
-    ) -> Result<(), PortError> {
-        for attempt in 0..UNPROCESSED_TRIES {
-            if attempt > 0 {
-                tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
-            }
-            let answer = self
-                .client
-                .batch_write_item()
-                .request_items(table, std::mem::take(&mut requests))
-                .send()
-                .await
-                .map_err(|e| self.error("BatchWriteItem", e))?;
-            requests = answer
-                .unprocessed_items
-                .and_then(|mut left| left.remove(table))
-                .unwrap_or_default();
-            if requests.is_empty() {
-                return Ok(());
-            }
-        }
-        Err(PortError::Transient(format!(
-            "BatchWriteItem of the ledger table {table}: {} items left unprocessed",
-            requests.len()
-        )))
-    }
-
-    /// Any number of writes, 25 a call, some calls at once.
-    async fn write_all(&self, requests: Vec<WriteRequest>) -> Result<(), PortError> {
-        let table = &self.table_name;
-        let mut chunks = Vec::new();
-        let mut requests = requests.into_iter().peekable();
-        while requests.peek().is_some() {
-            chunks.push(requests.by_ref().take(WRITE_BATCH).collect::<Vec<_>>());
-        }
-        let answers: Vec<Result<(), PortError>> = futures::stream::iter(chunks)
-            .map(|chunk| self.write_batch(table, chunk))
-            .buffer_unordered(CONCURRENT_CALLS)
-            .collect()
-            .await;
-        answers.into_iter().collect()
-    }
-
-    /// Any number of consistent reads, 100 keys a call, some calls at once.
+    /// Any number of consistent reads, 100 keys a call, some calls at once: each item found
+    /// handed to `each`.
     async fn get_all(
         &self,
-        keys: Vec<HashMap<String, AttributeValue>>,
-    ) -> Result<Vec<HashMap<String, AttributeValue>>, PortError> {
-        let table = &self.table_name;
-        let named = format!("the ledger table {table}");
-        super::dynamodb::get_all(&self.client, (table, &named), keys, None).await
+        keys: Vec<(String, String)>,
+        mut each: impl FnMut(&crate::dynamo::Image<'_>) + Send,
+    ) -> Result<(), PortError> {
+        self.dynamo.get_all(&self.table_name, keys, &mut each).await
     }
-}
 
-fn put_request(item: HashMap<String, AttributeValue>) -> WriteRequest {
-    let put = PutRequest::builder().set_item(Some(item));
-    WriteRequest::builder()
-        .put_request(put.build().expect("an item is set"))
-        .build()
+    /// Any number of puts and deletes, 25 a call, some calls at once.
+    async fn write_all(&self, requests: Vec<String>) -> Result<(), PortError> {
+        self.dynamo.write_all(&self.table_name, requests).await
+    }
 }
 
 impl Ledger for DynamoLedger {
@@ -256,17 +270,10 @@ impl Ledger for DynamoLedger {
         progress: &ReconcileProgress,
         expected: Option<u64>,
     ) -> Result<bool, PortError> {
-        let put = self
-            .client
-            .put_item()
-            .table_name(&self.table_name)
-            .set_item(Some(item_of(progress)));
-        let put = match expected {
-            None => put.condition_expression("attribute_not_exists(pk)"),
-            Some(version) => put
-                .condition_expression("version = :read")
-                .expression_attribute_values(":read", AttributeValue::N(version.to_string())),
+        let condition = match expected {
+            None => ("attribute_not_exists(pk)", Item::default()),
+            Some(version) => ("version = :read", Item::default().with(":read", n(version))),
         };
-        self.put_if(put).await
+        self.put(item_of(progress), Some(condition)).await
     }
 }

@@ -3,7 +3,7 @@
 pub(crate) mod api_keys;
 pub mod cloudflare;
 pub(crate) mod dynamodb;
-pub(crate) mod ledger;
+pub mod ledger;
 #[cfg(test)]
 pub(crate) mod memory;
 pub(crate) mod pacing;

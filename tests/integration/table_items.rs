@@ -1,8 +1,15 @@
-//! The stream reads its records' items without the SDK (`adapters/dynamodb/items.rs`: a signed
-//! BatchGetItem read by the stream's own reader). What it exports must be what the SDK's path
-//! (a re-export's GetItem and Query) exports from the same items, byte for byte.
+//! The calls on the stream's path go without the SDK (`adapters/dynamodb/raw.rs`: signed
+//! requests of DynamoDB's JSON API). What the stream exports must be what the SDK's path (a
+//! re-export's GetItem and Query) exports from the same items, byte for byte; and the ledger's
+//! items must be the SDK's: written as the SDK wrote them before, read as the SDK reads them.
+
+use std::collections::{BTreeSet, HashMap};
 
 use crate::common::*;
+use aws_sdk_dynamodb::types::AttributeValue as Av;
+use ecom_settings_exporter::adapters::ledger::DynamoLedger;
+use ecom_settings_exporter::domain::IndexRef;
+use ecom_settings_exporter::ports::{IndexRefs, Ledger, ReconcileProgress, Referred, RefsChange};
 use serde_json::json;
 
 #[tokio::test]
@@ -53,4 +60,133 @@ async fn the_stream_exports_its_items_as_a_reexport_of_them_does() {
         assert!(streamed.is_some(), "{key}");
         assert_eq!(streamed, reexported, "{key}");
     }
+}
+
+/// A ledger item as the SDK writes and reads it.
+fn sdk_item(attributes: &[(&str, Av)]) -> HashMap<String, Av> {
+    (attributes.iter())
+        .map(|(name, value)| (name.to_string(), value.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
+    let h = Harness::new().await;
+    let ledger = DynamoLedger::new(&aws().await, h.ledger.clone());
+    let s = |text: &str| Av::S(text.to_owned());
+    // An item the SDK wrote (as the ledger did before it went without it) is read.
+    let old = IndexRef::new("acct-é", "old\"one");
+    let old_item = sdk_item(&[
+        ("pk", s("ref#7:acct-é#old\"one")),
+        ("sk", s("ref")),
+        ("account", s("acct-é")),
+        ("index", s("old\"one")),
+        ("shop", s("old.myshopify.com")),
+        (
+            "targets",
+            Av::Ss(vec!["acct-é-a".into(), "acct-é-b".into()]),
+        ),
+    ]);
+    let put = h
+        .ddb
+        .put_item()
+        .table_name(&h.ledger)
+        .set_item(Some(old_item));
+    put.send().await.unwrap();
+    let recorded = ledger.index_refs(std::slice::from_ref(&old)).await.unwrap();
+    let expected = IndexRefs {
+        shop: Some("old.myshopify.com".into()),
+        targets: BTreeSet::from(["acct-é-a".into(), "acct-é-b".into()]),
+        removed: false,
+    };
+    assert_eq!(recorded, HashMap::from([(old.clone(), expected)]));
+
+    // What the ledger writes is what the SDK wrote.
+    let new = IndexRef::new("acct-é", "new");
+    let shop = Referred::Shop("new.myshopify.com".into());
+    ledger
+        .point_back(&[(new.clone(), shop.clone())])
+        .await
+        .unwrap();
+    let removed = IndexRefs {
+        removed: true,
+        ..IndexRefs::default()
+    };
+    let change = |index: &IndexRef, new: IndexRefs| RefsChange {
+        index: index.clone(),
+        pointing: BTreeSet::new(),
+        new,
+    };
+    let changes = [
+        change(&new, removed.clone()),
+        change(&old, IndexRefs::default()),
+    ];
+    ledger.record_refs(&changes).await.unwrap();
+    let get = |pk: &str, sk: &str| {
+        let get = h.ddb.get_item().table_name(&h.ledger).consistent_read(true);
+        get.key("pk", s(pk)).key("sk", s(sk)).send()
+    };
+    let back = get("shop#new.myshopify.com", "7:acct-é#new")
+        .await
+        .unwrap()
+        .item;
+    let named = [("account", s("acct-é")), ("index", s("new"))];
+    let mut expected = sdk_item(&named);
+    expected.extend(sdk_item(&[
+        ("pk", s("shop#new.myshopify.com")),
+        ("sk", s("7:acct-é#new")),
+    ]));
+    assert_eq!(back, Some(expected));
+    let mut gone = get("ref#7:acct-é#new", "ref").await.unwrap().item.unwrap();
+    assert!(
+        matches!(gone.remove("expires_at"), Some(Av::N(_))),
+        "{gone:?}"
+    );
+    let mut expected = sdk_item(&named);
+    expected.extend(sdk_item(&[("pk", s("ref#7:acct-é#new")), ("sk", s("ref"))]));
+    expected.insert("removed".into(), Av::Bool(true));
+    assert_eq!(gone, expected);
+    assert_eq!(ledger.referrers(&shop).await.unwrap(), vec![new.clone()]);
+    let recorded = ledger
+        .index_refs(&[old.clone(), new.clone()])
+        .await
+        .unwrap();
+    let expected = HashMap::from([(old.clone(), IndexRefs::default()), (new.clone(), removed)]);
+    assert_eq!(recorded, expected, "the old item replaced whole");
+    assert!(!ledger.seed_refs(&new, &IndexRefs::default()).await.unwrap());
+
+    // The reconcile's progress, saved on the version read.
+    let progress = ReconcileProgress {
+        version: 1,
+        token: Some("tok\"en".into()),
+        lease_until: Some(1_800_000_000),
+        ..ReconcileProgress::default()
+    };
+    assert!(ledger
+        .save_reconcile_progress(&progress, None)
+        .await
+        .unwrap());
+    assert!(!ledger
+        .save_reconcile_progress(&progress, None)
+        .await
+        .unwrap());
+    let next = ReconcileProgress {
+        version: 2,
+        ..progress.clone()
+    };
+    assert!(!ledger
+        .save_reconcile_progress(&next, Some(0))
+        .await
+        .unwrap());
+    assert!(ledger
+        .save_reconcile_progress(&next, Some(1))
+        .await
+        .unwrap());
+    assert_eq!(ledger.reconcile_progress().await.unwrap(), Some(next));
+    let saved = get("reconcile", "progress").await.unwrap().item.unwrap();
+    assert_eq!(saved.get("token"), Some(&s("tok\"en")));
+    assert_eq!(saved.get("version"), Some(&Av::N("2".into())));
+    assert!(!ledger.references_complete().await.unwrap());
+    ledger.mark_references_complete().await.unwrap();
+    assert!(ledger.references_complete().await.unwrap());
 }

@@ -7,10 +7,12 @@
 
 use std::collections::HashMap;
 
-use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, WriteRequest};
+use serde_json::{json, Value};
 
-use super::{expires_at, number, put_request, table_key, text, DynamoLedger};
+use super::{delete_request, expires_at, number, put_request, text};
+use super::{Attribute, DynamoLedger, Item};
 use crate::domain::IndexRef;
+use crate::dynamo::{Attr, Image};
 use crate::ports::{IndexRefs, PortError, Referred, RefsChange};
 
 const REF_SK: &str = "ref";
@@ -21,8 +23,8 @@ fn index_key(index: &IndexRef) -> String {
     format!("{}:{}#{}", index.account.len(), index.account, index.name)
 }
 
-fn ref_key(index: &IndexRef) -> HashMap<String, AttributeValue> {
-    table_key(format!("ref#{}", index_key(index)), REF_SK)
+fn ref_pk(index: &IndexRef) -> String {
+    format!("ref#{}", index_key(index))
 }
 
 fn referred_pk(referred: &Referred) -> String {
@@ -32,45 +34,47 @@ fn referred_pk(referred: &Referred) -> String {
     }
 }
 
-fn named(
-    mut item: HashMap<String, AttributeValue>,
-    index: &IndexRef,
-) -> HashMap<String, AttributeValue> {
-    item.insert("account".into(), AttributeValue::S(index.account.clone()));
-    item.insert("index".into(), AttributeValue::S(index.name.clone()));
-    item
+/// An item keyed `pk` / `sk` that names `index`.
+fn named(pk: String, sk: &str, index: &IndexRef) -> Item {
+    Item::key(pk, sk)
+        .with("account", Attribute::S(index.account.clone()))
+        .with("index", Attribute::S(index.name.clone()))
 }
 
-fn index_of(item: &HashMap<String, AttributeValue>) -> Option<IndexRef> {
-    Some(IndexRef::new(text(item, "account")?, text(item, "index")?))
+fn index_of(item: &Image) -> Option<IndexRef> {
+    Some(IndexRef::new(
+        item.string("account")?,
+        item.string("index")?,
+    ))
 }
 
-fn ref_item(index: &IndexRef, refs: &IndexRefs) -> HashMap<String, AttributeValue> {
-    let mut item = named(ref_key(index), index);
+fn ref_item(index: &IndexRef, refs: &IndexRefs) -> Item {
+    let mut item = named(ref_pk(index), REF_SK, index);
     if let Some(shop) = &refs.shop {
-        item.insert("shop".into(), AttributeValue::S(shop.clone()));
+        item = item.with("shop", Attribute::S(shop.clone()));
     }
     if !refs.targets.is_empty() {
-        let targets = refs.targets.iter().cloned().collect();
-        item.insert("targets".into(), AttributeValue::Ss(targets));
+        item = item.with(
+            "targets",
+            Attribute::Ss(refs.targets.iter().cloned().collect()),
+        );
     }
     if refs.removed {
-        item.insert("removed".into(), AttributeValue::Bool(true));
         // A removed index's entry only has to outlive writers that read before the remove.
-        item.insert("expires_at".into(), expires_at());
+        item = (item.with("removed", Attribute::Bool(true))).with("expires_at", expires_at());
     }
     item
 }
 
-fn refs_of(item: &HashMap<String, AttributeValue>) -> IndexRefs {
+fn refs_of(item: &Image) -> IndexRefs {
+    let targets = match item.get("targets") {
+        Some(Attr::Ss(targets)) => targets.iter().map(|t| t.to_string()).collect(),
+        _ => Default::default(),
+    };
     IndexRefs {
-        shop: text(item, "shop"),
-        targets: item
-            .get("targets")
-            .and_then(|t| t.as_ss().ok())
-            .map(|t| t.iter().cloned().collect())
-            .unwrap_or_default(),
-        removed: item.get("removed").and_then(|r| r.as_bool().ok()).copied() == Some(true),
+        shop: item.string("shop").map(str::to_owned),
+        targets,
+        removed: matches!(item.get("removed"), Some(Attr::Bool(true))),
     }
 }
 
@@ -81,51 +85,50 @@ impl DynamoLedger {
     }
 
     pub(super) async fn put_references_complete(&self) -> Result<(), PortError> {
-        let mut item = table_key(META_PK.into(), META_SK);
-        item.insert("complete".into(), AttributeValue::N("1".into()));
-        self.client
-            .put_item()
-            .table_name(&self.table_name)
-            .set_item(Some(item))
-            .send()
-            .await
-            .map_err(|e| self.error("PutItem", e))?;
-        Ok(())
+        let item = Item::key(META_PK.to_owned(), META_SK).with("complete", super::n(1));
+        self.put(item, None).await.map(|_| ())
     }
 
     pub(super) async fn get_index_refs(
         &self,
         indexes: &[IndexRef],
     ) -> Result<HashMap<IndexRef, IndexRefs>, PortError> {
-        let keys = indexes.iter().map(ref_key).collect();
-        let items = self.get_all(keys).await?;
-        Ok(items
-            .iter()
-            .filter_map(|item| Some((index_of(item)?, refs_of(item))))
-            .collect())
+        let keys = (indexes.iter())
+            .map(|index| (ref_pk(index), REF_SK.to_owned()))
+            .collect();
+        let mut found = HashMap::with_capacity(indexes.len());
+        self.get_all(keys, |item| {
+            found.extend(index_of(item).map(|index| (index, refs_of(item))));
+        })
+        .await?;
+        Ok(found)
     }
 
     pub(super) async fn query_referrers(
         &self,
         referred: &Referred,
     ) -> Result<Vec<IndexRef>, PortError> {
+        let table = &self.table_name;
+        let not_understood =
+            || PortError::Transient(format!("Query of table {table}: an answer not understood"));
         let mut found = Vec::new();
-        let mut start = None;
+        let mut query = json!({"TableName": table, "KeyConditionExpression": "pk = :pk",
+            "ExpressionAttributeValues": {":pk": {"S": referred_pk(referred)}},
+            "ConsistentRead": true});
         loop {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table_name)
-                .key_condition_expression("pk = :pk")
-                .expression_attribute_values(":pk", AttributeValue::S(referred_pk(referred)))
-                .consistent_read(true)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(|e| self.error("Query", e))?;
-            found.extend(page.items().iter().filter_map(index_of));
-            match page.last_evaluated_key {
-                Some(key) if !key.is_empty() => start = Some(key),
+            let answer = self.dynamo.post("Query", table, query.to_string()).await?;
+            let mut page: Value = serde_json::from_str(&answer).map_err(|_| not_understood())?;
+            let items = page
+                .get("Items")
+                .and_then(Value::as_array)
+                .ok_or_else(not_understood)?;
+            found.extend(items.iter().filter_map(|item| {
+                Some(IndexRef::new(text(item, "account")?, text(item, "index")?))
+            }));
+            match page.get_mut("LastEvaluatedKey").map(Value::take) {
+                Some(key) if key.as_object().is_some_and(|k| !k.is_empty()) => {
+                    query["ExclusiveStartKey"] = key;
+                }
                 _ => return Ok(found),
             }
         }
@@ -148,15 +151,20 @@ impl DynamoLedger {
         let key_of = |(index, r): &(IndexRef, Referred)| (referred_pk(r), index_key(index));
         let asked: HashMap<(String, String), &(IndexRef, Referred)> =
             items.iter().map(|item| (key_of(item), item)).collect();
-        let keys = asked
-            .keys()
-            .map(|(pk, sk)| table_key(pk.clone(), sk))
-            .collect();
-        let found = self.get_all(keys).await?;
-        Ok((found.iter())
-            .filter_map(|item| asked.get(&(text(item, "pk")?, text(item, "sk")?)))
-            .map(|item| (*item).clone())
-            .collect())
+        let mut found = Vec::new();
+        self.get_all(asked.keys().cloned().collect(), |item| {
+            let key = (item.string("pk"), item.string("sk"));
+            let key = key
+                .0
+                .zip(key.1)
+                .map(|(pk, sk)| (pk.to_owned(), sk.to_owned()));
+            found.extend(
+                key.and_then(|key| asked.get(&key))
+                    .map(|item| (*item).clone()),
+            );
+        })
+        .await?;
+        Ok(found)
     }
 
     /// The indexes' own items, then the items pointing back that they no longer name: a
@@ -175,7 +183,7 @@ impl DynamoLedger {
             gone.extend(
                 pointing
                     .difference(&after)
-                    .map(|r| delete_request(r, index)),
+                    .map(|r| delete_request(Item::key(referred_pk(r), &index_key(index)))),
             );
         }
         self.write_all(own).await?;
@@ -188,25 +196,12 @@ impl DynamoLedger {
         index: &IndexRef,
         refs: &IndexRefs,
     ) -> Result<bool, PortError> {
-        let put = self
-            .client
-            .put_item()
-            .table_name(&self.table_name)
-            .set_item(Some(ref_item(index, refs)))
-            .condition_expression("attribute_not_exists(pk)");
-        self.put_if(put).await
+        let condition = ("attribute_not_exists(pk)", Item::default());
+        self.put(ref_item(index, refs), Some(condition)).await
     }
 }
 
 /// The item naming `index` under what it refers to.
-fn back(referred: &Referred, index: &IndexRef) -> HashMap<String, AttributeValue> {
-    named(table_key(referred_pk(referred), &index_key(index)), index)
-}
-
-fn delete_request(referred: &Referred, index: &IndexRef) -> WriteRequest {
-    let key = table_key(referred_pk(referred), &index_key(index));
-    let delete = DeleteRequest::builder().set_key(Some(key));
-    WriteRequest::builder()
-        .delete_request(delete.build().expect("a key is set"))
-        .build()
+fn back(referred: &Referred, index: &IndexRef) -> Item {
+    named(referred_pk(referred), &index_key(index), index)
 }

@@ -23,10 +23,13 @@ const CONCURRENT_QUERIES: usize = 8;
 
 /// The references a settings record leaves: its shop and its live alias targets. A target no
 /// KV key could be (empty, over 512 bytes, unprintable) protects nothing and is left out: its
-/// `alias#{target}` item could not be written, and one record would fail its whole batch.
+/// `alias#{target}` item could not be written, and one record would fail its whole batch. So
+/// is the index's own id: an index protects nothing of its own by aliasing itself (its keys go
+/// with its record), and a self-alias is common enough to cost a ledger write per index.
 fn refs_of(settings: &IndexSettings) -> IndexRefs {
+    let own = settings.index.id();
     let targets = (settings.aliases.live_targets())
-        .filter(|t| check_key(&t.0).is_ok())
+        .filter(|t| **t != own && check_key(&t.0).is_ok())
         .map(|t| t.0.clone());
     IndexRefs {
         shop: settings.shop_id.clone(),
@@ -41,11 +44,12 @@ fn refs_of(settings: &IndexSettings) -> IndexRefs {
 fn named_by(reference: &SettingsReference) -> impl Iterator<Item = Referred> + '_ {
     let index_key = KvKey::index(&reference.index).key;
     let valid = check_key(&index_key).is_ok();
+    let own = reference.index.id();
     let shop = (reference.shop_id.iter())
         .filter(move |shop| valid && shop_id_problem(shop).is_none())
         .map(|shop| Referred::Shop(shop.clone()));
     let targets = (reference.live_targets.iter())
-        .filter(move |target| valid && check_key(&target.0).is_ok())
+        .filter(move |target| valid && **target != own && check_key(&target.0).is_ok())
         .map(|target| Referred::Alias(target.0.clone()));
     shop.chain(targets)
 }
@@ -441,6 +445,31 @@ mod tests {
             "`a` and `c` no longer point at `p`"
         );
         assert_eq!(outcomes[0], Outcome::Pending);
+    }
+
+    #[test]
+    fn an_index_aliasing_itself_leaves_no_reference_to_itself() {
+        let records = [
+            upsert("p", Some("p.myshopify.com"), Some("a-p")),
+            upsert("q", None, Some("a-p")),
+        ];
+        let left: Vec<_> = left_by(&records).into_iter().flatten().collect();
+        let reference = |name: &str, target: &str| SettingsReference {
+            index: index(name),
+            shop_id: None,
+            live_targets: vec![crate::domain::IndexId(target.into())],
+        };
+
+        assert_eq!(
+            left[0],
+            (index("p"), at_shop("p")),
+            "no `alias#a-p` for `p`"
+        );
+        let targets: Vec<_> = left[1].1.targets.iter().cloned().collect();
+        assert_eq!(targets, ["a-p"], "`q`'s alias of `p` protects `p`");
+        assert_eq!(named_by(&reference("p", "a-p")).count(), 0);
+        let named: Vec<_> = named_by(&reference("q", "a-p")).collect();
+        assert_eq!(named, [Referred::Alias("a-p".into())]);
     }
 
     #[tokio::test]

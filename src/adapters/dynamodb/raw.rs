@@ -1,9 +1,10 @@
-//! The stream's items read without the SDK: consistent BatchGetItems signed with SigV4 as the
-//! SDK signs them (`aws-sigv4`), each answer read by the stream's own reader (`dynamo::reader`,
-//! serde when it gives up). Through the SDK each item became a `HashMap` of `AttributeValue`s
-//! and then a copy of it: a 1,000-record MODIFY batch cost 78.5 ms of CPU that way, 63.2 this
-//! way (`make bench`, docs/performance.md). The SDK's configuration still
-//! decides the region, the credentials and the endpoint; `tests/integration/table_items.rs`
+//! DynamoDB's JSON API without the SDK, for the calls on the stream's path: the records' items
+//! (consistent BatchGetItems, each answer read by the stream's own reader, `dynamo::reader`,
+//! serde when it gives up) and the ledger's items (BatchGetItem, BatchWriteItem, Query, GetItem,
+//! PutItem). Requests are signed with SigV4 as the SDK signs them (`aws-sigv4`); the SDK's
+//! configuration still decides the region, the credentials and the endpoint. Through the SDK
+//! each call cost the function its per-request pipeline and each item a `HashMap` of
+//! `AttributeValue`s (docs/performance.md has the figures); `tests/integration/table_items.rs`
 //! holds this path equal to the SDK's.
 
 use std::sync::Mutex;
@@ -24,8 +25,10 @@ use crate::ports::PortError;
 const ATTEMPTS: u32 = 3;
 /// Credentials are fetched again this long before they expire.
 const CREDENTIALS_MARGIN: Duration = Duration::from_secs(300);
+/// DynamoDB's limit per BatchWriteItem call.
+const WRITE_BATCH: usize = 25;
 
-pub struct ItemReader {
+pub struct RawDynamo {
     http: reqwest::Client,
     endpoint: String,
     region: String,
@@ -48,7 +51,13 @@ struct Unprocessed<'a> {
     keys: Vec<Image<'a>>,
 }
 
-impl ItemReader {
+/// How DynamoDB answered a call that reached it: success, or its error's status and text.
+pub enum Answered {
+    Ok(String),
+    Refused { status: u16, text: String },
+}
+
+impl RawDynamo {
     /// Where and as whom the SDK configured by `aws` would call DynamoDB (`AWS_REGION`, its
     /// credentials chain, `AWS_ENDPOINT_URL_DYNAMODB` or `AWS_ENDPOINT_URL`).
     pub fn new(aws: &aws_config::SdkConfig) -> Self {
@@ -65,7 +74,7 @@ impl ItemReader {
             .user_agent(user_agent(aws))
             .build()
             .expect("a TLS client");
-        ItemReader {
+        RawDynamo {
             http,
             endpoint,
             region,
@@ -91,7 +100,7 @@ impl ItemReader {
             }
             let requests: Vec<String> = keys.chunks(GET_BATCH).map(|c| request(table, c)).collect();
             let mut answers = futures::stream::iter(requests)
-                .map(|body| self.post(table, body))
+                .map(|body| self.post("BatchGetItem", table, body))
                 .buffer_unordered(CONCURRENT_GETS);
             keys = Vec::new();
             while let Some(answer) = answers.next().await {
@@ -112,18 +121,82 @@ impl ItemReader {
         }
     }
 
-    /// One signed BatchGetItem, tried again when it failed on the way, DynamoDB failed or
-    /// throttled it: its answer's text.
-    async fn post(&self, table: &str, body: String) -> Result<String, PortError> {
+    /// Puts and deletes (each a `WriteRequest` as DynamoDB's JSON text), 25 a
+    /// BatchWriteItem, several at once, the requests an answer leaves unprocessed sent again.
+    pub async fn write_all(&self, table: &str, requests: Vec<String>) -> Result<(), PortError> {
+        let mut chunks = Vec::new();
+        let mut requests = requests.into_iter().peekable();
+        while requests.peek().is_some() {
+            chunks.push(requests.by_ref().take(WRITE_BATCH).collect::<Vec<_>>());
+        }
+        let answers: Vec<Result<(), PortError>> = futures::stream::iter(chunks)
+            .map(|chunk| self.write_batch(table, chunk))
+            .buffer_unordered(CONCURRENT_GETS)
+            .collect()
+            .await;
+        answers.into_iter().collect()
+    }
+
+    async fn write_batch(&self, table: &str, mut requests: Vec<String>) -> Result<(), PortError> {
+        for attempt in 0..UNPROCESSED_TRIES {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+            }
+            let table_name = serde_json::to_string(table).expect("a name is JSON");
+            let body = format!(
+                r#"{{"RequestItems":{{{table_name}:[{}]}}}}"#,
+                requests.join(",")
+            );
+            let answer = self.post("BatchWriteItem", table, body).await?;
+            requests = unprocessed_writes(&answer, table).ok_or_else(|| {
+                PortError::Transient(format!(
+                    "BatchWriteItem of table {table}: an answer not understood"
+                ))
+            })?;
+            if requests.is_empty() {
+                return Ok(());
+            }
+        }
+        Err(PortError::Transient(format!(
+            "BatchWriteItem of table {table}: {} items left unprocessed",
+            requests.len()
+        )))
+    }
+
+    /// One call that must succeed: its answer's text.
+    pub async fn post(
+        &self,
+        operation: &str,
+        table: &str,
+        body: String,
+    ) -> Result<String, PortError> {
+        match self.call(operation, table, body).await? {
+            Answered::Ok(text) => Ok(text),
+            Answered::Refused { status, text } => Err(PortError::Transient(format!(
+                "{operation} of table {table}: HTTP {status}: {}",
+                crate::domain::validate::cut(&text)
+            ))),
+        }
+    }
+
+    /// One signed call, tried again when it failed on the way, DynamoDB failed or throttled
+    /// it: how DynamoDB answered (a refusal it gave is the caller's to read, a failed
+    /// condition for one).
+    pub async fn call(
+        &self,
+        operation: &str,
+        table: &str,
+        body: String,
+    ) -> Result<Answered, PortError> {
         let failed =
-            |what: String| PortError::Transient(format!("BatchGetItem of table {table}: {what}"));
+            |what: String| PortError::Transient(format!("{operation} of table {table}: {what}"));
         let mut last = String::new();
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
                 let jitter = fastrand::u64(0..50);
                 tokio::time::sleep(Duration::from_millis((50 << attempt) + jitter)).await;
             }
-            let request = self.signed(body.clone()).await.map_err(failed)?;
+            let request = self.signed(operation, body.clone()).await.map_err(failed)?;
             let answer = match self.http.execute(request).await {
                 Ok(answer) => answer,
                 Err(e) => {
@@ -134,21 +207,22 @@ impl ItemReader {
             let status = answer.status();
             let text = answer.text().await.unwrap_or_default();
             if status.is_success() {
-                return Ok(text);
+                return Ok(Answered::Ok(text));
+            }
+            let again = status.is_server_error()
+                || text.contains("Throttl")
+                || text.contains("LimitExceeded");
+            if !again {
+                let status = status.as_u16();
+                return Ok(Answered::Refused { status, text });
             }
             last = format!("HTTP {status}: {}", crate::domain::validate::cut(&text));
-            if !(status.is_server_error()
-                || text.contains("Throttl")
-                || text.contains("LimitExceeded"))
-            {
-                return Err(failed(last));
-            }
         }
         Err(failed(last))
     }
 
     /// The request, signed with SigV4 for `dynamodb` in the configured region.
-    async fn signed(&self, body: String) -> Result<reqwest::Request, String> {
+    async fn signed(&self, operation: &str, body: String) -> Result<reqwest::Request, String> {
         let credentials = self.credentials().await?;
         let identity = credentials.into();
         let params = v4::SigningParams::builder()
@@ -162,7 +236,7 @@ impl ItemReader {
             .into();
         let mut request = http::Request::post(&self.endpoint)
             .header("content-type", "application/x-amz-json-1.0")
-            .header("x-amz-target", "DynamoDB_20120810.BatchGetItem")
+            .header("x-amz-target", format!("DynamoDB_20120810.{operation}"))
             .body(body)
             .map_err(|e| e.to_string())?;
         let headers = request.headers().iter();
@@ -280,6 +354,25 @@ fn read_by_hand(text: &str) -> Option<Answer<'_>> {
     Some(answer)
 }
 
+/// A BatchWriteItem's answer: the requests left for another call, as their JSON text.
+#[derive(Deserialize)]
+struct WriteAnswer<'a> {
+    #[serde(borrow, rename = "UnprocessedItems", default)]
+    unprocessed: std::collections::HashMap<String, Vec<&'a serde_json::value::RawValue>>,
+}
+
+/// The write requests a BatchWriteItem's answer leaves unprocessed; `None` when the answer is
+/// not a BatchWriteItem's.
+fn unprocessed_writes(answer: &str, table: &str) -> Option<Vec<String>> {
+    let answer: WriteAnswer = serde_json::from_str(answer).ok()?;
+    let left = answer.unprocessed.get(table).map_or(&[][..], Vec::as_slice);
+    Some(
+        left.iter()
+            .map(|request| request.get().to_owned())
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,6 +411,22 @@ mod tests {
             (tables, left)
         };
         assert_eq!(shown(&by_hand), shown(&by_serde));
+    }
+
+    #[test]
+    fn a_write_answer_gives_back_the_requests_left_as_they_were() {
+        let left = r#"{"PutRequest": {"Item": {"pk": {"S": "a\"é"}}}}"#;
+        let answer = format!(r#"{{"UnprocessedItems": {{"t": [{left}], "o": [{left}]}}}}"#);
+        assert_eq!(
+            unprocessed_writes(&answer, "t"),
+            Some(vec![left.to_owned()])
+        );
+        assert_eq!(
+            unprocessed_writes(r#"{"UnprocessedItems": {}}"#, "t"),
+            Some(vec![])
+        );
+        assert_eq!(unprocessed_writes("{}", "t"), Some(vec![]));
+        assert_eq!(unprocessed_writes("<html>", "t"), None);
     }
 
     #[test]
