@@ -142,8 +142,8 @@ async fn an_alias_target_no_key_could_have_is_not_recorded_and_stalls_nothing() 
     assert!(h.settings("acct-1-front").is_some() && h.settings("acct-1-plain").is_some());
 }
 
-/// The ledger's first read of a batch (the indexes' recorded references) fails past the SDK's
-/// retries: the batch is reported for retry, never exported without its references. So an alias
+/// The ledger's first read of a batch (the indexes' recorded references) fails past its three
+/// attempts: the batch is reported for retry, never exported without its references. So an alias
 /// added in that batch is recorded on the replay, and a later REMOVE of its target keeps the
 /// keys the edge reads through it.
 #[tokio::test]
@@ -250,7 +250,7 @@ async fn a_remove_whose_index_no_key_could_have_is_rejected_alone() {
 }
 
 /// A `NEW_IMAGE` batch writes an index with a shop, then removes it, and who aliases the index
-/// cannot be looked up (past the SDK's retries); Lambda replays from the first failed record.
+/// cannot be looked up (past its three attempts); Lambda replays from the first failed record.
 /// Both records export the item as the table holds it after them (gone), so neither writes the
 /// shop key. (When records exported their own images, the write landed and the replayed remove
 /// had to learn the old shop from what the applied record left in the ledger.)

@@ -1,4 +1,5 @@
-//! Consistent BatchGetItems, shared by the settings table and the ledger.
+//! Consistent BatchGetItems through the SDK, for the operators' reads of the settings table (the
+//! stream's reads and the ledger's go without the SDK: `raw.rs`).
 
 use std::collections::HashMap;
 
