@@ -351,12 +351,7 @@ pub fn check_key(key: &str) -> Result<(), String> {
             key.len()
         ));
     }
-    // Checked for every key of a batch: ASCII keys (nearly all) byte by byte.
-    let unprintable = match key.is_ascii() {
-        true => key.bytes().any(|b| b <= b' ' || b == 0x7f),
-        false => key.chars().any(|c| c.is_whitespace() || c.is_control()),
-    };
-    if unprintable {
+    if key.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(format!(
             "key {} holds whitespace or an unprintable character, which Cloudflare KV refuses",
             shown(key)
