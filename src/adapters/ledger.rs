@@ -194,14 +194,10 @@ impl DynamoLedger {
         };
         let body = serde_json::to_string(&put).expect("an item is JSON");
         match self.dynamo.call("PutItem", table, body).await? {
-            Answered::Ok(_) => Ok(true),
             Answered::Refused { status: 400, text } if text.contains("ConditionalCheckFailed") => {
                 Ok(false)
             }
-            Answered::Refused { status, text } => Err(PortError::Transient(format!(
-                "PutItem of table {table}: HTTP {status}: {}",
-                crate::domain::validate::cut(&text)
-            ))),
+            answered => answered.text("PutItem", table).map(|_| true),
         }
     }
 

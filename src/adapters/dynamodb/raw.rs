@@ -57,6 +57,19 @@ pub enum Answered {
     Refused { status: u16, text: String },
 }
 
+impl Answered {
+    /// The answer's text, or the refusal as the call's error.
+    pub fn text(self, operation: &str, table: &str) -> Result<String, PortError> {
+        match self {
+            Answered::Ok(text) => Ok(text),
+            Answered::Refused { status, text } => Err(PortError::Transient(format!(
+                "{operation} of table {table}: HTTP {status}: {}",
+                crate::domain::validate::cut(&text)
+            ))),
+        }
+    }
+}
+
 impl RawDynamo {
     /// Where and as whom the SDK configured by `aws` would call DynamoDB (`AWS_REGION`, its
     /// credentials chain, `AWS_ENDPOINT_URL_DYNAMODB` or `AWS_ENDPOINT_URL`).
@@ -138,11 +151,11 @@ impl RawDynamo {
     }
 
     async fn write_batch(&self, table: &str, mut requests: Vec<String>) -> Result<(), PortError> {
+        let table_name = serde_json::to_string(table).expect("a name is JSON");
         for attempt in 0..UNPROCESSED_TRIES {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
             }
-            let table_name = serde_json::to_string(table).expect("a name is JSON");
             let body = format!(
                 r#"{{"RequestItems":{{{table_name}:[{}]}}}}"#,
                 requests.join(",")
@@ -170,13 +183,7 @@ impl RawDynamo {
         table: &str,
         body: String,
     ) -> Result<String, PortError> {
-        match self.call(operation, table, body).await? {
-            Answered::Ok(text) => Ok(text),
-            Answered::Refused { status, text } => Err(PortError::Transient(format!(
-                "{operation} of table {table}: HTTP {status}: {}",
-                crate::domain::validate::cut(&text)
-            ))),
-        }
+        (self.call(operation, table, body).await?).text(operation, table)
     }
 
     /// One signed call, tried again when it failed on the way, DynamoDB failed or throttled

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::Exporter;
 use crate::domain::kv::{check_key, KvKey};
 use crate::domain::validate::shop_id_problem;
-use crate::domain::{IndexRef, IndexSettings, SettingsReference};
+use crate::domain::{IndexId, IndexRef, IndexSettings, SettingsReference};
 use crate::pipeline::plan::{self, Lookups};
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{before_deadline, IndexRefs, Ledger, Ports, SettingsTable};
@@ -21,15 +21,20 @@ use crate::report::Outcome;
 /// Ledger Queries in flight at once.
 const CONCURRENT_QUERIES: usize = 8;
 
-/// The references a settings record leaves: its shop and its live alias targets. A target no
-/// KV key could be (empty, over 512 bytes, unprintable) protects nothing and is left out: its
-/// `alias#{target}` item could not be written, and one record would fail its whole batch. So
-/// is the index's own id: an index protects nothing of its own by aliasing itself (its keys go
-/// with its record), and a self-alias is common enough to cost a ledger write per index.
+/// Whether an index's live alias target is recorded as a reference: not when no KV key could
+/// be it (empty, over 512 bytes, unprintable: it protects nothing, its `alias#{target}` item
+/// could not be written, and one record would fail its whole batch), nor when it is the index's
+/// own id (an index protects nothing of its own by aliasing itself: its keys go with its
+/// record; recording it would cost a ledger write per such index).
+fn recorded_target(own: &IndexId, target: &IndexId) -> bool {
+    target != own && check_key(&target.0).is_ok()
+}
+
+/// The references a settings record leaves: its shop and its recorded alias targets.
 fn refs_of(settings: &IndexSettings) -> IndexRefs {
     let own = settings.index.id();
     let targets = (settings.aliases.live_targets())
-        .filter(|t| **t != own && check_key(&t.0).is_ok())
+        .filter(|t| recorded_target(&own, t))
         .map(|t| t.0.clone());
     IndexRefs {
         shop: settings.shop_id.clone(),
@@ -49,7 +54,7 @@ fn named_by(reference: &SettingsReference) -> impl Iterator<Item = Referred> + '
         .filter(move |shop| valid && shop_id_problem(shop).is_none())
         .map(|shop| Referred::Shop(shop.clone()));
     let targets = (reference.live_targets.iter())
-        .filter(move |target| valid && **target != own && check_key(&target.0).is_ok())
+        .filter(move |target| valid && recorded_target(&own, target))
         .map(|target| Referred::Alias(target.0.clone()));
     shop.chain(targets)
 }
