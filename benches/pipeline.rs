@@ -83,5 +83,5 @@ fn bulk_encoding(bencher: divan::Bencher) {
     // The operations in the batch's order, as the exporter hands them to the store.
     bencher
         .with_inputs(|| ops.clone())
-        .bench_values(|ops| requests(divan::black_box(ops), Vec::new()));
+        .bench_values(|ops| requests(divan::black_box(ops)));
 }

@@ -146,19 +146,11 @@ pub async fn route<P: Ports>(
     let parsed = Payload::parse(&payload, exporter.expected())?;
     match parsed {
         Payload::StreamBatch(records) => {
-            // Decoded records own what they need: the event's memory takes the first bulk
-            // body (only when no one else holds it, or taking it would copy it).
-            let buffer = match payload.is_unique() {
-                true => Vec::from(payload),
-                false => {
-                    drop(payload); // ours goes now; the event when its last holder lets go
-                    Vec::new()
-                }
-            };
+            // Decoded records own what they need: the event's memory goes now (kept for the
+            // first bulk body, peak RSS was higher: docs/performance.md).
+            drop(payload);
             let started = Instant::now();
-            let report = exporter
-                .export_reusing(records, Run::STREAM, deadline, buffer)
-                .await;
+            let report = exporter.export(records, Run::STREAM, deadline).await;
             report.log();
             crate::report::emit(&report, started.elapsed());
             batch_response(&report).map(|r| serde_json::to_value(r).expect("serializable"))

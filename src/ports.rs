@@ -96,14 +96,8 @@ pub struct KvCounters {
 /// The KV operations the exporter needs; the Cloudflare REST API is the real one.
 pub trait KvStore: Send + Sync {
     /// Writes and deletes each key as planned (any namespaces), in the order given as far as
-    /// its requests allow, retrying as it may until `deadline`. `spare` is memory it may build
-    /// its first request in (the event's buffer, already faulted in).
-    fn apply(
-        &self,
-        ops: Vec<KvOp>,
-        spare: Vec<u8>,
-        deadline: Instant,
-    ) -> impl Future<Output = Applied> + Send;
+    /// its requests allow, retrying as it may until `deadline`.
+    fn apply(&self, ops: Vec<KvOp>, deadline: Instant) -> impl Future<Output = Applied> + Send;
 
     /// Reads many values with as few requests as Cloudflare allows (100 keys each); an absent
     /// key reads as `None`.

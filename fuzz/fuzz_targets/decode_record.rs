@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = Payload::parse(data, "DEFAULT_CONFIGS");
     if let Ok(raw) = serde_json::from_str::<Box<RawValue>>(text) {
-        // The batch read (by hand, or through serde where the reader gives up) decodes a record
+        // The batch read in one pass (record by record when one is malformed) decodes a record
         // exactly as the record-by-record read through serde does.
         let batch = format!("{{\"Records\":[{}]}}", raw.get());
         let alone = decode_record(raw.get(), "DEFAULT_CONFIGS");

@@ -318,8 +318,8 @@ impl<T: TokenSource> KvStore for CloudflareKv<T> {
         }
     }
 
-    async fn apply(&self, ops: Vec<KvOp>, spare: Vec<u8>, deadline: Instant) -> Applied {
-        let requests = encode::requests(ops, spare);
+    async fn apply(&self, ops: Vec<KvOp>, deadline: Instant) -> Applied {
+        let requests = encode::requests(ops);
         Applied {
             requests: requests.len(),
             failed: self.send_all(requests, deadline).await,

@@ -23,7 +23,7 @@ pub struct MemoryKv {
 }
 
 impl KvStore for MemoryKv {
-    async fn apply(&self, ops: Vec<KvOp>, _: Vec<u8>, _: Instant) -> Applied {
+    async fn apply(&self, ops: Vec<KvOp>, _: Instant) -> Applied {
         let mut values = self.values.lock().unwrap();
         let mut failed = Vec::new();
         // As a bulk store would send them: one request per namespace and kind.

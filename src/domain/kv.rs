@@ -252,7 +252,10 @@ impl KvValue {
     pub fn render(&self, out: &mut Vec<u8>) {
         match self {
             KvValue::Text { text, .. } => out.extend_from_slice(text.as_bytes()),
-            KvValue::Settings { settings, api_key } => settings.kv_value(api_key).write_json(out),
+            KvValue::Settings { settings, api_key } => {
+                serde_json::to_writer(&mut *out, &settings.kv_value(api_key))
+                    .expect("settings values serialize")
+            }
         }
     }
 

@@ -4,7 +4,6 @@
 use serde::{Deserialize, Serialize};
 
 use super::ids::{IndexId, IndexRef};
-use super::json_text::{needs_escape, push_str};
 use super::secrets::ApiKey;
 
 /// Version of the KV value layout; the proxy tolerates unknown fields, so additions keep it.
@@ -26,8 +25,7 @@ impl Document {
     }
 }
 
-/// Written as the JSON text it is. Values are written by hand ([`KvSettings::write_json`]);
-/// this serves query configs and tests.
+/// Written as the JSON text it is.
 impl Serialize for Document {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let raw: &serde_json::value::RawValue =
@@ -275,111 +273,11 @@ fn index_id<S: serde::Serializer>(index: &&IndexRef, serializer: S) -> Result<S:
     serializer.collect_str(&format_args!("{}-{}", index.account, index.name))
 }
 
-impl KvSettings<'_> {
-    /// Appends the value's JSON text, byte for byte what serde_json makes of it (a test holds
-    /// them equal) but with the field names written as literals: rendering is a third of the
-    /// work of a bulk body.
-    pub fn write_json(&self, out: &mut Vec<u8>) {
-        fn field(out: &mut Vec<u8>, name: &[u8], value: Option<&str>) {
-            out.extend_from_slice(name);
-            match value {
-                Some(text) => push_str(out, text),
-                None => out.extend_from_slice(b"null"),
-            }
-        }
-        fn document(out: &mut Vec<u8>, name: &[u8], value: Option<&Document>) {
-            out.extend_from_slice(name);
-            let text = value.map_or("null", Document::json_text);
-            out.extend_from_slice(text.as_bytes());
-        }
-        out.extend_from_slice(b"{\"schema_version\":");
-        serde_json::to_writer(&mut *out, &self.schema_version).expect("numbers serialize");
-        field(
-            out,
-            b",\"system_account_id\":",
-            Some(self.system_account_id),
-        );
-        field(out, b",\"index_name\":", Some(self.index_name));
-        out.extend_from_slice(b",\"index_id\":");
-        let IndexRef { account, name } = self.index_id;
-        if needs_escape(account) || needs_escape(name) {
-            push_str(out, self.index_id.id().as_str());
-        } else {
-            for part in [b"\"", account.as_bytes(), b"-", name.as_bytes(), b"\""] {
-                out.extend_from_slice(part);
-            }
-        }
-        field(out, b",\"shop_id\":", self.shop_id);
-        field(
-            out,
-            b",\"marqo_api_key\":",
-            Some(self.marqo_api_key.expose()),
-        );
-        field(out, b",\"index_url\":", Some(self.index_url));
-        document(out, b",\"search_config\":", self.search_config);
-        document(out, b",\"collections_config\":", self.collections_config);
-        document(out, b",\"feature_flags\":", self.feature_flags);
-        document(out, b",\"agentic_config\":", self.agentic_config);
-        field(out, b",\"pixel_id\":", self.pixel_id);
-        out.extend_from_slice(b",\"index_aliases\":");
-        self.index_aliases.write_json(out);
-        document(
-            out,
-            b",\"query_override_sharding\":",
-            self.query_override_sharding,
-        );
-        out.push(b'}');
-    }
-}
-
 /// What the edge needs of the aliases: never `doc_writes`.
 #[derive(Debug, Serialize)]
 pub struct KvAliases<'a> {
     pub doc_reads: Option<&'a DocReadsAlias>,
     pub analytics: Option<&'a AnalyticsAlias>,
-}
-
-impl KvAliases<'_> {
-    /// Appends the aliases as serde_json writes them (in the settings value's test).
-    fn write_json(&self, out: &mut Vec<u8>) {
-        fn flag(out: &mut Vec<u8>, name: &[u8], value: bool) {
-            out.extend_from_slice(name);
-            out.extend_from_slice(if value { b"true" } else { b"false" });
-        }
-        out.extend_from_slice(b"{\"doc_reads\":");
-        match self.doc_reads {
-            None => out.extend_from_slice(b"null"),
-            Some(reads) => {
-                flag(out, b"{\"enabled\":", reads.enabled);
-                out.extend_from_slice(b",\"targets\":[");
-                for (i, target) in reads.targets.iter().enumerate() {
-                    out.extend_from_slice(if i == 0 { b"{" } else { b",{" });
-                    out.extend_from_slice(b"\"index_id\":");
-                    push_str(out, target.index_id.as_str());
-                    out.extend_from_slice(b",\"weight\":");
-                    serde_json::to_writer(&mut *out, &target.weight).expect("numbers serialize");
-                    flag(out, b",\"internal\":", target.internal);
-                    out.push(b'}');
-                }
-                out.extend_from_slice(b"]}");
-            }
-        }
-        out.extend_from_slice(b",\"analytics\":");
-        match self.analytics {
-            None => out.extend_from_slice(b"null"),
-            Some(analytics) => {
-                flag(out, b"{\"enabled\":", analytics.enabled);
-                out.extend_from_slice(b",\"index_id\":");
-                match &analytics.index_id {
-                    Some(id) => push_str(out, id.as_str()),
-                    None => out.extend_from_slice(b"null"),
-                }
-                flag(out, b",\"internal\":", analytics.internal);
-                out.push(b'}');
-            }
-        }
-        out.push(b'}');
-    }
 }
 
 /// A per-query override: `INDEX#{index}#QUERY#{normalized_query}`.
@@ -464,47 +362,63 @@ mod tests {
         }
     }
 
-    #[test]
-    fn values_are_written_as_serde_json_writes_them() {
-        let key = ApiKey::new("marqo-\"key\"");
-        let mut two_targets = full();
-        two_targets.aliases.doc_reads = Some(DocReadsAlias {
-            enabled: false,
-            targets: ["a-\"1\"", "a-2"]
-                .into_iter()
-                .zip([1.0, 2.5e-7])
-                .map(|(id, weight)| DocReadsTarget {
-                    index_id: IndexId(id.into()),
-                    weight,
-                    internal: weight > 1e-3,
-                })
-                .collect(),
-        });
-        two_targets.aliases.analytics = Some(AnalyticsAlias {
-            enabled: true,
-            index_id: Some(IndexId("a-3".into())),
-            internal: true,
-        });
-        let mut empty_targets = full();
-        empty_targets
-            .aliases
-            .doc_reads
-            .as_mut()
-            .unwrap()
-            .targets
-            .clear();
-        for settings in [bare(), full(), two_targets, empty_targets] {
-            let value = settings.kv_value(&key);
-            let mut written = Vec::new();
-            value.write_json(&mut written);
-            let expected = serde_json::to_string(&value).unwrap();
-            assert_eq!(String::from_utf8(written).unwrap(), expected);
-        }
-    }
-
     /// The 25 MiB check trusts `size_hint`: a value never renders to more than six times it
     /// (every byte escaped as `\u00XX`), whichever rendered field is large (`cell` is not
     /// rendered). A field the hint forgot would break that.
+    #[test]
+    fn a_value_holds_every_field_in_the_contract_s_order_and_no_write_alias() {
+        let key = ApiKey::new("marqo-\"key\"");
+        let rendered = serde_json::to_string(&full().kv_value(&key)).unwrap();
+        let expected = json!({
+            "schema_version": 1,
+            "system_account_id": "acct \"quoted\"",
+            "index_name": "caf\u{e9}\nline",
+            "index_id": "acct \"quoted\"-caf\u{e9}\nline",
+            "shop_id": "shop-1.myshopify.com",
+            "marqo_api_key": "marqo-\"key\"",
+            "index_url": "https://x.example.com/a\\b?q=\u{1}",
+            "search_config": {"limit": 20, "ratio": 0.75, "s": "\"q\""},
+            "collections_config": [1, "two", null],
+            "feature_flags": {"rerank": true},
+            "agentic_config": "text",
+            "pixel_id": "px-1",
+            "index_aliases": {
+                "doc_reads": {"enabled": true, "targets": [
+                    {"index_id": "acct-1-other", "weight": 0.1, "internal": true}]},
+                "analytics": {"enabled": false, "index_id": null, "internal": false}
+            },
+            "query_override_sharding": {"shards": 4}
+        });
+        let value: serde_json::Value = serde_json::from_str(&rendered).unwrap();
+        assert_eq!(value, expected);
+        let mut at = 0;
+        for name in [
+            "schema_version",
+            "system_account_id",
+            "index_name",
+            "index_id",
+            "shop_id",
+            "marqo_api_key",
+            "index_url",
+            "search_config",
+            "collections_config",
+            "feature_flags",
+            "agentic_config",
+            "pixel_id",
+            "index_aliases",
+            "query_override_sharding",
+        ] {
+            let found = rendered[at..].find(&format!("\"{name}\":")).expect(name);
+            at += found;
+        }
+        let bare = serde_json::to_value(bare().kv_value(&key)).unwrap();
+        assert_eq!(
+            bare["index_aliases"],
+            json!({"doc_reads": null, "analytics": null})
+        );
+        assert_eq!(bare["shop_id"], json!(null));
+    }
+
     #[test]
     fn the_size_hint_bounds_the_rendered_value_whichever_field_is_large() {
         let huge = "\u{1}".repeat(100_000);
@@ -566,8 +480,7 @@ mod tests {
         for (field, grow) in fields {
             let mut settings = bare();
             grow(&mut settings);
-            let mut rendered = Vec::new();
-            settings.kv_value(&key).write_json(&mut rendered);
+            let rendered = serde_json::to_vec(&settings.kv_value(&key)).unwrap();
             assert!(
                 rendered.len() > 100_000,
                 "{field}: the large field is rendered"

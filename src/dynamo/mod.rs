@@ -10,11 +10,9 @@ use serde_dynamo::{AttributeValue, Item};
 mod de;
 mod image;
 mod json;
-mod reader;
 pub(crate) mod stream;
 
 pub use image::{Attr, Image, OldImage, Text};
-pub use reader::Reader;
 
 use crate::domain::settings::{non_empty, Document, IndexAliases};
 use crate::domain::validate::endpoint_problem;

@@ -1,10 +1,8 @@
 //! A DynamoDB stream batch (`{"Records": [...]}`, as Lambda hands it over) read into stream
-//! records, every way it can be read, in this one room: the hand-written [`Reader`] over the
-//! whole batch (one pass, no serde calls); serde in one pass when the reader gives up; then
-//! record by record, so that a malformed record is refused alone, saying where it went wrong.
+//! records, every way it can be read, in this one room: serde in one pass; then, when a record
+//! is malformed, record by record, so that it is refused alone, saying where it went wrong.
 //! Each record goes to the caller as soon as it is read: the batch is only ever held as what
-//! the caller makes of it. The record's shape is written twice, as serde derives it and as the
-//! reader reads it; tests in `pipeline/records.rs` hold the two equal.
+//! the caller makes of it.
 
 use std::borrow::Cow;
 
@@ -12,7 +10,7 @@ use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess,
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{Image, OldImage, Reader, Text};
+use super::{Image, OldImage, Text};
 use crate::domain::validate::cut;
 
 /// What the exporter reads of a DynamoDB stream record; everything else is skipped unread.
@@ -58,11 +56,9 @@ pub fn read_stream_batch<T>(
     payload: &str,
     each: impl Fn(Result<StreamRecord, BadRecord>) -> T,
 ) -> Option<Vec<T>> {
-    if let Some(records) = read_by_hand(payload, &each) {
-        return Some(records);
-    }
     let mut json = serde_json::Deserializer::from_str(payload);
-    if let Ok(Some(records)) = Route(RecordsSeed { each: &each }).deserialize(&mut json) {
+    let read = Route(RecordsSeed { each: &each }).deserialize(&mut json);
+    if let (Ok(Some(records)), Ok(())) = (read, json.end()) {
         return Some(records);
     }
     // A batch with a malformed record: read again record by record, each with its reason.
@@ -100,88 +96,6 @@ pub fn read_stream_record(raw: &str) -> Result<StreamRecord<'_>, BadRecord> {
                 reason,
             }
         })
-}
-
-/// The whole batch read by hand, each record handed on as it is read. `None` when anything
-/// about it is unusual: [`read_stream_batch`] then reads it through serde, which decides and
-/// says what is wrong.
-pub fn read_by_hand<T>(
-    payload: &str,
-    each: impl Fn(Result<StreamRecord, BadRecord>) -> T,
-) -> Option<Vec<T>> {
-    let mut reader = Reader::new(payload);
-    let mut records = None;
-    reader.object(|r, name| {
-        if name != "Records" || records.is_some() {
-            return None;
-        }
-        // Stream records are rarely under 500 bytes.
-        let mut batch = Vec::with_capacity(payload.len() / 500);
-        r.array(|r| {
-            batch.push(each(Ok(read_record_by_hand(r)?)));
-            Some(())
-        })?;
-        records = Some(batch);
-        Some(())
-    })?;
-    reader.end()?;
-    records
-}
-
-/// One record, as serde derives it for [`StreamRecord`]: unknown members skipped, a member
-/// given twice refused.
-fn read_record_by_hand<'a>(reader: &mut Reader<'a>) -> Option<StreamRecord<'a>> {
-    let (mut event_name, mut source, mut dynamodb) = (None, None, None);
-    reader.object(|r, name| match &*name {
-        "eventName" if event_name.is_none() => {
-            event_name = Some(r.optional_string()?.map(Text));
-            Some(())
-        }
-        "eventSourceARN" if source.is_none() => {
-            source = Some(r.optional_string()?.map(Text));
-            Some(())
-        }
-        "dynamodb" if dynamodb.is_none() => {
-            dynamodb = Some(read_change_by_hand(r)?);
-            Some(())
-        }
-        "eventName" | "eventSourceARN" | "dynamodb" => None,
-        _ => r.skip(),
-    })?;
-    Some(StreamRecord {
-        event_name: event_name.flatten(),
-        event_source_arn: source.flatten(),
-        dynamodb: dynamodb?,
-    })
-}
-
-fn read_change_by_hand<'a>(reader: &mut Reader<'a>) -> Option<StreamChange<'a>> {
-    let mut seen = [false; 6];
-    let mut change = StreamChange::default();
-    reader.object(|r, name| {
-        let field = match &*name {
-            "ApproximateCreationDateTime" => 0,
-            "Keys" => 1,
-            "NewImage" => 2,
-            "OldImage" => 3,
-            "SequenceNumber" => 4,
-            "StreamViewType" => 5,
-            _ => return r.skip(),
-        };
-        if std::mem::replace(&mut seen[field], true) {
-            return None;
-        }
-        match field {
-            0 => change.approximate_creation_date_time = r.optional_f64()?,
-            1 => change.keys = r.image()?,
-            2 => change.new_image = r.image()?,
-            3 => change.old_image = r.old_image()?,
-            4 => change.sequence_number = r.optional_string()?.map(Text),
-            _ => change.stream_view_type = r.optional_string()?.map(Text),
-        }
-        Some(())
-    })?;
-    Some(change)
 }
 
 /// A stream batch's records, borrowed from the payload without building a JSON tree.

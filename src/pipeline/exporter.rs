@@ -252,23 +252,8 @@ impl<P: Ports> Exporter<P> {
         run: Run,
         deadline: Instant,
     ) -> BatchReport {
-        self.export_reusing(records, run, deadline, Vec::new())
-            .await
-    }
-
-    /// [`Exporter::export`], writing the first bulk body into `buffer` (the event's memory, no
-    /// longer needed: a first large batch then faults in a body's worth less memory).
-    pub async fn export_reusing(
-        &self,
-        records: Vec<ChangeRecord>,
-        run: Run,
-        deadline: Instant,
-        buffer: Vec<u8>,
-    ) -> BatchReport {
         let prepared = self.prepare(records, run, deadline).await;
-        let mut report = self.apply_reusing(prepared, deadline, buffer).await;
-        self.converge(&mut report, run, deadline).await;
-        report
+        self.apply(prepared, deadline).await
     }
 
     /// A repair (verify, reconcile): of the planned operations only the keys in `writes`, and
@@ -357,7 +342,7 @@ impl<P: Ports> Exporter<P> {
     /// lost").
     pub async fn apply(&self, prepared: Prepared, deadline: Instant) -> BatchReport {
         let run = prepared.run;
-        let mut report = self.apply_reusing(prepared, deadline, Vec::new()).await;
+        let mut report = self.apply_once(prepared, deadline).await;
         self.converge(&mut report, run, deadline).await;
         report
     }

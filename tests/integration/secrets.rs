@@ -139,7 +139,7 @@ async fn neither_token_nor_api_key_appears_anywhere_but_kv() {
     let ops = (prepared.plan.ops.iter())
         .map(|(key, op)| (key.clone(), op.action.clone()))
         .collect();
-    let requests = ecom_settings_exporter::adapters::cloudflare::encode::requests(ops, Vec::new());
+    let requests = ecom_settings_exporter::adapters::cloudflare::encode::requests(ops);
     assert_hidden("Debug of KV requests", &format!("{requests:?}"));
     let report = h
         .exporter

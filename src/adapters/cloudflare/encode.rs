@@ -31,10 +31,8 @@ fn take_room(left: &mut (usize, usize)) -> usize {
 
 /// All the requests `ops` need, in their order: per namespace, bulk writes of at most
 /// [`MAX_BULK_ITEMS`] pairs and under [`MAX_BULK_BYTES`], each pair written once into its body;
-/// bulk deletes. The first body is written into `spare` when it is large enough (an empty one
-/// never is). The values are dropped once the bodies hold them.
-pub fn requests(ops: Vec<KvOp>, spare: Vec<u8>) -> Vec<KvRequest> {
-    let mut spare = Some(spare);
+/// bulk deletes. The values are dropped once the bodies hold them.
+pub fn requests(ops: Vec<KvOp>) -> Vec<KvRequest> {
     // What each body will take, reserved up front (escaping at most doubles a value): growing
     // by doubling would copy and fault in twice the memory. A body holds at most
     // MAX_BULK_ITEMS pairs, so it reserves for its own pairs, not for its whole namespace.
@@ -55,14 +53,9 @@ pub fn requests(ops: Vec<KvOp>, spare: Vec<u8>) -> Vec<KvRequest> {
         match action {
             KvAction::Put(value) => {
                 let left = expected.get_mut(&key.namespace).expect("counted above");
-                let (full, body) = puts.entry(key.namespace).or_insert_with(|| {
-                    let room = take_room(left);
-                    let body = match spare.take() {
-                        Some(buffer) => PutBody::reusing(buffer, room),
-                        None => PutBody::with_capacity(room),
-                    };
-                    (Vec::new(), body)
-                });
+                let (full, body) = puts
+                    .entry(key.namespace)
+                    .or_insert_with(|| (Vec::new(), PutBody::with_capacity(take_room(left))));
                 let mut next = |body: &mut PutBody| {
                     std::mem::replace(body, PutBody::with_capacity(take_room(left)))
                 };
@@ -121,20 +114,7 @@ impl Default for PutBody {
 impl PutBody {
     /// A body expected to grow to about `bytes`: reserved once, not doubled as it grows.
     pub fn with_capacity(bytes: usize) -> Self {
-        Self::in_buffer(Vec::with_capacity(bytes.max(2)))
-    }
-
-    /// A body written into `buffer` (memory already faulted in, such as the event's) when it
-    /// holds at least the unescaped half of `bytes`; otherwise as [`PutBody::with_capacity`].
-    pub fn reusing(buffer: Vec<u8>, bytes: usize) -> Self {
-        if buffer.capacity() < bytes / 2 {
-            return Self::with_capacity(bytes);
-        }
-        Self::in_buffer(buffer)
-    }
-
-    fn in_buffer(mut buffer: Vec<u8>) -> Self {
-        buffer.clear();
+        let mut buffer = Vec::with_capacity(bytes.max(2));
         buffer.push(b'[');
         Self {
             bytes: buffer,
@@ -354,7 +334,7 @@ mod tests {
 
     #[test]
     fn twenty_thousand_small_pairs_make_two_requests() {
-        let requests = requests(ops(20_000, 10), Vec::new());
+        let requests = requests(ops(20_000, 10));
         assert_eq!(sizes(&requests), [10_000, 10_000]);
         let body: Vec<serde_json::Value> = serde_json::from_slice(&requests[0].body()).unwrap();
         assert_eq!(body[0]["key"], "k00000");
@@ -372,28 +352,12 @@ mod tests {
             (KvKey::settings("shop-2"), put("v0")),
             (KvKey::settings("a-1"), put("v1")),
         ];
-        let requests = requests(ops, Vec::new());
+        let requests = requests(ops);
         assert_eq!(sizes(&requests), [3, 1]);
         let body: Vec<serde_json::Value> = serde_json::from_slice(&requests[0].body()).unwrap();
         let keys: Vec<&str> = body.iter().map(|p| p["key"].as_str().unwrap()).collect();
         assert_eq!(keys, ["a-2", "shop-2", "a-1"]);
         assert_eq!(requests[1].body().as_ref(), br#"["gone"]"#);
-    }
-
-    #[test]
-    fn the_first_body_is_written_into_a_spare_buffer_large_enough() {
-        let ops = ops(3, 100);
-        let expected = requests(ops.clone(), Vec::new())[0].body();
-        let spare = Vec::with_capacity(4096);
-        let at = spare.as_ptr();
-        let body = requests(ops.clone(), spare)[0].body();
-        assert_eq!(body, expected);
-        assert_eq!(body.as_ptr(), at, "written where the spare buffer was");
-        let small = Vec::with_capacity(16);
-        let at = small.as_ptr();
-        let body = requests(ops, small)[0].body();
-        assert_eq!(body, expected);
-        assert_ne!(body.as_ptr(), at, "too small to hold the body");
     }
 
     #[test]
@@ -404,7 +368,7 @@ mod tests {
             .into_iter()
             .map(|key| (KvKey::settings(key), shared.clone()))
             .collect();
-        let requests = requests(ops, Vec::new());
+        let requests = requests(ops);
         assert_eq!(sizes(&requests), [3]);
         let body: Vec<serde_json::Value> = serde_json::from_slice(&requests[0].body()).unwrap();
         for (item, key) in body.iter().zip(["a-i", "shop-1", "shop-2"]) {
@@ -431,7 +395,7 @@ mod tests {
         assert_eq!(value.oversize(), None);
         let ops = vec![(KvKey::settings("a-i"), KvAction::put(value))];
         let body: Vec<serde_json::Value> =
-            serde_json::from_slice(&requests(ops, Vec::new())[0].body()).unwrap();
+            serde_json::from_slice(&requests(ops)[0].body()).unwrap();
         assert_eq!(body[0]["value"], expected.as_str());
         assert_eq!(body[0]["metadata"]["digest"], digest(&expected).as_str());
     }
@@ -439,7 +403,7 @@ mod tests {
     #[test]
     fn bodies_stay_under_one_hundred_megabytes() {
         // Five 24 MiB values: three fit under 100 MB (decimal) with their JSON, two go next.
-        let requests = requests(ops(5, 24 * 1024 * 1024), Vec::new());
+        let requests = requests(ops(5, 24 * 1024 * 1024));
         assert_eq!(sizes(&requests), [3, 2]);
         for request in requests {
             assert!(request.body().len() < MAX_BULK_BYTES);

@@ -18,7 +18,7 @@ use futures::StreamExt as _;
 use serde::Deserialize;
 
 use super::batch::{CONCURRENT_GETS, GET_BATCH, UNPROCESSED_TRIES};
-use crate::dynamo::{Image, Reader};
+use crate::dynamo::Image;
 use crate::ports::PortError;
 
 /// Attempts of one request that failed on the way or was throttled (the SDK's standard three).
@@ -300,13 +300,13 @@ fn request(table: &str, keys: &[(String, String)]) -> String {
 }
 
 /// Hands each item of an answer to `each` and answers the keys left unprocessed; `None` when
-/// the answer is not a BatchGetItem's. Read by hand, through serde when the reader gives up.
+/// the answer is not a BatchGetItem's.
 fn read_answer(
     text: &str,
     table: &str,
     each: &mut impl FnMut(&Image<'_>),
 ) -> Option<Vec<(String, String)>> {
-    let answer = read_by_hand(text).or_else(|| serde_json::from_str::<Answer>(text).ok())?;
+    let answer: Answer = serde_json::from_str(text).ok()?;
     for (_, items) in answer.responses.iter().filter(|(name, _)| *name == table) {
         items.iter().for_each(&mut *each);
     }
@@ -321,44 +321,6 @@ fn read_answer(
         ))
     };
     left.iter().map(key).collect()
-}
-
-/// The answer as the stream's reader reads it: `Responses` and `UnprocessedKeys`, anything else
-/// skipped.
-fn read_by_hand(text: &str) -> Option<Answer<'_>> {
-    let mut reader = Reader::new(text);
-    let mut answer = Answer {
-        responses: Default::default(),
-        unprocessed: Default::default(),
-    };
-    reader.object(|r, name| match &*name {
-        "Responses" => r.object(|r, table| {
-            let mut items = Vec::new();
-            r.array(|r| {
-                items.push(r.image()?);
-                Some(())
-            })?;
-            answer.responses.insert(table.into_owned(), items);
-            Some(())
-        }),
-        "UnprocessedKeys" => r.object(|r, table| {
-            let mut keys = Vec::new();
-            r.object(|r, name| match &*name {
-                "Keys" => r.array(|r| {
-                    keys.push(r.image()?);
-                    Some(())
-                }),
-                _ => r.skip(),
-            })?;
-            answer
-                .unprocessed
-                .insert(table.into_owned(), Unprocessed { keys });
-            Some(())
-        }),
-        _ => r.skip(),
-    })?;
-    reader.end()?;
-    Some(answer)
 }
 
 /// A BatchWriteItem's answer: the requests left for another call, as their JSON text.
@@ -401,23 +363,6 @@ mod tests {
         assert_eq!(seen, ["INDEX#i", "INDEX#j"]);
         assert_eq!(left, Some(vec![("a".into(), "INDEX#k".into())]));
         assert_eq!(read_answer("<html>", "settings", &mut |_: &Image| ()), None);
-    }
-
-    #[test]
-    fn the_hand_reader_reads_an_answer_as_serde_does() {
-        let by_hand = read_by_hand(ANSWER).expect("read by hand");
-        let by_serde: Answer = serde_json::from_str(ANSWER).unwrap();
-        let shown = |a: &Answer| {
-            let mut tables: Vec<_> = a.responses.iter().map(|t| format!("{t:?}")).collect();
-            tables.sort();
-            let left: Vec<_> = a
-                .unprocessed
-                .iter()
-                .map(|(t, u)| format!("{t} {:?}", u.keys))
-                .collect();
-            (tables, left)
-        };
-        assert_eq!(shown(&by_hand), shown(&by_serde));
     }
 
     #[test]

@@ -31,12 +31,9 @@ struct Sent {
 }
 
 impl<P: Ports> Exporter<P> {
-    pub(super) async fn apply_reusing(
-        &self,
-        prepared: Prepared,
-        deadline: Instant,
-        buffer: Vec<u8>,
-    ) -> BatchReport {
+    /// The plan sent once and every record's outcome decided; the check of what landed is
+    /// the caller's (`converge.rs`).
+    pub(super) async fn apply_once(&self, prepared: Prepared, deadline: Instant) -> BatchReport {
         let Prepared {
             records,
             plan,
@@ -69,7 +66,7 @@ impl<P: Ports> Exporter<P> {
                 Err(e) => return not_sent(records, outcomes, created_at, api_keys, &e),
             }
         }
-        let sent = self.send(ops, &old_shops, deadline, buffer);
+        let sent = self.send(ops, &old_shops, deadline);
         let sent = Sent {
             checked,
             ..sent.await
@@ -103,14 +100,13 @@ impl<P: Ports> Exporter<P> {
         ops: BTreeMap<KvKey, PlannedOp>,
         old_shops: &[(KvKey, IndexRef)],
         deadline: Instant,
-        buffer: Vec<u8>,
     ) -> Sent {
         let old_shop_keys: HashSet<&KvKey> = old_shops.iter().map(|(key, _)| key).collect();
         let first = (ops.iter())
             .filter(|(key, _)| old_shop_keys.contains(key))
             .map(|(key, op)| (key.clone(), op.action.clone()))
             .collect();
-        let first = self.kv.apply(first, Vec::new(), deadline).await;
+        let first = self.kv.apply(first, deadline).await;
         let mut failed: HashMap<KvKey, PortError> = first.failed.into_iter().collect();
         let withheld: HashMap<KvKey, String> = (old_shops.iter())
             .filter(|(shop, _)| failed.contains_key(shop))
@@ -119,7 +115,7 @@ impl<P: Ports> Exporter<P> {
         let (keys, rest) = in_batch_order(ops, |key| {
             !old_shop_keys.contains(key) && !withheld.contains_key(key)
         });
-        let rest = self.kv.apply(rest, buffer, deadline).await;
+        let rest = self.kv.apply(rest, deadline).await;
         failed.extend(rest.failed);
         for (key, shop) in withheld {
             let error = PortError::Transient(format!(

@@ -131,7 +131,7 @@ impl<P: Ports> Exporter<P> {
             }
             return None;
         }
-        let again = self.apply_reusing(prepared, deadline, Vec::new()).await;
+        let again = self.apply_once(prepared, deadline).await;
         for key in differ.keys() {
             let landed = (again.written.iter().chain(&again.deleted)).any(|k| k == key);
             if !landed {
