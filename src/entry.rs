@@ -10,8 +10,8 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::operator::{OperatorError, OperatorRequest};
-use crate::pipeline::exporter::{Exporter, Run};
-use crate::pipeline::records::{decode_batch, ChangeRecord, Expected};
+use crate::pipeline::exporter::Exporter;
+use crate::pipeline::records::{decode_batch, ChangeRecord, Changed, Expected};
 use crate::ports::Ports;
 use crate::report::{BatchReport, Outcome};
 
@@ -55,7 +55,7 @@ impl From<HandlerError> for Diagnostic {
 
 #[derive(Debug)]
 pub enum Payload {
-    StreamBatch(Vec<ChangeRecord>),
+    StreamBatch(Vec<ChangeRecord<Changed>>),
     Operator(OperatorRequest),
 }
 
@@ -150,7 +150,7 @@ pub async fn route<P: Ports>(
             // first bulk body, peak RSS was higher: docs/performance.md).
             drop(payload);
             let started = Instant::now();
-            let report = exporter.export(records, Run::STREAM, deadline).await;
+            let report = exporter.export_stream(records, deadline).await;
             report.log();
             crate::report::emit(&report, started.elapsed());
             batch_response(&report).map(|r| serde_json::to_value(r).expect("serializable"))

@@ -7,7 +7,7 @@ use ecom_settings_exporter::adapters::cloudflare::encode::{
 };
 use ecom_settings_exporter::domain::{ApiKey, KvOp};
 use ecom_settings_exporter::pipeline::plan::{needs, plan, Lookups};
-use ecom_settings_exporter::pipeline::records::decode_record;
+use ecom_settings_exporter::pipeline::records::decode_as_written;
 use ecom_settings_exporter::report::Outcome;
 use libfuzzer_sys::fuzz_target;
 
@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(serde_json::Value::Array(raw)) = serde_json::from_slice(data) else {
         return;
     };
-    let records: Vec<_> = raw.into_iter().map(|r| decode_record(&r.to_string(), "DEFAULT_CONFIGS")).collect();
+    let records: Vec<_> = raw.into_iter().map(|r| decode_as_written(&r.to_string(), "DEFAULT_CONFIGS")).collect();
     let needs = needs(&records, "default");
     let lookups = Lookups {
         api_keys: needs.api_keys.into_iter().map(|a| (a, Ok(ApiKey::new("fuzz-key")))).collect(),

@@ -33,8 +33,6 @@ pub struct StreamChange<'a> {
     pub approximate_creation_date_time: Option<f64>,
     #[serde(default, borrow)]
     pub keys: Image<'a>,
-    #[serde(default, borrow)]
-    pub new_image: Image<'a>,
     #[serde(default)]
     pub old_image: OldImage,
     #[serde(default, borrow)]

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use crate::domain::{IndexRef, KvAction, KvKey, SettingsReference};
 use crate::pipeline::api_key_cache::ApiKeyCache;
 use crate::pipeline::plan::{self, PlannedOp};
-use crate::pipeline::records::{ChangeRecord, Expected};
+use crate::pipeline::records::{ChangeRecord, Changed, Expected};
 use crate::ports::{
     before_deadline, ApiKeySource, IndexRefs, KvStore, Ledger, LookupCounts, PortError, Ports,
     ReconcileProgress, SettingsTable, TableCounters,
@@ -245,7 +245,18 @@ impl<P: Ports> Exporter<P> {
         }
     }
 
-    /// Exports decoded records, in stream order.
+    /// Exports a stream batch's records, in stream order, each as its item is now.
+    pub async fn export_stream(
+        &self,
+        records: Vec<ChangeRecord<Changed>>,
+        deadline: Instant,
+    ) -> BatchReport {
+        let (records, known) = self.read_now(records, deadline).await;
+        let prepared = self.plan_records(records, known, Run::STREAM, deadline);
+        self.apply(prepared.await, deadline).await
+    }
+
+    /// Exports decoded records (table items), in their order.
     pub async fn export(
         &self,
         records: Vec<ChangeRecord>,
@@ -299,13 +310,26 @@ impl<P: Ports> Exporter<P> {
         run: Run,
         deadline: Instant,
     ) -> Prepared {
+        let indexes = references::left_by(&records).into_iter().flatten();
+        let indexes = indexes.map(|(index, _)| index).collect();
+        match self.known_refs(indexes, run, deadline).await {
+            Ok(known) => self.plan_records(records, known, run, deadline).await,
+            // Nothing could then be recorded: the batch is retried, never exported without.
+            Err(error) => Prepared::none_sent(records, run, error),
+        }
+    }
+
+    /// The records planned, their lookups done, beside what the ledger recorded of their
+    /// indexes (`known_refs`, when the run keeps references).
+    async fn plan_records(
+        &self,
+        records: Vec<ChangeRecord>,
+        known_refs: Option<lookups::Known>,
+        run: Run,
+        deadline: Instant,
+    ) -> Prepared {
         let keys = run.api_keys;
         let cell = &self.options.default_cell;
-        let (records, known_refs) = match self.first_reads(records, run, deadline).await {
-            Ok(read) => read,
-            // Nothing could then be recorded: the batch is retried, never exported without.
-            Err((records, error)) => return Prepared::none_sent(records, run, error),
-        };
         let (mut lookups, mut api_keys) =
             (self.look_up(&records, known_refs.as_ref(), run, deadline)).await;
         let mut plan = plan::plan(&records, &lookups, cell);
@@ -397,7 +421,7 @@ mod tests {
             .iter()
             .map(|r| decode_record(&r.to_string(), exporter.default_configs_sk()))
             .collect();
-        exporter.export(records, Run::STREAM, deadline()).await
+        exporter.export_stream(records, deadline()).await
     }
 
     /// The table as the stream's records leave it: each one's new image, or none after a REMOVE.
@@ -500,7 +524,7 @@ mod tests {
             .map(|r| decode_record(&r.to_string(), exporter.default_configs_sk()))
             .collect();
 
-        let report = exporter.export(records, Run::STREAM, deadline()).await;
+        let report = exporter.export_stream(records, deadline()).await;
 
         assert_eq!(report.count(|o| *o == Outcome::Exported), 2);
         let values = exporter.kv.values.lock().unwrap();

@@ -321,7 +321,7 @@ mod tests {
     use crate::domain::settings::Document;
     use crate::domain::ApiKey;
     use crate::domain::{IndexId, IndexSettings, Namespace, QueryConfig};
-    use crate::pipeline::records::decode_record;
+    use crate::pipeline::records::decode_as_written;
     use crate::pipeline::records::PreviousShop;
     use crate::ports::AccountCell;
     use serde_json::json;
@@ -357,7 +357,7 @@ mod tests {
         if let Some(old) = old {
             dynamodb["OldImage"] = old;
         }
-        decode_record(
+        decode_as_written(
             &json!({"eventID": seq.to_string(), "eventName": event, "awsRegion": "eu-west-1", "dynamodb": dynamodb})
                 .to_string(),
             "DEFAULT_CONFIGS",

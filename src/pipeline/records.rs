@@ -1,5 +1,6 @@
-//! Step 2 of the pipeline: DynamoDB stream records (and table items, for the operator modes)
-//! become domain changes, one per record, in stream order. Nothing here talks to a server.
+//! Step 2 of the pipeline: DynamoDB stream records become the items that changed, and table
+//! items (the stream's, read when its batch is, and the operator modes') domain changes, one
+//! per record, in stream order. Nothing here talks to a server.
 
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use serde_dynamo::Item;
 use crate::domain::kv::{check_key, KvKey};
 use crate::domain::validate::shown;
 use crate::domain::{IndexRef, IndexSettings, QueryConfig};
-use crate::dynamo::stream::{self, BadRecord, StreamChange, StreamRecord};
+use crate::dynamo::stream::{self, BadRecord, StreamRecord};
 use crate::dynamo::{self, Image, OldImage, SortKey};
 use crate::report::Outcome;
 
@@ -47,16 +48,28 @@ pub enum Change {
     },
 }
 
-/// One stream record, decoded, with what identifies it in logs and in the batch response.
+/// What a stream record says: which item changed, and the shop its index had. Never its new
+/// values: what is exported is the item as the table holds it when the batch reads it
+/// ([`ChangeRecord::as_now`]), so its `NewImage` is skipped unread.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ChangeRecord {
+pub struct Changed {
+    pub index: IndexRef,
+    /// The override's query, when the item is one.
+    pub query: Option<String>,
+    pub previous_shop: PreviousShop,
+}
+
+/// One record, decoded, with what identifies it in logs and in the batch response: a stream
+/// record as it arrives ([`Changed`]), then as the change its item makes ([`Change`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeRecord<C = Change> {
     pub sequence_number: Option<String>,
     pub index: Option<IndexRef>,
     /// `ApproximateCreationDateTime`, seconds since the epoch, for propagation lag.
     pub created_at: Option<f64>,
     /// What the record changes, or where it already ended: skipped on purpose (default
     /// configs, foreign sort keys) or rejected as permanently invalid.
-    pub decoded: Result<Change, Outcome>,
+    pub decoded: Result<C, Outcome>,
 }
 
 impl ChangeRecord {
@@ -70,10 +83,12 @@ impl ChangeRecord {
             _ => None,
         }
     }
+}
 
-    /// The item (`pk`, `sk`) a decoded record is about.
+impl ChangeRecord<Changed> {
+    /// The item (`pk`, `sk`) the record is about.
     pub fn item_key(&self) -> Option<(String, String)> {
-        let (index, query) = self.decoded.as_ref().ok()?.subject();
+        let Changed { index, query, .. } = self.decoded.as_ref().ok()?;
         let sk = match query {
             None => format!("INDEX#{}", index.name),
             Some(query) => format!("INDEX#{}#QUERY#{query}", index.name),
@@ -86,51 +101,57 @@ impl ChangeRecord {
     /// and which shop its index had; what is exported comes from the table, so a record read
     /// late (a replay, an old payload sent by hand) never writes old values.
     pub fn as_now(self, now: Option<&Result<Change, Outcome>>) -> ChangeRecord {
-        let Ok(change) = &self.decoded else {
-            return self;
-        };
-        let (index, query) = change.subject();
-        let (index, query) = (index.clone(), query.map(str::to_owned));
-        let previous_shop = match change {
-            Change::UpsertIndex { previous_shop, .. }
-            | Change::RemoveIndex { previous_shop, .. } => previous_shop.clone(),
-            _ => PreviousShop::Known(None),
-        };
-        let decoded = match (now, query) {
-            (Some(Ok(Change::UpsertIndex { settings, .. })), _) => Ok(Change::UpsertIndex {
-                settings: settings.clone(),
-                previous_shop,
-                with_overrides: false,
-            }),
-            // An override's config, or why the item is rejected.
-            (Some(now), _) => now.clone(),
-            (None, None) => Ok(Change::RemoveIndex {
+        let decoded = self.decoded.and_then(|changed| {
+            let Changed {
                 index,
+                query,
                 previous_shop,
-            }),
-            (None, Some(query)) => Ok(Change::RemoveQuery { index, query }),
-        };
-        ChangeRecord { decoded, ..self }
+            } = changed;
+            match (now, query) {
+                (Some(Ok(Change::UpsertIndex { settings, .. })), _) => Ok(Change::UpsertIndex {
+                    settings: settings.clone(),
+                    previous_shop,
+                    with_overrides: false,
+                }),
+                // An override's config, or why the item is rejected.
+                (Some(now), _) => now.clone(),
+                (None, None) => Ok(Change::RemoveIndex {
+                    index,
+                    previous_shop,
+                }),
+                (None, Some(query)) => Ok(Change::RemoveQuery { index, query }),
+            }
+        });
+        ChangeRecord {
+            sequence_number: self.sequence_number,
+            index: self.index,
+            created_at: self.created_at,
+            decoded,
+        }
     }
-}
 
-impl Change {
-    /// The index the change is about, and the override's query when it is one.
-    fn subject(&self) -> (&IndexRef, Option<&str>) {
-        match self {
-            Change::UpsertIndex { settings, .. } => (&settings.index, None),
-            Change::RemoveIndex { index, .. } => (index, None),
-            Change::UpsertQuery(config) => (&config.index, Some(&config.query)),
-            Change::RemoveQuery { index, query } => (index, Some(query)),
+    /// The record when its item could not be read: it ends as `error` says (reported for
+    /// retry when it is transient), unless it had already ended.
+    pub fn unread(self, error: &crate::ports::PortError) -> ChangeRecord {
+        let reason = error.to_string();
+        let decoded = self.decoded.and_then(|_| match error.is_transient() {
+            true => Err(Outcome::Failed(reason)),
+            false => Err(Outcome::Rejected(reason)),
+        });
+        ChangeRecord {
+            sequence_number: self.sequence_number,
+            index: self.index,
+            created_at: self.created_at,
+            decoded,
         }
     }
 }
 
-fn skip(reason: impl Into<String>) -> Result<Change, Outcome> {
+fn skip<C>(reason: impl Into<String>) -> Result<C, Outcome> {
     Err(Outcome::Skipped(reason.into()))
 }
 
-fn reject(reason: impl Into<String>) -> Result<Change, Outcome> {
+fn reject<C>(reason: impl Into<String>) -> Result<C, Outcome> {
     Err(Outcome::Rejected(reason.into()))
 }
 
@@ -153,23 +174,43 @@ impl<'s> From<&'s str> for Expected<'s> {
     }
 }
 
-/// A stream batch's records as changes, in stream order, each decoded as it is read (`None`:
-/// the payload is not a stream batch). How the batch is read is `dynamo::stream`'s business.
+/// A stream batch's records, in stream order, each decoded as it is read (`None`: the payload
+/// is not a stream batch). How the batch is read is `dynamo::stream`'s business.
 pub fn decode_batch<'s>(
     payload: &str,
     expected: impl Into<Expected<'s>>,
-) -> Option<Vec<ChangeRecord>> {
+) -> Option<Vec<ChangeRecord<Changed>>> {
     let expected = expected.into();
     stream::read_stream_batch(payload, |record| from_stream(record, expected))
 }
 
 /// Decodes one raw record of a `{"Records": [...]}` batch. Never fails: a record that cannot
 /// be read is rejected with the reason.
-pub fn decode_record<'s>(raw: &str, expected: impl Into<Expected<'s>>) -> ChangeRecord {
+pub fn decode_record<'s>(raw: &str, expected: impl Into<Expected<'s>>) -> ChangeRecord<Changed> {
     from_stream(stream::read_stream_record(raw), expected.into())
 }
 
-fn from_stream(record: Result<StreamRecord, BadRecord>, expected: Expected) -> ChangeRecord {
+/// A stream record exported as its own `NewImage` says (absent: as a remove), for tests, tools
+/// and fuzzing without a table; the function reads the item from the table instead.
+pub fn decode_as_written<'s>(raw: &str, expected: impl Into<Expected<'s>>) -> ChangeRecord {
+    let expected = expected.into();
+    let record = decode_record(raw, expected);
+    // The item is its image with the record's keys (a stream image holds them too).
+    let image = serde_json::from_str::<serde_json::Value>(raw)
+        .ok()
+        .and_then(|raw| {
+            let mut image = raw.get("dynamodb")?.get("NewImage")?.as_object()?.clone();
+            image.extend(raw["dynamodb"].get("Keys")?.as_object()?.clone());
+            dynamo::item_from_dynamodb_json(image.into()).ok()
+        });
+    let now = image.and_then(|item| decode_now(&Image::of(&item), expected.default_configs_sk));
+    record.as_now(now.as_ref().map(|(_, change)| change))
+}
+
+fn from_stream(
+    record: Result<StreamRecord, BadRecord>,
+    expected: Expected,
+) -> ChangeRecord<Changed> {
     match record {
         Ok(record) => change_record(&record, expected),
         Err(bad) => ChangeRecord {
@@ -181,7 +222,7 @@ fn from_stream(record: Result<StreamRecord, BadRecord>, expected: Expected) -> C
     }
 }
 
-fn change_record(record: &StreamRecord, expected: Expected) -> ChangeRecord {
+fn change_record(record: &StreamRecord, expected: Expected) -> ChangeRecord<Changed> {
     let change = &record.dynamodb;
     let (index, decoded) = match from_elsewhere(record, expected) {
         Some(reason) => (None, reject(reason)),
@@ -213,17 +254,13 @@ fn from_elsewhere(record: &StreamRecord, expected: Expected) -> Option<String> {
     }
 }
 
-/// The index the record is about (when its keys tell) and what it means.
+/// The index the record is about (when its keys tell) and which of its items changed.
 fn decode_change(
     record: &StreamRecord,
     default_configs_sk: &str,
-) -> (Option<IndexRef>, Result<Change, Outcome>) {
+) -> (Option<IndexRef>, Result<Changed, Outcome>) {
     let change = &record.dynamodb;
-    let keys = if change.keys.is_empty() {
-        &change.new_image
-    } else {
-        &change.keys
-    };
+    let keys = &change.keys;
     let (Some(pk), Some(sk)) = (keys.string("pk"), keys.string("sk")) else {
         let reason = "the record's keys must hold string `pk` and `sk`";
         return (None, reject(reason));
@@ -262,39 +299,20 @@ fn decode_change(
         return (None, reject(reason));
     }
     let event_name = record.event_name.as_ref().map_or("", |name| &name.0);
-    (
-        Some(index.clone()),
-        decode_image(event_name, change, index, query),
-    )
-}
-
-fn decode_image(
-    event_name: &str,
-    change: &StreamChange,
-    index: IndexRef,
-    query: Option<String>,
-) -> Result<Change, Outcome> {
-    let view = change.stream_view_type.as_ref().map(|view| &*view.0);
-    let previous_shop = previous_shop(event_name, view, &change.old_image);
-    match (event_name, query) {
-        ("INSERT" | "MODIFY", query) => {
-            if change.new_image.is_empty() {
-                return reject(
-                    "the record has no NewImage: the stream view type must be NEW_IMAGE or NEW_AND_OLD_IMAGES",
-                );
-            }
-            decode_upsert(index, query, &change.new_image, previous_shop, false)
-        }
-        ("REMOVE", None) => Ok(Change::RemoveIndex {
-            index,
-            previous_shop,
-        }),
-        ("REMOVE", Some(query)) => Ok(Change::RemoveQuery { index, query }),
-        (other, _) => reject(format!(
+    if !matches!(event_name, "INSERT" | "MODIFY" | "REMOVE") {
+        let reason = format!(
             "unknown eventName {} (expected INSERT, MODIFY or REMOVE)",
-            shown(other)
-        )),
+            shown(event_name)
+        );
+        return (Some(index), Err(Outcome::Rejected(reason)));
     }
+    let view = change.stream_view_type.as_ref().map(|view| &*view.0);
+    let changed = Changed {
+        index: index.clone(),
+        query,
+        previous_shop: previous_shop(event_name, view, &change.old_image),
+    };
+    (Some(index), Ok(changed))
 }
 
 /// An index's new image (its settings, or one of its query configs) as a change.
@@ -401,7 +419,7 @@ mod tests {
     use serde_json::json;
 
     /// Decodes a record given as a JSON value.
-    fn decode_record(raw: serde_json::Value, default_configs_sk: &str) -> ChangeRecord {
+    fn decode_record(raw: serde_json::Value, default_configs_sk: &str) -> ChangeRecord<Changed> {
         super::decode_record(&raw.to_string(), default_configs_sk)
     }
 
@@ -436,8 +454,9 @@ mod tests {
         let decoded = decode_record(raw, "DEFAULT_CONFIGS");
         assert_eq!(
             decoded.decoded,
-            Ok(Change::RemoveIndex {
+            Ok(Changed {
                 index: IndexRef::new("acct-1", "products"),
+                query: None,
                 previous_shop: PreviousShop::Unknown
             })
         );
@@ -452,7 +471,7 @@ mod tests {
         let decoded = decode_record(raw, "DEFAULT_CONFIGS");
         assert!(matches!(
             decoded.decoded,
-            Ok(Change::RemoveIndex { previous_shop: PreviousShop::Known(Some(ref s)), .. }) if s == "shop-old"
+            Ok(Changed { previous_shop: PreviousShop::Known(Some(ref s)), .. }) if s == "shop-old"
         ));
     }
 
@@ -514,7 +533,7 @@ mod tests {
     fn read_batch<'s>(
         payload: &str,
         expected: impl Into<Expected<'s>>,
-    ) -> Option<Vec<ChangeRecord>> {
+    ) -> Option<Vec<ChangeRecord<Changed>>> {
         decode_batch(payload, expected)
     }
 
@@ -531,7 +550,7 @@ mod tests {
             else {
                 continue;
             };
-            let one_by_one: Vec<ChangeRecord> = records
+            let one_by_one: Vec<ChangeRecord<Changed>> = records
                 .iter()
                 .map(|r| super::decode_record(&r.to_string(), "DEFAULT_CONFIGS"))
                 .collect();
@@ -582,10 +601,32 @@ mod tests {
     }
 
     #[test]
-    fn modify_without_a_new_image_is_rejected() {
-        let decoded = decode_record(record("MODIFY", "INDEX#p", json!(null)), "D");
-        assert!(matches!(decoded.decoded, Err(Outcome::Rejected(ref r)) if r.contains("NewImage")));
-        assert_eq!(decoded.index, Some(IndexRef::new("acct-1", "p")));
+    fn a_record_s_new_image_is_never_read_its_item_decides() {
+        let bad_image = json!({"index_endpoint": {"S": "http://not-https"}});
+        let no_image = record("MODIFY", "INDEX#p", json!(null));
+        let changed = Changed {
+            index: IndexRef::new("acct-1", "p"),
+            query: None,
+            previous_shop: PreviousShop::Unknown,
+        };
+        for raw in [record("MODIFY", "INDEX#p", bad_image), no_image] {
+            let decoded = decode_record(raw, "D");
+            assert_eq!(decoded.decoded, Ok(changed.clone()));
+            let item = crate::dynamo::item_from_dynamodb_json(json!({"pk": {"S": "acct-1"},
+                "sk": {"S": "INDEX#p"}, "index_endpoint": {"S": "https://idx"}}))
+            .unwrap();
+            let (_, now) = decode_now(&Image::of(&item), "D").unwrap();
+            let now = decoded.clone().as_now(Some(&now));
+            assert!(
+                matches!(&now.decoded,
+                Ok(Change::UpsertIndex { settings, previous_shop: PreviousShop::Unknown, .. })
+                    if settings.index_url == "https://idx"),
+                "{:?}",
+                now.decoded
+            );
+            let gone = decoded.as_now(None);
+            assert!(matches!(gone.decoded, Ok(Change::RemoveIndex { .. })));
+        }
     }
 
     #[test]
@@ -639,14 +680,12 @@ mod tests {
             "idx.example",
             "https://user:pw@idx.example",
         ] {
-            let decoded = decode_record(
-                record(
-                    "INSERT",
-                    "INDEX#p",
-                    json!({"index_endpoint": {"S": endpoint}}),
-                ),
-                "D",
+            let raw = record(
+                "INSERT",
+                "INDEX#p",
+                json!({"index_endpoint": {"S": endpoint}}),
             );
+            let decoded = decode_as_written(&raw.to_string(), "D");
             assert!(
                 matches!(&decoded.decoded, Err(Outcome::Rejected(r))
                     if r.contains("index_endpoint") && r.contains("not an https URL")),

@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::common::*;
 use ecom_emulators::kv::Fault;
 use ecom_settings_exporter::domain::{ApiKey, ApiToken};
-use ecom_settings_exporter::pipeline::records::decode_record;
+use ecom_settings_exporter::pipeline::records::decode_as_written;
 use serde_json::json;
 
 const API_KEY: &str = "marqo-api-key-7d1f0c";
@@ -124,7 +124,7 @@ async fn neither_token_nor_api_key_appears_anywhere_but_kv() {
     // Debug output of everything that carries them.
     let decoded: Vec<_> = records
         .iter()
-        .map(|r| decode_record(&r.to_string(), "DEFAULT_CONFIGS"))
+        .map(|r| decode_as_written(&r.to_string(), "DEFAULT_CONFIGS"))
         .collect();
     let prepared = h
         .exporter

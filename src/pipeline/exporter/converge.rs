@@ -381,7 +381,7 @@ mod tests {
     use super::*;
     use crate::adapters::memory::MemoryKv;
     use crate::pipeline::exporter::tests::exporter;
-    use crate::pipeline::records::decode_record;
+    use crate::pipeline::records::{decode_as_written, decode_record};
     use serde_json::json;
     use std::time::Duration;
 
@@ -395,7 +395,7 @@ mod tests {
         let record = json!({"eventID": "e", "eventName": "INSERT", "awsRegion": "r",
             "dynamodb": {"Keys": keys, "NewImage": image, "SequenceNumber": "1", "SizeBytes": 1,
                          "StreamViewType": "NEW_IMAGE"}});
-        decode_record(&record.to_string(), "DEFAULT_CONFIGS")
+        decode_as_written(&record.to_string(), "DEFAULT_CONFIGS")
     }
 
     fn landed(key: KvKey) -> Landed {
@@ -513,7 +513,9 @@ mod tests {
         // Its record is the newest word on the item: a later change is a later record.
         let exporter = exporter(MemoryKv::default());
         let deadline = Instant::now() + Duration::from_secs(10);
-        let record = insert("new", None);
+        let raw = json!({"eventID": "1", "eventName": "INSERT", "dynamodb": {
+            "Keys": {"pk": {"S": "a"}, "sk": {"S": "INDEX#new"}}, "SequenceNumber": "1"}});
+        let record = decode_record(&raw.to_string(), "DEFAULT_CONFIGS");
         let (key, image) = (
             record.item_key().unwrap(),
             json!({"pk": {"S": "a"},
@@ -523,7 +525,7 @@ mod tests {
         exporter.table.items.lock().unwrap().insert(key, item);
 
         // The table's `index_settings` finds nothing: a check would delete the key.
-        let report = exporter.export(vec![record], Run::STREAM, deadline).await;
+        let report = exporter.export_stream(vec![record], deadline).await;
 
         assert!(exporter.kv.values.lock().unwrap().contains_key("a-new"));
         assert_eq!(report.keys_written, 1);

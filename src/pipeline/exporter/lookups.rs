@@ -7,13 +7,13 @@ use std::sync::Arc;
 use futures::StreamExt as _;
 use tokio::time::Instant;
 
-use super::{references, ApiKeys, Exporter, Overrides, Run, CONCURRENT_KV_REQUESTS};
+use super::{ApiKeys, Exporter, Overrides, Run, CONCURRENT_KV_REQUESTS};
 use crate::domain::kv::KvValue;
 use crate::domain::qfilter::{filter_key, QueryFilter};
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::dynamo;
 use crate::pipeline::plan::{self, Lookups, PlannedOp};
-use crate::pipeline::records::{self, Change, ChangeRecord};
+use crate::pipeline::records::{self, Change, ChangeRecord, Changed};
 use crate::ports::{before_deadline, AccountCell, KvStore, LookupCounts, Ports};
 use crate::ports::{IndexRefs, Ledger, PortError, SettingsTable};
 
@@ -77,25 +77,37 @@ impl<P: Ports> Exporter<P> {
         }
     }
 
-    /// A batch's first reads, together: for the stream, its records as their items are now
-    /// (`records::as_now`); when the run keeps references, what the ledger recorded for its
-    /// indexes (their old shops without a KV read, and what to record). An error when either
-    /// could not be read: nothing of the batch is then sent.
-    pub(super) async fn first_reads(
+    /// What the ledger recorded of the records' indexes (their old shops without a KV read,
+    /// and what to record), when the run keeps references.
+    pub(super) async fn known_refs(
         &self,
-        records: Vec<ChangeRecord>,
+        indexes: BTreeSet<IndexRef>,
         run: Run,
         deadline: Instant,
-    ) -> Result<(Vec<ChangeRecord>, Option<Known>), (Vec<ChangeRecord>, PortError)> {
+    ) -> Result<Option<Known>, PortError> {
+        if !run.records_references {
+            return Ok(None);
+        }
+        let indexes: Vec<IndexRef> = indexes.into_iter().collect();
+        let read = self.ledger.index_refs(&indexes);
+        before_deadline(deadline, "recorded references", read)
+            .await
+            .map(Some)
+    }
+
+    /// A stream batch's first reads, together: its records' items as the table holds them now
+    /// (`ChangeRecord::as_now`) and what the ledger recorded of their indexes. When either
+    /// could not be read, every record not already ended fails with the error (nothing of the
+    /// batch is then sent).
+    pub(super) async fn read_now(
+        &self,
+        records: Vec<ChangeRecord<Changed>>,
+        deadline: Instant,
+    ) -> (Vec<ChangeRecord>, Option<Known>) {
         // Each record's item, once: asked for, then looked up.
-        let item_keys: Vec<Option<(String, String)>> = match run.is_stream() {
-            true => records.iter().map(ChangeRecord::item_key).collect(),
-            false => Vec::new(),
-        };
+        let item_keys: Vec<Option<(String, String)>> =
+            records.iter().map(ChangeRecord::item_key).collect();
         let now = async {
-            if !run.is_stream() {
-                return Ok(None);
-            }
             let keys: BTreeSet<&(String, String)> = item_keys.iter().flatten().collect();
             let keys: Vec<(String, String)> = keys.into_iter().cloned().collect();
             let mut now = HashMap::with_capacity(keys.len());
@@ -104,33 +116,26 @@ impl<P: Ports> Exporter<P> {
                 now.extend(records::decode_now(image, sk));
             });
             before_deadline(deadline, "the records' items", read).await?;
-            Ok(Some(now))
+            Ok(now)
         };
-        let known = async {
-            if !run.records_references {
-                return Ok(None);
-            }
-            let indexes: BTreeSet<IndexRef> = (references::left_by(&records).into_iter())
-                .flatten()
-                .map(|(index, _)| index)
-                .collect();
-            let indexes: Vec<IndexRef> = indexes.into_iter().collect();
-            let read = self.ledger.index_refs(&indexes);
-            before_deadline(deadline, "recorded references", read)
-                .await
-                .map(Some)
-        };
-        let (now, known) = match tokio::join!(now, known) {
-            (Ok(now), Ok(known)) => (now, known),
-            (Err(error), _) | (_, Err(error)) => return Err((records, error)),
-        };
-        let Some(now) = now else {
-            return Ok((records, known));
-        };
-        let records = (records.into_iter().zip(item_keys))
-            .map(|(record, key)| record.as_now(key.and_then(|key| now.get(&key))))
+        let indexes = (records.iter())
+            .filter_map(|record| record.decoded.as_ref().ok())
+            .filter(|changed| changed.query.is_none())
+            .map(|changed| changed.index.clone())
             .collect();
-        Ok((records, known))
+        let known = self.known_refs(indexes, Run::STREAM, deadline);
+        match tokio::join!(now, known) {
+            (Ok(now), Ok(known)) => {
+                let records = (records.into_iter().zip(item_keys))
+                    .map(|(record, key)| record.as_now(key.and_then(|key| now.get(&key))))
+                    .collect();
+                (records, known)
+            }
+            (Err(error), _) | (_, Err(error)) => {
+                let records = records.into_iter().map(|r| r.unread(&error)).collect();
+                (records, None)
+            }
+        }
     }
 
     /// What a batch needs before planning, beside what the ledger recorded (`known`): API

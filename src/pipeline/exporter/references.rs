@@ -332,7 +332,7 @@ mod tests {
     use super::*;
     use crate::adapters::memory::MemoryKv;
     use crate::pipeline::exporter::tests::exporter;
-    use crate::pipeline::records::decode_record;
+    use crate::pipeline::records::decode_as_written;
     use serde_json::json;
     use std::time::Duration;
 
@@ -352,7 +352,7 @@ mod tests {
         let record = json!({"eventID": "e", "eventName": "MODIFY", "awsRegion": "r",
             "dynamodb": {"Keys": keys, "NewImage": image, "SequenceNumber": "1", "SizeBytes": 1,
                          "StreamViewType": "NEW_IMAGE"}});
-        decode_record(&record.to_string(), "DEFAULT_CONFIGS")
+        decode_as_written(&record.to_string(), "DEFAULT_CONFIGS")
     }
 
     fn index(name: &str) -> IndexRef {
