@@ -163,6 +163,8 @@ pub struct MemoryLedger {
     pub back: Mutex<BTreeSet<(Referred, IndexRef)>>,
     pub complete: AtomicBool,
     pub progress: Mutex<Option<ReconcileProgress>>,
+    /// Every index whose references were asked for, in order.
+    pub asked: Mutex<Vec<IndexRef>>,
 }
 
 impl Ledger for MemoryLedger {
@@ -179,6 +181,7 @@ impl Ledger for MemoryLedger {
         &self,
         indexes: &[IndexRef],
     ) -> Result<HashMap<IndexRef, IndexRefs>, PortError> {
+        self.asked.lock().unwrap().extend_from_slice(indexes);
         let refs = self.refs.lock().unwrap();
         Ok((indexes.iter())
             .filter_map(|index| Some((index.clone(), refs.get(index)?.clone())))

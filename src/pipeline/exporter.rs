@@ -533,6 +533,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_index_the_batch_only_inserts_is_not_asked_of_the_ledger() {
+        let exporter = exporter(MemoryKv::default());
+        let batch = vec![
+            record(1, "INSERT", "new"),
+            record(2, "MODIFY", "changed"),
+            record(3, "INSERT", "again"),
+            record(4, "MODIFY", "again"),
+        ];
+
+        let report = export(&exporter, batch).await;
+
+        assert_eq!(report.count(|o| *o == Outcome::Exported), 4);
+        let asked = exporter.ledger.asked.lock().unwrap().clone();
+        let again = IndexRef::new("a", "again");
+        assert_eq!(asked, [again, IndexRef::new("a", "changed")]);
+        // Its references are recorded all the same.
+        let refs = exporter.ledger.refs.lock().unwrap();
+        assert!(refs.contains_key(&IndexRef::new("a", "new")), "{refs:?}");
+        assert!(exporter.kv.values.lock().unwrap().contains_key("a-new"));
+    }
+
+    #[tokio::test]
     async fn lag_counts_only_times_a_stream_could_hold() {
         let exporter = exporter(MemoryKv::default());
         let now = std::time::SystemTime::now()

@@ -57,6 +57,9 @@ pub struct Changed {
     /// The override's query, when the item is one.
     pub query: Option<String>,
     pub previous_shop: PreviousShop,
+    /// An INSERT: the item did not exist before the record, so nothing recorded of its index
+    /// (by an earlier life of it) can matter to it.
+    pub inserted: bool,
 }
 
 /// One record, decoded, with what identifies it in logs and in the batch response: a stream
@@ -106,6 +109,7 @@ impl ChangeRecord<Changed> {
                 index,
                 query,
                 previous_shop,
+                ..
             } = changed;
             match (now, query) {
                 (Some(Ok(Change::UpsertIndex { settings, .. })), _) => Ok(Change::UpsertIndex {
@@ -311,6 +315,7 @@ fn decode_change(
         index: index.clone(),
         query,
         previous_shop: previous_shop(event_name, view, &change.old_image),
+        inserted: event_name == "INSERT",
     };
     (Some(index), Ok(changed))
 }
@@ -457,7 +462,8 @@ mod tests {
             Ok(Changed {
                 index: IndexRef::new("acct-1", "products"),
                 query: None,
-                previous_shop: PreviousShop::Unknown
+                previous_shop: PreviousShop::Unknown,
+                inserted: false,
             })
         );
         assert_eq!(decoded.sequence_number.as_deref(), Some("100"));
@@ -608,6 +614,7 @@ mod tests {
             index: IndexRef::new("acct-1", "p"),
             query: None,
             previous_shop: PreviousShop::Unknown,
+            inserted: false,
         };
         for raw in [record("MODIFY", "INDEX#p", bad_image), no_image] {
             let decoded = decode_record(raw, "D");

@@ -1,7 +1,7 @@
 //! What a batch must know before it is planned: API keys, other indexes' references and
 //! current shops, the indexes that claim a shop key, and each index's override filter.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use futures::StreamExt as _;
@@ -118,10 +118,16 @@ impl<P: Ports> Exporter<P> {
             before_deadline(deadline, "the records' items", read).await?;
             Ok(now)
         };
-        let indexes = (records.iter())
-            .filter_map(|record| record.decoded.as_ref().ok())
-            .filter(|changed| changed.query.is_none())
-            .map(|changed| changed.index.clone())
+        // An index the batch only inserts has nothing recorded that can matter: not asked.
+        let mut asked: BTreeMap<&IndexRef, bool> = BTreeMap::new();
+        for changed in (records.iter()).filter_map(|record| record.decoded.as_ref().ok()) {
+            if changed.query.is_none() {
+                *asked.entry(&changed.index).or_default() |= !changed.inserted;
+            }
+        }
+        let indexes = (asked.into_iter())
+            .filter(|(_, asked)| *asked)
+            .map(|(index, _)| index.clone())
             .collect();
         let known = self.known_refs(indexes, Run::STREAM, deadline);
         match tokio::join!(now, known) {
