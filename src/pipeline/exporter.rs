@@ -252,8 +252,8 @@ impl<P: Ports> Exporter<P> {
         deadline: Instant,
     ) -> BatchReport {
         let (records, known) = self.read_now(records, deadline).await;
-        let prepared = self.plan_records(records, known, Run::STREAM, deadline);
-        self.apply(prepared.await, deadline).await
+        let prepared = (self.plan_records(records, known, Run::STREAM, deadline)).await;
+        self.apply(prepared, deadline).await
     }
 
     /// Exports decoded records (table items), in their order.
