@@ -146,8 +146,7 @@ pub async fn route<P: Ports>(
     let parsed = Payload::parse(&payload, exporter.expected())?;
     match parsed {
         Payload::StreamBatch(records) => {
-            // Decoded records own what they need: the event's memory goes now (kept for the
-            // first bulk body, peak RSS was higher: docs/performance.md).
+            // Decoded records own what they need: the event's memory goes now.
             drop(payload);
             let started = Instant::now();
             let report = exporter.export_stream(records, deadline).await;

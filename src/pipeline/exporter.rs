@@ -146,14 +146,7 @@ impl Prepared {
     /// Records that cannot be prepared: each one not already decided fails for `error`
     /// (reported for retry when it is transient), and nothing is sent.
     fn none_sent(records: Vec<ChangeRecord>, run: Run, error: PortError) -> Self {
-        let reason = error.to_string();
-        let outcomes = (records.iter())
-            .map(|record| match &record.decoded {
-                Err(ended) => ended.clone(),
-                Ok(_) if error.is_transient() => Outcome::Failed(reason.clone()),
-                Ok(_) => Outcome::Rejected(reason.clone()),
-            })
-            .collect();
+        let outcomes = records.iter().map(|r| r.ended_by(&error)).collect();
         Prepared {
             records,
             plan: plan::Plan {

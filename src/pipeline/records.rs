@@ -11,6 +11,7 @@ use crate::domain::validate::shown;
 use crate::domain::{IndexRef, IndexSettings, QueryConfig};
 use crate::dynamo::stream::{self, BadRecord, StreamRecord};
 use crate::dynamo::{self, Image, OldImage, SortKey};
+use crate::ports::PortError;
 use crate::report::Outcome;
 
 /// DynamoDB's limit on a sort key. A partition key (the account) is bounded by the index's own
@@ -104,49 +105,63 @@ impl ChangeRecord<Changed> {
     /// and which shop its index had; what is exported comes from the table, so a record read
     /// late (a replay, an old payload sent by hand) never writes old values.
     pub fn as_now(self, now: Option<&Result<Change, Outcome>>) -> ChangeRecord {
-        let decoded = self.decoded.and_then(|changed| {
-            let Changed {
-                index,
-                query,
+        self.map_decoded(|decoded| decoded.and_then(|changed| changed.into_change(now)))
+    }
+}
+
+impl Changed {
+    /// The change the item makes as it is now ([`ChangeRecord::as_now`]).
+    fn into_change(self, now: Option<&Result<Change, Outcome>>) -> Result<Change, Outcome> {
+        let Changed {
+            index,
+            query,
+            previous_shop,
+            ..
+        } = self;
+        match (now, query) {
+            (Some(Ok(Change::UpsertIndex { settings, .. })), _) => Ok(Change::UpsertIndex {
+                settings: settings.clone(),
                 previous_shop,
-                ..
-            } = changed;
-            match (now, query) {
-                (Some(Ok(Change::UpsertIndex { settings, .. })), _) => Ok(Change::UpsertIndex {
-                    settings: settings.clone(),
-                    previous_shop,
-                    with_overrides: false,
-                }),
-                // An override's config, or why the item is rejected.
-                (Some(now), _) => now.clone(),
-                (None, None) => Ok(Change::RemoveIndex {
-                    index,
-                    previous_shop,
-                }),
-                (None, Some(query)) => Ok(Change::RemoveQuery { index, query }),
-            }
-        });
-        ChangeRecord {
-            sequence_number: self.sequence_number,
-            index: self.index,
-            created_at: self.created_at,
-            decoded,
+                with_overrides: false,
+            }),
+            // An override's config, or why the item is rejected.
+            (Some(now), _) => now.clone(),
+            (None, None) => Ok(Change::RemoveIndex {
+                index,
+                previous_shop,
+            }),
+            (None, Some(query)) => Ok(Change::RemoveQuery { index, query }),
+        }
+    }
+}
+
+impl<C> ChangeRecord<C> {
+    /// How the record ends when what it needs could not be read: as `error` says (reported
+    /// for retry when it is transient), unless it had already ended.
+    pub fn ended_by(&self, error: &PortError) -> Outcome {
+        match &self.decoded {
+            Err(ended) => ended.clone(),
+            Ok(_) if error.is_transient() => Outcome::Failed(error.to_string()),
+            Ok(_) => Outcome::Rejected(error.to_string()),
         }
     }
 
-    /// The record when its item could not be read: it ends as `error` says (reported for
-    /// retry when it is transient), unless it had already ended.
-    pub fn unread(self, error: &crate::ports::PortError) -> ChangeRecord {
-        let reason = error.to_string();
-        let decoded = self.decoded.and_then(|_| match error.is_transient() {
-            true => Err(Outcome::Failed(reason)),
-            false => Err(Outcome::Rejected(reason)),
-        });
+    /// The record ended by `error` ([`ChangeRecord::ended_by`]).
+    pub fn unread<D>(self, error: &PortError) -> ChangeRecord<D> {
+        let ended = self.ended_by(error);
+        self.map_decoded(|_| Err(ended))
+    }
+
+    /// The same record, its decoded change made into another.
+    fn map_decoded<D>(
+        self,
+        change: impl FnOnce(Result<C, Outcome>) -> Result<D, Outcome>,
+    ) -> ChangeRecord<D> {
         ChangeRecord {
             sequence_number: self.sequence_number,
             index: self.index,
             created_at: self.created_at,
-            decoded,
+            decoded: change(self.decoded),
         }
     }
 }
