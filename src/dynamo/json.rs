@@ -138,17 +138,6 @@ pub fn write_json(value: &Attr, path: Path, out: &mut Vec<u8>) -> Result<(), Inv
     Ok(())
 }
 
-/// Whether every number in a value is one [`write_json`] accepts.
-pub fn numbers_in_range(value: &Attr) -> bool {
-    match value {
-        Attr::N(n) => check_number(n).is_ok(),
-        Attr::Ns(set) => set.iter().all(|n| check_number(n).is_ok()),
-        Attr::M(map) => map.iter().all(|(_, value)| numbers_in_range(value)),
-        Attr::L(items) => items.iter().all(numbers_in_range),
-        Attr::S(_) | Attr::B(_) | Attr::Bool(_) | Attr::Null | Attr::Ss(_) | Attr::Bs(_) => true,
-    }
-}
-
 /// An attribute as JSON text.
 pub fn to_json(value: &Attr, name: &str) -> Result<String, InvalidRecord> {
     let mut out = Vec::with_capacity(256);

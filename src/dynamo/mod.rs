@@ -7,7 +7,6 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_dynamo::{AttributeValue, Item};
 
-mod de;
 mod image;
 mod json;
 pub(crate) mod stream;
@@ -81,12 +80,6 @@ fn typed<T: DeserializeOwned>(image: &Image, name: &str) -> Result<Option<T>, In
     let Some(value) = image.get(name).filter(|v| **v != Attr::Null) else {
         return Ok(None);
     };
-    if json::numbers_in_range(value) {
-        if let Ok(value) = T::deserialize(de::AttrDeserializer(value)) {
-            return Ok(Some(value));
-        }
-    }
-    // Only a value that fails is read again, through its JSON text, to say where.
     let text = json::to_json(value, name)?;
     let mut json = serde_json::Deserializer::from_str(&text);
     serde_path_to_error::deserialize::<_, T>(&mut json)
