@@ -6,7 +6,7 @@ use ecom_settings_exporter::adapters::cloudflare::encode::{
     requests, KvRequest, MAX_BULK_BYTES, MAX_BULK_ITEMS,
 };
 use ecom_settings_exporter::domain::{ApiKey, KvOp};
-use ecom_settings_exporter::pipeline::plan::{needs, plan, Lookups};
+use ecom_settings_exporter::pipeline::plan::{needs, plan, settle_from_kv, settle_previous_shops, Lookups};
 use ecom_settings_exporter::pipeline::records::decode_as_written;
 use ecom_settings_exporter::report::Outcome;
 use libfuzzer_sys::fuzz_target;
@@ -15,12 +15,14 @@ fuzz_target!(|data: &[u8]| {
     let Ok(serde_json::Value::Array(raw)) = serde_json::from_slice(data) else {
         return;
     };
-    let records: Vec<_> = raw.into_iter().map(|r| decode_as_written(&r.to_string(), "DEFAULT_CONFIGS")).collect();
+    let mut records: Vec<_> = raw.into_iter().map(|r| decode_as_written(&r.to_string(), "DEFAULT_CONFIGS")).collect();
+    let unsettled = settle_previous_shops(&mut records, |_| None);
+    let shops = unsettled.into_iter().map(|i| (i, Ok(Some("fuzz-shop".into())))).collect();
+    settle_from_kv(&mut records, &shops);
     let needs = needs(&records, "default");
     let lookups = Lookups {
         api_keys: needs.api_keys.into_iter().map(|a| (a, Ok(ApiKey::new("fuzz-key")))).collect(),
         references: needs.references.then(|| Ok(vec![])),
-        current_shops: needs.current_shops.into_iter().map(|i| (i, Ok(Some("fuzz-shop".into())))).collect(),
         claimers: Default::default(),
     };
     let plan = plan(&records, &lookups, "default");

@@ -316,15 +316,16 @@ impl<P: Ports> Exporter<P> {
     /// indexes (`known_refs`, when the run keeps references).
     async fn plan_records(
         &self,
-        records: Vec<ChangeRecord>,
+        mut records: Vec<ChangeRecord>,
         known_refs: Option<lookups::Known>,
         run: Run,
         deadline: Instant,
     ) -> Prepared {
         let keys = run.api_keys;
         let cell = &self.options.default_cell;
-        let (mut lookups, mut api_keys) =
-            (self.look_up(&records, known_refs.as_ref(), run, deadline)).await;
+        let known = known_refs.as_ref();
+        (self.settle_previous_shops(&mut records, known, deadline)).await;
+        let (mut lookups, mut api_keys) = self.look_up(&records, run, deadline).await;
         let mut plan = plan::plan(&records, &lookups, cell);
         if !plan.claimers_wanted.is_empty() {
             // A shop key another index claims is repointed: read those indexes, plan again.

@@ -13,14 +13,14 @@ use crate::domain::kv::{check_key, check_put, KvValue};
 use crate::domain::qfilter::filter_key;
 use crate::domain::validate::{index_key_problem, shop_id_problem, shown, SHOP_DOMAIN};
 use crate::domain::{IndexRef, IndexSettings, KvAction, KvKey, SettingsReference};
-use crate::pipeline::records::{Change, ChangeRecord};
+use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::PortError;
 use crate::report::Outcome;
 
 mod needs;
 
-pub use needs::{account_cell, needs, reference_questions, shop_moves, Lookups, Needs};
-use needs::{previous_shops, ShopSource};
+pub use needs::{account_cell, needs, reference_questions, Lookups, Needs};
+pub use needs::{settle_from_kv, settle_previous_shops};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlannedOp {
@@ -51,7 +51,7 @@ pub struct Plan {
 /// Turns records and their lookups into one operation per KV key and an outcome per record.
 pub fn plan(records: &[ChangeRecord], lookups: &Lookups, default_cell: &str) -> Plan {
     let mut plan = Plan::default();
-    for (owner, (record, shop)) in records.iter().zip(previous_shops(records)).enumerate() {
+    for (owner, record) in records.iter().enumerate() {
         let mut planner = RecordPlanner {
             owner,
             lookups,
@@ -63,7 +63,7 @@ pub fn plan(records: &[ChangeRecord], lookups: &Lookups, default_cell: &str) -> 
         };
         let outcome = match &record.decoded {
             Err(ended) => ended.clone(),
-            Ok(change) => match planner.change(change, shop) {
+            Ok(change) => match planner.change(change) {
                 Ok(()) => Outcome::Pending,
                 Err(outcome) => outcome,
             },
@@ -131,6 +131,16 @@ fn check_own_key(index: &IndexRef) -> Result<(), Outcome> {
     }
 }
 
+/// The shop the index had before this record, as settled before planning (a table item,
+/// `NotAsked`, gives up nothing).
+fn old_shop(previous: &PreviousShop) -> Result<Option<String>, Outcome> {
+    match previous {
+        PreviousShop::Known(shop) => Ok(shop.clone()),
+        PreviousShop::NotAsked => Ok(None),
+        PreviousShop::Unknown => Err(Outcome::Failed("its previous shop was not settled".into())),
+    }
+}
+
 struct RecordPlanner<'a> {
     owner: usize,
     lookups: &'a Lookups,
@@ -142,9 +152,13 @@ struct RecordPlanner<'a> {
 }
 
 impl<'a> RecordPlanner<'a> {
-    fn change(&mut self, change: &Change, shop: Option<ShopSource>) -> Result<(), Outcome> {
+    fn change(&mut self, change: &Change) -> Result<(), Outcome> {
         match change {
-            Change::UpsertIndex { settings, .. } => {
+            Change::UpsertIndex {
+                settings,
+                previous_shop,
+                ..
+            } => {
                 check_own_key(&settings.index)?;
                 if let Some(reason) = settings.shop_id.as_deref().and_then(shop_id_problem) {
                     return Err(Outcome::Rejected(reason));
@@ -156,14 +170,17 @@ impl<'a> RecordPlanner<'a> {
                 }
                 self.ops
                     .push((KvKey::index(&settings.index), KvAction::Put(value)));
-                if let Some(old) = self.old_shop(&settings.index, shop)? {
+                if let Some(old) = old_shop(previous_shop)? {
                     if settings.shop_id.as_ref() != Some(&old) {
                         self.delete_shop(&settings.index, &old)?;
                     }
                 }
                 Ok(())
             }
-            Change::RemoveIndex { index, .. } => {
+            Change::RemoveIndex {
+                index,
+                previous_shop,
+            } => {
                 check_own_key(index)?;
                 let references = self.references()?;
                 let id = index.id();
@@ -177,7 +194,7 @@ impl<'a> RecordPlanner<'a> {
                 }
                 self.ops.push((KvKey::index(index), KvAction::Delete));
                 self.ops.push((filter_key(index), KvAction::Delete));
-                if let Some(old) = self.old_shop(index, shop)? {
+                if let Some(old) = old_shop(previous_shop)? {
                     self.delete_shop(index, &old)?;
                 }
                 Ok(())
@@ -218,25 +235,6 @@ impl<'a> RecordPlanner<'a> {
             None => return Err(Outcome::Failed("API key was not looked up".into())),
         };
         Ok(KvValue::settings(settings.clone(), api_key.clone()))
-    }
-
-    /// The shop the index had before this record: from the stream, or its current KV value.
-    fn old_shop(
-        &self,
-        index: &IndexRef,
-        shop: Option<ShopSource>,
-    ) -> Result<Option<String>, Outcome> {
-        match shop {
-            Some(ShopSource::Known(shop)) => Ok(shop),
-            Some(ShopSource::CurrentKv) => match self.lookups.current_shops.get(index) {
-                Some(Ok(shop)) => Ok(shop.clone()),
-                Some(Err(reason)) => Err(Outcome::Failed(format!(
-                    "cannot read the current shop id from KV: {reason}"
-                ))),
-                None => Err(Outcome::Failed("current shop id was not read".into())),
-            },
-            None => Ok(None),
-        }
     }
 
     fn references(&self) -> Result<&'a [SettingsReference], Outcome> {
@@ -364,7 +362,8 @@ mod tests {
         )
     }
 
-    fn upsert(seq: u32, name: &str, shop: Option<&str>) -> ChangeRecord {
+    /// A `NEW_IMAGE` MODIFY: its previous shop is to be settled.
+    fn new_image_upsert(seq: u32, name: &str, shop: Option<&str>) -> ChangeRecord {
         stream_record(
             seq,
             "MODIFY",
@@ -372,6 +371,14 @@ mod tests {
             Some(index_image(name, shop)),
             None,
         )
+    }
+
+    /// A MODIFY whose index had no shop before.
+    fn upsert(seq: u32, name: &str, shop: Option<&str>) -> ChangeRecord {
+        let mut records = [new_image_upsert(seq, name, shop)];
+        settle_previous_shops(&mut records, |_| Some(None));
+        let [record] = records;
+        record
     }
 
     fn remove(seq: u32, name: &str) -> ChangeRecord {
@@ -390,11 +397,6 @@ mod tests {
                 })
                 .collect(),
             references: needs.references.then(|| Ok(vec![])),
-            current_shops: needs
-                .current_shops
-                .into_iter()
-                .map(|i| (i, Ok(None)))
-                .collect(),
             claimers: HashMap::new(),
         }
     }
@@ -466,12 +468,9 @@ mod tests {
             Some(index_image("products", Some("shop-1.myshopify.com"))),
             None,
         );
-        let lookups = key_lookups(&records);
-        assert!(
-            lookups.current_shops.is_empty(),
-            "the batch itself knows the shop"
-        );
-        let plan = plan(&records, &lookups, CELL);
+        let unsettled = settle_previous_shops(&mut records, |_| None);
+        assert!(unsettled.is_empty(), "the batch itself knows the shop");
+        let plan = plan(&records, &key_lookups(&records), CELL);
         assert_eq!(
             keys(&plan),
             [
@@ -484,20 +483,14 @@ mod tests {
     }
 
     #[test]
-    fn new_image_removes_read_the_shop_from_kv() {
-        let records = vec![remove(1, "products")];
-        let needs = needs(&records, CELL);
-        assert!(needs.references);
-        assert_eq!(
-            needs.current_shops.into_iter().collect::<Vec<_>>(),
-            [IndexRef::new("acct-1", "products")]
-        );
-        let mut lookups = key_lookups(&records);
-        lookups.current_shops.insert(
-            IndexRef::new("acct-1", "products"),
-            Ok(Some("shop-from-kv.myshopify.com".into())),
-        );
-        let plan = plan(&records, &lookups, CELL);
+    fn a_new_image_remove_of_an_index_with_nothing_recorded_reads_its_shop_from_kv() {
+        let mut records = vec![remove(1, "products")];
+        let products = IndexRef::new("acct-1", "products");
+        let unsettled = settle_previous_shops(&mut records, |_| None);
+        assert_eq!(unsettled.iter().collect::<Vec<_>>(), [&products]);
+        let shop = Ok(Some("shop-from-kv.myshopify.com".into()));
+        settle_from_kv(&mut records, &HashMap::from([(products, shop)]));
+        let plan = plan(&records, &key_lookups(&records), CELL);
         assert_eq!(
             keys(&plan),
             [
@@ -506,6 +499,85 @@ mod tests {
                 ("qfilter-acct-1-products", false)
             ]
         );
+    }
+
+    #[test]
+    fn a_previous_shop_is_settled_by_the_batch_then_the_ledger_then_kv() {
+        let shop = |s: &str| Some(s.to_owned());
+        // (the records, what the ledger recorded of `products`, the previous shop each record
+        // is planned with, whether KV is read)
+        let cases = [
+            // Recorded: the ledger tells, KV is not read.
+            (
+                vec![new_image_upsert(1, "products", None)],
+                Some(shop("s1")),
+                vec![shop("s1")],
+                false,
+            ),
+            // Recorded as removed: no shop.
+            (
+                vec![new_image_upsert(1, "products", None)],
+                Some(None),
+                vec![None],
+                false,
+            ),
+            // Nothing recorded: its current KV value tells (`s-kv`).
+            (
+                vec![new_image_upsert(1, "products", None)],
+                None,
+                vec![shop("s-kv")],
+                true,
+            ),
+            // An earlier record of the batch tells the next one.
+            (
+                vec![
+                    new_image_upsert(1, "products", Some("s2")),
+                    new_image_upsert(2, "products", None),
+                ],
+                Some(shop("s1")),
+                vec![shop("s1"), shop("s2")],
+                false,
+            ),
+        ];
+        for (mut records, recorded, planned, reads_kv) in cases {
+            let unsettled = settle_previous_shops(&mut records, |_| recorded.clone());
+            assert_eq!(!unsettled.is_empty(), reads_kv);
+            let kv = unsettled.into_iter().map(|i| (i, Ok(shop("s-kv"))));
+            settle_from_kv(&mut records, &kv.collect());
+            let settled: Vec<Option<String>> = (records.iter())
+                .map(|r| match &r.decoded {
+                    Ok(Change::UpsertIndex {
+                        previous_shop: PreviousShop::Known(shop),
+                        ..
+                    }) => shop.clone(),
+                    other => panic!("not settled: {other:?}"),
+                })
+                .collect();
+            assert_eq!(settled, planned);
+        }
+    }
+
+    #[test]
+    fn a_record_whose_shop_cannot_be_read_from_kv_fails_alone() {
+        let mut records = vec![
+            new_image_upsert(1, "products", None),
+            new_image_upsert(2, "other", None),
+        ];
+        let recorded = |index: &IndexRef| (index.name == "other").then_some(None);
+        let unsettled = settle_previous_shops(&mut records, recorded);
+        let down = Err(PortError::Transient("KV is down".into()));
+        settle_from_kv(
+            &mut records,
+            &unsettled.into_iter().map(|i| (i, down.clone())).collect(),
+        );
+        let plan = plan(&records, &key_lookups(&records), CELL);
+        assert!(
+            matches!(&plan.outcomes[0], Outcome::Failed(why) if why.contains("KV is down")),
+            "{:?}",
+            plan.outcomes
+        );
+        assert_eq!(plan.outcomes[1], Outcome::Pending);
+        assert_eq!(keys(&plan), [("acct-1-other", true)]);
     }
 
     #[test]
@@ -696,28 +768,30 @@ mod tests {
     }
 
     #[test]
-    fn a_modify_from_a_new_image_stream_reads_the_old_shop_from_kv() {
-        let records = vec![
-            upsert(1, "products", Some("shop-new.myshopify.com")),
-            upsert(2, "other", None),
+    fn a_modify_from_a_new_image_stream_gives_up_the_shop_kv_held() {
+        let mut records = vec![
+            new_image_upsert(1, "products", Some("shop-new.myshopify.com")),
+            new_image_upsert(2, "other", None),
         ];
-        let needs = needs(&records, CELL);
+        let unsettled = settle_previous_shops(&mut records, |_| None);
         assert_eq!(
-            needs.current_shops.len(),
+            unsettled.len(),
             2,
             "one read each, no earlier record speaks"
         );
-        assert!(!needs.references, "no shop move known yet");
-        let mut lookups = key_lookups(&records);
-        lookups.current_shops.insert(
-            IndexRef::new("acct-1", "products"),
-            Ok(Some("shop-old.myshopify.com".into())),
-        );
+        let kv = HashMap::from([
+            (
+                IndexRef::new("acct-1", "products"),
+                Ok(Some("shop-old.myshopify.com".into())),
+            ),
+            (IndexRef::new("acct-1", "other"), Ok(None)),
+        ]);
+        settle_from_kv(&mut records, &kv);
+        let lookups = key_lookups(&records);
         assert!(
-            shop_moves(&records, &lookups),
-            "the read shows a move: scan"
+            lookups.references.is_some(),
+            "the shop moved: who else claims it"
         );
-        lookups.references = Some(Ok(vec![]));
         let plan = plan(&records, &lookups, CELL);
         assert_eq!(
             keys(&plan),

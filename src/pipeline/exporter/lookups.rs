@@ -1,5 +1,5 @@
-//! What a batch must know before it is planned: API keys, other indexes' references and
-//! current shops, the indexes that claim a shop key, and each index's override filter.
+//! What a batch must know before it is planned: each record's previous shop, API keys, other
+//! indexes' references, the indexes that claim a shop key, and each index's override filter.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -144,13 +144,31 @@ impl<P: Ports> Exporter<P> {
         }
     }
 
-    /// What a batch needs before planning, beside what the ledger recorded (`known`): API
-    /// keys; the current shops of the other indexes from KV; then who else refers to what the
-    /// batch removes or gives up.
+    /// Settles each record's previous shop the stream did not give: from an earlier record of
+    /// the batch, else what the ledger recorded of its index (`known`), else, for an index with
+    /// nothing recorded, its current KV value (docs/contract.md, "The old shop key").
+    pub(super) async fn settle_previous_shops(
+        &self,
+        records: &mut [ChangeRecord],
+        known: Option<&Known>,
+        deadline: Instant,
+    ) {
+        let recorded = |index: &IndexRef| {
+            let refs = known?.get(index)?;
+            Some(refs.shop.clone().filter(|_| !refs.removed))
+        };
+        let unsettled = plan::settle_previous_shops(records, recorded);
+        if !unsettled.is_empty() {
+            let shops = self.current_shops(unsettled, deadline).await;
+            plan::settle_from_kv(records, &shops);
+        }
+    }
+
+    /// What a batch needs before planning: API keys, then who else refers to what the batch
+    /// removes or gives up.
     pub(super) async fn look_up(
         &self,
         records: &[ChangeRecord],
-        known: Option<&Known>,
         run: Run,
         deadline: Instant,
     ) -> (Lookups, LookupCounts) {
@@ -160,28 +178,15 @@ impl<P: Ports> Exporter<P> {
             .api_keys
             .lookup_all(needs.api_keys, fresh, deadline)
             .await;
-        let recorded = |index: &IndexRef| known.and_then(|k| k.get(index));
-        let unrecorded: BTreeSet<IndexRef> = (needs.current_shops.iter())
-            .filter(|index| recorded(index).is_none())
-            .cloned()
-            .collect();
-        let mut current_shops = self.current_shops(unrecorded, deadline).await;
-        for index in needs.current_shops {
-            if let Some(refs) = recorded(&index) {
-                let shop = refs.shop.clone().filter(|_| !refs.removed);
-                current_shops.insert(index, Ok(shop));
-            }
-        }
         let mut lookups = Lookups {
             api_keys,
             references: None,
-            current_shops,
             claimers: HashMap::new(),
         };
         // Who aliases what is removed, who claims a shop given up: the ledger's candidates
         // checked against the table once its references are complete, else a scan.
-        if needs.references || plan::shop_moves(records, &lookups) {
-            lookups.references = Some(self.references(records, &lookups, deadline).await);
+        if needs.references {
+            lookups.references = Some(self.references(records, deadline).await);
         }
         (lookups, counts)
     }

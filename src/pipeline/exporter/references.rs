@@ -12,7 +12,7 @@ use super::Exporter;
 use crate::domain::kv::{check_key, KvKey};
 use crate::domain::validate::shop_id_problem;
 use crate::domain::{IndexId, IndexRef, IndexSettings, SettingsReference};
-use crate::pipeline::plan::{self, Lookups};
+use crate::pipeline::plan;
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{before_deadline, IndexRefs, Ledger, Ports, SettingsTable};
 use crate::ports::{PortError, Referred, RefsChange};
@@ -92,14 +92,13 @@ impl<P: Ports> Exporter<P> {
     pub(super) async fn references(
         &self,
         records: &[ChangeRecord],
-        lookups: &Lookups,
         deadline: Instant,
     ) -> Result<Vec<SettingsReference>, PortError> {
         let complete = self.ledger.references_complete();
         if !before_deadline(deadline, "ledger references", complete).await? {
             return self.settings_references(deadline).await;
         }
-        let asked = plan::reference_questions(records, lookups);
+        let asked = plan::reference_questions(records);
         let recorded = self.recorded_referrers(asked.into_iter().collect(), deadline);
         let mut references: BTreeMap<IndexRef, SettingsReference> = (recorded.await?.into_iter())
             .map(|r| (r.index.clone(), r))

@@ -1,6 +1,5 @@
-//! What a batch must look up before it can be planned (API keys, who refers to what it
-//! removes or gives up, current shops), and where each index's previous shop comes from when
-//! the stream does not say.
+//! What a batch must settle and look up before it can be planned: each index's previous shop
+//! where the stream does not say it, API keys, and who refers to what it removes or gives up.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -8,6 +7,7 @@ use std::sync::Arc;
 use crate::domain::{ApiKey, IndexRef, IndexSettings, SettingsReference};
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::{AccountCell, PortError, Referred};
+use crate::report::Outcome;
 
 /// What the records need looked up before they can be planned.
 #[derive(Debug, Default, PartialEq)]
@@ -15,9 +15,6 @@ pub struct Needs {
     pub api_keys: BTreeSet<AccountCell>,
     /// A scan of the table for alias targets and shop ids (removes, shop changes).
     pub references: bool,
-    /// Indexes whose current KV value must tell their shop id (removes and modifies from
-    /// `NEW_IMAGE` streams that no earlier record of the batch speaks for).
-    pub current_shops: BTreeSet<IndexRef>,
 }
 
 /// The answers to [`Needs`], and to what a first plan asked for (claimers of shop keys).
@@ -25,62 +22,85 @@ pub struct Needs {
 pub struct Lookups {
     pub api_keys: HashMap<AccountCell, Result<ApiKey, PortError>>,
     pub references: Option<Result<Vec<SettingsReference>, PortError>>,
-    pub current_shops: HashMap<IndexRef, Result<Option<String>, PortError>>,
     /// The current settings of indexes that claim a shop key another index gave up
     /// (`None`: no such record any more).
     pub claimers: HashMap<IndexRef, Result<Option<Arc<IndexSettings>>, PortError>>,
 }
 
-/// Where the shop id an index had before a record comes from.
-#[derive(Clone, Debug, PartialEq)]
-pub(super) enum ShopSource {
-    Known(Option<String>),
-    /// A `NEW_IMAGE` stream: read it from the index's current KV value.
-    CurrentKv,
+/// A settings record's index and previous shop, to settle.
+fn previous_of(change: &mut Change) -> Option<(&IndexRef, &mut PreviousShop)> {
+    match change {
+        Change::UpsertIndex {
+            settings,
+            previous_shop,
+            ..
+        } => Some((&settings.index, previous_shop)),
+        Change::RemoveIndex {
+            index,
+            previous_shop,
+        } => Some((index, previous_shop)),
+        _ => None,
+    }
 }
 
-/// Earlier records of the batch stand in for old images that a `NEW_IMAGE` stream lacks.
-pub(super) fn previous_shops(records: &[ChangeRecord]) -> Vec<Option<ShopSource>> {
-    let mut last_in_batch: HashMap<&IndexRef, Option<&str>> = HashMap::with_capacity(records.len());
-    let known = |shop: Option<&str>| ShopSource::Known(shop.map(str::to_owned));
-    records
-        .iter()
-        .map(|record| match &record.decoded {
-            Ok(Change::UpsertIndex {
-                settings,
-                previous_shop,
-                ..
-            }) => {
-                let source = match previous_shop {
-                    PreviousShop::Known(shop) => Some(ShopSource::Known(shop.clone())),
-                    PreviousShop::Unknown => Some(match last_in_batch.get(&settings.index) {
-                        Some(shop) => known(*shop),
-                        None => ShopSource::CurrentKv,
-                    }),
-                    PreviousShop::NotAsked => None,
-                };
-                last_in_batch.insert(&settings.index, settings.shop_id.as_deref());
-                source
-            }
-            Ok(Change::RemoveIndex {
-                index,
-                previous_shop,
-            }) => {
-                let source = match previous_shop {
-                    PreviousShop::Known(shop) => ShopSource::Known(shop.clone()),
-                    PreviousShop::Unknown | PreviousShop::NotAsked => {
-                        match last_in_batch.get(index) {
-                            Some(shop) => known(*shop),
-                            None => ShopSource::CurrentKv,
-                        }
-                    }
-                };
-                last_in_batch.insert(index, None);
-                Some(source)
-            }
+/// Settles the previous shop of each record whose stream did not give it (a `NEW_IMAGE`
+/// stream): an earlier record of the batch tells, else `recorded` (what the ledger recorded of
+/// the index; `None`: nothing). Answers the indexes left unsettled (their first record of the
+/// batch, nothing recorded): their current KV values tell ([`settle_from_kv`]).
+pub fn settle_previous_shops(
+    records: &mut [ChangeRecord],
+    recorded: impl Fn(&IndexRef) -> Option<Option<String>>,
+) -> BTreeSet<IndexRef> {
+    let mut last_in_batch: HashMap<IndexRef, Option<String>> = HashMap::new();
+    let mut unsettled = BTreeSet::new();
+    for record in records.iter_mut() {
+        let Ok(change) = &mut record.decoded else {
+            continue;
+        };
+        let now = match &*change {
+            Change::UpsertIndex { settings, .. } => settings.shop_id.clone(),
             _ => None,
-        })
-        .collect()
+        };
+        let Some((index, previous)) = previous_of(change) else {
+            continue;
+        };
+        if *previous == PreviousShop::Unknown {
+            match last_in_batch
+                .get(index)
+                .cloned()
+                .or_else(|| recorded(index))
+            {
+                Some(shop) => *previous = PreviousShop::Known(shop),
+                None => drop(unsettled.insert(index.clone())),
+            }
+        }
+        last_in_batch.insert(index.clone(), now);
+    }
+    unsettled
+}
+
+/// What [`settle_previous_shops`] left, settled from the indexes' current KV values (`shops`);
+/// a record whose value could not be read fails (reported for retry).
+pub fn settle_from_kv(
+    records: &mut [ChangeRecord],
+    shops: &HashMap<IndexRef, Result<Option<String>, PortError>>,
+) {
+    for record in records.iter_mut() {
+        let Some((index, previous)) = record.decoded.as_mut().ok().and_then(previous_of) else {
+            continue;
+        };
+        if *previous != PreviousShop::Unknown {
+            continue;
+        }
+        match shops.get(index) {
+            Some(Ok(shop)) => *previous = PreviousShop::Known(shop.clone()),
+            Some(Err(e)) => {
+                let why = format!("cannot read the current shop id from KV: {e}");
+                record.decoded = Err(Outcome::Failed(why));
+            }
+            None => {}
+        }
+    }
 }
 
 pub fn account_cell(account: &str, cell: Option<&str>, default_cell: &str) -> AccountCell {
@@ -90,85 +110,55 @@ pub fn account_cell(account: &str, cell: Option<&str>, default_cell: &str) -> Ac
     }
 }
 
-/// What must be looked up before [`super::plan`] can run.
+/// What must be looked up before [`super::plan`] can run (previous shops settled).
 pub fn needs(records: &[ChangeRecord], default_cell: &str) -> Needs {
     let mut needs = Needs::default();
-    for (record, shop) in records.iter().zip(previous_shops(records)) {
-        match (&record.decoded, shop) {
-            (Ok(Change::UpsertIndex { settings, .. }), shop) => {
+    for record in records {
+        match &record.decoded {
+            Ok(Change::UpsertIndex {
+                settings,
+                previous_shop,
+                ..
+            }) => {
                 needs.api_keys.insert(account_cell(
                     &settings.index.account,
                     settings.cell.as_deref(),
                     default_cell,
                 ));
-                match shop {
-                    Some(ShopSource::Known(Some(old))) => {
-                        needs.references |= settings.shop_id.as_ref() != Some(&old);
-                    }
-                    Some(ShopSource::CurrentKv) => {
-                        needs.current_shops.insert(settings.index.clone());
-                    }
-                    _ => {}
+                if let PreviousShop::Known(Some(old)) = previous_shop {
+                    needs.references |= settings.shop_id.as_ref() != Some(old);
                 }
             }
-            (Ok(Change::RemoveIndex { index, .. }), shop) => {
-                needs.references = true;
-                if shop == Some(ShopSource::CurrentKv) {
-                    needs.current_shops.insert(index.clone());
-                }
-            }
+            Ok(Change::RemoveIndex { .. }) => needs.references = true,
             _ => {}
         }
     }
     needs
 }
 
-/// Whether a shop id read from KV shows a shop change, so the table must be scanned for who
-/// else claims the old shop (asked once the current shops are known).
-pub fn shop_moves(records: &[ChangeRecord], lookups: &Lookups) -> bool {
-    records
-        .iter()
-        .zip(previous_shops(records))
-        .any(|(record, shop)| match (&record.decoded, shop) {
-            (Ok(Change::UpsertIndex { settings, .. }), Some(ShopSource::CurrentKv)) => {
-                matches!(lookups.current_shops.get(&settings.index),
-                    Some(Ok(Some(old))) if settings.shop_id.as_ref() != Some(old))
-            }
-            _ => false,
-        })
-}
-
 /// What a batch asks the ledger instead of scanning the table: who aliases each index it
-/// removes, and who claims each shop an index gives up (asked once the current shops are known).
-pub fn reference_questions(records: &[ChangeRecord], lookups: &Lookups) -> BTreeSet<Referred> {
+/// removes, and who claims each shop an index gives up.
+pub fn reference_questions(records: &[ChangeRecord]) -> BTreeSet<Referred> {
     let mut asked = BTreeSet::new();
-    for (record, shop) in records.iter().zip(previous_shops(records)) {
-        let Ok(change) = &record.decoded else {
-            continue;
-        };
-        let index = match change {
-            Change::UpsertIndex { settings, .. } => &settings.index,
-            Change::RemoveIndex { index, .. } => index,
-            _ => continue,
-        };
-        let old = match shop {
-            Some(ShopSource::Known(old)) => old,
-            Some(ShopSource::CurrentKv) => match lookups.current_shops.get(index) {
-                Some(Ok(old)) => old.clone(),
-                _ => None,
-            },
-            None => None,
-        };
-        match change {
-            Change::UpsertIndex { settings, .. } => {
-                if let Some(old) = old.filter(|old| settings.shop_id.as_ref() != Some(old)) {
-                    asked.insert(Referred::Shop(old));
+    for record in records {
+        match &record.decoded {
+            Ok(Change::UpsertIndex {
+                settings,
+                previous_shop: PreviousShop::Known(Some(old)),
+                ..
+            }) if settings.shop_id.as_ref() != Some(old) => {
+                asked.insert(Referred::Shop(old.clone()));
+            }
+            Ok(Change::RemoveIndex {
+                index,
+                previous_shop,
+            }) => {
+                asked.insert(Referred::Alias(index.id().0));
+                if let PreviousShop::Known(Some(old)) = previous_shop {
+                    asked.insert(Referred::Shop(old.clone()));
                 }
             }
-            _ => {
-                asked.insert(Referred::Alias(index.id().0));
-                asked.extend(old.map(Referred::Shop));
-            }
+            _ => {}
         }
     }
     asked
