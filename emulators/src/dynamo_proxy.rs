@@ -268,8 +268,17 @@ async fn upstream(
     };
     let status = response.status();
     let mut headers = response.headers().clone();
-    headers.remove("content-length");
-    headers.remove("transfer-encoding");
+    // Hop-by-hop headers are the upstream connection's, not the function's: moto's
+    // `Connection: close` passed on would make the function connect again for every call,
+    // which DynamoDB never asks of it.
+    for hop in [
+        "connection",
+        "keep-alive",
+        "content-length",
+        "transfer-encoding",
+    ] {
+        headers.remove(hop);
+    }
     let body = response.bytes().await.unwrap_or_default();
     (status, headers, body)
 }

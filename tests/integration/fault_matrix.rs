@@ -252,10 +252,11 @@ async fn kv_slower_than_the_client_timeout_is_retried() {
 async fn kv_connection_refused_reports_the_records() {
     let (mut h, records) = one_pending_record().await;
     let kv_url = h.kv.base_url();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // Bound but not listening: every connection is refused, and no other test's server can
+    // take the port meanwhile (a listener bound and dropped would free it for one).
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let closed = reserved.local_addr().unwrap();
     h.reconfigure(
         "CLOUDFLARE_API_BASE_URL",
         &format!("http://{closed}/client/v4"),
@@ -266,7 +267,11 @@ async fn kv_connection_refused_reports_the_records() {
     let response = h.invoke(json!({ "Records": records.clone() })).await;
 
     assert_eq!(failures(&response), sequence_numbers(&records));
-    assert!(logs.matching("record failed")[0].contains("cannot connect to Cloudflare"));
+    let failed = logs.matching("record failed");
+    assert!(
+        failed[0].contains("cannot connect to Cloudflare"),
+        "{failed:?}"
+    );
     h.reconfigure("CLOUDFLARE_API_BASE_URL", &kv_url).await;
     serves_the_next_invocation(&mut h).await;
 }
