@@ -7,9 +7,10 @@
 
 use std::collections::HashMap;
 
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
-use super::{delete_request, expires_at, number, put_request, text};
+use super::{delete_request, expires_at, number, put_request};
 use super::{Attribute, DynamoLedger, Item};
 use crate::domain::IndexRef;
 use crate::dynamo::{Attr, Image};
@@ -109,25 +110,25 @@ impl DynamoLedger {
         referred: &Referred,
     ) -> Result<Vec<IndexRef>, PortError> {
         let table = &self.table_name;
-        let not_understood =
-            || PortError::Transient(format!("Query of table {table}: an answer not understood"));
+        let pk = Item::default().with(":pk", Attribute::S(referred_pk(referred)));
+        let mut query = Query {
+            table_name: table,
+            key_condition_expression: "pk = :pk",
+            expression_attribute_values: pk,
+            consistent_read: true,
+            exclusive_start_key: None,
+        };
         let mut found = Vec::new();
-        let mut query = json!({"TableName": table, "KeyConditionExpression": "pk = :pk",
-            "ExpressionAttributeValues": {":pk": {"S": referred_pk(referred)}},
-            "ConsistentRead": true});
         loop {
-            let answer = self.dynamo.post("Query", table, query.to_string()).await?;
-            let mut page: Value = serde_json::from_str(&answer).map_err(|_| not_understood())?;
-            let items = page
-                .get("Items")
-                .and_then(Value::as_array)
-                .ok_or_else(not_understood)?;
-            found.extend(items.iter().filter_map(|item| {
-                Some(IndexRef::new(text(item, "account")?, text(item, "index")?))
-            }));
-            match page.get_mut("LastEvaluatedKey").map(Value::take) {
-                Some(key) if key.as_object().is_some_and(|k| !k.is_empty()) => {
-                    query["ExclusiveStartKey"] = key;
+            let body = serde_json::to_string(&query).expect("a query is JSON");
+            let answer = self.dynamo.post("Query", table, body).await?;
+            let page: QueryPage = serde_json::from_str(&answer).map_err(|_| {
+                PortError::Transient(format!("Query of table {table}: an answer not understood"))
+            })?;
+            found.extend(page.items.iter().filter_map(index_of));
+            match page.last_evaluated_key {
+                Some(key) if key.get() != "{}" => {
+                    query.exclusive_start_key = Some(key.to_owned());
                 }
                 _ => return Ok(found),
             }
@@ -201,7 +202,61 @@ impl DynamoLedger {
     }
 }
 
+/// A Query of one partition, read consistently, from `exclusive_start_key` on.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct Query<'a> {
+    table_name: &'a str,
+    key_condition_expression: &'static str,
+    expression_attribute_values: Item,
+    consistent_read: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exclusive_start_key: Option<Box<RawValue>>,
+}
+
+/// A page of a Query's answer.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct QueryPage<'a> {
+    #[serde(borrow, default)]
+    items: Vec<Image<'a>>,
+    #[serde(borrow)]
+    last_evaluated_key: Option<&'a RawValue>,
+}
+
 /// The item naming `index` under what it refers to.
 fn back(referred: &Referred, index: &IndexRef) -> Item {
     named(referred_pk(referred), &index_key(index), index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_query_goes_on_from_the_key_its_last_page_ended_at() {
+        let answer = r#"{"Items": [{"pk": {"S": "shop#s"}, "sk": {"S": "1:a#i"},
+            "account": {"S": "a"}, "index": {"S": "i"}}], "Count": 1,
+            "LastEvaluatedKey": {"pk": {"S": "shop#s"}, "sk": {"S": "1:a#i"}}}"#;
+        let page: QueryPage = serde_json::from_str(answer).unwrap();
+        let found: Vec<IndexRef> = page.items.iter().filter_map(index_of).collect();
+        assert_eq!(found, [IndexRef::new("a", "i")]);
+        let query = Query {
+            table_name: "t",
+            key_condition_expression: "pk = :pk",
+            expression_attribute_values: Item::default().with(":pk", Attribute::S("shop#s".into())),
+            consistent_read: true,
+            exclusive_start_key: page.last_evaluated_key.map(ToOwned::to_owned),
+        };
+        let query: serde_json::Value = serde_json::to_value(&query).unwrap();
+        let expected = serde_json::json!({"TableName": "t", "KeyConditionExpression": "pk = :pk",
+            "ExpressionAttributeValues": {":pk": {"S": "shop#s"}}, "ConsistentRead": true,
+            "ExclusiveStartKey": {"pk": {"S": "shop#s"}, "sk": {"S": "1:a#i"}}});
+        assert_eq!(query, expected);
+        let last: QueryPage = serde_json::from_str(r#"{"Items": [], "Count": 0}"#).unwrap();
+        assert!(
+            last.last_evaluated_key.is_none(),
+            "the last page names no key"
+        );
+    }
 }
