@@ -31,6 +31,19 @@ pub enum Outcome {
     Kept { referenced_by: Vec<IndexRef> },
 }
 
+impl Outcome {
+    /// A record on its way to KV (pending, exported, kept for an alias) fails for `why` and is
+    /// reported for retry; one already failed, rejected or skipped keeps its outcome.
+    pub fn fail(&mut self, why: impl Into<String>) {
+        if matches!(
+            self,
+            Outcome::Pending | Outcome::Exported | Outcome::Kept { .. }
+        ) {
+            *self = Outcome::Failed(why.into());
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecordReport {
     pub sequence_number: Option<String>,

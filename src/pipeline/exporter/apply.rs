@@ -275,7 +275,7 @@ fn settle_filters(
 }
 
 /// Nothing of the batch was sent: the items pointing back at its indexes could not be added
-/// (a reader could miss a referrer whose keys landed), so every pending record is retried.
+/// (a reader could miss a referrer whose keys landed), so every record on its way is retried.
 fn not_sent(
     records: Vec<RecordReport>,
     mut outcomes: Vec<Outcome>,
@@ -283,11 +283,8 @@ fn not_sent(
     api_keys: crate::ports::LookupCounts,
     error: &PortError,
 ) -> BatchReport {
-    for outcome in outcomes.iter_mut().filter(|o| **o == Outcome::Pending) {
-        *outcome = Outcome::Failed(format!(
-            "not sent: its references could not be recorded in the ledger: {error}"
-        ));
-    }
+    let why = format!("not sent: its references could not be recorded in the ledger: {error}");
+    outcomes.iter_mut().for_each(|outcome| outcome.fail(&why));
     let report = BatchReport {
         api_keys,
         ..BatchReport::default()

@@ -127,7 +127,7 @@ impl<P: Ports> Exporter<P> {
                     "KV key `{}`: other writers kept changing it; run again",
                     key.key
                 );
-                fail(&mut report.records[at].outcome, why);
+                report.records[at].outcome.fail(why);
             }
             return None;
         }
@@ -139,7 +139,7 @@ impl<P: Ports> Exporter<P> {
                     "KV key `{}`: not written again after the table changed",
                     key.key
                 );
-                fail(&mut report.records[originals[key]].outcome, why);
+                report.records[originals[key]].outcome.fail(why);
             }
         }
         Some((again, originals))
@@ -280,7 +280,7 @@ fn differing(
         };
         match &prepared.plan.outcomes[op.owner] {
             Outcome::Failed(why) | Outcome::Rejected(why) => {
-                fail(&mut report.records[landed.record].outcome, why.clone())
+                report.records[landed.record].outcome.fail(why)
             }
             _ if digest != landed.digest => {
                 differ.insert(landed.key.clone(), landed.record);
@@ -366,13 +366,7 @@ fn fail_all(report: &mut BatchReport, recheck: &Recheck, error: &PortError) {
             "KV key `{}`: its index could not be read again after writing: {error}",
             landed.key.key
         );
-        fail(&mut report.records[landed.record].outcome, why);
-    }
-}
-
-fn fail(outcome: &mut Outcome, why: String) {
-    if !matches!(outcome, Outcome::Failed(_) | Outcome::Rejected(_)) {
-        *outcome = Outcome::Failed(why);
+        report.records[landed.record].outcome.fail(why);
     }
 }
 

@@ -19,7 +19,6 @@ use crate::ports::{IndexRefs, Ledger, PortError, SettingsTable};
 
 /// Each index's references as the ledger recorded them.
 pub(super) type Known = HashMap<IndexRef, IndexRefs>;
-use crate::report::Outcome;
 
 impl<P: Ports> Exporter<P> {
     /// The override filter of every index that needs one, put into the plan beside the
@@ -293,14 +292,8 @@ fn plan_filter(plan: &mut plan::Plan, index: IndexRef, queries: Result<Vec<Strin
         Err(e) => {
             let reason = format!("cannot read the overrides of index {index} for its filter: {e}");
             for &needer in needers {
-                fail_pending(&mut plan.outcomes, needer, &reason);
+                plan.outcomes[needer].fail(&reason);
             }
         }
-    }
-}
-
-fn fail_pending(outcomes: &mut [Outcome], record: usize, reason: &str) {
-    if outcomes[record] == Outcome::Pending {
-        outcomes[record] = Outcome::Failed(reason.to_owned());
     }
 }

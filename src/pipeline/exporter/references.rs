@@ -315,13 +315,9 @@ fn fail_unrecorded(recorded: Vec<(Vec<usize>, Result<(), PortError>)>, outcomes:
     for (positions, answer) in recorded {
         let Err(e) = answer else { continue };
         for at in positions {
-            if matches!(
-                outcomes[at],
-                Outcome::Pending | Outcome::Exported | Outcome::Kept { .. }
-            ) {
-                let reason = format!("its references were not recorded in the ledger: {e}");
-                outcomes[at] = Outcome::Failed(reason);
-            }
+            outcomes[at].fail(format!(
+                "its references were not recorded in the ledger: {e}"
+            ));
         }
     }
 }
