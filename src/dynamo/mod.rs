@@ -81,6 +81,10 @@ fn typed<T: DeserializeOwned>(image: &Image, name: &str) -> Result<Option<T>, In
         return Ok(None);
     };
     let text = json::to_json(value, name)?;
+    if let Ok(value) = serde_json::from_str(&text) {
+        return Ok(Some(value));
+    }
+    // Only a value that fails is read again, tracking where, to say so.
     let mut json = serde_json::Deserializer::from_str(&text);
     serde_path_to_error::deserialize::<_, T>(&mut json)
         .map(Some)
