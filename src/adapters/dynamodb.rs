@@ -50,7 +50,7 @@ impl DynamoSettingsTable {
 }
 
 mod batch;
-mod raw;
+pub(crate) mod raw;
 
 use batch::get_all;
 pub(crate) use raw::{Answered, RawDynamo};

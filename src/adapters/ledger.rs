@@ -14,6 +14,7 @@ use crate::domain::IndexRef;
 use crate::ports::{IndexRefs, Ledger, PortError, ReconcileProgress};
 use crate::ports::{Referred, RefsChange};
 
+use super::dynamodb::raw::{n, Attribute, Item};
 use super::dynamodb::{Answered, RawDynamo};
 
 mod refs;
@@ -45,50 +46,6 @@ fn number(item: &Value, name: &str) -> Option<u64> {
 /// An attribute of an item read as DynamoDB's JSON, as a string.
 fn text(item: &Value, name: &str) -> Option<String> {
     Some(item.get(name)?.get("S")?.as_str()?.to_owned())
-}
-
-/// One attribute value as DynamoDB's JSON writes it (`{"S": "..."}`, ...).
-#[derive(Serialize)]
-enum Attribute {
-    S(String),
-    N(String),
-    #[serde(rename = "SS")]
-    Ss(Vec<String>),
-    #[serde(rename = "BOOL")]
-    Bool(bool),
-}
-
-fn n(value: u64) -> Attribute {
-    Attribute::N(value.to_string())
-}
-
-/// An item or a key to write, its attributes in the order given: written straight to JSON
-/// text (a `serde_json::Value` per item cost a batch of 1,000 indexes some 20 MiB).
-#[derive(Default)]
-struct Item(Vec<(&'static str, Attribute)>);
-
-impl Item {
-    fn key(pk: String, sk: &str) -> Self {
-        Item(vec![
-            ("pk", Attribute::S(pk)),
-            ("sk", Attribute::S(sk.to_owned())),
-        ])
-    }
-
-    fn with(mut self, name: &'static str, value: Attribute) -> Self {
-        self.0.push((name, value));
-        self
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl Serialize for Item {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_map(self.0.iter().map(|(name, value)| (name, value)))
-    }
 }
 
 /// One request of a BatchWriteItem.

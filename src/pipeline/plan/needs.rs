@@ -71,7 +71,9 @@ pub fn settle_previous_shops(
                 .or_else(|| recorded(index))
             {
                 Some(shop) => *previous = PreviousShop::Known(shop),
-                None => drop(unsettled.insert(index.clone())),
+                None => {
+                    unsettled.insert(index.clone());
+                }
             }
         }
         last_in_batch.insert(index.clone(), now);
