@@ -81,7 +81,7 @@ demo: prerequisites venv bins $(if $(shell command -v npm),edge)
 bench: venv
 	cargo build --quiet --locked --release -p ecom-settings-exporter
 	cargo build --quiet --locked -p ecom-emulators
-	MOTO_PARTITION_QUERIES=1 scripts/with-moto.sh $(TARGET_DIR)/debug/ecom-emulators bench \
+	scripts/with-moto.sh $(TARGET_DIR)/debug/ecom-emulators bench \
 		--function $(TARGET_DIR)/release/ecom-settings-exporter --python $(VENV)/bin/python
 
 ## What each path costs at 1,000, 5,000 and 20,000 indexes, against moto (minutes; docs/scale.md).
@@ -92,10 +92,11 @@ scale: venv
 		--emulators $(TARGET_DIR)/debug/ecom-emulators $(if $(SIZES),--sizes $(SIZES)) \
 		$(if $(SKIP),--skip "$(SKIP)")
 
-## Unit and integration tests (moto on a free port, KV emulator and API-keys stand-in in-process,
+## moto's patches held equal to moto's own; unit and integration tests (moto on a free port, KV emulator and API-keys stand-in in-process,
 ## the edge Worker in workerd), then every AWS call the function made in them checked against the
 ## role the template gives it, then the template deployed to moto (deploy-check).
 test: prerequisites venv edge
+	$(VENV)/bin/python scripts/moto_patches.py --check
 	AWS_CALLS_RECORDING=$(CURDIR)/target/aws-calls.jsonl \
 		scripts/with-moto.sh cargo test --workspace --all-targets --locked
 	$(VENV)/bin/python scripts/check-permissions.py target/aws-calls.jsonl template.yaml

@@ -27,6 +27,10 @@ PSEUDO = {"AWS::Partition": "aws", "AWS::Region": "eu-west-1", "AWS::AccountId":
 LAMBDA_OWN = {"ReadSettingsStream", "ListStreams", "ReportFailedRecords", "WriteOwnLogs"}
 
 
+TRANSACT_ACTIONS = {"Put": "PutItem", "Update": "UpdateItem", "Delete": "DeleteItem",
+                    "ConditionCheck": "ConditionCheckItem"}
+
+
 def table_arn(name):
     return "arn:aws:dynamodb:eu-west-1:123456789012:table/" + name
 
@@ -59,8 +63,14 @@ def calls_of_the_function(recording):
             body = base64.b64decode(body).decode()
         request = json.loads(body or "{}")
         if prefix.startswith("DynamoDB_"):
-            tables = [request["TableName"]] if "TableName" in request else list(request.get("RequestItems", {}))
-            for table in tables:
+            if operation == "TransactWriteItems":
+                # IAM authorises each action of a transaction as the single-item call it is.
+                calls = [(TRANSACT_ACTIONS[kind], action["TableName"])
+                         for item in request["TransactItems"] for kind, action in item.items()]
+            else:
+                tables = [request["TableName"]] if "TableName" in request else list(request.get("RequestItems", {}))
+                calls = [(operation, table) for table in tables]
+            for operation, table in calls:
                 param = "LedgerTable" if table.endswith("-ledger") else "SettingsTableName"
                 yield "dynamodb:" + operation, table_arn(table), {param: table}
         elif prefix == "secretsmanager":

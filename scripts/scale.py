@@ -30,7 +30,7 @@ import urllib.request
 
 import boto3
 
-from moto_patches import partition_queries
+import moto_patches
 from moto.moto_server.werkzeug_app import (
     DomainDispatcherApplication,
     MotoRequestHandler,
@@ -88,7 +88,7 @@ def free_port():
 
 
 def start_moto():
-    partition_queries()
+    moto_patches.apply()
     counting = Counting(DomainDispatcherApplication(create_backend_app))
     port = free_port()
     server = make_server("127.0.0.1", port, counting, True, request_handler=MotoRequestHandler)

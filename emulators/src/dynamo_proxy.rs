@@ -319,11 +319,24 @@ fn oversized_key(request: &Value) -> bool {
         gets.chain(writes)
     });
     let query_pk = request["ExpressionAttributeValues"][":pk"]["S"].as_str();
+    let transact_keys = transact_actions(request).map(|(_, key)| key);
     [&request["Key"], &request["Item"]]
         .into_iter()
         .chain(batch_keys)
+        .chain(transact_keys)
         .any(too_long)
         || query_pk.is_some_and(|pk| pk.len() > 2048)
+}
+
+/// Each action of a TransactWriteItems: what it writes (a Put's item, another's key), and
+/// whether it is a Put.
+fn transact_actions(request: &Value) -> impl Iterator<Item = (bool, &Value)> {
+    let items = request["TransactItems"].as_array().into_iter().flatten();
+    let actions = items.filter_map(|item| item.as_object()?.iter().next());
+    actions.map(|(kind, action)| match kind.as_str() {
+        "Put" => (true, &action["Item"]),
+        _ => (false, &action["Key"]),
+    })
 }
 
 fn tables_of(request: &Value) -> Vec<String> {
@@ -357,6 +370,9 @@ fn partitions_written(operation: &str, request: &Value) -> Vec<String> {
             });
             items.filter_map(pk).collect()
         }
+        "TransactWriteItems" => transact_actions(request)
+            .filter_map(|(_, item)| pk(item))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -380,6 +396,11 @@ fn units(operation: &str, request: &Value, response: &[u8]) -> (f64, f64) {
                 Some(put) => writes(size(&put["Item"])),
                 None => 1.0,
             });
+            (0.0, units.sum())
+        }
+        // A transaction's write costs twice a plain one's.
+        "TransactWriteItems" => {
+            let units = transact_actions(request).map(|(_, item)| 2.0 * writes(size(item)));
             (0.0, units.sum())
         }
         "GetItem" => (reads(size(&answer["Item"]), consistent), 0.0),
@@ -449,6 +470,15 @@ mod tests {
             partitions_written("BatchWriteItem", &batch),
             vec!["a".to_string()]
         );
+        let transaction = serde_json::json!({"TransactItems": [
+            {"Put": {"TableName": "t", "Item": {"pk": {"S": "a"}, "v": {"S": "x".repeat(1500)}}}},
+            {"Update": {"TableName": "t", "Key": {"pk": {"S": "b"}}}}]});
+        assert_eq!(units("TransactWriteItems", &transaction, b""), (0.0, 6.0));
+        assert_eq!(
+            partitions_written("TransactWriteItems", &transaction),
+            vec!["a".to_string(), "b".to_string()]
+        );
+        assert_eq!(tables_of(&transaction), vec!["t".to_string()]);
     }
 
     #[test]
@@ -461,6 +491,8 @@ mod tests {
         let pk = "x".repeat(2049);
         let query = serde_json::json!({"ExpressionAttributeValues": {":pk": {"S": pk}}});
         assert!(oversized_key(&query));
+        let update = serde_json::json!({"TransactItems": [{"Update": {"Key": {"pk": {"S": pk}}}}]});
+        assert!(oversized_key(&update));
         let fine = serde_json::json!({"Key": {"pk": {"S": "x".repeat(2048)}, "sk": {"S": "s"}}});
         assert!(!oversized_key(&fine));
     }

@@ -48,25 +48,37 @@ fn text(item: &Value, name: &str) -> Option<String> {
     Some(item.get(name)?.get("S")?.as_str()?.to_owned())
 }
 
-/// One request of a BatchWriteItem.
+/// One action of a TransactWriteItems.
 #[derive(Serialize)]
-enum WriteRequest {
-    PutRequest {
+enum Action<'a> {
+    Put {
+        #[serde(rename = "TableName")]
+        table_name: &'a str,
         #[serde(rename = "Item")]
         item: Item,
     },
-    DeleteRequest {
-        #[serde(rename = "Key")]
-        key: Item,
-    },
+    Update(Update<'a>),
 }
 
-fn put_request(item: Item) -> String {
-    serde_json::to_string(&WriteRequest::PutRequest { item }).expect("an item is JSON")
+/// An UpdateItem of a set of the ledger's (its attribute named `#set` in the expression).
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct Update<'a> {
+    table_name: &'a str,
+    key: Item,
+    update_expression: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    condition_expression: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expression_attribute_names: Option<SetName>,
+    #[serde(skip_serializing_if = "Item::is_empty")]
+    expression_attribute_values: Item,
 }
 
-fn delete_request(key: Item) -> String {
-    serde_json::to_string(&WriteRequest::DeleteRequest { key }).expect("a key is JSON")
+#[derive(Serialize)]
+struct SetName {
+    #[serde(rename = "#set")]
+    set: &'static str,
 }
 
 /// A PutItem's request, on a condition when one is given.
@@ -168,9 +180,18 @@ impl DynamoLedger {
         self.dynamo.get_all(&self.table_name, keys, &mut each).await
     }
 
-    /// Any number of puts and deletes, 25 a call, some calls at once.
-    async fn write_all(&self, requests: Vec<String>) -> Result<(), PortError> {
-        self.dynamo.write_all(&self.table_name, requests).await
+    /// Any number of actions, no two on one item, 100 a transaction, some at once: the
+    /// positions of those whose condition failed (nothing of theirs written).
+    async fn transact_all(
+        &self,
+        actions: Vec<Action<'_>>,
+    ) -> Result<std::collections::BTreeSet<usize>, PortError> {
+        let actions = actions
+            .iter()
+            .map(|a| serde_json::to_string(a).expect("an action is JSON"));
+        (self.dynamo)
+            .transact_all(&self.table_name, actions.collect())
+            .await
     }
 }
 
@@ -190,8 +211,8 @@ impl Ledger for DynamoLedger {
         self.get_index_refs(indexes).await
     }
 
-    async fn referrers(&self, referred: &Referred) -> Result<Vec<IndexRef>, PortError> {
-        self.query_referrers(referred).await
+    async fn referrers(&self, referred: &[Referred]) -> Result<Vec<IndexRef>, PortError> {
+        self.get_referrers(referred).await
     }
 
     async fn pointing(

@@ -188,10 +188,10 @@ impl Ledger for MemoryLedger {
             .collect())
     }
 
-    async fn referrers(&self, referred: &Referred) -> Result<Vec<IndexRef>, PortError> {
+    async fn referrers(&self, referred: &[Referred]) -> Result<Vec<IndexRef>, PortError> {
         let back = self.back.lock().unwrap();
         Ok((back.iter())
-            .filter(|(r, _)| r == referred)
+            .filter(|(r, _)| referred.contains(r))
             .map(|(_, index)| index.clone())
             .collect())
     }

@@ -314,9 +314,11 @@ pub async fn run<P: Ports>(
             )
             .await
             .map_err(backfill_failed)?;
+        // What every settings item names (rejected ones included, read from the raw items)
+        // is in the ledger before the page's records are sent: the migration to sets of
+        // referrers, and the ledger's own repair.
         if !request.dry_run {
-            let named = page.rejected_references();
-            let added = exporter.add_missing_references(&named, deadline);
+            let added = exporter.add_missing_references(&page.references, deadline);
             added.await.map_err(backfill_failed)?;
         }
         pass.tally.items += page.records.len();

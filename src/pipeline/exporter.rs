@@ -113,22 +113,6 @@ pub struct TablePage {
     pub next: Option<Item>,
 }
 
-impl TablePage {
-    /// What the page's settings items rejected as invalid name (read from the raw items, fail
-    /// closed): their KV values, written while they were valid, may still route there
-    /// (docs/contract.md, "References in the ledger").
-    pub fn rejected_references(&self) -> Vec<SettingsReference> {
-        let rejected: std::collections::HashSet<&IndexRef> = (self.records.iter())
-            .filter(|record| matches!(record.decoded, Err(Outcome::Rejected(_))))
-            .filter_map(|record| record.index.as_ref())
-            .collect();
-        (self.references.iter())
-            .filter(|reference| rejected.contains(&reference.index))
-            .cloned()
-            .collect()
-    }
-}
-
 /// Records with their lookups done and their KV operations planned, nothing sent yet.
 #[derive(Debug)]
 pub struct Prepared {

@@ -76,11 +76,11 @@ pub trait Ledger: Send + Sync {
         indexes: &[IndexRef],
     ) -> impl Future<Output = Result<HashMap<IndexRef, IndexRefs>, PortError>> + Send;
 
-    /// The indexes recorded as referring to `referred` (consistent; may hold stale entries,
-    /// which a reader checks against [`Ledger::index_refs`]).
+    /// The indexes recorded as referring to any of `referred` (consistent; may hold stale
+    /// entries, which a reader checks against the table).
     fn referrers(
         &self,
-        referred: &Referred,
+        referred: &[Referred],
     ) -> impl Future<Output = Result<Vec<IndexRef>, PortError>> + Send;
 
     /// Adds the items naming each index under what it refers to (before the KV writes that

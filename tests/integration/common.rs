@@ -61,6 +61,15 @@ pub async fn aws() -> aws_config::SdkConfig {
     aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await
 }
 
+/// The SDK's configuration as the function builds it (its app name in the user agent): calls
+/// made with it through the function's adapters are checked against the role like its own.
+pub async fn function_aws() -> aws_config::SdkConfig {
+    moto_endpoint();
+    let app = aws_config::AppName::new("ecom-settings-exporter").expect("a valid app name");
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest()).app_name(app);
+    config.load().await
+}
+
 pub struct Harness {
     pub table: String,
     /// The function's own ledger table.

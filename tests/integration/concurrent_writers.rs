@@ -458,7 +458,7 @@ async fn a_shop_taken_while_another_index_gives_it_up_ends_with_its_new_claimer(
     h.put(index_item("acct-2", "arriving", Some(SHOP))).await;
     let taking = h.stream_records().await;
     ledger.inject(
-        Some("BatchWriteItem"),
+        Some("TransactWriteItems"),
         Some("-ledger"),
         DynamoFault::Hold,
         usize::MAX,

@@ -334,7 +334,7 @@ async fn an_alias_dropped_without_its_record_no_longer_protects_its_target() {
     assert!(h.settings(SHOP_A).is_none());
 }
 
-/// The stream records its indexes' references in the ledger (a BatchWriteItem): writes that
+/// The stream records its indexes' references in the ledger (TransactWriteItems): writes that
 /// do not answer are given up at the deadline like every other ledger call, never waited on
 /// past it, and the batch's records are reported for retry, exported on the replay.
 #[tokio::test]
@@ -350,7 +350,12 @@ async fn a_batch_whose_reference_writes_hang_answers_before_its_deadline() {
         function,
     } = behind_a_dynamodb_proxy(&h).await;
     let hang = DynamoFault::Delay(std::time::Duration::from_secs(30));
-    ledger.inject(Some("BatchWriteItem"), Some("-ledger"), hang, usize::MAX);
+    ledger.inject(
+        Some("TransactWriteItems"),
+        Some("-ledger"),
+        hang,
+        usize::MAX,
+    );
     let batch = json!({"Records": records});
 
     let started = std::time::Instant::now();

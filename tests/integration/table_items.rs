@@ -126,17 +126,14 @@ async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
         let get = h.ddb.get_item().table_name(&h.ledger).consistent_read(true);
         get.key("pk", s(pk)).key("sk", s(sk)).send()
     };
-    let back = get("shop#new.myshopify.com", "7:acct-é#new")
+    let set = get("shop#new.myshopify.com", "referrers")
         .await
         .unwrap()
         .item;
+    let mut expected = sdk_item(&[("pk", s("shop#new.myshopify.com")), ("sk", s("referrers"))]);
+    expected.insert("referrers".into(), Av::Ss(vec!["7:acct-é#new".into()]));
+    assert_eq!(set, Some(expected));
     let named = [("account", s("acct-é")), ("index", s("new"))];
-    let mut expected = sdk_item(&named);
-    expected.extend(sdk_item(&[
-        ("pk", s("shop#new.myshopify.com")),
-        ("sk", s("7:acct-é#new")),
-    ]));
-    assert_eq!(back, Some(expected));
     let mut gone = get("ref#7:acct-é#new", "ref").await.unwrap().item.unwrap();
     assert!(
         matches!(gone.remove("expires_at"), Some(Av::N(_))),
@@ -146,7 +143,17 @@ async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
     expected.extend(sdk_item(&[("pk", s("ref#7:acct-é#new")), ("sk", s("ref"))]));
     expected.insert("removed".into(), Av::Bool(true));
     assert_eq!(gone, expected);
-    assert_eq!(ledger.referrers(&shop).await.unwrap(), vec![new.clone()]);
+    let asked = [shop.clone(), Referred::Alias("acct-é-none".into())];
+    assert_eq!(ledger.referrers(&asked).await.unwrap(), vec![new.clone()]);
+    // Taken out of the set it no longer names.
+    let left = RefsChange {
+        pointing: BTreeSet::from([shop.clone()]),
+        ..change(&new, removed.clone())
+    };
+    ledger.record_refs(&[left]).await.unwrap();
+    assert_eq!(ledger.referrers(&asked).await.unwrap(), vec![]);
+    let pair = [(new.clone(), shop.clone())];
+    assert_eq!(ledger.pointing(&pair).await.unwrap(), vec![]);
     let recorded = ledger
         .index_refs(&[old.clone(), new.clone()])
         .await
@@ -189,4 +196,51 @@ async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
     assert!(!ledger.references_complete().await.unwrap());
     ledger.mark_references_complete().await.unwrap();
     assert!(ledger.references_complete().await.unwrap());
+}
+
+/// A shop that more indexes claim than one item holds (hostile input): the set takes 700, the
+/// rest get items of their own and the set says so; every reader still finds every referrer,
+/// and the set's neighbours in the same transaction are written all the same.
+#[tokio::test]
+async fn referrers_past_a_set_s_bound_get_items_of_their_own() {
+    let h = Harness::new().await;
+    let ledger = DynamoLedger::new(&function_aws().await, h.ledger.clone());
+    let shop = Referred::Shop("crowded.myshopify.com".into());
+    let index = |i: usize| IndexRef::new("acct", format!("i{i:04}"));
+    let first: Vec<_> = (0..700).map(|i| (index(i), shop.clone())).collect();
+    ledger.point_back(&first).await.unwrap();
+    let other = Referred::Shop("other.myshopify.com".into());
+    let more = [(index(700), shop.clone()), (index(701), other.clone())];
+    ledger.point_back(&more).await.unwrap();
+    let beyond: Vec<_> = (702..1500).map(|i| (index(i), shop.clone())).collect();
+    ledger.point_back(&beyond).await.unwrap();
+
+    let found = ledger.referrers(std::slice::from_ref(&shop)).await.unwrap();
+    assert_eq!(
+        found,
+        (0..1500)
+            .filter(|i| *i != 701)
+            .map(index)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(ledger.referrers(&[other]).await.unwrap(), vec![index(701)]);
+    let asked = [
+        (index(0), shop.clone()),
+        (index(700), shop.clone()),
+        (index(1499), shop.clone()),
+    ];
+    let mut pointing = ledger.pointing(&asked).await.unwrap();
+    pointing.sort();
+    assert_eq!(pointing, asked);
+    let set = h.ddb.get_item().table_name(&h.ledger).consistent_read(true);
+    let set = set.key("pk", Av::S("shop#crowded.myshopify.com".into()));
+    let set = set
+        .key("sk", Av::S("referrers".into()))
+        .send()
+        .await
+        .unwrap()
+        .item
+        .unwrap();
+    assert_eq!(set.get("overflow"), Some(&Av::Bool(true)));
+    assert!(matches!(set.get("referrers"), Some(Av::Ss(members)) if members.len() == 700));
 }

@@ -1,12 +1,13 @@
 //! DynamoDB's JSON API without the SDK, for the calls on the stream's path: the records' items
 //! (consistent BatchGetItems, each answer read into the borrowed attribute tree) and the
-//! ledger's items (BatchGetItem, BatchWriteItem, Query, GetItem,
+//! ledger's items (BatchGetItem, TransactWriteItems, Query, GetItem,
 //! PutItem). Requests are signed with SigV4 as the SDK signs them (`aws-sigv4`); the SDK's
 //! configuration still decides the region, the credentials and the endpoint. Through the SDK
 //! each call cost the function its per-request pipeline and each item a `HashMap` of
 //! `AttributeValue`s (docs/performance.md has the figures); `tests/integration/table_items.rs`
 //! holds this path equal to the SDK's.
 
+use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
@@ -25,8 +26,9 @@ use crate::ports::PortError;
 const ATTEMPTS: u32 = 3;
 /// Credentials are fetched again this long before they expire.
 const CREDENTIALS_MARGIN: Duration = Duration::from_secs(300);
-/// DynamoDB's limit per BatchWriteItem call.
-const WRITE_BATCH: usize = 25;
+/// DynamoDB's limits per TransactWriteItems call: actions, and bytes (4 MB, less a margin).
+const TRANSACT_ACTIONS: usize = 100;
+const TRANSACT_BYTES: usize = 3_500_000;
 
 pub struct RawDynamo {
     http: reqwest::Client,
@@ -134,46 +136,69 @@ impl RawDynamo {
         }
     }
 
-    /// Puts and deletes (each a `WriteRequest` as DynamoDB's JSON text), 25 a
-    /// BatchWriteItem, several at once, the requests an answer leaves unprocessed sent again.
-    pub async fn write_all(&self, table: &str, requests: Vec<String>) -> Result<(), PortError> {
-        let mut chunks = Vec::new();
-        let mut requests = requests.into_iter().peekable();
-        while requests.peek().is_some() {
-            chunks.push(requests.by_ref().take(WRITE_BATCH).collect::<Vec<_>>());
+    /// Writes (each a TransactWriteItems action as DynamoDB's JSON text, no two on one item),
+    /// 100 a TransactWriteItems, several at once. Answers the actions (their positions) whose
+    /// condition failed: nothing of theirs is written, every other action is (a cancelled
+    /// transaction is sent again without them).
+    pub async fn transact_all(
+        &self,
+        table: &str,
+        actions: Vec<String>,
+    ) -> Result<BTreeSet<usize>, PortError> {
+        let mut chunks: Vec<Vec<(usize, String)>> = Vec::new();
+        let mut bytes = 0;
+        for (at, action) in actions.into_iter().enumerate() {
+            let full = chunks.last().is_none_or(|c| {
+                c.len() == TRANSACT_ACTIONS || bytes + action.len() > TRANSACT_BYTES
+            });
+            if full {
+                chunks.push(Vec::new());
+                bytes = 0;
+            }
+            bytes += action.len();
+            chunks.last_mut().expect("pushed").push((at, action));
         }
-        let answers: Vec<Result<(), PortError>> = futures::stream::iter(chunks)
-            .map(|chunk| self.write_batch(table, chunk))
+        let answers: Vec<Result<Vec<usize>, PortError>> = futures::stream::iter(chunks)
+            .map(|chunk| self.transact(table, chunk))
             .buffer_unordered(CONCURRENT_GETS)
             .collect()
             .await;
-        answers.into_iter().collect()
+        let mut refused = BTreeSet::new();
+        for answer in answers {
+            refused.extend(answer?);
+        }
+        Ok(refused)
     }
 
-    async fn write_batch(&self, table: &str, mut requests: Vec<String>) -> Result<(), PortError> {
-        let table_name = serde_json::to_string(table).expect("a name is JSON");
-        for attempt in 0..UNPROCESSED_TRIES {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
-            }
-            let body = format!(
-                r#"{{"RequestItems":{{{table_name}:[{}]}}}}"#,
-                requests.join(",")
-            );
-            let answer = self.post("BatchWriteItem", table, body).await?;
-            requests = unprocessed_writes(&answer, table).ok_or_else(|| {
-                PortError::Transient(format!(
-                    "BatchWriteItem of table {table}: an answer not understood"
-                ))
-            })?;
-            if requests.is_empty() {
-                return Ok(());
-            }
+    async fn transact(
+        &self,
+        table: &str,
+        mut actions: Vec<(usize, String)>,
+    ) -> Result<Vec<usize>, PortError> {
+        let mut refused = Vec::new();
+        while !actions.is_empty() {
+            let items: Vec<&str> = actions.iter().map(|(_, a)| a.as_str()).collect();
+            let body = format!(r#"{{"TransactItems":[{}]}}"#, items.join(","));
+            let text = match self.call("TransactWriteItems", table, body).await? {
+                Answered::Ok(_) => return Ok(refused),
+                Answered::Refused { status: 400, text } => text,
+                answered => return answered.text("TransactWriteItems", table).map(|_| refused),
+            };
+            let failed = failed_conditions(&text).filter(|f| !f.is_empty());
+            let Some(failed) = failed else {
+                let refusal = Answered::Refused { status: 400, text };
+                return refusal.text("TransactWriteItems", table).map(|_| refused);
+            };
+            let mut at = 0..;
+            actions.retain(|(position, _)| {
+                let keep = !failed.contains(&at.next().expect("endless"));
+                if !keep {
+                    refused.push(*position);
+                }
+                keep
+            });
         }
-        Err(PortError::Transient(format!(
-            "BatchWriteItem of table {table}: {} items left unprocessed",
-            requests.len()
-        )))
+        Ok(refused)
     }
 
     /// One call that must succeed: its answer's text.
@@ -218,6 +243,7 @@ impl RawDynamo {
             }
             let again = status.is_server_error()
                 || text.contains("Throttl")
+                || text.contains("TransactionConflict")
                 || text.contains("LimitExceeded");
             if !again {
                 let status = status.as_u16();
@@ -386,23 +412,26 @@ fn read_answer(
     left.iter().map(key).collect()
 }
 
-/// A BatchWriteItem's answer: the requests left for another call, as their JSON text.
+/// A cancelled transaction's answer: why each action was cancelled, in order.
 #[derive(Deserialize)]
-struct WriteAnswer<'a> {
-    #[serde(borrow, rename = "UnprocessedItems", default)]
-    unprocessed: std::collections::HashMap<String, Vec<&'a serde_json::value::RawValue>>,
+struct Cancelled {
+    #[serde(rename = "CancellationReasons")]
+    reasons: Vec<Reason>,
 }
 
-/// The write requests a BatchWriteItem's answer leaves unprocessed; `None` when the answer is
-/// not a BatchWriteItem's.
-fn unprocessed_writes(answer: &str, table: &str) -> Option<Vec<String>> {
-    let answer: WriteAnswer = serde_json::from_str(answer).ok()?;
-    let left = answer.unprocessed.get(table).map_or(&[][..], Vec::as_slice);
-    Some(
-        left.iter()
-            .map(|request| request.get().to_owned())
-            .collect(),
-    )
+#[derive(Deserialize)]
+struct Reason {
+    #[serde(rename = "Code")]
+    code: Option<String>,
+}
+
+/// The positions of the actions whose condition failed, when a transaction was cancelled
+/// (`None`: another refusal).
+fn failed_conditions(answer: &str) -> Option<BTreeSet<usize>> {
+    let cancelled: Cancelled = serde_json::from_str(answer).ok()?;
+    let failed = cancelled.reasons.iter().enumerate();
+    let failed = failed.filter(|(_, r)| r.code.as_deref() == Some("ConditionalCheckFailed"));
+    Some(failed.map(|(at, _)| at).collect())
 }
 
 #[cfg(test)]
@@ -429,19 +458,16 @@ mod tests {
     }
 
     #[test]
-    fn a_write_answer_gives_back_the_requests_left_as_they_were() {
-        let left = r#"{"PutRequest": {"Item": {"pk": {"S": "a\"é"}}}}"#;
-        let answer = format!(r#"{{"UnprocessedItems": {{"t": [{left}], "o": [{left}]}}}}"#);
-        assert_eq!(
-            unprocessed_writes(&answer, "t"),
-            Some(vec![left.to_owned()])
-        );
-        assert_eq!(
-            unprocessed_writes(r#"{"UnprocessedItems": {}}"#, "t"),
-            Some(vec![])
-        );
-        assert_eq!(unprocessed_writes("{}", "t"), Some(vec![]));
-        assert_eq!(unprocessed_writes("<html>", "t"), None);
+    fn a_cancelled_transaction_names_the_actions_whose_condition_failed() {
+        let answer = r#"{"__type": "com.amazonaws.dynamodb.v20120810#TransactionCanceledException",
+            "Message": "Transaction cancelled [None, ConditionalCheckFailed, None]",
+            "CancellationReasons": [{"Code": "None"}, {"Code": "ConditionalCheckFailed",
+            "Message": "The conditional request failed"}, {"Code": "None"}]}"#;
+        assert_eq!(failed_conditions(answer), Some(BTreeSet::from([1])));
+        let conflict = r#"{"CancellationReasons": [{"Code": "TransactionConflict"}]}"#;
+        assert_eq!(failed_conditions(conflict), Some(BTreeSet::new()));
+        let other = r#"{"__type": "ValidationException", "message": "too many"}"#;
+        assert_eq!(failed_conditions(other), None);
     }
 
     #[test]

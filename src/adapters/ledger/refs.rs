@@ -1,16 +1,20 @@
 //! Each index's references in the ledger (docs/contract.md, "Concurrent writers"): what its
 //! last exported record left (`pk = "ref#{index}"`, `sk = "ref"`: `shop`, `targets`, `removed`),
-//! and, for lookups by key instead of a table scan, one item per reference the other way round
-//! (`pk = "shop#{shop_id}"` or `"alias#{target index id}"`, `sk = "{index}"`). An index is
-//! written `{length of account}:{account}#{index}` in keys, so no two indexes share one; items
-//! name it in `account` and `index` too.
+//! and, for lookups by key instead of a table scan, who refers to each shop and alias target:
+//! one item each (`pk = "shop#{shop_id}"` or `"alias#{target index id}"`, `sk = "referrers"`)
+//! whose string set `referrers` names them, read 100 a BatchGetItem and changed by `ADD` and
+//! `DELETE` in transactions, so writers of one set never overwrite each other. A set holds
+//! [`MAX_REFERRERS`] at most (DynamoDB's 400 KB item); a referrer past that gets an item of its
+//! own in the same partition (`sk = "{index}"`, naming it in `account` and `index`) and the set
+//! item `overflow`, which makes readers Query the partition. An index is written
+//! `{length of account}:{account}#{index}`, so no two indexes share one.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{delete_request, expires_at, number, put_request};
+use super::{expires_at, number, Action, SetName, Update};
 use super::{Attribute, DynamoLedger, Item};
 use crate::domain::IndexRef;
 use crate::dynamo::{Attr, Image};
@@ -18,10 +22,24 @@ use crate::ports::{IndexRefs, PortError, Referred, RefsChange};
 
 const REF_SK: &str = "ref";
 const META_PK: &str = "meta";
-const META_SK: &str = "references";
+/// The references are complete with their referrers kept as sets (a ledger whose referrers were
+/// kept an item each, `meta` / `references`, reads as incomplete until a backfill).
+const META_SK: &str = "references#2";
+const REFERRERS_SK: &str = "referrers";
+const SET: &str = "referrers";
+/// Members a set item holds at most: 700 of the longest index keys (516 bytes) fit in 400 KB.
+const MAX_REFERRERS: usize = 700;
 
 fn index_key(index: &IndexRef) -> String {
     format!("{}:{}#{}", index.account.len(), index.account, index.name)
+}
+
+/// The index an index key names (`None`: not one).
+fn index_of_key(key: &str) -> Option<IndexRef> {
+    let (length, rest) = key.split_once(':')?;
+    let account = rest.get(..length.parse().ok()?)?;
+    let name = rest.get(account.len()..)?.strip_prefix('#')?;
+    Some(IndexRef::new(account, name))
 }
 
 fn ref_pk(index: &IndexRef) -> String {
@@ -105,10 +123,42 @@ impl DynamoLedger {
         Ok(found)
     }
 
-    pub(super) async fn query_referrers(
+    /// Who the ledger names as referring to any of `referred` (a superset, possibly stale).
+    pub(super) async fn get_referrers(
         &self,
-        referred: &Referred,
+        referred: &[Referred],
     ) -> Result<Vec<IndexRef>, PortError> {
+        let mut found = BTreeSet::new();
+        for (referred, set) in self.referrer_sets(referred.iter()).await? {
+            if set.overflow {
+                found.extend(self.query_referrers(&referred).await?);
+            }
+            found.extend(set.indexes);
+        }
+        Ok(found.into_iter().collect())
+    }
+
+    /// The set items of `referred` (one absent: nobody refers to it).
+    async fn referrer_sets(
+        &self,
+        referred: impl Iterator<Item = &Referred>,
+    ) -> Result<HashMap<Referred, Referrers>, PortError> {
+        let asked: HashMap<String, &Referred> = referred.map(|r| (referred_pk(r), r)).collect();
+        let keys = (asked.keys())
+            .map(|pk| (pk.clone(), REFERRERS_SK.to_owned()))
+            .collect();
+        let mut found = HashMap::with_capacity(asked.len());
+        self.get_all(keys, |item| {
+            if let Some(referred) = item.string("pk").and_then(|pk| asked.get(pk)) {
+                found.insert((*referred).clone(), referrers_of(item));
+            }
+        })
+        .await?;
+        Ok(found)
+    }
+
+    /// Every item of an overflowed set's partition that names an index.
+    async fn query_referrers(&self, referred: &Referred) -> Result<Vec<IndexRef>, PortError> {
         let table = &self.table_name;
         let pk = Item::default().with(":pk", Attribute::S(referred_pk(referred)));
         let mut query = Query {
@@ -135,13 +185,51 @@ impl DynamoLedger {
         }
     }
 
-    /// The items naming each index under what it refers to, 25 a BatchWriteItem.
+    /// Each index added to the set of what it refers to, one transaction action per set; a
+    /// set that would pass [`MAX_REFERRERS`] is marked `overflow` and those referrers get
+    /// items of their own instead.
     pub(super) async fn put_back_items(
         &self,
         items: &[(IndexRef, Referred)],
     ) -> Result<(), PortError> {
-        let puts = items.iter().map(|(index, r)| put_request(back(r, index)));
-        self.write_all(puts.collect()).await
+        let mut sets: BTreeMap<&Referred, BTreeMap<String, &IndexRef>> = BTreeMap::new();
+        for (index, referred) in items {
+            sets.entry(referred)
+                .or_default()
+                .insert(index_key(index), index);
+        }
+        let (fit, mut over): (Vec<_>, Vec<_>) =
+            (sets.into_iter()).partition(|(_, indexes)| indexes.len() <= MAX_REFERRERS);
+        let adds = fit.iter().map(|(referred, indexes)| {
+            let room = (MAX_REFERRERS - indexes.len()) as u64;
+            let members = Attribute::Ss(indexes.keys().cloned().collect());
+            let values = (Item::default().with(":new", members)).with(":room", super::n(room));
+            Action::Update(Update {
+                condition_expression: Some("attribute_not_exists(#set) OR size(#set) <= :room"),
+                ..self.set_update(referred, "ADD #set :new", values)
+            })
+        });
+        let full = self.transact_all(adds.collect()).await?;
+        over.extend(
+            fit.into_iter()
+                .enumerate()
+                .filter(|(at, _)| full.contains(at))
+                .map(|(_, set)| set),
+        );
+        let mut actions = Vec::new();
+        for (referred, indexes) in over {
+            let flag = Item::default().with(":yes", Attribute::Bool(true));
+            actions.push(Action::Update(Update {
+                expression_attribute_names: None,
+                ..self.set_update(referred, "SET overflow = :yes", flag)
+            }));
+            actions.extend(
+                indexes
+                    .values()
+                    .map(|index| self.put_action(back(referred, index))),
+            );
+        }
+        self.transact_all(actions).await.map(|_| ())
     }
 
     /// Which of these items pointing back exist.
@@ -149,18 +237,25 @@ impl DynamoLedger {
         &self,
         items: &[(IndexRef, Referred)],
     ) -> Result<Vec<(IndexRef, Referred)>, PortError> {
-        let key_of = |(index, r): &(IndexRef, Referred)| (referred_pk(r), index_key(index));
-        let asked: HashMap<(String, String), &(IndexRef, Referred)> =
-            items.iter().map(|item| (key_of(item), item)).collect();
+        let sets = self.referrer_sets(items.iter().map(|(_, r)| r)).await?;
         let mut found = Vec::new();
-        self.get_all(asked.keys().cloned().collect(), |item| {
+        let mut own_items = HashMap::new();
+        for item in items {
+            let set = sets.get(&item.1);
+            if set.is_some_and(|set| set.indexes.contains(&item.0)) {
+                found.push(item.clone());
+            } else if set.is_some_and(|set| set.overflow) {
+                own_items.insert((referred_pk(&item.1), index_key(&item.0)), item);
+            }
+        }
+        self.get_all(own_items.keys().cloned().collect(), |item| {
             let key = (item.string("pk"), item.string("sk"));
             let key = key
                 .0
                 .zip(key.1)
                 .map(|(pk, sk)| (pk.to_owned(), sk.to_owned()));
             found.extend(
-                key.and_then(|key| asked.get(&key))
+                key.and_then(|key| own_items.get(&key))
                     .map(|item| (*item).clone()),
             );
         })
@@ -168,27 +263,55 @@ impl DynamoLedger {
         Ok(found)
     }
 
-    /// The indexes' own items, then the items pointing back that they no longer name: a
-    /// reader that finds an index's references finds every item pointing back (those were
-    /// added before the writes). Each step is one BatchWriteItem per 25 items.
+    /// The indexes' own items, then each index taken out of the sets it no longer names: a
+    /// reader that finds an index's references finds it in every set (it was added before the
+    /// writes). Each step is one transaction per 100 items. An overflowed set's own items are
+    /// not deleted: one left costs a reader a candidate, never a wrong answer.
     pub(super) async fn put_all_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
-        let (mut own, mut gone) = (Vec::new(), Vec::new());
+        let own = changes
+            .iter()
+            .map(|c| self.put_action(ref_item(&c.index, &c.new)));
+        self.transact_all(own.collect()).await?;
+        let mut gone: BTreeMap<&Referred, Vec<String>> = BTreeMap::new();
         for RefsChange {
             index,
             pointing,
             new,
         } in changes
         {
-            own.push(put_request(ref_item(index, new)));
             let after = new.referred();
-            gone.extend(
-                pointing
-                    .difference(&after)
-                    .map(|r| delete_request(Item::key(referred_pk(r), &index_key(index)))),
-            );
+            for referred in pointing.iter().filter(|r| !after.contains(r)) {
+                gone.entry(referred).or_default().push(index_key(index));
+            }
         }
-        self.write_all(own).await?;
-        self.write_all(gone).await
+        let deletes = gone.into_iter().map(|(referred, indexes)| {
+            let members = Item::default().with(":gone", Attribute::Ss(indexes));
+            Action::Update(self.set_update(referred, "DELETE #set :gone", members))
+        });
+        self.transact_all(deletes.collect()).await.map(|_| ())
+    }
+
+    fn set_update(
+        &self,
+        referred: &Referred,
+        expression: &'static str,
+        values: Item,
+    ) -> Update<'_> {
+        Update {
+            table_name: &self.table_name,
+            key: Item::key(referred_pk(referred), REFERRERS_SK),
+            update_expression: expression,
+            condition_expression: None,
+            expression_attribute_names: Some(SetName { set: SET }),
+            expression_attribute_values: values,
+        }
+    }
+
+    fn put_action(&self, item: Item) -> Action<'_> {
+        Action::Put {
+            table_name: &self.table_name,
+            item,
+        }
     }
 
     /// An index's own item, only if it has none yet.
@@ -224,7 +347,23 @@ struct QueryPage<'a> {
     last_evaluated_key: Option<&'a RawValue>,
 }
 
-/// The item naming `index` under what it refers to.
+/// Who a set item names, and whether referrers past its bound have items of their own.
+#[derive(Default)]
+struct Referrers {
+    indexes: BTreeSet<IndexRef>,
+    overflow: bool,
+}
+
+fn referrers_of(item: &Image) -> Referrers {
+    let indexes = match item.get(SET) {
+        Some(Attr::Ss(keys)) => keys.iter().filter_map(|key| index_of_key(key)).collect(),
+        _ => BTreeSet::new(),
+    };
+    let overflow = matches!(item.get("overflow"), Some(Attr::Bool(true)));
+    Referrers { indexes, overflow }
+}
+
+/// The item of its own naming `index` under what it refers to (past a set's bound).
 fn back(referred: &Referred, index: &IndexRef) -> Item {
     named(referred_pk(referred), &index_key(index), index)
 }
@@ -232,6 +371,17 @@ fn back(referred: &Referred, index: &IndexRef) -> Item {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_index_key_names_its_index_whatever_its_account_holds() {
+        for (account, name) in [("a", "i"), ("a:1#b", "#x:"), ("é", "ü"), ("", "i")] {
+            let index = IndexRef::new(account, name);
+            assert_eq!(index_of_key(&index_key(&index)), Some(index));
+        }
+        for key in ["", "x", "2:a#i", "1:a", "1:ai", "9:a#i", "1:é#i"] {
+            assert_eq!(index_of_key(key), None, "{key}");
+        }
+    }
 
     #[test]
     fn a_query_goes_on_from_the_key_its_last_page_ended_at() {

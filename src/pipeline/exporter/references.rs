@@ -143,21 +143,13 @@ impl<P: Ports> Exporter<P> {
         asked: Vec<Referred>,
         deadline: Instant,
     ) -> Result<Vec<SettingsReference>, PortError> {
-        let answers: Vec<Result<Vec<IndexRef>, PortError>> = futures::stream::iter(asked)
-            .map(|referred| async move {
-                let query = self.ledger.referrers(&referred);
-                before_deadline(deadline, "ledger references", query).await
-            })
-            .buffer_unordered(CONCURRENT_QUERIES)
-            .collect()
-            .await;
-        let mut candidates = BTreeSet::new();
-        for answer in answers {
-            candidates.extend(answer?);
+        if asked.is_empty() {
+            return Ok(Vec::new());
         }
+        let query = self.ledger.referrers(&asked);
+        let candidates = before_deadline(deadline, "ledger references", query).await?;
         // The ledger names candidates (a superset, possibly stale); each one's settings record
         // in the table decides: an alias dropped, or a record gone, no longer counts.
-        let candidates: Vec<IndexRef> = candidates.into_iter().collect();
         let read = self.table.index_references(&candidates);
         before_deadline(deadline, "candidates' settings", read).await
     }
