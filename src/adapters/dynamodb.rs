@@ -199,13 +199,16 @@ impl SettingsTable for DynamoSettingsTable {
             .map(|i| (i.account.clone(), format!("INDEX#{}", i.name)));
         let projection = "pk, sk, shop_id, read_alias, index_aliases";
         let items = self.get_many(keys.collect(), Some(projection)).await?;
+        let by_key: HashMap<(&str, &str), &Item> = (items.iter())
+            .filter_map(|item| {
+                let key = (string_attribute(item, "pk")?, string_attribute(item, "sk")?);
+                Some((key, item))
+            })
+            .collect();
         Ok((indexes.iter())
             .filter_map(|index| {
                 let sk = format!("INDEX#{}", index.name);
-                let item = items.iter().find(|item| {
-                    string_attribute(item, "pk") == Some(&index.account)
-                        && string_attribute(item, "sk") == Some(&sk)
-                })?;
+                let item = by_key.get(&(index.account.as_str(), sk.as_str()))?;
                 Some(reference_of(index.clone(), &Image::of(item)))
             })
             .collect())

@@ -6,13 +6,13 @@
 //! are never sent. Each surviving operation is owned by the record that planned it: a record
 //! is exported once every operation it owns has been applied.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use crate::domain::kv::{check_key, check_put, KvValue};
 use crate::domain::qfilter::filter_key;
 use crate::domain::validate::{index_key_problem, shop_id_problem, shown, SHOP_DOMAIN};
-use crate::domain::{IndexRef, IndexSettings, KvAction, KvKey, SettingsReference};
+use crate::domain::{IndexId, IndexRef, IndexSettings, KvAction, KvKey, SettingsReference};
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::PortError;
 use crate::report::Outcome;
@@ -51,10 +51,18 @@ pub struct Plan {
 /// Turns records and their lookups into one operation per KV key and an outcome per record.
 pub fn plan(records: &[ChangeRecord], lookups: &Lookups, default_cell: &str) -> Plan {
     let mut plan = Plan::default();
+    let referrers = match &lookups.references {
+        Some(Ok(references)) => Ok(Referrers::of(references)),
+        Some(Err(reason)) => Err(format!(
+            "cannot scan the settings table for aliases and shop ids: {reason}"
+        )),
+        None => Err("the settings table was not scanned".into()),
+    };
     for (owner, record) in records.iter().enumerate() {
         let mut planner = RecordPlanner {
             owner,
             lookups,
+            referrers: &referrers,
             default_cell,
             notes: &mut plan.notes,
             claimers_wanted: &mut plan.claimers_wanted,
@@ -141,9 +149,38 @@ fn old_shop(previous: &PreviousShop) -> Result<Option<String>, Outcome> {
     }
 }
 
+/// Who claims each shop and who aliases each index id, from the looked-up references: built
+/// once a batch, asked by every record that removes an index or gives a shop up.
+#[derive(Default)]
+struct Referrers<'a> {
+    by_shop: HashMap<&'a str, Vec<&'a IndexRef>>,
+    by_target: HashMap<&'a IndexId, Vec<&'a IndexRef>>,
+}
+
+impl<'a> Referrers<'a> {
+    fn of(references: &'a [SettingsReference]) -> Self {
+        let mut referrers = Referrers::default();
+        for reference in references {
+            if let Some(shop) = &reference.shop_id {
+                let claimers = referrers.by_shop.entry(shop).or_default();
+                claimers.push(&reference.index);
+            }
+            for target in &reference.live_targets {
+                let aliases = referrers.by_target.entry(target).or_default();
+                // Two aliases of one index to one target name it once.
+                if aliases.last() != Some(&&reference.index) {
+                    aliases.push(&reference.index);
+                }
+            }
+        }
+        referrers
+    }
+}
+
 struct RecordPlanner<'a> {
     owner: usize,
     lookups: &'a Lookups,
+    referrers: &'a Result<Referrers<'a>, String>,
     default_cell: &'a str,
     notes: &'a mut Vec<(usize, String)>,
     claimers_wanted: &'a mut BTreeSet<IndexRef>,
@@ -182,12 +219,10 @@ impl<'a> RecordPlanner<'a> {
                 previous_shop,
             } => {
                 check_own_key(index)?;
-                let references = self.references()?;
-                let id = index.id();
-                let referenced_by: Vec<IndexRef> = references
-                    .iter()
-                    .filter(|r| &r.index != index && r.live_targets.contains(&id))
-                    .map(|r| r.index.clone())
+                let aliases = self.referrers()?.by_target.get(&index.id());
+                let referenced_by: Vec<IndexRef> = (aliases.into_iter().flatten())
+                    .filter(|alias| **alias != index)
+                    .map(|alias| (*alias).clone())
                     .collect();
                 if !referenced_by.is_empty() {
                     return Err(Outcome::Kept { referenced_by });
@@ -237,14 +272,8 @@ impl<'a> RecordPlanner<'a> {
         Ok(KvValue::settings(settings.clone(), api_key.clone()))
     }
 
-    fn references(&self) -> Result<&'a [SettingsReference], Outcome> {
-        match &self.lookups.references {
-            Some(Ok(references)) => Ok(references),
-            Some(Err(reason)) => Err(Outcome::Failed(format!(
-                "cannot scan the settings table for aliases and shop ids: {reason}"
-            ))),
-            None => Err(Outcome::Failed("the settings table was not scanned".into())),
-        }
+    fn referrers(&self) -> Result<&'a Referrers<'a>, Outcome> {
+        (self.referrers.as_ref()).map_err(|reason| Outcome::Failed(reason.clone()))
     }
 
     /// The index gave up `shop`. Nobody else claims it: deleted. Another index claims it: it
@@ -256,12 +285,8 @@ impl<'a> RecordPlanner<'a> {
             self.notes.push((self.owner, note));
             return Ok(());
         }
-        let claimer = self
-            .references()?
-            .iter()
-            .filter(|r| &r.index != index && r.shop_id.as_deref() == Some(shop))
-            .map(|r| &r.index)
-            .min();
+        let claimers = self.referrers()?.by_shop.get(shop).into_iter().flatten();
+        let claimer = claimers.copied().filter(|claimer| *claimer != index).min();
         let Some(claimer) = claimer else {
             let key = KvKey::settings(shop);
             self.ops.push((key.clone(), KvAction::Delete));
