@@ -56,6 +56,11 @@ enum Action<'a> {
         table_name: &'a str,
         #[serde(rename = "Item")]
         item: Item,
+        #[serde(
+            rename = "ConditionExpression",
+            skip_serializing_if = "Option::is_none"
+        )]
+        condition_expression: Option<&'static str>,
     },
     Update(Update<'a>),
 }
@@ -230,8 +235,8 @@ impl Ledger for DynamoLedger {
         self.put_all_refs(changes).await
     }
 
-    async fn seed_refs(&self, index: &IndexRef, refs: &IndexRefs) -> Result<bool, PortError> {
-        self.put_refs_if_absent(index, refs).await
+    async fn seed_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
+        self.put_refs_if_absent(changes).await
     }
 
     async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {

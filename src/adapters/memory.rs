@@ -224,13 +224,13 @@ impl Ledger for MemoryLedger {
         Ok(())
     }
 
-    async fn seed_refs(&self, index: &IndexRef, new: &IndexRefs) -> Result<bool, PortError> {
+    async fn seed_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
         let mut refs = self.refs.lock().unwrap();
-        if refs.contains_key(index) {
-            return Ok(false);
+        for change in changes {
+            let recorded = refs.entry(change.index.clone());
+            recorded.or_insert_with(|| change.new.clone());
         }
-        refs.insert(index.clone(), new.clone());
-        Ok(true)
+        Ok(())
     }
 
     async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {

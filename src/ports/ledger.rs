@@ -103,14 +103,13 @@ pub trait Ledger: Send + Sync {
         changes: &[RefsChange],
     ) -> impl Future<Output = Result<(), PortError>> + Send;
 
-    /// Records an index's references only if none are recorded yet (`Ok(false)`: some were):
-    /// an operator's, read from the table before the stream's newer word may have landed
-    /// (its items pointing back were added before its writes).
+    /// Records each index's references only where none are recorded yet: an operator's, read
+    /// from the table before the stream's newer word may have landed (its items pointing back
+    /// were added before its writes). Nothing pointing back is deleted.
     fn seed_refs(
         &self,
-        index: &IndexRef,
-        refs: &IndexRefs,
-    ) -> impl Future<Output = Result<bool, PortError>> + Send;
+        changes: &[RefsChange],
+    ) -> impl Future<Output = Result<(), PortError>> + Send;
 
     fn reconcile_progress(
         &self,

@@ -158,9 +158,19 @@ async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
         .index_refs(&[old.clone(), new.clone()])
         .await
         .unwrap();
-    let expected = HashMap::from([(old.clone(), IndexRefs::default()), (new.clone(), removed)]);
+    let mut expected = HashMap::from([(old.clone(), IndexRefs::default()), (new.clone(), removed)]);
     assert_eq!(recorded, expected, "the old item replaced whole");
-    assert!(!ledger.seed_refs(&new, &IndexRefs::default()).await.unwrap());
+    // Seeds fill only what is missing: `new`'s is kept, the transaction's other put lands.
+    let seeded = IndexRef::new("acct-é", "seeded");
+    let refs = IndexRefs {
+        shop: Some("seeded.myshopify.com".into()),
+        ..IndexRefs::default()
+    };
+    let seeds = [change(&new, refs.clone()), change(&seeded, refs.clone())];
+    ledger.seed_refs(&seeds).await.unwrap();
+    expected.insert(seeded.clone(), refs);
+    let all = [old.clone(), new.clone(), seeded.clone()];
+    assert_eq!(ledger.index_refs(&all).await.unwrap(), expected);
 
     // The reconcile's progress, saved on the version read.
     let progress = ReconcileProgress {

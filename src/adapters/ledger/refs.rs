@@ -226,7 +226,7 @@ impl DynamoLedger {
             actions.extend(
                 indexes
                     .values()
-                    .map(|index| self.put_action(back(referred, index))),
+                    .map(|index| self.put_action(back(referred, index), None)),
             );
         }
         self.transact_all(actions).await.map(|_| ())
@@ -270,7 +270,7 @@ impl DynamoLedger {
     pub(super) async fn put_all_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
         let own = changes
             .iter()
-            .map(|c| self.put_action(ref_item(&c.index, &c.new)));
+            .map(|c| self.put_action(ref_item(&c.index, &c.new), None));
         self.transact_all(own.collect()).await?;
         let mut gone: BTreeMap<&Referred, Vec<String>> = BTreeMap::new();
         for RefsChange {
@@ -307,21 +307,20 @@ impl DynamoLedger {
         }
     }
 
-    fn put_action(&self, item: Item) -> Action<'_> {
+    fn put_action(&self, item: Item, condition: Option<&'static str>) -> Action<'_> {
         Action::Put {
             table_name: &self.table_name,
             item,
+            condition_expression: condition,
         }
     }
 
-    /// An index's own item, only if it has none yet.
-    pub(super) async fn put_refs_if_absent(
-        &self,
-        index: &IndexRef,
-        refs: &IndexRefs,
-    ) -> Result<bool, PortError> {
-        let condition = ("attribute_not_exists(pk)", Item::default());
-        self.put(ref_item(index, refs), Some(condition)).await
+    /// Each index's own item, only where it has none yet (a put whose condition fails is
+    /// left out of its transaction).
+    pub(super) async fn put_refs_if_absent(&self, changes: &[RefsChange]) -> Result<(), PortError> {
+        let absent = Some("attribute_not_exists(pk)");
+        let puts = (changes.iter()).map(|c| self.put_action(ref_item(&c.index, &c.new), absent));
+        self.transact_all(puts.collect()).await.map(|_| ())
     }
 }
 

@@ -5,7 +5,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use futures::StreamExt as _;
 use tokio::time::Instant;
 
 use super::Exporter;
@@ -17,9 +16,6 @@ use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{before_deadline, IndexRefs, Ledger, Ports, SettingsTable};
 use crate::ports::{PortError, Referred, RefsChange};
 use crate::report::Outcome;
-
-/// Ledger Queries in flight at once.
-const CONCURRENT_QUERIES: usize = 8;
 
 /// Whether an index's live alias target is recorded as a reference: not when no KV key could
 /// be it (empty, over 512 bytes, unprintable: it protects nothing, its `alias#{target}` item
@@ -277,39 +273,23 @@ impl<P: Ports> Exporter<P> {
         if changed.is_empty() {
             return;
         }
-        let recorded: Vec<(Vec<usize>, Result<(), PortError>)> = if stream {
-            let changes: Vec<RefsChange> = changed.iter().map(|(_, c)| c.clone()).collect();
+        let (positions, changes): (Vec<Vec<usize>>, Vec<RefsChange>) = changed.into_iter().unzip();
+        let answer = if stream {
             let record = self.ledger.record_refs(&changes);
-            let answer = before_deadline(deadline, "ledger references", record).await;
-            (changed.into_iter())
-                .map(|(positions, _)| (positions, answer.clone()))
-                .collect()
+            before_deadline(deadline, "ledger references", record).await
         } else {
             // An operator's read of the table may be older than what the stream recorded: it
             // only fills what is missing.
-            futures::stream::iter(changed)
-                .map(|(positions, change)| async move {
-                    let seed = self.ledger.seed_refs(&change.index, &change.new);
-                    let answer = before_deadline(deadline, "ledger references", seed).await;
-                    (positions, answer.map(|_| ()))
-                })
-                .buffer_unordered(CONCURRENT_QUERIES)
-                .collect()
-                .await
+            let seed = self.ledger.seed_refs(&changes);
+            before_deadline(deadline, "ledger references", seed).await
         };
-        fail_unrecorded(recorded, outcomes);
-    }
-}
-
-/// A batch that asks the ledger who refers to what must find these: a record whose
-/// references were not recorded is retried (and a backfill does not mark them complete).
-fn fail_unrecorded(recorded: Vec<(Vec<usize>, Result<(), PortError>)>, outcomes: &mut [Outcome]) {
-    for (positions, answer) in recorded {
-        let Err(e) = answer else { continue };
-        for at in positions {
-            outcomes[at].fail(format!(
-                "its references were not recorded in the ledger: {e}"
-            ));
+        // A batch that asks the ledger who refers to what must find these: a record whose
+        // references were not recorded is retried (and a backfill does not mark them complete).
+        if let Err(e) = answer {
+            for at in positions.into_iter().flatten() {
+                let reason = format!("its references were not recorded in the ledger: {e}");
+                outcomes[at].fail(reason);
+            }
         }
     }
 }
