@@ -21,7 +21,7 @@ use crate::ServerHandle;
 /// One call the proxy answered.
 #[derive(Debug, Clone)]
 pub struct DynamoCall {
-    /// `GetItem`, `BatchWriteItem`, ... (from `X-Amz-Target`).
+    /// `GetItem`, `TransactWriteItems`, ... (from `X-Amz-Target`).
     pub operation: String,
     /// The tables the request names.
     pub tables: Vec<String>,

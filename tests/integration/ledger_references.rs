@@ -204,6 +204,54 @@ async fn a_batch_whose_references_cannot_be_read_is_retried_and_its_alias_still_
     );
 }
 
+/// Two writers changing one set at once: DynamoDB cancels one's transaction with a
+/// `TransactionConflict`, which is transient. The function sends it again and the batch is
+/// exported whole, its index in its shop's set (a shop move then finds it as the claimer).
+#[tokio::test]
+async fn a_transaction_cancelled_by_a_conflict_is_sent_again() {
+    use ecom_emulators::dynamo_proxy::DynamoFault;
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.keys.set_key("acct-2", "k");
+    h.put(index_item("acct-1", "leaving", Some(SHOP_A))).await;
+    h.stream_records().await;
+    let migrated = h.invoke(json!({"mode": "backfill"})).await;
+    assert_eq!(migrated["complete"], true, "{migrated}");
+    let ProxiedFunction {
+        dynamodb: ledger,
+        runtime,
+        function,
+    } = behind_a_dynamodb_proxy(&h).await;
+
+    h.put(index_item("acct-2", "arriving", Some(SHOP_A))).await;
+    let records = h.stream_records().await;
+    let conflict = DynamoFault::Fail {
+        status: 400,
+        error_type: "TransactionConflictException".into(),
+    };
+    ledger.inject(Some("TransactWriteItems"), Some("-ledger"), conflict, 2);
+    let batch = json!({"Records": records});
+    let answer = runtime.invoke(batch, std::time::Duration::from_secs(30));
+    let answer = answer.await.expect("an answer");
+
+    assert_eq!(
+        failures(&answer),
+        Vec::<String>::new(),
+        "{}",
+        function.output()
+    );
+    let conflicts = (ledger.calls().into_iter())
+        .filter(|c| c.operation == "TransactWriteItems" && c.status == 400)
+        .count();
+    assert_eq!(conflicts, 2, "both conflicts met");
+    // `leaving` gives the shop up: the ledger names `arriving`, which now serves it.
+    h.put(index_item("acct-1", "leaving", Some(SHOP_B))).await;
+    let moved = h.export_stream().await;
+    assert_eq!(failures(&moved), Vec::<String>::new(), "{moved}");
+    assert_eq!(h.settings(SHOP_A).unwrap()["index_name"], "arriving");
+    assert_eq!(scans(&h), 0, "asked of the ledger, not the table");
+}
+
 /// A stream record is input: a REMOVE naming an account of 2,040 bytes (no KV key could be its
 /// index's, and `ref#{index}` is over DynamoDB's 2,048-byte partition key) is rejected alone,
 /// touching no ledger item; the batch's other records are exported and nothing is reported for

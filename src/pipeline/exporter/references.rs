@@ -83,8 +83,8 @@ impl<P: Ports> Exporter<P> {
         before_deadline(deadline, "ledger references", mark).await
     }
 
-    /// From the ledger once its records are complete (a Query per removed index and per shop
-    /// given up), else from a scan of the table.
+    /// From the ledger once its records are complete (who aliases each removed index, who
+    /// claims each shop given up), else from a scan of the table.
     pub(super) async fn references(
         &self,
         records: &[ChangeRecord],
@@ -120,8 +120,8 @@ impl<P: Ports> Exporter<P> {
     }
 
     /// The references of every index that may refer to what is `asked` (an alias target, a
-    /// shop): from the ledger once its records are complete (a Query per question, each
-    /// candidate's own record deciding), else every index's, from a scan of the table.
+    /// shop): from the ledger once its records are complete (its sets naming the candidates,
+    /// each candidate's own record deciding), else every index's, from a scan of the table.
     pub async fn referrers_of(
         &self,
         asked: Vec<Referred>,
