@@ -281,6 +281,12 @@ impl Harness {
     }
 
     /// Calls the handler directly, as the runtime would, with a 60 s deadline.
+    /// The migration step (docs/operations.md): one full backfill, completed.
+    pub async fn migrate(&self) {
+        let migrated = self.invoke(json!({"mode": "backfill"})).await;
+        assert_eq!(migrated["complete"], true, "{migrated}");
+    }
+
     pub async fn invoke(&self, payload: Value) -> Value {
         self.try_invoke(payload, Duration::from_secs(60))
             .await

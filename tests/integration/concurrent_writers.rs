@@ -446,8 +446,7 @@ async fn a_shop_taken_while_another_index_gives_it_up_ends_with_its_new_claimer(
     ))
     .await;
     h.export_stream().await;
-    let migrated = h.invoke(json!({"mode": "backfill"})).await;
-    assert_eq!(migrated["complete"], true, "{migrated}");
+    h.migrate().await;
     let ProxiedFunction {
         dynamodb: ledger,
         runtime,

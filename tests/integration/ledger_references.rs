@@ -158,8 +158,7 @@ async fn a_batch_whose_references_cannot_be_read_is_retried_and_its_alias_still_
     h.keys.set_key("acct-2", "k2");
     h.put(index_item("acct-2", "storefront", None)).await;
     h.export_stream().await;
-    let migrated = h.invoke(json!({"mode": "backfill"})).await;
-    assert_eq!(migrated["complete"], true, "{migrated}");
+    h.migrate().await;
     let ProxiedFunction {
         dynamodb: ledger,
         runtime,
@@ -215,8 +214,7 @@ async fn a_transaction_cancelled_by_a_conflict_is_sent_again() {
     h.keys.set_key("acct-2", "k");
     h.put(index_item("acct-1", "leaving", Some(SHOP_A))).await;
     h.stream_records().await;
-    let migrated = h.invoke(json!({"mode": "backfill"})).await;
-    assert_eq!(migrated["complete"], true, "{migrated}");
+    h.migrate().await;
     let ProxiedFunction {
         dynamodb: ledger,
         runtime,
@@ -261,8 +259,7 @@ async fn a_transaction_cancelled_by_a_conflict_is_sent_again() {
 async fn a_remove_whose_index_no_key_could_have_is_rejected_alone() {
     let mut h = Harness::new().await;
     h.keys.set_key("acct-1", "k");
-    let migrated = h.invoke(json!({"mode": "backfill"})).await;
-    assert_eq!(migrated["complete"], true, "{migrated}");
+    h.migrate().await;
     let ProxiedFunction {
         dynamodb,
         runtime,
@@ -365,8 +362,7 @@ async fn an_alias_dropped_without_its_record_no_longer_protects_its_target() {
     h.put(index_item("acct-1", "target", Some(SHOP_A))).await;
     h.put(aliasing("acct-1", "reader", "acct-1-target")).await;
     h.export_stream().await;
-    let migrated = h.invoke(json!({"mode": "backfill"})).await;
-    assert_eq!(migrated["complete"], true, "{migrated}");
+    h.migrate().await;
     // The alias goes; its stream record never reaches the function.
     h.put(index_item("acct-1", "reader", None)).await;
     let _lost = h.stream_records().await;
@@ -435,8 +431,7 @@ async fn an_alias_whose_record_was_lost_protects_its_target_after_the_next_recon
     h.keys.set_key("acct-2", "k2");
     h.put(index_item("acct-1", "products", Some(SHOP_A))).await;
     h.export_stream().await;
-    let migrated = h.invoke(json!({"mode": "backfill"})).await;
-    assert_eq!(migrated["complete"], true, "{migrated}");
+    h.migrate().await;
     h.put(aliasing("acct-2", "storefront", "acct-1-products"))
         .await;
     let lost = h.stream_records().await;
@@ -476,8 +471,7 @@ async fn an_alias_rejected_since_its_export_protects_its_target_after_the_migrat
     assert_eq!(failures(&rejected), Vec::<String>::new());
     assert!(h.settings("acct-2-storefront").is_some(), "left as it was");
 
-    let migrated = h.invoke(json!({"mode": "backfill"})).await;
-    assert_eq!(migrated["complete"], true, "{migrated}");
+    h.migrate().await;
     h.delete("acct-1", "INDEX#products").await;
     let removed = h.export_stream().await;
 
