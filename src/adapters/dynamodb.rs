@@ -53,7 +53,7 @@ mod batch;
 pub(crate) mod raw;
 
 use batch::get_all;
-pub(crate) use raw::{Answered, RawDynamo};
+pub(crate) use raw::RawDynamo;
 
 fn item_key(pk: &str, sk: &str) -> HashMap<String, AttributeValue> {
     HashMap::from([

@@ -15,7 +15,7 @@ use crate::ports::{IndexRefs, Ledger, PortError, ReconcileProgress};
 use crate::ports::{Referred, RefsChange};
 
 use super::dynamodb::raw::{n, Attribute, Item};
-use super::dynamodb::{Answered, RawDynamo};
+use super::dynamodb::RawDynamo;
 
 mod refs;
 
@@ -48,21 +48,23 @@ fn text(item: &Value, name: &str) -> Option<String> {
     Some(item.get(name)?.get("S")?.as_str()?.to_owned())
 }
 
-/// One action of a TransactWriteItems.
+/// One action of a TransactWriteItems: every write of the ledger is one.
 #[derive(Serialize)]
 enum Action<'a> {
-    Put {
-        #[serde(rename = "TableName")]
-        table_name: &'a str,
-        #[serde(rename = "Item")]
-        item: Item,
-        #[serde(
-            rename = "ConditionExpression",
-            skip_serializing_if = "Option::is_none"
-        )]
-        condition_expression: Option<&'static str>,
-    },
+    Put(Put<'a>),
     Update(Update<'a>),
+}
+
+/// A put, on a condition (an expression and its values) when one is given.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct Put<'a> {
+    table_name: &'a str,
+    item: Item,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    condition_expression: Option<&'static str>,
+    #[serde(skip_serializing_if = "Item::is_empty")]
+    expression_attribute_values: Item,
 }
 
 /// An UpdateItem of a set of the ledger's (its attribute named `#set` in the expression).
@@ -84,18 +86,6 @@ struct Update<'a> {
 struct SetName {
     #[serde(rename = "#set")]
     set: &'static str,
-}
-
-/// A PutItem's request, on a condition when one is given.
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct PutItem<'a> {
-    table_name: &'a str,
-    item: Item,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    condition_expression: Option<&'a str>,
-    #[serde(skip_serializing_if = "Item::is_empty")]
-    expression_attribute_values: Item,
 }
 
 fn progress_of(item: &Value) -> ReconcileProgress {
@@ -154,24 +144,26 @@ impl DynamoLedger {
 
     /// Puts `item`, on `condition` (an expression and its values) when one is given: `Ok(false)`
     /// when the condition failed and nothing was written.
-    async fn put(&self, item: Item, condition: Option<(&str, Item)>) -> Result<bool, PortError> {
-        let table = &self.table_name;
-        let (condition_expression, expression_attribute_values) = match condition {
-            Some((expression, values)) => (Some(expression), values),
-            None => (None, Item::default()),
+    async fn put(
+        &self,
+        item: Item,
+        condition: Option<(&'static str, Item)>,
+    ) -> Result<bool, PortError> {
+        let (expression, values) = condition.unzip();
+        let put = self.put_action(item, expression);
+        let put = Put {
+            expression_attribute_values: values.unwrap_or_default(),
+            ..put
         };
-        let put = PutItem {
-            table_name: table,
+        Ok(self.transact_all(vec![Action::Put(put)]).await?.is_empty())
+    }
+
+    fn put_action(&self, item: Item, condition: Option<&'static str>) -> Put<'_> {
+        Put {
+            table_name: &self.table_name,
             item,
-            condition_expression,
-            expression_attribute_values,
-        };
-        let body = serde_json::to_string(&put).expect("an item is JSON");
-        match self.dynamo.call("PutItem", table, body).await? {
-            Answered::Refused { status: 400, text } if text.contains("ConditionalCheckFailed") => {
-                Ok(false)
-            }
-            answered => answered.text("PutItem", table).map(|_| true),
+            condition_expression: condition,
+            expression_attribute_values: Item::default(),
         }
     }
 

@@ -1,7 +1,6 @@
 //! DynamoDB's JSON API without the SDK, for the calls on the stream's path: the records' items
 //! (consistent BatchGetItems, each answer read into the borrowed attribute tree) and the
-//! ledger's items (BatchGetItem, TransactWriteItems, Query, GetItem,
-//! PutItem). Requests are signed with SigV4 as the SDK signs them (`aws-sigv4`); the SDK's
+//! ledger's items (BatchGetItem, TransactWriteItems, Query, GetItem). Requests are signed with SigV4 as the SDK signs them (`aws-sigv4`); the SDK's
 //! configuration still decides the region, the credentials and the endpoint. Through the SDK
 //! each call cost the function its per-request pipeline and each item a `HashMap` of
 //! `AttributeValue`s (docs/performance.md has the figures); `tests/integration/table_items.rs`
@@ -54,14 +53,14 @@ struct Unprocessed<'a> {
 }
 
 /// How DynamoDB answered a call that reached it: success, or its error's status and text.
-pub enum Answered {
+enum Answered {
     Ok(String),
     Refused { status: u16, text: String },
 }
 
 impl Answered {
     /// The answer's text, or the refusal as the call's error.
-    pub fn text(self, operation: &str, table: &str) -> Result<String, PortError> {
+    fn text(self, operation: &str, table: &str) -> Result<String, PortError> {
         match self {
             Answered::Ok(text) => Ok(text),
             Answered::Refused { status, text } => Err(PortError::Transient(format!(
@@ -212,9 +211,9 @@ impl RawDynamo {
     }
 
     /// One signed call, tried again when it failed on the way, DynamoDB failed or throttled
-    /// it: how DynamoDB answered (a refusal it gave is the caller's to read, a failed
-    /// condition for one).
-    pub async fn call(
+    /// it (or a transaction met another): how DynamoDB answered (a refusal it gave is the
+    /// caller's to read, a cancelled transaction for one).
+    async fn call(
         &self,
         operation: &str,
         table: &str,

@@ -226,7 +226,7 @@ impl DynamoLedger {
             actions.extend(
                 indexes
                     .values()
-                    .map(|index| self.put_action(back(referred, index), None)),
+                    .map(|index| Action::Put(self.put_action(back(referred, index), None))),
             );
         }
         self.transact_all(actions).await.map(|_| ())
@@ -270,7 +270,7 @@ impl DynamoLedger {
     pub(super) async fn put_all_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
         let own = changes
             .iter()
-            .map(|c| self.put_action(ref_item(&c.index, &c.new), None));
+            .map(|c| Action::Put(self.put_action(ref_item(&c.index, &c.new), None)));
         self.transact_all(own.collect()).await?;
         let mut gone: BTreeMap<&Referred, Vec<String>> = BTreeMap::new();
         for RefsChange {
@@ -307,19 +307,12 @@ impl DynamoLedger {
         }
     }
 
-    fn put_action(&self, item: Item, condition: Option<&'static str>) -> Action<'_> {
-        Action::Put {
-            table_name: &self.table_name,
-            item,
-            condition_expression: condition,
-        }
-    }
-
     /// Each index's own item, only where it has none yet (a put whose condition fails is
     /// left out of its transaction).
     pub(super) async fn put_refs_if_absent(&self, changes: &[RefsChange]) -> Result<(), PortError> {
         let absent = Some("attribute_not_exists(pk)");
-        let puts = (changes.iter()).map(|c| self.put_action(ref_item(&c.index, &c.new), absent));
+        let puts = (changes.iter())
+            .map(|c| Action::Put(self.put_action(ref_item(&c.index, &c.new), absent)));
         self.transact_all(puts.collect()).await.map(|_| ())
     }
 }
