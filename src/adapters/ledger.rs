@@ -5,6 +5,7 @@
 //! path or beside it, so every call goes through DynamoDB's JSON API without the SDK
 //! (`dynamodb/raw.rs`); items are written as DynamoDB's JSON straight from the domain's types.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use serde::Serialize;
@@ -12,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::domain::IndexRef;
 use crate::ports::{IndexRefs, Ledger, PortError, ReconcileProgress};
-use crate::ports::{Referred, RefsChange};
+use crate::ports::{Referred, RefsChange, RefsRepair};
 
 use super::dynamodb::raw::{n, Attribute, Item};
 use super::dynamodb::RawDynamo;
@@ -62,7 +63,7 @@ struct Put<'a> {
     table_name: &'a str,
     item: Item,
     #[serde(skip_serializing_if = "Option::is_none")]
-    condition_expression: Option<&'static str>,
+    condition_expression: Option<Cow<'static, str>>,
     #[serde(skip_serializing_if = "Item::is_empty")]
     expression_attribute_values: Item,
 }
@@ -150,7 +151,7 @@ impl DynamoLedger {
         condition: Option<(&'static str, Item)>,
     ) -> Result<bool, PortError> {
         let (expression, values) = condition.unzip();
-        let put = self.put_action(item, expression);
+        let put = self.put_action(item, expression.map(Cow::Borrowed));
         let put = Put {
             expression_attribute_values: values.unwrap_or_default(),
             ..put
@@ -158,7 +159,7 @@ impl DynamoLedger {
         Ok(self.transact_all(vec![Action::Put(put)]).await?.is_empty())
     }
 
-    fn put_action(&self, item: Item, condition: Option<&'static str>) -> Put<'_> {
+    fn put_action(&self, item: Item, condition: Option<Cow<'static, str>>) -> Put<'_> {
         Put {
             table_name: &self.table_name,
             item,
@@ -227,8 +228,8 @@ impl Ledger for DynamoLedger {
         self.put_all_refs(changes).await
     }
 
-    async fn seed_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
-        self.put_refs_if_absent(changes).await
+    async fn repair_refs(&self, repairs: &[RefsRepair]) -> Result<usize, PortError> {
+        self.put_refs_if_read(repairs).await
     }
 
     async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {

@@ -12,7 +12,7 @@ use crate::domain::{ApiKey, IndexRef, KvAction, KvOp, Namespace, SettingsReferen
 use crate::dynamo::Image;
 use crate::ports::{
     AccountCell, ApiKeySource, Applied, IndexRefs, KeyPage, KvStore, Ledger, ListedKey, Page,
-    PortError, ReconcileProgress, Referred, RefsChange, SettingsTable,
+    PortError, ReconcileProgress, Referred, RefsChange, RefsRepair, SettingsTable,
 };
 
 /// KV in memory; keys in `failing` are never stored.
@@ -105,8 +105,18 @@ impl SettingsTable for CountingTable {
         self.scans.fetch_add(1, Ordering::SeqCst);
         Ok(vec![])
     }
-    async fn index_references(&self, _: &[IndexRef]) -> Result<Vec<SettingsReference>, PortError> {
-        Ok(vec![])
+    async fn index_references(
+        &self,
+        indexes: &[IndexRef],
+    ) -> Result<Vec<SettingsReference>, PortError> {
+        let items = self.items.lock().unwrap();
+        Ok((indexes.iter())
+            .filter_map(|index| {
+                let key = (index.account.clone(), format!("INDEX#{}", index.name));
+                let image = Image::of(items.get(&key)?);
+                Some(crate::dynamo::settings_reference(index.clone(), &image).0)
+            })
+            .collect())
     }
     async fn items(
         &self,
@@ -224,13 +234,16 @@ impl Ledger for MemoryLedger {
         Ok(())
     }
 
-    async fn seed_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
+    async fn repair_refs(&self, repairs: &[RefsRepair]) -> Result<usize, PortError> {
         let mut refs = self.refs.lock().unwrap();
-        for change in changes {
-            let recorded = refs.entry(change.index.clone());
-            recorded.or_insert_with(|| change.new.clone());
+        let mut recorded = 0;
+        for repair in repairs {
+            if refs.get(&repair.index) == repair.read.as_ref() {
+                refs.insert(repair.index.clone(), repair.new.clone());
+                recorded += 1;
+            }
         }
-        Ok(())
+        Ok(recorded)
     }
 
     async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {

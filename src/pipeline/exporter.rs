@@ -21,6 +21,7 @@ mod converge;
 mod lookups;
 mod reads;
 mod references;
+pub use references::left_by;
 
 /// How many KV reads (bulk reads, listings) are in flight at once; the store sends its writes.
 const CONCURRENT_KV_REQUESTS: usize = 4;

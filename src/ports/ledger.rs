@@ -53,6 +53,16 @@ pub struct RefsChange {
     pub new: IndexRefs,
 }
 
+/// An index's references to record only where the ledger still holds `read` (`None`: nothing
+/// recorded): a writer whose read of the table may be older than the stream's word (an
+/// operator's seed, a reconcile's repair) never replaces it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefsRepair {
+    pub index: IndexRef,
+    pub read: Option<IndexRefs>,
+    pub new: IndexRefs,
+}
+
 /// Who is asked for: the indexes whose live aliases point at an index id, or that claim a shop.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Referred {
@@ -103,13 +113,12 @@ pub trait Ledger: Send + Sync {
         changes: &[RefsChange],
     ) -> impl Future<Output = Result<(), PortError>> + Send;
 
-    /// Records each index's references only where none are recorded yet: an operator's, read
-    /// from the table before the stream's newer word may have landed (its items pointing back
-    /// were added before its writes). Nothing pointing back is deleted.
-    fn seed_refs(
+    /// Records each index's references where what is recorded is still what was read (items
+    /// pointing back are neither added nor deleted). Answers how many were recorded.
+    fn repair_refs(
         &self,
-        changes: &[RefsChange],
-    ) -> impl Future<Output = Result<(), PortError>> + Send;
+        repairs: &[RefsRepair],
+    ) -> impl Future<Output = Result<usize, PortError>> + Send;
 
     fn reconcile_progress(
         &self,

@@ -44,6 +44,20 @@ async fn until_held(h: &Harness) {
     panic!("no request was held");
 }
 
+/// Waits until the DynamoDB proxy holds a request.
+async fn until_ledger_held(
+    ledger: &ecom_emulators::dynamo_proxy::DynamoProxy,
+    function: &Function,
+) {
+    for _ in 0..400 {
+        if ledger.held() > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no ledger request was held: {}", function.output());
+}
+
 fn endpoint_of(h: &Harness, key: &str) -> Option<String> {
     h.settings(key)
         .map(|v| v["index_url"].as_str().unwrap_or_default().to_owned())
@@ -464,13 +478,7 @@ async fn a_shop_taken_while_another_index_gives_it_up_ends_with_its_new_claimer(
     );
     let run = runtime.invoke(json!({ "Records": taking }), TIMEOUT);
     let race = async {
-        for _ in 0..400 {
-            if ledger.held() > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        assert!(ledger.held() > 0, "{}", function.output());
+        until_ledger_held(&ledger, &function).await;
         // Another shard: `leaving` gives the shop up; the ledger names no other claimer yet.
         h.put(index_item(
             "acct-1",
@@ -494,4 +502,65 @@ async fn a_shop_taken_while_another_index_gives_it_up_ends_with_its_new_claimer(
         "{}",
         function.output()
     );
+}
+
+/// The reconcile's rewrite of a stale `ref#` races the stream's newer word: the reconcile read
+/// the table and the ledger (a lost record left the index's recorded alias behind), its write is
+/// held while the stream moves the index to another shop and records that, then it lands. Its
+/// put is conditional on the `ref#` it read, so the stream's word stays, and a later
+/// `NEW_IMAGE` move gives up the shop the index really had (an unconditional rewrite put the
+/// first shop back, and the second shop's key kept serving the index).
+#[tokio::test]
+async fn a_reconcile_s_rewrite_of_the_ledger_never_replaces_the_stream_s_newer_word() {
+    use aws_sdk_dynamodb::types::StreamViewType;
+    use ecom_emulators::dynamo_proxy::DynamoFault;
+    let [shop_a, shop_b, shop_c] = ["a", "b", "c"].map(|s| format!("shop-{s}.myshopify.com"));
+    let mut h = Harness::with_view(StreamViewType::NewImage).await;
+    h.keys.set_key("acct-1", "marqo-key");
+    h.put(index_item("acct-1", "target", None)).await;
+    let mut aliasing = index_item("acct-1", "products", Some(&shop_a));
+    aliasing["index_aliases"] = json!({"M": {"doc_reads": {"M": {"enabled": {"BOOL": true},
+        "targets": {"L": [{"M": {"index_id": {"S": "acct-1-target"}, "weight": {"N": "1"}}}]}}}}});
+    h.put(aliasing).await;
+    h.export_stream().await;
+    h.migrate().await;
+    h.put(index_item("acct-1", "products", Some(&shop_a))).await;
+    assert_eq!(
+        h.stream_records().await.len(),
+        1,
+        "the alias dropped, its record lost"
+    );
+    let ProxiedFunction {
+        dynamodb: ledger,
+        runtime,
+        function,
+    } = behind_a_dynamodb_proxy(&h).await;
+    let stream = Writer::start(&h).await;
+
+    ledger.inject(
+        Some("TransactWriteItems"),
+        Some("-ledger"),
+        DynamoFault::Hold,
+        1,
+    );
+    let pass = runtime.invoke(json!({"mode": "reconcile", "repair": true}), TIMEOUT);
+    let race = async {
+        until_ledger_held(&ledger, &function).await;
+        h.put(index_item("acct-1", "products", Some(&shop_b))).await;
+        let moving = h.stream_records().await;
+        let answer = stream.invoke(json!({ "Records": moving })).await;
+        assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+        ledger.release();
+    };
+    let (pass, ()) = tokio::join!(pass, race);
+    let pass = pass.expect("an answer");
+    assert_eq!(pass["complete"], true, "{pass}");
+    h.put(index_item("acct-1", "products", Some(&shop_c))).await;
+    let moved = h.stream_records().await;
+    let answer = stream.invoke(json!({ "Records": moved })).await;
+
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+    assert!(h.settings(&shop_c).is_some());
+    assert_eq!(h.settings(&shop_b), None, "{}", function.output());
+    assert_eq!(h.settings(&shop_a), None);
 }

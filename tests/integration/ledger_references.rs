@@ -535,3 +535,33 @@ async fn a_record_whose_item_no_table_could_hold_is_rejected_alone() {
     let refused = (dynamodb.calls().into_iter()).filter(|c| c.status == 400);
     assert_eq!(refused.count(), 0, "no call named the hostile item");
 }
+
+/// The ledger's anti-entropy: a shop move whose stream record was lost leaves the index's
+/// recorded shop stale. The next reconcile pass rewrites it from the table, so a later
+/// `NEW_IMAGE` move deletes the shop key the index really had (before, the stale recorded shop
+/// was taken as the old one, and the key of the shop it had kept serving it).
+#[tokio::test]
+async fn a_shop_recorded_stale_by_a_lost_record_is_rewritten_by_the_next_reconcile() {
+    const SHOP_C: &str = "shop-c.myshopify.com";
+    let mut h = Harness::with_view(StreamViewType::NewImage).await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "products", Some(SHOP_A))).await;
+    h.export_stream().await;
+    h.migrate().await;
+    h.put(index_item("acct-1", "products", Some(SHOP_B))).await;
+    assert_eq!(h.stream_records().await.len(), 1, "the move's record, lost");
+
+    let logs = Logs::capture();
+    let pass = h.invoke(json!({"mode": "reconcile", "repair": true})).await;
+    assert_eq!(pass["complete"], true, "{pass}");
+    assert!(h.settings(SHOP_B).is_some(), "{pass}");
+    h.put(index_item("acct-1", "products", Some(SHOP_C))).await;
+    let moved = h.export_stream().await;
+
+    assert_eq!(failures(&moved), Vec::<String>::new(), "{moved}");
+    assert!(h.settings(SHOP_C).is_some());
+    assert_eq!(h.settings(SHOP_B), None, "the shop it had is given up");
+    assert_eq!(h.settings(SHOP_A), None);
+    let rewritten = logs.matching("the ledger's references differed from the table: rewritten");
+    assert_eq!(rewritten.len(), 1, "{:?}", logs.matching("WARN"));
+}

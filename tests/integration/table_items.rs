@@ -9,7 +9,9 @@ use crate::common::*;
 use aws_sdk_dynamodb::types::AttributeValue as Av;
 use ecom_settings_exporter::adapters::ledger::DynamoLedger;
 use ecom_settings_exporter::domain::IndexRef;
-use ecom_settings_exporter::ports::{IndexRefs, Ledger, ReconcileProgress, Referred, RefsChange};
+use ecom_settings_exporter::ports::{
+    IndexRefs, Ledger, ReconcileProgress, Referred, RefsChange, RefsRepair,
+};
 use serde_json::json;
 
 #[tokio::test]
@@ -158,18 +160,48 @@ async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
         .index_refs(&[old.clone(), new.clone()])
         .await
         .unwrap();
-    let mut expected = HashMap::from([(old.clone(), IndexRefs::default()), (new.clone(), removed)]);
+    let mut expected = HashMap::from([
+        (old.clone(), IndexRefs::default()),
+        (new.clone(), removed.clone()),
+    ]);
     assert_eq!(recorded, expected, "the old item replaced whole");
-    // Seeds fill only what is missing: `new`'s is kept, the transaction's other put lands.
+    // A repair lands only where the item is still as read: absent (`new`'s is not, the
+    // transaction's other put lands), then as read (one with a set and a shop lands; `old`'s,
+    // read as removed, is not).
     let seeded = IndexRef::new("acct-é", "seeded");
     let refs = IndexRefs {
         shop: Some("seeded.myshopify.com".into()),
         ..IndexRefs::default()
     };
-    let seeds = [change(&new, refs.clone()), change(&seeded, refs.clone())];
-    ledger.seed_refs(&seeds).await.unwrap();
-    expected.insert(seeded.clone(), refs);
+    let repair = |index: &IndexRef, read: Option<&IndexRefs>, new: &IndexRefs| RefsRepair {
+        index: index.clone(),
+        read: read.cloned(),
+        new: new.clone(),
+    };
+    let seeds = [repair(&new, None, &refs), repair(&seeded, None, &refs)];
+    assert_eq!(ledger.repair_refs(&seeds).await.unwrap(), 1);
+    expected.insert(seeded.clone(), refs.clone());
     let all = [old.clone(), new.clone(), seeded.clone()];
+    assert_eq!(ledger.index_refs(&all).await.unwrap(), expected);
+    let aliasing = IndexRefs {
+        targets: BTreeSet::from(["acct-é-t2".into(), "acct-é-t1".into()]),
+        ..refs.clone()
+    };
+    let repairs = [
+        repair(&seeded, Some(&refs), &aliasing),
+        repair(&old, Some(&removed), &aliasing),
+    ];
+    assert_eq!(ledger.repair_refs(&repairs).await.unwrap(), 1);
+    let back = [repair(&seeded, Some(&aliasing), &removed)];
+    assert_eq!(
+        ledger.repair_refs(&back).await.unwrap(),
+        1,
+        "read with its set"
+    );
+    let again = [repair(&seeded, Some(&aliasing), &refs)];
+    assert_eq!(ledger.repair_refs(&again).await.unwrap(), 0);
+    let removed_again = [repair(&seeded, Some(&removed), &refs)];
+    assert_eq!(ledger.repair_refs(&removed_again).await.unwrap(), 1);
     assert_eq!(ledger.index_refs(&all).await.unwrap(), expected);
 
     // The reconcile's progress, saved on the version read.

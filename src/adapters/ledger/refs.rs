@@ -9,16 +9,17 @@
 //! item `overflow`, which makes readers Query the partition. An index is written
 //! `{length of account}:{account}#{index}`, so no two indexes share one.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{expires_at, number, Action, SetName, Update};
+use super::{expires_at, number, Action, Put, SetName, Update};
 use super::{Attribute, DynamoLedger, Item};
 use crate::domain::IndexRef;
 use crate::dynamo::{Attr, Image};
-use crate::ports::{IndexRefs, PortError, Referred, RefsChange};
+use crate::ports::{IndexRefs, PortError, Referred, RefsChange, RefsRepair};
 
 const REF_SK: &str = "ref";
 const META_PK: &str = "meta";
@@ -307,14 +308,52 @@ impl DynamoLedger {
         }
     }
 
-    /// Each index's own item, only where it has none yet (a put whose condition fails is
-    /// left out of its transaction).
-    pub(super) async fn put_refs_if_absent(&self, changes: &[RefsChange]) -> Result<(), PortError> {
-        let absent = Some("attribute_not_exists(pk)");
-        let puts = (changes.iter())
-            .map(|c| Action::Put(self.put_action(ref_item(&c.index, &c.new), absent)));
-        self.transact_all(puts.collect()).await.map(|_| ())
+    /// Each index's own item, where it is still as read (a put whose condition fails is left
+    /// out of its transaction): how many were put.
+    pub(super) async fn put_refs_if_read(
+        &self,
+        repairs: &[RefsRepair],
+    ) -> Result<usize, PortError> {
+        let puts = repairs.iter().map(|r| {
+            let (condition, values) = still(r.read.as_ref());
+            Action::Put(Put {
+                expression_attribute_values: values,
+                ..self.put_action(ref_item(&r.index, &r.new), Some(condition))
+            })
+        });
+        let failed = self.transact_all(puts.collect()).await?;
+        Ok(repairs.len() - failed.len())
     }
+}
+
+/// The condition that an index's own item is still as `read` (`None`: absent), and its values.
+fn still(read: Option<&IndexRefs>) -> (Cow<'static, str>, Item) {
+    let Some(read) = read else {
+        return ("attribute_not_exists(pk)".into(), Item::default());
+    };
+    let mut values = Item::default();
+    let mut condition = vec!["attribute_exists(pk)"];
+    match &read.shop {
+        Some(shop) => {
+            condition.push("shop = :shop");
+            values = values.with(":shop", Attribute::S(shop.clone()));
+        }
+        None => condition.push("attribute_not_exists(shop)"),
+    }
+    if read.targets.is_empty() {
+        condition.push("attribute_not_exists(targets)");
+    } else {
+        condition.push("targets = :targets");
+        let targets = read.targets.iter().cloned().collect();
+        values = values.with(":targets", Attribute::Ss(targets));
+    }
+    if read.removed {
+        condition.push("removed = :removed");
+        values = values.with(":removed", Attribute::Bool(true));
+    } else {
+        condition.push("attribute_not_exists(removed)");
+    }
+    (condition.join(" AND ").into(), values)
 }
 
 /// A Query of one partition, read consistently, from `exclusive_start_key` on.

@@ -14,7 +14,7 @@ use crate::domain::{IndexId, IndexRef, IndexSettings, SettingsReference};
 use crate::pipeline::plan;
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{before_deadline, IndexRefs, Ledger, Ports, SettingsTable};
-use crate::ports::{PortError, Referred, RefsChange};
+use crate::ports::{PortError, Referred, RefsChange, RefsRepair};
 use crate::report::Outcome;
 
 /// Whether an index's live alias target is recorded as a reference: not when no KV key could
@@ -28,13 +28,21 @@ fn recorded_target(own: &IndexId, target: &IndexId) -> bool {
 
 /// The references a settings record leaves: its shop and its recorded alias targets.
 fn refs_of(settings: &IndexSettings) -> IndexRefs {
-    let own = settings.index.id();
-    let targets = (settings.aliases.live_targets())
-        .filter(|t| recorded_target(&own, t))
-        .map(|t| t.0.clone());
+    let targets = settings.aliases.live_targets();
+    leaves(&settings.index, settings.shop_id.clone(), targets)
+}
+
+/// The references of an index with this shop and these live alias targets.
+fn leaves<'t>(
+    index: &IndexRef,
+    shop: Option<String>,
+    targets: impl Iterator<Item = &'t IndexId>,
+) -> IndexRefs {
+    let own = index.id();
+    let targets = targets.filter(|t| recorded_target(&own, t));
     IndexRefs {
-        shop: settings.shop_id.clone(),
-        targets: targets.collect(),
+        shop,
+        targets: targets.map(|t| t.0.clone()).collect(),
         removed: false,
     }
 }
@@ -63,7 +71,7 @@ fn removed() -> IndexRefs {
 }
 
 /// Each settings record's index and the references it leaves (`None` for other records).
-pub(super) fn left_by(records: &[ChangeRecord]) -> Vec<Option<(IndexRef, IndexRefs)>> {
+pub fn left_by(records: &[ChangeRecord]) -> Vec<Option<(IndexRef, IndexRefs)>> {
     (records.iter())
         .map(|record| match &record.decoded {
             Ok(Change::UpsertIndex { settings, .. }) => {
@@ -214,6 +222,48 @@ impl<P: Ports> Exporter<P> {
         Ok(missing.len())
     }
 
+    /// The ledger's anti-entropy (a reconcile's table step): each index whose recorded
+    /// references differ from what its table record `left` (read before the ledger) is
+    /// recorded anew where its record, read again after the ledger, still leaves that, and the
+    /// ledger still holds what was read: a stream's newer word that landed meanwhile is never
+    /// replaced. Answers how many were recorded.
+    pub async fn repair_recorded_references(
+        &self,
+        left: Vec<(IndexRef, IndexRefs)>,
+        deadline: Instant,
+    ) -> Result<usize, PortError> {
+        let indexes: Vec<IndexRef> = left.iter().map(|(index, _)| index.clone()).collect();
+        let read = self.ledger.index_refs(&indexes);
+        let mut recorded = before_deadline(deadline, "ledger references", read).await?;
+        let differ: Vec<_> = (left.into_iter())
+            .filter(|(index, refs)| recorded.get(index) != Some(refs))
+            .collect();
+        if differ.is_empty() {
+            return Ok(0);
+        }
+        let indexes: Vec<IndexRef> = differ.iter().map(|(index, _)| index.clone()).collect();
+        let again = self.table.index_references(&indexes);
+        let again: HashMap<IndexRef, IndexRefs> =
+            (before_deadline(deadline, "settings", again).await?.iter())
+                .map(|r| {
+                    (
+                        r.index.clone(),
+                        leaves(&r.index, r.shop_id.clone(), r.live_targets.iter()),
+                    )
+                })
+                .collect();
+        let repairs: Vec<RefsRepair> = (differ.into_iter())
+            .filter(|(index, refs)| again.get(index) == Some(refs))
+            .map(|(index, new)| RefsRepair {
+                read: recorded.remove(&index),
+                index,
+                new,
+            })
+            .collect();
+        let repair = self.ledger.repair_refs(&repairs);
+        before_deadline(deadline, "ledger references", repair).await
+    }
+
     /// After the KV writes: each index's references as its last applied record left them. For
     /// the stream, as of the batch's first failed record, where Lambda's replay starts: what the
     /// records before it left (they are not sent again), never what a record the replay sends
@@ -280,8 +330,17 @@ impl<P: Ports> Exporter<P> {
         } else {
             // An operator's read of the table may be older than what the stream recorded: it
             // only fills what is missing.
-            let seed = self.ledger.seed_refs(&changes);
-            before_deadline(deadline, "ledger references", seed).await
+            let seeds: Vec<RefsRepair> = (changes.into_iter())
+                .map(|c| RefsRepair {
+                    index: c.index,
+                    read: None,
+                    new: c.new,
+                })
+                .collect();
+            let seed = self.ledger.repair_refs(&seeds);
+            before_deadline(deadline, "ledger references", seed)
+                .await
+                .map(|_| ())
         };
         // A batch that asks the ledger who refers to what must find these: a record whose
         // references were not recorded is retried (and a backfill does not mark them complete).
@@ -417,6 +476,48 @@ mod tests {
             "`a` and `c` no longer point at `p`"
         );
         assert_eq!(outcomes[0], Outcome::Pending);
+    }
+
+    /// The reconcile's repair of the ledger: (recorded, in the page, in the table read again
+    /// after the ledger, recorded after).
+    #[tokio::test]
+    async fn a_recorded_reference_is_rewritten_only_where_the_table_still_says_otherwise() {
+        let cases = [
+            // A lost move: rewritten.
+            (Some(at_shop("a")), "b", Some("b"), Some(at_shop("b"))),
+            // Never recorded: written.
+            (None, "b", Some("b"), Some(at_shop("b"))),
+            // Moved again since the page was read: the stream records it, not this.
+            (Some(at_shop("a")), "b", Some("c"), Some(at_shop("a"))),
+            // Gone since the page was read: left.
+            (Some(at_shop("a")), "b", None, Some(at_shop("a"))),
+            // In step: nothing to write.
+            (Some(at_shop("b")), "b", Some("b"), Some(at_shop("b"))),
+        ];
+        for (recorded, page, again, expected) in cases {
+            let e = exporter(MemoryKv::default());
+            let p = index("p");
+            e.ledger
+                .refs
+                .lock()
+                .unwrap()
+                .extend(recorded.clone().map(|r| (p.clone(), r)));
+            if let Some(shop) = again {
+                let image = json!({"pk": {"S": "a"}, "sk": {"S": "INDEX#p"},
+                    "shop_id": {"S": format!("{shop}.myshopify.com")}});
+                let item = crate::dynamo::item_from_dynamodb_json(image).unwrap();
+                let key = ("a".to_owned(), "INDEX#p".to_owned());
+                e.table.items.lock().unwrap().insert(key, item);
+            }
+
+            let left = vec![(p.clone(), at_shop(page))];
+            let repaired = e.repair_recorded_references(left, deadline()).await;
+
+            let now = e.ledger.refs.lock().unwrap().get(&p).cloned();
+            assert_eq!(now, expected, "{recorded:?} {page} {again:?}");
+            let written = usize::from(now != recorded);
+            assert_eq!(repaired.unwrap(), written, "{recorded:?} {page} {again:?}");
+        }
     }
 
     #[test]

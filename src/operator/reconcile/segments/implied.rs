@@ -15,7 +15,7 @@ use crate::operator::reconcile::classify::{could_be_written, owner_in_value, Cla
 use crate::operator::reconcile::failed;
 use crate::operator::reconcile::NAMESPACES;
 use crate::operator::OperatorError;
-use crate::pipeline::exporter::{Overrides, Run};
+use crate::pipeline::exporter::{left_by, Overrides, Prepared, Run};
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::Ports;
 use crate::report::Outcome;
@@ -100,6 +100,7 @@ impl<P: Ports> Pass<'_, P> {
         let mut prepared = exporter.prepare(records, run, deadline).await;
         // One cell's outage never stops the fleet's pass: checked next pass.
         prepared.leave_failed_unchecked();
+        self.repair_references(&prepared).await?;
         let mut kept = Vec::new();
         for (record, outcome) in prepared.records.iter().zip(&prepared.plan.outcomes) {
             if matches!(outcome, Outcome::Skipped(_) | Outcome::Rejected(_)) {
@@ -134,6 +135,27 @@ impl<P: Ports> Pass<'_, P> {
             }
         }
         self.repair(Some(prepared), to_write, Vec::new()).await
+    }
+
+    /// The ledger's record of each index this pass can export rewritten where it differs
+    /// from the table (dry run or not: the ledger is the function's own).
+    async fn repair_references(&self, prepared: &Prepared) -> Result<(), OperatorError> {
+        let outcomes = &prepared.plan.outcomes;
+        let left = (left_by(&prepared.records).into_iter().zip(outcomes))
+            .filter(|(_, outcome)| matches!(outcome, Outcome::Pending | Outcome::Kept { .. }))
+            .filter_map(|(left, _)| left)
+            .collect();
+        let repaired = self
+            .exporter
+            .repair_recorded_references(left, self.deadline);
+        let repaired = repaired.await.map_err(failed)?;
+        if repaired > 0 {
+            tracing::warn!(
+                repaired,
+                "the ledger's references differed from the table: rewritten"
+            );
+        }
+        Ok(())
     }
 
     /// The keys of indexes this pass cannot export (rejected, or left unchecked) are kept as
