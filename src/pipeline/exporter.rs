@@ -146,18 +146,15 @@ impl Prepared {
     }
 
     /// A reconcile's records whose lookups failed (their cell's API keys service down) are left
-    /// for the next pass instead of failing this one: logged, skipped, and their indexes
-    /// returned (their keys are kept as they are).
-    pub fn leave_failed_unchecked(&mut self) -> Vec<IndexRef> {
-        let mut left = Vec::new();
+    /// for the next pass instead of failing this one: logged and skipped (their keys are kept
+    /// as they are).
+    pub fn leave_failed_unchecked(&mut self) {
         for (record, outcome) in self.records.iter().zip(&mut self.plan.outcomes) {
             if let Outcome::Failed(reason) = outcome {
                 tracing::warn!(index = ?record.index, %reason, "reconcile leaves this index unchecked");
                 *outcome = Outcome::Skipped("left unchecked this pass".into());
-                left.extend(record.index.clone());
             }
         }
-        left
     }
 }
 

@@ -14,44 +14,6 @@ use crate::ports::SettingsTable;
 use crate::ports::{before_deadline, KeyPage, KvStore, PortError, Ports};
 
 impl<P: Ports> Exporter<P> {
-    /// The index's settings record as a change (`None`: the table has no such record) and,
-    /// when asked, its query configs.
-    pub async fn index_records(
-        &self,
-        index: &IndexRef,
-        include_query_configs: bool,
-        deadline: Instant,
-    ) -> Result<Option<Vec<ChangeRecord>>, PortError> {
-        let settings = self.settings_record(index, include_query_configs, deadline);
-        let Some(settings) = settings.await? else {
-            return Ok(None);
-        };
-        let mut records = vec![settings];
-        if include_query_configs {
-            records.extend(self.all_query_configs(index, deadline).await?);
-        }
-        Ok(Some(records))
-    }
-
-    /// Every query-config record of the index, page after page.
-    pub async fn all_query_configs(
-        &self,
-        index: &IndexRef,
-        deadline: Instant,
-    ) -> Result<Vec<ChangeRecord>, PortError> {
-        let (mut records, mut start) = (Vec::new(), None);
-        loop {
-            let (page, next) = self
-                .query_configs(index, start, usize::MAX, deadline)
-                .await?;
-            records.extend(page);
-            match next {
-                Some(next) => start = Some(next),
-                None => return Ok(records),
-            }
-        }
-    }
-
     /// The records of a run of an account's indexes, `first` to `last` by name, read at once:
     /// each index's settings record (if it has one: the flag) and its overrides.
     pub(super) async fn index_run(

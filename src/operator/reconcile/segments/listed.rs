@@ -194,17 +194,10 @@ impl<P: Ports> Pass<'_, P> {
             .referrers_of(asked, deadline)
             .await
             .map_err(failed)?;
+        // Each candidate's record as the table holds it now (the ledger only names them).
         let wanted: HashSet<&String> = shops.iter().collect();
-        let candidates: Vec<IndexRef> = (references.iter())
-            .filter(|r| r.shop_id.as_ref().is_some_and(|s| wanted.contains(s)))
-            .map(|r| r.index.clone())
-            .collect();
-        // The ledger's references may lag the table: the table's records decide.
-        let current = exporter.index_shops(&candidates, deadline);
-        let current = current.await.map_err(failed)?;
-        Ok(current
-            .into_values()
-            .flatten()
+        Ok((references.into_iter())
+            .filter_map(|r| r.shop_id)
             .filter(|s| wanted.contains(s))
             .collect())
     }
