@@ -200,10 +200,11 @@ impl Ledger for MemoryLedger {
 
     async fn referrers(&self, referred: &[Referred]) -> Result<Vec<IndexRef>, PortError> {
         let back = self.back.lock().unwrap();
-        Ok((back.iter())
+        let named: BTreeSet<IndexRef> = (back.iter())
             .filter(|(r, _)| referred.contains(r))
             .map(|(_, index)| index.clone())
-            .collect())
+            .collect();
+        Ok(named.into_iter().collect())
     }
 
     async fn pointing(

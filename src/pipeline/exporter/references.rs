@@ -520,6 +520,70 @@ mod tests {
         }
     }
 
+    /// Who refers to what: the ledger names candidates, each one's record in the table decides
+    /// (name, what its record says, whether the ledger's set names it, counted).
+    #[tokio::test]
+    async fn a_referrer_counts_only_as_its_table_record_holds_it() {
+        let cases = [
+            (
+                "aliasing",
+                Some(("s.myshopify.com", Some("a-t"))),
+                true,
+                true,
+            ),
+            ("dropped", Some(("other.myshopify.com", None)), true, false),
+            ("gone", None, true, false),
+            (
+                "unrecorded",
+                Some(("s.myshopify.com", Some("a-t"))),
+                false,
+                false,
+            ),
+        ];
+        let e = exporter(MemoryKv::default());
+        e.ledger
+            .complete
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let asked = [shop("s"), Referred::Alias("a-t".into())];
+        for (name, record, in_set, _) in &cases {
+            if *in_set {
+                let mut back = e.ledger.back.lock().unwrap();
+                back.extend(asked.iter().map(|r| (r.clone(), index(name))));
+            }
+            if let Some((shop, target)) = record {
+                let mut image = json!({"pk": {"S": "a"}, "sk": {"S": format!("INDEX#{name}")},
+                    "shop_id": {"S": shop}});
+                if let Some(target) = target {
+                    let targets = json!({"L": [{"M": {"index_id": {"S": target},
+                        "weight": {"N": "1"}}}]});
+                    image["index_aliases"] = json!({"M": {"doc_reads": {"M": {
+                        "enabled": {"BOOL": true}, "targets": targets}}}});
+                }
+                let item = crate::dynamo::item_from_dynamodb_json(image).unwrap();
+                let key = ("a".to_owned(), format!("INDEX#{name}"));
+                e.table.items.lock().unwrap().insert(key, item);
+            }
+        }
+
+        let found = e.referrers_of(asked.to_vec(), deadline()).await.unwrap();
+
+        let claimers: Vec<&str> = (found.iter())
+            .filter(|r| r.shop_id.as_deref() == Some("s.myshopify.com"))
+            .map(|r| r.index.name.as_str())
+            .collect();
+        let aliasing: Vec<&str> = (found.iter())
+            .filter(|r| r.live_targets.iter().any(|t| t.0 == "a-t"))
+            .map(|r| r.index.name.as_str())
+            .collect();
+        let expected: Vec<&str> = (cases.iter())
+            .filter(|(.., counted)| *counted)
+            .map(|(name, ..)| *name)
+            .collect();
+        assert_eq!(claimers, expected);
+        assert_eq!(aliasing, expected);
+        assert_eq!(e.table.counters().reference_scans, 0, "asked of the ledger");
+    }
+
     #[test]
     fn an_index_aliasing_itself_leaves_no_reference_to_itself() {
         let records = [
