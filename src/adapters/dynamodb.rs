@@ -49,18 +49,9 @@ impl DynamoSettingsTable {
     }
 }
 
-mod batch;
 pub(crate) mod raw;
 
-use batch::get_all;
 pub(crate) use raw::RawDynamo;
-
-fn item_key(pk: &str, sk: &str) -> HashMap<String, AttributeValue> {
-    HashMap::from([
-        ("pk".to_owned(), AttributeValue::S(pk.to_owned())),
-        ("sk".to_owned(), AttributeValue::S(sk.to_owned())),
-    ])
-}
 
 /// The least string above every string that begins with `prefix`, in DynamoDB's order (UTF-8
 /// bytes, which keeps the order of code points): its last character made the next one.
@@ -81,6 +72,12 @@ fn overrides_prefix(index: &IndexRef) -> String {
     format!("INDEX#{}#QUERY#", index.name)
 }
 
+/// The index a settings item's key names (`None`: not a settings item's).
+fn index_of(image: &Image) -> Option<IndexRef> {
+    let name = image.string("sk")?.strip_prefix("INDEX#")?;
+    Some(IndexRef::new(image.string("pk")?, name))
+}
+
 /// What a settings record says about other indexes; a record whose aliases cannot be read
 /// names every index id it holds (fail closed), with a warning.
 fn reference_of(index: IndexRef, image: &Image) -> SettingsReference {
@@ -93,16 +90,16 @@ fn reference_of(index: IndexRef, image: &Image) -> SettingsReference {
 }
 
 impl DynamoSettingsTable {
-    /// The items of these keys (`pk`, `sk`) that exist (`projection` only, when given).
-    async fn get_many(
+    /// The items of these keys (`pk`, `sk`) that exist, only `projection`, each handed to
+    /// `each` (consistent reads, without the SDK: `raw.rs`).
+    async fn read_keys(
         &self,
         keys: Vec<(String, String)>,
-        projection: Option<&str>,
-    ) -> Result<Vec<Item>, PortError> {
-        let table = format!("table {}", self.table_name);
-        let keys = keys.iter().map(|(pk, sk)| item_key(pk, sk)).collect();
-        let items = get_all(&self.client, (&self.table_name, &table), keys, projection);
-        Ok(items.await?.into_iter().map(Item::from).collect())
+        projection: &str,
+        mut each: impl FnMut(&Image<'_>) + Send,
+    ) -> Result<(), PortError> {
+        let table = (self.table_name.as_str(), Some(projection));
+        self.items.get_all(table, keys, &mut each).await
     }
 
     /// The index's `INDEX#{name}#QUERY#...` items after `start`, `limit` at most (only
@@ -198,20 +195,14 @@ impl SettingsTable for DynamoSettingsTable {
             .iter()
             .map(|i| (i.account.clone(), format!("INDEX#{}", i.name)));
         let projection = "pk, sk, shop_id, read_alias, index_aliases";
-        let items = self.get_many(keys.collect(), Some(projection)).await?;
-        let by_key: HashMap<(&str, &str), &Item> = (items.iter())
-            .filter_map(|item| {
-                let key = (string_attribute(item, "pk")?, string_attribute(item, "sk")?);
-                Some((key, item))
-            })
-            .collect();
-        Ok((indexes.iter())
-            .filter_map(|index| {
-                let sk = format!("INDEX#{}", index.name);
-                let item = by_key.get(&(index.account.as_str(), sk.as_str()))?;
-                Some(reference_of(index.clone(), &Image::of(item)))
-            })
-            .collect())
+        let mut found = HashMap::with_capacity(indexes.len());
+        self.read_keys(keys.collect(), projection, |image| {
+            if let Some(index) = index_of(image) {
+                found.insert(index.clone(), reference_of(index, image));
+            }
+        })
+        .await?;
+        Ok((indexes.iter()).filter_map(|i| found.remove(i)).collect())
     }
 
     async fn items(
@@ -219,7 +210,9 @@ impl SettingsTable for DynamoSettingsTable {
         keys: Vec<(String, String)>,
         mut each: impl FnMut(&Image<'_>) + Send,
     ) -> Result<(), PortError> {
-        self.items.get_all(&self.table_name, keys, &mut each).await
+        self.items
+            .get_all((&self.table_name, None), keys, &mut each)
+            .await
     }
 
     async fn index_settings(&self, index: &IndexRef) -> Result<Option<Item>, PortError> {
@@ -289,17 +282,12 @@ impl SettingsTable for DynamoSettingsTable {
         let keys = indexes
             .iter()
             .map(|i| (i.account.clone(), format!("INDEX#{}", i.name)));
-        let items = self
-            .get_many(keys.collect(), Some("pk, sk, shop_id"))
-            .await?;
-        Ok((items.iter())
-            .filter_map(|item| {
-                let image = Image::of(item);
-                let name = image.string("sk")?.strip_prefix("INDEX#")?;
-                let index = IndexRef::new(image.string("pk")?, name);
-                Some((index, shop_id_of(&image)))
-            })
-            .collect())
+        let mut shops = HashMap::with_capacity(indexes.len());
+        self.read_keys(keys.collect(), "pk, sk, shop_id", |image| {
+            shops.extend(index_of(image).map(|index| (index, shop_id_of(image))));
+        })
+        .await?;
+        Ok(shops)
     }
 
     async fn overrides_exist(
@@ -310,12 +298,15 @@ impl SettingsTable for DynamoSettingsTable {
         let keys = overrides
             .iter()
             .map(|(i, query)| (i.account.clone(), sk(i, query)));
-        let items = self.get_many(keys.collect(), Some("pk, sk")).await?;
-        let found: HashSet<(&str, &str)> = (items.iter())
-            .filter_map(|item| Some((string_attribute(item, "pk")?, string_attribute(item, "sk")?)))
-            .collect();
+        let mut found: HashSet<(String, String)> = HashSet::new();
+        self.read_keys(keys.collect(), "pk, sk", |image| {
+            if let (Some(pk), Some(sk)) = (image.string("pk"), image.string("sk")) {
+                found.insert((pk.to_owned(), sk.to_owned()));
+            }
+        })
+        .await?;
         Ok((overrides.iter())
-            .filter(|(i, query)| found.contains(&(i.account.as_str(), sk(i, query).as_str())))
+            .filter(|(i, query)| found.contains(&(i.account.clone(), sk(i, query))))
             .cloned()
             .collect())
     }

@@ -175,7 +175,9 @@ impl DynamoLedger {
         keys: Vec<(String, String)>,
         mut each: impl FnMut(&crate::dynamo::Image<'_>) + Send,
     ) -> Result<(), PortError> {
-        self.dynamo.get_all(&self.table_name, keys, &mut each).await
+        self.dynamo
+            .get_all((&self.table_name, None), keys, &mut each)
+            .await
     }
 
     /// Any number of actions, no two on one item, 100 a transaction, some at once: the

@@ -1,5 +1,6 @@
-//! DynamoDB's JSON API without the SDK, for the calls on the stream's path: the records' items
-//! (consistent BatchGetItems, each answer read into the borrowed attribute tree) and the
+//! DynamoDB's JSON API without the SDK, for the calls on the stream's path: the settings
+//! table's items by key (consistent BatchGetItems, each answer read into the borrowed attribute
+//! tree: the records' items, the candidates' and claimers' records, the checks' shops) and the
 //! ledger's items (BatchGetItem, TransactWriteItems, Query, GetItem). Requests are signed with SigV4 as the SDK signs them (`aws-sigv4`); the SDK's
 //! configuration still decides the region, the credentials and the endpoint. Through the SDK
 //! each call cost the function its per-request pipeline and each item a `HashMap` of
@@ -17,10 +18,14 @@ use aws_sigv4::sign::v4;
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 
-use super::batch::{CONCURRENT_GETS, GET_BATCH, UNPROCESSED_TRIES};
 use crate::dynamo::Image;
 use crate::ports::PortError;
 
+/// DynamoDB's limit per BatchGetItem call, and tries for the keys a call leaves unprocessed.
+const GET_BATCH: usize = 100;
+pub(crate) const UNPROCESSED_TRIES: u32 = 5;
+/// BatchGetItems in flight at once.
+const CONCURRENT_GETS: usize = 8;
 /// Attempts of one request that failed on the way or was throttled (the SDK's standard three).
 const ATTEMPTS: u32 = 3;
 /// Credentials are fetched again this long before they expire.
@@ -101,7 +106,7 @@ impl RawDynamo {
     /// request, several at once, the keys an answer leaves unprocessed asked again.
     pub async fn get_all(
         &self,
-        table: &str,
+        (table, projection): (&str, Option<&str>),
         mut keys: Vec<(String, String)>,
         each: &mut (impl FnMut(&Image<'_>) + Send),
     ) -> Result<(), PortError> {
@@ -112,7 +117,10 @@ impl RawDynamo {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
             }
-            let requests: Vec<String> = keys.chunks(GET_BATCH).map(|c| request(table, c)).collect();
+            let requests: Vec<String> = keys
+                .chunks(GET_BATCH)
+                .map(|c| request(table, c, projection))
+                .collect();
             let mut answers = futures::stream::iter(requests)
                 .map(|body| self.post("BatchGetItem", table, body))
                 .buffer_unordered(CONCURRENT_GETS);
@@ -361,25 +369,28 @@ impl Serialize for Item {
 
 #[derive(Serialize)]
 #[serde(rename_all = "PascalCase")]
-struct KeysRead {
+struct KeysRead<'a> {
     keys: Vec<Item>,
     consistent_read: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    projection_expression: Option<&'a str>,
 }
 
 #[derive(Serialize)]
 struct BatchGet<'a> {
     #[serde(rename = "RequestItems")]
-    request_items: std::collections::HashMap<&'a str, KeysRead>,
+    request_items: std::collections::HashMap<&'a str, KeysRead<'a>>,
 }
 
-/// The request's JSON: the keys, read consistently.
-fn request(table: &str, keys: &[(String, String)]) -> String {
+/// The request's JSON: the keys, read consistently (only `projection`, when given).
+fn request(table: &str, keys: &[(String, String)], projection: Option<&str>) -> String {
     let keys = KeysRead {
         keys: keys
             .iter()
             .map(|(pk, sk)| Item::key(pk.clone(), sk))
             .collect(),
         consistent_read: true,
+        projection_expression: projection,
     };
     let request = BatchGet {
         request_items: std::collections::HashMap::from([(table, keys)]),
@@ -472,9 +483,18 @@ mod tests {
     #[test]
     fn a_request_asks_for_each_key_consistently() {
         let keys = [("a\"".to_owned(), "INDEX#é".to_owned())];
-        let request: serde_json::Value = serde_json::from_str(&request("t", &keys)).unwrap();
+        let request = request_json(&keys, None);
         let expected = serde_json::json!({"RequestItems": {"t": {"ConsistentRead": true,
             "Keys": [{"pk": {"S": "a\""}, "sk": {"S": "INDEX#é"}}]}}});
         assert_eq!(request, expected);
+        let projected = request_json(&keys, Some("pk, sk, shop_id"));
+        assert_eq!(
+            projected["RequestItems"]["t"]["ProjectionExpression"],
+            "pk, sk, shop_id"
+        );
+    }
+
+    fn request_json(keys: &[(String, String)], projection: Option<&str>) -> serde_json::Value {
+        serde_json::from_str(&request("t", keys, projection)).unwrap()
     }
 }
