@@ -56,6 +56,9 @@ enum Action<'a> {
     Update(Update<'a>),
 }
 
+/// A condition expression and the values it names.
+type Condition = (Cow<'static, str>, Item);
+
 /// A put, on a condition (an expression and its values) when one is given.
 #[derive(Serialize)]
 #[serde(rename_all = "PascalCase")]
@@ -145,26 +148,18 @@ impl DynamoLedger {
 
     /// Puts `item`, on `condition` (an expression and its values) when one is given: `Ok(false)`
     /// when the condition failed and nothing was written.
-    async fn put(
-        &self,
-        item: Item,
-        condition: Option<(&'static str, Item)>,
-    ) -> Result<bool, PortError> {
-        let (expression, values) = condition.unzip();
-        let put = self.put_action(item, expression.map(Cow::Borrowed));
-        let put = Put {
-            expression_attribute_values: values.unwrap_or_default(),
-            ..put
-        };
+    async fn put(&self, item: Item, condition: Option<Condition>) -> Result<bool, PortError> {
+        let put = self.put_action(item, condition);
         Ok(self.transact_all(vec![Action::Put(put)]).await?.is_empty())
     }
 
-    fn put_action(&self, item: Item, condition: Option<Cow<'static, str>>) -> Put<'_> {
+    fn put_action(&self, item: Item, condition: Option<Condition>) -> Put<'_> {
+        let (condition_expression, values) = condition.unzip();
         Put {
             table_name: &self.table_name,
             item,
-            condition_expression: condition,
-            expression_attribute_values: Item::default(),
+            condition_expression,
+            expression_attribute_values: values.unwrap_or_default(),
         }
     }
 
@@ -245,8 +240,11 @@ impl Ledger for DynamoLedger {
         expected: Option<u64>,
     ) -> Result<bool, PortError> {
         let condition = match expected {
-            None => ("attribute_not_exists(pk)", Item::default()),
-            Some(version) => ("version = :read", Item::default().with(":read", n(version))),
+            None => ("attribute_not_exists(pk)".into(), Item::default()),
+            Some(version) => (
+                "version = :read".into(),
+                Item::default().with(":read", n(version)),
+            ),
         };
         self.put(item_of(progress), Some(condition)).await
     }

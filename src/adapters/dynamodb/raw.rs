@@ -23,7 +23,7 @@ use crate::ports::PortError;
 
 /// DynamoDB's limit per BatchGetItem call, and tries for the keys a call leaves unprocessed.
 const GET_BATCH: usize = 100;
-pub(crate) const UNPROCESSED_TRIES: u32 = 5;
+const UNPROCESSED_TRIES: u32 = 5;
 /// BatchGetItems in flight at once.
 const CONCURRENT_GETS: usize = 8;
 /// Attempts of one request that failed on the way or was throttled (the SDK's standard three).

@@ -9,13 +9,12 @@
 //! item `overflow`, which makes readers Query the partition. An index is written
 //! `{length of account}:{account}#{index}`, so no two indexes share one.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{expires_at, number, Action, Put, SetName, Update};
+use super::{expires_at, number, Action, Condition, SetName, Update};
 use super::{Attribute, DynamoLedger, Item};
 use crate::domain::IndexRef;
 use crate::dynamo::{Attr, Image};
@@ -314,12 +313,9 @@ impl DynamoLedger {
         &self,
         repairs: &[RefsRepair],
     ) -> Result<usize, PortError> {
-        let puts = repairs.iter().map(|r| {
-            let (condition, values) = still(r.read.as_ref());
-            Action::Put(Put {
-                expression_attribute_values: values,
-                ..self.put_action(ref_item(&r.index, &r.new), Some(condition))
-            })
+        let puts = (repairs.iter()).map(|r| {
+            let put = self.put_action(ref_item(&r.index, &r.new), Some(still(r.read.as_ref())));
+            Action::Put(put)
         });
         let failed = self.transact_all(puts.collect()).await?;
         Ok(repairs.len() - failed.len())
@@ -327,7 +323,7 @@ impl DynamoLedger {
 }
 
 /// The condition that an index's own item is still as `read` (`None`: absent), and its values.
-fn still(read: Option<&IndexRefs>) -> (Cow<'static, str>, Item) {
+fn still(read: Option<&IndexRefs>) -> Condition {
     let Some(read) = read else {
         return ("attribute_not_exists(pk)".into(), Item::default());
     };

@@ -243,15 +243,15 @@ impl<P: Ports> Exporter<P> {
         }
         let indexes: Vec<IndexRef> = differ.iter().map(|(index, _)| index.clone()).collect();
         let again = self.table.index_references(&indexes);
-        let again: HashMap<IndexRef, IndexRefs> =
-            (before_deadline(deadline, "settings", again).await?.iter())
-                .map(|r| {
-                    (
-                        r.index.clone(),
-                        leaves(&r.index, r.shop_id.clone(), r.live_targets.iter()),
-                    )
-                })
-                .collect();
+        let again = before_deadline(deadline, "settings", again).await?;
+        let again: HashMap<&IndexRef, IndexRefs> = (again.iter())
+            .map(|r| {
+                (
+                    &r.index,
+                    leaves(&r.index, r.shop_id.clone(), r.live_targets.iter()),
+                )
+            })
+            .collect();
         let repairs: Vec<RefsRepair> = (differ.into_iter())
             .filter(|(index, refs)| again.get(index) == Some(refs))
             .map(|(index, new)| RefsRepair {
