@@ -9,10 +9,11 @@ use serde_dynamo::Item;
 use tokio::time::Instant;
 
 use super::fields::{count, decode_token, encode_token, flag, max_records};
+use super::runs::Runs;
 use super::{NonEmpty, OperatorError};
 use crate::domain::{IndexRef, KvAction};
 use crate::pipeline::exporter::{Exporter, Prepared, Run};
-use crate::pipeline::records::{Change, ChangeRecord};
+use crate::pipeline::records::ChangeRecord;
 use crate::ports::{PortError, Ports};
 use crate::report::{BatchReport, Outcome, RecordReport};
 
@@ -128,21 +129,6 @@ impl Tally {
     }
 }
 
-/// Closed runs gathered from pages until a batch is full.
-#[derive(Default)]
-struct Gathered {
-    records: Vec<(ChangeRecord, Item)>,
-    /// Some index among them has its filter built from a Query.
-    needs_query: bool,
-}
-
-impl Gathered {
-    fn add(&mut self, mut records: Vec<(ChangeRecord, Item)>, run: Run) {
-        self.needs_query |= run == Run::BACKFILL && !records.is_empty();
-        self.records.append(&mut records);
-    }
-}
-
 /// Exports (or, in a dry run, plans) one batch, and logs it.
 async fn send<P: Ports>(
     exporter: &Exporter<P>,
@@ -160,106 +146,6 @@ async fn send<P: Ports>(
         false => report.log(),
     }
     report
-}
-
-/// An index's records held back until its run (its settings item, then its overrides, in sort
-/// key order) ends: a run cut by a page end goes out with the next page. So each index's filter
-/// is built from the overrides the scan itself read, with no Query per index.
-struct Runs {
-    with_overrides: bool,
-    held: Vec<(ChangeRecord, Item)>,
-    /// An index whose run outgrew [`MAX_HELD`], or may have begun before this invocation: its
-    /// filter is built from a Query of the table instead.
-    queried: Option<IndexRef>,
-    /// The key of the last record sent: where a resumed backfill starts.
-    resume: Option<Item>,
-    /// Whether no run has closed yet in this invocation.
-    first: bool,
-    /// Whether this invocation sent anything.
-    sent_any: bool,
-}
-
-/// Records of one index held back at most; past it, the index's filter comes from a Query.
-const MAX_HELD: usize = 5_000;
-
-impl Runs {
-    fn new(with_overrides: bool, resume: Option<Item>) -> Self {
-        Self {
-            with_overrides,
-            held: Vec::new(),
-            queried: None,
-            resume,
-            first: true,
-            sent_any: false,
-        }
-    }
-
-    /// The page's records whose runs are closed (all of them at the end of the table), and how
-    /// to export them.
-    fn take_closed(
-        &mut self,
-        records: Vec<ChangeRecord>,
-        keys: Vec<Item>,
-        last_page: bool,
-    ) -> (Vec<(ChangeRecord, Item)>, Run) {
-        if !self.with_overrides {
-            return (records.into_iter().zip(keys).collect(), Run::BACKFILL);
-        }
-        let mut closed = Vec::new();
-        for (record, key) in records.into_iter().zip(keys) {
-            let held_index = self.held.first().and_then(|(r, _)| r.index.as_ref());
-            if record.index.is_some() && record.index.as_ref() == held_index {
-                self.held.push((record, key));
-                continue;
-            }
-            self.close(&mut closed);
-            match record.index.is_some() {
-                true => self.held.push((record, key)),
-                false => closed.push((record, key)),
-            }
-        }
-        if last_page || self.held.len() > MAX_HELD {
-            if !last_page {
-                self.queried = self.held.first().and_then(|(r, _)| r.index.clone());
-            }
-            self.close(&mut closed);
-        }
-        let queried = |(record, _): &(ChangeRecord, Item)| {
-            self.queried.is_some() && record.index == self.queried
-        };
-        let run = match closed.iter().any(queried) {
-            true => Run::BACKFILL,
-            false => Run::BACKFILL_FROM_SCAN,
-        };
-        (closed, run)
-    }
-
-    /// When an invocation must stop having sent nothing, the run it holds, to send anyway
-    /// (its filter from a Query): so every invocation advances the backfill.
-    fn take_stuck(&mut self) -> Option<(Vec<(ChangeRecord, Item)>, Run)> {
-        if self.sent_any || self.held.is_empty() {
-            return None;
-        }
-        self.queried = self.held[0].0.index.clone();
-        Some((std::mem::take(&mut self.held), Run::BACKFILL))
-    }
-
-    /// The held run is over: it joins the batch.
-    fn close(&mut self, closed: &mut Vec<(ChangeRecord, Item)>) {
-        if self.held.is_empty() {
-            return;
-        }
-        // A resumed backfill's first run may have begun before its token (a run that outgrew
-        // MAX_HELD): without its settings record in hand, its filter comes from a Query.
-        let starts_mid_run = self.first
-            && self.resume.is_some()
-            && !matches!(self.held[0].0.decoded, Ok(Change::UpsertIndex { .. }));
-        if starts_mid_run {
-            self.queried = self.held[0].0.index.clone();
-        }
-        self.first = false;
-        closed.append(&mut self.held);
-    }
 }
 
 fn backfill_failed(error: PortError) -> OperatorError {
@@ -286,12 +172,13 @@ pub async fn run<P: Ports>(
         request,
         deadline,
         tally: Tally::default(),
-        runs: Runs::new(request.include_query_configs, start.clone()),
-        gathered: Gathered::default(),
+        runs: Runs::new(start.is_some()),
+        resume: start.clone(),
+        sent_any: false,
     };
     let mut scan_at = start;
     // Leave room for the slowest page seen so far, twice over, and for the slowest send
-    // (gathered records go out before a stop), before reading another page.
+    // (closed runs go out before a stop), before reading another page.
     let (mut slowest_page, mut slowest_send) = (Duration::from_secs(2), Duration::ZERO);
     let complete = loop {
         let out_of_time = Instant::now() + slowest_page * 2 + slowest_send >= deadline;
@@ -304,29 +191,10 @@ pub async fn run<P: Ports>(
             break false;
         }
         let page_started = Instant::now();
-        let page = exporter
-            .table_page(
-                account,
-                scan_at.clone(),
-                request.page_size,
-                request.include_query_configs,
-                deadline,
-            )
-            .await
-            .map_err(backfill_failed)?;
-        // What every settings item names (rejected ones included, read from the raw items)
-        // is in the ledger before the page's records are sent: the migration to sets of
-        // referrers, and the ledger's own repair.
-        if !request.dry_run {
-            let added = exporter.add_missing_references(&page.references, deadline);
-            added.await.map_err(backfill_failed)?;
-        }
-        pass.tally.items += page.records.len();
-        let last_page = page.next.is_none();
-        let (closed, run) = pass.runs.take_closed(page.records, page.keys, last_page);
-        pass.gathered.add(closed, run);
+        let next = pass.read(account, scan_at.take()).await?;
+        let last_page = next.is_none();
         slowest_page = slowest_page.max(page_started.elapsed());
-        if pass.gathered.records.len() >= request.batch_records || last_page {
+        if pass.runs.closed() >= request.batch_records || last_page {
             let send_started = Instant::now();
             // A failure stops here: the token still points before this batch.
             if !pass.flush().await {
@@ -334,7 +202,7 @@ pub async fn run<P: Ports>(
             }
             slowest_send = slowest_send.max(send_started.elapsed());
         }
-        match page.next {
+        match next {
             Some(next) => scan_at = Some(next),
             None => break true,
         }
@@ -349,49 +217,85 @@ pub async fn run<P: Ports>(
     Ok(pass.answer(account, complete))
 }
 
-/// One invocation's backfill: what it sent, what it holds, what it gathered.
+/// One invocation's backfill: what it sent, and the runs it read and holds.
 struct Pass<'a, P: Ports> {
     exporter: &'a Exporter<P>,
     request: &'a BackfillRequest,
     deadline: Instant,
     tally: Tally,
     runs: Runs,
-    gathered: Gathered,
+    /// The key of the last record sent: where a resumed backfill starts.
+    resume: Option<Item>,
+    /// Whether this invocation sent anything.
+    sent_any: bool,
 }
 
 impl<P: Ports> Pass<'_, P> {
-    /// Sends what was gathered; whether every record went through (the backfill goes on).
-    async fn flush(&mut self) -> bool {
-        let Gathered {
-            records,
-            needs_query,
-        } = std::mem::take(&mut self.gathered);
-        let Some(sent_to) = records.last().map(|(_, key)| key.clone()) else {
-            return true;
-        };
-        let run = match needs_query || !self.request.include_query_configs {
-            true => Run::BACKFILL,
-            false => Run::BACKFILL_FROM_SCAN,
-        };
-        let records = records.into_iter().map(|(record, _)| record).collect();
-        let dry_run = self.request.dry_run;
-        let report = send(self.exporter, dry_run, records, run, self.deadline).await;
-        if self.tally.add(&report) {
-            return false;
+    /// Reads the page at `scan_at` into the runs; answers where the next one starts (`None`:
+    /// the table ended).
+    async fn read(
+        &mut self,
+        account: Option<&str>,
+        scan_at: Option<Item>,
+    ) -> Result<Option<Item>, OperatorError> {
+        let (request, deadline) = (self.request, self.deadline);
+        let (size, overrides) = (request.page_size, request.include_query_configs);
+        let page = self
+            .exporter
+            .table_page(account, scan_at, size, overrides, deadline);
+        let page = page.await.map_err(backfill_failed)?;
+        // What every settings item names (rejected ones included, read from the raw items)
+        // is in the ledger before the page's records are sent: the migration to sets of
+        // referrers, and the ledger's own repair.
+        if !request.dry_run {
+            let added = self
+                .exporter
+                .add_missing_references(&page.references, deadline);
+            added.await.map_err(backfill_failed)?;
         }
-        self.runs.sent_any = true;
-        self.runs.resume = Some(sent_to);
+        self.tally.items += page.records.len();
+        for (record, key) in page.records.into_iter().zip(page.keys) {
+            self.runs.add(record, key);
+        }
+        // Without overrides, no index's run goes on past its settings item.
+        if page.next.is_none() || !overrides {
+            self.runs.close();
+        }
+        Ok(page.next)
+    }
+
+    /// Sends the runs closed so far; whether every record went through (the backfill goes
+    /// on). Runs held whole build their filters from their own records (with query configs).
+    async fn flush(&mut self) -> bool {
+        let closed = self.runs.take_closed();
+        if closed.len() == 0 {
+            return true;
+        }
+        let whole = match self.request.include_query_configs {
+            true => Run::BACKFILL_FROM_SCAN,
+            false => Run::BACKFILL,
+        };
+        let dry_run = self.request.dry_run;
+        for (records, run) in [(closed.whole, whole), (closed.queried, Run::BACKFILL)] {
+            if records.is_empty() {
+                continue;
+            }
+            let report = send(self.exporter, dry_run, records, run, self.deadline).await;
+            if self.tally.add(&report) {
+                return false;
+            }
+        }
+        self.sent_any = true;
+        self.resume = closed.at;
         true
     }
 
-    /// Before stopping: what was gathered goes out, and, when nothing was sent yet, the run
-    /// still held too (its filter from a Query): every invocation advances the backfill.
+    /// Before stopping: the closed runs go out and, when nothing was sent yet, the run still
+    /// held too (its filter from a Query): every invocation advances the backfill.
     async fn stop(&mut self) {
-        if self.flush().await {
-            if let Some((stuck, run)) = self.runs.take_stuck() {
-                self.gathered.add(stuck, run);
-                self.flush().await;
-            }
+        if self.flush().await && !self.sent_any && self.runs.holds_any() {
+            self.runs.cut();
+            self.flush().await;
         }
     }
 
@@ -411,8 +315,7 @@ impl<P: Ports> Pass<'_, P> {
             rejected_records: tally.rejected,
             failed_records: tally.failed,
             complete,
-            continuation_token: (!complete)
-                .then(|| encode_token(&self.runs.resume.unwrap_or_default())),
+            continuation_token: (!complete).then(|| encode_token(&self.resume.unwrap_or_default())),
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod backfill;
 mod fields;
 pub mod reconcile;
 pub mod reexport;
+mod runs;
 pub mod verify;
 
 use serde::Serialize;

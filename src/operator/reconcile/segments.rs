@@ -31,10 +31,8 @@ use crate::report::Outcome;
 mod implied;
 mod listed;
 
-/// Table records compared at once; an index's records are kept together up to [`MAX_HELD`].
+/// Table records compared at once; an index's records are kept together (`operator/runs.rs`).
 const CHUNK_RECORDS: usize = 2_000;
-/// Records of one index held at most; past it, its filter comes from a keys-only Query.
-const MAX_HELD: usize = 5_000;
 const TABLE_PAGE: usize = 1_000;
 /// Table Queries (an owner's overrides) in flight at once.
 const CONCURRENT_QUERIES: usize = 8;
@@ -50,10 +48,6 @@ struct Position {
     cursor: Option<String>,
     #[serde(default)]
     table_at: Option<Item>,
-    /// An index (account, name) whose records outgrew [`MAX_HELD`]: its filter comes from a
-    /// Query.
-    #[serde(default)]
-    querying: Option<(String, String)>,
     /// How many times pieces were halved because one ran out of time (for the rest of the
     /// pass: a piece size that fits is kept).
     #[serde(default)]

@@ -4,16 +4,16 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use serde_dynamo::Item;
 use tokio::time::Instant;
 
-use super::{Pass, Position, MAX_HELD, TABLE_PAGE};
+use super::{Pass, Position, TABLE_PAGE};
 use crate::domain::kv::digest;
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::operator::reconcile::classify::{could_be_written, owner_in_value, Class};
 use crate::operator::reconcile::failed;
 use crate::operator::reconcile::NAMESPACES;
+use crate::operator::runs::Runs;
 use crate::operator::OperatorError;
 use crate::pipeline::exporter::{left_by, Overrides, Prepared, Run};
 use crate::pipeline::records::{Change, ChangeRecord};
@@ -29,9 +29,7 @@ impl<P: Ports> Pass<'_, P> {
         limit: usize,
         stop_at: Instant,
     ) -> Result<usize, OperatorError> {
-        let querying =
-            (position.querying.clone()).map(|(account, name)| IndexRef::new(account, name));
-        let mut pieces = Pieces::new(querying);
+        let mut runs = Runs::new(position.table_at.is_some());
         let mut scan_at = position.table_at.clone();
         let end = loop {
             let size = TABLE_PAGE.min(limit.max(1)) as i32;
@@ -48,38 +46,29 @@ impl<P: Ports> Pass<'_, P> {
                 tracing::warn!(added, "the ledger lacked references the table names: added");
             }
             for (record, key) in page.records.into_iter().zip(page.keys) {
-                pieces.add(record, key);
+                runs.add(record, key);
             }
             scan_at = page.next;
             if scan_at.is_none() {
-                pieces.close();
+                runs.close();
                 break true;
             }
-            if pieces.held.len() > MAX_HELD {
-                pieces.outgrown();
-            }
-            if pieces.closed() >= limit || Instant::now() >= stop_at {
+            if runs.closed() >= limit || Instant::now() >= stop_at {
                 break false;
             }
         };
-        let compared = pieces.closed();
-        let Pieces {
-            whole,
-            queried,
-            closed_at,
-            querying,
-            ..
-        } = pieces;
-        self.compare_implied(whole, Run::OPERATOR).await?;
+        // The run still held is read again by the next piece.
+        let closed = runs.take_closed();
+        let compared = closed.len();
+        self.compare_implied(closed.whole, Run::OPERATOR).await?;
         let run = Run {
             overrides: Overrides::InTable,
             ..Run::OPERATOR
         };
-        self.compare_implied(queried, run).await?;
-        if closed_at.is_some() {
-            position.table_at = closed_at;
+        self.compare_implied(closed.queried, run).await?;
+        if closed.at.is_some() {
+            position.table_at = closed.at;
         }
-        position.querying = querying.map(|i| (i.account, i.name));
         if end {
             position.step += 1;
         }
@@ -249,67 +238,4 @@ fn keys_of(record: &ChangeRecord) -> Vec<KvKey> {
         Err(_) => {}
     }
     keys
-}
-
-/// The table's records as read, gathered into whole runs of one index each.
-struct Pieces {
-    /// The run being read: it may go on in the next page.
-    held: Vec<(ChangeRecord, Item)>,
-    /// Closed runs, compared with their filters built from the records themselves.
-    whole: Vec<ChangeRecord>,
-    /// Runs of the index in `querying`, compared with its filter from a Query.
-    queried: Vec<ChangeRecord>,
-    querying: Option<IndexRef>,
-    /// The key of the last record closed: where the next piece starts.
-    closed_at: Option<Item>,
-}
-
-impl Pieces {
-    fn new(querying: Option<IndexRef>) -> Self {
-        Self {
-            held: Vec::new(),
-            whole: Vec::new(),
-            queried: Vec::new(),
-            querying,
-            closed_at: None,
-        }
-    }
-
-    fn add(&mut self, record: ChangeRecord, key: Item) {
-        let held_index = self.held.first().and_then(|(r, _)| r.index.as_ref());
-        if record.index.is_none() || record.index.as_ref() != held_index {
-            self.close();
-        }
-        self.held.push((record, key));
-    }
-
-    /// The held run is over (or must go as it is).
-    fn close(&mut self) {
-        let Some((_, last)) = self.held.last() else {
-            return;
-        };
-        self.closed_at = Some(last.clone());
-        let records: Vec<ChangeRecord> = (std::mem::take(&mut self.held).into_iter())
-            .map(|(record, _)| record)
-            .collect();
-        if records
-            .first()
-            .is_some_and(|r| r.index.is_some() && r.index == self.querying)
-        {
-            self.queried.extend(records);
-        } else {
-            self.whole.extend(records);
-        }
-    }
-
-    /// The held run outgrew [`MAX_HELD`]: it goes now, and the rest of its index's records
-    /// go with a filter from a Query.
-    fn outgrown(&mut self) {
-        self.querying = self.held.first().and_then(|(r, _)| r.index.clone());
-        self.close();
-    }
-
-    fn closed(&self) -> usize {
-        self.whole.len() + self.queried.len()
-    }
 }
