@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 mod ledger;
 
-pub use ledger::{IndexRefs, Ledger, ReconcileProgress, Referred, RefsChange, RefsRepair};
+pub use ledger::{IndexRefs, Ledger, ReconcileProgress, Referred, RefsChange};
 
 use crate::domain::kv::{KvKey, KvOp};
 use crate::domain::{ApiKey, ApiToken, IndexRef, Namespace, SettingsReference};

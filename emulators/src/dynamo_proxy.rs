@@ -110,7 +110,8 @@ impl DynamoProxy {
     }
 
     /// Applies `fault` to the next `times` calls of `operation` (any, when `None`) naming a
-    /// table whose name holds `table` (any, when `None`).
+    /// table whose name ends with `table` (any, when `None`): `-ledger` is the ledger, the
+    /// settings table's whole name only the settings table.
     pub fn inject(
         &self,
         operation: Option<&str>,
@@ -228,7 +229,7 @@ fn next_fault(state: &ProxyState, operation: &str, tables: &[String]) -> Option<
             && rule
                 .table
                 .as_deref()
-                .is_none_or(|t| tables.iter().any(|name| name.contains(t)))
+                .is_none_or(|t| tables.iter().any(|name| name.ends_with(t)))
     };
     let at = rules.iter().position(matches)?;
     let fault = rules[at].fault.clone();

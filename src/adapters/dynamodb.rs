@@ -49,6 +49,7 @@ impl DynamoSettingsTable {
     }
 }
 
+mod errors;
 pub(crate) mod raw;
 
 pub(crate) use raw::RawDynamo;

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::domain::IndexRef;
 use crate::ports::{IndexRefs, Ledger, PortError, ReconcileProgress};
-use crate::ports::{Referred, RefsChange, RefsRepair};
+use crate::ports::{Referred, RefsChange};
 
 use super::dynamodb::raw::{n, Attribute, Item};
 use super::dynamodb::RawDynamo;
@@ -22,10 +22,6 @@ mod refs;
 
 const PROGRESS_PK: &str = "reconcile";
 const PROGRESS_SK: &str = "progress";
-/// A removed index's references matter while a writer that read before the remove may still
-/// be running (one invocation, 15 minutes at most); the table's TTL forgets them two days later.
-const REMOVED_KEPT_SECONDS: u64 = 2 * 24 * 3600;
-
 pub struct DynamoLedger {
     dynamo: RawDynamo,
     table_name: String,
@@ -71,26 +67,23 @@ struct Put<'a> {
     expression_attribute_values: Item,
 }
 
-/// An UpdateItem of a set of the ledger's (its attribute named `#set` in the expression).
+/// An UpdateItem of an item of the ledger's, with the attribute names its expression uses.
 #[derive(Serialize)]
 #[serde(rename_all = "PascalCase")]
 struct Update<'a> {
     table_name: &'a str,
     key: Item,
-    update_expression: &'static str,
+    update_expression: Cow<'static, str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     condition_expression: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    expression_attribute_names: Option<SetName>,
+    #[serde(skip_serializing_if = "Names::is_empty")]
+    expression_attribute_names: Names,
     #[serde(skip_serializing_if = "Item::is_empty")]
     expression_attribute_values: Item,
 }
 
-#[derive(Serialize)]
-struct SetName {
-    #[serde(rename = "#set")]
-    set: &'static str,
-}
+/// An expression's attribute names (`#set` for `referrers`, ...).
+type Names = std::collections::BTreeMap<&'static str, &'static str>;
 
 fn progress_of(item: &Value) -> ReconcileProgress {
     ReconcileProgress {
@@ -123,15 +116,6 @@ fn item_of(progress: &ReconcileProgress) -> Item {
         item = item.with("token", Attribute::S(token.clone()));
     }
     item
-}
-
-/// When the table's TTL may forget an item written now: [`REMOVED_KEPT_SECONDS`] later.
-fn expires_at() -> Attribute {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default();
-    n(now + REMOVED_KEPT_SECONDS)
 }
 
 impl DynamoLedger {
@@ -223,10 +207,6 @@ impl Ledger for DynamoLedger {
 
     async fn record_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
         self.put_all_refs(changes).await
-    }
-
-    async fn repair_refs(&self, repairs: &[RefsRepair]) -> Result<usize, PortError> {
-        self.put_refs_if_read(repairs).await
     }
 
     async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {

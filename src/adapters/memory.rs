@@ -12,7 +12,7 @@ use crate::domain::{ApiKey, IndexRef, KvAction, KvOp, Namespace, SettingsReferen
 use crate::dynamo::Image;
 use crate::ports::{
     AccountCell, ApiKeySource, Applied, IndexRefs, KeyPage, KvStore, Ledger, ListedKey, Page,
-    PortError, ReconcileProgress, Referred, RefsChange, RefsRepair, SettingsTable,
+    PortError, ReconcileProgress, Referred, RefsChange, SettingsTable,
 };
 
 /// KV in memory; keys in `failing` are never stored.
@@ -98,6 +98,9 @@ pub struct CountingTable {
     pub override_queries: AtomicUsize,
     /// The items `items` finds, by (`pk`, `sk`).
     pub items: Mutex<HashMap<(String, String), Item>>,
+    /// What `index_settings` answers, one read after another (then nothing): another writer
+    /// changing the index between two reads.
+    pub settings_reads: Mutex<std::collections::VecDeque<Item>>,
 }
 
 impl SettingsTable for CountingTable {
@@ -130,7 +133,7 @@ impl SettingsTable for CountingTable {
         Ok(())
     }
     async fn index_settings(&self, _: &IndexRef) -> Result<Option<Item>, PortError> {
-        Ok(None)
+        Ok(self.settings_reads.lock().unwrap().pop_front())
     }
     async fn index_range(&self, _: &str, _: &str, _: &str) -> Result<Vec<Item>, PortError> {
         Ok(vec![])
@@ -219,32 +222,31 @@ impl Ledger for MemoryLedger {
     }
 
     async fn point_back(&self, items: &[(IndexRef, Referred)]) -> Result<(), PortError> {
-        let mut back = self.back.lock().unwrap();
-        back.extend(items.iter().map(|(index, r)| (r.clone(), index.clone())));
+        let (mut refs, mut back) = (self.refs.lock().unwrap(), self.back.lock().unwrap());
+        for (index, referred) in items {
+            back.insert((referred.clone(), index.clone()));
+            let own = refs.entry(index.clone()).or_default();
+            match referred {
+                Referred::Shop(shop) => own.shops.insert(shop.clone()),
+                Referred::Alias(target) => own.targets.insert(target.clone()),
+            };
+        }
         Ok(())
     }
 
     async fn record_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
         let (mut refs, mut back) = (self.refs.lock().unwrap(), self.back.lock().unwrap());
         for change in changes {
-            refs.insert(change.index.clone(), change.new.clone());
+            let own = refs.entry(change.index.clone()).or_default();
             for gone in change.pointing.difference(&change.new.referred()) {
                 back.remove(&(gone.clone(), change.index.clone()));
+                match gone {
+                    Referred::Shop(shop) => own.shops.remove(shop),
+                    Referred::Alias(target) => own.targets.remove(target),
+                };
             }
         }
         Ok(())
-    }
-
-    async fn repair_refs(&self, repairs: &[RefsRepair]) -> Result<usize, PortError> {
-        let mut refs = self.refs.lock().unwrap();
-        let mut recorded = 0;
-        for repair in repairs {
-            if refs.get(&repair.index) == repair.read.as_ref() {
-                refs.insert(repair.index.clone(), repair.new.clone());
-                recorded += 1;
-            }
-        }
-        Ok(recorded)
     }
 
     async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {

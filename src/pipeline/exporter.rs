@@ -84,11 +84,19 @@ impl Run {
         overrides: Overrides::InTable,
         records_references: true,
     };
-    /// Operators always get the current API key.
+    /// Operators always get the current API key, and record the references they write
+    /// before writing them (re-export, verify).
     pub const OPERATOR: Run = Run {
         api_keys: ApiKeys::Fresh,
         overrides: Overrides::InBatch,
+        records_references: true,
+    };
+    /// An operator's run whose references are recorded already: a check of what landed
+    /// (it writes what the records it checks referred to), a reconcile (its table step adds
+    /// what each page refers to before its repairs).
+    pub const CHECK: Run = Run {
         records_references: false,
+        ..Run::OPERATOR
     };
     pub const BACKFILL: Run = Run {
         api_keys: ApiKeys::Fresh,
@@ -143,6 +151,20 @@ impl Prepared {
             delete_owners: HashMap::new(),
             known_refs: None,
         }
+    }
+
+    /// Nothing is sent: the intents could not be recorded (a reader could miss a referrer
+    /// whose keys landed, a replay a shop a key was put on), so every record on its way is
+    /// retried.
+    fn withhold(&mut self, error: &PortError) {
+        let why = format!("not sent: its references could not be recorded in the ledger: {error}");
+        self.plan
+            .outcomes
+            .iter_mut()
+            .for_each(|outcome| outcome.fail(&why));
+        self.plan.ops.clear();
+        self.plan.old_shops.clear();
+        self.plan.filters.clear();
     }
 
     /// A reconcile's records whose lookups failed (their cell's API keys service down) are left
@@ -336,14 +358,28 @@ impl<P: Ports> Exporter<P> {
         }
     }
 
-    /// Sends the plan's operations and decides every record's outcome. Old shop keys go first:
-    /// an index whose old shop key could not be deleted keeps its own key as it was, so the
-    /// replay of its record still learns the old shop from it (docs/contract.md, "Nothing is
-    /// lost").
-    pub async fn apply(&self, prepared: Prepared, deadline: Instant) -> BatchReport {
+    /// Sends the plan's operations and decides every record's outcome (docs/contract.md,
+    /// "Concurrent writers"): when the run keeps references, what its records refer to is
+    /// recorded first (the intent); then the KV writes, old shop keys first (an index whose
+    /// old shop key could not be deleted keeps its own key as it was); then the check of
+    /// what landed; and only then, for the stream, what the check confirmed given up is
+    /// taken out of the ledger.
+    pub async fn apply(&self, mut prepared: Prepared, deadline: Instant) -> BatchReport {
         let run = prepared.run;
+        let mut intents = None;
+        if let Some(known) = prepared.known_refs.take() {
+            let left = references::left_by(&prepared.records);
+            match self.point_back(&left, &known, deadline).await {
+                Ok(added) => intents = Some((left, known, added)),
+                Err(error) => prepared.withhold(&error),
+            }
+        }
         let mut report = self.apply_once(prepared, deadline).await;
         self.converge(&mut report, run, deadline).await;
+        if let (Some((left, known, added)), true) = (intents, run.is_stream()) {
+            let refs = (&known, &added);
+            (self.record_references(left, refs, &report, deadline)).await;
+        }
         report
     }
 }

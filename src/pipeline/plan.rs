@@ -139,12 +139,12 @@ fn check_own_key(index: &IndexRef) -> Result<(), Outcome> {
     }
 }
 
-/// The shop the index had before this record, as settled before planning (a table item,
-/// `NotAsked`, gives up nothing).
-fn old_shop(previous: &PreviousShop) -> Result<Option<String>, Outcome> {
+/// The shops the index's keys may be on before this record, as settled before planning (a
+/// table item, `NotAsked`, gives up nothing).
+fn old_shops(previous: &PreviousShop) -> Result<Vec<String>, Outcome> {
     match previous {
-        PreviousShop::Known(shop) => Ok(shop.clone()),
-        PreviousShop::NotAsked => Ok(None),
+        PreviousShop::Known(shops) => Ok(shops.iter().cloned().collect()),
+        PreviousShop::NotAsked => Ok(Vec::new()),
         PreviousShop::Unknown => Err(Outcome::Failed("its previous shop was not settled".into())),
     }
 }
@@ -207,7 +207,7 @@ impl<'a> RecordPlanner<'a> {
                 }
                 self.ops
                     .push((KvKey::index(&settings.index), KvAction::Put(value)));
-                if let Some(old) = old_shop(previous_shop)? {
+                for old in old_shops(previous_shop)? {
                     if settings.shop_id.as_ref() != Some(&old) {
                         self.delete_shop(&settings.index, &old)?;
                     }
@@ -229,7 +229,7 @@ impl<'a> RecordPlanner<'a> {
                 }
                 self.ops.push((KvKey::index(index), KvAction::Delete));
                 self.ops.push((filter_key(index), KvAction::Delete));
-                if let Some(old) = old_shop(previous_shop)? {
+                for old in old_shops(previous_shop)? {
                     self.delete_shop(index, &old)?;
                 }
                 Ok(())
@@ -276,8 +276,10 @@ impl<'a> RecordPlanner<'a> {
         (self.referrers.as_ref()).map_err(|reason| Outcome::Failed(reason.clone()))
     }
 
-    /// The index gave up `shop`. Nobody else claims it: deleted. Another index claims it: it
-    /// now holds that index's value, so it never routes to the one that left.
+    /// The index gave up `shop`: it takes the value of the first index (by id) that claims it
+    /// and can be exported, as the table holds it now; with none (nobody claims it, or every
+    /// claimer's record is rejected), it is deleted. Either way it never routes to the index
+    /// that left.
     fn delete_shop(&mut self, index: &IndexRef, shop: &str) -> Result<(), Outcome> {
         if shop_id_problem(shop).is_some() {
             // Never written as a shop key: it may be another index's key. Left to reconcile.
@@ -286,41 +288,49 @@ impl<'a> RecordPlanner<'a> {
             return Ok(());
         }
         let claimers = self.referrers()?.by_shop.get(shop).into_iter().flatten();
-        let claimer = claimers.copied().filter(|claimer| *claimer != index).min();
-        let Some(claimer) = claimer else {
-            let key = KvKey::settings(shop);
-            self.ops.push((key.clone(), KvAction::Delete));
-            self.old_shops.push((key, index.clone()));
-            return Ok(());
-        };
-        let note = match self.lookups.claimers.get(claimer) {
-            None => {
-                // A first plan: the claimer's settings are read, and the plan made again.
-                self.claimers_wanted.insert(claimer.clone());
-                return Err(Outcome::Failed(format!(
-                    "index {claimer} claims shop key `{shop}`: its settings were not read"
-                )));
-            }
-            Some(Err(reason)) => {
-                return Err(Outcome::Failed(format!(
-                    "cannot read index {claimer}, which claims shop key `{shop}`: {reason}"
-                )))
-            }
-            Some(Ok(Some(settings))) if settings.shop_id.as_deref() == Some(shop) => {
-                match self.settings_value(settings) {
-                    Ok(value) => {
-                        self.ops.push((KvKey::settings(shop), KvAction::put(value)));
-                        format!("shop key `{shop}` now serves index {claimer}, which claims it")
-                    }
-                    Err(Outcome::Rejected(reason)) => format!(
-                        "shop key `{shop}` kept: index {claimer} claims it but cannot be exported: {reason}"
-                    ),
-                    Err(outcome) => return Err(outcome),
+        let claimers: BTreeSet<&IndexRef> = claimers.copied().filter(|c| *c != index).collect();
+        for &claimer in &claimers {
+            match self.lookups.claimers.get(claimer) {
+                None => {
+                    // A first plan: the claimers' settings are read, and the plan made again.
+                    let unread = claimers.iter().copied();
+                    let unread = unread.filter(|c| !self.lookups.claimers.contains_key(*c));
+                    self.claimers_wanted.extend(unread.cloned());
+                    return Err(Outcome::Failed(format!(
+                        "index {claimer} claims shop key `{shop}`: its settings were not read"
+                    )));
                 }
+                Some(Err(reason)) => {
+                    return Err(Outcome::Failed(format!(
+                        "cannot read index {claimer}, which claims shop key `{shop}`: {reason}"
+                    )))
+                }
+                Some(Ok(Some(settings))) if settings.shop_id.as_deref() == Some(shop) => {
+                    match self.settings_value(settings) {
+                        Ok(value) => {
+                            self.ops.push((KvKey::settings(shop), KvAction::put(value)));
+                            let note = format!(
+                                "shop key `{shop}` now serves index {claimer}, which claims it"
+                            );
+                            self.notes.push((self.owner, note));
+                            return Ok(());
+                        }
+                        Err(Outcome::Rejected(_)) => {}
+                        Err(outcome) => return Err(outcome),
+                    }
+                }
+                // Its record no longer claims the shop, or is rejected: the next claimer.
+                Some(Ok(_)) => {}
             }
-            Some(Ok(_)) => format!("shop key `{shop}` kept: index {claimer} claimed it"),
-        };
-        self.notes.push((self.owner, note));
+        }
+        if !claimers.is_empty() {
+            let note =
+                format!("shop key `{shop}` deleted: no index that claims it can be exported");
+            self.notes.push((self.owner, note));
+        }
+        let key = KvKey::settings(shop);
+        self.ops.push((key.clone(), KvAction::Delete));
+        self.old_shops.push((key, index.clone()));
         Ok(())
     }
 }
@@ -338,7 +348,7 @@ fn check_limits(ops: &[(KvKey, KvAction)]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
+    use std::collections::{BTreeSet, HashMap};
 
     use crate::domain::kv::{query_config_key, MAX_KEY_BYTES};
     use crate::domain::settings::Document;
@@ -401,7 +411,7 @@ mod tests {
     /// A MODIFY whose index had no shop before.
     fn upsert(seq: u32, name: &str, shop: Option<&str>) -> ChangeRecord {
         let mut records = [new_image_upsert(seq, name, shop)];
-        settle_previous_shops(&mut records, |_| Some(None));
+        settle_previous_shops(&mut records, |_| Some(BTreeSet::new()));
         let [record] = records;
         record
     }
@@ -528,7 +538,8 @@ mod tests {
 
     #[test]
     fn a_previous_shop_is_settled_by_the_batch_then_the_ledger_then_kv() {
-        let shop = |s: &str| Some(s.to_owned());
+        let shop = |s: &str| BTreeSet::from([s.to_owned()]);
+        let none = BTreeSet::new;
         // (the records, what the ledger recorded of `products`, the previous shop each record
         // is planned with, whether KV is read)
         let cases = [
@@ -539,11 +550,18 @@ mod tests {
                 vec![shop("s1")],
                 false,
             ),
-            // Recorded as removed: no shop.
+            // Recorded on no shop (removed): no shop.
             (
                 vec![new_image_upsert(1, "products", None)],
-                Some(None),
-                vec![None],
+                Some(none()),
+                vec![none()],
+                false,
+            ),
+            // Recorded on two shops (a move not yet confirmed): both are given up.
+            (
+                vec![new_image_upsert(1, "products", None)],
+                Some(BTreeSet::from(["s1".to_owned(), "s2".to_owned()])),
+                vec![BTreeSet::from(["s1".to_owned(), "s2".to_owned()])],
                 false,
             ),
             // Nothing recorded: its current KV value tells (`s-kv`).
@@ -567,9 +585,11 @@ mod tests {
         for (mut records, recorded, planned, reads_kv) in cases {
             let unsettled = settle_previous_shops(&mut records, |_| recorded.clone());
             assert_eq!(!unsettled.is_empty(), reads_kv);
-            let kv = unsettled.into_iter().map(|i| (i, Ok(shop("s-kv"))));
+            let kv = unsettled
+                .into_iter()
+                .map(|i| (i, Ok(Some("s-kv".to_owned()))));
             settle_from_kv(&mut records, &kv.collect());
-            let settled: Vec<Option<String>> = (records.iter())
+            let settled: Vec<BTreeSet<String>> = (records.iter())
                 .map(|r| match &r.decoded {
                     Ok(Change::UpsertIndex {
                         previous_shop: PreviousShop::Known(shop),
@@ -588,7 +608,7 @@ mod tests {
             new_image_upsert(1, "products", None),
             new_image_upsert(2, "other", None),
         ];
-        let recorded = |index: &IndexRef| (index.name == "other").then_some(None);
+        let recorded = |index: &IndexRef| (index.name == "other").then(BTreeSet::new);
         let unsettled = settle_previous_shops(&mut records, recorded);
         let down = Err(PortError::Transient("KV is down".into()));
         settle_from_kv(

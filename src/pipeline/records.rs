@@ -2,6 +2,7 @@
 //! items (the stream's, read when its batch is, and the operator modes') domain changes, one
 //! per record, in stream order. Nothing here talks to a server.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use serde_dynamo::Item;
@@ -18,15 +19,28 @@ use crate::report::Outcome;
 /// KV key (512 bytes), far below its 2,048.
 const MAX_SORT_KEY_BYTES: usize = 1024;
 
-/// The shop id an index had before this change, when the stream tells us.
+/// The shops an index's keys may be on before this change, when known.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PreviousShop {
-    /// From the record's old image (or there was no previous item: an INSERT).
-    Known(Option<String>),
+    /// From the record's old image (none: there was no previous item, an INSERT), or every
+    /// shop the ledger records the index may be on (docs/contract.md, "Concurrent writers").
+    Known(BTreeSet<String>),
     /// A `NEW_IMAGE` stream: the old image is not carried. The index's current KV value tells.
     Unknown,
     /// A table item (re-export, backfill): write-only, nothing is deleted.
     NotAsked,
+}
+
+impl PreviousShop {
+    /// The index was on no shop.
+    pub fn none() -> Self {
+        PreviousShop::Known(BTreeSet::new())
+    }
+
+    /// The index was on this shop, or none.
+    pub fn known(shop: Option<String>) -> Self {
+        PreviousShop::Known(shop.into_iter().collect())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -421,14 +435,14 @@ fn decode_table_image(
 
 fn previous_shop(event_name: &str, view: Option<&str>, old_image: &OldImage) -> PreviousShop {
     if event_name == "INSERT" {
-        return PreviousShop::Known(None);
+        return PreviousShop::none();
     }
     if old_image.present {
-        return PreviousShop::Known(old_image.shop_id.clone());
+        return PreviousShop::Known(old_image.shop_id.iter().cloned().collect());
     }
     match view {
         // The stream carries old images, and this one had none: there was no previous item.
-        Some("NEW_AND_OLD_IMAGES" | "OLD_IMAGE") => PreviousShop::Known(None),
+        Some("NEW_AND_OLD_IMAGES" | "OLD_IMAGE") => PreviousShop::none(),
         _ => PreviousShop::Unknown,
     }
 }
@@ -490,10 +504,8 @@ mod tests {
         raw["dynamodb"]["OldImage"] = json!({"shop_id": {"S": "shop-old"}});
         raw["dynamodb"]["StreamViewType"] = json!("NEW_AND_OLD_IMAGES");
         let decoded = decode_record(raw, "DEFAULT_CONFIGS");
-        assert!(matches!(
-            decoded.decoded,
-            Ok(Changed { previous_shop: PreviousShop::Known(Some(ref s)), .. }) if s == "shop-old"
-        ));
+        let previous = decoded.decoded.map(|changed| changed.previous_shop);
+        assert_eq!(previous, Ok(PreviousShop::known(Some("shop-old".into()))));
     }
 
     #[test]

@@ -24,42 +24,33 @@ pub struct ReconcileProgress {
     pub lease_until: Option<u64>,
 }
 
-/// What the ledger knows of an index's references to other keys: the shop key its settings
-/// hold and the index ids its live aliases point at, as its last exported record left them.
+/// What the ledger knows of an index's references to other keys: every shop its keys may be
+/// on and every index id its live aliases may point at. A writer adds what it is about to
+/// write before it writes it (an intent); the stream takes out what its check confirmed the
+/// index no longer holds (docs/contract.md, "Concurrent writers"). So what is recorded is a
+/// superset of what KV holds for the index, whatever step a writer stopped at.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IndexRefs {
-    pub shop: Option<String>,
+    pub shops: BTreeSet<String>,
     pub targets: BTreeSet<String>,
-    /// The index's record was removed: it references nothing.
-    pub removed: bool,
 }
 
 impl IndexRefs {
     /// What the index refers to: each is the key of an item pointing back at it.
     pub fn referred(&self) -> BTreeSet<Referred> {
-        let shops = self.shop.iter().cloned().map(Referred::Shop);
+        let shops = self.shops.iter().cloned().map(Referred::Shop);
         let aliases = self.targets.iter().cloned().map(Referred::Alias);
         shops.chain(aliases).collect()
     }
 }
 
-/// An index's references to record, and every item that may point back at it now (what was
-/// recorded before, and what its batch added before its writes): those `new` does not name
-/// are deleted.
+/// An index's references confirmed by the stream's check: what `pointing` names (every item
+/// that may point back at the index, and every reference of its own, as read before the batch
+/// and added by it) that `new` does not name is taken out, on both sides.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RefsChange {
     pub index: IndexRef,
     pub pointing: BTreeSet<Referred>,
-    pub new: IndexRefs,
-}
-
-/// An index's references to record only where the ledger still holds `read` (`None`: nothing
-/// recorded): a writer whose read of the table may be older than the stream's word (an
-/// operator's seed, a reconcile's repair) never replaces it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RefsRepair {
-    pub index: IndexRef,
-    pub read: Option<IndexRefs>,
     pub new: IndexRefs,
 }
 
@@ -93,8 +84,9 @@ pub trait Ledger: Send + Sync {
         referred: &[Referred],
     ) -> impl Future<Output = Result<Vec<IndexRef>, PortError>> + Send;
 
-    /// Adds the items naming each index under what it refers to (before the KV writes that
-    /// make it a referrer: a reader may find a referrer too many, never one too few).
+    /// Records intents (before the KV writes that make each index a referrer): each index is
+    /// added to the set of what it refers to, and what it refers to to the index's own
+    /// references. Only adds: a reader may find a reference too many, never one too few.
     fn point_back(
         &self,
         items: &[(IndexRef, Referred)],
@@ -106,19 +98,14 @@ pub trait Ledger: Send + Sync {
         items: &[(IndexRef, Referred)],
     ) -> impl Future<Output = Result<Vec<(IndexRef, Referred)>, PortError>> + Send;
 
-    /// Records each index's new references (the stream's, which replace what is recorded),
-    /// then deletes the items pointing back that they no longer name, all indexes at once.
+    /// Takes out what each change confirmed the index no longer refers to, from its own
+    /// references (an index with none recorded gets an empty record) and then from the sets,
+    /// all indexes at once. Only members named are taken out: what another writer added
+    /// meanwhile stays.
     fn record_refs(
         &self,
         changes: &[RefsChange],
     ) -> impl Future<Output = Result<(), PortError>> + Send;
-
-    /// Records each index's references where what is recorded is still what was read (items
-    /// pointing back are neither added nor deleted). Answers how many were recorded.
-    fn repair_refs(
-        &self,
-        repairs: &[RefsRepair],
-    ) -> impl Future<Output = Result<usize, PortError>> + Send;
 
     fn reconcile_progress(
         &self,

@@ -607,3 +607,29 @@ pub async fn behind_a_dynamodb_proxy(h: &Harness) -> ProxiedFunction {
         function,
     }
 }
+
+/// A test that forces a race or a fault on the stream, run once on each stream view type
+/// (docs/contract.md, "Concurrent writers"): the body gets `$view` to build its harness with,
+/// and runs as `$name::new_image` and `$name::new_and_old_images`.
+#[macro_export]
+macro_rules! on_both_views {
+    ($(#[$attr:meta])* async fn $name:ident($view:ident) $body:block) => {
+        $(#[$attr])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn run($view: aws_sdk_dynamodb::types::StreamViewType) $body
+
+            #[tokio::test]
+            async fn new_image() {
+                run(aws_sdk_dynamodb::types::StreamViewType::NewImage).await
+            }
+
+            #[tokio::test]
+            async fn new_and_old_images() {
+                run(aws_sdk_dynamodb::types::StreamViewType::NewAndOldImages).await
+            }
+        }
+    };
+}

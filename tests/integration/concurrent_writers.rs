@@ -75,9 +75,9 @@ fn filter_queries(h: &Harness, account: &str, index: &str) -> usize {
         .unwrap_or_default() as usize
 }
 
-#[tokio::test]
-async fn a_reconcile_repair_leaves_what_the_stream_wrote_while_it_ran() {
-    let mut h = Harness::new().await;
+crate::on_both_views! {
+async fn a_reconcile_repair_leaves_what_the_stream_wrote_while_it_ran(view) {
+    let mut h = Harness::with_view(view).await;
     h.keys.set_key("acct", "marqo-key");
     for index in ["kept", "changed", "removed"] {
         h.put(index_item("acct", index, None)).await;
@@ -135,10 +135,11 @@ async fn a_reconcile_repair_leaves_what_the_stream_wrote_while_it_ran() {
     assert_eq!(next["repaired"]["written"], 0, "{next}");
     assert_eq!(next["repaired"]["deleted"], 0, "{next}");
 }
+}
 
-#[tokio::test]
-async fn a_reconcile_delete_landing_after_the_index_came_back_is_undone() {
-    let mut h = Harness::new().await;
+crate::on_both_views! {
+async fn a_reconcile_delete_landing_after_the_index_came_back_is_undone(view) {
+    let mut h = Harness::with_view(view).await;
     h.keys.set_key("acct", "marqo-key");
     h.put(index_item("acct", "back", None)).await;
     h.export_stream().await;
@@ -175,10 +176,11 @@ async fn a_reconcile_delete_landing_after_the_index_came_back_is_undone() {
         "{answer}"
     );
 }
+}
 
-#[tokio::test]
-async fn a_verify_repair_keeps_an_override_added_while_it_ran() {
-    let mut h = Harness::new().await;
+crate::on_both_views! {
+async fn a_verify_repair_keeps_an_override_added_while_it_ran(view) {
+    let mut h = Harness::with_view(view).await;
     h.keys.set_key("acct", "marqo-key");
     h.put(index_item("acct", "shoes", None)).await;
     h.put(query_item("acct", "shoes", "boots")).await;
@@ -210,10 +212,11 @@ async fn a_verify_repair_keeps_an_override_added_while_it_ran() {
     );
     assert_eq!(filter_queries(&h, "acct", "shoes"), 2);
 }
+}
 
-#[tokio::test]
-async fn a_reexport_that_lands_after_the_stream_writes_the_newer_settings_again() {
-    let mut h = Harness::new().await;
+crate::on_both_views! {
+async fn a_reexport_that_lands_after_the_stream_writes_the_newer_settings_again(view) {
+    let mut h = Harness::with_view(view).await;
     h.keys.set_key("acct", "marqo-key");
     h.put(index_item("acct", "shoes", None)).await;
     h.export_stream().await;
@@ -245,10 +248,11 @@ async fn a_reexport_that_lands_after_the_stream_writes_the_newer_settings_again(
         Some("https://changed.idx.example")
     );
 }
+}
 
-#[tokio::test]
-async fn two_batches_writing_one_filter_end_with_every_override() {
-    let mut h = Harness::new().await;
+crate::on_both_views! {
+async fn two_batches_writing_one_filter_end_with_every_override(view) {
+    let mut h = Harness::with_view(view).await;
     h.keys.set_key("acct", "marqo-key");
     h.put(index_item("acct", "shoes", None)).await;
     h.export_stream().await;
@@ -277,11 +281,12 @@ async fn two_batches_writing_one_filter_end_with_every_override() {
     assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
     assert_eq!(filter_queries(&h, "acct", "shoes"), 2);
 }
+}
 
-#[tokio::test]
-async fn an_old_shop_delete_that_lands_after_another_index_took_the_shop_is_undone() {
+crate::on_both_views! {
+async fn an_old_shop_delete_that_lands_after_another_index_took_the_shop_is_undone(view) {
     const SHOP: &str = "shop-s.myshopify.com";
-    let mut h = Harness::new().await;
+    let mut h = Harness::with_view(view).await;
     for account in ["acct-1", "acct-2"] {
         h.keys.set_key(account, "marqo-key");
     }
@@ -327,11 +332,12 @@ async fn an_old_shop_delete_that_lands_after_another_index_took_the_shop_is_undo
         "leaving"
     );
 }
+}
 
-#[tokio::test]
-async fn a_shop_key_nobody_claims_any_more_is_deleted_by_the_index_that_left() {
+crate::on_both_views! {
+async fn a_shop_key_nobody_claims_any_more_is_deleted_by_the_index_that_left(view) {
     const SHOP: &str = "shop-s.myshopify.com";
-    let mut h = Harness::new().await;
+    let mut h = Harness::with_view(view).await;
     for account in ["acct-1", "acct-2"] {
         h.keys.set_key(account, "marqo-key");
     }
@@ -358,11 +364,12 @@ async fn a_shop_key_nobody_claims_any_more_is_deleted_by_the_index_that_left() {
     // shop now: deleted (not left to `arriving` on trust of its last write).
     assert_eq!(h.settings(SHOP), None);
 }
+}
 
-#[tokio::test]
-async fn a_repoint_that_lands_after_the_claimer_s_own_write_is_written_again() {
+crate::on_both_views! {
+async fn a_repoint_that_lands_after_the_claimer_s_own_write_is_written_again(view) {
     const SHOP: &str = "shop-s.myshopify.com";
-    let mut h = Harness::new().await;
+    let mut h = Harness::with_view(view).await;
     for account in ["acct-1", "acct-2"] {
         h.keys.set_key(account, "marqo-key");
     }
@@ -408,10 +415,11 @@ async fn a_repoint_that_lands_after_the_claimer_s_own_write_is_written_again() {
         Some("https://changed.idx.example")
     );
 }
+}
 
-#[tokio::test]
-async fn a_reexport_that_lands_after_the_index_was_removed_deletes_it_again() {
-    let mut h = Harness::new().await;
+crate::on_both_views! {
+async fn a_reexport_that_lands_after_the_index_was_removed_deletes_it_again(view) {
+    let mut h = Harness::with_view(view).await;
     h.keys.set_key("acct", "marqo-key");
     h.put(index_item("acct", "gone", None)).await;
     h.export_stream().await;
@@ -438,17 +446,18 @@ async fn a_reexport_that_lands_after_the_index_was_removed_deletes_it_again() {
     assert!(h.settings("acct-gone").is_none(), "written back: {answer}");
     assert_eq!(answer["keys_written"], 0, "{answer}");
 }
+}
 
+crate::on_both_views! {
 /// `arriving` takes a shop on one shard while `leaving` gives it up on another, and the
 /// ledger is slow to answer `arriving`'s writes. Its keys cannot land before the ledger names
 /// it as the shop's claimer, so `leaving`, which finds no claimer, deletes the key before
 /// `arriving` writes it, never after (with the references recorded after the KV writes, the
 /// delete landed last and the shop was gone for good).
-#[tokio::test]
-async fn a_shop_taken_while_another_index_gives_it_up_ends_with_its_new_claimer() {
+async fn a_shop_taken_while_another_index_gives_it_up_ends_with_its_new_claimer(view) {
     use ecom_emulators::dynamo_proxy::DynamoFault;
     const SHOP: &str = "shop-s.myshopify.com";
-    let mut h = Harness::new().await;
+    let mut h = Harness::with_view(view).await;
     for account in ["acct-1", "acct-2"] {
         h.keys.set_key(account, "marqo-key");
     }
@@ -503,64 +512,218 @@ async fn a_shop_taken_while_another_index_gives_it_up_ends_with_its_new_claimer(
         function.output()
     );
 }
+}
 
-/// The reconcile's rewrite of a stale `ref#` races the stream's newer word: the reconcile read
-/// the table and the ledger (a lost record left the index's recorded alias behind), its write is
-/// held while the stream moves the index to another shop and records that, then it lands. Its
-/// put is conditional on the `ref#` it read, so the stream's word stays, and a later
-/// `NEW_IMAGE` move gives up the shop the index really had (an unconditional rewrite put the
-/// first shop back, and the second shop's key kept serving the index).
-#[tokio::test]
-async fn a_reconcile_s_rewrite_of_the_ledger_never_replaces_the_stream_s_newer_word() {
-    use aws_sdk_dynamodb::types::StreamViewType;
-    use ecom_emulators::dynamo_proxy::DynamoFault;
-    let [shop_a, shop_b, shop_c] = ["a", "b", "c"].map(|s| format!("shop-{s}.myshopify.com"));
-    let mut h = Harness::with_view(StreamViewType::NewImage).await;
-    h.keys.set_key("acct-1", "marqo-key");
-    h.put(index_item("acct-1", "target", None)).await;
-    let mut aliasing = index_item("acct-1", "products", Some(&shop_a));
-    aliasing["index_aliases"] = json!({"M": {"doc_reads": {"M": {"enabled": {"BOOL": true},
-        "targets": {"L": [{"M": {"index_id": {"S": "acct-1-target"}, "weight": {"N": "1"}}}]}}}}});
-    h.put(aliasing).await;
+/// The records Lambda delivers next after `answer`: from the lowest reported record on, then
+/// `newer` (the shard's records written since).
+fn replay(records: &[Value], answer: &Value, newer: Vec<Value>) -> Vec<Value> {
+    let failed = failures(answer);
+    let from = (records.iter())
+        .position(|r| {
+            failed
+                .iter()
+                .any(|f| r["dynamodb"]["SequenceNumber"] == json!(f))
+        })
+        .unwrap_or(records.len());
+    records[from..].iter().cloned().chain(newer).collect()
+}
+
+fn refused(error_type: &str) -> ecom_emulators::dynamo_proxy::DynamoFault {
+    ecom_emulators::dynamo_proxy::DynamoFault::Fail {
+        status: 400,
+        error_type: error_type.into(),
+    }
+}
+
+crate::on_both_views! {
+/// `leaving` gives a shop up while `arriving` (another account, another shard) takes it:
+/// `leaving`'s delete is held until `arriving`'s key landed, and its check cannot read the
+/// table (a refused GetItem), so its record is reported. The replay must still hand the shop
+/// over: every shop an index may be on stays recorded until a check confirmed it (issue 50,
+/// order 1: with the references recorded before the check, the replay took the new shop for
+/// the old one and the shop ended missing).
+async fn a_replay_after_a_check_that_could_not_read_still_hands_the_shop_over(view) {
+    const SHOP: &str = "shop-s.myshopify.com";
+    let mut h = Harness::with_view(view).await;
+    for account in ["acct-1", "acct-2"] {
+        h.keys.set_key(account, "marqo-key");
+    }
+    h.put(index_item("acct-1", "leaving", Some(SHOP))).await;
+    h.put(index_item("acct-2", "arriving", Some("shop-x.myshopify.com"))).await;
     h.export_stream().await;
     h.migrate().await;
-    h.put(index_item("acct-1", "products", Some(&shop_a))).await;
+    let ProxiedFunction { dynamodb, runtime, function } = behind_a_dynamodb_proxy(&h).await;
+    let other = Writer::start(&h).await;
+
+    h.put(index_item("acct-1", "leaving", Some("shop-t.myshopify.com"))).await;
+    let giving = h.stream_records().await;
+    h.kv.hold("bulk/delete", Some(SHOP));
+    let run = runtime.invoke(json!({ "Records": giving.clone() }), TIMEOUT);
+    let race = async {
+        until_held(&h).await;
+        h.put(index_item("acct-2", "arriving", Some(SHOP))).await;
+        let taking = h.stream_records().await;
+        let answer = other.invoke(json!({ "Records": taking })).await;
+        assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+        // The check's read of `leaving` after its writes is refused.
+        dynamodb.inject(Some("GetItem"), Some(&h.table), refused("AccessDeniedException"), 1);
+        h.kv.release();
+    };
+    let (answer, ()) = tokio::join!(run, race);
+    let answer = answer.expect("an answer");
+    assert_eq!(failures(&answer), sequence_numbers(&giving), "{}", function.output());
+    assert_eq!(h.settings(SHOP), None, "the delete landed last");
+    dynamodb.clear_faults();
+
+    let replayed = replay(&giving, &answer, Vec::new());
+    let answer = runtime.invoke(json!({ "Records": replayed }), TIMEOUT).await.unwrap();
+
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
     assert_eq!(
-        h.stream_records().await.len(),
-        1,
-        "the alias dropped, its record lost"
+        h.settings(SHOP).map(|s| s["index_name"].clone()),
+        Some(json!("arriving")),
+        "{}",
+        function.output()
     );
-    let ProxiedFunction {
-        dynamodb: ledger,
-        runtime,
-        function,
-    } = behind_a_dynamodb_proxy(&h).await;
+    assert_eq!(h.settings("shop-t.myshopify.com").unwrap()["index_name"], "leaving");
+}
+}
+
+crate::on_both_views! {
+/// An index moves S0 -> S1; its KV writes land, then the ledger refuses the write that follows
+/// them. Before Lambda delivers again the index moves to S2. Nothing may keep serving it at S1
+/// (issue 50, order 2: the replay took S0, still recorded, for the shop it had, and S1 kept
+/// serving an index that no longer owned it).
+async fn a_ledger_write_refused_after_the_kv_writes_never_leaves_a_shop_serving(view) {
+    let [s0, s1, s2] = ["0", "1", "2"].map(|s| format!("shop-{s}.myshopify.com"));
+    let mut h = Harness::with_view(view).await;
+    h.keys.set_key("acct-1", "marqo-key");
+    h.put(index_item("acct-1", "products", Some(&s0))).await;
+    h.export_stream().await;
+    h.migrate().await;
+    let ProxiedFunction { dynamodb, runtime, function } = behind_a_dynamodb_proxy(&h).await;
+
+    h.put(index_item("acct-1", "products", Some(&s1))).await;
+    let first = h.stream_records().await;
+    h.kv.hold("bulk", Some(&s1));
+    let run = runtime.invoke(json!({ "Records": first.clone() }), TIMEOUT);
+    let race = async {
+        until_held(&h).await;
+        // Every ledger write from here on is refused.
+        let refusal = refused("AccessDeniedException");
+        dynamodb.inject(Some("TransactWriteItems"), Some("-ledger"), refusal, usize::MAX);
+        h.kv.release();
+    };
+    let (answer, ()) = tokio::join!(run, race);
+    let answer = answer.expect("an answer");
+    assert_eq!(h.settings(&s1).unwrap()["index_name"], "products", "{answer}");
+    dynamodb.clear_faults();
+    h.put(index_item("acct-1", "products", Some(&s2))).await;
+    let second = h.stream_records().await;
+
+    let delivered = replay(&first, &answer, second);
+    let answer = runtime.invoke(json!({ "Records": delivered }), TIMEOUT).await.unwrap();
+
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+    assert_eq!(h.settings(&s2).unwrap()["index_name"], "products");
+    assert_eq!(h.settings(&s1), None, "{}", function.output());
+    assert_eq!(h.settings(&s0), None);
+}
+}
+
+crate::on_both_views! {
+/// A move whose record was lost (its KV writes failed and it was never replayed) leaves the
+/// ledger behind the table. A reconcile pass repairs the ledger while the index moves back:
+/// its ledger write (if it makes one) is held while the stream moves the index back to the
+/// shop the ledger named, then lands. The index's next move must give up every shop it was
+/// on (issue 50, order 3: a conditional rewrite of the index's one shop landed after the
+/// move back, and the shop it moved back to kept serving it).
+async fn a_reconcile_s_repair_of_the_ledger_never_replaces_the_stream_s_newer_word(view) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use ecom_emulators::kv::Fault;
+    let [sx, sy, sz] = ["x", "y", "z"].map(|s| format!("shop-{s}.myshopify.com"));
+    let mut h = Harness::with_view(view).await;
+    h.keys.set_key("acct-1", "marqo-key");
+    h.put(index_item("acct-1", "products", Some(&sx))).await;
+    h.export_stream().await;
+    h.migrate().await;
+    h.put(index_item("acct-1", "products", Some(&sy))).await;
+    let unavailable = Fault::Status {
+        status: 503,
+        retry_after: None,
+        retry_after_date: None,
+        retry_after_ms: None,
+        location: None,
+        retry_after_raw: None,
+    };
+    h.kv.inject(unavailable, 100);
+    let lost = h.export_stream().await;
+    assert_eq!(failures(&lost).len(), 1, "the move failed, and is never replayed: {lost}");
+    h.kv.clear_faults();
+    let ProxiedFunction { dynamodb, runtime, function } = behind_a_dynamodb_proxy(&h).await;
     let stream = Writer::start(&h).await;
 
-    ledger.inject(
-        Some("TransactWriteItems"),
-        Some("-ledger"),
-        DynamoFault::Hold,
-        1,
-    );
-    let pass = runtime.invoke(json!({"mode": "reconcile", "repair": true}), TIMEOUT);
+    use ecom_emulators::dynamo_proxy::DynamoFault;
+    dynamodb.inject(Some("TransactWriteItems"), Some("-ledger"), DynamoFault::Hold, 1);
+    let done = AtomicBool::new(false);
+    let pass = async {
+        let pass = runtime.invoke(json!({"mode": "reconcile", "repair": true}), TIMEOUT).await;
+        done.store(true, Ordering::SeqCst);
+        pass
+    };
     let race = async {
-        until_ledger_held(&ledger, &function).await;
-        h.put(index_item("acct-1", "products", Some(&shop_b))).await;
-        let moving = h.stream_records().await;
-        let answer = stream.invoke(json!({ "Records": moving })).await;
+        while dynamodb.held() == 0 && !done.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        h.put(index_item("acct-1", "products", Some(&sx))).await;
+        let back = h.stream_records().await;
+        let answer = stream.invoke(json!({ "Records": back })).await;
         assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
-        ledger.release();
+        dynamodb.release();
     };
     let (pass, ()) = tokio::join!(pass, race);
     let pass = pass.expect("an answer");
     assert_eq!(pass["complete"], true, "{pass}");
-    h.put(index_item("acct-1", "products", Some(&shop_c))).await;
+    h.put(index_item("acct-1", "products", Some(&sz))).await;
     let moved = h.stream_records().await;
     let answer = stream.invoke(json!({ "Records": moved })).await;
 
     assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
-    assert!(h.settings(&shop_c).is_some());
-    assert_eq!(h.settings(&shop_b), None, "{}", function.output());
-    assert_eq!(h.settings(&shop_a), None);
+    assert_eq!(h.settings(&sz).unwrap()["index_name"], "products");
+    assert_eq!(h.settings(&sx), None, "{}", function.output());
+    assert_eq!(h.settings(&sy), None);
+}
+}
+
+crate::on_both_views! {
+/// An index gives a shop up that only a rejected record (an endpoint that is not https) also
+/// claims. The contract decides: the key is deleted, never left with the value of the index
+/// that left (issue 50: it was kept "as it is", serving the leaving index's endpoint and API
+/// key); the claimer's fix writes it again.
+async fn a_shop_whose_only_other_claimer_is_rejected_is_deleted(view) {
+    const SHOP: &str = "shop-s.myshopify.com";
+    let mut h = Harness::with_view(view).await;
+    for account in ["acct-1", "acct-2"] {
+        h.keys.set_key(account, "marqo-key");
+    }
+    h.put(index_item("acct-1", "leaving", Some(SHOP))).await;
+    h.export_stream().await;
+    let mut invalid = index_item("acct-2", "invalid", Some(SHOP));
+    invalid["index_endpoint"] = json!({"S": "http://not-https.example"});
+    h.put(invalid).await;
+    let rejected = h.export_stream().await;
+    assert_eq!(failures(&rejected), Vec::<String>::new(), "{rejected}");
+    assert_eq!(h.settings(SHOP).unwrap()["index_name"], "leaving");
+
+    h.put(index_item("acct-1", "leaving", Some("shop-t.myshopify.com"))).await;
+    let moved = h.export_stream().await;
+
+    assert_eq!(failures(&moved), Vec::<String>::new(), "{moved}");
+    assert_eq!(h.settings(SHOP), None, "never the leaving index's value");
+    assert!(h.settings("shop-t.myshopify.com").is_some());
+    // The claimer fixed: its record writes the key.
+    h.put(index_item("acct-2", "invalid", Some(SHOP))).await;
+    h.export_stream().await;
+    assert_eq!(h.settings(SHOP).unwrap()["index_name"], "invalid");
+}
 }

@@ -548,3 +548,119 @@ async fn keys_over_512_bytes_are_rejected_and_never_sent() {
     assert_eq!(failures(&response), Vec::<String>::new());
     assert_eq!(h.kv.keys(CF_ACCOUNT, SETTINGS_NS), ["acct-1-fine"]);
 }
+
+/// Every kind of DynamoDB call the function makes, in one run through a DynamoDB proxy: a
+/// backfill (the table's Scan, the ledger's reads and writes), a `NEW_IMAGE` shop move (the
+/// records' items, the ledger, the check's read of the index) and a re-export with its
+/// overrides (GetItem and Query of the table). Answers the calls the proxy saw, after
+/// checking that every invocation succeeded and KV ended as the table says.
+async fn every_kind_of_dynamodb_call(
+    fault: Option<(&str, bool, &str)>,
+) -> (Vec<ecom_emulators::dynamo_proxy::DynamoCall>, String) {
+    use aws_sdk_dynamodb::types::StreamViewType;
+    use ecom_emulators::dynamo_proxy::DynamoFault;
+    let mut h = Harness::with_view(StreamViewType::NewImage).await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item(
+        "acct-1",
+        "products",
+        Some("shop-1.myshopify.com"),
+    ))
+    .await;
+    h.put(query_item("acct-1", "products", "shoes")).await;
+    h.stream_records().await;
+    let ProxiedFunction {
+        dynamodb,
+        runtime,
+        function,
+    } = behind_a_dynamodb_proxy(&h).await;
+    if let Some((operation, ledger, error_type)) = fault {
+        let table = if ledger {
+            "-ledger".to_owned()
+        } else {
+            h.table.clone()
+        };
+        let fault = DynamoFault::Fail {
+            status: 400,
+            error_type: error_type.into(),
+        };
+        dynamodb.inject(Some(operation), Some(&table), fault, 1);
+    }
+    // An invocation that fails answers its error.
+    let invoke = |payload: Value| async {
+        let answer = runtime.invoke(payload, INVOKE).await;
+        answer.unwrap_or_else(|e| json!({ "error": e.to_string() }))
+    };
+
+    let backfill = invoke(json!({"mode": "backfill"})).await;
+    h.put(index_item(
+        "acct-1",
+        "products",
+        Some("shop-2.myshopify.com"),
+    ))
+    .await;
+    let moved = invoke(json!({ "Records": h.stream_records().await })).await;
+    let reexport = invoke(
+        json!({"system_account_id": "acct-1", "index_name": "products",
+                                 "include_query_configs": true}),
+    )
+    .await;
+
+    let answers = format!("{backfill}\n{moved}\n{reexport}\n{}", function.output());
+    let ok = backfill["complete"] == true
+        && failures(&moved).is_empty()
+        && reexport["complete"] == true
+        && h.settings("shop-2.myshopify.com").is_some()
+        && h.settings("shop-1.myshopify.com").is_none();
+    (dynamodb.calls(), if ok { String::new() } else { answers })
+}
+
+/// DynamoDB's throttling error on any kind of call the function makes, on either table, is
+/// tried again as the SDK's retry classifier decides (the function's own client included);
+/// a permanent error is not.
+#[tokio::test]
+async fn a_throttled_dynamodb_call_of_any_kind_is_tried_again_and_a_permanent_one_is_not() {
+    let (calls, failed) = every_kind_of_dynamodb_call(None).await;
+    assert_eq!(failed, "");
+    let kinds: std::collections::BTreeSet<(String, bool)> = (calls.iter())
+        .flat_map(|c| {
+            c.tables
+                .iter()
+                .map(|t| (c.operation.clone(), t.ends_with("-ledger")))
+        })
+        .collect();
+    for kind in [
+        "BatchGetItem",
+        "GetItem",
+        "Query",
+        "Scan",
+        "TransactWriteItems",
+    ] {
+        assert!(
+            kinds.iter().any(|(op, _)| op == kind),
+            "{kind} not made: {kinds:?}"
+        );
+    }
+    const THROTTLED: &str = "ProvisionedThroughputExceededException";
+    for (operation, ledger) in &kinds {
+        let (calls, failed) =
+            every_kind_of_dynamodb_call(Some((operation, *ledger, THROTTLED))).await;
+        assert_eq!(failed, "", "{operation} (ledger: {ledger}) throttled");
+        let throttled = (calls.iter()).filter(|c| c.operation == *operation && c.status == 400);
+        assert_eq!(throttled.count(), 1, "{operation} (ledger: {ledger})");
+    }
+
+    let permanent = Some((
+        "TransactWriteItems",
+        true,
+        "ItemCollectionSizeLimitExceededException",
+    ));
+    let (calls, failed) = every_kind_of_dynamodb_call(permanent).await;
+    // Tried once: the backfill that needed it stops, naming the refusal.
+    assert!(
+        failed.contains("ItemCollectionSizeLimitExceeded"),
+        "{failed}"
+    );
+    let refused = (calls.iter()).filter(|c| c.operation == "TransactWriteItems" && c.status == 400);
+    assert_eq!(refused.count(), 1);
+}

@@ -9,9 +9,7 @@ use crate::common::*;
 use aws_sdk_dynamodb::types::AttributeValue as Av;
 use ecom_settings_exporter::adapters::ledger::DynamoLedger;
 use ecom_settings_exporter::domain::IndexRef;
-use ecom_settings_exporter::ports::{
-    IndexRefs, Ledger, ReconcileProgress, Referred, RefsChange, RefsRepair,
-};
+use ecom_settings_exporter::ports::{IndexRefs, Ledger, ReconcileProgress, Referred, RefsChange};
 use serde_json::json;
 
 #[tokio::test]
@@ -76,14 +74,16 @@ async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
     let h = Harness::new().await;
     let ledger = DynamoLedger::new(&aws().await, h.ledger.clone());
     let s = |text: &str| Av::S(text.to_owned());
-    // An item the SDK wrote (as the ledger did before it went without it) is read.
+    let get = |pk: &str, sk: &str| {
+        let get = h.ddb.get_item().table_name(&h.ledger).consistent_read(true);
+        get.key("pk", s(pk)).key("sk", s(sk)).send()
+    };
+    // An item the SDK wrote is read.
     let old = IndexRef::new("acct-é", "old\"one");
     let old_item = sdk_item(&[
         ("pk", s("ref#7:acct-é#old\"one")),
-        ("sk", s("ref")),
-        ("account", s("acct-é")),
-        ("index", s("old\"one")),
-        ("shop", s("old.myshopify.com")),
+        ("sk", s("refs")),
+        ("shops", Av::Ss(vec!["old.myshopify.com".into()])),
         (
             "targets",
             Av::Ss(vec!["acct-é-a".into(), "acct-é-b".into()]),
@@ -96,113 +96,95 @@ async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
         .set_item(Some(old_item));
     put.send().await.unwrap();
     let recorded = ledger.index_refs(std::slice::from_ref(&old)).await.unwrap();
-    let expected = IndexRefs {
-        shop: Some("old.myshopify.com".into()),
-        targets: BTreeSet::from(["acct-é-a".into(), "acct-é-b".into()]),
-        removed: false,
+    let at = |shops: &[&str], targets: &[&str]| IndexRefs {
+        shops: shops.iter().map(|s| s.to_string()).collect(),
+        targets: targets.iter().map(|s| s.to_string()).collect(),
     };
-    assert_eq!(recorded, HashMap::from([(old.clone(), expected)]));
+    let old_refs = at(&["old.myshopify.com"], &["acct-é-a", "acct-é-b"]);
+    assert_eq!(recorded, HashMap::from([(old.clone(), old_refs.clone())]));
 
-    // What the ledger writes is what the SDK wrote.
+    // An intent adds, on both sides, to what is there: `old` moves to `new.myshopify.com`
+    // and `new` is recorded for the first time.
     let new = IndexRef::new("acct-é", "new");
     let shop = Referred::Shop("new.myshopify.com".into());
-    ledger
-        .point_back(&[(new.clone(), shop.clone())])
-        .await
-        .unwrap();
-    let removed = IndexRefs {
-        removed: true,
-        ..IndexRefs::default()
-    };
-    let change = |index: &IndexRef, new: IndexRefs| RefsChange {
-        index: index.clone(),
-        pointing: BTreeSet::new(),
-        new,
-    };
-    let changes = [
-        change(&new, removed.clone()),
-        change(&old, IndexRefs::default()),
-    ];
-    ledger.record_refs(&changes).await.unwrap();
-    let get = |pk: &str, sk: &str| {
-        let get = h.ddb.get_item().table_name(&h.ledger).consistent_read(true);
-        get.key("pk", s(pk)).key("sk", s(sk)).send()
-    };
+    let intents = [(new.clone(), shop.clone()), (old.clone(), shop.clone())];
+    ledger.point_back(&intents).await.unwrap();
     let set = get("shop#new.myshopify.com", "referrers")
         .await
         .unwrap()
         .item;
     let mut expected = sdk_item(&[("pk", s("shop#new.myshopify.com")), ("sk", s("referrers"))]);
-    expected.insert("referrers".into(), Av::Ss(vec!["7:acct-é#new".into()]));
+    let members = vec!["7:acct-é#new".into(), "7:acct-é#old\"one".into()];
+    expected.insert("referrers".into(), Av::Ss(members));
     assert_eq!(set, Some(expected));
-    let named = [("account", s("acct-é")), ("index", s("new"))];
-    let mut gone = get("ref#7:acct-é#new", "ref").await.unwrap().item.unwrap();
-    assert!(
-        matches!(gone.remove("expires_at"), Some(Av::N(_))),
-        "{gone:?}"
+    let new_item = get("ref#7:acct-é#new", "refs").await.unwrap().item;
+    let mut expected = sdk_item(&[("pk", s("ref#7:acct-é#new")), ("sk", s("refs"))]);
+    expected.insert("shops".into(), Av::Ss(vec!["new.myshopify.com".into()]));
+    assert_eq!(new_item, Some(expected));
+    let both = [old.clone(), new.clone()];
+    let moving = at(
+        &["new.myshopify.com", "old.myshopify.com"],
+        &["acct-é-a", "acct-é-b"],
     );
-    let mut expected = sdk_item(&named);
-    expected.extend(sdk_item(&[("pk", s("ref#7:acct-é#new")), ("sk", s("ref"))]));
-    expected.insert("removed".into(), Av::Bool(true));
-    assert_eq!(gone, expected);
+    let expected = HashMap::from([
+        (old.clone(), moving),
+        (new.clone(), at(&["new.myshopify.com"], &[])),
+    ]);
+    assert_eq!(ledger.index_refs(&both).await.unwrap(), expected);
     let asked = [shop.clone(), Referred::Alias("acct-é-none".into())];
-    assert_eq!(ledger.referrers(&asked).await.unwrap(), vec![new.clone()]);
-    // Taken out of the set it no longer names.
-    let left = RefsChange {
-        pointing: BTreeSet::from([shop.clone()]),
-        ..change(&new, removed.clone())
-    };
-    ledger.record_refs(&[left]).await.unwrap();
-    assert_eq!(ledger.referrers(&asked).await.unwrap(), vec![]);
+    assert_eq!(
+        ledger.referrers(&asked).await.unwrap(),
+        [new.clone(), old.clone()]
+    );
+
+    // The check confirmed: `old` gave up its old shop and one target; `new` was removed; a
+    // third index, which refers to nothing, is recorded as such.
+    let pointing = |refs: &IndexRefs| refs.referred().into_iter().chain([shop.clone()]);
+    let plain = IndexRef::new("acct-é", "plain");
+    let changes = [
+        RefsChange {
+            index: old.clone(),
+            pointing: pointing(&old_refs).collect(),
+            new: at(&["new.myshopify.com"], &["acct-é-b"]),
+        },
+        RefsChange {
+            index: new.clone(),
+            pointing: BTreeSet::from([shop.clone()]),
+            new: IndexRefs::default(),
+        },
+        RefsChange {
+            index: plain.clone(),
+            pointing: BTreeSet::new(),
+            new: IndexRefs::default(),
+        },
+    ];
+    ledger.record_refs(&changes).await.unwrap();
+    let all = [old.clone(), new.clone(), plain.clone()];
+    let expected = HashMap::from([
+        (old.clone(), at(&["new.myshopify.com"], &["acct-é-b"])),
+        (new.clone(), IndexRefs::default()),
+        (plain.clone(), IndexRefs::default()),
+    ]);
+    assert_eq!(ledger.index_refs(&all).await.unwrap(), expected);
+    let gone = get("ref#7:acct-é#new", "refs").await.unwrap().item;
+    let keys_only = sdk_item(&[("pk", s("ref#7:acct-é#new")), ("sk", s("refs"))]);
+    assert_eq!(gone, Some(keys_only), "an emptied set is no attribute");
+    assert_eq!(ledger.referrers(&asked).await.unwrap(), vec![old.clone()]);
     let pair = [(new.clone(), shop.clone())];
     assert_eq!(ledger.pointing(&pair).await.unwrap(), vec![]);
-    let recorded = ledger
-        .index_refs(&[old.clone(), new.clone()])
+    // An empty record is never put over one an intent wrote meanwhile.
+    ledger
+        .point_back(&[(plain.clone(), shop.clone())])
         .await
         .unwrap();
-    let mut expected = HashMap::from([
-        (old.clone(), IndexRefs::default()),
-        (new.clone(), removed.clone()),
-    ]);
-    assert_eq!(recorded, expected, "the old item replaced whole");
-    // A repair lands only where the item is still as read: absent (`new`'s is not, the
-    // transaction's other put lands), then as read (one with a set and a shop lands; `old`'s,
-    // read as removed, is not).
-    let seeded = IndexRef::new("acct-é", "seeded");
-    let refs = IndexRefs {
-        shop: Some("seeded.myshopify.com".into()),
-        ..IndexRefs::default()
+    let again = RefsChange {
+        index: plain.clone(),
+        pointing: BTreeSet::new(),
+        new: IndexRefs::default(),
     };
-    let repair = |index: &IndexRef, read: Option<&IndexRefs>, new: &IndexRefs| RefsRepair {
-        index: index.clone(),
-        read: read.cloned(),
-        new: new.clone(),
-    };
-    let seeds = [repair(&new, None, &refs), repair(&seeded, None, &refs)];
-    assert_eq!(ledger.repair_refs(&seeds).await.unwrap(), 1);
-    expected.insert(seeded.clone(), refs.clone());
-    let all = [old.clone(), new.clone(), seeded.clone()];
-    assert_eq!(ledger.index_refs(&all).await.unwrap(), expected);
-    let aliasing = IndexRefs {
-        targets: BTreeSet::from(["acct-é-t2".into(), "acct-é-t1".into()]),
-        ..refs.clone()
-    };
-    let repairs = [
-        repair(&seeded, Some(&refs), &aliasing),
-        repair(&old, Some(&removed), &aliasing),
-    ];
-    assert_eq!(ledger.repair_refs(&repairs).await.unwrap(), 1);
-    let back = [repair(&seeded, Some(&aliasing), &removed)];
-    assert_eq!(
-        ledger.repair_refs(&back).await.unwrap(),
-        1,
-        "read with its set"
-    );
-    let again = [repair(&seeded, Some(&aliasing), &refs)];
-    assert_eq!(ledger.repair_refs(&again).await.unwrap(), 0);
-    let removed_again = [repair(&seeded, Some(&removed), &refs)];
-    assert_eq!(ledger.repair_refs(&removed_again).await.unwrap(), 1);
-    assert_eq!(ledger.index_refs(&all).await.unwrap(), expected);
+    ledger.record_refs(&[again]).await.unwrap();
+    let expected = HashMap::from([(plain.clone(), at(&["new.myshopify.com"], &[]))]);
+    assert_eq!(ledger.index_refs(&[plain]).await.unwrap(), expected);
 
     // The reconcile's progress, saved on the version read.
     let progress = ReconcileProgress {

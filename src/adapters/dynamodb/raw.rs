@@ -248,11 +248,7 @@ impl RawDynamo {
             if status.is_success() {
                 return Ok(Answered::Ok(text));
             }
-            let again = status.is_server_error()
-                || text.contains("Throttl")
-                || text.contains("TransactionConflict")
-                || text.contains("LimitExceeded");
-            if !again {
+            if !status.is_server_error() && !super::errors::worth_another_attempt(&text) {
                 let status = status.as_u16();
                 return Ok(Answered::Refused { status, text });
             }

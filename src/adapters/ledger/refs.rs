@@ -1,6 +1,7 @@
-//! Each index's references in the ledger (docs/contract.md, "Concurrent writers"): what its
-//! last exported record left (`pk = "ref#{index}"`, `sk = "ref"`: `shop`, `targets`, `removed`),
-//! and, for lookups by key instead of a table scan, who refers to each shop and alias target:
+//! Each index's references in the ledger (docs/contract.md, "Concurrent writers"): every shop
+//! its keys may be on and every target its aliases may point at (`pk = "ref#{index}"`,
+//! `sk = "refs"`: string sets `shops` and `targets`), added before a write and taken out once
+//! the stream's check confirmed them, and, for lookups by key instead of a table scan, who refers to each shop and alias target:
 //! one item each (`pk = "shop#{shop_id}"` or `"alias#{target index id}"`, `sk = "referrers"`)
 //! whose string set `referrers` names them, read 100 a BatchGetItem and changed by `ADD` and
 //! `DELETE` in transactions, so writers of one set never overwrite each other. A set holds
@@ -14,13 +15,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{expires_at, number, Action, Condition, SetName, Update};
+use super::{number, Action, Condition, Names, Update};
 use super::{Attribute, DynamoLedger, Item};
 use crate::domain::IndexRef;
 use crate::dynamo::{Attr, Image};
-use crate::ports::{IndexRefs, PortError, Referred, RefsChange, RefsRepair};
+use crate::ports::{IndexRefs, PortError, Referred, RefsChange};
 
-const REF_SK: &str = "ref";
+/// An index's own references (`ref` held the single shop of its last record: such an item is
+/// not read, and the index falls back to its KV value once, as one never recorded).
+const REF_SK: &str = "refs";
 const META_PK: &str = "meta";
 /// The references are complete with their referrers kept as sets (a ledger whose referrers were
 /// kept an item each, `meta` / `references`, reads as incomplete until a backfill).
@@ -67,34 +70,32 @@ fn index_of(item: &Image) -> Option<IndexRef> {
     ))
 }
 
-fn ref_item(index: &IndexRef, refs: &IndexRefs) -> Item {
-    let mut item = named(ref_pk(index), REF_SK, index);
-    if let Some(shop) = &refs.shop {
-        item = item.with("shop", Attribute::S(shop.clone()));
-    }
-    if !refs.targets.is_empty() {
-        item = item.with(
-            "targets",
-            Attribute::Ss(refs.targets.iter().cloned().collect()),
-        );
-    }
-    if refs.removed {
-        // A removed index's entry only has to outlive writers that read before the remove.
-        item = (item.with("removed", Attribute::Bool(true))).with("expires_at", expires_at());
-    }
-    item
-}
-
 fn refs_of(item: &Image) -> IndexRefs {
-    let targets = match item.get("targets") {
-        Some(Attr::Ss(targets)) => targets.iter().map(|t| t.to_string()).collect(),
-        _ => Default::default(),
+    let set = |name: &str| match item.get(name) {
+        Some(Attr::Ss(members)) => members.iter().map(|m| m.to_string()).collect(),
+        _ => BTreeSet::new(),
     };
     IndexRefs {
-        shop: item.string("shop").map(str::to_owned),
-        targets,
-        removed: matches!(item.get("removed"), Some(Attr::Bool(true))),
+        shops: set("shops"),
+        targets: set("targets"),
     }
+}
+
+/// The index whose own item this is.
+fn index_of_ref(item: &Image) -> Option<IndexRef> {
+    index_of_key(item.string("pk")?.strip_prefix("ref#")?)
+}
+
+/// The string sets of an index's own item that `referred` names (`shops`, `targets`).
+fn own_sets<'r>(referred: impl Iterator<Item = &'r Referred>) -> [(&'static str, Vec<String>); 2] {
+    let (mut shops, mut targets) = (Vec::new(), Vec::new());
+    for referred in referred {
+        match referred {
+            Referred::Shop(shop) => shops.push(shop.clone()),
+            Referred::Alias(target) => targets.push(target.clone()),
+        }
+    }
+    [("shops", shops), ("targets", targets)]
 }
 
 impl DynamoLedger {
@@ -117,7 +118,7 @@ impl DynamoLedger {
             .collect();
         let mut found = HashMap::with_capacity(indexes.len());
         self.get_all(keys, |item| {
-            found.extend(index_of(item).map(|index| (index, refs_of(item))));
+            found.extend(index_of_ref(item).map(|index| (index, refs_of(item))));
         })
         .await?;
         Ok(found)
@@ -209,7 +210,17 @@ impl DynamoLedger {
                 ..self.set_update(referred, "ADD #set :new", values)
             })
         });
-        let full = self.transact_all(adds.collect()).await?;
+        let mut actions: Vec<Action> = adds.collect();
+        let sets_added = actions.len();
+        let mut own: BTreeMap<&IndexRef, Vec<&Referred>> = BTreeMap::new();
+        for (index, referred) in items {
+            own.entry(index).or_default().push(referred);
+        }
+        actions.extend((own.into_iter()).map(|(index, referred)| {
+            Action::Update(self.own_update(index, "ADD", own_sets(referred.into_iter())))
+        }));
+        let full = self.transact_all(actions).await?;
+        let full: BTreeSet<usize> = full.into_iter().filter(|at| *at < sets_added).collect();
         over.extend(
             fit.into_iter()
                 .enumerate()
@@ -220,7 +231,7 @@ impl DynamoLedger {
         for (referred, indexes) in over {
             let flag = Item::default().with(":yes", Attribute::Bool(true));
             actions.push(Action::Update(Update {
-                expression_attribute_names: None,
+                expression_attribute_names: Names::new(),
                 ..self.set_update(referred, "SET overflow = :yes", flag)
             }));
             actions.extend(
@@ -263,16 +274,14 @@ impl DynamoLedger {
         Ok(found)
     }
 
-    /// The indexes' own items, then each index taken out of the sets it no longer names: a
-    /// reader that finds an index's references finds it in every set (it was added before the
-    /// writes). Each step is one transaction per 100 items. An overflowed set's own items are
-    /// not deleted: one left costs a reader a candidate, never a wrong answer.
+    /// What each change confirmed the index no longer refers to taken out of its own item,
+    /// then the index taken out of those sets: a reader that finds an index's references
+    /// finds it in every set (it was added before the writes). Each step is one transaction
+    /// per 100 items. An overflowed set's own items are not deleted: one left costs a reader a
+    /// candidate, never a wrong answer.
     pub(super) async fn put_all_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
-        let own = changes
-            .iter()
-            .map(|c| Action::Put(self.put_action(ref_item(&c.index, &c.new), None)));
-        self.transact_all(own.collect()).await?;
         let mut gone: BTreeMap<&Referred, Vec<String>> = BTreeMap::new();
+        let mut own = Vec::with_capacity(changes.len());
         for RefsChange {
             index,
             pointing,
@@ -280,15 +289,61 @@ impl DynamoLedger {
         } in changes
         {
             let after = new.referred();
-            for referred in pointing.iter().filter(|r| !after.contains(r)) {
+            let given_up: Vec<&Referred> =
+                (pointing.iter()).filter(|r| !after.contains(*r)).collect();
+            for referred in &given_up {
                 gone.entry(referred).or_default().push(index_key(index));
             }
+            own.push(match given_up.is_empty() {
+                // Nothing recorded, nothing to take out: an empty record, unless one is there.
+                true => {
+                    let absent: Condition = ("attribute_not_exists(pk)".into(), Item::default());
+                    let empty = Item::key(ref_pk(index), REF_SK);
+                    Action::Put(self.put_action(empty, Some(absent)))
+                }
+                false => {
+                    Action::Update(self.own_update(index, "DELETE", own_sets(given_up.into_iter())))
+                }
+            });
         }
+        self.transact_all(own).await?;
         let deletes = gone.into_iter().map(|(referred, indexes)| {
             let members = Item::default().with(":gone", Attribute::Ss(indexes));
             Action::Update(self.set_update(referred, "DELETE #set :gone", members))
         });
         self.transact_all(deletes.collect()).await.map(|_| ())
+    }
+
+    /// An update of an index's own item: `verb` (`ADD` or `DELETE`) the members of its string
+    /// sets. Only the sets are named: every clause costs DynamoDB's parser (and moto's, a
+    /// millisecond each), and the index is in the item's key.
+    fn own_update(
+        &self,
+        index: &IndexRef,
+        verb: &str,
+        sets: [(&'static str, Vec<String>); 2],
+    ) -> Update<'_> {
+        let mut values = Item::default();
+        let mut expression = String::from(verb);
+        let sets = sets.into_iter().filter(|(_, members)| !members.is_empty());
+        for (at, (name, members)) in sets.enumerate() {
+            let placeholder = if name == "shops" {
+                ":shops"
+            } else {
+                ":targets"
+            };
+            let comma = if at == 0 { "" } else { "," };
+            expression.push_str(&format!("{comma} {name} {placeholder}"));
+            values = values.with(placeholder, Attribute::Ss(members));
+        }
+        Update {
+            table_name: &self.table_name,
+            key: Item::key(ref_pk(index), REF_SK),
+            update_expression: expression.into(),
+            condition_expression: None,
+            expression_attribute_names: Names::new(),
+            expression_attribute_values: values,
+        }
     }
 
     fn set_update(
@@ -300,56 +355,12 @@ impl DynamoLedger {
         Update {
             table_name: &self.table_name,
             key: Item::key(referred_pk(referred), REFERRERS_SK),
-            update_expression: expression,
+            update_expression: expression.into(),
             condition_expression: None,
-            expression_attribute_names: Some(SetName { set: SET }),
+            expression_attribute_names: Names::from([("#set", SET)]),
             expression_attribute_values: values,
         }
     }
-
-    /// Each index's own item, where it is still as read (a put whose condition fails is left
-    /// out of its transaction): how many were put.
-    pub(super) async fn put_refs_if_read(
-        &self,
-        repairs: &[RefsRepair],
-    ) -> Result<usize, PortError> {
-        let puts = (repairs.iter()).map(|r| {
-            let put = self.put_action(ref_item(&r.index, &r.new), Some(still(r.read.as_ref())));
-            Action::Put(put)
-        });
-        let failed = self.transact_all(puts.collect()).await?;
-        Ok(repairs.len() - failed.len())
-    }
-}
-
-/// The condition that an index's own item is still as `read` (`None`: absent), and its values.
-fn still(read: Option<&IndexRefs>) -> Condition {
-    let Some(read) = read else {
-        return ("attribute_not_exists(pk)".into(), Item::default());
-    };
-    let mut values = Item::default();
-    let mut condition = vec!["attribute_exists(pk)"];
-    match &read.shop {
-        Some(shop) => {
-            condition.push("shop = :shop");
-            values = values.with(":shop", Attribute::S(shop.clone()));
-        }
-        None => condition.push("attribute_not_exists(shop)"),
-    }
-    if read.targets.is_empty() {
-        condition.push("attribute_not_exists(targets)");
-    } else {
-        condition.push("targets = :targets");
-        let targets = read.targets.iter().cloned().collect();
-        values = values.with(":targets", Attribute::Ss(targets));
-    }
-    if read.removed {
-        condition.push("removed = :removed");
-        values = values.with(":removed", Attribute::Bool(true));
-    } else {
-        condition.push("attribute_not_exists(removed)");
-    }
-    (condition.join(" AND ").into(), values)
 }
 
 /// A Query of one partition, read consistently, from `exclusive_start_key` on.

@@ -174,7 +174,7 @@ impl<P: Ports> Pass<'_, P> {
         let (exporter, deadline) = (self.exporter, self.deadline);
         let prepared = match prepared {
             Some(prepared) => prepared,
-            None => exporter.prepare(Vec::new(), Run::OPERATOR, deadline).await,
+            None => exporter.prepare(Vec::new(), Run::CHECK, deadline).await,
         };
         let report = exporter.repair(prepared, &writes, deletes, deadline).await;
         report.log();

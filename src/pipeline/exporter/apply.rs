@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tokio::time::Instant;
 
-use super::{references, Exporter, Prepared, Run};
+use super::{Exporter, Prepared, Run};
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvAction, KvKey, KvOp};
 use crate::pipeline::plan::{Plan, PlannedOp};
@@ -40,9 +40,8 @@ impl<P: Ports> Exporter<P> {
             api_keys,
             run,
             delete_owners,
-            known_refs,
+            ..
         } = prepared;
-        let left_refs = known_refs.as_ref().map(|_| references::left_by(&records));
         let (records, created_at) = identities(records);
         let before = self.kv.counters();
         let Plan {
@@ -58,14 +57,6 @@ impl<P: Ports> Exporter<P> {
             filters: &filters,
         };
         let checked = checked(&ops, run, &delete_owners, derived);
-        let mut added = HashMap::new();
-        if let (Some(left), Some(known)) = (&left_refs, &known_refs) {
-            let point = self.point_back(left, known, run.is_stream(), deadline);
-            match point.await {
-                Ok(pointed) => added = pointed,
-                Err(e) => return not_sent(records, outcomes, created_at, api_keys, &e),
-            }
-        }
         let sent = self.send(ops, &old_shops, deadline);
         let sent = Sent {
             checked,
@@ -84,11 +75,6 @@ impl<P: Ports> Exporter<P> {
         };
         let failed = sent.settle_keys(&mut report, &mut outcomes);
         settle_filters(&filters, &failed, &mut outcomes);
-        if let (Some(left), Some(known)) = (left_refs, &known_refs) {
-            let stream = run.is_stream();
-            let refs = (known, &added);
-            (self.record_references(left, refs, &mut outcomes, stream, deadline)).await;
-        }
         finish(report, records, outcomes, created_at, applied_at)
     }
 
@@ -272,24 +258,6 @@ fn settle_filters(
             }
         }
     }
-}
-
-/// Nothing of the batch was sent: the items pointing back at its indexes could not be added
-/// (a reader could miss a referrer whose keys landed), so every record on its way is retried.
-fn not_sent(
-    records: Vec<RecordReport>,
-    mut outcomes: Vec<Outcome>,
-    created_at: Vec<Option<f64>>,
-    api_keys: crate::ports::LookupCounts,
-    error: &PortError,
-) -> BatchReport {
-    let why = format!("not sent: its references could not be recorded in the ledger: {error}");
-    outcomes.iter_mut().for_each(|outcome| outcome.fail(&why));
-    let report = BatchReport {
-        api_keys,
-        ..BatchReport::default()
-    };
-    finish(report, records, outcomes, created_at, 0.0)
 }
 
 /// The report's counts, lags and outcomes: a pending record whose operations were all applied

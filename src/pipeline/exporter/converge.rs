@@ -5,7 +5,7 @@
 //! consistent read, as if its index had just changed, and written again where it differs, until
 //! a read finds nothing to change. Nothing is left to another writer on trust.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use futures::StreamExt as _;
 use tokio::time::Instant;
@@ -50,7 +50,7 @@ impl<P: Ports> Exporter<P> {
         // got them (the stream's from the short cache).
         let run = Run {
             api_keys: run.api_keys,
-            ..Run::OPERATOR
+            ..Run::CHECK
         };
         let mut landed = std::mem::take(&mut report.landed);
         let mut last: BTreeMap<KvKey, bool> = BTreeMap::new();
@@ -300,14 +300,15 @@ fn as_changes(index: &IndexRef, recheck: &Recheck) -> Vec<ChangeRecord> {
         Ok(Change::UpsertIndex { settings, .. }) => settings.shop_id.clone(),
         _ => None,
     });
-    let given_up = (recheck.keys.iter())
+    let given_up: BTreeSet<String> = (recheck.keys.iter())
         .map(|landed| &landed.key)
-        .find(|key| {
+        .filter(|key| {
             key.namespace == Namespace::Settings
                 && **key != own
                 && Some(&key.key) != current_shop.as_ref()
         })
-        .map(|key| key.key.clone());
+        .map(|key| key.key.clone())
+        .collect();
     let mut records = recheck.now.records.clone();
     let settings_keys = (recheck.keys.iter()).any(|l| l.key.namespace == Namespace::Settings);
     if !recheck.now.settings && settings_keys {
@@ -327,10 +328,10 @@ fn as_changes(index: &IndexRef, recheck: &Recheck) -> Vec<ChangeRecord> {
         return records;
     }
     for record in &mut records {
-        if let (Ok(Change::UpsertIndex { previous_shop, .. }), Some(shop)) =
-            (&mut record.decoded, &given_up)
-        {
-            *previous_shop = PreviousShop::Known(Some(shop.clone()));
+        if let Ok(Change::UpsertIndex { previous_shop, .. }) = &mut record.decoded {
+            if !given_up.is_empty() {
+                *previous_shop = PreviousShop::Known(given_up.clone());
+            }
         }
     }
     records
@@ -413,7 +414,7 @@ mod tests {
     fn each_landed_key_is_decided_by_the_index_as_the_table_holds_it_now() {
         let index = IndexRef::new("a", "i");
         let shop = |s: &str| KvKey::settings(s);
-        let known = |s: Option<&str>| Some(PreviousShop::Known(s.map(str::to_owned)));
+        let known = |s: Option<&str>| Some(PreviousShop::known(s.map(str::to_owned)));
         // (the index now, its keys that landed, what decides them)
         let cases = [
             // Still at its shop: written as it is, nothing given up.
@@ -523,5 +524,39 @@ mod tests {
 
         assert!(exporter.kv.values.lock().unwrap().contains_key("a-new"));
         assert_eq!(report.keys_written, 1);
+    }
+
+    /// The window "a writer whose check finds the table changed three rounds running"
+    /// (docs/contract.md): each read of the index finds another endpoint. Three rounds write
+    /// again; the fourth read only checks, and the record fails, to be run again.
+    #[tokio::test]
+    async fn a_key_the_table_changes_under_every_round_fails_its_record_after_three() {
+        let exporter = exporter(MemoryKv::default());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let item = |endpoint: &str| {
+            let image = json!({"pk": {"S": "a"}, "sk": {"S": "INDEX#flapping"},
+                "index_endpoint": {"S": format!("https://{endpoint}.example")}});
+            crate::dynamo::item_from_dynamodb_json(image).unwrap()
+        };
+        let reads = ["b", "c", "d", "e"].map(item);
+        exporter.table.settings_reads.lock().unwrap().extend(reads);
+        let records = vec![insert("flapping", None)];
+
+        let report = exporter.export(records, Run::OPERATOR, deadline).await;
+
+        let outcome = &report.records[0].outcome;
+        assert!(
+            matches!(outcome, Outcome::Failed(why) if why.contains("run again")),
+            "{outcome:?}"
+        );
+        let values = exporter.kv.values.lock().unwrap();
+        assert!(
+            values["a-flapping"].contains("https://d.example"),
+            "{values:?}"
+        );
+        assert!(
+            exporter.table.settings_reads.lock().unwrap().is_empty(),
+            "four reads"
+        );
     }
 }

@@ -152,10 +152,7 @@ impl<P: Ports> Exporter<P> {
         known: Option<&Known>,
         deadline: Instant,
     ) {
-        let recorded = |index: &IndexRef| {
-            let refs = known?.get(index)?;
-            Some(refs.shop.clone().filter(|_| !refs.removed))
-        };
+        let recorded = |index: &IndexRef| Some(known?.get(index)?.shops.clone());
         let unsettled = plan::settle_previous_shops(records, recorded);
         if !unsettled.is_empty() {
             let shops = self.current_shops(unsettled, deadline).await;

@@ -43,23 +43,24 @@ fn previous_of(change: &mut Change) -> Option<(&IndexRef, &mut PreviousShop)> {
     }
 }
 
-/// Settles the previous shop of each record whose stream did not give it (a `NEW_IMAGE`
-/// stream): an earlier record of the batch tells, else `recorded` (what the ledger recorded of
-/// the index; `None`: nothing). Answers the indexes left unsettled (their first record of the
-/// batch, nothing recorded): their current KV values tell ([`settle_from_kv`]).
+/// Settles the previous shops of each record whose stream did not give them (a `NEW_IMAGE`
+/// stream): an earlier record of the batch tells, else `recorded` (every shop the ledger
+/// records the index may be on; `None`: nothing recorded). Answers the indexes left unsettled
+/// (their first record of the batch, nothing recorded): their current KV values tell
+/// ([`settle_from_kv`]).
 pub fn settle_previous_shops(
     records: &mut [ChangeRecord],
-    recorded: impl Fn(&IndexRef) -> Option<Option<String>>,
+    recorded: impl Fn(&IndexRef) -> Option<BTreeSet<String>>,
 ) -> BTreeSet<IndexRef> {
-    let mut last_in_batch: HashMap<IndexRef, Option<String>> = HashMap::new();
+    let mut last_in_batch: HashMap<IndexRef, BTreeSet<String>> = HashMap::new();
     let mut unsettled = BTreeSet::new();
     for record in records.iter_mut() {
         let Ok(change) = &mut record.decoded else {
             continue;
         };
         let now = match &*change {
-            Change::UpsertIndex { settings, .. } => settings.shop_id.clone(),
-            _ => None,
+            Change::UpsertIndex { settings, .. } => settings.shop_id.iter().cloned().collect(),
+            _ => BTreeSet::new(),
         };
         let Some((index, previous)) = previous_of(change) else {
             continue;
@@ -95,7 +96,7 @@ pub fn settle_from_kv(
             continue;
         }
         match shops.get(index) {
-            Some(Ok(shop)) => *previous = PreviousShop::Known(shop.clone()),
+            Some(Ok(shop)) => *previous = PreviousShop::known(shop.clone()),
             Some(Err(e)) => {
                 let why = format!("cannot read the current shop id from KV: {e}");
                 record.decoded = Err(Outcome::Failed(why));
@@ -127,8 +128,9 @@ pub fn needs(records: &[ChangeRecord], default_cell: &str) -> Needs {
                     settings.cell.as_deref(),
                     default_cell,
                 ));
-                if let PreviousShop::Known(Some(old)) = previous_shop {
-                    needs.references |= settings.shop_id.as_ref() != Some(old);
+                if let PreviousShop::Known(old) = previous_shop {
+                    needs.references |=
+                        old.iter().any(|old| settings.shop_id.as_ref() != Some(old));
                 }
             }
             Ok(Change::RemoveIndex { .. }) => needs.references = true,
@@ -146,18 +148,21 @@ pub fn reference_questions(records: &[ChangeRecord]) -> BTreeSet<Referred> {
         match &record.decoded {
             Ok(Change::UpsertIndex {
                 settings,
-                previous_shop: PreviousShop::Known(Some(old)),
+                previous_shop: PreviousShop::Known(old),
                 ..
-            }) if settings.shop_id.as_ref() != Some(old) => {
-                asked.insert(Referred::Shop(old.clone()));
+            }) => {
+                let given_up = old
+                    .iter()
+                    .filter(|old| settings.shop_id.as_ref() != Some(*old));
+                asked.extend(given_up.cloned().map(Referred::Shop));
             }
             Ok(Change::RemoveIndex {
                 index,
                 previous_shop,
             }) => {
                 asked.insert(Referred::Alias(index.id().0));
-                if let PreviousShop::Known(Some(old)) = previous_shop {
-                    asked.insert(Referred::Shop(old.clone()));
+                if let PreviousShop::Known(old) = previous_shop {
+                    asked.extend(old.iter().cloned().map(Referred::Shop));
                 }
             }
             _ => {}

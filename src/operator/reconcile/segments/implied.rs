@@ -60,10 +60,10 @@ impl<P: Ports> Pass<'_, P> {
         // The run still held is read again by the next piece.
         let closed = runs.take_closed();
         let compared = closed.len();
-        self.compare_implied(closed.whole, Run::OPERATOR).await?;
+        self.compare_implied(closed.whole, Run::CHECK).await?;
         let run = Run {
             overrides: Overrides::InTable,
-            ..Run::OPERATOR
+            ..Run::CHECK
         };
         self.compare_implied(closed.queried, run).await?;
         if closed.at.is_some() {
@@ -126,22 +126,22 @@ impl<P: Ports> Pass<'_, P> {
         self.repair(Some(prepared), to_write, Vec::new()).await
     }
 
-    /// The ledger's record of each index this pass can export rewritten where it differs
-    /// from the table (dry run or not: the ledger is the function's own).
+    /// The ledger's record of each index this pass can export given what the table names
+    /// that it lacks (dry run or not: the ledger is the function's own).
     async fn repair_references(&self, prepared: &Prepared) -> Result<(), OperatorError> {
         let outcomes = &prepared.plan.outcomes;
         let left = (left_by(&prepared.records).into_iter().zip(outcomes))
             .filter(|(_, outcome)| matches!(outcome, Outcome::Pending | Outcome::Kept { .. }))
             .filter_map(|(left, _)| left)
             .collect();
-        let repaired = self
+        let added = self
             .exporter
             .repair_recorded_references(left, self.deadline);
-        let repaired = repaired.await.map_err(failed)?;
-        if repaired > 0 {
+        let added = added.await.map_err(failed)?;
+        if added > 0 {
             tracing::warn!(
-                repaired,
-                "the ledger's references differed from the table: rewritten"
+                added,
+                "the ledger's references of indexes lacked what the table names: added"
             );
         }
         Ok(())
