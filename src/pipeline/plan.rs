@@ -812,6 +812,42 @@ mod tests {
         );
     }
 
+    /// On a `NEW_AND_OLD_IMAGES` stream the old image says the shop the record left; a shop
+    /// the ledger still records (an earlier batch could not confirm it given up) joins it.
+    #[test]
+    fn an_old_image_s_shop_is_joined_by_every_shop_still_recorded() {
+        let s =
+            |names: &[&str]| -> BTreeSet<String> { names.iter().map(|n| n.to_string()).collect() };
+        let old = Some(index_image("products", Some("s1")));
+        let new = Some(index_image("products", Some("s2")));
+        let mut records = vec![
+            stream_record(1, "MODIFY", "INDEX#products", new.clone(), old),
+            stream_record(
+                2,
+                "MODIFY",
+                "INDEX#products",
+                new,
+                Some(index_image("products", Some("s2"))),
+            ),
+        ];
+
+        let unsettled = settle_previous_shops(&mut records, |_| Some(s(&["s0", "s1"])));
+
+        assert!(unsettled.is_empty());
+        let previous: Vec<PreviousShop> = (records.iter())
+            .map(|r| match &r.decoded {
+                Ok(Change::UpsertIndex { previous_shop, .. }) => previous_shop.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        // The second record's old image is what the first one left: nothing more to give up.
+        let expected = [
+            PreviousShop::Known(s(&["s0", "s1"])),
+            PreviousShop::Known(s(&["s2"])),
+        ];
+        assert_eq!(previous, expected);
+    }
+
     #[test]
     fn a_modify_from_a_new_image_stream_gives_up_the_shop_kv_held() {
         let mut records = vec![

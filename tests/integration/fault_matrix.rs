@@ -5,14 +5,15 @@
 use std::time::{Duration, Instant};
 
 use crate::common::*;
+use aws_sdk_dynamodb::types::StreamViewType;
 use ecom_emulators::api_keys::Behaviour;
 use ecom_emulators::kv::Fault;
 use ecom_emulators::runtime_api::RuntimeApi;
 use serde_json::{json, Value};
 
 /// A harness with one index record waiting in the stream.
-async fn one_pending_record() -> (Harness, Vec<Value>) {
-    let mut h = Harness::new().await;
+async fn one_pending_record(view: StreamViewType) -> (Harness, Vec<Value>) {
+    let mut h = Harness::with_view(view).await;
     h.keys.set_key("acct-1", "k");
     h.put(index_item(
         "acct-1",
@@ -42,8 +43,8 @@ async fn serves_the_next_invocation(h: &mut Harness) {
     assert!(h.settings("acct-1-after-the-fault").is_some());
 }
 
-async fn a_transient_status_is_retried_until_it_passes(status: u16) {
-    let (mut h, records) = one_pending_record().await;
+async fn a_transient_status_is_retried_until_it_passes(view: StreamViewType, status: u16) {
+    let (mut h, records) = one_pending_record(view).await;
     h.kv.inject(
         Fault::Status {
             retry_after_raw: None,
@@ -64,29 +65,33 @@ async fn a_transient_status_is_retried_until_it_passes(status: u16) {
     serves_the_next_invocation(&mut h).await;
 }
 
-#[tokio::test]
-async fn kv_500_is_retried() {
-    a_transient_status_is_retried_until_it_passes(500).await;
+crate::on_both_views! {
+async fn kv_500_is_retried(view) {
+    a_transient_status_is_retried_until_it_passes(view, 500).await;
+}
 }
 
-#[tokio::test]
-async fn kv_502_is_retried() {
-    a_transient_status_is_retried_until_it_passes(502).await;
+crate::on_both_views! {
+async fn kv_502_is_retried(view) {
+    a_transient_status_is_retried_until_it_passes(view, 502).await;
+}
 }
 
-#[tokio::test]
-async fn kv_503_is_retried() {
-    a_transient_status_is_retried_until_it_passes(503).await;
+crate::on_both_views! {
+async fn kv_503_is_retried(view) {
+    a_transient_status_is_retried_until_it_passes(view, 503).await;
+}
 }
 
-#[tokio::test]
-async fn kv_524_is_retried() {
-    a_transient_status_is_retried_until_it_passes(524).await;
+crate::on_both_views! {
+async fn kv_524_is_retried(view) {
+    a_transient_status_is_retried_until_it_passes(view, 524).await;
+}
 }
 
-#[tokio::test]
-async fn kv_errors_that_outlast_the_retries_report_the_records() {
-    let (mut h, records) = one_pending_record().await;
+crate::on_both_views! {
+async fn kv_errors_that_outlast_the_retries_report_the_records(view) {
+    let (mut h, records) = one_pending_record(view).await;
     h.kv.inject(
         Fault::Status {
             retry_after_raw: None,
@@ -109,10 +114,11 @@ async fn kv_errors_that_outlast_the_retries_report_the_records() {
     assert!(h.kv.keys(CF_ACCOUNT, SETTINGS_NS).is_empty());
     serves_the_next_invocation(&mut h).await;
 }
+}
 
-#[tokio::test]
-async fn kv_429_waits_as_retry_after_says() {
-    let (mut h, records) = one_pending_record().await;
+crate::on_both_views! {
+async fn kv_429_waits_as_retry_after_says(view) {
+    let (mut h, records) = one_pending_record(view).await;
     h.kv.inject(
         Fault::Status {
             retry_after_raw: None,
@@ -137,10 +143,11 @@ async fn kv_429_waits_as_retry_after_says() {
     assert!(h.settings("shop-1.myshopify.com").is_some());
     serves_the_next_invocation(&mut h).await;
 }
+}
 
-#[tokio::test]
-async fn kv_429_without_retry_after_backs_off() {
-    let (mut h, records) = one_pending_record().await;
+crate::on_both_views! {
+async fn kv_429_without_retry_after_backs_off(view) {
+    let (mut h, records) = one_pending_record(view).await;
     h.kv.inject(
         Fault::Status {
             retry_after_raw: None,
@@ -159,10 +166,11 @@ async fn kv_429_without_retry_after_backs_off() {
     assert_eq!(bulk_statuses(&h), [429, 429, 200]);
     serves_the_next_invocation(&mut h).await;
 }
+}
 
-#[tokio::test]
-async fn kv_unsuccessful_keys_are_sent_again() {
-    let (mut h, records) = one_pending_record().await;
+crate::on_both_views! {
+async fn kv_unsuccessful_keys_are_sent_again(view) {
+    let (mut h, records) = one_pending_record(view).await;
     h.kv.inject(Fault::UnsuccessfulKeys { count: 1 }, 1);
 
     let response = h.invoke(json!({ "Records": records })).await;
@@ -173,10 +181,11 @@ async fn kv_unsuccessful_keys_are_sent_again() {
     assert!(h.settings("acct-1-products").is_some());
     serves_the_next_invocation(&mut h).await;
 }
+}
 
-#[tokio::test]
-async fn kv_keys_that_stay_unsuccessful_report_their_record() {
-    let (mut h, records) = one_pending_record().await;
+crate::on_both_views! {
+async fn kv_keys_that_stay_unsuccessful_report_their_record(view) {
+    let (mut h, records) = one_pending_record(view).await;
     h.kv.inject(Fault::UnsuccessfulKeys { count: 1 }, 100);
 
     let response = h.invoke(json!({ "Records": records.clone() })).await;
@@ -184,12 +193,13 @@ async fn kv_keys_that_stay_unsuccessful_report_their_record() {
     assert_eq!(failures(&response), sequence_numbers(&records));
     serves_the_next_invocation(&mut h).await;
 }
+}
 
 /// A refused request is never sent again as it was: it is split in two (one of its keys may
 /// be the cause); when every part is refused too, nothing is a single key's fault and the
 /// records are reported for retry.
-async fn a_client_error_is_not_retried(status: u16) {
-    let (mut h, records) = one_pending_record().await;
+async fn a_client_error_is_not_retried(view: StreamViewType, status: u16) {
+    let (mut h, records) = one_pending_record(view).await;
     h.kv.inject(
         Fault::Status {
             retry_after_raw: None,
@@ -220,19 +230,21 @@ async fn a_client_error_is_not_retried(status: u16) {
     serves_the_next_invocation(&mut h).await;
 }
 
-#[tokio::test]
-async fn kv_400_with_an_error_envelope_is_not_retried() {
-    a_client_error_is_not_retried(400).await;
+crate::on_both_views! {
+async fn kv_400_with_an_error_envelope_is_not_retried(view) {
+    a_client_error_is_not_retried(view, 400).await;
+}
 }
 
-#[tokio::test]
-async fn kv_413_is_not_retried() {
-    a_client_error_is_not_retried(413).await;
+crate::on_both_views! {
+async fn kv_413_is_not_retried(view) {
+    a_client_error_is_not_retried(view, 413).await;
+}
 }
 
-#[tokio::test]
-async fn kv_slower_than_the_client_timeout_is_retried() {
-    let (mut h, records) = one_pending_record().await;
+crate::on_both_views! {
+async fn kv_slower_than_the_client_timeout_is_retried(view) {
+    let (mut h, records) = one_pending_record(view).await;
     let timeout = fast_retry().request_timeout;
     h.kv.inject(
         Fault::Delay {
@@ -247,10 +259,11 @@ async fn kv_slower_than_the_client_timeout_is_retried() {
     assert!(h.settings("shop-1.myshopify.com").is_some());
     serves_the_next_invocation(&mut h).await;
 }
+}
 
-#[tokio::test]
-async fn kv_connection_refused_reports_the_records() {
-    let (mut h, records) = one_pending_record().await;
+crate::on_both_views! {
+async fn kv_connection_refused_reports_the_records(view) {
+    let (mut h, records) = one_pending_record(view).await;
     let kv_url = h.kv.base_url();
     // Bound but not listening: every connection is refused, and no other test's server can
     // take the port meanwhile (a listener bound and dropped would free it for one).
@@ -275,10 +288,11 @@ async fn kv_connection_refused_reports_the_records() {
     h.reconfigure("CLOUDFLARE_API_BASE_URL", &kv_url).await;
     serves_the_next_invocation(&mut h).await;
 }
+}
 
-#[tokio::test]
-async fn kv_401_after_a_token_rotation_refetches_the_token_once() {
-    let (mut h, records) = one_pending_record().await;
+crate::on_both_views! {
+async fn kv_401_after_a_token_rotation_refetches_the_token_once(view) {
+    let (mut h, records) = one_pending_record(view).await;
     h.invoke(json!({ "Records": records })).await; // the first token is now cached
     h.secrets
         .put_secret_value()
@@ -321,10 +335,11 @@ async fn kv_401_after_a_token_rotation_refetches_the_token_once() {
     );
     serves_the_next_invocation(&mut h).await;
 }
+}
 
-#[tokio::test]
-async fn kv_401_with_a_revoked_token_gives_up_after_one_refetch() {
-    let (mut h, records) = one_pending_record().await;
+crate::on_both_views! {
+async fn kv_401_with_a_revoked_token_gives_up_after_one_refetch(view) {
+    let (mut h, records) = one_pending_record(view).await;
     h.kv.set_tokens(&["some-other-token"]);
 
     let response = h.invoke(json!({ "Records": records.clone() })).await;
@@ -334,10 +349,11 @@ async fn kv_401_with_a_revoked_token_gives_up_after_one_refetch() {
     h.kv.set_tokens(&[TOKEN]);
     serves_the_next_invocation(&mut h).await;
 }
+}
 
-#[tokio::test]
-async fn retries_that_would_outlast_the_deadline_stop_and_report_what_is_left() {
-    let (mut h, records) = one_pending_record().await;
+crate::on_both_views! {
+async fn retries_that_would_outlast_the_deadline_stop_and_report_what_is_left(view) {
+    let (mut h, records) = one_pending_record(view).await;
     h.kv.inject(
         Fault::Status {
             retry_after_raw: None,
@@ -367,9 +383,14 @@ async fn retries_that_would_outlast_the_deadline_stop_and_report_what_is_left() 
     assert_eq!(bulk_statuses(&h), [503]);
     serves_the_next_invocation(&mut h).await;
 }
+}
 
-async fn an_api_keys_fault_reports_the_record(behaviour: Behaviour, reason: &str) {
-    let (mut h, records) = one_pending_record().await;
+async fn an_api_keys_fault_reports_the_record(
+    view: StreamViewType,
+    behaviour: Behaviour,
+    reason: &str,
+) {
+    let (mut h, records) = one_pending_record(view).await;
     h.reconfigure("API_KEYS_TIMEOUT_SECONDS", "1").await;
     h.keys.set_behaviour("acct-1", Some(behaviour));
 
@@ -384,25 +405,28 @@ async fn an_api_keys_fault_reports_the_record(behaviour: Behaviour, reason: &str
     serves_the_next_invocation(&mut h).await;
 }
 
-#[tokio::test]
-async fn api_keys_500_reports_the_record() {
-    an_api_keys_fault_reports_the_record(Behaviour::Status { status: 500 }, "HTTP 500").await;
+crate::on_both_views! {
+async fn api_keys_500_reports_the_record(view) {
+    an_api_keys_fault_reports_the_record(view, Behaviour::Status { status: 500 }, "HTTP 500").await;
+}
 }
 
-#[tokio::test]
-async fn api_keys_timeout_reports_the_record() {
-    an_api_keys_fault_reports_the_record(Behaviour::Delay { millis: 3000 }, "no answer in time")
+crate::on_both_views! {
+async fn api_keys_timeout_reports_the_record(view) {
+    an_api_keys_fault_reports_the_record(view, Behaviour::Delay { millis: 3000 }, "no answer in time")
         .await;
 }
-
-#[tokio::test]
-async fn api_keys_malformed_json_reports_the_record() {
-    an_api_keys_fault_reports_the_record(Behaviour::Malformed, "answer is not").await;
 }
 
-#[tokio::test]
-async fn api_keys_404_rejects_the_record_with_a_log_line() {
-    let (mut h, records) = one_pending_record().await;
+crate::on_both_views! {
+async fn api_keys_malformed_json_reports_the_record(view) {
+    an_api_keys_fault_reports_the_record(view, Behaviour::Malformed, "answer is not").await;
+}
+}
+
+crate::on_both_views! {
+async fn api_keys_404_rejects_the_record_with_a_log_line(view) {
+    let (mut h, records) = one_pending_record(view).await;
     h.keys
         .set_behaviour("acct-1", Some(Behaviour::Status { status: 404 }));
 
@@ -418,6 +442,7 @@ async fn api_keys_404_rejects_the_record_with_a_log_line() {
     assert_eq!(logs.matching("record rejected").len(), 1);
     h.keys.set_behaviour("acct-1", None);
     serves_the_next_invocation(&mut h).await;
+}
 }
 
 const INVOKE: Duration = Duration::from_secs(30);
@@ -437,9 +462,9 @@ async fn function_with_an_outage(
     (runtime, function, proxy)
 }
 
-#[tokio::test]
-async fn secrets_manager_unreachable_at_cold_start_reports_the_batch_then_recovers() {
-    let (mut h, records) = one_pending_record().await;
+crate::on_both_views! {
+async fn secrets_manager_unreachable_at_cold_start_reports_the_batch_then_recovers(view) {
+    let (mut h, records) = one_pending_record(view).await;
     let (runtime, function, secrets) =
         function_with_an_outage(&h, "AWS_ENDPOINT_URL_SECRETS_MANAGER").await;
 
@@ -468,10 +493,11 @@ async fn secrets_manager_unreachable_at_cold_start_reports_the_batch_then_recove
     assert!(h.settings("shop-1.myshopify.com").is_some());
     h.stream_records().await;
 }
+}
 
-#[tokio::test]
-async fn dynamodb_unreachable_during_a_remove_retries_it_never_deletes_unchecked() {
-    let (mut h, records) = one_pending_record().await;
+crate::on_both_views! {
+async fn dynamodb_unreachable_during_a_remove_retries_it_never_deletes_unchecked(view) {
+    let (mut h, records) = one_pending_record(view).await;
     h.invoke(json!({ "Records": records })).await;
     h.delete("acct-1", "INDEX#products").await;
     let remove = h.stream_records().await;
@@ -507,13 +533,14 @@ async fn dynamodb_unreachable_during_a_remove_retries_it_never_deletes_unchecked
     assert_eq!(h.settings("acct-1-products"), None);
     assert_eq!(h.settings("shop-1.myshopify.com"), None);
 }
+}
 
+crate::on_both_views! {
 /// No table item can hold 25 MiB (DynamoDB's limit is 400 KB): only a forged record can, and
 /// what a record exports is its item as the table holds it (the check of the value's size
 /// itself is `domain::kv`'s unit test).
-#[tokio::test]
-async fn a_record_carrying_25_mib_exports_its_item_as_the_table_holds_it() {
-    let h = Harness::new().await;
+async fn a_record_carrying_25_mib_exports_its_item_as_the_table_holds_it(view) {
+    let h = Harness::with_view(view).await;
     h.keys.set_key("acct-1", "k");
     h.put(index_item("acct-1", "huge", None)).await;
     let mut image = index_item("acct-1", "huge", None);
@@ -534,10 +561,11 @@ async fn a_record_carrying_25_mib_exports_its_item_as_the_table_holds_it() {
     let sizes = h.bulk_write_sizes();
     assert_eq!(sizes, [1], "one key, the table's value");
 }
+}
 
-#[tokio::test]
-async fn keys_over_512_bytes_are_rejected_and_never_sent() {
-    let mut h = Harness::new().await;
+crate::on_both_views! {
+async fn keys_over_512_bytes_are_rejected_and_never_sent(view) {
+    let mut h = Harness::with_view(view).await;
     h.keys.set_key("acct-1", "k");
     h.put(index_item("acct-1", "products", Some(&"s".repeat(513))))
         .await;
@@ -548,18 +576,19 @@ async fn keys_over_512_bytes_are_rejected_and_never_sent() {
     assert_eq!(failures(&response), Vec::<String>::new());
     assert_eq!(h.kv.keys(CF_ACCOUNT, SETTINGS_NS), ["acct-1-fine"]);
 }
+}
 
 /// Every kind of DynamoDB call the function makes, in one run through a DynamoDB proxy: a
-/// backfill (the table's Scan, the ledger's reads and writes), a `NEW_IMAGE` shop move (the
+/// backfill (the table's Scan, the ledger's reads and writes), a shop move (the
 /// records' items, the ledger, the check's read of the index) and a re-export with its
 /// overrides (GetItem and Query of the table). Answers the calls the proxy saw, after
 /// checking that every invocation succeeded and KV ended as the table says.
 async fn every_kind_of_dynamodb_call(
+    view: StreamViewType,
     fault: Option<(&str, bool, &str)>,
 ) -> (Vec<ecom_emulators::dynamo_proxy::DynamoCall>, String) {
-    use aws_sdk_dynamodb::types::StreamViewType;
     use ecom_emulators::dynamo_proxy::DynamoFault;
-    let mut h = Harness::with_view(StreamViewType::NewImage).await;
+    let mut h = Harness::with_view(view).await;
     h.keys.set_key("acct-1", "k");
     h.put(index_item(
         "acct-1",
@@ -615,12 +644,12 @@ async fn every_kind_of_dynamodb_call(
     (dynamodb.calls(), if ok { String::new() } else { answers })
 }
 
+crate::on_both_views! {
 /// DynamoDB's throttling error on any kind of call the function makes, on either table, is
 /// tried again as the SDK's retry classifier decides (the function's own client included);
 /// a permanent error is not.
-#[tokio::test]
-async fn a_throttled_dynamodb_call_of_any_kind_is_tried_again_and_a_permanent_one_is_not() {
-    let (calls, failed) = every_kind_of_dynamodb_call(None).await;
+async fn a_throttled_dynamodb_call_of_any_kind_is_tried_again_and_a_permanent_one_is_not(view) {
+    let (calls, failed) = every_kind_of_dynamodb_call(view.clone(), None).await;
     assert_eq!(failed, "");
     let kinds: std::collections::BTreeSet<(String, bool)> = (calls.iter())
         .flat_map(|c| {
@@ -644,7 +673,7 @@ async fn a_throttled_dynamodb_call_of_any_kind_is_tried_again_and_a_permanent_on
     const THROTTLED: &str = "ProvisionedThroughputExceededException";
     for (operation, ledger) in &kinds {
         let (calls, failed) =
-            every_kind_of_dynamodb_call(Some((operation, *ledger, THROTTLED))).await;
+            every_kind_of_dynamodb_call(view.clone(), Some((operation, *ledger, THROTTLED))).await;
         assert_eq!(failed, "", "{operation} (ledger: {ledger}) throttled");
         let throttled = (calls.iter()).filter(|c| c.operation == *operation && c.status == 400);
         assert_eq!(throttled.count(), 1, "{operation} (ledger: {ledger})");
@@ -655,7 +684,7 @@ async fn a_throttled_dynamodb_call_of_any_kind_is_tried_again_and_a_permanent_on
         true,
         "ItemCollectionSizeLimitExceededException",
     ));
-    let (calls, failed) = every_kind_of_dynamodb_call(permanent).await;
+    let (calls, failed) = every_kind_of_dynamodb_call(view.clone(), permanent).await;
     // Tried once: the backfill that needed it stops, naming the refusal.
     assert!(
         failed.contains("ItemCollectionSizeLimitExceeded"),
@@ -663,4 +692,5 @@ async fn a_throttled_dynamodb_call_of_any_kind_is_tried_again_and_a_permanent_on
     );
     let refused = (calls.iter()).filter(|c| c.operation == "TransactWriteItems" && c.status == 400);
     assert_eq!(refused.count(), 1);
+}
 }

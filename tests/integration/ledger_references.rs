@@ -142,14 +142,14 @@ async fn an_alias_target_no_key_could_have_is_not_recorded_and_stalls_nothing() 
     assert!(h.settings("acct-1-front").is_some() && h.settings("acct-1-plain").is_some());
 }
 
+crate::on_both_views! {
 /// The ledger's first read of a batch (the indexes' recorded references) fails past its three
 /// attempts: the batch is reported for retry, never exported without its references. So an alias
 /// added in that batch is recorded on the replay, and a later REMOVE of its target keeps the
 /// keys the edge reads through it.
-#[tokio::test]
-async fn a_batch_whose_references_cannot_be_read_is_retried_and_its_alias_still_protects() {
+async fn a_batch_whose_references_cannot_be_read_is_retried_and_its_alias_still_protects(view) {
     use ecom_emulators::dynamo_proxy::DynamoFault;
-    let mut h = Harness::new().await;
+    let mut h = Harness::with_view(view).await;
     h.keys.set_key("acct-1", "k");
     h.put(index_item("acct-1", "products", Some(SHOP_A))).await;
     h.export_stream().await;
@@ -202,14 +202,15 @@ async fn a_batch_whose_references_cannot_be_read_is_retried_and_its_alias_still_
         "the batch was retried: {answers:?}"
     );
 }
+}
 
+crate::on_both_views! {
 /// Two writers changing one set at once: DynamoDB cancels one's transaction with a
 /// `TransactionConflict`, which is transient. The function sends it again and the batch is
 /// exported whole, its index in its shop's set (a shop move then finds it as the claimer).
-#[tokio::test]
-async fn a_transaction_cancelled_by_a_conflict_is_sent_again() {
+async fn a_transaction_cancelled_by_a_conflict_is_sent_again(view) {
     use ecom_emulators::dynamo_proxy::DynamoFault;
-    let mut h = Harness::new().await;
+    let mut h = Harness::with_view(view).await;
     h.keys.set_key("acct-1", "k");
     h.keys.set_key("acct-2", "k");
     h.put(index_item("acct-1", "leaving", Some(SHOP_A))).await;
@@ -248,6 +249,7 @@ async fn a_transaction_cancelled_by_a_conflict_is_sent_again() {
     assert_eq!(failures(&moved), Vec::<String>::new(), "{moved}");
     assert_eq!(h.settings(SHOP_A).unwrap()["index_name"], "arriving");
     assert_eq!(scans(&h), 0, "asked of the ledger, not the table");
+}
 }
 
 /// A stream record is input: a REMOVE naming an account of 2,040 bytes (no KV key could be its
@@ -378,13 +380,13 @@ async fn an_alias_dropped_without_its_record_no_longer_protects_its_target() {
     assert!(h.settings(SHOP_A).is_none());
 }
 
+crate::on_both_views! {
 /// The stream records its indexes' references in the ledger (TransactWriteItems): writes that
 /// do not answer are given up at the deadline like every other ledger call, never waited on
 /// past it, and the batch's records are reported for retry, exported on the replay.
-#[tokio::test]
-async fn a_batch_whose_reference_writes_hang_answers_before_its_deadline() {
+async fn a_batch_whose_reference_writes_hang_answers_before_its_deadline(view) {
     use ecom_emulators::dynamo_proxy::DynamoFault;
-    let mut h = Harness::new().await;
+    let mut h = Harness::with_view(view).await;
     h.keys.set_key("acct-1", "k");
     h.put(index_item("acct-1", "products", Some(SHOP_A))).await;
     let records = h.stream_records().await;
@@ -418,6 +420,7 @@ async fn a_batch_whose_reference_writes_hang_answers_before_its_deadline() {
     let replay = replay.await.expect("an answer");
     assert_eq!(failures(&replay), Vec::<String>::new(), "{replay}");
     assert!(h.settings(SHOP_A).is_some(), "{}", function.output());
+}
 }
 
 /// Class 2, the other direction: an alias added while its stream record was lost (given up

@@ -43,11 +43,13 @@ fn previous_of(change: &mut Change) -> Option<(&IndexRef, &mut PreviousShop)> {
     }
 }
 
-/// Settles the previous shops of each record whose stream did not give them (a `NEW_IMAGE`
-/// stream): an earlier record of the batch tells, else `recorded` (every shop the ledger
-/// records the index may be on; `None`: nothing recorded). Answers the indexes left unsettled
-/// (their first record of the batch, nothing recorded): their current KV values tell
-/// ([`settle_from_kv`]).
+/// Settles the previous shops of each record: every shop the ledger records the index may be
+/// on (`recorded`; `None`: nothing recorded) joins what the index's first record of the batch
+/// says (its old image, on a `NEW_AND_OLD_IMAGES` stream), so a shop an earlier batch could not
+/// confirm given up is given up again whatever the view type; a record whose stream did not
+/// say (a `NEW_IMAGE` stream) takes an earlier record's shop, else what is recorded. Answers the
+/// indexes left unsettled (their first record of the batch, nothing recorded): their current
+/// KV values tell ([`settle_from_kv`]).
 pub fn settle_previous_shops(
     records: &mut [ChangeRecord],
     recorded: impl Fn(&IndexRef) -> Option<BTreeSet<String>>,
@@ -65,17 +67,17 @@ pub fn settle_previous_shops(
         let Some((index, previous)) = previous_of(change) else {
             continue;
         };
-        if *previous == PreviousShop::Unknown {
-            match last_in_batch
-                .get(index)
-                .cloned()
-                .or_else(|| recorded(index))
-            {
-                Some(shop) => *previous = PreviousShop::Known(shop),
+        let earlier = last_in_batch.get(index).cloned();
+        match (&mut *previous, earlier) {
+            (PreviousShop::Unknown, Some(shops)) => *previous = PreviousShop::Known(shops),
+            (PreviousShop::Unknown, None) => match recorded(index) {
+                Some(shops) => *previous = PreviousShop::Known(shops),
                 None => {
                     unsettled.insert(index.clone());
                 }
-            }
+            },
+            (PreviousShop::Known(shops), None) => shops.extend(recorded(index).unwrap_or_default()),
+            _ => {}
         }
         last_in_batch.insert(index.clone(), now);
     }
