@@ -96,7 +96,16 @@ impl<P: Ports> Exporter<P> {
             return self.settings_references(deadline).await;
         }
         let asked = plan::reference_questions(records);
-        let recorded = self.recorded_referrers(asked.into_iter().collect(), deadline);
+        // The batch's own indexes are decided by its records (below): their items are not read.
+        let own: BTreeSet<&IndexRef> = (records.iter())
+            .filter_map(|record| match &record.decoded {
+                Ok(Change::UpsertIndex { settings, .. }) => Some(&settings.index),
+                Ok(Change::RemoveIndex { index, .. }) => Some(index),
+                _ => None,
+            })
+            .collect();
+        let asked = asked.into_iter().collect();
+        let recorded = self.recorded_referrers(asked, &own, deadline);
         let mut references: BTreeMap<IndexRef, SettingsReference> = (recorded.await?.into_iter())
             .map(|r| (r.index.clone(), r))
             .collect();
@@ -132,19 +141,24 @@ impl<P: Ports> Exporter<P> {
         if !before_deadline(deadline, "ledger references", complete).await? {
             return self.settings_references(deadline).await;
         }
-        self.recorded_referrers(asked, deadline).await
+        self.recorded_referrers(asked, &BTreeSet::new(), deadline)
+            .await
     }
 
+    /// The references of the indexes the ledger names as referring to what is `asked`, but
+    /// those in `decided` (the batch's own), read from the table.
     async fn recorded_referrers(
         &self,
         asked: Vec<Referred>,
+        decided: &BTreeSet<&IndexRef>,
         deadline: Instant,
     ) -> Result<Vec<SettingsReference>, PortError> {
         if asked.is_empty() {
             return Ok(Vec::new());
         }
         let query = self.ledger.referrers(&asked);
-        let candidates = before_deadline(deadline, "ledger references", query).await?;
+        let mut candidates = before_deadline(deadline, "ledger references", query).await?;
+        candidates.retain(|candidate| !decided.contains(candidate));
         // The ledger names candidates (a superset, possibly stale); each one's settings record
         // in the table decides: an alias dropped, or a record gone, no longer counts.
         let read = self.table.index_references(&candidates);
