@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use lambda_runtime::{Diagnostic, LambdaEvent};
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -123,17 +124,20 @@ pub fn retry_deadline(deadline: SystemTime, margin: Duration) -> Instant {
     Instant::now() + left.saturating_sub(margin.min(left / 5))
 }
 
+/// One invocation: its payload, read by `lambda_runtime` as JSON text (checked, not parsed
+/// into a tree), routed with its retry deadline.
 pub async fn handle<P: Ports>(
     exporter: &Exporter<P>,
     margin: Duration,
-    event: LambdaEvent<Bytes>,
+    event: LambdaEvent<Box<RawValue>>,
 ) -> Result<Value, HandlerError> {
     let deadline = retry_deadline(event.context.deadline(), margin);
     let retry_budget_ms = deadline
         .saturating_duration_since(Instant::now())
         .as_millis() as u64;
     tracing::debug!(retry_budget_ms, "invocation received");
-    route(exporter, event.payload, deadline).await
+    let text: Box<str> = event.payload.into();
+    route(exporter, Bytes::from(text.into_boxed_bytes()), deadline).await
 }
 
 /// Routes a payload (its JSON text); retrying stops at `deadline`.

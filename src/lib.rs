@@ -6,9 +6,7 @@
 //!
 //! One room per concept; arrows point the only way imports go.
 //!
-//! - [`runtime_api`]: the Lambda runtime-API loop the binary runs: next event, handler,
-//!   answer or error.
-//! - [`entry`]: the thin Lambda entry. Routes a payload (stream batch or operator request),
+//! - [`entry`]: the thin Lambda entry (the binary serves it with `lambda_runtime::run`). Routes a payload (stream batch or operator request),
 //!   sets the retry deadline, turns a report into the partial-batch response.
 //! - [`pipeline`]: the stream path, one file per step: [`pipeline::records`] (stream records
 //!   and table items become changes) -> [`pipeline::plan`] (pure: one KV operation per key) ->
@@ -26,7 +24,7 @@
 //! - [`domain`]: the shared vocabulary (indexes, settings, KV keys and limits, secrets).
 //! - [`config`]: the environment.
 //!
-//! runtime_api (on its own); entry -> config -> adapters -> ports, dynamo;
+//! Arrows: entry -> config -> adapters -> ports, dynamo;
 //! entry -> operator -> pipeline -> report -> ports -> dynamo -> domain; pipeline -> dynamo.
 //! (A room may import what its arrows reach; `tests/integration/code_shape.rs` holds this.)
 //!
@@ -45,7 +43,6 @@ pub(crate) mod operator;
 pub mod pipeline;
 pub mod ports;
 pub mod report;
-pub mod runtime_api;
 
 use adapters::api_keys::HttpApiKeys;
 use adapters::cloudflare::{CloudflareConfig, CloudflareKv, RetryPolicy};

@@ -1,13 +1,15 @@
-//! The Lambda binary: configuration and clients once per cold start, then the handler. One
-//! thread: a function instance handles one invocation at a time, and a small batch costs less
-//! without cross-thread wake-ups.
+//! The Lambda binary: configuration and clients once per cold start, then `lambda_runtime`
+//! serves the handler (panics, deadlines and the request's tracing span are its). One thread:
+//! a function instance handles one invocation at a time, and a small batch costs less without
+//! cross-thread wake-ups.
 #![recursion_limit = "256"]
 
 use ecom_settings_exporter::adapters::cloudflare::RetryPolicy;
 use ecom_settings_exporter::build_exporter;
 use ecom_settings_exporter::config::Config;
 use ecom_settings_exporter::entry::{self, HandlerError};
-use ecom_settings_exporter::runtime_api;
+use lambda_runtime::{service_fn, LambdaEvent};
+use serde::de::IgnoredAny;
 use serde_json::Value;
 
 /// jemalloc, not glibc's malloc: a 10,000-record batch allocates some 340,000 blocks
@@ -32,17 +34,18 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     match Config::from_env() {
         Ok(config) => {
             let exporter = build_exporter(&config, RetryPolicy::default()).await;
-            let exporter = &exporter;
-            runtime_api::run(|event| entry::handle(exporter, config.deadline_margin, event)).await
+            let (exporter, margin) = (&exporter, config.deadline_margin);
+            let handler = service_fn(move |event| entry::handle(exporter, margin, event));
+            lambda_runtime::run(handler).await
         }
         Err(error) => {
             // Keep answering, so every invocation says which setting is missing.
             tracing::error!("{error}");
-            runtime_api::run(move |_| {
+            let handler = service_fn(move |_: LambdaEvent<IgnoredAny>| {
                 let error = HandlerError::Config(error.clone());
                 async move { Err::<Value, _>(error) }
-            })
-            .await
+            });
+            lambda_runtime::run(handler).await
         }
     }
 }

@@ -4,12 +4,8 @@
 use std::time::Duration;
 
 use crate::common::*;
-use bytes::Bytes;
 use ecom_emulators::runtime_api::RuntimeApi;
-use ecom_settings_exporter::entry::HandlerError;
-use ecom_settings_exporter::runtime_api;
-use lambda_runtime::LambdaEvent;
-use serde_json::{json, Value};
+use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -195,50 +191,4 @@ async fn a_missing_setting_fails_every_invocation_naming_it() {
         "one clear line at start: {}",
         function.output()
     );
-}
-
-#[tokio::test]
-async fn the_runtime_loop_reports_a_panic_and_serves_the_next_invocation() {
-    let runtime = RuntimeApi::start(0).await.unwrap();
-    let endpoint = format!("http://{}", runtime.endpoint()).parse().unwrap();
-    let client = lambda_runtime_api_client::Client::builder()
-        .with_endpoint(endpoint)
-        .build()
-        .unwrap();
-    let config = lambda_runtime::Config {
-        function_name: "loop-under-test".into(),
-        memory: 128,
-        ..Default::default()
-    };
-    let serving = tokio::spawn(runtime_api::serve(
-        client,
-        config,
-        |event: LambdaEvent<Bytes>| async move {
-            let payload: Value = serde_json::from_slice(&event.payload).unwrap();
-            match payload.as_str() {
-                Some("panic") => panic!("boom on purpose"),
-                Some("fail") => Err(HandlerError::UnsupportedPayload),
-                _ => {
-                    Ok(json!({"echo": payload, "function": event.context.env_config.function_name}))
-                }
-            }
-        },
-    ));
-
-    let panicked = runtime.invoke(json!("panic"), TIMEOUT).await.unwrap_err();
-    let failed = runtime.invoke(json!("fail"), TIMEOUT).await.unwrap_err();
-    let answered = runtime.invoke(json!({"n": [1, 2]}), TIMEOUT).await;
-
-    assert_eq!(panicked["errorType"], "Runtime.Panic");
-    assert_eq!(
-        panicked["errorMessage"],
-        "the handler panicked: boom on purpose"
-    );
-    assert_eq!(failed["errorType"], "InvalidPayload");
-    assert_eq!(
-        answered,
-        Ok(json!({"echo": {"n": [1, 2]}, "function": "loop-under-test"}))
-    );
-    assert!(!serving.is_finished(), "the loop keeps serving");
-    serving.abort();
 }
