@@ -32,13 +32,14 @@ pub use reexport::ReexportRequest;
 pub use verify::VerifyRequest;
 
 /// Why an operator request was refused or did not finish.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Clone, PartialEq, thiserror::Error)]
 pub enum OperatorError {
     #[error("invalid manual payload: `{field}` {problem}")]
     InvalidField { field: String, problem: String },
-    #[error("no settings record for account {account}, index {index}")]
+    // The payload's names are quoted cut: a 5 MB `system_account_id` is not echoed whole.
+    #[error("no settings record for account {}, index {}", cut(.account), cut(.index))]
     NoSuchIndex { account: String, index: String },
-    #[error("re-export of account {account}, index {index} failed: {reason}")]
+    #[error("re-export of account {}, index {} failed: {reason}", cut(.account), cut(.index))]
     ExportFailed {
         account: String,
         index: String,
@@ -48,6 +49,14 @@ pub enum OperatorError {
     BackfillFailed { reason: String },
     #[error("reconcile stopped: {reason}")]
     ReconcileFailed { reason: String },
+}
+
+/// As its message, cut: lambda_runtime logs a handler's error with `{:?}`, and a payload's
+/// names may be megabytes.
+impl std::fmt::Debug for OperatorError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OperatorError({self})")
+    }
 }
 
 impl OperatorError {
@@ -398,5 +407,30 @@ mod tests {
             value,
             json!({"marqo_api_key": "<masked>", "index_url": "u"})
         );
+    }
+
+    #[test]
+    fn an_error_about_a_huge_name_quotes_it_cut() {
+        let huge = "a".repeat(5_000_000);
+        let errors = [
+            OperatorError::NoSuchIndex {
+                account: huge.clone(),
+                index: huge.clone(),
+            },
+            OperatorError::ExportFailed {
+                account: huge.clone(),
+                index: huge.clone(),
+                reason: "KV down".into(),
+            },
+        ];
+        for error in errors {
+            let message = error.to_string();
+            assert!(message.len() < 1_000, "{} bytes", message.len());
+            assert!(format!("{error:?}").len() < 1_100, "logged as Debug");
+            assert!(
+                message.contains("5000000 bytes") || message.contains("5,000,000"),
+                "{message}"
+            );
+        }
     }
 }
