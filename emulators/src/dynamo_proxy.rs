@@ -110,8 +110,8 @@ impl DynamoProxy {
     }
 
     /// Applies `fault` to the next `times` calls of `operation` (any, when `None`) naming a
-    /// table whose name ends with `table` (any, when `None`): `-ledger` is the ledger, the
-    /// settings table's whole name only the settings table.
+    /// table whose name holds `table` (any, when `None`), or, for `={name}`, the table of that
+    /// exact name (the settings table's name is the start of its ledger's).
     pub fn inject(
         &self,
         operation: Option<&str>,
@@ -146,6 +146,14 @@ impl DynamoProxy {
     /// Every call answered so far, in the order they ended.
     pub fn calls(&self) -> Vec<DynamoCall> {
         self.state.calls.lock().unwrap().clone()
+    }
+}
+
+/// Whether a rule's `table` names the table `name`: `={name}` exactly, else a part of it.
+fn names(name: &str, table: &str) -> bool {
+    match table.strip_prefix('=') {
+        Some(exact) => name == exact,
+        None => name.contains(table),
     }
 }
 
@@ -229,7 +237,7 @@ fn next_fault(state: &ProxyState, operation: &str, tables: &[String]) -> Option<
             && rule
                 .table
                 .as_deref()
-                .is_none_or(|t| tables.iter().any(|name| name.ends_with(t)))
+                .is_none_or(|t| tables.iter().any(|name| names(name, t)))
     };
     let at = rules.iter().position(matches)?;
     let fault = rules[at].fault.clone();

@@ -604,10 +604,11 @@ async fn every_kind_of_dynamodb_call(
         function,
     } = behind_a_dynamodb_proxy(&h).await;
     if let Some((operation, ledger, error_type)) = fault {
+        // The settings table by its exact name: it is the start of its ledger's.
         let table = if ledger {
             "-ledger".to_owned()
         } else {
-            h.table.clone()
+            format!("={}", h.table)
         };
         let fault = DynamoFault::Fail {
             status: 400,
