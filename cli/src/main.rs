@@ -10,17 +10,33 @@ use clap::{Args, Parser, Subcommand};
 use ecom_settings_ctl::{follow, verify_table, CtlError, Exporter, Mode, Progress, Target};
 use serde_json::{json, Value};
 
+/// Exit codes, one meaning each (listed in `--help`).
+const DRIFT_OR_PROBLEMS: u8 = 1;
+const FUNCTION_FAILED: u8 = 3;
+const INTERRUPTED: u8 = 130;
+
+const EXIT_CODES: &str = "Exit codes:
+  0    done: every record exported, no drift left
+  1    done with findings: records rejected or failed, drift found and not repaired, or the
+       run stopped before the end
+  2    usage error (a flag missing or not understood)
+  3    the function could not be invoked, or answered an error
+  130  interrupted (Ctrl-C): the invocation under way finished; resume with the token printed";
+
 #[derive(Parser)]
 #[command(
     version,
-    about = "Operate ecom-settings-exporter: backfill, reconcile, verify"
+    about = "Operate ecom-settings-exporter: backfill, reconcile, verify",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     /// The function, e.g. dev-EcomSettingsExporterLambda.
     #[arg(long, env = "ECOM_EXPORTER_FUNCTION")]
     function_name: String,
+    /// The function's region (else AWS_REGION, the profile's, or the SDK's default chain).
     #[arg(long)]
     region: Option<String>,
+    /// The AWS profile whose credentials invoke the function (else the SDK's default chain).
     #[arg(long)]
     profile: Option<String>,
     /// The Invoke API to call instead of AWS's (with --local: http://127.0.0.1:9000).
@@ -67,6 +83,7 @@ struct Common {
 struct Backfill {
     #[command(flatten)]
     common: Common,
+    /// Export each index's query overrides too (and rebuild its query filter).
     #[arg(long)]
     include_query_configs: bool,
     /// Table items per page (1 to 1000).
@@ -78,6 +95,7 @@ struct Backfill {
 struct Reconcile {
     #[command(flatten)]
     common: Common,
+    /// Write what is missing or stale and delete what is orphaned (checked against the table).
     #[arg(long)]
     repair: bool,
     /// Read every value, to catch hand edits that kept their metadata.
@@ -87,14 +105,19 @@ struct Reconcile {
 
 #[derive(Args)]
 struct Verify {
+    /// The index's system account (its item's `pk`).
     #[arg(long)]
     account: String,
+    /// The index's name (its item's `sk` is `INDEX#{name}`).
     #[arg(long)]
     index: String,
+    /// Compare its query overrides and query filter too.
     #[arg(long)]
     include_query_configs: bool,
+    /// Write the keys that differ from the table (checked against it once written).
     #[arg(long)]
     repair: bool,
+    /// With --repair: say what would be written, write nothing.
     #[arg(long)]
     dry_run: bool,
 }
@@ -153,7 +176,8 @@ async fn main() -> ExitCode {
     match follow(&exporter, mode, request, &interrupted, &progress).await {
         Ok(totals) => {
             println!("{}", totals.summary(mode));
-            print!("{}", totals.drift_report(&repair_command()));
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            print!("{}", totals.drift_report(&repair_command(&args)));
             if let Some(token) = totals
                 .continuation_token
                 .as_deref()
@@ -162,16 +186,16 @@ async fn main() -> ExitCode {
                 println!("not complete; resume with --continuation-token {token}");
             }
             if totals.interrupted {
-                ExitCode::from(130)
+                ExitCode::from(INTERRUPTED)
             } else if totals.has_problems() || totals.drift_left() || !totals.complete {
-                ExitCode::from(1)
+                ExitCode::from(DRIFT_OR_PROBLEMS)
             } else {
                 ExitCode::SUCCESS
             }
         }
         Err(e) => {
             report(&e, verbose);
-            ExitCode::from(2)
+            ExitCode::from(FUNCTION_FAILED)
         }
     }
 }
@@ -184,13 +208,21 @@ fn report(error: &CtlError, verbose: bool) {
     }
 }
 
-/// This command again with `--repair` (and without `--dry-run`).
-fn repair_command() -> String {
-    let args = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--dry-run" && a != "--repair");
+/// This command (its arguments `args`) again, runnable as printed: with `--repair`, without
+/// `--dry-run`, and from the start (a `--continuation-token` would repair only what is after it).
+fn repair_command(args: &[String]) -> String {
     let mut command = vec!["ecom-settings-ctl".to_owned()];
-    command.extend(args);
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--dry-run" | "--repair" => {}
+            "--continuation-token" => {
+                args.next();
+            }
+            _ if arg.starts_with("--continuation-token=") => {}
+            _ => command.push(arg.clone()),
+        }
+    }
     command.push("--repair".into());
     command.join(" ")
 }
@@ -213,7 +245,7 @@ async fn verify(exporter: &Exporter, v: &Verify, verbose: bool) -> ExitCode {
             Ok(answer) => answer,
             Err(e) => {
                 report(&e, verbose);
-                return ExitCode::from(2);
+                return ExitCode::from(FUNCTION_FAILED);
             }
         };
         print!("{}", verify_table(&answer));
@@ -225,7 +257,7 @@ async fn verify(exporter: &Exporter, v: &Verify, verbose: bool) -> ExitCode {
     }
     match in_sync || (v.repair && !v.dry_run) {
         true => ExitCode::SUCCESS,
-        false => ExitCode::from(1),
+        false => ExitCode::from(DRIFT_OR_PROBLEMS),
     }
 }
 
@@ -239,9 +271,36 @@ fn stop_on_ctrl_c() -> Arc<AtomicBool> {
             eprintln!("\ninterrupted: finishing the invocation under way (Ctrl-C again to abort)");
             flag.store(true, Ordering::SeqCst);
             if tokio::signal::ctrl_c().await.is_ok() {
-                std::process::exit(130);
+                std::process::exit(INTERRUPTED.into());
             }
         }
     });
     interrupted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_repair_command_starts_from_the_beginning_and_writes() {
+        let args = |line: &str| line.split(' ').map(str::to_owned).collect::<Vec<_>>();
+        let cases = [
+            (
+                "--function-name f reconcile --dry-run",
+                "ecom-settings-ctl --function-name f reconcile --repair",
+            ),
+            (
+                "--function-name f reconcile --account a --continuation-token tok --deep",
+                "ecom-settings-ctl --function-name f reconcile --account a --deep --repair",
+            ),
+            (
+                "--function-name f reconcile --continuation-token=tok",
+                "ecom-settings-ctl --function-name f reconcile --repair",
+            ),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(repair_command(&args(line)), expected, "{line}");
+        }
+    }
 }

@@ -89,6 +89,18 @@ impl Totals {
     /// The drifted keys found (up to [`DRIFTED_SHOWN`]) and, when left, how to repair them.
     pub fn drift_report(&self, repair_command: &str) -> String {
         let mut out = String::new();
+        if self.repaired && !self.drifted.is_empty() {
+            let verb = if self.dry_run {
+                "would repair"
+            } else {
+                "repaired"
+            };
+            let _ = writeln!(
+                out,
+                "{verb} (written {}, deleted {}):",
+                self.written, self.deleted
+            );
+        }
         for (key, class) in &self.drifted {
             let _ = writeln!(out, "  {class:<8} {key}");
         }

@@ -137,7 +137,11 @@ async fn failures_and_function_errors_exit_non_zero() {
         .output()
         .await
         .unwrap();
-    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(
+        output.status.code(),
+        Some(3),
+        "a failed function is not a usage error"
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains("failed (InvalidPayload): invalid manual payload"),
@@ -186,7 +190,7 @@ async fn a_function_error_shows_its_type_however_the_invoke_api_answered_it() {
             .await
             .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{cargo_lambda}: {stderr}");
+        assert_eq!(output.status.code(), Some(3), "{cargo_lambda}: {stderr}");
         assert!(
             stderr.contains("failed (NoSuchIndex): no settings record for account acct-1"),
             "{cargo_lambda}: {stderr}"
@@ -266,6 +270,10 @@ async fn a_reconcile_that_finds_drift_names_the_keys_and_the_repair_and_exits_on
     let stdout = String::from_utf8_lossy(&repaired.stdout);
     assert_eq!(repaired.status.code(), Some(0), "{stdout}");
     assert!(!stdout.contains("repair them with"), "{stdout}");
+    assert!(
+        stdout.contains("repaired (written 2, deleted 0):\n  missing  acct-1-a\n"),
+        "{stdout}"
+    );
 }
 
 #[tokio::test]
@@ -286,7 +294,7 @@ async fn nothing_listening_says_what_to_do_in_one_line_and_the_sdk_only_when_ver
 
     let output = run(false).output().await.unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(
         stderr.contains(&format!("nothing answers at {url}")),
@@ -301,4 +309,49 @@ async fn nothing_listening_says_what_to_do_in_one_line_and_the_sdk_only_when_ver
         stderr.lines().count() > 1,
         "the SDK's account follows: {stderr}"
     );
+}
+
+/// `--help` of every command gives each flag a line of help and lists the exit codes; a usage
+/// error exits 2, which no other outcome uses.
+#[tokio::test]
+async fn every_flag_has_help_and_the_exit_codes_are_listed_and_distinct() {
+    let help = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_ecom-settings-ctl"))
+            .args(args)
+            .arg("--help")
+            .env_remove("ECOM_EXPORTER_FUNCTION")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let top = help(&[]);
+    for code in ["  0 ", "  1 ", "  2 ", "  3 ", "  130 "] {
+        assert!(top.contains(code), "exit code {code} in --help: {top}");
+    }
+    for command in [&[][..], &["backfill"], &["reconcile"], &["verify"]] {
+        let text = help(command);
+        let options = text.split("Options:").nth(1).expect("an Options section");
+        let options = options.split("Exit codes:").next().unwrap();
+        // A flag's help is on its line, or on the next one (clap's long help).
+        let lines: Vec<&str> = options.lines().collect();
+        for (at, line) in lines.iter().enumerate() {
+            let flag = line.trim_start();
+            if !flag.starts_with('-') {
+                continue;
+            }
+            let same = flag.split_once("  ").map(|(_, d)| d.trim());
+            let next = (lines.get(at + 1).map(|l| l.trim())).filter(|l| !l.starts_with('-'));
+            let described = same.filter(|d| !d.is_empty()).or(next);
+            assert!(
+                described.is_some_and(|d| !d.is_empty()),
+                "no help for `{line}` in {command:?}"
+            );
+        }
+    }
+
+    let usage = std::process::Command::new(env!("CARGO_BIN_EXE_ecom-settings-ctl"))
+        .args(["--function-name", "f", "reconcile", "--no-such-flag"])
+        .output()
+        .unwrap();
+    assert_eq!(usage.status.code(), Some(2));
 }
