@@ -648,14 +648,7 @@ async fn a_reconcile_s_repair_of_the_ledger_never_replaces_the_stream_s_newer_wo
     h.export_stream().await;
     h.migrate().await;
     h.put(index_item("acct-1", "products", Some(&sy))).await;
-    let unavailable = Fault::Status {
-        status: 503,
-        retry_after: None,
-        retry_after_date: None,
-        retry_after_ms: None,
-        location: None,
-        retry_after_raw: None,
-    };
+    let unavailable = Fault::status(503);
     h.kv.inject(unavailable, 100);
     let lost = h.export_stream().await;
     assert_eq!(failures(&lost).len(), 1, "the move failed, and is never replayed: {lost}");

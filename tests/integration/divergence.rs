@@ -37,17 +37,7 @@ async fn a_retry_after_a_failed_old_shop_delete_still_deletes_the_old_shop() {
     assert_eq!(records.len(), 2);
     // The current-shop read passes; the delete of shop-1 (and what follows) fails for good.
     h.kv.inject(Fault::Delay { millis: 0 }, 1);
-    h.kv.inject(
-        Fault::Status {
-            retry_after_raw: None,
-            location: None,
-            status: 503,
-            retry_after: None,
-            retry_after_date: None,
-            retry_after_ms: None,
-        },
-        100,
-    );
+    h.kv.inject(Fault::status(503), 100);
 
     let response = h.invoke(json!({ "Records": records.clone() })).await;
 

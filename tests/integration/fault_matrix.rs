@@ -45,17 +45,7 @@ async fn serves_the_next_invocation(h: &mut Harness) {
 
 async fn a_transient_status_is_retried_until_it_passes(view: StreamViewType, status: u16) {
     let (mut h, records) = one_pending_record(view).await;
-    h.kv.inject(
-        Fault::Status {
-            retry_after_raw: None,
-            location: None,
-            status,
-            retry_after: None,
-            retry_after_date: None,
-            retry_after_ms: None,
-        },
-        2,
-    );
+    h.kv.inject(Fault::status(status), 2);
 
     let response = h.invoke(json!({ "Records": records })).await;
 
@@ -93,14 +83,7 @@ crate::on_both_views! {
 async fn kv_errors_that_outlast_the_retries_report_the_records(view) {
     let (mut h, records) = one_pending_record(view).await;
     h.kv.inject(
-        Fault::Status {
-            retry_after_raw: None,
-            location: None,
-            status: 503,
-            retry_after: None,
-            retry_after_date: None,
-            retry_after_ms: None,
-        },
+        Fault::status(503),
         100,
     );
 
@@ -149,14 +132,7 @@ crate::on_both_views! {
 async fn kv_429_without_retry_after_backs_off(view) {
     let (mut h, records) = one_pending_record(view).await;
     h.kv.inject(
-        Fault::Status {
-            retry_after_raw: None,
-            location: None,
-            status: 429,
-            retry_after: None,
-            retry_after_date: None,
-            retry_after_ms: None,
-        },
+        Fault::status(429),
         2,
     );
 
@@ -200,17 +176,7 @@ async fn kv_keys_that_stay_unsuccessful_report_their_record(view) {
 /// records are reported for retry.
 async fn a_client_error_is_not_retried(view: StreamViewType, status: u16) {
     let (mut h, records) = one_pending_record(view).await;
-    h.kv.inject(
-        Fault::Status {
-            retry_after_raw: None,
-            location: None,
-            status,
-            retry_after: None,
-            retry_after_date: None,
-            retry_after_ms: None,
-        },
-        100,
-    );
+    h.kv.inject(Fault::status(status), 100);
 
     let logs = Logs::capture();
     let response = h.invoke(json!({ "Records": records.clone() })).await;

@@ -34,28 +34,8 @@ async fn neither_token_nor_api_key_appears_anywhere_but_kv() {
 
     // The stream path, with a retry and a permanent KV error on the way.
     let records = h.stream_records().await;
-    h.kv.inject(
-        Fault::Status {
-            retry_after_raw: None,
-            location: None,
-            status: 503,
-            retry_after: None,
-            retry_after_date: None,
-            retry_after_ms: None,
-        },
-        1,
-    );
-    h.kv.inject(
-        Fault::Status {
-            retry_after_raw: None,
-            location: None,
-            status: 400,
-            retry_after: None,
-            retry_after_date: None,
-            retry_after_ms: None,
-        },
-        1,
-    );
+    h.kv.inject(Fault::status(503), 1);
+    h.kv.inject(Fault::status(400), 1);
     let first = h.invoke(json!({ "Records": records.clone() })).await;
     let second = h.invoke(json!({ "Records": records.clone() })).await;
     h.kv.set_tokens(&["rotated-elsewhere"]);
@@ -100,17 +80,7 @@ async fn neither_token_nor_api_key_appears_anywhere_but_kv() {
         assert_hidden(&format!("the answer to {payload}"), &text);
     }
     // A failing re-export's error message.
-    h.kv.inject(
-        Fault::Status {
-            retry_after_raw: None,
-            location: None,
-            status: 400,
-            retry_after: None,
-            retry_after_date: None,
-            retry_after_ms: None,
-        },
-        10,
-    );
+    h.kv.inject(Fault::status(400), 10);
     let error = h
         .try_invoke(index.clone(), Duration::from_secs(30))
         .await

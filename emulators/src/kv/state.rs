@@ -63,6 +63,20 @@ pub enum Fault {
     StaleReads,
 }
 
+impl Fault {
+    /// Answer `status` with an error envelope, and nothing else.
+    pub fn status(status: u16) -> Self {
+        Fault::Status {
+            status,
+            retry_after: None,
+            retry_after_date: None,
+            retry_after_ms: None,
+            location: None,
+            retry_after_raw: None,
+        }
+    }
+}
+
 /// What reads answer while [`Fault::StaleReads`] holds.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Snapshot {

@@ -97,12 +97,8 @@ impl<P: Ports> Exporter<P> {
         }
         let asked = plan::reference_questions(records);
         // The batch's own indexes are decided by its records (below): their items are not read.
-        let own: BTreeSet<&IndexRef> = (records.iter())
-            .filter_map(|record| match &record.decoded {
-                Ok(Change::UpsertIndex { settings, .. }) => Some(&settings.index),
-                Ok(Change::RemoveIndex { index, .. }) => Some(index),
-                _ => None,
-            })
+        let own: BTreeSet<IndexRef> = (left_by(records).into_iter().flatten())
+            .map(|(index, _)| index)
             .collect();
         let asked = asked.into_iter().collect();
         let recorded = self.recorded_referrers(asked, &own, deadline);
@@ -150,7 +146,7 @@ impl<P: Ports> Exporter<P> {
     async fn recorded_referrers(
         &self,
         asked: Vec<Referred>,
-        decided: &BTreeSet<&IndexRef>,
+        decided: &BTreeSet<IndexRef>,
         deadline: Instant,
     ) -> Result<Vec<SettingsReference>, PortError> {
         if asked.is_empty() {
@@ -163,6 +159,19 @@ impl<P: Ports> Exporter<P> {
         // in the table decides: an alias dropped, or a record gone, no longer counts.
         let read = self.table.index_references(&candidates);
         before_deadline(deadline, "candidates' settings", read).await
+    }
+
+    /// Adds these items to the ledger, on both sides (nothing to do for none).
+    async fn add_to_ledger(
+        &self,
+        items: &[(IndexRef, Referred)],
+        deadline: Instant,
+    ) -> Result<(), PortError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let put = self.ledger.point_back(items);
+        before_deadline(deadline, "ledger references", put).await
     }
 
     /// Before the KV writes, the intent: every reference the batch's records leave that the
@@ -188,10 +197,7 @@ impl<P: Ports> Exporter<P> {
         let items: Vec<(IndexRef, Referred)> = (added.iter())
             .flat_map(|(index, referred)| referred.iter().map(|r| (index.clone(), r.clone())))
             .collect();
-        if !items.is_empty() {
-            let put = self.ledger.point_back(&items);
-            before_deadline(deadline, "ledger references", put).await?;
-        }
+        self.add_to_ledger(&items, deadline).await?;
         Ok(added)
     }
 
@@ -219,10 +225,7 @@ impl<P: Ports> Exporter<P> {
             .into_iter()
             .collect();
         let missing: Vec<_> = named.into_iter().filter(|n| !found.contains(n)).collect();
-        if !missing.is_empty() {
-            let put = self.ledger.point_back(&missing);
-            before_deadline(deadline, "ledger references", put).await?;
-        }
+        self.add_to_ledger(&missing, deadline).await?;
         Ok(missing.len())
     }
 
@@ -246,10 +249,7 @@ impl<P: Ports> Exporter<P> {
             let lacking = lacking.filter(|r| !known.as_ref().is_some_and(|k| k.contains(r)));
             missing.extend(lacking.map(|r| (index.clone(), r)));
         }
-        if !missing.is_empty() {
-            let put = self.ledger.point_back(&missing);
-            before_deadline(deadline, "ledger references", put).await?;
-        }
+        self.add_to_ledger(&missing, deadline).await?;
         Ok(missing.len())
     }
 
