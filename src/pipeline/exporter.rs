@@ -368,7 +368,14 @@ impl<P: Ports> Exporter<P> {
         let run = prepared.run;
         let mut intents = None;
         if let Some(known) = prepared.known_refs.take() {
-            let left = references::left_by(&prepared.records);
+            // What the records that will write refer to: a record planned to write nothing
+            // (rejected, kept, skipped) records nothing, and what it names may be no key at all.
+            let planned = prepared.plan.outcomes.iter();
+            let left: Vec<_> = (references::left_by(&prepared.records)
+                .into_iter()
+                .zip(planned))
+            .map(|(left, outcome)| left.filter(|_| *outcome == Outcome::Pending))
+            .collect();
             match self.point_back(&left, &known, deadline).await {
                 Ok(added) => intents = Some((left, known, added)),
                 Err(error) => prepared.withhold(&error),

@@ -568,3 +568,33 @@ async fn a_shop_recorded_stale_by_a_lost_record_is_rewritten_by_the_next_reconci
     let added = logs.matching("the ledger lacked references the table names: added");
     assert_eq!(added.len(), 1, "{:?}", logs.matching("WARN"));
 }
+
+crate::on_both_views! {
+/// A settings item whose `shop_id` is 3,000 bytes (no shop key could be it, and its set's
+/// `shop#{shop}` would pass DynamoDB's 2,048-byte partition key) is rejected alone: the
+/// batch's intent names only what the records that will write refer to, so the other record is
+/// exported and nothing is reported for retry (the shard never stalls on it).
+async fn a_record_with_a_shop_no_key_could_be_is_rejected_alone_and_stalls_nothing(view) {
+    let mut h = Harness::with_view(view).await;
+    h.keys.set_key("acct-1", "k");
+    let ProxiedFunction {
+        dynamodb: _dynamodb,
+        runtime,
+        function,
+    } = behind_a_dynamodb_proxy(&h).await;
+    h.put(index_item("acct-1", "good", Some(SHOP_A))).await;
+    let mut hostile = index_item("acct-1", "hostile", None);
+    hostile["shop_id"] = json!({"S": "x".repeat(3_000)});
+    h.put(hostile).await;
+    let records = h.stream_records().await;
+
+    let answer = runtime.invoke(json!({ "Records": records }), std::time::Duration::from_secs(30));
+    let answer = answer.await.expect("an answer");
+
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+    assert!(h.settings(SHOP_A).is_some(), "{}", function.output());
+    assert!(h.settings("acct-1-hostile").is_none());
+    let log = function.wait_for("record rejected").await;
+    assert!(log.contains("hostile") && log.contains("not a Shopify shop domain"), "{log}");
+}
+}
