@@ -18,7 +18,7 @@ ENV ?= dev
 # Wherever cargo builds (CARGO_TARGET_DIR or a shared target directory included).
 TARGET_DIR = $(shell cargo metadata --format-version 1 --no-deps | $(PYTHON) -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
-.PHONY: all prerequisites edge deploy-check bins bench scale demo build sam-build test unit-test lint fmt fuzz venv tools sam-cli local deploy clean
+.PHONY: all prerequisites edge deploy-check artifact-check bins bench scale demo build sam-build test unit-test lint fmt fuzz venv tools sam-cli local deploy clean
 
 all: lint test
 
@@ -92,11 +92,12 @@ scale: venv
 		--emulators $(TARGET_DIR)/debug/ecom-emulators $(if $(SIZES),--sizes $(SIZES)) \
 		$(if $(SKIP),--skip "$(SKIP)")
 
-## moto's patches held equal to moto's own; unit and integration tests (moto on a free port, KV emulator and API-keys stand-in in-process,
+## moto's patches held equal to moto's own; check-permissions' own tests; unit and integration tests (moto on a free port, KV emulator and API-keys stand-in in-process,
 ## the edge Worker in workerd), then every AWS call the function made in them checked against the
 ## role the template gives it, then the template deployed to moto (deploy-check).
 test: prerequisites venv edge
 	$(VENV)/bin/python scripts/moto_patches.py --check
+	$(VENV)/bin/python -m unittest --quiet scripts/test_check_permissions.py
 	AWS_CALLS_RECORDING=$(CURDIR)/target/aws-calls.jsonl \
 		scripts/with-moto.sh cargo test --workspace --all-targets --locked
 	$(VENV)/bin/python scripts/check-permissions.py target/aws-calls.jsonl template.yaml
@@ -105,9 +106,13 @@ test: prerequisites venv edge
 ## template.yaml translated, checked, created in moto's CloudFormation, and the function run as the
 ## stack configures it (scripts/deploy-check.py, about 10 s), with the debug binaries the tests (or
 ## make bins) built.
+FUNCTION ?= $(TARGET_DIR)/debug/ecom-settings-exporter
 deploy-check: venv
-	scripts/with-moto.sh $(VENV)/bin/python scripts/deploy-check.py \
-		--function $(TARGET_DIR)/debug/ecom-settings-exporter --emulators $(TARGET_DIR)/debug/ecom-emulators
+	AWS_CALLS_RECORDING=$(CURDIR)/target/deploy-check-calls.jsonl \
+		scripts/with-moto.sh $(VENV)/bin/python scripts/deploy-check.py \
+		--function $(FUNCTION) --emulators $(TARGET_DIR)/debug/ecom-emulators
+	$(VENV)/bin/python scripts/check-permissions.py --calls-only \
+		--ledger ci-EcomIndexSettingsTable=ci-EcomSettingsExporterLedger target/deploy-check-calls.jsonl template.yaml
 
 ## Unit tests only: no moto, no network.
 unit-test:
@@ -117,10 +122,18 @@ unit-test:
 fuzz: venv
 	scripts/fuzz.sh
 
-## Lambda artifact for arm64 (cargo-lambda, installed into the venv from PyPI with zig).
+## Lambda artifact for arm64 (cargo-lambda, installed into the venv from PyPI with zig), as
+## `sam build` builds it: $(TARGET_DIR)/lambda/ecom-settings-exporter/bootstrap.
 build: tools
 	rustup target add aarch64-unknown-linux-gnu
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo lambda build --release --arm64 --bin ecom-settings-exporter
+
+## The artifact Lambda runs, checked: `make build`, an aarch64 ELF, then deploy-check with it as the
+## function (under qemu-user on another machine; Debian: qemu-user-static, libc6-arm64-cross,
+## libgcc-s1-arm64-cross). .ci/run runs it after the tests.
+artifact-check: build
+	scripts/artifact.sh check $(TARGET_DIR)/lambda/ecom-settings-exporter/bootstrap
+	$(MAKE) --no-print-directory deploy-check FUNCTION=$(TARGET_DIR)/lambda/bootstrap-here
 
 ## fmt, clippy, the template. The fuzz targets are their own workspace (nightly for `make fuzz`)
 ## but compile on stable: checked here so they never fall behind the library's API again.

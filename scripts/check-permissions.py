@@ -5,13 +5,21 @@ some test.
 
 The function's calls are the ones whose user agent names it (`app/ecom-settings-exporter`, set in
 `build_exporter`); the tests' own calls (creating tables, writing items) are not the function's.
-A call's table or secret is bound to the template's resource it stands for: a table named
-`...-ledger` is `LedgerTable`, any other table is the `SettingsTableName` parameter, a secret is the
-`CloudflareApiTokenSecretId` parameter; each statement's resource is then resolved with those
-bindings and matched as IAM matches (`*`, `?`).
+Each call is bound to the template resource it stands for, or it fails the check as a call that
+cannot be attributed:
+- a settings table is one the recording shows created with a stream (`SettingsTableName`); its
+  ledgers are `{settings}-ledger` and `{settings}-{name}-ledger` (a test's second ledger), or a
+  name given with `--ledger SETTINGS=LEDGER` (`LedgerTable`); a call to any other table fails;
+- a call naming a secondary index is a call on `table/{table}/index/{index}`, as IAM sees it;
+- a secret is the `CloudflareApiTokenSecretId` parameter if the recording shows it created, by name
+  (or its ARN), and a call for any other secret fails;
+- a call with no `X-Amz-Target`, or of a service this script does not know, fails.
+Each statement's resource is then resolved with those bindings and matched as IAM matches.
 
-Usage: python scripts/check-permissions.py RECORDING.jsonl template.yaml  (exit 1 on a gap)
+Usage: python scripts/check-permissions.py [--calls-only] [--ledger S=L] RECORDING.jsonl template.yaml
+(exit 1 on a gap; --calls-only: no "granted but never called" check, for a recording of one run)
 """
+import argparse
 import base64
 import fnmatch
 import json
@@ -24,7 +32,7 @@ ROLE = "ExporterRole"
 PSEUDO = {"AWS::Partition": "aws", "AWS::Region": "eu-west-1", "AWS::AccountId": "123456789012"}
 # What Lambda itself does with the role (poll the stream, send to the failed-records queue, write
 # the function's logs): not calls of the function's code, so no test makes them.
-LAMBDA_OWN = {"ReadSettingsStream", "ListStreams", "ReportFailedRecords", "WriteOwnLogs"}
+LAMBDA_OWN = {"ReadSettingsStream", "ListStreams", "ReportFailedRecords", "WriteOwnLogs", "WriteTraces"}
 
 
 TRANSACT_ACTIONS = {"Put": "PutItem", "Update": "UpdateItem", "Delete": "DeleteItem",
@@ -50,36 +58,87 @@ def recorded(recording):
         yield entry
 
 
-def calls_of_the_function(recording):
-    """(action, resource ARN, bindings) of each call the function made."""
+def created(entries):
+    """Tables the recording shows created with a stream (the settings tables of the runs), and
+    the secrets it shows created."""
+    tables, secrets = set(), set()
+    for headers, request in entries:
+        target = headers.get("x-amz-target", "")
+        if target.endswith(".CreateTable") and request.get("StreamSpecification", {}).get("StreamEnabled"):
+            tables.add(request["TableName"])
+        elif target == "secretsmanager.CreateSecret":
+            secrets.add(request["Name"])
+    return tables, secrets
+
+
+def secret_name(secret_id):
+    """A secret's name from its name or its ARN (`...:secret:{name}-{6 characters}`)."""
+    if secret_id.startswith("arn:"):
+        return secret_id.split(":secret:", 1)[-1][:-7]
+    return secret_id
+
+
+def parsed(recording):
+    """(lower-cased headers, request body as JSON or None) of each recorded request."""
     for entry in recorded(recording):
         headers = {k.lower(): v for k, v in entry["headers"].items()}
+        body = entry.get("body") or ""
+        if entry.get("body_encoded"):
+            body = base64.b64decode(body).decode(errors="replace")
+        try:
+            request = json.loads(body or "{}")
+        except ValueError:
+            request = None
+        yield headers, request if isinstance(request, dict) else {}
+
+
+def bind_table(table, settings, ledgers):
+    """The template parameter or resource a table stands for, or None."""
+    if table in settings:
+        return "SettingsTableName"
+    if table in ledgers or (str(table).endswith("-ledger") and any(str(table).startswith(s + "-") for s in settings)):
+        return "LedgerTable"
+    return None
+
+
+def dynamodb_calls(operation, request):
+    """(action, table, index) of each single-table action a DynamoDB request makes."""
+    if operation == "TransactWriteItems":
+        # IAM authorises each action of a transaction as the single-item call it is.
+        return [(TRANSACT_ACTIONS.get(kind, kind), action.get("TableName"), None)
+                for item in request.get("TransactItems", []) for kind, action in item.items()]
+    if "TableName" in request:
+        return [(operation, request["TableName"], request.get("IndexName"))]
+    return [(operation, table, None) for table in request.get("RequestItems", {})]
+
+
+def calls_of_the_function(recording, extra_ledgers):
+    """(action, resource ARN, bindings) of each call the function made; bindings None where the
+    call cannot be attributed to a resource of the template."""
+    entries = list(parsed(recording))
+    settings, secrets = created(entries)
+    ledgers = {table + "-ledger" for table in settings} | set(extra_ledgers)
+    for headers, request in entries:
         agent = headers.get("x-amz-user-agent", "") + " " + headers.get("user-agent", "")
-        if APP not in agent or "x-amz-target" not in headers:
+        if APP not in agent:
+            continue
+        if "x-amz-target" not in headers:
+            yield "(no X-Amz-Target)", headers.get("host", "?"), None
             continue
         prefix, operation = headers["x-amz-target"].split(".", 1)
-        body = entry.get("body") or "{}"
-        if entry.get("body_encoded"):
-            body = base64.b64decode(body).decode()
-        request = json.loads(body or "{}")
         if prefix.startswith("DynamoDB_"):
-            if operation == "TransactWriteItems":
-                # IAM authorises each action of a transaction as the single-item call it is.
-                calls = [(TRANSACT_ACTIONS[kind], action["TableName"])
-                         for item in request["TransactItems"] for kind, action in item.items()]
-            else:
-                tables = [request["TableName"]] if "TableName" in request else list(request.get("RequestItems", {}))
-                calls = [(operation, table) for table in tables]
-            for operation, table in calls:
-                param = "LedgerTable" if table.endswith("-ledger") else "SettingsTableName"
-                yield "dynamodb:" + operation, table_arn(table), {param: table}
+            for action, table, index in dynamodb_calls(operation, request):
+                param = bind_table(table, settings, ledgers)
+                arn = table_arn(str(table)) + (f"/index/{index}" if index else "")
+                yield "dynamodb:" + action, arn, {param: table} if param else None
         elif prefix == "secretsmanager":
-            secret = request["SecretId"]
+            secret = str(request.get("SecretId", ""))
+            name = secret_name(secret)
             arn = secret if secret.startswith("arn:") else (
                 "arn:aws:secretsmanager:eu-west-1:123456789012:secret:" + secret + "-AbCdEf")
-            yield "secretsmanager:" + operation, arn, {"CloudflareApiTokenSecretId": secret}
+            yield "secretsmanager:" + operation, arn, {"CloudflareApiTokenSecretId": name} if name in secrets else None
         else:
-            yield prefix + ":" + operation, "*", {}
+            yield prefix + ":" + operation, "*", None
 
 
 def resolve(resource, bindings):
@@ -105,13 +164,23 @@ def listed(value):
     return value if isinstance(value, list) else [value]
 
 
-def main(recording, template_path):
-    template = cfn_yaml.load(template_path)
+def main(argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("recording")
+    parser.add_argument("template")
+    parser.add_argument("--calls-only", action="store_true")
+    parser.add_argument("--ledger", action="append", default=[], metavar="SETTINGS=LEDGER")
+    args = parser.parse_args(argv)
+    template = cfn_yaml.load(args.template)
     policies = template["Resources"][ROLE]["Properties"]["Policies"]
     statements = [s for p in policies for s in p["PolicyDocument"]["Statement"] if s["Effect"] == "Allow"]
-    denied, used, made = {}, set(), 0
-    for action, arn, bindings in calls_of_the_function(recording):
+    extra_ledgers = [pair.split("=", 1)[1] for pair in args.ledger]
+    denied, unattributed, used, made = {}, {}, set(), 0
+    for action, arn, bindings in calls_of_the_function(args.recording, extra_ledgers):
         made += 1
+        if bindings is None:
+            unattributed[(action, arn)] = unattributed.get((action, arn), 0) + 1
+            continue
         allowed = False
         for statement in statements:
             for granted in listed(statement["Action"]):
@@ -123,23 +192,24 @@ def main(recording, template_path):
                         allowed = True
                         used.add((statement["Sid"], granted))
         if not allowed:
-            resource = next(iter(bindings), arn)
-            denied[(action, resource)] = denied.get((action, resource), 0) + 1
-    unused = sorted(
+            denied[(action, arn)] = denied.get((action, arn), 0) + 1
+    unused = [] if args.calls_only else sorted(
         (s["Sid"], granted)
         for s in statements if s["Sid"] not in LAMBDA_OWN
         for granted in listed(s["Action"])
         if (s["Sid"], granted) not in used
     )
     print(f"check-permissions: {made} AWS calls of the function checked against {ROLE}")
+    for (action, resource), calls in sorted(unattributed.items()):
+        print(f"  cannot attribute: {action} on {resource} ({calls} calls), not a resource of the template")
     for (action, resource), calls in sorted(denied.items()):
         print(f"  not allowed: {action} on {resource} ({calls} calls)")
     for sid, granted in unused:
         print(f"  granted but never called by any test: {granted} ({sid})")
     if made == 0:
         print("  no call of the function was recorded: is AWS_CALLS_RECORDING set?")
-    return 1 if denied or unused or made == 0 else 0
+    return 1 if denied or unattributed or unused or made == 0 else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(sys.argv[1:]))

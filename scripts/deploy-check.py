@@ -6,16 +6,20 @@ CloudFormation, and the function run as the stack configures it.
 2. Check the translated JSON for what moto drops or cannot run: the ledger's TTL attribute, point
    in time recovery and encryption; the function's JSON logs in its own group; the stream's event
    source mapping (partial-batch responses, bisect, the failed-records queue, the `live` alias);
-   the schedule's input (`events/scheduled-reconcile.json`); every alarm naming a metric the
-   function emits or Lambda's own.
+   the schedule's input (`events/scheduled-reconcile.json`); the rollout (CodeDeploy moves `live`,
+   rolled back on the function's error alarms), tracing and tags.
 3. Create the settings table and its stream first (another stack owns them), then the stack,
-   with three resource types moto 5.2.5 lacks taken out after step 2 checked them (the alias: the
-   mapping then names the function; the alarms; the Logs query definitions).
+   with the resource types moto 5.2.5 lacks taken out after step 2 checked them (the alias: the
+   mapping then names the function; the alarms; the Logs query definitions; CodeDeploy's
+   application and deployment group).
 4. Read the function's configuration back from moto's Lambda (its environment as the stack set
    it), point only the outside world (Cloudflare, the API keys service) at the stand-ins, run the
    function binary behind the Invoke API and send it a stream event of the stack's table, then the
    schedule's input as moto's EventBridge rule holds it: the records land in KV and the ledger the
    stack created holds the pass.
+5. Every alarm watches a metric as it is published: one the function emitted (EMF) in step 4 under
+   the alarm's dimensions and the stack's function name, or Lambda's or SQS's own metric under the
+   dimensions they publish it with.
 
 Usage (moto on AWS_ENDPOINT_URL, e.g. under scripts/with-moto.sh):
   python scripts/deploy-check.py --function target/debug/ecom-settings-exporter \
@@ -27,7 +31,6 @@ import copy
 import io
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -47,7 +50,8 @@ SECRET = "ci/CloudFlareApiToken"
 TOKEN = "deploy-check-token"
 ARTIFACTS = "deploy-check-artifacts"
 # Resource types moto 5.2.5's CloudFormation does not create: checked on the JSON, then left out.
-NOT_IN_MOTO = {"AWS::Lambda::Alias", "AWS::CloudWatch::Alarm", "AWS::Logs::QueryDefinition"}
+NOT_IN_MOTO = {"AWS::Lambda::Alias", "AWS::CloudWatch::Alarm", "AWS::Logs::QueryDefinition",
+               "AWS::CodeDeploy::Application", "AWS::CodeDeploy::DeploymentGroup"}
 # Metrics the function emits (src/report.rs) and the AWS ones the alarms may watch.
 OWN_NAMESPACE = "EcomSettingsExporter"
 
@@ -89,7 +93,7 @@ def of_type(resources, kind):
     return {name: r for name, r in resources.items() if r["Type"] == kind}
 
 
-def check_translated(checks, cfn, emitted_metrics):
+def check_translated(checks, cfn):
     resources = cfn["Resources"]
     ledger = resources["LedgerTable"]["Properties"]
     ttl = ledger.get("TimeToLiveSpecification", {})
@@ -122,6 +126,8 @@ def check_translated(checks, cfn, emitted_metrics):
     checks.check(destination == {"Fn::GetAtt": ["FailedRecordsQueue", "Arn"]},
                  "stream: records given up go to the failed-records queue", json.dumps(destination))
 
+    check_rollout(checks, resources, live[0] if live else None)
+
     rules = list(of_type(resources, "AWS::Events::Rule").values())
     with open("events/scheduled-reconcile.json") as f:
         expected_input = json.load(f)
@@ -132,12 +138,60 @@ def check_translated(checks, cfn, emitted_metrics):
     checks.check(target_arns == [{"Ref": live[0] if live else None}], "schedule: invokes the `live` alias",
                  json.dumps(target_arns))
 
+    return live[0] if live else None
+
+
+def check_rollout(checks, resources, live):
+    """CodeDeploy moves `live` to a new version, watched by the function's own error alarms."""
+    function = resources["ExporterFunction"]["Properties"]
+    checks.check(function.get("TracingConfig") == {"Mode": "Active"}, "function: X-Ray tracing active")
+    tags = {t["Key"] for t in function.get("Tags", [])}
+    checks.check({"service", "environment"} <= tags, "function: tagged service and environment", str(tags))
+    alias = resources.get(live, {})
+    update = alias.get("UpdatePolicy", {}).get("CodeDeployLambdaAliasUpdate", {})
+    groups = of_type(resources, "AWS::CodeDeploy::DeploymentGroup")
+    checks.check(len(groups) == 1 and update.get("DeploymentGroupName") == {"Ref": next(iter(groups), None)},
+                 "rollout: CodeDeploy moves the `live` alias", json.dumps(update))
+    group = next(iter(groups.values()), {}).get("Properties", {})
+    alarms = [a["Name"] for a in group.get("AlarmConfiguration", {}).get("Alarms", [])]
+    expected = [{"Ref": n} for n in ("FunctionErrorsAlarm", "FailedRecordsAlarm", "RecordsRejectedAlarm")]
+    checks.check(group.get("AlarmConfiguration", {}).get("Enabled") is True and alarms == expected
+                 and all(a["Ref"] in resources for a in alarms),
+                 "rollout: watched by the FunctionErrors, RecordsFailing and RecordsRejected alarms", json.dumps(alarms))
+    rollback = group.get("AutoRollbackConfiguration", {})
+    checks.check(rollback.get("Enabled") is True and "DEPLOYMENT_STOP_ON_ALARM" in rollback.get("Events", []),
+                 "rollout: rolled back when an alarm fires", json.dumps(rollback))
+    config = json.dumps(group.get("DeploymentConfigName"))
+    checks.check("Canary10Percent5Minutes" in config, "rollout: a canary by default", config)
+
+
+# The AWS metrics an alarm may watch, with the dimensions each is published under, and what each
+# dimension must name in the template.
+AWS_METRICS = {
+    ("AWS/Lambda", "Errors"): {"FunctionName": {"Ref": "ExporterFunction"},
+                               "Resource": {"Fn::Sub": "${ExporterFunction}:live"}},
+    ("AWS/Lambda", "IteratorAge"): {"FunctionName": {"Ref": "ExporterFunction"}},
+    ("AWS/SQS", "ApproximateNumberOfMessagesVisible"): {
+        "QueueName": {"Fn::GetAtt": ["FailedRecordsQueue", "QueueName"]}},
+}
+
+
+def check_alarms(checks, resources, emitted, function_name):
+    """Each alarm watches a metric that is published, under the dimensions it is published with:
+    Lambda's and SQS's own (AWS_METRICS), or one the function emitted (EMF) in this run."""
     for name, alarm in of_type(resources, "AWS::CloudWatch::Alarm").items():
         props = alarm["Properties"]
         namespace, metric = props["Namespace"], props["MetricName"]
-        known = metric in emitted_metrics if namespace == OWN_NAMESPACE else namespace in ("AWS/Lambda", "AWS/SQS")
-        checks.check(known, f"alarm {name}: watches {namespace}/{metric}, a metric that exists")
-    return live[0] if live else None
+        dimensions = {d["Name"]: d["Value"] for d in props.get("Dimensions", [])}
+        if namespace == OWN_NAMESPACE:
+            published = emitted.get(metric, set())
+            ok = dimensions == {"FunctionName": {"Ref": "ExporterFunction"}} and \
+                (("FunctionName",), function_name) in published
+            detail = f"emitted under {sorted(published)}" if published else "never emitted in this run"
+        else:
+            ok = AWS_METRICS.get((namespace, metric)) == dimensions
+            detail = json.dumps(dimensions)
+        checks.check(ok, f"alarm {name}: watches {namespace}/{metric} as it is published", detail)
 
 
 def without_what_moto_lacks(cfn, alias):
@@ -214,6 +268,7 @@ def run_as_configured(checks, args, function_name, configured, stream_arn, ledge
     env = dict(configured)
     env["CLOUDFLARE_API_BASE_URL"] = f"http://127.0.0.1:{kv_port}/client/v4"
     env["API_KEYS_SERVICE_URL"] = f"http://127.0.0.1:{keys_port}/cells/{{cell}}"
+    env["AWS_LAMBDA_FUNCTION_NAME"] = function_name  # as Lambda sets it
     for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
         env[name] = os.environ[name]
     processes = []
@@ -228,7 +283,8 @@ def run_as_configured(checks, args, function_name, configured, stream_arn, ledge
         processes.append(keys)
         with tempfile.NamedTemporaryFile("w", suffix=".env", delete=False) as env_file:
             env_file.write("".join(f"{k}={v}\n" for k, v in env.items()))
-        log = open(os.path.join(tempfile.gettempdir(), "deploy-check-function.log"), "w")
+        log_path = os.path.join(tempfile.gettempdir(), "deploy-check-function.log")
+        log = open(log_path, "w")
         invoke = subprocess.Popen([args.emulators, "invoke", "--port", str(invoke_port), "--function", args.function,
                                    "--env-file", env_file.name, "--timeout", str(args.timeout)],
                                   stdout=log, stderr=subprocess.STDOUT)
@@ -241,6 +297,8 @@ def run_as_configured(checks, args, function_name, configured, stream_arn, ledge
             event = json.load(f)
         for record in event["Records"]:
             record["eventSourceARN"] = stream_arn
+            # As the stream stamps it: a moment ago (the sample's date is past the stream's 24 h).
+            record["dynamodb"]["ApproximateCreationDateTime"] = round(time.time() - 1.0, 3)
         # The function exports each record's item as the table holds it: the item first.
         boto3.client("dynamodb").put_item(TableName=SETTINGS_TABLE, Item=event["Records"][0]["dynamodb"]["NewImage"])
         error, answer = post(url, event)
@@ -262,6 +320,7 @@ def run_as_configured(checks, args, function_name, configured, stream_arn, ledge
         progress = ddb.get_item(TableName=ledger_table, Key={"pk": {"S": "reconcile"}, "sk": {"S": "progress"}},
                                 ConsistentRead=True).get("Item")
         checks.check(progress is not None, f"the stack's ledger table `{ledger_table}` holds the reconcile's pass")
+        return log_path
     finally:
         for process in processes:
             process.terminate()
@@ -269,14 +328,26 @@ def run_as_configured(checks, args, function_name, configured, stream_arn, ledge
             process.wait(timeout=10)
 
 
-def emitted_metrics():
-    """Every capitalised string literal of src/: the metric names the function emits among them."""
-    names = set()
-    for root, _, files in os.walk("src"):
-        for name in files:
-            with open(os.path.join(root, name)) as f:
-                names.update(re.findall(r'"([A-Z][A-Za-z]+)"', f.read()))
-    return names
+def emitted_metrics(log_path):
+    """{metric: {(dimension names, FunctionName)}} of the EMF documents the function logged."""
+    emitted = {}
+    with open(log_path, errors="replace") as log:
+        for line in log:
+            start = line.find("{")
+            try:
+                document = json.loads(line[start:]) if start >= 0 else None
+            except ValueError:
+                continue
+            if not isinstance(document, dict) or "_aws" not in document:
+                continue
+            for directive in document["_aws"].get("CloudWatchMetrics", []):
+                if directive.get("Namespace") != OWN_NAMESPACE:
+                    continue
+                for dimensions in directive.get("Dimensions", []):
+                    for metric in directive.get("Metrics", []):
+                        emitted.setdefault(metric["Name"], set()).add(
+                            (tuple(dimensions), document.get("FunctionName")))
+    return emitted
 
 
 def main():
@@ -290,6 +361,7 @@ def main():
             print(f"deploy-check: {binary} is not built: run `make bins` (make test builds it too)")
             return 1
     checks = Checks()
+    print(f"function binary: {os.path.realpath(args.function)}")
     # boto3 (and so the translator) reads the region from AWS_DEFAULT_REGION.
     os.environ.setdefault("AWS_DEFAULT_REGION", os.environ["AWS_REGION"])
 
@@ -308,7 +380,7 @@ def main():
     started = time.monotonic()
     cfn = translate("template.yaml", parameters)
     checks.check("Transform" not in cfn, f"template.yaml translated ({time.monotonic() - started:.1f} s)")
-    alias = check_translated(checks, cfn, emitted_metrics())
+    alias = check_translated(checks, cfn)
 
     stack, resources = create_stack(without_what_moto_lacks(cfn, alias), parameters)
     checks.check(stack["StackStatus"] == "CREATE_COMPLETE", f"stack created in moto ({len(resources)} resources)",
@@ -331,7 +403,9 @@ def main():
     events = boto3.client("events")
     rule = next(r for r in resources.values() if r["ResourceType"] == "AWS::Events::Rule")["PhysicalResourceId"]
     target = events.list_targets_by_rule(Rule=rule)["Targets"][0]
-    run_as_configured(checks, args, function_name, configured, stream_arn, ledger_table, json.loads(target["Input"]))
+    log = run_as_configured(checks, args, function_name, configured, stream_arn, ledger_table,
+                            json.loads(target["Input"]))
+    check_alarms(checks, cfn["Resources"], emitted_metrics(log), function_name)
     return finish(checks)
 
 

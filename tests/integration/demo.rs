@@ -43,12 +43,16 @@ fn a_machine_without_a_c_compiler_is_told_what_to_install() {
             .unwrap();
         String::from_utf8(found.stdout).unwrap().trim().to_owned()
     };
-    // Only what the check itself runs with, and cargo and Python: no cc, gcc or curl.
+    // Only what the check itself runs with, rustup and Python: no cc, gcc or curl.
     for (name, path) in [
         ("python3", python.trim().to_owned()),
         ("cargo", which("cargo")),
+        ("rustup", which("rustup")),
         ("bash", which("bash")),
         ("env", which("env")),
+        ("sed", which("sed")),
+        ("grep", which("grep")),
+        ("dirname", which("dirname")),
     ] {
         let _ = std::os::unix::fs::symlink(path, bin.join(name));
     }
