@@ -4,6 +4,7 @@
 //! to the table; each change is timed until KV shows it; at the end the function's own `verify`
 //! mode must find KV in sync with the table.
 
+pub mod propagation;
 mod stack;
 
 use std::collections::HashMap;

@@ -4,6 +4,12 @@
 //! test forces a race or a slow ledger past the SDK's retries, and a bench measures what a
 //! batch costs in DynamoDB requests and round trips. Like DynamoDB (and unlike moto), it refuses a
 //! key over DynamoDB's size limits.
+//!
+//! For a bench it can also record every answer moto gave ([`DynamoProxy::record`]) and later
+//! answer a second run of the same function from that recording alone
+//! ([`DynamoProxy::replay`]): the same request (operation and body) gets moto's answer, after the
+//! set latency and nothing else, so the second run's wall time is the function's and not moto's.
+//! A request the recording lacks is answered 500 and counted ([`DynamoProxy::misses`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +23,12 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::ServerHandle;
+
+mod accounting;
+mod recording;
+
+use accounting::{oversized_key, partitions_written, tables_of, units};
+pub use recording::Recording;
 
 /// One call the proxy answered.
 #[derive(Debug, Clone)]
@@ -55,7 +67,17 @@ struct Rule {
     times: usize,
 }
 
+#[derive(Default)]
+enum Mode {
+    #[default]
+    Forward,
+    Record(Recording),
+    Replay(Recording),
+}
+
 struct ProxyState {
+    mode: Mutex<Mode>,
+    misses: AtomicU64,
     upstream: String,
     client: reqwest::Client,
     latency_micros: AtomicU64,
@@ -76,6 +98,8 @@ impl DynamoProxy {
     /// Serves on a free loopback port, forwarding to `upstream` (moto's endpoint).
     pub async fn start(upstream: &str) -> std::io::Result<Self> {
         let state = Arc::new(ProxyState {
+            mode: Mutex::default(),
+            misses: AtomicU64::new(0),
             upstream: upstream.trim_end_matches('/').to_owned(),
             client: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
@@ -141,6 +165,29 @@ impl DynamoProxy {
         self.state
             .releases
             .send_modify(|generation| *generation += 1);
+    }
+
+    /// From now on every answer moto gives is kept, by request.
+    pub fn record(&self) {
+        *self.state.mode.lock().unwrap() = Mode::Record(Recording::default());
+    }
+
+    /// Answers from now on come from `recording` alone (another proxy's [`Self::recorded`]).
+    pub fn replay(&self, recording: Recording) {
+        *self.state.mode.lock().unwrap() = Mode::Replay(recording);
+    }
+
+    /// A copy of what was recorded so far (recording goes on).
+    pub fn recorded(&self) -> Recording {
+        match &*self.state.mode.lock().unwrap() {
+            Mode::Record(recording) => recording.clone(),
+            Mode::Replay(_) | Mode::Forward => Recording::default(),
+        }
+    }
+
+    /// Requests a replay could not answer from its recording.
+    pub fn misses(&self) -> u64 {
+        self.state.misses.load(Ordering::SeqCst)
     }
 
     /// Every call answered so far, in the order they ended.
@@ -212,7 +259,7 @@ async fn forward(
         None => Ok(()),
     };
     let (status, response_headers, response_body) = match answer {
-        Ok(()) => upstream(&state, method, &uri, headers, body).await,
+        Ok(()) => answer_of(&state, &operation, method, &uri, headers, body).await,
         Err((status, error_type)) => failure(status, &error_type),
     };
     let (read_units, write_units) = units(&operation, &request, &response_body);
@@ -253,6 +300,28 @@ async fn wait_for_release(state: &ProxyState) {
     state.held.fetch_add(1, Ordering::SeqCst);
     let _ = releases.changed().await;
     state.held.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Moto's answer: forwarded (and kept, when recording), or taken from the recording.
+async fn answer_of(
+    state: &ProxyState,
+    operation: &str,
+    method: Method,
+    uri: &Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, HeaderMap, Bytes) {
+    if let Mode::Replay(recording) = &mut *state.mode.lock().unwrap() {
+        return recording.answer(operation, &body).unwrap_or_else(|| {
+            state.misses.fetch_add(1, Ordering::SeqCst);
+            failure(500, "NotInTheRecording")
+        });
+    }
+    let answer = upstream(state, method, uri, headers, body.clone()).await;
+    if let Mode::Record(recording) = &mut *state.mode.lock().unwrap() {
+        recording.keep(operation, body, &answer);
+    }
+    answer
 }
 
 async fn upstream(
@@ -304,132 +373,6 @@ fn failure(status: u16, error_type: &str) -> (StatusCode, HeaderMap, Bytes) {
     });
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (status, headers, Bytes::from(body.to_string()))
-}
-
-/// Whether the request names a key DynamoDB refuses: a partition key (`pk`) over 2,048 bytes or
-/// a sort key (`sk`) over 1,024 (moto does not check), in a key, an item, a batch's keys and
-/// items, or a Query's `:pk`.
-fn oversized_key(request: &Value) -> bool {
-    let too_long = |key: &Value| {
-        let length = |name: &str| key[name]["S"].as_str().map_or(0, str::len);
-        length("pk") > 2048 || length("sk") > 1024
-    };
-    let batch = request["RequestItems"]
-        .as_object()
-        .into_iter()
-        .flat_map(|t| t.values());
-    let batch_keys = batch.flat_map(|table| {
-        let gets = table["Keys"].as_array().into_iter().flatten();
-        let writes = table
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|r| [&r["PutRequest"]["Item"], &r["DeleteRequest"]["Key"]]);
-        gets.chain(writes)
-    });
-    let query_pk = request["ExpressionAttributeValues"][":pk"]["S"].as_str();
-    let transact_keys = transact_actions(request).map(|(_, key)| key);
-    [&request["Key"], &request["Item"]]
-        .into_iter()
-        .chain(batch_keys)
-        .chain(transact_keys)
-        .any(too_long)
-        || query_pk.is_some_and(|pk| pk.len() > 2048)
-}
-
-/// Each action of a TransactWriteItems: what it writes (a Put's item, another's key), and
-/// whether it is a Put.
-fn transact_actions(request: &Value) -> impl Iterator<Item = (bool, &Value)> {
-    let items = request["TransactItems"].as_array().into_iter().flatten();
-    let actions = items.filter_map(|item| item.as_object()?.iter().next());
-    actions.map(|(kind, action)| match kind.as_str() {
-        "Put" => (true, &action["Item"]),
-        _ => (false, &action["Key"]),
-    })
-}
-
-fn tables_of(request: &Value) -> Vec<String> {
-    if let Some(name) = request["TableName"].as_str() {
-        return vec![name.to_owned()];
-    }
-    if let Some(items) = request["RequestItems"].as_object() {
-        return items.keys().cloned().collect();
-    }
-    let transact = request["TransactItems"].as_array().into_iter().flatten();
-    let mut names: Vec<String> = transact
-        .filter_map(|item| item.as_object()?.values().next()?["TableName"].as_str())
-        .map(str::to_owned)
-        .collect();
-    names.sort();
-    names.dedup();
-    names
-}
-
-fn partitions_written(operation: &str, request: &Value) -> Vec<String> {
-    let pk = |item: &Value| item["pk"]["S"].as_str().map(str::to_owned);
-    match operation {
-        "PutItem" => pk(&request["Item"]).into_iter().collect(),
-        "UpdateItem" | "DeleteItem" => pk(&request["Key"]).into_iter().collect(),
-        "BatchWriteItem" => {
-            let requests = request["RequestItems"].as_object().into_iter();
-            let each = requests.flat_map(|t| t.values()).flat_map(|r| r.as_array());
-            let items = each.flatten().map(|r| match r.get("PutRequest") {
-                Some(put) => &put["Item"],
-                None => &r["DeleteRequest"]["Key"],
-            });
-            items.filter_map(pk).collect()
-        }
-        "TransactWriteItems" => transact_actions(request)
-            .filter_map(|(_, item)| pk(item))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// Read and write units as DynamoDB would charge them, from the items' sizes.
-fn units(operation: &str, request: &Value, response: &[u8]) -> (f64, f64) {
-    let size = |item: &Value| item.to_string().len() as f64;
-    let writes = |bytes: f64| (bytes / 1024.0).ceil().max(1.0);
-    let reads = |bytes: f64, consistent: bool| {
-        (bytes / 4096.0).ceil().max(1.0) * if consistent { 1.0 } else { 0.5 }
-    };
-    let consistent = request["ConsistentRead"].as_bool() == Some(true);
-    let answer: Value = serde_json::from_slice(response).unwrap_or(Value::Null);
-    match operation {
-        "PutItem" => (0.0, writes(size(&request["Item"]))),
-        "UpdateItem" | "DeleteItem" => (0.0, writes(size(&request["Key"]))),
-        "BatchWriteItem" => {
-            let requests = request["RequestItems"].as_object().into_iter();
-            let each = requests.flat_map(|t| t.values()).flat_map(|r| r.as_array());
-            let units = each.flatten().map(|r| match r.get("PutRequest") {
-                Some(put) => writes(size(&put["Item"])),
-                None => 1.0,
-            });
-            (0.0, units.sum())
-        }
-        // A transaction's write costs twice a plain one's.
-        "TransactWriteItems" => {
-            let units = transact_actions(request).map(|(_, item)| 2.0 * writes(size(item)));
-            (0.0, units.sum())
-        }
-        "GetItem" => (reads(size(&answer["Item"]), consistent), 0.0),
-        "BatchGetItem" => {
-            let consistent = |table: &str| {
-                request["RequestItems"][table]["ConsistentRead"].as_bool() == Some(true)
-            };
-            let responses = answer["Responses"].as_object().into_iter().flatten();
-            let units = responses.flat_map(|(table, items)| {
-                let items = items.as_array().into_iter().flatten();
-                items.map(move |item| reads(size(item), consistent(table)))
-            });
-            (units.sum(), 0.0)
-        }
-        "Query" | "Scan" => {
-            let items = answer["Items"].as_array().into_iter().flatten();
-            (reads(items.map(size).sum(), consistent), 0.0)
-        }
-        _ => (0.0, 0.0),
-    }
 }
 
 #[cfg(test)]

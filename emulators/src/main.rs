@@ -23,15 +23,21 @@ usage:
       and of `aws lambda invoke --endpoint-url http://127.0.0.1:PORT`. Function errors are
       answered as Lambda does (200 with X-Amz-Function-Error).
   ecom-emulators demo [--batching-window 2] [--function target/debug/ecom-settings-exporter]
-                      [--moto .venv/bin/moto_server]
+                      [--moto .venv/bin/moto_server] [--propagation SECONDS [--rate 5]]
       Table, stream, function and KV on this machine: writes a scenario, times each change
-      until KV shows it, and exits 0 only when KV holds what the table implies.
+      until KV shows it, and exits 0 only when KV holds what the table implies. With
+      --propagation: a new index every 1/rate s for that long instead, each timed from its table
+      write to KV (p50, p99, largest).
   ecom-emulators bench [--function target/release/ecom-settings-exporter] [--sizes 100,1000,5000]
                        [--dynamo-latencies 0,5,10] [--python .venv/bin/python] [--runs 3]
-      What `make bench` runs (under moto): the release function as deployed (ledger on), its
-      DynamoDB calls through a proxy adding each latency; INSERT, MODIFY and shop-move batches
-      of each size: CPU, wall, peak RSS, DynamoDB requests, units and round trips, beside the
-      Python reference of the same work; and a ledger-off row for comparison.";
+                       [--cpu-share 0.289|none]
+      What `make bench` runs (under moto): the release function as deployed (ledger on); INSERT,
+      MODIFY, shop-move, override and REMOVE batches of each size run once against moto (its
+      answers recorded), then measured in a twin answered from the recording after each
+      DynamoDB latency, its CPU held to the share (default 512 MB's, 0.289 of a core) where the
+      machine allows: CPU, wall, peak RSS, DynamoDB requests, units and round trips, KV
+      operations, the cost of a million changes beside the seed's design, and the Python
+      reference of the same work.";
 
 async fn demo(args: &[String]) -> ExitCode {
     let mut options = ecom_emulators::demo::DemoOptions {
@@ -42,6 +48,7 @@ async fn demo(args: &[String]) -> ExitCode {
         batching_window: std::time::Duration::from_secs(2),
         function_log: "target/demo/function.log".into(),
     };
+    let (mut propagation, mut rate) = (None, 5.0);
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let Some(value) = it.next() else {
@@ -51,6 +58,14 @@ async fn demo(args: &[String]) -> ExitCode {
         match flag.as_str() {
             "--function" => options.function_binary = value.into(),
             "--moto" => options.moto_server = value.into(),
+            "--propagation" | "--rate" => match value.parse::<f64>() {
+                Ok(v) if v > 0.0 && flag == "--rate" => rate = v,
+                Ok(v) if v > 0.0 => propagation = Some(v),
+                _ => {
+                    eprintln!("{flag} takes a positive number\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
             "--batching-window" => match value.parse::<f64>() {
                 Ok(s) if s >= 0.0 => {
                     options.batching_window = std::time::Duration::from_secs_f64(s)
@@ -65,6 +80,9 @@ async fn demo(args: &[String]) -> ExitCode {
                 return ExitCode::from(2);
             }
         }
+    }
+    if let Some(seconds) = propagation {
+        return measure_propagation(&options, seconds, rate).await;
     }
     // Ctrl-C or SIGTERM drops the scenario, and with it every process and server it started.
     let mut terminate =
@@ -97,6 +115,34 @@ async fn demo(args: &[String]) -> ExitCode {
         }
         Err(e) => {
             eprintln!("demo could not run: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `demo --propagation SECONDS [--rate 5] [--batching-window 10]`: time to KV under a steady stream.
+async fn measure_propagation(
+    options: &ecom_emulators::demo::DemoOptions,
+    seconds: f64,
+    rate: f64,
+) -> ExitCode {
+    use ecom_emulators::demo::propagation::{quantile, run};
+    let window = options.batching_window.as_secs_f64();
+    println!("{rate} changes a second for {seconds} s, batching window {window} s:");
+    match run(options, seconds, rate).await {
+        Ok(times) => {
+            let ms = |q| quantile(&times, q).as_secs_f64() * 1000.0;
+            println!(
+                "time to KV over {} changes: p50 {:.0} ms, p99 {:.0} ms, largest {:.0} ms",
+                times.len(),
+                ms(0.5),
+                ms(0.99),
+                ms(1.0)
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("propagation could not be measured: {e}");
             ExitCode::FAILURE
         }
     }
@@ -155,6 +201,7 @@ async fn bench(args: &[String]) -> ExitCode {
         kv_latency: std::time::Duration::from_millis(50),
         dynamo_latencies_ms: vec![0, 5, 10],
         runs: 3,
+        cpu_share: Some(ecom_emulators::bench::SHARE_512_MB),
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -165,6 +212,18 @@ async fn bench(args: &[String]) -> ExitCode {
         match flag.as_str() {
             "--function" => options.function_binary = value.into(),
             "--python" => options.python = value.into(),
+            "--cpu-share" => match value.as_str() {
+                "none" => options.cpu_share = None,
+                share => match share.parse::<f64>() {
+                    Ok(share) if share > 0.0 && share <= 1.0 => options.cpu_share = Some(share),
+                    _ => {
+                        eprintln!(
+                            "--cpu-share takes a share of a core in (0, 1], or none\n{USAGE}"
+                        );
+                        return ExitCode::from(2);
+                    }
+                },
+            },
             "--runs" => match value.parse() {
                 Ok(runs) => options.runs = runs,
                 Err(_) => {

@@ -5,6 +5,7 @@
 mod common;
 
 mod bad_input;
+mod bench_replay;
 mod code_shape;
 mod concurrent_writers;
 mod demo;

@@ -1,6 +1,9 @@
 //! One function process of the bench and what it is measured by: the release binary behind the
 //! runtime API, configured as the template deploys it (the ledger table set), its DynamoDB
-//! calls through the proxy in front of moto.
+//! calls through the proxy. A first process runs against moto with the proxy recording every
+//! answer; its twin runs the same invocations with DynamoDB answered from that recording alone
+//! after the set latency, its CPU held to Lambda's share for 512 MB where the machine allows:
+//! the twin's figures are the function's.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -37,9 +40,17 @@ pub struct Measured {
     pub peak_rss_mib: f64,
     pub calls: Vec<DynamoCall>,
     pub round_trips: usize,
-    pub kv_requests: usize,
+    pub kv: Vec<RequestRecord>,
     /// Records the function reported for retry (`batchItemFailures`).
     pub failed: usize,
+}
+
+/// One MODIFY's way to KV.
+#[derive(Clone, Copy, Debug)]
+pub struct OneModify {
+    pub round_trips: usize,
+    /// From the invocation's start until its KV write landed.
+    pub landed_ms: f64,
 }
 
 struct Killed(Child);
@@ -61,7 +72,11 @@ pub struct Function {
     proxy: DynamoProxy,
     ddb: aws_sdk_dynamodb::Client,
     table: String,
+    ledger: String,
+    secret_id: String,
     tag: String,
+    /// A twin answered from a recording: the table is not written.
+    replaying: bool,
     process: Option<Killed>,
 }
 
@@ -72,9 +87,10 @@ fn unique(what: &str) -> String {
 }
 
 impl Function {
-    /// Starts the peers and the function; runs the migration's backfill first
-    /// (references complete, as after the first deploy's runbook step).
-    pub async fn start(options: &BenchOptions, setup: Setup) -> Result<Self, String> {
+    /// Starts the peers and the function against moto, the proxy recording moto's answers; runs
+    /// the migration's backfill first (references complete, as after the first deploy's runbook
+    /// step).
+    pub async fn start(options: &BenchOptions) -> Result<Self, String> {
         let moto =
             std::env::var("AWS_ENDPOINT_URL").map_err(|_| "AWS_ENDPOINT_URL: run under moto")?;
         let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
@@ -101,7 +117,7 @@ impl Function {
         let keys = ApiKeysStandIn::start(0).await.map_err(|e| e.to_string())?;
         let runtime = Arc::new(RuntimeApi::start(0).await.map_err(|e| e.to_string())?);
         let proxy = DynamoProxy::start(&moto).await.map_err(|e| e.to_string())?;
-        proxy.set_latency(Duration::from_millis(setup.dynamo_latency_ms));
+        proxy.record();
         let tag = unique("acct");
         for a in 0..ACCOUNTS {
             keys.set_key(&format!("{tag}-{a}"), "marqo-key-bench");
@@ -114,16 +130,81 @@ impl Function {
             proxy,
             ddb,
             table,
+            ledger,
+            secret_id,
             tag,
+            replaying: false,
             process: None,
         };
-        function.spawn(options, &secret_id, &ledger)?;
+        function.spawn(options, None)?;
         function.migrate_and_warm_up().await?;
         Ok(function)
     }
 
-    fn spawn(&mut self, options: &BenchOptions, secret: &str, ledger: &str) -> Result<(), String> {
-        let mut command = Command::new(&options.function_binary);
+    /// A fresh process with fresh peers (KV empty, as this one's was) and the same names, its
+    /// DynamoDB calls answered from what this one recorded after `setup`'s latency; migrated
+    /// and warmed up as this one was.
+    pub async fn twin(&self, options: &BenchOptions, setup: Setup) -> Result<Self, String> {
+        let kv = KvEmulator::start(0, &[TOKEN])
+            .await
+            .map_err(|e| e.to_string())?;
+        kv.create_namespace(SETTINGS_NS);
+        kv.create_namespace("ns-qcfg");
+        let millis = options.kv_latency.as_millis() as u64;
+        kv.inject(Fault::Delay { millis }, usize::MAX);
+        let keys = ApiKeysStandIn::start(0).await.map_err(|e| e.to_string())?;
+        for a in 0..ACCOUNTS {
+            keys.set_key(&format!("{}-{a}", self.tag), "marqo-key-bench");
+            keys.set_key(&format!("{}-warm-{a}", self.tag), "marqo-key-warm");
+        }
+        let moto = std::env::var("AWS_ENDPOINT_URL").unwrap_or_default();
+        let proxy = DynamoProxy::start(&moto).await.map_err(|e| e.to_string())?;
+        proxy.replay(self.proxy.recorded());
+        proxy.set_latency(Duration::from_millis(setup.dynamo_latency_ms));
+        let mut twin = Self {
+            kv,
+            keys,
+            runtime: Arc::new(RuntimeApi::start(0).await.map_err(|e| e.to_string())?),
+            proxy,
+            ddb: self.ddb.clone(),
+            table: self.table.clone(),
+            ledger: self.ledger.clone(),
+            secret_id: self.secret_id.clone(),
+            tag: self.tag.clone(),
+            replaying: true,
+            process: None,
+        };
+        twin.spawn(options, options.cpu_share)?;
+        twin.migrate_and_warm_up().await?;
+        Ok(twin)
+    }
+
+    /// Requests the twin met that its recording lacked (0: it ran as the recorded run did).
+    pub fn misses(&self) -> u64 {
+        self.proxy.misses()
+    }
+
+    /// Every key and value of both namespaces.
+    pub fn kv_held(&self) -> Vec<(String, Option<String>)> {
+        let mut held = Vec::new();
+        for namespace in [SETTINGS_NS, "ns-qcfg"] {
+            for key in self.kv.keys(CF_ACCOUNT, namespace) {
+                let value = self.kv.value(CF_ACCOUNT, namespace, &key);
+                held.push((format!("{namespace}/{key}"), value));
+            }
+        }
+        held
+    }
+
+    fn spawn(&mut self, options: &BenchOptions, cpu_share: Option<f64>) -> Result<(), String> {
+        let wrapped = cpu_share.map(super::cpu_share::wrapper);
+        let mut command = match wrapped {
+            Some(Ok(mut wrapped)) => {
+                wrapped.arg(&options.function_binary);
+                wrapped
+            }
+            _ => Command::new(&options.function_binary),
+        };
         command
             .env("AWS_LAMBDA_RUNTIME_API", self.runtime.endpoint())
             .env("AWS_LAMBDA_FUNCTION_NAME", "ecom-settings-exporter")
@@ -135,11 +216,11 @@ impl Function {
             .env("CLOUDFLARE_ACCOUNT_ID", CF_ACCOUNT)
             .env("CLOUDFLARE_KV_NAMESPACE_ID", SETTINGS_NS)
             .env("CLOUDFLARE_QCFG_NAMESPACE_ID", "ns-qcfg")
-            .env("CLOUDFLARE_API_TOKEN_SECRET_ID", secret)
+            .env("CLOUDFLARE_API_TOKEN_SECRET_ID", &self.secret_id)
             .env("CLOUDFLARE_API_BASE_URL", self.kv.base_url())
             .env("API_KEYS_SERVICE_URL", self.keys.url_template())
             .env("SETTINGS_TABLE_STREAM_ARN", STREAM_ARN)
-            .env("LEDGER_TABLE_NAME", ledger)
+            .env("LEDGER_TABLE_NAME", &self.ledger)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let child = command
@@ -157,7 +238,7 @@ impl Function {
             return Err(format!("the migration's backfill: {answer}"));
         }
         let warm = format!("{}-warm", self.tag);
-        records::put_items(&self.ddb, &self.table, &warm, ACCOUNTS, Kind::Insert).await?;
+        self.change_table(&warm, ACCOUNTS, Kind::Insert).await?;
         let answer = self
             .invoke(records::event(&warm, ACCOUNTS, Kind::Insert))
             .await?;
@@ -175,10 +256,18 @@ impl Function {
             .map_err(|e| format!("the function failed: {e}"))
     }
 
+    /// The table changed as `kind` changes it (not by a twin: its answers are recorded).
+    async fn change_table(&self, tag: &str, records: usize, kind: Kind) -> Result<(), String> {
+        if self.replaying {
+            return Ok(());
+        }
+        records::change_table(&self.ddb, &self.table, tag, records, kind).await
+    }
+
     /// The table first changed as `kind` changes it, then its stream batch sent and measured.
     pub async fn batch(&self, records: usize, kind: Kind) -> Result<Measured, String> {
         let pid = self.process.as_ref().map_or(0, |p| p.0.id());
-        records::put_items(&self.ddb, &self.table, &self.tag, records, kind).await?;
+        self.change_table(&self.tag, records, kind).await?;
         let event = records::event(&self.tag, records, kind);
         let event_bytes = event.to_string().len();
         let (calls_before, kv_before) = (self.proxy.calls().len(), self.kv.requests().len());
@@ -199,16 +288,18 @@ impl Function {
             peak_rss_mib: peak_rss_kib(pid) as f64 / 1024.0,
             round_trips: round_trips_in_sequence(&calls),
             calls,
-            kv_requests: self.kv.requests().len() - kv_before,
+            kv: self.kv.requests().split_off(kv_before),
             failed,
         })
     }
 
-    /// One MODIFY of a warm index: the DynamoDB round trips it waits for before its KV write.
-    pub async fn one_modify_round_trips(&self) -> Result<usize, String> {
+    /// One MODIFY of a warm index: the DynamoDB round trips it waits for before its KV write,
+    /// and how long after the invocation began that write landed (KV answered).
+    pub async fn one_modify(&self, kv_latency: Duration) -> Result<OneModify, String> {
         let warm = format!("{}-warm", self.tag);
-        records::put_items(&self.ddb, &self.table, &warm, 1, Kind::Modify).await?;
+        self.change_table(&warm, 1, Kind::Modify).await?;
         let (calls_before, kv_before) = (self.proxy.calls().len(), self.kv.requests().len());
+        let started = Instant::now();
         let answer = self.invoke(records::event(&warm, 1, Kind::Modify)).await?;
         if answer != json!({"batchItemFailures": []}) {
             return Err(format!("one MODIFY: {answer}"));
@@ -225,7 +316,11 @@ impl Function {
             .into_iter()
             .filter(|c| c.ended <= first_write)
             .collect();
-        Ok(round_trips_in_sequence(&before))
+        let landed = first_write.saturating_duration_since(started) + kv_latency;
+        Ok(OneModify {
+            round_trips: round_trips_in_sequence(&before),
+            landed_ms: landed.as_secs_f64() * 1000.0,
+        })
     }
 
     pub fn settings_keys(&self) -> usize {

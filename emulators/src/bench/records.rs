@@ -1,10 +1,10 @@
-//! The bench's batches: INSERT, MODIFY (shop unchanged) and shop-move records of indexes with a
-//! realistic settings image (about 1 KB), and the same items put into the settings table first,
-//! as the stream would have found them.
+//! The bench's batches: INSERT, MODIFY (shop unchanged), shop-move, override (a query config
+//! added to each index) and REMOVE records of indexes with a realistic settings image (about
+//! 1 KB), and the same change made to the settings table first, as the stream would find it.
 
 use std::collections::HashMap;
 
-use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
+use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, WriteRequest};
 use serde_json::{json, Value};
 
 /// The stream the bench's records come from (the function exports no other).
@@ -22,6 +22,10 @@ pub enum Kind {
     Modify,
     /// The index moves to another shop.
     ShopMove,
+    /// A query-config override added to the index.
+    Override,
+    /// The index removed (its overrides stay in the table).
+    Remove,
 }
 
 impl Kind {
@@ -30,6 +34,8 @@ impl Kind {
             Kind::Insert => "INSERT",
             Kind::Modify => "MODIFY",
             Kind::ShopMove => "shop move",
+            Kind::Override => "override",
+            Kind::Remove => "REMOVE",
         }
     }
 }
@@ -59,31 +65,45 @@ pub fn image(tag: &str, i: usize, kind: Kind) -> Value {
     })
 }
 
-/// The image before `kind` changed it.
-fn old_image(tag: &str, i: usize, kind: Kind) -> Option<Value> {
+/// The override `kind` Override adds to index `i`.
+fn override_image(tag: &str, i: usize) -> Value {
+    let account = format!("{tag}-{}", i % ACCOUNTS);
+    json!({
+        "pk": {"S": account}, "sk": {"S": format!("INDEX#index-{i:05}#QUERY#running shoes {i}")},
+        "query_config": {"M": {"pinned": {"L": [{"S": format!("sku-{i}")}]}, "boost": {"N": "2"}}}
+    })
+}
+
+/// The images before and after `kind` changed the table (`None`: no item).
+fn images(tag: &str, i: usize, kind: Kind) -> (Option<Value>, Option<Value>) {
     match kind {
-        Kind::Insert => None,
-        Kind::Modify => Some(image(tag, i, Kind::Insert)),
-        Kind::ShopMove => Some(image(tag, i, Kind::Modify)),
+        Kind::Insert => (None, Some(image(tag, i, kind))),
+        Kind::Modify => (Some(image(tag, i, Kind::Insert)), Some(image(tag, i, kind))),
+        Kind::ShopMove => (Some(image(tag, i, Kind::Modify)), Some(image(tag, i, kind))),
+        Kind::Override => (None, Some(override_image(tag, i))),
+        Kind::Remove => (Some(image(tag, i, Kind::ShopMove)), None),
     }
 }
 
 fn record(tag: &str, i: usize, kind: Kind) -> Value {
-    let new = image(tag, i, kind);
+    let (old, new) = images(tag, i, kind);
+    let keys = new.as_ref().or(old.as_ref()).expect("an image");
     let mut dynamodb = json!({
         "ApproximateCreationDateTime": 1.7e9,
-        "Keys": {"pk": new["pk"], "sk": new["sk"]},
-        "NewImage": new,
-        "SequenceNumber": format!("{:021}", 100_000_000 + i * 4 + kind as usize),
+        "Keys": {"pk": keys["pk"], "sk": keys["sk"]},
+        "SequenceNumber": format!("{:021}", 100_000_000 + i * 8 + kind as usize),
         "SizeBytes": 800, "StreamViewType": "NEW_AND_OLD_IMAGES"
     });
-    if let Some(old) = old_image(tag, i, kind) {
+    if let Some(new) = &new {
+        dynamodb["NewImage"] = new.clone();
+    }
+    if let Some(old) = old {
         dynamodb["OldImage"] = old;
     }
-    let name = if kind == Kind::Insert {
-        "INSERT"
-    } else {
-        "MODIFY"
+    let name = match (kind, new.is_some()) {
+        (_, false) => "REMOVE",
+        (Kind::Insert | Kind::Override, true) => "INSERT",
+        _ => "MODIFY",
     };
     json!({
         "eventID": format!("{i:032x}"), "eventName": name, "eventVersion": "1.1",
@@ -127,19 +147,30 @@ fn item(image: &Value) -> HashMap<String, AttributeValue> {
     members.map(|(k, v)| (k.clone(), attribute(v))).collect()
 }
 
-/// Puts the images `kind` leaves into the settings table (straight to moto, not through the
-/// proxy the function's calls are counted by), 25 items a call, 8 calls in flight.
-pub async fn put_items(
+/// Changes the settings table as `kind` does: the images it leaves put, the items it removes
+/// deleted (straight to moto, not through the proxy the function's calls are counted by), 25
+/// items a call, 8 calls in flight.
+pub async fn change_table(
     client: &aws_sdk_dynamodb::Client,
     table: &str,
     tag: &str,
     records: usize,
     kind: Kind,
 ) -> Result<(), String> {
-    let mut requests = (0..records).map(|i| {
-        let put = PutRequest::builder().set_item(Some(item(&image(tag, i, kind))));
-        let put = put.build().expect("an item");
-        WriteRequest::builder().put_request(put).build()
+    let mut requests = (0..records).map(|i| match images(tag, i, kind) {
+        (_, Some(new)) => {
+            let put = PutRequest::builder().set_item(Some(item(&new)));
+            let put = put.build().expect("an item");
+            WriteRequest::builder().put_request(put).build()
+        }
+        (old, None) => {
+            let old = old.expect("an image");
+            let key = item(&json!({"pk": old["pk"], "sk": old["sk"]}));
+            let delete = DeleteRequest::builder().set_key(Some(key)).build();
+            WriteRequest::builder()
+                .delete_request(delete.expect("a key"))
+                .build()
+        }
     });
     let mut calls = tokio::task::JoinSet::new();
     loop {
