@@ -80,10 +80,12 @@ demo: prerequisites venv bins $(if $(shell command -v npm),edge)
 ## allows), its DynamoDB answered from a recording of moto's at +0, +5, +10 ms, at 100, 1,000 and
 ## 5,000 records: CPU, wall, requests and the cost of a million changes, beside the seed's design
 ## and the Python reference (docs/performance.md).
+# The stand-ins are a release build too: in a debug build, reading a 2,000-pair bulk body and
+# answering from the recording took longer than the function itself.
 bench: venv
 	cargo build --quiet --locked --release -p ecom-settings-exporter
-	cargo build --quiet --locked -p ecom-emulators
-	scripts/with-moto.sh $(TARGET_DIR)/debug/ecom-emulators bench \
+	cargo build --quiet --locked --release -p ecom-emulators
+	scripts/with-moto.sh $(TARGET_DIR)/release/ecom-emulators bench \
 		--function $(TARGET_DIR)/release/ecom-settings-exporter --python $(VENV)/bin/python
 
 ## Time from a table write to its KV value under a steady stream (5 new indexes a second for

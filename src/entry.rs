@@ -234,8 +234,8 @@ mod tests {
         let parse = |payload: Value| Payload::parse(&raw(payload), "D").unwrap();
         assert!(matches!(parse(json!({"Records": []})), Payload::StreamBatch(r) if r.is_empty()));
         let record = |seq: &str| {
-            json!({"eventName": "REMOVE", "dynamodb": {"SequenceNumber": seq,
-                "Keys": {"pk": {"S": "a"}, "sk": {"S": "INDEX#i"}}}})
+            json!({"eventID": seq, "eventName": "REMOVE", "awsRegion": "r", "dynamodb": {
+                "SequenceNumber": seq, "SizeBytes": 1, "Keys": {"pk": {"S": "a"}, "sk": {"S": "INDEX#i"}}}})
         };
         let Payload::StreamBatch(records) =
             parse(json!({"other": [1], "Records": [record("1"), record("2")]}))
@@ -253,9 +253,10 @@ mod tests {
     #[test]
     fn a_malformed_record_is_rejected_alone() {
         let payload = json!({"Records": [
-            {"eventName": "REMOVE", "dynamodb": {"SequenceNumber": "1",
-                "Keys": {"pk": {"S": "a"}, "sk": {"S": "INDEX#i"}}}},
-            {"eventName": 7, "dynamodb": {"SequenceNumber": "2"}}
+            {"eventID": "1", "eventName": "REMOVE", "awsRegion": "r", "dynamodb": {
+                "SequenceNumber": "1", "SizeBytes": 1, "Keys": {"pk": {"S": "a"}, "sk": {"S": "INDEX#i"}}}},
+            {"eventID": "2", "eventName": 7, "awsRegion": "r", "dynamodb": {"SequenceNumber": "2",
+                "SizeBytes": 1}}
         ]});
         let Payload::StreamBatch(records) = Payload::parse(&raw(payload), "D").unwrap() else {
             panic!("a stream batch")

@@ -2,7 +2,6 @@
 //! limits, and the secrets. Pure data; depends on nothing else in the crate.
 
 pub(crate) mod ids;
-pub(crate) mod json_text;
 pub(crate) mod kv;
 pub mod qfilter;
 pub(crate) mod secrets;

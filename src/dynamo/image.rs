@@ -246,50 +246,6 @@ impl<'de: 'a, 'a> Deserialize<'de> for Image<'a> {
     }
 }
 
-/// Of an old image, only what a change needs: whether there was one, and its shop id. The rest
-/// is skipped unread.
-#[derive(Debug, Default, PartialEq)]
-pub struct OldImage {
-    pub present: bool,
-    pub shop_id: Option<String>,
-}
-
-impl<'de> Deserialize<'de> for OldImage {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct OldImageVisitor;
-        impl<'de> Visitor<'de> for OldImageVisitor {
-            type Value = OldImage;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a map of attribute names to attribute values")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut old = OldImage::default();
-                while let Some(Text(name)) = map.next_key::<Text>()? {
-                    old.present = true;
-                    if name == "shop_id" {
-                        if let Attr::S(shop) = map.next_value::<Attr>()? {
-                            old.shop_id = Some(shop.into_owned()).filter(|s| !s.is_empty());
-                        }
-                    } else {
-                        map.next_value::<IgnoredAny>()?;
-                    }
-                }
-                Ok(old)
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(OldImage::default())
-            }
-            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(OldImage::default())
-            }
-            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-                d.deserialize_map(self)
-            }
-        }
-        deserializer.deserialize_option(OldImageVisitor)
-    }
-}
-
 /// Binary arrives as base64 text and is written as given: it must be base64.
 pub(crate) fn is_base64(text: &str) -> Result<(), base64::DecodeError> {
     base64::engine::general_purpose::STANDARD
@@ -348,22 +304,5 @@ mod tests {
             [("a", &Attr::S("1".into())), ("c", &Attr::N("2".into()))]
         );
         assert!(image("null").unwrap().is_empty());
-    }
-
-    #[test]
-    fn old_images_keep_only_their_shop() {
-        let old: OldImage =
-            serde_json::from_str(r#"{"shop_id": {"S": "s-1"}, "big": {"M": {"x": {"N": "1"}}}}"#)
-                .unwrap();
-        assert_eq!(
-            old,
-            OldImage {
-                present: true,
-                shop_id: Some("s-1".into())
-            }
-        );
-        let no_shop: OldImage = serde_json::from_str(r#"{"shop_id": {"S": ""}}"#).unwrap();
-        assert_eq!(no_shop.shop_id, None);
-        assert!(!serde_json::from_str::<OldImage>("null").unwrap().present);
     }
 }

@@ -79,7 +79,7 @@ fn check_number(n: &str) -> Result<(), String> {
 }
 
 fn string(s: &str, out: &mut Vec<u8>) {
-    crate::domain::json_text::push_str(out, s);
+    serde_json::to_writer(out, s).expect("a string serializes");
 }
 
 fn number(n: &str, path: Path, out: &mut Vec<u8>) -> Result<(), InvalidRecord> {

@@ -11,7 +11,7 @@ mod image;
 mod json;
 pub(crate) mod stream;
 
-pub use image::{Attr, Image, OldImage, Text};
+pub use image::{Attr, Image, Text};
 
 use crate::domain::settings::{non_empty, Document, IndexAliases};
 use crate::domain::validate::endpoint_problem;

@@ -1,8 +1,8 @@
-//! A DynamoDB stream batch (`{"Records": [...]}`, as Lambda hands it over) read into stream
-//! records, every way it can be read, in this one room: serde in one pass; then, when a record
-//! is malformed, record by record, so that it is refused alone, saying where it went wrong.
-//! Each record goes to the caller as soon as it is read: the batch is only ever held as what
-//! the caller makes of it.
+//! A DynamoDB stream batch (`{"Records": [...]}`, as Lambda hands it over) read into
+//! `aws_lambda_events`' stream records, every way it can be read, in this one room: serde in
+//! one pass; then, when a record is malformed, record by record, so that it is refused alone,
+//! saying where it went wrong. Each record goes to the caller as soon as it is read: the batch
+//! is only ever held as what the caller makes of it.
 
 use std::borrow::Cow;
 
@@ -10,35 +10,31 @@ use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess,
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{Image, OldImage, Text};
 use crate::domain::validate::cut;
+pub use aws_lambda_events::event::dynamodb::EventRecord as StreamRecord;
 
-/// What the exporter reads of a DynamoDB stream record; everything else is skipped unread.
-/// Strings borrow from the record's JSON text.
-#[derive(Deserialize)]
-pub struct StreamRecord<'a> {
-    #[serde(rename = "eventName", default, borrow)]
-    pub event_name: Option<Text<'a>>,
-    #[serde(rename = "eventSourceARN", default, borrow)]
-    pub event_source_arn: Option<Text<'a>>,
-    #[serde(borrow)]
-    pub dynamodb: StreamChange<'a>,
+/// A string attribute of a stream image (`Keys`, `OldImage`), if it is one.
+pub fn string<'i>(image: &'i serde_dynamo::Item, name: &str) -> Option<&'i str> {
+    match image.get(name)? {
+        serde_dynamo::AttributeValue::S(text) => Some(text),
+        _ => None,
+    }
 }
 
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "PascalCase")]
-pub struct StreamChange<'a> {
-    /// Seconds since the epoch.
-    #[serde(default)]
-    pub approximate_creation_date_time: Option<f64>,
-    #[serde(default, borrow)]
-    pub keys: Image<'a>,
-    #[serde(default)]
-    pub old_image: OldImage,
-    #[serde(default, borrow)]
-    pub sequence_number: Option<Text<'a>>,
-    #[serde(default, borrow)]
-    pub stream_view_type: Option<Text<'a>>,
+/// What the record's old image says of the shop: `None` without an old image, `Some(None)` for
+/// one without a shop (an empty shop id is none).
+pub fn old_shop(record: &StreamRecord) -> Option<Option<&str>> {
+    let old = &record.change.old_image;
+    (!old.is_empty()).then(|| string(old, "shop_id").filter(|shop| !shop.is_empty()))
+}
+
+/// Whether the record's stream carries old images: one without had no previous item.
+pub fn carries_old_images(record: &StreamRecord) -> bool {
+    use aws_lambda_events::event::dynamodb::StreamViewType;
+    matches!(
+        record.change.stream_view_type,
+        Some(StreamViewType::NewAndOldImages | StreamViewType::OldImage)
+    )
 }
 
 /// A record that is not a DynamoDB stream record: why, and its sequence number if it has one.
@@ -70,7 +66,7 @@ pub fn read_stream_batch<T>(
 }
 
 /// One record read through serde. Never panics: a record that cannot be read says where.
-pub fn read_stream_record(raw: &str) -> Result<StreamRecord<'_>, BadRecord> {
+pub fn read_stream_record(raw: &str) -> Result<StreamRecord, BadRecord> {
     // The fast path tracks no path; only a record that fails is read again, to say where.
     let tracked = || {
         let mut json = serde_json::Deserializer::from_str(raw);

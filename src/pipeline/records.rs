@@ -11,7 +11,7 @@ use crate::domain::kv::{check_key, KvKey};
 use crate::domain::validate::shown;
 use crate::domain::{IndexRef, IndexSettings, QueryConfig};
 use crate::dynamo::stream::{self, BadRecord, StreamRecord};
-use crate::dynamo::{self, Image, OldImage, SortKey};
+use crate::dynamo::{self, Image, SortKey};
 use crate::ports::PortError;
 use crate::report::Outcome;
 
@@ -256,16 +256,15 @@ fn from_stream(
 }
 
 fn change_record(record: &StreamRecord, expected: Expected) -> ChangeRecord<Changed> {
-    let change = &record.dynamodb;
+    let change = &record.change;
     let (index, decoded) = match from_elsewhere(record, expected) {
         Some(reason) => (None, reject(reason)),
         None => decode_change(record, expected.default_configs_sk),
     };
     ChangeRecord {
-        sequence_number: change.sequence_number.as_ref().map(|s| s.0.to_string()),
+        sequence_number: change.sequence_number.clone(),
         index,
-        created_at: change
-            .approximate_creation_date_time
+        created_at: Some(change.approximate_creation_date_time.timestamp_millis() as f64 / 1000.0)
             .filter(|secs| *secs > 0.0),
         decoded,
     }
@@ -275,7 +274,7 @@ fn change_record(record: &StreamRecord, expected: Expected) -> ChangeRecord<Chan
 /// invoke the function could otherwise forge changes.
 fn from_elsewhere(record: &StreamRecord, expected: Expected) -> Option<String> {
     let wanted = expected.stream_arn?;
-    match record.event_source_arn.as_ref().map(|arn| &*arn.0) {
+    match record.event_source_arn.as_deref() {
         Some(arn) if arn == wanted => None,
         Some(arn) => Some(format!(
             "eventSourceARN {} is not this function's stream ({wanted})",
@@ -292,9 +291,9 @@ fn decode_change(
     record: &StreamRecord,
     default_configs_sk: &str,
 ) -> (Option<IndexRef>, Result<Changed, Outcome>) {
-    let change = &record.dynamodb;
+    let change = &record.change;
     let keys = &change.keys;
-    let (Some(pk), Some(sk)) = (keys.string("pk"), keys.string("sk")) else {
+    let (Some(pk), Some(sk)) = (stream::string(keys, "pk"), stream::string(keys, "sk")) else {
         let reason = "the record's keys must hold string `pk` and `sk`";
         return (None, reject(reason));
     };
@@ -331,7 +330,7 @@ fn decode_change(
         );
         return (None, reject(reason));
     }
-    let event_name = record.event_name.as_ref().map_or("", |name| &name.0);
+    let event_name = record.event_name.as_str();
     if !matches!(event_name, "INSERT" | "MODIFY" | "REMOVE") {
         let reason = format!(
             "unknown eventName {} (expected INSERT, MODIFY or REMOVE)",
@@ -339,11 +338,10 @@ fn decode_change(
         );
         return (Some(index), Err(Outcome::Rejected(reason)));
     }
-    let view = change.stream_view_type.as_ref().map(|view| &*view.0);
     let changed = Changed {
         index: index.clone(),
         query,
-        previous_shop: previous_shop(event_name, view, &change.old_image),
+        previous_shop: previous_shop(record),
         inserted: event_name == "INSERT",
     };
     (Some(index), Ok(changed))
@@ -433,17 +431,14 @@ fn decode_table_image(
     record(Some(index), decoded)
 }
 
-fn previous_shop(event_name: &str, view: Option<&str>, old_image: &OldImage) -> PreviousShop {
-    if event_name == "INSERT" {
+fn previous_shop(record: &StreamRecord) -> PreviousShop {
+    if record.event_name == "INSERT" {
         return PreviousShop::none();
     }
-    if old_image.present {
-        return PreviousShop::Known(old_image.shop_id.iter().cloned().collect());
-    }
-    match view {
-        // The stream carries old images, and this one had none: there was no previous item.
-        Some("NEW_AND_OLD_IMAGES" | "OLD_IMAGE") => PreviousShop::none(),
-        _ => PreviousShop::Unknown,
+    match stream::old_shop(record) {
+        Some(shop) => PreviousShop::Known(shop.into_iter().map(str::to_owned).collect()),
+        None if stream::carries_old_images(record) => PreviousShop::none(),
+        None => PreviousShop::Unknown,
     }
 }
 
@@ -506,6 +501,24 @@ mod tests {
         let decoded = decode_record(raw, "DEFAULT_CONFIGS");
         let previous = decoded.decoded.map(|changed| changed.previous_shop);
         assert_eq!(previous, Ok(PreviousShop::known(Some("shop-old".into()))));
+        // An empty shop id is no shop; an old image without one, none either.
+        for old in [
+            json!({"shop_id": {"S": ""}}),
+            json!({"pk": {"S": "acct-1"}}),
+        ] {
+            let mut raw = record("MODIFY", "INDEX#products", json!({}));
+            raw["dynamodb"]["OldImage"] = old;
+            let previous = decode_record(raw, "D").decoded.map(|c| c.previous_shop);
+            assert_eq!(previous, Ok(PreviousShop::none()));
+        }
+        // No old image: none where the stream carries them, unknown where it does not.
+        let mut raw = record("MODIFY", "INDEX#products", json!({}));
+        raw["dynamodb"]["StreamViewType"] = json!("NEW_AND_OLD_IMAGES");
+        let previous = decode_record(raw, "D").decoded.map(|c| c.previous_shop);
+        assert_eq!(previous, Ok(PreviousShop::none()));
+        let raw = record("MODIFY", "INDEX#products", json!({}));
+        let previous = decode_record(raw, "D").decoded.map(|c| c.previous_shop);
+        assert_eq!(previous, Ok(PreviousShop::Unknown));
     }
 
     #[test]

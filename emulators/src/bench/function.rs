@@ -104,7 +104,9 @@ impl Function {
             .await
             .map_err(|e| format!("secret in moto: {e}"))?;
         let table = unique("bench-EcomIndexSettingsTable");
-        crate::streams::create_ledger_table(&ddb, &table).await?;
+        // With a stream, as the settings table has (the bench's records are made, not read).
+        let view = aws_sdk_dynamodb::types::StreamViewType::NewAndOldImages;
+        crate::streams::create_settings_table(&ddb, &table, view).await?;
         let ledger = format!("{table}-ledger");
         crate::streams::create_ledger_table(&ddb, &ledger).await?;
         let kv = KvEmulator::start(0, &[TOKEN])

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::domain::json_text::{push_json_string, push_str};
 use crate::domain::kv::{digest_bytes, KeyMetadata, KvValue};
 use crate::domain::{KvAction, KvOp, Namespace};
 
@@ -100,9 +99,8 @@ pub struct PutBody {
     /// Where a shared value's `,"value":...,"metadata":...}` already is in `bytes`, by the
     /// value's address (the values outlive the body being built).
     written: HashMap<usize, Range<usize>>,
-    /// Where a value is rendered, then escaped, before it is copied into `bytes`: reused.
+    /// Where a value is rendered before it is written into `bytes` as a string: reused.
     scratch: Vec<u8>,
-    escaped: Vec<u8>,
 }
 
 impl Default for PutBody {
@@ -121,7 +119,6 @@ impl PutBody {
             items: Vec::new(),
             written: HashMap::new(),
             scratch: Vec::new(),
-            escaped: Vec::new(),
         }
     }
 
@@ -149,7 +146,7 @@ impl PutBody {
     pub fn push(&mut self, key: &str, value: &Arc<KvValue>) {
         let start = self.start_item();
         self.bytes.extend_from_slice(b"{\"key\":");
-        push_str(&mut self.bytes, key);
+        serde_json::to_writer(&mut self.bytes, key).expect("a string serializes");
         // Only a value another key also holds can come again: the others skip the map.
         let shared = Arc::strong_count(value) > 1;
         let id = Arc::as_ptr(value) as usize;
@@ -161,9 +158,7 @@ impl PutBody {
                 value.render(&mut self.scratch);
                 let text = std::str::from_utf8(&self.scratch).expect("JSON text is UTF-8");
                 self.bytes.extend_from_slice(b",\"value\":");
-                self.escaped.clear();
-                push_json_string(&mut self.escaped, text);
-                self.bytes.extend_from_slice(&self.escaped);
+                serde_json::to_writer(&mut self.bytes, text).expect("a string serializes");
                 self.bytes.extend_from_slice(b",\"metadata\":");
                 let digest = digest_bytes(&self.scratch);
                 KeyMetadata::write_json(value.index(), value.query(), &digest, &mut self.bytes);

@@ -508,8 +508,9 @@ mod tests {
         // Its record is the newest word on the item: a later change is a later record.
         let exporter = exporter(MemoryKv::default());
         let deadline = Instant::now() + Duration::from_secs(10);
-        let raw = json!({"eventID": "1", "eventName": "INSERT", "dynamodb": {
-            "Keys": {"pk": {"S": "a"}, "sk": {"S": "INDEX#new"}}, "SequenceNumber": "1"}});
+        let raw = json!({"eventID": "1", "eventName": "INSERT", "awsRegion": "r", "dynamodb": {
+            "Keys": {"pk": {"S": "a"}, "sk": {"S": "INDEX#new"}}, "SequenceNumber": "1",
+            "SizeBytes": 1}});
         let record = decode_record(&raw.to_string(), "DEFAULT_CONFIGS");
         let (key, image) = (
             record.item_key().unwrap(),
