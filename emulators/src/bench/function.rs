@@ -109,22 +109,11 @@ impl Function {
         crate::streams::create_settings_table(&ddb, &table, view).await?;
         let ledger = format!("{table}-ledger");
         crate::streams::create_ledger_table(&ddb, &ledger).await?;
-        let kv = KvEmulator::start(0, &[TOKEN])
-            .await
-            .map_err(|e| e.to_string())?;
-        kv.create_namespace(SETTINGS_NS);
-        kv.create_namespace("ns-qcfg");
-        let millis = options.kv_latency.as_millis() as u64;
-        kv.inject(Fault::Delay { millis }, usize::MAX);
-        let keys = ApiKeysStandIn::start(0).await.map_err(|e| e.to_string())?;
+        let tag = unique("acct");
+        let (kv, keys) = peers(options, &tag).await?;
         let runtime = Arc::new(RuntimeApi::start(0).await.map_err(|e| e.to_string())?);
         let proxy = DynamoProxy::start(&moto).await.map_err(|e| e.to_string())?;
         proxy.record();
-        let tag = unique("acct");
-        for a in 0..ACCOUNTS {
-            keys.set_key(&format!("{tag}-{a}"), "marqo-key-bench");
-            keys.set_key(&format!("{tag}-warm-{a}"), "marqo-key-warm");
-        }
         let mut function = Self {
             kv,
             keys,
@@ -147,18 +136,7 @@ impl Function {
     /// DynamoDB calls answered from what this one recorded after `setup`'s latency; migrated
     /// and warmed up as this one was.
     pub async fn twin(&self, options: &BenchOptions, setup: Setup) -> Result<Self, String> {
-        let kv = KvEmulator::start(0, &[TOKEN])
-            .await
-            .map_err(|e| e.to_string())?;
-        kv.create_namespace(SETTINGS_NS);
-        kv.create_namespace("ns-qcfg");
-        let millis = options.kv_latency.as_millis() as u64;
-        kv.inject(Fault::Delay { millis }, usize::MAX);
-        let keys = ApiKeysStandIn::start(0).await.map_err(|e| e.to_string())?;
-        for a in 0..ACCOUNTS {
-            keys.set_key(&format!("{}-{a}", self.tag), "marqo-key-bench");
-            keys.set_key(&format!("{}-warm-{a}", self.tag), "marqo-key-warm");
-        }
+        let (kv, keys) = peers(options, &self.tag).await?;
         let moto = std::env::var("AWS_ENDPOINT_URL").unwrap_or_default();
         let proxy = DynamoProxy::start(&moto).await.map_err(|e| e.to_string())?;
         proxy.replay(self.proxy.recorded());
@@ -328,6 +306,24 @@ impl Function {
     pub fn settings_keys(&self) -> usize {
         self.kv.keys(CF_ACCOUNT, SETTINGS_NS).len()
     }
+}
+
+/// KV (empty, each request answered after the bench's latency) and the API-keys stand-in with
+/// the keys of the accounts `{tag}-*`.
+async fn peers(options: &BenchOptions, tag: &str) -> Result<(KvEmulator, ApiKeysStandIn), String> {
+    let kv = KvEmulator::start(0, &[TOKEN])
+        .await
+        .map_err(|e| e.to_string())?;
+    kv.create_namespace(SETTINGS_NS);
+    kv.create_namespace("ns-qcfg");
+    let millis = options.kv_latency.as_millis() as u64;
+    kv.inject(Fault::Delay { millis }, usize::MAX);
+    let keys = ApiKeysStandIn::start(0).await.map_err(|e| e.to_string())?;
+    for a in 0..ACCOUNTS {
+        keys.set_key(&format!("{tag}-{a}"), "marqo-key-bench");
+        keys.set_key(&format!("{tag}-warm-{a}"), "marqo-key-warm");
+    }
+    Ok((kv, keys))
 }
 
 /// CPU time of every thread of a process, from the scheduler's own accounting.
