@@ -142,8 +142,9 @@ build: tools
 
 ## The artifact Lambda runs, checked: `make build`, an aarch64 ELF, then deploy-check with it as the
 ## function (under qemu-user on another machine; Debian: qemu-user-static, libc6-arm64-cross,
-## libgcc-s1-arm64-cross). .ci/run runs it after the tests.
-artifact-check: build bins
+## libgcc-s1-arm64-cross). .ci/run runs it after the tests, whose build gives deploy-check its
+## debug stand-ins (alone: `make bins` first).
+artifact-check: build
 	scripts/artifact.sh check $(TARGET_DIR)/lambda/ecom-settings-exporter/bootstrap
 	$(MAKE) --no-print-directory deploy-check FUNCTION=$(TARGET_DIR)/lambda/bootstrap-here
 
