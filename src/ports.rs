@@ -15,27 +15,61 @@ use crate::domain::kv::{KvKey, KvOp};
 use crate::domain::{ApiKey, ApiToken, IndexRef, Namespace, SettingsReference};
 use crate::dynamo::Image;
 
-/// Why an outside system did not answer as asked.
+/// Why an outside system did not answer as asked: what happened, as the adapter saw it, with
+/// the values it names cut to a bound. Whether trying again can help follows from the kind.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PortError {
-    /// Might succeed later: the record is reported for retry.
+    /// Throttled or rate limited (DynamoDB's throughput, Cloudflare's 429 or its lockout).
     #[error("{0}")]
-    Transient(String),
-    /// Retrying cannot help (the account has no API key): the record is rejected.
+    Throttled(String),
+    /// Not reached, failed (a 5xx), or answered what cannot be read.
     #[error("{0}")]
-    Permanent(String),
+    Unavailable(String),
+    /// Refused as sent by a service whose refusal may pass (DynamoDB's 4xx on a batch's read,
+    /// a conflicting transaction): retried, never a batch's records rejected for it.
+    #[error("{0}")]
+    Refused(String),
+    /// The invocation's deadline came first.
+    #[error("{0}")]
+    PastDeadline(String),
+    /// What was asked for is not there (an account without an API key, a secret without a
+    /// string): the record is rejected.
+    #[error("{0}")]
+    NotFound(String),
+    /// Never accepted as it is (a key Cloudflare refuses on its own account, a record that
+    /// cannot make a request): the record is rejected.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl PortError {
+    /// Whether a later try may succeed: the record is reported for retry, else rejected.
     pub fn is_transient(&self) -> bool {
-        matches!(self, PortError::Transient(_))
+        !matches!(self, PortError::NotFound(_) | PortError::Invalid(_))
+    }
+
+    /// What happened, in words.
+    pub fn reason(&self) -> &str {
+        match self {
+            PortError::Throttled(reason)
+            | PortError::Unavailable(reason)
+            | PortError::Refused(reason)
+            | PortError::PastDeadline(reason)
+            | PortError::NotFound(reason)
+            | PortError::Invalid(reason) => reason,
+        }
     }
 
     /// The same kind of error with more said in front.
     pub fn context(self, what: impl std::fmt::Display) -> Self {
+        let said = |reason: String| format!("{what}: {reason}");
         match self {
-            PortError::Transient(reason) => PortError::Transient(format!("{what}: {reason}")),
-            PortError::Permanent(reason) => PortError::Permanent(format!("{what}: {reason}")),
+            PortError::Throttled(reason) => PortError::Throttled(said(reason)),
+            PortError::Unavailable(reason) => PortError::Unavailable(said(reason)),
+            PortError::Refused(reason) => PortError::Refused(said(reason)),
+            PortError::PastDeadline(reason) => PortError::PastDeadline(said(reason)),
+            PortError::NotFound(reason) => PortError::NotFound(said(reason)),
+            PortError::Invalid(reason) => PortError::Invalid(said(reason)),
         }
     }
 }
@@ -48,14 +82,14 @@ pub async fn before_deadline<T>(
     lookup: impl Future<Output = Result<T, PortError>>,
 ) -> Result<T, PortError> {
     if Instant::now() >= deadline {
-        return Err(PortError::Transient(format!(
+        return Err(PortError::PastDeadline(format!(
             "{what}: not read, the invocation deadline is near"
         )));
     }
     tokio::time::timeout_at(deadline, lookup)
         .await
         .unwrap_or_else(|_| {
-            Err(PortError::Transient(format!(
+            Err(PortError::PastDeadline(format!(
                 "{what}: stopped at the invocation deadline"
             )))
         })
@@ -66,8 +100,8 @@ pub async fn before_deadline<T>(
 pub struct Applied {
     /// Requests it sent (for the batch's metrics; a store without requests counts none).
     pub requests: usize,
-    /// Keys that were not stored or deleted, and why: `Permanent` only for a key refused on
-    /// its own account.
+    /// Keys that were not stored or deleted, and why: `Invalid` only for a key refused on its
+    /// own account.
     pub failed: Vec<(KvKey, PortError)>,
 }
 
@@ -281,4 +315,34 @@ pub trait SettingsTable: Send + Sync {
         start: Option<Item>,
         limit: i32,
     ) -> impl Future<Output = Result<Page, PortError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_happened_decides_whether_a_record_is_retried() {
+        let retried = [
+            PortError::Throttled("429".into()),
+            PortError::Unavailable("503".into()),
+            PortError::Refused("HTTP 400".into()),
+            PortError::PastDeadline("deadline".into()),
+        ];
+        let rejected = [
+            PortError::NotFound("no key".into()),
+            PortError::Invalid("bad key".into()),
+        ];
+        for error in retried.into_iter().chain(rejected.clone()) {
+            let transient = error.is_transient();
+            let said = error.clone().context("KV");
+            // Context keeps the kind and says more in front.
+            assert_eq!(
+                std::mem::discriminant(&said),
+                std::mem::discriminant(&error)
+            );
+            assert_eq!(said.reason(), format!("KV: {}", error.reason()));
+            assert_eq!(transient, !rejected.contains(&error), "{error:?}");
+        }
+    }
 }

@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 
 use crate::domain::validate::cut;
 use crate::domain::{IndexRef, KvKey};
-use crate::ports::LookupCounts;
+use crate::ports::{LookupCounts, PortError};
 
 pub const NAMESPACE: &str = "EcomSettingsExporter";
 
@@ -32,6 +32,16 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// What a port's error makes of a record: reported for retry when a later try may
+    /// succeed, else rejected; `what` goes in front of the error's reason.
+    pub fn of_port_error(error: &PortError, what: impl std::fmt::Display) -> Self {
+        let reason = format!("{what}{}", error.reason());
+        match error.is_transient() {
+            true => Outcome::Failed(reason),
+            false => Outcome::Rejected(reason),
+        }
+    }
+
     /// A record on its way to KV (pending, exported, kept for an alias) fails for `why` and is
     /// reported for retry; one already failed, rejected or skipped keeps its outcome.
     pub fn fail(&mut self, why: impl Into<String>) {

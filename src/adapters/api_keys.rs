@@ -120,14 +120,14 @@ struct ApiKeyAnswer {
 impl ApiKeySource for HttpApiKeys {
     async fn fetch(&self, wanted: &AccountCell) -> Result<ApiKey, PortError> {
         let transient = |what: String| {
-            PortError::Transient(format!(
+            PortError::Unavailable(format!(
                 "API keys service (cell {}) for account {}: {what}",
                 cut(&wanted.cell),
                 cut(&wanted.account)
             ))
         };
         let url = self.url.for_account(wanted).map_err(|reason| {
-            PortError::Permanent(format!("no API keys request for this record: {reason}"))
+            PortError::Invalid(format!("no API keys request for this record: {reason}"))
         })?;
         let response = self.http.get(url).send().await.map_err(|e| {
             transient(if e.is_timeout() {
@@ -146,7 +146,7 @@ impl ApiKeySource for HttpApiKeys {
                     .map_err(|_| transient("answer is not {\"api_key\": \"...\"}".into()))?;
                 Ok(ApiKey::new(answer.api_key))
             }
-            StatusCode::NOT_FOUND => Err(PortError::Permanent(format!(
+            StatusCode::NOT_FOUND => Err(PortError::NotFound(format!(
                 "account {} has no API key (404 from the API keys service, cell {})",
                 cut(&wanted.account),
                 cut(&wanted.cell)

@@ -185,7 +185,7 @@ impl<T: TokenSource> CloudflareKv<T> {
     /// Waits for the request budget; past the deadline, or locked out beyond it, gives up.
     async fn budget(&self, deadline: Instant) -> Result<(), PortError> {
         if Instant::now() >= deadline {
-            return Err(PortError::Transient(
+            return Err(PortError::PastDeadline(
                 "the invocation deadline is near; not sent".into(),
             ));
         }
@@ -193,7 +193,7 @@ impl<T: TokenSource> CloudflareKv<T> {
             // A lockout (or the budget) outlasts this invocation: spend it waiting rather
             // than burning one of Lambda's retries at once.
             tokio::time::sleep_until(deadline).await;
-            return Err(PortError::Transient(format!(
+            return Err(PortError::Throttled(format!(
                 "{held}; waited until the invocation deadline"
             )));
         }
@@ -260,7 +260,7 @@ impl<T: TokenSource> CloudflareKv<T> {
     ) -> Result<Duration, PortError> {
         let reason = retry.reason;
         if retries >= self.retry.max_retries {
-            return Err(PortError::Transient(format!(
+            return Err(PortError::Unavailable(format!(
                 "{reason}, after {retries} retries"
             )));
         }
@@ -268,12 +268,12 @@ impl<T: TokenSource> CloudflareKv<T> {
         if Instant::now() + delay >= deadline {
             if retry.locked_out {
                 tokio::time::sleep_until(deadline).await;
-                return Err(PortError::Transient(format!(
+                return Err(PortError::Throttled(format!(
                     "{reason}; rate limited for {} s, waited until the invocation deadline",
                     delay.as_secs()
                 )));
             }
-            return Err(PortError::Transient(format!(
+            return Err(PortError::PastDeadline(format!(
                 "{reason}; stopped retrying to answer before the invocation deadline"
             )));
         }
@@ -344,7 +344,7 @@ impl<T: TokenSource> KvStore for CloudflareKv<T> {
                 return Err(refused(answer.status, &answer.body));
             }
             let page: BulkGetAnswer = serde_json::from_str(&answer.body).map_err(|e| {
-                PortError::Transient(format!("unreadable bulk get answer from Cloudflare: {e}"))
+                PortError::Unavailable(format!("unreadable bulk get answer from Cloudflare: {e}"))
             })?;
             for key in chunk {
                 let value = page.result.values.get(key).cloned().flatten();
@@ -374,7 +374,7 @@ impl<T: TokenSource> KvStore for CloudflareKv<T> {
             return Err(refused(answer.status, &answer.body));
         }
         let page: ListAnswer = serde_json::from_str(&answer.body).map_err(|e| {
-            PortError::Transient(format!("unreadable key list from Cloudflare: {e}"))
+            PortError::Unavailable(format!("unreadable key list from Cloudflare: {e}"))
         })?;
         Ok(KeyPage {
             keys: page.result,

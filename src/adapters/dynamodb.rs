@@ -41,7 +41,7 @@ impl DynamoSettingsTable {
 
 impl DynamoSettingsTable {
     fn error(&self, operation: &str, e: impl std::error::Error) -> PortError {
-        PortError::Transient(format!(
+        PortError::Unavailable(format!(
             "{operation} of table {}: {}",
             self.table_name,
             aws_sdk_dynamodb::error::DisplayErrorContext(e)

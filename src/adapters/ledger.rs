@@ -126,7 +126,7 @@ impl DynamoLedger {
         let body = json!({"TableName": table, "Key": key, "ConsistentRead": true});
         let answer = self.dynamo.post("GetItem", table, body.to_string()).await?;
         let mut answer: Value = serde_json::from_str(&answer)
-            .map_err(|_| PortError::Transient(format!("GetItem of table {table}: not JSON")))?;
+            .map_err(|_| PortError::Unavailable(format!("GetItem of table {table}: not JSON")))?;
         Ok(answer.get_mut("Item").map(Value::take))
     }
 

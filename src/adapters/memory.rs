@@ -32,7 +32,7 @@ impl KvStore for MemoryKv {
             .collect();
         for (key, action) in ops {
             if self.failing.contains(&key.key) {
-                failed.push((key, PortError::Transient("down".into())));
+                failed.push((key, PortError::Unavailable("down".into())));
                 continue;
             }
             match action {

@@ -27,7 +27,7 @@ impl TokenSource for SecretsManagerToken {
             .await
             .map_err(|e| {
                 // The SDK has already retried what it could.
-                PortError::Transient(format!(
+                PortError::Unavailable(format!(
                     "secret {}: {}",
                     self.secret_id,
                     aws_sdk_secretsmanager::error::DisplayErrorContext(e)
@@ -39,7 +39,7 @@ impl TokenSource for SecretsManagerToken {
             .filter(|token| !token.is_empty())
             .map(ApiToken::new)
             .ok_or_else(|| {
-                PortError::Permanent(format!("secret {} has no SecretString", self.secret_id))
+                PortError::NotFound(format!("secret {} has no SecretString", self.secret_id))
             })
     }
 }

@@ -96,7 +96,7 @@ mod tests {
         async fn fetch(&self, wanted: &AccountCell) -> Result<ApiKey, PortError> {
             self.0.fetch_add(1, Ordering::SeqCst);
             if wanted.account == "missing" {
-                Err(PortError::Permanent("none".into()))
+                Err(PortError::NotFound("none".into()))
             } else {
                 Ok(ApiKey::new(format!("key-{}", wanted.account)))
             }
@@ -187,7 +187,7 @@ mod tests {
         );
         let late = answers
             .values()
-            .filter(|a| matches!(a, Err(PortError::Transient(r)) if r.contains("deadline")))
+            .filter(|a| matches!(a, Err(PortError::PastDeadline(_))))
             .count();
         // Eight at a time, a second each: two rounds answered before the deadline.
         assert_eq!((answers.len(), late), (40, 24));

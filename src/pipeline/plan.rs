@@ -14,7 +14,6 @@ use crate::domain::qfilter::filter_key;
 use crate::domain::validate::{index_key_problem, shop_id_problem, shown, SHOP_DOMAIN};
 use crate::domain::{IndexId, IndexRef, IndexSettings, KvAction, KvKey, SettingsReference};
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
-use crate::ports::PortError;
 use crate::report::Outcome;
 
 mod needs;
@@ -263,10 +262,7 @@ impl<'a> RecordPlanner<'a> {
         );
         let api_key = match self.lookups.api_keys.get(&wanted) {
             Some(Ok(key)) => key,
-            Some(Err(PortError::Permanent(reason))) => {
-                return Err(Outcome::Rejected(reason.clone()))
-            }
-            Some(Err(PortError::Transient(reason))) => return Err(Outcome::Failed(reason.clone())),
+            Some(Err(error)) => return Err(Outcome::of_port_error(error, "")),
             None => return Err(Outcome::Failed("API key was not looked up".into())),
         };
         Ok(KvValue::settings(settings.clone(), api_key.clone()))
@@ -348,6 +344,7 @@ fn check_limits(ops: &[(KvKey, KvAction)]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ports::PortError;
     use std::collections::{BTreeSet, HashMap};
 
     use crate::domain::kv::{query_config_key, MAX_KEY_BYTES};
@@ -610,7 +607,7 @@ mod tests {
         ];
         let recorded = |index: &IndexRef| (index.name == "other").then(BTreeSet::new);
         let unsettled = settle_previous_shops(&mut records, recorded);
-        let down = Err(PortError::Transient("KV is down".into()));
+        let down = Err(PortError::Unavailable("KV is down".into()));
         settle_from_kv(
             &mut records,
             &unsettled.into_iter().map(|i| (i, down.clone())).collect(),
@@ -648,7 +645,7 @@ mod tests {
     fn a_failed_scan_fails_the_remove_instead_of_deleting_unchecked() {
         let records = vec![remove(1, "products")];
         let mut lookups = key_lookups(&records);
-        lookups.references = Some(Err(PortError::Transient("connection refused".into())));
+        lookups.references = Some(Err(PortError::Unavailable("connection refused".into())));
         let plan = plan(&records, &lookups, CELL);
         assert!(plan.ops.is_empty());
         assert!(
@@ -900,8 +897,8 @@ mod tests {
             account: "acct-1".into(),
         };
         for (error, rejected) in [
-            (PortError::Permanent("no key".into()), true),
-            (PortError::Transient("503".into()), false),
+            (PortError::NotFound("no key".into()), true),
+            (PortError::Unavailable("503".into()), false),
         ] {
             let lookups = Lookups {
                 api_keys: HashMap::from([(wanted.clone(), Err(error))]),

@@ -76,7 +76,7 @@ impl<T: TokenSource> CloudflareKv<T> {
         }
         for KeyFailures { keys, error } in alone {
             let error = match landed {
-                true => PortError::Permanent(format!("Cloudflare refused this key alone: {error}")),
+                true => PortError::Invalid(format!("Cloudflare refused this key alone: {error}")),
                 false => error,
             };
             failures.push(KeyFailures { keys, error });
@@ -143,7 +143,7 @@ impl<T: TokenSource> CloudflareKv<T> {
             if resends >= self.retry.max_retries || Instant::now() + delay >= deadline {
                 return Err(Sent::Failed(KeyFailures {
                     keys: unsuccessful,
-                    error: PortError::Transient(format!("{reason}, after {resends} resends")),
+                    error: PortError::Unavailable(format!("{reason}, after {resends} resends")),
                 }));
             }
             pending.retain_keys(&unsuccessful);

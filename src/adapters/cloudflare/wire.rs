@@ -112,17 +112,21 @@ pub(super) fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
     Some(wait.min(MAX_RETRY_AFTER))
 }
 
-/// A final answer that is not a success. Transient, a 4xx included: a whole request refused
-/// is more likely a misconfiguration fixed later than a fault of every record in it (a key
-/// refused alone is told apart in [`CloudflareKv::send`]).
+/// A final answer that is not a success: every kind transient, a 4xx included (`Refused`): a
+/// whole request refused is more likely a misconfiguration fixed later than a fault of every
+/// record in it (a key refused alone is told apart in [`CloudflareKv::send`]).
 pub(super) fn refused(status: StatusCode, body: &str) -> PortError {
     if status.is_redirection() {
-        return PortError::Transient(format!(
+        return PortError::Refused(format!(
             "HTTP {} from Cloudflare: a redirect, not followed",
             status.as_u16()
         ));
     }
-    PortError::Transient(describe(status, body))
+    match status {
+        StatusCode::TOO_MANY_REQUESTS => PortError::Throttled(describe(status, body)),
+        s if s.is_server_error() => PortError::Unavailable(describe(status, body)),
+        _ => PortError::Refused(describe(status, body)),
+    }
 }
 
 pub(super) fn transport_error(e: &reqwest::Error) -> String {
@@ -184,10 +188,14 @@ mod tests {
         );
         assert_eq!(describe(StatusCode::BAD_GATEWAY, "<html>"), "HTTP 502");
         let redirect = refused(StatusCode::TEMPORARY_REDIRECT, "");
-        assert!(redirect.is_transient());
         assert!(
-            redirect.to_string().contains("HTTP 307") && redirect.to_string().contains("redirect")
+            matches!(&redirect, PortError::Refused(r) if r.contains("HTTP 307") && r.contains("redirect"))
         );
-        assert!(refused(StatusCode::BAD_REQUEST, body).is_transient());
+        // Every final answer is retried; what kind of failure it was is said by its variant.
+        let (throttled, down) = (StatusCode::TOO_MANY_REQUESTS, StatusCode::BAD_GATEWAY);
+        assert!(matches!(refused(throttled, body), PortError::Throttled(_)));
+        assert!(matches!(refused(down, "<html>"), PortError::Unavailable(_)));
+        let bad = refused(StatusCode::BAD_REQUEST, body);
+        assert!(matches!(bad, PortError::Refused(_)) && bad.is_transient());
     }
 }

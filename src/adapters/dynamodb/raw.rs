@@ -68,7 +68,7 @@ impl Answered {
     fn text(self, operation: &str, table: &str) -> Result<String, PortError> {
         match self {
             Answered::Ok(text) => Ok(text),
-            Answered::Refused { status, text } => Err(PortError::Transient(format!(
+            Answered::Refused { status, text } => Err(PortError::Refused(format!(
                 "{operation} of table {table}: HTTP {status}: {}",
                 crate::domain::validate::cut(&text)
             ))),
@@ -127,7 +127,7 @@ impl RawDynamo {
             keys = Vec::new();
             while let Some(answer) = answers.next().await {
                 let left = read_answer(&answer?, table, each).ok_or_else(|| {
-                    PortError::Transient(format!(
+                    PortError::Unavailable(format!(
                         "BatchGetItem of table {table}: an answer not understood"
                     ))
                 })?;
@@ -136,7 +136,7 @@ impl RawDynamo {
         }
         match keys.is_empty() {
             true => Ok(()),
-            false => Err(PortError::Transient(format!(
+            false => Err(PortError::Throttled(format!(
                 "BatchGetItem of table {table}: {} items left unread",
                 keys.len()
             ))),
@@ -228,7 +228,7 @@ impl RawDynamo {
         body: String,
     ) -> Result<Answered, PortError> {
         let failed =
-            |what: String| PortError::Transient(format!("{operation} of table {table}: {what}"));
+            |what: String| PortError::Unavailable(format!("{operation} of table {table}: {what}"));
         let mut last = String::new();
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {

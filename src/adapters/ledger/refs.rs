@@ -174,7 +174,7 @@ impl DynamoLedger {
             let body = serde_json::to_string(&query).expect("a query is JSON");
             let answer = self.dynamo.post("Query", table, body).await?;
             let page: QueryPage = serde_json::from_str(&answer).map_err(|_| {
-                PortError::Transient(format!("Query of table {table}: an answer not understood"))
+                PortError::Unavailable(format!("Query of table {table}: an answer not understood"))
             })?;
             found.extend(page.items.iter().filter_map(index_of));
             match page.last_evaluated_key {

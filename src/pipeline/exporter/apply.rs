@@ -104,7 +104,7 @@ impl<P: Ports> Exporter<P> {
         let rest = self.kv.apply(rest, deadline).await;
         failed.extend(rest.failed);
         for (key, shop) in withheld {
-            let error = PortError::Transient(format!(
+            let error = PortError::Refused(format!(
                 "not sent: the old shop key `{shop}` was not deleted, and a retry must still find it here"
             ));
             failed.insert(key, error);
@@ -247,14 +247,13 @@ fn settle_filters(
         };
         for &needer in needers {
             if outcomes[needer] == Outcome::Pending {
-                outcomes[needer] = match error {
-                    PortError::Permanent(reason) => {
-                        Outcome::Rejected(format!("query filter `{}` refused: {reason}", key.key))
-                    }
-                    PortError::Transient(reason) => {
-                        Outcome::Failed(format!("query filter `{}` not written: {reason}", key.key))
-                    }
+                let what = if error.is_transient() {
+                    "not written"
+                } else {
+                    "refused"
                 };
+                let what = format!("query filter `{}` {what}: ", key.key);
+                outcomes[needer] = Outcome::of_port_error(error, what);
             }
         }
     }
@@ -292,10 +291,7 @@ fn finish(
 
 /// A record whose key did not make it: retried, unless Cloudflare refused that key on its own.
 fn key_failed(key: &str, error: &PortError) -> Outcome {
-    match error {
-        PortError::Permanent(reason) => Outcome::Rejected(format!("KV key `{key}`: {reason}")),
-        PortError::Transient(reason) => Outcome::Failed(format!("KV key `{key}`: {reason}")),
-    }
+    Outcome::of_port_error(error, format!("KV key `{key}`: "))
 }
 
 #[cfg(test)]
