@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::stack::{start, Stack};
-use super::{index_item, DemoOptions, ACCOUNT};
+use super::{index_item, DemoOptions, ACCOUNT, CF_ACCOUNT, SETTINGS_NS};
 
 /// Times from a table write to its KV value, in the order they were written.
 pub async fn run(options: &DemoOptions, seconds: f64, rate: f64) -> Result<Vec<Duration>, String> {
@@ -45,7 +45,7 @@ async fn steady_stream(
         }
         pending.retain(|&(n, at)| {
             let key = format!("{ACCOUNT}-steady-{n:05}");
-            let held = stack.settings(&key).is_some();
+            let held = stack.kv.value(CF_ACCOUNT, SETTINGS_NS, &key).is_some();
             if held {
                 times[n] = at.elapsed();
                 landed += 1;

@@ -38,8 +38,12 @@ impl Recording {
         if operation == "TransactWriteItems" && *status != StatusCode::OK {
             self.writes_succeeded = false;
         }
-        if operation == "BatchGetItem" && *status == StatusCode::OK {
-            self.keep_reads(&request, body);
+        // A batch's reads are answered key by key: the whole answer is never asked for again.
+        if operation == "BatchGetItem" {
+            if *status == StatusCode::OK {
+                self.keep_reads(&request, body);
+            }
+            return;
         }
         let key = (operation.to_owned(), canonical(&request));
         self.answers
@@ -78,18 +82,18 @@ impl Recording {
 
     /// The answer to `request`, or `None` where the recording cannot give it.
     pub(super) fn answer(&mut self, operation: &str, request: &Bytes) -> Option<Answer> {
+        if operation == "BatchGetItem" {
+            return self.batch_read(request);
+        }
         let exact = (operation.to_owned(), canonical(request));
-        match operation {
-            "BatchGetItem" => self.batch_read(request),
-            _ => match self.answers.get_mut(&exact).and_then(VecDeque::pop_front) {
-                Some(answer) => Some(answer),
-                None if operation == "TransactWriteItems" && self.writes_succeeded => Some((
-                    StatusCode::OK,
-                    self.headers.clone(),
-                    Bytes::from_static(b"{}"),
-                )),
-                None => None,
-            },
+        match self.answers.get_mut(&exact).and_then(VecDeque::pop_front) {
+            Some(answer) => Some(answer),
+            None if operation == "TransactWriteItems" && self.writes_succeeded => Some((
+                StatusCode::OK,
+                self.headers.clone(),
+                Bytes::from_static(b"{}"),
+            )),
+            None => None,
         }
     }
 
