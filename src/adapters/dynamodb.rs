@@ -1,6 +1,6 @@
-//! The settings table in DynamoDB: read for alias-deletion safety, manual re-exports and
-//! backfills. Every failure here is transient: the SDK has already retried, and a record that
-//! needs the table is reported for retry.
+//! The settings table in DynamoDB: the stream's items, what records say of other indexes,
+//! manual re-exports and backfills. Every failure here is transient: the SDK has already
+//! retried, and a record that needs the table is reported for retry.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,9 +13,7 @@ use crate::dynamo::{settings_reference, shop_id_of, string_attribute, Image, Sor
 use crate::ports::{Page, PortError, SettingsTable, TableCounters};
 
 pub struct DynamoSettingsTable {
-    client: aws_sdk_dynamodb::Client,
-    /// The stream's items, read without the SDK (`raw.rs`).
-    items: RawDynamo,
+    dynamo: Dynamo,
     table_name: String,
     default_configs_sk: String,
     override_queries: AtomicUsize,
@@ -29,8 +27,7 @@ impl DynamoSettingsTable {
         default_configs_sk: impl Into<String>,
     ) -> Self {
         Self {
-            client: aws_sdk_dynamodb::Client::new(aws),
-            items: RawDynamo::new(aws),
+            dynamo: Dynamo::new(aws),
             table_name: table_name.into(),
             default_configs_sk: default_configs_sk.into(),
             override_queries: AtomicUsize::new(0),
@@ -40,19 +37,25 @@ impl DynamoSettingsTable {
 }
 
 impl DynamoSettingsTable {
-    fn error(&self, operation: &str, e: impl std::error::Error) -> PortError {
-        PortError::Unavailable(format!(
-            "{operation} of table {}: {}",
-            self.table_name,
-            aws_sdk_dynamodb::error::DisplayErrorContext(e)
-        ))
+    fn error<E>(&self, operation: &str, e: aws_sdk_dynamodb::error::SdkError<E>) -> PortError
+    where
+        E: aws_sdk_dynamodb::error::ProvideErrorMetadata
+            + std::error::Error
+            + Send
+            + Sync
+            + 'static,
+    {
+        client::port_error(operation, &self.table_name, e)
+    }
+
+    fn client(&self) -> &aws_sdk_dynamodb::Client {
+        self.dynamo.sdk()
     }
 }
 
-mod errors;
-pub(crate) mod raw;
+pub(crate) mod client;
 
-pub(crate) use raw::RawDynamo;
+pub(crate) use client::Dynamo;
 
 /// The least string above every string that begins with `prefix`, in DynamoDB's order (UTF-8
 /// bytes, which keeps the order of code points): its last character made the next one.
@@ -92,7 +95,7 @@ fn reference_of(index: IndexRef, image: &Image) -> SettingsReference {
 
 impl DynamoSettingsTable {
     /// The items of these keys (`pk`, `sk`) that exist, only `projection`, each handed to
-    /// `each` (consistent reads, without the SDK: `raw.rs`).
+    /// `each` (consistent reads).
     async fn read_keys(
         &self,
         keys: Vec<(String, String)>,
@@ -100,7 +103,7 @@ impl DynamoSettingsTable {
         mut each: impl FnMut(&Image<'_>) + Send,
     ) -> Result<(), PortError> {
         let table = (self.table_name.as_str(), Some(projection));
-        self.items.get_all(table, keys, &mut each).await
+        self.dynamo.get_all(table, keys, &mut each).await
     }
 
     /// The index's `INDEX#{name}#QUERY#...` items after `start`, `limit` at most (only
@@ -117,7 +120,7 @@ impl DynamoSettingsTable {
         loop {
             let left = i32::try_from(limit - items.len()).unwrap_or(i32::MAX);
             let page = self
-                .client
+                .client()
                 .query()
                 .table_name(&self.table_name)
                 .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
@@ -156,7 +159,7 @@ impl SettingsTable for DynamoSettingsTable {
         let mut start_key = None;
         loop {
             let page = self
-                .client
+                .client()
                 .scan()
                 .table_name(&self.table_name)
                 .filter_expression("begins_with(sk, :index) AND NOT contains(sk, :query)")
@@ -211,14 +214,14 @@ impl SettingsTable for DynamoSettingsTable {
         keys: Vec<(String, String)>,
         mut each: impl FnMut(&Image<'_>) + Send,
     ) -> Result<(), PortError> {
-        self.items
+        self.dynamo
             .get_all((&self.table_name, None), keys, &mut each)
             .await
     }
 
     async fn index_settings(&self, index: &IndexRef) -> Result<Option<Item>, PortError> {
         let answer = self
-            .client
+            .client()
             .get_item()
             .table_name(&self.table_name)
             .key("pk", AttributeValue::S(index.account.clone()))
@@ -244,7 +247,7 @@ impl SettingsTable for DynamoSettingsTable {
         let mut start = None;
         loop {
             let query = self
-                .client
+                .client()
                 .query()
                 .table_name(&self.table_name)
                 .expression_attribute_values(":pk", AttributeValue::S(account.to_owned()))
@@ -346,7 +349,7 @@ impl SettingsTable for DynamoSettingsTable {
         let (items, next) = match account {
             Some(account) => {
                 let page = self
-                    .client
+                    .client()
                     .query()
                     .table_name(&self.table_name)
                     .key_condition_expression("pk = :pk")
@@ -363,7 +366,7 @@ impl SettingsTable for DynamoSettingsTable {
             }
             None => {
                 let page = self
-                    .client
+                    .client()
                     .scan()
                     .table_name(&self.table_name)
                     .consistent_read(true)

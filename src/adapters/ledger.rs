@@ -1,52 +1,73 @@
 //! The export ledger, the function's own DynamoDB table (`LEDGER_TABLE_NAME`; `pk`, `sk`
 //! strings). It holds each index's references ([`refs`]), and where a scheduled reconcile
 //! stands (`pk = "reconcile"`, `sk = "progress"`); progress writes are conditional on the
-//! version read, so two invocations never both take a pass. Every call is on the stream's
-//! path or beside it, so every call goes through DynamoDB's JSON API without the SDK
-//! (`dynamodb/raw.rs`); items are written as DynamoDB's JSON straight from the domain's types.
+//! version read, so two invocations never both take a pass. Calls go through the SDK client
+//! the settings table uses (`dynamodb/client.rs`: its batching and retries).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
-use serde::Serialize;
-use serde_json::{json, Value};
+use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem};
 
 use crate::domain::IndexRef;
 use crate::ports::{IndexRefs, Ledger, PortError, ReconcileProgress};
 use crate::ports::{Referred, RefsChange};
 
-use super::dynamodb::raw::{n, Attribute, Item};
-use super::dynamodb::RawDynamo;
+use super::dynamodb::client::{key, SdkItem};
+use super::dynamodb::Dynamo;
 
 mod refs;
 
 const PROGRESS_PK: &str = "reconcile";
 const PROGRESS_SK: &str = "progress";
 pub struct DynamoLedger {
-    dynamo: RawDynamo,
+    dynamo: Dynamo,
     table_name: String,
 }
 
 impl DynamoLedger {
     /// The ledger where and as whom the SDK configured by `aws` would call DynamoDB.
     pub fn new(aws: &aws_config::SdkConfig, table_name: String) -> Self {
-        let dynamo = RawDynamo::new(aws);
+        let dynamo = Dynamo::new(aws);
         Self { dynamo, table_name }
     }
 }
 
-/// An attribute of an item read as DynamoDB's JSON, as a number.
-fn number(item: &Value, name: &str) -> Option<u64> {
-    item.get(name)?.get("N")?.as_str()?.parse().ok()
+/// An attribute of an item, as a number.
+fn number(item: &SdkItem, name: &str) -> Option<u64> {
+    item.get(name)?.as_n().ok()?.parse().ok()
 }
 
-/// An attribute of an item read as DynamoDB's JSON, as a string.
-fn text(item: &Value, name: &str) -> Option<String> {
-    Some(item.get(name)?.get("S")?.as_str()?.to_owned())
+/// An attribute of an item, as a string.
+fn text(item: &SdkItem, name: &str) -> Option<String> {
+    item.get(name)?.as_s().ok().cloned()
+}
+
+fn n(value: u64) -> AttributeValue {
+    AttributeValue::N(value.to_string())
+}
+
+/// An item, a key or an expression's values, built attribute by attribute.
+#[derive(Default)]
+struct Item(SdkItem);
+
+impl Item {
+    fn key(pk: String, sk: &str) -> Self {
+        Item(key(pk, sk))
+    }
+
+    fn with(mut self, name: &str, value: AttributeValue) -> Self {
+        self.0.insert(name.to_owned(), value);
+        self
+    }
+
+    /// The attributes, `None` when there are none (DynamoDB refuses an empty map).
+    fn given(self) -> Option<SdkItem> {
+        (!self.0.is_empty()).then_some(self.0)
+    }
 }
 
 /// One action of a TransactWriteItems: every write of the ledger is one.
-#[derive(Serialize)]
 enum Action<'a> {
     Put(Put<'a>),
     Update(Update<'a>),
@@ -56,36 +77,64 @@ enum Action<'a> {
 type Condition = (Cow<'static, str>, Item);
 
 /// A put, on a condition (an expression and its values) when one is given.
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
 struct Put<'a> {
     table_name: &'a str,
     item: Item,
-    #[serde(skip_serializing_if = "Option::is_none")]
     condition_expression: Option<Cow<'static, str>>,
-    #[serde(skip_serializing_if = "Item::is_empty")]
     expression_attribute_values: Item,
 }
 
 /// An UpdateItem of an item of the ledger's, with the attribute names its expression uses.
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
 struct Update<'a> {
     table_name: &'a str,
     key: Item,
     update_expression: Cow<'static, str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     condition_expression: Option<&'static str>,
-    #[serde(skip_serializing_if = "Names::is_empty")]
     expression_attribute_names: Names,
-    #[serde(skip_serializing_if = "Item::is_empty")]
     expression_attribute_values: Item,
 }
 
 /// An expression's attribute names (`#set` for `referrers`, ...).
 type Names = std::collections::BTreeMap<&'static str, &'static str>;
 
-fn progress_of(item: &Value) -> ReconcileProgress {
+impl Action<'_> {
+    /// The action as the SDK sends it. Its builders fail only without a table, an item or a
+    /// key, which every action has.
+    fn into_sdk(self) -> TransactWriteItem {
+        use aws_sdk_dynamodb::types as sdk;
+        let action = TransactWriteItem::builder();
+        match self {
+            Action::Put(put) => action.put(
+                sdk::Put::builder()
+                    .table_name(put.table_name)
+                    .set_item(Some(put.item.0))
+                    .set_condition_expression(put.condition_expression.map(Cow::into_owned))
+                    .set_expression_attribute_values(put.expression_attribute_values.given())
+                    .build()
+                    .expect("a table and an item"),
+            ),
+            Action::Update(update) => {
+                let names = (update.expression_attribute_names.into_iter())
+                    .map(|(placeholder, name)| (placeholder.to_owned(), name.to_owned()));
+                let names: HashMap<String, String> = names.collect();
+                action.update(
+                    sdk::Update::builder()
+                        .table_name(update.table_name)
+                        .set_key(Some(update.key.0))
+                        .update_expression(update.update_expression)
+                        .set_condition_expression(update.condition_expression.map(str::to_owned))
+                        .set_expression_attribute_names((!names.is_empty()).then_some(names))
+                        .set_expression_attribute_values(update.expression_attribute_values.given())
+                        .build()
+                        .expect("a table, a key and an expression"),
+                )
+            }
+        }
+        .build()
+    }
+}
+
+fn progress_of(item: &SdkItem) -> ReconcileProgress {
     ReconcileProgress {
         version: number(item, "version").unwrap_or_default(),
         token: text(item, "token"),
@@ -113,21 +162,16 @@ fn item_of(progress: &ReconcileProgress) -> Item {
         }
     }
     if let Some(token) = &progress.token {
-        item = item.with("token", Attribute::S(token.clone()));
+        item = item.with("token", AttributeValue::S(token.clone()));
     }
     item
 }
 
 impl DynamoLedger {
     /// One item, read consistently (`None`: there is none).
-    async fn get_one(&self, pk: &str, sk: &str) -> Result<Option<Value>, PortError> {
-        let table = &self.table_name;
-        let key = Item::key(pk.to_owned(), sk);
-        let body = json!({"TableName": table, "Key": key, "ConsistentRead": true});
-        let answer = self.dynamo.post("GetItem", table, body.to_string()).await?;
-        let mut answer: Value = serde_json::from_str(&answer)
-            .map_err(|_| PortError::Unavailable(format!("GetItem of table {table}: not JSON")))?;
-        Ok(answer.get_mut("Item").map(Value::take))
+    async fn get_one(&self, pk: &str, sk: &str) -> Result<Option<SdkItem>, PortError> {
+        let key = key(pk.to_owned(), sk);
+        self.dynamo.get_one(&self.table_name, key).await
     }
 
     /// Puts `item`, on `condition` (an expression and its values) when one is given: `Ok(false)`
@@ -161,16 +205,9 @@ impl DynamoLedger {
 
     /// Any number of actions, no two on one item, 100 a transaction, some at once: the
     /// positions of those whose condition failed (nothing of theirs written).
-    async fn transact_all(
-        &self,
-        actions: Vec<Action<'_>>,
-    ) -> Result<std::collections::BTreeSet<usize>, PortError> {
-        let actions = actions
-            .iter()
-            .map(|a| serde_json::to_string(a).expect("an action is JSON"));
-        (self.dynamo)
-            .transact_all(&self.table_name, actions.collect())
-            .await
+    async fn transact_all(&self, actions: Vec<Action<'_>>) -> Result<BTreeSet<usize>, PortError> {
+        let actions = actions.into_iter().map(Action::into_sdk).collect();
+        self.dynamo.transact_all(&self.table_name, actions).await
     }
 }
 

@@ -1,6 +1,6 @@
 //! An item's attributes in DynamoDB's attribute-value format, as a small tree that borrows its
-//! text: from a stream record's JSON (no copy of names, strings or numbers) or from a table
-//! item read through the SDK. Numbers and binary stay as the text DynamoDB gives them.
+//! text from a `serde_dynamo` item (a stream image, or a table item the SDK read), or from JSON
+//! text in DynamoDB's format. Numbers stay as the text DynamoDB gives them, binary as base64.
 
 use std::borrow::Cow;
 use std::fmt;

@@ -1,7 +1,7 @@
-//! The calls on the stream's path go without the SDK (`adapters/dynamodb/raw.rs`: signed
-//! requests of DynamoDB's JSON API). What the stream exports must be what the SDK's path (a
-//! re-export's GetItem and Query) exports from the same items, byte for byte; and the ledger's
-//! items must be the SDK's: written as the SDK wrote them before, read as the SDK reads them.
+//! Two ways of reading the settings table meet in KV: the stream's (its items by key, in
+//! BatchGetItems of 100) and a re-export's (GetItem and Query). What the stream exports must be
+//! what a re-export exports from the same items, byte for byte, on every attribute type; and
+//! the ledger's items must keep their format: read as written before, written as read.
 
 use std::collections::{BTreeSet, HashMap};
 

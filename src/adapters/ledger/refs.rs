@@ -12,11 +12,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
+use aws_sdk_dynamodb::types::AttributeValue;
 
 use super::{number, Action, Condition, Names, Update};
-use super::{Attribute, DynamoLedger, Item};
+use super::{DynamoLedger, Item};
 use crate::domain::IndexRef;
 use crate::dynamo::{Attr, Image};
 use crate::ports::{IndexRefs, PortError, Referred, RefsChange};
@@ -59,8 +58,8 @@ fn referred_pk(referred: &Referred) -> String {
 /// An item keyed `pk` / `sk` that names `index`.
 fn named(pk: String, sk: &str, index: &IndexRef) -> Item {
     Item::key(pk, sk)
-        .with("account", Attribute::S(index.account.clone()))
-        .with("index", Attribute::S(index.name.clone()))
+        .with("account", AttributeValue::S(index.account.clone()))
+        .with("index", AttributeValue::S(index.name.clone()))
 }
 
 fn index_of(item: &Image) -> Option<IndexRef> {
@@ -160,30 +159,13 @@ impl DynamoLedger {
 
     /// Every item of an overflowed set's partition that names an index.
     async fn query_referrers(&self, referred: &Referred) -> Result<Vec<IndexRef>, PortError> {
-        let table = &self.table_name;
-        let pk = Item::default().with(":pk", Attribute::S(referred_pk(referred)));
-        let mut query = Query {
-            table_name: table,
-            key_condition_expression: "pk = :pk",
-            expression_attribute_values: pk,
-            consistent_read: true,
-            exclusive_start_key: None,
-        };
-        let mut found = Vec::new();
-        loop {
-            let body = serde_json::to_string(&query).expect("a query is JSON");
-            let answer = self.dynamo.post("Query", table, body).await?;
-            let page: QueryPage = serde_json::from_str(&answer).map_err(|_| {
-                PortError::Unavailable(format!("Query of table {table}: an answer not understood"))
-            })?;
-            found.extend(page.items.iter().filter_map(index_of));
-            match page.last_evaluated_key {
-                Some(key) if key.get() != "{}" => {
-                    query.exclusive_start_key = Some(key.to_owned());
-                }
-                _ => return Ok(found),
-            }
-        }
+        let items = self
+            .dynamo
+            .partition(&self.table_name, referred_pk(referred));
+        let items = items.await?.into_iter().map(serde_dynamo::Item::from);
+        Ok(items
+            .filter_map(|item| index_of(&Image::of(&item)))
+            .collect())
     }
 
     /// Each index added to the set of what it refers to, one transaction action per set; a
@@ -203,7 +185,7 @@ impl DynamoLedger {
             (sets.into_iter()).partition(|(_, indexes)| indexes.len() <= MAX_REFERRERS);
         let adds = fit.iter().map(|(referred, indexes)| {
             let room = (MAX_REFERRERS - indexes.len()) as u64;
-            let members = Attribute::Ss(indexes.keys().cloned().collect());
+            let members = AttributeValue::Ss(indexes.keys().cloned().collect());
             let values = (Item::default().with(":new", members)).with(":room", super::n(room));
             Action::Update(Update {
                 condition_expression: Some("attribute_not_exists(#set) OR size(#set) <= :room"),
@@ -229,7 +211,7 @@ impl DynamoLedger {
         );
         let mut actions = Vec::new();
         for (referred, indexes) in over {
-            let flag = Item::default().with(":yes", Attribute::Bool(true));
+            let flag = Item::default().with(":yes", AttributeValue::Bool(true));
             actions.push(Action::Update(Update {
                 expression_attribute_names: Names::new(),
                 ..self.set_update(referred, "SET overflow = :yes", flag)
@@ -308,7 +290,7 @@ impl DynamoLedger {
         }
         self.transact_all(own).await?;
         let deletes = gone.into_iter().map(|(referred, indexes)| {
-            let members = Item::default().with(":gone", Attribute::Ss(indexes));
+            let members = Item::default().with(":gone", AttributeValue::Ss(indexes));
             Action::Update(self.set_update(referred, "DELETE #set :gone", members))
         });
         self.transact_all(deletes.collect()).await.map(|_| ())
@@ -334,7 +316,7 @@ impl DynamoLedger {
             };
             let comma = if at == 0 { "" } else { "," };
             expression.push_str(&format!("{comma} {name} {placeholder}"));
-            values = values.with(placeholder, Attribute::Ss(members));
+            values = values.with(placeholder, AttributeValue::Ss(members));
         }
         Update {
             table_name: &self.table_name,
@@ -361,28 +343,6 @@ impl DynamoLedger {
             expression_attribute_values: values,
         }
     }
-}
-
-/// A Query of one partition, read consistently, from `exclusive_start_key` on.
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct Query<'a> {
-    table_name: &'a str,
-    key_condition_expression: &'static str,
-    expression_attribute_values: Item,
-    consistent_read: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    exclusive_start_key: Option<Box<RawValue>>,
-}
-
-/// A page of a Query's answer.
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct QueryPage<'a> {
-    #[serde(borrow, default)]
-    items: Vec<Image<'a>>,
-    #[serde(borrow)]
-    last_evaluated_key: Option<&'a RawValue>,
 }
 
 /// Who a set item names, and whether referrers past its bound have items of their own.
@@ -419,32 +379,5 @@ mod tests {
         for key in ["", "x", "2:a#i", "1:a", "1:ai", "9:a#i", "1:é#i"] {
             assert_eq!(index_of_key(key), None, "{key}");
         }
-    }
-
-    #[test]
-    fn a_query_goes_on_from_the_key_its_last_page_ended_at() {
-        let answer = r#"{"Items": [{"pk": {"S": "shop#s"}, "sk": {"S": "1:a#i"},
-            "account": {"S": "a"}, "index": {"S": "i"}}], "Count": 1,
-            "LastEvaluatedKey": {"pk": {"S": "shop#s"}, "sk": {"S": "1:a#i"}}}"#;
-        let page: QueryPage = serde_json::from_str(answer).unwrap();
-        let found: Vec<IndexRef> = page.items.iter().filter_map(index_of).collect();
-        assert_eq!(found, [IndexRef::new("a", "i")]);
-        let query = Query {
-            table_name: "t",
-            key_condition_expression: "pk = :pk",
-            expression_attribute_values: Item::default().with(":pk", Attribute::S("shop#s".into())),
-            consistent_read: true,
-            exclusive_start_key: page.last_evaluated_key.map(ToOwned::to_owned),
-        };
-        let query: serde_json::Value = serde_json::to_value(&query).unwrap();
-        let expected = serde_json::json!({"TableName": "t", "KeyConditionExpression": "pk = :pk",
-            "ExpressionAttributeValues": {":pk": {"S": "shop#s"}}, "ConsistentRead": true,
-            "ExclusiveStartKey": {"pk": {"S": "shop#s"}, "sk": {"S": "1:a#i"}}});
-        assert_eq!(query, expected);
-        let last: QueryPage = serde_json::from_str(r#"{"Items": [], "Count": 0}"#).unwrap();
-        assert!(
-            last.last_evaluated_key.is_none(),
-            "the last page names no key"
-        );
     }
 }
