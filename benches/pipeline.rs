@@ -4,7 +4,6 @@
 use ecom_settings_exporter::adapters::cloudflare::encode::requests;
 use ecom_settings_exporter::domain::ApiKey;
 use ecom_settings_exporter::domain::{KvAction, KvKey};
-use ecom_settings_exporter::dynamo::Image;
 use ecom_settings_exporter::entry::Payload;
 use ecom_settings_exporter::pipeline::plan::{needs, plan, Lookups};
 use ecom_settings_exporter::pipeline::records::{
@@ -121,7 +120,8 @@ fn reference_work(bencher: divan::Bencher) {
         else {
             panic!("the bench's event is a stream batch");
         };
-        let images: Vec<Image> = serde_json::from_str(divan::black_box(&items)).unwrap();
+        let images: Vec<serde_dynamo::Item> =
+            serde_json::from_str(divan::black_box(&items)).unwrap();
         let records: Vec<ChangeRecord> = (batch.into_iter().zip(&images))
             .map(|(record, image)| {
                 let now = decode_now(image, "DEFAULT_CONFIGS").map(|(_, change)| change);

@@ -13,7 +13,6 @@ pub use ledger::{IndexRefs, Ledger, ReconcileProgress, Referred, RefsChange};
 
 use crate::domain::kv::{KvKey, KvOp};
 use crate::domain::{ApiKey, ApiToken, IndexRef, Namespace, SettingsReference};
-use crate::dynamo::Image;
 
 /// Why an outside system did not answer as asked: what happened, as the adapter saw it, with
 /// the values it names cut to a bound. Whether trying again can help follows from the kind.
@@ -262,7 +261,7 @@ pub trait SettingsTable: Send + Sync {
     fn items(
         &self,
         keys: Vec<(String, String)>,
-        each: impl FnMut(&Image<'_>) + Send,
+        each: impl FnMut(Item) + Send,
     ) -> impl Future<Output = Result<(), PortError>> + Send;
 
     /// The `INDEX#{name}` record of an account, if there is one.

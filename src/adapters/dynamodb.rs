@@ -9,7 +9,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use serde_dynamo::Item;
 
 use crate::domain::{IndexRef, SettingsReference};
-use crate::dynamo::{settings_reference, shop_id_of, string_attribute, Image, SortKey};
+use crate::dynamo::{settings_reference, shop_id_of, string_attribute, SortKey};
 use crate::ports::{Page, PortError, SettingsTable, TableCounters};
 
 pub struct DynamoSettingsTable {
@@ -77,14 +77,14 @@ fn overrides_prefix(index: &IndexRef) -> String {
 }
 
 /// The index a settings item's key names (`None`: not a settings item's).
-fn index_of(image: &Image) -> Option<IndexRef> {
-    let name = image.string("sk")?.strip_prefix("INDEX#")?;
-    Some(IndexRef::new(image.string("pk")?, name))
+fn index_of(item: &Item) -> Option<IndexRef> {
+    let name = string_attribute(item, "sk")?.strip_prefix("INDEX#")?;
+    Some(IndexRef::new(string_attribute(item, "pk")?, name))
 }
 
 /// What a settings record says about other indexes; a record whose aliases cannot be read
 /// names every index id it holds (fail closed), with a warning.
-fn reference_of(index: IndexRef, image: &Image) -> SettingsReference {
+fn reference_of(index: IndexRef, image: &Item) -> SettingsReference {
     let (reference, problem) = settings_reference(index.clone(), image);
     if let Some(problem) = problem {
         tracing::warn!(account = %index.account, index = %index.name, reason = %problem,
@@ -100,7 +100,7 @@ impl DynamoSettingsTable {
         &self,
         keys: Vec<(String, String)>,
         projection: &str,
-        mut each: impl FnMut(&Image<'_>) + Send,
+        mut each: impl FnMut(Item) + Send,
     ) -> Result<(), PortError> {
         let table = (self.table_name.as_str(), Some(projection));
         self.dynamo.get_all(table, keys, &mut each).await
@@ -173,9 +173,11 @@ impl SettingsTable for DynamoSettingsTable {
                 .await
                 .map_err(|e| self.error("scan", e))?;
             for item in page.items.unwrap_or_default() {
-                let item = Item::from(item);
-                let image = Image::of(&item);
-                let (Some(pk), Some(sk)) = (image.string("pk"), image.string("sk")) else {
+                let image = Item::from(item);
+                let (Some(pk), Some(sk)) = (
+                    string_attribute(&image, "pk"),
+                    string_attribute(&image, "sk"),
+                ) else {
                     continue;
                 };
                 let pk = pk.to_owned();
@@ -200,9 +202,9 @@ impl SettingsTable for DynamoSettingsTable {
             .map(|i| (i.account.clone(), format!("INDEX#{}", i.name)));
         let projection = "pk, sk, shop_id, read_alias, index_aliases";
         let mut found = HashMap::with_capacity(indexes.len());
-        self.read_keys(keys.collect(), projection, |image| {
-            if let Some(index) = index_of(image) {
-                found.insert(index.clone(), reference_of(index, image));
+        self.read_keys(keys.collect(), projection, |item| {
+            if let Some(index) = index_of(&item) {
+                found.insert(index.clone(), reference_of(index, &item));
             }
         })
         .await?;
@@ -212,7 +214,7 @@ impl SettingsTable for DynamoSettingsTable {
     async fn items(
         &self,
         keys: Vec<(String, String)>,
-        mut each: impl FnMut(&Image<'_>) + Send,
+        mut each: impl FnMut(Item) + Send,
     ) -> Result<(), PortError> {
         self.dynamo
             .get_all((&self.table_name, None), keys, &mut each)
@@ -287,8 +289,8 @@ impl SettingsTable for DynamoSettingsTable {
             .iter()
             .map(|i| (i.account.clone(), format!("INDEX#{}", i.name)));
         let mut shops = HashMap::with_capacity(indexes.len());
-        self.read_keys(keys.collect(), "pk, sk, shop_id", |image| {
-            shops.extend(index_of(image).map(|index| (index, shop_id_of(image))));
+        self.read_keys(keys.collect(), "pk, sk, shop_id", |item| {
+            shops.extend(index_of(&item).map(|index| (index, shop_id_of(&item))));
         })
         .await?;
         Ok(shops)
@@ -303,8 +305,10 @@ impl SettingsTable for DynamoSettingsTable {
             .iter()
             .map(|(i, query)| (i.account.clone(), sk(i, query)));
         let mut found: HashSet<(String, String)> = HashSet::new();
-        self.read_keys(keys.collect(), "pk, sk", |image| {
-            if let (Some(pk), Some(sk)) = (image.string("pk"), image.string("sk")) {
+        self.read_keys(keys.collect(), "pk, sk", |item| {
+            if let (Some(pk), Some(sk)) =
+                (string_attribute(&item, "pk"), string_attribute(&item, "sk"))
+            {
                 found.insert((pk.to_owned(), sk.to_owned()));
             }
         })

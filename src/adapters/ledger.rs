@@ -196,7 +196,7 @@ impl DynamoLedger {
     async fn get_all(
         &self,
         keys: Vec<(String, String)>,
-        mut each: impl FnMut(&crate::dynamo::Image<'_>) + Send,
+        mut each: impl FnMut(serde_dynamo::Item) + Send,
     ) -> Result<(), PortError> {
         self.dynamo
             .get_all((&self.table_name, None), keys, &mut each)

@@ -9,7 +9,6 @@ use serde_dynamo::Item;
 use tokio::time::Instant;
 
 use crate::domain::{ApiKey, IndexRef, KvAction, KvOp, Namespace, SettingsReference};
-use crate::dynamo::Image;
 use crate::ports::{
     AccountCell, ApiKeySource, Applied, IndexRefs, KeyPage, KvStore, Ledger, ListedKey, Page,
     PortError, ReconcileProgress, Referred, RefsChange, SettingsTable,
@@ -116,19 +115,19 @@ impl SettingsTable for CountingTable {
         Ok((indexes.iter())
             .filter_map(|index| {
                 let key = (index.account.clone(), format!("INDEX#{}", index.name));
-                let image = Image::of(items.get(&key)?);
-                Some(crate::dynamo::settings_reference(index.clone(), &image).0)
+                let item = items.get(&key)?;
+                Some(crate::dynamo::settings_reference(index.clone(), item).0)
             })
             .collect())
     }
     async fn items(
         &self,
         keys: Vec<(String, String)>,
-        mut each: impl FnMut(&Image<'_>) + Send,
+        mut each: impl FnMut(Item) + Send,
     ) -> Result<(), PortError> {
         let items = self.items.lock().unwrap().clone();
         for item in keys.iter().filter_map(|key| items.get(key)) {
-            each(&Image::of(item));
+            each(item.clone());
         }
         Ok(())
     }

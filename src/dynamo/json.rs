@@ -3,7 +3,9 @@
 
 use std::fmt;
 
-use super::image::Attr;
+use base64::Engine as _;
+use serde_dynamo::AttributeValue;
+
 use crate::domain::validate::shown;
 use crate::domain::InvalidRecord;
 
@@ -107,39 +109,60 @@ fn list<T>(
     Ok(())
 }
 
+/// Binary is written as its base64 text, as DynamoDB's JSON gives it.
+fn binary(bytes: &[u8], out: &mut Vec<u8>) {
+    string(
+        &base64::engine::general_purpose::STANDARD.encode(bytes),
+        out,
+    );
+}
+
 /// Writes an attribute value as JSON into `out`.
-pub fn write_json(value: &Attr, path: Path, out: &mut Vec<u8>) -> Result<(), InvalidRecord> {
+pub fn write_json(
+    value: &AttributeValue,
+    path: Path,
+    out: &mut Vec<u8>,
+) -> Result<(), InvalidRecord> {
     match value {
-        Attr::N(n) => number(n, path, out)?,
-        Attr::S(s) | Attr::B(s) => string(s, out),
-        Attr::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-        Attr::Null => out.extend_from_slice(b"null"),
-        Attr::M(map) => {
+        AttributeValue::N(n) => number(n, path, out)?,
+        AttributeValue::S(s) => string(s, out),
+        AttributeValue::B(b) => binary(b, out),
+        AttributeValue::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        AttributeValue::Null(_) => out.extend_from_slice(b"null"),
+        AttributeValue::M(map) => {
+            let mut names: Vec<&String> = map.keys().collect();
+            names.sort_unstable();
             out.push(b'{');
-            for (i, (name, value)) in map.iter().enumerate() {
+            for (i, name) in names.into_iter().enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
                 string(name, out);
                 out.push(b':');
-                write_json(value, Path::Key(&path, name), out)?;
+                write_json(&map[name], Path::Key(&path, name), out)?;
             }
             out.push(b'}');
         }
-        Attr::L(items) => list(items, out, |i, item, out| {
+        AttributeValue::L(items) => list(items, out, |i, item, out| {
             write_json(item, Path::Index(&path, i), out)
         })?,
-        Attr::Ss(set) | Attr::Bs(set) => list(set, out, |_, s, out| {
+        AttributeValue::Ss(set) => list(set, out, |_, s, out| {
             string(s, out);
             Ok(())
         })?,
-        Attr::Ns(set) => list(set, out, |i, n, out| number(n, Path::Index(&path, i), out))?,
+        AttributeValue::Bs(set) => list(set, out, |_, b, out| {
+            binary(b, out);
+            Ok(())
+        })?,
+        AttributeValue::Ns(set) => {
+            list(set, out, |i, n, out| number(n, Path::Index(&path, i), out))?
+        }
     }
     Ok(())
 }
 
 /// An attribute as JSON text.
-pub fn to_json(value: &Attr, name: &str) -> Result<String, InvalidRecord> {
+pub fn to_json(value: &AttributeValue, name: &str) -> Result<String, InvalidRecord> {
     let mut out = Vec::with_capacity(256);
     write_json(value, Path::Attribute(name), &mut out)?;
     Ok(String::from_utf8(out).expect("JSON written from strings is UTF-8"))

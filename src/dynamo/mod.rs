@@ -7,11 +7,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_dynamo::{AttributeValue, Item};
 
-mod image;
 mod json;
 pub(crate) mod stream;
-
-pub use image::{Attr, Image, Text};
 
 use crate::domain::settings::{non_empty, Document, IndexAliases};
 use crate::domain::validate::endpoint_problem;
@@ -47,7 +44,23 @@ impl SortKey {
     }
 }
 
-/// A string attribute of a table item, if it is one.
+/// DynamoDB's name of a value's type, for errors.
+fn type_name(value: &AttributeValue) -> &'static str {
+    match value {
+        AttributeValue::S(_) => "S",
+        AttributeValue::N(_) => "N",
+        AttributeValue::B(_) => "B",
+        AttributeValue::Bool(_) => "BOOL",
+        AttributeValue::Null(_) => "NULL",
+        AttributeValue::M(_) => "M",
+        AttributeValue::L(_) => "L",
+        AttributeValue::Ss(_) => "SS",
+        AttributeValue::Ns(_) => "NS",
+        AttributeValue::Bs(_) => "BS",
+    }
+}
+
+/// A string attribute of an item (a table item, a stream image), if it is one.
 pub fn string_attribute<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
     match item.get(name) {
         Some(AttributeValue::S(s)) => Some(s),
@@ -56,28 +69,28 @@ pub fn string_attribute<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
 }
 
 /// An opaque document attribute as JSON; `NULL` or absent is `None`.
-fn document(image: &Image, name: &str) -> Result<Option<Document>, InvalidRecord> {
+fn document(image: &Item, name: &str) -> Result<Option<Document>, InvalidRecord> {
     match image.get(name) {
-        None | Some(Attr::Null) => Ok(None),
+        None | Some(AttributeValue::Null(_)) => Ok(None),
         Some(value) => Ok(Some(Document::from_json_text(json::to_json(value, name)?))),
     }
 }
 
 /// A string attribute; `NULL` or absent is `None`, any other type is an error.
-fn string_field(image: &Image, name: &str) -> Result<Option<String>, InvalidRecord> {
+fn string_field(image: &Item, name: &str) -> Result<Option<String>, InvalidRecord> {
     match image.get(name) {
-        None | Some(Attr::Null) => Ok(None),
-        Some(Attr::S(s)) => Ok(Some(s.clone().into_owned())),
+        None | Some(AttributeValue::Null(_)) => Ok(None),
+        Some(AttributeValue::S(s)) => Ok(Some(s.clone())),
         Some(other) => Err(InvalidRecord::BadAttribute {
             path: name.to_owned(),
-            message: format!("expected a string (S), found {}", other.type_name()),
+            message: format!("expected a string (S), found {}", type_name(other)),
         }),
     }
 }
 
 /// A structured attribute read as `T` through its plain JSON; `NULL` or absent is `None`.
-fn typed<T: DeserializeOwned>(image: &Image, name: &str) -> Result<Option<T>, InvalidRecord> {
-    let Some(value) = image.get(name).filter(|v| **v != Attr::Null) else {
+fn typed<T: DeserializeOwned>(image: &Item, name: &str) -> Result<Option<T>, InvalidRecord> {
+    let Some(value) = (image.get(name)).filter(|v| !matches!(v, AttributeValue::Null(_))) else {
         return Ok(None);
     };
     let text = json::to_json(value, name)?;
@@ -131,7 +144,7 @@ struct ReferenceAnalytics {
 }
 
 /// An `INDEX#{name}` record's attributes as the index's settings.
-pub fn index_settings(index: IndexRef, image: &Image) -> Result<IndexSettings, InvalidRecord> {
+pub fn index_settings(index: IndexRef, image: &Item) -> Result<IndexSettings, InvalidRecord> {
     let index_url = non_empty(string_field(image, "index_endpoint")?)
         .ok_or(InvalidRecord::Missing("index_endpoint"))?;
     if let Some(message) = endpoint_problem(&index_url) {
@@ -179,9 +192,8 @@ pub fn index_settings(index: IndexRef, image: &Image) -> Result<IndexSettings, I
 
 /// The shop key an index's record claims, read from an old image. Tolerant: anything
 /// undecodable simply claims no shop.
-pub fn shop_id_of(image: &Image) -> Option<String> {
-    image
-        .string("shop_id")
+pub fn shop_id_of(image: &Item) -> Option<String> {
+    string_attribute(image, "shop_id")
         .filter(|s| !s.is_empty())
         .map(str::to_owned)
 }
@@ -191,7 +203,7 @@ pub fn shop_id_of(image: &Image) -> Option<String> {
 /// and the reason comes back for a warning.
 pub fn settings_reference(
     index: IndexRef,
-    image: &Image,
+    image: &Item,
 ) -> (SettingsReference, Option<InvalidRecord>) {
     let shop_id = shop_id_of(image);
     let read = typed::<ReferenceAliases>(image, "index_aliases")
@@ -227,16 +239,18 @@ fn reference_targets(
 
 /// Every string under an `index_id` key in `index_aliases`, and `read_alias`: what an
 /// unreadable record might point at.
-fn named_index_ids(image: &Image) -> Vec<IndexId> {
-    fn walk(value: &Attr, under_index_id: bool, found: &mut Vec<IndexId>) {
+fn named_index_ids(image: &Item) -> Vec<IndexId> {
+    fn walk(value: &AttributeValue, under_index_id: bool, found: &mut Vec<IndexId>) {
         match value {
-            Attr::S(s) if under_index_id && !s.is_empty() => found.push(IndexId(s.to_string())),
-            Attr::M(map) => {
-                for (name, value) in map.iter() {
+            AttributeValue::S(s) if under_index_id && !s.is_empty() => {
+                found.push(IndexId(s.clone()))
+            }
+            AttributeValue::M(map) => {
+                for (name, value) in map {
                     walk(value, name == "index_id", found);
                 }
             }
-            Attr::L(list) => list.iter().for_each(|v| walk(v, false, found)),
+            AttributeValue::L(list) => list.iter().for_each(|v| walk(v, false, found)),
             _ => {}
         }
     }
@@ -256,7 +270,7 @@ fn named_index_ids(image: &Image) -> Vec<IndexId> {
 pub fn query_config(
     index: IndexRef,
     query: String,
-    image: &Image,
+    image: &Item,
 ) -> Result<QueryConfig, InvalidRecord> {
     let config = document(image, "query_config")?.ok_or(InvalidRecord::Missing("query_config"))?;
     Ok(QueryConfig {
@@ -278,9 +292,9 @@ mod tests {
     use crate::domain::ApiKey;
     use serde_json::json;
 
-    /// An image from DynamoDB JSON (the text lives for the test).
-    fn item(json: serde_json::Value) -> Image<'static> {
-        serde_json::from_str(String::leak(json.to_string())).unwrap()
+    /// An item from DynamoDB JSON.
+    fn item(json: serde_json::Value) -> Item {
+        item_from_dynamodb_json(json).unwrap()
     }
 
     fn products() -> IndexRef {

@@ -13,19 +13,12 @@ use serde_json::value::RawValue;
 use crate::domain::validate::cut;
 pub use aws_lambda_events::event::dynamodb::EventRecord as StreamRecord;
 
-/// A string attribute of a stream image (`Keys`, `OldImage`), if it is one.
-pub fn string<'i>(image: &'i serde_dynamo::Item, name: &str) -> Option<&'i str> {
-    match image.get(name)? {
-        serde_dynamo::AttributeValue::S(text) => Some(text),
-        _ => None,
-    }
-}
-
 /// What the record's old image says of the shop: `None` without an old image, `Some(None)` for
 /// one without a shop (an empty shop id is none).
 pub fn old_shop(record: &StreamRecord) -> Option<Option<&str>> {
     let old = &record.change.old_image;
-    (!old.is_empty()).then(|| string(old, "shop_id").filter(|shop| !shop.is_empty()))
+    (!old.is_empty())
+        .then(|| super::string_attribute(old, "shop_id").filter(|shop| !shop.is_empty()))
 }
 
 /// Whether the record's stream carries old images: one without had no previous item.

@@ -11,7 +11,7 @@ use crate::domain::kv::{check_key, KvKey};
 use crate::domain::validate::shown;
 use crate::domain::{IndexRef, IndexSettings, QueryConfig};
 use crate::dynamo::stream::{self, BadRecord, StreamRecord};
-use crate::dynamo::{self, Image, SortKey};
+use crate::dynamo::{self, string_attribute, SortKey};
 use crate::ports::PortError;
 use crate::report::Outcome;
 
@@ -236,7 +236,7 @@ pub fn decode_as_written<'s>(raw: &str, expected: impl Into<Expected<'s>>) -> Ch
             image.extend(raw["dynamodb"].get("Keys")?.as_object()?.clone());
             dynamo::item_from_dynamodb_json(image.into()).ok()
         });
-    let now = image.and_then(|item| decode_now(&Image::of(&item), expected.default_configs_sk));
+    let now = image.and_then(|item| decode_now(&item, expected.default_configs_sk));
     record.as_now(now.as_ref().map(|(_, change)| change))
 }
 
@@ -293,7 +293,7 @@ fn decode_change(
 ) -> (Option<IndexRef>, Result<Changed, Outcome>) {
     let change = &record.change;
     let keys = &change.keys;
-    let (Some(pk), Some(sk)) = (stream::string(keys, "pk"), stream::string(keys, "sk")) else {
+    let (Some(pk), Some(sk)) = (string_attribute(keys, "pk"), string_attribute(keys, "sk")) else {
         let reason = "the record's keys must hold string `pk` and `sk`";
         return (None, reject(reason));
     };
@@ -351,7 +351,7 @@ fn decode_change(
 fn decode_upsert(
     index: IndexRef,
     query: Option<String>,
-    image: &Image,
+    image: &Item,
     previous_shop: PreviousShop,
     with_overrides: bool,
 ) -> Result<Change, Outcome> {
@@ -373,18 +373,18 @@ pub fn decode_item(
     default_configs_sk: &str,
     include_query_configs: bool,
 ) -> ChangeRecord {
-    decode_table_image(&Image::of(&item), default_configs_sk, include_query_configs)
+    decode_table_image(&item, default_configs_sk, include_query_configs)
 }
 
 /// A table item a stream record is about, read for [`ChangeRecord::as_now`]: its key and what
 /// it holds (`None` without string keys).
 pub fn decode_now(
-    image: &Image,
+    image: &Item,
     default_configs_sk: &str,
 ) -> Option<((String, String), Result<Change, Outcome>)> {
     let key = (
-        image.string("pk")?.to_owned(),
-        image.string("sk")?.to_owned(),
+        string_attribute(image, "pk")?.to_owned(),
+        string_attribute(image, "sk")?.to_owned(),
     );
     Some((
         key,
@@ -393,11 +393,11 @@ pub fn decode_now(
 }
 
 fn decode_table_image(
-    image: &Image,
+    image: &Item,
     default_configs_sk: &str,
     include_query_configs: bool,
 ) -> ChangeRecord {
-    let text = |name: &str| image.string(name).map(str::to_owned);
+    let text = |name: &str| string_attribute(image, name).map(str::to_owned);
     let record = |index: Option<IndexRef>, decoded| ChangeRecord {
         sequence_number: None,
         index,
@@ -662,7 +662,7 @@ mod tests {
             let item = crate::dynamo::item_from_dynamodb_json(json!({"pk": {"S": "acct-1"},
                 "sk": {"S": "INDEX#p"}, "index_endpoint": {"S": "https://idx"}}))
             .unwrap();
-            let (_, now) = decode_now(&Image::of(&item), "D").unwrap();
+            let (_, now) = decode_now(&item, "D").unwrap();
             let now = decoded.clone().as_now(Some(&now));
             assert!(
                 matches!(&now.decoded,

@@ -311,7 +311,7 @@ mod tests {
 
     use crate::domain::kv::digest;
     use crate::domain::{ApiKey, IndexRef, KvKey};
-    use crate::dynamo::{index_settings, Image};
+    use crate::dynamo::{index_settings, item_from_dynamodb_json};
 
     fn ops(n: usize, value_len: usize) -> Vec<KvOp> {
         let index = IndexRef::new("a", "i");
@@ -377,7 +377,7 @@ mod tests {
     fn settings_are_rendered_into_the_body_as_the_proxy_reads_them() {
         let image = json!({"index_endpoint": {"S": "https://idx/\"q\""},
             "search_config": {"M": {"limit": {"N": "20"}, "text": {"S": "a\nb"}}}});
-        let image: Image = serde_json::from_str(String::leak(image.to_string())).unwrap();
+        let image = item_from_dynamodb_json(image).unwrap();
         let settings = Arc::new(index_settings(IndexRef::new("a", "i"), &image).unwrap());
         let key = ApiKey::new("k-1");
         let expected = serde_json::to_string(&settings.kv_value(&key)).unwrap();

@@ -18,7 +18,6 @@ use aws_smithy_runtime_api::client::orchestrator::OrchestratorError;
 use futures::StreamExt as _;
 
 use crate::domain::validate::cut;
-use crate::dynamo::Image;
 use crate::ports::PortError;
 
 /// DynamoDB's limit per BatchGetItem call, and tries for the keys a call leaves unprocessed.
@@ -122,7 +121,7 @@ impl Dynamo {
         &self,
         (table, projection): (&str, Option<&str>),
         keys: Vec<(String, String)>,
-        each: &mut (impl FnMut(&Image<'_>) + Send),
+        each: &mut (impl FnMut(serde_dynamo::Item) + Send),
     ) -> Result<(), PortError> {
         let mut keys: Vec<SdkItem> = keys.into_iter().map(|(pk, sk)| key(pk, sk)).collect();
         for attempt in 0..UNPROCESSED_TRIES {
@@ -143,10 +142,10 @@ impl Dynamo {
             keys = Vec::new();
             while let Some(answer) = answers.next().await {
                 let (items, left) = answer?;
-                for item in items {
-                    let item = serde_dynamo::Item::from(item);
-                    each(&Image::of(&item));
-                }
+                items
+                    .into_iter()
+                    .map(serde_dynamo::Item::from)
+                    .for_each(&mut *each);
                 keys.extend(left);
             }
         }

@@ -17,8 +17,9 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use super::{number, Action, Condition, Names, Update};
 use super::{DynamoLedger, Item};
 use crate::domain::IndexRef;
-use crate::dynamo::{Attr, Image};
+use crate::dynamo::string_attribute;
 use crate::ports::{IndexRefs, PortError, Referred, RefsChange};
+use serde_dynamo::{AttributeValue as Value, Item as Found};
 
 /// An index's own references (`ref` held the single shop of its last record: such an item is
 /// not read, and the index falls back to its KV value once, as one never recorded).
@@ -62,16 +63,16 @@ fn named(pk: String, sk: &str, index: &IndexRef) -> Item {
         .with("index", AttributeValue::S(index.name.clone()))
 }
 
-fn index_of(item: &Image) -> Option<IndexRef> {
+fn index_of(item: &Found) -> Option<IndexRef> {
     Some(IndexRef::new(
-        item.string("account")?,
-        item.string("index")?,
+        string_attribute(item, "account")?,
+        string_attribute(item, "index")?,
     ))
 }
 
-fn refs_of(item: &Image) -> IndexRefs {
+fn refs_of(item: &Found) -> IndexRefs {
     let set = |name: &str| match item.get(name) {
-        Some(Attr::Ss(members)) => members.iter().map(|m| m.to_string()).collect(),
+        Some(Value::Ss(members)) => members.iter().cloned().collect(),
         _ => BTreeSet::new(),
     };
     IndexRefs {
@@ -81,8 +82,8 @@ fn refs_of(item: &Image) -> IndexRefs {
 }
 
 /// The index whose own item this is.
-fn index_of_ref(item: &Image) -> Option<IndexRef> {
-    index_of_key(item.string("pk")?.strip_prefix("ref#")?)
+fn index_of_ref(item: &Found) -> Option<IndexRef> {
+    index_of_key(string_attribute(item, "pk")?.strip_prefix("ref#")?)
 }
 
 /// The string sets of an index's own item that `referred` names (`shops`, `targets`).
@@ -117,7 +118,7 @@ impl DynamoLedger {
             .collect();
         let mut found = HashMap::with_capacity(indexes.len());
         self.get_all(keys, |item| {
-            found.extend(index_of_ref(item).map(|index| (index, refs_of(item))));
+            found.extend(index_of_ref(&item).map(|index| (index, refs_of(&item))));
         })
         .await?;
         Ok(found)
@@ -149,8 +150,8 @@ impl DynamoLedger {
             .collect();
         let mut found = HashMap::with_capacity(asked.len());
         self.get_all(keys, |item| {
-            if let Some(referred) = item.string("pk").and_then(|pk| asked.get(pk)) {
-                found.insert((*referred).clone(), referrers_of(item));
+            if let Some(referred) = string_attribute(&item, "pk").and_then(|pk| asked.get(pk)) {
+                found.insert((*referred).clone(), referrers_of(&item));
             }
         })
         .await?;
@@ -163,9 +164,7 @@ impl DynamoLedger {
             .dynamo
             .partition(&self.table_name, referred_pk(referred));
         let items = items.await?.into_iter().map(serde_dynamo::Item::from);
-        Ok(items
-            .filter_map(|item| index_of(&Image::of(&item)))
-            .collect())
+        Ok(items.filter_map(|item| index_of(&item)).collect())
     }
 
     /// Each index added to the set of what it refers to, one transaction action per set; a
@@ -242,7 +241,7 @@ impl DynamoLedger {
             }
         }
         self.get_all(own_items.keys().cloned().collect(), |item| {
-            let key = (item.string("pk"), item.string("sk"));
+            let key = (string_attribute(&item, "pk"), string_attribute(&item, "sk"));
             let key = key
                 .0
                 .zip(key.1)
@@ -352,12 +351,12 @@ struct Referrers {
     overflow: bool,
 }
 
-fn referrers_of(item: &Image) -> Referrers {
+fn referrers_of(item: &Found) -> Referrers {
     let indexes = match item.get(SET) {
-        Some(Attr::Ss(keys)) => keys.iter().filter_map(|key| index_of_key(key)).collect(),
+        Some(Value::Ss(keys)) => keys.iter().filter_map(|key| index_of_key(key)).collect(),
         _ => BTreeSet::new(),
     };
-    let overflow = matches!(item.get("overflow"), Some(Attr::Bool(true)));
+    let overflow = matches!(item.get("overflow"), Some(Value::Bool(true)));
     Referrers { indexes, overflow }
 }
 

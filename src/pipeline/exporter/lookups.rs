@@ -112,7 +112,7 @@ impl<P: Ports> Exporter<P> {
             let mut now = HashMap::with_capacity(keys.len());
             let sk = &self.options.default_configs_sk;
             let read = self.table.items(keys, |image| {
-                now.extend(records::decode_now(image, sk));
+                now.extend(records::decode_now(&image, sk));
             });
             before_deadline(deadline, "the records' items", read).await?;
             Ok(now)
@@ -230,7 +230,7 @@ impl<P: Ports> Exporter<P> {
                 let item = before_deadline(deadline, "claimer's settings", item).await;
                 let settings = item.map(|item| {
                     item.and_then(|item| {
-                        dynamo::index_settings(index.clone(), &dynamo::Image::of(&item))
+                        dynamo::index_settings(index.clone(), &item)
                             .ok()
                             .map(Arc::new)
                     })

@@ -121,13 +121,12 @@ impl<P: Ports> Exporter<P> {
             .items
             .iter()
             .filter_map(|item| {
-                let image = dynamo::Image::of(item);
-                let pk = image.string("pk")?;
-                let sk = image.string("sk")?;
+                let pk = dynamo::string_attribute(item, "pk")?;
+                let sk = dynamo::string_attribute(item, "sk")?;
                 match dynamo::SortKey::parse(sk, &self.options.default_configs_sk) {
                     dynamo::SortKey::Index(name) => {
                         let index = IndexRef::new(pk, name);
-                        Some(dynamo::settings_reference(index, &image).0)
+                        Some(dynamo::settings_reference(index, item).0)
                     }
                     _ => None,
                 }
