@@ -88,18 +88,18 @@ fn string_field(image: &Item, name: &str) -> Result<Option<String>, InvalidRecor
     }
 }
 
-/// A structured attribute read as `T` through its plain JSON; `NULL` or absent is `None`.
+/// A structured attribute read as `T` by `serde_dynamo`; `NULL` or absent is `None`. A value
+/// that cannot be read says where, below `name`.
 fn typed<T: DeserializeOwned>(image: &Item, name: &str) -> Result<Option<T>, InvalidRecord> {
     let Some(value) = (image.get(name)).filter(|v| !matches!(v, AttributeValue::Null(_))) else {
         return Ok(None);
     };
-    let text = json::to_json(value, name)?;
-    if let Ok(value) = serde_json::from_str(&text) {
+    let read = || serde_dynamo::Deserializer::from_attribute_value(value.clone());
+    if let Ok(value) = T::deserialize(read()) {
         return Ok(Some(value));
     }
     // Only a value that fails is read again, tracking where, to say so.
-    let mut json = serde_json::Deserializer::from_str(&text);
-    serde_path_to_error::deserialize::<_, T>(&mut json)
+    serde_path_to_error::deserialize::<_, T>(read())
         .map(Some)
         .map_err(|e| InvalidRecord::BadAttribute {
             path: match e.path().to_string().as_str() {

@@ -33,10 +33,20 @@ const TRANSACT_BYTES: usize = 3_500_000;
 pub(crate) type SdkItem = HashMap<String, AttributeValue>;
 
 /// The DynamoDB client the SDK configured by `aws` would build, with conflicts between
-/// transactions retried beside what the SDK retries of its own.
+/// transactions retried beside what the SDK retries of its own, and each attempt given 10 s
+/// (3 s to connect) in place of the SDK's stalled-stream watch: an answer is at most 16 MB
+/// (BatchGetItem's bound), which a slow link still reads in that time, and the watch costs
+/// each answer's reads a timer.
 pub(crate) fn client(aws: &aws_config::SdkConfig) -> aws_sdk_dynamodb::Client {
+    use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
+    use aws_sdk_dynamodb::config::StalledStreamProtectionConfig;
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .operation_attempt_timeout(Duration::from_secs(10));
     let config = aws_sdk_dynamodb::config::Builder::from(aws)
         .retry_classifier(TransactionConflicts)
+        .timeout_config(timeouts.build())
+        .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
         .build();
     aws_sdk_dynamodb::Client::from_conf(config)
 }
