@@ -57,6 +57,9 @@ pub enum DynamoFault {
     Fail { status: u16, error_type: String },
     /// Wait until [`DynamoProxy::release`], then forward.
     Hold,
+    /// Cancel a transaction as DynamoDB does: a `TransactionCanceledException` whose first
+    /// action's reason is this code (`TransactionConflict`, ...), every other's `None`.
+    Cancel(String),
 }
 
 #[derive(Debug, Clone)]
@@ -247,7 +250,14 @@ async fn forward(
         false => next_fault(&state, &operation, &tables),
     };
     let answer = match fault {
-        Some(DynamoFault::Fail { status, error_type }) => Err((status, error_type)),
+        Some(DynamoFault::Fail { status, error_type }) => Err(failure(status, &error_type, None)),
+        Some(DynamoFault::Cancel(code)) => {
+            let actions = request["TransactItems"].as_array().map_or(1, Vec::len);
+            let mut reasons = vec![serde_json::json!({"Code": "None"}); actions.max(1)];
+            reasons[0] = serde_json::json!({"Code": code, "Message": "injected"});
+            let cancelled = "TransactionCanceledException";
+            Err(failure(400, cancelled, Some(reasons)))
+        }
         Some(DynamoFault::Delay(delay)) => {
             tokio::time::sleep(delay).await;
             Ok(())
@@ -260,7 +270,7 @@ async fn forward(
     };
     let (status, response_headers, response_body) = match answer {
         Ok(()) => answer_of(&state, &operation, method, &uri, headers, body).await,
-        Err((status, error_type)) => failure(status, &error_type),
+        Err(failed) => failed,
     };
     let (read_units, write_units) = units(&operation, &request, &response_body);
     let partitions_written = partitions_written(&operation, &request);
@@ -314,7 +324,7 @@ async fn answer_of(
     if let Mode::Replay(recording) = &mut *state.mode.lock().unwrap() {
         return recording.answer(operation, &body).unwrap_or_else(|| {
             state.misses.fetch_add(1, Ordering::SeqCst);
-            failure(500, "NotInTheRecording")
+            failure(500, "NotInTheRecording", None)
         });
     }
     let answer = upstream(state, method, uri, headers, body.clone()).await;
@@ -342,7 +352,7 @@ async fn upstream(
         .send()
         .await;
     let Ok(response) = sent else {
-        return failure(500, "InternalServerError");
+        return failure(500, "InternalServerError", None);
     };
     let status = response.status();
     let mut headers = response.headers().clone();
@@ -361,16 +371,23 @@ async fn upstream(
     (status, headers, body)
 }
 
-fn failure(status: u16, error_type: &str) -> (StatusCode, HeaderMap, Bytes) {
+fn failure(
+    status: u16,
+    error_type: &str,
+    reasons: Option<Vec<Value>>,
+) -> (StatusCode, HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
     headers.insert(
         "content-type",
         "application/x-amz-json-1.0".parse().expect("valid"),
     );
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "__type": format!("com.amazonaws.dynamodb.v20120810#{error_type}"),
         "message": "injected by the DynamoDB proxy",
     });
+    if let Some(reasons) = reasons {
+        body["CancellationReasons"] = Value::Array(reasons);
+    }
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (status, headers, Bytes::from(body.to_string()))
 }

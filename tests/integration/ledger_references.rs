@@ -205,9 +205,10 @@ async fn a_batch_whose_references_cannot_be_read_is_retried_and_its_alias_still_
 }
 
 crate::on_both_views! {
-/// Two writers changing one set at once: DynamoDB cancels one's transaction with a
-/// `TransactionConflict`, which is transient. The function sends it again and the batch is
-/// exported whole, its index in its shop's set (a shop move then finds it as the claimer).
+/// Two writers changing one set at once: DynamoDB refuses one's transaction with a
+/// `TransactionConflictException`, or cancels it for a `TransactionConflict`, both transient.
+/// The function sends it again and the batch is exported whole, its index in its shop's set (a
+/// shop move then finds it as the claimer).
 async fn a_transaction_cancelled_by_a_conflict_is_sent_again(view) {
     use ecom_emulators::dynamo_proxy::DynamoFault;
     let mut h = Harness::with_view(view).await;
@@ -228,7 +229,9 @@ async fn a_transaction_cancelled_by_a_conflict_is_sent_again(view) {
         status: 400,
         error_type: "TransactionConflictException".into(),
     };
-    ledger.inject(Some("TransactWriteItems"), Some("-ledger"), conflict, 2);
+    ledger.inject(Some("TransactWriteItems"), Some("-ledger"), conflict, 1);
+    let cancelled = DynamoFault::Cancel("TransactionConflict".into());
+    ledger.inject(Some("TransactWriteItems"), Some("-ledger"), cancelled, 1);
     let batch = json!({"Records": records});
     let answer = runtime.invoke(batch, std::time::Duration::from_secs(30));
     let answer = answer.await.expect("an answer");
