@@ -1,5 +1,6 @@
-//! In-memory stand-ins for the unit tests: KV in a map (with keys that always fail), one API
-//! key for every account, a table that counts its scans, and the ledger.
+//! In-memory stand-ins for the unit tests: KV in a map (with keys that always fail, and a write
+//! that can be held while another writer runs), one API key for every account, a table that
+//! counts its scans, and the ledger.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -19,10 +20,52 @@ use crate::ports::{
 pub struct MemoryKv {
     pub values: Mutex<HashMap<String, String>>,
     pub failing: HashSet<String>,
+    /// The next write of this key waits, before anything of its request lands, until
+    /// released: the window between a writer's read and its write landing, forced.
+    pub hold: Mutex<Option<Hold>>,
+}
+
+/// A held write: `held` is notified once it waits, `release` lets it go on.
+pub struct Hold {
+    pub key: String,
+    pub held: std::sync::Arc<tokio::sync::Notify>,
+    pub release: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl MemoryKv {
+    /// Holds the next write of `key`; answers (held, release).
+    pub fn hold(
+        &self,
+        key: &str,
+    ) -> (
+        std::sync::Arc<tokio::sync::Notify>,
+        std::sync::Arc<tokio::sync::Notify>,
+    ) {
+        let hold = Hold {
+            key: key.to_owned(),
+            held: Default::default(),
+            release: Default::default(),
+        };
+        let notifies = (hold.held.clone(), hold.release.clone());
+        *self.hold.lock().unwrap() = Some(hold);
+        notifies
+    }
+
+    pub fn value(&self, key: &str) -> Option<String> {
+        self.values.lock().unwrap().get(key).cloned()
+    }
 }
 
 impl KvStore for MemoryKv {
     async fn apply(&self, ops: Vec<KvOp>, _: Instant) -> Applied {
+        let hold = {
+            let mut hold = self.hold.lock().unwrap();
+            hold.take_if(|h| ops.iter().any(|(key, _)| key.key == h.key))
+        };
+        if let Some(hold) = hold {
+            hold.held.notify_one();
+            hold.release.notified().await;
+        }
         let mut values = self.values.lock().unwrap();
         let mut failed = Vec::new();
         // As a bulk store would send them: one request per namespace and kind.
@@ -89,8 +132,8 @@ impl ApiKeySource for SameKey {
     }
 }
 
-/// A table that counts its reference scans and holds only the items given (the ones the
-/// stream's records are about).
+/// A table that counts its reference scans and answers from the items given (by key, by an
+/// index's run of sort keys, by its overrides); its scans and pages find nothing.
 #[derive(Default)]
 pub struct CountingTable {
     pub scans: AtomicUsize,
@@ -100,6 +143,27 @@ pub struct CountingTable {
     /// What `index_settings` answers, one read after another (then nothing): another writer
     /// changing the index between two reads.
     pub settings_reads: Mutex<std::collections::VecDeque<Item>>,
+    /// While set, every read by key, by run or of overrides fails (transient).
+    pub unreadable: AtomicBool,
+}
+
+impl CountingTable {
+    fn readable(&self) -> Result<(), PortError> {
+        match self.unreadable.load(Ordering::SeqCst) {
+            true => Err(PortError::Unavailable("the table cannot be read".into())),
+            false => Ok(()),
+        }
+    }
+
+    /// The items whose keys pass `wanted`, in key order.
+    fn sorted(&self, wanted: impl Fn(&str, &str) -> bool) -> Vec<Item> {
+        let items = self.items.lock().unwrap();
+        let mut found: Vec<(&(String, String), &Item)> = (items.iter())
+            .filter(|((pk, sk), _)| wanted(pk, sk))
+            .collect();
+        found.sort_by(|a, b| a.0.cmp(b.0));
+        found.into_iter().map(|(_, item)| item.clone()).collect()
+    }
 }
 
 impl SettingsTable for CountingTable {
@@ -111,6 +175,7 @@ impl SettingsTable for CountingTable {
         &self,
         indexes: &[IndexRef],
     ) -> Result<Vec<SettingsReference>, PortError> {
+        self.readable()?;
         let items = self.items.lock().unwrap();
         Ok((indexes.iter())
             .filter_map(|index| {
@@ -125,41 +190,82 @@ impl SettingsTable for CountingTable {
         keys: Vec<(String, String)>,
         mut each: impl FnMut(Item) + Send,
     ) -> Result<(), PortError> {
+        self.readable()?;
         let items = self.items.lock().unwrap().clone();
         for item in keys.iter().filter_map(|key| items.get(key)) {
             each(item.clone());
         }
         Ok(())
     }
-    async fn index_settings(&self, _: &IndexRef) -> Result<Option<Item>, PortError> {
-        Ok(self.settings_reads.lock().unwrap().pop_front())
+    async fn index_settings(&self, index: &IndexRef) -> Result<Option<Item>, PortError> {
+        self.readable()?;
+        if let Some(read) = self.settings_reads.lock().unwrap().pop_front() {
+            return Ok(Some(read));
+        }
+        let key = (index.account.clone(), format!("INDEX#{}", index.name));
+        Ok(self.items.lock().unwrap().get(&key).cloned())
     }
-    async fn index_range(&self, _: &str, _: &str, _: &str) -> Result<Vec<Item>, PortError> {
-        Ok(vec![])
+    async fn index_range(
+        &self,
+        account: &str,
+        first: &str,
+        last: &str,
+    ) -> Result<Vec<Item>, PortError> {
+        self.readable()?;
+        let (first, last) = (format!("INDEX#{first}"), format!("INDEX#{last}"));
+        let within =
+            |sk: &str| sk >= first.as_str() && (sk <= last.as_str() || sk.starts_with(&last));
+        Ok(self.sorted(|pk, sk| pk == account && within(sk)))
     }
     async fn index_shops(
         &self,
-        _: &[IndexRef],
+        indexes: &[IndexRef],
     ) -> Result<std::collections::HashMap<IndexRef, Option<String>>, PortError> {
-        Ok(Default::default())
+        self.readable()?;
+        let items = self.items.lock().unwrap();
+        Ok((indexes.iter())
+            .filter_map(|index| {
+                let item = items.get(&(index.account.clone(), format!("INDEX#{}", index.name)))?;
+                Some((index.clone(), crate::dynamo::shop_id_of(item)))
+            })
+            .collect())
     }
     async fn overrides_exist(
         &self,
-        _: &[(IndexRef, String)],
+        overrides: &[(IndexRef, String)],
     ) -> Result<std::collections::HashSet<(IndexRef, String)>, PortError> {
-        Ok(Default::default())
+        self.readable()?;
+        let items = self.items.lock().unwrap();
+        let sk = |index: &IndexRef, query: &str| format!("INDEX#{}#QUERY#{query}", index.name);
+        Ok((overrides.iter())
+            .filter(|(index, query)| items.contains_key(&(index.account.clone(), sk(index, query))))
+            .cloned()
+            .collect())
     }
     async fn query_configs(
         &self,
-        _: &IndexRef,
+        index: &IndexRef,
         _: Option<Item>,
         _: usize,
     ) -> Result<Page, PortError> {
-        Ok(Page::default())
+        self.readable()?;
+        let prefix = format!("INDEX#{}#QUERY#", index.name);
+        let items = self.sorted(|pk, sk| pk == index.account && sk.starts_with(&prefix));
+        Ok(Page { items, next: None })
     }
-    async fn override_queries(&self, _: &IndexRef) -> Result<Vec<String>, PortError> {
+    async fn override_queries(&self, index: &IndexRef) -> Result<Vec<String>, PortError> {
+        self.readable()?;
         self.override_queries.fetch_add(1, Ordering::SeqCst);
-        Ok(vec![])
+        let prefix = format!("INDEX#{}#QUERY#", index.name);
+        let items = self.sorted(|pk, sk| pk == index.account && sk.starts_with(&prefix));
+        let query = |item: &Item| {
+            Some(
+                crate::dynamo::string_attribute(item, "sk")?
+                    .strip_prefix(&prefix)?
+                    .to_owned(),
+            )
+        };
+        Ok(items.iter().filter_map(query).collect())
     }
     async fn page(&self, _: Option<&str>, _: Option<Item>, _: i32) -> Result<Page, PortError> {
         Ok(Page::default())
@@ -177,6 +283,10 @@ pub struct MemoryLedger {
     pub progress: Mutex<Option<ReconcileProgress>>,
     /// Every index whose references were asked for, in order.
     pub asked: Mutex<Vec<IndexRef>>,
+    /// While set, the stream's shrink (`record_refs`) is refused and nothing is taken out.
+    pub refuse_shrinks: AtomicBool,
+    /// While set, intents (`point_back`) are refused and nothing is added.
+    pub refuse_intents: AtomicBool,
 }
 
 impl Ledger for MemoryLedger {
@@ -221,6 +331,9 @@ impl Ledger for MemoryLedger {
     }
 
     async fn point_back(&self, items: &[(IndexRef, Referred)]) -> Result<(), PortError> {
+        if self.refuse_intents.load(Ordering::SeqCst) {
+            return Err(PortError::Refused("the ledger refused the intent".into()));
+        }
         let (mut refs, mut back) = (self.refs.lock().unwrap(), self.back.lock().unwrap());
         for (index, referred) in items {
             back.insert((referred.clone(), index.clone()));
@@ -234,6 +347,9 @@ impl Ledger for MemoryLedger {
     }
 
     async fn record_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
+        if self.refuse_shrinks.load(Ordering::SeqCst) {
+            return Err(PortError::Refused("the ledger refused the shrink".into()));
+        }
         let (mut refs, mut back) = (self.refs.lock().unwrap(), self.back.lock().unwrap());
         for change in changes {
             let own = refs.entry(change.index.clone()).or_default();

@@ -21,6 +21,8 @@ mod converge;
 mod lookups;
 mod reads;
 mod references;
+#[cfg(test)]
+mod windows;
 pub use references::left_by;
 
 /// How many KV reads (bulk reads, listings) are in flight at once; the store sends its writes.

@@ -140,8 +140,14 @@ fn function_lengths(code: &str) -> Vec<(String, usize)> {
 }
 
 /// The lines before the module's tests.
+/// A file's code before its tests: before `#[cfg(test)]`, or none of it when the whole file
+/// is a test module (`#![cfg(test)]`).
 fn before_tests(code: &str) -> &str {
-    code.find("#[cfg(test)]").map_or(code, |at| &code[..at])
+    let at = ["#[cfg(test)]", "#![cfg(test)]"].map(|marker| code.find(marker));
+    at.into_iter()
+        .flatten()
+        .min()
+        .map_or(code, |at| &code[..at])
 }
 
 fn too_long(root: &Path) -> (Vec<String>, usize) {

@@ -1,0 +1,265 @@
+//! The windows of docs/contract.md ("Concurrent writers"), each forced in memory: two writers
+//! share one exporter's KV, table and ledger (as two invocations share the real ones), and one
+//! of them is held at the step the window opens at while the other runs.
+#![cfg(test)]
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use super::tests::{exporter, table_after};
+use super::{Exporter, Run};
+use crate::adapters::memory::{CountingTable, MemoryKv, MemoryLedger, SameKey};
+use crate::domain::kv::KvKey;
+use crate::domain::IndexRef;
+use crate::pipeline::records::decode_record;
+use crate::ports::Referred;
+use crate::report::{BatchReport, Outcome};
+
+type MemoryExporter = Exporter<(MemoryKv, SameKey, CountingTable, MemoryLedger)>;
+
+fn deadline() -> Instant {
+    Instant::now() + Duration::from_secs(10)
+}
+
+/// A stream record of index `name` of account `a` as `event` leaves it (`NEW_IMAGE`).
+fn record(event: &str, name: &str, endpoint: &str, shop: Option<&str>) -> Value {
+    let keys = json!({"pk": {"S": "a"}, "sk": {"S": format!("INDEX#{name}")}});
+    let mut image = keys.clone();
+    image["index_endpoint"] = json!({ "S": endpoint });
+    if let Some(shop) = shop {
+        image["shop_id"] = json!({ "S": shop });
+    }
+    json!({"eventID": "e", "eventName": event, "awsRegion": "r",
+        "dynamodb": {"Keys": keys, "NewImage": image, "SequenceNumber": "1", "SizeBytes": 1,
+                     "StreamViewType": "NEW_IMAGE"}})
+}
+
+/// The stream's batch: the table changed as its records say, then exported.
+async fn stream(exporter: &MemoryExporter, batch: Vec<Value>) -> BatchReport {
+    table_after(&exporter.table, &batch);
+    let records = (batch.iter())
+        .map(|r| decode_record(&r.to_string(), "DEFAULT_CONFIGS"))
+        .collect();
+    exporter.export_stream(records, deadline()).await
+}
+
+/// An operator's re-export of the index as the table holds it when asked.
+async fn reexport(exporter: &MemoryExporter, index: &IndexRef) -> BatchReport {
+    let record = exporter.settings_record(index, false, deadline()).await;
+    let record = record.unwrap().expect("the index is in the table");
+    exporter
+        .export(vec![record], Run::OPERATOR, deadline())
+        .await
+}
+
+/// The records not exported.
+fn failures(report: &BatchReport) -> Vec<&Outcome> {
+    let outcomes = report.records.iter().map(|r| &r.outcome);
+    outcomes.filter(|o| **o != Outcome::Exported).collect()
+}
+
+/// Row "a checked key between its write landing and its check's write": an operator's write
+/// computed from the table before the stream's newer word lands after it; its check reads the
+/// table again and writes the newer value back.
+#[tokio::test]
+async fn an_operator_s_older_write_landing_last_is_written_again_by_its_check() {
+    let exporter = exporter(MemoryKv::default());
+    let index = IndexRef::new("a", "i");
+    let old = record("INSERT", "i", "https://old", None);
+    assert!(failures(&stream(&exporter, vec![old]).await).is_empty());
+
+    let (held, release) = exporter.kv.hold(&KvKey::index(&index).key);
+    let operator = reexport(&exporter, &index);
+    let newer = async {
+        held.notified().await;
+        let modify = record("MODIFY", "i", "https://new", None);
+        let report = stream(&exporter, vec![modify]).await;
+        let after_stream = exporter.kv.value("a-i").unwrap();
+        release.notify_one();
+        (report, after_stream)
+    };
+    let (operator, (streamed, after_stream)) = tokio::join!(operator, newer);
+
+    assert!(failures(&streamed).is_empty());
+    assert!(after_stream.contains("https://new"), "{after_stream}");
+    assert!(failures(&operator).is_empty(), "{:?}", failures(&operator));
+    let last = exporter.kv.value("a-i").unwrap();
+    assert!(
+        last.contains("https://new"),
+        "the older write stayed: {last}"
+    );
+}
+
+/// Row "a shop recorded for an index that its keys are no longer on": the ledger refused the
+/// stream's shrink after a shop move, so the old shop stays recorded; another index takes the
+/// shop; the first index's next record gives the shop up again, to its claimer, never deleting
+/// the claimer's key, and the ledger forgets it.
+#[tokio::test]
+async fn a_shop_left_recorded_by_a_refused_shrink_is_given_up_by_the_next_record() {
+    let exporter = exporter(MemoryKv::default());
+    exporter.ledger.complete.store(true, Ordering::SeqCst);
+    let (i, s1) = (IndexRef::new("a", "i"), "s1.myshopify.com");
+    let insert = record("INSERT", "i", "https://i", Some(s1));
+    assert!(failures(&stream(&exporter, vec![insert]).await).is_empty());
+
+    exporter.ledger.refuse_shrinks.store(true, Ordering::SeqCst);
+    let moved = record("MODIFY", "i", "https://i", Some("s2.myshopify.com"));
+    assert!(failures(&stream(&exporter, vec![moved]).await).is_empty());
+    exporter
+        .ledger
+        .refuse_shrinks
+        .store(false, Ordering::SeqCst);
+    let recorded = exporter.ledger.refs.lock().unwrap()[&i].shops.clone();
+    assert!(
+        recorded.contains(s1),
+        "the refused shrink left {recorded:?}"
+    );
+    assert_eq!(
+        exporter.kv.value(s1),
+        None,
+        "the move deleted the old shop key"
+    );
+
+    let taken = record("INSERT", "j", "https://j", Some(s1));
+    assert!(failures(&stream(&exporter, vec![taken]).await).is_empty());
+    let next = record("MODIFY", "i", "https://i2", Some("s2.myshopify.com"));
+    assert!(failures(&stream(&exporter, vec![next]).await).is_empty());
+
+    let shop = exporter.kv.value(s1).expect("the claimer's key stays");
+    assert!(shop.contains("https://j"), "{shop}");
+    let recorded = exporter.ledger.refs.lock().unwrap()[&i].shops.clone();
+    assert!(!recorded.contains(s1), "still recorded: {recorded:?}");
+    let back = exporter.ledger.back.lock().unwrap().clone();
+    assert!(!back.contains(&(Referred::Shop(s1.into()), i.clone())));
+}
+
+/// Row "a check that cannot read the table after the writes landed": a shop move's delete of
+/// the old shop key lands after another index took the shop, and the check that would hand the
+/// key over cannot read; the record is reported, the shop stays recorded, and Lambda's replay of
+/// the record gives it up again, to its claimer.
+#[tokio::test]
+async fn a_replay_hands_over_a_shop_key_whose_check_could_not_read() {
+    let exporter = exporter(MemoryKv::default());
+    exporter.ledger.complete.store(true, Ordering::SeqCst);
+    let s1 = "s1.myshopify.com";
+    let insert = record("INSERT", "i", "https://i", Some(s1));
+    assert!(failures(&stream(&exporter, vec![insert]).await).is_empty());
+
+    let moved = record("MODIFY", "i", "https://i", Some("s2.myshopify.com"));
+    let (held, release) = exporter.kv.hold(s1);
+    let leaving = stream(&exporter, vec![moved.clone()]);
+    let taking = async {
+        held.notified().await;
+        let taken = record("INSERT", "j", "https://j", Some(s1));
+        let report = stream(&exporter, vec![taken]).await;
+        exporter.table.unreadable.store(true, Ordering::SeqCst);
+        release.notify_one();
+        report
+    };
+    let (left, taken) = tokio::join!(leaving, taking);
+    exporter.table.unreadable.store(false, Ordering::SeqCst);
+    assert!(failures(&taken).is_empty());
+    assert_eq!(failures(&left).len(), 1, "the move's record is reported");
+    assert_eq!(
+        exporter.kv.value(s1),
+        None,
+        "the delete landed after the claimer's write"
+    );
+
+    // Lambda's replay of the reported record.
+    let replay = stream(&exporter, vec![moved]).await;
+    assert!(failures(&replay).is_empty(), "{:?}", failures(&replay));
+    let shop = exporter.kv.value(s1).expect("handed to its claimer");
+    assert!(shop.contains("https://j"), "{shop}");
+}
+
+/// Row "a writer whose check finds the table changed three rounds running": the index changes
+/// under every read; after three writes again the record fails ("run again").
+#[tokio::test]
+async fn a_key_the_table_changes_under_every_round_fails_its_record_after_three() {
+    let exporter = exporter(MemoryKv::default());
+    let item = |endpoint: &str| {
+        let image = json!({"pk": {"S": "a"}, "sk": {"S": "INDEX#flapping"},
+            "index_endpoint": {"S": format!("https://{endpoint}.example")}});
+        crate::dynamo::item_from_dynamodb_json(image).unwrap()
+    };
+    let reads = ["a", "b", "c", "d", "e"].map(item);
+    exporter.table.settings_reads.lock().unwrap().extend(reads);
+    let index = IndexRef::new("a", "flapping");
+
+    let report = reexport(&exporter, &index).await;
+
+    let outcome = &report.records[0].outcome;
+    assert!(
+        matches!(outcome, Outcome::Failed(why) if why.contains("run again")),
+        "{outcome:?}"
+    );
+    let value = exporter.kv.value("a-flapping").unwrap();
+    assert!(value.contains("https://d.example"), "{value}");
+    assert!(
+        exporter.table.settings_reads.lock().unwrap().is_empty(),
+        "five reads: the operator's, then four checks"
+    );
+}
+
+/// Row "the ledger cannot be read or written": an intent the ledger refuses leaves the record
+/// reported for retry and nothing of it in KV; the replay exports it.
+#[tokio::test]
+async fn a_record_whose_intent_cannot_be_recorded_is_retried_never_exported_without() {
+    let exporter = exporter(MemoryKv::default());
+    exporter.ledger.complete.store(true, Ordering::SeqCst);
+    let s1 = "s1.myshopify.com";
+    let insert = record("INSERT", "i", "https://i", Some(s1));
+
+    exporter.ledger.refuse_intents.store(true, Ordering::SeqCst);
+    let refused = stream(&exporter, vec![insert.clone()]).await;
+    exporter
+        .ledger
+        .refuse_intents
+        .store(false, Ordering::SeqCst);
+    assert!(matches!(failures(&refused)[..], [Outcome::Failed(_)]));
+    assert_eq!(
+        (exporter.kv.value("a-i"), exporter.kv.value(s1)),
+        (None, None)
+    );
+
+    let replay = stream(&exporter, vec![insert]).await;
+    assert!(failures(&replay).is_empty(), "{:?}", failures(&replay));
+    assert!(exporter.kv.value(s1).is_some());
+    let recorded = exporter.ledger.refs.lock().unwrap()[&IndexRef::new("a", "i")].clone();
+    assert!(recorded.shops.contains(s1), "{recorded:?}");
+}
+
+/// Row "the migration state": until a full backfill completed the ledger's sets, a batch with
+/// a REMOVE scans the table for who refers to the index; after it, the ledger answers.
+#[tokio::test]
+async fn a_remove_scans_the_table_only_until_the_references_are_complete() {
+    let exporter = exporter(MemoryKv::default());
+    let insert = |name: &str| record("INSERT", name, "https://i", None);
+    let remove = |name: &str| {
+        let mut removed = record("REMOVE", name, "https://i", None);
+        removed["dynamodb"]
+            .as_object_mut()
+            .unwrap()
+            .remove("NewImage");
+        removed
+    };
+    assert!(failures(&stream(&exporter, vec![insert("p"), insert("q")]).await).is_empty());
+
+    assert!(failures(&stream(&exporter, vec![remove("p")]).await).is_empty());
+    assert_eq!(exporter.table.scans.load(Ordering::SeqCst), 1);
+    exporter.ledger.complete.store(true, Ordering::SeqCst);
+    assert!(failures(&stream(&exporter, vec![remove("q")]).await).is_empty());
+    assert_eq!(
+        exporter.table.scans.load(Ordering::SeqCst),
+        1,
+        "no scan once complete"
+    );
+    assert_eq!(
+        (exporter.kv.value("a-p"), exporter.kv.value("a-q")),
+        (None, None)
+    );
+}
