@@ -21,7 +21,6 @@ mod converge;
 mod lookups;
 mod reads;
 mod references;
-#[cfg(test)]
 mod windows;
 pub use references::left_by;
 

@@ -1,5 +1,5 @@
-//! The map stays true: every source file of the function is on the README's room table, and
-//! every module the crate root declares is on its "Layout".
+//! The map stays true: every source file of the function is on the README's room table, every
+//! module the crate root declares is on its "Layout", and the stages name files that exist.
 
 use std::path::{Path, PathBuf};
 
@@ -69,4 +69,29 @@ fn every_module_of_the_crate_root_is_on_its_layout() {
         .filter(|m| !layout.contains(&format!("[`{m}`]")))
         .collect();
     assert!(missing.is_empty(), "lib.rs's Layout lacks {missing:?}");
+}
+
+#[test]
+fn the_readme_s_stages_name_the_files_that_hold_them() {
+    let stages = README
+        .split("### The stages a change goes through")
+        .nth(1)
+        .and_then(|rest| rest.split("\n### ").next())
+        .expect("the README lists the stages");
+    let named: Vec<&str> = (stages.split('`'))
+        .skip(1)
+        .step_by(2)
+        .filter(|name| name.ends_with(".rs"))
+        .collect();
+    assert!(named.len() >= 5, "the stages name their files: {named:?}");
+    let pipeline = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/pipeline");
+    let missing: Vec<&&str> = (named.iter())
+        .filter(|name| !pipeline.join(name).is_file())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "stages name files not in src/pipeline/: {missing:?}"
+    );
+    let numbered = (1..=7).all(|n| stages.contains(&format!("\n{n}. **")));
+    assert!(numbered, "seven stages, in order");
 }
