@@ -363,3 +363,52 @@ fn value_size(value: &AttributeValue) -> usize {
         _ => 8,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_dynamodb::error::ErrorMetadata;
+    use aws_sdk_dynamodb::operation::get_item::GetItemError;
+    use aws_smithy_runtime_api::http::{Response, StatusCode};
+    use aws_smithy_types::body::SdkBody;
+
+    /// DynamoDB's answer `status` with error `code`, as the SDK gives it back past its retries.
+    fn answered(status: u16, code: &str) -> SdkError<GetItemError> {
+        let metadata = ErrorMetadata::builder().code(code).message("m").build();
+        let status = StatusCode::try_from(status).unwrap();
+        SdkError::service_error(
+            GetItemError::generic(metadata),
+            Response::new(status, SdkBody::empty()),
+        )
+    }
+
+    #[test]
+    fn an_sdk_error_says_throttled_refused_or_unavailable() {
+        let kind = |error| match port_error("GetItem", "t", error) {
+            PortError::Throttled(_) => "throttled",
+            PortError::Refused(_) => "refused",
+            PortError::Unavailable(_) => "unavailable",
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            kind(answered(400, "ProvisionedThroughputExceededException")),
+            "throttled"
+        );
+        assert_eq!(kind(answered(400, "ThrottlingException")), "throttled");
+        assert_eq!(
+            kind(answered(400, "ItemCollectionSizeLimitExceededException")),
+            "refused"
+        );
+        assert_eq!(kind(answered(400, "ValidationException")), "refused");
+        assert_eq!(kind(answered(500, "InternalServerError")), "unavailable");
+        let error = port_error("GetItem", "settings", answered(400, "ValidationException"));
+        assert!(
+            error.reason().starts_with("GetItem of table settings: "),
+            "{error}"
+        );
+        assert!(
+            error.is_transient(),
+            "a refusal leaves the record for Lambda's retry"
+        );
+    }
+}
