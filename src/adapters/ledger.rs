@@ -7,6 +7,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 
+use aws_sdk_dynamodb::types::builders::UpdateBuilder;
 use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem};
 
 use crate::domain::IndexRef;
@@ -15,6 +16,8 @@ use crate::ports::{Referred, RefsChange};
 
 use super::dynamodb::client::{key, SdkItem};
 use super::dynamodb::Dynamo;
+// An item as read: the same type for the ledger's items as for the settings table's.
+use serde_dynamo::Item as Found;
 
 mod refs;
 
@@ -34,13 +37,16 @@ impl DynamoLedger {
 }
 
 /// An attribute of an item, as a number.
-fn number(item: &SdkItem, name: &str) -> Option<u64> {
-    item.get(name)?.as_n().ok()?.parse().ok()
+fn number(item: &Found, name: &str) -> Option<u64> {
+    match item.get(name)? {
+        serde_dynamo::AttributeValue::N(n) => n.parse().ok(),
+        _ => None,
+    }
 }
 
 /// An attribute of an item, as a string.
-fn text(item: &SdkItem, name: &str) -> Option<String> {
-    item.get(name)?.as_s().ok().cloned()
+fn text(item: &Found, name: &str) -> Option<String> {
+    crate::dynamo::string_attribute(item, name).map(str::to_owned)
 }
 
 fn n(value: u64) -> AttributeValue {
@@ -67,74 +73,17 @@ impl Item {
     }
 }
 
-/// One action of a TransactWriteItems: every write of the ledger is one.
-enum Action<'a> {
-    Put(Put<'a>),
-    Update(Update<'a>),
-}
-
 /// A condition expression and the values it names.
 type Condition = (Cow<'static, str>, Item);
 
-/// A put, on a condition (an expression and its values) when one is given.
-struct Put<'a> {
-    table_name: &'a str,
-    item: Item,
-    condition_expression: Option<Cow<'static, str>>,
-    expression_attribute_values: Item,
+/// An update of an item of the ledger's as a TransactWriteItems action. The SDK's builder
+/// fails only without a table, a key or an expression, which every update here has.
+fn update_action(update: UpdateBuilder) -> TransactWriteItem {
+    let update = update.build().expect("a table, a key and an expression");
+    TransactWriteItem::builder().update(update).build()
 }
 
-/// An UpdateItem of an item of the ledger's, with the attribute names its expression uses.
-struct Update<'a> {
-    table_name: &'a str,
-    key: Item,
-    update_expression: Cow<'static, str>,
-    condition_expression: Option<&'static str>,
-    expression_attribute_names: Names,
-    expression_attribute_values: Item,
-}
-
-/// An expression's attribute names (`#set` for `referrers`, ...).
-type Names = std::collections::BTreeMap<&'static str, &'static str>;
-
-impl Action<'_> {
-    /// The action as the SDK sends it. Its builders fail only without a table, an item or a
-    /// key, which every action has.
-    fn into_sdk(self) -> TransactWriteItem {
-        use aws_sdk_dynamodb::types as sdk;
-        let action = TransactWriteItem::builder();
-        match self {
-            Action::Put(put) => action.put(
-                sdk::Put::builder()
-                    .table_name(put.table_name)
-                    .set_item(Some(put.item.0))
-                    .set_condition_expression(put.condition_expression.map(Cow::into_owned))
-                    .set_expression_attribute_values(put.expression_attribute_values.given())
-                    .build()
-                    .expect("a table and an item"),
-            ),
-            Action::Update(update) => {
-                let names = (update.expression_attribute_names.into_iter())
-                    .map(|(placeholder, name)| (placeholder.to_owned(), name.to_owned()));
-                let names: HashMap<String, String> = names.collect();
-                action.update(
-                    sdk::Update::builder()
-                        .table_name(update.table_name)
-                        .set_key(Some(update.key.0))
-                        .update_expression(update.update_expression)
-                        .set_condition_expression(update.condition_expression.map(str::to_owned))
-                        .set_expression_attribute_names((!names.is_empty()).then_some(names))
-                        .set_expression_attribute_values(update.expression_attribute_values.given())
-                        .build()
-                        .expect("a table, a key and an expression"),
-                )
-            }
-        }
-        .build()
-    }
-}
-
-fn progress_of(item: &SdkItem) -> ReconcileProgress {
+fn progress_of(item: &Found) -> ReconcileProgress {
     ReconcileProgress {
         version: number(item, "version").unwrap_or_default(),
         token: text(item, "token"),
@@ -169,7 +118,7 @@ fn item_of(progress: &ReconcileProgress) -> Item {
 
 impl DynamoLedger {
     /// One item, read consistently (`None`: there is none).
-    async fn get_one(&self, pk: &str, sk: &str) -> Result<Option<SdkItem>, PortError> {
+    async fn get_one(&self, pk: &str, sk: &str) -> Result<Option<Found>, PortError> {
         let key = key(pk.to_owned(), sk);
         self.dynamo.get_one(&self.table_name, key).await
     }
@@ -178,17 +127,21 @@ impl DynamoLedger {
     /// when the condition failed and nothing was written.
     async fn put(&self, item: Item, condition: Option<Condition>) -> Result<bool, PortError> {
         let put = self.put_action(item, condition);
-        Ok(self.transact_all(vec![Action::Put(put)]).await?.is_empty())
+        Ok(self.transact_all(vec![put]).await?.is_empty())
     }
 
-    fn put_action(&self, item: Item, condition: Option<Condition>) -> Put<'_> {
-        let (condition_expression, values) = condition.unzip();
-        Put {
-            table_name: &self.table_name,
-            item,
-            condition_expression,
-            expression_attribute_values: values.unwrap_or_default(),
-        }
+    /// A put as a TransactWriteItems action, on a condition when one is given. The SDK's
+    /// builder fails only without a table or an item, which it has.
+    fn put_action(&self, item: Item, condition: Option<Condition>) -> TransactWriteItem {
+        let (condition, values) = condition.unzip();
+        let put = aws_sdk_dynamodb::types::Put::builder()
+            .table_name(&self.table_name)
+            .set_item(Some(item.0))
+            .set_condition_expression(condition.map(Cow::into_owned))
+            .set_expression_attribute_values(values.and_then(Item::given))
+            .build()
+            .expect("a table and an item");
+        TransactWriteItem::builder().put(put).build()
     }
 
     /// Any number of consistent reads, 100 keys a call, some calls at once: each item found
@@ -196,7 +149,7 @@ impl DynamoLedger {
     async fn get_all(
         &self,
         keys: Vec<(String, String)>,
-        mut each: impl FnMut(serde_dynamo::Item) + Send,
+        mut each: impl FnMut(Found) + Send,
     ) -> Result<(), PortError> {
         self.dynamo
             .get_all((&self.table_name, None), keys, &mut each)
@@ -205,8 +158,10 @@ impl DynamoLedger {
 
     /// Any number of actions, no two on one item, 100 a transaction, some at once: the
     /// positions of those whose condition failed (nothing of theirs written).
-    async fn transact_all(&self, actions: Vec<Action<'_>>) -> Result<BTreeSet<usize>, PortError> {
-        let actions = actions.into_iter().map(Action::into_sdk).collect();
+    async fn transact_all(
+        &self,
+        actions: Vec<TransactWriteItem>,
+    ) -> Result<BTreeSet<usize>, PortError> {
         self.dynamo.transact_all(&self.table_name, actions).await
     }
 }

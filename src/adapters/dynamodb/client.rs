@@ -273,7 +273,7 @@ impl Dynamo {
         &self,
         table: &str,
         key: SdkItem,
-    ) -> Result<Option<SdkItem>, PortError> {
+    ) -> Result<Option<serde_dynamo::Item>, PortError> {
         let answer = (self.client.get_item())
             .table_name(table)
             .set_key(Some(key))
@@ -281,7 +281,7 @@ impl Dynamo {
             .send()
             .await
             .map_err(|e| port_error("GetItem", table, e))?;
-        Ok(answer.item)
+        Ok(answer.item.map(serde_dynamo::Item::from))
     }
 
     /// Every item of partition `pk`, read consistently, page after page.
@@ -289,7 +289,7 @@ impl Dynamo {
         &self,
         table: &str,
         pk: String,
-    ) -> Result<Vec<SdkItem>, PortError> {
+    ) -> Result<Vec<serde_dynamo::Item>, PortError> {
         let mut items = Vec::new();
         let mut start = None;
         loop {
@@ -302,7 +302,8 @@ impl Dynamo {
                 .send()
                 .await
                 .map_err(|e| port_error("Query", table, e))?;
-            items.extend(page.items.unwrap_or_default());
+            let found = page.items.unwrap_or_default().into_iter();
+            items.extend(found.map(serde_dynamo::Item::from));
             match page.last_evaluated_key.filter(|key| !key.is_empty()) {
                 Some(key) => start = Some(key),
                 None => return Ok(items),

@@ -14,12 +14,16 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use super::{number, Action, Condition, Names, Update};
+use aws_sdk_dynamodb::types::builders::UpdateBuilder;
+use aws_sdk_dynamodb::types::TransactWriteItem;
+
+use super::Found;
+use super::{number, update_action, Condition};
 use super::{DynamoLedger, Item};
 use crate::domain::IndexRef;
 use crate::dynamo::string_attribute;
 use crate::ports::{IndexRefs, PortError, Referred, RefsChange};
-use serde_dynamo::{AttributeValue as Value, Item as Found};
+use serde_dynamo::AttributeValue as Value;
 
 /// An index's own references (`ref` held the single shop of its last record: such an item is
 /// not read, and the index falls back to its KV value once, as one never recorded).
@@ -163,8 +167,7 @@ impl DynamoLedger {
         let items = self
             .dynamo
             .partition(&self.table_name, referred_pk(referred));
-        let items = items.await?.into_iter().map(serde_dynamo::Item::from);
-        Ok(items.filter_map(|item| index_of(&item)).collect())
+        Ok(items.await?.iter().filter_map(index_of).collect())
     }
 
     /// Each index added to the set of what it refers to, one transaction action per set; a
@@ -186,19 +189,19 @@ impl DynamoLedger {
             let room = (MAX_REFERRERS - indexes.len()) as u64;
             let members = AttributeValue::Ss(indexes.keys().cloned().collect());
             let values = (Item::default().with(":new", members)).with(":room", super::n(room));
-            Action::Update(Update {
-                condition_expression: Some("attribute_not_exists(#set) OR size(#set) <= :room"),
-                ..self.set_update(referred, "ADD #set :new", values)
-            })
+            let add = self.set_update(referred, "ADD #set :new", values);
+            update_action(
+                add.condition_expression("attribute_not_exists(#set) OR size(#set) <= :room"),
+            )
         });
-        let mut actions: Vec<Action> = adds.collect();
+        let mut actions: Vec<TransactWriteItem> = adds.collect();
         let sets_added = actions.len();
         let mut own: BTreeMap<&IndexRef, Vec<&Referred>> = BTreeMap::new();
         for (index, referred) in items {
             own.entry(index).or_default().push(referred);
         }
         actions.extend((own.into_iter()).map(|(index, referred)| {
-            Action::Update(self.own_update(index, "ADD", own_sets(referred.into_iter())))
+            update_action(self.own_update(index, "ADD", own_sets(referred.into_iter())))
         }));
         let full = self.transact_all(actions).await?;
         let full: BTreeSet<usize> = full.into_iter().filter(|at| *at < sets_added).collect();
@@ -211,14 +214,13 @@ impl DynamoLedger {
         let mut actions = Vec::new();
         for (referred, indexes) in over {
             let flag = Item::default().with(":yes", AttributeValue::Bool(true));
-            actions.push(Action::Update(Update {
-                expression_attribute_names: Names::new(),
-                ..self.set_update(referred, "SET overflow = :yes", flag)
-            }));
+            // The expression names no set: DynamoDB refuses a name it does not use.
+            let overflow = self.set_update(referred, "SET overflow = :yes", flag);
+            actions.push(update_action(overflow.set_expression_attribute_names(None)));
             actions.extend(
                 indexes
                     .values()
-                    .map(|index| Action::Put(self.put_action(back(referred, index), None))),
+                    .map(|index| self.put_action(back(referred, index), None)),
             );
         }
         self.transact_all(actions).await.map(|_| ())
@@ -280,17 +282,17 @@ impl DynamoLedger {
                 true => {
                     let absent: Condition = ("attribute_not_exists(pk)".into(), Item::default());
                     let empty = Item::key(ref_pk(index), REF_SK);
-                    Action::Put(self.put_action(empty, Some(absent)))
+                    self.put_action(empty, Some(absent))
                 }
                 false => {
-                    Action::Update(self.own_update(index, "DELETE", own_sets(given_up.into_iter())))
+                    update_action(self.own_update(index, "DELETE", own_sets(given_up.into_iter())))
                 }
             });
         }
         self.transact_all(own).await?;
         let deletes = gone.into_iter().map(|(referred, indexes)| {
             let members = Item::default().with(":gone", AttributeValue::Ss(indexes));
-            Action::Update(self.set_update(referred, "DELETE #set :gone", members))
+            update_action(self.set_update(referred, "DELETE #set :gone", members))
         });
         self.transact_all(deletes.collect()).await.map(|_| ())
     }
@@ -303,7 +305,7 @@ impl DynamoLedger {
         index: &IndexRef,
         verb: &str,
         sets: [(&'static str, Vec<String>); 2],
-    ) -> Update<'_> {
+    ) -> UpdateBuilder {
         let mut values = Item::default();
         let mut expression = String::from(verb);
         let sets = sets.into_iter().filter(|(_, members)| !members.is_empty());
@@ -317,14 +319,11 @@ impl DynamoLedger {
             expression.push_str(&format!("{comma} {name} {placeholder}"));
             values = values.with(placeholder, AttributeValue::Ss(members));
         }
-        Update {
-            table_name: &self.table_name,
-            key: Item::key(ref_pk(index), REF_SK),
-            update_expression: expression.into(),
-            condition_expression: None,
-            expression_attribute_names: Names::new(),
-            expression_attribute_values: values,
-        }
+        aws_sdk_dynamodb::types::Update::builder()
+            .table_name(&self.table_name)
+            .set_key(Some(Item::key(ref_pk(index), REF_SK).0))
+            .update_expression(expression)
+            .set_expression_attribute_values(values.given())
     }
 
     fn set_update(
@@ -332,15 +331,13 @@ impl DynamoLedger {
         referred: &Referred,
         expression: &'static str,
         values: Item,
-    ) -> Update<'_> {
-        Update {
-            table_name: &self.table_name,
-            key: Item::key(referred_pk(referred), REFERRERS_SK),
-            update_expression: expression.into(),
-            condition_expression: None,
-            expression_attribute_names: Names::from([("#set", SET)]),
-            expression_attribute_values: values,
-        }
+    ) -> UpdateBuilder {
+        aws_sdk_dynamodb::types::Update::builder()
+            .table_name(&self.table_name)
+            .set_key(Some(Item::key(referred_pk(referred), REFERRERS_SK).0))
+            .update_expression(expression)
+            .expression_attribute_names("#set", SET)
+            .set_expression_attribute_values(values.given())
     }
 }
 

@@ -46,6 +46,20 @@ async fn stream(exporter: &MemoryExporter, batch: Vec<Value>) -> BatchReport {
     exporter.export_stream(records, deadline()).await
 }
 
+/// The stream's batch, every record of it exported.
+async fn exported(exporter: &MemoryExporter, batch: Vec<Value>) {
+    let report = stream(exporter, batch).await;
+    assert!(failures(&report).is_empty(), "{:?}", failures(&report));
+}
+
+/// An exporter whose ledger's references are complete (a full backfill ran): shops and
+/// aliases are looked up in the ledger, not by a scan.
+fn with_complete_ledger() -> MemoryExporter {
+    let exporter = exporter(MemoryKv::default());
+    exporter.ledger.complete.store(true, Ordering::SeqCst);
+    exporter
+}
+
 /// An operator's re-export of the index as the table holds it when asked.
 async fn reexport(exporter: &MemoryExporter, index: &IndexRef) -> BatchReport {
     let record = exporter.settings_record(index, false, deadline()).await;
@@ -69,7 +83,7 @@ async fn an_operator_s_older_write_landing_last_is_written_again_by_its_check() 
     let exporter = exporter(MemoryKv::default());
     let index = IndexRef::new("a", "i");
     let old = record("INSERT", "i", "https://old", None);
-    assert!(failures(&stream(&exporter, vec![old]).await).is_empty());
+    exported(&exporter, vec![old]).await;
 
     let (held, release) = exporter.kv.hold(&KvKey::index(&index).key);
     let operator = reexport(&exporter, &index);
@@ -99,15 +113,14 @@ async fn an_operator_s_older_write_landing_last_is_written_again_by_its_check() 
 /// the claimer's key, and the ledger forgets it.
 #[tokio::test]
 async fn a_shop_left_recorded_by_a_refused_shrink_is_given_up_by_the_next_record() {
-    let exporter = exporter(MemoryKv::default());
-    exporter.ledger.complete.store(true, Ordering::SeqCst);
+    let exporter = with_complete_ledger();
     let (i, s1) = (IndexRef::new("a", "i"), "s1.myshopify.com");
     let insert = record("INSERT", "i", "https://i", Some(s1));
-    assert!(failures(&stream(&exporter, vec![insert]).await).is_empty());
+    exported(&exporter, vec![insert]).await;
 
     exporter.ledger.refuse_shrinks.store(true, Ordering::SeqCst);
     let moved = record("MODIFY", "i", "https://i", Some("s2.myshopify.com"));
-    assert!(failures(&stream(&exporter, vec![moved]).await).is_empty());
+    exported(&exporter, vec![moved]).await;
     exporter
         .ledger
         .refuse_shrinks
@@ -124,9 +137,9 @@ async fn a_shop_left_recorded_by_a_refused_shrink_is_given_up_by_the_next_record
     );
 
     let taken = record("INSERT", "j", "https://j", Some(s1));
-    assert!(failures(&stream(&exporter, vec![taken]).await).is_empty());
+    exported(&exporter, vec![taken]).await;
     let next = record("MODIFY", "i", "https://i2", Some("s2.myshopify.com"));
-    assert!(failures(&stream(&exporter, vec![next]).await).is_empty());
+    exported(&exporter, vec![next]).await;
 
     let shop = exporter.kv.value(s1).expect("the claimer's key stays");
     assert!(shop.contains("https://j"), "{shop}");
@@ -142,11 +155,10 @@ async fn a_shop_left_recorded_by_a_refused_shrink_is_given_up_by_the_next_record
 /// the record gives it up again, to its claimer.
 #[tokio::test]
 async fn a_replay_hands_over_a_shop_key_whose_check_could_not_read() {
-    let exporter = exporter(MemoryKv::default());
-    exporter.ledger.complete.store(true, Ordering::SeqCst);
+    let exporter = with_complete_ledger();
     let s1 = "s1.myshopify.com";
     let insert = record("INSERT", "i", "https://i", Some(s1));
-    assert!(failures(&stream(&exporter, vec![insert]).await).is_empty());
+    exported(&exporter, vec![insert]).await;
 
     let moved = record("MODIFY", "i", "https://i", Some("s2.myshopify.com"));
     let (held, release) = exporter.kv.hold(s1);
@@ -209,8 +221,7 @@ async fn a_key_the_table_changes_under_every_round_fails_its_record_after_three(
 /// reported for retry and nothing of it in KV; the replay exports it.
 #[tokio::test]
 async fn a_record_whose_intent_cannot_be_recorded_is_retried_never_exported_without() {
-    let exporter = exporter(MemoryKv::default());
-    exporter.ledger.complete.store(true, Ordering::SeqCst);
+    let exporter = with_complete_ledger();
     let s1 = "s1.myshopify.com";
     let insert = record("INSERT", "i", "https://i", Some(s1));
 
@@ -247,12 +258,12 @@ async fn a_remove_scans_the_table_only_until_the_references_are_complete() {
             .remove("NewImage");
         removed
     };
-    assert!(failures(&stream(&exporter, vec![insert("p"), insert("q")]).await).is_empty());
+    exported(&exporter, vec![insert("p"), insert("q")]).await;
 
-    assert!(failures(&stream(&exporter, vec![remove("p")]).await).is_empty());
+    exported(&exporter, vec![remove("p")]).await;
     assert_eq!(exporter.table.scans.load(Ordering::SeqCst), 1);
     exporter.ledger.complete.store(true, Ordering::SeqCst);
-    assert!(failures(&stream(&exporter, vec![remove("q")]).await).is_empty());
+    exported(&exporter, vec![remove("q")]).await;
     assert_eq!(
         exporter.table.scans.load(Ordering::SeqCst),
         1,
