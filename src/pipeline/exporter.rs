@@ -326,20 +326,11 @@ impl<P: Ports> Exporter<P> {
         run: Run,
         deadline: Instant,
     ) -> Prepared {
-        let keys = run.api_keys;
         let cell = &self.options.default_cell;
         let known = known_refs.as_ref();
         (self.settle_previous_shops(&mut records, known, deadline)).await;
-        let (mut lookups, mut api_keys) = self.look_up(&records, run, deadline).await;
+        let (lookups, api_keys) = self.look_up(&records, run, deadline).await;
         let mut plan = plan::plan(&records, &lookups, cell);
-        if !plan.claimers_wanted.is_empty() {
-            // A shop key another index claims is repointed: read those indexes, plan again.
-            let wanted = std::mem::take(&mut plan.claimers_wanted);
-            api_keys = self
-                .look_up_claimers(wanted, &mut lookups, keys, api_keys, deadline)
-                .await;
-            plan = plan::plan(&records, &lookups, cell);
-        }
         self.add_filters(&records, &mut plan, run, deadline).await;
         for (owner, note) in &plan.notes {
             let index = records[*owner].index.as_ref();

@@ -18,7 +18,7 @@ use crate::report::Outcome;
 
 mod needs;
 
-pub use needs::{account_cell, needs, reference_questions, Lookups, Needs};
+pub use needs::{account_cell, claimers, needs, reference_questions, Lookups, Needs};
 pub use needs::{settle_from_kv, settle_previous_shops};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -37,8 +37,6 @@ pub struct Plan {
     /// Old shop keys deleted, with the index that gave each up. Until such a delete lands, the
     /// index's own key keeps its old value: a replay reads the old shop from it.
     pub old_shops: Vec<(KvKey, IndexRef)>,
-    /// Indexes whose settings must be read (and the plan made again) to repoint a shop key.
-    pub claimers_wanted: BTreeSet<IndexRef>,
     /// Indexes whose override filter is rebuilt, with the records (in stream order) that need
     /// it: if the filter is not written, they are reported for retry.
     pub filters: BTreeMap<IndexRef, Vec<usize>>,
@@ -64,7 +62,6 @@ pub fn plan(records: &[ChangeRecord], lookups: &Lookups, default_cell: &str) -> 
             referrers: &referrers,
             default_cell,
             notes: &mut plan.notes,
-            claimers_wanted: &mut plan.claimers_wanted,
             ops: Vec::new(),
             old_shops: Vec::new(),
         };
@@ -182,7 +179,6 @@ struct RecordPlanner<'a> {
     referrers: &'a Result<Referrers<'a>, String>,
     default_cell: &'a str,
     notes: &'a mut Vec<(usize, String)>,
-    claimers_wanted: &'a mut BTreeSet<IndexRef>,
     ops: Vec<(KvKey, KvAction)>,
     old_shops: Vec<(KvKey, IndexRef)>,
 }
@@ -288,13 +284,9 @@ impl<'a> RecordPlanner<'a> {
         for &claimer in &claimers {
             match self.lookups.claimers.get(claimer) {
                 None => {
-                    // A first plan: the claimers' settings are read, and the plan made again.
-                    let unread = claimers.iter().copied();
-                    let unread = unread.filter(|c| !self.lookups.claimers.contains_key(*c));
-                    self.claimers_wanted.extend(unread.cloned());
                     return Err(Outcome::Failed(format!(
                         "index {claimer} claims shop key `{shop}`: its settings were not read"
-                    )));
+                    )))
                 }
                 Some(Err(reason)) => {
                     return Err(Outcome::Failed(format!(
@@ -682,13 +674,16 @@ mod tests {
             shop_id: Some("shop-old.myshopify.com".into()),
             live_targets: vec![],
         }]));
-        let first = plan(&records, &lookups, CELL);
+        let Some(Ok(references)) = &lookups.references else {
+            unreachable!()
+        };
         assert_eq!(
-            first.claimers_wanted.iter().collect::<Vec<_>>(),
+            claimers(&records, references).iter().collect::<Vec<_>>(),
             [&IndexRef::new("acct-1", "products-v2")],
-            "the claimer's settings are asked for"
+            "the claimer's settings are read before the plan"
         );
-        assert!(matches!(first.outcomes[0], Outcome::Failed(_)));
+        let unread = plan(&records, &lookups, CELL);
+        assert!(matches!(unread.outcomes[0], Outcome::Failed(_)));
 
         let claimer = stream_record(
             2,

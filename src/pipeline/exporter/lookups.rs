@@ -161,7 +161,7 @@ impl<P: Ports> Exporter<P> {
     }
 
     /// What a batch needs before planning: API keys, then who else refers to what the batch
-    /// removes or gives up.
+    /// removes or gives up, and the settings of who claims a shop it gives up.
     pub(super) async fn look_up(
         &self,
         records: &[ChangeRecord],
@@ -182,7 +182,18 @@ impl<P: Ports> Exporter<P> {
         // Who aliases what is removed, who claims a shop given up: the ledger's candidates
         // checked against the table once its references are complete, else a scan.
         if needs.references {
-            lookups.references = Some(self.references(records, deadline).await);
+            let references = self.references(records, deadline).await;
+            let wanted = (references.as_ref().ok()).map(|refs| plan::claimers(records, refs));
+            lookups.references = Some(references);
+            if let Some(wanted) = wanted.filter(|wanted| !wanted.is_empty()) {
+                let keys = run.api_keys;
+                let more = self
+                    .look_up_claimers(wanted, &mut lookups, keys, deadline)
+                    .await;
+                let calls = counts.calls + more.calls;
+                let cache_hits = counts.cache_hits + more.cache_hits;
+                return (lookups, LookupCounts { calls, cache_hits });
+            }
         }
         (lookups, counts)
     }
@@ -216,12 +227,11 @@ impl<P: Ports> Exporter<P> {
     }
 
     /// Reads the indexes that claim a shop key, and the API keys their values need.
-    pub(super) async fn look_up_claimers(
+    async fn look_up_claimers(
         &self,
         claimers: BTreeSet<IndexRef>,
         lookups: &mut Lookups,
         keys: ApiKeys,
-        mut counts: LookupCounts,
         deadline: Instant,
     ) -> LookupCounts {
         let read: Vec<_> = futures::stream::iter(claimers)
@@ -247,14 +257,12 @@ impl<P: Ports> Exporter<P> {
             .map(|s| plan::account_cell(&s.index.account, s.cell.as_deref(), cell))
             .filter(|ac| !lookups.api_keys.contains_key(ac))
             .collect();
-        let (api_keys, more) = self
+        let (api_keys, counts) = self
             .api_keys
             .lookup_all(wanted, keys == ApiKeys::Fresh, deadline)
             .await;
         lookups.api_keys.extend(api_keys);
         lookups.claimers.extend(read);
-        counts.calls += more.calls;
-        counts.cache_hits += more.cache_hits;
         counts
     }
 }

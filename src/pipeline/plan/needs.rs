@@ -4,6 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
+use crate::domain::validate::shop_id_problem;
 use crate::domain::{ApiKey, IndexRef, IndexSettings, SettingsReference};
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::{AccountCell, PortError, Referred};
@@ -17,7 +18,7 @@ pub struct Needs {
     pub references: bool,
 }
 
-/// The answers to [`Needs`], and to what a first plan asked for (claimers of shop keys).
+/// The answers to [`Needs`], and the claimers of the shops given up ([`claimers`]).
 #[derive(Debug, Default)]
 pub struct Lookups {
     pub api_keys: HashMap<AccountCell, Result<ApiKey, PortError>>,
@@ -142,33 +143,64 @@ pub fn needs(records: &[ChangeRecord], default_cell: &str) -> Needs {
     needs
 }
 
+/// The shops a change gives up, with the index giving them up: an upsert's previous shops
+/// but its own, every previous shop of a remove.
+fn given_up(change: &Change) -> Option<(&IndexRef, Vec<&String>)> {
+    match change {
+        Change::UpsertIndex {
+            settings,
+            previous_shop: PreviousShop::Known(old),
+            ..
+        } => {
+            let kept = settings.shop_id.as_ref();
+            let old = old.iter().filter(|old| kept != Some(*old));
+            Some((&settings.index, old.collect()))
+        }
+        Change::RemoveIndex {
+            index,
+            previous_shop,
+        } => match previous_shop {
+            PreviousShop::Known(old) => Some((index, old.iter().collect())),
+            _ => Some((index, Vec::new())),
+        },
+        _ => None,
+    }
+}
+
 /// What a batch asks the ledger instead of scanning the table: who aliases each index it
 /// removes, and who claims each shop an index gives up.
 pub fn reference_questions(records: &[ChangeRecord]) -> BTreeSet<Referred> {
     let mut asked = BTreeSet::new();
-    for record in records {
-        match &record.decoded {
-            Ok(Change::UpsertIndex {
-                settings,
-                previous_shop: PreviousShop::Known(old),
-                ..
-            }) => {
-                let given_up = old
-                    .iter()
-                    .filter(|old| settings.shop_id.as_ref() != Some(*old));
-                asked.extend(given_up.cloned().map(Referred::Shop));
-            }
-            Ok(Change::RemoveIndex {
-                index,
-                previous_shop,
-            }) => {
-                asked.insert(Referred::Alias(index.id().0));
-                if let PreviousShop::Known(old) = previous_shop {
-                    asked.extend(old.iter().cloned().map(Referred::Shop));
-                }
-            }
-            _ => {}
+    for change in records.iter().filter_map(|r| r.decoded.as_ref().ok()) {
+        if let Change::RemoveIndex { index, .. } = change {
+            asked.insert(Referred::Alias(index.id().0));
         }
+        let shops = given_up(change).into_iter().flat_map(|(_, shops)| shops);
+        asked.extend(shops.cloned().map(Referred::Shop));
     }
     asked
+}
+
+/// The indexes whose settings the plan needs besides the records': every other claimer of a
+/// shop a record gives up (its key is repointed to the first that can be exported), read
+/// before the one plan.
+pub fn claimers(records: &[ChangeRecord], references: &[SettingsReference]) -> BTreeSet<IndexRef> {
+    let mut by_shop: HashMap<&str, Vec<&IndexRef>> = HashMap::new();
+    for reference in references {
+        if let Some(shop) = &reference.shop_id {
+            by_shop.entry(shop).or_default().push(&reference.index);
+        }
+    }
+    let mut wanted = BTreeSet::new();
+    for change in records.iter().filter_map(|r| r.decoded.as_ref().ok()) {
+        let Some((index, shops)) = given_up(change) else {
+            continue;
+        };
+        // A shop id that is no shop key is never deleted, so never repointed.
+        for shop in shops.into_iter().filter(|s| shop_id_problem(s).is_none()) {
+            let claimers = by_shop.get(shop.as_str()).into_iter().flatten();
+            wanted.extend(claimers.filter(|c| **c != index).map(|c| (*c).clone()));
+        }
+    }
+    wanted
 }
