@@ -16,12 +16,17 @@ use crate::ports::{
 };
 use crate::report::{BatchReport, Outcome};
 
-mod apply;
-mod converge;
-mod lookups;
+// The stages (docs/contract.md, "The reconciler's stages"): snapshot, then the pure
+// `pipeline::plan`, intents, write, check, shrink. `reads` and `references` serve the operator
+// modes; `windows` forces each window of "Concurrent writers" in memory.
+mod check;
+mod intents;
 mod reads;
 mod references;
+mod shrink;
+mod snapshot;
 mod windows;
+mod write;
 pub use references::left_by;
 
 /// How many KV reads (bulk reads, listings) are in flight at once; the store sends its writes.
@@ -250,7 +255,7 @@ impl<P: Ports> Exporter<P> {
         deadline: Instant,
     ) -> BatchReport {
         let (records, known) = self.read_now(records, deadline).await;
-        let prepared = (self.plan_records(records, known, Run::STREAM, deadline)).await;
+        let prepared = (self.snapshot_and_plan(records, known, Run::STREAM, deadline)).await;
         self.apply(prepared, deadline).await
     }
 
@@ -301,7 +306,8 @@ impl<P: Ports> Exporter<P> {
         self.apply(prepared, deadline).await
     }
 
-    /// Everything but the KV writes: lookups and the plan. A dry run stops here.
+    /// Everything but the KV writes: the snapshot (with what the ledger recorded, when the run
+    /// keeps references) and the plan. A dry run stops here.
     pub async fn prepare(
         &self,
         records: Vec<ChangeRecord>,
@@ -311,27 +317,25 @@ impl<P: Ports> Exporter<P> {
         let indexes = references::left_by(&records).into_iter().flatten();
         let indexes = indexes.map(|(index, _)| index).collect();
         match self.known_refs(indexes, run, deadline).await {
-            Ok(known) => self.plan_records(records, known, run, deadline).await,
+            Ok(known) => self.snapshot_and_plan(records, known, run, deadline).await,
             // Nothing could then be recorded: the batch is retried, never exported without.
             Err(error) => Prepared::none_sent(records, run, error),
         }
     }
 
-    /// The records planned, their lookups done, beside what the ledger recorded of their
-    /// indexes (`known_refs`, when the run keeps references).
-    async fn plan_records(
+    /// Stages 2 and 3: the snapshot read, then the plan made from it, beside what the ledger
+    /// recorded of the records' indexes (`known_refs`, when the run keeps references).
+    async fn snapshot_and_plan(
         &self,
         mut records: Vec<ChangeRecord>,
-        known_refs: Option<lookups::Known>,
+        known_refs: Option<snapshot::Known>,
         run: Run,
         deadline: Instant,
     ) -> Prepared {
-        let cell = &self.options.default_cell;
         let known = known_refs.as_ref();
-        (self.settle_previous_shops(&mut records, known, deadline)).await;
-        let (lookups, api_keys) = self.look_up(&records, run, deadline).await;
-        let mut plan = plan::plan(&records, &lookups, cell);
-        self.add_filters(&records, &mut plan, run, deadline).await;
+        let snapshot = self.snapshot(&mut records, known, run, deadline);
+        let (snapshot, api_keys) = snapshot.await;
+        let plan = plan::plan(&records, &snapshot, &self.options.default_cell);
         for (owner, note) in &plan.notes {
             let index = records[*owner].index.as_ref();
             tracing::info!(
@@ -374,7 +378,7 @@ impl<P: Ports> Exporter<P> {
             }
         }
         let mut report = self.apply_once(prepared, deadline).await;
-        self.converge(&mut report, run, deadline).await;
+        self.check(&mut report, run, deadline).await;
         if let (Some((left, known, added)), true) = (intents, run.is_stream()) {
             let refs = (&known, &added);
             (self.record_references(left, refs, &report, deadline)).await;
@@ -393,7 +397,7 @@ mod tests {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
 
-    /// The core over in-memory KV, one API key and an empty table (shared with `converge`).
+    /// The core over in-memory KV, one API key and an empty table (shared with `check`).
     pub(super) fn exporter(
         kv: MemoryKv,
     ) -> Exporter<(MemoryKv, SameKey, CountingTable, MemoryLedger)> {

@@ -11,15 +11,18 @@ use std::sync::Arc;
 
 use crate::domain::kv::{check_key, check_put, KvValue};
 use crate::domain::qfilter::filter_key;
+use crate::domain::qfilter::QueryFilter;
 use crate::domain::validate::{index_key_problem, shop_id_problem, shown, SHOP_DOMAIN};
 use crate::domain::{IndexId, IndexRef, IndexSettings, KvAction, KvKey, SettingsReference};
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
+use crate::ports::PortError;
 use crate::report::Outcome;
 
 mod needs;
 
-pub use needs::{account_cell, claimers, needs, reference_questions, Lookups, Needs};
+pub use needs::{account_cell, claimers, filters_wanted, needs, reference_questions};
 pub use needs::{settle_from_kv, settle_previous_shops};
+pub use needs::{Needs, Snapshot};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlannedOp {
@@ -45,10 +48,10 @@ pub struct Plan {
     pub empty_filters: std::collections::HashSet<KvKey>,
 }
 
-/// Turns records and their lookups into one operation per KV key and an outcome per record.
-pub fn plan(records: &[ChangeRecord], lookups: &Lookups, default_cell: &str) -> Plan {
+/// Turns records and their snapshot into one operation per KV key and an outcome per record.
+pub fn plan(records: &[ChangeRecord], snapshot: &Snapshot, default_cell: &str) -> Plan {
     let mut plan = Plan::default();
-    let referrers = match &lookups.references {
+    let referrers = match &snapshot.references {
         Some(Ok(references)) => Ok(Referrers::of(references)),
         Some(Err(reason)) => Err(format!(
             "cannot scan the settings table for aliases and shop ids: {reason}"
@@ -58,7 +61,7 @@ pub fn plan(records: &[ChangeRecord], lookups: &Lookups, default_cell: &str) -> 
     for (owner, record) in records.iter().enumerate() {
         let mut planner = RecordPlanner {
             owner,
-            lookups,
+            snapshot,
             referrers: &referrers,
             default_cell,
             notes: &mut plan.notes,
@@ -100,7 +103,40 @@ pub fn plan(records: &[ChangeRecord], lookups: &Lookups, default_cell: &str) -> 
         }
         plan.outcomes.push(outcome);
     }
+    // Each filter from its index's overrides as the snapshot read them.
+    let filters: Vec<IndexRef> = plan.filters.keys().cloned().collect();
+    for index in filters {
+        let not_read = || Err(PortError::Unavailable("not read".into()));
+        let queries = snapshot.overrides.get(&index).cloned();
+        plan_filter(&mut plan, index, queries.unwrap_or_else(not_read));
+    }
     plan
+}
+
+/// The index's filter planned from its overrides' queries, owned by its first needer; without
+/// them, every record that needed it is reported for retry.
+fn plan_filter(plan: &mut Plan, index: IndexRef, queries: Result<Vec<String>, PortError>) {
+    let needers = &plan.filters[&index];
+    match queries {
+        Ok(queries) => {
+            let filter = QueryFilter::build(&index, queries);
+            if filter.count == 0 {
+                plan.empty_filters.insert(filter_key(&index));
+            }
+            let text = serde_json::to_string(&filter).expect("filters serialize");
+            let op = PlannedOp {
+                action: KvAction::put(KvValue::new(&index, text)),
+                owner: needers[0],
+            };
+            plan.ops.insert(filter_key(&index), op);
+        }
+        Err(e) => {
+            let reason = format!("cannot read the overrides of index {index} for its filter: {e}");
+            for &needer in needers {
+                plan.outcomes[needer].fail(&reason);
+            }
+        }
+    }
 }
 
 /// The index whose override filter a change rebuilds.
@@ -175,7 +211,7 @@ impl<'a> Referrers<'a> {
 
 struct RecordPlanner<'a> {
     owner: usize,
-    lookups: &'a Lookups,
+    snapshot: &'a Snapshot,
     referrers: &'a Result<Referrers<'a>, String>,
     default_cell: &'a str,
     notes: &'a mut Vec<(usize, String)>,
@@ -256,7 +292,7 @@ impl<'a> RecordPlanner<'a> {
             settings.cell.as_deref(),
             self.default_cell,
         );
-        let api_key = match self.lookups.api_keys.get(&wanted) {
+        let api_key = match self.snapshot.api_keys.get(&wanted) {
             Some(Ok(key)) => key,
             Some(Err(error)) => return Err(Outcome::of_port_error(error, "")),
             None => return Err(Outcome::Failed("API key was not looked up".into())),
@@ -282,7 +318,7 @@ impl<'a> RecordPlanner<'a> {
         let claimers = self.referrers()?.by_shop.get(shop).into_iter().flatten();
         let claimers: BTreeSet<&IndexRef> = claimers.copied().filter(|c| *c != index).collect();
         for &claimer in &claimers {
-            match self.lookups.claimers.get(claimer) {
+            match self.snapshot.claimers.get(claimer) {
                 None => {
                     return Err(Outcome::Failed(format!(
                         "index {claimer} claims shop key `{shop}`: its settings were not read"
@@ -409,9 +445,9 @@ mod tests {
         stream_record(seq, "REMOVE", &format!("INDEX#{name}"), None, None)
     }
 
-    fn key_lookups(records: &[ChangeRecord]) -> Lookups {
+    fn key_snapshot(records: &[ChangeRecord]) -> Snapshot {
         let needs = needs(records, CELL);
-        Lookups {
+        Snapshot {
             api_keys: needs
                 .api_keys
                 .into_iter()
@@ -422,6 +458,9 @@ mod tests {
                 .collect(),
             references: needs.references.then(|| Ok(vec![])),
             claimers: HashMap::new(),
+            overrides: (filters_wanted(records).into_iter())
+                .map(|index| (index, Ok(vec![])))
+                .collect(),
         }
     }
 
@@ -442,7 +481,7 @@ mod tests {
     #[test]
     fn an_index_is_written_under_its_shop_and_its_id() {
         let records = vec![upsert(1, "products", Some("shop-1.myshopify.com"))];
-        let plan = plan(&records, &key_lookups(&records), CELL);
+        let plan = plan(&records, &key_snapshot(&records), CELL);
         assert_eq!(
             keys(&plan),
             [("acct-1-products", true), ("shop-1.myshopify.com", true)]
@@ -469,7 +508,7 @@ mod tests {
         if let Ok(Change::UpsertIndex { settings, .. }) = &mut records[1].decoded {
             Arc::make_mut(settings).index_url = "https://idx/second".into();
         }
-        let plan = plan(&records, &key_lookups(&records), CELL);
+        let plan = plan(&records, &key_snapshot(&records), CELL);
         let op = &plan.ops[&KvKey::settings("acct-1-products")];
         assert_eq!(op.owner, 1);
         assert_eq!(
@@ -494,7 +533,7 @@ mod tests {
         );
         let unsettled = settle_previous_shops(&mut records, |_| None);
         assert!(unsettled.is_empty(), "the batch itself knows the shop");
-        let plan = plan(&records, &key_lookups(&records), CELL);
+        let plan = plan(&records, &key_snapshot(&records), CELL);
         assert_eq!(
             keys(&plan),
             [
@@ -514,7 +553,7 @@ mod tests {
         assert_eq!(unsettled.iter().collect::<Vec<_>>(), [&products]);
         let shop = Ok(Some("shop-from-kv.myshopify.com".into()));
         settle_from_kv(&mut records, &HashMap::from([(products, shop)]));
-        let plan = plan(&records, &key_lookups(&records), CELL);
+        let plan = plan(&records, &key_snapshot(&records), CELL);
         assert_eq!(
             keys(&plan),
             [
@@ -604,7 +643,7 @@ mod tests {
             &mut records,
             &unsettled.into_iter().map(|i| (i, down.clone())).collect(),
         );
-        let plan = plan(&records, &key_lookups(&records), CELL);
+        let plan = plan(&records, &key_snapshot(&records), CELL);
         assert!(
             matches!(&plan.outcomes[0], Outcome::Failed(why) if why.contains("KV is down")),
             "{:?}",
@@ -617,13 +656,13 @@ mod tests {
     #[test]
     fn a_remove_is_kept_while_an_enabled_alias_points_at_it() {
         let records = vec![remove(1, "products-v1")];
-        let mut lookups = key_lookups(&records);
-        lookups.references = Some(Ok(vec![SettingsReference {
+        let mut snapshot = key_snapshot(&records);
+        snapshot.references = Some(Ok(vec![SettingsReference {
             index: IndexRef::new("acct-1", "products"),
             shop_id: None,
             live_targets: vec![IndexId("acct-1-products-v1".into())],
         }]));
-        let plan = plan(&records, &lookups, CELL);
+        let plan = plan(&records, &snapshot, CELL);
         assert!(plan.ops.is_empty());
         assert_eq!(
             plan.outcomes,
@@ -636,9 +675,9 @@ mod tests {
     #[test]
     fn a_failed_scan_fails_the_remove_instead_of_deleting_unchecked() {
         let records = vec![remove(1, "products")];
-        let mut lookups = key_lookups(&records);
-        lookups.references = Some(Err(PortError::Unavailable("connection refused".into())));
-        let plan = plan(&records, &lookups, CELL);
+        let mut snapshot = key_snapshot(&records);
+        snapshot.references = Some(Err(PortError::Unavailable("connection refused".into())));
+        let plan = plan(&records, &snapshot, CELL);
         assert!(plan.ops.is_empty());
         assert!(
             matches!(&plan.outcomes[0], Outcome::Failed(r) if r.contains("connection refused"))
@@ -657,8 +696,8 @@ mod tests {
         )];
         let needs_scan = needs(&records, CELL);
         assert!(needs_scan.references);
-        let lookups = key_lookups(&records);
-        let freed = plan(&records, &lookups, CELL);
+        let snapshot = key_snapshot(&records);
+        let freed = plan(&records, &snapshot, CELL);
         assert_eq!(
             keys(&freed),
             [
@@ -668,13 +707,13 @@ mod tests {
             ]
         );
 
-        let mut lookups = key_lookups(&records);
-        lookups.references = Some(Ok(vec![SettingsReference {
+        let mut snapshot = key_snapshot(&records);
+        snapshot.references = Some(Ok(vec![SettingsReference {
             index: IndexRef::new("acct-1", "products-v2"),
             shop_id: Some("shop-old.myshopify.com".into()),
             live_targets: vec![],
         }]));
-        let Some(Ok(references)) = &lookups.references else {
+        let Some(Ok(references)) = &snapshot.references else {
             unreachable!()
         };
         assert_eq!(
@@ -682,7 +721,7 @@ mod tests {
             [&IndexRef::new("acct-1", "products-v2")],
             "the claimer's settings are read before the plan"
         );
-        let unread = plan(&records, &lookups, CELL);
+        let unread = plan(&records, &snapshot, CELL);
         assert!(matches!(unread.outcomes[0], Outcome::Failed(_)));
 
         let claimer = stream_record(
@@ -695,10 +734,10 @@ mod tests {
         let Ok(Change::UpsertIndex { settings, .. }) = claimer.decoded else {
             panic!("an index")
         };
-        lookups
+        snapshot
             .claimers
             .insert(settings.index.clone(), Ok(Some(settings)));
-        let claimed = plan(&records, &lookups, CELL);
+        let claimed = plan(&records, &snapshot, CELL);
         assert_eq!(
             keys(&claimed),
             [
@@ -729,9 +768,9 @@ mod tests {
                 Some(index_image("gone", Some("acct-2-products"))),
             ),
         ];
-        let mut lookups = key_lookups(&records);
-        lookups.references = Some(Ok(vec![]));
-        let plan = plan(&records, &lookups, CELL);
+        let mut snapshot = key_snapshot(&records);
+        snapshot.references = Some(Ok(vec![]));
+        let plan = plan(&records, &snapshot, CELL);
         assert!(
             matches!(&plan.outcomes[0], Outcome::Rejected(r) if r.contains("`acct-2-products`")
                 && r.contains("another index's key")),
@@ -760,9 +799,9 @@ mod tests {
             upsert(1, "x.myshopify.com", None),
             remove(2, "y.myshopify.com"),
         ];
-        let mut lookups = key_lookups(&records);
-        lookups.references = Some(Ok(vec![]));
-        let plan = plan(&records, &lookups, CELL);
+        let mut snapshot = key_snapshot(&records);
+        snapshot.references = Some(Ok(vec![]));
+        let plan = plan(&records, &snapshot, CELL);
         assert!(plan.ops.is_empty(), "{:?}", plan.ops);
         assert!(plan
             .outcomes
@@ -790,14 +829,15 @@ mod tests {
             }
         };
         let records = vec![upsert(1, &name), upsert(2, "products")];
-        let plan = plan(&records, &key_lookups(&records), CELL);
+        let plan = plan(&records, &key_snapshot(&records), CELL);
         assert!(
             matches!(&plan.outcomes[0], Outcome::Rejected(r) if r.contains("query filter") && r.contains("512")),
             "{:?}",
             plan.outcomes[0]
         );
         assert_eq!(plan.outcomes[1], Outcome::Pending);
-        assert_eq!(keys(&plan), [("acct-1-products", true)]);
+        let filter = "qfilter-acct-1-products";
+        assert_eq!(keys(&plan), [("acct-1-products", true), (filter, true)]);
         assert_eq!(
             plan.filters.keys().collect::<Vec<_>>(),
             [&IndexRef::new("acct-1", "products")]
@@ -860,12 +900,12 @@ mod tests {
             (IndexRef::new("acct-1", "other"), Ok(None)),
         ]);
         settle_from_kv(&mut records, &kv);
-        let lookups = key_lookups(&records);
+        let snapshot = key_snapshot(&records);
         assert!(
-            lookups.references.is_some(),
+            snapshot.references.is_some(),
             "the shop moved: who else claims it"
         );
-        let plan = plan(&records, &lookups, CELL);
+        let plan = plan(&records, &snapshot, CELL);
         assert_eq!(
             keys(&plan),
             [
@@ -895,11 +935,11 @@ mod tests {
             (PortError::NotFound("no key".into()), true),
             (PortError::Unavailable("503".into()), false),
         ] {
-            let lookups = Lookups {
+            let snapshot = Snapshot {
                 api_keys: HashMap::from([(wanted.clone(), Err(error))]),
-                ..Lookups::default()
+                ..Snapshot::default()
             };
-            let plan = plan(&records, &lookups, CELL);
+            let plan = plan(&records, &snapshot, CELL);
             assert!(
                 plan.ops.is_empty(),
                 "settings are never written without a key"
@@ -930,7 +970,7 @@ mod tests {
     fn oversized_keys_reject_the_record_and_send_nothing() {
         let long_name = "p".repeat(MAX_KEY_BYTES);
         let records = vec![upsert(1, &long_name, None), upsert(2, "ok", Some("."))];
-        let plan = plan(&records, &key_lookups(&records), CELL);
+        let plan = plan(&records, &key_snapshot(&records), CELL);
         assert!(plan.ops.is_empty());
         assert!(matches!(&plan.outcomes[0], Outcome::Rejected(r) if r.contains("512")));
         assert!(matches!(&plan.outcomes[1], Outcome::Rejected(r) if r.contains("`.`")));
@@ -949,7 +989,7 @@ mod tests {
             created_at: None,
             decoded: Ok(Change::UpsertQuery(config)),
         }];
-        let plan = plan(&records, &Lookups::default(), CELL);
+        let plan = plan(&records, &Snapshot::default(), CELL);
         let (key, op) = plan.ops.iter().next().unwrap();
         assert_eq!(key.namespace, Namespace::QueryConfigs);
         assert_eq!(
@@ -969,7 +1009,7 @@ mod tests {
     #[test]
     fn plans_never_show_api_keys_in_debug() {
         let records = vec![upsert(1, "products", Some("shop-1.myshopify.com"))];
-        let plan = plan(&records, &key_lookups(&records), CELL);
+        let plan = plan(&records, &key_snapshot(&records), CELL);
         let debug = format!("{plan:?}");
         assert!(debug.contains("Put("), "{debug}");
         assert!(!debug.contains("key-acct-1"), "{debug}");
@@ -994,7 +1034,7 @@ mod tests {
             ),
         ];
         assert_eq!(needs(&records, CELL), Needs::default());
-        let plan = plan(&records, &Lookups::default(), CELL);
+        let plan = plan(&records, &Snapshot::default(), CELL);
         assert!(plan.ops.is_empty());
         assert!(matches!(plan.outcomes[0], Outcome::Skipped(_)));
         assert!(matches!(&plan.outcomes[1], Outcome::Rejected(r) if r.contains("index_endpoint")));
@@ -1003,7 +1043,7 @@ mod tests {
     #[test]
     fn settings_values_match_the_decoded_record() {
         let records = vec![upsert(1, "products", Some("shop-1.myshopify.com"))];
-        let plan = plan(&records, &key_lookups(&records), CELL);
+        let plan = plan(&records, &key_snapshot(&records), CELL);
         let Ok(Change::UpsertIndex { settings, .. }) = &records[0].decoded else {
             panic!()
         };

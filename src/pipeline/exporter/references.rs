@@ -1,9 +1,9 @@
-//! What other indexes a batch must know about (who aliases a removed index, who claims a shop
-//! an index gives up), from the ledger's records of each index's references instead of a scan
-//! of the whole table once those records are complete; and the records kept up to date
+//! What an index refers to (its shop, its live alias targets) as the ledger records it, and
+//! the ledger's operator side: who refers to what, the references a reconcile or backfill adds
+//! where the ledger lacks them, and the mark that they are complete
 //! (docs/contract.md, "Concurrent writers" and "References in the ledger").
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use tokio::time::Instant;
 
@@ -11,11 +11,9 @@ use super::Exporter;
 use crate::domain::kv::{check_key, KvKey};
 use crate::domain::validate::shop_id_problem;
 use crate::domain::{IndexId, IndexRef, IndexSettings, SettingsReference};
-use crate::pipeline::plan;
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{before_deadline, IndexRefs, Ledger, Ports, SettingsTable};
-use crate::ports::{PortError, Referred, RefsChange};
-use crate::report::{BatchReport, Outcome};
+use crate::ports::{PortError, Referred};
 
 /// Whether an index's live alias target is recorded as a reference: not when no KV key could
 /// be it (empty, over 512 bytes, unprintable: it protects nothing, its `alias#{target}` item
@@ -84,47 +82,6 @@ impl<P: Ports> Exporter<P> {
         before_deadline(deadline, "ledger references", mark).await
     }
 
-    /// From the ledger once its records are complete (who aliases each removed index, who
-    /// claims each shop given up), else from a scan of the table.
-    pub(super) async fn references(
-        &self,
-        records: &[ChangeRecord],
-        deadline: Instant,
-    ) -> Result<Vec<SettingsReference>, PortError> {
-        let complete = self.ledger.references_complete();
-        if !before_deadline(deadline, "ledger references", complete).await? {
-            return self.settings_references(deadline).await;
-        }
-        let asked = plan::reference_questions(records);
-        // The batch's own indexes are decided by its records (below): their items are not read.
-        let own: BTreeSet<IndexRef> = (left_by(records).into_iter().flatten())
-            .map(|(index, _)| index)
-            .collect();
-        let asked = asked.into_iter().collect();
-        let recorded = self.recorded_referrers(asked, &own, deadline);
-        let mut references: BTreeMap<IndexRef, SettingsReference> = (recorded.await?.into_iter())
-            .map(|r| (r.index.clone(), r))
-            .collect();
-        // The batch's own records are newer than what the ledger holds.
-        for record in records {
-            match &record.decoded {
-                Ok(Change::UpsertIndex { settings, .. }) => {
-                    let reference = SettingsReference {
-                        index: settings.index.clone(),
-                        shop_id: settings.shop_id.clone(),
-                        live_targets: settings.aliases.live_targets().cloned().collect(),
-                    };
-                    references.insert(settings.index.clone(), reference);
-                }
-                Ok(Change::RemoveIndex { index, .. }) => {
-                    references.remove(index);
-                }
-                _ => {}
-            }
-        }
-        Ok(references.into_values().collect())
-    }
-
     /// The references of every index that may refer to what is `asked` (an alias target, a
     /// shop): from the ledger once its records are complete (its sets naming the candidates,
     /// each candidate's own record deciding), else every index's, from a scan of the table.
@@ -143,7 +100,7 @@ impl<P: Ports> Exporter<P> {
 
     /// The references of the indexes the ledger names as referring to what is `asked`, but
     /// those in `decided` (the batch's own), read from the table.
-    async fn recorded_referrers(
+    pub(super) async fn recorded_referrers(
         &self,
         asked: Vec<Referred>,
         decided: &BTreeSet<IndexRef>,
@@ -159,46 +116,6 @@ impl<P: Ports> Exporter<P> {
         // in the table decides: an alias dropped, or a record gone, no longer counts.
         let read = self.table.index_references(&candidates);
         before_deadline(deadline, "candidates' settings", read).await
-    }
-
-    /// Adds these items to the ledger, on both sides (nothing to do for none).
-    async fn add_to_ledger(
-        &self,
-        items: &[(IndexRef, Referred)],
-        deadline: Instant,
-    ) -> Result<(), PortError> {
-        if items.is_empty() {
-            return Ok(());
-        }
-        let put = self.ledger.point_back(items);
-        before_deadline(deadline, "ledger references", put).await
-    }
-
-    /// Before the KV writes, the intent: every reference the batch's records leave that the
-    /// ledger does not record yet (every record's, a superset of what any replay point
-    /// leaves) is added on both sides, so a batch that asks who claims a shop or aliases an
-    /// index finds a referrer as soon as its keys can land, and a replay finds every shop the
-    /// index's keys may be on. Answers what was added, per index.
-    pub(super) async fn point_back(
-        &self,
-        left: &[Option<(IndexRef, IndexRefs)>],
-        known: &HashMap<IndexRef, IndexRefs>,
-        deadline: Instant,
-    ) -> Result<HashMap<IndexRef, BTreeSet<Referred>>, PortError> {
-        let mut added: HashMap<IndexRef, BTreeSet<Referred>> = HashMap::new();
-        for (index, refs) in left.iter().flatten() {
-            let before = known
-                .get(index)
-                .map(IndexRefs::referred)
-                .unwrap_or_default();
-            let new = refs.referred().into_iter().filter(|r| !before.contains(r));
-            added.entry(index.clone()).or_default().extend(new);
-        }
-        let items: Vec<(IndexRef, Referred)> = (added.iter())
-            .flat_map(|(index, referred)| referred.iter().map(|r| (index.clone(), r.clone())))
-            .collect();
-        self.add_to_ledger(&items, deadline).await?;
-        Ok(added)
     }
 
     /// The ledger's own repair (a reconcile's table step, a backfill's rejected items): the
@@ -252,76 +169,6 @@ impl<P: Ports> Exporter<P> {
         self.add_to_ledger(&missing, deadline).await?;
         Ok(missing.len())
     }
-
-    /// After the stream's KV writes and their check: what each index's records confirmed it
-    /// no longer refers to is taken out (of its own references and of the sets), for the
-    /// indexes the batch settled: every record of theirs lies before the batch's first failed
-    /// record (Lambda replays from there) and was exported. Any other index keeps everything
-    /// recorded: its replay, or its next record, gives up what it no longer holds. When this
-    /// fails, the superset stays (a warning): nothing is
-    /// lost, and the index's next record gives the same shops up again.
-    pub(super) async fn record_references(
-        &self,
-        left: Vec<Option<(IndexRef, IndexRefs)>>,
-        (known, added): (
-            &HashMap<IndexRef, IndexRefs>,
-            &HashMap<IndexRef, BTreeSet<Referred>>,
-        ),
-        report: &BatchReport,
-        deadline: Instant,
-    ) {
-        let outcomes: Vec<&Outcome> = report.records.iter().map(|r| &r.outcome).collect();
-        let replayed_from = (outcomes.iter())
-            .position(|o| matches!(o, Outcome::Failed(_)))
-            .unwrap_or(outcomes.len());
-        // Each index's last exported record's references; `None` once one is not settled.
-        let mut settled: BTreeMap<IndexRef, Option<Option<IndexRefs>>> = BTreeMap::new();
-        for (at, entry) in left.into_iter().enumerate() {
-            let Some((index, refs)) = entry else { continue };
-            let state = settled.entry(index).or_insert(Some(None));
-            match outcomes[at] {
-                _ if at >= replayed_from => *state = None,
-                Outcome::Exported => {
-                    if let Some(last) = state {
-                        *last = Some(refs);
-                    }
-                }
-                // Kept for an alias: its keys, its shop key too, stay as they were.
-                Outcome::Kept { .. } => *state = None,
-                // Rejected or skipped: its keys (and what they refer to) are as they were.
-                _ => {}
-            }
-        }
-        let changes: Vec<RefsChange> = (settled.into_iter())
-            .filter_map(|(index, state)| {
-                let new = state??;
-                let old = known.get(&index);
-                let mut pointing = old.map(IndexRefs::referred).unwrap_or_default();
-                pointing.extend(added.get(&index).into_iter().flatten().cloned());
-                // An index no intent wrote and nothing recorded (it refers to nothing) gets its
-                // item all the same: its next record then needs no KV read for its shop.
-                let unrecorded = old.is_none() && pointing.is_empty();
-                let after = new.referred();
-                let needed = unrecorded || pointing.iter().any(|r| !after.contains(r));
-                needed.then_some(RefsChange {
-                    index,
-                    pointing,
-                    new,
-                })
-            })
-            .collect();
-        if changes.is_empty() {
-            return;
-        }
-        let record = self.ledger.record_refs(&changes);
-        if let Err(error) = before_deadline(deadline, "ledger references", record).await {
-            tracing::warn!(
-                indexes = changes.len(),
-                %error,
-                "the ledger keeps references these indexes gave up: their next record gives them up again"
-            );
-        }
-    }
 }
 
 #[cfg(test)]
@@ -330,7 +177,9 @@ mod tests {
     use crate::adapters::memory::MemoryKv;
     use crate::pipeline::exporter::tests::exporter;
     use crate::pipeline::records::decode_as_written;
+    use crate::report::{BatchReport, Outcome};
     use serde_json::json;
+    use std::collections::HashMap;
     use std::time::Duration;
 
     /// A NEW_IMAGE record of index `name` of account `a`, with its shop and an alias target.

@@ -18,14 +18,18 @@ pub struct Needs {
     pub references: bool,
 }
 
-/// The answers to [`Needs`], and the claimers of the shops given up ([`claimers`]).
+/// Everything the plan reads of the outside, read before it (stage 2,
+/// `exporter/snapshot.rs`): the answers to [`Needs`], the claimers of the shops given up
+/// ([`claimers`]), the overrides of each filter rebuilt ([`filters_wanted`]).
 #[derive(Debug, Default)]
-pub struct Lookups {
+pub struct Snapshot {
     pub api_keys: HashMap<AccountCell, Result<ApiKey, PortError>>,
     pub references: Option<Result<Vec<SettingsReference>, PortError>>,
     /// The current settings of indexes that claim a shop key another index gave up
     /// (`None`: no such record any more).
     pub claimers: HashMap<IndexRef, Result<Option<Arc<IndexSettings>>, PortError>>,
+    /// The queries of every override of each index whose filter the records rebuild.
+    pub overrides: HashMap<IndexRef, Result<Vec<String>, PortError>>,
 }
 
 /// A settings record's index and previous shop, to settle.
@@ -200,6 +204,21 @@ pub fn claimers(records: &[ChangeRecord], references: &[SettingsReference]) -> B
         for shop in shops.into_iter().filter(|s| shop_id_problem(s).is_none()) {
             let claimers = by_shop.get(shop.as_str()).into_iter().flatten();
             wanted.extend(claimers.filter(|c| **c != index).map(|c| (*c).clone()));
+        }
+    }
+    wanted
+}
+
+/// The indexes whose override filter the records rebuild (as the plan decides them: an index
+/// removed after its overrides' records has its filter deleted, not rebuilt).
+pub fn filters_wanted(records: &[ChangeRecord]) -> BTreeSet<IndexRef> {
+    let mut wanted = BTreeSet::new();
+    for change in records.iter().filter_map(|r| r.decoded.as_ref().ok()) {
+        if let Some(index) = super::rebuilt_filter(change) {
+            wanted.insert(index.clone());
+        }
+        if let Change::RemoveIndex { index, .. } = change {
+            wanted.remove(index);
         }
     }
     wanted

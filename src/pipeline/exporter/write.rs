@@ -1,4 +1,4 @@
-//! Sending a prepared batch: old shop keys deleted first, the rest handed to
+//! Stage 5, the write: a prepared batch sent, old shop keys deleted first, the rest handed to
 //! the KV store in the batch's order, and every record's outcome decided from what became of
 //! its keys (docs/contract.md, "Nothing is lost").
 
@@ -25,14 +25,14 @@ struct Sent {
     /// Keys that did not land, and why: a failed request, or an index key held back because
     /// its old shop key was not deleted.
     failed: HashMap<KvKey, PortError>,
-    /// The keys to check against the table once they landed (`converge.rs`): each with the
+    /// The keys to check against the table once they landed (`check.rs`): each with the
     /// index whose key it is, when known, and the digest of the value put (`None`: a delete).
     checked: HashMap<KvKey, (Option<IndexRef>, Option<String>)>,
 }
 
 impl<P: Ports> Exporter<P> {
     /// The plan sent once and every record's outcome decided; the check of what landed is
-    /// the caller's (`converge.rs`).
+    /// the caller's (`check.rs`).
     pub(super) async fn apply_once(&self, prepared: Prepared, deadline: Instant) -> BatchReport {
         let Prepared {
             records,

@@ -1,7 +1,7 @@
-//! Keys computed from items their writer does not own, checked against the table as it is once
-//! they landed (docs/contract.md, "Concurrent writers"): every key an operator wrote (it read the
-//! table before another writer may have changed it and written KV), and the stream's derived
-//! keys (filters built from a Query, shop keys an index gave up). Each is recomputed from a new
+//! Stage 6, the check: keys computed from items their writer does not own, checked against the
+//! table as it is once they landed (docs/contract.md, "Concurrent writers"): every key an
+//! operator wrote (it read the table before another writer may have changed it and written
+//! KV), and the stream's derived keys (filters built from a Query, shop keys an index gave up). Each is recomputed from a new
 //! consistent read, as if its index had just changed, and written again where it differs, until
 //! a read finds nothing to change. Nothing is left to another writer on trust.
 
@@ -45,7 +45,7 @@ impl<P: Ports> Exporter<P> {
     /// Checks the report's landed keys against the table and writes again what differs, round
     /// after round; a key that still differs after the last round, or whose index cannot be
     /// read again, fails its record (the operator runs again, or the next reconcile pass).
-    pub(super) async fn converge(&self, report: &mut BatchReport, run: Run, deadline: Instant) {
+    pub(super) async fn check(&self, report: &mut BatchReport, run: Run, deadline: Instant) {
         // Planned as an operator plans (every override in the batch), its API keys as the run
         // got them (the stream's from the short cache).
         let run = Run {
@@ -59,7 +59,9 @@ impl<P: Ports> Exporter<P> {
                 break;
             }
             let may_write = round < ROUNDS;
-            let again = self.check(landed, (run, may_write), report, deadline).await;
+            let again = self
+                .check_round(landed, (run, may_write), report, deadline)
+                .await;
             let Some((again, originals)) = again else {
                 break;
             };
@@ -90,7 +92,7 @@ impl<P: Ports> Exporter<P> {
     /// One round: the landed keys' indexes read again and planned as changes; the keys whose
     /// plan differs from what landed are written (or, `may_write` false, fail their records).
     /// Answers what the writes did, with each key's original record, when there were any.
-    async fn check(
+    async fn check_round(
         &self,
         landed: Vec<Landed>,
         (run, may_write): (Run, bool),
@@ -254,7 +256,8 @@ impl<P: Ports> Exporter<P> {
         if records.is_empty() {
             return (None, landed);
         }
-        let mut prepared = self.prepare(records, run, deadline).await;
+        // Stages 2 and 3 again (a check records no intents: what it writes was recorded).
+        let mut prepared = self.snapshot_and_plan(records, None, run, deadline).await;
         let deletes = removed_overrides(&prepared.plan.ops, &landed, &firsts);
         prepared.plan.ops.extend(deletes);
         (Some(prepared), landed)

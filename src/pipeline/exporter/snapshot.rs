@@ -1,5 +1,7 @@
-//! What a batch must know before it is planned: each record's previous shop, API keys, other
-//! indexes' references, the indexes that claim a shop key, and each index's override filter.
+//! Stage 2, the snapshot: what a batch must know before it is planned, read at once: a stream
+//! batch's items as the table holds them now and what the ledger recorded of their indexes,
+//! each record's previous shop, API keys, other indexes' references, the settings of the
+//! indexes that claim a shop given up, and the overrides of each filter rebuilt.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -7,12 +9,11 @@ use std::sync::Arc;
 use futures::StreamExt as _;
 use tokio::time::Instant;
 
+use super::references::left_by;
 use super::{ApiKeys, Exporter, Overrides, Run, CONCURRENT_KV_REQUESTS};
-use crate::domain::kv::KvValue;
-use crate::domain::qfilter::{filter_key, QueryFilter};
-use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
+use crate::domain::{IndexRef, KvKey, Namespace, SettingsReference};
 use crate::dynamo;
-use crate::pipeline::plan::{self, Lookups, PlannedOp};
+use crate::pipeline::plan::{self, Snapshot};
 use crate::pipeline::records::{self, Change, ChangeRecord, Changed};
 use crate::ports::{before_deadline, AccountCell, KvStore, LookupCounts, Ports};
 use crate::ports::{IndexRefs, Ledger, PortError, SettingsTable};
@@ -21,22 +22,6 @@ use crate::ports::{IndexRefs, Ledger, PortError, SettingsTable};
 pub(super) type Known = HashMap<IndexRef, IndexRefs>;
 
 impl<P: Ports> Exporter<P> {
-    /// The override filter of every index that needs one, put into the plan beside the
-    /// override keys (so in the same bulk write). Without its overrides, the records that
-    /// need a filter are reported for retry.
-    pub(super) async fn add_filters(
-        &self,
-        records: &[ChangeRecord],
-        plan: &mut plan::Plan,
-        run: Run,
-        deadline: Instant,
-    ) {
-        let wanted: Vec<IndexRef> = plan.filters.keys().cloned().collect();
-        for (index, queries) in self.override_queries(records, wanted, run, deadline).await {
-            plan_filter(plan, index, queries);
-        }
-    }
-
     /// The queries of each index's overrides: from the batch when it holds them all, else a
     /// Query of the table per index.
     async fn override_queries(
@@ -143,10 +128,24 @@ impl<P: Ports> Exporter<P> {
         }
     }
 
+    /// Stage 2, the snapshot: everything the plan needs of the outside, read before it: each
+    /// record's previous shop settled, the API keys, who refers to what the records remove or
+    /// give up, the claimers' settings, the overrides of each filter rebuilt.
+    pub(super) async fn snapshot(
+        &self,
+        records: &mut [ChangeRecord],
+        known: Option<&Known>,
+        run: Run,
+        deadline: Instant,
+    ) -> (Snapshot, LookupCounts) {
+        self.settle_previous_shops(records, known, deadline).await;
+        self.look_up(records, run, deadline).await
+    }
+
     /// Settles each record's previous shop the stream did not give: from an earlier record of
     /// the batch, else what the ledger recorded of its index (`known`), else, for an index with
     /// nothing recorded, its current KV value (docs/contract.md, "The old shop key").
-    pub(super) async fn settle_previous_shops(
+    async fn settle_previous_shops(
         &self,
         records: &mut [ChangeRecord],
         known: Option<&Known>,
@@ -162,40 +161,82 @@ impl<P: Ports> Exporter<P> {
 
     /// What a batch needs before planning: API keys, then who else refers to what the batch
     /// removes or gives up, and the settings of who claims a shop it gives up.
-    pub(super) async fn look_up(
+    async fn look_up(
         &self,
         records: &[ChangeRecord],
         run: Run,
         deadline: Instant,
-    ) -> (Lookups, LookupCounts) {
+    ) -> (Snapshot, LookupCounts) {
         let needs = plan::needs(records, &self.options.default_cell);
         let fresh = run.api_keys == ApiKeys::Fresh;
-        let (api_keys, counts) = self
+        let (api_keys, mut counts) = self
             .api_keys
             .lookup_all(needs.api_keys, fresh, deadline)
             .await;
-        let mut lookups = Lookups {
+        let mut snapshot = Snapshot {
             api_keys,
-            references: None,
-            claimers: HashMap::new(),
+            ..Snapshot::default()
         };
         // Who aliases what is removed, who claims a shop given up: the ledger's candidates
         // checked against the table once its references are complete, else a scan.
         if needs.references {
             let references = self.references(records, deadline).await;
             let wanted = (references.as_ref().ok()).map(|refs| plan::claimers(records, refs));
-            lookups.references = Some(references);
+            snapshot.references = Some(references);
             if let Some(wanted) = wanted.filter(|wanted| !wanted.is_empty()) {
                 let keys = run.api_keys;
-                let more = self
-                    .look_up_claimers(wanted, &mut lookups, keys, deadline)
-                    .await;
-                let calls = counts.calls + more.calls;
-                let cache_hits = counts.cache_hits + more.cache_hits;
-                return (lookups, LookupCounts { calls, cache_hits });
+                let more = self.look_up_claimers(wanted, &mut snapshot, keys, deadline);
+                let more = more.await;
+                counts.calls += more.calls;
+                counts.cache_hits += more.cache_hits;
             }
         }
-        (lookups, counts)
+        // The overrides of each index whose filter the records rebuild.
+        let wanted = plan::filters_wanted(records).into_iter().collect();
+        let overrides = self.override_queries(records, wanted, run, deadline).await;
+        snapshot.overrides = overrides.into_iter().collect();
+        (snapshot, counts)
+    }
+
+    /// From the ledger once its records are complete (who aliases each removed index, who
+    /// claims each shop given up), else from a scan of the table.
+    pub(super) async fn references(
+        &self,
+        records: &[ChangeRecord],
+        deadline: Instant,
+    ) -> Result<Vec<SettingsReference>, PortError> {
+        let complete = self.ledger.references_complete();
+        if !before_deadline(deadline, "ledger references", complete).await? {
+            return self.settings_references(deadline).await;
+        }
+        let asked = plan::reference_questions(records);
+        // The batch's own indexes are decided by its records (below): their items are not read.
+        let own: BTreeSet<IndexRef> = (left_by(records).into_iter().flatten())
+            .map(|(index, _)| index)
+            .collect();
+        let asked = asked.into_iter().collect();
+        let recorded = self.recorded_referrers(asked, &own, deadline);
+        let mut references: BTreeMap<IndexRef, SettingsReference> = (recorded.await?.into_iter())
+            .map(|r| (r.index.clone(), r))
+            .collect();
+        // The batch's own records are newer than what the ledger holds.
+        for record in records {
+            match &record.decoded {
+                Ok(Change::UpsertIndex { settings, .. }) => {
+                    let reference = SettingsReference {
+                        index: settings.index.clone(),
+                        shop_id: settings.shop_id.clone(),
+                        live_targets: settings.aliases.live_targets().cloned().collect(),
+                    };
+                    references.insert(settings.index.clone(), reference);
+                }
+                Ok(Change::RemoveIndex { index, .. }) => {
+                    references.remove(index);
+                }
+                _ => {}
+            }
+        }
+        Ok(references.into_values().collect())
     }
 
     /// The shop ids in the indexes' current KV values, read 100 keys a request.
@@ -230,7 +271,7 @@ impl<P: Ports> Exporter<P> {
     async fn look_up_claimers(
         &self,
         claimers: BTreeSet<IndexRef>,
-        lookups: &mut Lookups,
+        snapshot: &mut Snapshot,
         keys: ApiKeys,
         deadline: Instant,
     ) -> LookupCounts {
@@ -255,14 +296,14 @@ impl<P: Ports> Exporter<P> {
             .iter()
             .filter_map(|(_, settings)| settings.as_ref().ok()?.as_ref())
             .map(|s| plan::account_cell(&s.index.account, s.cell.as_deref(), cell))
-            .filter(|ac| !lookups.api_keys.contains_key(ac))
+            .filter(|ac| !snapshot.api_keys.contains_key(ac))
             .collect();
         let (api_keys, counts) = self
             .api_keys
             .lookup_all(wanted, keys == ApiKeys::Fresh, deadline)
             .await;
-        lookups.api_keys.extend(api_keys);
-        lookups.claimers.extend(read);
+        snapshot.api_keys.extend(api_keys);
+        snapshot.claimers.extend(read);
         counts
     }
 }
@@ -275,30 +316,4 @@ fn shop_in_kv_value(value: &str) -> Option<String> {
         .as_str()
         .filter(|s| !s.is_empty())
         .map(str::to_owned)
-}
-
-/// The index's filter planned from its overrides' queries, owned by its first needer; without
-/// them, every record that needed it is reported for retry.
-fn plan_filter(plan: &mut plan::Plan, index: IndexRef, queries: Result<Vec<String>, PortError>) {
-    let needers = &plan.filters[&index];
-    match queries {
-        Ok(queries) => {
-            let filter = QueryFilter::build(&index, queries);
-            if filter.count == 0 {
-                plan.empty_filters.insert(filter_key(&index));
-            }
-            let text = serde_json::to_string(&filter).expect("filters serialize");
-            let op = PlannedOp {
-                action: KvAction::put(KvValue::new(&index, text)),
-                owner: needers[0],
-            };
-            plan.ops.insert(filter_key(&index), op);
-        }
-        Err(e) => {
-            let reason = format!("cannot read the overrides of index {index} for its filter: {e}");
-            for &needer in needers {
-                plan.outcomes[needer].fail(&reason);
-            }
-        }
-    }
 }
