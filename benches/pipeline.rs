@@ -5,7 +5,7 @@ use ecom_settings_exporter::adapters::cloudflare::encode::requests;
 use ecom_settings_exporter::domain::ApiKey;
 use ecom_settings_exporter::domain::{KvAction, KvKey};
 use ecom_settings_exporter::entry::Payload;
-use ecom_settings_exporter::pipeline::plan::{needs, plan, Lookups};
+use ecom_settings_exporter::pipeline::plan::{needs, plan, Snapshot};
 use ecom_settings_exporter::pipeline::records::{
     decode_as_written, decode_now, decode_record, ChangeRecord, Changed,
 };
@@ -43,9 +43,9 @@ fn as_written(raw: &[String]) -> Vec<ChangeRecord> {
         .collect()
 }
 
-fn lookups(records: &[ChangeRecord]) -> Lookups {
+fn snapshot(records: &[ChangeRecord]) -> Snapshot {
     let needs = needs(records, "default");
-    Lookups {
+    Snapshot {
         api_keys: needs
             .api_keys
             .into_iter()
@@ -54,7 +54,7 @@ fn lookups(records: &[ChangeRecord]) -> Lookups {
                 (a, Ok(key))
             })
             .collect(),
-        ..Lookups::default()
+        ..Snapshot::default()
     }
 }
 
@@ -76,13 +76,13 @@ fn decode_each(bencher: divan::Bencher) {
 #[divan::bench]
 fn plan_batch(bencher: divan::Bencher) {
     let records = as_written(&raw_records());
-    let lookups = lookups(&records);
-    bencher.bench(|| plan(divan::black_box(&records), &lookups, "default"));
+    let snapshot = snapshot(&records);
+    bencher.bench(|| plan(divan::black_box(&records), &snapshot, "default"));
 }
 
 /// The operations in the batch's order, as the exporter hands them to the store.
 fn in_order(records: &[ChangeRecord]) -> Vec<(KvKey, KvAction)> {
-    let planned = plan(records, &lookups(records), "default");
+    let planned = plan(records, &snapshot(records), "default");
     let mut ops: Vec<(&KvKey, &_)> = planned.ops.iter().collect();
     ops.sort_by_key(|(_, op)| op.owner);
     (ops.into_iter())

@@ -6,7 +6,7 @@ use ecom_settings_exporter::adapters::cloudflare::encode::{
     requests, KvRequest, MAX_BULK_BYTES, MAX_BULK_ITEMS,
 };
 use ecom_settings_exporter::domain::{ApiKey, KvOp};
-use ecom_settings_exporter::pipeline::plan::{needs, plan, settle_from_kv, settle_previous_shops, Lookups};
+use ecom_settings_exporter::pipeline::plan::{needs, plan, settle_from_kv, settle_previous_shops, Snapshot};
 use ecom_settings_exporter::pipeline::records::decode_as_written;
 use ecom_settings_exporter::report::Outcome;
 use libfuzzer_sys::fuzz_target;
@@ -20,12 +20,12 @@ fuzz_target!(|data: &[u8]| {
     let shops = unsettled.into_iter().map(|i| (i, Ok(Some("fuzz-shop".into())))).collect();
     settle_from_kv(&mut records, &shops);
     let needs = needs(&records, "default");
-    let lookups = Lookups {
+    let snapshot = Snapshot {
         api_keys: needs.api_keys.into_iter().map(|a| (a, Ok(ApiKey::new("fuzz-key")))).collect(),
         references: needs.references.then(|| Ok(vec![])),
-        claimers: Default::default(),
+        ..Snapshot::default()
     };
-    let plan = plan(&records, &lookups, "default");
+    let plan = plan(&records, &snapshot, "default");
     assert_eq!(plan.outcomes.len(), records.len());
     for op in plan.ops.values() {
         assert_eq!(plan.outcomes[op.owner], Outcome::Pending, "owned by a pending record");
