@@ -4,10 +4,11 @@
 use ecom_settings_exporter::adapters::cloudflare::encode::requests;
 use ecom_settings_exporter::domain::ApiKey;
 use ecom_settings_exporter::domain::{KvAction, KvKey};
+use ecom_settings_exporter::dynamo::table_record;
 use ecom_settings_exporter::entry::Payload;
 use ecom_settings_exporter::pipeline::plan::{needs, plan, Snapshot};
 use ecom_settings_exporter::pipeline::records::{
-    decode_as_written, decode_now, decode_record, ChangeRecord, Changed,
+    decode_as_written, decode_record, ChangeRecord, Changed,
 };
 
 // Counts allocations and bytes per step next to the times.
@@ -124,8 +125,8 @@ fn reference_work(bencher: divan::Bencher) {
             serde_json::from_str(divan::black_box(&items)).unwrap();
         let records: Vec<ChangeRecord> = (batch.into_iter().zip(&images))
             .map(|(record, image)| {
-                let now = decode_now(image, "DEFAULT_CONFIGS").map(|(_, change)| change);
-                record.as_now(now.as_ref())
+                let now = table_record(image, "DEFAULT_CONFIGS");
+                record.as_now(Some(&ChangeRecord::from_table(now, true).decoded))
             })
             .collect();
         requests(in_order(&records))

@@ -20,12 +20,13 @@
 //! - [`adapters`]: Cloudflare KV (its bulk requests' encoding, pacing), the API keys service,
 //!   the settings table, the function's own ledger table, Secrets Manager; and the in-memory
 //!   fakes the unit tests share.
-//! - [`dynamo`]: DynamoDB's attribute-value format read into the domain.
+//! - [`dynamo`]: DynamoDB's attribute-value format read into the domain (table items as
+//!   `TableRecord`s, stream records); the ports speak only the domain.
 //! - [`domain`]: the shared vocabulary (indexes, settings, KV keys and limits, secrets).
 //! - [`config`]: the environment.
 //!
 //! Arrows: entry -> config -> adapters -> ports, dynamo;
-//! entry -> operator -> pipeline -> report -> ports -> dynamo -> domain; pipeline -> dynamo.
+//! entry -> operator -> pipeline -> report -> ports -> domain; pipeline -> dynamo -> domain.
 //! (A room may import what its arrows reach; `tests/integration/code_shape.rs` holds this.)
 //!
 //! Public is what the binary, the integration tests, the benches and the fuzz targets use (and

@@ -4,7 +4,6 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 
-use serde_dynamo::Item;
 use tokio::time::Instant;
 
 mod ledger;
@@ -13,6 +12,7 @@ pub use ledger::{IndexRefs, Ledger, ReconcileProgress, Referred, RefsChange};
 
 use crate::domain::kv::{KvKey, KvOp};
 use crate::domain::{ApiKey, ApiToken, IndexRef, Namespace, SettingsReference};
+use crate::domain::{TableKey, TableRecord};
 
 /// Why an outside system did not answer as asked: what happened, as the adapter saw it, with
 /// the values it names cut to a bound. Whether trying again can help follows from the kind.
@@ -205,11 +205,11 @@ pub trait TokenSource: Send + Sync {
     fn fetch_token(&self) -> impl Future<Output = Result<ApiToken, PortError>> + Send;
 }
 
-/// Items of one page and, when there is more, where the next page starts (the table key).
+/// Records of one page, each with its key, and where the next page starts, when there is more.
 #[derive(Debug, Default)]
 pub struct Page {
-    pub items: Vec<Item>,
-    pub next: Option<Item>,
+    pub records: Vec<(TableKey, TableRecord)>,
+    pub next: Option<TableKey>,
 }
 
 /// What the settings table was asked so far, for answers, tests and the scale benchmark.
@@ -255,20 +255,20 @@ pub trait SettingsTable: Send + Sync {
         indexes: &[IndexRef],
     ) -> impl Future<Output = Result<Vec<SettingsReference>, PortError>> + Send;
 
-    /// The items with these keys (`pk`, `sk`) that exist, whole, each handed to `each` as it is
-    /// read (consistent reads, 100 a call, several calls at once): what the stream's records are
+    /// The records with these keys that exist, each handed to `each` as it is read
+    /// (consistent reads, 100 a call, several calls at once): what the stream's records are
     /// about, as the table holds it now.
-    fn items(
+    fn records(
         &self,
-        keys: Vec<(String, String)>,
-        each: impl FnMut(Item) + Send,
+        keys: Vec<TableKey>,
+        each: impl FnMut(TableKey, TableRecord) + Send,
     ) -> impl Future<Output = Result<(), PortError>> + Send;
 
     /// The `INDEX#{name}` record of an account, if there is one.
     fn index_settings(
         &self,
         index: &IndexRef,
-    ) -> impl Future<Output = Result<Option<Item>, PortError>> + Send;
+    ) -> impl Future<Output = Result<Option<TableRecord>, PortError>> + Send;
 
     /// Every record of `account` from `INDEX#{first}` through the overrides of `INDEX#{last}`,
     /// in sort key order (a consistent, paginated Query): a run of indexes read at once.
@@ -277,7 +277,7 @@ pub trait SettingsTable: Send + Sync {
         account: &str,
         first: &str,
         last: &str,
-    ) -> impl Future<Output = Result<Vec<Item>, PortError>> + Send;
+    ) -> impl Future<Output = Result<Vec<TableRecord>, PortError>> + Send;
 
     /// Which of `indexes` have a settings record, and each one's shop (consistent reads).
     fn index_shops(
@@ -296,7 +296,7 @@ pub trait SettingsTable: Send + Sync {
     fn query_configs(
         &self,
         index: &IndexRef,
-        start: Option<Item>,
+        start: Option<TableKey>,
         limit: usize,
     ) -> impl Future<Output = Result<Page, PortError>> + Send;
 
@@ -311,7 +311,7 @@ pub trait SettingsTable: Send + Sync {
     fn page(
         &self,
         account: Option<&str>,
-        start: Option<Item>,
+        start: Option<TableKey>,
         limit: i32,
     ) -> impl Future<Output = Result<Page, PortError>> + Send;
 }

@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use aws_sdk_dynamodb::types::AttributeValue;
 use serde_dynamo::Item;
 
-use crate::domain::{IndexRef, SettingsReference};
-use crate::dynamo::{settings_reference, shop_id_of, string_attribute, SortKey};
+use crate::domain::{IndexRef, SettingsReference, TableKey, TableRecord};
+use crate::dynamo::{key_item, settings_reference, shop_id_of, string_attribute, SortKey};
+use crate::dynamo::{table_key, table_record};
 use crate::ports::{Page, PortError, SettingsTable, TableCounters};
 
 pub struct DynamoSettingsTable {
@@ -50,6 +51,19 @@ impl DynamoSettingsTable {
 
     fn client(&self) -> &aws_sdk_dynamodb::Client {
         self.dynamo.sdk()
+    }
+
+    fn record(&self, item: &Item) -> TableRecord {
+        table_record(item, &self.default_configs_sk)
+    }
+
+    /// Items read as a page of records, each with its key.
+    fn page_of(&self, items: Vec<Item>, next: Option<Item>) -> Page {
+        let records = (items.iter())
+            .filter_map(|item| Some((table_key(item)?, self.record(item))))
+            .collect();
+        let next = next.as_ref().and_then(table_key);
+        Page { records, next }
     }
 }
 
@@ -112,11 +126,11 @@ impl DynamoSettingsTable {
         &self,
         index: &IndexRef,
         projection: Option<&str>,
-        start: Option<Item>,
+        start: Option<&TableKey>,
         limit: usize,
-    ) -> Result<Page, PortError> {
+    ) -> Result<(Vec<Item>, Option<Item>), PortError> {
         let mut items = Vec::new();
-        let mut start_key = start.map(|key| key.into());
+        let mut start_key = start.map(|key| key_item(key).into());
         loop {
             let left = i32::try_from(limit - items.len()).unwrap_or(i32::MAX);
             let page = self
@@ -136,10 +150,7 @@ impl DynamoSettingsTable {
             items.extend(page.items.unwrap_or_default().into_iter().map(Item::from));
             match page.last_evaluated_key.filter(|key| !key.is_empty()) {
                 Some(key) if items.len() < limit => start_key = Some(key),
-                next => {
-                    let next = next.map(Item::from);
-                    return Ok(Page { items, next });
-                }
+                next => return Ok((items, next.map(Item::from))),
             }
         }
     }
@@ -211,17 +222,22 @@ impl SettingsTable for DynamoSettingsTable {
         Ok((indexes.iter()).filter_map(|i| found.remove(i)).collect())
     }
 
-    async fn items(
+    async fn records(
         &self,
-        keys: Vec<(String, String)>,
-        mut each: impl FnMut(Item) + Send,
+        keys: Vec<TableKey>,
+        mut each: impl FnMut(TableKey, TableRecord) + Send,
     ) -> Result<(), PortError> {
-        self.dynamo
-            .get_all((&self.table_name, None), keys, &mut each)
-            .await
+        let keys = (keys.iter()).map(|key| (key.pk().to_owned(), key.sk().to_owned()));
+        let mut each = |item: Item| {
+            if let Some(key) = table_key(&item) {
+                each(key, self.record(&item));
+            }
+        };
+        let table = (self.table_name.as_str(), None);
+        self.dynamo.get_all(table, keys.collect(), &mut each).await
     }
 
-    async fn index_settings(&self, index: &IndexRef) -> Result<Option<Item>, PortError> {
+    async fn index_settings(&self, index: &IndexRef) -> Result<Option<TableRecord>, PortError> {
         let answer = self
             .client()
             .get_item()
@@ -232,7 +248,7 @@ impl SettingsTable for DynamoSettingsTable {
             .send()
             .await
             .map_err(|e| self.error("GetItem", e))?;
-        Ok(answer.item.map(Item::from))
+        Ok(answer.item.map(|item| self.record(&Item::from(item))))
     }
 
     async fn index_range(
@@ -240,7 +256,7 @@ impl SettingsTable for DynamoSettingsTable {
         account: &str,
         first: &str,
         last: &str,
-    ) -> Result<Vec<Item>, PortError> {
+    ) -> Result<Vec<TableRecord>, PortError> {
         // Every sort key that begins with `INDEX#{last}` follows it in one run, and sorts
         // before `after_prefix` of it: past that run (or past the account), the range is read.
         let last = format!("INDEX#{last}");
@@ -272,7 +288,7 @@ impl SettingsTable for DynamoSettingsTable {
                 if sk > last.as_str() && !sk.starts_with(&last) {
                     return Ok(items);
                 }
-                items.push(item);
+                items.push(self.record(&item));
             }
             match page.last_evaluated_key {
                 Some(key) => start = Some(key),
@@ -322,19 +338,17 @@ impl SettingsTable for DynamoSettingsTable {
     async fn query_configs(
         &self,
         index: &IndexRef,
-        start: Option<Item>,
+        start: Option<TableKey>,
         limit: usize,
     ) -> Result<Page, PortError> {
-        self.overrides(index, None, start, limit).await
+        let (items, next) = self.overrides(index, None, start.as_ref(), limit).await?;
+        Ok(self.page_of(items, next))
     }
 
     async fn override_queries(&self, index: &IndexRef) -> Result<Vec<String>, PortError> {
         self.override_queries.fetch_add(1, Ordering::Relaxed);
         let prefix = overrides_prefix(index);
-        let items = self
-            .overrides(index, Some("sk"), None, usize::MAX)
-            .await?
-            .items;
+        let (items, _) = (self.overrides(index, Some("sk"), None, usize::MAX)).await?;
         Ok(items
             .iter()
             // Everything after the first `#QUERY#` is the query, `#` and all.
@@ -346,10 +360,10 @@ impl SettingsTable for DynamoSettingsTable {
     async fn page(
         &self,
         account: Option<&str>,
-        start: Option<Item>,
+        start: Option<TableKey>,
         limit: i32,
     ) -> Result<Page, PortError> {
-        let start = start.map(|key| key.into());
+        let start = start.map(|key| key_item(&key).into());
         let (items, next) = match account {
             Some(account) => {
                 let page = self
@@ -382,14 +396,9 @@ impl SettingsTable for DynamoSettingsTable {
                 (page.items, page.last_evaluated_key)
             }
         };
-        Ok(Page {
-            items: items
-                .unwrap_or_default()
-                .into_iter()
-                .map(Item::from)
-                .collect(),
-            next: next.filter(|key| !key.is_empty()).map(Item::from),
-        })
+        let items = items.unwrap_or_default().into_iter().map(Item::from);
+        let next = next.filter(|key| !key.is_empty()).map(Item::from);
+        Ok(self.page_of(items.collect(), next))
     }
 }
 

@@ -13,6 +13,7 @@ use serde_dynamo::Item;
 use tokio::time::Instant;
 
 use crate::domain::{ApiKey, IndexRef, KvAction, KvOp, Namespace, SettingsReference};
+use crate::domain::{TableKey, TableRecord};
 use crate::ports::{
     AccountCell, ApiKeySource, Applied, IndexRefs, KeyPage, KvStore, Ledger, ListedKey, Page,
     PortError, ReconcileProgress, Referred, RefsChange, SettingsTable,
@@ -169,6 +170,11 @@ impl CountingTable {
     }
 }
 
+/// An item as the DynamoDB table decodes it (the default configs' sort key the tests use).
+fn record(item: &Item) -> TableRecord {
+    crate::dynamo::table_record(item, "DEFAULT_CONFIGS")
+}
+
 impl SettingsTable for CountingTable {
     async fn settings_references(&self) -> Result<Vec<SettingsReference>, PortError> {
         self.scans.fetch_add(1, Ordering::SeqCst);
@@ -188,37 +194,40 @@ impl SettingsTable for CountingTable {
             })
             .collect())
     }
-    async fn items(
+    async fn records(
         &self,
-        keys: Vec<(String, String)>,
-        mut each: impl FnMut(Item) + Send,
+        keys: Vec<TableKey>,
+        mut each: impl FnMut(TableKey, TableRecord) + Send,
     ) -> Result<(), PortError> {
         self.readable()?;
         let items = self.items.lock().unwrap().clone();
-        for item in keys.iter().filter_map(|key| items.get(key)) {
-            each(item.clone());
+        for key in keys {
+            if let Some(item) = items.get(&(key.pk().to_owned(), key.sk().to_owned())) {
+                each(key, record(item));
+            }
         }
         Ok(())
     }
-    async fn index_settings(&self, index: &IndexRef) -> Result<Option<Item>, PortError> {
+    async fn index_settings(&self, index: &IndexRef) -> Result<Option<TableRecord>, PortError> {
         self.readable()?;
         if let Some(read) = self.settings_reads.lock().unwrap().pop_front() {
-            return Ok(Some(read));
+            return Ok(Some(record(&read)));
         }
         let key = (index.account.clone(), format!("INDEX#{}", index.name));
-        Ok(self.items.lock().unwrap().get(&key).cloned())
+        Ok(self.items.lock().unwrap().get(&key).map(record))
     }
     async fn index_range(
         &self,
         account: &str,
         first: &str,
         last: &str,
-    ) -> Result<Vec<Item>, PortError> {
+    ) -> Result<Vec<TableRecord>, PortError> {
         self.readable()?;
         let (first, last) = (format!("INDEX#{first}"), format!("INDEX#{last}"));
         let within =
             |sk: &str| sk >= first.as_str() && (sk <= last.as_str() || sk.starts_with(&last));
-        Ok(self.sorted(|pk, sk| pk == account && within(sk)))
+        let items = self.sorted(|pk, sk| pk == account && within(sk));
+        Ok(items.iter().map(record).collect())
     }
     async fn index_shops(
         &self,
@@ -248,13 +257,19 @@ impl SettingsTable for CountingTable {
     async fn query_configs(
         &self,
         index: &IndexRef,
-        _: Option<Item>,
+        _: Option<TableKey>,
         _: usize,
     ) -> Result<Page, PortError> {
         self.readable()?;
         let prefix = format!("INDEX#{}#QUERY#", index.name);
         let items = self.sorted(|pk, sk| pk == index.account && sk.starts_with(&prefix));
-        Ok(Page { items, next: None })
+        let records = (items.iter())
+            .filter_map(|item| Some((crate::dynamo::table_key(item)?, record(item))))
+            .collect();
+        Ok(Page {
+            records,
+            next: None,
+        })
     }
     async fn override_queries(&self, index: &IndexRef) -> Result<Vec<String>, PortError> {
         self.readable()?;
@@ -270,7 +285,7 @@ impl SettingsTable for CountingTable {
         };
         Ok(items.iter().filter_map(query).collect())
     }
-    async fn page(&self, _: Option<&str>, _: Option<Item>, _: i32) -> Result<Page, PortError> {
+    async fn page(&self, _: Option<&str>, _: Option<TableKey>, _: i32) -> Result<Page, PortError> {
         Ok(Page::default())
     }
 }

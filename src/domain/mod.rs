@@ -6,9 +6,11 @@ pub(crate) mod kv;
 pub mod qfilter;
 pub(crate) mod secrets;
 pub(crate) mod settings;
+pub(crate) mod table;
 pub(crate) mod validate;
 
 pub use ids::{IndexId, IndexRef};
 pub use kv::{KvAction, KvKey, KvOp, Namespace};
 pub use secrets::{ApiKey, ApiToken};
 pub use settings::{IndexSettings, InvalidRecord, QueryConfig, SettingsReference};
+pub use table::{TableKey, TableRecord};

@@ -184,6 +184,15 @@ pub struct IndexSettings {
 }
 
 impl IndexSettings {
+    /// What the settings say about other indexes: their shop and live alias targets.
+    pub fn reference(&self) -> SettingsReference {
+        SettingsReference {
+            index: self.index.clone(),
+            shop_id: self.shop_id.clone(),
+            live_targets: self.aliases.live_targets().cloned().collect(),
+        }
+    }
+
     /// About how many bytes the KV value takes (documents and strings, and the fixed layout),
     /// without rendering it.
     pub fn size_hint(&self) -> usize {

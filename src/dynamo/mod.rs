@@ -2,6 +2,7 @@
 //! index settings, query configs and alias references (docs/contract.md, "The settings table").
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -11,9 +12,10 @@ mod json;
 pub(crate) mod stream;
 
 use crate::domain::settings::{non_empty, Document, IndexAliases};
-use crate::domain::validate::endpoint_problem;
+use crate::domain::validate::{endpoint_problem, shown};
 use crate::domain::{
-    IndexId, IndexRef, IndexSettings, InvalidRecord, QueryConfig, SettingsReference,
+    IndexId, IndexRef, IndexSettings, InvalidRecord, QueryConfig, SettingsReference, TableKey,
+    TableRecord,
 };
 
 /// What a sort key says a record is.
@@ -278,6 +280,61 @@ pub fn query_config(
         query,
         config,
     })
+}
+
+/// A table item read into the domain: its key's sort key says what it is.
+pub fn table_record(item: &Item, default_configs_sk: &str) -> TableRecord {
+    let (Some(pk), Some(sk)) = (string_attribute(item, "pk"), string_attribute(item, "sk")) else {
+        let reason = "the item's keys must hold string `pk` and `sk`".into();
+        return TableRecord::Other {
+            rejected: true,
+            reason,
+        };
+    };
+    let skipped = |reason: String| TableRecord::Other {
+        rejected: false,
+        reason,
+    };
+    match SortKey::parse(sk, default_configs_sk) {
+        SortKey::DefaultConfigs => skipped("default configs are never exported".into()),
+        SortKey::Foreign => skipped(format!("sort key {} is not an index record", shown(sk))),
+        SortKey::Index(name) => {
+            let index = IndexRef::new(pk, name);
+            let settings = index_settings(index.clone(), item).map(Arc::new);
+            let reference = match &settings {
+                Ok(settings) => settings.reference(),
+                Err(_) => settings_reference(index, item).0,
+            };
+            TableRecord::Settings {
+                settings,
+                reference,
+            }
+        }
+        SortKey::Query { index, query } => {
+            let index = IndexRef::new(pk, index);
+            let config = query_config(index.clone(), query.clone(), item);
+            TableRecord::Override {
+                index,
+                query,
+                config,
+            }
+        }
+    }
+}
+
+/// An item's key (`None` without string `pk` and `sk`, which no item of the table lacks).
+pub fn table_key(item: &Item) -> Option<TableKey> {
+    let key = (string_attribute(item, "pk")?, string_attribute(item, "sk")?);
+    Some(TableKey::new(key.0, key.1))
+}
+
+/// A key as DynamoDB takes it (`ExclusiveStartKey`, a `GetItem`).
+pub fn key_item(key: &TableKey) -> Item {
+    let text = |s: &str| AttributeValue::S(s.to_owned());
+    let key = [("pk", text(key.pk())), ("sk", text(key.sk()))];
+    Item::from(HashMap::from(
+        key.map(|(name, value)| (name.to_owned(), value)),
+    ))
 }
 
 /// Convenience for tests and fixtures: an item from JSON in DynamoDB's attribute-value format.

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use crate::domain::TableKey;
 use serde::{Deserialize, Deserializer, Serialize};
-use serde_dynamo::Item;
 use tokio::time::Instant;
 
 use super::fields::{count, decode_token, encode_token, flag, max_records};
@@ -154,18 +154,25 @@ fn backfill_failed(error: PortError) -> OperatorError {
     }
 }
 
+/// Where a backfill's token says it goes on: after a key, or from the beginning (an empty key,
+/// the token of a stop before the first page).
+fn resume_at(token: &str) -> Result<Option<TableKey>, OperatorError> {
+    let key: serde_json::Map<String, serde_json::Value> = decode_token(token)?;
+    match key.is_empty() {
+        true => Ok(None),
+        false => decode_token(token).map(Some),
+    }
+}
+
 pub async fn run<P: Ports>(
     exporter: &Exporter<P>,
     request: &BackfillRequest,
     deadline: Instant,
 ) -> Result<Answer, OperatorError> {
-    // An empty key stands for "from the beginning" (a stop before the first page).
-    let start = request
-        .continuation_token
-        .as_ref()
-        .map(|token| decode_token::<Item>(&token.0))
-        .transpose()?
-        .filter(|key| !key.is_empty());
+    let start = match &request.continuation_token {
+        Some(token) => resume_at(&token.0)?,
+        None => None,
+    };
     let account = request.system_account_id.as_ref().map(|a| a.0.as_str());
     let mut pass = Pass {
         exporter,
@@ -225,7 +232,7 @@ struct Pass<'a, P: Ports> {
     tally: Tally,
     runs: Runs,
     /// The key of the last record sent: where a resumed backfill starts.
-    resume: Option<Item>,
+    resume: Option<TableKey>,
     /// Whether this invocation sent anything.
     sent_any: bool,
 }
@@ -236,8 +243,8 @@ impl<P: Ports> Pass<'_, P> {
     async fn read(
         &mut self,
         account: Option<&str>,
-        scan_at: Option<Item>,
-    ) -> Result<Option<Item>, OperatorError> {
+        scan_at: Option<TableKey>,
+    ) -> Result<Option<TableKey>, OperatorError> {
         let (request, deadline) = (self.request, self.deadline);
         let (size, overrides) = (request.page_size, request.include_query_configs);
         let page = self
@@ -315,7 +322,10 @@ impl<P: Ports> Pass<'_, P> {
             rejected_records: tally.rejected,
             failed_records: tally.failed,
             complete,
-            continuation_token: (!complete).then(|| encode_token(&self.resume.unwrap_or_default())),
+            continuation_token: (!complete).then(|| match &self.resume {
+                Some(key) => encode_token(key),
+                None => encode_token(&serde_json::Map::new()),
+            }),
         }
     }
 }
@@ -352,12 +362,19 @@ mod tests {
 
     #[test]
     fn tokens_round_trip_and_bad_ones_are_named() {
-        let start = crate::dynamo::item_from_dynamodb_json(
-            json!({"pk": {"S": "a"}, "sk": {"S": "INDEX#p"}}),
-        )
-        .unwrap();
-        assert_eq!(decode_token::<Item>(&encode_token(&start)).unwrap(), start);
-        let error = decode_token::<Item>("not-a-token!").unwrap_err();
-        assert!(error.to_string().contains("continuation_token"), "{error}");
+        let start = TableKey::new("a", "INDEX#p");
+        assert_eq!(
+            resume_at(&encode_token(&start)).unwrap(),
+            Some(start.clone())
+        );
+        // Tokens given out in DynamoDB's key format, as before, go on where they say.
+        let given = json!({"pk": {"S": "a"}, "sk": {"S": "INDEX#p"}});
+        assert_eq!(resume_at(&encode_token(&given)).unwrap(), Some(start));
+        let before_the_first_page = encode_token(&serde_json::Map::new());
+        assert_eq!(resume_at(&before_the_first_page).unwrap(), None);
+        for bad in ["not-a-token!".into(), encode_token(&json!({"pk": "a"}))] {
+            let error = resume_at(&bad).unwrap_err();
+            assert!(error.to_string().contains("continuation_token"), "{error}");
+        }
     }
 }

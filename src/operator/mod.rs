@@ -12,8 +12,8 @@ pub mod reexport;
 mod runs;
 pub mod verify;
 
+use crate::domain::TableKey;
 use serde::Serialize;
-use serde_dynamo::Item;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 
@@ -166,7 +166,7 @@ impl IndexTarget {
 pub struct Piece {
     pub records: Vec<ChangeRecord>,
     /// Where the index's next query configs begin (`None`: this piece holds the last).
-    pub next: Option<Item>,
+    pub next: Option<TableKey>,
     /// How to plan it: a piece without every query config gets its filter from a Query.
     pub run: Run,
 }
@@ -180,7 +180,7 @@ impl IndexTarget {
     async fn piece<P: Ports>(
         &self,
         exporter: &Exporter<P>,
-        start: Option<Item>,
+        start: Option<TableKey>,
         limit: usize,
         deadline: Instant,
     ) -> Result<Piece, OperatorError> {

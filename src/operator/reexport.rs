@@ -8,12 +8,12 @@ use tokio::time::Instant;
 use super::{decode_token, encode_token, leave_filter_to_first_piece, PIECE_RECORDS};
 use super::{ensure_exported, ensure_ready, flag, masked, rejected, IndexTarget, OperatorError};
 use super::{NonEmpty, Rejected};
+use crate::domain::TableKey;
 use crate::domain::{KvAction, KvKey, Namespace};
 use crate::pipeline::exporter::{Exporter, Prepared};
 use crate::ports::Ports;
 use crate::report::BatchReport;
 use crate::report::Outcome;
-use serde_dynamo::Item;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -111,7 +111,7 @@ pub async fn run<P: Ports>(
 ) -> Result<Answer, OperatorError> {
     let target = request.target();
     let index = &target.index;
-    let mut start: Option<Item> = match &request.continuation_token {
+    let mut start: Option<TableKey> = match &request.continuation_token {
         Some(token) => Some(decode_token(&token.0)?),
         None => None,
     };

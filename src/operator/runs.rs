@@ -5,7 +5,7 @@
 //! whole: it outgrew [`MAX_HELD`], it may have begun before where the read resumed, or the read
 //! must stop before it ends.
 
-use serde_dynamo::Item;
+use crate::domain::TableKey;
 
 use crate::domain::IndexRef;
 use crate::pipeline::records::{Change, ChangeRecord};
@@ -21,7 +21,7 @@ pub(super) struct Closed {
     /// Runs (or the rest of them) whose filters come from a Query of the table.
     pub queried: Vec<ChangeRecord>,
     /// The item key of the last record closed: where the next read starts.
-    pub at: Option<Item>,
+    pub at: Option<TableKey>,
 }
 
 impl Closed {
@@ -33,7 +33,7 @@ impl Closed {
 #[derive(Debug, Default)]
 pub(super) struct Runs {
     /// The run being read: it may go on in the next page.
-    held: Vec<(ChangeRecord, Item)>,
+    held: Vec<(ChangeRecord, TableKey)>,
     /// The index whose run could not be held whole: the rest of it is queried too.
     querying: Option<IndexRef>,
     /// The read resumed inside the table: its first run may have begun before.
@@ -50,7 +50,7 @@ impl Runs {
     }
 
     /// The next record read; a record of another index (or of none) ends the held run.
-    pub fn add(&mut self, record: ChangeRecord, key: Item) {
+    pub fn add(&mut self, record: ChangeRecord, key: TableKey) {
         let held = self.held.first().and_then(|(r, _)| r.index.as_ref());
         if record.index.is_none() || record.index.as_ref() != held {
             self.close();
@@ -116,36 +116,37 @@ impl Runs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dynamo::item_from_dynamodb_json;
-    use crate::pipeline::records::decode_item;
+    use crate::dynamo::{item_from_dynamodb_json, table_record};
     use serde_json::json;
 
     /// A table item of index `name` (its settings item, or with `query` one of its overrides)
     /// and its key.
-    fn item(name: &str, query: Option<&str>) -> (ChangeRecord, Item) {
+    fn item(name: &str, query: Option<&str>) -> (ChangeRecord, TableKey) {
         let sk = match query {
             None => format!("INDEX#{name}"),
             Some(query) => format!("INDEX#{name}#QUERY#{query}"),
         };
-        let key = json!({"pk": {"S": "acct"}, "sk": {"S": sk}});
-        let mut item = key.clone();
+        let mut item = json!({"pk": {"S": "acct"}, "sk": {"S": sk}});
         match query {
             None => item["index_endpoint"] = json!({"S": "https://idx.example"}),
             Some(_) => item["query_config"] = json!({"S": "{}"}),
         }
-        let record = decode_item(item_from_dynamodb_json(item).unwrap(), "DEFAULT", true);
-        (record, item_from_dynamodb_json(key).unwrap())
+        let item = table_record(&item_from_dynamodb_json(item).unwrap(), "DEFAULT");
+        (
+            ChangeRecord::from_table(item, true),
+            TableKey::new("acct", sk),
+        )
     }
 
-    fn index(name: &str) -> (ChangeRecord, Item) {
+    fn index(name: &str) -> (ChangeRecord, TableKey) {
         item(name, None)
     }
 
-    fn over(name: &str, n: usize) -> (ChangeRecord, Item) {
+    fn over(name: &str, n: usize) -> (ChangeRecord, TableKey) {
         item(name, Some(&format!("q{n:05}")))
     }
 
-    fn read(runs: &mut Runs, records: impl IntoIterator<Item = (ChangeRecord, Item)>) {
+    fn read(runs: &mut Runs, records: impl IntoIterator<Item = (ChangeRecord, TableKey)>) {
         for (record, key) in records {
             runs.add(record, key);
         }
@@ -163,11 +164,8 @@ mod tests {
         names
     }
 
-    fn sk(key: &Option<Item>) -> String {
-        match key.as_ref().and_then(|key| key.get("sk")) {
-            Some(serde_dynamo::AttributeValue::S(sk)) => sk.clone(),
-            other => format!("{other:?}"),
-        }
+    fn sk(key: &Option<TableKey>) -> String {
+        key.as_ref().map_or("-".into(), |key| key.sk().to_owned())
     }
 
     #[test]

@@ -12,10 +12,10 @@ use super::{
     ensure_exported, ensure_ready, flag, IndexTarget, KeyChanges, NonEmpty, OperatorError,
 };
 use crate::domain::kv::{is_query_config_key_of, query_config_prefix};
+use crate::domain::TableKey;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::pipeline::exporter::{Exporter, Prepared};
 use crate::ports::Ports;
-use serde_dynamo::Item;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -138,7 +138,7 @@ pub async fn run<P: Ports>(
         &request.index_name,
         request.include_query_configs,
     );
-    let mut start: Option<Item> = match &request.continuation_token {
+    let mut start: Option<TableKey> = match &request.continuation_token {
         Some(token) => Some(decode_token(&token.0)?),
         None => None,
     };

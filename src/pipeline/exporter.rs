@@ -3,10 +3,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use serde_dynamo::Item;
 use tokio::time::Instant;
 
-use crate::domain::{IndexRef, KvAction, KvKey, SettingsReference};
+use crate::domain::{IndexRef, KvAction, KvKey, SettingsReference, TableKey};
 use crate::pipeline::api_key_cache::ApiKeyCache;
 use crate::pipeline::plan::{self, PlannedOp};
 use crate::pipeline::records::{ChangeRecord, Changed, Expected};
@@ -118,14 +117,14 @@ impl Run {
 }
 
 /// One page of the table, decoded, and where the next one starts.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct TablePage {
     pub records: Vec<ChangeRecord>,
-    /// Each record's item key (`pk`, `sk`): where a backfill can resume after it.
-    pub keys: Vec<Item>,
+    /// Each record's key: where a backfill can resume after it.
+    pub keys: Vec<TableKey>,
     /// What the page's settings records say about other indexes (shops, live aliases).
     pub references: Vec<SettingsReference>,
-    pub next: Option<Item>,
+    pub next: Option<TableKey>,
 }
 
 /// Records with their lookups done and their KV operations planned, nothing sent yet.

@@ -5,11 +5,9 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use serde_dynamo::Item;
-
 use crate::domain::kv::{check_key, KvKey};
 use crate::domain::validate::shown;
-use crate::domain::{IndexRef, IndexSettings, QueryConfig};
+use crate::domain::{IndexRef, IndexSettings, InvalidRecord, QueryConfig, TableKey, TableRecord};
 use crate::dynamo::stream::{self, BadRecord, StreamRecord};
 use crate::dynamo::{self, string_attribute, SortKey};
 use crate::ports::PortError;
@@ -104,18 +102,14 @@ impl ChangeRecord {
 }
 
 impl ChangeRecord<Changed> {
-    /// The item (`pk`, `sk`) the record is about.
-    pub fn item_key(&self) -> Option<(String, String)> {
+    /// The item the record is about.
+    pub fn item_key(&self) -> Option<TableKey> {
         let Changed { index, query, .. } = self.decoded.as_ref().ok()?;
-        let sk = match query {
-            None => format!("INDEX#{}", index.name),
-            Some(query) => format!("INDEX#{}#QUERY#{query}", index.name),
-        };
-        Some((index.account.clone(), sk))
+        Some(TableKey::of(index, query.as_deref()))
     }
 
-    /// The record as its item is now (`now`: the item as the table holds it, decoded by
-    /// [`decode_now`]; `None`: the table no longer holds it). The stream says which item changed
+    /// The record as its item is now (`now`: the item as the table holds it, as a change
+    /// ([`ChangeRecord::from_table`]); `None`: the table no longer holds it). The stream says which item changed
     /// and which shop its index had; what is exported comes from the table, so a record read
     /// late (a replay, an old payload sent by hand) never writes old values.
     pub fn as_now(self, now: Option<&Result<Change, Outcome>>) -> ChangeRecord {
@@ -236,8 +230,9 @@ pub fn decode_as_written<'s>(raw: &str, expected: impl Into<Expected<'s>>) -> Ch
             image.extend(raw["dynamodb"].get("Keys")?.as_object()?.clone());
             dynamo::item_from_dynamodb_json(image.into()).ok()
         });
-    let now = image.and_then(|item| decode_now(&item, expected.default_configs_sk));
-    record.as_now(now.as_ref().map(|(_, change)| change))
+    let now = image.map(|item| dynamo::table_record(&item, expected.default_configs_sk));
+    let now = now.map(|now| ChangeRecord::from_table(now, true).decoded);
+    record.as_now(now.as_ref())
 }
 
 fn from_stream(
@@ -347,88 +342,45 @@ fn decode_change(
     (Some(index), Ok(changed))
 }
 
-/// An index's new image (its settings, or one of its query configs) as a change.
-fn decode_upsert(
-    index: IndexRef,
-    query: Option<String>,
-    image: &Item,
-    previous_shop: PreviousShop,
-    with_overrides: bool,
-) -> Result<Change, Outcome> {
-    let change = match query {
-        None => dynamo::index_settings(index, image).map(|settings| Change::UpsertIndex {
-            settings: Arc::new(settings),
-            previous_shop,
-            with_overrides,
-        }),
-        Some(query) => dynamo::query_config(index, query, image).map(Change::UpsertQuery),
-    };
-    change.map_err(|e| Outcome::Rejected(e.to_string()))
-}
-
-/// A table item (from `GetItem`, `Query` or `Scan`) as a change, for re-exports and backfills.
-/// Such an export only writes: with no previous image to compare, nothing is deleted.
-pub fn decode_item(
-    item: Item,
-    default_configs_sk: &str,
-    include_query_configs: bool,
-) -> ChangeRecord {
-    decode_table_image(&item, default_configs_sk, include_query_configs)
-}
-
-/// A table item a stream record is about, read for [`ChangeRecord::as_now`]: its key and what
-/// it holds (`None` without string keys).
-pub fn decode_now(
-    image: &Item,
-    default_configs_sk: &str,
-) -> Option<((String, String), Result<Change, Outcome>)> {
-    let key = (
-        string_attribute(image, "pk")?.to_owned(),
-        string_attribute(image, "sk")?.to_owned(),
-    );
-    Some((
-        key,
-        decode_table_image(image, default_configs_sk, true).decoded,
-    ))
-}
-
-fn decode_table_image(
-    image: &Item,
-    default_configs_sk: &str,
-    include_query_configs: bool,
-) -> ChangeRecord {
-    let text = |name: &str| string_attribute(image, name).map(str::to_owned);
-    let record = |index: Option<IndexRef>, decoded| ChangeRecord {
-        sequence_number: None,
-        index,
-        created_at: None,
-        decoded,
-    };
-    let (Some(pk), Some(sk)) = (text("pk"), text("sk")) else {
-        let reason = "the item's keys must hold string `pk` and `sk`";
-        return record(None, reject(reason));
-    };
-    let (name, query) = match SortKey::parse(&sk, default_configs_sk) {
-        SortKey::DefaultConfigs => return record(None, skip("default configs are never exported")),
-        SortKey::Foreign => {
-            let reason = format!("sort key {} is not an index record", shown(&sk));
-            return record(None, skip(reason));
+impl ChangeRecord {
+    /// A table record as a change (re-exports, backfills, the stream's items as they are now).
+    /// Such an export only writes: with no previous image to compare, nothing is deleted.
+    pub fn from_table(record: TableRecord, include_query_configs: bool) -> ChangeRecord {
+        let rejected = |e: InvalidRecord| Outcome::Rejected(e.to_string());
+        let (index, decoded) = match record {
+            TableRecord::Other { rejected, reason } => match rejected {
+                true => (None, reject(reason)),
+                false => (None, skip(reason)),
+            },
+            TableRecord::Override { .. } if !include_query_configs => {
+                (None, skip("query configs were not asked for"))
+            }
+            TableRecord::Settings {
+                settings,
+                reference,
+            } => {
+                let upsert = |settings| Change::UpsertIndex {
+                    settings,
+                    previous_shop: PreviousShop::NotAsked,
+                    with_overrides: include_query_configs,
+                };
+                (
+                    Some(reference.index),
+                    settings.map(upsert).map_err(rejected),
+                )
+            }
+            TableRecord::Override { index, config, .. } => (
+                Some(index),
+                config.map(Change::UpsertQuery).map_err(rejected),
+            ),
+        };
+        ChangeRecord {
+            sequence_number: None,
+            index,
+            created_at: None,
+            decoded,
         }
-        SortKey::Query { .. } if !include_query_configs => {
-            return record(None, skip("query configs were not asked for"));
-        }
-        SortKey::Index(name) => (name, None),
-        SortKey::Query { index, query } => (index, Some(query)),
-    };
-    let index = IndexRef::new(pk, name);
-    let decoded = decode_upsert(
-        index.clone(),
-        query,
-        image,
-        PreviousShop::NotAsked,
-        include_query_configs,
-    );
-    record(Some(index), decoded)
+    }
 }
 
 fn previous_shop(record: &StreamRecord) -> PreviousShop {
@@ -445,6 +397,10 @@ fn previous_shop(record: &StreamRecord) -> PreviousShop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn decode_item(item: serde_dynamo::Item, sk: &str, include: bool) -> ChangeRecord {
+        ChangeRecord::from_table(dynamo::table_record(&item, sk), include)
+    }
     use serde_json::json;
 
     /// Decodes a record given as a JSON value.
@@ -662,7 +618,7 @@ mod tests {
             let item = crate::dynamo::item_from_dynamodb_json(json!({"pk": {"S": "acct-1"},
                 "sk": {"S": "INDEX#p"}, "index_endpoint": {"S": "https://idx"}}))
             .unwrap();
-            let (_, now) = decode_now(&item, "D").unwrap();
+            let now = ChangeRecord::from_table(dynamo::table_record(&item, "D"), true).decoded;
             let now = decoded.clone().as_now(Some(&now));
             assert!(
                 matches!(&now.decoded,

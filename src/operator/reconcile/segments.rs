@@ -16,8 +16,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use crate::domain::TableKey;
 use serde::{Deserialize, Serialize};
-use serde_dynamo::Item;
 use tokio::time::Instant;
 
 use super::{failed, hand_on, log_stop, piece_size, Answer, Found, ReconcileRequest};
@@ -47,7 +47,7 @@ struct Position {
     #[serde(default)]
     cursor: Option<String>,
     #[serde(default)]
-    table_at: Option<Item>,
+    table_at: Option<TableKey>,
     /// How many times pieces were halved because one ran out of time (for the rest of the
     /// pass: a piece size that fits is kept).
     #[serde(default)]

@@ -521,6 +521,7 @@ mod tests {
             "sk": {"S": "INDEX#new"}, "index_endpoint": {"S": "https://idx"}}),
         );
         let item = crate::dynamo::item_from_dynamodb_json(image).unwrap();
+        let key = (key.pk().to_owned(), key.sk().to_owned());
         exporter.table.items.lock().unwrap().insert(key, item);
 
         // A read by key after the batch's own read finds another endpoint: a check would write

@@ -3,13 +3,11 @@
 
 use std::collections::{HashMap, HashSet};
 
-use serde_dynamo::Item;
 use tokio::time::Instant;
 
 use super::{Exporter, TablePage};
-use crate::domain::{IndexRef, Namespace, SettingsReference};
-use crate::dynamo;
-use crate::pipeline::records::{decode_item, ChangeRecord};
+use crate::domain::{IndexRef, Namespace, SettingsReference, TableKey, TableRecord};
+use crate::pipeline::records::ChangeRecord;
 use crate::ports::SettingsTable;
 use crate::ports::{before_deadline, KeyPage, KvStore, PortError, Ports};
 
@@ -23,12 +21,11 @@ impl<P: Ports> Exporter<P> {
         deadline: Instant,
     ) -> Result<HashMap<IndexRef, (bool, Vec<ChangeRecord>)>, PortError> {
         let read = self.table.index_range(account, first, last);
-        let items = before_deadline(deadline, "index run", read).await?;
+        let found = before_deadline(deadline, "index run", read).await?;
         let mut indexes: HashMap<IndexRef, (bool, Vec<ChangeRecord>)> = HashMap::new();
-        for item in items {
-            let sk = dynamo::string_attribute(&item, "sk").unwrap_or_default();
-            let settings = !sk.contains("#QUERY#");
-            let record = self.decode_item(item, true);
+        for record in found {
+            let settings = matches!(record, TableRecord::Settings { .. });
+            let record = ChangeRecord::from_table(record, true);
             if let Some(index) = record.index.clone() {
                 let entry = indexes.entry(index).or_default();
                 entry.0 |= settings;
@@ -46,9 +43,9 @@ impl<P: Ports> Exporter<P> {
         include_query_configs: bool,
         deadline: Instant,
     ) -> Result<Option<ChangeRecord>, PortError> {
-        let item = before_deadline(deadline, "settings item", self.table.index_settings(index));
-        let item = item.await?;
-        Ok(item.map(|item| self.decode_item(item, include_query_configs)))
+        let read = before_deadline(deadline, "settings item", self.table.index_settings(index));
+        let found = read.await?;
+        Ok(found.map(|record| ChangeRecord::from_table(record, include_query_configs)))
     }
 
     /// The index's query-config records after `start`, `limit` at most, and where the rest
@@ -56,16 +53,14 @@ impl<P: Ports> Exporter<P> {
     pub async fn query_configs(
         &self,
         index: &IndexRef,
-        start: Option<Item>,
+        start: Option<TableKey>,
         limit: usize,
         deadline: Instant,
-    ) -> Result<(Vec<ChangeRecord>, Option<Item>), PortError> {
+    ) -> Result<(Vec<ChangeRecord>, Option<TableKey>), PortError> {
         let page = self.table.query_configs(index, start, limit);
         let page = before_deadline(deadline, "query configs", page).await?;
-        let records = page
-            .items
-            .into_iter()
-            .map(|item| self.decode_item(item, true));
+        let records =
+            (page.records.into_iter()).map(|(_, record)| ChangeRecord::from_table(record, true));
         Ok((records.collect(), page.next))
     }
 
@@ -110,47 +105,26 @@ impl<P: Ports> Exporter<P> {
     pub async fn table_page(
         &self,
         account: Option<&str>,
-        start: Option<Item>,
+        start: Option<TableKey>,
         limit: i32,
         include_query_configs: bool,
         deadline: Instant,
     ) -> Result<TablePage, PortError> {
         let page = self.table.page(account, start, limit);
         let page = before_deadline(deadline, "table page", page).await?;
-        let references = page
-            .items
-            .iter()
-            .filter_map(|item| {
-                let pk = dynamo::string_attribute(item, "pk")?;
-                let sk = dynamo::string_attribute(item, "sk")?;
-                match dynamo::SortKey::parse(sk, &self.options.default_configs_sk) {
-                    dynamo::SortKey::Index(name) => {
-                        let index = IndexRef::new(pk, name);
-                        Some(dynamo::settings_reference(index, item).0)
-                    }
-                    _ => None,
-                }
-            })
-            .collect();
-        let keys = page.items.iter().map(item_key).collect();
-        Ok(TablePage {
-            keys,
-            records: page
-                .items
-                .into_iter()
-                .map(|item| self.decode_item(item, include_query_configs))
-                .collect(),
-            references,
+        let mut table_page = TablePage {
             next: page.next,
-        })
-    }
-
-    pub(super) fn decode_item(&self, item: Item, include_query_configs: bool) -> ChangeRecord {
-        decode_item(
-            item,
-            &self.options.default_configs_sk,
-            include_query_configs,
-        )
+            ..TablePage::default()
+        };
+        for (key, record) in page.records {
+            if let TableRecord::Settings { reference, .. } = &record {
+                table_page.references.push(reference.clone());
+            }
+            table_page.keys.push(key);
+            let record = ChangeRecord::from_table(record, include_query_configs);
+            table_page.records.push(record);
+        }
+        Ok(table_page)
     }
 
     /// Reads many values, 100 keys a request; an absent key reads as `None`.
@@ -197,15 +171,4 @@ impl<P: Ports> Exporter<P> {
     ) -> Result<Vec<String>, PortError> {
         self.kv.list_keys(namespace, prefix, deadline).await
     }
-}
-
-/// An item's table key (`pk`, `sk`), as DynamoDB takes it for `ExclusiveStartKey`.
-fn item_key(item: &Item) -> Item {
-    let mut key = std::collections::HashMap::new();
-    for name in ["pk", "sk"] {
-        if let Some(value) = item.get(name) {
-            key.insert(name.to_owned(), value.clone());
-        }
-    }
-    Item::from(key)
 }

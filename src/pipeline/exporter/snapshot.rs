@@ -4,17 +4,15 @@
 //! indexes that claim a shop given up, and the overrides of each filter rebuilt.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
 
 use futures::StreamExt as _;
 use tokio::time::Instant;
 
 use super::references::left_by;
 use super::{ApiKeys, Exporter, Overrides, Run, CONCURRENT_KV_REQUESTS};
-use crate::domain::{IndexRef, KvKey, Namespace, SettingsReference};
-use crate::dynamo;
+use crate::domain::{IndexRef, KvKey, Namespace, SettingsReference, TableKey, TableRecord};
 use crate::pipeline::plan::{self, Snapshot};
-use crate::pipeline::records::{self, Change, ChangeRecord, Changed};
+use crate::pipeline::records::{Change, ChangeRecord, Changed};
 use crate::ports::{before_deadline, AccountCell, KvStore, LookupCounts, Ports};
 use crate::ports::{IndexRefs, Ledger, PortError, SettingsTable};
 
@@ -89,15 +87,13 @@ impl<P: Ports> Exporter<P> {
         deadline: Instant,
     ) -> (Vec<ChangeRecord>, Option<Known>) {
         // Each record's item, once: asked for, then looked up.
-        let item_keys: Vec<Option<(String, String)>> =
-            records.iter().map(ChangeRecord::item_key).collect();
+        let item_keys: Vec<Option<TableKey>> = records.iter().map(ChangeRecord::item_key).collect();
         let now = async {
-            let keys: BTreeSet<&(String, String)> = item_keys.iter().flatten().collect();
-            let keys: Vec<(String, String)> = keys.into_iter().cloned().collect();
+            let keys: BTreeSet<&TableKey> = item_keys.iter().flatten().collect();
+            let keys: Vec<TableKey> = keys.into_iter().cloned().collect();
             let mut now = HashMap::with_capacity(keys.len());
-            let sk = &self.options.default_configs_sk;
-            let read = self.table.items(keys, |image| {
-                now.extend(records::decode_now(&image, sk));
+            let read = self.table.records(keys, |key, record| {
+                now.insert(key, ChangeRecord::from_table(record, true).decoded);
             });
             before_deadline(deadline, "the records' items", read).await?;
             Ok(now)
@@ -277,14 +273,11 @@ impl<P: Ports> Exporter<P> {
     ) -> LookupCounts {
         let read: Vec<_> = futures::stream::iter(claimers)
             .map(|index| async move {
-                let item = self.table.index_settings(&index);
-                let item = before_deadline(deadline, "claimer's settings", item).await;
-                let settings = item.map(|item| {
-                    item.and_then(|item| {
-                        dynamo::index_settings(index.clone(), &item)
-                            .ok()
-                            .map(Arc::new)
-                    })
+                let read = self.table.index_settings(&index);
+                let read = before_deadline(deadline, "claimer's settings", read).await;
+                let settings = read.map(|found| match found {
+                    Some(TableRecord::Settings { settings, .. }) => settings.ok(),
+                    _ => None,
                 });
                 (index, settings)
             })

@@ -1,0 +1,68 @@
+//! The settings table's items as the core reads them: an index's settings record or one of its
+//! overrides (docs/contract.md, "The settings table"), and an item's key, where a read goes on.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{IndexRef, IndexSettings, InvalidRecord, QueryConfig, SettingsReference};
+
+/// One item of the table, decoded by the adapter that read it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TableRecord {
+    /// `INDEX#{name}`: the settings, or why they cannot be exported; and what the record names
+    /// of other indexes (read fail closed from an invalid record: its KV value, written when it
+    /// was valid, may still route there).
+    Settings {
+        settings: Result<Arc<IndexSettings>, InvalidRecord>,
+        reference: SettingsReference,
+    },
+    /// `INDEX#{name}#QUERY#{query}`: the override, or why it cannot be exported.
+    Override {
+        index: IndexRef,
+        query: String,
+        config: Result<QueryConfig, InvalidRecord>,
+    },
+    /// Neither: the default configs or a foreign sort key (skipped on purpose), or keys that are
+    /// not strings (`rejected`), with the reason.
+    Other { rejected: bool, reason: String },
+}
+
+/// An item's key: where a read of the table goes on after it. Opaque outside the adapters;
+/// operators hand it out inside continuation tokens and the scheduled reconcile keeps it in
+/// the ledger, in DynamoDB's key format (`{"pk": {"S": ...}, "sk": {"S": ...}}`) as before.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TableKey {
+    pk: KeyString,
+    sk: KeyString,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+struct KeyString {
+    #[serde(rename = "S")]
+    s: String,
+}
+
+impl TableKey {
+    pub fn new(pk: impl Into<String>, sk: impl Into<String>) -> Self {
+        let (pk, sk) = (KeyString { s: pk.into() }, KeyString { s: sk.into() });
+        TableKey { pk, sk }
+    }
+
+    pub fn pk(&self) -> &str {
+        &self.pk.s
+    }
+
+    pub fn sk(&self) -> &str {
+        &self.sk.s
+    }
+
+    /// The key of an index's settings record (`query`: of its override).
+    pub fn of(index: &IndexRef, query: Option<&str>) -> Self {
+        let sk = match query {
+            None => format!("INDEX#{}", index.name),
+            Some(query) => format!("INDEX#{}#QUERY#{query}", index.name),
+        };
+        TableKey::new(&index.account, sk)
+    }
+}
