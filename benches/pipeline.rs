@@ -6,7 +6,7 @@ use ecom_settings_exporter::domain::ApiKey;
 use ecom_settings_exporter::domain::{KvAction, KvKey};
 use ecom_settings_exporter::dynamo::table_record;
 use ecom_settings_exporter::entry::Payload;
-use ecom_settings_exporter::pipeline::plan::{needs, plan, Snapshot};
+use ecom_settings_exporter::pipeline::plan::{api_keys_wanted, plan, Snapshot};
 use ecom_settings_exporter::pipeline::records::{
     decode_as_written, decode_record, ChangeRecord, Changed,
 };
@@ -45,10 +45,8 @@ fn as_written(raw: &[String]) -> Vec<ChangeRecord> {
 }
 
 fn snapshot(records: &[ChangeRecord]) -> Snapshot {
-    let needs = needs(records, "default");
     Snapshot {
-        api_keys: needs
-            .api_keys
+        api_keys: api_keys_wanted(records, "default")
             .into_iter()
             .map(|a| {
                 let key = ApiKey::new(format!("key-{}", a.account));

@@ -3,9 +3,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
 use bytes::Bytes;
 use lambda_runtime::{Diagnostic, LambdaEvent};
-use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::time::Instant;
@@ -163,19 +163,7 @@ pub async fn route<P: Ports>(
 }
 
 /// The partial-batch response: Lambda replays the stream from the lowest sequence number listed.
-#[derive(Debug, Default, PartialEq, Serialize)]
-pub struct BatchResponse {
-    #[serde(rename = "batchItemFailures")]
-    pub batch_item_failures: Vec<BatchItemFailure>,
-}
-
-#[derive(Debug, PartialEq, Serialize)]
-pub struct BatchItemFailure {
-    #[serde(rename = "itemIdentifier")]
-    pub item_identifier: String,
-}
-
-pub fn batch_response(report: &BatchReport) -> Result<BatchResponse, HandlerError> {
+pub fn batch_response(report: &BatchReport) -> Result<DynamoDbEventResponse, HandlerError> {
     let unreportable = report
         .records
         .iter()
@@ -183,14 +171,13 @@ pub fn batch_response(report: &BatchReport) -> Result<BatchResponse, HandlerErro
     if unreportable {
         return Err(HandlerError::UnreportableFailure);
     }
-    let batch_item_failures = report
-        .failed_sequence_numbers()
-        .into_iter()
-        .map(|item_identifier| BatchItemFailure { item_identifier })
-        .collect();
-    Ok(BatchResponse {
-        batch_item_failures,
-    })
+    let mut response = DynamoDbEventResponse::default();
+    for sequence_number in report.failed_sequence_numbers() {
+        let mut failure = DynamoDbBatchItemFailure::default();
+        failure.item_identifier = Some(sequence_number);
+        response.batch_item_failures.push(failure);
+    }
+    Ok(response)
 }
 
 #[cfg(test)]

@@ -119,13 +119,6 @@ pub struct KeyPage {
     pub cursor: Option<String>,
 }
 
-/// Running totals of a KV client; a batch's share is the difference of two readings.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
-pub struct KvCounters {
-    pub attempts: usize,
-    pub retries: usize,
-}
-
 /// The KV operations the exporter needs; the Cloudflare REST API is the real one.
 pub trait KvStore: Send + Sync {
     /// Writes and deletes each key as planned (any namespaces), in the order given as far as
@@ -175,9 +168,10 @@ pub trait KvStore: Send + Sync {
         }
     }
 
-    /// HTTP attempts and retries so far (for metrics); stores without them count nothing.
-    fn counters(&self) -> KvCounters {
-        KvCounters::default()
+    /// HTTP retries so far, a running total (a batch's share is the difference of two
+    /// readings, for metrics); stores without them count nothing.
+    fn retries(&self) -> usize {
+        0
     }
 }
 

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::pacing::Pacer;
 use crate::domain::kv::KvOp;
 use crate::domain::{ApiToken, Namespace};
-use crate::ports::{Applied, KeyPage, KvCounters, KvStore, PortError, TokenSource};
+use crate::ports::{Applied, KeyPage, KvStore, PortError, TokenSource};
 
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
@@ -67,7 +67,6 @@ pub struct CloudflareKv<T> {
     /// The token in use; refetched once when Cloudflare rejects it (a rotation).
     token: Mutex<Option<ApiToken>>,
     pacer: Pacer,
-    attempts: AtomicUsize,
     retries: AtomicUsize,
 }
 
@@ -103,7 +102,6 @@ impl<T: TokenSource> CloudflareKv<T> {
             retry,
             tokens,
             token: Mutex::new(None),
-            attempts: AtomicUsize::new(0),
             retries: AtomicUsize::new(0),
         }
     }
@@ -211,7 +209,6 @@ impl<T: TokenSource> CloudflareKv<T> {
     ) -> Attempt {
         let timeout =
             (self.retry.request_timeout).min(deadline.saturating_duration_since(Instant::now()));
-        self.attempts.fetch_add(1, Ordering::Relaxed);
         let mut request = (self.http.request(method.clone(), url.clone()))
             .bearer_auth(token.expose())
             .timeout(timeout);
@@ -311,11 +308,8 @@ impl Retry {
 }
 
 impl<T: TokenSource> KvStore for CloudflareKv<T> {
-    fn counters(&self) -> KvCounters {
-        KvCounters {
-            attempts: self.attempts.load(Ordering::Relaxed),
-            retries: self.retries.load(Ordering::Relaxed),
-        }
+    fn retries(&self) -> usize {
+        self.retries.load(Ordering::Relaxed)
     }
 
     async fn apply(&self, ops: Vec<KvOp>, deadline: Instant) -> Applied {

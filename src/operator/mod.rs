@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::domain::validate::cut;
 use crate::domain::{IndexRef, KvKey};
-use crate::pipeline::exporter::{Exporter, Overrides, Prepared, Run};
+use crate::pipeline::exporter::{Exporter, Prepared, Run};
 use crate::pipeline::records::ChangeRecord;
 use crate::ports::Ports;
 use crate::report::{BatchReport, Outcome};
@@ -211,7 +211,7 @@ impl IndexTarget {
         let run = match first && next.is_none() {
             true => Run::OPERATOR,
             false => Run {
-                overrides: Overrides::InTable,
+                overrides_in_batch: false,
                 ..Run::OPERATOR
             },
         };

@@ -51,29 +51,16 @@ pub struct Exporter<P: Ports> {
     options: ExportOptions,
 }
 
-/// Whether API keys may come from the short cache across warm invocations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ApiKeys {
-    /// The stream path: a key fetched a moment ago is reused.
-    Cached,
-    /// The operator modes: always fetched, so a rotated-out key is never written.
-    Fresh,
-}
-
-/// Where an index's override filter learns the index's overrides from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Overrides {
-    /// A Query of the table per index (the stream, backfill pages).
-    InTable,
-    /// The batch holds all of them (a re-export or verify with query configs, a reconcile).
-    InBatch,
-}
-
 /// How a batch is run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
-    pub api_keys: ApiKeys,
-    pub overrides: Overrides,
+    /// API keys always fetched (the operator modes: a rotated-out key is never written); the
+    /// stream reuses one fetched a moment ago.
+    pub fresh_api_keys: bool,
+    /// The batch holds every override of its indexes (a re-export or verify with query configs,
+    /// a reconcile, a backfill's scan): their filters are built from it, not from a Query of
+    /// the table per index.
+    pub overrides_in_batch: bool,
     /// Keeps each index's references in the ledger (the stream; a backfill fills them in).
     pub records_references: bool,
 }
@@ -81,19 +68,19 @@ pub struct Run {
 impl Run {
     /// The stream's run: its records are the newest word on their items.
     pub fn is_stream(self) -> bool {
-        self.api_keys == ApiKeys::Cached
+        !self.fresh_api_keys
     }
 
     pub const STREAM: Run = Run {
-        api_keys: ApiKeys::Cached,
-        overrides: Overrides::InTable,
+        fresh_api_keys: false,
+        overrides_in_batch: false,
         records_references: true,
     };
     /// Operators always get the current API key, and record the references they write
     /// before writing them (re-export, verify).
     pub const OPERATOR: Run = Run {
-        api_keys: ApiKeys::Fresh,
-        overrides: Overrides::InBatch,
+        fresh_api_keys: true,
+        overrides_in_batch: true,
         records_references: true,
     };
     /// An operator's run whose references are recorded already: a check of what landed
@@ -104,16 +91,11 @@ impl Run {
         ..Run::OPERATOR
     };
     pub const BACKFILL: Run = Run {
-        api_keys: ApiKeys::Fresh,
-        overrides: Overrides::InTable,
-        records_references: true,
+        overrides_in_batch: false,
+        ..Run::OPERATOR
     };
     /// A backfill batch that holds every override of its indexes, read by the scan itself.
-    pub const BACKFILL_FROM_SCAN: Run = Run {
-        api_keys: ApiKeys::Fresh,
-        overrides: Overrides::InBatch,
-        records_references: true,
-    };
+    pub const BACKFILL_FROM_SCAN: Run = Run::OPERATOR;
 }
 
 /// One page of the table, decoded, and where the next one starts.
@@ -327,7 +309,7 @@ impl<P: Ports> Exporter<P> {
     async fn snapshot_and_plan(
         &self,
         mut records: Vec<ChangeRecord>,
-        known_refs: Option<snapshot::Known>,
+        known_refs: Option<HashMap<IndexRef, IndexRefs>>,
         run: Run,
         deadline: Instant,
     ) -> Prepared {

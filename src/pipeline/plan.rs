@@ -20,9 +20,8 @@ use crate::report::Outcome;
 
 mod needs;
 
-pub use needs::{account_cell, claimers, filters_wanted, needs, reference_questions};
-pub use needs::{settle_from_kv, settle_previous_shops};
-pub use needs::{Needs, Snapshot};
+pub use needs::{account_cell, api_keys_wanted, claimers, filters_wanted, references_wanted};
+pub use needs::{reference_questions, settle_from_kv, settle_previous_shops, Snapshot};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlannedOp {
@@ -446,17 +445,15 @@ mod tests {
     }
 
     fn key_snapshot(records: &[ChangeRecord]) -> Snapshot {
-        let needs = needs(records, CELL);
         Snapshot {
-            api_keys: needs
-                .api_keys
+            api_keys: api_keys_wanted(records, CELL)
                 .into_iter()
                 .map(|ac| {
                     let key = ApiKey::new(format!("key-{}", ac.account));
                     (ac, Ok(key))
                 })
                 .collect(),
-            references: needs.references.then(|| Ok(vec![])),
+            references: references_wanted(records).then(|| Ok(vec![])),
             claimers: HashMap::new(),
             overrides: (filters_wanted(records).into_iter())
                 .map(|index| (index, Ok(vec![])))
@@ -694,8 +691,7 @@ mod tests {
             Some(index_image("products", Some("shop-new.myshopify.com"))),
             Some(old),
         )];
-        let needs_scan = needs(&records, CELL);
-        assert!(needs_scan.references);
+        assert!(references_wanted(&records));
         let snapshot = key_snapshot(&records);
         let freed = plan(&records, &snapshot, CELL);
         assert_eq!(
@@ -961,8 +957,8 @@ mod tests {
             Some(celled),
             None,
         ));
-        let needs = needs(&records, CELL);
-        let cells: Vec<_> = needs.api_keys.iter().map(|a| a.cell.as_str()).collect();
+        let wanted = api_keys_wanted(&records, CELL);
+        let cells: Vec<_> = wanted.iter().map(|a| a.cell.as_str()).collect();
         assert_eq!(cells, ["default", "eu-2"]);
     }
 
@@ -1033,7 +1029,8 @@ mod tests {
                 None,
             ),
         ];
-        assert_eq!(needs(&records, CELL), Needs::default());
+        assert!(api_keys_wanted(&records, CELL).is_empty());
+        assert!(!references_wanted(&records));
         let plan = plan(&records, &Snapshot::default(), CELL);
         assert!(plan.ops.is_empty());
         assert!(matches!(plan.outcomes[0], Outcome::Skipped(_)));

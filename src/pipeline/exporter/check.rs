@@ -27,17 +27,13 @@ const RUN_OF_INDEXES: usize = 10;
 
 /// One index's landed keys (each with the original record it belongs to), and the index as
 /// the table holds it now.
+#[derive(Default)]
 struct Recheck {
     /// Each with `record` the position of its original record in the batch.
     keys: Vec<Landed>,
-    now: Now,
-}
-
-/// What the table holds of an index now: whether it has a settings record, and its records
-/// (its overrides too, when they were read).
-#[derive(Default)]
-struct Now {
+    /// Whether the index has a settings record now.
     settings: bool,
+    /// Its records now (its overrides too, when they were read).
     records: Vec<ChangeRecord>,
 }
 
@@ -49,7 +45,7 @@ impl<P: Ports> Exporter<P> {
         // Planned as an operator plans (every override in the batch), its API keys as the run
         // got them (the stream's from the short cache).
         let run = Run {
-            api_keys: run.api_keys,
+            fresh_api_keys: run.fresh_api_keys,
             ..Run::CHECK
         };
         let mut landed = std::mem::take(&mut report.landed);
@@ -106,11 +102,7 @@ impl<P: Ports> Exporter<P> {
             let Some(index) = index.or_else(|| report.records[landed.record].index.clone()) else {
                 continue;
             };
-            let recheck = by_index.entry(index).or_insert_with(|| Recheck {
-                keys: Vec::new(),
-                now: Now::default(),
-            });
-            recheck.keys.push(landed);
+            by_index.entry(index).or_default().keys.push(landed);
         }
         let by_index = self.read_again(by_index, report, deadline).await;
         let (prepared, landed) = self.plan_again(by_index, run, deadline).await;
@@ -172,8 +164,8 @@ impl<P: Ports> Exporter<P> {
         let mut found = Vec::new();
         for (index, mut recheck, read) in reads.into_iter().flatten() {
             match read {
-                Ok(now) => {
-                    recheck.now = now;
+                Ok((settings, records)) => {
+                    (recheck.settings, recheck.records) = (settings, records);
                     found.push((index, recheck));
                 }
                 Err(e) => fail_all(report, &recheck, &e),
@@ -187,15 +179,19 @@ impl<P: Ports> Exporter<P> {
         &self,
         indexes: Vec<(IndexRef, Recheck)>,
         deadline: Instant,
-    ) -> Vec<(IndexRef, Recheck, Result<Now, PortError>)> {
+    ) -> Vec<(
+        IndexRef,
+        Recheck,
+        Result<(bool, Vec<ChangeRecord>), PortError>,
+    )> {
         if indexes.len() >= RUN_OF_INDEXES {
             let (first, last) = (&indexes[0].0, &indexes[indexes.len() - 1].0);
             let names = (first.name.as_str(), last.name.as_str());
             return match self.index_run(&first.account, names, deadline).await {
                 Ok(mut run) => (indexes.into_iter())
                     .map(|(index, recheck)| {
-                        let (settings, records) = run.remove(&index).unwrap_or_default();
-                        (index, recheck, Ok(Now { settings, records }))
+                        let now = run.remove(&index).unwrap_or_default();
+                        (index, recheck, Ok(now))
                     })
                     .collect(),
                 Err(e) => (indexes.into_iter())
@@ -221,20 +217,16 @@ impl<P: Ports> Exporter<P> {
         index: &IndexRef,
         overrides: bool,
         deadline: Instant,
-    ) -> Result<Now, PortError> {
+    ) -> Result<(bool, Vec<ChangeRecord>), PortError> {
         if overrides {
             let name = index.name.as_str();
             let mut run = self
                 .index_run(&index.account, (name, name), deadline)
                 .await?;
-            let (settings, records) = run.remove(index).unwrap_or_default();
-            return Ok(Now { settings, records });
+            return Ok(run.remove(index).unwrap_or_default());
         }
         let settings = self.settings_record(index, false, deadline).await?;
-        Ok(Now {
-            settings: settings.is_some(),
-            records: settings.into_iter().collect(),
-        })
+        Ok((settings.is_some(), settings.into_iter().collect()))
     }
 
     /// The indexes read again, planned as changes (`None`: nothing to plan), with the landed
@@ -249,7 +241,7 @@ impl<P: Ports> Exporter<P> {
         let mut firsts = Vec::new();
         let mut landed = Vec::new();
         for (index, recheck) in by_index {
-            firsts.push((index.clone(), records.len(), recheck.now.settings));
+            firsts.push((index.clone(), records.len(), recheck.settings));
             records.extend(as_changes(&index, &recheck));
             landed.extend(recheck.keys);
         }
@@ -299,7 +291,7 @@ fn differing(
 /// an index without a settings record is removed (its keys kept while an alias reads it).
 fn as_changes(index: &IndexRef, recheck: &Recheck) -> Vec<ChangeRecord> {
     let own = KvKey::index(index);
-    let current_shop = (recheck.now.records.iter()).find_map(|r| match &r.decoded {
+    let current_shop = (recheck.records.iter()).find_map(|r| match &r.decoded {
         Ok(Change::UpsertIndex { settings, .. }) => settings.shop_id.clone(),
         _ => None,
     });
@@ -312,9 +304,9 @@ fn as_changes(index: &IndexRef, recheck: &Recheck) -> Vec<ChangeRecord> {
         })
         .map(|key| key.key.clone())
         .collect();
-    let mut records = recheck.now.records.clone();
+    let mut records = recheck.records.clone();
     let settings_keys = (recheck.keys.iter()).any(|l| l.key.namespace == Namespace::Settings);
-    if !recheck.now.settings && settings_keys {
+    if !recheck.settings && settings_keys {
         // Removed: its settings keys go. Its filter follows the overrides left of it, as the
         // stream's does (they come after the remove, the last word on it).
         let remove = Change::RemoveIndex {
@@ -446,13 +438,8 @@ mod tests {
         for (now, keys, expected, removed) in cases {
             let recheck = Recheck {
                 keys: keys.into_iter().map(landed).collect(),
-                now: match removed {
-                    false => Now {
-                        settings: true,
-                        records: vec![insert("i", now)],
-                    },
-                    true => Now::default(),
-                },
+                settings: !removed,
+                records: (!removed).then(|| insert("i", now)).into_iter().collect(),
             };
             let changes = as_changes(&index, &recheck);
             assert_eq!(changes.len(), 1);

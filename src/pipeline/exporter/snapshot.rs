@@ -9,15 +9,12 @@ use futures::StreamExt as _;
 use tokio::time::Instant;
 
 use super::references::left_by;
-use super::{ApiKeys, Exporter, Overrides, Run, CONCURRENT_KV_REQUESTS};
+use super::{Exporter, Run, CONCURRENT_KV_REQUESTS};
 use crate::domain::{IndexRef, KvKey, Namespace, SettingsReference, TableKey, TableRecord};
 use crate::pipeline::plan::{self, Snapshot};
 use crate::pipeline::records::{Change, ChangeRecord, Changed};
 use crate::ports::{before_deadline, AccountCell, KvStore, LookupCounts, Ports};
 use crate::ports::{IndexRefs, Ledger, PortError, SettingsTable};
-
-/// Each index's references as the ledger recorded them.
-pub(super) type Known = HashMap<IndexRef, IndexRefs>;
 
 impl<P: Ports> Exporter<P> {
     /// The queries of each index's overrides: from the batch when it holds them all, else a
@@ -29,8 +26,8 @@ impl<P: Ports> Exporter<P> {
         run: Run,
         deadline: Instant,
     ) -> Vec<(IndexRef, Result<Vec<String>, PortError>)> {
-        match run.overrides {
-            Overrides::InBatch => {
+        match run.overrides_in_batch {
+            true => {
                 // Grouped in one pass: a reconcile's batch is the whole fleet.
                 let mut by_index: HashMap<&IndexRef, Vec<String>> = HashMap::new();
                 for record in records {
@@ -45,7 +42,7 @@ impl<P: Ports> Exporter<P> {
                     })
                     .collect()
             }
-            Overrides::InTable => {
+            false => {
                 futures::stream::iter(wanted)
                     .map(|index| async move {
                         let queries = self.table.override_queries(&index);
@@ -66,7 +63,7 @@ impl<P: Ports> Exporter<P> {
         indexes: BTreeSet<IndexRef>,
         run: Run,
         deadline: Instant,
-    ) -> Result<Option<Known>, PortError> {
+    ) -> Result<Option<HashMap<IndexRef, IndexRefs>>, PortError> {
         if !run.records_references {
             return Ok(None);
         }
@@ -85,7 +82,7 @@ impl<P: Ports> Exporter<P> {
         &self,
         records: Vec<ChangeRecord<Changed>>,
         deadline: Instant,
-    ) -> (Vec<ChangeRecord>, Option<Known>) {
+    ) -> (Vec<ChangeRecord>, Option<HashMap<IndexRef, IndexRefs>>) {
         // Each record's item, once: asked for, then looked up.
         let item_keys: Vec<Option<TableKey>> = records.iter().map(ChangeRecord::item_key).collect();
         let now = async {
@@ -130,7 +127,7 @@ impl<P: Ports> Exporter<P> {
     pub(super) async fn snapshot(
         &self,
         records: &mut [ChangeRecord],
-        known: Option<&Known>,
+        known: Option<&HashMap<IndexRef, IndexRefs>>,
         run: Run,
         deadline: Instant,
     ) -> (Snapshot, LookupCounts) {
@@ -144,7 +141,7 @@ impl<P: Ports> Exporter<P> {
     async fn settle_previous_shops(
         &self,
         records: &mut [ChangeRecord],
-        known: Option<&Known>,
+        known: Option<&HashMap<IndexRef, IndexRefs>>,
         deadline: Instant,
     ) {
         let recorded = |index: &IndexRef| Some(known?.get(index)?.shops.clone());
@@ -163,25 +160,22 @@ impl<P: Ports> Exporter<P> {
         run: Run,
         deadline: Instant,
     ) -> (Snapshot, LookupCounts) {
-        let needs = plan::needs(records, &self.options.default_cell);
-        let fresh = run.api_keys == ApiKeys::Fresh;
-        let (api_keys, mut counts) = self
-            .api_keys
-            .lookup_all(needs.api_keys, fresh, deadline)
-            .await;
+        let wanted = plan::api_keys_wanted(records, &self.options.default_cell);
+        let fresh = run.fresh_api_keys;
+        let (api_keys, mut counts) = self.api_keys.lookup_all(wanted, fresh, deadline).await;
         let mut snapshot = Snapshot {
             api_keys,
             ..Snapshot::default()
         };
         // Who aliases what is removed, who claims a shop given up: the ledger's candidates
         // checked against the table once its references are complete, else a scan.
-        if needs.references {
+        if plan::references_wanted(records) {
             let references = self.references(records, deadline).await;
             let wanted = (references.as_ref().ok()).map(|refs| plan::claimers(records, refs));
             snapshot.references = Some(references);
             if let Some(wanted) = wanted.filter(|wanted| !wanted.is_empty()) {
-                let keys = run.api_keys;
-                let more = self.look_up_claimers(wanted, &mut snapshot, keys, deadline);
+                let fresh = run.fresh_api_keys;
+                let more = self.look_up_claimers(wanted, &mut snapshot, fresh, deadline);
                 let more = more.await;
                 counts.calls += more.calls;
                 counts.cache_hits += more.cache_hits;
@@ -268,7 +262,7 @@ impl<P: Ports> Exporter<P> {
         &self,
         claimers: BTreeSet<IndexRef>,
         snapshot: &mut Snapshot,
-        keys: ApiKeys,
+        fresh: bool,
         deadline: Instant,
     ) -> LookupCounts {
         let read: Vec<_> = futures::stream::iter(claimers)
@@ -291,10 +285,7 @@ impl<P: Ports> Exporter<P> {
             .map(|s| plan::account_cell(&s.index.account, s.cell.as_deref(), cell))
             .filter(|ac| !snapshot.api_keys.contains_key(ac))
             .collect();
-        let (api_keys, counts) = self
-            .api_keys
-            .lookup_all(wanted, keys == ApiKeys::Fresh, deadline)
-            .await;
+        let (api_keys, counts) = self.api_keys.lookup_all(wanted, fresh, deadline).await;
         snapshot.api_keys.extend(api_keys);
         snapshot.claimers.extend(read);
         counts

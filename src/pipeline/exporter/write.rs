@@ -11,7 +11,7 @@ use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvAction, KvKey, KvOp};
 use crate::pipeline::plan::{Plan, PlannedOp};
 use crate::pipeline::records::ChangeRecord;
-use crate::ports::{KvCounters, KvStore, PortError, Ports};
+use crate::ports::{KvStore, PortError, Ports};
 use crate::report::{BatchReport, Landed, Outcome, RecordReport};
 
 /// DynamoDB Streams keeps a record this long; no real record is older when it is exported.
@@ -43,7 +43,8 @@ impl<P: Ports> Exporter<P> {
             ..
         } = prepared;
         let (records, created_at) = identities(records);
-        let before = self.kv.counters();
+        let retries_before = self.kv.retries();
+        let checked = checked(&plan, &records, run, &delete_owners);
         let Plan {
             ops,
             mut outcomes,
@@ -51,25 +52,18 @@ impl<P: Ports> Exporter<P> {
             filters,
             ..
         } = plan;
-        let derived = Derived {
-            records: &records,
-            old_shops: &old_shops,
-            filters: &filters,
-        };
-        let checked = checked(&ops, run, &delete_owners, derived);
         let sent = self.send(ops, &old_shops, deadline);
         let sent = Sent {
             checked,
             ..sent.await
         };
-        let KvCounters { retries, .. } = self.kv.counters();
         let applied_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or_default();
         let mut report = BatchReport {
             kv_requests: sent.requests,
-            kv_retries: retries - before.retries,
+            kv_retries: self.kv.retries() - retries_before,
             api_keys,
             ..BatchReport::default()
         };
@@ -151,24 +145,19 @@ impl Sent {
     }
 }
 
-/// What a stream batch derived from other items than its records: the old shop keys it
-/// deletes, the shop keys it gives another index's value, the filters it built from a Query.
-struct Derived<'a> {
-    records: &'a [RecordReport],
-    old_shops: &'a [(KvKey, IndexRef)],
-    filters: &'a BTreeMap<IndexRef, Vec<usize>>,
-}
-
 /// The keys to check against the table once they landed: all of an operator's (it read the
-/// table before another writer may have changed it); of the stream's, those its records do not
-/// own (`Derived`). Each with the index whose key it is (for a shop key given to another index,
-/// the index that gave it up) and the digest put (`None`: a delete).
+/// table before another writer may have changed it); of the stream's, those it derived from
+/// other items than its records (the old shop keys it deletes, the shop keys it gives another
+/// index's value, the filters it built from a Query). Each with the index whose key it is (for
+/// a shop key given to another index, the index that gave it up) and the digest put (`None`: a
+/// delete).
 fn checked(
-    ops: &BTreeMap<KvKey, PlannedOp>,
+    plan: &Plan,
+    records: &[RecordReport],
     run: Run,
     delete_owners: &HashMap<KvKey, IndexRef>,
-    derived: Derived,
 ) -> HashMap<KvKey, (Option<IndexRef>, Option<String>)> {
+    let ops = &plan.ops;
     let digest = |op: &PlannedOp| match &op.action {
         KvAction::Put(value) => Some(value.digest()),
         KvAction::Delete => None,
@@ -182,11 +171,11 @@ fn checked(
         let KvAction::Put(value) = &op.action else {
             return None;
         };
-        let record = derived.records[op.owner].index.as_ref()?;
+        let record = records[op.owner].index.as_ref()?;
         (value.index() != record).then(|| (key.clone(), record.clone()))
     });
-    let filters = (derived.filters.keys()).map(|index| (filter_key(index), index.clone()));
-    (derived.old_shops.iter().cloned())
+    let filters = (plan.filters.keys()).map(|index| (filter_key(index), index.clone()));
+    (plan.old_shops.iter().cloned())
         .chain(given)
         .chain(filters)
         .filter_map(|(key, index)| {

@@ -10,17 +10,10 @@ use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::{AccountCell, PortError, Referred};
 use crate::report::Outcome;
 
-/// What the records need looked up before they can be planned.
-#[derive(Debug, Default, PartialEq)]
-pub struct Needs {
-    pub api_keys: BTreeSet<AccountCell>,
-    /// A scan of the table for alias targets and shop ids (removes, shop changes).
-    pub references: bool,
-}
-
-/// Everything the plan reads of the outside, read before it (stage 2,
-/// `exporter/snapshot.rs`): the answers to [`Needs`], the claimers of the shops given up
-/// ([`claimers`]), the overrides of each filter rebuilt ([`filters_wanted`]).
+/// Everything the plan reads of the outside, read before it (stage 2, `exporter/snapshot.rs`):
+/// the API keys ([`api_keys_wanted`]), who refers to what ([`references_wanted`]), the
+/// claimers of the shops given up ([`claimers`]), the overrides of each filter rebuilt
+/// ([`filters_wanted`]).
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub api_keys: HashMap<AccountCell, Result<ApiKey, PortError>>,
@@ -120,31 +113,24 @@ pub fn account_cell(account: &str, cell: Option<&str>, default_cell: &str) -> Ac
     }
 }
 
-/// What must be looked up before [`super::plan`] can run (previous shops settled).
-pub fn needs(records: &[ChangeRecord], default_cell: &str) -> Needs {
-    let mut needs = Needs::default();
-    for record in records {
-        match &record.decoded {
-            Ok(Change::UpsertIndex {
-                settings,
-                previous_shop,
-                ..
-            }) => {
-                needs.api_keys.insert(account_cell(
-                    &settings.index.account,
-                    settings.cell.as_deref(),
-                    default_cell,
-                ));
-                if let PreviousShop::Known(old) = previous_shop {
-                    needs.references |=
-                        old.iter().any(|old| settings.shop_id.as_ref() != Some(old));
-                }
-            }
-            Ok(Change::RemoveIndex { .. }) => needs.references = true,
-            _ => {}
-        }
-    }
-    needs
+/// The (cell, account) of every API key the records' values need.
+pub fn api_keys_wanted(records: &[ChangeRecord], default_cell: &str) -> BTreeSet<AccountCell> {
+    let settings = records.iter().filter_map(|r| match &r.decoded {
+        Ok(Change::UpsertIndex { settings, .. }) => Some(settings),
+        _ => None,
+    });
+    let cell = |s: &IndexSettings| account_cell(&s.index.account, s.cell.as_deref(), default_cell);
+    settings.map(|s| cell(s)).collect()
+}
+
+/// Whether the plan needs to know who refers to what: a record removes an index or gives a
+/// shop up (previous shops settled).
+pub fn references_wanted(records: &[ChangeRecord]) -> bool {
+    let mut changes = records.iter().filter_map(|r| r.decoded.as_ref().ok());
+    changes.any(|change| {
+        let gives_up = given_up(change).is_some_and(|(_, shops)| !shops.is_empty());
+        gives_up || matches!(change, Change::RemoveIndex { .. })
+    })
 }
 
 /// The shops a change gives up, with the index giving them up: an upsert's previous shops

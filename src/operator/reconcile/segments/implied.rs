@@ -15,7 +15,7 @@ use crate::operator::reconcile::failed;
 use crate::operator::reconcile::NAMESPACES;
 use crate::operator::runs::Runs;
 use crate::operator::OperatorError;
-use crate::pipeline::exporter::{left_by, Overrides, Prepared, Run};
+use crate::pipeline::exporter::{left_by, Prepared, Run};
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::Ports;
 use crate::report::Outcome;
@@ -62,7 +62,7 @@ impl<P: Ports> Pass<'_, P> {
         let compared = closed.len();
         self.compare_implied(closed.whole, Run::CHECK).await?;
         let run = Run {
-            overrides: Overrides::InTable,
+            overrides_in_batch: false,
             ..Run::CHECK
         };
         self.compare_implied(closed.queried, run).await?;
