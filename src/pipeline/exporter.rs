@@ -343,26 +343,11 @@ impl<P: Ports> Exporter<P> {
     /// taken out of the ledger.
     pub async fn apply(&self, mut prepared: Prepared, deadline: Instant) -> BatchReport {
         let run = prepared.run;
-        let mut intents = None;
-        if let Some(known) = prepared.known_refs.take() {
-            // What the records that will write refer to: a record planned to write nothing
-            // (rejected, kept, skipped) records nothing, and what it names may be no key at all.
-            let planned = prepared.plan.outcomes.iter();
-            let left: Vec<_> = (references::left_by(&prepared.records)
-                .into_iter()
-                .zip(planned))
-            .map(|(left, outcome)| left.filter(|_| *outcome == Outcome::Pending))
-            .collect();
-            match self.point_back(&left, &known, deadline).await {
-                Ok(added) => intents = Some((left, known, added)),
-                Err(error) => prepared.withhold(&error),
-            }
-        }
-        let mut report = self.apply_once(prepared, deadline).await;
+        let intents = intents::record(&self.ledger, &mut prepared, deadline).await;
+        let mut report = write::send(&self.kv, prepared, deadline).await;
         self.check(&mut report, run, deadline).await;
-        if let (Some((left, known, added)), true) = (intents, run.is_stream()) {
-            let refs = (&known, &added);
-            (self.record_references(left, refs, &report, deadline)).await;
+        if let (Some(intents), true) = (intents, run.is_stream()) {
+            shrink::record(&self.ledger, intents, &report, deadline).await;
         }
         report
     }

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use futures::StreamExt as _;
 use tokio::time::Instant;
 
-use super::{Exporter, Prepared, Run};
+use super::{write, Exporter, Prepared, Run};
 use crate::domain::kv::query_config_prefix;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::pipeline::plan::PlannedOp;
@@ -125,7 +125,7 @@ impl<P: Ports> Exporter<P> {
             }
             return None;
         }
-        let again = self.apply_once(prepared, deadline).await;
+        let again = write::send(&self.kv, prepared, deadline).await;
         for key in differ.keys() {
             let landed = (again.written.iter().chain(&again.deleted)).any(|k| k == key);
             if !landed {

@@ -6,48 +6,81 @@ use std::collections::{BTreeSet, HashMap};
 
 use tokio::time::Instant;
 
-use super::Exporter;
+use super::{references, Prepared};
 use crate::domain::IndexRef;
-use crate::ports::{before_deadline, IndexRefs, Ledger, PortError, Ports, Referred};
+use crate::ports::{before_deadline, IndexRefs, Ledger, PortError, Referred};
+use crate::report::Outcome;
 
-impl<P: Ports> Exporter<P> {
-    /// Before the KV writes, the intent: every reference the batch's records leave that the
-    /// ledger does not record yet (every record's, a superset of what any replay point
-    /// leaves) is added on both sides, so a batch that asks who claims a shop or aliases an
-    /// index finds a referrer as soon as its keys can land, and a replay finds every shop the
-    /// index's keys may be on. Answers what was added, per index.
-    pub(super) async fn point_back(
-        &self,
-        left: &[Option<(IndexRef, IndexRefs)>],
-        known: &HashMap<IndexRef, IndexRefs>,
-        deadline: Instant,
-    ) -> Result<HashMap<IndexRef, BTreeSet<Referred>>, PortError> {
-        let mut added: HashMap<IndexRef, BTreeSet<Referred>> = HashMap::new();
-        for (index, refs) in left.iter().flatten() {
-            let before = known
-                .get(index)
-                .map(IndexRefs::referred)
-                .unwrap_or_default();
-            let new = refs.referred().into_iter().filter(|r| !before.contains(r));
-            added.entry(index.clone()).or_default().extend(new);
-        }
-        let items: Vec<(IndexRef, Referred)> = (added.iter())
-            .flat_map(|(index, referred)| referred.iter().map(|r| (index.clone(), r.clone())))
-            .collect();
-        self.add_to_ledger(&items, deadline).await?;
-        Ok(added)
-    }
+/// What a batch's intents recorded, for the stream's shrink (stage 7): each record's index and
+/// the references it leaves (`None`: not a settings record, or planned to write nothing), what
+/// the ledger held of those indexes before, and what the intents added to it.
+pub(super) struct Intents {
+    pub left: Vec<Option<(IndexRef, IndexRefs)>>,
+    pub known: HashMap<IndexRef, IndexRefs>,
+    pub added: HashMap<IndexRef, BTreeSet<Referred>>,
+}
 
-    /// Adds these items to the ledger, on both sides (nothing to do for none).
-    pub(super) async fn add_to_ledger(
-        &self,
-        items: &[(IndexRef, Referred)],
-        deadline: Instant,
-    ) -> Result<(), PortError> {
-        if items.is_empty() {
-            return Ok(());
+/// Stage 4, when the run keeps references: what the records that will write refer to is
+/// recorded before any of their keys is sent. When it cannot be, nothing of the batch is sent
+/// (every record on its way is retried: [`Prepared::withhold`]).
+pub(super) async fn record(
+    ledger: &impl Ledger,
+    prepared: &mut Prepared,
+    deadline: Instant,
+) -> Option<Intents> {
+    let known = prepared.known_refs.take()?;
+    // A record planned to write nothing (rejected, kept, skipped) records nothing, and what it
+    // names may be no key at all.
+    let planned = prepared.plan.outcomes.iter();
+    let left: Vec<_> = (references::left_by(&prepared.records)
+        .into_iter()
+        .zip(planned))
+    .map(|(left, outcome)| left.filter(|_| *outcome == Outcome::Pending))
+    .collect();
+    match point_back(ledger, &left, &known, deadline).await {
+        Ok(added) => Some(Intents { left, known, added }),
+        Err(error) => {
+            prepared.withhold(&error);
+            None
         }
-        let put = self.ledger.point_back(items);
-        before_deadline(deadline, "ledger references", put).await
     }
+}
+
+/// Before the KV writes, the intent: every reference the batch's records leave that the ledger
+/// does not record yet (every record's, a superset of what any replay point leaves) is added on
+/// both sides, so a batch that asks who claims a shop or aliases an index finds a referrer as
+/// soon as its keys can land, and a replay finds every shop the index's keys may be on. Answers
+/// what was added, per index.
+pub(super) async fn point_back(
+    ledger: &impl Ledger,
+    left: &[Option<(IndexRef, IndexRefs)>],
+    known: &HashMap<IndexRef, IndexRefs>,
+    deadline: Instant,
+) -> Result<HashMap<IndexRef, BTreeSet<Referred>>, PortError> {
+    let mut added: HashMap<IndexRef, BTreeSet<Referred>> = HashMap::new();
+    for (index, refs) in left.iter().flatten() {
+        let before = known
+            .get(index)
+            .map(IndexRefs::referred)
+            .unwrap_or_default();
+        let new = refs.referred().into_iter().filter(|r| !before.contains(r));
+        added.entry(index.clone()).or_default().extend(new);
+    }
+    let items: Vec<(IndexRef, Referred)> = (added.iter())
+        .flat_map(|(index, referred)| referred.iter().map(|r| (index.clone(), r.clone())))
+        .collect();
+    add_to_ledger(ledger, &items, deadline).await?;
+    Ok(added)
+}
+
+/// Adds these items to the ledger, on both sides (nothing to do for none).
+pub(super) async fn add_to_ledger(
+    ledger: &impl Ledger,
+    items: &[(IndexRef, Referred)],
+    deadline: Instant,
+) -> Result<(), PortError> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    before_deadline(deadline, "ledger references", ledger.point_back(items)).await
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use tokio::time::Instant;
 
-use super::Exporter;
+use super::{intents, Exporter};
 use crate::domain::kv::{check_key, KvKey};
 use crate::domain::validate::shop_id_problem;
 use crate::domain::{IndexId, IndexRef, IndexSettings, SettingsReference};
@@ -142,7 +142,7 @@ impl<P: Ports> Exporter<P> {
             .into_iter()
             .collect();
         let missing: Vec<_> = named.into_iter().filter(|n| !found.contains(n)).collect();
-        self.add_to_ledger(&missing, deadline).await?;
+        intents::add_to_ledger(&self.ledger, &missing, deadline).await?;
         Ok(missing.len())
     }
 
@@ -166,7 +166,7 @@ impl<P: Ports> Exporter<P> {
             let lacking = lacking.filter(|r| !known.as_ref().is_some_and(|k| k.contains(r)));
             missing.extend(lacking.map(|r| (index.clone(), r)));
         }
-        self.add_to_ledger(&missing, deadline).await?;
+        intents::add_to_ledger(&self.ledger, &missing, deadline).await?;
         Ok(missing.len())
     }
 }
@@ -175,6 +175,7 @@ impl<P: Ports> Exporter<P> {
 mod tests {
     use super::*;
     use crate::adapters::memory::MemoryKv;
+    use crate::pipeline::exporter::shrink;
     use crate::pipeline::exporter::tests::exporter;
     use crate::pipeline::records::decode_as_written;
     use crate::report::{BatchReport, Outcome};
@@ -247,7 +248,9 @@ mod tests {
         ];
         let left = left_by(&records);
 
-        let added = e.point_back(&left, &known, deadline()).await.unwrap();
+        let added = intents::point_back(&e.ledger, &left, &known, deadline())
+            .await
+            .unwrap();
 
         let mut expected = vec![
             (Referred::Alias("a-t".into()), index("p")),
@@ -289,7 +292,9 @@ mod tests {
             upsert("p", Some("c.myshopify.com"), None),
         ];
         let left = left_by(&records);
-        let added = e.point_back(&left, &known, deadline()).await.unwrap();
+        let added = intents::point_back(&e.ledger, &left, &known, deadline())
+            .await
+            .unwrap();
         let outcomes = [
             Outcome::Exported,
             Outcome::Exported,
@@ -307,7 +312,8 @@ mod tests {
             ..BatchReport::default()
         };
 
-        (e.record_references(left, (&known, &added), &report, deadline())).await;
+        let intents = intents::Intents { left, known, added };
+        shrink::record(&e.ledger, intents, &report, deadline()).await;
 
         let refs = e.ledger.refs.lock().unwrap().clone();
         assert_eq!(

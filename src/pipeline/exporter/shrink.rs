@@ -1,83 +1,77 @@
 //! Stage 7, the stream's shrink: once its KV writes are checked, what its records confirmed
 //! given up is taken out of the ledger (docs/contract.md, "References in the ledger").
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeMap;
 
 use tokio::time::Instant;
 
-use super::Exporter;
+use super::intents::Intents;
 use crate::domain::IndexRef;
-use crate::ports::{before_deadline, IndexRefs, Ledger, Ports, Referred, RefsChange};
+use crate::ports::{before_deadline, IndexRefs, Ledger, RefsChange};
 use crate::report::{BatchReport, Outcome};
 
-impl<P: Ports> Exporter<P> {
-    /// After the stream's KV writes and their check: what each index's records confirmed it
-    /// no longer refers to is taken out (of its own references and of the sets), for the
-    /// indexes the batch settled: every record of theirs lies before the batch's first failed
-    /// record (Lambda replays from there) and was exported. Any other index keeps everything
-    /// recorded: its replay, or its next record, gives up what it no longer holds. When this
-    /// fails, the superset stays (a warning): nothing is
-    /// lost, and the index's next record gives the same shops up again.
-    pub(super) async fn record_references(
-        &self,
-        left: Vec<Option<(IndexRef, IndexRefs)>>,
-        (known, added): (
-            &HashMap<IndexRef, IndexRefs>,
-            &HashMap<IndexRef, BTreeSet<Referred>>,
-        ),
-        report: &BatchReport,
-        deadline: Instant,
-    ) {
-        let outcomes: Vec<&Outcome> = report.records.iter().map(|r| &r.outcome).collect();
-        let replayed_from = (outcomes.iter())
-            .position(|o| matches!(o, Outcome::Failed(_)))
-            .unwrap_or(outcomes.len());
-        // Each index's last exported record's references; `None` once one is not settled.
-        let mut settled: BTreeMap<IndexRef, Option<Option<IndexRefs>>> = BTreeMap::new();
-        for (at, entry) in left.into_iter().enumerate() {
-            let Some((index, refs)) = entry else { continue };
-            let state = settled.entry(index).or_insert(Some(None));
-            match outcomes[at] {
-                _ if at >= replayed_from => *state = None,
-                Outcome::Exported => {
-                    if let Some(last) = state {
-                        *last = Some(refs);
-                    }
+/// After the stream's KV writes and their check: what each index's records confirmed it no
+/// longer refers to is taken out (of its own references and of the sets), for the indexes the
+/// batch settled: every record of theirs lies before the batch's first failed record (Lambda
+/// replays from there) and was exported. Any other index keeps everything recorded: its replay,
+/// or its next record, gives up what it no longer holds. When this fails, the superset stays (a
+/// warning): nothing is lost, and the index's next record gives the same shops up again.
+pub(super) async fn record(
+    ledger: &impl Ledger,
+    intents: Intents,
+    report: &BatchReport,
+    deadline: Instant,
+) {
+    let Intents { left, known, added } = intents;
+    let outcomes: Vec<&Outcome> = report.records.iter().map(|r| &r.outcome).collect();
+    let replayed_from = (outcomes.iter())
+        .position(|o| matches!(o, Outcome::Failed(_)))
+        .unwrap_or(outcomes.len());
+    // Each index's last exported record's references; `None` once one is not settled.
+    let mut settled: BTreeMap<IndexRef, Option<Option<IndexRefs>>> = BTreeMap::new();
+    for (at, entry) in left.into_iter().enumerate() {
+        let Some((index, refs)) = entry else { continue };
+        let state = settled.entry(index).or_insert(Some(None));
+        match outcomes[at] {
+            _ if at >= replayed_from => *state = None,
+            Outcome::Exported => {
+                if let Some(last) = state {
+                    *last = Some(refs);
                 }
-                // Kept for an alias: its keys, its shop key too, stay as they were.
-                Outcome::Kept { .. } => *state = None,
-                // Rejected or skipped: its keys (and what they refer to) are as they were.
-                _ => {}
             }
+            // Kept for an alias: its keys, its shop key too, stay as they were.
+            Outcome::Kept { .. } => *state = None,
+            // Rejected or skipped: its keys (and what they refer to) are as they were.
+            _ => {}
         }
-        let changes: Vec<RefsChange> = (settled.into_iter())
-            .filter_map(|(index, state)| {
-                let new = state??;
-                let old = known.get(&index);
-                let mut pointing = old.map(IndexRefs::referred).unwrap_or_default();
-                pointing.extend(added.get(&index).into_iter().flatten().cloned());
-                // An index no intent wrote and nothing recorded (it refers to nothing) gets its
-                // item all the same: its next record then needs no KV read for its shop.
-                let unrecorded = old.is_none() && pointing.is_empty();
-                let after = new.referred();
-                let needed = unrecorded || pointing.iter().any(|r| !after.contains(r));
-                needed.then_some(RefsChange {
-                    index,
-                    pointing,
-                    new,
-                })
+    }
+    let changes: Vec<RefsChange> = (settled.into_iter())
+        .filter_map(|(index, state)| {
+            let new = state??;
+            let old = known.get(&index);
+            let mut pointing = old.map(IndexRefs::referred).unwrap_or_default();
+            pointing.extend(added.get(&index).into_iter().flatten().cloned());
+            // An index no intent wrote and nothing recorded (it refers to nothing) gets its
+            // item all the same: its next record then needs no KV read for its shop.
+            let unrecorded = old.is_none() && pointing.is_empty();
+            let after = new.referred();
+            let needed = unrecorded || pointing.iter().any(|r| !after.contains(r));
+            needed.then_some(RefsChange {
+                index,
+                pointing,
+                new,
             })
-            .collect();
-        if changes.is_empty() {
-            return;
-        }
-        let record = self.ledger.record_refs(&changes);
-        if let Err(error) = before_deadline(deadline, "ledger references", record).await {
-            tracing::warn!(
-                indexes = changes.len(),
-                %error,
-                "the ledger keeps references these indexes gave up: their next record gives them up again"
-            );
-        }
+        })
+        .collect();
+    if changes.is_empty() {
+        return;
+    }
+    let record = ledger.record_refs(&changes);
+    if let Err(error) = before_deadline(deadline, "ledger references", record).await {
+        tracing::warn!(
+            indexes = changes.len(),
+            %error,
+            "the ledger keeps references these indexes gave up: their next record gives them up again"
+        );
     }
 }

@@ -6,12 +6,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tokio::time::Instant;
 
-use super::{Exporter, Prepared, Run};
+use super::{Prepared, Run};
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvAction, KvKey, KvOp};
 use crate::pipeline::plan::{Plan, PlannedOp};
 use crate::pipeline::records::ChangeRecord;
-use crate::ports::{KvStore, PortError, Ports};
+use crate::ports::{KvStore, PortError};
 use crate::report::{BatchReport, Landed, Outcome, RecordReport};
 
 /// DynamoDB Streams keeps a record this long; no real record is older when it is exported.
@@ -30,85 +30,83 @@ struct Sent {
     checked: HashMap<KvKey, (Option<IndexRef>, Option<String>)>,
 }
 
-impl<P: Ports> Exporter<P> {
-    /// The plan sent once and every record's outcome decided; the check of what landed is
-    /// the caller's (`check.rs`).
-    pub(super) async fn apply_once(&self, prepared: Prepared, deadline: Instant) -> BatchReport {
-        let Prepared {
-            records,
-            plan,
-            api_keys,
-            run,
-            delete_owners,
-            ..
-        } = prepared;
-        let (records, created_at) = identities(records);
-        let retries_before = self.kv.retries();
-        let checked = checked(&plan, &records, run, &delete_owners);
-        let Plan {
-            ops,
-            mut outcomes,
-            old_shops,
-            filters,
-            ..
-        } = plan;
-        let sent = self.send(ops, &old_shops, deadline);
-        let sent = Sent {
-            checked,
-            ..sent.await
-        };
-        let applied_at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or_default();
-        let mut report = BatchReport {
-            kv_requests: sent.requests,
-            kv_retries: self.kv.retries() - retries_before,
-            api_keys,
-            ..BatchReport::default()
-        };
-        let failed = sent.settle_keys(&mut report, &mut outcomes);
-        settle_filters(&filters, &failed, &mut outcomes);
-        finish(report, records, outcomes, created_at, applied_at)
-    }
+/// Stage 5: the plan sent once and every record's outcome decided; the check of what landed is
+/// the caller's (`check.rs`).
+pub(super) async fn send(kv: &impl KvStore, prepared: Prepared, deadline: Instant) -> BatchReport {
+    let Prepared {
+        records,
+        plan,
+        api_keys,
+        run,
+        delete_owners,
+        ..
+    } = prepared;
+    let (records, created_at) = identities(records);
+    let retries_before = kv.retries();
+    let checked = checked(&plan, &records, run, &delete_owners);
+    let Plan {
+        ops,
+        mut outcomes,
+        old_shops,
+        filters,
+        ..
+    } = plan;
+    let sent = send_keys(kv, ops, &old_shops, deadline);
+    let sent = Sent {
+        checked,
+        ..sent.await
+    };
+    let applied_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default();
+    let mut report = BatchReport {
+        kv_requests: sent.requests,
+        kv_retries: kv.retries() - retries_before,
+        api_keys,
+        ..BatchReport::default()
+    };
+    let failed = sent.settle_keys(&mut report, &mut outcomes);
+    settle_filters(&filters, &failed, &mut outcomes);
+    finish(report, records, outcomes, created_at, applied_at)
+}
 
-    /// Sends the planned keys, old shop keys first: an index whose old shop key was not
-    /// deleted keeps its own key as it was, so the replay of its record still learns the old
-    /// shop from it.
-    async fn send(
-        &self,
-        ops: BTreeMap<KvKey, PlannedOp>,
-        old_shops: &[(KvKey, IndexRef)],
-        deadline: Instant,
-    ) -> Sent {
-        let old_shop_keys: HashSet<&KvKey> = old_shops.iter().map(|(key, _)| key).collect();
-        let first = (ops.iter())
-            .filter(|(key, _)| old_shop_keys.contains(key))
-            .map(|(key, op)| (key.clone(), op.action.clone()))
-            .collect();
-        let first = self.kv.apply(first, deadline).await;
-        let mut failed: HashMap<KvKey, PortError> = first.failed.into_iter().collect();
-        let withheld: HashMap<KvKey, String> = (old_shops.iter())
-            .filter(|(shop, _)| failed.contains_key(shop))
-            .map(|(shop, index)| (KvKey::index(index), shop.key.clone()))
-            .collect();
-        let (keys, rest) = in_batch_order(ops, |key| {
-            !old_shop_keys.contains(key) && !withheld.contains_key(key)
-        });
-        let rest = self.kv.apply(rest, deadline).await;
-        failed.extend(rest.failed);
-        for (key, shop) in withheld {
-            let error = PortError::Refused(format!(
+/// Sends the planned keys, old shop keys first: an index whose old shop key was not
+/// deleted keeps its own key as it was, so the replay of its record still learns the old
+/// shop from it.
+async fn send_keys(
+    kv: &impl KvStore,
+    ops: BTreeMap<KvKey, PlannedOp>,
+    old_shops: &[(KvKey, IndexRef)],
+    deadline: Instant,
+) -> Sent {
+    let old_shop_keys: HashSet<&KvKey> = old_shops.iter().map(|(key, _)| key).collect();
+    let first = (ops.iter())
+        .filter(|(key, _)| old_shop_keys.contains(key))
+        .map(|(key, op)| (key.clone(), op.action.clone()))
+        .collect();
+    let first = kv.apply(first, deadline).await;
+    let mut failed: HashMap<KvKey, PortError> = first.failed.into_iter().collect();
+    let withheld: HashMap<KvKey, String> = (old_shops.iter())
+        .filter(|(shop, _)| failed.contains_key(shop))
+        .map(|(shop, index)| (KvKey::index(index), shop.key.clone()))
+        .collect();
+    let (keys, rest) = in_batch_order(ops, |key| {
+        !old_shop_keys.contains(key) && !withheld.contains_key(key)
+    });
+    let rest = kv.apply(rest, deadline).await;
+    failed.extend(rest.failed);
+    for (key, shop) in withheld {
+        let error = PortError::Refused(format!(
                 "not sent: the old shop key `{shop}` was not deleted, and a retry must still find it here"
             ));
-            failed.insert(key, error);
-        }
-        Sent {
-            requests: first.requests + rest.requests,
-            keys,
-            failed,
-            checked: HashMap::new(),
-        }
+        failed.insert(key, error);
+    }
+    Sent {
+        requests: first.requests + rest.requests,
+        keys,
+        failed,
+        checked: HashMap::new(),
     }
 }
 
