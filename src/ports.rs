@@ -11,7 +11,7 @@ mod ledger;
 pub use ledger::{IndexRefs, Ledger, ReconcileProgress, Referred, RefsChange};
 
 use crate::domain::kv::{KvKey, KvOp};
-use crate::domain::{ApiKey, ApiToken, IndexRef, Namespace, SettingsReference};
+use crate::domain::{ApiKey, ApiToken, IndexRef, Namespace};
 use crate::domain::{TableKey, TableRecord};
 
 /// Why an outside system did not answer as asked: what happened, as the adapter saw it, with
@@ -240,14 +240,14 @@ pub trait SettingsTable: Send + Sync {
     /// Every index-settings record's shop id and live alias targets (one paginated scan).
     fn settings_references(
         &self,
-    ) -> impl Future<Output = Result<Vec<SettingsReference>, PortError>> + Send;
+    ) -> impl Future<Output = Result<Vec<(IndexRef, IndexRefs)>, PortError>> + Send;
 
     /// What the settings records of `indexes` say about other indexes (their shops and live
     /// aliases), for those that have a record (consistent reads, 100 a call).
     fn index_references(
         &self,
         indexes: &[IndexRef],
-    ) -> impl Future<Output = Result<Vec<SettingsReference>, PortError>> + Send;
+    ) -> impl Future<Output = Result<Vec<(IndexRef, IndexRefs)>, PortError>> + Send;
 
     /// The records with these keys that exist, each handed to `each` as it is read
     /// (consistent reads, 100 a call, several calls at once): what the stream's records are

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use aws_sdk_dynamodb::types::AttributeValue;
 use serde_dynamo::Item;
 
-use crate::domain::{IndexRef, SettingsReference, TableKey, TableRecord};
-use crate::dynamo::{key_item, settings_reference, shop_id_of, string_attribute, SortKey};
+use crate::domain::{IndexRef, IndexRefs, TableKey, TableRecord};
+use crate::dynamo::{key_item, settings_references, shop_id_of, string_attribute, SortKey};
 use crate::dynamo::{table_key, table_record};
 use crate::ports::{Page, PortError, SettingsTable, TableCounters};
 
@@ -96,15 +96,15 @@ fn index_of(item: &Item) -> Option<IndexRef> {
     Some(IndexRef::new(string_attribute(item, "pk")?, name))
 }
 
-/// What a settings record says about other indexes; a record whose aliases cannot be read
-/// names every index id it holds (fail closed), with a warning.
-fn reference_of(index: IndexRef, image: &Item) -> SettingsReference {
-    let (reference, problem) = settings_reference(index.clone(), image);
+/// What a settings record names of other keys; a record whose aliases cannot be read names
+/// every index id it holds (fail closed), with a warning.
+fn references_of(index: IndexRef, image: &Item) -> (IndexRef, IndexRefs) {
+    let (references, problem) = settings_references(image);
     if let Some(problem) = problem {
         tracing::warn!(account = %index.account, index = %index.name, reason = %problem,
             "settings record's aliases cannot be read; every index id it names stays protected");
     }
-    reference
+    (index, references)
 }
 
 impl DynamoSettingsTable {
@@ -164,7 +164,7 @@ impl SettingsTable for DynamoSettingsTable {
         }
     }
 
-    async fn settings_references(&self) -> Result<Vec<SettingsReference>, PortError> {
+    async fn settings_references(&self) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
         self.reference_scans.fetch_add(1, Ordering::Relaxed);
         let mut references = Vec::new();
         let mut start_key = None;
@@ -195,7 +195,7 @@ impl SettingsTable for DynamoSettingsTable {
                 let SortKey::Index(name) = SortKey::parse(sk, &self.default_configs_sk) else {
                     continue;
                 };
-                references.push(reference_of(IndexRef::new(pk, name), &image));
+                references.push(references_of(IndexRef::new(pk, name), &image));
             }
             match page.last_evaluated_key {
                 Some(key) if !key.is_empty() => start_key = Some(key),
@@ -207,7 +207,7 @@ impl SettingsTable for DynamoSettingsTable {
     async fn index_references(
         &self,
         indexes: &[IndexRef],
-    ) -> Result<Vec<SettingsReference>, PortError> {
+    ) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
         let keys = indexes
             .iter()
             .map(|i| (i.account.clone(), format!("INDEX#{}", i.name)));
@@ -215,7 +215,7 @@ impl SettingsTable for DynamoSettingsTable {
         let mut found = HashMap::with_capacity(indexes.len());
         self.read_keys(keys.collect(), projection, |item| {
             if let Some(index) = index_of(&item) {
-                found.insert(index.clone(), reference_of(index, &item));
+                found.insert(index.clone(), references_of(index, &item));
             }
         })
         .await?;

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use serde_dynamo::Item;
 use tokio::time::Instant;
 
-use crate::domain::{ApiKey, IndexRef, KvAction, KvOp, Namespace, SettingsReference};
+use crate::domain::{ApiKey, IndexRef, KvAction, KvOp, Namespace};
 use crate::domain::{TableKey, TableRecord};
 use crate::ports::{
     AccountCell, ApiKeySource, Applied, IndexRefs, KeyPage, KvStore, Ledger, ListedKey, Page,
@@ -176,21 +176,21 @@ fn record(item: &Item) -> TableRecord {
 }
 
 impl SettingsTable for CountingTable {
-    async fn settings_references(&self) -> Result<Vec<SettingsReference>, PortError> {
+    async fn settings_references(&self) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
         self.scans.fetch_add(1, Ordering::SeqCst);
         Ok(vec![])
     }
     async fn index_references(
         &self,
         indexes: &[IndexRef],
-    ) -> Result<Vec<SettingsReference>, PortError> {
+    ) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
         self.readable()?;
         let items = self.items.lock().unwrap();
         Ok((indexes.iter())
             .filter_map(|index| {
                 let key = (index.account.clone(), format!("INDEX#{}", index.name));
                 let item = items.get(&key)?;
-                Some(crate::dynamo::settings_reference(index.clone(), item).0)
+                Some((index.clone(), crate::dynamo::settings_references(item).0))
             })
             .collect())
     }

@@ -1,6 +1,8 @@
 //! Index settings and query-config overrides as the table holds them, and the values the edge
 //! search proxy reads from KV (docs/contract.md, "The settings table" and "KV values").
 
+use std::collections::BTreeSet;
+
 use serde::{Deserialize, Serialize};
 
 use super::ids::{IndexId, IndexRef};
@@ -184,12 +186,11 @@ pub struct IndexSettings {
 }
 
 impl IndexSettings {
-    /// What the settings say about other indexes: their shop and live alias targets.
-    pub fn reference(&self) -> SettingsReference {
-        SettingsReference {
-            index: self.index.clone(),
-            shop_id: self.shop_id.clone(),
-            live_targets: self.aliases.live_targets().cloned().collect(),
+    /// What the settings name of other keys: their shop and live alias targets.
+    pub fn references(&self) -> IndexRefs {
+        IndexRefs {
+            shops: self.shop_id.iter().cloned().collect(),
+            targets: self.aliases.live_targets().map(|t| t.0.clone()).collect(),
         }
     }
 
@@ -249,12 +250,33 @@ impl IndexSettings {
     }
 }
 
-/// What one settings record in the table says about other indexes, for removal safety.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SettingsReference {
-    pub index: IndexRef,
-    pub shop_id: Option<String>,
-    pub live_targets: Vec<IndexId>,
+/// An index's references to other keys: the shops its keys are on and the index ids its live
+/// aliases point at. Read from its settings record, what the record names (its shop, its live
+/// targets, read fail closed from an invalid record); recorded in the ledger, a superset: a
+/// writer adds what it is about to write before it writes it (an intent), the stream takes out
+/// what its check confirmed the index no longer holds (docs/contract.md, "Concurrent
+/// writers"), so what is recorded covers what KV holds for the index, whatever step a writer
+/// stopped at.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IndexRefs {
+    pub shops: BTreeSet<String>,
+    pub targets: BTreeSet<String>,
+}
+
+impl IndexRefs {
+    /// What the index refers to: each is the key of an item pointing back at it.
+    pub fn referred(&self) -> BTreeSet<Referred> {
+        let shops = self.shops.iter().cloned().map(Referred::Shop);
+        let aliases = self.targets.iter().cloned().map(Referred::Alias);
+        shops.chain(aliases).collect()
+    }
+}
+
+/// Who is asked for: the indexes whose live aliases point at an index id, or that claim a shop.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Referred {
+    Alias(String),
+    Shop(String),
 }
 
 /// The value under `{shop_id}` and `{system_account_id}-{index_name}`.

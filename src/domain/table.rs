@@ -5,17 +5,18 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{IndexRef, IndexSettings, InvalidRecord, QueryConfig, SettingsReference};
+use super::{IndexRef, IndexRefs, IndexSettings, InvalidRecord, QueryConfig};
 
 /// One item of the table, decoded by the adapter that read it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TableRecord {
     /// `INDEX#{name}`: the settings, or why they cannot be exported; and what the record names
-    /// of other indexes (read fail closed from an invalid record: its KV value, written when it
+    /// of other keys (read fail closed from an invalid record: its KV value, written when it
     /// was valid, may still route there).
     Settings {
+        index: IndexRef,
         settings: Result<Arc<IndexSettings>, InvalidRecord>,
-        reference: SettingsReference,
+        references: IndexRefs,
     },
     /// `INDEX#{name}#QUERY#{query}`: the override, or why it cannot be exported.
     Override {

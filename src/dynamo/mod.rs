@@ -14,8 +14,7 @@ pub(crate) mod stream;
 use crate::domain::settings::{non_empty, Document, IndexAliases};
 use crate::domain::validate::{endpoint_problem, shown};
 use crate::domain::{
-    IndexId, IndexRef, IndexSettings, InvalidRecord, QueryConfig, SettingsReference, TableKey,
-    TableRecord,
+    IndexId, IndexRef, IndexRefs, IndexSettings, InvalidRecord, QueryConfig, TableKey, TableRecord,
 };
 
 /// What a sort key says a record is.
@@ -200,26 +199,21 @@ pub fn shop_id_of(image: &Item) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// What a settings record says about other indexes: its shop and live alias targets. Fails
-/// closed: when the aliases cannot be read, every index id the record names protects its index,
-/// and the reason comes back for a warning.
-pub fn settings_reference(
-    index: IndexRef,
-    image: &Item,
-) -> (SettingsReference, Option<InvalidRecord>) {
-    let shop_id = shop_id_of(image);
+/// What a settings record names of other keys: its shop and live alias targets. Fails closed:
+/// when the aliases cannot be read, every index id the record names protects its index, and
+/// the reason comes back for a warning.
+pub fn settings_references(image: &Item) -> (IndexRefs, Option<InvalidRecord>) {
     let read = typed::<ReferenceAliases>(image, "index_aliases")
         .and_then(|aliases| Ok((aliases, string_field(image, "read_alias")?)));
-    let (live_targets, problem) = match read {
+    let (targets, problem) = match read {
         Ok((aliases, read_alias)) => (reference_targets(aliases, read_alias), None),
         Err(problem) => (named_index_ids(image), Some(problem)),
     };
-    let reference = SettingsReference {
-        index,
-        shop_id,
-        live_targets,
+    let references = IndexRefs {
+        shops: shop_id_of(image).into_iter().collect(),
+        targets: targets.into_iter().map(|target| target.0).collect(),
     };
-    (reference, problem)
+    (references, problem)
 }
 
 /// Enabled read targets (the legacy `read_alias` wins) and an enabled analytics target.
@@ -301,13 +295,14 @@ pub fn table_record(item: &Item, default_configs_sk: &str) -> TableRecord {
         SortKey::Index(name) => {
             let index = IndexRef::new(pk, name);
             let settings = index_settings(index.clone(), item).map(Arc::new);
-            let reference = match &settings {
-                Ok(settings) => settings.reference(),
-                Err(_) => settings_reference(index, item).0,
+            let references = match &settings {
+                Ok(settings) => settings.references(),
+                Err(_) => settings_references(item).0,
             };
             TableRecord::Settings {
+                index,
                 settings,
-                reference,
+                references,
             }
         }
         SortKey::Query { index, query } => {
@@ -572,56 +567,42 @@ mod tests {
 
     #[test]
     fn references_apply_legacy_precedence_and_only_count_enabled_targets() {
-        let (reference, problem) = settings_reference(
-            IndexRef::new("acct-1", "front"),
-            &item(json!({
-                "read_alias": {"S": "acct-1-legacy"},
-                "index_aliases": {"M": {
-                    "doc_reads": {"M": {"enabled": {"BOOL": true}, "targets": {"L": [
-                        {"M": {"index_id": {"S": "acct-1-shadowed"}, "weight": {"N": "1"}}}]}}},
-                    "analytics": {"M": {"enabled": {"BOOL": false}, "index_id": {"S": "acct-1-off"}}}
-                }}
-            })),
-        );
+        let (reference, problem) = settings_references(&item(json!({
+            "read_alias": {"S": "acct-1-legacy"},
+            "index_aliases": {"M": {
+                "doc_reads": {"M": {"enabled": {"BOOL": true}, "targets": {"L": [
+                    {"M": {"index_id": {"S": "acct-1-shadowed"}, "weight": {"N": "1"}}}]}}},
+                "analytics": {"M": {"enabled": {"BOOL": false}, "index_id": {"S": "acct-1-off"}}}
+            }}
+        })));
         assert_eq!(problem, None);
-        assert_eq!(
-            reference.live_targets,
-            vec![IndexId("acct-1-legacy".into())]
-        );
+        assert_eq!(reference.targets, ["acct-1-legacy".to_owned()].into());
     }
 
     #[test]
     fn an_unreadable_alias_protects_every_index_it_names() {
         // A hand edit stored a weight as a string: the targets still protect their indexes.
-        let (reference, problem) = settings_reference(
-            IndexRef::new("acct-1", "front"),
-            &item(json!({
-                "shop_id": {"S": "shop-1"},
-                "index_aliases": {"M": {
-                    "doc_reads": {"M": {"enabled": {"BOOL": true}, "targets": {"L": [
-                        {"M": {"index_id": {"S": "acct-1-a"}, "weight": {"S": "0.5"}}}]}}}
-                }}
-            })),
-        );
+        let (reference, problem) = settings_references(&item(json!({
+            "shop_id": {"S": "shop-1"},
+            "index_aliases": {"M": {
+                "doc_reads": {"M": {"enabled": {"BOOL": true}, "targets": {"L": [
+                    {"M": {"index_id": {"S": "acct-1-a"}, "weight": {"S": "0.5"}}}]}}}
+            }}
+        })));
         assert_eq!(problem, None, "the weight is not read for protection");
-        assert_eq!(reference.live_targets, vec![IndexId("acct-1-a".into())]);
-        assert_eq!(reference.shop_id.as_deref(), Some("shop-1"));
+        assert_eq!(reference.targets, ["acct-1-a".to_owned()].into());
+        assert_eq!(reference.shops, ["shop-1".to_owned()].into());
 
-        let (reference, problem) = settings_reference(
-            IndexRef::new("acct-1", "front"),
-            &item(json!({
-                "index_aliases": {"M": {
-                    "doc_reads": {"M": {"enabled": {"S": "yes"}, "targets": {"L": [
-                        {"M": {"index_id": {"S": "acct-1-a"}}}]}}},
-                    "analytics": {"M": {"enabled": {"BOOL": false}, "index_id": {"S": "acct-1-b"}}}
-                }}
-            })),
-        );
+        let (reference, problem) = settings_references(&item(json!({
+            "index_aliases": {"M": {
+                "doc_reads": {"M": {"enabled": {"S": "yes"}, "targets": {"L": [
+                    {"M": {"index_id": {"S": "acct-1-a"}}}]}}},
+                "analytics": {"M": {"enabled": {"BOOL": false}, "index_id": {"S": "acct-1-b"}}}
+            }}
+        })));
         assert!(problem.is_some(), "an unreadable `enabled` is reported");
-        assert_eq!(
-            reference.live_targets,
-            vec![IndexId("acct-1-a".into()), IndexId("acct-1-b".into())]
-        );
+        let targets = ["acct-1-a".to_owned(), "acct-1-b".to_owned()];
+        assert_eq!(reference.targets, targets.into());
     }
 
     #[test]

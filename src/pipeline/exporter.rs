@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use tokio::time::Instant;
 
-use crate::domain::{IndexRef, KvAction, KvKey, SettingsReference, TableKey};
+use crate::domain::{IndexRef, KvAction, KvKey, TableKey};
 use crate::pipeline::api_key_cache::ApiKeyCache;
 use crate::pipeline::plan::{self, PlannedOp};
 use crate::pipeline::records::{ChangeRecord, Changed, Expected};
@@ -105,7 +105,7 @@ pub struct TablePage {
     /// Each record's key: where a backfill can resume after it.
     pub keys: Vec<TableKey>,
     /// What the page's settings records say about other indexes (shops, live aliases).
-    pub references: Vec<SettingsReference>,
+    pub references: Vec<(IndexRef, IndexRefs)>,
     pub next: Option<TableKey>,
 }
 

@@ -13,7 +13,7 @@ use crate::domain::kv::{check_key, check_put, KvValue};
 use crate::domain::qfilter::filter_key;
 use crate::domain::qfilter::QueryFilter;
 use crate::domain::validate::{index_key_problem, shop_id_problem, shown, SHOP_DOMAIN};
-use crate::domain::{IndexId, IndexRef, IndexSettings, KvAction, KvKey, SettingsReference};
+use crate::domain::{IndexRef, IndexRefs, IndexSettings, KvAction, KvKey};
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::PortError;
 use crate::report::Outcome;
@@ -185,22 +185,21 @@ fn old_shops(previous: &PreviousShop) -> Result<Vec<String>, Outcome> {
 #[derive(Default)]
 struct Referrers<'a> {
     by_shop: HashMap<&'a str, Vec<&'a IndexRef>>,
-    by_target: HashMap<&'a IndexId, Vec<&'a IndexRef>>,
+    by_target: HashMap<&'a str, Vec<&'a IndexRef>>,
 }
 
 impl<'a> Referrers<'a> {
-    fn of(references: &'a [SettingsReference]) -> Self {
+    fn of(references: &'a [(IndexRef, IndexRefs)]) -> Self {
         let mut referrers = Referrers::default();
-        for reference in references {
-            if let Some(shop) = &reference.shop_id {
-                let claimers = referrers.by_shop.entry(shop).or_default();
-                claimers.push(&reference.index);
+        for (index, refs) in references {
+            for shop in &refs.shops {
+                referrers.by_shop.entry(shop).or_default().push(index);
             }
-            for target in &reference.live_targets {
+            for target in &refs.targets {
                 let aliases = referrers.by_target.entry(target).or_default();
-                // Two aliases of one index to one target name it once.
-                if aliases.last() != Some(&&reference.index) {
-                    aliases.push(&reference.index);
+                // An index named twice (two reads of it) aliases the target once.
+                if aliases.last() != Some(&index) {
+                    aliases.push(index);
                 }
             }
         }
@@ -249,7 +248,7 @@ impl<'a> RecordPlanner<'a> {
                 previous_shop,
             } => {
                 check_own_key(index)?;
-                let aliases = self.referrers()?.by_target.get(&index.id());
+                let aliases = self.referrers()?.by_target.get(index.id().0.as_str());
                 let referenced_by: Vec<IndexRef> = (aliases.into_iter().flatten())
                     .filter(|alias| **alias != index)
                     .map(|alias| (*alias).clone())
@@ -377,7 +376,7 @@ mod tests {
     use crate::domain::kv::{query_config_key, MAX_KEY_BYTES};
     use crate::domain::settings::Document;
     use crate::domain::ApiKey;
-    use crate::domain::{IndexId, IndexSettings, Namespace, QueryConfig};
+    use crate::domain::{IndexSettings, Namespace, QueryConfig};
     use crate::pipeline::records::decode_as_written;
     use crate::pipeline::records::PreviousShop;
     use crate::ports::AccountCell;
@@ -654,11 +653,12 @@ mod tests {
     fn a_remove_is_kept_while_an_enabled_alias_points_at_it() {
         let records = vec![remove(1, "products-v1")];
         let mut snapshot = key_snapshot(&records);
-        snapshot.references = Some(Ok(vec![SettingsReference {
-            index: IndexRef::new("acct-1", "products"),
-            shop_id: None,
-            live_targets: vec![IndexId("acct-1-products-v1".into())],
-        }]));
+        let aliasing = IndexRefs {
+            targets: ["acct-1-products-v1".to_owned()].into(),
+            ..IndexRefs::default()
+        };
+        let aliasing = (IndexRef::new("acct-1", "products"), aliasing);
+        snapshot.references = Some(Ok(vec![aliasing]));
         let plan = plan(&records, &snapshot, CELL);
         assert!(plan.ops.is_empty());
         assert_eq!(
@@ -704,11 +704,12 @@ mod tests {
         );
 
         let mut snapshot = key_snapshot(&records);
-        snapshot.references = Some(Ok(vec![SettingsReference {
-            index: IndexRef::new("acct-1", "products-v2"),
-            shop_id: Some("shop-old.myshopify.com".into()),
-            live_targets: vec![],
-        }]));
+        let claiming = IndexRefs {
+            shops: ["shop-old.myshopify.com".to_owned()].into(),
+            ..IndexRefs::default()
+        };
+        let claiming = (IndexRef::new("acct-1", "products-v2"), claiming);
+        snapshot.references = Some(Ok(vec![claiming]));
         let Some(Ok(references)) = &snapshot.references else {
             unreachable!()
         };

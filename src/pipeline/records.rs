@@ -356,18 +356,14 @@ impl ChangeRecord {
                 (None, skip("query configs were not asked for"))
             }
             TableRecord::Settings {
-                settings,
-                reference,
+                index, settings, ..
             } => {
                 let upsert = |settings| Change::UpsertIndex {
                     settings,
                     previous_shop: PreviousShop::NotAsked,
                     with_overrides: include_query_configs,
                 };
-                (
-                    Some(reference.index),
-                    settings.map(upsert).map_err(rejected),
-                )
+                (Some(index), settings.map(upsert).map_err(rejected))
             }
             TableRecord::Override { index, config, .. } => (
                 Some(index),

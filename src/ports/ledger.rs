@@ -6,6 +6,7 @@ use std::future::Future;
 
 use super::PortError;
 use crate::domain::IndexRef;
+pub use crate::domain::{IndexRefs, Referred};
 
 /// Where a scheduled reconcile stands, kept between invocations (times in seconds since the
 /// epoch). `version` grows by one with every save: a save names the version it read.
@@ -24,26 +25,6 @@ pub struct ReconcileProgress {
     pub lease_until: Option<u64>,
 }
 
-/// What the ledger knows of an index's references to other keys: every shop its keys may be
-/// on and every index id its live aliases may point at. A writer adds what it is about to
-/// write before it writes it (an intent); the stream takes out what its check confirmed the
-/// index no longer holds (docs/contract.md, "Concurrent writers"). So what is recorded is a
-/// superset of what KV holds for the index, whatever step a writer stopped at.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct IndexRefs {
-    pub shops: BTreeSet<String>,
-    pub targets: BTreeSet<String>,
-}
-
-impl IndexRefs {
-    /// What the index refers to: each is the key of an item pointing back at it.
-    pub fn referred(&self) -> BTreeSet<Referred> {
-        let shops = self.shops.iter().cloned().map(Referred::Shop);
-        let aliases = self.targets.iter().cloned().map(Referred::Alias);
-        shops.chain(aliases).collect()
-    }
-}
-
 /// An index's references confirmed by the stream's check: what `pointing` names (every item
 /// that may point back at the index, and every reference of its own, as read before the batch
 /// and added by it) that `new` does not name is taken out, on both sides.
@@ -52,13 +33,6 @@ pub struct RefsChange {
     pub index: IndexRef,
     pub pointing: BTreeSet<Referred>,
     pub new: IndexRefs,
-}
-
-/// Who is asked for: the indexes whose live aliases point at an index id, or that claim a shop.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Referred {
-    Alias(String),
-    Shop(String),
 }
 
 /// The function's own table (the export ledger, docs/contract.md): each index's references

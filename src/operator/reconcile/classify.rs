@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{IndexId, IndexRef, KvKey, SettingsReference};
+use crate::domain::{IndexId, IndexRef, IndexRefs, KvKey};
 
 /// The class of one key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -71,9 +71,10 @@ pub fn could_be_written(index: &IndexRef) -> bool {
         && crate::domain::kv::check_key(&KvKey::index(index).key).is_ok()
 }
 
-pub fn live_targets(references: &[SettingsReference]) -> impl Iterator<Item = IndexId> + '_ {
-    references
-        .iter()
-        .flat_map(|r| r.live_targets.iter().filter(move |t| **t != r.index.id()))
-        .cloned()
+pub fn live_targets(references: &[(IndexRef, IndexRefs)]) -> impl Iterator<Item = IndexId> + '_ {
+    (references.iter()).flat_map(|(index, refs)| {
+        let own = index.id();
+        let others = refs.targets.iter().filter(move |target| **target != own.0);
+        others.map(|target| IndexId(target.clone()))
+    })
 }

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use tokio::time::Instant;
 
 use super::{Exporter, TablePage};
-use crate::domain::{IndexRef, Namespace, SettingsReference, TableKey, TableRecord};
+use crate::domain::{IndexRef, IndexRefs, Namespace, TableKey, TableRecord};
 use crate::pipeline::records::ChangeRecord;
 use crate::ports::SettingsTable;
 use crate::ports::{before_deadline, KeyPage, KvStore, PortError, Ports};
@@ -117,8 +117,13 @@ impl<P: Ports> Exporter<P> {
             ..TablePage::default()
         };
         for (key, record) in page.records {
-            if let TableRecord::Settings { reference, .. } = &record {
-                table_page.references.push(reference.clone());
+            if let TableRecord::Settings {
+                index, references, ..
+            } = &record
+            {
+                table_page
+                    .references
+                    .push((index.clone(), references.clone()));
             }
             table_page.keys.push(key);
             let record = ChangeRecord::from_table(record, include_query_configs);
@@ -157,7 +162,7 @@ impl<P: Ports> Exporter<P> {
     pub async fn settings_references(
         &self,
         deadline: Instant,
-    ) -> Result<Vec<SettingsReference>, PortError> {
+    ) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
         let scan = self.table.settings_references();
         before_deadline(deadline, "settings table scan", scan).await
     }

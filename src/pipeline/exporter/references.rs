@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use super::{intents, Exporter};
 use crate::domain::kv::{check_key, KvKey};
 use crate::domain::validate::shop_id_problem;
-use crate::domain::{IndexId, IndexRef, IndexSettings, SettingsReference};
+use crate::domain::{IndexId, IndexRef, IndexSettings};
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{before_deadline, IndexRefs, Ledger, Ports, SettingsTable};
 use crate::ports::{PortError, Referred};
@@ -20,43 +20,30 @@ use crate::ports::{PortError, Referred};
 /// could not be written, and one record would fail its whole batch), nor when it is the index's
 /// own id (an index protects nothing of its own by aliasing itself: its keys go with its
 /// record; recording it would cost a ledger write per such index).
-fn recorded_target(own: &IndexId, target: &IndexId) -> bool {
-    target != own && check_key(&target.0).is_ok()
+fn recorded_target(own: &IndexId, target: &str) -> bool {
+    target != own.0 && check_key(target).is_ok()
 }
 
 /// The references a settings record leaves: its shop and its recorded alias targets.
 fn refs_of(settings: &IndexSettings) -> IndexRefs {
-    let targets = settings.aliases.live_targets();
-    leaves(&settings.index, settings.shop_id.clone(), targets)
+    let IndexRefs { shops, mut targets } = settings.references();
+    let own = settings.index.id();
+    targets.retain(|target| recorded_target(&own, target));
+    IndexRefs { shops, targets }
 }
 
-/// The references of an index with this shop and these live alias targets.
-fn leaves<'t>(
-    index: &IndexRef,
-    shop: Option<String>,
-    targets: impl Iterator<Item = &'t IndexId>,
-) -> IndexRefs {
-    let own = index.id();
-    let targets = targets.filter(|t| recorded_target(&own, t));
-    IndexRefs {
-        shops: shop.into_iter().collect(),
-        targets: targets.map(|t| t.0.clone()).collect(),
-    }
-}
-
-/// What a settings item's raw reference names that a ledger item can stand for: its shop when
+/// What a settings item's raw references name that a ledger item can stand for: its shop when
 /// it is a shop key, its targets that are KV keys; nothing when its index's own key is not one
 /// (no key of it was ever written, and its items could be over DynamoDB's key limits).
-fn named_by(reference: &SettingsReference) -> impl Iterator<Item = Referred> + '_ {
-    let index_key = KvKey::index(&reference.index).key;
-    let valid = check_key(&index_key).is_ok();
-    let own = reference.index.id();
-    let shop = (reference.shop_id.iter())
+fn named_by((index, refs): &(IndexRef, IndexRefs)) -> impl Iterator<Item = Referred> + '_ {
+    let valid = check_key(&KvKey::index(index).key).is_ok();
+    let own = index.id();
+    let shop = (refs.shops.iter())
         .filter(move |shop| valid && shop_id_problem(shop).is_none())
         .map(|shop| Referred::Shop(shop.clone()));
-    let targets = (reference.live_targets.iter())
+    let targets = (refs.targets.iter())
         .filter(move |target| valid && recorded_target(&own, target))
-        .map(|target| Referred::Alias(target.0.clone()));
+        .map(|target| Referred::Alias(target.clone()));
     shop.chain(targets)
 }
 
@@ -89,7 +76,7 @@ impl<P: Ports> Exporter<P> {
         &self,
         asked: Vec<Referred>,
         deadline: Instant,
-    ) -> Result<Vec<SettingsReference>, PortError> {
+    ) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
         let complete = self.ledger.references_complete();
         if !before_deadline(deadline, "ledger references", complete).await? {
             return self.settings_references(deadline).await;
@@ -105,7 +92,7 @@ impl<P: Ports> Exporter<P> {
         asked: Vec<Referred>,
         decided: &BTreeSet<IndexRef>,
         deadline: Instant,
-    ) -> Result<Vec<SettingsReference>, PortError> {
+    ) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
         if asked.is_empty() {
             return Ok(Vec::new());
         }
@@ -127,11 +114,11 @@ impl<P: Ports> Exporter<P> {
     /// extra item costs a candidate read, never a wrong answer. Answers how many were added.
     pub async fn add_missing_references(
         &self,
-        references: &[SettingsReference],
+        references: &[(IndexRef, IndexRefs)],
         deadline: Instant,
     ) -> Result<usize, PortError> {
         let named: BTreeSet<(IndexRef, Referred)> = (references.iter())
-            .flat_map(|r| named_by(r).map(move |referred| (r.index.clone(), referred)))
+            .flat_map(|r| named_by(r).map(move |referred| (r.0.clone(), referred)))
             .collect();
         if named.is_empty() {
             return Ok(0);
@@ -421,12 +408,12 @@ mod tests {
         let found = e.referrers_of(asked.to_vec(), deadline()).await.unwrap();
 
         let claimers: Vec<&str> = (found.iter())
-            .filter(|r| r.shop_id.as_deref() == Some("s.myshopify.com"))
-            .map(|r| r.index.name.as_str())
+            .filter(|(_, refs)| refs.shops.contains("s.myshopify.com"))
+            .map(|(index, _)| index.name.as_str())
             .collect();
         let aliasing: Vec<&str> = (found.iter())
-            .filter(|r| r.live_targets.iter().any(|t| t.0 == "a-t"))
-            .map(|r| r.index.name.as_str())
+            .filter(|(_, refs)| refs.targets.contains("a-t"))
+            .map(|(index, _)| index.name.as_str())
             .collect();
         let expected: Vec<&str> = (cases.iter())
             .filter(|(.., counted)| *counted)
@@ -444,10 +431,15 @@ mod tests {
             upsert("q", None, Some("a-p")),
         ];
         let left: Vec<_> = left_by(&records).into_iter().flatten().collect();
-        let reference = |name: &str, target: &str| SettingsReference {
-            index: index(name),
-            shop_id: None,
-            live_targets: vec![crate::domain::IndexId(target.into())],
+        let reference = |name: &str, target: &str| {
+            let targets = [target.to_owned()].into();
+            (
+                index(name),
+                IndexRefs {
+                    targets,
+                    ..IndexRefs::default()
+                },
+            )
         };
 
         assert_eq!(

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::references::left_by;
 use super::{Exporter, Run, CONCURRENT_KV_REQUESTS};
-use crate::domain::{IndexRef, KvKey, Namespace, SettingsReference, TableKey, TableRecord};
+use crate::domain::{IndexRef, KvKey, Namespace, TableKey, TableRecord};
 use crate::pipeline::plan::{self, Snapshot};
 use crate::pipeline::records::{Change, ChangeRecord, Changed};
 use crate::ports::{before_deadline, AccountCell, KvStore, LookupCounts, Ports};
@@ -194,7 +194,7 @@ impl<P: Ports> Exporter<P> {
         &self,
         records: &[ChangeRecord],
         deadline: Instant,
-    ) -> Result<Vec<SettingsReference>, PortError> {
+    ) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
         let complete = self.ledger.references_complete();
         if !before_deadline(deadline, "ledger references", complete).await? {
             return self.settings_references(deadline).await;
@@ -206,19 +206,12 @@ impl<P: Ports> Exporter<P> {
             .collect();
         let asked = asked.into_iter().collect();
         let recorded = self.recorded_referrers(asked, &own, deadline);
-        let mut references: BTreeMap<IndexRef, SettingsReference> = (recorded.await?.into_iter())
-            .map(|r| (r.index.clone(), r))
-            .collect();
+        let mut references: BTreeMap<IndexRef, IndexRefs> = recorded.await?.into_iter().collect();
         // The batch's own records are newer than what the ledger holds.
         for record in records {
             match &record.decoded {
                 Ok(Change::UpsertIndex { settings, .. }) => {
-                    let reference = SettingsReference {
-                        index: settings.index.clone(),
-                        shop_id: settings.shop_id.clone(),
-                        live_targets: settings.aliases.live_targets().cloned().collect(),
-                    };
-                    references.insert(settings.index.clone(), reference);
+                    references.insert(settings.index.clone(), settings.references());
                 }
                 Ok(Change::RemoveIndex { index, .. }) => {
                     references.remove(index);
@@ -226,7 +219,7 @@ impl<P: Ports> Exporter<P> {
                 _ => {}
             }
         }
-        Ok(references.into_values().collect())
+        Ok(references.into_iter().collect())
     }
 
     /// The shop ids in the indexes' current KV values, read 100 keys a request.

@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use crate::domain::validate::shop_id_problem;
-use crate::domain::{ApiKey, IndexRef, IndexSettings, SettingsReference};
+use crate::domain::{ApiKey, IndexRef, IndexRefs, IndexSettings};
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::{AccountCell, PortError, Referred};
 use crate::report::Outcome;
@@ -17,7 +17,7 @@ use crate::report::Outcome;
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub api_keys: HashMap<AccountCell, Result<ApiKey, PortError>>,
-    pub references: Option<Result<Vec<SettingsReference>, PortError>>,
+    pub references: Option<Result<Vec<(IndexRef, IndexRefs)>, PortError>>,
     /// The current settings of indexes that claim a shop key another index gave up
     /// (`None`: no such record any more).
     pub claimers: HashMap<IndexRef, Result<Option<Arc<IndexSettings>>, PortError>>,
@@ -174,11 +174,14 @@ pub fn reference_questions(records: &[ChangeRecord]) -> BTreeSet<Referred> {
 /// The indexes whose settings the plan needs besides the records': every other claimer of a
 /// shop a record gives up (its key is repointed to the first that can be exported), read
 /// before the one plan.
-pub fn claimers(records: &[ChangeRecord], references: &[SettingsReference]) -> BTreeSet<IndexRef> {
+pub fn claimers(
+    records: &[ChangeRecord],
+    references: &[(IndexRef, IndexRefs)],
+) -> BTreeSet<IndexRef> {
     let mut by_shop: HashMap<&str, Vec<&IndexRef>> = HashMap::new();
-    for reference in references {
-        if let Some(shop) = &reference.shop_id {
-            by_shop.entry(shop).or_default().push(&reference.index);
+    for (index, refs) in references {
+        for shop in &refs.shops {
+            by_shop.entry(shop).or_default().push(index);
         }
     }
     let mut wanted = BTreeSet::new();

@@ -197,7 +197,7 @@ impl<P: Ports> Pass<'_, P> {
         // Each candidate's record as the table holds it now (the ledger only names them).
         let wanted: HashSet<&String> = shops.iter().collect();
         Ok((references.into_iter())
-            .filter_map(|r| r.shop_id)
+            .flat_map(|(_, refs)| refs.shops)
             .filter(|s| wanted.contains(s))
             .collect())
     }
