@@ -8,10 +8,11 @@
 //!
 //! - [`entry`]: the thin Lambda entry (the binary serves it with `lambda_runtime::run`). Routes a payload (stream batch or operator request),
 //!   sets the retry deadline, turns a report into the partial-batch response.
-//! - [`pipeline`]: the stream path, one file per step: [`pipeline::records`] (stream records
-//!   and table items become changes) -> [`pipeline::plan`] (pure: one KV operation per key) ->
-//!   [`pipeline::exporter`] (looks up, plans, hands the operations to the KV store, decides
-//!   each record's outcome). How operations become requests is the store adapter's.
+//! - [`pipeline`]: the one routine every writer hands records to: [`pipeline::records`]
+//!   (stream records and table records become changes), then the stages of
+//!   [`pipeline::exporter`] (docs/contract.md, "The reconciler's stages"): the snapshot, the
+//!   pure [`pipeline::plan`] (one KV operation per key), the intents, the write, the check,
+//!   the stream's shrink. How operations become requests is the store adapter's.
 //! - [`operator`]: the manual modes, one file each: re-export, verify, backfill, reconcile (and
 //!   its scheduled passes). They call the exporter through its methods.
 //! - [`report`]: the one `Outcome` enum, the batch report, its log lines and EMF metrics.

@@ -1,5 +1,6 @@
-//! The exporter core: looks up what a batch needs, plans it, sends the KV requests and decides
-//! every record's outcome. The stream handler and the manual re-export both go through here.
+//! The exporter core: the stages every writer's records go through (docs/contract.md, "The
+//! reconciler's stages"), one module each; `prepare` is stages 2 and 3 (a dry run stops there),
+//! `apply` stages 4 to 7. The stream and every operator mode go through here.
 
 use std::collections::{BTreeSet, HashMap};
 

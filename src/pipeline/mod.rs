@@ -1,4 +1,5 @@
-//! The stream path, one file per step: records -> plan -> the KV store, run by the exporter.
+//! The one routine every writer hands records to: records become changes, then the exporter
+//! takes them through its stages (snapshot, plan, intents, write, check, shrink).
 
 pub mod api_key_cache;
 pub mod exporter;

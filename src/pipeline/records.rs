@@ -99,6 +99,41 @@ impl ChangeRecord {
             _ => None,
         }
     }
+
+    /// A table record as a change (re-exports, backfills, the stream's items as they are now).
+    /// Such an export only writes: with no previous image to compare, nothing is deleted.
+    pub fn from_table(record: TableRecord, include_query_configs: bool) -> ChangeRecord {
+        let rejected = |e: InvalidRecord| Outcome::Rejected(e.to_string());
+        let (index, decoded) = match record {
+            TableRecord::Other { rejected, reason } => match rejected {
+                true => (None, reject(reason)),
+                false => (None, skip(reason)),
+            },
+            TableRecord::Override { .. } if !include_query_configs => {
+                (None, skip("query configs were not asked for"))
+            }
+            TableRecord::Settings {
+                index, settings, ..
+            } => {
+                let upsert = |settings| Change::UpsertIndex {
+                    settings,
+                    previous_shop: PreviousShop::NotAsked,
+                    with_overrides: include_query_configs,
+                };
+                (Some(index), settings.map(upsert).map_err(rejected))
+            }
+            TableRecord::Override { index, config, .. } => (
+                Some(index),
+                config.map(Change::UpsertQuery).map_err(rejected),
+            ),
+        };
+        ChangeRecord {
+            sequence_number: None,
+            index,
+            created_at: None,
+            decoded,
+        }
+    }
 }
 
 impl ChangeRecord<Changed> {
@@ -109,9 +144,9 @@ impl ChangeRecord<Changed> {
     }
 
     /// The record as its item is now (`now`: the item as the table holds it, as a change
-    /// ([`ChangeRecord::from_table`]); `None`: the table no longer holds it). The stream says which item changed
-    /// and which shop its index had; what is exported comes from the table, so a record read
-    /// late (a replay, an old payload sent by hand) never writes old values.
+    /// ([`ChangeRecord::from_table`]); `None`: the table no longer holds it). The stream says
+    /// which item changed and which shop its index had; what is exported comes from the table,
+    /// so a record read late (a replay, an old payload sent by hand) never writes old values.
     pub fn as_now(self, now: Option<&Result<Change, Outcome>>) -> ChangeRecord {
         self.map_decoded(|decoded| decoded.and_then(|changed| changed.into_change(now)))
     }
@@ -340,43 +375,6 @@ fn decode_change(
         inserted: event_name == "INSERT",
     };
     (Some(index), Ok(changed))
-}
-
-impl ChangeRecord {
-    /// A table record as a change (re-exports, backfills, the stream's items as they are now).
-    /// Such an export only writes: with no previous image to compare, nothing is deleted.
-    pub fn from_table(record: TableRecord, include_query_configs: bool) -> ChangeRecord {
-        let rejected = |e: InvalidRecord| Outcome::Rejected(e.to_string());
-        let (index, decoded) = match record {
-            TableRecord::Other { rejected, reason } => match rejected {
-                true => (None, reject(reason)),
-                false => (None, skip(reason)),
-            },
-            TableRecord::Override { .. } if !include_query_configs => {
-                (None, skip("query configs were not asked for"))
-            }
-            TableRecord::Settings {
-                index, settings, ..
-            } => {
-                let upsert = |settings| Change::UpsertIndex {
-                    settings,
-                    previous_shop: PreviousShop::NotAsked,
-                    with_overrides: include_query_configs,
-                };
-                (Some(index), settings.map(upsert).map_err(rejected))
-            }
-            TableRecord::Override { index, config, .. } => (
-                Some(index),
-                config.map(Change::UpsertQuery).map_err(rejected),
-            ),
-        };
-        ChangeRecord {
-            sequence_number: None,
-            index,
-            created_at: None,
-            decoded,
-        }
-    }
 }
 
 fn previous_shop(record: &StreamRecord) -> PreviousShop {
