@@ -178,12 +178,8 @@ pub fn claimers(
     records: &[ChangeRecord],
     references: &[(IndexRef, IndexRefs)],
 ) -> BTreeSet<IndexRef> {
-    let mut by_shop: HashMap<&str, Vec<&IndexRef>> = HashMap::new();
-    for (index, refs) in references {
-        for shop in &refs.shops {
-            by_shop.entry(shop).or_default().push(index);
-        }
-    }
+    // Who claims each shop as the plan will ask it.
+    let by_shop = super::Referrers::of(references).by_shop;
     let mut wanted = BTreeSet::new();
     for change in records.iter().filter_map(|r| r.decoded.as_ref().ok()) {
         let Some((index, shops)) = given_up(change) else {
