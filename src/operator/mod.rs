@@ -20,7 +20,6 @@ use tokio::time::Instant;
 use crate::domain::validate::cut;
 use crate::domain::{IndexRef, KvKey};
 use crate::pipeline::exporter::{Exporter, Prepared, Run};
-use crate::pipeline::records::ChangeRecord;
 use crate::ports::Ports;
 use crate::report::{BatchReport, Outcome};
 
@@ -161,53 +160,88 @@ impl IndexTarget {
     }
 }
 
-/// Records of one index worked on in one go: its settings record (first) and a run of its query
-/// configs.
-pub struct Piece {
-    pub records: Vec<ChangeRecord>,
-    /// Where the index's next query configs begin (`None`: this piece holds the last).
-    pub next: Option<TableKey>,
-    /// How to plan it: a piece without every query config gets its filter from a Query.
-    pub run: Run,
-}
-
 /// Query configs in one piece of a re-export or verify: an index with more goes on in pieces,
 /// each within an invocation, with a token.
 pub const PIECE_RECORDS: usize = 5_000;
 
-impl IndexTarget {
-    /// The piece after `start` (`None`: the first, with the settings record, which must exist).
-    async fn piece<P: Ports>(
-        &self,
-        exporter: &Exporter<P>,
-        start: Option<TableKey>,
-        limit: usize,
+/// One index's records in pieces, each prepared (planned, nothing sent): its settings record
+/// and a run of its query configs first, then the rest of them. A re-export and a verify walk
+/// it the same way; they differ in what they do with a piece.
+struct Pieces<'a, P: Ports> {
+    exporter: &'a Exporter<P>,
+    target: &'a IndexTarget,
+    /// Where the next piece begins (`None`: with the settings record).
+    start: Option<TableKey>,
+    /// Whether a piece was taken: the next one is taken only when there is more, in time.
+    taken: bool,
+    limit: usize,
+    /// One piece per invocation (the request said how large), else none begun past this.
+    one_piece: bool,
+    stop_at: Instant,
+    deadline: Instant,
+}
+
+/// A piece, and where it stands in the index's records.
+struct PieceAt {
+    prepared: Prepared,
+    /// It holds the settings record.
+    first: bool,
+    /// It holds the last query config.
+    last: bool,
+}
+
+impl<'a, P: Ports> Pieces<'a, P> {
+    fn new(
+        exporter: &'a Exporter<P>,
+        target: &'a IndexTarget,
+        token: Option<&NonEmpty>,
+        max_records: Option<usize>,
         deadline: Instant,
-    ) -> Result<Piece, OperatorError> {
-        let index = &self.index;
+    ) -> Result<Self, OperatorError> {
+        let start = token.map(|token| decode_token(&token.0)).transpose()?;
+        // No invocation works past half the time it has: the rest goes on with a token.
+        let began = Instant::now();
+        Ok(Self {
+            exporter,
+            target,
+            start,
+            taken: false,
+            limit: max_records.unwrap_or(PIECE_RECORDS).max(1),
+            one_piece: max_records.is_some(),
+            stop_at: began + deadline.saturating_duration_since(began) / 2,
+            deadline,
+        })
+    }
+
+    /// The next piece, read and prepared (`None`: the walk ended, or stops here).
+    async fn next(&mut self) -> Result<Option<PieceAt>, OperatorError> {
+        let stop = self.one_piece || Instant::now() >= self.stop_at;
+        if self.taken && (self.start.is_none() || stop) {
+            return Ok(None);
+        }
+        self.taken = true;
+        let (exporter, index, deadline) = (self.exporter, &self.target.index, self.deadline);
         let failed = |e| OperatorError::export_failed(index, e);
-        let first = start.is_none();
+        let first = self.start.is_none();
         let mut records = Vec::new();
         if first {
-            let with_configs = self.include_query_configs;
+            let with_configs = self.target.include_query_configs;
             let settings = exporter.settings_record(index, with_configs, deadline);
-            let settings = settings.await.map_err(failed)?;
-            records.push(settings.ok_or_else(|| OperatorError::NoSuchIndex {
-                account: index.account.clone(),
-                index: index.name.clone(),
+            records.push(settings.await.map_err(failed)?.ok_or_else(|| {
+                OperatorError::NoSuchIndex {
+                    account: index.account.clone(),
+                    index: index.name.clone(),
+                }
             })?);
         }
-        if !self.include_query_configs {
-            let run = Run::OPERATOR;
-            return Ok(Piece {
-                records,
-                next: None,
-                run,
-            });
+        let mut next = None;
+        if self.target.include_query_configs {
+            let page = exporter.query_configs(index, self.start.take(), self.limit, deadline);
+            let (configs, rest) = page.await.map_err(failed)?;
+            records.extend(configs);
+            next = rest;
         }
-        let page = exporter.query_configs(index, start, limit.max(1), deadline);
-        let (configs, next) = page.await.map_err(failed)?;
-        records.extend(configs);
+        // A piece without every query config gets its filter from a Query of the table.
         let run = match first && next.is_none() {
             true => Run::OPERATOR,
             false => Run {
@@ -215,18 +249,24 @@ impl IndexTarget {
                 ..Run::OPERATOR
             },
         };
-        Ok(Piece { records, next, run })
+        let mut prepared = exporter.prepare(records, run, deadline).await;
+        // The first piece, which has the settings record, owns the index's filter.
+        if !first {
+            let filter = crate::domain::qfilter::filter_key(index);
+            prepared.plan.ops.remove(&filter);
+        }
+        let last = next.is_none();
+        self.start = next;
+        Ok(Some(PieceAt {
+            prepared,
+            first,
+            last,
+        }))
     }
-}
 
-/// A piece after the first plans the index's filter again (its query configs need it): the
-/// first piece, which has the settings record, owns it.
-fn leave_filter_to_first_piece(prepared: &mut Prepared, index: &IndexRef, first: bool) {
-    if !first {
-        prepared
-            .plan
-            .ops
-            .remove(&crate::domain::qfilter::filter_key(index));
+    /// Where the walk goes on (`None`: it reached the last piece).
+    fn token(&self) -> Option<String> {
+        self.start.as_ref().map(encode_token)
     }
 }
 

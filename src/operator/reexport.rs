@@ -5,10 +5,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::{decode_token, encode_token, leave_filter_to_first_piece, PIECE_RECORDS};
 use super::{ensure_exported, ensure_ready, flag, masked, rejected, IndexTarget, OperatorError};
-use super::{NonEmpty, Rejected};
-use crate::domain::TableKey;
+use super::{NonEmpty, PieceAt, Pieces, Rejected};
 use crate::domain::{KvAction, KvKey, Namespace};
 use crate::pipeline::exporter::{Exporter, Prepared};
 use crate::ports::Ports;
@@ -110,41 +108,24 @@ pub async fn run<P: Ports>(
     deadline: Instant,
 ) -> Result<Answer, OperatorError> {
     let target = request.target();
-    let index = &target.index;
-    let mut start: Option<TableKey> = match &request.continuation_token {
-        Some(token) => Some(decode_token(&token.0)?),
-        None => None,
-    };
-    // An index whose query configs need several pieces goes on with a token; no invocation
-    // works past half the time it has.
-    let began = Instant::now();
-    let stop_at = began + deadline.saturating_duration_since(began) / 2;
-    let limit = request.max_records.unwrap_or(PIECE_RECORDS);
+    let token = request.continuation_token.as_ref();
+    let mut pieces = Pieces::new(exporter, &target, token, request.max_records, deadline)?;
     let mut answer = Answer::new(request);
-    loop {
-        let first = start.is_none();
-        let piece = target
-            .piece(exporter, start.take(), limit, deadline)
-            .await?;
-        let mut prepared = exporter.prepare(piece.records, piece.run, deadline).await;
-        leave_filter_to_first_piece(&mut prepared, index, first);
+    while let Some(PieceAt {
+        prepared, first, ..
+    }) = pieces.next().await?
+    {
         if request.dry_run {
-            ensure_ready(index, &prepared)?;
+            ensure_ready(&target.index, &prepared)?;
             answer.preview(&prepared);
         } else {
             let report = exporter.apply(prepared, deadline).await;
             report.log();
-            ensure_exported(index, &report)?;
+            ensure_exported(&target.index, &report)?;
             answer.exported(&report, first);
         }
-        let Some(next) = piece.next else {
-            return Ok(answer.finish(None));
-        };
-        if request.max_records.is_some() || Instant::now() >= stop_at {
-            return Ok(answer.finish(Some(encode_token(&next))));
-        }
-        start = Some(next);
     }
+    Ok(answer.finish(pieces.token()))
 }
 
 impl Answer {

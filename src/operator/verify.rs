@@ -7,12 +7,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::{decode_token, encode_token, leave_filter_to_first_piece, PIECE_RECORDS};
-use super::{
-    ensure_exported, ensure_ready, flag, IndexTarget, KeyChanges, NonEmpty, OperatorError,
-};
+use super::{ensure_exported, ensure_ready, flag, IndexTarget, KeyChanges, NonEmpty};
+use super::{OperatorError, PieceAt, Pieces};
 use crate::domain::kv::{is_query_config_key_of, query_config_prefix};
-use crate::domain::TableKey;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::pipeline::exporter::{Exporter, Prepared};
 use crate::ports::Ports;
@@ -138,30 +135,20 @@ pub async fn run<P: Ports>(
         &request.index_name,
         request.include_query_configs,
     );
-    let mut start: Option<TableKey> = match &request.continuation_token {
-        Some(token) => Some(decode_token(&token.0)?),
-        None => None,
-    };
-    // An index whose query configs need several pieces goes on with a token; no invocation
-    // works past half the time it has.
-    let began = Instant::now();
-    let stop_at = began + deadline.saturating_duration_since(began) / 2;
-    let limit = request.max_records.unwrap_or(PIECE_RECORDS);
+    let token = request.continuation_token.as_ref();
+    let mut pieces = Pieces::new(exporter, &target, token, request.max_records, deadline)?;
     let mut answer = Answer::new(&target.index);
-    loop {
-        let first = start.is_none();
-        let piece = target
-            .piece(exporter, start.take(), limit, deadline)
-            .await?;
-        let whole = first && piece.next.is_none();
-        let last = piece.next.is_none();
-        let mut prepared = exporter.prepare(piece.records, piece.run, deadline).await;
-        leave_filter_to_first_piece(&mut prepared, &target.index, first);
+    while let Some(PieceAt {
+        prepared,
+        first,
+        last,
+    }) = pieces.next().await?
+    {
         ensure_ready(&target.index, &prepared)?;
         let mut check = Check::new(&target, &prepared);
         check.compare(exporter, &prepared, deadline).await?;
         if last && target.include_query_configs {
-            check.unexpected(exporter, whole, deadline).await?;
+            check.unexpected(exporter, first && last, deadline).await?;
         }
         answer.add(&check.drift);
         if request.repair {
@@ -169,14 +156,8 @@ pub async fn run<P: Ports>(
                 .repair(exporter, request, prepared, &check.drift, deadline)
                 .await?;
         }
-        let Some(next) = piece.next else {
-            return Ok(answer.finish(None));
-        };
-        if request.max_records.is_some() || Instant::now() >= stop_at {
-            return Ok(answer.finish(Some(encode_token(&next))));
-        }
-        start = Some(next);
     }
+    Ok(answer.finish(pieces.token()))
 }
 
 /// One piece's keys compared: what the table implies for them, and how KV differs.
