@@ -179,11 +179,10 @@ pub async fn run<P: Ports>(
         request,
         deadline,
         tally: Tally::default(),
-        runs: Runs::new(start.is_some()),
-        resume: start.clone(),
+        runs: Runs::new(start.clone()),
+        resume: start,
         sent_any: false,
     };
-    let mut scan_at = start;
     // Leave room for the slowest page seen so far, twice over, and for the slowest send
     // (closed runs go out before a stop), before reading another page.
     let (mut slowest_page, mut slowest_send) = (Duration::from_secs(2), Duration::ZERO);
@@ -198,8 +197,8 @@ pub async fn run<P: Ports>(
             break false;
         }
         let page_started = Instant::now();
-        let next = pass.read(account, scan_at.take()).await?;
-        let last_page = next.is_none();
+        pass.read(account).await?;
+        let last_page = pass.runs.ended();
         slowest_page = slowest_page.max(page_started.elapsed());
         if pass.runs.closed() >= request.batch_records || last_page {
             let send_started = Instant::now();
@@ -209,9 +208,8 @@ pub async fn run<P: Ports>(
             }
             slowest_send = slowest_send.max(send_started.elapsed());
         }
-        match next {
-            Some(next) => scan_at = Some(next),
-            None => break true,
+        if last_page {
+            break true;
         }
     };
     // Every index's references are in the ledger now: batches stop scanning the table.
@@ -238,37 +236,22 @@ struct Pass<'a, P: Ports> {
 }
 
 impl<P: Ports> Pass<'_, P> {
-    /// Reads the page at `scan_at` into the runs; answers where the next one starts (`None`:
-    /// the table ended).
-    async fn read(
-        &mut self,
-        account: Option<&str>,
-        scan_at: Option<TableKey>,
-    ) -> Result<Option<TableKey>, OperatorError> {
-        let (request, deadline) = (self.request, self.deadline);
+    /// Reads the table's next page into the runs (what its settings items name added to the
+    /// ledger first: the migration to sets of referrers, and the ledger's own repair).
+    async fn read(&mut self, account: Option<&str>) -> Result<(), OperatorError> {
+        let request = self.request;
         let (size, overrides) = (request.page_size, request.include_query_configs);
-        let page = self
-            .exporter
-            .table_page(account, scan_at, size, overrides, deadline);
-        let page = page.await.map_err(backfill_failed)?;
-        // What every settings item names (rejected ones included, read from the raw items)
-        // is in the ledger before the page's records are sent: the migration to sets of
-        // referrers, and the ledger's own repair.
-        if !request.dry_run {
-            let added = self
-                .exporter
-                .add_missing_references(&page.references, deadline);
-            added.await.map_err(backfill_failed)?;
-        }
-        self.tally.items += page.records.len();
-        for (record, key) in page.records.into_iter().zip(page.keys) {
-            self.runs.add(record, key);
-        }
-        // Without overrides, no index's run goes on past its settings item.
-        if page.next.is_none() || !overrides {
-            self.runs.close();
-        }
-        Ok(page.next)
+        let read = (self.runs).read(
+            self.exporter,
+            account,
+            size,
+            overrides,
+            !request.dry_run,
+            self.deadline,
+        );
+        let (records, _) = read.await.map_err(backfill_failed)?;
+        self.tally.items += records;
+        Ok(())
     }
 
     /// Sends the runs closed so far; whether every record went through (the backfill goes

@@ -5,10 +5,12 @@
 //! whole: it outgrew [`MAX_HELD`], it may have begun before where the read resumed, or the read
 //! must stop before it ends.
 
-use crate::domain::TableKey;
+use tokio::time::Instant;
 
-use crate::domain::IndexRef;
+use crate::domain::{IndexRef, IndexRefs, TableKey, TableRecord};
+use crate::pipeline::exporter::Exporter;
 use crate::pipeline::records::{Change, ChangeRecord};
+use crate::ports::{PortError, Ports};
 
 /// Records of one index held at most; past it, the index's filter comes from a Query.
 const MAX_HELD: usize = 5_000;
@@ -39,14 +41,66 @@ pub(super) struct Runs {
     /// The read resumed inside the table: its first run may have begun before.
     resumed: bool,
     closed: Closed,
+    /// Where the next page begins (`None`: the table's start, or its end once `ended`).
+    scan_at: Option<TableKey>,
+    ended: bool,
 }
 
 impl Runs {
-    pub fn new(resumed: bool) -> Self {
+    /// Runs read from `start` (`None`: the table's beginning).
+    pub fn new(start: Option<TableKey>) -> Self {
         Self {
-            resumed,
+            resumed: start.is_some(),
+            scan_at: start,
             ..Self::default()
         }
+    }
+
+    /// The table's next page read into the runs (one account's records when given). What its
+    /// settings records name (rejected ones too) is added to the ledger first when
+    /// `add_references`: the ledger's own repair, before any of them is sent. Answers how many
+    /// records it read and how many references it added.
+    pub async fn read<P: Ports>(
+        &mut self,
+        exporter: &Exporter<P>,
+        account: Option<&str>,
+        size: i32,
+        with_overrides: bool,
+        add_references: bool,
+        deadline: Instant,
+    ) -> Result<(usize, usize), PortError> {
+        let page = exporter.table_page(account, self.scan_at.take(), size, deadline);
+        let page = page.await?;
+        let mut added = 0;
+        if add_references {
+            let references: Vec<(IndexRef, IndexRefs)> = (page.records.iter())
+                .filter_map(|(_, record)| match record {
+                    TableRecord::Settings {
+                        index, references, ..
+                    } => Some((index.clone(), references.clone())),
+                    _ => None,
+                })
+                .collect();
+            added = exporter
+                .add_missing_references(&references, deadline)
+                .await?;
+        }
+        let read = page.records.len();
+        for (key, record) in page.records {
+            self.add(ChangeRecord::from_table(record, with_overrides), key);
+        }
+        self.ended = page.next.is_none();
+        self.scan_at = page.next;
+        // Without overrides, no index's run goes on past its settings item.
+        if self.ended || !with_overrides {
+            self.close();
+        }
+        Ok((read, added))
+    }
+
+    /// The table was read to its end.
+    pub fn ended(&self) -> bool {
+        self.ended
     }
 
     /// The next record read; a record of another index (or of none) ends the held run.
@@ -170,7 +224,7 @@ mod tests {
 
     #[test]
     fn an_index_s_records_stay_together_across_pages_and_close_when_the_next_index_starts() {
-        let mut runs = Runs::new(false);
+        let mut runs = Runs::new(None);
         read(&mut runs, [index("a"), over("a", 1)]);
         // Page end: `a` may go on.
         assert_eq!(runs.closed(), 0);
@@ -192,7 +246,7 @@ mod tests {
 
     #[test]
     fn a_run_past_max_held_goes_as_it_is_and_the_rest_of_its_index_is_queried() {
-        let mut runs = Runs::new(false);
+        let mut runs = Runs::new(None);
         read(&mut runs, [index("a"), index("big")]);
         read(&mut runs, (1..=MAX_HELD).map(|n| over("big", n)));
         // The settings item and MAX_HELD overrides: one record past the bound.
@@ -209,7 +263,7 @@ mod tests {
     #[test]
     fn a_read_resumed_inside_a_run_queries_that_run_only() {
         // Resumed after an override of `a`: the rest of `a` lacks its settings item.
-        let mut runs = Runs::new(true);
+        let mut runs = Runs::new(Some(TableKey::of(&IndexRef::new("a", "x"), None)));
         read(
             &mut runs,
             [over("a", 7), over("a", 8), index("b"), over("b", 1)],
@@ -222,11 +276,11 @@ mod tests {
 
     #[test]
     fn a_read_resumed_at_a_run_s_start_or_from_the_table_s_start_holds_it_whole() {
-        let mut resumed = Runs::new(true);
+        let mut resumed = Runs::new(Some(TableKey::of(&IndexRef::new("a", "x"), None)));
         read(&mut resumed, [index("b"), over("b", 1)]);
         resumed.close();
         // From the start, overrides without a settings item are a run of their own.
-        let mut from_start = Runs::new(false);
+        let mut from_start = Runs::new(None);
         read(&mut from_start, [over("a", 1), index("b")]);
         from_start.close();
         for mut runs in [resumed, from_start] {
@@ -238,7 +292,7 @@ mod tests {
 
     #[test]
     fn a_run_cut_before_its_end_is_queried_with_the_rest_of_its_index() {
-        let mut runs = Runs::new(false);
+        let mut runs = Runs::new(None);
         read(&mut runs, [index("a"), over("a", 1)]);
         runs.cut();
         assert!(!runs.holds_any());
@@ -254,7 +308,7 @@ mod tests {
     fn records_without_an_index_close_alone_and_taking_keeps_where_the_read_is() {
         let (mut junk, key) = index("x");
         junk.index = None;
-        let mut runs = Runs::new(false);
+        let mut runs = Runs::new(None);
         read(
             &mut runs,
             [index("a"), (junk.clone(), key.clone()), (junk, key)],

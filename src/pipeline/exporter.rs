@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use tokio::time::Instant;
 
-use crate::domain::{IndexRef, KvAction, KvKey, TableKey};
+use crate::domain::{IndexRef, KvAction, KvKey};
 use crate::pipeline::api_key_cache::ApiKeyCache;
 use crate::pipeline::plan::{self, PlannedOp};
 use crate::pipeline::records::{ChangeRecord, Changed, Expected};
@@ -97,17 +97,6 @@ impl Run {
     };
     /// A backfill batch that holds every override of its indexes, read by the scan itself.
     pub const BACKFILL_FROM_SCAN: Run = Run::OPERATOR;
-}
-
-/// One page of the table, decoded, and where the next one starts.
-#[derive(Debug, Default)]
-pub struct TablePage {
-    pub records: Vec<ChangeRecord>,
-    /// Each record's key: where a backfill can resume after it.
-    pub keys: Vec<TableKey>,
-    /// What the page's settings records say about other indexes (shops, live aliases).
-    pub references: Vec<(IndexRef, IndexRefs)>,
-    pub next: Option<TableKey>,
 }
 
 /// Records with their lookups done and their KV operations planned, nothing sent yet.

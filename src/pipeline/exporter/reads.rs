@@ -5,11 +5,11 @@ use std::collections::{HashMap, HashSet};
 
 use tokio::time::Instant;
 
-use super::{Exporter, TablePage};
+use super::Exporter;
 use crate::domain::{IndexRef, IndexRefs, Namespace, TableKey, TableRecord};
 use crate::pipeline::records::ChangeRecord;
 use crate::ports::SettingsTable;
-use crate::ports::{before_deadline, KeyPage, KvStore, PortError, Ports};
+use crate::ports::{before_deadline, KeyPage, KvStore, Page, PortError, Ports};
 
 impl<P: Ports> Exporter<P> {
     /// The records of a run of an account's indexes, `first` to `last` by name, read at once:
@@ -101,35 +101,16 @@ impl<P: Ports> Exporter<P> {
         Ok(queries.iter().map(key).collect())
     }
 
-    /// One page of the table (one account's records when given), decoded.
+    /// One page of the table (one account's records when given), from `start`.
     pub async fn table_page(
         &self,
         account: Option<&str>,
         start: Option<TableKey>,
         limit: i32,
-        include_query_configs: bool,
         deadline: Instant,
-    ) -> Result<TablePage, PortError> {
+    ) -> Result<Page, PortError> {
         let page = self.table.page(account, start, limit);
-        let page = before_deadline(deadline, "table page", page).await?;
-        let mut table_page = TablePage {
-            next: page.next,
-            ..TablePage::default()
-        };
-        for (key, record) in page.records {
-            if let TableRecord::Settings {
-                index, references, ..
-            } = &record
-            {
-                table_page
-                    .references
-                    .push((index.clone(), references.clone()));
-            }
-            table_page.keys.push(key);
-            let record = ChangeRecord::from_table(record, include_query_configs);
-            table_page.records.push(record);
-        }
-        Ok(table_page)
+        before_deadline(deadline, "table page", page).await
     }
 
     /// Reads many values, 100 keys a request; an absent key reads as `None`.

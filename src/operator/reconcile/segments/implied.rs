@@ -29,28 +29,16 @@ impl<P: Ports> Pass<'_, P> {
         limit: usize,
         stop_at: Instant,
     ) -> Result<usize, OperatorError> {
-        let mut runs = Runs::new(position.table_at.is_some());
-        let mut scan_at = position.table_at.clone();
+        let mut runs = Runs::new(position.table_at.clone());
         let end = loop {
             let size = TABLE_PAGE.min(limit.max(1)) as i32;
-            let page = self
-                .exporter
-                .table_page(self.account, scan_at, size, true, self.deadline);
-            let page = page.await.map_err(failed)?;
+            let read = (runs).read(self.exporter, self.account, size, true, true, self.deadline);
+            let (_, added) = read.await.map_err(failed)?;
             self.requests.table_pages += 1;
-            let added = self
-                .exporter
-                .add_missing_references(&page.references, self.deadline);
-            let added = added.await.map_err(failed)?;
             if added > 0 {
                 tracing::warn!(added, "the ledger lacked references the table names: added");
             }
-            for (record, key) in page.records.into_iter().zip(page.keys) {
-                runs.add(record, key);
-            }
-            scan_at = page.next;
-            if scan_at.is_none() {
-                runs.close();
+            if runs.ended() {
                 break true;
             }
             if runs.closed() >= limit || Instant::now() >= stop_at {
