@@ -1,7 +1,7 @@
 //! The outside world as the core sees it: one small trait per system, and one error type that
 //! says whether trying again can help. Adapters implement these; tests pass fakes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 
 use tokio::time::Instant;
@@ -258,12 +258,6 @@ pub trait SettingsTable: Send + Sync {
         each: impl FnMut(TableKey, TableRecord) + Send,
     ) -> impl Future<Output = Result<(), PortError>> + Send;
 
-    /// The `INDEX#{name}` record of an account, if there is one.
-    fn index_settings(
-        &self,
-        index: &IndexRef,
-    ) -> impl Future<Output = Result<Option<TableRecord>, PortError>> + Send;
-
     /// Every record of `account` from `INDEX#{first}` through the overrides of `INDEX#{last}`,
     /// in sort key order (a consistent, paginated Query): a run of indexes read at once.
     fn index_range(
@@ -272,18 +266,6 @@ pub trait SettingsTable: Send + Sync {
         first: &str,
         last: &str,
     ) -> impl Future<Output = Result<Vec<TableRecord>, PortError>> + Send;
-
-    /// Which of `indexes` have a settings record, and each one's shop (consistent reads).
-    fn index_shops(
-        &self,
-        indexes: &[IndexRef],
-    ) -> impl Future<Output = Result<HashMap<IndexRef, Option<String>>, PortError>> + Send;
-
-    /// Which of these overrides (index, query) have a record (consistent reads).
-    fn overrides_exist(
-        &self,
-        overrides: &[(IndexRef, String)],
-    ) -> impl Future<Output = Result<HashSet<(IndexRef, String)>, PortError>> + Send;
 
     /// The index's `INDEX#{name}#QUERY#...` records after `start`, `limit` at most, in sort key
     /// order (a consistent Query); `next` is where the rest begins.

@@ -2,14 +2,14 @@
 //! manual re-exports and backfills. Every failure here is transient: the SDK has already
 //! retried, and a record that needs the table is reported for retry.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use serde_dynamo::Item;
 
 use crate::domain::{IndexRef, IndexRefs, TableKey, TableRecord};
-use crate::dynamo::{key_item, settings_references, shop_id_of, string_attribute, SortKey};
+use crate::dynamo::{key_item, settings_references, string_attribute, SortKey};
 use crate::dynamo::{table_key, table_record};
 use crate::ports::{Page, PortError, SettingsTable, TableCounters};
 
@@ -237,20 +237,6 @@ impl SettingsTable for DynamoSettingsTable {
         self.dynamo.get_all(table, keys.collect(), &mut each).await
     }
 
-    async fn index_settings(&self, index: &IndexRef) -> Result<Option<TableRecord>, PortError> {
-        let answer = self
-            .client()
-            .get_item()
-            .table_name(&self.table_name)
-            .key("pk", AttributeValue::S(index.account.clone()))
-            .key("sk", AttributeValue::S(format!("INDEX#{}", index.name)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| self.error("GetItem", e))?;
-        Ok(answer.item.map(|item| self.record(&Item::from(item))))
-    }
-
     async fn index_range(
         &self,
         account: &str,
@@ -295,44 +281,6 @@ impl SettingsTable for DynamoSettingsTable {
                 None => return Ok(items),
             }
         }
-    }
-
-    async fn index_shops(
-        &self,
-        indexes: &[IndexRef],
-    ) -> Result<HashMap<IndexRef, Option<String>>, PortError> {
-        let keys = indexes
-            .iter()
-            .map(|i| (i.account.clone(), format!("INDEX#{}", i.name)));
-        let mut shops = HashMap::with_capacity(indexes.len());
-        self.read_keys(keys.collect(), "pk, sk, shop_id", |item| {
-            shops.extend(index_of(&item).map(|index| (index, shop_id_of(&item))));
-        })
-        .await?;
-        Ok(shops)
-    }
-
-    async fn overrides_exist(
-        &self,
-        overrides: &[(IndexRef, String)],
-    ) -> Result<HashSet<(IndexRef, String)>, PortError> {
-        let sk = |index: &IndexRef, query: &str| format!("{}{query}", overrides_prefix(index));
-        let keys = overrides
-            .iter()
-            .map(|(i, query)| (i.account.clone(), sk(i, query)));
-        let mut found: HashSet<(String, String)> = HashSet::new();
-        self.read_keys(keys.collect(), "pk, sk", |item| {
-            if let (Some(pk), Some(sk)) =
-                (string_attribute(&item, "pk"), string_attribute(&item, "sk"))
-            {
-                found.insert((pk.to_owned(), sk.to_owned()));
-            }
-        })
-        .await?;
-        Ok((overrides.iter())
-            .filter(|(i, query)| found.contains(&(i.account.clone(), sk(i, query))))
-            .cloned()
-            .collect())
     }
 
     async fn query_configs(

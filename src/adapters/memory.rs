@@ -144,7 +144,7 @@ pub struct CountingTable {
     pub override_queries: AtomicUsize,
     /// The items `items` finds, by (`pk`, `sk`).
     pub items: Mutex<HashMap<(String, String), Item>>,
-    /// What `index_settings` answers, one read after another (then nothing): another writer
+    /// What a read of a settings record answers, one read after another (then nothing): another writer
     /// changing the index between two reads.
     pub settings_reads: Mutex<std::collections::VecDeque<Item>>,
     /// While set, every read by key, by run or of overrides fails (transient).
@@ -202,19 +202,21 @@ impl SettingsTable for CountingTable {
         self.readable()?;
         let items = self.items.lock().unwrap().clone();
         for key in keys {
-            if let Some(item) = items.get(&(key.pk().to_owned(), key.sk().to_owned())) {
-                each(key, record(item));
+            // A settings read answers what `settings_reads` holds first.
+            let queued = match key.sk().contains("#QUERY#") {
+                true => None,
+                false => self.settings_reads.lock().unwrap().pop_front(),
+            };
+            let item = queued.or_else(|| {
+                items
+                    .get(&(key.pk().to_owned(), key.sk().to_owned()))
+                    .cloned()
+            });
+            if let Some(item) = item {
+                each(key, record(&item));
             }
         }
         Ok(())
-    }
-    async fn index_settings(&self, index: &IndexRef) -> Result<Option<TableRecord>, PortError> {
-        self.readable()?;
-        if let Some(read) = self.settings_reads.lock().unwrap().pop_front() {
-            return Ok(Some(record(&read)));
-        }
-        let key = (index.account.clone(), format!("INDEX#{}", index.name));
-        Ok(self.items.lock().unwrap().get(&key).map(record))
     }
     async fn index_range(
         &self,
@@ -228,31 +230,6 @@ impl SettingsTable for CountingTable {
             |sk: &str| sk >= first.as_str() && (sk <= last.as_str() || sk.starts_with(&last));
         let items = self.sorted(|pk, sk| pk == account && within(sk));
         Ok(items.iter().map(record).collect())
-    }
-    async fn index_shops(
-        &self,
-        indexes: &[IndexRef],
-    ) -> Result<std::collections::HashMap<IndexRef, Option<String>>, PortError> {
-        self.readable()?;
-        let items = self.items.lock().unwrap();
-        Ok((indexes.iter())
-            .filter_map(|index| {
-                let item = items.get(&(index.account.clone(), format!("INDEX#{}", index.name)))?;
-                Some((index.clone(), crate::dynamo::shop_id_of(item)))
-            })
-            .collect())
-    }
-    async fn overrides_exist(
-        &self,
-        overrides: &[(IndexRef, String)],
-    ) -> Result<std::collections::HashSet<(IndexRef, String)>, PortError> {
-        self.readable()?;
-        let items = self.items.lock().unwrap();
-        let sk = |index: &IndexRef, query: &str| format!("INDEX#{}#QUERY#{query}", index.name);
-        Ok((overrides.iter())
-            .filter(|(index, query)| items.contains_key(&(index.account.clone(), sk(index, query))))
-            .cloned()
-            .collect())
     }
     async fn query_configs(
         &self,

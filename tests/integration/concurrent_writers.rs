@@ -566,7 +566,7 @@ async fn a_replay_after_a_check_that_could_not_read_still_hands_the_shop_over(vi
         let answer = other.invoke(json!({ "Records": taking })).await;
         assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
         // The check's read of `leaving` after its writes is refused.
-        dynamodb.inject(Some("GetItem"), Some(&format!("={}", h.table)), refused("AccessDeniedException"), 1);
+        dynamodb.inject(Some("BatchGetItem"), Some(&format!("={}", h.table)), refused("AccessDeniedException"), 1);
         h.kv.release();
     };
     let (answer, ()) = tokio::join!(run, race);

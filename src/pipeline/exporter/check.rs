@@ -509,19 +509,19 @@ mod tests {
         );
         let item = crate::dynamo::item_from_dynamodb_json(image).unwrap();
         let key = (key.pk().to_owned(), key.sk().to_owned());
-        exporter.table.items.lock().unwrap().insert(key, item);
+        exporter
+            .table
+            .items
+            .lock()
+            .unwrap()
+            .insert(key, item.clone());
 
-        // A read by key after the batch's own read finds another endpoint: a check would write
-        // it again.
+        // The batch's own read finds the item; a read after it finds another endpoint: a
+        // check would write it again.
         let other = json!({"pk": {"S": "a"}, "sk": {"S": "INDEX#new"},
             "index_endpoint": {"S": "https://other"}});
         let other = crate::dynamo::item_from_dynamodb_json(other).unwrap();
-        exporter
-            .table
-            .settings_reads
-            .lock()
-            .unwrap()
-            .push_back(other);
+        (exporter.table.settings_reads.lock().unwrap()).extend([item, other]);
         let report = exporter.export_stream(vec![record], deadline).await;
 
         let value = exporter.kv.values.lock().unwrap()["a-new"].clone();

@@ -35,6 +35,22 @@ impl<P: Ports> Exporter<P> {
         Ok(indexes)
     }
 
+    /// The records with these keys that the table holds (consistent reads, 100 a call).
+    pub async fn records_of(
+        &self,
+        keys: Vec<TableKey>,
+        deadline: Instant,
+    ) -> Result<Vec<(TableKey, TableRecord)>, PortError> {
+        let mut found = Vec::with_capacity(keys.len());
+        if !keys.is_empty() {
+            let read = self
+                .table
+                .records(keys, |key, record| found.push((key, record)));
+            before_deadline(deadline, "table items", read).await?;
+        }
+        Ok(found)
+    }
+
     /// The index's settings record as a change (`None`: the table has none). With query
     /// configs, it stands for all of them (it needs their filter).
     pub async fn settings_record(
@@ -43,9 +59,9 @@ impl<P: Ports> Exporter<P> {
         include_query_configs: bool,
         deadline: Instant,
     ) -> Result<Option<ChangeRecord>, PortError> {
-        let read = before_deadline(deadline, "settings item", self.table.index_settings(index));
-        let found = read.await?;
-        Ok(found.map(|record| ChangeRecord::from_table(record, include_query_configs)))
+        let found = self.records_of(vec![TableKey::of(index, None)], deadline);
+        let record = found.await?.pop().map(|(_, record)| record);
+        Ok(record.map(|record| ChangeRecord::from_table(record, include_query_configs)))
     }
 
     /// The index's query-config records after `start`, `limit` at most, and where the rest
@@ -64,29 +80,21 @@ impl<P: Ports> Exporter<P> {
         Ok((records.collect(), page.next))
     }
 
-    /// Which of `indexes` have a settings record, and each one's shop.
-    pub async fn index_shops(
+    /// What the settings records of `indexes` name (their shops and live aliases), for those
+    /// that have one.
+    pub async fn index_references(
         &self,
         indexes: &[IndexRef],
         deadline: Instant,
-    ) -> Result<HashMap<IndexRef, Option<String>>, PortError> {
+    ) -> Result<HashMap<IndexRef, IndexRefs>, PortError> {
         if indexes.is_empty() {
             return Ok(HashMap::new());
         }
-        before_deadline(deadline, "settings items", self.table.index_shops(indexes)).await
-    }
-
-    /// Which of these overrides (index, query) the table holds.
-    pub async fn overrides_exist(
-        &self,
-        overrides: &[(IndexRef, String)],
-        deadline: Instant,
-    ) -> Result<HashSet<(IndexRef, String)>, PortError> {
-        if overrides.is_empty() {
-            return Ok(HashSet::new());
-        }
-        let read = self.table.overrides_exist(overrides);
-        before_deadline(deadline, "override items", read).await
+        let read = self.table.index_references(indexes);
+        Ok(before_deadline(deadline, "settings items", read)
+            .await?
+            .into_iter()
+            .collect())
     }
 
     /// The KV keys of the index's overrides, from a keys-only Query of the table.

@@ -6,11 +6,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use futures::StreamExt as _;
+use std::sync::Arc;
+
 use tokio::time::Instant;
 
 use super::references::left_by;
 use super::{Exporter, Run, CONCURRENT_KV_REQUESTS};
-use crate::domain::{IndexRef, KvKey, Namespace, TableKey, TableRecord};
+use crate::domain::{IndexRef, IndexSettings, KvKey, Namespace, TableKey, TableRecord};
 use crate::pipeline::plan::{self, Snapshot};
 use crate::pipeline::records::{Change, ChangeRecord, Changed};
 use crate::ports::{before_deadline, AccountCell, KvStore, LookupCounts, Ports};
@@ -258,19 +260,29 @@ impl<P: Ports> Exporter<P> {
         fresh: bool,
         deadline: Instant,
     ) -> LookupCounts {
-        let read: Vec<_> = futures::stream::iter(claimers)
-            .map(|index| async move {
-                let read = self.table.index_settings(&index);
-                let read = before_deadline(deadline, "claimer's settings", read).await;
-                let settings = read.map(|found| match found {
-                    Some(TableRecord::Settings { settings, .. }) => settings.ok(),
-                    _ => None,
-                });
-                (index, settings)
+        // Every claimer's settings record in one read (100 keys a call).
+        let keys = claimers
+            .iter()
+            .map(|index| TableKey::of(index, None))
+            .collect();
+        let found = self.records_of(keys, deadline).await;
+        let mut settings: HashMap<IndexRef, Arc<IndexSettings>> = HashMap::new();
+        for (_, record) in found.as_ref().map_or(&[][..], Vec::as_slice) {
+            if let TableRecord::Settings {
+                index,
+                settings: Ok(read),
+                ..
+            } = record
+            {
+                settings.insert(index.clone(), read.clone());
+            }
+        }
+        let read: Vec<_> = (claimers.into_iter())
+            .map(|index| match &found {
+                Ok(_) => (index.clone(), Ok(settings.remove(&index))),
+                Err(error) => (index, Err(error.clone())),
             })
-            .buffer_unordered(CONCURRENT_KV_REQUESTS)
-            .collect()
-            .await;
+            .collect();
         let cell = &self.options.default_cell;
         let wanted: BTreeSet<AccountCell> = read
             .iter()

@@ -196,10 +196,10 @@ impl<P: Ports> Pass<'_, P> {
             return Ok(HashSet::new());
         }
         let indexes: Vec<IndexRef> = others.iter().map(|(_, o)| (*o).clone()).collect();
-        let shops = self.exporter.index_shops(&indexes, self.deadline);
-        let shops = shops.await.map_err(failed)?;
+        let refs = self.exporter.index_references(&indexes, self.deadline);
+        let refs = refs.await.map_err(failed)?;
         Ok((others.into_iter())
-            .filter(|(key, other)| shops.get(*other) == Some(&Some(key.key.clone())))
+            .filter(|(key, other)| refs.get(*other).is_some_and(|r| r.shops.contains(&key.key)))
             .map(|(key, _)| key.clone())
             .collect())
     }

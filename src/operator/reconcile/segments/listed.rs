@@ -8,7 +8,7 @@ use futures::StreamExt as _;
 use super::{Pass, Position, CONCURRENT_QUERIES};
 use crate::domain::kv::KeyMetadata;
 use crate::domain::qfilter::filter_key;
-use crate::domain::{IndexRef, KvKey, Namespace};
+use crate::domain::{IndexRef, KvKey, Namespace, TableKey};
 use crate::operator::reconcile::classify::{could_be_written, live_targets, owner_in_value, Class};
 use crate::operator::reconcile::failed;
 use crate::operator::reconcile::NAMESPACES;
@@ -118,10 +118,8 @@ impl<P: Ports> Pass<'_, P> {
         let (exporter, deadline) = (self.exporter, self.deadline);
         let owners: BTreeSet<IndexRef> = held.iter().filter_map(|k| k.owner.clone()).collect();
         let owners: Vec<IndexRef> = owners.into_iter().collect();
-        let shops = exporter
-            .index_shops(&owners, deadline)
-            .await
-            .map_err(failed)?;
+        let refs = exporter.index_references(&owners, deadline);
+        let refs = refs.await.map_err(failed)?;
         // A query config's key is a hash of its query: checked by key when its metadata names
         // the query (and the key is that query's), else against its owner's overrides listed.
         let config_keys = (held.iter())
@@ -138,9 +136,14 @@ impl<P: Ports> Pass<'_, P> {
                 }
             }
         }
-        let asked: Vec<(IndexRef, String)> = named.values().cloned().collect();
-        let found = exporter.overrides_exist(&asked, deadline);
-        let found = found.await.map_err(failed)?;
+        let asked = (named.values()).map(|(owner, query)| TableKey::of(owner, Some(query)));
+        let found = exporter.records_of(asked.collect(), deadline);
+        let found: HashSet<TableKey> = found
+            .await
+            .map_err(failed)?
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
         let overrides: Vec<Result<(IndexRef, HashSet<String>), _>> = futures::stream::iter(queried)
             .map(|owner| async move {
                 let keys = exporter.override_keys(owner, deadline).await?;
@@ -158,13 +161,15 @@ impl<P: Ports> Pass<'_, P> {
         let mut shops_asked = Vec::new();
         for key in held {
             let Some(owner) = &key.owner else { continue };
-            let exists = shops.contains_key(owner);
+            let exists = refs.contains_key(owner);
             let implied = match key.key.namespace {
                 Namespace::Settings if key.key == KvKey::index(owner) => exists,
-                Namespace::Settings => shops.get(owner) == Some(&Some(key.key.key.clone())),
+                Namespace::Settings => refs
+                    .get(owner)
+                    .is_some_and(|r| r.shops.contains(&key.key.key)),
                 Namespace::QueryConfigs if key.key == filter_key(owner) => exists,
                 Namespace::QueryConfigs => match named.get(&key.key) {
-                    Some(asked) => found.contains(asked),
+                    Some((owner, query)) => found.contains(&TableKey::of(owner, Some(query))),
                     None => (override_keys.get(owner)).is_some_and(|k| k.contains(&key.key.key)),
                 },
             };
