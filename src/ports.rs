@@ -11,7 +11,7 @@ mod ledger;
 pub use ledger::{IndexRefs, Ledger, ReconcileProgress, Referred, RefsChange};
 
 use crate::domain::kv::{KvKey, KvOp};
-use crate::domain::{ApiKey, ApiToken, IndexRef, Namespace};
+use crate::domain::{AccountCell, ApiKey, ApiToken, IndexRef, Namespace};
 use crate::domain::{TableKey, TableRecord};
 
 /// Why an outside system did not answer as asked: what happened, as the adapter saw it, with
@@ -94,16 +94,6 @@ pub async fn before_deadline<T>(
         })
 }
 
-/// What a KV store made of a batch's operations.
-#[derive(Debug, Default)]
-pub struct Applied {
-    /// Requests it sent (for the batch's metrics; a store without requests counts none).
-    pub requests: usize,
-    /// Keys that were not stored or deleted, and why: `Invalid` only for a key refused on its
-    /// own account.
-    pub failed: Vec<(KvKey, PortError)>,
-}
-
 /// A key as listed: its name and the metadata it was written with.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 pub struct ListedKey {
@@ -122,8 +112,13 @@ pub struct KeyPage {
 /// The KV operations the exporter needs; the Cloudflare REST API is the real one.
 pub trait KvStore: Send + Sync {
     /// Writes and deletes each key as planned (any namespaces), in the order given as far as
-    /// its requests allow, retrying as it may until `deadline`.
-    fn apply(&self, ops: Vec<KvOp>, deadline: Instant) -> impl Future<Output = Applied> + Send;
+    /// its requests allow, retrying as it may until `deadline`. Answers the keys that were not
+    /// stored or deleted, and why: `Invalid` only for a key refused on its own account.
+    fn apply(
+        &self,
+        ops: Vec<KvOp>,
+        deadline: Instant,
+    ) -> impl Future<Output = Vec<(KvKey, PortError)>> + Send;
 
     /// Reads many values with as few requests as Cloudflare allows (100 keys each); an absent
     /// key reads as `None`.
@@ -168,18 +163,15 @@ pub trait KvStore: Send + Sync {
         }
     }
 
-    /// HTTP retries so far, a running total (a batch's share is the difference of two
-    /// readings, for metrics); stores without them count nothing.
+    /// Write requests sent and HTTP retries so far, running totals (a batch's share is the
+    /// difference of two readings, for metrics); stores without them count nothing.
+    fn requests(&self) -> usize {
+        0
+    }
+
     fn retries(&self) -> usize {
         0
     }
-}
-
-/// The API keys service is asked once per (cell, account).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AccountCell {
-    pub cell: String,
-    pub account: String,
 }
 
 pub trait ApiKeySource: Send + Sync {
@@ -206,15 +198,6 @@ pub struct Page {
     pub next: Option<TableKey>,
 }
 
-/// What the settings table was asked so far, for answers, tests and the scale benchmark.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
-pub struct TableCounters {
-    /// Queries of one index's overrides (for its filter, or a re-export).
-    pub override_queries: usize,
-    /// Scans for alias targets and shop claims.
-    pub reference_scans: usize,
-}
-
 /// The four peers an exporter works with, named as one type so that whatever takes an exporter
 /// writes `P: Ports` instead of four bounds. Any four adapters, as a tuple in this order.
 pub trait Ports {
@@ -233,10 +216,6 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Ports for (K, A, 
 
 /// The settings table, read only.
 pub trait SettingsTable: Send + Sync {
-    fn counters(&self) -> TableCounters {
-        TableCounters::default()
-    }
-
     /// Every index-settings record's shop id and live alias targets (one paginated scan).
     fn settings_references(
         &self,

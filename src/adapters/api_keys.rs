@@ -8,8 +8,9 @@ use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 
 use crate::domain::validate::{cut, is_dns_label, path_segment_problem, shown};
+use crate::domain::AccountCell;
 use crate::domain::ApiKey;
-use crate::ports::{AccountCell, ApiKeySource, PortError};
+use crate::ports::{ApiKeySource, PortError};
 
 /// `API_KEYS_SERVICE_URL`: an http(s) URL in which `{cell}` may stand for one whole label of
 /// the host or one whole path segment, and nowhere else. The request always goes to the host

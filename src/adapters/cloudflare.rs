@@ -13,9 +13,9 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::pacing::Pacer;
-use crate::domain::kv::KvOp;
+use crate::domain::kv::{KvKey, KvOp};
 use crate::domain::{ApiToken, Namespace};
-use crate::ports::{Applied, KeyPage, KvStore, PortError, TokenSource};
+use crate::ports::{KeyPage, KvStore, PortError, TokenSource};
 
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
@@ -67,6 +67,7 @@ pub struct CloudflareKv<T> {
     /// The token in use; refetched once when Cloudflare rejects it (a rotation).
     token: Mutex<Option<ApiToken>>,
     pacer: Pacer,
+    requests: AtomicUsize,
     retries: AtomicUsize,
 }
 
@@ -102,6 +103,7 @@ impl<T: TokenSource> CloudflareKv<T> {
             retry,
             tokens,
             token: Mutex::new(None),
+            requests: AtomicUsize::new(0),
             retries: AtomicUsize::new(0),
         }
     }
@@ -308,16 +310,18 @@ impl Retry {
 }
 
 impl<T: TokenSource> KvStore for CloudflareKv<T> {
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::Relaxed)
+    }
+
     fn retries(&self) -> usize {
         self.retries.load(Ordering::Relaxed)
     }
 
-    async fn apply(&self, ops: Vec<KvOp>, deadline: Instant) -> Applied {
+    async fn apply(&self, ops: Vec<KvOp>, deadline: Instant) -> Vec<(KvKey, PortError)> {
         let requests = encode::requests(ops);
-        Applied {
-            requests: requests.len(),
-            failed: self.send_all(requests, deadline).await,
-        }
+        self.requests.fetch_add(requests.len(), Ordering::Relaxed);
+        self.send_all(requests, deadline).await
     }
 
     async fn get_many(

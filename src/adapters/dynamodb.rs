@@ -11,7 +11,7 @@ use serde_dynamo::Item;
 use crate::domain::{IndexRef, IndexRefs, TableKey, TableRecord};
 use crate::dynamo::{key_item, settings_references, string_attribute, SortKey};
 use crate::dynamo::{table_key, table_record};
-use crate::ports::{Page, PortError, SettingsTable, TableCounters};
+use crate::ports::{Page, PortError, SettingsTable};
 
 pub struct DynamoSettingsTable {
     dynamo: Dynamo,
@@ -37,7 +37,24 @@ impl DynamoSettingsTable {
     }
 }
 
+/// What the settings table was asked so far, for tests and the scale benchmark.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct TableCounters {
+    /// Queries of one index's overrides (for its filter, or a re-export).
+    pub override_queries: usize,
+    /// Scans for alias targets and shop claims.
+    pub reference_scans: usize,
+}
+
 impl DynamoSettingsTable {
+    /// What the table was asked so far.
+    pub fn counters(&self) -> TableCounters {
+        TableCounters {
+            override_queries: self.override_queries.load(Ordering::Relaxed),
+            reference_scans: self.reference_scans.load(Ordering::Relaxed),
+        }
+    }
+
     fn error<E>(&self, operation: &str, e: aws_sdk_dynamodb::error::SdkError<E>) -> PortError
     where
         E: aws_sdk_dynamodb::error::ProvideErrorMetadata
@@ -157,13 +174,6 @@ impl DynamoSettingsTable {
 }
 
 impl SettingsTable for DynamoSettingsTable {
-    fn counters(&self) -> TableCounters {
-        TableCounters {
-            override_queries: self.override_queries.load(Ordering::Relaxed),
-            reference_scans: self.reference_scans.load(Ordering::Relaxed),
-        }
-    }
-
     async fn settings_references(&self) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
         self.reference_scans.fetch_add(1, Ordering::Relaxed);
         let mut references = Vec::new();

@@ -12,11 +12,11 @@ use std::sync::Mutex;
 use serde_dynamo::Item;
 use tokio::time::Instant;
 
-use crate::domain::{ApiKey, IndexRef, KvAction, KvOp, Namespace};
+use crate::domain::{AccountCell, ApiKey, IndexRef, KvAction, KvKey, KvOp, Namespace};
 use crate::domain::{TableKey, TableRecord};
 use crate::ports::{
-    AccountCell, ApiKeySource, Applied, IndexRefs, KeyPage, KvStore, Ledger, ListedKey, Page,
-    PortError, ReconcileProgress, Referred, RefsChange, SettingsTable,
+    ApiKeySource, IndexRefs, KeyPage, KvStore, Ledger, ListedKey, Page, PortError,
+    ReconcileProgress, Referred, RefsChange, SettingsTable,
 };
 
 /// KV in memory; keys in `failing` are never stored.
@@ -27,6 +27,7 @@ pub struct MemoryKv {
     /// The next write of this key waits, before anything of its request lands, until
     /// released: the window between a writer's read and its write landing, forced.
     pub hold: Mutex<Option<Hold>>,
+    pub requests: std::sync::atomic::AtomicUsize,
 }
 
 /// A held write: `held` is notified once it waits, `release` lets it go on.
@@ -61,7 +62,11 @@ impl MemoryKv {
 }
 
 impl KvStore for MemoryKv {
-    async fn apply(&self, ops: Vec<KvOp>, _: Instant) -> Applied {
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    async fn apply(&self, ops: Vec<KvOp>, _: Instant) -> Vec<(KvKey, PortError)> {
         let hold = {
             let mut hold = self.hold.lock().unwrap();
             hold.take_if(|h| ops.iter().any(|(key, _)| key.key == h.key))
@@ -86,10 +91,8 @@ impl KvStore for MemoryKv {
                 KvAction::Delete => values.remove(&key.key),
             };
         }
-        Applied {
-            requests: requests.len(),
-            failed,
-        }
+        self.requests.fetch_add(requests.len(), Ordering::SeqCst);
+        failed
     }
 
     async fn get_many(

@@ -11,6 +11,6 @@ pub(crate) mod validate;
 
 pub use ids::{IndexId, IndexRef};
 pub use kv::{KvAction, KvKey, KvOp, Namespace};
-pub use secrets::{ApiKey, ApiToken};
+pub use secrets::{AccountCell, ApiKey, ApiToken};
 pub use settings::{IndexRefs, IndexSettings, InvalidRecord, QueryConfig, Referred};
 pub use table::{TableKey, TableRecord};

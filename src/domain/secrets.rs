@@ -6,6 +6,13 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+/// Whose API key: the API keys service is asked once per (cell, account).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccountCell {
+    pub cell: String,
+    pub account: String,
+}
+
 /// A Marqo API key. Serializes as itself (it goes into KV) but never shows in `Debug`. Shared,
 /// not copied, by every value of its account in a batch.
 #[derive(Clone, PartialEq, Eq)]

@@ -10,8 +10,9 @@ use futures::StreamExt as _;
 use tokio::time::Instant;
 
 use crate::domain::validate::cut;
+use crate::domain::AccountCell;
 use crate::domain::ApiKey;
-use crate::ports::{before_deadline, AccountCell, ApiKeySource, LookupCounts, PortError};
+use crate::ports::{before_deadline, ApiKeySource, LookupCounts, PortError};
 
 /// How many accounts are looked up at once.
 const CONCURRENT_LOOKUPS: usize = 8;

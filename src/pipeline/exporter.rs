@@ -12,7 +12,7 @@ use crate::pipeline::plan::{self, PlannedOp};
 use crate::pipeline::records::{ChangeRecord, Changed, Expected};
 use crate::ports::{
     before_deadline, ApiKeySource, IndexRefs, KvStore, Ledger, LookupCounts, PortError, Ports,
-    ReconcileProgress, SettingsTable, TableCounters,
+    ReconcileProgress, SettingsTable,
 };
 use crate::report::{BatchReport, Outcome};
 
@@ -206,9 +206,9 @@ impl<P: Ports> Exporter<P> {
         self.options.reconcile_every
     }
 
-    /// What the settings table was asked so far.
-    pub fn table_counters(&self) -> TableCounters {
-        self.table.counters()
+    /// The settings table's adapter (its own counters, for tests).
+    pub fn table(&self) -> &P::Table {
+        &self.table
     }
 
     /// What a stream record is checked against while it is decoded.

@@ -375,11 +375,11 @@ mod tests {
 
     use crate::domain::kv::{query_config_key, MAX_KEY_BYTES};
     use crate::domain::settings::Document;
+    use crate::domain::AccountCell;
     use crate::domain::ApiKey;
     use crate::domain::{IndexSettings, Namespace, QueryConfig};
     use crate::pipeline::records::decode_as_written;
     use crate::pipeline::records::PreviousShop;
-    use crate::ports::AccountCell;
     use serde_json::json;
 
     const CELL: &str = "default";

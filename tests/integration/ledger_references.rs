@@ -19,7 +19,7 @@ fn aliasing(account: &str, index: &str, target: &str) -> Value {
 }
 
 fn scans(h: &Harness) -> usize {
-    h.exporter.table_counters().reference_scans
+    h.exporter.table().counters().reference_scans
 }
 
 #[tokio::test]

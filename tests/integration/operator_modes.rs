@@ -554,7 +554,7 @@ async fn a_backfill_builds_each_filter_from_the_scan_without_a_query_per_index()
 
     assert_eq!(answers.len(), 1);
     filters_hold_every_override(&h, &expected);
-    assert_eq!(h.exporter.table_counters().override_queries, 0);
+    assert_eq!(h.exporter.table().counters().override_queries, 0);
     for (account, index, _) in &expected {
         let verify = h
             .invoke(

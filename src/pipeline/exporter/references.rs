@@ -421,7 +421,11 @@ mod tests {
             .collect();
         assert_eq!(claimers, expected);
         assert_eq!(aliasing, expected);
-        assert_eq!(e.table.counters().reference_scans, 0, "asked of the ledger");
+        assert_eq!(
+            e.table.scans.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "asked of the ledger"
+        );
     }
 
     #[test]

@@ -12,10 +12,11 @@ use tokio::time::Instant;
 
 use super::references::left_by;
 use super::{Exporter, Run, CONCURRENT_KV_REQUESTS};
+use crate::domain::AccountCell;
 use crate::domain::{IndexRef, IndexSettings, KvKey, Namespace, TableKey, TableRecord};
 use crate::pipeline::plan::{self, Snapshot};
 use crate::pipeline::records::{Change, ChangeRecord, Changed};
-use crate::ports::{before_deadline, AccountCell, KvStore, LookupCounts, Ports};
+use crate::ports::{before_deadline, KvStore, LookupCounts, Ports};
 use crate::ports::{IndexRefs, Ledger, PortError, SettingsTable};
 
 impl<P: Ports> Exporter<P> {

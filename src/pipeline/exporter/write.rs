@@ -19,7 +19,6 @@ const STREAM_RETENTION_SECONDS: f64 = 24.0 * 3600.0;
 
 /// What became of the planned keys once their requests were sent.
 struct Sent {
-    requests: usize,
     /// Each planned key, its owner and whether it was a put (the bodies hold the values).
     keys: Vec<(KvKey, usize, bool)>,
     /// Keys that did not land, and why: a failed request, or an index key held back because
@@ -42,7 +41,7 @@ pub(super) async fn send(kv: &impl KvStore, prepared: Prepared, deadline: Instan
         ..
     } = prepared;
     let (records, created_at) = identities(records);
-    let retries_before = kv.retries();
+    let (requests_before, retries_before) = (kv.requests(), kv.retries());
     let checked = checked(&plan, &records, run, &delete_owners);
     let Plan {
         ops,
@@ -61,7 +60,7 @@ pub(super) async fn send(kv: &impl KvStore, prepared: Prepared, deadline: Instan
         .map(|d| d.as_secs_f64())
         .unwrap_or_default();
     let mut report = BatchReport {
-        kv_requests: sent.requests,
+        kv_requests: kv.requests() - requests_before,
         kv_retries: kv.retries() - retries_before,
         api_keys,
         ..BatchReport::default()
@@ -85,8 +84,8 @@ async fn send_keys(
         .filter(|(key, _)| old_shop_keys.contains(key))
         .map(|(key, op)| (key.clone(), op.action.clone()))
         .collect();
-    let first = kv.apply(first, deadline).await;
-    let mut failed: HashMap<KvKey, PortError> = first.failed.into_iter().collect();
+    let mut failed: HashMap<KvKey, PortError> =
+        kv.apply(first, deadline).await.into_iter().collect();
     let withheld: HashMap<KvKey, String> = (old_shops.iter())
         .filter(|(shop, _)| failed.contains_key(shop))
         .map(|(shop, index)| (KvKey::index(index), shop.key.clone()))
@@ -94,8 +93,7 @@ async fn send_keys(
     let (keys, rest) = in_batch_order(ops, |key| {
         !old_shop_keys.contains(key) && !withheld.contains_key(key)
     });
-    let rest = kv.apply(rest, deadline).await;
-    failed.extend(rest.failed);
+    failed.extend(kv.apply(rest, deadline).await);
     for (key, shop) in withheld {
         let error = PortError::Refused(format!(
                 "not sent: the old shop key `{shop}` was not deleted, and a retry must still find it here"
@@ -103,7 +101,6 @@ async fn send_keys(
         failed.insert(key, error);
     }
     Sent {
-        requests: first.requests + rest.requests,
         keys,
         failed,
         checked: HashMap::new(),

@@ -5,9 +5,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use crate::domain::validate::shop_id_problem;
+use crate::domain::AccountCell;
 use crate::domain::{ApiKey, IndexRef, IndexRefs, IndexSettings};
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
-use crate::ports::{AccountCell, PortError, Referred};
+use crate::ports::{PortError, Referred};
 use crate::report::Outcome;
 
 /// Everything the plan reads of the outside, read before it (stage 2, `exporter/snapshot.rs`):
