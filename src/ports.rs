@@ -11,7 +11,7 @@ mod ledger;
 pub use ledger::{IndexRefs, Ledger, ReconcileProgress, Referred, RefsChange};
 
 use crate::domain::kv::{KvKey, KvOp};
-use crate::domain::{AccountCell, ApiKey, ApiToken, IndexRef, Namespace};
+use crate::domain::{AccountCell, ApiKey, IndexRef, Namespace};
 use crate::domain::{TableKey, TableRecord};
 
 /// Why an outside system did not answer as asked: what happened, as the adapter saw it, with
@@ -184,11 +184,6 @@ pub trait ApiKeySource: Send + Sync {
 pub struct LookupCounts {
     pub calls: usize,
     pub cache_hits: usize,
-}
-
-/// Where the Cloudflare token comes from; fetched at first use and again after a 401/403.
-pub trait TokenSource: Send + Sync {
-    fn fetch_token(&self) -> impl Future<Output = Result<ApiToken, PortError>> + Send;
 }
 
 /// Records of one page, each with its key, and where the next page starts, when there is more.

@@ -15,7 +15,12 @@ use tokio::time::Instant;
 use super::pacing::Pacer;
 use crate::domain::kv::{KvKey, KvOp};
 use crate::domain::{ApiToken, Namespace};
-use crate::ports::{KeyPage, KvStore, PortError, TokenSource};
+use crate::ports::{KeyPage, KvStore, PortError};
+
+/// Where the Cloudflare token comes from (Secrets Manager, `adapters/secrets_manager.rs`); fetched at first use and again after a 401/403.
+pub trait TokenSource: Send + Sync {
+    fn fetch_token(&self) -> impl std::future::Future<Output = Result<ApiToken, PortError>> + Send;
+}
 
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {

@@ -1,7 +1,8 @@
 //! The Cloudflare API token, kept in Secrets Manager as a bare string.
 
+use super::cloudflare::TokenSource;
 use crate::domain::ApiToken;
-use crate::ports::{PortError, TokenSource};
+use crate::ports::PortError;
 
 pub struct SecretsManagerToken {
     client: aws_sdk_secretsmanager::Client,

@@ -11,8 +11,9 @@ use tokio::time::Instant;
 use super::encode::KvRequest;
 use super::wire::{refused, Envelope};
 use super::CloudflareKv;
+use super::TokenSource;
 use crate::domain::KvKey;
-use crate::ports::{PortError, TokenSource};
+use crate::ports::PortError;
 
 /// Keys a bulk request did not store or delete, and why.
 #[derive(Debug, Clone, PartialEq)]
