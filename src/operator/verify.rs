@@ -12,7 +12,7 @@ use super::{OperatorError, PieceAt, Pieces};
 use crate::domain::kv::{is_query_config_key_of, query_config_prefix};
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::pipeline::exporter::{Exporter, Prepared};
-use crate::ports::Ports;
+use crate::ports::{KvStore as _, Ports};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -197,7 +197,8 @@ impl<'a> Check<'a> {
                 .map(|k| k.key.clone())
                 .collect();
             let values = exporter
-                .read_many(namespace, &keys, deadline)
+                .kv()
+                .get_many(namespace, &keys, deadline)
                 .await
                 .map_err(|e| {
                     let what = format!("reading the index's {} keys: {e}", namespace.name());
@@ -239,7 +240,9 @@ impl<'a> Check<'a> {
             ),
         };
         let prefix = query_config_prefix(index);
-        let listed = exporter.list_keys(Namespace::QueryConfigs, &prefix, deadline);
+        let listed = exporter
+            .kv()
+            .list_keys(Namespace::QueryConfigs, &prefix, deadline);
         let listed = listed
             .await
             .map_err(|e| failed("listing query-config keys", e))?;
@@ -251,7 +254,9 @@ impl<'a> Check<'a> {
             .filter(|k| !self.expected.contains_key(&KvKey::query_config_named(k)))
             .filter(|k| implied.as_ref().is_none_or(|implied| !implied.contains(k)))
             .collect();
-        let values = exporter.read_many(Namespace::QueryConfigs, &candidates, deadline);
+        let values = exporter
+            .kv()
+            .get_many(Namespace::QueryConfigs, &candidates, deadline);
         let values = values
             .await
             .map_err(|e| failed("reading query-config keys", e))?;

@@ -206,6 +206,12 @@ impl<P: Ports> Exporter<P> {
         self.options.reconcile_every
     }
 
+    /// The KV store, for the operators' reads (values in bulk, key listings): its writes go
+    /// through the stages.
+    pub fn kv(&self) -> &P::Kv {
+        &self.kv
+    }
+
     /// The settings table's adapter (its own counters, for tests).
     pub fn table(&self) -> &P::Table {
         &self.table

@@ -1,15 +1,16 @@
-//! What the operator modes read through the exporter: table items decoded as the stream's
-//! records are, table pages, KV values and key listings, each stopped at the deadline.
+//! What the operator modes and the check read of the table through the exporter: items by key,
+//! an index's run, its overrides, pages, references, each stopped at the deadline (KV values
+//! and listings they read from the store itself, `Exporter::kv`).
 
 use std::collections::{HashMap, HashSet};
 
 use tokio::time::Instant;
 
 use super::Exporter;
-use crate::domain::{IndexRef, IndexRefs, Namespace, TableKey, TableRecord};
+use crate::domain::{IndexRef, IndexRefs, TableKey, TableRecord};
 use crate::pipeline::records::ChangeRecord;
 use crate::ports::SettingsTable;
-use crate::ports::{before_deadline, KeyPage, KvStore, Page, PortError, Ports};
+use crate::ports::{before_deadline, Page, PortError, Ports};
 
 impl<P: Ports> Exporter<P> {
     /// The records of a run of an account's indexes, `first` to `last` by name, read at once:
@@ -121,32 +122,6 @@ impl<P: Ports> Exporter<P> {
         before_deadline(deadline, "table page", page).await
     }
 
-    /// Reads many values, 100 keys a request; an absent key reads as `None`.
-    pub async fn read_many(
-        &self,
-        namespace: Namespace,
-        keys: &[String],
-        deadline: Instant,
-    ) -> Result<HashMap<String, Option<String>>, PortError> {
-        if keys.is_empty() {
-            return Ok(HashMap::new());
-        }
-        self.kv.get_many(namespace, keys, deadline).await
-    }
-
-    /// One page of a namespace's keys, with their metadata.
-    pub async fn list_page(
-        &self,
-        namespace: Namespace,
-        cursor: Option<&str>,
-        limit: u32,
-        deadline: Instant,
-    ) -> Result<KeyPage, PortError> {
-        self.kv
-            .list_page(namespace, "", cursor, limit, deadline)
-            .await
-    }
-
     /// Every settings record's shop and live alias targets (one consistent scan).
     pub async fn settings_references(
         &self,
@@ -154,15 +129,5 @@ impl<P: Ports> Exporter<P> {
     ) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
         let scan = self.table.settings_references();
         before_deadline(deadline, "settings table scan", scan).await
-    }
-
-    /// Every key of a namespace that starts with `prefix`.
-    pub async fn list_keys(
-        &self,
-        namespace: Namespace,
-        prefix: &str,
-        deadline: Instant,
-    ) -> Result<Vec<String>, PortError> {
-        self.kv.list_keys(namespace, prefix, deadline).await
     }
 }

@@ -17,7 +17,7 @@ use crate::operator::runs::Runs;
 use crate::operator::OperatorError;
 use crate::pipeline::exporter::{left_by, Prepared, Run};
 use crate::pipeline::records::{Change, ChangeRecord};
-use crate::ports::Ports;
+use crate::ports::{KvStore as _, Ports};
 use crate::report::Outcome;
 
 impl<P: Ports> Pass<'_, P> {
@@ -161,7 +161,7 @@ impl<P: Ports> Pass<'_, P> {
             if keys.is_empty() {
                 continue;
             }
-            let values = self.exporter.read_many(namespace, &keys, self.deadline);
+            let values = self.exporter.kv().get_many(namespace, &keys, self.deadline);
             let values = values.await.map_err(failed)?;
             self.requests.kv_bulk_get += keys.len().div_ceil(100);
             for (key, value) in values {

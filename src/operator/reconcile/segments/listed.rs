@@ -13,7 +13,7 @@ use crate::operator::reconcile::classify::{could_be_written, live_targets, owner
 use crate::operator::reconcile::failed;
 use crate::operator::reconcile::NAMESPACES;
 use crate::operator::OperatorError;
-use crate::ports::{ListedKey, Ports, Referred};
+use crate::ports::{KvStore as _, ListedKey, Ports, Referred};
 
 /// A listed key with who it was written for (and, for an override's, its query when the
 /// metadata names it).
@@ -33,7 +33,9 @@ impl<P: Ports> Pass<'_, P> {
         let (exporter, deadline) = (self.exporter, self.deadline);
         let namespace = NAMESPACES[position.step];
         let cursor = position.cursor.as_deref();
-        let page = exporter.list_page(namespace, cursor, size, deadline);
+        let page = exporter
+            .kv()
+            .list_page(namespace, "", cursor, size, deadline);
         let page = page.await.map_err(failed)?;
         self.requests.kv_list += 1;
         let listed = page.keys.len();
@@ -64,7 +66,10 @@ impl<P: Ports> Pass<'_, P> {
             .collect();
         let mut values = HashMap::new();
         if !unread.is_empty() {
-            let read = self.exporter.read_many(namespace, &unread, self.deadline);
+            let read = self
+                .exporter
+                .kv()
+                .get_many(namespace, &unread, self.deadline);
             values = read.await.map_err(failed)?;
             self.requests.kv_bulk_get += unread.len().div_ceil(100);
         }
