@@ -1,7 +1,7 @@
 //! The outside world as the core sees it: one small trait per system, and one error type that
 //! says whether trying again can help. Adapters implement these; tests pass fakes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 
 use tokio::time::Instant;
@@ -128,6 +128,33 @@ pub trait KvStore: Send + Sync {
         keys: &[String],
         deadline: Instant,
     ) -> impl Future<Output = Result<HashMap<String, Option<String>>, PortError>> + Send;
+
+    /// What KV holds under each of `keys` (any namespaces; an absent key is left out): one
+    /// bulk read per namespace, 100 keys a request.
+    fn values_of<'k>(
+        &self,
+        keys: impl IntoIterator<Item = &'k KvKey>,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<HashMap<KvKey, String>, PortError>> + Send {
+        let mut by_namespace: BTreeMap<Namespace, Vec<String>> = BTreeMap::new();
+        for key in keys {
+            by_namespace
+                .entry(key.namespace)
+                .or_default()
+                .push(key.key.clone());
+        }
+        async move {
+            let mut values = HashMap::new();
+            for (namespace, keys) in by_namespace {
+                let read = self.get_many(namespace, &keys, deadline).await?;
+                let held = read
+                    .into_iter()
+                    .filter_map(|(key, value)| Some((key, value?)));
+                values.extend(held.map(|(key, value)| (KvKey { namespace, key }, value)));
+            }
+            Ok(values)
+        }
+    }
 
     /// One page (up to `limit` names, 10 to 1,000, in order, with their metadata) of the keys
     /// that start with `prefix`, from `cursor`.

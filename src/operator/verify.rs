@@ -1,7 +1,7 @@
 //! `{"mode": "verify", ...}`: compares what KV holds for one index with what the table implies,
 //! and with `repair` writes what is missing or stale and deletes what should not be there.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -190,28 +190,15 @@ impl<'a> Check<'a> {
         deadline: Instant,
     ) -> Result<(), OperatorError> {
         let index = self.index;
-        let mut actual: HashMap<KvKey, Option<String>> = HashMap::new();
-        for namespace in [Namespace::Settings, Namespace::QueryConfigs] {
-            let keys: Vec<String> = (self.expected.keys())
-                .filter(|k| k.namespace == namespace)
-                .map(|k| k.key.clone())
-                .collect();
-            let values = exporter
-                .kv()
-                .get_many(namespace, &keys, deadline)
-                .await
-                .map_err(|e| {
-                    let what = format!("reading the index's {} keys: {e}", namespace.name());
-                    OperatorError::export_failed(index, what)
-                })?;
-            actual.extend(
-                values
-                    .into_iter()
-                    .map(|(key, value)| (KvKey { namespace, key }, value)),
-            );
-        }
+        let read = exporter
+            .kv()
+            .values_of(self.expected.keys(), deadline)
+            .await;
+        let mut actual = read.map_err(|e| {
+            OperatorError::export_failed(index, format!("reading the index's keys: {e}"))
+        })?;
         for (key, expected) in &self.expected {
-            let state = match actual.remove(key).flatten() {
+            let state = match actual.remove(key) {
                 // No filter says what an empty one says: the index has no overrides.
                 None if prepared.plan.empty_filters.contains(key) => Drift::InSync,
                 None => Drift::Missing,

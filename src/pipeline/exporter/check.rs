@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::{write, Exporter, Prepared, Run};
 use crate::domain::kv::query_config_prefix;
-use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
+use crate::domain::{IndexRef, KvAction, KvKey, Namespace, TableKey};
 use crate::pipeline::plan::PlannedOp;
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::{PortError, Ports};
@@ -140,29 +140,32 @@ impl<P: Ports> Exporter<P> {
     }
 
     /// Each index as the table holds it now; an index that cannot be read fails the records of
-    /// its keys. An account's indexes are read as one run of the table when there are many (a
-    /// backfill's page), else one by one, with their overrides where one of their override keys
-    /// (or their filter) landed.
+    /// its keys. Indexes none of whose override keys (nor filter) landed are read by key, all
+    /// at once (100 a call); the others with their overrides, an account's as one run of the
+    /// table when there are many (a backfill's page), else one run each.
     async fn read_again(
         &self,
         by_index: BTreeMap<IndexRef, Recheck>,
         report: &mut BatchReport,
         deadline: Instant,
     ) -> Vec<(IndexRef, Recheck)> {
+        let (with_overrides, settings_only): (Vec<_>, Vec<_>) =
+            (by_index.into_iter()).partition(|(_, recheck)| {
+                (recheck.keys.iter()).any(|landed| landed.key.namespace == Namespace::QueryConfigs)
+            });
         let mut by_account: BTreeMap<String, Vec<(IndexRef, Recheck)>> = BTreeMap::new();
-        for (index, recheck) in by_index {
-            by_account
-                .entry(index.account.clone())
-                .or_default()
-                .push((index, recheck));
+        for (index, recheck) in with_overrides {
+            let account = by_account.entry(index.account.clone()).or_default();
+            account.push((index, recheck));
         }
-        let reads = (by_account.into_values()).map(|indexes| self.read_account(indexes, deadline));
-        let reads: Vec<_> = futures::stream::iter(reads)
-            .buffer_unordered(CONCURRENT_READS)
-            .collect()
-            .await;
+        let runs = (by_account.into_values()).map(|indexes| self.read_runs(indexes, deadline));
+        let runs = futures::stream::iter(runs).buffer_unordered(CONCURRENT_READS);
+        let (mut reads, runs) = tokio::join!(self.read_settings(settings_only, deadline), async {
+            runs.collect::<Vec<_>>().await
+        });
+        reads.extend(runs.into_iter().flatten());
         let mut found = Vec::new();
-        for (index, mut recheck, read) in reads.into_iter().flatten() {
+        for (index, mut recheck, read) in reads {
             match read {
                 Ok((settings, records)) => {
                     (recheck.settings, recheck.records) = (settings, records);
@@ -174,8 +177,9 @@ impl<P: Ports> Exporter<P> {
         found
     }
 
-    /// One account's indexes (in name order), each with what the table holds of it now.
-    async fn read_account(
+    /// These indexes' settings records, read by key at once: each index with whether it has
+    /// one now, and its records.
+    async fn read_settings(
         &self,
         indexes: Vec<(IndexRef, Recheck)>,
         deadline: Instant,
@@ -184,49 +188,54 @@ impl<P: Ports> Exporter<P> {
         Recheck,
         Result<(bool, Vec<ChangeRecord>), PortError>,
     )> {
-        if indexes.len() >= RUN_OF_INDEXES {
-            let (first, last) = (&indexes[0].0, &indexes[indexes.len() - 1].0);
-            let names = (first.name.as_str(), last.name.as_str());
-            return match self.index_run(&first.account, names, deadline).await {
-                Ok(mut run) => (indexes.into_iter())
-                    .map(|(index, recheck)| {
-                        let now = run.remove(&index).unwrap_or_default();
-                        (index, recheck, Ok(now))
-                    })
-                    .collect(),
-                Err(e) => (indexes.into_iter())
-                    .map(|(index, recheck)| (index, recheck, Err(e.clone())))
-                    .collect(),
-            };
+        let keys = indexes.iter().map(|(index, _)| TableKey::of(index, None));
+        let read = self.records_of(keys.collect(), deadline).await;
+        let mut now: HashMap<IndexRef, ChangeRecord> = HashMap::new();
+        for (_, record) in read.iter().flatten() {
+            let record = ChangeRecord::from_table(record.clone(), false);
+            now.extend(record.index.clone().map(|index| (index, record)));
         }
-        let mut read = Vec::with_capacity(indexes.len());
-        for (index, recheck) in indexes {
-            let overrides =
-                (recheck.keys.iter()).any(|landed| landed.key.namespace == Namespace::QueryConfigs);
-            let now = self.index_now(&index, overrides, deadline).await;
-            read.push((index, recheck, now));
-        }
-        read
+        (indexes.into_iter())
+            .map(|(index, recheck)| {
+                let found = now.remove(&index);
+                let read = (read
+                    .as_ref()
+                    .map(|_| (found.is_some(), found.into_iter().collect())))
+                .map_err(Clone::clone);
+                (index, recheck, read)
+            })
+            .collect()
     }
 
-    /// An index's settings record (a GetItem) or, when asked, it and its overrides (one Query
-    /// of the index's run, read even when the settings record is gone: a filter is built from
-    /// the overrides the table holds).
-    async fn index_now(
+    /// One account's indexes (in name order) with their overrides: one run of the table for
+    /// many of them, else one each.
+    async fn read_runs(
         &self,
-        index: &IndexRef,
-        overrides: bool,
+        indexes: Vec<(IndexRef, Recheck)>,
         deadline: Instant,
-    ) -> Result<(bool, Vec<ChangeRecord>), PortError> {
-        if overrides {
-            let name = index.name.as_str();
-            let mut run = self
-                .index_run(&index.account, (name, name), deadline)
-                .await?;
-            return Ok(run.remove(index).unwrap_or_default());
+    ) -> Vec<(
+        IndexRef,
+        Recheck,
+        Result<(bool, Vec<ChangeRecord>), PortError>,
+    )> {
+        let mut read = Vec::with_capacity(indexes.len());
+        let runs: Vec<Vec<(IndexRef, Recheck)>> = match indexes.len() >= RUN_OF_INDEXES {
+            true => vec![indexes],
+            false => indexes.into_iter().map(|index| vec![index]).collect(),
+        };
+        for run in runs {
+            let (first, last) = (&run[0].0, &run[run.len() - 1].0);
+            let names = (first.name.as_str(), last.name.as_str());
+            let mut now = self.index_run(&first.account, names, deadline).await;
+            for (index, recheck) in run {
+                let now = match &mut now {
+                    Ok(now) => Ok(now.remove(&index).unwrap_or_default()),
+                    Err(e) => Err(e.clone()),
+                };
+                read.push((index, recheck, now));
+            }
         }
-        let settings = self.settings_record(index, false, deadline).await?;
-        Ok((settings.is_some(), settings.into_iter().collect()))
+        read
     }
 
     /// The indexes read again, planned as changes (`None`: nothing to plan), with the landed

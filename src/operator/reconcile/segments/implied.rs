@@ -152,27 +152,17 @@ impl<P: Ports> Pass<'_, P> {
         &mut self,
         keys: Vec<&KvKey>,
     ) -> Result<HashMap<KvKey, Held>, OperatorError> {
-        let mut held = HashMap::new();
         for namespace in NAMESPACES {
-            let keys: Vec<String> = (keys.iter())
-                .filter(|k| k.namespace == namespace)
-                .map(|k| k.key.clone())
-                .collect();
-            if keys.is_empty() {
-                continue;
-            }
-            let values = self.exporter.kv().get_many(namespace, &keys, self.deadline);
-            let values = values.await.map_err(failed)?;
-            self.requests.kv_bulk_get += keys.len().div_ceil(100);
-            for (key, value) in values {
-                if let Some(value) = value {
-                    let digest = digest(&value);
-                    let owner = owner_in_value(&value).filter(could_be_written);
-                    held.insert(KvKey { namespace, key }, Held { digest, owner });
-                }
-            }
+            let asked = keys.iter().filter(|k| k.namespace == namespace).count();
+            self.requests.kv_bulk_get += asked.div_ceil(100);
         }
-        Ok(held)
+        let values = self.exporter.kv().values_of(keys, self.deadline);
+        let held = (values.await.map_err(failed)?.into_iter()).map(|(key, value)| {
+            let digest = digest(&value);
+            let owner = owner_in_value(&value).filter(could_be_written);
+            (key, Held { digest, owner })
+        });
+        Ok(held.collect())
     }
 
     /// Shop keys that hold the value of another index whose table record claims the shop
