@@ -17,18 +17,6 @@ use crate::report::{BatchReport, Landed, Outcome, RecordReport};
 /// DynamoDB Streams keeps a record this long; no real record is older when it is exported.
 const STREAM_RETENTION_SECONDS: f64 = 24.0 * 3600.0;
 
-/// What became of the planned keys once their requests were sent.
-struct Sent {
-    /// Each planned key, its owner and whether it was a put (the bodies hold the values).
-    keys: Vec<(KvKey, usize, bool)>,
-    /// Keys that did not land, and why: a failed request, or an index key held back because
-    /// its old shop key was not deleted.
-    failed: HashMap<KvKey, PortError>,
-    /// The keys to check against the table once they landed (`check.rs`): each with the
-    /// index whose key it is, when known, and the digest of the value put (`None`: a delete).
-    checked: HashMap<KvKey, (Option<IndexRef>, Option<String>)>,
-}
-
 /// Stage 5: the plan sent once and every record's outcome decided; the check of what landed is
 /// the caller's (`check.rs`).
 pub(super) async fn send(kv: &impl KvStore, prepared: Prepared, deadline: Instant) -> BatchReport {
@@ -50,11 +38,7 @@ pub(super) async fn send(kv: &impl KvStore, prepared: Prepared, deadline: Instan
         filters,
         ..
     } = plan;
-    let sent = send_keys(kv, ops, &old_shops, deadline);
-    let sent = Sent {
-        checked,
-        ..sent.await
-    };
+    let (keys, failed) = send_keys(kv, ops, &old_shops, deadline).await;
     let applied_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
@@ -65,20 +49,21 @@ pub(super) async fn send(kv: &impl KvStore, prepared: Prepared, deadline: Instan
         api_keys,
         ..BatchReport::default()
     };
-    let failed = sent.settle_keys(&mut report, &mut outcomes);
+    settle_keys(keys, &failed, &checked, &mut report, &mut outcomes);
     settle_filters(&filters, &failed, &mut outcomes);
     finish(report, records, outcomes, created_at, applied_at)
 }
 
 /// Sends the planned keys, old shop keys first: an index whose old shop key was not
 /// deleted keeps its own key as it was, so the replay of its record still learns the old
-/// shop from it.
+/// shop from it. Answers each planned key with its owner and whether it is a put, and the keys
+/// that did not land, and why (a failed request, or an index key held back).
 async fn send_keys(
     kv: &impl KvStore,
     ops: BTreeMap<KvKey, PlannedOp>,
     old_shops: &[(KvKey, IndexRef)],
     deadline: Instant,
-) -> Sent {
+) -> (Vec<(KvKey, usize, bool)>, HashMap<KvKey, PortError>) {
     let old_shop_keys: HashSet<&KvKey> = old_shops.iter().map(|(key, _)| key).collect();
     let first = (ops.iter())
         .filter(|(key, _)| old_shop_keys.contains(key))
@@ -100,43 +85,36 @@ async fn send_keys(
             ));
         failed.insert(key, error);
     }
-    Sent {
-        keys,
-        failed,
-        checked: HashMap::new(),
-    }
+    (keys, failed)
 }
 
-impl Sent {
-    /// Each planned key's fate, into the report and its owner's outcome; what failed, for the
-    /// filters.
-    fn settle_keys(
-        self,
-        report: &mut BatchReport,
-        outcomes: &mut [Outcome],
-    ) -> HashMap<KvKey, PortError> {
-        for (key, owner, put) in self.keys {
-            if let (Some((index, digest)), false) =
-                (self.checked.get(&key), self.failed.contains_key(&key))
-            {
-                report.landed.push(Landed {
-                    key: key.clone(),
-                    record: owner,
-                    index: index.clone(),
-                    digest: digest.clone(),
-                });
-            }
-            match self.failed.get(&key) {
-                Some(error) => {
-                    if outcomes[owner] == Outcome::Pending {
-                        outcomes[owner] = key_failed(&key.key, error);
-                    }
-                }
-                None if put => report.written.push(key),
-                None => report.deleted.push(key),
-            }
+/// Each planned key's fate, into the report (what landed, and of it what is to be checked
+/// against the table: `checked`) and its owner's outcome.
+fn settle_keys(
+    keys: Vec<(KvKey, usize, bool)>,
+    failed: &HashMap<KvKey, PortError>,
+    checked: &HashMap<KvKey, (Option<IndexRef>, Option<String>)>,
+    report: &mut BatchReport,
+    outcomes: &mut [Outcome],
+) {
+    for (key, owner, put) in keys {
+        if let (Some((index, digest)), false) = (checked.get(&key), failed.contains_key(&key)) {
+            report.landed.push(Landed {
+                key: key.clone(),
+                record: owner,
+                index: index.clone(),
+                digest: digest.clone(),
+            });
         }
-        self.failed
+        match failed.get(&key) {
+            Some(error) => {
+                if outcomes[owner] == Outcome::Pending {
+                    outcomes[owner] = key_failed(&key.key, error);
+                }
+            }
+            None if put => report.written.push(key),
+            None => report.deleted.push(key),
+        }
     }
 }
 
