@@ -41,7 +41,7 @@ impl ReexportRequest {
 }
 
 /// What a re-export wrote.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct Exported {
     pub system_account_id: String,
     pub index_name: String,
@@ -55,14 +55,14 @@ pub struct Exported {
     pub continuation_token: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct WrittenKeys {
     pub settings: Vec<String>,
     pub query_configs: Vec<String>,
 }
 
 /// What a re-export would write and delete; values with the API key masked.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct Preview {
     pub dry_run: bool,
     pub system_account_id: String,
@@ -130,33 +130,18 @@ pub async fn run<P: Ports>(
 
 impl Answer {
     fn new(request: &ReexportRequest) -> Self {
-        let (account, name) = (
-            request.system_account_id.0.clone(),
-            request.index_name.0.clone(),
-        );
+        let (account, name) = (&request.system_account_id.0, &request.index_name.0);
         match request.dry_run {
             true => Answer::Preview(Preview {
                 dry_run: true,
-                system_account_id: account,
-                index_name: name,
-                would_write: Vec::new(),
-                would_delete: Vec::new(),
-                rejected: Vec::new(),
-                complete: true,
-                continuation_token: None,
+                system_account_id: account.clone(),
+                index_name: name.clone(),
+                ..Preview::default()
             }),
             false => Answer::Exported(Exported {
-                system_account_id: account,
-                index_name: name,
-                written: WrittenKeys {
-                    settings: Vec::new(),
-                    query_configs: Vec::new(),
-                },
-                keys_written: 0,
-                query_configs_exported: 0,
-                rejected: Vec::new(),
-                complete: true,
-                continuation_token: None,
+                system_account_id: account.clone(),
+                index_name: name.clone(),
+                ..Exported::default()
             }),
         }
     }

@@ -72,7 +72,7 @@ pub struct KeyState {
     pub fields: Option<Vec<String>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct Answer {
     pub system_account_id: String,
     pub index_name: String,
@@ -267,13 +267,7 @@ impl Answer {
             system_account_id: index.account.clone(),
             index_name: index.name.clone(),
             in_sync: true,
-            counts: DriftCounts::default(),
-            keys: Vec::new(),
-            dry_run: None,
-            would_repair: None,
-            repaired: None,
-            complete: true,
-            continuation_token: None,
+            ..Answer::default()
         }
     }
 

@@ -140,27 +140,41 @@ impl<P: Ports> Exporter<P> {
     }
 
     /// Each index as the table holds it now; an index that cannot be read fails the records of
-    /// its keys. Indexes none of whose override keys (nor filter) landed are read by key, all
-    /// at once (100 a call); the others with their overrides, an account's as one run of the
-    /// table when there are many (a backfill's page), else one run each.
+    /// its keys. An account's indexes are read as one run of the table when there are many (a
+    /// backfill's page: one Query reads what many reads by key would, for fewer read units);
+    /// of the others, those with an override key (or filter) landed as their own run, with
+    /// their overrides, and the rest by key, all at once (100 a call).
     async fn read_again(
         &self,
         by_index: BTreeMap<IndexRef, Recheck>,
         report: &mut BatchReport,
         deadline: Instant,
     ) -> Vec<(IndexRef, Recheck)> {
-        let (with_overrides, settings_only): (Vec<_>, Vec<_>) =
-            (by_index.into_iter()).partition(|(_, recheck)| {
-                (recheck.keys.iter()).any(|landed| landed.key.namespace == Namespace::QueryConfigs)
-            });
         let mut by_account: BTreeMap<String, Vec<(IndexRef, Recheck)>> = BTreeMap::new();
-        for (index, recheck) in with_overrides {
+        for (index, recheck) in by_index {
             let account = by_account.entry(index.account.clone()).or_default();
             account.push((index, recheck));
         }
-        let runs = (by_account.into_values()).map(|indexes| self.read_runs(indexes, deadline));
+        let (mut runs, mut by_key) = (Vec::new(), Vec::new());
+        for indexes in by_account.into_values() {
+            if indexes.len() >= RUN_OF_INDEXES {
+                runs.push(indexes);
+                continue;
+            }
+            for (index, recheck) in indexes {
+                let keys = recheck.keys.iter();
+                match keys
+                    .into_iter()
+                    .any(|l| l.key.namespace == Namespace::QueryConfigs)
+                {
+                    true => runs.push(vec![(index, recheck)]),
+                    false => by_key.push((index, recheck)),
+                }
+            }
+        }
+        let runs = (runs.into_iter()).map(|run| self.read_run(run, deadline));
         let runs = futures::stream::iter(runs).buffer_unordered(CONCURRENT_READS);
-        let (mut reads, runs) = tokio::join!(self.read_settings(settings_only, deadline), async {
+        let (mut reads, runs) = tokio::join!(self.read_settings(by_key, deadline), async {
             runs.collect::<Vec<_>>().await
         });
         reads.extend(runs.into_iter().flatten());
@@ -207,35 +221,29 @@ impl<P: Ports> Exporter<P> {
             .collect()
     }
 
-    /// One account's indexes (in name order) with their overrides: one run of the table for
-    /// many of them, else one each.
-    async fn read_runs(
+    /// A run of one account's indexes (in name order) read at once, overrides included: one
+    /// Query of the table from the first index through the last.
+    async fn read_run(
         &self,
-        indexes: Vec<(IndexRef, Recheck)>,
+        run: Vec<(IndexRef, Recheck)>,
         deadline: Instant,
     ) -> Vec<(
         IndexRef,
         Recheck,
         Result<(bool, Vec<ChangeRecord>), PortError>,
     )> {
-        let mut read = Vec::with_capacity(indexes.len());
-        let runs: Vec<Vec<(IndexRef, Recheck)>> = match indexes.len() >= RUN_OF_INDEXES {
-            true => vec![indexes],
-            false => indexes.into_iter().map(|index| vec![index]).collect(),
-        };
-        for run in runs {
-            let (first, last) = (&run[0].0, &run[run.len() - 1].0);
-            let names = (first.name.as_str(), last.name.as_str());
-            let mut now = self.index_run(&first.account, names, deadline).await;
-            for (index, recheck) in run {
+        let (first, last) = (&run[0].0, &run[run.len() - 1].0);
+        let names = (first.name.as_str(), last.name.as_str());
+        let mut now = self.index_run(&first.account, names, deadline).await;
+        (run.into_iter())
+            .map(|(index, recheck)| {
                 let now = match &mut now {
                     Ok(now) => Ok(now.remove(&index).unwrap_or_default()),
                     Err(e) => Err(e.clone()),
                 };
-                read.push((index, recheck, now));
-            }
-        }
-        read
+                (index, recheck, now)
+            })
+            .collect()
     }
 
     /// The indexes read again, planned as changes (`None`: nothing to plan), with the landed
