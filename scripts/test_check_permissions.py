@@ -41,7 +41,7 @@ CREATED = [
 ]
 ALLOWED = [
     *CREATED,
-    ddb("GetItem", {"TableName": SETTINGS, "Key": {}}),
+    ddb("GetItem", {"TableName": SETTINGS + "-ledger", "Key": {}}),
     ddb("BatchGetItem", {"RequestItems": {SETTINGS: {}, SETTINGS + "-ledger": {}}}),
     ddb("TransactWriteItems", {"TransactItems": [{"Update": {"TableName": SETTINGS + "-ledger"}}]}),
     request("secretsmanager.GetSecretValue", {"SecretId": "dev/CloudFlareApiToken"}),

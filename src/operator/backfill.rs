@@ -261,12 +261,10 @@ impl<P: Ports> Pass<'_, P> {
         if closed.len() == 0 {
             return true;
         }
-        let whole = match self.request.include_query_configs {
-            true => Run::BACKFILL_FROM_SCAN,
-            false => Run::BACKFILL,
-        };
+        let whole = Run::OPERATOR.holding_overrides(self.request.include_query_configs);
+        let queried = Run::OPERATOR.holding_overrides(false);
         let dry_run = self.request.dry_run;
-        for (records, run) in [(closed.whole, whole), (closed.queried, Run::BACKFILL)] {
+        for (records, run) in [(closed.whole, whole), (closed.queried, queried)] {
             if records.is_empty() {
                 continue;
             }

@@ -242,13 +242,7 @@ impl<'a, P: Ports> Pieces<'a, P> {
             next = rest;
         }
         // A piece without every query config gets its filter from a Query of the table.
-        let run = match first && next.is_none() {
-            true => Run::OPERATOR,
-            false => Run {
-                overrides_in_batch: false,
-                ..Run::OPERATOR
-            },
-        };
+        let run = Run::OPERATOR.holding_overrides(first && next.is_none());
         let mut prepared = exporter.prepare(records, run, deadline).await;
         // The first piece, which has the settings record, owns the index's filter.
         if !first {

@@ -59,8 +59,8 @@ pub struct Run {
     /// stream reuses one fetched a moment ago.
     pub fresh_api_keys: bool,
     /// The batch holds every override of its indexes (a re-export or verify with query configs,
-    /// a reconcile, a backfill's scan): their filters are built from it, not from a Query of
-    /// the table per index.
+    /// a reconcile, a backfill's scan, unless a piece or run is cut: `holding_overrides`): their
+    /// filters are built from it, not from a Query of the table per index.
     pub overrides_in_batch: bool,
     /// Keeps each index's references in the ledger (the stream; a backfill fills them in).
     pub records_references: bool,
@@ -91,12 +91,15 @@ impl Run {
         records_references: false,
         ..Run::OPERATOR
     };
-    pub const BACKFILL: Run = Run {
-        overrides_in_batch: false,
-        ..Run::OPERATOR
-    };
-    /// A backfill batch that holds every override of its indexes, read by the scan itself.
-    pub const BACKFILL_FROM_SCAN: Run = Run::OPERATOR;
+
+    /// The same run, its batch holding every override of its indexes or not (a piece or run
+    /// of the table that may not: their filters then come from a Query).
+    pub const fn holding_overrides(self, held: bool) -> Run {
+        Run {
+            overrides_in_batch: held,
+            ..self
+        }
+    }
 }
 
 /// Records with their lookups done and their KV operations planned, nothing sent yet.

@@ -49,10 +49,7 @@ impl<P: Ports> Pass<'_, P> {
         let closed = runs.take_closed();
         let compared = closed.len();
         self.compare_implied(closed.whole, Run::CHECK).await?;
-        let run = Run {
-            overrides_in_batch: false,
-            ..Run::CHECK
-        };
+        let run = Run::CHECK.holding_overrides(false);
         self.compare_implied(closed.queried, run).await?;
         if closed.at.is_some() {
             position.table_at = closed.at;
