@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::{write, Exporter, Prepared, Run};
 use crate::domain::kv::query_config_prefix;
-use crate::domain::{IndexRef, KvAction, KvKey, Namespace, TableKey};
+use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::pipeline::plan::PlannedOp;
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::{PortError, Ports};
@@ -162,88 +162,49 @@ impl<P: Ports> Exporter<P> {
                 continue;
             }
             for (index, recheck) in indexes {
-                let keys = recheck.keys.iter();
-                match keys
-                    .into_iter()
-                    .any(|l| l.key.namespace == Namespace::QueryConfigs)
-                {
+                let overrides = (recheck.keys.iter())
+                    .any(|landed| landed.key.namespace == Namespace::QueryConfigs);
+                match overrides {
                     true => runs.push(vec![(index, recheck)]),
                     false => by_key.push((index, recheck)),
                 }
             }
         }
-        let runs = (runs.into_iter()).map(|run| self.read_run(run, deadline));
-        let runs = futures::stream::iter(runs).buffer_unordered(CONCURRENT_READS);
-        let (mut reads, runs) = tokio::join!(self.read_settings(by_key, deadline), async {
-            runs.collect::<Vec<_>>().await
+        // Each group with what its read found: its indexes' records (an index not found has
+        // no settings record and no records), or why it could not be read.
+        let runs = (runs.into_iter()).map(|run| async move {
+            let (first, last) = (&run[0].0, &run[run.len() - 1].0);
+            let names = (first.name.as_str(), last.name.as_str());
+            let read = self.index_run(&first.account, names, deadline).await;
+            (run, read)
         });
-        reads.extend(runs.into_iter().flatten());
+        let runs = futures::stream::iter(runs).buffer_unordered(CONCURRENT_READS);
+        let by_key = async {
+            let read = self.settings_of(by_key.iter().map(|(index, _)| index), deadline);
+            let read = read.await.map(|found| {
+                let settings = |record| (true, vec![ChangeRecord::from_table(record, false)]);
+                (found
+                    .into_iter()
+                    .map(|(index, record)| (index, settings(record))))
+                .collect()
+            });
+            (by_key, read)
+        };
+        let (by_key, runs) = tokio::join!(by_key, runs.collect::<Vec<_>>());
         let mut found = Vec::new();
-        for (index, mut recheck, read) in reads {
-            match read {
-                Ok((settings, records)) => {
-                    (recheck.settings, recheck.records) = (settings, records);
-                    found.push((index, recheck));
+        for (indexes, mut read) in runs.into_iter().chain([by_key]) {
+            for (index, mut recheck) in indexes {
+                match &mut read {
+                    Ok(now) => {
+                        let now = now.remove(&index).unwrap_or_default();
+                        (recheck.settings, recheck.records) = now;
+                        found.push((index, recheck));
+                    }
+                    Err(e) => fail_all(report, &recheck, e),
                 }
-                Err(e) => fail_all(report, &recheck, &e),
             }
         }
         found
-    }
-
-    /// These indexes' settings records, read by key at once: each index with whether it has
-    /// one now, and its records.
-    async fn read_settings(
-        &self,
-        indexes: Vec<(IndexRef, Recheck)>,
-        deadline: Instant,
-    ) -> Vec<(
-        IndexRef,
-        Recheck,
-        Result<(bool, Vec<ChangeRecord>), PortError>,
-    )> {
-        let keys = indexes.iter().map(|(index, _)| TableKey::of(index, None));
-        let read = self.records_of(keys.collect(), deadline).await;
-        let mut now: HashMap<IndexRef, ChangeRecord> = HashMap::new();
-        for (_, record) in read.iter().flatten() {
-            let record = ChangeRecord::from_table(record.clone(), false);
-            now.extend(record.index.clone().map(|index| (index, record)));
-        }
-        (indexes.into_iter())
-            .map(|(index, recheck)| {
-                let found = now.remove(&index);
-                let read = (read
-                    .as_ref()
-                    .map(|_| (found.is_some(), found.into_iter().collect())))
-                .map_err(Clone::clone);
-                (index, recheck, read)
-            })
-            .collect()
-    }
-
-    /// A run of one account's indexes (in name order) read at once, overrides included: one
-    /// Query of the table from the first index through the last.
-    async fn read_run(
-        &self,
-        run: Vec<(IndexRef, Recheck)>,
-        deadline: Instant,
-    ) -> Vec<(
-        IndexRef,
-        Recheck,
-        Result<(bool, Vec<ChangeRecord>), PortError>,
-    )> {
-        let (first, last) = (&run[0].0, &run[run.len() - 1].0);
-        let names = (first.name.as_str(), last.name.as_str());
-        let mut now = self.index_run(&first.account, names, deadline).await;
-        (run.into_iter())
-            .map(|(index, recheck)| {
-                let now = match &mut now {
-                    Ok(now) => Ok(now.remove(&index).unwrap_or_default()),
-                    Err(e) => Err(e.clone()),
-                };
-                (index, recheck, now)
-            })
-            .collect()
     }
 
     /// The indexes read again, planned as changes (`None`: nothing to plan), with the landed

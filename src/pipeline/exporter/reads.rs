@@ -52,6 +52,23 @@ impl<P: Ports> Exporter<P> {
         Ok(found)
     }
 
+    /// The settings records of these indexes that the table holds, by index (one read by key,
+    /// 100 a call).
+    pub async fn settings_of(
+        &self,
+        indexes: impl IntoIterator<Item = &IndexRef>,
+        deadline: Instant,
+    ) -> Result<HashMap<IndexRef, TableRecord>, PortError> {
+        let keys = indexes.into_iter().map(|index| TableKey::of(index, None));
+        let found = self.records_of(keys.collect(), deadline).await?;
+        Ok((found.into_iter())
+            .filter_map(|(_, record)| match &record {
+                TableRecord::Settings { index, .. } => Some((index.clone(), record)),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// The index's settings record as a change (`None`: the table has none). With query
     /// configs, it stands for all of them (it needs their filter).
     pub async fn settings_record(
@@ -60,8 +77,7 @@ impl<P: Ports> Exporter<P> {
         include_query_configs: bool,
         deadline: Instant,
     ) -> Result<Option<ChangeRecord>, PortError> {
-        let found = self.records_of(vec![TableKey::of(index, None)], deadline);
-        let record = found.await?.pop().map(|(_, record)| record);
+        let record = self.settings_of([index], deadline).await?.remove(index);
         Ok(record.map(|record| ChangeRecord::from_table(record, include_query_configs)))
     }
 

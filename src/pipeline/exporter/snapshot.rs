@@ -6,14 +6,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use futures::StreamExt as _;
-use std::sync::Arc;
-
 use tokio::time::Instant;
 
 use super::references::left_by;
 use super::{Exporter, Run, CONCURRENT_KV_REQUESTS};
 use crate::domain::AccountCell;
-use crate::domain::{IndexRef, IndexSettings, KvKey, Namespace, TableKey, TableRecord};
+use crate::domain::{IndexRef, KvKey, Namespace, TableKey, TableRecord};
 use crate::pipeline::plan::{self, Snapshot};
 use crate::pipeline::records::{Change, ChangeRecord, Changed};
 use crate::ports::{before_deadline, KvStore, LookupCounts, Ports};
@@ -262,26 +260,14 @@ impl<P: Ports> Exporter<P> {
         deadline: Instant,
     ) -> LookupCounts {
         // Every claimer's settings record in one read (100 keys a call).
-        let keys = claimers
-            .iter()
-            .map(|index| TableKey::of(index, None))
-            .collect();
-        let found = self.records_of(keys, deadline).await;
-        let mut settings: HashMap<IndexRef, Arc<IndexSettings>> = HashMap::new();
-        for (_, record) in found.as_ref().map_or(&[][..], Vec::as_slice) {
-            if let TableRecord::Settings {
-                index,
-                settings: Ok(read),
-                ..
-            } = record
-            {
-                settings.insert(index.clone(), read.clone());
-            }
-        }
+        let found = self.settings_of(&claimers, deadline).await;
         let read: Vec<_> = (claimers.into_iter())
-            .map(|index| match &found {
-                Ok(_) => (index.clone(), Ok(settings.remove(&index))),
-                Err(error) => (index, Err(error.clone())),
+            .map(|index| {
+                let settings = found.as_ref().map(|found| match found.get(&index) {
+                    Some(TableRecord::Settings { settings, .. }) => settings.clone().ok(),
+                    _ => None,
+                });
+                (index, settings.map_err(Clone::clone))
             })
             .collect();
         let cell = &self.options.default_cell;
