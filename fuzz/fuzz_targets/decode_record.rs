@@ -1,5 +1,5 @@
 //! Any JSON (as a stream record or as a whole payload) decodes or is rejected: never a panic.
-//! The batch read in one pass agrees with the record-by-record read.
+//! A one-record batch decodes its record as the record read alone does.
 #![no_main]
 
 use ecom_settings_exporter::entry::Payload;
@@ -38,8 +38,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = Payload::parse(data, "DEFAULT_CONFIGS");
     if let Ok(raw) = serde_json::from_str::<Box<RawValue>>(text) {
-        // The batch read in one pass (record by record when one is malformed) decodes a record
-        // exactly as the record-by-record read through serde does.
+        // A batch decodes a record exactly as the record read alone does.
         let batch = format!("{{\"Records\":[{}]}}", raw.get());
         let alone = decode_record(raw.get(), "DEFAULT_CONFIGS");
         match Payload::parse(batch.as_bytes(), "DEFAULT_CONFIGS") {

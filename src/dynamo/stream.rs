@@ -1,12 +1,8 @@
 //! A DynamoDB stream batch (`{"Records": [...]}`, as Lambda hands it over) read into
-//! `aws_lambda_events`' stream records, every way it can be read, in this one room: serde in
-//! one pass; then, when a record is malformed, record by record, so that it is refused alone,
-//! saying where it went wrong. Each record goes to the caller as soon as it is read: the batch
-//! is only ever held as what the caller makes of it.
+//! `aws_lambda_events`' stream records through serde, record by record, so that a malformed
+//! one is refused alone, saying where it went wrong. Each record goes to the caller as soon as
+//! it is read: the batch is only ever held as what the caller makes of it.
 
-use std::borrow::Cow;
-
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -38,17 +34,12 @@ pub struct BadRecord {
 }
 
 /// A stream batch's records, each handed to `each` as it is read, in stream order. `None`:
-/// the payload is not a stream batch (no `Records` array).
+/// the payload is not a stream batch (no `Records` array). Each record is read from its own
+/// text, so that a malformed one is refused alone.
 pub fn read_stream_batch<T>(
     payload: &str,
     each: impl Fn(Result<StreamRecord, BadRecord>) -> T,
 ) -> Option<Vec<T>> {
-    let mut json = serde_json::Deserializer::from_str(payload);
-    let read = Route(RecordsSeed { each: &each }).deserialize(&mut json);
-    if let (Ok(Some(records)), Ok(())) = (read, json.end()) {
-        return Some(records);
-    }
-    // A batch with a malformed record: read again record by record, each with its reason.
     let batch = serde_json::from_str::<Batch>(payload).ok()?;
     let records = batch.records?.into_iter();
     Some(
@@ -90,67 +81,4 @@ pub fn read_stream_record(raw: &str) -> Result<StreamRecord, BadRecord> {
 struct Batch<'a> {
     #[serde(borrow, rename = "Records")]
     records: Option<Vec<&'a RawValue>>,
-}
-
-/// Routes on the top-level `Records` key, reading a batch's records as they come.
-struct Route<'e, F>(RecordsSeed<'e, F>);
-
-impl<'de, T, F: Fn(Result<StreamRecord, BadRecord>) -> T> DeserializeSeed<'de> for Route<'_, F> {
-    type Value = Option<Vec<T>>;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_map(self)
-    }
-}
-
-impl<'de, T, F: Fn(Result<StreamRecord, BadRecord>) -> T> Visitor<'de> for Route<'_, F> {
-    type Value = Option<Vec<T>>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut records = None;
-        let mut seed = Some(self.0);
-        while let Some(key) = map.next_key::<Cow<str>>()? {
-            match seed.take_if(|_| key == "Records") {
-                Some(seed) => records = Some(map.next_value_seed(seed)?),
-                None => map.next_value::<IgnoredAny>().map(drop)?,
-            }
-        }
-        Ok(records)
-    }
-}
-
-/// A batch's `Records` array, each record handed on as it is read: one pass over the payload.
-/// A malformed record fails the whole read; [`read_stream_batch`] then reads record by record.
-struct RecordsSeed<'e, F> {
-    each: &'e F,
-}
-
-impl<'de, T, F: Fn(Result<StreamRecord, BadRecord>) -> T> DeserializeSeed<'de>
-    for RecordsSeed<'_, F>
-{
-    type Value = Vec<T>;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_seq(self)
-    }
-}
-
-impl<'de, T, F: Fn(Result<StreamRecord, BadRecord>) -> T> Visitor<'de> for RecordsSeed<'_, F> {
-    type Value = Vec<T>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("an array of DynamoDB stream records")
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut records = Vec::with_capacity(seq.size_hint().unwrap_or(0));
-        while let Some(record) = seq.next_element::<StreamRecord>()? {
-            records.push((self.each)(Ok(record)));
-        }
-        Ok(records)
-    }
 }

@@ -2,13 +2,12 @@
 //! and under 100 MB a request), each pair's JSON written once, straight into its body
 //! (`[{"key", "value", "metadata"}]` to write, `[key]` to delete).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
-use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::domain::kv::{digest_bytes, KeyMetadata, KvValue};
+use crate::domain::kv::{digest, KeyMetadata, KvValue};
 use crate::domain::{KvAction, KvOp, Namespace};
 
 /// Pairs (or keys) in one bulk write (or delete).
@@ -18,58 +17,28 @@ pub const MAX_BULK_GET_KEYS: usize = 100;
 /// Cloudflare: "the entire request size must be less than 100 megabytes".
 pub const MAX_BULK_BYTES: usize = 100_000_000;
 
-/// The room to reserve for the next body of a namespace, out of what its pairs not yet in a
-/// body are expected to take (bytes, pairs).
-fn take_room(left: &mut (usize, usize)) -> usize {
-    let (bytes, pairs) = left;
-    let share = (*pairs).clamp(1, MAX_BULK_ITEMS);
-    let room = (*bytes / (*pairs).max(1) * share).min(*bytes);
-    (*bytes, *pairs) = (*bytes - room, pairs.saturating_sub(share));
-    room.min(MAX_BULK_BYTES)
-}
-
 /// All the requests `ops` need, in their order: per namespace, bulk writes of at most
 /// [`MAX_BULK_ITEMS`] pairs and under [`MAX_BULK_BYTES`], each pair written once into its body;
-/// bulk deletes. The values are dropped once the bodies hold them.
+/// bulk deletes.
 pub fn requests(ops: Vec<KvOp>) -> Vec<KvRequest> {
-    // What each body will take, reserved up front (escaping at most doubles a value): growing
-    // by doubling would copy and fault in twice the memory. A body holds at most
-    // MAX_BULK_ITEMS pairs, so it reserves for its own pairs, not for its whole namespace.
-    let mut expected: BTreeMap<Namespace, (usize, usize)> = BTreeMap::new();
-    for (key, action) in &ops {
-        if let KvAction::Put(value) = action {
-            let index = value.index();
-            let names = index.account.len() + index.name.len();
-            let size = key.key.len() + 2 * value.size_hint() + names + 120;
-            let (bytes, pairs) = expected.entry(key.namespace).or_default();
-            (*bytes, *pairs) = (*bytes + size, *pairs + 1);
-        }
-    }
     let mut puts: BTreeMap<Namespace, (Vec<KvRequest>, PutBody)> = BTreeMap::new();
     let mut deletes: BTreeMap<Namespace, Vec<String>> = BTreeMap::new();
-    // Borrowed, not taken: a value shared by two keys is known as shared while both hold it.
-    for (key, action) in &ops {
+    for (key, action) in ops {
         match action {
             KvAction::Put(value) => {
-                let left = expected.get_mut(&key.namespace).expect("counted above");
-                let (full, body) = puts
-                    .entry(key.namespace)
-                    .or_insert_with(|| (Vec::new(), PutBody::with_capacity(take_room(left))));
-                let mut next = |body: &mut PutBody| {
-                    std::mem::replace(body, PutBody::with_capacity(take_room(left)))
-                };
+                let (full, body) = puts.entry(key.namespace).or_default();
                 if body.len() == MAX_BULK_ITEMS {
-                    full.push(KvRequest::put(key.namespace, next(body)));
+                    full.push(KvRequest::put(key.namespace, std::mem::take(body)));
                 }
-                body.push(&key.key, value);
+                body.push(&key.key, &value);
                 if body.size() >= MAX_BULK_BYTES && body.len() > 1 {
                     // Too big with this pair: it starts the next request.
                     body.pop();
-                    full.push(KvRequest::put(key.namespace, next(body)));
-                    body.push(&key.key, value);
+                    full.push(KvRequest::put(key.namespace, std::mem::take(body)));
+                    body.push(&key.key, &value);
                 }
             }
-            KvAction::Delete => (deletes.entry(key.namespace).or_default()).push(key.key.clone()),
+            KvAction::Delete => (deletes.entry(key.namespace).or_default()).push(key.key),
         }
     }
     let mut requests = Vec::new();
@@ -90,38 +59,23 @@ pub fn requests(ops: Vec<KvOp>) -> Vec<KvRequest> {
 }
 
 /// A bulk write body being built, `[{"key": ..., "value": "<the value's JSON as a string>",
-/// "metadata": {...}}, ...]`: each pair written straight into it, and a value that several keys
-/// share (an index's own key and its shop key) escaped only once.
+/// "metadata": {...}}, ...]`: each pair written straight into it.
 pub struct PutBody {
     bytes: Vec<u8>,
     /// Each pair's key and where its JSON is in `bytes`.
     items: Vec<(String, Range<usize>)>,
-    /// Where a shared value's `,"value":...,"metadata":...}` already is in `bytes`, by the
-    /// value's address (the values outlive the body being built).
-    written: HashMap<usize, Range<usize>>,
-    /// Where a value is rendered before it is written into `bytes` as a string: reused.
-    scratch: Vec<u8>,
 }
 
 impl Default for PutBody {
     fn default() -> Self {
-        Self::with_capacity(0)
+        Self {
+            bytes: b"[".to_vec(),
+            items: Vec::new(),
+        }
     }
 }
 
 impl PutBody {
-    /// A body expected to grow to about `bytes`: reserved once, not doubled as it grows.
-    pub fn with_capacity(bytes: usize) -> Self {
-        let mut buffer = Vec::with_capacity(bytes.max(2));
-        buffer.push(b'[');
-        Self {
-            bytes: buffer,
-            items: Vec::new(),
-            written: HashMap::new(),
-            scratch: Vec::new(),
-        }
-    }
-
     pub fn len(&self) -> usize {
         self.items.len()
     }
@@ -143,31 +97,17 @@ impl PutBody {
     }
 
     /// Writes a pair.
-    pub fn push(&mut self, key: &str, value: &Arc<KvValue>) {
+    pub fn push(&mut self, key: &str, value: &KvValue) {
         let start = self.start_item();
+        let text = value.text();
         self.bytes.extend_from_slice(b"{\"key\":");
         serde_json::to_writer(&mut self.bytes, key).expect("a string serializes");
-        // Only a value another key also holds can come again: the others skip the map.
-        let shared = Arc::strong_count(value) > 1;
-        let id = Arc::as_ptr(value) as usize;
-        match shared.then(|| self.written.get(&id)).flatten() {
-            Some(tail) => self.bytes.extend_from_within(tail.clone()),
-            None => {
-                let tail = self.bytes.len();
-                self.scratch.clear();
-                value.render(&mut self.scratch);
-                let text = std::str::from_utf8(&self.scratch).expect("JSON text is UTF-8");
-                self.bytes.extend_from_slice(b",\"value\":");
-                serde_json::to_writer(&mut self.bytes, text).expect("a string serializes");
-                self.bytes.extend_from_slice(b",\"metadata\":");
-                let digest = digest_bytes(&self.scratch);
-                KeyMetadata::write_json(value.index(), value.query(), &digest, &mut self.bytes);
-                self.bytes.push(b'}');
-                if shared {
-                    self.written.insert(id, tail..self.bytes.len());
-                }
-            }
-        }
+        self.bytes.extend_from_slice(b",\"value\":");
+        serde_json::to_writer(&mut self.bytes, text).expect("a string serializes");
+        self.bytes.extend_from_slice(b",\"metadata\":");
+        let digest = digest(text);
+        KeyMetadata::write_json(value.index(), value.query(), &digest, &mut self.bytes);
+        self.bytes.push(b'}');
         self.items.push((key.to_owned(), start..self.bytes.len()));
     }
 
@@ -180,16 +120,11 @@ impl PutBody {
 
     /// Takes the last pair back out (it made the body too big).
     pub fn pop(&mut self) {
-        let Some((_, span)) = self.items.pop() else {
-            return;
-        };
-        let cut = if self.items.is_empty() {
-            span.start
-        } else {
-            span.start - 1
-        };
-        self.bytes.truncate(cut);
-        self.written.retain(|_, tail| tail.end <= cut);
+        if let Some((_, span)) = self.items.pop() {
+            // The comma before it goes too.
+            self.bytes
+                .truncate(span.start - usize::from(!self.items.is_empty()));
+        }
     }
 
     fn finish(mut self) -> (Bytes, Vec<(String, Range<usize>)>) {
@@ -306,6 +241,7 @@ impl KvRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     use serde_json::json;
 
@@ -378,15 +314,11 @@ mod tests {
         let image = json!({"index_endpoint": {"S": "https://idx/\"q\""},
             "search_config": {"M": {"limit": {"N": "20"}, "text": {"S": "a\nb"}}}});
         let image = item_from_dynamodb_json(image).unwrap();
-        let settings = Arc::new(index_settings(IndexRef::new("a", "i"), &image).unwrap());
+        let settings = index_settings(IndexRef::new("a", "i"), &image).unwrap();
         let key = ApiKey::new("k-1");
         let expected = serde_json::to_string(&settings.kv_value(&key)).unwrap();
-        let value = KvValue::settings(settings, key);
+        let value = KvValue::settings(&settings, &key);
         assert_eq!(value.text(), expected);
-        assert!(
-            value.size_hint() >= expected.len(),
-            "the hint is a bound here"
-        );
         assert_eq!(value.oversize(), None);
         let ops = vec![(KvKey::settings("a-i"), KvAction::put(value))];
         let body: Vec<serde_json::Value> =
