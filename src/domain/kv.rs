@@ -147,7 +147,7 @@ pub struct KeyMetadata {
 impl KeyMetadata {
     /// The metadata JSON for a value of `digest` written for `index`; names too long for the
     /// limit are left out (the value says). For tests: the function writes it with
-    /// [`KeyMetadata::write_json`], straight into a body.
+    /// [`KeyMetadata::write_json`], into a pair of a body.
     #[cfg(test)]
     pub fn json(index: &IndexRef, digest: &str) -> String {
         let mut out = Vec::new();

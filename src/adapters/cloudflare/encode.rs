@@ -1,14 +1,13 @@
 //! Planned operations as Cloudflare's bulk requests: as few as its limits allow (10,000 pairs
-//! and under 100 MB a request), each pair's JSON written once, straight into its body
+//! and under 100 MB a request), each pair's JSON written once
 //! (`[{"key", "value", "metadata"}]` to write, `[key]` to delete).
 
 use std::collections::{BTreeMap, HashSet};
-use std::ops::Range;
 
 use bytes::Bytes;
 
 use crate::domain::kv::{digest, KeyMetadata, KvValue};
-use crate::domain::{KvAction, KvOp, Namespace};
+use crate::domain::{KvAction, KvKey, KvOp, Namespace};
 
 /// Pairs (or keys) in one bulk write (or delete).
 pub const MAX_BULK_ITEMS: usize = 10_000;
@@ -18,36 +17,33 @@ pub const MAX_BULK_GET_KEYS: usize = 100;
 pub const MAX_BULK_BYTES: usize = 100_000_000;
 
 /// All the requests `ops` need, in their order: per namespace, bulk writes of at most
-/// [`MAX_BULK_ITEMS`] pairs and under [`MAX_BULK_BYTES`], each pair written once into its body;
-/// bulk deletes.
+/// [`MAX_BULK_ITEMS`] pairs and under [`MAX_BULK_BYTES`]; bulk deletes.
 pub fn requests(ops: Vec<KvOp>) -> Vec<KvRequest> {
-    let mut puts: BTreeMap<Namespace, (Vec<KvRequest>, PutBody)> = BTreeMap::new();
+    let mut puts: BTreeMap<Namespace, Vec<KvRequest>> = BTreeMap::new();
     let mut deletes: BTreeMap<Namespace, Vec<String>> = BTreeMap::new();
-    for (key, action) in ops {
-        match action {
-            KvAction::Put(value) => {
-                let (full, body) = puts.entry(key.namespace).or_default();
-                if body.len() == MAX_BULK_ITEMS {
-                    full.push(KvRequest::put(key.namespace, std::mem::take(body)));
-                }
-                body.push(&key.key, &value);
-                if body.size() >= MAX_BULK_BYTES && body.len() > 1 {
-                    // Too big with this pair: it starts the next request.
-                    body.pop();
-                    full.push(KvRequest::put(key.namespace, std::mem::take(body)));
-                    body.push(&key.key, &value);
-                }
+    for (KvKey { namespace, key }, action) in ops {
+        let KvAction::Put(value) = action else {
+            deletes.entry(namespace).or_default().push(key);
+            continue;
+        };
+        let pair = pair_json(&key, &value);
+        let requests = puts.entry(namespace).or_default();
+        match requests.last_mut() {
+            // A pair goes on the last request while both limits hold (`,` and `]` counted).
+            Some(KvRequest::Put { pairs, size, .. })
+                if pairs.len() < MAX_BULK_ITEMS && *size + pair.len() + 2 < MAX_BULK_BYTES =>
+            {
+                *size += pair.len() + 1;
+                pairs.push((key, pair));
             }
-            KvAction::Delete => (deletes.entry(key.namespace).or_default()).push(key.key),
+            _ => requests.push(KvRequest::Put {
+                namespace,
+                size: pair.len() + 2,
+                pairs: vec![(key, pair)],
+            }),
         }
     }
-    let mut requests = Vec::new();
-    for (namespace, (full, last)) in puts {
-        requests.extend(full);
-        if !last.is_empty() {
-            requests.push(KvRequest::put(namespace, last));
-        }
-    }
+    let mut requests: Vec<KvRequest> = puts.into_values().flatten().collect();
     for (namespace, keys) in deletes {
         // Keys are at most 512 bytes, so 10,000 of them stay far under the size limit.
         requests.extend(keys.chunks(MAX_BULK_ITEMS).map(|keys| KvRequest::Delete {
@@ -58,89 +54,30 @@ pub fn requests(ops: Vec<KvOp>) -> Vec<KvRequest> {
     requests
 }
 
-/// A bulk write body being built, `[{"key": ..., "value": "<the value's JSON as a string>",
-/// "metadata": {...}}, ...]`: each pair written straight into it.
-pub struct PutBody {
-    bytes: Vec<u8>,
-    /// Each pair's key and where its JSON is in `bytes`.
-    items: Vec<(String, Range<usize>)>,
+/// A pair as a bulk write takes it: `{"key": ..., "value": "<the value's JSON as a string>",
+/// "metadata": {...}}`.
+fn pair_json(key: &str, value: &KvValue) -> String {
+    let mut json = Vec::with_capacity(value.text().len() + key.len() + 200);
+    json.extend_from_slice(b"{\"key\":");
+    serde_json::to_writer(&mut json, key).expect("a string serializes");
+    json.extend_from_slice(b",\"value\":");
+    serde_json::to_writer(&mut json, value.text()).expect("a string serializes");
+    json.extend_from_slice(b",\"metadata\":");
+    let digest = digest(value.text());
+    KeyMetadata::write_json(value.index(), value.query(), &digest, &mut json);
+    json.push(b'}');
+    String::from_utf8(json).expect("JSON text is UTF-8")
 }
 
-impl Default for PutBody {
-    fn default() -> Self {
-        Self {
-            bytes: b"[".to_vec(),
-            items: Vec::new(),
-        }
-    }
-}
-
-impl PutBody {
-    pub fn len(&self) -> usize {
-        self.items.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
-    }
-
-    /// Bytes of the finished body.
-    pub fn size(&self) -> usize {
-        self.bytes.len() + 1
-    }
-
-    fn start_item(&mut self) -> usize {
-        if !self.items.is_empty() {
-            self.bytes.push(b',');
-        }
-        self.bytes.len()
-    }
-
-    /// Writes a pair.
-    pub fn push(&mut self, key: &str, value: &KvValue) {
-        let start = self.start_item();
-        let text = value.text();
-        self.bytes.extend_from_slice(b"{\"key\":");
-        serde_json::to_writer(&mut self.bytes, key).expect("a string serializes");
-        self.bytes.extend_from_slice(b",\"value\":");
-        serde_json::to_writer(&mut self.bytes, text).expect("a string serializes");
-        self.bytes.extend_from_slice(b",\"metadata\":");
-        let digest = digest(text);
-        KeyMetadata::write_json(value.index(), value.query(), &digest, &mut self.bytes);
-        self.bytes.push(b'}');
-        self.items.push((key.to_owned(), start..self.bytes.len()));
-    }
-
-    /// Copies a pair already written in another body.
-    fn push_written(&mut self, key: &str, item: &[u8]) {
-        let start = self.start_item();
-        self.bytes.extend_from_slice(item);
-        self.items.push((key.to_owned(), start..self.bytes.len()));
-    }
-
-    /// Takes the last pair back out (it made the body too big).
-    pub fn pop(&mut self) {
-        if let Some((_, span)) = self.items.pop() {
-            // The comma before it goes too.
-            self.bytes
-                .truncate(span.start - usize::from(!self.items.is_empty()));
-        }
-    }
-
-    fn finish(mut self) -> (Bytes, Vec<(String, Range<usize>)>) {
-        self.bytes.push(b']');
-        (Bytes::from(self.bytes), self.items)
-    }
-}
-
-/// One Cloudflare bulk request, its body built once: a retry sends the same bytes.
+/// One Cloudflare bulk request.
 #[derive(Clone)]
 pub enum KvRequest {
     Put {
         namespace: Namespace,
-        body: Bytes,
-        /// Each pair's key and where its JSON is in `body`.
-        items: Vec<(String, Range<usize>)>,
+        /// Each pair's key and its JSON.
+        pairs: Vec<(String, String)>,
+        /// Bytes of the body.
+        size: usize,
     },
     Delete {
         namespace: Namespace,
@@ -153,33 +90,17 @@ impl std::fmt::Debug for KvRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             KvRequest::Put {
-                namespace,
-                body,
-                items,
-            } => write!(
-                f,
-                "Put({namespace:?}, {:?}, {} bytes)",
-                items.iter().map(|(k, _)| k).collect::<Vec<_>>(),
-                body.len()
-            ),
+                namespace, size, ..
+            } => write!(f, "Put({namespace:?}, {:?}, {size} bytes)", self.keys()),
             KvRequest::Delete { namespace, keys } => write!(f, "Delete({namespace:?}, {keys:?})"),
         }
     }
 }
 
 impl KvRequest {
-    pub fn put(namespace: Namespace, body: PutBody) -> Self {
-        let (body, items) = body.finish();
-        KvRequest::Put {
-            namespace,
-            body,
-            items,
-        }
-    }
-
     pub fn keys(&self) -> Vec<&str> {
         match self {
-            KvRequest::Put { items, .. } => items.iter().map(|(k, _)| k.as_str()).collect(),
+            KvRequest::Put { pairs, .. } => pairs.iter().map(|(k, _)| k.as_str()).collect(),
             KvRequest::Delete { keys, .. } => keys.iter().map(String::as_str).collect(),
         }
     }
@@ -187,7 +108,16 @@ impl KvRequest {
     /// The JSON body Cloudflare takes: `[{key, value, metadata}]` to write, `[key]` to delete.
     pub fn body(&self) -> Bytes {
         match self {
-            KvRequest::Put { body, .. } => body.clone(),
+            KvRequest::Put { pairs, size, .. } => {
+                let mut body = String::with_capacity(*size);
+                body.push('[');
+                for (i, (_, pair)) in pairs.iter().enumerate() {
+                    body.push_str(if i == 0 { "" } else { "," });
+                    body.push_str(pair);
+                }
+                body.push(']');
+                Bytes::from(body)
+            }
             KvRequest::Delete { keys, .. } => {
                 Bytes::from(serde_json::to_vec(keys).expect("strings serialize"))
             }
@@ -203,7 +133,7 @@ impl KvRequest {
             value: String,
         }
         match self {
-            KvRequest::Put { body, .. } => serde_json::from_slice::<Vec<Pair>>(body)
+            KvRequest::Put { .. } => serde_json::from_slice::<Vec<Pair>>(&self.body())
                 .expect("bodies this code wrote")
                 .into_iter()
                 .map(|p| (p.key, p.value))
@@ -216,16 +146,9 @@ impl KvRequest {
     pub fn retain_keys(&mut self, keys: &[String]) {
         let keep: HashSet<&str> = keys.iter().map(String::as_str).collect();
         match self {
-            KvRequest::Put {
-                namespace,
-                body,
-                items,
-            } => {
-                let mut kept = PutBody::default();
-                for (key, span) in items.iter().filter(|(k, _)| keep.contains(k.as_str())) {
-                    kept.push_written(key, &body[span.clone()]);
-                }
-                *self = KvRequest::put(*namespace, kept);
+            KvRequest::Put { pairs, size, .. } => {
+                pairs.retain(|(key, _)| keep.contains(key.as_str()));
+                *size = 1 + pairs.iter().map(|(_, pair)| pair.len() + 1).sum::<usize>();
             }
             KvRequest::Delete { keys, .. } => keys.retain(|k| keep.contains(k.as_str())),
         }
@@ -241,7 +164,6 @@ impl KvRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     use serde_json::json;
 
@@ -334,24 +256,23 @@ mod tests {
         assert_eq!(sizes(&requests), [3, 2]);
         for request in requests {
             assert!(request.body().len() < MAX_BULK_BYTES);
+            assert!(matches!(request, KvRequest::Put { size, .. } if size == request.body().len()));
         }
     }
 
     #[test]
     fn request_debug_never_shows_values_and_retain_keeps_only_what_is_asked() {
         let index = IndexRef::new("a", "i");
-        let mut body = PutBody::default();
-        let value = Arc::new(KvValue::new(
+        let value = KvAction::put(KvValue::new(
             &index,
             "{\"marqo_api_key\":\"secret\"}".into(),
         ));
-        for key in ["k1", "k2"] {
-            body.push(key, &value);
-        }
-        let mut request = KvRequest::put(Namespace::Settings, body);
+        let ops = ["k1", "k2"].map(|key| (KvKey::settings(key), value.clone()));
+        let mut request = requests(ops.into()).remove(0);
         assert!(!format!("{request:?}").contains("secret"));
         request.retain_keys(&["k2".to_string()]);
         assert_eq!(request.keys(), ["k2"]);
+        assert!(matches!(request, KvRequest::Put { size, .. } if size == request.body().len()));
         let pairs = request.pairs();
         assert_eq!(
             pairs,
