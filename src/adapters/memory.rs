@@ -87,7 +87,7 @@ impl KvStore for MemoryKv {
                 continue;
             }
             match action {
-                KvAction::Put(value) => values.insert(key.key, value.text().to_owned()),
+                KvAction::Put(value) => values.insert(key.key, value.text().into_owned()),
                 KvAction::Delete => values.remove(&key.key),
             };
         }

@@ -3,6 +3,7 @@
 //! (docs/contract.md, "KV"). How operations travel (Cloudflare's bulk requests and their
 //! limits) is the store adapter's: `adapters/cloudflare/encode.rs`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -147,7 +148,7 @@ pub struct KeyMetadata {
 impl KeyMetadata {
     /// The metadata JSON for a value of `digest` written for `index`; names too long for the
     /// limit are left out (the value says). For tests: the function writes it with
-    /// [`KeyMetadata::write_json`], into a pair of a body.
+    /// [`KeyMetadata::write_json`], straight into a body.
     #[cfg(test)]
     pub fn json(index: &IndexRef, digest: &str) -> String {
         let mut out = Vec::new();
@@ -192,18 +193,26 @@ impl KeyMetadata {
     }
 }
 
-/// A value to write: its JSON text, the index it was written for, and an override's query
-/// (named in the key's metadata so a reconcile checks the override by key).
+/// A value to write. An index's settings are kept as the decoded record and its account's API
+/// key, and rendered only where they go: straight into a request body, with no copy in between.
 #[derive(Clone, PartialEq)]
-pub struct KvValue {
-    index: IndexRef,
-    text: String,
-    query: Option<String>,
+pub enum KvValue {
+    /// JSON text written as given, for `index` (an override's: `query`, named in the key's
+    /// metadata so a reconcile checks the override by key).
+    Text {
+        index: IndexRef,
+        text: String,
+        query: Option<String>,
+    },
+    Settings {
+        settings: Arc<IndexSettings>,
+        api_key: ApiKey,
+    },
 }
 
 impl KvValue {
     pub fn new(index: &IndexRef, text: String) -> Self {
-        KvValue {
+        KvValue::Text {
             index: index.clone(),
             text,
             query: None,
@@ -212,40 +221,81 @@ impl KvValue {
 
     /// An override's value: its query goes into the key's metadata when it fits.
     pub fn query_config(index: &IndexRef, query: &str, text: String) -> Self {
-        KvValue {
+        KvValue::Text {
+            index: index.clone(),
+            text,
             query: Some(query.to_owned()),
-            ..Self::new(index, text)
         }
-    }
-
-    /// The value under an index's keys: its settings with its account's API key.
-    pub fn settings(settings: &IndexSettings, api_key: &ApiKey) -> Self {
-        let text = serde_json::to_string(&settings.kv_value(api_key));
-        Self::new(&settings.index, text.expect("settings values serialize"))
     }
 
     /// The override's query, for an override's value.
     pub fn query(&self) -> Option<&str> {
-        self.query.as_deref()
+        match self {
+            KvValue::Text { query, .. } => query.as_deref(),
+            KvValue::Settings { .. } => None,
+        }
+    }
+
+    pub fn settings(settings: Arc<IndexSettings>, api_key: ApiKey) -> Self {
+        KvValue::Settings { settings, api_key }
     }
 
     /// The index the value was written for (named in the key's metadata).
     pub fn index(&self) -> &IndexRef {
-        &self.index
+        match self {
+            KvValue::Text { index, .. } => index,
+            KvValue::Settings { settings, .. } => &settings.index,
+        }
     }
 
-    /// The value's JSON text.
-    pub fn text(&self) -> &str {
-        &self.text
+    /// Appends the value's JSON text.
+    pub fn render(&self, out: &mut Vec<u8>) {
+        match self {
+            KvValue::Text { text, .. } => out.extend_from_slice(text.as_bytes()),
+            KvValue::Settings { settings, api_key } => {
+                serde_json::to_writer(&mut *out, &settings.kv_value(api_key))
+                    .expect("settings values serialize")
+            }
+        }
     }
 
-    /// The value's size when it is over Cloudflare's limit.
+    /// The value's JSON text (rendered, for settings).
+    pub fn text(&self) -> Cow<'_, str> {
+        match self {
+            KvValue::Text { text, .. } => Cow::Borrowed(text),
+            KvValue::Settings { .. } => {
+                let mut out = Vec::with_capacity(self.size_hint());
+                self.render(&mut out);
+                Cow::Owned(String::from_utf8(out).expect("JSON text is UTF-8"))
+            }
+        }
+    }
+
+    /// About how many bytes the value takes, without rendering it.
+    pub fn size_hint(&self) -> usize {
+        match self {
+            KvValue::Text { text, .. } => text.len(),
+            KvValue::Settings { settings, api_key } => {
+                settings.size_hint() + api_key.expose().len()
+            }
+        }
+    }
+
+    /// The value's size when it is over Cloudflare's limit. Settings render only when even a
+    /// pessimistic bound (every string escaped six times over) does not fit.
     pub fn oversize(&self) -> Option<usize> {
-        Some(self.text.len()).filter(|&size| size > MAX_VALUE_BYTES)
+        let bound = match self {
+            KvValue::Text { text, .. } => text.len(),
+            KvValue::Settings { .. } => 6 * self.size_hint(),
+        };
+        if bound <= MAX_VALUE_BYTES {
+            return None;
+        }
+        Some(self.text().len()).filter(|&size| size > MAX_VALUE_BYTES)
     }
 
     pub fn digest(&self) -> String {
-        digest(&self.text)
+        digest(&self.text())
     }
 }
 
@@ -421,7 +471,7 @@ mod tests {
             pixel_id: None,
             aliases: Default::default(),
         };
-        let value = KvValue::settings(&settings, &ApiKey::new("k"));
+        let value = KvValue::settings(Arc::new(settings), ApiKey::new("k"));
         let size = value.oversize().expect("over the limit");
         assert_eq!(size, value.text().len());
         let error = check_put("a-i", &value).unwrap_err();

@@ -194,6 +194,38 @@ impl IndexSettings {
         }
     }
 
+    /// About how many bytes the KV value takes (documents and strings, and the fixed layout),
+    /// without rendering it.
+    pub fn size_hint(&self) -> usize {
+        let documents = [
+            &self.search_config,
+            &self.collections_config,
+            &self.feature_flags,
+            &self.agentic_config,
+            &self.query_override_sharding,
+        ];
+        let documents: usize = documents
+            .into_iter()
+            .flatten()
+            .map(|d| d.json_text().len())
+            .sum();
+        let strings = [&self.shop_id, &self.cell, &self.pixel_id]
+            .into_iter()
+            .flatten()
+            .map(String::len)
+            .sum::<usize>()
+            + self.index_url.len()
+            + 2 * (self.index.account.len() + self.index.name.len());
+        let aliases: usize = (self.aliases.doc_reads.iter())
+            .flat_map(|reads| &reads.targets)
+            .map(|t| t.index_id.as_str().len() + 64)
+            .sum::<usize>()
+            + self.aliases.analytics.as_ref().map_or(0, |a| {
+                a.index_id.as_ref().map_or(0, |id| id.as_str().len()) + 64
+            });
+        documents + strings + aliases + 400
+    }
+
     /// The JSON the proxy reads under both of this index's keys.
     pub fn kv_value<'a>(&'a self, api_key: &'a ApiKey) -> KvSettings<'a> {
         KvSettings {
@@ -361,6 +393,9 @@ mod tests {
         }
     }
 
+    /// The 25 MiB check trusts `size_hint`: a value never renders to more than six times it
+    /// (every byte escaped as `\u00XX`), whichever rendered field is large (`cell` is not
+    /// rendered). A field the hint forgot would break that.
     #[test]
     fn a_value_holds_every_field_in_the_contract_s_order_and_no_write_alias() {
         let key = ApiKey::new("marqo-\"key\"");
@@ -413,5 +448,80 @@ mod tests {
             json!({"doc_reads": null, "analytics": null})
         );
         assert_eq!(bare["shop_id"], json!(null));
+    }
+
+    #[test]
+    fn the_size_hint_bounds_the_rendered_value_whichever_field_is_large() {
+        let huge = "\u{1}".repeat(100_000);
+        let document = || Some(Document::from(json!({"k": huge})));
+        let id = || IndexId(huge.clone());
+        type Grow<'a> = Box<dyn Fn(&mut IndexSettings) + 'a>;
+        let fields: Vec<(&str, Grow)> = vec![
+            ("account", Box::new(|s| s.index.account = huge.clone())),
+            ("name", Box::new(|s| s.index.name = huge.clone())),
+            ("index_url", Box::new(|s| s.index_url = huge.clone())),
+            ("shop_id", Box::new(|s| s.shop_id = Some(huge.clone()))),
+            ("pixel_id", Box::new(|s| s.pixel_id = Some(huge.clone()))),
+            (
+                "search_config",
+                Box::new(move |s| s.search_config = document()),
+            ),
+            (
+                "collections_config",
+                Box::new(move |s| s.collections_config = document()),
+            ),
+            (
+                "feature_flags",
+                Box::new(move |s| s.feature_flags = document()),
+            ),
+            (
+                "agentic_config",
+                Box::new(move |s| s.agentic_config = document()),
+            ),
+            (
+                "query_override_sharding",
+                Box::new(move |s| s.query_override_sharding = document()),
+            ),
+            (
+                "doc_reads",
+                Box::new(move |s| {
+                    let target = DocReadsTarget {
+                        index_id: id(),
+                        weight: 1.0,
+                        internal: false,
+                    };
+                    s.aliases.doc_reads = Some(DocReadsAlias {
+                        enabled: true,
+                        targets: vec![target],
+                    })
+                }),
+            ),
+            (
+                "analytics",
+                Box::new(move |s| {
+                    s.aliases.analytics = Some(AnalyticsAlias {
+                        enabled: true,
+                        index_id: Some(id()),
+                        internal: false,
+                    })
+                }),
+            ),
+        ];
+        let key = ApiKey::new("k");
+        for (field, grow) in fields {
+            let mut settings = bare();
+            grow(&mut settings);
+            let rendered = serde_json::to_vec(&settings.kv_value(&key)).unwrap();
+            assert!(
+                rendered.len() > 100_000,
+                "{field}: the large field is rendered"
+            );
+            assert!(
+                rendered.len() <= 6 * (settings.size_hint() + key.expose().len()),
+                "{field}: {} bytes rendered, hint {}",
+                rendered.len(),
+                settings.size_hint()
+            );
+        }
     }
 }

@@ -156,7 +156,7 @@ impl Answer {
                 KvAction::Put(value) => preview.would_write.push(PreviewWrite {
                     namespace,
                     key: key.key.clone(),
-                    value: masked(value.text()),
+                    value: masked(&value.text()),
                 }),
                 KvAction::Delete => preview.would_delete.push(PreviewDelete {
                     namespace,

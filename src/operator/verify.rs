@@ -171,7 +171,7 @@ impl<'a> Check<'a> {
     fn new(target: &'a IndexTarget, prepared: &Prepared) -> Self {
         let expected = (prepared.plan.ops.iter())
             .filter_map(|(key, op)| match &op.action {
-                KvAction::Put(value) => Some((key.clone(), value.text().to_owned())),
+                KvAction::Put(value) => Some((key.clone(), value.text().into_owned())),
                 KvAction::Delete => None,
             })
             .collect();

@@ -295,7 +295,7 @@ impl<'a> RecordPlanner<'a> {
             Some(Err(error)) => return Err(Outcome::of_port_error(error, "")),
             None => return Err(Outcome::Failed("API key was not looked up".into())),
         };
-        Ok(KvValue::settings(settings, api_key))
+        Ok(KvValue::settings(settings.clone(), api_key.clone()))
     }
 
     fn referrers(&self) -> Result<&'a Referrers<'a>, Outcome> {
@@ -462,7 +462,7 @@ mod tests {
 
     fn put_value(plan: &Plan, key: &str) -> serde_json::Value {
         match &plan.ops[&KvKey::settings(key)].action {
-            KvAction::Put(value) => serde_json::from_str(value.text()).unwrap(),
+            KvAction::Put(value) => serde_json::from_str(&value.text()).unwrap(),
             KvAction::Delete => panic!("{key} is deleted"),
         }
     }
@@ -997,7 +997,7 @@ mod tests {
             panic!()
         };
         assert_eq!(
-            serde_json::from_str::<serde_json::Value>(value.text()).unwrap(),
+            serde_json::from_str::<serde_json::Value>(&value.text()).unwrap(),
             json!({"schema_version": 1, "system_account_id": "acct-1", "index_name": "products",
                    "query": "chaussures #été", "config": {"boost": 2}})
         );

@@ -1,13 +1,15 @@
 //! Planned operations as Cloudflare's bulk requests: as few as its limits allow (10,000 pairs
-//! and under 100 MB a request), each pair's JSON written once
+//! and under 100 MB a request), each pair's JSON written once, straight into its body
 //! (`[{"key", "value", "metadata"}]` to write, `[key]` to delete).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::domain::kv::{digest, KeyMetadata, KvValue};
-use crate::domain::{KvAction, KvKey, KvOp, Namespace};
+use crate::domain::kv::{digest_bytes, KeyMetadata, KvValue};
+use crate::domain::{KvAction, KvOp, Namespace};
 
 /// Pairs (or keys) in one bulk write (or delete).
 pub const MAX_BULK_ITEMS: usize = 10_000;
@@ -16,34 +18,67 @@ pub const MAX_BULK_GET_KEYS: usize = 100;
 /// Cloudflare: "the entire request size must be less than 100 megabytes".
 pub const MAX_BULK_BYTES: usize = 100_000_000;
 
+/// The room to reserve for the next body of a namespace, out of what its pairs not yet in a
+/// body are expected to take (bytes, pairs).
+fn take_room(left: &mut (usize, usize)) -> usize {
+    let (bytes, pairs) = left;
+    let share = (*pairs).clamp(1, MAX_BULK_ITEMS);
+    let room = (*bytes / (*pairs).max(1) * share).min(*bytes);
+    (*bytes, *pairs) = (*bytes - room, pairs.saturating_sub(share));
+    room.min(MAX_BULK_BYTES)
+}
+
 /// All the requests `ops` need, in their order: per namespace, bulk writes of at most
-/// [`MAX_BULK_ITEMS`] pairs and under [`MAX_BULK_BYTES`]; bulk deletes.
+/// [`MAX_BULK_ITEMS`] pairs and under [`MAX_BULK_BYTES`], each pair written once into its body;
+/// bulk deletes. The values are dropped once the bodies hold them.
 pub fn requests(ops: Vec<KvOp>) -> Vec<KvRequest> {
-    let mut puts: BTreeMap<Namespace, Vec<KvRequest>> = BTreeMap::new();
-    let mut deletes: BTreeMap<Namespace, Vec<String>> = BTreeMap::new();
-    for (KvKey { namespace, key }, action) in ops {
-        let KvAction::Put(value) = action else {
-            deletes.entry(namespace).or_default().push(key);
-            continue;
-        };
-        let pair = pair_json(&key, &value);
-        let requests = puts.entry(namespace).or_default();
-        match requests.last_mut() {
-            // A pair goes on the last request while both limits hold (`,` and `]` counted).
-            Some(KvRequest::Put { pairs, size, .. })
-                if pairs.len() < MAX_BULK_ITEMS && *size + pair.len() + 2 < MAX_BULK_BYTES =>
-            {
-                *size += pair.len() + 1;
-                pairs.push((key, pair));
-            }
-            _ => requests.push(KvRequest::Put {
-                namespace,
-                size: pair.len() + 2,
-                pairs: vec![(key, pair)],
-            }),
+    // What each body will take, reserved up front (escaping at most doubles a value): growing
+    // by doubling would copy and fault in twice the memory. A body holds at most
+    // MAX_BULK_ITEMS pairs, so it reserves for its own pairs, not for its whole namespace.
+    let mut expected: BTreeMap<Namespace, (usize, usize)> = BTreeMap::new();
+    for (key, action) in &ops {
+        if let KvAction::Put(value) = action {
+            let index = value.index();
+            let names = index.account.len() + index.name.len();
+            let size = key.key.len() + 2 * value.size_hint() + names + 120;
+            let (bytes, pairs) = expected.entry(key.namespace).or_default();
+            (*bytes, *pairs) = (*bytes + size, *pairs + 1);
         }
     }
-    let mut requests: Vec<KvRequest> = puts.into_values().flatten().collect();
+    let mut puts: BTreeMap<Namespace, (Vec<KvRequest>, PutBody)> = BTreeMap::new();
+    let mut deletes: BTreeMap<Namespace, Vec<String>> = BTreeMap::new();
+    // Borrowed, not taken: a value shared by two keys is known as shared while both hold it.
+    for (key, action) in &ops {
+        match action {
+            KvAction::Put(value) => {
+                let left = expected.get_mut(&key.namespace).expect("counted above");
+                let (full, body) = puts
+                    .entry(key.namespace)
+                    .or_insert_with(|| (Vec::new(), PutBody::with_capacity(take_room(left))));
+                let mut next = |body: &mut PutBody| {
+                    std::mem::replace(body, PutBody::with_capacity(take_room(left)))
+                };
+                if body.len() == MAX_BULK_ITEMS {
+                    full.push(KvRequest::put(key.namespace, next(body)));
+                }
+                body.push(&key.key, value);
+                if body.size() >= MAX_BULK_BYTES && body.len() > 1 {
+                    // Too big with this pair: it starts the next request.
+                    body.pop();
+                    full.push(KvRequest::put(key.namespace, next(body)));
+                    body.push(&key.key, value);
+                }
+            }
+            KvAction::Delete => (deletes.entry(key.namespace).or_default()).push(key.key.clone()),
+        }
+    }
+    let mut requests = Vec::new();
+    for (namespace, (full, last)) in puts {
+        requests.extend(full);
+        if !last.is_empty() {
+            requests.push(KvRequest::put(namespace, last));
+        }
+    }
     for (namespace, keys) in deletes {
         // Keys are at most 512 bytes, so 10,000 of them stay far under the size limit.
         requests.extend(keys.chunks(MAX_BULK_ITEMS).map(|keys| KvRequest::Delete {
@@ -54,30 +89,123 @@ pub fn requests(ops: Vec<KvOp>) -> Vec<KvRequest> {
     requests
 }
 
-/// A pair as a bulk write takes it: `{"key": ..., "value": "<the value's JSON as a string>",
-/// "metadata": {...}}`.
-fn pair_json(key: &str, value: &KvValue) -> String {
-    let mut json = Vec::with_capacity(value.text().len() + key.len() + 200);
-    json.extend_from_slice(b"{\"key\":");
-    serde_json::to_writer(&mut json, key).expect("a string serializes");
-    json.extend_from_slice(b",\"value\":");
-    serde_json::to_writer(&mut json, value.text()).expect("a string serializes");
-    json.extend_from_slice(b",\"metadata\":");
-    let digest = digest(value.text());
-    KeyMetadata::write_json(value.index(), value.query(), &digest, &mut json);
-    json.push(b'}');
-    String::from_utf8(json).expect("JSON text is UTF-8")
+/// A bulk write body being built, `[{"key": ..., "value": "<the value's JSON as a string>",
+/// "metadata": {...}}, ...]`: each pair written straight into it, and a value that several keys
+/// share (an index's own key and its shop key) escaped only once.
+pub struct PutBody {
+    bytes: Vec<u8>,
+    /// Each pair's key and where its JSON is in `bytes`.
+    items: Vec<(String, Range<usize>)>,
+    /// Where a shared value's `,"value":...,"metadata":...}` already is in `bytes`, by the
+    /// value's address (the values outlive the body being built).
+    written: HashMap<usize, Range<usize>>,
+    /// Where a value is rendered before it is written into `bytes` as a string: reused.
+    scratch: Vec<u8>,
 }
 
-/// One Cloudflare bulk request.
+impl Default for PutBody {
+    fn default() -> Self {
+        Self::with_capacity(0)
+    }
+}
+
+impl PutBody {
+    /// A body expected to grow to about `bytes`: reserved once, not doubled as it grows.
+    pub fn with_capacity(bytes: usize) -> Self {
+        let mut buffer = Vec::with_capacity(bytes.max(2));
+        buffer.push(b'[');
+        Self {
+            bytes: buffer,
+            items: Vec::new(),
+            written: HashMap::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Bytes of the finished body.
+    pub fn size(&self) -> usize {
+        self.bytes.len() + 1
+    }
+
+    fn start_item(&mut self) -> usize {
+        if !self.items.is_empty() {
+            self.bytes.push(b',');
+        }
+        self.bytes.len()
+    }
+
+    /// Writes a pair.
+    pub fn push(&mut self, key: &str, value: &Arc<KvValue>) {
+        let start = self.start_item();
+        self.bytes.extend_from_slice(b"{\"key\":");
+        serde_json::to_writer(&mut self.bytes, key).expect("a string serializes");
+        // Only a value another key also holds can come again: the others skip the map.
+        let shared = Arc::strong_count(value) > 1;
+        let id = Arc::as_ptr(value) as usize;
+        match shared.then(|| self.written.get(&id)).flatten() {
+            Some(tail) => self.bytes.extend_from_within(tail.clone()),
+            None => {
+                let tail = self.bytes.len();
+                self.scratch.clear();
+                value.render(&mut self.scratch);
+                let text = std::str::from_utf8(&self.scratch).expect("JSON text is UTF-8");
+                self.bytes.extend_from_slice(b",\"value\":");
+                serde_json::to_writer(&mut self.bytes, text).expect("a string serializes");
+                self.bytes.extend_from_slice(b",\"metadata\":");
+                let digest = digest_bytes(&self.scratch);
+                KeyMetadata::write_json(value.index(), value.query(), &digest, &mut self.bytes);
+                self.bytes.push(b'}');
+                if shared {
+                    self.written.insert(id, tail..self.bytes.len());
+                }
+            }
+        }
+        self.items.push((key.to_owned(), start..self.bytes.len()));
+    }
+
+    /// Copies a pair already written in another body.
+    fn push_written(&mut self, key: &str, item: &[u8]) {
+        let start = self.start_item();
+        self.bytes.extend_from_slice(item);
+        self.items.push((key.to_owned(), start..self.bytes.len()));
+    }
+
+    /// Takes the last pair back out (it made the body too big).
+    pub fn pop(&mut self) {
+        let Some((_, span)) = self.items.pop() else {
+            return;
+        };
+        let cut = if self.items.is_empty() {
+            span.start
+        } else {
+            span.start - 1
+        };
+        self.bytes.truncate(cut);
+        self.written.retain(|_, tail| tail.end <= cut);
+    }
+
+    fn finish(mut self) -> (Bytes, Vec<(String, Range<usize>)>) {
+        self.bytes.push(b']');
+        (Bytes::from(self.bytes), self.items)
+    }
+}
+
+/// One Cloudflare bulk request, its body built once: a retry sends the same bytes.
 #[derive(Clone)]
 pub enum KvRequest {
     Put {
         namespace: Namespace,
-        /// Each pair's key and its JSON.
-        pairs: Vec<(String, String)>,
-        /// Bytes of the body.
-        size: usize,
+        body: Bytes,
+        /// Each pair's key and where its JSON is in `body`.
+        items: Vec<(String, Range<usize>)>,
     },
     Delete {
         namespace: Namespace,
@@ -90,17 +218,33 @@ impl std::fmt::Debug for KvRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             KvRequest::Put {
-                namespace, size, ..
-            } => write!(f, "Put({namespace:?}, {:?}, {size} bytes)", self.keys()),
+                namespace,
+                body,
+                items,
+            } => write!(
+                f,
+                "Put({namespace:?}, {:?}, {} bytes)",
+                items.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+                body.len()
+            ),
             KvRequest::Delete { namespace, keys } => write!(f, "Delete({namespace:?}, {keys:?})"),
         }
     }
 }
 
 impl KvRequest {
+    pub fn put(namespace: Namespace, body: PutBody) -> Self {
+        let (body, items) = body.finish();
+        KvRequest::Put {
+            namespace,
+            body,
+            items,
+        }
+    }
+
     pub fn keys(&self) -> Vec<&str> {
         match self {
-            KvRequest::Put { pairs, .. } => pairs.iter().map(|(k, _)| k.as_str()).collect(),
+            KvRequest::Put { items, .. } => items.iter().map(|(k, _)| k.as_str()).collect(),
             KvRequest::Delete { keys, .. } => keys.iter().map(String::as_str).collect(),
         }
     }
@@ -108,16 +252,7 @@ impl KvRequest {
     /// The JSON body Cloudflare takes: `[{key, value, metadata}]` to write, `[key]` to delete.
     pub fn body(&self) -> Bytes {
         match self {
-            KvRequest::Put { pairs, size, .. } => {
-                let mut body = String::with_capacity(*size);
-                body.push('[');
-                for (i, (_, pair)) in pairs.iter().enumerate() {
-                    body.push_str(if i == 0 { "" } else { "," });
-                    body.push_str(pair);
-                }
-                body.push(']');
-                Bytes::from(body)
-            }
+            KvRequest::Put { body, .. } => body.clone(),
             KvRequest::Delete { keys, .. } => {
                 Bytes::from(serde_json::to_vec(keys).expect("strings serialize"))
             }
@@ -133,7 +268,7 @@ impl KvRequest {
             value: String,
         }
         match self {
-            KvRequest::Put { .. } => serde_json::from_slice::<Vec<Pair>>(&self.body())
+            KvRequest::Put { body, .. } => serde_json::from_slice::<Vec<Pair>>(body)
                 .expect("bodies this code wrote")
                 .into_iter()
                 .map(|p| (p.key, p.value))
@@ -146,9 +281,16 @@ impl KvRequest {
     pub fn retain_keys(&mut self, keys: &[String]) {
         let keep: HashSet<&str> = keys.iter().map(String::as_str).collect();
         match self {
-            KvRequest::Put { pairs, size, .. } => {
-                pairs.retain(|(key, _)| keep.contains(key.as_str()));
-                *size = 1 + pairs.iter().map(|(_, pair)| pair.len() + 1).sum::<usize>();
+            KvRequest::Put {
+                namespace,
+                body,
+                items,
+            } => {
+                let mut kept = PutBody::default();
+                for (key, span) in items.iter().filter(|(k, _)| keep.contains(k.as_str())) {
+                    kept.push_written(key, &body[span.clone()]);
+                }
+                *self = KvRequest::put(*namespace, kept);
             }
             KvRequest::Delete { keys, .. } => keys.retain(|k| keep.contains(k.as_str())),
         }
@@ -236,11 +378,15 @@ mod tests {
         let image = json!({"index_endpoint": {"S": "https://idx/\"q\""},
             "search_config": {"M": {"limit": {"N": "20"}, "text": {"S": "a\nb"}}}});
         let image = item_from_dynamodb_json(image).unwrap();
-        let settings = index_settings(IndexRef::new("a", "i"), &image).unwrap();
+        let settings = Arc::new(index_settings(IndexRef::new("a", "i"), &image).unwrap());
         let key = ApiKey::new("k-1");
         let expected = serde_json::to_string(&settings.kv_value(&key)).unwrap();
-        let value = KvValue::settings(&settings, &key);
+        let value = KvValue::settings(settings, key);
         assert_eq!(value.text(), expected);
+        assert!(
+            value.size_hint() >= expected.len(),
+            "the hint is a bound here"
+        );
         assert_eq!(value.oversize(), None);
         let ops = vec![(KvKey::settings("a-i"), KvAction::put(value))];
         let body: Vec<serde_json::Value> =
@@ -256,23 +402,24 @@ mod tests {
         assert_eq!(sizes(&requests), [3, 2]);
         for request in requests {
             assert!(request.body().len() < MAX_BULK_BYTES);
-            assert!(matches!(request, KvRequest::Put { size, .. } if size == request.body().len()));
         }
     }
 
     #[test]
     fn request_debug_never_shows_values_and_retain_keeps_only_what_is_asked() {
         let index = IndexRef::new("a", "i");
-        let value = KvAction::put(KvValue::new(
+        let mut body = PutBody::default();
+        let value = Arc::new(KvValue::new(
             &index,
             "{\"marqo_api_key\":\"secret\"}".into(),
         ));
-        let ops = ["k1", "k2"].map(|key| (KvKey::settings(key), value.clone()));
-        let mut request = requests(ops.into()).remove(0);
+        for key in ["k1", "k2"] {
+            body.push(key, &value);
+        }
+        let mut request = KvRequest::put(Namespace::Settings, body);
         assert!(!format!("{request:?}").contains("secret"));
         request.retain_keys(&["k2".to_string()]);
         assert_eq!(request.keys(), ["k2"]);
-        assert!(matches!(request, KvRequest::Put { size, .. } if size == request.body().len()));
         let pairs = request.pairs();
         assert_eq!(
             pairs,
