@@ -24,10 +24,14 @@ pub enum PortError {
     /// Not reached, failed (a 5xx), or answered what cannot be read.
     #[error("{0}")]
     Unavailable(String),
-    /// Refused as sent by a service whose refusal may pass (DynamoDB's 4xx on a batch's read,
-    /// a conflicting transaction): retried, never a batch's records rejected for it.
+    /// Refused as sent by a service whose refusal may pass (DynamoDB's 4xx on a batch's
+    /// read): retried, never a batch's records rejected for it.
     #[error("{0}")]
     Refused(String),
+    /// Another writer's transaction held an item this one writes, past the retries: the same
+    /// write may pass a moment later.
+    #[error("{0}")]
+    Conflict(String),
     /// The invocation's deadline came first.
     #[error("{0}")]
     PastDeadline(String),
@@ -53,6 +57,7 @@ impl PortError {
             PortError::Throttled(reason)
             | PortError::Unavailable(reason)
             | PortError::Refused(reason)
+            | PortError::Conflict(reason)
             | PortError::PastDeadline(reason)
             | PortError::NotFound(reason)
             | PortError::Invalid(reason) => reason,
@@ -66,6 +71,7 @@ impl PortError {
             PortError::Throttled(reason) => PortError::Throttled(said(reason)),
             PortError::Unavailable(reason) => PortError::Unavailable(said(reason)),
             PortError::Refused(reason) => PortError::Refused(said(reason)),
+            PortError::Conflict(reason) => PortError::Conflict(said(reason)),
             PortError::PastDeadline(reason) => PortError::PastDeadline(said(reason)),
             PortError::NotFound(reason) => PortError::NotFound(said(reason)),
             PortError::Invalid(reason) => PortError::Invalid(said(reason)),

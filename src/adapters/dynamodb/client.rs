@@ -100,6 +100,9 @@ where
         SdkError::ServiceError(_) if THROTTLING_ERRORS.contains(&code.as_deref().unwrap_or("")) => {
             PortError::Throttled(said(error))
         }
+        SdkError::ServiceError(_) if code.as_deref() == Some("TransactionConflictException") => {
+            PortError::Conflict(said(error))
+        }
         SdkError::ServiceError(e) if !e.raw().status().is_server_error() => {
             PortError::Refused(said(error))
         }
@@ -254,7 +257,7 @@ impl Dynamo {
             };
             let failed = failed_conditions(&error).filter(|f| !f.is_empty());
             let Some(failed) = failed else {
-                return Err(port_error("TransactWriteItems", table, error));
+                return Err(transact_error(table, error));
             };
             let mut at = 0..;
             actions.retain(|(position, _)| {
@@ -333,6 +336,18 @@ fn failed_conditions(error: &SdkError<TransactWriteItemsError>) -> Option<BTreeS
     Some(failed.map(|(at, _)| at).collect())
 }
 
+/// A transaction's failure as a port error: one cancelled because another transaction held an
+/// item it names is a conflict.
+fn transact_error(table: &str, error: SdkError<TransactWriteItemsError>) -> PortError {
+    let conflict = matches!(error.as_service_error(),
+        Some(TransactWriteItemsError::TransactionCanceledException(cancelled))
+            if cancelled.cancellation_reasons().iter().any(|r| r.code() == Some("TransactionConflict")));
+    match port_error("TransactWriteItems", table, error) {
+        error if conflict => PortError::Conflict(error.reason().to_owned()),
+        error => error,
+    }
+}
+
 fn has_condition(action: &TransactWriteItem) -> bool {
     let put = action.put().and_then(|p| p.condition_expression());
     put.or(action.update().and_then(|u| u.condition_expression()))
@@ -384,13 +399,18 @@ mod tests {
     }
 
     #[test]
-    fn an_sdk_error_says_throttled_refused_or_unavailable() {
+    fn an_sdk_error_says_throttled_conflict_refused_or_unavailable() {
         let kind = |error| match port_error("GetItem", "t", error) {
             PortError::Throttled(_) => "throttled",
             PortError::Refused(_) => "refused",
             PortError::Unavailable(_) => "unavailable",
+            PortError::Conflict(_) => "conflict",
             other => panic!("{other:?}"),
         };
+        assert_eq!(
+            kind(answered(400, "TransactionConflictException")),
+            "conflict"
+        );
         assert_eq!(
             kind(answered(400, "ProvisionedThroughputExceededException")),
             "throttled"
@@ -411,5 +431,30 @@ mod tests {
             error.is_transient(),
             "a refusal leaves the record for Lambda's retry"
         );
+    }
+
+    #[test]
+    fn a_transaction_cancelled_by_another_is_a_conflict_and_by_a_condition_is_not() {
+        use aws_sdk_dynamodb::types::error::TransactionCanceledException;
+        use aws_sdk_dynamodb::types::CancellationReason;
+        let cancelled = |codes: &[&str]| {
+            let reasons = codes
+                .iter()
+                .map(|c| CancellationReason::builder().code(*c).build());
+            let cancelled = TransactionCanceledException::builder()
+                .set_cancellation_reasons(Some(reasons.collect()))
+                .build();
+            SdkError::service_error(
+                TransactWriteItemsError::TransactionCanceledException(cancelled),
+                Response::new(StatusCode::try_from(400).unwrap(), SdkBody::empty()),
+            )
+        };
+        let error = transact_error("ledger", cancelled(&["None", "TransactionConflict"]));
+        assert!(
+            matches!(error, PortError::Conflict(_)) && error.is_transient(),
+            "{error}"
+        );
+        let error = transact_error("ledger", cancelled(&["ValidationError"]));
+        assert!(matches!(error, PortError::Refused(_)), "{error}");
     }
 }
