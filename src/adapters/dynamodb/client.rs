@@ -63,17 +63,7 @@ impl ClassifyRetry for TransactionConflicts {
         };
         let error = OrchestratorError::as_operation_error(error)
             .and_then(|e| e.downcast_ref::<TransactWriteItemsError>());
-        let conflict = match error {
-            Some(TransactWriteItemsError::TransactionCanceledException(cancelled)) => {
-                let reasons = cancelled.cancellation_reasons().iter();
-                reasons
-                    .filter_map(|r| r.code())
-                    .any(|code| code == "TransactionConflict")
-            }
-            Some(other) => other.code() == Some("TransactionConflictException"),
-            None => false,
-        };
-        match conflict {
+        match error.is_some_and(is_conflict) {
             true => RetryAction::transient_error(),
             false => RetryAction::NoActionIndicated,
         }
@@ -336,12 +326,23 @@ fn failed_conditions(error: &SdkError<TransactWriteItemsError>) -> Option<BTreeS
     Some(failed.map(|(at, _)| at).collect())
 }
 
-/// A transaction's failure as a port error: one cancelled because another transaction held an
-/// item it names is a conflict.
+/// Whether another transaction held an item this one names: a `TransactionConflictException`,
+/// or a transaction cancelled for a `TransactionConflict`.
+fn is_conflict(error: &TransactWriteItemsError) -> bool {
+    match error {
+        TransactWriteItemsError::TransactionCanceledException(cancelled) => {
+            let reasons = cancelled.cancellation_reasons().iter();
+            reasons
+                .filter_map(|r| r.code())
+                .any(|code| code == "TransactionConflict")
+        }
+        other => other.code() == Some("TransactionConflictException"),
+    }
+}
+
+/// A transaction's failure as a port error: a conflict ([`is_conflict`]) says so.
 fn transact_error(table: &str, error: SdkError<TransactWriteItemsError>) -> PortError {
-    let conflict = matches!(error.as_service_error(),
-        Some(TransactWriteItemsError::TransactionCanceledException(cancelled))
-            if cancelled.cancellation_reasons().iter().any(|r| r.code() == Some("TransactionConflict")));
+    let conflict = error.as_service_error().is_some_and(is_conflict);
     match port_error("TransactWriteItems", table, error) {
         error if conflict => PortError::Conflict(error.reason().to_owned()),
         error => error,
