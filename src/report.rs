@@ -13,6 +13,9 @@ use crate::ports::{LookupCounts, PortError};
 
 pub const NAMESPACE: &str = "EcomSettingsExporter";
 
+/// Reasons a failed record names at most (each key it could not write or check).
+pub const MAX_REASONS: usize = 8;
+
 /// Where one record ends. Every record ends in exactly one of these (docs/contract.md,
 /// "Nothing is lost").
 #[derive(Clone, Debug, PartialEq)]
@@ -43,13 +46,22 @@ impl Outcome {
     }
 
     /// A record on its way to KV (pending, exported, kept for an alias) fails for `why` and is
-    /// reported for retry; one already failed, rejected or skipped keeps its outcome.
+    /// reported for retry; one already failed adds `why` to its reasons (each key it could not
+    /// write or check named, up to [`MAX_REASONS`]); one rejected or skipped keeps its outcome.
     pub fn fail(&mut self, why: impl Into<String>) {
-        if matches!(
-            self,
-            Outcome::Pending | Outcome::Exported | Outcome::Kept { .. }
-        ) {
-            *self = Outcome::Failed(why.into());
+        let why = why.into();
+        match self {
+            Outcome::Pending | Outcome::Exported | Outcome::Kept { .. } => {
+                *self = Outcome::Failed(why)
+            }
+            Outcome::Failed(reasons) => {
+                let told = reasons.split("; ").count();
+                if told < MAX_REASONS && !reasons.split("; ").any(|r| r == why) {
+                    reasons.push_str("; ");
+                    reasons.push_str(&why);
+                }
+            }
+            Outcome::Skipped(_) | Outcome::Rejected(_) => {}
         }
     }
 }

@@ -38,8 +38,10 @@ pub enum OperatorError {
     // The payload's names are quoted cut: a 5 MB `system_account_id` is not echoed whole.
     #[error("no settings record for account {}, index {}", cut(.account), cut(.index))]
     NoSuchIndex { account: String, index: String },
-    #[error("re-export of account {}, index {} failed: {reason}", cut(.account), cut(.index))]
+    #[error("{mode} of account {}, index {} failed: {reason}", cut(.account), cut(.index))]
     ExportFailed {
+        /// The operator that failed: `re-export`, `verify` or `verify repair`.
+        mode: &'static str,
         account: String,
         index: String,
         reason: String,
@@ -67,8 +69,10 @@ impl OperatorError {
         }
     }
 
-    fn export_failed(index: &IndexRef, reason: impl ToString) -> Self {
+    fn export_failed(target: &IndexTarget, reason: impl ToString) -> Self {
+        let index = &target.index;
         OperatorError::ExportFailed {
+            mode: target.mode,
             account: index.account.clone(),
             index: index.name.clone(),
             reason: reason.to_string(),
@@ -147,13 +151,21 @@ fn to_value(answer: impl Serialize) -> Value {
 /// One index, and whether its query-config overrides come along.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IndexTarget {
+    /// What is done to it, as errors name it: `re-export`, `verify` or `verify repair`.
+    pub mode: &'static str,
     pub index: IndexRef,
     pub include_query_configs: bool,
 }
 
 impl IndexTarget {
-    fn new(account: &NonEmpty, name: &NonEmpty, include_query_configs: bool) -> Self {
+    fn new(
+        mode: &'static str,
+        account: &NonEmpty,
+        name: &NonEmpty,
+        include_query_configs: bool,
+    ) -> Self {
         Self {
+            mode,
             index: IndexRef::new(&account.0, &name.0),
             include_query_configs,
         }
@@ -221,7 +233,7 @@ impl<'a, P: Ports> Pieces<'a, P> {
         }
         self.taken = true;
         let (exporter, index, deadline) = (self.exporter, &self.target.index, self.deadline);
-        let failed = |e| OperatorError::export_failed(index, e);
+        let failed = |e| OperatorError::export_failed(self.target, e);
         let first = self.start.is_none();
         let mut records = Vec::new();
         if first {
@@ -264,30 +276,38 @@ impl<'a, P: Ports> Pieces<'a, P> {
     }
 }
 
-/// The settings record must be exportable, and nothing may be waiting on a failed lookup.
+/// The settings record must be exportable, and nothing may be waiting on a failed lookup or
+/// write: the error names every reason (each key that could not be written or checked).
 fn ensure_done<'a>(
-    index: &IndexRef,
+    target: &IndexTarget,
     mut outcomes: impl Iterator<Item = &'a Outcome>,
 ) -> Result<(), OperatorError> {
     let first = outcomes.next();
     if let Some(Outcome::Rejected(reason)) = first {
-        return Err(OperatorError::export_failed(index, reason));
+        return Err(OperatorError::export_failed(target, reason));
     }
-    match first.into_iter().chain(outcomes).find_map(|o| match o {
-        Outcome::Failed(reason) => Some(reason),
-        _ => None,
-    }) {
-        Some(reason) => Err(OperatorError::export_failed(index, reason)),
-        None => Ok(()),
+    let mut reasons: Vec<&str> = Vec::new();
+    for outcome in first.into_iter().chain(outcomes) {
+        if let Outcome::Failed(reason) = outcome {
+            for reason in reason.split("; ") {
+                if !reasons.contains(&reason) {
+                    reasons.push(reason);
+                }
+            }
+        }
+    }
+    match reasons.is_empty() {
+        true => Ok(()),
+        false => Err(OperatorError::export_failed(target, reasons.join("; "))),
     }
 }
 
-fn ensure_ready(index: &IndexRef, prepared: &Prepared) -> Result<(), OperatorError> {
-    ensure_done(index, prepared.plan.outcomes.iter())
+fn ensure_ready(target: &IndexTarget, prepared: &Prepared) -> Result<(), OperatorError> {
+    ensure_done(target, prepared.plan.outcomes.iter())
 }
 
-fn ensure_exported(index: &IndexRef, report: &BatchReport) -> Result<(), OperatorError> {
-    ensure_done(index, report.records.iter().map(|r| &r.outcome))
+fn ensure_exported(target: &IndexTarget, report: &BatchReport) -> Result<(), OperatorError> {
+    ensure_done(target, report.records.iter().map(|r| &r.outcome))
 }
 
 /// A rejected record, as answers list it.
@@ -452,6 +472,7 @@ mod tests {
                 index: huge.clone(),
             },
             OperatorError::ExportFailed {
+                mode: "re-export",
                 account: huge.clone(),
                 index: huge.clone(),
                 reason: "KV down".into(),

@@ -33,6 +33,7 @@ pub struct ReexportRequest {
 impl ReexportRequest {
     pub fn target(&self) -> IndexTarget {
         IndexTarget::new(
+            "re-export",
             &self.system_account_id,
             &self.index_name,
             self.include_query_configs,
@@ -116,12 +117,12 @@ pub async fn run<P: Ports>(
     }) = pieces.next().await?
     {
         if request.dry_run {
-            ensure_ready(&target.index, &prepared)?;
+            ensure_ready(&target, &prepared)?;
             answer.preview(&prepared);
         } else {
             let report = exporter.apply(prepared, deadline).await;
             report.log();
-            ensure_exported(&target.index, &report)?;
+            ensure_exported(&target, &report)?;
             answer.exported(&report, first);
         }
     }

@@ -130,7 +130,12 @@ pub async fn run<P: Ports>(
     request: &VerifyRequest,
     deadline: Instant,
 ) -> Result<Answer, OperatorError> {
+    let mode = match request.repair && !request.dry_run {
+        true => "verify repair",
+        false => "verify",
+    };
     let target = IndexTarget::new(
+        mode,
         &request.system_account_id,
         &request.index_name,
         request.include_query_configs,
@@ -144,38 +149,41 @@ pub async fn run<P: Ports>(
         last,
     }) = pieces.next().await?
     {
-        ensure_ready(&target.index, &prepared)?;
+        ensure_ready(&target, &prepared)?;
         let mut check = Check::new(&target, &prepared);
-        check.compare(exporter, &prepared, deadline).await?;
+        check.compare(exporter, deadline).await?;
         if last && target.include_query_configs {
             check.unexpected(exporter, first && last, deadline).await?;
         }
         answer.add(&check.drift);
         if request.repair {
             answer
-                .repair(exporter, request, prepared, &check.drift, deadline)
+                .repair(exporter, &target, request, prepared, &check.drift, deadline)
                 .await?;
         }
     }
     Ok(answer.finish(pieces.token()))
 }
 
-/// One piece's keys compared: what the table implies for them, and how KV differs.
+/// One piece's keys compared: what the table implies for them (a value, or no key: a filter
+/// of an index without overrides), and how KV differs.
 struct Check<'a> {
+    target: &'a IndexTarget,
     index: &'a IndexRef,
-    expected: BTreeMap<KvKey, String>,
+    expected: BTreeMap<KvKey, Option<String>>,
     drift: BTreeMap<KvKey, Drift>,
 }
 
 impl<'a> Check<'a> {
     fn new(target: &'a IndexTarget, prepared: &Prepared) -> Self {
         let expected = (prepared.plan.ops.iter())
-            .filter_map(|(key, op)| match &op.action {
-                KvAction::Put(value) => Some((key.clone(), value.text().into_owned())),
-                KvAction::Delete => None,
+            .map(|(key, op)| match &op.action {
+                KvAction::Put(value) => (key.clone(), Some(value.text().into_owned())),
+                KvAction::Delete => (key.clone(), None),
             })
             .collect();
         Self {
+            target,
             index: &target.index,
             expected,
             drift: BTreeMap::new(),
@@ -186,23 +194,24 @@ impl<'a> Check<'a> {
     async fn compare<P: Ports>(
         &mut self,
         exporter: &Exporter<P>,
-        prepared: &Prepared,
         deadline: Instant,
     ) -> Result<(), OperatorError> {
-        let index = self.index;
+        let target = self.target;
         let read = exporter
             .kv()
             .values_of(self.expected.keys(), deadline)
             .await;
         let mut actual = read.map_err(|e| {
-            OperatorError::export_failed(index, format!("reading the index's keys: {e}"))
+            OperatorError::export_failed(target, format!("reading the index's keys: {e}"))
         })?;
         for (key, expected) in &self.expected {
-            let state = match actual.remove(key) {
-                // No filter says what an empty one says: the index has no overrides.
-                None if prepared.plan.empty_filters.contains(key) => Drift::InSync,
-                None => Drift::Missing,
-                Some(actual) => stale_fields(expected, &actual).map_or(Drift::InSync, Drift::Stale),
+            let state = match (actual.remove(key), expected) {
+                (None, None) => continue,
+                (None, Some(_)) => Drift::Missing,
+                (Some(_), None) => Drift::Unexpected,
+                (Some(actual), Some(expected)) => {
+                    stale_fields(expected, &actual).map_or(Drift::InSync, Drift::Stale)
+                }
             };
             self.drift.insert(key.clone(), state);
         }
@@ -217,8 +226,8 @@ impl<'a> Check<'a> {
         whole: bool,
         deadline: Instant,
     ) -> Result<(), OperatorError> {
-        let index = self.index;
-        let failed = |what: &str, e| OperatorError::export_failed(index, format!("{what}: {e}"));
+        let (index, target) = (self.index, self.target);
+        let failed = |what: &str, e| OperatorError::export_failed(target, format!("{what}: {e}"));
         let implied: Option<HashSet<String>> = match whole {
             true => None,
             false => Some(
@@ -297,12 +306,13 @@ impl Answer {
     async fn repair<P: Ports>(
         &mut self,
         exporter: &Exporter<P>,
+        target: &IndexTarget,
         request: &VerifyRequest,
         prepared: Prepared,
         drift: &BTreeMap<KvKey, Drift>,
         deadline: Instant,
     ) -> Result<(), OperatorError> {
-        let index = IndexRef::new(&self.system_account_id, &self.index_name);
+        let index = &target.index;
         let writes: BTreeSet<KvKey> = (drift.iter())
             .filter(|(_, state)| matches!(state, Drift::Missing | Drift::Stale(_)))
             .map(|(key, _)| key.clone())
@@ -320,7 +330,7 @@ impl Answer {
             return Ok(());
         }
         let report = exporter.repair(prepared, &writes, deletes, deadline).await;
-        ensure_exported(&index, &report)?;
+        ensure_exported(target, &report)?;
         let repaired = KeyChanges::of(&report.written, &report.deleted);
         self.repaired
             .get_or_insert_with(KeyChanges::default)

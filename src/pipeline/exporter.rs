@@ -113,6 +113,8 @@ pub struct Prepared {
     delete_owners: HashMap<KvKey, IndexRef>,
     /// The batch's indexes' references as the ledger recorded them, when the run keeps them.
     known_refs: Option<HashMap<IndexRef, IndexRefs>>,
+    /// Records added on behalf of the batch's own (the removal of a dropped alias target).
+    derived: Vec<snapshot::Derived>,
 }
 
 impl Prepared {
@@ -130,6 +132,7 @@ impl Prepared {
             run,
             delete_owners: HashMap::new(),
             known_refs: None,
+            derived: Vec::new(),
         }
     }
 
@@ -234,8 +237,13 @@ impl<P: Ports> Exporter<P> {
         records: Vec<ChangeRecord<Changed>>,
         deadline: Instant,
     ) -> BatchReport {
-        let (records, known) = self.read_now(records, deadline).await;
-        let prepared = (self.snapshot_and_plan(records, known, Run::STREAM, deadline)).await;
+        let (mut records, mut known) = self.read_now(records, deadline).await;
+        let derived = match known.as_mut() {
+            Some(known) => self.dropped_targets(&mut records, known, deadline).await,
+            None => Vec::new(),
+        };
+        let mut prepared = (self.snapshot_and_plan(records, known, Run::STREAM, deadline)).await;
+        prepared.derived = derived;
         self.apply(prepared, deadline).await
     }
 
@@ -331,6 +339,7 @@ impl<P: Ports> Exporter<P> {
             run,
             delete_owners: HashMap::new(),
             known_refs,
+            derived: Vec::new(),
         }
     }
 
@@ -342,11 +351,16 @@ impl<P: Ports> Exporter<P> {
     /// taken out of the ledger.
     pub async fn apply(&self, mut prepared: Prepared, deadline: Instant) -> BatchReport {
         let run = prepared.run;
+        let derived = std::mem::take(&mut prepared.derived);
         let intents = intents::record(&self.ledger, &mut prepared, deadline).await;
         let mut report = write::send(&self.kv, prepared, deadline).await;
         self.check(&mut report, run, deadline).await;
+        snapshot::settle_derived(&mut report, &derived);
         if let (Some(intents), true) = (intents, run.is_stream()) {
             shrink::record(&self.ledger, intents, &report, deadline).await;
+        }
+        if let Some(first) = derived.first() {
+            report.records.truncate(first.at);
         }
         report
     }

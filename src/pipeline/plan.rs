@@ -42,9 +42,6 @@ pub struct Plan {
     /// Indexes whose override filter is rebuilt, with the records (in stream order) that need
     /// it: if the filter is not written, they are reported for retry.
     pub filters: BTreeMap<IndexRef, Vec<usize>>,
-    /// Filters of indexes without overrides: KV may hold them with `count` 0 or not at all,
-    /// which say the same (docs/contract.md, "Query-override filter").
-    pub empty_filters: std::collections::HashSet<KvKey>,
 }
 
 /// Turns records and their snapshot into one operation per KV key and an outcome per record.
@@ -83,7 +80,8 @@ pub fn plan(records: &[ChangeRecord], snapshot: &Snapshot, default_cell: &str) -
             (Outcome::Pending, Err(reason)) => Outcome::Rejected(reason),
             (outcome, _) => outcome,
         };
-        if outcome == Outcome::Pending {
+        // A remove kept for an alias still hands its shops to their claimers.
+        if matches!(outcome, Outcome::Pending | Outcome::Kept { .. }) {
             for (key, action) in ops {
                 if action == KvAction::Delete && check_key(&key.key).is_err() {
                     continue; // Cloudflare never stored such a key: nothing to delete.
@@ -94,10 +92,6 @@ pub fn plan(records: &[ChangeRecord], snapshot: &Snapshot, default_cell: &str) -
             plan.old_shops.extend(old_shops);
             if let Some(index) = filter {
                 plan.filters.entry(index.clone()).or_default().push(owner);
-            }
-            // A removed index's filter is deleted with it, not rebuilt.
-            if let Ok(Change::RemoveIndex { index, .. }) = &record.decoded {
-                plan.filters.remove(index);
             }
         }
         plan.outcomes.push(outcome);
@@ -112,19 +106,24 @@ pub fn plan(records: &[ChangeRecord], snapshot: &Snapshot, default_cell: &str) -
     plan
 }
 
-/// The index's filter planned from its overrides' queries, owned by its first needer; without
-/// them, every record that needed it is reported for retry.
+/// The index's filter planned from its overrides' queries, owned by its first needer: it holds
+/// exactly them, whatever the index's settings record says, and an index without overrides has
+/// none (docs/contract.md, "Query-override filter"); without them, every record that needed it
+/// is reported for retry.
 fn plan_filter(plan: &mut Plan, index: IndexRef, queries: Result<Vec<String>, PortError>) {
     let needers = &plan.filters[&index];
     match queries {
         Ok(queries) => {
             let filter = QueryFilter::build(&index, queries);
-            if filter.count == 0 {
-                plan.empty_filters.insert(filter_key(&index));
-            }
-            let text = serde_json::to_string(&filter).expect("filters serialize");
+            let action = match filter.count {
+                0 => KvAction::Delete,
+                _ => {
+                    let text = serde_json::to_string(&filter).expect("filters serialize");
+                    KvAction::put(KvValue::new(&index, text))
+                }
+            };
             let op = PlannedOp {
-                action: KvAction::put(KvValue::new(&index, text)),
+                action,
                 owner: needers[0],
             };
             plan.ops.insert(filter_key(&index), op);
@@ -238,7 +237,7 @@ impl<'a> RecordPlanner<'a> {
                     .push((KvKey::index(&settings.index), KvAction::Put(value)));
                 for old in old_shops(previous_shop)? {
                     if settings.shop_id.as_ref() != Some(&old) {
-                        self.delete_shop(&settings.index, &old)?;
+                        self.give_up_shop(&settings.index, &old, false)?;
                     }
                 }
                 Ok(())
@@ -253,15 +252,18 @@ impl<'a> RecordPlanner<'a> {
                     .filter(|alias| **alias != index)
                     .map(|alias| (*alias).clone())
                     .collect();
-                if !referenced_by.is_empty() {
-                    return Err(Outcome::Kept { referenced_by });
+                let kept = !referenced_by.is_empty();
+                if !kept {
+                    // Its filter and query configs follow its override records, not this one.
+                    self.ops.push((KvKey::index(index), KvAction::Delete));
                 }
-                self.ops.push((KvKey::index(index), KvAction::Delete));
-                self.ops.push((filter_key(index), KvAction::Delete));
                 for old in old_shops(previous_shop)? {
-                    self.delete_shop(index, &old)?;
+                    self.give_up_shop(index, &old, kept)?;
                 }
-                Ok(())
+                match kept {
+                    true => Err(Outcome::Kept { referenced_by }),
+                    false => Ok(()),
+                }
             }
             Change::UpsertQuery(config) => {
                 let value = serde_json::to_string(&config.kv_value())
@@ -304,9 +306,10 @@ impl<'a> RecordPlanner<'a> {
 
     /// The index gave up `shop`: it takes the value of the first index (by id) that claims it
     /// and can be exported, as the table holds it now; with none (nobody claims it, or every
-    /// claimer's record is rejected), it is deleted. Either way it never routes to the index
-    /// that left.
-    fn delete_shop(&mut self, index: &IndexRef, shop: &str) -> Result<(), Outcome> {
+    /// claimer's record is rejected), it is deleted, unless the index is removed but `kept` for
+    /// an alias (its shop key then stays while no other index claims the shop). It never routes
+    /// to the index that left while another index claims it.
+    fn give_up_shop(&mut self, index: &IndexRef, shop: &str, kept: bool) -> Result<(), Outcome> {
         if shop_id_problem(shop).is_some() {
             // Never written as a shop key: it may be another index's key. Left to reconcile.
             let note = format!("old shop id {} is not a shop key: not deleted", shown(shop));
@@ -344,6 +347,9 @@ impl<'a> RecordPlanner<'a> {
                 // Its record no longer claims the shop, or is rejected: the next claimer.
                 Some(Ok(_)) => {}
             }
+        }
+        if kept {
+            return Ok(());
         }
         if !claimers.is_empty() {
             let note =
@@ -532,11 +538,7 @@ mod tests {
         let plan = plan(&records, &key_snapshot(&records), CELL);
         assert_eq!(
             keys(&plan),
-            [
-                ("acct-1-products", false),
-                ("shop-1.myshopify.com", false),
-                ("qfilter-acct-1-products", false)
-            ]
+            [("acct-1-products", false), ("shop-1.myshopify.com", false),]
         );
         assert!(plan.ops.values().all(|op| op.owner == 1));
     }
@@ -555,7 +557,6 @@ mod tests {
             [
                 ("acct-1-products", false),
                 ("shop-from-kv.myshopify.com", false),
-                ("qfilter-acct-1-products", false)
             ]
         );
     }
@@ -651,22 +652,43 @@ mod tests {
 
     #[test]
     fn a_remove_is_kept_while_an_enabled_alias_points_at_it() {
-        let records = vec![remove(1, "products-v1")];
+        let shop = "shop-1.myshopify.com";
+        let mut records = vec![remove(1, "products-v1")];
+        settle_previous_shops(&mut records, |_| Some(BTreeSet::from([shop.to_owned()])));
         let mut snapshot = key_snapshot(&records);
         let aliasing = IndexRefs {
             targets: ["acct-1-products-v1".to_owned()].into(),
             ..IndexRefs::default()
         };
         let aliasing = (IndexRef::new("acct-1", "products"), aliasing);
-        snapshot.references = Some(Ok(vec![aliasing]));
-        let plan = plan(&records, &snapshot, CELL);
-        assert!(plan.ops.is_empty());
+        snapshot.references = Some(Ok(vec![aliasing.clone()]));
+        let kept = plan(&records, &snapshot, CELL);
+        assert!(
+            kept.ops.is_empty(),
+            "its own key and its unclaimed shop key stay"
+        );
+        let referenced_by = vec![IndexRef::new("acct-1", "products")];
         assert_eq!(
-            plan.outcomes,
+            kept.outcomes,
             [Outcome::Kept {
-                referenced_by: vec![IndexRef::new("acct-1", "products")]
+                referenced_by: referenced_by.clone()
             }]
         );
+
+        // Another index claims its shop: the shop key is handed over, the rest kept.
+        let claimer = upsert(2, "other", Some(shop));
+        let Ok(Change::UpsertIndex { settings, .. }) = &claimer.decoded else {
+            panic!("an index")
+        };
+        let claiming = (settings.index.clone(), settings.references());
+        snapshot.references = Some(Ok(vec![aliasing, claiming]));
+        let wanted = account_cell("acct-1", None, CELL);
+        snapshot.api_keys.insert(wanted, Ok(ApiKey::new("k")));
+        (snapshot.claimers).insert(settings.index.clone(), Ok(Some(settings.clone())));
+        let handed = plan(&records, &snapshot, CELL);
+        assert_eq!(keys(&handed), [(shop, true)]);
+        assert_eq!(put_value(&handed, shop)["index_name"], "other");
+        assert_eq!(handed.outcomes, [Outcome::Kept { referenced_by }]);
     }
 
     #[test]
@@ -781,7 +803,6 @@ mod tests {
                 ("acct-1-fine", true),
                 ("acct-1-gone", false),
                 ("shop-1.myshopify.com", true),
-                ("qfilter-acct-1-gone", false)
             ],
             "acct-2-products is neither written nor deleted"
         );
@@ -833,8 +854,9 @@ mod tests {
             plan.outcomes[0]
         );
         assert_eq!(plan.outcomes[1], Outcome::Pending);
+        // No overrides: the index has no filter.
         let filter = "qfilter-acct-1-products";
-        assert_eq!(keys(&plan), [("acct-1-products", true), (filter, true)]);
+        assert_eq!(keys(&plan), [("acct-1-products", true), (filter, false)]);
         assert_eq!(
             plan.filters.keys().collect::<Vec<_>>(),
             [&IndexRef::new("acct-1", "products")]

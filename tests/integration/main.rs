@@ -25,4 +25,5 @@ mod reconcile;
 mod scheduled_reconcile;
 mod secrets;
 mod stream_export;
+mod table_implies;
 mod table_items;

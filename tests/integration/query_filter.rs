@@ -66,28 +66,27 @@ async fn the_filter_goes_in_the_same_bulk_write_as_the_overrides() {
 }
 
 #[tokio::test]
-async fn an_index_without_overrides_gets_an_empty_filter_on_reexport_with_query_configs() {
+async fn an_index_without_overrides_has_no_filter_after_a_reexport_with_query_configs() {
     let h = with_overrides(&[]).await;
-    h.invoke(json!({"system_account_id": "acct-1", "index_name": "p"}))
-        .await;
-    assert_eq!(filter_of(&h, "acct-1", "p"), None, "not asked for");
+    // A filter an earlier version wrote with `count` 0.
+    let empty = r#"{"schema_version":1,"system_account_id":"acct-1","index_name":"p","filter":"binary_fuse8","count":0}"#;
+    h.kv.insert(CF_ACCOUNT, QCFG_NS, "qfilter-acct-1-p", empty);
 
     let answer = h
         .invoke(json!({"system_account_id": "acct-1", "index_name": "p",
                        "include_query_configs": true}))
         .await;
 
+    assert_eq!(answer["written"]["query_configs"], json!([]), "{answer}");
     assert_eq!(
-        answer["written"]["query_configs"],
-        json!(["qfilter-acct-1-p"])
+        filter_of(&h, "acct-1", "p"),
+        None,
+        "deleted, never written empty"
     );
-    let empty = filter(&h, "p");
-    assert_eq!(empty.count, 0);
-    assert!(!empty.may_contain("anything"));
 }
 
 #[tokio::test]
-async fn a_removed_index_loses_its_filter_unless_an_alias_keeps_it() {
+async fn a_removed_index_s_filter_follows_its_override_records() {
     let mut h = with_overrides(&["a"]).await;
     h.put(index_item("acct-1", "kept", None)).await;
     h.put(query_item("acct-1", "kept", "b")).await;
@@ -102,8 +101,22 @@ async fn a_removed_index_loses_its_filter_unless_an_alias_keeps_it() {
     let response = h.export_stream().await;
 
     assert_eq!(failures(&response), Vec::<String>::new());
-    assert_eq!(filter_of(&h, "acct-1", "p"), None);
-    assert_eq!(filter(&h, "kept").count, 1, "kept with the aliased index");
+    assert_eq!(
+        filter(&h, "p").count,
+        1,
+        "its override record is still in the table"
+    );
+    assert_eq!(filter(&h, "kept").count, 1);
+
+    h.delete("acct-1", "INDEX#p#QUERY#a").await;
+    let response = h.export_stream().await;
+    assert_eq!(failures(&response), Vec::<String>::new());
+    assert_eq!(
+        filter_of(&h, "acct-1", "p"),
+        None,
+        "no override record left"
+    );
+    assert_eq!(h.query_config(&qcfg_key("acct-1", "p", "a")), None);
 }
 
 #[tokio::test]

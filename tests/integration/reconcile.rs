@@ -84,11 +84,12 @@ async fn each_class_is_found_and_a_dry_run_writes_nothing() {
     );
     assert_eq!(
         answer["counts"]["query_configs"],
-        json!({"in_sync": 4, "missing": 1, "stale": 0, "orphaned": 1, "protected": 1, "foreign": 0})
+        json!({"in_sync": 2, "missing": 1, "stale": 0, "orphaned": 0, "protected": 0, "foreign": 0})
     );
+    // Indexes without overrides have no filter; `a`'s is in sync.
     let samples = &answer["samples"]["query_configs"];
-    assert_eq!(samples["orphaned"], json!(["qfilter-acct-1-gone"]));
-    assert_eq!(samples["protected"], json!(["qfilter-acct-1-v1"]));
+    assert_eq!(samples["orphaned"], json!([]));
+    assert_eq!(samples["protected"], json!([]));
     let samples = &answer["samples"]["settings"];
     assert_eq!(samples["missing"], json!(["acct-1-b"]));
     assert_eq!(
@@ -101,7 +102,7 @@ async fn each_class_is_found_and_a_dry_run_writes_nothing() {
     );
     assert_eq!(samples["protected"], json!(["acct-1-v1"]));
     assert_eq!(samples["foreign"], json!(["feature-toggle"]));
-    assert_eq!(answer["would_repair"], json!({"written": 4, "deleted": 3}));
+    assert_eq!(answer["would_repair"], json!({"written": 4, "deleted": 2}));
     assert_eq!(answer["complete"], true);
     assert_eq!(data_writes(&h), writes_before, "a dry run writes nothing");
 }
@@ -114,7 +115,7 @@ async fn repair_fixes_drift_keeps_foreign_and_protected_keys_and_a_second_run_is
 
     assert_eq!(
         answer["repaired"],
-        json!({"written": 4, "deleted": 3}),
+        json!({"written": 4, "deleted": 2}),
         "{answer}"
     );
     assert_eq!(h.settings("acct-1-b").unwrap()["index_name"], "b");
@@ -127,7 +128,7 @@ async fn repair_fixes_drift_keeps_foreign_and_protected_keys_and_a_second_run_is
     assert_eq!(h.settings("shop-gone.myshopify.com"), None);
     assert!(h.settings("acct-1-v1").is_some(), "protected by an alias");
     assert_eq!(filter_of(&h, "acct-1", "gone"), None);
-    assert!(filter_of(&h, "acct-1", "v1").is_some());
+    assert_eq!(filter_of(&h, "acct-1", "v1"), None, "it has no overrides");
     assert_eq!(
         h.kv.value(CF_ACCOUNT, SETTINGS_NS, "feature-toggle")
             .as_deref(),
@@ -248,14 +249,14 @@ async fn an_account_of_a_thousand_indexes_is_reconciled_with_list_pages_and_bulk
         "other accounts are not counted"
     );
     assert_eq!(answer["complete"], true);
-    // 1,002 settings keys and 1,001 filters: two pages each.
-    assert_eq!(calls("keys") - lists, 4);
-    assert_eq!(answer["requests"]["kv_list"], 4);
+    // 1,002 settings keys: two pages; no overrides, so no filters: one empty page.
+    assert_eq!(calls("keys") - lists, 3);
+    assert_eq!(answer["requests"]["kv_list"], 3);
     assert_eq!(
-        answer["counts"]["query_configs"]["in_sync"], 1000,
-        "the filters"
+        answer["counts"]["query_configs"]["in_sync"], 0,
+        "no overrides, no filters"
     );
-    // 1,000 index keys and 1,000 filters implied: read 100 a request.
+    // 1,000 index keys implied (and 1,000 filters implied absent): read 100 a request.
     assert_eq!(
         calls("bulk/get") - reads,
         20,
@@ -468,11 +469,11 @@ async fn a_shop_value_naming_an_index_no_table_could_hold_is_stale_and_stalls_no
     assert_eq!(h.settings(shop).unwrap()["index_name"], "a");
 }
 
-/// An alias routes by index id, never through a shop key: once an aliased index is removed,
-/// reconcile keeps its own key (the alias reads it) but its shop key is orphaned and repaired
-/// away, whole fleet and one account alike.
+/// A removed index an alias reads keeps its own key, and its shop key while no other index
+/// claims the shop (the stream keeps both): the reconcile agrees, whole fleet and one account
+/// alike.
 #[tokio::test]
-async fn an_aliased_removed_index_keeps_its_own_key_but_not_its_shop_key() {
+async fn an_aliased_removed_index_keeps_its_own_key_and_its_unclaimed_shop_key() {
     for scope in [json!({}), json!({"system_account_id": "acct-1"})] {
         let mut h = Harness::new().await;
         h.keys.set_key("acct-1", "k");
@@ -499,15 +500,15 @@ async fn an_aliased_removed_index_keeps_its_own_key_but_not_its_shop_key() {
         let answer = reconcile(&h, fields).await;
 
         let samples = &answer["samples"]["settings"];
+        assert_eq!(samples["orphaned"], json!([]), "{answer}");
         assert_eq!(
-            samples["orphaned"],
-            json!(["shop-old.myshopify.com"]),
+            samples["protected"],
+            json!(["acct-1-old", "shop-old.myshopify.com"]),
             "{answer}"
         );
-        assert_eq!(samples["protected"], json!(["acct-1-old"]), "{answer}");
         assert!(
-            h.settings("shop-old.myshopify.com").is_none(),
-            "{scope}: deleted"
+            h.settings("shop-old.myshopify.com").is_some(),
+            "{scope}: kept while nobody else claims the shop"
         );
         assert!(
             h.settings("acct-1-old").is_some(),

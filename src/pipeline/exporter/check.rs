@@ -219,7 +219,7 @@ impl<P: Ports> Exporter<P> {
         let mut firsts = Vec::new();
         let mut landed = Vec::new();
         for (index, recheck) in by_index {
-            firsts.push((index.clone(), records.len(), recheck.settings));
+            firsts.push((index.clone(), records.len()));
             records.extend(as_changes(&index, &recheck));
             landed.extend(recheck.keys);
         }
@@ -311,24 +311,23 @@ fn as_changes(index: &IndexRef, recheck: &Recheck) -> Vec<ChangeRecord> {
 }
 
 /// Landed override keys the new plan does not name: the new read holds every override of the
-/// index, so theirs is gone and the key is deleted; unless the index is gone too and kept for
-/// an alias (the plan does not delete its own key), which keeps its overrides as well.
+/// index, so theirs is gone and the key is deleted (query configs follow their override
+/// records, whatever the index's settings record).
 fn removed_overrides(
     ops: &BTreeMap<KvKey, PlannedOp>,
     landed: &[Landed],
-    firsts: &[(IndexRef, usize, bool)],
+    firsts: &[(IndexRef, usize)],
 ) -> Vec<(KvKey, PlannedOp)> {
     (landed.iter().map(|landed| &landed.key))
         .filter(|key| key.key.starts_with("qcfg-") && !ops.contains_key(*key))
         .filter_map(|key| {
-            let (index, first, live) = (firsts.iter())
-                .find(|(index, _, _)| key.key.starts_with(&query_config_prefix(index)))?;
-            let own = ops.get(&KvKey::index(index)).map(|op| &op.action);
+            let (_, first) = (firsts.iter())
+                .find(|(index, _)| key.key.starts_with(&query_config_prefix(index)))?;
             let delete = PlannedOp {
                 action: KvAction::Delete,
                 owner: *first,
             };
-            (*live || matches!(own, Some(KvAction::Delete))).then(|| (key.clone(), delete))
+            Some((key.clone(), delete))
         })
         .collect()
 }
@@ -428,30 +427,25 @@ mod tests {
     }
 
     #[test]
-    fn an_override_key_no_longer_planned_is_deleted_unless_its_removed_index_is_kept() {
+    fn an_override_key_no_longer_planned_is_deleted_whatever_its_index_s_settings() {
         let index = IndexRef::new("a", "i");
         let qcfg = KvKey::query_config(&index, "shoes");
-        let delete = |owner| PlannedOp {
+        let delete = PlannedOp {
             action: KvAction::Delete,
-            owner,
+            owner: 0,
         };
         let landed = [landed(qcfg.clone())];
-        // (the index still has a settings record, the plan for its own key, a delete planned)
-        let cases = [
-            (true, None, true),
-            (false, Some(delete(0)), true),
-            // Removed, but kept for an alias: its overrides stay too.
-            (false, None, false),
-        ];
-        for (live, own, deleted) in cases {
-            let ops: BTreeMap<KvKey, PlannedOp> = own
-                .into_iter()
+        // The index's own key: written, deleted, or kept for an alias (not planned).
+        for own in [Some(delete.clone()), None] {
+            let ops: BTreeMap<KvKey, PlannedOp> = (own.into_iter())
                 .map(|op| (KvKey::index(&index), op))
                 .collect();
-            let firsts = [(index.clone(), 0, live)];
-            let deletes = removed_overrides(&ops, &landed, &firsts);
-            assert_eq!(deletes.len(), usize::from(deleted), "{live}");
+            let deletes = removed_overrides(&ops, &landed, &[(index.clone(), 0)]);
+            assert_eq!(deletes, [(qcfg.clone(), delete.clone())]);
         }
+        // Still planned (its override is in the table): not deleted.
+        let ops = BTreeMap::from([(qcfg.clone(), delete.clone())]);
+        assert!(removed_overrides(&ops, &landed, &[(index.clone(), 0)]).is_empty());
     }
 
     #[tokio::test]

@@ -108,7 +108,7 @@ fn settle_keys(
         }
         match failed.get(&key) {
             Some(error) => {
-                if outcomes[owner] == Outcome::Pending {
+                if matches!(outcomes[owner], Outcome::Pending | Outcome::Kept { .. }) {
                     outcomes[owner] = key_failed(&key.key, error);
                 }
             }

@@ -195,17 +195,9 @@ pub fn claimers(
     wanted
 }
 
-/// The indexes whose override filter the records rebuild (as the plan decides them: an index
-/// removed after its overrides' records has its filter deleted, not rebuilt).
+/// The indexes whose override filter the records rebuild, as the plan decides them
+/// ([`super::rebuilt_filter`]: a filter follows its index's override records alone).
 pub fn filters_wanted(records: &[ChangeRecord]) -> BTreeSet<IndexRef> {
-    let mut wanted = BTreeSet::new();
-    for change in records.iter().filter_map(|r| r.decoded.as_ref().ok()) {
-        if let Some(index) = super::rebuilt_filter(change) {
-            wanted.insert(index.clone());
-        }
-        if let Change::RemoveIndex { index, .. } = change {
-            wanted.remove(index);
-        }
-    }
-    wanted
+    let changes = records.iter().filter_map(|r| r.decoded.as_ref().ok());
+    changes.filter_map(super::rebuilt_filter).cloned().collect()
 }

@@ -90,16 +90,36 @@ impl<P: Ports> Pass<'_, P> {
                 KvAction::Delete => None,
             })
             .collect();
-        let keys: Vec<&KvKey> = implied.iter().map(|(key, ..)| key).collect();
+        // Planned absent: the filter of an index without overrides (one KV holds is orphaned).
+        let absent: Vec<(KvKey, IndexRef)> = (prepared.records.iter())
+            .filter_map(|record| record.index.clone())
+            .map(|index| (filter_key(&index), index))
+            .filter(|(key, _)| {
+                matches!(
+                    prepared.plan.ops.get(key).map(|op| &op.action),
+                    Some(KvAction::Delete)
+                )
+            })
+            .collect::<HashMap<_, _>>()
+            .into_iter()
+            .collect();
+        let keys: Vec<&KvKey> = (implied.iter().map(|(key, ..)| key))
+            .chain(absent.iter().map(|(key, _)| key))
+            .collect();
         let in_kv = self.read_held(keys).await?;
+        let mut deletes = Vec::new();
+        for (key, index) in absent {
+            if in_kv.contains_key(&key) {
+                self.found.add(&key, Class::Orphaned);
+                deletes.push((key, Some(index)));
+            }
+        }
         let shared = self.shared_shops(&implied, &in_kv).await?;
         let mut to_write = BTreeSet::new();
         for (key, digest, _) in implied {
             let class = match in_kv.get(&key) {
                 Some(held) if held.digest == digest => Class::InSync,
                 Some(_) if shared.contains(&key) => Class::InSync,
-                // No filter says what an empty one says: the index has no overrides.
-                None if prepared.plan.empty_filters.contains(&key) => continue,
                 None => Class::Missing,
                 Some(_) => Class::Stale,
             };
@@ -108,7 +128,7 @@ impl<P: Ports> Pass<'_, P> {
                 to_write.insert(key);
             }
         }
-        self.repair(Some(prepared), to_write, Vec::new()).await
+        self.repair(Some(prepared), to_write, deletes).await
     }
 
     /// The ledger's record of each index this pass can export given what the table names

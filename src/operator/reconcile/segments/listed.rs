@@ -102,7 +102,11 @@ impl<P: Ports> Pass<'_, P> {
         for key in &held {
             match (&key.owner, orphans.get(&key.key)) {
                 (None, _) => self.found.add(&key.key, Class::Foreign),
-                (Some(owner), Some(_)) if protected.contains(owner) && key.key.read_by_id() => {
+                // An alias keeps a removed index's settings keys (its shop key only while no
+                // other index claims the shop); its query configs follow its override records.
+                (Some(owner), Some(_))
+                    if protected.contains(owner) && key.key.namespace == Namespace::Settings =>
+                {
                     self.found.add(&key.key, Class::Protected)
                 }
                 (Some(owner), Some(_)) => {
@@ -125,43 +129,7 @@ impl<P: Ports> Pass<'_, P> {
         let owners: Vec<IndexRef> = owners.into_iter().collect();
         let refs = exporter.index_references(&owners, deadline);
         let refs = refs.await.map_err(failed)?;
-        // A query config's key is a hash of its query: checked by key when its metadata names
-        // the query (and the key is that query's), else against its owner's overrides listed.
-        let config_keys = (held.iter())
-            .filter(|k| k.key.namespace == Namespace::QueryConfigs)
-            .filter_map(|k| Some((k, k.owner.as_ref().filter(|o| k.key != filter_key(o))?)));
-        let (mut named, mut queried) = (HashMap::new(), BTreeSet::new());
-        for (k, owner) in config_keys {
-            match k.query.as_deref() {
-                Some(query) if KvKey::query_config(owner, query) == k.key => {
-                    named.insert(&k.key, (owner.clone(), query.to_owned()));
-                }
-                _ => {
-                    queried.insert(owner);
-                }
-            }
-        }
-        let asked = (named.values()).map(|(owner, query)| TableKey::of(owner, Some(query)));
-        let found = exporter.records_of(asked.collect(), deadline);
-        let found: HashSet<TableKey> = found
-            .await
-            .map_err(failed)?
-            .into_iter()
-            .map(|(key, _)| key)
-            .collect();
-        let overrides: Vec<Result<(IndexRef, HashSet<String>), _>> = futures::stream::iter(queried)
-            .map(|owner| async move {
-                let keys = exporter.override_keys(owner, deadline).await?;
-                Ok::<_, crate::ports::PortError>((owner.clone(), keys))
-            })
-            .buffer_unordered(CONCURRENT_QUERIES)
-            .collect()
-            .await;
-        let mut override_keys = HashMap::new();
-        for answer in overrides {
-            let (owner, keys) = answer.map_err(failed)?;
-            override_keys.insert(owner, keys);
-        }
+        let overrides = self.overrides_of(held, &refs).await?;
         let mut gone = HashMap::new();
         let mut shops_asked = Vec::new();
         for key in held {
@@ -172,11 +140,12 @@ impl<P: Ports> Pass<'_, P> {
                 Namespace::Settings => refs
                     .get(owner)
                     .is_some_and(|r| r.shops.contains(&key.key.key)),
-                Namespace::QueryConfigs if key.key == filter_key(owner) => exists,
-                Namespace::QueryConfigs => match named.get(&key.key) {
-                    Some((owner, query)) => found.contains(&TableKey::of(owner, Some(query))),
-                    None => (override_keys.get(owner)).is_some_and(|k| k.contains(&key.key.key)),
-                },
+                // A filter follows its index's override records, whatever its settings record:
+                // with one, the table step compares it; without, it is implied by overrides.
+                Namespace::QueryConfigs if key.key == filter_key(owner) => {
+                    exists || overrides.any_of(owner)
+                }
+                Namespace::QueryConfigs => overrides.holds(key, owner),
             };
             if implied {
                 continue;
@@ -191,6 +160,59 @@ impl<P: Ports> Pass<'_, P> {
             gone.remove(&KvKey::settings(shop));
         }
         Ok(gone)
+    }
+
+    /// Which listed query configs' override records exist: a key is a hash of its query, checked
+    /// by key when its metadata names the query (and the key is that query's), else against its
+    /// owner's overrides listed (a keys-only Query), as is a filter without a settings record.
+    async fn overrides_of(
+        &mut self,
+        held: &[Held],
+        refs: &HashMap<IndexRef, crate::ports::IndexRefs>,
+    ) -> Result<Overrides, OperatorError> {
+        let (exporter, deadline) = (self.exporter, self.deadline);
+        let (mut named, mut queried) = (HashMap::new(), BTreeSet::new());
+        for k in held
+            .iter()
+            .filter(|k| k.key.namespace == Namespace::QueryConfigs)
+        {
+            let Some(owner) = &k.owner else { continue };
+            match k.query.as_deref() {
+                _ if k.key == filter_key(owner) => {
+                    if !refs.contains_key(owner) {
+                        queried.insert(owner.clone());
+                    }
+                }
+                Some(query) if KvKey::query_config(owner, query) == k.key => {
+                    named.insert(k.key.clone(), (owner.clone(), query.to_owned()));
+                }
+                _ => {
+                    queried.insert(owner.clone());
+                }
+            }
+        }
+        let asked = (named.values()).map(|(owner, query)| TableKey::of(owner, Some(query)));
+        let found = exporter.records_of(asked.collect(), deadline);
+        let found: HashSet<TableKey> = (found.await.map_err(failed)?.into_iter())
+            .map(|(key, _)| key)
+            .collect();
+        let named = (named.into_iter())
+            .map(|(key, (owner, query))| (key, found.contains(&TableKey::of(&owner, Some(&query)))))
+            .collect();
+        let listed: Vec<Result<(IndexRef, HashSet<String>), _>> = futures::stream::iter(queried)
+            .map(|owner| async move {
+                let keys = exporter.override_keys(&owner, deadline).await?;
+                Ok::<_, crate::ports::PortError>((owner, keys))
+            })
+            .buffer_unordered(CONCURRENT_QUERIES)
+            .collect()
+            .await;
+        let mut by_owner = HashMap::new();
+        for answer in listed {
+            let (owner, keys) = answer.map_err(failed)?;
+            by_owner.insert(owner, keys);
+        }
+        Ok(Overrides { named, by_owner })
     }
 
     /// Of these shops, those some index's settings record claims now.
@@ -229,5 +251,27 @@ impl<P: Ports> Pass<'_, P> {
             .filter(|i| targets.contains(&i.id()))
             .cloned()
             .collect())
+    }
+}
+
+/// Which override records exist behind listed query-config keys.
+struct Overrides {
+    /// Keys whose metadata named their query: whether its record exists.
+    named: HashMap<KvKey, bool>,
+    /// Owners whose overrides were listed: their override keys.
+    by_owner: HashMap<IndexRef, HashSet<String>>,
+}
+
+impl Overrides {
+    fn holds(&self, key: &Held, owner: &IndexRef) -> bool {
+        match self.named.get(&key.key) {
+            Some(exists) => *exists,
+            None => (self.by_owner.get(owner)).is_some_and(|k| k.contains(&key.key.key)),
+        }
+    }
+
+    /// Whether the owner has override records (asked only of owners listed).
+    fn any_of(&self, owner: &IndexRef) -> bool {
+        self.by_owner.get(owner).is_some_and(|k| !k.is_empty())
     }
 }
