@@ -341,6 +341,11 @@ impl Ledger for MemoryLedger {
                 Referred::Alias(target) => own.targets.insert(target.clone()),
             };
         }
+        // One intent per index a call names, as one update of its item counts it.
+        let indexes: BTreeSet<&IndexRef> = items.iter().map(|(index, _)| index).collect();
+        for index in indexes {
+            refs.entry(index.clone()).or_default().intents += 1;
+        }
         Ok(())
     }
 
@@ -351,6 +356,9 @@ impl Ledger for MemoryLedger {
         let (mut refs, mut back) = (self.refs.lock().unwrap(), self.back.lock().unwrap());
         for change in changes {
             let own = refs.entry(change.index.clone()).or_default();
+            if own.intents != change.intents {
+                continue; // Another writer's intent since: it owns what it recorded.
+            }
             for gone in change.pointing.difference(&change.new.referred()) {
                 back.remove(&(gone.clone(), change.index.clone()));
                 match gone {

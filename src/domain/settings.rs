@@ -191,6 +191,7 @@ impl IndexSettings {
         IndexRefs {
             shops: self.shop_id.iter().cloned().collect(),
             targets: self.aliases.live_targets().map(|t| t.0.clone()).collect(),
+            intents: 0,
         }
     }
 
@@ -261,6 +262,10 @@ impl IndexSettings {
 pub struct IndexRefs {
     pub shops: BTreeSet<String>,
     pub targets: BTreeSet<String>,
+    /// As recorded: how many intents were recorded for the index, each writer's bumping it
+    /// (an intent owns its members for its writer even when they were recorded already); the
+    /// stream takes members out only if none came since it read (0 in a settings record's).
+    pub intents: u64,
 }
 
 impl IndexRefs {

@@ -261,8 +261,8 @@ impl<P: Ports> Pass<'_, P> {
         if closed.len() == 0 {
             return true;
         }
-        let whole = Run::OPERATOR.holding_overrides(self.request.include_query_configs);
-        let queried = Run::OPERATOR.holding_overrides(false);
+        let whole = Run::BACKFILL.holding_overrides(self.request.include_query_configs);
+        let queried = Run::BACKFILL.holding_overrides(false);
         let dry_run = self.request.dry_run;
         for (records, run) in [(closed.whole, whole), (closed.queried, queried)] {
             if records.is_empty() {

@@ -64,6 +64,10 @@ pub struct Run {
     pub overrides_in_batch: bool,
     /// Keeps each index's references in the ledger (the stream; a backfill fills them in).
     pub records_references: bool,
+    /// Its intents own what is recorded already (a re-export, a verify's repair): each counts,
+    /// even when it adds nothing, so a stream's shrink that read before it takes none of it out
+    /// (a backfill's would double its ledger writes: the window is the contract's).
+    pub owns_recorded: bool,
 }
 
 impl Run {
@@ -76,6 +80,7 @@ impl Run {
         fresh_api_keys: false,
         overrides_in_batch: false,
         records_references: true,
+        owns_recorded: false,
     };
     /// Operators always get the current API key, and record the references they write
     /// before writing them (re-export, verify).
@@ -83,6 +88,12 @@ impl Run {
         fresh_api_keys: true,
         overrides_in_batch: true,
         records_references: true,
+        owns_recorded: true,
+    };
+    /// A backfill's: an operator's whose intents add only what the ledger lacks.
+    pub const BACKFILL: Run = Run {
+        owns_recorded: false,
+        ..Run::OPERATOR
     };
     /// An operator's run whose references are recorded already: a check of what landed
     /// (it writes what the records it checks referred to), a reconcile (its table step adds
@@ -356,8 +367,15 @@ impl<P: Ports> Exporter<P> {
         let mut report = write::send(&self.kv, prepared, deadline).await;
         self.check(&mut report, run, deadline).await;
         snapshot::settle_derived(&mut report, &derived);
-        if let (Some(intents), true) = (intents, run.is_stream()) {
-            shrink::record(&self.ledger, intents, &report, deadline).await;
+        match (intents, run.is_stream()) {
+            (Some(intents), true) => shrink::record(&self.ledger, intents, &report, deadline).await,
+            (Some(intents), false) if run.owns_recorded => {
+                let mut outcomes = report.records.iter().map(|r| &r.outcome);
+                if outcomes.any(|outcome| matches!(outcome, Outcome::Failed(_))) {
+                    intents::record_again(&self.ledger, &intents, deadline).await;
+                }
+            }
+            _ => {}
         }
         if let Some(first) = derived.first() {
             report.records.truncate(first.at);

@@ -25,7 +25,8 @@ pub enum PreviousShop {
     Known(BTreeSet<String>),
     /// A `NEW_IMAGE` stream: the old image is not carried. The index's current KV value tells.
     Unknown,
-    /// A table item (re-export, backfill): write-only, nothing is deleted.
+    /// A table item (re-export, backfill, a check's read): nothing but what the ledger
+    /// records of the index, when the run reads it, is given up.
     NotAsked,
 }
 

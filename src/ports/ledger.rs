@@ -27,12 +27,15 @@ pub struct ReconcileProgress {
 
 /// An index's references confirmed by the stream's check: what `pointing` names (every item
 /// that may point back at the index, and every reference of its own, as read before the batch
-/// and added by it) that `new` does not name is taken out, on both sides.
+/// and added by it) that `new` does not name is taken out, on both sides, only if the index's
+/// intents still number `intents` (what the batch read, and its own intent): an intent another
+/// writer recorded meanwhile owns its members, and the index keeps them all.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RefsChange {
     pub index: IndexRef,
     pub pointing: BTreeSet<Referred>,
     pub new: IndexRefs,
+    pub intents: u64,
 }
 
 /// The function's own table (the export ledger, docs/contract.md): each index's references
@@ -60,7 +63,8 @@ pub trait Ledger: Send + Sync {
 
     /// Records intents (before the KV writes that make each index a referrer): each index is
     /// added to the set of what it refers to, and what it refers to to the index's own
-    /// references. Only adds: a reader may find a reference too many, never one too few.
+    /// references, whose intents grow by one (members recorded already included). Only adds: a
+    /// reader may find a reference too many, never one too few.
     fn point_back(
         &self,
         items: &[(IndexRef, Referred)],
@@ -74,7 +78,8 @@ pub trait Ledger: Send + Sync {
 
     /// Takes out what each change confirmed the index no longer refers to, from its own
     /// references (an index with none recorded gets an empty record) and then from the sets,
-    /// all indexes at once. Only members named are taken out: what another writer added
+    /// all indexes at once, for each index whose intents are still those the change names (the
+    /// others keep everything). Only members named are taken out: what another writer added
     /// meanwhile stays.
     fn record_refs(
         &self,

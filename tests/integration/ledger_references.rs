@@ -601,3 +601,58 @@ async fn a_record_with_a_shop_no_key_could_be_is_rejected_alone_and_stalls_nothi
     assert!(log.contains("hostile") && log.contains("not a Shopify shop domain"), "{log}");
 }
 }
+
+/// The migration state on `NEW_IMAGE` (issue 62, 6): an index moved while nothing records it
+/// takes its previous shop from its KV value, and a read that lags (KV is eventually
+/// consistent) may miss the shop it was on: that old shop key serves the index until the next
+/// reconcile pass deletes it. The contract's windows table names the window and this test.
+#[tokio::test]
+async fn a_lagging_kv_read_in_the_migration_state_leaves_an_old_shop_to_the_next_reconcile() {
+    const SHOP_Z: &str = "shop-z.myshopify.com";
+    let mut h = Harness::with_view(StreamViewType::NewImage).await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "products", Some(SHOP_Z))).await;
+    exported(&h.export_stream().await);
+    // From here reads answer what KV held then: the index on shop Z.
+    h.kv.stale_reads();
+    h.put(index_item("acct-1", "products", Some(SHOP_A))).await;
+    exported(&h.export_stream().await);
+    // The upgrade to a ledger that records nothing of it yet (the migration state).
+    let fresh = format!("{}-upgraded-ledger", h.table);
+    ecom_emulators::streams::create_ledger_table(&h.ddb, &fresh)
+        .await
+        .expect("create the ledger table in moto");
+    h.reconfigure("LEDGER_TABLE_NAME", &fresh).await;
+
+    h.put(index_item("acct-1", "products", Some(SHOP_B))).await;
+    exported(&h.export_stream().await);
+
+    assert_eq!(h.settings(SHOP_B).unwrap()["index_name"], "products");
+    let window = h.settings(SHOP_A).expect("the lagging read missed shop A");
+    assert_eq!(
+        window["shop_id"], SHOP_A,
+        "it serves the index's old settings"
+    );
+    h.kv.release(); // KV consistent again
+    let answer = h.invoke(json!({"mode": "reconcile", "repair": true})).await;
+    assert_eq!(
+        answer["samples"]["settings"]["orphaned"],
+        json!([SHOP_A]),
+        "{answer}"
+    );
+    assert_eq!(h.settings(SHOP_A), None, "healed by the next pass");
+
+    let contract = std::fs::read_to_string("docs/contract.md").unwrap();
+    let windows = contract.split("Windows that remain").nth(1).unwrap();
+    let windows = windows.split("\n\n").nth(1).unwrap();
+    assert!(
+        windows.contains(
+            "a_lagging_kv_read_in_the_migration_state_leaves_an_old_shop_to_the_next_reconcile"
+        ),
+        "the windows table names this window"
+    );
+}
+
+fn exported(answer: &Value) {
+    assert_eq!(failures(answer), Vec::<String>::new(), "{answer}");
+}

@@ -96,10 +96,12 @@ async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
         .set_item(Some(old_item));
     put.send().await.unwrap();
     let recorded = ledger.index_refs(std::slice::from_ref(&old)).await.unwrap();
-    let at = |shops: &[&str], targets: &[&str]| IndexRefs {
+    let counted = |shops: &[&str], targets: &[&str], intents: u64| IndexRefs {
         shops: shops.iter().map(|s| s.to_string()).collect(),
         targets: targets.iter().map(|s| s.to_string()).collect(),
+        intents,
     };
+    let at = |shops: &[&str], targets: &[&str]| counted(shops, targets, 0);
     let old_refs = at(&["old.myshopify.com"], &["acct-é-a", "acct-é-b"]);
     assert_eq!(recorded, HashMap::from([(old.clone(), old_refs.clone())]));
 
@@ -120,15 +122,17 @@ async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
     let new_item = get("ref#7:acct-é#new", "refs").await.unwrap().item;
     let mut expected = sdk_item(&[("pk", s("ref#7:acct-é#new")), ("sk", s("refs"))]);
     expected.insert("shops".into(), Av::Ss(vec!["new.myshopify.com".into()]));
+    expected.insert("intents".into(), Av::N("1".into()));
     assert_eq!(new_item, Some(expected));
     let both = [old.clone(), new.clone()];
-    let moving = at(
+    let moving = counted(
         &["new.myshopify.com", "old.myshopify.com"],
         &["acct-é-a", "acct-é-b"],
+        1,
     );
     let expected = HashMap::from([
         (old.clone(), moving),
-        (new.clone(), at(&["new.myshopify.com"], &[])),
+        (new.clone(), counted(&["new.myshopify.com"], &[], 1)),
     ]);
     assert_eq!(ledger.index_refs(&both).await.unwrap(), expected);
     let asked = [shop.clone(), Referred::Alias("acct-é-none".into())];
@@ -138,38 +142,88 @@ async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
     );
 
     // The check confirmed: `old` gave up its old shop and one target; `new` was removed; a
-    // third index, which refers to nothing, is recorded as such.
+    // third index, which refers to nothing, is recorded as such; a fourth, whose intents
+    // changed since the batch read them (another writer's), keeps everything.
     let pointing = |refs: &IndexRefs| refs.referred().into_iter().chain([shop.clone()]);
     let plain = IndexRef::new("acct-é", "plain");
+    let owned = IndexRef::new("acct-é", "owned");
+    ledger
+        .point_back(&[(owned.clone(), shop.clone())])
+        .await
+        .unwrap();
+    ledger
+        .point_back(&[(owned.clone(), shop.clone())])
+        .await
+        .unwrap();
     let changes = [
         RefsChange {
             index: old.clone(),
             pointing: pointing(&old_refs).collect(),
             new: at(&["new.myshopify.com"], &["acct-é-b"]),
+            intents: 1,
         },
         RefsChange {
             index: new.clone(),
             pointing: BTreeSet::from([shop.clone()]),
             new: IndexRefs::default(),
+            intents: 1,
         },
         RefsChange {
             index: plain.clone(),
             pointing: BTreeSet::new(),
             new: IndexRefs::default(),
+            intents: 0,
+        },
+        RefsChange {
+            index: owned.clone(),
+            pointing: BTreeSet::from([shop.clone()]),
+            new: IndexRefs::default(),
+            intents: 1,
         },
     ];
     ledger.record_refs(&changes).await.unwrap();
-    let all = [old.clone(), new.clone(), plain.clone()];
+    let all = [old.clone(), new.clone(), plain.clone(), owned.clone()];
     let expected = HashMap::from([
-        (old.clone(), at(&["new.myshopify.com"], &["acct-é-b"])),
-        (new.clone(), IndexRefs::default()),
+        (
+            old.clone(),
+            counted(&["new.myshopify.com"], &["acct-é-b"], 1),
+        ),
+        (new.clone(), counted(&[], &[], 1)),
         (plain.clone(), IndexRefs::default()),
+        (owned.clone(), counted(&["new.myshopify.com"], &[], 2)),
     ]);
     assert_eq!(ledger.index_refs(&all).await.unwrap(), expected);
     let gone = get("ref#7:acct-é#new", "refs").await.unwrap().item;
-    let keys_only = sdk_item(&[("pk", s("ref#7:acct-é#new")), ("sk", s("refs"))]);
+    let mut keys_only = sdk_item(&[("pk", s("ref#7:acct-é#new")), ("sk", s("refs"))]);
+    keys_only.insert("intents".into(), Av::N("1".into()));
     assert_eq!(gone, Some(keys_only), "an emptied set is no attribute");
+    assert_eq!(
+        ledger.referrers(&asked).await.unwrap(),
+        vec![old.clone(), owned.clone()],
+        "an index that kept everything stays in the sets"
+    );
+    let owned_pair = [(owned.clone(), shop.clone())];
+    assert_eq!(
+        ledger.pointing(&owned_pair).await.unwrap(),
+        owned_pair.to_vec()
+    );
+    ledger
+        .record_refs(&[RefsChange {
+            intents: 2,
+            ..changes[3].clone()
+        }])
+        .await
+        .unwrap();
     assert_eq!(ledger.referrers(&asked).await.unwrap(), vec![old.clone()]);
+    assert_eq!(
+        ledger
+            .index_refs(std::slice::from_ref(&owned))
+            .await
+            .unwrap()[&owned]
+            .shops
+            .len(),
+        0
+    );
     let pair = [(new.clone(), shop.clone())];
     assert_eq!(ledger.pointing(&pair).await.unwrap(), vec![]);
     // An empty record is never put over one an intent wrote meanwhile.
@@ -181,9 +235,10 @@ async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
         index: plain.clone(),
         pointing: BTreeSet::new(),
         new: IndexRefs::default(),
+        intents: 0,
     };
     ledger.record_refs(&[again]).await.unwrap();
-    let expected = HashMap::from([(plain.clone(), at(&["new.myshopify.com"], &[]))]);
+    let expected = HashMap::from([(plain.clone(), counted(&["new.myshopify.com"], &[], 1))]);
     assert_eq!(ledger.index_refs(&[plain]).await.unwrap(), expected);
 
     // The reconcile's progress, saved on the version read.

@@ -82,6 +82,7 @@ fn refs_of(item: &Found) -> IndexRefs {
     IndexRefs {
         shops: set("shops"),
         targets: set("targets"),
+        intents: super::number(item, "intents").unwrap_or_default(),
     }
 }
 
@@ -201,6 +202,7 @@ impl DynamoLedger {
             own.entry(index).or_default().push(referred);
         }
         actions.extend((own.into_iter()).map(|(index, referred)| {
+            // Every intent counts, so a shrink that read before it leaves its members alone.
             update_action(self.own_update(index, "ADD", own_sets(referred.into_iter())))
         }));
         let full = self.transact_all(actions).await?;
@@ -263,33 +265,40 @@ impl DynamoLedger {
     /// per 100 items. An overflowed set's own items are not deleted: one left costs a reader a
     /// candidate, never a wrong answer.
     pub(super) async fn put_all_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
-        let mut gone: BTreeMap<&Referred, Vec<String>> = BTreeMap::new();
+        let mut given_up = Vec::with_capacity(changes.len());
         let mut own = Vec::with_capacity(changes.len());
-        for RefsChange {
-            index,
-            pointing,
-            new,
-        } in changes
-        {
-            let after = new.referred();
-            let given_up: Vec<&Referred> =
-                (pointing.iter()).filter(|r| !after.contains(*r)).collect();
-            for referred in &given_up {
-                gone.entry(referred).or_default().push(index_key(index));
-            }
-            own.push(match given_up.is_empty() {
+        for change in changes {
+            let after = change.new.referred();
+            let gone: Vec<&Referred> = (change.pointing.iter())
+                .filter(|r| !after.contains(*r))
+                .collect();
+            own.push(match gone.is_empty() {
                 // Nothing recorded, nothing to take out: an empty record, unless one is there.
                 true => {
                     let absent: Condition = ("attribute_not_exists(pk)".into(), Item::default());
-                    let empty = Item::key(ref_pk(index), REF_SK);
+                    let empty = Item::key(ref_pk(&change.index), REF_SK);
                     self.put_action(empty, Some(absent))
                 }
                 false => {
-                    update_action(self.own_update(index, "DELETE", own_sets(given_up.into_iter())))
+                    let delete =
+                        self.own_update(&change.index, "DELETE", own_sets(gone.iter().copied()));
+                    update_action(unchanged_intents(delete, change.intents))
                 }
             });
+            given_up.push((&change.index, gone));
         }
-        self.transact_all(own).await?;
+        // An index whose intents changed since the batch read keeps everything (its item and
+        // the sets): another writer's intent owns those members.
+        let refused = self.transact_all(own).await?;
+        let mut gone: BTreeMap<&Referred, Vec<String>> = BTreeMap::new();
+        for (at, (index, referred)) in given_up.into_iter().enumerate() {
+            if refused.contains(&at) {
+                continue;
+            }
+            for referred in referred {
+                gone.entry(referred).or_default().push(index_key(index));
+            }
+        }
         let deletes = gone.into_iter().map(|(referred, indexes)| {
             let members = Item::default().with(":gone", AttributeValue::Ss(indexes));
             update_action(self.set_update(referred, "DELETE #set :gone", members))
@@ -298,7 +307,7 @@ impl DynamoLedger {
     }
 
     /// An update of an index's own item: `verb` (`ADD` or `DELETE`) the members of its string
-    /// sets. Only the sets are named: every clause costs DynamoDB's parser (and moto's, a
+    /// sets, an `ADD` counting one more intent. Only the sets are named: every clause costs DynamoDB's parser (and moto's, a
     /// millisecond each), and the index is in the item's key.
     fn own_update(
         &self,
@@ -307,18 +316,22 @@ impl DynamoLedger {
         sets: [(&'static str, Vec<String>); 2],
     ) -> UpdateBuilder {
         let mut values = Item::default();
-        let mut expression = String::from(verb);
-        let sets = sets.into_iter().filter(|(_, members)| !members.is_empty());
-        for (at, (name, members)) in sets.enumerate() {
+        let mut clauses = Vec::new();
+        for (name, members) in sets.into_iter().filter(|(_, members)| !members.is_empty()) {
             let placeholder = if name == "shops" {
                 ":shops"
             } else {
                 ":targets"
             };
-            let comma = if at == 0 { "" } else { "," };
-            expression.push_str(&format!("{comma} {name} {placeholder}"));
+            clauses.push(format!("{name} {placeholder}"));
             values = values.with(placeholder, AttributeValue::Ss(members));
         }
+        if verb == "ADD" {
+            // An intent: counted, so that a shrink that read before it takes nothing out.
+            clauses.push("intents :one".into());
+            values = values.with(":one", super::n(1));
+        }
+        let expression = format!("{verb} {}", clauses.join(", "));
         aws_sdk_dynamodb::types::Update::builder()
             .table_name(&self.table_name)
             .set_key(Some(Item::key(ref_pk(index), REF_SK).0))
@@ -338,6 +351,17 @@ impl DynamoLedger {
             .update_expression(expression)
             .expression_attribute_names("#set", SET)
             .set_expression_attribute_values(values.given())
+    }
+}
+
+/// The update, on the condition that the index's intents are still `intents` (none recorded
+/// for 0).
+fn unchanged_intents(update: UpdateBuilder, intents: u64) -> UpdateBuilder {
+    match intents {
+        0 => update.condition_expression("attribute_not_exists(intents)"),
+        _ => update
+            .condition_expression("intents = :intents")
+            .expression_attribute_values(":intents", super::n(intents)),
     }
 }
 

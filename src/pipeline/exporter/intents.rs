@@ -37,7 +37,13 @@ pub(super) async fn record(
         .zip(planned))
     .map(|(left, outcome)| left.filter(|_| *outcome == Outcome::Pending))
     .collect();
-    match point_back(ledger, &left, &known, deadline).await {
+    // An operator's intent owns its members even when they are recorded already (each counts):
+    // a stream's shrink that read before it then takes none of them out.
+    let before = match prepared.run.owns_recorded {
+        true => &HashMap::new(),
+        false => &known,
+    };
+    match point_back(ledger, &left, before, deadline).await {
         Ok(added) => Some(Intents { left, known, added }),
         Err(error) => {
             prepared.withhold(&error);
@@ -71,6 +77,16 @@ pub(super) async fn point_back(
         .collect();
     add_to_ledger(ledger, &items, deadline).await?;
     Ok(added)
+}
+
+/// An operator whose writes landed but whose check could not confirm them (the table could not
+/// be read, or it kept changing) records its intents again: a stream's shrink that ran since
+/// its first intent may have taken out a shop its write then landed on, and a rerun gives up
+/// every shop recorded. A failure here leaves that to the next reconcile pass (a warning).
+pub(super) async fn record_again(ledger: &impl Ledger, intents: &Intents, deadline: Instant) {
+    if let Err(error) = point_back(ledger, &intents.left, &HashMap::new(), deadline).await {
+        tracing::warn!(%error, "the intents of writes not confirmed could not be recorded again");
+    }
 }
 
 /// Adds these items to the ledger, on both sides (nothing to do for none).

@@ -56,10 +56,14 @@ pub(super) async fn record(
             let unrecorded = old.is_none() && pointing.is_empty();
             let after = new.referred();
             let needed = unrecorded || pointing.iter().any(|r| !after.contains(r));
+            // What the batch read, and its own intent: any other writer's since keeps all.
+            let own = added.get(&index).is_some_and(|added| !added.is_empty());
+            let intents = old.map_or(0, |old| old.intents) + u64::from(own);
             needed.then_some(RefsChange {
                 index,
                 pointing,
                 new,
+                intents,
             })
         })
         .collect();

@@ -274,3 +274,78 @@ async fn a_remove_scans_the_table_only_until_the_references_are_complete() {
         (None, None)
     );
 }
+
+/// The record `record` makes, as a `NEW_AND_OLD_IMAGES` stream carries it: with the index's
+/// old image (its shop `old_shop`).
+fn with_old_image(mut record: Value, old_shop: Option<&str>) -> Value {
+    let change = &mut record["dynamodb"];
+    let mut old = change["Keys"].clone();
+    old["index_endpoint"] = json!({"S": "https://old.example"});
+    if let Some(shop) = old_shop {
+        old["shop_id"] = json!({ "S": shop });
+    }
+    change["OldImage"] = old;
+    change["StreamViewType"] = json!("NEW_AND_OLD_IMAGES");
+    record
+}
+
+/// Intents never lose to a shrink (issue 62, 5): an operator's write of the index's old shop key
+/// (its intent found the shop recorded already) is held while the stream moves the index away
+/// and shrinks; the write lands last and the operator's check cannot read. Its error names the
+/// key; its intent is recorded again; and a rerun gives the old shop up, on either view type.
+#[tokio::test]
+async fn an_operator_s_write_that_lands_after_the_stream_s_shrink_is_cleared_by_its_rerun() {
+    for old_image in [false, true] {
+        let exporter = with_complete_ledger();
+        let (i, s1, s2) = (
+            IndexRef::new("a", "i"),
+            "s1.myshopify.com",
+            "s2.myshopify.com",
+        );
+        exported(
+            &exporter,
+            vec![record("INSERT", "i", "https://i", Some(s1))],
+        )
+        .await;
+
+        let (held, release) = exporter.kv.hold(s1);
+        let operator = reexport(&exporter, &i);
+        let moving = async {
+            held.notified().await;
+            let mut moved = record("MODIFY", "i", "https://i", Some(s2));
+            if old_image {
+                moved = with_old_image(moved, Some(s1));
+            }
+            exported(&exporter, vec![moved]).await;
+            assert_eq!(exporter.kv.value(s1), None, "the move gave the shop up");
+            exporter.table.unreadable.store(true, Ordering::SeqCst);
+            release.notify_one();
+        };
+        let (operator, ()) = tokio::join!(operator, moving);
+        exporter.table.unreadable.store(false, Ordering::SeqCst);
+
+        let outcome = &operator.records[0].outcome;
+        assert!(
+            matches!(outcome, Outcome::Failed(why) if why.contains(&format!("`{s1}`"))),
+            "the error names the old shop key: {outcome:?}"
+        );
+        assert!(
+            exporter.kv.value(s1).is_some(),
+            "the window: the write landed last"
+        );
+        let recorded = exporter.ledger.refs.lock().unwrap()[&i].shops.clone();
+        assert!(
+            recorded.contains(s1),
+            "{old_image}: its intent is recorded: {recorded:?}"
+        );
+
+        let rerun = reexport(&exporter, &i).await;
+        assert!(failures(&rerun).is_empty(), "{:?}", failures(&rerun));
+        assert_eq!(
+            exporter.kv.value(s1),
+            None,
+            "{old_image}: the rerun gave the shop up"
+        );
+        assert!(exporter.kv.value(s2).is_some() && exporter.kv.value("a-i").is_some());
+    }
+}

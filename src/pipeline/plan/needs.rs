@@ -48,7 +48,7 @@ fn previous_of(change: &mut Change) -> Option<(&IndexRef, &mut PreviousShop)> {
 /// confirm given up is given up again whatever the view type; a record whose stream did not
 /// say (a `NEW_IMAGE` stream) takes an earlier record's shop, else what is recorded. Answers the
 /// indexes left unsettled (their first record of the batch, nothing recorded): their current
-/// KV values tell ([`settle_from_kv`]).
+/// KV values tell ([`settle_from_kv`]). An operator's table item takes what is recorded.
 pub fn settle_previous_shops(
     records: &mut [ChangeRecord],
     recorded: impl Fn(&IndexRef) -> Option<BTreeSet<String>>,
@@ -76,6 +76,13 @@ pub fn settle_previous_shops(
                 }
             },
             (PreviousShop::Known(shops), None) => shops.extend(recorded(index).unwrap_or_default()),
+            // A table item (an operator's): it gives up every shop recorded that it no longer
+            // names, as the stream's records do, so a rerun clears what an earlier run left.
+            (PreviousShop::NotAsked, None) => {
+                if let Some(shops) = recorded(index) {
+                    *previous = PreviousShop::Known(shops);
+                }
+            }
             _ => {}
         }
         last_in_batch.insert(index.clone(), now);
