@@ -25,8 +25,11 @@
 //!   `TableRecord`s, stream records); the ports speak only the domain.
 //! - [`domain`]: the shared vocabulary (indexes, settings, KV keys and limits, secrets).
 //! - [`config`]: the environment.
+//! - [`simulation`](#layout) (tests only): every writer, seeded, over the in-memory world, checked
+//!   against a reference model of what KV the table implies (docs/contract.md, "The
+//!   simulation").
 //!
-//! Arrows: entry -> config -> adapters -> ports, dynamo;
+//! Arrows: simulation -> entry -> config -> adapters -> ports, dynamo;
 //! entry -> operator -> pipeline -> report -> ports -> domain; pipeline -> dynamo -> domain.
 //! (A room may import what its arrows reach; `tests/integration/code_shape.rs` holds this.)
 //!
@@ -45,6 +48,8 @@ pub(crate) mod operator;
 pub mod pipeline;
 pub mod ports;
 pub mod report;
+#[cfg(test)]
+mod simulation;
 
 use adapters::api_keys::HttpApiKeys;
 use adapters::cloudflare::{CloudflareConfig, CloudflareKv, RetryPolicy};

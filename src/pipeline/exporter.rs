@@ -545,7 +545,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_index_the_batch_only_inserts_is_not_asked_of_the_ledger() {
+    async fn every_index_the_batch_names_is_asked_of_the_ledger() {
         let exporter = exporter(MemoryKv::default());
         let batch = vec![
             record(1, "INSERT", "new"),
@@ -557,9 +557,10 @@ mod tests {
         let report = export(&exporter, batch).await;
 
         assert_eq!(report.count(|o| *o == Outcome::Exported), 4);
+        // Inserted ones too: an earlier life, kept for an alias, may have left a shop key.
         let asked = exporter.ledger.asked.lock().unwrap().clone();
-        let again = IndexRef::new("a", "again");
-        assert_eq!(asked, [again, IndexRef::new("a", "changed")]);
+        let names: Vec<&str> = asked.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["again", "changed", "new"]);
         // Its references are recorded all the same.
         let refs = exporter.ledger.refs.lock().unwrap();
         assert!(refs.contains_key(&IndexRef::new("a", "new")), "{refs:?}");

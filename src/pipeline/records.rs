@@ -71,9 +71,6 @@ pub struct Changed {
     /// The override's query, when the item is one.
     pub query: Option<String>,
     pub previous_shop: PreviousShop,
-    /// An INSERT: the item did not exist before the record, so nothing recorded of its index
-    /// (by an earlier life of it) can matter to it.
-    pub inserted: bool,
 }
 
 /// One record, decoded, with what identifies it in logs and in the batch response: a stream
@@ -373,7 +370,6 @@ fn decode_change(
         index: index.clone(),
         query,
         previous_shop: previous_shop(record),
-        inserted: event_name == "INSERT",
     };
     (Some(index), Ok(changed))
 }
@@ -438,7 +434,6 @@ mod tests {
                 index: IndexRef::new("acct-1", "products"),
                 query: None,
                 previous_shop: PreviousShop::Unknown,
-                inserted: false,
             })
         );
         assert_eq!(decoded.sequence_number.as_deref(), Some("100"));
@@ -605,7 +600,6 @@ mod tests {
             index: IndexRef::new("acct-1", "p"),
             query: None,
             previous_shop: PreviousShop::Unknown,
-            inserted: false,
         };
         for raw in [record("MODIFY", "INDEX#p", bad_image), no_image] {
             let decoded = decode_record(raw, "D");

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use super::{write, Exporter, Prepared, Run};
 use crate::domain::kv::query_config_prefix;
+use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::pipeline::plan::PlannedOp;
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
@@ -216,11 +217,11 @@ impl<P: Ports> Exporter<P> {
         deadline: Instant,
     ) -> (Option<Prepared>, Vec<Landed>) {
         let mut records = Vec::new();
-        let mut firsts = Vec::new();
+        let mut indexes = Vec::new();
         let mut landed = Vec::new();
         for (index, recheck) in by_index {
-            firsts.push((index.clone(), records.len()));
             records.extend(as_changes(&index, &recheck));
+            indexes.push(index);
             landed.extend(recheck.keys);
         }
         if records.is_empty() {
@@ -228,8 +229,26 @@ impl<P: Ports> Exporter<P> {
         }
         // Stages 2 and 3 again (a check records no intents: what it writes was recorded).
         let mut prepared = self.snapshot_and_plan(records, None, run, deadline).await;
-        let deletes = removed_overrides(&prepared.plan.ops, &landed, &firsts);
-        prepared.plan.ops.extend(deletes);
+        let deletes = removed_overrides(&prepared.plan.ops, &landed, &indexes);
+        if !deletes.is_empty() {
+            // Owned by a record of their own: the index's settings record may be rejected.
+            let owner = prepared.records.len();
+            prepared.records.push(ChangeRecord {
+                sequence_number: None,
+                index: None,
+                created_at: None,
+                decoded: Err(Outcome::Skipped("overrides gone from the table".into())),
+            });
+            prepared.plan.outcomes.push(Outcome::Pending);
+            let delete = PlannedOp {
+                action: KvAction::Delete,
+                owner,
+            };
+            prepared
+                .plan
+                .ops
+                .extend(deletes.into_iter().map(|key| (key, delete.clone())));
+        }
         (Some(prepared), landed)
     }
 }
@@ -252,9 +271,9 @@ fn differing(
             KvAction::Delete => None,
         };
         match &prepared.plan.outcomes[op.owner] {
-            Outcome::Failed(why) | Outcome::Rejected(why) => {
-                report.records[landed.record].outcome.fail(why)
-            }
+            Outcome::Failed(why) => report.records[landed.record].outcome.fail(why),
+            // A rejected record leaves its keys as they were: failing would stall its shard.
+            Outcome::Rejected(_) => {}
             _ if digest != landed.digest => {
                 differ.insert(landed.key.clone(), landed.record);
             }
@@ -284,7 +303,8 @@ fn as_changes(index: &IndexRef, recheck: &Recheck) -> Vec<ChangeRecord> {
         .collect();
     let mut records = recheck.records.clone();
     let settings_keys = (recheck.keys.iter()).any(|l| l.key.namespace == Namespace::Settings);
-    if !recheck.settings && settings_keys {
+    // With nothing left of it in the table, its removal still owns the deletes of what landed.
+    if !recheck.settings && (settings_keys || records.is_empty()) {
         // Removed: its settings keys go. Its filter follows the overrides left of it, as the
         // stream's does (they come after the remove, the last word on it).
         let remove = Change::RemoveIndex {
@@ -310,25 +330,23 @@ fn as_changes(index: &IndexRef, recheck: &Recheck) -> Vec<ChangeRecord> {
     records
 }
 
-/// Landed override keys the new plan does not name: the new read holds every override of the
-/// index, so theirs is gone and the key is deleted (query configs follow their override
-/// records, whatever the index's settings record).
+/// Landed override keys and filters the new plan does not name: the new read holds every
+/// override of the index, so theirs is gone (or, for a filter, the index has none) and the key
+/// is deleted (query configs and filters follow the override records, whatever the index's
+/// settings record, rejected or not).
 fn removed_overrides(
     ops: &BTreeMap<KvKey, PlannedOp>,
     landed: &[Landed],
-    firsts: &[(IndexRef, usize)],
-) -> Vec<(KvKey, PlannedOp)> {
+    indexes: &[IndexRef],
+) -> Vec<KvKey> {
     (landed.iter().map(|landed| &landed.key))
-        .filter(|key| key.key.starts_with("qcfg-") && !ops.contains_key(*key))
-        .filter_map(|key| {
-            let (_, first) = (firsts.iter())
-                .find(|(index, _)| key.key.starts_with(&query_config_prefix(index)))?;
-            let delete = PlannedOp {
-                action: KvAction::Delete,
-                owner: *first,
-            };
-            Some((key.clone(), delete))
+        .filter(|key| key.namespace == Namespace::QueryConfigs && !ops.contains_key(*key))
+        .filter(|key| {
+            (indexes.iter()).any(|index| {
+                key.key.starts_with(&query_config_prefix(index)) || **key == filter_key(index)
+            })
         })
+        .cloned()
         .collect()
 }
 
@@ -427,25 +445,27 @@ mod tests {
     }
 
     #[test]
-    fn an_override_key_no_longer_planned_is_deleted_whatever_its_index_s_settings() {
+    fn an_override_key_or_filter_no_longer_planned_is_deleted_whatever_its_index_s_settings() {
         let index = IndexRef::new("a", "i");
         let qcfg = KvKey::query_config(&index, "shoes");
+        let filter = filter_key(&index);
         let delete = PlannedOp {
             action: KvAction::Delete,
             owner: 0,
         };
-        let landed = [landed(qcfg.clone())];
+        let landed = [landed(qcfg.clone()), landed(filter.clone())];
+        let indexes = [index.clone()];
         // The index's own key: written, deleted, or kept for an alias (not planned).
         for own in [Some(delete.clone()), None] {
             let ops: BTreeMap<KvKey, PlannedOp> = (own.into_iter())
                 .map(|op| (KvKey::index(&index), op))
                 .collect();
-            let deletes = removed_overrides(&ops, &landed, &[(index.clone(), 0)]);
-            assert_eq!(deletes, [(qcfg.clone(), delete.clone())]);
+            let deletes = removed_overrides(&ops, &landed, &indexes);
+            assert_eq!(deletes, [qcfg.clone(), filter.clone()]);
         }
         // Still planned (its override is in the table): not deleted.
-        let ops = BTreeMap::from([(qcfg.clone(), delete.clone())]);
-        assert!(removed_overrides(&ops, &landed, &[(index.clone(), 0)]).is_empty());
+        let ops = BTreeMap::from([(qcfg.clone(), delete.clone()), (filter.clone(), delete)]);
+        assert!(removed_overrides(&ops, &landed, &indexes).is_empty());
     }
 
     #[tokio::test]

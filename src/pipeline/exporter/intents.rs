@@ -7,6 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use tokio::time::Instant;
 
 use super::{references, Prepared};
+use crate::domain::validate::shop_id_problem;
 use crate::domain::IndexRef;
 use crate::ports::{before_deadline, IndexRefs, Ledger, PortError, Referred};
 use crate::report::Outcome;
@@ -18,6 +19,9 @@ pub(super) struct Intents {
     pub left: Vec<Option<(IndexRef, IndexRefs)>>,
     pub known: HashMap<IndexRef, IndexRefs>,
     pub added: HashMap<IndexRef, BTreeSet<Referred>>,
+    /// The shops the records give up (deleted, or given to a claimer), with the index giving
+    /// each up: what an operator whose check could not confirm them records again.
+    pub given_up: Vec<(IndexRef, Referred)>,
 }
 
 /// Stage 4, when the run keeps references: what the records that will write refer to is
@@ -43,8 +47,14 @@ pub(super) async fn record(
         true => &HashMap::new(),
         false => &known,
     };
+    let given_up = given_up(prepared);
     match point_back(ledger, &left, before, deadline).await {
-        Ok(added) => Some(Intents { left, known, added }),
+        Ok(added) => Some(Intents {
+            left,
+            known,
+            added,
+            given_up,
+        }),
         Err(error) => {
             prepared.withhold(&error);
             None
@@ -84,9 +94,35 @@ pub(super) async fn point_back(
 /// its first intent may have taken out a shop its write then landed on, and a rerun gives up
 /// every shop recorded. A failure here leaves that to the next reconcile pass (a warning).
 pub(super) async fn record_again(ledger: &impl Ledger, intents: &Intents, deadline: Instant) {
-    if let Err(error) = point_back(ledger, &intents.left, &HashMap::new(), deadline).await {
+    let again = point_back(ledger, &intents.left, &HashMap::new(), deadline).await;
+    let again = match again {
+        Ok(_) => add_to_ledger(ledger, &intents.given_up, deadline).await,
+        Err(error) => Err(error),
+    };
+    if let Err(error) = again {
         tracing::warn!(%error, "the intents of writes not confirmed could not be recorded again");
     }
+}
+
+/// Each shop key the plan gives up (a delete, or another index's value), with the index of the
+/// record giving it up.
+fn given_up(prepared: &Prepared) -> Vec<(IndexRef, Referred)> {
+    let mut given = Vec::new();
+    for (key, op) in &prepared.plan.ops {
+        let Some(index) = prepared.records[op.owner].index.as_ref() else {
+            continue;
+        };
+        let shop = key.namespace == crate::domain::Namespace::Settings
+            && *key != crate::domain::KvKey::index(index);
+        let gives_up = match &op.action {
+            crate::domain::KvAction::Delete => true,
+            crate::domain::KvAction::Put(value) => value.index() != index,
+        };
+        if shop && gives_up && shop_id_problem(&key.key).is_none() {
+            given.push((index.clone(), Referred::Shop(key.key.clone())));
+        }
+    }
+    given
 }
 
 /// Adds these items to the ledger, on both sides (nothing to do for none).

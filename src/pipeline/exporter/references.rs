@@ -309,7 +309,13 @@ mod tests {
             ..BatchReport::default()
         };
 
-        let intents = intents::Intents { left, known, added };
+        let given_up = Vec::new();
+        let intents = intents::Intents {
+            left,
+            known,
+            added,
+            given_up,
+        };
         shrink::record(&e.ledger, intents, &report, deadline()).await;
 
         let refs: HashMap<IndexRef, IndexRefs> = (e.ledger.refs.lock().unwrap().iter())

@@ -22,7 +22,9 @@ pub(super) async fn record(
     report: &BatchReport,
     deadline: Instant,
 ) {
-    let Intents { left, known, added } = intents;
+    let Intents {
+        left, known, added, ..
+    } = intents;
     let outcomes: Vec<&Outcome> = report.records.iter().map(|r| &r.outcome).collect();
     let replayed_from = (outcomes.iter())
         .position(|o| matches!(o, Outcome::Failed(_)))

@@ -97,16 +97,12 @@ impl<P: Ports> Exporter<P> {
             before_deadline(deadline, "the records' items", read).await?;
             Ok(now)
         };
-        // An index the batch only inserts has nothing recorded that can matter: not asked.
-        let mut asked: BTreeMap<&IndexRef, bool> = BTreeMap::new();
-        for changed in (records.iter()).filter_map(|record| record.decoded.as_ref().ok()) {
-            if changed.query.is_none() {
-                *asked.entry(&changed.index).or_default() |= !changed.inserted;
-            }
-        }
-        let indexes = (asked.into_iter())
-            .filter(|(_, asked)| *asked)
-            .map(|(index, _)| index.clone())
+        // Every index a settings record names, inserted ones too: an earlier life of it, removed
+        // while an alias kept it, may have left a shop key that is its to give up.
+        let indexes = (records.iter())
+            .filter_map(|record| record.decoded.as_ref().ok())
+            .filter(|changed| changed.query.is_none())
+            .map(|changed| changed.index.clone())
             .collect();
         let known = self.known_refs(indexes, Run::STREAM, deadline);
         match tokio::join!(now, known) {
@@ -305,6 +301,55 @@ fn named_by_id(id: &str) -> Vec<IndexRef> {
 }
 
 impl<P: Ports> Exporter<P> {
+    /// Each alias target the records' indexes drop (recorded, and no longer named by the
+    /// record as the table holds it now), with the last record that drops it (`None`: a
+    /// rejected record's raw item could not be read).
+    async fn dropped_by(
+        &self,
+        records: &[ChangeRecord],
+        known: &HashMap<IndexRef, IndexRefs>,
+        deadline: Instant,
+    ) -> Option<BTreeMap<String, usize>> {
+        // A rejected record's index refers to what its raw item names (fail closed), as the
+        // reconcile and every alias check read it.
+        let rejected: Vec<IndexRef> = (records.iter())
+            .filter(|record| matches!(record.decoded, Err(Outcome::Rejected(_))))
+            .filter_map(|record| record.index.clone().filter(|i| known.contains_key(i)))
+            .collect();
+        let raw: HashMap<IndexRef, IndexRefs> = match rejected.is_empty() {
+            true => HashMap::new(),
+            false => {
+                let read = self.table.index_references(&rejected);
+                match before_deadline(deadline, "dropped alias targets", read).await {
+                    Ok(raw) => raw.into_iter().collect(),
+                    // Left to the index's next record, or the next reconcile pass.
+                    Err(_) => return None,
+                }
+            }
+        };
+        // Each dropped target with the last record of the index that dropped it.
+        let mut dropped: BTreeMap<String, usize> = BTreeMap::new();
+        for (at, record) in records.iter().enumerate() {
+            let (index, now) = match (&record.decoded, &record.index) {
+                (Ok(Change::UpsertIndex { settings, .. }), _) => {
+                    (&settings.index, settings.references())
+                }
+                (Ok(Change::RemoveIndex { index, .. }), _) => (index, IndexRefs::default()),
+                (Err(Outcome::Rejected(_)), Some(index)) if known.contains_key(index) => {
+                    (index, raw.get(index).cloned().unwrap_or_default())
+                }
+                _ => continue,
+            };
+            let Some(recorded) = known.get(index) else {
+                continue;
+            };
+            for target in recorded.targets.difference(&now.targets) {
+                dropped.insert(target.clone(), at);
+            }
+        }
+        Some(dropped)
+    }
+
     /// An alias record makes the targets it drops as dirty as those it gains: each alias
     /// target the ledger records for a batch's index that its record (as the table holds it
     /// now) no longer names, and that no index's settings record names as its own any more
@@ -318,23 +363,9 @@ impl<P: Ports> Exporter<P> {
         known: &mut HashMap<IndexRef, IndexRefs>,
         deadline: Instant,
     ) -> Vec<Derived> {
-        // Each dropped target with the last record of the index that dropped it.
-        let mut dropped: BTreeMap<String, usize> = BTreeMap::new();
-        for (at, record) in records.iter().enumerate() {
-            let (index, now) = match &record.decoded {
-                Ok(Change::UpsertIndex { settings, .. }) => {
-                    (&settings.index, settings.references())
-                }
-                Ok(Change::RemoveIndex { index, .. }) => (index, IndexRefs::default()),
-                _ => continue,
-            };
-            let Some(recorded) = known.get(index) else {
-                continue;
-            };
-            for target in recorded.targets.difference(&now.targets) {
-                dropped.insert(target.clone(), at);
-            }
-        }
+        let Some(dropped) = self.dropped_by(records, known, deadline).await else {
+            return Vec::new();
+        };
         if dropped.is_empty() {
             return Vec::new();
         }

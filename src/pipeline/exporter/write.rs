@@ -148,9 +148,20 @@ fn checked(
         (value.index() != record).then(|| (key.clone(), record.clone()))
     });
     let filters = (plan.filters.keys()).map(|index| (filter_key(index), index.clone()));
+    // A record the batch added on behalf of one of its own (a dropped alias target's
+    // removal) is about another item: its keys are checked as derived ones.
+    let derived = (ops.iter()).filter_map(|(key, op)| {
+        let record = &records[op.owner];
+        let index = record
+            .index
+            .as_ref()
+            .filter(|_| record.sequence_number.is_none())?;
+        Some((key.clone(), index.clone()))
+    });
     (plan.old_shops.iter().cloned())
         .chain(given)
         .chain(filters)
+        .chain(derived)
         .filter_map(|(key, index)| {
             let op = ops.get(&key)?;
             Some((key, (Some(index), digest(op))))

@@ -96,7 +96,7 @@ impl<P: Ports> Pass<'_, P> {
             // Another account's key, or one whose owner cannot be told, is not this run's.
             held.retain(|k| k.owner.as_ref().is_some_and(|o| o.account == account));
         }
-        let orphans = self.not_implied(&held).await?;
+        let (orphans, live) = self.not_implied(&held).await?;
         let protected = self.aliased(orphans.values()).await?;
         let mut deletes = Vec::new();
         for key in &held {
@@ -105,7 +105,9 @@ impl<P: Ports> Pass<'_, P> {
                 // An alias keeps a removed index's settings keys (its shop key only while no
                 // other index claims the shop); its query configs follow its override records.
                 (Some(owner), Some(_))
-                    if protected.contains(owner) && key.key.namespace == Namespace::Settings =>
+                    if protected.contains(owner)
+                        && key.key.namespace == Namespace::Settings
+                        && !live.contains(owner) =>
                 {
                     self.found.add(&key.key, Class::Protected)
                 }
@@ -119,11 +121,12 @@ impl<P: Ports> Pass<'_, P> {
         self.repair(None, BTreeSet::new(), deletes).await
     }
 
-    /// The listed keys no table record implies any more, with the index each was written for.
+    /// The listed keys no table record implies any more, with the index each was written for,
+    /// and which of those indexes have a settings record.
     async fn not_implied(
         &mut self,
         held: &[Held],
-    ) -> Result<HashMap<KvKey, IndexRef>, OperatorError> {
+    ) -> Result<(HashMap<KvKey, IndexRef>, HashSet<IndexRef>), OperatorError> {
         let (exporter, deadline) = (self.exporter, self.deadline);
         let owners: BTreeSet<IndexRef> = held.iter().filter_map(|k| k.owner.clone()).collect();
         let owners: Vec<IndexRef> = owners.into_iter().collect();
@@ -159,7 +162,7 @@ impl<P: Ports> Pass<'_, P> {
         for shop in self.claimed_shops(shops_asked).await? {
             gone.remove(&KvKey::settings(shop));
         }
-        Ok(gone)
+        Ok((gone, refs.into_keys().collect()))
     }
 
     /// Which listed query configs' override records exist: a key is a hash of its query, checked

@@ -1,0 +1,185 @@
+//! The reference model: what KV the table implies, written from the contract to be obviously
+//! right, not fast. It reads the table's items as DynamoDB JSON (the simulation writes only the
+//! attributes below) and shares no code with the plan, the snapshot or the check; the filter's
+//! encoding is the domain's (`QueryFilter`).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{json, Value};
+
+use crate::domain::qfilter::QueryFilter;
+use crate::domain::IndexRef;
+
+/// What the table says one key must hold.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Implied {
+    /// Exactly this (the fields the model names, compared one by one).
+    Value(Value),
+    /// One of these (a shop several indexes claim).
+    AnyOf(Vec<Value>),
+}
+
+/// The KV the table implies, and what it leaves open.
+#[derive(Debug, Default)]
+pub struct Model {
+    /// (namespace, key) -> what it holds: "settings" or "query_configs".
+    pub implied: BTreeMap<(&'static str, String), Implied>,
+    /// Indexes whose settings record is rejected ("Validation": a rejected record leaves its
+    /// keys as they were): a key naming one is left open.
+    pub rejected: BTreeSet<IndexRef>,
+    /// Removed indexes an enabled alias of a valid record reads ("Alias deletion safety"): their
+    /// own key, and a shop key no valid record claims, may hold them (or be gone).
+    pub kept: BTreeSet<IndexRef>,
+    /// Shops some valid record claims.
+    pub claimed: BTreeSet<String>,
+    /// The shop each rejected record's raw item claims (the reconcile counts it a claimer).
+    pub rejected_shops: BTreeSet<(IndexRef, String)>,
+}
+
+fn s<'a>(item: &'a Value, name: &str) -> Option<&'a str> {
+    item.get(name)?.get("S")?.as_str().filter(|s| !s.is_empty())
+}
+
+/// A settings record's enabled read targets (the simulation writes only `doc_reads`).
+fn read_targets(item: &Value) -> (bool, Vec<String>) {
+    let reads = &item["index_aliases"]["M"]["doc_reads"]["M"];
+    let enabled = reads["enabled"]["BOOL"].as_bool().unwrap_or(false);
+    let targets = (reads["targets"]["L"].as_array().into_iter().flatten())
+        .filter_map(|t| Some(t["M"]["index_id"]["S"].as_str()?.to_owned()))
+        .collect();
+    (enabled, targets)
+}
+
+/// The fields of a settings value the model checks: whose it is, where it points, its shop,
+/// its read alias.
+pub fn settings_fields(index: &IndexRef, item: &Value) -> Value {
+    let (enabled, targets) = read_targets(item);
+    let reads = match item["index_aliases"]["M"]["doc_reads"].is_null() {
+        true => Value::Null,
+        false => json!({"enabled": enabled, "targets": targets}),
+    };
+    json!({
+        "system_account_id": index.account, "index_name": index.name,
+        "index_url": s(item, "index_endpoint"), "shop_id": s(item, "shop_id"), "reads": reads,
+    })
+}
+
+/// The same fields of a settings value as KV holds it.
+pub fn settings_fields_in_kv(value: &Value) -> Value {
+    let reads = &value["index_aliases"]["doc_reads"];
+    let reads = match reads.is_null() {
+        true => Value::Null,
+        false => {
+            let targets: Vec<&Value> = (reads["targets"].as_array().into_iter().flatten())
+                .map(|t| &t["index_id"])
+                .collect();
+            json!({"enabled": reads["enabled"], "targets": targets})
+        }
+    };
+    json!({
+        "system_account_id": value["system_account_id"], "index_name": value["index_name"],
+        "index_url": value["index_url"], "shop_id": value["shop_id"], "reads": reads,
+    })
+}
+
+/// The lower-case hex SHA-256 of the query ("KV values": the query-config key).
+fn query_hash(query: &str) -> String {
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(query.as_bytes());
+    hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Model {
+    /// What the table (its items, DynamoDB JSON by key) implies.
+    pub fn of(table: &BTreeMap<(String, String), Value>) -> Model {
+        let mut model = Model::default();
+        let mut settings: BTreeMap<IndexRef, &Value> = BTreeMap::new();
+        let mut overrides: BTreeMap<IndexRef, Vec<(String, &Value)>> = BTreeMap::new();
+        for ((pk, sk), item) in table {
+            let Some(rest) = sk.strip_prefix("INDEX#") else {
+                continue;
+            };
+            match rest.split_once("#QUERY#") {
+                Some((name, query)) => {
+                    let index = IndexRef::new(pk, name);
+                    let config = &item["query_config"];
+                    overrides
+                        .entry(index)
+                        .or_default()
+                        .push((query.into(), config));
+                }
+                None => {
+                    settings.insert(IndexRef::new(pk, rest), item);
+                }
+            }
+        }
+        // "Validation": an index whose endpoint is not https is rejected.
+        let valid =
+            |item: &Value| s(item, "index_endpoint").is_some_and(|e| e.starts_with("https://"));
+        let mut by_shop: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        let mut read: BTreeSet<String> = BTreeSet::new();
+        for (index, item) in &settings {
+            // A record's enabled read targets protect them, rejected or not ("Alias safety
+            // fails closed": its aliases are read from the raw item).
+            let (enabled, targets) = read_targets(item);
+            if enabled {
+                read.extend(targets.into_iter().filter(|t| *t != index.id().0));
+            }
+            if !valid(item) {
+                model.rejected.insert(index.clone());
+                if let Some(shop) = s(item, "shop_id") {
+                    model
+                        .rejected_shops
+                        .insert((index.clone(), shop.to_owned()));
+                }
+                continue;
+            }
+            let fields = settings_fields(index, item);
+            let own = format!("{}-{}", index.account, index.name);
+            model
+                .implied
+                .insert(("settings", own), Implied::Value(fields.clone()));
+            if let Some(shop) = s(item, "shop_id") {
+                by_shop.entry(shop.to_owned()).or_default().push(fields);
+            }
+        }
+        for (shop, values) in by_shop {
+            model.claimed.insert(shop.clone());
+            model
+                .implied
+                .insert(("settings", shop), Implied::AnyOf(values));
+        }
+        // A removed index an alias reads (ids are unambiguous in the simulation's universe).
+        for id in read {
+            let (account, name) = id.split_once('-').expect("a-n");
+            let index = IndexRef::new(account, name);
+            if !settings.contains_key(&index) {
+                model.kept.insert(index);
+            }
+        }
+        model.add_overrides(overrides);
+        model
+    }
+
+    /// "Query-override filter": query configs and filters follow the override records.
+    fn add_overrides(&mut self, overrides: BTreeMap<IndexRef, Vec<(String, &Value)>>) {
+        for (index, configs) in overrides {
+            let (account, name) = (&index.account, &index.name);
+            for (query, config) in &configs {
+                let key = format!("qcfg-{account}-{name}-{}", query_hash(query));
+                let boost = config["M"]["boost"]["N"]
+                    .as_str()
+                    .map(|n| n.parse::<u64>().unwrap());
+                let value = json!({"system_account_id": account, "index_name": name,
+                                   "query": query, "config": {"boost": boost}});
+                let implied = Implied::Value(value);
+                self.implied.insert(("query_configs", key), implied);
+            }
+            let queries: Vec<String> = configs.iter().map(|(q, _)| q.clone()).collect();
+            let filter = serde_json::to_value(QueryFilter::build(&index, queries)).unwrap();
+            let key = format!("qfilter-{account}-{name}");
+            let implied = Implied::Value(filter);
+            self.implied.insert(("query_configs", key), implied);
+        }
+    }
+}

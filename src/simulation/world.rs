@@ -1,0 +1,433 @@
+//! The simulation's world: the settings table, KV and the ledger in memory, shared by every
+//! writer, and the seeded scheduler every call to them goes through. At each call the
+//! scheduler may let other writers run first (yields, or a delay in paused time), or fail the
+//! call as the real system can: throttled or unavailable, a bulk write some of whose keys are
+//! unsuccessful, a write that lands and then times out.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_dynamo::Item;
+use tokio::time::Instant;
+
+use crate::adapters::memory::MemoryLedger;
+use crate::domain::{AccountCell, ApiKey, IndexRef, KvAction, KvKey, KvOp, Namespace};
+use crate::domain::{TableKey, TableRecord};
+use crate::ports::{
+    ApiKeySource, IndexRefs, KeyPage, KvStore, Ledger, ListedKey, Page, PortError,
+    ReconcileProgress, Referred, RefsChange, SettingsTable,
+};
+
+/// SplitMix64: small, seeded, the same numbers on every machine.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number below `n` (0 for 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        match n {
+            0 => 0,
+            n => self.next() % n,
+        }
+    }
+
+    /// True `percent` times in a hundred.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    pub fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
+        &from[self.below(from.len() as u64) as usize]
+    }
+}
+
+/// What the scheduler does at one call.
+enum Turn {
+    Go,
+    Fail(PortError),
+}
+
+/// The seeded scheduler and the trace of what it decided.
+pub struct Scheduler {
+    rng: Rng,
+    /// Faults are injected only while set (a run settles without them).
+    pub faults: bool,
+    pub trace: Vec<String>,
+}
+
+/// Everything the writers share.
+pub struct World {
+    pub table: Mutex<BTreeMap<(String, String), Item>>,
+    pub kv: Mutex<BTreeMap<(Namespace, String), String>>,
+    pub ledger: MemoryLedger,
+    pub scheduler: Mutex<Scheduler>,
+}
+
+impl World {
+    pub fn new(seed: u64) -> Arc<World> {
+        let ledger = MemoryLedger::default();
+        // Every index is created through the stream: the references are complete from the
+        // start (no migration state).
+        ledger
+            .complete
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Arc::new(World {
+            table: Mutex::default(),
+            kv: Mutex::default(),
+            ledger,
+            scheduler: Mutex::new(Scheduler {
+                rng: Rng::new(seed),
+                faults: true,
+                trace: Vec::new(),
+            }),
+        })
+    }
+
+    /// A number below `n` from the run's seed.
+    pub fn below(&self, n: u64) -> u64 {
+        self.scheduler.lock().unwrap().rng.below(n)
+    }
+
+    pub fn note(&self, line: String) {
+        self.scheduler.lock().unwrap().trace.push(line);
+    }
+
+    /// The scheduler's turn at a call: other writers may run first, or the call fails.
+    async fn turn(&self, who: &str, call: &str, fails: u64) -> Turn {
+        let (yields, delay, turn) = {
+            let mut s = self.scheduler.lock().unwrap();
+            let yields = s.rng.below(4);
+            let delay = s.rng.chance(10).then(|| s.rng.below(30));
+            let turn = match s.faults && s.rng.chance(fails) {
+                true => match s.rng.below(2) {
+                    0 => Turn::Fail(PortError::Throttled(format!("simulated: {call} throttled"))),
+                    _ => Turn::Fail(PortError::Unavailable(format!("simulated: {call} down"))),
+                },
+                false => Turn::Go,
+            };
+            let what = match &turn {
+                Turn::Go => "go",
+                Turn::Fail(_) => "fail",
+            };
+            s.trace.push(format!(
+                "{who}: {call}: {what} after {yields} yields, {delay:?} ms"
+            ));
+            (yields, delay, turn)
+        };
+        for _ in 0..yields {
+            tokio::task::yield_now().await;
+        }
+        if let Some(ms) = delay {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        turn
+    }
+
+    async fn go(&self, who: &str, call: &str, fails: u64) -> Result<(), PortError> {
+        match self.turn(who, call, fails).await {
+            Turn::Go => Ok(()),
+            Turn::Fail(error) => Err(error),
+        }
+    }
+
+    fn records_where(&self, wanted: impl Fn(&str, &str) -> bool) -> Vec<(TableKey, TableRecord)> {
+        let table = self.table.lock().unwrap();
+        (table.iter())
+            .filter(|((pk, sk), _)| wanted(pk, sk))
+            .filter_map(|(_, item)| Some((crate::dynamo::table_key(item)?, record(item))))
+            .collect()
+    }
+}
+
+fn record(item: &Item) -> TableRecord {
+    crate::dynamo::table_record(item, "DEFAULT_CONFIGS")
+}
+
+/// One writer's handle on the world (every port of its exporter), with its name for the trace.
+#[derive(Clone)]
+pub struct Sim(pub Arc<World>, pub &'static str);
+
+/// How often each kind of call fails while faults are on, in percent.
+const FAILS: u64 = 4;
+
+impl KvStore for Sim {
+    async fn apply(&self, ops: Vec<KvOp>, _: Instant) -> Vec<(KvKey, PortError)> {
+        let keys: Vec<&str> = ops.iter().map(|(key, _)| key.key.as_str()).collect();
+        let call = format!("kv write {keys:?}");
+        if let Turn::Fail(error) = self.0.turn(self.1, &call, FAILS).await {
+            return ops
+                .into_iter()
+                .map(|(key, _)| (key, error.clone()))
+                .collect();
+        }
+        // A bulk write whose answer is lost after it landed, or with unsuccessful keys.
+        let (lost, unsuccessful) = {
+            let mut s = self.0.scheduler.lock().unwrap();
+            let faults = s.faults;
+            let lost = faults && s.rng.chance(FAILS);
+            let unsuccessful: Vec<bool> = (ops.iter())
+                .map(|_| faults && s.rng.chance(FAILS / 2))
+                .collect();
+            (lost, unsuccessful)
+        };
+        let mut failed = Vec::new();
+        let mut kv = self.0.kv.lock().unwrap();
+        for ((key, action), unsuccessful) in ops.into_iter().zip(unsuccessful) {
+            if unsuccessful {
+                failed.push((
+                    key,
+                    PortError::Unavailable("simulated: unsuccessful".into()),
+                ));
+                continue;
+            }
+            let at = (key.namespace, key.key.clone());
+            match action {
+                KvAction::Put(value) => kv.insert(at, value.text().into_owned()),
+                KvAction::Delete => kv.remove(&at),
+            };
+            if lost {
+                failed.push((key, PortError::Unavailable("simulated: timed out".into())));
+            }
+        }
+        failed
+    }
+
+    async fn get_many(
+        &self,
+        namespace: Namespace,
+        keys: &[String],
+        _: Instant,
+    ) -> Result<HashMap<String, Option<String>>, PortError> {
+        self.0.go(self.1, "kv read", FAILS).await?;
+        let kv = self.0.kv.lock().unwrap();
+        Ok((keys.iter())
+            .map(|k| (k.clone(), kv.get(&(namespace, k.clone())).cloned()))
+            .collect())
+    }
+
+    async fn list_page(
+        &self,
+        namespace: Namespace,
+        prefix: &str,
+        cursor: Option<&str>,
+        limit: u32,
+        _: Instant,
+    ) -> Result<KeyPage, PortError> {
+        self.0.go(self.1, "kv list", FAILS).await?;
+        let kv = self.0.kv.lock().unwrap();
+        let after = cursor.unwrap_or_default();
+        let mut keys = (kv.keys())
+            .filter(|(ns, key)| *ns == namespace && key.starts_with(prefix))
+            .filter(|(_, key)| cursor.is_none() || key.as_str() > after)
+            .map(|(_, name)| ListedKey {
+                name: name.clone(),
+                metadata: None,
+            });
+        let page: Vec<ListedKey> = keys.by_ref().take(limit as usize).collect();
+        let more = keys.next().is_some();
+        let cursor = (more)
+            .then(|| page.last().map(|k| k.name.clone()))
+            .flatten();
+        Ok(KeyPage { keys: page, cursor })
+    }
+}
+
+impl ApiKeySource for Sim {
+    async fn fetch(&self, _: &AccountCell) -> Result<ApiKey, PortError> {
+        self.0.go(self.1, "api key", FAILS).await?;
+        Ok(ApiKey::new("k"))
+    }
+}
+
+impl SettingsTable for Sim {
+    async fn settings_references(&self) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
+        self.0.go(self.1, "table scan", FAILS).await?;
+        let table = self.0.table.lock().unwrap();
+        Ok((table.iter())
+            .filter_map(|((pk, sk), item)| {
+                let name = sk
+                    .strip_prefix("INDEX#")
+                    .filter(|n| !n.contains("#QUERY#"))?;
+                let refs = crate::dynamo::settings_references(item).0;
+                Some((IndexRef::new(pk, name), refs))
+            })
+            .collect())
+    }
+
+    async fn index_references(
+        &self,
+        indexes: &[IndexRef],
+    ) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
+        self.0.go(self.1, "table read references", FAILS).await?;
+        let table = self.0.table.lock().unwrap();
+        Ok((indexes.iter())
+            .filter_map(|index| {
+                let key = (index.account.clone(), format!("INDEX#{}", index.name));
+                let item = table.get(&key)?;
+                Some((index.clone(), crate::dynamo::settings_references(item).0))
+            })
+            .collect())
+    }
+
+    async fn records(
+        &self,
+        keys: Vec<TableKey>,
+        mut each: impl FnMut(TableKey, TableRecord) + Send,
+    ) -> Result<(), PortError> {
+        self.0.go(self.1, "table read", FAILS).await?;
+        let found: Vec<(TableKey, TableRecord)> = {
+            let table = self.0.table.lock().unwrap();
+            (keys.into_iter())
+                .filter_map(|key| {
+                    let item = table.get(&(key.pk().to_owned(), key.sk().to_owned()))?;
+                    Some((key, record(item)))
+                })
+                .collect()
+        };
+        for (key, record) in found {
+            each(key, record);
+        }
+        Ok(())
+    }
+
+    async fn index_range(
+        &self,
+        account: &str,
+        first: &str,
+        last: &str,
+    ) -> Result<Vec<TableRecord>, PortError> {
+        self.0.go(self.1, "table query run", FAILS).await?;
+        let (first, last) = (format!("INDEX#{first}"), format!("INDEX#{last}"));
+        let within =
+            |sk: &str| sk >= first.as_str() && (sk <= last.as_str() || sk.starts_with(&last));
+        let records = self.0.records_where(|pk, sk| pk == account && within(sk));
+        Ok(records.into_iter().map(|(_, record)| record).collect())
+    }
+
+    async fn query_configs(
+        &self,
+        index: &IndexRef,
+        start: Option<TableKey>,
+        limit: usize,
+    ) -> Result<Page, PortError> {
+        self.0.go(self.1, "table query overrides", FAILS).await?;
+        let prefix = format!("INDEX#{}#QUERY#", index.name);
+        let after = start.map(|key| key.sk().to_owned());
+        let records = self.0.records_where(|pk, sk| {
+            pk == index.account
+                && sk.starts_with(&prefix)
+                && after.as_deref().is_none_or(|after| sk > after)
+        });
+        Ok(paged(records, limit))
+    }
+
+    async fn override_queries(&self, index: &IndexRef) -> Result<Vec<String>, PortError> {
+        self.0
+            .go(self.1, "table query override keys", FAILS)
+            .await?;
+        let prefix = format!("INDEX#{}#QUERY#", index.name);
+        let table = self.0.table.lock().unwrap();
+        Ok((table.keys())
+            .filter(|(pk, _)| *pk == index.account)
+            .filter_map(|(_, sk)| Some(sk.strip_prefix(&prefix)?.to_owned()))
+            .collect())
+    }
+
+    async fn page(
+        &self,
+        account: Option<&str>,
+        start: Option<TableKey>,
+        limit: i32,
+    ) -> Result<Page, PortError> {
+        self.0.go(self.1, "table page", FAILS).await?;
+        let after = start.map(|key| (key.pk().to_owned(), key.sk().to_owned()));
+        let records = self.0.records_where(|pk, sk| {
+            account.is_none_or(|account| pk == account)
+                && after
+                    .as_ref()
+                    .is_none_or(|(apk, ask)| (pk, sk) > (apk.as_str(), ask.as_str()))
+        });
+        Ok(paged(records, limit.max(1) as usize))
+    }
+}
+
+/// The first `limit` records, and where the rest begins.
+fn paged(mut records: Vec<(TableKey, TableRecord)>, limit: usize) -> Page {
+    let more = records.len() > limit;
+    records.truncate(limit);
+    let next = more
+        .then(|| records.last().map(|(key, _)| key.clone()))
+        .flatten();
+    Page { records, next }
+}
+
+impl Ledger for Sim {
+    async fn references_complete(&self) -> Result<bool, PortError> {
+        self.0.go(self.1, "ledger complete", FAILS).await?;
+        self.0.ledger.references_complete().await
+    }
+
+    async fn mark_references_complete(&self) -> Result<(), PortError> {
+        self.0.go(self.1, "ledger mark complete", FAILS).await?;
+        self.0.ledger.mark_references_complete().await
+    }
+
+    async fn index_refs(
+        &self,
+        indexes: &[IndexRef],
+    ) -> Result<HashMap<IndexRef, IndexRefs>, PortError> {
+        self.0.go(self.1, "ledger read refs", FAILS).await?;
+        self.0.ledger.index_refs(indexes).await
+    }
+
+    async fn referrers(&self, referred: &[Referred]) -> Result<Vec<IndexRef>, PortError> {
+        self.0.go(self.1, "ledger read referrers", FAILS).await?;
+        self.0.ledger.referrers(referred).await
+    }
+
+    async fn point_back(&self, items: &[(IndexRef, Referred)]) -> Result<(), PortError> {
+        self.0.go(self.1, "ledger intent", FAILS).await?;
+        self.0.ledger.point_back(items).await
+    }
+
+    async fn pointing(
+        &self,
+        items: &[(IndexRef, Referred)],
+    ) -> Result<Vec<(IndexRef, Referred)>, PortError> {
+        self.0.go(self.1, "ledger read pointing", FAILS).await?;
+        self.0.ledger.pointing(items).await
+    }
+
+    async fn record_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
+        self.0.go(self.1, "ledger shrink", FAILS).await?;
+        self.0.ledger.record_refs(changes).await
+    }
+
+    async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {
+        self.0.go(self.1, "ledger progress", FAILS).await?;
+        self.0.ledger.reconcile_progress().await
+    }
+
+    async fn save_reconcile_progress(
+        &self,
+        progress: &ReconcileProgress,
+        expected: Option<u64>,
+    ) -> Result<bool, PortError> {
+        self.0.go(self.1, "ledger save progress", FAILS).await?;
+        (self.0.ledger)
+            .save_reconcile_progress(progress, expected)
+            .await
+    }
+}
