@@ -389,7 +389,12 @@ impl Ledger for Sim {
         indexes: &[IndexRef],
     ) -> Result<HashMap<IndexRef, IndexRefs>, PortError> {
         self.0.go(self.1, "ledger read refs", FAILS).await?;
-        self.0.ledger.index_refs(indexes).await
+        let refs = self.0.ledger.index_refs(indexes).await?;
+        let mut shown: Vec<String> = refs.iter().map(|(i, r)| format!("{i}: {r:?}")).collect();
+        shown.sort();
+        self.0
+            .note(format!("{}: ledger read refs: {shown:?}", self.1));
+        Ok(refs)
     }
 
     async fn referrers(&self, referred: &[Referred]) -> Result<Vec<IndexRef>, PortError> {
@@ -398,7 +403,8 @@ impl Ledger for Sim {
     }
 
     async fn point_back(&self, items: &[(IndexRef, Referred)]) -> Result<(), PortError> {
-        self.0.go(self.1, "ledger intent", FAILS).await?;
+        let call = format!("ledger intent {items:?}");
+        self.0.go(self.1, &call, FAILS).await?;
         self.0.ledger.point_back(items).await
     }
 
@@ -411,7 +417,8 @@ impl Ledger for Sim {
     }
 
     async fn record_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
-        self.0.go(self.1, "ledger shrink", FAILS).await?;
+        let call = format!("ledger shrink {changes:?}");
+        self.0.go(self.1, &call, FAILS).await?;
         self.0.ledger.record_refs(changes).await
     }
 

@@ -108,6 +108,13 @@ impl<P: Ports> Exporter<P> {
         let by_index = self.read_again(by_index, report, deadline).await;
         let (prepared, landed) = self.plan_again(by_index, run, deadline).await;
         let mut prepared = prepared?;
+        for record in &prepared.records {
+            if let Ok(Change::UpsertIndex { settings, .. }) = &record.decoded {
+                let shop = settings.shop_id.clone();
+                let claimed = shop.map(|shop| (settings.index.clone(), shop));
+                report.claimed_now.extend(claimed);
+            }
+        }
         let originals: HashMap<KvKey, usize> = (landed.iter())
             .map(|landed| (landed.key.clone(), landed.record))
             .collect();

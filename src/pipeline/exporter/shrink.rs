@@ -49,7 +49,10 @@ pub(super) async fn record(
     }
     let changes: Vec<RefsChange> = (settled.into_iter())
         .filter_map(|(index, state)| {
-            let new = state??;
+            let mut new = state??;
+            // A shop the check found the index claiming now stays (it may have written there).
+            let now = report.claimed_now.iter().filter(|(i, _)| *i == index);
+            new.shops.extend(now.map(|(_, shop)| shop.clone()));
             let old = known.get(&index);
             let mut pointing = old.map(IndexRefs::referred).unwrap_or_default();
             pointing.extend(added.get(&index).into_iter().flatten().cloned());
