@@ -403,7 +403,10 @@ impl Ledger for Sim {
     }
 
     async fn point_back(&self, items: &[(IndexRef, Referred)]) -> Result<(), PortError> {
-        let call = format!("ledger intent {items:?}");
+        // In a stable order: the caller's may come from a hash map.
+        let mut shown: Vec<String> = items.iter().map(|item| format!("{item:?}")).collect();
+        shown.sort();
+        let call = format!("ledger intent {shown:?}");
         self.0.go(self.1, &call, FAILS).await?;
         self.0.ledger.point_back(items).await
     }
@@ -417,7 +420,9 @@ impl Ledger for Sim {
     }
 
     async fn record_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
-        let call = format!("ledger shrink {changes:?}");
+        let mut shown: Vec<String> = changes.iter().map(|c| format!("{c:?}")).collect();
+        shown.sort();
+        let call = format!("ledger shrink {shown:?}");
         self.0.go(self.1, &call, FAILS).await?;
         self.0.ledger.record_refs(changes).await
     }

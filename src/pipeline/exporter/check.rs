@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use futures::StreamExt as _;
 use tokio::time::Instant;
 
-use super::{write, Exporter, Prepared, Run};
+use super::{intents, references, write, Exporter, Prepared, Run};
 use crate::domain::kv::query_config_prefix;
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
@@ -129,6 +129,24 @@ impl<P: Ports> Exporter<P> {
                     "KV key `{}`: other writers kept changing it; run again",
                     key.key
                 );
+                report.records[at].outcome.fail(why);
+            }
+            return None;
+        }
+        // Intent before act, for the check's writes too: what it writes again may be an
+        // index's newer value on a shop nothing recorded yet (its own record not read yet).
+        let writing: BTreeSet<usize> = prepared.plan.ops.values().map(|op| op.owner).collect();
+        let left = (references::left_by(&prepared.records)
+            .into_iter()
+            .enumerate())
+        .map(|(at, left)| left.filter(|_| writing.contains(&at)))
+        .collect::<Vec<_>>();
+        if let Err(error) =
+            intents::point_back(&self.ledger, &left, &HashMap::new(), deadline).await
+        {
+            for at in differ.into_values() {
+                let why =
+                    format!("not written again: its references could not be recorded: {error}");
                 report.records[at].outcome.fail(why);
             }
             return None;

@@ -441,7 +441,12 @@ pub(super) fn settle_derived(report: &mut crate::report::BatchReport, derived: &
                 "the alias target it dropped, {}: {why}",
                 index.unwrap_or_default()
             );
-            report.records[on_behalf_of].outcome.fail(why);
+            // A rejected record too: its replay drops the target again.
+            let parent = &mut report.records[on_behalf_of].outcome;
+            match parent {
+                Outcome::Rejected(_) => *parent = Outcome::Failed(why),
+                _ => parent.fail(why),
+            }
         }
     }
 }
