@@ -20,6 +20,7 @@ use crate::report::{BatchReport, Outcome};
 // `pipeline::plan`, intents, write, check, shrink. `reads` and `references` serve the operator
 // modes; `windows` forces each window of "Concurrent writers" in memory.
 mod check;
+mod dropped;
 mod intents;
 mod reads;
 mod references;
@@ -125,7 +126,7 @@ pub struct Prepared {
     /// The batch's indexes' references as the ledger recorded them, when the run keeps them.
     known_refs: Option<HashMap<IndexRef, IndexRefs>>,
     /// Records added on behalf of the batch's own (the removal of a dropped alias target).
-    derived: Vec<snapshot::Derived>,
+    derived: Vec<dropped::Derived>,
 }
 
 impl Prepared {
@@ -159,6 +160,37 @@ impl Prepared {
         self.plan.ops.clear();
         self.plan.old_shops.clear();
         self.plan.filters.clear();
+    }
+
+    /// Deletes owned by a record of their own (`why` says what it is), each with the index
+    /// whose key it was when known: no record of the batch owns them (an orphaned key, an
+    /// override gone from the table).
+    pub(super) fn delete_by_own_record(
+        &mut self,
+        why: &str,
+        deletes: Vec<(KvKey, Option<IndexRef>)>,
+    ) {
+        if deletes.is_empty() {
+            return;
+        }
+        let owner = self.records.len();
+        self.records.push(ChangeRecord {
+            sequence_number: None,
+            index: None,
+            created_at: None,
+            decoded: Err(Outcome::Skipped(why.into())),
+        });
+        self.plan.outcomes.push(Outcome::Pending);
+        for (key, index) in deletes {
+            if let Some(index) = index {
+                self.delete_owners.insert(key.clone(), index);
+            }
+            let delete = PlannedOp {
+                action: KvAction::Delete,
+                owner,
+            };
+            self.plan.ops.insert(key, delete);
+        }
     }
 
     /// A reconcile's records whose lookups failed (their cell's API keys service down) are left
@@ -281,27 +313,8 @@ impl<P: Ports> Exporter<P> {
         deadline: Instant,
     ) -> BatchReport {
         prepared.plan.ops.retain(|key, _| writes.contains(key));
-        if !deletes.is_empty() {
-            // An orphaned key has no table record: the deletes get a record of their own.
-            let owner = prepared.records.len();
-            prepared.records.push(ChangeRecord {
-                sequence_number: None,
-                index: None,
-                created_at: None,
-                decoded: Err(Outcome::Skipped("a repair's deletes".into())),
-            });
-            prepared.plan.outcomes.push(Outcome::Pending);
-            for (key, index) in deletes {
-                if let Some(index) = index {
-                    prepared.delete_owners.insert(key.clone(), index);
-                }
-                let delete = PlannedOp {
-                    action: KvAction::Delete,
-                    owner,
-                };
-                prepared.plan.ops.insert(key, delete);
-            }
-        }
+        // An orphaned key has no table record: the deletes get a record of their own.
+        prepared.delete_by_own_record("a repair's deletes", deletes);
         self.apply(prepared, deadline).await
     }
 
@@ -366,7 +379,7 @@ impl<P: Ports> Exporter<P> {
         let intents = intents::record(&self.ledger, &mut prepared, deadline).await;
         let mut report = write::send(&self.kv, prepared, deadline).await;
         self.check(&mut report, run, deadline).await;
-        snapshot::settle_derived(&mut report, &derived);
+        dropped::settle_derived(&mut report, &derived);
         match (intents, run.is_stream()) {
             (Some(intents), true) => shrink::record(&self.ledger, intents, &report, deadline).await,
             (Some(intents), false) if run.owns_recorded => {

@@ -255,25 +255,8 @@ impl<P: Ports> Exporter<P> {
         // Stages 2 and 3 again (a check records no intents: what it writes was recorded).
         let mut prepared = self.snapshot_and_plan(records, None, run, deadline).await;
         let deletes = removed_overrides(&prepared.plan.ops, &landed, &indexes);
-        if !deletes.is_empty() {
-            // Owned by a record of their own: the index's settings record may be rejected.
-            let owner = prepared.records.len();
-            prepared.records.push(ChangeRecord {
-                sequence_number: None,
-                index: None,
-                created_at: None,
-                decoded: Err(Outcome::Skipped("overrides gone from the table".into())),
-            });
-            prepared.plan.outcomes.push(Outcome::Pending);
-            let delete = PlannedOp {
-                action: KvAction::Delete,
-                owner,
-            };
-            prepared
-                .plan
-                .ops
-                .extend(deletes.into_iter().map(|key| (key, delete.clone())));
-        }
+        // Owned by a record of their own: the index's settings record may be rejected.
+        prepared.delete_by_own_record("overrides gone from the table", deletes);
         (Some(prepared), landed)
     }
 }
@@ -363,15 +346,15 @@ fn removed_overrides(
     ops: &BTreeMap<KvKey, PlannedOp>,
     landed: &[Landed],
     indexes: &[IndexRef],
-) -> Vec<KvKey> {
+) -> Vec<(KvKey, Option<IndexRef>)> {
     (landed.iter().map(|landed| &landed.key))
         .filter(|key| key.namespace == Namespace::QueryConfigs && !ops.contains_key(*key))
-        .filter(|key| {
-            (indexes.iter()).any(|index| {
-                key.key.starts_with(&query_config_prefix(index)) || **key == filter_key(index)
-            })
+        .filter_map(|key| {
+            let index = (indexes.iter()).find(|index| {
+                key.key.starts_with(&query_config_prefix(index)) || *key == filter_key(index)
+            })?;
+            Some((key.clone(), Some(index.clone())))
         })
-        .cloned()
         .collect()
 }
 
@@ -486,7 +469,8 @@ mod tests {
                 .map(|op| (KvKey::index(&index), op))
                 .collect();
             let deletes = removed_overrides(&ops, &landed, &indexes);
-            assert_eq!(deletes, [qcfg.clone(), filter.clone()]);
+            let of = Some(index.clone());
+            assert_eq!(deletes, [(qcfg.clone(), of.clone()), (filter.clone(), of)]);
         }
         // Still planned (its override is in the table): not deleted.
         let ops = BTreeMap::from([(qcfg.clone(), delete.clone()), (filter.clone(), delete)]);

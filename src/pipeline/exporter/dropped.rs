@@ -1,0 +1,174 @@
+//! An alias record makes the targets it drops as dirty as those it gains (docs/contract.md,
+//! "Alias deletion safety"): each target a batch's index drops that no settings record has as
+//! its own any more is removed again, as a record of its own after the batch's, on behalf of
+//! the record that dropped it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use tokio::time::Instant;
+
+use super::Exporter;
+use crate::domain::IndexRef;
+use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
+use crate::ports::{before_deadline, IndexRefs, Ledger, Ports, SettingsTable};
+use crate::report::Outcome;
+
+/// The indexes an index id can name: `{account}-{name}` split at each hyphen (an id is
+/// ambiguous by contract: docs/contract.md, "Decisions").
+fn named_by_id(id: &str) -> Vec<IndexRef> {
+    (id.match_indices('-'))
+        .map(|(at, _)| IndexRef::new(&id[..at], &id[at + 1..]))
+        .filter(|index| !index.account.is_empty() && !index.name.is_empty())
+        .collect()
+}
+
+impl<P: Ports> Exporter<P> {
+    /// Each alias target the records' indexes drop (recorded, and no longer named by the
+    /// record as the table holds it now), with the last record that drops it (`None`: a
+    /// rejected record's raw item could not be read).
+    async fn dropped_by(
+        &self,
+        records: &[ChangeRecord],
+        known: &HashMap<IndexRef, IndexRefs>,
+        deadline: Instant,
+    ) -> Option<BTreeMap<String, usize>> {
+        // A rejected record's index refers to what its raw item names (fail closed), as the
+        // reconcile and every alias check read it.
+        let rejected: Vec<IndexRef> = (records.iter())
+            .filter(|record| matches!(record.decoded, Err(Outcome::Rejected(_))))
+            .filter_map(|record| record.index.clone().filter(|i| known.contains_key(i)))
+            .collect();
+        let raw: HashMap<IndexRef, IndexRefs> = match rejected.is_empty() {
+            true => HashMap::new(),
+            false => {
+                let read = self.table.index_references(&rejected);
+                match before_deadline(deadline, "dropped alias targets", read).await {
+                    Ok(raw) => raw.into_iter().collect(),
+                    // Left to the index's next record, or the next reconcile pass.
+                    Err(_) => return None,
+                }
+            }
+        };
+        // Each dropped target with the last record of the index that dropped it.
+        let mut dropped: BTreeMap<String, usize> = BTreeMap::new();
+        for (at, record) in records.iter().enumerate() {
+            let (index, now) = match (&record.decoded, &record.index) {
+                (Ok(Change::UpsertIndex { settings, .. }), _) => {
+                    (&settings.index, settings.references())
+                }
+                (Ok(Change::RemoveIndex { index, .. }), _) => (index, IndexRefs::default()),
+                (Err(Outcome::Rejected(_)), Some(index)) if known.contains_key(index) => {
+                    (index, raw.get(index).cloned().unwrap_or_default())
+                }
+                _ => continue,
+            };
+            let Some(recorded) = known.get(index) else {
+                continue;
+            };
+            for target in recorded.targets.difference(&now.targets) {
+                dropped.insert(target.clone(), at);
+            }
+        }
+        Some(dropped)
+    }
+
+    /// An alias record makes the targets it drops as dirty as those it gains: each alias
+    /// target the ledger records for a batch's index that its record (as the table holds it
+    /// now) no longer names, and that no index's settings record names as its own any more
+    /// (a removed index kept for the alias), is removed again, as a record of its own after the
+    /// batch's, on behalf of the index's last record ([`Derived`]): kept if another alias still
+    /// reads it, else its own key deleted and its recorded shops given up
+    /// (docs/contract.md, "Alias deletion safety").
+    pub(super) async fn dropped_targets(
+        &self,
+        records: &mut Vec<ChangeRecord>,
+        known: &mut HashMap<IndexRef, IndexRefs>,
+        deadline: Instant,
+    ) -> Vec<Derived> {
+        let Some(dropped) = self.dropped_by(records, known, deadline).await else {
+            return Vec::new();
+        };
+        if dropped.is_empty() {
+            return Vec::new();
+        }
+        let candidates: BTreeSet<IndexRef> = dropped.keys().flat_map(|t| named_by_id(t)).collect();
+        let candidates: Vec<IndexRef> = candidates.into_iter().collect();
+        let settings = self.table.index_references(&candidates);
+        let settings = before_deadline(deadline, "dropped alias targets", settings);
+        let recorded = self.ledger.index_refs(&candidates);
+        let recorded = before_deadline(deadline, "dropped alias targets", recorded);
+        let (live, recorded) = match tokio::join!(settings, recorded) {
+            (Ok(live), Ok(recorded)) => (live, recorded),
+            (Err(error), _) | (_, Err(error)) => {
+                let what = "its dropped alias targets could not be read: ";
+                for &at in dropped.values() {
+                    records[at].decoded = Err(Outcome::of_port_error(&error, what));
+                }
+                return Vec::new();
+            }
+        };
+        let live: BTreeSet<String> = live.into_iter().map(|(index, _)| index.id().0).collect();
+        let mut derived = Vec::new();
+        for (target, on_behalf_of) in dropped {
+            if live.contains(&target) {
+                continue; // Its key is a live index's own.
+            }
+            let named = named_by_id(&target);
+            let mut removed: Vec<IndexRef> = (named.iter())
+                .filter(|index| recorded.contains_key(*index))
+                .cloned()
+                .collect();
+            if removed.is_empty() {
+                // Nothing recorded of it: its own key alone.
+                removed.extend(named.into_iter().take(1));
+            }
+            for index in removed {
+                let refs = recorded.get(&index).cloned().unwrap_or_default();
+                let remove = Change::RemoveIndex {
+                    index: index.clone(),
+                    previous_shop: PreviousShop::Known(refs.shops.clone()),
+                };
+                known.entry(index.clone()).or_insert(refs);
+                derived.push(Derived {
+                    at: records.len(),
+                    on_behalf_of,
+                });
+                records.push(ChangeRecord {
+                    sequence_number: None,
+                    index: Some(index),
+                    created_at: None,
+                    decoded: Ok(remove),
+                });
+            }
+        }
+        derived
+    }
+}
+
+/// A record a batch adds on behalf of one of its own (`on_behalf_of`), at `at`: it fails that
+/// record when it fails, and leaves the report once the batch is done.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Derived {
+    pub at: usize,
+    pub on_behalf_of: usize,
+}
+
+/// A derived record that failed fails the record it was added for (Lambda replays from there,
+/// and that index's shrink keeps what it recorded).
+pub(super) fn settle_derived(report: &mut crate::report::BatchReport, derived: &[Derived]) {
+    for &Derived { at, on_behalf_of } in derived {
+        if let Outcome::Failed(why) = &report.records[at].outcome {
+            let index = report.records[at].index.as_ref().map(ToString::to_string);
+            let why = format!(
+                "the alias target it dropped, {}: {why}",
+                index.unwrap_or_default()
+            );
+            // A rejected record too: its replay drops the target again.
+            let parent = &mut report.records[on_behalf_of].outcome;
+            match parent {
+                Outcome::Rejected(_) => *parent = Outcome::Failed(why),
+                _ => parent.fail(why),
+            }
+        }
+    }
+}
