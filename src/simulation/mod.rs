@@ -6,8 +6,8 @@
 //! dropped, overrides added and removed, records rejected as invalid), applies each change to
 //! the table and delivers its stream record as Lambda would: one item's records in order on one
 //! of two shards, batches of random size, each shard's failed batch replayed from its lowest
-//! reported record, on the run's view type. Re-exports, verify repairs and reconcile repairs run
-//! between and during batches. At every call to an outside system the scheduler
+//! reported record, on the run's view type. Two operators run re-exports, verify repairs and
+//! reconcile repairs between and during batches. At every call to an outside system the scheduler
 //! (`world.rs`) may let another writer go first, delay the call, or fail it. Once the workload
 //! is done the faults stop, every shard drains, every operator that failed is run again (as its
 //! error says), and KV must equal the model, but what the contract leaves open; a reconcile
@@ -307,24 +307,31 @@ async fn run_seed(seed: u64) -> Run {
             }
         }
     };
-    let operators = async {
-        let exporter = exporter(&world, "operator");
-        let mut rng = Rng::new(seed ^ 0x0BE7);
-        while !done.load(std::sync::atomic::Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(20 + world.below(120))).await;
-            let payload = match rng.chance(15) {
-                true => json!({"mode": "reconcile", "repair": true}),
-                false => operator_payload(&mut rng),
-            };
-            world.note(format!("operator: {payload}"));
-            if let Err(error) = invoke(&exporter, &payload).await {
-                world.note(format!("operator failed: {error}"));
-                if !error.starts_with("no settings record") {
-                    failed_operators.lock().unwrap().push(payload);
+    let operator = |who: &'static str, salt: u64| {
+        let (world, done, failed_operators) = (&world, &done, &failed_operators);
+        async move {
+            let exporter = exporter(world, who);
+            let mut rng = Rng::new(seed ^ salt);
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10 + world.below(60))).await;
+                let payload = match rng.chance(15) {
+                    true => json!({"mode": "reconcile", "repair": true}),
+                    false => operator_payload(&mut rng),
+                };
+                world.note(format!("{who}: {payload}"));
+                if let Err(error) = invoke(&exporter, &payload).await {
+                    world.note(format!("{who} failed: {error}"));
+                    if !error.starts_with("no settings record") {
+                        failed_operators.lock().unwrap().push(payload);
+                    }
                 }
             }
         }
     };
+    let operators = futures::future::join(
+        operator("operator 1", 0x0BE7),
+        operator("operator 2", 0x0BE8),
+    );
     let shards = futures::future::join_all((0..SHARDS).map(shard));
     // The faults stop once the workload is done: every shard drains.
     let stop_faults = async {
