@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use super::{references, Prepared};
 use crate::domain::validate::shop_id_problem;
-use crate::domain::IndexRef;
+use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::ports::{before_deadline, IndexRefs, Ledger, PortError, Referred};
 use crate::report::Outcome;
 
@@ -47,7 +47,11 @@ pub(super) async fn record(
         true => &HashMap::new(),
         false => &known,
     };
-    let given_up = given_up(prepared);
+    // Only an operator records them again (`record_again`): the stream's replay gives them up.
+    let given_up = match prepared.run.owns_recorded {
+        true => given_up(prepared),
+        false => Vec::new(),
+    };
     match point_back(ledger, &left, before, deadline).await {
         Ok(added) => Some(Intents {
             left,
@@ -112,11 +116,10 @@ fn given_up(prepared: &Prepared) -> Vec<(IndexRef, Referred)> {
         let Some(index) = prepared.records[op.owner].index.as_ref() else {
             continue;
         };
-        let shop = key.namespace == crate::domain::Namespace::Settings
-            && *key != crate::domain::KvKey::index(index);
+        let shop = key.namespace == Namespace::Settings && *key != KvKey::index(index);
         let gives_up = match &op.action {
-            crate::domain::KvAction::Delete => true,
-            crate::domain::KvAction::Put(value) => value.index() != index,
+            KvAction::Delete => true,
+            KvAction::Put(value) => value.index() != index,
         };
         if shop && gives_up && shop_id_problem(&key.key).is_none() {
             given.push((index.clone(), Referred::Shop(key.key.clone())));
