@@ -269,9 +269,22 @@ fn differing(
     landed: &[Landed],
     report: &mut BatchReport,
 ) -> BTreeMap<KvKey, usize> {
+    // A failed record plans no key: those of its index fail with it.
+    let unplanned: BTreeMap<&IndexRef, &String> = (prepared.records.iter())
+        .zip(&prepared.plan.outcomes)
+        .filter_map(|(record, outcome)| match outcome {
+            Outcome::Failed(why) => Some((record.index.as_ref()?, why)),
+            _ => None,
+        })
+        .collect();
     let mut differ = BTreeMap::new();
     for landed in landed {
         let Some(op) = prepared.plan.ops.get(&landed.key) else {
+            let index = landed.index.as_ref();
+            let index = index.or(report.records[landed.record].index.as_ref());
+            if let Some(why) = index.and_then(|index| unplanned.get(index)) {
+                report.records[landed.record].outcome.fail(*why);
+            }
             continue;
         };
         let digest = match &op.action {
