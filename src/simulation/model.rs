@@ -41,7 +41,7 @@ fn s<'a>(item: &'a Value, name: &str) -> Option<&'a str> {
 }
 
 /// A settings record's enabled read targets (the simulation writes only `doc_reads`).
-fn read_targets(item: &Value) -> (bool, Vec<String>) {
+pub fn read_targets(item: &Value) -> (bool, Vec<String>) {
     let reads = &item["index_aliases"]["M"]["doc_reads"]["M"];
     let enabled = reads["enabled"]["BOOL"].as_bool().unwrap_or(false);
     let targets = (reads["targets"]["L"].as_array().into_iter().flatten())

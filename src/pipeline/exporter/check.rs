@@ -65,9 +65,12 @@ impl<P: Ports> Exporter<P> {
             report.kv_requests += again.kv_requests;
             last.extend(again.written.iter().map(|key| (key.clone(), true)));
             last.extend(again.deleted.iter().map(|key| (key.clone(), false)));
-            // Each key's record is its original one, not the one of the write again.
+            // Each key's record is its original one, not the one of the write again, and its
+            // index the one it was checked as (the original may be a delete no index owns).
+            let records = &again.records;
             landed = (again.landed.into_iter())
                 .map(|landed| Landed {
+                    index: (landed.index).or_else(|| records[landed.record].index.clone()),
                     record: originals[&landed.key],
                     ..landed
                 })
