@@ -20,6 +20,7 @@
 #![cfg(test)]
 
 mod model;
+mod ports;
 mod world;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -33,7 +34,8 @@ use crate::domain::IndexRef;
 use crate::pipeline::api_key_cache::ApiKeyCache;
 use crate::pipeline::exporter::{ExportOptions, Exporter};
 use model::{settings_fields_in_kv, Implied, Model};
-use world::{Rng, Sim, World};
+use ports::Sim;
+use world::{Rng, World};
 
 type SimExporter = Exporter<(Sim, Sim, Sim, Sim)>;
 
