@@ -204,6 +204,16 @@ impl World {
         std::future::pending().await
     }
 
+    /// What `who`'s last invocation wrote is left unchecked (it stopped, or a backfill whose
+    /// check could not confirm it: the contract's windows), until a writer writes it again.
+    pub fn leave_unchecked(&self, who: &str) {
+        let landed = self.landed_by.lock().unwrap().remove(who);
+        self.unchecked
+            .lock()
+            .unwrap()
+            .extend(landed.into_iter().flatten());
+    }
+
     /// `work` (one invocation of `who`), or `None` when it stopped between two calls.
     pub async fn until_stopped<T>(&self, who: &str, work: impl Future<Output = T>) -> Option<T> {
         self.landed_by.lock().unwrap().remove(who);
@@ -213,11 +223,7 @@ impl World {
                 tokio::pin!(signal);
                 signal.as_mut().enable();
                 if self.stopped.lock().unwrap().remove(who) {
-                    let landed = self.landed_by.lock().unwrap().remove(who);
-                    self.unchecked
-                        .lock()
-                        .unwrap()
-                        .extend(landed.into_iter().flatten());
+                    self.leave_unchecked(who);
                     return;
                 }
                 signal.await;
