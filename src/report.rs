@@ -101,8 +101,9 @@ pub struct BatchReport {
     /// An operator's keys that landed, checked against the table as it is after the write
     /// before the report is final (docs/contract.md, "Concurrent writers").
     pub landed: Vec<Landed>,
-    /// The shop each index read again by the check claims in the table now: the stream's
-    /// shrink never takes it out (the check may have written the index's value there).
+    /// The shop each index read again by the check claims in the table now, and each shop key
+    /// a write gave an index's value: the stream's shrink never takes it out of the index's
+    /// references (the index's value may be there).
     pub claimed_now: Vec<(IndexRef, String)>,
 }
 

@@ -63,6 +63,7 @@ impl<P: Ports> Exporter<P> {
                 break;
             };
             report.kv_requests += again.kv_requests;
+            report.claimed_now.extend(again.claimed_now.iter().cloned());
             last.extend(again.written.iter().map(|key| (key.clone(), true)));
             last.extend(again.deleted.iter().map(|key| (key.clone(), false)));
             // Each key's record is its original one, not the one of the write again, and its
