@@ -133,7 +133,7 @@ SEEDS ?= 20000
 FIRST ?= 0
 simulate:
 	SIMULATION_SEEDS=$(SEEDS) SIMULATION_FIRST_SEED=$(FIRST) \
-		cargo test --locked --lib simulation::every_seed -- --nocapture
+		cargo test --locked --lib simulation::every_seed_ends_with_kv_as_the_table_implies -- --exact
 
 ## Unit tests only: no moto, no network.
 unit-test:

@@ -229,7 +229,9 @@ impl World {
                 signal.await;
             }
         };
+        // Biased: tokio otherwise polls the branches in a random order (not deterministic).
         tokio::select! {
+            biased;
             done = work => Some(done),
             () = stopped => None,
         }

@@ -25,13 +25,11 @@ use crate::dynamo::string_attribute;
 use crate::ports::{IndexRefs, PortError, Referred, RefsChange};
 use serde_dynamo::AttributeValue as Value;
 
-/// An index's own references (`ref` held the single shop of its last record: such an item is
-/// not read, and the index falls back to its KV value once, as one never recorded).
+/// An index's own references.
 const REF_SK: &str = "refs";
 const META_PK: &str = "meta";
-/// The references are complete with their referrers kept as sets (a ledger whose referrers were
-/// kept an item each, `meta` / `references`, reads as incomplete until a backfill).
-const META_SK: &str = "references#2";
+/// The references are complete (set by a full backfill).
+const META_SK: &str = "references";
 const REFERRERS_SK: &str = "referrers";
 const SET: &str = "referrers";
 /// Members a set item holds at most: 700 of the longest index keys (516 bytes) fit in 400 KB.

@@ -145,9 +145,10 @@ impl<P: Ports> Exporter<P> {
             .enumerate())
         .map(|(at, left)| left.filter(|_| writing.contains(&at)))
         .collect::<Vec<_>>();
-        if let Err(error) =
-            intents::point_back(&self.ledger, &left, &HashMap::new(), deadline).await
-        {
+        let handed = intents::handed_over(&prepared);
+        let none = HashMap::new();
+        let recorded = intents::point_back(&self.ledger, &left, &none, &handed, deadline);
+        if let Err(error) = recorded.await {
             for at in differ.into_values() {
                 let why =
                     format!("not written again: its references could not be recorded: {error}");

@@ -52,7 +52,8 @@ pub(super) async fn record(
         true => given_up(prepared),
         false => Vec::new(),
     };
-    match point_back(ledger, &left, before, deadline).await {
+    let handed = handed_over(prepared);
+    match point_back(ledger, &left, before, &handed, deadline).await {
         Ok(added) => Some(Intents {
             left,
             known,
@@ -70,11 +71,13 @@ pub(super) async fn record(
 /// does not record yet (every record's, a superset of what any replay point leaves) is added on
 /// both sides, so a batch that asks who claims a shop or aliases an index finds a referrer as
 /// soon as its keys can land, and a replay finds every shop the index's keys may be on. Answers
-/// what was added, per index.
+/// what was added, per index. `handed`: the shops the batch gives other indexes' values, each
+/// recorded for that index too (its own records may be behind the table the value is from).
 pub(super) async fn point_back(
     ledger: &impl Ledger,
     left: &[Option<(IndexRef, IndexRefs)>],
     known: &HashMap<IndexRef, IndexRefs>,
+    handed: &[(IndexRef, Referred)],
     deadline: Instant,
 ) -> Result<HashMap<IndexRef, BTreeSet<Referred>>, PortError> {
     let mut added: HashMap<IndexRef, BTreeSet<Referred>> = HashMap::new();
@@ -86,9 +89,10 @@ pub(super) async fn point_back(
         let new = refs.referred().into_iter().filter(|r| !before.contains(r));
         added.entry(index.clone()).or_default().extend(new);
     }
-    let items: Vec<(IndexRef, Referred)> = (added.iter())
+    let mut items: Vec<(IndexRef, Referred)> = (added.iter())
         .flat_map(|(index, referred)| referred.iter().map(|r| (index.clone(), r.clone())))
         .collect();
+    items.extend(handed.iter().cloned());
     add_to_ledger(ledger, &items, deadline).await?;
     Ok(added)
 }
@@ -98,7 +102,7 @@ pub(super) async fn point_back(
 /// its first intent may have taken out a shop its write then landed on, and a rerun gives up
 /// every shop recorded. A failure here leaves that to the next reconcile pass (a warning).
 pub(super) async fn record_again(ledger: &impl Ledger, intents: &Intents, deadline: Instant) {
-    let again = point_back(ledger, &intents.left, &HashMap::new(), deadline).await;
+    let again = point_back(ledger, &intents.left, &HashMap::new(), &[], deadline).await;
     let again = match again {
         Ok(_) => add_to_ledger(ledger, &intents.given_up, deadline).await,
         Err(error) => Err(error),
@@ -106,6 +110,22 @@ pub(super) async fn record_again(ledger: &impl Ledger, intents: &Intents, deadli
     if let Err(error) = again {
         tracing::warn!(%error, "the intents of writes not confirmed could not be recorded again");
     }
+}
+
+/// Each shop key the plan gives another index's value (a claimer's), with that index.
+pub(super) fn handed_over(prepared: &Prepared) -> Vec<(IndexRef, Referred)> {
+    let mut handed = Vec::new();
+    for (key, op) in &prepared.plan.ops {
+        let KvAction::Put(value) = &op.action else {
+            continue;
+        };
+        let giver = prepared.records[op.owner].index.as_ref();
+        let shop = key.namespace == Namespace::Settings && *key != KvKey::index(value.index());
+        if shop && giver != Some(value.index()) {
+            handed.push((value.index().clone(), Referred::Shop(key.key.clone())));
+        }
+    }
+    handed
 }
 
 /// Each shop key the plan gives up (a delete, or another index's value), with the index of the

@@ -242,7 +242,7 @@ mod tests {
         ];
         let left = left_by(&records);
 
-        let added = intents::point_back(&e.ledger, &left, &known, deadline())
+        let added = intents::point_back(&e.ledger, &left, &known, &[], deadline())
             .await
             .unwrap();
 
@@ -289,7 +289,7 @@ mod tests {
             upsert("p", Some("c.myshopify.com"), None),
         ];
         let left = left_by(&records);
-        let added = intents::point_back(&e.ledger, &left, &known, deadline())
+        let added = intents::point_back(&e.ledger, &left, &known, &[], deadline())
             .await
             .unwrap();
         let outcomes = [

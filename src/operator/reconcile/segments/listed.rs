@@ -8,12 +8,12 @@ use futures::StreamExt as _;
 use super::{Pass, Position, CONCURRENT_QUERIES};
 use crate::domain::kv::KeyMetadata;
 use crate::domain::qfilter::filter_key;
-use crate::domain::{IndexRef, KvKey, Namespace, TableKey};
+use crate::domain::{IndexRef, KvKey, Namespace, TableKey, TableRecord};
 use crate::operator::reconcile::classify::{could_be_written, live_targets, owner_in_value, Class};
 use crate::operator::reconcile::failed;
 use crate::operator::reconcile::NAMESPACES;
 use crate::operator::OperatorError;
-use crate::ports::{KvStore as _, ListedKey, Ports, Referred};
+use crate::ports::{IndexRefs, KvStore as _, ListedKey, Ports, Referred};
 
 /// A listed key with who it was written for (and, for an override's, its query when the
 /// metadata names it).
@@ -231,7 +231,25 @@ impl<P: Ports> Pass<'_, P> {
             .map_err(failed)?;
         // Each candidate's record as the table holds it now (the ledger only names them).
         let wanted: HashSet<&String> = shops.iter().collect();
-        Ok((references.into_iter())
+        let claimers: Vec<(IndexRef, IndexRefs)> = (references.into_iter())
+            .filter(|(_, refs)| refs.shops.iter().any(|s| wanted.contains(s)))
+            .collect();
+        // Only a claimer that can be exported writes the shop in its table step: a shop key
+        // only invalid records claim is orphaned, as the stream deletes it.
+        let records = exporter.settings_of(claimers.iter().map(|(index, _)| index), deadline);
+        let records = records.await.map_err(failed)?;
+        let valid = |index: &IndexRef| {
+            let record = records.get(index);
+            matches!(
+                record,
+                Some(TableRecord::Settings {
+                    settings: Ok(_),
+                    ..
+                })
+            )
+        };
+        Ok((claimers.into_iter())
+            .filter(|(index, _)| valid(index))
             .flat_map(|(_, refs)| refs.shops)
             .filter(|s| wanted.contains(s))
             .collect())
