@@ -1,7 +1,7 @@
 //! Step 1 of a pass: KV against the table. A namespace's listing, page by page: orphans (their
 //! table record gone), keys protected by an alias, and foreign keys.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use futures::StreamExt as _;
 
@@ -98,7 +98,7 @@ impl<P: Ports> Pass<'_, P> {
         }
         let (orphans, live) = self.not_implied(&held).await?;
         let protected = self.aliased(orphans.values()).await?;
-        let mut deletes = Vec::new();
+        let (mut deletes, mut kept_shops) = (Vec::new(), Vec::new());
         for key in &held {
             match (&key.owner, orphans.get(&key.key)) {
                 (None, _) => self.found.add(&key.key, Class::Foreign),
@@ -109,7 +109,10 @@ impl<P: Ports> Pass<'_, P> {
                         && key.key.namespace == Namespace::Settings
                         && !live.contains(owner) =>
                 {
-                    self.found.add(&key.key, Class::Protected)
+                    self.found.add(&key.key, Class::Protected);
+                    if key.key != KvKey::index(owner) {
+                        kept_shops.push((owner.clone(), key.key.key.clone()));
+                    }
                 }
                 (Some(owner), Some(_)) => {
                     self.found.add(&key.key, Class::Orphaned);
@@ -118,7 +121,33 @@ impl<P: Ports> Pass<'_, P> {
                 (Some(_), None) => {}
             }
         }
+        self.record_kept_shops(kept_shops).await?;
         self.repair(None, BTreeSet::new(), deletes).await
+    }
+
+    /// A kept index's shop key is recorded for it (a writer whose intent the stream's shrink
+    /// took out may have left it): when its alias goes, its removal then finds the key.
+    async fn record_kept_shops(
+        &mut self,
+        shops: Vec<(IndexRef, String)>,
+    ) -> Result<(), OperatorError> {
+        if shops.is_empty() || !self.request.repair || self.request.dry_run {
+            return Ok(());
+        }
+        let mut refs: BTreeMap<IndexRef, IndexRefs> = BTreeMap::new();
+        for (index, shop) in shops {
+            refs.entry(index).or_default().shops.insert(shop);
+        }
+        let (exporter, deadline) = (self.exporter, self.deadline);
+        let added = exporter.repair_recorded_references(refs.into_iter().collect(), deadline);
+        let added = added.await.map_err(failed)?;
+        if added > 0 {
+            tracing::warn!(
+                added,
+                "the ledger lacked shops kept indexes' keys are on: added"
+            );
+        }
+        Ok(())
     }
 
     /// The listed keys no table record implies any more, with the index each was written for,
