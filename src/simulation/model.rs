@@ -113,9 +113,18 @@ impl Model {
                 }
             }
         }
-        // "Validation": an index whose endpoint is not https is rejected.
-        let valid =
-            |item: &Value| s(item, "index_endpoint").is_some_and(|e| e.starts_with("https://"));
+        // "Validation": an index whose endpoint is not https, or an alias weight that is not a
+        // finite number, is rejected.
+        let finite = |item: &Value| {
+            let targets = &item["index_aliases"]["M"]["doc_reads"]["M"]["targets"]["L"];
+            (targets.as_array().into_iter().flatten()).all(|t| {
+                let weight = t["M"]["weight"]["N"].as_str().unwrap_or("1");
+                weight.parse::<f64>().is_ok_and(f64::is_finite)
+            })
+        };
+        let valid = |item: &Value| {
+            s(item, "index_endpoint").is_some_and(|e| e.starts_with("https://")) && finite(item)
+        };
         let mut by_shop: BTreeMap<String, Vec<Value>> = BTreeMap::new();
         let mut read: BTreeSet<String> = BTreeSet::new();
         for (index, item) in &settings {
