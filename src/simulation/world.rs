@@ -1,8 +1,10 @@
 //! The simulation's world: the settings table, KV and the ledger in memory, shared by every
 //! writer, and the seeded scheduler every call to them goes through. At each call the
-//! scheduler may let other writers run first (yields, or a delay in paused time), or fail the
-//! call as the real system can: throttled or unavailable, a bulk write some of whose keys are
-//! unsuccessful, a write that lands and then times out.
+//! scheduler may let other writers run first (yields, or a delay in paused time), fail the
+//! call as the real system can (throttled, unavailable, refused, in conflict, past the
+//! deadline, a bulk write some of whose keys are unsuccessful, a write that lands and then
+//! times out), answer a KV read with what a key held a moment ago, or stop the invocation.
+//! Each seed draws how often (`Knobs`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -163,10 +165,13 @@ impl World {
             let knobs = s.knobs;
             let delay = s.rng.chance(knobs.delays).then(|| s.rng.below(30));
             let turn = match s.faults && s.rng.chance(knobs.fails) {
-                true => match s.rng.below(2) {
-                    0 => Turn::Fail(PortError::Throttled(format!("simulated: {call} throttled"))),
-                    _ => Turn::Fail(PortError::Unavailable(format!("simulated: {call} down"))),
-                },
+                true => Turn::Fail(match s.rng.below(5) {
+                    0 => PortError::Throttled(format!("simulated: {call} throttled")),
+                    1 => PortError::Refused(format!("simulated: {call} refused")),
+                    2 => PortError::Conflict(format!("simulated: {call} in conflict")),
+                    3 => PortError::PastDeadline(format!("simulated: {call} timed out")),
+                    _ => PortError::Unavailable(format!("simulated: {call} down")),
+                }),
                 false if s.faults && s.rng.below(1000) < knobs.stops => Turn::Stop,
                 false => Turn::Go,
             };
