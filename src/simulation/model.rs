@@ -2,6 +2,7 @@
 //! right, not fast. It reads the table's items as DynamoDB JSON (the simulation writes only the
 //! attributes below) and shares no code with the plan, the snapshot or the check; the filter's
 //! encoding is the domain's (`QueryFilter`).
+#![cfg(test)]
 
 use std::collections::{BTreeMap, BTreeSet};
 

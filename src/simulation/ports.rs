@@ -1,6 +1,7 @@
 //! The ports of the simulation's world: each writer's handle (`Sim`) on the shared table, KV
 //! and ledger, every call going through the scheduler's turn first (`World::turn`), where it may
 //! wait, fail, lag or stop.
+#![cfg(test)]
 
 use std::collections::HashMap;
 use std::sync::Arc;

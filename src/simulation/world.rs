@@ -5,6 +5,7 @@
 //! deadline, a bulk write some of whose keys are unsuccessful, a write that lands and then
 //! times out), answer a KV read with what a key held a moment ago, or stop the invocation.
 //! Each seed draws how often (`Knobs`).
+#![cfg(test)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
