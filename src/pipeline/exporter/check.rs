@@ -16,7 +16,7 @@ use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::pipeline::plan::PlannedOp;
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
-use crate::ports::{PortError, Ports};
+use crate::ports::{PortError, Ports, Referred};
 use crate::report::{BatchReport, Landed, Outcome};
 
 /// Rounds that may write again; one more read after them only checks.
@@ -122,7 +122,8 @@ impl<P: Ports> Exporter<P> {
         let originals: HashMap<KvKey, usize> = (landed.iter())
             .map(|landed| (landed.key.clone(), landed.record))
             .collect();
-        let differ = differing(&prepared, &landed, report);
+        let (differ, stay) = differing(&prepared, &landed, report);
+        self.keep_recorded(&stay, deadline).await;
         prepared.plan.ops.retain(|key, _| differ.contains_key(key));
         if prepared.plan.ops.is_empty() {
             return None;
@@ -168,6 +169,14 @@ impl<P: Ports> Exporter<P> {
             }
         }
         Some((again, originals))
+    }
+
+    /// A shop key left as it is for a rejected record stays recorded for its index (a shrink
+    /// may have taken it out before the write landed): its next record gives it up.
+    async fn keep_recorded(&self, stay: &[(IndexRef, Referred)], deadline: Instant) {
+        if let Err(error) = intents::add_to_ledger(&self.ledger, stay, deadline).await {
+            tracing::warn!(%error, "shop keys left for rejected records could not be recorded");
+        }
     }
 
     /// Each index as the table holds it now; an index that cannot be read fails the records of
@@ -268,27 +277,30 @@ impl<P: Ports> Exporter<P> {
 
 /// The landed keys whose new plan differs from what landed (with their original records); a
 /// key the new plan does not name stays as it is when its index is kept for an alias (or was
-/// skipped on purpose), and fails its record when its index could not be planned.
+/// skipped on purpose, or its record is rejected now: then a shop key put there stays recorded
+/// for the index, the second answer), and fails its record when its index could not be planned.
 fn differing(
     prepared: &Prepared,
     landed: &[Landed],
     report: &mut BatchReport,
-) -> BTreeMap<KvKey, usize> {
-    // A failed record plans no key: those of its index fail with it.
-    let unplanned: BTreeMap<&IndexRef, &String> = (prepared.records.iter())
+) -> (BTreeMap<KvKey, usize>, Vec<(IndexRef, Referred)>) {
+    // A failed or rejected record plans no key: those of its index fail with it, or stay.
+    let unplanned: BTreeMap<&IndexRef, &Outcome> = (prepared.records.iter())
         .zip(&prepared.plan.outcomes)
-        .filter_map(|(record, outcome)| match outcome {
-            Outcome::Failed(why) => Some((record.index.as_ref()?, why)),
-            _ => None,
-        })
+        .filter(|(_, outcome)| matches!(outcome, Outcome::Failed(_) | Outcome::Rejected(_)))
+        .filter_map(|(record, outcome)| Some((record.index.as_ref()?, outcome)))
         .collect();
-    let mut differ = BTreeMap::new();
+    let (mut differ, mut stay) = (BTreeMap::new(), Vec::new());
     for landed in landed {
         let Some(op) = prepared.plan.ops.get(&landed.key) else {
             let index = landed.index.as_ref();
             let index = index.or(report.records[landed.record].index.as_ref());
-            if let Some(why) = index.and_then(|index| unplanned.get(index)) {
-                report.records[landed.record].outcome.fail(*why);
+            match index.and_then(|index| Some((index, *unplanned.get(index)?))) {
+                Some((_, Outcome::Failed(why))) => report.records[landed.record].outcome.fail(why),
+                Some((index, _)) if is_shop_put(landed, index) => {
+                    stay.push((index.clone(), Referred::Shop(landed.key.key.clone())));
+                }
+                _ => {}
             }
             continue;
         };
@@ -306,7 +318,13 @@ fn differing(
             _ => {}
         }
     }
-    differ
+    (differ, stay)
+}
+
+/// A put of an index's value on a shop key (not its own key).
+fn is_shop_put(landed: &Landed, index: &IndexRef) -> bool {
+    let shop = landed.key.namespace == Namespace::Settings && landed.key != KvKey::index(index);
+    shop && landed.digest.is_some()
 }
 
 /// The index as the table holds it now, as changes that decide each landed key: a shop key the
