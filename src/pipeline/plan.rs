@@ -13,7 +13,7 @@ use crate::domain::kv::{check_key, check_put, KvValue};
 use crate::domain::qfilter::filter_key;
 use crate::domain::qfilter::QueryFilter;
 use crate::domain::validate::{index_key_problem, shop_id_problem, shown, SHOP_DOMAIN};
-use crate::domain::{IndexRef, IndexRefs, IndexSettings, KvAction, KvKey};
+use crate::domain::{IndexRef, IndexRefs, IndexSettings, KvAction, KvKey, Namespace};
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::PortError;
 use crate::report::Outcome;
@@ -42,6 +42,21 @@ pub struct Plan {
     /// Indexes whose override filter is rebuilt, with the records (in stream order) that need
     /// it: if the filter is not written, they are reported for retry.
     pub filters: BTreeMap<IndexRef, Vec<usize>>,
+}
+
+impl Plan {
+    /// Each shop key the plan puts an index's value on (a settings key not that index's own),
+    /// with the index and the record owning the put.
+    pub fn shop_puts(&self) -> impl Iterator<Item = (&KvKey, &IndexRef, usize)> {
+        (self.ops.iter()).filter_map(|(key, op)| match &op.action {
+            KvAction::Put(value)
+                if key.namespace == Namespace::Settings && *key != KvKey::index(value.index()) =>
+            {
+                Some((key, value.index(), op.owner))
+            }
+            _ => None,
+        })
+    }
 }
 
 /// Turns records and their snapshot into one operation per KV key and an outcome per record.

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use super::{failed, hand_on, log_stop, piece_size, Answer, Found, ReconcileRequest};
 use super::{Repaired, Requests, NAMESPACES};
-use crate::domain::{IndexRef, KvKey};
+use crate::domain::{IndexRef, IndexRefs, KvKey};
 use crate::operator::{decode_token, encode_token, OperatorError};
 use crate::pipeline::exporter::{Exporter, Run};
 use crate::ports::Ports;
@@ -154,6 +154,23 @@ impl<P: Ports> Pass<'_, P> {
             self.found = found;
         }
         done
+    }
+
+    /// Adds to the ledger what these indexes' references lack; `lacked` is the warning's line
+    /// when something was.
+    async fn add_lacking_references(
+        &self,
+        refs: Vec<(IndexRef, IndexRefs)>,
+        lacked: &str,
+    ) -> Result<(), OperatorError> {
+        let added = self
+            .exporter
+            .repair_recorded_references(refs, self.deadline);
+        let added = added.await.map_err(failed)?;
+        if added > 0 {
+            tracing::warn!(added, "{lacked}");
+        }
+        Ok(())
     }
 
     /// Writes `writes` of the prepared plan and makes `deletes` (or, in a dry run, counts them).

@@ -114,18 +114,10 @@ pub(super) async fn record_again(ledger: &impl Ledger, intents: &Intents, deadli
 
 /// Each shop key the plan gives another index's value (a claimer's), with that index.
 pub(super) fn handed_over(prepared: &Prepared) -> Vec<(IndexRef, Referred)> {
-    let mut handed = Vec::new();
-    for (key, op) in &prepared.plan.ops {
-        let KvAction::Put(value) = &op.action else {
-            continue;
-        };
-        let giver = prepared.records[op.owner].index.as_ref();
-        let shop = key.namespace == Namespace::Settings && *key != KvKey::index(value.index());
-        if shop && giver != Some(value.index()) {
-            handed.push((value.index().clone(), Referred::Shop(key.key.clone())));
-        }
-    }
-    handed
+    (prepared.plan.shop_puts())
+        .filter(|(_, index, owner)| prepared.records[*owner].index.as_ref() != Some(*index))
+        .map(|(key, index, _)| (index.clone(), Referred::Shop(key.key.clone())))
+        .collect()
 }
 
 /// Each shop key the plan gives up (a delete, or another index's value), with the index of the

@@ -31,6 +31,11 @@ pub(super) async fn send(kv: &impl KvStore, prepared: Prepared, deadline: Instan
     let (records, created_at) = identities(records);
     let (requests_before, retries_before) = (kv.requests(), kv.retries());
     let checked = checked(&plan, &records, run, &delete_owners);
+    // Each shop key given an index's value (a claimer's, read now, may be newer than its own
+    // record in the batch): the stream's shrink keeps the shop recorded for that index.
+    let claimed_now = (plan.shop_puts())
+        .map(|(key, index, _)| (index.clone(), key.key.clone()))
+        .collect();
     let Plan {
         ops,
         mut outcomes,
@@ -38,7 +43,6 @@ pub(super) async fn send(kv: &impl KvStore, prepared: Prepared, deadline: Instan
         filters,
         ..
     } = plan;
-    let claimed_now = shops_given(&ops);
     let (keys, failed) = send_keys(kv, ops, &old_shops, deadline).await;
     let applied_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -54,20 +58,6 @@ pub(super) async fn send(kv: &impl KvStore, prepared: Prepared, deadline: Instan
     settle_keys(keys, &failed, &checked, &mut report, &mut outcomes);
     settle_filters(&filters, &failed, &mut outcomes);
     finish(report, records, outcomes, created_at, applied_at)
-}
-
-/// Each shop key given an index's value, with that index (a claimer's, read now, may be newer
-/// than its own record in the batch): the stream's shrink keeps the shop recorded for it.
-fn shops_given(ops: &BTreeMap<KvKey, PlannedOp>) -> Vec<(IndexRef, String)> {
-    (ops.iter())
-        .filter_map(|(key, op)| match &op.action {
-            KvAction::Put(value) if *key != KvKey::index(value.index()) => {
-                let shop = key.namespace == crate::domain::Namespace::Settings;
-                shop.then(|| (value.index().clone(), key.key.clone()))
-            }
-            _ => None,
-        })
-        .collect()
 }
 
 /// Sends the planned keys, old shop keys first: an index whose old shop key was not

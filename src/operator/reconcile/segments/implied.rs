@@ -139,17 +139,8 @@ impl<P: Ports> Pass<'_, P> {
             .filter(|(_, outcome)| matches!(outcome, Outcome::Pending | Outcome::Kept { .. }))
             .filter_map(|(left, _)| left)
             .collect();
-        let added = self
-            .exporter
-            .repair_recorded_references(left, self.deadline);
-        let added = added.await.map_err(failed)?;
-        if added > 0 {
-            tracing::warn!(
-                added,
-                "the ledger's references of indexes lacked what the table names: added"
-            );
-        }
-        Ok(())
+        let lacked = "the ledger's references of indexes lacked what the table names: added";
+        self.add_lacking_references(left, lacked).await
     }
 
     /// The keys of indexes this pass cannot export (rejected, or left unchecked) are kept as

@@ -138,16 +138,9 @@ impl<P: Ports> Pass<'_, P> {
         for (index, shop) in shops {
             refs.entry(index).or_default().shops.insert(shop);
         }
-        let (exporter, deadline) = (self.exporter, self.deadline);
-        let added = exporter.repair_recorded_references(refs.into_iter().collect(), deadline);
-        let added = added.await.map_err(failed)?;
-        if added > 0 {
-            tracing::warn!(
-                added,
-                "the ledger lacked shops kept indexes' keys are on: added"
-            );
-        }
-        Ok(())
+        let lacked = "the ledger lacked shops kept indexes' keys are on: added";
+        self.add_lacking_references(refs.into_iter().collect(), lacked)
+            .await
     }
 
     /// The listed keys no table record implies any more, with the index each was written for,
