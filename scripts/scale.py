@@ -169,6 +169,7 @@ class Function:
         if self.pid is None:
             raise SystemExit("the function did not start")
         self.slowest = 0.0  # the longest invocation followed, in seconds
+        self.rss_after = []  # the process's peak RSS (MiB) after each invocation followed
 
     def invoke(self, payload):
         for _ in range(100):
@@ -206,6 +207,7 @@ def follow(function, payload):
         started = time.time()
         answer = function.invoke(payload)
         function.slowest = max(function.slowest, time.time() - started)
+        function.rss_after.append(round(function.peak_rss_mib(), 1))
         invocations += 1
         # A function error, or the Invoke API's own word (a timeout) instead of an answer.
         if not isinstance(answer, dict) or "errorType" in answer:
@@ -247,6 +249,7 @@ def measure(name, n, counting, kv_port, emulators, binary, env_file, run):
         "kv_requests": kv_requests(kv_port) - kv0, "invocations": invocations,
         "cpu_s": round(function.cpu_seconds() - cpu0, 3), "peak_rss_mib": round(function.peak_rss_mib(), 1),
         "seconds": round(seconds, 2), "slowest_invocation_s": round(function.slowest or seconds, 2),
+        "peak_rss_after_each_mib": function.rss_after,
     }
     function.stop()
     print(json.dumps(row), flush=True)

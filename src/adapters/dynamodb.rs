@@ -18,6 +18,7 @@ pub struct DynamoSettingsTable {
     table_name: String,
     default_configs_sk: String,
     override_queries: AtomicUsize,
+    index_runs: AtomicUsize,
     reference_scans: AtomicUsize,
 }
 
@@ -32,6 +33,7 @@ impl DynamoSettingsTable {
             table_name: table_name.into(),
             default_configs_sk: default_configs_sk.into(),
             override_queries: AtomicUsize::new(0),
+            index_runs: AtomicUsize::new(0),
             reference_scans: AtomicUsize::new(0),
         }
     }
@@ -42,6 +44,8 @@ impl DynamoSettingsTable {
 pub struct TableCounters {
     /// Queries of one index's overrides (for its filter, or a re-export).
     pub override_queries: usize,
+    /// Queries of a run of an account's indexes (a check reading them again).
+    pub index_runs: usize,
     /// Scans for alias targets and shop claims.
     pub reference_scans: usize,
 }
@@ -51,6 +55,7 @@ impl DynamoSettingsTable {
     pub fn counters(&self) -> TableCounters {
         TableCounters {
             override_queries: self.override_queries.load(Ordering::Relaxed),
+            index_runs: self.index_runs.load(Ordering::Relaxed),
             reference_scans: self.reference_scans.load(Ordering::Relaxed),
         }
     }
@@ -253,6 +258,7 @@ impl SettingsTable for DynamoSettingsTable {
         first: &str,
         last: &str,
     ) -> Result<Vec<TableRecord>, PortError> {
+        self.index_runs.fetch_add(1, Ordering::Relaxed);
         // Every sort key that begins with `INDEX#{last}` follows it in one run, and sorts
         // before `after_prefix` of it: past that run (or past the account), the range is read.
         let last = format!("INDEX#{last}");

@@ -38,6 +38,17 @@ pub struct TableKey {
     sk: KeyString,
 }
 
+/// A stretch of the table in the order a scan reads it: the records after `after` (from the
+/// table's beginning when `None`) through `through`, `records` of them when read; of one
+/// account's records when given. What a backfill's batch was read from, read again by its check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableSpan {
+    pub account: Option<String>,
+    pub after: Option<TableKey>,
+    pub through: TableKey,
+    pub records: usize,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 struct KeyString {
     #[serde(rename = "S")]

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::domain::TableKey;
+use crate::domain::{TableKey, TableSpan};
 use serde::{Deserialize, Deserializer, Serialize};
 use tokio::time::Instant;
 
@@ -129,17 +129,24 @@ impl Tally {
     }
 }
 
-/// Exports (or, in a dry run, plans) one batch, and logs it.
+/// Exports (or, in a dry run, plans) one batch, and logs it; its check reads `span` again when
+/// the batch was read from it whole.
 async fn send<P: Ports>(
     exporter: &Exporter<P>,
     dry_run: bool,
-    records: Vec<ChangeRecord>,
+    (records, span): (Vec<ChangeRecord>, Option<TableSpan>),
     run: Run,
     deadline: Instant,
 ) -> BatchReport {
-    let report = match dry_run {
-        true => dry_report(exporter.prepare(records, run, deadline).await),
-        false => exporter.export(records, run, deadline).await,
+    let mut prepared = exporter.prepare(records, run, deadline).await;
+    let report = match (dry_run, span) {
+        (true, _) => dry_report(prepared),
+        (false, span) => {
+            if let Some(span) = span {
+                prepared.read_from(span);
+            }
+            exporter.apply(prepared, deadline).await
+        }
     };
     match dry_run {
         true => report.log_dry_run(),
@@ -183,11 +190,16 @@ pub async fn run<P: Ports>(
         resume: start,
         sent_any: false,
     };
-    // Leave room for the slowest page seen so far, twice over, and for the slowest send
-    // (closed runs go out before a stop), before reading another page.
+    // No invocation works past half the time it has (the rest goes on with a token): another
+    // page is read only with room for it and the slowest send (closed runs go out before a
+    // stop) in that half, and for the slowest page twice over before the deadline.
+    let began = Instant::now();
+    let stop_at = began + deadline.saturating_duration_since(began) / 2;
     let (mut slowest_page, mut slowest_send) = (Duration::from_secs(2), Duration::ZERO);
     let complete = loop {
-        let out_of_time = Instant::now() + slowest_page * 2 + slowest_send >= deadline;
+        let now = Instant::now();
+        let out_of_time = now + slowest_page * 2 + slowest_send >= deadline
+            || now + slowest_page + slowest_send >= stop_at;
         if out_of_time
             || request
                 .max_records
@@ -261,14 +273,25 @@ impl<P: Ports> Pass<'_, P> {
         if closed.len() == 0 {
             return true;
         }
-        let whole = Run::BACKFILL.holding_overrides(self.request.include_query_configs);
+        let request = self.request;
+        let whole = Run::BACKFILL.holding_overrides(request.include_query_configs);
         let queried = Run::BACKFILL.holding_overrides(false);
-        let dry_run = self.request.dry_run;
-        for (records, run) in [(closed.whole, whole), (closed.queried, queried)] {
-            if records.is_empty() {
+        // Read again by the check as it was read (the queried runs: each on its own).
+        let span = closed.at.clone().map(|through| TableSpan {
+            account: request.system_account_id.as_ref().map(|a| a.0.clone()),
+            after: self.resume.clone(),
+            through,
+            records: closed.len(),
+        });
+        let batches = [
+            ((closed.whole, span), whole),
+            ((closed.queried, None), queried),
+        ];
+        for (batch, run) in batches {
+            if batch.0.is_empty() {
                 continue;
             }
-            let report = send(self.exporter, dry_run, records, run, self.deadline).await;
+            let report = send(self.exporter, request.dry_run, batch, run, self.deadline).await;
             if self.tally.add(&report) {
                 return false;
             }

@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use tokio::time::Instant;
 
-use crate::domain::{IndexRef, KvAction, KvKey};
+use crate::domain::{IndexRef, KvAction, KvKey, TableSpan};
 use crate::pipeline::api_key_cache::ApiKeyCache;
 use crate::pipeline::plan::{self, PlannedOp};
 use crate::pipeline::records::{ChangeRecord, Changed, Expected};
@@ -127,6 +127,8 @@ pub struct Prepared {
     known_refs: Option<HashMap<IndexRef, IndexRefs>>,
     /// Records added on behalf of the batch's own (the removal of a dropped alias target).
     derived: Vec<dropped::Derived>,
+    /// Where in the table the records were read (a backfill's pages): the check reads it again.
+    span: Option<TableSpan>,
 }
 
 impl Prepared {
@@ -145,7 +147,14 @@ impl Prepared {
             delete_owners: HashMap::new(),
             known_refs: None,
             derived: Vec::new(),
+            span: None,
         }
+    }
+
+    /// The records were read from this stretch of the table: the check reads it again, page by
+    /// page, instead of each index on its own.
+    pub fn read_from(&mut self, span: TableSpan) {
+        self.span = Some(span);
     }
 
     /// Nothing is sent: the intents could not be recorded (a reader could miss a referrer
@@ -364,6 +373,7 @@ impl<P: Ports> Exporter<P> {
             delete_owners: HashMap::new(),
             known_refs,
             derived: Vec::new(),
+            span: None,
         }
     }
 
@@ -376,9 +386,10 @@ impl<P: Ports> Exporter<P> {
     pub async fn apply(&self, mut prepared: Prepared, deadline: Instant) -> BatchReport {
         let run = prepared.run;
         let derived = std::mem::take(&mut prepared.derived);
+        let span = prepared.span.take();
         let intents = intents::record(&self.ledger, &mut prepared, deadline).await;
         let mut report = write::send(&self.kv, prepared, deadline).await;
-        self.check(&mut report, run, deadline).await;
+        self.check(&mut report, run, span, deadline).await;
         dropped::settle_derived(&mut report, &derived);
         match (intents, run.is_stream()) {
             (Some(intents), true) => shrink::record(&self.ledger, intents, &report, deadline).await,

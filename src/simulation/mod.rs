@@ -337,7 +337,7 @@ fn operator_run(rng: &mut Rng, universe: &Universe, hot: Option<(&str, &str)>) -
         0..=2 => json!({"mode": "reconcile", "repair": true}),
         3 | 4 => json!({"mode": "reconcile", "repair": true, "scheduled": true}),
         5 | 6 => json!({"mode": "backfill", "include_query_configs": true,
-                        "page_size": 1 + rng.below(4)}),
+                        "page_size": 1 + rng.below(4), "batch_records": 1 + rng.below(8)}),
         _ => operator_payload(rng, universe, hot),
     }
 }

@@ -559,7 +559,9 @@ async fn a_backfill_builds_each_filter_from_the_scan_without_a_query_per_index()
 
     assert_eq!(answers.len(), 1);
     filters_hold_every_override(&h, &expected);
-    assert_eq!(h.exporter.table().counters().override_queries, 0);
+    // Nor does its check: it reads the pages again, not each index's run.
+    let counters = h.exporter.table().counters();
+    assert_eq!((counters.override_queries, counters.index_runs), (0, 0));
     for (account, index, _) in &expected {
         let verify = h
             .invoke(
@@ -568,6 +570,41 @@ async fn a_backfill_builds_each_filter_from_the_scan_without_a_query_per_index()
             )
             .await;
         assert_eq!(verify["in_sync"], true, "{verify}");
+    }
+}
+
+#[tokio::test]
+async fn a_backfill_whose_index_s_records_another_name_sorts_between_keeps_every_override() {
+    // `p!x` and `p"y` sort after `INDEX#p` and before `INDEX#p#QUERY#...`: the scan reads
+    // `p`'s settings item and its overrides apart, as two runs.
+    let h = Harness::new().await;
+    h.keys.set_key("acct-a", "k");
+    for index in ["p", "p!x", "p\"y"] {
+        let mut item = index_item("acct-a", index, None);
+        item["index_endpoint"] = json!({"S": "https://acct-a.idx.example"});
+        h.put(item).await;
+    }
+    for query in ["q 1", "q 2"] {
+        h.put(query_item("acct-a", "p", query)).await;
+    }
+
+    let answers = backfill_to_the_end(
+        &h,
+        json!({"mode": "backfill", "include_query_configs": true, "page_size": 2}),
+    )
+    .await;
+
+    assert_eq!(total(&answers, "failed"), 0, "{answers:?}");
+    let filter = filter_of(&h, "acct-a", "p").expect("p's filter");
+    assert_eq!(filter["count"], 2, "{filter}");
+    for index in ["p", "p!x", "p\"y"] {
+        let verify = h
+            .invoke(
+                json!({"mode": "verify", "system_account_id": "acct-a", "index_name": index,
+                           "include_query_configs": true}),
+            )
+            .await;
+        assert_eq!(verify["in_sync"], true, "{index}: {verify}");
     }
 }
 

@@ -10,10 +10,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use futures::StreamExt as _;
 use tokio::time::Instant;
 
+use super::reads::IndexRuns;
 use super::{intents, references, write, Exporter, Prepared, Run};
 use crate::domain::kv::query_config_prefix;
 use crate::domain::qfilter::filter_key;
-use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
+use crate::domain::{IndexRef, KvAction, KvKey, Namespace, TableSpan};
 use crate::pipeline::plan::PlannedOp;
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::{PortError, Ports, Referred};
@@ -42,7 +43,13 @@ impl<P: Ports> Exporter<P> {
     /// Checks the report's landed keys against the table and writes again what differs, round
     /// after round; a key that still differs after the last round, or whose index cannot be
     /// read again, fails its record (the operator runs again, or the next reconcile pass).
-    pub(super) async fn check(&self, report: &mut BatchReport, run: Run, deadline: Instant) {
+    pub(super) async fn check(
+        &self,
+        report: &mut BatchReport,
+        run: Run,
+        span: Option<TableSpan>,
+        deadline: Instant,
+    ) {
         // Planned as an operator plans (every override in the batch), its API keys as the run
         // got them (the stream's from the short cache).
         let run = Run {
@@ -56,9 +63,8 @@ impl<P: Ports> Exporter<P> {
                 break;
             }
             let may_write = round < ROUNDS;
-            let again = self
-                .check_round(landed, (run, may_write), report, deadline)
-                .await;
+            let round = (run, may_write, span.as_ref());
+            let again = self.check_round(landed, round, report, deadline).await;
             let Some((again, originals)) = again else {
                 break;
             };
@@ -96,7 +102,7 @@ impl<P: Ports> Exporter<P> {
     async fn check_round(
         &self,
         landed: Vec<Landed>,
-        (run, may_write): (Run, bool),
+        (run, may_write, span): (Run, bool, Option<&TableSpan>),
         report: &mut BatchReport,
         deadline: Instant,
     ) -> Option<(BatchReport, HashMap<KvKey, usize>)> {
@@ -109,7 +115,7 @@ impl<P: Ports> Exporter<P> {
             };
             by_index.entry(index).or_default().keys.push(landed);
         }
-        let by_index = self.read_again(by_index, report, deadline).await;
+        let by_index = self.read_again(by_index, span, report, deadline).await;
         let (prepared, landed) = self.plan_again(by_index, run, deadline).await;
         let mut prepared = prepared?;
         for record in &prepared.records {
@@ -183,10 +189,12 @@ impl<P: Ports> Exporter<P> {
     /// its keys. An account's indexes are read as one run of the table when there are many (a
     /// backfill's page: one Query reads what many reads by key would, for fewer read units);
     /// of the others, those with an override key (or filter) landed as their own run, with
-    /// their overrides, and the rest by key, all at once (100 a call).
+    /// their overrides, and the rest by key, all at once (100 a call). A backfill's batch reads
+    /// its stretch of the table again instead (a page of it holds 1,000 records, a Query one).
     async fn read_again(
         &self,
         by_index: BTreeMap<IndexRef, Recheck>,
+        span: Option<&TableSpan>,
         report: &mut BatchReport,
         deadline: Instant,
     ) -> Vec<(IndexRef, Recheck)> {
@@ -207,6 +215,22 @@ impl<P: Ports> Exporter<P> {
                 match overrides {
                     true => runs.push(vec![(index, recheck)]),
                     false => by_key.push((index, recheck)),
+                }
+            }
+        }
+        let mut found = Vec::new();
+        if let Some(span) = span.filter(|_| !runs.is_empty()) {
+            match self.span_runs(span, deadline).await {
+                Ok(mut seen) => {
+                    let mut seen = |group| take_seen(group, &mut seen, &mut found);
+                    let left = runs.into_iter().map(&mut seen);
+                    runs = left.filter(|group| !group.is_empty()).collect();
+                    by_key = seen(by_key);
+                }
+                Err(e) => {
+                    let groups = runs.iter().flatten().chain(&by_key);
+                    groups.for_each(|(_, recheck)| fail_all(report, recheck, &e));
+                    return found;
                 }
             }
         }
@@ -231,7 +255,6 @@ impl<P: Ports> Exporter<P> {
             (by_key, read)
         };
         let (by_key, runs) = tokio::join!(by_key, runs.collect::<Vec<_>>());
-        let mut found = Vec::new();
         for (indexes, mut read) in runs.into_iter().chain([by_key]) {
             for (index, mut recheck) in indexes {
                 match &mut read {
@@ -392,6 +415,26 @@ fn removed_overrides(
             Some((key.clone(), Some(index.clone())))
         })
         .collect()
+}
+
+/// The indexes of `group` a stretch read again holds whole go to `found`, with their records;
+/// the others are left.
+fn take_seen(
+    group: Vec<(IndexRef, Recheck)>,
+    seen: &mut IndexRuns,
+    found: &mut Vec<(IndexRef, Recheck)>,
+) -> Vec<(IndexRef, Recheck)> {
+    let mut left = Vec::new();
+    for (index, mut recheck) in group {
+        match seen.remove(&index) {
+            Some(now) => {
+                (recheck.settings, recheck.records) = now;
+                found.push((index, recheck));
+            }
+            None => left.push((index, recheck)),
+        }
+    }
+    left
 }
 
 /// Every key of an index that could not be read again fails its record: retried.

@@ -7,12 +7,79 @@ use std::collections::{HashMap, HashSet};
 use tokio::time::Instant;
 
 use super::Exporter;
-use crate::domain::{IndexRef, IndexRefs, TableKey, TableRecord};
+use crate::domain::{IndexRef, IndexRefs, TableKey, TableRecord, TableSpan};
 use crate::pipeline::records::ChangeRecord;
 use crate::ports::SettingsTable;
 use crate::ports::{before_deadline, Page, PortError, Ports};
 
+/// Records a page of a stretch read again holds (a 1 MB answer at the table's 1 KB items).
+const SPAN_PAGE: i32 = 1_000;
+
+/// Each index's records: whether it has a settings record, and its records as changes.
+pub(super) type IndexRuns = HashMap<IndexRef, (bool, Vec<ChangeRecord>)>;
+
 impl<P: Ports> Exporter<P> {
+    /// The runs a stretch of the table holds whole now, read again page by page from where it
+    /// began: each with another index's record, or the table's start or end, on either side
+    /// (the first run after `after` may have begun before it, and is left out). Reads until
+    /// the run holding `through` closed, or twice the records the stretch held.
+    pub(super) async fn span_runs(
+        &self,
+        span: &TableSpan,
+        deadline: Instant,
+    ) -> Result<IndexRuns, PortError> {
+        let mut runs: Vec<(Option<IndexRef>, bool, Vec<ChangeRecord>)> = Vec::new();
+        let (mut at, mut read, mut passed) = (span.after.clone(), 0, false);
+        let account = span.account.as_deref();
+        let closed = 'pages: loop {
+            let page = self
+                .table_page(account, at.take(), SPAN_PAGE, deadline)
+                .await?;
+            for (key, record) in page.records {
+                let index = match &record {
+                    TableRecord::Settings { index, .. } | TableRecord::Override { index, .. } => {
+                        Some(index.clone())
+                    }
+                    TableRecord::Other { .. } => None,
+                };
+                match runs.last_mut() {
+                    Some(run) if run.0 == index => {}
+                    _ if passed => break 'pages true,
+                    _ => runs.push((index, false, Vec::new())),
+                }
+                if let Some(run) = runs.last_mut() {
+                    run.1 |= matches!(record, TableRecord::Settings { .. });
+                    run.2.push(ChangeRecord::from_table(record, true));
+                }
+                passed |= key == span.through;
+                read += 1;
+            }
+            match page.next {
+                None => break true,
+                Some(_) if read >= span.records * 2 + SPAN_PAGE as usize => break false,
+                next => at = next,
+            }
+        };
+        if !closed {
+            runs.pop();
+        }
+        if span.after.is_some() && !runs.is_empty() {
+            runs.remove(0);
+        }
+        // An index seen in two runs is not whole in either: a name that sorts between its
+        // settings item and its overrides (`a b` between `a` and `a#QUERY#...`) split it.
+        let mut whole = IndexRuns::new();
+        let mut split = HashSet::new();
+        for (index, settings, records) in runs {
+            let Some(index) = index else { continue };
+            if whole.insert(index.clone(), (settings, records)).is_some() {
+                split.insert(index);
+            }
+        }
+        whole.retain(|index, _| !split.contains(index));
+        Ok(whole)
+    }
+
     /// The records of a run of an account's indexes, `first` to `last` by name, read at once:
     /// each index's settings record (if it has one: the flag) and its overrides.
     pub(super) async fn index_run(
@@ -20,10 +87,10 @@ impl<P: Ports> Exporter<P> {
         account: &str,
         (first, last): (&str, &str),
         deadline: Instant,
-    ) -> Result<HashMap<IndexRef, (bool, Vec<ChangeRecord>)>, PortError> {
+    ) -> Result<IndexRuns, PortError> {
         let read = self.table.index_range(account, first, last);
         let found = before_deadline(deadline, "index run", read).await?;
-        let mut indexes: HashMap<IndexRef, (bool, Vec<ChangeRecord>)> = HashMap::new();
+        let mut indexes = IndexRuns::new();
         for record in found {
             let settings = matches!(record, TableRecord::Settings { .. });
             let record = ChangeRecord::from_table(record, true);
