@@ -6,6 +6,7 @@
 //! Requests are typed: unknown fields are refused, and every error names its field.
 
 pub mod backfill;
+mod classify;
 mod fields;
 pub mod reconcile;
 pub mod reexport;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
 
+use super::classify::{self, owner_in_value, Class, Compared};
 use super::{ensure_exported, ensure_ready, flag, IndexTarget, KeyChanges, NonEmpty};
 use super::{OperatorError, PieceAt, Pieces};
 use crate::domain::kv::{is_query_config_key_of, query_config_prefix};
@@ -34,23 +35,13 @@ pub struct VerifyRequest {
     pub max_records: Option<usize>,
 }
 
-/// How a KV key compares with what the table implies.
-#[derive(Debug, Clone, PartialEq)]
-enum Drift {
-    InSync,
-    Missing,
-    Stale(Vec<String>),
-    Unexpected,
-}
-
-impl Drift {
-    fn name(&self) -> &'static str {
-        match self {
-            Drift::InSync => "in_sync",
-            Drift::Missing => "missing",
-            Drift::Stale(_) => "stale",
-            Drift::Unexpected => "unexpected",
-        }
+/// Verify's name of a class: an orphaned key is `unexpected` in its answer.
+fn status(class: Class) -> &'static str {
+    match class {
+        Class::InSync => "in_sync",
+        Class::Missing => "missing",
+        Class::Stale => "stale",
+        Class::Orphaned | Class::Protected | Class::Foreign => "unexpected",
     }
 }
 
@@ -89,17 +80,6 @@ pub struct Answer {
     pub complete: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub continuation_token: Option<String>,
-}
-
-/// Whether a query-config value was written for this index.
-fn owned_by(value: &str, index: &IndexRef) -> bool {
-    #[derive(Deserialize)]
-    struct Owner {
-        system_account_id: String,
-        index_name: String,
-    }
-    serde_json::from_str::<Owner>(value)
-        .is_ok_and(|o| o.system_account_id == index.account && o.index_name == index.name)
 }
 
 /// The top-level fields whose values differ (the API key counts as a field, never shown).
@@ -150,10 +130,12 @@ pub async fn run<P: Ports>(
     }) = pieces.next().await?
     {
         ensure_ready(&target, &prepared)?;
-        let mut check = Check::new(&target, &prepared);
-        check.compare(exporter, deadline).await?;
+        let mut check = Check::compare(exporter, &target, &prepared, deadline).await?;
         if last && target.include_query_configs {
-            check.unexpected(exporter, first && last, deadline).await?;
+            let whole = first && last;
+            check
+                .unexpected(exporter, &prepared, whole, deadline)
+                .await?;
         }
         answer.add(&check.drift);
         if request.repair {
@@ -165,57 +147,33 @@ pub async fn run<P: Ports>(
     Ok(answer.finish(pieces.token()))
 }
 
-/// One piece's keys compared: what the table implies for them (a value, or no key: a filter
-/// of an index without overrides), and how KV differs.
+/// One piece's keys as KV holds them (`classify::compare`): each key's class, and for a stale
+/// one the top-level fields that differ.
 struct Check<'a> {
     target: &'a IndexTarget,
-    index: &'a IndexRef,
-    expected: BTreeMap<KvKey, Option<String>>,
-    drift: BTreeMap<KvKey, Drift>,
+    drift: BTreeMap<KvKey, (Class, Option<Vec<String>>)>,
 }
 
 impl<'a> Check<'a> {
-    fn new(target: &'a IndexTarget, prepared: &Prepared) -> Self {
-        let expected = (prepared.plan.ops.iter())
-            .map(|(key, op)| match &op.action {
-                KvAction::Put(value) => (key.clone(), Some(value.text().into_owned())),
-                KvAction::Delete => (key.clone(), None),
-            })
-            .collect();
-        Self {
-            target,
-            index: &target.index,
-            expected,
-            drift: BTreeMap::new(),
-        }
-    }
-
-    /// Each expected key against KV: one bulk read per namespace (100 keys a request).
     async fn compare<P: Ports>(
-        &mut self,
         exporter: &Exporter<P>,
+        target: &'a IndexTarget,
+        prepared: &Prepared,
         deadline: Instant,
-    ) -> Result<(), OperatorError> {
-        let target = self.target;
-        let read = exporter
-            .kv()
-            .values_of(self.expected.keys(), deadline)
-            .await;
-        let mut actual = read.map_err(|e| {
+    ) -> Result<Self, OperatorError> {
+        let ops = &prepared.plan.ops;
+        let compared = (classify::compare(exporter, ops, deadline).await).map_err(|e| {
             OperatorError::export_failed(target, format!("reading the index's keys: {e}"))
         })?;
-        for (key, expected) in &self.expected {
-            let state = match (actual.remove(key), expected) {
-                (None, None) => continue,
-                (None, Some(_)) => Drift::Missing,
-                (Some(_), None) => Drift::Unexpected,
-                (Some(actual), Some(expected)) => {
-                    stale_fields(expected, &actual).map_or(Drift::InSync, Drift::Stale)
-                }
-            };
-            self.drift.insert(key.clone(), state);
-        }
-        Ok(())
+        let drift = compared.into_iter().map(|(key, Compared { class, held })| {
+            let fields = (class == Class::Stale).then(|| match &ops[&key].action {
+                KvAction::Put(value) => stale_fields(&value.text(), &held.unwrap_or_default()),
+                KvAction::Delete => None,
+            });
+            (key, (class, fields.flatten()))
+        });
+        let drift = drift.collect();
+        Ok(Self { target, drift })
     }
 
     /// Query-config keys of the index that no query config implies. `whole`: this piece
@@ -223,10 +181,11 @@ impl<'a> Check<'a> {
     async fn unexpected<P: Ports>(
         &mut self,
         exporter: &Exporter<P>,
+        prepared: &Prepared,
         whole: bool,
         deadline: Instant,
     ) -> Result<(), OperatorError> {
-        let (index, target) = (self.index, self.target);
+        let (index, target) = (&self.target.index, self.target);
         let failed = |what: &str, e| OperatorError::export_failed(target, format!("{what}: {e}"));
         let implied: Option<HashSet<String>> = match whole {
             true => None,
@@ -247,7 +206,12 @@ impl<'a> Check<'a> {
         let candidates: Vec<String> = listed
             .into_iter()
             .filter(|k| is_query_config_key_of(index, k))
-            .filter(|k| !self.expected.contains_key(&KvKey::query_config_named(k)))
+            .filter(|k| {
+                !prepared
+                    .plan
+                    .ops
+                    .contains_key(&KvKey::query_config_named(k))
+            })
             .filter(|k| implied.as_ref().is_none_or(|implied| !implied.contains(k)))
             .collect();
         let values = exporter
@@ -261,9 +225,10 @@ impl<'a> Check<'a> {
                 .get(&key)
                 .cloned()
                 .flatten()
-                .is_some_and(|v| owned_by(&v, index))
+                .is_some_and(|v| owner_in_value(&v).as_ref() == Some(index))
             {
-                (self.drift).insert(KvKey::query_config_named(&key), Drift::Unexpected);
+                let orphaned = (Class::Orphaned, None);
+                (self.drift).insert(KvKey::query_config_named(&key), orphaned);
             }
         }
         Ok(())
@@ -280,24 +245,21 @@ impl Answer {
         }
     }
 
-    fn add(&mut self, drift: &BTreeMap<KvKey, Drift>) {
-        for (key, state) in drift {
+    fn add(&mut self, drift: &BTreeMap<KvKey, (Class, Option<Vec<String>>)>) {
+        for (key, (class, fields)) in drift {
             let counts = &mut self.counts;
-            *match state {
-                Drift::InSync => &mut counts.in_sync,
-                Drift::Missing => &mut counts.missing,
-                Drift::Stale(_) => &mut counts.stale,
-                Drift::Unexpected => &mut counts.unexpected,
+            *match class {
+                Class::InSync => &mut counts.in_sync,
+                Class::Missing => &mut counts.missing,
+                Class::Stale => &mut counts.stale,
+                _ => &mut counts.unexpected,
             } += 1;
-            self.in_sync &= *state == Drift::InSync;
+            self.in_sync &= *class == Class::InSync;
             self.keys.push(KeyState {
                 namespace: key.namespace.name(),
                 key: key.key.clone(),
-                status: state.name(),
-                fields: match state {
-                    Drift::Stale(fields) => Some(fields.clone()),
-                    _ => None,
-                },
+                status: status(*class),
+                fields: (*class == Class::Stale).then(|| fields.clone().unwrap_or_default()),
             });
         }
     }
@@ -309,16 +271,16 @@ impl Answer {
         target: &IndexTarget,
         request: &VerifyRequest,
         prepared: Prepared,
-        drift: &BTreeMap<KvKey, Drift>,
+        drift: &BTreeMap<KvKey, (Class, Option<Vec<String>>)>,
         deadline: Instant,
     ) -> Result<(), OperatorError> {
         let index = &target.index;
         let writes: BTreeSet<KvKey> = (drift.iter())
-            .filter(|(_, state)| matches!(state, Drift::Missing | Drift::Stale(_)))
+            .filter(|(_, (class, _))| matches!(class, Class::Missing | Class::Stale))
             .map(|(key, _)| key.clone())
             .collect();
         let deletes: Vec<(KvKey, Option<IndexRef>)> = (drift.iter())
-            .filter(|(_, state)| **state == Drift::Unexpected)
+            .filter(|(_, (class, _))| *class == Class::Orphaned)
             .map(|(key, _)| (key.clone(), Some(index.clone())))
             .collect();
         if request.dry_run {
@@ -348,14 +310,6 @@ impl Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_query_config_belongs_to_the_index_its_value_names() {
-        let value = r#"{"schema_version": 1, "system_account_id": "acct", "index_name": "1-x"}"#;
-        assert!(owned_by(value, &IndexRef::new("acct", "1-x")));
-        assert!(!owned_by(value, &IndexRef::new("acct-1", "x")));
-        assert!(!owned_by("not json", &IndexRef::new("acct", "1-x")));
-    }
 
     #[test]
     fn stale_values_name_the_fields_that_differ() {

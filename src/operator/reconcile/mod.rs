@@ -3,19 +3,18 @@
 //!
 //! Here: the request, the answer and its log line. [`segments`] takes the pass in pieces (KV
 //! listed against the table, then the table, or the account's partition, read against KV);
-//! every key lands in exactly one class ([`classify`]), and a run that stops before the
+//! every key lands in exactly one class ([`crate::operator::classify`]), and a run that stops before the
 //! deadline hands out a token: the range it covered is never covered again. [`scheduled`]
 //! keeps the schedule's passes.
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-mod classify;
 pub mod scheduled;
 mod segments;
 
-use classify::Class;
-pub use classify::ClassCounts;
+use super::classify::Class;
+pub use super::classify::ClassCounts;
 
 use super::{flag, NonEmpty, OperatorError};
 use crate::domain::{KvKey, Namespace};

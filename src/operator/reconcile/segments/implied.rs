@@ -2,15 +2,14 @@
 //! together), each planned as a re-export, and every implied key's digest compared with what
 //! KV holds (read in bulk).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use tokio::time::Instant;
 
 use super::{Pass, Position, TABLE_PAGE};
-use crate::domain::kv::digest;
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
-use crate::operator::reconcile::classify::{could_be_written, owner_in_value, Class};
+use crate::operator::classify::{self, could_be_written, owner_in_value, Class, Compared};
 use crate::operator::reconcile::failed;
 use crate::operator::reconcile::NAMESPACES;
 use crate::operator::runs::Runs;
@@ -84,48 +83,28 @@ impl<P: Ports> Pass<'_, P> {
         // A key another record of the index implies is compared below, not kept.
         kept.retain(|key| !prepared.plan.ops.contains_key(key));
         self.count_kept(kept).await?;
-        let implied: Vec<(KvKey, String, IndexRef)> = (prepared.plan.ops.iter())
-            .filter_map(|(key, op)| match &op.action {
-                KvAction::Put(value) => Some((key.clone(), value.digest(), value.index().clone())),
-                KvAction::Delete => None,
-            })
-            .collect();
-        // Planned absent: the filter of an index without overrides (one KV holds is orphaned).
-        let absent: Vec<(KvKey, IndexRef)> = (prepared.records.iter())
-            .filter_map(|record| record.index.clone())
-            .map(|index| (filter_key(&index), index))
-            .filter(|(key, _)| {
-                matches!(
-                    prepared.plan.ops.get(key).map(|op| &op.action),
-                    Some(KvAction::Delete)
-                )
-            })
-            .collect::<HashMap<_, _>>()
-            .into_iter()
-            .collect();
-        let keys: Vec<&KvKey> = (implied.iter().map(|(key, ..)| key))
-            .chain(absent.iter().map(|(key, _)| key))
-            .collect();
-        let in_kv = self.read_held(keys).await?;
-        let mut deletes = Vec::new();
-        for (key, index) in absent {
-            if in_kv.contains_key(&key) {
-                self.found.add(&key, Class::Orphaned);
-                deletes.push((key, Some(index)));
-            }
-        }
-        let shared = self.shared_shops(&implied, &in_kv).await?;
-        let mut to_write = BTreeSet::new();
-        for (key, digest, _) in implied {
-            let class = match in_kv.get(&key) {
-                Some(held) if held.digest == digest => Class::InSync,
-                Some(_) if shared.contains(&key) => Class::InSync,
-                None => Class::Missing,
-                Some(_) => Class::Stale,
+        let ops = &prepared.plan.ops;
+        self.count_bulk_gets(ops.keys());
+        let compared = classify::compare(self.exporter, ops, self.deadline);
+        let compared = compared.await.map_err(failed)?;
+        let shared = self.shared_shops(&prepared, &compared).await?;
+        let (mut to_write, mut deletes) = (BTreeSet::new(), Vec::new());
+        for (key, Compared { class, .. }) in compared {
+            let class = match class {
+                Class::Stale if shared.contains(&key) => Class::InSync,
+                class => class,
             };
             self.found.add(&key, class);
-            if class != Class::InSync {
-                to_write.insert(key);
+            match class {
+                Class::Missing | Class::Stale => {
+                    to_write.insert(key);
+                }
+                // Planned absent: the filter of an index without overrides.
+                Class::Orphaned => {
+                    let index = prepared.records[ops[&key].owner].index.clone();
+                    deletes.push((key, index));
+                }
+                _ => {}
             }
         }
         self.repair(Some(prepared), to_write, deletes).await
@@ -146,31 +125,21 @@ impl<P: Ports> Pass<'_, P> {
     /// The keys of indexes this pass cannot export (rejected, or left unchecked) are kept as
     /// they are: those KV holds count as protected.
     async fn count_kept(&mut self, keys: Vec<KvKey>) -> Result<(), OperatorError> {
-        let held = self.read_held(keys.iter().collect()).await?;
-        for key in keys {
-            if held.contains_key(&key) {
-                self.found.add(&key, Class::Protected);
-            }
+        self.count_bulk_gets(keys.iter());
+        let held = self.exporter.kv().values_of(&keys, self.deadline);
+        let held = held.await.map_err(failed)?;
+        for key in keys.iter().filter(|key| held.contains_key(key)) {
+            self.found.add(key, Class::Protected);
         }
         Ok(())
     }
 
-    /// What KV holds under each key (absent: not there), read in bulk (100 keys a request).
-    async fn read_held(
-        &mut self,
-        keys: Vec<&KvKey>,
-    ) -> Result<HashMap<KvKey, Held>, OperatorError> {
+    /// The bulk reads of these keys' values (100 keys a request, per namespace), counted.
+    fn count_bulk_gets<'k>(&mut self, keys: impl Iterator<Item = &'k KvKey> + Clone) {
         for namespace in NAMESPACES {
-            let asked = keys.iter().filter(|k| k.namespace == namespace).count();
+            let asked = keys.clone().filter(|k| k.namespace == namespace).count();
             self.requests.kv_bulk_get += asked.div_ceil(100);
         }
-        let values = self.exporter.kv().values_of(keys, self.deadline);
-        let held = (values.await.map_err(failed)?.into_iter()).map(|(key, value)| {
-            let digest = digest(&value);
-            let owner = owner_in_value(&value).filter(could_be_written);
-            (key, Held { digest, owner })
-        });
-        Ok(held.collect())
     }
 
     /// Shop keys that hold the value of another index whose table record claims the shop
@@ -178,35 +147,34 @@ impl<P: Ports> Pass<'_, P> {
     /// index's own piece compares the value).
     async fn shared_shops(
         &mut self,
-        implied: &[(KvKey, String, IndexRef)],
-        in_kv: &HashMap<KvKey, Held>,
+        prepared: &Prepared,
+        compared: &BTreeMap<KvKey, Compared>,
     ) -> Result<HashSet<KvKey>, OperatorError> {
-        let others: Vec<(&KvKey, &IndexRef)> = (implied.iter())
-            .filter(|(key, _, owner)| {
-                key.namespace == Namespace::Settings && *key != KvKey::index(owner)
+        let others: Vec<(&KvKey, IndexRef)> = (compared.iter())
+            .filter(|(key, compared)| {
+                key.namespace == Namespace::Settings && compared.class == Class::Stale
             })
-            .filter_map(|(key, _, owner)| {
-                let other = in_kv.get(key)?.owner.as_ref().filter(|o| *o != owner)?;
+            .filter_map(|(key, compared)| {
+                let KvAction::Put(value) = &prepared.plan.ops[key].action else {
+                    return None;
+                };
+                let owner = value.index();
+                let held = owner_in_value(compared.held.as_deref()?).filter(could_be_written);
+                let other = held.filter(|o| o != owner && *key != KvKey::index(owner))?;
                 Some((key, other))
             })
             .collect();
         if others.is_empty() {
             return Ok(HashSet::new());
         }
-        let indexes: Vec<IndexRef> = others.iter().map(|(_, o)| (*o).clone()).collect();
+        let indexes: Vec<IndexRef> = others.iter().map(|(_, o)| o.clone()).collect();
         let refs = self.exporter.index_references(&indexes, self.deadline);
         let refs = refs.await.map_err(failed)?;
         Ok((others.into_iter())
-            .filter(|(key, other)| refs.get(*other).is_some_and(|r| r.shops.contains(&key.key)))
+            .filter(|(key, other)| refs.get(other).is_some_and(|r| r.shops.contains(&key.key)))
             .map(|(key, _)| key.clone())
             .collect())
     }
-}
-
-/// What KV holds under a key: its value's digest, and the index the value names.
-struct Held {
-    digest: String,
-    owner: Option<IndexRef>,
 }
 
 /// The keys a settings record's index has whatever its values: its own, its filter's, and

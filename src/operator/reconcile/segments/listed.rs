@@ -9,7 +9,7 @@ use super::{Pass, Position, CONCURRENT_QUERIES};
 use crate::domain::kv::KeyMetadata;
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvKey, Namespace, TableKey, TableRecord};
-use crate::operator::reconcile::classify::{could_be_written, live_targets, owner_in_value, Class};
+use crate::operator::classify::{could_be_written, live_targets, owner_in_value, Class};
 use crate::operator::reconcile::failed;
 use crate::operator::reconcile::NAMESPACES;
 use crate::operator::OperatorError;
