@@ -95,3 +95,54 @@ fn the_readme_s_stages_name_the_files_that_hold_them() {
     let numbered = (1..=7).all(|n| stages.contains(&format!("\n{n}. **")));
     assert!(numbered, "seven stages, in order");
 }
+
+/// Every type named in the README's "concepts to know first" is declared in `src/`, and there
+/// are 25 of them at most: the list a reader starts from stays short and true.
+#[test]
+fn the_concepts_to_know_first_are_few_and_each_is_declared() {
+    let entries: Vec<String> = {
+        let mut entries: Vec<String> = Vec::new();
+        let section = (README.lines())
+            .skip_while(|l| *l != "### The concepts to know first")
+            .skip(1)
+            .take_while(|l| !l.starts_with('#'));
+        for line in section {
+            match line.strip_prefix("- ") {
+                Some(entry) => entries.push(entry.to_owned()),
+                None if line.starts_with("  ") => {
+                    if let Some(last) = entries.last_mut() {
+                        last.push_str(line);
+                    }
+                }
+                None => {}
+            }
+        }
+        entries
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    sources(&root.join("src"), &mut files);
+    let code: String = (files.iter())
+        .map(|f| std::fs::read_to_string(f).expect("a source file"))
+        .collect();
+    let declared = |name: &str| {
+        ["struct", "enum", "trait", "type"].iter().any(|kind| {
+            code.match_indices(&format!("{kind} {name}"))
+                .any(|(at, found)| {
+                    let next = code[at + found.len()..].chars().next();
+                    next.is_some_and(|c| !c.is_alphanumeric() && c != '_')
+                })
+        })
+    };
+    let names: Vec<&str> = (entries.iter())
+        .flat_map(|entry| entry.split('`').skip(1).step_by(2))
+        .filter(|name| name.starts_with(|c: char| c.is_ascii_uppercase()))
+        .collect();
+    let entries_count = entries.len();
+    assert!(
+        (10..=25).contains(&entries_count),
+        "{entries_count} concepts"
+    );
+    let missing: Vec<&&str> = names.iter().filter(|name| !declared(name)).collect();
+    assert!(missing.is_empty(), "not declared in src/: {missing:?}");
+}
