@@ -181,42 +181,30 @@ impl DynamoSettingsTable {
 impl SettingsTable for DynamoSettingsTable {
     async fn settings_references(&self) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
         self.reference_scans.fetch_add(1, Ordering::Relaxed);
-        let mut references = Vec::new();
-        let mut start_key = None;
-        loop {
-            let page = self
-                .client()
-                .scan()
-                .table_name(&self.table_name)
-                .filter_expression("begins_with(sk, :index) AND NOT contains(sk, :query)")
-                .projection_expression("pk, sk, shop_id, read_alias, index_aliases")
-                // A remove must see every alias written before it.
-                .consistent_read(true)
-                .expression_attribute_values(":index", AttributeValue::S("INDEX#".into()))
-                .expression_attribute_values(":query", AttributeValue::S("#QUERY#".into()))
-                .set_exclusive_start_key(start_key)
-                .send()
-                .await
-                .map_err(|e| self.error("scan", e))?;
-            for item in page.items.unwrap_or_default() {
-                let image = Item::from(item);
-                let (Some(pk), Some(sk)) = (
-                    string_attribute(&image, "pk"),
-                    string_attribute(&image, "sk"),
-                ) else {
-                    continue;
-                };
-                let pk = pk.to_owned();
-                let SortKey::Index(name) = SortKey::parse(sk, &self.default_configs_sk) else {
-                    continue;
-                };
-                references.push(references_of(IndexRef::new(pk, name), &image));
-            }
-            match page.last_evaluated_key {
-                Some(key) if !key.is_empty() => start_key = Some(key),
-                _ => return Ok(references),
-            }
-        }
+        let items = (self.client().scan())
+            .table_name(&self.table_name)
+            .filter_expression("begins_with(sk, :index) AND NOT contains(sk, :query)")
+            .projection_expression("pk, sk, shop_id, read_alias, index_aliases")
+            // A remove must see every alias written before it.
+            .consistent_read(true)
+            .expression_attribute_values(":index", AttributeValue::S("INDEX#".into()))
+            .expression_attribute_values(":query", AttributeValue::S("#QUERY#".into()))
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| self.error("scan", e))?;
+        let references = items.into_iter().filter_map(|item| {
+            let image = Item::from(item);
+            let pk = string_attribute(&image, "pk")?.to_owned();
+            let sk = string_attribute(&image, "sk")?;
+            let SortKey::Index(name) = SortKey::parse(sk, &self.default_configs_sk) else {
+                return None;
+            };
+            Some(references_of(IndexRef::new(pk, name), &image))
+        });
+        Ok(references.collect())
     }
 
     async fn index_references(
@@ -263,40 +251,27 @@ impl SettingsTable for DynamoSettingsTable {
         // before `after_prefix` of it: past that run (or past the account), the range is read.
         let last = format!("INDEX#{last}");
         let upper = after_prefix(&last);
-        let mut items = Vec::new();
-        let mut start = None;
-        loop {
-            let query = self
-                .client()
-                .query()
-                .table_name(&self.table_name)
-                .expression_attribute_values(":pk", AttributeValue::S(account.to_owned()))
-                .expression_attribute_values(":first", AttributeValue::S(format!("INDEX#{first}")));
-            let query = match &upper {
-                Some(upper) => query
-                    .key_condition_expression("pk = :pk AND sk BETWEEN :first AND :upper")
-                    .expression_attribute_values(":upper", AttributeValue::S(upper.clone())),
-                None => query.key_condition_expression("pk = :pk AND sk >= :first"),
-            };
-            let page = query
-                .consistent_read(true)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(|e| self.error("Query", e))?;
-            for item in page.items.unwrap_or_default() {
-                let item = Item::from(item);
-                let sk = string_attribute(&item, "sk").unwrap_or_default();
-                if sk > last.as_str() && !sk.starts_with(&last) {
-                    return Ok(items);
-                }
-                items.push(self.record(&item));
+        let query = (self.client().query())
+            .table_name(&self.table_name)
+            .expression_attribute_values(":pk", AttributeValue::S(account.to_owned()))
+            .expression_attribute_values(":first", AttributeValue::S(format!("INDEX#{first}")));
+        let query = match &upper {
+            Some(upper) => query
+                .key_condition_expression("pk = :pk AND sk BETWEEN :first AND :upper")
+                .expression_attribute_values(":upper", AttributeValue::S(upper.clone())),
+            None => query.key_condition_expression("pk = :pk AND sk >= :first"),
+        };
+        let mut pages = query.consistent_read(true).into_paginator().items().send();
+        let mut records = Vec::new();
+        while let Some(item) = pages.try_next().await.map_err(|e| self.error("Query", e))? {
+            let item = Item::from(item);
+            let sk = string_attribute(&item, "sk").unwrap_or_default();
+            if sk > last.as_str() && !sk.starts_with(&last) {
+                break;
             }
-            match page.last_evaluated_key {
-                Some(key) => start = Some(key),
-                None => return Ok(items),
-            }
+            records.push(self.record(&item));
         }
+        Ok(records)
     }
 
     async fn query_configs(

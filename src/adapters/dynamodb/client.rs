@@ -283,25 +283,18 @@ impl Dynamo {
         table: &str,
         pk: String,
     ) -> Result<Vec<serde_dynamo::Item>, PortError> {
-        let mut items = Vec::new();
-        let mut start = None;
-        loop {
-            let page = (self.client.query())
-                .table_name(table)
-                .key_condition_expression("pk = :pk")
-                .expression_attribute_values(":pk", AttributeValue::S(pk.clone()))
-                .consistent_read(true)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(|e| port_error("Query", table, e))?;
-            let found = page.items.unwrap_or_default().into_iter();
-            items.extend(found.map(serde_dynamo::Item::from));
-            match page.last_evaluated_key.filter(|key| !key.is_empty()) {
-                Some(key) => start = Some(key),
-                None => return Ok(items),
-            }
-        }
+        let items = (self.client.query())
+            .table_name(table)
+            .key_condition_expression("pk = :pk")
+            .expression_attribute_values(":pk", AttributeValue::S(pk))
+            .consistent_read(true)
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| port_error("Query", table, e))?;
+        Ok(items.into_iter().map(serde_dynamo::Item::from).collect())
     }
 }
 
