@@ -9,10 +9,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 use tokio::time::Instant;
 
 use super::fields::{count, decode_token, encode_token, flag, max_records};
-use super::runs::Runs;
 use super::{NonEmpty, OperatorError};
 use crate::domain::{IndexRef, KvAction};
-use crate::pipeline::exporter::{Exporter, Prepared, Run};
+use crate::pipeline::exporter::{Exporter, Prepared, Run, Runs};
 use crate::pipeline::records::ChangeRecord;
 use crate::ports::{PortError, Ports};
 use crate::report::{BatchReport, Outcome, RecordReport};

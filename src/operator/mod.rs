@@ -10,7 +10,6 @@ mod classify;
 mod fields;
 pub mod reconcile;
 pub mod reexport;
-mod runs;
 pub mod verify;
 
 use crate::domain::TableKey;

@@ -24,11 +24,13 @@ mod dropped;
 mod intents;
 mod reads;
 mod references;
+mod runs;
 mod shrink;
 mod snapshot;
 mod windows;
 mod write;
 pub use references::left_by;
+pub use runs::{Closed, Runs};
 
 /// How many KV reads (bulk reads, listings) are in flight at once; the store sends its writes.
 const CONCURRENT_KV_REQUESTS: usize = 4;

@@ -31,7 +31,7 @@ use crate::report::Outcome;
 mod implied;
 mod listed;
 
-/// Table records compared at once; an index's records are kept together (`operator/runs.rs`).
+/// Table records compared at once; an index's records are kept together (`pipeline/exporter/runs.rs`).
 const CHUNK_RECORDS: usize = 2_000;
 const TABLE_PAGE: usize = 1_000;
 /// Table Queries (an owner's overrides) in flight at once.

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use tokio::time::Instant;
 
-use super::Exporter;
+use super::{Exporter, Runs};
 use crate::domain::{IndexRef, IndexRefs, TableKey, TableRecord, TableSpan};
 use crate::pipeline::records::ChangeRecord;
 use crate::ports::SettingsTable;
@@ -19,62 +19,37 @@ const SPAN_PAGE: i32 = 1_000;
 pub(super) type IndexRuns = HashMap<IndexRef, (bool, Vec<ChangeRecord>)>;
 
 impl<P: Ports> Exporter<P> {
-    /// The runs a stretch of the table holds whole now, read again page by page from where it
-    /// began: each with another index's record, or the table's start or end, on either side
-    /// (the first run after `after` may have begun before it, and is left out). Reads until
-    /// the run holding `through` closed, or twice the records the stretch held.
+    /// The runs a stretch of the table holds whole now, read again as it was read (`Runs`,
+    /// from where it began, a thousand items a page) until the run holding `through` closed,
+    /// or twice the records the stretch held. An index seen in two runs is in neither: a name
+    /// that sorts between its settings item and its overrides (`a!b` between `a` and
+    /// `a#QUERY#...`) split it.
     pub(super) async fn span_runs(
         &self,
         span: &TableSpan,
         deadline: Instant,
     ) -> Result<IndexRuns, PortError> {
-        let mut runs: Vec<(Option<IndexRef>, bool, Vec<ChangeRecord>)> = Vec::new();
-        let (mut at, mut read, mut passed) = (span.after.clone(), 0, false);
-        let account = span.account.as_deref();
-        let closed = 'pages: loop {
-            let page = self
-                .table_page(account, at.take(), SPAN_PAGE, deadline)
-                .await?;
-            for (key, record) in page.records {
-                let index = match &record {
-                    TableRecord::Settings { index, .. } | TableRecord::Override { index, .. } => {
-                        Some(index.clone())
-                    }
-                    TableRecord::Other { .. } => None,
-                };
-                match runs.last_mut() {
-                    Some(run) if run.0 == index => {}
-                    _ if passed => break 'pages true,
-                    _ => runs.push((index, false, Vec::new())),
-                }
-                if let Some(run) = runs.last_mut() {
-                    run.1 |= matches!(record, TableRecord::Settings { .. });
-                    run.2.push(ChangeRecord::from_table(record, true));
-                }
-                passed |= key == span.through;
-                read += 1;
-            }
-            match page.next {
-                None => break true,
-                Some(_) if read >= span.records * 2 + SPAN_PAGE as usize => break false,
-                next => at = next,
-            }
-        };
-        if !closed {
-            runs.pop();
+        let mut runs = Runs::through(span.after.clone(), span.through.clone());
+        let (account, budget) = (span.account.as_deref(), span.records * 2);
+        let mut read = 0;
+        while !runs.ended() && !runs.passed() && read <= budget {
+            let page = runs.read(self, account, SPAN_PAGE, true, false, deadline);
+            read += page.await?.0;
         }
-        if span.after.is_some() && !runs.is_empty() {
-            runs.remove(0);
-        }
-        // An index seen in two runs is not whole in either: a name that sorts between its
-        // settings item and its overrides (`a b` between `a` and `a#QUERY#...`) split it.
-        let mut whole = IndexRuns::new();
-        let mut split = HashSet::new();
-        for (index, settings, records) in runs {
-            let Some(index) = index else { continue };
-            if whole.insert(index.clone(), (settings, records)).is_some() {
-                split.insert(index);
+        let (mut whole, mut split) = (IndexRuns::new(), HashSet::new());
+        let (mut last, closed) = (None, runs.take_closed());
+        for record in closed.whole {
+            let Some(index) = record.index.clone() else {
+                last = None;
+                continue;
+            };
+            if last.as_ref() != Some(&index) && whole.contains_key(&index) {
+                split.insert(index.clone());
             }
+            let run = whole.entry(index.clone()).or_default();
+            run.0 = closed.settings.contains(&index);
+            run.1.push(record);
+            last = Some(index);
         }
         whole.retain(|index, _| !split.contains(index));
         Ok(whole)

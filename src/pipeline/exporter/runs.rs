@@ -5,10 +5,12 @@
 //! whole: it outgrew [`MAX_HELD`], it may have begun before where the read resumed, or the read
 //! must stop before it ends.
 
+use std::collections::HashSet;
+
 use tokio::time::Instant;
 
+use super::Exporter;
 use crate::domain::{IndexRef, IndexRefs, TableKey, TableRecord};
-use crate::pipeline::exporter::Exporter;
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{PortError, Ports};
 
@@ -17,23 +19,25 @@ const MAX_HELD: usize = 5_000;
 
 /// Runs that ended, in the table's order.
 #[derive(Debug, Default)]
-pub(super) struct Closed {
+pub struct Closed {
     /// Runs whose filters are built from their own records.
     pub whole: Vec<ChangeRecord>,
     /// Runs (or the rest of them) whose filters come from a Query of the table.
     pub queried: Vec<ChangeRecord>,
     /// The item key of the last record closed: where the next read starts.
     pub at: Option<TableKey>,
+    /// The indexes whose settings item the closed runs hold.
+    pub settings: HashSet<IndexRef>,
 }
 
 impl Closed {
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.whole.len() + self.queried.len()
     }
 }
 
 #[derive(Debug, Default)]
-pub(super) struct Runs {
+pub struct Runs {
     /// The run being read: it may go on in the next page.
     held: Vec<(ChangeRecord, TableKey)>,
     /// The index whose run could not be held whole: the rest of it is queried too.
@@ -44,6 +48,9 @@ pub(super) struct Runs {
     /// Where the next page begins (`None`: the table's start, or its end once `ended`).
     scan_at: Option<TableKey>,
     ended: bool,
+    /// A key whose run, once closed, ends the read (`through`), and whether it closed.
+    through: Option<TableKey>,
+    passed: bool,
 }
 
 impl Runs {
@@ -98,9 +105,23 @@ impl Runs {
         Ok((read, added))
     }
 
+    /// Runs read from `start` until the run holding `key` closed (`passed`).
+    pub fn through(start: Option<TableKey>, key: TableKey) -> Self {
+        let through = Some(key);
+        Self {
+            through,
+            ..Self::new(start)
+        }
+    }
+
     /// The table was read to its end.
     pub fn ended(&self) -> bool {
         self.ended
+    }
+
+    /// The run holding the key the read goes `through` closed.
+    pub fn passed(&self) -> bool {
+        self.passed
     }
 
     /// The next record read; a record of another index (or of none) ends the held run.
@@ -129,6 +150,13 @@ impl Runs {
         }
         let queried = first.index.is_some() && first.index == self.querying;
         let held = std::mem::take(&mut self.held);
+        for (record, key) in &held {
+            self.passed |= Some(key) == self.through.as_ref();
+            let index = record.index.as_ref();
+            if let Some(index) = index.filter(|index| *key == TableKey::of(index, None)) {
+                self.closed.settings.insert(index.clone());
+            }
+        }
         self.closed.at = held.last().map(|(_, key)| key.clone());
         let records = held.into_iter().map(|(record, _)| record);
         match queried {
