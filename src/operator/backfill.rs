@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::fields::{count, decode_token, encode_token, flag, max_records};
 use super::{NonEmpty, OperatorError};
 use crate::domain::{IndexRef, KvAction};
-use crate::pipeline::exporter::{Exporter, Prepared, Run, Runs};
+use crate::pipeline::exporter::{AddReferences, Exporter, Prepared, Run, Runs};
 use crate::pipeline::records::ChangeRecord;
 use crate::ports::{PortError, Ports};
 use crate::report::{BatchReport, Outcome, RecordReport};
@@ -247,19 +247,18 @@ struct Pass<'a, P: Ports> {
 }
 
 impl<P: Ports> Pass<'_, P> {
-    /// Reads the table's next page into the runs (what its settings items name added to the
-    /// ledger first: the migration to sets of referrers, and the ledger's own repair).
+    /// Reads the table's next page into the runs, what its settings items name added to the
+    /// ledger first, each counted as an intent (the migration to sets of referrers, and the
+    /// ledger's own repair): a stream's shrink that read the ledger before leaves it, and one
+    /// that read after read the table after this page too.
     async fn read(&mut self, account: Option<&str>) -> Result<(), OperatorError> {
         let request = self.request;
         let (size, overrides) = (request.page_size, request.include_query_configs);
-        let read = (self.runs).read(
-            self.exporter,
-            account,
-            size,
-            overrides,
-            !request.dry_run,
-            self.deadline,
-        );
+        let add = match request.dry_run {
+            true => AddReferences::None,
+            false => AddReferences::Counted,
+        };
+        let read = (self.runs).read(self.exporter, account, size, overrides, add, self.deadline);
         let (records, _) = read.await.map_err(backfill_failed)?;
         self.tally.items += records;
         Ok(())

@@ -30,7 +30,7 @@ mod snapshot;
 mod windows;
 mod write;
 pub use references::left_by;
-pub use runs::{Closed, Runs};
+pub use runs::{AddReferences, Closed, Runs};
 
 /// How many KV reads (bulk reads, listings) are in flight at once; the store sends its writes.
 const CONCURRENT_KV_REQUESTS: usize = 4;
@@ -69,7 +69,7 @@ pub struct Run {
     pub records_references: bool,
     /// Its intents own what is recorded already (a re-export, a verify's repair): each counts,
     /// even when it adds nothing, so a stream's shrink that read before it takes none of it out
-    /// (a backfill's would double its ledger writes: the window is the contract's).
+    /// (a backfill's page step counts every reference its records name before the batch).
     pub owns_recorded: bool,
 }
 
@@ -93,7 +93,8 @@ impl Run {
         records_references: true,
         owns_recorded: true,
     };
-    /// A backfill's: an operator's whose intents add only what the ledger lacks.
+    /// A backfill's: an operator's whose intents add only what the ledger lacks (its page step
+    /// counted every reference its records name: `AddReferences::Counted`).
     pub const BACKFILL: Run = Run {
         owns_recorded: false,
         ..Run::OPERATOR

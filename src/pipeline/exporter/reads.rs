@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use tokio::time::Instant;
 
-use super::{Exporter, Runs};
+use super::{AddReferences, Exporter, Runs};
 use crate::domain::{IndexRef, IndexRefs, TableKey, TableRecord, TableSpan};
 use crate::pipeline::records::ChangeRecord;
 use crate::ports::SettingsTable;
@@ -33,7 +33,14 @@ impl<P: Ports> Exporter<P> {
         let (account, budget) = (span.account.as_deref(), span.records * 2);
         let mut read = 0;
         while !runs.ended() && !runs.passed() && read <= budget {
-            let page = runs.read(self, account, SPAN_PAGE, true, false, deadline);
+            let page = runs.read(
+                self,
+                account,
+                SPAN_PAGE,
+                true,
+                AddReferences::None,
+                deadline,
+            );
             read += page.await?.0;
         }
         let (mut whole, mut split) = (IndexRuns::new(), HashSet::new());

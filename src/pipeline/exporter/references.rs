@@ -105,25 +105,29 @@ impl<P: Ports> Exporter<P> {
         before_deadline(deadline, "candidates' settings", read).await
     }
 
-    /// The ledger's own repair (a reconcile's table step, a backfill's rejected items): the
+    /// The ledger's own repair (a reconcile's table step, a backfill's pages): the
     /// items pointing back for what each settings item names (`references`, read from the raw
     /// items, fail closed: a record rejected as invalid still names what its KV value, written
     /// when it was valid, may route to) that the ledger lacks (a stream record lost, a write
     /// that failed, an index exported before the ledger) are added. Nothing is deleted or
     /// replaced: the table was read before the stream's newer word may have landed, and an
-    /// extra item costs a candidate read, never a wrong answer. Answers how many were added.
-    pub async fn add_missing_references(
+    /// extra item costs a candidate read, never a wrong answer. `counted`: every one is added
+    /// (each an intent that counts), with no read of what the ledger holds. Answers how many
+    /// were added.
+    pub async fn add_references(
         &self,
         references: &[(IndexRef, IndexRefs)],
+        counted: bool,
         deadline: Instant,
     ) -> Result<usize, PortError> {
         let named: BTreeSet<(IndexRef, Referred)> = (references.iter())
             .flat_map(|r| named_by(r).map(move |referred| (r.0.clone(), referred)))
             .collect();
-        if named.is_empty() {
-            return Ok(0);
-        }
         let named: Vec<(IndexRef, Referred)> = named.into_iter().collect();
+        if named.is_empty() || counted {
+            intents::add_to_ledger(&self.ledger, &named, deadline).await?;
+            return Ok(named.len());
+        }
         let read = self.ledger.pointing(&named);
         let found: BTreeSet<_> = (before_deadline(deadline, "ledger references", read).await?)
             .into_iter()

@@ -36,6 +36,17 @@ impl Closed {
     }
 }
 
+/// What a page's settings records name (rejected ones too: their KV values, written when they
+/// were valid, may still route there) is added to the ledger before any of them is sent: where
+/// it lacks it (the reconcile's repair), every reference counted as an intent (a backfill's:
+/// read nothing, write everything), or not at all (a check's read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddReferences {
+    Lacking,
+    Counted,
+    None,
+}
+
 #[derive(Debug, Default)]
 pub struct Runs {
     /// The run being read: it may go on in the next page.
@@ -64,22 +75,22 @@ impl Runs {
     }
 
     /// The table's next page read into the runs (one account's records when given). What its
-    /// settings records name (rejected ones too) is added to the ledger first when
-    /// `add_references`: the ledger's own repair, before any of them is sent. Answers how many
-    /// records it read and how many references it added.
+    /// settings records name that the ledger lacks is added to it first, as `add` says: the
+    /// ledger's own repair, before any of them is sent. Answers how many records it read and
+    /// how many references it added.
     pub async fn read<P: Ports>(
         &mut self,
         exporter: &Exporter<P>,
         account: Option<&str>,
         size: i32,
         with_overrides: bool,
-        add_references: bool,
+        add: AddReferences,
         deadline: Instant,
     ) -> Result<(usize, usize), PortError> {
         let page = exporter.table_page(account, self.scan_at.take(), size, deadline);
         let page = page.await?;
         let mut added = 0;
-        if add_references {
+        if add != AddReferences::None {
             let references: Vec<(IndexRef, IndexRefs)> = (page.records.iter())
                 .filter_map(|(_, record)| match record {
                     TableRecord::Settings {
@@ -88,9 +99,9 @@ impl Runs {
                     _ => None,
                 })
                 .collect();
-            added = exporter
-                .add_missing_references(&references, deadline)
-                .await?;
+            let counted = add == AddReferences::Counted;
+            let adding = exporter.add_references(&references, counted, deadline);
+            added = adding.await?;
         }
         let read = page.records.len();
         for (key, record) in page.records {

@@ -13,7 +13,7 @@ use crate::operator::classify::{self, could_be_written, owner_in_value, Class, C
 use crate::operator::reconcile::failed;
 use crate::operator::reconcile::NAMESPACES;
 use crate::operator::OperatorError;
-use crate::pipeline::exporter::{left_by, Prepared, Run, Runs};
+use crate::pipeline::exporter::{left_by, AddReferences, Prepared, Run, Runs};
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{KvStore as _, Ports};
 use crate::report::Outcome;
@@ -30,7 +30,8 @@ impl<P: Ports> Pass<'_, P> {
         let mut runs = Runs::new(position.table_at.clone());
         let end = loop {
             let size = TABLE_PAGE.min(limit.max(1)) as i32;
-            let read = (runs).read(self.exporter, self.account, size, true, true, self.deadline);
+            let add = AddReferences::Lacking;
+            let read = (runs).read(self.exporter, self.account, size, true, add, self.deadline);
             let (_, added) = read.await.map_err(failed)?;
             self.requests.table_pages += 1;
             if added > 0 {
