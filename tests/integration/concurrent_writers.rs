@@ -720,3 +720,51 @@ async fn a_shop_whose_only_other_claimer_is_rejected_is_deleted(view) {
     assert_eq!(h.settings(SHOP).unwrap()["index_name"], "invalid");
 }
 }
+
+crate::on_both_views! {
+/// A stream batch moves `products` off shop x; its shrink, which read the ledger before, is
+/// held while the table moves the index back to x and a backfill writes x's key (finding x
+/// recorded already). Released, the shrink takes nothing out (the backfill's page counted x as
+/// an intent), so the index's next move gives x up: its key is deleted, never left serving
+/// (the simulation's seed 4628).
+async fn a_backfill_s_shop_outlives_a_shrink_that_read_the_ledger_before_it(view) {
+    use ecom_emulators::dynamo_proxy::DynamoFault;
+    let [sx, sy, sz] = ["x", "y", "z"].map(|s| format!("shop-{s}.myshopify.com"));
+    let mut h = Harness::with_view(view).await;
+    h.keys.set_key("acct-1", "marqo-key");
+    h.put(index_item("acct-1", "products", Some(&sx))).await;
+    h.export_stream().await;
+    h.migrate().await;
+    let ProxiedFunction { dynamodb, runtime, function } = behind_a_dynamodb_proxy(&h).await;
+    let backfill = Writer::start(&h).await;
+
+    h.put(index_item("acct-1", "products", Some(&sy))).await;
+    let moved = h.stream_records().await;
+    // Its intent is recorded before its first KV write (held): the next ledger write is the
+    // shrink, held in turn.
+    h.kv.hold("bulk/delete", Some(&sx));
+    let run = runtime.invoke(json!({ "Records": moved }), TIMEOUT);
+    let race = async {
+        until_held(&h).await;
+        dynamodb.inject(Some("TransactWriteItems"), Some("-ledger"), DynamoFault::Hold, 1);
+        h.kv.release();
+        until_ledger_held(&dynamodb, &function).await;
+        h.put(index_item("acct-1", "products", Some(&sx))).await;
+        let answer = backfill.invoke(json!({"mode": "backfill"})).await;
+        assert_eq!(answer["failed"], 0, "{answer}");
+        assert_eq!(h.settings(&sx).unwrap()["index_name"], "products");
+        dynamodb.release();
+    };
+    let (answer, ()) = tokio::join!(run, race);
+    let answer = answer.expect("an answer");
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+
+    h.put(index_item("acct-1", "products", Some(&sz))).await;
+    let records = h.stream_records().await;
+    let answer = backfill.invoke(json!({ "Records": records })).await;
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+    assert_eq!(h.settings(&sz).unwrap()["index_name"], "products");
+    assert_eq!(h.settings(&sx), None, "{}", function.output());
+    assert_eq!(h.settings(&sy), None);
+}
+}
