@@ -1,67 +1,21 @@
 //! What the operator modes and the check read of the table through the exporter: items by key,
-//! an index's run, its overrides, pages, references, each stopped at the deadline (KV values
+//! an index's run, its overrides, references, each stopped at the deadline (KV values
 //! and listings they read from the store itself, `Exporter::kv`).
 
 use std::collections::{HashMap, HashSet};
 
 use tokio::time::Instant;
 
-use super::{AddReferences, Exporter, Runs};
-use crate::domain::{IndexRef, IndexRefs, TableKey, TableRecord, TableSpan};
+use super::Exporter;
+use crate::domain::{IndexRef, IndexRefs, TableKey, TableRecord};
 use crate::pipeline::records::ChangeRecord;
 use crate::ports::SettingsTable;
-use crate::ports::{before_deadline, Page, PortError, Ports};
-
-/// Records a page of a stretch read again holds (a 1 MB answer at the table's 1 KB items).
-const SPAN_PAGE: i32 = 1_000;
+use crate::ports::{before_deadline, PortError, Ports};
 
 /// Each index's records: whether it has a settings record, and its records as changes.
 pub(super) type IndexRuns = HashMap<IndexRef, (bool, Vec<ChangeRecord>)>;
 
 impl<P: Ports> Exporter<P> {
-    /// The runs a stretch of the table holds whole now, read again as it was read (`Runs`,
-    /// from where it began, a thousand items a page) until the run holding `through` closed,
-    /// or twice the records the stretch held. An index seen in two runs is in neither: a name
-    /// that sorts between its settings item and its overrides (`a!b` between `a` and
-    /// `a#QUERY#...`) split it.
-    pub(super) async fn span_runs(
-        &self,
-        span: &TableSpan,
-        deadline: Instant,
-    ) -> Result<IndexRuns, PortError> {
-        let mut runs = Runs::through(span.after.clone(), span.through.clone());
-        let (account, budget) = (span.account.as_deref(), span.records * 2);
-        let mut read = 0;
-        while !runs.ended() && !runs.passed() && read <= budget {
-            let page = runs.read(
-                self,
-                account,
-                SPAN_PAGE,
-                true,
-                AddReferences::None,
-                deadline,
-            );
-            read += page.await?.0;
-        }
-        let (mut whole, mut split) = (IndexRuns::new(), HashSet::new());
-        let (mut last, closed) = (None, runs.take_closed());
-        for record in closed.whole {
-            let Some(index) = record.index.clone() else {
-                last = None;
-                continue;
-            };
-            if last.as_ref() != Some(&index) && whole.contains_key(&index) {
-                split.insert(index.clone());
-            }
-            let run = whole.entry(index.clone()).or_default();
-            run.0 = closed.settings.contains(&index);
-            run.1.push(record);
-            last = Some(index);
-        }
-        whole.retain(|index, _| !split.contains(index));
-        Ok(whole)
-    }
-
     /// The records of a run of an account's indexes, `first` to `last` by name, read at once:
     /// each index's settings record (if it has one: the flag) and its overrides.
     pub(super) async fn index_run(
@@ -173,18 +127,6 @@ impl<P: Ports> Exporter<P> {
         let queries = before_deadline(deadline, "override queries", queries).await?;
         let key = |query: &String| crate::domain::kv::query_config_key(index, query);
         Ok(queries.iter().map(key).collect())
-    }
-
-    /// One page of the table (one account's records when given), from `start`.
-    pub async fn table_page(
-        &self,
-        account: Option<&str>,
-        start: Option<TableKey>,
-        limit: i32,
-        deadline: Instant,
-    ) -> Result<Page, PortError> {
-        let page = self.table.page(account, start, limit);
-        before_deadline(deadline, "table page", page).await
     }
 
     /// Every settings record's shop and live alias targets (one consistent scan).

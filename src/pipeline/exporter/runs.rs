@@ -9,13 +9,16 @@ use std::collections::HashSet;
 
 use tokio::time::Instant;
 
+use super::reads::IndexRuns;
 use super::Exporter;
-use crate::domain::{IndexRef, IndexRefs, TableKey, TableRecord};
+use crate::domain::{IndexRef, IndexRefs, TableKey, TableRecord, TableSpan};
 use crate::pipeline::records::{Change, ChangeRecord};
-use crate::ports::{PortError, Ports};
+use crate::ports::{before_deadline, PortError, Ports, SettingsTable as _};
 
 /// Records of one index held at most; past it, the index's filter comes from a Query.
 const MAX_HELD: usize = 5_000;
+/// Records a page of a stretch read again holds (a 1 MB answer at the table's 1 KB items).
+const SPAN_PAGE: i32 = 1_000;
 
 /// Runs that ended, in the table's order.
 #[derive(Debug, Default)]
@@ -87,8 +90,8 @@ impl Runs {
         add: AddReferences,
         deadline: Instant,
     ) -> Result<(usize, usize), PortError> {
-        let page = exporter.table_page(account, self.scan_at.take(), size, deadline);
-        let page = page.await?;
+        let page = exporter.table.page(account, self.scan_at.take(), size);
+        let page = before_deadline(deadline, "table page", page).await?;
         let mut added = 0;
         if add != AddReferences::None {
             let references: Vec<(IndexRef, IndexRefs)> = (page.records.iter())
@@ -203,6 +206,51 @@ impl Runs {
                 ..Closed::default()
             },
         )
+    }
+}
+
+impl<P: Ports> Exporter<P> {
+    /// The runs a stretch of the table holds whole now, read again as it was read (`Runs`,
+    /// from where it began, a thousand items a page) until the run holding `through` closed,
+    /// or twice the records the stretch held. An index seen in two runs is in neither: a name
+    /// that sorts between its settings item and its overrides (`a!b` between `a` and
+    /// `a#QUERY#...`) split it.
+    pub(super) async fn span_runs(
+        &self,
+        span: &TableSpan,
+        deadline: Instant,
+    ) -> Result<IndexRuns, PortError> {
+        let mut runs = Runs::through(span.after.clone(), span.through.clone());
+        let (account, budget) = (span.account.as_deref(), span.records * 2);
+        let mut read = 0;
+        while !runs.ended() && !runs.passed() && read <= budget {
+            let page = runs.read(
+                self,
+                account,
+                SPAN_PAGE,
+                true,
+                AddReferences::None,
+                deadline,
+            );
+            read += page.await?.0;
+        }
+        let (mut whole, mut split) = (IndexRuns::new(), HashSet::new());
+        let (mut last, closed) = (None, runs.take_closed());
+        for record in closed.whole {
+            let Some(index) = record.index.clone() else {
+                last = None;
+                continue;
+            };
+            if last.as_ref() != Some(&index) && whole.contains_key(&index) {
+                split.insert(index.clone());
+            }
+            let run = whole.entry(index.clone()).or_default();
+            run.0 = closed.settings.contains(&index);
+            run.1.push(record);
+            last = Some(index);
+        }
+        whole.retain(|index, _| !split.contains(index));
+        Ok(whole)
     }
 }
 
