@@ -58,6 +58,19 @@ async fn until_ledger_held(
     panic!("no ledger request was held: {}", function.output());
 }
 
+/// `products` of `acct-1` on `shop`, exported and migrated (the ledger's references complete).
+async fn products_migrated_on(
+    view: aws_sdk_dynamodb::types::StreamViewType,
+    shop: &str,
+) -> Harness {
+    let mut h = Harness::with_view(view).await;
+    h.keys.set_key("acct-1", "marqo-key");
+    h.put(index_item("acct-1", "products", Some(shop))).await;
+    h.export_stream().await;
+    h.migrate().await;
+    h
+}
+
 fn endpoint_of(h: &Harness, key: &str) -> Option<String> {
     h.settings(key)
         .map(|v| v["index_url"].as_str().unwrap_or_default().to_owned())
@@ -596,11 +609,7 @@ crate::on_both_views! {
 /// serving an index that no longer owned it).
 async fn a_ledger_write_refused_after_the_kv_writes_never_leaves_a_shop_serving(view) {
     let [s0, s1, s2] = ["0", "1", "2"].map(|s| format!("shop-{s}.myshopify.com"));
-    let mut h = Harness::with_view(view).await;
-    h.keys.set_key("acct-1", "marqo-key");
-    h.put(index_item("acct-1", "products", Some(&s0))).await;
-    h.export_stream().await;
-    h.migrate().await;
+    let mut h = products_migrated_on(view, &s0).await;
     let ProxiedFunction { dynamodb, runtime, function } = behind_a_dynamodb_proxy(&h).await;
 
     h.put(index_item("acct-1", "products", Some(&s1))).await;
@@ -642,11 +651,7 @@ async fn a_reconcile_s_repair_of_the_ledger_never_replaces_the_stream_s_newer_wo
     use std::sync::atomic::{AtomicBool, Ordering};
     use ecom_emulators::kv::Fault;
     let [sx, sy, sz] = ["x", "y", "z"].map(|s| format!("shop-{s}.myshopify.com"));
-    let mut h = Harness::with_view(view).await;
-    h.keys.set_key("acct-1", "marqo-key");
-    h.put(index_item("acct-1", "products", Some(&sx))).await;
-    h.export_stream().await;
-    h.migrate().await;
+    let mut h = products_migrated_on(view, &sx).await;
     h.put(index_item("acct-1", "products", Some(&sy))).await;
     let unavailable = Fault::status(503);
     h.kv.inject(unavailable, 100);
@@ -730,11 +735,7 @@ crate::on_both_views! {
 async fn a_backfill_s_shop_outlives_a_shrink_that_read_the_ledger_before_it(view) {
     use ecom_emulators::dynamo_proxy::DynamoFault;
     let [sx, sy, sz] = ["x", "y", "z"].map(|s| format!("shop-{s}.myshopify.com"));
-    let mut h = Harness::with_view(view).await;
-    h.keys.set_key("acct-1", "marqo-key");
-    h.put(index_item("acct-1", "products", Some(&sx))).await;
-    h.export_stream().await;
-    h.migrate().await;
+    let mut h = products_migrated_on(view, &sx).await;
     let ProxiedFunction { dynamodb, runtime, function } = behind_a_dynamodb_proxy(&h).await;
     let backfill = Writer::start(&h).await;
 
