@@ -7,37 +7,20 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use futures::StreamExt as _;
 use tokio::time::Instant;
 
-use super::reads::IndexRuns;
+use super::reads::Recheck;
 use super::{intents, references, write, Exporter, Prepared, Run};
 use crate::domain::kv::query_config_prefix;
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace, TableSpan};
 use crate::pipeline::plan::PlannedOp;
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
-use crate::ports::{PortError, Ports, Referred};
+use crate::ports::{Ports, Referred};
 use crate::report::{BatchReport, Landed, Outcome};
 
 /// Rounds that may write again; one more read after them only checks.
 const ROUNDS: usize = 3;
-/// Accounts read again at once.
-const CONCURRENT_READS: usize = 8;
-/// From this many indexes of one account on, they are read again as one run of the table.
-const RUN_OF_INDEXES: usize = 10;
-
-/// One index's landed keys (each with the original record it belongs to), and the index as
-/// the table holds it now.
-#[derive(Default)]
-struct Recheck {
-    /// Each with `record` the position of its original record in the batch.
-    keys: Vec<Landed>,
-    /// Whether the index has a settings record now.
-    settings: bool,
-    /// Its records now (its overrides too, when they were read).
-    records: Vec<ChangeRecord>,
-}
 
 impl<P: Ports> Exporter<P> {
     /// Checks the report's landed keys against the table and writes again what differs, round
@@ -185,91 +168,6 @@ impl<P: Ports> Exporter<P> {
         }
     }
 
-    /// Each index as the table holds it now; an index that cannot be read fails the records of
-    /// its keys. An account's indexes are read as one run of the table when there are many (a
-    /// backfill's page: one Query reads what many reads by key would, for fewer read units);
-    /// of the others, those with an override key (or filter) landed as their own run, with
-    /// their overrides, and the rest by key, all at once (100 a call). A backfill's batch reads
-    /// its stretch of the table again instead (a page of it holds 1,000 records, a Query one).
-    async fn read_again(
-        &self,
-        by_index: BTreeMap<IndexRef, Recheck>,
-        span: Option<&TableSpan>,
-        report: &mut BatchReport,
-        deadline: Instant,
-    ) -> Vec<(IndexRef, Recheck)> {
-        let mut by_account: BTreeMap<String, Vec<(IndexRef, Recheck)>> = BTreeMap::new();
-        for (index, recheck) in by_index {
-            let account = by_account.entry(index.account.clone()).or_default();
-            account.push((index, recheck));
-        }
-        let (mut runs, mut by_key) = (Vec::new(), Vec::new());
-        for indexes in by_account.into_values() {
-            if indexes.len() >= RUN_OF_INDEXES {
-                runs.push(indexes);
-                continue;
-            }
-            for (index, recheck) in indexes {
-                let overrides = (recheck.keys.iter())
-                    .any(|landed| landed.key.namespace == Namespace::QueryConfigs);
-                match overrides {
-                    true => runs.push(vec![(index, recheck)]),
-                    false => by_key.push((index, recheck)),
-                }
-            }
-        }
-        let mut found = Vec::new();
-        if let Some(span) = span.filter(|_| !runs.is_empty()) {
-            match self.span_runs(span, deadline).await {
-                Ok(mut seen) => {
-                    let mut seen = |group| take_seen(group, &mut seen, &mut found);
-                    let left = runs.into_iter().map(&mut seen);
-                    runs = left.filter(|group| !group.is_empty()).collect();
-                    by_key = seen(by_key);
-                }
-                Err(e) => {
-                    let groups = runs.iter().flatten().chain(&by_key);
-                    groups.for_each(|(_, recheck)| fail_all(report, recheck, &e));
-                    return found;
-                }
-            }
-        }
-        // Each group with what its read found: its indexes' records (an index not found has
-        // no settings record and no records), or why it could not be read.
-        let runs = (runs.into_iter()).map(|run| async move {
-            let (first, last) = (&run[0].0, &run[run.len() - 1].0);
-            let names = (first.name.as_str(), last.name.as_str());
-            let read = self.index_run(&first.account, names, deadline).await;
-            (run, read)
-        });
-        let runs = futures::stream::iter(runs).buffer_unordered(CONCURRENT_READS);
-        let by_key = async {
-            let read = self.settings_of(by_key.iter().map(|(index, _)| index), deadline);
-            let read = read.await.map(|found| {
-                let settings = |record| (true, vec![ChangeRecord::from_table(record, false)]);
-                (found
-                    .into_iter()
-                    .map(|(index, record)| (index, settings(record))))
-                .collect()
-            });
-            (by_key, read)
-        };
-        let (by_key, runs) = tokio::join!(by_key, runs.collect::<Vec<_>>());
-        for (indexes, mut read) in runs.into_iter().chain([by_key]) {
-            for (index, mut recheck) in indexes {
-                match &mut read {
-                    Ok(now) => {
-                        let now = now.remove(&index).unwrap_or_default();
-                        (recheck.settings, recheck.records) = now;
-                        found.push((index, recheck));
-                    }
-                    Err(e) => fail_all(report, &recheck, e),
-                }
-            }
-        }
-        found
-    }
-
     /// The indexes read again, planned as changes (`None`: nothing to plan), with the landed
     /// keys they decide.
     async fn plan_again(
@@ -281,8 +179,23 @@ impl<P: Ports> Exporter<P> {
         let mut records = Vec::new();
         let mut indexes = Vec::new();
         let mut landed = Vec::new();
+        let mut giving_only = Vec::new();
         for (index, recheck) in by_index {
-            records.extend(as_changes(&index, &recheck));
+            let changes = as_changes(&index, &recheck);
+            let removal = matches!(
+                changes[..],
+                [
+                    ChangeRecord {
+                        decoded: Ok(Change::RemoveIndex { .. }),
+                        ..
+                    },
+                    ..
+                ]
+            );
+            if removal && recheck.settings {
+                giving_only.push((records.len(), KvKey::index(&index)));
+            }
+            records.extend(changes);
             indexes.push(index);
             landed.extend(recheck.keys);
         }
@@ -291,6 +204,12 @@ impl<P: Ports> Exporter<P> {
         }
         // Stages 2 and 3 again (a check records no intents: what it writes was recorded).
         let mut prepared = self.snapshot_and_plan(records, None, run, deadline).await;
+        let ops = &mut prepared.plan.ops;
+        ops.retain(|key, op| {
+            !giving_only
+                .iter()
+                .any(|(at, own)| op.owner == *at && key == own)
+        });
         let deletes = removed_overrides(&prepared.plan.ops, &landed, &indexes);
         // Owned by a record of their own: the index's settings record may be rejected.
         prepared.delete_by_own_record("overrides gone from the table", deletes);
@@ -370,8 +289,12 @@ fn as_changes(index: &IndexRef, recheck: &Recheck) -> Vec<ChangeRecord> {
         .collect();
     let mut records = recheck.records.clone();
     let settings_keys = (recheck.keys.iter()).any(|l| l.key.namespace == Namespace::Settings);
-    // With nothing left of it in the table, its removal still owns the deletes of what landed.
-    if !recheck.settings && (settings_keys || records.is_empty()) {
+    let valid = (records.iter()).any(|r| matches!(r.decoded, Ok(Change::UpsertIndex { .. })));
+    // With nothing left of it in the table, its removal still owns the deletes of what landed;
+    // with a record rejected now, it gives up its shops all the same (its own key stays as it
+    // is: `plan_again` drops that op).
+    let rejected = recheck.settings && !valid && !given_up.is_empty();
+    if (!recheck.settings && (settings_keys || records.is_empty())) || rejected {
         // Removed: its settings keys go. Its filter follows the overrides left of it, as the
         // stream's does (they come after the remove, the last word on it).
         let remove = Change::RemoveIndex {
@@ -415,37 +338,6 @@ fn removed_overrides(
             Some((key.clone(), Some(index.clone())))
         })
         .collect()
-}
-
-/// The indexes of `group` a stretch read again holds whole go to `found`, with their records;
-/// the others are left.
-fn take_seen(
-    group: Vec<(IndexRef, Recheck)>,
-    seen: &mut IndexRuns,
-    found: &mut Vec<(IndexRef, Recheck)>,
-) -> Vec<(IndexRef, Recheck)> {
-    let mut left = Vec::new();
-    for (index, mut recheck) in group {
-        match seen.remove(&index) {
-            Some(now) => {
-                (recheck.settings, recheck.records) = now;
-                found.push((index, recheck));
-            }
-            None => left.push((index, recheck)),
-        }
-    }
-    left
-}
-
-/// Every key of an index that could not be read again fails its record: retried.
-fn fail_all(report: &mut BatchReport, recheck: &Recheck, error: &PortError) {
-    for landed in &recheck.keys {
-        let why = format!(
-            "KV key `{}`: its index could not be read again after writing: {error}",
-            landed.key.key
-        );
-        report.records[landed.record].outcome.fail(why);
-    }
 }
 
 #[cfg(test)]
