@@ -146,7 +146,7 @@ impl DynamoLedger {
     async fn referrer_sets(
         &self,
         referred: impl Iterator<Item = &Referred>,
-    ) -> Result<HashMap<Referred, Referrers>, PortError> {
+    ) -> Result<HashMap<Referred, ReferrerSet>, PortError> {
         let asked: HashMap<String, &Referred> = referred.map(|r| (referred_pk(r), r)).collect();
         let keys = (asked.keys())
             .map(|pk| (pk.clone(), REFERRERS_SK.to_owned()))
@@ -365,18 +365,18 @@ fn unchanged_intents(update: UpdateBuilder, intents: u64) -> UpdateBuilder {
 
 /// Who a set item names, and whether referrers past its bound have items of their own.
 #[derive(Default)]
-struct Referrers {
+struct ReferrerSet {
     indexes: BTreeSet<IndexRef>,
     overflow: bool,
 }
 
-fn referrers_of(item: &Found) -> Referrers {
+fn referrers_of(item: &Found) -> ReferrerSet {
     let indexes = match item.get(SET) {
         Some(Value::Ss(keys)) => keys.iter().filter_map(|key| index_of_key(key)).collect(),
         _ => BTreeSet::new(),
     };
     let overflow = matches!(item.get("overflow"), Some(Value::Bool(true)));
-    Referrers { indexes, overflow }
+    ReferrerSet { indexes, overflow }
 }
 
 /// The item of its own naming `index` under what it refers to (past a set's bound).

@@ -17,7 +17,7 @@ use crate::ports::{IndexRefs, KvStore as _, ListedKey, Ports, Referred};
 
 /// A listed key with who it was written for (and, for an override's, its query when the
 /// metadata names it).
-struct Held {
+struct Listed {
     key: KvKey,
     owner: Option<IndexRef>,
     query: Option<String>,
@@ -56,7 +56,7 @@ impl<P: Ports> Pass<'_, P> {
         &mut self,
         namespace: Namespace,
         keys: Vec<ListedKey>,
-    ) -> Result<Vec<Held>, OperatorError> {
+    ) -> Result<Vec<Listed>, OperatorError> {
         let listed: Vec<(String, Option<KeyMetadata>)> = (keys.into_iter())
             .map(|k| (k.name, KeyMetadata::ours(k.metadata.as_ref())))
             .collect();
@@ -81,7 +81,7 @@ impl<P: Ports> Pass<'_, P> {
                     .filter(could_be_written);
                 let query = meta.and_then(|m| m.query);
                 let key = KvKey { namespace, key };
-                Held { key, owner, query }
+                Listed { key, owner, query }
             })
             .collect())
     }
@@ -147,7 +147,7 @@ impl<P: Ports> Pass<'_, P> {
     /// and which of those indexes have a settings record.
     async fn not_implied(
         &mut self,
-        held: &[Held],
+        held: &[Listed],
     ) -> Result<(HashMap<KvKey, IndexRef>, HashSet<IndexRef>), OperatorError> {
         let (exporter, deadline) = (self.exporter, self.deadline);
         let owners: BTreeSet<IndexRef> = held.iter().filter_map(|k| k.owner.clone()).collect();
@@ -192,7 +192,7 @@ impl<P: Ports> Pass<'_, P> {
     /// owner's overrides listed (a keys-only Query), as is a filter without a settings record.
     async fn overrides_of(
         &mut self,
-        held: &[Held],
+        held: &[Listed],
         refs: &HashMap<IndexRef, crate::ports::IndexRefs>,
     ) -> Result<Overrides, OperatorError> {
         let (exporter, deadline) = (self.exporter, self.deadline);
@@ -306,7 +306,7 @@ struct Overrides {
 }
 
 impl Overrides {
-    fn holds(&self, key: &Held, owner: &IndexRef) -> bool {
+    fn holds(&self, key: &Listed, owner: &IndexRef) -> bool {
         match self.named.get(&key.key) {
             Some(exists) => *exists,
             None => (self.by_owner.get(owner)).is_some_and(|k| k.contains(&key.key.key)),
