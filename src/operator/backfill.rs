@@ -138,9 +138,9 @@ async fn send<P: Ports>(
     deadline: Instant,
 ) -> BatchReport {
     let mut prepared = exporter.prepare(records, run, deadline).await;
-    let report = match (dry_run, span) {
-        (true, _) => dry_report(prepared),
-        (false, span) => {
+    let report = match dry_run {
+        true => dry_report(prepared),
+        false => {
             if let Some(span) = span {
                 prepared.read_from(span);
             }

@@ -71,6 +71,23 @@ async fn products_migrated_on(
     h
 }
 
+/// `products` moves to shop `to`; `writer` exports the stream's records since the last
+/// export, and no key of the shops it had (`x`, `y`) still serves it.
+async fn moves_off_every_old_shop(
+    h: &mut Harness,
+    writer: &Writer,
+    [x, y, to]: [&str; 3],
+    function: &Function,
+) {
+    h.put(index_item("acct-1", "products", Some(to))).await;
+    let records = h.stream_records().await;
+    let answer = writer.invoke(json!({ "Records": records })).await;
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+    assert_eq!(h.settings(to).unwrap()["index_name"], "products");
+    assert_eq!(h.settings(x), None, "{}", function.output());
+    assert_eq!(h.settings(y), None);
+}
+
 fn endpoint_of(h: &Harness, key: &str) -> Option<String> {
     h.settings(key)
         .map(|v| v["index_url"].as_str().unwrap_or_default().to_owned())
@@ -682,14 +699,7 @@ async fn a_reconcile_s_repair_of_the_ledger_never_replaces_the_stream_s_newer_wo
     let (pass, ()) = tokio::join!(pass, race);
     let pass = pass.expect("an answer");
     assert_eq!(pass["complete"], true, "{pass}");
-    h.put(index_item("acct-1", "products", Some(&sz))).await;
-    let moved = h.stream_records().await;
-    let answer = stream.invoke(json!({ "Records": moved })).await;
-
-    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
-    assert_eq!(h.settings(&sz).unwrap()["index_name"], "products");
-    assert_eq!(h.settings(&sx), None, "{}", function.output());
-    assert_eq!(h.settings(&sy), None);
+    moves_off_every_old_shop(&mut h, &stream, [&sx, &sy, &sz], &function).await;
 }
 }
 
@@ -760,12 +770,6 @@ async fn a_backfill_s_shop_outlives_a_shrink_that_read_the_ledger_before_it(view
     let answer = answer.expect("an answer");
     assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
 
-    h.put(index_item("acct-1", "products", Some(&sz))).await;
-    let records = h.stream_records().await;
-    let answer = backfill.invoke(json!({ "Records": records })).await;
-    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
-    assert_eq!(h.settings(&sz).unwrap()["index_name"], "products");
-    assert_eq!(h.settings(&sx), None, "{}", function.output());
-    assert_eq!(h.settings(&sy), None);
+    moves_off_every_old_shop(&mut h, &backfill, [&sx, &sy, &sz], &function).await;
 }
 }

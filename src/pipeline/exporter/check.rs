@@ -182,17 +182,9 @@ impl<P: Ports> Exporter<P> {
         let mut giving_only = Vec::new();
         for (index, recheck) in by_index {
             let changes = as_changes(&index, &recheck);
-            let removal = matches!(
-                changes[..],
-                [
-                    ChangeRecord {
-                        decoded: Ok(Change::RemoveIndex { .. }),
-                        ..
-                    },
-                    ..
-                ]
-            );
-            if removal && recheck.settings {
+            let first = changes.first().map(|record| &record.decoded);
+            // A removal of an index that has a (rejected) settings record only gives shops up.
+            if recheck.settings && matches!(first, Some(Ok(Change::RemoveIndex { .. }))) {
                 giving_only.push((records.len(), KvKey::index(&index)));
             }
             records.extend(changes);
@@ -204,12 +196,13 @@ impl<P: Ports> Exporter<P> {
         }
         // Stages 2 and 3 again (a check records no intents: what it writes was recorded).
         let mut prepared = self.snapshot_and_plan(records, None, run, deadline).await;
-        let ops = &mut prepared.plan.ops;
-        ops.retain(|key, op| {
-            !giving_only
-                .iter()
-                .any(|(at, own)| op.owner == *at && key == own)
-        });
+        let own_key_of_giving_only = |key: &KvKey, op: &PlannedOp| {
+            (giving_only.iter()).any(|(at, own)| op.owner == *at && key == own)
+        };
+        prepared
+            .plan
+            .ops
+            .retain(|key, op| !own_key_of_giving_only(key, op));
         let deletes = removed_overrides(&prepared.plan.ops, &landed, &indexes);
         // Owned by a record of their own: the index's settings record may be rejected.
         prepared.delete_by_own_record("overrides gone from the table", deletes);

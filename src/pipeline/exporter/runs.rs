@@ -29,7 +29,7 @@ pub struct Closed {
     pub queried: Vec<ChangeRecord>,
     /// The item key of the last record closed: where the next read starts.
     pub at: Option<TableKey>,
-    /// The indexes whose settings item the closed runs hold.
+    /// The indexes whose settings item the closed runs hold (a read `through` a key only).
     pub settings: HashSet<IndexRef>,
 }
 
@@ -164,7 +164,8 @@ impl Runs {
         }
         let queried = first.index.is_some() && first.index == self.querying;
         let held = std::mem::take(&mut self.held);
-        for (record, key) in &held {
+        // Only a read `through` a key (a stretch read again) asks where it stands.
+        for (record, key) in held.iter().filter(|_| self.through.is_some()) {
             self.passed |= Some(key) == self.through.as_ref();
             let index = record.index.as_ref();
             if let Some(index) = index.filter(|index| *key == TableKey::of(index, None)) {
