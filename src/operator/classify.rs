@@ -1,16 +1,18 @@
-//! The one drift vocabulary of every mode (verify and the reconcile): the classes a key can be
-//! in, how a plan's keys compare with what KV holds, and what names a key's index in its value
-//! or its aliases.
+//! The one drift vocabulary of every mode that compares (verify and the reconcile): the classes
+//! a key can be in, the one comparison of a piece's keys with what KV holds ([`drift`]), the one
+//! repair of what drifted ([`repair`]), and what names a key's index in its value or aliases.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::domain::{IndexId, IndexRef, IndexRefs, KvAction, KvKey};
-use crate::pipeline::exporter::Exporter;
-use crate::pipeline::plan::PlannedOp;
+use crate::domain::qfilter::filter_key;
+use crate::domain::{IndexId, IndexRef, IndexRefs, KvAction, KvKey, Namespace};
+use crate::pipeline::exporter::{Exporter, Prepared, Run};
+use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{KvStore as _, PortError, Ports};
+use crate::report::{BatchReport, Outcome};
 
 /// The class of one key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -57,35 +59,183 @@ impl ClassCounts {
     }
 }
 
-/// A key the plan names, as KV holds it.
+/// A key as KV holds it, against what the table implies.
 pub struct Compared {
     pub class: Class,
     /// What KV holds under the key (`None`: nothing).
     pub held: Option<String>,
+    /// The index the key is (or was) written for, when known: a repair's delete names it.
+    pub owner: Option<IndexRef>,
 }
 
-/// Each key the plan puts or deletes against what KV holds now (one bulk read per namespace,
-/// 100 keys a request): a put in sync (the same JSON: key order and number formatting never
-/// count), missing or stale; a key planned absent (the filter of an index without overrides)
-/// orphaned when KV holds it, else left out.
-pub async fn compare<P: Ports>(
+/// What one piece of a scope found: each key's class. Every mode that compares (verify, the
+/// reconcile) fills it and repairs from it.
+#[derive(Default)]
+pub struct Drift {
+    pub keys: BTreeMap<KvKey, Compared>,
+    /// Bulk reads of values it took (100 keys a request, per namespace).
+    pub bulk_gets: usize,
+}
+
+impl Drift {
+    /// A key found without a table record implying it (an orphan the listing found).
+    pub fn insert(&mut self, key: KvKey, class: Class, owner: Option<IndexRef>) {
+        let held = None;
+        self.keys.insert(key, Compared { class, held, owner });
+    }
+
+    /// What a repair sends: missing and stale keys written, orphaned ones deleted.
+    fn repairs(&self) -> (BTreeSet<KvKey>, Vec<(KvKey, Option<IndexRef>)>) {
+        let (mut writes, mut deletes) = (BTreeSet::new(), Vec::new());
+        for (key, compared) in &self.keys {
+            match compared.class {
+                Class::Missing | Class::Stale => {
+                    writes.insert(key.clone());
+                }
+                Class::Orphaned => deletes.push((key.clone(), compared.owner.clone())),
+                _ => {}
+            }
+        }
+        (writes, deletes)
+    }
+}
+
+/// A prepared piece's keys against what KV holds now (one bulk read): each key the plan puts in
+/// sync (the same JSON: key order and number formatting never count), missing or stale; a key
+/// planned absent (the filter of an index without overrides) orphaned when KV holds it. The keys
+/// of records that cannot be exported (rejected, skipped) that KV holds are protected, and a
+/// shop key holding the value of another index that claims the shop too is in sync (the one
+/// written last keeps it; that index's own piece compares the value).
+pub async fn drift<P: Ports>(
     exporter: &Exporter<P>,
-    ops: &BTreeMap<KvKey, PlannedOp>,
+    prepared: &Prepared,
     deadline: Instant,
-) -> Result<BTreeMap<KvKey, Compared>, PortError> {
-    let mut in_kv = exporter.kv().values_of(ops.keys(), deadline).await?;
-    let compared = ops.iter().filter_map(|(key, op)| {
+) -> Result<Drift, PortError> {
+    let ops = &prepared.plan.ops;
+    let kept = kept_keys(prepared);
+    let read: BTreeSet<&KvKey> = ops.keys().chain(&kept).collect();
+    let mut in_kv = exporter
+        .kv()
+        .values_of(read.iter().copied(), deadline)
+        .await?;
+    let mut drift = Drift::default();
+    for namespace in [Namespace::Settings, Namespace::QueryConfigs] {
+        let asked = read.iter().filter(|k| k.namespace == namespace).count();
+        drift.bulk_gets += asked.div_ceil(100);
+    }
+    for (key, op) in ops {
         let held = in_kv.remove(key);
         let class = match (&op.action, &held) {
-            (KvAction::Delete, None) => return None,
+            (KvAction::Delete, None) => continue,
             (KvAction::Delete, Some(_)) => Class::Orphaned,
             (KvAction::Put(_), None) => Class::Missing,
             (KvAction::Put(value), Some(held)) if same_json(&value.text(), held) => Class::InSync,
             (KvAction::Put(_), Some(_)) => Class::Stale,
         };
-        Some((key.clone(), Compared { class, held }))
-    });
-    Ok(compared.collect())
+        let owner = prepared.records[op.owner].index.clone();
+        drift
+            .keys
+            .insert(key.clone(), Compared { class, held, owner });
+    }
+    for key in kept.into_iter().filter(|key| in_kv.contains_key(key)) {
+        drift.insert(key, Class::Protected, None);
+    }
+    for key in shared_shops(exporter, prepared, &drift, deadline).await? {
+        drift.keys.get_mut(&key).expect("compared").class = Class::InSync;
+    }
+    Ok(drift)
+}
+
+/// The keys of the records that cannot be exported (rejected, or left unchecked), which stay as
+/// they are; a key another record of the piece implies is compared, not kept.
+fn kept_keys(prepared: &Prepared) -> Vec<KvKey> {
+    let records = prepared.records.iter().zip(&prepared.plan.outcomes);
+    let kept = records.filter(|(_, o)| matches!(o, Outcome::Skipped(_) | Outcome::Rejected(_)));
+    let keys = kept.flat_map(|(record, _)| keys_of(record));
+    keys.filter(|key| !prepared.plan.ops.contains_key(key))
+        .collect()
+}
+
+/// The keys a settings record's index has whatever its values: its own, its filter's, and
+/// its shop's when the record could be read.
+fn keys_of(record: &ChangeRecord) -> Vec<KvKey> {
+    let Some(index) = &record.index else {
+        return Vec::new();
+    };
+    let mut keys = vec![KvKey::index(index), filter_key(index)];
+    match &record.decoded {
+        Ok(Change::UpsertIndex { settings, .. }) => {
+            keys.extend(settings.shop_id.clone().map(KvKey::settings))
+        }
+        Ok(_) => return Vec::new(),
+        Err(_) => {}
+    }
+    keys
+}
+
+/// Stale shop keys that hold the value of another index whose table record claims the shop too.
+async fn shared_shops<P: Ports>(
+    exporter: &Exporter<P>,
+    prepared: &Prepared,
+    drift: &Drift,
+    deadline: Instant,
+) -> Result<Vec<KvKey>, PortError> {
+    let others: Vec<(&KvKey, IndexRef)> = (drift.keys.iter())
+        .filter(|(key, c)| key.namespace == Namespace::Settings && c.class == Class::Stale)
+        .filter_map(|(key, compared)| {
+            let KvAction::Put(value) = &prepared.plan.ops[key].action else {
+                return None;
+            };
+            let owner = value.index();
+            let held = owner_in_value(compared.held.as_deref()?).filter(could_be_written);
+            let other = held.filter(|o| o != owner && *key != KvKey::index(owner))?;
+            Some((key, other))
+        })
+        .collect();
+    if others.is_empty() {
+        return Ok(Vec::new());
+    }
+    let indexes: Vec<IndexRef> = others.iter().map(|(_, o)| o.clone()).collect();
+    let refs = exporter.index_references(&indexes, deadline).await?;
+    Ok((others.into_iter())
+        .filter(|(key, other)| refs.get(other).is_some_and(|r| r.shops.contains(&key.key)))
+        .map(|(key, _)| key.clone())
+        .collect())
+}
+
+/// Repairs what drifted: of the plan, the missing and stale keys written, and the orphaned keys
+/// deleted, checked as every operator's writes are. A dry run sends nothing: its report names
+/// the keys it would write and delete. `None`: nothing to repair.
+pub async fn repair<P: Ports>(
+    exporter: &Exporter<P>,
+    prepared: Option<Prepared>,
+    drift: &Drift,
+    dry_run: bool,
+    deadline: Instant,
+) -> Option<BatchReport> {
+    let (writes, deletes) = drift.repairs();
+    if writes.len() + deletes.len() == 0 {
+        return None;
+    }
+    if dry_run {
+        let written: Vec<KvKey> = writes.into_iter().collect();
+        let deleted: Vec<KvKey> = deletes.into_iter().map(|(key, _)| key).collect();
+        let (keys_written, keys_deleted) = (written.len(), deleted.len());
+        return Some(BatchReport {
+            written,
+            deleted,
+            keys_written,
+            keys_deleted,
+            ..BatchReport::default()
+        });
+    }
+    let prepared = match prepared {
+        Some(prepared) => prepared,
+        None => exporter.prepare(Vec::new(), Run::CHECK, deadline).await,
+    };
+    let report = exporter.repair(prepared, &writes, deletes, deadline).await;
+    report.log();
+    Some(report)
 }
 
 fn same_json(expected: &str, held: &str) -> bool {

@@ -1,19 +1,20 @@
 //! `{"mode": "verify", ...}`: compares what KV holds for one index with what the table implies,
 //! and with `repair` writes what is missing or stale and deletes what should not be there.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::classify::{self, owner_in_value, Class, Compared};
+use super::classify::{self, owner_in_value, Class, Drift};
 use super::{ensure_exported, ensure_ready, flag, IndexTarget, KeyChanges, NonEmpty};
 use super::{OperatorError, PieceAt, Pieces};
 use crate::domain::kv::{is_query_config_key_of, query_config_prefix};
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::pipeline::exporter::{Exporter, Prepared};
 use crate::ports::{KvStore as _, Ports};
+use crate::report::BatchReport;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -123,6 +124,7 @@ pub async fn run<P: Ports>(
     let token = request.continuation_token.as_ref();
     let mut pieces = Pieces::new(exporter, &target, token, request.max_records, deadline)?;
     let mut answer = Answer::new(&target.index);
+    let failed = |what: &str, e| OperatorError::export_failed(&target, format!("{what}: {e}"));
     while let Some(PieceAt {
         prepared,
         first,
@@ -130,109 +132,81 @@ pub async fn run<P: Ports>(
     }) = pieces.next().await?
     {
         ensure_ready(&target, &prepared)?;
-        let mut check = Check::compare(exporter, &target, &prepared, deadline).await?;
+        let drift = classify::drift(exporter, &prepared, deadline).await;
+        let mut drift = drift.map_err(|e| failed("reading the index's keys", e))?;
         if last && target.include_query_configs {
             let whole = first && last;
-            check
-                .unexpected(exporter, &prepared, whole, deadline)
-                .await?;
+            let unexpected = unexpected(exporter, &target.index, &prepared, whole, deadline);
+            for key in unexpected.await? {
+                drift.insert(key, Class::Orphaned, Some(target.index.clone()));
+            }
         }
-        answer.add(&check.drift);
+        answer.add(&drift, &prepared);
         if request.repair {
-            answer
-                .repair(exporter, &target, request, prepared, &check.drift, deadline)
-                .await?;
+            let repair =
+                classify::repair(exporter, Some(prepared), &drift, request.dry_run, deadline);
+            let report = repair.await.unwrap_or_default();
+            ensure_exported(&target, &report)?;
+            answer.repaired(request.dry_run, &report);
         }
     }
     Ok(answer.finish(pieces.token()))
 }
 
-/// One piece's keys as KV holds them (`classify::compare`): each key's class, and for a stale
-/// one the top-level fields that differ.
-struct Check<'a> {
-    target: &'a IndexTarget,
-    drift: BTreeMap<KvKey, (Class, Option<Vec<String>>)>,
-}
-
-impl<'a> Check<'a> {
-    async fn compare<P: Ports>(
-        exporter: &Exporter<P>,
-        target: &'a IndexTarget,
-        prepared: &Prepared,
-        deadline: Instant,
-    ) -> Result<Self, OperatorError> {
-        let ops = &prepared.plan.ops;
-        let compared = (classify::compare(exporter, ops, deadline).await).map_err(|e| {
-            OperatorError::export_failed(target, format!("reading the index's keys: {e}"))
-        })?;
-        let drift = compared.into_iter().map(|(key, Compared { class, held })| {
-            let fields = (class == Class::Stale).then(|| match &ops[&key].action {
-                KvAction::Put(value) => stale_fields(&value.text(), &held.unwrap_or_default()),
-                KvAction::Delete => None,
-            });
-            (key, (class, fields.flatten()))
-        });
-        let drift = drift.collect();
-        Ok(Self { target, drift })
-    }
-
-    /// Query-config keys of the index that no query config implies. `whole`: this piece
-    /// expects every one; else they come from a keys-only Query of the table.
-    async fn unexpected<P: Ports>(
-        &mut self,
-        exporter: &Exporter<P>,
-        prepared: &Prepared,
-        whole: bool,
-        deadline: Instant,
-    ) -> Result<(), OperatorError> {
-        let (index, target) = (&self.target.index, self.target);
-        let failed = |what: &str, e| OperatorError::export_failed(target, format!("{what}: {e}"));
-        let implied: Option<HashSet<String>> = match whole {
-            true => None,
-            false => Some(
-                (exporter.override_keys(index, deadline).await)
-                    .map_err(|e| failed("reading the index's overrides", e))?,
-            ),
-        };
-        let prefix = query_config_prefix(index);
-        let listed = exporter
-            .kv()
-            .list_keys(Namespace::QueryConfigs, &prefix, deadline);
-        let listed = listed
-            .await
-            .map_err(|e| failed("listing query-config keys", e))?;
-        // The prefix is shared with other indexes ((a-1, x) and (a, 1-x)): a key is this
-        // index's only when its value says so.
-        let candidates: Vec<String> = listed
-            .into_iter()
-            .filter(|k| is_query_config_key_of(index, k))
-            .filter(|k| {
-                !prepared
-                    .plan
-                    .ops
-                    .contains_key(&KvKey::query_config_named(k))
-            })
-            .filter(|k| implied.as_ref().is_none_or(|implied| !implied.contains(k)))
-            .collect();
-        let values = exporter
-            .kv()
-            .get_many(Namespace::QueryConfigs, &candidates, deadline);
-        let values = values
-            .await
-            .map_err(|e| failed("reading query-config keys", e))?;
-        for key in candidates {
-            if values
-                .get(&key)
-                .cloned()
-                .flatten()
-                .is_some_and(|v| owner_in_value(&v).as_ref() == Some(index))
-            {
-                let orphaned = (Class::Orphaned, None);
-                (self.drift).insert(KvKey::query_config_named(&key), orphaned);
-            }
-        }
-        Ok(())
-    }
+/// Query-config keys of the index that no query config implies. `whole`: this piece expects
+/// every one; else they come from a keys-only Query of the table.
+async fn unexpected<P: Ports>(
+    exporter: &Exporter<P>,
+    index: &IndexRef,
+    prepared: &Prepared,
+    whole: bool,
+    deadline: Instant,
+) -> Result<Vec<KvKey>, OperatorError> {
+    let target = IndexTarget {
+        mode: "verify",
+        index: index.clone(),
+        include_query_configs: true,
+    };
+    let failed = |what: &str, e| OperatorError::export_failed(&target, format!("{what}: {e}"));
+    let implied: Option<HashSet<String>> = match whole {
+        true => None,
+        false => Some(
+            (exporter.override_keys(index, deadline).await)
+                .map_err(|e| failed("reading the index's overrides", e))?,
+        ),
+    };
+    let prefix = query_config_prefix(index);
+    let listed = exporter
+        .kv()
+        .list_keys(Namespace::QueryConfigs, &prefix, deadline);
+    let listed = listed
+        .await
+        .map_err(|e| failed("listing query-config keys", e))?;
+    // The prefix is shared with other indexes ((a-1, x) and (a, 1-x)): a key is this
+    // index's only when its value says so.
+    let candidates: Vec<String> = listed
+        .into_iter()
+        .filter(|k| is_query_config_key_of(index, k))
+        .filter(|k| {
+            !prepared
+                .plan
+                .ops
+                .contains_key(&KvKey::query_config_named(k))
+        })
+        .filter(|k| implied.as_ref().is_none_or(|implied| !implied.contains(k)))
+        .collect();
+    let values = exporter
+        .kv()
+        .get_many(Namespace::QueryConfigs, &candidates, deadline);
+    let values = values
+        .await
+        .map_err(|e| failed("reading query-config keys", e))?;
+    let owned = |key: &String| {
+        let value = values.get(key).cloned().flatten();
+        value.is_some_and(|v| owner_in_value(&v).as_ref() == Some(index))
+    };
+    let keys = candidates.into_iter().filter(owned);
+    Ok(keys.map(|key| KvKey::query_config_named(&key)).collect())
 }
 
 impl Answer {
@@ -245,8 +219,9 @@ impl Answer {
         }
     }
 
-    fn add(&mut self, drift: &BTreeMap<KvKey, (Class, Option<Vec<String>>)>) {
-        for (key, (class, fields)) in drift {
+    fn add(&mut self, drift: &Drift, prepared: &Prepared) {
+        for (key, compared) in &drift.keys {
+            let class = compared.class;
             let counts = &mut self.counts;
             *match class {
                 Class::InSync => &mut counts.in_sync,
@@ -254,50 +229,33 @@ impl Answer {
                 Class::Stale => &mut counts.stale,
                 _ => &mut counts.unexpected,
             } += 1;
-            self.in_sync &= *class == Class::InSync;
+            self.in_sync &= class == Class::InSync;
+            let fields = (class == Class::Stale).then(|| match &prepared.plan.ops[key].action {
+                KvAction::Put(value) => {
+                    stale_fields(&value.text(), compared.held.as_deref().unwrap_or_default())
+                }
+                KvAction::Delete => None,
+            });
             self.keys.push(KeyState {
                 namespace: key.namespace.name(),
                 key: key.key.clone(),
-                status: status(*class),
-                fields: (*class == Class::Stale).then(|| fields.clone().unwrap_or_default()),
+                status: status(class),
+                fields: fields.map(Option::unwrap_or_default),
             });
         }
     }
 
-    /// Only what drifted is sent: missing and stale keys written, unexpected ones deleted.
-    async fn repair<P: Ports>(
-        &mut self,
-        exporter: &Exporter<P>,
-        target: &IndexTarget,
-        request: &VerifyRequest,
-        prepared: Prepared,
-        drift: &BTreeMap<KvKey, (Class, Option<Vec<String>>)>,
-        deadline: Instant,
-    ) -> Result<(), OperatorError> {
-        let index = &target.index;
-        let writes: BTreeSet<KvKey> = (drift.iter())
-            .filter(|(_, (class, _))| matches!(class, Class::Missing | Class::Stale))
-            .map(|(key, _)| key.clone())
-            .collect();
-        let deletes: Vec<(KvKey, Option<IndexRef>)> = (drift.iter())
-            .filter(|(_, (class, _))| *class == Class::Orphaned)
-            .map(|(key, _)| (key.clone(), Some(index.clone())))
-            .collect();
-        if request.dry_run {
-            let writes: Vec<KvKey> = writes.into_iter().collect();
-            let deletes: Vec<KvKey> = deletes.into_iter().map(|(key, _)| key).collect();
-            self.dry_run = Some(true);
-            let changes = self.would_repair.get_or_insert_with(KeyChanges::default);
-            changes.add(KeyChanges::of(&writes, &deletes));
-            return Ok(());
-        }
-        let report = exporter.repair(prepared, &writes, deletes, deadline).await;
-        ensure_exported(target, &report)?;
-        let repaired = KeyChanges::of(&report.written, &report.deleted);
-        self.repaired
-            .get_or_insert_with(KeyChanges::default)
-            .add(repaired);
-        Ok(())
+    /// What a repair wrote and deleted, or (a dry run) would.
+    fn repaired(&mut self, dry_run: bool, report: &BatchReport) {
+        let changes = match dry_run {
+            true => {
+                self.dry_run = Some(true);
+                &mut self.would_repair
+            }
+            false => &mut self.repaired,
+        };
+        let changes = changes.get_or_insert_with(KeyChanges::default);
+        changes.add(KeyChanges::of(&report.written, &report.deleted));
     }
 
     fn finish(mut self, token: Option<String>) -> Self {

@@ -13,7 +13,6 @@
 //! Here: the pass's position and token, one invocation's share of it, the repair and the
 //! answer; step 1 in `segments/listed.rs`, step 2 in `segments/implied.rs`.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::domain::TableKey;
@@ -22,9 +21,10 @@ use tokio::time::Instant;
 
 use super::{failed, hand_on, log_stop, piece_size, Answer, Found, ReconcileRequest};
 use super::{Repaired, Requests, NAMESPACES};
-use crate::domain::{IndexRef, IndexRefs, KvKey};
+use crate::domain::{IndexRef, IndexRefs};
+use crate::operator::classify::{self, Drift};
 use crate::operator::{decode_token, encode_token, OperatorError};
-use crate::pipeline::exporter::{Exporter, Run};
+use crate::pipeline::exporter::{Exporter, Prepared};
 use crate::ports::Ports;
 use crate::report::Outcome;
 
@@ -173,28 +173,28 @@ impl<P: Ports> Pass<'_, P> {
         Ok(())
     }
 
-    /// Writes `writes` of the prepared plan and makes `deletes` (or, in a dry run, counts them).
-    async fn repair(
+    /// Counts what a piece found and repairs it (in a dry run, counts what it would repair).
+    async fn settle(
         &mut self,
-        prepared: Option<crate::pipeline::exporter::Prepared>,
-        writes: BTreeSet<KvKey>,
-        deletes: Vec<(KvKey, Option<IndexRef>)>,
+        prepared: Option<Prepared>,
+        drift: Drift,
     ) -> Result<(), OperatorError> {
-        if !self.request.repair || writes.len() + deletes.len() == 0 {
+        for (key, compared) in &drift.keys {
+            self.found.add(key, compared.class);
+        }
+        if !self.request.repair {
             return Ok(());
         }
-        if self.request.dry_run {
-            self.repaired.written += writes.len();
-            self.repaired.deleted += deletes.len();
+        let repair = classify::repair(
+            self.exporter,
+            prepared,
+            &drift,
+            self.request.dry_run,
+            self.deadline,
+        );
+        let Some(report) = repair.await else {
             return Ok(());
-        }
-        let (exporter, deadline) = (self.exporter, self.deadline);
-        let prepared = match prepared {
-            Some(prepared) => prepared,
-            None => exporter.prepare(Vec::new(), Run::CHECK, deadline).await,
         };
-        let report = exporter.repair(prepared, &writes, deletes, deadline).await;
-        report.log();
         self.requests.kv_repair += report.kv_requests;
         self.repaired.written += report.keys_written;
         self.repaired.deleted += report.keys_deleted;

@@ -9,7 +9,7 @@ use super::{Pass, Position, CONCURRENT_QUERIES};
 use crate::domain::kv::KeyMetadata;
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvKey, Namespace, TableKey, TableRecord};
-use crate::operator::classify::{could_be_written, live_targets, owner_in_value, Class};
+use crate::operator::classify::{could_be_written, live_targets, owner_in_value, Class, Drift};
 use crate::operator::reconcile::failed;
 use crate::operator::reconcile::NAMESPACES;
 use crate::operator::OperatorError;
@@ -98,31 +98,29 @@ impl<P: Ports> Pass<'_, P> {
         }
         let (orphans, live) = self.not_implied(&held).await?;
         let protected = self.aliased(orphans.values()).await?;
-        let (mut deletes, mut kept_shops) = (Vec::new(), Vec::new());
-        for key in &held {
-            match (&key.owner, orphans.get(&key.key)) {
-                (None, _) => self.found.add(&key.key, Class::Foreign),
+        let (mut drift, mut kept_shops) = (Drift::default(), Vec::new());
+        for key in held {
+            let (class, owner) = match (key.owner, orphans.get(&key.key)) {
+                (None, _) => (Class::Foreign, None),
                 // An alias keeps a removed index's settings keys (its shop key only while no
                 // other index claims the shop); its query configs follow its override records.
                 (Some(owner), Some(_))
-                    if protected.contains(owner)
+                    if protected.contains(&owner)
                         && key.key.namespace == Namespace::Settings
-                        && !live.contains(owner) =>
+                        && !live.contains(&owner) =>
                 {
-                    self.found.add(&key.key, Class::Protected);
-                    if key.key != KvKey::index(owner) {
+                    if key.key != KvKey::index(&owner) {
                         kept_shops.push((owner.clone(), key.key.key.clone()));
                     }
+                    (Class::Protected, Some(owner))
                 }
-                (Some(owner), Some(_)) => {
-                    self.found.add(&key.key, Class::Orphaned);
-                    deletes.push((key.key.clone(), Some(owner.clone())));
-                }
-                (Some(_), None) => {}
-            }
+                (Some(owner), Some(_)) => (Class::Orphaned, Some(owner)),
+                (Some(_), None) => continue,
+            };
+            drift.insert(key.key, class, owner);
         }
         self.record_kept_shops(kept_shops).await?;
-        self.repair(None, BTreeSet::new(), deletes).await
+        self.settle(None, drift).await
     }
 
     /// A kept index's shop key is recorded for it (a writer whose intent the stream's shrink
