@@ -176,6 +176,39 @@ async fn a_shared_shop_key_moves_to_the_index_that_still_claims_it() {
     );
 }
 
+/// Two indexes claim one shop: the one written last keeps its key. A verify repair of the
+/// other finds the key in sync (as the reconcile does) and leaves it with the last writer.
+#[tokio::test]
+async fn a_verify_repair_leaves_a_shared_shop_with_the_index_written_last() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "b", Some("shop-s.myshopify.com")))
+        .await;
+    h.put(index_item("acct-1", "a", Some("shop-s.myshopify.com")))
+        .await;
+    h.export_stream().await;
+    assert_eq!(
+        h.settings("shop-s.myshopify.com").unwrap()["index_name"],
+        "a"
+    );
+
+    let answer = h
+        .invoke(
+            json!({"mode": "verify", "system_account_id": "acct-1", "index_name": "b",
+                       "repair": true}),
+        )
+        .await;
+
+    assert_eq!(answer["in_sync"], true, "{answer}");
+    assert_eq!(answer["counts"]["stale"], 0, "{answer}");
+    assert_eq!(answer["repaired"]["written"], json!([]), "{answer}");
+    assert_eq!(
+        h.settings("shop-s.myshopify.com").unwrap()["index_name"],
+        "a",
+        "the shop stays with the index written last"
+    );
+}
+
 #[tokio::test]
 async fn an_alias_that_cannot_be_decoded_still_protects_its_target() {
     let mut h = Harness::new().await;
