@@ -8,6 +8,7 @@
 pub mod backfill;
 mod classify;
 mod fields;
+mod orphans;
 pub mod reconcile;
 pub mod reexport;
 pub mod verify;

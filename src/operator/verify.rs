@@ -1,13 +1,14 @@
 //! `{"mode": "verify", ...}`: compares what KV holds for one index with what the table implies,
 //! and with `repair` writes what is missing or stale and deletes what should not be there.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::classify::{self, owner_in_value, Class, Drift};
+use super::classify::{self, Class, Drift};
+use super::orphans::Orphans;
 use super::{ensure_exported, ensure_ready, flag, IndexTarget, KeyChanges, NonEmpty};
 use super::{OperatorError, PieceAt, Pieces};
 use crate::domain::kv::{is_query_config_key_of, query_config_prefix};
@@ -125,19 +126,12 @@ pub async fn run<P: Ports>(
     let mut pieces = Pieces::new(exporter, &target, token, request.max_records, deadline)?;
     let mut answer = Answer::new(&target.index);
     let failed = |what: &str, e| OperatorError::export_failed(&target, format!("{what}: {e}"));
-    while let Some(PieceAt {
-        prepared,
-        first,
-        last,
-    }) = pieces.next().await?
-    {
+    while let Some(PieceAt { prepared, last, .. }) = pieces.next().await? {
         ensure_ready(&target, &prepared)?;
         let drift = classify::drift(exporter, &prepared, deadline).await;
         let mut drift = drift.map_err(|e| failed("reading the index's keys", e))?;
         if last && target.include_query_configs {
-            let whole = first && last;
-            let unexpected = unexpected(exporter, &target.index, &prepared, whole, deadline);
-            for key in unexpected.await? {
+            for key in unexpected(exporter, &target, &prepared, deadline).await? {
                 drift.insert(key, Class::Orphaned, Some(target.index.clone()));
             }
         }
@@ -153,60 +147,46 @@ pub async fn run<P: Ports>(
     Ok(answer.finish(pieces.token()))
 }
 
-/// Query-config keys of the index that no query config implies. `whole`: this piece expects
-/// every one; else they come from a keys-only Query of the table.
+/// Query-config keys written for the index that no override record implies: its keys listed
+/// (KV's listing, by the prefix it shares with other indexes: `(a-1, x)` and `(a, 1-x)`), those
+/// the piece does not plan classified by the one orphan finder, as the reconcile's listing does.
 async fn unexpected<P: Ports>(
     exporter: &Exporter<P>,
-    index: &IndexRef,
+    target: &IndexTarget,
     prepared: &Prepared,
-    whole: bool,
     deadline: Instant,
 ) -> Result<Vec<KvKey>, OperatorError> {
-    let target = IndexTarget {
-        mode: "verify",
-        index: index.clone(),
-        include_query_configs: true,
-    };
-    let failed = |what: &str, e| OperatorError::export_failed(&target, format!("{what}: {e}"));
-    let implied: Option<HashSet<String>> = match whole {
-        true => None,
-        false => Some(
-            (exporter.override_keys(index, deadline).await)
-                .map_err(|e| failed("reading the index's overrides", e))?,
-        ),
-    };
-    let prefix = query_config_prefix(index);
-    let listed = exporter
-        .kv()
-        .list_keys(Namespace::QueryConfigs, &prefix, deadline);
-    let listed = listed
-        .await
-        .map_err(|e| failed("listing query-config keys", e))?;
-    // The prefix is shared with other indexes ((a-1, x) and (a, 1-x)): a key is this
-    // index's only when its value says so.
-    let candidates: Vec<String> = listed
-        .into_iter()
-        .filter(|k| is_query_config_key_of(index, k))
-        .filter(|k| {
-            !prepared
-                .plan
-                .ops
-                .contains_key(&KvKey::query_config_named(k))
-        })
-        .filter(|k| implied.as_ref().is_none_or(|implied| !implied.contains(k)))
-        .collect();
-    let values = exporter
-        .kv()
-        .get_many(Namespace::QueryConfigs, &candidates, deadline);
-    let values = values
-        .await
-        .map_err(|e| failed("reading query-config keys", e))?;
-    let owned = |key: &String| {
-        let value = values.get(key).cloned().flatten();
-        value.is_some_and(|v| owner_in_value(&v).as_ref() == Some(index))
-    };
-    let keys = candidates.into_iter().filter(owned);
-    Ok(keys.map(|key| KvKey::query_config_named(&key)).collect())
+    let index = &target.index;
+    let failed = |what: &str, e| OperatorError::export_failed(target, format!("{what}: {e}"));
+    let (prefix, mut cursor, mut found) = (query_config_prefix(index), None, Vec::new());
+    loop {
+        let list = exporter.kv().list_page(
+            Namespace::QueryConfigs,
+            &prefix,
+            cursor.as_deref(),
+            1000,
+            deadline,
+        );
+        let mut page = list
+            .await
+            .map_err(|e| failed("listing query-config keys", e))?;
+        page.keys.retain(|k| {
+            let key = KvKey::query_config_named(&k.name);
+            is_query_config_key_of(index, &k.name) && !prepared.plan.ops.contains_key(&key)
+        });
+        let mut orphans = Orphans::new(exporter, deadline);
+        let classify = orphans.classify(Namespace::QueryConfigs, page.keys, Some(&index.account));
+        let drift = classify
+            .await
+            .map_err(|e| failed("reading the index's overrides", e))?;
+        let own = (drift.drift.keys.into_iter())
+            .filter(|(_, c)| c.class == Class::Orphaned && c.owner.as_ref() == Some(index));
+        found.extend(own.map(|(key, _)| key));
+        match page.cursor {
+            Some(next) => cursor = Some(next),
+            None => return Ok(found),
+        }
+    }
 }
 
 impl Answer {

@@ -34,8 +34,6 @@ mod listed;
 /// Table records compared at once; an index's records are kept together (`pipeline/exporter/runs.rs`).
 const CHUNK_RECORDS: usize = 2_000;
 const TABLE_PAGE: usize = 1_000;
-/// Table Queries (an owner's overrides) in flight at once.
-const CONCURRENT_QUERIES: usize = 8;
 /// The table step.
 const TABLE_STEP: usize = NAMESPACES.len();
 

@@ -1,27 +1,16 @@
-//! Step 1 of a pass: KV against the table. A namespace's listing, page by page: orphans (their
-//! table record gone), keys protected by an alias, and foreign keys.
+//! Step 1 of a pass: KV against the table. A namespace's listing, page by page, each page's
+//! keys classified by the one orphan finder ([`crate::operator::orphans`]): orphans (their table
+//! record gone), keys protected by an alias, and foreign keys.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::BTreeMap;
 
-use futures::StreamExt as _;
-
-use super::{Pass, Position, CONCURRENT_QUERIES};
-use crate::domain::kv::KeyMetadata;
-use crate::domain::qfilter::filter_key;
-use crate::domain::{IndexRef, KvKey, Namespace, TableKey, TableRecord};
-use crate::operator::classify::{could_be_written, live_targets, owner_in_value, Class, Drift};
+use super::{Pass, Position};
+use crate::domain::{IndexRef, Namespace};
+use crate::operator::orphans::{Found, Orphans};
 use crate::operator::reconcile::failed;
 use crate::operator::reconcile::NAMESPACES;
 use crate::operator::OperatorError;
-use crate::ports::{IndexRefs, KvStore as _, ListedKey, Ports, Referred};
-
-/// A listed key with who it was written for (and, for an override's, its query when the
-/// metadata names it).
-struct Listed {
-    key: KvKey,
-    owner: Option<IndexRef>,
-    query: Option<String>,
-}
+use crate::ports::{IndexRefs, KvStore as _, ListedKey, Ports};
 
 impl<P: Ports> Pass<'_, P> {
     /// One page of a namespace's listing, compared with the table.
@@ -50,75 +39,15 @@ impl<P: Ports> Pass<'_, P> {
         Ok(listed)
     }
 
-    /// Who each listed key was written for: from its metadata, or its value where the
-    /// metadata cannot tell (the table step reads every value it compares anyway).
-    async fn held(
-        &mut self,
-        namespace: Namespace,
-        keys: Vec<ListedKey>,
-    ) -> Result<Vec<Listed>, OperatorError> {
-        let listed: Vec<(String, Option<KeyMetadata>)> = (keys.into_iter())
-            .map(|k| (k.name, KeyMetadata::ours(k.metadata.as_ref())))
-            .collect();
-        let unread: Vec<String> = (listed.iter())
-            .filter(|(_, meta)| meta.as_ref().and_then(KeyMetadata::index_ref).is_none())
-            .map(|(key, _)| key.clone())
-            .collect();
-        let mut values = HashMap::new();
-        if !unread.is_empty() {
-            let read = self
-                .exporter
-                .kv()
-                .get_many(namespace, &unread, self.deadline);
-            values = read.await.map_err(failed)?;
-            self.requests.kv_bulk_get += unread.len().div_ceil(100);
-        }
-        Ok((listed.into_iter())
-            .map(|(key, meta)| {
-                let value = values.remove(&key).flatten();
-                let named = meta.as_ref().and_then(KeyMetadata::index_ref);
-                let owner = (named.or_else(|| value.as_deref().and_then(owner_in_value)))
-                    .filter(could_be_written);
-                let query = meta.and_then(|m| m.query);
-                let key = KvKey { namespace, key };
-                Listed { key, owner, query }
-            })
-            .collect())
-    }
-
     async fn compare_listed(
         &mut self,
         namespace: Namespace,
         keys: Vec<ListedKey>,
     ) -> Result<(), OperatorError> {
-        let mut held = self.held(namespace, keys).await?;
-        if let Some(account) = self.account {
-            // Another account's key, or one whose owner cannot be told, is not this run's.
-            held.retain(|k| k.owner.as_ref().is_some_and(|o| o.account == account));
-        }
-        let (orphans, live) = self.not_implied(&held).await?;
-        let protected = self.aliased(orphans.values()).await?;
-        let (mut drift, mut kept_shops) = (Drift::default(), Vec::new());
-        for key in held {
-            let (class, owner) = match (key.owner, orphans.get(&key.key)) {
-                (None, _) => (Class::Foreign, None),
-                // An alias keeps a removed index's settings keys (its shop key only while no
-                // other index claims the shop); its query configs follow its override records.
-                (Some(owner), Some(_))
-                    if protected.contains(&owner)
-                        && key.key.namespace == Namespace::Settings
-                        && !live.contains(&owner) =>
-                {
-                    if key.key != KvKey::index(&owner) {
-                        kept_shops.push((owner.clone(), key.key.key.clone()));
-                    }
-                    (Class::Protected, Some(owner))
-                }
-                (Some(owner), Some(_)) => (Class::Orphaned, Some(owner)),
-                (Some(_), None) => continue,
-            };
-            drift.insert(key.key, class, owner);
-        }
+        let mut orphans = Orphans::new(self.exporter, self.deadline);
+        let found = orphans.classify(namespace, keys, self.account).await;
+        self.requests.kv_bulk_get += orphans.bulk_gets;
+        let Found { drift, kept_shops } = found.map_err(failed)?;
         self.record_kept_shops(kept_shops).await?;
         self.settle(None, drift).await
     }
@@ -139,180 +68,5 @@ impl<P: Ports> Pass<'_, P> {
         let lacked = "the ledger lacked shops kept indexes' keys are on: added";
         self.add_lacking_references(refs.into_iter().collect(), lacked)
             .await
-    }
-
-    /// The listed keys no table record implies any more, with the index each was written for,
-    /// and which of those indexes have a settings record.
-    async fn not_implied(
-        &mut self,
-        held: &[Listed],
-    ) -> Result<(HashMap<KvKey, IndexRef>, HashSet<IndexRef>), OperatorError> {
-        let (exporter, deadline) = (self.exporter, self.deadline);
-        let owners: BTreeSet<IndexRef> = held.iter().filter_map(|k| k.owner.clone()).collect();
-        let owners: Vec<IndexRef> = owners.into_iter().collect();
-        let refs = exporter.index_references(&owners, deadline);
-        let refs = refs.await.map_err(failed)?;
-        let overrides = self.overrides_of(held, &refs).await?;
-        let mut gone = HashMap::new();
-        let mut shops_asked = Vec::new();
-        for key in held {
-            let Some(owner) = &key.owner else { continue };
-            let exists = refs.contains_key(owner);
-            let implied = match key.key.namespace {
-                Namespace::Settings if key.key == KvKey::index(owner) => exists,
-                Namespace::Settings => refs
-                    .get(owner)
-                    .is_some_and(|r| r.shops.contains(&key.key.key)),
-                // A filter follows its index's override records, whatever its settings record:
-                // with one, the table step compares it; without, it is implied by overrides.
-                Namespace::QueryConfigs if key.key == filter_key(owner) => {
-                    exists || overrides.any_of(owner)
-                }
-                Namespace::QueryConfigs => overrides.holds(key, owner),
-            };
-            if implied {
-                continue;
-            }
-            if key.key.namespace == Namespace::Settings && key.key != KvKey::index(owner) {
-                shops_asked.push(key.key.key.clone());
-            }
-            gone.insert(key.key.clone(), owner.clone());
-        }
-        // A shop key its writer gave up may be another index's now (the table step writes it).
-        for shop in self.claimed_shops(shops_asked).await? {
-            gone.remove(&KvKey::settings(shop));
-        }
-        Ok((gone, refs.into_keys().collect()))
-    }
-
-    /// Which listed query configs' override records exist: a key is a hash of its query, checked
-    /// by key when its metadata names the query (and the key is that query's), else against its
-    /// owner's overrides listed (a keys-only Query), as is a filter without a settings record.
-    async fn overrides_of(
-        &mut self,
-        held: &[Listed],
-        refs: &HashMap<IndexRef, crate::ports::IndexRefs>,
-    ) -> Result<Overrides, OperatorError> {
-        let (exporter, deadline) = (self.exporter, self.deadline);
-        let (mut named, mut queried) = (HashMap::new(), BTreeSet::new());
-        for k in held
-            .iter()
-            .filter(|k| k.key.namespace == Namespace::QueryConfigs)
-        {
-            let Some(owner) = &k.owner else { continue };
-            match k.query.as_deref() {
-                _ if k.key == filter_key(owner) => {
-                    if !refs.contains_key(owner) {
-                        queried.insert(owner.clone());
-                    }
-                }
-                Some(query) if KvKey::query_config(owner, query) == k.key => {
-                    named.insert(k.key.clone(), (owner.clone(), query.to_owned()));
-                }
-                _ => {
-                    queried.insert(owner.clone());
-                }
-            }
-        }
-        let asked = (named.values()).map(|(owner, query)| TableKey::of(owner, Some(query)));
-        let found = exporter.records_of(asked.collect(), deadline);
-        let found: HashSet<TableKey> = (found.await.map_err(failed)?.into_iter())
-            .map(|(key, _)| key)
-            .collect();
-        let named = (named.into_iter())
-            .map(|(key, (owner, query))| (key, found.contains(&TableKey::of(&owner, Some(&query)))))
-            .collect();
-        let listed: Vec<Result<(IndexRef, HashSet<String>), _>> = futures::stream::iter(queried)
-            .map(|owner| async move {
-                let keys = exporter.override_keys(&owner, deadline).await?;
-                Ok::<_, crate::ports::PortError>((owner, keys))
-            })
-            .buffer_unordered(CONCURRENT_QUERIES)
-            .collect()
-            .await;
-        let mut by_owner = HashMap::new();
-        for answer in listed {
-            let (owner, keys) = answer.map_err(failed)?;
-            by_owner.insert(owner, keys);
-        }
-        Ok(Overrides { named, by_owner })
-    }
-
-    /// Of these shops, those some index's settings record claims now.
-    async fn claimed_shops(&mut self, shops: Vec<String>) -> Result<Vec<String>, OperatorError> {
-        if shops.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (exporter, deadline) = (self.exporter, self.deadline);
-        let asked = shops.iter().cloned().map(Referred::Shop).collect();
-        let references = exporter
-            .referrers_of(asked, deadline)
-            .await
-            .map_err(failed)?;
-        // Each candidate's record as the table holds it now (the ledger only names them).
-        let wanted: HashSet<&String> = shops.iter().collect();
-        let claimers: Vec<(IndexRef, IndexRefs)> = (references.into_iter())
-            .filter(|(_, refs)| refs.shops.iter().any(|s| wanted.contains(s)))
-            .collect();
-        // Only a claimer that can be exported writes the shop in its table step: a shop key
-        // only invalid records claim is orphaned, as the stream deletes it.
-        let records = exporter.settings_of(claimers.iter().map(|(index, _)| index), deadline);
-        let records = records.await.map_err(failed)?;
-        let valid = |index: &IndexRef| {
-            let record = records.get(index);
-            matches!(
-                record,
-                Some(TableRecord::Settings {
-                    settings: Ok(_),
-                    ..
-                })
-            )
-        };
-        Ok((claimers.into_iter())
-            .filter(|(index, _)| valid(index))
-            .flat_map(|(_, refs)| refs.shops)
-            .filter(|s| wanted.contains(s))
-            .collect())
-    }
-
-    /// Of these indexes, those an enabled read or analytics alias points at.
-    async fn aliased<'i>(
-        &mut self,
-        indexes: impl Iterator<Item = &'i IndexRef>,
-    ) -> Result<HashSet<IndexRef>, OperatorError> {
-        let indexes: BTreeSet<&IndexRef> = indexes.collect();
-        if indexes.is_empty() {
-            return Ok(HashSet::new());
-        }
-        let asked = indexes.iter().map(|i| Referred::Alias(i.id().0)).collect();
-        let references = self.exporter.referrers_of(asked, self.deadline);
-        let references = references.await.map_err(failed)?;
-        let targets: HashSet<_> = live_targets(&references).collect();
-        Ok((indexes.into_iter())
-            .filter(|i| targets.contains(&i.id()))
-            .cloned()
-            .collect())
-    }
-}
-
-/// Which override records exist behind listed query-config keys.
-struct Overrides {
-    /// Keys whose metadata named their query: whether its record exists.
-    named: HashMap<KvKey, bool>,
-    /// Owners whose overrides were listed: their override keys.
-    by_owner: HashMap<IndexRef, HashSet<String>>,
-}
-
-impl Overrides {
-    fn holds(&self, key: &Listed, owner: &IndexRef) -> bool {
-        match self.named.get(&key.key) {
-            Some(exists) => *exists,
-            None => (self.by_owner.get(owner)).is_some_and(|k| k.contains(&key.key.key)),
-        }
-    }
-
-    /// Whether the owner has override records (asked only of owners listed).
-    fn any_of(&self, owner: &IndexRef) -> bool {
-        self.by_owner.get(owner).is_some_and(|k| !k.is_empty())
     }
 }
