@@ -12,7 +12,7 @@ pub use ledger::{IndexRefs, Ledger, ReconcileProgress, Referred, RefsChange};
 
 use crate::domain::kv::{KvKey, KvOp};
 use crate::domain::{AccountCell, ApiKey, IndexRef, Namespace};
-use crate::domain::{TableKey, TableRecord};
+use crate::domain::{Scope, TableKey, TableRecord};
 
 /// Why an outside system did not answer as asked: what happened, as the adapter saw it, with
 /// the values it names cut to a bound. Whether trying again can help follows from the kind.
@@ -274,15 +274,6 @@ pub trait SettingsTable: Send + Sync {
         last: &str,
     ) -> impl Future<Output = Result<Vec<TableRecord>, PortError>> + Send;
 
-    /// The index's `INDEX#{name}#QUERY#...` records after `start`, `limit` at most, in sort key
-    /// order (a consistent Query); `next` is where the rest begins.
-    fn query_configs(
-        &self,
-        index: &IndexRef,
-        start: Option<TableKey>,
-        limit: usize,
-    ) -> impl Future<Output = Result<Page, PortError>> + Send;
-
     /// The normalized queries of every override of the index (a consistent, paginated Query of
     /// `INDEX#{name}#QUERY#`, keys only).
     fn override_queries(
@@ -290,10 +281,12 @@ pub trait SettingsTable: Send + Sync {
         index: &IndexRef,
     ) -> impl Future<Output = Result<Vec<String>, PortError>> + Send;
 
-    /// One page of the table (of one account's records when `account` is given), from `start`.
+    /// One page of the records in `scope` after `start` (from the first when `None`), in sort
+    /// key order: `limit` items read at most (a consistent Scan or Query; an index's page holds
+    /// `limit` records unless it is the last); `next` is where the rest begins.
     fn page(
         &self,
-        account: Option<&str>,
+        scope: Scope<'_>,
         start: Option<TableKey>,
         limit: i32,
     ) -> impl Future<Output = Result<Page, PortError>> + Send;

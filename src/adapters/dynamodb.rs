@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use aws_sdk_dynamodb::types::AttributeValue;
 use serde_dynamo::Item;
 
-use crate::domain::{IndexRef, IndexRefs, TableKey, TableRecord};
+use crate::domain::{IndexRef, IndexRefs, Scope, TableKey, TableRecord};
 use crate::dynamo::{key_item, settings_references, string_attribute, SortKey};
 use crate::dynamo::{table_key, table_record};
 use crate::ports::{Page, PortError, SettingsTable};
@@ -142,28 +142,40 @@ impl DynamoSettingsTable {
         self.dynamo.get_all(table, keys, &mut each).await
     }
 
-    /// The index's `INDEX#{name}#QUERY#...` items after `start`, `limit` at most (only
-    /// `projection`, when given): a consistent Query, page after page.
-    async fn overrides(
+    /// The index's items after `start`, `limit` at most (only `projection`, when given): its
+    /// `INDEX#{name}#QUERY#...` items, after its `INDEX#{name}` item `with_settings`. A
+    /// consistent Query, page after page; another index whose name sorts between them
+    /// (`INDEX#{name}!x`) is filtered out.
+    async fn index_items(
         &self,
         index: &IndexRef,
+        with_settings: bool,
         projection: Option<&str>,
         start: Option<&TableKey>,
         limit: usize,
     ) -> Result<(Vec<Item>, Option<Item>), PortError> {
-        let mut items = Vec::new();
-        let mut start_key = start.map(|key| key_item(key).into());
+        let (own, prefix) = (
+            TableKey::of(index, None).sk().to_owned(),
+            overrides_prefix(index),
+        );
+        let query = (self.client().query())
+            .table_name(&self.table_name)
+            .expression_attribute_values(":pk", AttributeValue::S(index.account.clone()))
+            .expression_attribute_values(":prefix", AttributeValue::S(prefix.clone()));
+        let query = match (with_settings, after_prefix(&prefix)) {
+            (true, Some(upper)) => query
+                .key_condition_expression("pk = :pk AND sk BETWEEN :own AND :upper")
+                .filter_expression("sk = :own OR begins_with(sk, :prefix)")
+                .expression_attribute_values(":own", AttributeValue::S(own))
+                .expression_attribute_values(":upper", AttributeValue::S(upper)),
+            _ => query.key_condition_expression("pk = :pk AND begins_with(sk, :prefix)"),
+        };
+        let query =
+            (query.set_projection_expression(projection.map(str::to_owned))).consistent_read(true);
+        let (mut items, mut start_key) = (Vec::new(), start.map(|key| key_item(key).into()));
         loop {
             let left = i32::try_from(limit - items.len()).unwrap_or(i32::MAX);
-            let page = self
-                .client()
-                .query()
-                .table_name(&self.table_name)
-                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
-                .expression_attribute_values(":pk", AttributeValue::S(index.account.clone()))
-                .expression_attribute_values(":prefix", AttributeValue::S(overrides_prefix(index)))
-                .set_projection_expression(projection.map(str::to_owned))
-                .consistent_read(true)
+            let page = (query.clone())
                 .set_exclusive_start_key(start_key)
                 .set_limit((limit != usize::MAX).then_some(left))
                 .send()
@@ -274,20 +286,10 @@ impl SettingsTable for DynamoSettingsTable {
         Ok(records)
     }
 
-    async fn query_configs(
-        &self,
-        index: &IndexRef,
-        start: Option<TableKey>,
-        limit: usize,
-    ) -> Result<Page, PortError> {
-        let (items, next) = self.overrides(index, None, start.as_ref(), limit).await?;
-        Ok(self.page_of(items, next))
-    }
-
     async fn override_queries(&self, index: &IndexRef) -> Result<Vec<String>, PortError> {
         self.override_queries.fetch_add(1, Ordering::Relaxed);
         let prefix = overrides_prefix(index);
-        let (items, _) = (self.overrides(index, Some("sk"), None, usize::MAX)).await?;
+        let (items, _) = (self.index_items(index, false, Some("sk"), None, usize::MAX)).await?;
         Ok(items
             .iter()
             // Everything after the first `#QUERY#` is the query, `#` and all.
@@ -298,13 +300,19 @@ impl SettingsTable for DynamoSettingsTable {
 
     async fn page(
         &self,
-        account: Option<&str>,
+        scope: Scope<'_>,
         start: Option<TableKey>,
         limit: i32,
     ) -> Result<Page, PortError> {
+        if let Scope::Index(index) = scope {
+            let limit = usize::try_from(limit.max(1)).unwrap_or(1);
+            let read = self.index_items(index, true, None, start.as_ref(), limit);
+            let (items, next) = read.await?;
+            return Ok(self.page_of(items, next));
+        }
         let start = start.map(|key| key_item(&key).into());
-        let (items, next) = match account {
-            Some(account) => {
+        let (items, next) = match scope {
+            Scope::Account(account) => {
                 let page = self
                     .client()
                     .query()
@@ -321,7 +329,7 @@ impl SettingsTable for DynamoSettingsTable {
                     .map_err(|e| self.error("Query", e))?;
                 (page.items, page.last_evaluated_key)
             }
-            None => {
+            _ => {
                 let page = self
                     .client()
                     .scan()

@@ -13,7 +13,7 @@ use serde_dynamo::Item;
 use tokio::time::Instant;
 
 use crate::domain::{AccountCell, ApiKey, IndexRef, KvAction, KvKey, KvOp, Namespace};
-use crate::domain::{TableKey, TableRecord};
+use crate::domain::{Scope, TableKey, TableRecord};
 use crate::ports::{
     ApiKeySource, IndexRefs, KeyPage, KvStore, Ledger, ListedKey, Page, PortError,
     ReconcileProgress, Referred, RefsChange, SettingsTable,
@@ -234,23 +234,6 @@ impl SettingsTable for CountingTable {
         let items = self.sorted(|pk, sk| pk == account && within(sk));
         Ok(items.iter().map(record).collect())
     }
-    async fn query_configs(
-        &self,
-        index: &IndexRef,
-        _: Option<TableKey>,
-        _: usize,
-    ) -> Result<Page, PortError> {
-        self.readable()?;
-        let prefix = format!("INDEX#{}#QUERY#", index.name);
-        let items = self.sorted(|pk, sk| pk == index.account && sk.starts_with(&prefix));
-        let records = (items.iter())
-            .filter_map(|item| Some((crate::dynamo::table_key(item)?, record(item))))
-            .collect();
-        Ok(Page {
-            records,
-            next: None,
-        })
-    }
     async fn override_queries(&self, index: &IndexRef) -> Result<Vec<String>, PortError> {
         self.readable()?;
         self.override_queries.fetch_add(1, Ordering::SeqCst);
@@ -265,8 +248,28 @@ impl SettingsTable for CountingTable {
         };
         Ok(items.iter().filter_map(query).collect())
     }
-    async fn page(&self, _: Option<&str>, _: Option<TableKey>, _: i32) -> Result<Page, PortError> {
-        Ok(Page::default())
+    async fn page(
+        &self,
+        scope: Scope<'_>,
+        start: Option<TableKey>,
+        limit: i32,
+    ) -> Result<Page, PortError> {
+        self.readable()?;
+        let after = start.map(|key| (key.pk().to_owned(), key.sk().to_owned()));
+        let items = self.sorted(|pk, sk| {
+            let after = after.as_ref();
+            scope.holds(pk, sk) && after.is_none_or(|(apk, ask)| (pk, sk) > (apk, ask))
+        });
+        let mut records: Vec<(TableKey, TableRecord)> = (items.iter())
+            .filter_map(|item| Some((crate::dynamo::table_key(item)?, record(item))))
+            .collect();
+        let limit = usize::try_from(limit.max(1)).unwrap_or(1);
+        let more = records.len() > limit;
+        records.truncate(limit);
+        let next = more
+            .then(|| records.last().map(|(key, _)| key.clone()))
+            .flatten();
+        Ok(Page { records, next })
     }
 }
 

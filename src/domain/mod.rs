@@ -13,4 +13,4 @@ pub use ids::{IndexId, IndexRef};
 pub use kv::{KvAction, KvKey, KvOp, Namespace};
 pub use secrets::{AccountCell, ApiKey, ApiToken};
 pub use settings::{IndexRefs, IndexSettings, InvalidRecord, QueryConfig, Referred};
-pub use table::{TableKey, TableRecord, TableSpan};
+pub use table::{Scope, TableKey, TableRecord, TableSpan};

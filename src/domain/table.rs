@@ -38,6 +38,41 @@ pub struct TableKey {
     sk: KeyString,
 }
 
+/// Which records a read of the table covers, in the order a scan reads them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scope<'a> {
+    /// Every record (a Scan).
+    Table,
+    /// One account's records (a Query of its partition).
+    Account(&'a str),
+    /// One index's settings record and its overrides (`INDEX#{name}`, then
+    /// `INDEX#{name}#QUERY#...`), none of another index whose name sorts between them.
+    Index(&'a IndexRef),
+}
+
+impl<'a> Scope<'a> {
+    /// The table, or one account's records.
+    pub fn of(account: Option<&'a str>) -> Self {
+        account.map_or(Scope::Table, Scope::Account)
+    }
+
+    /// Whether the item with this key is in scope.
+    pub fn holds(&self, pk: &str, sk: &str) -> bool {
+        match self {
+            Scope::Table => true,
+            Scope::Account(account) => pk == *account,
+            Scope::Index(index) => {
+                let own = TableKey::of(index, None);
+                pk == index.account
+                    && (sk == own.sk()
+                        || sk
+                            .strip_prefix(own.sk())
+                            .is_some_and(|r| r.starts_with("#QUERY#")))
+            }
+        }
+    }
+}
+
 /// A stretch of the table in the order a scan reads it: the records after `after` (from the
 /// table's beginning when `None`) through `through`, `records` of them when read; of one
 /// account's records when given. What a backfill's batch was read from, read again by its check.

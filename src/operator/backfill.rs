@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::domain::{TableKey, TableSpan};
+use crate::domain::{Scope, TableKey, TableSpan};
 use serde::{Deserialize, Deserializer, Serialize};
 use tokio::time::Instant;
 
@@ -258,7 +258,8 @@ impl<P: Ports> Pass<'_, P> {
             true => AddReferences::None,
             false => AddReferences::Counted,
         };
-        let read = (self.runs).read(self.exporter, account, size, overrides, add, self.deadline);
+        let scope = Scope::of(account);
+        let read = (self.runs).read(self.exporter, scope, size, overrides, add, self.deadline);
         let (records, _) = read.await.map_err(backfill_failed)?;
         self.tally.items += records;
         Ok(())

@@ -19,8 +19,9 @@ use serde_json::{Map, Value};
 use tokio::time::Instant;
 
 use crate::domain::validate::cut;
+use crate::domain::Scope;
 use crate::domain::{IndexRef, KvKey};
-use crate::pipeline::exporter::{Exporter, Prepared, Run};
+use crate::pipeline::exporter::{AddReferences, Exporter, Prepared, Run, Runs};
 use crate::ports::Ports;
 use crate::report::{BatchReport, Outcome};
 
@@ -226,44 +227,45 @@ impl<'a, P: Ports> Pieces<'a, P> {
         })
     }
 
-    /// The next piece, read and prepared (`None`: the walk ended, or stops here).
+    /// The next piece, read and prepared (`None`: the walk ended, or stops here): the index's
+    /// records as a run of the table (`Runs`, the index's scope), its settings record alone or
+    /// with a page of its query configs.
     async fn next(&mut self) -> Result<Option<PieceAt>, OperatorError> {
         let stop = self.one_piece || Instant::now() >= self.stop_at;
         if self.taken && (self.start.is_none() || stop) {
             return Ok(None);
         }
         self.taken = true;
-        let (exporter, index, deadline) = (self.exporter, &self.target.index, self.deadline);
-        let failed = |e| OperatorError::export_failed(self.target, e);
+        let (exporter, target, deadline) = (self.exporter, self.target, self.deadline);
+        let (index, with_configs) = (&target.index, target.include_query_configs);
         let first = self.start.is_none();
-        let mut records = Vec::new();
-        if first {
-            let with_configs = self.target.include_query_configs;
-            let settings = exporter.settings_record(index, with_configs, deadline);
-            records.push(settings.await.map_err(failed)?.ok_or_else(|| {
-                OperatorError::NoSuchIndex {
-                    account: index.account.clone(),
-                    index: index.name.clone(),
-                }
-            })?);
+        let size = match with_configs {
+            true => self.limit + usize::from(first),
+            false => 1,
+        };
+        let mut runs = Runs::new(self.start.take());
+        let add = AddReferences::None;
+        let scope = Scope::Index(index);
+        let read = runs.read(exporter, scope, size as i32, with_configs, add, deadline);
+        read.await
+            .map_err(|e| OperatorError::export_failed(target, e))?;
+        let last = !with_configs || runs.ended();
+        runs.cut();
+        let closed = runs.take_closed();
+        if first && !closed.settings.contains(index) {
+            let (account, index) = (index.account.clone(), index.name.clone());
+            return Err(OperatorError::NoSuchIndex { account, index });
         }
-        let mut next = None;
-        if self.target.include_query_configs {
-            let page = exporter.query_configs(index, self.start.take(), self.limit, deadline);
-            let (configs, rest) = page.await.map_err(failed)?;
-            records.extend(configs);
-            next = rest;
-        }
+        let records = closed.whole.into_iter().chain(closed.queried).collect();
         // A piece without every query config gets its filter from a Query of the table.
-        let run = Run::OPERATOR.holding_overrides(first && next.is_none());
+        let run = Run::OPERATOR.holding_overrides(first && last);
         let mut prepared = exporter.prepare(records, run, deadline).await;
         // The first piece, which has the settings record, owns the index's filter.
         if !first {
             let filter = crate::domain::qfilter::filter_key(index);
             prepared.plan.ops.remove(&filter);
         }
-        let last = next.is_none();
-        self.start = next;
+        self.start = closed.at.filter(|_| !last);
         Ok(Some(PieceAt {
             prepared,
             first,

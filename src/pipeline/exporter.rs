@@ -325,6 +325,21 @@ impl<P: Ports> Exporter<P> {
         deadline: Instant,
     ) -> BatchReport {
         prepared.plan.ops.retain(|key, _| writes.contains(key));
+        // A run that read no references (a reconcile's table step) counts every reference of
+        // the indexes it writes as its intent: a stream's shrink that read the ledger before
+        // then takes none of them out (a shop it finds recorded may be on its way out).
+        if !prepared.run.records_references {
+            let owners: BTreeSet<usize> = prepared.plan.ops.values().map(|op| op.owner).collect();
+            let left = references::left_by(&prepared.records)
+                .into_iter()
+                .enumerate();
+            let left: Vec<_> = (left.filter(|(at, _)| owners.contains(at)))
+                .filter_map(|(_, left)| left)
+                .collect();
+            if let Err(error) = self.add_references(&left, true, deadline).await {
+                prepared.withhold(&error);
+            }
+        }
         // An orphaned key has no table record: the deletes get a record of their own.
         prepared.delete_by_own_record("a repair's deletes", deletes);
         self.apply(prepared, deadline).await

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::world::{record, Turn, World};
 use crate::domain::{AccountCell, ApiKey, IndexRef, KvAction, KvKey, KvOp, Namespace};
-use crate::domain::{TableKey, TableRecord};
+use crate::domain::{Scope, TableKey, TableRecord};
 use crate::ports::{
     ApiKeySource, IndexRefs, KeyPage, KvStore, Ledger, ListedKey, Page, PortError,
     ReconcileProgress, Referred, RefsChange, SettingsTable,
@@ -249,23 +249,6 @@ impl SettingsTable for Sim {
         Ok(records.into_iter().map(|(_, record)| record).collect())
     }
 
-    async fn query_configs(
-        &self,
-        index: &IndexRef,
-        start: Option<TableKey>,
-        limit: usize,
-    ) -> Result<Page, PortError> {
-        self.0.go(self.1, "table query overrides").await?;
-        let prefix = format!("INDEX#{}#QUERY#", index.name);
-        let after = start.map(|key| key.sk().to_owned());
-        let records = self.0.records_where(|pk, sk| {
-            pk == index.account
-                && sk.starts_with(&prefix)
-                && after.as_deref().is_none_or(|after| sk > after)
-        });
-        Ok(paged(records, limit))
-    }
-
     async fn override_queries(&self, index: &IndexRef) -> Result<Vec<String>, PortError> {
         self.0.go(self.1, "table query override keys").await?;
         let prefix = format!("INDEX#{}#QUERY#", index.name);
@@ -278,14 +261,14 @@ impl SettingsTable for Sim {
 
     async fn page(
         &self,
-        account: Option<&str>,
+        scope: Scope<'_>,
         start: Option<TableKey>,
         limit: i32,
     ) -> Result<Page, PortError> {
         self.0.go(self.1, "table page").await?;
         let after = start.map(|key| (key.pk().to_owned(), key.sk().to_owned()));
         let records = self.0.records_where(|pk, sk| {
-            account.is_none_or(|account| pk == account)
+            scope.holds(pk, sk)
                 && after
                     .as_ref()
                     .is_none_or(|(apk, ask)| (pk, sk) > (apk.as_str(), ask.as_str()))

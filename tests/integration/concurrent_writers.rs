@@ -773,3 +773,39 @@ async fn a_backfill_s_shop_outlives_a_shrink_that_read_the_ledger_before_it(view
     moves_off_every_old_shop(&mut h, &backfill, [&sx, &sy, &sz], &function).await;
 }
 }
+
+crate::on_both_views! {
+/// The same race with a reconcile's repair in the backfill's place: its table step finds the
+/// shop recorded (the shrink is held), and writes the shop's missing key. Its repair counts
+/// what the index refers to as its intent, so the shrink that read the ledger before takes
+/// nothing out, and the index's next move gives the shop up.
+async fn a_reconcile_s_repaired_shop_outlives_a_shrink_that_read_the_ledger_before_it(view) {
+    use ecom_emulators::dynamo_proxy::DynamoFault;
+    let [sx, sy, sz] = ["x", "y", "z"].map(|s| format!("shop-{s}.myshopify.com"));
+    let mut h = products_migrated_on(view, &sx).await;
+    let ProxiedFunction { dynamodb, runtime, function } = behind_a_dynamodb_proxy(&h).await;
+    let reconcile = Writer::start(&h).await;
+
+    h.put(index_item("acct-1", "products", Some(&sy))).await;
+    let moved = h.stream_records().await;
+    h.kv.hold("bulk/delete", Some(&sx));
+    let run = runtime.invoke(json!({ "Records": moved }), TIMEOUT);
+    let race = async {
+        until_held(&h).await;
+        dynamodb.inject(Some("TransactWriteItems"), Some("-ledger"), DynamoFault::Hold, 1);
+        h.kv.release();
+        until_ledger_held(&dynamodb, &function).await;
+        h.put(index_item("acct-1", "products", Some(&sx))).await;
+        let answer = reconcile.invoke(json!({"mode": "reconcile", "repair": true})).await;
+        assert_eq!(answer["complete"], true, "{answer}");
+        assert_eq!(answer["counts"]["settings"]["missing"], 1, "{answer}");
+        assert_eq!(h.settings(&sx).unwrap()["index_name"], "products");
+        dynamodb.release();
+    };
+    let (answer, ()) = tokio::join!(run, race);
+    let answer = answer.expect("an answer");
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+
+    moves_off_every_old_shop(&mut h, &reconcile, [&sx, &sy, &sz], &function).await;
+}
+}

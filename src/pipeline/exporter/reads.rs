@@ -177,34 +177,6 @@ impl<P: Ports> Exporter<P> {
             .collect())
     }
 
-    /// The index's settings record as a change (`None`: the table has none). With query
-    /// configs, it stands for all of them (it needs their filter).
-    pub async fn settings_record(
-        &self,
-        index: &IndexRef,
-        include_query_configs: bool,
-        deadline: Instant,
-    ) -> Result<Option<ChangeRecord>, PortError> {
-        let record = self.settings_of([index], deadline).await?.remove(index);
-        Ok(record.map(|record| ChangeRecord::from_table(record, include_query_configs)))
-    }
-
-    /// The index's query-config records after `start`, `limit` at most, and where the rest
-    /// begins.
-    pub async fn query_configs(
-        &self,
-        index: &IndexRef,
-        start: Option<TableKey>,
-        limit: usize,
-        deadline: Instant,
-    ) -> Result<(Vec<ChangeRecord>, Option<TableKey>), PortError> {
-        let page = self.table.query_configs(index, start, limit);
-        let page = before_deadline(deadline, "query configs", page).await?;
-        let records =
-            (page.records.into_iter()).map(|(_, record)| ChangeRecord::from_table(record, true));
-        Ok((records.collect(), page.next))
-    }
-
     /// What the settings records of `indexes` name (their shops and live aliases), for those
     /// that have one.
     pub async fn index_references(

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::reads::IndexRuns;
 use super::Exporter;
-use crate::domain::{IndexRef, IndexRefs, TableKey, TableRecord, TableSpan};
+use crate::domain::{IndexRef, IndexRefs, Scope, TableKey, TableRecord, TableSpan};
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{before_deadline, PortError, Ports, SettingsTable as _};
 
@@ -29,7 +29,7 @@ pub struct Closed {
     pub queried: Vec<ChangeRecord>,
     /// The item key of the last record closed: where the next read starts.
     pub at: Option<TableKey>,
-    /// The indexes whose settings item the closed runs hold (a read `through` a key only).
+    /// The indexes whose settings item the closed runs hold.
     pub settings: HashSet<IndexRef>,
 }
 
@@ -77,20 +77,20 @@ impl Runs {
         }
     }
 
-    /// The table's next page read into the runs (one account's records when given). What its
+    /// The next page of `scope` read into the runs. What its
     /// settings records name that the ledger lacks is added to it first, as `add` says: the
     /// ledger's own repair, before any of them is sent. Answers how many records it read and
     /// how many references it added.
     pub async fn read<P: Ports>(
         &mut self,
         exporter: &Exporter<P>,
-        account: Option<&str>,
+        scope: Scope<'_>,
         size: i32,
         with_overrides: bool,
         add: AddReferences,
         deadline: Instant,
     ) -> Result<(usize, usize), PortError> {
-        let page = exporter.table.page(account, self.scan_at.take(), size);
+        let page = exporter.table.page(scope, self.scan_at.take(), size);
         let page = before_deadline(deadline, "table page", page).await?;
         let mut added = 0;
         if add != AddReferences::None {
@@ -164,8 +164,7 @@ impl Runs {
         }
         let queried = first.index.is_some() && first.index == self.querying;
         let held = std::mem::take(&mut self.held);
-        // Only a read `through` a key (a stretch read again) asks where it stands.
-        for (record, key) in held.iter().filter(|_| self.through.is_some()) {
+        for (record, key) in &held {
             self.passed |= Some(key) == self.through.as_ref();
             let index = record.index.as_ref();
             if let Some(index) = index.filter(|index| *key == TableKey::of(index, None)) {
@@ -222,17 +221,10 @@ impl<P: Ports> Exporter<P> {
         deadline: Instant,
     ) -> Result<IndexRuns, PortError> {
         let mut runs = Runs::through(span.after.clone(), span.through.clone());
-        let (account, budget) = (span.account.as_deref(), span.records * 2);
+        let (scope, budget) = (Scope::of(span.account.as_deref()), span.records * 2);
         let mut read = 0;
         while !runs.ended() && !runs.passed() && read <= budget {
-            let page = runs.read(
-                self,
-                account,
-                SPAN_PAGE,
-                true,
-                AddReferences::None,
-                deadline,
-            );
+            let page = runs.read(self, scope, SPAN_PAGE, true, AddReferences::None, deadline);
             read += page.await?.0;
         }
         let (mut whole, mut split) = (IndexRuns::new(), HashSet::new());

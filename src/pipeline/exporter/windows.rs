@@ -62,8 +62,12 @@ fn with_complete_ledger() -> MemoryExporter {
 
 /// An operator's re-export of the index as the table holds it when asked.
 async fn reexport(exporter: &MemoryExporter, index: &IndexRef) -> BatchReport {
-    let record = exporter.settings_record(index, false, deadline()).await;
-    let record = record.unwrap().expect("the index is in the table");
+    let record = exporter.settings_of([index], deadline()).await.unwrap();
+    let record = record
+        .get(index)
+        .cloned()
+        .expect("the index is in the table");
+    let record = crate::pipeline::records::ChangeRecord::from_table(record, false);
     exporter
         .export(vec![record], Run::OPERATOR, deadline())
         .await

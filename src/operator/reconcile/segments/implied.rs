@@ -4,6 +4,8 @@
 
 use tokio::time::Instant;
 
+use crate::domain::Scope;
+
 use super::{Pass, Position, TABLE_PAGE};
 use crate::operator::classify;
 use crate::operator::reconcile::failed;
@@ -26,7 +28,8 @@ impl<P: Ports> Pass<'_, P> {
         let end = loop {
             let size = TABLE_PAGE.min(limit.max(1)) as i32;
             let add = AddReferences::Lacking;
-            let read = (runs).read(self.exporter, self.account, size, true, add, self.deadline);
+            let scope = Scope::of(self.account);
+            let read = (runs).read(self.exporter, scope, size, true, add, self.deadline);
             let (_, added) = read.await.map_err(failed)?;
             self.requests.table_pages += 1;
             if added > 0 {
