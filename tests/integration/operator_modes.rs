@@ -606,6 +606,16 @@ async fn a_backfill_whose_index_s_records_another_name_sorts_between_keeps_every
             .await;
         assert_eq!(verify["in_sync"], true, "{index}: {verify}");
     }
+    // A re-export of `p` reads its run alone: its own key, its two overrides and its filter.
+    let preview = h
+        .invoke(json!({"system_account_id": "acct-a", "index_name": "p",
+                       "include_query_configs": true, "dry_run": true}))
+        .await;
+    let keys: Vec<&str> = (preview["would_write"].as_array().expect("a preview").iter())
+        .map(|w| w["key"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(keys.len(), 4, "{preview}");
+    assert!(keys.iter().all(|k| !k.contains(['!', '"'])), "{preview}");
 }
 
 #[tokio::test]
