@@ -70,6 +70,15 @@ fn operations(batch: &Measured) -> Vec<(String, Vec<String>)> {
     each
 }
 
+/// How many requests of each operation (an error quotes these, not every request).
+fn by_operation(requests: &[(String, Vec<String>)]) -> std::collections::BTreeMap<&str, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for (operation, _) in requests {
+        *counts.entry(operation.as_str()).or_default() += 1;
+    }
+    counts
+}
+
 /// The recorded run of `records` records, then a measured twin for each setup; `Err` where a
 /// twin met a request the recording lacks, made other requests than the recorded run, or left
 /// KV unlike it.
@@ -80,7 +89,15 @@ pub async fn measure(
     let recorded = Function::start(options).await?;
     let mut requests = Vec::new();
     for kind in KINDS {
-        requests.push(operations(&recorded.batch(records, kind).await?));
+        let batch = recorded.batch(records, kind).await?;
+        eprintln!(
+            "  recorded against moto, {records} records, {}: {:.0} ms wall, {} DynamoDB requests, {} reported for retry",
+            kind.name(),
+            batch.wall_ms,
+            batch.calls.len(),
+            batch.failed
+        );
+        requests.push(operations(&batch));
         if kind == Kind::ShopMove {
             // Each index's own key and its shop key; a moved shop's old key is deleted.
             let expected = 2 * (records + records::ACCOUNTS);
@@ -104,8 +121,8 @@ pub async fn measure(
                     "the twin's {} requests differ from the recorded run's ({} misses): {:?} against {:?}",
                     kind.name(),
                     twin.misses(),
-                    operations(&batch),
-                    recorded_requests
+                    by_operation(&operations(&batch)),
+                    by_operation(recorded_requests)
                 ));
             }
             eprintln!(
