@@ -8,10 +8,10 @@ use futures::StreamExt as _;
 use tokio::time::Instant;
 
 use super::classify::{could_be_written, live_targets, owner_in_value, Class, Drift};
-use crate::domain::kv::KeyMetadata;
+use crate::domain::kv::{is_query_config_key_of, query_config_prefix, KeyMetadata};
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvKey, Namespace, TableKey, TableRecord};
-use crate::pipeline::exporter::Exporter;
+use crate::pipeline::exporter::{Exporter, Prepared};
 use crate::ports::{IndexRefs, KvStore as _, ListedKey, PortError, Ports, Referred};
 
 /// Table Queries (an owner's overrides) in flight at once.
@@ -30,6 +30,43 @@ struct Listed {
 pub struct Found {
     pub drift: Drift,
     pub kept_shops: Vec<(IndexRef, String)>,
+}
+
+/// The index's query-config keys that no override record implies: its keys KV lists (by the
+/// prefix it shares with other indexes: `(a-1, x)` and `(a, 1-x)`), those `prepared` does not
+/// plan classified as the reconcile's listing classifies them, the orphans written for it kept.
+pub async fn of_index<P: Ports>(
+    exporter: &Exporter<P>,
+    index: &IndexRef,
+    prepared: &Prepared,
+    deadline: Instant,
+) -> Result<Vec<KvKey>, PortError> {
+    let (prefix, mut cursor, mut found) = (query_config_prefix(index), None, Vec::new());
+    loop {
+        let namespace = Namespace::QueryConfigs;
+        let list = exporter
+            .kv()
+            .list_page(namespace, &prefix, cursor.as_deref(), 1000, deadline);
+        let mut page = list
+            .await
+            .map_err(|e| e.context("listing query-config keys"))?;
+        page.keys.retain(|k| {
+            let key = KvKey::query_config_named(&k.name);
+            is_query_config_key_of(index, &k.name) && !prepared.plan.ops.contains_key(&key)
+        });
+        let mut orphans = Orphans::new(exporter, deadline);
+        let classify = orphans.classify(namespace, page.keys, Some(&index.account));
+        let drift = classify
+            .await
+            .map_err(|e| e.context("reading the index's overrides"))?;
+        let own = (drift.drift.keys.into_iter())
+            .filter(|(_, c)| c.class == Class::Orphaned && c.owner.as_ref() == Some(index));
+        found.extend(own.map(|(key, _)| key));
+        match page.cursor {
+            Some(next) => cursor = Some(next),
+            None => return Ok(found),
+        }
+    }
 }
 
 pub struct Orphans<'a, P: Ports> {

@@ -6,7 +6,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::{ensure_exported, ensure_ready, flag, masked, rejected, IndexTarget, OperatorError};
-use super::{NonEmpty, PieceAt, Pieces, Rejected};
+use super::{orphans, NonEmpty, PieceAt, Pieces, Rejected};
 use crate::domain::{KvAction, KvKey, Namespace};
 use crate::pipeline::exporter::{Exporter, Prepared};
 use crate::ports::Ports;
@@ -47,6 +47,9 @@ pub struct Exported {
     pub system_account_id: String,
     pub index_name: String,
     pub written: WrittenKeys,
+    /// Keys deleted: the index's orphaned query configs, its filter when it has no overrides.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deleted: Vec<String>,
     pub keys_written: usize,
     pub query_configs_exported: usize,
     pub rejected: Vec<Rejected>,
@@ -113,9 +116,26 @@ pub async fn run<P: Ports>(
     let mut pieces = Pieces::new(exporter, &target, token, request.max_records, deadline)?;
     let mut answer = Answer::new(request);
     while let Some(PieceAt {
-        prepared, first, ..
+        mut prepared,
+        first,
+        last,
     }) = pieces.next().await?
     {
+        // The index's query-config keys no override record implies (an earlier write from an
+        // older read, its check unconfirmed) are deleted, as verify's repair deletes them: a
+        // run again leaves the index's keys as the table implies them. A dry run reads nothing
+        // from KV.
+        if last && target.include_query_configs && !request.dry_run {
+            let orphans = orphans::of_index(exporter, &target.index, &prepared, deadline);
+            let orphans = (orphans.await).map_err(|e| {
+                OperatorError::export_failed(&target, format!("finding orphans: {e}"))
+            })?;
+            let deletes = orphans
+                .into_iter()
+                .map(|key| (key, Some(target.index.clone())));
+            prepared
+                .delete_by_own_record("a re-export's orphaned query configs", deletes.collect());
+        }
         if request.dry_run {
             ensure_ready(&target, &prepared)?;
             answer.preview(&prepared);
@@ -182,10 +202,13 @@ impl Answer {
             .query_configs
             .extend(names_in(&report.written, Namespace::QueryConfigs));
         exported.keys_written += report.keys_written;
-        // The first piece begins with the settings record.
+        exported
+            .deleted
+            .extend(report.deleted.iter().map(|k| k.key.clone()));
+        // The first piece begins with the settings record; a record of deletes names no index.
         let configs = report.records.iter().skip(usize::from(first));
-        exported.query_configs_exported +=
-            configs.filter(|r| r.outcome == Outcome::Exported).count();
+        let configs = configs.filter(|r| r.index.is_some() && r.outcome == Outcome::Exported);
+        exported.query_configs_exported += configs.count();
         exported
             .rejected
             .extend(rejected(report.records.iter().map(|r| &r.outcome)));

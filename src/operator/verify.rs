@@ -8,13 +8,12 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::classify::{self, Class, Drift};
-use super::orphans::Orphans;
+use super::orphans;
 use super::{ensure_exported, ensure_ready, flag, IndexTarget, KeyChanges, NonEmpty};
 use super::{OperatorError, PieceAt, Pieces};
-use crate::domain::kv::{is_query_config_key_of, query_config_prefix};
-use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
+use crate::domain::{IndexRef, KvAction};
 use crate::pipeline::exporter::{Exporter, Prepared};
-use crate::ports::{KvStore as _, Ports};
+use crate::ports::Ports;
 use crate::report::BatchReport;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -131,7 +130,9 @@ pub async fn run<P: Ports>(
         let drift = classify::drift(exporter, &prepared, deadline).await;
         let mut drift = drift.map_err(|e| failed("reading the index's keys", e))?;
         if last && target.include_query_configs {
-            for key in unexpected(exporter, &target, &prepared, deadline).await? {
+            let unexpected = orphans::of_index(exporter, &target.index, &prepared, deadline);
+            let unexpected = unexpected.await.map_err(|e| failed("finding orphans", e))?;
+            for key in unexpected {
                 drift.insert(key, Class::Orphaned, Some(target.index.clone()));
             }
         }
@@ -145,48 +146,6 @@ pub async fn run<P: Ports>(
         }
     }
     Ok(answer.finish(pieces.token()))
-}
-
-/// Query-config keys written for the index that no override record implies: its keys listed
-/// (KV's listing, by the prefix it shares with other indexes: `(a-1, x)` and `(a, 1-x)`), those
-/// the piece does not plan classified by the one orphan finder, as the reconcile's listing does.
-async fn unexpected<P: Ports>(
-    exporter: &Exporter<P>,
-    target: &IndexTarget,
-    prepared: &Prepared,
-    deadline: Instant,
-) -> Result<Vec<KvKey>, OperatorError> {
-    let index = &target.index;
-    let failed = |what: &str, e| OperatorError::export_failed(target, format!("{what}: {e}"));
-    let (prefix, mut cursor, mut found) = (query_config_prefix(index), None, Vec::new());
-    loop {
-        let list = exporter.kv().list_page(
-            Namespace::QueryConfigs,
-            &prefix,
-            cursor.as_deref(),
-            1000,
-            deadline,
-        );
-        let mut page = list
-            .await
-            .map_err(|e| failed("listing query-config keys", e))?;
-        page.keys.retain(|k| {
-            let key = KvKey::query_config_named(&k.name);
-            is_query_config_key_of(index, &k.name) && !prepared.plan.ops.contains_key(&key)
-        });
-        let mut orphans = Orphans::new(exporter, deadline);
-        let classify = orphans.classify(Namespace::QueryConfigs, page.keys, Some(&index.account));
-        let drift = classify
-            .await
-            .map_err(|e| failed("reading the index's overrides", e))?;
-        let own = (drift.drift.keys.into_iter())
-            .filter(|(_, c)| c.class == Class::Orphaned && c.owner.as_ref() == Some(index));
-        found.extend(own.map(|(key, _)| key));
-        match page.cursor {
-            Some(next) => cursor = Some(next),
-            None => return Ok(found),
-        }
-    }
 }
 
 impl Answer {

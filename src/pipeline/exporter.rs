@@ -177,11 +177,7 @@ impl Prepared {
     /// Deletes owned by a record of their own (`why` says what it is), each with the index
     /// whose key it was when known: no record of the batch owns them (an orphaned key, an
     /// override gone from the table).
-    pub(super) fn delete_by_own_record(
-        &mut self,
-        why: &str,
-        deletes: Vec<(KvKey, Option<IndexRef>)>,
-    ) {
+    pub fn delete_by_own_record(&mut self, why: &str, deletes: Vec<(KvKey, Option<IndexRef>)>) {
         if deletes.is_empty() {
             return;
         }

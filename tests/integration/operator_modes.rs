@@ -667,6 +667,37 @@ async fn in_pieces(h: &Harness, mut payload: Value) -> Vec<Value> {
     }
 }
 
+/// A query-config key whose override record is gone (a write from an older read that landed
+/// after the record's delete, its check unconfirmed): a re-export with query configs, the run
+/// again an operator's error asks for, deletes it, as verify's repair does (a dry run reads
+/// nothing from KV: it names what the table implies).
+#[tokio::test]
+async fn a_reexport_with_query_configs_deletes_the_index_s_orphaned_query_configs() {
+    let h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "p", None)).await;
+    for query in ["shoes", "boots"] {
+        h.put(query_item("acct-1", "p", query)).await;
+    }
+    let payload = json!({"system_account_id": "acct-1", "index_name": "p",
+                         "include_query_configs": true});
+    h.invoke(payload.clone()).await;
+    h.delete("acct-1", "INDEX#p#QUERY#boots").await;
+    let (boots, shoes) = (
+        qcfg_key("acct-1", "p", "boots"),
+        qcfg_key("acct-1", "p", "shoes"),
+    );
+    assert!(h.query_config(&boots).is_some());
+
+    let answer = h.invoke(payload).await;
+
+    assert_eq!(answer["deleted"], json!([boots]), "{answer}");
+    assert_eq!(answer["query_configs_exported"], 1, "{answer}");
+    assert!(h.query_config(&boots).is_none());
+    assert!(h.query_config(&shoes).is_some());
+    assert_eq!(filter_of(&h, "acct-1", "p").unwrap()["count"], 1);
+}
+
 #[tokio::test]
 async fn an_index_with_more_query_configs_than_a_piece_is_reexported_and_verified_in_pieces() {
     let h = Harness::new().await;
