@@ -406,7 +406,15 @@ impl<P: Ports> Exporter<P> {
         self.check(&mut report, run, span, deadline).await;
         dropped::settle_derived(&mut report, &derived);
         match (intents, run.is_stream()) {
-            (Some(intents), true) => shrink::record(&self.ledger, intents, &report, deadline).await,
+            (Some(mut intents), true) => {
+                // A removal of a dropped alias target writes an index whose own records are in
+                // another shard, concurrently: those take out what it gave up, not this batch
+                // (a shop they wrote after this batch's check stays recorded).
+                if let Some(first) = derived.first() {
+                    intents.left.truncate(first.at);
+                }
+                shrink::record(&self.ledger, intents, &report, deadline).await
+            }
             (Some(intents), false) if run.owns_recorded => {
                 let mut outcomes = report.records.iter().map(|r| &r.outcome);
                 if outcomes.any(|outcome| matches!(outcome, Outcome::Failed(_))) {

@@ -718,11 +718,13 @@ fn every_seed_ends_with_kv_as_the_table_implies() {
 /// check gives the shop up all the same now) and 1407 (a reconcile's repair of a recorded shop
 /// that a stream's shrink read before took out: its repair counts its intents now) and 29616 (a
 /// re-export's override key from an older read, its check unconfirmed, left by its run again:
-/// the run again deletes the index's orphaned query configs now). Kept as they are, whatever
+/// the run again deletes the index's orphaned query configs now) and 15882 (a removal of a
+/// dropped alias target shrank that index's shops while its own shard's write of one landed
+/// after: a derived record takes nothing out of the ledger now). Kept as they are, whatever
 /// range `make test` runs.
-const FOUND: [u64; 19] = [
+const FOUND: [u64; 20] = [
     302, 523, 677, 1261, 1407, 1714, 1842, 2719, 2965, 4026, 4628, 4786, 5643, 6098, 7650, 9337,
-    19686, 28675, 29616,
+    15882, 19686, 28675, 29616,
 ];
 
 #[test]

@@ -24,7 +24,13 @@ pub struct Sim(pub Arc<World>, pub &'static str);
 impl Sim {
     /// A bulk write, as the scheduler lets it go.
     async fn write(&self, ops: Vec<KvOp>) -> Vec<(KvKey, PortError)> {
-        let keys: Vec<&str> = ops.iter().map(|(key, _)| key.key.as_str()).collect();
+        // A delete's key is traced with a `-` in front.
+        let keys: Vec<String> = (ops.iter())
+            .map(|(key, action)| match action {
+                KvAction::Delete => format!("-{}", key.key),
+                KvAction::Put(_) => key.key.clone(),
+            })
+            .collect();
         let call = format!("kv write {keys:?}");
         match self.0.turn(self.1, &call).await {
             Turn::Go => {}
