@@ -173,6 +173,26 @@ impl CountingTable {
     }
 }
 
+/// Of records in key order, those after `start`: the first `limit` (one at least), and where
+/// the rest begins. The in-memory tables' `page` (these tests' and the simulation's).
+pub(crate) fn page_of(
+    records: impl IntoIterator<Item = (TableKey, TableRecord)>,
+    start: Option<TableKey>,
+    limit: i32,
+) -> Page {
+    let limit = usize::try_from(limit.max(1)).unwrap_or(1);
+    let after = records
+        .into_iter()
+        .filter(|(key, _)| start.as_ref() < Some(key));
+    let mut records: Vec<_> = after.take(limit + 1).collect();
+    let more = records.len() > limit;
+    records.truncate(limit);
+    let next = more
+        .then(|| records.last().map(|(key, _)| key.clone()))
+        .flatten();
+    Page { records, next }
+}
+
 /// An item as the DynamoDB table decodes it (the default configs' sort key the tests use).
 fn record(item: &Item) -> TableRecord {
     crate::dynamo::table_record(item, "DEFAULT_CONFIGS")
@@ -255,21 +275,10 @@ impl SettingsTable for CountingTable {
         limit: i32,
     ) -> Result<Page, PortError> {
         self.readable()?;
-        let after = start.map(|key| (key.pk().to_owned(), key.sk().to_owned()));
-        let items = self.sorted(|pk, sk| {
-            let after = after.as_ref();
-            scope.holds(pk, sk) && after.is_none_or(|(apk, ask)| (pk, sk) > (apk, ask))
-        });
-        let mut records: Vec<(TableKey, TableRecord)> = (items.iter())
-            .filter_map(|item| Some((crate::dynamo::table_key(item)?, record(item))))
-            .collect();
-        let limit = usize::try_from(limit.max(1)).unwrap_or(1);
-        let more = records.len() > limit;
-        records.truncate(limit);
-        let next = more
-            .then(|| records.last().map(|(key, _)| key.clone()))
-            .flatten();
-        Ok(Page { records, next })
+        let items = self.sorted(|pk, sk| scope.holds(pk, sk));
+        let records =
+            (items.iter()).filter_map(|item| Some((crate::dynamo::table_key(item)?, record(item))));
+        Ok(page_of(records, start, limit))
     }
 }
 

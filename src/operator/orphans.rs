@@ -98,7 +98,11 @@ impl<'a, P: Ports> Orphans<'a, P> {
             held.retain(|k| k.owner.as_ref().is_some_and(|o| o.account == account));
         }
         let (orphans, live) = self.not_implied(&held).await?;
-        let protected = self.aliased(orphans.values()).await?;
+        // Only settings keys are protected by an alias: query configs follow their records.
+        let protected = match namespace {
+            Namespace::Settings => self.aliased(orphans.values()).await?,
+            Namespace::QueryConfigs => HashSet::new(),
+        };
         let (mut drift, mut kept_shops) = (Drift::default(), Vec::new());
         for key in held {
             let (class, owner) = match (key.owner, orphans.get(&key.key)) {

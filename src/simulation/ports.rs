@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::world::{record, Turn, World};
+use crate::adapters::memory::page_of;
 use crate::domain::{AccountCell, ApiKey, IndexRef, KvAction, KvKey, KvOp, Namespace};
 use crate::domain::{Scope, TableKey, TableRecord};
 use crate::ports::{
@@ -272,25 +273,9 @@ impl SettingsTable for Sim {
         limit: i32,
     ) -> Result<Page, PortError> {
         self.0.go(self.1, "table page").await?;
-        let after = start.map(|key| (key.pk().to_owned(), key.sk().to_owned()));
-        let records = self.0.records_where(|pk, sk| {
-            scope.holds(pk, sk)
-                && after
-                    .as_ref()
-                    .is_none_or(|(apk, ask)| (pk, sk) > (apk.as_str(), ask.as_str()))
-        });
-        Ok(paged(records, limit.max(1) as usize))
+        let records = self.0.records_where(|pk, sk| scope.holds(pk, sk));
+        Ok(page_of(records, start, limit))
     }
-}
-
-/// The first `limit` records, and where the rest begins.
-fn paged(mut records: Vec<(TableKey, TableRecord)>, limit: usize) -> Page {
-    let more = records.len() > limit;
-    records.truncate(limit);
-    let next = more
-        .then(|| records.last().map(|(key, _)| key.clone()))
-        .flatten();
-    Page { records, next }
 }
 
 impl Ledger for Sim {
