@@ -807,3 +807,64 @@ async fn a_reconcile_s_repaired_shop_outlives_a_shrink_that_read_the_ledger_befo
     .await;
 }
 }
+
+crate::on_both_views! {
+/// `target` moves to shop y (recorded already: a backfill wrote it) and its shard's write of
+/// y is held while the table removes `target` and `reader` drops its alias to it. The
+/// reader's shard removes `target` again on its behalf (its keys deleted, confirmed); that
+/// removal takes nothing out of the ledger, so when the held write lands, y serving `target`
+/// is still recorded and `target`'s own REMOVE deletes it (seed 15882: the derived removal
+/// took y out, and a key served with the ledger not naming it).
+async fn a_shop_written_after_an_alias_holder_removed_its_target_stays_recorded(view) {
+    use ecom_settings_exporter::adapters::ledger::DynamoLedger;
+    use ecom_settings_exporter::ports::Ledger;
+    let [sx, sy] = ["x", "y"].map(|s| format!("shop-{s}.myshopify.com"));
+    let target = ecom_settings_exporter::domain::IndexRef::new("acct-1", "target");
+    let mut h = Harness::with_view(view).await;
+    h.keys.set_key("acct-1", "marqo-key");
+    let mut reader = index_item("acct-1", "reader", None);
+    reader["index_aliases"] = json!({"M": {"doc_reads": {"M": {"enabled": {"BOOL": true},
+        "targets": {"L": [{"M": {"index_id": {"S": "acct-1-target"}, "weight": {"N": "1"}}}]}}}}});
+    h.put(index_item("acct-1", "target", Some(&sx))).await;
+    h.put(reader).await;
+    h.export_stream().await;
+    h.migrate().await;
+    let (shard, other) = (Writer::start(&h).await, Writer::start(&h).await);
+
+    h.put(index_item("acct-1", "target", Some(&sy))).await;
+    let moved = h.stream_records().await;
+    let backfill = h.invoke(json!({"mode": "backfill"})).await;
+    assert_eq!(backfill["failed"], 0, "{backfill}");
+    h.kv.hold("bulk", Some(&sy));
+    let run = shard.invoke(json!({ "Records": moved }));
+    let race = async {
+        until_held(&h).await;
+        h.delete("acct-1", "INDEX#target").await;
+        h.put(index_item("acct-1", "reader", None)).await;
+        let records = h.stream_records().await;
+        let (removed, dropped): (Vec<Value>, Vec<Value>) = (records.into_iter())
+            .partition(|r| r["dynamodb"]["Keys"]["sk"]["S"] == "INDEX#target");
+        let answer = other.invoke(json!({ "Records": dropped })).await;
+        assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+        assert_eq!(h.settings(&sy), None, "the reader's shard removed the target");
+        h.kv.release();
+        removed
+    };
+    let (answer, removed) = tokio::join!(run, race);
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+    assert_eq!(h.settings(&sy).unwrap()["index_name"], "target");
+    let ledger = DynamoLedger::new(&aws().await, h.ledger.clone());
+    let recorded = ledger.index_refs(std::slice::from_ref(&target)).await.unwrap();
+    let shops = recorded.get(&target).map(|refs| refs.shops.clone());
+    assert!(
+        shops.is_some_and(|shops| shops.contains(&sy)),
+        "y serves `target`: recorded {recorded:?}\n{}",
+        shard.function.output()
+    );
+
+    let answer = shard.invoke(json!({ "Records": removed })).await;
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+    assert_eq!(h.settings(&sy), None, "{}", shard.function.output());
+    assert_eq!(h.settings("acct-1-target"), None);
+}
+}
