@@ -297,6 +297,8 @@ pub struct MemoryLedger {
     pub refuse_shrinks: AtomicBool,
     /// While set, intents (`point_back`) are refused and nothing is added.
     pub refuse_intents: AtomicBool,
+    /// Reads of these indexes' references fail.
+    pub unreadable: Mutex<BTreeSet<IndexRef>>,
 }
 
 impl Ledger for MemoryLedger {
@@ -314,6 +316,14 @@ impl Ledger for MemoryLedger {
         indexes: &[IndexRef],
     ) -> Result<HashMap<IndexRef, IndexRefs>, PortError> {
         self.asked.lock().unwrap().extend_from_slice(indexes);
+        if indexes
+            .iter()
+            .any(|i| self.unreadable.lock().unwrap().contains(i))
+        {
+            return Err(PortError::Unavailable(
+                "memory ledger: refs unreadable".into(),
+            ));
+        }
         let refs = self.refs.lock().unwrap();
         Ok((indexes.iter())
             .filter_map(|index| Some((index.clone(), refs.get(index)?.clone())))

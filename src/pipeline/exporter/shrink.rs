@@ -31,6 +31,11 @@ pub(super) async fn record(
         .unwrap_or(outcomes.len());
     // Each index's last exported record's references; `None` once one is not settled.
     let mut settled: BTreeMap<IndexRef, Option<Option<IndexRefs>>> = BTreeMap::new();
+    // An index with a record Lambda replays is settled by the replay, even where that record
+    // has no entry here (one failed before its plan wrote anything).
+    for replayed in report.records[replayed_from..].iter() {
+        settled.extend(replayed.index.clone().map(|index| (index, None)));
+    }
     for (at, entry) in left.into_iter().enumerate() {
         let Some((index, refs)) = entry else { continue };
         let state = settled.entry(index).or_insert(Some(None));

@@ -394,3 +394,56 @@ async fn an_operator_s_write_that_lands_after_the_stream_s_shrink_is_cleared_by_
         assert!(exporter.kv.value(s2).is_some() && exporter.kv.value("a-i").is_some());
     }
 }
+
+/// A dropped alias target whose removal fails (docs/contract.md, "Alias deletion safety"): an
+/// index's two records in one batch both drop an alias to a removed target (kept for it); the removal, on behalf of the last, cannot
+/// read the target's references and that record is reported. The ledger keeps the alias (the
+/// first record was exported, but the replay settles the index), so the replay removes the
+/// target (seed 50153: the shrink took the alias out and the target's keys stayed).
+#[tokio::test]
+async fn a_replay_removes_a_dropped_alias_target_whose_removal_failed() {
+    let exporter = with_complete_ledger();
+    let s1 = "s1.myshopify.com";
+    let mut reader = record("INSERT", "reader", "https://r", None);
+    reader["dynamodb"]["NewImage"]["index_aliases"] = json!({"M": {"doc_reads": {"M": {
+        "enabled": {"BOOL": true},
+        "targets": {"L": [{"M": {"index_id": {"S": "a-target"}, "weight": {"N": "1"}}}]}}}}});
+    let target = record("INSERT", "target", "https://t", Some(s1));
+    exported(&exporter, vec![target.clone(), reader]).await;
+    let mut removed = target;
+    removed["eventName"] = json!("REMOVE");
+    let kept = stream(&exporter, vec![removed]).await;
+    assert!(matches!(kept.records[0].outcome, Outcome::Kept { .. }));
+    assert!(
+        exporter.kv.value("a-target").is_some(),
+        "kept: an alias reads it"
+    );
+
+    let unread = IndexRef::new("a", "target");
+    exporter
+        .ledger
+        .unreadable
+        .lock()
+        .unwrap()
+        .insert(unread.clone());
+    let dropping = vec![
+        record("MODIFY", "reader", "https://r2", None),
+        record("MODIFY", "reader", "https://r3", None),
+    ];
+    let report = stream(&exporter, dropping.clone()).await;
+    let outcomes: Vec<&Outcome> = report.records.iter().map(|r| &r.outcome).collect();
+    assert!(
+        matches!(outcomes[..], [Outcome::Exported, Outcome::Failed(_)]),
+        "{outcomes:?}"
+    );
+    let holder = exporter.ledger.refs.lock().unwrap()[&IndexRef::new("a", "reader")].clone();
+    assert!(holder.targets.contains("a-target"), "{holder:?}");
+
+    exporter.ledger.unreadable.lock().unwrap().clear();
+    let replay = stream(&exporter, dropping[1..].to_vec()).await;
+    assert!(failures(&replay).is_empty(), "{:?}", failures(&replay));
+    assert_eq!(
+        (exporter.kv.value("a-target"), exporter.kv.value(s1)),
+        (None, None)
+    );
+}
