@@ -2,17 +2,16 @@
 //! strings). It holds each index's references ([`refs`]), and where a scheduled reconcile
 //! stands (`pk = "reconcile"`, `sk = "progress"`); progress writes are conditional on the
 //! version read, so two invocations never both take a pass. Calls go through the SDK client
-//! the settings table uses (`dynamodb/client.rs`: its batching and retries).
+//! the settings table uses (`dynamodb/client.rs`: its batching and retries). The `Ledger` port
+//! is implemented in [`refs`], the progress item's two methods with the rest.
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use aws_sdk_dynamodb::types::builders::UpdateBuilder;
 use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem};
 
-use crate::domain::IndexRef;
-use crate::ports::{IndexRefs, Ledger, PortError, ReconcileProgress};
-use crate::ports::{Referred, RefsChange};
+use crate::ports::{PortError, ReconcileProgress};
 
 use super::dynamodb::client::{key, SdkItem};
 use super::dynamodb::Dynamo;
@@ -163,61 +162,5 @@ impl DynamoLedger {
         actions: Vec<TransactWriteItem>,
     ) -> Result<BTreeSet<usize>, PortError> {
         self.dynamo.transact_all(&self.table_name, actions).await
-    }
-}
-
-impl Ledger for DynamoLedger {
-    async fn references_complete(&self) -> Result<bool, PortError> {
-        self.get_references_complete().await
-    }
-
-    async fn mark_references_complete(&self) -> Result<(), PortError> {
-        self.put_references_complete().await
-    }
-
-    async fn index_refs(
-        &self,
-        indexes: &[IndexRef],
-    ) -> Result<HashMap<IndexRef, IndexRefs>, PortError> {
-        self.get_index_refs(indexes).await
-    }
-
-    async fn referrers(&self, referred: &[Referred]) -> Result<Vec<IndexRef>, PortError> {
-        self.get_referrers(referred).await
-    }
-
-    async fn pointing(
-        &self,
-        items: &[(IndexRef, Referred)],
-    ) -> Result<Vec<(IndexRef, Referred)>, PortError> {
-        self.get_back_items(items).await
-    }
-
-    async fn point_back(&self, items: &[(IndexRef, Referred)]) -> Result<(), PortError> {
-        self.put_back_items(items).await
-    }
-
-    async fn record_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
-        self.put_all_refs(changes).await
-    }
-
-    async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {
-        let item = self.get_one(PROGRESS_PK, PROGRESS_SK).await?;
-        Ok(item.as_ref().map(progress_of))
-    }
-
-    async fn save_reconcile_progress(
-        &self,
-        progress: &ReconcileProgress,
-        expected: Option<u64>,
-    ) -> Result<bool, PortError> {
-        let condition = match expected {
-            None => ("attribute_not_exists(pk)".into(), Item::default()),
-            Some(version) => (
-                "version = :read".into(),
-                Item::default().with(":read", n(version)),
-            ),
-        };
-        self.put(item_of(progress), Some(condition)).await
     }
 }

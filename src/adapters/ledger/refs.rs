@@ -18,11 +18,12 @@ use aws_sdk_dynamodb::types::builders::UpdateBuilder;
 use aws_sdk_dynamodb::types::TransactWriteItem;
 
 use super::Found;
-use super::{number, update_action, Condition};
+use super::{item_of, n, number, progress_of, update_action, Condition};
 use super::{DynamoLedger, Item};
+use super::{PROGRESS_PK, PROGRESS_SK};
 use crate::domain::IndexRef;
 use crate::dynamo::string_attribute;
-use crate::ports::{IndexRefs, PortError, Referred, RefsChange};
+use crate::ports::{IndexRefs, Ledger, PortError, ReconcileProgress, Referred, RefsChange};
 use serde_dynamo::AttributeValue as Value;
 
 /// An index's own references.
@@ -101,18 +102,18 @@ fn own_sets<'r>(referred: impl Iterator<Item = &'r Referred>) -> [(&'static str,
     [("shops", shops), ("targets", targets)]
 }
 
-impl DynamoLedger {
-    pub(super) async fn get_references_complete(&self) -> Result<bool, PortError> {
+impl Ledger for DynamoLedger {
+    async fn references_complete(&self) -> Result<bool, PortError> {
         let meta = self.get_one(META_PK, META_SK).await?;
         Ok(meta.as_ref().and_then(|i| number(i, "complete")) == Some(1))
     }
 
-    pub(super) async fn put_references_complete(&self) -> Result<(), PortError> {
-        let item = Item::key(META_PK.to_owned(), META_SK).with("complete", super::n(1));
+    async fn mark_references_complete(&self) -> Result<(), PortError> {
+        let item = Item::key(META_PK.to_owned(), META_SK).with("complete", n(1));
         self.put(item, None).await.map(|_| ())
     }
 
-    pub(super) async fn get_index_refs(
+    async fn index_refs(
         &self,
         indexes: &[IndexRef],
     ) -> Result<HashMap<IndexRef, IndexRefs>, PortError> {
@@ -128,10 +129,7 @@ impl DynamoLedger {
     }
 
     /// Who the ledger names as referring to any of `referred` (a superset, possibly stale).
-    pub(super) async fn get_referrers(
-        &self,
-        referred: &[Referred],
-    ) -> Result<Vec<IndexRef>, PortError> {
+    async fn referrers(&self, referred: &[Referred]) -> Result<Vec<IndexRef>, PortError> {
         let mut found = BTreeSet::new();
         for (referred, set) in self.referrer_sets(referred.iter()).await? {
             if set.overflow {
@@ -142,40 +140,10 @@ impl DynamoLedger {
         Ok(found.into_iter().collect())
     }
 
-    /// The set items of `referred` (one absent: nobody refers to it).
-    async fn referrer_sets(
-        &self,
-        referred: impl Iterator<Item = &Referred>,
-    ) -> Result<HashMap<Referred, ReferrerSet>, PortError> {
-        let asked: HashMap<String, &Referred> = referred.map(|r| (referred_pk(r), r)).collect();
-        let keys = (asked.keys())
-            .map(|pk| (pk.clone(), REFERRERS_SK.to_owned()))
-            .collect();
-        let mut found = HashMap::with_capacity(asked.len());
-        self.get_all(keys, |item| {
-            if let Some(referred) = string_attribute(&item, "pk").and_then(|pk| asked.get(pk)) {
-                found.insert((*referred).clone(), referrers_of(&item));
-            }
-        })
-        .await?;
-        Ok(found)
-    }
-
-    /// Every item of an overflowed set's partition that names an index.
-    async fn query_referrers(&self, referred: &Referred) -> Result<Vec<IndexRef>, PortError> {
-        let items = self
-            .dynamo
-            .partition(&self.table_name, referred_pk(referred));
-        Ok(items.await?.iter().filter_map(index_of).collect())
-    }
-
     /// Each index added to the set of what it refers to, one transaction action per set; a
     /// set that would pass [`MAX_REFERRERS`] is marked `overflow` and those referrers get
     /// items of their own instead.
-    pub(super) async fn put_back_items(
-        &self,
-        items: &[(IndexRef, Referred)],
-    ) -> Result<(), PortError> {
+    async fn point_back(&self, items: &[(IndexRef, Referred)]) -> Result<(), PortError> {
         let mut sets: BTreeMap<&Referred, BTreeMap<String, &IndexRef>> = BTreeMap::new();
         for (index, referred) in items {
             sets.entry(referred)
@@ -227,7 +195,7 @@ impl DynamoLedger {
     }
 
     /// Which of these items pointing back exist.
-    pub(super) async fn get_back_items(
+    async fn pointing(
         &self,
         items: &[(IndexRef, Referred)],
     ) -> Result<Vec<(IndexRef, Referred)>, PortError> {
@@ -262,7 +230,7 @@ impl DynamoLedger {
     /// finds it in every set (it was added before the writes). Each step is one transaction
     /// per 100 items. An overflowed set's own items are not deleted: one left costs a reader a
     /// candidate, never a wrong answer.
-    pub(super) async fn put_all_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
+    async fn record_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
         let mut given_up = Vec::with_capacity(changes.len());
         let mut own = Vec::with_capacity(changes.len());
         for change in changes {
@@ -304,6 +272,55 @@ impl DynamoLedger {
         self.transact_all(deletes.collect()).await.map(|_| ())
     }
 
+    async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {
+        let item = self.get_one(PROGRESS_PK, PROGRESS_SK).await?;
+        Ok(item.as_ref().map(progress_of))
+    }
+
+    async fn save_reconcile_progress(
+        &self,
+        progress: &ReconcileProgress,
+        expected: Option<u64>,
+    ) -> Result<bool, PortError> {
+        let condition = match expected {
+            None => ("attribute_not_exists(pk)".into(), Item::default()),
+            Some(version) => (
+                "version = :read".into(),
+                Item::default().with(":read", n(version)),
+            ),
+        };
+        self.put(item_of(progress), Some(condition)).await
+    }
+}
+
+impl DynamoLedger {
+    /// The set items of `referred` (one absent: nobody refers to it).
+    async fn referrer_sets(
+        &self,
+        referred: impl Iterator<Item = &Referred>,
+    ) -> Result<HashMap<Referred, ReferrerSet>, PortError> {
+        let asked: HashMap<String, &Referred> = referred.map(|r| (referred_pk(r), r)).collect();
+        let keys = (asked.keys())
+            .map(|pk| (pk.clone(), REFERRERS_SK.to_owned()))
+            .collect();
+        let mut found = HashMap::with_capacity(asked.len());
+        self.get_all(keys, |item| {
+            if let Some(referred) = string_attribute(&item, "pk").and_then(|pk| asked.get(pk)) {
+                found.insert((*referred).clone(), referrers_of(&item));
+            }
+        })
+        .await?;
+        Ok(found)
+    }
+
+    /// Every item of an overflowed set's partition that names an index.
+    async fn query_referrers(&self, referred: &Referred) -> Result<Vec<IndexRef>, PortError> {
+        let items = self
+            .dynamo
+            .partition(&self.table_name, referred_pk(referred));
+        Ok(items.await?.iter().filter_map(index_of).collect())
+    }
+
     /// An update of an index's own item: `verb` (`ADD` or `DELETE`) the members of its string
     /// sets, an `ADD` counting one more intent. Only the sets are named: every clause costs DynamoDB's parser (and moto's, a
     /// millisecond each), and the index is in the item's key.
@@ -327,7 +344,7 @@ impl DynamoLedger {
         if verb == "ADD" {
             // An intent: counted, so that a shrink that read before it takes nothing out.
             clauses.push("intents :one".into());
-            values = values.with(":one", super::n(1));
+            values = values.with(":one", n(1));
         }
         let expression = format!("{verb} {}", clauses.join(", "));
         aws_sdk_dynamodb::types::Update::builder()
