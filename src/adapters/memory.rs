@@ -316,10 +316,8 @@ impl Ledger for MemoryLedger {
         indexes: &[IndexRef],
     ) -> Result<HashMap<IndexRef, IndexRefs>, PortError> {
         self.asked.lock().unwrap().extend_from_slice(indexes);
-        if indexes
-            .iter()
-            .any(|i| self.unreadable.lock().unwrap().contains(i))
-        {
+        let unreadable = self.unreadable.lock().unwrap();
+        if indexes.iter().any(|index| unreadable.contains(index)) {
             return Err(PortError::Unavailable(
                 "memory ledger: refs unreadable".into(),
             ));

@@ -356,6 +356,14 @@ pub fn index_item(account: &str, index: &str, shop: Option<&str>) -> Value {
     item
 }
 
+/// An index whose enabled read alias reads `target`.
+pub fn aliasing(account: &str, index: &str, target: &str) -> Value {
+    let mut item = index_item(account, index, None);
+    item["index_aliases"] = json!({"M": {"doc_reads": {"M": {"enabled": {"BOOL": true},
+        "targets": {"L": [{"M": {"index_id": {"S": target}, "weight": {"N": "1"}}}]}}}}});
+    item
+}
+
 /// The override keys (`qcfg-...`) in the query-config namespace, filters left out.
 pub fn override_keys(h: &Harness) -> Vec<String> {
     h.kv.keys(CF_ACCOUNT, QCFG_NS)

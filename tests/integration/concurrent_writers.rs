@@ -822,11 +822,8 @@ async fn a_shop_written_after_an_alias_holder_removed_its_target_stays_recorded(
     let target = ecom_settings_exporter::domain::IndexRef::new("acct-1", "target");
     let mut h = Harness::with_view(view).await;
     h.keys.set_key("acct-1", "marqo-key");
-    let mut reader = index_item("acct-1", "reader", None);
-    reader["index_aliases"] = json!({"M": {"doc_reads": {"M": {"enabled": {"BOOL": true},
-        "targets": {"L": [{"M": {"index_id": {"S": "acct-1-target"}, "weight": {"N": "1"}}}]}}}}});
     h.put(index_item("acct-1", "target", Some(&sx))).await;
-    h.put(reader).await;
+    h.put(aliasing("acct-1", "reader", "acct-1-target")).await;
     h.export_stream().await;
     h.migrate().await;
     let (shard, other) = (Writer::start(&h).await, Writer::start(&h).await);

@@ -11,13 +11,6 @@ use crate::common::*;
 const SHOP_A: &str = "shop-a.myshopify.com";
 const SHOP_B: &str = "shop-b.myshopify.com";
 
-fn aliasing(account: &str, index: &str, target: &str) -> Value {
-    let mut item = index_item(account, index, None);
-    item["index_aliases"] = json!({"M": {"doc_reads": {"M": {"enabled": {"BOOL": true},
-        "targets": {"L": [{"M": {"index_id": {"S": target}, "weight": {"N": "1"}}}]}}}}});
-    item
-}
-
 fn scans(h: &Harness) -> usize {
     h.exporter.table().counters().reference_scans
 }

@@ -9,14 +9,6 @@ use crate::common::*;
 
 const SHOP: &str = "shop-s.myshopify.com";
 
-/// An index whose enabled read alias reads `target`.
-fn aliasing(account: &str, index: &str, target: &str) -> Value {
-    let mut item = index_item(account, index, None);
-    item["index_aliases"] = json!({"M": {"doc_reads": {"M": {"enabled": {"BOOL": true},
-        "targets": {"L": [{"M": {"index_id": {"S": target}, "weight": {"N": "1"}}}]}}}}});
-    item
-}
-
 /// The index a settings key serves, by the name its value gives.
 fn serves(h: &Harness, key: &str) -> Option<String> {
     h.settings(key)

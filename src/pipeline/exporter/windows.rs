@@ -419,13 +419,8 @@ async fn a_replay_removes_a_dropped_alias_target_whose_removal_failed() {
         "kept: an alias reads it"
     );
 
-    let unread = IndexRef::new("a", "target");
-    exporter
-        .ledger
-        .unreadable
-        .lock()
-        .unwrap()
-        .insert(unread.clone());
+    let target = IndexRef::new("a", "target");
+    exporter.ledger.unreadable.lock().unwrap().insert(target);
     let dropping = vec![
         record("MODIFY", "reader", "https://r2", None),
         record("MODIFY", "reader", "https://r3", None),
