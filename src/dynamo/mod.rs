@@ -116,34 +116,6 @@ struct AddDocsConfig {
     index_write_aliases: Option<Vec<IndexId>>,
 }
 
-/// The parts of a settings record that other records' removal depends on: only `enabled` and
-/// the target ids, so a hand-edited weight cannot switch the protection off.
-#[derive(Deserialize)]
-struct ReferenceAliases {
-    doc_reads: Option<ReferenceReads>,
-    analytics: Option<ReferenceAnalytics>,
-}
-
-#[derive(Deserialize)]
-struct ReferenceReads {
-    #[serde(default)]
-    enabled: bool,
-    #[serde(default)]
-    targets: Vec<ReferenceTarget>,
-}
-
-#[derive(Deserialize)]
-struct ReferenceTarget {
-    index_id: IndexId,
-}
-
-#[derive(Deserialize)]
-struct ReferenceAnalytics {
-    #[serde(default)]
-    enabled: bool,
-    index_id: Option<IndexId>,
-}
-
 /// An `INDEX#{name}` record's attributes as the index's settings.
 pub fn index_settings(index: IndexRef, image: &Item) -> Result<IndexSettings, InvalidRecord> {
     let index_url = non_empty(string_field(image, "index_endpoint")?)
@@ -199,39 +171,29 @@ pub fn shop_id_of(image: &Item) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// What a settings record names of other keys: its shop and live alias targets. Fails closed:
-/// when the aliases cannot be read, every index id the record names protects its index, and
-/// the reason comes back for a warning.
+/// What a settings record names of other keys: its shop and live alias targets, read by the
+/// rule its value is ([`IndexAliases::live_targets`]). Fails closed: when the aliases cannot be
+/// read, every index id the record names protects its index, and the reason comes back for a
+/// warning.
 pub fn settings_references(image: &Item) -> (IndexRefs, Option<InvalidRecord>) {
-    let read = typed::<ReferenceAliases>(image, "index_aliases")
+    let read = typed::<IndexAliases>(image, "index_aliases")
         .and_then(|aliases| Ok((aliases, string_field(image, "read_alias")?)));
     let (targets, problem) = match read {
-        Ok((aliases, read_alias)) => (reference_targets(aliases, read_alias), None),
+        Ok((aliases, read_alias)) => {
+            let aliases = aliases.unwrap_or_default().with_legacy(read_alias, None);
+            (aliases.live_targets().cloned().collect(), None)
+        }
         Err(problem) => (named_index_ids(image), Some(problem)),
     };
     let references = IndexRefs {
         shops: shop_id_of(image).into_iter().collect(),
-        targets: targets.into_iter().map(|target| target.0).collect(),
+        targets: targets
+            .into_iter()
+            .map(|target: IndexId| target.0)
+            .collect(),
         intents: 0,
     };
     (references, problem)
-}
-
-/// Enabled read targets (the legacy `read_alias` wins) and an enabled analytics target.
-fn reference_targets(
-    aliases: Option<ReferenceAliases>,
-    read_alias: Option<String>,
-) -> Vec<IndexId> {
-    let (reads, analytics) = aliases.map_or((None, None), |a| (a.doc_reads, a.analytics));
-    let reads: Vec<IndexId> = match non_empty(read_alias) {
-        Some(legacy) => vec![IndexId(legacy)],
-        None => reads
-            .filter(|r| r.enabled)
-            .map(|r| r.targets.into_iter().map(|t| t.index_id).collect())
-            .unwrap_or_default(),
-    };
-    let analytics = analytics.filter(|a| a.enabled).and_then(|a| a.index_id);
-    reads.into_iter().chain(analytics).collect()
 }
 
 /// Every string under an `index_id` key in `index_aliases`, and `read_alias`: what an
@@ -590,7 +552,10 @@ mod tests {
                     {"M": {"index_id": {"S": "acct-1-a"}, "weight": {"S": "0.5"}}}]}}}
             }}
         })));
-        assert_eq!(problem, None, "the weight is not read for protection");
+        assert!(
+            problem.is_some(),
+            "the weight is read as the value reads it"
+        );
         assert_eq!(reference.targets, ["acct-1-a".to_owned()].into());
         assert_eq!(reference.shops, ["shop-1".to_owned()].into());
 
