@@ -170,6 +170,7 @@ class Function:
             raise SystemExit("the function did not start")
         self.slowest = 0.0  # the longest invocation followed, in seconds
         self.rss_after = []  # the process's peak RSS (MiB) after each invocation followed
+        self.rss_now_after = []  # and its RSS then: what a warm container keeps between them
 
     def invoke(self, payload):
         for _ in range(100):
@@ -189,9 +190,9 @@ class Function:
         fields = open(f"/proc/{self.pid}/stat").read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def peak_rss_mib(self):
+    def peak_rss_mib(self, field="VmHWM:"):
         for line in open(f"/proc/{self.pid}/status"):
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
         return 0.0
 
@@ -208,6 +209,7 @@ def follow(function, payload):
         answer = function.invoke(payload)
         function.slowest = max(function.slowest, time.time() - started)
         function.rss_after.append(round(function.peak_rss_mib(), 1))
+        function.rss_now_after.append(round(function.peak_rss_mib("VmRSS:"), 1))
         invocations += 1
         # A function error, or the Invoke API's own word (a timeout) instead of an answer.
         if not isinstance(answer, dict) or "errorType" in answer:
@@ -249,7 +251,7 @@ def measure(name, n, counting, kv_port, emulators, binary, env_file, run):
         "kv_requests": kv_requests(kv_port) - kv0, "invocations": invocations,
         "cpu_s": round(function.cpu_seconds() - cpu0, 3), "peak_rss_mib": round(function.peak_rss_mib(), 1),
         "seconds": round(seconds, 2), "slowest_invocation_s": round(function.slowest or seconds, 2),
-        "peak_rss_after_each_mib": function.rss_after,
+        "peak_rss_after_each_mib": function.rss_after, "rss_after_each_mib": function.rss_now_after,
     }
     function.stop()
     print(json.dumps(row), flush=True)

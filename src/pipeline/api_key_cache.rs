@@ -76,6 +76,9 @@ impl<S: ApiKeySource> ApiKeyCache<S> {
             .collect()
             .await;
         let mut entries = self.entries.lock().expect("not poisoned");
+        // Expired keys go as new ones come: a warm container that ran a backfill of the fleet
+        // holds the keys of the last few seconds, not of every account it ever saw.
+        entries.retain(|_, (_, fetched)| fetched.elapsed() < self.ttl);
         for (account, answer) in fetched {
             if let Ok(key) = &answer {
                 entries.insert(account.clone(), (key.clone(), Instant::now()));
@@ -162,6 +165,23 @@ mod tests {
         cache.lookup_all(wanted(&["a"]), false, later()).await;
         let (_, counts) = cache.lookup_all(wanted(&["a"]), false, later()).await;
         assert_eq!(counts.calls, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_warm_container_holds_only_the_keys_of_the_last_while() {
+        let cache = ApiKeyCache::new(Counting(AtomicUsize::new(0)), Duration::from_secs(60));
+        let pages: Vec<Vec<String>> = (0..3)
+            .map(|page| (0..100).map(|i| format!("p{page}-a{i}")).collect())
+            .collect();
+        for page in &pages {
+            let accounts: Vec<&str> = page.iter().map(String::as_str).collect();
+            cache.lookup_all(wanted(&accounts), true, later()).await;
+            tokio::time::advance(Duration::from_secs(61)).await;
+        }
+        let held = cache.entries.lock().unwrap().len();
+        assert_eq!(held, 100, "only the last page's keys are held");
+        let (_, counts) = cache.lookup_all(wanted(&["p0-a0"]), false, later()).await;
+        assert_eq!(counts.calls, 1, "an expired key is fetched again");
     }
 
     struct Slow;
