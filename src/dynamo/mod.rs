@@ -178,7 +178,7 @@ pub fn shop_id_of(image: &Item) -> Option<String> {
 pub fn settings_references(image: &Item) -> (IndexRefs, Option<InvalidRecord>) {
     let read = typed::<IndexAliases>(image, "index_aliases")
         .and_then(|aliases| Ok((aliases, string_field(image, "read_alias")?)));
-    let (targets, problem) = match read {
+    let (targets, problem): (Vec<IndexId>, _) = match read {
         Ok((aliases, read_alias)) => {
             let aliases = aliases.unwrap_or_default().with_legacy(read_alias, None);
             (aliases.live_targets().cloned().collect(), None)
@@ -187,10 +187,7 @@ pub fn settings_references(image: &Item) -> (IndexRefs, Option<InvalidRecord>) {
     };
     let references = IndexRefs {
         shops: shop_id_of(image).into_iter().collect(),
-        targets: targets
-            .into_iter()
-            .map(|target: IndexId| target.0)
-            .collect(),
+        targets: targets.into_iter().map(|target| target.0).collect(),
         intents: 0,
     };
     (references, problem)

@@ -11,11 +11,8 @@ use super::classify::{could_be_written, live_targets, owner_in_value, Class, Dri
 use crate::domain::kv::{is_query_config_key_of, query_config_prefix, KeyMetadata};
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvKey, Namespace, TableKey, TableRecord};
-use crate::pipeline::exporter::{Exporter, Prepared};
+use crate::pipeline::exporter::{Exporter, Prepared, CONCURRENT_QUERIES};
 use crate::ports::{IndexRefs, KvStore as _, ListedKey, PortError, Ports, Referred};
-
-/// Table Queries (an owner's overrides) in flight at once.
-const CONCURRENT_QUERIES: usize = 8;
 
 /// A listed key with who it was written for (and, for an override's, its query when the
 /// metadata names it).

@@ -77,7 +77,7 @@ impl<S: ApiKeySource> ApiKeyCache<S> {
             .await;
         let mut entries = self.entries.lock().expect("not poisoned");
         // Expired keys go as new ones come: a warm container that ran a backfill of the fleet
-        // holds the keys of the last few seconds, not of every account it ever saw.
+        // holds the keys of the last TTL, not of every account it ever saw.
         entries.retain(|_, (_, fetched)| fetched.elapsed() < self.ttl);
         for (account, answer) in fetched {
             if let Ok(key) = &answer {

@@ -32,8 +32,9 @@ mod write;
 pub use references::left_by;
 pub use runs::{AddReferences, Closed, Runs};
 
-/// How many KV reads (bulk reads, listings) are in flight at once; the store sends its writes.
-const CONCURRENT_KV_REQUESTS: usize = 4;
+/// How many Queries of an index's overrides are in flight at once (keys only, each in its own
+/// account's partition): an override batch reads one for each index whose filter it rebuilds.
+pub const CONCURRENT_QUERIES: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct ExportOptions {

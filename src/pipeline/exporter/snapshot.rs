@@ -9,7 +9,7 @@ use futures::StreamExt as _;
 use tokio::time::Instant;
 
 use super::references::left_by;
-use super::{Exporter, Run, CONCURRENT_KV_REQUESTS};
+use super::{Exporter, Run, CONCURRENT_QUERIES};
 use crate::domain::AccountCell;
 use crate::domain::{IndexRef, KvKey, Namespace, TableKey, TableRecord};
 use crate::pipeline::plan::{self, Snapshot};
@@ -50,7 +50,7 @@ impl<P: Ports> Exporter<P> {
                         let queries = before_deadline(deadline, "overrides", queries).await;
                         (index, queries)
                     })
-                    .buffered(CONCURRENT_KV_REQUESTS)
+                    .buffered(CONCURRENT_QUERIES)
                     .collect()
                     .await
             }
