@@ -1,6 +1,6 @@
 //! The one drift vocabulary of every mode that compares (verify and the reconcile): the classes
 //! a key can be in, the one comparison of a piece's keys with what KV holds ([`drift`]), the one
-//! repair of what drifted ([`repair`]), and what names a key's index in its value or aliases.
+//! repair of what drifted ([`repair`]), and what names a key's index in its value.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::domain::qfilter::filter_key;
-use crate::domain::{IndexId, IndexRef, IndexRefs, KvAction, KvKey, Namespace};
+use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::pipeline::exporter::{Exporter, Prepared, Run};
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{KvStore as _, PortError, Ports};
@@ -263,14 +263,6 @@ pub fn could_be_written(index: &IndexRef) -> bool {
     !index.account.is_empty()
         && !index.name.is_empty()
         && crate::domain::kv::check_key(&KvKey::index(index).key).is_ok()
-}
-
-pub fn live_targets(references: &[(IndexRef, IndexRefs)]) -> impl Iterator<Item = IndexId> + '_ {
-    (references.iter()).flat_map(|(index, refs)| {
-        let own = index.id();
-        let others = refs.targets.iter().filter(move |target| **target != own.0);
-        others.map(|target| IndexId(target.clone()))
-    })
 }
 
 #[cfg(test)]

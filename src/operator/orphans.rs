@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use futures::StreamExt as _;
 use tokio::time::Instant;
 
-use super::classify::{could_be_written, live_targets, owner_in_value, Class, Drift};
+use super::classify::{could_be_written, owner_in_value, Class, Drift};
 use crate::domain::kv::{is_query_config_key_of, query_config_prefix, KeyMetadata};
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvKey, Namespace, TableKey, TableRecord};
@@ -301,9 +301,15 @@ impl<'a, P: Ports> Orphans<'a, P> {
         let asked = indexes.iter().map(|i| Referred::Alias(i.id().0)).collect();
         let references = self.exporter.referrers_of(asked, self.deadline);
         let references = references.await?;
-        let targets: HashSet<_> = live_targets(&references).collect();
+        // An alias an index holds to itself protects nothing of its own.
+        let targets: HashSet<&String> = (references.iter())
+            .flat_map(|(holder, refs)| {
+                let own = holder.id().0;
+                refs.targets.iter().filter(move |target| **target != own)
+            })
+            .collect();
         Ok((indexes.into_iter())
-            .filter(|i| targets.contains(&i.id()))
+            .filter(|i| targets.contains(&i.id().0))
             .cloned()
             .collect())
     }
