@@ -414,7 +414,11 @@ impl<P: Ports> Exporter<P> {
                 if let Some(first) = derived.first() {
                     intents.left.truncate(first.at);
                 }
-                shrink::record(&self.ledger, intents, &report, deadline).await
+                let handed = std::mem::take(&mut intents.handed);
+                shrink::record(&self.ledger, intents, &report, deadline).await;
+                if report.count(|outcome| matches!(outcome, Outcome::Failed(_))) > 0 {
+                    intents::record_handed_again(&self.ledger, &handed, deadline).await;
+                }
             }
             (Some(intents), false) if run.owns_recorded => {
                 let mut outcomes = report.records.iter().map(|r| &r.outcome);

@@ -720,11 +720,13 @@ fn every_seed_ends_with_kv_as_the_table_implies() {
 /// re-export's override key from an older read, its check unconfirmed, left by its run again:
 /// the run again deletes the index's orphaned query configs now) and 15882 (a removal of a
 /// dropped alias target shrank that index's shops while its own shard's write of one landed
-/// after: a derived record takes nothing out of the ledger now). Kept as they are, whatever
-/// range `make test` runs.
-const FOUND: [u64; 21] = [
+/// after: a derived record takes nothing out of the ledger now) and 145927 (a shop handed to a
+/// claimer whose write landed after the claimer's own shard shrank it, the batch's check unable
+/// to take it back, its replay no longer handing it over: a failed stream batch records the
+/// shops it handed over again now). Kept as they are, whatever range `make test` runs.
+const FOUND: [u64; 22] = [
     302, 523, 677, 1261, 1407, 1714, 1842, 2719, 2965, 4026, 4628, 4786, 5643, 6098, 7650, 9337,
-    15882, 19686, 28675, 29616, 50153,
+    15882, 19686, 28675, 29616, 50153, 145927,
 ];
 
 #[test]

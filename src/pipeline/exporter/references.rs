@@ -319,6 +319,7 @@ mod tests {
             known,
             added,
             given_up,
+            handed: Vec::new(),
         };
         shrink::record(&e.ledger, intents, &report, deadline()).await;
 
