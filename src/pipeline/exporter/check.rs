@@ -160,8 +160,9 @@ impl<P: Ports> Exporter<P> {
         Some((again, originals))
     }
 
-    /// A shop key left as it is for a rejected record stays recorded for its index (a shrink
-    /// may have taken it out before the write landed): its next record gives it up.
+    /// A shop key left as it is for a rejected or kept record stays recorded for its index (a
+    /// shrink may have taken it out before the write landed: seed 6590): its next record gives
+    /// it up.
     async fn keep_recorded(&self, stay: &[(IndexRef, Referred)], deadline: Instant) {
         if let Err(error) = intents::add_to_ledger(&self.ledger, stay, deadline).await {
             tracing::warn!(%error, "shop keys left for rejected records could not be recorded");
@@ -211,18 +212,23 @@ impl<P: Ports> Exporter<P> {
 }
 
 /// The landed keys whose new plan differs from what landed (with their original records); a
-/// key the new plan does not name stays as it is when its index is kept for an alias (or was
-/// skipped on purpose, or its record is rejected now: then a shop key put there stays recorded
-/// for the index, the second answer), and fails its record when its index could not be planned.
+/// key the new plan does not name stays as it is when its index is kept for an alias or its
+/// record is rejected now (then a shop key put there stays recorded for the index, the second
+/// answer) or was skipped on purpose, and fails its record when its index could not be planned.
 fn differing(
     prepared: &Prepared,
     landed: &[Landed],
     report: &mut BatchReport,
 ) -> (BTreeMap<KvKey, usize>, Vec<(IndexRef, Referred)>) {
-    // A failed or rejected record plans no key: those of its index fail with it, or stay.
+    // A failed, rejected or kept record plans no key: those of its index fail with it, or stay.
     let unplanned: BTreeMap<&IndexRef, &Outcome> = (prepared.records.iter())
         .zip(&prepared.plan.outcomes)
-        .filter(|(_, outcome)| matches!(outcome, Outcome::Failed(_) | Outcome::Rejected(_)))
+        .filter(|(_, outcome)| {
+            matches!(
+                outcome,
+                Outcome::Failed(_) | Outcome::Rejected(_) | Outcome::Kept { .. }
+            )
+        })
         .filter_map(|(record, outcome)| Some((record.index.as_ref()?, outcome)))
         .collect();
     let (mut differ, mut stay) = (BTreeMap::new(), Vec::new());
