@@ -78,7 +78,9 @@ impl<S: ApiKeySource> ApiKeyCache<S> {
         let mut entries = self.entries.lock().expect("not poisoned");
         // Expired keys go as new ones come: a warm container that ran a backfill of the fleet
         // holds the keys of the last TTL, not of every account it ever saw.
-        entries.retain(|_, (_, fetched)| fetched.elapsed() < self.ttl);
+        if !fetched.is_empty() {
+            entries.retain(|_, (_, fetched)| fetched.elapsed() < self.ttl);
+        }
         for (account, answer) in fetched {
             if let Ok(key) = &answer {
                 entries.insert(account.clone(), (key.clone(), Instant::now()));

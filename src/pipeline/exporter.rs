@@ -406,6 +406,7 @@ impl<P: Ports> Exporter<P> {
         let mut report = write::send(&self.kv, prepared, deadline).await;
         self.check(&mut report, run, span, deadline).await;
         dropped::settle_derived(&mut report, &derived);
+        let failed = (report.records.iter()).any(|r| matches!(r.outcome, Outcome::Failed(_)));
         match (intents, run.is_stream()) {
             (Some(mut intents), true) => {
                 // A removal of a dropped alias target writes an index whose own records are in
@@ -416,15 +417,15 @@ impl<P: Ports> Exporter<P> {
                 }
                 let handed = std::mem::take(&mut intents.handed);
                 shrink::record(&self.ledger, intents, &report, deadline).await;
-                if report.count(|outcome| matches!(outcome, Outcome::Failed(_))) > 0 {
-                    intents::record_handed_again(&self.ledger, &handed, deadline).await;
+                // Its replay, planned from the table as it is then, may no longer hand them
+                // over (seed 145927).
+                if failed {
+                    let why = "the shops a failed batch handed over";
+                    intents::add_again(&self.ledger, &handed, why, deadline).await;
                 }
             }
-            (Some(intents), false) if run.owns_recorded => {
-                let mut outcomes = report.records.iter().map(|r| &r.outcome);
-                if outcomes.any(|outcome| matches!(outcome, Outcome::Failed(_))) {
-                    intents::record_again(&self.ledger, &intents, deadline).await;
-                }
+            (Some(intents), false) if run.owns_recorded && failed => {
+                intents::record_again(&self.ledger, &intents, deadline).await;
             }
             _ => {}
         }

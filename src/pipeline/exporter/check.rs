@@ -112,7 +112,8 @@ impl<P: Ports> Exporter<P> {
             .map(|landed| (landed.key.clone(), landed.record))
             .collect();
         let (differ, stay) = differing(&prepared, &landed, report);
-        self.keep_recorded(&stay, deadline).await;
+        let what = "shop keys left for rejected or kept indexes";
+        intents::add_again(&self.ledger, &stay, what, deadline).await;
         prepared.plan.ops.retain(|key, _| differ.contains_key(key));
         if prepared.plan.ops.is_empty() {
             return None;
@@ -158,15 +159,6 @@ impl<P: Ports> Exporter<P> {
             }
         }
         Some((again, originals))
-    }
-
-    /// A shop key left as it is for a rejected or kept record stays recorded for its index (a
-    /// shrink may have taken it out before the write landed: seed 6590): its next record gives
-    /// it up.
-    async fn keep_recorded(&self, stay: &[(IndexRef, Referred)], deadline: Instant) {
-        if let Err(error) = intents::add_to_ledger(&self.ledger, stay, deadline).await {
-            tracing::warn!(%error, "shop keys left for rejected records could not be recorded");
-        }
     }
 
     /// The indexes read again, planned as changes (`None`: nothing to plan), with the landed

@@ -117,18 +117,19 @@ pub(super) async fn record_again(ledger: &impl Ledger, intents: &Intents, deadli
     }
 }
 
-/// A stream batch with a failed record records the shops it handed over again: its write may
-/// have landed after another shard's shrink took the shop out of the claimer's references (its
-/// intent counted before that shrink read), and its replay, planned from the table as it is
-/// then, may no longer hand the shop over (seed 145927). A failure here leaves that to the next
-/// reconcile pass (a warning).
-pub(super) async fn record_handed_again(
+/// References recorded again after their writes: another writer's shrink may have taken one
+/// out before a write landed (its intent counted before that shrink read), as for a stream
+/// batch with a failed record the shops it handed over, or for a check the shop keys it leaves
+/// for a rejected or kept index. A failure here leaves that to the next reconcile pass (a
+/// warning naming `what`).
+pub(super) async fn add_again(
     ledger: &impl Ledger,
-    handed: &[(IndexRef, Referred)],
+    items: &[(IndexRef, Referred)],
+    what: &str,
     deadline: Instant,
 ) {
-    if let Err(error) = add_to_ledger(ledger, handed, deadline).await {
-        tracing::warn!(%error, "the shops a failed batch handed over could not be recorded again");
+    if let Err(error) = add_to_ledger(ledger, items, deadline).await {
+        tracing::warn!(%error, "{what} could not be recorded again");
     }
 }
 
