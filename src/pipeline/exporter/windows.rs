@@ -442,3 +442,62 @@ async fn a_replay_removes_a_dropped_alias_target_whose_removal_failed() {
         (None, None)
     );
 }
+
+/// A shop handed to a claimer whose own removal runs before the handing write lands (seed
+/// 145927): the claimer's shard deletes the shop and shrinks it out of the claimer's record;
+/// the handing write lands after, and its check cannot read, so its record is reported. The
+/// batch records the handed shop on the claimer again, so a new index of the claimer's name
+/// gives it up, on either view type.
+#[tokio::test]
+async fn a_shop_handed_to_a_claimer_removed_before_the_write_lands_stays_recorded() {
+    for old_image in [false, true] {
+        let exporter = with_complete_ledger();
+        let (j, s1) = (IndexRef::new("a", "j"), "s1.myshopify.com");
+        let claimer = record("INSERT", "j", "https://j", Some(s1));
+        let giver = record("INSERT", "i", "https://i", Some(s1));
+        exported(&exporter, vec![claimer.clone(), giver.clone()]).await;
+        assert!(exporter.kv.value(s1).unwrap().contains("https://i"));
+
+        let removal = |mut removed: Value| {
+            removed["eventName"] = json!("REMOVE");
+            match old_image {
+                true => with_old_image(removed, Some(s1)),
+                false => removed,
+            }
+        };
+        let (held, release) = exporter.kv.hold(s1);
+        let handing = stream(&exporter, vec![removal(giver)]);
+        let removing = async {
+            held.notified().await;
+            exported(&exporter, vec![removal(claimer)]).await;
+            assert_eq!(
+                exporter.kv.value(s1),
+                None,
+                "the claimer's removal deleted it"
+            );
+            exporter.table.unreadable.store(true, Ordering::SeqCst);
+            release.notify_one();
+        };
+        let (handed, ()) = tokio::join!(handing, removing);
+        exporter.table.unreadable.store(false, Ordering::SeqCst);
+        assert_eq!(failures(&handed).len(), 1, "the check could not read");
+        let shop = exporter
+            .kv
+            .value(s1)
+            .expect("the window: the handing write landed last");
+        assert!(shop.contains("https://j"), "{shop}");
+        let recorded = exporter.ledger.refs.lock().unwrap().get(&j).cloned();
+        assert!(
+            recorded.is_some_and(|r| r.shops.contains(s1)),
+            "{old_image}: the handed shop is recorded on its claimer again"
+        );
+
+        let new = record("INSERT", "j", "https://j2", Some("s2.myshopify.com"));
+        exported(&exporter, vec![new]).await;
+        assert_eq!(
+            exporter.kv.value(s1),
+            None,
+            "{old_image}: the new index gave it up"
+        );
+    }
+}
