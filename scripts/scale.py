@@ -303,8 +303,11 @@ def main():
             ]) + "\n")
             env.close()
             common = (counting, kv_port, args.emulators, args.function, env.name)
+            backfill = {"mode": "backfill", "include_query_configs": True}
             paths = [
-                ("backfill", None, lambda f: follow(f, {"mode": "backfill", "include_query_configs": True})),
+                ("backfill", None, lambda f: follow(f, backfill)),
+                # Two backfills in one warm process: what a warm container keeps between them.
+                ("backfill x2 (warm)", None, lambda f: follow(f, backfill) + follow(f, backfill)),
                 # The item goes first, as its record says: the function exports each record's
                 # item as the table holds it (not counted: outside the measure).
                 ("stream REMOVE",

@@ -5,8 +5,8 @@
 //! moving between three shops, two of them claiming one shop at times, read aliases made and
 //! dropped, overrides added and removed, records rejected as invalid), applies each change to
 //! the table and delivers its stream record as Lambda would: one item's records in order on one
-//! of two shards, batches of random size, each shard's failed batch replayed from its lowest
-//! reported record, on the run's view type. Two operators run re-exports, verify repairs,
+//! of the run's shards (two; a sweep of its own on three), batches of random size, each shard's
+//! failed batch replayed from its lowest reported record, on the run's view type. Two operators run re-exports, verify repairs,
 //! backfills, manual and scheduled reconciles between and during batches. At every call to an
 //! outside system the scheduler (`world.rs`) may let another writer go first, delay the call,
 //! fail it, answer a lagging KV read, or stop the invocation there; every put is checked for
@@ -45,7 +45,8 @@ const ACCOUNTS: [&str; 2] = ["a", "b"];
 const NAMES: [&str; 3] = ["x", "x!y", "z"];
 const SHOPS: [&str; 3] = ["s1.myshopify.com", "s2.myshopify.com", "s3.myshopify.com"];
 const QUERIES: [&str; 2] = ["shoes", "red # boots"];
-const SHARDS: usize = 2;
+/// The stream's shards a run delivers on: 2 (`make test`), or up to this many.
+const MAX_SHARDS: usize = 3;
 
 /// The part of the universe a seed's workload uses, and how busy its operators are (swarm
 /// testing: a seed with one index and busy operators races where one with six rarely does).
@@ -171,17 +172,18 @@ impl Workload {
             })
             .unwrap_or_default();
         world.note(format!("table: {event} {pk} {sk} {shown}"));
-        self.shards[shard_of(pk, sk)].push_back(record);
+        let shard = shard_of(pk, sk, self.shards.len());
+        self.shards[shard].push_back(record);
     }
 }
 
 /// An item's shard, the same in every run (FNV-1a).
-fn shard_of(pk: &str, sk: &str) -> usize {
+fn shard_of(pk: &str, sk: &str, shards: usize) -> usize {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in pk.bytes().chain([0]).chain(sk.bytes()) {
         hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
     }
-    (hash % SHARDS as u64) as usize
+    (hash % shards as u64) as usize
 }
 
 /// One random change of the universe, to `(account, name)`'s items.
@@ -349,22 +351,22 @@ fn operator_run(rng: &mut Rng, universe: &Universe, hot: Option<(&str, &str)>) -
     }
 }
 
-/// Runs one seed to the end and checks it.
-pub fn run(seed: u64) -> Run {
+/// Runs one seed on `shards` shards to the end and checks it.
+pub fn run(seed: u64, shards: usize) -> Run {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .unwrap();
-    runtime.block_on(run_seed(seed))
+    runtime.block_on(run_seed(seed, shards.clamp(1, MAX_SHARDS)))
 }
 
-async fn run_seed(seed: u64) -> Run {
+async fn run_seed(seed: u64, shards: usize) -> Run {
     let world = World::new(seed);
     let mut rng = Rng::new(seed ^ 0x5EED);
     let workload = std::sync::Mutex::new(Workload {
         items: Items::new(),
-        shards: vec![VecDeque::new(); SHARDS],
+        shards: vec![VecDeque::new(); shards],
         sequence: 0,
         new_image_only: seed.is_multiple_of(2),
         hot: None,
@@ -391,7 +393,7 @@ async fn run_seed(seed: u64) -> Run {
     let shard = |at: usize| {
         let (world, workload, done, stalled) = (&world, &workload, &done, &stalled);
         async move {
-            let who = ["shard 0", "shard 1"][at];
+            let who = ["shard 0", "shard 1", "shard 2"][at];
             let exporter = exporter(world, who);
             let mut reported_without_faults = 0;
             loop {
@@ -444,7 +446,7 @@ async fn run_seed(seed: u64) -> Run {
         operator("operator 1", 0x0BE7),
         operator("operator 2", 0x0BE8),
     );
-    let shards = futures::future::join_all((0..SHARDS).map(shard));
+    let shards = futures::future::join_all((0..shards).map(shard));
     // The faults stop once the workload is done: every shard drains.
     let stop_faults = async {
         while !done.load(std::sync::atomic::Ordering::SeqCst) {
@@ -640,11 +642,11 @@ fn check(
 }
 
 /// A failed seed: what differed, and the steps of its trace.
-fn report(seed: u64, run: &Run) -> String {
+fn report(seed: u64, shards: usize, run: &Run) -> String {
     let tail: Vec<&String> = run.trace.iter().rev().take(400).collect();
     let tail: Vec<&String> = tail.into_iter().rev().collect();
     format!(
-        "seed {seed} (rerun: SIMULATION_SEED={seed} cargo test --lib simulation::one_seed -- --ignored --nocapture):\n{}\ntrace (last {} of {} steps):\n{}",
+        "seed {seed} on {shards} shards (rerun: SIMULATION_SEED={seed} SIMULATION_SHARDS={shards} cargo test --lib simulation::one_seed -- --ignored --nocapture):\n{}\ntrace (last {} of {} steps):\n{}",
         run.violations.join("\n"),
         tail.len(),
         run.trace.len(),
@@ -652,24 +654,29 @@ fn report(seed: u64, run: &Run) -> String {
     )
 }
 
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Seeds `make test` runs (`SIMULATION_SEEDS` to change), from `SIMULATION_FIRST_SEED`.
 fn seeds() -> std::ops::Range<u64> {
-    let env = |name: &str, default: u64| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
     let first = env("SIMULATION_FIRST_SEED", 0);
     first..first + env("SIMULATION_SEEDS", 2_000)
 }
 
-#[test]
-fn every_seed_ends_with_kv_as_the_table_implies() {
+/// The shards a sweep or one seed runs on (`SIMULATION_SHARDS`, 2 unless said).
+fn shards() -> usize {
+    env("SIMULATION_SHARDS", 2) as usize
+}
+
+/// Runs `seeds` on `shards` shards, one thread a core (a run is one current-thread runtime),
+/// and fails with the lowest seed that found something.
+fn sweep(seeds: std::ops::Range<u64>, shards: usize) {
     let started = std::time::Instant::now();
-    let seeds = seeds();
     let count = seeds.end - seeds.start;
-    // One thread a core, each its share of the seeds (a run is one current-thread runtime).
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
     let first_failed = std::sync::Mutex::new(None::<(u64, String)>);
     std::thread::scope(|scope| {
@@ -681,11 +688,11 @@ fn every_seed_ends_with_kv_as_the_table_implies() {
                     if found.is_some_and(|at| at < seed) {
                         return;
                     }
-                    let run = run(seed);
+                    let run = run(seed, shards);
                     if !run.violations.is_empty() {
                         let mut first = first_failed.lock().unwrap();
                         if first.as_ref().is_none_or(|(at, _)| seed < *at) {
-                            *first = Some((seed, report(seed, &run)));
+                            *first = Some((seed, report(seed, shards, &run)));
                         }
                         return;
                     }
@@ -693,20 +700,27 @@ fn every_seed_ends_with_kv_as_the_table_implies() {
             });
         }
     });
-    let failed: Vec<String> = first_failed
-        .into_inner()
-        .unwrap()
-        .into_iter()
-        .map(|(_, r)| r)
-        .collect();
+    let failed = first_failed.into_inner().unwrap().map(|(_, r)| r);
     let elapsed = started.elapsed().as_secs_f64();
     // Straight to stderr, past the test harness's capture: every run shows its pace.
     let pace = format!(
-        "simulation: {count} seeds in {elapsed:.1} s ({:.0} seeds a second)\n",
+        "simulation: {count} seeds on {shards} shards in {elapsed:.1} s ({:.0} seeds a second)\n",
         count as f64 / elapsed
     );
     let _ = std::io::Write::write_all(&mut std::io::stderr(), pace.as_bytes());
-    assert!(failed.is_empty(), "{}", failed.join("\n\n"));
+    assert!(failed.is_none(), "{}", failed.unwrap_or_default());
+}
+
+#[test]
+fn every_seed_ends_with_kv_as_the_table_implies() {
+    sweep(seeds(), shards());
+}
+
+/// Three shards race where two rarely do (three of an index's items delivered apart); a
+/// sweep of its own: `make simulate SHARDS=3`.
+#[test]
+fn every_seed_on_three_shards_ends_with_kv_as_the_table_implies() {
+    sweep(0..500, 3);
 }
 
 /// The seeds that found a bug, each fixed, or a window the checker now names (the closing
@@ -735,8 +749,8 @@ const FOUND: [u64; 23] = [
 #[test]
 fn the_seeds_that_found_a_bug_stay_green() {
     for seed in FOUND {
-        let run = run(seed);
-        assert!(run.violations.is_empty(), "{}", report(seed, &run));
+        let run = run(seed, 2);
+        assert!(run.violations.is_empty(), "{}", report(seed, 2, &run));
     }
 }
 
@@ -744,7 +758,8 @@ fn the_seeds_that_found_a_bug_stay_green() {
 fn every_seed_runs_the_same_twice() {
     // Fifty seeds: a nondeterminism (a hash map's order, an unbiased select) shows in some.
     for seed in 0..50 {
-        let (first, again) = (run(seed), run(seed));
+        let shards = 2 + seed as usize % 2;
+        let (first, again) = (run(seed, shards), run(seed, shards));
         let differs = (first.trace.iter().zip(&again.trace)).position(|(a, b)| a != b);
         assert!(
             first.trace.len() == again.trace.len() && differs.is_none(),
@@ -769,7 +784,11 @@ fn one_seed() {
     let seed = seed.expect("SIMULATION_SEED=N");
     // The function's own log lines, between the trace's steps.
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
-    let run = run(seed);
+    let run = run(seed, shards());
     eprintln!("{}", run.trace.join("\n"));
-    assert!(run.violations.is_empty(), "{}", report(seed, &run));
+    assert!(
+        run.violations.is_empty(),
+        "{}",
+        report(seed, shards(), &run)
+    );
 }
