@@ -445,9 +445,10 @@ async fn a_replay_removes_a_dropped_alias_target_whose_removal_failed() {
 
 /// A shop handed to a claimer whose own removal runs before the handing write lands (seed
 /// 145927): the claimer's shard deletes the shop and shrinks it out of the claimer's record;
-/// the handing write lands after, and its check cannot read, so its record is reported. The
-/// batch records the handed shop on the claimer again, so a new index of the claimer's name
-/// gives it up, on either view type.
+/// the handing write lands after, and its check cannot read, so its record is reported. By the
+/// replay an alias reads the removed index: kept, it leaves the shop as it is. The batch
+/// recorded the handed shop on the claimer again, so a new index of the claimer's name gives
+/// it up, on either view type.
 #[tokio::test]
 async fn a_shop_handed_to_a_claimer_removed_before_the_write_lands_stays_recorded() {
     for old_image in [false, true] {
@@ -466,7 +467,7 @@ async fn a_shop_handed_to_a_claimer_removed_before_the_write_lands_stays_recorde
             }
         };
         let (held, release) = exporter.kv.hold(s1);
-        let handing = stream(&exporter, vec![removal(giver)]);
+        let handing = stream(&exporter, vec![removal(giver.clone())]);
         let removing = async {
             held.notified().await;
             exported(&exporter, vec![removal(claimer)]).await;
@@ -491,6 +492,15 @@ async fn a_shop_handed_to_a_claimer_removed_before_the_write_lands_stays_recorde
             recorded.is_some_and(|r| r.shops.contains(s1)),
             "{old_image}: the handed shop is recorded on its claimer again"
         );
+
+        let mut reader = record("INSERT", "reader", "https://r", None);
+        reader["dynamodb"]["NewImage"]["index_aliases"] = json!({"M": {"doc_reads": {"M": {
+            "enabled": {"BOOL": true},
+            "targets": {"L": [{"M": {"index_id": {"S": "a-i"}, "weight": {"N": "1"}}}]}}}}});
+        exported(&exporter, vec![reader]).await;
+        let replay = stream(&exporter, vec![removal(giver)]).await;
+        assert!(matches!(replay.records[0].outcome, Outcome::Kept { .. }));
+        assert!(exporter.kv.value(s1).unwrap().contains("https://j"));
 
         let new = record("INSERT", "j", "https://j2", Some("s2.myshopify.com"));
         exported(&exporter, vec![new]).await;
