@@ -865,3 +865,62 @@ async fn a_shop_written_after_an_alias_holder_removed_its_target_stays_recorded(
     assert_eq!(h.settings("acct-1-target"), None);
 }
 }
+
+crate::on_both_views! {
+/// `giver` and `claimer` claim one shop, `giver`'s value on it. `giver` is removed: its shard
+/// hands the shop to `claimer`, and that write is held while `claimer` is removed too, by
+/// another shard (which deletes the shop and shrinks it out of `claimer`'s references). The
+/// held write lands, `giver`'s check cannot read the table, and its record is reported. By the
+/// replay an alias reads `giver` (kept: the shop is left as it is), so the shop serves the
+/// removed `claimer`: recorded on it again by the failed batch, it is given up by the next
+/// `claimer` (seed 145927: nothing recorded it, and it kept serving).
+async fn a_shop_handed_to_a_claimer_removed_before_the_write_landed_is_given_up_by_its_next_record(view) {
+    const SHOP: &str = "shop-s.myshopify.com";
+    let mut h = Harness::with_view(view).await;
+    h.keys.set_key("acct-1", "marqo-key");
+    h.put(index_item("acct-1", "claimer", Some(SHOP))).await;
+    h.export_stream().await;
+    h.put(index_item("acct-1", "giver", Some(SHOP))).await;
+    h.export_stream().await;
+    h.migrate().await;
+    assert_eq!(h.settings(SHOP).unwrap()["index_name"], "giver");
+    let ProxiedFunction { dynamodb, runtime, function } = behind_a_dynamodb_proxy(&h).await;
+    let other = Writer::start(&h).await;
+
+    h.delete("acct-1", "INDEX#giver").await;
+    let giving = h.stream_records().await;
+    h.kv.hold("bulk", Some(SHOP));
+    let run = runtime.invoke(json!({ "Records": giving.clone() }), TIMEOUT);
+    let race = async {
+        until_held(&h).await;
+        h.delete("acct-1", "INDEX#claimer").await;
+        let removing = h.stream_records().await;
+        let answer = other.invoke(json!({ "Records": removing })).await;
+        assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+        assert_eq!(h.settings(SHOP), None, "the claimer's removal deleted it");
+        // The check's read after the handing write is refused.
+        dynamodb.inject(Some("BatchGetItem"), Some(&format!("={}", h.table)), refused("AccessDeniedException"), 1);
+        h.kv.release();
+    };
+    let (handed, ()) = tokio::join!(run, race);
+    let handed = handed.expect("an answer");
+    assert_eq!(failures(&handed), sequence_numbers(&giving), "{}", function.output());
+    assert_eq!(h.settings(SHOP).unwrap()["index_name"], "claimer", "the handing write landed last");
+    dynamodb.clear_faults();
+
+    h.put(aliasing("acct-1", "reader", "acct-1-giver")).await;
+    let aliased = h.stream_records().await;
+    let answer = other.invoke(json!({ "Records": aliased })).await;
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+    let replayed = replay(&giving, &handed, Vec::new());
+    let answer = runtime.invoke(json!({ "Records": replayed }), TIMEOUT).await.unwrap();
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+    assert_eq!(h.settings(SHOP).unwrap()["index_name"], "claimer", "kept: left as it is");
+
+    h.put(index_item("acct-1", "claimer", Some("shop-t.myshopify.com"))).await;
+    let answer = other.invoke(json!({ "Records": h.stream_records().await })).await;
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+    assert_eq!(h.settings(SHOP), None, "{}", other.function.output());
+    assert_eq!(h.settings("shop-t.myshopify.com").unwrap()["index_name"], "claimer");
+}
+}
