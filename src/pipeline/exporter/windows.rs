@@ -511,3 +511,59 @@ async fn a_shop_handed_to_a_claimer_removed_before_the_write_lands_stays_recorde
         );
     }
 }
+
+/// A verify repair's shop put landing after the index's removal (seed 6590): the repair
+/// records its intent and puts the shop, held; the stream removes the index (its shop deleted
+/// and shrunk out of its references), and an alias to it is made; the put lands. Its check
+/// finds the index kept for the alias and leaves the shop as it is, recorded for the index
+/// again, so the alias's drop removes the index and gives the shop up.
+#[tokio::test]
+async fn a_repair_s_shop_put_left_for_an_index_kept_since_stays_recorded_for_it() {
+    let exporter = with_complete_ledger();
+    let (i, s3) = (IndexRef::new("a", "i"), "s3.myshopify.com");
+    let index = record("INSERT", "i", "https://i", Some(s3));
+    exported(&exporter, vec![index.clone()]).await;
+    exporter.kv.values.lock().unwrap().remove(s3);
+
+    let (held, release) = exporter.kv.hold(s3);
+    let verify = json!({"mode": "verify", "system_account_id": "a", "index_name": "i",
+                        "repair": true});
+    let repair = crate::entry::route(&exporter, verify.to_string(), deadline());
+    let removing = async {
+        held.notified().await;
+        let mut removed = index;
+        removed["eventName"] = json!("REMOVE");
+        exported(&exporter, vec![removed]).await;
+        assert_eq!(exporter.kv.value(s3), None, "the removal deleted it");
+        let mut reader = record("INSERT", "reader", "https://r", None);
+        reader["dynamodb"]["NewImage"]["index_aliases"] = json!({"M": {"doc_reads": {"M": {
+            "enabled": {"BOOL": true},
+            "targets": {"L": [{"M": {"index_id": {"S": "a-i"}, "weight": {"N": "1"}}}]}}}}});
+        exported(&exporter, vec![reader]).await;
+        release.notify_one();
+    };
+    let (repaired, ()) = tokio::join!(repair, removing);
+    assert!(repaired.is_ok(), "{repaired:?}");
+    let shop = exporter
+        .kv
+        .value(s3)
+        .expect("the window: the put landed last");
+    assert!(shop.contains("https://i"), "{shop}");
+    let recorded = exporter.ledger.refs.lock().unwrap().get(&i).cloned();
+    assert!(
+        recorded.is_some_and(|r| r.shops.contains(s3)),
+        "the shop left for the kept index is recorded for it"
+    );
+
+    exported(
+        &exporter,
+        vec![record("MODIFY", "reader", "https://r2", None)],
+    )
+    .await;
+    assert_eq!(
+        exporter.kv.value("a-i"),
+        None,
+        "the alias's drop removed the index"
+    );
+    assert_eq!(exporter.kv.value(s3), None, "and gave its shop up");
+}
