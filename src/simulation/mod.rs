@@ -6,17 +6,17 @@
 //! dropped, overrides added and removed, records rejected as invalid), applies each change to
 //! the table and delivers its stream record as Lambda would: one item's records in order on one
 //! of the run's shards (two; a sweep of its own on three), batches of random size, each shard's
-//! failed batch replayed from its lowest reported record, on the run's view type. Two operators run re-exports, verify repairs,
-//! backfills, manual and scheduled reconciles between and during batches. At every call to an
-//! outside system the scheduler (`world.rs`) may let another writer go first, delay the call,
-//! fail it, answer a lagging KV read, or stop the invocation there; every put is checked for
-//! account isolation as it lands. Once the workload
-//! is done the faults stop, every shard drains, every operator that failed is run again (as its
-//! error says), and KV must equal the model, but what the contract leaves open; a reconcile
-//! pass then changes nothing the model holds, and the next finds no drift.
+//! failed batch replayed from its lowest reported record, on the run's view type. Two operators
+//! run re-exports, verify repairs, backfills, manual and scheduled reconciles between and during
+//! batches. At every call to an outside system the scheduler (`world.rs`) may let another writer
+//! go first, delay the call, fail it, answer a lagging KV read, or stop the invocation there;
+//! every put is checked for account isolation as it lands. Once the workload is done the faults
+//! stop, every shard drains, every operator that failed is run again (as its error says), and
+//! KV must equal the model, but what the contract leaves open; a reconcile pass then changes
+//! nothing the model holds, and the next finds no drift.
 //!
-//! One seed: `SIMULATION_SEED=N cargo test --lib simulation::one_seed -- --ignored --nocapture`.
-//! A sweep: `make simulate SEEDS=N`.
+//! One seed: `SIMULATION_SEED=N SIMULATION_SHARDS=S cargo test --lib simulation::one_seed --
+//! --ignored --nocapture`. A sweep: `make simulate SEEDS=N FIRST=M SHARDS=S`.
 #![cfg(test)]
 
 mod model;
