@@ -73,6 +73,15 @@ async fn reexport(exporter: &MemoryExporter, index: &IndexRef) -> BatchReport {
         .await
 }
 
+/// An INSERT of index `name`, whose enabled read alias reads `target` (an index id).
+fn aliasing(name: &str, target: &str) -> Value {
+    let mut reader = record("INSERT", name, &format!("https://{name}"), None);
+    reader["dynamodb"]["NewImage"]["index_aliases"] = json!({"M": {"doc_reads": {"M": {
+        "enabled": {"BOOL": true},
+        "targets": {"L": [{"M": {"index_id": {"S": target}, "weight": {"N": "1"}}}]}}}}});
+    reader
+}
+
 /// The records not exported.
 fn failures(report: &BatchReport) -> Vec<&Outcome> {
     let outcomes = report.records.iter().map(|r| &r.outcome);
@@ -404,10 +413,7 @@ async fn an_operator_s_write_that_lands_after_the_stream_s_shrink_is_cleared_by_
 async fn a_replay_removes_a_dropped_alias_target_whose_removal_failed() {
     let exporter = with_complete_ledger();
     let s1 = "s1.myshopify.com";
-    let mut reader = record("INSERT", "reader", "https://r", None);
-    reader["dynamodb"]["NewImage"]["index_aliases"] = json!({"M": {"doc_reads": {"M": {
-        "enabled": {"BOOL": true},
-        "targets": {"L": [{"M": {"index_id": {"S": "a-target"}, "weight": {"N": "1"}}}]}}}}});
+    let reader = aliasing("reader", "a-target");
     let target = record("INSERT", "target", "https://t", Some(s1));
     exported(&exporter, vec![target.clone(), reader]).await;
     let mut removed = target;
@@ -493,10 +499,7 @@ async fn a_shop_handed_to_a_claimer_removed_before_the_write_lands_stays_recorde
             "{old_image}: the handed shop is recorded on its claimer again"
         );
 
-        let mut reader = record("INSERT", "reader", "https://r", None);
-        reader["dynamodb"]["NewImage"]["index_aliases"] = json!({"M": {"doc_reads": {"M": {
-            "enabled": {"BOOL": true},
-            "targets": {"L": [{"M": {"index_id": {"S": "a-i"}, "weight": {"N": "1"}}}]}}}}});
+        let reader = aliasing("reader", "a-i");
         exported(&exporter, vec![reader]).await;
         let replay = stream(&exporter, vec![removal(giver)]).await;
         assert!(matches!(replay.records[0].outcome, Outcome::Kept { .. }));
@@ -535,10 +538,7 @@ async fn a_repair_s_shop_put_left_for_an_index_kept_since_stays_recorded_for_it(
         removed["eventName"] = json!("REMOVE");
         exported(&exporter, vec![removed]).await;
         assert_eq!(exporter.kv.value(s3), None, "the removal deleted it");
-        let mut reader = record("INSERT", "reader", "https://r", None);
-        reader["dynamodb"]["NewImage"]["index_aliases"] = json!({"M": {"doc_reads": {"M": {
-            "enabled": {"BOOL": true},
-            "targets": {"L": [{"M": {"index_id": {"S": "a-i"}, "weight": {"N": "1"}}}]}}}}});
+        let reader = aliasing("reader", "a-i");
         exported(&exporter, vec![reader]).await;
         release.notify_one();
     };
