@@ -127,14 +127,17 @@ deploy-check: venv
 		--ledger ci-EcomIndexSettingsTable=ci-EcomSettingsExporterLedger target/deploy-check-calls.jsonl template.yaml
 
 ## The simulation (src/simulation/): SEEDS seeded runs of every writer over the in-memory world
-## from FIRST (default 0) on SHARDS stream shards (2, or 3), checked against the reference model;
-## prints seeds a second and the first seed that fails with its trace (`make test` runs 2,000 on
-## two shards and 500 on three).
+## from FIRST (default 0) on SHARDS stream shards (2, or 3), on the plain workload or (VARIETY=1)
+## the varied one, checked against the reference model; prints seeds a second and the first seed
+## that fails with its trace (`make test` runs 2,000 plain on two shards, 500 plain on three and
+## 500 varied on two).
 SEEDS ?= 20000
 FIRST ?= 0
 SHARDS ?= 2
+VARIETY ?= 0
 simulate:
 	SIMULATION_SEEDS=$(SEEDS) SIMULATION_FIRST_SEED=$(FIRST) SIMULATION_SHARDS=$(SHARDS) \
+	SIMULATION_VARIETY=$(VARIETY) \
 		cargo test --locked --lib simulation::every_seed_ends_with_kv_as_the_table_implies -- --exact
 
 ## Unit tests only: no moto, no network.

@@ -73,9 +73,9 @@ pub struct RecordReport {
     pub outcome: Outcome,
 }
 
-/// A key an operator wrote or deleted: its record's position, the index whose key it is (for a
-/// repair's delete, the index it was written for), and the digest of the value put (`None`:
-/// deleted).
+/// A key a writer wrote or deleted, to check: its record's position, the index it is checked as
+/// (a put's: whose value it is; a delete's: the index that gave it up, or for a repair's, the
+/// index it was written for), and the digest of the value put (`None`: deleted).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Landed {
     pub key: KvKey,

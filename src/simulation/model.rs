@@ -41,33 +41,66 @@ fn s<'a>(item: &'a Value, name: &str) -> Option<&'a str> {
     item.get(name)?.get("S")?.as_str().filter(|s| !s.is_empty())
 }
 
-/// A settings record's enabled read targets (the simulation writes only `doc_reads`).
-pub fn read_targets(item: &Value) -> (bool, Vec<String>) {
-    let reads = &item["index_aliases"]["M"]["doc_reads"]["M"];
+/// A settings record's read alias as it takes effect ("Aliases": a legacy `read_alias` wins
+/// over `index_aliases.doc_reads`): whether it is enabled, its targets, and their weights.
+fn reads(item: &Value) -> Option<(bool, Vec<String>, Vec<String>)> {
+    if let Some(legacy) = s(item, "read_alias") {
+        return Some((true, vec![legacy.to_owned()], vec!["1".into()]));
+    }
+    let reads = item["index_aliases"]["M"].get("doc_reads")?.get("M")?;
     let enabled = reads["enabled"]["BOOL"].as_bool().unwrap_or(false);
-    let targets = (reads["targets"]["L"].as_array().into_iter().flatten())
-        .filter_map(|t| Some(t["M"]["index_id"]["S"].as_str()?.to_owned()))
-        .collect();
-    (enabled, targets)
+    let targets = reads["targets"]["L"].as_array().into_iter().flatten();
+    let (targets, weights) = targets
+        .filter_map(|t| {
+            let id = t["M"]["index_id"]["S"].as_str()?.to_owned();
+            Some((id, t["M"]["weight"]["N"].as_str().unwrap_or("1").to_owned()))
+        })
+        .unzip();
+    Some((enabled, targets, weights))
+}
+
+/// A settings record's analytics alias: whether it is enabled, and its target (if any).
+fn analytics(item: &Value) -> Option<(bool, Option<String>)> {
+    let analytics = item["index_aliases"]["M"].get("analytics")?.get("M")?;
+    let enabled = analytics["enabled"]["BOOL"].as_bool().unwrap_or(false);
+    Some((enabled, s(analytics, "index_id").map(str::to_owned)))
+}
+
+/// The index ids a settings record routes live traffic to: its enabled read targets and its
+/// enabled analytics target ("Alias deletion safety").
+pub fn live_targets(item: &Value) -> Vec<String> {
+    let mut live = Vec::new();
+    if let Some((true, targets, _)) = reads(item) {
+        live.extend(targets);
+    }
+    if let Some((true, Some(target))) = analytics(item) {
+        live.push(target);
+    }
+    live
 }
 
 /// The fields of a settings value the model checks: whose it is, where it points, its shop,
-/// its read alias.
+/// its read and analytics aliases.
 pub fn settings_fields(index: &IndexRef, item: &Value) -> Value {
-    let (enabled, targets) = read_targets(item);
-    let reads = match item["index_aliases"]["M"]["doc_reads"].is_null() {
-        true => Value::Null,
-        false => json!({"enabled": enabled, "targets": targets}),
-    };
+    let reads = reads(item).map_or(
+        Value::Null,
+        |(enabled, targets, _)| json!({"enabled": enabled, "targets": targets}),
+    );
+    let analytics = analytics(item).map_or(
+        Value::Null,
+        |(enabled, target)| json!({"enabled": enabled, "index_id": target}),
+    );
     json!({
         "system_account_id": index.account, "index_name": index.name,
         "index_url": s(item, "index_endpoint"), "shop_id": s(item, "shop_id"), "reads": reads,
+        "analytics": analytics,
     })
 }
 
 /// The same fields of a settings value as KV holds it.
 pub fn settings_fields_in_kv(value: &Value) -> Value {
-    let reads = &value["index_aliases"]["doc_reads"];
+    let aliases = &value["index_aliases"];
+    let reads = &aliases["doc_reads"];
     let reads = match reads.is_null() {
         true => Value::Null,
         false => {
@@ -77,9 +110,15 @@ pub fn settings_fields_in_kv(value: &Value) -> Value {
             json!({"enabled": reads["enabled"], "targets": targets})
         }
     };
+    let analytics = match aliases["analytics"].is_null() {
+        true => Value::Null,
+        false => json!({"enabled": aliases["analytics"]["enabled"],
+                        "index_id": aliases["analytics"]["index_id"]}),
+    };
     json!({
         "system_account_id": value["system_account_id"], "index_name": value["index_name"],
         "index_url": value["index_url"], "shop_id": value["shop_id"], "reads": reads,
+        "analytics": analytics,
     })
 }
 
@@ -117,11 +156,10 @@ impl Model {
         // "Validation": an index whose endpoint is not https, or an alias weight that is not a
         // finite number, is rejected.
         let finite = |item: &Value| {
-            let targets = &item["index_aliases"]["M"]["doc_reads"]["M"]["targets"]["L"];
-            (targets.as_array().into_iter().flatten()).all(|t| {
-                let weight = t["M"]["weight"]["N"].as_str().unwrap_or("1");
-                weight.parse::<f64>().is_ok_and(f64::is_finite)
-            })
+            let weights = reads(item)
+                .map(|(_, _, weights)| weights)
+                .unwrap_or_default();
+            (weights.iter()).all(|weight| weight.parse::<f64>().is_ok_and(f64::is_finite))
         };
         let valid = |item: &Value| {
             s(item, "index_endpoint").is_some_and(|e| e.starts_with("https://")) && finite(item)
@@ -129,12 +167,10 @@ impl Model {
         let mut by_shop: BTreeMap<String, Vec<Value>> = BTreeMap::new();
         let mut read: BTreeSet<String> = BTreeSet::new();
         for (index, item) in &settings {
-            // A record's enabled read targets protect them, rejected or not ("Alias safety
-            // fails closed": its aliases are read from the raw item).
-            let (enabled, targets) = read_targets(item);
-            if enabled {
-                read.extend(targets.into_iter().filter(|t| *t != index.id().0));
-            }
+            // A record's live targets protect them, rejected or not ("Alias safety fails
+            // closed": its aliases are read from the raw item).
+            let live = live_targets(item).into_iter();
+            read.extend(live.filter(|t| *t != index.id().0));
             if !valid(item) {
                 model.rejected.insert(index.clone());
                 if let Some(shop) = s(item, "shop_id") {

@@ -924,3 +924,42 @@ async fn a_shop_handed_to_a_claimer_removed_before_the_write_landed_is_given_up_
     assert_eq!(h.settings("shop-t.myshopify.com").unwrap()["index_name"], "claimer");
 }
 }
+
+crate::on_both_views! {
+/// `giver` and `claimer` claim one shop, and a reader aliases `giver`. `giver` is removed: kept
+/// for the alias, its shard hands the shop to `claimer`, and that write is held while `claimer`
+/// drops the shop on another shard (the shop deleted, and shrunk out of `claimer`'s
+/// references). The held write lands last; `giver`'s check reads the shop as `claimer`'s key
+/// (the value's index) and deletes it: no index claims it (seed 2177: the check left it
+/// serving `claimer`, as if it were the kept index's own shop).
+async fn a_shop_handed_to_a_claimer_that_dropped_it_before_the_write_landed_is_deleted(view) {
+    const SHOP: &str = "shop-s.myshopify.com";
+    let mut h = Harness::with_view(view).await;
+    h.keys.set_key("acct-1", "marqo-key");
+    h.put(index_item("acct-1", "giver", Some(SHOP))).await;
+    h.export_stream().await;
+    h.put(index_item("acct-1", "claimer", Some(SHOP))).await;
+    h.put(aliasing("acct-1", "reader", "acct-1-giver")).await;
+    h.export_stream().await;
+    h.migrate().await;
+    let (shard, other) = (Writer::start(&h).await, Writer::start(&h).await);
+
+    h.delete("acct-1", "INDEX#giver").await;
+    let giving = h.stream_records().await;
+    h.kv.hold("bulk", Some(SHOP));
+    let run = shard.invoke(json!({ "Records": giving }));
+    let race = async {
+        until_held(&h).await;
+        h.put(index_item("acct-1", "claimer", None)).await;
+        let dropping = h.stream_records().await;
+        let answer = other.invoke(json!({ "Records": dropping })).await;
+        assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+        assert_eq!(h.settings(SHOP), None, "the claimer's drop deleted it");
+        h.kv.release();
+    };
+    let (answer, ()) = tokio::join!(run, race);
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+    assert_eq!(h.settings(SHOP), None, "{}", shard.function.output());
+    assert_eq!(h.settings("acct-1-giver").unwrap()["index_name"], "giver", "kept");
+}
+}

@@ -567,3 +567,52 @@ async fn a_repair_s_shop_put_left_for_an_index_kept_since_stays_recorded_for_it(
     );
     assert_eq!(exporter.kv.value(s3), None, "and gave its shop up");
 }
+
+/// A shop handed to a claimer that gives it up before the write lands (seed 2177 of the varied
+/// workload, on three shards): `i` and `j` claim s3; a reader aliases `i`, and `i`'s removal,
+/// kept for it, hands s3 to `j`, held. `j` drops its shop meanwhile (s3 deleted, shrunk out of
+/// its references), then the write lands. Its check reads s3 as `j`'s key (the value's index,
+/// not the kept index that handed it over) and deletes it: no index claims it.
+#[tokio::test]
+async fn a_shop_handed_to_a_claimer_that_drops_it_before_the_write_lands_is_deleted() {
+    for old_image in [false, true] {
+        let exporter = with_complete_ledger();
+        let (j, s3) = (IndexRef::new("a", "j"), "s3.myshopify.com");
+        let giver = record("INSERT", "i", "https://i", Some(s3));
+        let claimer = record("INSERT", "j", "https://j", Some(s3));
+        exported(&exporter, vec![giver.clone(), claimer]).await;
+        exported(&exporter, vec![aliasing("reader", "a-i")]).await;
+
+        let mut removal = giver;
+        removal["eventName"] = json!("REMOVE");
+        let mut dropping = record("MODIFY", "j", "https://j2", None);
+        if old_image {
+            removal = with_old_image(removal, Some(s3));
+            dropping = with_old_image(dropping, Some(s3));
+        }
+        let (held, release) = exporter.kv.hold(s3);
+        let handing = stream(&exporter, vec![removal]);
+        let dropping = async {
+            held.notified().await;
+            exported(&exporter, vec![dropping]).await;
+            assert_eq!(exporter.kv.value(s3), None, "the claimer's drop deleted it");
+            let recorded = exporter.ledger.refs.lock().unwrap().get(&j).cloned();
+            assert!(
+                recorded.is_some_and(|r| r.shops.is_empty()),
+                "and shrank it"
+            );
+            release.notify_one();
+        };
+        let (handed, ()) = tokio::join!(handing, dropping);
+        assert!(matches!(handed.records[0].outcome, Outcome::Kept { .. }));
+        assert_eq!(
+            exporter.kv.value(s3),
+            None,
+            "{old_image}: the handing write's check deleted what landed last"
+        );
+        assert!(
+            exporter.kv.value("a-i").is_some(),
+            "the kept index's own key stays"
+        );
+    }
+}

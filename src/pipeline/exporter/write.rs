@@ -127,9 +127,10 @@ fn settle_keys(
 /// The keys to check against the table once they landed: all of an operator's (it read the
 /// table before another writer may have changed it); of the stream's, those it derived from
 /// other items than its records (the old shop keys it deletes, the shop keys it gives another
-/// index's value, the filters it built from a Query). Each with the index whose key it is (for
-/// a shop key given to another index, the index that gave it up) and the digest put (`None`: a
-/// delete).
+/// index's value, the filters it built from a Query). Each with the index it is checked as and
+/// the digest put (`None`: a delete): a put as the index whose value it is (a shop key given to
+/// a claimer as that claimer: it may have dropped the shop meanwhile, seed 2177), a delete as
+/// the index that gave the key up.
 fn checked(
     plan: &Plan,
     records: &[RecordReport],
@@ -137,13 +138,13 @@ fn checked(
     delete_owners: &HashMap<KvKey, IndexRef>,
 ) -> HashMap<KvKey, (Option<IndexRef>, Option<String>)> {
     let ops = &plan.ops;
-    let digest = |op: &PlannedOp| match &op.action {
-        KvAction::Put(value) => Some(value.digest()),
-        KvAction::Delete => None,
+    let checked_as = |key: &KvKey, op: &PlannedOp| match &op.action {
+        KvAction::Put(value) => (Some(value.index().clone()), Some(value.digest())),
+        KvAction::Delete => (delete_owners.get(key).cloned(), None),
     };
     if !run.is_stream() {
         return (ops.iter())
-            .map(|(key, op)| (key.clone(), (delete_owners.get(key).cloned(), digest(op))))
+            .map(|(key, op)| (key.clone(), checked_as(key, op)))
             .collect();
     }
     let given = (ops.iter()).filter_map(|(key, op)| {
@@ -151,7 +152,7 @@ fn checked(
             return None;
         };
         let record = records[op.owner].index.as_ref()?;
-        (value.index() != record).then(|| (key.clone(), record.clone()))
+        (value.index() != record).then(|| (key.clone(), value.index().clone()))
     });
     let filters = (plan.filters.keys()).map(|index| (filter_key(index), index.clone()));
     // A record the batch added on behalf of one of its own (a dropped alias target's
@@ -169,8 +170,8 @@ fn checked(
         .chain(filters)
         .chain(derived)
         .filter_map(|(key, index)| {
-            let op = ops.get(&key)?;
-            Some((key, (Some(index), digest(op))))
+            let (value_index, digest) = checked_as(&key, ops.get(&key)?);
+            Some((key, (value_index.or(Some(index)), digest)))
         })
         .collect()
 }
