@@ -40,6 +40,16 @@ impl IndexId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The indexes this id can name: `{account}-{name}` split at each hyphen (an id is
+    /// ambiguous by contract: docs/contract.md, "Decisions").
+    pub fn named(&self) -> Vec<IndexRef> {
+        let id = self.as_str();
+        (id.match_indices('-'))
+            .map(|(at, _)| IndexRef::new(&id[..at], &id[at + 1..]))
+            .filter(|index| !index.account.is_empty() && !index.name.is_empty())
+            .collect()
+    }
 }
 
 impl fmt::Display for IndexId {

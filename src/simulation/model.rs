@@ -59,6 +59,22 @@ fn reads(item: &Value) -> Option<(bool, Vec<String>, Vec<String>)> {
     Some((enabled, targets, weights))
 }
 
+/// Whether a record's aliases cannot be read (a weight that is not a number).
+fn unreadable(item: &Value) -> bool {
+    let reads = &item["index_aliases"]["M"]["doc_reads"]["M"]["targets"]["L"];
+    let weight = |t: &Value| t["M"].get("weight").cloned();
+    (reads.as_array().into_iter().flatten())
+        .any(|t| weight(t).is_some_and(|weight| weight.get("N").is_none()))
+}
+
+/// A Shopify shop domain ("Validation": `{handle}.myshopify.com`, the handle of lower-case
+/// letters, digits and hyphens).
+fn is_shop(shop: &str) -> bool {
+    let handle = shop.strip_suffix(".myshopify.com").unwrap_or_default();
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+    !handle.is_empty() && handle.chars().all(allowed)
+}
+
 /// A settings record's analytics alias: whether it is enabled, and its target (if any).
 fn analytics(item: &Value) -> Option<(bool, Option<String>)> {
     let analytics = item["index_aliases"]["M"].get("analytics")?.get("M")?;
@@ -70,6 +86,17 @@ fn analytics(item: &Value) -> Option<(bool, Option<String>)> {
 /// enabled analytics target ("Alias deletion safety").
 pub fn live_targets(item: &Value) -> Vec<String> {
     let mut live = Vec::new();
+    if unreadable(item) {
+        // "Alias safety fails closed": every index id the record names.
+        let aliases = &item["index_aliases"]["M"];
+        let reads = aliases["doc_reads"]["M"]["targets"]["L"].as_array();
+        let reads = reads.into_iter().flatten().map(|t| &t["M"]);
+        let named = reads.chain([&aliases["analytics"]["M"]]);
+        let ids = named.filter_map(|alias| s(alias, "index_id"));
+        live.extend(ids.map(str::to_owned));
+        live.extend(s(item, "read_alias").map(str::to_owned));
+        return live;
+    }
     if let Some((true, targets, _)) = reads(item) {
         live.extend(targets);
     }
@@ -122,6 +149,19 @@ pub fn settings_fields_in_kv(value: &Value) -> Value {
     })
 }
 
+/// The index of the universe an id names (no id names two).
+pub fn index_of_id(id: &str) -> IndexRef {
+    let accounts = ["a", "b", "a-x"];
+    let names = ["x", "x!y", "x-y", "z"];
+    let indexes = accounts
+        .iter()
+        .flat_map(|a| names.iter().map(move |n| (*a, *n)));
+    let mut named = indexes.filter(|(a, n)| format!("{a}-{n}") == id);
+    let (account, name) = named.next().expect("an index of the universe");
+    assert!(named.next().is_none(), "{id} names two indexes");
+    IndexRef::new(account, name)
+}
+
 /// The lower-case hex SHA-256 of the query ("KV values": the query-config key).
 fn query_hash(query: &str) -> String {
     use sha2::Digest;
@@ -153,8 +193,9 @@ impl Model {
                 }
             }
         }
-        // "Validation": an index whose endpoint is not https, or an alias weight that is not a
-        // finite number, is rejected.
+        // "Validation": an index whose endpoint is not https, whose shop id is no shop, or
+        // whose aliases cannot be read or hold a weight that is not a finite number, is
+        // rejected.
         let finite = |item: &Value| {
             let weights = reads(item)
                 .map(|(_, _, weights)| weights)
@@ -162,7 +203,9 @@ impl Model {
             (weights.iter()).all(|weight| weight.parse::<f64>().is_ok_and(f64::is_finite))
         };
         let valid = |item: &Value| {
-            s(item, "index_endpoint").is_some_and(|e| e.starts_with("https://")) && finite(item)
+            let endpoint = s(item, "index_endpoint").is_some_and(|e| e.starts_with("https://"));
+            let shop = s(item, "shop_id").is_none_or(is_shop);
+            endpoint && shop && finite(item) && !unreadable(item)
         };
         let mut by_shop: BTreeMap<String, Vec<Value>> = BTreeMap::new();
         let mut read: BTreeSet<String> = BTreeSet::new();
@@ -195,10 +238,9 @@ impl Model {
                 .implied
                 .insert(("settings", shop), Implied::AnyOf(values));
         }
-        // A removed index an alias reads (ids are unambiguous in the simulation's universe).
+        // A removed index an alias reads (no id names two indexes of the universe).
         for id in read {
-            let (account, name) = id.split_once('-').expect("a-n");
-            let index = IndexRef::new(account, name);
+            let index = index_of_id(&id);
             if !settings.contains_key(&index) {
                 model.kept.insert(index);
             }

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use super::world::{record, Turn, World};
 use crate::adapters::memory::page_of;
+use crate::domain::kv::KeyMetadata;
 use crate::domain::{AccountCell, ApiKey, IndexRef, KvAction, KvKey, KvOp, Namespace};
 use crate::domain::{Scope, TableKey, TableRecord};
 use crate::ports::{
@@ -94,6 +95,12 @@ impl Sim {
             drop(landed_by);
             let now = match action {
                 KvAction::Put(value) => {
+                    if let Some(metadata) = &self.0.kv_metadata {
+                        let (mut meta, digest) = (Vec::new(), value.digest());
+                        KeyMetadata::write_json(value.index(), value.query(), &digest, &mut meta);
+                        let meta = serde_json::from_slice(&meta).unwrap();
+                        metadata.lock().unwrap().insert(at.clone(), meta);
+                    }
                     let value = value.text().into_owned();
                     if let Some(trespass) = self.0.trespass(&key, &value) {
                         let who = self.1;
@@ -105,6 +112,9 @@ impl Sim {
                 }
                 KvAction::Delete => {
                     kv.remove(&at);
+                    if let Some(metadata) = &self.0.kv_metadata {
+                        metadata.lock().unwrap().remove(&at);
+                    }
                     None
                 }
             };
@@ -167,13 +177,14 @@ impl KvStore for Sim {
     ) -> Result<KeyPage, PortError> {
         self.0.go(self.1, "kv list").await?;
         let kv = self.0.kv.lock().unwrap();
+        let metadata = self.0.kv_metadata.as_ref().map(|m| m.lock().unwrap());
         let after = cursor.unwrap_or_default();
         let mut keys = (kv.keys())
             .filter(|(ns, key)| *ns == namespace && key.starts_with(prefix))
             .filter(|(_, key)| cursor.is_none() || key.as_str() > after)
-            .map(|(_, name)| ListedKey {
-                name: name.clone(),
-                metadata: None,
+            .map(|at| ListedKey {
+                name: at.1.clone(),
+                metadata: metadata.as_ref().and_then(|m| m.get(at).cloned()),
             });
         let page: Vec<ListedKey> = keys.by_ref().take(limit as usize).collect();
         let more = keys.next().is_some();

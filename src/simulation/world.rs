@@ -103,6 +103,11 @@ pub(super) type History = BTreeMap<(Namespace, String), Vec<(Instant, Option<Str
 pub struct World {
     pub table: Mutex<BTreeMap<(String, String), Item>>,
     pub kv: Mutex<BTreeMap<(Namespace, String), String>>,
+    /// Each key's metadata as its last put wrote it, what a listing answers (`None`: listings
+    /// carry none, as for keys written by hand: the orphan finder reads their values).
+    pub kv_metadata: Option<Mutex<BTreeMap<(Namespace, String), serde_json::Value>>>,
+    /// The wide workload's world: listings with metadata, and stream batches of up to ten.
+    pub(super) wide: bool,
     pub ledger: MemoryLedger,
     pub scheduler: Mutex<Scheduler>,
     /// Every shop an index's settings item has named, at any time (the workload's).
@@ -122,7 +127,7 @@ pub struct World {
 }
 
 impl World {
-    pub fn new(seed: u64) -> Arc<World> {
+    pub fn new(seed: u64, wide: bool) -> Arc<World> {
         let ledger = MemoryLedger::default();
         // Every index is created through the stream: the references are complete from the
         // start (no migration state).
@@ -132,6 +137,8 @@ impl World {
         Arc::new(World {
             table: Mutex::default(),
             kv: Mutex::default(),
+            kv_metadata: wide.then(Mutex::default),
+            wide,
             ledger,
             scheduler: Mutex::new(Scheduler {
                 knobs: Knobs::of(&mut Rng::new(seed ^ 0x0C0B)),
@@ -262,7 +269,8 @@ impl World {
                     && (key.key == own || shop)
             }
             Namespace::QueryConfigs => {
-                key.key == format!("qfilter-{own}") || key.key.starts_with(&format!("qcfg-{own}-"))
+                key.key == format!("qfilter-{own}")
+                    || crate::domain::kv::is_query_config_key_of(&index, &key.key)
             }
         };
         (!ours).then(|| format!("{key:?} holds {value}, not {own}'s to hold"))

@@ -963,3 +963,39 @@ async fn a_shop_handed_to_a_claimer_that_dropped_it_before_the_write_landed_is_d
     assert_eq!(h.settings("acct-1-giver").unwrap()["index_name"], "giver", "kept");
 }
 }
+
+crate::on_both_views! {
+/// `(acct-x, z)` reads `acct-x-x-y`, an id no index has yet (nothing recorded of it). Its drop
+/// removes the id's own key on behalf of one index the id can name, `(acct, x-x-y)`, and that
+/// delete is held while another shard creates `(acct-x, x-y)`, whose id it is too, and writes
+/// its key. The delete lands last; the check reads every index the id can name and writes
+/// `(acct-x, x-y)`'s value back (seed 1479 of the wide workload: the check read
+/// `(acct, x-x-y)` alone, and the key stayed deleted until the next reconcile pass).
+async fn a_dropped_target_s_delete_landing_after_another_index_of_its_id_came_is_undone(view) {
+    const KEY: &str = "acct-x-x-y";
+    let mut h = Harness::with_view(view).await;
+    h.keys.set_key("acct-x", "marqo-key");
+    h.put(aliasing("acct-x", "z", KEY)).await;
+    h.export_stream().await;
+    h.migrate().await;
+    let (shard, other) = (Writer::start(&h).await, Writer::start(&h).await);
+
+    h.put(index_item("acct-x", "z", None)).await;
+    let dropping = h.stream_records().await;
+    h.kv.hold("bulk/delete", Some(KEY));
+    let run = shard.invoke(json!({ "Records": dropping }));
+    let race = async {
+        until_held(&h).await;
+        h.put(index_item("acct-x", "x-y", None)).await;
+        let creating = h.stream_records().await;
+        let answer = other.invoke(json!({ "Records": creating })).await;
+        assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+        assert_eq!(h.settings(KEY).unwrap()["index_name"], "x-y", "written");
+        h.kv.release();
+    };
+    let (answer, ()) = tokio::join!(run, race);
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+    let value = h.settings(KEY);
+    assert_eq!(value.map(|v| v["index_name"].clone()), Some(json!("x-y")), "{}", shard.function.output());
+}
+}

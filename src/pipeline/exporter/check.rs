@@ -89,15 +89,7 @@ impl<P: Ports> Exporter<P> {
         report: &mut BatchReport,
         deadline: Instant,
     ) -> Option<(BatchReport, HashMap<KvKey, usize>)> {
-        let mut by_index: BTreeMap<IndexRef, Recheck> = BTreeMap::new();
-        for landed in landed {
-            // A key with no index to read (a repair's delete of an unknown writer's) stays.
-            let index = landed.index.clone();
-            let Some(index) = index.or_else(|| report.records[landed.record].index.clone()) else {
-                continue;
-            };
-            by_index.entry(index).or_default().keys.push(landed);
-        }
+        let by_index = by_index(landed, report);
         let by_index = self.read_again(by_index, span, report, deadline).await;
         let (prepared, landed) = self.plan_again(by_index, run, deadline).await;
         let mut prepared = prepared?;
@@ -165,10 +157,13 @@ impl<P: Ports> Exporter<P> {
     /// keys they decide.
     async fn plan_again(
         &self,
-        by_index: Vec<(IndexRef, Recheck)>,
+        mut by_index: Vec<(IndexRef, Recheck)>,
         run: Run,
         deadline: Instant,
     ) -> (Option<Prepared>, Vec<Landed>) {
+        // The indexes with a settings record last: on a key two of them decide (an own key
+        // whose id names both), an index's value wins over another's removal.
+        by_index.sort_by_key(|(_, recheck)| recheck.settings);
         let mut records = Vec::new();
         let mut indexes = Vec::new();
         let mut landed = Vec::new();
@@ -201,6 +196,30 @@ impl<P: Ports> Exporter<P> {
         prepared.delete_by_own_record("overrides gone from the table", deletes);
         (Some(prepared), landed)
     }
+}
+
+/// The landed keys by the index each is checked as. A key with no index to read (a repair's
+/// delete of an unknown writer's) stays; an own key's delete is checked as every index its id
+/// can name (an id is ambiguous): one of them may have a settings record now (seed 1479).
+fn by_index(landed: Vec<Landed>, report: &BatchReport) -> BTreeMap<IndexRef, Recheck> {
+    let mut by_index: BTreeMap<IndexRef, Recheck> = BTreeMap::new();
+    for landed in landed {
+        let index = landed.index.clone();
+        let Some(index) = index.or_else(|| report.records[landed.record].index.clone()) else {
+            continue;
+        };
+        if landed.digest.is_none() && landed.key == KvKey::index(&index) {
+            for other in index.id().named().into_iter().filter(|o| *o != index) {
+                let landed = Landed {
+                    index: Some(other.clone()),
+                    ..landed.clone()
+                };
+                by_index.entry(other).or_default().keys.push(landed);
+            }
+        }
+        by_index.entry(index).or_default().keys.push(landed);
+    }
+    by_index
 }
 
 /// The landed keys whose new plan differs from what landed (with their original records); a

@@ -8,19 +8,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tokio::time::Instant;
 
 use super::Exporter;
-use crate::domain::IndexRef;
+use crate::domain::{IndexId, IndexRef};
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::{before_deadline, IndexRefs, Ledger, Ports, SettingsTable};
 use crate::report::Outcome;
-
-/// The indexes an index id can name: `{account}-{name}` split at each hyphen (an id is
-/// ambiguous by contract: docs/contract.md, "Decisions").
-fn named_by_id(id: &str) -> Vec<IndexRef> {
-    (id.match_indices('-'))
-        .map(|(at, _)| IndexRef::new(&id[..at], &id[at + 1..]))
-        .filter(|index| !index.account.is_empty() && !index.name.is_empty())
-        .collect()
-}
 
 impl<P: Ports> Exporter<P> {
     /// Each alias target the records' indexes drop (recorded, and no longer named by the
@@ -91,7 +82,10 @@ impl<P: Ports> Exporter<P> {
         if dropped.is_empty() {
             return Vec::new();
         }
-        let candidates: BTreeSet<IndexRef> = dropped.keys().flat_map(|t| named_by_id(t)).collect();
+        let candidates: BTreeSet<IndexRef> = dropped
+            .keys()
+            .flat_map(|t| IndexId(t.clone()).named())
+            .collect();
         let candidates: Vec<IndexRef> = candidates.into_iter().collect();
         let settings = self.table.index_references(&candidates);
         let settings = before_deadline(deadline, "dropped alias targets", settings);
@@ -113,7 +107,7 @@ impl<P: Ports> Exporter<P> {
             if live.contains(&target) {
                 continue; // Its key is a live index's own.
             }
-            let named = named_by_id(&target);
+            let named = IndexId(target).named();
             let mut removed: Vec<IndexRef> = (named.iter())
                 .filter(|index| recorded.contains_key(*index))
                 .cloned()

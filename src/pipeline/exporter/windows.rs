@@ -616,3 +616,40 @@ async fn a_shop_handed_to_a_claimer_that_drops_it_before_the_write_lands_is_dele
         );
     }
 }
+
+/// A dropped alias target whose id names more than one index (seed 1479 of the wide workload):
+/// `(a-x, z)` reads `a-x-x-y`, which no index is yet and nothing recorded; its drop removes the
+/// id's own key on behalf of one index the id can name, `(a, x-x-y)`, and that delete is held
+/// while `(a-x, x-y)`, whose id it is too, is created and written. The delete lands last; the
+/// check reads every index the id can name and writes `(a-x, x-y)`'s value back.
+#[tokio::test]
+async fn a_dropped_target_s_delete_landing_after_another_index_of_its_id_came_is_undone() {
+    let at = |account: &str, name: &str, event: &str, alias: Option<&str>| {
+        let mut record = record(event, name, &format!("https://{account}-{name}"), None);
+        record["dynamodb"]["Keys"]["pk"] = json!({ "S": account });
+        record["dynamodb"]["NewImage"]["pk"] = json!({ "S": account });
+        if let Some(target) = alias {
+            record["dynamodb"]["NewImage"]["index_aliases"] =
+                aliasing(name, target)["dynamodb"]["NewImage"]["index_aliases"].clone();
+        }
+        record
+    };
+    let exporter = with_complete_ledger();
+    exported(&exporter, vec![at("a-x", "z", "INSERT", Some("a-x-x-y"))]).await;
+
+    let (held, release) = exporter.kv.hold("a-x-x-y");
+    let dropping = stream(&exporter, vec![at("a-x", "z", "MODIFY", None)]);
+    let creating = async {
+        held.notified().await;
+        exported(&exporter, vec![at("a-x", "x-y", "INSERT", None)]).await;
+        assert!(exporter.kv.value("a-x-x-y").is_some(), "written");
+        release.notify_one();
+    };
+    let (dropped, ()) = tokio::join!(dropping, creating);
+    assert!(failures(&dropped).is_empty(), "{:?}", failures(&dropped));
+    let value = exporter.kv.value("a-x-x-y");
+    assert!(
+        value.is_some_and(|v| v.contains(r#""index_name":"x-y""#)),
+        "the check wrote the index's value back"
+    );
+}

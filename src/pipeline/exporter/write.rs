@@ -127,51 +127,30 @@ fn settle_keys(
 /// The keys to check against the table once they landed: all of an operator's (it read the
 /// table before another writer may have changed it); of the stream's, those it derived from
 /// other items than its records (the old shop keys it deletes, the shop keys it gives another
-/// index's value, the filters it built from a Query). Each with the index it is checked as and
+/// index's value, the filters it built from a Query, the keys of a record it added on behalf of
+/// one of its own: a dropped alias target's removal). Each with the index it is checked as and
 /// the digest put (`None`: a delete): a put as the index whose value it is (a shop key given to
 /// a claimer as that claimer: it may have dropped the shop meanwhile, seed 2177), a delete as
-/// the index that gave the key up.
+/// the index that gave the key up (a repair's: the index it was written for).
 fn checked(
     plan: &Plan,
     records: &[RecordReport],
     run: Run,
     delete_owners: &HashMap<KvKey, IndexRef>,
 ) -> HashMap<KvKey, (Option<IndexRef>, Option<String>)> {
-    let ops = &plan.ops;
-    let checked_as = |key: &KvKey, op: &PlannedOp| match &op.action {
-        KvAction::Put(value) => (Some(value.index().clone()), Some(value.digest())),
-        KvAction::Delete => (delete_owners.get(key).cloned(), None),
-    };
-    if !run.is_stream() {
-        return (ops.iter())
-            .map(|(key, op)| (key.clone(), checked_as(key, op)))
-            .collect();
-    }
-    let given = (ops.iter()).filter_map(|(key, op)| {
-        let KvAction::Put(value) = &op.action else {
-            return None;
-        };
-        let record = records[op.owner].index.as_ref()?;
-        (value.index() != record).then(|| (key.clone(), value.index().clone()))
-    });
-    let filters = (plan.filters.keys()).map(|index| (filter_key(index), index.clone()));
-    // A record the batch added on behalf of one of its own (a dropped alias target's
-    // removal) is about another item: its keys are checked as derived ones.
-    let derived = (ops.iter()).filter_map(|(key, op)| {
-        let record = &records[op.owner];
-        let index = record
-            .index
-            .as_ref()
-            .filter(|_| record.sequence_number.is_none())?;
-        Some((key.clone(), index.clone()))
-    });
-    (plan.old_shops.iter().cloned())
-        .chain(given)
-        .chain(filters)
-        .chain(derived)
-        .filter_map(|(key, index)| {
-            let (value_index, digest) = checked_as(&key, ops.get(&key)?);
-            Some((key, (value_index.or(Some(index)), digest)))
+    let old_shops: HashSet<&KvKey> = plan.old_shops.iter().map(|(key, _)| key).collect();
+    (plan.ops.iter())
+        .filter_map(|(key, op)| {
+            let record = &records[op.owner];
+            let (index, digest) = match &op.action {
+                KvAction::Put(value) => (Some(value.index()), Some(value.digest())),
+                KvAction::Delete => (delete_owners.get(key).or(record.index.as_ref()), None),
+            };
+            let derived = old_shops.contains(key)
+                || index.is_some_and(|index| *key == filter_key(index))
+                || index != record.index.as_ref()
+                || record.sequence_number.is_none();
+            (!run.is_stream() || derived).then(|| (key.clone(), (index.cloned(), digest)))
         })
         .collect()
 }
