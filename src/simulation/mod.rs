@@ -912,9 +912,14 @@ const FOUND: [u64; 23] = [
 /// varied, on three (a shop handed to a claimer that dropped it before the write landed, the
 /// check leaving it as a kept index's own shop: a landed put is checked as the index whose value
 /// it is now); 1479, wide, on three (a dropped alias target's delete of an id's own key landing
-/// after another index of that id was created: the check reads every index the id can name).
-const FOUND_WIDER: [(u64, usize, Variety); 2] =
-    [(2177, 3, Variety::Varied), (1479, 3, Variety::Wide)];
+/// after another index of that id was created: the check reads every index the id can name);
+/// 8291, wide, on three (an index kept for a rejected record's alias, read fail closed, that
+/// nothing recorded the record reads: the removal records the alias on its holder now).
+const FOUND_WIDER: [(u64, usize, Variety); 3] = [
+    (2177, 3, Variety::Varied),
+    (1479, 3, Variety::Wide),
+    (8291, 3, Variety::Wide),
+];
 
 #[test]
 fn the_seeds_that_found_a_bug_stay_green() {

@@ -57,7 +57,8 @@ pub(super) async fn record(
         false => Vec::new(),
     };
     let handed = handed_over(prepared);
-    match point_back(ledger, &left, before, &handed, deadline).await {
+    let also = [handed.as_slice(), &kept_for(prepared)].concat();
+    match point_back(ledger, &left, before, &also, deadline).await {
         Ok(added) => Some(Intents {
             left,
             known,
@@ -131,6 +132,24 @@ pub(super) async fn add_again(
     if let Err(error) = add_to_ledger(ledger, items, deadline).await {
         tracing::warn!(%error, "{what} could not be recorded again");
     }
+}
+
+/// Each index a removal keeps for an alias, as an alias target of each index that reads it: when
+/// that index drops the alias, its batch finds the target recorded and removes it (seed 8291: a
+/// rejected record's alias, read fail closed, kept an index that nothing recorded it reads).
+fn kept_for(prepared: &Prepared) -> Vec<(IndexRef, Referred)> {
+    let records = prepared.records.iter().zip(&prepared.plan.outcomes);
+    let kept = records.filter_map(|(record, outcome)| match outcome {
+        Outcome::Kept { referenced_by } => Some((record.index.as_ref()?, referenced_by)),
+        _ => None,
+    });
+    kept.flat_map(|(index, holders)| {
+        let target = Referred::Alias(index.id().0);
+        holders
+            .iter()
+            .map(move |holder| (holder.clone(), target.clone()))
+    })
+    .collect()
 }
 
 /// Each shop key the plan gives another index's value (a claimer's), with that index.

@@ -653,3 +653,42 @@ async fn a_dropped_target_s_delete_landing_after_another_index_of_its_id_came_is
         "the check wrote the index's value back"
     );
 }
+
+/// An index kept for a rejected record's alias, read fail closed (seed 8291 of the wide
+/// workload): `r`'s record names `a-i` with a weight stored as a string, so it is rejected and
+/// records nothing of its own; the ledger's set of `a-i` names `r` all the same (an extra
+/// member, as a shrink that read before a reconcile's add leaves it). `i`'s removal finds `r`
+/// reading `i` and keeps `i`; it records the alias on `r`, so `r`'s next record, which drops
+/// it, removes `i` again.
+#[tokio::test]
+async fn an_index_kept_for_a_rejected_record_s_alias_goes_when_the_alias_does() {
+    let exporter = with_complete_ledger();
+    let r = IndexRef::new("a", "r");
+    let set = (Referred::Alias("a-i".into()), r.clone());
+    exporter.ledger.back.lock().unwrap().insert(set);
+    let index = record("INSERT", "i", "https://i", None);
+    exported(&exporter, vec![index.clone()]).await;
+    let mut reader = aliasing("r", "a-i");
+    let aliases = &mut reader["dynamodb"]["NewImage"]["index_aliases"];
+    aliases["M"]["doc_reads"]["M"]["targets"]["L"][0]["M"]["weight"] = json!({"S": "1"});
+    let rejected = stream(&exporter, vec![reader]).await;
+    assert!(matches!(rejected.records[0].outcome, Outcome::Rejected(_)));
+
+    let mut removal = index;
+    removal["eventName"] = json!("REMOVE");
+    let removed = stream(&exporter, vec![removal]).await;
+    assert!(matches!(removed.records[0].outcome, Outcome::Kept { .. }));
+    assert!(exporter.kv.value("a-i").is_some(), "kept for the alias");
+    let recorded = exporter.ledger.refs.lock().unwrap().get(&r).cloned();
+    assert!(
+        recorded.is_some_and(|refs| refs.targets.contains("a-i")),
+        "recorded on r"
+    );
+
+    exported(&exporter, vec![record("MODIFY", "r", "https://r2", None)]).await;
+    assert_eq!(
+        exporter.kv.value("a-i"),
+        None,
+        "the alias's drop removed it"
+    );
+}
