@@ -649,3 +649,48 @@ async fn a_lagging_kv_read_in_the_migration_state_leaves_an_old_shop_to_the_next
 fn exported(answer: &Value) {
     assert_eq!(failures(answer), Vec::<String>::new(), "{answer}");
 }
+
+/// An index kept for a rejected record's alias (seed 8291 of the simulation's wide workload):
+/// `reader`'s record names `acct-1-old` with a weight stored as a string, so it is rejected and
+/// records nothing of its own, while the ledger's set of `acct-1-old` names it all the same (an
+/// extra member, as a shrink that read before a reconcile's add leaves it). `old`'s removal
+/// keeps `old` for it and records the alias on `reader`, so `reader`'s next record, which drops
+/// the alias, removes `old` (before, its key kept serving until the next reconcile pass).
+#[tokio::test]
+async fn an_index_kept_for_a_rejected_record_s_alias_goes_when_the_alias_does() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let mut h = Harness::with_view(StreamViewType::NewImage).await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "old", None)).await;
+    h.export_stream().await;
+    h.migrate().await;
+    let mut reader = aliasing("acct-1", "reader", "acct-1-old");
+    let target = &mut reader["index_aliases"]["M"]["doc_reads"]["M"]["targets"]["L"][0];
+    target["M"]["weight"] = json!({"S": "1"});
+    h.put(reader).await;
+    let rejected = h.export_stream().await;
+    assert_eq!(rejected["batchItemFailures"], json!([]), "{rejected}");
+    let member = AttributeValue::Ss(vec!["6:acct-1#reader".into()]);
+    (h.ddb.update_item().table_name(&h.ledger))
+        .key("pk", AttributeValue::S("alias#acct-1-old".into()))
+        .key("sk", AttributeValue::S("referrers".into()))
+        .update_expression("ADD referrers :m")
+        .expression_attribute_values(":m", member)
+        .send()
+        .await
+        .expect("the extra member");
+
+    h.delete("acct-1", "INDEX#old").await;
+    let kept = h.export_stream().await;
+    assert_eq!(failures(&kept), Vec::<String>::new(), "{kept}");
+    assert!(h.settings("acct-1-old").is_some(), "kept for the alias");
+
+    h.put(index_item("acct-1", "reader", None)).await;
+    let dropped = h.export_stream().await;
+    assert_eq!(failures(&dropped), Vec::<String>::new(), "{dropped}");
+    assert_eq!(
+        h.settings("acct-1-old"),
+        None,
+        "the alias's drop removed it"
+    );
+}
