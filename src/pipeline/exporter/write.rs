@@ -142,15 +142,26 @@ fn checked(
     (plan.ops.iter())
         .filter_map(|(key, op)| {
             let record = &records[op.owner];
-            let (index, digest) = match &op.action {
-                KvAction::Put(value) => (Some(value.index()), Some(value.digest())),
-                KvAction::Delete => (delete_owners.get(key).or(record.index.as_ref()), None),
+            let index = match &op.action {
+                KvAction::Put(value) => Some(value.index()),
+                KvAction::Delete => delete_owners.get(key).or(record.index.as_ref()),
             };
-            let derived = old_shops.contains(key)
-                || index.is_some_and(|index| *key == filter_key(index))
-                || index != record.index.as_ref()
-                || record.sequence_number.is_none();
-            (!run.is_stream() || derived).then(|| (key.clone(), (index.cloned(), digest)))
+            let derived = || {
+                let filter = |index| plan.filters.contains_key(index) && *key == filter_key(index);
+                old_shops.contains(key)
+                    || index != record.index.as_ref()
+                    || record.sequence_number.is_none()
+                    || index.is_some_and(filter)
+            };
+            if run.is_stream() && !derived() {
+                return None;
+            }
+            // Rendered and hashed only for the keys checked: a stream batch's own keys are not.
+            let digest = match &op.action {
+                KvAction::Put(value) => Some(value.digest()),
+                KvAction::Delete => None,
+            };
+            Some((key.clone(), (index.cloned(), digest)))
         })
         .collect()
 }
