@@ -51,6 +51,8 @@ const QUERIES: [&str; 2] = ["shoes", "red # boots"];
 /// hyphen (`a-x-x-y` is `(a-x, x-y)`), none of them the id of two indexes.
 const WIDE_ACCOUNTS: [&str; 2] = ["a", "a-x"];
 const WIDE_NAMES: [&str; 3] = ["x", "x-y", "z"];
+/// The cells an index of the eventual workload moves between (`default`: as with no `cell`).
+const CELLS: [&str; 3] = ["default", "c1", "c2"];
 /// The stream's shards a run delivers on: 2 (`make test`), or up to this many.
 const MAX_SHARDS: usize = 3;
 
@@ -80,12 +82,25 @@ pub enum Variety {
     /// metadata each put wrote (as Cloudflare's do; below, a listing has none, as for a key
     /// written by hand), and stream batches of up to ten records.
     Wide,
+    /// Also what the outside gives only loosely: KV listings that lag as Cloudflare's do (its
+    /// listing is eventually consistent too), stream batches delivered again after they
+    /// succeeded (Lambda delivers at least once), and indexes that move between cells (each
+    /// cell's API key differs).
+    Eventual,
 }
+
+/// The workloads by their number (`SIMULATION_VARIETY`).
+const VARIETIES: [Variety; 4] = [
+    Variety::Plain,
+    Variety::Varied,
+    Variety::Wide,
+    Variety::Eventual,
+];
 
 impl Universe {
     fn of(rng: &mut Rng, variety: Variety) -> Universe {
         let (accounts, names) = match variety {
-            Variety::Wide => (&WIDE_ACCOUNTS, &WIDE_NAMES),
+            Variety::Wide | Variety::Eventual => (&WIDE_ACCOUNTS, &WIDE_NAMES),
             _ => (&ACCOUNTS, &NAMES),
         };
         Universe {
@@ -253,6 +268,9 @@ fn random_change(
             if universe.variety >= Variety::Wide && rng.chance(5) {
                 item["shop_id"] = json!({"S": "Shop-4.myshopify.com"});
             }
+            if universe.variety >= Variety::Eventual && rng.chance(60) {
+                item["cell"] = json!({"S": *rng.pick(&CELLS)});
+            }
             (account.into(), index_sk, Some(item))
         }
         5 | 6 => (account.into(), index_sk, None),
@@ -350,6 +368,9 @@ async fn deliver(world: &World, (who, exporter): Writer<'_>, shard: &mut VecDequ
             )
         })
         .collect();
+    // At least once: now and then a batch that succeeded is delivered again.
+    let again = world.eventual && failed.is_empty() && world.below(100) < 10;
+    let done = if again { 0 } else { done };
     world.note(format!("batch {keys:?}: {done} done, {failed:?} reported"));
     shard.drain(..done);
     !failed.is_empty()
@@ -483,12 +504,12 @@ impl Setup {
     };
 
     /// How a sweep or one seed runs: `SIMULATION_SHARDS` (2 unless said), `SIMULATION_VARIETY`
-    /// (0 plain, unless said; 1 varied; 2 wide).
+    /// (0 plain, unless said; 1 varied; 2 wide; 3 eventual).
     fn from_env() -> Setup {
-        let varieties = [Variety::Plain, Variety::Varied, Variety::Wide];
+        let variety = env("SIMULATION_VARIETY", 0) as usize;
         Setup {
             shards: env("SIMULATION_SHARDS", 2) as usize,
-            variety: varieties[(env("SIMULATION_VARIETY", 0) as usize).min(2)],
+            variety: VARIETIES[variety.min(VARIETIES.len() - 1)],
         }
     }
 }
@@ -512,7 +533,7 @@ pub fn run(seed: u64, setup: Setup) -> Run {
 }
 
 async fn run_seed(seed: u64, Setup { shards, variety }: Setup) -> Run {
-    let world = World::new(seed, variety >= Variety::Wide);
+    let world = World::new(seed, variety);
     let mut rng = Rng::new(seed ^ 0x5EED);
     let workload = std::sync::Mutex::new(Workload {
         items: Items::new(),
@@ -732,6 +753,13 @@ fn check(
         if rejected.is_some_and(|owner| !reconciled || claims(&owner)) {
             continue;
         }
+        // Window: a shop a rejected record's raw item claims is left as it was until the
+        // reconcile pass, whoever's value it holds (seed 18413 of the wide workload: a claimer's
+        // older value, whose check's write again failed, the replayed record rejected since).
+        let rejected_claim = (model.rejected_shops.iter()).any(|(_, shop)| *shop == at.1);
+        if !reconciled && at.0 == "settings" && rejected_claim {
+            continue;
+        }
         let holds = |expected: &Value| match at.0 {
             "settings" => settings_fields_in_kv(&value) == *expected,
             _ if at.1.starts_with("qfilter-") => value == *expected,
@@ -874,12 +902,12 @@ fn every_seed_on_three_shards_ends_with_kv_as_the_table_implies() {
     sweep(0..500, setup);
 }
 
-/// The wide workload, all of what items and operators can say ([`Variety`]); a sweep of its
-/// own: `make simulate VARIETY=2`.
+/// The eventual workload, all of what items, operators and the outside can say ([`Variety`]);
+/// a sweep of its own: `make simulate VARIETY=3`.
 #[test]
-fn every_seed_of_the_wide_workload_ends_with_kv_as_the_table_implies() {
+fn every_seed_of_the_eventual_workload_ends_with_kv_as_the_table_implies() {
     let setup = Setup {
-        variety: Variety::Wide,
+        variety: Variety::Eventual,
         ..Setup::PLAIN
     };
     sweep(0..500, setup);
@@ -937,7 +965,7 @@ fn every_seed_runs_the_same_twice() {
     for seed in 0..50 {
         let setup = Setup {
             shards: 2 + seed as usize % 2,
-            variety: [Variety::Plain, Variety::Varied, Variety::Wide][seed as usize % 3],
+            variety: VARIETIES[seed as usize % VARIETIES.len()],
         };
         let (first, again) = (run(seed, setup), run(seed, setup));
         let differs = (first.trace.iter().zip(&again.trace)).position(|(a, b)| a != b);

@@ -107,7 +107,7 @@ pub fn live_targets(item: &Value) -> Vec<String> {
 }
 
 /// The fields of a settings value the model checks: whose it is, where it points, its shop,
-/// its read and analytics aliases.
+/// its read and analytics aliases, its cell's API key.
 pub fn settings_fields(index: &IndexRef, item: &Value) -> Value {
     let reads = reads(item).map_or(
         Value::Null,
@@ -117,10 +117,15 @@ pub fn settings_fields(index: &IndexRef, item: &Value) -> Value {
         Value::Null,
         |(enabled, target)| json!({"enabled": enabled, "index_id": target}),
     );
+    // Each cell's API key differs (the simulation's API keys service, `ports.rs`).
+    let api_key = match s(item, "cell").unwrap_or("default") {
+        "default" => format!("key-{}", index.account),
+        cell => format!("key-{}@{cell}", index.account),
+    };
     json!({
         "system_account_id": index.account, "index_name": index.name,
         "index_url": s(item, "index_endpoint"), "shop_id": s(item, "shop_id"), "reads": reads,
-        "analytics": analytics,
+        "analytics": analytics, "api_key": api_key,
     })
 }
 
@@ -145,7 +150,7 @@ pub fn settings_fields_in_kv(value: &Value) -> Value {
     json!({
         "system_account_id": value["system_account_id"], "index_name": value["index_name"],
         "index_url": value["index_url"], "shop_id": value["shop_id"], "reads": reads,
-        "analytics": analytics,
+        "analytics": analytics, "api_key": value["marqo_api_key"],
     })
 }
 

@@ -140,17 +140,8 @@ impl KvStore for Sim {
         _: Instant,
     ) -> Result<HashMap<String, Option<String>>, PortError> {
         self.0.go(self.1, "kv read").await?;
-        // KV is eventually consistent: a read may answer what a key held some time ago (any
-        // time of a run's workload: Cloudflare's lag is up to 60 s).
-        let lag = {
-            let mut s = self.0.scheduler.lock().unwrap();
-            let lags = s.knobs.lags;
-            let lag = (s.faults && s.rng.chance(lags)).then(|| s.rng.below(1_000));
-            if let Some(ms) = lag {
-                s.trace.push(format!("{}: kv read lags {ms} ms", self.1));
-            }
-            lag
-        };
+        // KV is eventually consistent: a read may answer what a key held some time ago.
+        let lag = self.lag("kv read");
         let kv = self.0.kv.lock().unwrap();
         let history = self.0.kv_history.lock().unwrap();
         let read = |key: &String| {
@@ -176,10 +167,23 @@ impl KvStore for Sim {
         _: Instant,
     ) -> Result<KeyPage, PortError> {
         self.0.go(self.1, "kv list").await?;
+        // The eventual workload's listings lag as its reads do: the keys of some time ago.
+        let lag = self.0.eventual.then(|| self.lag("kv list")).flatten();
         let kv = self.0.kv.lock().unwrap();
+        let history = self.0.kv_history.lock().unwrap();
         let metadata = self.0.kv_metadata.as_ref().map(|m| m.lock().unwrap());
+        let then = lag.map(|ms| Instant::now().checked_sub(Duration::from_millis(ms)));
+        let held_then = |at: &(Namespace, String)| {
+            let values = history.get(at).into_iter().flatten();
+            let past = values.take_while(|(when, _)| then.flatten().is_some_and(|t| *when <= t));
+            past.last().is_some_and(|(_, value)| value.is_some())
+        };
+        let listed: Vec<&(Namespace, String)> = match then {
+            None => kv.keys().collect(),
+            Some(_) => history.keys().filter(|at| held_then(at)).collect(),
+        };
         let after = cursor.unwrap_or_default();
-        let mut keys = (kv.keys())
+        let mut keys = (listed.into_iter())
             .filter(|(ns, key)| *ns == namespace && key.starts_with(prefix))
             .filter(|(_, key)| cursor.is_none() || key.as_str() > after)
             .map(|at| ListedKey {
@@ -195,10 +199,34 @@ impl KvStore for Sim {
     }
 }
 
+impl Sim {
+    /// Whether a KV read or listing lags, and by how many ms (Cloudflare's lag is up to 60 s:
+    /// any time of a run's workload).
+    fn lag(&self, what: &str) -> Option<u64> {
+        let mut s = self.0.scheduler.lock().unwrap();
+        let lags = s.knobs.lags;
+        let lag = (s.faults && s.rng.chance(lags)).then(|| s.rng.below(1_000));
+        if let Some(ms) = lag {
+            s.trace.push(format!("{}: {what} lags {ms} ms", self.1));
+        }
+        lag
+    }
+}
+
+/// The account an API key of the simulation's is for (`key-{account}`, or `key-{account}@{cell}`
+/// for a cell other than the default).
+pub fn api_key_of(key: Option<&str>) -> Option<&str> {
+    let key = key?.strip_prefix("key-")?;
+    Some(key.split_once('@').map_or(key, |(account, _)| account))
+}
+
 impl ApiKeySource for Sim {
     async fn fetch(&self, cell: &AccountCell) -> Result<ApiKey, PortError> {
         self.0.go(self.1, "api key").await?;
-        Ok(ApiKey::new(format!("key-{}", cell.account)))
+        Ok(ApiKey::new(match cell.cell.as_str() {
+            "default" => format!("key-{}", cell.account),
+            other => format!("key-{}@{other}", cell.account),
+        }))
     }
 }
 

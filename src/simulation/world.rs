@@ -108,6 +108,8 @@ pub struct World {
     pub kv_metadata: Option<Mutex<BTreeMap<(Namespace, String), serde_json::Value>>>,
     /// The wide workload's world: listings with metadata, and stream batches of up to ten.
     pub(super) wide: bool,
+    /// The eventual workload's world: listings that lag, batches delivered again, cells.
+    pub(super) eventual: bool,
     pub ledger: MemoryLedger,
     pub scheduler: Mutex<Scheduler>,
     /// Every shop an index's settings item has named, at any time (the workload's).
@@ -127,7 +129,8 @@ pub struct World {
 }
 
 impl World {
-    pub fn new(seed: u64, wide: bool) -> Arc<World> {
+    pub fn new(seed: u64, variety: super::Variety) -> Arc<World> {
+        let wide = variety >= super::Variety::Wide;
         let ledger = MemoryLedger::default();
         // Every index is created through the stream: the references are complete from the
         // start (no migration state).
@@ -139,6 +142,7 @@ impl World {
             kv: Mutex::default(),
             kv_metadata: wide.then(Mutex::default),
             wide,
+            eventual: variety >= super::Variety::Eventual,
             ledger,
             scheduler: Mutex::new(Scheduler {
                 knobs: Knobs::of(&mut Rng::new(seed ^ 0x0C0B)),
@@ -265,7 +269,7 @@ impl World {
                 let endpoint = value["index_url"].as_str().unwrap_or_default();
                 let shop = (self.claimed_ever.lock().unwrap()).contains(&(index, key.key.clone()));
                 endpoint.starts_with(&format!("https://{own}."))
-                    && value["marqo_api_key"] == format!("key-{account}").as_str()
+                    && super::ports::api_key_of(value["marqo_api_key"].as_str()) == Some(account)
                     && (key.key == own || shop)
             }
             Namespace::QueryConfigs => {
