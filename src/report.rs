@@ -45,6 +45,10 @@ impl Outcome {
         }
     }
 
+    pub fn is_kept(&self) -> bool {
+        matches!(self, Outcome::Kept { .. })
+    }
+
     /// A record on its way to KV (pending, exported, kept for an alias) fails for `why` and is
     /// reported for retry; one already failed adds `why` to its reasons (each key it could not
     /// write or check named, up to [`MAX_REASONS`]); one rejected or skipped keeps its outcome.
@@ -75,7 +79,8 @@ pub struct RecordReport {
 
 /// A key a writer wrote or deleted, to check: its record's position, the index it is checked as
 /// (a put's: whose value it is; a delete's: the index that gave it up, or for a repair's, the
-/// index it was written for), and the digest of the value put (`None`: deleted).
+/// index it was written for), and the digest of the value put (`None`: deleted; empty: left as
+/// it was, a value no plan's digest equals).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Landed {
     pub key: KvKey,

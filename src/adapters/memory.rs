@@ -7,9 +7,10 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde_dynamo::Item;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::domain::{AccountCell, ApiKey, IndexRef, KvAction, KvKey, KvOp, Namespace};
@@ -299,6 +300,17 @@ pub struct MemoryLedger {
     pub refuse_intents: AtomicBool,
     /// Reads of these indexes' references fail.
     pub unreadable: Mutex<BTreeSet<IndexRef>>,
+    /// The next intent waits, before anything of it lands, until released (`held`, `release`).
+    pub hold_intent: Mutex<Option<(Arc<Notify>, Arc<Notify>)>>,
+}
+
+impl MemoryLedger {
+    /// Holds the next intent; answers (held, release).
+    pub fn hold_intent(&self) -> (Arc<Notify>, Arc<Notify>) {
+        let notifies = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        *self.hold_intent.lock().unwrap() = Some(notifies.clone());
+        notifies
+    }
 }
 
 impl Ledger for MemoryLedger {
@@ -349,6 +361,11 @@ impl Ledger for MemoryLedger {
     }
 
     async fn point_back(&self, items: &[(IndexRef, Referred)]) -> Result<(), PortError> {
+        let hold = self.hold_intent.lock().unwrap().take();
+        if let Some((held, release)) = hold {
+            held.notify_one();
+            release.notified().await;
+        }
         if self.refuse_intents.load(Ordering::SeqCst) {
             return Err(PortError::Refused("the ledger refused the intent".into()));
         }

@@ -942,11 +942,14 @@ const FOUND: [u64; 23] = [
 /// it is now); 1479, wide, on three (a dropped alias target's delete of an id's own key landing
 /// after another index of that id was created: the check reads every index the id can name);
 /// 8291, wide, on three (an index kept for a rejected record's alias, read fail closed, that
-/// nothing recorded the record reads: the removal records the alias on its holder now).
-const FOUND_WIDER: [(u64, usize, Variety); 3] = [
+/// nothing recorded the record reads: the removal records the alias on its holder now); 18413,
+/// wide, on two (a window the checker now names: a shop a rejected record's raw item claims,
+/// left holding another claimer's older value until the reconcile pass).
+const FOUND_WIDER: [(u64, usize, Variety); 4] = [
     (2177, 3, Variety::Varied),
     (1479, 3, Variety::Wide),
     (8291, 3, Variety::Wide),
+    (18413, 2, Variety::Wide),
 ];
 
 #[test]

@@ -16,7 +16,7 @@ use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace, TableSpan};
 use crate::pipeline::plan::PlannedOp;
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
-use crate::ports::{Ports, Referred};
+use crate::ports::{before_deadline, Ledger as _, Ports, Referred};
 use crate::report::{BatchReport, Landed, Outcome};
 
 /// Rounds that may write again; one more read after them only checks.
@@ -77,6 +77,28 @@ impl<P: Ports> Exporter<P> {
         }
         report.keys_written = report.written.len();
         report.keys_deleted = report.deleted.len();
+    }
+
+    /// A stream batch's keys kept for an alias, to check as left as they were
+    /// ([`write::kept_keys`]), once the ledger's references are complete: in the migration state
+    /// the check's read of who keeps them would be a second scan of the table.
+    pub(super) async fn kept_to_check(
+        &self,
+        prepared: &Prepared,
+        deadline: Instant,
+    ) -> Vec<Landed> {
+        let kept = match prepared.run.is_stream() {
+            true => write::kept_keys(&prepared.records, &prepared.plan),
+            false => return Vec::new(),
+        };
+        let complete = match kept.is_empty() {
+            true => return kept,
+            false => self.ledger.references_complete(),
+        };
+        match before_deadline(deadline, "ledger references", complete).await {
+            Ok(true) => kept,
+            _ => Vec::new(),
+        }
     }
 
     /// One round: the landed keys' indexes read again and planned as changes; the keys whose

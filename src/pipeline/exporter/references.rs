@@ -3,7 +3,7 @@
 //! where the ledger lacks them, and the mark that they are complete
 //! (docs/contract.md, "Concurrent writers" and "References in the ledger").
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use tokio::time::Instant;
 
@@ -77,32 +77,46 @@ impl<P: Ports> Exporter<P> {
         asked: Vec<Referred>,
         deadline: Instant,
     ) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
+        self.referrers_deciding(asked, &[], deadline).await
+    }
+
+    /// As [`Exporter::referrers_of`], the indexes of a batch's own `records` decided by them
+    /// (they are newer than what the ledger holds) once the ledger is complete.
+    pub(super) async fn referrers_deciding(
+        &self,
+        asked: Vec<Referred>,
+        records: &[ChangeRecord],
+        deadline: Instant,
+    ) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
         let complete = self.ledger.references_complete();
         if !before_deadline(deadline, "ledger references", complete).await? {
             return self.settings_references(deadline).await;
         }
-        self.recorded_referrers(asked, &BTreeSet::new(), deadline)
-            .await
-    }
-
-    /// The references of the indexes the ledger names as referring to what is `asked`, but
-    /// those in `decided` (the batch's own), read from the table.
-    pub(super) async fn recorded_referrers(
-        &self,
-        asked: Vec<Referred>,
-        decided: &BTreeSet<IndexRef>,
-        deadline: Instant,
-    ) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
-        if asked.is_empty() {
-            return Ok(Vec::new());
+        let mut references: BTreeMap<IndexRef, IndexRefs> = BTreeMap::new();
+        if !asked.is_empty() {
+            let query = self.ledger.referrers(&asked);
+            let mut candidates = before_deadline(deadline, "ledger references", query).await?;
+            let own: BTreeSet<IndexRef> = (left_by(records).into_iter().flatten())
+                .map(|(index, _)| index)
+                .collect();
+            candidates.retain(|candidate| !own.contains(candidate));
+            // The ledger names candidates (a superset, possibly stale); each one's settings
+            // record in the table decides: an alias dropped, or a record gone, no longer counts.
+            let read = self.table.index_references(&candidates);
+            references.extend(before_deadline(deadline, "candidates' settings", read).await?);
         }
-        let query = self.ledger.referrers(&asked);
-        let mut candidates = before_deadline(deadline, "ledger references", query).await?;
-        candidates.retain(|candidate| !decided.contains(candidate));
-        // The ledger names candidates (a superset, possibly stale); each one's settings record
-        // in the table decides: an alias dropped, or a record gone, no longer counts.
-        let read = self.table.index_references(&candidates);
-        before_deadline(deadline, "candidates' settings", read).await
+        for record in records {
+            match &record.decoded {
+                Ok(Change::UpsertIndex { settings, .. }) => {
+                    references.insert(settings.index.clone(), settings.references());
+                }
+                Ok(Change::RemoveIndex { index, .. }) => {
+                    references.remove(index);
+                }
+                _ => {}
+            }
+        }
+        Ok(references.into_iter().collect())
     }
 
     /// The ledger's own repair (a reconcile's table step, a backfill's pages): the

@@ -3,12 +3,11 @@
 //! each record's previous shop, API keys, other indexes' references, the settings of the
 //! indexes that claim a shop given up, and the overrides of each filter rebuilt.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use futures::StreamExt as _;
 use tokio::time::Instant;
 
-use super::references::left_by;
 use super::{Exporter, Run, CONCURRENT_QUERIES};
 use crate::domain::AccountCell;
 use crate::domain::{IndexRef, KvKey, Namespace, TableKey, TableRecord};
@@ -167,7 +166,8 @@ impl<P: Ports> Exporter<P> {
         // Who aliases what is removed, who claims a shop given up: the ledger's candidates
         // checked against the table once its references are complete, else a scan.
         if plan::references_wanted(records) {
-            let references = self.references(records, deadline).await;
+            let asked = plan::reference_questions(records).into_iter().collect();
+            let references = self.referrers_deciding(asked, records, deadline).await;
             let wanted = (references.as_ref().ok()).map(|refs| plan::claimers(records, refs));
             snapshot.references = Some(references);
             if let Some(wanted) = wanted.filter(|wanted| !wanted.is_empty()) {
@@ -183,40 +183,6 @@ impl<P: Ports> Exporter<P> {
         let overrides = self.override_queries(records, wanted, run, deadline).await;
         snapshot.overrides = overrides.into_iter().collect();
         (snapshot, counts)
-    }
-
-    /// From the ledger once its records are complete (who aliases each removed index, who
-    /// claims each shop given up), else from a scan of the table.
-    pub(super) async fn references(
-        &self,
-        records: &[ChangeRecord],
-        deadline: Instant,
-    ) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
-        let complete = self.ledger.references_complete();
-        if !before_deadline(deadline, "ledger references", complete).await? {
-            return self.settings_references(deadline).await;
-        }
-        let asked = plan::reference_questions(records);
-        // The batch's own indexes are decided by its records (below): their items are not read.
-        let own: BTreeSet<IndexRef> = (left_by(records).into_iter().flatten())
-            .map(|(index, _)| index)
-            .collect();
-        let asked = asked.into_iter().collect();
-        let recorded = self.recorded_referrers(asked, &own, deadline);
-        let mut references: BTreeMap<IndexRef, IndexRefs> = recorded.await?.into_iter().collect();
-        // The batch's own records are newer than what the ledger holds.
-        for record in records {
-            match &record.decoded {
-                Ok(Change::UpsertIndex { settings, .. }) => {
-                    references.insert(settings.index.clone(), settings.references());
-                }
-                Ok(Change::RemoveIndex { index, .. }) => {
-                    references.remove(index);
-                }
-                _ => {}
-            }
-        }
-        Ok(references.into_iter().collect())
     }
 
     /// The shop ids in the indexes' current KV values, read 100 keys a request.

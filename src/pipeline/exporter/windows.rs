@@ -692,3 +692,44 @@ async fn an_index_kept_for_a_rejected_record_s_alias_goes_when_the_alias_does() 
         "the alias's drop removed it"
     );
 }
+
+/// Row "a removed index kept for an alias whose holder dropped it ...", the stream's side
+/// (seed 8291's window): `i`'s removal keeps `i` for rejected `r`, whose own item records
+/// nothing; while its intent recording the alias on `r` is held, `r` drops the alias and its
+/// batch, reading `r`'s item before the intent, finds nothing to remove again. The removal's
+/// check, reading after its intent, finds no alias left and deletes `i`'s key.
+#[tokio::test]
+async fn an_index_kept_for_an_alias_dropped_before_its_intent_landed_is_deleted_by_its_check() {
+    let exporter = std::sync::Arc::new(with_complete_ledger());
+    let r = IndexRef::new("a", "r");
+    let set = (Referred::Alias("a-i".into()), r.clone());
+    exporter.ledger.back.lock().unwrap().insert(set);
+    let index = record("INSERT", "i", "https://i", None);
+    exported(&exporter, vec![index.clone()]).await;
+    let mut reader = aliasing("r", "a-i");
+    let aliases = &mut reader["dynamodb"]["NewImage"]["index_aliases"];
+    aliases["M"]["doc_reads"]["M"]["targets"]["L"][0]["M"]["weight"] = json!({"S": "1"});
+    let rejected = stream(&exporter, vec![reader]).await;
+    assert!(matches!(rejected.records[0].outcome, Outcome::Rejected(_)));
+
+    let (held, release) = exporter.ledger.hold_intent();
+    let mut removal = index;
+    removal["eventName"] = json!("REMOVE");
+    let remover = exporter.clone();
+    let removing = tokio::spawn(async move { stream(&remover, vec![removal]).await });
+    held.notified().await;
+    exported(&exporter, vec![record("MODIFY", "r", "https://r2", None)]).await;
+    assert!(
+        exporter.kv.value("a-i").is_some(),
+        "r's batch found nothing"
+    );
+    release.notify_one();
+    let removed = removing.await.unwrap();
+
+    assert!(
+        matches!(removed.records[0].outcome, Outcome::Kept { .. }),
+        "{:?}",
+        removed.records[0].outcome
+    );
+    assert_eq!(exporter.kv.value("a-i"), None, "its check deleted it");
+}

@@ -8,9 +8,10 @@ use tokio::time::Instant;
 
 use super::{Prepared, Run};
 use crate::domain::qfilter::filter_key;
+use crate::domain::validate::shop_id_problem;
 use crate::domain::{IndexRef, KvAction, KvKey, KvOp};
 use crate::pipeline::plan::{Plan, PlannedOp};
-use crate::pipeline::records::ChangeRecord;
+use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::{KvStore, PortError};
 use crate::report::{BatchReport, Landed, Outcome, RecordReport};
 
@@ -164,6 +165,44 @@ fn checked(
             Some((key.clone(), (index.cloned(), digest)))
         })
         .collect()
+}
+
+/// The keys a stream's removal kept for an alias, its own key and the shops no claimer took,
+/// each checked as if left as it was (a digest no value has): the alias's holder may have
+/// dropped it before the intent recording the alias on it landed, its batch then finding
+/// nothing to remove again; the check, reading after the intent, deletes them.
+pub(super) fn kept_keys(records: &[ChangeRecord], plan: &Plan) -> Vec<Landed> {
+    let kept = (records.iter().zip(&plan.outcomes).enumerate())
+        .filter(|(_, (_, outcome))| matches!(outcome, Outcome::Kept { .. }));
+    let mut landed = Vec::new();
+    for (record, (change, _)) in kept {
+        let Ok(Change::RemoveIndex {
+            index,
+            previous_shop,
+        }) = &change.decoded
+        else {
+            continue;
+        };
+        let shops = match previous_shop {
+            // An old shop id that is no shop key is never touched (it may be another's key).
+            PreviousShop::Known(shops) => (shops.iter())
+                .filter(|shop| shop_id_problem(shop).is_none())
+                .map(KvKey::settings)
+                .collect(),
+            _ => Vec::new(),
+        };
+        let keys = std::iter::once(KvKey::index(index)).chain(shops);
+        landed.extend(
+            keys.filter(|key| !plan.ops.contains_key(key))
+                .map(|key| Landed {
+                    key,
+                    record,
+                    index: Some(index.clone()),
+                    digest: Some(String::new()),
+                }),
+        );
+    }
+    landed
 }
 
 /// From here on a record is only what identifies it: its decoded change is let go.
