@@ -45,10 +45,6 @@ impl Outcome {
         }
     }
 
-    pub fn is_kept(&self) -> bool {
-        matches!(self, Outcome::Kept { .. })
-    }
-
     /// A record on its way to KV (pending, exported, kept for an alias) fails for `why` and is
     /// reported for retry; one already failed adds `why` to its reasons (each key it could not
     /// write or check named, up to [`MAX_REASONS`]); one rejected or skipped keeps its outcome.

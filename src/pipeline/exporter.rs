@@ -405,11 +405,10 @@ impl<P: Ports> Exporter<P> {
         let intents = intents::record(&self.ledger, &mut prepared, deadline).await;
         let kept = self.kept_to_check(&prepared, deadline).await;
         let mut report = write::send(&self.kv, prepared, deadline).await;
-        let records = &report.records;
-        let kept = kept
-            .into_iter()
-            .filter(|l| records[l.record].outcome.is_kept());
-        report.landed.extend(kept.collect::<Vec<_>>());
+        let kept = kept.into_iter();
+        let kept =
+            kept.filter(|l| matches!(report.records[l.record].outcome, Outcome::Kept { .. }));
+        report.landed.extend(kept);
         self.check(&mut report, run, span, deadline).await;
         dropped::settle_derived(&mut report, &derived);
         let failed = (report.records.iter()).any(|r| matches!(r.outcome, Outcome::Failed(_)));

@@ -87,14 +87,14 @@ impl<P: Ports> Exporter<P> {
         prepared: &Prepared,
         deadline: Instant,
     ) -> Vec<Landed> {
-        let kept = match prepared.run.is_stream() {
-            true => write::kept_keys(&prepared.records, &prepared.plan),
-            false => return Vec::new(),
-        };
-        let complete = match kept.is_empty() {
-            true => return kept,
-            false => self.ledger.references_complete(),
-        };
+        if !prepared.run.is_stream() {
+            return Vec::new();
+        }
+        let kept = write::kept_keys(&prepared.records, &prepared.plan);
+        if kept.is_empty() {
+            return kept;
+        }
+        let complete = self.ledger.references_complete();
         match before_deadline(deadline, "ledger references", complete).await {
             Ok(true) => kept,
             _ => Vec::new(),
