@@ -999,3 +999,53 @@ async fn a_dropped_target_s_delete_landing_after_another_index_of_its_id_came_is
     assert_eq!(value.map(|v| v["index_name"].clone()), Some(json!("x-y")), "{}", shard.function.output());
 }
 }
+
+crate::on_both_views! {
+/// `i` is aliased by `r`, whose record is rejected (a weight stored as a string: its aliases
+/// read fail closed, nothing of its own recorded), and the ledger's set of who aliases `i`
+/// names `r` (an extra member, as a shrink that read before a reconcile's add leaves it).
+/// `i`'s REMOVE keeps it for `r`, and its intent (recording the alias on `r`) is held while
+/// `r` drops the alias on another shard: that batch finds nothing recorded to remove. The
+/// intent lands; the check reads `i` again, no alias keeps it, and its key is deleted (seed
+/// 8291: it stayed until the next reconcile pass).
+async fn an_index_kept_for_an_alias_dropped_before_its_intent_landed_is_deleted_by_its_check(view) {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let mut h = Harness::with_view(view).await;
+    h.keys.set_key("acct-1", "marqo-key");
+    h.put(index_item("acct-1", "i", None)).await;
+    h.export_stream().await;
+    h.migrate().await;
+    let mut reader = aliasing("acct-1", "r", "acct-1-i");
+    reader["index_aliases"]["M"]["doc_reads"]["M"]["targets"]["L"][0]["M"]["weight"] = json!({"S": "1"});
+    h.put(reader).await;
+    let answer = h.export_stream().await;
+    assert_eq!(answer["batchItemFailures"], json!([]), "{answer}");
+    assert_eq!(h.settings("acct-1-r"), None, "rejected");
+    let member = AttributeValue::Ss(vec!["6:acct-1#r".into()]);
+    let add = h.ddb.update_item().table_name(&h.ledger).update_expression("ADD referrers :r");
+    let add = add.key("pk", AttributeValue::S("alias#acct-1-i".into()));
+    let add = add.key("sk", AttributeValue::S("referrers".into()));
+    add.expression_attribute_values(":r", member).send().await.unwrap();
+    let ProxiedFunction { dynamodb, runtime, function } = behind_a_dynamodb_proxy(&h).await;
+    let other = Writer::start(&h).await;
+
+    h.delete("acct-1", "INDEX#i").await;
+    let removing = h.stream_records().await;
+    use ecom_emulators::dynamo_proxy::DynamoFault;
+    dynamodb.inject(Some("TransactWriteItems"), Some("-ledger"), DynamoFault::Hold, 1);
+    let run = runtime.invoke(json!({ "Records": removing }), TIMEOUT);
+    let race = async {
+        until_ledger_held(&dynamodb, &function).await;
+        h.put(index_item("acct-1", "r", None)).await;
+        let dropping = h.stream_records().await;
+        let answer = other.invoke(json!({ "Records": dropping })).await;
+        assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+        assert!(h.settings("acct-1-i").is_some(), "r's batch found nothing to remove");
+        dynamodb.release();
+    };
+    let (answer, ()) = tokio::join!(run, race);
+    let answer = answer.expect("an answer");
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+    assert_eq!(h.settings("acct-1-i"), None, "its check deleted it: {}", function.output());
+}
+}
