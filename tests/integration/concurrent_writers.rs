@@ -1049,3 +1049,53 @@ async fn an_index_kept_for_an_alias_dropped_before_its_intent_landed_is_deleted_
     assert_eq!(h.settings("acct-1-i"), None, "its check deleted it: {}", function.output());
 }
 }
+
+crate::on_both_views! {
+/// A re-export's check reads the table again after each write, and the table changes under
+/// every read (each held by the DynamoDB proxy while an operator edits the item): after three
+/// writes again the last read still differs, and the re-export fails, naming the key, rather
+/// than going on forever. KV holds its last write; the stream's records of the edits write the
+/// newest (docs/contract.md, "A writer whose check finds the table changed three rounds running").
+async fn a_reexport_whose_index_changes_under_every_check_fails_after_three_writes_again(view) {
+    use ecom_emulators::dynamo_proxy::DynamoFault;
+    let mut h = Harness::with_view(view).await;
+    h.keys.set_key("acct", "marqo-key");
+    h.put(index_item("acct", "shoes", None)).await;
+    h.export_stream().await;
+    let ProxiedFunction { dynamodb, runtime, function } = behind_a_dynamodb_proxy(&h).await;
+    let stream = Writer::start(&h).await;
+    let endpoint = |n: usize| format!("https://edit-{n}.idx.example");
+    let edit = |n: usize| {
+        let mut item = index_item("acct", "shoes", None);
+        item["index_endpoint"] = json!({"S": endpoint(n)});
+        item
+    };
+
+    // The check's reads of the index by key (BatchGetItem of the settings table) are held.
+    dynamodb.inject(Some("BatchGetItem"), Some(&format!("={}", h.table)), DynamoFault::Hold, 4);
+    let payload = json!({"system_account_id": "acct", "index_name": "shoes"});
+    let run = runtime.invoke(payload, TIMEOUT);
+    let race = async {
+        for n in 1..=4 {
+            until_ledger_held(&dynamodb, &function).await;
+            h.put(edit(n)).await;
+            dynamodb.release();
+            while dynamodb.held() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    let (answer, ()) = tokio::join!(run, race);
+    let error = answer.expect_err("the re-export fails");
+    assert!(
+        error.to_string().contains("other writers kept changing it; run again"),
+        "{error}\n{}",
+        function.output()
+    );
+    assert_eq!(endpoint_of(&h, "acct-shoes"), Some(endpoint(3)), "its last write");
+
+    let answer = stream.invoke(json!({ "Records": h.stream_records().await })).await;
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+    assert_eq!(endpoint_of(&h, "acct-shoes"), Some(endpoint(4)));
+}
+}
