@@ -1099,3 +1099,43 @@ async fn a_reexport_whose_index_changes_under_every_check_fails_after_three_writ
     assert_eq!(endpoint_of(&h, "acct-shoes"), Some(endpoint(4)));
 }
 }
+
+crate::on_both_views! {
+/// A re-export's write is held while the index is removed and the stream deletes its key; the
+/// write lands after the delete, and the re-export's check cannot read the table (a refused
+/// BatchGetItem): the re-export fails, and the key serves the removed index. Run again, it
+/// finds no settings record; the next reconcile pass deletes the key as orphaned (the window
+/// row of an operator's write of an index removed meanwhile).
+async fn a_reexport_landing_after_the_index_was_removed_unchecked_is_left_to_the_reconcile(view) {
+    let mut h = Harness::with_view(view).await;
+    h.keys.set_key("acct", "marqo-key");
+    h.put(index_item("acct", "shoes", None)).await;
+    h.export_stream().await;
+    let ProxiedFunction { dynamodb, runtime, function } = behind_a_dynamodb_proxy(&h).await;
+    let stream = Writer::start(&h).await;
+
+    h.kv.hold("bulk", Some("acct-shoes"));
+    let payload = json!({"system_account_id": "acct", "index_name": "shoes"});
+    let run = runtime.invoke(payload.clone(), TIMEOUT);
+    let race = async {
+        until_held(&h).await;
+        h.delete("acct", "INDEX#shoes").await;
+        let answer = stream.invoke(json!({ "Records": h.stream_records().await })).await;
+        assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+        assert_eq!(h.settings("acct-shoes"), None, "the stream deleted it");
+        let table = format!("={}", h.table);
+        dynamodb.inject(Some("BatchGetItem"), Some(&table), refused("AccessDeniedException"), 1);
+        h.kv.release();
+    };
+    let (answer, ()) = tokio::join!(run, race);
+    let error = answer.expect_err("its check could not read");
+    assert!(error.to_string().contains("could not be read again"), "{error}");
+    assert_eq!(endpoint_of(&h, "acct-shoes"), Some("https://acct-shoes.idx.example".into()));
+
+    let again = runtime.invoke(payload, TIMEOUT).await.expect_err("no settings record");
+    assert!(again.to_string().contains("no settings record"), "{again}");
+    let reconcile = h.invoke(json!({"mode": "reconcile", "repair": true})).await;
+    assert_eq!(reconcile["counts"]["settings"]["orphaned"], 1, "{reconcile}");
+    assert_eq!(h.settings("acct-shoes"), None, "{}", function.output());
+}
+}
