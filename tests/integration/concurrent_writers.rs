@@ -1139,3 +1139,48 @@ async fn a_reexport_landing_after_the_index_was_removed_unchecked_is_left_to_the
     assert_eq!(h.settings("acct-shoes"), None, "{}", function.output());
 }
 }
+
+crate::on_both_views! {
+/// A backfill reads `products` on shop x, and its intent is held while `products` moves to y
+/// and the stream's batch (another writer) writes y, deletes x and shrinks x out of the ledger.
+/// The intent lands (x recorded again), the backfill writes x, and its check cannot read its
+/// index again (a refused BatchGetItem): the record fails, and x serves `products`,
+/// recorded, until the next reconcile pass deletes it as orphaned (the window row of a
+/// backfill's write landing after the stream's shrink, when its check cannot read).
+async fn a_backfill_s_old_shop_unchecked_after_the_stream_s_shrink_is_left_to_the_reconcile(view) {
+    use ecom_emulators::dynamo_proxy::DynamoFault;
+    use ecom_settings_exporter::adapters::ledger::DynamoLedger;
+    use ecom_settings_exporter::ports::Ledger;
+    let [sx, sy] = ["x", "y"].map(|s| format!("shop-{s}.myshopify.com"));
+    let mut h = products_migrated_on(view, &sx).await;
+    let ProxiedFunction { dynamodb, runtime, function } = behind_a_dynamodb_proxy(&h).await;
+    let stream = Writer::start(&h).await;
+
+    dynamodb.inject(Some("TransactWriteItems"), Some("-ledger"), DynamoFault::Hold, 1);
+    let run = runtime.invoke(json!({"mode": "backfill"}), TIMEOUT);
+    let race = async {
+        until_ledger_held(&dynamodb, &function).await;
+        h.put(index_item("acct-1", "products", Some(&sy))).await;
+        let answer = stream.invoke(json!({ "Records": h.stream_records().await })).await;
+        assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+        assert_eq!(h.settings(&sx), None, "the stream gave x up");
+        let table = format!("={}", h.table);
+        dynamodb.inject(Some("BatchGetItem"), Some(&table), refused("AccessDeniedException"), 1);
+        dynamodb.release();
+    };
+    let (answer, ()) = tokio::join!(run, race);
+    let answer = answer.expect("an answer");
+    assert_eq!(answer["failed"], 1, "{answer}");
+    assert_eq!(h.settings(&sx).unwrap()["index_name"], "products", "the window");
+    let products = ecom_settings_exporter::domain::IndexRef::new("acct-1", "products");
+    let ledger = DynamoLedger::new(&aws().await, h.ledger.clone());
+    let recorded = ledger.index_refs(std::slice::from_ref(&products)).await.unwrap();
+    assert!(recorded[&products].shops.contains(&sx), "x recorded: {recorded:?}");
+    dynamodb.clear_faults();
+
+    let reconcile = h.invoke(json!({"mode": "reconcile", "repair": true})).await;
+    assert_eq!(reconcile["counts"]["settings"]["orphaned"], 1, "{reconcile}");
+    assert_eq!(h.settings(&sx), None, "{}", function.output());
+    assert_eq!(h.settings(&sy).unwrap()["index_name"], "products");
+}
+}
