@@ -694,3 +694,68 @@ async fn an_index_kept_for_a_rejected_record_s_alias_goes_when_the_alias_does() 
         "the alias's drop removed it"
     );
 }
+
+/// Each DynamoDB operation's calls an invocation of `runtime` made with `records`.
+async fn calls_of(
+    dynamodb: &ecom_emulators::dynamo_proxy::DynamoProxy,
+    runtime: &ecom_emulators::runtime_api::RuntimeApi,
+    records: Vec<Value>,
+) -> std::collections::BTreeMap<String, usize> {
+    let before = dynamodb.calls().len();
+    let answer = runtime.invoke(
+        json!({ "Records": records }),
+        std::time::Duration::from_secs(60),
+    );
+    let answer = answer.await.expect("an answer");
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+    let mut by_operation = std::collections::BTreeMap::new();
+    for call in &dynamodb.calls()[before..] {
+        *by_operation.entry(call.operation.clone()).or_default() += 1;
+    }
+    by_operation
+}
+
+/// What a REMOVE kept for an alias costs beside one that is not, each alone in its batch with
+/// the references complete: the kept one's check reads again what keeps the index once its
+/// intent landed (the `references` mark, who aliases it, their settings items), and its intent
+/// records the alias on its holder (docs/contract.md, "Alias deletion safety").
+#[tokio::test]
+async fn a_kept_remove_costs_the_reads_of_what_keeps_it_and_one_intent() {
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "marqo-key");
+    h.put(index_item("acct-1", "plain", None)).await;
+    h.put(index_item("acct-1", "kept", None)).await;
+    h.put(aliasing("acct-1", "reader", "acct-1-kept")).await;
+    h.export_stream().await;
+    h.migrate().await;
+    let ProxiedFunction {
+        dynamodb,
+        runtime,
+        function,
+    } = behind_a_dynamodb_proxy(&h).await;
+
+    h.delete("acct-1", "INDEX#plain").await;
+    let plain = calls_of(&dynamodb, &runtime, h.stream_records().await).await;
+    assert_eq!(h.settings("acct-1-plain"), None);
+    h.delete("acct-1", "INDEX#kept").await;
+    let kept = calls_of(&dynamodb, &runtime, h.stream_records().await).await;
+    assert!(h.settings("acct-1-kept").is_some(), "kept for the reader");
+    let calls = |pairs: &[(&str, usize)]| {
+        let calls = pairs
+            .iter()
+            .map(|(operation, n)| (operation.to_string(), *n));
+        calls.collect::<std::collections::BTreeMap<_, _>>()
+    };
+    // The item as it is now, the index's recorded references, the ledger's `references` mark
+    // and the set of who aliases the index (empty).
+    assert_eq!(plain, calls(&[("BatchGetItem", 3), ("GetItem", 1)]));
+    // Besides: the set's member's settings item, the intent, and the check's reads once the
+    // intent landed: the mark (the kept gate's and its snapshot's), the index again, the set
+    // and its member's item again.
+    let expected = calls(&[
+        ("BatchGetItem", 7),
+        ("GetItem", 3),
+        ("TransactWriteItems", 1),
+    ]);
+    assert_eq!(kept, expected, "{}", function.output());
+}
