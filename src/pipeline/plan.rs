@@ -260,6 +260,7 @@ impl<'a> RecordPlanner<'a> {
             Change::RemoveIndex {
                 index,
                 previous_shop,
+                keeps_own_key,
             } => {
                 check_own_key(index)?;
                 let aliases = self.referrers()?.by_target.get(index.id().0.as_str());
@@ -268,7 +269,7 @@ impl<'a> RecordPlanner<'a> {
                     .map(|alias| (*alias).clone())
                     .collect();
                 let kept = !referenced_by.is_empty();
-                if !kept {
+                if !kept && !keeps_own_key {
                     // Its filter and query configs follow its override records, not this one.
                     self.ops.push((KvKey::index(index), KvAction::Delete));
                 }

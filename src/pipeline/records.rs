@@ -54,6 +54,9 @@ pub enum Change {
     RemoveIndex {
         index: IndexRef,
         previous_shop: PreviousShop,
+        /// The index still has a settings record, rejected: only the shops it no longer holds
+        /// (`previous_shop`, settled by whoever made the change) are given up.
+        keeps_own_key: bool,
     },
     UpsertQuery(QueryConfig),
     RemoveQuery {
@@ -170,6 +173,7 @@ impl Changed {
             (None, None) => Ok(Change::RemoveIndex {
                 index,
                 previous_shop,
+                keeps_own_key: false,
             }),
             (None, Some(query)) => Ok(Change::RemoveQuery { index, query }),
         }

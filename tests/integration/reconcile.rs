@@ -516,34 +516,3 @@ async fn an_aliased_removed_index_keeps_its_own_key_and_its_unclaimed_shop_key()
         );
     }
 }
-
-/// `a` and `b` both claim shop s, `a`'s value on it (written last). `a` moves to shop t in a
-/// record rejected as invalid (an `http` endpoint): a rejected record changes nothing, so s
-/// still serves `a`, which no longer claims it, while the valid `b` does (the window of a key
-/// written while its record was valid, docs/contract.md). The reconcile finds s stale and
-/// writes `b`'s value; a second pass finds nothing.
-#[tokio::test]
-async fn a_shop_left_serving_an_index_rejected_since_goes_to_its_valid_claimer_on_reconcile() {
-    const SHOP: &str = "shop-s.myshopify.com";
-    let mut h = Harness::new().await;
-    h.keys.set_key("acct", "marqo-key");
-    h.put(index_item("acct", "b", Some(SHOP))).await;
-    h.export_stream().await;
-    h.put(index_item("acct", "a", Some(SHOP))).await;
-    h.export_stream().await;
-    assert_eq!(h.settings(SHOP).unwrap()["index_name"], "a");
-
-    let mut invalid = index_item("acct", "a", Some("shop-t.myshopify.com"));
-    invalid["index_endpoint"] = json!({"S": "http://acct-a.idx.example"});
-    h.put(invalid).await;
-    let answer = h.export_stream().await;
-    assert_eq!(answer["batchItemFailures"], json!([]), "{answer}");
-    assert_eq!(h.settings(SHOP).unwrap()["index_name"], "a", "the window");
-
-    let answer = reconcile(&h, json!({"repair": true})).await;
-    assert_eq!(answer["counts"]["settings"]["stale"], 1, "{answer}");
-    assert_eq!(h.settings(SHOP).unwrap()["index_name"], "b");
-    let again = reconcile(&h, json!({"repair": true})).await;
-    assert_eq!(again["counts"]["settings"]["stale"], 0, "{again}");
-    assert_eq!(again["repaired"]["written"], 0, "{again}");
-}

@@ -461,3 +461,43 @@ async fn warm_invocations_reuse_the_api_key() {
     assert_eq!(h.keys.calls().len(), 1);
     assert!(h.settings("acct-1-b").is_some());
 }
+
+/// `a` and `b` both claim shop s, `a`'s value on it (written last). `a` moves to shop t in a
+/// record rejected as invalid (an `http` endpoint, or a shop id that is no shop key): the record
+/// is rejected, and `a` gives up s all the same, as the table no longer names it there (the
+/// shops the ledger records for `a` that its item no longer claims); s goes to `b`, which
+/// claims it. `a`'s own key keeps its last good value, and a reconcile finds nothing to repair.
+#[tokio::test]
+async fn a_rejected_record_s_index_gives_up_the_shop_it_no_longer_claims() {
+    const SHOP: &str = "shop-s.myshopify.com";
+    let edits: [(&str, &str); 2] = [
+        ("index_endpoint", "http://acct-a.idx.example"),
+        ("shop_id", "Shop-T.myshopify.com"),
+    ];
+    for (field, value) in edits {
+        let mut h = Harness::new().await;
+        h.keys.set_key("acct", "marqo-key");
+        h.put(index_item("acct", "b", Some(SHOP))).await;
+        h.export_stream().await;
+        h.put(index_item("acct", "a", Some(SHOP))).await;
+        h.export_stream().await;
+        assert_eq!(h.settings(SHOP).unwrap()["index_name"], "a");
+
+        let mut invalid = index_item("acct", "a", Some("shop-t.myshopify.com"));
+        invalid[field] = json!({ "S": value });
+        h.put(invalid).await;
+        let logs = Logs::capture();
+        let answer = h.export_stream().await;
+        assert_eq!(answer["batchItemFailures"], json!([]), "{field}: {answer}");
+        assert_eq!(logs.matching("record rejected").len(), 1, "{field}");
+        assert_eq!(h.settings(SHOP).unwrap()["index_name"], "b", "{field}");
+        assert_eq!(h.settings("shop-t.myshopify.com"), None, "{field}");
+        let own = h.settings("acct-a").unwrap();
+        assert_eq!(own["shop_id"], SHOP, "{field}: its last good value");
+
+        let reconcile = h.invoke(json!({"mode": "reconcile", "repair": true})).await;
+        let settings = &reconcile["counts"]["settings"];
+        assert_eq!(settings["stale"], 0, "{field}: {reconcile}");
+        assert_eq!(settings["orphaned"], 0, "{field}: {reconcile}");
+    }
+}

@@ -13,6 +13,7 @@ use super::reads::Recheck;
 use super::{intents, references, write, Exporter, Prepared, Run};
 use crate::domain::kv::query_config_prefix;
 use crate::domain::qfilter::filter_key;
+use crate::domain::validate::shop_id_problem;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace, TableSpan};
 use crate::pipeline::plan::PlannedOp;
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
@@ -189,15 +190,8 @@ impl<P: Ports> Exporter<P> {
         let mut records = Vec::new();
         let mut indexes = Vec::new();
         let mut landed = Vec::new();
-        let mut giving_only = Vec::new();
         for (index, recheck) in by_index {
-            let changes = as_changes(&index, &recheck);
-            let first = changes.first().map(|record| &record.decoded);
-            // A removal of an index that has a (rejected) settings record only gives shops up.
-            if recheck.settings && matches!(first, Some(Ok(Change::RemoveIndex { .. }))) {
-                giving_only.push((records.len(), KvKey::index(&index)));
-            }
-            records.extend(changes);
+            records.extend(as_changes(&index, &recheck));
             indexes.push(index);
             landed.extend(recheck.keys);
         }
@@ -206,13 +200,6 @@ impl<P: Ports> Exporter<P> {
         }
         // Stages 2 and 3 again (a check records no intents: what it writes was recorded).
         let mut prepared = self.snapshot_and_plan(records, None, run, deadline).await;
-        let own_key_of_giving_only = |key: &KvKey, op: &PlannedOp| {
-            (giving_only.iter()).any(|(at, own)| op.owner == *at && key == own)
-        };
-        prepared
-            .plan
-            .ops
-            .retain(|key, op| !own_key_of_giving_only(key, op));
         let deletes = removed_overrides(&prepared.plan.ops, &landed, &indexes);
         // Owned by a record of their own: the index's settings record may be rejected.
         prepared.delete_by_own_record("overrides gone from the table", deletes);
@@ -321,10 +308,16 @@ fn as_changes(index: &IndexRef, recheck: &Recheck) -> Vec<ChangeRecord> {
         .collect();
     let mut records = recheck.records.clone();
     let settings_keys = (recheck.keys.iter()).any(|l| l.key.namespace == Namespace::Settings);
-    let valid = (records.iter()).any(|r| matches!(r.decoded, Ok(Change::UpsertIndex { .. })));
+    // A record whose shop id is no shop key is rejected as it is planned, as the stream's is.
+    let valid = (records.iter()).any(|r| match &r.decoded {
+        Ok(Change::UpsertIndex { settings, .. }) => (settings.shop_id.as_deref())
+            .and_then(shop_id_problem)
+            .is_none(),
+        _ => false,
+    });
     // With nothing left of it in the table, its removal still owns the deletes of what landed;
     // with a record rejected now, it gives up its shops all the same (its own key stays as it
-    // is: `plan_again` drops that op).
+    // is).
     let rejected = recheck.settings && !valid && !given_up.is_empty();
     if (!recheck.settings && (settings_keys || records.is_empty())) || rejected {
         // Removed: its settings keys go. Its filter follows the overrides left of it, as the
@@ -332,6 +325,7 @@ fn as_changes(index: &IndexRef, recheck: &Recheck) -> Vec<ChangeRecord> {
         let remove = Change::RemoveIndex {
             index: index.clone(),
             previous_shop: PreviousShop::Known(given_up),
+            keeps_own_key: rejected,
         };
         let remove = ChangeRecord {
             sequence_number: None,
@@ -414,29 +408,31 @@ mod tests {
     #[test]
     fn each_landed_key_is_decided_by_the_index_as_the_table_holds_it_now() {
         let index = IndexRef::new("a", "i");
+        const S: &str = "s.myshopify.com";
+        const T: &str = "t.myshopify.com";
         let shop = |s: &str| KvKey::settings(s);
         let known = |s: Option<&str>| Some(PreviousShop::known(s.map(str::to_owned)));
         // (the index now, its keys that landed, what decides them)
         let cases = [
             // Still at its shop: written as it is, nothing given up.
             (
-                Some("s"),
-                vec![KvKey::index(&index), shop("s")],
+                Some(S),
+                vec![KvKey::index(&index), shop(S)],
                 known(None),
                 false,
             ),
             // Moved from `s` to `t`: `s` is its previous shop (deleted, or its claimer's).
             (
-                Some("t"),
-                vec![KvKey::index(&index), shop("s")],
-                known(Some("s")),
+                Some(T),
+                vec![KvKey::index(&index), shop(S)],
+                known(Some(S)),
                 false,
             ),
             // Gone from the table: removed, with the shop key it had.
             (
                 None,
-                vec![KvKey::index(&index), shop("s")],
-                known(Some("s")),
+                vec![KvKey::index(&index), shop(S)],
+                known(Some(S)),
                 true,
             ),
             (None, vec![KvKey::index(&index)], known(None), true),
@@ -453,6 +449,19 @@ mod tests {
             assert_eq!(is_remove, removed, "{now:?}");
             assert_eq!(previous_shop(&changes[0]), expected, "{now:?}");
         }
+        // Its shop id no shop key now (rejected as it is planned): it gives up `s` all the same,
+        // its own key left as it is.
+        let recheck = Recheck {
+            keys: vec![landed(KvKey::index(&index)), landed(shop(S))],
+            settings: true,
+            records: vec![insert("i", Some("Shop-T.myshopify.com"))],
+        };
+        let changes = as_changes(&index, &recheck);
+        let Ok(Change::RemoveIndex { keeps_own_key, .. }) = &changes[0].decoded else {
+            panic!("{:?}", changes[0]);
+        };
+        assert!(keeps_own_key);
+        assert_eq!(previous_shop(&changes[0]), known(Some(S)));
     }
 
     #[test]

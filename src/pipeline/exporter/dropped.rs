@@ -1,13 +1,15 @@
 //! An alias record makes the targets it drops as dirty as those it gains (docs/contract.md,
 //! "Alias deletion safety"): each target a batch's index drops that no settings record has as
 //! its own any more is removed again, as a record of its own after the batch's, on behalf of
-//! the record that dropped it.
+//! the record that dropped it. So is what a rejected record's index no longer holds: the shops
+//! the ledger records for it that its raw item no longer claims are given up.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use tokio::time::Instant;
 
 use super::Exporter;
+use crate::domain::validate::shop_id_problem;
 use crate::domain::{IndexId, IndexRef};
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::{before_deadline, IndexRefs, Ledger, Ports, SettingsTable};
@@ -22,7 +24,7 @@ impl<P: Ports> Exporter<P> {
         records: &[ChangeRecord],
         known: &HashMap<IndexRef, IndexRefs>,
         deadline: Instant,
-    ) -> Option<BTreeMap<String, usize>> {
+    ) -> Option<(BTreeMap<String, usize>, HashMap<IndexRef, IndexRefs>)> {
         // A rejected record's index refers to what its raw item names (fail closed), as the
         // reconcile and every alias check read it.
         let rejected: Vec<IndexRef> = (records.iter())
@@ -60,7 +62,7 @@ impl<P: Ports> Exporter<P> {
                 dropped.insert(target.clone(), at);
             }
         }
-        Some(dropped)
+        Some((dropped, raw))
     }
 
     /// An alias record makes the targets it drops as dirty as those it gains: each alias
@@ -76,9 +78,24 @@ impl<P: Ports> Exporter<P> {
         known: &mut HashMap<IndexRef, IndexRefs>,
         deadline: Instant,
     ) -> Vec<Derived> {
-        let Some(dropped) = self.dropped_by(records, known, deadline).await else {
+        let Some((dropped, raw)) = self.dropped_by(records, known, deadline).await else {
             return Vec::new();
         };
+        let mut derived = self
+            .targets_removed(records, known, dropped, deadline)
+            .await;
+        derived.extend(shops_given_up(records, known, &raw));
+        derived
+    }
+
+    /// Each dropped target no live index has as its own, removed again ([`Derived`]).
+    async fn targets_removed(
+        &self,
+        records: &mut Vec<ChangeRecord>,
+        known: &mut HashMap<IndexRef, IndexRefs>,
+        dropped: BTreeMap<String, usize>,
+        deadline: Instant,
+    ) -> Vec<Derived> {
         if dropped.is_empty() {
             return Vec::new();
         }
@@ -121,6 +138,7 @@ impl<P: Ports> Exporter<P> {
                 let remove = Change::RemoveIndex {
                     index: index.clone(),
                     previous_shop: PreviousShop::Known(refs.shops.clone()),
+                    keeps_own_key: false,
                 };
                 known.entry(index.clone()).or_insert(refs);
                 derived.push(Derived {
@@ -136,6 +154,68 @@ impl<P: Ports> Exporter<P> {
             }
         }
         derived
+    }
+}
+
+/// The shops each index whose records in the batch are all rejected no longer holds (recorded in
+/// the ledger, not claimed by its raw item) are given up on behalf of its last record, as the
+/// check gives them up (docs/contract.md, "Checking what landed"): handed to whoever claims
+/// each, or deleted; its own key and the shop its raw item claims stay as they are. A replay of
+/// a record whose check failed, rejected since, so gives up what it handed over (seed 16683).
+fn shops_given_up(
+    records: &mut Vec<ChangeRecord>,
+    known: &HashMap<IndexRef, IndexRefs>,
+    raw: &HashMap<IndexRef, IndexRefs>,
+) -> Vec<Derived> {
+    // Each index's last record and the shops its item claims, while every record is rejected.
+    let mut last: BTreeMap<IndexRef, Option<(usize, BTreeSet<String>)>> = BTreeMap::new();
+    for (at, record) in records.iter().enumerate() {
+        let Some(index) = &record.index else { continue };
+        let claimed = claimed_if_rejected(record, raw.get(index));
+        let last = last
+            .entry(index.clone())
+            .or_insert(Some((at, BTreeSet::new())));
+        *last = last.take().and(claimed.map(|claimed| (at, claimed)));
+    }
+    let mut derived = Vec::new();
+    for (index, last) in last {
+        let (Some((at, claimed)), Some(recorded)) = (last, known.get(&index)) else {
+            continue;
+        };
+        let shops: BTreeSet<String> = recorded.shops.difference(&claimed).cloned().collect();
+        if shops.is_empty() {
+            continue;
+        }
+        let give_up = Change::RemoveIndex {
+            index: index.clone(),
+            previous_shop: PreviousShop::Known(shops),
+            keeps_own_key: true,
+        };
+        derived.push(Derived {
+            at: records.len(),
+            on_behalf_of: at,
+        });
+        records.push(ChangeRecord {
+            sequence_number: None,
+            index: Some(index),
+            created_at: None,
+            decoded: Ok(give_up),
+        });
+    }
+    derived
+}
+
+/// The shops a record's item claims when the record is rejected (as read, or, its shop id no
+/// shop key, as it will be planned); `None` when it may be exported or its item is not read.
+fn claimed_if_rejected(record: &ChangeRecord, raw: Option<&IndexRefs>) -> Option<BTreeSet<String>> {
+    match &record.decoded {
+        Err(Outcome::Rejected(_)) => raw.map(|raw| raw.shops.clone()),
+        Ok(Change::UpsertIndex { settings, .. }) => {
+            let shop = settings.shop_id.as_ref();
+            let shop = shop.filter(|shop| shop_id_problem(shop).is_some())?;
+            Some(BTreeSet::from([shop.clone()]))
+        }
+        _ => None,
     }
 }
 

@@ -179,6 +179,7 @@ pub(super) fn kept_keys(records: &[ChangeRecord], plan: &Plan) -> Vec<Landed> {
         let Ok(Change::RemoveIndex {
             index,
             previous_shop,
+            keeps_own_key,
         }) = &change.decoded
         else {
             continue;
@@ -191,7 +192,8 @@ pub(super) fn kept_keys(records: &[ChangeRecord], plan: &Plan) -> Vec<Landed> {
                 .collect(),
             _ => Vec::new(),
         };
-        let keys = std::iter::once(KvKey::index(index)).chain(shops);
+        let own = (!keeps_own_key).then(|| KvKey::index(index));
+        let keys = own.into_iter().chain(shops);
         landed.extend(
             keys.filter(|key| !plan.ops.contains_key(key))
                 .map(|key| Landed {

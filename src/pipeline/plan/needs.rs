@@ -37,7 +37,9 @@ fn previous_of(change: &mut Change) -> Option<(&IndexRef, &mut PreviousShop)> {
         Change::RemoveIndex {
             index,
             previous_shop,
+            keeps_own_key: false,
         } => Some((index, previous_shop)),
+        // Its shops were settled by whoever made it: the ledger's may hold the one it keeps.
         _ => None,
     }
 }
@@ -157,6 +159,7 @@ fn given_up(change: &Change) -> Option<(&IndexRef, Vec<&String>)> {
         Change::RemoveIndex {
             index,
             previous_shop,
+            ..
         } => match previous_shop {
             PreviousShop::Known(old) => Some((index, old.iter().collect())),
             _ => Some((index, Vec::new())),
