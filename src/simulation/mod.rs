@@ -655,7 +655,10 @@ async fn run_seed(seed: u64, Setup { shards, variety }: Setup) -> Run {
     let removed_under_operators = model.rejected.clone();
     let model = Model::of(&items);
     let mut settled = Model::of(&items);
-    settled.rejected.extend(removed_under_operators);
+    settled
+        .rejected
+        .extend(removed_under_operators.iter().cloned());
+    settled.removed_under_operators = removed_under_operators;
     settled
         .kept
         .extend(aliased_in_the_ledger_only(&world, &items));
@@ -715,8 +718,9 @@ fn aliased_in_the_ledger_only(world: &World, items: &Items) -> Vec<IndexRef> {
 /// contract leaves open (a rejected record's, a kept index's); every shop key serving an index
 /// is in that index's recorded references. Until a reconcile pass (`unchecked`: the keys a
 /// stopped invocation left unchecked, open until then), a key naming an index whose record is
-/// rejected is open (window: a rejected record leaves its keys as they were); after, only
-/// where the model implies nothing, or a shop its raw item claims too.
+/// rejected is open (window: a rejected record leaves its keys as they were), but for a shop
+/// its raw item no longer claims (the stream gives it up); after, only where the model implies
+/// nothing (its own key, a shop its raw item claims), or a shop its raw item claims too.
 fn check(
     world: &World,
     model: &Model,
@@ -750,7 +754,13 @@ fn check(
                 .rejected_shops
                 .contains(&(owner.clone(), at.1.clone()))
         };
-        if rejected.is_some_and(|owner| !reconciled || claims(&owner)) {
+        // Until the reconcile pass, a rejected index's keys are left as they were, but for a
+        // shop its raw item no longer claims: the stream gives that up.
+        let left = |owner: &IndexRef| {
+            let own = at.1 == format!("{}-{}", owner.account, owner.name);
+            at.0 != "settings" || own || model.removed_under_operators.contains(owner)
+        };
+        if rejected.is_some_and(|owner| claims(&owner) || (!reconciled && left(&owner))) {
             continue;
         }
         // Window: a shop a rejected record's raw item claims is left as it was until the
@@ -788,7 +798,13 @@ fn check(
         let open = owner.as_ref().is_some_and(|owner| {
             let own = at.1 == format!("{}-{}", owner.account, owner.name);
             let shop = at.0 == "settings" && !own;
-            model.rejected.contains(owner)
+            // A rejected index's shop its raw item no longer claims is given up (recorded).
+            let rejected_keeps = !shop
+                || model
+                    .rejected_shops
+                    .contains(&(owner.clone(), at.1.clone()))
+                || model.removed_under_operators.contains(owner);
+            (model.rejected.contains(owner) && rejected_keeps)
                 || (model.kept.contains(owner) && (own || (shop && !model.claimed.contains(&at.1))))
         });
         if !open {

@@ -35,6 +35,9 @@ pub struct Model {
     pub claimed: BTreeSet<String>,
     /// The shop each rejected record's raw item claims (the reconcile counts it a claimer).
     pub rejected_shops: BTreeSet<(IndexRef, String)>,
+    /// Indexes an operator's run again found removed (window: its write landed after the
+    /// stream's delete, its check could not read): each of their keys is open.
+    pub removed_under_operators: BTreeSet<IndexRef>,
 }
 
 fn s<'a>(item: &'a Value, name: &str) -> Option<&'a str> {
