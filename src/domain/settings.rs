@@ -186,6 +186,13 @@ pub struct IndexSettings {
 }
 
 impl IndexSettings {
+    /// Why its shop id cannot be a shop key (the record is then rejected as it is planned).
+    pub fn shop_id_problem(&self) -> Option<String> {
+        self.shop_id
+            .as_deref()
+            .and_then(super::validate::shop_id_problem)
+    }
+
     /// What the settings name of other keys: their shop and live alias targets.
     pub fn references(&self) -> IndexRefs {
         IndexRefs {

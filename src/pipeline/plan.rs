@@ -240,7 +240,7 @@ impl<'a> RecordPlanner<'a> {
                 ..
             } => {
                 check_own_key(&settings.index)?;
-                if let Some(reason) = settings.shop_id.as_deref().and_then(shop_id_problem) {
+                if let Some(reason) = settings.shop_id_problem() {
                     return Err(Outcome::Rejected(reason));
                 }
                 let value = Arc::new(self.settings_value(settings)?);

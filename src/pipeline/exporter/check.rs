@@ -13,7 +13,6 @@ use super::reads::Recheck;
 use super::{intents, references, write, Exporter, Prepared, Run};
 use crate::domain::kv::query_config_prefix;
 use crate::domain::qfilter::filter_key;
-use crate::domain::validate::shop_id_problem;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace, TableSpan};
 use crate::pipeline::plan::PlannedOp;
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
@@ -310,9 +309,7 @@ fn as_changes(index: &IndexRef, recheck: &Recheck) -> Vec<ChangeRecord> {
     let settings_keys = (recheck.keys.iter()).any(|l| l.key.namespace == Namespace::Settings);
     // A record whose shop id is no shop key is rejected as it is planned, as the stream's is.
     let valid = (records.iter()).any(|r| match &r.decoded {
-        Ok(Change::UpsertIndex { settings, .. }) => (settings.shop_id.as_deref())
-            .and_then(shop_id_problem)
-            .is_none(),
+        Ok(Change::UpsertIndex { settings, .. }) => settings.shop_id_problem().is_none(),
         _ => false,
     });
     // With nothing left of it in the table, its removal still owns the deletes of what landed;

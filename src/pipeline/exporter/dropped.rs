@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tokio::time::Instant;
 
 use super::Exporter;
-use crate::domain::validate::shop_id_problem;
 use crate::domain::{IndexId, IndexRef};
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::{before_deadline, IndexRefs, Ledger, Ports, SettingsTable};
@@ -167,11 +166,18 @@ fn shops_given_up(
     known: &HashMap<IndexRef, IndexRefs>,
     raw: &HashMap<IndexRef, IndexRefs>,
 ) -> Vec<Derived> {
+    let claimed = |record: &ChangeRecord| {
+        let raw = record.index.as_ref().and_then(|index| raw.get(index));
+        claimed_if_rejected(record, raw)
+    };
+    if !records.iter().any(|record| claimed(record).is_some()) {
+        return Vec::new();
+    }
     // Each index's last record and the shops its item claims, while every record is rejected.
     let mut last: BTreeMap<IndexRef, Option<(usize, BTreeSet<String>)>> = BTreeMap::new();
     for (at, record) in records.iter().enumerate() {
         let Some(index) = &record.index else { continue };
-        let claimed = claimed_if_rejected(record, raw.get(index));
+        let claimed = claimed(record);
         let last = last
             .entry(index.clone())
             .or_insert(Some((at, BTreeSet::new())));
@@ -211,9 +217,8 @@ fn claimed_if_rejected(record: &ChangeRecord, raw: Option<&IndexRefs>) -> Option
     match &record.decoded {
         Err(Outcome::Rejected(_)) => raw.map(|raw| raw.shops.clone()),
         Ok(Change::UpsertIndex { settings, .. }) => {
-            let shop = settings.shop_id.as_ref();
-            let shop = shop.filter(|shop| shop_id_problem(shop).is_some())?;
-            Some(BTreeSet::from([shop.clone()]))
+            settings.shop_id_problem()?;
+            Some(settings.shop_id.iter().cloned().collect())
         }
         _ => None,
     }
