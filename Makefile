@@ -128,9 +128,9 @@ deploy-check: venv
 
 ## The simulation (src/simulation/): SEEDS seeded runs of every writer over the in-memory world
 ## from FIRST (default 0) on SHARDS stream shards (2, or 3), on the plain workload (VARIETY=0),
-## the varied one (1), the wide one (2) or the eventual one (3), checked against the reference
-## model; prints seeds a second and the first seed that fails with its trace (`make test` runs
-## 2,000 plain on two shards, 500 plain on three and 500 eventual on two).
+## the varied one (1), the wide one (2), the eventual one (3) or the hostile one (4), checked
+## against the reference model; prints seeds a second and the first seed that fails with its
+## trace (`make test` runs 2,000 plain on two shards, 500 plain on three and 500 hostile on two).
 SEEDS ?= 20000
 FIRST ?= 0
 SHARDS ?= 2

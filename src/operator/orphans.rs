@@ -269,18 +269,28 @@ impl<'a, P: Ports> Orphans<'a, P> {
             .filter(|(_, refs)| refs.shops.iter().any(|s| wanted.contains(s)))
             .collect();
         // Only a claimer that can be exported writes the shop in its table step: a shop key
-        // only invalid records claim is orphaned, as the stream deletes it.
+        // only invalid records claim (or records whose account has no API key in their cell)
+        // is orphaned, as the stream deletes it.
         let records = exporter.settings_of(claimers.iter().map(|(index, _)| index), deadline);
         let records = records.await?;
+        let settings = records.values().filter_map(|record| match record {
+            TableRecord::Settings {
+                settings: Ok(settings),
+                ..
+            } => Some(&**settings),
+            _ => None,
+        });
+        let keyless = exporter.without_api_key(settings, deadline).await;
         let valid = |index: &IndexRef| {
             let record = records.get(index);
-            matches!(
+            let decoded = matches!(
                 record,
                 Some(TableRecord::Settings {
                     settings: Ok(_),
                     ..
                 })
-            )
+            );
+            decoded && !keyless.contains(index)
         };
         Ok((claimers.into_iter())
             .filter(|(index, _)| valid(index))

@@ -201,9 +201,9 @@ impl Model {
                 }
             }
         }
-        // "Validation": an index whose endpoint is not https, whose shop id is no shop, or
-        // whose aliases cannot be read or hold a weight that is not a finite number, is
-        // rejected.
+        // "Validation": an index whose endpoint is not https, whose shop id is no shop, whose
+        // aliases cannot be read or hold a weight that is not a finite number, or whose account
+        // has no API key in its cell, is rejected.
         let finite = |item: &Value| {
             let weights = reads(item)
                 .map(|(_, _, weights)| weights)
@@ -213,7 +213,9 @@ impl Model {
         let valid = |item: &Value| {
             let endpoint = s(item, "index_endpoint").is_some_and(|e| e.starts_with("https://"));
             let shop = s(item, "shop_id").is_none_or(is_shop);
-            endpoint && shop && finite(item) && !unreadable(item)
+            // An account has no API key in the hostile workload's `gone` cell.
+            let api_key = s(item, "cell") != Some(super::GONE_CELL);
+            endpoint && shop && finite(item) && !unreadable(item) && api_key
         };
         let mut by_shop: BTreeMap<String, Vec<Value>> = BTreeMap::new();
         let mut read: BTreeSet<String> = BTreeSet::new();

@@ -224,6 +224,10 @@ impl ApiKeySource for Sim {
     async fn fetch(&self, cell: &AccountCell) -> Result<ApiKey, PortError> {
         self.0.go(self.1, "api key").await?;
         Ok(ApiKey::new(match cell.cell.as_str() {
+            super::GONE_CELL => {
+                let reason = format!("no API key for {} in cell gone", cell.account);
+                return Err(PortError::NotFound(reason));
+            }
             "default" => format!("key-{}", cell.account),
             other => format!("key-{}@{other}", cell.account),
         }))

@@ -516,3 +516,40 @@ async fn an_aliased_removed_index_keeps_its_own_key_and_its_unclaimed_shop_key()
         );
     }
 }
+
+/// A shop key whose index moved away, that only an index whose account has no API key claims
+/// (its record rejected as it is planned): the pass finds it orphaned and deletes it, as the
+/// stream would; it never keeps serving the index that left. Fails when a claimer counts as
+/// one that writes the shop because its record decodes (seed 846 of the hostile workload).
+#[tokio::test]
+async fn a_shop_key_only_an_index_without_an_api_key_claims_is_orphaned() {
+    const SHOP: &str = "shop-s.myshopify.com";
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "leaving", Some(SHOP))).await;
+    h.export_stream().await;
+    h.put(index_item("acct-2", "keyless", Some(SHOP))).await;
+    let rejected = h.export_stream().await;
+    assert_eq!(rejected["batchItemFailures"], json!([]), "{rejected}");
+    // The move's stream record lost: the shop key still serves the index that left.
+    h.put(index_item(
+        "acct-1",
+        "leaving",
+        Some("shop-t.myshopify.com"),
+    ))
+    .await;
+    h.stream_records().await;
+    assert_eq!(h.settings(SHOP).unwrap()["index_name"], "leaving");
+
+    let answer = reconcile(&h, json!({"repair": true})).await;
+
+    let samples = &answer["samples"]["settings"];
+    assert_eq!(samples["orphaned"], json!([SHOP]), "{answer}");
+    assert_eq!(h.settings(SHOP), None, "{answer}");
+    assert_eq!(
+        h.settings("shop-t.myshopify.com").unwrap()["index_name"],
+        "leaving"
+    );
+    let again = reconcile(&h, json!({})).await;
+    assert_eq!(again["counts"]["settings"]["orphaned"], 0, "{again}");
+}

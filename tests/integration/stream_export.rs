@@ -470,11 +470,14 @@ async fn warm_invocations_reuse_the_api_key() {
 #[tokio::test]
 async fn a_rejected_record_s_index_gives_up_the_shop_it_no_longer_claims() {
     const SHOP: &str = "shop-s.myshopify.com";
-    let edits: [(&str, &str); 2] = [
-        ("index_endpoint", "http://acct-a.idx.example"),
-        ("shop_id", "Shop-T.myshopify.com"),
+    // The third with an override of the index in the same batch: it says nothing of the
+    // index's shops (seed 203 of the hostile workload: it kept the shop from being given up).
+    let edits: [(&str, &str, bool); 3] = [
+        ("index_endpoint", "http://acct-a.idx.example", false),
+        ("shop_id", "Shop-T.myshopify.com", false),
+        ("index_endpoint", "http://acct-a.idx.example", true),
     ];
-    for (field, value) in edits {
+    for (field, value, with_override) in edits {
         let mut h = Harness::new().await;
         h.keys.set_key("acct", "marqo-key");
         h.put(index_item("acct", "b", Some(SHOP))).await;
@@ -485,6 +488,9 @@ async fn a_rejected_record_s_index_gives_up_the_shop_it_no_longer_claims() {
 
         let mut invalid = index_item("acct", "a", Some("shop-t.myshopify.com"));
         invalid[field] = json!({ "S": value });
+        if with_override {
+            h.put(query_item("acct", "a", "shoes")).await;
+        }
         h.put(invalid).await;
         let logs = Logs::capture();
         let answer = h.export_stream().await;

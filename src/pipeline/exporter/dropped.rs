@@ -176,7 +176,10 @@ fn shops_given_up(
     // Each index's last record and the shops its item claims, while every record is rejected.
     let mut last: BTreeMap<IndexRef, Option<(usize, BTreeSet<String>)>> = BTreeMap::new();
     for (at, record) in records.iter().enumerate() {
-        let Some(index) = &record.index else { continue };
+        // An override's record says nothing of its index's shops (seed 203, hostile).
+        let Some(index) = record.index.as_ref().filter(|_| !is_override(record)) else {
+            continue;
+        };
         let claimed = claimed(record);
         let last = last
             .entry(index.clone())
@@ -209,6 +212,14 @@ fn shops_given_up(
         });
     }
     derived
+}
+
+/// A record of an override, as its item is now.
+fn is_override(record: &ChangeRecord) -> bool {
+    matches!(
+        record.decoded,
+        Ok(Change::UpsertQuery(_) | Change::RemoveQuery { .. })
+    )
 }
 
 /// The shops a record's item claims when the record is rejected (as read, or, its shop id no

@@ -9,7 +9,9 @@ use futures::StreamExt as _;
 use tokio::time::Instant;
 
 use super::Exporter;
-use crate::domain::{IndexRef, IndexRefs, Namespace, TableKey, TableRecord, TableSpan};
+use crate::domain::TableSpan;
+use crate::domain::{IndexRef, IndexRefs, IndexSettings, Namespace, TableKey, TableRecord};
+use crate::pipeline::plan::account_cell;
 use crate::pipeline::records::ChangeRecord;
 use crate::ports::SettingsTable;
 use crate::ports::{before_deadline, PortError, Ports};
@@ -175,6 +177,26 @@ impl<P: Ports> Exporter<P> {
                 _ => None,
             })
             .collect())
+    }
+
+    /// Of these settings, those whose account has no API key in their cell (the API keys
+    /// service says so: their records are rejected as they are planned). A lookup that fails
+    /// for now counts as a key.
+    pub async fn without_api_key<'s>(
+        &self,
+        settings: impl IntoIterator<Item = &'s IndexSettings>,
+        deadline: Instant,
+    ) -> HashSet<IndexRef> {
+        let cell = &self.options.default_cell;
+        let cell_of = |s: &IndexSettings| account_cell(&s.index.account, s.cell.as_deref(), cell);
+        let settings: Vec<&IndexSettings> = settings.into_iter().collect();
+        let wanted = settings.iter().map(|s| cell_of(s)).collect();
+        let (keys, _) = self.api_keys.lookup_all(wanted, false, deadline).await;
+        let missing = |s: &IndexSettings| matches!(keys.get(&cell_of(s)), Some(Err(error)) if !error.is_transient());
+        (settings.into_iter())
+            .filter(|s| missing(s))
+            .map(|s| s.index.clone())
+            .collect()
     }
 
     /// What the settings records of `indexes` name (their shops and live aliases), for those
