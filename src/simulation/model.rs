@@ -35,9 +35,9 @@ pub struct Model {
     pub claimed: BTreeSet<String>,
     /// The shop each rejected record's raw item claims (the reconcile counts it a claimer).
     pub rejected_shops: BTreeSet<(IndexRef, String)>,
-    /// Indexes an operator's run again found removed (window: its write landed after the
-    /// stream's delete, its check could not read): each of their keys is open.
-    pub removed_under_operators: BTreeSet<IndexRef>,
+    /// Indexes each of whose keys is open until the reconcile pass (once the writers settled:
+    /// every rejected index, and those an operator's run again found removed).
+    pub open_until_reconcile: BTreeSet<IndexRef>,
 }
 
 fn s<'a>(item: &'a Value, name: &str) -> Option<&'a str> {
