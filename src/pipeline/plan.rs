@@ -268,7 +268,9 @@ impl<'a> RecordPlanner<'a> {
                     .filter(|alias| **alias != index)
                     .map(|alias| (*alias).clone())
                     .collect();
-                let kept = !referenced_by.is_empty();
+                // An alias keeps a removed index, not a rejected one's shops it no longer holds
+                // (the reconcile protects no key of an index with a settings record either).
+                let kept = !referenced_by.is_empty() && !keeps_own_key;
                 if !kept && !keeps_own_key {
                     // Its filter and query configs follow its override records, not this one.
                     self.ops.push((KvKey::index(index), KvAction::Delete));

@@ -35,8 +35,10 @@ pub struct Model {
     pub claimed: BTreeSet<String>,
     /// The shop each rejected record's raw item claims (the reconcile counts it a claimer).
     pub rejected_shops: BTreeSet<(IndexRef, String)>,
-    /// Indexes each of whose keys is open until the reconcile pass (once the writers settled:
-    /// every rejected index, and those an operator's run again found removed).
+    /// Indexes each of whose keys is open until the reconcile pass: those an operator's run
+    /// again found removed (window: its write landed after the stream's delete, its check could
+    /// not read), and those whose record is rejected only as it is planned (its account has no
+    /// API key in its cell: the stream gives up nothing for it, "Validation").
     pub open_until_reconcile: BTreeSet<IndexRef>,
 }
 
@@ -225,6 +227,9 @@ impl Model {
             let live = live_targets(item).into_iter();
             read.extend(live.filter(|t| *t != index.id().0));
             if !valid(item) {
+                if s(item, "cell") == Some(super::GONE_CELL) {
+                    model.open_until_reconcile.insert(index.clone());
+                }
                 model.rejected.insert(index.clone());
                 if let Some(shop) = s(item, "shop_id") {
                     model

@@ -462,6 +462,47 @@ async fn warm_invocations_reuse_the_api_key() {
     assert!(h.settings("acct-1-b").is_some());
 }
 
+/// An enabled alias reads `a`, on shop s; `a` moves to shop t in a record rejected as invalid.
+/// An alias keeps a removed index, not a rejected one's shop it no longer claims: s is deleted
+/// (nobody else claims it), as the reconcile would; `a`'s own key, which the alias reads, keeps
+/// its last good value. Fails when the give-up is kept for the alias (seed 804 of the wide
+/// workload: s kept serving `a` until the reconcile pass).
+#[tokio::test]
+async fn a_rejected_index_an_alias_reads_still_gives_up_the_shop_it_no_longer_claims() {
+    const SHOP: &str = "shop-s.myshopify.com";
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct", "marqo-key");
+    h.put(index_item("acct", "a", Some(SHOP))).await;
+    let mut reader = index_item("acct", "reader", None);
+    reader["index_aliases"] = json!({"M": {"doc_reads": {"M": {"enabled": {"BOOL": true},
+        "targets": {"L": [{"M": {"index_id": {"S": "acct-a"}}}]}}}}});
+    h.put(reader).await;
+    h.export_stream().await;
+    assert_eq!(h.settings(SHOP).unwrap()["index_name"], "a");
+
+    let mut invalid = index_item("acct", "a", Some("shop-t.myshopify.com"));
+    invalid["index_endpoint"] = json!({"S": "http://acct-a.idx.example"});
+    h.put(invalid).await;
+    let answer = h.export_stream().await;
+
+    assert_eq!(answer["batchItemFailures"], json!([]), "{answer}");
+    assert_eq!(
+        h.settings(SHOP),
+        None,
+        "the shop the table no longer names for `a`"
+    );
+    assert_eq!(h.settings("shop-t.myshopify.com"), None);
+    assert_eq!(
+        h.settings("acct-a").unwrap()["shop_id"],
+        SHOP,
+        "its last good value"
+    );
+    let reconcile = h.invoke(json!({"mode": "reconcile", "repair": true})).await;
+    let settings = &reconcile["counts"]["settings"];
+    assert_eq!(settings["orphaned"], 0, "{reconcile}");
+    assert_eq!(settings["stale"], 0, "{reconcile}");
+}
+
 /// `a` and `b` both claim shop s, `a`'s value on it (written last). `a` moves to shop t in a
 /// record rejected as invalid (an `http` endpoint, or a shop id that is no shop key): the record
 /// is rejected, and `a` gives up s all the same, as the table no longer names it there (the
