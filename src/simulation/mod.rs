@@ -984,8 +984,13 @@ const FOUND: [u64; 23] = [
 /// reconcile pass: such a claimer cannot be exported, so the key is orphaned); 804, wide, on
 /// two, and 901, hostile, on three (a rejected index an alias reads kept the shops it no longer
 /// claims, its give-up kept for the alias: an alias keeps a removed index's keys only; the
-/// settled check that found them had never run until this model exemption was fixed).
-const FOUND_WIDER: [(u64, usize, Variety); 9] = [
+/// settled check that found them had never run until this model exemption was fixed);
+/// 579, eventual, on three (a backfill's check could not plan the give-up of an index rejected
+/// since, and the rejected record's outcome hid the failure: the shop stayed, the run reported
+/// nothing; a failure now decides over a rejected record of the same index); 1436, plain, on
+/// three (a rejected record's raw item could not be read and its give-up was dropped silently,
+/// the batch done: the record is now reported for retry).
+const FOUND_WIDER: [(u64, usize, Variety); 11] = [
     (2177, 3, Variety::Varied),
     (1479, 3, Variety::Wide),
     (8291, 3, Variety::Wide),
@@ -995,6 +1000,8 @@ const FOUND_WIDER: [(u64, usize, Variety); 9] = [
     (846, 2, Variety::Hostile),
     (804, 2, Variety::Wide),
     (901, 3, Variety::Hostile),
+    (579, 3, Variety::Eventual),
+    (1436, 3, Variety::Plain),
 ];
 
 #[test]

@@ -240,16 +240,21 @@ fn differing(
     report: &mut BatchReport,
 ) -> (BTreeMap<KvKey, usize>, Vec<(IndexRef, Referred)>) {
     // A failed, rejected or kept record plans no key: those of its index fail with it, or stay.
-    let unplanned: BTreeMap<&IndexRef, &Outcome> = (prepared.records.iter())
-        .zip(&prepared.plan.outcomes)
-        .filter(|(_, outcome)| {
-            matches!(
-                outcome,
-                Outcome::Failed(_) | Outcome::Rejected(_) | Outcome::Kept { .. }
-            )
-        })
-        .filter_map(|(record, outcome)| Some((record.index.as_ref()?, outcome)))
-        .collect();
+    // A failure decides over a rejected record of the same index (a rejected index's give-up
+    // that could not be planned, seed 579): its key is retried, never left.
+    let mut unplanned: BTreeMap<&IndexRef, &Outcome> = BTreeMap::new();
+    for (record, outcome) in prepared.records.iter().zip(&prepared.plan.outcomes) {
+        let Some(index) = record.index.as_ref() else {
+            continue;
+        };
+        match outcome {
+            Outcome::Failed(_) => _ = unplanned.insert(index, outcome),
+            Outcome::Rejected(_) | Outcome::Kept { .. } => {
+                unplanned.entry(index).or_insert(outcome);
+            }
+            _ => {}
+        }
+    }
     let (mut differ, mut stay) = (BTreeMap::new(), Vec::new());
     for landed in landed {
         let Some(op) = prepared.plan.ops.get(&landed.key) else {

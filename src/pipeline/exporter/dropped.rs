@@ -11,34 +11,31 @@ use tokio::time::Instant;
 use super::Exporter;
 use crate::domain::{IndexId, IndexRef};
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
-use crate::ports::{before_deadline, IndexRefs, Ledger, Ports, SettingsTable};
+use crate::ports::{before_deadline, IndexRefs, Ledger, PortError, Ports, SettingsTable};
 use crate::report::Outcome;
 
 impl<P: Ports> Exporter<P> {
     /// Each alias target the records' indexes drop (recorded, and no longer named by the
-    /// record as the table holds it now), with the last record that drops it (`None`: a
-    /// rejected record's raw item could not be read).
+    /// record as the table holds it now), with the last record that drops it; and what the raw
+    /// items of rejected records name (read fail closed).
     async fn dropped_by(
         &self,
         records: &[ChangeRecord],
         known: &HashMap<IndexRef, IndexRefs>,
         deadline: Instant,
-    ) -> Option<(BTreeMap<String, usize>, HashMap<IndexRef, IndexRefs>)> {
+    ) -> Result<(BTreeMap<String, usize>, HashMap<IndexRef, IndexRefs>), PortError> {
         // A rejected record's index refers to what its raw item names (fail closed), as the
         // reconcile and every alias check read it.
         let rejected: Vec<IndexRef> = (records.iter())
-            .filter(|record| matches!(record.decoded, Err(Outcome::Rejected(_))))
-            .filter_map(|record| record.index.clone().filter(|i| known.contains_key(i)))
+            .filter(|record| is_rejected(record, known))
+            .filter_map(|record| record.index.clone())
             .collect();
         let raw: HashMap<IndexRef, IndexRefs> = match rejected.is_empty() {
             true => HashMap::new(),
             false => {
                 let read = self.table.index_references(&rejected);
-                match before_deadline(deadline, "dropped alias targets", read).await {
-                    Ok(raw) => raw.into_iter().collect(),
-                    // Left to the index's next record, or the next reconcile pass.
-                    Err(_) => return None,
-                }
+                let raw = before_deadline(deadline, "dropped alias targets", read).await?;
+                raw.into_iter().collect()
             }
         };
         // Each dropped target with the last record of the index that dropped it.
@@ -61,7 +58,7 @@ impl<P: Ports> Exporter<P> {
                 dropped.insert(target.clone(), at);
             }
         }
-        Some((dropped, raw))
+        Ok((dropped, raw))
     }
 
     /// An alias record makes the targets it drops as dirty as those it gains: each alias
@@ -77,8 +74,16 @@ impl<P: Ports> Exporter<P> {
         known: &mut HashMap<IndexRef, IndexRefs>,
         deadline: Instant,
     ) -> Vec<Derived> {
-        let Some((dropped, raw)) = self.dropped_by(records, known, deadline).await else {
-            return Vec::new();
+        let (dropped, raw) = match self.dropped_by(records, known, deadline).await {
+            Ok(found) => found,
+            Err(error) => {
+                // Retried, never given up silently: the replay reads them again (seed 1436).
+                let what = "what its index no longer names could not be read: ";
+                for record in records.iter_mut().filter(|r| is_rejected(r, known)) {
+                    record.decoded = Err(Outcome::of_port_error(&error, what));
+                }
+                return Vec::new();
+            }
         };
         let mut derived = self
             .targets_removed(records, known, dropped, deadline)
@@ -212,6 +217,12 @@ fn shops_given_up(
         });
     }
     derived
+}
+
+/// A rejected record of an index the ledger records: what it no longer names may be given up.
+fn is_rejected(record: &ChangeRecord, known: &HashMap<IndexRef, IndexRefs>) -> bool {
+    let recorded = record.index.as_ref().is_some_and(|i| known.contains_key(i));
+    recorded && matches!(record.decoded, Err(Outcome::Rejected(_)))
 }
 
 /// A record of an override, as its item is now.
