@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use super::classify::{could_be_written, owner_in_value, Class, Drift};
 use crate::domain::kv::{is_query_config_key_of, query_config_prefix, KeyMetadata};
 use crate::domain::qfilter::filter_key;
-use crate::domain::{IndexRef, KvKey, Namespace, TableKey, TableRecord};
+use crate::domain::{IndexRef, IndexSettings, KvKey, Namespace, TableKey, TableRecord};
 use crate::pipeline::exporter::{Exporter, Prepared, CONCURRENT_QUERIES};
 use crate::ports::{IndexRefs, KvStore as _, ListedKey, PortError, Ports, Referred};
 
@@ -273,27 +273,24 @@ impl<'a, P: Ports> Orphans<'a, P> {
         // is orphaned, as the stream deletes it.
         let records = exporter.settings_of(claimers.iter().map(|(index, _)| index), deadline);
         let records = records.await?;
-        let settings = records.values().filter_map(|record| match record {
-            TableRecord::Settings {
-                settings: Ok(settings),
-                ..
-            } => Some(&**settings),
-            _ => None,
-        });
-        let keyless = exporter.without_api_key(settings, deadline).await;
-        let valid = |index: &IndexRef| {
-            let record = records.get(index);
-            let decoded = matches!(
-                record,
-                Some(TableRecord::Settings {
-                    settings: Ok(_),
+        let decoded: Vec<&IndexSettings> = (records.values())
+            .filter_map(|record| match record {
+                TableRecord::Settings {
+                    settings: Ok(settings),
                     ..
-                })
-            );
-            decoded && !keyless.contains(index)
-        };
+                } => Some(&**settings),
+                _ => None,
+            })
+            .collect();
+        let keyless = exporter
+            .without_api_key(decoded.iter().copied(), deadline)
+            .await;
+        let exportable: HashSet<&IndexRef> = (decoded.iter())
+            .map(|settings| &settings.index)
+            .filter(|index| !keyless.contains(*index))
+            .collect();
         Ok((claimers.into_iter())
-            .filter(|(index, _)| valid(index))
+            .filter(|(index, _)| exportable.contains(index))
             .flat_map(|(_, refs)| refs.shops)
             .filter(|s| wanted.contains(s))
             .collect())

@@ -248,7 +248,9 @@ fn differing(
             continue;
         };
         match outcome {
-            Outcome::Failed(_) => _ = unplanned.insert(index, outcome),
+            Outcome::Failed(_) => {
+                unplanned.insert(index, outcome);
+            }
             Outcome::Rejected(_) | Outcome::Kept { .. } => {
                 unplanned.entry(index).or_insert(outcome);
             }

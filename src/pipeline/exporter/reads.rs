@@ -192,7 +192,10 @@ impl<P: Ports> Exporter<P> {
         let settings: Vec<&IndexSettings> = settings.into_iter().collect();
         let wanted = settings.iter().map(|s| cell_of(s)).collect();
         let (keys, _) = self.api_keys.lookup_all(wanted, false, deadline).await;
-        let missing = |s: &IndexSettings| matches!(keys.get(&cell_of(s)), Some(Err(error)) if !error.is_transient());
+        let missing = |s: &IndexSettings| match keys.get(&cell_of(s)) {
+            Some(Err(error)) => !error.is_transient(),
+            _ => false,
+        };
         (settings.into_iter())
             .filter(|s| missing(s))
             .map(|s| s.index.clone())
