@@ -131,12 +131,15 @@ impl KvStore for MemoryKv {
     }
 }
 
-/// Every account has the key `k`.
+/// Every account has the key `k`, but in the cell `gone`, where none has a key.
 pub struct SameKey;
 
 impl ApiKeySource for SameKey {
-    async fn fetch(&self, _: &AccountCell) -> Result<ApiKey, PortError> {
-        Ok(ApiKey::new("k"))
+    async fn fetch(&self, wanted: &AccountCell) -> Result<ApiKey, PortError> {
+        match wanted.cell.as_str() {
+            "gone" => Err(PortError::NotFound("no API key in cell gone".into())),
+            _ => Ok(ApiKey::new("k")),
+        }
     }
 }
 

@@ -290,11 +290,14 @@ impl<P: Ports> Exporter<P> {
         deadline: Instant,
     ) -> BatchReport {
         let (mut records, mut known) = self.read_now(records, deadline).await;
+        let api_keys = self.api_keys_first(&mut records, Run::STREAM, deadline);
+        let api_keys = Some(api_keys.await);
         let derived = match known.as_mut() {
             Some(known) => self.dropped_targets(&mut records, known, deadline).await,
             None => Vec::new(),
         };
-        let mut prepared = (self.snapshot_and_plan(records, known, Run::STREAM, deadline)).await;
+        let plan = self.snapshot_and_plan(records, known, api_keys, Run::STREAM, deadline);
+        let mut prepared = plan.await;
         prepared.derived = derived;
         self.apply(prepared, deadline).await
     }
@@ -353,23 +356,27 @@ impl<P: Ports> Exporter<P> {
         let indexes = references::left_by(&records).into_iter().flatten();
         let indexes = indexes.map(|(index, _)| index).collect();
         match self.known_refs(indexes, run, deadline).await {
-            Ok(known) => self.snapshot_and_plan(records, known, run, deadline).await,
+            Ok(known) => {
+                self.snapshot_and_plan(records, known, None, run, deadline)
+                    .await
+            }
             // Nothing could then be recorded: the batch is retried, never exported without.
             Err(error) => Prepared::none_sent(records, run, error),
         }
     }
 
-    /// Stages 2 and 3: the snapshot read, then the plan made from it, beside what the ledger
-    /// recorded of the records' indexes (`known_refs`, when the run keeps references).
+    /// Stages 2 and 3: the snapshot read (the API keys looked up first, if they were), then the
+    /// plan made from it, beside what the ledger recorded of the records' indexes (`known_refs`).
     async fn snapshot_and_plan(
         &self,
         mut records: Vec<ChangeRecord>,
         known_refs: Option<HashMap<IndexRef, IndexRefs>>,
+        api_keys: Option<snapshot::ApiKeys>,
         run: Run,
         deadline: Instant,
     ) -> Prepared {
         let known = known_refs.as_ref();
-        let snapshot = self.snapshot(&mut records, known, run, deadline);
+        let snapshot = self.snapshot(&mut records, known, api_keys, run, deadline);
         let (snapshot, api_keys) = snapshot.await;
         let plan = plan::plan(&records, &snapshot, &self.options.default_cell);
         for (owner, note) in &plan.notes {

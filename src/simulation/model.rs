@@ -37,8 +37,7 @@ pub struct Model {
     pub rejected_shops: BTreeSet<(IndexRef, String)>,
     /// Indexes each of whose keys is open until the reconcile pass: those an operator's run
     /// again found removed (window: its write landed after the stream's delete, its check could
-    /// not read), and those whose record is rejected only as it is planned (its account has no
-    /// API key in its cell: the stream gives up nothing for it, "Validation").
+    /// not read).
     pub open_until_reconcile: BTreeSet<IndexRef>,
 }
 
@@ -227,9 +226,6 @@ impl Model {
             let live = live_targets(item).into_iter();
             read.extend(live.filter(|t| *t != index.id().0));
             if !valid(item) {
-                if s(item, "cell") == Some(super::GONE_CELL) {
-                    model.open_until_reconcile.insert(index.clone());
-                }
                 model.rejected.insert(index.clone());
                 if let Some(shop) = s(item, "shop_id") {
                     model

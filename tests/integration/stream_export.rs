@@ -509,6 +509,38 @@ async fn a_rejected_index_an_alias_reads_still_gives_up_the_shop_it_no_longer_cl
 /// shops the ledger records for `a` that its item no longer claims); s goes to `b`, which
 /// claims it. `a`'s own key keeps its last good value, and a reconcile finds nothing to repair.
 #[tokio::test]
+async fn an_index_whose_account_lost_its_api_key_gives_up_the_shop_it_no_longer_claims() {
+    const SHOP: &str = "shop-s.myshopify.com";
+    let mut h = Harness::new().await;
+    h.keys.set_key("acct", "marqo-key");
+    h.keys.set_key("other", "other-key");
+    h.put(index_item("other", "b", Some(SHOP))).await;
+    h.export_stream().await;
+    h.put(index_item("acct", "a", Some(SHOP))).await;
+    h.export_stream().await;
+    assert_eq!(h.settings(SHOP).unwrap()["index_name"], "a");
+
+    // The index moves to a cell where its account has no API key, and to another shop: it is
+    // rejected only as it is planned (the lookup answers 404), and still gives `SHOP` up.
+    let not_found = ecom_emulators::api_keys::Behaviour::Status { status: 404 };
+    h.keys.set_behaviour("acct", Some(not_found));
+    let mut moved = index_item("acct", "a", Some("shop-t.myshopify.com"));
+    moved["cell"] = json!({ "S": "c2" });
+    h.put(moved).await;
+    let logs = Logs::capture();
+    let answer = h.export_stream().await;
+
+    assert_eq!(answer["batchItemFailures"], json!([]), "{answer}");
+    let rejected = logs.matching("record rejected");
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert!(rejected[0].contains("no API key"), "{}", rejected[0]);
+    assert_eq!(h.settings(SHOP).unwrap()["index_name"], "b");
+    assert_eq!(h.settings("shop-t.myshopify.com"), None);
+    let own = h.settings("acct-a").unwrap();
+    assert_eq!(own["shop_id"], SHOP, "its last good value");
+}
+
+#[tokio::test]
 async fn a_rejected_record_s_index_gives_up_the_shop_it_no_longer_claims() {
     const SHOP: &str = "shop-s.myshopify.com";
     // The third with an override of the index in the same batch: it says nothing of the

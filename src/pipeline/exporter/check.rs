@@ -186,6 +186,12 @@ impl<P: Ports> Exporter<P> {
         // The indexes with a settings record last: on a key two of them decide (an own key
         // whose id names both), an index's value wins over another's removal.
         by_index.sort_by_key(|(_, recheck)| recheck.settings);
+        // An index whose account has no API key now is rejected before its give-up is planned,
+        // as a record rejected on reading is (seed 11460 of the hostile workload).
+        let now = by_index
+            .iter_mut()
+            .flat_map(|(_, recheck)| &mut recheck.records);
+        let api_keys = self.api_keys_first(now, run, deadline).await;
         let mut records = Vec::new();
         let mut indexes = Vec::new();
         let mut landed = Vec::new();
@@ -198,7 +204,8 @@ impl<P: Ports> Exporter<P> {
             return (None, landed);
         }
         // Stages 2 and 3 again (a check records no intents: what it writes was recorded).
-        let mut prepared = self.snapshot_and_plan(records, None, run, deadline).await;
+        let prepared = self.snapshot_and_plan(records, None, Some(api_keys), run, deadline);
+        let mut prepared = prepared.await;
         let deletes = removed_overrides(&prepared.plan.ops, &landed, &indexes);
         // Owned by a record of their own: the index's settings record may be rejected.
         prepared.delete_by_own_record("overrides gone from the table", deletes);

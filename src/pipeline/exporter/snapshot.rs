@@ -9,12 +9,13 @@ use futures::StreamExt as _;
 use tokio::time::Instant;
 
 use super::{Exporter, Run, CONCURRENT_QUERIES};
-use crate::domain::AccountCell;
+use crate::domain::{AccountCell, ApiKey};
 use crate::domain::{IndexRef, KvKey, Namespace, TableKey, TableRecord};
 use crate::pipeline::plan::{self, Snapshot};
 use crate::pipeline::records::{Change, ChangeRecord, Changed};
 use crate::ports::{before_deadline, KvStore, LookupCounts, Ports};
 use crate::ports::{IndexRefs, Ledger, PortError, SettingsTable};
+use crate::report::Outcome;
 
 impl<P: Ports> Exporter<P> {
     /// The queries of each index's overrides: from the batch when it holds them all, else a
@@ -124,11 +125,48 @@ impl<P: Ports> Exporter<P> {
         &self,
         records: &mut [ChangeRecord],
         known: Option<&HashMap<IndexRef, IndexRefs>>,
+        api_keys: Option<ApiKeys>,
         run: Run,
         deadline: Instant,
     ) -> (Snapshot, LookupCounts) {
         self.settle_previous_shops(records, known, deadline).await;
-        self.look_up(records, run, deadline).await
+        let api_keys = api_keys.unwrap_or_default();
+        self.look_up(records, api_keys, run, deadline).await
+    }
+
+    /// API keys looked up before what a batch gives up is worked out (the stream's, a check's):
+    /// a record whose account has no API key in its cell is rejected then, as the plan would
+    /// reject it, so that its index gives up the shops it no longer claims as every rejected
+    /// record's does.
+    pub(super) async fn api_keys_first<'r>(
+        &self,
+        records: impl IntoIterator<Item = &'r mut ChangeRecord>,
+        run: Run,
+        deadline: Instant,
+    ) -> ApiKeys {
+        let cell = &self.options.default_cell;
+        let records: Vec<(&mut ChangeRecord, AccountCell)> = (records.into_iter())
+            .filter_map(|record| {
+                let Ok(Change::UpsertIndex { settings, .. }) = &record.decoded else {
+                    return None;
+                };
+                let wanted =
+                    plan::account_cell(&settings.index.account, settings.cell.as_deref(), cell);
+                Some((record, wanted))
+            })
+            .collect();
+        let wanted = records.iter().map(|(_, wanted)| wanted.clone()).collect();
+        let fresh = run.fresh_api_keys;
+        let (keys, counts) = self.api_keys.lookup_all(wanted, fresh, deadline).await;
+        for (record, wanted) in records {
+            match keys.get(&wanted) {
+                Some(Err(error)) if !error.is_transient() => {
+                    record.decoded = Err(Outcome::of_port_error(error, ""));
+                }
+                _ => {}
+            }
+        }
+        ApiKeys { keys, counts }
     }
 
     /// Settles each record's previous shop the stream did not give: from an earlier record of
@@ -153,14 +191,21 @@ impl<P: Ports> Exporter<P> {
     async fn look_up(
         &self,
         records: &[ChangeRecord],
+        ApiKeys { keys, mut counts }: ApiKeys,
         run: Run,
         deadline: Instant,
     ) -> (Snapshot, LookupCounts) {
         let wanted = plan::api_keys_wanted(records, &self.options.default_cell);
+        let wanted = wanted
+            .into_iter()
+            .filter(|w| !keys.contains_key(w))
+            .collect();
         let fresh = run.fresh_api_keys;
-        let (api_keys, mut counts) = self.api_keys.lookup_all(wanted, fresh, deadline).await;
+        let (api_keys, more) = self.api_keys.lookup_all(wanted, fresh, deadline).await;
+        counts.calls += more.calls;
+        counts.cache_hits += more.cache_hits;
         let mut snapshot = Snapshot {
-            api_keys,
+            api_keys: keys.into_iter().chain(api_keys).collect(),
             ..Snapshot::default()
         };
         // Who aliases what is removed, who claims a shop given up: the ledger's candidates
@@ -244,6 +289,13 @@ impl<P: Ports> Exporter<P> {
         snapshot.claimers.extend(read);
         counts
     }
+}
+
+/// API keys a batch looked up before its snapshot (the stream's), and what that took.
+#[derive(Default)]
+pub(super) struct ApiKeys {
+    keys: HashMap<AccountCell, Result<ApiKey, PortError>>,
+    counts: LookupCounts,
 }
 
 /// The shop id in a settings value as this function wrote it; anything else claims none.
