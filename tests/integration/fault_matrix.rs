@@ -661,3 +661,50 @@ async fn a_throttled_dynamodb_call_of_any_kind_is_tried_again_and_a_permanent_on
     assert_eq!(refused.count(), 1);
 }
 }
+
+crate::on_both_views! {
+/// A rejected record whose raw item cannot be read (what its index no longer claims) is
+/// reported for retry, never counted done with its old shop still serving it; its retry gives
+/// the shop up (seed 1436 of the simulation's plain workload).
+async fn a_rejected_record_whose_raw_item_cannot_be_read_is_retried(view) {
+    use ecom_emulators::dynamo_proxy::DynamoFault;
+    const SHOP: &str = "shop-s.myshopify.com";
+    let mut h = Harness::with_view(view).await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "products", Some(SHOP))).await;
+    h.export_stream().await;
+    let mut invalid = index_item("acct-1", "products", Some("shop-t.myshopify.com"));
+    invalid["index_endpoint"] = json!({ "S": "http://acct-1.idx.example" });
+    h.put(invalid).await;
+    let records = h.stream_records().await;
+    let ProxiedFunction {
+        dynamodb,
+        runtime,
+        function,
+    } = behind_a_dynamodb_proxy(&h).await;
+    // The records' items are read; every later read of the settings table's items fails.
+    let table = format!("={}", h.table);
+    let read = Some("BatchGetItem");
+    dynamodb.inject(read, Some(&table), DynamoFault::Delay(Duration::ZERO), 1);
+    let down = DynamoFault::Fail {
+        status: 500,
+        error_type: "InternalServerError".into(),
+    };
+    dynamodb.inject(read, Some(&table), down, usize::MAX);
+
+    let answer = runtime.invoke(json!({ "Records": records }), INVOKE).await;
+    let answer = answer.unwrap_or_else(|e| panic!("{e}: {}", function.output()));
+    let sequence = records[0]["dynamodb"]["SequenceNumber"].as_str().unwrap();
+    assert_eq!(failures(&answer), [sequence], "{}", function.output());
+    let shop = h.settings(SHOP).expect("not given up yet");
+    assert_eq!(shop["index_name"], "products");
+
+    dynamodb.clear_faults();
+    let answer = runtime.invoke(json!({ "Records": records }), INVOKE).await;
+    let answer = answer.unwrap_or_else(|e| panic!("{e}: {}", function.output()));
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{}", function.output());
+    assert_eq!(h.settings(SHOP), None, "given up: nobody else claims it");
+    let own = h.settings("acct-1-products").expect("its own key stays");
+    assert_eq!(own["shop_id"], SHOP, "its last good value");
+}
+}
