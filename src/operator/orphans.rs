@@ -10,8 +10,9 @@ use tokio::time::Instant;
 use super::classify::{could_be_written, owner_in_value, Class, Drift};
 use crate::domain::kv::{is_query_config_key_of, query_config_prefix, KeyMetadata};
 use crate::domain::qfilter::filter_key;
-use crate::domain::{IndexRef, IndexSettings, KvKey, Namespace, TableKey, TableRecord};
+use crate::domain::{IndexRef, KvKey, Namespace, TableKey};
 use crate::pipeline::exporter::{Exporter, Prepared, CONCURRENT_QUERIES};
+use crate::pipeline::records::ChangeRecord;
 use crate::ports::{IndexRefs, KvStore as _, ListedKey, PortError, Ports, Referred};
 
 /// A listed key with who it was written for (and, for an override's, its query when the
@@ -272,22 +273,14 @@ impl<'a, P: Ports> Orphans<'a, P> {
         // only invalid records claim (or records whose account has no API key in their cell)
         // is orphaned, as the stream deletes it.
         let records = exporter.settings_of(claimers.iter().map(|(index, _)| index), deadline);
-        let records = records.await?;
-        let decoded: Vec<&IndexSettings> = (records.values())
-            .filter_map(|record| match record {
-                TableRecord::Settings {
-                    settings: Ok(settings),
-                    ..
-                } => Some(&**settings),
-                _ => None,
-            })
-            .collect();
-        let keyless = exporter
-            .without_api_key(decoded.iter().copied(), deadline)
-            .await;
-        let exportable: HashSet<&IndexRef> = (decoded.iter())
-            .map(|settings| &settings.index)
-            .filter(|index| !keyless.contains(*index))
+        let records = records.await?.into_values();
+        let mut records: Vec<ChangeRecord> =
+            (records.map(|r| ChangeRecord::from_table(r, false))).collect();
+        // The cache's answers count; a lookup that fails for now counts as a key.
+        exporter.api_keys_first(&mut records, false, deadline).await;
+        let exportable: HashSet<&IndexRef> = (records.iter())
+            .filter(|record| record.decoded.is_ok())
+            .filter_map(|record| record.index.as_ref())
             .collect();
         Ok((claimers.into_iter())
             .filter(|(index, _)| exportable.contains(index))

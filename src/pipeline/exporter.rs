@@ -290,7 +290,7 @@ impl<P: Ports> Exporter<P> {
         deadline: Instant,
     ) -> BatchReport {
         let (mut records, mut known) = self.read_now(records, deadline).await;
-        let api_keys = self.api_keys_first(&mut records, Run::STREAM, deadline);
+        let api_keys = self.api_keys_first(&mut records, false, deadline);
         let api_keys = Some(api_keys.await);
         let derived = match known.as_mut() {
             Some(known) => self.dropped_targets(&mut records, known, deadline).await,

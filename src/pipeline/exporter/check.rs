@@ -191,7 +191,8 @@ impl<P: Ports> Exporter<P> {
         let now = by_index
             .iter_mut()
             .flat_map(|(_, recheck)| &mut recheck.records);
-        let api_keys = self.api_keys_first(now, run, deadline).await;
+        let api_keys = self.api_keys_first(now, run.fresh_api_keys, deadline);
+        let api_keys = api_keys.await;
         let mut records = Vec::new();
         let mut indexes = Vec::new();
         let mut landed = Vec::new();

@@ -10,8 +10,7 @@ use tokio::time::Instant;
 
 use super::Exporter;
 use crate::domain::TableSpan;
-use crate::domain::{IndexRef, IndexRefs, IndexSettings, Namespace, TableKey, TableRecord};
-use crate::pipeline::plan::account_cell;
+use crate::domain::{IndexRef, IndexRefs, Namespace, TableKey, TableRecord};
 use crate::pipeline::records::ChangeRecord;
 use crate::ports::SettingsTable;
 use crate::ports::{before_deadline, PortError, Ports};
@@ -177,29 +176,6 @@ impl<P: Ports> Exporter<P> {
                 _ => None,
             })
             .collect())
-    }
-
-    /// Of these settings, those whose account has no API key in their cell (the API keys
-    /// service says so: their records are rejected as they are planned). A lookup that fails
-    /// for now counts as a key.
-    pub async fn without_api_key<'s>(
-        &self,
-        settings: impl IntoIterator<Item = &'s IndexSettings>,
-        deadline: Instant,
-    ) -> HashSet<IndexRef> {
-        let cell = &self.options.default_cell;
-        let cell_of = |s: &IndexSettings| account_cell(&s.index.account, s.cell.as_deref(), cell);
-        let settings: Vec<&IndexSettings> = settings.into_iter().collect();
-        let wanted = settings.iter().map(|s| cell_of(s)).collect();
-        let (keys, _) = self.api_keys.lookup_all(wanted, false, deadline).await;
-        let missing = |s: &IndexSettings| match keys.get(&cell_of(s)) {
-            Some(Err(error)) => !error.is_transient(),
-            _ => false,
-        };
-        (settings.into_iter())
-            .filter(|s| missing(s))
-            .map(|s| s.index.clone())
-            .collect()
     }
 
     /// What the settings records of `indexes` name (their shops and live aliases), for those

@@ -134,14 +134,14 @@ impl<P: Ports> Exporter<P> {
         self.look_up(records, api_keys, run, deadline).await
     }
 
-    /// API keys looked up before what a batch gives up is worked out (the stream's, a check's):
-    /// a record whose account has no API key in its cell is rejected then, as the plan would
-    /// reject it, so that its index gives up the shops it no longer claims as every rejected
-    /// record's does.
-    pub(super) async fn api_keys_first<'r>(
+    /// API keys looked up before what a batch gives up is worked out (the stream's, a check's;
+    /// fresh for an operator's): a record whose account has no API key in its cell is rejected
+    /// then, as the plan would reject it, so that its index gives up the shops it no longer
+    /// claims as every rejected record's does. A lookup that fails for now rejects nothing.
+    pub(crate) async fn api_keys_first<'r>(
         &self,
         records: impl IntoIterator<Item = &'r mut ChangeRecord>,
-        run: Run,
+        fresh: bool,
         deadline: Instant,
     ) -> ApiKeys {
         let cell = &self.options.default_cell;
@@ -156,7 +156,6 @@ impl<P: Ports> Exporter<P> {
             })
             .collect();
         let wanted = records.iter().map(|(_, wanted)| wanted.clone()).collect();
-        let fresh = run.fresh_api_keys;
         let (keys, counts) = self.api_keys.lookup_all(wanted, fresh, deadline).await;
         for (record, wanted) in records {
             match keys.get(&wanted) {
@@ -293,7 +292,7 @@ impl<P: Ports> Exporter<P> {
 
 /// API keys a batch looked up before its snapshot (the stream's), and what that took.
 #[derive(Default)]
-pub(super) struct ApiKeys {
+pub struct ApiKeys {
     keys: HashMap<AccountCell, Result<ApiKey, PortError>>,
     counts: LookupCounts,
 }
