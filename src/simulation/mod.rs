@@ -992,7 +992,7 @@ const FOUND: [u64; 23] = [
 /// nothing; a failure now decides over a rejected record of the same index); 1436, plain, on
 /// three (a rejected record's raw item could not be read and its give-up was dropped silently,
 /// the batch done: the record is now reported for retry).
-const FOUND_WIDER: [(u64, usize, Variety); 11] = [
+const FOUND_WIDER: [(u64, usize, Variety); 13] = [
     (2177, 3, Variety::Varied),
     (1479, 3, Variety::Wide),
     (8291, 3, Variety::Wide),
@@ -1004,6 +1004,8 @@ const FOUND_WIDER: [(u64, usize, Variety); 11] = [
     (901, 3, Variety::Hostile),
     (579, 3, Variety::Eventual),
     (1436, 3, Variety::Plain),
+    (143, 2, Variety::Hostile),
+    (616, 3, Variety::Hostile),
 ];
 
 #[test]
