@@ -11,9 +11,10 @@ use tokio::time::Instant;
 use super::{Exporter, Run, CONCURRENT_QUERIES};
 use crate::domain::{AccountCell, ApiKey};
 use crate::domain::{IndexRef, KvKey, Namespace, TableKey, TableRecord};
+use crate::pipeline::api_key_cache::ApiKeyCache;
 use crate::pipeline::plan::{self, Snapshot};
 use crate::pipeline::records::{Change, ChangeRecord, Changed};
-use crate::ports::{before_deadline, KvStore, LookupCounts, Ports};
+use crate::ports::{before_deadline, ApiKeySource, KvStore, LookupCounts, Ports};
 use crate::ports::{IndexRefs, Ledger, PortError, SettingsTable};
 use crate::report::Outcome;
 
@@ -156,16 +157,17 @@ impl<P: Ports> Exporter<P> {
             })
             .collect();
         let wanted = records.iter().map(|(_, wanted)| wanted.clone()).collect();
-        let (keys, counts) = self.api_keys.lookup_all(wanted, fresh, deadline).await;
+        let mut api_keys = ApiKeys::default();
+        api_keys.add(&self.api_keys, wanted, fresh, deadline).await;
         for (record, wanted) in records {
-            match keys.get(&wanted) {
+            match api_keys.keys.get(&wanted) {
                 Some(Err(error)) if !error.is_transient() => {
                     record.decoded = Err(Outcome::of_port_error(error, ""));
                 }
                 _ => {}
             }
         }
-        ApiKeys { keys, counts }
+        api_keys
     }
 
     /// Settles each record's previous shop the stream did not give: from an earlier record of
@@ -190,23 +192,14 @@ impl<P: Ports> Exporter<P> {
     async fn look_up(
         &self,
         records: &[ChangeRecord],
-        ApiKeys { keys, mut counts }: ApiKeys,
+        mut api_keys: ApiKeys,
         run: Run,
         deadline: Instant,
     ) -> (Snapshot, LookupCounts) {
         let wanted = plan::api_keys_wanted(records, &self.options.default_cell);
-        let wanted = wanted
-            .into_iter()
-            .filter(|w| !keys.contains_key(w))
-            .collect();
         let fresh = run.fresh_api_keys;
-        let (api_keys, more) = self.api_keys.lookup_all(wanted, fresh, deadline).await;
-        counts.calls += more.calls;
-        counts.cache_hits += more.cache_hits;
-        let mut snapshot = Snapshot {
-            api_keys: keys.into_iter().chain(api_keys).collect(),
-            ..Snapshot::default()
-        };
+        api_keys.add(&self.api_keys, wanted, fresh, deadline).await;
+        let mut snapshot = Snapshot::default();
         // Who aliases what is removed, who claims a shop given up: the ledger's candidates
         // checked against the table once its references are complete, else a scan.
         if plan::references_wanted(records) {
@@ -215,18 +208,17 @@ impl<P: Ports> Exporter<P> {
             let wanted = (references.as_ref().ok()).map(|refs| plan::claimers(records, refs));
             snapshot.references = Some(references);
             if let Some(wanted) = wanted.filter(|wanted| !wanted.is_empty()) {
-                let fresh = run.fresh_api_keys;
-                let more = self.look_up_claimers(wanted, &mut snapshot, fresh, deadline);
-                let more = more.await;
-                counts.calls += more.calls;
-                counts.cache_hits += more.cache_hits;
+                let keys = &mut api_keys;
+                let claimers = self.look_up_claimers(wanted, &mut snapshot, keys, fresh, deadline);
+                claimers.await;
             }
         }
         // The overrides of each index whose filter the records rebuild.
         let wanted = plan::filters_wanted(records).into_iter().collect();
         let overrides = self.override_queries(records, wanted, run, deadline).await;
         snapshot.overrides = overrides.into_iter().collect();
-        (snapshot, counts)
+        snapshot.api_keys = api_keys.keys;
+        (snapshot, api_keys.counts)
     }
 
     /// The shop ids in the indexes' current KV values, read 100 keys a request.
@@ -262,9 +254,10 @@ impl<P: Ports> Exporter<P> {
         &self,
         claimers: BTreeSet<IndexRef>,
         snapshot: &mut Snapshot,
+        api_keys: &mut ApiKeys,
         fresh: bool,
         deadline: Instant,
-    ) -> LookupCounts {
+    ) {
         // Every claimer's settings record in one read (100 keys a call).
         let found = self.settings_of(&claimers, deadline).await;
         let read: Vec<_> = (claimers.into_iter())
@@ -281,20 +274,35 @@ impl<P: Ports> Exporter<P> {
             .iter()
             .filter_map(|(_, settings)| settings.as_ref().ok()?.as_ref())
             .map(|s| plan::account_cell(&s.index.account, s.cell.as_deref(), cell))
-            .filter(|ac| !snapshot.api_keys.contains_key(ac))
             .collect();
-        let (api_keys, counts) = self.api_keys.lookup_all(wanted, fresh, deadline).await;
-        snapshot.api_keys.extend(api_keys);
+        api_keys.add(&self.api_keys, wanted, fresh, deadline).await;
         snapshot.claimers.extend(read);
-        counts
     }
 }
 
-/// API keys a batch looked up before its snapshot (the stream's), and what that took.
+/// The API keys a batch looked up (before its snapshot too: the stream's, a check's), and what
+/// that took.
 #[derive(Default)]
 pub struct ApiKeys {
     keys: HashMap<AccountCell, Result<ApiKey, PortError>>,
     counts: LookupCounts,
+}
+
+impl ApiKeys {
+    /// Those of `wanted` not looked up yet, looked up (one call per account and cell).
+    async fn add<S: ApiKeySource>(
+        &mut self,
+        cache: &ApiKeyCache<S>,
+        wanted: BTreeSet<AccountCell>,
+        fresh: bool,
+        deadline: Instant,
+    ) {
+        let wanted = wanted.into_iter().filter(|w| !self.keys.contains_key(w));
+        let (keys, counts) = cache.lookup_all(wanted.collect(), fresh, deadline).await;
+        self.keys.extend(keys);
+        self.counts.calls += counts.calls;
+        self.counts.cache_hits += counts.cache_hits;
+    }
 }
 
 /// The shop id in a settings value as this function wrote it; anything else claims none.
