@@ -29,7 +29,6 @@ mod shrink;
 mod snapshot;
 mod windows;
 mod write;
-pub use references::left_by;
 pub use runs::{AddReferences, Closed, Runs};
 
 /// How many Queries of an index's overrides are in flight at once (keys only, each in its own

@@ -161,9 +161,7 @@ impl<P: Ports> Pass<'_, P> {
         refs: Vec<(IndexRef, IndexRefs)>,
         lacked: &str,
     ) -> Result<(), OperatorError> {
-        let added = self
-            .exporter
-            .repair_recorded_references(refs, self.deadline);
+        let added = self.exporter.add_references(&refs, false, self.deadline);
         let added = added.await.map_err(failed)?;
         if added > 0 {
             tracing::warn!(added, "{lacked}");

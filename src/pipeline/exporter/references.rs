@@ -119,15 +119,16 @@ impl<P: Ports> Exporter<P> {
         Ok(references.into_iter().collect())
     }
 
-    /// The ledger's own repair (a reconcile's table step, a backfill's pages): the
-    /// items pointing back for what each settings item names (`references`, read from the raw
-    /// items, fail closed: a record rejected as invalid still names what its KV value, written
-    /// when it was valid, may route to) that the ledger lacks (a stream record lost, a write
-    /// that failed, an index exported before the ledger) are added. Nothing is deleted or
-    /// replaced: the table was read before the stream's newer word may have landed, and an
-    /// extra item costs a candidate read, never a wrong answer. `counted`: every one is added
-    /// (each an intent that counts), with no read of what the ledger holds. Answers how many
-    /// were added.
+    /// The ledger's own repair (a reconcile's pieces, a backfill's pages): the items for what
+    /// each settings item names (`references`, read from the raw items, fail closed: a record
+    /// rejected as invalid still names what its KV value, written when it was valid, may route
+    /// to) are added where the ledger lacks them on either side, the set of who refers to it
+    /// (claimers read it) or the index's own references (its next record gives up what they
+    /// hold): a stream record lost, a write that failed between the sides, an index exported
+    /// before the ledger. Nothing is deleted or replaced: the table was read before the
+    /// stream's newer word may have landed, and an extra item costs a candidate read, never a
+    /// wrong answer. `counted`: every one is added (each an intent that counts), with no read
+    /// of what the ledger holds. Answers how many were added.
     pub async fn add_references(
         &self,
         references: &[(IndexRef, IndexRefs)],
@@ -143,34 +144,19 @@ impl<P: Ports> Exporter<P> {
             return Ok(named.len());
         }
         let read = self.ledger.pointing(&named);
-        let found: BTreeSet<_> = (before_deadline(deadline, "ledger references", read).await?)
+        let pointing: BTreeSet<_> = (before_deadline(deadline, "ledger references", read).await?)
             .into_iter()
             .collect();
-        let missing: Vec<_> = named.into_iter().filter(|n| !found.contains(n)).collect();
-        intents::add_to_ledger(&self.ledger, &missing, deadline).await?;
-        Ok(missing.len())
-    }
-
-    /// The ledger's anti-entropy (a reconcile's table step): each index's references as its
-    /// table record `left` them, added where the ledger lacks them (a record lost, or an
-    /// index exported before the ledger). Only adds, so a stream's newer word, landed after
-    /// the table was read, is never undone: a shop added too many is given up again by the
-    /// index's next record. Answers how many were added.
-    pub async fn repair_recorded_references(
-        &self,
-        left: Vec<(IndexRef, IndexRefs)>,
-        deadline: Instant,
-    ) -> Result<usize, PortError> {
-        let indexes: Vec<IndexRef> = left.iter().map(|(index, _)| index.clone()).collect();
+        let indexes: BTreeSet<&IndexRef> = named.iter().map(|(index, _)| index).collect();
+        let indexes: Vec<IndexRef> = indexes.into_iter().cloned().collect();
         let read = self.ledger.index_refs(&indexes);
-        let recorded = before_deadline(deadline, "ledger references", read).await?;
-        let mut missing = Vec::new();
-        for (index, refs) in left {
-            let known = recorded.get(&index).map(IndexRefs::referred);
-            let lacking = refs.referred().into_iter();
-            let lacking = lacking.filter(|r| !known.as_ref().is_some_and(|k| k.contains(r)));
-            missing.extend(lacking.map(|r| (index.clone(), r)));
-        }
+        let own = before_deadline(deadline, "ledger references", read).await?;
+        let recorded = |(index, referred): &(IndexRef, Referred)| {
+            (own.get(index)).is_some_and(|refs| refs.referred().contains(referred))
+        };
+        let missing: Vec<_> = (named.into_iter())
+            .filter(|n| !pointing.contains(n) || !recorded(n))
+            .collect();
         intents::add_to_ledger(&self.ledger, &missing, deadline).await?;
         Ok(missing.len())
     }
@@ -366,34 +352,43 @@ mod tests {
         assert_eq!(back(&e), expected);
     }
 
-    /// The reconcile's repair of the ledger only adds what the table's record refers to:
-    /// (recorded, in the page, recorded after).
+    /// The reconcile's repair of the ledger adds what the table's record refers to where
+    /// either side lacks it, and takes nothing out: (own references recorded, the shops whose
+    /// sets name the index, in the page, own references after, items added).
     #[tokio::test]
     async fn a_reconcile_adds_what_the_ledger_lacks_and_takes_nothing_out() {
         let cases = [
             // A lost move: its shop added; the one recorded stays for the next record to give up.
-            (Some(at_shop("a")), "b", Some(at_shops(&["a", "b"]))),
+            (
+                Some(at_shop("a")),
+                vec!["a"],
+                "b",
+                Some(at_shops(&["a", "b"])),
+                1,
+            ),
             // Never recorded: added.
-            (None, "b", Some(at_shop("b"))),
+            (None, vec![], "b", Some(at_shop("b")), 1),
             // In step: nothing to write.
-            (Some(at_shop("b")), "b", Some(at_shop("b"))),
+            (Some(at_shop("b")), vec!["b"], "b", Some(at_shop("b")), 0),
+            // A write that failed between the sides: the side that lacks it gets it.
+            (Some(at_shop("b")), vec![], "b", Some(at_shop("b")), 1),
+            (None, vec!["b"], "b", Some(at_shop("b")), 1),
         ];
-        for (recorded, page, expected) in cases {
+        for (recorded, sets, page, expected, added) in cases {
             let e = exporter(MemoryKv::default());
             let p = index("p");
             let recorded_now = recorded.clone().map(|r| (p.clone(), r));
             e.ledger.refs.lock().unwrap().extend(recorded_now);
+            let sets = sets.iter().map(|name| (shop(name), p.clone()));
+            e.ledger.back.lock().unwrap().extend(sets);
 
             let left = vec![(p.clone(), at_shop(page))];
-            let added = e.repair_recorded_references(left, deadline()).await;
+            let added_now = e.add_references(&left, false, deadline()).await;
 
             let now = e.ledger.refs.lock().unwrap().get(&p).map(without_intents);
             assert_eq!(now, expected, "{recorded:?} {page}");
-            assert_eq!(
-                added.unwrap(),
-                usize::from(now != recorded),
-                "{recorded:?} {page}"
-            );
+            assert!(back(&e).contains(&(shop(page), p.clone())), "{recorded:?}");
+            assert_eq!(added_now.unwrap(), added, "{recorded:?} {page}");
         }
     }
 

@@ -10,10 +10,9 @@ use super::{Pass, Position, TABLE_PAGE};
 use crate::operator::classify;
 use crate::operator::reconcile::failed;
 use crate::operator::OperatorError;
-use crate::pipeline::exporter::{left_by, AddReferences, Prepared, Run, Runs};
+use crate::pipeline::exporter::{AddReferences, Run, Runs};
 use crate::pipeline::records::ChangeRecord;
 use crate::ports::Ports;
-use crate::report::Outcome;
 
 impl<P: Ports> Pass<'_, P> {
     /// The table's records after `table_at`, until `limit` records (an index's kept whole) or
@@ -71,22 +70,9 @@ impl<P: Ports> Pass<'_, P> {
         let mut prepared = exporter.prepare(records, run, deadline).await;
         // One cell's outage never stops the fleet's pass: checked next pass.
         prepared.leave_failed_unchecked();
-        self.repair_references(&prepared).await?;
         let drift = classify::drift(self.exporter, &prepared, self.deadline);
         let drift = drift.await.map_err(failed)?;
         self.requests.kv_bulk_get += drift.bulk_gets;
         self.settle(Some(prepared), drift).await
-    }
-
-    /// The ledger's record of each index this pass can export given what the table names
-    /// that it lacks (dry run or not: the ledger is the function's own).
-    async fn repair_references(&self, prepared: &Prepared) -> Result<(), OperatorError> {
-        let outcomes = &prepared.plan.outcomes;
-        let left = (left_by(&prepared.records).into_iter().zip(outcomes))
-            .filter(|(_, outcome)| matches!(outcome, Outcome::Pending | Outcome::Kept { .. }))
-            .filter_map(|(left, _)| left)
-            .collect();
-        let lacked = "the ledger's references of indexes lacked what the table names: added";
-        self.add_lacking_references(left, lacked).await
     }
 }
