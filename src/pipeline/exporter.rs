@@ -288,16 +288,9 @@ impl<P: Ports> Exporter<P> {
         records: Vec<ChangeRecord<Changed>>,
         deadline: Instant,
     ) -> BatchReport {
-        let (mut records, mut known) = self.read_now(records, deadline).await;
-        let api_keys = self.api_keys_first(&mut records, false, deadline);
-        let api_keys = Some(api_keys.await);
-        let derived = match known.as_mut() {
-            Some(known) => self.dropped_targets(&mut records, known, deadline).await,
-            None => Vec::new(),
-        };
-        let plan = self.snapshot_and_plan(records, known, api_keys, Run::STREAM, deadline);
-        let mut prepared = plan.await;
-        prepared.derived = derived;
+        let (records, known) = self.read_now(records, deadline).await;
+        let prepared = self.plan_records(records, known, Run::STREAM, deadline);
+        let prepared = prepared.await;
         self.apply(prepared, deadline).await
     }
 
@@ -352,49 +345,12 @@ impl<P: Ports> Exporter<P> {
         run: Run,
         deadline: Instant,
     ) -> Prepared {
-        let indexes = references::left_by(&records).into_iter().flatten();
-        let indexes = indexes.map(|(index, _)| index).collect();
-        match self.known_refs(indexes, run, deadline).await {
-            Ok(known) => {
-                self.snapshot_and_plan(records, known, None, run, deadline)
-                    .await
-            }
+        // Rejected records' indexes too: what they no longer claim is given up.
+        let indexes = records.iter().filter_map(|record| record.index.clone());
+        match self.known_refs(indexes.collect(), run, deadline).await {
+            Ok(known) => self.plan_records(records, known, run, deadline).await,
             // Nothing could then be recorded: the batch is retried, never exported without.
             Err(error) => Prepared::none_sent(records, run, error),
-        }
-    }
-
-    /// Stages 2 and 3: the snapshot read (the API keys looked up first, if they were), then the
-    /// plan made from it, beside what the ledger recorded of the records' indexes (`known_refs`).
-    async fn snapshot_and_plan(
-        &self,
-        mut records: Vec<ChangeRecord>,
-        known_refs: Option<HashMap<IndexRef, IndexRefs>>,
-        api_keys: Option<snapshot::ApiKeys>,
-        run: Run,
-        deadline: Instant,
-    ) -> Prepared {
-        let known = known_refs.as_ref();
-        let snapshot = self.snapshot(&mut records, known, api_keys, run, deadline);
-        let (snapshot, api_keys) = snapshot.await;
-        let plan = plan::plan(&records, &snapshot, &self.options.default_cell);
-        for (owner, note) in &plan.notes {
-            let index = records[*owner].index.as_ref();
-            tracing::info!(
-                account = %index.map(|i| i.account.as_str()).unwrap_or("?"),
-                index = %index.map(|i| i.name.as_str()).unwrap_or("?"),
-                "{note}"
-            );
-        }
-        Prepared {
-            records,
-            plan,
-            api_keys,
-            run,
-            delete_owners: HashMap::new(),
-            known_refs,
-            derived: Vec::new(),
-            span: None,
         }
     }
 

@@ -205,7 +205,7 @@ impl<P: Ports> Exporter<P> {
             return (None, landed);
         }
         // Stages 2 and 3 again (a check records no intents: what it writes was recorded).
-        let prepared = self.snapshot_and_plan(records, None, Some(api_keys), run, deadline);
+        let prepared = self.snapshot_and_plan(records, None, api_keys, run, deadline);
         let mut prepared = prepared.await;
         let deletes = removed_overrides(&prepared.plan.ops, &landed, &indexes);
         // Owned by a record of their own: the index's settings record may be rejected.

@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use futures::StreamExt as _;
 use tokio::time::Instant;
 
-use super::{Exporter, Run, CONCURRENT_QUERIES};
+use super::{Exporter, Prepared, Run, CONCURRENT_QUERIES};
 use crate::domain::{AccountCell, ApiKey};
 use crate::domain::{IndexRef, KvKey, Namespace, TableKey, TableRecord};
 use crate::pipeline::api_key_cache::ApiKeyCache;
@@ -126,13 +126,70 @@ impl<P: Ports> Exporter<P> {
         &self,
         records: &mut [ChangeRecord],
         known: Option<&HashMap<IndexRef, IndexRefs>>,
-        api_keys: Option<ApiKeys>,
+        api_keys: ApiKeys,
         run: Run,
         deadline: Instant,
     ) -> (Snapshot, LookupCounts) {
         self.settle_previous_shops(records, known, deadline).await;
-        let api_keys = api_keys.unwrap_or_default();
         self.look_up(records, api_keys, run, deadline).await
+    }
+
+    /// Every writer's stages 2 and 3, beside what the ledger recorded of the records' indexes
+    /// (`known_refs`, when the run keeps references): the API keys looked up first (a record
+    /// whose account has none is rejected then), then, what the records' indexes no longer
+    /// name given up (dropped alias targets, a rejected record's shops), then the snapshot and
+    /// the plan.
+    pub(super) async fn plan_records(
+        &self,
+        mut records: Vec<ChangeRecord>,
+        mut known: Option<HashMap<IndexRef, IndexRefs>>,
+        run: Run,
+        deadline: Instant,
+    ) -> Prepared {
+        let fresh = run.fresh_api_keys;
+        let api_keys = self.api_keys_first(&mut records, fresh, deadline).await;
+        let derived = match known.as_mut() {
+            Some(known) => self.dropped_targets(&mut records, known, deadline).await,
+            None => Vec::new(),
+        };
+        let plan = self.snapshot_and_plan(records, known, api_keys, run, deadline);
+        let mut prepared = plan.await;
+        prepared.derived = derived;
+        prepared
+    }
+
+    /// Stages 2 and 3 once the API keys were looked up: the snapshot read, then the plan made
+    /// from it.
+    pub(super) async fn snapshot_and_plan(
+        &self,
+        mut records: Vec<ChangeRecord>,
+        known_refs: Option<HashMap<IndexRef, IndexRefs>>,
+        api_keys: ApiKeys,
+        run: Run,
+        deadline: Instant,
+    ) -> Prepared {
+        let known = known_refs.as_ref();
+        let snapshot = self.snapshot(&mut records, known, api_keys, run, deadline);
+        let (snapshot, api_keys) = snapshot.await;
+        let plan = plan::plan(&records, &snapshot, &self.options.default_cell);
+        for (owner, note) in &plan.notes {
+            let index = records[*owner].index.as_ref();
+            tracing::info!(
+                account = %index.map(|i| i.account.as_str()).unwrap_or("?"),
+                index = %index.map(|i| i.name.as_str()).unwrap_or("?"),
+                "{note}"
+            );
+        }
+        Prepared {
+            records,
+            plan,
+            api_keys,
+            run,
+            delete_owners: HashMap::new(),
+            known_refs,
+            derived: Vec::new(),
+            span: None,
+        }
     }
 
     /// API keys looked up before what a batch gives up is worked out (the stream's, a check's;
@@ -187,8 +244,9 @@ impl<P: Ports> Exporter<P> {
         }
     }
 
-    /// What a batch needs before planning: API keys, then who else refers to what the batch
-    /// removes or gives up, and the settings of who claims a shop it gives up.
+    /// What a batch needs before planning besides its API keys (looked up first): who else
+    /// refers to what the batch removes or gives up, and the settings (and API keys) of who
+    /// claims a shop it gives up.
     async fn look_up(
         &self,
         records: &[ChangeRecord],
@@ -196,9 +254,7 @@ impl<P: Ports> Exporter<P> {
         run: Run,
         deadline: Instant,
     ) -> (Snapshot, LookupCounts) {
-        let wanted = plan::api_keys_wanted(records, &self.options.default_cell);
         let fresh = run.fresh_api_keys;
-        api_keys.add(&self.api_keys, wanted, fresh, deadline).await;
         let mut snapshot = Snapshot::default();
         // Who aliases what is removed, who claims a shop given up: the ledger's candidates
         // checked against the table once its references are complete, else a scan.

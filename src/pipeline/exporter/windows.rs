@@ -248,6 +248,33 @@ async fn a_shop_given_up_by_an_index_rejected_since_goes_to_its_claimer() {
     }
 }
 
+/// An operator's run of an index rejected now gives up what it no longer claims, as the
+/// stream's record does: the table moved the index off `s1` and made it invalid (no https, or
+/// no API key in its cell) before any record of it was exported (a batch that failed, a
+/// record lost); the re-export is refused, but `s1`, which no one claims now, is deleted, and
+/// the index's own key stays as it was.
+#[tokio::test]
+async fn an_operator_s_run_of_a_rejected_index_gives_up_what_it_no_longer_claims() {
+    let s1 = "s1.myshopify.com";
+    let no_https = record("MODIFY", "i", "http://i", Some("s2.myshopify.com"));
+    let mut no_api_key = record("MODIFY", "i", "https://i", Some("s2.myshopify.com"));
+    no_api_key["dynamodb"]["NewImage"]["cell"] = json!({"S": "gone"});
+    for invalid in [no_https, no_api_key] {
+        let exporter = with_complete_ledger();
+        let first = vec![record("INSERT", "i", "https://i", Some(s1))];
+        exported(&exporter, first).await;
+        table_after(&exporter.table, std::slice::from_ref(&invalid));
+
+        let report = reexport(&exporter, &IndexRef::new("a", "i")).await;
+
+        let outcome = &report.records[0].outcome;
+        assert!(matches!(outcome, Outcome::Rejected(_)), "{outcome:?}");
+        assert_eq!(exporter.kv.value(s1), None, "{invalid}");
+        let own = exporter.kv.value("a-i").expect("the index's own key stays");
+        assert!(own.contains("https://i"), "{own}");
+    }
+}
+
 /// Row "a writer whose check finds the table changed three rounds running": the index changes
 /// under every read; after three writes again the record fails ("run again").
 #[tokio::test]
