@@ -8,12 +8,14 @@ use futures::StreamExt as _;
 use tokio::time::Instant;
 
 use super::classify::{could_be_written, owner_in_value, Class, Drift};
-use crate::domain::kv::{is_query_config_key_of, query_config_prefix, KeyMetadata};
+use crate::domain::kv::KeyMetadata;
+use crate::domain::kv::{is_query_config_key_of, query_config_key, query_config_prefix};
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvKey, Namespace, TableKey};
 use crate::pipeline::exporter::{Exporter, Prepared, CONCURRENT_QUERIES};
 use crate::pipeline::records::ChangeRecord;
-use crate::ports::{IndexRefs, KvStore as _, ListedKey, PortError, Ports, Referred};
+use crate::ports::{before_deadline, IndexRefs, KvStore as _, ListedKey, PortError, Ports};
+use crate::ports::{Referred, SettingsTable as _};
 
 /// A listed key with who it was written for (and, for an override's, its query when the
 /// metadata names it).
@@ -242,7 +244,10 @@ impl<'a, P: Ports> Orphans<'a, P> {
             .collect();
         let listed: Vec<Result<(IndexRef, HashSet<String>), _>> = futures::stream::iter(queried)
             .map(|owner| async move {
-                let keys = exporter.override_keys(&owner, deadline).await?;
+                let queries = exporter.table().override_queries(&owner);
+                let queries = before_deadline(deadline, "override queries", queries).await?;
+                let key = |query: &String| query_config_key(&owner, query);
+                let keys: HashSet<String> = queries.iter().map(key).collect();
                 Ok::<_, crate::ports::PortError>((owner, keys))
             })
             .buffer_unordered(CONCURRENT_QUERIES)

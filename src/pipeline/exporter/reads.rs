@@ -1,9 +1,9 @@
 //! What the operator modes and the check read of the table through the exporter: items by key,
-//! an index's run, its overrides, references, each stopped at the deadline (KV values
+//! an index's run, settings records and what they name, each stopped at the deadline (KV values
 //! and listings they read from the store itself, `Exporter::kv`); the check's read of the
 //! indexes whose keys landed (`read_again`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use futures::StreamExt as _;
 use tokio::time::Instant;
@@ -193,27 +193,6 @@ impl<P: Ports> Exporter<P> {
             .await?
             .into_iter()
             .collect())
-    }
-
-    /// The KV keys of the index's overrides, from a keys-only Query of the table.
-    pub async fn override_keys(
-        &self,
-        index: &IndexRef,
-        deadline: Instant,
-    ) -> Result<HashSet<String>, PortError> {
-        let queries = self.table.override_queries(index);
-        let queries = before_deadline(deadline, "override queries", queries).await?;
-        let key = |query: &String| crate::domain::kv::query_config_key(index, query);
-        Ok(queries.iter().map(key).collect())
-    }
-
-    /// Every settings record's shop and live alias targets (one consistent scan).
-    pub async fn settings_references(
-        &self,
-        deadline: Instant,
-    ) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
-        let scan = self.table.settings_references();
-        before_deadline(deadline, "settings table scan", scan).await
     }
 }
 

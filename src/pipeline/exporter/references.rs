@@ -90,7 +90,8 @@ impl<P: Ports> Exporter<P> {
     ) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
         let complete = self.ledger.references_complete();
         if !before_deadline(deadline, "ledger references", complete).await? {
-            return self.settings_references(deadline).await;
+            let scan = self.table.settings_references();
+            return before_deadline(deadline, "settings table scan", scan).await;
         }
         let mut references: BTreeMap<IndexRef, IndexRefs> = BTreeMap::new();
         if !asked.is_empty() {
