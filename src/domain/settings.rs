@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use super::ids::{IndexId, IndexRef};
-use super::secrets::ApiKey;
+use super::secrets::{AccountCell, ApiKey};
 
 /// Version of the KV value layout; the proxy tolerates unknown fields, so additions keep it.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -186,6 +186,14 @@ pub struct IndexSettings {
 }
 
 impl IndexSettings {
+    /// Whose API key its values carry: its account's in its cell (`default_cell` when unset).
+    pub fn account_cell(&self, default_cell: &str) -> AccountCell {
+        AccountCell {
+            cell: self.cell.as_deref().unwrap_or(default_cell).to_owned(),
+            account: self.index.account.clone(),
+        }
+    }
+
     /// Why its shop id cannot be a shop key (the record is then rejected as it is planned).
     pub fn shop_id_problem(&self) -> Option<String> {
         self.shop_id

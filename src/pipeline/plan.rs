@@ -20,7 +20,7 @@ use crate::report::Outcome;
 
 mod needs;
 
-pub use needs::{account_cell, api_keys_wanted, claimers, filters_wanted, references_wanted};
+pub use needs::{api_keys_wanted, claimers, filters_wanted, references_wanted};
 pub use needs::{reference_questions, settle_from_kv, settle_previous_shops, Snapshot};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -305,11 +305,7 @@ impl<'a> RecordPlanner<'a> {
 
     /// The value under an index's keys, with its account's API key.
     fn settings_value(&self, settings: &Arc<IndexSettings>) -> Result<KvValue, Outcome> {
-        let wanted = account_cell(
-            &settings.index.account,
-            settings.cell.as_deref(),
-            self.default_cell,
-        );
+        let wanted = settings.account_cell(self.default_cell);
         let api_key = match self.snapshot.api_keys.get(&wanted) {
             Some(Ok(key)) => key,
             Some(Err(error)) => return Err(Outcome::of_port_error(error, "")),
@@ -700,7 +696,10 @@ mod tests {
         };
         let claiming = (settings.index.clone(), settings.references());
         snapshot.references = Some(Ok(vec![aliasing, claiming]));
-        let wanted = account_cell("acct-1", None, CELL);
+        let wanted = AccountCell {
+            cell: CELL.into(),
+            account: "acct-1".into(),
+        };
         snapshot.api_keys.insert(wanted, Ok(ApiKey::new("k")));
         (snapshot.claimers).insert(settings.index.clone(), Ok(Some(settings.clone())));
         let handed = plan(&records, &snapshot, CELL);
@@ -1070,7 +1069,6 @@ mod tests {
                 None,
             ),
         ];
-        assert!(api_keys_wanted(&records, CELL).is_empty());
         assert!(!references_wanted(&records));
         let plan = plan(&records, &Snapshot::default(), CELL);
         assert!(plan.ops.is_empty());

@@ -208,8 +208,7 @@ impl<P: Ports> Exporter<P> {
                 let Ok(Change::UpsertIndex { settings, .. }) = &record.decoded else {
                     return None;
                 };
-                let wanted =
-                    plan::account_cell(&settings.index.account, settings.cell.as_deref(), cell);
+                let wanted = settings.account_cell(cell);
                 Some((record, wanted))
             })
             .collect();
@@ -329,7 +328,7 @@ impl<P: Ports> Exporter<P> {
         let wanted: BTreeSet<AccountCell> = read
             .iter()
             .filter_map(|(_, settings)| settings.as_ref().ok()?.as_ref())
-            .map(|s| plan::account_cell(&s.index.account, s.cell.as_deref(), cell))
+            .map(|s| s.account_cell(cell))
             .collect();
         api_keys.add(&self.api_keys, wanted, fresh, deadline).await;
         snapshot.claimers.extend(read);

@@ -116,21 +116,13 @@ pub fn settle_from_kv(
     }
 }
 
-pub fn account_cell(account: &str, cell: Option<&str>, default_cell: &str) -> AccountCell {
-    AccountCell {
-        cell: cell.unwrap_or(default_cell).to_owned(),
-        account: account.to_owned(),
-    }
-}
-
 /// The (cell, account) of every API key the records' values need.
 pub fn api_keys_wanted(records: &[ChangeRecord], default_cell: &str) -> BTreeSet<AccountCell> {
     let settings = records.iter().filter_map(|r| match &r.decoded {
-        Ok(Change::UpsertIndex { settings, .. }) => Some(settings),
+        Ok(Change::UpsertIndex { settings, .. }) => Some(settings.account_cell(default_cell)),
         _ => None,
     });
-    let cell = |s: &IndexSettings| account_cell(&s.index.account, s.cell.as_deref(), default_cell);
-    settings.map(|s| cell(s)).collect()
+    settings.collect()
 }
 
 /// Whether the plan needs to know who refers to what: a record removes an index or gives a
