@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tokio::time::Instant;
 
 use super::reads::Recheck;
-use super::{intents, references, write, Exporter, Prepared, Run};
+use super::{intents, references, write, ApiKeys, Exporter, Prepared, Run};
 use crate::domain::kv::query_config_prefix;
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace, TableSpan};
@@ -191,8 +191,9 @@ impl<P: Ports> Exporter<P> {
         let now = by_index
             .iter_mut()
             .flat_map(|(_, recheck)| &mut recheck.records);
-        let api_keys = self.api_keys_first(now, run.fresh_api_keys, deadline);
-        let api_keys = api_keys.await;
+        let mut api_keys = ApiKeys::default();
+        let fresh = run.fresh_api_keys;
+        (self.api_keys_first(now, &mut api_keys, fresh, deadline)).await;
         let mut records = Vec::new();
         let mut indexes = Vec::new();
         let mut landed = Vec::new();
@@ -205,7 +206,7 @@ impl<P: Ports> Exporter<P> {
             return (None, landed);
         }
         // Stages 2 and 3 again (a check records no intents: what it writes was recorded).
-        let prepared = self.snapshot_and_plan(records, None, api_keys, run, deadline);
+        let prepared = self.plan_records(records, None, api_keys, run, deadline);
         let mut prepared = prepared.await;
         let deletes = removed_overrides(&prepared.plan.ops, &landed, &indexes);
         // Owned by a record of their own: the index's settings record may be rejected.

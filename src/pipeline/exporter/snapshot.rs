@@ -134,40 +134,25 @@ impl<P: Ports> Exporter<P> {
         self.look_up(records, api_keys, run, deadline).await
     }
 
-    /// Every writer's stages 2 and 3, beside what the ledger recorded of the records' indexes
-    /// (`known_refs`, when the run keeps references): the API keys looked up first (a record
-    /// whose account has none is rejected then), then, what the records' indexes no longer
-    /// name given up (dropped alias targets, a rejected record's shops), then the snapshot and
-    /// the plan.
+    /// Every writer's stages 2 and 3, the check's included, beside what the ledger recorded of
+    /// the records' indexes (`known_refs`, when the run keeps references): the API keys looked
+    /// up first (those in `api_keys` already, not again; a record whose account has none is
+    /// rejected then), what the records' indexes no longer name given up (dropped alias
+    /// targets, a rejected record's shops), then the snapshot and the plan.
     pub(super) async fn plan_records(
         &self,
         mut records: Vec<ChangeRecord>,
-        mut known: Option<HashMap<IndexRef, IndexRefs>>,
+        mut known_refs: Option<HashMap<IndexRef, IndexRefs>>,
+        mut api_keys: ApiKeys,
         run: Run,
         deadline: Instant,
     ) -> Prepared {
         let fresh = run.fresh_api_keys;
-        let api_keys = self.api_keys_first(&mut records, fresh, deadline).await;
-        let derived = match known.as_mut() {
+        (self.api_keys_first(&mut records, &mut api_keys, fresh, deadline)).await;
+        let derived = match known_refs.as_mut() {
             Some(known) => self.dropped_targets(&mut records, known, deadline).await,
             None => Vec::new(),
         };
-        let plan = self.snapshot_and_plan(records, known, api_keys, run, deadline);
-        let mut prepared = plan.await;
-        prepared.derived = derived;
-        prepared
-    }
-
-    /// Stages 2 and 3 once the API keys were looked up: the snapshot read, then the plan made
-    /// from it.
-    pub(super) async fn snapshot_and_plan(
-        &self,
-        mut records: Vec<ChangeRecord>,
-        known_refs: Option<HashMap<IndexRef, IndexRefs>>,
-        api_keys: ApiKeys,
-        run: Run,
-        deadline: Instant,
-    ) -> Prepared {
         let known = known_refs.as_ref();
         let snapshot = self.snapshot(&mut records, known, api_keys, run, deadline);
         let (snapshot, api_keys) = snapshot.await;
@@ -187,21 +172,23 @@ impl<P: Ports> Exporter<P> {
             run,
             delete_owners: HashMap::new(),
             known_refs,
-            derived: Vec::new(),
+            derived,
             span: None,
         }
     }
 
-    /// API keys looked up before what a batch gives up is worked out (the stream's, a check's;
-    /// fresh for an operator's): a record whose account has no API key in its cell is rejected
-    /// then, as the plan would reject it, so that its index gives up the shops it no longer
-    /// claims as every rejected record's does. A lookup that fails for now rejects nothing.
+    /// API keys looked up before what a batch gives up is worked out (fresh for an operator's;
+    /// those in `api_keys` already, not again): a record whose account has no API key in its
+    /// cell is rejected then, as the plan would reject it, so that its index gives up the shops
+    /// it no longer claims as every rejected record's does. A lookup that fails for now rejects
+    /// nothing.
     pub(crate) async fn api_keys_first<'r>(
         &self,
         records: impl IntoIterator<Item = &'r mut ChangeRecord>,
+        api_keys: &mut ApiKeys,
         fresh: bool,
         deadline: Instant,
-    ) -> ApiKeys {
+    ) {
         let cell = &self.options.default_cell;
         let records: Vec<(&mut ChangeRecord, AccountCell)> = (records.into_iter())
             .filter_map(|record| {
@@ -213,7 +200,6 @@ impl<P: Ports> Exporter<P> {
             })
             .collect();
         let wanted = records.iter().map(|(_, wanted)| wanted.clone()).collect();
-        let mut api_keys = ApiKeys::default();
         api_keys.add(&self.api_keys, wanted, fresh, deadline).await;
         for (record, wanted) in records {
             match api_keys.keys.get(&wanted) {
@@ -223,7 +209,6 @@ impl<P: Ports> Exporter<P> {
                 _ => {}
             }
         }
-        api_keys
     }
 
     /// Settles each record's previous shop the stream did not give: from an earlier record of
@@ -335,8 +320,8 @@ impl<P: Ports> Exporter<P> {
     }
 }
 
-/// The API keys a batch looked up (before its snapshot too: the stream's, a check's), and what
-/// that took.
+/// The API keys a batch looked up (first, before what it gives up is worked out, then those
+/// of the claimers its snapshot found), and what that took.
 #[derive(Default)]
 pub struct ApiKeys {
     keys: HashMap<AccountCell, Result<ApiKey, PortError>>,
