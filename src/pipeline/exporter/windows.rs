@@ -201,6 +201,15 @@ async fn a_replay_hands_over_a_shop_key_whose_check_could_not_read() {
     assert!(shop.contains("https://j"), "{shop}");
 }
 
+/// Index `i` moved to `s2` and rejected: its endpoint not https, or (rejected only as its API
+/// key is looked up) its cell without an API key.
+fn moved_and_rejected() -> [Value; 2] {
+    let no_https = record("MODIFY", "i", "http://i", Some("s2.myshopify.com"));
+    let mut no_api_key = record("MODIFY", "i", "https://i", Some("s2.myshopify.com"));
+    no_api_key["dynamodb"]["NewImage"]["cell"] = json!({"S": "gone"});
+    [no_https, no_api_key]
+}
+
 /// Row "a checked key between its write landing and its check's write", the giving index's
 /// record rejected by the time its check reads: a shop move's delete of the old shop key lands
 /// after another index took the shop; the check gives the shop up all the same (to its
@@ -210,10 +219,7 @@ async fn a_replay_hands_over_a_shop_key_whose_check_could_not_read() {
 #[tokio::test]
 async fn a_shop_given_up_by_an_index_rejected_since_goes_to_its_claimer() {
     let s1 = "s1.myshopify.com";
-    let no_https = record("MODIFY", "i", "http://i", Some("s2.myshopify.com"));
-    let mut no_api_key = record("MODIFY", "i", "https://i", Some("s2.myshopify.com"));
-    no_api_key["dynamodb"]["NewImage"]["cell"] = json!({"S": "gone"});
-    for invalid in [no_https, no_api_key] {
+    for invalid in moved_and_rejected() {
         let exporter = with_complete_ledger();
         exported(
             &exporter,
@@ -256,10 +262,7 @@ async fn a_shop_given_up_by_an_index_rejected_since_goes_to_its_claimer() {
 #[tokio::test]
 async fn an_operator_s_run_of_a_rejected_index_gives_up_what_it_no_longer_claims() {
     let s1 = "s1.myshopify.com";
-    let no_https = record("MODIFY", "i", "http://i", Some("s2.myshopify.com"));
-    let mut no_api_key = record("MODIFY", "i", "https://i", Some("s2.myshopify.com"));
-    no_api_key["dynamodb"]["NewImage"]["cell"] = json!({"S": "gone"});
-    for invalid in [no_https, no_api_key] {
+    for invalid in moved_and_rejected() {
         let exporter = with_complete_ledger();
         let first = vec![record("INSERT", "i", "https://i", Some(s1))];
         exported(&exporter, first).await;
