@@ -331,6 +331,12 @@ impl std::fmt::Debug for KvAction {
     }
 }
 
+/// Whether an index's own key is one Cloudflare accepts: only then was any key of it ever
+/// written, and only then are its ledger items within DynamoDB's key limits.
+pub fn own_key_valid(index: &IndexRef) -> bool {
+    check_key(&KvKey::index(index).key).is_ok()
+}
+
 /// A key Cloudflare would refuse, and why. Its schema: "at most 512 bytes. All printable,
 /// non-whitespace characters are valid"; `.` and `..` cannot be named in a URL.
 pub fn check_key(key: &str) -> Result<(), String> {

@@ -260,9 +260,7 @@ pub fn owner_in_value(value: &str) -> Option<IndexRef> {
 /// Whether the function could have written a key for this index (metadata and values are
 /// input: a name no table item could have would fail a piece's reads by key, every pass).
 pub fn could_be_written(index: &IndexRef) -> bool {
-    !index.account.is_empty()
-        && !index.name.is_empty()
-        && crate::domain::kv::check_key(&KvKey::index(index).key).is_ok()
+    !index.account.is_empty() && !index.name.is_empty() && crate::domain::kv::own_key_valid(index)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use tokio::time::Instant;
 
+use crate::domain::kv::own_key_valid;
 use crate::domain::{IndexRef, KvAction, KvKey, TableSpan};
 use crate::pipeline::api_key_cache::ApiKeyCache;
 use crate::pipeline::plan::{self, PlannedOp};
@@ -347,8 +348,10 @@ impl<P: Ports> Exporter<P> {
         run: Run,
         deadline: Instant,
     ) -> Prepared {
-        // Rejected records' indexes too: what they no longer claim is given up.
+        // Rejected records' indexes too (what they no longer claim is given up), but none whose
+        // own key is no KV key: it has nothing recorded, and its ledger key could be refused.
         let indexes = records.iter().filter_map(|record| record.index.clone());
+        let indexes = indexes.filter(own_key_valid);
         match self.known_refs(indexes.collect(), run, deadline).await {
             Ok(known) => {
                 let keys = ApiKeys::default();

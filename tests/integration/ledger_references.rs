@@ -296,6 +296,42 @@ async fn a_remove_whose_index_no_key_could_have_is_rejected_alone() {
     assert_eq!(refused, 0, "no call named the hostile index");
 }
 
+/// A table item is input too: an index of an account of 2,040 bytes (no KV key could be its
+/// own, and `ref#{index}` is over DynamoDB's 2,048-byte partition key), valid or not otherwise,
+/// is rejected alone by a backfill; no call names it (the DynamoDB proxy refuses oversized
+/// keys, as DynamoDB does and moto does not), and the other index is exported.
+#[tokio::test]
+async fn a_table_item_whose_index_no_key_could_have_is_rejected_alone_by_a_backfill() {
+    for endpoint in ["http://not-https", "https://idx.example"] {
+        let h = Harness::new().await;
+        h.keys.set_key("acct-1", "k");
+        let ProxiedFunction {
+            dynamodb,
+            runtime,
+            function,
+        } = behind_a_dynamodb_proxy(&h).await;
+        h.put(index_item("acct-1", "plain", None)).await;
+        let mut hostile = index_item("acct-1", "x", None);
+        hostile["pk"] = json!({"S": "a".repeat(2_040)});
+        hostile["index_endpoint"] = json!({ "S": endpoint });
+        h.put(hostile).await;
+
+        let payload = json!({"mode": "backfill"});
+        let answer = runtime.invoke(payload, std::time::Duration::from_secs(60));
+        let answer = answer.await;
+
+        let answer = answer.unwrap_or_else(|e| panic!("{e}\n{}", function.output()));
+        assert_eq!(answer["complete"], true, "{endpoint}: {answer}");
+        assert_eq!(answer["failed"], 0, "{endpoint}: {answer}");
+        assert_eq!(answer["rejected"], 1, "{endpoint}: {answer}");
+        assert!(h.settings("acct-1-plain").is_some(), "{endpoint}: {answer}");
+        let refused = (dynamodb.calls().into_iter())
+            .filter(|c| c.status == 400)
+            .count();
+        assert_eq!(refused, 0, "{endpoint}: no call named the hostile index");
+    }
+}
+
 /// A `NEW_IMAGE` batch writes an index with a shop, then removes it, and who aliases the index
 /// cannot be looked up (past its three attempts); Lambda replays from the first failed record.
 /// Both records export the item as the table holds it after them (gone), so neither writes the

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use tokio::time::Instant;
 
 use super::{intents, Exporter};
-use crate::domain::kv::{check_key, KvKey};
+use crate::domain::kv::{check_key, own_key_valid};
 use crate::domain::validate::shop_id_problem;
 use crate::domain::{IndexId, IndexRef, IndexSettings};
 use crate::pipeline::records::{Change, ChangeRecord};
@@ -36,7 +36,7 @@ fn refs_of(settings: &IndexSettings) -> IndexRefs {
 /// it is a shop key, its targets that are KV keys; nothing when its index's own key is not one
 /// (no key of it was ever written, and its items could be over DynamoDB's key limits).
 fn named_by((index, refs): &(IndexRef, IndexRefs)) -> impl Iterator<Item = Referred> + '_ {
-    let valid = check_key(&KvKey::index(index).key).is_ok();
+    let valid = own_key_valid(index);
     let own = index.id();
     let shop = (refs.shops.iter())
         .filter(move |shop| valid && shop_id_problem(shop).is_none())
@@ -153,7 +153,10 @@ impl<P: Ports> Exporter<P> {
         let read = self.ledger.index_refs(&indexes);
         let own = before_deadline(deadline, "ledger references", read).await?;
         let recorded = |(index, referred): &(IndexRef, Referred)| {
-            (own.get(index)).is_some_and(|refs| refs.referred().contains(referred))
+            (own.get(index)).is_some_and(|refs| match referred {
+                Referred::Shop(shop) => refs.shops.contains(shop),
+                Referred::Alias(target) => refs.targets.contains(target),
+            })
         };
         let missing: Vec<_> = (named.into_iter())
             .filter(|n| !pointing.contains(n) || !recorded(n))
