@@ -12,7 +12,7 @@ use crate::domain::kv::KeyMetadata;
 use crate::domain::kv::{is_query_config_key_of, query_config_key, query_config_prefix};
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvKey, Namespace, TableKey};
-use crate::pipeline::exporter::{ApiKeys, Exporter, Prepared, CONCURRENT_QUERIES};
+use crate::pipeline::exporter::{Exporter, Prepared, CONCURRENT_QUERIES};
 use crate::pipeline::records::ChangeRecord;
 use crate::ports::{before_deadline, IndexRefs, KvStore as _, ListedKey, PortError, Ports};
 use crate::ports::{Referred, SettingsTable as _};
@@ -282,8 +282,7 @@ impl<'a, P: Ports> Orphans<'a, P> {
         let mut records: Vec<ChangeRecord> =
             (records.map(|r| ChangeRecord::from_table(r, false))).collect();
         // The cache's answers count; a lookup that fails for now counts as a key.
-        let mut keys = ApiKeys::default();
-        (exporter.api_keys_first(&mut records, &mut keys, false, deadline)).await;
+        exporter.api_keys_first(&mut records, false, deadline).await;
         let exportable: HashSet<&IndexRef> = (records.iter())
             .filter(|record| record.decoded.is_ok())
             .filter_map(|record| record.index.as_ref())

@@ -31,7 +31,6 @@ mod snapshot;
 mod windows;
 mod write;
 pub use runs::{AddReferences, Closed, Runs};
-pub(crate) use snapshot::ApiKeys;
 
 /// How many Queries of an index's overrides are in flight at once (keys only, each in its own
 /// account's partition): an override batch reads one for each index whose filter it rebuilds.
@@ -291,10 +290,8 @@ impl<P: Ports> Exporter<P> {
         deadline: Instant,
     ) -> BatchReport {
         let (records, known) = self.read_now(records, deadline).await;
-        let keys = ApiKeys::default();
-        let prepared = self.plan_records(records, known, keys, Run::STREAM, deadline);
-        let prepared = prepared.await;
-        self.apply(prepared, deadline).await
+        let prepared = self.plan_records(records, known, Run::STREAM, deadline);
+        self.apply(prepared.await, deadline).await
     }
 
     /// Exports decoded records (table items), in their order.
@@ -353,10 +350,7 @@ impl<P: Ports> Exporter<P> {
         let indexes = records.iter().filter_map(|record| record.index.clone());
         let indexes = indexes.filter(own_key_valid);
         match self.known_refs(indexes.collect(), run, deadline).await {
-            Ok(known) => {
-                let keys = ApiKeys::default();
-                self.plan_records(records, known, keys, run, deadline).await
-            }
+            Ok(known) => self.plan_records(records, known, run, deadline).await,
             // Nothing could then be recorded: the batch is retried, never exported without.
             Err(error) => Prepared::none_sent(records, run, error),
         }

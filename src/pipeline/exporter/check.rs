@@ -10,10 +10,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tokio::time::Instant;
 
 use super::reads::Recheck;
-use super::{intents, references, write, ApiKeys, Exporter, Prepared, Run};
+use super::{intents, references, write, Exporter, Prepared, Run};
 use crate::domain::kv::query_config_prefix;
 use crate::domain::qfilter::filter_key;
-use crate::domain::{IndexRef, KvAction, KvKey, Namespace, TableSpan};
+use crate::domain::{IndexRef, IndexRefs, KvAction, KvKey, Namespace, TableSpan};
 use crate::pipeline::plan::PlannedOp;
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::{before_deadline, Ledger as _, Ports, Referred};
@@ -176,7 +176,9 @@ impl<P: Ports> Exporter<P> {
     }
 
     /// The indexes read again, planned as changes (`None`: nothing to plan), with the landed
-    /// keys they decide.
+    /// keys they decide. The shops each index's landed keys were on stand for what the ledger
+    /// records of it (`known_refs`): what it no longer claims is given up, as every writer's
+    /// record gives up what the ledger holds (a rejected record's too, its own key left).
     async fn plan_again(
         &self,
         mut by_index: Vec<(IndexRef, Recheck)>,
@@ -186,19 +188,18 @@ impl<P: Ports> Exporter<P> {
         // The indexes with a settings record last: on a key two of them decide (an own key
         // whose id names both), an index's value wins over another's removal.
         by_index.sort_by_key(|(_, recheck)| recheck.settings);
-        // An index whose account has no API key now is rejected before its give-up is planned,
-        // as a record rejected on reading is (seed 11460 of the hostile workload).
-        let now = by_index
-            .iter_mut()
-            .flat_map(|(_, recheck)| &mut recheck.records);
-        let mut api_keys = ApiKeys::default();
-        let fresh = run.fresh_api_keys;
-        (self.api_keys_first(now, &mut api_keys, fresh, deadline)).await;
-        let mut records = Vec::new();
-        let mut indexes = Vec::new();
-        let mut landed = Vec::new();
+        let (mut records, mut known) = (Vec::new(), HashMap::new());
+        let (mut indexes, mut landed) = (Vec::new(), Vec::new());
         for (index, recheck) in by_index {
-            records.extend(as_changes(&index, &recheck));
+            let (now, shops) = as_changes(&index, &recheck);
+            records.extend(now);
+            if !shops.is_empty() {
+                let refs = IndexRefs {
+                    shops,
+                    ..IndexRefs::default()
+                };
+                known.insert(index.clone(), refs);
+            }
             indexes.push(index);
             landed.extend(recheck.keys);
         }
@@ -206,8 +207,7 @@ impl<P: Ports> Exporter<P> {
             return (None, landed);
         }
         // Stages 2 and 3 again (a check records no intents: what it writes was recorded).
-        let prepared = self.plan_records(records, None, api_keys, run, deadline);
-        let mut prepared = prepared.await;
+        let mut prepared = self.plan_records(records, Some(known), run, deadline).await;
         let deletes = removed_overrides(&prepared.plan.ops, &landed, &indexes);
         // Owned by a record of their own: the index's settings record may be rejected.
         prepared.delete_by_own_record("overrides gone from the table", deletes);
@@ -303,42 +303,23 @@ fn is_shop_put(landed: &Landed, index: &IndexRef) -> bool {
     shop && landed.digest.is_some()
 }
 
-/// The index as the table holds it now, as changes that decide each landed key: a shop key the
-/// index no longer holds is its previous shop (deleted, or given to whoever claims it now), and
-/// an index without a settings record is removed (its keys kept while an alias reads it).
-fn as_changes(index: &IndexRef, recheck: &Recheck) -> Vec<ChangeRecord> {
+/// The index as the table holds it now, as changes that decide each landed key,
+/// and the shops its landed keys are on (its own key aside): an index without a settings record
+/// is removed (its keys kept while an alias reads it; its filter follows the overrides left of
+/// it, as the stream's does: they come after the remove, the last word on it).
+fn as_changes(index: &IndexRef, recheck: &Recheck) -> (Vec<ChangeRecord>, BTreeSet<String>) {
     let own = KvKey::index(index);
-    let current_shop = (recheck.records.iter()).find_map(|r| match &r.decoded {
-        Ok(Change::UpsertIndex { settings, .. }) => settings.shop_id.clone(),
-        _ => None,
-    });
-    let given_up: BTreeSet<String> = (recheck.keys.iter())
-        .map(|landed| &landed.key)
-        .filter(|key| {
-            key.namespace == Namespace::Settings
-                && **key != own
-                && Some(&key.key) != current_shop.as_ref()
-        })
-        .map(|key| key.key.clone())
+    let settings_keys = (recheck.keys.iter()).filter(|l| l.key.namespace == Namespace::Settings);
+    let shops: BTreeSet<String> = (settings_keys.clone())
+        .filter(|l| l.key != own)
+        .map(|l| l.key.key.clone())
         .collect();
     let mut records = recheck.records.clone();
-    let settings_keys = (recheck.keys.iter()).any(|l| l.key.namespace == Namespace::Settings);
-    // A record whose shop id is no shop key is rejected as it is planned, as the stream's is.
-    let valid = (records.iter()).any(|r| match &r.decoded {
-        Ok(Change::UpsertIndex { settings, .. }) => settings.shop_id_problem().is_none(),
-        _ => false,
-    });
-    // With nothing left of it in the table, its removal still owns the deletes of what landed;
-    // with a record rejected now, it gives up its shops all the same (its own key stays as it
-    // is).
-    let rejected = recheck.settings && !valid && !given_up.is_empty();
-    if (!recheck.settings && (settings_keys || records.is_empty())) || rejected {
-        // Removed: its settings keys go. Its filter follows the overrides left of it, as the
-        // stream's does (they come after the remove, the last word on it).
+    if !recheck.settings && (settings_keys.count() > 0 || records.is_empty()) {
         let remove = Change::RemoveIndex {
             index: index.clone(),
-            previous_shop: PreviousShop::Known(given_up),
-            keeps_own_key: rejected,
+            previous_shop: PreviousShop::NotAsked,
+            keeps_own_key: false,
         };
         let remove = ChangeRecord {
             sequence_number: None,
@@ -347,16 +328,8 @@ fn as_changes(index: &IndexRef, recheck: &Recheck) -> Vec<ChangeRecord> {
             decoded: Ok(remove),
         };
         records.insert(0, remove);
-        return records;
     }
-    for record in &mut records {
-        if let Ok(Change::UpsertIndex { previous_shop, .. }) = &mut record.decoded {
-            if !given_up.is_empty() {
-                *previous_shop = PreviousShop::Known(given_up.clone());
-            }
-        }
-    }
-    records
+    (records, shops)
 }
 
 /// Landed override keys and filters the new plan does not name: the new read holds every
@@ -384,6 +357,7 @@ mod tests {
     use super::*;
     use crate::adapters::memory::MemoryKv;
     use crate::pipeline::exporter::tests::exporter;
+    use crate::pipeline::plan;
     use crate::pipeline::records::{decode_as_written, decode_record};
     use serde_json::json;
     use std::time::Duration;
@@ -424,57 +398,33 @@ mod tests {
         const S: &str = "s.myshopify.com";
         const T: &str = "t.myshopify.com";
         let shop = |s: &str| KvKey::settings(s);
-        let known = |s: Option<&str>| Some(PreviousShop::known(s.map(str::to_owned)));
-        // (the index now, its keys that landed, what decides them)
+        let shops = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        // (the index now, its keys that landed, the shops they are on)
         let cases = [
-            // Still at its shop: written as it is, nothing given up.
-            (
-                Some(S),
-                vec![KvKey::index(&index), shop(S)],
-                known(None),
-                false,
-            ),
-            // Moved from `s` to `t`: `s` is its previous shop (deleted, or its claimer's).
-            (
-                Some(T),
-                vec![KvKey::index(&index), shop(S)],
-                known(Some(S)),
-                false,
-            ),
-            // Gone from the table: removed, with the shop key it had.
-            (
-                None,
-                vec![KvKey::index(&index), shop(S)],
-                known(Some(S)),
-                true,
-            ),
-            (None, vec![KvKey::index(&index)], known(None), true),
+            // Still at its shop (the plan keeps it), or moved from `s` to `t` (`s` given up).
+            (Some(S), vec![KvKey::index(&index), shop(S)], shops(&[S])),
+            (Some(T), vec![KvKey::index(&index), shop(S)], shops(&[S])),
+            // Gone from the table: removed, giving up the shop key it had.
+            (None, vec![KvKey::index(&index), shop(S)], shops(&[S])),
+            (None, vec![KvKey::index(&index)], shops(&[])),
         ];
-        for (now, keys, expected, removed) in cases {
+        for (now, keys, expected) in cases {
+            let removed = now.is_none();
             let recheck = Recheck {
                 keys: keys.into_iter().map(landed).collect(),
                 settings: !removed,
-                records: (!removed).then(|| insert("i", now)).into_iter().collect(),
+                records: now.map(|now| insert("i", Some(now))).into_iter().collect(),
             };
-            let changes = as_changes(&index, &recheck);
+            let (mut changes, shops) = as_changes(&index, &recheck);
             assert_eq!(changes.len(), 1);
             let is_remove = matches!(changes[0].decoded, Ok(Change::RemoveIndex { .. }));
             assert_eq!(is_remove, removed, "{now:?}");
-            assert_eq!(previous_shop(&changes[0]), expected, "{now:?}");
+            assert_eq!(shops, expected, "{now:?}");
+            // As the snapshot settles it: every shop landed is its previous one.
+            plan::settle_previous_shops(&mut changes, |_| Some(shops.clone()));
+            let previous = Some(PreviousShop::Known(expected));
+            assert_eq!(previous_shop(&changes[0]), previous, "{now:?}");
         }
-        // Its shop id no shop key now (rejected as it is planned): it gives up `s` all the same,
-        // its own key left as it is.
-        let recheck = Recheck {
-            keys: vec![landed(KvKey::index(&index)), landed(shop(S))],
-            settings: true,
-            records: vec![insert("i", Some("Shop-T.myshopify.com"))],
-        };
-        let changes = as_changes(&index, &recheck);
-        let Ok(Change::RemoveIndex { keeps_own_key, .. }) = &changes[0].decoded else {
-            panic!("{:?}", changes[0]);
-        };
-        assert!(keeps_own_key);
-        assert_eq!(previous_shop(&changes[0]), known(Some(S)));
     }
 
     #[test]

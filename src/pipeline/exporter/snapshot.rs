@@ -136,19 +136,18 @@ impl<P: Ports> Exporter<P> {
 
     /// Every writer's stages 2 and 3, the check's included, beside what the ledger recorded of
     /// the records' indexes (`known_refs`, when the run keeps references): the API keys looked
-    /// up first (those in `api_keys` already, not again; a record whose account has none is
-    /// rejected then), what the records' indexes no longer name given up (dropped alias
-    /// targets, a rejected record's shops), then the snapshot and the plan.
+    /// up first (a record whose account has none is rejected then), what the records' indexes
+    /// no longer name given up (dropped alias targets, a rejected record's shops), then the
+    /// snapshot and the plan.
     pub(super) async fn plan_records(
         &self,
         mut records: Vec<ChangeRecord>,
         mut known_refs: Option<HashMap<IndexRef, IndexRefs>>,
-        mut api_keys: ApiKeys,
         run: Run,
         deadline: Instant,
     ) -> Prepared {
         let fresh = run.fresh_api_keys;
-        (self.api_keys_first(&mut records, &mut api_keys, fresh, deadline)).await;
+        let api_keys = self.api_keys_first(&mut records, fresh, deadline).await;
         let derived = match known_refs.as_mut() {
             Some(known) => self.dropped_targets(&mut records, known, deadline).await,
             None => Vec::new(),
@@ -177,18 +176,16 @@ impl<P: Ports> Exporter<P> {
         }
     }
 
-    /// API keys looked up before what a batch gives up is worked out (fresh for an operator's;
-    /// those in `api_keys` already, not again): a record whose account has no API key in its
-    /// cell is rejected then, as the plan would reject it, so that its index gives up the shops
-    /// it no longer claims as every rejected record's does. A lookup that fails for now rejects
-    /// nothing.
+    /// API keys looked up before what a batch gives up is worked out (fresh for an operator's):
+    /// a record whose account has no API key in its cell is rejected then, as the plan would
+    /// reject it, so that its index gives up the shops it no longer claims as every rejected
+    /// record's does. A lookup that fails for now rejects nothing. Answers the keys looked up.
     pub(crate) async fn api_keys_first<'r>(
         &self,
         records: impl IntoIterator<Item = &'r mut ChangeRecord>,
-        api_keys: &mut ApiKeys,
         fresh: bool,
         deadline: Instant,
-    ) {
+    ) -> ApiKeys {
         let cell = &self.options.default_cell;
         let records: Vec<(&mut ChangeRecord, AccountCell)> = (records.into_iter())
             .filter_map(|record| {
@@ -200,15 +197,16 @@ impl<P: Ports> Exporter<P> {
             })
             .collect();
         let wanted = records.iter().map(|(_, wanted)| wanted.clone()).collect();
+        let mut api_keys = ApiKeys::default();
         api_keys.add(&self.api_keys, wanted, fresh, deadline).await;
         for (record, wanted) in records {
-            match api_keys.keys.get(&wanted) {
-                Some(Err(error)) if !error.is_transient() => {
+            if let Some(Err(error)) = api_keys.keys.get(&wanted) {
+                if !error.is_transient() {
                     record.decoded = Err(Outcome::of_port_error(error, ""));
                 }
-                _ => {}
             }
         }
+        api_keys
     }
 
     /// Settles each record's previous shop the stream did not give: from an earlier record of

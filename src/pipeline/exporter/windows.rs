@@ -201,13 +201,15 @@ async fn a_replay_hands_over_a_shop_key_whose_check_could_not_read() {
     assert!(shop.contains("https://j"), "{shop}");
 }
 
-/// Index `i` moved to `s2` and rejected: its endpoint not https, or (rejected only as its API
-/// key is looked up) its cell without an API key.
-fn moved_and_rejected() -> [Value; 2] {
+/// Index `i` moved off `s1` and rejected: its endpoint not https, (rejected only as its API
+/// key is looked up) its cell without an API key, or (only as it is planned) its shop id no
+/// shop key.
+fn moved_and_rejected() -> [Value; 3] {
     let no_https = record("MODIFY", "i", "http://i", Some("s2.myshopify.com"));
     let mut no_api_key = record("MODIFY", "i", "https://i", Some("s2.myshopify.com"));
     no_api_key["dynamodb"]["NewImage"]["cell"] = json!({"S": "gone"});
-    [no_https, no_api_key]
+    let no_shop_key = record("MODIFY", "i", "https://i", Some("Shop-2.myshopify.com"));
+    [no_https, no_api_key, no_shop_key]
 }
 
 /// Row "a checked key between its write landing and its check's write", the giving index's
