@@ -1184,3 +1184,53 @@ async fn a_backfill_s_old_shop_unchecked_after_the_stream_s_shrink_is_left_to_th
     assert_eq!(h.settings(&sy).unwrap()["index_name"], "products");
 }
 }
+
+crate::on_both_views! {
+/// An operator's run of an index rejected now gives up the shop it no longer claims: the table
+/// moved `leaving` off the shop and made its endpoint plain http, and that batch was lost. The
+/// re-export's delete of the shop key is held while the stream (another writer) exports
+/// `arriving`, which takes the shop; the delete lands last, and the re-export's check hands the
+/// key to `arriving`. The re-export itself is refused, and the rejected index's own key stays
+/// as it was.
+async fn an_operator_s_give_up_of_a_rejected_index_s_shop_landing_after_its_claimer_is_undone(view) {
+    const SHOP: &str = "shop-s.myshopify.com";
+    let mut h = Harness::with_view(view).await;
+    for account in ["acct-1", "acct-2"] {
+        h.keys.set_key(account, "marqo-key");
+    }
+    h.put(index_item("acct-1", "leaving", Some(SHOP))).await;
+    h.put(index_item("acct-2", "arriving", Some("shop-x.myshopify.com"))).await;
+    h.export_stream().await;
+    h.migrate().await;
+    let operator = Writer::start(&h).await;
+    let stream = Writer::start(&h).await;
+    let mut rejected = index_item("acct-1", "leaving", Some("shop-t.myshopify.com"));
+    rejected["index_endpoint"] = json!({"S": "http://leaving.idx.example"});
+    h.put(rejected).await;
+    h.stream_records().await; // lost
+
+    h.kv.hold("bulk/delete", Some(SHOP));
+    let payload = json!({"system_account_id": "acct-1", "index_name": "leaving"});
+    let run = operator.runtime.invoke(payload, TIMEOUT);
+    let race = async {
+        until_held(&h).await;
+        h.put(index_item("acct-2", "arriving", Some(SHOP))).await;
+        let answer = stream.invoke(json!({ "Records": h.stream_records().await })).await;
+        assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+        assert_eq!(h.settings(SHOP).unwrap()["index_name"], "arriving");
+        h.kv.release();
+    };
+    let (answer, ()) = tokio::join!(run, race);
+
+    let error = answer.expect_err("a rejected index is not re-exported");
+    assert!(error.to_string().contains("index leaving failed"), "{error}");
+    assert_eq!(
+        h.settings(SHOP).map(|s| s["index_name"].clone()),
+        Some(json!("arriving")),
+        "{}",
+        operator.function.output()
+    );
+    let own = endpoint_of(&h, "acct-1-leaving");
+    assert_eq!(own.as_deref(), Some("https://acct-1-leaving.idx.example"));
+}
+}
