@@ -91,8 +91,6 @@ pub struct BatchReport {
     pub kv_requests: usize,
     /// HTTP attempts beyond the first, resends of unsuccessful keys included.
     pub kv_retries: usize,
-    pub keys_written: usize,
-    pub keys_deleted: usize,
     pub api_keys: LookupCounts,
     /// Seconds from each exported record's `ApproximateCreationDateTime` to its KV write.
     pub lag_seconds: Vec<f64>,
@@ -134,8 +132,8 @@ impl BatchReport {
             kept = self.count(|o| matches!(o, Outcome::Kept { .. })),
             kv_requests = self.kv_requests,
             kv_retries = self.kv_retries,
-            keys_written = self.keys_written,
-            keys_deleted = self.keys_deleted,
+            keys_written = self.written.len(),
+            keys_deleted = self.deleted.len(),
             api_key_calls = self.api_keys.calls,
             api_key_cache_hits = self.api_keys.cache_hits,
             "batch done"
@@ -151,7 +149,7 @@ impl BatchReport {
             skipped = self.count(|o| matches!(o, Outcome::Skipped(_))),
             rejected = self.count(|o| matches!(o, Outcome::Rejected(_))),
             failed = self.count(|o| matches!(o, Outcome::Failed(_))),
-            keys_to_write = self.keys_written,
+            keys_to_write = self.written.len(),
             api_key_calls = self.api_keys.calls,
             "dry run done: nothing written"
         );

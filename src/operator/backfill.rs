@@ -103,7 +103,7 @@ struct Tally {
 impl Tally {
     /// Counts a batch's records; whether any failed (the backfill then stops).
     fn add(&mut self, report: &BatchReport) -> bool {
-        self.keys_written += report.keys_written;
+        self.keys_written += report.written.len();
         for record in &report.records {
             self.count(record.index.as_ref(), &record.outcome);
         }
@@ -335,14 +335,10 @@ impl<P: Ports> Pass<'_, P> {
 
 /// What a dry run's page would have done, as a report (nothing was sent).
 fn dry_report(prepared: Prepared) -> BatchReport {
-    let keys_written = prepared
-        .plan
-        .ops
-        .values()
-        .filter(|op| matches!(op.action, KvAction::Put(_)))
-        .count();
+    let ops = prepared.plan.ops.into_iter();
+    let written = ops.filter(|(_, op)| matches!(op.action, KvAction::Put(_)));
     BatchReport {
-        keys_written,
+        written: written.map(|(key, _)| key).collect(),
         api_keys: prepared.api_keys,
         records: prepared
             .records

@@ -218,14 +218,9 @@ pub async fn repair<P: Ports>(
         return None;
     }
     if dry_run {
-        let written: Vec<KvKey> = writes.into_iter().collect();
-        let deleted: Vec<KvKey> = deletes.into_iter().map(|(key, _)| key).collect();
-        let (keys_written, keys_deleted) = (written.len(), deleted.len());
         return Some(BatchReport {
-            written,
-            deleted,
-            keys_written,
-            keys_deleted,
+            written: writes.into_iter().collect(),
+            deleted: deletes.into_iter().map(|(key, _)| key).collect(),
             ..BatchReport::default()
         });
     }

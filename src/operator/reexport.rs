@@ -201,7 +201,7 @@ impl Answer {
         written
             .query_configs
             .extend(names_in(&report.written, Namespace::QueryConfigs));
-        exported.keys_written += report.keys_written;
+        exported.keys_written += report.written.len();
         exported
             .deleted
             .extend(report.deleted.iter().map(|k| k.key.clone()));

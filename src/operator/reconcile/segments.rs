@@ -192,8 +192,8 @@ impl<P: Ports> Pass<'_, P> {
             return Ok(());
         };
         self.requests.kv_repair += report.kv_requests;
-        self.repaired.written += report.keys_written;
-        self.repaired.deleted += report.keys_deleted;
+        self.repaired.written += report.written.len();
+        self.repaired.deleted += report.deleted.len();
         match report.records.iter().find_map(|r| match &r.outcome {
             Outcome::Failed(reason) => Some(reason.clone()),
             _ => None,

@@ -279,8 +279,6 @@ fn finish(
     created_at: Vec<Option<f64>>,
     applied_at: f64,
 ) -> BatchReport {
-    report.keys_written = report.written.len();
-    report.keys_deleted = report.deleted.len();
     report.lag_seconds = (created_at.into_iter().zip(&outcomes))
         .filter(|(_, outcome)| **outcome == Outcome::Pending)
         .filter_map(|(created, _)| created)
