@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use aws_sdk_dynamodb::types::AttributeValue;
 use serde_dynamo::Item;
 
+use crate::domain::table::{overrides_sk, settings_sk};
 use crate::domain::{IndexRef, IndexRefs, Scope, TableKey, TableRecord};
 use crate::dynamo::{key_item, settings_references, string_attribute, SortKey};
 use crate::dynamo::{table_key, table_record};
@@ -108,10 +109,6 @@ fn after_prefix(prefix: &str) -> Option<String> {
     None
 }
 
-fn overrides_prefix(index: &IndexRef) -> String {
-    format!("INDEX#{}#QUERY#", index.name)
-}
-
 /// The index a settings item's key names (`None`: not a settings item's).
 fn index_of(item: &Item) -> Option<IndexRef> {
     let name = string_attribute(item, "sk")?.strip_prefix("INDEX#")?;
@@ -154,10 +151,7 @@ impl DynamoSettingsTable {
         start: Option<&TableKey>,
         limit: usize,
     ) -> Result<(Vec<Item>, Option<Item>), PortError> {
-        let (own, prefix) = (
-            TableKey::of(index, None).sk().to_owned(),
-            overrides_prefix(index),
-        );
+        let (own, prefix) = (settings_sk(&index.name), overrides_sk(&index.name));
         let query = (self.client().query())
             .table_name(&self.table_name)
             .expression_attribute_values(":pk", AttributeValue::S(index.account.clone()))
@@ -225,7 +219,7 @@ impl SettingsTable for DynamoSettingsTable {
     ) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
         let keys = indexes
             .iter()
-            .map(|i| (i.account.clone(), format!("INDEX#{}", i.name)));
+            .map(|i| (i.account.clone(), settings_sk(&i.name)));
         let projection = "pk, sk, shop_id, read_alias, index_aliases";
         let mut found = HashMap::with_capacity(indexes.len());
         self.read_keys(keys.collect(), projection, |item| {
@@ -261,12 +255,12 @@ impl SettingsTable for DynamoSettingsTable {
         self.index_runs.fetch_add(1, Ordering::Relaxed);
         // Every sort key that begins with `INDEX#{last}` follows it in one run, and sorts
         // before `after_prefix` of it: past that run (or past the account), the range is read.
-        let last = format!("INDEX#{last}");
+        let last = settings_sk(last);
         let upper = after_prefix(&last);
         let query = (self.client().query())
             .table_name(&self.table_name)
             .expression_attribute_values(":pk", AttributeValue::S(account.to_owned()))
-            .expression_attribute_values(":first", AttributeValue::S(format!("INDEX#{first}")));
+            .expression_attribute_values(":first", AttributeValue::S(settings_sk(first)));
         let query = match &upper {
             Some(upper) => query
                 .key_condition_expression("pk = :pk AND sk BETWEEN :first AND :upper")
@@ -288,7 +282,7 @@ impl SettingsTable for DynamoSettingsTable {
 
     async fn override_queries(&self, index: &IndexRef) -> Result<Vec<String>, PortError> {
         self.override_queries.fetch_add(1, Ordering::Relaxed);
-        let prefix = overrides_prefix(index);
+        let prefix = overrides_sk(&index.name);
         let (items, _) = (self.index_items(index, false, Some("sk"), None, usize::MAX)).await?;
         Ok(items
             .iter()

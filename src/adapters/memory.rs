@@ -13,6 +13,7 @@ use serde_dynamo::Item;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::domain::table::{overrides_sk, settings_sk};
 use crate::domain::{AccountCell, ApiKey, IndexRef, KvAction, KvKey, KvOp, Namespace};
 use crate::domain::{Scope, TableKey, TableRecord};
 use crate::ports::{
@@ -215,7 +216,7 @@ impl SettingsTable for CountingTable {
         let items = self.items.lock().unwrap();
         Ok((indexes.iter())
             .filter_map(|index| {
-                let key = (index.account.clone(), format!("INDEX#{}", index.name));
+                let key = (index.account.clone(), settings_sk(&index.name));
                 let item = items.get(&key)?;
                 Some((index.clone(), crate::dynamo::settings_references(item).0))
             })
@@ -252,7 +253,7 @@ impl SettingsTable for CountingTable {
         last: &str,
     ) -> Result<Vec<TableRecord>, PortError> {
         self.readable()?;
-        let (first, last) = (format!("INDEX#{first}"), format!("INDEX#{last}"));
+        let (first, last) = (settings_sk(first), settings_sk(last));
         let within =
             |sk: &str| sk >= first.as_str() && (sk <= last.as_str() || sk.starts_with(&last));
         let items = self.sorted(|pk, sk| pk == account && within(sk));
@@ -261,7 +262,7 @@ impl SettingsTable for CountingTable {
     async fn override_queries(&self, index: &IndexRef) -> Result<Vec<String>, PortError> {
         self.readable()?;
         self.override_queries.fetch_add(1, Ordering::SeqCst);
-        let prefix = format!("INDEX#{}#QUERY#", index.name);
+        let prefix = overrides_sk(&index.name);
         let items = self.sorted(|pk, sk| pk == index.account && sk.starts_with(&prefix));
         let query = |item: &Item| {
             Some(

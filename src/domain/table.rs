@@ -62,12 +62,8 @@ impl<'a> Scope<'a> {
             Scope::Table => true,
             Scope::Account(account) => pk == *account,
             Scope::Index(index) => {
-                let own = TableKey::of(index, None);
-                pk == index.account
-                    && (sk == own.sk()
-                        || sk
-                            .strip_prefix(own.sk())
-                            .is_some_and(|r| r.starts_with("#QUERY#")))
+                let own = settings_sk(&index.name);
+                pk == index.account && (sk == own || sk.starts_with(&overrides_sk(&index.name)))
             }
         }
     }
@@ -107,9 +103,20 @@ impl TableKey {
     /// The key of an index's settings record (`query`: of its override).
     pub fn of(index: &IndexRef, query: Option<&str>) -> Self {
         let sk = match query {
-            None => format!("INDEX#{}", index.name),
-            Some(query) => format!("INDEX#{}#QUERY#{query}", index.name),
+            None => settings_sk(&index.name),
+            Some(query) => overrides_sk(&index.name) + query,
         };
         TableKey::new(&index.account, sk)
     }
+}
+
+/// The sort key of the settings item of the index named `name` (docs/contract.md, "The
+/// settings table"); every sort key of the table is built here.
+pub fn settings_sk(name: &str) -> String {
+    format!("INDEX#{name}")
+}
+
+/// What the sort keys of the index's overrides begin with (the query follows, `#` and all).
+pub fn overrides_sk(name: &str) -> String {
+    format!("INDEX#{name}#QUERY#")
 }
