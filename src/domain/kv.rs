@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::ids::IndexRef;
@@ -193,6 +193,34 @@ impl KeyMetadata {
     }
 }
 
+/// What a value this function wrote says of itself (both kinds name the index they were written
+/// for, a settings value its shop); anything else says nothing.
+#[derive(Deserialize)]
+pub struct Written {
+    #[allow(dead_code)]
+    schema_version: u32,
+    system_account_id: String,
+    index_name: String,
+    #[serde(default)]
+    shop_id: Option<String>,
+}
+
+impl Written {
+    pub fn read(value: &str) -> Option<Self> {
+        serde_json::from_str(value).ok()
+    }
+
+    /// The index the value was written for.
+    pub fn owner(self) -> IndexRef {
+        IndexRef::new(self.system_account_id, self.index_name)
+    }
+
+    /// The shop a settings value serves.
+    pub fn shop(self) -> Option<String> {
+        self.shop_id.filter(|shop| !shop.is_empty())
+    }
+}
+
 /// A value to write. An index's settings are kept as the decoded record and its account's API
 /// key, and rendered only where they go: straight into a request body, with no copy in between.
 #[derive(Clone, PartialEq)]
@@ -373,6 +401,23 @@ pub fn check_put(key: &str, value: &KvValue) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_written_value_names_its_index_and_shop() {
+        let value = r#"{"schema_version": 1, "system_account_id": "acct", "index_name": "1-x",
+            "shop_id": "s.myshopify.com"}"#;
+        let owner = Written::read(value).map(Written::owner);
+        assert_eq!(owner, Some(IndexRef::new("acct", "1-x")));
+        assert_ne!(owner, Some(IndexRef::new("acct-1", "x")));
+        let shop = Written::read(value).and_then(Written::shop);
+        assert_eq!(shop.as_deref(), Some("s.myshopify.com"));
+        let no_shop = value.replace("s.myshopify.com", "");
+        assert_eq!(Written::read(&no_shop).and_then(Written::shop), None);
+        // Not what this function writes: says nothing.
+        for other in ["not json", r#"{"shop_id": "s.myshopify.com"}"#] {
+            assert!(Written::read(other).is_none(), "{other}");
+        }
+    }
 
     #[test]
     fn query_config_key_is_sha256_of_the_normalized_query() {

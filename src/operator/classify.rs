@@ -4,9 +4,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::domain::kv::Written;
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
 use crate::pipeline::exporter::{Exporter, Prepared, Run};
@@ -187,7 +188,8 @@ async fn shared_shops<P: Ports>(
                 return None;
             };
             let owner = value.index();
-            let held = owner_in_value(compared.held.as_deref()?).filter(could_be_written);
+            let held = Written::read(compared.held.as_deref()?).map(Written::owner);
+            let held = held.filter(could_be_written);
             let other = held.filter(|o| o != owner && *key != KvKey::index(owner))?;
             Some((key, other))
         })
@@ -238,20 +240,6 @@ fn same_json(expected: &str, held: &str) -> bool {
     expected == held || json(expected).is_some_and(|value| Some(value) == json(held))
 }
 
-/// The value fields that name an index in what this function writes.
-#[derive(Deserialize)]
-struct Owner {
-    #[allow(dead_code)]
-    schema_version: u32,
-    system_account_id: String,
-    index_name: String,
-}
-
-pub fn owner_in_value(value: &str) -> Option<IndexRef> {
-    let owner: Owner = serde_json::from_str(value).ok()?;
-    Some(IndexRef::new(owner.system_account_id, owner.index_name))
-}
-
 /// Whether the function could have written a key for this index (metadata and values are
 /// input: a name no table item could have would fail a piece's reads by key, every pass).
 pub fn could_be_written(index: &IndexRef) -> bool {
@@ -261,14 +249,6 @@ pub fn could_be_written(index: &IndexRef) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_value_belongs_to_the_index_it_names() {
-        let value = r#"{"schema_version": 1, "system_account_id": "acct", "index_name": "1-x"}"#;
-        assert_eq!(owner_in_value(value), Some(IndexRef::new("acct", "1-x")));
-        assert_ne!(owner_in_value(value), Some(IndexRef::new("acct-1", "x")));
-        assert_eq!(owner_in_value("not json"), None);
-    }
 
     #[test]
     fn a_value_is_in_sync_when_it_holds_the_same_json() {

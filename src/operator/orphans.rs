@@ -7,9 +7,9 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use futures::StreamExt as _;
 use tokio::time::Instant;
 
-use super::classify::{could_be_written, owner_in_value, Class, Drift};
-use crate::domain::kv::KeyMetadata;
+use super::classify::{could_be_written, Class, Drift};
 use crate::domain::kv::{is_query_config_key_of, query_config_key, query_config_prefix};
+use crate::domain::kv::{KeyMetadata, Written};
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvKey, Namespace, TableKey};
 use crate::pipeline::exporter::{Exporter, Prepared, CONCURRENT_QUERIES};
@@ -154,8 +154,8 @@ impl<'a, P: Ports> Orphans<'a, P> {
             .map(|(key, meta)| {
                 let value = values.remove(&key).flatten();
                 let named = meta.as_ref().and_then(KeyMetadata::index_ref);
-                let owner = (named.or_else(|| value.as_deref().and_then(owner_in_value)))
-                    .filter(could_be_written);
+                let written = value.as_deref().and_then(Written::read).map(Written::owner);
+                let owner = (named.or(written)).filter(could_be_written);
                 let query = meta.and_then(|m| m.query);
                 let key = KvKey { namespace, key };
                 Listed { key, owner, query }

@@ -9,6 +9,7 @@ use futures::StreamExt as _;
 use tokio::time::Instant;
 
 use super::{Exporter, Prepared, Run, CONCURRENT_QUERIES};
+use crate::domain::kv::Written;
 use crate::domain::{AccountCell, ApiKey};
 use crate::domain::{IndexRef, KvKey, Namespace, TableKey, TableRecord};
 use crate::pipeline::api_key_cache::ApiKeyCache;
@@ -279,7 +280,7 @@ impl<P: Ports> Exporter<P> {
                         .get(&key)
                         .cloned()
                         .flatten()
-                        .and_then(|v| shop_in_kv_value(&v))),
+                        .and_then(|v| Written::read(&v)?.shop())),
                     Err(error) => Err(error.clone()),
                 };
                 (index, shop)
@@ -341,14 +342,4 @@ impl ApiKeys {
         self.counts.calls += counts.calls;
         self.counts.cache_hits += counts.cache_hits;
     }
-}
-
-/// The shop id in a settings value as this function wrote it; anything else claims none.
-fn shop_in_kv_value(value: &str) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_str(value).ok()?;
-    value
-        .get("shop_id")?
-        .as_str()
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
 }
