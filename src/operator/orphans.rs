@@ -268,7 +268,7 @@ impl<'a, P: Ports> Orphans<'a, P> {
         }
         let (exporter, deadline) = (self.exporter, self.deadline);
         let asked = shops.iter().cloned().map(Referred::Shop).collect();
-        let references = exporter.referrers_of(asked, deadline).await?;
+        let references = exporter.referrers_of(asked, &[], deadline).await?;
         // Each candidate's record as the table holds it now (the ledger only names them).
         let wanted: HashSet<&String> = shops.iter().collect();
         let claimers: Vec<(IndexRef, IndexRefs)> = (references.into_iter())
@@ -304,7 +304,7 @@ impl<'a, P: Ports> Orphans<'a, P> {
             return Ok(HashSet::new());
         }
         let asked = indexes.iter().map(|i| Referred::Alias(i.id().0)).collect();
-        let references = self.exporter.referrers_of(asked, self.deadline);
+        let references = self.exporter.referrers_of(asked, &[], self.deadline);
         let references = references.await?;
         // An alias an index holds to itself protects nothing of its own.
         let targets: HashSet<&String> = (references.iter())

@@ -71,18 +71,9 @@ impl<P: Ports> Exporter<P> {
 
     /// The references of every index that may refer to what is `asked` (an alias target, a
     /// shop): from the ledger once its records are complete (its sets naming the candidates,
-    /// each candidate's own record deciding), else every index's, from a scan of the table.
+    /// each candidate's own record deciding; the indexes of a batch's own `records` decided by
+    /// them, newer than what the ledger holds), else every index's, from a scan of the table.
     pub async fn referrers_of(
-        &self,
-        asked: Vec<Referred>,
-        deadline: Instant,
-    ) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
-        self.referrers_deciding(asked, &[], deadline).await
-    }
-
-    /// As [`Exporter::referrers_of`], the indexes of a batch's own `records` decided by them
-    /// (they are newer than what the ledger holds) once the ledger is complete.
-    pub(super) async fn referrers_deciding(
         &self,
         asked: Vec<Referred>,
         records: &[ChangeRecord],
@@ -441,7 +432,10 @@ mod tests {
             }
         }
 
-        let found = e.referrers_of(asked.to_vec(), deadline()).await.unwrap();
+        let found = e
+            .referrers_of(asked.to_vec(), &[], deadline())
+            .await
+            .unwrap();
 
         let claimers: Vec<&str> = (found.iter())
             .filter(|(_, refs)| refs.shops.contains("s.myshopify.com"))

@@ -243,7 +243,7 @@ impl<P: Ports> Exporter<P> {
         // checked against the table once its references are complete, else a scan.
         if plan::references_wanted(records) {
             let asked = plan::reference_questions(records).into_iter().collect();
-            let references = self.referrers_deciding(asked, records, deadline).await;
+            let references = self.referrers_of(asked, records, deadline).await;
             let wanted = (references.as_ref().ok()).map(|refs| plan::claimers(records, refs));
             snapshot.references = Some(references);
             if let Some(wanted) = wanted.filter(|wanted| !wanted.is_empty()) {
