@@ -71,6 +71,31 @@ async fn products_migrated_on(
     h
 }
 
+/// `leaving` of `acct-1` on `shop` and `arriving` of `acct-2` on shop x, exported (and the
+/// ledger's references complete when `migrated`).
+async fn leaving_and_arriving(
+    view: aws_sdk_dynamodb::types::StreamViewType,
+    shop: &str,
+    migrated: bool,
+) -> Harness {
+    let mut h = Harness::with_view(view).await;
+    for account in ["acct-1", "acct-2"] {
+        h.keys.set_key(account, "marqo-key");
+    }
+    h.put(index_item("acct-1", "leaving", Some(shop))).await;
+    h.put(index_item(
+        "acct-2",
+        "arriving",
+        Some("shop-x.myshopify.com"),
+    ))
+    .await;
+    h.export_stream().await;
+    if migrated {
+        h.migrate().await;
+    }
+    h
+}
+
 /// `products` moves to shop `to`; `writer` exports the stream's records since the last
 /// export, and no key of the shops it had (`x`, `y`) still serves it.
 async fn moves_off_every_old_shop(
@@ -316,18 +341,7 @@ async fn two_batches_writing_one_filter_end_with_every_override(view) {
 crate::on_both_views! {
 async fn an_old_shop_delete_that_lands_after_another_index_took_the_shop_is_undone(view) {
     const SHOP: &str = "shop-s.myshopify.com";
-    let mut h = Harness::with_view(view).await;
-    for account in ["acct-1", "acct-2"] {
-        h.keys.set_key(account, "marqo-key");
-    }
-    h.put(index_item("acct-1", "leaving", Some(SHOP))).await;
-    h.put(index_item(
-        "acct-2",
-        "arriving",
-        Some("shop-x.myshopify.com"),
-    ))
-    .await;
-    h.export_stream().await;
+    let mut h = leaving_and_arriving(view, SHOP, false).await;
     let first = Writer::start(&h).await;
     let second = Writer::start(&h).await;
 
@@ -487,19 +501,7 @@ crate::on_both_views! {
 async fn a_shop_taken_while_another_index_gives_it_up_ends_with_its_new_claimer(view) {
     use ecom_emulators::dynamo_proxy::DynamoFault;
     const SHOP: &str = "shop-s.myshopify.com";
-    let mut h = Harness::with_view(view).await;
-    for account in ["acct-1", "acct-2"] {
-        h.keys.set_key(account, "marqo-key");
-    }
-    h.put(index_item("acct-1", "leaving", Some(SHOP))).await;
-    h.put(index_item(
-        "acct-2",
-        "arriving",
-        Some("shop-x.myshopify.com"),
-    ))
-    .await;
-    h.export_stream().await;
-    h.migrate().await;
+    let mut h = leaving_and_arriving(view, SHOP, true).await;
     let ProxiedFunction {
         dynamodb: ledger,
         runtime,
@@ -574,14 +576,7 @@ crate::on_both_views! {
 /// the old one and the shop ended missing).
 async fn a_replay_after_a_check_that_could_not_read_still_hands_the_shop_over(view) {
     const SHOP: &str = "shop-s.myshopify.com";
-    let mut h = Harness::with_view(view).await;
-    for account in ["acct-1", "acct-2"] {
-        h.keys.set_key(account, "marqo-key");
-    }
-    h.put(index_item("acct-1", "leaving", Some(SHOP))).await;
-    h.put(index_item("acct-2", "arriving", Some("shop-x.myshopify.com"))).await;
-    h.export_stream().await;
-    h.migrate().await;
+    let mut h = leaving_and_arriving(view, SHOP, true).await;
     let ProxiedFunction { dynamodb, runtime, function } = behind_a_dynamodb_proxy(&h).await;
     let other = Writer::start(&h).await;
 
@@ -1194,14 +1189,7 @@ crate::on_both_views! {
 /// as it was.
 async fn an_operator_s_give_up_of_a_rejected_index_s_shop_landing_after_its_claimer_is_undone(view) {
     const SHOP: &str = "shop-s.myshopify.com";
-    let mut h = Harness::with_view(view).await;
-    for account in ["acct-1", "acct-2"] {
-        h.keys.set_key(account, "marqo-key");
-    }
-    h.put(index_item("acct-1", "leaving", Some(SHOP))).await;
-    h.put(index_item("acct-2", "arriving", Some("shop-x.myshopify.com"))).await;
-    h.export_stream().await;
-    h.migrate().await;
+    let mut h = leaving_and_arriving(view, SHOP, true).await;
     let operator = Writer::start(&h).await;
     let stream = Writer::start(&h).await;
     let mut rejected = index_item("acct-1", "leaving", Some("shop-t.myshopify.com"));
