@@ -201,7 +201,6 @@ pub struct Written {
     schema_version: u32,
     system_account_id: String,
     index_name: String,
-    #[serde(default)]
     shop_id: Option<String>,
 }
 
@@ -413,6 +412,11 @@ mod tests {
         assert_eq!(shop.as_deref(), Some("s.myshopify.com"));
         let no_shop = value.replace("s.myshopify.com", "");
         assert_eq!(Written::read(&no_shop).and_then(Written::shop), None);
+        // A query config's value names its index and no shop.
+        let config = r#"{"schema_version": 1, "system_account_id": "a", "index_name": "i"}"#;
+        let config = Written::read(config).expect("a written value");
+        assert_eq!(config.shop_id, None);
+        assert_eq!(config.owner(), IndexRef::new("a", "i"));
         // Not what this function writes: says nothing.
         for other in ["not json", r#"{"shop_id": "s.myshopify.com"}"#] {
             assert!(Written::read(other).is_none(), "{other}");

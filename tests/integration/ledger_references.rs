@@ -248,6 +248,13 @@ async fn a_transaction_cancelled_by_a_conflict_is_sent_again(view) {
 }
 }
 
+/// The calls DynamoDB (the proxy) refused, as it refuses a key over its limits.
+fn refused(dynamodb: &ecom_emulators::dynamo_proxy::DynamoProxy) -> usize {
+    (dynamodb.calls().into_iter())
+        .filter(|c| c.status == 400)
+        .count()
+}
+
 /// A stream record is input: a REMOVE naming an account of 2,040 bytes (no KV key could be its
 /// index's, and `ref#{index}` is over DynamoDB's 2,048-byte partition key) is rejected alone,
 /// touching no ledger item; the batch's other records are exported and nothing is reported for
@@ -288,12 +295,7 @@ async fn a_remove_whose_index_no_key_could_have_is_rejected_alone() {
     assert!(h.settings("acct-1-plain").is_some());
     let log = function.wait_for("record rejected").await;
     assert!(log.contains("not a KV key"), "{log}");
-    let refused = dynamodb
-        .calls()
-        .into_iter()
-        .filter(|c| c.status == 400)
-        .count();
-    assert_eq!(refused, 0, "no call named the hostile index");
+    assert_eq!(refused(&dynamodb), 0, "no call named the hostile index");
 }
 
 /// A table item is input too: an index of an account of 2,040 bytes (no KV key could be its
@@ -325,10 +327,11 @@ async fn a_table_item_whose_index_no_key_could_have_is_rejected_alone_by_a_backf
         assert_eq!(answer["failed"], 0, "{endpoint}: {answer}");
         assert_eq!(answer["rejected"], 1, "{endpoint}: {answer}");
         assert!(h.settings("acct-1-plain").is_some(), "{endpoint}: {answer}");
-        let refused = (dynamodb.calls().into_iter())
-            .filter(|c| c.status == 400)
-            .count();
-        assert_eq!(refused, 0, "{endpoint}: no call named the hostile index");
+        assert_eq!(
+            refused(&dynamodb),
+            0,
+            "{endpoint}: no call named the hostile index"
+        );
     }
 }
 
@@ -567,8 +570,7 @@ async fn a_record_whose_item_no_table_could_hold_is_rejected_alone() {
     assert!(h.settings("acct-1-plain").is_some());
     let log = function.wait_for("record rejected").await;
     assert!(log.contains("1,024 bytes"), "{log}");
-    let refused = (dynamodb.calls().into_iter()).filter(|c| c.status == 400);
-    assert_eq!(refused.count(), 0, "no call named the hostile item");
+    assert_eq!(refused(&dynamodb), 0, "no call named the hostile item");
 }
 
 /// The ledger's anti-entropy: a shop move whose stream record was lost leaves the ledger
