@@ -7,9 +7,7 @@ use ecom_settings_exporter::domain::{KvAction, KvKey};
 use ecom_settings_exporter::dynamo::table_record;
 use ecom_settings_exporter::entry::Payload;
 use ecom_settings_exporter::pipeline::plan::{api_keys_wanted, plan, Snapshot};
-use ecom_settings_exporter::pipeline::records::{
-    decode_as_written, decode_record, ChangeRecord, Changed,
-};
+use ecom_settings_exporter::pipeline::records::{decode_as_written, decode_record, ChangeRecord};
 
 // Counts allocations and bytes per step next to the times.
 #[global_allocator]
@@ -31,7 +29,7 @@ fn raw_records() -> Vec<String> {
         .collect()
 }
 
-fn decoded(raw: &[String]) -> Vec<ChangeRecord<Changed>> {
+fn decoded(raw: &[String]) -> Vec<ChangeRecord> {
     raw.iter()
         .map(|r| decode_record(r, "DEFAULT_CONFIGS"))
         .collect()

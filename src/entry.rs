@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::operator::{OperatorError, OperatorRequest};
 use crate::pipeline::exporter::Exporter;
-use crate::pipeline::records::{decode_batch, ChangeRecord, Changed, Expected};
+use crate::pipeline::records::{decode_batch, ChangeRecord, Expected};
 use crate::ports::Ports;
 use crate::report::{BatchReport, Outcome};
 
@@ -56,7 +56,7 @@ impl From<HandlerError> for Diagnostic {
 
 #[derive(Debug)]
 pub enum Payload {
-    StreamBatch(Vec<ChangeRecord<Changed>>),
+    StreamBatch(Vec<ChangeRecord>),
     Operator(OperatorRequest),
 }
 

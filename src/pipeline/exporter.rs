@@ -10,7 +10,7 @@ use crate::domain::kv::own_key_valid;
 use crate::domain::{IndexRef, KvAction, KvKey, TableSpan};
 use crate::pipeline::api_key_cache::ApiKeyCache;
 use crate::pipeline::plan::{self, PlannedOp};
-use crate::pipeline::records::{ChangeRecord, Changed, Expected};
+use crate::pipeline::records::{ChangeRecord, Expected};
 use crate::ports::{
     before_deadline, ApiKeySource, IndexRefs, KvStore, Ledger, LookupCounts, PortError, Ports,
     ReconcileProgress, SettingsTable,
@@ -286,7 +286,7 @@ impl<P: Ports> Exporter<P> {
     /// Exports a stream batch's records, in stream order, each as its item is now.
     pub async fn export_stream(
         &self,
-        records: Vec<ChangeRecord<Changed>>,
+        records: Vec<ChangeRecord>,
         deadline: Instant,
     ) -> BatchReport {
         let (records, known) = self.read_now(records, deadline).await;

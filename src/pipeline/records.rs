@@ -65,28 +65,19 @@ pub enum Change {
     },
 }
 
-/// What a stream record says: which item changed, and the shop its index had. Never its new
-/// values: what is exported is the item as the table holds it when the batch reads it
-/// ([`ChangeRecord::as_now`]), so its `NewImage` is skipped unread.
+/// One record, decoded, with what identifies it in logs and in the batch response. A stream
+/// record decodes as the change its item makes when the table no longer holds it (a remove,
+/// with the shop its old image had): it says which item changed, never its new values, which
+/// come from the table when the batch reads it ([`ChangeRecord::as_now`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Changed {
-    pub index: IndexRef,
-    /// The override's query, when the item is one.
-    pub query: Option<String>,
-    pub previous_shop: PreviousShop,
-}
-
-/// One record, decoded, with what identifies it in logs and in the batch response: a stream
-/// record as it arrives ([`Changed`]), then as the change its item makes ([`Change`]).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChangeRecord<C = Change> {
+pub struct ChangeRecord {
     pub sequence_number: Option<String>,
     pub index: Option<IndexRef>,
     /// `ApproximateCreationDateTime`, seconds since the epoch, for propagation lag.
     pub created_at: Option<f64>,
     /// What the record changes, or where it already ended: skipped on purpose (default
     /// configs, foreign sort keys) or rejected as permanently invalid.
-    pub decoded: Result<C, Outcome>,
+    pub decoded: Result<Change, Outcome>,
 }
 
 impl ChangeRecord {
@@ -137,50 +128,41 @@ impl ChangeRecord {
     }
 }
 
-impl ChangeRecord<Changed> {
+impl ChangeRecord {
     /// The item the record is about.
     pub fn item_key(&self) -> Option<TableKey> {
-        let Changed { index, query, .. } = self.decoded.as_ref().ok()?;
-        Some(TableKey::of(index, query.as_deref()))
+        Some(match self.decoded.as_ref().ok()? {
+            Change::UpsertIndex { settings, .. } => TableKey::of(&settings.index, None),
+            Change::RemoveIndex { index, .. } => TableKey::of(index, None),
+            Change::UpsertQuery(config) => TableKey::of(&config.index, Some(&config.query)),
+            Change::RemoveQuery { index, query } => TableKey::of(index, Some(query)),
+        })
     }
 
-    /// The record as its item is now (`now`: the item as the table holds it, as a change
-    /// ([`ChangeRecord::from_table`]); `None`: the table no longer holds it). The stream says
-    /// which item changed and which shop its index had; what is exported comes from the table,
-    /// so a record read late (a replay, an old payload sent by hand) never writes old values.
-    pub fn as_now(self, now: Option<&Result<Change, Outcome>>) -> ChangeRecord {
-        self.map_decoded(|decoded| decoded.and_then(|changed| changed.into_change(now)))
-    }
-}
-
-impl Changed {
-    /// The change the item makes as it is now ([`ChangeRecord::as_now`]).
-    fn into_change(self, now: Option<&Result<Change, Outcome>>) -> Result<Change, Outcome> {
-        let Changed {
-            index,
-            query,
-            previous_shop,
-            ..
-        } = self;
-        match (now, query) {
-            (Some(Ok(Change::UpsertIndex { settings, .. })), _) => Ok(Change::UpsertIndex {
+    /// A stream record as its item is now (`now`: the item as the table holds it, as a change
+    /// ([`ChangeRecord::from_table`]); `None`: the table no longer holds it, the record stays
+    /// the remove it decoded as). The stream says which item changed and which shop its index
+    /// had; what is exported comes from the table, so a record read late (a replay, an old
+    /// payload sent by hand) never writes old values.
+    pub fn as_now(mut self, now: Option<&Result<Change, Outcome>>) -> ChangeRecord {
+        let (Ok(removed), Some(now)) = (&mut self.decoded, now) else {
+            return self;
+        };
+        self.decoded = match (now, removed) {
+            (
+                Ok(Change::UpsertIndex { settings, .. }),
+                Change::RemoveIndex { previous_shop, .. },
+            ) => Ok(Change::UpsertIndex {
                 settings: settings.clone(),
-                previous_shop,
+                previous_shop: std::mem::replace(previous_shop, PreviousShop::NotAsked),
                 with_overrides: false,
             }),
             // An override's config, or why the item is rejected.
-            (Some(now), _) => now.clone(),
-            (None, None) => Ok(Change::RemoveIndex {
-                index,
-                previous_shop,
-                keeps_own_key: false,
-            }),
-            (None, Some(query)) => Ok(Change::RemoveQuery { index, query }),
-        }
+            (now, _) => now.clone(),
+        };
+        self
     }
-}
 
-impl<C> ChangeRecord<C> {
     /// How the record ends when what it needs could not be read: as `error` says (reported
     /// for retry when it is transient), unless it had already ended.
     pub fn ended_by(&self, error: &PortError) -> Outcome {
@@ -192,22 +174,9 @@ impl<C> ChangeRecord<C> {
     }
 
     /// The record ended by `error` ([`ChangeRecord::ended_by`]).
-    pub fn unread<D>(self, error: &PortError) -> ChangeRecord<D> {
-        let ended = self.ended_by(error);
-        self.map_decoded(|_| Err(ended))
-    }
-
-    /// The same record, its decoded change made into another.
-    fn map_decoded<D>(
-        self,
-        change: impl FnOnce(Result<C, Outcome>) -> Result<D, Outcome>,
-    ) -> ChangeRecord<D> {
-        ChangeRecord {
-            sequence_number: self.sequence_number,
-            index: self.index,
-            created_at: self.created_at,
-            decoded: change(self.decoded),
-        }
+    pub fn unread(mut self, error: &PortError) -> ChangeRecord {
+        self.decoded = Err(self.ended_by(error));
+        self
     }
 }
 
@@ -243,14 +212,14 @@ impl<'s> From<&'s str> for Expected<'s> {
 pub fn decode_batch<'s>(
     payload: &str,
     expected: impl Into<Expected<'s>>,
-) -> Option<Vec<ChangeRecord<Changed>>> {
+) -> Option<Vec<ChangeRecord>> {
     let expected = expected.into();
     stream::read_stream_batch(payload, |record| from_stream(record, expected))
 }
 
 /// Decodes one raw record of a `{"Records": [...]}` batch. Never fails: a record that cannot
 /// be read is rejected with the reason.
-pub fn decode_record<'s>(raw: &str, expected: impl Into<Expected<'s>>) -> ChangeRecord<Changed> {
+pub fn decode_record<'s>(raw: &str, expected: impl Into<Expected<'s>>) -> ChangeRecord {
     from_stream(stream::read_stream_record(raw), expected.into())
 }
 
@@ -272,10 +241,7 @@ pub fn decode_as_written<'s>(raw: &str, expected: impl Into<Expected<'s>>) -> Ch
     record.as_now(now.as_ref())
 }
 
-fn from_stream(
-    record: Result<StreamRecord, BadRecord>,
-    expected: Expected,
-) -> ChangeRecord<Changed> {
+fn from_stream(record: Result<StreamRecord, BadRecord>, expected: Expected) -> ChangeRecord {
     match record {
         Ok(record) => change_record(&record, expected),
         Err(bad) => ChangeRecord {
@@ -287,7 +253,7 @@ fn from_stream(
     }
 }
 
-fn change_record(record: &StreamRecord, expected: Expected) -> ChangeRecord<Changed> {
+fn change_record(record: &StreamRecord, expected: Expected) -> ChangeRecord {
     let change = &record.change;
     let (index, decoded) = match from_elsewhere(record, expected) {
         Some(reason) => (None, reject(reason)),
@@ -318,11 +284,12 @@ fn from_elsewhere(record: &StreamRecord, expected: Expected) -> Option<String> {
     }
 }
 
-/// The index the record is about (when its keys tell) and which of its items changed.
+/// The index the record is about (when its keys tell) and the change its item makes when the
+/// table no longer holds it.
 fn decode_change(
     record: &StreamRecord,
     default_configs_sk: &str,
-) -> (Option<IndexRef>, Result<Changed, Outcome>) {
+) -> (Option<IndexRef>, Result<Change, Outcome>) {
     let change = &record.change;
     let keys = &change.keys;
     let (Some(pk), Some(sk)) = (string_attribute(keys, "pk"), string_attribute(keys, "sk")) else {
@@ -370,12 +337,18 @@ fn decode_change(
         );
         return (Some(index), Err(Outcome::Rejected(reason)));
     }
-    let changed = Changed {
-        index: index.clone(),
-        query,
-        previous_shop: previous_shop(record),
+    let removed = match query {
+        None => Change::RemoveIndex {
+            index: index.clone(),
+            previous_shop: previous_shop(record),
+            keeps_own_key: false,
+        },
+        Some(query) => Change::RemoveQuery {
+            index: index.clone(),
+            query,
+        },
     };
-    (Some(index), Ok(changed))
+    (Some(index), Ok(removed))
 }
 
 fn previous_shop(record: &StreamRecord) -> PreviousShop {
@@ -399,7 +372,7 @@ mod tests {
     use serde_json::json;
 
     /// Decodes a record given as a JSON value.
-    fn decode_record(raw: serde_json::Value, default_configs_sk: &str) -> ChangeRecord<Changed> {
+    fn decode_record(raw: serde_json::Value, default_configs_sk: &str) -> ChangeRecord {
         super::decode_record(&raw.to_string(), default_configs_sk)
     }
 
@@ -434,13 +407,21 @@ mod tests {
         let decoded = decode_record(raw, "DEFAULT_CONFIGS");
         assert_eq!(
             decoded.decoded,
-            Ok(Changed {
+            Ok(Change::RemoveIndex {
                 index: IndexRef::new("acct-1", "products"),
-                query: None,
                 previous_shop: PreviousShop::Unknown,
+                keeps_own_key: false,
             })
         );
         assert_eq!(decoded.sequence_number.as_deref(), Some("100"));
+    }
+
+    /// The previous shop a settings record's stream record says.
+    fn previous(record: ChangeRecord) -> Result<PreviousShop, Outcome> {
+        match record.decoded? {
+            Change::RemoveIndex { previous_shop, .. } => Ok(previous_shop),
+            other => panic!("a settings record: {other:?}"),
+        }
     }
 
     #[test]
@@ -449,8 +430,8 @@ mod tests {
         raw["dynamodb"]["OldImage"] = json!({"shop_id": {"S": "shop-old"}});
         raw["dynamodb"]["StreamViewType"] = json!("NEW_AND_OLD_IMAGES");
         let decoded = decode_record(raw, "DEFAULT_CONFIGS");
-        let previous = decoded.decoded.map(|changed| changed.previous_shop);
-        assert_eq!(previous, Ok(PreviousShop::known(Some("shop-old".into()))));
+        let shop = previous(decoded);
+        assert_eq!(shop, Ok(PreviousShop::known(Some("shop-old".into()))));
         // An empty shop id is no shop; an old image without one, none either.
         for old in [
             json!({"shop_id": {"S": ""}}),
@@ -458,17 +439,17 @@ mod tests {
         ] {
             let mut raw = record("MODIFY", "INDEX#products", json!({}));
             raw["dynamodb"]["OldImage"] = old;
-            let previous = decode_record(raw, "D").decoded.map(|c| c.previous_shop);
-            assert_eq!(previous, Ok(PreviousShop::none()));
+            let shop = previous(decode_record(raw, "D"));
+            assert_eq!(shop, Ok(PreviousShop::none()));
         }
         // No old image: none where the stream carries them, unknown where it does not.
         let mut raw = record("MODIFY", "INDEX#products", json!({}));
         raw["dynamodb"]["StreamViewType"] = json!("NEW_AND_OLD_IMAGES");
-        let previous = decode_record(raw, "D").decoded.map(|c| c.previous_shop);
-        assert_eq!(previous, Ok(PreviousShop::none()));
+        let shop = previous(decode_record(raw, "D"));
+        assert_eq!(shop, Ok(PreviousShop::none()));
         let raw = record("MODIFY", "INDEX#products", json!({}));
-        let previous = decode_record(raw, "D").decoded.map(|c| c.previous_shop);
-        assert_eq!(previous, Ok(PreviousShop::Unknown));
+        let shop = previous(decode_record(raw, "D"));
+        assert_eq!(shop, Ok(PreviousShop::Unknown));
     }
 
     #[test]
@@ -529,7 +510,7 @@ mod tests {
     fn read_batch<'s>(
         payload: &str,
         expected: impl Into<Expected<'s>>,
-    ) -> Option<Vec<ChangeRecord<Changed>>> {
+    ) -> Option<Vec<ChangeRecord>> {
         decode_batch(payload, expected)
     }
 
@@ -600,10 +581,10 @@ mod tests {
     fn a_record_s_new_image_is_never_read_its_item_decides() {
         let bad_image = json!({"index_endpoint": {"S": "http://not-https"}});
         let no_image = record("MODIFY", "INDEX#p", json!(null));
-        let changed = Changed {
+        let changed = Change::RemoveIndex {
             index: IndexRef::new("acct-1", "p"),
-            query: None,
             previous_shop: PreviousShop::Unknown,
+            keeps_own_key: false,
         };
         for raw in [record("MODIFY", "INDEX#p", bad_image), no_image] {
             let decoded = decode_record(raw, "D");

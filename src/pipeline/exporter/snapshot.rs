@@ -14,7 +14,7 @@ use crate::domain::{AccountCell, ApiKey};
 use crate::domain::{IndexRef, KvKey, Namespace, TableKey, TableRecord};
 use crate::pipeline::api_key_cache::ApiKeyCache;
 use crate::pipeline::plan::{self, Snapshot};
-use crate::pipeline::records::{Change, ChangeRecord, Changed};
+use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{before_deadline, ApiKeySource, KvStore, LookupCounts, Ports};
 use crate::ports::{IndexRefs, Ledger, PortError, SettingsTable};
 use crate::report::Outcome;
@@ -83,7 +83,7 @@ impl<P: Ports> Exporter<P> {
     /// batch is then sent).
     pub(super) async fn read_now(
         &self,
-        records: Vec<ChangeRecord<Changed>>,
+        records: Vec<ChangeRecord>,
         deadline: Instant,
     ) -> (Vec<ChangeRecord>, Option<HashMap<IndexRef, IndexRefs>>) {
         // Each record's item, once: asked for, then looked up.
@@ -101,9 +101,10 @@ impl<P: Ports> Exporter<P> {
         // Every index a settings record names, inserted ones too: an earlier life of it, removed
         // while an alias kept it, may have left a shop key that is its to give up.
         let indexes = (records.iter())
-            .filter_map(|record| record.decoded.as_ref().ok())
-            .filter(|changed| changed.query.is_none())
-            .map(|changed| changed.index.clone())
+            .filter_map(|record| match &record.decoded {
+                Ok(Change::RemoveIndex { index, .. }) => Some(index.clone()),
+                _ => None,
+            })
             .collect();
         let known = self.known_refs(indexes, Run::STREAM, deadline);
         match tokio::join!(now, known) {
