@@ -184,12 +184,10 @@ fn check_own_key(index: &IndexRef) -> Result<(), Outcome> {
     }
 }
 
-/// The shops the index's keys may be on before this record, as settled before planning (a
-/// table item, `NotAsked`, gives up nothing).
+/// The shops the index's keys may be on before this record, as settled before planning.
 fn old_shops(previous: &PreviousShop) -> Result<Vec<String>, Outcome> {
     match previous {
         PreviousShop::Known(shops) => Ok(shops.iter().cloned().collect()),
-        PreviousShop::NotAsked => Ok(Vec::new()),
         PreviousShop::Unknown => Err(Outcome::Failed("its previous shop was not settled".into())),
     }
 }
@@ -858,7 +856,7 @@ mod tests {
                 created_at: None,
                 decoded: Ok(Change::UpsertIndex {
                     settings,
-                    previous_shop: PreviousShop::NotAsked,
+                    previous_shop: PreviousShop::none(),
                     with_overrides: true,
                 }),
             }

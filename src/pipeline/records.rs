@@ -20,14 +20,12 @@ const MAX_SORT_KEY_BYTES: usize = 1024;
 /// The shops an index's keys may be on before this change, when known.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PreviousShop {
-    /// From the record's old image (none: there was no previous item, an INSERT), or every
-    /// shop the ledger records the index may be on (docs/contract.md, "Concurrent writers").
+    /// From the record's old image (none: there was no previous item, an INSERT, or the record
+    /// is a table item), with every shop the ledger records the index may be on, when the run
+    /// reads them (docs/contract.md, "Concurrent writers").
     Known(BTreeSet<String>),
     /// A `NEW_IMAGE` stream: the old image is not carried. The index's current KV value tells.
     Unknown,
-    /// A table item (re-export, backfill, a check's read): nothing but what the ledger
-    /// records of the index, when the run reads it, is given up.
-    NotAsked,
 }
 
 impl PreviousShop {
@@ -109,7 +107,7 @@ impl ChangeRecord {
             } => {
                 let upsert = |settings| Change::UpsertIndex {
                     settings,
-                    previous_shop: PreviousShop::NotAsked,
+                    previous_shop: PreviousShop::none(),
                     with_overrides: include_query_configs,
                 };
                 (Some(index), settings.map(upsert).map_err(rejected))
@@ -154,7 +152,7 @@ impl ChangeRecord {
                 Change::RemoveIndex { previous_shop, .. },
             ) => Ok(Change::UpsertIndex {
                 settings: settings.clone(),
-                previous_shop: std::mem::replace(previous_shop, PreviousShop::NotAsked),
+                previous_shop: std::mem::replace(previous_shop, PreviousShop::Unknown),
                 with_overrides: false,
             }),
             // An override's config, or why the item is rejected.
@@ -168,8 +166,7 @@ impl ChangeRecord {
     pub fn ended_by(&self, error: &PortError) -> Outcome {
         match &self.decoded {
             Err(ended) => ended.clone(),
-            Ok(_) if error.is_transient() => Outcome::Failed(error.to_string()),
-            Ok(_) => Outcome::Rejected(error.to_string()),
+            Ok(_) => Outcome::of_port_error(error, ""),
         }
     }
 

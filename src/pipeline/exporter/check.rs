@@ -316,7 +316,7 @@ fn as_changes(index: &IndexRef, recheck: &Recheck) -> (Vec<ChangeRecord>, BTreeS
     if !recheck.settings && (settings_keys.count() > 0 || records.is_empty()) {
         let remove = Change::RemoveIndex {
             index: index.clone(),
-            previous_shop: PreviousShop::NotAsked,
+            previous_shop: PreviousShop::none(),
             keeps_own_key: false,
         };
         let remove = ChangeRecord {

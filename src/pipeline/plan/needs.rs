@@ -77,14 +77,9 @@ pub fn settle_previous_shops(
                     unsettled.insert(index.clone());
                 }
             },
+            // A table item (an operator's) as well: it gives up every shop recorded that it no
+            // longer names, as the stream's records do, so a rerun clears what an earlier run left.
             (PreviousShop::Known(shops), None) => shops.extend(recorded(index).unwrap_or_default()),
-            // A table item (an operator's): it gives up every shop recorded that it no longer
-            // names, as the stream's records do, so a rerun clears what an earlier run left.
-            (PreviousShop::NotAsked, None) => {
-                if let Some(shops) = recorded(index) {
-                    *previous = PreviousShop::Known(shops);
-                }
-            }
             _ => {}
         }
         last_in_batch.insert(index.clone(), now);
