@@ -173,29 +173,6 @@ pub trait KvStore: Send + Sync {
         deadline: Instant,
     ) -> impl Future<Output = Result<KeyPage, PortError>> + Send;
 
-    /// Every key of the namespace that starts with `prefix`.
-    fn list_keys(
-        &self,
-        namespace: Namespace,
-        prefix: &str,
-        deadline: Instant,
-    ) -> impl Future<Output = Result<Vec<String>, PortError>> + Send {
-        async move {
-            let mut keys = Vec::new();
-            let mut cursor = None;
-            loop {
-                let page = self
-                    .list_page(namespace, prefix, cursor.as_deref(), 1000, deadline)
-                    .await?;
-                keys.extend(page.keys.into_iter().map(|k| k.name));
-                match page.cursor {
-                    Some(next) => cursor = Some(next),
-                    None => return Ok(keys),
-                }
-            }
-        }
-    }
-
     /// Write requests sent and HTTP retries so far, running totals (a batch's share is the
     /// difference of two readings, for metrics); stores without them count nothing.
     fn requests(&self) -> usize {

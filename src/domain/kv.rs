@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use super::ids::IndexRef;
 use super::secrets::ApiKey;
 use super::settings::IndexSettings;
-use super::validate::{is_shop_domain, shown};
+use super::validate::shown;
 
 /// Cloudflare rejects keys over 512 bytes and the names `.` and `..`.
 pub const MAX_KEY_BYTES: usize = 512;
@@ -49,13 +49,6 @@ impl KvKey {
             namespace: Namespace::Settings,
             key: key.into(),
         }
-    }
-
-    /// Whether the edge reaches this key through an index id (an index's own key, its filter,
-    /// its overrides), as an alias does, rather than through a shop id: every key but a shop key.
-    pub fn read_by_id(&self) -> bool {
-        let shop = self.namespace == Namespace::Settings && is_shop_domain(&self.key);
-        !shop
     }
 
     /// An index's own settings key, `{system_account_id}-{index_name}`.

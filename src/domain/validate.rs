@@ -11,7 +11,7 @@ pub const SHOP_DOMAIN: &str = ".myshopify.com";
 pub const SHOWN_BYTES: usize = 200;
 
 /// Whether a key name has the form of a shop key (every index key must not).
-pub fn is_shop_domain(key: &str) -> bool {
+fn is_shop_domain(key: &str) -> bool {
     key.strip_suffix(SHOP_DOMAIN).is_some_and(is_dns_label)
 }
 
