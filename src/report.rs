@@ -20,9 +20,8 @@ pub const MAX_REASONS: usize = 8;
 /// "Nothing is lost").
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
-    /// Planned, not yet sent: becomes `Exported` or `Failed` by its KV operations.
-    Pending,
-    /// Its KV writes and deletes are applied (or superseded by a later record of the batch).
+    /// Its KV writes and deletes are applied (or superseded by a later record of the batch);
+    /// until the batch is sent, planned to be (a failed operation makes it `Failed`).
     Exported,
     /// Not for KV, on purpose: default configs and foreign sort keys.
     Skipped(String),
@@ -45,15 +44,14 @@ impl Outcome {
         }
     }
 
-    /// A record on its way to KV (pending, exported, kept for an alias) fails for `why` and is
-    /// reported for retry; one already failed adds `why` to its reasons (each key it could not
-    /// write or check named, up to [`MAX_REASONS`]); one rejected or skipped keeps its outcome.
+    /// A record on its way to KV (exported or planned to be, kept for an alias) fails for `why`
+    /// and is reported for retry; one already failed adds `why` to its reasons (each key it
+    /// could not write or check named, up to [`MAX_REASONS`]); one rejected or skipped keeps
+    /// its outcome.
     pub fn fail(&mut self, why: impl Into<String>) {
         let why = why.into();
         match self {
-            Outcome::Pending | Outcome::Exported | Outcome::Kept { .. } => {
-                *self = Outcome::Failed(why)
-            }
+            Outcome::Exported | Outcome::Kept { .. } => *self = Outcome::Failed(why),
             Outcome::Failed(reasons) => {
                 let told = reasons.split("; ").count();
                 if told < MAX_REASONS && !reasons.split("; ").any(|r| r == why) {
@@ -145,7 +143,7 @@ impl BatchReport {
         self.log_records();
         tracing::info!(
             records = self.records.len(),
-            would_export = self.count(|o| matches!(o, Outcome::Pending)),
+            would_export = self.count(|o| matches!(o, Outcome::Exported)),
             skipped = self.count(|o| matches!(o, Outcome::Skipped(_))),
             rejected = self.count(|o| matches!(o, Outcome::Rejected(_))),
             failed = self.count(|o| matches!(o, Outcome::Failed(_))),
@@ -185,7 +183,7 @@ impl BatchReport {
                 Outcome::Skipped(reason) => {
                     tracing::debug!(%account, %index, %sequence_number, %reason, "record skipped")
                 }
-                Outcome::Exported | Outcome::Pending => {}
+                Outcome::Exported => {}
             }
         }
     }

@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
     let plan = plan(&records, &snapshot, "default");
     assert_eq!(plan.outcomes.len(), records.len());
     for op in plan.ops.values() {
-        assert_eq!(plan.outcomes[op.owner], Outcome::Pending, "owned by a pending record");
+        assert_eq!(plan.outcomes[op.owner], Outcome::Exported, "owned by a record planned to be exported");
     }
     let ops: Vec<KvOp> = (plan.ops.iter()).map(|(key, op)| (key.clone(), op.action.clone())).collect();
     let requests = requests(ops);

@@ -120,7 +120,7 @@ impl Tally {
             reason: reason.to_owned(),
         };
         match outcome {
-            Outcome::Exported | Outcome::Pending | Outcome::Kept { .. } => self.exported += 1,
+            Outcome::Exported | Outcome::Kept { .. } => self.exported += 1,
             Outcome::Skipped(_) => self.skipped += 1,
             Outcome::Rejected(reason) => self.rejected.push(problem(reason)),
             Outcome::Failed(reason) => self.failed.push(problem(reason)),

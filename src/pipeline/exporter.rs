@@ -189,7 +189,7 @@ impl Prepared {
             created_at: None,
             decoded: Err(Outcome::Skipped(why.into())),
         });
-        self.plan.outcomes.push(Outcome::Pending);
+        self.plan.outcomes.push(Outcome::Exported);
         for (key, index) in deletes {
             if let Some(index) = index {
                 self.delete_owners.insert(key.clone(), index);

@@ -82,7 +82,7 @@ pub fn plan(records: &[ChangeRecord], snapshot: &Snapshot, default_cell: &str) -
         let outcome = match &record.decoded {
             Err(ended) => ended.clone(),
             Ok(change) => match planner.change(change) {
-                Ok(()) => Outcome::Pending,
+                Ok(()) => Outcome::Exported,
                 Err(outcome) => outcome,
             },
         };
@@ -92,11 +92,11 @@ pub fn plan(records: &[ChangeRecord], snapshot: &Snapshot, default_cell: &str) -
         // one key Cloudflare refuses would fail every pair of its request.
         let limits = check_limits(&ops).and_then(|()| filter.map_or(Ok(()), check_filter_key));
         let outcome = match (outcome, limits) {
-            (Outcome::Pending, Err(reason)) => Outcome::Rejected(reason),
+            (Outcome::Exported, Err(reason)) => Outcome::Rejected(reason),
             (outcome, _) => outcome,
         };
         // A remove kept for an alias still hands its shops to their claimers.
-        if matches!(outcome, Outcome::Pending | Outcome::Kept { .. }) {
+        if matches!(outcome, Outcome::Exported | Outcome::Kept { .. }) {
             for (key, action) in ops {
                 if action == KvAction::Delete && check_key(&key.key).is_err() {
                     continue; // Cloudflare never stored such a key: nothing to delete.
@@ -508,7 +508,7 @@ mod tests {
             put_value(&plan, "shop-1.myshopify.com")["marqo_api_key"],
             "key-acct-1"
         );
-        assert_eq!(plan.outcomes, [Outcome::Pending]);
+        assert_eq!(plan.outcomes, [Outcome::Exported]);
     }
 
     #[test]
@@ -658,7 +658,7 @@ mod tests {
             "{:?}",
             plan.outcomes
         );
-        assert_eq!(plan.outcomes[1], Outcome::Pending);
+        assert_eq!(plan.outcomes[1], Outcome::Exported);
         assert_eq!(keys(&plan), [("acct-1-other", true)]);
     }
 
@@ -785,7 +785,7 @@ mod tests {
             "products-v2"
         );
         assert_eq!(claimed.notes.len(), 1);
-        assert_eq!(claimed.outcomes, [Outcome::Pending]);
+        assert_eq!(claimed.outcomes, [Outcome::Exported]);
     }
 
     #[test]
@@ -811,7 +811,7 @@ mod tests {
             "{:?}",
             plan.outcomes[0]
         );
-        assert_eq!(plan.outcomes[1..], [Outcome::Pending, Outcome::Pending]);
+        assert_eq!(plan.outcomes[1..], [Outcome::Exported, Outcome::Exported]);
         assert_eq!(
             keys(&plan),
             [
@@ -868,7 +868,7 @@ mod tests {
             "{:?}",
             plan.outcomes[0]
         );
-        assert_eq!(plan.outcomes[1], Outcome::Pending);
+        assert_eq!(plan.outcomes[1], Outcome::Exported);
         // No overrides: the index has no filter.
         let filter = "qfilter-acct-1-products";
         assert_eq!(keys(&plan), [("acct-1-products", true), (filter, false)]);

@@ -43,7 +43,7 @@ pub(super) async fn record(
     let left: Vec<_> = (references::left_by(&prepared.records)
         .into_iter()
         .zip(planned))
-    .map(|(left, outcome)| left.filter(|_| *outcome == Outcome::Pending))
+    .map(|(left, outcome)| left.filter(|_| *outcome == Outcome::Exported))
     .collect();
     // An operator's intent owns its members even when they are recorded already (each counts):
     // a stream's shrink that read before it then takes none of them out.

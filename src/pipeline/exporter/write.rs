@@ -115,7 +115,7 @@ fn settle_keys(
         }
         match failed.get(&key) {
             Some(error) => {
-                if matches!(outcomes[owner], Outcome::Pending | Outcome::Kept { .. }) {
+                if matches!(outcomes[owner], Outcome::Exported | Outcome::Kept { .. }) {
                     outcomes[owner] = key_failed(&key.key, error);
                 }
             }
@@ -214,7 +214,7 @@ fn identities(records: Vec<ChangeRecord>) -> (Vec<RecordReport>, Vec<Option<f64>
             let report = RecordReport {
                 sequence_number: record.sequence_number,
                 index: record.index,
-                outcome: Outcome::Pending,
+                outcome: Outcome::Exported,
             };
             (report, record.created_at)
         })
@@ -257,7 +257,7 @@ fn settle_filters(
             continue;
         };
         for &needer in needers {
-            if outcomes[needer] == Outcome::Pending {
+            if outcomes[needer] == Outcome::Exported {
                 let what = if error.is_transient() {
                     "not written"
                 } else {
@@ -270,8 +270,7 @@ fn settle_filters(
     }
 }
 
-/// The report's counts, lags and outcomes: a pending record whose operations were all applied
-/// is exported.
+/// The report's lags and outcomes.
 fn finish(
     mut report: BatchReport,
     records: Vec<RecordReport>,
@@ -280,20 +279,14 @@ fn finish(
     applied_at: f64,
 ) -> BatchReport {
     report.lag_seconds = (created_at.into_iter().zip(&outcomes))
-        .filter(|(_, outcome)| **outcome == Outcome::Pending)
+        .filter(|(_, outcome)| **outcome == Outcome::Exported)
         .filter_map(|(created, _)| created)
         .map(|created| (applied_at - created).max(0.0))
         // A stream keeps records 24 hours: an older time is a hand-made event's, not a lag.
         .filter(|lag| *lag <= STREAM_RETENTION_SECONDS)
         .collect();
     report.records = (records.into_iter().zip(outcomes))
-        .map(|(record, outcome)| RecordReport {
-            outcome: match outcome {
-                Outcome::Pending => Outcome::Exported,
-                outcome => outcome,
-            },
-            ..record
-        })
+        .map(|(record, outcome)| RecordReport { outcome, ..record })
         .collect();
     report
 }
