@@ -183,12 +183,8 @@ impl Prepared {
             return;
         }
         let owner = self.records.len();
-        self.records.push(ChangeRecord {
-            sequence_number: None,
-            index: None,
-            created_at: None,
-            decoded: Err(Outcome::Skipped(why.into())),
-        });
+        let record = ChangeRecord::of(None, Err(Outcome::Skipped(why.into())));
+        self.records.push(record);
         self.plan.outcomes.push(Outcome::Exported);
         for (key, index) in deletes {
             if let Some(index) = index {

@@ -117,12 +117,29 @@ impl ChangeRecord {
                 config.map(Change::UpsertQuery).map_err(rejected),
             ),
         };
+        ChangeRecord::of(index, decoded)
+    }
+
+    /// A record no stream record stands behind (a table item, or one the batch derives).
+    pub fn of(index: Option<IndexRef>, decoded: Result<Change, Outcome>) -> Self {
         ChangeRecord {
             sequence_number: None,
             index,
             created_at: None,
             decoded,
         }
+    }
+
+    /// The removal of an index that a batch derives, on `shops` (the check's of an index gone
+    /// from the table, a dropped alias target's, a rejected index's give-up of what it no
+    /// longer claims, which `keeps_own_key`).
+    pub fn removal(index: IndexRef, shops: BTreeSet<String>, keeps_own_key: bool) -> Self {
+        let remove = Change::RemoveIndex {
+            index: index.clone(),
+            previous_shop: PreviousShop::Known(shops),
+            keeps_own_key,
+        };
+        ChangeRecord::of(Some(index), Ok(remove))
     }
 }
 

@@ -15,7 +15,7 @@ use crate::domain::kv::query_config_prefix;
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, IndexRefs, KvAction, KvKey, Namespace, TableSpan};
 use crate::pipeline::plan::PlannedOp;
-use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
+use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{before_deadline, Ledger as _, Ports, Referred};
 use crate::report::{BatchReport, Landed, Outcome};
 
@@ -314,18 +314,10 @@ fn as_changes(index: &IndexRef, recheck: &Recheck) -> (Vec<ChangeRecord>, BTreeS
         .collect();
     let mut records = recheck.records.clone();
     if !recheck.settings && (settings_keys.count() > 0 || records.is_empty()) {
-        let remove = Change::RemoveIndex {
-            index: index.clone(),
-            previous_shop: PreviousShop::none(),
-            keeps_own_key: false,
-        };
-        let remove = ChangeRecord {
-            sequence_number: None,
-            index: Some(index.clone()),
-            created_at: None,
-            decoded: Ok(remove),
-        };
-        records.insert(0, remove);
+        records.insert(
+            0,
+            ChangeRecord::removal(index.clone(), BTreeSet::new(), false),
+        );
     }
     (records, shops)
 }
@@ -356,7 +348,7 @@ mod tests {
     use crate::adapters::memory::MemoryKv;
     use crate::pipeline::exporter::tests::exporter;
     use crate::pipeline::plan;
-    use crate::pipeline::records::{decode_as_written, decode_record};
+    use crate::pipeline::records::{decode_as_written, decode_record, PreviousShop};
     use serde_json::json;
     use std::time::Duration;
 

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::Exporter;
 use crate::domain::{IndexId, IndexRef};
-use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
+use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{before_deadline, IndexRefs, Ledger, PortError, Ports, SettingsTable};
 use crate::report::Outcome;
 
@@ -139,22 +139,13 @@ impl<P: Ports> Exporter<P> {
             }
             for index in removed {
                 let refs = recorded.get(&index).cloned().unwrap_or_default();
-                let remove = Change::RemoveIndex {
-                    index: index.clone(),
-                    previous_shop: PreviousShop::Known(refs.shops.clone()),
-                    keeps_own_key: false,
-                };
-                known.entry(index.clone()).or_insert(refs);
+                let remove = ChangeRecord::removal(index.clone(), refs.shops.clone(), false);
+                known.entry(index).or_insert(refs);
                 derived.push(Derived {
                     at: records.len(),
                     on_behalf_of,
                 });
-                records.push(ChangeRecord {
-                    sequence_number: None,
-                    index: Some(index),
-                    created_at: None,
-                    decoded: Ok(remove),
-                });
+                records.push(remove);
             }
         }
         derived
@@ -200,21 +191,11 @@ fn shops_given_up(
         if shops.is_empty() {
             continue;
         }
-        let give_up = Change::RemoveIndex {
-            index: index.clone(),
-            previous_shop: PreviousShop::Known(shops),
-            keeps_own_key: true,
-        };
         derived.push(Derived {
             at: records.len(),
             on_behalf_of: at,
         });
-        records.push(ChangeRecord {
-            sequence_number: None,
-            index: Some(index),
-            created_at: None,
-            decoded: Ok(give_up),
-        });
+        records.push(ChangeRecord::removal(index, shops, true));
     }
     derived
 }
