@@ -121,8 +121,8 @@ fn reference_work(bencher: divan::Bencher) {
             serde_json::from_str(divan::black_box(&items)).unwrap();
         let records: Vec<ChangeRecord> = (batch.into_iter().zip(&images))
             .map(|(record, image)| {
-                let now = table_record(image, "DEFAULT_CONFIGS");
-                record.as_now(Some(&ChangeRecord::from_table(now, true).decoded))
+                let now = table_record(image, "DEFAULT_CONFIGS").0;
+                record.as_now(Some(&now.decoded))
             })
             .collect();
         requests(in_order(&records))

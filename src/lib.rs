@@ -15,15 +15,16 @@
 //!   the stream's shrink. How operations become requests is the store adapter's.
 //! - [`operator`]: the manual modes, one file each: re-export, verify, backfill, reconcile (and
 //!   its scheduled passes). They call the exporter through its methods.
-//! - [`report`]: the one `Outcome` enum, the batch report, its log lines and EMF metrics.
+//! - [`report`]: the batch report, its log lines and EMF metrics.
 //! - [`ports`]: the traits the core needs from the outside, `Ports` (the four an exporter holds,
 //!   as one type parameter: `Exporter<P: Ports>`), and `PortError` (transient or permanent).
 //! - [`adapters`]: Cloudflare KV (its bulk requests' encoding, pacing), the API keys service,
 //!   the settings table, the function's own ledger table, Secrets Manager; and the in-memory
 //!   fakes the unit tests share.
 //! - [`dynamo`]: DynamoDB's attribute-value format read into the domain (table items as
-//!   `TableRecord`s, stream records); the ports speak only the domain.
-//! - [`domain`]: the shared vocabulary (indexes, settings, KV keys and limits, secrets).
+//!   `ChangeRecord`s, stream records); the ports speak only the domain.
+//! - [`domain`]: the shared vocabulary (indexes, settings, records and their one `Outcome`, KV
+//!   keys and limits, secrets).
 //! - [`config`]: the environment.
 //! - [`simulation`](#layout) (tests only): every writer, seeded, over the in-memory world, checked
 //!   against a reference model of what KV the table implies (docs/contract.md, "The

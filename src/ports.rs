@@ -12,7 +12,7 @@ pub use ledger::{IndexRefs, Ledger, ReconcileProgress, Referred, RefsChange};
 
 use crate::domain::kv::{KvKey, KvOp};
 use crate::domain::{AccountCell, ApiKey, IndexRef, Namespace};
-use crate::domain::{Scope, TableKey, TableRecord};
+use crate::domain::{ChangeRecord, Scope, TableKey};
 
 /// Why an outside system did not answer as asked: what happened, as the adapter saw it, with
 /// the values it names cut to a bound. Whether trying again can help follows from the kind.
@@ -196,10 +196,12 @@ pub struct LookupCounts {
     pub cache_hits: usize,
 }
 
-/// Records of one page, each with its key, and where the next page starts, when there is more.
+/// Records of one page, each with its key, what its settings items name of other keys (read
+/// fail closed: a rejected record's too), and where the next page starts, when there is more.
 #[derive(Debug, Default)]
 pub struct Page {
-    pub records: Vec<(TableKey, TableRecord)>,
+    pub records: Vec<(TableKey, ChangeRecord)>,
+    pub references: Vec<(IndexRef, IndexRefs)>,
     pub next: Option<TableKey>,
 }
 
@@ -239,7 +241,7 @@ pub trait SettingsTable: Send + Sync {
     fn records(
         &self,
         keys: Vec<TableKey>,
-        each: impl FnMut(TableKey, TableRecord) + Send,
+        each: impl FnMut(TableKey, ChangeRecord) + Send,
     ) -> impl Future<Output = Result<(), PortError>> + Send;
 
     /// Every record of `account` from `INDEX#{first}` through the overrides of `INDEX#{last}`,
@@ -249,7 +251,7 @@ pub trait SettingsTable: Send + Sync {
         account: &str,
         first: &str,
         last: &str,
-    ) -> impl Future<Output = Result<Vec<TableRecord>, PortError>> + Send;
+    ) -> impl Future<Output = Result<Vec<(TableKey, ChangeRecord)>, PortError>> + Send;
 
     /// The normalized queries of every override of the index (a consistent, paginated Query of
     /// `INDEX#{name}#QUERY#`, keys only).

@@ -13,25 +13,7 @@ use crate::ports::{LookupCounts, PortError};
 
 pub const NAMESPACE: &str = "EcomSettingsExporter";
 
-/// Reasons a failed record names at most (each key it could not write or check).
-pub const MAX_REASONS: usize = 8;
-
-/// Where one record ends. Every record ends in exactly one of these (docs/contract.md,
-/// "Nothing is lost").
-#[derive(Clone, Debug, PartialEq)]
-pub enum Outcome {
-    /// Its KV writes and deletes are applied (or superseded by a later record of the batch);
-    /// until the batch is sent, planned to be (a failed operation makes it `Failed`).
-    Exported,
-    /// Not for KV, on purpose: default configs and foreign sort keys.
-    Skipped(String),
-    /// Permanently invalid: retrying cannot help, a fix of the item emits a new record.
-    Rejected(String),
-    /// Reported in `batchItemFailures`: Lambda retries it.
-    Failed(String),
-    /// A remove whose keys stay because live aliases point at the index.
-    Kept { referenced_by: Vec<IndexRef> },
-}
+pub use crate::domain::Outcome;
 
 impl Outcome {
     /// What a port's error makes of a record: reported for retry when a later try may
@@ -41,25 +23,6 @@ impl Outcome {
         match error.is_transient() {
             true => Outcome::Failed(reason),
             false => Outcome::Rejected(reason),
-        }
-    }
-
-    /// A record on its way to KV (exported or planned to be, kept for an alias) fails for `why`
-    /// and is reported for retry; one already failed adds `why` to its reasons (each key it
-    /// could not write or check named, up to [`MAX_REASONS`]); one rejected or skipped keeps
-    /// its outcome.
-    pub fn fail(&mut self, why: impl Into<String>) {
-        let why = why.into();
-        match self {
-            Outcome::Exported | Outcome::Kept { .. } => *self = Outcome::Failed(why),
-            Outcome::Failed(reasons) => {
-                let told = reasons.split("; ").count();
-                if told < MAX_REASONS && !reasons.split("; ").any(|r| r == why) {
-                    reasons.push_str("; ");
-                    reasons.push_str(&why);
-                }
-            }
-            Outcome::Skipped(_) | Outcome::Rejected(_) => {}
         }
     }
 }

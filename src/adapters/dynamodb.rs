@@ -9,7 +9,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use serde_dynamo::Item;
 
 use crate::domain::table::{overrides_sk, settings_sk};
-use crate::domain::{IndexRef, IndexRefs, Scope, TableKey, TableRecord};
+use crate::domain::{ChangeRecord, IndexRef, IndexRefs, Scope, TableKey};
 use crate::dynamo::{key_item, settings_references, string_attribute, SortKey};
 use crate::dynamo::{table_key, table_record};
 use crate::ports::{Page, PortError, SettingsTable};
@@ -76,18 +76,27 @@ impl DynamoSettingsTable {
         self.dynamo.sdk()
     }
 
-    fn record(&self, item: &Item) -> TableRecord {
-        table_record(item, &self.default_configs_sk)
-    }
-
     /// Items read as a page of records, each with its key.
     fn page_of(&self, items: Vec<Item>, next: Option<Item>) -> Page {
-        let records = (items.iter())
-            .filter_map(|item| Some((table_key(item)?, self.record(item))))
-            .collect();
         let next = next.as_ref().and_then(table_key);
-        Page { records, next }
+        table_page(&items, &self.default_configs_sk, next)
     }
+}
+
+/// Items read as a page of records, each with its key, and what their settings items name;
+/// `next`: where the rest begins.
+pub(crate) fn table_page(items: &[Item], default_configs_sk: &str, next: Option<TableKey>) -> Page {
+    let mut page = Page {
+        next,
+        ..Page::default()
+    };
+    for item in items {
+        let Some(key) = table_key(item) else { continue };
+        let (record, named) = table_record(item, default_configs_sk);
+        page.references.extend(record.index.clone().zip(named));
+        page.records.push((key, record));
+    }
+    page
 }
 
 pub(crate) mod client;
@@ -234,12 +243,12 @@ impl SettingsTable for DynamoSettingsTable {
     async fn records(
         &self,
         keys: Vec<TableKey>,
-        mut each: impl FnMut(TableKey, TableRecord) + Send,
+        mut each: impl FnMut(TableKey, ChangeRecord) + Send,
     ) -> Result<(), PortError> {
         let keys = (keys.iter()).map(|key| (key.pk().to_owned(), key.sk().to_owned()));
         let mut each = |item: Item| {
             if let Some(key) = table_key(&item) {
-                each(key, self.record(&item));
+                each(key, table_record(&item, &self.default_configs_sk).0);
             }
         };
         let table = (self.table_name.as_str(), None);
@@ -251,7 +260,7 @@ impl SettingsTable for DynamoSettingsTable {
         account: &str,
         first: &str,
         last: &str,
-    ) -> Result<Vec<TableRecord>, PortError> {
+    ) -> Result<Vec<(TableKey, ChangeRecord)>, PortError> {
         self.index_runs.fetch_add(1, Ordering::Relaxed);
         // Every sort key that begins with `INDEX#{last}` follows it in one run, and sorts
         // before `after_prefix` of it: past that run (or past the account), the range is read.
@@ -268,16 +277,16 @@ impl SettingsTable for DynamoSettingsTable {
             None => query.key_condition_expression("pk = :pk AND sk >= :first"),
         };
         let mut pages = query.consistent_read(true).into_paginator().items().send();
-        let mut records = Vec::new();
+        let mut items = Vec::new();
         while let Some(item) = pages.try_next().await.map_err(|e| self.error("Query", e))? {
             let item = Item::from(item);
             let sk = string_attribute(&item, "sk").unwrap_or_default();
             if sk > last.as_str() && !sk.starts_with(&last) {
                 break;
             }
-            records.push(self.record(&item));
+            items.push(item);
         }
-        Ok(records)
+        Ok(table_page(&items, &self.default_configs_sk, None).records)
     }
 
     async fn override_queries(&self, index: &IndexRef) -> Result<Vec<String>, PortError> {

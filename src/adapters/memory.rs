@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::domain::table::{overrides_sk, settings_sk};
 use crate::domain::{AccountCell, ApiKey, IndexRef, KvAction, KvKey, KvOp, Namespace};
-use crate::domain::{Scope, TableKey, TableRecord};
+use crate::domain::{ChangeRecord, Scope, TableKey};
 use crate::ports::{
     ApiKeySource, IndexRefs, KeyPage, KvStore, Ledger, ListedKey, Page, PortError,
     ReconcileProgress, Referred, RefsChange, SettingsTable,
@@ -178,29 +178,23 @@ impl CountingTable {
     }
 }
 
-/// Of records in key order, those after `start`: the first `limit` (one at least), and where
-/// the rest begins. The in-memory tables' `page` (these tests' and the simulation's).
-pub(crate) fn page_of(
-    records: impl IntoIterator<Item = (TableKey, TableRecord)>,
-    start: Option<TableKey>,
-    limit: i32,
-) -> Page {
+/// Of items in key order, those after `start`: the first `limit` (one at least) as records, and
+/// where the rest begins. The in-memory tables' `page` (these tests' and the simulation's).
+pub(crate) fn page_of(items: Vec<Item>, start: Option<TableKey>, limit: i32) -> Page {
     let limit = usize::try_from(limit.max(1)).unwrap_or(1);
-    let after = records
-        .into_iter()
-        .filter(|(key, _)| start.as_ref() < Some(key));
-    let mut records: Vec<_> = after.take(limit + 1).collect();
-    let more = records.len() > limit;
-    records.truncate(limit);
-    let next = more
-        .then(|| records.last().map(|(key, _)| key.clone()))
-        .flatten();
-    Page { records, next }
+    let after = (items.into_iter()).filter(|item| start < crate::dynamo::table_key(item));
+    let mut items: Vec<Item> = after.take(limit + 1).collect();
+    let more = items.len() > limit;
+    items.truncate(limit);
+    let next = (items.last())
+        .and_then(crate::dynamo::table_key)
+        .filter(|_| more);
+    records(&items, next)
 }
 
-/// An item as the DynamoDB table decodes it (the default configs' sort key the tests use).
-fn record(item: &Item) -> TableRecord {
-    crate::dynamo::table_record(item, "DEFAULT_CONFIGS")
+/// Items as the DynamoDB table decodes them (the default configs' sort key the tests use).
+pub(crate) fn records(items: &[Item], next: Option<TableKey>) -> Page {
+    super::dynamodb::table_page(items, "DEFAULT_CONFIGS", next)
 }
 
 impl SettingsTable for CountingTable {
@@ -225,7 +219,7 @@ impl SettingsTable for CountingTable {
     async fn records(
         &self,
         keys: Vec<TableKey>,
-        mut each: impl FnMut(TableKey, TableRecord) + Send,
+        mut each: impl FnMut(TableKey, ChangeRecord) + Send,
     ) -> Result<(), PortError> {
         self.readable()?;
         let items = self.items.lock().unwrap().clone();
@@ -241,7 +235,7 @@ impl SettingsTable for CountingTable {
                     .cloned()
             });
             if let Some(item) = item {
-                each(key, record(&item));
+                each(key, crate::dynamo::table_record(&item, "DEFAULT_CONFIGS").0);
             }
         }
         Ok(())
@@ -251,13 +245,13 @@ impl SettingsTable for CountingTable {
         account: &str,
         first: &str,
         last: &str,
-    ) -> Result<Vec<TableRecord>, PortError> {
+    ) -> Result<Vec<(TableKey, ChangeRecord)>, PortError> {
         self.readable()?;
         let (first, last) = (settings_sk(first), settings_sk(last));
         let within =
             |sk: &str| sk >= first.as_str() && (sk <= last.as_str() || sk.starts_with(&last));
         let items = self.sorted(|pk, sk| pk == account && within(sk));
-        Ok(items.iter().map(record).collect())
+        Ok(records(&items, None).records)
     }
     async fn override_queries(&self, index: &IndexRef) -> Result<Vec<String>, PortError> {
         self.readable()?;
@@ -281,9 +275,7 @@ impl SettingsTable for CountingTable {
     ) -> Result<Page, PortError> {
         self.readable()?;
         let items = self.sorted(|pk, sk| scope.holds(pk, sk));
-        let records =
-            (items.iter()).filter_map(|item| Some((crate::dynamo::table_key(item)?, record(item))));
-        Ok(page_of(records, start, limit))
+        Ok(page_of(items, start, limit))
     }
 }
 

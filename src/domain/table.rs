@@ -1,33 +1,9 @@
-//! The settings table's items as the core reads them: an index's settings record or one of its
-//! overrides (docs/contract.md, "The settings table"), and an item's key, where a read goes on.
-
-use std::sync::Arc;
+//! Where the settings table's items are (docs/contract.md, "The settings table"): an item's
+//! key, where a read goes on, and which items a read covers.
 
 use serde::{Deserialize, Serialize};
 
-use super::{IndexRef, IndexRefs, IndexSettings, InvalidRecord, QueryConfig};
-
-/// One item of the table, decoded by the adapter that read it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum TableRecord {
-    /// `INDEX#{name}`: the settings, or why they cannot be exported; and what the record names
-    /// of other keys (read fail closed from an invalid record: its KV value, written when it
-    /// was valid, may still route there).
-    Settings {
-        index: IndexRef,
-        settings: Result<Arc<IndexSettings>, InvalidRecord>,
-        references: IndexRefs,
-    },
-    /// `INDEX#{name}#QUERY#{query}`: the override, or why it cannot be exported.
-    Override {
-        index: IndexRef,
-        query: String,
-        config: Result<QueryConfig, InvalidRecord>,
-    },
-    /// Neither: the default configs or a foreign sort key (skipped on purpose), or keys that are
-    /// not strings (`rejected`), with the reason.
-    Other { rejected: bool, reason: String },
-}
+use super::IndexRef;
 
 /// An item's key: where a read of the table goes on after it. Opaque outside the adapters;
 /// operators hand it out inside continuation tokens and the scheduled reconcile keeps it in

@@ -13,9 +13,9 @@ pub(crate) mod stream;
 
 use crate::domain::settings::{non_empty, Document, IndexAliases};
 use crate::domain::validate::{endpoint_problem, shown};
-use crate::domain::{
-    IndexId, IndexRef, IndexRefs, IndexSettings, InvalidRecord, QueryConfig, TableKey, TableRecord,
-};
+use crate::domain::TableKey;
+use crate::domain::{Change, ChangeRecord, Outcome, PreviousShop};
+use crate::domain::{IndexId, IndexRef, IndexRefs, IndexSettings, InvalidRecord, QueryConfig};
 
 /// What a sort key says a record is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -236,22 +236,25 @@ pub fn query_config(
     })
 }
 
-/// A table item read into the domain: its key's sort key says what it is.
-pub fn table_record(item: &Item, default_configs_sk: &str) -> TableRecord {
+/// A table item read into the domain as a record (its sort key says what it is), with what a
+/// settings item names of other keys (read fail closed from an invalid record: its KV value,
+/// written when it was valid, may still route there). A settings record stands for none of its
+/// overrides ([`ChangeRecord::asked`] says otherwise for a read that holds them).
+pub fn table_record(item: &Item, default_configs_sk: &str) -> (ChangeRecord, Option<IndexRefs>) {
+    let ended = |outcome| (ChangeRecord::of(None, Err(outcome)), None);
     let (Some(pk), Some(sk)) = (string_attribute(item, "pk"), string_attribute(item, "sk")) else {
-        let reason = "the item's keys must hold string `pk` and `sk`".into();
-        return TableRecord::Other {
-            rejected: true,
-            reason,
-        };
+        let reason = "the item's keys must hold string `pk` and `sk`";
+        return ended(Outcome::Rejected(reason.into()));
     };
-    let skipped = |reason: String| TableRecord::Other {
-        rejected: false,
-        reason,
-    };
+    let rejected = |e: InvalidRecord| Outcome::Rejected(e.to_string());
     match SortKey::parse(sk, default_configs_sk) {
-        SortKey::DefaultConfigs => skipped("default configs are never exported".into()),
-        SortKey::Foreign => skipped(format!("sort key {} is not an index record", shown(sk))),
+        SortKey::DefaultConfigs => ended(Outcome::Skipped(
+            "default configs are never exported".into(),
+        )),
+        SortKey::Foreign => ended(Outcome::Skipped(format!(
+            "sort key {} is not an index record",
+            shown(sk)
+        ))),
         SortKey::Index(name) => {
             let index = IndexRef::new(pk, name);
             let settings = index_settings(index.clone(), item).map(Arc::new);
@@ -259,20 +262,19 @@ pub fn table_record(item: &Item, default_configs_sk: &str) -> TableRecord {
                 Ok(settings) => settings.references(),
                 Err(_) => settings_references(item).0,
             };
-            TableRecord::Settings {
-                index,
+            let upsert = |settings| Change::UpsertIndex {
                 settings,
-                references,
-            }
+                previous_shop: PreviousShop::none(),
+                with_overrides: false,
+            };
+            let decoded = settings.map(upsert).map_err(rejected);
+            (ChangeRecord::of(Some(index), decoded), Some(references))
         }
         SortKey::Query { index, query } => {
             let index = IndexRef::new(pk, index);
-            let config = query_config(index.clone(), query.clone(), item);
-            TableRecord::Override {
-                index,
-                query,
-                config,
-            }
+            let config = query_config(index.clone(), query, item);
+            let decoded = config.map(Change::UpsertQuery).map_err(rejected);
+            (ChangeRecord::of(Some(index), decoded), None)
         }
     }
 }

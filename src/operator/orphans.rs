@@ -279,8 +279,7 @@ impl<'a, P: Ports> Orphans<'a, P> {
         // is orphaned, as the stream deletes it.
         let records = exporter.settings_of(claimers.iter().map(|(index, _)| index), deadline);
         let records = records.await?.into_values();
-        let mut records: Vec<ChangeRecord> =
-            (records.map(|r| ChangeRecord::from_table(r, false))).collect();
+        let mut records: Vec<ChangeRecord> = records.collect();
         // The cache's answers count; a lookup that fails for now counts as a key.
         exporter.api_keys_first(&mut records, false, deadline).await;
         let exportable: HashSet<&IndexRef> = (records.iter())

@@ -1,183 +1,21 @@
-//! Step 2 of the pipeline: DynamoDB stream records become the items that changed, and table
-//! items (the stream's, read when its batch is, and the operator modes') domain changes, one
-//! per record, in stream order. Nothing here talks to a server.
+//! Step 2 of the pipeline: DynamoDB stream records become the items that changed (each as the
+//! remove of its item, until the batch reads the item as it is now), one per record, in stream
+//! order. Nothing here talks to a server.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+pub use crate::domain::{Change, ChangeRecord, PreviousShop};
 
 use crate::domain::kv::{check_key, KvKey};
 use crate::domain::validate::shown;
-use crate::domain::{IndexRef, IndexSettings, InvalidRecord, QueryConfig, TableKey, TableRecord};
+use crate::domain::{IndexRef, Outcome};
 use crate::dynamo::stream::{self, BadRecord, StreamRecord};
 use crate::dynamo::{self, string_attribute, SortKey};
 use crate::ports::PortError;
-use crate::report::Outcome;
 
 /// DynamoDB's limit on a sort key. A partition key (the account) is bounded by the index's own
 /// KV key (512 bytes), far below its 2,048.
 const MAX_SORT_KEY_BYTES: usize = 1024;
 
-/// The shops an index's keys may be on before this change, when known.
-#[derive(Debug, Clone, PartialEq)]
-pub enum PreviousShop {
-    /// From the record's old image (none: there was no previous item, an INSERT, or the record
-    /// is a table item), with every shop the ledger records the index may be on, when the run
-    /// reads them (docs/contract.md, "Concurrent writers").
-    Known(BTreeSet<String>),
-    /// A `NEW_IMAGE` stream: the old image is not carried. The index's current KV value tells.
-    Unknown,
-}
-
-impl PreviousShop {
-    /// The index was on no shop.
-    pub fn none() -> Self {
-        PreviousShop::Known(BTreeSet::new())
-    }
-
-    /// The index was on this shop, or none.
-    pub fn known(shop: Option<String>) -> Self {
-        PreviousShop::Known(shop.into_iter().collect())
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Change {
-    UpsertIndex {
-        settings: Arc<IndexSettings>,
-        previous_shop: PreviousShop,
-        /// The batch stands for all of the index's overrides (a re-export or backfill with
-        /// query configs): its override filter is written, even when it has none.
-        with_overrides: bool,
-    },
-    RemoveIndex {
-        index: IndexRef,
-        previous_shop: PreviousShop,
-        /// The index still has a settings record, rejected: only the shops it no longer holds
-        /// (`previous_shop`, settled by whoever made the change) are given up.
-        keeps_own_key: bool,
-    },
-    UpsertQuery(QueryConfig),
-    RemoveQuery {
-        index: IndexRef,
-        query: String,
-    },
-}
-
-/// One record, decoded, with what identifies it in logs and in the batch response. A stream
-/// record decodes as the change its item makes when the table no longer holds it (a remove,
-/// with the shop its old image had): it says which item changed, never its new values, which
-/// come from the table when the batch reads it ([`ChangeRecord::as_now`]).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChangeRecord {
-    pub sequence_number: Option<String>,
-    pub index: Option<IndexRef>,
-    /// `ApproximateCreationDateTime`, seconds since the epoch, for propagation lag.
-    pub created_at: Option<f64>,
-    /// What the record changes, or where it already ended: skipped on purpose (default
-    /// configs, foreign sort keys) or rejected as permanently invalid.
-    pub decoded: Result<Change, Outcome>,
-}
-
 impl ChangeRecord {
-    /// An override's KV key and query, when the record is one.
-    pub fn query_config(&self) -> Option<(String, String)> {
-        match &self.decoded {
-            Ok(Change::UpsertQuery(config)) => {
-                let key = crate::domain::kv::query_config_key(&config.index, &config.query);
-                Some((key, config.query.clone()))
-            }
-            _ => None,
-        }
-    }
-
-    /// A table record as a change (re-exports, backfills, the stream's items as they are now).
-    /// Such an export only writes: with no previous image to compare, nothing is deleted.
-    pub fn from_table(record: TableRecord, include_query_configs: bool) -> ChangeRecord {
-        let rejected = |e: InvalidRecord| Outcome::Rejected(e.to_string());
-        let (index, decoded) = match record {
-            TableRecord::Other { rejected, reason } => match rejected {
-                true => (None, reject(reason)),
-                false => (None, skip(reason)),
-            },
-            TableRecord::Override { .. } if !include_query_configs => {
-                (None, skip("query configs were not asked for"))
-            }
-            TableRecord::Settings {
-                index, settings, ..
-            } => {
-                let upsert = |settings| Change::UpsertIndex {
-                    settings,
-                    previous_shop: PreviousShop::none(),
-                    with_overrides: include_query_configs,
-                };
-                (Some(index), settings.map(upsert).map_err(rejected))
-            }
-            TableRecord::Override { index, config, .. } => (
-                Some(index),
-                config.map(Change::UpsertQuery).map_err(rejected),
-            ),
-        };
-        ChangeRecord::of(index, decoded)
-    }
-
-    /// A record no stream record stands behind (a table item, or one the batch derives).
-    pub fn of(index: Option<IndexRef>, decoded: Result<Change, Outcome>) -> Self {
-        ChangeRecord {
-            sequence_number: None,
-            index,
-            created_at: None,
-            decoded,
-        }
-    }
-
-    /// The removal of an index that a batch derives, on `shops` (the check's of an index gone
-    /// from the table, a dropped alias target's, a rejected index's give-up of what it no
-    /// longer claims, which `keeps_own_key`).
-    pub fn removal(index: IndexRef, shops: BTreeSet<String>, keeps_own_key: bool) -> Self {
-        let remove = Change::RemoveIndex {
-            index: index.clone(),
-            previous_shop: PreviousShop::Known(shops),
-            keeps_own_key,
-        };
-        ChangeRecord::of(Some(index), Ok(remove))
-    }
-}
-
-impl ChangeRecord {
-    /// The item the record is about.
-    pub fn item_key(&self) -> Option<TableKey> {
-        Some(match self.decoded.as_ref().ok()? {
-            Change::UpsertIndex { settings, .. } => TableKey::of(&settings.index, None),
-            Change::RemoveIndex { index, .. } => TableKey::of(index, None),
-            Change::UpsertQuery(config) => TableKey::of(&config.index, Some(&config.query)),
-            Change::RemoveQuery { index, query } => TableKey::of(index, Some(query)),
-        })
-    }
-
-    /// A stream record as its item is now (`now`: the item as the table holds it, as a change
-    /// ([`ChangeRecord::from_table`]); `None`: the table no longer holds it, the record stays
-    /// the remove it decoded as). The stream says which item changed and which shop its index
-    /// had; what is exported comes from the table, so a record read late (a replay, an old
-    /// payload sent by hand) never writes old values.
-    pub fn as_now(mut self, now: Option<&Result<Change, Outcome>>) -> ChangeRecord {
-        let (Ok(removed), Some(now)) = (&mut self.decoded, now) else {
-            return self;
-        };
-        self.decoded = match (now, removed) {
-            (
-                Ok(Change::UpsertIndex { settings, .. }),
-                Change::RemoveIndex { previous_shop, .. },
-            ) => Ok(Change::UpsertIndex {
-                settings: settings.clone(),
-                previous_shop: std::mem::replace(previous_shop, PreviousShop::Unknown),
-                with_overrides: false,
-            }),
-            // An override's config, or why the item is rejected.
-            (now, _) => now.clone(),
-        };
-        self
-    }
-
     /// How the record ends when what it needs could not be read: as `error` says (reported
     /// for retry when it is transient), unless it had already ended.
     pub fn ended_by(&self, error: &PortError) -> Outcome {
@@ -250,8 +88,8 @@ pub fn decode_as_written<'s>(raw: &str, expected: impl Into<Expected<'s>>) -> Ch
             image.extend(raw["dynamodb"].get("Keys")?.as_object()?.clone());
             dynamo::item_from_dynamodb_json(image.into()).ok()
         });
-    let now = image.map(|item| dynamo::table_record(&item, expected.default_configs_sk));
-    let now = now.map(|now| ChangeRecord::from_table(now, true).decoded);
+    let now = image.map(|item| dynamo::table_record(&item, expected.default_configs_sk).0);
+    let now = now.map(|now| now.decoded);
     record.as_now(now.as_ref())
 }
 
@@ -381,7 +219,8 @@ mod tests {
     use super::*;
 
     fn decode_item(item: serde_dynamo::Item, sk: &str, include: bool) -> ChangeRecord {
-        ChangeRecord::from_table(dynamo::table_record(&item, sk), include)
+        let key = dynamo::table_key(&item).unwrap();
+        dynamo::table_record(&item, sk).0.asked(&key, include)
     }
     use serde_json::json;
 
@@ -606,7 +445,7 @@ mod tests {
             let item = crate::dynamo::item_from_dynamodb_json(json!({"pk": {"S": "acct-1"},
                 "sk": {"S": "INDEX#p"}, "index_endpoint": {"S": "https://idx"}}))
             .unwrap();
-            let now = ChangeRecord::from_table(dynamo::table_record(&item, "D"), true).decoded;
+            let now = dynamo::table_record(&item, "D").0.decoded;
             let now = decoded.clone().as_now(Some(&now));
             assert!(
                 matches!(&now.decoded,

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::world::{record, Turn, World};
-use crate::adapters::memory::page_of;
+use super::world::{Turn, World};
+use crate::adapters::memory::{page_of, records};
 use crate::domain::kv::KeyMetadata;
 use crate::domain::{AccountCell, ApiKey, IndexRef, KvAction, KvKey, KvOp, Namespace};
-use crate::domain::{Scope, TableKey, TableRecord};
+use crate::domain::{ChangeRecord, Scope, TableKey};
 use crate::ports::{
     ApiKeySource, IndexRefs, KeyPage, KvStore, Ledger, ListedKey, Page, PortError,
     ReconcileProgress, Referred, RefsChange, SettingsTable,
@@ -267,15 +267,15 @@ impl SettingsTable for Sim {
     async fn records(
         &self,
         keys: Vec<TableKey>,
-        mut each: impl FnMut(TableKey, TableRecord) + Send,
+        mut each: impl FnMut(TableKey, ChangeRecord) + Send,
     ) -> Result<(), PortError> {
         self.0.go(self.1, "table read").await?;
-        let found: Vec<(TableKey, TableRecord)> = {
+        let found: Vec<(TableKey, ChangeRecord)> = {
             let table = self.0.table.lock().unwrap();
             (keys.into_iter())
                 .filter_map(|key| {
                     let item = table.get(&(key.pk().to_owned(), key.sk().to_owned()))?;
-                    Some((key, record(item)))
+                    Some((key, crate::dynamo::table_record(item, "DEFAULT_CONFIGS").0))
                 })
                 .collect()
         };
@@ -290,13 +290,13 @@ impl SettingsTable for Sim {
         account: &str,
         first: &str,
         last: &str,
-    ) -> Result<Vec<TableRecord>, PortError> {
+    ) -> Result<Vec<(TableKey, ChangeRecord)>, PortError> {
         self.0.go(self.1, "table query run").await?;
         let (first, last) = (format!("INDEX#{first}"), format!("INDEX#{last}"));
         let within =
             |sk: &str| sk >= first.as_str() && (sk <= last.as_str() || sk.starts_with(&last));
-        let records = self.0.records_where(|pk, sk| pk == account && within(sk));
-        Ok(records.into_iter().map(|(_, record)| record).collect())
+        let items = self.0.items_where(|pk, sk| pk == account && within(sk));
+        Ok(records(&items, None).records)
     }
 
     async fn override_queries(&self, index: &IndexRef) -> Result<Vec<String>, PortError> {
@@ -316,8 +316,11 @@ impl SettingsTable for Sim {
         limit: i32,
     ) -> Result<Page, PortError> {
         self.0.go(self.1, "table page").await?;
-        let records = self.0.records_where(|pk, sk| scope.holds(pk, sk));
-        Ok(page_of(records, start, limit))
+        Ok(page_of(
+            self.0.items_where(|pk, sk| scope.holds(pk, sk)),
+            start,
+            limit,
+        ))
     }
 }
 

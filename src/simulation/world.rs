@@ -17,7 +17,6 @@ use tokio::time::Instant;
 
 use crate::adapters::memory::MemoryLedger;
 use crate::domain::{IndexRef, KvKey, Namespace};
-use crate::domain::{TableKey, TableRecord};
 use crate::ports::PortError;
 
 /// SplitMix64: small, seeded, the same numbers on every machine.
@@ -280,18 +279,12 @@ impl World {
         (!ours).then(|| format!("{key:?} holds {value}, not {own}'s to hold"))
     }
 
-    pub(super) fn records_where(
-        &self,
-        wanted: impl Fn(&str, &str) -> bool,
-    ) -> Vec<(TableKey, TableRecord)> {
+    /// The items whose keys pass `wanted`, in key order.
+    pub(super) fn items_where(&self, wanted: impl Fn(&str, &str) -> bool) -> Vec<Item> {
         let table = self.table.lock().unwrap();
         (table.iter())
             .filter(|((pk, sk), _)| wanted(pk, sk))
-            .filter_map(|(_, item)| Some((crate::dynamo::table_key(item)?, record(item))))
+            .map(|(_, item)| item.clone())
             .collect()
     }
-}
-
-pub(super) fn record(item: &Item) -> TableRecord {
-    crate::dynamo::table_record(item, "DEFAULT_CONFIGS")
 }

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::Exporter;
 use crate::domain::TableSpan;
-use crate::domain::{IndexRef, IndexRefs, Namespace, TableKey, TableRecord};
+use crate::domain::{IndexRef, IndexRefs, Namespace, TableKey};
 use crate::pipeline::records::ChangeRecord;
 use crate::ports::SettingsTable;
 use crate::ports::{before_deadline, PortError, Ports};
@@ -98,7 +98,7 @@ impl<P: Ports> Exporter<P> {
         let by_key = async {
             let read = self.settings_of(by_key.iter().map(|(index, _)| index), deadline);
             let read = read.await.map(|found| {
-                let settings = |record| (true, vec![ChangeRecord::from_table(record, false)]);
+                let settings = |record| (true, vec![record]);
                 (found
                     .into_iter()
                     .map(|(index, record)| (index, settings(record))))
@@ -133,9 +133,9 @@ impl<P: Ports> Exporter<P> {
         let read = self.table.index_range(account, first, last);
         let found = before_deadline(deadline, "index run", read).await?;
         let mut indexes = IndexRuns::new();
-        for record in found {
-            let settings = matches!(record, TableRecord::Settings { .. });
-            let record = ChangeRecord::from_table(record, true);
+        for (key, record) in found {
+            let settings = record.settings_at(&key);
+            let record = record.asked(&key, true);
             if let Some(index) = record.index.clone() {
                 let entry = indexes.entry(index).or_default();
                 entry.0 |= settings;
@@ -150,7 +150,7 @@ impl<P: Ports> Exporter<P> {
         &self,
         keys: Vec<TableKey>,
         deadline: Instant,
-    ) -> Result<Vec<(TableKey, TableRecord)>, PortError> {
+    ) -> Result<Vec<(TableKey, ChangeRecord)>, PortError> {
         let mut found = Vec::with_capacity(keys.len());
         if !keys.is_empty() {
             let read = self
@@ -167,14 +167,12 @@ impl<P: Ports> Exporter<P> {
         &self,
         indexes: impl IntoIterator<Item = &IndexRef>,
         deadline: Instant,
-    ) -> Result<HashMap<IndexRef, TableRecord>, PortError> {
+    ) -> Result<HashMap<IndexRef, ChangeRecord>, PortError> {
         let keys = indexes.into_iter().map(|index| TableKey::of(index, None));
         let found = self.records_of(keys.collect(), deadline).await?;
         Ok((found.into_iter())
-            .filter_map(|(_, record)| match &record {
-                TableRecord::Settings { index, .. } => Some((index.clone(), record)),
-                _ => None,
-            })
+            .filter(|(key, record)| record.settings_at(key))
+            .filter_map(|(_, record)| Some((record.index.clone()?, record)))
             .collect())
     }
 

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::reads::IndexRuns;
 use super::Exporter;
-use crate::domain::{IndexRef, IndexRefs, Scope, TableKey, TableRecord, TableSpan};
+use crate::domain::{IndexRef, Scope, TableKey, TableSpan};
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{before_deadline, PortError, Ports, SettingsTable as _};
 
@@ -94,21 +94,13 @@ impl Runs {
         let page = before_deadline(deadline, "table page", page).await?;
         let mut added = 0;
         if add != AddReferences::None {
-            let references: Vec<(IndexRef, IndexRefs)> = (page.records.iter())
-                .filter_map(|(_, record)| match record {
-                    TableRecord::Settings {
-                        index, references, ..
-                    } => Some((index.clone(), references.clone())),
-                    _ => None,
-                })
-                .collect();
             let counted = add == AddReferences::Counted;
-            let adding = exporter.add_references(&references, counted, deadline);
+            let adding = exporter.add_references(&page.references, counted, deadline);
             added = adding.await?;
         }
         let read = page.records.len();
         for (key, record) in page.records {
-            self.add(ChangeRecord::from_table(record, with_overrides), key);
+            self.add(record.asked(&key, with_overrides), key);
         }
         self.ended = page.next.is_none();
         self.scan_at = page.next;
@@ -265,11 +257,9 @@ mod tests {
             None => item["index_endpoint"] = json!({"S": "https://idx.example"}),
             Some(_) => item["query_config"] = json!({"S": "{}"}),
         }
-        let item = table_record(&item_from_dynamodb_json(item).unwrap(), "DEFAULT");
-        (
-            ChangeRecord::from_table(item, true),
-            TableKey::new("acct", sk),
-        )
+        let key = TableKey::new("acct", sk);
+        let item = table_record(&item_from_dynamodb_json(item).unwrap(), "DEFAULT").0;
+        (item.asked(&key, true), key)
     }
 
     fn index(name: &str) -> (ChangeRecord, TableKey) {

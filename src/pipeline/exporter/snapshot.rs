@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::{Exporter, Prepared, Run, CONCURRENT_QUERIES};
 use crate::domain::kv::Written;
 use crate::domain::{AccountCell, ApiKey};
-use crate::domain::{IndexRef, KvKey, Namespace, TableKey, TableRecord};
+use crate::domain::{IndexRef, KvKey, Namespace, TableKey};
 use crate::pipeline::api_key_cache::ApiKeyCache;
 use crate::pipeline::plan::{self, Snapshot};
 use crate::pipeline::records::{Change, ChangeRecord};
@@ -93,7 +93,7 @@ impl<P: Ports> Exporter<P> {
             let keys: Vec<TableKey> = keys.into_iter().cloned().collect();
             let mut now = HashMap::with_capacity(keys.len());
             let read = self.table.records(keys, |key, record| {
-                now.insert(key, ChangeRecord::from_table(record, true).decoded);
+                now.insert(key, record.decoded);
             });
             before_deadline(deadline, "the records' items", read).await?;
             Ok(now)
@@ -303,7 +303,10 @@ impl<P: Ports> Exporter<P> {
         let read: Vec<_> = (claimers.into_iter())
             .map(|index| {
                 let settings = found.as_ref().map(|found| match found.get(&index) {
-                    Some(TableRecord::Settings { settings, .. }) => settings.clone().ok(),
+                    Some(ChangeRecord {
+                        decoded: Ok(Change::UpsertIndex { settings, .. }),
+                        ..
+                    }) => Some(settings.clone()),
                     _ => None,
                 });
                 (index, settings.map_err(Clone::clone))

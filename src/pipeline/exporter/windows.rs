@@ -67,7 +67,6 @@ async fn reexport(exporter: &MemoryExporter, index: &IndexRef) -> BatchReport {
         .get(index)
         .cloned()
         .expect("the index is in the table");
-    let record = crate::pipeline::records::ChangeRecord::from_table(record, false);
     exporter
         .export(vec![record], Run::OPERATOR, deadline())
         .await

@@ -1,0 +1,202 @@
+//! A record as the core plans it: the change its item makes (`Change`), or where it already
+//! ended (`Outcome`), whether it came from the stream or from a read of the table.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use super::{IndexRef, IndexSettings, QueryConfig, TableKey};
+
+/// Reasons a failed record names at most (each key it could not write or check).
+const MAX_REASONS: usize = 8;
+
+/// Where one record ends. Every record ends in exactly one of these (docs/contract.md,
+/// "Nothing is lost").
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Its KV writes and deletes are applied (or superseded by a later record of the batch);
+    /// until the batch is sent, planned to be (a failed operation makes it `Failed`).
+    Exported,
+    /// Not for KV, on purpose: default configs and foreign sort keys.
+    Skipped(String),
+    /// Permanently invalid: retrying cannot help, a fix of the item emits a new record.
+    Rejected(String),
+    /// Reported in `batchItemFailures`: Lambda retries it.
+    Failed(String),
+    /// A remove whose keys stay because live aliases point at the index.
+    Kept { referenced_by: Vec<IndexRef> },
+}
+
+impl Outcome {
+    /// A record on its way to KV (exported or planned to be, kept for an alias) fails for `why`
+    /// and is reported for retry; one already failed adds `why` to its reasons (each key it
+    /// could not write or check named, up to [`MAX_REASONS`]); one rejected or skipped keeps
+    /// its outcome.
+    pub fn fail(&mut self, why: impl Into<String>) {
+        let why = why.into();
+        match self {
+            Outcome::Exported | Outcome::Kept { .. } => *self = Outcome::Failed(why),
+            Outcome::Failed(reasons) => {
+                let told = reasons.split("; ").count();
+                if told < MAX_REASONS && !reasons.split("; ").any(|r| r == why) {
+                    reasons.push_str("; ");
+                    reasons.push_str(&why);
+                }
+            }
+            Outcome::Skipped(_) | Outcome::Rejected(_) => {}
+        }
+    }
+}
+
+/// The shops an index's keys may be on before this change, when known.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PreviousShop {
+    /// From the record's old image (none: there was no previous item, an INSERT, or the record
+    /// is a table item), with every shop the ledger records the index may be on, when the run
+    /// reads them (docs/contract.md, "Concurrent writers").
+    Known(BTreeSet<String>),
+    /// A `NEW_IMAGE` stream: the old image is not carried. The index's current KV value tells.
+    Unknown,
+}
+
+impl PreviousShop {
+    /// The index was on no shop.
+    pub fn none() -> Self {
+        PreviousShop::Known(BTreeSet::new())
+    }
+
+    /// The index was on this shop, or none.
+    pub fn known(shop: Option<String>) -> Self {
+        PreviousShop::Known(shop.into_iter().collect())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    UpsertIndex {
+        settings: Arc<IndexSettings>,
+        previous_shop: PreviousShop,
+        /// The batch stands for all of the index's overrides (a re-export or backfill with
+        /// query configs): its override filter is written, even when it has none.
+        with_overrides: bool,
+    },
+    RemoveIndex {
+        index: IndexRef,
+        previous_shop: PreviousShop,
+        /// The index still has a settings record, rejected: only the shops it no longer holds
+        /// (`previous_shop`, settled by whoever made the change) are given up.
+        keeps_own_key: bool,
+    },
+    UpsertQuery(QueryConfig),
+    RemoveQuery {
+        index: IndexRef,
+        query: String,
+    },
+}
+
+/// One record, decoded, with what identifies it in logs and in the batch response. A stream
+/// record decodes as the change its item makes when the table no longer holds it (a remove,
+/// with the shop its old image had): it says which item changed, never its new values, which
+/// come from the table when the batch reads it ([`ChangeRecord::as_now`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeRecord {
+    pub sequence_number: Option<String>,
+    pub index: Option<IndexRef>,
+    /// `ApproximateCreationDateTime`, seconds since the epoch, for propagation lag.
+    pub created_at: Option<f64>,
+    /// What the record changes, or where it already ended: skipped on purpose (default
+    /// configs, foreign sort keys) or rejected as permanently invalid.
+    pub decoded: Result<Change, Outcome>,
+}
+
+impl ChangeRecord {
+    /// An override's KV key and query, when the record is one.
+    pub fn query_config(&self) -> Option<(String, String)> {
+        match &self.decoded {
+            Ok(Change::UpsertQuery(config)) => {
+                let key = crate::domain::kv::query_config_key(&config.index, &config.query);
+                Some((key, config.query.clone()))
+            }
+            _ => None,
+        }
+    }
+
+    /// A record no stream record stands behind (a table item, or one the batch derives).
+    pub fn of(index: Option<IndexRef>, decoded: Result<Change, Outcome>) -> Self {
+        ChangeRecord {
+            sequence_number: None,
+            index,
+            created_at: None,
+            decoded,
+        }
+    }
+
+    /// The removal of an index that a batch derives, on `shops` (the check's of an index gone
+    /// from the table, a dropped alias target's, a rejected index's give-up of what it no
+    /// longer claims, which `keeps_own_key`).
+    pub fn removal(index: IndexRef, shops: BTreeSet<String>, keeps_own_key: bool) -> Self {
+        let remove = Change::RemoveIndex {
+            index: index.clone(),
+            previous_shop: PreviousShop::Known(shops),
+            keeps_own_key,
+        };
+        ChangeRecord::of(Some(index), Ok(remove))
+    }
+
+    /// A table item's record as a read takes it (`key`: the item's): an override skipped when
+    /// query configs were not asked for; a settings record standing for all of its index's
+    /// overrides when they were (its filter written, even with none).
+    pub fn asked(mut self, key: &TableKey, include_query_configs: bool) -> Self {
+        let an_override = self.index.is_some() && !self.settings_at(key);
+        match &mut self.decoded {
+            Ok(Change::UpsertIndex { with_overrides, .. }) => {
+                *with_overrides = include_query_configs;
+            }
+            _ if include_query_configs => {}
+            _ if an_override => {
+                let skipped = Outcome::Skipped("query configs were not asked for".into());
+                return ChangeRecord::of(None, Err(skipped));
+            }
+            _ => {}
+        }
+        self
+    }
+
+    /// Whether the record, read at `key`, is its index's settings record.
+    pub fn settings_at(&self, key: &TableKey) -> bool {
+        (self.index.as_ref()).is_some_and(|index| *key == TableKey::of(index, None))
+    }
+
+    /// The item the record is about.
+    pub fn item_key(&self) -> Option<TableKey> {
+        Some(match self.decoded.as_ref().ok()? {
+            Change::UpsertIndex { settings, .. } => TableKey::of(&settings.index, None),
+            Change::RemoveIndex { index, .. } => TableKey::of(index, None),
+            Change::UpsertQuery(config) => TableKey::of(&config.index, Some(&config.query)),
+            Change::RemoveQuery { index, query } => TableKey::of(index, Some(query)),
+        })
+    }
+
+    /// A stream record as its item is now (`now`: the item as the table holds it, as a change
+    /// (`dynamo::table_record`); `None`: the table no longer holds it, the record stays
+    /// the remove it decoded as). The stream says which item changed and which shop its index
+    /// had; what is exported comes from the table, so a record read late (a replay, an old
+    /// payload sent by hand) never writes old values.
+    pub fn as_now(mut self, now: Option<&Result<Change, Outcome>>) -> ChangeRecord {
+        let (Ok(removed), Some(now)) = (&mut self.decoded, now) else {
+            return self;
+        };
+        self.decoded = match (now, removed) {
+            (
+                Ok(Change::UpsertIndex { settings, .. }),
+                Change::RemoveIndex { previous_shop, .. },
+            ) => Ok(Change::UpsertIndex {
+                settings: settings.clone(),
+                previous_shop: std::mem::replace(previous_shop, PreviousShop::Unknown),
+                with_overrides: false,
+            }),
+            // An override's config, or why the item is rejected.
+            (now, _) => now.clone(),
+        };
+        self
+    }
+}
