@@ -234,7 +234,7 @@ mod tests {
             .map(|r| r.sequence_number.as_deref())
             .collect();
         assert_eq!(seqs, [Some("1"), Some("2")]);
-        assert!(records.iter().all(|r| r.decoded.is_ok()));
+        assert!(records.iter().all(|r| r.change.is_some()));
     }
 
     #[test]
@@ -248,11 +248,11 @@ mod tests {
         let Payload::StreamBatch(records) = Payload::parse(&raw(payload), "D").unwrap() else {
             panic!("a stream batch")
         };
-        assert!(records[0].decoded.is_ok());
+        assert!(records[0].change.is_some());
         assert!(
-            matches!(&records[1].decoded, Err(Outcome::Rejected(r)) if r.contains("eventName")),
+            matches!(&records[1].outcome, Outcome::Rejected(r) if r.contains("eventName")),
             "{:?}",
-            records[1].decoded
+            records[1].outcome
         );
         assert_eq!(records[1].sequence_number.as_deref(), Some("2"));
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Map, Value};
 
 use crate::domain::validate::cut;
-use crate::domain::{IndexRef, KvKey};
+use crate::domain::{ChangeRecord, IndexRef, KvKey};
 use crate::ports::{LookupCounts, PortError};
 
 pub const NAMESPACE: &str = "EcomSettingsExporter";
@@ -27,13 +27,6 @@ impl Outcome {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct RecordReport {
-    pub sequence_number: Option<String>,
-    pub index: Option<IndexRef>,
-    pub outcome: Outcome,
-}
-
 /// A key a writer wrote or deleted, to check: its record's position, the index it is checked as
 /// (a put's: whose value it is; a delete's: the index that gave it up, or for a repair's, the
 /// index it was written for), and the digest of the value put (`None`: deleted; empty: left as
@@ -48,7 +41,8 @@ pub struct Landed {
 
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct BatchReport {
-    pub records: Vec<RecordReport>,
+    /// Each record as it ended (its change let go).
+    pub records: Vec<ChangeRecord>,
     pub kv_requests: usize,
     /// HTTP attempts beyond the first, resends of unsuccessful keys included.
     pub kv_retries: usize,
@@ -279,11 +273,10 @@ pub fn emit(report: &BatchReport, duration: Duration) {
 mod tests {
     use super::*;
 
-    fn record(outcome: Outcome) -> RecordReport {
-        RecordReport {
+    fn record(outcome: Outcome) -> ChangeRecord {
+        ChangeRecord {
             sequence_number: Some("1".into()),
-            index: None,
-            outcome,
+            ..ChangeRecord::of(None, Err(outcome))
         }
     }
 

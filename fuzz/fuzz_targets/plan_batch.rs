@@ -24,10 +24,9 @@ fuzz_target!(|data: &[u8]| {
         references: references_wanted(&records).then(|| Ok(vec![])),
         ..Snapshot::default()
     };
-    let plan = plan(&records, &snapshot, "default");
-    assert_eq!(plan.outcomes.len(), records.len());
+    let plan = plan(&mut records, &snapshot, "default");
     for op in plan.ops.values() {
-        assert_eq!(plan.outcomes[op.owner], Outcome::Exported, "owned by a record planned to be exported");
+        assert_eq!(records[op.owner].outcome, Outcome::Exported, "owned by a record planned to be exported");
     }
     let ops: Vec<KvOp> = (plan.ops.iter()).map(|(key, op)| (key.clone(), op.action.clone())).collect();
     let requests = requests(ops);

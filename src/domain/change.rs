@@ -93,26 +93,28 @@ pub enum Change {
     },
 }
 
-/// One record, decoded, with what identifies it in logs and in the batch response. A stream
-/// record decodes as the change its item makes when the table no longer holds it (a remove,
-/// with the shop its old image had): it says which item changed, never its new values, which
-/// come from the table when the batch reads it ([`ChangeRecord::as_now`]).
+/// One record, with what identifies it in logs and in the batch response, and where it ends.
+/// A stream record decodes as the change its item makes when the table no longer holds it (a
+/// remove, with the shop its old image had): it says which item changed, never its new values,
+/// which come from the table when the batch reads it ([`ChangeRecord::as_now`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChangeRecord {
     pub sequence_number: Option<String>,
     pub index: Option<IndexRef>,
     /// `ApproximateCreationDateTime`, seconds since the epoch, for propagation lag.
     pub created_at: Option<f64>,
-    /// What the record changes, or where it already ended: skipped on purpose (default
-    /// configs, foreign sort keys) or rejected as permanently invalid.
-    pub decoded: Result<Change, Outcome>,
+    /// What the record changes: `None` once it ended before its plan (skipped on purpose,
+    /// rejected as permanently invalid, or not read), and once it is reported.
+    pub change: Option<Change>,
+    /// Where the record ends; `Exported` while it is on its way.
+    pub outcome: Outcome,
 }
 
 impl ChangeRecord {
     /// An override's KV key and query, when the record is one.
     pub fn query_config(&self) -> Option<(String, String)> {
-        match &self.decoded {
-            Ok(Change::UpsertQuery(config)) => {
+        match &self.change {
+            Some(Change::UpsertQuery(config)) => {
                 let key = crate::domain::kv::query_config_key(&config.index, &config.query);
                 Some((key, config.query.clone()))
             }
@@ -122,12 +124,23 @@ impl ChangeRecord {
 
     /// A record no stream record stands behind (a table item, or one the batch derives).
     pub fn of(index: Option<IndexRef>, decoded: Result<Change, Outcome>) -> Self {
+        let (change, outcome) = match decoded {
+            Ok(change) => (Some(change), Outcome::Exported),
+            Err(ended) => (None, ended),
+        };
         ChangeRecord {
             sequence_number: None,
             index,
             created_at: None,
-            decoded,
+            change,
+            outcome,
         }
+    }
+
+    /// The record ends before its plan, as `outcome` says.
+    pub fn end(&mut self, outcome: Outcome) {
+        self.change = None;
+        self.outcome = outcome;
     }
 
     /// The removal of an index that a batch derives, on `shops` (the check's of an index gone
@@ -147,8 +160,8 @@ impl ChangeRecord {
     /// overrides when they were (its filter written, even with none).
     pub fn asked(mut self, key: &TableKey, include_query_configs: bool) -> Self {
         let an_override = self.index.is_some() && !self.settings_at(key);
-        match &mut self.decoded {
-            Ok(Change::UpsertIndex { with_overrides, .. }) => {
+        match &mut self.change {
+            Some(Change::UpsertIndex { with_overrides, .. }) => {
                 *with_overrides = include_query_configs;
             }
             _ if include_query_configs => {}
@@ -168,7 +181,7 @@ impl ChangeRecord {
 
     /// The item the record is about.
     pub fn item_key(&self) -> Option<TableKey> {
-        Some(match self.decoded.as_ref().ok()? {
+        Some(match self.change.as_ref()? {
             Change::UpsertIndex { settings, .. } => TableKey::of(&settings.index, None),
             Change::RemoveIndex { index, .. } => TableKey::of(index, None),
             Change::UpsertQuery(config) => TableKey::of(&config.index, Some(&config.query)),
@@ -176,27 +189,30 @@ impl ChangeRecord {
         })
     }
 
-    /// A stream record as its item is now (`now`: the item as the table holds it, as a change
-    /// (`dynamo::table_record`); `None`: the table no longer holds it, the record stays
-    /// the remove it decoded as). The stream says which item changed and which shop its index
+    /// A stream record as its item is now (`now`: the item's record as the table holds it,
+    /// `dynamo::table_record`; `None`: the table no longer holds it, the record stays the
+    /// remove it decoded as). The stream says which item changed and which shop its index
     /// had; what is exported comes from the table, so a record read late (a replay, an old
     /// payload sent by hand) never writes old values.
-    pub fn as_now(mut self, now: Option<&Result<Change, Outcome>>) -> ChangeRecord {
-        let (Ok(removed), Some(now)) = (&mut self.decoded, now) else {
+    pub fn as_now(mut self, now: Option<&ChangeRecord>) -> ChangeRecord {
+        let (Some(removed), Some(now)) = (&mut self.change, now) else {
             return self;
         };
-        self.decoded = match (now, removed) {
+        match (&now.change, removed) {
             (
-                Ok(Change::UpsertIndex { settings, .. }),
+                Some(Change::UpsertIndex { settings, .. }),
                 Change::RemoveIndex { previous_shop, .. },
-            ) => Ok(Change::UpsertIndex {
-                settings: settings.clone(),
-                previous_shop: std::mem::replace(previous_shop, PreviousShop::Unknown),
-                with_overrides: false,
-            }),
-            // An override's config, or why the item is rejected.
-            (now, _) => now.clone(),
-        };
+            ) => {
+                self.change = Some(Change::UpsertIndex {
+                    settings: settings.clone(),
+                    previous_shop: std::mem::replace(previous_shop, PreviousShop::Unknown),
+                    with_overrides: false,
+                })
+            }
+            (Some(change), _) => self.change = Some(change.clone()),
+            // Why the item is rejected.
+            (None, _) => self.end(now.outcome.clone()),
+        }
         self
     }
 }

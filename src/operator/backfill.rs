@@ -14,7 +14,7 @@ use crate::domain::{IndexRef, KvAction};
 use crate::pipeline::exporter::{AddReferences, Exporter, Prepared, Run, Runs};
 use crate::pipeline::records::ChangeRecord;
 use crate::ports::{PortError, Ports};
-use crate::report::{BatchReport, Outcome, RecordReport};
+use crate::report::{BatchReport, Outcome};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -340,16 +340,7 @@ fn dry_report(prepared: Prepared) -> BatchReport {
     BatchReport {
         written: written.map(|(key, _)| key).collect(),
         api_keys: prepared.api_keys,
-        records: prepared
-            .records
-            .into_iter()
-            .zip(prepared.plan.outcomes)
-            .map(|(record, outcome)| RecordReport {
-                sequence_number: None,
-                index: record.index,
-                outcome,
-            })
-            .collect(),
+        records: prepared.records,
         ..BatchReport::default()
     }
 }

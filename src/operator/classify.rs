@@ -150,9 +150,9 @@ pub async fn drift<P: Ports>(
 /// The keys of the records that cannot be exported (rejected, or left unchecked), which stay as
 /// they are; a key another record of the piece implies is compared, not kept.
 fn kept_keys(prepared: &Prepared) -> Vec<KvKey> {
-    let records = prepared.records.iter().zip(&prepared.plan.outcomes);
-    let kept = records.filter(|(_, o)| matches!(o, Outcome::Skipped(_) | Outcome::Rejected(_)));
-    let keys = kept.flat_map(|(record, _)| keys_of(record));
+    let kept = (prepared.records.iter())
+        .filter(|record| matches!(record.outcome, Outcome::Skipped(_) | Outcome::Rejected(_)));
+    let keys = kept.flat_map(keys_of);
     keys.filter(|key| !prepared.plan.ops.contains_key(key))
         .collect()
 }
@@ -164,12 +164,12 @@ fn keys_of(record: &ChangeRecord) -> Vec<KvKey> {
         return Vec::new();
     };
     let mut keys = vec![KvKey::index(index), filter_key(index)];
-    match &record.decoded {
-        Ok(Change::UpsertIndex { settings, .. }) => {
+    match &record.change {
+        Some(Change::UpsertIndex { settings, .. }) => {
             keys.extend(settings.shop_id.clone().map(KvKey::settings))
         }
-        Ok(_) => return Vec::new(),
-        Err(_) => {}
+        Some(_) => return Vec::new(),
+        None => {}
     }
     keys
 }

@@ -20,10 +20,10 @@ use tokio::time::Instant;
 
 use crate::domain::validate::cut;
 use crate::domain::Scope;
-use crate::domain::{IndexRef, KvKey};
+use crate::domain::{ChangeRecord, IndexRef, KvKey};
 use crate::pipeline::exporter::{AddReferences, Exporter, Prepared, Run, Runs};
 use crate::ports::Ports;
-use crate::report::{BatchReport, Outcome};
+use crate::report::Outcome;
 
 pub use backfill::BackfillRequest;
 pub use fields::NonEmpty;
@@ -279,12 +279,11 @@ impl<'a, P: Ports> Pieces<'a, P> {
     }
 }
 
-/// The settings record must be exportable, and nothing may be waiting on a failed lookup or
-/// write: the error names every reason (each key that could not be written or checked).
-fn ensure_done<'a>(
-    target: &IndexTarget,
-    mut outcomes: impl Iterator<Item = &'a Outcome>,
-) -> Result<(), OperatorError> {
+/// The settings record (the first) must be exportable, and nothing may be waiting on a failed
+/// lookup or write: the error names every reason (each key that could not be written or
+/// checked). Asked of a prepared batch, and of its report once sent.
+fn ensure_done(target: &IndexTarget, records: &[ChangeRecord]) -> Result<(), OperatorError> {
+    let mut outcomes = records.iter().map(|record| &record.outcome);
     let first = outcomes.next();
     if let Some(Outcome::Rejected(reason)) = first {
         return Err(OperatorError::export_failed(target, reason));
@@ -305,23 +304,15 @@ fn ensure_done<'a>(
     }
 }
 
-fn ensure_ready(target: &IndexTarget, prepared: &Prepared) -> Result<(), OperatorError> {
-    ensure_done(target, prepared.plan.outcomes.iter())
-}
-
-fn ensure_exported(target: &IndexTarget, report: &BatchReport) -> Result<(), OperatorError> {
-    ensure_done(target, report.records.iter().map(|r| &r.outcome))
-}
-
 /// A rejected record, as answers list it.
 #[derive(Debug, Serialize)]
 pub struct Rejected {
     pub reason: String,
 }
 
-fn rejected<'a>(outcomes: impl Iterator<Item = &'a Outcome>) -> Vec<Rejected> {
-    outcomes
-        .filter_map(|o| match o {
+fn rejected(records: &[ChangeRecord]) -> Vec<Rejected> {
+    (records.iter())
+        .filter_map(|record| match &record.outcome {
             Outcome::Rejected(reason) => Some(Rejected {
                 reason: reason.clone(),
             }),

@@ -283,7 +283,7 @@ impl<'a, P: Ports> Orphans<'a, P> {
         // The cache's answers count; a lookup that fails for now counts as a key.
         exporter.api_keys_first(&mut records, false, deadline).await;
         let exportable: HashSet<&IndexRef> = (records.iter())
-            .filter(|record| record.decoded.is_ok())
+            .filter(|record| record.change.is_some())
             .filter_map(|record| record.index.as_ref())
             .collect();
         Ok((claimers.into_iter())

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::{ensure_exported, ensure_ready, flag, masked, rejected, IndexTarget, OperatorError};
+use super::{ensure_done, flag, masked, rejected, IndexTarget, OperatorError};
 use super::{orphans, NonEmpty, PieceAt, Pieces, Rejected};
 use crate::domain::{KvAction, KvKey, Namespace};
 use crate::pipeline::exporter::{Exporter, Prepared};
@@ -133,16 +133,15 @@ pub async fn run<P: Ports>(
             let deletes = orphans
                 .into_iter()
                 .map(|key| (key, Some(target.index.clone())));
-            prepared
-                .delete_by_own_record("a re-export's orphaned query configs", deletes.collect());
+            prepared.delete_by_own_record(deletes.collect());
         }
         if request.dry_run {
-            ensure_ready(&target, &prepared)?;
+            ensure_done(&target, &prepared.records)?;
             answer.preview(&prepared);
         } else {
             let report = exporter.apply(prepared, deadline).await;
             report.log();
-            ensure_exported(&target, &report)?;
+            ensure_done(&target, &report.records)?;
             answer.exported(&report, first);
         }
     }
@@ -185,9 +184,7 @@ impl Answer {
                 }),
             }
         }
-        preview
-            .rejected
-            .extend(rejected(prepared.plan.outcomes.iter()));
+        preview.rejected.extend(rejected(&prepared.records));
     }
 
     fn exported(&mut self, report: &BatchReport, first: bool) {
@@ -209,9 +206,7 @@ impl Answer {
         let configs = report.records.iter().skip(usize::from(first));
         let configs = configs.filter(|r| r.index.is_some() && r.outcome == Outcome::Exported);
         exported.query_configs_exported += configs.count();
-        exported
-            .rejected
-            .extend(rejected(report.records.iter().map(|r| &r.outcome)));
+        exported.rejected.extend(rejected(&report.records));
     }
 
     fn finish(mut self, token: Option<String>) -> Self {

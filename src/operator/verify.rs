@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use super::classify::{self, Class, Drift};
 use super::orphans;
-use super::{ensure_exported, ensure_ready, flag, IndexTarget, KeyChanges, NonEmpty};
+use super::{ensure_done, flag, IndexTarget, KeyChanges, NonEmpty};
 use super::{OperatorError, PieceAt, Pieces};
 use crate::domain::{IndexRef, KvAction};
 use crate::pipeline::exporter::{Exporter, Prepared};
@@ -126,7 +126,7 @@ pub async fn run<P: Ports>(
     let mut answer = Answer::new(&target.index);
     let failed = |what: &str, e| OperatorError::export_failed(&target, format!("{what}: {e}"));
     while let Some(PieceAt { prepared, last, .. }) = pieces.next().await? {
-        ensure_ready(&target, &prepared)?;
+        ensure_done(&target, &prepared.records)?;
         let drift = classify::drift(exporter, &prepared, deadline).await;
         let mut drift = drift.map_err(|e| failed("reading the index's keys", e))?;
         if last && target.include_query_configs {
@@ -141,7 +141,7 @@ pub async fn run<P: Ports>(
             let repair =
                 classify::repair(exporter, Some(prepared), &drift, request.dry_run, deadline);
             let report = repair.await.unwrap_or_default();
-            ensure_exported(&target, &report)?;
+            ensure_done(&target, &report.records)?;
             answer.repaired(request.dry_run, &report);
         }
     }

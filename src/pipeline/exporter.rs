@@ -138,14 +138,13 @@ pub struct Prepared {
 impl Prepared {
     /// Records that cannot be prepared: each one not already decided fails for `error`
     /// (reported for retry when it is transient), and nothing is sent.
-    fn none_sent(records: Vec<ChangeRecord>, run: Run, error: PortError) -> Self {
-        let outcomes = records.iter().map(|r| r.ended_by(&error)).collect();
+    fn none_sent(mut records: Vec<ChangeRecord>, run: Run, error: PortError) -> Self {
+        for record in &mut records {
+            record.outcome = record.ended_by(&error);
+        }
         Prepared {
             records,
-            plan: plan::Plan {
-                outcomes,
-                ..plan::Plan::default()
-            },
+            plan: plan::Plan::default(),
             api_keys: LookupCounts::default(),
             run,
             delete_owners: HashMap::new(),
@@ -166,26 +165,22 @@ impl Prepared {
     /// retried.
     fn withhold(&mut self, error: &PortError) {
         let why = format!("not sent: its references could not be recorded in the ledger: {error}");
-        self.plan
-            .outcomes
-            .iter_mut()
-            .for_each(|outcome| outcome.fail(&why));
+        (self.records.iter_mut()).for_each(|record| record.outcome.fail(&why));
         self.plan.ops.clear();
         self.plan.old_shops.clear();
         self.plan.filters.clear();
     }
 
-    /// Deletes owned by a record of their own (`why` says what it is), each with the index
-    /// whose key it was when known: no record of the batch owns them (an orphaned key, an
-    /// override gone from the table).
-    pub fn delete_by_own_record(&mut self, why: &str, deletes: Vec<(KvKey, Option<IndexRef>)>) {
+    /// Deletes owned by a record of their own, each with the index whose key it was when known:
+    /// no record of the batch owns them (an orphaned key, an override gone from the table).
+    pub fn delete_by_own_record(&mut self, deletes: Vec<(KvKey, Option<IndexRef>)>) {
         if deletes.is_empty() {
             return;
         }
         let owner = self.records.len();
-        let record = ChangeRecord::of(None, Err(Outcome::Skipped(why.into())));
+        // Exported once its deletes land.
+        let record = ChangeRecord::of(None, Err(Outcome::Exported));
         self.records.push(record);
-        self.plan.outcomes.push(Outcome::Exported);
         for (key, index) in deletes {
             if let Some(index) = index {
                 self.delete_owners.insert(key.clone(), index);
@@ -202,10 +197,10 @@ impl Prepared {
     /// for the next pass instead of failing this one: logged and skipped (their keys are kept
     /// as they are).
     pub fn leave_failed_unchecked(&mut self) {
-        for (record, outcome) in self.records.iter().zip(&mut self.plan.outcomes) {
-            if let Outcome::Failed(reason) = outcome {
+        for record in &mut self.records {
+            if let Outcome::Failed(reason) = &record.outcome {
                 tracing::warn!(index = ?record.index, %reason, "reconcile leaves this index unchecked");
-                *outcome = Outcome::Skipped("left unchecked this pass".into());
+                record.outcome = Outcome::Skipped("left unchecked this pass".into());
             }
         }
     }
@@ -329,7 +324,7 @@ impl<P: Ports> Exporter<P> {
             }
         }
         // An orphaned key has no table record: the deletes get a record of their own.
-        prepared.delete_by_own_record("a repair's deletes", deletes);
+        prepared.delete_by_own_record(deletes);
         self.apply(prepared, deadline).await
     }
 

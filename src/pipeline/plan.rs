@@ -33,7 +33,6 @@ pub struct PlannedOp {
 #[derive(Debug, Default)]
 pub struct Plan {
     pub ops: BTreeMap<KvKey, PlannedOp>,
-    pub outcomes: Vec<Outcome>,
     /// Informational remarks per record, for the log.
     pub notes: Vec<(usize, String)>,
     /// Old shop keys deleted, with the index that gave each up. Until such a delete lands, the
@@ -59,8 +58,9 @@ impl Plan {
     }
 }
 
-/// Turns records and their snapshot into one operation per KV key and an outcome per record.
-pub fn plan(records: &[ChangeRecord], snapshot: &Snapshot, default_cell: &str) -> Plan {
+/// Turns records and their snapshot into one operation per KV key, and decides the outcome of
+/// each record not yet ended: exported as planned, rejected, or kept for an alias.
+pub fn plan(records: &mut [ChangeRecord], snapshot: &Snapshot, default_cell: &str) -> Plan {
     let mut plan = Plan::default();
     let referrers = match &snapshot.references {
         Some(Ok(references)) => Ok(Referrers::of(references)),
@@ -69,7 +69,7 @@ pub fn plan(records: &[ChangeRecord], snapshot: &Snapshot, default_cell: &str) -
         )),
         None => Err("the settings table was not scanned".into()),
     };
-    for (owner, record) in records.iter().enumerate() {
+    for (owner, record) in records.iter_mut().enumerate() {
         let mut planner = RecordPlanner {
             owner,
             snapshot,
@@ -79,15 +79,15 @@ pub fn plan(records: &[ChangeRecord], snapshot: &Snapshot, default_cell: &str) -
             ops: Vec::new(),
             old_shops: Vec::new(),
         };
-        let outcome = match &record.decoded {
-            Err(ended) => ended.clone(),
-            Ok(change) => match planner.change(change) {
+        let outcome = match &record.change {
+            None => record.outcome.clone(),
+            Some(change) => match planner.change(change) {
                 Ok(()) => Outcome::Exported,
                 Err(outcome) => outcome,
             },
         };
         let RecordPlanner { ops, old_shops, .. } = planner;
-        let filter = record.decoded.as_ref().ok().and_then(rebuilt_filter);
+        let filter = record.change.as_ref().and_then(rebuilt_filter);
         // Every key the record writes is checked before anything is sent, its filter's too:
         // one key Cloudflare refuses would fail every pair of its request.
         let limits = check_limits(&ops).and_then(|()| filter.map_or(Ok(()), check_filter_key));
@@ -109,14 +109,15 @@ pub fn plan(records: &[ChangeRecord], snapshot: &Snapshot, default_cell: &str) -
                 plan.filters.entry(index.clone()).or_default().push(owner);
             }
         }
-        plan.outcomes.push(outcome);
+        record.outcome = outcome;
     }
     // Each filter from its index's overrides as the snapshot read them.
     let filters: Vec<IndexRef> = plan.filters.keys().cloned().collect();
     for index in filters {
         let not_read = || Err(PortError::Unavailable("not read".into()));
         let queries = snapshot.overrides.get(&index).cloned();
-        plan_filter(&mut plan, index, queries.unwrap_or_else(not_read));
+        let queries = queries.unwrap_or_else(not_read);
+        plan_filter(&mut plan, records, index, queries);
     }
     plan
 }
@@ -125,7 +126,12 @@ pub fn plan(records: &[ChangeRecord], snapshot: &Snapshot, default_cell: &str) -
 /// exactly them, whatever the index's settings record says, and an index without overrides has
 /// none (docs/contract.md, "Query-override filter"); without them, every record that needed it
 /// is reported for retry.
-fn plan_filter(plan: &mut Plan, index: IndexRef, queries: Result<Vec<String>, PortError>) {
+fn plan_filter(
+    plan: &mut Plan,
+    records: &mut [ChangeRecord],
+    index: IndexRef,
+    queries: Result<Vec<String>, PortError>,
+) {
     let needers = &plan.filters[&index];
     match queries {
         Ok(queries) => {
@@ -146,7 +152,7 @@ fn plan_filter(plan: &mut Plan, index: IndexRef, queries: Result<Vec<String>, Po
         Err(e) => {
             let reason = format!("cannot read the overrides of index {index} for its filter: {e}");
             for &needer in needers {
-                plan.outcomes[needer].fail(&reason);
+                records[needer].outcome.fail(&reason);
             }
         }
     }
@@ -400,6 +406,27 @@ mod tests {
     use crate::pipeline::records::PreviousShop;
     use serde_json::json;
 
+    /// A plan with the outcomes it decided, one per record.
+    #[derive(Debug)]
+    struct Planned {
+        plan: Plan,
+        outcomes: Vec<Outcome>,
+    }
+
+    impl std::ops::Deref for Planned {
+        type Target = Plan;
+        fn deref(&self) -> &Plan {
+            &self.plan
+        }
+    }
+
+    fn plan(records: &[ChangeRecord], snapshot: &Snapshot, default_cell: &str) -> Planned {
+        let mut records = records.to_vec();
+        let plan = super::plan(&mut records, snapshot, default_cell);
+        let outcomes = records.into_iter().map(|record| record.outcome).collect();
+        Planned { plan, outcomes }
+    }
+
     const CELL: &str = "default";
 
     fn index_image(name: &str, shop: Option<&str>) -> serde_json::Value {
@@ -519,7 +546,7 @@ mod tests {
             upsert(3, "other", None),
         ];
         let mut records = records;
-        if let Ok(Change::UpsertIndex { settings, .. }) = &mut records[1].decoded {
+        if let Some(Change::UpsertIndex { settings, .. }) = &mut records[1].change {
             Arc::make_mut(settings).index_url = "https://idx/second".into();
         }
         let plan = plan(&records, &key_snapshot(&records), CELL);
@@ -627,8 +654,8 @@ mod tests {
                 .map(|i| (i, Ok(Some("s-kv".to_owned()))));
             settle_from_kv(&mut records, &kv.collect());
             let settled: Vec<BTreeSet<String>> = (records.iter())
-                .map(|r| match &r.decoded {
-                    Ok(Change::UpsertIndex {
+                .map(|r| match &r.change {
+                    Some(Change::UpsertIndex {
                         previous_shop: PreviousShop::Known(shop),
                         ..
                     }) => shop.clone(),
@@ -689,7 +716,7 @@ mod tests {
 
         // Another index claims its shop: the shop key is handed over, the rest kept.
         let claimer = upsert(2, "other", Some(shop));
-        let Ok(Change::UpsertIndex { settings, .. }) = &claimer.decoded else {
+        let Some(Change::UpsertIndex { settings, .. }) = &claimer.change else {
             panic!("an index")
         };
         let claiming = (settings.index.clone(), settings.references());
@@ -765,7 +792,7 @@ mod tests {
             Some(index_image("products-v2", Some("shop-old.myshopify.com"))),
             None,
         );
-        let Ok(Change::UpsertIndex { settings, .. }) = claimer.decoded else {
+        let Some(Change::UpsertIndex { settings, .. }) = claimer.change else {
             panic!("an index")
         };
         snapshot
@@ -847,18 +874,18 @@ mod tests {
         // The index key fits in 512 bytes; `qfilter-acct-1-{name}` does not.
         let name = "p".repeat(500);
         let upsert = |seq: u32, name: &str| {
-            let Ok(Change::UpsertIndex { settings, .. }) = upsert(seq, name, None).decoded else {
+            let Some(Change::UpsertIndex { settings, .. }) = upsert(seq, name, None).change else {
                 panic!("an index")
+            };
+            let index = Some(settings.index.clone());
+            let change = Change::UpsertIndex {
+                settings,
+                previous_shop: PreviousShop::none(),
+                with_overrides: true,
             };
             ChangeRecord {
                 sequence_number: Some(seq.to_string()),
-                index: Some(settings.index.clone()),
-                created_at: None,
-                decoded: Ok(Change::UpsertIndex {
-                    settings,
-                    previous_shop: PreviousShop::none(),
-                    with_overrides: true,
-                }),
+                ..ChangeRecord::of(index, Ok(change))
             }
         };
         let records = vec![upsert(1, &name), upsert(2, "products")];
@@ -901,8 +928,8 @@ mod tests {
 
         assert!(unsettled.is_empty());
         let previous: Vec<PreviousShop> = (records.iter())
-            .map(|r| match &r.decoded {
-                Ok(Change::UpsertIndex { previous_shop, .. }) => previous_shop.clone(),
+            .map(|r| match &r.change {
+                Some(Change::UpsertIndex { previous_shop, .. }) => previous_shop.clone(),
                 other => panic!("{other:?}"),
             })
             .collect();
@@ -1019,9 +1046,7 @@ mod tests {
         };
         let records = vec![ChangeRecord {
             sequence_number: Some("1".into()),
-            index: Some(config.index.clone()),
-            created_at: None,
-            decoded: Ok(Change::UpsertQuery(config)),
+            ..ChangeRecord::of(Some(config.index.clone()), Ok(Change::UpsertQuery(config)))
         }];
         let plan = plan(&records, &Snapshot::default(), CELL);
         let (key, op) = plan.ops.iter().next().unwrap();
@@ -1078,7 +1103,7 @@ mod tests {
     fn settings_values_match_the_decoded_record() {
         let records = vec![upsert(1, "products", Some("shop-1.myshopify.com"))];
         let plan = plan(&records, &key_snapshot(&records), CELL);
-        let Ok(Change::UpsertIndex { settings, .. }) = &records[0].decoded else {
+        let Some(Change::UpsertIndex { settings, .. }) = &records[0].change else {
             panic!()
         };
         let expected: &IndexSettings = settings;

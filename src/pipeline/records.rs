@@ -19,15 +19,15 @@ impl ChangeRecord {
     /// How the record ends when what it needs could not be read: as `error` says (reported
     /// for retry when it is transient), unless it had already ended.
     pub fn ended_by(&self, error: &PortError) -> Outcome {
-        match &self.decoded {
-            Err(ended) => ended.clone(),
-            Ok(_) => Outcome::of_port_error(error, ""),
+        match &self.change {
+            None => self.outcome.clone(),
+            Some(_) => Outcome::of_port_error(error, ""),
         }
     }
 
     /// The record ended by `error` ([`ChangeRecord::ended_by`]).
     pub fn unread(mut self, error: &PortError) -> ChangeRecord {
-        self.decoded = Err(self.ended_by(error));
+        self.end(self.ended_by(error));
         self
     }
 }
@@ -89,7 +89,6 @@ pub fn decode_as_written<'s>(raw: &str, expected: impl Into<Expected<'s>>) -> Ch
             dynamo::item_from_dynamodb_json(image.into()).ok()
         });
     let now = image.map(|item| dynamo::table_record(&item, expected.default_configs_sk).0);
-    let now = now.map(|now| now.decoded);
     record.as_now(now.as_ref())
 }
 
@@ -98,9 +97,7 @@ fn from_stream(record: Result<StreamRecord, BadRecord>, expected: Expected) -> C
         Ok(record) => change_record(&record, expected),
         Err(bad) => ChangeRecord {
             sequence_number: bad.sequence_number,
-            index: None,
-            created_at: None,
-            decoded: reject(bad.reason),
+            ..ChangeRecord::of(None, reject(bad.reason))
         },
     }
 }
@@ -113,10 +110,9 @@ fn change_record(record: &StreamRecord, expected: Expected) -> ChangeRecord {
     };
     ChangeRecord {
         sequence_number: change.sequence_number.clone(),
-        index,
         created_at: Some(change.approximate_creation_date_time.timestamp_millis() as f64 / 1000.0)
             .filter(|secs| *secs > 0.0),
-        decoded,
+        ..ChangeRecord::of(index, decoded)
     }
 }
 
@@ -248,9 +244,9 @@ mod tests {
             record("MODIFY", "DEFAULT_CONFIGS", json!({})),
             "DEFAULT_CONFIGS",
         );
-        assert!(matches!(skipped.decoded, Err(Outcome::Skipped(_))));
+        assert!(matches!(skipped.outcome, Outcome::Skipped(_)));
         let foreign = decode_record(record("MODIFY", "OTHER#x", json!({})), "DEFAULT_CONFIGS");
-        assert!(matches!(foreign.decoded, Err(Outcome::Skipped(_))));
+        assert!(matches!(foreign.outcome, Outcome::Skipped(_)));
     }
 
     #[test]
@@ -259,8 +255,8 @@ mod tests {
         raw["dynamodb"].as_object_mut().unwrap().remove("NewImage");
         let decoded = decode_record(raw, "DEFAULT_CONFIGS");
         assert_eq!(
-            decoded.decoded,
-            Ok(Change::RemoveIndex {
+            decoded.change,
+            Some(Change::RemoveIndex {
                 index: IndexRef::new("acct-1", "products"),
                 previous_shop: PreviousShop::Unknown,
                 keeps_own_key: false,
@@ -271,7 +267,7 @@ mod tests {
 
     /// The previous shop a settings record's stream record says.
     fn previous(record: ChangeRecord) -> Result<PreviousShop, Outcome> {
-        match record.decoded? {
+        match record.change.ok_or(record.outcome)? {
             Change::RemoveIndex { previous_shop, .. } => Ok(previous_shop),
             other => panic!("a settings record: {other:?}"),
         }
@@ -315,12 +311,12 @@ mod tests {
             ),
             "D",
         );
-        assert!(matches!(odd.decoded, Err(Outcome::Rejected(ref r)) if r.contains("UPSERT")));
+        assert!(matches!(odd.outcome, Outcome::Rejected(ref r) if r.contains("UPSERT")));
         let garbage = decode_record(
             json!({"dynamodb": {"SequenceNumber": "7"}, "eventName": 3}),
             "D",
         );
-        assert!(matches!(garbage.decoded, Err(Outcome::Rejected(_))));
+        assert!(matches!(garbage.outcome, Outcome::Rejected(_)));
         assert_eq!(garbage.sequence_number.as_deref(), Some("7"));
     }
 
@@ -338,24 +334,22 @@ mod tests {
             "D",
             false,
         );
-        assert!(matches!(settings.decoded, Ok(Change::UpsertIndex { .. })));
+        assert!(matches!(settings.change, Some(Change::UpsertIndex { .. })));
         let query = item("INDEX#p#QUERY#q", json!({"query_config": {"M": {}}}));
         assert!(matches!(
-            decode_item(query.clone(), "D", false).decoded,
-            Err(Outcome::Skipped(_))
+            decode_item(query.clone(), "D", false).outcome,
+            Outcome::Skipped(_)
         ));
         assert!(matches!(
-            decode_item(query, "D", true).decoded,
-            Ok(Change::UpsertQuery(_))
+            decode_item(query, "D", true).change,
+            Some(Change::UpsertQuery(_))
         ));
         assert!(matches!(
-            decode_item(item("D", json!({})), "D", true).decoded,
-            Err(Outcome::Skipped(_))
+            decode_item(item("D", json!({})), "D", true).outcome,
+            Outcome::Skipped(_)
         ));
         let broken = decode_item(item("INDEX#p", json!({})), "D", true);
-        assert!(
-            matches!(broken.decoded, Err(Outcome::Rejected(ref r)) if r.contains("index_endpoint"))
-        );
+        assert!(matches!(broken.outcome, Outcome::Rejected(ref r) if r.contains("index_endpoint")));
         assert_eq!(broken.index, Some(IndexRef::new("acct-1", "p")));
     }
 
@@ -380,8 +374,8 @@ mod tests {
             let batch = read_batch(&text, "DEFAULT_CONFIGS").expect("a stream batch");
             assert_eq!(batch.len(), records.len());
             for record in &batch {
-                let malformed = matches!(&record.decoded,
-                    Err(Outcome::Rejected(r)) if r.contains("not a DynamoDB stream record"));
+                let malformed = matches!(&record.outcome,
+                    Outcome::Rejected(r) if r.contains("not a DynamoDB stream record"));
                 assert!(!malformed, "{record:?}");
                 assert!(record.sequence_number.is_some(), "{record:?}");
             }
@@ -419,11 +413,8 @@ mod tests {
             let expected = [&odd.to_string(), bad, &good.to_string()]
                 .map(|raw| super::decode_record(raw, "D"));
             assert_eq!(read, expected, "{bad}");
-            assert!(
-                matches!(read[1].decoded, Err(Outcome::Rejected(_))),
-                "{bad}"
-            );
-            assert!(read[2].decoded.is_ok(), "{bad}");
+            assert!(matches!(read[1].outcome, Outcome::Rejected(_)), "{bad}");
+            assert!(read[2].change.is_some(), "{bad}");
         }
         assert_eq!(read_batch(r#"{"Records": [], "x": 1}"#, "D"), Some(vec![]));
         assert_eq!(read_batch(r#"{"Records": []} x"#, "D"), None);
@@ -441,21 +432,21 @@ mod tests {
         };
         for raw in [record("MODIFY", "INDEX#p", bad_image), no_image] {
             let decoded = decode_record(raw, "D");
-            assert_eq!(decoded.decoded, Ok(changed.clone()));
+            assert_eq!(decoded.change, Some(changed.clone()));
             let item = crate::dynamo::item_from_dynamodb_json(json!({"pk": {"S": "acct-1"},
                 "sk": {"S": "INDEX#p"}, "index_endpoint": {"S": "https://idx"}}))
             .unwrap();
-            let now = dynamo::table_record(&item, "D").0.decoded;
+            let now = dynamo::table_record(&item, "D").0;
             let now = decoded.clone().as_now(Some(&now));
             assert!(
-                matches!(&now.decoded,
-                Ok(Change::UpsertIndex { settings, previous_shop: PreviousShop::Unknown, .. })
+                matches!(&now.change,
+                Some(Change::UpsertIndex { settings, previous_shop: PreviousShop::Unknown, .. })
                     if settings.index_url == "https://idx"),
                 "{:?}",
-                now.decoded
+                now
             );
             let gone = decoded.as_now(None);
-            assert!(matches!(gone.decoded, Ok(Change::RemoveIndex { .. })));
+            assert!(matches!(gone.change, Some(Change::RemoveIndex { .. })));
         }
     }
 
@@ -484,23 +475,23 @@ mod tests {
                 read_batch(&batch, expected).unwrap().remove(0),
             ] {
                 assert_eq!(
-                    decoded.decoded.is_ok(),
+                    decoded.change.is_some(),
                     accepted,
                     "{raw}: {:?}",
-                    decoded.decoded
+                    decoded.outcome
                 );
                 if !accepted {
                     assert!(
-                        matches!(&decoded.decoded, Err(Outcome::Rejected(r)) if r.contains("eventSourceARN")),
+                        matches!(&decoded.outcome, Outcome::Rejected(r) if r.contains("eventSourceARN")),
                         "{:?}",
-                        decoded.decoded
+                        decoded.outcome
                     );
                     assert_eq!(decoded.sequence_number.as_deref(), Some("100"));
                 }
             }
         }
         // Tests and tools that name no stream accept any source.
-        assert!(super::decode_record(&forged, "D").decoded.is_ok());
+        assert!(super::decode_record(&forged, "D").change.is_some());
     }
 
     #[test]
@@ -517,10 +508,10 @@ mod tests {
             );
             let decoded = decode_as_written(&raw.to_string(), "D");
             assert!(
-                matches!(&decoded.decoded, Err(Outcome::Rejected(r))
+                matches!(&decoded.outcome, Outcome::Rejected(r)
                     if r.contains("index_endpoint") && r.contains("not an https URL")),
                 "{endpoint}: {:?}",
-                decoded.decoded
+                decoded.outcome
             );
         }
     }
@@ -536,7 +527,7 @@ mod tests {
             ),
             "D",
         );
-        let Err(Outcome::Rejected(reason)) = decoded.decoded else {
+        let Outcome::Rejected(reason) = decoded.outcome else {
             panic!("rejected")
         };
         assert!(reason.len() < 1_000, "{} bytes", reason.len());

@@ -114,7 +114,7 @@ impl<P: Ports> Exporter<P> {
         let (prepared, landed) = self.plan_again(by_index, run, deadline).await;
         let mut prepared = prepared?;
         for record in &prepared.records {
-            if let Ok(Change::UpsertIndex { settings, .. }) = &record.decoded {
+            if let Some(Change::UpsertIndex { settings, .. }) = &record.change {
                 let shop = settings.shop_id.clone();
                 let claimed = shop.map(|shop| (settings.index.clone(), shop));
                 report.claimed_now.extend(claimed);
@@ -208,7 +208,7 @@ impl<P: Ports> Exporter<P> {
         let mut prepared = self.plan_records(records, Some(known), run, deadline).await;
         let deletes = removed_overrides(&prepared.plan.ops, &landed, &indexes);
         // Owned by a record of their own: the index's settings record may be rejected.
-        prepared.delete_by_own_record("overrides gone from the table", deletes);
+        prepared.delete_by_own_record(deletes);
         (Some(prepared), landed)
     }
 }
@@ -250,8 +250,8 @@ fn differing(
     // A failure decides over a rejected record of the same index (a rejected index's give-up
     // that could not be planned, seed 579): its key is retried, never left.
     let mut unplanned: BTreeMap<&IndexRef, &Outcome> = BTreeMap::new();
-    for (record, outcome) in prepared.records.iter().zip(&prepared.plan.outcomes) {
-        let Some(index) = record.index.as_ref() else {
+    for record in &prepared.records {
+        let (Some(index), outcome) = (record.index.as_ref(), &record.outcome) else {
             continue;
         };
         match outcome {
@@ -282,7 +282,7 @@ fn differing(
             KvAction::Put(value) => Some(value.digest()),
             KvAction::Delete => None,
         };
-        match &prepared.plan.outcomes[op.owner] {
+        match &prepared.records[op.owner].outcome {
             Outcome::Failed(why) => report.records[landed.record].outcome.fail(why),
             // A rejected record leaves its keys as they were: failing would stall its shard.
             Outcome::Rejected(_) => {}
@@ -375,9 +375,9 @@ mod tests {
     }
 
     fn previous_shop(record: &ChangeRecord) -> Option<PreviousShop> {
-        match &record.decoded {
-            Ok(Change::UpsertIndex { previous_shop, .. }) => Some(previous_shop.clone()),
-            Ok(Change::RemoveIndex { previous_shop, .. }) => Some(previous_shop.clone()),
+        match &record.change {
+            Some(Change::UpsertIndex { previous_shop, .. }) => Some(previous_shop.clone()),
+            Some(Change::RemoveIndex { previous_shop, .. }) => Some(previous_shop.clone()),
             _ => None,
         }
     }
@@ -407,7 +407,7 @@ mod tests {
             };
             let (mut changes, shops) = as_changes(&index, &recheck);
             assert_eq!(changes.len(), 1);
-            let is_remove = matches!(changes[0].decoded, Ok(Change::RemoveIndex { .. }));
+            let is_remove = matches!(changes[0].change, Some(Change::RemoveIndex { .. }));
             assert_eq!(is_remove, removed, "{now:?}");
             assert_eq!(shops, expected, "{now:?}");
             // As the snapshot settles it: every shop landed is its previous one.

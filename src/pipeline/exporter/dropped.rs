@@ -41,12 +41,12 @@ impl<P: Ports> Exporter<P> {
         // Each dropped target with the last record of the index that dropped it.
         let mut dropped: BTreeMap<String, usize> = BTreeMap::new();
         for (at, record) in records.iter().enumerate() {
-            let (index, now) = match (&record.decoded, &record.index) {
-                (Ok(Change::UpsertIndex { settings, .. }), _) => {
+            let (index, now) = match (&record.change, &record.index) {
+                (Some(Change::UpsertIndex { settings, .. }), _) => {
                     (&settings.index, settings.references())
                 }
-                (Ok(Change::RemoveIndex { index, .. }), _) => (index, IndexRefs::default()),
-                (Err(Outcome::Rejected(_)), Some(index)) if known.contains_key(index) => {
+                (Some(Change::RemoveIndex { index, .. }), _) => (index, IndexRefs::default()),
+                (None, Some(index)) if is_rejected(record, known) => {
                     (index, raw.get(index).cloned().unwrap_or_default())
                 }
                 _ => continue,
@@ -80,7 +80,7 @@ impl<P: Ports> Exporter<P> {
                 // Retried, never given up silently: the replay reads them again (seed 1436).
                 let what = "what its index no longer names could not be read: ";
                 for record in records.iter_mut().filter(|r| is_rejected(r, known)) {
-                    record.decoded = Err(Outcome::of_port_error(&error, what));
+                    record.end(Outcome::of_port_error(&error, what));
                 }
                 return Vec::new();
             }
@@ -117,7 +117,7 @@ impl<P: Ports> Exporter<P> {
             (Err(error), _) | (_, Err(error)) => {
                 let what = "its dropped alias targets could not be read: ";
                 for &at in dropped.values() {
-                    records[at].decoded = Err(Outcome::of_port_error(&error, what));
+                    records[at].end(Outcome::of_port_error(&error, what));
                 }
                 return Vec::new();
             }
@@ -203,23 +203,23 @@ fn shops_given_up(
 /// A rejected record of an index the ledger records: what it no longer names may be given up.
 fn is_rejected(record: &ChangeRecord, known: &HashMap<IndexRef, IndexRefs>) -> bool {
     let recorded = record.index.as_ref().is_some_and(|i| known.contains_key(i));
-    recorded && matches!(record.decoded, Err(Outcome::Rejected(_)))
+    recorded && matches!(record.outcome, Outcome::Rejected(_))
 }
 
 /// A record of an override, as its item is now.
 fn is_override(record: &ChangeRecord) -> bool {
     matches!(
-        record.decoded,
-        Ok(Change::UpsertQuery(_) | Change::RemoveQuery { .. })
+        record.change,
+        Some(Change::UpsertQuery(_) | Change::RemoveQuery { .. })
     )
 }
 
 /// The shops a record's item claims when the record is rejected (as read, or, its shop id no
 /// shop key, as it will be planned); `None` when it may be exported or its item is not read.
 fn claimed_if_rejected(record: &ChangeRecord, raw: Option<&IndexRefs>) -> Option<BTreeSet<String>> {
-    match &record.decoded {
-        Err(Outcome::Rejected(_)) => raw.map(|raw| raw.shops.clone()),
-        Ok(Change::UpsertIndex { settings, .. }) => {
+    match (&record.change, &record.outcome) {
+        (None, Outcome::Rejected(_)) => raw.map(|raw| raw.shops.clone()),
+        (Some(Change::UpsertIndex { settings, .. }), _) => {
             settings.shop_id_problem()?;
             Some(settings.shop_id.iter().cloned().collect())
         }

@@ -39,7 +39,7 @@ pub(super) async fn record(
     let known = prepared.known_refs.take()?;
     // A record planned to write nothing (rejected, kept, skipped) records nothing, and what it
     // names may be no key at all.
-    let planned = prepared.plan.outcomes.iter();
+    let planned = prepared.records.iter().map(|record| &record.outcome);
     let left: Vec<_> = (references::left_by(&prepared.records)
         .into_iter()
         .zip(planned))
@@ -138,11 +138,13 @@ pub(super) async fn add_again(
 /// that index drops the alias, its batch finds the target recorded and removes it (seed 8291: a
 /// rejected record's alias, read fail closed, kept an index that nothing recorded it reads).
 fn kept_for(prepared: &Prepared) -> Vec<(IndexRef, Referred)> {
-    let records = prepared.records.iter().zip(&prepared.plan.outcomes);
-    let kept = records.filter_map(|(record, outcome)| match outcome {
-        Outcome::Kept { referenced_by } => Some((record.index.as_ref()?, referenced_by)),
-        _ => None,
-    });
+    let kept = prepared
+        .records
+        .iter()
+        .filter_map(|record| match &record.outcome {
+            Outcome::Kept { referenced_by } => Some((record.index.as_ref()?, referenced_by)),
+            _ => None,
+        });
     kept.flat_map(|(index, holders)| {
         let target = Referred::Alias(index.id().0);
         holders

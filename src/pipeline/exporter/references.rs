@@ -50,12 +50,12 @@ fn named_by((index, refs): &(IndexRef, IndexRefs)) -> impl Iterator<Item = Refer
 /// Each settings record's index and the references it leaves (`None` for other records).
 pub fn left_by(records: &[ChangeRecord]) -> Vec<Option<(IndexRef, IndexRefs)>> {
     (records.iter())
-        .map(|record| match &record.decoded {
-            Ok(Change::UpsertIndex { settings, .. }) => {
+        .map(|record| match &record.change {
+            Some(Change::UpsertIndex { settings, .. }) => {
                 Some((settings.index.clone(), refs_of(settings)))
             }
             // A removed index refers to nothing.
-            Ok(Change::RemoveIndex { index, .. }) => Some((index.clone(), IndexRefs::default())),
+            Some(Change::RemoveIndex { index, .. }) => Some((index.clone(), IndexRefs::default())),
             _ => None,
         })
         .collect()
@@ -98,11 +98,11 @@ impl<P: Ports> Exporter<P> {
             references.extend(before_deadline(deadline, "candidates' settings", read).await?);
         }
         for record in records {
-            match &record.decoded {
-                Ok(Change::UpsertIndex { settings, .. }) => {
+            match &record.change {
+                Some(Change::UpsertIndex { settings, .. }) => {
                     references.insert(settings.index.clone(), settings.references());
                 }
-                Ok(Change::RemoveIndex { index, .. }) => {
+                Some(Change::RemoveIndex { index, .. }) => {
                     references.remove(index);
                 }
                 _ => {}
@@ -272,7 +272,6 @@ mod tests {
     /// superset its intents recorded, for the replay to give up again.
     #[tokio::test]
     async fn the_stream_takes_out_only_what_an_index_settled_before_its_first_failed_record() {
-        use crate::report::RecordReport;
         let e = exporter(MemoryKv::default());
         let known = HashMap::from([(index("p"), at_shop("a")), (index("r"), at_shop("r1"))]);
         e.ledger.refs.lock().unwrap().extend(known.clone());
@@ -299,11 +298,7 @@ mod tests {
         ];
         let report = BatchReport {
             records: (outcomes.into_iter())
-                .map(|outcome| RecordReport {
-                    sequence_number: None,
-                    index: None,
-                    outcome,
-                })
+                .map(|outcome| ChangeRecord::of(None, Err(outcome)))
                 .collect(),
             ..BatchReport::default()
         };

@@ -150,7 +150,7 @@ impl Runs {
         // The first run after a resume that does not start with its settings record began
         // before it: without that record in hand, its filter comes from a Query.
         let began_before = std::mem::take(&mut self.resumed)
-            && !matches!(first.decoded, Ok(Change::UpsertIndex { .. }));
+            && !matches!(first.change, Some(Change::UpsertIndex { .. }));
         if began_before {
             self.querying = first.index.clone();
         }

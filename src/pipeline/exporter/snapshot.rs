@@ -34,7 +34,7 @@ impl<P: Ports> Exporter<P> {
                 // Grouped in one pass: a reconcile's batch is the whole fleet.
                 let mut by_index: HashMap<&IndexRef, Vec<String>> = HashMap::new();
                 for record in records {
-                    if let Ok(Change::UpsertQuery(c)) = &record.decoded {
+                    if let Some(Change::UpsertQuery(c)) = &record.change {
                         by_index.entry(&c.index).or_default().push(c.query.clone());
                     }
                 }
@@ -93,7 +93,7 @@ impl<P: Ports> Exporter<P> {
             let keys: Vec<TableKey> = keys.into_iter().cloned().collect();
             let mut now = HashMap::with_capacity(keys.len());
             let read = self.table.records(keys, |key, record| {
-                now.insert(key, record.decoded);
+                now.insert(key, record);
             });
             before_deadline(deadline, "the records' items", read).await?;
             Ok(now)
@@ -101,8 +101,8 @@ impl<P: Ports> Exporter<P> {
         // Every index a settings record names, inserted ones too: an earlier life of it, removed
         // while an alias kept it, may have left a shop key that is its to give up.
         let indexes = (records.iter())
-            .filter_map(|record| match &record.decoded {
-                Ok(Change::RemoveIndex { index, .. }) => Some(index.clone()),
+            .filter_map(|record| match &record.change {
+                Some(Change::RemoveIndex { index, .. }) => Some(index.clone()),
                 _ => None,
             })
             .collect();
@@ -157,7 +157,7 @@ impl<P: Ports> Exporter<P> {
         let known = known_refs.as_ref();
         let snapshot = self.snapshot(&mut records, known, api_keys, run, deadline);
         let (snapshot, api_keys) = snapshot.await;
-        let plan = plan::plan(&records, &snapshot, &self.options.default_cell);
+        let plan = plan::plan(&mut records, &snapshot, &self.options.default_cell);
         for (owner, note) in &plan.notes {
             let index = records[*owner].index.as_ref();
             tracing::info!(
@@ -191,7 +191,7 @@ impl<P: Ports> Exporter<P> {
         let cell = &self.options.default_cell;
         let records: Vec<(&mut ChangeRecord, AccountCell)> = (records.into_iter())
             .filter_map(|record| {
-                let Ok(Change::UpsertIndex { settings, .. }) = &record.decoded else {
+                let Some(Change::UpsertIndex { settings, .. }) = &record.change else {
                     return None;
                 };
                 let wanted = settings.account_cell(cell);
@@ -204,7 +204,7 @@ impl<P: Ports> Exporter<P> {
         for (record, wanted) in records {
             if let Some(Err(error)) = api_keys.keys.get(&wanted) {
                 if !error.is_transient() {
-                    record.decoded = Err(Outcome::of_port_error(error, ""));
+                    record.end(Outcome::of_port_error(error, ""));
                 }
             }
         }
@@ -304,7 +304,7 @@ impl<P: Ports> Exporter<P> {
             .map(|index| {
                 let settings = found.as_ref().map(|found| match found.get(&index) {
                     Some(ChangeRecord {
-                        decoded: Ok(Change::UpsertIndex { settings, .. }),
+                        change: Some(Change::UpsertIndex { settings, .. }),
                         ..
                     }) => Some(settings.clone()),
                     _ => None,

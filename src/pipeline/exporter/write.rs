@@ -13,7 +13,7 @@ use crate::domain::{IndexRef, KvAction, KvKey, KvOp};
 use crate::pipeline::plan::{Plan, PlannedOp};
 use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
 use crate::ports::{KvStore, PortError};
-use crate::report::{BatchReport, Landed, Outcome, RecordReport};
+use crate::report::{BatchReport, Landed, Outcome};
 
 /// DynamoDB Streams keeps a record this long; no real record is older when it is exported.
 const STREAM_RETENTION_SECONDS: f64 = 24.0 * 3600.0;
@@ -22,14 +22,15 @@ const STREAM_RETENTION_SECONDS: f64 = 24.0 * 3600.0;
 /// the caller's (`check.rs`).
 pub(super) async fn send(kv: &impl KvStore, prepared: Prepared, deadline: Instant) -> BatchReport {
     let Prepared {
-        records,
+        mut records,
         plan,
         api_keys,
         run,
         delete_owners,
         ..
     } = prepared;
-    let (records, created_at) = identities(records);
+    // From here on a record is what identifies it and its outcome: its change is let go.
+    records.iter_mut().for_each(|record| record.change = None);
     let (requests_before, retries_before) = (kv.requests(), kv.retries());
     let checked = checked(&plan, &records, run, &delete_owners);
     // Each shop key given an index's value (a claimer's, read now, may be newer than its own
@@ -39,7 +40,6 @@ pub(super) async fn send(kv: &impl KvStore, prepared: Prepared, deadline: Instan
         .collect();
     let Plan {
         ops,
-        mut outcomes,
         old_shops,
         filters,
         ..
@@ -56,9 +56,9 @@ pub(super) async fn send(kv: &impl KvStore, prepared: Prepared, deadline: Instan
         claimed_now,
         ..BatchReport::default()
     };
-    settle_keys(keys, &failed, &checked, &mut report, &mut outcomes);
-    settle_filters(&filters, &failed, &mut outcomes);
-    finish(report, records, outcomes, created_at, applied_at)
+    settle_keys(keys, &failed, &checked, &mut report, &mut records);
+    settle_filters(&filters, &failed, &mut records);
+    finish(report, records, applied_at)
 }
 
 /// Sends the planned keys, old shop keys first: an index whose old shop key was not
@@ -102,7 +102,7 @@ fn settle_keys(
     failed: &HashMap<KvKey, PortError>,
     checked: &HashMap<KvKey, (Option<IndexRef>, Option<String>)>,
     report: &mut BatchReport,
-    outcomes: &mut [Outcome],
+    records: &mut [ChangeRecord],
 ) {
     for (key, owner, put) in keys {
         if let (Some((index, digest)), false) = (checked.get(&key), failed.contains_key(&key)) {
@@ -115,8 +115,9 @@ fn settle_keys(
         }
         match failed.get(&key) {
             Some(error) => {
-                if matches!(outcomes[owner], Outcome::Exported | Outcome::Kept { .. }) {
-                    outcomes[owner] = key_failed(&key.key, error);
+                let outcome = &mut records[owner].outcome;
+                if matches!(outcome, Outcome::Exported | Outcome::Kept { .. }) {
+                    *outcome = key_failed(&key.key, error);
                 }
             }
             None if put => report.written.push(key),
@@ -135,7 +136,7 @@ fn settle_keys(
 /// the index that gave the key up (a repair's: the index it was written for).
 fn checked(
     plan: &Plan,
-    records: &[RecordReport],
+    records: &[ChangeRecord],
     run: Run,
     delete_owners: &HashMap<KvKey, IndexRef>,
 ) -> HashMap<KvKey, (Option<IndexRef>, Option<String>)> {
@@ -172,15 +173,15 @@ fn checked(
 /// dropped it before the intent recording the alias on it landed, its batch then finding
 /// nothing to remove again; the check, reading after the intent, deletes them.
 pub(super) fn kept_keys(records: &[ChangeRecord], plan: &Plan) -> Vec<Landed> {
-    let kept = (records.iter().zip(&plan.outcomes).enumerate())
-        .filter(|(_, (_, outcome))| matches!(outcome, Outcome::Kept { .. }));
+    let kept = (records.iter().enumerate())
+        .filter(|(_, record)| matches!(record.outcome, Outcome::Kept { .. }));
     let mut landed = Vec::new();
-    for (record, (change, _)) in kept {
-        let Ok(Change::RemoveIndex {
+    for (record, kept) in kept {
+        let Some(Change::RemoveIndex {
             index,
             previous_shop,
             keeps_own_key,
-        }) = &change.decoded
+        }) = &kept.change
         else {
             continue;
         };
@@ -205,20 +206,6 @@ pub(super) fn kept_keys(records: &[ChangeRecord], plan: &Plan) -> Vec<Landed> {
         );
     }
     landed
-}
-
-/// From here on a record is only what identifies it: its decoded change is let go.
-fn identities(records: Vec<ChangeRecord>) -> (Vec<RecordReport>, Vec<Option<f64>>) {
-    (records.into_iter())
-        .map(|record| {
-            let report = RecordReport {
-                sequence_number: record.sequence_number,
-                index: record.index,
-                outcome: Outcome::Exported,
-            };
-            (report, record.created_at)
-        })
-        .unzip()
 }
 
 /// Each planned key (in key order) with its owner and whether it is a put, and the operations
@@ -246,7 +233,7 @@ fn in_batch_order(
 fn settle_filters(
     filters: &BTreeMap<IndexRef, Vec<usize>>,
     failed: &HashMap<KvKey, PortError>,
-    outcomes: &mut [Outcome],
+    records: &mut [ChangeRecord],
 ) {
     if failed.is_empty() {
         return;
@@ -257,37 +244,30 @@ fn settle_filters(
             continue;
         };
         for &needer in needers {
-            if outcomes[needer] == Outcome::Exported {
+            let outcome = &mut records[needer].outcome;
+            if *outcome == Outcome::Exported {
                 let what = if error.is_transient() {
                     "not written"
                 } else {
                     "refused"
                 };
                 let what = format!("query filter `{}` {what}: ", key.key);
-                outcomes[needer] = Outcome::of_port_error(error, what);
+                *outcome = Outcome::of_port_error(error, what);
             }
         }
     }
 }
 
 /// The report's lags and outcomes.
-fn finish(
-    mut report: BatchReport,
-    records: Vec<RecordReport>,
-    outcomes: Vec<Outcome>,
-    created_at: Vec<Option<f64>>,
-    applied_at: f64,
-) -> BatchReport {
-    report.lag_seconds = (created_at.into_iter().zip(&outcomes))
-        .filter(|(_, outcome)| **outcome == Outcome::Exported)
-        .filter_map(|(created, _)| created)
+fn finish(mut report: BatchReport, records: Vec<ChangeRecord>, applied_at: f64) -> BatchReport {
+    report.lag_seconds = (records.iter())
+        .filter(|record| record.outcome == Outcome::Exported)
+        .filter_map(|record| record.created_at)
         .map(|created| (applied_at - created).max(0.0))
         // A stream keeps records 24 hours: an older time is a hand-made event's, not a lag.
         .filter(|lag| *lag <= STREAM_RETENTION_SECONDS)
         .collect();
-    report.records = (records.into_iter().zip(outcomes))
-        .map(|(record, outcome)| RecordReport { outcome, ..record })
-        .collect();
+    report.records = records;
     report
 }
 

@@ -58,7 +58,7 @@ pub fn settle_previous_shops(
     let mut last_in_batch: HashMap<IndexRef, BTreeSet<String>> = HashMap::new();
     let mut unsettled = BTreeSet::new();
     for record in records.iter_mut() {
-        let Ok(change) = &mut record.decoded else {
+        let Some(change) = &mut record.change else {
             continue;
         };
         let now = match &*change {
@@ -94,7 +94,7 @@ pub fn settle_from_kv(
     shops: &HashMap<IndexRef, Result<Option<String>, PortError>>,
 ) {
     for record in records.iter_mut() {
-        let Some((index, previous)) = record.decoded.as_mut().ok().and_then(previous_of) else {
+        let Some((index, previous)) = record.change.as_mut().and_then(previous_of) else {
             continue;
         };
         if *previous != PreviousShop::Unknown {
@@ -104,7 +104,7 @@ pub fn settle_from_kv(
             Some(Ok(shop)) => *previous = PreviousShop::known(shop.clone()),
             Some(Err(e)) => {
                 let why = format!("cannot read the current shop id from KV: {e}");
-                record.decoded = Err(Outcome::Failed(why));
+                record.end(Outcome::Failed(why));
             }
             None => {}
         }
@@ -113,8 +113,8 @@ pub fn settle_from_kv(
 
 /// The (cell, account) of every API key the records' values need.
 pub fn api_keys_wanted(records: &[ChangeRecord], default_cell: &str) -> BTreeSet<AccountCell> {
-    let settings = records.iter().filter_map(|r| match &r.decoded {
-        Ok(Change::UpsertIndex { settings, .. }) => Some(settings.account_cell(default_cell)),
+    let settings = records.iter().filter_map(|r| match &r.change {
+        Some(Change::UpsertIndex { settings, .. }) => Some(settings.account_cell(default_cell)),
         _ => None,
     });
     settings.collect()
@@ -123,7 +123,7 @@ pub fn api_keys_wanted(records: &[ChangeRecord], default_cell: &str) -> BTreeSet
 /// Whether the plan needs to know who refers to what: a record removes an index or gives a
 /// shop up (previous shops settled).
 pub fn references_wanted(records: &[ChangeRecord]) -> bool {
-    let mut changes = records.iter().filter_map(|r| r.decoded.as_ref().ok());
+    let mut changes = records.iter().filter_map(|r| r.change.as_ref());
     changes.any(|change| {
         let gives_up = given_up(change).is_some_and(|(_, shops)| !shops.is_empty());
         gives_up || matches!(change, Change::RemoveIndex { .. })
@@ -159,7 +159,7 @@ fn given_up(change: &Change) -> Option<(&IndexRef, Vec<&String>)> {
 /// removes, and who claims each shop an index gives up.
 pub fn reference_questions(records: &[ChangeRecord]) -> BTreeSet<Referred> {
     let mut asked = BTreeSet::new();
-    for change in records.iter().filter_map(|r| r.decoded.as_ref().ok()) {
+    for change in records.iter().filter_map(|r| r.change.as_ref()) {
         if let Change::RemoveIndex { index, .. } = change {
             asked.insert(Referred::Alias(index.id().0));
         }
@@ -179,7 +179,7 @@ pub fn claimers(
     // Who claims each shop as the plan will ask it.
     let by_shop = super::Referrers::of(references).by_shop;
     let mut wanted = BTreeSet::new();
-    for change in records.iter().filter_map(|r| r.decoded.as_ref().ok()) {
+    for change in records.iter().filter_map(|r| r.change.as_ref()) {
         let Some((index, shops)) = given_up(change) else {
             continue;
         };
@@ -195,6 +195,6 @@ pub fn claimers(
 /// The indexes whose override filter the records rebuild, as the plan decides them
 /// ([`super::rebuilt_filter`]: a filter follows its index's override records alone).
 pub fn filters_wanted(records: &[ChangeRecord]) -> BTreeSet<IndexRef> {
-    let changes = records.iter().filter_map(|r| r.decoded.as_ref().ok());
+    let changes = records.iter().filter_map(|r| r.change.as_ref());
     changes.filter_map(super::rebuilt_filter).cloned().collect()
 }
