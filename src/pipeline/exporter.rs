@@ -138,10 +138,8 @@ pub struct Prepared {
 impl Prepared {
     /// Records that cannot be prepared: each one not already decided fails for `error`
     /// (reported for retry when it is transient), and nothing is sent.
-    fn none_sent(mut records: Vec<ChangeRecord>, run: Run, error: PortError) -> Self {
-        for record in &mut records {
-            record.outcome = record.ended_by(&error);
-        }
+    fn none_sent(records: Vec<ChangeRecord>, run: Run, error: PortError) -> Self {
+        let records = records.into_iter().map(|r| r.unread(&error)).collect();
         Prepared {
             records,
             plan: plan::Plan::default(),

@@ -16,18 +16,12 @@ use crate::ports::PortError;
 const MAX_SORT_KEY_BYTES: usize = 1024;
 
 impl ChangeRecord {
-    /// How the record ends when what it needs could not be read: as `error` says (reported
-    /// for retry when it is transient), unless it had already ended.
-    pub fn ended_by(&self, error: &PortError) -> Outcome {
-        match &self.change {
-            None => self.outcome.clone(),
-            Some(_) => Outcome::of_port_error(error, ""),
-        }
-    }
-
-    /// The record ended by `error` ([`ChangeRecord::ended_by`]).
+    /// The record ends as `error` says when what it needs could not be read (reported for
+    /// retry when it is transient), unless it had already ended.
     pub fn unread(mut self, error: &PortError) -> ChangeRecord {
-        self.end(self.ended_by(error));
+        if self.change.is_some() {
+            self.end(Outcome::of_port_error(error, ""));
+        }
         self
     }
 }
