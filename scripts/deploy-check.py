@@ -7,7 +7,8 @@ CloudFormation, and the function run as the stack configures it.
    in time recovery and encryption; the function's JSON logs in its own group; the stream's event
    source mapping (partial-batch responses, bisect, the failed-records queue, the `live` alias);
    the schedule's input (`events/scheduled-reconcile.json`); the rollout (CodeDeploy moves `live`,
-   rolled back on the function's error alarms), tracing and tags.
+   rolled back on alarms that watch the new version alone, each able to fire within the judging
+   time of every deployment type the template allows; none on rejected records), tracing and tags.
 3. Create the settings table and its stream first (another stack owns them), then the stack,
    with the resource types moto 5.2.5 lacks taken out after step 2 checked them (the alias: the
    mapping then names the function; the alarms; the Logs query definitions; CodeDeploy's
@@ -124,7 +125,7 @@ def check_translated(checks, cfn):
     checks.check(destination == {"Fn::GetAtt": ["FailedRecordsQueue", "Arn"]},
                  "stream: records given up go to the failed-records queue", json.dumps(destination))
 
-    check_rollout(checks, resources, live[0] if live else None)
+    check_rollout(checks, resources, live[0] if live else None, judged_types(cfn.get("Parameters", {})))
 
     rules = list(of_type(resources, "AWS::Events::Rule").values())
     with open("events/scheduled-reconcile.json") as f:
@@ -139,8 +140,55 @@ def check_translated(checks, cfn):
     return live[0] if live else None
 
 
-def check_rollout(checks, resources, live):
-    """CodeDeploy moves `live` to a new version, watched by the function's own error alarms."""
+# How long CodeDeploy judges a new version before it has all the traffic, per deployment type, in
+# seconds: a canary's one interval; a linear shift's nine steps until the last tenth moves.
+# AllAtOnce judges nothing.
+JUDGED_SECONDS = {"Canary10Percent5Minutes": 300, "Canary10Percent10Minutes": 600,
+                  "Canary10Percent30Minutes": 1800, "Linear10PercentEvery1Minute": 540,
+                  "Linear10PercentEvery3Minutes": 1620}
+
+
+def rollback_alarm_problems(resources, alias, deployment_types):
+    """Why the alarms CodeDeploy rolls back on would not judge the new version alone, in time, under
+    each of `deployment_types`: [] when they do. Alone: each alarm's dimensions name the version the
+    alias moves to (ExecutedVersion), so the old version's failures neither roll it back nor hide
+    its own. In time: an alarm's evaluation (Period x EvaluationPeriods) fits the judging time."""
+    problems = []
+    new_version = resources.get(alias, {}).get("Properties", {}).get("FunctionVersion")
+    groups = of_type(resources, "AWS::CodeDeploy::DeploymentGroup")
+    group = next(iter(groups.values()), {}).get("Properties", {})
+    names = [a["Name"] for a in group.get("AlarmConfiguration", {}).get("Alarms", [])]
+    shortest = min(((JUDGED_SECONDS.get(t, 0), t) for t in deployment_types), default=(0, "no deployment type"))
+    for t in deployment_types:
+        if t not in JUDGED_SECONDS:
+            problems.append(f"deployment type {t}: its judging time is not known to deploy-check")
+    for name in names:
+        alarm = resources.get(name.get("Ref") if isinstance(name, dict) else None)
+        if alarm is None or alarm["Type"] != "AWS::CloudWatch::Alarm":
+            problems.append(f"{json.dumps(name)} is not an alarm of the template")
+            continue
+        props = alarm["Properties"]
+        dimensions = {d["Name"]: d["Value"] for d in props.get("Dimensions", [])}
+        if new_version is None or dimensions.get("ExecutedVersion") != new_version:
+            problems.append(f"{name['Ref']} counts every version (no ExecutedVersion of the alias's new version)")
+        evaluated = props.get("Period", 0) * props.get("EvaluationPeriods", 0)
+        if not 0 < evaluated <= shortest[0]:
+            problems.append(f"{name['Ref']} takes {evaluated} s to fire, {shortest[1]} judges for {shortest[0]} s")
+        if props.get("MetricName") == "RecordsRejected":
+            problems.append(f"{name['Ref']} watches rejected records: a bad item would roll back a healthy version")
+        if props.get("Metrics") or props.get("ExtendedStatistic"):
+            problems.append(f"{name['Ref']}: a metric-math or percentile alarm deploy-check cannot judge")
+    return problems
+
+
+def judged_types(parameters):
+    """Every deployment type the template allows that judges a new version (AllAtOnce does not)."""
+    allowed = parameters.get("DeploymentType", {}).get("AllowedValues", [])
+    return [t for t in allowed if t != "AllAtOnce"]
+
+
+def check_rollout(checks, resources, live, deployment_types):
+    """CodeDeploy moves `live` to a new version, rolled back on alarms that judge it alone, in time."""
     function = resources["ExporterFunction"]["Properties"]
     checks.check(function.get("TracingConfig") == {"Mode": "Active"}, "function: X-Ray tracing active")
     tags = {t["Key"] for t in function.get("Tags", [])}
@@ -152,10 +200,11 @@ def check_rollout(checks, resources, live):
                  "rollout: CodeDeploy moves the `live` alias", json.dumps(update))
     group = next(iter(groups.values()), {}).get("Properties", {})
     alarms = [a["Name"] for a in group.get("AlarmConfiguration", {}).get("Alarms", [])]
-    expected = [{"Ref": n} for n in ("FunctionErrorsAlarm", "FailedRecordsAlarm", "RecordsRejectedAlarm")]
-    checks.check(group.get("AlarmConfiguration", {}).get("Enabled") is True and alarms == expected
-                 and all(a["Ref"] in resources for a in alarms),
-                 "rollout: watched by the FunctionErrors, RecordsFailing and RecordsRejected alarms", json.dumps(alarms))
+    checks.check(group.get("AlarmConfiguration", {}).get("Enabled") is True and alarms,
+                 "rollout: watched by alarms", json.dumps(alarms))
+    problems = rollback_alarm_problems(resources, live, deployment_types)
+    checks.check(not problems, "rollout: every rollback alarm judges the new version alone, within the "
+                 f"judging time of each deployment type ({', '.join(deployment_types)})", "; ".join(problems))
     rollback = group.get("AutoRollbackConfiguration", {})
     checks.check(rollback.get("Enabled") is True and "DEPLOYMENT_STOP_ON_ALARM" in rollback.get("Events", []),
                  "rollout: rolled back when an alarm fires", json.dumps(rollback))
@@ -165,29 +214,34 @@ def check_rollout(checks, resources, live):
 
 # The AWS metrics an alarm may watch, with the dimensions each is published under, and what each
 # dimension must name in the template.
+# (Lambda adds ExecutedVersion, the version that ran, to invocations of an alias.)
+FUNCTION = {"FunctionName": {"Ref": "ExporterFunction"}}
+ALIAS = {**FUNCTION, "Resource": {"Fn::Sub": "${ExporterFunction}:live"}}
 AWS_METRICS = {
-    ("AWS/Lambda", "Errors"): {"FunctionName": {"Ref": "ExporterFunction"},
-                               "Resource": {"Fn::Sub": "${ExporterFunction}:live"}},
-    ("AWS/Lambda", "IteratorAge"): {"FunctionName": {"Ref": "ExporterFunction"}},
-    ("AWS/SQS", "ApproximateNumberOfMessagesVisible"): {
-        "QueueName": {"Fn::GetAtt": ["FailedRecordsQueue", "QueueName"]}},
+    ("AWS/Lambda", "Errors"): [ALIAS, {**ALIAS, "ExecutedVersion": "new version"}],
+    ("AWS/Lambda", "IteratorAge"): [FUNCTION],
+    ("AWS/SQS", "ApproximateNumberOfMessagesVisible"): [
+        {"QueueName": {"Fn::GetAtt": ["FailedRecordsQueue", "QueueName"]}}],
 }
 
 
-def check_alarms(checks, resources, emitted, function_name):
+def check_alarms(checks, resources, emitted, function_name, new_version):
     """Each alarm watches a metric that is published, under the dimensions it is published with:
-    Lambda's and SQS's own (AWS_METRICS), or one the function emitted (EMF) in this run."""
+    Lambda's and SQS's own (AWS_METRICS), or one the function emitted (EMF) in this run. An
+    ExecutedVersion must name the version the alias moves to."""
     for name, alarm in of_type(resources, "AWS::CloudWatch::Alarm").items():
         props = alarm["Properties"]
         namespace, metric = props["Namespace"], props["MetricName"]
         dimensions = {d["Name"]: d["Value"] for d in props.get("Dimensions", [])}
+        if dimensions.get("ExecutedVersion") == new_version:
+            dimensions["ExecutedVersion"] = "new version"
         if namespace == OWN_NAMESPACE:
             published = emitted.get(metric, set())
-            ok = dimensions == {"FunctionName": {"Ref": "ExporterFunction"}} and \
-                (("FunctionName",), function_name) in published
+            ok = dimensions in (FUNCTION, {**FUNCTION, "ExecutedVersion": "new version"}) and \
+                (tuple(dimensions), function_name) in published
             detail = f"emitted under {sorted(published)}" if published else "never emitted in this run"
         else:
-            ok = AWS_METRICS.get((namespace, metric)) == dimensions
+            ok = dimensions in AWS_METRICS.get((namespace, metric), [])
             detail = json.dumps(dimensions)
         checks.check(ok, f"alarm {name}: watches {namespace}/{metric} as it is published", detail)
 
@@ -266,7 +320,8 @@ def run_as_configured(checks, args, function_name, configured, stream_arn, ledge
     env = dict(configured)
     env["CLOUDFLARE_API_BASE_URL"] = f"http://127.0.0.1:{kv_port}/client/v4"
     env["API_KEYS_SERVICE_URL"] = f"http://127.0.0.1:{keys_port}/cells/{{cell}}"
-    env["AWS_LAMBDA_FUNCTION_NAME"] = function_name  # as Lambda sets it
+    env["AWS_LAMBDA_FUNCTION_NAME"] = function_name  # as Lambda sets them
+    env["AWS_LAMBDA_FUNCTION_VERSION"] = "1"
     for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
         env[name] = os.environ[name]
     processes = []
@@ -403,7 +458,8 @@ def main():
     target = events.list_targets_by_rule(Rule=rule)["Targets"][0]
     log = run_as_configured(checks, args, function_name, configured, stream_arn, ledger_table,
                             json.loads(target["Input"]))
-    check_alarms(checks, cfn["Resources"], emitted_metrics(log), function_name)
+    new_version = cfn["Resources"][alias]["Properties"]["FunctionVersion"] if alias else None
+    check_alarms(checks, cfn["Resources"], emitted_metrics(log), function_name, new_version)
     return finish(checks)
 
 

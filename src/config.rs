@@ -75,9 +75,11 @@ impl Config {
             })?;
             Ok(value)
         };
+        let plain_http_hosts = optional("PLAIN_HTTP_HOSTS", "");
         let api_keys_url = |name: &'static str| {
-            ApiKeysUrl::parse(&required(name)?)
-                .map_err(|reason| ConfigError::Invalid { name, reason })
+            let template = required(name)?;
+            refuse_plain_http(name, &template, &plain_http_hosts)?;
+            ApiKeysUrl::parse(&template).map_err(|reason| ConfigError::Invalid { name, reason })
         };
 
         let base = url(
@@ -87,6 +89,7 @@ impl Config {
                 "https://api.cloudflare.com/client/v4",
             ),
         )?;
+        refuse_plain_http("CLOUDFLARE_API_BASE_URL", &base, &plain_http_hosts)?;
         Ok(Self {
             settings_table_name: required("SETTINGS_TABLE_NAME")?,
             default_configs_sk: optional("DEFAULT_CONFIGS_SK", "DEFAULT_CONFIGS"),
@@ -120,6 +123,40 @@ impl Config {
                     reason: "expected a whole number of hours from 1 to 168".into(),
                 })?,
         })
+    }
+}
+
+/// A URL that carries a secret (the Cloudflare token, each account's API key) is `https`, or
+/// plain `http` to this machine (`localhost`, a loopback address: the local stack, the tests) or
+/// to a host the operator names in `PLAIN_HTTP_HOSTS` (comma-separated, as the URL writes it,
+/// `{cell}` included).
+fn refuse_plain_http(name: &'static str, url: &str, allowed: &str) -> Result<(), ConfigError> {
+    const CELL: &str = "cell0placeholder0";
+    let parsed = reqwest::Url::parse(&url.replace("{cell}", CELL)).ok();
+    let Some(parsed) = parsed.filter(|u| u.scheme() == "http") else {
+        return Ok(());
+    };
+    let loopback = match parsed.host() {
+        Some(url::Host::Domain(domain)) => domain == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    // The host as the URL writes it (a `{cell}` label kept), to match PLAIN_HTTP_HOSTS.
+    let host = parsed
+        .host_str()
+        .unwrap_or_default()
+        .replace(CELL, "{cell}");
+    let named = (allowed.split(',')).any(|h| h.trim().eq_ignore_ascii_case(&host));
+    match loopback || named {
+        true => Ok(()),
+        false => Err(ConfigError::Invalid {
+            name,
+            reason: format!(
+                "plain http to `{host}` would send secrets unencrypted: use https, or name the \
+                 host in PLAIN_HTTP_HOSTS to allow it"
+            ),
+        }),
     }
 }
 
@@ -188,6 +225,67 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("environment variable CLOUDFLARE_API_BASE_URL is invalid"));
+    }
+
+    #[test]
+    fn plain_http_is_refused_but_to_this_machine_or_a_host_named_to_allow_it() {
+        let refused = |name: &'static str, value: &'static str, allowed: &'static str| {
+            let mut env = env();
+            env.insert(name, value);
+            env.insert("PLAIN_HTTP_HOSTS", allowed);
+            load(&env).err().map(|e| e.to_string())
+        };
+        for (name, value) in [
+            ("API_KEYS_SERVICE_URL", "http://keys.internal/cells/{cell}"),
+            ("API_KEYS_SERVICE_URL", "http://{cell}.keys.internal"),
+            (
+                "API_KEYS_SERVICE_URL",
+                "HTTP://user@keys.internal:8080/{cell}",
+            ),
+            (
+                "CLOUDFLARE_API_BASE_URL",
+                "http://cf-proxy.internal/client/v4",
+            ),
+            (
+                "CLOUDFLARE_API_BASE_URL",
+                "http://127.0.0.1.example/client/v4",
+            ),
+        ] {
+            let error = refused(name, value, "").unwrap_or_default();
+            assert!(
+                error.starts_with(&format!(
+                    "environment variable {name} is invalid: plain http"
+                )),
+                "{value}: {error}"
+            );
+        }
+        assert_eq!(
+            refused(
+                "API_KEYS_SERVICE_URL",
+                "http://{cell}.keys.internal",
+                " {cell}.keys.internal"
+            ),
+            None
+        );
+        assert_eq!(
+            refused(
+                "CLOUDFLARE_API_BASE_URL",
+                "http://cf-proxy.internal/v4",
+                "a,cf-proxy.internal"
+            ),
+            None
+        );
+        for local in [
+            "http://127.0.0.1:8788/cells/{cell}",
+            "http://localhost/x",
+            "http://[::1]:9/",
+        ] {
+            assert_eq!(refused("API_KEYS_SERVICE_URL", local, ""), None, "{local}");
+        }
+        assert_eq!(
+            refused("API_KEYS_SERVICE_URL", "https://keys.internal", ""),
+            None
+        );
     }
 
     #[test]

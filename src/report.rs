@@ -146,11 +146,15 @@ impl BatchReport {
     }
 }
 
+/// The metrics a rollout is judged by: also published under the version that ran, so the
+/// canary's alarms watch the new version alone (Lambda's own metrics carry `ExecutedVersion`).
+const BY_VERSION: &[&str] = &["RecordsFailed"];
+
 /// The metrics of one batch, named as the template's alarms and dashboards use them.
 pub fn emf_document(
     report: &BatchReport,
     duration: Duration,
-    function_name: &str,
+    (function_name, version): (&str, &str),
     now: SystemTime,
 ) -> Value {
     let count = |kind: fn(&Outcome) -> bool| report.count(kind) as f64;
@@ -201,7 +205,17 @@ pub fn emf_document(
         values.push(("PropagationLagMax", "Milliseconds", max * 1000.0));
         values.push(("PropagationLagMean", "Milliseconds", mean * 1000.0));
     }
-    metrics_document(&values, function_name, now)
+    let mut document = metrics_document(&values, function_name, now);
+    let by_version = json!({
+        "Namespace": NAMESPACE,
+        "Dimensions": [["FunctionName", "ExecutedVersion"]],
+        "Metrics": BY_VERSION.iter().map(|name| json!({"Name": name, "Unit": "Count"})).collect::<Vec<_>>(),
+    });
+    if let Some(directives) = document["_aws"]["CloudWatchMetrics"].as_array_mut() {
+        directives.push(by_version);
+    }
+    document["ExecutedVersion"] = version.into();
+    document
 }
 
 /// An EMF document holding `values` (name, unit, value), in the namespace the template's
@@ -232,6 +246,11 @@ pub fn metrics_document(
 
 fn function_name() -> String {
     std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "local".into())
+}
+
+/// The version that runs (Lambda sets it: a number, or `$LATEST` for an unqualified call).
+fn function_version() -> String {
+    std::env::var("AWS_LAMBDA_FUNCTION_VERSION").unwrap_or_else(|_| "$LATEST".into())
 }
 
 /// A reconcile's findings, per class over both namespaces, and what it repaired.
@@ -265,7 +284,12 @@ pub fn emit_reconcile(values: &[(String, f64)]) {
 pub fn emit(report: &BatchReport, duration: Duration) {
     println!(
         "{}",
-        emf_document(report, duration, &function_name(), SystemTime::now())
+        emf_document(
+            report,
+            duration,
+            (&function_name(), &function_version()),
+            SystemTime::now()
+        )
     );
 }
 
@@ -299,7 +323,7 @@ mod tests {
         let doc = emf_document(
             &report,
             Duration::from_millis(250),
-            "dev-fn",
+            ("dev-fn", "7"),
             UNIX_EPOCH + Duration::from_secs(10),
         );
         assert_eq!(doc["_aws"]["Timestamp"], 10_000);
@@ -322,6 +346,17 @@ mod tests {
             assert!(doc.get(*name).is_some(), "{name} declared and present");
         }
         assert_eq!(declared.len(), 12);
+        // RecordsFailed again under the version that ran, for the canary's alarm.
+        let by_version = &doc["_aws"]["CloudWatchMetrics"][1];
+        assert_eq!(
+            by_version["Dimensions"],
+            json!([["FunctionName", "ExecutedVersion"]])
+        );
+        assert_eq!(
+            by_version["Metrics"],
+            json!([{"Name": "RecordsFailed", "Unit": "Count"}])
+        );
+        assert_eq!(doc["ExecutedVersion"], "7");
     }
 
     #[test]
@@ -357,7 +392,7 @@ mod tests {
         let doc = emf_document(
             &BatchReport::default(),
             Duration::ZERO,
-            "f",
+            ("f", "$LATEST"),
             SystemTime::now(),
         );
         assert!(doc.get("PropagationLagMax").is_none());

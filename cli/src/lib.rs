@@ -40,6 +40,9 @@ pub enum CtlError {
 #[derive(Debug, Clone, Default)]
 pub struct Target {
     pub function_name: String,
+    /// The alias or version invoked (the CLI's `--qualifier`: `live`, the code the stream and the
+    /// schedule run, unless told otherwise); empty: the function unqualified (`$LATEST`).
+    pub qualifier: String,
     pub region: Option<String>,
     pub profile: Option<String>,
     /// `http://localhost:9000` for `cargo lambda watch`, or a stand-in.
@@ -68,6 +71,7 @@ fn local_region() -> Option<String> {
 pub struct Exporter {
     client: aws_sdk_lambda::Client,
     function_name: String,
+    qualifier: Option<String>,
     /// The Invoke API called instead of AWS's, if any.
     endpoint: Option<String>,
 }
@@ -109,6 +113,7 @@ impl Exporter {
         Self {
             client: aws_sdk_lambda::Client::from_conf(config.build()),
             function_name: target.function_name.clone(),
+            qualifier: Some(target.qualifier.clone()).filter(|q| !q.is_empty()),
             endpoint: endpoint.map(str::to_owned),
         }
     }
@@ -119,6 +124,7 @@ impl Exporter {
             .client
             .invoke()
             .function_name(&self.function_name)
+            .set_qualifier(self.qualifier.clone())
             .payload(Blob::new(payload.to_string()))
             .send()
             .await

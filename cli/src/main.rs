@@ -33,6 +33,10 @@ struct Cli {
     /// The function, e.g. dev-EcomSettingsExporterLambda.
     #[arg(long, env = "ECOM_EXPORTER_FUNCTION")]
     function_name: String,
+    /// The alias or version to invoke: `live`, the code the stream and the schedule run (a
+    /// rollback moves it back); `""` for the function unqualified ($LATEST).
+    #[arg(long, env = "ECOM_EXPORTER_QUALIFIER", default_value = "live")]
+    qualifier: String,
     /// The function's region (else AWS_REGION, the profile's, or the SDK's default chain).
     #[arg(long)]
     region: Option<String>,
@@ -139,6 +143,7 @@ async fn main() -> ExitCode {
     let verbose = cli.verbose;
     let exporter = Exporter::connect(&Target {
         function_name: cli.function_name.clone(),
+        qualifier: cli.qualifier,
         region: cli.region,
         profile: cli.profile,
         endpoint_url: cli.endpoint_url,

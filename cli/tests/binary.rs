@@ -65,6 +65,8 @@ async fn a_backfill_runs_to_completion_and_prints_its_totals() {
         json!({"mode": "backfill", "include_query_configs": true})
     );
     assert_eq!(sent[2]["continuation_token"], "p3");
+    // The code the stream runs, which a rollback moves back.
+    assert_eq!(api.qualifiers(), vec![Some("live".to_owned()); 3]);
     let progress = String::from_utf8_lossy(&output.stderr);
     assert_eq!(
         progress.lines().count(),

@@ -94,5 +94,13 @@ async fn every_documented_command_is_accepted_and_sends_its_mode() {
             .find(|mode| args.iter().any(|a| a == mode));
         let sent = api.payloads();
         assert_eq!(sent[0]["mode"].as_str(), mode, "{page}: {args:?}");
+        // The code the stream runs, unless the command says otherwise.
+        if !args.iter().any(|a| a.starts_with("--qualifier")) {
+            let qualifiers = api.qualifiers();
+            assert!(
+                qualifiers.iter().all(|q| q.as_deref() == Some("live")),
+                "{page}: {args:?} invoked {qualifiers:?}"
+            );
+        }
     }
 }

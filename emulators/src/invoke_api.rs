@@ -2,12 +2,13 @@
 //! [`RuntimeApi`]: what the AWS SDK or `aws lambda invoke --endpoint-url` talks to, so the
 //! operator CLI drives the real function binary as it would in AWS.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -26,8 +27,8 @@ enum Backend {
 
 struct InvokeState {
     backend: Backend,
-    /// Payloads received, in order.
-    payloads: Mutex<Vec<Value>>,
+    /// Payloads received, in order, with the `Qualifier` each named (an alias or a version).
+    payloads: Mutex<Vec<(Value, Option<String>)>>,
     /// Answer a function error as `cargo lambda watch` does: HTTP 500, no error header.
     errors_as_cargo_lambda: std::sync::atomic::AtomicBool,
 }
@@ -88,13 +89,27 @@ impl InvokeApi {
     }
 
     pub fn payloads(&self) -> Vec<Value> {
-        self.state.payloads.lock().unwrap().clone()
+        let payloads = self.state.payloads.lock().unwrap();
+        payloads
+            .iter()
+            .map(|(payload, _)| payload.clone())
+            .collect()
+    }
+
+    /// The `Qualifier` each invocation named, in order (`None`: the function unqualified).
+    pub fn qualifiers(&self) -> Vec<Option<String>> {
+        let payloads = self.state.payloads.lock().unwrap();
+        payloads
+            .iter()
+            .map(|(_, qualifier)| qualifier.clone())
+            .collect()
     }
 }
 
 async fn invoke(
     State(state): State<Arc<InvokeState>>,
     Path(_name): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Response {
     let payload: Value = match serde_json::from_slice(&body) {
@@ -105,7 +120,12 @@ async fn invoke(
             return (StatusCode::BAD_REQUEST, body.to_string()).into_response();
         }
     };
-    state.payloads.lock().unwrap().push(payload.clone());
+    let qualifier = query.get("Qualifier").cloned();
+    state
+        .payloads
+        .lock()
+        .unwrap()
+        .push((payload.clone(), qualifier));
     let answer = match &state.backend {
         Backend::Runtime(runtime, timeout) => runtime.invoke(payload, *timeout).await,
         Backend::Script(script, delay) => {

@@ -122,3 +122,17 @@ async fn every_answer_the_runbook_shows_is_what_the_function_answers() {
         wrong.join("\n")
     );
 }
+
+/// Every `aws lambda invoke` the runbook shows invokes the `live` alias: the code the stream and
+/// the schedule run, which a rollback moves back.
+#[test]
+fn every_invoke_the_runbook_shows_runs_the_live_alias() {
+    let commands: Vec<&str> = (PAGE.split("aws lambda invoke").skip(1))
+        .filter(|rest| rest.trim_start().starts_with(['-', '\\']))
+        .map(|rest| rest.split("out.json").next().unwrap_or(rest))
+        .collect();
+    assert!(commands.len() >= 4, "{commands:?}");
+    for command in commands {
+        assert!(command.contains("--qualifier live"), "{command}");
+    }
+}

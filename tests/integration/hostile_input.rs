@@ -88,7 +88,7 @@ async fn a_cell_in_the_host_must_be_a_dns_label() {
     let mut h = harness().await;
     let elsewhere = ApiKeysStandIn::start(0).await.unwrap();
     elsewhere.set_key("acct-1", "someone-elses-key");
-    h.reconfigure("API_KEYS_SERVICE_URL", "http://{cell}.keys.invalid/v1")
+    h.reconfigure("API_KEYS_SERVICE_URL", "https://{cell}.keys.invalid/v1")
         .await;
     let cell = format!("x@{}/#", elsewhere.addr());
     h.put(with_cell(index_item("acct-1", "products", None), &cell))

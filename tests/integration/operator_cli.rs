@@ -26,6 +26,7 @@ async fn deploy(h: &Harness) -> Deployed {
         .unwrap();
     let exporter = Exporter::connect(&Target {
         function_name: "dev-EcomSettingsExporterLambda".into(),
+        qualifier: "live".into(),
         region: Some(REGION.into()),
         endpoint_url: Some(invoke_api.url()),
         read_timeout: Duration::from_secs(60),
@@ -71,6 +72,7 @@ async fn a_backfill_is_followed_token_by_token_to_the_end() {
     assert!(!totals.has_problems());
     assert_eq!(h.kv.keys(CF_ACCOUNT, SETTINGS_NS).len(), 25);
     let sent = d.invoke_api.payloads();
+    assert_eq!(d.invoke_api.qualifiers(), vec![Some("live".to_owned()); 3]);
     assert!(sent[0].get("continuation_token").is_none());
     assert!(sent[1]["continuation_token"].is_string() && sent[2]["continuation_token"].is_string());
 }

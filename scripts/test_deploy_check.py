@@ -1,0 +1,82 @@
+"""deploy-check.py's rollout check fails where it should: the template as it is passes, and each
+way a rollback alarm can misjudge a deployment, made on a copy of the translated template, fails
+with a reason naming the alarm.
+
+Run: .venv/bin/python -m unittest scripts/test_deploy_check.py  (make test runs it)
+"""
+import copy
+import importlib.util
+import os
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+spec = importlib.util.spec_from_file_location("deploy_check", os.path.join(HERE, "deploy-check.py"))
+deploy_check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(deploy_check)
+
+PARAMETERS = {
+    "SettingsTableName": "t",
+    "SettingsTableStreamArn": "arn:aws:dynamodb:eu-west-1:1:table/t/stream/s",
+    "CloudflareAccountId": "a", "CloudflareKvNamespaceId": "k", "CloudflareQcfgNamespaceId": "q",
+    "ApiKeysServiceUrl": "https://api-keys.example/{cell}",
+}
+
+
+class RollbackAlarms(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        os.environ.setdefault("AWS_DEFAULT_REGION", "eu-west-1")
+        cwd = os.getcwd()
+        os.chdir(os.path.join(HERE, ".."))
+        try:
+            cls.cfn = deploy_check.translate("template.yaml", PARAMETERS)
+        finally:
+            os.chdir(cwd)
+        cls.types = deploy_check.judged_types(cls.cfn["Parameters"])
+
+    def problems(self, change=None):
+        resources = copy.deepcopy(self.cfn["Resources"])
+        if change:
+            change(resources)
+        return deploy_check.rollback_alarm_problems(resources, "ExporterFunctionAliaslive", self.types)
+
+    def watched(self, resources):
+        group = deploy_check.of_type(resources, "AWS::CodeDeploy::DeploymentGroup")
+        return next(iter(group.values()))["Properties"]["AlarmConfiguration"]["Alarms"]
+
+    def test_the_template_judges_the_new_version_alone_in_time(self):
+        self.assertIn("Canary10Percent5Minutes", self.types)
+        self.assertNotIn("AllAtOnce", self.types)
+        self.assertEqual(self.problems(), [])
+
+    def test_an_alarm_over_every_version_fails(self):
+        def watch_paging_alarm(resources):
+            self.watched(resources).append({"Name": {"Ref": "FunctionErrorsAlarm"}})
+        problems = self.problems(watch_paging_alarm)
+        self.assertEqual(len(problems), 1, problems)
+        self.assertIn("FunctionErrorsAlarm counts every version", problems[0])
+
+    def test_an_alarm_slower_than_the_shortest_canary_fails(self):
+        def slow(resources):
+            resources["CanaryRecordsFailingAlarm"]["Properties"].update(Period=300, EvaluationPeriods=3)
+        problems = self.problems(slow)
+        self.assertEqual(problems, ["CanaryRecordsFailingAlarm takes 900 s to fire, "
+                                    "Canary10Percent5Minutes judges for 300 s"])
+
+    def test_an_alarm_on_rejected_records_fails(self):
+        def rejected(resources):
+            props = resources["CanaryRecordsFailingAlarm"]["Properties"]
+            props["MetricName"] = "RecordsRejected"
+        problems = self.problems(rejected)
+        self.assertEqual(len(problems), 1, problems)
+        self.assertIn("rejected records", problems[0])
+
+    def test_a_deployment_type_deploy_check_does_not_know_fails(self):
+        problems = deploy_check.rollback_alarm_problems(
+            self.cfn["Resources"], "ExporterFunctionAliaslive", self.types + ["Canary10Percent1Minute"])
+        self.assertIn("deployment type Canary10Percent1Minute: its judging time is not known to deploy-check",
+                      problems)
+
+
+if __name__ == "__main__":
+    unittest.main()
