@@ -18,7 +18,7 @@ ENV ?= dev
 # Wherever cargo builds (CARGO_TARGET_DIR or a shared target directory included).
 TARGET_DIR = $(shell cargo metadata --format-version 1 --no-deps | $(PYTHON) -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
-.PHONY: all prerequisites edge deploy-check artifact-check bins bench propagation scale demo build sam-build test unit-test lint fmt fuzz venv tools sam-cli local deploy clean simulate
+.PHONY: all pause resume paused prerequisites edge deploy-check artifact-check bins bench propagation scale demo build sam-build test unit-test lint fmt fuzz venv tools sam-cli local deploy clean simulate
 
 all: lint test
 
@@ -179,9 +179,18 @@ sam-build: tools sam-cli
 	rustup target add aarch64-unknown-linux-gnu
 	$(SAM) build --config-env $(ENV)
 
-## sam build, then sam deploy with samconfig.toml's ENV section (confirms the change set in prod).
+## sam build, then sam deploy with samconfig.toml's ENV section (confirms the change set in prod),
+## the release (crate version + commit) naming the version it publishes (scripts/release.py).
 deploy: sam-build
-	$(SAM) deploy --config-env $(ENV)
+	$(SAM) deploy --config-env $(ENV) --parameter-overrides $$($(VENV)/bin/python scripts/release.py overrides $(ENV))
+
+## Pause or resume the deployed exporter of ENV as a whole: the stream's mapping, the schedule,
+## and the alarms a pause sets off (docs/operations.md, "Pausing and resuming"); `paused` shows it.
+pause resume: venv
+	$(VENV)/bin/python scripts/pause.py $@ --env $(ENV)
+
+paused: venv
+	$(VENV)/bin/python scripts/pause.py status --env $(ENV)
 
 clean:
 	cargo clean

@@ -3,7 +3,7 @@ sends to CloudFormation), checked where moto cannot check it, created as a stack
 CloudFormation, and the function run as the stack configures it.
 
 1. Translate (offline, as `sam deploy` does; CodeUri points at an artifact in moto's S3).
-2. Check the translated JSON for what moto drops or cannot run: the ledger's TTL attribute, point
+2. Check the translated JSON for what moto drops or cannot run: the ledger without a TTL, point
    in time recovery and encryption; the function's JSON logs in its own group; the stream's event
    source mapping (partial-batch responses, bisect, the failed-records queue, the `live` alias);
    the schedule's input (`events/scheduled-reconcile.json`); the rollout (CodeDeploy moves `live`,
@@ -28,7 +28,9 @@ Usage (moto on AWS_ENDPOINT_URL, e.g. under scripts/with-moto.sh):
 Prints one line per check and `N passed, N failed`; exit 1 on a failure.
 """
 import argparse
+import contextlib
 import copy
+import importlib.util
 import io
 import json
 import os
@@ -460,7 +462,39 @@ def main():
                             json.loads(target["Input"]))
     new_version = cfn["Resources"][alias]["Properties"]["FunctionVersion"] if alias else None
     check_alarms(checks, cfn["Resources"], emitted_metrics(log), function_name, new_version)
+    check_pause(checks, cfn)
     return finish(checks)
+
+
+def check_pause(checks, cfn):
+    """`scripts/pause.py` pauses what the stack made (its mapping, its schedule, the alarms a
+    pause sets off; the alarms put into moto's CloudWatch as the template defines them) and
+    resumes it."""
+    spec = importlib.util.spec_from_file_location("pause", os.path.join(os.path.dirname(__file__), "pause.py"))
+    pause = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pause)
+    cloudwatch = boto3.client("cloudwatch")
+    for name in pause.SILENCED:
+        props = cfn["Resources"][f"{name}Alarm"]["Properties"]
+        cloudwatch.put_metric_alarm(
+            AlarmName=f"{ENV}-EcomSettingsExporter-{name}", Namespace=props["Namespace"],
+            MetricName=props["MetricName"], Statistic=props["Statistic"], Period=props["Period"],
+            EvaluationPeriods=props["EvaluationPeriods"], Threshold=1.0,
+            ComparisonOperator=props["ComparisonOperator"], ActionsEnabled=True)
+    exporter = pause.Exporter(ENV)
+    with contextlib.redirect_stdout(io.StringIO()):
+        pause.main(["pause", "--env", ENV])
+    mappings, rule, alarms = exporter.status()
+    checks.check(len(mappings) == 1 and set(mappings.values()) == {"Disabled"} and rule == "DISABLED"
+                 and len(alarms) == 3 and not any(alarms.values()),
+                 "pause: the stream's mapping and the schedule disabled, three alarms' actions off",
+                 f"{mappings} {rule} {alarms}")
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = pause.main(["resume", "--env", ENV, "--quiet", "0"])
+    mappings, rule, alarms = exporter.status()
+    checks.check(code == 0 and set(mappings.values()) == {"Enabled"} and rule == "ENABLED" and all(alarms.values()),
+                 "resume: enabled again, the alarms' actions on once the stream is quiet",
+                 f"{code} {mappings} {rule} {alarms}")
 
 
 def finish(checks):

@@ -80,3 +80,27 @@ class RollbackAlarms(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+spec = importlib.util.spec_from_file_location("release", os.path.join(HERE, "release.py"))
+release = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(release)
+
+
+class Release(unittest.TestCase):
+    def test_the_deploy_names_the_crate_version_and_the_commit(self):
+        import re
+        import subprocess
+        with open(os.path.join(HERE, "..", "Cargo.toml")) as f:
+            version = re.search(r'^version = "([^"]+)"', f.read(), re.M).group(1)
+        commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        self.assertRegex(release.release(), rf"^{re.escape(version)}\+{commit}(\.dirty)?$")
+
+    def test_the_overrides_keep_samconfigs_and_add_the_release(self):
+        for env in ("dev", "prod"):
+            overrides = release.overrides(env)
+            self.assertEqual(overrides[0], f"Environment={env}")
+            self.assertTrue(any(o.startswith("ApiKeysServiceUrl=") for o in overrides), overrides)
+            self.assertEqual([o for o in overrides if o.startswith("Release=")],
+                             [f"Release={release.release()}"])

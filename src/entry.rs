@@ -140,13 +140,26 @@ pub async fn handle<P: Ports>(
     route(exporter, Bytes::from(text.into_boxed_bytes()), deadline).await
 }
 
-/// Routes a payload (its JSON text); retrying stops at `deadline`.
+/// Routes a payload (its JSON text); retrying stops at `deadline`. An invocation that fails as
+/// a whole says so in one line, which the `FunctionErrors` alarm's runbook starts from.
 pub async fn route<P: Ports>(
     exporter: &Exporter<P>,
     payload: impl Into<Bytes>,
     deadline: Instant,
 ) -> Result<Value, HandlerError> {
-    let payload = payload.into();
+    let answer = answer(exporter, payload.into(), deadline).await;
+    if let Err(error) = &answer {
+        let Diagnostic { error_type, .. } = Diagnostic::from(error.clone());
+        tracing::error!(%error_type, "invocation failed: {error}");
+    }
+    answer
+}
+
+async fn answer<P: Ports>(
+    exporter: &Exporter<P>,
+    payload: Bytes,
+    deadline: Instant,
+) -> Result<Value, HandlerError> {
     let parsed = Payload::parse(&payload, exporter.expected())?;
     match parsed {
         Payload::StreamBatch(records) => {

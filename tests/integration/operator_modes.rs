@@ -45,6 +45,7 @@ async fn a_reexport_writes_the_index_and_only_asked_for_query_configs() {
 #[tokio::test]
 async fn bad_manual_payloads_name_what_is_wrong() {
     let h = products().await;
+    let logs = Logs::capture();
     let missing = h
         .try_invoke(
             json!({"system_account_id": "acct-1", "index_name": "nope"}),
@@ -53,6 +54,9 @@ async fn bad_manual_payloads_name_what_is_wrong() {
         .await
         .unwrap_err();
     assert_eq!(missing, "no settings record for account acct-1, index nope");
+    let failed = logs.matching("invocation failed");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0].contains("NoSuchIndex") && failed[0].contains("index nope"));
     let empty = h
         .try_invoke(
             json!({"system_account_id": "", "index_name": "p"}),
