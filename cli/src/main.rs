@@ -102,7 +102,8 @@ struct Reconcile {
     /// Write what is missing or stale and delete what is orphaned (checked against the table).
     #[arg(long)]
     repair: bool,
-    /// Read every value, to catch hand edits that kept their metadata.
+    /// Accepted, changes nothing: every pass reads each value the table implies (a hand edit
+    /// that kept its metadata is found without it).
     #[arg(long)]
     deep: bool,
 }

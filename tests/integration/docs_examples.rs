@@ -136,3 +136,45 @@ fn every_invoke_the_runbook_shows_runs_the_live_alias() {
         assert!(command.contains("--qualifier live"), "{command}");
     }
 }
+
+/// Every parameter of `template.yaml` has its row in the runbook's table, with the template's
+/// default (`empty` for an empty one, nothing for a required one), and no row names another.
+#[test]
+fn the_parameter_table_is_the_templates() {
+    let template = include_str!("../../template.yaml");
+    let block =
+        &template[template.find("\nParameters:\n").unwrap()..template.find("\nMappings:").unwrap()];
+    let mut parameters = Vec::new();
+    for line in block.lines().skip(2) {
+        if let Some(name) = line.strip_prefix("  ").and_then(|l| l.strip_suffix(':')) {
+            if !name.starts_with(' ') {
+                parameters.push((name.to_owned(), None));
+            }
+        } else if let Some(default) = line.trim().strip_prefix("Default: ") {
+            let default = default.trim_matches('"').to_owned();
+            parameters.last_mut().unwrap().1 = Some(default);
+        }
+    }
+    let rows: Vec<(String, String)> = (PAGE.lines())
+        .filter(|l| l.starts_with("| `") && l.matches('|').count() >= 5)
+        .skip_while(|l| !l.starts_with("| `Environment`"))
+        .take_while(|l| l.starts_with("| `"))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            (
+                cells[1].trim_matches('`').to_owned(),
+                cells[3].trim_matches('`').to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(rows.len(), parameters.len(), "{rows:?}");
+    for (name, default) in &parameters {
+        let shown = match default.as_deref() {
+            None => "",
+            Some("") => "empty",
+            Some(value) => value,
+        };
+        let row = rows.iter().find(|(n, _)| n == name);
+        assert_eq!(row.map(|(_, d)| d.as_str()), Some(shown), "{name}");
+    }
+}

@@ -209,6 +209,12 @@ async fn kv_413_is_not_retried(view) {
 }
 
 crate::on_both_views! {
+async fn kv_422_is_not_retried(view) {
+    a_client_error_is_not_retried(view, 422).await;
+}
+}
+
+crate::on_both_views! {
 async fn kv_slower_than_the_client_timeout_is_retried(view) {
     let (mut h, records) = one_pending_record(view).await;
     let timeout = fast_retry().request_timeout;

@@ -35,7 +35,8 @@ pub struct ReconcileRequest {
     /// Classify (and with `repair`, say what would be repaired), write nothing.
     #[serde(default, deserialize_with = "flag")]
     pub dry_run: bool,
-    /// Read every value, to catch hand edits that kept the metadata.
+    /// Accepted and answered back; changes nothing: every pass reads each value the table
+    /// implies, so a hand edit that kept the metadata is found without it.
     #[serde(default, deserialize_with = "flag")]
     pub deep: bool,
     #[serde(default)]
