@@ -182,7 +182,8 @@ sam-build: tools sam-cli
 ## sam build, then sam deploy with samconfig.toml's ENV section (confirms the change set in prod),
 ## the release (crate version + commit) naming the version it publishes (scripts/release.py).
 deploy: sam-build
-	$(SAM) deploy --config-env $(ENV) --parameter-overrides $$($(VENV)/bin/python scripts/release.py overrides $(ENV))
+	mapfile -t overrides < <($(VENV)/bin/python scripts/release.py overrides $(ENV)) && \
+		$(SAM) deploy --config-env $(ENV) --parameter-overrides "$${overrides[@]}"
 
 ## Pause or resume the deployed exporter of ENV as a whole: the stream's mapping, the schedule,
 ## and the alarms a pause sets off (docs/operations.md, "Pausing and resuming"); `paused` shows it.

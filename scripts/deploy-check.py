@@ -144,7 +144,9 @@ def check_translated(checks, cfn):
 
 # How long CodeDeploy judges a new version before it has all the traffic, per deployment type, in
 # seconds: a canary's one interval; a linear shift's nine steps until the last tenth moves.
-# AllAtOnce judges nothing.
+# AllAtOnce judges nothing. An alarm's evaluation must fit it with the metrics' delay on top
+# (EMF and Lambda's metrics reach CloudWatch a minute or two late).
+METRIC_DELAY = 120
 JUDGED_SECONDS = {"Canary10Percent5Minutes": 300, "Canary10Percent10Minutes": 600,
                   "Canary10Percent30Minutes": 1800, "Linear10PercentEvery1Minute": 540,
                   "Linear10PercentEvery3Minutes": 1620}
@@ -154,7 +156,8 @@ def rollback_alarm_problems(resources, alias, deployment_types):
     """Why the alarms CodeDeploy rolls back on would not judge the new version alone, in time, under
     each of `deployment_types`: [] when they do. Alone: each alarm's dimensions name the version the
     alias moves to (ExecutedVersion), so the old version's failures neither roll it back nor hide
-    its own. In time: an alarm's evaluation (Period x EvaluationPeriods) fits the judging time."""
+    its own. In time: an alarm's evaluation (Period x EvaluationPeriods) and the metrics' delay fit
+    the judging time."""
     problems = []
     new_version = resources.get(alias, {}).get("Properties", {}).get("FunctionVersion")
     groups = of_type(resources, "AWS::CodeDeploy::DeploymentGroup")
@@ -174,8 +177,9 @@ def rollback_alarm_problems(resources, alias, deployment_types):
         if new_version is None or dimensions.get("ExecutedVersion") != new_version:
             problems.append(f"{name['Ref']} counts every version (no ExecutedVersion of the alias's new version)")
         evaluated = props.get("Period", 0) * props.get("EvaluationPeriods", 0)
-        if not 0 < evaluated <= shortest[0]:
-            problems.append(f"{name['Ref']} takes {evaluated} s to fire, {shortest[1]} judges for {shortest[0]} s")
+        if not 0 < evaluated + METRIC_DELAY <= shortest[0]:
+            problems.append(f"{name['Ref']} takes {evaluated} s and the metrics' {METRIC_DELAY} s to fire, "
+                            f"{shortest[1]} judges for {shortest[0]} s")
         if props.get("MetricName") == "RecordsRejected":
             problems.append(f"{name['Ref']} watches rejected records: a bad item would roll back a healthy version")
         if props.get("Metrics") or props.get("ExtendedStatistic"):

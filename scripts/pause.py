@@ -4,12 +4,14 @@ reconcile, with the alarms a pause would set off silenced until the stream has c
 
   pause   the mapping and the schedule disabled; the actions of the alarms that a pause or its
           backlog sets off (IteratorAge, PropagationLag, ReconcilePassOverdue) turned off.
-  resume  the mapping and the schedule enabled; once the stream has caught up (Lambda's latest
-          IteratorAge since the resume under the IteratorAge alarm's threshold, or no record for
-          --quiet seconds), those alarm actions turned back on. Run again if --wait ran out.
+  resume  the mapping and the schedule enabled; once the stream has caught up (the mapping
+          `Enabled`, then Lambda's IteratorAge since under the IteratorAge alarm's threshold in
+          its last 5 minutes, at least 3 of them reported, or no datapoint for --quiet seconds:
+          Lambda's metrics arrive minutes late), those alarm actions turned back on. Run again
+          if --wait ran out.
   status  what is paused.
 
-Usage: scripts/pause.py {pause,resume,status} [--env dev] [--wait 900] [--quiet 120]
+Usage: scripts/pause.py {pause,resume,status} [--env dev] [--wait 1200] [--quiet 300]
 (AWS credentials and region as boto3 reads them; `make pause|resume|paused ENV=...`.)
 """
 import argparse
@@ -55,35 +57,42 @@ class Exporter:
         return mappings, rule, alarms
 
     def caught_up(self, since, quiet):
-        """Lambda's IteratorAge since `since` is under the alarm's threshold, or the stream has
-        been quiet (no datapoint) for `quiet` seconds."""
+        """Every mapping `Enabled`, and since `since` Lambda's IteratorAge under the alarm's
+        threshold over its last 5 minutes (3 of them reported at least), or no datapoint at all
+        for `quiet` seconds (an idle stream reports none)."""
+        if any(m["State"] != "Enabled" for m in self.mappings()):
+            return False
         alarm = self.cloudwatch.describe_alarms(AlarmNames=self.alarms[:1])["MetricAlarms"]
         threshold = alarm[0]["Threshold"] if alarm else 300_000
         now = datetime.datetime.now(datetime.timezone.utc)
-        if (now - since).total_seconds() < 1:
-            return quiet <= 0
-        points = self.cloudwatch.get_metric_statistics(
-            Namespace="AWS/Lambda", MetricName="IteratorAge", Statistics=["Maximum"], Period=60,
-            Dimensions=[{"Name": "FunctionName", "Value": self.function}],
-            StartTime=since, EndTime=now)["Datapoints"]
-        if points:
-            return max(points, key=lambda p: p["Timestamp"])["Maximum"] <= threshold
-        return (now - since).total_seconds() >= quiet
+        waited = (now - since).total_seconds()
+        points = []
+        if waited >= 1:
+            points = self.cloudwatch.get_metric_statistics(
+                Namespace="AWS/Lambda", MetricName="IteratorAge", Statistics=["Maximum"], Period=60,
+                Dimensions=[{"Name": "FunctionName", "Value": self.function}],
+                StartTime=since, EndTime=now)["Datapoints"]
+        if not points:
+            return waited >= quiet
+        last = sorted(points, key=lambda p: p["Timestamp"])[-5:]
+        return len(last) >= 3 and all(p["Maximum"] <= threshold for p in last)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=["pause", "resume", "status"])
     parser.add_argument("--env", default="dev")
-    parser.add_argument("--wait", type=float, default=900, help="seconds to wait for the stream to catch up")
-    parser.add_argument("--quiet", type=float, default=120, help="seconds without records that count as caught up")
+    parser.add_argument("--wait", type=float, default=1200, help="seconds to wait for the stream to catch up")
+    parser.add_argument("--quiet", type=float, default=300, help="seconds without a datapoint that count as caught up")
     args = parser.parse_args(argv)
     exporter = Exporter(args.env)
     if args.action == "pause":
         exporter.set_alarm_actions(False)
         exporter.set_enabled(False)
         print(f"paused: the stream's mapping and the schedule `{exporter.rule}` disabled; "
-              f"actions off for {', '.join(exporter.alarms)}. Records wait in the stream for 24 hours.")
+              f"actions off for {', '.join(exporter.alarms)}. Records wait in the stream until "
+              "MaximumRecordAgeInSeconds (6 hours by default): after a longer pause, resume and "
+              "run a reconcile with repair.")
     elif args.action == "resume":
         since = datetime.datetime.now(datetime.timezone.utc)
         exporter.set_enabled(True)

@@ -2,9 +2,9 @@
 
   release             the crate's version and the commit, as SemVer build metadata:
                       1.0.0+3f9c2a1b0d4e (`.dirty` after it when the work tree has changes)
-  overrides ENV       samconfig.toml's parameter_overrides of ENV, then Release=<release>, each
-                      shell-quoted: `sam deploy --parameter-overrides` replaces samconfig's list
-                      rather than adding to it
+  overrides ENV       samconfig.toml's parameter_overrides of ENV, then Release=<release>, one a
+                      line, as they are (`sam deploy --parameter-overrides` replaces samconfig's
+                      list rather than adding to it; the Makefile reads them with mapfile)
 
 Each published Lambda version's description names the release (template.yaml, Release), so
 `aws lambda get-function-configuration --function-name ...:live --query Description` shows which
@@ -38,7 +38,7 @@ def overrides(env, config_path=os.path.join(ROOT, "samconfig.toml")):
     with open(config_path) as f:
         config = toml.loads(f.read())
     listed = config[env]["deploy"]["parameters"]["parameter_overrides"]
-    listed = listed.split() if isinstance(listed, str) else list(listed)
+    listed = shlex.split(listed) if isinstance(listed, str) else list(listed)
     return [str(p) for p in listed if not str(p).startswith("Release=")] + [f"Release={release()}"]
 
 
@@ -46,7 +46,7 @@ def main(argv):
     if argv[:1] == ["release"]:
         print(release())
     elif len(argv) == 2 and argv[0] == "overrides":
-        print(" ".join(shlex.quote(p) for p in overrides(argv[1])))
+        print("\n".join(overrides(argv[1])))
     else:
         print(__doc__, file=sys.stderr)
         return 2

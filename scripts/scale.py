@@ -13,10 +13,16 @@ is that path's. For each fleet size N (indexes, 4 per account, one override each
 - verify: one index with `--overrides` overrides, `include_query_configs`.
 
 and prints items read, DynamoDB requests, KV requests, invocations, function CPU (user + system),
-peak RSS and wall seconds. Not part of `make test`: N = 20,000 takes minutes.
+peak RSS and wall seconds, and what the path cost in dollars at list prices, from its own counts:
+DynamoDB's request units (as DynamoDB charges them, from each request's and answer's items),
+Cloudflare KV's operations (keys written, deleted and read, list requests), Lambda's GB-seconds
+(the invocations' wall time at 512 MB) and invocations, and CloudWatch's log ingestion (every
+byte the function printed, its EMF documents included; the custom metrics it published are a
+monthly cost, printed once). Not part of `make test`: N = 20,000 takes minutes.
 """
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -41,6 +47,40 @@ from werkzeug.serving import make_server
 REGION = "eu-west-1"
 TOKEN = "scale-token"
 STREAM_ARN = "arn:aws:dynamodb:eu-west-1:123456789012:table/scale/stream/2026-01-01T00:00:00.000"
+# List prices of 2026-11-25, as emulators/src/bench/cost.rs has them: Cloudflare Workers Paid KV,
+# DynamoDB on demand, Lambda arm64 and CloudWatch in us-east-1.
+PRICES = {"kv_write": 5.00e-6, "kv_delete": 5.00e-6, "kv_read": 0.50e-6, "kv_list": 5.00e-6,
+          "read_unit": 0.125e-6, "write_unit": 0.625e-6, "gb_second": 0.0000133334, "invocation": 0.20e-6,
+          "log_byte": 0.50e-9, "metric_month": 0.30}
+
+
+def units(operation, request, answer):
+    """Read and write units as DynamoDB charges them, estimated from the items' sizes in DynamoDB
+    JSON (the bench's proxy, emulators/src/dynamo_proxy/accounting.rs, estimates them the same
+    way: an update counted by its key, a Query by the items it returns)."""
+    import math
+    size = lambda item: len(json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode())
+    writes = lambda n: max(1.0, math.ceil(n / 1024))
+    reads = lambda n, consistent: max(1.0, math.ceil(n / 4096)) * (1.0 if consistent else 0.5)
+    consistent = request.get("ConsistentRead") is True
+    if operation == "PutItem":
+        return 0.0, writes(size(request.get("Item", {})))
+    if operation in ("UpdateItem", "DeleteItem"):
+        return 0.0, writes(size(request.get("Key", {})))
+    if operation == "TransactWriteItems":
+        actions = [next(iter(a.values())) for a in request.get("TransactItems", [])]
+        return 0.0, sum(2 * writes(size(a.get("Item", a.get("Key", {})))) for a in actions)
+    if operation == "BatchWriteItem":
+        each = [r for rs in request.get("RequestItems", {}).values() for r in rs]
+        return 0.0, sum(writes(size(r["PutRequest"]["Item"])) if "PutRequest" in r else 1.0 for r in each)
+    if operation == "GetItem":
+        return reads(size(answer.get("Item")), consistent), 0.0
+    if operation == "BatchGetItem":
+        return sum(reads(size(item), request.get("RequestItems", {}).get(t, {}).get("ConsistentRead") is True)
+                   for t, items in answer.get("Responses", {}).items() for item in items), 0.0
+    if operation in ("Query", "Scan"):
+        return reads(sum(size(i) for i in answer.get("Items", [])), consistent), 0.0
+    return 0.0, 0.0
 
 
 class Counting:
@@ -52,20 +92,30 @@ class Counting:
         self.requests = 0
         self.items = 0
         self.by_operation = {}
+        self.read_units = 0.0
+        self.write_units = 0.0
 
     def snapshot(self):
         with self.lock:
             return self.requests, self.items, dict(self.by_operation)
+
+    def units(self):
+        with self.lock:
+            return self.read_units, self.write_units
 
     def __call__(self, environ, start_response):
         target = environ.get("HTTP_X_AMZ_TARGET", "")
         if not target.startswith("DynamoDB_"):
             return self.app(environ, start_response)
         operation = target.split(".")[-1]
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        sent = environ["wsgi.input"].read(length) if length else b""
+        environ["wsgi.input"] = io.BytesIO(sent)
         body = b"".join(self.app(environ, start_response))
-        read = 0
+        read, read_units, write_units = 0, 0.0, 0.0
         try:
             answer = json.loads(body or b"{}")
+            read_units, write_units = units(operation, json.loads(sent or b"{}"), answer)
             if "ScannedCount" in answer:
                 read = answer["ScannedCount"]
             elif operation == "GetItem":
@@ -77,6 +127,8 @@ class Counting:
         with self.lock:
             self.requests += 1
             self.items += read
+            self.read_units += read_units
+            self.write_units += write_units
             self.by_operation[operation] = self.by_operation.get(operation, 0) + 1
         return [body]
 
@@ -156,8 +208,12 @@ class Function:
         self.process = subprocess.Popen(
             [emulators, "invoke", "--port", str(self.port), "--function", binary,
              "--env-file", env_file, "--timeout", "120"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
+        # What the function prints, as CloudWatch takes it in: bytes, and EMF's custom metrics.
+        self.log_bytes, self.metrics, self.printing = 0, set(), threading.Lock()
+        for stream in (self.process.stdout, self.process.stderr):
+            threading.Thread(target=self.read, args=(stream,), daemon=True).start()
         self.url = f"http://127.0.0.1:{self.port}/2015-03-31/functions/f/invocations"
         deadline = time.time() + 30
         self.pid = None
@@ -169,15 +225,46 @@ class Function:
         if self.pid is None:
             raise SystemExit("the function did not start")
         self.slowest = 0.0  # the longest invocation followed, in seconds
+        self.invoked = 0.0  # every invocation's seconds: Lambda's billed duration
         self.rss_after = []  # the process's peak RSS (MiB) after each invocation followed
         self.rss_now_after = []  # and its RSS then: what a warm container keeps between them
+
+    def read(self, stream):
+        for line in stream:
+            metrics = set()
+            start = line.find(b"{")
+            if b'"_aws"' in line and start >= 0:
+                try:
+                    directives = json.loads(line[start:])["_aws"]["CloudWatchMetrics"]
+                    metrics = {f"{m['Name']} by {json.dumps(d)}" for directive in directives
+                               for d in directive["Dimensions"] for m in directive["Metrics"]}
+                except (ValueError, KeyError, TypeError):
+                    pass
+            with self.printing:
+                self.log_bytes += len(line)
+                self.metrics |= metrics
+
+    def printed(self):
+        """Bytes printed so far, once the readers have caught up (nothing new for 50 ms)."""
+        seen = -1
+        for _ in range(100):
+            with self.printing:
+                now = self.log_bytes
+            if now == seen:
+                return now
+            seen = now
+            time.sleep(0.05)
+        return seen
 
     def invoke(self, payload):
         for _ in range(100):
             try:
                 request = urllib.request.Request(self.url, data=json.dumps(payload).encode(), method="POST")
+                started = time.time()
                 with urllib.request.urlopen(request, timeout=200) as answer:
-                    return json.loads(answer.read())
+                    answer = json.loads(answer.read())
+                self.invoked += time.time() - started
+                return answer
             except ConnectionError:
                 time.sleep(0.1)
             except urllib.error.URLError as e:
@@ -221,7 +308,27 @@ def follow(function, payload):
 
 def kv_requests(kv_port):
     with urllib.request.urlopen(f"http://127.0.0.1:{kv_port}/__emulator/requests") as answer:
-        return len(json.loads(answer.read()))
+        return json.loads(answer.read())
+
+
+def kv_operations(requests):
+    """Keys written, deleted and read, and list requests: what Cloudflare bills."""
+    count = lambda *operations: sum(r["items"] for r in requests if r["operation"] in operations)
+    reads = count("bulk/get") + sum(1 for r in requests if r["operation"] in ("values", "metadata"))
+    lists = sum(1 for r in requests if r["operation"] == "keys")
+    return {"written": count("bulk"), "deleted": count("bulk/delete"), "read": reads, "lists": lists}
+
+
+def dollars(row):
+    """What the path cost at list prices, by bill."""
+    p, kv = PRICES, row["kv_operations"]
+    return {
+        "kv": kv["written"] * p["kv_write"] + kv["deleted"] * p["kv_delete"] + kv["read"] * p["kv_read"]
+        + kv["lists"] * p["kv_list"],
+        "dynamodb": row["read_units"] * p["read_unit"] + row["write_units"] * p["write_unit"],
+        "lambda": row["invoked_seconds"] * 0.5 * p["gb_second"] + row["invocations"] * p["invocation"],
+        "cloudwatch": row["log_bytes"] * p["log_byte"],
+    }
 
 
 def remove_record(account, i):
@@ -241,18 +348,24 @@ def measure(name, n, counting, kv_port, emulators, binary, env_file, run):
     function = Function(emulators, binary, env_file)
     function.invoke({"mode": "verify", "system_account_id": "warm", "index_name": "up"})  # cold start
     requests0, items0, ops0 = counting.snapshot()
-    kv0, cpu0, started = kv_requests(kv_port), function.cpu_seconds(), time.time()
+    (read0, write0), printed0, invoked0 = counting.units(), function.printed(), function.invoked
+    kv0, cpu0, started = len(kv_requests(kv_port)), function.cpu_seconds(), time.time()
     invocations = run(function)
     seconds = time.time() - started
     requests1, items1, ops1 = counting.snapshot()
+    (read1, write1), kv = counting.units(), kv_requests(kv_port)[kv0:]
     row = {
         "path": name, "n": n, "items_read": items1 - items0, "ddb_requests": requests1 - requests0,
         "ddb_by_operation": {k: v - ops0.get(k, 0) for k, v in ops1.items() if v != ops0.get(k, 0)},
-        "kv_requests": kv_requests(kv_port) - kv0, "invocations": invocations,
+        "read_units": read1 - read0, "write_units": write1 - write0,
+        "kv_requests": len(kv), "kv_operations": kv_operations(kv), "invocations": invocations,
+        "invoked_seconds": round(function.invoked - invoked0, 2), "log_bytes": function.printed() - printed0,
+        "custom_metrics": sorted(function.metrics),
         "cpu_s": round(function.cpu_seconds() - cpu0, 3), "peak_rss_mib": round(function.peak_rss_mib(), 1),
         "seconds": round(seconds, 2), "slowest_invocation_s": round(function.slowest or seconds, 2),
         "peak_rss_after_each_mib": function.rss_after, "rss_after_each_mib": function.rss_now_after,
     }
+    row["dollars"] = {k: round(v, 6) for k, v in dollars(row).items()}
     function.stop()
     print(json.dumps(row), flush=True)
     return row
@@ -299,7 +412,8 @@ def main():
                 f"CLOUDFLARE_API_BASE_URL=http://127.0.0.1:{kv_port}/client/v4",
                 f"API_KEYS_SERVICE_URL=http://127.0.0.1:{keys_port}/cells/{{cell}}",
                 f"SETTINGS_TABLE_STREAM_ARN={STREAM_ARN}", "CLOUDFLARE_REQUESTS_PER_5_MINUTES=1200",
-                "AWS_LAMBDA_LOG_LEVEL=WARN",
+                # Logs as the template deploys them: CloudWatch's bill counts their bytes.
+                "AWS_LAMBDA_LOG_FORMAT=JSON", "AWS_LAMBDA_LOG_LEVEL=INFO",
             ]) + "\n")
             env.close()
             common = (counting, kv_port, args.emulators, args.function, env.name)
@@ -339,6 +453,18 @@ def main():
         print(f"| {r['path']} | {r['n']:,} | {r['items_read']:,} | {r['ddb_requests']:,} | {r['kv_requests']:,} | "
               f"{r['invocations']} | {r['cpu_s']} | {r['peak_rss_mib']} | {r['seconds']} | "
               f"{r['slowest_invocation_s']} |")
+    print("\n| path | N | KV written / deleted / read / lists | read units | write units | invoked s | log bytes "
+          "| KV $ | DynamoDB $ | Lambda $ | CloudWatch $ | total $ |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        kv, d = r["kv_operations"], r["dollars"]
+        print(f"| {r['path']} | {r['n']:,} | {kv['written']:,} / {kv['deleted']:,} / {kv['read']:,} / {kv['lists']:,} | "
+              f"{r['read_units']:,.0f} | {r['write_units']:,.0f} | {r['invoked_seconds']} | {r['log_bytes']:,} | "
+              f"{d['kv']:.4f} | {d['dynamodb']:.4f} | {d['lambda']:.4f} | {d['cloudwatch']:.6f} | "
+              f"{sum(d.values()):.4f} |")
+    metrics = sorted({m for r in rows for m in r["custom_metrics"]})
+    print(f"\nCustom metrics published: {len(metrics)} (${len(metrics) * PRICES['metric_month']:.2f} a month, "
+          f"whatever the fleet): {', '.join(metrics)}")
     plot(rows)
 
 

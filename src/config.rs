@@ -128,8 +128,8 @@ impl Config {
 
 /// A URL that carries a secret (the Cloudflare token, each account's API key) is `https`, or
 /// plain `http` to this machine (`localhost`, a loopback address: the local stack, the tests) or
-/// to a host the operator names in `PLAIN_HTTP_HOSTS` (comma-separated, as the URL writes it,
-/// `{cell}` included).
+/// to a host the operator names in `PLAIN_HTTP_HOSTS` (comma-separated, as the URL writes it
+/// without its port, `{cell}` included).
 fn refuse_plain_http(name: &'static str, url: &str, allowed: &str) -> Result<(), ConfigError> {
     const CELL: &str = "cell0placeholder0";
     let parsed = reqwest::Url::parse(&url.replace("{cell}", CELL)).ok();

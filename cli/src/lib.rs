@@ -37,11 +37,11 @@ pub enum CtlError {
 }
 
 /// Where to reach the function.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Target {
     pub function_name: String,
-    /// The alias or version invoked (the CLI's `--qualifier`: `live`, the code the stream and the
-    /// schedule run, unless told otherwise); empty: the function unqualified (`$LATEST`).
+    /// The alias or version invoked: `live` (the code the stream and the schedule run) unless
+    /// told otherwise; empty: the function unqualified (`$LATEST`).
     pub qualifier: String,
     pub region: Option<String>,
     pub profile: Option<String>,
@@ -53,6 +53,20 @@ pub struct Target {
     /// The local stack (`make local`): fake credentials, the region of `.local.env` (or
     /// eu-west-1), and `http://127.0.0.1:9000` unless `endpoint_url` says otherwise.
     pub local: bool,
+}
+
+impl Default for Target {
+    fn default() -> Self {
+        Self {
+            function_name: String::new(),
+            qualifier: "live".into(),
+            region: None,
+            profile: None,
+            endpoint_url: None,
+            read_timeout: Duration::from_secs(960),
+            local: false,
+        }
+    }
 }
 
 /// Where `cargo lambda watch` and `ecom-emulators invoke` listen by default.

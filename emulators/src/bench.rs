@@ -9,8 +9,8 @@
 //! DynamoDB requests by operation, their estimated read and write units, the round trips in
 //! sequence, KV operations, and what a million such changes cost (`cost.rs`) beside the seed's
 //! design; then the Python reference (`bench/reference.py`) on the same event. The twin must
-//! meet no request the recording lacks and leave KV as the recorded run did. The function
-//! refuses to start without its ledger, so there is no other configuration to measure.
+//! meet no request the recording lacks and leave KV as the recorded run did. Without its
+//! ledger every invocation fails (`ConfigError`), so there is no other configuration to measure.
 
 mod cost;
 mod cpu_share;
@@ -59,6 +59,8 @@ const REFERENCE_KINDS: [Kind; 3] = [Kind::Insert, Kind::Modify, Kind::ShopMove];
 pub struct Process {
     pub batches: Vec<Measured>,
     pub one_modify: OneModify,
+    /// The custom metrics its batches published (`name by [dimensions]`).
+    pub metrics: std::collections::BTreeSet<String>,
 }
 
 /// A batch's DynamoDB requests, by operation and tables, in no particular order.
@@ -148,6 +150,7 @@ pub async fn measure(
         let process = Process {
             batches,
             one_modify,
+            metrics: twin.printed.metrics(),
         };
         measured.push((setup, process));
     }
@@ -327,8 +330,8 @@ fn print_costs(
         setup.dynamo_latency_ms,
         cost::PRICES_DATED
     );
-    println!("| records a batch | change | KV writes / deletes / reads / lists a change | KV $ | settings table $ | ledger $ | Lambda $ (wall ms a batch) | total $ | ledger's share | seed's design $ (KV + Lambda) | over the seed |");
-    println!("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| records a batch | change | KV writes / deletes / reads / lists a change | KV $ | settings table $ | ledger $ | Lambda $ (wall ms a batch) | CloudWatch $ (log bytes a batch) | total $ | ledger's share | seed's design $ (KV + Lambda) | more than the seed |");
+    println!("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let share = options.cpu_share.unwrap_or(1.0);
     let kv_ms = options.kv_latency.as_secs_f64() * 1000.0;
     for (records, processes) in sizes {
@@ -340,7 +343,7 @@ fn print_costs(
             let (w, d, r, l) = cost::kv_operations(m);
             let per = |n: usize| n as f64 / *records as f64;
             println!(
-                "| {records} | {} | {:.2} / {:.2} / {:.2} / {:.3} | {:.2} | {:.3} | {:.3} | {:.3} ({:.0}) | {:.2} | {:.1}% | {:.2}{} | {:+.1}% |",
+                "| {records} | {} | {:.2} / {:.2} / {:.2} / {:.3} | {:.2} | {:.3} | {:.3} | {:.3} ({:.0}) | {:.4} ({}) | {:.2} | {:.1}% | {:.2}{} | {:+.1}% |",
                 kind.name(),
                 per(w),
                 per(d),
@@ -351,12 +354,23 @@ fn print_costs(
                 bill.ledger,
                 bill.lambda,
                 m.wall_ms,
+                bill.cloudwatch,
+                m.log_bytes,
                 bill.total(),
                 100.0 * bill.ledger / bill.total(),
                 seed.total(),
                 if py.is_none() { " (Lambda CPU not counted)" } else { "" },
-                100.0 * (bill.total() - seed.total()) / bill.total(),
+                100.0 * (bill.total() - seed.total()) / seed.total(),
             );
         }
     }
+    let metrics: std::collections::BTreeSet<&String> = (sizes.iter())
+        .flat_map(|(_, processes)| processes.iter().flat_map(|p| &p.metrics))
+        .collect();
+    println!(
+        "\nCustom metrics the stream published: {} (${:.2} a month, whatever the traffic; each version `live` ran adds one, RecordsFailed by ExecutedVersion, billed while it reports): {}",
+        metrics.len(),
+        cost::metrics_month(metrics.len()),
+        metrics.into_iter().cloned().collect::<Vec<_>>().join(", ")
+    );
 }

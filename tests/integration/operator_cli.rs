@@ -26,7 +26,6 @@ async fn deploy(h: &Harness) -> Deployed {
         .unwrap();
     let exporter = Exporter::connect(&Target {
         function_name: "dev-EcomSettingsExporterLambda".into(),
-        qualifier: "live".into(),
         region: Some(REGION.into()),
         endpoint_url: Some(invoke_api.url()),
         read_timeout: Duration::from_secs(60),

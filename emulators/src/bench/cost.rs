@@ -1,7 +1,8 @@
-//! What a million changes cost across the three bills, at list prices written here once:
+//! What a million changes cost across the four bills, at list prices written here once:
 //! Cloudflare KV operations, DynamoDB on-demand request units (the settings table and the
-//! ledger apart), and Lambda (GB-seconds of the batch's wall time at the template's 512 MB on
-//! arm64, and the invocations). Beside it, the seed's design on the same events: two KV writes a
+//! ledger apart), Lambda (GB-seconds of the batch's wall time at the template's 512 MB on
+//! arm64, and the invocations), and CloudWatch (the bytes the batch logged, EMF included;
+//! custom metrics are a monthly fixed cost, printed beside). Beside it, the seed's design on the same events: two KV writes a
 //! record (one for an override, two deletes for a REMOVE), no ledger, no table read.
 
 use super::function::Measured;
@@ -19,6 +20,8 @@ pub struct Prices {
     pub dynamo_write_unit: f64,
     pub lambda_gb_second: f64,
     pub lambda_invocation: f64,
+    pub logs_ingested_byte: f64,
+    pub custom_metric_month: f64,
 }
 
 pub const PRICES: Prices = Prices {
@@ -30,8 +33,10 @@ pub const PRICES: Prices = Prices {
     dynamo_write_unit: 0.625 / 1e6,
     lambda_gb_second: 0.000_013_333_4,
     lambda_invocation: 0.20 / 1e6,
+    logs_ingested_byte: 0.50 / 1e9,
+    custom_metric_month: 0.30,
 };
-pub const PRICES_DATED: &str = "list prices of 2026-11-25: Cloudflare Workers Paid KV (write, delete, list $5.00, read $0.50 a million), DynamoDB on-demand us-east-1 ($0.625 a million write units, $0.125 read units; a transaction's write counts twice), Lambda arm64 us-east-1 ($0.0000133334 a GB-second, $0.20 a million invocations)";
+pub const PRICES_DATED: &str = "list prices of 2026-11-25: Cloudflare Workers Paid KV (write, delete, list $5.00, read $0.50 a million), DynamoDB on-demand us-east-1 ($0.625 a million write units, $0.125 read units; a transaction's write counts twice), Lambda arm64 us-east-1 ($0.0000133334 a GB-second, $0.20 a million invocations), CloudWatch us-east-1 ($0.50 a GB of logs ingested, $0.30 a custom metric a month)";
 
 /// The template's memory.
 const GB: f64 = 0.5;
@@ -43,11 +48,12 @@ pub struct Bill {
     pub settings_table: f64,
     pub ledger: f64,
     pub lambda: f64,
+    pub cloudwatch: f64,
 }
 
 impl Bill {
     pub fn total(&self) -> f64 {
-        self.kv + self.settings_table + self.ledger + self.lambda
+        self.kv + self.settings_table + self.ledger + self.lambda + self.cloudwatch
     }
 
     /// The same bill for a million changes like the batch's.
@@ -58,6 +64,7 @@ impl Bill {
             settings_table: self.settings_table * scale,
             ledger: self.ledger * scale,
             lambda: self.lambda * scale,
+            cloudwatch: self.cloudwatch * scale,
         }
     }
 }
@@ -101,6 +108,7 @@ pub fn bill(m: &Measured) -> Bill {
         settings_table,
         ledger,
         lambda,
+        cloudwatch: m.log_bytes as f64 * p.logs_ingested_byte,
     }
 }
 
@@ -127,5 +135,11 @@ pub fn seed_bill(
         settings_table: 0.0,
         ledger: 0.0,
         lambda: wall_ms / 1000.0 * GB * p.lambda_gb_second + p.lambda_invocation,
+        cloudwatch: 0.0,
     }
+}
+
+/// What `metrics` custom metrics cost a month, whatever the traffic.
+pub fn metrics_month(metrics: usize) -> f64 {
+    metrics as f64 * PRICES.custom_metric_month
 }

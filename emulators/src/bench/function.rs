@@ -5,8 +5,11 @@
 //! after the set latency, its CPU held to Lambda's share for 512 MB where the machine allows:
 //! the twin's figures are the function's.
 
+use std::collections::BTreeSet;
+use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -43,6 +46,70 @@ pub struct Measured {
     pub kv: Vec<RequestRecord>,
     /// Records the function reported for retry (`batchItemFailures`).
     pub failed: usize,
+    /// Bytes the batch printed: what CloudWatch Logs ingests of it (its log lines and its EMF
+    /// document; the template's `SystemLogLevel: WARN` keeps Lambda's own lines out).
+    pub log_bytes: usize,
+}
+
+/// What the function printed, as CloudWatch would take it in: every byte (Logs ingestion), and
+/// each metric of its EMF documents under each of its dimension sets (a custom metric).
+#[derive(Default)]
+pub struct Printed {
+    bytes: AtomicUsize,
+    metrics: Mutex<BTreeSet<String>>,
+}
+
+impl Printed {
+    fn read(self: &Arc<Self>, from: impl std::io::Read + Send + 'static) {
+        let printed = self.clone();
+        std::thread::spawn(move || {
+            // Bytes, not text: a line that is not UTF-8 is counted and read past, never left
+            // in the pipe (the function would block writing once it filled).
+            for line in std::io::BufReader::new(from).split(b'\n') {
+                let Ok(line) = line else { break };
+                printed.bytes.fetch_add(line.len() + 1, Ordering::SeqCst);
+                let line = String::from_utf8_lossy(&line);
+                let start = line.find('{').unwrap_or(line.len());
+                let Ok(document) = serde_json::from_str::<Value>(&line[start..]) else {
+                    continue;
+                };
+                let directives = document["_aws"]["CloudWatchMetrics"].as_array().cloned();
+                for directive in directives.unwrap_or_default() {
+                    let dimension_sets = directive["Dimensions"].as_array().cloned();
+                    for dimensions in dimension_sets.unwrap_or_default() {
+                        let metrics = directive["Metrics"].as_array().cloned();
+                        for metric in metrics.unwrap_or_default() {
+                            let name = metric["Name"].as_str().unwrap_or_default();
+                            printed
+                                .metrics
+                                .lock()
+                                .unwrap()
+                                .insert(format!("{name} by {dimensions}"));
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// The bytes printed so far, once the readers have caught up (nothing new for 20 ms).
+    fn settled_bytes(&self) -> usize {
+        let mut seen = self.bytes.load(Ordering::SeqCst);
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(20));
+            let now = self.bytes.load(Ordering::SeqCst);
+            if now == seen {
+                break;
+            }
+            seen = now;
+        }
+        seen
+    }
+
+    /// Each custom metric the function published: `name by ["dimension", ...]`.
+    pub fn metrics(&self) -> BTreeSet<String> {
+        self.metrics.lock().unwrap().clone()
+    }
 }
 
 /// One MODIFY's way to KV.
@@ -78,6 +145,7 @@ pub struct Function {
     /// A twin answered from a recording: the table is not written.
     replaying: bool,
     process: Option<Killed>,
+    pub printed: Arc<Printed>,
 }
 
 fn unique(what: &str) -> String {
@@ -126,6 +194,7 @@ impl Function {
             tag,
             replaying: false,
             process: None,
+            printed: Arc::default(),
         };
         function.spawn(options, None)?;
         function.migrate_and_warm_up().await?;
@@ -153,6 +222,7 @@ impl Function {
             tag: self.tag.clone(),
             replaying: true,
             process: None,
+            printed: Arc::default(),
         };
         twin.spawn(options, options.cpu_share)?;
         twin.migrate_and_warm_up().await?;
@@ -189,7 +259,8 @@ impl Function {
             .env("AWS_LAMBDA_RUNTIME_API", self.runtime.endpoint())
             .env("AWS_LAMBDA_FUNCTION_NAME", "ecom-settings-exporter")
             .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
-            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+            // The stream invokes `live`: a published version.
+            .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
             .env("AWS_LAMBDA_LOG_FORMAT", "JSON")
             .env("AWS_ENDPOINT_URL", self.proxy.endpoint())
             .env("SETTINGS_TABLE_NAME", &self.table)
@@ -201,11 +272,13 @@ impl Function {
             .env("API_KEYS_SERVICE_URL", self.keys.url_template())
             .env("SETTINGS_TABLE_STREAM_ARN", STREAM_ARN)
             .env("LEDGER_TABLE_NAME", &self.ledger)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command
             .spawn()
             .map_err(|e| format!("{}: {e}", options.function_binary.display()))?;
+        self.printed.read(child.stdout.take().expect("piped"));
+        self.printed.read(child.stderr.take().expect("piped"));
         self.process = Some(Killed(child));
         Ok(())
     }
@@ -258,6 +331,7 @@ impl Function {
         let event = records::event(&self.tag, records, kind);
         let event_bytes = event.to_string().len();
         let (calls_before, kv_before) = (self.proxy.calls().len(), self.kv.requests().len());
+        let printed_before = self.printed.settled_bytes();
         let cpu_before = cpu_ns(pid);
         let started = Instant::now();
         let answer = self.invoke(event).await?;
@@ -277,6 +351,7 @@ impl Function {
             calls,
             kv: self.kv.requests().split_off(kv_before),
             failed,
+            log_bytes: self.printed.settled_bytes() - printed_before,
         })
     }
 
