@@ -10,7 +10,10 @@ is that path's. For each fleet size N (indexes, 4 per account, one override each
 - stream: one batch holding one REMOVE (NEW_AND_OLD_IMAGES);
 - backfill: `{"mode": "backfill", "include_query_configs": true}` followed to the end;
 - reconcile: `{"mode": "reconcile"}` over the whole fleet followed to the end (read only);
-- verify: one index with `--overrides` overrides, `include_query_configs`.
+- verify: one index with `--overrides` overrides, `include_query_configs`;
+- churn: N more indexes (each with its own shop) created through the stream, 1,000 INSERT records
+  a batch, then removed, 1,000 REMOVE records a batch; then the ledger's items counted by kind
+  beside the live fleet's indexes (what a fleet that creates and removes indexes keeps).
 
 and prints items read, DynamoDB requests, KV requests, invocations, function CPU (user + system),
 peak RSS and wall seconds, and what the path cost in dollars at list prices, from its own counts:
@@ -170,16 +173,7 @@ def seed(ddb, table, ledger, n, verify_overrides):
         if stream:
             spec["StreamSpecification"] = {"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"}
         ddb.create_table(**spec)
-    padding = "x" * 700  # items of about 1 KB, as the issue measured
-
-    def index(account, i):
-        return {
-            "pk": {"S": account},
-            "sk": {"S": f"INDEX#idx-{i}"},
-            "index_endpoint": {"S": f"https://{account}-idx-{i}.idx.example"},
-            "shop_id": {"S": f"{account}-shop-{i}.myshopify.com"},
-            "search_config": {"M": {"limit": {"N": "20"}, "note": {"S": padding}}},
-        }
+    index = index_item
 
     def override(account, i, q):
         return {
@@ -193,11 +187,75 @@ def seed(ddb, table, ledger, n, verify_overrides):
         account = f"acct-{i // 4:06d}"
         items += [index(account, i % 4), override(account, i % 4, 0)]
     items += [override("acct-000000", 0, q) for q in range(1, verify_overrides)]
-    for start in range(0, len(items), 25):
-        requests = [{"PutRequest": {"Item": item}} for item in items[start : start + 25]]
-        pending = {table: requests}
+    write_items(ddb, table, [{"PutRequest": {"Item": item}} for item in items])
+
+
+def index_item(account, i):
+    """An index's settings item of about 1 KB (as the issue measured), with its own shop."""
+    return {
+        "pk": {"S": account},
+        "sk": {"S": f"INDEX#idx-{i}"},
+        "index_endpoint": {"S": f"https://{account}-idx-{i}.idx.example"},
+        "shop_id": {"S": f"{account}-shop-{i}.myshopify.com"},
+        "search_config": {"M": {"limit": {"N": "20"}, "note": {"S": "x" * 700}}},
+    }
+
+
+def write_items(ddb, table, requests):
+    for start in range(0, len(requests), 25):
+        pending = {table: requests[start : start + 25]}
         while pending:
             pending = ddb.batch_write_item(RequestItems=pending).get("UnprocessedItems") or None
+
+
+def churn(ddb, table, function, n):
+    """N indexes created, then removed, through the stream, 1,000 records a batch (each item
+    written or deleted first, as its record says); the invocations."""
+    items = [index_item(f"churn-{i // 4:06d}", i % 4) for i in range(n)]
+    invocations = 0
+    for event, image in (("INSERT", "NewImage"), ("REMOVE", "OldImage")):
+        for start in range(0, n, 1000):
+            batch = items[start : start + 1000]
+            if event == "INSERT":
+                write_items(ddb, table, [{"PutRequest": {"Item": item}} for item in batch])
+            else:
+                keys = [{"DeleteRequest": {"Key": {"pk": i["pk"], "sk": i["sk"]}}} for i in batch]
+                write_items(ddb, table, keys)
+            records = [{
+                "eventID": str(start + at), "eventName": event, "eventVersion": "1.1",
+                "eventSource": "aws:dynamodb", "awsRegion": REGION, "eventSourceARN": STREAM_ARN,
+                "dynamodb": {"ApproximateCreationDateTime": time.time(), "SizeBytes": 1000,
+                             "Keys": {"pk": item["pk"], "sk": item["sk"]}, image: item,
+                             "SequenceNumber": f"{800000000000000000000 + 2 * start + at}",
+                             "StreamViewType": "NEW_AND_OLD_IMAGES"},
+            } for at, item in enumerate(batch)]
+            answer = function.invoke({"Records": records})
+            invocations += 1
+            if answer != {"batchItemFailures": []}:
+                raise SystemExit(f"churn {event}: {str(answer)[:300]}")
+    return invocations
+
+
+def live_indexes(ddb, table):
+    """The settings table's indexes (their settings items)."""
+    pages = ddb.get_paginator("scan").paginate(
+        TableName=table, Select="COUNT", FilterExpression="begins_with(sk, :i) AND NOT contains(sk, :q)",
+        ExpressionAttributeValues={":i": {"S": "INDEX#"}, ":q": {"S": "#QUERY#"}})
+    return sum(page["Count"] for page in pages)
+
+
+def ledger_census(ddb, ledger):
+    """The ledger's items by kind: `ref#` (an index's own), `shop#` / `alias#` sets, their
+    overflow items, the rest (`meta`, the reconcile's progress)."""
+    kinds = {}
+    for page in ddb.get_paginator("scan").paginate(TableName=ledger, ProjectionExpression="pk, sk"):
+        for item in page["Items"]:
+            pk, sk = item["pk"]["S"], item["sk"]["S"]
+            kind = pk.split("#", 1)[0] if "#" in pk else "other"
+            if kind in ("shop", "alias") and sk != "referrers":
+                kind += " overflow"
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
 class Function:
@@ -431,6 +489,8 @@ def main():
                 # Two passes in one warm process: peak memory stays that of one piece.
                 ("reconcile x2 (warm)", None,
                  lambda f: follow(f, {"mode": "reconcile"}) + follow(f, {"mode": "reconcile"})),
+                # After the backfill: the churn's indexes are the stream's alone.
+                ("churn", None, lambda f: churn(ddb, table, f, n)),
                 ("verify", None, lambda f: (f.invoke({"mode": "verify", "system_account_id": "acct-000000",
                                                       "index_name": "idx-0", "include_query_configs": True}), 1)[1]),
             ]
@@ -438,7 +498,13 @@ def main():
                 if name not in args.skip.split(","):
                     if before:
                         before()
+                    census = ledger_census(ddb, table + "-ledger") if name == "churn" else None
                     rows.append(measure(name, n, *common, run))
+                    if census is not None:
+                        rows[-1].update(ledger_items_before=census, live_indexes=live_indexes(ddb, table),
+                                        ledger_items=ledger_census(ddb, table + "-ledger"))
+                        print(json.dumps({k: rows[-1][k] for k in ("ledger_items_before", "ledger_items",
+                                                                   "live_indexes")}), flush=True)
             os.unlink(env.name)
     finally:
         for peer in peers:
@@ -462,6 +528,12 @@ def main():
               f"{r['read_units']:,.0f} | {r['write_units']:,.0f} | {r['invoked_seconds']} | {r['log_bytes']:,} | "
               f"{d['kv']:.4f} | {d['dynamodb']:.4f} | {d['lambda']:.4f} | {d['cloudwatch']:.6f} | "
               f"{sum(d.values()):.4f} |")
+    for r in (r for r in rows if "ledger_items" in r):
+        kinds = lambda census: ", ".join(f"{k} {v:,}" for k, v in sorted(census.items()))
+        print(f"\nLedger, N = {r['n']:,}: {sum(r['ledger_items_before'].values()):,} items before {r['n']:,} "
+              f"indexes were created and removed ({kinds(r['ledger_items_before'])}), "
+              f"{sum(r['ledger_items'].values()):,} after ({kinds(r['ledger_items'])}); "
+              f"the live fleet {r['live_indexes']:,} indexes")
     metrics = sorted({m for r in rows for m in r["custom_metrics"]})
     print(f"\nCustom metrics published: {len(metrics)} (${len(metrics) * PRICES['metric_month']:.2f} a month, "
           f"whatever the fleet): {', '.join(metrics)}")
