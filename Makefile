@@ -109,7 +109,7 @@ scale: venv
 ## role the template gives it, then the template deployed to moto (deploy-check).
 test: prerequisites venv edge
 	$(VENV)/bin/python scripts/moto_patches.py --check
-	$(VENV)/bin/python -m unittest --quiet scripts/test_check_permissions.py scripts/test_deploy_check.py
+	$(VENV)/bin/python -m unittest --quiet scripts/test_check_permissions.py scripts/test_deploy_check.py scripts/test_scale.py
 	AWS_CALLS_RECORDING=$(CURDIR)/target/aws-calls.jsonl \
 		scripts/with-moto.sh cargo test --workspace --all-targets --locked
 	$(VENV)/bin/python scripts/check-permissions.py target/aws-calls.jsonl template.yaml

@@ -50,8 +50,8 @@ from werkzeug.serving import make_server
 REGION = "eu-west-1"
 TOKEN = "scale-token"
 STREAM_ARN = "arn:aws:dynamodb:eu-west-1:123456789012:table/scale/stream/2026-01-01T00:00:00.000"
-# List prices of 2026-11-25, as emulators/src/bench/cost.rs has them: Cloudflare Workers Paid KV,
-# DynamoDB on demand, Lambda arm64 and CloudWatch in us-east-1.
+# List prices of 2026-11-25, as emulators/src/bench/cost.rs has them (scripts/test_scale.py holds
+# them equal): Cloudflare Workers Paid KV, DynamoDB on demand, Lambda arm64 and CloudWatch in us-east-1.
 PRICES = {"kv_write": 5.00e-6, "kv_delete": 5.00e-6, "kv_read": 0.50e-6, "kv_list": 5.00e-6,
           "read_unit": 0.125e-6, "write_unit": 0.625e-6, "gb_second": 0.0000133334, "invocation": 0.20e-6,
           "log_byte": 0.50e-9, "metric_month": 0.30}
@@ -59,8 +59,9 @@ PRICES = {"kv_write": 5.00e-6, "kv_delete": 5.00e-6, "kv_read": 0.50e-6, "kv_lis
 
 def units(operation, request, answer):
     """Read and write units as DynamoDB charges them, estimated from the items' sizes in DynamoDB
-    JSON (the bench's proxy, emulators/src/dynamo_proxy/accounting.rs, estimates them the same
-    way: an update counted by its key, a Query by the items it returns)."""
+    JSON, as the bench's proxy (emulators/src/dynamo_proxy/accounting.rs) estimates them:
+    an update counted by its key, a Query by the items it returns (scripts/test_scale.py holds
+    the two equal on accounting.rs's own cases)."""
     import math
     size = lambda item: len(json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode())
     writes = lambda n: max(1.0, math.ceil(n / 1024))
