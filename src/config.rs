@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::adapters::api_keys::ApiKeysUrl;
+use crate::adapters::api_keys::{ApiKeysUrl, CELL};
 
 /// Why the function cannot start. Named after the variable, never its value.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -131,7 +131,6 @@ impl Config {
 /// to a host the operator names in `PLAIN_HTTP_HOSTS` (comma-separated, as the URL writes it
 /// without its port, `{cell}` included).
 fn refuse_plain_http(name: &'static str, url: &str, allowed: &str) -> Result<(), ConfigError> {
-    const CELL: &str = "cell0placeholder0";
     let parsed = reqwest::Url::parse(&url.replace("{cell}", CELL)).ok();
     let Some(parsed) = parsed.filter(|u| u.scheme() == "http") else {
         return Ok(());

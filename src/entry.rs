@@ -149,10 +149,15 @@ pub async fn route<P: Ports>(
 ) -> Result<Value, HandlerError> {
     let answer = answer(exporter, payload.into(), deadline).await;
     if let Err(error) = &answer {
-        let Diagnostic { error_type, .. } = Diagnostic::from(error.clone());
-        tracing::error!(%error_type, "invocation failed: {error}");
+        log_failure(error);
     }
     answer
+}
+
+/// The one line an invocation that fails as a whole logs, with its error type.
+pub fn log_failure(error: &HandlerError) {
+    let Diagnostic { error_type, .. } = Diagnostic::from(error.clone());
+    tracing::error!(%error_type, "invocation failed: {error}");
 }
 
 async fn answer<P: Ports>(

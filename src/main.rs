@@ -43,7 +43,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
             tracing::error!("{error}");
             let handler = service_fn(move |_: LambdaEvent<IgnoredAny>| {
                 let error = HandlerError::Config(error.clone());
-                tracing::error!(error_type = "ConfigError", "invocation failed: {error}");
+                entry::log_failure(&error);
                 async move { Err::<Value, _>(error) }
             });
             lambda_runtime::run(handler).await

@@ -59,15 +59,22 @@ impl Default for Target {
     fn default() -> Self {
         Self {
             function_name: String::new(),
-            qualifier: "live".into(),
+            qualifier: LIVE.into(),
             region: None,
             profile: None,
             endpoint_url: None,
-            read_timeout: Duration::from_secs(960),
+            read_timeout: Duration::from_secs(READ_TIMEOUT_SECONDS),
             local: false,
         }
     }
 }
+
+/// What a target invokes unless told otherwise: the code the stream and the schedule run.
+pub const LIVE: &str = "live";
+
+/// How long one invocation may take to answer unless told otherwise (the function's 120 s, and
+/// more: an invocation is never sent twice).
+pub const READ_TIMEOUT_SECONDS: u64 = 960;
 
 /// Where `cargo lambda watch` and `ecom-emulators invoke` listen by default.
 pub const LOCAL_ENDPOINT: &str = "http://127.0.0.1:9000";

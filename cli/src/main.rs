@@ -35,7 +35,7 @@ struct Cli {
     function_name: String,
     /// The alias or version to invoke: `live`, the code the stream and the schedule run (a
     /// rollback moves it back); `""` for the function unqualified ($LATEST).
-    #[arg(long, env = "ECOM_EXPORTER_QUALIFIER", default_value = "live")]
+    #[arg(long, env = "ECOM_EXPORTER_QUALIFIER", default_value = ecom_settings_ctl::LIVE)]
     qualifier: String,
     /// The function's region (else AWS_REGION, the profile's, or the SDK's default chain).
     #[arg(long)]
@@ -51,7 +51,7 @@ struct Cli {
     #[arg(long)]
     local: bool,
     /// Seconds one invocation may take to answer; keep it above the function's timeout (120).
-    #[arg(long, default_value_t = 960)]
+    #[arg(long, default_value_t = ecom_settings_ctl::READ_TIMEOUT_SECONDS)]
     read_timeout: u64,
     /// On an error invoking the function, also print the AWS SDK's own account of it.
     #[arg(long)]

@@ -23,7 +23,7 @@ pub struct ApiKeysUrl {
 }
 
 /// Stands for `{cell}` while the template is parsed: lower-case, so hosts keep it as it is.
-const CELL: &str = "cell0placeholder0";
+pub(crate) const CELL: &str = "cell0placeholder0";
 
 impl ApiKeysUrl {
     pub fn parse(template: &str) -> Result<Self, String> {
