@@ -96,11 +96,13 @@ class CheckPermissions(unittest.TestCase):
         self.assertIn(f"not allowed: dynamodb:DeleteItem on arn:aws:dynamodb:eu-west-1:123456789012:table/{SETTINGS} (1 calls)", out)
 
     def test_a_transaction_is_checked_action_by_action(self):
+        # The ledger's deletes are granted; the settings table's never are.
         deleting = ddb("TransactWriteItems", {"TransactItems": [
-            {"Update": {"TableName": SETTINGS + "-ledger"}}, {"Delete": {"TableName": SETTINGS + "-ledger"}}]})
+            {"Delete": {"TableName": SETTINGS + "-ledger"}}, {"Delete": {"TableName": SETTINGS}}]})
         code, out = run(ALLOWED + [deleting], "--calls-only")
         self.assertEqual(code, 1)
-        self.assertIn("not allowed: dynamodb:DeleteItem on", out)
+        self.assertIn(f"not allowed: dynamodb:DeleteItem on arn:aws:dynamodb:eu-west-1:123456789012:table/{SETTINGS} (1 calls)", out)
+        self.assertNotIn(f"table/{SETTINGS}-ledger", out)
 
     def test_a_call_without_a_target_fails(self):
         s3 = request(None, {}, host="bucket.s3.amazonaws.com")

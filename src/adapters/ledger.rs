@@ -143,6 +143,24 @@ impl DynamoLedger {
         TransactWriteItem::builder().put(put).build()
     }
 
+    /// A delete as a TransactWriteItems action, on a condition when one is given (`#set`
+    /// names the set of who refers: DynamoDB refuses a name the expression does not use).
+    fn delete_action(&self, key: Item, condition: Option<Condition>) -> TransactWriteItem {
+        let (condition, values) = condition.unzip();
+        let names_set = condition.as_ref().is_some_and(|c| c.contains("#set"));
+        let delete = aws_sdk_dynamodb::types::Delete::builder()
+            .table_name(&self.table_name)
+            .set_key(Some(key.0))
+            .set_condition_expression(condition.map(Cow::into_owned))
+            .set_expression_attribute_values(values.and_then(Item::given));
+        let delete = match names_set {
+            true => delete.expression_attribute_names("#set", refs::SET),
+            false => delete,
+        };
+        let delete = delete.build().expect("a table and a key");
+        TransactWriteItem::builder().delete(delete).build()
+    }
+
     /// Any number of consistent reads, 100 keys a call, some calls at once: each item found
     /// handed to `each`.
     async fn get_all(

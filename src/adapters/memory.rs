@@ -6,7 +6,7 @@
 #![cfg(test)]
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_dynamo::Item;
@@ -298,6 +298,8 @@ pub struct MemoryLedger {
     pub unreadable: Mutex<BTreeSet<IndexRef>>,
     /// The next intent waits, before anything of it lands, until released (`held`, `release`).
     pub hold_intent: Mutex<Option<(Arc<Notify>, Arc<Notify>)>>,
+    /// Intents recorded so far: each call's birth is a multiple of 2^32 no other call has.
+    pub calls: AtomicU64,
 }
 
 impl MemoryLedger {
@@ -356,7 +358,7 @@ impl Ledger for MemoryLedger {
             .collect())
     }
 
-    async fn point_back(&self, items: &[(IndexRef, Referred)]) -> Result<(), PortError> {
+    async fn point_back(&self, items: &[(IndexRef, Referred)]) -> Result<u64, PortError> {
         let hold = self.hold_intent.lock().unwrap().take();
         if let Some((held, release)) = hold {
             held.notify_one();
@@ -365,8 +367,11 @@ impl Ledger for MemoryLedger {
         if self.refuse_intents.load(Ordering::SeqCst) {
             return Err(PortError::Refused("the ledger refused the intent".into()));
         }
+        let birth = self.calls.fetch_add(1, Ordering::SeqCst) << 32;
         let (mut refs, mut back) = (self.refs.lock().unwrap(), self.back.lock().unwrap());
         for (index, referred) in items {
+            let created = !refs.contains_key(index);
+            refs.entry(index.clone()).or_default().intents += if created { birth } else { 0 };
             back.insert((referred.clone(), index.clone()));
             let own = refs.entry(index.clone()).or_default();
             match referred {
@@ -379,7 +384,7 @@ impl Ledger for MemoryLedger {
         for index in indexes {
             refs.entry(index.clone()).or_default().intents += 1;
         }
-        Ok(())
+        Ok(birth)
     }
 
     async fn record_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
@@ -392,12 +397,17 @@ impl Ledger for MemoryLedger {
             if own.intents != change.intents {
                 continue; // Another writer's intent since: it owns what it recorded.
             }
-            for gone in change.pointing.difference(&change.new.referred()) {
-                back.remove(&(gone.clone(), change.index.clone()));
+            let after = change.after();
+            let gone: Vec<&Referred> = change.pointing.difference(&after).collect();
+            for gone in &gone {
+                back.remove(&((*gone).clone(), change.index.clone()));
                 match gone {
                     Referred::Shop(shop) => own.shops.remove(shop),
                     Referred::Alias(target) => own.targets.remove(target),
                 };
+            }
+            if change.new.is_none() {
+                refs.remove(&change.index); // Removed: its record goes whole.
             }
         }
         Ok(())

@@ -27,15 +27,26 @@ pub struct ReconcileProgress {
 
 /// An index's references confirmed by the stream's check: what `pointing` names (every item
 /// that may point back at the index, and every reference of its own, as read before the batch
-/// and added by it) that `new` does not name is taken out, on both sides, only if the index's
-/// intents still number `intents` (what the batch read, and its own intent): an intent another
-/// writer recorded meanwhile owns its members, and the index keeps them all.
+/// and added by it) that `new` does not name is taken out, on both sides (`new` is `None` for
+/// an index removed: its record goes whole), only if the index's intents still number
+/// `intents` (what the batch read, and its own intent): an intent another writer recorded
+/// meanwhile owns its members, and the index keeps them all.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RefsChange {
     pub index: IndexRef,
     pub pointing: BTreeSet<Referred>,
-    pub new: IndexRefs,
+    pub new: Option<IndexRefs>,
     pub intents: u64,
+}
+
+impl RefsChange {
+    /// What the index refers to after the change (nothing once removed).
+    pub fn after(&self) -> BTreeSet<Referred> {
+        self.new
+            .as_ref()
+            .map(IndexRefs::referred)
+            .unwrap_or_default()
+    }
 }
 
 /// The function's own table (the export ledger, docs/contract.md): each index's references
@@ -64,11 +75,14 @@ pub trait Ledger: Send + Sync {
     /// Records intents (before the KV writes that make each index a referrer): each index is
     /// added to the set of what it refers to, and what it refers to to the index's own
     /// references, whose intents grow by one (members recorded already included). Only adds: a
-    /// reader may find a reference too many, never one too few.
+    /// reader may find a reference too many, never one too few. Answers the call's birth: an
+    /// index's references this call creates count `birth + 1` intents, a number no other call
+    /// starts from, so a shrink that read an earlier life of them (since taken out whole)
+    /// never finds its count again.
     fn point_back(
         &self,
         items: &[(IndexRef, Referred)],
-    ) -> impl Future<Output = Result<(), PortError>> + Send;
+    ) -> impl Future<Output = Result<u64, PortError>> + Send;
 
     /// Which of these items pointing back exist (consistent reads).
     fn pointing(
@@ -77,8 +91,9 @@ pub trait Ledger: Send + Sync {
     ) -> impl Future<Output = Result<Vec<(IndexRef, Referred)>, PortError>> + Send;
 
     /// Takes out what each change confirmed the index no longer refers to, from its own
-    /// references (an index with none recorded gets an empty record) and then from the sets,
-    /// all indexes at once, for each index whose intents are still those the change names (the
+    /// references (an index with none recorded gets an empty record; a removed one loses its
+    /// record whole) and then from the sets (a set left empty goes), all
+    /// indexes at once, for each index whose intents are still those the change names (the
     /// others keep everything). Only members named are taken out: what another writer added
     /// meanwhile stays.
     fn record_refs(

@@ -353,7 +353,7 @@ impl Ledger for Sim {
         self.0.ledger.referrers(referred).await
     }
 
-    async fn point_back(&self, items: &[(IndexRef, Referred)]) -> Result<(), PortError> {
+    async fn point_back(&self, items: &[(IndexRef, Referred)]) -> Result<u64, PortError> {
         // In a stable order: the caller's may come from a hash map.
         let mut shown: Vec<String> = items.iter().map(|item| format!("{item:?}")).collect();
         shown.sort();

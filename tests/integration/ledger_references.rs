@@ -754,7 +754,7 @@ async fn calls_of(
 }
 
 /// What a REMOVE kept for an alias costs beside one that is not, each alone in its batch with
-/// the references complete: the kept one's check reads again what keeps the index once its
+/// the references complete (the one not kept deletes its index's record): the kept one's check reads again what keeps the index once its
 /// intent landed (the `references` mark, who aliases it, their settings items), and its intent
 /// records the alias on its holder (docs/contract.md, "Alias deletion safety").
 #[tokio::test]
@@ -785,8 +785,9 @@ async fn a_kept_remove_costs_the_reads_of_what_keeps_it_and_one_intent() {
         calls.collect::<std::collections::BTreeMap<_, _>>()
     };
     // The item as it is now, the index's recorded references, the ledger's `references` mark
-    // and the set of who aliases the index (empty).
-    assert_eq!(plain, calls(&[("BatchGetItem", 3), ("GetItem", 1)]));
+    // and the set of who aliases the index (empty); then the index's own record deleted.
+    let shrink = ("TransactWriteItems", 1);
+    assert_eq!(plain, calls(&[("BatchGetItem", 3), ("GetItem", 1), shrink]));
     // Besides: the set's member's settings item, the intent, and the check's reads once the
     // intent landed: the mark (the kept gate's and its snapshot's), the index again, the set
     // and its member's item again.
@@ -796,4 +797,53 @@ async fn a_kept_remove_costs_the_reads_of_what_keeps_it_and_one_intent() {
         ("TransactWriteItems", 1),
     ]);
     assert_eq!(kept, expected, "{}", function.output());
+}
+
+/// Every item of the ledger, as `pk / sk`, in order.
+async fn ledger_items(h: &Harness) -> Vec<String> {
+    let scan = h.ddb.scan().table_name(&h.ledger).consistent_read(true);
+    let items = scan.send().await.unwrap().items.unwrap_or_default();
+    let key =
+        |item: &std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>| {
+            let s = |name: &str| item[name].as_s().unwrap().clone();
+            format!("{} / {}", s("pk"), s("sk"))
+        };
+    let mut keys: Vec<String> = items.iter().map(key).collect();
+    keys.sort();
+    keys
+}
+
+crate::on_both_views! {
+/// The ledger is bounded by the live fleet: an index the stream removed leaves no item behind,
+/// neither its own nor a set it alone was in, whether it claimed a shop, aliased an index or was
+/// one an alias read; an index that only gave its references up keeps its own.
+async fn an_index_the_stream_removed_leaves_no_item_in_the_ledger(view) {
+    let mut h = Harness::with_view(view).await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "target", Some(SHOP_A))).await;
+    h.put(aliasing("acct-1", "front", "acct-1-target")).await;
+    h.put(index_item("acct-1", "plain", None)).await;
+    h.put(index_item("acct-1", "moving", Some(SHOP_B))).await;
+    h.stream_records().await;
+    let backfill = h.invoke(json!({"mode": "backfill"})).await;
+    assert_eq!(backfill["complete"], true, "{backfill}");
+    let before = ledger_items(&h).await;
+    assert!(before.contains(&"alias#acct-1-target / referrers".to_owned()), "{before:?}");
+
+    h.delete("acct-1", "INDEX#front").await;
+    h.delete("acct-1", "INDEX#plain").await;
+    h.put(index_item("acct-1", "moving", None)).await;
+    let first = h.export_stream().await;
+    assert_eq!(failures(&first), Vec::<String>::new(), "{first}");
+    h.delete("acct-1", "INDEX#target").await;
+    let second = h.export_stream().await;
+    assert_eq!(failures(&second), Vec::<String>::new(), "{second}");
+
+    assert_eq!(h.settings("acct-1-target"), None);
+    assert_eq!(
+        ledger_items(&h).await,
+        ["meta / references", "ref#6:acct-1#moving / refs"],
+        "only what the live fleet refers to (`moving`, now to nothing) and the mark"
+    );
+}
 }

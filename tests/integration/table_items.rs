@@ -110,7 +110,11 @@ async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
     let new = IndexRef::new("acct-é", "new");
     let shop = Referred::Shop("new.myshopify.com".into());
     let intents = [(new.clone(), shop.clone()), (old.clone(), shop.clone())];
-    ledger.point_back(&intents).await.unwrap();
+    let birth = ledger.point_back(&intents).await.unwrap();
+    assert!(
+        birth > 1 << 32,
+        "a birth far from a count of records written before: {birth}"
+    );
     let set = get("shop#new.myshopify.com", "referrers")
         .await
         .unwrap()
@@ -122,17 +126,17 @@ async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
     let new_item = get("ref#7:acct-é#new", "refs").await.unwrap().item;
     let mut expected = sdk_item(&[("pk", s("ref#7:acct-é#new")), ("sk", s("refs"))]);
     expected.insert("shops".into(), Av::Ss(vec!["new.myshopify.com".into()]));
-    expected.insert("intents".into(), Av::N("1".into()));
+    expected.insert("intents".into(), Av::N((birth + 1).to_string()));
     assert_eq!(new_item, Some(expected));
     let both = [old.clone(), new.clone()];
     let moving = counted(
         &["new.myshopify.com", "old.myshopify.com"],
         &["acct-é-a", "acct-é-b"],
-        1,
+        birth + 1,
     );
     let expected = HashMap::from([
         (old.clone(), moving),
-        (new.clone(), counted(&["new.myshopify.com"], &[], 1)),
+        (new.clone(), counted(&["new.myshopify.com"], &[], birth + 1)),
     ]);
     assert_eq!(ledger.index_refs(&both).await.unwrap(), expected);
     let asked = [shop.clone(), Referred::Alias("acct-é-none".into())];
@@ -141,13 +145,13 @@ async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
         [new.clone(), old.clone()]
     );
 
-    // The check confirmed: `old` gave up its old shop and one target; `new` was removed; a
-    // third index, which refers to nothing, is recorded as such; a fourth, whose intents
-    // changed since the batch read them (another writer's), keeps everything.
+    // The check confirmed: `old` gave up its old shop and one target; `new` was removed (its
+    // record goes whole); a third index, which refers to nothing, is recorded as such; a fourth, whose intents changed since the batch read
+    // them (another writer's), keeps everything.
     let pointing = |refs: &IndexRefs| refs.referred().into_iter().chain([shop.clone()]);
     let plain = IndexRef::new("acct-é", "plain");
     let owned = IndexRef::new("acct-é", "owned");
-    ledger
+    let owned_birth = ledger
         .point_back(&[(owned.clone(), shop.clone())])
         .await
         .unwrap();
@@ -159,26 +163,26 @@ async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
         RefsChange {
             index: old.clone(),
             pointing: pointing(&old_refs).collect(),
-            new: at(&["new.myshopify.com"], &["acct-é-b"]),
-            intents: 1,
+            new: Some(at(&["new.myshopify.com"], &["acct-é-b"])),
+            intents: birth + 1,
         },
         RefsChange {
             index: new.clone(),
             pointing: BTreeSet::from([shop.clone()]),
-            new: IndexRefs::default(),
-            intents: 1,
+            new: None,
+            intents: birth + 1,
         },
         RefsChange {
             index: plain.clone(),
             pointing: BTreeSet::new(),
-            new: IndexRefs::default(),
+            new: Some(IndexRefs::default()),
             intents: 0,
         },
         RefsChange {
             index: owned.clone(),
             pointing: BTreeSet::from([shop.clone()]),
-            new: IndexRefs::default(),
-            intents: 1,
+            new: Some(IndexRefs::default()),
+            intents: owned_birth + 1,
         },
     ];
     ledger.record_refs(&changes).await.unwrap();
@@ -186,17 +190,21 @@ async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
     let expected = HashMap::from([
         (
             old.clone(),
-            counted(&["new.myshopify.com"], &["acct-é-b"], 1),
+            counted(&["new.myshopify.com"], &["acct-é-b"], birth + 1),
         ),
-        (new.clone(), counted(&[], &[], 1)),
         (plain.clone(), IndexRefs::default()),
-        (owned.clone(), counted(&["new.myshopify.com"], &[], 2)),
+        (
+            owned.clone(),
+            counted(&["new.myshopify.com"], &[], owned_birth + 2),
+        ),
     ]);
     assert_eq!(ledger.index_refs(&all).await.unwrap(), expected);
-    let gone = get("ref#7:acct-é#new", "refs").await.unwrap().item;
-    let mut keys_only = sdk_item(&[("pk", s("ref#7:acct-é#new")), ("sk", s("refs"))]);
-    keys_only.insert("intents".into(), Av::N("1".into()));
-    assert_eq!(gone, Some(keys_only), "an emptied set is no attribute");
+    assert_eq!(get("ref#7:acct-é#new", "refs").await.unwrap().item, None);
+    let still = get("shop#new.myshopify.com", "referrers")
+        .await
+        .unwrap()
+        .item;
+    assert!(still.is_some(), "a set with members left stays");
     assert_eq!(
         ledger.referrers(&asked).await.unwrap(),
         vec![old.clone(), owned.clone()],
@@ -209,36 +217,53 @@ async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
     );
     ledger
         .record_refs(&[RefsChange {
-            intents: 2,
+            intents: owned_birth + 2,
             ..changes[3].clone()
         }])
         .await
         .unwrap();
     assert_eq!(ledger.referrers(&asked).await.unwrap(), vec![old.clone()]);
+    let owned_now = ledger.index_refs(std::slice::from_ref(&owned)).await;
+    let nothing = counted(&[], &[], owned_birth + 2);
     assert_eq!(
-        ledger
-            .index_refs(std::slice::from_ref(&owned))
-            .await
-            .unwrap()[&owned]
-            .shops
-            .len(),
-        0
+        owned_now.unwrap(),
+        HashMap::from([(owned.clone(), nothing)]),
+        "it refers to nothing now, and is not removed: its item stays"
     );
+
     let pair = [(new.clone(), shop.clone())];
     assert_eq!(ledger.pointing(&pair).await.unwrap(), vec![]);
+
+    // A shrink that read an earlier life of an index's record (taken out whole since, and
+    // made again by an intent) is refused: the new life counts from its own birth.
+    let reborn = ledger.point_back(&[(new.clone(), shop.clone())]).await;
+    let reborn = reborn.unwrap();
+    let stale = RefsChange {
+        intents: birth + 1,
+        ..changes[1].clone()
+    };
+    ledger.record_refs(&[stale]).await.unwrap();
+    let expected = HashMap::from([(
+        new.clone(),
+        counted(&["new.myshopify.com"], &[], reborn + 1),
+    )]);
+    let now = ledger.index_refs(std::slice::from_ref(&new)).await.unwrap();
+    assert_eq!(now, expected);
+    assert_eq!(ledger.pointing(&pair).await.unwrap(), pair.to_vec());
     // An empty record is never put over one an intent wrote meanwhile.
-    ledger
+    let plain_birth = ledger
         .point_back(&[(plain.clone(), shop.clone())])
         .await
         .unwrap();
     let again = RefsChange {
         index: plain.clone(),
         pointing: BTreeSet::new(),
-        new: IndexRefs::default(),
+        new: Some(IndexRefs::default()),
         intents: 0,
     };
     ledger.record_refs(&[again]).await.unwrap();
-    let expected = HashMap::from([(plain.clone(), counted(&["new.myshopify.com"], &[], 1))]);
+    let plain_now = counted(&["new.myshopify.com"], &[], plain_birth + 1);
+    let expected = HashMap::from([(plain.clone(), plain_now)]);
     assert_eq!(ledger.index_refs(&[plain]).await.unwrap(), expected);
 
     // The reconcile's progress, saved on the version read.
@@ -322,4 +347,49 @@ async fn referrers_past_a_set_s_bound_get_items_of_their_own() {
         .unwrap();
     assert_eq!(set.get("overflow"), Some(&Av::Bool(true)));
     assert!(matches!(set.get("referrers"), Some(Av::Ss(members)) if members.len() == 700));
+
+    // Removed, an index past the bound leaves no item of its own, and a set it alone was in
+    // goes; the overflowed set stays for the Query that finds the others.
+    let item = |pk: &str, sk: &str| {
+        let get = h.ddb.get_item().table_name(&h.ledger).consistent_read(true);
+        get.key("pk", Av::S(pk.into()))
+            .key("sk", Av::S(sk.into()))
+            .send()
+    };
+    let own_item = "4:acct#i1499";
+    assert!(item("shop#crowded.myshopify.com", own_item)
+        .await
+        .unwrap()
+        .item
+        .is_some());
+    let recorded = ledger.index_refs(&[index(1499), index(701)]).await.unwrap();
+    let removed = [1499, 701].map(|i| RefsChange {
+        index: index(i),
+        pointing: recorded[&index(i)].referred(),
+        new: None,
+        intents: recorded[&index(i)].intents,
+    });
+    ledger.record_refs(&removed).await.unwrap();
+    assert_eq!(
+        item("shop#crowded.myshopify.com", own_item)
+            .await
+            .unwrap()
+            .item,
+        None
+    );
+    assert_eq!(
+        item("shop#other.myshopify.com", "referrers")
+            .await
+            .unwrap()
+            .item,
+        None
+    );
+    assert_eq!(item("ref#4:acct#i1499", "refs").await.unwrap().item, None);
+    let found = ledger.referrers(std::slice::from_ref(&shop)).await.unwrap();
+    assert_eq!(found.len(), 1498);
+    let set = item("shop#crowded.myshopify.com", "referrers")
+        .await
+        .unwrap()
+        .item;
+    assert_eq!(set.unwrap().get("overflow"), Some(&Av::Bool(true)));
 }

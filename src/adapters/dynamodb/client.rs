@@ -344,8 +344,9 @@ fn transact_error(table: &str, error: SdkError<TransactWriteItemsError>) -> Port
 
 fn has_condition(action: &TransactWriteItem) -> bool {
     let put = action.put().and_then(|p| p.condition_expression());
-    put.or(action.update().and_then(|u| u.condition_expression()))
-        .is_some()
+    let update = action.update().and_then(|u| u.condition_expression());
+    let delete = action.delete().and_then(|d| d.condition_expression());
+    put.or(update).or(delete).is_some()
 }
 
 /// About what an action weighs against the transaction's 4 MB: its names and values.
@@ -357,6 +358,10 @@ fn action_size(action: &TransactWriteItem) -> usize {
         action
             .update()
             .and_then(|u| u.expression_attribute_values()),
+        action.delete().map(|d| d.key()),
+        action
+            .delete()
+            .and_then(|d| d.expression_attribute_values()),
     ];
     let item_size = |item: &SdkItem| -> usize {
         item.iter()

@@ -18,12 +18,14 @@ use aws_sdk_dynamodb::types::builders::UpdateBuilder;
 use aws_sdk_dynamodb::types::TransactWriteItem;
 
 use super::Found;
-use super::{item_of, n, number, progress_of, update_action, Condition};
+use super::{item_of, n, number, progress_of, update_action};
 use super::{DynamoLedger, Item};
 use super::{PROGRESS_PK, PROGRESS_SK};
 use crate::domain::IndexRef;
 use crate::dynamo::string_attribute;
 use crate::ports::{IndexRefs, Ledger, PortError, ReconcileProgress, Referred, RefsChange};
+
+mod shrink;
 use serde_dynamo::AttributeValue as Value;
 
 /// An index's own references.
@@ -32,7 +34,7 @@ const META_PK: &str = "meta";
 /// The references are complete (set by a full backfill).
 const META_SK: &str = "references";
 const REFERRERS_SK: &str = "referrers";
-const SET: &str = "referrers";
+pub(super) const SET: &str = "referrers";
 /// Members a set item holds at most: 700 of the longest index keys (516 bytes) fit in 400 KB.
 const MAX_REFERRERS: usize = 700;
 
@@ -143,7 +145,8 @@ impl Ledger for DynamoLedger {
     /// Each index added to the set of what it refers to, one transaction action per set; a
     /// set that would pass [`MAX_REFERRERS`] is marked `overflow` and those referrers get
     /// items of their own instead.
-    async fn point_back(&self, items: &[(IndexRef, Referred)]) -> Result<(), PortError> {
+    async fn point_back(&self, items: &[(IndexRef, Referred)]) -> Result<u64, PortError> {
+        let birth = birth();
         let mut sets: BTreeMap<&Referred, BTreeMap<String, &IndexRef>> = BTreeMap::new();
         for (index, referred) in items {
             sets.entry(referred)
@@ -169,7 +172,7 @@ impl Ledger for DynamoLedger {
         }
         actions.extend((own.into_iter()).map(|(index, referred)| {
             // Every intent counts, so a shrink that read before it leaves its members alone.
-            update_action(self.own_update(index, "ADD", own_sets(referred.into_iter())))
+            update_action(self.own_intent(index, own_sets(referred.into_iter()), birth))
         }));
         let full = self.transact_all(actions).await?;
         let full: BTreeSet<usize> = full.into_iter().filter(|at| *at < sets_added).collect();
@@ -191,7 +194,7 @@ impl Ledger for DynamoLedger {
                     .map(|index| self.put_action(back(referred, index), None)),
             );
         }
-        self.transact_all(actions).await.map(|_| ())
+        self.transact_all(actions).await.map(|_| birth)
     }
 
     /// Which of these items pointing back exist.
@@ -225,51 +228,8 @@ impl Ledger for DynamoLedger {
         Ok(found)
     }
 
-    /// What each change confirmed the index no longer refers to taken out of its own item,
-    /// then the index taken out of those sets: a reader that finds an index's references
-    /// finds it in every set (it was added before the writes). Each step is one transaction
-    /// per 100 items. An overflowed set's own items are not deleted: one left costs a reader a
-    /// candidate, never a wrong answer.
     async fn record_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
-        let mut given_up = Vec::with_capacity(changes.len());
-        let mut own = Vec::with_capacity(changes.len());
-        for change in changes {
-            let after = change.new.referred();
-            let gone: Vec<&Referred> = (change.pointing.iter())
-                .filter(|r| !after.contains(*r))
-                .collect();
-            own.push(match gone.is_empty() {
-                // Nothing recorded, nothing to take out: an empty record, unless one is there.
-                true => {
-                    let absent: Condition = ("attribute_not_exists(pk)".into(), Item::default());
-                    let empty = Item::key(ref_pk(&change.index), REF_SK);
-                    self.put_action(empty, Some(absent))
-                }
-                false => {
-                    let delete =
-                        self.own_update(&change.index, "DELETE", own_sets(gone.iter().copied()));
-                    update_action(unchanged_intents(delete, change.intents))
-                }
-            });
-            given_up.push((&change.index, gone));
-        }
-        // An index whose intents changed since the batch read keeps everything (its item and
-        // the sets): another writer's intent owns those members.
-        let refused = self.transact_all(own).await?;
-        let mut gone: BTreeMap<&Referred, Vec<String>> = BTreeMap::new();
-        for (at, (index, referred)) in given_up.into_iter().enumerate() {
-            if refused.contains(&at) {
-                continue;
-            }
-            for referred in referred {
-                gone.entry(referred).or_default().push(index_key(index));
-            }
-        }
-        let deletes = gone.into_iter().map(|(referred, indexes)| {
-            let members = Item::default().with(":gone", AttributeValue::Ss(indexes));
-            update_action(self.set_update(referred, "DELETE #set :gone", members))
-        });
-        self.transact_all(deletes.collect()).await.map(|_| ())
+        self.shrink(changes).await
     }
 
     async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {
@@ -321,32 +281,35 @@ impl DynamoLedger {
         Ok(items.await?.iter().filter_map(index_of).collect())
     }
 
-    /// An update of an index's own item: `verb` (`ADD` or `DELETE`) the members of its string
-    /// sets, an `ADD` counting one more intent. Only the sets are named: every clause costs DynamoDB's parser (and moto's, a
-    /// millisecond each), and the index is in the item's key.
+    /// An intent on an index's own item: the members added to its string sets, its intents
+    /// counted one more (from `birth` when this creates the item).
+    fn own_intent(
+        &self,
+        index: &IndexRef,
+        sets: [(&'static str, Vec<String>); 2],
+        birth: u64,
+    ) -> UpdateBuilder {
+        let values = Item::default().with(":one", n(1)).with(":birth", n(birth));
+        let (clauses, values) = set_clauses(sets, values);
+        let expression =
+            format!("ADD {clauses} SET intents = if_not_exists(intents, :birth) + :one");
+        self.own_item_update(index, expression, values)
+    }
+
+    /// The members of an index's own string sets taken out, `values` naming the condition's.
     fn own_update(
         &self,
         index: &IndexRef,
-        verb: &str,
         sets: [(&'static str, Vec<String>); 2],
+        values: Item,
     ) -> UpdateBuilder {
-        let mut values = Item::default();
-        let mut clauses = Vec::new();
-        for (name, members) in sets.into_iter().filter(|(_, members)| !members.is_empty()) {
-            let placeholder = if name == "shops" {
-                ":shops"
-            } else {
-                ":targets"
-            };
-            clauses.push(format!("{name} {placeholder}"));
-            values = values.with(placeholder, AttributeValue::Ss(members));
-        }
-        if verb == "ADD" {
-            // An intent: counted, so that a shrink that read before it takes nothing out.
-            clauses.push("intents :one".into());
-            values = values.with(":one", n(1));
-        }
-        let expression = format!("{verb} {}", clauses.join(", "));
+        let (clauses, values) = set_clauses(sets, values);
+        self.own_item_update(index, format!("DELETE {clauses}"), values)
+    }
+
+    /// Only the sets are named: every clause costs DynamoDB's parser (and moto's, a millisecond
+    /// each), and the index is in the item's key.
+    fn own_item_update(&self, index: &IndexRef, expression: String, values: Item) -> UpdateBuilder {
         aws_sdk_dynamodb::types::Update::builder()
             .table_name(&self.table_name)
             .set_key(Some(Item::key(ref_pk(index), REF_SK).0))
@@ -369,15 +332,29 @@ impl DynamoLedger {
     }
 }
 
-/// The update, on the condition that the index's intents are still `intents` (none recorded
-/// for 0).
-fn unchanged_intents(update: UpdateBuilder, intents: u64) -> UpdateBuilder {
-    match intents {
-        0 => update.condition_expression("attribute_not_exists(intents)"),
-        _ => update
-            .condition_expression("intents = :intents")
-            .expression_attribute_values(":intents", super::n(intents)),
+/// `shops :shops, targets :targets` for the sets with members, their values added to `values`.
+fn set_clauses(sets: [(&'static str, Vec<String>); 2], mut values: Item) -> (String, Item) {
+    let mut clauses = Vec::new();
+    for (name, members) in sets.into_iter().filter(|(_, members)| !members.is_empty()) {
+        let placeholder = if name == "shops" {
+            ":shops"
+        } else {
+            ":targets"
+        };
+        clauses.push(format!("{name} {placeholder}"));
+        values = values.with(placeholder, AttributeValue::Ss(members));
     }
+    (clauses.join(", "), values)
+}
+
+/// A number no other call starts an index's intents from: random, below 2^62 so that counting
+/// on from it never overflows, and far from the small counts of records written before births.
+fn birth() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (random >> 2) | (1 << 40)
 }
 
 /// Who a set item names, and whether referrers past its bound have items of their own.

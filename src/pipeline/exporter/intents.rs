@@ -8,17 +8,21 @@ use tokio::time::Instant;
 
 use super::{references, Prepared};
 use crate::domain::validate::shop_id_problem;
-use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
+use crate::domain::{Change, IndexRef, KvAction, KvKey, Namespace};
 use crate::ports::{before_deadline, IndexRefs, Ledger, PortError, Referred};
 use crate::report::Outcome;
 
 /// What a batch's intents recorded, for the stream's shrink (stage 7): each record's index and
 /// the references it leaves (`None`: not a settings record, or planned to write nothing), what
-/// the ledger held of those indexes before, and what the intents added to it.
+/// the ledger held of those indexes before, and what the intents added to it (from `birth`
+/// where they created an index's references).
 pub(super) struct Intents {
     pub left: Vec<Option<(IndexRef, IndexRefs)>>,
     pub known: HashMap<IndexRef, IndexRefs>,
     pub added: HashMap<IndexRef, BTreeSet<Referred>>,
+    pub birth: u64,
+    /// The positions of the records that remove their index.
+    pub removals: BTreeSet<usize>,
     /// The shops the records give up (deleted, or given to a claimer), with the index giving
     /// each up: what an operator whose check could not confirm them records again.
     pub given_up: Vec<(IndexRef, Referred)>,
@@ -58,11 +62,17 @@ pub(super) async fn record(
     };
     let handed = handed_over(prepared);
     let also = [handed.as_slice(), &kept_for(prepared)].concat();
+    let removals = (prepared.records.iter().enumerate())
+        .filter(|(_, record)| matches!(record.change, Some(Change::RemoveIndex { .. })))
+        .map(|(at, _)| at)
+        .collect();
     match point_back(ledger, &left, before, &also, deadline).await {
-        Ok(added) => Some(Intents {
+        Ok((added, birth)) => Some(Intents {
             left,
             known,
             added,
+            birth,
+            removals,
             given_up,
             handed,
         }),
@@ -77,7 +87,7 @@ pub(super) async fn record(
 /// does not record yet (every record's, a superset of what any replay point leaves) is added on
 /// both sides, so a batch that asks who claims a shop or aliases an index finds a referrer as
 /// soon as its keys can land, and a replay finds every shop the index's keys may be on. Answers
-/// what was added, per index. `handed`: the shops the batch gives other indexes' values, each
+/// what was added, per index, and the call's birth ([`Ledger::point_back`]). `handed`: the shops the batch gives other indexes' values, each
 /// recorded for that index too (its own records may be behind the table the value is from).
 pub(super) async fn point_back(
     ledger: &impl Ledger,
@@ -85,7 +95,7 @@ pub(super) async fn point_back(
     known: &HashMap<IndexRef, IndexRefs>,
     handed: &[(IndexRef, Referred)],
     deadline: Instant,
-) -> Result<HashMap<IndexRef, BTreeSet<Referred>>, PortError> {
+) -> Result<(HashMap<IndexRef, BTreeSet<Referred>>, u64), PortError> {
     let mut added: HashMap<IndexRef, BTreeSet<Referred>> = HashMap::new();
     for (index, refs) in left.iter().flatten() {
         let before = known
@@ -99,8 +109,8 @@ pub(super) async fn point_back(
         .flat_map(|(index, referred)| referred.iter().map(|r| (index.clone(), r.clone())))
         .collect();
     items.extend(handed.iter().cloned());
-    add_to_ledger(ledger, &items, deadline).await?;
-    Ok(added)
+    let birth = add_to_ledger(ledger, &items, deadline).await?;
+    Ok((added, birth))
 }
 
 /// An operator whose writes landed but whose check could not confirm them (the table could not
@@ -110,7 +120,9 @@ pub(super) async fn point_back(
 pub(super) async fn record_again(ledger: &impl Ledger, intents: &Intents, deadline: Instant) {
     let again = point_back(ledger, &intents.left, &HashMap::new(), &[], deadline).await;
     let again = match again {
-        Ok(_) => add_to_ledger(ledger, &intents.given_up, deadline).await,
+        Ok(_) => add_to_ledger(ledger, &intents.given_up, deadline)
+            .await
+            .map(|_| ()),
         Err(error) => Err(error),
     };
     if let Err(error) = again {
@@ -182,14 +194,14 @@ fn given_up(prepared: &Prepared) -> Vec<(IndexRef, Referred)> {
     given
 }
 
-/// Adds these items to the ledger, on both sides (nothing to do for none).
+/// Adds these items to the ledger, on both sides (nothing to do for none): the call's birth.
 pub(super) async fn add_to_ledger(
     ledger: &impl Ledger,
     items: &[(IndexRef, Referred)],
     deadline: Instant,
-) -> Result<(), PortError> {
+) -> Result<u64, PortError> {
     if items.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     before_deadline(deadline, "ledger references", ledger.point_back(items)).await
 }

@@ -241,7 +241,7 @@ mod tests {
         ];
         let left = left_by(&records);
 
-        let added = intents::point_back(&e.ledger, &left, &known, &[], deadline())
+        let (added, _) = intents::point_back(&e.ledger, &left, &known, &[], deadline())
             .await
             .unwrap();
 
@@ -287,7 +287,7 @@ mod tests {
             upsert("p", Some("c.myshopify.com"), None),
         ];
         let left = left_by(&records);
-        let added = intents::point_back(&e.ledger, &left, &known, &[], deadline())
+        let (added, birth) = intents::point_back(&e.ledger, &left, &known, &[], deadline())
             .await
             .unwrap();
         let outcomes = [
@@ -308,6 +308,8 @@ mod tests {
             left,
             known,
             added,
+            birth,
+            removals: BTreeSet::new(),
             given_up,
             handed: Vec::new(),
         };

@@ -22,60 +22,8 @@ pub(super) async fn record(
     report: &BatchReport,
     deadline: Instant,
 ) {
-    let Intents {
-        left, known, added, ..
-    } = intents;
-    let outcomes: Vec<&Outcome> = report.records.iter().map(|r| &r.outcome).collect();
-    let replayed_from = (outcomes.iter())
-        .position(|o| matches!(o, Outcome::Failed(_)))
-        .unwrap_or(outcomes.len());
-    // Each index's last exported record's references; `None` once one is not settled.
-    let mut settled: BTreeMap<IndexRef, Option<Option<IndexRefs>>> = BTreeMap::new();
-    // An index with a record Lambda replays is settled by the replay, even where that record
-    // has no entry here (one failed before its plan wrote anything).
-    for replayed in report.records[replayed_from..].iter() {
-        settled.extend(replayed.index.clone().map(|index| (index, None)));
-    }
-    for (at, entry) in left.into_iter().enumerate() {
-        let Some((index, refs)) = entry else { continue };
-        let state = settled.entry(index).or_insert(Some(None));
-        match outcomes[at] {
-            _ if at >= replayed_from => *state = None,
-            Outcome::Exported => {
-                if let Some(last) = state {
-                    *last = Some(refs);
-                }
-            }
-            // Kept for an alias: its keys, its shop key too, stay as they were.
-            Outcome::Kept { .. } => *state = None,
-            // Rejected or skipped: its keys (and what they refer to) are as they were.
-            _ => {}
-        }
-    }
-    let changes: Vec<RefsChange> = (settled.into_iter())
-        .filter_map(|(index, state)| {
-            let mut new = state??;
-            // A shop the check found the index claiming now stays (it may have written there).
-            let now = report.claimed_now.iter().filter(|(i, _)| *i == index);
-            new.shops.extend(now.map(|(_, shop)| shop.clone()));
-            let old = known.get(&index);
-            let mut pointing = old.map(IndexRefs::referred).unwrap_or_default();
-            pointing.extend(added.get(&index).into_iter().flatten().cloned());
-            // An index no intent wrote and nothing recorded (it refers to nothing) gets its
-            // item all the same: its next record then needs no KV read for its shop.
-            let unrecorded = old.is_none() && pointing.is_empty();
-            let after = new.referred();
-            let needed = unrecorded || pointing.iter().any(|r| !after.contains(r));
-            // What the batch read, and its own intent: any other writer's since keeps all.
-            let own = added.get(&index).is_some_and(|added| !added.is_empty());
-            let intents = old.map_or(0, |old| old.intents) + u64::from(own);
-            needed.then_some(RefsChange {
-                index,
-                pointing,
-                new,
-                intents,
-            })
-        })
+    let changes: Vec<RefsChange> = (settled(&intents, report).into_iter())
+        .filter_map(|(index, last)| change(index, last, &intents, report))
         .collect();
     if changes.is_empty() {
         return;
@@ -88,4 +36,79 @@ pub(super) async fn record(
             "the ledger keeps references these indexes gave up: their next record gives them up again"
         );
     }
+}
+
+/// Each index the batch settled, with its last exported record's references (`None`: that
+/// record removed the index).
+fn settled(intents: &Intents, report: &BatchReport) -> BTreeMap<IndexRef, Option<IndexRefs>> {
+    let outcomes: Vec<&Outcome> = report.records.iter().map(|r| &r.outcome).collect();
+    let replayed_from = (outcomes.iter())
+        .position(|o| matches!(o, Outcome::Failed(_)))
+        .unwrap_or(outcomes.len());
+    // `None` once a record of the index is not settled.
+    let mut settled: BTreeMap<IndexRef, Option<Option<Option<IndexRefs>>>> = BTreeMap::new();
+    // An index with a record Lambda replays is settled by the replay, even where that record
+    // has no entry here (one failed before its plan wrote anything).
+    for replayed in report.records[replayed_from..].iter() {
+        settled.extend(replayed.index.clone().map(|index| (index, None)));
+    }
+    for (at, entry) in intents.left.iter().enumerate() {
+        let Some((index, refs)) = entry else { continue };
+        let state = settled.entry(index.clone()).or_insert(Some(None));
+        match outcomes[at] {
+            _ if at >= replayed_from => *state = None,
+            Outcome::Exported => {
+                if let Some(last) = state {
+                    let removed = intents.removals.contains(&at);
+                    *last = Some((!removed).then(|| refs.clone()));
+                }
+            }
+            // Kept for an alias: its keys, its shop key too, stay as they were.
+            Outcome::Kept { .. } => *state = None,
+            // Rejected or skipped: its keys (and what they refer to) are as they were.
+            _ => {}
+        }
+    }
+    (settled.into_iter())
+        .filter_map(|(index, state)| Some((index, state??)))
+        .collect()
+}
+
+/// What a settled index's records confirmed: what it no longer refers to, or, removed, its
+/// whole record (`None`: nothing to change).
+fn change(
+    index: IndexRef,
+    last: Option<IndexRefs>,
+    intents: &Intents,
+    report: &BatchReport,
+) -> Option<RefsChange> {
+    let mut new = last.clone().unwrap_or_default();
+    // A shop the check found the index claiming now stays (it may have written there).
+    let now = report.claimed_now.iter().filter(|(i, _)| *i == index);
+    new.shops.extend(now.map(|(_, shop)| shop.clone()));
+    // Removed, and made again by nobody the check saw: its record goes whole.
+    let removed = last.is_none() && new.shops.is_empty();
+    let old = intents.known.get(&index);
+    let added = intents.added.get(&index);
+    let mut pointing = old.map(IndexRefs::referred).unwrap_or_default();
+    pointing.extend(added.into_iter().flatten().cloned());
+    // An index no intent wrote and nothing recorded (it refers to nothing) gets its item all
+    // the same: its next record then needs no KV read for its shop.
+    let unrecorded = !removed && old.is_none() && pointing.is_empty();
+    let after = new.referred();
+    let needed =
+        unrecorded || (removed && old.is_some()) || pointing.iter().any(|r| !after.contains(r));
+    // What the batch read, and its own intent (which created the item when the batch read
+    // none): any other writer's since keeps all.
+    let own = added.is_some_and(|added| !added.is_empty());
+    let intents = match old.map_or(0, |old| old.intents) {
+        0 if own => intents.birth + 1,
+        read => read + u64::from(own),
+    };
+    needed.then_some(RefsChange {
+        index,
+        pointing,
+        new: (!removed).then_some(new),
+        intents,
+    })
 }
