@@ -128,16 +128,17 @@ deploy-check: venv
 
 ## The simulation (src/simulation/): SEEDS seeded runs of every writer over the in-memory world
 ## from FIRST (default 0) on SHARDS stream shards (2, or 3), on the plain workload (VARIETY=0),
-## the varied one (1), the wide one (2), the eventual one (3) or the hostile one (4), checked
-## against the reference model; prints seeds a second and the first seed that fails with its
-## trace (`make test` runs 2,000 plain on two shards, 500 plain on three and 500 hostile on two).
+## the varied one (1), the wide one (2), the eventual one (3), the hostile one (4) or the
+## contended one (5), checked against the reference model; prints seeds a second and the first
+## seed that fails with its trace (`make test` runs 2,000 plain on two shards, 500 plain on
+## three and 500 hostile on two). NET_OFF=<protection> takes one protection out (the net).
 SEEDS ?= 20000
 FIRST ?= 0
 SHARDS ?= 2
 VARIETY ?= 0
 simulate:
 	SIMULATION_SEEDS=$(SEEDS) SIMULATION_FIRST_SEED=$(FIRST) SIMULATION_SHARDS=$(SHARDS) \
-	SIMULATION_VARIETY=$(VARIETY) \
+	SIMULATION_VARIETY=$(VARIETY) $(if $(NET_OFF),SIMULATION_NET_OFF=$(NET_OFF)) \
 		cargo test --locked --lib simulation::every_seed_ends_with_kv_as_the_table_implies -- --exact
 
 ## Unit tests only: no moto, no network.

@@ -13,6 +13,7 @@ use serde_dynamo::Item;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::domain::net::{self, Protection};
 use crate::domain::table::{overrides_sk, settings_sk};
 use crate::domain::{AccountCell, ApiKey, IndexRef, KvAction, KvKey, KvOp, Namespace};
 use crate::domain::{ChangeRecord, Scope, TableKey};
@@ -394,7 +395,7 @@ impl Ledger for MemoryLedger {
         let (mut refs, mut back) = (self.refs.lock().unwrap(), self.back.lock().unwrap());
         for change in changes {
             let own = refs.entry(change.index.clone()).or_default();
-            if own.intents != change.intents {
+            if own.intents != change.intents && !net::off(Protection::ShrinkCondition) {
                 continue; // Another writer's intent since: it owns what it recorded.
             }
             let after = change.after();

@@ -4,6 +4,7 @@
 pub(crate) mod change;
 pub(crate) mod ids;
 pub(crate) mod kv;
+pub(crate) mod net;
 pub mod qfilter;
 pub(crate) mod secrets;
 pub(crate) mod settings;

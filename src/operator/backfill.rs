@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::domain::net::{self, Protection};
 use crate::domain::{Scope, TableKey, TableSpan};
 use serde::{Deserialize, Deserializer, Serialize};
 use tokio::time::Instant;
@@ -256,6 +257,7 @@ impl<P: Ports> Pass<'_, P> {
         let (size, overrides) = (request.page_size, request.include_query_configs);
         let add = match request.dry_run {
             true => AddReferences::None,
+            false if net::off(Protection::BackfillIntents) => AddReferences::Lacking,
             false => AddReferences::Counted,
         };
         let scope = Scope::of(account);

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use super::classify::{could_be_written, Class, Drift};
 use crate::domain::kv::{is_query_config_key_of, query_config_key, query_config_prefix};
 use crate::domain::kv::{KeyMetadata, Written};
+use crate::domain::net::{self, Protection};
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvKey, Namespace, TableKey};
 use crate::pipeline::exporter::{Exporter, Prepared, CONCURRENT_QUERIES};
@@ -299,7 +300,7 @@ impl<'a, P: Ports> Orphans<'a, P> {
         indexes: impl Iterator<Item = &'i IndexRef>,
     ) -> Result<HashSet<IndexRef>, PortError> {
         let indexes: BTreeSet<&IndexRef> = indexes.collect();
-        if indexes.is_empty() {
+        if indexes.is_empty() || net::off(Protection::AliasSafety) {
             return Ok(HashSet::new());
         }
         let asked = indexes.iter().map(|i| Referred::Alias(i.id().0)).collect();

@@ -7,6 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use tokio::time::Instant;
 
 use crate::domain::kv::own_key_valid;
+use crate::domain::net::{self, Protection};
 use crate::domain::{IndexRef, KvAction, KvKey, TableSpan};
 use crate::pipeline::api_key_cache::ApiKeyCache;
 use crate::pipeline::plan::{self, PlannedOp};
@@ -382,7 +383,9 @@ impl<P: Ports> Exporter<P> {
                     intents::add_again(&self.ledger, &handed, why, deadline).await;
                 }
             }
-            (Some(intents), false) if run.owns_recorded && failed => {
+            (Some(intents), false)
+                if run.owns_recorded && failed && !net::off(Protection::RecordAgain) =>
+            {
                 intents::record_again(&self.ledger, &intents, deadline).await;
             }
             _ => {}

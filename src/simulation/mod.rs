@@ -32,7 +32,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use crate::domain::IndexRef;
+use crate::domain::net::{self, Protection};
+use crate::domain::{IndexRef, Namespace};
 use crate::pipeline::api_key_cache::ApiKeyCache;
 use crate::pipeline::exporter::{ExportOptions, Exporter};
 use model::{settings_fields_in_kv, Implied, Model};
@@ -67,6 +68,8 @@ struct Universe {
     /// An operator waits up to this long between two runs, in ms.
     operator_pause: u64,
     variety: Variety,
+    /// Whether operators run reconciles (all but half the contended seeds).
+    reconciles: bool,
 }
 
 /// How much of what items and operators can say a run's workload uses. Each level's draws come
@@ -92,15 +95,20 @@ pub enum Variety {
     /// Also records rejected only as they are planned: an index moved to a cell where its
     /// account has no API key (`gone`: the API keys service answers not found).
     Hostile,
+    /// Also writers that stall where another's word can slip in (a KV write, an intent, the
+    /// stream's shrink held 100 ms to a second), and half the seeds with no operator's
+    /// reconcile (whose ledger repair would hide a reference lost meanwhile).
+    Contended,
 }
 
 /// The workloads by their number (`SIMULATION_VARIETY`).
-const VARIETIES: [Variety; 5] = [
+const VARIETIES: [Variety; 6] = [
     Variety::Plain,
     Variety::Varied,
     Variety::Wide,
     Variety::Eventual,
     Variety::Hostile,
+    Variety::Contended,
 ];
 
 impl Universe {
@@ -109,11 +117,15 @@ impl Universe {
             true => (&WIDE_ACCOUNTS, &WIDE_NAMES),
             false => (&ACCOUNTS, &NAMES),
         };
+        let accounts = &accounts[..1 + rng.below(2) as usize];
+        let names = &names[..1 + rng.below(3) as usize];
+        let operator_pause = *rng.pick(&[15, 70, 70]);
         Universe {
-            accounts: &accounts[..1 + rng.below(2) as usize],
-            names: &names[..1 + rng.below(3) as usize],
-            operator_pause: *rng.pick(&[15, 70, 70]),
+            accounts,
+            names,
+            operator_pause,
             variety,
+            reconciles: variety < Variety::Contended || rng.chance(50),
         }
     }
 
@@ -163,6 +175,10 @@ struct Workload {
     /// The index the last change was to (operators run on it half the time: races are where
     /// the stream is busy).
     hot: Option<(&'static str, &'static str)>,
+    /// Each removed index an alias must keep, with the indexes whose alias keeps it (`guard`).
+    guarded: BTreeMap<IndexRef, BTreeSet<IndexRef>>,
+    /// The sequence number of each item's last record.
+    last: BTreeMap<(String, String), String>,
 }
 
 impl Workload {
@@ -195,7 +211,11 @@ impl Workload {
                 world.table.lock().unwrap().remove(&key);
             }
         }
+        if let Some(name) = sk.strip_prefix("INDEX#").filter(|n| !n.contains('#')) {
+            self.guard(world, IndexRef::new(pk, name), new.as_ref());
+        }
         self.sequence += 1;
+        self.last.insert(key, format!("{:020}", self.sequence));
         let view = match self.new_image_only {
             true => "NEW_IMAGE",
             false => "NEW_AND_OLD_IMAGES",
@@ -230,6 +250,44 @@ impl Workload {
         world.note(format!("table: {event} {pk} {sk} {shown}"));
         let shard = shard_of(pk, sk, self.shards.len());
         self.shards[shard].push_back(record);
+    }
+}
+
+impl Workload {
+    /// "Alias deletion safety", as the table moves: an index removed while a valid record
+    /// whose alias the ledger records reads it (the stream done with both items' records so far,
+    /// the index's own key there) is guarded by that record until the record no longer reads
+    /// it (or can no longer be exported), or the index comes back.
+    fn guard(&mut self, world: &World, changed: IndexRef, new: Option<&Value>) {
+        let reads = |item: &Value, target: &IndexRef| {
+            model::valid(item) && model::live_targets(item).contains(&target.id().0)
+        };
+        for (target, holders) in self.guarded.iter_mut() {
+            if !new.is_some_and(|item| reads(item, target)) {
+                holders.remove(&changed);
+            }
+        }
+        let drained = world.drained.lock().unwrap();
+        let done = |key: &(String, String)| self.last.get(key).is_some_and(|s| drained.contains(s));
+        let own = (Namespace::Settings, changed.id().0);
+        let held = world.kv.lock().unwrap().contains_key(&own);
+        let key = (changed.account.clone(), format!("INDEX#{}", changed.name));
+        if new.is_some() {
+            self.guarded.remove(&changed);
+        } else if held && done(&key) {
+            let recorded = world.ledger.refs.lock().unwrap();
+            let holders = (self.items.iter()).filter_map(|(key, item)| {
+                let name = key.1.strip_prefix("INDEX#").filter(|n| !n.contains('#'))?;
+                let holder = IndexRef::new(&key.0, name);
+                let targets = recorded.get(&holder).map(|refs| &refs.targets);
+                let recorded = targets.is_some_and(|t| t.contains(&changed.id().0));
+                let read = holder != changed && recorded && reads(item, &changed);
+                (read && done(key)).then_some(holder)
+            });
+            let holders = holders.collect();
+            self.guarded.insert(changed, holders);
+        }
+        self.guarded.retain(|_, holders| !holders.is_empty());
     }
 }
 
@@ -381,7 +439,8 @@ async fn deliver(world: &World, (who, exporter): Writer<'_>, shard: &mut VecDequ
     let again = world.eventual && failed.is_empty() && world.below(100) < 10;
     let done = if again { 0 } else { done };
     world.note(format!("batch {keys:?}: {done} done, {failed:?} reported"));
-    shard.drain(..done);
+    let mut drained = world.drained.lock().unwrap();
+    drained.extend(shard.drain(..done).map(|record| sequence(&record)));
     !failed.is_empty()
 }
 
@@ -483,6 +542,7 @@ async fn run_operator(
 /// a re-export or verify repair of one index.
 fn operator_run(rng: &mut Rng, universe: &Universe, hot: Option<(&str, &str)>) -> Value {
     let mut payload = match rng.below(20) {
+        0..=4 if !universe.reconciles => operator_payload(rng, universe, hot),
         0..=2 => json!({"mode": "reconcile", "repair": true}),
         3 | 4 => json!({"mode": "reconcile", "repair": true, "scheduled": true}),
         5 | 6 => {
@@ -506,6 +566,8 @@ fn operator_run(rng: &mut Rng, universe: &Universe, hot: Option<(&str, &str)>) -
 pub struct Setup {
     pub shards: usize,
     pub variety: Variety,
+    /// A protection the writers run without (the net's proof that a seed finds it missing).
+    pub off: Option<Protection>,
 }
 
 impl Setup {
@@ -513,15 +575,21 @@ impl Setup {
     const PLAIN: Setup = Setup {
         shards: 2,
         variety: Variety::Plain,
+        off: None,
     };
 
     /// How a sweep or one seed runs: `SIMULATION_SHARDS` (2 unless said), `SIMULATION_VARIETY`
-    /// (0 plain, unless said; 1 varied; 2 wide; 3 eventual; 4 hostile).
+    /// (0 plain, unless said; 1 varied; 2 wide; 3 eventual; 4 hostile), `SIMULATION_NET_OFF`
+    /// (a protection to take out, as [`Protection`] names it; none unless said).
     fn from_env() -> Setup {
         let variety = env("SIMULATION_VARIETY", 0) as usize;
+        let off = std::env::var("SIMULATION_NET_OFF").ok().map(|name| {
+            Protection::named(&name).unwrap_or_else(|| panic!("no protection is named {name}"))
+        });
         Setup {
             shards: env("SIMULATION_SHARDS", 2) as usize,
             variety: VARIETIES[variety.min(VARIETIES.len() - 1)],
+            off,
         }
     }
 }
@@ -529,7 +597,11 @@ impl Setup {
 impl std::fmt::Display for Setup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let variety = format!("{:?}", self.variety).to_lowercase();
-        write!(f, "{} shards, {variety} workload", self.shards)
+        write!(f, "{} shards, {variety} workload", self.shards)?;
+        match self.off {
+            Some(protection) => write!(f, ", without {protection:?}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -541,10 +613,16 @@ pub fn run(seed: u64, setup: Setup) -> Run {
         .build()
         .unwrap();
     let shards = setup.shards.clamp(1, MAX_SHARDS);
-    runtime.block_on(run_seed(seed, Setup { shards, ..setup }))
+    let setup = Setup { shards, ..setup };
+    net::without(setup.off, || runtime.block_on(run_seed(seed, setup)))
 }
 
-async fn run_seed(seed: u64, Setup { shards, variety }: Setup) -> Run {
+async fn run_seed(
+    seed: u64,
+    Setup {
+        shards, variety, ..
+    }: Setup,
+) -> Run {
     let world = World::new(seed, variety);
     let mut rng = Rng::new(seed ^ 0x5EED);
     let workload = std::sync::Mutex::new(Workload {
@@ -553,6 +631,8 @@ async fn run_seed(seed: u64, Setup { shards, variety }: Setup) -> Run {
         sequence: 0,
         new_image_only: seed.is_multiple_of(2),
         hot: None,
+        guarded: BTreeMap::new(),
+        last: BTreeMap::new(),
     });
     let changes = 10 + rng.below(30);
     let universe = Universe::of(&mut rng, variety);
@@ -640,9 +720,10 @@ async fn run_seed(seed: u64, Setup { shards, variety }: Setup) -> Run {
     tokio::join!(driver, shards, operators, stop_faults);
 
     let mut violations = stalled.into_inner().unwrap();
-    violations.extend(std::mem::take(&mut *world.trespasses.lock().unwrap()));
+    violations.extend(std::mem::take(&mut *world.broken.lock().unwrap()));
     let exporter = exporter(&world, "settle");
-    let items = workload.into_inner().unwrap().items;
+    let Workload { items, guarded, .. } = workload.into_inner().unwrap();
+    let guarded: BTreeSet<IndexRef> = guarded.into_keys().collect();
     let mut model = Model::of(&items);
     // Every operator that failed, run again as its error says (one whose record is rejected
     // fails again, on purpose).
@@ -676,13 +757,15 @@ async fn run_seed(seed: u64, Setup { shards, variety }: Setup) -> Run {
     settled
         .kept
         .extend(aliased_in_the_ledger_only(&world, &items));
+    settled.guarded.clone_from(&guarded);
     let unchecked: BTreeSet<(&str, String)> = (world.unchecked.lock().unwrap().iter())
         .map(|(namespace, key)| (namespace.name(), key.clone()))
         .collect();
     let when = "once the writers settled";
     violations.extend(check(&world, &settled, when, Some(&unchecked)));
     // A reconcile pass changes nothing the model holds, and the next finds no drift.
-    let model = Model::of(&items);
+    let mut model = Model::of(&items);
+    model.guarded = guarded;
     for pass in ["first", "second"] {
         let reconcile = json!({"mode": "reconcile", "repair": true});
         match invoke(&world, ("settle", &exporter), &reconcile).await {
@@ -703,7 +786,7 @@ async fn run_seed(seed: u64, Setup { shards, variety }: Setup) -> Run {
         let when = format!("after the {pass} reconcile pass");
         violations.extend(check(&world, &model, &when, None));
     }
-    violations.extend(std::mem::take(&mut *world.trespasses.lock().unwrap()));
+    violations.extend(std::mem::take(&mut *world.broken.lock().unwrap()));
     let trace = std::mem::take(&mut world.scheduler.lock().unwrap().trace);
     Run { trace, violations }
 }
@@ -826,6 +909,14 @@ fn check(
         if !open {
             violations.push(format!(
                 "{when}: {at:?} holds {value}, the table implies no such key"
+            ));
+        }
+    }
+    // "Alias deletion safety": a removed index an alias keeps holds its own key.
+    for target in &model.guarded {
+        if !held.contains_key(&("settings", target.id().0)) {
+            violations.push(format!(
+                "{when}: {target}'s own key is gone while an alias recorded before its removal reads it"
             ));
         }
     }
@@ -1011,7 +1102,17 @@ const FOUND_WIDER: [(u64, usize, Variety); 13] = [
 #[test]
 fn the_seeds_that_found_a_bug_stay_green() {
     let plain = FOUND.map(|seed| (seed, Setup::PLAIN));
-    let wider = FOUND_WIDER.map(|(seed, shards, variety)| (seed, Setup { shards, variety }));
+    let wider = FOUND_WIDER.map(|(seed, shards, variety)| {
+        let off = None;
+        (
+            seed,
+            Setup {
+                shards,
+                variety,
+                off,
+            },
+        )
+    });
     for (seed, setup) in plain.into_iter().chain(wider) {
         let run = run(seed, setup);
         assert!(run.violations.is_empty(), "{}", report(seed, setup, &run));
@@ -1025,6 +1126,7 @@ fn every_seed_runs_the_same_twice() {
         let setup = Setup {
             shards: 2 + seed as usize % 2,
             variety: VARIETIES[seed as usize % VARIETIES.len()],
+            off: None,
         };
         let (first, again) = (run(seed, setup), run(seed, setup));
         let differs = (first.trace.iter().zip(&again.trace)).position(|(a, b)| a != b);
@@ -1037,6 +1139,45 @@ fn every_seed_runs_the_same_twice() {
             first.trace.len() > 50,
             "a run does something: {:?}",
             first.trace
+        );
+    }
+}
+
+/// The net (issue 84, "the net first"): for each protection of "Concurrent writers" a seed,
+/// with its shards and workload, that ends green with every protection and finds something
+/// wrong with that one taken out alone ([`Protection`]; a sweep without one: `make simulate
+/// NET_OFF=<name> ...`). A change that drops one of these fails `make test` here. A backfill's
+/// counted intents and an operator's record-again have no seed yet: each survived every sweep
+/// so far (the closing note of the session that built this names them).
+const NET: [(Protection, u64, usize, Variety); 4] = [
+    (Protection::CheckRounds, 156, 2, Variety::Plain),
+    (Protection::ShrinkCondition, 682, 3, Variety::Varied),
+    (Protection::Lease, 26, 2, Variety::Plain),
+    (Protection::AliasSafety, 74, 2, Variety::Plain),
+];
+
+#[test]
+fn each_protection_taken_out_alone_is_found_by_its_seed() {
+    for (protection, seed, shards, variety) in NET {
+        let setup = Setup {
+            shards,
+            variety,
+            off: None,
+        };
+        let green = run(seed, setup);
+        assert!(
+            green.violations.is_empty(),
+            "{}",
+            report(seed, setup, &green)
+        );
+        let without = Setup {
+            off: Some(protection),
+            ..setup
+        };
+        let found = run(seed, without).violations;
+        assert!(
+            !found.is_empty(),
+            "seed {seed} on {without} finds nothing wrong"
         );
     }
 }

@@ -31,6 +31,9 @@ pub struct Model {
     /// Removed indexes an enabled alias of a valid record reads ("Alias deletion safety"): their
     /// own key, and a shop key no valid record claims, may hold them (or be gone).
     pub kept: BTreeSet<IndexRef>,
+    /// Removed indexes whose own key must hold them: when each was removed, a valid record whose
+    /// alias the ledger recorded read it (and its key was there), and that record still does.
+    pub guarded: BTreeSet<IndexRef>,
     /// Shops some valid record claims.
     pub claimed: BTreeSet<String>,
     /// The shop each rejected record's raw item claims (the reconcile counts it a claimer).
@@ -69,6 +72,21 @@ fn unreadable(item: &Value) -> bool {
     let weight = |t: &Value| t["M"].get("weight").cloned();
     (reads.as_array().into_iter().flatten())
         .any(|t| weight(t).is_some_and(|weight| weight.get("N").is_none()))
+}
+
+/// "Validation": an index whose endpoint is not https, whose shop id is no shop, whose aliases
+/// cannot be read or hold a weight that is not a finite number, or whose account has no API key
+/// in its cell, is rejected.
+pub fn valid(item: &Value) -> bool {
+    let weights = reads(item)
+        .map(|(_, _, weights)| weights)
+        .unwrap_or_default();
+    let finite = (weights.iter()).all(|weight| weight.parse::<f64>().is_ok_and(f64::is_finite));
+    let endpoint = s(item, "index_endpoint").is_some_and(|e| e.starts_with("https://"));
+    let shop = s(item, "shop_id").is_none_or(is_shop);
+    // An account has no API key in the hostile workload's `gone` cell.
+    let api_key = s(item, "cell") != Some(super::GONE_CELL);
+    endpoint && shop && finite && !unreadable(item) && api_key
 }
 
 /// A Shopify shop domain ("Validation": `{handle}.myshopify.com`, the handle of lower-case
@@ -202,22 +220,6 @@ impl Model {
                 }
             }
         }
-        // "Validation": an index whose endpoint is not https, whose shop id is no shop, whose
-        // aliases cannot be read or hold a weight that is not a finite number, or whose account
-        // has no API key in its cell, is rejected.
-        let finite = |item: &Value| {
-            let weights = reads(item)
-                .map(|(_, _, weights)| weights)
-                .unwrap_or_default();
-            (weights.iter()).all(|weight| weight.parse::<f64>().is_ok_and(f64::is_finite))
-        };
-        let valid = |item: &Value| {
-            let endpoint = s(item, "index_endpoint").is_some_and(|e| e.starts_with("https://"));
-            let shop = s(item, "shop_id").is_none_or(is_shop);
-            // An account has no API key in the hostile workload's `gone` cell.
-            let api_key = s(item, "cell") != Some(super::GONE_CELL);
-            endpoint && shop && finite(item) && !unreadable(item) && api_key
-        };
         let mut by_shop: BTreeMap<String, Vec<Value>> = BTreeMap::new();
         let mut read: BTreeSet<String> = BTreeSet::new();
         for (index, item) in &settings {

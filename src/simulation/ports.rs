@@ -104,8 +104,8 @@ impl Sim {
                     let value = value.text().into_owned();
                     if let Some(trespass) = self.0.trespass(&key, &value) {
                         let who = self.1;
-                        let mut trespasses = self.0.trespasses.lock().unwrap();
-                        trespasses.push(format!("{who}: {trespass}"));
+                        let mut broken = self.0.broken.lock().unwrap();
+                        broken.push(format!("{who}: {trespass}"));
                     }
                     kv.insert(at.clone(), value.clone());
                     Some(value)
@@ -389,8 +389,26 @@ impl Ledger for Sim {
         expected: Option<u64>,
     ) -> Result<bool, PortError> {
         self.0.go(self.1, "ledger save progress").await?;
-        (self.0.ledger)
+        let saved = (self.0.ledger)
             .save_reconcile_progress(progress, expected)
-            .await
+            .await?;
+        // A lease keeps two runs off one pass: the save that ends a run's pass never finds its
+        // progress moved by another run while the lease held.
+        let mut leases = self.0.leases.lock().unwrap();
+        let leased = match progress.lease_until {
+            Some(_) => saved.then_some(progress.version),
+            None => leases
+                .remove(self.1)
+                .filter(|version| expected == Some(*version)),
+        };
+        match (progress.lease_until, leased) {
+            (Some(_), Some(version)) => drop(leases.insert(self.1.to_owned(), version)),
+            (None, Some(version)) if !saved => {
+                let moved = format!("{}: its pass's progress (leased at version {version}) was moved by another run while its lease held", self.1);
+                self.0.broken.lock().unwrap().push(moved);
+            }
+            _ => {}
+        }
+        Ok(saved)
     }
 }

@@ -109,12 +109,20 @@ pub struct World {
     pub(super) wide: bool,
     /// The eventual workload's world: listings that lag, batches delivered again, cells.
     pub(super) eventual: bool,
+    /// The contended workload's world: writes, intents and shrinks that stall.
+    contended: bool,
     pub ledger: MemoryLedger,
     pub scheduler: Mutex<Scheduler>,
     /// Every shop an index's settings item has named, at any time (the workload's).
     pub claimed_ever: Mutex<BTreeSet<(IndexRef, String)>>,
-    /// Puts that wrote one account's value where it has no business (checked as they land).
-    pub trespasses: Mutex<Vec<String>>,
+    /// Rules broken as they happen: a put that wrote one account's value where it has no
+    /// business (checked as it lands), a pass whose progress another invocation moved while
+    /// its lease held.
+    pub broken: Mutex<Vec<String>>,
+    /// The version of the progress each writer's scheduled reconcile leased its pass at.
+    pub(super) leases: Mutex<HashMap<String, u64>>,
+    /// The sequence numbers of the stream records done (delivered, and not to be again).
+    pub(super) drained: Mutex<BTreeSet<String>>,
     /// Writers whose invocation stopped, until their caller sees it.
     pub(super) stopped: Mutex<BTreeSet<String>>,
     /// The keys each writer's invocation wrote or deleted so far.
@@ -142,6 +150,7 @@ impl World {
             kv_metadata: wide.then(Mutex::default),
             wide,
             eventual: variety >= super::Variety::Eventual,
+            contended: variety >= super::Variety::Contended,
             ledger,
             scheduler: Mutex::new(Scheduler {
                 knobs: Knobs::of(&mut Rng::new(seed ^ 0x0C0B)),
@@ -150,7 +159,9 @@ impl World {
                 trace: Vec::new(),
             }),
             claimed_ever: Mutex::default(),
-            trespasses: Mutex::default(),
+            broken: Mutex::default(),
+            leases: Mutex::default(),
+            drained: Mutex::default(),
             stopped: Mutex::default(),
             landed_by: Mutex::default(),
             kv_history: Mutex::default(),
@@ -174,7 +185,11 @@ impl World {
             let mut s = self.scheduler.lock().unwrap();
             let yields = s.rng.below(4);
             let knobs = s.knobs;
-            let delay = s.rng.chance(knobs.delays).then(|| s.rng.below(30));
+            let mut delay = s.rng.chance(knobs.delays).then(|| s.rng.below(30));
+            let contended = ["kv write", "ledger intent", "ledger shrink"];
+            if self.contended && contended.iter().any(|c| call.starts_with(c)) && s.rng.chance(30) {
+                delay = Some(100 + s.rng.below(900)); // Stalled: another writer's turn.
+            }
             let turn = match s.faults && s.rng.chance(knobs.fails) {
                 true => Turn::Fail(match s.rng.below(5) {
                     0 => PortError::Throttled(format!("simulated: {call} throttled")),

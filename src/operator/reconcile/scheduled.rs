@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::{Answer, ReconcileRequest};
+use crate::domain::net::{self, Protection};
 use crate::operator::{NonEmpty, OperatorError};
 use crate::pipeline::exporter::Exporter;
 use crate::ports::{Ports, ReconcileProgress};
@@ -138,7 +139,10 @@ fn advance(progress: &mut ReconcileProgress, answer: &super::Answer) {
 
 /// Why this run leaves the pass alone, if it does.
 fn not_now(progress: &ReconcileProgress, now: u64, every: Duration) -> Option<String> {
-    if let Some(until) = progress.lease_until.filter(|until| *until > now) {
+    let leased = progress
+        .lease_until
+        .filter(|_| !net::off(Protection::Lease));
+    if let Some(until) = leased.filter(|until| *until > now) {
         return Some(format!(
             "another invocation holds the pass for {} s more",
             until - now
