@@ -838,6 +838,21 @@ fn check(
         if unchecked.contains(&(at.0, at.1.clone())) {
             continue;
         }
+        // Window "an operator's write of an index removed meanwhile": until the reconcile pass,
+        // a key of the index may hold what its stale write left, or be gone.
+        let of = |value: &Value| {
+            let ids = value["system_account_id"]
+                .as_str()
+                .zip(value["index_name"].as_str());
+            ids.map(|(account, name)| IndexRef::new(account, name))
+        };
+        let index = match implied {
+            Implied::Value(value) => of(value),
+            Implied::AnyOf(_) => None,
+        };
+        if !reconciled && index.is_some_and(|i| model.open_until_reconcile.contains(&i)) {
+            continue;
+        }
         let Some(value) = held.get(at) else {
             violations.push(format!(
                 "{when}: {at:?} missing, the table implies {implied:?}"
@@ -1147,12 +1162,13 @@ fn every_seed_runs_the_same_twice() {
 /// with its shards and workload, that ends green with every protection and finds something
 /// wrong with that one taken out alone ([`Protection`]; a sweep without one: `make simulate
 /// NET_OFF=<name> ...`). A change that drops one of these fails `make test` here. A backfill's
-/// counted intents and an operator's record-again have no seed yet: each survived every sweep
-/// so far (the closing note of the session that built this names them).
-const NET: [(Protection, u64, usize, Variety); 4] = [
+/// counted intents have no seed yet: they survived every sweep so far (the closing note of the
+/// session that built this names them).
+const NET: [(Protection, u64, usize, Variety); 5] = [
     (Protection::CheckRounds, 156, 2, Variety::Plain),
     (Protection::ShrinkCondition, 682, 3, Variety::Varied),
     (Protection::Lease, 26, 2, Variety::Plain),
+    (Protection::RecordAgain, 6996, 2, Variety::Contended),
     (Protection::AliasSafety, 74, 2, Variety::Plain),
 ];
 
