@@ -371,8 +371,6 @@ impl Ledger for MemoryLedger {
         let birth = self.calls.fetch_add(1, Ordering::SeqCst) << 32;
         let (mut refs, mut back) = (self.refs.lock().unwrap(), self.back.lock().unwrap());
         for (index, referred) in items {
-            let created = !refs.contains_key(index);
-            refs.entry(index.clone()).or_default().intents += if created { birth } else { 0 };
             back.insert((referred.clone(), index.clone()));
             let own = refs.entry(index.clone()).or_default();
             match referred {
@@ -380,10 +378,15 @@ impl Ledger for MemoryLedger {
                 Referred::Alias(target) => own.targets.insert(target.clone()),
             };
         }
-        // One intent per index a call names, as one update of its item counts it.
+        // One intent per index a call names, as one update of its item counts it, from the
+        // call's birth where none was counted yet (DynamoDB's `if_not_exists`).
         let indexes: BTreeSet<&IndexRef> = items.iter().map(|(index, _)| index).collect();
         for index in indexes {
-            refs.entry(index.clone()).or_default().intents += 1;
+            let own = refs.entry(index.clone()).or_default();
+            own.intents = match own.intents {
+                0 => birth + 1,
+                counted => counted + 1,
+            };
         }
         Ok(birth)
     }
@@ -394,10 +397,11 @@ impl Ledger for MemoryLedger {
         }
         let (mut refs, mut back) = (self.refs.lock().unwrap(), self.back.lock().unwrap());
         for change in changes {
-            let own = refs.entry(change.index.clone()).or_default();
-            if own.intents != change.intents && !net::off(Protection::ShrinkCondition) {
+            let counted = refs.get(&change.index).map_or(0, |own| own.intents);
+            if counted != change.intents && !net::off(Protection::ShrinkCondition) {
                 continue; // Another writer's intent since: it owns what it recorded.
             }
+            let own = refs.entry(change.index.clone()).or_default();
             let after = change.after();
             let gone: Vec<&Referred> = change.pointing.difference(&after).collect();
             for gone in &gone {

@@ -76,9 +76,9 @@ pub trait Ledger: Send + Sync {
     /// added to the set of what it refers to, and what it refers to to the index's own
     /// references, whose intents grow by one (members recorded already included). Only adds: a
     /// reader may find a reference too many, never one too few. Answers the call's birth: an
-    /// index's references this call creates count `birth + 1` intents, a number no other call
-    /// starts from, so a shrink that read an earlier life of them (since taken out whole)
-    /// never finds its count again.
+    /// index's references with no count yet (this call creates them) count `birth + 1`
+    /// intents, a number no other call starts from, so a shrink that read an earlier life of
+    /// them (since taken out whole) never finds its count again.
     fn point_back(
         &self,
         items: &[(IndexRef, Referred)],
