@@ -33,6 +33,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::domain::net::{self, Protection};
+use crate::domain::table::settings_sk;
 use crate::domain::{IndexRef, Namespace};
 use crate::pipeline::api_key_cache::ApiKeyCache;
 use crate::pipeline::exporter::{ExportOptions, Exporter};
@@ -197,8 +198,7 @@ impl Workload {
         match &new {
             Some(item) => {
                 let shop = item["shop_id"]["S"].as_str().map(str::to_owned);
-                let name = sk.strip_prefix("INDEX#").filter(|n| !n.contains('#'));
-                if let Some((name, shop)) = name.zip(shop) {
+                if let Some((name, shop)) = settings_name(sk).zip(shop) {
                     let claim = (IndexRef::new(pk, name), shop);
                     world.claimed_ever.lock().unwrap().insert(claim);
                 }
@@ -211,17 +211,18 @@ impl Workload {
                 world.table.lock().unwrap().remove(&key);
             }
         }
-        if let Some(name) = sk.strip_prefix("INDEX#").filter(|n| !n.contains('#')) {
+        if let Some(name) = settings_name(sk) {
             self.guard(world, IndexRef::new(pk, name), new.as_ref());
         }
         self.sequence += 1;
-        self.last.insert(key, format!("{:020}", self.sequence));
+        let sequence = format!("{:020}", self.sequence);
+        self.last.insert(key, sequence.clone());
         let view = match self.new_image_only {
             true => "NEW_IMAGE",
             false => "NEW_AND_OLD_IMAGES",
         };
         let mut change = json!({"Keys": {"pk": {"S": pk}, "sk": {"S": sk}},
-            "SequenceNumber": format!("{:020}", self.sequence), "SizeBytes": 1,
+            "SequenceNumber": sequence, "SizeBytes": 1,
             "StreamViewType": view});
         if let Some(new) = new {
             change["NewImage"] = new;
@@ -251,9 +252,7 @@ impl Workload {
         let shard = shard_of(pk, sk, self.shards.len());
         self.shards[shard].push_back(record);
     }
-}
 
-impl Workload {
     /// "Alias deletion safety", as the table moves: an index removed while a valid record
     /// whose alias the ledger records reads it (the stream done with both items' records so far,
     /// the index's own key there) is guarded by that record until the record no longer reads
@@ -271,13 +270,13 @@ impl Workload {
         let done = |key: &(String, String)| self.last.get(key).is_some_and(|s| drained.contains(s));
         let own = (Namespace::Settings, changed.id().0);
         let held = world.kv.lock().unwrap().contains_key(&own);
-        let key = (changed.account.clone(), format!("INDEX#{}", changed.name));
+        let key = (changed.account.clone(), settings_sk(&changed.name));
         if new.is_some() {
             self.guarded.remove(&changed);
         } else if held && done(&key) {
             let recorded = world.ledger.refs.lock().unwrap();
             let holders = (self.items.iter()).filter_map(|(key, item)| {
-                let name = key.1.strip_prefix("INDEX#").filter(|n| !n.contains('#'))?;
+                let name = settings_name(&key.1)?;
                 let holder = IndexRef::new(&key.0, name);
                 let targets = recorded.get(&holder).map(|refs| &refs.targets);
                 let recorded = targets.is_some_and(|t| t.contains(&changed.id().0));
@@ -289,6 +288,11 @@ impl Workload {
         }
         self.guarded.retain(|_, holders| !holders.is_empty());
     }
+}
+
+/// The index name of a settings item's sort key (`None`: an override's, or another item's).
+fn settings_name(sk: &str) -> Option<&str> {
+    sk.strip_prefix("INDEX#").filter(|name| !name.contains('#'))
 }
 
 /// An item's shard, the same in every run (FNV-1a).
@@ -579,7 +583,8 @@ impl Setup {
     };
 
     /// How a sweep or one seed runs: `SIMULATION_SHARDS` (2 unless said), `SIMULATION_VARIETY`
-    /// (0 plain, unless said; 1 varied; 2 wide; 3 eventual; 4 hostile), `SIMULATION_NET_OFF`
+    /// (0 plain, unless said; 1 varied; 2 wide; 3 eventual; 4 hostile; 5 contended),
+    /// `SIMULATION_NET_OFF`
     /// (a protection to take out, as [`Protection`] names it; none unless said).
     fn from_env() -> Setup {
         let variety = env("SIMULATION_VARIETY", 0) as usize;
