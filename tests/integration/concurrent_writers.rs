@@ -804,6 +804,70 @@ async fn a_reconcile_s_repaired_shop_outlives_a_shrink_that_read_the_ledger_befo
 }
 
 crate::on_both_views! {
+/// `products` moves from shop x to y, and its shrink takes x out of its own item and itself
+/// out of x's set in one transaction: a re-export that points `products` back at x just
+/// after (its next ledger write held) finds both gone and records both again. Two steps would
+/// let the second take `products` out of x's set after the re-export recorded it there, and
+/// x's referrers would miss an index the ledger says serves x.
+async fn an_intent_right_after_a_shrink_is_found_by_who_refers_to_its_shop(view) {
+    use ecom_emulators::dynamo_proxy::{DynamoCall, DynamoFault};
+    use ecom_settings_exporter::adapters::ledger::DynamoLedger;
+    use ecom_settings_exporter::ports::{Ledger, Referred};
+    let [sx, sy] = ["x", "y"].map(|s| format!("shop-{s}.myshopify.com"));
+    let mut h = products_migrated_on(view, &sx).await;
+    let ProxiedFunction {
+        dynamodb,
+        runtime,
+        function,
+    } = behind_a_dynamodb_proxy(&h).await;
+    let operator = Writer::start(&h).await;
+    let ledger_write = Some("TransactWriteItems");
+    let hold = || dynamodb.inject(ledger_write, Some("-ledger"), DynamoFault::Hold, 1);
+    let shrinks = || {
+        let calls = dynamodb.calls();
+        let ledger = |c: &&DynamoCall| c.tables.iter().any(|t| t.ends_with("-ledger"));
+        let writes = calls.iter().filter(|c| Some(c.operation.as_str()) == ledger_write);
+        writes.filter(ledger).count()
+    };
+
+    h.put(index_item("acct-1", "products", Some(&sy))).await;
+    let moved = h.stream_records().await;
+    h.kv.hold("bulk/delete", Some(&sx));
+    let run = runtime.invoke(json!({ "Records": moved }), TIMEOUT);
+    let race = async {
+        until_held(&h).await;
+        hold();
+        h.kv.release();
+        until_ledger_held(&dynamodb, &function).await;
+        // The shrink's first ledger write goes; the next one waits for the re-export.
+        hold();
+        let before = shrinks();
+        dynamodb.release();
+        while shrinks() == before {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        until_ledger_held(&dynamodb, &function).await;
+        h.put(index_item("acct-1", "products", Some(&sx))).await;
+        let (account, index) = ("acct-1", "products");
+        let payload = json!({"mode": "reexport", "system_account_id": account, "index_name": index});
+        let answer = operator.invoke(payload).await;
+        assert_eq!(answer["complete"], true, "{answer}");
+        dynamodb.release();
+    };
+    let (answer, ()) = tokio::join!(run, race);
+    let answer = answer.expect("an answer");
+    assert_eq!(failures(&answer), Vec::<String>::new(), "{answer}");
+
+    let ledger = DynamoLedger::new(&aws().await, h.ledger.clone());
+    let products = ecom_settings_exporter::domain::IndexRef::new("acct-1", "products");
+    let recorded = ledger.index_refs(std::slice::from_ref(&products)).await.unwrap();
+    assert!(recorded[&products].shops.contains(&sx), "{recorded:?}");
+    let referrers = ledger.referrers(&[Referred::Shop(sx.clone())]).await.unwrap();
+    assert_eq!(referrers, vec![products], "{}", function.output());
+}
+}
+
+crate::on_both_views! {
 /// `target` moves to shop y (recorded already: a backfill wrote it) and its shard's write of
 /// y is held while the table removes `target` and `reader` drops its alias to it. The
 /// reader's shard removes `target` again on its behalf (its keys deleted, confirmed); that

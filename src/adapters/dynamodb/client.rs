@@ -26,7 +26,7 @@ const UNPROCESSED_TRIES: u32 = 5;
 /// Calls in flight at once.
 const CONCURRENT_CALLS: usize = 8;
 /// DynamoDB's limits per TransactWriteItems call: actions, and bytes (4 MB, less a margin).
-const TRANSACT_ACTIONS: usize = 100;
+pub(crate) const TRANSACT_ACTIONS: usize = 100;
 const TRANSACT_BYTES: usize = 3_500_000;
 
 /// An item or a key as the SDK takes and gives it.
@@ -237,18 +237,10 @@ impl Dynamo {
                     .map(|(_, a)| a)
                     .collect(),
             };
-            let sent = self
-                .client
-                .transact_write_items()
-                .set_transact_items(Some(items));
-            let error = match sent.send().await {
-                Ok(_) => return Ok(refused),
-                Err(error) => error,
-            };
-            let failed = failed_conditions(&error).filter(|f| !f.is_empty());
-            let Some(failed) = failed else {
-                return Err(transact_error(table, error));
-            };
+            let failed = self.transact_once(table, items).await?;
+            if failed.is_empty() {
+                return Ok(refused);
+            }
             let mut at = 0..;
             actions.retain(|(position, _)| {
                 let keep = !failed.contains(&at.next().expect("endless"));
@@ -259,6 +251,24 @@ impl Dynamo {
             });
         }
         Ok(refused)
+    }
+
+    /// One transaction, applied whole (answers nothing) or refused for the actions whose
+    /// conditions failed (answers their positions).
+    pub(crate) async fn transact_once(
+        &self,
+        table: &str,
+        actions: Vec<TransactWriteItem>,
+    ) -> Result<BTreeSet<usize>, PortError> {
+        let sent = (self.client.transact_write_items()).set_transact_items(Some(actions));
+        let error = match sent.send().await {
+            Ok(_) => return Ok(BTreeSet::new()),
+            Err(error) => error,
+        };
+        match failed_conditions(&error).filter(|f| !f.is_empty()) {
+            Some(failed) => Ok(failed),
+            None => Err(transact_error(table, error)),
+        }
     }
 
     /// One item, read consistently (`None`: there is none).

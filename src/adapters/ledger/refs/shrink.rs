@@ -1,84 +1,131 @@
 //! The stream's shrink of the ledger (`Ledger::record_refs`): what its check confirmed an
 //! index gave up taken out, on the condition that no other intent came since the batch read.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem};
 
 use super::super::{n, update_action, Condition, DynamoLedger, Item};
 use super::{index_key, own_sets, ref_pk, referred_pk, REFERRERS_SK, REF_SK};
+use crate::adapters::dynamodb::TRANSACT_ACTIONS;
 use crate::domain::IndexRef;
 use crate::ports::{PortError, Referred, RefsChange};
 
+/// One index's shrink: its own item's action (on its intents) and the pairs it gave up.
+struct Shrink<'c> {
+    index: &'c IndexRef,
+    own: TransactWriteItem,
+    gone: Vec<&'c Referred>,
+}
+
 impl DynamoLedger {
     /// What each change confirmed the index no longer refers to taken out of its own item
-    /// (a removed index's item deleted), then the index taken out of those sets
-    /// (an overflowed set's item of its own deleted), then each set left empty deleted: a
-    /// reader that finds an index's references finds it in every set (it was added before the
-    /// writes). Each step is one transaction per 100 items.
+    /// (a removed index's item deleted) and, in the same transaction, the index taken out of
+    /// those sets (an overflowed set's item of its own deleted): an intent that comes between
+    /// finds both or neither. Then each set left empty is deleted.
     pub(super) async fn shrink(&self, changes: &[RefsChange]) -> Result<(), PortError> {
-        let mut given_up = Vec::with_capacity(changes.len());
-        let mut own = Vec::with_capacity(changes.len());
-        for change in changes {
-            let after = change.after();
-            let gone: Vec<&Referred> = (change.pointing.iter())
-                .filter(|r| !after.contains(*r))
-                .collect();
-            let key = Item::key(ref_pk(&change.index), REF_SK);
-            own.push(match (&change.new, gone.is_empty()) {
-                // Removed: its record goes whole (an intent since keeps it).
-                (None, _) => self.delete_action(key, Some(unchanged_intents(change.intents))),
-                // Nothing recorded, nothing to take out: an empty record, unless one is there.
-                (Some(_), true) => {
-                    let absent: Condition = ("attribute_not_exists(pk)".into(), Item::default());
-                    self.put_action(key, Some(absent))
-                }
-                (Some(_), false) => {
-                    let sets = own_sets(gone.iter().copied());
-                    let (condition, values) = unchanged_intents(change.intents);
-                    let delete = self.own_update(&change.index, sets, values);
-                    update_action(delete.condition_expression(condition))
-                }
-            });
-            given_up.push((&change.index, gone));
+        let mut emptied = BTreeSet::new();
+        for together in packed(changes.iter().map(|c| self.of(c)).collect()) {
+            emptied.extend(self.shrink_together(together).await?);
         }
-        // An index whose intents changed since the batch read keeps everything (its item and
-        // the sets): another writer's intent owns those members.
-        let refused = self.transact_all(own).await?;
-        let mut gone: BTreeMap<&Referred, Vec<&IndexRef>> = BTreeMap::new();
-        for (at, (index, referred)) in given_up.into_iter().enumerate() {
-            if refused.contains(&at) {
-                continue;
-            }
-            for referred in referred {
-                gone.entry(referred).or_default().push(index);
-            }
-        }
-        let mut actions = Vec::new();
-        for (referred, indexes) in &gone {
-            let keys = indexes.iter().map(|index| index_key(index)).collect();
-            let members = Item::default().with(":gone", AttributeValue::Ss(keys));
-            actions.push(update_action(self.set_update(
-                referred,
-                "DELETE #set :gone",
-                members,
-            )));
-            // Past the set's bound, the index had an item of its own (none: nothing to do).
-            actions.extend(indexes.iter().map(|index| {
-                let own = Item::key(referred_pk(referred), &index_key(index));
-                self.delete_action(own, None)
-            }));
-        }
-        self.transact_all(actions).await?;
         // A set nobody is left in goes, unless it overflowed: its members' own items stay
         // to be found by a Query.
         let empty = "attribute_not_exists(#set) AND attribute_not_exists(overflow)";
-        let deletes = gone.keys().map(|referred| {
+        let deletes = emptied.into_iter().map(|referred| {
             let key = Item::key(referred_pk(referred), REFERRERS_SK);
             self.delete_action(key, Some((empty.into(), Item::default())))
         });
         self.transact_all(deletes.collect()).await.map(|_| ())
     }
+
+    fn of<'c>(&self, change: &'c RefsChange) -> Shrink<'c> {
+        let after = change.after();
+        let gone: Vec<&Referred> = (change.pointing.iter())
+            .filter(|r| !after.contains(*r))
+            .collect();
+        let key = Item::key(ref_pk(&change.index), REF_SK);
+        let own = match (&change.new, gone.is_empty()) {
+            // Removed: its record goes whole (an intent since keeps it).
+            (None, _) => self.delete_action(key, Some(unchanged_intents(change.intents))),
+            // Nothing recorded, nothing to take out: an empty record, unless one is there.
+            (Some(_), true) => {
+                let absent: Condition = ("attribute_not_exists(pk)".into(), Item::default());
+                self.put_action(key, Some(absent))
+            }
+            (Some(_), false) => {
+                let sets = own_sets(gone.iter().copied());
+                let (condition, values) = unchanged_intents(change.intents);
+                let delete = self.own_update(&change.index, sets, values);
+                update_action(delete.condition_expression(condition))
+            }
+        };
+        let index = &change.index;
+        Shrink { index, own, gone }
+    }
+
+    /// One transaction for these indexes: their own items' actions first, then the sets.
+    /// An index whose intents changed since the batch read keeps everything (its item and
+    /// the sets: another writer's intent owns those members), and the rest are sent again.
+    /// Answers the sets the applied ones left.
+    async fn shrink_together<'c>(
+        &self,
+        mut together: Vec<Shrink<'c>>,
+    ) -> Result<Vec<&'c Referred>, PortError> {
+        while !together.is_empty() {
+            let mut actions: Vec<_> = together.iter().map(|s| s.own.clone()).collect();
+            actions.extend(self.take_out(&together));
+            // Only an index giving up more than a transaction holds has its sets sent after.
+            let rest = actions.split_off(actions.len().min(TRANSACT_ACTIONS));
+            let refused = self.dynamo.transact_once(&self.table_name, actions).await?;
+            if refused.is_empty() {
+                self.transact_all(rest).await?;
+                return Ok(together.into_iter().flat_map(|s| s.gone).collect());
+            }
+            let mut at = 0..;
+            together.retain(|_| !refused.contains(&at.next().expect("endless")));
+        }
+        Ok(Vec::new())
+    }
+
+    /// The indexes taken out of each set they gave up, one action per set, and past the
+    /// set's bound the index's item of its own deleted (none: nothing to do).
+    fn take_out(&self, together: &[Shrink]) -> Vec<TransactWriteItem> {
+        let mut gone: BTreeMap<&Referred, Vec<&IndexRef>> = BTreeMap::new();
+        for shrink in together {
+            for referred in &shrink.gone {
+                gone.entry(referred).or_default().push(shrink.index);
+            }
+        }
+        let mut actions = Vec::new();
+        for (referred, indexes) in gone {
+            let keys = indexes.iter().map(|index| index_key(index)).collect();
+            let members = Item::default().with(":gone", AttributeValue::Ss(keys));
+            let delete = self.set_update(referred, "DELETE #set :gone", members);
+            actions.push(update_action(delete));
+            actions.extend(indexes.iter().map(|index| {
+                let own = Item::key(referred_pk(referred), &index_key(index));
+                self.delete_action(own, None)
+            }));
+        }
+        actions
+    }
+}
+
+/// The shrinks in groups of at most a transaction's actions each (an index's own action, and
+/// for each pair it gave up at most a set's action and a delete), one index at least.
+fn packed(shrinks: Vec<Shrink>) -> Vec<Vec<Shrink>> {
+    let mut groups: Vec<Vec<Shrink>> = Vec::new();
+    let mut actions = 0;
+    for shrink in shrinks {
+        let cost = 1 + 2 * shrink.gone.len();
+        if groups.is_empty() || actions + cost > TRANSACT_ACTIONS {
+            groups.push(Vec::new());
+            actions = 0;
+        }
+        actions += cost;
+        groups.last_mut().expect("pushed").push(shrink);
+    }
+    groups
 }
 
 /// The condition that the index's intents are still `intents` (none recorded for 0).
