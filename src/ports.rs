@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 mod ledger;
 
-pub use ledger::{IndexRefs, Ledger, ReconcileProgress, RecordedPage, Referred, RefsChange};
+pub use ledger::{IndexRefs, Ledger, ReconcileProgress, Referred, RefsChange};
 
 use crate::domain::kv::{KvKey, KvOp};
 use crate::domain::{AccountCell, ApiKey, IndexRef, Namespace};

@@ -418,25 +418,6 @@ impl Ledger for MemoryLedger {
         Ok(())
     }
 
-    async fn recorded(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<crate::ports::RecordedPage, PortError> {
-        let refs = self.refs.lock().unwrap();
-        let cursor =
-            |index: &IndexRef| format!("{}:{}#{}", index.account.len(), index.account, index.name);
-        let mut page: Vec<(IndexRef, IndexRefs)> = (refs.iter())
-            .filter(|(index, _)| after.is_none_or(|after| cursor(index).as_str() > after))
-            .map(|(index, refs)| (index.clone(), refs.clone()))
-            .collect();
-        page.sort_by_key(|(index, _)| cursor(index));
-        let more = page.len() > limit;
-        page.truncate(limit);
-        let next = page.last().filter(|_| more).map(|(index, _)| cursor(index));
-        Ok((page, next))
-    }
-
     async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {
         Ok(self.progress.lock().unwrap().clone())
     }

@@ -25,9 +25,6 @@ pub struct ReconcileProgress {
     pub lease_until: Option<u64>,
 }
 
-/// A page of the ledger's records of indexes, and the cursor of the next page (`None`: none).
-pub type RecordedPage = (Vec<(IndexRef, IndexRefs)>, Option<String>);
-
 /// An index's references confirmed by the stream's check: what `pointing` names (every item
 /// that may point back at the index, and every reference of its own, as read before the batch
 /// and added by it) that `new` does not name is taken out, on both sides (`new` is `None` for
@@ -103,15 +100,6 @@ pub trait Ledger: Send + Sync {
         &self,
         changes: &[RefsChange],
     ) -> impl Future<Output = Result<(), PortError>> + Send;
-
-    /// A page of the indexes whose references the ledger records (consistent reads), from
-    /// after `after` (a cursor this answered before; `None`: the first page), about `limit`
-    /// items read, and the cursor of the next page (`None`: this was the last).
-    fn recorded(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> impl Future<Output = Result<RecordedPage, PortError>> + Send;
 
     fn reconcile_progress(
         &self,

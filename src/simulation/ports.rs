@@ -378,15 +378,6 @@ impl Ledger for Sim {
         self.0.ledger.record_refs(changes).await
     }
 
-    async fn recorded(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<crate::ports::RecordedPage, PortError> {
-        self.0.go(self.1, "ledger read recorded").await?;
-        self.0.ledger.recorded(after, limit).await
-    }
-
     async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {
         self.0.go(self.1, "ledger progress").await?;
         self.0.ledger.reconcile_progress().await

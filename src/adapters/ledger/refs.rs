@@ -232,26 +232,6 @@ impl Ledger for DynamoLedger {
         self.shrink(changes).await
     }
 
-    /// A Scan page of the table, its `ref#` items kept; the cursor is the next item's key.
-    async fn recorded(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<crate::ports::RecordedPage, PortError> {
-        let start = after.and_then(|cursor| serde_json::from_str(cursor).ok());
-        let values = Item::default()
-            .with(":ref", AttributeValue::S("ref#".into()))
-            .with(":refs", AttributeValue::S(REF_SK.into()));
-        let filter = "begins_with(pk, :ref) AND sk = :refs";
-        let scan = (self.table_name.as_str(), filter, values.0);
-        let (items, next) = self.dynamo.scan_page(scan, start, limit).await?;
-        let page = items
-            .iter()
-            .filter_map(|item| Some((index_of_ref(item)?, refs_of(item))));
-        let next = next.map(|key| serde_json::to_string(&key).expect("two strings"));
-        Ok((page.collect(), next))
-    }
-
     async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {
         let item = self.get_one(PROGRESS_PK, PROGRESS_SK).await?;
         Ok(item.as_ref().map(progress_of))

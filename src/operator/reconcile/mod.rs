@@ -116,10 +116,6 @@ impl<T> PerNamespace<T> {
 pub struct Repaired {
     pub written: usize,
     pub deleted: usize,
-    /// Removed indexes the ledger still recorded, whose removal a whole-fleet pass's last
-    /// step exported again (their records taken out, but where an alias keeps the index or a
-    /// writer recorded it meanwhile).
-    pub ledger_records: usize,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -128,7 +124,6 @@ pub struct Requests {
     pub kv_list: usize,
     pub kv_bulk_get: usize,
     pub kv_repair: usize,
-    pub ledger_pages: usize,
 }
 
 #[derive(Debug, Serialize)]

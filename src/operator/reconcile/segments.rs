@@ -8,14 +8,10 @@
 //!    together), planned as a re-export, and each implied key's digest compared with what KV
 //!    holds (read in bulk, 100 keys a request): in sync, missing or stale.
 //!
-//! 3. **The ledger against the table**, in a whole-fleet repair: each index the ledger records
-//!    that the table no longer has is removed again, as the stream removes one.
-//!
 //! Each key is counted once: implied keys by the table step, the others by the listing.
 //!
 //! Here: the pass's position and token, one invocation's share of it, the repair and the
-//! answer; step 1 in `segments/listed.rs`, step 2 in `segments/implied.rs`, step 3 in
-//! `segments/ledger.rs`.
+//! answer; step 1 in `segments/listed.rs`, step 2 in `segments/implied.rs`.
 
 use std::time::Duration;
 
@@ -33,7 +29,6 @@ use crate::ports::Ports;
 use crate::report::Outcome;
 
 mod implied;
-mod ledger;
 mod listed;
 
 /// Table records compared at once; an index's records are kept together (`pipeline/exporter/runs.rs`).
@@ -41,9 +36,6 @@ const CHUNK_RECORDS: usize = 2_000;
 const TABLE_PAGE: usize = 1_000;
 /// The table step.
 const TABLE_STEP: usize = NAMESPACES.len();
-/// The ledger step, and the ledger's records it reads a piece.
-const LEDGER_STEP: usize = TABLE_STEP + 1;
-const LEDGER_PAGE: usize = 1_000;
 
 /// Where a pass goes on: listing namespace `step` (from `cursor`), or, at
 /// [`TABLE_STEP`], reading the table after `table_at`.
@@ -54,9 +46,6 @@ struct Position {
     cursor: Option<String>,
     #[serde(default)]
     table_at: Option<TableKey>,
-    /// Where the ledger step goes on (the ledger's cursor).
-    #[serde(default)]
-    ledger_at: Option<String>,
     /// How many times pieces were halved because one ran out of time (for the rest of the
     /// pass: a piece size that fits is kept).
     #[serde(default)]
@@ -67,7 +56,6 @@ impl Position {
     fn step_name(&self) -> &'static str {
         match self.step {
             TABLE_STEP => "table",
-            LEDGER_STEP => "ledger",
             0 => "listing settings",
             _ => "listing query configs",
         }
@@ -97,9 +85,7 @@ pub(super) async fn run<P: Ports>(
     };
     let (mut slowest, mut checked, mut pieces) = (Duration::ZERO, 0, 0);
     let complete = loop {
-        // Only a whole-fleet repair knows every index the ledger may record.
-        let sweeps = request.repair && pass.account.is_none();
-        if position.step > TABLE_STEP && !sweeps || position.step > LEDGER_STEP {
+        if position.step > TABLE_STEP {
             break true;
         }
         let max = request.max_keys.unwrap_or(usize::MAX);
@@ -156,10 +142,6 @@ impl<P: Ports> Pass<'_, P> {
             TABLE_STEP => {
                 let limit = piece_size(CHUNK_RECORDS, position.shrink, 1).min(max);
                 self.table_piece(position, limit, stop_at).await
-            }
-            LEDGER_STEP => {
-                let limit = piece_size(LEDGER_PAGE, position.shrink, 10);
-                self.ledger_piece(position, limit).await
             }
             _ => {
                 let size = piece_size(self.request.page_size as usize, position.shrink, 10);
@@ -238,7 +220,6 @@ impl<P: Ports> Pass<'_, P> {
                 .map(|r| Repaired {
                     written: r.written,
                     deleted: r.deleted,
-                    ledger_records: r.ledger_records,
                 }),
             repaired: repaired.filter(|_| !request.dry_run),
             requests: self.requests,

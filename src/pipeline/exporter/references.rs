@@ -15,9 +15,6 @@ use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{before_deadline, IndexRefs, Ledger, Ports, SettingsTable};
 use crate::ports::{PortError, Referred};
 
-/// What a page of the ledger's records holds: how many, the removed indexes', the next cursor.
-pub type Recorded = (usize, Vec<(IndexRef, IndexRefs)>, Option<String>);
-
 /// Whether an index's live alias target is recorded as a reference: not when no KV key could
 /// be it (empty, over 512 bytes, unprintable: it protects nothing, its `alias#{target}` item
 /// could not be written, and one record would fail its whole batch), nor when it is the index's
@@ -70,25 +67,6 @@ impl<P: Ports> Exporter<P> {
     pub async fn mark_references_complete(&self, deadline: Instant) -> Result<(), PortError> {
         let mark = self.ledger.mark_references_complete();
         before_deadline(deadline, "ledger references", mark).await
-    }
-
-    /// A page of the indexes the ledger records from after `after` (about `limit` items read):
-    /// how many it read, those the table has no settings record of (their records as read),
-    /// and the cursor of the next page (`None`: the last).
-    pub async fn recorded_removed(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-        deadline: Instant,
-    ) -> Result<Recorded, PortError> {
-        let read = self.ledger.recorded(after, limit);
-        let (page, next) = before_deadline(deadline, "ledger records", read).await?;
-        let indexes: Vec<IndexRef> = page.iter().map(|(index, _)| index.clone()).collect();
-        let read = self.table.index_references(&indexes);
-        let live = before_deadline(deadline, "recorded indexes' settings", read).await?;
-        let live: BTreeSet<IndexRef> = live.into_iter().map(|(index, _)| index).collect();
-        let removed = (page.into_iter()).filter(|(index, _)| !live.contains(index));
-        Ok((indexes.len(), removed.collect(), next))
     }
 
     /// The references of every index that may refer to what is `asked` (an alias target, a
