@@ -101,7 +101,7 @@ pub(crate) fn table_page(items: &[Item], default_configs_sk: &str, next: Option<
 
 pub(crate) mod client;
 
-pub(crate) use client::{Dynamo, TRANSACT_ACTIONS};
+pub(crate) use client::{Dynamo, CONCURRENT_CALLS, TRANSACT_ACTIONS};
 
 /// The least string above every string that begins with `prefix`, in DynamoDB's order (UTF-8
 /// bytes, which keeps the order of code points): its last character made the next one.

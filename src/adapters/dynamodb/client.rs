@@ -24,7 +24,7 @@ use crate::ports::PortError;
 const GET_BATCH: usize = 100;
 const UNPROCESSED_TRIES: u32 = 5;
 /// Calls in flight at once.
-const CONCURRENT_CALLS: usize = 8;
+pub(crate) const CONCURRENT_CALLS: usize = 8;
 /// DynamoDB's limits per TransactWriteItems call: actions, and bytes (4 MB, less a margin).
 pub(crate) const TRANSACT_ACTIONS: usize = 100;
 const TRANSACT_BYTES: usize = 3_500_000;

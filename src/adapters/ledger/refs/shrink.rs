@@ -7,15 +7,17 @@ use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem};
 
 use super::super::{n, update_action, Condition, DynamoLedger, Item};
 use super::{index_key, own_sets, ref_pk, referred_pk, REFERRERS_SK, REF_SK};
-use crate::adapters::dynamodb::TRANSACT_ACTIONS;
+use futures::StreamExt;
+
+use crate::adapters::dynamodb::{CONCURRENT_CALLS, TRANSACT_ACTIONS};
 use crate::domain::IndexRef;
 use crate::ports::{PortError, Referred, RefsChange};
 
 /// One index's shrink: its own item's action (on its intents) and the pairs it gave up.
-struct Shrink<'c> {
-    index: &'c IndexRef,
+struct Shrink {
+    index: IndexRef,
     own: TransactWriteItem,
-    gone: Vec<&'c Referred>,
+    gone: Vec<Referred>,
 }
 
 impl DynamoLedger {
@@ -24,25 +26,29 @@ impl DynamoLedger {
     /// those sets (an overflowed set's item of its own deleted): an intent that comes between
     /// finds both or neither. Then each set left empty is deleted.
     pub(super) async fn shrink(&self, changes: &[RefsChange]) -> Result<(), PortError> {
+        let groups = packed(changes.iter().map(|c| self.of(c)).collect());
+        // At once, as every other batch of transactions: two that share a set conflict, and
+        // the SDK sends the refused one again.
+        let mut shrunk = futures::stream::iter(groups)
+            .map(|together| self.shrink_together(together))
+            .buffer_unordered(CONCURRENT_CALLS);
         let mut emptied = BTreeSet::new();
-        for together in packed(changes.iter().map(|c| self.of(c)).collect()) {
-            emptied.extend(self.shrink_together(together).await?);
+        while let Some(group) = shrunk.next().await {
+            emptied.extend(group?);
         }
         // A set nobody is left in goes, unless it overflowed: its members' own items stay
         // to be found by a Query.
         let empty = "attribute_not_exists(#set) AND attribute_not_exists(overflow)";
-        let deletes = emptied.into_iter().map(|referred| {
+        let deletes = emptied.iter().map(|referred| {
             let key = Item::key(referred_pk(referred), REFERRERS_SK);
             self.delete_action(key, Some((empty.into(), Item::default())))
         });
         self.transact_all(deletes.collect()).await.map(|_| ())
     }
 
-    fn of<'c>(&self, change: &'c RefsChange) -> Shrink<'c> {
+    fn of(&self, change: &RefsChange) -> Shrink {
         let after = change.after();
-        let gone: Vec<&Referred> = (change.pointing.iter())
-            .filter(|r| !after.contains(*r))
-            .collect();
+        let gone: Vec<Referred> = change.pointing.difference(&after).cloned().collect();
         let key = Item::key(ref_pk(&change.index), REF_SK);
         let own = match (&change.new, gone.is_empty()) {
             // Removed: its record goes whole (an intent since keeps it).
@@ -53,13 +59,13 @@ impl DynamoLedger {
                 self.put_action(key, Some(absent))
             }
             (Some(_), false) => {
-                let sets = own_sets(gone.iter().copied());
+                let sets = own_sets(gone.iter());
                 let (condition, values) = unchanged_intents(change.intents);
                 let delete = self.own_update(&change.index, sets, values);
                 update_action(delete.condition_expression(condition))
             }
         };
-        let index = &change.index;
+        let index = change.index.clone();
         Shrink { index, own, gone }
     }
 
@@ -67,10 +73,7 @@ impl DynamoLedger {
     /// An index whose intents changed since the batch read keeps everything (its item and
     /// the sets: another writer's intent owns those members), and the rest are sent again.
     /// Answers the sets the applied ones left.
-    async fn shrink_together<'c>(
-        &self,
-        mut together: Vec<Shrink<'c>>,
-    ) -> Result<Vec<&'c Referred>, PortError> {
+    async fn shrink_together(&self, mut together: Vec<Shrink>) -> Result<Vec<Referred>, PortError> {
         while !together.is_empty() {
             let mut actions: Vec<_> = together.iter().map(|s| s.own.clone()).collect();
             actions.extend(self.take_out(&together));
@@ -93,7 +96,7 @@ impl DynamoLedger {
         let mut gone: BTreeMap<&Referred, Vec<&IndexRef>> = BTreeMap::new();
         for shrink in together {
             for referred in &shrink.gone {
-                gone.entry(referred).or_default().push(shrink.index);
+                gone.entry(referred).or_default().push(&shrink.index);
             }
         }
         let mut actions = Vec::new();
