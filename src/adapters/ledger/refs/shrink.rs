@@ -13,11 +13,13 @@ use crate::adapters::dynamodb::{CONCURRENT_CALLS, TRANSACT_ACTIONS};
 use crate::domain::IndexRef;
 use crate::ports::{PortError, Referred, RefsChange};
 
-/// One index's shrink: its own item's action (on its intents) and the pairs it gave up.
+/// One index's shrink: its own item's action (on its intents), the pairs it gave up, and of
+/// those the sets that overflowed (where it may have an item of its own).
 struct Shrink {
     index: IndexRef,
     own: TransactWriteItem,
     gone: Vec<Referred>,
+    past_bound: Vec<Referred>,
 }
 
 impl DynamoLedger {
@@ -26,7 +28,17 @@ impl DynamoLedger {
     /// those sets (an overflowed set's item of its own deleted): an intent that comes between
     /// finds both or neither. Then each set left empty is deleted.
     pub(super) async fn shrink(&self, changes: &[RefsChange]) -> Result<(), PortError> {
-        let groups = packed(changes.iter().map(|c| self.of(c)).collect());
+        let mut shrinks: Vec<Shrink> = changes.iter().map(|c| self.of(c)).collect();
+        // Only a set that overflowed holds items of their own, and a set never stops being
+        // one: an item of its own made since this read came with an intent, which refuses
+        // its index's shrink.
+        let gone = shrinks.iter().flat_map(|s| s.gone.iter());
+        let sets = self.referrer_sets(gone).await?;
+        for shrink in &mut shrinks {
+            let overflowed = |r: &&Referred| sets.get(*r).is_some_and(|set| set.overflow);
+            shrink.past_bound = shrink.gone.iter().filter(overflowed).cloned().collect();
+        }
+        let groups = packed(shrinks);
         // At once, as every other batch of transactions: two that share a set conflict, and
         // the SDK sends the refused one again.
         let mut shrunk = futures::stream::iter(groups)
@@ -66,7 +78,13 @@ impl DynamoLedger {
             }
         };
         let index = change.index.clone();
-        Shrink { index, own, gone }
+        let past_bound = Vec::new();
+        Shrink {
+            index,
+            own,
+            gone,
+            past_bound,
+        }
     }
 
     /// One transaction for these indexes: their own items' actions first, then the sets.
@@ -90,8 +108,8 @@ impl DynamoLedger {
         Ok(Vec::new())
     }
 
-    /// The indexes taken out of each set they gave up, one action per set, and past the
-    /// set's bound the index's item of its own deleted (none: nothing to do).
+    /// The indexes taken out of each set they gave up, one action per set, and in a set that
+    /// overflowed the index's item of its own deleted (none: nothing to do).
     fn take_out(&self, together: &[Shrink]) -> Vec<TransactWriteItem> {
         let mut gone: BTreeMap<&Referred, Vec<&IndexRef>> = BTreeMap::new();
         for shrink in together {
@@ -105,8 +123,10 @@ impl DynamoLedger {
             let members = Item::default().with(":gone", AttributeValue::Ss(keys));
             let delete = self.set_update(referred, "DELETE #set :gone", members);
             actions.push(update_action(delete));
-            actions.extend(indexes.iter().map(|index| {
-                let own = Item::key(referred_pk(referred), &index_key(index));
+        }
+        for shrink in together {
+            actions.extend(shrink.past_bound.iter().map(|referred| {
+                let own = Item::key(referred_pk(referred), &index_key(&shrink.index));
                 self.delete_action(own, None)
             }));
         }
@@ -115,12 +135,13 @@ impl DynamoLedger {
 }
 
 /// The shrinks in groups of at most a transaction's actions each (an index's own action, and
-/// for each pair it gave up at most a set's action and a delete), one index at least.
+/// for each pair it gave up at most a set's action, and a delete where the set overflowed),
+/// one index at least.
 fn packed(shrinks: Vec<Shrink>) -> Vec<Vec<Shrink>> {
     let mut groups: Vec<Vec<Shrink>> = Vec::new();
     let mut actions = 0;
     for shrink in shrinks {
-        let cost = 1 + 2 * shrink.gone.len();
+        let cost = 1 + shrink.gone.len() + shrink.past_bound.len();
         if groups.is_empty() || actions + cost > TRANSACT_ACTIONS {
             groups.push(Vec::new());
             actions = 0;
