@@ -731,6 +731,40 @@ async fn a_shop_whose_only_other_claimer_is_rejected_is_deleted(view) {
 }
 }
 
+/// `products` of `acct-1` migrated on shop x and moved to y: the move's records, its shard
+/// behind a DynamoDB proxy, another writer, and x's KV delete held, so the shard's intent is
+/// recorded before its first KV write waits.
+async fn moving_products(
+    view: aws_sdk_dynamodb::types::StreamViewType,
+    [sx, sy]: [&str; 2],
+) -> (Harness, ProxiedFunction, Writer, Vec<Value>) {
+    let mut h = products_migrated_on(view, sx).await;
+    let proxied = behind_a_dynamodb_proxy(&h).await;
+    let operator = Writer::start(&h).await;
+    h.put(index_item("acct-1", "products", Some(sy))).await;
+    let moved = h.stream_records().await;
+    h.kv.hold("bulk/delete", Some(sx));
+    (h, proxied, operator, moved)
+}
+
+/// Once the move's KV write is held, its next ledger write (the shrink) is held in its place.
+async fn hold_the_shrink(
+    h: &Harness,
+    dynamodb: &ecom_emulators::dynamo_proxy::DynamoProxy,
+    function: &Function,
+) {
+    use ecom_emulators::dynamo_proxy::DynamoFault;
+    until_held(h).await;
+    dynamodb.inject(
+        Some("TransactWriteItems"),
+        Some("-ledger"),
+        DynamoFault::Hold,
+        1,
+    );
+    h.kv.release();
+    until_ledger_held(dynamodb, function).await;
+}
+
 /// A stream batch moves `products` off shop x; its shrink, which read the ledger before, is
 /// held while the table moves the index back to x and an operator (`payload`, its answer
 /// checked by `answered`) writes x's key, finding x recorded already. Released, the shrink
@@ -741,32 +775,16 @@ async fn an_operator_s_shop_outlives_a_held_shrink(
     payload: Value,
     answered: impl Fn(&Value),
 ) {
-    use ecom_emulators::dynamo_proxy::DynamoFault;
     let [sx, sy, sz] = ["x", "y", "z"].map(|s| format!("shop-{s}.myshopify.com"));
-    let mut h = products_migrated_on(view, &sx).await;
+    let (mut h, proxied, operator, moved) = moving_products(view, [&sx, &sy]).await;
     let ProxiedFunction {
         dynamodb,
         runtime,
         function,
-    } = behind_a_dynamodb_proxy(&h).await;
-    let operator = Writer::start(&h).await;
-
-    h.put(index_item("acct-1", "products", Some(&sy))).await;
-    let moved = h.stream_records().await;
-    // Its intent is recorded before its first KV write (held): the next ledger write is the
-    // shrink, held in turn.
-    h.kv.hold("bulk/delete", Some(&sx));
+    } = proxied;
     let run = runtime.invoke(json!({ "Records": moved }), TIMEOUT);
     let race = async {
-        until_held(&h).await;
-        dynamodb.inject(
-            Some("TransactWriteItems"),
-            Some("-ledger"),
-            DynamoFault::Hold,
-            1,
-        );
-        h.kv.release();
-        until_ledger_held(&dynamodb, &function).await;
+        hold_the_shrink(&h, &dynamodb, &function).await;
         h.put(index_item("acct-1", "products", Some(&sx))).await;
         answered(&operator.invoke(payload).await);
         assert_eq!(h.settings(&sx).unwrap()["index_name"], "products");
@@ -814,13 +832,12 @@ async fn an_intent_right_after_a_shrink_is_found_by_who_refers_to_its_shop(view)
     use ecom_settings_exporter::adapters::ledger::DynamoLedger;
     use ecom_settings_exporter::ports::{Ledger, Referred};
     let [sx, sy] = ["x", "y"].map(|s| format!("shop-{s}.myshopify.com"));
-    let mut h = products_migrated_on(view, &sx).await;
+    let (h, proxied, operator, moved) = moving_products(view, [&sx, &sy]).await;
     let ProxiedFunction {
         dynamodb,
         runtime,
         function,
-    } = behind_a_dynamodb_proxy(&h).await;
-    let operator = Writer::start(&h).await;
+    } = proxied;
     let ledger_write = Some("TransactWriteItems");
     let hold = || dynamodb.inject(ledger_write, Some("-ledger"), DynamoFault::Hold, 1);
     let shrinks = || {
@@ -830,15 +847,9 @@ async fn an_intent_right_after_a_shrink_is_found_by_who_refers_to_its_shop(view)
         writes.filter(ledger).count()
     };
 
-    h.put(index_item("acct-1", "products", Some(&sy))).await;
-    let moved = h.stream_records().await;
-    h.kv.hold("bulk/delete", Some(&sx));
     let run = runtime.invoke(json!({ "Records": moved }), TIMEOUT);
     let race = async {
-        until_held(&h).await;
-        hold();
-        h.kv.release();
-        until_ledger_held(&dynamodb, &function).await;
+        hold_the_shrink(&h, &dynamodb, &function).await;
         // The shrink's first ledger write goes; the next one waits for the re-export.
         hold();
         let before = shrinks();
