@@ -390,8 +390,10 @@ impl<P: Ports> Exporter<P> {
             }
             _ => {}
         }
-        if let Some(first) = derived.first() {
-            report.records.truncate(first.at);
+        // Derived records leave the report (their failures are their parents'); a record of
+        // deletes added after them stays, with its own outcome.
+        for derived in derived.iter().rev() {
+            report.records.remove(derived.at);
         }
         report
     }

@@ -762,3 +762,68 @@ async fn an_index_with_more_query_configs_than_a_piece_is_reexported_and_verifie
         "11 query configs, the index and its filter"
     );
 }
+
+/// An index that dropped an alias target (a removed index the alias kept) and whose override
+/// record is gone: the re-export or verify repair with query configs removes the target again
+/// (a record of its own, on the index's behalf) and deletes the orphaned query-config key.
+/// When that delete fails, the answer says so and names the key, as it does without the alias.
+async fn a_dropped_target_and_an_orphaned_query_config() -> (Harness, String) {
+    let h = Harness::new().await;
+    h.keys.set_key("acct-1", "k");
+    h.put(index_item("acct-1", "old", None)).await;
+    h.put(aliasing("acct-1", "p", "acct-1-old")).await;
+    for query in ["shoes", "boots"] {
+        h.put(query_item("acct-1", "p", query)).await;
+    }
+    h.invoke(json!({"system_account_id": "acct-1", "index_name": "old"}))
+        .await;
+    let payload = json!({"system_account_id": "acct-1", "index_name": "p",
+                         "include_query_configs": true});
+    h.invoke(payload).await;
+    h.delete("acct-1", "INDEX#old").await;
+    h.put(index_item("acct-1", "p", None)).await;
+    h.delete("acct-1", "INDEX#p#QUERY#boots").await;
+    let boots = qcfg_key("acct-1", "p", "boots");
+    assert!(h.query_config(&boots).is_some());
+    h.kv.inject(
+        ecom_emulators::kv::Fault::UnsuccessfulKeysStartingWith {
+            prefix: boots.clone(),
+        },
+        100,
+    );
+    (h, boots)
+}
+
+#[tokio::test]
+async fn a_reexport_whose_orphan_delete_fails_after_dropping_an_alias_target_fails() {
+    let (h, boots) = a_dropped_target_and_an_orphaned_query_config().await;
+    let payload = json!({"system_account_id": "acct-1", "index_name": "p",
+                         "include_query_configs": true});
+
+    let answer = h
+        .try_invoke(payload, std::time::Duration::from_secs(20))
+        .await;
+
+    let error = answer.expect_err("the orphan's delete failed");
+    assert!(error.contains(&boots), "{error}");
+    assert!(h.query_config(&boots).is_some());
+    assert!(
+        h.settings("acct-1-old").is_none(),
+        "the dropped target went"
+    );
+}
+
+#[tokio::test]
+async fn a_verify_repair_whose_orphan_delete_fails_after_dropping_an_alias_target_fails() {
+    let (h, boots) = a_dropped_target_and_an_orphaned_query_config().await;
+    let payload = json!({"mode": "verify", "repair": true, "system_account_id": "acct-1",
+                         "index_name": "p", "include_query_configs": true});
+
+    let answer = h
+        .try_invoke(payload, std::time::Duration::from_secs(20))
+        .await;
+
+    let error = answer.expect_err("the orphan's delete failed");
+    assert!(error.contains(&boots), "{error}");
+    assert!(h.query_config(&boots).is_some());
+}
