@@ -63,9 +63,11 @@ cat <<MSG
 
 Local stack up (table seeded with acct-1/products); settings in .local.env. In another terminal:
   $target_dir/debug/ecom-emulators invoke --env-file .local.env     # the function on :9000
-and in a third:
+and in a third, the migration first (the stream waits until the ledger's references are
+complete, docs/operations.md "Migrating a table that holds indexes"), then anything:
+  $target_dir/debug/ecom-settings-ctl --function-name ecom-settings-exporter --local backfill
+  $target_dir/debug/ecom-settings-ctl --function-name ecom-settings-exporter --local reconcile --repair
   curl -s localhost:9000/2015-03-31/functions/ecom-settings-exporter/invocations -d @events/stream-insert.json
-  $target_dir/debug/ecom-settings-ctl --function-name ecom-settings-exporter --local reconcile
   curl -s localhost:$KV_PORT/__emulator/namespaces     # what KV holds
 Ctrl-C here stops everything.
 MSG

@@ -223,11 +223,6 @@ impl<K: KvStore, A: ApiKeySource, T: SettingsTable, L: Ledger> Ports for (K, A, 
 
 /// The settings table, read only.
 pub trait SettingsTable: Send + Sync {
-    /// Every index-settings record's shop id and live alias targets (one paginated scan).
-    fn settings_references(
-        &self,
-    ) -> impl Future<Output = Result<Vec<(IndexRef, IndexRefs)>, PortError>> + Send;
-
     /// What the settings records of `indexes` say about other indexes (their shops and live
     /// aliases), for those that have a record (consistent reads, 100 a call).
     fn index_references(

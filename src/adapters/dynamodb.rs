@@ -10,7 +10,7 @@ use serde_dynamo::Item;
 
 use crate::domain::table::{overrides_sk, settings_sk};
 use crate::domain::{ChangeRecord, IndexRef, IndexRefs, Scope, TableKey};
-use crate::dynamo::{key_item, settings_references, string_attribute, SortKey};
+use crate::dynamo::{key_item, settings_references, string_attribute};
 use crate::dynamo::{table_key, table_record};
 use crate::ports::{Page, PortError, SettingsTable};
 
@@ -20,7 +20,6 @@ pub struct DynamoSettingsTable {
     default_configs_sk: String,
     override_queries: AtomicUsize,
     index_runs: AtomicUsize,
-    reference_scans: AtomicUsize,
 }
 
 impl DynamoSettingsTable {
@@ -35,7 +34,6 @@ impl DynamoSettingsTable {
             default_configs_sk: default_configs_sk.into(),
             override_queries: AtomicUsize::new(0),
             index_runs: AtomicUsize::new(0),
-            reference_scans: AtomicUsize::new(0),
         }
     }
 }
@@ -47,8 +45,6 @@ pub struct TableCounters {
     pub override_queries: usize,
     /// Queries of a run of an account's indexes (a check reading them again).
     pub index_runs: usize,
-    /// Scans for alias targets and shop claims.
-    pub reference_scans: usize,
 }
 
 impl DynamoSettingsTable {
@@ -57,7 +53,6 @@ impl DynamoSettingsTable {
         TableCounters {
             override_queries: self.override_queries.load(Ordering::Relaxed),
             index_runs: self.index_runs.load(Ordering::Relaxed),
-            reference_scans: self.reference_scans.load(Ordering::Relaxed),
         }
     }
 
@@ -194,34 +189,6 @@ impl DynamoSettingsTable {
 }
 
 impl SettingsTable for DynamoSettingsTable {
-    async fn settings_references(&self) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
-        self.reference_scans.fetch_add(1, Ordering::Relaxed);
-        let items = (self.client().scan())
-            .table_name(&self.table_name)
-            .filter_expression("begins_with(sk, :index) AND NOT contains(sk, :query)")
-            .projection_expression("pk, sk, shop_id, read_alias, index_aliases")
-            // A remove must see every alias written before it.
-            .consistent_read(true)
-            .expression_attribute_values(":index", AttributeValue::S("INDEX#".into()))
-            .expression_attribute_values(":query", AttributeValue::S("#QUERY#".into()))
-            .into_paginator()
-            .items()
-            .send()
-            .try_collect()
-            .await
-            .map_err(|e| self.error("scan", e))?;
-        let references = items.into_iter().filter_map(|item| {
-            let image = Item::from(item);
-            let pk = string_attribute(&image, "pk")?.to_owned();
-            let sk = string_attribute(&image, "sk")?;
-            let SortKey::Index(name) = SortKey::parse(sk, &self.default_configs_sk) else {
-                return None;
-            };
-            Some(references_of(IndexRef::new(pk, name), &image))
-        });
-        Ok(references.collect())
-    }
-
     async fn index_references(
         &self,
         indexes: &[IndexRef],

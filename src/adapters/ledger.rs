@@ -25,13 +25,21 @@ const PROGRESS_SK: &str = "progress";
 pub struct DynamoLedger {
     dynamo: Dynamo,
     table_name: String,
+    /// The references were seen complete: they stay so (nothing unmarks them while the
+    /// function runs), so a warm container reads the mark once.
+    complete: std::sync::atomic::AtomicBool,
 }
 
 impl DynamoLedger {
     /// The ledger where and as whom the SDK configured by `aws` would call DynamoDB.
     pub fn new(aws: &aws_config::SdkConfig, table_name: String) -> Self {
         let dynamo = Dynamo::new(aws);
-        Self { dynamo, table_name }
+        let complete = Default::default();
+        Self {
+            dynamo,
+            table_name,
+            complete,
+        }
     }
 }
 

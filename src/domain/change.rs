@@ -47,43 +47,22 @@ impl Outcome {
     }
 }
 
-/// The shops an index's keys may be on before this change, when known.
-#[derive(Debug, Clone, PartialEq)]
-pub enum PreviousShop {
-    /// From the record's old image (none: there was no previous item, an INSERT, or the record
-    /// is a table item), with every shop the ledger records the index may be on, when the run
-    /// reads them (docs/contract.md, "Concurrent writers").
-    Known(BTreeSet<String>),
-    /// A `NEW_IMAGE` stream: the old image is not carried. The index's current KV value tells.
-    Unknown,
-}
-
-impl PreviousShop {
-    /// The index was on no shop.
-    pub fn none() -> Self {
-        PreviousShop::Known(BTreeSet::new())
-    }
-
-    /// The index was on this shop, or none.
-    pub fn known(shop: Option<String>) -> Self {
-        PreviousShop::Known(shop.into_iter().collect())
-    }
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     UpsertIndex {
         settings: Arc<IndexSettings>,
-        previous_shop: PreviousShop,
+        /// Every shop the ledger records the index may be on before this change (or, for a
+        /// later record of the batch, its earlier record's shop): its keys there are given up.
+        previous_shops: BTreeSet<String>,
         /// The batch stands for all of the index's overrides (a re-export or backfill with
         /// query configs): its override filter is written, even when it has none.
         with_overrides: bool,
     },
     RemoveIndex {
         index: IndexRef,
-        previous_shop: PreviousShop,
+        previous_shops: BTreeSet<String>,
         /// The index still has a settings record, rejected: only the shops it no longer holds
-        /// (`previous_shop`, settled by whoever made the change) are given up.
+        /// (`previous_shops`, settled by whoever made the change) are given up.
         keeps_own_key: bool,
     },
     UpsertQuery(QueryConfig),
@@ -95,7 +74,7 @@ pub enum Change {
 
 /// One record, with what identifies it in logs and in the batch response, and where it ends.
 /// A stream record decodes as the change its item makes when the table no longer holds it (a
-/// remove, with the shop its old image had): it says which item changed, never its new values,
+/// remove): it says which item changed, never its new values,
 /// which come from the table when the batch reads it ([`ChangeRecord::as_now`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChangeRecord {
@@ -149,7 +128,7 @@ impl ChangeRecord {
     pub fn removal(index: IndexRef, shops: BTreeSet<String>, keeps_own_key: bool) -> Self {
         let remove = Change::RemoveIndex {
             index: index.clone(),
-            previous_shop: PreviousShop::Known(shops),
+            previous_shops: shops,
             keeps_own_key,
         };
         ChangeRecord::of(Some(index), Ok(remove))
@@ -201,11 +180,11 @@ impl ChangeRecord {
         match (&now.change, removed) {
             (
                 Some(Change::UpsertIndex { settings, .. }),
-                Change::RemoveIndex { previous_shop, .. },
+                Change::RemoveIndex { previous_shops, .. },
             ) => {
                 self.change = Some(Change::UpsertIndex {
                     settings: settings.clone(),
-                    previous_shop: std::mem::replace(previous_shop, PreviousShop::Unknown),
+                    previous_shops: std::mem::take(previous_shops),
                     with_overrides: false,
                 })
             }

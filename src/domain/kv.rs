@@ -187,14 +187,13 @@ impl KeyMetadata {
 }
 
 /// What a value this function wrote says of itself (both kinds name the index they were written
-/// for, a settings value its shop); anything else says nothing.
+/// for); anything else says nothing.
 #[derive(Deserialize)]
 pub struct Written {
     #[allow(dead_code)]
     schema_version: u32,
     system_account_id: String,
     index_name: String,
-    shop_id: Option<String>,
 }
 
 impl Written {
@@ -205,11 +204,6 @@ impl Written {
     /// The index the value was written for.
     pub fn owner(self) -> IndexRef {
         IndexRef::new(self.system_account_id, self.index_name)
-    }
-
-    /// The shop a settings value serves.
-    pub fn shop(self) -> Option<String> {
-        self.shop_id.filter(|shop| !shop.is_empty())
     }
 }
 
@@ -395,20 +389,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_written_value_names_its_index_and_shop() {
+    fn a_written_value_names_its_index() {
         let value = r#"{"schema_version": 1, "system_account_id": "acct", "index_name": "1-x",
             "shop_id": "s.myshopify.com"}"#;
         let owner = Written::read(value).map(Written::owner);
         assert_eq!(owner, Some(IndexRef::new("acct", "1-x")));
         assert_ne!(owner, Some(IndexRef::new("acct-1", "x")));
-        let shop = Written::read(value).and_then(Written::shop);
-        assert_eq!(shop.as_deref(), Some("s.myshopify.com"));
-        let no_shop = value.replace("s.myshopify.com", "");
-        assert_eq!(Written::read(&no_shop).and_then(Written::shop), None);
-        // A query config's value names its index and no shop.
+        // A query config's value names its index too.
         let config = r#"{"schema_version": 1, "system_account_id": "a", "index_name": "i"}"#;
         let config = Written::read(config).expect("a written value");
-        assert_eq!(config.shop_id, None);
         assert_eq!(config.owner(), IndexRef::new("a", "i"));
         // Not what this function writes: says nothing.
         for other in ["not json", r#"{"shop_id": "s.myshopify.com"}"#] {

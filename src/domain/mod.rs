@@ -11,7 +11,7 @@ pub(crate) mod settings;
 pub(crate) mod table;
 pub(crate) mod validate;
 
-pub use change::{Change, ChangeRecord, Outcome, PreviousShop};
+pub use change::{Change, ChangeRecord, Outcome};
 pub use ids::{IndexId, IndexRef};
 pub use kv::{KvAction, KvKey, KvOp, Namespace};
 pub use secrets::{AccountCell, ApiKey, ApiToken};

@@ -14,7 +14,7 @@ pub(crate) mod stream;
 use crate::domain::settings::{non_empty, Document, IndexAliases};
 use crate::domain::validate::{endpoint_problem, shown};
 use crate::domain::TableKey;
-use crate::domain::{Change, ChangeRecord, Outcome, PreviousShop};
+use crate::domain::{Change, ChangeRecord, Outcome};
 use crate::domain::{IndexId, IndexRef, IndexRefs, IndexSettings, InvalidRecord, QueryConfig};
 
 /// What a sort key says a record is.
@@ -264,7 +264,7 @@ pub fn table_record(item: &Item, default_configs_sk: &str) -> (ChangeRecord, Opt
             };
             let upsert = |settings| Change::UpsertIndex {
                 settings,
-                previous_shop: PreviousShop::none(),
+                previous_shops: Default::default(),
                 with_overrides: false,
             };
             let decoded = settings.map(upsert).map_err(rejected);

@@ -9,23 +9,6 @@ use serde_json::value::RawValue;
 use crate::domain::validate::cut;
 pub use aws_lambda_events::event::dynamodb::EventRecord as StreamRecord;
 
-/// What the record's old image says of the shop: `None` without an old image, `Some(None)` for
-/// one without a shop (an empty shop id is none).
-pub fn old_shop(record: &StreamRecord) -> Option<Option<&str>> {
-    let old = &record.change.old_image;
-    (!old.is_empty())
-        .then(|| super::string_attribute(old, "shop_id").filter(|shop| !shop.is_empty()))
-}
-
-/// Whether the record's stream carries old images: one without had no previous item.
-pub fn carries_old_images(record: &StreamRecord) -> bool {
-    use aws_lambda_events::event::dynamodb::StreamViewType;
-    matches!(
-        record.change.stream_view_type,
-        Some(StreamViewType::NewAndOldImages | StreamViewType::OldImage)
-    )
-}
-
 /// A record that is not a DynamoDB stream record: why, and its sequence number if it has one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BadRecord {

@@ -15,14 +15,14 @@ use crate::domain::qfilter::filter_key;
 use crate::domain::qfilter::QueryFilter;
 use crate::domain::validate::{index_key_problem, shop_id_problem, shown, SHOP_DOMAIN};
 use crate::domain::{IndexRef, IndexRefs, IndexSettings, KvAction, KvKey, Namespace};
-use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
+use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::PortError;
 use crate::report::Outcome;
 
 mod needs;
 
 pub use needs::{api_keys_wanted, claimers, filters_wanted, references_wanted};
-pub use needs::{reference_questions, settle_from_kv, settle_previous_shops, Snapshot};
+pub use needs::{reference_questions, settle_previous_shops, Snapshot};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlannedOp {
@@ -191,14 +191,6 @@ fn check_own_key(index: &IndexRef) -> Result<(), Outcome> {
     }
 }
 
-/// The shops the index's keys may be on before this record, as settled before planning.
-fn old_shops(previous: &PreviousShop) -> Result<Vec<String>, Outcome> {
-    match previous {
-        PreviousShop::Known(shops) => Ok(shops.iter().cloned().collect()),
-        PreviousShop::Unknown => Err(Outcome::Failed("its previous shop was not settled".into())),
-    }
-}
-
 /// Who claims each shop and who aliases each index id, from the looked-up references: built
 /// once a batch, asked by every record that removes an index or gives a shop up.
 #[derive(Default)]
@@ -241,7 +233,7 @@ impl<'a> RecordPlanner<'a> {
         match change {
             Change::UpsertIndex {
                 settings,
-                previous_shop,
+                previous_shops,
                 ..
             } => {
                 check_own_key(&settings.index)?;
@@ -255,16 +247,16 @@ impl<'a> RecordPlanner<'a> {
                 }
                 self.ops
                     .push((KvKey::index(&settings.index), KvAction::Put(value)));
-                for old in old_shops(previous_shop)? {
-                    if settings.shop_id.as_ref() != Some(&old) {
-                        self.give_up_shop(&settings.index, &old, false)?;
+                for old in previous_shops {
+                    if settings.shop_id.as_ref() != Some(old) {
+                        self.give_up_shop(&settings.index, old, false)?;
                     }
                 }
                 Ok(())
             }
             Change::RemoveIndex {
                 index,
-                previous_shop,
+                previous_shops,
                 keeps_own_key,
             } => {
                 check_own_key(index)?;
@@ -282,8 +274,8 @@ impl<'a> RecordPlanner<'a> {
                     // Its filter and query configs follow its override records, not this one.
                     self.ops.push((KvKey::index(index), KvAction::Delete));
                 }
-                for old in old_shops(previous_shop)? {
-                    self.give_up_shop(index, &old, kept)?;
+                for old in previous_shops {
+                    self.give_up_shop(index, old, kept)?;
                 }
                 match kept {
                     true => Err(Outcome::Kept { referenced_by }),
@@ -406,7 +398,6 @@ mod tests {
     use crate::domain::ApiKey;
     use crate::domain::{IndexSettings, Namespace, QueryConfig};
     use crate::pipeline::records::decode_as_written;
-    use crate::pipeline::records::PreviousShop;
     use serde_json::json;
 
     /// A plan with the outcomes it decided, one per record.
@@ -482,7 +473,7 @@ mod tests {
     /// A MODIFY whose index had no shop before.
     fn upsert(seq: u32, name: &str, shop: Option<&str>) -> ChangeRecord {
         let mut records = [new_image_upsert(seq, name, shop)];
-        settle_previous_shops(&mut records, |_| Some(BTreeSet::new()));
+        settle_previous_shops(&mut records, |_| BTreeSet::new());
         let [record] = records;
         record
     }
@@ -575,8 +566,8 @@ mod tests {
             Some(index_image("products", Some("shop-1.myshopify.com"))),
             None,
         );
-        let unsettled = settle_previous_shops(&mut records, |_| None);
-        assert!(unsettled.is_empty(), "the batch itself knows the shop");
+        // Nothing recorded: the batch itself knows the shop.
+        settle_previous_shops(&mut records, |_| BTreeSet::new());
         let plan = plan(&records, &key_snapshot(&records), CELL);
         assert_eq!(
             keys(&plan),
@@ -586,57 +577,29 @@ mod tests {
     }
 
     #[test]
-    fn a_new_image_remove_of_an_index_with_nothing_recorded_reads_its_shop_from_kv() {
-        let mut records = vec![remove(1, "products")];
-        let products = IndexRef::new("acct-1", "products");
-        let unsettled = settle_previous_shops(&mut records, |_| None);
-        assert_eq!(unsettled.iter().collect::<Vec<_>>(), [&products]);
-        let shop = Ok(Some("shop-from-kv.myshopify.com".into()));
-        settle_from_kv(&mut records, &HashMap::from([(products, shop)]));
-        let plan = plan(&records, &key_snapshot(&records), CELL);
-        assert_eq!(
-            keys(&plan),
-            [
-                ("acct-1-products", false),
-                ("shop-from-kv.myshopify.com", false),
-            ]
-        );
-    }
-
-    #[test]
-    fn a_previous_shop_is_settled_by_the_batch_then_the_ledger_then_kv() {
+    fn previous_shops_are_settled_by_the_batch_then_the_ledger() {
         let shop = |s: &str| BTreeSet::from([s.to_owned()]);
         let none = BTreeSet::new;
-        // (the records, what the ledger recorded of `products`, the previous shop each record
-        // is planned with, whether KV is read)
+        // (the records, what the ledger recorded of `products`, the previous shops each record
+        // is planned with)
         let cases = [
-            // Recorded: the ledger tells, KV is not read.
+            // Recorded: the ledger tells.
             (
                 vec![new_image_upsert(1, "products", None)],
-                Some(shop("s1")),
+                shop("s1"),
                 vec![shop("s1")],
-                false,
             ),
-            // Recorded on no shop (removed): no shop.
+            // Nothing recorded (the references are complete): no shop.
             (
                 vec![new_image_upsert(1, "products", None)],
-                Some(none()),
+                none(),
                 vec![none()],
-                false,
             ),
             // Recorded on two shops (a move not yet confirmed): both are given up.
             (
                 vec![new_image_upsert(1, "products", None)],
-                Some(BTreeSet::from(["s1".to_owned(), "s2".to_owned()])),
+                BTreeSet::from(["s1".to_owned(), "s2".to_owned()]),
                 vec![BTreeSet::from(["s1".to_owned(), "s2".to_owned()])],
-                false,
-            ),
-            // Nothing recorded: its current KV value tells (`s-kv`).
-            (
-                vec![new_image_upsert(1, "products", None)],
-                None,
-                vec![shop("s-kv")],
-                true,
             ),
             // An earlier record of the batch tells the next one.
             (
@@ -644,24 +607,15 @@ mod tests {
                     new_image_upsert(1, "products", Some("s2")),
                     new_image_upsert(2, "products", None),
                 ],
-                Some(shop("s1")),
+                shop("s1"),
                 vec![shop("s1"), shop("s2")],
-                false,
             ),
         ];
-        for (mut records, recorded, planned, reads_kv) in cases {
-            let unsettled = settle_previous_shops(&mut records, |_| recorded.clone());
-            assert_eq!(!unsettled.is_empty(), reads_kv);
-            let kv = unsettled
-                .into_iter()
-                .map(|i| (i, Ok(Some("s-kv".to_owned()))));
-            settle_from_kv(&mut records, &kv.collect());
+        for (mut records, recorded, planned) in cases {
+            settle_previous_shops(&mut records, |_| recorded.clone());
             let settled: Vec<BTreeSet<String>> = (records.iter())
                 .map(|r| match &r.change {
-                    Some(Change::UpsertIndex {
-                        previous_shop: PreviousShop::Known(shop),
-                        ..
-                    }) => shop.clone(),
+                    Some(Change::UpsertIndex { previous_shops, .. }) => previous_shops.clone(),
                     other => panic!("not settled: {other:?}"),
                 })
                 .collect();
@@ -670,33 +624,10 @@ mod tests {
     }
 
     #[test]
-    fn a_record_whose_shop_cannot_be_read_from_kv_fails_alone() {
-        let mut records = vec![
-            new_image_upsert(1, "products", None),
-            new_image_upsert(2, "other", None),
-        ];
-        let recorded = |index: &IndexRef| (index.name == "other").then(BTreeSet::new);
-        let unsettled = settle_previous_shops(&mut records, recorded);
-        let down = Err(PortError::Unavailable("KV is down".into()));
-        settle_from_kv(
-            &mut records,
-            &unsettled.into_iter().map(|i| (i, down.clone())).collect(),
-        );
-        let plan = plan(&records, &key_snapshot(&records), CELL);
-        assert!(
-            matches!(&plan.outcomes[0], Outcome::Failed(why) if why.contains("KV is down")),
-            "{:?}",
-            plan.outcomes
-        );
-        assert_eq!(plan.outcomes[1], Outcome::Exported);
-        assert_eq!(keys(&plan), [("acct-1-other", true)]);
-    }
-
-    #[test]
     fn a_remove_is_kept_while_an_enabled_alias_points_at_it() {
         let shop = "shop-1.myshopify.com";
         let mut records = vec![remove(1, "products-v1")];
-        settle_previous_shops(&mut records, |_| Some(BTreeSet::from([shop.to_owned()])));
+        settle_previous_shops(&mut records, |_| BTreeSet::from([shop.to_owned()]));
         let mut snapshot = key_snapshot(&records);
         let aliasing = IndexRefs {
             targets: ["acct-1-products-v1".to_owned()].into(),
@@ -750,14 +681,13 @@ mod tests {
 
     #[test]
     fn a_shop_change_deletes_the_old_shop_key_unless_another_index_claims_it() {
-        let old = index_image("products", Some("shop-old.myshopify.com"));
-        let records = vec![stream_record(
+        let mut records = vec![new_image_upsert(
             1,
-            "MODIFY",
-            "INDEX#products",
-            Some(index_image("products", Some("shop-new.myshopify.com"))),
-            Some(old),
+            "products",
+            Some("shop-new.myshopify.com"),
         )];
+        let recorded = BTreeSet::from(["shop-old.myshopify.com".to_owned()]);
+        settle_previous_shops(&mut records, |_| recorded.clone());
         assert!(references_wanted(&records));
         let snapshot = key_snapshot(&records);
         let freed = plan(&records, &snapshot, CELL);
@@ -821,17 +751,16 @@ mod tests {
     #[test]
     fn a_shop_id_naming_another_index_key_rejects_the_record_alone() {
         // acct-1's item claims acct-2's index key as its shop.
-        let records = vec![
+        let mut records = vec![
             upsert(1, "evil", Some("acct-2-products")),
             upsert(2, "fine", Some("shop-1.myshopify.com")),
-            stream_record(
-                3,
-                "REMOVE",
-                "INDEX#gone",
-                None,
-                Some(index_image("gone", Some("acct-2-products"))),
-            ),
+            remove(3, "gone"),
         ];
+        let recorded = |index: &IndexRef| match index.name.as_str() {
+            "gone" => BTreeSet::from(["acct-2-products".to_owned()]),
+            _ => BTreeSet::new(),
+        };
+        settle_previous_shops(&mut records, recorded);
         let mut snapshot = key_snapshot(&records);
         snapshot.references = Some(Ok(vec![]));
         let plan = plan(&records, &snapshot, CELL);
@@ -883,7 +812,7 @@ mod tests {
             let index = Some(settings.index.clone());
             let change = Change::UpsertIndex {
                 settings,
-                previous_shop: PreviousShop::none(),
+                previous_shops: BTreeSet::new(),
                 with_overrides: true,
             };
             ChangeRecord {
@@ -908,13 +837,13 @@ mod tests {
         );
     }
 
-    /// On a `NEW_AND_OLD_IMAGES` stream the old image says the shop the record left; a shop
-    /// the ledger still records (an earlier batch could not confirm it given up) joins it.
+    /// Every shop the ledger records (an earlier batch could not confirm one given up) is
+    /// given up; an old image says nothing more (a `NEW_AND_OLD_IMAGES` stream's is not read).
     #[test]
-    fn an_old_image_s_shop_is_joined_by_every_shop_still_recorded() {
+    fn every_shop_recorded_is_given_up_whatever_the_old_image() {
         let s =
             |names: &[&str]| -> BTreeSet<String> { names.iter().map(|n| n.to_string()).collect() };
-        let old = Some(index_image("products", Some("s1")));
+        let old = Some(index_image("products", Some("s9")));
         let new = Some(index_image("products", Some("s2")));
         let mut records = vec![
             stream_record(1, "MODIFY", "INDEX#products", new.clone(), old),
@@ -927,43 +856,30 @@ mod tests {
             ),
         ];
 
-        let unsettled = settle_previous_shops(&mut records, |_| Some(s(&["s0", "s1"])));
+        settle_previous_shops(&mut records, |_| s(&["s0", "s1"]));
 
-        assert!(unsettled.is_empty());
-        let previous: Vec<PreviousShop> = (records.iter())
+        let previous: Vec<BTreeSet<String>> = (records.iter())
             .map(|r| match &r.change {
-                Some(Change::UpsertIndex { previous_shop, .. }) => previous_shop.clone(),
+                Some(Change::UpsertIndex { previous_shops, .. }) => previous_shops.clone(),
                 other => panic!("{other:?}"),
             })
             .collect();
-        // The second record's old image is what the first one left: nothing more to give up.
-        let expected = [
-            PreviousShop::Known(s(&["s0", "s1"])),
-            PreviousShop::Known(s(&["s2"])),
-        ];
+        // The second record is on what the first one left.
+        let expected = [s(&["s0", "s1"]), s(&["s2"])];
         assert_eq!(previous, expected);
     }
 
     #[test]
-    fn a_modify_from_a_new_image_stream_gives_up_the_shop_kv_held() {
+    fn a_modify_gives_up_the_shop_the_ledger_recorded() {
         let mut records = vec![
             new_image_upsert(1, "products", Some("shop-new.myshopify.com")),
             new_image_upsert(2, "other", None),
         ];
-        let unsettled = settle_previous_shops(&mut records, |_| None);
-        assert_eq!(
-            unsettled.len(),
-            2,
-            "one read each, no earlier record speaks"
-        );
-        let kv = HashMap::from([
-            (
-                IndexRef::new("acct-1", "products"),
-                Ok(Some("shop-old.myshopify.com".into())),
-            ),
-            (IndexRef::new("acct-1", "other"), Ok(None)),
-        ]);
-        settle_from_kv(&mut records, &kv);
+        let recorded = |index: &IndexRef| match index.name.as_str() {
+            "products" => BTreeSet::from(["shop-old.myshopify.com".to_owned()]),
+            _ => BTreeSet::new(),
+        };
+        settle_previous_shops(&mut records, recorded);
         let snapshot = key_snapshot(&records);
         assert!(
             snapshot.references.is_some(),

@@ -2,7 +2,8 @@
 //! remove of its item, until the batch reads the item as it is now), one per record, in stream
 //! order. Nothing here talks to a server.
 
-pub use crate::domain::{Change, ChangeRecord, PreviousShop};
+pub use crate::domain::{Change, ChangeRecord};
+use std::collections::BTreeSet;
 
 use crate::domain::kv::{check_key, KvKey};
 use crate::domain::validate::shown;
@@ -182,7 +183,7 @@ fn decode_change(
     let removed = match query {
         None => Change::RemoveIndex {
             index: index.clone(),
-            previous_shop: previous_shop(record),
+            previous_shops: BTreeSet::new(),
             keeps_own_key: false,
         },
         Some(query) => Change::RemoveQuery {
@@ -191,17 +192,6 @@ fn decode_change(
         },
     };
     (Some(index), Ok(removed))
-}
-
-fn previous_shop(record: &StreamRecord) -> PreviousShop {
-    if record.event_name == "INSERT" {
-        return PreviousShop::none();
-    }
-    match stream::old_shop(record) {
-        Some(shop) => PreviousShop::Known(shop.into_iter().map(str::to_owned).collect()),
-        None if stream::carries_old_images(record) => PreviousShop::none(),
-        None => PreviousShop::Unknown,
-    }
 }
 
 #[cfg(test)]
@@ -243,56 +233,24 @@ mod tests {
         assert!(matches!(foreign.outcome, Outcome::Skipped(_)));
     }
 
+    /// A settings record decodes as its index's removal whatever its view type: the shops the
+    /// index was on come from the ledger, never from an old image.
     #[test]
-    fn new_image_only_removes_do_not_know_the_shop() {
+    fn a_settings_record_decodes_as_its_index_s_removal_whatever_its_images() {
+        let removal = Some(Change::RemoveIndex {
+            index: IndexRef::new("acct-1", "products"),
+            previous_shops: BTreeSet::new(),
+            keeps_own_key: false,
+        });
         let mut raw = record("REMOVE", "INDEX#products", json!(null));
         raw["dynamodb"].as_object_mut().unwrap().remove("NewImage");
         let decoded = decode_record(raw, "DEFAULT_CONFIGS");
-        assert_eq!(
-            decoded.change,
-            Some(Change::RemoveIndex {
-                index: IndexRef::new("acct-1", "products"),
-                previous_shop: PreviousShop::Unknown,
-                keeps_own_key: false,
-            })
-        );
+        assert_eq!(decoded.change, removal);
         assert_eq!(decoded.sequence_number.as_deref(), Some("100"));
-    }
-
-    /// The previous shop a settings record's stream record says.
-    fn previous(record: ChangeRecord) -> Result<PreviousShop, Outcome> {
-        match record.change.ok_or(record.outcome)? {
-            Change::RemoveIndex { previous_shop, .. } => Ok(previous_shop),
-            other => panic!("a settings record: {other:?}"),
-        }
-    }
-
-    #[test]
-    fn old_images_give_the_previous_shop() {
-        let mut raw = record("REMOVE", "INDEX#products", json!(null));
+        let mut raw = record("MODIFY", "INDEX#products", json!({}));
         raw["dynamodb"]["OldImage"] = json!({"shop_id": {"S": "shop-old"}});
         raw["dynamodb"]["StreamViewType"] = json!("NEW_AND_OLD_IMAGES");
-        let decoded = decode_record(raw, "DEFAULT_CONFIGS");
-        let shop = previous(decoded);
-        assert_eq!(shop, Ok(PreviousShop::known(Some("shop-old".into()))));
-        // An empty shop id is no shop; an old image without one, none either.
-        for old in [
-            json!({"shop_id": {"S": ""}}),
-            json!({"pk": {"S": "acct-1"}}),
-        ] {
-            let mut raw = record("MODIFY", "INDEX#products", json!({}));
-            raw["dynamodb"]["OldImage"] = old;
-            let shop = previous(decode_record(raw, "D"));
-            assert_eq!(shop, Ok(PreviousShop::none()));
-        }
-        // No old image: none where the stream carries them, unknown where it does not.
-        let mut raw = record("MODIFY", "INDEX#products", json!({}));
-        raw["dynamodb"]["StreamViewType"] = json!("NEW_AND_OLD_IMAGES");
-        let shop = previous(decode_record(raw, "D"));
-        assert_eq!(shop, Ok(PreviousShop::none()));
-        let raw = record("MODIFY", "INDEX#products", json!({}));
-        let shop = previous(decode_record(raw, "D"));
-        assert_eq!(shop, Ok(PreviousShop::Unknown));
+        assert_eq!(decode_record(raw, "D").change, removal);
     }
 
     #[test]
@@ -421,7 +379,7 @@ mod tests {
         let no_image = record("MODIFY", "INDEX#p", json!(null));
         let changed = Change::RemoveIndex {
             index: IndexRef::new("acct-1", "p"),
-            previous_shop: PreviousShop::Unknown,
+            previous_shops: BTreeSet::new(),
             keeps_own_key: false,
         };
         for raw in [record("MODIFY", "INDEX#p", bad_image), no_image] {
@@ -434,7 +392,7 @@ mod tests {
             let now = decoded.clone().as_now(Some(&now));
             assert!(
                 matches!(&now.change,
-                Some(Change::UpsertIndex { settings, previous_shop: PreviousShop::Unknown, .. })
+                Some(Change::UpsertIndex { settings, .. })
                     if settings.index_url == "https://idx"),
                 "{:?}",
                 now

@@ -235,20 +235,6 @@ impl ApiKeySource for Sim {
 }
 
 impl SettingsTable for Sim {
-    async fn settings_references(&self) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
-        self.0.go(self.1, "table scan").await?;
-        let table = self.0.table.lock().unwrap();
-        Ok((table.iter())
-            .filter_map(|((pk, sk), item)| {
-                let name = sk
-                    .strip_prefix("INDEX#")
-                    .filter(|n| !n.contains("#QUERY#"))?;
-                let refs = crate::dynamo::settings_references(item).0;
-                Some((IndexRef::new(pk, name), refs))
-            })
-            .collect())
-    }
-
     async fn index_references(
         &self,
         indexes: &[IndexRef],

@@ -1,7 +1,7 @@
-//! Each index's references in the ledger (docs/contract.md, "References in the ledger"): a
-//! `NEW_IMAGE` stream learns an index's old shop from them, never from an eventually
-//! consistent KV read, and once a full backfill recorded every index, a batch that removes an
-//! index or moves a shop asks the ledger who refers to it instead of scanning the table.
+//! Each index's references in the ledger (docs/contract.md, "References in the ledger"): the
+//! stream learns an index's old shops from them (never from an old image or a KV read), and a
+//! batch that removes an index or moves a shop asks the ledger who refers to it. Before the
+//! migration completed them, the stream waits.
 
 use aws_sdk_dynamodb::types::StreamViewType;
 use serde_json::{json, Value};
@@ -10,10 +10,6 @@ use crate::common::*;
 
 const SHOP_A: &str = "shop-a.myshopify.com";
 const SHOP_B: &str = "shop-b.myshopify.com";
-
-fn scans(h: &Harness) -> usize {
-    h.exporter.table().counters().reference_scans
-}
 
 #[tokio::test]
 async fn a_new_image_remove_deletes_the_old_shop_key_while_kv_reads_are_stale() {
@@ -37,29 +33,39 @@ async fn a_new_image_remove_deletes_the_old_shop_key_while_kv_reads_are_stale() 
     assert_eq!(h.kv_calls("bulk/get"), 0, "no shop read from KV");
 }
 
-#[tokio::test]
-async fn an_index_exported_before_the_ledger_still_finds_its_old_shop_in_kv() {
-    let mut h = Harness::with_view(StreamViewType::NewImage).await;
+crate::on_both_views! {
+/// A table exported before the ledger (an upgrade, or a stack made again with a new ledger):
+/// until the migration marks its references complete, a stream batch is retried whole, naming
+/// the procedure, and nothing is written; the procedure's backfill and reconcile pass then
+/// leave KV as the table implies (the removed index's old shop key is orphaned), and the
+/// batch's retry finds nothing more to do.
+async fn a_stream_batch_before_the_migration_waits_for_it(view) {
+    let mut h = Harness::with_view(view).await;
     h.keys.set_key("acct-1", "k");
     h.put(index_item("acct-1", "products", Some(SHOP_A))).await;
-    h.export_stream().await;
-    // The upgrade to a version with a ledger: a new, empty one, which records nothing of it.
+    exported(&h.export_stream().await);
     let fresh = format!("{}-upgraded-ledger", h.table);
     ecom_emulators::streams::create_ledger_table(&h.ddb, &fresh)
         .await
         .expect("create the ledger table in moto");
     h.reconfigure("LEDGER_TABLE_NAME", &fresh).await;
-
     h.delete("acct-1", "INDEX#products").await;
-    let removed = h.export_stream().await;
+    let records = h.stream_records().await;
+    let logs = Logs::capture();
 
-    assert_eq!(failures(&removed), Vec::<String>::new(), "{removed}");
-    assert_eq!(
-        h.kv_calls("bulk/get"),
-        1,
-        "no references recorded: read from KV"
-    );
+    let waiting = h.invoke(json!({ "Records": records.clone() })).await;
+
+    assert_eq!(failures(&waiting), sequence_numbers(&records), "{waiting}");
+    let said = logs.matching("the stream waits for the migration");
+    assert!(said.iter().any(|l| l.contains("make migrate")), "{said:?}");
+    assert!(h.settings("acct-1-products").is_some(), "nothing written");
+    h.migrate().await;
+    let pass = h.invoke(json!({"mode": "reconcile", "repair": true})).await;
+    assert_eq!(pass["complete"], true, "{pass}");
     assert_eq!(h.settings(SHOP_A), None);
+    assert_eq!(h.settings("acct-1-products"), None);
+    exported(&h.invoke(json!({ "Records": records })).await);
+}
 }
 
 #[tokio::test]
@@ -94,7 +100,6 @@ async fn after_a_full_backfill_removes_and_shop_moves_ask_the_ledger_not_the_tab
     assert_eq!(failures(&moved), Vec::<String>::new(), "{moved}");
     assert_eq!(h.settings(SHOP_A).unwrap()["index_name"], "staying");
     assert_eq!(h.settings(SHOP_B).unwrap()["index_name"], "leaving");
-    assert_eq!(scans(&h), 0, "no scan of the table");
 
     // The alias goes away (the stream records that): the target can be removed now.
     h.put(index_item("acct-2", "front", None)).await;
@@ -103,22 +108,6 @@ async fn after_a_full_backfill_removes_and_shop_moves_ask_the_ledger_not_the_tab
     h.delete("acct-1", "INDEX#target").await;
     h.export_stream().await;
     assert_eq!(h.settings("acct-1-target"), None);
-    assert_eq!(scans(&h), 0);
-}
-
-#[tokio::test]
-async fn until_a_full_backfill_a_remove_still_scans_the_table() {
-    let mut h = Harness::new().await;
-    h.keys.set_key("acct-1", "k");
-    h.put(index_item("acct-1", "target", None)).await;
-    h.put(aliasing("acct-1", "front", "acct-1-target")).await;
-    h.export_stream().await;
-
-    h.delete("acct-1", "INDEX#target").await;
-    h.export_stream().await;
-
-    assert_eq!(scans(&h), 1);
-    assert!(h.settings("acct-1-target").is_some(), "aliased: kept");
 }
 
 #[tokio::test]
@@ -244,7 +233,6 @@ async fn a_transaction_cancelled_by_a_conflict_is_sent_again(view) {
     let moved = h.export_stream().await;
     assert_eq!(failures(&moved), Vec::<String>::new(), "{moved}");
     assert_eq!(h.settings(SHOP_A).unwrap()["index_name"], "arriving");
-    assert_eq!(scans(&h), 0, "asked of the ledger, not the table");
 }
 }
 
@@ -335,8 +323,8 @@ async fn a_table_item_whose_index_no_key_could_have_is_rejected_alone_by_a_backf
     }
 }
 
-/// A `NEW_IMAGE` batch writes an index with a shop, then removes it, and who aliases the index
-/// cannot be looked up (past its three attempts); Lambda replays from the first failed record.
+/// A `NEW_IMAGE` batch writes an index with a shop, then removes it, and the ledger cannot be
+/// read (past its three attempts); Lambda replays from the first failed record.
 /// Both records export the item as the table holds it after them (gone), so neither writes the
 /// shop key. (When records exported their own images, the write landed and the replayed remove
 /// had to learn the old shop from what the applied record left in the ledger.)
@@ -361,12 +349,11 @@ async fn a_batch_that_writes_a_shop_and_removes_its_index_leaves_no_shop_key() {
     h.delete("acct-1", "INDEX#products").await;
     let records = h.stream_records().await;
     assert_eq!(records.len(), 2);
-    // The references are not complete (no backfill): the remove scans the table for aliases.
     let failing = DynamoFault::Fail {
         status: 500,
         error_type: "InternalServerError".into(),
     };
-    dynamodb.inject(Some("Scan"), None, failing, 3);
+    dynamodb.inject(Some("BatchGetItem"), Some("-ledger"), failing, 3);
     let mut answers = vec![invoke(records.clone()).await.expect("an answer")];
     while let Some(lowest) = failures(answers.last().unwrap()).first().cloned() {
         assert!(answers.len() < 3, "{answers:?}");
@@ -505,8 +492,8 @@ async fn an_alias_rejected_since_its_export_protects_its_target_after_the_migrat
     let mut invalid = aliasing("acct-2", "storefront", "acct-1-products");
     invalid["index_endpoint"] = json!({"S": "http://not-https.example"});
     h.put(invalid).await;
-    let rejected = h.export_stream().await;
-    assert_eq!(failures(&rejected), Vec::<String>::new());
+    // Its record went by before the ledger (a rejected record leaves its keys as they were).
+    h.stream_records().await;
     assert!(h.settings("acct-2-storefront").is_some(), "left as it was");
 
     h.migrate().await;
@@ -514,14 +501,13 @@ async fn an_alias_rejected_since_its_export_protects_its_target_after_the_migrat
     let removed = h.export_stream().await;
 
     assert_eq!(failures(&removed), Vec::<String>::new(), "{removed}");
-    assert_eq!(scans(&h), 0, "the ledger was asked");
     assert!(
         h.settings("acct-1-products").is_some(),
         "the rejected alias's KV value reads it: kept"
     );
 }
 
-/// Every item of the ledger deleted: the function as it was before the ledger existed.
+/// Every item of the ledger deleted: the table as it was before the ledger existed.
 async fn forget_the_ledger(h: &Harness) {
     let items = h.ddb.scan().table_name(&h.ledger).send().await.unwrap();
     for item in items.items.unwrap_or_default() {
@@ -633,57 +619,6 @@ async fn a_record_with_a_shop_no_key_could_be_is_rejected_alone_and_stalls_nothi
 }
 }
 
-/// The migration state on `NEW_IMAGE` (issue 62, 6): an index moved while nothing records it
-/// takes its previous shop from its KV value, and a read that lags (KV is eventually
-/// consistent) may miss the shop it was on: that old shop key serves the index until the next
-/// reconcile pass deletes it. The contract's windows table names the window and this test.
-#[tokio::test]
-async fn a_lagging_kv_read_in_the_migration_state_leaves_an_old_shop_to_the_next_reconcile() {
-    const SHOP_Z: &str = "shop-z.myshopify.com";
-    let mut h = Harness::with_view(StreamViewType::NewImage).await;
-    h.keys.set_key("acct-1", "k");
-    h.put(index_item("acct-1", "products", Some(SHOP_Z))).await;
-    exported(&h.export_stream().await);
-    // From here reads answer what KV held then: the index on shop Z.
-    h.kv.stale_reads();
-    h.put(index_item("acct-1", "products", Some(SHOP_A))).await;
-    exported(&h.export_stream().await);
-    // The upgrade to a ledger that records nothing of it yet (the migration state).
-    let fresh = format!("{}-upgraded-ledger", h.table);
-    ecom_emulators::streams::create_ledger_table(&h.ddb, &fresh)
-        .await
-        .expect("create the ledger table in moto");
-    h.reconfigure("LEDGER_TABLE_NAME", &fresh).await;
-
-    h.put(index_item("acct-1", "products", Some(SHOP_B))).await;
-    exported(&h.export_stream().await);
-
-    assert_eq!(h.settings(SHOP_B).unwrap()["index_name"], "products");
-    let window = h.settings(SHOP_A).expect("the lagging read missed shop A");
-    assert_eq!(
-        window["shop_id"], SHOP_A,
-        "it serves the index's old settings"
-    );
-    h.kv.release(); // KV consistent again
-    let answer = h.invoke(json!({"mode": "reconcile", "repair": true})).await;
-    assert_eq!(
-        answer["samples"]["settings"]["orphaned"],
-        json!([SHOP_A]),
-        "{answer}"
-    );
-    assert_eq!(h.settings(SHOP_A), None, "healed by the next pass");
-
-    let contract = std::fs::read_to_string("docs/contract.md").unwrap();
-    let windows = contract.split("Windows that remain").nth(1).unwrap();
-    let windows = windows.split("\n\n").nth(1).unwrap();
-    assert!(
-        windows.contains(
-            "a_lagging_kv_read_in_the_migration_state_leaves_an_old_shop_to_the_next_reconcile"
-        ),
-        "the windows table names this window"
-    );
-}
-
 fn exported(answer: &Value) {
     assert_eq!(failures(answer), Vec::<String>::new(), "{answer}");
 }
@@ -754,9 +689,10 @@ async fn calls_of(
 }
 
 /// What a REMOVE kept for an alias costs beside one that is not, each alone in its batch with
-/// the references complete (the one not kept deletes its index's record): the kept one's check reads again what keeps the index once its
-/// intent landed (the `references` mark, who aliases it, their settings items), and its intent
-/// records the alias on its holder (docs/contract.md, "Alias deletion safety").
+/// the references complete (the one not kept deletes its index's record): the kept one's check
+/// reads again what keeps the index once its intent landed (who aliases it, their settings
+/// items), and its intent records the alias on its holder (docs/contract.md, "Alias deletion
+/// safety").
 #[tokio::test]
 async fn a_kept_remove_costs_the_reads_of_what_keeps_it_and_one_intent() {
     let mut h = Harness::new().await;
@@ -784,18 +720,14 @@ async fn a_kept_remove_costs_the_reads_of_what_keeps_it_and_one_intent() {
             .map(|(operation, n)| (operation.to_string(), *n));
         calls.collect::<std::collections::BTreeMap<_, _>>()
     };
-    // The item as it is now, the index's recorded references, the ledger's `references` mark
-    // and the set of who aliases the index (empty); then the index's own record deleted.
+    // The ledger's `references` mark (once a container), the item as it is now, the index's
+    // recorded references and the set of who aliases the index (empty); then the index's own
+    // record deleted.
     let shrink = ("TransactWriteItems", 1);
     assert_eq!(plain, calls(&[("BatchGetItem", 3), ("GetItem", 1), shrink]));
     // Besides: the set's member's settings item, the intent, and the check's reads once the
-    // intent landed: the mark (the kept gate's and its snapshot's), the index again, the set
-    // and its member's item again.
-    let expected = calls(&[
-        ("BatchGetItem", 7),
-        ("GetItem", 3),
-        ("TransactWriteItems", 1),
-    ]);
+    // intent landed: the index again, the set and its member's item again.
+    let expected = calls(&[("BatchGetItem", 7), ("TransactWriteItems", 1)]);
     assert_eq!(kept, expected, "{}", function.output());
 }
 

@@ -71,7 +71,7 @@ fn sdk_item(attributes: &[(&str, Av)]) -> HashMap<String, Av> {
 
 #[tokio::test]
 async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
-    let h = Harness::new().await;
+    let h = Harness::before_migration(aws_sdk_dynamodb::types::StreamViewType::NewImage).await;
     let ledger = DynamoLedger::new(&aws().await, h.ledger.clone());
     let s = |text: &str| Av::S(text.to_owned());
     let get = |pk: &str, sk: &str| {

@@ -159,6 +159,27 @@ fn start_function(options: &DemoOptions, peers: &Peers) -> Result<Process, Strin
     Ok(Process(child))
 }
 
+/// The migration before the stream runs (docs/operations.md, "Migrating a table that holds
+/// indexes", `make migrate` without the mapping): a backfill, then a reconcile pass with
+/// repair, each followed to `"complete": true`.
+pub async fn migrate(runtime: &RuntimeApi) -> Result<(), String> {
+    for mut payload in [
+        serde_json::json!({"mode": "backfill"}),
+        serde_json::json!({"mode": "reconcile", "repair": true}),
+    ] {
+        for _ in 0..100 {
+            let answer = runtime.invoke(payload.clone(), std::time::Duration::from_secs(60));
+            let answer = answer.await.map_err(|e| format!("the migration: {e}"))?;
+            match answer["continuation_token"].as_str() {
+                Some(token) => payload["continuation_token"] = token.into(),
+                None if answer["complete"] == true => break,
+                None => return Err(format!("the migration did not complete: {answer}")),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A poller feeding the stream to the runtime API in the background, until `stop` says so.
 async fn start_poller(
     aws: &aws_config::SdkConfig,
@@ -215,6 +236,7 @@ pub(super) async fn start(options: &DemoOptions) -> Result<Stack, String> {
         secret_id: &secret_id,
     };
     let function = start_function(options, &peers)?;
+    migrate(&runtime).await?;
     let (progress, stop) =
         start_poller(&aws, &stream_arn, runtime.clone(), options.batching_window).await?;
     Ok(Stack {

@@ -17,7 +17,7 @@ use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, IndexRefs, KvAction, KvKey, Namespace, TableSpan};
 use crate::pipeline::plan::PlannedOp;
 use crate::pipeline::records::{Change, ChangeRecord};
-use crate::ports::{before_deadline, Ledger as _, Ports, Referred};
+use crate::ports::{Ports, Referred};
 use crate::report::{BatchReport, Landed, Outcome};
 
 /// Rounds that may write again; one more read after them only checks.
@@ -78,28 +78,6 @@ impl<P: Ports> Exporter<P> {
                 true => report.written.push(key),
                 false => report.deleted.push(key),
             }
-        }
-    }
-
-    /// A stream batch's keys kept for an alias, to check as left as they were
-    /// ([`write::kept_keys`]), once the ledger's references are complete: in the migration state
-    /// the check's read of who keeps them would be a second scan of the table.
-    pub(super) async fn kept_to_check(
-        &self,
-        prepared: &Prepared,
-        deadline: Instant,
-    ) -> Vec<Landed> {
-        if !prepared.run.is_stream() {
-            return Vec::new();
-        }
-        let kept = write::kept_keys(&prepared.records, &prepared.plan);
-        if kept.is_empty() {
-            return kept;
-        }
-        let complete = self.ledger.references_complete();
-        match before_deadline(deadline, "ledger references", complete).await {
-            Ok(true) => kept,
-            _ => Vec::new(),
         }
     }
 
@@ -352,7 +330,7 @@ mod tests {
     use crate::adapters::memory::MemoryKv;
     use crate::pipeline::exporter::tests::exporter;
     use crate::pipeline::plan;
-    use crate::pipeline::records::{decode_as_written, decode_record, PreviousShop};
+    use crate::pipeline::records::{decode_as_written, decode_record};
     use serde_json::json;
     use std::time::Duration;
 
@@ -378,10 +356,10 @@ mod tests {
         }
     }
 
-    fn previous_shop(record: &ChangeRecord) -> Option<PreviousShop> {
+    fn previous_shops(record: &ChangeRecord) -> Option<BTreeSet<String>> {
         match &record.change {
-            Some(Change::UpsertIndex { previous_shop, .. }) => Some(previous_shop.clone()),
-            Some(Change::RemoveIndex { previous_shop, .. }) => Some(previous_shop.clone()),
+            Some(Change::UpsertIndex { previous_shops, .. }) => Some(previous_shops.clone()),
+            Some(Change::RemoveIndex { previous_shops, .. }) => Some(previous_shops.clone()),
             _ => None,
         }
     }
@@ -415,9 +393,8 @@ mod tests {
             assert_eq!(is_remove, removed, "{now:?}");
             assert_eq!(shops, expected, "{now:?}");
             // As the snapshot settles it: every shop landed is its previous one.
-            plan::settle_previous_shops(&mut changes, |_| Some(shops.clone()));
-            let previous = Some(PreviousShop::Known(expected));
-            assert_eq!(previous_shop(&changes[0]), previous, "{now:?}");
+            plan::settle_previous_shops(&mut changes, |_| shops.clone());
+            assert_eq!(previous_shops(&changes[0]), Some(expected), "{now:?}");
         }
     }
 

@@ -70,20 +70,15 @@ impl<P: Ports> Exporter<P> {
     }
 
     /// The references of every index that may refer to what is `asked` (an alias target, a
-    /// shop): from the ledger once its records are complete (its sets naming the candidates,
-    /// each candidate's own record deciding; the indexes of a batch's own `records` decided by
-    /// them, newer than what the ledger holds), else every index's, from a scan of the table.
+    /// shop), from the ledger: its sets name the candidates, each candidate's own record
+    /// deciding; the indexes of a batch's own `records` are decided by them, newer than what
+    /// the ledger holds.
     pub async fn referrers_of(
         &self,
         asked: Vec<Referred>,
         records: &[ChangeRecord],
         deadline: Instant,
     ) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
-        let complete = self.ledger.references_complete();
-        if !before_deadline(deadline, "ledger references", complete).await? {
-            let scan = self.table.settings_references();
-            return before_deadline(deadline, "settings table scan", scan).await;
-        }
         let mut references: BTreeMap<IndexRef, IndexRefs> = BTreeMap::new();
         if !asked.is_empty() {
             let query = self.ledger.referrers(&asked);
@@ -448,11 +443,6 @@ mod tests {
             .collect();
         assert_eq!(claimers, expected);
         assert_eq!(aliasing, expected);
-        assert_eq!(
-            e.table.scans.load(std::sync::atomic::Ordering::SeqCst),
-            0,
-            "asked of the ledger"
-        );
     }
 
     #[test]

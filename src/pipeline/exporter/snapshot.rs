@@ -9,15 +9,19 @@ use futures::StreamExt as _;
 use tokio::time::Instant;
 
 use super::{Exporter, Prepared, Run, CONCURRENT_QUERIES};
-use crate::domain::kv::Written;
 use crate::domain::{AccountCell, ApiKey};
-use crate::domain::{IndexRef, KvKey, Namespace, TableKey};
+use crate::domain::{IndexRef, TableKey};
 use crate::pipeline::api_key_cache::ApiKeyCache;
 use crate::pipeline::plan::{self, Snapshot};
 use crate::pipeline::records::{Change, ChangeRecord};
-use crate::ports::{before_deadline, ApiKeySource, KvStore, LookupCounts, Ports};
+use crate::ports::{before_deadline, ApiKeySource, LookupCounts, Ports};
 use crate::ports::{IndexRefs, Ledger, PortError, SettingsTable};
 use crate::report::Outcome;
+
+/// Why a stream batch is not exported before the migration: the ledger must name every shop an
+/// index's keys may be on before the stream relies on it (docs/operations.md).
+pub const BEFORE_MIGRATION: &str = "the ledger's references are not complete: the stream waits \
+    for the migration (docs/operations.md, \"Migrating a table that holds indexes\": make migrate)";
 
 impl<P: Ports> Exporter<P> {
     /// The queries of each index's overrides: from the batch when it holds them all, else a
@@ -78,9 +82,9 @@ impl<P: Ports> Exporter<P> {
     }
 
     /// A stream batch's first reads, together: its records' items as the table holds them now
-    /// (`ChangeRecord::as_now`) and what the ledger recorded of their indexes. When either
-    /// could not be read, every record not already ended fails with the error (nothing of the
-    /// batch is then sent).
+    /// (`ChangeRecord::as_now`), what the ledger recorded of their indexes, and whether its
+    /// references are complete. When one could not be read, or they are not complete, every
+    /// record not already ended fails (nothing of the batch is then sent).
     pub(super) async fn read_now(
         &self,
         records: Vec<ChangeRecord>,
@@ -107,14 +111,21 @@ impl<P: Ports> Exporter<P> {
             })
             .collect();
         let known = self.known_refs(indexes, Run::STREAM, deadline);
-        match tokio::join!(now, known) {
-            (Ok(now), Ok(known)) => {
+        let complete = before_deadline(deadline, "ledger", self.ledger.references_complete());
+        match tokio::join!(now, known, complete) {
+            (Ok(now), Ok(known), Ok(true)) => {
                 let records = (records.into_iter().zip(item_keys))
                     .map(|(record, key)| record.as_now(key.and_then(|key| now.get(&key))))
                     .collect();
                 (records, known)
             }
-            (Err(error), _) | (_, Err(error)) => {
+            (_, _, Ok(false)) => {
+                tracing::error!("{BEFORE_MIGRATION}");
+                let error = PortError::Refused(BEFORE_MIGRATION.into());
+                let records = records.into_iter().map(|r| r.unread(&error)).collect();
+                (records, None)
+            }
+            (Err(error), _, _) | (_, Err(error), _) | (_, _, Err(error)) => {
                 let records = records.into_iter().map(|r| r.unread(&error)).collect();
                 (records, None)
             }
@@ -122,7 +133,7 @@ impl<P: Ports> Exporter<P> {
     }
 
     /// Stage 2, the snapshot: everything the plan needs of the outside, read before it: each
-    /// record's previous shop settled, the API keys, who refers to what the records remove or
+    /// record's previous shops settled from the ledger, the API keys, who refers to what the records remove or
     /// give up, the claimers' settings, the overrides of each filter rebuilt.
     pub(super) async fn snapshot(
         &self,
@@ -132,7 +143,11 @@ impl<P: Ports> Exporter<P> {
         run: Run,
         deadline: Instant,
     ) -> (Snapshot, LookupCounts) {
-        self.settle_previous_shops(records, known, deadline).await;
+        let recorded = |index: &IndexRef| {
+            let refs = known.and_then(|known| known.get(index));
+            refs.map(|refs| refs.shops.clone()).unwrap_or_default()
+        };
+        plan::settle_previous_shops(records, recorded);
         self.look_up(records, api_keys, run, deadline).await
     }
 
@@ -211,23 +226,6 @@ impl<P: Ports> Exporter<P> {
         api_keys
     }
 
-    /// Settles each record's previous shop the stream did not give: from an earlier record of
-    /// the batch, else what the ledger recorded of its index (`known`), else, for an index with
-    /// nothing recorded, its current KV value (docs/contract.md, "The old shop key").
-    async fn settle_previous_shops(
-        &self,
-        records: &mut [ChangeRecord],
-        known: Option<&HashMap<IndexRef, IndexRefs>>,
-        deadline: Instant,
-    ) {
-        let recorded = |index: &IndexRef| Some(known?.get(index)?.shops.clone());
-        let unsettled = plan::settle_previous_shops(records, recorded);
-        if !unsettled.is_empty() {
-            let shops = self.current_shops(unsettled, deadline).await;
-            plan::settle_from_kv(records, &shops);
-        }
-    }
-
     /// What a batch needs before planning besides its API keys (looked up first): who else
     /// refers to what the batch removes or gives up, and the settings (and API keys) of who
     /// claims a shop it gives up.
@@ -259,34 +257,6 @@ impl<P: Ports> Exporter<P> {
         snapshot.overrides = overrides.into_iter().collect();
         snapshot.api_keys = api_keys.keys;
         (snapshot, api_keys.counts)
-    }
-
-    /// The shop ids in the indexes' current KV values, read 100 keys a request.
-    pub(super) async fn current_shops(
-        &self,
-        indexes: BTreeSet<IndexRef>,
-        deadline: Instant,
-    ) -> HashMap<IndexRef, Result<Option<String>, PortError>> {
-        if indexes.is_empty() {
-            return HashMap::new();
-        }
-        let keys: Vec<String> = indexes.iter().map(|i| KvKey::index(i).key).collect();
-        let values = self.kv.get_many(Namespace::Settings, &keys, deadline).await;
-        indexes
-            .into_iter()
-            .zip(keys)
-            .map(|(index, key)| {
-                let shop = match &values {
-                    Ok(values) => Ok(values
-                        .get(&key)
-                        .cloned()
-                        .flatten()
-                        .and_then(|v| Written::read(&v)?.shop())),
-                    Err(error) => Err(error.clone()),
-                };
-                (index, shop)
-            })
-            .collect()
     }
 
     /// Reads the indexes that claim a shop key, and the API keys their values need.

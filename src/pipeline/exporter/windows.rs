@@ -52,14 +52,6 @@ async fn exported(exporter: &MemoryExporter, batch: Vec<Value>) {
     assert!(failures(&report).is_empty(), "{:?}", failures(&report));
 }
 
-/// An exporter whose ledger's references are complete (a full backfill ran): shops and
-/// aliases are looked up in the ledger, not by a scan.
-fn with_complete_ledger() -> MemoryExporter {
-    let exporter = exporter(MemoryKv::default());
-    exporter.ledger.complete.store(true, Ordering::SeqCst);
-    exporter
-}
-
 /// An operator's re-export of the index as the table holds it when asked.
 async fn reexport(exporter: &MemoryExporter, index: &IndexRef) -> BatchReport {
     let record = exporter.settings_of([index], deadline()).await.unwrap();
@@ -125,7 +117,7 @@ async fn an_operator_s_older_write_landing_last_is_written_again_by_its_check() 
 /// the claimer's key, and the ledger forgets it.
 #[tokio::test]
 async fn a_shop_left_recorded_by_a_refused_shrink_is_given_up_by_the_next_record() {
-    let exporter = with_complete_ledger();
+    let exporter = exporter(MemoryKv::default());
     let (i, s1) = (IndexRef::new("a", "i"), "s1.myshopify.com");
     let insert = record("INSERT", "i", "https://i", Some(s1));
     exported(&exporter, vec![insert]).await;
@@ -167,7 +159,7 @@ async fn a_shop_left_recorded_by_a_refused_shrink_is_given_up_by_the_next_record
 /// the record gives it up again, to its claimer.
 #[tokio::test]
 async fn a_replay_hands_over_a_shop_key_whose_check_could_not_read() {
-    let exporter = with_complete_ledger();
+    let exporter = exporter(MemoryKv::default());
     let s1 = "s1.myshopify.com";
     let insert = record("INSERT", "i", "https://i", Some(s1));
     exported(&exporter, vec![insert]).await;
@@ -221,7 +213,7 @@ fn moved_and_rejected() -> [Value; 3] {
 async fn a_shop_given_up_by_an_index_rejected_since_goes_to_its_claimer() {
     let s1 = "s1.myshopify.com";
     for invalid in moved_and_rejected() {
-        let exporter = with_complete_ledger();
+        let exporter = exporter(MemoryKv::default());
         exported(
             &exporter,
             vec![record("INSERT", "i", "https://i", Some(s1))],
@@ -264,7 +256,7 @@ async fn a_shop_given_up_by_an_index_rejected_since_goes_to_its_claimer() {
 async fn an_operator_s_run_of_a_rejected_index_gives_up_what_it_no_longer_claims() {
     let s1 = "s1.myshopify.com";
     for invalid in moved_and_rejected() {
-        let exporter = with_complete_ledger();
+        let exporter = exporter(MemoryKv::default());
         let first = vec![record("INSERT", "i", "https://i", Some(s1))];
         exported(&exporter, first).await;
         table_after(&exporter.table, std::slice::from_ref(&invalid));
@@ -312,7 +304,7 @@ async fn a_key_the_table_changes_under_every_round_fails_its_record_after_three(
 /// reported for retry and nothing of it in KV; the replay exports it.
 #[tokio::test]
 async fn a_record_whose_intent_cannot_be_recorded_is_retried_never_exported_without() {
-    let exporter = with_complete_ledger();
+    let exporter = exporter(MemoryKv::default());
     let s1 = "s1.myshopify.com";
     let insert = record("INSERT", "i", "https://i", Some(s1));
 
@@ -335,35 +327,29 @@ async fn a_record_whose_intent_cannot_be_recorded_is_retried_never_exported_with
     assert!(recorded.shops.contains(s1), "{recorded:?}");
 }
 
-/// Row "the migration state": until a full backfill completed the ledger's sets, a batch with
-/// a REMOVE scans the table for who refers to the index; after it, the ledger answers.
+/// Before the migration marked the ledger's references complete, a stream batch is exported
+/// with no guess: every record is reported for retry, naming the procedure, and nothing is
+/// written; once they are, the same batch is exported.
 #[tokio::test]
-async fn a_remove_scans_the_table_only_until_the_references_are_complete() {
+async fn a_stream_batch_before_the_migration_is_retried_whole_naming_it() {
     let exporter = exporter(MemoryKv::default());
-    let insert = |name: &str| record("INSERT", name, "https://i", None);
-    let remove = |name: &str| {
-        let mut removed = record("REMOVE", name, "https://i", None);
-        removed["dynamodb"]
-            .as_object_mut()
-            .unwrap()
-            .remove("NewImage");
-        removed
-    };
-    exported(&exporter, vec![insert("p"), insert("q")]).await;
+    exporter.ledger.complete.store(false, Ordering::SeqCst);
+    let batch = vec![record("INSERT", "p", "https://i", Some("s.myshopify.com"))];
 
-    exported(&exporter, vec![remove("p")]).await;
-    assert_eq!(exporter.table.scans.load(Ordering::SeqCst), 1);
+    let report = stream(&exporter, batch.clone()).await;
+
+    let failed = failures(&report);
+    assert_eq!(failed.len(), 1, "{:?}", report.records);
+    assert!(
+        matches!(&report.records[0].outcome, Outcome::Failed(why) if why.contains("make migrate")),
+        "{:?}",
+        report.records[0].outcome
+    );
+    assert_eq!(report.kv_requests, 0);
+    assert!(exporter.kv.value("a-p").is_none());
     exporter.ledger.complete.store(true, Ordering::SeqCst);
-    exported(&exporter, vec![remove("q")]).await;
-    assert_eq!(
-        exporter.table.scans.load(Ordering::SeqCst),
-        1,
-        "no scan once complete"
-    );
-    assert_eq!(
-        (exporter.kv.value("a-p"), exporter.kv.value("a-q")),
-        (None, None)
-    );
+    exported(&exporter, batch).await;
+    assert!(exporter.kv.value("a-p").is_some());
 }
 
 /// The record `record` makes, as a `NEW_AND_OLD_IMAGES` stream carries it: with the index's
@@ -387,7 +373,7 @@ fn with_old_image(mut record: Value, old_shop: Option<&str>) -> Value {
 #[tokio::test]
 async fn an_operator_s_write_that_lands_after_the_stream_s_shrink_is_cleared_by_its_rerun() {
     for old_image in [false, true] {
-        let exporter = with_complete_ledger();
+        let exporter = exporter(MemoryKv::default());
         let (i, s1, s2) = (
             IndexRef::new("a", "i"),
             "s1.myshopify.com",
@@ -448,7 +434,7 @@ async fn an_operator_s_write_that_lands_after_the_stream_s_shrink_is_cleared_by_
 /// target (seed 50153: the shrink took the alias out and the target's keys stayed).
 #[tokio::test]
 async fn a_replay_removes_a_dropped_alias_target_whose_removal_failed() {
-    let exporter = with_complete_ledger();
+    let exporter = exporter(MemoryKv::default());
     let s1 = "s1.myshopify.com";
     let reader = aliasing("reader", "a-target");
     let target = record("INSERT", "target", "https://t", Some(s1));
@@ -495,7 +481,7 @@ async fn a_replay_removes_a_dropped_alias_target_whose_removal_failed() {
 #[tokio::test]
 async fn a_shop_handed_to_a_claimer_removed_before_the_write_lands_stays_recorded() {
     for old_image in [false, true] {
-        let exporter = with_complete_ledger();
+        let exporter = exporter(MemoryKv::default());
         let (j, s1) = (IndexRef::new("a", "j"), "s1.myshopify.com");
         let claimer = record("INSERT", "j", "https://j", Some(s1));
         let giver = record("INSERT", "i", "https://i", Some(s1));
@@ -559,7 +545,7 @@ async fn a_shop_handed_to_a_claimer_removed_before_the_write_lands_stays_recorde
 /// again, so the alias's drop removes the index and gives the shop up.
 #[tokio::test]
 async fn a_repair_s_shop_put_left_for_an_index_kept_since_stays_recorded_for_it() {
-    let exporter = with_complete_ledger();
+    let exporter = exporter(MemoryKv::default());
     let (i, s3) = (IndexRef::new("a", "i"), "s3.myshopify.com");
     let index = record("INSERT", "i", "https://i", Some(s3));
     exported(&exporter, vec![index.clone()]).await;
@@ -613,7 +599,7 @@ async fn a_repair_s_shop_put_left_for_an_index_kept_since_stays_recorded_for_it(
 #[tokio::test]
 async fn a_shop_handed_to_a_claimer_that_drops_it_before_the_write_lands_is_deleted() {
     for old_image in [false, true] {
-        let exporter = with_complete_ledger();
+        let exporter = exporter(MemoryKv::default());
         let (j, s3) = (IndexRef::new("a", "j"), "s3.myshopify.com");
         let giver = record("INSERT", "i", "https://i", Some(s3));
         let claimer = record("INSERT", "j", "https://j", Some(s3));
@@ -671,7 +657,7 @@ async fn a_dropped_target_s_delete_landing_after_another_index_of_its_id_came_is
         }
         record
     };
-    let exporter = with_complete_ledger();
+    let exporter = exporter(MemoryKv::default());
     exported(&exporter, vec![at("a-x", "z", "INSERT", Some("a-x-x-y"))]).await;
 
     let (held, release) = exporter.kv.hold("a-x-x-y");
@@ -699,7 +685,7 @@ async fn a_dropped_target_s_delete_landing_after_another_index_of_its_id_came_is
 /// it, removes `i` again.
 #[tokio::test]
 async fn an_index_kept_for_a_rejected_record_s_alias_goes_when_the_alias_does() {
-    let exporter = with_complete_ledger();
+    let exporter = exporter(MemoryKv::default());
     let r = IndexRef::new("a", "r");
     let removal = aliased_by_a_rejected_reader(&exporter, &r).await;
 
@@ -727,7 +713,7 @@ async fn an_index_kept_for_a_rejected_record_s_alias_goes_when_the_alias_does() 
 /// check, reading after its intent, finds no alias left and deletes `i`'s key.
 #[tokio::test]
 async fn an_index_kept_for_an_alias_dropped_before_its_intent_landed_is_deleted_by_its_check() {
-    let exporter = std::sync::Arc::new(with_complete_ledger());
+    let exporter = std::sync::Arc::new(exporter(MemoryKv::default()));
     let removal = aliased_by_a_rejected_reader(&exporter, &IndexRef::new("a", "r")).await;
 
     let (held, release) = exporter.ledger.hold_intent();

@@ -11,7 +11,7 @@ use crate::domain::qfilter::filter_key;
 use crate::domain::validate::shop_id_problem;
 use crate::domain::{IndexRef, KvAction, KvKey, KvOp};
 use crate::pipeline::plan::{Plan, PlannedOp};
-use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
+use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{KvStore, PortError};
 use crate::report::{BatchReport, Landed, Outcome};
 
@@ -179,20 +179,16 @@ pub(super) fn kept_keys(records: &[ChangeRecord], plan: &Plan) -> Vec<Landed> {
     for (record, kept) in kept {
         let Some(Change::RemoveIndex {
             index,
-            previous_shop,
+            previous_shops,
             keeps_own_key,
         }) = &kept.change
         else {
             continue;
         };
-        let shops = match previous_shop {
-            // An old shop id that is no shop key is never touched (it may be another's key).
-            PreviousShop::Known(shops) => (shops.iter())
-                .filter(|shop| shop_id_problem(shop).is_none())
-                .map(KvKey::settings)
-                .collect(),
-            _ => Vec::new(),
-        };
+        // An old shop id that is no shop key is never touched (it may be another's key).
+        let shops = (previous_shops.iter())
+            .filter(|shop| shop_id_problem(shop).is_none())
+            .map(KvKey::settings);
         let own = (!keeps_own_key).then(|| KvKey::index(index));
         let keys = own.into_iter().chain(shops);
         landed.extend(

@@ -1,5 +1,5 @@
-//! What a batch must settle and look up before it can be planned: each index's previous shop
-//! where the stream does not say it, API keys, and who refers to what it removes or gives up.
+//! What a batch must settle and look up before it can be planned: each index's previous shops,
+//! API keys, and who refers to what it removes or gives up.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -7,9 +7,8 @@ use std::sync::Arc;
 use crate::domain::validate::shop_id_problem;
 use crate::domain::AccountCell;
 use crate::domain::{ApiKey, IndexRef, IndexRefs, IndexSettings};
-use crate::pipeline::records::{Change, ChangeRecord, PreviousShop};
+use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{PortError, Referred};
-use crate::report::Outcome;
 
 /// Everything the plan reads of the outside, read before it (stage 2, `exporter/snapshot.rs`):
 /// the API keys ([`api_keys_wanted`]), who refers to what ([`references_wanted`]), the
@@ -26,41 +25,35 @@ pub struct Snapshot {
     pub overrides: HashMap<IndexRef, Result<Vec<String>, PortError>>,
 }
 
-/// A settings record's index and previous shop, to settle.
-fn previous_of(change: &mut Change) -> Option<(&IndexRef, &mut PreviousShop)> {
+/// A settings record's index and previous shops, to settle.
+fn previous_of(change: &mut Change) -> Option<(&IndexRef, &mut BTreeSet<String>)> {
     match change {
         Change::UpsertIndex {
             settings,
-            previous_shop,
+            previous_shops,
             ..
-        } => Some((&settings.index, previous_shop)),
+        } => Some((&settings.index, previous_shops)),
         Change::RemoveIndex {
             index,
-            previous_shop,
+            previous_shops,
             keeps_own_key: false,
-        } => Some((index, previous_shop)),
+        } => Some((index, previous_shops)),
         // Its shops were settled by whoever made it: the ledger's may hold the one it keeps.
         _ => None,
     }
 }
 
-/// Settles the previous shops of each record: every shop the ledger records the index may be
-/// on (`recorded`; `None`: nothing recorded) joins what the index's first record of the batch
-/// says (its old image, on a `NEW_AND_OLD_IMAGES` stream), so a shop an earlier batch could not
-/// confirm given up is given up again whatever the view type; a record whose stream did not
-/// say (a `NEW_IMAGE` stream) takes an earlier record's shop, else what is recorded. Answers the
-/// indexes left unsettled (their first record of the batch, nothing recorded): their current
-/// KV values tell ([`settle_from_kv`]). An operator's table item takes what is recorded.
+/// Settles the previous shops of each settings record: an index's first record of the batch
+/// may be on every shop the ledger records for it (`recorded`; the references are complete
+/// before any writer plans, so nothing recorded is no shop), a later one on its earlier
+/// record's shop. A table item (an operator's) gives up every shop recorded that it no longer
+/// names, as the stream's records do, so a rerun clears what an earlier run left.
 pub fn settle_previous_shops(
     records: &mut [ChangeRecord],
-    recorded: impl Fn(&IndexRef) -> Option<BTreeSet<String>>,
-) -> BTreeSet<IndexRef> {
+    recorded: impl Fn(&IndexRef) -> BTreeSet<String>,
+) {
     let mut last_in_batch: HashMap<IndexRef, BTreeSet<String>> = HashMap::new();
-    let mut unsettled = BTreeSet::new();
-    for record in records.iter_mut() {
-        let Some(change) = &mut record.change else {
-            continue;
-        };
+    for change in records.iter_mut().filter_map(|r| r.change.as_mut()) {
         let now = match &*change {
             Change::UpsertIndex { settings, .. } => settings.shop_id.iter().cloned().collect(),
             _ => BTreeSet::new(),
@@ -68,46 +61,8 @@ pub fn settle_previous_shops(
         let Some((index, previous)) = previous_of(change) else {
             continue;
         };
-        let earlier = last_in_batch.get(index).cloned();
-        match (&mut *previous, earlier) {
-            (PreviousShop::Unknown, Some(shops)) => *previous = PreviousShop::Known(shops),
-            (PreviousShop::Unknown, None) => match recorded(index) {
-                Some(shops) => *previous = PreviousShop::Known(shops),
-                None => {
-                    unsettled.insert(index.clone());
-                }
-            },
-            // A table item (an operator's) as well: it gives up every shop recorded that it no
-            // longer names, as the stream's records do, so a rerun clears what an earlier run left.
-            (PreviousShop::Known(shops), None) => shops.extend(recorded(index).unwrap_or_default()),
-            _ => {}
-        }
-        last_in_batch.insert(index.clone(), now);
-    }
-    unsettled
-}
-
-/// What [`settle_previous_shops`] left, settled from the indexes' current KV values (`shops`);
-/// a record whose value could not be read fails (reported for retry).
-pub fn settle_from_kv(
-    records: &mut [ChangeRecord],
-    shops: &HashMap<IndexRef, Result<Option<String>, PortError>>,
-) {
-    for record in records.iter_mut() {
-        let Some((index, previous)) = record.change.as_mut().and_then(previous_of) else {
-            continue;
-        };
-        if *previous != PreviousShop::Unknown {
-            continue;
-        }
-        match shops.get(index) {
-            Some(Ok(shop)) => *previous = PreviousShop::known(shop.clone()),
-            Some(Err(e)) => {
-                let why = format!("cannot read the current shop id from KV: {e}");
-                record.end(Outcome::Failed(why));
-            }
-            None => {}
-        }
+        let earlier = last_in_batch.insert(index.clone(), now);
+        previous.extend(earlier.unwrap_or_else(|| recorded(index)));
     }
 }
 
@@ -136,21 +91,18 @@ fn given_up(change: &Change) -> Option<(&IndexRef, Vec<&String>)> {
     match change {
         Change::UpsertIndex {
             settings,
-            previous_shop: PreviousShop::Known(old),
+            previous_shops,
             ..
         } => {
             let kept = settings.shop_id.as_ref();
-            let old = old.iter().filter(|old| kept != Some(*old));
+            let old = previous_shops.iter().filter(|old| kept != Some(*old));
             Some((&settings.index, old.collect()))
         }
         Change::RemoveIndex {
             index,
-            previous_shop,
+            previous_shops,
             ..
-        } => match previous_shop {
-            PreviousShop::Known(old) => Some((index, old.iter().collect())),
-            _ => Some((index, Vec::new())),
-        },
+        } => Some((index, previous_shops.iter().collect())),
         _ => None,
     }
 }
