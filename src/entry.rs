@@ -39,6 +39,7 @@ impl From<HandlerError> for Diagnostic {
             HandlerError::UnsupportedPayload
             | HandlerError::Operator(OperatorError::InvalidField { .. }) => "InvalidPayload",
             HandlerError::Operator(OperatorError::NoSuchIndex { .. }) => "NoSuchIndex",
+            HandlerError::Operator(OperatorError::BeforeMigration(_)) => "BeforeMigration",
             HandlerError::Operator(
                 OperatorError::ExportFailed { .. }
                 | OperatorError::BackfillFailed { .. }

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use crate::domain::validate::cut;
 use crate::domain::Scope;
 use crate::domain::{ChangeRecord, IndexRef, KvKey};
-use crate::pipeline::exporter::{AddReferences, Exporter, Prepared, Run, Runs};
+use crate::pipeline::exporter::{AddReferences, Exporter, Prepared, Run, Runs, BEFORE_MIGRATION};
 use crate::ports::Ports;
 use crate::report::Outcome;
 
@@ -52,6 +52,9 @@ pub enum OperatorError {
     BackfillFailed { reason: String },
     #[error("reconcile stopped: {reason}")]
     ReconcileFailed { reason: String },
+    /// Every mode but the migration's backfill asks the ledger who refers to what.
+    #[error("{0}")]
+    BeforeMigration(&'static str),
 }
 
 /// As its message, cut: lambda_runtime logs a handler's error with `{:?}`, and a payload's
@@ -122,6 +125,11 @@ impl OperatorRequest {
         exporter: &Exporter<P>,
         deadline: Instant,
     ) -> Result<Value, OperatorError> {
+        // Every mode but the backfill (the migration's first step) asks the ledger who aliases
+        // or claims what: before the migration it would not know (a protected key orphaned).
+        if !matches!(self, OperatorRequest::Backfill(_)) && !exporter.migrated(deadline).await {
+            return Err(OperatorError::BeforeMigration(BEFORE_MIGRATION));
+        }
         // Each mode's future is boxed: they are large (the whole-fleet modes most), and a
         // stream batch's future, which holds this one's place, should not carry them.
         let answer = match self {

@@ -33,6 +33,12 @@ mod windows;
 mod write;
 pub use runs::{AddReferences, Closed, Runs};
 
+/// Why a writer other than the backfill does nothing before the migration: the ledger must name
+/// every shop an index's keys may be on, and who aliases or claims what, before any writer
+/// relies on it (docs/operations.md).
+pub const BEFORE_MIGRATION: &str = "waiting for the migration: the ledger's references are not \
+    complete (docs/operations.md, \"Migrating a table that holds indexes\": make migrate)";
+
 /// How many Queries of an index's overrides are in flight at once (keys only, each in its own
 /// account's partition): an override batch reads one for each index whose filter it rebuilds.
 pub const CONCURRENT_QUERIES: usize = 16;

@@ -1170,11 +1170,11 @@ fn every_seed_runs_the_same_twice() {
 /// counted intents have no seed yet: they survived every sweep so far (the closing note of the
 /// session that built this names them).
 const NET: [(Protection, u64, usize, Variety); 5] = [
-    (Protection::CheckRounds, 423, 2, Variety::Plain),
-    (Protection::ShrinkCondition, 1687, 3, Variety::Varied),
+    (Protection::CheckRounds, 211, 2, Variety::Plain),
+    (Protection::ShrinkCondition, 396, 2, Variety::Contended),
     (Protection::Lease, 3, 2, Variety::Plain),
-    (Protection::RecordAgain, 3455, 2, Variety::Contended),
-    (Protection::AliasSafety, 253, 2, Variety::Plain),
+    (Protection::RecordAgain, 3111, 2, Variety::Contended),
+    (Protection::AliasSafety, 118, 2, Variety::Plain),
 ];
 
 #[test]

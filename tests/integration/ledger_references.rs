@@ -36,7 +36,7 @@ async fn a_new_image_remove_deletes_the_old_shop_key_while_kv_reads_are_stale() 
 crate::on_both_views! {
 /// A table exported before the ledger (an upgrade, or a stack made again with a new ledger):
 /// until the migration marks its references complete, a stream batch is retried whole, naming
-/// the procedure, and nothing is written; the procedure's backfill and reconcile pass then
+/// the procedure, and nothing is written (a reconcile refuses as well); the procedure's backfill and reconcile pass then
 /// leave KV as the table implies (the removed index's old shop key is orphaned), and the
 /// batch's retry finds nothing more to do.
 async fn a_stream_batch_before_the_migration_waits_for_it(view) {
@@ -56,9 +56,15 @@ async fn a_stream_batch_before_the_migration_waits_for_it(view) {
     let waiting = h.invoke(json!({ "Records": records.clone() })).await;
 
     assert_eq!(failures(&waiting), sequence_numbers(&records), "{waiting}");
-    let said = logs.matching("the stream waits for the migration");
+    let said = logs.matching("waiting for the migration");
     assert!(said.iter().any(|l| l.contains("make migrate")), "{said:?}");
     assert!(h.settings("acct-1-products").is_some(), "nothing written");
+    // Nor does a reconcile run before it: it would take the shop key for no one's.
+    let repair = json!({"mode": "reconcile", "repair": true});
+    let early = h.try_invoke(repair, std::time::Duration::from_secs(20)).await;
+    let early = early.expect_err("the reconcile waits for the migration too");
+    assert!(early.contains("waiting for the migration"), "{early}");
+    assert!(h.settings(SHOP_A).is_some());
     h.migrate().await;
     let pass = h.invoke(json!({"mode": "reconcile", "repair": true})).await;
     assert_eq!(pass["complete"], true, "{pass}");

@@ -62,8 +62,19 @@ pub fn left_by(records: &[ChangeRecord]) -> Vec<Option<(IndexRef, IndexRefs)>> {
 }
 
 impl<P: Ports> Exporter<P> {
-    /// After a full backfill that recorded every index's references: from now on a batch asks
-    /// the ledger who refers to what, instead of scanning the table.
+    /// Whether the ledger's references are complete (the migration ran); a mark that cannot be
+    /// read counts as not (the writer waits, and is tried again).
+    pub async fn migrated(&self, deadline: Instant) -> bool {
+        let complete = self.ledger.references_complete();
+        let complete = before_deadline(deadline, "ledger references", complete).await;
+        complete.unwrap_or_else(|error| {
+            tracing::warn!(%error, "the ledger's references mark could not be read");
+            false
+        })
+    }
+
+    /// After a full backfill that recorded every index's references: from now on the stream
+    /// and every operator ask the ledger who refers to what.
     pub async fn mark_references_complete(&self, deadline: Instant) -> Result<(), PortError> {
         let mark = self.ledger.mark_references_complete();
         before_deadline(deadline, "ledger references", mark).await

@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use futures::StreamExt as _;
 use tokio::time::Instant;
 
-use super::{Exporter, Prepared, Run, CONCURRENT_QUERIES};
+use super::{Exporter, Prepared, Run, BEFORE_MIGRATION, CONCURRENT_QUERIES};
 use crate::domain::{AccountCell, ApiKey};
 use crate::domain::{IndexRef, TableKey};
 use crate::pipeline::api_key_cache::ApiKeyCache;
@@ -17,11 +17,6 @@ use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{before_deadline, ApiKeySource, LookupCounts, Ports};
 use crate::ports::{IndexRefs, Ledger, PortError, SettingsTable};
 use crate::report::Outcome;
-
-/// Why a stream batch is not exported before the migration: the ledger must name every shop an
-/// index's keys may be on before the stream relies on it (docs/operations.md).
-pub const BEFORE_MIGRATION: &str = "the ledger's references are not complete: the stream waits \
-    for the migration (docs/operations.md, \"Migrating a table that holds indexes\": make migrate)";
 
 impl<P: Ports> Exporter<P> {
     /// The queries of each index's overrides: from the batch when it holds them all, else a
