@@ -163,7 +163,7 @@ pub fn index_settings(index: IndexRef, image: &Item) -> Result<IndexSettings, In
     })
 }
 
-/// The shop key an index's record claims, read from an old image. Tolerant: anything
+/// The shop key an index's item claims, read from its raw attributes. Tolerant: anything
 /// undecodable simply claims no shop.
 pub fn shop_id_of(image: &Item) -> Option<String> {
     string_attribute(image, "shop_id")

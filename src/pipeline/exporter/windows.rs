@@ -353,7 +353,7 @@ async fn a_stream_batch_before_the_migration_is_retried_whole_naming_it() {
 }
 
 /// The record `record` makes, as a `NEW_AND_OLD_IMAGES` stream carries it: with the index's
-/// old image (its shop `old_shop`).
+/// old image (its shop `old_shop`), which the function does not read.
 fn with_old_image(mut record: Value, old_shop: Option<&str>) -> Value {
     let change = &mut record["dynamodb"];
     let mut old = change["Keys"].clone();
