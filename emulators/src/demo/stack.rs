@@ -163,18 +163,21 @@ fn start_function(options: &DemoOptions, peers: &Peers) -> Result<Process, Strin
 /// indexes", `make migrate` without the mapping): a backfill, then a reconcile pass with
 /// repair, each followed to `"complete": true`.
 pub async fn migrate(runtime: &RuntimeApi) -> Result<(), String> {
-    for mut payload in [
+    for first in [
         serde_json::json!({"mode": "backfill"}),
         serde_json::json!({"mode": "reconcile", "repair": true}),
     ] {
-        for _ in 0..100 {
+        let mut payload = first;
+        let mut invocations = 0;
+        loop {
             let answer = runtime.invoke(payload.clone(), std::time::Duration::from_secs(60));
             let answer = answer.await.map_err(|e| format!("the migration: {e}"))?;
             match answer["continuation_token"].as_str() {
-                Some(token) => payload["continuation_token"] = token.into(),
                 None if answer["complete"] == true => break,
-                None => return Err(format!("the migration did not complete: {answer}")),
+                Some(token) if invocations < 100 => payload["continuation_token"] = token.into(),
+                _ => return Err(format!("the migration did not complete: {answer}")),
             }
+            invocations += 1;
         }
     }
     Ok(())

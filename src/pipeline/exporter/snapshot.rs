@@ -107,24 +107,23 @@ impl<P: Ports> Exporter<P> {
             .collect();
         let known = self.known_refs(indexes, Run::STREAM, deadline);
         let complete = before_deadline(deadline, "ledger", self.ledger.references_complete());
-        match tokio::join!(now, known, complete) {
+        let error = match tokio::join!(now, known, complete) {
             (Ok(now), Ok(known), Ok(true)) => {
                 let records = (records.into_iter().zip(item_keys))
                     .map(|(record, key)| record.as_now(key.and_then(|key| now.get(&key))))
                     .collect();
-                (records, known)
+                return (records, known);
             }
             (_, _, Ok(false)) => {
                 tracing::error!("{BEFORE_MIGRATION}");
-                let error = PortError::Refused(BEFORE_MIGRATION.into());
-                let records = records.into_iter().map(|r| r.unread(&error)).collect();
-                (records, None)
+                PortError::Refused(BEFORE_MIGRATION.into())
             }
-            (Err(error), _, _) | (_, Err(error), _) | (_, _, Err(error)) => {
-                let records = records.into_iter().map(|r| r.unread(&error)).collect();
-                (records, None)
-            }
-        }
+            (Err(error), _, _) | (_, Err(error), _) | (_, _, Err(error)) => error,
+        };
+        (
+            records.into_iter().map(|r| r.unread(&error)).collect(),
+            None,
+        )
     }
 
     /// Stage 2, the snapshot: everything the plan needs of the outside, read before it: each
