@@ -6,7 +6,7 @@ use ecom_settings_exporter::adapters::cloudflare::encode::{
     requests, KvRequest, MAX_BULK_BYTES, MAX_BULK_ITEMS,
 };
 use ecom_settings_exporter::domain::{ApiKey, KvOp};
-use ecom_settings_exporter::pipeline::plan::{api_keys_wanted, plan, references_wanted, settle_previous_shops, Snapshot};
+use ecom_settings_exporter::pipeline::plan::{api_keys_wanted, plan, references_wanted, settle_previous_shops, Referrers, Snapshot};
 use ecom_settings_exporter::pipeline::records::decode_as_written;
 use ecom_settings_exporter::report::Outcome;
 use libfuzzer_sys::fuzz_target;
@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
     settle_previous_shops(&mut records, |_| ["fuzz-shop".to_owned()].into());
     let snapshot = Snapshot {
         api_keys: api_keys_wanted(&records, "default").into_iter().map(|a| (a, Ok(ApiKey::new("fuzz-key")))).collect(),
-        references: references_wanted(&records).then(|| Ok(vec![])),
+        references: references_wanted(&records).then(|| Ok(Referrers::default())),
         ..Snapshot::default()
     };
     let plan = plan(&mut records, &snapshot, "default");

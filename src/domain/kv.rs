@@ -56,6 +56,12 @@ impl KvKey {
         Self::settings(index.id().0)
     }
 
+    /// Whether this is a shop key the index's value may be on: a settings key not its own (the
+    /// one test of a shop key, docs/contract.md "Where each rule lives").
+    pub fn is_shop_of(&self, index: &IndexRef) -> bool {
+        self.namespace == Namespace::Settings && *self != KvKey::index(index)
+    }
+
     /// A key of the query-config namespace, by name.
     pub fn query_config_named(key: &str) -> Self {
         Self {

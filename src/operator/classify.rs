@@ -190,7 +190,7 @@ async fn shared_shops<P: Ports>(
             let owner = value.index();
             let held = Written::read(compared.held.as_deref()?).map(Written::owner);
             let held = held.filter(could_be_written);
-            let other = held.filter(|o| o != owner && *key != KvKey::index(owner))?;
+            let other = held.filter(|o| o != owner && key.is_shop_of(owner))?;
             Some((key, other))
         })
         .collect();

@@ -115,7 +115,7 @@ impl<'a, P: Ports> Orphans<'a, P> {
                         && key.key.namespace == Namespace::Settings
                         && !live.contains(&owner) =>
                 {
-                    if key.key != KvKey::index(&owner) {
+                    if key.key.is_shop_of(&owner) {
                         kept_shops.push((owner.clone(), key.key.key.clone()));
                     }
                     (Class::Protected, Some(owner))
@@ -196,7 +196,7 @@ impl<'a, P: Ports> Orphans<'a, P> {
             if implied {
                 continue;
             }
-            if key.key.namespace == Namespace::Settings && key.key != KvKey::index(owner) {
+            if key.key.is_shop_of(owner) {
                 shops_asked.push(key.key.key.clone());
             }
             gone.insert(key.key.clone(), owner.clone());

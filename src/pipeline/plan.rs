@@ -6,7 +6,7 @@
 //! are never sent. Each surviving operation is owned by the record that planned it: a record
 //! is exported once every operation it owns has been applied.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::domain::kv::{check_key, check_put, KvValue};
@@ -14,15 +14,15 @@ use crate::domain::net::{self, Protection};
 use crate::domain::qfilter::filter_key;
 use crate::domain::qfilter::QueryFilter;
 use crate::domain::validate::{index_key_problem, shop_id_problem, shown, SHOP_DOMAIN};
-use crate::domain::{IndexRef, IndexRefs, IndexSettings, KvAction, KvKey, Namespace};
+use crate::domain::{IndexRef, IndexSettings, KvAction, KvKey};
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::PortError;
 use crate::report::Outcome;
 
 mod needs;
 
-pub use needs::{api_keys_wanted, claimers, filters_wanted, references_wanted};
-pub use needs::{reference_questions, settle_previous_shops, Snapshot};
+pub use needs::{api_keys_wanted, claimers, filters_wanted, given_up, references_wanted};
+pub use needs::{reference_questions, settle_previous_shops, Referrers, Snapshot};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlannedOp {
@@ -49,9 +49,7 @@ impl Plan {
     /// with the index and the record owning the put.
     pub fn shop_puts(&self) -> impl Iterator<Item = (&KvKey, &IndexRef, usize)> {
         (self.ops.iter()).filter_map(|(key, op)| match &op.action {
-            KvAction::Put(value)
-                if key.namespace == Namespace::Settings && *key != KvKey::index(value.index()) =>
-            {
+            KvAction::Put(value) if key.is_shop_of(value.index()) => {
                 Some((key, value.index(), op.owner))
             }
             _ => None,
@@ -64,11 +62,11 @@ impl Plan {
 pub fn plan(records: &mut [ChangeRecord], snapshot: &Snapshot, default_cell: &str) -> Plan {
     let mut plan = Plan::default();
     let referrers = match &snapshot.references {
-        Some(Ok(references)) => Ok(Referrers::of(references)),
+        Some(Ok(referrers)) => Ok(referrers),
         Some(Err(reason)) => Err(format!(
-            "cannot scan the settings table for aliases and shop ids: {reason}"
+            "cannot read who aliases what the batch removes or claims what it gives up: {reason}"
         )),
-        None => Err("the settings table was not scanned".into()),
+        None => Err("who refers to what the batch gives up was not read".into()),
     };
     for (owner, record) in records.iter_mut().enumerate() {
         let mut planner = RecordPlanner {
@@ -97,7 +95,7 @@ pub fn plan(records: &mut [ChangeRecord], snapshot: &Snapshot, default_cell: &st
             (outcome, _) => outcome,
         };
         // A remove kept for an alias still hands its shops to their claimers.
-        if matches!(outcome, Outcome::Exported | Outcome::Kept { .. }) {
+        if outcome.on_its_way() {
             for (key, action) in ops {
                 if action == KvAction::Delete && check_key(&key.key).is_err() {
                     continue; // Cloudflare never stored such a key: nothing to delete.
@@ -191,37 +189,10 @@ fn check_own_key(index: &IndexRef) -> Result<(), Outcome> {
     }
 }
 
-/// Who claims each shop and who aliases each index id, from the looked-up references: built
-/// once a batch, asked by every record that removes an index or gives a shop up.
-#[derive(Default)]
-struct Referrers<'a> {
-    by_shop: HashMap<&'a str, Vec<&'a IndexRef>>,
-    by_target: HashMap<&'a str, Vec<&'a IndexRef>>,
-}
-
-impl<'a> Referrers<'a> {
-    fn of(references: &'a [(IndexRef, IndexRefs)]) -> Self {
-        let mut referrers = Referrers::default();
-        for (index, refs) in references {
-            for shop in &refs.shops {
-                referrers.by_shop.entry(shop).or_default().push(index);
-            }
-            for target in &refs.targets {
-                let aliases = referrers.by_target.entry(target).or_default();
-                // An index named twice (two reads of it) aliases the target once.
-                if aliases.last() != Some(&index) {
-                    aliases.push(index);
-                }
-            }
-        }
-        referrers
-    }
-}
-
 struct RecordPlanner<'a> {
     owner: usize,
     snapshot: &'a Snapshot,
-    referrers: &'a Result<Referrers<'a>, String>,
+    referrers: &'a Result<&'a Referrers, String>,
     default_cell: &'a str,
     notes: &'a mut Vec<(usize, String)>,
     ops: Vec<(KvKey, KvAction)>,
@@ -229,13 +200,26 @@ struct RecordPlanner<'a> {
 }
 
 impl<'a> RecordPlanner<'a> {
+    /// The change's own keys, then the shops it gives up; kept for an alias, it writes nothing
+    /// of its own and keeps what no claimer takes.
     fn change(&mut self, change: &Change) -> Result<(), Outcome> {
+        let kept = self.own_keys(change)?;
+        if let Some((index, shops)) = given_up(change) {
+            for shop in shops {
+                self.give_up_shop(index, shop, kept.is_some())?;
+            }
+        }
+        match kept {
+            Some(referenced_by) => Err(Outcome::Kept { referenced_by }),
+            None => Ok(()),
+        }
+    }
+
+    /// The keys a change writes or deletes of its own; `Some`: a removal an alias keeps, with
+    /// who aliases it.
+    fn own_keys(&mut self, change: &Change) -> Result<Option<Vec<IndexRef>>, Outcome> {
         match change {
-            Change::UpsertIndex {
-                settings,
-                previous_shops,
-                ..
-            } => {
+            Change::UpsertIndex { settings, .. } => {
                 check_own_key(&settings.index)?;
                 if let Some(reason) = settings.shop_id_problem() {
                     return Err(Outcome::Rejected(reason));
@@ -247,23 +231,18 @@ impl<'a> RecordPlanner<'a> {
                 }
                 self.ops
                     .push((KvKey::index(&settings.index), KvAction::Put(value)));
-                for old in previous_shops {
-                    if settings.shop_id.as_ref() != Some(old) {
-                        self.give_up_shop(&settings.index, old, false)?;
-                    }
-                }
-                Ok(())
+                Ok(None)
             }
             Change::RemoveIndex {
                 index,
-                previous_shops,
                 keeps_own_key,
+                ..
             } => {
                 check_own_key(index)?;
-                let aliases = self.referrers()?.by_target.get(index.id().0.as_str());
+                let aliases = self.referrers()?.by_target.get(&index.id().0);
                 let referenced_by: Vec<IndexRef> = (aliases.into_iter().flatten())
-                    .filter(|alias| **alias != index)
-                    .map(|alias| (*alias).clone())
+                    .filter(|alias| *alias != index)
+                    .cloned()
                     .collect();
                 // An alias keeps a removed index, not a rejected one's shops it no longer holds
                 // (the reconcile protects no key of an index with a settings record either).
@@ -274,13 +253,7 @@ impl<'a> RecordPlanner<'a> {
                     // Its filter and query configs follow its override records, not this one.
                     self.ops.push((KvKey::index(index), KvAction::Delete));
                 }
-                for old in previous_shops {
-                    self.give_up_shop(index, old, kept)?;
-                }
-                match kept {
-                    true => Err(Outcome::Kept { referenced_by }),
-                    false => Ok(()),
-                }
+                Ok(kept.then_some(referenced_by))
             }
             Change::UpsertQuery(config) => {
                 let value = serde_json::to_string(&config.kv_value())
@@ -292,12 +265,12 @@ impl<'a> RecordPlanner<'a> {
                     KvKey::query_config(&config.index, &config.query),
                     KvAction::put(value),
                 ));
-                Ok(())
+                Ok(None)
             }
             Change::RemoveQuery { index, query } => {
                 self.ops
                     .push((KvKey::query_config(index, query), KvAction::Delete));
-                Ok(())
+                Ok(None)
             }
         }
     }
@@ -313,8 +286,8 @@ impl<'a> RecordPlanner<'a> {
         Ok(KvValue::settings(settings.clone(), api_key.clone()))
     }
 
-    fn referrers(&self) -> Result<&'a Referrers<'a>, Outcome> {
-        (self.referrers.as_ref()).map_err(|reason| Outcome::Failed(reason.clone()))
+    fn referrers(&self) -> Result<&'a Referrers, Outcome> {
+        (self.referrers.as_ref().copied()).map_err(|reason| Outcome::Failed(reason.clone()))
     }
 
     /// The index gave up `shop`: it takes the value of the first index (by id) that claims it
@@ -330,7 +303,7 @@ impl<'a> RecordPlanner<'a> {
             return Ok(());
         }
         let claimers = self.referrers()?.by_shop.get(shop).into_iter().flatten();
-        let claimers: BTreeSet<&IndexRef> = claimers.copied().filter(|c| *c != index).collect();
+        let claimers: BTreeSet<&IndexRef> = claimers.filter(|c| *c != index).collect();
         for &claimer in &claimers {
             match self.snapshot.claimers.get(claimer) {
                 None => {
@@ -396,7 +369,7 @@ mod tests {
     use crate::domain::settings::Document;
     use crate::domain::AccountCell;
     use crate::domain::ApiKey;
-    use crate::domain::{IndexSettings, Namespace, QueryConfig};
+    use crate::domain::{IndexRefs, IndexSettings, Namespace, QueryConfig};
     use crate::pipeline::records::decode_as_written;
     use serde_json::json;
 
@@ -491,7 +464,7 @@ mod tests {
                     (ac, Ok(key))
                 })
                 .collect(),
-            references: references_wanted(records).then(|| Ok(vec![])),
+            references: references_wanted(records).then(|| Ok(Referrers::default())),
             claimers: HashMap::new(),
             overrides: (filters_wanted(records).into_iter())
                 .map(|index| (index, Ok(vec![])))
@@ -634,7 +607,7 @@ mod tests {
             ..IndexRefs::default()
         };
         let aliasing = (IndexRef::new("acct-1", "products"), aliasing);
-        snapshot.references = Some(Ok(vec![aliasing.clone()]));
+        snapshot.references = Some(Ok(Referrers::of(vec![aliasing.clone()])));
         let kept = plan(&records, &snapshot, CELL);
         assert!(
             kept.ops.is_empty(),
@@ -654,7 +627,7 @@ mod tests {
             panic!("an index")
         };
         let claiming = (settings.index.clone(), settings.references());
-        snapshot.references = Some(Ok(vec![aliasing, claiming]));
+        snapshot.references = Some(Ok(Referrers::of(vec![aliasing, claiming])));
         let wanted = AccountCell {
             cell: CELL.into(),
             account: "acct-1".into(),
@@ -706,12 +679,12 @@ mod tests {
             ..IndexRefs::default()
         };
         let claiming = (IndexRef::new("acct-1", "products-v2"), claiming);
-        snapshot.references = Some(Ok(vec![claiming]));
-        let Some(Ok(references)) = &snapshot.references else {
+        snapshot.references = Some(Ok(Referrers::of(vec![claiming])));
+        let Some(Ok(referrers)) = &snapshot.references else {
             unreachable!()
         };
         assert_eq!(
-            claimers(&records, references).iter().collect::<Vec<_>>(),
+            claimers(&records, referrers).iter().collect::<Vec<_>>(),
             [&IndexRef::new("acct-1", "products-v2")],
             "the claimer's settings are read before the plan"
         );
@@ -762,7 +735,7 @@ mod tests {
         };
         settle_previous_shops(&mut records, recorded);
         let mut snapshot = key_snapshot(&records);
-        snapshot.references = Some(Ok(vec![]));
+        snapshot.references = Some(Ok(Referrers::of(vec![])));
         let plan = plan(&records, &snapshot, CELL);
         assert!(
             matches!(&plan.outcomes[0], Outcome::Rejected(r) if r.contains("`acct-2-products`")
@@ -792,7 +765,7 @@ mod tests {
             remove(2, "y.myshopify.com"),
         ];
         let mut snapshot = key_snapshot(&records);
-        snapshot.references = Some(Ok(vec![]));
+        snapshot.references = Some(Ok(Referrers::of(vec![])));
         let plan = plan(&records, &snapshot, CELL);
         assert!(plan.ops.is_empty(), "{:?}", plan.ops);
         assert!(plan

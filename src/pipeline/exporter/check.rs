@@ -279,8 +279,7 @@ fn differing(
 
 /// A put of an index's value on a shop key (not its own key).
 fn is_shop_put(landed: &Landed, index: &IndexRef) -> bool {
-    let shop = landed.key.namespace == Namespace::Settings && landed.key != KvKey::index(index);
-    shop && landed.digest.is_some()
+    landed.key.is_shop_of(index) && landed.digest.is_some()
 }
 
 /// The index as the table holds it now, as changes that decide each landed key,
@@ -288,10 +287,9 @@ fn is_shop_put(landed: &Landed, index: &IndexRef) -> bool {
 /// is removed (its keys kept while an alias reads it; its filter follows the overrides left of
 /// it, as the stream's does: they come after the remove, the last word on it).
 fn as_changes(index: &IndexRef, recheck: &Recheck) -> (Vec<ChangeRecord>, BTreeSet<String>) {
-    let own = KvKey::index(index);
     let settings_keys = (recheck.keys.iter()).filter(|l| l.key.namespace == Namespace::Settings);
     let shops: BTreeSet<String> = (settings_keys.clone())
-        .filter(|l| l.key != own)
+        .filter(|l| l.key.is_shop_of(index))
         .map(|l| l.key.key.clone())
         .collect();
     let mut records = recheck.records.clone();

@@ -8,7 +8,9 @@ use tokio::time::Instant;
 
 use super::{references, Prepared};
 use crate::domain::validate::shop_id_problem;
-use crate::domain::{Change, IndexRef, KvAction, KvKey, Namespace};
+use crate::domain::{Change, IndexRef};
+use crate::pipeline::plan;
+use crate::pipeline::records::ChangeRecord;
 use crate::ports::{before_deadline, IndexRefs, Ledger, PortError, Referred};
 use crate::report::Outcome;
 
@@ -57,7 +59,7 @@ pub(super) async fn record(
     };
     // Only an operator records them again (`record_again`): the stream's replay gives them up.
     let given_up = match prepared.run.owns_recorded {
-        true => given_up(prepared),
+        true => given_up_by(&prepared.records),
         false => Vec::new(),
     };
     let handed = handed_over(prepared);
@@ -174,24 +176,15 @@ pub(super) fn handed_over(prepared: &Prepared) -> Vec<(IndexRef, Referred)> {
         .collect()
 }
 
-/// Each shop key the plan gives up (a delete, or another index's value), with the index of the
-/// record giving it up.
-fn given_up(prepared: &Prepared) -> Vec<(IndexRef, Referred)> {
-    let mut given = Vec::new();
-    for (key, op) in &prepared.plan.ops {
-        let Some(index) = prepared.records[op.owner].index.as_ref() else {
-            continue;
-        };
-        let shop = key.namespace == Namespace::Settings && *key != KvKey::index(index);
-        let gives_up = match &op.action {
-            KvAction::Delete => true,
-            KvAction::Put(value) => value.index() != index,
-        };
-        if shop && gives_up && shop_id_problem(&key.key).is_none() {
-            given.push((index.clone(), Referred::Shop(key.key.clone())));
-        }
-    }
-    given
+/// The shops the records that write give up, with the index giving each up (a shop id that is
+/// no shop key is never touched: nothing to record again).
+fn given_up_by(records: &[ChangeRecord]) -> Vec<(IndexRef, Referred)> {
+    let writing = records.iter().filter(|record| record.outcome.on_its_way());
+    let given = writing.filter_map(|record| plan::given_up(record.change.as_ref()?));
+    let given = given.flat_map(|(index, shops)| shops.into_iter().map(move |s| (index, s)));
+    (given.filter(|(_, shop)| shop_id_problem(shop).is_none()))
+        .map(|(index, shop)| (index.clone(), Referred::Shop(shop.clone())))
+        .collect()
 }
 
 /// Adds these items to the ledger, on both sides (nothing to do for none): the call's birth.

@@ -237,6 +237,7 @@ impl<P: Ports> Exporter<P> {
         if plan::references_wanted(records) {
             let asked = plan::reference_questions(records).into_iter().collect();
             let references = self.referrers_of(asked, records, deadline).await;
+            let references = references.map(plan::Referrers::of);
             let wanted = (references.as_ref().ok()).map(|refs| plan::claimers(records, refs));
             snapshot.references = Some(references);
             if let Some(wanted) = wanted.filter(|wanted| !wanted.is_empty()) {

@@ -17,12 +17,43 @@ use crate::ports::{PortError, Referred};
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub api_keys: HashMap<AccountCell, Result<ApiKey, PortError>>,
-    pub references: Option<Result<Vec<(IndexRef, IndexRefs)>, PortError>>,
+    pub references: Option<Result<Referrers, PortError>>,
     /// The current settings of indexes that claim a shop key another index gave up
     /// (`None`: no such record any more).
     pub claimers: HashMap<IndexRef, Result<Option<Arc<IndexSettings>>, PortError>>,
     /// The queries of every override of each index whose filter the records rebuild.
     pub overrides: HashMap<IndexRef, Result<Vec<String>, PortError>>,
+}
+
+/// Who claims each shop and who aliases each index id, from the references looked up: built
+/// once a batch, asked by every record that removes an index or gives a shop up.
+#[derive(Debug, Default)]
+pub struct Referrers {
+    pub by_shop: HashMap<String, Vec<IndexRef>>,
+    pub by_target: HashMap<String, Vec<IndexRef>>,
+}
+
+impl Referrers {
+    pub fn of(references: impl IntoIterator<Item = (IndexRef, IndexRefs)>) -> Self {
+        let mut referrers = Referrers::default();
+        for (index, refs) in references {
+            for shop in refs.shops {
+                referrers
+                    .by_shop
+                    .entry(shop)
+                    .or_default()
+                    .push(index.clone());
+            }
+            for target in refs.targets {
+                let aliases = referrers.by_target.entry(target).or_default();
+                // An index named twice (two reads of it) aliases the target once.
+                if aliases.last() != Some(&index) {
+                    aliases.push(index.clone());
+                }
+            }
+        }
+        referrers
+    }
 }
 
 /// A settings record's index and previous shops, to settle.
@@ -86,8 +117,9 @@ pub fn references_wanted(records: &[ChangeRecord]) -> bool {
 }
 
 /// The shops a change gives up, with the index giving them up: an upsert's previous shops
-/// but its own, every previous shop of a remove.
-fn given_up(change: &Change) -> Option<(&IndexRef, Vec<&String>)> {
+/// but its own, every previous shop of a remove (the one rule, docs/contract.md "Where each
+/// rule lives").
+pub fn given_up(change: &Change) -> Option<(&IndexRef, Vec<&String>)> {
     match change {
         Change::UpsertIndex {
             settings,
@@ -124,12 +156,8 @@ pub fn reference_questions(records: &[ChangeRecord]) -> BTreeSet<Referred> {
 /// The indexes whose settings the plan needs besides the records': every other claimer of a
 /// shop a record gives up (its key is repointed to the first that can be exported), read
 /// before the one plan.
-pub fn claimers(
-    records: &[ChangeRecord],
-    references: &[(IndexRef, IndexRefs)],
-) -> BTreeSet<IndexRef> {
-    // Who claims each shop as the plan will ask it.
-    let by_shop = super::Referrers::of(references).by_shop;
+pub fn claimers(records: &[ChangeRecord], referrers: &Referrers) -> BTreeSet<IndexRef> {
+    let by_shop = &referrers.by_shop;
     let mut wanted = BTreeSet::new();
     for change in records.iter().filter_map(|r| r.change.as_ref()) {
         let Some((index, shops)) = given_up(change) else {
@@ -138,7 +166,7 @@ pub fn claimers(
         // A shop id that is no shop key is never deleted, so never repointed.
         for shop in shops.into_iter().filter(|s| shop_id_problem(s).is_none()) {
             let claimers = by_shop.get(shop.as_str()).into_iter().flatten();
-            wanted.extend(claimers.filter(|c| **c != index).map(|c| (*c).clone()));
+            wanted.extend(claimers.filter(|c| *c != index).cloned());
         }
     }
     wanted
