@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use futures::StreamExt as _;
 use tokio::time::Instant;
 
 use super::classify::{could_be_written, Class, Drift};
@@ -13,10 +12,10 @@ use crate::domain::kv::{KeyMetadata, Written};
 use crate::domain::net::{self, Protection};
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvKey, Namespace, TableKey};
-use crate::pipeline::exporter::{Exporter, Prepared, CONCURRENT_QUERIES};
+use crate::pipeline::exporter::{Exporter, Prepared};
 use crate::pipeline::records::ChangeRecord;
-use crate::ports::{before_deadline, IndexRefs, KvStore as _, ListedKey, PortError, Ports};
-use crate::ports::{Referred, SettingsTable as _};
+use crate::ports::Referred;
+use crate::ports::{IndexRefs, KvStore as _, ListedKey, PortError, Ports};
 
 /// A listed key with who it was written for (and, for an override's, its query when the
 /// metadata names it).
@@ -243,20 +242,12 @@ impl<'a, P: Ports> Orphans<'a, P> {
         let named = (named.into_iter())
             .map(|(key, (owner, query))| (key, found.contains(&TableKey::of(&owner, Some(&query)))))
             .collect();
-        let listed: Vec<Result<(IndexRef, HashSet<String>), _>> = futures::stream::iter(queried)
-            .map(|owner| async move {
-                let queries = exporter.table().override_queries(&owner);
-                let queries = before_deadline(deadline, "override queries", queries).await?;
-                let key = |query: &String| query_config_key(&owner, query);
-                let keys: HashSet<String> = queries.iter().map(key).collect();
-                Ok::<_, crate::ports::PortError>((owner, keys))
-            })
-            .buffer_unordered(CONCURRENT_QUERIES)
-            .collect()
-            .await;
         let mut by_owner = HashMap::new();
-        for answer in listed {
-            let (owner, keys) = answer?;
+        for (owner, queries) in exporter.overrides_of(queried, deadline).await {
+            let keys = queries?
+                .iter()
+                .map(|q| query_config_key(&owner, q))
+                .collect();
             by_owner.insert(owner, keys);
         }
         Ok(Overrides { named, by_owner })

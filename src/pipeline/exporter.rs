@@ -66,9 +66,10 @@ pub struct Exporter<P: Ports> {
 /// How a batch is run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
-    /// API keys always fetched (the operator modes: a rotated-out key is never written); the
-    /// stream reuses one fetched a moment ago.
-    pub fresh_api_keys: bool,
+    /// The stream's (or its check's): its records are the newest word on their items, it
+    /// reuses an API key fetched a moment ago, and it shrinks the ledger after its check. An
+    /// operator's always fetches API keys (a rotated-out key is never written).
+    pub stream: bool,
     /// The batch holds every override of its indexes (a re-export or verify with query configs,
     /// a reconcile, a backfill's scan, unless a piece or run is cut: `holding_overrides`): their
     /// filters are built from it, not from a Query of the table per index.
@@ -82,13 +83,8 @@ pub struct Run {
 }
 
 impl Run {
-    /// The stream's run: its records are the newest word on their items.
-    pub fn is_stream(self) -> bool {
-        !self.fresh_api_keys
-    }
-
     pub const STREAM: Run = Run {
-        fresh_api_keys: false,
+        stream: true,
         overrides_in_batch: false,
         records_references: true,
         owns_recorded: false,
@@ -96,7 +92,7 @@ impl Run {
     /// Operators always get the current API key, and record the references they write
     /// before writing them (re-export, verify).
     pub const OPERATOR: Run = Run {
-        fresh_api_keys: true,
+        stream: false,
         overrides_in_batch: true,
         records_references: true,
         owns_recorded: true,
@@ -364,7 +360,7 @@ impl<P: Ports> Exporter<P> {
         let span = prepared.span.take();
         let intents = intents::record(&self.ledger, &mut prepared, deadline).await;
         // A stream batch's keys kept for an alias are checked as left as they were.
-        let kept = match run.is_stream() {
+        let kept = match run.stream {
             true => write::kept_keys(&prepared.records, &prepared.plan),
             false => Vec::new(),
         };
@@ -376,7 +372,7 @@ impl<P: Ports> Exporter<P> {
         self.check(&mut report, run, span, deadline).await;
         dropped::settle_derived(&mut report, &derived);
         let failed = (report.records.iter()).any(|r| matches!(r.outcome, Outcome::Failed(_)));
-        match (intents, run.is_stream()) {
+        match (intents, run.stream) {
             (Some(mut intents), true) => {
                 // A removal of a dropped alias target writes an index whose own records are in
                 // another shard, concurrently: those take out what it gave up, not this batch

@@ -37,7 +37,7 @@ impl<P: Ports> Exporter<P> {
         // Planned as an operator plans (every override in the batch), its API keys as the run
         // got them (the stream's from the short cache).
         let run = Run {
-            fresh_api_keys: run.fresh_api_keys,
+            stream: run.stream,
             ..Run::CHECK
         };
         let mut landed = std::mem::take(&mut report.landed);

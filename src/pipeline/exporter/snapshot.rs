@@ -44,18 +44,26 @@ impl<P: Ports> Exporter<P> {
                     })
                     .collect()
             }
-            false => {
-                futures::stream::iter(wanted)
-                    .map(|index| async move {
-                        let queries = self.table.override_queries(&index);
-                        let queries = before_deadline(deadline, "overrides", queries).await;
-                        (index, queries)
-                    })
-                    .buffered(CONCURRENT_QUERIES)
-                    .collect()
-                    .await
-            }
+            false => self.overrides_of(wanted, deadline).await,
         }
+    }
+
+    /// The queries of each index's overrides, a keys-only Query of the table each, in order
+    /// ([`CONCURRENT_QUERIES`] at once).
+    pub async fn overrides_of(
+        &self,
+        indexes: impl IntoIterator<Item = IndexRef>,
+        deadline: Instant,
+    ) -> Vec<(IndexRef, Result<Vec<String>, PortError>)> {
+        futures::stream::iter(indexes)
+            .map(|index| async move {
+                let queries = self.table.override_queries(&index);
+                let queries = before_deadline(deadline, "overrides", queries).await;
+                (index, queries)
+            })
+            .buffered(CONCURRENT_QUERIES)
+            .collect()
+            .await
     }
 
     /// What the ledger recorded of the records' indexes (their old shops without a KV read,
@@ -157,7 +165,7 @@ impl<P: Ports> Exporter<P> {
         run: Run,
         deadline: Instant,
     ) -> Prepared {
-        let fresh = run.fresh_api_keys;
+        let fresh = !run.stream;
         let api_keys = self.api_keys_first(&mut records, fresh, deadline).await;
         let derived = match known_refs.as_mut() {
             Some(known) => self.dropped_targets(&mut records, known, deadline).await,
@@ -230,7 +238,7 @@ impl<P: Ports> Exporter<P> {
         run: Run,
         deadline: Instant,
     ) -> (Snapshot, LookupCounts) {
-        let fresh = run.fresh_api_keys;
+        let fresh = !run.stream;
         let mut snapshot = Snapshot::default();
         // Who aliases what is removed, who claims a shop given up: the ledger's candidates
         // checked against the table once its references are complete, else a scan.

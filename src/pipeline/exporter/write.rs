@@ -155,7 +155,7 @@ fn checked(
                     || record.sequence_number.is_none()
                     || index.is_some_and(filter)
             };
-            if run.is_stream() && !derived() {
+            if run.stream && !derived() {
                 return None;
             }
             // Rendered and hashed only for the keys checked: a stream batch's own keys are not.
