@@ -13,9 +13,8 @@ use crate::domain::net::{self, Protection};
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvKey, Namespace, TableKey};
 use crate::pipeline::exporter::{Exporter, Prepared};
-use crate::pipeline::records::ChangeRecord;
 use crate::ports::Referred;
-use crate::ports::{IndexRefs, KvStore as _, ListedKey, PortError, Ports};
+use crate::ports::{KvStore as _, ListedKey, PortError, Ports};
 
 /// A listed key with who it was written for (and, for an override's, its query when the
 /// metadata names it).
@@ -196,12 +195,12 @@ impl<'a, P: Ports> Orphans<'a, P> {
                 continue;
             }
             if key.key.is_shop_of(owner) {
-                shops_asked.push(key.key.key.clone());
+                shops_asked.push((key.key.key.clone(), owner.clone()));
             }
             gone.insert(key.key.clone(), owner.clone());
         }
         // A shop key its writer gave up may be another index's now (the table step writes it).
-        for shop in self.claimed_shops(shops_asked).await? {
+        for shop in exporter.served(&shops_asked, deadline).await? {
             gone.remove(&KvKey::settings(shop));
         }
         Ok((gone, refs.into_keys().collect()))
@@ -251,38 +250,6 @@ impl<'a, P: Ports> Orphans<'a, P> {
             by_owner.insert(owner, keys);
         }
         Ok(Overrides { named, by_owner })
-    }
-
-    /// Of these shops, those some index's settings record claims now.
-    async fn claimed_shops(&mut self, shops: Vec<String>) -> Result<Vec<String>, PortError> {
-        if shops.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (exporter, deadline) = (self.exporter, self.deadline);
-        let asked = shops.iter().cloned().map(Referred::Shop).collect();
-        let references = exporter.referrers_of(asked, &[], deadline).await?;
-        // Each candidate's record as the table holds it now (the ledger only names them).
-        let wanted: HashSet<&String> = shops.iter().collect();
-        let claimers: Vec<(IndexRef, IndexRefs)> = (references.into_iter())
-            .filter(|(_, refs)| refs.shops.iter().any(|s| wanted.contains(s)))
-            .collect();
-        // Only a claimer that can be exported writes the shop in its table step: a shop key
-        // only invalid records claim (or records whose account has no API key in their cell)
-        // is orphaned, as the stream deletes it.
-        let records = exporter.settings_of(claimers.iter().map(|(index, _)| index), deadline);
-        let records = records.await?.into_values();
-        let mut records: Vec<ChangeRecord> = records.collect();
-        // The cache's answers count; a lookup that fails for now counts as a key.
-        exporter.api_keys_first(&mut records, false, deadline).await;
-        let exportable: HashSet<&IndexRef> = (records.iter())
-            .filter(|record| record.change.is_some())
-            .filter_map(|record| record.index.as_ref())
-            .collect();
-        Ok((claimers.into_iter())
-            .filter(|(index, _)| exportable.contains(index))
-            .flat_map(|(_, refs)| refs.shops)
-            .filter(|s| wanted.contains(s))
-            .collect())
     }
 
     /// Of these indexes, those an enabled read or analytics alias points at.

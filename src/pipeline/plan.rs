@@ -277,13 +277,7 @@ impl<'a> RecordPlanner<'a> {
 
     /// The value under an index's keys, with its account's API key.
     fn settings_value(&self, settings: &Arc<IndexSettings>) -> Result<KvValue, Outcome> {
-        let wanted = settings.account_cell(self.default_cell);
-        let api_key = match self.snapshot.api_keys.get(&wanted) {
-            Some(Ok(key)) => key,
-            Some(Err(error)) => return Err(Outcome::of_port_error(error, "")),
-            None => return Err(Outcome::Failed("API key was not looked up".into())),
-        };
-        Ok(KvValue::settings(settings.clone(), api_key.clone()))
+        settings_value(self.snapshot, settings, self.default_cell)
     }
 
     fn referrers(&self) -> Result<&'a Referrers, Outcome> {
@@ -302,42 +296,19 @@ impl<'a> RecordPlanner<'a> {
             self.notes.push((self.owner, note));
             return Ok(());
         }
-        let claimers = self.referrers()?.by_shop.get(shop).into_iter().flatten();
-        let claimers: BTreeSet<&IndexRef> = claimers.filter(|c| *c != index).collect();
-        for &claimer in &claimers {
-            match self.snapshot.claimers.get(claimer) {
-                None => {
-                    return Err(Outcome::Failed(format!(
-                        "index {claimer} claims shop key `{shop}`: its settings were not read"
-                    )))
-                }
-                Some(Err(reason)) => {
-                    return Err(Outcome::Failed(format!(
-                        "cannot read index {claimer}, which claims shop key `{shop}`: {reason}"
-                    )))
-                }
-                Some(Ok(Some(settings))) if settings.shop_id.as_deref() == Some(shop) => {
-                    match self.settings_value(settings) {
-                        Ok(value) => {
-                            self.ops.push((KvKey::settings(shop), KvAction::put(value)));
-                            let note = format!(
-                                "shop key `{shop}` now serves index {claimer}, which claims it"
-                            );
-                            self.notes.push((self.owner, note));
-                            return Ok(());
-                        }
-                        Err(Outcome::Rejected(_)) => {}
-                        Err(outcome) => return Err(outcome),
-                    }
-                }
-                // Its record no longer claims the shop, or is rejected: the next claimer.
-                Some(Ok(_)) => {}
-            }
+        let referrers = self.referrers()?;
+        let serving = serving(shop, index, self.snapshot, referrers, self.default_cell)?;
+        if let Some((claimer, value)) = serving {
+            self.ops.push((KvKey::settings(shop), KvAction::put(value)));
+            let note = format!("shop key `{shop}` now serves index {claimer}, which claims it");
+            self.notes.push((self.owner, note));
+            return Ok(());
         }
         if kept {
             return Ok(());
         }
-        if !claimers.is_empty() {
+        let claimers = referrers.by_shop.get(shop).into_iter().flatten();
+        if claimers.filter(|c| *c != index).count() > 0 {
             let note =
                 format!("shop key `{shop}` deleted: no index that claims it can be exported");
             self.notes.push((self.owner, note));
@@ -347,6 +318,60 @@ impl<'a> RecordPlanner<'a> {
         self.old_shops.push((key, index.clone()));
         Ok(())
     }
+}
+
+/// The value under an index's keys, with its account's API key as the snapshot looked it up.
+fn settings_value(
+    snapshot: &Snapshot,
+    settings: &Arc<IndexSettings>,
+    default_cell: &str,
+) -> Result<KvValue, Outcome> {
+    let wanted = settings.account_cell(default_cell);
+    let api_key = match snapshot.api_keys.get(&wanted) {
+        Some(Ok(key)) => key,
+        Some(Err(error)) => return Err(Outcome::of_port_error(error, "")),
+        None => return Err(Outcome::Failed("API key was not looked up".into())),
+    };
+    Ok(KvValue::settings(settings.clone(), api_key.clone()))
+}
+
+/// Who serves `shop` once `index` gave it up (the one rule, for every writer and the orphan
+/// finder): the first other index, by id, whose record as the table holds it now claims the
+/// shop and can be exported, with its value; `None`: nobody (no claimer, or each one's record
+/// no longer claims it or is rejected). A claimer that could not be read or looked up is an
+/// error: retried, never passed over.
+pub fn serving<'s>(
+    shop: &str,
+    index: &IndexRef,
+    snapshot: &'s Snapshot,
+    referrers: &'s Referrers,
+    default_cell: &str,
+) -> Result<Option<(&'s IndexRef, KvValue)>, Outcome> {
+    let claimers = referrers.by_shop.get(shop).into_iter().flatten();
+    let claimers: BTreeSet<&IndexRef> = claimers.filter(|c| *c != index).collect();
+    for claimer in claimers {
+        let settings = match snapshot.claimers.get(claimer) {
+            None => Err("its settings were not read".to_owned()),
+            Some(Err(reason)) => Err(format!("its settings could not be read: {reason}")),
+            Some(Ok(settings)) => Ok(settings),
+        };
+        let settings = settings.map_err(|why| {
+            Outcome::Failed(format!("index {claimer} claims shop key `{shop}`: {why}"))
+        })?;
+        // Its record no longer claims the shop, or is rejected: the next claimer.
+        let Some(settings) = settings
+            .as_ref()
+            .filter(|s| s.shop_id.as_deref() == Some(shop))
+        else {
+            continue;
+        };
+        match settings_value(snapshot, settings, default_cell) {
+            Ok(value) => return Ok(Some((claimer, value))),
+            Err(Outcome::Rejected(_)) => {}
+            Err(outcome) => return Err(outcome),
+        }
+    }
+    Ok(None)
 }
 
 /// Keys and values Cloudflare would refuse are never sent: the record is rejected instead.

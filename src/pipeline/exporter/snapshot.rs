@@ -15,7 +15,7 @@ use crate::pipeline::api_key_cache::ApiKeyCache;
 use crate::pipeline::plan::{self, Snapshot};
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{before_deadline, ApiKeySource, LookupCounts, Ports};
-use crate::ports::{IndexRefs, Ledger, PortError, SettingsTable};
+use crate::ports::{IndexRefs, Ledger, PortError, Referred, SettingsTable};
 use crate::report::Outcome;
 
 impl<P: Ports> Exporter<P> {
@@ -260,6 +260,43 @@ impl<P: Ports> Exporter<P> {
         snapshot.overrides = overrides.into_iter().collect();
         snapshot.api_keys = api_keys.keys;
         (snapshot, api_keys.counts)
+    }
+
+    /// Of these shops, each given up by its index, those another index serves now
+    /// ([`plan::serving`]; a claimer whose API key cannot be looked up for now counts), for the
+    /// orphan finder: such a key is no orphan, the table step writes it. A claimer whose
+    /// settings could not be read fails the read.
+    pub async fn served(
+        &self,
+        given_up: &[(String, IndexRef)],
+        deadline: Instant,
+    ) -> Result<Vec<String>, PortError> {
+        if given_up.is_empty() {
+            return Ok(Vec::new());
+        }
+        let asked = (given_up.iter()).map(|(shop, _)| Referred::Shop(shop.clone()));
+        let referrers = self.referrers_of(asked.collect(), &[], deadline).await?;
+        let referrers = plan::Referrers::of(referrers);
+        let claimers = given_up
+            .iter()
+            .filter_map(|(shop, _)| referrers.by_shop.get(shop));
+        let wanted = claimers.flatten().cloned().collect();
+        let (mut snapshot, mut api_keys) = (Snapshot::default(), ApiKeys::default());
+        self.look_up_claimers(wanted, &mut snapshot, &mut api_keys, false, deadline)
+            .await;
+        if let Some(Err(error)) = snapshot.claimers.values().find(|read| read.is_err()) {
+            return Err(error.clone());
+        }
+        snapshot.api_keys = api_keys.keys;
+        let cell = &self.options.default_cell;
+        let nobody = |(shop, index): &&(String, IndexRef)| {
+            matches!(
+                plan::serving(shop, index, &snapshot, &referrers, cell),
+                Ok(None)
+            )
+        };
+        let served = given_up.iter().filter(|given| !nobody(given));
+        Ok(served.map(|(shop, _)| shop.clone()).collect())
     }
 
     /// Reads the indexes that claim a shop key, and the API keys their values need.
