@@ -9,10 +9,10 @@ use tokio::time::Instant;
 use super::classify::{could_be_written, Class, Drift};
 use crate::domain::kv::{is_query_config_key_of, query_config_key, query_config_prefix};
 use crate::domain::kv::{KeyMetadata, Written};
-use crate::domain::net::{self, Protection};
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvKey, Namespace, TableKey};
 use crate::pipeline::exporter::{Exporter, Prepared};
+use crate::pipeline::plan::Referrers;
 use crate::ports::Referred;
 use crate::ports::{KvStore as _, ListedKey, PortError, Ports};
 
@@ -258,23 +258,16 @@ impl<'a, P: Ports> Orphans<'a, P> {
         indexes: impl Iterator<Item = &'i IndexRef>,
     ) -> Result<HashSet<IndexRef>, PortError> {
         let indexes: BTreeSet<&IndexRef> = indexes.collect();
-        if indexes.is_empty() || net::off(Protection::AliasSafety) {
+        if indexes.is_empty() {
             return Ok(HashSet::new());
         }
         let asked = indexes.iter().map(|i| Referred::Alias(i.id().0)).collect();
         let references = self.exporter.referrers_of(asked, &[], self.deadline);
-        let references = references.await?;
-        // An alias an index holds to itself protects nothing of its own.
-        let targets: HashSet<&String> = (references.iter())
-            .flat_map(|(holder, refs)| {
-                let own = holder.id().0;
-                refs.targets.iter().filter(move |target| **target != own)
-            })
-            .collect();
-        Ok((indexes.into_iter())
-            .filter(|i| targets.contains(&i.id().0))
-            .cloned()
-            .collect())
+        let referrers = Referrers::of(references.await?);
+        let kept = indexes
+            .into_iter()
+            .filter(|i| !referrers.keeping(i).is_empty());
+        Ok(kept.cloned().collect())
     }
 }
 

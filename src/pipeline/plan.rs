@@ -10,7 +10,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::domain::kv::{check_key, check_put, KvValue};
-use crate::domain::net::{self, Protection};
 use crate::domain::qfilter::filter_key;
 use crate::domain::qfilter::QueryFilter;
 use crate::domain::validate::{index_key_problem, shop_id_problem, shown, SHOP_DOMAIN};
@@ -239,16 +238,10 @@ impl<'a> RecordPlanner<'a> {
                 ..
             } => {
                 check_own_key(index)?;
-                let aliases = self.referrers()?.by_target.get(&index.id().0);
-                let referenced_by: Vec<IndexRef> = (aliases.into_iter().flatten())
-                    .filter(|alias| *alias != index)
-                    .cloned()
-                    .collect();
+                let referenced_by = self.referrers()?.keeping(index);
                 // An alias keeps a removed index, not a rejected one's shops it no longer holds
                 // (the reconcile protects no key of an index with a settings record either).
-                let kept = !referenced_by.is_empty()
-                    && !keeps_own_key
-                    && !net::off(Protection::AliasSafety);
+                let kept = !referenced_by.is_empty() && !keeps_own_key;
                 if !kept && !keeps_own_key {
                     // Its filter and query configs follow its override records, not this one.
                     self.ops.push((KvKey::index(index), KvAction::Delete));

@@ -4,6 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
+use crate::domain::net::{self, Protection};
 use crate::domain::validate::shop_id_problem;
 use crate::domain::AccountCell;
 use crate::domain::{ApiKey, IndexRef, IndexRefs, IndexSettings};
@@ -53,6 +54,16 @@ impl Referrers {
             }
         }
         referrers
+    }
+
+    /// Who keeps a removed `index` for an alias: every other index whose record aliases its id
+    /// (the one rule of alias deletion safety, for the plan and the orphan finder).
+    pub fn keeping(&self, index: &IndexRef) -> Vec<IndexRef> {
+        if net::off(Protection::AliasSafety) {
+            return Vec::new();
+        }
+        let aliases = self.by_target.get(&index.id().0).into_iter().flatten();
+        aliases.filter(|alias| *alias != index).cloned().collect()
     }
 }
 
