@@ -102,7 +102,7 @@ scale: venv
 	cargo build --quiet --locked -p ecom-emulators
 	$(VENV)/bin/python scripts/scale.py --function $(TARGET_DIR)/release/ecom-settings-exporter \
 		--emulators $(TARGET_DIR)/debug/ecom-emulators $(if $(SIZES),--sizes $(SIZES)) \
-		$(if $(SKIP),--skip "$(SKIP)")
+		$(if $(SKIP),--skip "$(SKIP)") $(if $(FLEET),--fleet $(FLEET))
 
 ## moto's patches held equal to moto's own; check-permissions' own tests; unit and integration tests (moto on a free port, KV emulator and API-keys stand-in in-process,
 ## the edge Worker in workerd), then every AWS call the function made in them checked against the

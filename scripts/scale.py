@@ -4,8 +4,8 @@ moto runs in this process behind a WSGI middleware that counts DynamoDB requests
 they read (Scan/Query `ScannedCount`, GetItem, BatchGetItem). The KV emulator and the API-keys
 stand-in run as `ecom-emulators` processes; the release function runs behind `ecom-emulators
 invoke` (the Lambda Invoke API over the runtime API), restarted for each path so its peak memory
-is that path's. For each fleet size N (indexes, 4 per account, one override each, items of about
-1 KB) it measures:
+is that path's. For each fleet size N (indexes, 4 per account, one override each or, with `--fleet
+four-on-a-quarter`, four on every fourth index; items of about 1 KB) it measures:
 
 - stream: one batch holding one REMOVE (NEW_AND_OLD_IMAGES);
 - backfill: `{"mode": "backfill", "include_query_configs": true}` followed to the end;
@@ -163,7 +163,15 @@ def wait_for(url, seconds=30):
     raise SystemExit(f"{url} never answered")
 
 
-def seed(ddb, table, ledger, n, verify_overrides):
+def overrides_of(fleet, i):
+    """How many overrides index `i` has: one each, or four on every fourth index (the same total,
+    unevenly spread: the fleet issue 85 measured the backfill's memory on)."""
+    if fleet == "four-on-a-quarter":
+        return 4 if i % 4 == 0 else 0
+    return 1
+
+
+def seed(ddb, table, ledger, n, verify_overrides, fleet="one-each"):
     for name, stream in ((table, True), (ledger, False)):
         spec = dict(
             TableName=name,
@@ -186,9 +194,10 @@ def seed(ddb, table, ledger, n, verify_overrides):
     items = []
     for i in range(n):
         account = f"acct-{i // 4:06d}"
-        items += [index(account, i % 4), override(account, i % 4, 0)]
+        items += [index(account, i % 4)] + [override(account, i % 4, q) for q in range(overrides_of(fleet, i))]
     items += [override("acct-000000", 0, q) for q in range(1, verify_overrides)]
     write_items(ddb, table, [{"PutRequest": {"Item": item}} for item in items])
+    return len(items)
 
 
 def index_item(account, i):
@@ -286,7 +295,9 @@ class Function:
         self.slowest = 0.0  # the longest invocation followed, in seconds
         self.invoked = 0.0  # every invocation's seconds: Lambda's billed duration
         self.rss_after = []  # the process's peak RSS (MiB) after each invocation followed
+        self.own_peaks = []  # each one's own peak (MiB): the peak is reset after each
         self.rss_now_after = []  # and its RSS then: what a warm container keeps between them
+        self.peak = 0.0  # the process's peak across those resets
 
     def read(self, stream):
         for line in stream:
@@ -342,6 +353,17 @@ class Function:
                 return int(line.split()[1]) / 1024
         return 0.0
 
+    def followed(self):
+        """Notes an invocation's peak RSS, then resets it (Linux: `5` to `clear_refs`), so the
+        next reading is the next invocation's own."""
+        own = self.peak_rss_mib()
+        self.peak = max(self.peak, own)
+        self.rss_after.append(round(self.peak, 1))
+        self.own_peaks.append(round(own, 1))
+        self.rss_now_after.append(round(self.peak_rss_mib("VmRSS:"), 1))
+        with open(f"/proc/{self.pid}/clear_refs", "w") as refs:
+            refs.write("5")
+
     def stop(self):
         self.process.terminate()
         self.process.wait(timeout=10)
@@ -354,8 +376,7 @@ def follow(function, payload):
         started = time.time()
         answer = function.invoke(payload)
         function.slowest = max(function.slowest, time.time() - started)
-        function.rss_after.append(round(function.peak_rss_mib(), 1))
-        function.rss_now_after.append(round(function.peak_rss_mib("VmRSS:"), 1))
+        function.followed()
         invocations += 1
         # A function error, or the Invoke API's own word (a timeout) instead of an answer.
         if not isinstance(answer, dict) or "errorType" in answer:
@@ -420,9 +441,10 @@ def measure(name, n, counting, kv_port, emulators, binary, env_file, run):
         "kv_requests": len(kv), "kv_operations": kv_operations(kv), "invocations": invocations,
         "invoked_seconds": round(function.invoked - invoked0, 2), "log_bytes": function.printed() - printed0,
         "custom_metrics": sorted(function.metrics),
-        "cpu_s": round(function.cpu_seconds() - cpu0, 3), "peak_rss_mib": round(function.peak_rss_mib(), 1),
+        "cpu_s": round(function.cpu_seconds() - cpu0, 3), "peak_rss_mib": round(max(function.peak, function.peak_rss_mib()), 1),
         "seconds": round(seconds, 2), "slowest_invocation_s": round(function.slowest or seconds, 2),
-        "peak_rss_after_each_mib": function.rss_after, "rss_after_each_mib": function.rss_now_after,
+        "peak_rss_after_each_mib": function.rss_after, "peak_rss_of_each_mib": function.own_peaks,
+        "rss_after_each_mib": function.rss_now_after,
     }
     row["dollars"] = {k: round(v, 6) for k, v in dollars(row).items()}
     function.stop()
@@ -437,6 +459,8 @@ def main():
     parser.add_argument("--emulators", default="target/debug/ecom-emulators")
     parser.add_argument("--sizes", default="1000,5000,20000")
     parser.add_argument("--overrides", type=int, default=1000, help="overrides of the verified index")
+    parser.add_argument("--fleet", default="one-each", choices=["one-each", "four-on-a-quarter"],
+                        help="how the fleet's overrides are spread: one per index, or four on every fourth")
     parser.add_argument("--out", default="target/scale/results.json")
     parser.add_argument("--skip", default="", help="paths to leave out, comma-separated (e.g. 'reconcile x2 (warm)')")
     args = parser.parse_args()
@@ -459,8 +483,8 @@ def main():
         for n in [int(s) for s in args.sizes.split(",")]:
             table = f"scale-{n}"
             started = time.time()
-            seed(ddb, table, table + "-ledger", n, args.overrides)
-            print(f"# N = {n}: seeded {2 * n + args.overrides - 1} items in {time.time() - started:.0f} s",
+            items = seed(ddb, table, table + "-ledger", n, args.overrides, args.fleet)
+            print(f"# N = {n}: seeded {items} items ({args.fleet}) in {time.time() - started:.0f} s",
                   file=sys.stderr, flush=True)
             env = tempfile.NamedTemporaryFile("w", suffix=".env", delete=False)
             env.write("\n".join([

@@ -177,7 +177,29 @@ async fn answer<P: Ports>(
             crate::report::emit(&report, started.elapsed());
             batch_response(&report).map(|r| serde_json::to_value(r).expect("serializable"))
         }
-        Payload::Operator(request) => Ok(request.run(exporter, deadline).await?),
+        Payload::Operator(request) => {
+            let answer = request.run(exporter, deadline).await;
+            release_freed_memory();
+            Ok(answer?)
+        }
+    }
+}
+
+/// An operator's invocation gives the memory it freed back to the kernel as it ends: it held a
+/// piece of the fleet, and a chained backfill or reconcile would otherwise pile up pages that
+/// the next piece does not fill again the same way. A stream batch keeps it for the next batch
+/// (docs/contract.md, "Memory is kept between batches").
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // Every arena (`MALLCTL_ARENAS_ALL`); a purge takes and answers nothing.
+        let name = c"arena.4096.purge";
+        let (none, no_len) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: a NUL-terminated name jemalloc knows, and no values to read or write.
+        let status = unsafe { tikv_jemalloc_sys::mallctl(name.as_ptr(), none, no_len, none, 0) };
+        if status != 0 {
+            tracing::debug!(status, "jemalloc did not purge");
+        }
     }
 }
 
