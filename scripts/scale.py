@@ -195,7 +195,7 @@ def seed(ddb, table, ledger, n, verify_overrides, fleet="one-each"):
     for i in range(n):
         account = f"acct-{i // 4:06d}"
         items += [index(account, i % 4)] + [override(account, i % 4, q) for q in range(overrides_of(fleet, i))]
-    items += [override("acct-000000", 0, q) for q in range(1, verify_overrides)]
+    items += [override("acct-000000", 0, q) for q in range(max(1, overrides_of(fleet, 0)), verify_overrides)]
     write_items(ddb, table, [{"PutRequest": {"Item": item}} for item in items])
     return len(items)
 

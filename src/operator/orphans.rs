@@ -180,10 +180,10 @@ impl<'a, P: Ports> Orphans<'a, P> {
             let Some(owner) = &key.owner else { continue };
             let exists = refs.contains_key(owner);
             let implied = match key.key.namespace {
-                Namespace::Settings if key.key == KvKey::index(owner) => exists,
-                Namespace::Settings => refs
+                Namespace::Settings if key.key.is_shop_of(owner) => refs
                     .get(owner)
                     .is_some_and(|r| r.shops.contains(&key.key.key)),
+                Namespace::Settings => exists,
                 // A filter follows its index's override records, whatever its settings record:
                 // with one, the table step compares it; without, it is implied by overrides.
                 Namespace::QueryConfigs if key.key == filter_key(owner) => {

@@ -1172,7 +1172,7 @@ fn every_seed_runs_the_same_twice() {
 const NET: [(Protection, u64, usize, Variety); 5] = [
     (Protection::CheckRounds, 211, 2, Variety::Plain),
     (Protection::ShrinkCondition, 396, 2, Variety::Contended),
-    (Protection::Lease, 3, 2, Variety::Plain),
+    (Protection::Lease, 6, 2, Variety::Plain),
     (Protection::RecordAgain, 3111, 2, Variety::Contended),
     (Protection::AliasSafety, 118, 2, Variety::Plain),
 ];

@@ -25,8 +25,9 @@ pub(super) struct Intents {
     pub birth: u64,
     /// The positions of the records that remove their index.
     pub removals: BTreeSet<usize>,
-    /// The shops the records give up (deleted, or given to a claimer), with the index giving
-    /// each up: what an operator whose check could not confirm them records again.
+    /// The shops the records give up (deleted, given to a claimer, or kept for an alias), with
+    /// the index giving each up: what an operator whose check could not confirm them records
+    /// again.
     pub given_up: Vec<(IndexRef, Referred)>,
     /// The shops the records give other indexes' values, with that index: what a stream batch
     /// with a failed record records again (another shard's shrink may have taken one out
@@ -176,11 +177,14 @@ pub(super) fn handed_over(prepared: &Prepared) -> Vec<(IndexRef, Referred)> {
         .collect()
 }
 
-/// The shops the records that write give up, with the index giving each up (a shop id that is
-/// no shop key is never touched: nothing to record again).
+/// The shops the records give up, with the index giving each up (a shop id that is no shop key
+/// is never touched: nothing to record again). Every record's, whatever its outcome: one that
+/// failed once planned (its filter's overrides could not be read) still sends its give-ups, and
+/// each shop is one the ledger recorded for the index already (an extra costs nothing).
 fn given_up_by(records: &[ChangeRecord]) -> Vec<(IndexRef, Referred)> {
-    let writing = records.iter().filter(|record| record.outcome.on_its_way());
-    let given = writing.filter_map(|record| plan::given_up(record.change.as_ref()?));
+    let given = records
+        .iter()
+        .filter_map(|record| plan::given_up(record.change.as_ref()?));
     let given = given.flat_map(|(index, shops)| shops.into_iter().map(move |s| (index, s)));
     (given.filter(|(_, shop)| shop_id_problem(shop).is_none()))
         .map(|(index, shop)| (index.clone(), Referred::Shop(shop.clone())))
