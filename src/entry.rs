@@ -188,7 +188,7 @@ async fn answer<P: Ports>(
 /// An operator's invocation gives the memory it freed back to the kernel as it ends: it held a
 /// piece of the fleet, and a chained backfill or reconcile would otherwise pile up pages that
 /// the next piece does not fill again the same way. A stream batch keeps it for the next batch
-/// (docs/contract.md, "Memory is kept between batches").
+/// (docs/contract.md, "Memory is kept between stream batches").
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

@@ -27,12 +27,6 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// On its way to KV: exported or planned to be, or a removal kept for an alias (it still
-    /// hands its shops to their claimers).
-    pub fn on_its_way(&self) -> bool {
-        matches!(self, Outcome::Exported | Outcome::Kept { .. })
-    }
-
     /// A record on its way to KV (exported or planned to be, kept for an alias) fails for `why`
     /// and is reported for retry; one already failed adds `why` to its reasons (each key it
     /// could not write or check named, up to [`MAX_REASONS`]); one rejected or skipped keeps

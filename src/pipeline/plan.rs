@@ -94,7 +94,7 @@ pub fn plan(records: &mut [ChangeRecord], snapshot: &Snapshot, default_cell: &st
             (outcome, _) => outcome,
         };
         // A remove kept for an alias still hands its shops to their claimers.
-        if outcome.on_its_way() {
+        if matches!(outcome, Outcome::Exported | Outcome::Kept { .. }) {
             for (key, action) in ops {
                 if action == KvAction::Delete && check_key(&key.key).is_err() {
                     continue; // Cloudflare never stored such a key: nothing to delete.
@@ -330,7 +330,7 @@ fn settings_value(
 
 /// Who serves `shop` once `index` gave it up (the one rule, for every writer and the orphan
 /// finder): the first other index, by id, whose record as the table holds it now claims the
-/// shop and can be exported, with its value; `None`: nobody (no claimer, or each one's record
+/// shop and whose account's API key was found, with its value; `None`: nobody (no claimer, or each one's record
 /// no longer claims it or is rejected). A claimer that could not be read or looked up is an
 /// error: retried, never passed over.
 pub fn serving<'s>(

@@ -240,8 +240,8 @@ impl<P: Ports> Exporter<P> {
     ) -> (Snapshot, LookupCounts) {
         let fresh = !run.stream;
         let mut snapshot = Snapshot::default();
-        // Who aliases what is removed, who claims a shop given up: the ledger's candidates
-        // checked against the table once its references are complete, else a scan.
+        // Who aliases what is removed, who claims a shop given up: the ledger's candidates,
+        // each checked against its record in the table.
         if plan::references_wanted(records) {
             let asked = plan::reference_questions(records).into_iter().collect();
             let references = self.referrers_of(asked, records, deadline).await;
