@@ -8,7 +8,8 @@ use tokio::time::Instant;
 
 mod ledger;
 
-pub use ledger::{IndexRefs, Ledger, ReconcileProgress, Referred, RefsChange};
+pub use ledger::SweepMark;
+pub use ledger::{IndexRefs, Ledger, ReconcileProgress, RecordedPage, Referred, RefsChange};
 
 use crate::domain::kv::{KvKey, KvOp};
 use crate::domain::{AccountCell, ApiKey, IndexRef, Namespace};
@@ -77,6 +78,19 @@ impl PortError {
             PortError::Invalid(reason) => PortError::Invalid(said(reason)),
         }
     }
+}
+
+/// Seconds since the epoch: the system's clock, moved on by as much as tokio's runs ahead of
+/// it (a test that pauses tokio's time then moves this one too; in the function they agree).
+pub fn epoch_seconds() -> u64 {
+    let wall = std::time::SystemTime::now();
+    let (tokio, system) = (Instant::now().into_std(), std::time::Instant::now());
+    let now = match tokio.checked_duration_since(system) {
+        Some(ahead) => wall + ahead,
+        None => wall - system.duration_since(tokio),
+    };
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
 }
 
 /// A lookup that stops at the invocation's deadline: what it did not reach by then is a

@@ -66,6 +66,14 @@ impl BatchReport {
         self.records.iter().filter(|r| kind(&r.outcome)).count()
     }
 
+    /// Why the first failed record failed (`None`: none failed).
+    pub fn first_failure(&self) -> Option<&str> {
+        self.records.iter().find_map(|r| match &r.outcome {
+            Outcome::Failed(reason) => Some(reason.as_str()),
+            _ => None,
+        })
+    }
+
     /// Sequence numbers Lambda must retry, in stream order.
     pub fn failed_sequence_numbers(&self) -> Vec<String> {
         self.records

@@ -19,7 +19,7 @@ use crate::domain::{AccountCell, ApiKey, IndexRef, KvAction, KvKey, KvOp, Namesp
 use crate::domain::{ChangeRecord, Scope, TableKey};
 use crate::ports::{
     ApiKeySource, IndexRefs, KeyPage, KvStore, Ledger, ListedKey, Page, PortError,
-    ReconcileProgress, Referred, RefsChange, SettingsTable,
+    ReconcileProgress, RecordedPage, Referred, RefsChange, SettingsTable, SweepMark,
 };
 
 /// KV in memory; keys in `failing` are never stored.
@@ -408,6 +408,34 @@ impl Ledger for MemoryLedger {
             }
             if change.new.is_none() {
                 refs.remove(&change.index); // Removed: its record goes whole.
+            }
+        }
+        Ok(())
+    }
+
+    async fn recorded(&self, after: Option<&str>, limit: usize) -> Result<RecordedPage, PortError> {
+        let refs = self.refs.lock().unwrap();
+        let cursor =
+            |index: &IndexRef| format!("{}:{}#{}", index.account.len(), index.account, index.name);
+        let mut page: Vec<(IndexRef, IndexRefs)> = (refs.iter())
+            .filter(|(index, _)| after.is_none_or(|after| cursor(index).as_str() > after))
+            .map(|(index, refs)| (index.clone(), refs.clone()))
+            .collect();
+        page.sort_by_key(|(index, _)| cursor(index));
+        let more = page.len() > limit;
+        page.truncate(limit);
+        let next = page.last().filter(|_| more).map(|(index, _)| cursor(index));
+        Ok((page, next))
+    }
+
+    async fn sweep_marks(&self, marks: &[(IndexRef, Option<SweepMark>)]) -> Result<(), PortError> {
+        let mut refs = self.refs.lock().unwrap();
+        for (index, mark) in marks {
+            let Some(own) = refs.get_mut(index) else {
+                continue;
+            };
+            if mark.is_none_or(|mark| mark.intents == own.intents) {
+                own.sweep = *mark;
             }
         }
         Ok(())

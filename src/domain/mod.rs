@@ -16,4 +16,5 @@ pub use ids::{IndexId, IndexRef};
 pub use kv::{KvAction, KvKey, KvOp, Namespace};
 pub use secrets::{AccountCell, ApiKey, ApiToken};
 pub use settings::{IndexRefs, IndexSettings, InvalidRecord, QueryConfig, Referred};
+pub use settings::{SweepMark, SWEEP_AFTER_SECONDS};
 pub use table::{Scope, TableKey, TableSpan};

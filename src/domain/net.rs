@@ -20,17 +20,23 @@ pub enum Protection {
     RecordAgain,
     /// A removed index an enabled alias reads keeps its keys (the stream and the reconcile).
     AliasSafety,
+    /// A sweep mark is ripe only once every invocation under way when it was set has ended.
+    SweepWait,
+    /// Every writer counts an intent on a marked record, the stream too.
+    SweepCounts,
 }
 
 #[cfg(test)]
 impl Protection {
-    pub const ALL: [Protection; 6] = [
+    pub const ALL: [Protection; 8] = [
         Protection::CheckRounds,
         Protection::ShrinkCondition,
         Protection::BackfillIntents,
         Protection::Lease,
         Protection::RecordAgain,
         Protection::AliasSafety,
+        Protection::SweepWait,
+        Protection::SweepCounts,
     ];
 
     /// The protection a name (as `Debug` writes it) names.

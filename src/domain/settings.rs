@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use super::ids::{IndexId, IndexRef};
+use super::net::{self, Protection};
 use super::secrets::{AccountCell, ApiKey};
 
 /// Version of the KV value layout; the proxy tolerates unknown fields, so additions keep it.
@@ -206,7 +207,7 @@ impl IndexSettings {
         IndexRefs {
             shops: self.shop_id.iter().cloned().collect(),
             targets: self.aliases.live_targets().map(|t| t.0.clone()).collect(),
-            intents: 0,
+            ..IndexRefs::default()
         }
     }
 
@@ -281,9 +282,34 @@ pub struct IndexRefs {
     /// (an intent owns its members for its writer even when they were recorded already); the
     /// stream takes members out only if none came since it read (0 in a settings record's).
     pub intents: u64,
+    /// The reconcile's mark on the record of an index the table no longer has (`None`: none).
+    pub sweep: Option<SweepMark>,
 }
 
+/// A whole-fleet reconcile found the table without the index: its record's intents then, and
+/// when (seconds since the epoch). The record goes only once the mark is [`IndexRefs::ripe`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SweepMark {
+    pub intents: u64,
+    pub at: u64,
+}
+
+/// How long a mark waits before its record can go: longer than any invocation lasts (Lambda's
+/// 900 s at most) and a request it sent takes to land, so every write whose intent came before
+/// the mark has landed (docs/contract.md, "The ledger is bounded by the live fleet").
+pub const SWEEP_AFTER_SECONDS: u64 = 1_200;
+
 impl IndexRefs {
+    /// Whether a removal may take this record out now: unmarked (the stream's own removal, which
+    /// follows its shard's every earlier write), or marked long enough ago with no intent since
+    /// (every writer counts an intent on a marked record).
+    pub fn ripe(&self, now: u64) -> bool {
+        let waited = |at: u64| now >= at.saturating_add(SWEEP_AFTER_SECONDS);
+        self.sweep.is_none_or(|mark| {
+            mark.intents == self.intents && (waited(mark.at) || net::off(Protection::SweepWait))
+        })
+    }
+
     /// What the index refers to: each is the key of an item pointing back at it.
     pub fn referred(&self) -> BTreeSet<Referred> {
         let shops = self.shops.iter().cloned().map(Referred::Shop);

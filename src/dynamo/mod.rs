@@ -188,7 +188,7 @@ pub fn settings_references(image: &Item) -> (IndexRefs, Option<InvalidRecord>) {
     let references = IndexRefs {
         shops: shop_id_of(image).into_iter().collect(),
         targets: targets.into_iter().map(|target| target.0).collect(),
-        intents: 0,
+        ..IndexRefs::default()
     };
     (references, problem)
 }

@@ -6,7 +6,7 @@ use std::future::Future;
 
 use super::PortError;
 use crate::domain::IndexRef;
-pub use crate::domain::{IndexRefs, Referred};
+pub use crate::domain::{IndexRefs, Referred, SweepMark};
 
 /// Where a scheduled reconcile stands, kept between invocations (times in seconds since the
 /// epoch). `version` grows by one with every save: a save names the version it read.
@@ -24,6 +24,9 @@ pub struct ReconcileProgress {
     /// An invocation holds the pass until then; another one leaves it alone.
     pub lease_until: Option<u64>,
 }
+
+/// A page of the ledger's records of indexes, and the cursor of the next page (`None`: none).
+pub type RecordedPage = (Vec<(IndexRef, IndexRefs)>, Option<String>);
 
 /// An index's references confirmed by the stream's check: what `pointing` names (every item
 /// that may point back at the index, and every reference of its own, as read before the batch
@@ -99,6 +102,22 @@ pub trait Ledger: Send + Sync {
     fn record_refs(
         &self,
         changes: &[RefsChange],
+    ) -> impl Future<Output = Result<(), PortError>> + Send;
+
+    /// A page of the indexes whose references the ledger records (consistent reads), from
+    /// after `after` (a cursor this answered before; `None`: the first page), about `limit`
+    /// items read, and the cursor of the next page (`None`: this was the last).
+    fn recorded(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> impl Future<Output = Result<RecordedPage, PortError>> + Send;
+
+    /// Marks each index's record (`Some`, only while its intents are still the mark's) or takes
+    /// its mark off (`None`); a record that is not there stays so.
+    fn sweep_marks(
+        &self,
+        marks: &[(IndexRef, Option<SweepMark>)],
     ) -> impl Future<Output = Result<(), PortError>> + Send;
 
     fn reconcile_progress(

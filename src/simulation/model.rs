@@ -107,18 +107,11 @@ fn analytics(item: &Value) -> Option<(bool, Option<String>)> {
 /// The index ids a settings record routes live traffic to: its enabled read targets and its
 /// enabled analytics target ("Alias deletion safety").
 pub fn live_targets(item: &Value) -> Vec<String> {
-    let mut live = Vec::new();
     if unreadable(item) {
-        // "Alias safety fails closed": every index id the record names.
-        let aliases = &item["index_aliases"]["M"];
-        let reads = aliases["doc_reads"]["M"]["targets"]["L"].as_array();
-        let reads = reads.into_iter().flatten().map(|t| &t["M"]);
-        let named = reads.chain([&aliases["analytics"]["M"]]);
-        let ids = named.filter_map(|alias| s(alias, "index_id"));
-        live.extend(ids.map(str::to_owned));
-        live.extend(s(item, "read_alias").map(str::to_owned));
-        return live;
+        // "Alias safety fails closed".
+        return named_targets(item);
     }
+    let mut live = Vec::new();
     if let Some((true, targets, _)) = reads(item) {
         live.extend(targets);
     }
@@ -126,6 +119,18 @@ pub fn live_targets(item: &Value) -> Vec<String> {
         live.push(target);
     }
     live
+}
+
+/// Every index id a settings record names as an alias target, enabled or not.
+pub fn named_targets(item: &Value) -> Vec<String> {
+    let aliases = &item["index_aliases"]["M"];
+    let reads = aliases["doc_reads"]["M"]["targets"]["L"].as_array();
+    let reads = reads.into_iter().flatten().map(|t| &t["M"]);
+    let named = reads.chain([&aliases["analytics"]["M"]]);
+    let ids = named.filter_map(|alias| s(alias, "index_id"));
+    let mut named: Vec<String> = ids.map(str::to_owned).collect();
+    named.extend(s(item, "read_alias").map(str::to_owned));
+    named
 }
 
 /// The fields of a settings value the model checks: whose it is, where it points, its shop,

@@ -327,7 +327,14 @@ impl Ledger for Sim {
     ) -> Result<HashMap<IndexRef, IndexRefs>, PortError> {
         self.0.go(self.1, "ledger read refs").await?;
         let refs = self.0.ledger.index_refs(indexes).await?;
-        let mut shown: Vec<String> = refs.iter().map(|(i, r)| format!("{i}: {r:?}")).collect();
+        // A mark's time is the clock's: left out, so the trace is the same on every run.
+        let timeless = |r: &IndexRefs| {
+            let mut r = r.clone();
+            r.sweep.iter_mut().for_each(|mark| mark.at = 0);
+            r
+        };
+        let shown = refs.iter().map(|(i, r)| format!("{i}: {:?}", timeless(r)));
+        let mut shown: Vec<String> = shown.collect();
         shown.sort();
         self.0
             .note(format!("{}: ledger read refs: {shown:?}", self.1));
@@ -362,6 +369,30 @@ impl Ledger for Sim {
         let call = format!("ledger shrink {shown:?}");
         self.0.go(self.1, &call).await?;
         self.0.ledger.record_refs(changes).await
+    }
+
+    async fn recorded(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<crate::ports::RecordedPage, PortError> {
+        self.0.go(self.1, "ledger read recorded").await?;
+        self.0.ledger.recorded(after, limit).await
+    }
+
+    async fn sweep_marks(
+        &self,
+        marks: &[(IndexRef, Option<crate::ports::SweepMark>)],
+    ) -> Result<(), PortError> {
+        // Not the marks' times: the trace is the same on every run.
+        let marked: Vec<_> = marks
+            .iter()
+            .map(|(i, m)| (i, m.map(|m| m.intents)))
+            .collect();
+        self.0
+            .go(self.1, &format!("ledger marks {marked:?}"))
+            .await?;
+        self.0.ledger.sweep_marks(marks).await
     }
 
     async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {

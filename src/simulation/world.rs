@@ -125,6 +125,8 @@ pub struct World {
     pub(super) drained: Mutex<BTreeSet<String>>,
     /// Writers whose invocation stopped, until their caller sees it.
     pub(super) stopped: Mutex<BTreeSet<String>>,
+    /// Writers whose invocation is under way.
+    running: Mutex<BTreeSet<String>>,
     /// The keys each writer's invocation wrote or deleted so far.
     pub(super) landed_by: Mutex<HashMap<String, BTreeSet<(Namespace, String)>>>,
     /// Every value each key has held, from when (a lagging read answers an earlier one).
@@ -163,6 +165,7 @@ impl World {
             leases: Mutex::default(),
             drained: Mutex::default(),
             stopped: Mutex::default(),
+            running: Mutex::default(),
             landed_by: Mutex::default(),
             kv_history: Mutex::default(),
             unchecked: Mutex::default(),
@@ -248,6 +251,7 @@ impl World {
     /// `work` (one invocation of `who`), or `None` when it stopped between two calls.
     pub async fn until_stopped<T>(&self, who: &str, work: impl Future<Output = T>) -> Option<T> {
         self.landed_by.lock().unwrap().remove(who);
+        self.running.lock().unwrap().insert(who.to_owned());
         let stopped = async {
             loop {
                 let signal = self.stop_signal.notified();
@@ -261,11 +265,34 @@ impl World {
             }
         };
         // Biased: tokio otherwise polls the branches in a random order (not deterministic).
-        tokio::select! {
+        let done = tokio::select! {
             biased;
             done = work => Some(done),
             () = stopped => None,
+        };
+        self.running.lock().unwrap().remove(who);
+        // Ended before it saw a stop `time_passes` sent: the stop is for no invocation now.
+        self.stopped.lock().unwrap().remove(who);
+        done
+    }
+
+    /// Time passes as it can between two whole-fleet reconcile passes: Lambda's timeout ends
+    /// every invocation under way (what it wrote is left unchecked; a write it had not sent is
+    /// never sent), then a sweep mark's wait goes by in paused time, so a mark set before is
+    /// ripe for the writers that come after.
+    pub async fn time_passes(&self) {
+        let ended: Vec<String> = self.running.lock().unwrap().iter().cloned().collect();
+        self.note(format!("time passes: {ended:?} end"));
+        self.stopped.lock().unwrap().extend(ended.iter().cloned());
+        self.stop_signal.notify_waiters();
+        while ended
+            .iter()
+            .any(|who| self.stopped.lock().unwrap().contains(who))
+        {
+            tokio::task::yield_now().await;
         }
+        let wait = crate::domain::SWEEP_AFTER_SECONDS;
+        tokio::time::advance(Duration::from_secs(wait)).await;
     }
 
     /// Account isolation: a value names its index, carries its account's API key and its own

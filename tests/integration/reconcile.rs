@@ -102,7 +102,9 @@ async fn each_class_is_found_and_a_dry_run_writes_nothing() {
     );
     assert_eq!(samples["protected"], json!(["acct-1-v1"]));
     assert_eq!(samples["foreign"], json!(["feature-toggle"]));
-    assert_eq!(answer["would_repair"], json!({"written": 4, "deleted": 2}));
+    // The ledger still records `gone` (it claimed a shop), removed while the stream was down.
+    let would = json!({"written": 4, "deleted": 2, "ledger_marked": 1, "ledger_swept": 0});
+    assert_eq!(answer["would_repair"], would);
     assert_eq!(answer["complete"], true);
     assert_eq!(data_writes(&h), writes_before, "a dry run writes nothing");
 }
@@ -115,7 +117,7 @@ async fn repair_fixes_drift_keeps_foreign_and_protected_keys_and_a_second_run_is
 
     assert_eq!(
         answer["repaired"],
-        json!({"written": 4, "deleted": 2}),
+        json!({"written": 4, "deleted": 2, "ledger_marked": 1, "ledger_swept": 0}),
         "{answer}"
     );
     assert_eq!(h.settings("acct-1-b").unwrap()["index_name"], "b");
@@ -150,7 +152,9 @@ async fn repair_fixes_drift_keeps_foreign_and_protected_keys_and_a_second_run_is
             "{again}"
         );
     }
-    assert_eq!(again["repaired"], json!({"written": 0, "deleted": 0}));
+    // `gone`'s mark waits: the same intents, not yet ripe.
+    let nothing = json!({"written": 0, "deleted": 0, "ledger_marked": 0, "ledger_swept": 0});
+    assert_eq!(again["repaired"], nothing);
 }
 
 #[tokio::test]

@@ -139,7 +139,7 @@ async fn overrides_without_a_settings_record_are_no_drift() {
         }
         assert_eq!(
             answer["repaired"],
-            json!({"written": 0, "deleted": 0}),
+            json!({"written": 0, "deleted": 0, "ledger_marked": 0, "ledger_swept": 0}),
             "{answer}"
         );
     }

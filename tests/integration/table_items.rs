@@ -100,6 +100,7 @@ async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
         shops: shops.iter().map(|s| s.to_string()).collect(),
         targets: targets.iter().map(|s| s.to_string()).collect(),
         intents,
+        sweep: None,
     };
     let at = |shops: &[&str], targets: &[&str]| counted(shops, targets, 0);
     let old_refs = at(&["old.myshopify.com"], &["acct-é-a", "acct-é-b"]);

@@ -308,6 +308,35 @@ impl Dynamo {
     }
 }
 
+impl Dynamo {
+    /// One consistent Scan request of `table` from after `start` (`pk`, `sk`), reading `limit`
+    /// items at most, answering those `filter` keeps and where the next request starts
+    /// (`None`: the table's end).
+    pub(crate) async fn scan_page(
+        &self,
+        (table, filter, values): (&str, &str, SdkItem),
+        start: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<(Vec<serde_dynamo::Item>, Option<(String, String)>), PortError> {
+        let page = (self.client.scan())
+            .table_name(table)
+            .filter_expression(filter)
+            .set_expression_attribute_values(Some(values))
+            .consistent_read(true)
+            .set_exclusive_start_key(start.map(|(pk, sk)| key(pk, sk)))
+            .limit(i32::try_from(limit).unwrap_or(i32::MAX))
+            .send()
+            .await
+            .map_err(|e| port_error("Scan", table, e))?;
+        let next = page.last_evaluated_key.and_then(|last| {
+            let string = |name: &str| last.get(name)?.as_s().ok().cloned();
+            string("pk").zip(string("sk"))
+        });
+        let items = page.items.unwrap_or_default().into_iter();
+        Ok((items.map(serde_dynamo::Item::from).collect(), next))
+    }
+}
+
 /// A table key: `pk` and `sk` strings.
 pub(crate) fn key(pk: String, sk: impl Into<String>) -> SdkItem {
     HashMap::from([

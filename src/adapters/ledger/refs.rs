@@ -24,9 +24,11 @@ use super::{PROGRESS_PK, PROGRESS_SK};
 use crate::domain::IndexRef;
 use crate::dynamo::string_attribute;
 use crate::ports::{IndexRefs, Ledger, PortError, ReconcileProgress, Referred, RefsChange};
+use crate::ports::{RecordedPage, SweepMark};
 
 mod shrink;
 use serde_dynamo::AttributeValue as Value;
+use shrink::unchanged_intents;
 
 /// An index's own references.
 const REF_SK: &str = "refs";
@@ -34,6 +36,9 @@ const META_PK: &str = "meta";
 /// The references are complete (set by a full backfill).
 const META_SK: &str = "references";
 const REFERRERS_SK: &str = "referrers";
+/// A reconcile's mark on a removed index's own item: its intents then, and when.
+const SWEPT_INTENTS: &str = "swept_intents";
+const SWEPT_AT: &str = "swept_at";
 pub(super) const SET: &str = "referrers";
 /// Members a set item holds at most: 700 of the longest index keys (516 bytes) fit in 400 KB.
 const MAX_REFERRERS: usize = 700;
@@ -80,10 +85,12 @@ fn refs_of(item: &Found) -> IndexRefs {
         Some(Value::Ss(members)) => members.iter().cloned().collect(),
         _ => BTreeSet::new(),
     };
+    let sweep = number(item, SWEPT_INTENTS).zip(number(item, SWEPT_AT));
     IndexRefs {
         shops: set("shops"),
         targets: set("targets"),
-        intents: super::number(item, "intents").unwrap_or_default(),
+        intents: number(item, "intents").unwrap_or_default(),
+        sweep: sweep.map(|(intents, at)| SweepMark { intents, at }),
     }
 }
 
@@ -236,6 +243,43 @@ impl Ledger for DynamoLedger {
 
     async fn record_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
         self.shrink(changes).await
+    }
+
+    /// A Scan page of the table, its `ref#` items kept; the cursor is the next item's key.
+    async fn recorded(&self, after: Option<&str>, limit: usize) -> Result<RecordedPage, PortError> {
+        let start = after.and_then(|cursor| serde_json::from_str(cursor).ok());
+        let values = Item::default()
+            .with(":ref", AttributeValue::S("ref#".into()))
+            .with(":refs", AttributeValue::S(REF_SK.into()));
+        let filter = "begins_with(pk, :ref) AND sk = :refs";
+        let scan = (self.table_name.as_str(), filter, values.0);
+        let (items, next) = self.dynamo.scan_page(scan, start, limit).await?;
+        let page = items
+            .iter()
+            .filter_map(|item| Some((index_of_ref(item)?, refs_of(item))));
+        let next = next.map(|key| serde_json::to_string(&key).expect("two strings"));
+        Ok((page.collect(), next))
+    }
+
+    /// One conditional update each: a mark only on the intents it names, taking one off only
+    /// where the item is (an update would otherwise make one).
+    async fn sweep_marks(&self, marks: &[(IndexRef, Option<SweepMark>)]) -> Result<(), PortError> {
+        let updates = marks.iter().map(|(index, mark)| {
+            let (condition, values) = match mark {
+                Some(mark) => unchanged_intents(mark.intents),
+                None => ("attribute_exists(pk)".into(), Item::default()),
+            };
+            let (expression, values) = match mark {
+                Some(mark) => (
+                    format!("SET {SWEPT_INTENTS} = :swept, {SWEPT_AT} = :at"),
+                    (values.with(":swept", n(mark.intents))).with(":at", n(mark.at)),
+                ),
+                None => (format!("REMOVE {SWEPT_INTENTS}, {SWEPT_AT}"), values),
+            };
+            let update = self.own_item_update(index, expression, values);
+            update_action(update.condition_expression(condition))
+        });
+        self.transact_all(updates.collect()).await.map(|_| ())
     }
 
     async fn reconcile_progress(&self) -> Result<Option<ReconcileProgress>, PortError> {

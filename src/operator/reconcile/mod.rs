@@ -112,10 +112,15 @@ impl<T> PerNamespace<T> {
     }
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Repaired {
     pub written: usize,
     pub deleted: usize,
+    /// Records of indexes the table no longer has, marked (a whole-fleet pass's ledger step).
+    pub ledger_marked: usize,
+    /// Records of indexes the table no longer has whose marks were ripe: their removal
+    /// exported again, and taken out unless an alias keeps the index or a writer came since.
+    pub ledger_swept: usize,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -124,6 +129,7 @@ pub struct Requests {
     pub kv_list: usize,
     pub kv_bulk_get: usize,
     pub kv_repair: usize,
+    pub ledger_pages: usize,
 }
 
 #[derive(Debug, Serialize)]

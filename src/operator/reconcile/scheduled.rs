@@ -5,7 +5,7 @@
 //! runs off one pass. Every run logs one line and emits the pass's metrics, so a fleet that
 //! does not fit one invocation still completes passes, and an overdue pass alarms.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::time::Instant;
@@ -14,7 +14,7 @@ use super::{Answer, ReconcileRequest};
 use crate::domain::net::{self, Protection};
 use crate::operator::{NonEmpty, OperatorError};
 use crate::pipeline::exporter::Exporter;
-use crate::ports::{Ports, ReconcileProgress};
+use crate::ports::{epoch_seconds as now, Ports, ReconcileProgress};
 
 /// Kept for saving the progress after the pass's work: the run itself stops this much earlier.
 const SAVE_MARGIN: Duration = Duration::from_secs(3);
@@ -32,12 +32,6 @@ pub struct ScheduledAnswer {
     pub last_pass_drift: u64,
     #[serde(flatten)]
     pub reconcile: Option<Answer>,
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 pub async fn run<P: Ports>(

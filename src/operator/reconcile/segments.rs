@@ -7,11 +7,15 @@
 //! 2. **The table against KV.** The table is read page by page (an index's records kept
 //!    together), planned as a re-export, and each implied key's digest compared with what KV
 //!    holds (read in bulk, 100 keys a request): in sync, missing or stale.
+//! 3. **The ledger against the table**, in a whole-fleet repair: the record of each index the
+//!    table no longer has is marked, and taken out as the stream removes an index once the
+//!    mark is ripe.
 //!
 //! Each key is counted once: implied keys by the table step, the others by the listing.
 //!
 //! Here: the pass's position and token, one invocation's share of it, the repair and the
-//! answer; step 1 in `segments/listed.rs`, step 2 in `segments/implied.rs`.
+//! answer; step 1 in `segments/listed.rs`, step 2 in `segments/implied.rs`, step 3 in
+//! `segments/ledger.rs`.
 
 use std::time::Duration;
 
@@ -26,9 +30,9 @@ use crate::operator::classify::{self, Drift};
 use crate::operator::{decode_token, encode_token, OperatorError};
 use crate::pipeline::exporter::{Exporter, Prepared};
 use crate::ports::Ports;
-use crate::report::Outcome;
 
 mod implied;
+mod ledger;
 mod listed;
 
 /// Table records compared at once; an index's records are kept together (`pipeline/exporter/runs.rs`).
@@ -36,6 +40,9 @@ const CHUNK_RECORDS: usize = 2_000;
 const TABLE_PAGE: usize = 1_000;
 /// The table step.
 const TABLE_STEP: usize = NAMESPACES.len();
+/// The ledger step, and the ledger's records it reads a piece.
+const LEDGER_STEP: usize = TABLE_STEP + 1;
+const LEDGER_PAGE: usize = 1_000;
 
 /// Where a pass goes on: listing namespace `step` (from `cursor`), or, at
 /// [`TABLE_STEP`], reading the table after `table_at`.
@@ -46,6 +53,9 @@ struct Position {
     cursor: Option<String>,
     #[serde(default)]
     table_at: Option<TableKey>,
+    /// Where the ledger step goes on (the ledger's cursor).
+    #[serde(default)]
+    ledger_at: Option<String>,
     /// How many times pieces were halved because one ran out of time (for the rest of the
     /// pass: a piece size that fits is kept).
     #[serde(default)]
@@ -56,6 +66,7 @@ impl Position {
     fn step_name(&self) -> &'static str {
         match self.step {
             TABLE_STEP => "table",
+            LEDGER_STEP => "ledger",
             0 => "listing settings",
             _ => "listing query configs",
         }
@@ -84,8 +95,13 @@ pub(super) async fn run<P: Ports>(
         repaired: Repaired::default(),
     };
     let (mut slowest, mut checked, mut pieces) = (Duration::ZERO, 0, 0);
+    // Only a whole-fleet repair knows every index the ledger may record.
+    let last_step = match request.repair && pass.account.is_none() {
+        true => LEDGER_STEP,
+        false => TABLE_STEP,
+    };
     let complete = loop {
-        if position.step > TABLE_STEP {
+        if position.step > last_step {
             break true;
         }
         let max = request.max_keys.unwrap_or(usize::MAX);
@@ -143,6 +159,10 @@ impl<P: Ports> Pass<'_, P> {
                 let limit = piece_size(CHUNK_RECORDS, position.shrink, 1).min(max);
                 self.table_piece(position, limit, stop_at).await
             }
+            LEDGER_STEP => {
+                let limit = piece_size(LEDGER_PAGE, position.shrink, 10);
+                self.ledger_piece(position, limit).await
+            }
             _ => {
                 let size = piece_size(self.request.page_size as usize, position.shrink, 10);
                 self.list_page(position, size as u32).await
@@ -194,10 +214,7 @@ impl<P: Ports> Pass<'_, P> {
         self.requests.kv_repair += report.kv_requests;
         self.repaired.written += report.written.len();
         self.repaired.deleted += report.deleted.len();
-        match report.records.iter().find_map(|r| match &r.outcome {
-            Outcome::Failed(reason) => Some(reason.clone()),
-            _ => None,
-        }) {
+        match report.first_failure() {
             Some(reason) => Err(failed(format!("repair did not finish: {reason}"))),
             None => Ok(()),
         }
@@ -214,13 +231,7 @@ impl<P: Ports> Pass<'_, P> {
             deep: request.deep,
             counts: self.found.counts,
             samples: self.found.samples,
-            would_repair: repaired
-                .as_ref()
-                .filter(|_| request.dry_run)
-                .map(|r| Repaired {
-                    written: r.written,
-                    deleted: r.deleted,
-                }),
+            would_repair: repaired.filter(|_| request.dry_run),
             repaired: repaired.filter(|_| !request.dry_run),
             requests: self.requests,
             complete,

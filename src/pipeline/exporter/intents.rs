@@ -7,6 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use tokio::time::Instant;
 
 use super::{references, Prepared};
+use crate::domain::net::{self, Protection};
 use crate::domain::validate::shop_id_problem;
 use crate::domain::{Change, IndexRef};
 use crate::pipeline::plan;
@@ -101,8 +102,10 @@ pub(super) async fn point_back(
 ) -> Result<(HashMap<IndexRef, BTreeSet<Referred>>, u64), PortError> {
     let mut added: HashMap<IndexRef, BTreeSet<Referred>> = HashMap::new();
     for (index, refs) in left.iter().flatten() {
-        let before = known
-            .get(index)
+        // A record the reconcile marked counts every intent, so its mark tells whether any
+        // writer came since ([`IndexRefs::ripe`]).
+        let before = (known.get(index))
+            .filter(|known| known.sweep.is_none() || net::off(Protection::SweepCounts))
             .map(IndexRefs::referred)
             .unwrap_or_default();
         let new = refs.referred().into_iter().filter(|r| !before.contains(r));

@@ -13,7 +13,7 @@ use crate::domain::validate::shop_id_problem;
 use crate::domain::{IndexId, IndexRef, IndexSettings};
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{before_deadline, IndexRefs, Ledger, Ports, SettingsTable};
-use crate::ports::{PortError, Referred};
+use crate::ports::{PortError, Referred, SweepMark};
 
 /// Whether an index's live alias target is recorded as a reference: not when no KV key could
 /// be it (empty, over 512 bytes, unprintable: it protects nothing, its `alias#{target}` item
@@ -61,7 +61,44 @@ pub fn left_by(records: &[ChangeRecord]) -> Vec<Option<(IndexRef, IndexRefs)>> {
         .collect()
 }
 
+/// A page of the ledger's records: how many it read, those of indexes the table no longer has
+/// or that a reconcile marked (each with whether the table has it), the next page's cursor.
+pub type Recorded = (usize, Vec<(IndexRef, IndexRefs, bool)>, Option<String>);
+
 impl<P: Ports> Exporter<P> {
+    /// A page of the indexes the ledger records from after `after` (about `limit` items read),
+    /// with the table asked which it still has: see [`Recorded`].
+    pub async fn recorded(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        deadline: Instant,
+    ) -> Result<Recorded, PortError> {
+        let read = self.ledger.recorded(after, limit);
+        let (page, next) = before_deadline(deadline, "ledger records", read).await?;
+        let indexes: Vec<IndexRef> = page.iter().map(|(index, _)| index.clone()).collect();
+        let read = self.table.index_references(&indexes);
+        let live = before_deadline(deadline, "recorded indexes' settings", read).await?;
+        let live: BTreeSet<IndexRef> = live.into_iter().map(|(index, _)| index).collect();
+        let page = (page.into_iter())
+            .map(|(index, refs)| (live.contains(&index), index, refs))
+            .filter(|(live, _, refs)| !live || refs.sweep.is_some());
+        let page = page.map(|(live, index, refs)| (index, refs, live));
+        Ok((indexes.len(), page.collect(), next))
+    }
+
+    /// Sets or takes off these sweep marks (none: nothing to do).
+    pub async fn sweep_marks(
+        &self,
+        marks: &[(IndexRef, Option<SweepMark>)],
+        deadline: Instant,
+    ) -> Result<(), PortError> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        before_deadline(deadline, "ledger marks", self.ledger.sweep_marks(marks)).await
+    }
+
     /// Whether the ledger's references are complete (the migration ran); a mark that cannot be
     /// read counts as not (the writer waits, and is tried again).
     pub async fn migrated(&self, deadline: Instant) -> bool {

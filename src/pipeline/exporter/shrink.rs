@@ -7,7 +7,7 @@ use tokio::time::Instant;
 
 use super::intents::Intents;
 use crate::domain::IndexRef;
-use crate::ports::{before_deadline, IndexRefs, Ledger, RefsChange};
+use crate::ports::{before_deadline, epoch_seconds, IndexRefs, Ledger, RefsChange};
 use crate::report::{BatchReport, Outcome};
 
 /// After the stream's KV writes and their check: what each index's records confirmed it no
@@ -86,9 +86,13 @@ fn change(
     // A shop the check found the index claiming now stays (it may have written there).
     let now = report.claimed_now.iter().filter(|(i, _)| *i == index);
     new.shops.extend(now.map(|(_, shop)| shop.clone()));
-    // Removed, and made again by nobody the check saw: its record goes whole.
+    // Removed, and made again by nobody the check saw: its record goes whole (one the
+    // reconcile marked only once the mark is ripe: a write in flight may still land).
     let removed = last.is_none() && new.shops.is_empty();
     let old = intents.known.get(&index);
+    if removed && old.is_some_and(|old| !old.ripe(epoch_seconds())) {
+        return None;
+    }
     let added = intents.added.get(&index);
     let mut pointing = old.map(IndexRefs::referred).unwrap_or_default();
     pointing.extend(added.into_iter().flatten().cloned());

@@ -754,3 +754,168 @@ async fn aliased_by_a_rejected_reader(exporter: &MemoryExporter, r: &IndexRef) -
     removal["eventName"] = json!("REMOVE");
     removal
 }
+
+/// A whole-fleet reconcile repair, as an operator invokes it: its answer.
+async fn reconcile(exporter: &MemoryExporter) -> Value {
+    let payload = json!({"mode": "reconcile", "repair": true}).to_string();
+    let answer = crate::entry::route(exporter, payload, deadline()).await;
+    answer.expect("the pass completes")
+}
+
+/// Row "a removed index's record the stream could not take out" (the ledger's bound): a
+/// REMOVE whose shrink the ledger refused leaves the record; a reconcile pass marks it, a pass
+/// before the wait keeps it, an intent after the mark keeps it (the next pass marks it again),
+/// and a pass once the mark is ripe takes the record out, on both sides.
+#[tokio::test(start_paused = true)]
+async fn a_removed_index_s_record_goes_once_its_mark_is_ripe_and_no_intent_came_since() {
+    let exporter = exporter(MemoryKv::default());
+    let (i, s1) = (IndexRef::new("a", "i"), "s1.myshopify.com");
+    exported(
+        &exporter,
+        vec![record("INSERT", "i", "https://i", Some(s1))],
+    )
+    .await;
+    let value = exporter.kv.value(s1).expect("the shop key");
+    exporter.ledger.refuse_shrinks.store(true, Ordering::SeqCst);
+    exported(
+        &exporter,
+        vec![record("REMOVE", "i", "https://i", Some(s1))],
+    )
+    .await;
+    exporter
+        .ledger
+        .refuse_shrinks
+        .store(false, Ordering::SeqCst);
+    let recorded = || exporter.ledger.refs.lock().unwrap().get(&i).cloned();
+    assert!(recorded().is_some(), "the refused shrink left the record");
+    let wait = Duration::from_secs(crate::domain::SWEEP_AFTER_SECONDS);
+
+    let first = reconcile(&exporter).await;
+    assert_eq!(first["repaired"]["ledger_marked"], 1, "{first}");
+    assert!(
+        recorded().and_then(|r| r.sweep).is_some(),
+        "{:?}",
+        recorded()
+    );
+    let soon = reconcile(&exporter).await;
+    assert_eq!(
+        soon["repaired"]["ledger_swept"], 0,
+        "before the wait: {soon}"
+    );
+    // A writer that read the index before its removal records its intent after the mark,
+    // and its write of the shop lands only after the ripe mark's pass would have run.
+    let intent = [(i.clone(), Referred::Shop(s1.into()))];
+    crate::ports::Ledger::point_back(&exporter.ledger, &intent)
+        .await
+        .unwrap();
+    tokio::time::sleep(wait).await;
+    let second = reconcile(&exporter).await;
+    assert_eq!(second["repaired"]["ledger_swept"], 0, "{second}");
+    assert_eq!(
+        second["repaired"]["ledger_marked"], 1,
+        "marked again: {second}"
+    );
+    exporter.kv.values.lock().unwrap().insert(s1.into(), value);
+
+    tokio::time::sleep(wait).await;
+    let third = reconcile(&exporter).await;
+    assert_eq!(third["repaired"]["ledger_swept"], 1, "{third}");
+    assert_eq!(recorded(), None, "the record stayed");
+    assert_eq!(exporter.kv.value(s1), None, "the late write stayed");
+    let back = exporter.ledger.back.lock().unwrap().clone();
+    assert!(!back.iter().any(|(_, index)| *index == i), "{back:?}");
+}
+
+/// Why a mark waits: a stream batch that read an index live has its shop key's write in flight
+/// while the table removes the index, and reconcile passes run before the stream delivers the
+/// REMOVE: the first marks the record, the next leaves it (not ripe), so the stream's own
+/// REMOVE, after the write landed, finds the shop recorded and gives it up. Swept at once, the
+/// record would be gone and the shop left serving the removed index (Session 51's seed 988).
+#[tokio::test(start_paused = true)]
+async fn a_write_in_flight_when_a_record_is_marked_lands_before_the_record_can_go() {
+    let exporter = exporter(MemoryKv::default());
+    let s1 = "s1.myshopify.com";
+    exported(&exporter, vec![record("INSERT", "i", "https://i", None)]).await;
+    let (held, release) = exporter.kv.hold(s1);
+    let moving = stream(
+        &exporter,
+        vec![record("MODIFY", "i", "https://i", Some(s1))],
+    );
+    let removal = record("REMOVE", "i", "https://i", Some(s1));
+    let meanwhile = async {
+        held.notified().await;
+        table_after(&exporter.table, std::slice::from_ref(&removal));
+        let marked = reconcile(&exporter).await;
+        let next = reconcile(&exporter).await;
+        release.notify_one();
+        (marked, next)
+    };
+    let (moved, (marked, next)) = tokio::join!(moving, meanwhile);
+    assert!(failures(&moved).is_empty(), "{:?}", failures(&moved));
+    assert_eq!(marked["repaired"]["ledger_marked"], 1, "{marked}");
+    assert_eq!(next["repaired"]["ledger_swept"], 0, "{next}");
+    assert!(
+        exporter.kv.value(s1).is_some(),
+        "the write landed after the passes"
+    );
+
+    exported(&exporter, vec![removal]).await;
+    assert_eq!(
+        exporter.kv.value(s1),
+        None,
+        "the shop serves the removed index"
+    );
+}
+
+/// Why every writer counts an intent on a marked record: an index removed with its record left
+/// (a refused shrink) comes back with the same shop once the mark is ripe, and its batch's write
+/// is in flight while the table removes it again and a reconcile pass runs. The batch counted
+/// its intent (its shop was recorded already), so the pass marks the record again instead of
+/// sweeping it, and the stream's own REMOVE gives the shop up.
+#[tokio::test(start_paused = true)]
+async fn an_index_made_again_after_its_record_was_marked_keeps_it_from_the_sweep() {
+    let exporter = exporter(MemoryKv::default());
+    let s1 = "s1.myshopify.com";
+    exported(
+        &exporter,
+        vec![record("INSERT", "i", "https://i", Some(s1))],
+    )
+    .await;
+    exporter.ledger.refuse_shrinks.store(true, Ordering::SeqCst);
+    let removal = record("REMOVE", "i", "https://i", Some(s1));
+    exported(&exporter, vec![removal.clone()]).await;
+    exporter
+        .ledger
+        .refuse_shrinks
+        .store(false, Ordering::SeqCst);
+    let marked = reconcile(&exporter).await;
+    assert_eq!(marked["repaired"]["ledger_marked"], 1, "{marked}");
+    tokio::time::sleep(Duration::from_secs(crate::domain::SWEEP_AFTER_SECONDS)).await;
+
+    let (held, release) = exporter.kv.hold(s1);
+    let again = stream(
+        &exporter,
+        vec![record("INSERT", "i", "https://i2", Some(s1))],
+    );
+    let meanwhile = async {
+        held.notified().await;
+        table_after(&exporter.table, std::slice::from_ref(&removal));
+        let pass = reconcile(&exporter).await;
+        release.notify_one();
+        pass
+    };
+    let (again, pass) = tokio::join!(again, meanwhile);
+    assert!(failures(&again).is_empty(), "{:?}", failures(&again));
+    assert_eq!(pass["repaired"]["ledger_swept"], 0, "{pass}");
+    assert!(
+        exporter.kv.value(s1).is_some(),
+        "the write landed after the pass"
+    );
+
+    exported(&exporter, vec![removal]).await;
+    assert_eq!(
+        exporter.kv.value(s1),
+        None,
+        "the shop serves the removed index"
+    );
+}

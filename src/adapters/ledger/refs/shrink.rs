@@ -153,7 +153,7 @@ fn packed(shrinks: Vec<Shrink>) -> Vec<Vec<Shrink>> {
 }
 
 /// The condition that the index's intents are still `intents` (none recorded for 0).
-fn unchanged_intents(intents: u64) -> Condition {
+pub(super) fn unchanged_intents(intents: u64) -> Condition {
     match intents {
         0 => ("attribute_not_exists(intents)".into(), Item::default()),
         _ => (
