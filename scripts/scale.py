@@ -13,7 +13,10 @@ four-on-a-quarter`, four on every fourth index; items of about 1 KB) it measures
 - verify: one index with `--overrides` overrides, `include_query_configs`;
 - churn: N more indexes (each with its own shop) created through the stream, 1,000 INSERT records
   a batch, then removed, 1,000 REMOVE records a batch; then the ledger's items counted by kind
-  beside the live fleet's indexes (what a fleet that creates and removes indexes keeps).
+  beside the live fleet's indexes (what a fleet that creates and removes indexes keeps);
+- sweep: N more indexes created so, then removed with their REMOVE records lost, then two
+  whole-fleet reconcile repairs (`{"mode": "reconcile", "repair": true}`, as the schedule sends),
+  the sweep marks aged by their wait between them; the ledger's items counted as for churn.
 
 and prints items read, DynamoDB requests, KV requests, invocations, function CPU (user + system),
 peak RSS and wall seconds, and what the path cost in dollars at list prices, from its own counts:
@@ -218,12 +221,17 @@ def write_items(ddb, table, requests):
             pending = ddb.batch_write_item(RequestItems=pending).get("UnprocessedItems") or None
 
 
-def churn(ddb, table, function, n):
+def churn(ddb, table, function, n, prefix="churn", lost=False):
     """N indexes created, then removed, through the stream, 1,000 records a batch (each item
-    written or deleted first, as its record says); the invocations."""
-    items = [index_item(f"churn-{i // 4:06d}", i % 4) for i in range(n)]
+    written or deleted first, as its record says); the invocations. `lost`: the REMOVE records
+    never reach the function (the items are deleted all the same)."""
+    items = [index_item(f"{prefix}-{i // 4:06d}", i % 4) for i in range(n)]
     invocations = 0
     for event, image in (("INSERT", "NewImage"), ("REMOVE", "OldImage")):
+        if lost and event == "REMOVE":
+            keys = [{"DeleteRequest": {"Key": {"pk": i["pk"], "sk": i["sk"]}}} for i in items]
+            write_items(ddb, table, keys)
+            break
         for start in range(0, n, 1000):
             batch = items[start : start + 1000]
             if event == "INSERT":
@@ -244,6 +252,33 @@ def churn(ddb, table, function, n):
             if answer != {"batchItemFailures": []}:
                 raise SystemExit(f"churn {event}: {str(answer)[:300]}")
     return invocations
+
+
+# How long a sweep mark waits (src/domain/settings.rs, SWEEP_AFTER_SECONDS).
+SWEEP_AFTER_SECONDS = 1200
+
+
+def sweep(ddb, table, function, n):
+    """N indexes created through the stream and removed with their REMOVE records lost (their
+    ledger items stay), then whole-fleet reconcile repairs followed to the end, as the schedule
+    runs them: one that marks those items, and, once the marks are aged by the wait (no run
+    waits 20 minutes), one that sweeps them; the invocations (the creation's included)."""
+    invocations = churn(ddb, table, function, n, prefix="swept", lost=True)
+    repair = {"mode": "reconcile", "repair": True}
+    invocations += follow(function, repair)
+    age_sweep_marks(ddb, table + "-ledger")
+    return invocations + follow(function, repair)
+
+
+def age_sweep_marks(ddb, ledger):
+    """Every sweep mark moved back by the wait, as if that long had passed."""
+    pages = ddb.get_paginator("scan").paginate(TableName=ledger, FilterExpression="attribute_exists(swept_at)")
+    for page in pages:
+        for item in page["Items"]:
+            aged = int(item["swept_at"]["N"]) - SWEEP_AFTER_SECONDS
+            ddb.update_item(TableName=ledger, Key={"pk": item["pk"], "sk": item["sk"]},
+                            UpdateExpression="SET swept_at = :aged",
+                            ExpressionAttributeValues={":aged": {"N": str(aged)}})
 
 
 def live_indexes(ddb, table):
@@ -516,6 +551,7 @@ def main():
                  lambda f: follow(f, {"mode": "reconcile"}) + follow(f, {"mode": "reconcile"})),
                 # After the backfill: the churn's indexes are the stream's alone.
                 ("churn", None, lambda f: churn(ddb, table, f, n)),
+                ("sweep", None, lambda f: sweep(ddb, table, f, n)),
                 ("verify", None, lambda f: (f.invoke({"mode": "verify", "system_account_id": "acct-000000",
                                                       "index_name": "idx-0", "include_query_configs": True}), 1)[1]),
             ]
@@ -523,7 +559,7 @@ def main():
                 if name not in args.skip.split(","):
                     if before:
                         before()
-                    census = ledger_census(ddb, table + "-ledger") if name == "churn" else None
+                    census = ledger_census(ddb, table + "-ledger") if name in ("churn", "sweep") else None
                     rows.append(measure(name, n, *common, run))
                     if census is not None:
                         rows[-1].update(ledger_items_before=census, live_indexes=live_indexes(ddb, table),
@@ -555,8 +591,9 @@ def main():
               f"{sum(d.values()):.4f} |")
     for r in (r for r in rows if "ledger_items" in r):
         kinds = lambda census: ", ".join(f"{k} {v:,}" for k, v in sorted(census.items()))
-        print(f"\nLedger, N = {r['n']:,}: {sum(r['ledger_items_before'].values()):,} items before {r['n']:,} "
-              f"indexes were created and removed ({kinds(r['ledger_items_before'])}), "
+        how = "removed" if r["path"] == "churn" else "removed unseen by the stream, then two reconcile repairs"
+        print(f"\nLedger ({r['path']}), N = {r['n']:,}: {sum(r['ledger_items_before'].values()):,} items before "
+              f"{r['n']:,} indexes were created and {how} ({kinds(r['ledger_items_before'])}), "
               f"{sum(r['ledger_items'].values()):,} after ({kinds(r['ledger_items'])}); "
               f"the live fleet {r['live_indexes']:,} indexes")
     metrics = sorted({m for r in rows for m in r["custom_metrics"]})

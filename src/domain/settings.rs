@@ -300,12 +300,13 @@ pub struct SweepMark {
 pub const SWEEP_AFTER_SECONDS: u64 = 1_200;
 
 impl IndexRefs {
-    /// Whether a removal may take this record out now: unmarked (the stream's own removal, which
-    /// follows its shard's every earlier write), or marked long enough ago with no intent since
-    /// (every writer counts an intent on a marked record).
+    /// Whether the reconcile's sweep may take this record out now: marked, long enough ago that
+    /// every invocation under way then has ended, with no intent since (every writer that read
+    /// the mark counts one). The stream's own removal needs none of this: it follows its
+    /// shard's every earlier write.
     pub fn ripe(&self, now: u64) -> bool {
         let waited = |at: u64| now >= at.saturating_add(SWEEP_AFTER_SECONDS);
-        self.sweep.is_none_or(|mark| {
+        self.sweep.is_some_and(|mark| {
             mark.intents == self.intents && (waited(mark.at) || net::off(Protection::SweepWait))
         })
     }

@@ -11,7 +11,7 @@ use super::classify::{self, Class, Drift};
 use super::orphans;
 use super::{ensure_done, flag, IndexTarget, KeyChanges, NonEmpty};
 use super::{OperatorError, PieceAt, Pieces};
-use crate::domain::{IndexRef, KvAction};
+use crate::domain::{ChangeRecord, IndexRef, KvAction, Outcome};
 use crate::pipeline::exporter::{Exporter, Prepared};
 use crate::ports::Ports;
 use crate::report::BatchReport;
@@ -126,7 +126,24 @@ pub async fn run<P: Ports>(
     let mut answer = Answer::new(&target.index);
     let failed = |what: &str, e| OperatorError::export_failed(&target, format!("{what}: {e}"));
     while let Some(PieceAt { prepared, last, .. }) = pieces.next().await? {
-        ensure_done(&target, &prepared.records)?;
+        // A rejected index's repair still gives up what it no longer claims (planned as a
+        // re-export's is: `Exporter::plan_records`), and fails after.
+        let rejected = matches!(
+            prepared.records[..],
+            [
+                ChangeRecord {
+                    outcome: Outcome::Rejected(_),
+                    ..
+                },
+                ..
+            ]
+        );
+        let done = ensure_done(&target, &prepared.records);
+        let (done, after) = match request.repair && rejected {
+            true => (Ok(()), Some(done)),
+            false => (done, None),
+        };
+        done?;
         let drift = classify::drift(exporter, &prepared, deadline).await;
         let mut drift = drift.map_err(|e| failed("reading the index's keys", e))?;
         if last && target.include_query_configs {
@@ -144,6 +161,7 @@ pub async fn run<P: Ports>(
             ensure_done(&target, &report.records)?;
             answer.repaired(request.dry_run, &report);
         }
+        after.unwrap_or(Ok(()))?;
     }
     Ok(answer.finish(pieces.token()))
 }

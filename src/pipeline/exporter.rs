@@ -80,6 +80,9 @@ pub struct Run {
     /// even when it adds nothing, so a stream's shrink that read before it takes none of it out
     /// (a backfill's page step counts every reference its records name before the batch).
     pub owns_recorded: bool,
+    /// The reconcile's sweep (a stream batch of removals exported again): its shrink takes a
+    /// record out only once the reconcile's mark on it is ripe ([`IndexRefs::ripe`]).
+    pub sweep: bool,
 }
 
 impl Run {
@@ -88,6 +91,12 @@ impl Run {
         overrides_in_batch: false,
         records_references: true,
         owns_recorded: false,
+        sweep: false,
+    };
+    /// The reconcile's sweep of removed indexes' records: the stream's, but for its shrink.
+    pub const SWEEP: Run = Run {
+        sweep: true,
+        ..Run::STREAM
     };
     /// Operators always get the current API key, and record the references they write
     /// before writing them (re-export, verify).
@@ -96,6 +105,7 @@ impl Run {
         overrides_in_batch: true,
         records_references: true,
         owns_recorded: true,
+        sweep: false,
     };
     /// A backfill's: an operator's whose intents add only what the ledger lacks (its page step
     /// counted every reference its records name: `AddReferences::Counted`).
@@ -281,8 +291,28 @@ impl<P: Ports> Exporter<P> {
         records: Vec<ChangeRecord>,
         deadline: Instant,
     ) -> BatchReport {
+        self.export_read_now(records, Run::STREAM, deadline).await
+    }
+
+    /// The reconcile's sweep: these removals exported as the stream exports a REMOVE, each
+    /// record taken out only once its mark is ripe ([`Run::SWEEP`]).
+    pub async fn export_sweep(
+        &self,
+        removals: Vec<ChangeRecord>,
+        deadline: Instant,
+    ) -> BatchReport {
+        self.export_read_now(removals, Run::SWEEP, deadline).await
+    }
+
+    /// Stream records exported as the table holds their items now.
+    async fn export_read_now(
+        &self,
+        records: Vec<ChangeRecord>,
+        run: Run,
+        deadline: Instant,
+    ) -> BatchReport {
         let (records, known) = self.read_now(records, deadline).await;
-        let prepared = self.plan_records(records, known, Run::STREAM, deadline);
+        let prepared = self.plan_records(records, known, run, deadline);
         self.apply(prepared.await, deadline).await
     }
 
@@ -381,7 +411,7 @@ impl<P: Ports> Exporter<P> {
                     intents.left.truncate(first.at);
                 }
                 let handed = std::mem::take(&mut intents.handed);
-                shrink::record(&self.ledger, intents, &report, deadline).await;
+                shrink::record(&self.ledger, (intents, run.sweep), &report, deadline).await;
                 // Its replay, planned from the table as it is then, may no longer hand them
                 // over (seed 145927).
                 if failed {

@@ -261,13 +261,17 @@ impl Ledger for DynamoLedger {
         Ok((page.collect(), next))
     }
 
-    /// One conditional update each: a mark only on the intents it names, taking one off only
-    /// where the item is (an update would otherwise make one).
+    /// One conditional update each (in transactions of 100, a refused one alone): a mark only
+    /// on the intents it names, and either only on an item that is there.
     async fn sweep_marks(&self, marks: &[(IndexRef, Option<SweepMark>)]) -> Result<(), PortError> {
         let updates = marks.iter().map(|(index, mark)| {
+            // Never on an item that is not there (an update would make one).
             let (condition, values) = match mark {
-                Some(mark) => unchanged_intents(mark.intents),
-                None => ("attribute_exists(pk)".into(), Item::default()),
+                Some(mark) => {
+                    let (intents, values) = unchanged_intents(mark.intents);
+                    (format!("attribute_exists(pk) AND {intents}"), values)
+                }
+                None => ("attribute_exists(pk)".to_owned(), Item::default()),
             };
             let (expression, values) = match mark {
                 Some(mark) => (

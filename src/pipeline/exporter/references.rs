@@ -356,7 +356,7 @@ mod tests {
             given_up,
             handed: Vec::new(),
         };
-        shrink::record(&e.ledger, intents, &report, deadline()).await;
+        shrink::record(&e.ledger, (intents, false), &report, deadline()).await;
 
         let refs: HashMap<IndexRef, IndexRefs> = (e.ledger.refs.lock().unwrap().iter())
             .map(|(index, refs)| (index.clone(), without_intents(refs)))

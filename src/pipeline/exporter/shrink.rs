@@ -18,12 +18,12 @@ use crate::report::{BatchReport, Outcome};
 /// warning): nothing is lost, and the index's next record gives the same shops up again.
 pub(super) async fn record(
     ledger: &impl Ledger,
-    intents: Intents,
+    (intents, sweep): (Intents, bool),
     report: &BatchReport,
     deadline: Instant,
 ) {
     let changes: Vec<RefsChange> = (settled(&intents, report).into_iter())
-        .filter_map(|(index, last)| change(index, last, &intents, report))
+        .filter_map(|(index, last)| change(index, last, (&intents, sweep), report))
         .collect();
     if changes.is_empty() {
         return;
@@ -79,18 +79,18 @@ fn settled(intents: &Intents, report: &BatchReport) -> BTreeMap<IndexRef, Option
 fn change(
     index: IndexRef,
     last: Option<IndexRefs>,
-    intents: &Intents,
+    (intents, sweep): (&Intents, bool),
     report: &BatchReport,
 ) -> Option<RefsChange> {
     let mut new = last.clone().unwrap_or_default();
     // A shop the check found the index claiming now stays (it may have written there).
     let now = report.claimed_now.iter().filter(|(i, _)| *i == index);
     new.shops.extend(now.map(|(_, shop)| shop.clone()));
-    // Removed, and made again by nobody the check saw: its record goes whole (one the
-    // reconcile marked only once the mark is ripe: a write in flight may still land).
+    // Removed, and made again by nobody the check saw: its record goes whole (the sweep's
+    // only once the reconcile's mark on it is ripe: a write in flight may still land).
     let removed = last.is_none() && new.shops.is_empty();
     let old = intents.known.get(&index);
-    if removed && old.is_some_and(|old| !old.ripe(epoch_seconds())) {
+    if removed && sweep && !old.is_some_and(|old| old.ripe(epoch_seconds())) {
         return None;
     }
     let added = intents.added.get(&index);

@@ -40,8 +40,9 @@ impl<P: Ports> Pass<'_, P> {
                 Some(_) if refs.ripe(now) => {
                     removals.push(ChangeRecord::removal(index, BTreeSet::new(), false));
                 }
-                // A mark stays while no intent came since: its wait goes on.
-                Some(mark) if mark.intents == refs.intents => {}
+                // A mark stays while no intent came since: its wait goes on (one dated ahead
+                // of the clock is set again).
+                Some(mark) if mark.intents == refs.intents && mark.at <= now => {}
                 _ => marks.push((
                     index,
                     Some(SweepMark {
@@ -70,7 +71,7 @@ impl<P: Ports> Pass<'_, P> {
         if removals.is_empty() {
             return Ok(());
         }
-        let report = self.exporter.export_stream(removals, self.deadline).await;
+        let report = self.exporter.export_sweep(removals, self.deadline).await;
         self.requests.kv_repair += report.kv_requests;
         match report.first_failure() {
             Some(reason) => Err(failed(format!("a removal did not finish: {reason}"))),
