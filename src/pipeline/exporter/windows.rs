@@ -975,7 +975,10 @@ async fn a_verify_repair_of_a_rejected_index_gives_up_what_it_no_longer_claims()
                             "index_name": "i", "include_query_configs": false});
         let answer = crate::entry::route(&exporter, verify.to_string(), deadline()).await;
 
-        assert!(answer.is_err(), "the rejected record fails the run: {answer:?}");
+        assert!(
+            answer.is_err(),
+            "the rejected record fails the run: {answer:?}"
+        );
         assert_eq!(exporter.kv.value(s1), None, "{invalid}");
         let own = exporter.kv.value("a-i").expect("the index's own key stays");
         assert!(own.contains("https://i"), "{own}");
