@@ -396,6 +396,10 @@ impl Ledger for MemoryLedger {
             if counted != change.intents && !net::off(Protection::ShrinkCondition) {
                 continue; // Another writer's intent since: it owns what it recorded.
             }
+            let marked = refs.get(&change.index).and_then(|own| own.sweep);
+            if change.swept.is_some() && marked != change.swept {
+                continue; // The sweep's mark taken off or set again since.
+            }
             let own = refs.entry(change.index.clone()).or_default();
             let after = change.after();
             let gone: Vec<&Referred> = change.pointing.difference(&after).collect();

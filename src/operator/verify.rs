@@ -139,7 +139,7 @@ pub async fn run<P: Ports>(
             ]
         );
         let done = ensure_done(&target, &prepared.records);
-        let (done, after) = match request.repair && rejected {
+        let (done, after) = match request.repair && !request.dry_run && rejected {
             true => (Ok(()), Some(done)),
             false => (done, None),
         };

@@ -40,6 +40,8 @@ pub struct RefsChange {
     pub pointing: BTreeSet<Referred>,
     pub new: Option<IndexRefs>,
     pub intents: u64,
+    /// The reconcile's sweep: the mark it read ripe, which must still be on the record.
+    pub swept: Option<SweepMark>,
 }
 
 impl RefsChange {

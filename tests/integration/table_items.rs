@@ -166,24 +166,28 @@ async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
             pointing: pointing(&old_refs).collect(),
             new: Some(at(&["new.myshopify.com"], &["acct-é-b"])),
             intents: birth + 1,
+            swept: None,
         },
         RefsChange {
             index: new.clone(),
             pointing: BTreeSet::from([shop.clone()]),
             new: None,
             intents: birth + 1,
+            swept: None,
         },
         RefsChange {
             index: plain.clone(),
             pointing: BTreeSet::new(),
             new: Some(IndexRefs::default()),
             intents: 0,
+            swept: None,
         },
         RefsChange {
             index: owned.clone(),
             pointing: BTreeSet::from([shop.clone()]),
             new: Some(IndexRefs::default()),
             intents: owned_birth + 1,
+            swept: None,
         },
     ];
     ledger.record_refs(&changes).await.unwrap();
@@ -261,6 +265,7 @@ async fn the_ledger_s_items_are_the_sdk_s_both_ways() {
         pointing: BTreeSet::new(),
         new: Some(IndexRefs::default()),
         intents: 0,
+        swept: None,
     };
     ledger.record_refs(&[again]).await.unwrap();
     let plain_now = counted(&["new.myshopify.com"], &[], plain_birth + 1);
@@ -369,6 +374,7 @@ async fn referrers_past_a_set_s_bound_get_items_of_their_own() {
         pointing: recorded[&index(i)].referred(),
         new: None,
         intents: recorded[&index(i)].intents,
+        swept: None,
     });
     ledger.record_refs(&removed).await.unwrap();
     assert_eq!(
@@ -393,4 +399,72 @@ async fn referrers_past_a_set_s_bound_get_items_of_their_own() {
         .unwrap()
         .item;
     assert_eq!(set.unwrap().get("overflow"), Some(&Av::Bool(true)));
+}
+
+/// The sweep's marks and its conditional delete, on DynamoDB: a mark is set only on an item
+/// that is there with the count it names (none is made, a count of 0 included), read back as
+/// written, taken off; the sweep's delete goes only with the mark it read still there.
+#[tokio::test]
+async fn a_sweep_mark_is_set_read_and_conditions_the_sweep_s_delete() {
+    use ecom_settings_exporter::ports::SweepMark;
+    let h = Harness::before_migration(aws_sdk_dynamodb::types::StreamViewType::NewImage).await;
+    let ledger = DynamoLedger::new(&aws().await, h.ledger.clone());
+    let (index, ghost) = (
+        IndexRef::new("acct-1", "gone"),
+        IndexRef::new("acct-1", "none"),
+    );
+    let shop = Referred::Shop("s1.myshopify.com".into());
+    let birth = ledger
+        .point_back(&[(index.clone(), shop.clone())])
+        .await
+        .unwrap();
+    let mark = |intents, at| Some(SweepMark { intents, at });
+    let marks = [
+        (index.clone(), mark(birth + 1, 100)),
+        (ghost.clone(), mark(0, 100)),
+    ];
+    ledger.sweep_marks(&marks).await.unwrap();
+    let read = ledger
+        .index_refs(&[index.clone(), ghost.clone()])
+        .await
+        .unwrap();
+    assert_eq!(read.len(), 1, "no item made for a mark: {read:?}");
+    assert_eq!(read[&index].sweep, mark(birth + 1, 100));
+
+    let removal = |swept| RefsChange {
+        index: index.clone(),
+        pointing: BTreeSet::from([shop.clone()]),
+        new: None,
+        intents: birth + 1,
+        swept,
+    };
+    ledger
+        .record_refs(&[removal(mark(birth + 1, 99))])
+        .await
+        .unwrap();
+    let read = ledger
+        .index_refs(std::slice::from_ref(&index))
+        .await
+        .unwrap();
+    assert!(read.contains_key(&index), "deleted under another mark");
+    ledger.sweep_marks(&[(index.clone(), None)]).await.unwrap();
+    ledger
+        .record_refs(&[removal(mark(birth + 1, 100))])
+        .await
+        .unwrap();
+    let read = ledger
+        .index_refs(std::slice::from_ref(&index))
+        .await
+        .unwrap();
+    assert_eq!(read[&index].sweep, None, "the mark was taken off");
+    ledger.sweep_marks(&marks[..1]).await.unwrap();
+    ledger
+        .record_refs(&[removal(mark(birth + 1, 100))])
+        .await
+        .unwrap();
+    let read = ledger
+        .index_refs(std::slice::from_ref(&index))
+        .await
+        .unwrap();
+    assert!(read.is_empty(), "the ripe mark's delete stayed: {read:?}");
 }

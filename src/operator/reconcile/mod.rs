@@ -119,7 +119,8 @@ pub struct Repaired {
     /// Records of indexes the table no longer has, marked (a whole-fleet pass's ledger step).
     pub ledger_marked: usize,
     /// Records of indexes the table no longer has whose marks were ripe: their removal
-    /// exported again, and taken out unless an alias keeps the index or a writer came since.
+    /// exported again (each record taken out unless an alias keeps the index, a writer came
+    /// since, or the mark changed since this page read it).
     pub ledger_swept: usize,
 }
 

@@ -114,5 +114,6 @@ fn change(
         pointing,
         new: (!removed).then_some(new),
         intents,
+        swept: old.and_then(|old| old.sweep).filter(|_| removed && sweep),
     })
 }

@@ -984,3 +984,46 @@ async fn a_verify_repair_of_a_rejected_index_gives_up_what_it_no_longer_claims()
         assert!(own.contains("https://i"), "{own}");
     }
 }
+
+/// The sweep's shrink is conditional on the mark it read ripe, not only on the count: a pass
+/// that found the index live again takes the mark off after the sweep's batch read the record
+/// (and a writer whose shops were recorded already then counts no intent), so the record stays.
+#[tokio::test(start_paused = true)]
+async fn a_mark_taken_off_after_the_sweep_read_it_keeps_the_record() {
+    let exporter = exporter(MemoryKv::default());
+    let (i, s1) = (IndexRef::new("a", "i"), "s1.myshopify.com");
+    exported(
+        &exporter,
+        vec![record("INSERT", "i", "https://i", Some(s1))],
+    )
+    .await;
+    exporter.ledger.refuse_shrinks.store(true, Ordering::SeqCst);
+    exported(
+        &exporter,
+        vec![record("REMOVE", "i", "https://i", Some(s1))],
+    )
+    .await;
+    exporter
+        .ledger
+        .refuse_shrinks
+        .store(false, Ordering::SeqCst);
+    reconcile(&exporter).await;
+    tokio::time::sleep(Duration::from_secs(crate::domain::SWEEP_AFTER_SECONDS)).await;
+
+    let (held, release) = exporter.kv.hold("a-i");
+    let removal = crate::domain::ChangeRecord::removal(i.clone(), Default::default(), false);
+    let sweep = exporter.export_sweep(vec![removal], deadline());
+    let meanwhile = async {
+        held.notified().await;
+        let unmarked = [(i.clone(), None)];
+        crate::ports::Ledger::sweep_marks(&exporter.ledger, &unmarked)
+            .await
+            .unwrap();
+        release.notify_one();
+    };
+    tokio::join!(sweep, meanwhile);
+    assert!(
+        exporter.ledger.refs.lock().unwrap().contains_key(&i),
+        "the sweep took out a record whose mark went after it read it"
+    );
+}

@@ -63,8 +63,17 @@ impl DynamoLedger {
         let gone: Vec<Referred> = change.pointing.difference(&after).cloned().collect();
         let key = Item::key(ref_pk(&change.index), REF_SK);
         let own = match (&change.new, gone.is_empty()) {
-            // Removed: its record goes whole (an intent since keeps it).
-            (None, _) => self.delete_action(key, Some(unchanged_intents(change.intents))),
+            // Removed: its record goes whole (an intent since keeps it, and, for the sweep, a
+            // mark taken off or set again since).
+            (None, _) => {
+                let (mut condition, mut values) = unchanged_intents(change.intents);
+                if let Some(mark) = change.swept {
+                    let swept = " AND swept_intents = :swept AND swept_at = :at";
+                    condition = format!("{condition}{swept}").into();
+                    values = (values.with(":swept", n(mark.intents))).with(":at", n(mark.at));
+                }
+                self.delete_action(key, Some((condition, values)))
+            }
             // Nothing recorded, nothing to take out: an empty record, unless one is there.
             (Some(_), true) => {
                 let absent: Condition = ("attribute_not_exists(pk)".into(), Item::default());
