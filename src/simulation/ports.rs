@@ -327,13 +327,11 @@ impl Ledger for Sim {
     ) -> Result<HashMap<IndexRef, IndexRefs>, PortError> {
         self.0.go(self.1, "ledger read refs").await?;
         let refs = self.0.ledger.index_refs(indexes).await?;
-        // A mark's time is the clock's: left out, so the trace is the same on every run.
-        let timeless = |r: &IndexRefs| {
+        let shown = refs.iter().map(|(i, r)| {
             let mut r = r.clone();
-            r.sweep.iter_mut().for_each(|mark| mark.at = 0);
-            r
-        };
-        let shown = refs.iter().map(|(i, r)| format!("{i}: {:?}", timeless(r)));
+            timeless(&mut r.sweep);
+            format!("{i}: {r:?}")
+        });
         let mut shown: Vec<String> = shown.collect();
         shown.sort();
         self.0
@@ -364,7 +362,12 @@ impl Ledger for Sim {
     }
 
     async fn record_refs(&self, changes: &[RefsChange]) -> Result<(), PortError> {
-        let mut shown: Vec<String> = changes.iter().map(|c| format!("{c:?}")).collect();
+        let shown = changes.iter().map(|change| {
+            let mut change = change.clone();
+            timeless(&mut change.swept);
+            format!("{change:?}")
+        });
+        let mut shown: Vec<String> = shown.collect();
         shown.sort();
         let call = format!("ledger shrink {shown:?}");
         self.0.go(self.1, &call).await?;
@@ -427,5 +430,13 @@ impl Ledger for Sim {
             _ => {}
         }
         Ok(saved)
+    }
+}
+
+/// A sweep mark's time is the clock's (the run's wall time where it started): left out of the
+/// trace, which is the same on every run.
+fn timeless(mark: &mut Option<crate::ports::SweepMark>) {
+    if let Some(mark) = mark {
+        mark.at = 0;
     }
 }
