@@ -755,6 +755,28 @@ async fn aliased_by_a_rejected_reader(exporter: &MemoryExporter, r: &IndexRef) -
     removal
 }
 
+/// Index `a/i` exported with shop `shop`, then removed with the ledger refusing the shrink, so
+/// its record stays (what the reconcile's sweep is for): the shop key's value before.
+async fn removed_with_its_record_left(exporter: &MemoryExporter, shop: &str) -> String {
+    exported(
+        exporter,
+        vec![record("INSERT", "i", "https://i", Some(shop))],
+    )
+    .await;
+    let value = exporter.kv.value(shop).expect("the shop key");
+    exporter.ledger.refuse_shrinks.store(true, Ordering::SeqCst);
+    exported(
+        exporter,
+        vec![record("REMOVE", "i", "https://i", Some(shop))],
+    )
+    .await;
+    exporter
+        .ledger
+        .refuse_shrinks
+        .store(false, Ordering::SeqCst);
+    value
+}
+
 /// A whole-fleet reconcile repair, as an operator invokes it: its answer.
 async fn reconcile(exporter: &MemoryExporter) -> Value {
     let payload = json!({"mode": "reconcile", "repair": true}).to_string();
@@ -770,22 +792,7 @@ async fn reconcile(exporter: &MemoryExporter) -> Value {
 async fn a_removed_index_s_record_goes_once_its_mark_is_ripe_and_no_intent_came_since() {
     let exporter = exporter(MemoryKv::default());
     let (i, s1) = (IndexRef::new("a", "i"), "s1.myshopify.com");
-    exported(
-        &exporter,
-        vec![record("INSERT", "i", "https://i", Some(s1))],
-    )
-    .await;
-    let value = exporter.kv.value(s1).expect("the shop key");
-    exporter.ledger.refuse_shrinks.store(true, Ordering::SeqCst);
-    exported(
-        &exporter,
-        vec![record("REMOVE", "i", "https://i", Some(s1))],
-    )
-    .await;
-    exporter
-        .ledger
-        .refuse_shrinks
-        .store(false, Ordering::SeqCst);
+    let value = removed_with_its_record_left(&exporter, s1).await;
     let recorded = || exporter.ledger.refs.lock().unwrap().get(&i).cloned();
     assert!(recorded().is_some(), "the refused shrink left the record");
     let wait = Duration::from_secs(crate::domain::SWEEP_AFTER_SECONDS);
@@ -876,18 +883,8 @@ async fn a_write_in_flight_when_a_record_is_marked_lands_before_the_record_can_g
 async fn an_index_made_again_after_its_record_was_marked_keeps_it_from_the_sweep() {
     let exporter = exporter(MemoryKv::default());
     let s1 = "s1.myshopify.com";
-    exported(
-        &exporter,
-        vec![record("INSERT", "i", "https://i", Some(s1))],
-    )
-    .await;
-    exporter.ledger.refuse_shrinks.store(true, Ordering::SeqCst);
+    removed_with_its_record_left(&exporter, s1).await;
     let removal = record("REMOVE", "i", "https://i", Some(s1));
-    exported(&exporter, vec![removal.clone()]).await;
-    exporter
-        .ledger
-        .refuse_shrinks
-        .store(false, Ordering::SeqCst);
     let marked = reconcile(&exporter).await;
     assert_eq!(marked["repaired"]["ledger_marked"], 1, "{marked}");
     tokio::time::sleep(Duration::from_secs(crate::domain::SWEEP_AFTER_SECONDS)).await;
@@ -927,21 +924,7 @@ async fn an_index_made_again_after_its_record_was_marked_keeps_it_from_the_sweep
 async fn the_sweep_takes_out_only_a_record_it_reads_marked_and_ripe() {
     let exporter = exporter(MemoryKv::default());
     let (i, s1) = (IndexRef::new("a", "i"), "s1.myshopify.com");
-    exported(
-        &exporter,
-        vec![record("INSERT", "i", "https://i", Some(s1))],
-    )
-    .await;
-    exporter.ledger.refuse_shrinks.store(true, Ordering::SeqCst);
-    exported(
-        &exporter,
-        vec![record("REMOVE", "i", "https://i", Some(s1))],
-    )
-    .await;
-    exporter
-        .ledger
-        .refuse_shrinks
-        .store(false, Ordering::SeqCst);
+    removed_with_its_record_left(&exporter, s1).await;
     let removal = || {
         let removal = crate::domain::ChangeRecord::removal(i.clone(), Default::default(), false);
         vec![removal]
@@ -992,21 +975,7 @@ async fn a_verify_repair_of_a_rejected_index_gives_up_what_it_no_longer_claims()
 async fn a_mark_taken_off_after_the_sweep_read_it_keeps_the_record() {
     let exporter = exporter(MemoryKv::default());
     let (i, s1) = (IndexRef::new("a", "i"), "s1.myshopify.com");
-    exported(
-        &exporter,
-        vec![record("INSERT", "i", "https://i", Some(s1))],
-    )
-    .await;
-    exporter.ledger.refuse_shrinks.store(true, Ordering::SeqCst);
-    exported(
-        &exporter,
-        vec![record("REMOVE", "i", "https://i", Some(s1))],
-    )
-    .await;
-    exporter
-        .ledger
-        .refuse_shrinks
-        .store(false, Ordering::SeqCst);
+    removed_with_its_record_left(&exporter, s1).await;
     reconcile(&exporter).await;
     tokio::time::sleep(Duration::from_secs(crate::domain::SWEEP_AFTER_SECONDS)).await;
 
