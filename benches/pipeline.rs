@@ -6,7 +6,7 @@ use ecom_settings_exporter::domain::ApiKey;
 use ecom_settings_exporter::domain::{KvAction, KvKey};
 use ecom_settings_exporter::dynamo::table_record;
 use ecom_settings_exporter::entry::Payload;
-use ecom_settings_exporter::pipeline::plan::{api_keys_wanted, plan, Snapshot};
+use ecom_settings_exporter::pipeline::desired::{desired, states_of, Settings, World};
 use ecom_settings_exporter::pipeline::records::{decode_as_written, decode_record, ChangeRecord};
 
 // Counts allocations and bytes per step next to the times.
@@ -42,16 +42,24 @@ fn as_written(raw: &[String]) -> Vec<ChangeRecord> {
         .collect()
 }
 
-fn snapshot(records: &[ChangeRecord]) -> Snapshot {
-    Snapshot {
-        api_keys: api_keys_wanted(records, "default")
-            .into_iter()
-            .map(|a| {
-                let key = ApiKey::new(format!("key-{}", a.account));
-                (a, Ok(key))
-            })
-            .collect(),
-        ..Snapshot::default()
+/// The records' indexes as the reader would find them, each account's API key looked up.
+fn world(records: &[ChangeRecord]) -> World {
+    let indexes = states_of(records);
+    let api_keys = (indexes.values())
+        .filter_map(|state| match &state.settings {
+            Some(Settings::Valid(settings)) => Some(settings.account_cell("default")),
+            _ => None,
+        })
+        .map(|a| {
+            let key = ApiKey::new(format!("key-{}", a.account));
+            (a, Ok(key))
+        })
+        .collect();
+    World {
+        indexes,
+        api_keys,
+        default_cell: "default".into(),
+        ..World::default()
     }
 }
 
@@ -73,20 +81,18 @@ fn decode_each(bencher: divan::Bencher) {
 #[divan::bench]
 fn plan_batch(bencher: divan::Bencher) {
     let records = as_written(&raw_records());
-    let snapshot = snapshot(&records);
     bencher
         .with_inputs(|| records.clone())
-        .bench_refs(|records| plan(divan::black_box(records), &snapshot, "default"));
+        .bench_refs(|records| desired(&world(divan::black_box(records))));
 }
 
 /// The operations in the batch's order, as the exporter hands them to the store.
-fn in_order(mut records: Vec<ChangeRecord>) -> Vec<(KvKey, KvAction)> {
-    let snapshot = snapshot(&records);
-    let planned = plan(&mut records, &snapshot, "default");
-    let mut ops: Vec<(&KvKey, &_)> = planned.ops.iter().collect();
-    ops.sort_by_key(|(_, op)| op.owner);
+fn in_order(records: Vec<ChangeRecord>) -> Vec<(KvKey, KvAction)> {
+    let desired = desired(&world(&records));
+    let mut ops: Vec<(&KvKey, &_)> = desired.keys.iter().collect();
+    ops.sort_by_key(|(key, wanted)| (&wanted.by, *key));
     (ops.into_iter())
-        .map(|(key, op)| (key.clone(), op.action.clone()))
+        .filter_map(|(key, wanted)| Some((key.clone(), wanted.action()?)))
         .collect()
 }
 

@@ -1,7 +1,6 @@
 //! A record as the core plans it: the change its item makes (`Change`), or where it already
 //! ended (`Outcome`), whether it came from the stream or from a read of the table.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use super::{IndexRef, IndexSettings, QueryConfig, TableKey};
@@ -51,19 +50,12 @@ impl Outcome {
 pub enum Change {
     UpsertIndex {
         settings: Arc<IndexSettings>,
-        /// Every shop the ledger records the index may be on before this change (or, for a
-        /// later record of the batch, its earlier record's shop): its keys there are given up.
-        previous_shops: BTreeSet<String>,
         /// The batch stands for all of the index's overrides (a re-export or backfill with
         /// query configs): its override filter is written, even when it has none.
         with_overrides: bool,
     },
     RemoveIndex {
         index: IndexRef,
-        previous_shops: BTreeSet<String>,
-        /// The index still has a settings record, rejected: only the shops it no longer holds
-        /// (`previous_shops`, settled by whoever made the change) are given up.
-        keeps_own_key: bool,
     },
     UpsertQuery(QueryConfig),
     RemoveQuery {
@@ -122,14 +114,10 @@ impl ChangeRecord {
         self.outcome = outcome;
     }
 
-    /// The removal of an index that a batch derives, on `shops` (the check's of an index gone
-    /// from the table, a dropped alias target's, a rejected index's give-up of what it no
-    /// longer claims, which `keeps_own_key`).
-    pub fn removal(index: IndexRef, shops: BTreeSet<String>, keeps_own_key: bool) -> Self {
+    /// The removal of an index (the check's of an index gone from the table).
+    pub fn removal(index: IndexRef) -> Self {
         let remove = Change::RemoveIndex {
             index: index.clone(),
-            previous_shops: shops,
-            keeps_own_key,
         };
         ChangeRecord::of(Some(index), Ok(remove))
     }
@@ -178,13 +166,9 @@ impl ChangeRecord {
             return self;
         };
         match (&now.change, removed) {
-            (
-                Some(Change::UpsertIndex { settings, .. }),
-                Change::RemoveIndex { previous_shops, .. },
-            ) => {
+            (Some(Change::UpsertIndex { settings, .. }), Change::RemoveIndex { .. }) => {
                 self.change = Some(Change::UpsertIndex {
                     settings: settings.clone(),
-                    previous_shops: std::mem::take(previous_shops),
                     with_overrides: false,
                 })
             }

@@ -264,7 +264,6 @@ pub fn table_record(item: &Item, default_configs_sk: &str) -> (ChangeRecord, Opt
             };
             let upsert = |settings| Change::UpsertIndex {
                 settings,
-                previous_shops: Default::default(),
                 with_overrides: false,
             };
             let decoded = settings.map(upsert).map_err(rejected);

@@ -11,7 +11,8 @@ use tokio::time::Instant;
 
 use super::fields::{count, decode_token, encode_token, flag, max_records};
 use super::{NonEmpty, OperatorError};
-use crate::domain::{IndexRef, KvAction};
+use crate::domain::IndexRef;
+use crate::pipeline::desired::Want;
 use crate::pipeline::exporter::{AddReferences, Exporter, Prepared, Run, Runs};
 use crate::pipeline::records::ChangeRecord;
 use crate::ports::{PortError, Ports};
@@ -337,8 +338,8 @@ impl<P: Ports> Pass<'_, P> {
 
 /// What a dry run's page would have done, as a report (nothing was sent).
 fn dry_report(prepared: Prepared) -> BatchReport {
-    let ops = prepared.plan.ops.into_iter();
-    let written = ops.filter(|(_, op)| matches!(op.action, KvAction::Put(_)));
+    let keys = prepared.desired.keys.into_iter();
+    let written = keys.filter(|(_, wanted)| matches!(wanted.want, Want::Put(_)));
     BatchReport {
         written: written.map(|(key, _)| key).collect(),
         api_keys: prepared.api_keys,

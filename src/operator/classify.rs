@@ -9,7 +9,8 @@ use tokio::time::Instant;
 
 use crate::domain::kv::Written;
 use crate::domain::qfilter::filter_key;
-use crate::domain::{IndexRef, KvAction, KvKey, Namespace};
+use crate::domain::{IndexRef, KvKey, Namespace};
+use crate::pipeline::desired::Want;
 use crate::pipeline::exporter::{Exporter, Prepared, Run};
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{KvStore as _, PortError, Ports};
@@ -86,14 +87,14 @@ impl Drift {
     }
 
     /// What a repair sends: missing and stale keys written, orphaned ones deleted.
-    fn repairs(&self) -> (BTreeSet<KvKey>, Vec<(KvKey, Option<IndexRef>)>) {
+    fn repairs(&self) -> (BTreeSet<KvKey>, Vec<(KvKey, IndexRef)>) {
         let (mut writes, mut deletes) = (BTreeSet::new(), Vec::new());
         for (key, compared) in &self.keys {
             match compared.class {
                 Class::Missing | Class::Stale => {
                     writes.insert(key.clone());
                 }
-                Class::Orphaned => deletes.push((key.clone(), compared.owner.clone())),
+                Class::Orphaned => deletes.extend(compared.owner.clone().map(|o| (key.clone(), o))),
                 _ => {}
             }
         }
@@ -112,9 +113,9 @@ pub async fn drift<P: Ports>(
     prepared: &Prepared,
     deadline: Instant,
 ) -> Result<Drift, PortError> {
-    let ops = &prepared.plan.ops;
+    let keys = &prepared.desired.keys;
     let kept = kept_keys(prepared);
-    let read: BTreeSet<&KvKey> = ops.keys().chain(&kept).collect();
+    let read: BTreeSet<&KvKey> = keys.keys().chain(&kept).collect();
     let mut in_kv = exporter
         .kv()
         .values_of(read.iter().copied(), deadline)
@@ -124,16 +125,17 @@ pub async fn drift<P: Ports>(
         let asked = read.iter().filter(|k| k.namespace == namespace).count();
         drift.bulk_gets += asked.div_ceil(100);
     }
-    for (key, op) in ops {
+    for (key, wanted) in keys {
         let held = in_kv.remove(key);
-        let class = match (&op.action, &held) {
-            (KvAction::Delete, None) => continue,
-            (KvAction::Delete, Some(_)) => Class::Orphaned,
-            (KvAction::Put(_), None) => Class::Missing,
-            (KvAction::Put(value), Some(held)) if same_json(&value.text(), held) => Class::InSync,
-            (KvAction::Put(_), Some(_)) => Class::Stale,
+        let class = match (&wanted.want, &held) {
+            (Want::Delete | Want::Keep, None) => continue,
+            (Want::Keep, Some(_)) => Class::Protected,
+            (Want::Delete, Some(_)) => Class::Orphaned,
+            (Want::Put(_), None) => Class::Missing,
+            (Want::Put(value), Some(held)) if same_json(&value.text(), held) => Class::InSync,
+            (Want::Put(_), Some(_)) => Class::Stale,
         };
-        let owner = prepared.records[op.owner].index.clone();
+        let owner = Some(wanted.by.clone());
         drift
             .keys
             .insert(key.clone(), Compared { class, held, owner });
@@ -153,7 +155,7 @@ fn kept_keys(prepared: &Prepared) -> Vec<KvKey> {
     let kept = (prepared.records.iter())
         .filter(|record| matches!(record.outcome, Outcome::Skipped(_) | Outcome::Rejected(_)));
     let keys = kept.flat_map(keys_of);
-    keys.filter(|key| !prepared.plan.ops.contains_key(key))
+    keys.filter(|key| !prepared.desired.keys.contains_key(key))
         .collect()
 }
 
@@ -184,7 +186,7 @@ async fn shared_shops<P: Ports>(
     let others: Vec<(&KvKey, IndexRef)> = (drift.keys.iter())
         .filter(|(key, c)| key.namespace == Namespace::Settings && c.class == Class::Stale)
         .filter_map(|(key, compared)| {
-            let KvAction::Put(value) = &prepared.plan.ops[key].action else {
+            let Want::Put(value) = &prepared.desired.keys[key].want else {
                 return None;
             };
             let owner = value.index();

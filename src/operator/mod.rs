@@ -271,7 +271,7 @@ impl<'a, P: Ports> Pieces<'a, P> {
         // The first piece, which has the settings record, owns the index's filter.
         if !first {
             let filter = crate::domain::qfilter::filter_key(index);
-            prepared.plan.ops.remove(&filter);
+            prepared.desired.keys.remove(&filter);
         }
         self.start = closed.at.filter(|_| !last);
         Ok(Some(PieceAt {

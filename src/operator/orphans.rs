@@ -12,7 +12,7 @@ use crate::domain::kv::{KeyMetadata, Written};
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvKey, Namespace, TableKey};
 use crate::pipeline::exporter::{Exporter, Prepared};
-use crate::pipeline::plan::Referrers;
+use crate::pipeline::desired::Referrers;
 use crate::ports::Referred;
 use crate::ports::{KvStore as _, ListedKey, PortError, Ports};
 
@@ -51,7 +51,7 @@ pub async fn of_index<P: Ports>(
             .map_err(|e| e.context("listing query-config keys"))?;
         page.keys.retain(|k| {
             let key = KvKey::query_config_named(&k.name);
-            is_query_config_key_of(index, &k.name) && !prepared.plan.ops.contains_key(&key)
+            is_query_config_key_of(index, &k.name) && !prepared.desired.keys.contains_key(&key)
         });
         let mut orphans = Orphans::new(exporter, deadline);
         let classify = orphans.classify(namespace, page.keys, Some(&index.account));
@@ -262,7 +262,8 @@ impl<'a, P: Ports> Orphans<'a, P> {
             return Ok(HashSet::new());
         }
         let asked = indexes.iter().map(|i| Referred::Alias(i.id().0)).collect();
-        let references = self.exporter.referrers_of(asked, &[], self.deadline);
+        let own = BTreeSet::new();
+        let references = self.exporter.referrers_of(asked, &own, self.deadline);
         let referrers = Referrers::of(references.await?);
         let kept = indexes
             .into_iter()

@@ -7,7 +7,8 @@ use tokio::time::Instant;
 
 use super::{ensure_done, flag, masked, rejected, IndexTarget, OperatorError};
 use super::{orphans, NonEmpty, PieceAt, Pieces, Rejected};
-use crate::domain::{KvAction, KvKey, Namespace};
+use crate::domain::{KvKey, Namespace};
+use crate::pipeline::desired::Want;
 use crate::pipeline::exporter::{Exporter, Prepared};
 use crate::ports::Ports;
 use crate::report::BatchReport;
@@ -130,10 +131,8 @@ pub async fn run<P: Ports>(
             let orphans = (orphans.await).map_err(|e| {
                 OperatorError::export_failed(&target, format!("finding orphans: {e}"))
             })?;
-            let deletes = orphans
-                .into_iter()
-                .map(|key| (key, Some(target.index.clone())));
-            prepared.delete_by_own_record(deletes.collect());
+            let deletes = orphans.into_iter().map(|key| (key, target.index.clone()));
+            prepared.delete(deletes.collect());
         }
         if request.dry_run {
             ensure_done(&target, &prepared.records)?;
@@ -170,18 +169,19 @@ impl Answer {
         let Answer::Preview(preview) = self else {
             return;
         };
-        for (key, op) in &prepared.plan.ops {
+        for (key, wanted) in &prepared.desired.keys {
             let namespace = key.namespace.name();
-            match &op.action {
-                KvAction::Put(value) => preview.would_write.push(PreviewWrite {
+            match &wanted.want {
+                Want::Put(value) => preview.would_write.push(PreviewWrite {
                     namespace,
                     key: key.key.clone(),
                     value: masked(&value.text()),
                 }),
-                KvAction::Delete => preview.would_delete.push(PreviewDelete {
+                Want::Delete => preview.would_delete.push(PreviewDelete {
                     namespace,
                     key: key.key.clone(),
                 }),
+                Want::Keep => {}
             }
         }
         preview.rejected.extend(rejected(&prepared.records));

@@ -11,7 +11,8 @@ use super::classify::{self, Class, Drift};
 use super::orphans;
 use super::{ensure_done, flag, IndexTarget, KeyChanges, NonEmpty};
 use super::{OperatorError, PieceAt, Pieces};
-use crate::domain::{ChangeRecord, IndexRef, KvAction, Outcome};
+use crate::domain::{ChangeRecord, IndexRef, Outcome};
+use crate::pipeline::desired::Want;
 use crate::pipeline::exporter::{Exporter, Prepared};
 use crate::ports::Ports;
 use crate::report::BatchReport;
@@ -187,11 +188,11 @@ impl Answer {
                 _ => &mut counts.unexpected,
             } += 1;
             self.in_sync &= class == Class::InSync;
-            let fields = (class == Class::Stale).then(|| match &prepared.plan.ops[key].action {
-                KvAction::Put(value) => {
+            let fields = (class == Class::Stale).then(|| match &prepared.desired.keys[key].want {
+                Want::Put(value) => {
                     stale_fields(&value.text(), compared.held.as_deref().unwrap_or_default())
                 }
-                KvAction::Delete => None,
+                Want::Delete | Want::Keep => None,
             });
             self.keys.push(KeyState {
                 namespace: key.namespace.name(),

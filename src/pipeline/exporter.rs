@@ -1,34 +1,35 @@
 //! The exporter core: the stages every writer's records go through (docs/contract.md, "The
-//! reconciler's stages"), one module each; `prepare` is stages 2 and 3 (a dry run stops there),
-//! `apply` stages 4 to 7. The stream and every operator mode go through here.
+//! reconciler's stages"), one module each: the one reader (`state.rs`) reads the scope's
+//! states, the pure `pipeline::desired` decides its keys (a dry run stops there), then the
+//! intents, the write, the check and the stream's shrink. The stream and every operator mode go
+//! through here.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use tokio::time::Instant;
 
 use crate::domain::kv::own_key_valid;
 use crate::domain::net::{self, Protection};
-use crate::domain::{IndexRef, KvAction, KvKey, TableSpan};
+use crate::domain::{IndexRef, KvKey, TableSpan};
 use crate::pipeline::api_key_cache::ApiKeyCache;
-use crate::pipeline::plan::{self, PlannedOp};
-use crate::pipeline::records::{ChangeRecord, Expected};
+use crate::pipeline::desired::{self, Desired, Settings, Want, Wanted, World};
+use crate::pipeline::records::{Change, ChangeRecord, Expected};
 use crate::ports::{
     before_deadline, ApiKeySource, IndexRefs, KvStore, Ledger, LookupCounts, PortError, Ports,
     ReconcileProgress, SettingsTable,
 };
 use crate::report::{BatchReport, Outcome};
 
-// The stages (docs/contract.md, "The reconciler's stages"): snapshot, then the pure
-// `pipeline::plan`, intents, write, check, shrink. `reads` and `references` serve the operator
-// modes; `windows` forces each window of "Concurrent writers" in memory.
+// The stages (docs/contract.md, "The reconciler's stages"): the reader, then the pure
+// `pipeline::desired`, intents, write, check, shrink. `reads` and `references` serve the
+// operator modes; `windows` forces each window of "Concurrent writers" in memory.
 mod check;
-mod dropped;
 mod intents;
 mod reads;
 mod references;
 mod runs;
 mod shrink;
-mod snapshot;
+mod state;
 mod windows;
 mod write;
 pub use runs::{AddReferences, Closed, Runs};
@@ -131,19 +132,22 @@ impl Run {
     }
 }
 
-/// Records with their lookups done and their KV operations planned, nothing sent yet.
+/// Records with their scope read and its keys decided, nothing sent yet.
 #[derive(Debug)]
 pub struct Prepared {
     pub records: Vec<ChangeRecord>,
-    pub plan: plan::Plan,
+    /// The keys the scope implies, and how each index's change ends.
+    pub desired: Desired,
     pub api_keys: LookupCounts,
     pub run: Run,
-    /// Keys a repair deletes, with the index whose key each one was.
-    delete_owners: HashMap<KvKey, IndexRef>,
+    /// What each index whose change is exported leaves referred to (`None`: removed).
+    leaves: BTreeMap<IndexRef, Option<IndexRefs>>,
+    /// The shops each index of the scope gave up.
+    given_up: Vec<(IndexRef, String)>,
+    /// Indexes in scope on behalf of another (its records fail for them).
+    because: BTreeMap<IndexRef, IndexRef>,
     /// The batch's indexes' references as the ledger recorded them, when the run keeps them.
     known_refs: Option<HashMap<IndexRef, IndexRefs>>,
-    /// Records added on behalf of the batch's own (the removal of a dropped alias target).
-    derived: Vec<dropped::Derived>,
     /// Where in the table the records were read (a backfill's pages): the check reads it again.
     span: Option<TableSpan>,
 }
@@ -153,14 +157,36 @@ impl Prepared {
     /// (reported for retry when it is transient), and nothing is sent.
     fn none_sent(records: Vec<ChangeRecord>, run: Run, error: PortError) -> Self {
         let records = records.into_iter().map(|r| r.unread(&error)).collect();
+        Self::of(records, run, World::default(), Desired::default())
+    }
+
+    fn of(records: Vec<ChangeRecord>, run: Run, world: World, desired: Desired) -> Self {
+        let mut leaves = BTreeMap::new();
+        let (mut given_up, mut because) = (Vec::new(), BTreeMap::new());
+        for (index, state) in world.indexes {
+            let shops = state.given_up().into_iter().cloned();
+            given_up.extend(shops.map(|shop| (index.clone(), shop)));
+            if let Some(by) = state.because.clone() {
+                because.insert(index.clone(), by);
+            }
+            let leaves_now = match &state.settings {
+                Some(Settings::Valid(settings)) => Some(references::refs_of(settings)),
+                Some(Settings::Absent) => None,
+                _ => continue,
+            };
+            if desired.outcomes.get(&index) == Some(&Outcome::Exported) {
+                leaves.insert(index, leaves_now);
+            }
+        }
         Prepared {
             records,
-            plan: plan::Plan::default(),
+            desired,
             api_keys: LookupCounts::default(),
             run,
-            delete_owners: HashMap::new(),
+            leaves,
+            given_up,
+            because,
             known_refs: None,
-            derived: Vec::new(),
             span: None,
         }
     }
@@ -176,31 +202,21 @@ impl Prepared {
     /// retried.
     fn withhold(&mut self, error: &PortError) {
         let why = format!("not sent: its references could not be recorded in the ledger: {error}");
-        (self.records.iter_mut()).for_each(|record| record.outcome.fail(&why));
-        self.plan.ops.clear();
-        self.plan.old_shops.clear();
-        self.plan.filters.clear();
+        (self.records.iter_mut()).for_each(|record| fail(&mut record.outcome, &why));
+        self.desired.keys.clear();
     }
 
-    /// Deletes owned by a record of their own, each with the index whose key it was when known:
-    /// no record of the batch owns them (an orphaned key, an override gone from the table).
-    pub fn delete_by_own_record(&mut self, deletes: Vec<(KvKey, Option<IndexRef>)>) {
-        if deletes.is_empty() {
-            return;
-        }
-        let owner = self.records.len();
-        // Exported once its deletes land.
-        let record = ChangeRecord::of(None, Err(Outcome::Exported));
-        self.records.push(record);
+    /// Keys deleted for the index each was written for (an orphaned key, an override gone
+    /// from the table): they fail that index's records, or a record of their own.
+    pub fn delete(&mut self, deletes: Vec<(KvKey, IndexRef)>) {
         for (key, index) in deletes {
-            if let Some(index) = index {
-                self.delete_owners.insert(key.clone(), index);
-            }
-            let delete = PlannedOp {
-                action: KvAction::Delete,
-                owner,
+            let wanted = Wanted {
+                want: Want::Delete,
+                checked_as: index.clone(),
+                by: index,
+                derived: true,
             };
-            self.plan.ops.insert(key, delete);
+            self.desired.keys.insert(key, wanted);
         }
     }
 
@@ -213,6 +229,68 @@ impl Prepared {
                 tracing::warn!(index = ?record.index, %reason, "reconcile leaves this index unchecked");
                 record.outcome = Outcome::Skipped("left unchecked this pass".into());
             }
+        }
+    }
+
+    /// Where a failure of a key `by` decided goes: the records of the index it was decided for.
+    fn failing(&self, by: &IndexRef) -> IndexRef {
+        self.because.get(by).unwrap_or(by).clone()
+    }
+}
+
+/// A record fails for `why` (a rejected one too: its replay reads its index again); one
+/// skipped on purpose stays so.
+fn fail(outcome: &mut Outcome, why: &str) {
+    match outcome {
+        Outcome::Rejected(_) => *outcome = Outcome::Failed(why.to_owned()),
+        _ => outcome.fail(why),
+    }
+}
+
+/// Every record of `index` ends as `outcome` says (failed, or rejected when the key was refused
+/// on its own); with none in the batch, a record of its own.
+pub(crate) fn fail_index(records: &mut Vec<ChangeRecord>, index: &IndexRef, outcome: Outcome) {
+    let mut found = false;
+    for record in records.iter_mut().filter(|r| r.index.as_ref() == Some(index)) {
+        match &outcome {
+            Outcome::Failed(why) => fail(&mut record.outcome, why),
+            _ if matches!(record.outcome, Outcome::Exported | Outcome::Kept { .. }) => {
+                record.outcome = outcome.clone();
+            }
+            _ => {}
+        }
+        found = true;
+    }
+    if !found {
+        records.push(ChangeRecord::of(Some(index.clone()), Err(outcome)));
+    }
+}
+
+/// Each record ends as its index's change does: a settings record as the index, an override's
+/// exported unless Cloudflare would refuse its value; every record of a failed index fails,
+/// and the records of an index whose dropped target failed.
+fn settle(records: &mut [ChangeRecord], desired: &Desired, because: &BTreeMap<IndexRef, IndexRef>) {
+    for record in records.iter_mut() {
+        let Some(outcome) = record.index.as_ref().and_then(|i| desired.outcomes.get(i)) else {
+            continue;
+        };
+        match (&record.change, outcome) {
+            (_, Outcome::Failed(why)) => fail(&mut record.outcome, why),
+            (None, _) | (Some(Change::RemoveQuery { .. }), _) => {}
+            (Some(Change::UpsertQuery(config)), _) => {
+                let key = KvKey::query_config(&config.index, &config.query);
+                if let Some(why) = desired.refused.get(&key) {
+                    record.outcome = Outcome::Rejected(why.clone());
+                }
+            }
+            (Some(_), outcome) => record.outcome = outcome.clone(),
+        }
+    }
+    for (index, by) in because {
+        if let Some(Outcome::Failed(why)) = desired.outcomes.get(index) {
+            let why = format!("the alias target it dropped, {index}: {why}");
+            let of_by = |r: &&mut ChangeRecord| r.index.as_ref() == Some(by);
+            records.iter_mut().filter(of_by).for_each(|r| fail(&mut r.outcome, &why));
         }
     }
 }
@@ -327,40 +405,37 @@ impl<P: Ports> Exporter<P> {
         self.apply(prepared, deadline).await
     }
 
-    /// A repair (verify, reconcile): of the planned operations only the keys in `writes`, and
-    /// the `deletes` (each with the index it was written for, when known), checked as every
-    /// operator's writes are: a key whose index changed while this one wrote it is recomputed
-    /// from the table as it is now and written again.
+    /// A repair (verify, reconcile): of the keys decided only those in `writes`, and the
+    /// `deletes` (each with the index it was written for), checked as every operator's writes
+    /// are: a key whose index changed while this one wrote it is decided again from the table
+    /// as it is now and written again.
     pub async fn repair(
         &self,
         mut prepared: Prepared,
         writes: &BTreeSet<KvKey>,
-        deletes: Vec<(KvKey, Option<IndexRef>)>,
+        deletes: Vec<(KvKey, IndexRef)>,
         deadline: Instant,
     ) -> BatchReport {
-        prepared.plan.ops.retain(|key, _| writes.contains(key));
+        prepared.desired.keys.retain(|key, _| writes.contains(key));
         // A run that read no references (a reconcile's table step) counts every reference of
         // the indexes it writes as its intent: a stream's shrink that read the ledger before
         // then takes none of them out (a shop it finds recorded may be on its way out).
         if !prepared.run.records_references {
-            let owners: BTreeSet<usize> = prepared.plan.ops.values().map(|op| op.owner).collect();
-            let left = references::left_by(&prepared.records)
-                .into_iter()
-                .enumerate();
-            let left: Vec<_> = (left.filter(|(at, _)| owners.contains(at)))
-                .filter_map(|(_, left)| left)
+            let writing: BTreeSet<&IndexRef> = prepared.desired.keys.values().map(|w| &w.by).collect();
+            let left: Vec<_> = (prepared.leaves.iter())
+                .filter(|(index, _)| writing.contains(index))
+                .filter_map(|(index, refs)| Some((index.clone(), refs.clone()?)))
                 .collect();
             if let Err(error) = self.add_references(&left, true, deadline).await {
                 prepared.withhold(&error);
             }
         }
-        // An orphaned key has no table record: the deletes get a record of their own.
-        prepared.delete_by_own_record(deletes);
+        prepared.delete(deletes);
         self.apply(prepared, deadline).await
     }
 
-    /// Everything but the KV writes: the snapshot (with what the ledger recorded, when the run
-    /// keeps references) and the plan. A dry run stops here.
+    /// Everything but the KV writes: the scope read (with what the ledger recorded, when the
+    /// run keeps references) and its keys decided. A dry run stops here.
     pub async fn prepare(
         &self,
         records: Vec<ChangeRecord>,
@@ -378,41 +453,44 @@ impl<P: Ports> Exporter<P> {
         }
     }
 
-    /// Sends the plan's operations and decides every record's outcome (docs/contract.md,
-    /// "Concurrent writers"): when the run keeps references, what its records refer to is
-    /// recorded first (the intent); then the KV writes, old shop keys first (an index whose
-    /// old shop key could not be deleted keeps its own key as it was); then the check of
-    /// what landed; and only then, for the stream, what the check confirmed given up is
-    /// taken out of the ledger.
+    /// Every writer's reading and deciding, the check's included: the one reader, then the one
+    /// pure decision of the scope's keys; each record ends as its index does.
+    pub(super) async fn plan_records(
+        &self,
+        mut records: Vec<ChangeRecord>,
+        known_refs: Option<HashMap<IndexRef, IndexRefs>>,
+        run: Run,
+        deadline: Instant,
+    ) -> Prepared {
+        let known = known_refs.as_ref();
+        let (world, api_keys) = self.read_world(&mut records, known, run, deadline).await;
+        let desired = desired::desired(&world);
+        for (index, note) in &desired.notes {
+            tracing::info!(account = %index.account, index = %index.name, "{note}");
+        }
+        let mut prepared = Prepared::of(records, run, world, desired);
+        settle(&mut prepared.records, &prepared.desired, &prepared.because);
+        prepared.api_keys = api_keys;
+        prepared.known_refs = known_refs;
+        prepared
+    }
+
+    /// Sends the decided keys and decides every record's outcome (docs/contract.md,
+    /// "Concurrent writers"): when the run keeps references, what its indexes refer to is
+    /// recorded first (the intent); then the KV writes; then the check of what landed; and
+    /// only then, for the stream, what the check confirmed given up is taken out of the ledger.
     pub async fn apply(&self, mut prepared: Prepared, deadline: Instant) -> BatchReport {
         let run = prepared.run;
-        let derived = std::mem::take(&mut prepared.derived);
         let span = prepared.span.take();
         let intents = intents::record(&self.ledger, &mut prepared, deadline).await;
-        // A stream batch's keys kept for an alias are checked as left as they were.
-        let kept = match run.stream {
-            true => write::kept_keys(&prepared.records, &prepared.plan),
-            false => Vec::new(),
-        };
         let mut report = write::send(&self.kv, prepared, deadline).await;
-        let kept = kept.into_iter();
-        let kept =
-            kept.filter(|l| matches!(report.records[l.record].outcome, Outcome::Kept { .. }));
-        report.landed.extend(kept);
         self.check(&mut report, run, span, deadline).await;
-        dropped::settle_derived(&mut report, &derived);
         let failed = (report.records.iter()).any(|r| matches!(r.outcome, Outcome::Failed(_)));
         match (intents, run.stream) {
             (Some(mut intents), true) => {
-                // A removal of a dropped alias target writes an index whose own records are in
-                // another shard, concurrently: those take out what it gave up, not this batch
-                // (a shop they wrote after this batch's check stays recorded).
-                if let Some(first) = derived.first() {
-                    intents.left.truncate(first.at);
-                }
                 let handed = std::mem::take(&mut intents.handed);
                 shrink::record(&self.ledger, (intents, run.sweep), &report, deadline).await;
-                // Its replay, planned from the table as it is then, may no longer hand them
+                // Its replay, decided from the table as it is then, may no longer hand them
                 // over (seed 145927).
                 if failed {
                     let why = "the shops a failed batch handed over";
@@ -425,11 +503,6 @@ impl<P: Ports> Exporter<P> {
                 intents::record_again(&self.ledger, &intents, deadline).await;
             }
             _ => {}
-        }
-        // Derived records leave the report (their failures are their parents'); a record of
-        // deletes added after them stays, with its own outcome.
-        for derived in derived.iter().rev() {
-            report.records.remove(derived.at);
         }
         report
     }

@@ -3,7 +3,6 @@
 //! order. Nothing here talks to a server.
 
 pub use crate::domain::{Change, ChangeRecord};
-use std::collections::BTreeSet;
 
 use crate::domain::kv::{check_key, KvKey};
 use crate::domain::validate::shown;
@@ -183,8 +182,6 @@ fn decode_change(
     let removed = match query {
         None => Change::RemoveIndex {
             index: index.clone(),
-            previous_shops: BTreeSet::new(),
-            keeps_own_key: false,
         },
         Some(query) => Change::RemoveQuery {
             index: index.clone(),
@@ -239,8 +236,6 @@ mod tests {
     fn a_settings_record_decodes_as_its_index_s_removal_whatever_its_images() {
         let removal = Some(Change::RemoveIndex {
             index: IndexRef::new("acct-1", "products"),
-            previous_shops: BTreeSet::new(),
-            keeps_own_key: false,
         });
         let mut raw = record("REMOVE", "INDEX#products", json!(null));
         raw["dynamodb"].as_object_mut().unwrap().remove("NewImage");
@@ -379,8 +374,6 @@ mod tests {
         let no_image = record("MODIFY", "INDEX#p", json!(null));
         let changed = Change::RemoveIndex {
             index: IndexRef::new("acct-1", "p"),
-            previous_shops: BTreeSet::new(),
-            keeps_own_key: false,
         };
         for raw in [record("MODIFY", "INDEX#p", bad_image), no_image] {
             let decoded = decode_record(raw, "D");

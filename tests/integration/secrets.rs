@@ -104,10 +104,10 @@ async fn neither_token_nor_api_key_appears_anywhere_but_kv() {
             tokio::time::Instant::now() + Duration::from_secs(10),
         )
         .await;
-    assert!(!prepared.plan.ops.is_empty());
+    assert!(!prepared.desired.keys.is_empty());
     assert_hidden("Debug of a prepared plan", &format!("{prepared:?}"));
-    let ops = (prepared.plan.ops.iter())
-        .map(|(key, op)| (key.clone(), op.action.clone()))
+    let ops = (prepared.desired.keys.iter())
+        .filter_map(|(key, wanted)| Some((key.clone(), wanted.action()?)))
         .collect();
     let requests = ecom_settings_exporter::adapters::cloudflare::encode::requests(ops);
     assert_hidden("Debug of KV requests", &format!("{requests:?}"));

@@ -1,21 +1,22 @@
-//! Stage 6, the check: keys computed from items their writer does not own, checked against the
+//! Stage 6, the check: keys decided from items their writer does not own, checked against the
 //! table as it is once they landed (docs/contract.md, "Concurrent writers"): every key an
 //! operator wrote (it read the table before another writer may have changed it and written
-//! KV), and the stream's derived keys (filters built from a Query, shop keys an index gave up). Each is recomputed from a new
-//! consistent read, as if its index had just changed, and written again where it differs, until
-//! a read finds nothing to change. Nothing is left to another writer on trust.
+//! KV), and the stream's derived keys (filters built from a Query, shop keys an index gave up,
+//! a dropped alias target's keys). Each index is read again by the one reader and its keys
+//! decided again, as if it had just changed; a key that differs is written again, until a read
+//! finds nothing to change. Nothing is left to another writer on trust.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use tokio::time::Instant;
 
 use super::reads::Recheck;
-use super::{intents, references, write, Exporter, Prepared, Run};
+use super::{fail_index, intents, write, Exporter, Prepared, Run};
 use crate::domain::kv::query_config_prefix;
 use crate::domain::net::{self, Protection};
 use crate::domain::qfilter::filter_key;
-use crate::domain::{IndexRef, IndexRefs, KvAction, KvKey, Namespace, TableSpan};
-use crate::pipeline::plan::PlannedOp;
+use crate::domain::{IndexRef, IndexRefs, KvKey, Namespace, TableSpan};
+use crate::pipeline::desired::{Desired, Want, Wanted};
 use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{Ports, Referred};
 use crate::report::{BatchReport, Landed, Outcome};
@@ -26,7 +27,7 @@ const ROUNDS: usize = 3;
 impl<P: Ports> Exporter<P> {
     /// Checks the report's landed keys against the table and writes again what differs, round
     /// after round; a key that still differs after the last round, or whose index cannot be
-    /// read again, fails its record (the operator runs again, or the next reconcile pass).
+    /// read again, fails its records (the operator runs again, or the next reconcile pass).
     pub(super) async fn check(
         &self,
         report: &mut BatchReport,
@@ -34,7 +35,7 @@ impl<P: Ports> Exporter<P> {
         span: Option<TableSpan>,
         deadline: Instant,
     ) {
-        // Planned as an operator plans (every override in the batch), its API keys as the run
+        // Read as an operator reads (every override in the batch), its API keys as the run
         // got them (the stream's from the short cache).
         let run = Run {
             stream: run.stream,
@@ -59,16 +60,12 @@ impl<P: Ports> Exporter<P> {
             report.claimed_now.extend(again.claimed_now.iter().cloned());
             last.extend(again.written.iter().map(|key| (key.clone(), true)));
             last.extend(again.deleted.iter().map(|key| (key.clone(), false)));
-            // Each key's record is its original one, not the one of the write again, and its
-            // index the one it was checked as (the original may be a delete no index owns).
-            let records = &again.records;
-            landed = (again.landed.into_iter())
-                .map(|landed| Landed {
-                    index: (landed.index).or_else(|| records[landed.record].index.clone()),
-                    record: originals[&landed.key],
-                    ..landed
-                })
-                .collect();
+            // Each key's failure is its original index's.
+            let by = |landed: Landed| Landed {
+                by: originals[&landed.key].clone(),
+                ..landed
+            };
+            landed = again.landed.into_iter().map(by).collect();
         }
         // A key written again ends as its last write left it.
         report.written.retain(|key| !last.contains_key(key));
@@ -81,93 +78,81 @@ impl<P: Ports> Exporter<P> {
         }
     }
 
-    /// One round: the landed keys' indexes read again and planned as changes; the keys whose
-    /// plan differs from what landed are written (or, `may_write` false, fail their records).
-    /// Answers what the writes did, with each key's original record, when there were any.
+    /// One round: the landed keys' indexes read again and decided again; the keys whose want
+    /// differs from what landed are written (or, `may_write` false, fail their records).
+    /// Answers what the writes did, with each key's original index, when there were any.
     async fn check_round(
         &self,
         landed: Vec<Landed>,
         (run, may_write, span): (Run, bool, Option<&TableSpan>),
         report: &mut BatchReport,
         deadline: Instant,
-    ) -> Option<(BatchReport, HashMap<KvKey, usize>)> {
-        let by_index = by_index(landed, report);
+    ) -> Option<(BatchReport, HashMap<KvKey, IndexRef>)> {
+        let by_index = by_index(landed);
         let by_index = self.read_again(by_index, span, report, deadline).await;
         let (prepared, landed) = self.plan_again(by_index, run, deadline).await;
         let mut prepared = prepared?;
         for record in &prepared.records {
             if let Some(Change::UpsertIndex { settings, .. }) = &record.change {
-                let shop = settings.shop_id.clone();
-                let claimed = shop.map(|shop| (settings.index.clone(), shop));
+                let claimed = settings.shop_id.clone().map(|s| (settings.index.clone(), s));
                 report.claimed_now.extend(claimed);
             }
         }
-        let originals: HashMap<KvKey, usize> = (landed.iter())
-            .map(|landed| (landed.key.clone(), landed.record))
+        let originals: HashMap<KvKey, IndexRef> = (landed.iter())
+            .map(|landed| (landed.key.clone(), landed.by.clone()))
             .collect();
-        let (differ, stay) = differing(&prepared, &landed, report);
+        let (differ, stay) = differing(&prepared.desired, &landed, report);
         let what = "shop keys left for rejected or kept indexes";
         intents::add_again(&self.ledger, &stay, what, deadline).await;
-        prepared.plan.ops.retain(|key, _| differ.contains_key(key));
-        if prepared.plan.ops.is_empty() {
+        prepared.desired.keys.retain(|key, _| differ.contains_key(key));
+        if prepared.desired.keys.is_empty() {
             return None;
         }
         if !may_write {
-            for (key, at) in differ {
-                let why = format!(
-                    "KV key `{}`: other writers kept changing it; run again",
-                    key.key
-                );
-                report.records[at].outcome.fail(why);
+            for (key, by) in differ {
+                let why = format!("KV key `{}`: other writers kept changing it; run again", key.key);
+                fail_index(&mut report.records, &by, Outcome::Failed(why));
             }
             return None;
         }
         // Intent before act, for the check's writes too: what it writes again may be an
         // index's newer value on a shop nothing recorded yet (its own record not read yet).
-        let writing: BTreeSet<usize> = prepared.plan.ops.values().map(|op| op.owner).collect();
-        let left = (references::left_by(&prepared.records)
-            .into_iter()
-            .enumerate())
-        .map(|(at, left)| left.filter(|_| writing.contains(&at)))
-        .collect::<Vec<_>>();
+        let writing: BTreeSet<&IndexRef> = prepared.desired.keys.values().map(|w| &w.by).collect();
+        let left = (prepared.leaves.iter())
+            .filter(|(index, _)| writing.contains(index))
+            .map(|(index, refs)| (index.clone(), refs.clone()))
+            .collect();
         let handed = intents::handed_over(&prepared);
         let none = HashMap::new();
         let recorded = intents::point_back(&self.ledger, &left, &none, &handed, deadline);
         if let Err(error) = recorded.await {
-            for at in differ.into_values() {
-                let why =
-                    format!("not written again: its references could not be recorded: {error}");
-                report.records[at].outcome.fail(why);
+            for by in differ.into_values() {
+                let why = format!("not written again: its references could not be recorded: {error}");
+                fail_index(&mut report.records, &by, Outcome::Failed(why));
             }
             return None;
         }
         let again = write::send(&self.kv, prepared, deadline).await;
-        for key in differ.keys() {
+        for (key, by) in &differ {
             let landed = (again.written.iter().chain(&again.deleted)).any(|k| k == key);
             if !landed {
-                let why = format!(
-                    "KV key `{}`: not written again after the table changed",
-                    key.key
-                );
-                report.records[originals[key]].outcome.fail(why);
+                let why = format!("KV key `{}`: not written again after the table changed", key.key);
+                fail_index(&mut report.records, by, Outcome::Failed(why));
             }
         }
         Some((again, originals))
     }
 
-    /// The indexes read again, planned as changes (`None`: nothing to plan), with the landed
-    /// keys they decide. The shops each index's landed keys were on stand for what the ledger
-    /// records of it (`known_refs`): what it no longer claims is given up, as every writer's
-    /// record gives up what the ledger holds (a rejected record's too, its own key left).
+    /// The indexes read again and decided (`None`: nothing to decide), with the landed keys
+    /// they decide. The shops each index's landed keys were on stand for what the ledger
+    /// records of it: what it no longer claims is given up, as every writer gives up what the
+    /// ledger holds (a rejected record's too, its own key left).
     async fn plan_again(
         &self,
-        mut by_index: Vec<(IndexRef, Recheck)>,
+        by_index: Vec<(IndexRef, Recheck)>,
         run: Run,
         deadline: Instant,
     ) -> (Option<Prepared>, Vec<Landed>) {
-        // The indexes with a settings record last: on a key two of them decide (an own key
-        // whose id names both), an index's value wins over another's removal.
-        by_index.sort_by_key(|(_, recheck)| recheck.settings);
         let (mut records, mut known) = (Vec::new(), HashMap::new());
         let (mut indexes, mut landed) = (Vec::new(), Vec::new());
         for (index, recheck) in by_index {
@@ -186,29 +171,24 @@ impl<P: Ports> Exporter<P> {
         if records.is_empty() {
             return (None, landed);
         }
-        // Stages 2 and 3 again (a check records no intents: what it writes was recorded).
         let mut prepared = self.plan_records(records, Some(known), run, deadline).await;
-        let deletes = removed_overrides(&prepared.plan.ops, &landed, &indexes);
-        // Owned by a record of their own: the index's settings record may be rejected.
-        prepared.delete_by_own_record(deletes);
+        let deletes = removed_overrides(&prepared.desired.keys, &landed, &indexes);
+        prepared.delete(deletes);
         (Some(prepared), landed)
     }
 }
 
-/// The landed keys by the index each is checked as. A key with no index to read (a repair's
-/// delete of an unknown writer's) stays; an own key's delete is checked as every index its id
-/// can name (an id is ambiguous): one of them may have a settings record now (seed 1479).
-fn by_index(landed: Vec<Landed>, report: &BatchReport) -> BTreeMap<IndexRef, Recheck> {
+/// The landed keys by the index each is checked as; an own key's delete is checked as every
+/// index its id can name (an id is ambiguous): one of them may have a settings record now
+/// (seed 1479).
+fn by_index(landed: Vec<Landed>) -> BTreeMap<IndexRef, Recheck> {
     let mut by_index: BTreeMap<IndexRef, Recheck> = BTreeMap::new();
     for landed in landed {
         let index = landed.index.clone();
-        let Some(index) = index.or_else(|| report.records[landed.record].index.clone()) else {
-            continue;
-        };
         if landed.digest.is_none() && landed.key == KvKey::index(&index) {
             for other in index.id().named().into_iter().filter(|o| *o != index) {
                 let landed = Landed {
-                    index: Some(other.clone()),
+                    index: other.clone(),
                     ..landed.clone()
                 };
                 by_index.entry(other).or_default().keys.push(landed);
@@ -219,73 +199,46 @@ fn by_index(landed: Vec<Landed>, report: &BatchReport) -> BTreeMap<IndexRef, Rec
     by_index
 }
 
-/// The landed keys whose new plan differs from what landed (with their original records); a
-/// key the new plan does not name stays as it is when its index is kept for an alias or its
-/// record is rejected now (then a shop key put there stays recorded for the index, the second
-/// answer) or was skipped on purpose, and fails its record when its index could not be planned.
+/// The landed keys whose new want differs from what landed (with their original index); a key
+/// no want names stays as it is when its index is rejected now or kept for an alias (then a
+/// shop key put there stays recorded for the index, the second answer), and fails its records
+/// when its index could not be decided.
 fn differing(
-    prepared: &Prepared,
+    desired: &Desired,
     landed: &[Landed],
     report: &mut BatchReport,
-) -> (BTreeMap<KvKey, usize>, Vec<(IndexRef, Referred)>) {
-    // A failed, rejected or kept record plans no key: those of its index fail with it, or stay.
-    // A failure decides over a rejected record of the same index (a rejected index's give-up
-    // that could not be planned, seed 579): its key is retried, never left.
-    let mut unplanned: BTreeMap<&IndexRef, &Outcome> = BTreeMap::new();
-    for record in &prepared.records {
-        let (Some(index), outcome) = (record.index.as_ref(), &record.outcome) else {
-            continue;
-        };
-        match outcome {
-            Outcome::Failed(_) => {
-                unplanned.insert(index, outcome);
-            }
-            Outcome::Rejected(_) | Outcome::Kept { .. } => {
-                unplanned.entry(index).or_insert(outcome);
-            }
-            _ => {}
-        }
-    }
+) -> (BTreeMap<KvKey, IndexRef>, Vec<(IndexRef, Referred)>) {
     let (mut differ, mut stay) = (BTreeMap::new(), Vec::new());
     for landed in landed {
-        let Some(op) = prepared.plan.ops.get(&landed.key) else {
-            let index = landed.index.as_ref();
-            let index = index.or(report.records[landed.record].index.as_ref());
-            match index.and_then(|index| Some((index, *unplanned.get(index)?))) {
-                Some((_, Outcome::Failed(why))) => report.records[landed.record].outcome.fail(why),
-                Some((index, _)) if is_shop_put(landed, index) => {
-                    stay.push((index.clone(), Referred::Shop(landed.key.key.clone())));
+        let wanted = desired.keys.get(&landed.key);
+        match wanted.filter(|wanted| wanted.want != Want::Keep) {
+            Some(wanted) if wanted.digest() != landed.digest => {
+                differ.insert(landed.key.clone(), landed.by.clone());
+            }
+            Some(_) => {}
+            None => match desired.outcomes.get(&landed.index) {
+                Some(Outcome::Failed(why)) => {
+                    fail_index(&mut report.records, &landed.by, Outcome::Failed(why.clone()));
+                }
+                Some(Outcome::Rejected(_) | Outcome::Kept { .. }) if is_shop_put(landed) => {
+                    let shop = Referred::Shop(landed.key.key.clone());
+                    stay.push((landed.index.clone(), shop));
                 }
                 _ => {}
-            }
-            continue;
-        };
-        let digest = match &op.action {
-            KvAction::Put(value) => Some(value.digest()),
-            KvAction::Delete => None,
-        };
-        match &prepared.records[op.owner].outcome {
-            Outcome::Failed(why) => report.records[landed.record].outcome.fail(why),
-            // A rejected record leaves its keys as they were: failing would stall its shard.
-            Outcome::Rejected(_) => {}
-            _ if digest != landed.digest => {
-                differ.insert(landed.key.clone(), landed.record);
-            }
-            _ => {}
+            },
         }
     }
     (differ, stay)
 }
 
 /// A put of an index's value on a shop key (not its own key).
-fn is_shop_put(landed: &Landed, index: &IndexRef) -> bool {
-    landed.key.is_shop_of(index) && landed.digest.is_some()
+fn is_shop_put(landed: &Landed) -> bool {
+    landed.key.is_shop_of(&landed.index) && landed.digest.is_some()
 }
 
-/// The index as the table holds it now, as changes that decide each landed key,
-/// and the shops its landed keys are on (its own key aside): an index without a settings record
-/// is removed (its keys kept while an alias reads it; its filter follows the overrides left of
-/// it, as the stream's does: they come after the remove, the last word on it).
+/// The index as the table holds it now, as records that decide each landed key, and the shops
+/// its landed keys are on (its own key aside): an index without a settings record is removed
+/// (its keys kept while an alias reads it; its filter follows the overrides left of it).
 fn as_changes(index: &IndexRef, recheck: &Recheck) -> (Vec<ChangeRecord>, BTreeSet<String>) {
     let settings_keys = (recheck.keys.iter()).filter(|l| l.key.namespace == Namespace::Settings);
     let shops: BTreeSet<String> = (settings_keys.clone())
@@ -294,30 +247,27 @@ fn as_changes(index: &IndexRef, recheck: &Recheck) -> (Vec<ChangeRecord>, BTreeS
         .collect();
     let mut records = recheck.records.clone();
     if !recheck.settings && (settings_keys.count() > 0 || records.is_empty()) {
-        records.insert(
-            0,
-            ChangeRecord::removal(index.clone(), BTreeSet::new(), false),
-        );
+        records.insert(0, ChangeRecord::removal(index.clone()));
     }
     (records, shops)
 }
 
-/// Landed override keys and filters the new plan does not name: the new read holds every
-/// override of the index, so theirs is gone (or, for a filter, the index has none) and the key
-/// is deleted (query configs and filters follow the override records, whatever the index's
-/// settings record, rejected or not).
+/// Landed override keys and filters no want names: the new read holds every override of the
+/// index, so theirs is gone (or, for a filter, the index has none) and the key is deleted
+/// (query configs and filters follow the override records, whatever the index's settings
+/// record, rejected or not).
 fn removed_overrides(
-    ops: &BTreeMap<KvKey, PlannedOp>,
+    keys: &BTreeMap<KvKey, Wanted>,
     landed: &[Landed],
     indexes: &[IndexRef],
-) -> Vec<(KvKey, Option<IndexRef>)> {
+) -> Vec<(KvKey, IndexRef)> {
     (landed.iter().map(|landed| &landed.key))
-        .filter(|key| key.namespace == Namespace::QueryConfigs && !ops.contains_key(*key))
+        .filter(|key| key.namespace == Namespace::QueryConfigs && !keys.contains_key(*key))
         .filter_map(|key| {
             let index = (indexes.iter()).find(|index| {
                 key.key.starts_with(&query_config_prefix(index)) || *key == filter_key(index)
             })?;
-            Some((key.clone(), Some(index.clone())))
+            Some((key.clone(), index.clone()))
         })
         .collect()
 }
@@ -327,7 +277,6 @@ mod tests {
     use super::*;
     use crate::adapters::memory::MemoryKv;
     use crate::pipeline::exporter::tests::exporter;
-    use crate::pipeline::plan;
     use crate::pipeline::records::{decode_as_written, decode_record};
     use serde_json::json;
     use std::time::Duration;
@@ -346,19 +295,12 @@ mod tests {
     }
 
     fn landed(key: KvKey) -> Landed {
+        let index = IndexRef::new("a", "i");
         Landed {
             key,
-            record: 0,
-            index: None,
+            by: index.clone(),
+            index,
             digest: None,
-        }
-    }
-
-    fn previous_shops(record: &ChangeRecord) -> Option<BTreeSet<String>> {
-        match &record.change {
-            Some(Change::UpsertIndex { previous_shops, .. }) => Some(previous_shops.clone()),
-            Some(Change::RemoveIndex { previous_shops, .. }) => Some(previous_shops.clone()),
-            _ => None,
         }
     }
 
@@ -385,14 +327,13 @@ mod tests {
                 settings: !removed,
                 records: now.map(|now| insert("i", Some(now))).into_iter().collect(),
             };
-            let (mut changes, shops) = as_changes(&index, &recheck);
+            let (changes, shops) = as_changes(&index, &recheck);
             assert_eq!(changes.len(), 1);
             let is_remove = matches!(changes[0].change, Some(Change::RemoveIndex { .. }));
             assert_eq!(is_remove, removed, "{now:?}");
+            // Every shop landed stands for what the ledger records: what it no longer claims
+            // is given up.
             assert_eq!(shops, expected, "{now:?}");
-            // As the snapshot settles it: every shop landed is its previous one.
-            plan::settle_previous_shops(&mut changes, |_| shops.clone());
-            assert_eq!(previous_shops(&changes[0]), Some(expected), "{now:?}");
         }
     }
 
@@ -401,19 +342,21 @@ mod tests {
         let index = IndexRef::new("a", "i");
         let qcfg = KvKey::query_config(&index, "shoes");
         let filter = filter_key(&index);
-        let delete = PlannedOp {
-            action: KvAction::Delete,
-            owner: 0,
+        let delete = Wanted {
+            want: Want::Delete,
+            checked_as: index.clone(),
+            by: index.clone(),
+            derived: true,
         };
         let landed = [landed(qcfg.clone()), landed(filter.clone())];
         let indexes = [index.clone()];
         // The index's own key: written, deleted, or kept for an alias (not planned).
         for own in [Some(delete.clone()), None] {
-            let ops: BTreeMap<KvKey, PlannedOp> = (own.into_iter())
+            let ops: BTreeMap<KvKey, Wanted> = (own.into_iter())
                 .map(|op| (KvKey::index(&index), op))
                 .collect();
             let deletes = removed_overrides(&ops, &landed, &indexes);
-            let of = Some(index.clone());
+            let of = index.clone();
             assert_eq!(deletes, [(qcfg.clone(), of.clone()), (filter.clone(), of)]);
         }
         // Still planned (its override is in the table): not deleted.

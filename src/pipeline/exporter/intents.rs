@@ -1,42 +1,37 @@
-//! Stage 4, the intents: before any KV write, every reference the batch's records leave that
+//! Stage 4, the intents: before any KV write, every reference the scope's indexes leave that
 //! the ledger does not record yet is added on both sides (docs/contract.md, "Concurrent
 //! writers", rule 3; "References in the ledger").
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use tokio::time::Instant;
 
-use super::{references, Prepared};
+use super::Prepared;
 use crate::domain::net::{self, Protection};
 use crate::domain::validate::shop_id_problem;
-use crate::domain::{Change, IndexRef};
-use crate::pipeline::plan;
-use crate::pipeline::records::ChangeRecord;
+use crate::domain::{IndexRef, Outcome};
 use crate::ports::{before_deadline, IndexRefs, Ledger, PortError, Referred};
-use crate::report::Outcome;
 
-/// What a batch's intents recorded, for the stream's shrink (stage 7): each record's index and
-/// the references it leaves (`None`: not a settings record, or planned to write nothing), what
-/// the ledger held of those indexes before, and what the intents added to it (from `birth`
-/// where they created an index's references).
+/// What a batch's intents recorded, for the stream's shrink (stage 7): what each index whose
+/// change is exported leaves (`None`: removed), what the ledger held of the batch's indexes
+/// before, and what the intents added to it (from `birth` where they created an index's
+/// references).
 pub(super) struct Intents {
-    pub left: Vec<Option<(IndexRef, IndexRefs)>>,
+    pub left: BTreeMap<IndexRef, Option<IndexRefs>>,
     pub known: HashMap<IndexRef, IndexRefs>,
     pub added: HashMap<IndexRef, BTreeSet<Referred>>,
     pub birth: u64,
-    /// The positions of the records that remove their index.
-    pub removals: BTreeSet<usize>,
-    /// The shops the records give up (deleted, given to a claimer, or kept for an alias), with
-    /// the index giving each up: what an operator whose check could not confirm them records
-    /// again.
+    /// The shops the scope's indexes give up (deleted, given to a claimer, or kept for an
+    /// alias), with the index giving each up: what an operator whose check could not confirm
+    /// them records again.
     pub given_up: Vec<(IndexRef, Referred)>,
-    /// The shops the records give other indexes' values, with that index: what a stream batch
+    /// The shops the batch gives other indexes' values, with that index: what a stream batch
     /// with a failed record records again (another shard's shrink may have taken one out
     /// before the write landed, and the replay may no longer hand it over).
     pub handed: Vec<(IndexRef, Referred)>,
 }
 
-/// Stage 4, when the run keeps references: what the records that will write refer to is
+/// Stage 4, when the run keeps references: what the indexes that will write refer to is
 /// recorded before any of their keys is sent. When it cannot be, nothing of the batch is sent
 /// (every record on its way is retried: [`Prepared::withhold`]).
 pub(super) async fn record(
@@ -45,14 +40,7 @@ pub(super) async fn record(
     deadline: Instant,
 ) -> Option<Intents> {
     let known = prepared.known_refs.take()?;
-    // A record planned to write nothing (rejected, kept, skipped) records nothing, and what it
-    // names may be no key at all.
-    let planned = prepared.records.iter().map(|record| &record.outcome);
-    let left: Vec<_> = (references::left_by(&prepared.records)
-        .into_iter()
-        .zip(planned))
-    .map(|(left, outcome)| left.filter(|_| *outcome == Outcome::Exported))
-    .collect();
+    let left = prepared.leaves.clone();
     // An operator's intent owns its members even when they are recorded already (each counts):
     // a stream's shrink that read before it then takes none of them out.
     let before = match prepared.run.owns_recorded {
@@ -61,22 +49,20 @@ pub(super) async fn record(
     };
     // Only an operator records them again (`record_again`): the stream's replay gives them up.
     let given_up = match prepared.run.owns_recorded {
-        true => given_up_by(&prepared.records),
+        true => (prepared.given_up.iter())
+            .filter(|(_, shop)| shop_id_problem(shop).is_none())
+            .map(|(index, shop)| (index.clone(), Referred::Shop(shop.clone())))
+            .collect(),
         false => Vec::new(),
     };
     let handed = handed_over(prepared);
     let also = [handed.as_slice(), &kept_for(prepared)].concat();
-    let removals = (prepared.records.iter().enumerate())
-        .filter(|(_, record)| matches!(record.change, Some(Change::RemoveIndex { .. })))
-        .map(|(at, _)| at)
-        .collect();
     match point_back(ledger, &left, before, &also, deadline).await {
         Ok((added, birth)) => Some(Intents {
             left,
             known,
             added,
             birth,
-            removals,
             given_up,
             handed,
         }),
@@ -87,28 +73,29 @@ pub(super) async fn record(
     }
 }
 
-/// Before the KV writes, the intent: every reference the batch's records leave that the ledger
-/// does not record yet (every record's, a superset of what any replay point leaves) is added on
-/// both sides, so a batch that asks who claims a shop or aliases an index finds a referrer as
-/// soon as its keys can land, and a replay finds every shop the index's keys may be on. Answers
-/// what was added, per index, and the call's birth ([`Ledger::point_back`]). `handed`: the shops the batch gives other indexes' values, each
+/// Before the KV writes, the intent: every reference the scope's indexes leave that the ledger
+/// does not record yet is added on both sides, so a batch that asks who claims a shop or
+/// aliases an index finds a referrer as soon as its keys can land, and a replay finds every
+/// shop the index's keys may be on. Answers what was added, per index, and the call's birth
+/// ([`Ledger::point_back`]). `handed`: the shops the batch gives other indexes' values, each
 /// recorded for that index too (its own records may be behind the table the value is from).
 pub(super) async fn point_back(
     ledger: &impl Ledger,
-    left: &[Option<(IndexRef, IndexRefs)>],
+    left: &BTreeMap<IndexRef, Option<IndexRefs>>,
     known: &HashMap<IndexRef, IndexRefs>,
     handed: &[(IndexRef, Referred)],
     deadline: Instant,
 ) -> Result<(HashMap<IndexRef, BTreeSet<Referred>>, u64), PortError> {
     let mut added: HashMap<IndexRef, BTreeSet<Referred>> = HashMap::new();
-    for (index, refs) in left.iter().flatten() {
+    for (index, refs) in left {
         // A record the reconcile marked counts every intent, so its mark tells whether any
         // writer came since ([`IndexRefs::ripe`]).
         let before = (known.get(index))
             .filter(|known| known.sweep.is_none() || net::off(Protection::SweepCounts))
             .map(IndexRefs::referred)
             .unwrap_or_default();
-        let new = refs.referred().into_iter().filter(|r| !before.contains(r));
+        let refs = refs.as_ref().map(IndexRefs::referred).unwrap_or_default();
+        let new = refs.into_iter().filter(|r| !before.contains(r));
         added.entry(index.clone()).or_default().extend(new);
     }
     let mut items: Vec<(IndexRef, Referred)> = (added.iter())
@@ -156,13 +143,10 @@ pub(super) async fn add_again(
 /// that index drops the alias, its batch finds the target recorded and removes it (seed 8291: a
 /// rejected record's alias, read fail closed, kept an index that nothing recorded it reads).
 fn kept_for(prepared: &Prepared) -> Vec<(IndexRef, Referred)> {
-    let kept = prepared
-        .records
-        .iter()
-        .filter_map(|record| match &record.outcome {
-            Outcome::Kept { referenced_by } => Some((record.index.as_ref()?, referenced_by)),
-            _ => None,
-        });
+    let kept = (prepared.desired.outcomes.iter()).filter_map(|(index, outcome)| match outcome {
+        Outcome::Kept { referenced_by } => Some((index, referenced_by)),
+        _ => None,
+    });
     kept.flat_map(|(index, holders)| {
         let target = Referred::Alias(index.id().0);
         holders
@@ -172,25 +156,10 @@ fn kept_for(prepared: &Prepared) -> Vec<(IndexRef, Referred)> {
     .collect()
 }
 
-/// Each shop key the plan gives another index's value (a claimer's), with that index.
+/// Each shop key the scope gives another index's value (a claimer's), with that index.
 pub(super) fn handed_over(prepared: &Prepared) -> Vec<(IndexRef, Referred)> {
-    (prepared.plan.shop_puts())
-        .filter(|(_, index, owner)| prepared.records[*owner].index.as_ref() != Some(*index))
-        .map(|(key, index, _)| (index.clone(), Referred::Shop(key.key.clone())))
-        .collect()
-}
-
-/// The shops the records give up, with the index giving each up (a shop id that is no shop key
-/// is never touched: nothing to record again). Every record's, whatever its outcome: one that
-/// failed once planned (its filter's overrides could not be read) still sends its give-ups, and
-/// each shop is one the ledger recorded for the index already (an extra costs nothing).
-fn given_up_by(records: &[ChangeRecord]) -> Vec<(IndexRef, Referred)> {
-    let given = records
-        .iter()
-        .filter_map(|record| plan::given_up(record.change.as_ref()?));
-    let given = given.flat_map(|(index, shops)| shops.into_iter().map(move |s| (index, s)));
-    (given.filter(|(_, shop)| shop_id_problem(shop).is_none()))
-        .map(|(index, shop)| (index.clone(), Referred::Shop(shop.clone())))
+    (prepared.desired.handed())
+        .map(|(key, index)| (index.clone(), Referred::Shop(key.key.clone())))
         .collect()
 }
 

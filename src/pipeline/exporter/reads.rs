@@ -8,22 +8,20 @@ use std::collections::{BTreeMap, HashMap};
 use futures::StreamExt as _;
 use tokio::time::Instant;
 
-use super::Exporter;
+use super::{fail_index, Exporter};
 use crate::domain::TableSpan;
 use crate::domain::{IndexRef, IndexRefs, Namespace, TableKey};
 use crate::pipeline::records::ChangeRecord;
 use crate::ports::SettingsTable;
 use crate::ports::{before_deadline, PortError, Ports};
-use crate::report::{BatchReport, Landed};
+use crate::report::{BatchReport, Landed, Outcome};
 
 /// Each index's records: whether it has a settings record, and its records as changes.
 pub(super) type IndexRuns = HashMap<IndexRef, (bool, Vec<ChangeRecord>)>;
 
-/// One index's landed keys (each with the original record it belongs to), and the index as
-/// the table holds it now.
+/// One index's landed keys, and the index as the table holds it now.
 #[derive(Default)]
 pub(super) struct Recheck {
-    /// Each with `record` the position of its original record in the batch.
     pub keys: Vec<Landed>,
     /// Whether the index has a settings record now.
     pub settings: bool,
@@ -214,13 +212,13 @@ fn take_seen(
     left
 }
 
-/// Every key of an index that could not be read again fails its record: retried.
+/// Every key of an index that could not be read again fails its records: retried.
 fn fail_all(report: &mut BatchReport, recheck: &Recheck, error: &PortError) {
     for landed in &recheck.keys {
         let why = format!(
             "KV key `{}`: its index could not be read again after writing: {error}",
             landed.key.key
         );
-        report.records[landed.record].outcome.fail(why);
+        fail_index(&mut report.records, &landed.by, Outcome::Failed(why));
     }
 }

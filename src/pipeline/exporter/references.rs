@@ -3,7 +3,7 @@
 //! where the ledger lacks them, and the mark that they are complete
 //! (docs/contract.md, "Concurrent writers" and "References in the ledger").
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use tokio::time::Instant;
 
@@ -11,7 +11,6 @@ use super::{intents, Exporter};
 use crate::domain::kv::{check_key, own_key_valid};
 use crate::domain::validate::shop_id_problem;
 use crate::domain::{IndexId, IndexRef, IndexSettings};
-use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{before_deadline, IndexRefs, Ledger, Ports, SettingsTable};
 use crate::ports::{PortError, Referred, SweepMark};
 
@@ -25,7 +24,7 @@ fn recorded_target(own: &IndexId, target: &str) -> bool {
 }
 
 /// The references a settings record leaves: its shop and its recorded alias targets.
-fn refs_of(settings: &IndexSettings) -> IndexRefs {
+pub(super) fn refs_of(settings: &IndexSettings) -> IndexRefs {
     let mut refs = settings.references();
     let own = settings.index.id();
     refs.targets.retain(|target| recorded_target(&own, target));
@@ -45,20 +44,6 @@ fn named_by((index, refs): &(IndexRef, IndexRefs)) -> impl Iterator<Item = Refer
         .filter(move |target| valid && recorded_target(&own, target))
         .map(|target| Referred::Alias(target.clone()));
     shop.chain(targets)
-}
-
-/// Each settings record's index and the references it leaves (`None` for other records).
-pub fn left_by(records: &[ChangeRecord]) -> Vec<Option<(IndexRef, IndexRefs)>> {
-    (records.iter())
-        .map(|record| match &record.change {
-            Some(Change::UpsertIndex { settings, .. }) => {
-                Some((settings.index.clone(), refs_of(settings)))
-            }
-            // A removed index refers to nothing.
-            Some(Change::RemoveIndex { index, .. }) => Some((index.clone(), IndexRefs::default())),
-            _ => None,
-        })
-        .collect()
 }
 
 /// A page of the ledger's records: how many it read, those of indexes the table no longer has
@@ -118,40 +103,24 @@ impl<P: Ports> Exporter<P> {
     }
 
     /// The references of every index that may refer to what is `asked` (an alias target, a
-    /// shop), from the ledger: its sets name the candidates, each candidate's own record
-    /// deciding; the indexes of a batch's own `records` are decided by them, newer than what
-    /// the ledger holds.
+    /// shop), from the ledger: its sets name the candidates, each candidate's own record in the
+    /// table deciding; the indexes in `own` are left out (their caller knows them newer).
     pub async fn referrers_of(
         &self,
         asked: Vec<Referred>,
-        records: &[ChangeRecord],
+        own: &BTreeSet<IndexRef>,
         deadline: Instant,
     ) -> Result<Vec<(IndexRef, IndexRefs)>, PortError> {
-        let mut references: BTreeMap<IndexRef, IndexRefs> = BTreeMap::new();
-        if !asked.is_empty() {
-            let query = self.ledger.referrers(&asked);
-            let mut candidates = before_deadline(deadline, "ledger references", query).await?;
-            let own: BTreeSet<IndexRef> = (left_by(records).into_iter().flatten())
-                .map(|(index, _)| index)
-                .collect();
-            candidates.retain(|candidate| !own.contains(candidate));
-            // The ledger names candidates (a superset, possibly stale); each one's settings
-            // record in the table decides: an alias dropped, or a record gone, no longer counts.
-            let read = self.table.index_references(&candidates);
-            references.extend(before_deadline(deadline, "candidates' settings", read).await?);
+        if asked.is_empty() {
+            return Ok(Vec::new());
         }
-        for record in records {
-            match &record.change {
-                Some(Change::UpsertIndex { settings, .. }) => {
-                    references.insert(settings.index.clone(), settings.references());
-                }
-                Some(Change::RemoveIndex { index, .. }) => {
-                    references.remove(index);
-                }
-                _ => {}
-            }
-        }
-        Ok(references.into_iter().collect())
+        let query = self.ledger.referrers(&asked);
+        let mut candidates = before_deadline(deadline, "ledger references", query).await?;
+        candidates.retain(|candidate| !own.contains(candidate));
+        // The ledger names candidates (a superset, possibly stale); each one's settings record
+        // in the table decides: an alias dropped, or a record gone, no longer counts.
+        let read = self.table.index_references(&candidates);
+        before_deadline(deadline, "candidates' settings", read).await
     }
 
     /// The ledger's own repair (a reconcile's pieces, a backfill's pages): the items for what
@@ -206,7 +175,8 @@ mod tests {
     use crate::adapters::memory::MemoryKv;
     use crate::pipeline::exporter::shrink;
     use crate::pipeline::exporter::tests::exporter;
-    use crate::pipeline::records::decode_as_written;
+    use crate::pipeline::records::{decode_as_written, Change, ChangeRecord};
+    use std::collections::BTreeMap;
     use crate::report::{BatchReport, Outcome};
     use serde_json::json;
     use std::collections::HashMap;
@@ -261,6 +231,18 @@ mod tests {
         }
     }
 
+    /// What each settings record's index leaves referred to.
+    fn left_by(records: &[ChangeRecord]) -> BTreeMap<IndexRef, Option<IndexRefs>> {
+        (records.iter())
+            .filter_map(|record| match &record.change {
+                Some(Change::UpsertIndex { settings, .. }) => {
+                    Some((settings.index.clone(), Some(refs_of(settings))))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// What the memory ledger holds pointing back, sorted.
     fn back(
         e: &Exporter<impl Ports<Ledger = crate::adapters::memory::MemoryLedger>>,
@@ -278,7 +260,6 @@ mod tests {
             .insert(index("p"), at_shop("a"));
         let known = HashMap::from([(index("p"), at_shop("a"))]);
         let records = [
-            upsert("p", Some("b.myshopify.com"), None),
             upsert("p", Some("c.myshopify.com"), Some("a-t")),
             upsert("q", Some("q.myshopify.com"), None),
         ];
@@ -290,16 +271,15 @@ mod tests {
 
         let mut expected = vec![
             (Referred::Alias("a-t".into()), index("p")),
-            (shop("b"), index("p")),
             (shop("c"), index("p")),
             (shop("q"), index("q")),
         ];
         expected.sort();
         assert_eq!(back(&e), expected);
-        assert_eq!(added.values().map(BTreeSet::len).sum::<usize>(), 4);
+        assert_eq!(added.values().map(BTreeSet::len).sum::<usize>(), 3);
         // Every shop `p`'s keys may be on, the one it had included: a replay gives them up.
         let refs = e.ledger.refs.lock().unwrap().clone();
-        let mut p = at_shops(&["a", "b", "c"]);
+        let mut p = at_shops(&["a", "c"]);
         p.targets.insert("a-t".into());
         // One intent each: one update of each index's item.
         p.intents = 1;
@@ -312,7 +292,8 @@ mod tests {
 
     /// Only an index whose every record lies before the first failed record (where Lambda's
     /// replay starts) and was exported has what it gave up taken out; any other keeps the
-    /// superset its intents recorded, for the replay to give up again.
+    /// superset its intents recorded, for the replay to give up again, and an index in scope
+    /// with no record of its own (a dropped alias target) is left to its own records.
     #[tokio::test]
     async fn the_stream_takes_out_only_what_an_index_settled_before_its_first_failed_record() {
         let e = exporter(MemoryKv::default());
@@ -324,36 +305,34 @@ mod tests {
             .unwrap()
             .extend([(shop("a"), index("p")), (shop("r1"), index("r"))]);
         let records = [
-            upsert("p", Some("b.myshopify.com"), None),
+            upsert("p", Some("c.myshopify.com"), None),
             upsert("r", Some("r2.myshopify.com"), None),
             upsert("q", Some("q.myshopify.com"), None),
-            upsert("p", Some("c.myshopify.com"), None),
+            upsert("s", Some("s.myshopify.com"), None),
         ];
         let left = left_by(&records);
         let (added, birth) = intents::point_back(&e.ledger, &left, &known, &[], deadline())
             .await
             .unwrap();
         let outcomes = [
-            Outcome::Exported,
-            Outcome::Exported,
-            Outcome::Failed("KV down".into()),
-            Outcome::Exported,
+            ("p", Outcome::Exported),
+            ("r", Outcome::Exported),
+            ("q", Outcome::Failed("KV down".into())),
+            ("p", Outcome::Exported),
         ];
         let report = BatchReport {
             records: (outcomes.into_iter())
-                .map(|outcome| ChangeRecord::of(None, Err(outcome)))
+                .map(|(name, outcome)| ChangeRecord::of(Some(index(name)), Err(outcome)))
                 .collect(),
             ..BatchReport::default()
         };
 
-        let given_up = Vec::new();
         let intents = intents::Intents {
             left,
             known,
             added,
             birth,
-            removals: BTreeSet::new(),
-            given_up,
+            given_up: Vec::new(),
             handed: Vec::new(),
         };
         shrink::record(&e.ledger, (intents, false), &report, deadline()).await;
@@ -368,9 +347,10 @@ mod tests {
         );
         assert_eq!(
             refs[&index("p")],
-            at_shops(&["a", "b", "c"]),
+            at_shops(&["a", "c"]),
             "`p` is replayed"
         );
+        assert_eq!(refs[&index("s")], at_shop("s"), "`s` has no record: left");
         assert_eq!(
             refs[&index("q")],
             at_shop("q"),
@@ -378,10 +358,10 @@ mod tests {
         );
         let mut expected = vec![
             (shop("a"), index("p")),
-            (shop("b"), index("p")),
             (shop("c"), index("p")),
             (shop("q"), index("q")),
             (shop("r2"), index("r")),
+            (shop("s"), index("s")),
         ];
         expected.sort();
         assert_eq!(back(&e), expected);
@@ -473,7 +453,7 @@ mod tests {
         }
 
         let found = e
-            .referrers_of(asked.to_vec(), &[], deadline())
+            .referrers_of(asked.to_vec(), &BTreeSet::new(), deadline())
             .await
             .unwrap();
 
@@ -499,7 +479,9 @@ mod tests {
             upsert("p", Some("p.myshopify.com"), Some("a-p")),
             upsert("q", None, Some("a-p")),
         ];
-        let left: Vec<_> = left_by(&records).into_iter().flatten().collect();
+        let left: Vec<_> = (left_by(&records).into_iter())
+            .map(|(index, refs)| (index, refs.unwrap()))
+            .collect();
         let reference = |name: &str, target: &str| {
             let targets = [target.to_owned()].into();
             (

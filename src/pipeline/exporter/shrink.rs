@@ -38,39 +38,24 @@ pub(super) async fn record(
     }
 }
 
-/// Each index the batch settled, with its last exported record's references (`None`: that
-/// record removed the index).
+/// Each index the batch settled, with what it leaves (`None`: removed): its change exported,
+/// and every record of it before the batch's first failed record (Lambda replays from there).
+/// An index in scope with no record of its own (a dropped alias target) is not this batch's:
+/// its own records, concurrently, take out what it gave up.
 fn settled(intents: &Intents, report: &BatchReport) -> BTreeMap<IndexRef, Option<IndexRefs>> {
     let outcomes: Vec<&Outcome> = report.records.iter().map(|r| &r.outcome).collect();
     let replayed_from = (outcomes.iter())
         .position(|o| matches!(o, Outcome::Failed(_)))
         .unwrap_or(outcomes.len());
-    // `None` once a record of the index is not settled.
-    let mut settled: BTreeMap<IndexRef, Option<Option<Option<IndexRefs>>>> = BTreeMap::new();
-    // An index with a record Lambda replays is settled by the replay, even where that record
-    // has no entry here (one failed before its plan wrote anything).
-    for replayed in report.records[replayed_from..].iter() {
-        settled.extend(replayed.index.clone().map(|index| (index, None)));
+    let mut settled: BTreeMap<IndexRef, bool> = BTreeMap::new();
+    for (at, record) in report.records.iter().enumerate() {
+        let Some(index) = &record.index else { continue };
+        let ok = at < replayed_from && !matches!(record.outcome, Outcome::Kept { .. });
+        *settled.entry(index.clone()).or_insert(true) &= ok;
     }
-    for (at, entry) in intents.left.iter().enumerate() {
-        let Some((index, refs)) = entry else { continue };
-        let state = settled.entry(index.clone()).or_insert(Some(None));
-        match outcomes[at] {
-            _ if at >= replayed_from => *state = None,
-            Outcome::Exported => {
-                if let Some(last) = state {
-                    let removed = intents.removals.contains(&at);
-                    *last = Some((!removed).then(|| refs.clone()));
-                }
-            }
-            // Kept for an alias: its keys, its shop key too, stay as they were.
-            Outcome::Kept { .. } => *state = None,
-            // Rejected or skipped: its keys (and what they refer to) are as they were.
-            _ => {}
-        }
-    }
-    (settled.into_iter())
-        .filter_map(|(index, state)| Some((index, state??)))
+    (intents.left.iter())
+        .filter(|(index, _)| settled.get(*index) == Some(&true))
+        .map(|(index, left)| (index.clone(), left.clone()))
         .collect()
 }
 

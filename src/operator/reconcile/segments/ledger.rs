@@ -11,7 +11,6 @@
 //!
 //! A mark on an index the table has again is taken off.
 
-use std::collections::BTreeSet;
 
 use super::{Pass, Position};
 use crate::domain::{ChangeRecord, SweepMark};
@@ -38,7 +37,7 @@ impl<P: Ports> Pass<'_, P> {
             match refs.sweep {
                 Some(_) if live => marks.push((index, None)),
                 Some(_) if refs.ripe(now) => {
-                    removals.push(ChangeRecord::removal(index, BTreeSet::new(), false));
+                    removals.push(ChangeRecord::removal(index));
                 }
                 // A mark stays while no intent came since: its wait goes on (one dated ahead
                 // of the clock is set again).

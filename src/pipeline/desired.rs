@@ -1,0 +1,482 @@
+//! What the table and the ledger imply for a scope of indexes: one pure function from their
+//! states to the keys ([`desired`]), the only place the contract's rules about keys live
+//! (docs/contract.md, "Where each rule lives"): shop claimers, removed indexes kept for an
+//! alias, filters following overrides, rejected records, key limits. Every writer sends what it
+//! implies; the check and the comparing modes compare against it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use crate::domain::kv::{check_key, check_put, KvValue};
+use crate::domain::net::{self, Protection};
+use crate::domain::qfilter::{filter_key, QueryFilter};
+use crate::domain::validate::{index_key_problem, shop_id_problem, shown, SHOP_DOMAIN};
+use crate::domain::{AccountCell, ApiKey, IndexRef, IndexRefs, IndexSettings, KvAction, KvKey};
+use crate::domain::{Change, ChangeRecord, Outcome, QueryConfig};
+use crate::ports::PortError;
+
+/// An index's settings record as the table holds it.
+#[derive(Debug, Clone)]
+pub enum Settings {
+    Valid(Arc<IndexSettings>),
+    /// Rejected: its keys stay as they are; what its raw item names (read fail closed).
+    Rejected(IndexRefs),
+    Absent,
+}
+
+/// One index as the reader found it: what the table says of it, and what the ledger records.
+#[derive(Debug, Default)]
+pub struct IndexState {
+    /// Its settings record (`None`: its settings keys are not in scope, only overrides are).
+    pub settings: Option<Settings>,
+    /// What the ledger records of it: every shop its keys may be on, every target it may alias.
+    pub recorded: IndexRefs,
+    /// Its overrides in scope, each as the table holds it (`None`: gone).
+    pub queries: BTreeMap<String, Option<QueryConfig>>,
+    /// Every query of its overrides, when its filter is in scope.
+    pub filter: Option<Result<Vec<String>, PortError>>,
+    /// In scope on behalf of another index (an alias target that index dropped): its failures
+    /// are that index's.
+    pub because: Option<IndexRef>,
+}
+
+impl IndexState {
+    /// What its record names now: its shop and live alias targets (a rejected record's read
+    /// fail closed; `None`: its settings are not in scope).
+    pub fn names(&self) -> Option<IndexRefs> {
+        match self.settings.as_ref()? {
+            Settings::Valid(settings) => Some(settings.references()),
+            Settings::Rejected(raw) => Some(raw.clone()),
+            Settings::Absent => Some(IndexRefs::default()),
+        }
+    }
+
+    /// The shops it gave up: every one the ledger records that its record no longer claims (the
+    /// one rule, for every writer).
+    pub fn given_up(&self) -> Vec<&String> {
+        let Some(now) = self.names() else {
+            return Vec::new();
+        };
+        let recorded = self.recorded.shops.iter();
+        recorded.filter(|shop| !now.shops.contains(*shop)).collect()
+    }
+}
+
+/// Who claims each shop and who aliases each index id, as the table holds their records now.
+#[derive(Debug, Default)]
+pub struct Referrers {
+    pub by_shop: HashMap<String, Vec<IndexRef>>,
+    pub by_target: HashMap<String, Vec<IndexRef>>,
+}
+
+impl Referrers {
+    pub fn of(references: impl IntoIterator<Item = (IndexRef, IndexRefs)>) -> Self {
+        let mut referrers = Referrers::default();
+        for (index, refs) in references {
+            for shop in refs.shops {
+                referrers.by_shop.entry(shop).or_default().push(index.clone());
+            }
+            for target in refs.targets {
+                let aliases = referrers.by_target.entry(target).or_default();
+                if aliases.last() != Some(&index) {
+                    aliases.push(index.clone());
+                }
+            }
+        }
+        referrers
+    }
+
+    /// Who keeps a removed `index` for an alias: every other index whose record aliases its id
+    /// (the one rule of alias deletion safety).
+    pub fn keeping(&self, index: &IndexRef) -> Vec<IndexRef> {
+        if net::off(Protection::AliasSafety) {
+            return Vec::new();
+        }
+        let aliases = self.by_target.get(&index.id().0).into_iter().flatten();
+        aliases.filter(|alias| *alias != index).cloned().collect()
+    }
+}
+
+/// The scope's indexes and what deciding their keys needs of the outside.
+#[derive(Debug)]
+pub struct World {
+    pub indexes: BTreeMap<IndexRef, IndexState>,
+    /// Who claims the shops given up and aliases the indexes removed (`Err`: not read, why).
+    pub referrers: Result<Referrers, String>,
+    /// The settings of claimers outside the scope (`None`: no record).
+    pub claimers: HashMap<IndexRef, Result<Option<Arc<IndexSettings>>, PortError>>,
+    pub api_keys: HashMap<AccountCell, Result<ApiKey, PortError>>,
+    pub default_cell: String,
+}
+
+impl Default for World {
+    fn default() -> Self {
+        World {
+            indexes: BTreeMap::new(),
+            referrers: Ok(Referrers::default()),
+            claimers: HashMap::new(),
+            api_keys: HashMap::new(),
+            default_cell: String::new(),
+        }
+    }
+}
+
+/// What one key must hold.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Want {
+    Put(Arc<KvValue>),
+    Delete,
+    /// Left as it is: a removed index an alias keeps.
+    Keep,
+}
+
+/// A key's want, with the index it is checked as (a put's: whose value it is) and the index
+/// whose change decided it (`by`: its records fail when the key does not land).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Wanted {
+    pub want: Want,
+    pub checked_as: IndexRef,
+    pub by: IndexRef,
+    /// Decided from other items than `by`'s own records: a shop given up, a filter, a key of an
+    /// index in scope for another (the stream checks these against the table).
+    pub derived: bool,
+}
+
+impl Wanted {
+    /// The KV operation it sends (`None`: nothing, the key is kept).
+    pub fn action(&self) -> Option<KvAction> {
+        match &self.want {
+            Want::Put(value) => Some(KvAction::Put(value.clone())),
+            Want::Delete => Some(KvAction::Delete),
+            Want::Keep => None,
+        }
+    }
+
+    /// The digest of what it puts (`None`: a delete; empty: kept as it was).
+    pub fn digest(&self) -> Option<String> {
+        match &self.want {
+            Want::Put(value) => Some(value.digest()),
+            Want::Delete => None,
+            Want::Keep => Some(String::new()),
+        }
+    }
+
+    /// Which want wins a key several indexes decide: an index's own value, then a claimer's
+    /// value on a shop given up, then a delete; a key kept loses to any.
+    fn rank(&self) -> u8 {
+        match &self.want {
+            Want::Put(_) if self.checked_as == self.by => 3,
+            Want::Put(_) => 2,
+            Want::Delete => 1,
+            Want::Keep => 0,
+        }
+    }
+}
+
+/// The keys a scope implies, and how each index's change ends.
+#[derive(Debug, Default)]
+pub struct Desired {
+    pub keys: BTreeMap<KvKey, Wanted>,
+    /// Each index's: exported, rejected (its keys as they were), kept for an alias, or failed
+    /// (nothing of it decided: retried).
+    pub outcomes: BTreeMap<IndexRef, Outcome>,
+    /// Override keys whose value Cloudflare would refuse, and why (their records are rejected).
+    pub refused: BTreeMap<KvKey, String>,
+    /// Remarks for the log.
+    pub notes: Vec<(IndexRef, String)>,
+}
+
+impl Desired {
+    /// The shop keys given a claimer's value, with that claimer.
+    pub fn handed(&self) -> impl Iterator<Item = (&KvKey, &IndexRef)> {
+        let handed = self.keys.iter().filter(|(_, w)| w.rank() == 2);
+        handed.map(|(key, wanted)| (key, &wanted.checked_as))
+    }
+
+    fn want(&mut self, key: KvKey, wanted: Wanted) {
+        if matches!(wanted.want, Want::Delete) && check_key(&key.key).is_err() {
+            return; // Cloudflare never stored such a key: nothing to delete.
+        }
+        let stronger = |held: &Wanted| wanted.rank() > held.rank();
+        if self.keys.get(&key).is_none_or(stronger) {
+            self.keys.insert(key, wanted);
+        }
+    }
+}
+
+/// The keys the scope's states imply, and each index's outcome.
+pub fn desired(world: &World) -> Desired {
+    let mut desired = Desired::default();
+    for (index, state) in &world.indexes {
+        let mut plan = IndexPlan {
+            index,
+            state,
+            world,
+            keys: Vec::new(),
+            notes: Vec::new(),
+        };
+        let outcome = match plan.settings().and_then(|o| plan.overrides(&mut desired).map(|_| o)) {
+            Ok(outcome) | Err(outcome) => outcome,
+        };
+        desired.notes.extend(plan.notes.drain(..).map(|n| (index.clone(), n)));
+        if !matches!(outcome, Outcome::Failed(_)) {
+            for (key, wanted) in plan.keys {
+                desired.want(key, wanted);
+            }
+        }
+        desired.outcomes.insert(index.clone(), outcome);
+    }
+    desired
+}
+
+/// Each index the records name, as they say it is now; a settings record rejected as read
+/// stands for its index only when no other record says more.
+pub fn states_of(records: &[ChangeRecord]) -> BTreeMap<IndexRef, IndexState> {
+    let mut indexes: BTreeMap<IndexRef, IndexState> = BTreeMap::new();
+    for record in records {
+        let Some(index) = &record.index else { continue };
+        let state = indexes.entry(index.clone()).or_default();
+        match &record.change {
+            Some(Change::UpsertIndex {
+                settings,
+                with_overrides,
+            }) => {
+                state.settings = Some(Settings::Valid(settings.clone()));
+                if *with_overrides {
+                    state.filter.get_or_insert(Ok(Vec::new()));
+                }
+            }
+            Some(Change::RemoveIndex { .. }) => state.settings = Some(Settings::Absent),
+            Some(Change::UpsertQuery(config)) => {
+                state.queries.insert(config.query.clone(), Some(config.clone()));
+                state.filter.get_or_insert(Ok(Vec::new()));
+            }
+            Some(Change::RemoveQuery { query, .. }) => {
+                state.queries.insert(query.clone(), None);
+                state.filter.get_or_insert(Ok(Vec::new()));
+            }
+            None if matches!(record.outcome, Outcome::Rejected(_)) => {
+                let raw = Settings::Rejected(IndexRefs::default());
+                state.settings.get_or_insert(raw);
+            }
+            None => {}
+        }
+    }
+    indexes
+}
+
+/// One index's keys, worked out.
+struct IndexPlan<'w> {
+    index: &'w IndexRef,
+    state: &'w IndexState,
+    world: &'w World,
+    keys: Vec<(KvKey, Wanted)>,
+    notes: Vec<String>,
+}
+
+impl IndexPlan<'_> {
+    fn push(&mut self, key: KvKey, want: Want, checked_as: Option<&IndexRef>, derived: bool) {
+        let wanted = Wanted {
+            want,
+            checked_as: checked_as.unwrap_or(self.index).clone(),
+            by: self.index.clone(),
+            derived: derived || self.state.because.is_some(),
+        };
+        self.keys.push((key, wanted));
+    }
+
+    /// Its settings keys and the shops it gave up; the index's outcome.
+    fn settings(&mut self) -> Result<Outcome, Outcome> {
+        let index = self.index;
+        let (outcome, kept) = match &self.state.settings {
+            None => return Ok(Outcome::Exported),
+            Some(Settings::Valid(settings)) => match self.valid(settings) {
+                Ok(()) => (Outcome::Exported, false),
+                Err(Outcome::Rejected(why)) => (Outcome::Rejected(why), false),
+                Err(failed) => return Err(failed),
+            },
+            // Why is its record's own.
+            Some(Settings::Rejected(_)) => (Outcome::Rejected(String::new()), false),
+            Some(Settings::Absent) => {
+                check_own_key(index)?;
+                let referenced_by = self.referrers()?.keeping(index);
+                match referenced_by.is_empty() {
+                    // Its filter and query configs follow its override records.
+                    true => {
+                        self.push(KvKey::index(index), Want::Delete, None, false);
+                        (Outcome::Exported, false)
+                    }
+                    false => {
+                        self.push(KvKey::index(index), Want::Keep, None, true);
+                        (Outcome::Kept { referenced_by }, true)
+                    }
+                }
+            }
+        };
+        for shop in self.state.given_up() {
+            self.give_up(shop, kept)?;
+        }
+        Ok(outcome)
+    }
+
+    /// A valid record's own key and shop key, with its account's API key.
+    fn valid(&mut self, settings: &Arc<IndexSettings>) -> Result<(), Outcome> {
+        check_own_key(self.index)?;
+        if let Some(reason) = settings.shop_id_problem() {
+            return Err(Outcome::Rejected(reason));
+        }
+        let value = Arc::new(settings_value(self.world, settings)?);
+        let own = KvKey::index(self.index);
+        let shop = settings.shop_id.as_ref().map(KvKey::settings);
+        for key in shop.iter().chain([&own]) {
+            check_put(&key.key, &value).map_err(Outcome::Rejected)?;
+        }
+        for key in shop.into_iter().chain([own]) {
+            self.push(key, Want::Put(value.clone()), None, false);
+        }
+        Ok(())
+    }
+
+    /// The index gave up `shop`: it takes the value of whoever serves it now ([`serving`]);
+    /// with nobody, it is deleted, or kept while the index is removed but `kept` for an alias.
+    fn give_up(&mut self, shop: &str, kept: bool) -> Result<(), Outcome> {
+        if shop_id_problem(shop).is_some() {
+            // Never written as a shop key: it may be another index's key. Left to reconcile.
+            let note = format!("old shop id {} is not a shop key: not deleted", shown(shop));
+            self.notes.push(note);
+            return Ok(());
+        }
+        let key = KvKey::settings(shop);
+        if let Some((claimer, value)) = serving(shop, self.index, self.world)? {
+            self.notes.push(format!("shop key `{shop}` now serves index {claimer}, which claims it"));
+            self.push(key, Want::Put(Arc::new(value)), Some(&claimer), true);
+            return Ok(());
+        }
+        if kept {
+            self.push(key, Want::Keep, None, true);
+            return Ok(());
+        }
+        let claimers = self.referrers()?.by_shop.get(shop).into_iter().flatten();
+        if claimers.filter(|c| *c != self.index).count() > 0 {
+            let note = format!("shop key `{shop}` deleted: no index that claims it can be exported");
+            self.notes.push(note);
+        }
+        self.push(key, Want::Delete, None, true);
+        Ok(())
+    }
+
+    fn referrers(&self) -> Result<&Referrers, Outcome> {
+        (self.world.referrers.as_ref()).map_err(|why| {
+            Outcome::Failed(format!(
+                "cannot read who aliases what the batch removes or claims what it gives up: {why}"
+            ))
+        })
+    }
+
+    /// Its overrides' query configs and its filter, which follow its override records alone
+    /// (docs/contract.md, "Query-override filter").
+    fn overrides(&mut self, desired: &mut Desired) -> Result<(), Outcome> {
+        let index = self.index;
+        for (query, config) in &self.state.queries {
+            let key = KvKey::query_config(index, query);
+            let Some(config) = config else {
+                self.push(key, Want::Delete, None, false);
+                continue;
+            };
+            let text = serde_json::to_string(&config.kv_value()).expect("configs serialize");
+            let value = KvValue::query_config(index, query, text);
+            match check_put(&key.key, &value) {
+                Ok(()) => self.push(key, Want::Put(Arc::new(value)), None, false),
+                Err(why) => {
+                    desired.refused.insert(key, why);
+                }
+            }
+        }
+        let Some(queries) = &self.state.filter else {
+            return Ok(());
+        };
+        let queries = queries.as_ref().map_err(|e| {
+            Outcome::Failed(format!("cannot read the overrides of index {index} for its filter: {e}"))
+        })?;
+        let filter = QueryFilter::build(index, queries.clone());
+        let key = filter_key(index);
+        if filter.count == 0 {
+            self.push(key, Want::Delete, None, true);
+            return Ok(());
+        }
+        let text = serde_json::to_string(&filter).expect("filters serialize");
+        let value = KvValue::new(index, text);
+        match check_put(&key.key, &value) {
+            Ok(()) => self.push(key, Want::Put(Arc::new(value)), None, true),
+            Err(why) => self.notes.push(format!("its query filter is not written: {why}")),
+        }
+        Ok(())
+    }
+}
+
+/// An index's own key may be written or deleted only when it cannot be a shop's key.
+fn check_own_key(index: &IndexRef) -> Result<(), Outcome> {
+    // `{account}-{name}` can end with the shop suffix only if the name ends with it, or is a
+    // tail of it: anything else needs no key built.
+    let name = index.name.as_str();
+    if !name.ends_with(SHOP_DOMAIN) && !SHOP_DOMAIN.ends_with(name) {
+        return Ok(());
+    }
+    match index_key_problem(&KvKey::index(index).key) {
+        Some(reason) => Err(Outcome::Rejected(reason)),
+        None => Ok(()),
+    }
+}
+
+/// The value under an index's keys, with its account's API key as it was looked up.
+fn settings_value(world: &World, settings: &Arc<IndexSettings>) -> Result<KvValue, Outcome> {
+    let wanted = settings.account_cell(&world.default_cell);
+    let api_key = match world.api_keys.get(&wanted) {
+        Some(Ok(key)) => key,
+        Some(Err(error)) => return Err(Outcome::of_port_error(error, "")),
+        None => return Err(Outcome::Failed("API key was not looked up".into())),
+    };
+    Ok(KvValue::settings(settings.clone(), api_key.clone()))
+}
+
+/// Who serves `shop` once `index` gave it up (the one rule, for every writer and the orphan
+/// finder): the first other index, by id, whose record as the table holds it now claims the
+/// shop and whose account's API key was found, with its value; `None`: nobody. A claimer that
+/// could not be read or looked up is an error: retried, never passed over.
+pub fn serving(
+    shop: &str,
+    index: &IndexRef,
+    world: &World,
+) -> Result<Option<(IndexRef, KvValue)>, Outcome> {
+    let Ok(referrers) = &world.referrers else {
+        return Err(Outcome::Failed("who claims the shop was not read".into()));
+    };
+    let claimers = referrers.by_shop.get(shop).into_iter().flatten();
+    let claimers: BTreeSet<&IndexRef> = claimers.filter(|c| *c != index).collect();
+    for claimer in claimers {
+        let in_scope = world.indexes.get(claimer).and_then(|s| s.settings.as_ref());
+        let settings = match (in_scope, world.claimers.get(claimer)) {
+            (Some(Settings::Valid(settings)), _) => Some(settings),
+            (Some(_), _) => None,
+            (None, Some(Ok(settings))) => settings.as_ref(),
+            (None, Some(Err(reason))) => {
+                let why = format!("index {claimer} claims shop key `{shop}`: its settings could not be read: {reason}");
+                return Err(Outcome::Failed(why));
+            }
+            (None, None) => {
+                let why = format!("index {claimer} claims shop key `{shop}`: its settings were not read");
+                return Err(Outcome::Failed(why));
+            }
+        };
+        // Its record no longer claims the shop, or is rejected: the next claimer.
+        let Some(settings) = settings.filter(|s| s.shop_id.as_deref() == Some(shop)) else {
+            continue;
+        };
+        match settings_value(world, settings) {
+            Ok(value) => return Ok(Some((claimer.clone(), value))),
+            Err(Outcome::Rejected(_)) => {}
+            Err(outcome) => return Err(outcome),
+        }
+    }
+    Ok(None)
+}
