@@ -6,8 +6,9 @@ use ecom_settings_exporter::domain::ApiKey;
 use ecom_settings_exporter::domain::{KvAction, KvKey};
 use ecom_settings_exporter::dynamo::table_record;
 use ecom_settings_exporter::entry::Payload;
-use ecom_settings_exporter::pipeline::desired::{desired, states_of, Settings, World};
+use ecom_settings_exporter::pipeline::desired::desired;
 use ecom_settings_exporter::pipeline::records::{decode_as_written, decode_record, ChangeRecord};
+use ecom_settings_exporter::pipeline::scope::{states_of, Settings, World};
 
 // Counts allocations and bytes per step next to the times.
 #[global_allocator]

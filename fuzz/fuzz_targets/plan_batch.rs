@@ -7,7 +7,8 @@ use ecom_settings_exporter::adapters::cloudflare::encode::{
     requests, KvRequest, MAX_BULK_BYTES, MAX_BULK_ITEMS,
 };
 use ecom_settings_exporter::domain::{ApiKey, KvOp};
-use ecom_settings_exporter::pipeline::desired::{desired, states_of, Settings, World};
+use ecom_settings_exporter::pipeline::desired::desired;
+use ecom_settings_exporter::pipeline::scope::{states_of, Settings, World};
 use ecom_settings_exporter::pipeline::records::decode_as_written;
 use ecom_settings_exporter::report::Outcome;
 use libfuzzer_sys::fuzz_target;

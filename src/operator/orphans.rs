@@ -12,7 +12,7 @@ use crate::domain::kv::{KeyMetadata, Written};
 use crate::domain::qfilter::filter_key;
 use crate::domain::{IndexRef, KvKey, Namespace, TableKey};
 use crate::pipeline::exporter::{Exporter, Prepared};
-use crate::pipeline::desired::Referrers;
+use crate::pipeline::scope::Referrers;
 use crate::ports::Referred;
 use crate::ports::{KvStore as _, ListedKey, PortError, Ports};
 

@@ -4,122 +4,16 @@
 //! alias, filters following overrides, rejected records, key limits. Every writer sends what it
 //! implies; the check and the comparing modes compare against it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::domain::kv::{check_key, check_put, KvValue};
-use crate::domain::net::{self, Protection};
 use crate::domain::qfilter::{filter_key, QueryFilter};
 use crate::domain::validate::{index_key_problem, shop_id_problem, shown, SHOP_DOMAIN};
-use crate::domain::{AccountCell, ApiKey, IndexRef, IndexRefs, IndexSettings, KvAction, KvKey};
-use crate::domain::{Change, ChangeRecord, Outcome, QueryConfig};
-use crate::ports::PortError;
+use crate::domain::Outcome;
+use crate::domain::{IndexRef, IndexSettings, KvAction, KvKey};
 
-/// An index's settings record as the table holds it.
-#[derive(Debug, Clone)]
-pub enum Settings {
-    Valid(Arc<IndexSettings>),
-    /// Rejected: its keys stay as they are; what its raw item names (read fail closed).
-    Rejected(IndexRefs),
-    Absent,
-}
-
-/// One index as the reader found it: what the table says of it, and what the ledger records.
-#[derive(Debug, Default)]
-pub struct IndexState {
-    /// Its settings record (`None`: its settings keys are not in scope, only overrides are).
-    pub settings: Option<Settings>,
-    /// What the ledger records of it: every shop its keys may be on, every target it may alias.
-    pub recorded: IndexRefs,
-    /// Its overrides in scope, each as the table holds it (`None`: gone).
-    pub queries: BTreeMap<String, Option<QueryConfig>>,
-    /// Every query of its overrides, when its filter is in scope.
-    pub filter: Option<Result<Vec<String>, PortError>>,
-    /// In scope on behalf of another index (an alias target that index dropped): its failures
-    /// are that index's.
-    pub because: Option<IndexRef>,
-}
-
-impl IndexState {
-    /// What its record names now: its shop and live alias targets (a rejected record's read
-    /// fail closed; `None`: its settings are not in scope).
-    pub fn names(&self) -> Option<IndexRefs> {
-        match self.settings.as_ref()? {
-            Settings::Valid(settings) => Some(settings.references()),
-            Settings::Rejected(raw) => Some(raw.clone()),
-            Settings::Absent => Some(IndexRefs::default()),
-        }
-    }
-
-    /// The shops it gave up: every one the ledger records that its record no longer claims (the
-    /// one rule, for every writer).
-    pub fn given_up(&self) -> Vec<&String> {
-        let Some(now) = self.names() else {
-            return Vec::new();
-        };
-        let recorded = self.recorded.shops.iter();
-        recorded.filter(|shop| !now.shops.contains(*shop)).collect()
-    }
-}
-
-/// Who claims each shop and who aliases each index id, as the table holds their records now.
-#[derive(Debug, Default)]
-pub struct Referrers {
-    pub by_shop: HashMap<String, Vec<IndexRef>>,
-    pub by_target: HashMap<String, Vec<IndexRef>>,
-}
-
-impl Referrers {
-    pub fn of(references: impl IntoIterator<Item = (IndexRef, IndexRefs)>) -> Self {
-        let mut referrers = Referrers::default();
-        for (index, refs) in references {
-            for shop in refs.shops {
-                referrers.by_shop.entry(shop).or_default().push(index.clone());
-            }
-            for target in refs.targets {
-                let aliases = referrers.by_target.entry(target).or_default();
-                if aliases.last() != Some(&index) {
-                    aliases.push(index.clone());
-                }
-            }
-        }
-        referrers
-    }
-
-    /// Who keeps a removed `index` for an alias: every other index whose record aliases its id
-    /// (the one rule of alias deletion safety).
-    pub fn keeping(&self, index: &IndexRef) -> Vec<IndexRef> {
-        if net::off(Protection::AliasSafety) {
-            return Vec::new();
-        }
-        let aliases = self.by_target.get(&index.id().0).into_iter().flatten();
-        aliases.filter(|alias| *alias != index).cloned().collect()
-    }
-}
-
-/// The scope's indexes and what deciding their keys needs of the outside.
-#[derive(Debug)]
-pub struct World {
-    pub indexes: BTreeMap<IndexRef, IndexState>,
-    /// Who claims the shops given up and aliases the indexes removed (`Err`: not read, why).
-    pub referrers: Result<Referrers, String>,
-    /// The settings of claimers outside the scope (`None`: no record).
-    pub claimers: HashMap<IndexRef, Result<Option<Arc<IndexSettings>>, PortError>>,
-    pub api_keys: HashMap<AccountCell, Result<ApiKey, PortError>>,
-    pub default_cell: String,
-}
-
-impl Default for World {
-    fn default() -> Self {
-        World {
-            indexes: BTreeMap::new(),
-            referrers: Ok(Referrers::default()),
-            claimers: HashMap::new(),
-            api_keys: HashMap::new(),
-            default_cell: String::new(),
-        }
-    }
-}
+use super::scope::{IndexState, Referrers, Settings, World};
 
 /// What one key must hold.
 #[derive(Debug, Clone, PartialEq)]
@@ -162,7 +56,9 @@ impl Wanted {
     }
 
     /// Which want wins a key several indexes decide: an index's own value, then a claimer's
-    /// value on a shop given up, then a delete; a key kept loses to any.
+    /// value on a shop given up, then a delete; a key kept loses to any. Of two as strong, the
+    /// one decided later (`desired` decides the indexes in the order of their last records:
+    /// of two indexes that claim one shop, the one changed last keeps it).
     fn rank(&self) -> u8 {
         match &self.want {
             Want::Put(_) if self.checked_as == self.by => 3,
@@ -197,8 +93,8 @@ impl Desired {
         if matches!(wanted.want, Want::Delete) && check_key(&key.key).is_err() {
             return; // Cloudflare never stored such a key: nothing to delete.
         }
-        let stronger = |held: &Wanted| wanted.rank() > held.rank();
-        if self.keys.get(&key).is_none_or(stronger) {
+        let as_strong = |held: &Wanted| wanted.rank() >= held.rank();
+        if self.keys.get(&key).is_none_or(as_strong) {
             self.keys.insert(key, wanted);
         }
     }
@@ -207,7 +103,9 @@ impl Desired {
 /// The keys the scope's states imply, and each index's outcome.
 pub fn desired(world: &World) -> Desired {
     let mut desired = Desired::default();
-    for (index, state) in &world.indexes {
+    let mut indexes: Vec<_> = world.indexes.iter().collect();
+    indexes.sort_by_key(|(_, state)| state.last);
+    for (index, state) in indexes {
         let mut plan = IndexPlan {
             index,
             state,
@@ -215,54 +113,25 @@ pub fn desired(world: &World) -> Desired {
             keys: Vec::new(),
             notes: Vec::new(),
         };
-        let outcome = match plan.settings().and_then(|o| plan.overrides(&mut desired).map(|_| o)) {
-            Ok(outcome) | Err(outcome) => outcome,
-        };
-        desired.notes.extend(plan.notes.drain(..).map(|n| (index.clone(), n)));
-        if !matches!(outcome, Outcome::Failed(_)) {
-            for (key, wanted) in plan.keys {
-                desired.want(key, wanted);
+        // An index that cannot be decided whole writes nothing.
+        let decided = plan
+            .settings()
+            .and_then(|o| plan.overrides(&mut desired).map(|_| o));
+        desired
+            .notes
+            .extend(plan.notes.drain(..).map(|n| (index.clone(), n)));
+        let outcome = match decided {
+            Ok(outcome) => {
+                for (key, wanted) in plan.keys {
+                    desired.want(key, wanted);
+                }
+                outcome
             }
-        }
+            Err(outcome) => outcome,
+        };
         desired.outcomes.insert(index.clone(), outcome);
     }
     desired
-}
-
-/// Each index the records name, as they say it is now; a settings record rejected as read
-/// stands for its index only when no other record says more.
-pub fn states_of(records: &[ChangeRecord]) -> BTreeMap<IndexRef, IndexState> {
-    let mut indexes: BTreeMap<IndexRef, IndexState> = BTreeMap::new();
-    for record in records {
-        let Some(index) = &record.index else { continue };
-        let state = indexes.entry(index.clone()).or_default();
-        match &record.change {
-            Some(Change::UpsertIndex {
-                settings,
-                with_overrides,
-            }) => {
-                state.settings = Some(Settings::Valid(settings.clone()));
-                if *with_overrides {
-                    state.filter.get_or_insert(Ok(Vec::new()));
-                }
-            }
-            Some(Change::RemoveIndex { .. }) => state.settings = Some(Settings::Absent),
-            Some(Change::UpsertQuery(config)) => {
-                state.queries.insert(config.query.clone(), Some(config.clone()));
-                state.filter.get_or_insert(Ok(Vec::new()));
-            }
-            Some(Change::RemoveQuery { query, .. }) => {
-                state.queries.insert(query.clone(), None);
-                state.filter.get_or_insert(Ok(Vec::new()));
-            }
-            None if matches!(record.outcome, Outcome::Rejected(_)) => {
-                let raw = Settings::Rejected(IndexRefs::default());
-                state.settings.get_or_insert(raw);
-            }
-            None => {}
-        }
-    }
-    indexes
 }
 
 /// One index's keys, worked out.
@@ -348,7 +217,9 @@ impl IndexPlan<'_> {
         }
         let key = KvKey::settings(shop);
         if let Some((claimer, value)) = serving(shop, self.index, self.world)? {
-            self.notes.push(format!("shop key `{shop}` now serves index {claimer}, which claims it"));
+            self.notes.push(format!(
+                "shop key `{shop}` now serves index {claimer}, which claims it"
+            ));
             self.push(key, Want::Put(Arc::new(value)), Some(&claimer), true);
             return Ok(());
         }
@@ -358,7 +229,8 @@ impl IndexPlan<'_> {
         }
         let claimers = self.referrers()?.by_shop.get(shop).into_iter().flatten();
         if claimers.filter(|c| *c != self.index).count() > 0 {
-            let note = format!("shop key `{shop}` deleted: no index that claims it can be exported");
+            let note =
+                format!("shop key `{shop}` deleted: no index that claims it can be exported");
             self.notes.push(note);
         }
         self.push(key, Want::Delete, None, true);
@@ -395,21 +267,28 @@ impl IndexPlan<'_> {
         let Some(queries) = &self.state.filter else {
             return Ok(());
         };
+        // Every record that needs a filter Cloudflare would refuse is rejected.
+        let key = filter_key(index);
+        let mut refuse = |why: String| {
+            let why = format!("its query filter: {why}");
+            desired.refused.insert(filter_key(index), why.clone());
+            Outcome::Rejected(why)
+        };
+        check_key(&key.key).map_err(&mut refuse)?;
         let queries = queries.as_ref().map_err(|e| {
-            Outcome::Failed(format!("cannot read the overrides of index {index} for its filter: {e}"))
+            Outcome::Failed(format!(
+                "cannot read the overrides of index {index} for its filter: {e}"
+            ))
         })?;
         let filter = QueryFilter::build(index, queries.clone());
-        let key = filter_key(index);
         if filter.count == 0 {
             self.push(key, Want::Delete, None, true);
             return Ok(());
         }
         let text = serde_json::to_string(&filter).expect("filters serialize");
         let value = KvValue::new(index, text);
-        match check_put(&key.key, &value) {
-            Ok(()) => self.push(key, Want::Put(Arc::new(value)), None, true),
-            Err(why) => self.notes.push(format!("its query filter is not written: {why}")),
-        }
+        check_put(&key.key, &value).map_err(refuse)?;
+        self.push(key, Want::Put(Arc::new(value)), None, true);
         Ok(())
     }
 }
@@ -464,7 +343,8 @@ pub fn serving(
                 return Err(Outcome::Failed(why));
             }
             (None, None) => {
-                let why = format!("index {claimer} claims shop key `{shop}`: its settings were not read");
+                let why =
+                    format!("index {claimer} claims shop key `{shop}`: its settings were not read");
                 return Err(Outcome::Failed(why));
             }
         };

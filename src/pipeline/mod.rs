@@ -2,6 +2,7 @@
 //! takes them through its stages (the reader, the desired keys, intents, write, check, shrink).
 
 pub mod api_key_cache;
-pub mod exporter;
 pub mod desired;
+pub mod exporter;
 pub mod records;
+pub mod scope;

@@ -94,7 +94,10 @@ impl<P: Ports> Exporter<P> {
         let mut prepared = prepared?;
         for record in &prepared.records {
             if let Some(Change::UpsertIndex { settings, .. }) = &record.change {
-                let claimed = settings.shop_id.clone().map(|s| (settings.index.clone(), s));
+                let claimed = settings
+                    .shop_id
+                    .clone()
+                    .map(|s| (settings.index.clone(), s));
                 report.claimed_now.extend(claimed);
             }
         }
@@ -104,13 +107,19 @@ impl<P: Ports> Exporter<P> {
         let (differ, stay) = differing(&prepared.desired, &landed, report);
         let what = "shop keys left for rejected or kept indexes";
         intents::add_again(&self.ledger, &stay, what, deadline).await;
-        prepared.desired.keys.retain(|key, _| differ.contains_key(key));
+        prepared
+            .desired
+            .keys
+            .retain(|key, _| differ.contains_key(key));
         if prepared.desired.keys.is_empty() {
             return None;
         }
         if !may_write {
             for (key, by) in differ {
-                let why = format!("KV key `{}`: other writers kept changing it; run again", key.key);
+                let why = format!(
+                    "KV key `{}`: other writers kept changing it; run again",
+                    key.key
+                );
                 fail_index(&mut report.records, &by, Outcome::Failed(why));
             }
             return None;
@@ -127,7 +136,8 @@ impl<P: Ports> Exporter<P> {
         let recorded = intents::point_back(&self.ledger, &left, &none, &handed, deadline);
         if let Err(error) = recorded.await {
             for by in differ.into_values() {
-                let why = format!("not written again: its references could not be recorded: {error}");
+                let why =
+                    format!("not written again: its references could not be recorded: {error}");
                 fail_index(&mut report.records, &by, Outcome::Failed(why));
             }
             return None;
@@ -136,7 +146,10 @@ impl<P: Ports> Exporter<P> {
         for (key, by) in &differ {
             let landed = (again.written.iter().chain(&again.deleted)).any(|k| k == key);
             if !landed {
-                let why = format!("KV key `{}`: not written again after the table changed", key.key);
+                let why = format!(
+                    "KV key `{}`: not written again after the table changed",
+                    key.key
+                );
                 fail_index(&mut report.records, by, Outcome::Failed(why));
             }
         }
@@ -218,7 +231,11 @@ fn differing(
             Some(_) => {}
             None => match desired.outcomes.get(&landed.index) {
                 Some(Outcome::Failed(why)) => {
-                    fail_index(&mut report.records, &landed.by, Outcome::Failed(why.clone()));
+                    fail_index(
+                        &mut report.records,
+                        &landed.by,
+                        Outcome::Failed(why.clone()),
+                    );
                 }
                 Some(Outcome::Rejected(_) | Outcome::Kept { .. }) if is_shop_put(landed) => {
                     let shop = Referred::Shop(landed.key.key.clone());

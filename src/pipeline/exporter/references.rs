@@ -176,9 +176,9 @@ mod tests {
     use crate::pipeline::exporter::shrink;
     use crate::pipeline::exporter::tests::exporter;
     use crate::pipeline::records::{decode_as_written, Change, ChangeRecord};
-    use std::collections::BTreeMap;
     use crate::report::{BatchReport, Outcome};
     use serde_json::json;
+    use std::collections::BTreeMap;
     use std::collections::HashMap;
     use std::time::Duration;
 
@@ -345,11 +345,7 @@ mod tests {
             at_shop("r2"),
             "`r` settled: `r1` given up"
         );
-        assert_eq!(
-            refs[&index("p")],
-            at_shops(&["a", "c"]),
-            "`p` is replayed"
-        );
+        assert_eq!(refs[&index("p")], at_shops(&["a", "c"]), "`p` is replayed");
         assert_eq!(refs[&index("s")], at_shop("s"), "`s` has no record: left");
         assert_eq!(
             refs[&index("q")],

@@ -14,8 +14,9 @@ use super::{Exporter, Run, BEFORE_MIGRATION, CONCURRENT_QUERIES};
 use crate::domain::validate::shop_id_problem;
 use crate::domain::{AccountCell, ApiKey, IndexId, IndexRef, TableKey};
 use crate::pipeline::api_key_cache::ApiKeyCache;
-use crate::pipeline::desired::{serving, states_of, IndexState, Referrers, Settings, World};
+use crate::pipeline::desired::serving;
 use crate::pipeline::records::{Change, ChangeRecord};
+use crate::pipeline::scope::{states_of, IndexState, Referrers, Settings, World};
 use crate::ports::{before_deadline, ApiKeySource, LookupCounts, Ports};
 use crate::ports::{IndexRefs, Ledger, PortError, Referred, SettingsTable};
 use crate::report::Outcome;
@@ -65,7 +66,8 @@ impl<P: Ports> Exporter<P> {
                 .await;
         }
         world.referrers = referrers.map_err(|error| error.to_string());
-        self.filters(records, &mut world.indexes, run, deadline).await;
+        self.filters(records, &mut world.indexes, run, deadline)
+            .await;
         world.api_keys = api_keys.keys;
         (world, api_keys.counts)
     }
@@ -122,8 +124,10 @@ impl<P: Ports> Exporter<P> {
         if dropped.is_empty() {
             return Ok(());
         }
-        let candidates: BTreeSet<IndexRef> =
-            dropped.keys().flat_map(|t| IndexId(t.clone()).named()).collect();
+        let candidates: BTreeSet<IndexRef> = dropped
+            .keys()
+            .flat_map(|t| IndexId(t.clone()).named())
+            .collect();
         let candidates: Vec<IndexRef> = candidates.into_iter().collect();
         let live = self.table.index_references(&candidates);
         let live = before_deadline(deadline, "dropped alias targets", live);
@@ -183,8 +187,13 @@ impl<P: Ports> Exporter<P> {
         }
         asked.retain(|r| !matches!(r, Referred::Shop(shop) if shop_id_problem(shop).is_some()));
         let exclude = own.iter().map(|(index, _)| index.clone()).collect();
-        let mut references = self.referrers_of(asked.into_iter().collect(), &exclude, deadline).await?;
-        references.extend(own.into_iter().filter(|(_, refs)| *refs != IndexRefs::default()));
+        let mut references = self
+            .referrers_of(asked.into_iter().collect(), &exclude, deadline)
+            .await?;
+        references.extend(
+            own.into_iter()
+                .filter(|(_, refs)| *refs != IndexRefs::default()),
+        );
         Ok(Referrers::of(references))
     }
 
@@ -202,12 +211,14 @@ impl<P: Ports> Exporter<P> {
             for shop in state.given_up() {
                 let claimers = referrers.by_shop.get(shop).into_iter().flatten();
                 // A claimer in scope with its settings is decided by them.
-                let in_scope = |c: &IndexRef| world.indexes.get(c).is_some_and(|s| s.settings.is_some());
+                let in_scope =
+                    |c: &IndexRef| world.indexes.get(c).is_some_and(|s| s.settings.is_some());
                 let outside = |c: &&IndexRef| *c != index && !in_scope(c);
                 wanted.extend(claimers.filter(outside).cloned());
             }
         }
-        self.read_claimers(wanted, world, api_keys, fresh, deadline).await;
+        self.read_claimers(wanted, world, api_keys, fresh, deadline)
+            .await;
     }
 
     /// Reads these claimers' settings records and the API keys their values need.
@@ -274,9 +285,8 @@ impl<P: Ports> Exporter<P> {
         }
         world.api_keys = api_keys.keys;
         world.referrers = Ok(referrers);
-        let nobody = |(shop, index): &&(String, IndexRef)| {
-            matches!(serving(shop, index, &world), Ok(None))
-        };
+        let nobody =
+            |(shop, index): &&(String, IndexRef)| matches!(serving(shop, index, &world), Ok(None));
         let served = given_up.iter().filter(|given| !nobody(given));
         Ok(served.map(|(shop, _)| shop.clone()).collect())
     }
@@ -402,7 +412,8 @@ impl<P: Ports> Exporter<P> {
 
 /// Every record of these indexes ends as `outcome` says.
 fn fail_records(records: &mut [ChangeRecord], indexes: &BTreeSet<IndexRef>, outcome: &Outcome) {
-    let of = |record: &&mut ChangeRecord| record.index.as_ref().is_some_and(|i| indexes.contains(i));
+    let of =
+        |record: &&mut ChangeRecord| record.index.as_ref().is_some_and(|i| indexes.contains(i));
     for record in records.iter_mut().filter(of) {
         record.end(outcome.clone());
     }

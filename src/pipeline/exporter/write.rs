@@ -12,7 +12,6 @@ use crate::pipeline::records::ChangeRecord;
 use crate::ports::{KvStore, PortError};
 use crate::report::{BatchReport, Landed, Outcome};
 
-
 /// DynamoDB Streams keeps a record this long; no real record is older when it is exported.
 const STREAM_RETENTION_SECONDS: f64 = 24.0 * 3600.0;
 
@@ -53,7 +52,9 @@ pub(super) async fn send(kv: &impl KvStore, prepared: Prepared, deadline: Instan
         match &wanted.want {
             Want::Put(value) => {
                 if key.is_shop_of(value.index()) {
-                    report.claimed_now.push((value.index().clone(), key.key.clone()));
+                    report
+                        .claimed_now
+                        .push((value.index().clone(), key.key.clone()));
                 }
                 report.written.push(key.clone());
             }

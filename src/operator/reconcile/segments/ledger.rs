@@ -11,7 +11,6 @@
 //!
 //! A mark on an index the table has again is taken off.
 
-
 use super::{Pass, Position};
 use crate::domain::{ChangeRecord, SweepMark};
 use crate::operator::reconcile::failed;
