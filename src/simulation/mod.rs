@@ -1201,7 +1201,7 @@ fn every_seed_runs_the_same_twice() {
 /// across two reconcile passes, which the workloads seldom make; a test in
 /// `pipeline/exporter/windows.rs` forces each.
 const NET: [(Protection, u64, usize, Variety); 6] = [
-    (Protection::CheckRounds, 83, 2, Variety::Plain),
+    (Protection::CheckRounds, 334, 2, Variety::Plain),
     (Protection::ShrinkCondition, 15, 2, Variety::Contended),
     (Protection::Lease, 2, 2, Variety::Plain),
     (Protection::RecordAgain, 199, 2, Variety::Contended),
