@@ -360,3 +360,276 @@ pub fn serving(
     }
     Ok(None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{ApiKey, IndexRefs};
+    use crate::ports::PortError;
+    use serde_json::json;
+
+    const SHOP: &str = "s1.myshopify.com";
+
+    fn index(name: &str) -> IndexRef {
+        IndexRef::new("a", name)
+    }
+
+    /// A valid settings record of `name`, on `shop`, aliasing `target`.
+    fn valid(name: &str, shop: Option<&str>, target: Option<&str>) -> Settings {
+        let mut item = json!({"pk": {"S": "a"}, "sk": {"S": format!("INDEX#{name}")},
+            "index_endpoint": {"S": format!("https://idx/{name}")}});
+        if let Some(shop) = shop {
+            item["shop_id"] = json!({"S": shop});
+        }
+        if let Some(target) = target {
+            let targets = json!({"L": [{"M": {"index_id": {"S": target}, "weight": {"N": "1"}}}]});
+            item["index_aliases"] = json!({"M": {"doc_reads": {"M": {
+                "enabled": {"BOOL": true}, "targets": targets}}}});
+        }
+        let item = crate::dynamo::item_from_dynamodb_json(item).unwrap();
+        match crate::dynamo::table_record(&item, "D").0.change {
+            Some(crate::domain::Change::UpsertIndex { settings, .. }) => Settings::Valid(settings),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn state(settings: Settings, recorded: &[&str]) -> IndexState {
+        IndexState {
+            settings: Some(settings),
+            recorded: IndexRefs {
+                shops: recorded.iter().map(|s| s.to_string()).collect(),
+                ..IndexRefs::default()
+            },
+            ..IndexState::default()
+        }
+    }
+
+    /// A world of these indexes, account `a`'s API key found, who claims and aliases what
+    /// as their states say.
+    fn world(indexes: Vec<(&str, IndexState)>) -> World {
+        let indexes: BTreeMap<IndexRef, IndexState> = (indexes.into_iter())
+            .map(|(name, s)| (index(name), s))
+            .collect();
+        let refs = (indexes.iter()).filter_map(|(i, s)| match &s.settings {
+            Some(Settings::Valid(_) | Settings::Rejected(_)) => Some((i.clone(), s.names()?)),
+            _ => None,
+        });
+        let referrers = Referrers::of(refs.collect::<Vec<_>>());
+        let cell = crate::domain::AccountCell {
+            cell: "default".into(),
+            account: "a".into(),
+        };
+        World {
+            indexes,
+            referrers: Ok(referrers),
+            api_keys: [(cell, Ok(ApiKey::new("key-a")))].into(),
+            default_cell: "default".into(),
+            ..World::default()
+        }
+    }
+
+    /// Each key with what it holds: the index whose value it is, `-` deleted, `=` kept.
+    fn keys(desired: &Desired) -> Vec<(String, String)> {
+        (desired.keys.iter())
+            .map(|(key, wanted)| {
+                let held = match &wanted.want {
+                    Want::Put(value) => value.index().name.clone(),
+                    Want::Delete => "-".into(),
+                    Want::Keep => "=".into(),
+                };
+                (key.key.clone(), held)
+            })
+            .collect()
+    }
+
+    fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
+        (expected.iter())
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn an_index_is_written_under_its_shop_and_its_id_with_its_account_s_api_key() {
+        let decided = desired(&world(vec![(
+            "p",
+            state(valid("p", Some(SHOP), None), &[]),
+        )]));
+        assert_eq!(keys(&decided), pairs(&[("a-p", "p"), (SHOP, "p")]));
+        let Want::Put(value) = &decided.keys[&KvKey::index(&index("p"))].want else {
+            panic!("a put")
+        };
+        assert!(value.text().contains("key-a"));
+        assert!(
+            !format!("{decided:?}").contains("key-a"),
+            "Debug hides API keys"
+        );
+        assert_eq!(decided.outcomes[&index("p")], Outcome::Exported);
+    }
+
+    /// A shop the ledger records that the record no longer claims goes to the first other
+    /// index that claims it, else it is deleted.
+    #[test]
+    fn a_shop_given_up_goes_to_its_claimer_or_is_deleted() {
+        const OLD: &str = "old.myshopify.com";
+        let moved = state(valid("p", Some(SHOP), None), &[OLD, SHOP]);
+        let alone = desired(&world(vec![("p", moved)]));
+        assert_eq!(
+            keys(&alone),
+            pairs(&[("a-p", "p"), (OLD, "-"), (SHOP, "p")])
+        );
+        assert!(alone.keys[&KvKey::settings(OLD)].derived);
+
+        let moved = state(valid("p", Some(SHOP), None), &[OLD]);
+        let claimer = state(valid("q", Some(OLD), None), &[OLD]);
+        let served = desired(&world(vec![("p", moved), ("q", claimer)]));
+        assert_eq!(
+            keys(&served),
+            pairs(&[("a-p", "p"), ("a-q", "q"), (OLD, "q"), (SHOP, "p")])
+        );
+        assert_eq!(served.handed().count(), 0, "q's own value is no hand-over");
+    }
+
+    /// A removed index an alias reads keeps its own key and the shops nobody claims; one
+    /// nobody reads loses them. Who aliases it not read: it fails, writing nothing.
+    #[test]
+    fn a_removal_is_kept_while_an_alias_reads_it() {
+        let removed = || state(Settings::Absent, &[SHOP]);
+        let reader = state(valid("r", None, Some("a-p")), &[]);
+        let kept = desired(&world(vec![("p", removed()), ("r", reader)]));
+        assert_eq!(
+            keys(&kept),
+            pairs(&[("a-p", "="), ("a-r", "r"), (SHOP, "=")])
+        );
+        let by = vec![index("r")];
+        assert_eq!(
+            kept.outcomes[&index("p")],
+            Outcome::Kept { referenced_by: by }
+        );
+
+        let gone = desired(&world(vec![("p", removed())]));
+        assert_eq!(keys(&gone), pairs(&[("a-p", "-"), (SHOP, "-")]));
+
+        let mut unread = world(vec![("p", removed())]);
+        unread.referrers = Err("ledger down".into());
+        let failed = desired(&unread);
+        assert!(failed.keys.is_empty());
+        assert!(
+            matches!(failed.outcomes[&index("p")], Outcome::Failed(ref r) if r.contains("ledger down"))
+        );
+    }
+
+    /// A rejected record leaves its keys as they are, and gives up what it no longer claims.
+    #[test]
+    fn a_rejected_record_gives_up_only_what_it_no_longer_claims() {
+        let raw = IndexRefs {
+            shops: [SHOP.to_string()].into(),
+            ..IndexRefs::default()
+        };
+        let rejected = state(Settings::Rejected(raw), &[SHOP, "old.myshopify.com"]);
+        let decided = desired(&world(vec![("p", rejected)]));
+        assert_eq!(keys(&decided), pairs(&[("old.myshopify.com", "-")]));
+        assert!(matches!(
+            decided.outcomes[&index("p")],
+            Outcome::Rejected(_)
+        ));
+    }
+
+    /// The API key decides between reject (none in its cell) and retry (the service down).
+    #[test]
+    fn api_key_lookups_decide_between_reject_and_retry() {
+        for (error, rejected) in [
+            (PortError::NotFound("no key".into()), true),
+            (PortError::Unavailable("down".into()), false),
+        ] {
+            let mut w = world(vec![("p", state(valid("p", Some(SHOP), None), &[]))]);
+            w.api_keys
+                .values_mut()
+                .for_each(|key| *key = Err(error.clone()));
+            let decided = desired(&w);
+            assert!(decided.keys.is_empty());
+            let outcome = &decided.outcomes[&index("p")];
+            assert_eq!(
+                matches!(outcome, Outcome::Rejected(_)),
+                rejected,
+                "{outcome:?}"
+            );
+            assert_eq!(
+                matches!(outcome, Outcome::Failed(_)),
+                !rejected,
+                "{outcome:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn keys_that_could_be_another_s_are_never_written() {
+        // A shop id that is no shop key, and an index key in the form of a shop key.
+        let bad_shop = state(valid("p", Some("a-q"), None), &[]);
+        let shop_like = state(valid("x.myshopify.com", None, None), &[]);
+        let decided = desired(&world(vec![
+            ("p", bad_shop),
+            ("x.myshopify.com", shop_like),
+        ]));
+        assert!(decided.keys.is_empty(), "{:?}", keys(&decided));
+        for outcome in decided.outcomes.values() {
+            assert!(matches!(outcome, Outcome::Rejected(_)), "{outcome:?}");
+        }
+    }
+
+    /// Query configs and the filter follow the override records; a filter Cloudflare would
+    /// refuse rejects the index, writing nothing of it.
+    #[test]
+    fn overrides_write_their_configs_and_the_filter() {
+        let config = |q: &str| {
+            let config = crate::domain::settings::Document::from(json!({"boost": 1}));
+            Some(crate::domain::QueryConfig {
+                index: index("p"),
+                query: q.into(),
+                config,
+            })
+        };
+        let mut p = IndexState::default();
+        p.queries.insert("red".into(), config("red"));
+        p.queries.insert("gone".into(), None);
+        p.filter = Some(Ok(vec!["red".into()]));
+        let decided = desired(&world(vec![("p", p)]));
+        let held = |key: KvKey| keys(&decided).into_iter().find(|(k, _)| *k == key.key);
+        let p = index("p");
+        let red = held(KvKey::query_config(&p, "red")).map(|(_, h)| h);
+        let gone = held(KvKey::query_config(&p, "gone")).map(|(_, h)| h);
+        let filter = held(filter_key(&p)).map(|(_, h)| h);
+        assert_eq!(
+            (red, gone, filter),
+            (Some("p".into()), Some("-".into()), Some("p".into()))
+        );
+        assert_eq!(decided.keys.len(), 3);
+
+        // `a-{long}` fits in 512 bytes; `qfilter-a-{long}` does not.
+        let long = "p".repeat(505);
+        let refused = IndexState {
+            filter: Some(Ok(Vec::new())),
+            ..IndexState::default()
+        };
+        let decided = desired(&world(vec![(long.as_str(), refused)]));
+        assert!(decided.keys.is_empty());
+        assert!(
+            matches!(decided.outcomes[&index(&long)], Outcome::Rejected(ref r) if r.contains("query filter"))
+        );
+    }
+
+    /// Two indexes that claim one shop in one batch: the one changed last keeps it.
+    #[test]
+    fn of_two_claimers_decided_together_the_one_changed_last_keeps_the_shop() {
+        for (first, last) in [("b", "c"), ("c", "b")] {
+            let at = |name: &'static str, position| {
+                let mut s = state(valid(name, Some(SHOP), None), &[]);
+                s.last = Some(position);
+                (name, s)
+            };
+            let (a, b) = (at(first, 0), at(last, 1));
+            let decided = desired(&world(vec![a, b]));
+            let held = &keys(&decided)[2];
+            assert_eq!(held, &(SHOP.to_string(), last.to_string()));
+        }
+    }
+}
