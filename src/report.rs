@@ -29,12 +29,13 @@ impl Outcome {
 
 /// A key a writer wrote or deleted, to check: the index it is checked as (a put's: whose value
 /// it is; a delete's: the index that gave it up, or for a repair's, the index it was written
-/// for), the index whose records fail when it cannot be confirmed (`by`), and the digest of the
-/// value put (`None`: deleted; empty: left as it was, a value no decision's digest equals).
+/// for), the indexes whose records fail when it cannot be confirmed (`fails`), and the digest
+/// of the value put (`None`: deleted; empty: left as it was, a value no decision's digest
+/// equals).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Landed {
     pub key: KvKey,
-    pub by: IndexRef,
+    pub fails: Vec<IndexRef>,
     pub index: IndexRef,
     pub digest: Option<String>,
 }

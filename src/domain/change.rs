@@ -82,17 +82,6 @@ pub struct ChangeRecord {
 }
 
 impl ChangeRecord {
-    /// An override's KV key and query, when the record is one.
-    pub fn query_config(&self) -> Option<(String, String)> {
-        match &self.change {
-            Some(Change::UpsertQuery(config)) => {
-                let key = crate::domain::kv::query_config_key(&config.index, &config.query);
-                Some((key, config.query.clone()))
-            }
-            _ => None,
-        }
-    }
-
     /// A record no stream record stands behind (a table item, or one the batch derives).
     pub fn of(index: Option<IndexRef>, decoded: Result<Change, Outcome>) -> Self {
         let (change, outcome) = match decoded {

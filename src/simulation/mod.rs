@@ -1131,8 +1131,11 @@ const FOUND: [u64; 23] = [
 /// three (a rejected record's raw item could not be read and its give-up was dropped silently,
 /// the batch done: the record is now reported for retry); 100857, hostile, on three (a verify
 /// repair run again on an index rejected since failed before giving up the shop its earlier
-/// run wrote: it now gives it up first, as a re-export does).
-const FOUND_WIDER: [(u64, usize, Variety); 14] = [
+/// run wrote: it now gives it up first, as a re-export does); 100774, contended, on two (the
+/// desired state's first version: a dropped alias target already in the batch's scope for
+/// its override records lost them, its query configs and filter never written: it now joins
+/// the scope as removed with its overrides kept).
+const FOUND_WIDER: [(u64, usize, Variety); 15] = [
     (2177, 3, Variety::Varied),
     (1479, 3, Variety::Wide),
     (8291, 3, Variety::Wide),
@@ -1147,6 +1150,7 @@ const FOUND_WIDER: [(u64, usize, Variety); 14] = [
     (143, 2, Variety::Hostile),
     (616, 3, Variety::Hostile),
     (100857, 3, Variety::Hostile),
+    (100774, 2, Variety::Contended),
 ];
 
 #[test]

@@ -62,7 +62,7 @@ impl<P: Ports> Exporter<P> {
             last.extend(again.deleted.iter().map(|key| (key.clone(), false)));
             // Each key's failure is its original index's.
             let by = |landed: Landed| Landed {
-                by: originals[&landed.key].clone(),
+                fails: originals[&landed.key].clone(),
                 ..landed
             };
             landed = again.landed.into_iter().map(by).collect();
@@ -87,7 +87,7 @@ impl<P: Ports> Exporter<P> {
         (run, may_write, span): (Run, bool, Option<&TableSpan>),
         report: &mut BatchReport,
         deadline: Instant,
-    ) -> Option<(BatchReport, HashMap<KvKey, IndexRef>)> {
+    ) -> Option<(BatchReport, HashMap<KvKey, Vec<IndexRef>>)> {
         let by_index = by_index(landed);
         let by_index = self.read_again(by_index, span, report, deadline).await;
         let (prepared, landed) = self.plan_again(by_index, run, deadline).await;
@@ -101,8 +101,8 @@ impl<P: Ports> Exporter<P> {
                 report.claimed_now.extend(claimed);
             }
         }
-        let originals: HashMap<KvKey, IndexRef> = (landed.iter())
-            .map(|landed| (landed.key.clone(), landed.by.clone()))
+        let originals: HashMap<KvKey, Vec<IndexRef>> = (landed.iter())
+            .map(|landed| (landed.key.clone(), landed.fails.clone()))
             .collect();
         let (differ, stay) = differing(&prepared.desired, &landed, report);
         let what = "shop keys left for rejected or kept indexes";
@@ -220,20 +220,20 @@ fn differing(
     desired: &Desired,
     landed: &[Landed],
     report: &mut BatchReport,
-) -> (BTreeMap<KvKey, IndexRef>, Vec<(IndexRef, Referred)>) {
+) -> (BTreeMap<KvKey, Vec<IndexRef>>, Vec<(IndexRef, Referred)>) {
     let (mut differ, mut stay) = (BTreeMap::new(), Vec::new());
     for landed in landed {
         let wanted = desired.keys.get(&landed.key);
         match wanted.filter(|wanted| wanted.want != Want::Keep) {
             Some(wanted) if wanted.digest() != landed.digest => {
-                differ.insert(landed.key.clone(), landed.by.clone());
+                differ.insert(landed.key.clone(), landed.fails.clone());
             }
             Some(_) => {}
             None => match desired.outcomes.get(&landed.index) {
                 Some(Outcome::Failed(why)) => {
                     fail_index(
                         &mut report.records,
-                        &landed.by,
+                        &landed.fails,
                         Outcome::Failed(why.clone()),
                     );
                 }
@@ -315,7 +315,7 @@ mod tests {
         let index = IndexRef::new("a", "i");
         Landed {
             key,
-            by: index.clone(),
+            fails: vec![index.clone()],
             index,
             digest: None,
         }

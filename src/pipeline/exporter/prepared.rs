@@ -111,9 +111,11 @@ impl Prepared {
         }
     }
 
-    /// Where a failure of a key `by` decided goes: the records of the index it was decided for.
-    pub(super) fn failing(&self, by: &IndexRef) -> IndexRef {
-        self.because.get(by).unwrap_or(by).clone()
+    /// The indexes whose records fail when a key `by` decided does not land: its own, and the
+    /// index it is in scope for (an alias target that index dropped).
+    pub(super) fn failing(&self, by: &IndexRef) -> Vec<IndexRef> {
+        let because = self.because.get(by).cloned();
+        [by.clone()].into_iter().chain(because).collect()
     }
 }
 
@@ -126,14 +128,12 @@ fn fail(outcome: &mut Outcome, why: &str) {
     }
 }
 
-/// Every record of `index` ends as `outcome` says (failed, or rejected when the key was refused
-/// on its own); with none in the batch, a record of its own.
-pub(crate) fn fail_index(records: &mut Vec<ChangeRecord>, index: &IndexRef, outcome: Outcome) {
+/// Every record of these indexes ends as `outcome` says (failed, or rejected when the key was
+/// refused on its own); with none in the batch, a record of the first's own.
+pub(crate) fn fail_index(records: &mut Vec<ChangeRecord>, indexes: &[IndexRef], outcome: Outcome) {
     let mut found = false;
-    for record in records
-        .iter_mut()
-        .filter(|r| r.index.as_ref() == Some(index))
-    {
+    let of = |r: &&mut ChangeRecord| r.index.as_ref().is_some_and(|i| indexes.contains(i));
+    for record in records.iter_mut().filter(of) {
         match &outcome {
             Outcome::Failed(why) => fail(&mut record.outcome, why),
             _ if matches!(record.outcome, Outcome::Exported | Outcome::Kept { .. }) => {
@@ -143,7 +143,7 @@ pub(crate) fn fail_index(records: &mut Vec<ChangeRecord>, index: &IndexRef, outc
         }
         found = true;
     }
-    if !found {
+    if let (false, Some(index)) = (found, indexes.first()) {
         records.push(ChangeRecord::of(Some(index.clone()), Err(outcome)));
     }
 }

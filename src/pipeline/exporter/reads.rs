@@ -219,6 +219,6 @@ fn fail_all(report: &mut BatchReport, recheck: &Recheck, error: &PortError) {
             "KV key `{}`: its index could not be read again after writing: {error}",
             landed.key.key
         );
-        fail_index(&mut report.records, &landed.by, Outcome::Failed(why));
+        fail_index(&mut report.records, &landed.fails, Outcome::Failed(why));
     }
 }

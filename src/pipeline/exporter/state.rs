@@ -151,14 +151,12 @@ impl<P: Ports> Exporter<P> {
                 // Nothing recorded of it: its own key alone.
                 removed.extend(named.first());
             }
+            // One in scope for its overrides keeps them: its settings keys join the scope.
             for index in removed {
-                let state = IndexState {
-                    settings: Some(Settings::Absent),
-                    recorded: recorded.get(index).cloned().unwrap_or_default(),
-                    because: Some(because.clone()),
-                    ..IndexState::default()
-                };
-                indexes.insert(index.clone(), state);
+                let state = indexes.entry(index.clone()).or_default();
+                state.settings = Some(Settings::Absent);
+                state.recorded = recorded.get(index).cloned().unwrap_or_default();
+                state.because = Some(because.clone());
             }
         }
         Ok(())

@@ -64,7 +64,7 @@ pub(super) async fn send(kv: &impl KvStore, prepared: Prepared, deadline: Instan
         if !stream || wanted.derived {
             report.landed.push(Landed {
                 key: key.clone(),
-                by,
+                fails: by,
                 index: wanted.checked_as.clone(),
                 digest: wanted.digest(),
             });
