@@ -21,6 +21,9 @@ use crate::pipeline::records::{Change, ChangeRecord};
 use crate::ports::{Ports, Referred};
 use crate::report::{BatchReport, Landed, Outcome};
 
+/// The keys that differ from what landed, each with the indexes whose records fail for it.
+type Differ = BTreeMap<KvKey, Vec<IndexRef>>;
+
 /// Rounds that may write again; one more read after them only checks.
 const ROUNDS: usize = 3;
 
@@ -220,7 +223,7 @@ fn differing(
     desired: &Desired,
     landed: &[Landed],
     report: &mut BatchReport,
-) -> (BTreeMap<KvKey, Vec<IndexRef>>, Vec<(IndexRef, Referred)>) {
+) -> (Differ, Vec<(IndexRef, Referred)>) {
     let (mut differ, mut stay) = (BTreeMap::new(), Vec::new());
     for landed in landed {
         let wanted = desired.keys.get(&landed.key);
