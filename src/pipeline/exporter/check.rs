@@ -188,6 +188,10 @@ impl<P: Ports> Exporter<P> {
             return (None, landed);
         }
         let mut prepared = self.plan_records(records, Some(known), run, deadline).await;
+        // An index that could not be decided implies nothing gone: its keys fail instead.
+        let outcomes = &prepared.desired.outcomes;
+        let decided = |i: &IndexRef| !matches!(outcomes.get(i), Some(Outcome::Failed(_)));
+        indexes.retain(decided);
         let deletes = removed_overrides(&prepared.desired.keys, &landed, &indexes);
         prepared.delete(deletes);
         (Some(prepared), landed)
