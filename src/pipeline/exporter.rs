@@ -261,11 +261,8 @@ impl<P: Ports> Exporter<P> {
         // the indexes it writes as its intent: a stream's shrink that read the ledger before
         // then takes none of them out (a shop it finds recorded may be on its way out).
         if !prepared.run.records_references {
-            let writing: BTreeSet<&IndexRef> =
-                prepared.desired.keys.values().map(|w| &w.by).collect();
-            let left: Vec<_> = (prepared.leaves.iter())
-                .filter(|(index, _)| writing.contains(index))
-                .filter_map(|(index, refs)| Some((index.clone(), refs.clone()?)))
+            let left: Vec<_> = (prepared.leaves_writing().into_iter())
+                .filter_map(|(index, refs)| Some((index, refs?)))
                 .collect();
             if let Err(error) = self.add_references(&left, true, deadline).await {
                 prepared.withhold(&error);

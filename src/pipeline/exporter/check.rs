@@ -118,44 +118,38 @@ impl<P: Ports> Exporter<P> {
             return None;
         }
         if !may_write {
-            for (key, by) in differ {
-                let why = format!(
+            let why = |key: &KvKey| {
+                format!(
                     "KV key `{}`: other writers kept changing it; run again",
                     key.key
-                );
-                fail_index(&mut report.records, &by, Outcome::Failed(why));
-            }
+                )
+            };
+            fail_keys(report, &differ, differ.keys(), why);
             return None;
         }
         // Intent before act, for the check's writes too: what it writes again may be an
         // index's newer value on a shop nothing recorded yet (its own record not read yet).
-        let writing: BTreeSet<&IndexRef> = prepared.desired.keys.values().map(|w| &w.by).collect();
-        let left = (prepared.leaves.iter())
-            .filter(|(index, _)| writing.contains(index))
-            .map(|(index, refs)| (index.clone(), refs.clone()))
-            .collect();
+        let left = prepared.leaves_writing();
         let handed = intents::handed_over(&prepared);
         let none = HashMap::new();
         let recorded = intents::point_back(&self.ledger, &left, &none, &handed, deadline);
         if let Err(error) = recorded.await {
-            for by in differ.into_values() {
-                let why =
-                    format!("not written again: its references could not be recorded: {error}");
-                fail_index(&mut report.records, &by, Outcome::Failed(why));
-            }
+            let why = |_: &KvKey| {
+                format!("not written again: its references could not be recorded: {error}")
+            };
+            fail_keys(report, &differ, differ.keys(), why);
             return None;
         }
         let again = write::send(&self.kv, prepared, deadline).await;
-        for (key, by) in &differ {
-            let landed = (again.written.iter().chain(&again.deleted)).any(|k| k == key);
-            if !landed {
-                let why = format!(
-                    "KV key `{}`: not written again after the table changed",
-                    key.key
-                );
-                fail_index(&mut report.records, by, Outcome::Failed(why));
-            }
-        }
+        let landed: BTreeSet<&KvKey> = again.written.iter().chain(&again.deleted).collect();
+        let why = |key: &KvKey| {
+            format!(
+                "KV key `{}`: not written again after the table changed",
+                key.key
+            )
+        };
+        let lost = differ.keys().filter(|key| !landed.contains(key));
+        fail_keys(report, &differ, lost, why);
         Some((again, originals))
     }
 
@@ -198,6 +192,17 @@ impl<P: Ports> Exporter<P> {
     }
 }
 
+/// Each of these keys fails the records `differ` names for it, for `why`.
+fn fail_keys<'k>(
+    report: &mut BatchReport,
+    differ: &Differ,
+    keys: impl Iterator<Item = &'k KvKey>,
+    why: impl Fn(&KvKey) -> String,
+) {
+    let failures = keys.map(|key| (&differ[key][..], Outcome::Failed(why(key))));
+    fail_index(&mut report.records, failures);
+}
+
 /// The landed keys by the index each is checked as; an own key's delete is checked as every
 /// index its id can name (an id is ambiguous): one of them may have a settings record now
 /// (seed 1479).
@@ -228,7 +233,7 @@ fn differing(
     landed: &[Landed],
     report: &mut BatchReport,
 ) -> (Differ, Vec<(IndexRef, Referred)>) {
-    let (mut differ, mut stay) = (BTreeMap::new(), Vec::new());
+    let (mut differ, mut stay, mut failures) = (BTreeMap::new(), Vec::new(), Vec::new());
     for landed in landed {
         let wanted = desired.keys.get(&landed.key);
         match wanted.filter(|wanted| wanted.want != Want::Keep) {
@@ -238,11 +243,7 @@ fn differing(
             Some(_) => {}
             None => match desired.outcomes.get(&landed.index) {
                 Some(Outcome::Failed(why)) => {
-                    fail_index(
-                        &mut report.records,
-                        &landed.fails,
-                        Outcome::Failed(why.clone()),
-                    );
+                    failures.push((&landed.fails[..], Outcome::Failed(why.clone())));
                 }
                 Some(Outcome::Rejected(_) | Outcome::Kept { .. }) if is_shop_put(landed) => {
                     let shop = Referred::Shop(landed.key.key.clone());
@@ -252,6 +253,7 @@ fn differing(
             },
         }
     }
+    fail_index(&mut report.records, failures);
     (differ, stay)
 }
 

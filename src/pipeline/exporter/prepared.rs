@@ -1,7 +1,7 @@
 //! A prepared batch: its records with their scope read and its keys decided, nothing sent
 //! yet; and how a record ends as its index does.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::{references, Run};
 use crate::domain::{IndexRef, KvKey, TableSpan};
@@ -111,6 +111,15 @@ impl Prepared {
         }
     }
 
+    /// What each index that writes a key leaves referred to (its intent).
+    pub(super) fn leaves_writing(&self) -> BTreeMap<IndexRef, Option<IndexRefs>> {
+        let writing: BTreeSet<&IndexRef> = self.desired.keys.values().map(|w| &w.by).collect();
+        (self.leaves.iter())
+            .filter(|(index, _)| writing.contains(index))
+            .map(|(index, refs)| (index.clone(), refs.clone()))
+            .collect()
+    }
+
     /// The indexes whose records fail when a key `by` decided does not land: its own, and the
     /// index it is in scope for (an alias target that index dropped).
     pub(super) fn failing(&self, by: &IndexRef) -> Vec<IndexRef> {
@@ -128,23 +137,53 @@ fn fail(outcome: &mut Outcome, why: &str) {
     }
 }
 
-/// Every record of these indexes ends as `outcome` says (failed, or rejected when the key was
-/// refused on its own); with none in the batch, a record of the first's own.
-pub(crate) fn fail_index(records: &mut Vec<ChangeRecord>, indexes: &[IndexRef], outcome: Outcome) {
-    let mut found = false;
-    let of = |r: &&mut ChangeRecord| r.index.as_ref().is_some_and(|i| indexes.contains(i));
-    for record in records.iter_mut().filter(of) {
-        match &outcome {
-            Outcome::Failed(why) => fail(&mut record.outcome, why),
-            _ if matches!(record.outcome, Outcome::Exported | Outcome::Kept { .. }) => {
-                record.outcome = outcome.clone();
-            }
-            _ => {}
-        }
-        found = true;
+/// Each failure's records end as its outcome says (failed, or rejected when a key was refused
+/// on its own): every record of its indexes, found in one pass over the batch; with none in
+/// the batch, a record of the first index's own.
+pub(crate) fn fail_index<'f>(
+    records: &mut Vec<ChangeRecord>,
+    failures: impl IntoIterator<Item = (&'f [IndexRef], Outcome)>,
+) {
+    let failures: Vec<(&[IndexRef], Outcome)> = failures.into_iter().collect();
+    let mut by_index: HashMap<&IndexRef, Vec<usize>> = HashMap::new();
+    for (at, (indexes, _)) in failures.iter().enumerate() {
+        indexes
+            .iter()
+            .for_each(|i| by_index.entry(i).or_default().push(at));
     }
-    if let (false, Some(index)) = (found, indexes.first()) {
-        records.push(ChangeRecord::of(Some(index.clone()), Err(outcome)));
+    let mut found = vec![false; failures.len()];
+    for record in records.iter_mut() {
+        let Some(ats) = record.index.as_ref().and_then(|i| by_index.get(i)) else {
+            continue;
+        };
+        for &at in ats {
+            end_as(&mut record.outcome, &failures[at].1);
+            found[at] = true;
+        }
+    }
+    let mut own: HashMap<IndexRef, usize> = HashMap::new();
+    for ((indexes, outcome), found) in failures.into_iter().zip(found) {
+        let Some(index) = indexes.first().filter(|_| !found) else {
+            continue;
+        };
+        match own.get(index) {
+            Some(&at) => end_as(&mut records[at].outcome, &outcome),
+            None => {
+                own.insert(index.clone(), records.len());
+                records.push(ChangeRecord::of(Some(index.clone()), Err(outcome)));
+            }
+        }
+    }
+}
+
+/// A record on its way ends as `outcome` says; a failure adds its reason to one failed already.
+fn end_as(outcome: &mut Outcome, ended: &Outcome) {
+    match ended {
+        Outcome::Failed(why) => fail(outcome, why),
+        _ if matches!(outcome, Outcome::Exported | Outcome::Kept { .. }) => {
+            *outcome = ended.clone()
+        }
+        _ => {}
     }
 }
 

@@ -214,11 +214,11 @@ fn take_seen(
 
 /// Every key of an index that could not be read again fails its records: retried.
 fn fail_all(report: &mut BatchReport, recheck: &Recheck, error: &PortError) {
-    for landed in &recheck.keys {
-        let why = format!(
-            "KV key `{}`: its index could not be read again after writing: {error}",
-            landed.key.key
-        );
-        fail_index(&mut report.records, &landed.fails, Outcome::Failed(why));
-    }
+    let failures = recheck.keys.iter().map(|landed| {
+        let key = &landed.key.key;
+        let why =
+            format!("KV key `{key}`: its index could not be read again after writing: {error}");
+        (&landed.fails[..], Outcome::Failed(why))
+    });
+    fail_index(&mut report.records, failures);
 }

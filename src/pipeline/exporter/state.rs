@@ -89,7 +89,7 @@ impl<P: Ports> Exporter<P> {
             return Ok(());
         }
         let read = self.table.index_references(&rejected);
-        let raw = before_deadline(deadline, "dropped alias targets", read).await;
+        let raw = before_deadline(deadline, "rejected records' references", read).await;
         let raw: HashMap<IndexRef, IndexRefs> = match raw {
             Ok(raw) => raw.into_iter().collect(),
             Err(error) => return Err((rejected.into_iter().collect(), error)),

@@ -74,9 +74,10 @@ pub(super) async fn send(kv: &impl KvStore, prepared: Prepared, deadline: Instan
     let mut records = prepared.records;
     // From here on a record is what identifies it and its outcome: its change is let go.
     records.iter_mut().for_each(|record| record.change = None);
-    for (by, outcome) in failures {
-        fail_index(&mut records, &by, outcome);
-    }
+    let failures = failures
+        .iter()
+        .map(|(by, outcome)| (&by[..], outcome.clone()));
+    fail_index(&mut records, failures);
     finish(report, records, applied_at)
 }
 
